@@ -1,0 +1,1 @@
+"""The ``tml`` command-line client."""

@@ -1,0 +1,1 @@
+"""Wire types shared by two or more roles."""
