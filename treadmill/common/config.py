@@ -275,6 +275,10 @@ class RoleOptions(usage.Options):
             raise ConfigError(
                 "manhole.listen is set but manhole.authorized_keys is not",
                 key="manhole.authorized_keys", source=source)
+        if values["manhole.listen"] and not values["manhole.host_key"]:
+            raise ConfigError(
+                "manhole.listen is set but manhole.host_key (a path) is not",
+                key="manhole.host_key", source=source)
         for desc in values["manhole.listen"]:
             if not _is_local_endpoint(desc):
                 raise ConfigError(

@@ -1,0 +1,268 @@
+"""The SSH manhole, end to end over loopback with a real SSH client."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from twisted.conch.ssh import channel, connection, keys, session, transport, userauth
+from twisted.internet import defer, error, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+
+from treadmill.common.manhole import load_or_create_host_key, manhole_service
+
+SSH = shutil.which("ssh")
+
+
+def make_client_key(path: Path) -> keys.Key:
+    """An Ed25519 key in OpenSSH format, as ``ssh-keygen`` would write it."""
+    private = ed25519.Ed25519PrivateKey.generate()
+    path.write_bytes(private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    ))
+    path.chmod(0o600)
+    return keys.Key(private)
+
+
+class Thing:
+    value = 20260
+
+
+@dataclass
+class Setup:
+    dir: Path
+    key: Path
+    stranger: Path
+    authorized_keys: Path
+    host_key: Path
+    namespace: dict = field(default_factory=lambda: {"thing": Thing()})
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Setup:
+    s = Setup(
+        dir=tmp_path,
+        key=tmp_path / "id_operator",
+        stranger=tmp_path / "id_stranger",
+        authorized_keys=tmp_path / "authorized_keys",
+        host_key=tmp_path / "host_key",
+    )
+    operator = make_client_key(s.key)
+    make_client_key(s.stranger)
+    s.authorized_keys.write_bytes(
+        b"# operators\n" + operator.public().toString("openssh") + b" operator@test\n")
+    return s
+
+
+@pytest.fixture
+def manhole(setup: Setup):
+    """A running manhole; yields its TCP port."""
+    service = manhole_service(reactor, ["tcp:0:interface=127.0.0.1"],
+                              str(setup.authorized_keys), str(setup.host_key), setup.namespace)
+    service.startService()
+    (child,) = list(service)
+    port = pytest_twisted.blockon(child._waitingForPort)
+    yield port.getHost().port
+    pytest_twisted.blockon(service.stopService())
+
+
+# A minimal conch client: public-key login, a pty, a shell, some typing.
+
+
+class _Session(channel.SSHChannel):
+    name = b"session"
+
+    def __init__(self, typed: bytes, result: dict, **kw) -> None:
+        super().__init__(**kw)
+        self.typed = typed
+        self.result = result
+
+    @defer.inlineCallbacks
+    def channelOpen(self, specificData: bytes):
+        pty = session.packRequest_pty_req(b"xterm", (24, 80, 0, 0), b"")
+        yield self.conn.sendRequest(self, b"pty-req", pty, wantReply=True)
+        yield self.conn.sendRequest(self, b"shell", b"", wantReply=True)
+        self.result["shell"] = True
+        try:
+            resize = session.packRequest_window_change((40, 120, 0, 0))
+            yield self.conn.sendRequest(self, b"window-change", resize, wantReply=True)
+            self.result["resized"] = True
+        except Exception:
+            self.result["resized"] = False
+        self.write(self.typed)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.result["output"] += data
+
+    def closed(self) -> None:
+        # The manhole closes the channel on Ctrl-D; end the connection too.
+        self.conn.transport.loseConnection()
+
+
+class _Connection(connection.SSHConnection):
+    def __init__(self, typed: bytes, result: dict) -> None:
+        super().__init__()
+        self.typed = typed
+        self.result = result
+
+    def serviceStarted(self) -> None:
+        self.result["authenticated"] = True
+        self.openChannel(_Session(self.typed, self.result, conn=self))
+
+
+class _UserAuth(userauth.SSHUserAuthClient):
+    def __init__(self, key: keys.Key, instance: connection.SSHConnection) -> None:
+        super().__init__(b"admin", instance)
+        self.keys = [key]
+
+    def getPublicKey(self):
+        return self.keys[0].public() if self.keys else None
+
+    def getPrivateKey(self):
+        return defer.succeed(self.keys.pop())
+
+    def getPassword(self, prompt=None):
+        return None
+
+
+class _Client(transport.SSHClientTransport):
+    def __init__(self, key: keys.Key, typed: bytes) -> None:
+        self.key = key
+        self.result = {"output": b"", "authenticated": False, "shell": False, "host_key": None}
+        self.typed = typed
+        self.done: defer.Deferred[dict] = defer.Deferred()
+
+    def verifyHostKey(self, hostKey: bytes, fingerprint: bytes):
+        self.result["host_key"] = keys.Key.fromString(hostKey)
+        return defer.succeed(True)
+
+    def connectionSecure(self) -> None:
+        self.requestService(_UserAuth(self.key, _Connection(self.typed, self.result)))
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        if not self.done.called:
+            self.done.callback(self.result)
+
+
+def conch_session(port: int, key_path: Path, typed: bytes, timeout: float = 10) -> defer.Deferred:
+    """Log in with the key at ``key_path``, type ``typed``; the session's result."""
+    client = _Client(keys.Key.fromFile(str(key_path)), typed)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    d = endpoint.connect(protocol.Factory.forProtocol(lambda: client))
+    d.addCallback(lambda _: client.done)
+
+    def on_timeout(result, timeout):
+        if client.transport is not None:
+            client.transport.abortConnection()
+        raise defer.TimeoutError(f"SSH session still open after {timeout}s: {client.result}")
+
+    return d.addTimeout(timeout, reactor, onTimeoutCancel=on_timeout)
+
+
+# Ctrl-D on an empty line ends the manhole session.
+TYPED = b"print(thing.value * 3)\r\x04"
+
+
+@pytest_twisted.inlineCallbacks
+def test_conch_client_sees_namespace(setup: Setup, manhole: int):
+    result = yield conch_session(manhole, setup.key, TYPED)
+    assert result["authenticated"] and result["shell"] and result["resized"]
+    assert b"60780" in result["output"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_unknown_key_is_refused(setup: Setup, manhole: int):
+    result = yield conch_session(manhole, setup.stranger, TYPED)
+    assert not result["authenticated"]
+    assert b"60780" not in result["output"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_authorized_keys_reread_at_login(setup: Setup, manhole: int):
+    stranger = keys.Key.fromFile(str(setup.stranger))
+    with setup.authorized_keys.open("ab") as f:
+        f.write(stranger.public().toString("openssh") + b"\n")
+    result = yield conch_session(manhole, setup.stranger, TYPED)
+    assert result["authenticated"]
+    assert b"60780" in result["output"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_host_key_persisted(setup: Setup, manhole: int):
+    assert stat.S_IMODE(os.stat(setup.host_key).st_mode) == 0o600
+    stored = load_or_create_host_key(str(setup.host_key))
+    first = yield conch_session(manhole, setup.key, TYPED)
+    assert first["host_key"] == stored.public()
+
+    again = manhole_service(reactor, ["tcp:0:interface=127.0.0.1"],
+                            str(setup.authorized_keys), str(setup.host_key), setup.namespace)
+    again.startService()
+    try:
+        (child,) = list(again)
+        port = (yield child._waitingForPort).getHost().port
+        second = yield conch_session(port, setup.key, TYPED)
+    finally:
+        yield again.stopService()
+    fingerprint = keys.FingerprintFormats.SHA256_BASE64
+    assert second["host_key"].fingerprint(fingerprint) == stored.fingerprint(fingerprint)
+    assert not [p for p in setup.dir.iterdir() if p.name.startswith(".host_key.")]
+
+
+def test_missing_authorized_keys_fails_early(setup: Setup) -> None:
+    with pytest.raises(FileNotFoundError):
+        manhole_service(reactor, ["tcp:0:interface=127.0.0.1"], str(setup.dir / "nope"),
+                        str(setup.host_key), {})
+    assert not setup.host_key.exists()
+
+
+class _SSHProcess(protocol.ProcessProtocol):
+    def __init__(self, typed: bytes) -> None:
+        self.typed = typed
+        self.output = b""
+        self.done: defer.Deferred[tuple[bytes, int | None]] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.typed)
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:
+        code = reason.value.exitCode if reason.check(error.ProcessTerminated) else 0
+        self.done.callback((self.output, code))
+
+
+def openssh_session(port: int, key_path: Path, typed: bytes) -> defer.Deferred:
+    proto = _SSHProcess(typed)
+    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+    args = [SSH, "-tt", "-F", "/dev/null",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10",
+            "-o", "LogLevel=ERROR",
+            "-i", str(key_path), "-p", str(port), "admin@127.0.0.1"]
+    process = reactor.spawnProcess(proto, SSH, args, env=env)
+    timeout = reactor.callLater(20, process.signalProcess, "KILL")
+    return proto.done.addBoth(lambda r: (timeout.active() and timeout.cancel(), r)[1])
+
+
+@pytest.mark.skipif(SSH is None, reason="no OpenSSH client installed")
+@pytest_twisted.inlineCallbacks
+def test_openssh_client(setup: Setup, manhole: int):
+    output, code = yield openssh_session(manhole, setup.key, TYPED)
+    assert b"60780" in output, output
+    output, code = yield openssh_session(manhole, setup.stranger, TYPED)
+    assert code == 255
+    assert b"60780" not in output
+    assert b"Permission denied" in output

@@ -1,0 +1,43 @@
+"""Assembling a role's service tree: listeners plus the optional manhole and metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IProtocolFactory
+
+
+def listeners(reactor: Any, descriptions: list[str], factory: IProtocolFactory,
+              name: str) -> MultiService:
+    """One ``StreamServerEndpointService`` per endpoint description, under one parent."""
+    parent = MultiService()
+    parent.setName(name)
+    for i, desc in enumerate(descriptions):
+        service = StreamServerEndpointService(serverFromString(reactor, desc), factory)
+        # Fail the start loudly when a port cannot be bound.
+        service._raiseSynchronously = True
+        service.setName(f"{name}-{i}")
+        service.setServiceParent(parent)
+    return parent
+
+
+def add_operator_services(reactor: Any, root: MultiService, values: dict[str, Any],
+                          namespace: dict[str, Any]) -> None:
+    """Attach the manhole and ``/metrics`` listeners the configuration asks for."""
+    if values.get("manhole.listen"):
+        from treadmill.common.manhole import manhole_service
+
+        manhole: IService = manhole_service(
+            reactor, values["manhole.listen"], values["manhole.authorized_keys"],
+            values["manhole.host_key"], namespace)
+        manhole.setName("manhole")
+        manhole.setServiceParent(root)
+    if values.get("metrics.listen"):
+        from treadmill.common.metrics import metrics_service
+
+        metrics: IService = metrics_service(reactor, values["metrics.listen"])
+        metrics.setName("metrics")
+        metrics.setServiceParent(root)

@@ -1,0 +1,183 @@
+"""HTTP plumbing shared by the roles' JSON APIs (Klein).
+
+- :class:`ApiError` and :func:`error_body`: the one error shape,
+  ``{"error": {"code": ..., "message": ...}}``.
+- :func:`limited_site`: a ``Site`` whose requests stop buffering a body past a
+  size limit, so that an oversized upload costs no memory and gets ``413``.
+- :func:`read_json`: parse and validate a request body against a JSON Schema.
+- :func:`dumps`: JSON with RFC 3339 timestamps.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+from twisted.web.http import Request as HTTPRequest
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    500: "internal",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"code", "message"}}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code or STATUS_CODES.get(status, "error")
+        self.message = message
+
+
+def timestamp(value: datetime) -> str:
+    """RFC 3339 in UTC with a ``Z``."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return timestamp(value)
+    if isinstance(value, UUID):
+        return str(value)
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def dumps(value: Any) -> bytes:
+    """Compact JSON bytes; datetimes as RFC 3339."""
+    return json.dumps(value, default=_default, separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8")
+
+
+def error_body(code: str, message: str) -> bytes:
+    return dumps({"error": {"code": code, "message": message}})
+
+
+def respond(request: IRequest, value: Any, status: int = 200) -> bytes:
+    """Set the status and JSON content type; return the encoded body."""
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return dumps(value)
+
+
+def respond_error(request: IRequest, error: ApiError) -> bytes:
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"application/json")
+    if error.status == 401:
+        request.setHeader(b"www-authenticate", b'Bearer realm="treadmill"')
+    return error_body(error.code, error.message)
+
+
+class LimitedRequest(Request):
+    """A request that keeps at most ``max_body`` bytes of its body.
+
+    Beyond the limit the rest of the body is read and dropped, and
+    :attr:`too_large` is set; handlers answer ``413`` (see :func:`read_json`).
+    """
+
+    max_body = 64 * 1024
+    too_large = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body:
+            self.too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        self._received += len(data)
+        if self._received > self.max_body:
+            self.too_large = True
+            self.content.seek(0)
+            self.content.truncate()
+            return
+        HTTPRequest.handleContentChunk(self, data)
+
+
+def limited_site(resource: Resource, max_body: int, **kwargs: Any) -> Site:
+    """A ``Site`` whose requests buffer at most ``max_body`` body bytes."""
+    request_class = type("LimitedRequest", (LimitedRequest,), {"max_body": max_body})
+    site = Site(resource, **kwargs)
+    site.requestFactory = request_class
+    return site
+
+
+_VALIDATORS: dict[int, Draft202012Validator] = {}
+
+
+def validator(schema: dict[str, Any]) -> Draft202012Validator:
+    """A cached validator for ``schema`` (which must stay alive and unchanged)."""
+    key = id(schema)
+    found = _VALIDATORS.get(key)
+    if found is None:
+        Draft202012Validator.check_schema(schema)
+        found = _VALIDATORS[key] = Draft202012Validator(schema)
+    return found
+
+
+def _where(path: Any) -> str:
+    parts = [str(p) for p in path]
+    return ".".join(parts) if parts else "body"
+
+
+def validate(value: Any, schema: dict[str, Any]) -> None:
+    """Raise a ``400`` :class:`ApiError` naming the first offending field."""
+    error = best_match(validator(schema).iter_errors(value))
+    if error is None:
+        return
+    message = error.message
+    if len(message) > 300:
+        message = message[:300] + "…"
+    raise ApiError(400, f"{_where(error.absolute_path)}: {message}")
+
+
+def read_json(request: IRequest, schema: dict[str, Any] | None = None,
+              *, empty: Callable[[], Any] | None = None) -> Any:
+    """The request's JSON body, checked for size, media type and ``schema``.
+
+    ``empty`` supplies the value of a request with no body at all (for
+    endpoints whose body is optional).
+    """
+    if getattr(request, "too_large", False):
+        raise ApiError(413, f"request body exceeds {LimitedRequest.max_body} bytes"
+                       if not hasattr(request, "max_body") else
+                       f"request body exceeds {request.max_body} bytes")
+    raw = request.content.read() if request.content is not None else b""
+    if not raw.strip():
+        if empty is not None:
+            value = empty()
+            if schema is not None:
+                validate(value, schema)
+            return value
+        raise ApiError(400, "a JSON request body is required")
+    ctype = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise ApiError(415, f"expected application/json, got {ctype}")
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ApiError(400, f"malformed JSON: {e}") from None
+    if schema is not None:
+        validate(value, schema)
+    return value

@@ -1,0 +1,73 @@
+"""Prometheus metrics over HTTP.
+
+Each role serves ``/metrics`` on its ``metrics.listen`` endpoints, in the
+Prometheus text format (or OpenMetrics when the scraper asks for it).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorCore
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+
+__all__ = ["MetricsResource", "metrics_resource", "metrics_service"]
+
+
+class MetricsResource(Resource):
+    """Renders a registry in the exposition format the client accepts."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        accept = request.getHeader("accept")
+        encoder, content_type = choose_encoder(accept or "")
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        return encoder(self.registry)
+
+    def render_HEAD(self, request: Request) -> bytes:
+        return self.render_GET(request)
+
+
+class _Root(Resource):
+    """``/metrics`` and a plain 404 for anything else."""
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return notFound()
+
+
+class _QuietSite(Site):
+    """A Site that does not log every scrape."""
+
+    def log(self, request: Request) -> None:
+        pass
+
+
+def metrics_resource(registry: CollectorRegistry | None = None) -> Resource:
+    """A resource serving ``registry`` (default: the global registry)."""
+    return MetricsResource(REGISTRY if registry is None else registry)
+
+
+def metrics_service(
+    reactor: IReactorCore,
+    endpoints: list[str],
+    registry: CollectorRegistry | None = None,
+) -> MultiService:
+    """Serve ``/metrics`` on every listening endpoint description in ``endpoints``."""
+    root = _Root()
+    root.putChild(b"metrics", metrics_resource(registry))
+    site = _QuietSite(root)
+    service = MultiService()
+    for desc in endpoints:
+        StreamServerEndpointService(serverFromString(reactor, desc), site).setServiceParent(
+            service)
+    return service

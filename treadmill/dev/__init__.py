@@ -1,0 +1,1 @@
+"""Development tooling: not used by the daemons."""

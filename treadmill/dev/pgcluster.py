@@ -1,0 +1,195 @@
+"""A private PostgreSQL cluster from the distribution's server binaries.
+
+Used by the test suite (an ephemeral cluster per session) and by
+``tools/devstack`` (a persistent one under ``.devstack/``). The cluster listens
+only on a UNIX socket (``listen_addresses=''``). ``initdb`` refuses to run as
+root, so as root every server command runs as the ``postgres`` user through
+``runuser``.
+
+This is development tooling: it blocks, and must never run inside a reactor.
+
+    python -m treadmill.dev.pgcluster start DIR    # prints the DSN
+    python -m treadmill.dev.pgcluster stop DIR
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be created, started or stopped."""
+
+
+def find_bindir() -> Path:
+    """The newest ``/usr/lib/postgresql/*/bin`` holding ``initdb``."""
+    override = os.environ.get("TREADMILL_PG_BINDIR")
+    if override:
+        return Path(override)
+    candidates = sorted(
+        (Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin") if Path(p, "initdb").exists()),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+    )
+    if candidates:
+        return candidates[-1]
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    raise ClusterError(
+        "no PostgreSQL server binaries found (install the 'postgresql' package, "
+        "or set TREADMILL_PG_BINDIR or TREADMILL_TEST_DSN)")
+
+
+class Cluster:
+    """A cluster in ``root`` (data in ``root/data``, socket in ``root/run``)."""
+
+    def __init__(self, root: str | os.PathLike[str], *, port: int = 5432, durable: bool = True):
+        self.root = Path(root).absolute()
+        self.data = self.root / "data"
+        self.run = self.root / "run"
+        self.logfile = self.root / "postgresql.log"
+        self.port = port
+        self.durable = durable
+        self.bindir = find_bindir()
+        self._as_postgres = os.geteuid() == 0
+
+    def _cmd(self, *args: str) -> list[str]:
+        cmd = [str(self.bindir / args[0]), *args[1:]]
+        if self._as_postgres:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        return cmd
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(self._cmd(*args), capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise ClusterError(
+                f"{' '.join(args[:2])} failed ({proc.returncode}): "
+                f"{proc.stderr.strip() or proc.stdout.strip()}")
+        return proc
+
+    def _own(self, path: Path) -> None:
+        if self._as_postgres:
+            shutil.chown(path, "postgres", "postgres")
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        """A libpq connection string over the UNIX socket."""
+        return f"host={self.run} port={self.port} user=postgres dbname={dbname}"
+
+    @property
+    def initialized(self) -> bool:
+        return (self.data / "PG_VERSION").exists()
+
+    @property
+    def running(self) -> bool:
+        if not (self.data / "postmaster.pid").exists():
+            return False
+        proc = subprocess.run(self._cmd("pg_ctl", "status", "-D", str(self.data)),
+                              capture_output=True, text=True, check=False)
+        return proc.returncode == 0
+
+    def init(self) -> None:
+        """Create the cluster unless it exists."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.run.mkdir(exist_ok=True)
+        for path in (self.root, self.run):
+            self._own(path)
+        if self.initialized:
+            return
+        args = ["initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                "--encoding=UTF8", "--locale=C"]
+        if not self.durable:
+            args.append("--no-sync")
+        self._run(*args)
+
+    def start(self, timeout: float = 60) -> None:
+        """Start the server unless it runs; wait until it accepts connections."""
+        self.init()
+        if self.running:
+            return
+        opts = [f"-c listen_addresses='' -k {self.run} -p {self.port}"]
+        if not self.durable:
+            opts.append("-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+        if self._as_postgres and not self.logfile.exists():
+            self.logfile.touch()
+            self._own(self.logfile)
+        self._run("pg_ctl", "start", "-D", str(self.data), "-w", "-t", str(int(timeout)),
+                  "-l", str(self.logfile), "-o", " ".join(opts))
+
+    def stop(self) -> None:
+        """Stop the server (fast shutdown) if it runs."""
+        if self.initialized and self.running:
+            self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w")
+
+    def create_database(self, name: str, template: str | None = None) -> None:
+        """Create a database unless it exists."""
+        create_database(self.dsn(), name, template)
+
+
+def create_database(admin_dsn: str, name: str, template: str | None = None) -> None:
+    """Create database ``name`` through ``admin_dsn`` unless it exists."""
+    import psycopg2
+    from psycopg2 import sql
+
+    conn = psycopg2.connect(admin_dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone():
+                return
+            stmt = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+            if template:
+                stmt = sql.SQL("{} TEMPLATE {}").format(stmt, sql.Identifier(template))
+            for attempt in range(20):
+                try:
+                    cur.execute(stmt)
+                    return
+                except psycopg2.errors.ObjectInUse:
+                    # The template is briefly in use by another session.
+                    time.sleep(0.05 * (attempt + 1))
+            cur.execute(stmt)
+    finally:
+        conn.close()
+
+
+def drop_database(admin_dsn: str, name: str) -> None:
+    """Drop database ``name``, disconnecting its sessions."""
+    import psycopg2
+    from psycopg2 import sql
+
+    conn = psycopg2.connect(admin_dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+    finally:
+        conn.close()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[1] not in ("start", "stop", "dsn"):
+        print("usage: python -m treadmill.dev.pgcluster start|stop|dsn DIR", file=sys.stderr)
+        return 2
+    cluster = Cluster(argv[2])
+    try:
+        if argv[1] == "start":
+            cluster.start()
+        elif argv[1] == "stop":
+            cluster.stop()
+    except ClusterError as e:
+        print(f"pgcluster: {e}", file=sys.stderr)
+        return 1
+    if argv[1] != "stop":
+        print(cluster.dsn())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

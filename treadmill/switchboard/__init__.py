@@ -1,0 +1,1 @@
+"""The switchboard: users, tokens, hosts, images catalogue, jobs and scheduling."""

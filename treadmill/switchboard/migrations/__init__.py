@@ -1,0 +1,1 @@
+"""Versioned SQL migrations of the switchboard database (NNNN_name.sql)."""

@@ -1,0 +1,81 @@
+"""JSON Schemas (2020-12) of the switchboard API's request bodies.
+
+The API validates every body against these, and ``tools/gen-openapi`` puts
+the same schemas into ``docs/openapi.json``, so the document cannot drift.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+IMAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$"
+TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:=/+-]{0,127}$"
+DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+PARAMETER_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"
+
+MAX_TTL = 365 * 24 * 3600
+
+NAME: dict[str, Any] = {"type": "string", "pattern": NAME_PATTERN}
+USER_OR_EVERYONE: dict[str, Any] = {"type": "string",
+                                    "pattern": r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,62})$"}
+IMAGE_NAME: dict[str, Any] = {"type": "string", "maxLength": 128, "pattern": IMAGE_NAME_PATTERN}
+DIGEST: dict[str, Any] = {"type": "string", "pattern": DIGEST_PATTERN}
+TEXT: dict[str, Any] = {"type": "string", "maxLength": 256, "pattern": r"^[^\x00-\x1f\x7f]*$"}
+TAGS: dict[str, Any] = {"type": "array", "maxItems": 64, "uniqueItems": True,
+                        "items": {"type": "string", "pattern": TAG_PATTERN}}
+PASSWORD: dict[str, Any] = {"type": "string", "minLength": 8, "maxLength": 1024}
+STORE_URL: dict[str, Any] = {"type": "string", "maxLength": 2048,
+                             "pattern": r"^https?://[^\s/?#]+[^\s]*$"}
+TTL: dict[str, Any] = {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": MAX_TTL}
+
+
+def _object(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": list(required),
+            "additionalProperties": False}
+
+
+LOGIN = _object({"user": NAME, "password": {"type": "string", "maxLength": 1024},
+                 "label": TEXT, "expires_in": TTL}, ("user", "password"))
+TOKEN_CREATE = _object({"label": TEXT, "expires_in": TTL, "user": NAME})
+USER_CREATE = _object({"name": NAME, "admin": {"type": "boolean"}, "password": PASSWORD},
+                      ("name",))
+USER_UPDATE = _object({"admin": {"type": "boolean"}, "disabled": {"type": "boolean"},
+                       "password": PASSWORD})
+HOST_CREATE = _object({"name": NAME, "tags": TAGS, "owner": NAME, "description": TEXT},
+                      ("name",))
+HOST_TAGS = _object({"tags": TAGS}, ("tags",))
+IMAGE_CREATE = _object({
+    "name": IMAGE_NAME, "digest": DIGEST, "description": TEXT,
+    "stores": {"type": "array", "maxItems": 16, "uniqueItems": True, "items": STORE_URL},
+}, ("name", "digest", "stores"))
+IMAGE_UPDATE = _object({
+    "digest": DIGEST, "description": TEXT,
+    "stores": {"type": "array", "maxItems": 16, "uniqueItems": True, "items": STORE_URL},
+})
+GRANT = _object({"user": USER_OR_EVERYONE, "privilege": {"type": "string",
+                 "enum": ["read", "start", "stop", "use", "manage"]}}, ("user", "privilege"))
+PARAMETER = _object({
+    "value": {"type": "string", "maxLength": 4096, "pattern": r"^[^\x00]*$"},
+    "secret": {"type": "boolean"},
+}, ("value",))
+JOB_CREATE = _object({
+    "image": {"type": "string", "maxLength": 128,
+              "anyOf": [{"pattern": DIGEST_PATTERN}, {"pattern": IMAGE_NAME_PATTERN}]},
+    "tags": TAGS,
+    "parameters": {"type": "object", "maxProperties": 64,
+                   "propertyNames": {"pattern": PARAMETER_NAME_PATTERN},
+                   "additionalProperties": PARAMETER},
+    "timeout": {"type": "number", "minimum": 1},
+    "queue_timeout": {"type": "number", "minimum": 1},
+    "max_restarts": {"type": "integer", "minimum": 0, "maximum": 100},
+    "label": TEXT,
+}, ("image",))
+
+REQUEST_BODIES: dict[str, dict[str, Any]] = {
+    "Login": LOGIN, "TokenCreate": TOKEN_CREATE, "UserCreate": USER_CREATE,
+    "UserUpdate": USER_UPDATE, "HostCreate": HOST_CREATE, "HostTags": HOST_TAGS,
+    "ImageCreate": IMAGE_CREATE, "ImageUpdate": IMAGE_UPDATE, "Grant": GRANT,
+    "JobCreate": JOB_CREATE,
+}
+"""Every request body schema by the name ``docs/openapi.json`` gives it."""

@@ -1,0 +1,141 @@
+"""The switchboard's service tree.
+
+    switchboard (SwitchboardService)
+    ├── listener        LISTEN connection: jobs, hosts, auth notifications
+    ├── (after the database is ready)
+    │   ├── timeouts    queue and execution timeouts
+    │   ├── token-usage batched last-use times of API tokens
+    │   └── http        the API listeners
+    ├── manhole         optional SSH manhole
+    └── metrics         optional Prometheus listeners
+
+Start-up connects the pool and applies migrations, retrying with backoff
+while PostgreSQL is unreachable; the HTTP listeners open only then.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from treadmill.common.captoken import CapabilitySigner, load_or_create_signing_key
+from treadmill.common.daemon import listeners
+from treadmill.common.http import limited_site
+from treadmill.switchboard.api import Limits, SwitchboardAPI
+from treadmill.switchboard.auth import Authenticator
+from treadmill.switchboard.database import Listener, Pool, migrate
+from treadmill.switchboard.events import JobWatchers
+from treadmill.switchboard.store import Store
+from treadmill.switchboard.timeouts import TimeoutEnforcer
+
+
+@dataclass
+class SwitchboardConfig:
+    """Everything the switchboard needs, already validated."""
+
+    dsn: str
+    listen: list[str]
+    signing_key: str
+    issuer: str = "treadmill"
+    pool_size: int = 4
+    max_body: int = 64 * 1024
+    instance: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    auth_cache_ttl: float = 5.0
+    timeout_interval: float = 1.0
+    limits: Limits = field(default_factory=Limits)
+
+
+class SwitchboardService(MultiService):
+    """The root service of a switchboard process."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, config: SwitchboardConfig):
+        super().__init__()
+        self.setName("switchboard")
+        self.reactor = reactor
+        self.config = config
+        self.pool = Pool(reactor, config.dsn, config.pool_size)
+        self.store = Store(self.pool)
+        self.signer = CapabilitySigner(load_or_create_signing_key(config.signing_key),
+                                       config.issuer, reactor)
+        self.auth = Authenticator(self.store, reactor, ttl=config.auth_cache_ttl)
+        self.watchers = JobWatchers(self.store, reactor)
+        self.api = SwitchboardAPI(reactor, self.store, self.auth, self.signer, self.watchers,
+                                  config.limits)
+        self.listener = Listener(reactor, config.dsn)
+        self.listener.setName("listener")
+        self.listener.observe("treadmill_jobs", self.watchers.notify)
+        self.listener.observe("treadmill_auth", self.auth.invalidate)
+        self.listener.on_reconnect(self.watchers.wake_all)
+        self.listener.on_reconnect(self.auth.invalidate)
+        self.listener.setServiceParent(self)
+        self.site = limited_site(self.api.resource(), config.max_body)
+        self._ready: Deferred[None] | None = None
+        self._ports: list[Any] = []
+        self._stopping = False
+
+    def namespace(self) -> dict[str, Any]:
+        """What the manhole shows an operator."""
+        return {"switchboard": self, "store": self.store, "pool": self.pool, "api": self.api,
+                "auth": self.auth, "watchers": self.watchers, "reactor": self.reactor}
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._ready = Deferred.fromCoroutine(self._start())
+
+    def ready(self) -> Deferred[None]:
+        """Fires when the database is migrated and the API listens."""
+        return self._ready if self._ready is not None else succeed(None)
+
+    async def _start(self) -> None:
+        delay = 0.5
+        while not self._stopping:
+            try:
+                await self.pool.start()
+                applied = await migrate(self.pool)
+                break
+            except Exception as e:
+                self.pool.close()
+                self.log.error("Database not ready ({error}); retrying in {delay:.1f} s",
+                               error=str(e).strip() or type(e).__name__, delay=delay)
+                await deferLater(self.reactor, delay, lambda: None)
+                delay = min(delay * 2, 30.0)
+        if self._stopping:
+            return
+        self.log.info("Database ready ({count} migrations applied)", count=len(applied))
+        await self.listener.ready()
+        timeouts = TimeoutEnforcer(self.store, self.reactor, self.config.timeout_interval)
+        timeouts.setName("timeouts")
+        timeouts.setServiceParent(self)
+        usage = self.auth.usage_service()
+        usage.setName("token-usage")
+        usage.setServiceParent(self)
+        http = listeners(self.reactor, self.config.listen, self.site, "http")
+        http.setServiceParent(self)
+        # StreamServerEndpointService keeps the pending listen here.
+        self._ports = [await service._waitingForPort  # type: ignore[attr-defined]
+                       for service in http]
+        self.log.info("Switchboard {instance} listening on {listen}",
+                      instance=self.config.instance, listen=", ".join(self.config.listen))
+
+    def ports(self) -> list[Any]:
+        """The listening ports of the API (for tests that listen on port 0)."""
+        return list(self._ports)
+
+    async def _stop(self) -> None:
+        await super().stopService()
+        await self.auth.flush_usage()
+        self.pool.close()
+
+    def stopService(self) -> Deferred[None]:
+        self._stopping = True
+        return Deferred.fromCoroutine(self._stop())

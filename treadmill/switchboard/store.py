@@ -1,0 +1,449 @@
+"""The switchboard's data layer: every SQL statement lives here.
+
+Methods take and return plain values and dict rows; each write that touches
+more than one row runs in one transaction, so a failed request writes nothing.
+Authorisation decisions are made by the caller from the privileges that the
+read methods return alongside the rows (see :mod:`treadmill.switchboard.access`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+from psycopg2.extras import Json
+
+from treadmill.switchboard import jobstate
+from treadmill.switchboard.access import Principal
+from treadmill.switchboard.database import Cursor, Pool
+from treadmill.switchboard.jobstate import Reason, Stage, State, Status
+
+
+class NotFound(LookupError):
+    """No such resource (or none the caller may see)."""
+
+
+class Conflict(ValueError):
+    """The request conflicts with the current state (a duplicate name, say)."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated job request, ready to insert."""
+
+    image_name: str | None
+    image_digest: str
+    image_stores: list[str]
+    tags: list[str]
+    parameters: dict[str, dict[str, Any]]
+    timeout: float
+    queue_timeout: float
+    max_restarts: int
+    label: str
+
+
+_USER_COLUMNS = "u.id, u.name, u.admin, u.disabled, u.created_at"
+_TOKEN_COLUMNS = ("t.id, u.name AS user, t.label, t.created_at, t.expires_at, "
+                  "t.last_used_at, t.revoked_at")
+_HOST_COLUMNS = """
+    h.id, h.name, h.tags, h.owner_id, o.name AS owner, h.description, h.enabled, h.healthy,
+    h.consecutive_failures, h.instance IS NOT NULL AS connected, h.last_seen_at, h.created_at,
+    (SELECT j.id FROM jobs j WHERE j.host_id = h.id AND j.state <> 'terminated'
+     ORDER BY j.seq DESC LIMIT 1) AS current_job"""
+_IMAGE_COLUMNS = """
+    i.id, i.name, i.digest, i.stores, i.owner_id, o.name AS owner, i.description,
+    i.created_at, i.updated_at"""
+_JOB_COLUMNS = """
+    j.id, j.seq, j.owner_id, o.name AS owner, j.label, j.image_name, j.image_digest,
+    j.image_stores, j.tags, j.parameters, j.timeout, j.queue_timeout, j.max_restarts,
+    j.restarts_left, j.restart_of, j.state, j.stage, h.name AS host, j.termination_reason,
+    j.exit_status, j.termination_message, j.created_at, j.assigned_at, j.started_at,
+    j.ready_at, j.terminating_at, j.terminated_at, j.updated_at, j.queue_deadline,
+    j.deadline"""
+_EVENT_COLUMNS = ("e.seq, e.job_id AS job, e.at, e.state, e.stage, e.reason, e.exit_status, "
+                  "e.message")
+
+# The grants a principal holds on a resource, as an array column named grants.
+_MY_GRANTS = """ARRAY(SELECT g.privilege FROM grants g WHERE g.{column} = {alias}.id
+                      AND (g.user_id = %(uid)s OR g.user_id IS NULL)) AS grants"""
+
+
+def _unique(e: psycopg2.Error, what: str) -> Conflict:
+    return Conflict(f"{what} already exists")
+
+
+class Store:
+    """All reads and writes of switchboard state."""
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+
+    # -- users -------------------------------------------------------------
+
+    async def create_user(self, name: str, admin: bool, password_hash: str | None) -> dict:
+        try:
+            row = await self.pool.fetchone(
+                "INSERT INTO users (name, admin, password_hash) VALUES (%s, %s, %s) "
+                "RETURNING id, name, admin, disabled, created_at",
+                (name, admin, password_hash))
+        except psycopg2.errors.UniqueViolation as e:
+            raise _unique(e, f"user {name!r}") from None
+        assert row is not None
+        return row
+
+    async def get_user(self, name: str) -> dict:
+        row = await self.pool.fetchone(
+            f"SELECT {_USER_COLUMNS}, u.password_hash FROM users u WHERE u.name = %s", (name,))
+        if row is None:
+            raise NotFound(f"no user {name!r}")
+        return row
+
+    async def list_users(self) -> list[dict]:
+        return await self.pool.fetchall(f"SELECT {_USER_COLUMNS} FROM users u ORDER BY u.name")
+
+    async def update_user(self, name: str, *, admin: bool | None = None,
+                          disabled: bool | None = None,
+                          password_hash: str | None = None) -> dict:
+        row = await self.pool.fetchone(
+            "UPDATE users SET admin = coalesce(%s, admin), disabled = coalesce(%s, disabled), "
+            "password_hash = coalesce(%s, password_hash) WHERE name = %s "
+            "RETURNING id, name, admin, disabled, created_at",
+            (admin, disabled, password_hash, name))
+        if row is None:
+            raise NotFound(f"no user {name!r}")
+        return row
+
+    async def user_id(self, name: str) -> int:
+        row = await self.pool.fetchone("SELECT id FROM users WHERE name = %s", (name,))
+        if row is None:
+            raise NotFound(f"no user {name!r}")
+        return row["id"]
+
+    # -- API tokens ----------------------------------------------------------
+
+    async def create_token(self, user_id: int, digest: bytes, label: str,
+                           ttl: float | None) -> dict:
+        row = await self.pool.fetchone(
+            "WITH t AS (INSERT INTO api_tokens (user_id, token_hash, label, expires_at) "
+            "VALUES (%s, %s, %s, now() + make_interval(secs => %s)) RETURNING *) "
+            f"SELECT {_TOKEN_COLUMNS} FROM t JOIN users u ON u.id = t.user_id",
+            (user_id, psycopg2.Binary(digest), label, ttl))
+        assert row is not None
+        return row
+
+    async def authenticate(self, digest: bytes) -> Principal | None:
+        """The user a live API token belongs to, or None."""
+        row = await self.pool.fetchone(
+            "SELECT t.id AS token_id, u.id, u.name, u.admin FROM api_tokens t "
+            "JOIN users u ON u.id = t.user_id WHERE t.token_hash = %s "
+            "AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > now()) "
+            "AND NOT u.disabled", (psycopg2.Binary(digest),))
+        if row is None:
+            return None
+        return Principal(user_id=row["id"], name=row["name"], admin=row["admin"],
+                         token_id=row["token_id"])
+
+    async def touch_tokens(self, used: dict[str, datetime]) -> None:
+        """Record when tokens were last used (batched by the caller)."""
+        if not used:
+            return
+        await self.pool.execute(
+            "UPDATE api_tokens t SET last_used_at = v.at FROM "
+            "unnest(%s::uuid[], %s::timestamptz[]) AS v(id, at) "
+            "WHERE t.id = v.id AND (t.last_used_at IS NULL OR t.last_used_at < v.at)",
+            (list(used), list(used.values())))
+
+    async def list_tokens(self, user_id: int) -> list[dict]:
+        return await self.pool.fetchall(
+            f"SELECT {_TOKEN_COLUMNS} FROM api_tokens t JOIN users u ON u.id = t.user_id "
+            "WHERE t.user_id = %s ORDER BY t.created_at DESC", (user_id,))
+
+    async def get_token(self, token_id: str) -> dict:
+        row = await self.pool.fetchone(
+            f"SELECT {_TOKEN_COLUMNS}, t.user_id FROM api_tokens t "
+            "JOIN users u ON u.id = t.user_id WHERE t.id = %s", (token_id,))
+        if row is None:
+            raise NotFound("no such token")
+        return row
+
+    async def revoke_token(self, token_id: str) -> dict:
+        await self.pool.execute(
+            "UPDATE api_tokens SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL",
+            (token_id,))
+        return await self.get_token(token_id)
+
+    # -- hosts ---------------------------------------------------------------
+
+    def _host_query(self, where: str) -> str:
+        return (f"SELECT {_HOST_COLUMNS}, {_MY_GRANTS.format(column='host_id', alias='h')} "
+                f"FROM hosts h LEFT JOIN users o ON o.id = h.owner_id WHERE {where}")
+
+    async def create_host(self, name: str, tags: list[str], owner_id: int | None,
+                          description: str, digest: bytes) -> None:
+        try:
+            await self.pool.execute(
+                "INSERT INTO hosts (name, tags, owner_id, description, token_hash) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                (name, tags, owner_id, description, psycopg2.Binary(digest)))
+        except psycopg2.errors.UniqueViolation as e:
+            raise _unique(e, f"host {name!r}") from None
+
+    async def get_host(self, name: str, principal: Principal) -> dict:
+        row = await self.pool.fetchone(self._host_query("h.name = %(name)s"),
+                                       {"name": name, "uid": principal.user_id})
+        if row is None:
+            raise NotFound(f"no host {name!r}")
+        return row
+
+    async def list_hosts(self, principal: Principal) -> list[dict]:
+        where = "true" if principal.admin else (
+            "(h.owner_id = %(uid)s OR EXISTS (SELECT 1 FROM grants g WHERE g.host_id = h.id "
+            "AND (g.user_id = %(uid)s OR g.user_id IS NULL)))")
+        return await self.pool.fetchall(self._host_query(where) + " ORDER BY h.name",
+                                        {"uid": principal.user_id})
+
+    async def update_host(self, name: str, *, tags: list[str] | None = None,
+                          enabled: bool | None = None, reset_health: bool = False,
+                          digest: bytes | None = None) -> None:
+        row = await self.pool.fetchone(
+            "UPDATE hosts SET tags = coalesce(%(tags)s, tags), "
+            "enabled = coalesce(%(enabled)s, enabled), "
+            "healthy = CASE WHEN %(reset)s THEN true ELSE healthy END, "
+            "consecutive_failures = CASE WHEN %(reset)s THEN 0 ELSE consecutive_failures END, "
+            "token_hash = coalesce(%(digest)s, token_hash) "
+            "WHERE name = %(name)s RETURNING id",
+            {"tags": tags, "enabled": enabled, "reset": reset_health, "name": name,
+             "digest": psycopg2.Binary(digest) if digest is not None else None})
+        if row is None:
+            raise NotFound(f"no host {name!r}")
+
+    async def delete_host(self, name: str) -> None:
+        async def delete(cur: Cursor) -> None:
+            row = await cur.fetchone("SELECT id FROM hosts WHERE name = %s FOR UPDATE", (name,))
+            if row is None:
+                raise NotFound(f"no host {name!r}")
+            busy = await cur.fetchone(
+                "SELECT id FROM jobs WHERE host_id = %s AND state <> 'terminated' LIMIT 1",
+                (row["id"],))
+            if busy is not None:
+                raise Conflict(f"host {name!r} is running job {busy['id']}")
+            await cur.execute("DELETE FROM hosts WHERE id = %s", (row["id"],))
+
+        await self.pool.transaction(delete)
+
+    # -- images catalogue ------------------------------------------------------
+
+    def _image_query(self, where: str) -> str:
+        return (f"SELECT {_IMAGE_COLUMNS}, {_MY_GRANTS.format(column='image_id', alias='i')} "
+                f"FROM images i LEFT JOIN users o ON o.id = i.owner_id WHERE {where}")
+
+    async def create_image(self, name: str, digest: str, stores: list[str], owner_id: int,
+                           description: str) -> None:
+        try:
+            await self.pool.execute(
+                "INSERT INTO images (name, digest, stores, owner_id, description) "
+                "VALUES (%s, %s, %s, %s, %s)", (name, digest, stores, owner_id, description))
+        except psycopg2.errors.UniqueViolation as e:
+            raise _unique(e, f"image {name!r}") from None
+
+    async def get_image(self, name: str, principal: Principal) -> dict:
+        row = await self.pool.fetchone(self._image_query("i.name = %(name)s"),
+                                       {"name": name, "uid": principal.user_id})
+        if row is None:
+            raise NotFound(f"no image {name!r}")
+        return row
+
+    async def list_images(self, principal: Principal) -> list[dict]:
+        where = "true" if principal.admin else (
+            "(i.owner_id = %(uid)s OR EXISTS (SELECT 1 FROM grants g WHERE g.image_id = i.id "
+            "AND (g.user_id = %(uid)s OR g.user_id IS NULL)))")
+        return await self.pool.fetchall(self._image_query(where) + " ORDER BY i.name",
+                                        {"uid": principal.user_id})
+
+    async def images_by_digest(self, digest: str, principal: Principal) -> list[dict]:
+        return await self.pool.fetchall(
+            self._image_query("i.digest = %(digest)s") + " ORDER BY i.name",
+            {"digest": digest, "uid": principal.user_id})
+
+    async def update_image(self, name: str, *, digest: str | None, stores: list[str] | None,
+                           description: str | None) -> None:
+        row = await self.pool.fetchone(
+            "UPDATE images SET digest = coalesce(%s, digest), stores = coalesce(%s, stores), "
+            "description = coalesce(%s, description), updated_at = now() "
+            "WHERE name = %s RETURNING id", (digest, stores, description, name))
+        if row is None:
+            raise NotFound(f"no image {name!r}")
+
+    async def delete_image(self, name: str) -> None:
+        row = await self.pool.fetchone("DELETE FROM images WHERE name = %s RETURNING id",
+                                       (name,))
+        if row is None:
+            raise NotFound(f"no image {name!r}")
+
+    # -- grants ------------------------------------------------------------------
+
+    _GRANT_COLUMN = {"host": "host_id", "job": "job_id", "image": "image_id"}
+
+    async def list_grants(self, kind: str, resource_id: Any) -> list[dict]:
+        column = self._GRANT_COLUMN[kind]
+        return await self.pool.fetchall(
+            "SELECT coalesce(u.name, '*') AS user, g.privilege, g.created_at FROM grants g "
+            f"LEFT JOIN users u ON u.id = g.user_id WHERE g.{column} = %s "
+            "ORDER BY coalesce(u.name, '*'), g.privilege", (resource_id,))
+
+    async def add_grant(self, kind: str, resource_id: Any, user_id: int | None,
+                        privilege: str) -> dict:
+        column = self._GRANT_COLUMN[kind]
+        try:
+            row = await self.pool.fetchone(
+                f"INSERT INTO grants ({column}, user_id, privilege) VALUES (%s, %s, %s) "
+                "RETURNING privilege, created_at", (resource_id, user_id, privilege))
+        except psycopg2.errors.UniqueViolation as e:
+            raise _unique(e, "this grant") from None
+        assert row is not None
+        return row
+
+    async def remove_grant(self, kind: str, resource_id: Any, user_id: int | None,
+                           privilege: str) -> None:
+        column = self._GRANT_COLUMN[kind]
+        row = await self.pool.fetchone(
+            f"DELETE FROM grants WHERE {column} = %s AND user_id IS NOT DISTINCT FROM %s "
+            "AND privilege = %s RETURNING id", (resource_id, user_id, privilege))
+        if row is None:
+            raise NotFound("no such grant")
+
+    # -- jobs ----------------------------------------------------------------------
+
+    def _job_query(self, where: str) -> str:
+        return (f"SELECT {_JOB_COLUMNS}, {_MY_GRANTS.format(column='job_id', alias='j')} "
+                "FROM jobs j JOIN users o ON o.id = j.owner_id "
+                f"LEFT JOIN hosts h ON h.id = j.host_id WHERE {where}")
+
+    async def enqueue(self, owner_id: int, spec: JobSpec) -> dict:
+        async def insert(cur: Cursor) -> dict:
+            row = await cur.fetchone(
+                "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, "
+                "tags, parameters, timeout, queue_timeout, max_restarts, restarts_left, "
+                "queue_deadline, event_seq) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
+                "now() + make_interval(secs => %s), 1) RETURNING id",
+                (owner_id, spec.label, spec.image_name, spec.image_digest, spec.image_stores,
+                 spec.tags, Json(spec.parameters), spec.timeout, spec.queue_timeout,
+                 spec.max_restarts, spec.max_restarts, spec.queue_timeout))
+            assert row is not None
+            await cur.execute(
+                "INSERT INTO job_events (job_id, seq, state) VALUES (%s, 1, 'queued')",
+                (row["id"],))
+            return row
+
+        row = await self.pool.transaction(insert)
+        return await self.pool.fetchone(self._job_query("j.id = %(id)s"),
+                                        {"id": row["id"], "uid": owner_id})  # type: ignore
+
+    async def get_job(self, job_id: str, principal: Principal) -> dict:
+        row = await self.pool.fetchone(self._job_query("j.id = %(id)s"),
+                                       {"id": job_id, "uid": principal.user_id})
+        if row is None:
+            raise NotFound(f"no job {job_id}")
+        return row
+
+    async def list_jobs(self, principal: Principal, *, states: Sequence[str] = (),
+                        owner: str | None = None, before_seq: int | None = None,
+                        limit: int = 100) -> list[dict]:
+        clauses = ["true"]
+        if not principal.admin:
+            clauses.append(
+                "(j.owner_id = %(uid)s OR EXISTS (SELECT 1 FROM grants g WHERE g.job_id = j.id "
+                "AND (g.user_id = %(uid)s OR g.user_id IS NULL)))")
+        if states:
+            clauses.append("j.state = ANY(%(states)s)")
+        if owner is not None:
+            clauses.append("o.name = %(owner)s")
+        if before_seq is not None:
+            clauses.append("j.seq < %(before)s")
+        return await self.pool.fetchall(
+            self._job_query(" AND ".join(clauses)) + " ORDER BY j.seq DESC LIMIT %(limit)s",
+            {"uid": principal.user_id, "states": list(states), "owner": owner,
+             "before": before_seq, "limit": limit})
+
+    async def job_events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[dict]:
+        return await self.pool.fetchall(
+            f"SELECT {_EVENT_COLUMNS} FROM job_events e WHERE e.job_id = %s AND e.seq > %s "
+            "ORDER BY e.seq LIMIT %s", (job_id, after, limit))
+
+    async def transition(self, job_id: str, new: Status, *, exit_status: int | None = None,
+                         message: str | None = None) -> bool:
+        """Move a job to ``new`` in one transaction; False if nothing changed.
+
+        Raises :class:`NotFound` and :class:`jobstate.InvalidTransition`.
+        """
+        return await self.pool.transaction(
+            lambda cur: transition(cur, job_id, new, exit_status=exit_status, message=message))
+
+    async def expired_jobs(self, limit: int = 100) -> list[tuple[str, Reason]]:
+        """Jobs past their queue or execution deadline, with the reason to end them."""
+        rows = await self.pool.fetchall(
+            "(SELECT id, 'queue_timeout' AS reason FROM jobs "
+            " WHERE state = 'queued' AND queue_deadline <= now() ORDER BY seq LIMIT %s) "
+            "UNION ALL "
+            "(SELECT id, 'execution_timeout' FROM jobs "
+            " WHERE state IN ('assigned', 'initializing', 'ready') AND deadline <= now() "
+            " ORDER BY seq LIMIT %s)", (limit, limit))
+        return [(row["id"], Reason(row["reason"])) for row in rows]
+
+    async def ping(self) -> None:
+        await self.pool.fetchone("SELECT 1")
+
+
+async def transition(cur: Cursor, job_id: str, new: Status, *, exit_status: int | None = None,
+                     message: str | None = None) -> bool:
+    """Apply a state transition inside the caller's transaction.
+
+    Locks the job row, checks the move with :func:`jobstate.check`, stamps the
+    state's timestamp, keeps the first termination reason, and appends the
+    job event. Returns False (and writes nothing) when the job is already in
+    the requested status.
+    """
+    row = await cur.fetchone(
+        "SELECT state, stage, termination_reason FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+    if row is None:
+        raise NotFound(f"no job {job_id}")
+    current_state = State(row["state"])
+    reason = row["termination_reason"]
+    current = Status(
+        current_state,
+        Stage(row["stage"]) if row["stage"] else None,
+        Reason(reason) if reason and current_state in (State.TERMINATING,
+                                                       State.TERMINATED) else None)
+    if not jobstate.check(current, new):
+        return False
+    final_reason = current.reason or new.reason
+    stamp = jobstate.TIMESTAMP_COLUMN.get(new.state)
+    sets = ["state = %(state)s", "stage = %(stage)s", "updated_at = now()",
+            "event_seq = event_seq + 1"]
+    if stamp:
+        sets.append(f"{stamp} = coalesce({stamp}, now())")
+    if new.state is State.ASSIGNED:
+        sets.append("deadline = now() + make_interval(secs => timeout)")
+    if final_reason is not None:
+        sets.append("termination_reason = %(reason)s")
+    if exit_status is not None:
+        sets.append("exit_status = %(exit_status)s")
+    if message is not None:
+        sets.append("termination_message = %(message)s")
+    params = {"id": job_id, "state": new.state.value,
+              "stage": new.stage.value if new.stage else None,
+              "reason": final_reason.value if final_reason else None,
+              "exit_status": exit_status, "message": message}
+    updated = await cur.fetchone(
+        f"UPDATE jobs SET {', '.join(sets)} WHERE id = %(id)s RETURNING event_seq", params)
+    assert updated is not None
+    await cur.execute(
+        "INSERT INTO job_events (job_id, seq, state, stage, reason, exit_status, message) "
+        "VALUES (%(id)s, %(seq)s, %(state)s, %(stage)s, %(reason)s, %(exit_status)s, "
+        "%(message)s)", {**params, "seq": updated["event_seq"]})
+    return True
+

@@ -1,0 +1,83 @@
+"""``twistd treadmill-switchboard``: options and service construction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService
+
+from treadmill.common.config import (
+    FLOAT,
+    INT,
+    STR,
+    RoleOptions,
+    Setting,
+    positive,
+    server_endpoints,
+)
+from treadmill.common.daemon import add_operator_services
+from treadmill.switchboard.api import Limits
+from treadmill.switchboard.service import SwitchboardConfig, SwitchboardService
+
+DAY = 24 * 3600.0
+
+
+class Options(RoleOptions):
+    """Settings of the switchboard (``etc/treadmill/switchboard.toml`` documents them)."""
+
+    settings = (
+        Setting("listen", server_endpoints, ["tcp:8080:interface=127.0.0.1"],
+                "API listeners (endpoint descriptions: tcp:, ssl:, unix:, systemd:)."),
+        Setting("database.dsn", STR, None,
+                "libpq connection string of the PostgreSQL database.", required=True),
+        Setting("database.pool_size", positive(INT), 4, "Connections in the pool."),
+        Setting("instance", STR, None,
+                "Name of this switchboard instance (default: hostname:pid)."),
+        Setting("capabilities.signing_key", STR, None,
+                "Ed25519 private key (PEM) that signs capability tokens; created if absent.",
+                required=True),
+        Setting("capabilities.issuer", STR, "treadmill", "Issuer (iss) of capability tokens."),
+        Setting("http.max_body", positive(INT), 64 * 1024, "Largest request body in bytes."),
+        Setting("auth.cache_ttl", FLOAT, 5.0,
+                "Seconds an API token lookup is cached (revocations clear it at once)."),
+        Setting("tokens.default_ttl", positive(FLOAT), 30 * DAY,
+                "Lifetime of new API tokens without expires_in, in seconds."),
+        Setting("jobs.default_timeout", positive(FLOAT), 3600.0,
+                "Execution timeout of jobs that name none, in seconds."),
+        Setting("jobs.max_timeout", positive(FLOAT), 7 * DAY,
+                "Largest execution timeout a job may ask for, in seconds."),
+        Setting("jobs.default_queue_timeout", positive(FLOAT), DAY,
+                "Time a job may wait in the queue unless it says otherwise, in seconds."),
+        Setting("jobs.max_queue_timeout", positive(FLOAT), 30 * DAY,
+                "Largest queue timeout a job may ask for, in seconds."),
+        Setting("jobs.timeout_interval", positive(FLOAT), 1.0,
+                "How often timeouts are checked, in seconds."),
+    )
+
+
+def config_from(values: dict[str, Any]) -> SwitchboardConfig:
+    """A :class:`SwitchboardConfig` from parsed option values."""
+    limits = Limits(
+        default_token_ttl=values["tokens.default_ttl"],
+        default_timeout=values["jobs.default_timeout"],
+        max_timeout=values["jobs.max_timeout"],
+        default_queue_timeout=values["jobs.default_queue_timeout"],
+        max_queue_timeout=values["jobs.max_queue_timeout"],
+    )
+    config = SwitchboardConfig(
+        dsn=values["database.dsn"], listen=values["listen"],
+        signing_key=values["capabilities.signing_key"], issuer=values["capabilities.issuer"],
+        pool_size=values["database.pool_size"], max_body=values["http.max_body"],
+        auth_cache_ttl=values["auth.cache_ttl"], timeout_interval=values["jobs.timeout_interval"],
+        limits=limits)
+    if values["instance"]:
+        config.instance = values["instance"]
+    return config
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    service = SwitchboardService(reactor, config_from(options.values))
+    add_operator_services(reactor, service, options.values, service.namespace())
+    return service

@@ -1,0 +1,60 @@
+"""How switchboard rows look in API responses (see ``docs/api.md``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def user(row: dict[str, Any]) -> dict[str, Any]:
+    return {"name": row["name"], "admin": row["admin"], "disabled": row["disabled"],
+            "created_at": row["created_at"]}
+
+
+def token(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: row[key] for key in
+            ("id", "user", "label", "created_at", "expires_at", "last_used_at", "revoked_at")}
+
+
+def host(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: row[key] for key in
+            ("name", "tags", "owner", "description", "enabled", "healthy",
+             "consecutive_failures", "connected", "last_seen_at", "current_job", "created_at")}
+
+
+def image(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: row[key] for key in
+            ("name", "digest", "stores", "owner", "description", "created_at", "updated_at")}
+
+
+def grant(row: dict[str, Any]) -> dict[str, Any]:
+    return {"user": row["user"], "privilege": row["privilege"], "created_at": row["created_at"]}
+
+
+def parameters(stored: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Parameters as users read them: secret values are never returned."""
+    return {name: ({"secret": True} if p.get("secret") else {"value": p["value"], "secret": False})
+            for name, p in stored.items()}
+
+
+def job(row: dict[str, Any]) -> dict[str, Any]:
+    termination = None
+    if row["state"] == "terminated":
+        termination = {"reason": row["termination_reason"], "exit_status": row["exit_status"],
+                       "message": row["termination_message"]}
+    return {
+        "id": row["id"], "owner": row["owner"], "label": row["label"],
+        "image": {"name": row["image_name"], "digest": row["image_digest"],
+                  "stores": row["image_stores"]},
+        "tags": row["tags"], "parameters": parameters(row["parameters"]),
+        "timeout": row["timeout"], "queue_timeout": row["queue_timeout"],
+        "max_restarts": row["max_restarts"], "restart_of": row["restart_of"],
+        "restarts_left": row["restarts_left"], "state": row["state"], "stage": row["stage"],
+        "host": row["host"], "termination": termination,
+        **{key: row[key] for key in ("created_at", "assigned_at", "started_at", "ready_at",
+                                     "terminated_at", "updated_at")},
+    }
+
+
+def event(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: row[key] for key in
+            ("seq", "job", "at", "state", "stage", "reason", "exit_status", "message")}
