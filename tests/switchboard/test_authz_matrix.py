@@ -1,0 +1,202 @@
+"""The authorisation matrix: every endpoint × every kind of caller.
+
+Callers: anonymous (no token), another user, the owner of the resource, a
+grantee (read on the host and the job, use on the image), and an admin. Each
+row names the expected status for each caller; resources are created afresh
+for every caller so that one caller's writes cannot change another's answer.
+A resource a caller may not see at all answers 404, not 403, so that its
+existence does not leak.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from tests.support import Client, RunningSwitchboard
+from treadmill.switchboard import credentials
+from treadmill.switchboard.jobstate import Reason, State, Status
+
+ROLES = ("anonymous", "other", "owner", "grantee", "admin")
+DIGEST = "sha256:" + "ab" * 32
+PASSWORD = "the owner's password"
+
+_counter = itertools.count()
+
+
+@dataclass
+class World:
+    """Fresh resources owned by ``owner``, with grants to ``grantee``."""
+
+    host: str
+    spare_host: str
+    image: str
+    job: str
+    done_job: str
+    token_of_owner: str
+    fresh: str
+    owner: str = "owner"
+
+
+async def build_world(sb: RunningSwitchboard, clients: dict[str, Client]) -> World:
+    n = next(_counter)
+    store = sb.store
+    owner_id = await store.user_id("owner")
+    grantee_id = await store.user_id("grantee")
+    host, spare, image = f"host-{n}", f"spare-{n}", f"image-{n}"
+    await store.create_host(host, ["a"], owner_id, "", credentials.token_hash(f"x{n}"))
+    await store.create_host(spare, [], owner_id, "", credentials.token_hash(f"y{n}"))
+    await store.create_image(image, DIGEST, ["http://store.example"], owner_id, "")
+    r = await clients["owner"].post("/api/v1/jobs", {"image": image})
+    assert r.status == 201, r.body
+    job = r.body["id"]
+    admin = await store.get_user("admin")
+    from treadmill.switchboard.access import Principal
+
+    principal = Principal(admin["id"], "admin", True)
+    host_id = (await store.get_host(host, principal))["id"]
+    image_id = (await store.get_image(image, principal))["id"]
+    await store.add_grant("host", host_id, grantee_id, "read")
+    await store.add_grant("image", image_id, grantee_id, "use")
+    await store.add_grant("job", job, grantee_id, "read")
+    r = await clients["owner"].post("/api/v1/jobs", {"image": image})
+    done_job = r.body["id"]
+    await store.transition(done_job, Status(State.TERMINATED, reason=Reason.USER_TERMINATED))
+    await store.add_grant("job", done_job, grantee_id, "read")
+    spare_token = await store.create_token(owner_id, credentials.token_hash(f"z{n}"), "", 60)
+    return World(host=host, spare_host=spare, image=image, job=job, done_job=done_job,
+                 token_of_owner=spare_token["id"], fresh=f"new-{n}")
+
+
+@dataclass
+class Row:
+    method: str
+    path: str  # formatted with the World's fields
+    expect: tuple[int, int, int, int, int]  # anonymous, other, owner, grantee, admin
+    body: Callable[[World], Any] | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+def _none(w: World) -> Any:
+    return None
+
+
+ROWS = [
+    Row("GET", "/api/v1/whoami", (401, 200, 200, 200, 200)),
+    Row("GET", "/api/v1/tokens", (401, 200, 200, 200, 200)),
+    Row("GET", "/api/v1/tokens?user=owner", (401, 403, 200, 403, 200)),
+    Row("POST", "/api/v1/tokens", (401, 201, 201, 201, 201), lambda w: {"label": "x"}),
+    Row("POST", "/api/v1/tokens", (401, 403, 201, 403, 201), lambda w: {"user": "owner"}),
+    Row("DELETE", "/api/v1/tokens/{token_of_owner}", (401, 404, 200, 404, 200)),
+    Row("GET", "/api/v1/users", (401, 403, 403, 403, 200)),
+    Row("POST", "/api/v1/users", (401, 403, 403, 403, 201), lambda w: {"name": w.fresh}),
+    Row("POST", "/api/v1/login", (201, 201, 201, 201, 201),
+        lambda w: {"user": "owner", "password": PASSWORD}),
+    Row("POST", "/api/v1/login", (401, 401, 401, 401, 401),
+        lambda w: {"user": "owner", "password": "not the password"}),
+    Row("GET", "/api/v1/users/{owner}", (401, 403, 200, 403, 200)),
+    Row("PATCH", "/api/v1/users/{owner}", (401, 403, 403, 403, 200), lambda w: {"admin": False}),
+    Row("PATCH", "/api/v1/users/{owner}", (401, 403, 200, 403, 200),
+        lambda w: {"password": "long enough password"}),
+    Row("GET", "/api/v1/hosts", (401, 200, 200, 200, 200)),
+    Row("POST", "/api/v1/hosts", (401, 403, 403, 403, 201), lambda w: {"name": w.fresh}),
+    Row("GET", "/api/v1/hosts/{host}", (401, 404, 200, 200, 200)),
+    Row("PUT", "/api/v1/hosts/{host}/tags", (401, 404, 200, 403, 200),
+        lambda w: {"tags": ["b"]}),
+    Row("POST", "/api/v1/hosts/{host}/drain", (401, 404, 200, 403, 200)),
+    Row("POST", "/api/v1/hosts/{host}/enable", (401, 404, 200, 403, 200)),
+    Row("POST", "/api/v1/hosts/{host}/token", (401, 403, 403, 403, 200)),
+    Row("DELETE", "/api/v1/hosts/{spare_host}", (401, 403, 403, 403, 204)),
+    Row("GET", "/api/v1/hosts/{host}/grants", (401, 404, 200, 403, 200)),
+    Row("POST", "/api/v1/hosts/{host}/grants", (401, 404, 201, 403, 201),
+        lambda w: {"user": "other", "privilege": "start"}),
+    Row("DELETE", "/api/v1/hosts/{host}/grants/grantee/read", (401, 404, 204, 403, 204)),
+    Row("GET", "/api/v1/images", (401, 200, 200, 200, 200)),
+    Row("POST", "/api/v1/images", (401, 201, 201, 201, 201),
+        lambda w: {"name": w.fresh, "digest": DIGEST, "stores": ["https://s.example"]}),
+    Row("GET", "/api/v1/images/{image}", (401, 404, 200, 200, 200)),
+    Row("PUT", "/api/v1/images/{image}", (401, 404, 200, 403, 200),
+        lambda w: {"description": "changed"}),
+    Row("DELETE", "/api/v1/images/{image}", (401, 404, 204, 403, 204)),
+    Row("GET", "/api/v1/images/{image}/grants", (401, 404, 200, 403, 200)),
+    Row("POST", "/api/v1/images/{image}/grants", (401, 404, 201, 403, 201),
+        lambda w: {"user": "*", "privilege": "use"}),
+    Row("DELETE", "/api/v1/images/{image}/grants/grantee/use", (401, 404, 204, 403, 204)),
+    Row("GET", "/api/v1/jobs", (401, 200, 200, 200, 200)),
+    Row("POST", "/api/v1/jobs", (401, 201, 201, 201, 201), lambda w: {"image": DIGEST}),
+    Row("POST", "/api/v1/jobs", (401, 400, 201, 201, 201), lambda w: {"image": w.image}),
+    Row("GET", "/api/v1/jobs/{job}", (401, 404, 200, 200, 200)),
+    Row("POST", "/api/v1/jobs/{job}/terminate", (401, 404, 200, 403, 200)),
+    Row("GET", "/api/v1/jobs/{job}/events", (401, 404, 200, 200, 200)),
+    Row("GET", "/api/v1/jobs/{done_job}/events/watch", (401, 404, 200, 200, 200)),
+    Row("GET", "/api/v1/jobs/{job}/grants", (401, 404, 200, 403, 200)),
+    Row("POST", "/api/v1/jobs/{job}/grants", (401, 404, 201, 403, 201),
+        lambda w: {"user": "other", "privilege": "stop"}),
+    Row("DELETE", "/api/v1/jobs/{job}/grants/grantee/read", (401, 404, 204, 403, 204)),
+    Row("GET", "/healthz", (200, 200, 200, 200, 200)),
+    Row("GET", "/.well-known/treadmill/capability-keys", (200, 200, 200, 200, 200)),
+]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.id + f" #{i}" for i, row in enumerate(ROWS)])
+@pytest_twisted.ensureDeferred
+async def test_authorisation(switchboard: RunningSwitchboard, row: Row) -> None:
+    clients = {
+        "anonymous": Client(switchboard.url, None),
+        "admin": switchboard.admin,
+        "other": await switchboard.user("other"),
+        "owner": await switchboard.user("owner"),
+        "grantee": await switchboard.user("grantee"),
+    }
+    if row.path == "/api/v1/login":
+        await switchboard.store.update_user(
+            "owner", password_hash=credentials.hash_password_sync(PASSWORD))
+    got = {}
+    for role in ROLES:
+        world = await build_world(switchboard, clients)
+        path = row.path.format(**vars(world))
+        body = (row.body or _none)(world)
+        response = await clients[role].request(row.method, path, body)
+        got[role] = response.status
+        if response.status >= 400:
+            assert response.error is not None, (role, response.body)
+    assert got == dict(zip(ROLES, row.expect, strict=True))
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_route_is_in_the_matrix() -> None:
+    """A new route must get a row here."""
+    from treadmill.switchboard.api import SwitchboardAPI
+
+    covered = set()
+    for row in ROWS:
+        path = row.path.split("?")[0]
+        covered.add((row.method, path))
+    routes = set()
+    for rule in SwitchboardAPI.app.url_map.iter_rules():
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            routes.add((method, rule.rule))
+    # Map each route to a covered concrete path by shape.
+    import re
+
+    def shape(path: str) -> str:
+        return re.sub(r"\{[^}]+\}|<[^>]+>", "*", path)
+
+    covered_shapes = {(m, shape(p)) for m, p in covered}
+    generic = {"/api/v1/*/*/grants", "/api/v1/*/*/grants/*/*", "/api/v1/images/*"}
+    missing = set()
+    for method, rule in routes:
+        s = shape(rule)
+        if s in generic:
+            continue
+        if (method, s) not in covered_shapes:
+            missing.add((method, rule))
+    assert not missing, f"routes without a row in the matrix: {sorted(missing)}"

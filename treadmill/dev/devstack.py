@@ -1,0 +1,277 @@
+"""A whole Treadmill testbed on one machine, for a first run and for development.
+
+Run through ``tools/devstack``. State lives in ``.devstack/`` (or
+``--state DIR``): a private PostgreSQL cluster, each role's configuration,
+keys and logs. Running it again reuses all of it; Ctrl-C stops every role and
+the cluster. ``--detach`` leaves everything running in the background and
+``tools/devstack stop`` stops it.
+
+This is development tooling: it blocks, and runs no reactor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from treadmill.dev.pgcluster import Cluster, ClusterError, create_database
+
+DATABASE = "treadmill"
+ADMIN = "admin"
+
+
+@dataclass
+class Role:
+    """A daemon of the devstack, started as ``twistd -n <plugin> --config <file>``."""
+
+    name: str
+    plugin: str
+    config: Path
+    health_url: str | None = None
+
+
+def _say(message: str) -> None:
+    print(f"[devstack] {message}", flush=True)
+
+
+def _http_json(url: str, token: str | None = None, timeout: float = 2.0) -> tuple[int, object]:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, None
+    except (urllib.error.URLError, OSError, ValueError):
+        return 0, None
+
+
+class Devstack:
+    def __init__(self, state: Path, port: int):
+        self.state = state.absolute()
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.cluster = Cluster(self.state / "pg", port=5432, durable=True)
+        self.logs = self.state / "logs"
+        self.run = self.state / "run"
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    # -- processes ------------------------------------------------------------
+
+    def _pidfile(self, role: Role) -> Path:
+        return self.run / f"{role.name}.pid"
+
+    def _alive(self, role: Role) -> int | None:
+        proc = self._procs.get(role.name)
+        if proc is not None:
+            return proc.pid if proc.poll() is None else None
+        try:
+            pid = int(self._pidfile(role).read_text())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    def start_role(self, role: Role) -> None:
+        pid = self._alive(role)
+        if pid is not None:
+            _say(f"{role.name} already runs (pid {pid}); restarting it")
+            self.stop_role(role)
+        log = open(self.logs / f"{role.name}.log", "ab")  # noqa: SIM115 (the child owns it)
+        twistd = Path(sys.executable).with_name("twistd")
+        proc = subprocess.Popen(
+            [str(twistd), "--nodaemon", "--pidfile=", "--logger=treadmill.common.logging.text",
+             role.plugin, "--config", str(role.config)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        self._procs[role.name] = proc
+        self._pidfile(role).write_text(str(proc.pid))
+        if role.health_url:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise SystemExit(f"[devstack] {role.name} exited with {proc.returncode}; "
+                                     f"see {self.logs / (role.name + '.log')}")
+                if _http_json(role.health_url)[0] == 200:
+                    break
+                time.sleep(0.1)
+            else:
+                raise SystemExit(f"[devstack] {role.name} did not become healthy in 30 s; "
+                                 f"see {self.logs / (role.name + '.log')}")
+        _say(f"{role.name} running (pid {proc.pid}), log {self.logs / (role.name + '.log')}")
+
+    def stop_role(self, role: Role) -> None:
+        pid = self._alive(role)
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if self._alive(role) is None:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        self._procs.pop(role.name, None)
+        self._pidfile(role).unlink(missing_ok=True)
+        _say(f"{role.name} stopped")
+
+    # -- set-up -------------------------------------------------------------------
+
+    def roles(self) -> list[Role]:
+        return [Role("switchboard", "treadmill-switchboard", self.state / "switchboard.toml",
+                     f"{self.url}/healthz")]
+
+    def prepare(self) -> None:
+        for path in (self.state, self.logs, self.run):
+            path.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state, 0o755)  # The postgres user must reach its cluster.
+        _say("starting PostgreSQL")
+        try:
+            self.cluster.start()
+            self.cluster.create_database(DATABASE)
+        except ClusterError as e:
+            raise SystemExit(f"[devstack] {e}") from None
+        dsn = self.cluster.dsn(DATABASE)
+        (self.state / "switchboard.toml").write_text(
+            "# Written by tools/devstack; edits are overwritten.\n"
+            f'listen = ["tcp:{self.port}:interface=127.0.0.1"]\n'
+            'instance = "devstack"\n'
+            "[database]\n"
+            f"dsn = {json.dumps(dsn)}\n"
+            "[capabilities]\n"
+            f"signing_key = {json.dumps(str(self.state / 'capability-key.pem'))}\n"
+            + self._manhole_config())
+
+    def _manhole_config(self) -> str:
+        keys = [p for p in (Path.home() / ".ssh").glob("*.pub")] if Path.home().exists() else []
+        if not keys:
+            return ""
+        authorized = self.state / "manhole_authorized_keys"
+        authorized.write_text("".join(p.read_text() for p in keys))
+        return ("[manhole]\n"
+                'listen = ["tcp:2222:interface=127.0.0.1"]\n'
+                f"authorized_keys = {json.dumps(str(authorized))}\n"
+                f"host_key = {json.dumps(str(self.state / 'manhole_host_key'))}\n")
+
+    def admin_token(self) -> str:
+        path = self.state / "admin-token"
+        if path.exists():
+            token = path.read_text().strip()
+            if _http_json(f"{self.url}/api/v1/whoami", token)[0] == 200:
+                return token
+        proc = subprocess.run(
+            [sys.executable, "-m", "treadmill.switchboard.bootstrap",
+             "--config", str(self.state / "switchboard.toml"), "--admin", ADMIN,
+             "--label", "devstack"],
+            capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"[devstack] bootstrap failed: {proc.stderr.strip()}")
+        token = proc.stdout.strip().splitlines()[-1]
+        path.write_text(token + "\n")
+        path.chmod(0o600)
+        return token
+
+    def write_cli_config(self, token: str) -> Path:
+        path = self.state / "tml.toml"
+        path.write_text(f"url = {json.dumps(self.url)}\ntoken = {json.dumps(token)}\n")
+        path.chmod(0o600)
+        return path
+
+    # -- commands -----------------------------------------------------------------------
+
+    def up(self) -> Path:
+        self.prepare()
+        for role in self.roles():
+            self.start_role(role)
+        token = self.admin_token()
+        cli = self.write_cli_config(token)
+        self.banner(cli)
+        return cli
+
+    def down(self) -> None:
+        for role in reversed(self.roles()):
+            self.stop_role(role)
+        try:
+            self.cluster.stop()
+            _say("PostgreSQL stopped")
+        except ClusterError as e:
+            _say(f"could not stop PostgreSQL: {e}")
+
+    def banner(self, cli: Path) -> None:
+        venv_bin = Path(sys.executable).parent
+        print(f"""
+Treadmill devstack is up.
+
+  Switchboard API   {self.url}   (logs in {self.logs})
+  Admin user        {ADMIN}; token in {self.state / 'admin-token'}
+  PostgreSQL        {self.cluster.dsn(DATABASE)}
+
+Use it from another shell:
+
+  export PATH={venv_bin}:$PATH TREADMILL_CONFIG={cli}
+  tml whoami
+  tml admin user add alice --password-stdin <<< 'correct horse battery'
+  tml admin token create --user alice --label laptop
+  tml admin host add qemu-1 --tag arch=x86_64 --tag qemu
+  tml grant host qemu-1 '*' start
+  tml image register demo sha256:{'0' * 64} --store http://127.0.0.1:8081
+  tml job submit demo --tag qemu --param GREETING=hello
+  tml job ls
+""", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tools/devstack", description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", default="up", choices=["up", "stop", "status"])
+    parser.add_argument("--state", default=".devstack", help="state directory")
+    parser.add_argument("--port", type=int, default=8080, help="switchboard API port")
+    parser.add_argument("--detach", action="store_true",
+                        help="leave the testbed running in the background and return")
+    args = parser.parse_args(argv)
+    stack = Devstack(Path(args.state), args.port)
+    if args.command == "stop":
+        stack.down()
+        return 0
+    if args.command == "status":
+        for role in stack.roles():
+            pid = stack._alive(role)
+            print(f"{role.name}: {'running, pid ' + str(pid) if pid else 'stopped'}")
+        return 0
+    try:
+        stack.up()
+    except BaseException:
+        stack.down()
+        raise
+    if args.detach:
+        _say("detached; stop it with: tools/devstack stop")
+        return 0
+    _say("press Ctrl-C to stop every role and PostgreSQL")
+    stopping = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopping.append(signum)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    while not stopping:
+        for role in stack.roles():
+            if stack._alive(role) is None:
+                _say(f"{role.name} exited; see {stack.logs / (role.name + '.log')}")
+                stopping.append(0)
+        time.sleep(0.5)
+    stack.down()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
