@@ -1,4 +1,4 @@
-"""The authorisation matrix: every endpoint × every kind of caller.
+"""The authorisation matrix: every endpoint by every kind of caller.
 
 Callers: anonymous (no token), another user, the owner of the resource, a
 grantee (read on the host and the job, use on the image), and an admin. Each

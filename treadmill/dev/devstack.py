@@ -23,7 +23,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from treadmill.dev.pgcluster import Cluster, ClusterError, create_database
+from treadmill.dev.pgcluster import Cluster, ClusterError
 
 DATABASE = "treadmill"
 ADMIN = "admin"
@@ -87,7 +87,7 @@ class Devstack:
         if pid is not None:
             _say(f"{role.name} already runs (pid {pid}); restarting it")
             self.stop_role(role)
-        log = open(self.logs / f"{role.name}.log", "ab")  # noqa: SIM115 (the child owns it)
+        log = open(self.logs / f"{role.name}.log", "ab")
         twistd = Path(sys.executable).with_name("twistd")
         proc = subprocess.Popen(
             [str(twistd), "--nodaemon", "--pidfile=", "--logger=treadmill.common.logging.text",
