@@ -46,6 +46,7 @@ class SwitchboardConfig:
     issuer: str = "treadmill"
     pool_size: int = 4
     max_body: int = 64 * 1024
+    access_log: bool = True
     instance: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     auth_cache_ttl: float = 5.0
     timeout_interval: float = 1.0
@@ -78,6 +79,8 @@ class SwitchboardService(MultiService):
         self.listener.on_reconnect(self.auth.invalidate)
         self.listener.setServiceParent(self)
         self.site = limited_site(self.api.resource(), config.max_body)
+        if not config.access_log:
+            self.site.log = lambda request: None  # type: ignore[method-assign]
         self._ready: Deferred[None] | None = None
         self._ports: list[Any] = []
         self._stopping = False

@@ -7,6 +7,7 @@ from typing import Any
 from twisted.application.service import IService
 
 from treadmill.common.config import (
+    BOOL,
     FLOAT,
     INT,
     STR,
@@ -38,6 +39,7 @@ class Options(RoleOptions):
                 "Ed25519 private key (PEM) that signs capability tokens; created if absent."),
         Setting("capabilities.issuer", STR, "treadmill", "Issuer (iss) of capability tokens."),
         Setting("http.max_body", positive(INT), 64 * 1024, "Largest request body in bytes."),
+        Setting("http.access_log", BOOL, True, "Log one line per HTTP request."),
         Setting("auth.cache_ttl", FLOAT, 5.0,
                 "Seconds an API token lookup is cached (revocations clear it at once)."),
         Setting("tokens.default_ttl", positive(FLOAT), 30 * DAY,
@@ -68,6 +70,7 @@ def config_from(values: dict[str, Any]) -> SwitchboardConfig:
         dsn=values["database.dsn"], listen=values["listen"],
         signing_key=values["capabilities.signing_key"], issuer=values["capabilities.issuer"],
         pool_size=values["database.pool_size"], max_body=values["http.max_body"],
+        access_log=values["http.access_log"],
         auth_cache_ttl=values["auth.cache_ttl"], timeout_interval=values["jobs.timeout_interval"],
         limits=limits)
     if values["instance"]:
