@@ -13,6 +13,8 @@ Errors name the file, the key and the problem, and are ``UsageError`` so that
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -132,11 +134,11 @@ def one_of(*choices: str) -> Callable[[Any], str]:
 
 
 def positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """A number that must be greater than zero."""
+    """A finite number that must be greater than zero."""
 
     def check(value: Any) -> Any:
         value = kind(value)
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise ValueError(f"expected a positive number, got {value}")
         return value
 
@@ -208,6 +210,8 @@ def load_file(path: str, settings: Iterable[Setting]) -> dict[str, Any]:
         raise ConfigError(f"cannot read: {e.strerror}", source=path) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"invalid TOML: {e}", source=path) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 (byte {e.start})", source=path) from None
     values: dict[str, Any] = {}
     for key, value in flatten(raw).items():
         setting = known.get(key)
@@ -293,7 +297,7 @@ def _is_local_endpoint(desc: str) -> bool:
         return True
     if kind not in ("tcp", "tcp6"):
         return False
-    for part in rest.split(":"):
+    for part in re.split(r"(?<!\\):", rest):
         if part.startswith("interface="):
             iface = part[len("interface="):].replace("\\", "")
             return iface in ("127.0.0.1", "::1", "localhost") or iface.startswith("127.")

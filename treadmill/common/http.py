@@ -141,15 +141,54 @@ def _where(path: Any) -> str:
     return ".".join(parts) if parts else "body"
 
 
+def _describe(error: Any) -> str:
+    """What is wrong, without quoting the offending value (it may be a secret)."""
+    kind, expected = error.validator, error.validator_value
+    if kind == "type":
+        kinds = expected if isinstance(expected, list) else [expected]
+        return "expected " + " or ".join("an object" if k == "object" else f"a {k}"
+                                         for k in kinds)
+    if kind == "required":
+        return error.message  # "'name' is a required property": a field name, no value.
+    if kind == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return "unknown field" + ("s " if len(extra) > 1 else " ") + ", ".join(
+            repr(name[:64]) for name in extra)
+    if kind == "minLength":
+        return f"must be at least {expected} characters long"
+    if kind == "maxLength":
+        return f"must be at most {expected} characters long"
+    if kind == "pattern":
+        return f"has an invalid format (must match {expected})"
+    if kind in ("minimum", "exclusiveMinimum"):
+        return f"must be {'at least' if kind == 'minimum' else 'greater than'} {expected}"
+    if kind in ("maximum", "exclusiveMaximum"):
+        return f"must be {'at most' if kind == 'maximum' else 'less than'} {expected}"
+    if kind == "enum":
+        return "must be one of " + ", ".join(map(str, expected))
+    if kind == "maxItems":
+        return f"must have at most {expected} items"
+    if kind == "maxProperties":
+        return f"must have at most {expected} entries"
+    if kind == "uniqueItems":
+        return "must not repeat items"
+    if kind == "propertyNames":
+        return "has an invalid name"
+    if kind == "anyOf":
+        return "matches none of the allowed forms"
+    return f"is invalid ({kind})"
+
+
 def validate(value: Any, schema: dict[str, Any]) -> None:
-    """Raise a ``400`` :class:`ApiError` naming the first offending field."""
+    """Raise a ``400`` :class:`ApiError` naming the first offending field.
+
+    Messages name the field and the rule, never the value: a value may be
+    a password or a secret parameter.
+    """
     error = best_match(validator(schema).iter_errors(value))
     if error is None:
         return
-    message = error.message
-    if len(message) > 300:
-        message = message[:300] + "…"
-    raise ApiError(400, f"{_where(error.absolute_path)}: {message}")
+    raise ApiError(400, f"{_where(error.absolute_path)}: {_describe(error)}")
 
 
 def read_json(request: IRequest, schema: dict[str, Any] | None = None,

@@ -26,7 +26,7 @@ from treadmill.switchboard import credentials, schemas, views
 from treadmill.switchboard.access import PRIVILEGES, Principal, effective
 from treadmill.switchboard.auth import Authenticator
 from treadmill.switchboard.events import JobWatchers
-from treadmill.switchboard.jobstate import InvalidTransition, Reason, State, Status
+from treadmill.switchboard.jobstate import InvalidTransition, Reason, State
 from treadmill.switchboard.store import Conflict, JobSpec, NotFound, Store
 
 
@@ -366,7 +366,7 @@ class SwitchboardAPI:
 
     @app.route("/api/v1/images/<path:name>", methods=["GET"])
     async def show_image(self, request: IRequest, name: str) -> bytes:
-        if name.endswith("/grants") or "/grants/" in name:
+        if name.endswith("/grants"):
             return await self._image_grants_dispatch(request, name)
         _, row = await self._image(request, name, "use")
         return respond(request, views.image(row))
@@ -396,15 +396,17 @@ class SwitchboardAPI:
         raise ApiError(405, "method not allowed")
 
     async def _image_grants_dispatch(self, request: IRequest, path: str) -> bytes:
-        # Image names may contain "/", so their grant routes are parsed here.
-        name, _, rest = path.partition("/grants")
-        _, row = await self._image(request, name, "manage")
+        # Image names may contain "/", so their grant routes are parsed here:
+        # NAME/grants (GET, POST) and NAME/grants/USER/PRIVILEGE (DELETE). No
+        # image name has a segment "grants" (schemas.IMAGE_NAME_PATTERN).
+        parts = path.split("/")
         method = request.method.decode()
-        if rest == "" and method in ("GET", "POST"):
+        if len(parts) >= 2 and parts[-1] == "grants" and method in ("GET", "POST"):
+            _, row = await self._image(request, "/".join(parts[:-1]), "manage")
             return await self._grants(request, method, "image", row["id"])
-        user, _, privilege = rest.lstrip("/").partition("/")
-        if method == "DELETE" and user and privilege and "/" not in privilege:
-            return await self._revoke(request, "image", row["id"], user, privilege)
+        if len(parts) >= 4 and parts[-3] == "grants" and method == "DELETE":
+            _, row = await self._image(request, "/".join(parts[:-3]), "manage")
+            return await self._revoke(request, "image", row["id"], parts[-2], parts[-1])
         raise ApiError(404, "no such endpoint")
 
     # -- grants --------------------------------------------------------------------
@@ -529,19 +531,8 @@ class SwitchboardAPI:
     @app.route("/api/v1/jobs/<job_id>/terminate", methods=["POST"])
     async def terminate(self, request: IRequest, job_id: str) -> bytes:
         principal, row = await self._job(request, job_id, "stop")
-        state = State(row["state"])
-        if state is State.QUEUED:
-            target = Status(State.TERMINATED, reason=Reason.USER_TERMINATED)
-        elif state is not State.TERMINATED:
-            target = Status(State.TERMINATING, reason=Reason.USER_TERMINATED)
-        else:
-            target = None
-        if target is not None:
-            try:
-                await self.store.transition(row["id"], target,
-                                            message=f"terminated by {principal.name}")
-            except InvalidTransition:
-                pass  # It moved on meanwhile (assigned, or terminated): show where it is.
+        await self.store.request_termination(row["id"], Reason.USER_TERMINATED,
+                                             message=f"terminated by {principal.name}")
         return respond(request, views.job(await self.store.get_job(row["id"], principal)))
 
     @app.route("/api/v1/jobs/<job_id>/events", methods=["GET"])

@@ -68,6 +68,8 @@ class JobWatchers:
                         return
                 if rows:
                     continue
+                if await self.store.job_terminated(job_id):
+                    return  # Already past its last event.
                 timer = self.clock.callLater(keepalive, waiter.callback, _TIMEOUT)
                 woken = await waiter
                 if woken is _TIMEOUT:

@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
-IMAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$"
+# Slash-separated segments; no segment may be "grants" (it names the grant routes).
+IMAGE_NAME_PATTERN = (r"^(?!(.*/)?grants(/|$))"
+                      r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:=/+-]{0,127}$"
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 PARAMETER_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"

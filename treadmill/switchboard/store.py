@@ -383,6 +383,32 @@ class Store:
         return await self.pool.transaction(
             lambda cur: transition(cur, job_id, new, exit_status=exit_status, message=message))
 
+    async def request_termination(self, job_id: str, reason: Reason,
+                                  message: str | None = None) -> bool:
+        """End a queued job at once, or start stopping an active one.
+
+        The target is chosen under the row lock, so a job assigned meanwhile
+        goes to ``terminating`` (its host must stop it), never straight to
+        ``terminated``. Returns False when nothing changed.
+        """
+
+        async def terminate(cur: Cursor) -> bool:
+            row = await cur.fetchone("SELECT state FROM jobs WHERE id = %s FOR UPDATE",
+                                     (job_id,))
+            if row is None:
+                raise NotFound(f"no job {job_id}")
+            state = State(row["state"])
+            if state is State.TERMINATED:
+                return False
+            target = State.TERMINATED if state is State.QUEUED else State.TERMINATING
+            return await transition(cur, job_id, Status(target, reason=reason), message=message)
+
+        return await self.pool.transaction(terminate)
+
+    async def job_terminated(self, job_id: str) -> bool:
+        row = await self.pool.fetchone("SELECT state FROM jobs WHERE id = %s", (job_id,))
+        return row is None or row["state"] == State.TERMINATED.value
+
     async def expired_jobs(self, limit: int = 100) -> list[tuple[str, Reason]]:
         """Jobs past their queue or execution deadline, with the reason to end them."""
         rows = await self.pool.fetchall(

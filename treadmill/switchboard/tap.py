@@ -11,6 +11,7 @@ from treadmill.common.config import (
     FLOAT,
     INT,
     STR,
+    ConfigError,
     RoleOptions,
     Setting,
     positive,
@@ -55,6 +56,15 @@ class Options(RoleOptions):
         Setting("jobs.timeout_interval", positive(FLOAT), 1.0,
                 "How often timeouts are checked, in seconds."),
     )
+
+
+    def checkSettings(self, values: dict[str, Any], source: str) -> None:
+        super().checkSettings(values, source)
+        for default, limit in (("jobs.default_timeout", "jobs.max_timeout"),
+                               ("jobs.default_queue_timeout", "jobs.max_queue_timeout")):
+            if values[default] > values[limit]:
+                raise ConfigError(f"{default} ({values[default]:g}) exceeds {limit} "
+                                  f"({values[limit]:g})", key=default, source=source)
 
 
 def config_from(values: dict[str, Any]) -> SwitchboardConfig:

@@ -8,7 +8,7 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from treadmill.switchboard.jobstate import InvalidTransition, Reason, State, Status
+from treadmill.switchboard.jobstate import InvalidTransition
 from treadmill.switchboard.store import NotFound, Store
 
 
@@ -36,9 +36,8 @@ class TimeoutEnforcer(TimerService):
             self.log.failure("Could not look for expired jobs")
             return 0
         for job_id, reason in expired:
-            state = State.TERMINATED if reason is Reason.QUEUE_TIMEOUT else State.TERMINATING
             try:
-                if await self.store.transition(job_id, Status(state, reason=reason)):
+                if await self.store.request_termination(job_id, reason):
                     changed += 1
                     self.log.info("Job {job} ended: {reason}", job=job_id, reason=reason.value)
             except (InvalidTransition, NotFound):

@@ -1,0 +1,104 @@
+"""Tables, ``key: value`` lines and the job/event renderers."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from treadmill.cli import output
+from treadmill.cli.commands.jobs import event_line, exit_status_for, render_job, render_jobs
+
+
+def test_table_aligns_columns_without_trailing_blanks():
+    text = output.render_table(
+        ("NAME", "ENABLED", "TAGS"),
+        [("qemu-1", True, ["a", "b"]), ("board-long-name", False, [])],
+    )
+    assert text == (
+        "NAME             ENABLED  TAGS\n"
+        "qemu-1           yes      a,b\n"
+        "board-long-name  no       -\n"
+    )
+
+
+def test_table_with_no_rows_is_the_header():
+    assert output.render_table(("A", "B"), []) == "A  B\n"
+
+
+def test_cells():
+    assert output.cell(None) == "-"
+    assert output.cell(0) == "0"
+    assert output.cell("") == ""
+    assert output.cell({"b": 1, "a": 2}) == '{"a": 2, "b": 1}'
+    assert output.cell("bell\x07 and \x1b[31mred") == "bell\\x07 and \\x1b[31mred"
+
+
+def test_fmt_time_drops_fraction():
+    assert output.fmt_time("2026-11-23T17:00:00.123456Z") == "2026-11-23T17:00:00Z"
+    assert output.fmt_time("2026-11-23T17:00:00+01:00") == "2026-11-23T17:00:00+01:00"
+    assert output.fmt_time(None) == "-"
+
+
+def test_fields_and_object():
+    assert output.render_fields([("a", 1), ("long_key", None)]) == "a:        1\nlong_key: -\n"
+    text = output.render_object({"z": 1, "name": "n", "token": "secret"}, ("name",), ("token",))
+    assert text == "name: n\nz:    1\n"
+
+
+def test_json_output():
+    out = io.StringIO()
+    output.print_json_line(out, {"a": [1, 2]})
+    assert out.getvalue() == '{"a":[1,2]}\n'
+    out = io.StringIO()
+    output.print_json(out, {"a": 1})
+    assert json.loads(out.getvalue()) == {"a": 1}
+
+
+JOB = {
+    "id": "5b7c",
+    "owner": "alice",
+    "label": "",
+    "image": {"name": "debian", "digest": "sha256:" + "ab" * 32, "stores": ["http://s"]},
+    "tags": ["qemu"],
+    "parameters": {"A": {"value": "1", "secret": False}, "K": {"secret": True}},
+    "state": "terminated",
+    "stage": None,
+    "host": "qemu-1",
+    "termination": {"reason": "workload_exited", "exit_status": 2, "message": "boom"},
+    "created_at": "2026-11-23T17:00:00.5Z",
+    "future_field": 1,
+}
+
+
+def test_render_job_redacts_nothing_it_did_not_get_and_keeps_unknown_fields():
+    fields = dict(line.split(":", 1) for line in render_job(JOB).splitlines())
+    fields = {k: v.strip() for k, v in fields.items()}
+    assert fields["parameters"] == "A=1 K=<secret>"
+    assert fields["reason"] == "workload_exited"
+    assert fields["exit_status"] == "2"
+    assert fields["image"] == f"debian (sha256:{'ab' * 32})"
+    assert fields["future_field"] == "1"
+    assert fields["label"] == "-"
+
+
+def test_render_jobs_detail_column():
+    lines = render_jobs({"jobs": [JOB]}).splitlines()
+    headers = ["ID", "STATE", "DETAIL", "HOST", "OWNER", "IMAGE", "CREATED", "LABEL"]
+    assert lines[0].split() == headers
+    assert "workload_exited, exit status 2: boom" in lines[1]
+
+
+def test_event_line():
+    line = event_line({"at": "2026-11-23T17:00:00Z", "state": "initializing", "stage": "booting"})
+    assert line == "2026-11-23T17:00:00Z  initializing/booting\n"
+    line = event_line({"at": None, "state": "terminated", "reason": "queue_timeout"})
+    assert line == "-  terminated                   queue_timeout\n"
+
+
+def test_exit_status_for_termination():
+    assert exit_status_for({"reason": "workload_exited", "exit_status": 0}) == 0
+    assert exit_status_for({"reason": "workload_exited", "exit_status": 1}) == 4
+    assert exit_status_for({"reason": "workload_exited", "exit_status": None}) == 4
+    for reason in ("user_terminated", "queue_timeout", "host_dropped_job", "internal_error"):
+        assert exit_status_for({"reason": reason, "exit_status": 0}) == 5
+    assert exit_status_for(None) == 5

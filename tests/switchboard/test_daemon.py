@@ -1,0 +1,113 @@
+"""The switchboard as operators run it: ``twistd treadmill-switchboard`` in its own process."""
+
+from __future__ import annotations
+
+import io
+import signal
+import subprocess
+from pathlib import Path
+
+import psycopg2
+import pytest_twisted
+from twisted.internet import reactor
+
+from tests.daemons import BIN, Daemon, free_port, run_python
+from treadmill.cli.main import run as tml
+
+
+def write_config(path: Path, dsn: str, port: int, state: Path) -> Path:
+    path.write_text(
+        f'listen = ["tcp:{port}:interface=127.0.0.1"]\n'
+        "[database]\n"
+        f'dsn = "{dsn}"\n'
+        "[capabilities]\n"
+        f'signing_key = "{state / "key.pem"}"\n'
+        "[jobs]\n"
+        "timeout_interval = 0.2\n")
+    return path
+
+
+async def cli(url: str, token: str, *argv: str) -> tuple[int, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = await tml(reactor, ["--url", url, "--token", token, *argv], out, err, {},
+                     stdin=io.StringIO("a long enough password\n"))
+    return code, out.getvalue() + err.getvalue()
+
+
+def test_config_error_names_file_and_key(tmp_path: Path) -> None:
+    config = tmp_path / "switchboard.toml"
+    config.write_text('listen = ["tcp:8080"]\n[database]\ndsn = "x"\nbogus = 1\n')
+    proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=",
+                           "treadmill-switchboard", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    message = proc.stdout + proc.stderr
+    assert str(config) in message and "database.bogus" in message and "unknown" in message
+
+
+@pytest_twisted.ensureDeferred
+async def test_switchboard_daemon_end_to_end(database: str, tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = write_config(tmp_path / "switchboard.toml", database, port, tmp_path)
+    daemon = Daemon("treadmill-switchboard", ["--config", str(config)])
+    daemon.start()
+    try:
+        await daemon.wait_http(f"{url}/healthz")
+        out, err, code = await run_python("-m", "treadmill.switchboard.bootstrap",
+                                          "--config", str(config), "--admin", "root")
+        assert code == 0, err
+        admin = out.strip()
+
+        code, out = await cli(url, admin, "admin", "user", "add", "alice", "--password-stdin")
+        assert code == 0, out
+        code, out = await cli(url, admin, "admin", "host", "add", "board-1", "--tag", "qemu")
+        assert code == 0 and "tmh_" in out, out
+        code, out = await cli(url, admin, "job", "submit", "sha256:" + "1" * 64,
+                              "--tag", "qemu", "--param", "A=b", "--secret-param", "S=hidden")
+        assert code == 0, out
+        job = out.strip().splitlines()[-1].split()[-1]
+
+        # Killed without warning, the daemon loses nothing: the job is still queued.
+        assert await daemon.signal(signal.SIGKILL) != 0
+        daemon.start()
+        await daemon.wait_http(f"{url}/healthz")
+        code, out = await cli(url, admin, "--json", "job", "show", job)
+        assert code == 0 and '"state": "queued"' in out.replace('":"', '": "'), out
+        assert "hidden" not in out
+
+        code, out = await cli(url, admin, "job", "cancel", job)
+        assert code == 0, out
+        code, out = await cli(url, admin, "job", "events", job)
+        assert code == 0 and "user_terminated" in out, out
+    finally:
+        await daemon.stop()
+    assert "Traceback" not in daemon.output, daemon.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_switchboards_share_one_database(database: str, tmp_path: Path) -> None:
+    ports = [free_port(), free_port()]
+    daemons = []
+    for i, port in enumerate(ports):
+        state = tmp_path / f"sb{i}"
+        state.mkdir()
+        config = write_config(state / "switchboard.toml", database, port, tmp_path)
+        daemons.append(Daemon("treadmill-switchboard",
+                              ["--config", str(config), "--instance", f"sb{i}"]))
+    for daemon in daemons:
+        daemon.start()
+    try:
+        for daemon, port in zip(daemons, ports, strict=True):
+            await daemon.wait_http(f"http://127.0.0.1:{port}/healthz")
+    finally:
+        for daemon in daemons:
+            await daemon.stop()
+    conn = psycopg2.connect(database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT version, count(*) FROM schema_migrations GROUP BY version")
+            rows = cur.fetchall()
+    finally:
+        conn.close()
+    assert rows and all(count == 1 for _, count in rows)

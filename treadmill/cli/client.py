@@ -1,0 +1,289 @@
+"""A small client for the switchboard's JSON API (``docs/api.md``), on treq."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+from urllib.parse import quote
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseFailed,
+)
+from twisted.web.iweb import IResponse
+
+from treadmill.cli.config import ConfigError, Settings
+from treadmill.cli.sse import SSEMessage, SSEParser
+
+USER_AGENT = b"tml/0.1"
+# RFC 3986 pchar minus "/": a segment keeps these, everything else is percent-encoded.
+_SEGMENT_SAFE = "!$&'()*+,;=:@"
+_NO_BODY = object()
+
+
+class ApiError(Exception):
+    """The switchboard answered with an error (``{"error": {"code", "message"}}``)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class Unreachable(Exception):
+    """The switchboard could not be reached, or the connection failed."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach the switchboard at {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class _StopWatching(Exception):
+    """Raised by a stream callback to close the stream early."""
+
+
+def _leaf_reason(exc: BaseException) -> BaseException:
+    """The underlying failure of a twisted.web wrapper exception."""
+    while isinstance(exc, RequestTransmissionFailed | ResponseFailed) and exc.reasons:
+        exc = exc.reasons[0].value
+    return exc
+
+
+def _openssl_reason(exc: BaseException) -> str:
+    """``certificate verify failed`` rather than ``[('SSL routines', '', '…')]``."""
+    errors = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+    reasons = [e[-1] for e in errors if isinstance(e, tuple) and e and e[-1]]
+    text = "; ".join(reasons) or str(exc) or type(exc).__name__
+    if "certificate verify failed" in text:
+        text += " (is --ca-file or ca_file set to the switchboard's CA?)"
+    return text
+
+
+def describe_transport_error(exc: BaseException, timeout: float | None = None) -> str | None:
+    """A short reason if ``exc`` means the connection failed, else ``None``."""
+    leaf = _leaf_reason(exc)
+    if isinstance(leaf, ierror.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(leaf, ierror.DNSLookupError):
+        return f"cannot resolve the host name ({leaf})"
+    if isinstance(leaf, ierror.TCPTimedOutError | ierror.TimeoutError):
+        return "connection timed out"
+    if isinstance(leaf, CancelledError | ierror.ConnectingCancelledError):
+        return f"no response within {timeout:g} s" if timeout else "request cancelled"
+    if isinstance(leaf, ierror.ConnectionDone | ierror.ConnectionLost):
+        return "the connection was closed unexpectedly"
+    if isinstance(leaf, ierror.ConnectError):
+        return str(leaf)
+    if type(leaf).__module__.startswith("OpenSSL"):
+        return f"TLS error: {_openssl_reason(leaf)}"
+    if type(leaf).__module__.startswith("service_identity"):
+        return f"TLS error: the certificate does not match the host name ({leaf})"
+    if isinstance(exc, RequestTransmissionFailed | ResponseFailed):
+        return str(leaf) or type(leaf).__name__
+    return None
+
+
+async def _error_from(response: IResponse) -> ApiError:
+    """Turn an error response into an :class:`ApiError`."""
+    status = response.code
+    phrase = (response.phrase or b"").decode("latin-1")
+    try:
+        body = await treq.content(response)
+        data = json.loads(body)
+        err = data["error"]
+        return ApiError(status, str(err["code"]), str(err["message"]))
+    except (ValueError, KeyError, TypeError):
+        pass
+    if 300 <= status < 400:
+        location = response.headers.getRawHeaders(b"location", [b"?"])[0].decode("latin-1")
+        return ApiError(status, "redirect", f"the switchboard redirected to {location}")
+    return ApiError(status, f"http_{status}", f"HTTP {status} {phrase}".strip())
+
+
+class ApiClient:
+    """Requests to ``{base_url}/api/v1/...`` with a bearer token, JSON in and out.
+
+    Every method raises :class:`ApiError` for an error response and
+    :class:`Unreachable` when the connection fails.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        base_url: str,
+        token: str | None,
+        http: HTTPClient,
+        *,
+        pool: HTTPConnectionPool | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        self.reactor = reactor
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self._http = http
+        self._pool = pool
+
+    @classmethod
+    def from_settings(cls, reactor: Any, settings: Settings) -> ApiClient:
+        """A client with its own connection pool, verifying TLS with ``settings.ca_file``."""
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        if settings.ca_file:
+            from treadmill.common.tls import client_policy
+
+            try:
+                policy = client_policy(settings.ca_file)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"CA file: {e}") from None
+            agent = Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=15)
+        else:
+            agent = Agent(reactor, pool=pool, connectTimeout=15)
+        return cls(reactor, settings.url, settings.token, HTTPClient(agent), pool=pool)
+
+    async def close(self) -> None:
+        """Close idle connections."""
+        if self._pool is not None:
+            await self._pool.closeCachedConnections()
+
+    def url(self, segments: Sequence[str]) -> str:
+        """The URL of an API path; each segment is percent-encoded (``/`` too)."""
+        return self.base_url + "/api/v1/" + "/".join(quote(s, safe=_SEGMENT_SAFE) for s in segments)
+
+    def _headers(self, accept: bytes, auth: bool) -> dict[bytes, list[bytes]]:
+        headers = {b"Accept": [accept], b"User-Agent": [USER_AGENT]}
+        if auth and self.token:
+            headers[b"Authorization"] = [b"Bearer " + self.token.encode("utf-8")]
+        return headers
+
+    async def _send(
+        self,
+        method: str,
+        segments: Sequence[str],
+        *,
+        params: Mapping[str, Any] | None = None,
+        body: Any = _NO_BODY,
+        auth: bool = True,
+        accept: bytes = b"application/json",
+        stream: bool = False,
+    ) -> IResponse:
+        kwargs: dict[str, Any] = {}
+        if body is not _NO_BODY:
+            kwargs["json"] = body
+        if params:
+            kwargs["params"] = {k: str(v) for k, v in params.items() if v is not None}
+        try:
+            response = await self._http.request(
+                method,
+                self.url(segments),
+                headers=self._headers(accept, auth),
+                allow_redirects=False,
+                unbuffered=stream,
+                # A stream may rightly stay silent until the next event: no timeout.
+                timeout=None if stream else self.timeout,
+                reactor=self.reactor,
+                **kwargs,
+            )
+        except Exception as e:
+            reason = describe_transport_error(e, self.timeout)
+            if reason is None:
+                raise
+            raise Unreachable(self.base_url, reason) from None
+        if not 200 <= response.code < 300:
+            try:
+                raise await _error_from(response)
+            except (ResponseFailed, ierror.ConnectionLost) as e:
+                reason = describe_transport_error(e) or str(e)
+                raise Unreachable(self.base_url, reason) from None
+        return response
+
+    async def request(
+        self,
+        method: str,
+        segments: Sequence[str],
+        *,
+        params: Mapping[str, Any] | None = None,
+        body: Any = _NO_BODY,
+        auth: bool = True,
+    ) -> Any:
+        """Send a request; return the decoded JSON body, or ``None`` for 204."""
+        response = await self._send(method, segments, params=params, body=body, auth=auth)
+        try:
+            content = await treq.content(response)
+        except Exception as e:
+            reason = describe_transport_error(e)
+            if reason is None:
+                raise
+            raise Unreachable(self.base_url, reason) from None
+        if response.code == 204 or not content.strip():
+            return None
+        try:
+            return json.loads(content)
+        except ValueError:
+            raise ApiError(
+                response.code, "bad_response", "the switchboard's response is not JSON"
+            ) from None
+
+    async def get(self, *segments: str, params: Mapping[str, Any] | None = None) -> Any:
+        """``GET`` an API path."""
+        return await self.request("GET", segments, params=params)
+
+    async def post(self, *segments: str, body: Any = _NO_BODY, auth: bool = True) -> Any:
+        """``POST`` to an API path, with a JSON body if given."""
+        return await self.request("POST", segments, body=body, auth=auth)
+
+    async def put(self, *segments: str, body: Any) -> Any:
+        """``PUT`` a JSON body."""
+        return await self.request("PUT", segments, body=body)
+
+    async def patch(self, *segments: str, body: Any) -> Any:
+        """``PATCH`` with a JSON body."""
+        return await self.request("PATCH", segments, body=body)
+
+    async def delete(self, *segments: str) -> Any:
+        """``DELETE`` an API path."""
+        return await self.request("DELETE", segments)
+
+    async def watch(
+        self,
+        segments: Sequence[str],
+        on_message: Callable[[SSEMessage], bool],
+        *,
+        params: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Follow a Server-Sent Events stream, calling ``on_message`` for each message.
+
+        ``on_message`` returns true to stop; the stream is then closed. Returns
+        whether it stopped that way (``False``: the server ended the stream).
+        """
+        response = await self._send(
+            "GET", segments, params=params, accept=b"text/event-stream", stream=True
+        )
+        parser = SSEParser()
+
+        def collector(data: bytes) -> None:
+            for message in parser.feed(data):
+                if on_message(message):
+                    raise _StopWatching()
+
+        try:
+            await treq.collect(response, collector)
+        except _StopWatching:
+            return True
+        except Exception as e:
+            reason = describe_transport_error(e)
+            if reason is None:
+                raise
+            raise Unreachable(self.base_url, reason) from None
+        for message in parser.close():
+            if on_message(message):
+                return True
+        return False

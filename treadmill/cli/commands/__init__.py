@@ -1,0 +1,1 @@
+"""The ``tml`` commands, one module per area; each has ``register(sub, common)``."""

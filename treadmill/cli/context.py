@@ -1,0 +1,139 @@
+"""What a command handler gets: parsed arguments, streams, settings and an API client."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from treadmill.cli import output
+from treadmill.cli.client import ApiClient
+from treadmill.cli.config import Settings
+
+# Exit statuses (docs/cli.md).
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_JOB_FAILED = 4
+EXIT_JOB_ABORTED = 5
+
+
+class UsageError(Exception):
+    """The command line is wrong in a way argparse cannot tell (exit status 2)."""
+
+
+class CommandError(Exception):
+    """A local failure with a message for the user (exit status 1)."""
+
+
+@dataclass
+class Context:
+    """Everything a command needs; handlers take it and return an exit status."""
+
+    reactor: Any
+    args: argparse.Namespace
+    stdout: TextIO
+    stderr: TextIO
+    stdin: TextIO
+    env: Mapping[str, str]
+    settings: Settings
+    api: ApiClient
+    prompt_password: Callable[[str], str] = field(default=lambda prompt: getpass.getpass(prompt))
+
+    @property
+    def json(self) -> bool:
+        """Whether ``--json`` was given."""
+        return bool(getattr(self.args, "json", False))
+
+    def write(self, text: str) -> None:
+        """Write text to stdout."""
+        self.stdout.write(text)
+        self.stdout.flush()
+
+    def note(self, text: str) -> None:
+        """Write a line for people to stderr."""
+        self.stderr.write(text + "\n")
+        self.stderr.flush()
+
+    def emit(self, value: Any, render: Callable[[Any], str]) -> int:
+        """Print ``value`` as JSON with ``--json``, else as ``render(value)``; return 0."""
+        if self.json:
+            output.print_json(self.stdout, value)
+        else:
+            self.write(render(value))
+        return EXIT_OK
+
+    def read_password_stdin(self) -> str:
+        """The password given on stdin (``--password-stdin``), without its final newline."""
+        password = self.stdin.read()
+        password = password.removesuffix("\n").removesuffix("\r")
+        if not password:
+            raise UsageError("no password on standard input")
+        return password
+
+
+Handler = Callable[[Context], Awaitable[int]]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration(text: str) -> int | float:
+    """An argparse type: seconds, optionally with a unit (``90``, ``15m``, ``2h``, ``30d``)."""
+    m = _DURATION.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 90, 15m, 2h, 30d)")
+    seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    return int(seconds) if seconds == int(seconds) else seconds
+
+
+def name_value(text: str) -> tuple[str, str]:
+    """An argparse type: ``NAME=VALUE``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def add_command(
+    sub: Any, name: str, handler: Handler, common: argparse.ArgumentParser, *, help: str, **kw: Any
+) -> argparse.ArgumentParser:
+    """Add a leaf command (with the common options) that runs ``handler``."""
+    parser = sub.add_parser(name, help=help, description=help, parents=[common], **kw)
+    parser.set_defaults(handler=handler, command_parser=parser)
+    return parser
+
+
+def add_group(sub: Any, name: str, *, help: str) -> Any:
+    """Add a command that only groups subcommands; return its subparsers."""
+    parser = sub.add_parser(name, help=help, description=help)
+    parser.set_defaults(command_parser=parser)
+    return parser.add_subparsers(
+        title="commands", metavar="COMMAND", dest=f"{parser.prog} command", required=True
+    )

@@ -1,0 +1,500 @@
+"""The OpenAPI 3.1 description of the switchboard HTTP API (``docs/openapi.json``).
+
+:func:`build` assembles the document from code: the request body schemas are
+:data:`treadmill.switchboard.schemas.REQUEST_BODIES` verbatim (OpenAPI 3.1
+speaks JSON Schema 2020-12), the enumerations come from the job state machine,
+the privileges and the error codes; the response schemas mirror
+:mod:`treadmill.switchboard.views`. ``tools/gen-openapi`` writes the file and
+``tests/switchboard/test_openapi.py`` keeps it, the Klein routes of
+:class:`~treadmill.switchboard.api.SwitchboardAPI` and ``docs/api.md`` in step.
+
+Path parameters carry the names of the Klein rules (``<job_id>`` is
+``{job_id}``); the generic grant rules are spelled out per collection.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from treadmill.common.http import STATUS_CODES
+from treadmill.switchboard import schemas
+from treadmill.switchboard.access import PRIVILEGES
+from treadmill.switchboard.api import Limits
+from treadmill.switchboard.jobstate import Reason, Stage, State
+
+TITLE = "Treadmill switchboard API"
+VERSION = "1"
+SECURITY_SCHEME = "apiToken"
+
+JSON = "application/json"
+
+# -- schema fragments ----------------------------------------------------------
+
+STRING: dict[str, Any] = {"type": "string"}
+BOOLEAN: dict[str, Any] = {"type": "boolean"}
+INTEGER: dict[str, Any] = {"type": "integer"}
+NUMBER: dict[str, Any] = {"type": "number"}
+UUID: dict[str, Any] = {"type": "string", "format": "uuid"}
+OPTIONAL_UUID: dict[str, Any] = {"type": ["string", "null"], "format": "uuid"}
+TIME: dict[str, Any] = {"type": "string", "format": "date-time"}
+OPTIONAL_TIME: dict[str, Any] = {"type": ["string", "null"], "format": "date-time"}
+OPTIONAL_STRING: dict[str, Any] = {"type": ["string", "null"]}
+OPTIONAL_INTEGER: dict[str, Any] = {"type": ["integer", "null"]}
+STRINGS: dict[str, Any] = {"type": "array", "items": STRING}
+
+
+def _enum(values: Any, *, nullable: bool = False) -> dict[str, Any]:
+    listed: list[Any] = [str(value) for value in values]
+    if nullable:
+        return {"type": ["string", "null"], "enum": [*listed, None]}
+    return {"type": "string", "enum": listed}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _record(properties: dict[str, Any], description: str) -> dict[str, Any]:
+    """A response object: every property is always present."""
+    return {"type": "object", "description": description, "properties": properties,
+            "required": list(properties)}
+
+
+def _list_of(key: str, item: str, **extra: Any) -> dict[str, Any]:
+    properties = {key: {"type": "array", "items": _ref(item)}, **extra}
+    return {"type": "object", "properties": properties, "required": [key]}
+
+
+# -- response schemas (see views.py) -----------------------------------------------
+
+USER = _record({
+    "name": STRING, "admin": BOOLEAN, "disabled": BOOLEAN, "created_at": TIME,
+}, "A user account.")
+
+TOKEN = _record({
+    "id": UUID, "user": STRING, "label": STRING, "created_at": TIME,
+    "expires_at": OPTIONAL_TIME, "last_used_at": OPTIONAL_TIME, "revoked_at": OPTIONAL_TIME,
+}, "An API token (never its secret).")
+
+NEW_TOKEN: dict[str, Any] = {
+    "description": "A new API token with its secret, shown only this once.",
+    "allOf": [_ref("Token"), {"type": "object", "properties": {"token": STRING},
+                              "required": ["token"]}],
+}
+
+HOST = _record({
+    "name": STRING, "tags": STRINGS, "owner": OPTIONAL_STRING, "description": STRING,
+    "enabled": {"type": "boolean", "description": "False when drained by an operator."},
+    "healthy": {"type": "boolean",
+                "description": "False when taken out of service after repeated host-side "
+                               "failures."},
+    "consecutive_failures": INTEGER, "connected": BOOLEAN, "last_seen_at": OPTIONAL_TIME,
+    "current_job": OPTIONAL_UUID, "created_at": TIME,
+}, "A host of the testbed.")
+
+NEW_HOST: dict[str, Any] = {
+    "description": "A host with its (new) host token, shown only this once.",
+    "allOf": [_ref("Host"), {"type": "object", "properties": {"token": STRING},
+                             "required": ["token"]}],
+}
+
+IMAGE = _record({
+    "name": STRING, "digest": STRING, "stores": STRINGS, "owner": OPTIONAL_STRING,
+    "description": STRING, "created_at": TIME, "updated_at": TIME,
+}, "An image of the catalogue.")
+
+GRANT_RECORD = _record({
+    "user": {"type": "string", "description": '"*" means every user.'},
+    "privilege": _enum(sorted({p for privileges in PRIVILEGES.values() for p in privileges})),
+    "created_at": TIME,
+}, "A privilege granted on a host, job or image.")
+
+JOB_PARAMETER: dict[str, Any] = {"oneOf": [
+    {"type": "object", "properties": {"value": STRING, "secret": {"const": False}},
+     "required": ["value", "secret"]},
+    {"type": "object", "properties": {"secret": {"const": True}}, "required": ["secret"],
+     "additionalProperties": False},
+], "description": "Secret parameters read back without their value."}
+
+JOB = _record({
+    "id": UUID, "owner": STRING, "label": STRING,
+    "image": _record({"name": OPTIONAL_STRING, "digest": STRING, "stores": STRINGS},
+                     "The image the job runs (no name when enqueued by digest)."),
+    "tags": STRINGS,
+    "parameters": {"type": "object", "additionalProperties": JOB_PARAMETER},
+    "timeout": NUMBER, "queue_timeout": NUMBER, "max_restarts": INTEGER,
+    "restart_of": OPTIONAL_UUID, "restarts_left": INTEGER,
+    "state": _enum(State), "stage": _enum(Stage, nullable=True), "host": OPTIONAL_STRING,
+    "termination": {
+        "oneOf": [{"type": "null"}, _record({
+            "reason": _enum(Reason, nullable=True), "exit_status": OPTIONAL_INTEGER,
+            "message": OPTIONAL_STRING,
+        }, "How the job ended.")],
+        "description": "Null until the job is terminated.",
+    },
+    "created_at": TIME, "assigned_at": OPTIONAL_TIME, "started_at": OPTIONAL_TIME,
+    "ready_at": OPTIONAL_TIME, "terminated_at": OPTIONAL_TIME, "updated_at": TIME,
+}, "A job: a workload on one host. States and stages are described in docs/jobs.md.")
+
+EVENT = _record({
+    "seq": INTEGER, "job": UUID, "at": TIME, "state": _enum(State),
+    "stage": _enum(Stage, nullable=True), "reason": _enum(Reason, nullable=True),
+    "exit_status": OPTIONAL_INTEGER, "message": OPTIONAL_STRING,
+}, "One change of a job's state or stage.")
+
+ERROR: dict[str, Any] = {
+    "type": "object", "description": "The one shape of every error.",
+    "properties": {"error": {
+        "type": "object",
+        "properties": {"code": _enum(STATUS_CODES.values()), "message": STRING},
+        "required": ["code", "message"],
+    }},
+    "required": ["error"],
+}
+
+JWK: dict[str, Any] = {
+    "type": "object", "description": "An Ed25519 public key (RFC 8037).",
+    "properties": {"kty": {"const": "OKP"}, "crv": {"const": "Ed25519"}, "x": STRING,
+                   "kid": STRING, "alg": STRING, "use": {"const": "sig"}},
+    "required": ["kty", "crv", "x", "kid"],
+}
+
+RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
+    "User": USER, "Token": TOKEN, "NewToken": NEW_TOKEN, "Host": HOST, "NewHost": NEW_HOST,
+    "Image": IMAGE, "GrantRecord": GRANT_RECORD, "Job": JOB, "Event": EVENT, "Error": ERROR,
+    "JWK": JWK,
+    "UserList": _list_of("users", "User"),
+    "TokenList": _list_of("tokens", "Token"),
+    "HostList": _list_of("hosts", "Host"),
+    "ImageList": _list_of("images", "Image"),
+    "GrantList": _list_of("grants", "GrantRecord"),
+    "JobList": _list_of("jobs", "Job", next_cursor={
+        "type": "string", "description": "The cursor of the next page; absent on the last."}),
+    "EventList": _list_of("events", "Event"),
+    "CapabilityKeys": _list_of("keys", "JWK"),
+    "Health": {"type": "object", "properties": {"status": {"const": "ok"}},
+               "required": ["status"]},
+}
+"""Response schemas by name. The request body ``Grant`` takes the plain name,
+so the grant as the API returns it is ``GrantRecord``."""
+
+# -- responses and parameters --------------------------------------------------------
+
+ERROR_RESPONSES: dict[int, tuple[str, str]] = {
+    400: ("BadRequest", "Malformed or invalid request; the message names the field."),
+    401: ("Unauthenticated", "Missing, unknown, expired or revoked API token."),
+    403: ("Forbidden", "The token's user lacks the privilege."),
+    404: ("NotFound", "No such resource (or not visible to the token's user)."),
+    409: ("Conflict", "The request conflicts with the current state."),
+    413: ("TooLarge", "The request body is too large."),
+    415: ("UnsupportedMediaType", "The request body is not JSON."),
+    503: ("Unavailable", "The database does not answer."),
+}
+
+
+def _error_response(status: int) -> dict[str, Any]:
+    description = ERROR_RESPONSES[status][1]
+    response: dict[str, Any] = {"description": f"{description} ({STATUS_CODES[status]})",
+                                "content": {JSON: {"schema": _ref("Error")}}}
+    if status == 401:
+        response["headers"] = {"WWW-Authenticate": {
+            "description": 'Bearer realm="treadmill"', "schema": STRING}}
+    return response
+
+
+def _path_param(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "description": description,
+            "schema": schema}
+
+
+def _query_param(name: str, schema: dict[str, Any], description: str,
+                 **extra: Any) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": schema, **extra}
+
+
+P_USER = _path_param("name", schemas.NAME, "The user's name.")
+P_TOKEN = _path_param("token_id", UUID, "The token's id.")
+P_HOST = _path_param("name", schemas.NAME, "The host's name.")
+P_IMAGE = _path_param("name", schemas.IMAGE_NAME,
+                      "The image's name; it may contain `/`, which is sent as is.")
+P_JOB = _path_param("job_id", UUID, "The job's id.")
+P_GRANTEE = _path_param("user", schemas.USER_OR_EVERYONE,
+                        'The user the grant is to; "*" for every user.')
+
+Q_AFTER = _query_param("after", {"type": "integer", "minimum": 0, "maximum": 2**31 - 1,
+                                 "default": 0}, "Only events with a larger `seq`.")
+
+
+# -- operations ----------------------------------------------------------------------
+
+
+def _operation(operation_id: str, tag: str, summary: str, status: int,
+               result: str | None = None, *, body: str | None = None,
+               body_required: bool = True, errors: tuple[int, ...] = (),
+               query: tuple[dict[str, Any], ...] = (), anonymous: bool = False,
+               description: str | None = None) -> dict[str, Any]:
+    """One operation. Authenticated ones may answer 401; those with a body 400, 413, 415."""
+    codes = set(errors)
+    if not anonymous:
+        codes.add(401)
+    if body is not None:
+        codes.update((400, 413, 415))
+    if result is None:
+        success: dict[str, Any] = {"description": "Done; no content."}
+    else:
+        success = {"description": "OK" if status == 200 else "Created",
+                   "content": {JSON: {"schema": _ref(result)}}}
+    responses = {str(status): success}
+    for code in sorted(codes):
+        responses[str(code)] = {"$ref": f"#/components/responses/{ERROR_RESPONSES[code][0]}"}
+    operation: dict[str, Any] = {"operationId": operation_id, "tags": [tag],
+                                 "summary": summary, "responses": responses}
+    if description is not None:
+        operation["description"] = description
+    if query:
+        operation["parameters"] = list(query)
+    if body is not None:
+        operation["requestBody"] = {"required": body_required,
+                                    "content": {JSON: {"schema": _ref(body)}}}
+    if anonymous:
+        operation["security"] = []
+    return operation
+
+
+def _identity() -> dict[str, dict[str, Any]]:
+    return {
+        "/api/v1/whoami": {"get": _operation(
+            "whoami", "Identity", "The token's user.", 200, "User")},
+        "/api/v1/login": {"post": _operation(
+            "login", "Identity", "Exchange a password for a new API token.", 201, "NewToken",
+            body="Login", errors=(401, 403), anonymous=True,
+            description="401 for a wrong user name or password (or a disabled user); 403 "
+                        "when a non-admin asks for a token that never expires.")},
+        "/api/v1/tokens": {
+            "get": _operation(
+                "list_tokens", "Identity", "List API tokens.", 200, "TokenList",
+                errors=(400, 403, 404),
+                query=(_query_param("user", schemas.NAME,
+                                    "Whose tokens (admins only; default: your own)."),)),
+            "post": _operation(
+                "create_token", "Identity", "Create an API token.", 201, "NewToken",
+                body="TokenCreate", body_required=False, errors=(403, 404),
+                description="No body at all is the same as `{}`. Admins may create "
+                            "tokens for other users and tokens that never expire."),
+        },
+        "/api/v1/tokens/{token_id}": {"parameters": [P_TOKEN], "delete": _operation(
+            "revoke_token", "Identity", "Revoke an API token (its user or an admin).", 200,
+            "Token", errors=(404,))},
+        "/api/v1/users": {
+            "get": _operation("list_users", "Identity", "List users (admin).", 200,
+                              "UserList", errors=(403,)),
+            "post": _operation("create_user", "Identity", "Create a user (admin).", 201,
+                               "User", body="UserCreate", errors=(403, 409)),
+        },
+        "/api/v1/users/{name}": {
+            "parameters": [P_USER],
+            "get": _operation("show_user", "Identity", "A user (self or admin).", 200,
+                              "User", errors=(403, 404)),
+            "patch": _operation(
+                "update_user", "Identity", "Change a user (admin; self for password only).",
+                200, "User", body="UserUpdate", errors=(403, 404)),
+        },
+    }
+
+
+def _hosts() -> dict[str, dict[str, Any]]:
+    def manage(operation_id: str, summary: str) -> dict[str, Any]:
+        return {"parameters": [P_HOST], "post": _operation(
+            operation_id, "Hosts", summary, 200, "Host", errors=(403, 404))}
+
+    return {
+        "/api/v1/hosts": {
+            "get": _operation("list_hosts", "Hosts", "List the hosts you may read.", 200,
+                              "HostList"),
+            "post": _operation(
+                "create_host", "Hosts", "Register a host (admin).", 201, "NewHost",
+                body="HostCreate", errors=(403, 404, 409),
+                description="The response carries the host token the supervisor "
+                            "authenticates with; 404 names an unknown owner."),
+        },
+        "/api/v1/hosts/{name}": {
+            "parameters": [P_HOST],
+            "get": _operation("show_host", "Hosts", "A host (read).", 200, "Host",
+                              errors=(403, 404)),
+            "delete": _operation(
+                "delete_host", "Hosts", "Remove a host (admin).", 204, errors=(403, 404, 409),
+                description="409 while the host runs a job."),
+        },
+        "/api/v1/hosts/{name}/tags": {"parameters": [P_HOST], "put": _operation(
+            "set_host_tags", "Hosts", "Replace a host's tags (manage).", 200, "Host",
+            body="HostTags", errors=(403, 404))},
+        "/api/v1/hosts/{name}/drain": manage(
+            "drain_host", "Stop assigning jobs to a host (manage)."),
+        "/api/v1/hosts/{name}/enable": manage(
+            "enable_host", "Assign jobs to a host again and reset its failure count (manage)."),
+        "/api/v1/hosts/{name}/token": {"parameters": [P_HOST], "post": _operation(
+            "host_token", "Hosts", "Issue a new host token (admin).", 200, "NewHost",
+            errors=(403, 404), description="The old host token stops working.")},
+    }
+
+
+def _images() -> dict[str, dict[str, Any]]:
+    return {
+        "/api/v1/images": {
+            "get": _operation("list_images", "Images", "List the images you may use.", 200,
+                              "ImageList"),
+            "post": _operation("create_image", "Images",
+                               "Add an image to the catalogue (you become its owner).", 201,
+                               "Image", body="ImageCreate", errors=(409,)),
+        },
+        "/api/v1/images/{name}": {
+            "parameters": [P_IMAGE],
+            # Any privilege on an image includes use: no 403 here.
+            "get": _operation("show_image", "Images", "An image (use).", 200, "Image",
+                              errors=(404,)),
+            "put": _operation("update_image", "Images", "Change an image (manage).", 200,
+                              "Image", body="ImageUpdate", errors=(403, 404)),
+            "delete": _operation("delete_image", "Images", "Remove an image (manage).", 204,
+                                 errors=(403, 404)),
+        },
+    }
+
+
+GRANT_COLLECTIONS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("hosts", "host", P_HOST), ("jobs", "job", P_JOB), ("images", "image", P_IMAGE))
+"""The collections with grants: path segment, kind, and the parameter naming one."""
+
+
+def _grants() -> dict[str, dict[str, Any]]:
+    paths: dict[str, dict[str, Any]] = {}
+    for collection, kind, ident in GRANT_COLLECTIONS:
+        base = f"/api/v1/{collection}/{{{ident['name']}}}/grants"
+        privilege = _path_param("privilege", _enum(PRIVILEGES[kind]), "The privilege.")
+        paths[base] = {
+            "parameters": [ident],
+            "get": _operation(f"list_{kind}_grants", "Grants",
+                              f"List the grants on a {kind} (manage).", 200, "GrantList",
+                              errors=(403, 404)),
+            "post": _operation(
+                f"add_{kind}_grant", "Grants", f"Grant a privilege on a {kind} (manage).",
+                201, "GrantRecord", body="Grant", errors=(403, 404, 409),
+                description=f"Privileges of {kind}s: {', '.join(PRIVILEGES[kind])}; "
+                            '`manage` implies the others. User "*" means every user.'),
+        }
+        paths[base + "/{user}/{privilege}"] = {
+            "parameters": [ident, P_GRANTEE, privilege],
+            "delete": _operation(f"revoke_{kind}_grant", "Grants",
+                                 f"Revoke a grant on a {kind} (manage).", 204,
+                                 errors=(403, 404)),
+        }
+    return paths
+
+
+def _jobs() -> dict[str, dict[str, Any]]:
+    limits = Limits()
+    state = _query_param(
+        "state", {"type": "array", "items": _enum(State)},
+        "Only jobs in these states (repeat the parameter or separate with commas).",
+        style="form", explode=True)
+    return {
+        "/api/v1/jobs": {
+            "get": _operation(
+                "list_jobs", "Jobs", "List the jobs you may read, newest first.", 200,
+                "JobList", errors=(400,), query=(
+                    state,
+                    _query_param("owner", schemas.NAME, "Only jobs of this user."),
+                    _query_param("limit", {"type": "integer", "minimum": 1,
+                                           "maximum": limits.max_page, "default": 100},
+                                 "Page size."),
+                    _query_param("cursor", STRING,
+                                 "`next_cursor` of the previous page (opaque)."))),
+            "post": _operation(
+                "enqueue", "Jobs", "Enqueue a job.", 201, "Job", body="JobCreate",
+                errors=(403,),
+                description="`image` is a digest or a catalogue name; a name you may not "
+                            "use is 403 (400 if you cannot see it)."),
+        },
+        "/api/v1/jobs/{job_id}": {"parameters": [P_JOB], "get": _operation(
+            "show_job", "Jobs", "A job (read).", 200, "Job", errors=(403, 404))},
+        "/api/v1/jobs/{job_id}/terminate": {"parameters": [P_JOB], "post": _operation(
+            "terminate", "Jobs", "Terminate a job (stop).", 200, "Job", errors=(403, 404),
+            description="A queued job terminates at once, an active one starts "
+                        "terminating; a terminated job is returned as it is.")},
+        "/api/v1/jobs/{job_id}/events": {"parameters": [P_JOB], "get": _operation(
+            "job_events", "Jobs", "A job's events (read).", 200, "EventList",
+            errors=(400, 403, 404), query=(Q_AFTER,))},
+        "/api/v1/jobs/{job_id}/events/watch": {"parameters": [P_JOB], "get": _watch()},
+    }
+
+
+def _watch() -> dict[str, Any]:
+    operation = _operation(
+        "watch_job", "Jobs", "Follow a job's events as they happen (read).", 200,
+        errors=(400, 403, 404), query=(Q_AFTER,),
+        description="Server-Sent Events: each event is `id: <seq>`, `event: job` and one "
+                    "`data:` line holding an `Event` (see `#/components/schemas/Event`); "
+                    "comment lines keep the connection alive. The stream ends after the "
+                    "event whose state is `terminated`.")
+    operation["responses"]["200"] = {
+        "description": "A stream of job events.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+    return operation
+
+
+def _other() -> dict[str, dict[str, Any]]:
+    return {
+        "/healthz": {"get": _operation(
+            "healthz", "Other", "Whether the switchboard and its database answer.", 200,
+            "Health", errors=(503,), anonymous=True)},
+        "/.well-known/treadmill/capability-keys": {"get": _operation(
+            "capability_keys", "Other",
+            "The Ed25519 public keys satellites verify capability tokens with.", 200,
+            "CapabilityKeys", anonymous=True)},
+    }
+
+
+# -- the document ---------------------------------------------------------------------
+
+
+def build() -> dict[str, Any]:
+    """The OpenAPI 3.1.0 document of the switchboard API (a new, independent dict)."""
+    clash = set(schemas.REQUEST_BODIES) & set(RESPONSE_SCHEMAS)
+    if clash:
+        raise ValueError(f"schema names both request and response: {sorted(clash)}")
+    paths: dict[str, dict[str, Any]] = {}
+    for part in (_identity(), _hosts(), _images(), _grants(), _jobs(), _other()):
+        paths.update(part)
+    document = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": TITLE,
+            "version": VERSION,
+            "description": "The switchboard's JSON API. docs/api.md is the reader's guide; "
+                           "this document is generated by tools/gen-openapi.",
+        },
+        "tags": [{"name": name} for name in
+                 ("Identity", "Hosts", "Images", "Grants", "Jobs", "Other")],
+        "security": [{SECURITY_SCHEME: []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {SECURITY_SCHEME: {
+                "type": "http", "scheme": "bearer",
+                "description": "An API token: `Authorization: Bearer <api token>`.",
+            }},
+            "schemas": {**schemas.REQUEST_BODIES, **RESPONSE_SCHEMAS},
+            "responses": {name: _error_response(status)
+                          for status, (name, _) in ERROR_RESPONSES.items()},
+        },
+    }
+    # Fragments are shared (and the API's validators cache the request schemas by
+    # identity): give the caller a tree of its own.
+    return copy.deepcopy(document)
+
+
+def render(document: dict[str, Any]) -> str:
+    """The text of ``docs/openapi.json``: sorted keys, indent 2, a final newline."""
+    return json.dumps(document, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
