@@ -1,0 +1,159 @@
+"""Protocol v1 between the switchboard and supervisors (``docs/protocol.md``).
+
+One WebSocket per supervisor, opened by the supervisor at
+``/api/v1/supervisor`` with ``Authorization: Bearer <host token>``. The major
+version is the WebSocket subprotocol (``treadmill.supervisor.v1``); the minor
+travels in the ``X-Treadmill-Protocol-Minor`` header both ways and the lower
+one wins. Every message is a JSON object with a ``type``; the JSON Schema in
+``schemas/supervisor-v1.json`` is the authority, and :func:`parse` validates
+every received message against it.
+
+Commands carry a ``request_id`` and are answered by an ``ack`` with the same
+id. Job events from the supervisor are acknowledged too: a supervisor keeps
+an event until its ``ack`` arrives and sends it again after a reconnect, so
+no event is lost and (transitions being idempotent) none is applied twice.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import IntEnum
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+
+MAJOR = 1
+MINOR = 0
+SUBPROTOCOL = f"treadmill.supervisor.v{MAJOR}"
+MINOR_HEADER = "x-treadmill-protocol-minor"
+PATH = "/api/v1/supervisor"
+MAX_MESSAGE_BYTES = 256 * 1024
+
+TO_SUPERVISOR = ("start_job", "stop_job", "status_request", "ack", "protocol_error")
+TO_SWITCHBOARD = ("status", "job_event", "ack", "protocol_error")
+MESSAGE_TYPES = tuple(sorted(set(TO_SUPERVISOR) | set(TO_SWITCHBOARD)))
+
+# Why a start_job was refused (ack with ok=false, error.code).
+START_ERRORS = ("already_running", "image_not_found", "image_invalid", "bad_request",
+                "internal_error")
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes of protocol v1."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_VIOLATION = 4000
+    VERSION_MISMATCH = 4001
+    SUPERSEDED = 4002
+    INTERNAL_ERROR = 4003
+    HOST_REMOVED = 4004
+
+
+class ProtocolError(ValueError):
+    """A received message is malformed, unknown or out of place."""
+
+
+@cache
+def schema() -> dict[str, Any]:
+    """The protocol's JSON Schema (2020-12)."""
+    text = (resources.files("treadmill.protocol") / "schemas" / "supervisor-v1.json"
+            ).read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+@cache
+def _validator() -> Draft202012Validator:
+    Draft202012Validator.check_schema(schema())
+    return Draft202012Validator(schema())
+
+
+def validate(message: Any) -> None:
+    """Raise :class:`ProtocolError` unless ``message`` is a valid v1 message."""
+    error = best_match(_validator().iter_errors(message))
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "message"
+        kind = message.get("type") if isinstance(message, dict) else None
+        raise ProtocolError(f"invalid {kind or 'message'}: {where}: {error.validator} "
+                            f"check failed")
+
+
+def parse(payload: bytes, *, expect: tuple[str, ...]) -> dict[str, Any]:
+    """Decode and validate one received message of one of the ``expect`` types."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        message = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(f"malformed JSON: {e}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ProtocolError("a message is a JSON object with a string 'type'")
+    if message["type"] not in expect:
+        raise ProtocolError(f"unexpected message type {message['type'][:64]!r}")
+    validate(message)
+    return message
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode("utf-8")
+
+
+def negotiate_minor(theirs: str | bytes | None) -> int:
+    """The minor version both sides speak: the lower of ours and theirs."""
+    if theirs is None:
+        return 0
+    try:
+        value = int(theirs)
+    except ValueError:
+        raise ProtocolError("the minor version header is not an integer") from None
+    if value < 0:
+        raise ProtocolError("the minor version header is negative")
+    return min(MINOR, value)
+
+
+# -- constructors: the only places messages are built -------------------------------
+
+
+def start_job(request_id: int, job: dict[str, Any]) -> dict[str, Any]:
+    """Ask the supervisor to start ``job`` (see ``JobStart`` in the schema)."""
+    return {"type": "start_job", "request_id": request_id, "job": job}
+
+
+def stop_job(request_id: int, job_id: str, reason: str) -> dict[str, Any]:
+    return {"type": "stop_job", "request_id": request_id, "job_id": job_id, "reason": reason}
+
+
+def status_request(request_id: int) -> dict[str, Any]:
+    return {"type": "status_request", "request_id": request_id}
+
+
+def status(request_id: int, job: dict[str, Any] | None) -> dict[str, Any]:
+    """What the supervisor runs: ``None`` when idle, else ``{id, state, stage}``."""
+    return {"type": "status", "request_id": request_id, "job": job}
+
+
+def job_event(request_id: int, job_id: str, state: str, *, stage: str | None = None,
+              reason: str | None = None, exit_status: int | None = None,
+              message: str | None = None) -> dict[str, Any]:
+    event: dict[str, Any] = {"type": "job_event", "request_id": request_id, "job_id": job_id,
+                             "state": state}
+    for key, value in (("stage", stage), ("reason", reason), ("exit_status", exit_status),
+                       ("message", message)):
+        if value is not None:
+            event[key] = value
+    return event
+
+
+def ack(request_id: int, error: tuple[str, str] | None = None) -> dict[str, Any]:
+    if error is None:
+        return {"type": "ack", "request_id": request_id, "ok": True}
+    code, text = error
+    return {"type": "ack", "request_id": request_id, "ok": False,
+            "error": {"code": code, "message": text[:1024]}}
+
+
+def protocol_error(code: str, text: str) -> dict[str, Any]:
+    return {"type": "protocol_error", "code": code, "message": text[:1024]}
