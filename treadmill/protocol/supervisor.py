@@ -22,8 +22,10 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
+
+from treadmill.common.http import loads
+from treadmill.common.schema import validator
 
 MAJOR = 1
 MINOR = 0
@@ -45,12 +47,13 @@ class CloseCode(IntEnum):
     """WebSocket close codes of protocol v1."""
 
     NORMAL = 1000
-    GOING_AWAY = 1001
     PROTOCOL_VIOLATION = 4000
     VERSION_MISMATCH = 4001
     SUPERSEDED = 4002
     INTERNAL_ERROR = 4003
     HOST_REMOVED = 4004
+    GOING_AWAY = 4005
+    """The sender shuts down (1001 is reserved to browsers by Autobahn)."""
 
 
 class ProtocolError(ValueError):
@@ -65,10 +68,8 @@ def schema() -> dict[str, Any]:
     return json.loads(text)
 
 
-@cache
-def _validator() -> Draft202012Validator:
-    Draft202012Validator.check_schema(schema())
-    return Draft202012Validator(schema())
+def _validator() -> Any:
+    return validator(schema())
 
 
 def validate(message: Any) -> None:
@@ -86,7 +87,7 @@ def parse(payload: bytes, *, expect: tuple[str, ...]) -> dict[str, Any]:
     if len(payload) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
-        message = json.loads(payload)
+        message = loads(payload)
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(f"malformed JSON: {e}") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):

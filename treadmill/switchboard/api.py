@@ -102,13 +102,15 @@ class SwitchboardAPI:
     log = Logger()
 
     def __init__(self, reactor: Any, store: Store, authenticator: Authenticator,
-                 signer: CapabilitySigner, watchers: JobWatchers, limits: Limits | None = None):
+                 signer: CapabilitySigner, watchers: JobWatchers, limits: Limits | None = None,
+                 supervisor_resource: Any = None):
         self.reactor = reactor
         self.store = store
         self.auth = authenticator
         self.signer = signer
         self.watchers = watchers
         self.limits = limits or Limits()
+        self.supervisor_resource = supervisor_resource
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -154,6 +156,13 @@ class SwitchboardAPI:
     @app.route("/.well-known/treadmill/capability-keys", methods=["GET"])
     def capability_keys(self, request: IRequest) -> bytes:
         return respond(request, self.signer.jwks())
+
+    @app.route("/api/v1/supervisor", methods=["GET"])
+    def supervisor_link(self, request: IRequest) -> Any:
+        """The supervisors' WebSocket (docs/protocol.md); authenticated by host token."""
+        if self.supervisor_resource is None:
+            raise ApiError(503, "supervisor links are not served here")
+        return self.supervisor_resource
 
     # -- identity --------------------------------------------------------------
 
@@ -500,6 +509,9 @@ class SwitchboardAPI:
             name, digest, stores = image, row["digest"], row["stores"]
         parameters = {key: {"value": p["value"], "secret": p.get("secret", False)}
                       for key, p in body.get("parameters", {}).items()}
+        for key, p in parameters.items():
+            if len(p["value"].encode("utf-8")) > 4096:
+                raise ApiError(400, f"parameters.{key}.value: longer than 4 KiB in UTF-8")
         return JobSpec(image_name=name, image_digest=digest, image_stores=stores,
                        tags=body.get("tags", []), parameters=parameters, timeout=timeout,
                        queue_timeout=queue_timeout, max_restarts=body.get("max_restarts", 0),
@@ -509,7 +521,11 @@ class SwitchboardAPI:
     async def list_jobs(self, request: IRequest) -> bytes:
         principal = await self.auth.principal(request)
         limit = _int_arg(request, "limit", 100, 1, self.limits.max_page)
-        states = [s.decode() for s in request.args.get(b"state", []) for s in s.split(b",")]
+        try:
+            states = [part.decode("utf-8") for value in request.args.get(b"state", [])
+                      for part in value.split(b",")]
+        except UnicodeDecodeError:
+            raise ApiError(400, "state: not UTF-8") from None
         for state in states:
             if state not in State.__members__.values():
                 raise ApiError(400, f"state: no state {state!r}")

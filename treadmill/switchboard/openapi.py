@@ -454,7 +454,20 @@ def _other() -> dict[str, dict[str, Any]]:
             "capability_keys", "Other",
             "The Ed25519 public keys satellites verify capability tokens with.", 200,
             "CapabilityKeys", anonymous=True)},
+        "/api/v1/supervisor": {"get": _supervisor_link()},
     }
+
+
+def _supervisor_link() -> dict[str, Any]:
+    operation = _operation(
+        "supervisor_link", "Other",
+        "The supervisors' WebSocket (protocol treadmill.supervisor.v1).", 200, errors=(400,),
+        description="Authenticated by a host token, not an API token. The messages are "
+                    "described in docs/protocol.md and treadmill/protocol/schemas/"
+                    "supervisor-v1.json.")
+    operation["responses"].pop("200")
+    operation["responses"]["101"] = {"description": "Switching to the WebSocket protocol."}
+    return operation
 
 
 # -- the document ---------------------------------------------------------------------

@@ -23,7 +23,8 @@ USER_OR_EVERYONE: dict[str, Any] = {"type": "string",
                                     "pattern": r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,62})$"}
 IMAGE_NAME: dict[str, Any] = {"type": "string", "maxLength": 128, "pattern": IMAGE_NAME_PATTERN}
 DIGEST: dict[str, Any] = {"type": "string", "pattern": DIGEST_PATTERN}
-TEXT: dict[str, Any] = {"type": "string", "maxLength": 256, "pattern": r"^[^\x00-\x1f\x7f]*$"}
+TEXT: dict[str, Any] = {"type": "string", "maxLength": 256,
+                        "pattern": r"^[^\x00-\x1f\x7f-\x9f]*$"}
 TAGS: dict[str, Any] = {"type": "array", "maxItems": 64, "uniqueItems": True,
                         "items": {"type": "string", "pattern": TAG_PATTERN}}
 PASSWORD: dict[str, Any] = {"type": "string", "minLength": 8, "maxLength": 1024}

@@ -5,7 +5,9 @@
     ├── (after the database is ready)
     │   ├── timeouts    queue and execution timeouts
     │   ├── token-usage batched last-use times of API tokens
-    │   └── http        the API listeners
+    │   ├── links       supervisor WebSockets: heartbeats, reconciliation
+    │   ├── scheduler   assigns queued jobs to free hosts
+    │   └── http        the API listeners (and /api/v1/supervisor)
     ├── manhole         optional SSH manhole
     └── metrics         optional Prometheus listeners
 
@@ -32,6 +34,8 @@ from treadmill.switchboard.api import Limits, SwitchboardAPI
 from treadmill.switchboard.auth import Authenticator
 from treadmill.switchboard.database import Listener, Pool, migrate
 from treadmill.switchboard.events import JobWatchers
+from treadmill.switchboard.links import SupervisorLinks
+from treadmill.switchboard.scheduler import Scheduler
 from treadmill.switchboard.store import Store
 from treadmill.switchboard.timeouts import TimeoutEnforcer
 
@@ -51,6 +55,13 @@ class SwitchboardConfig:
     auth_cache_ttl: float = 5.0
     timeout_interval: float = 1.0
     limits: Limits = field(default_factory=Limits)
+    scheduler_interval: float = 2.0
+    unrunnable_grace: float = 30.0
+    max_host_failures: int = 3
+    ping_interval: float = 5.0
+    ping_timeout: float = 10.0
+    reconcile_interval: float = 30.0
+    unreachable_after: float = 60.0
 
 
 class SwitchboardService(MultiService):
@@ -64,19 +75,36 @@ class SwitchboardService(MultiService):
         self.reactor = reactor
         self.config = config
         self.pool = Pool(reactor, config.dsn, config.pool_size)
-        self.store = Store(self.pool)
+        self.store = Store(self.pool, max_host_failures=config.max_host_failures)
         self.signer = CapabilitySigner(load_or_create_signing_key(config.signing_key),
                                        config.issuer, reactor)
         self.auth = Authenticator(self.store, reactor, ttl=config.auth_cache_ttl)
         self.watchers = JobWatchers(self.store, reactor)
+        self.links = SupervisorLinks(
+            reactor, self.store, config.instance, ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout, reconcile_interval=config.reconcile_interval,
+            touch_interval=min(5.0, config.unreachable_after / 4),
+            unreachable_after=config.unreachable_after)
+        self.links.setName("links")
+        self.scheduler = Scheduler(reactor, self.store, interval=config.scheduler_interval,
+                                   fresh_within=max(15.0, 3 * min(5.0,
+                                                                  config.unreachable_after / 4)),
+                                   unrunnable_grace=config.unrunnable_grace)
+        self.scheduler.setName("scheduler")
         self.api = SwitchboardAPI(reactor, self.store, self.auth, self.signer, self.watchers,
-                                  config.limits)
+                                  config.limits, supervisor_resource=self.links.resource)
         self.listener = Listener(reactor, config.dsn)
         self.listener.setName("listener")
         self.listener.observe("treadmill_jobs", self.watchers.notify)
         self.listener.observe("treadmill_auth", self.auth.invalidate)
+        self.listener.observe("treadmill_jobs", self.links.job_changed)
+        self.listener.observe("treadmill_jobs", self.scheduler.job_changed)
+        self.listener.observe("treadmill_hosts", self.links.host_changed)
+        self.listener.observe("treadmill_hosts", self.scheduler.host_changed)
         self.listener.on_reconnect(self.watchers.wake_all)
         self.listener.on_reconnect(self.auth.invalidate)
+        self.listener.on_reconnect(self.links.database_reconnected)
+        self.listener.on_reconnect(self.scheduler.wake)
         self.listener.setServiceParent(self)
         self.site = limited_site(self.api.resource(), config.max_body)
         if not config.access_log:
@@ -88,7 +116,8 @@ class SwitchboardService(MultiService):
     def namespace(self) -> dict[str, Any]:
         """What the manhole shows an operator."""
         return {"switchboard": self, "store": self.store, "pool": self.pool, "api": self.api,
-                "auth": self.auth, "watchers": self.watchers, "reactor": self.reactor}
+                "auth": self.auth, "watchers": self.watchers, "links": self.links,
+                "scheduler": self.scheduler, "reactor": self.reactor}
 
     def startService(self) -> None:
         super().startService()
@@ -122,6 +151,8 @@ class SwitchboardService(MultiService):
         usage = self.auth.usage_service()
         usage.setName("token-usage")
         usage.setServiceParent(self)
+        self.links.setServiceParent(self)
+        self.scheduler.setServiceParent(self)
         http = listeners(self.reactor, self.config.listen, self.site, "http")
         http.setServiceParent(self)
         # StreamServerEndpointService keeps the pending listen here.

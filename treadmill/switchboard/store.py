@@ -64,6 +64,8 @@ _JOB_COLUMNS = """
     j.exit_status, j.termination_message, j.created_at, j.assigned_at, j.started_at,
     j.ready_at, j.terminating_at, j.terminated_at, j.updated_at, j.queue_deadline,
     j.deadline"""
+SCHEDULER_LOCK = 0x74726561646D7363  # "treadmsc"
+
 _EVENT_COLUMNS = ("e.seq, e.job_id AS job, e.at, e.state, e.stage, e.reason, e.exit_status, "
                   "e.message")
 
@@ -76,11 +78,20 @@ def _unique(e: psycopg2.Error, what: str) -> Conflict:
     return Conflict(f"{what} already exists")
 
 
-class Store:
-    """All reads and writes of switchboard state."""
+class NotYourJob(PermissionError):
+    """A supervisor reported on a job that is not on its host."""
 
-    def __init__(self, pool: Pool):
+
+class Store:
+    """All reads and writes of switchboard state.
+
+    ``max_host_failures`` consecutive host-side failures take a host out of
+    service (``healthy = false``) until an operator enables it again.
+    """
+
+    def __init__(self, pool: Pool, *, max_host_failures: int = 3):
         self.pool = pool
+        self.max_host_failures = max_host_failures
 
     # -- users -------------------------------------------------------------
 
@@ -381,7 +392,8 @@ class Store:
         Raises :class:`NotFound` and :class:`jobstate.InvalidTransition`.
         """
         return await self.pool.transaction(
-            lambda cur: transition(cur, job_id, new, exit_status=exit_status, message=message))
+            lambda cur: transition(cur, job_id, new, exit_status=exit_status, message=message,
+                                   max_host_failures=self.max_host_failures))
 
     async def request_termination(self, job_id: str, reason: Reason,
                                   message: str | None = None) -> bool:
@@ -401,7 +413,8 @@ class Store:
             if state is State.TERMINATED:
                 return False
             target = State.TERMINATED if state is State.QUEUED else State.TERMINATING
-            return await transition(cur, job_id, Status(target, reason=reason), message=message)
+            return await transition(cur, job_id, Status(target, reason=reason), message=message,
+                                    max_host_failures=self.max_host_failures)
 
         return await self.pool.transaction(terminate)
 
@@ -420,12 +433,153 @@ class Store:
             " ORDER BY seq LIMIT %s)", (limit, limit))
         return [(row["id"], Reason(row["reason"])) for row in rows]
 
+    # -- supervisor links ------------------------------------------------------------
+
+    async def host_by_token(self, digest: bytes) -> dict | None:
+        return await self.pool.fetchone(
+            "SELECT id, name FROM hosts WHERE token_hash = %s", (psycopg2.Binary(digest),))
+
+    async def link_connected(self, host_id: int, instance: str, session: str) -> None:
+        """Record that ``instance`` holds the host's link as ``session`` (superseding any)."""
+        await self.pool.execute(
+            "UPDATE hosts SET instance = %s, session = %s, connected_at = now(), "
+            "last_seen_at = now() WHERE id = %s", (instance, session, host_id))
+
+    async def link_disconnected(self, host_id: int, session: str) -> None:
+        """Forget the link unless a newer session superseded it."""
+        await self.pool.execute(
+            "UPDATE hosts SET instance = NULL, session = NULL, last_seen_at = now() "
+            "WHERE id = %s AND session = %s", (host_id, session))
+
+    async def host_link_state(self, host_id: int) -> dict | None:
+        """The host's token hash and link session, or None if it was removed."""
+        return await self.pool.fetchone(
+            "SELECT token_hash, session FROM hosts WHERE id = %s", (host_id,))
+
+    async def touch_links(self, sessions: list[str]) -> None:
+        """Refresh last_seen_at of the hosts whose links this instance holds."""
+        if sessions:
+            await self.pool.execute(
+                "UPDATE hosts SET last_seen_at = now() WHERE session = ANY(%s::uuid[])",
+                (sessions,))
+
+    async def active_job(self, host_id: int) -> dict | None:
+        """The job holding the host, if any (at most one: an index ensures it)."""
+        return await self.pool.fetchone(
+            "SELECT id, state, stage, termination_reason FROM jobs "
+            "WHERE host_id = %s AND state IN ('assigned', 'initializing', 'ready', "
+            "'terminating')", (host_id,))
+
+    async def job_start(self, job_id: str) -> dict | None:
+        """What a supervisor needs to start the job (secrets included)."""
+        row = await self.pool.fetchone(
+            "SELECT id, image_name, image_digest, image_stores, parameters, timeout, tags, "
+            "label, host_id FROM jobs WHERE id = %s", (job_id,))
+        if row is None:
+            return None
+        start = {"id": row["id"], "timeout": row["timeout"], "tags": row["tags"],
+                 "label": row["label"],
+                 "image": {"digest": row["image_digest"], "name": row["image_name"],
+                           "stores": row["image_stores"]},
+                 "parameters": {name: {"value": p["value"], "secret": bool(p.get("secret"))}
+                                for name, p in row["parameters"].items()}}
+        return {"host_id": row["host_id"], "start": start}
+
+    async def apply_host_event(self, host_id: int, job_id: str, new: Status, *,
+                               exit_status: int | None = None,
+                               message: str | None = None) -> bool:
+        """Apply a supervisor's job event; only for jobs on its own host."""
+
+        async def apply(cur: Cursor) -> bool:
+            row = await cur.fetchone("SELECT host_id FROM jobs WHERE id = %s", (job_id,))
+            if row is None or row["host_id"] != host_id:
+                raise NotYourJob(f"job {job_id} is not on this host")
+            return await transition(cur, job_id, new, exit_status=exit_status,
+                                    message=message, max_host_failures=self.max_host_failures)
+
+        return await self.pool.transaction(apply)
+
+    async def schedule(self, fresh_within: float, fairness_window: float = 3600.0,
+                       limit: int = 500) -> list[tuple[str, int]]:
+        """Assign queued jobs to free hosts in one transaction; return (job, host id) pairs.
+
+        A user's share is the number of jobs holding hosts plus those assigned
+        within ``fairness_window`` seconds: the user with the smallest share
+        goes first.
+
+        Only one instance schedules at a time (a transaction advisory lock);
+        the others return at once.
+        """
+        from treadmill.switchboard.scheduling import FreeHost, QueuedJob, assign
+
+        async def run(cur: Cursor) -> list[tuple[str, int]]:
+            locked = await cur.fetchone("SELECT pg_try_advisory_xact_lock(%s) AS ok",
+                                        (SCHEDULER_LOCK,))
+            if not locked or not locked["ok"]:
+                return []
+            hosts = await cur.fetchall(
+                "SELECT h.id, h.name, h.owner_id, h.tags, ARRAY(SELECT g.user_id FROM grants g "
+                "  WHERE g.host_id = h.id AND g.privilege IN ('start', 'manage')) AS starters "
+                "FROM hosts h WHERE h.enabled AND h.healthy AND h.session IS NOT NULL "
+                "AND h.last_seen_at > now() - make_interval(secs => %s) "
+                "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.host_id = h.id AND j.state IN "
+                "('assigned', 'initializing', 'ready', 'terminating')) "
+                "FOR UPDATE OF h SKIP LOCKED", (fresh_within,))
+            if not hosts:
+                return []
+            jobs = await cur.fetchall(
+                "SELECT j.id, j.seq, j.owner_id, u.admin, j.tags FROM jobs j "
+                "JOIN users u ON u.id = j.owner_id WHERE j.state = 'queued' "
+                "ORDER BY j.seq LIMIT %s FOR UPDATE OF j SKIP LOCKED", (limit,))
+            if not jobs:
+                return []
+            counts = await cur.fetchall(
+                "SELECT owner_id, count(*) AS n FROM jobs WHERE state IN "
+                "('assigned', 'initializing', 'ready', 'terminating') "
+                "OR assigned_at > now() - make_interval(secs => %s) GROUP BY owner_id",
+                (fairness_window,))
+            pairs = assign(
+                [QueuedJob(j["id"], j["seq"], j["owner_id"], j["admin"], frozenset(j["tags"]))
+                 for j in jobs],
+                [FreeHost(h["id"], h["name"], h["owner_id"], frozenset(h["tags"]),
+                          frozenset(h["starters"])) for h in hosts],
+                {c["owner_id"]: c["n"] for c in counts})
+            for job, host in pairs:
+                await cur.execute("UPDATE jobs SET host_id = %s WHERE id = %s",
+                                  (host.id, job.id))
+                await transition(cur, job.id, Status(State.ASSIGNED),
+                                 message=f"assigned to {host.name}")
+            return [(job.id, host.id) for job, host in pairs]
+
+        return await self.pool.transaction(run)
+
+    async def unreachable_jobs(self, after: float) -> list[str]:
+        """Active jobs whose host's supervisor has been gone longer than ``after`` (R9)."""
+        rows = await self.pool.fetchall(
+            "SELECT j.id FROM jobs j JOIN hosts h ON h.id = j.host_id "
+            "WHERE j.state IN ('assigned', 'initializing', 'ready', 'terminating') "
+            "AND coalesce(h.last_seen_at, j.assigned_at) < now() - make_interval(secs => %s) "
+            "ORDER BY j.seq LIMIT 100", (after,))
+        return [row["id"] for row in rows]
+
+    async def unrunnable_jobs(self, grace: float) -> list[str]:
+        """Queued jobs older than ``grace`` that no existing host could ever run."""
+        rows = await self.pool.fetchall(
+            "SELECT j.id FROM jobs j JOIN users u ON u.id = j.owner_id "
+            "WHERE j.state = 'queued' AND j.created_at < now() - make_interval(secs => %s) "
+            "AND NOT EXISTS (SELECT 1 FROM hosts h WHERE h.tags @> j.tags AND (u.admin "
+            "  OR h.owner_id = j.owner_id OR EXISTS (SELECT 1 FROM grants g "
+            "  WHERE g.host_id = h.id AND g.privilege IN ('start', 'manage') "
+            "  AND (g.user_id = j.owner_id OR g.user_id IS NULL)))) "
+            "ORDER BY j.seq LIMIT 100", (grace,))
+        return [row["id"] for row in rows]
+
     async def ping(self) -> None:
         await self.pool.fetchone("SELECT 1")
 
 
 async def transition(cur: Cursor, job_id: str, new: Status, *, exit_status: int | None = None,
-                     message: str | None = None) -> bool:
+                     message: str | None = None, max_host_failures: int = 3) -> bool:
     """Apply a state transition inside the caller's transaction.
 
     Locks the job row, checks the move with :func:`jobstate.check`, stamps the
@@ -471,5 +625,42 @@ async def transition(cur: Cursor, job_id: str, new: Status, *, exit_status: int 
         "INSERT INTO job_events (job_id, seq, state, stage, reason, exit_status, message) "
         "VALUES (%(id)s, %(seq)s, %(state)s, %(stage)s, %(reason)s, %(exit_status)s, "
         "%(message)s)", {**params, "seq": updated["event_seq"]})
+    if new.state is State.TERMINATED and final_reason is not None:
+        await _after_termination(cur, job_id, final_reason, max_host_failures)
     return True
+
+
+async def _after_termination(cur: Cursor, job_id: str, reason: Reason,
+                             max_host_failures: int) -> None:
+    """Host health and the restart policy, in the terminating transaction."""
+    job = await cur.fetchone(
+        "SELECT host_id, restarts_left FROM jobs WHERE id = %s", (job_id,))
+    assert job is not None
+    if job["host_id"] is not None:
+        if reason in jobstate.HOST_SIDE_REASONS:
+            await cur.execute(
+                "UPDATE hosts SET consecutive_failures = consecutive_failures + 1, "
+                "healthy = healthy AND consecutive_failures + 1 < %s WHERE id = %s",
+                (max_host_failures, job["host_id"]))
+        elif reason in (Reason.WORKLOAD_EXITED, Reason.USER_TERMINATED,
+                        Reason.EXECUTION_TIMEOUT):
+            await cur.execute(
+                "UPDATE hosts SET consecutive_failures = 0 WHERE id = %s AND "
+                "consecutive_failures <> 0", (job["host_id"],))
+    if reason in jobstate.RESTARTABLE_REASONS and job["restarts_left"] > 0:
+        successor = await cur.fetchone(
+            "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, tags, "
+            "parameters, timeout, queue_timeout, max_restarts, restarts_left, restart_of, "
+            "queue_deadline, event_seq) "
+            "SELECT owner_id, label, image_name, image_digest, image_stores, tags, parameters, "
+            "timeout, queue_timeout, max_restarts, restarts_left - 1, id, "
+            "now() + make_interval(secs => queue_timeout), 1 FROM jobs WHERE id = %s "
+            "RETURNING id", (job_id,))
+        assert successor is not None
+        await cur.execute(
+            "INSERT INTO job_events (job_id, seq, state, message) VALUES (%s, 1, 'queued', %s)",
+            (successor["id"], f"restart of {job_id} after {reason.value}"))
+        await cur.execute(
+            "INSERT INTO grants (job_id, user_id, privilege) SELECT %s, user_id, privilege "
+            "FROM grants WHERE job_id = %s", (successor["id"], job_id))
 

@@ -38,7 +38,7 @@ def parameters(stored: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def job(row: dict[str, Any]) -> dict[str, Any]:
     termination = None
-    if row["state"] == "terminated":
+    if row["state"] in ("terminating", "terminated"):
         termination = {"reason": row["termination_reason"], "exit_status": row["exit_status"],
                        "message": row["termination_message"]}
     return {

@@ -1,0 +1,534 @@
+"""The supervisor link, reconciliation and scheduling, against a scripted supervisor.
+
+Each reconciliation case of docs/protocol.md (R1 to R9) has a test here; the
+peer in :mod:`tests.switchboard.peer` is a real WebSocket client speaking
+protocol v1 over loopback to a real switchboard and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from tests.support import RunningSwitchboard, start_switchboard
+from tests.switchboard.peer import Peer, Script, eventually
+from treadmill.protocol import supervisor as protocol
+from treadmill.switchboard.jobstate import Reason, State, Status
+
+DIGEST = "sha256:" + "c" * 64
+FAST = {"scheduler_interval": 0.2, "unreachable_after": 60.0}
+
+
+@pytest_twisted.async_yield_fixture
+async def sb(database: str, tmp_path: Path):
+    running = await start_switchboard(database, tmp_path, **FAST)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def add_host(sb: RunningSwitchboard, name: str = "h1", tags: tuple[str, ...] = ("t",),
+                   grant: bool = True) -> str:
+    r = await sb.admin.post("/api/v1/hosts", {"name": name, "tags": list(tags)})
+    assert r.status == 201, r.body
+    if grant:
+        r2 = await sb.admin.post(f"/api/v1/hosts/{name}/grants",
+                                 {"user": "*", "privilege": "start"})
+        assert r2.status == 201, r2.body
+    return r.body["token"]
+
+
+async def submit(sb: RunningSwitchboard, client: Any = None, **fields: Any) -> str:
+    body = {"image": DIGEST, "tags": ["t"], **fields}
+    r = await (client or sb.admin).post("/api/v1/jobs", body)
+    assert r.status == 201, r.body
+    return r.body["id"]
+
+
+async def job(sb: RunningSwitchboard, job_id: str) -> dict[str, Any]:
+    r = await sb.admin.get(f"/api/v1/jobs/{job_id}")
+    assert r.status == 200, r.body
+    return r.body
+
+
+async def reaches(sb: RunningSwitchboard, job_id: str, state: str, **more: Any
+                  ) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        body = await job(sb, job_id)
+        if body["state"] != state:
+            return None
+        for key, value in more.items():
+            actual = (body["termination"] or {}).get(key) if key in (
+                "reason", "exit_status") else body.get(key)
+            if actual != value:
+                return None
+        return body
+
+    return await eventually(check)
+
+
+async def connected_peer(sb: RunningSwitchboard, token: str, script: Script | None = None
+                         ) -> Peer:
+    peer = Peer(sb.url, token, script or Script())
+    await peer.connect()
+    await peer.wait_for("status_request")
+    return peer
+
+
+async def assigned_job(sb: RunningSwitchboard, peer: Peer, **fields: Any) -> str:
+    job_id = await submit(sb, **fields)
+    await peer.wait_for("start_job", job_id=job_id)
+    await reaches(sb, job_id, "assigned")
+    return job_id
+
+
+async def reconnect(peer: Peer, job: dict[str, Any] | None) -> None:
+    peer.disconnect()
+    await peer.closed()
+    peer.received.clear()
+    peer.script.job = job
+    await peer.connect()
+    await peer.wait_for("status_request")
+
+
+# -- the handshake ------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_host_token_is_refused(sb: RunningSwitchboard) -> None:
+    await add_host(sb)
+    for token in ("tmh_" + "x" * 43, "not a token", ""):
+        with pytest.raises(ConnectionRefusedError):
+            await Peer(sb.url, token).connect()
+    r = await sb.admin.get("/api/v1/hosts/h1")
+    assert r.body["connected"] is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_other_major_version_is_refused(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    with pytest.raises(ConnectionRefusedError):
+        await Peer(sb.url, token).connect(subprotocol="treadmill.supervisor.v2")
+
+
+@pytest_twisted.ensureDeferred
+async def test_connected_host_is_listed_live(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    r = await sb.admin.get("/api/v1/hosts/h1")
+    assert r.body["connected"] is True and r.body["last_seen_at"]
+    peer.disconnect()
+    await peer.closed()
+
+    async def gone() -> bool:
+        return (await sb.admin.get("/api/v1/hosts/h1")).body["connected"] is False
+
+    await eventually(gone)
+
+
+# -- a job from start to end ------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_job_runs_to_its_exit_status(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    job_id = await submit(sb, parameters={"S": {"value": "hush", "secret": True}})
+    start = (await peer.wait_for("start_job", job_id=job_id))[0]
+    assert start["job"]["parameters"] == {"S": {"value": "hush", "secret": True}}
+    assert start["job"]["image"]["digest"] == DIGEST
+    for state, fields in (("initializing", {"stage": "starting"}),
+                          ("initializing", {"stage": "booting"}),
+                          ("ready", {}),
+                          ("terminated", {"reason": "workload_exited", "exit_status": 3,
+                                          "message": "exit 3"})):
+        ack = await peer.event(job_id, state, **fields)
+        assert ack["ok"], ack
+    body = await reaches(sb, job_id, "terminated", reason="workload_exited", exit_status=3)
+    assert body["host"] == "h1" and body["started_at"] and body["ready_at"]
+    events = (await sb.admin.get(f"/api/v1/jobs/{job_id}/events")).body["events"]
+    assert [(e["state"], e["stage"]) for e in events] == [
+        ("queued", None), ("assigned", None), ("initializing", "starting"),
+        ("initializing", "booting"), ("ready", None), ("terminated", None)]
+    # A repeated event (after a lost ack) is a no-op, and is acked.
+    again = await peer.event(job_id, "terminated", reason="workload_exited", exit_status=3)
+    assert again["ok"]
+    assert len((await sb.admin.get(f"/api/v1/jobs/{job_id}/events")).body["events"]) == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_start_ends_the_job(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token, Script(start_error=("image_not_found", "no such")))
+    job_id = await submit(sb)
+    body = await reaches(sb, job_id, "terminated", reason="image_error")
+    assert "image_not_found" in body["termination"]["message"]
+    peer.script.start_error = ("internal_error", "disk full")
+    job2 = await submit(sb)
+    await reaches(sb, job2, "terminated", reason="host_start_failure")
+
+
+# -- reconciliation, case by case -------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_r1_nothing_expected_nothing_running(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    await reconnect(peer, None)
+    assert [m["type"] for m in peer.received] == ["status_request"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_r2_assigned_but_idle_resends_start(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token, Script(run_started=False))
+    job_id = await assigned_job(sb, peer)
+    await reconnect(peer, None)
+    await peer.wait_for("start_job", job_id=job_id)
+    assert (await job(sb, job_id))["state"] == "assigned"
+
+
+@pytest.mark.parametrize("state", ["initializing", "ready"])
+@pytest_twisted.ensureDeferred
+async def test_r3_running_but_idle_is_dropped_and_restarted(sb: RunningSwitchboard,
+                                                            state: str) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    job_id = await assigned_job(sb, peer, max_restarts=1)
+    await peer.event(job_id, "initializing", stage="starting")
+    if state == "ready":
+        await peer.event(job_id, "ready")
+    await reaches(sb, job_id, state)
+    await reconnect(peer, None)
+    body = await reaches(sb, job_id, "terminated", reason="host_dropped_job")
+    assert body["restarts_left"] == 1
+    # The restart policy enqueues a successor, which runs on the host again.
+    jobs = (await sb.admin.get("/api/v1/jobs")).body["jobs"]
+    successor = next(j for j in jobs if j["restart_of"] == job_id)
+    assert successor["restarts_left"] == 0
+    await peer.wait_for("start_job", job_id=successor["id"])
+    health = (await sb.admin.get("/api/v1/hosts/h1")).body
+    assert health["consecutive_failures"] == 1 and health["healthy"] is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_r4_supervisor_ahead_advances_the_job(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    job_id = await assigned_job(sb, peer)
+    await reconnect(peer, {"id": job_id, "state": "ready", "stage": None})
+    await reaches(sb, job_id, "ready")
+    assert not peer.of_type("stop_job") and not peer.of_type("start_job")
+
+
+@pytest_twisted.ensureDeferred
+async def test_r4_in_step_does_nothing(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    job_id = await assigned_job(sb, peer)
+    await peer.event(job_id, "ready")
+    await reconnect(peer, {"id": job_id, "state": "ready", "stage": None})
+    await sb.service.links.reconcile_all()
+    assert [m["type"] for m in peer.received if m["type"] != "status_request"] == []
+    assert (await job(sb, job_id))["state"] == "ready"
+
+
+@pytest_twisted.ensureDeferred
+async def test_r5_terminating_and_running_sends_stop(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    job_id = await assigned_job(sb, peer)
+    await peer.event(job_id, "ready")
+    peer.disconnect()
+    await peer.closed()
+    r = await sb.admin.post(f"/api/v1/jobs/{job_id}/terminate")
+    assert r.body["state"] == "terminating"
+    peer.received.clear()
+    peer.script.job = {"id": job_id, "state": "ready", "stage": None}
+    await peer.connect()
+    stop = (await peer.wait_for("stop_job"))[0]
+    assert stop["job_id"] == job_id and stop["reason"] == "user_terminated"
+
+
+@pytest_twisted.ensureDeferred
+async def test_r6_terminating_and_idle_terminates_with_first_reason(
+        sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    job_id = await assigned_job(sb, peer)
+    await peer.event(job_id, "ready")
+    peer.disconnect()
+    await peer.closed()
+    await sb.admin.post(f"/api/v1/jobs/{job_id}/terminate")
+    peer.script.job = None
+    await peer.connect()
+    await reaches(sb, job_id, "terminated", reason="user_terminated")
+
+
+@pytest_twisted.ensureDeferred
+async def test_r7_unknown_job_running_is_stopped(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    stray = str(uuid.uuid4())
+    await reconnect(peer, {"id": stray, "state": "ready", "stage": None})
+    stop = (await peer.wait_for("stop_job"))[0]
+    assert stop["job_id"] == stray
+
+
+@pytest_twisted.ensureDeferred
+async def test_r8_other_job_running_is_stopped_then_ours_started(
+        sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token, Script(run_started=False))
+    job_id = await assigned_job(sb, peer)
+    stray = str(uuid.uuid4())
+    await reconnect(peer, {"id": stray, "state": "ready", "stage": None})
+    await peer.wait_for("stop_job", job_id=stray)
+    await peer.wait_for("start_job", job_id=job_id)
+    kinds = [m["type"] for m in peer.received]
+    assert kinds.index("stop_job") < kinds.index("start_job")
+
+
+@pytest_twisted.ensureDeferred
+async def test_r9_unreachable_host_ends_its_job(database: str, tmp_path: Path) -> None:
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 unreachable_after=1.0)
+    try:
+        token = await add_host(sb)
+        peer = await connected_peer(sb, token)
+        job_id = await assigned_job(sb, peer)
+        await peer.event(job_id, "ready")
+        peer.disconnect()
+        await peer.closed()
+        body = await reaches(sb, job_id, "terminated", reason="host_unreachable")
+        assert "unreachable" in body["termination"]["message"]
+    finally:
+        await sb.stop()
+
+
+# -- link management ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_connection_supersedes_the_old(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    first = await connected_peer(sb, token)
+    second = await connected_peer(sb, token)
+    assert await first.closed() == protocol.CloseCode.SUPERSEDED
+    assert second.connection is not None
+    assert (await sb.admin.get("/api/v1/hosts/h1")).body["connected"] is True
+    # The old link's close does not mark the host disconnected.
+    job_id = await submit(sb)
+    await second.wait_for("start_job", job_id=job_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_replaced_token_closes_the_link(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    r = await sb.admin.post("/api/v1/hosts/h1/token")
+    assert r.status == 200
+    assert await peer.closed() == protocol.CloseCode.HOST_REMOVED
+    with pytest.raises(ConnectionRefusedError):
+        await Peer(sb.url, token).connect()
+
+
+@pytest.mark.parametrize("payload", [
+    b"{not json",
+    b"[]",
+    b'{"type": "launch_missiles"}',
+    b'{"type": "job_event", "request_id": 1, "job_id": "nope", "state": "ready"}',
+    b'{"type": "job_event", "request_id": 1, "job_id": "00000000-0000-0000-0000-000000000000",'
+    b' "state": "ready", "extra": true}',
+    b'{"type": "ack", "request_id": 999, "ok": true}',
+    b'{"type": "status", "request_id": 12345, "job": null}',
+    b'{"type": "start_job", "request_id": 1, "job": {}}',
+    b'"' + b"x" * (protocol.MAX_MESSAGE_BYTES + 10) + b'"',
+])
+@pytest_twisted.ensureDeferred
+async def test_protocol_violations_close_the_link_and_change_nothing(
+        sb: RunningSwitchboard, payload: bytes) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    job_id = await assigned_job(sb, peer)
+    before = await job(sb, job_id)
+    peer.send(payload)
+    code = await peer.closed()
+    # An oversized frame is cut off at the TCP level (1006) or with 1009.
+    assert code in (protocol.CloseCode.PROTOCOL_VIOLATION, 1009, 1006)
+    assert await job(sb, job_id) == before
+    if code == protocol.CloseCode.PROTOCOL_VIOLATION and len(payload) < 1000:
+        assert peer.of_type("protocol_error")
+    # The switchboard is unharmed: the host reconnects and carries on.
+    await peer.connect()
+    await peer.wait_for("status_request")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_cannot_report_another_hosts_job(sb: RunningSwitchboard) -> None:
+    token1 = await add_host(sb, "h1", ("t",))
+    token2 = await add_host(sb, "h2", ("u",))
+    peer1 = await connected_peer(sb, token1)
+    peer2 = await connected_peer(sb, token2)
+    job_id = await assigned_job(sb, peer1)
+    ack = await peer2.event(job_id, "terminated", reason="workload_exited", exit_status=0)
+    assert not ack["ok"] and ack["error"]["code"] == "not_your_job"
+    assert (await job(sb, job_id))["state"] == "assigned"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stale_event_is_acked_and_ignored(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    job_id = await assigned_job(sb, peer)
+    await peer.event(job_id, "initializing", stage="booting")
+    ack = await peer.event(job_id, "initializing", stage="starting")
+    assert ack["ok"]
+    assert (await job(sb, job_id))["stage"] == "booting"
+
+
+# -- scheduling --------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_tags_must_be_a_subset_of_the_hosts(sb: RunningSwitchboard) -> None:
+    small = await add_host(sb, "small", ("t",))
+    big = await add_host(sb, "big", ("t", "gpu"))
+    peer_small = await connected_peer(sb, small, Script(run_started=False))
+    peer_big = await connected_peer(sb, big, Script(run_started=False))
+    needs_gpu = await submit(sb, tags=["t", "gpu"])
+    await peer_big.wait_for("start_job", job_id=needs_gpu)
+    plain = await submit(sb, tags=["t"])
+    await peer_small.wait_for("start_job", job_id=plain)
+    assert not peer_small.of_type("start_job")[1:] and len(peer_big.of_type("start_job")) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_drained_host_gets_no_jobs_until_enabled(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    await sb.admin.post("/api/v1/hosts/h1/drain")
+    job_id = await submit(sb)
+    await sb.service.scheduler.expire_unrunnable()
+    await eventually(lambda: _passes(sb, 3))
+    assert (await job(sb, job_id))["state"] == "queued"
+    await sb.admin.post("/api/v1/hosts/h1/enable")
+    await peer.wait_for("start_job", job_id=job_id)
+
+
+async def _passes(sb: RunningSwitchboard, n: int) -> bool:
+    start = getattr(sb, "_passes0", None)
+    if start is None:
+        sb._passes0 = sb.service.scheduler.passes  # type: ignore[attr-defined]
+        return False
+    return sb.service.scheduler.passes - start >= n
+
+
+@pytest_twisted.ensureDeferred
+async def test_host_failing_repeatedly_is_taken_out_of_service(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    for _ in range(3):
+        job_id = await assigned_job(sb, peer)
+        await peer.event(job_id, "terminated", reason="host_start_failure", message="no power")
+        await reaches(sb, job_id, "terminated")
+        peer.script.job = None
+    host = (await sb.admin.get("/api/v1/hosts/h1")).body
+    assert host["healthy"] is False and host["consecutive_failures"] == 3
+    waiting = await submit(sb)
+    await eventually(lambda: _passes(sb, 3))
+    assert (await job(sb, waiting))["state"] == "queued"
+    r = await sb.admin.post("/api/v1/hosts/h1/enable")
+    assert r.body["healthy"] is True and r.body["consecutive_failures"] == 0
+    await peer.wait_for("start_job", job_id=waiting)
+
+
+@pytest_twisted.ensureDeferred
+async def test_fairness_between_two_users_on_one_host(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    alice = await sb.user("alice")
+    bob = await sb.user("bob")
+    peer = await connected_peer(sb, token, Script(run_started=False))
+    # Alice floods the queue first; Bob submits one job after.
+    alice_jobs = [await submit(sb, alice, label=f"a{i}") for i in range(4)]
+    first = (await peer.wait_for("start_job"))[0]["job"]["id"]
+    assert first == alice_jobs[0]
+    bob_job = await submit(sb, bob)
+    order = [first]
+    for _ in range(3):
+        current = order[-1]
+        await peer.event(current, "terminated", reason="workload_exited", exit_status=0)
+        peer.script.job = None
+        starts = await peer.wait_for("start_job", count=len(order) + 1)
+        order.append(starts[-1]["job"]["id"])
+    # Bob, served least, goes before Alice's older jobs.
+    assert order[1] == bob_job
+    assert order[2:] == alice_jobs[1:3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_job_no_host_can_run_expires(database: str, tmp_path: Path) -> None:
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 unrunnable_grace=0.0)
+    try:
+        await add_host(sb, tags=("t",), grant=False)
+        job_id = await submit(sb, tags=["fpga"])
+        await sb.service.scheduler.expire_unrunnable()
+        body = await reaches(sb, job_id, "terminated", reason="queue_timeout")
+        assert "no host can run" in body["termination"]["message"]
+        # A user without start on any host cannot run anything either.
+        nobody = await sb.user("nobody")
+        r = await nobody.post("/api/v1/jobs", {"image": DIGEST, "tags": ["t"]})
+        await sb.service.scheduler.expire_unrunnable()
+        await reaches(sb, r.body["id"], "terminated", reason="queue_timeout")
+    finally:
+        await sb.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_execution_timeout_stops_the_job_on_its_host(database: str,
+                                                           tmp_path: Path) -> None:
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 timeout_interval=0.1)
+    try:
+        token = await add_host(sb)
+        peer = await connected_peer(sb, token)
+        job_id = await assigned_job(sb, peer, timeout=1)
+        await peer.event(job_id, "ready")
+        stop = (await peer.wait_for("stop_job", job_id=job_id))[0]
+        assert stop["reason"] == "execution_timeout"
+        await peer.event(job_id, "terminated", reason="execution_timeout")
+        await reaches(sb, job_id, "terminated", reason="execution_timeout")
+    finally:
+        await sb.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_while_ready_stops_on_the_host(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    job_id = await assigned_job(sb, peer)
+    await peer.event(job_id, "ready")
+    r = await sb.admin.post(f"/api/v1/jobs/{job_id}/terminate")
+    assert r.body["state"] == "terminating"
+    await peer.wait_for("stop_job", job_id=job_id, reason="user_terminated")
+    # The host reports it ended; the first reason stays.
+    await peer.event(job_id, "terminated", reason="workload_exited", exit_status=137)
+    await reaches(sb, job_id, "terminated", reason="user_terminated", exit_status=137)
+
+
+@pytest_twisted.ensureDeferred
+async def test_transition_store_api(sb: RunningSwitchboard) -> None:
+    """Store-level moves used by the tests above behave as the API shows them."""
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token, Script(run_started=False))
+    job_id = await assigned_job(sb, peer)
+    assert await sb.store.transition(job_id, Status(State.TERMINATING,
+                                                    reason=Reason.USER_TERMINATED))
+    await peer.wait_for("stop_job", job_id=job_id)

@@ -1,0 +1,47 @@
+"""JSON Schema validation that reads patterns the way the standard does.
+
+JSON Schema patterns are ECMA-262 regular expressions, where ``$`` matches
+only at the end of the string. Python's ``re`` also lets ``$`` match before
+a final newline, so ``"alice\\n"`` would pass ``^[a-z]+$``. The validators
+made here evaluate patterns with ``$`` at the end read as ``\\Z``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import Any
+
+from jsonschema import Draft202012Validator, ValidationError
+from jsonschema.validators import extend
+
+
+@lru_cache(maxsize=256)
+def _compile(pattern: str) -> re.Pattern[str]:
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + r"\Z"
+    return re.compile(pattern)
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any
+             ) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string") and not _compile(pattern).search(instance):
+        yield ValidationError(f"does not match {pattern!r}")
+
+
+StrictValidator = extend(Draft202012Validator, {"pattern": _pattern})
+"""Draft 2020-12 with standard (ECMA-262) end-of-string anchors."""
+
+
+_VALIDATORS: dict[int, Any] = {}
+
+
+def validator(schema: dict[str, Any]) -> Any:
+    """A cached validator for ``schema`` (which must stay alive and unchanged)."""
+    key = id(schema)
+    found = _VALIDATORS.get(key)
+    if found is None:
+        StrictValidator.check_schema(schema)
+        found = _VALIDATORS[key] = StrictValidator(schema)
+    return found

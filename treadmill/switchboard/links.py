@@ -1,0 +1,441 @@
+"""The switchboard's side of the supervisor link (``docs/protocol.md``).
+
+:class:`SupervisorLink` is one supervisor's WebSocket; :class:`SupervisorLinks`
+is this instance's registry of them and reacts to database notifications:
+a job assigned to (or stopping on) a host whose link it holds is sent to that
+host; a host whose session changed elsewhere is closed as superseded.
+Everything durable is in the database: which instance and session hold a
+host's link, what each host should run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from treadmill.common.captoken import bearer_token
+from treadmill.protocol import supervisor as protocol
+from treadmill.protocol.supervisor import CloseCode, ProtocolError
+from treadmill.switchboard import credentials
+from treadmill.switchboard.jobstate import InvalidTransition, Reason, Stage, State, Status
+from treadmill.switchboard.reconcile import (
+    Action,
+    Advance,
+    End,
+    Expected,
+    Reported,
+    Start,
+    Stop,
+    decide,
+)
+from treadmill.switchboard.store import NotFound, NotYourJob, Store
+
+REQUEST_TIMEOUT = 30.0
+_IMAGE_ERRORS = {"image_not_found", "image_invalid"}
+
+
+class SupervisorLink(WebSocketServerProtocol):
+    """One supervisor's connection."""
+
+    log = Logger()
+    factory: SupervisorLinkFactory
+
+    host_id: int | None = None
+    host_name: str = "?"
+    session: str | None = None
+    token_digest: bytes = b""
+    minor = 0
+    registered = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._request_ids = itertools.count(1)
+        self._pending: dict[int, Deferred[dict[str, Any]]] = {}
+        self._inbox: Deferred[None] = Deferred()
+        self._inbox.callback(None)
+
+    @property
+    def links(self) -> SupervisorLinks:
+        return self.factory.links
+
+    # -- handshake -------------------------------------------------------------
+
+    def onConnect(self, request: ConnectionRequest) -> Deferred[tuple[str, dict[str, str]]]:
+        return Deferred.fromCoroutine(self._authenticate(request))
+
+    async def _authenticate(self, request: ConnectionRequest) -> tuple[str, dict[str, str]]:
+        if protocol.SUBPROTOCOL not in request.protocols:
+            raise ConnectionDeny(ConnectionDeny.BAD_REQUEST,
+                                 f"this switchboard speaks {protocol.SUBPROTOCOL}")
+        token = bearer_token(request.headers.get("authorization"))
+        if token is None or not credentials.looks_like_token(token,
+                                                             credentials.HOST_TOKEN_PREFIX):
+            raise ConnectionDeny(401, "a host token is required")
+        try:
+            self.minor = protocol.negotiate_minor(request.headers.get(protocol.MINOR_HEADER))
+        except ProtocolError as e:
+            raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, str(e)) from None
+        digest = credentials.token_hash(token)
+        host = await self.links.store.host_by_token(digest)
+        if host is None:
+            raise ConnectionDeny(401, "unknown host token")
+        self.host_id, self.host_name, self.token_digest = host["id"], host["name"], digest
+        self.session = str(uuid.uuid4())
+        await self.links.register(self)
+        self.registered = True
+        return protocol.SUBPROTOCOL, {protocol.MINOR_HEADER: str(self.minor)}
+
+    def onOpen(self) -> None:
+        self.log.info("Supervisor of {host} connected (minor {minor})", host=self.host_name,
+                      minor=self.minor)
+        self.links.spawn(self.reconcile())
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        for pending in self._pending.values():
+            if not pending.called:
+                pending.errback(ConnectionError("the supervisor link closed"))
+        self._pending.clear()
+        if self.registered:
+            self.registered = False
+            self.log.info("Supervisor of {host} disconnected ({code} {reason})",
+                          host=self.host_name, code=code, reason=reason or "")
+            self.links.unregister(self)
+
+    # -- messages ------------------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sendMessage(protocol.encode(message), isBinary=False)
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        self.sendClose(int(code), reason[:100])
+
+    def violation(self, text: str) -> None:
+        self.log.warn("Protocol violation by {host}: {text}", host=self.host_name, text=text)
+        self.send(protocol.protocol_error("violation", text))
+        self.close(CloseCode.PROTOCOL_VIOLATION, "protocol violation")
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            self.violation("binary frames are not part of the protocol")
+            return
+        try:
+            message = protocol.parse(payload, expect=protocol.TO_SWITCHBOARD)
+        except ProtocolError as e:
+            self.violation(str(e))
+            return
+        kind = message["type"]
+        if kind in ("status", "ack"):
+            pending = self._pending.pop(message["request_id"], None)
+            if pending is None:
+                self.violation(f"{kind} for unknown request {message['request_id']}")
+            elif not pending.called:
+                pending.callback(message)
+        elif kind == "job_event":
+            # Events apply in the order they arrived, each after the one before.
+            self._inbox.addCallback(lambda _: Deferred.fromCoroutine(self._event(message)))
+            self._inbox.addErrback(lambda f: self.log.failure("Event handling failed", f))
+        elif kind == "protocol_error":
+            self.log.warn("Supervisor of {host} reports a protocol error: {code} {message}",
+                          host=self.host_name, code=message["code"],
+                          message=message["message"])
+            self.close(CloseCode.PROTOCOL_VIOLATION, "peer reported a protocol error")
+
+    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send a request (its id is set here) and wait for the answer."""
+        request_id = next(self._request_ids)
+        message["request_id"] = request_id
+        answer: Deferred[dict[str, Any]] = Deferred()
+        self._pending[request_id] = answer
+        answer.addTimeout(self.links.request_timeout, self.links.reactor)
+        self.send(message)
+        try:
+            return await answer
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def _event(self, message: dict[str, Any]) -> None:
+        request_id = message["request_id"]
+        try:
+            status = Status(State(message["state"]),
+                            Stage(message["stage"]) if "stage" in message else None,
+                            Reason(message["reason"]) if "reason" in message else None)
+        except InvalidTransition as e:
+            self.send(protocol.ack(request_id, ("bad_event", str(e))))
+            return
+        assert self.host_id is not None
+        try:
+            changed = await self.links.store.apply_host_event(
+                self.host_id, message["job_id"], status,
+                exit_status=message.get("exit_status"), message=message.get("message"))
+        except (NotYourJob, NotFound):
+            self.send(protocol.ack(request_id, ("not_your_job",
+                                                "that job is not on this host")))
+            return
+        except InvalidTransition as e:
+            self.log.info("Stale event from {host} for {job} ignored: {why}",
+                          host=self.host_name, job=message["job_id"], why=str(e))
+            changed = False
+        if self.state == self.STATE_OPEN:
+            self.send(protocol.ack(request_id))
+        if changed:
+            self.log.debug("{host}: job {job} is {state}", host=self.host_name,
+                           job=message["job_id"], state=status.state.value)
+
+    # -- reconciliation ------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Ask what the supervisor runs and bring it in line with the database."""
+        assert self.host_id is not None
+        try:
+            answer = await self.request(protocol.status_request(0))
+            await self._inbox  # Events sent before the status are applied first.
+            row = await self.links.store.active_job(self.host_id)
+        except (TimeoutError, ConnectionError):
+            return
+        expected = None
+        if row is not None:
+            expected = Expected(row["id"], State(row["state"]),
+                                Stage(row["stage"]) if row["stage"] else None,
+                                Reason(row["termination_reason"])
+                                if row["termination_reason"] else None)
+        job = answer["job"]
+        reported = None
+        if job is not None:
+            reported = Reported(job["id"], State(job["state"]),
+                                Stage(job["stage"]) if job["stage"] else None)
+        for action in decide(expected, reported):
+            await self.execute(action)
+
+    async def execute(self, action: Action) -> None:
+        store = self.links.store
+        try:
+            if isinstance(action, Start):
+                await self._start(action.job_id)
+            elif isinstance(action, Stop):
+                answer = await self.request(protocol.stop_job(0, action.job_id,
+                                                              action.reason.value))
+                if not answer["ok"]:
+                    self.log.warn("{host} refused to stop {job}: {error}", host=self.host_name,
+                                  job=action.job_id, error=answer.get("error"))
+            elif isinstance(action, End):
+                await store.transition(action.job_id, Status(State.TERMINATED,
+                                                             reason=action.reason),
+                                       message=action.message)
+            elif isinstance(action, Advance):
+                await store.transition(action.job_id, Status(action.state, action.stage))
+        except (TimeoutError, ConnectionError):
+            pass  # The next reconciliation tries again.
+        except (InvalidTransition, NotFound) as e:
+            self.log.info("{host}: {action} no longer applies: {why}", host=self.host_name,
+                          action=action, why=str(e))
+
+    async def _start(self, job_id: str) -> None:
+        found = await self.links.store.job_start(job_id)
+        if found is None or found["host_id"] != self.host_id:
+            return
+        answer = await self.request(protocol.start_job(0, found["start"]))
+        if answer["ok"]:
+            return
+        code, text = answer["error"]["code"], answer["error"]["message"]
+        if code == "already_running":
+            return  # It stops its other job first; the next reconciliation starts this one.
+        reason = Reason.IMAGE_ERROR if code in _IMAGE_ERRORS else Reason.HOST_START_FAILURE
+        await self.links.store.transition(job_id, Status(State.TERMINATED, reason=reason),
+                                          message=f"{code}: {text}")
+
+
+class SupervisorLinkFactory(WebSocketServerFactory):
+    protocol = SupervisorLink
+
+    def __init__(self, links: SupervisorLinks):
+        super().__init__()
+        self.links = links
+        self.setProtocolOptions(
+            autoPingInterval=links.ping_interval, autoPingTimeout=links.ping_timeout,
+            maxMessagePayloadSize=protocol.MAX_MESSAGE_BYTES,
+            maxFramePayloadSize=protocol.MAX_MESSAGE_BYTES, openHandshakeTimeout=10)
+
+
+class SupervisorLinks(MultiService):
+    """This instance's supervisor links, and what keeps them in step with the database."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, store: Store, instance: str, *,
+                 ping_interval: float = 5.0, ping_timeout: float = 10.0,
+                 reconcile_interval: float = 30.0, touch_interval: float = 5.0,
+                 unreachable_after: float = 60.0, request_timeout: float = REQUEST_TIMEOUT):
+        super().__init__()
+        self.reactor = reactor
+        self.store = store
+        self.instance = instance
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.request_timeout = request_timeout
+        self.unreachable_after = unreachable_after
+        self.by_host: dict[int, SupervisorLink] = {}
+        self.factory = SupervisorLinkFactory(self)
+        self.resource = WebSocketResource(self.factory)
+        self._tasks: set[Deferred[Any]] = set()
+        self.stopping = False
+        for name, interval, work in (
+                ("touch", touch_interval, self.touch),
+                ("reconcile", reconcile_interval, self.reconcile_all),
+                ("unreachable", touch_interval, self.end_unreachable)):
+            timer = TimerService(interval, lambda work=work: self.spawn(work()))
+            timer.clock = reactor
+            timer.setName(name)
+            timer.setServiceParent(self)
+
+    def spawn(self, work: Any) -> Deferred[Any]:
+        """Run a coroutine in the background, logging its failure (none once stopping)."""
+        if self.stopping:
+            work.close()
+            return Deferred()
+        d = Deferred.fromCoroutine(work)
+        self._tasks.add(d)
+
+        def done(result: Any) -> None:
+            self._tasks.discard(d)
+            if hasattr(result, "check") and not result.check(CancelledError):
+                self.log.failure("Background work failed", result)
+
+        d.addBoth(done)
+        return d
+
+    async def register(self, link: SupervisorLink) -> None:
+        assert link.host_id is not None and link.session is not None
+        old = self.by_host.get(link.host_id)
+        self.by_host[link.host_id] = link
+        await self.store.link_connected(link.host_id, self.instance, link.session)
+        if old is not None and old is not link:
+            self._drop(old, CloseCode.SUPERSEDED, "superseded by a newer connection")
+            self.by_host[link.host_id] = link
+
+    def unregister(self, link: SupervisorLink) -> None:
+        assert link.host_id is not None and link.session is not None
+        if self.by_host.get(link.host_id) is link:
+            del self.by_host[link.host_id]
+        self.spawn(self.store.link_disconnected(link.host_id, link.session))
+
+    # -- notifications ------------------------------------------------------------------
+
+    def job_changed(self, payload: str) -> None:
+        """``treadmill_jobs``: send assigned and stopping jobs to hosts we hold."""
+        parts = payload.split(" ")
+        if len(parts) != 3 or parts[1] not in ("assigned", "terminating") or parts[2] == "-":
+            return
+        link = self.by_host.get(int(parts[2]))
+        if link is None or link.state != link.STATE_OPEN:
+            return
+        job_id = parts[0]
+
+        async def send() -> None:
+            row = await self.store.active_job(link.host_id)  # type: ignore[arg-type]
+            if row is None or row["id"] != job_id:
+                return
+            if row["state"] == "assigned":
+                await link.execute(Start(job_id))
+            elif row["state"] == "terminating":
+                reason = Reason(row["termination_reason"] or "user_terminated")
+                await link.execute(Stop(job_id, reason))
+
+        self.spawn(send())
+
+    def host_changed(self, payload: str) -> None:
+        """``treadmill_hosts``: close links superseded elsewhere, or whose host is gone."""
+        host = payload.partition(" ")[0]
+        try:
+            link = self.by_host.get(int(host))
+        except ValueError:
+            return
+        if link is None:
+            return
+
+        async def check() -> None:
+            row = await self.store.host_link_state(link.host_id)  # type: ignore[arg-type]
+            if self.by_host.get(link.host_id) is not link or not link.registered:
+                return  # Gone, or its own registration is not committed yet.
+            if row is None or bytes(row["token_hash"]) != link.token_digest:
+                self._drop(link, CloseCode.HOST_REMOVED, "the host was removed or its token "
+                           "replaced")
+            elif row["session"] is not None and row["session"] != link.session:
+                self._drop(link, CloseCode.SUPERSEDED, "superseded by a newer connection")
+
+        self.spawn(check())
+
+    def _drop(self, link: SupervisorLink, code: CloseCode, reason: str) -> None:
+        if self.by_host.get(link.host_id) is link:  # type: ignore[arg-type]
+            del self.by_host[link.host_id]  # type: ignore[arg-type]
+        link.registered = False
+        self.log.info("Closing the link of {host}: {reason}", host=link.host_name,
+                      reason=reason)
+        if link.state == link.STATE_OPEN:
+            link.close(code, reason)
+        else:
+            link.dropConnection(abort=True)
+
+    def database_reconnected(self) -> None:
+        """Notifications may have been lost: reconcile every link."""
+        self.spawn(self.reconcile_all())
+
+    # -- periodic work ----------------------------------------------------------------------
+
+    async def touch(self) -> None:
+        await self.store.touch_links([link.session for link in self.by_host.values()
+                                      if link.session])
+
+    async def reconcile_all(self) -> None:
+        for link in list(self.by_host.values()):
+            if link.state == link.STATE_OPEN:
+                self.spawn(link.reconcile())
+
+    async def end_unreachable(self) -> None:
+        """R9: end active jobs whose supervisor stayed away too long."""
+        for job_id in await self.store.unreachable_jobs(self.unreachable_after):
+            try:
+                await self.store.transition(
+                    job_id, Status(State.TERMINATED, reason=Reason.HOST_UNREACHABLE),
+                    message=f"the host's supervisor was unreachable for over "
+                            f"{self.unreachable_after:g} s")
+            except (InvalidTransition, NotFound):
+                pass
+
+    async def _stop(self) -> None:
+        self.stopping = True
+        links = list(self.by_host.values())
+        self.by_host.clear()
+        for link in links:
+            link.registered = False
+            if link.state == link.STATE_OPEN:
+                link.close(CloseCode.GOING_AWAY, "the switchboard is shutting down")
+            if link.session and link.host_id is not None:
+                try:
+                    await self.store.link_disconnected(link.host_id, link.session)
+                except Exception:
+                    self.log.failure("Could not record the end of {host}'s link",
+                                     host=link.host_name)
+        await super().stopService()
+        # Give the closing handshakes and the work in flight a moment (work is
+        # not cancelled: cancelling a query breaks its database connection).
+        deadline = self.reactor.seconds() + 2.0
+        while self._tasks or any(link.state != link.STATE_CLOSED for link in links):
+            if self.reactor.seconds() > deadline:
+                for link in links:
+                    if link.state != link.STATE_CLOSED and link.transport is not None:
+                        link.transport.abortConnection()
+                break
+            await deferLater(self.reactor, 0.02, lambda: None)
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
