@@ -56,6 +56,7 @@ class SwitchboardConfig:
     timeout_interval: float = 1.0
     limits: Limits = field(default_factory=Limits)
     scheduler_interval: float = 2.0
+    fairness_window: float = 3600.0
     unrunnable_grace: float = 30.0
     max_host_failures: int = 3
     ping_interval: float = 5.0
@@ -89,7 +90,8 @@ class SwitchboardService(MultiService):
         self.scheduler = Scheduler(reactor, self.store, interval=config.scheduler_interval,
                                    fresh_within=max(15.0, 3 * min(5.0,
                                                                   config.unreachable_after / 4)),
-                                   unrunnable_grace=config.unrunnable_grace)
+                                   unrunnable_grace=config.unrunnable_grace,
+                                   fairness_window=config.fairness_window)
         self.scheduler.setName("scheduler")
         self.api = SwitchboardAPI(reactor, self.store, self.auth, self.signer, self.watchers,
                                   config.limits, supervisor_resource=self.links.resource)

@@ -55,6 +55,23 @@ class Options(RoleOptions):
                 "Largest queue timeout a job may ask for, in seconds."),
         Setting("jobs.timeout_interval", positive(FLOAT), 1.0,
                 "How often timeouts are checked, in seconds."),
+        Setting("scheduler.interval", positive(FLOAT), 2.0,
+                "Seconds between scheduling passes when no notification wakes one."),
+        Setting("scheduler.fairness_window", positive(FLOAT), 3600.0,
+                "Seconds of recent assignments that count towards a user's share."),
+        Setting("scheduler.unrunnable_grace", FLOAT, 30.0,
+                "Seconds a queued job that no host could ever run waits before it expires."),
+        Setting("hosts.max_failures", positive(INT), 3,
+                "Consecutive host-side failures that take a host out of service."),
+        Setting("supervisors.ping_interval", positive(FLOAT), 5.0,
+                "Seconds between WebSocket pings on supervisor links."),
+        Setting("supervisors.ping_timeout", positive(FLOAT), 10.0,
+                "Seconds without a pong before a supervisor link counts as dead."),
+        Setting("supervisors.reconcile_interval", positive(FLOAT), 30.0,
+                "Seconds between reconciliations of each connected host."),
+        Setting("supervisors.unreachable_after", positive(FLOAT), 60.0,
+                "Seconds a host with an active job may stay disconnected before the job "
+                "ends as host_unreachable."),
     )
 
 
@@ -82,7 +99,14 @@ def config_from(values: dict[str, Any]) -> SwitchboardConfig:
         pool_size=values["database.pool_size"], max_body=values["http.max_body"],
         access_log=values["http.access_log"],
         auth_cache_ttl=values["auth.cache_ttl"], timeout_interval=values["jobs.timeout_interval"],
-        limits=limits)
+        limits=limits, scheduler_interval=values["scheduler.interval"],
+        fairness_window=values["scheduler.fairness_window"],
+        unrunnable_grace=values["scheduler.unrunnable_grace"],
+        max_host_failures=values["hosts.max_failures"],
+        ping_interval=values["supervisors.ping_interval"],
+        ping_timeout=values["supervisors.ping_timeout"],
+        reconcile_interval=values["supervisors.reconcile_interval"],
+        unreachable_after=values["supervisors.unreachable_after"])
     if values["instance"]:
         config.instance = values["instance"]
     return config
