@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psycopg2
 import pytest_twisted
+import treq
 from twisted.internet import reactor
 
 from tests.daemons import BIN, Daemon, free_port, run_python
@@ -111,3 +112,34 @@ async def test_two_switchboards_share_one_database(database: str, tmp_path: Path
     finally:
         conn.close()
     assert rows and all(count == 1 for _, count in rows)
+
+
+@pytest_twisted.ensureDeferred
+async def test_operators_reach_metrics_and_manhole(database: str, tmp_path: Path) -> None:
+    from tests.common.test_manhole import conch_session, make_client_key
+
+    port, metrics_port, manhole_port = free_port(), free_port(), free_port()
+    key = tmp_path / "operator_key"
+    public = make_client_key(key).public().toString("OPENSSH").decode()
+    (tmp_path / "authorized_keys").write_text(public + "\n")
+    config = write_config(tmp_path / "switchboard.toml", database, port, tmp_path)
+    with config.open("a") as f:
+        f.write(f'[metrics]\nlisten = ["tcp:{metrics_port}:interface=127.0.0.1"]\n'
+                f'[manhole]\nlisten = ["tcp:{manhole_port}:interface=127.0.0.1"]\n'
+                f'authorized_keys = "{tmp_path / "authorized_keys"}"\n'
+                f'host_key = "{tmp_path / "manhole_host_key"}"\n')
+    daemon = Daemon("treadmill-switchboard", ["--config", str(config), "--instance", "ops-1"])
+    daemon.start()
+    try:
+        await daemon.wait_http(f"http://127.0.0.1:{port}/healthz")
+        response = await treq.get(f"http://127.0.0.1:{metrics_port}/metrics")
+        text = (await response.content()).decode()
+        assert response.code == 200
+        assert 'treadmill_http_requests_total{code="200",method="GET"}' in text
+        assert "treadmill_supervisor_links 0.0" in text
+        assert "process_resident_memory_bytes" in text
+        typed = b"print(switchboard.config.instance, len(links.by_host))\r\x04"
+        output = await conch_session(manhole_port, key, typed, timeout=20)
+        assert b"ops-1 0" in output["output"]
+    finally:
+        await daemon.stop()

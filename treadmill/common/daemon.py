@@ -25,8 +25,11 @@ def listeners(reactor: Any, descriptions: list[str], factory: IProtocolFactory,
 
 
 def add_operator_services(reactor: Any, root: MultiService, values: dict[str, Any],
-                          namespace: dict[str, Any]) -> None:
-    """Attach the manhole and ``/metrics`` listeners the configuration asks for."""
+                          namespace: dict[str, Any], registry: Any = None) -> None:
+    """Attach the manhole and ``/metrics`` listeners the configuration asks for.
+
+    ``registry`` is the role's Prometheus registry (default: the global one).
+    """
     if values.get("manhole.listen"):
         from treadmill.common.manhole import manhole_service
 
@@ -38,6 +41,6 @@ def add_operator_services(reactor: Any, root: MultiService, values: dict[str, An
     if values.get("metrics.listen"):
         from treadmill.common.metrics import metrics_service
 
-        metrics: IService = metrics_service(reactor, values["metrics.listen"])
+        metrics: IService = metrics_service(reactor, values["metrics.listen"], registry)
         metrics.setName("metrics")
         metrics.setServiceParent(root)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -112,6 +113,7 @@ class LimitedRequest(Request):
     _form_type: list[bytes] | None = None
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self.started = time.monotonic()
         # twisted.web would parse form bodies into request.args (mixing them
         # with the query) and answer a malformed one with a bare 400. Our
         # APIs take JSON: hide the form content type until dispatch, where

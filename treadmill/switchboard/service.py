@@ -22,6 +22,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
@@ -35,6 +36,7 @@ from treadmill.switchboard.auth import Authenticator
 from treadmill.switchboard.database import Listener, Pool, migrate
 from treadmill.switchboard.events import JobWatchers
 from treadmill.switchboard.links import SupervisorLinks
+from treadmill.switchboard.metrics import SwitchboardMetrics
 from treadmill.switchboard.scheduler import Scheduler
 from treadmill.switchboard.store import Store
 from treadmill.switchboard.timeouts import TimeoutEnforcer
@@ -109,8 +111,16 @@ class SwitchboardService(MultiService):
         self.listener.on_reconnect(self.scheduler.wake)
         self.listener.setServiceParent(self)
         self.site = limited_site(self.api.resource(), config.max_body)
-        if not config.access_log:
-            self.site.log = lambda request: None  # type: ignore[method-assign]
+        self.job_counts: dict[str, int] = {}
+        self.metrics = SwitchboardMetrics(self)
+        access_log = self.site.log
+
+        def log(request: Any) -> None:
+            self.metrics.observe(request)
+            if config.access_log:
+                access_log(request)
+
+        self.site.log = log  # type: ignore[method-assign]
         self._ready: Deferred[None] | None = None
         self._ports: list[Any] = []
         self._stopping = False
@@ -119,7 +129,7 @@ class SwitchboardService(MultiService):
         """What the manhole shows an operator."""
         return {"switchboard": self, "store": self.store, "pool": self.pool, "api": self.api,
                 "auth": self.auth, "watchers": self.watchers, "links": self.links,
-                "scheduler": self.scheduler, "reactor": self.reactor}
+                "scheduler": self.scheduler, "metrics": self.metrics, "reactor": self.reactor}
 
     def startService(self) -> None:
         super().startService()
@@ -155,6 +165,10 @@ class SwitchboardService(MultiService):
         usage.setServiceParent(self)
         self.links.setServiceParent(self)
         self.scheduler.setServiceParent(self)
+        counts = TimerService(15.0, lambda: Deferred.fromCoroutine(self._count_jobs()))
+        counts.clock = self.reactor
+        counts.setName("job-counts")
+        counts.setServiceParent(self)
         http = listeners(self.reactor, self.config.listen, self.site, "http")
         http.setServiceParent(self)
         # StreamServerEndpointService keeps the pending listen here.
@@ -162,6 +176,12 @@ class SwitchboardService(MultiService):
                        for service in http]
         self.log.info("Switchboard {instance} listening on {listen}",
                       instance=self.config.instance, listen=", ".join(self.config.listen))
+
+    async def _count_jobs(self) -> None:
+        try:
+            self.job_counts = await self.store.job_counts()
+        except Exception:
+            self.log.failure("Could not count jobs")
 
     def ports(self) -> list[Any]:
         """The listening ports of the API (for tests that listen on port 0)."""

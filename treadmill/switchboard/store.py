@@ -574,6 +574,10 @@ class Store:
             "ORDER BY j.seq LIMIT 100", (grace,))
         return [row["id"] for row in rows]
 
+    async def job_counts(self) -> dict[str, int]:
+        rows = await self.pool.fetchall("SELECT state, count(*) AS n FROM jobs GROUP BY state")
+        return {row["state"]: row["n"] for row in rows}
+
     async def ping(self) -> None:
         await self.pool.fetchone("SELECT 1")
 

@@ -116,5 +116,6 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     service = SwitchboardService(reactor, config_from(options.values))
-    add_operator_services(reactor, service, options.values, service.namespace())
+    add_operator_services(reactor, service, options.values, service.namespace(),
+                          service.metrics.registry)
     return service
