@@ -1,0 +1,61 @@
+"""Fixtures of the supervisor tests: a fake switchboard peer and supervisors in-process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import reactor
+
+from tests.supervisor.peer import FakeSwitchboard
+from treadmill.supervisor.drivers import STAGES
+from treadmill.supervisor.drivers.mock import MockSettings
+from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+
+FAST_MOCK = MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.05)
+
+
+def fast_config(url: str, state_dir: Path | str, **overrides: Any) -> SupervisorConfig:
+    """A supervisor configuration with test-sized timings."""
+    values: dict[str, Any] = {
+        "url": url, "token": "host-token", "state_dir": str(state_dir),
+        "reconnect_initial": 0.05, "reconnect_max": 0.4,
+        "heartbeat_interval": 1.0, "heartbeat_timeout": 2.0,
+        "flush_timeout": 1.0, "mock": FAST_MOCK,
+    }
+    values.update(overrides)
+    return SupervisorConfig(**values)
+
+
+@pytest_twisted.async_yield_fixture
+async def peer() -> AsyncIterator[FakeSwitchboard]:
+    switchboard = FakeSwitchboard().listen()
+    try:
+        yield switchboard
+    finally:
+        await switchboard.shutdown()
+        assert not switchboard.errors, switchboard.errors
+
+
+@pytest_twisted.async_yield_fixture
+async def supervisors(peer: FakeSwitchboard, tmp_path: Path
+                      ) -> AsyncIterator[Callable[..., SupervisorService]]:
+    """``make(state="name", **config overrides)``: a started SupervisorService."""
+    made: list[SupervisorService] = []
+
+    def make(state: str = "state", driver: Any = None, **overrides: Any) -> SupervisorService:
+        overrides.setdefault("url", peer.url)
+        service = SupervisorService(reactor, fast_config(state_dir=tmp_path / state,
+                                                         **overrides), driver=driver)
+        service.startService()
+        made.append(service)
+        return service
+
+    try:
+        yield make
+    finally:
+        for service in made:
+            if service.running:
+                await service.stopService()

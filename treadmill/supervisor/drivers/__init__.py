@@ -1,0 +1,121 @@
+"""Host drivers: what a supervisor uses to run a job on its host.
+
+A driver implements :class:`IHostDriver` and reports what happens to a job
+through the :class:`IJobReporter` it is given with the job. The runner
+(``treadmill/supervisor/runner.py``) turns those reports into journaled
+``job_event`` messages, so a driver never talks to the switchboard and never
+touches the state directory. ``docs/supervisor.md`` describes the contract
+for authors of new drivers (QEMU, serial boards).
+
+Rules every driver follows:
+
+- ``start`` either accepts the job (its Deferred fires) or refuses it
+  (:class:`StartRefused`) *before* reporting anything about it. Reports made
+  before ``start``'s Deferred fires are held by the runner and dropped if the
+  start is refused.
+- After an accepted start the driver reports the job's progress and ends it
+  with exactly one of ``exited``, ``failed`` or ``stopped``. Reports about a
+  job that already ended are ignored.
+- Stages only move forward (``STAGES`` order); any may be skipped.
+- All timing uses the reactor given to the driver (``IReactorTime``), so tests
+  can drive it with a ``Clock``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from treadmill.supervisor.service import SupervisorConfig
+
+__all__ = ["REASONS", "STAGES", "IHostDriver", "IJobReporter", "StartRefused", "make_driver"]
+
+# The stages of ``initializing``, in order (docs/jobs.md).
+STAGES = ("starting", "fetching_image", "allocating", "provisioning", "booting")
+
+# Termination reasons of protocol v1 (the schema's ``Reason``).
+REASONS = ("workload_exited", "user_terminated", "queue_timeout", "execution_timeout",
+           "image_error", "host_start_failure", "host_dropped_job", "host_unreachable",
+           "internal_error")
+
+# Codes a driver may refuse a start with (``ack`` error codes of ``start_job``).
+REFUSALS = ("image_not_found", "image_invalid", "bad_request", "internal_error")
+
+
+class StartRefused(Exception):
+    """A driver does not accept a job: the ``start_job`` is acked with this error."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code if code in REFUSALS else "internal_error"
+        self.message = message
+
+
+class IJobReporter(Interface):
+    """How a driver tells the supervisor what happens to the job it runs.
+
+    Each method is about the job the reporter was given with; none returns
+    anything or raises. The runner journals and sends each change.
+    """
+
+    def stage(name: str) -> None:
+        """The job is ``initializing`` and reached stage ``name`` (one of ``STAGES``)."""
+
+    def ready() -> None:
+        """The workload runs; the host is the user's."""
+
+    def terminating(reason: str | None = None) -> None:
+        """The host is cleaning up. ``reason`` defaults to the stop's reason, if a
+        stop is under way, else ``workload_exited``."""
+
+    def exited(exit_status: int, message: str = "") -> None:
+        """The workload finished by itself: ``terminated``, ``workload_exited``."""
+
+    def failed(reason: str, message: str = "") -> None:
+        """The job ended because of the host or the image: ``terminated`` with
+        ``reason`` (``host_start_failure``, ``image_error``, ``host_dropped_job``,
+        ``internal_error``)."""
+
+    def stopped(reason: str, message: str = "") -> None:
+        """A ``stop`` finished: ``terminated`` with the stop's ``reason``."""
+
+    def console(data: bytes) -> None:
+        """Output of the host's console."""
+
+
+class IHostDriver(Interface):
+    """One host, run for one job at a time."""
+
+    name = Attribute("The driver's name (the ``driver`` setting).")
+
+    def start(job: dict[str, Any], reporter: IJobReporter) -> Any:
+        """Begin running ``job`` (a protocol ``JobStart``). Returns a Deferred that
+        fires when the job is accepted, or fails with :class:`StartRefused`
+        (``image_not_found``, ``image_invalid``, ``bad_request``,
+        ``internal_error``). The runner never starts a second job while one runs."""
+
+    def stop(job_id: str, reason: str) -> Any:
+        """Stop the job; returns a Deferred that fires when the stop is under way.
+        The driver then reports ``stopped(reason)`` (or ``exited``/``failed`` if
+        the job ended another way first). Stopping a job that is not running, or
+        is already stopping, is harmless."""
+
+    def adopt(job: dict[str, Any], reporter: IJobReporter) -> bool:
+        """After a supervisor restart: take over ``job`` if the host still runs it
+        and report through ``reporter`` from now on. ``False`` if it cannot; the
+        runner then ends the job with ``host_dropped_job``."""
+
+    def shutdown() -> Any:
+        """The supervisor process stops (the job does not): release in-process
+        resources and report nothing more. Returns a Deferred (or None)."""
+
+
+def make_driver(config: SupervisorConfig, reactor: Any) -> IHostDriver:
+    """The driver named by ``config.driver``."""
+    if config.driver == "mock":
+        from treadmill.supervisor.drivers.mock import MockDriver
+
+        return MockDriver(reactor, config.mock)
+    raise ValueError(f"unknown host driver {config.driver!r}")

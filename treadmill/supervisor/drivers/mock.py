@@ -1,0 +1,372 @@
+"""The mock driver: a simulated host with configurable stages, timings and outcomes.
+
+It is the workhorse of tests, demos and load tests (thousands of supervisors
+in one process, see ``fleet.py``), so it keeps little state: one small run
+object per job and at most one timer and one console loop.
+
+A run goes through the stages of ``initializing`` (each for
+``mock.stages.<stage>`` seconds, skipping ``mock.skip_stages``), reports
+``ready``, and after ``mock.run_time`` seconds the workload exits with
+``mock.exit_status`` and ``mock.message``. Failure injection:
+
+- ``mock.fail_at = STAGE``: the host fails at the end of that stage:
+  ``host_start_failure``, or ``image_error`` for ``fetching_image``;
+- ``mock.crash_at = STAGE | "ready"``: the simulated host vanishes at the end
+  of that stage (or when the workload would have exited): ``host_dropped_job``;
+- ``mock.hang = true``: the host never gets to ``ready``; only a stop ends it;
+- ``mock.refuse = CODE``: every start is refused with that ``start_job`` error.
+
+A stage named by ``fail_at`` or ``crash_at`` is never skipped. Every
+setting can be overridden per job by a job parameter of the same name
+(``mock.exit_status = "3"``, ``mock.stages.booting = "2"``); an invalid or
+unknown ``mock.*`` parameter refuses the start with ``bad_request``.
+
+The simulated host lives in the supervisor's process, so it cannot be
+adopted after a restart: the runner reports the job as ``host_dropped_job``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from treadmill.common.config import BOOL, FLOAT, INT, STR, STRLIST, Setting, one_of
+from treadmill.supervisor.drivers import REFUSALS, STAGES, IHostDriver, IJobReporter, StartRefused
+
+__all__ = ["MOCK_SETTINGS", "MockDriver", "MockSettings"]
+
+PARAMETER_PREFIX = "mock."
+CONSOLE_TICK = 0.1  # seconds between console chunks (at least one byte per chunk)
+
+
+def _duration(value: Any) -> float:
+    """Seconds: a number >= 0; ``inf`` means "forever"."""
+    seconds = FLOAT(value)
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"expected a duration in seconds >= 0, got {value!r}")
+    return seconds
+
+
+def _rate(value: Any) -> float:
+    rate = FLOAT(value)
+    if not math.isfinite(rate) or rate < 0:
+        raise ValueError(f"expected a finite rate >= 0, got {value!r}")
+    return rate
+
+
+def _int32(value: Any) -> int:
+    number = INT(value)
+    if not -(2**31) <= number < 2**31:
+        raise ValueError(f"expected a 32-bit integer, got {number}")
+    return number
+
+
+def _text(value: Any) -> str:
+    text = STR(value)
+    if len(text) > 4096:
+        raise ValueError("expected at most 4096 characters")
+    return text
+
+
+def _stages(value: Any) -> list[str]:
+    names = STRLIST(value)
+    for name in names:
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r} (expected {', '.join(STAGES)})")
+    return names
+
+
+def _optional(kind: Any) -> Any:
+    """``kind``, or None for an empty string or ``none``."""
+
+    def check(value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+        return kind(value)
+
+    check.__name__ = getattr(kind, "__name__", "value")
+    return check
+
+
+MOCK_SETTINGS: tuple[Setting, ...] = (
+    *(Setting(f"mock.stages.{stage}", _duration, 0.05,
+              f"Mock driver: seconds spent in stage {stage}.") for stage in STAGES),
+    Setting("mock.skip_stages", _stages, [], "Mock driver: stages the simulated host skips."),
+    Setting("mock.run_time", _duration, 1.0,
+            "Mock driver: seconds in ready before the workload exits (inf: until stopped)."),
+    Setting("mock.exit_status", _int32, 0, "Mock driver: the workload's exit status."),
+    Setting("mock.message", _text, "mock workload finished",
+            "Mock driver: the workload's exit message."),
+    Setting("mock.fail_at", _optional(one_of(*STAGES)), None,
+            "Mock driver: fail at the end of this stage (host_start_failure; image_error "
+            "for fetching_image)."),
+    Setting("mock.hang", BOOL, False, "Mock driver: never reach ready; only a stop ends the job."),
+    Setting("mock.crash_at", _optional(one_of(*STAGES, "ready")), None,
+            "Mock driver: the simulated host vanishes at the end of this stage or of ready "
+            "(host_dropped_job)."),
+    Setting("mock.console_rate", _rate, 0.0,
+            "Mock driver: bytes per second of console output while ready."),
+    Setting("mock.stop_time", _duration, 0.0, "Mock driver: seconds a stop takes."),
+    Setting("mock.refuse", _optional(one_of(*REFUSALS)), None,
+            "Mock driver: refuse every start with this error code."),
+)
+_BY_KEY = {setting.key: setting for setting in MOCK_SETTINGS}
+
+
+@dataclass(frozen=True)
+class MockSettings:
+    """How the simulated host behaves; see the module docstring."""
+
+    durations: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.05))
+    skip_stages: tuple[str, ...] = ()
+    run_time: float = 1.0
+    exit_status: int = 0
+    message: str = "mock workload finished"
+    fail_at: str | None = None
+    hang: bool = False
+    crash_at: str | None = None
+    console_rate: float = 0.0
+    stop_time: float = 0.0
+    refuse: str | None = None
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> MockSettings:
+        """From checked settings (``mock.*`` keys; missing keys take their defaults)."""
+        def get(key: str) -> Any:
+            return values.get(key, _BY_KEY[key].default)
+
+        simple = {f.name: get(f"mock.{f.name}") for f in fields(cls)
+                  if f.name not in ("durations", "skip_stages")}
+        return cls(durations={stage: get(f"mock.stages.{stage}") for stage in STAGES},
+                   skip_stages=tuple(get("mock.skip_stages")), **simple)
+
+    def values(self) -> dict[str, Any]:
+        """The settings as ``mock.*`` keys (the inverse of :meth:`from_values`)."""
+        out: dict[str, Any] = {f"mock.stages.{s}": d for s, d in self.durations.items()}
+        out["mock.skip_stages"] = list(self.skip_stages)
+        for f in fields(self):
+            if f.name not in ("durations", "skip_stages"):
+                out[f"mock.{f.name}"] = getattr(self, f.name)
+        return out
+
+    def with_parameters(self, parameters: dict[str, Any]) -> MockSettings:
+        """These settings overridden by a job's ``mock.*`` parameters.
+
+        Raises :class:`StartRefused` (``bad_request``) for an unknown or invalid one.
+        """
+        overrides = {name: spec.get("value") for name, spec in parameters.items()
+                     if name.startswith(PARAMETER_PREFIX)}
+        if not overrides:
+            return self
+        values = self.values()
+        for name, value in sorted(overrides.items()):
+            setting = _BY_KEY.get(name)
+            if setting is None:
+                raise StartRefused("bad_request", f"unknown mock parameter {name}")
+            try:
+                values[name] = setting.kind(value)
+            except ValueError as e:
+                raise StartRefused("bad_request", f"parameter {name}: {e}") from None
+        return MockSettings.from_values(values)
+
+    def stages(self) -> list[str]:
+        """The stages a run goes through."""
+        keep = {self.fail_at, self.crash_at}
+        return [s for s in STAGES if s not in self.skip_stages or s in keep]
+
+
+class _Run:
+    """One job on the simulated host."""
+
+    __slots__ = ("_console_budget", "_console_carry", "_console_last", "_console_lines",
+                 "_console_loop",
+                 "_driver", "_timer", "job_id", "phase", "reporter", "settings")
+
+    def __init__(self, driver: MockDriver, job_id: str, settings: MockSettings,
+                 reporter: IJobReporter):
+        self._driver = driver
+        self.job_id = job_id
+        self.settings = settings
+        self.reporter = reporter
+        self.phase = "assigned"
+        self._timer: IDelayedCall | None = None
+        self._console_loop: LoopingCall | None = None
+        self._console_budget = 0.0
+        self._console_last = 0.0
+        self._console_lines = 0
+        self._console_carry = b""
+
+    # -- timing ----------------------------------------------------------------------
+
+    def _after(self, delay: float, fn: Any, *args: Any) -> None:
+        self._cancel_timer()
+        if math.isfinite(delay):
+            self._timer = self._driver.reactor.callLater(delay, fn, *args)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def cancel(self) -> None:
+        """Stop every timer; report nothing more."""
+        self._cancel_timer()
+        if self._console_loop is not None:
+            if self._console_loop.running:
+                self._console_loop.stop()
+            self._console_loop = None
+
+    def _end(self) -> None:
+        self.cancel()
+        self.phase = "ended"
+        if self._driver.run is self:
+            self._driver.run = None
+
+    # -- the run ---------------------------------------------------------------------
+
+    def begin(self) -> None:
+        self._stage(0)
+
+    def _stage(self, index: int) -> None:
+        stages = self.settings.stages()
+        if index >= len(stages):
+            self._booted()
+            return
+        stage = stages[index]
+        self.phase = stage
+        self.reporter.stage(stage)
+        duration = self.settings.durations[stage]
+        if self.settings.fail_at == stage:
+            self._after(duration, self._fail, stage)
+        elif self.settings.crash_at == stage:
+            self._after(duration, self._crash, stage)
+        else:
+            self._after(duration, self._stage, index + 1)
+
+    def _booted(self) -> None:
+        if self.settings.hang:
+            self.phase = "hung"
+            return
+        self.phase = "ready"
+        self.reporter.ready()
+        self._start_console()
+        if self.settings.crash_at == "ready":
+            self._after(self.settings.run_time, self._crash, "ready")
+        else:
+            self._after(self.settings.run_time, self._exit)
+
+    def _exit(self) -> None:
+        self._end()
+        self.reporter.exited(self.settings.exit_status, self.settings.message)
+
+    def _fail(self, stage: str) -> None:
+        self._end()
+        reason = "image_error" if stage == "fetching_image" else "host_start_failure"
+        self.reporter.failed(reason, f"mock: injected failure at {stage}")
+
+    def _crash(self, where: str) -> None:
+        self._end()
+        self.reporter.failed("host_dropped_job", f"mock: the simulated host vanished at {where}")
+
+    def stop(self, reason: str) -> None:
+        if self.phase in ("stopping", "ended"):
+            return
+        self.cancel()
+        self.phase = "stopping"
+        # Never report from inside stop(): the stop takes at least one turn.
+        self._after(self.settings.stop_time, self._stopped, reason)
+
+    def _stopped(self, reason: str) -> None:
+        self._end()
+        self.reporter.stopped(reason, "mock: stopped")
+
+    # -- console ---------------------------------------------------------------------
+
+    def _start_console(self) -> None:
+        rate = self.settings.console_rate
+        if rate <= 0:
+            return
+        self._console_last = self._driver.reactor.seconds()
+        loop = LoopingCall(self._console_tick)
+        loop.clock = self._driver.reactor
+        self._console_loop = loop
+        loop.start(max(CONSOLE_TICK, 1.0 / rate), now=False)
+
+    def _console_tick(self) -> None:
+        now = self._driver.reactor.seconds()
+        self._console_budget += self.settings.console_rate * (now - self._console_last)
+        self._console_last = now
+        size = int(self._console_budget)
+        if size <= 0:
+            return
+        self._console_budget -= size
+        chunk = bytearray(self._console_carry)
+        while len(chunk) < size:
+            self._console_lines += 1
+            chunk += b"mock console %s line %08d\n" % (self.job_id[:8].encode(),
+                                                        self._console_lines)
+        self._console_carry = bytes(chunk[size:])
+        self.reporter.console(bytes(chunk[:size]))
+
+
+@implementer(IHostDriver)
+class MockDriver:
+    """A simulated host. ``reactor`` only needs ``IReactorTime``."""
+
+    name = "mock"
+    log = Logger()
+
+    def __init__(self, reactor: Any, settings: MockSettings | None = None):
+        self.reactor = reactor
+        self.settings = settings or MockSettings()
+        self.run: _Run | None = None
+
+    @property
+    def current(self) -> str | None:
+        """The id of the job the simulated host runs, if any."""
+        return self.run.job_id if self.run is not None else None
+
+    def start(self, job: dict[str, Any], reporter: IJobReporter) -> Deferred[None]:
+        try:
+            settings = self.settings.with_parameters(job.get("parameters") or {})
+        except StartRefused as e:
+            return fail(e)
+        if settings.refuse:
+            return fail(StartRefused(settings.refuse,
+                                     f"mock: refusing the job ({settings.refuse})"))
+        if self.run is not None:
+            if self.run.job_id == job["id"]:
+                return succeed(None)
+            return fail(StartRefused("internal_error",
+                                     f"mock: the host still runs job {self.run.job_id}"))
+        run = _Run(self, job["id"], settings, reporter)
+        self.run = run
+        # Report only after start() returned, as a real host would.
+        run._after(0, run.begin)
+        return succeed(None)
+
+    def stop(self, job_id: str, reason: str) -> Deferred[None]:
+        if self.run is not None and self.run.job_id == job_id:
+            self.run.stop(reason)
+        return succeed(None)
+
+    def adopt(self, job: dict[str, Any], reporter: IJobReporter) -> bool:
+        # The simulated host lived in the previous process: nothing to adopt.
+        return False
+
+    def shutdown(self) -> Deferred[None]:
+        if self.run is not None:
+            self.run.cancel()
+            self.run = None
+        return succeed(None)
+
+    def configure(self, **changes: Any) -> None:
+        """Change the defaults of later jobs (for the manhole and tests)."""
+        self.settings = replace(self.settings, **changes)

@@ -1,0 +1,381 @@
+"""The supervisor's WebSocket link to the switchboard (``docs/protocol.md``).
+
+:class:`SupervisorLink` is a service that keeps one connection to
+``ws(s)://SWITCHBOARD/api/v1/supervisor`` up with a ``ClientService``:
+capped exponential backoff with jitter between attempts. Each connection is a
+:class:`SupervisorProtocol` (Autobahn) that authenticates with the host token,
+asks for subprotocol ``treadmill.supervisor.v1`` with our minor version in
+``X-Treadmill-Protocol-Minor``, pings every ``heartbeat_interval`` seconds and
+drops the connection when no pong comes within ``heartbeat_timeout``.
+
+Every received frame is validated (``protocol.parse``); a violation is
+answered with ``protocol_error`` and close code 4000. Valid messages go to
+the handler (the :class:`~treadmill.supervisor.runner.JobRunner`).
+
+Backoff: a connection attempt that fails, a handshake the switchboard refuses
+(HTTP 401 for a bad token, 400 for another major version) and a session it
+closes with a 4xxx code (superseded, host removed, protocol violation) each
+count as a failure, and the delay grows with consecutive failures up to
+``reconnect_max``; a version mismatch goes straight to ``reconnect_max``. A
+session that ends otherwise (a switchboard restart, a dead network) resets
+the count, so the next attempt comes after ``reconnect_initial``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.logger import Logger
+
+from treadmill.common.tls import client_options
+from treadmill.protocol import supervisor as protocol
+from treadmill.protocol.supervisor import CloseCode
+
+__all__ = ["CloseInfo", "LinkHandler", "SupervisorLink", "SupervisorProtocol", "parse_url"]
+
+MINOR_HEADER = "X-Treadmill-Protocol-Minor"
+_GIVE_UP_FAST = 64  # a failure count that means "wait reconnect_max"
+
+
+class LinkHandler(Protocol):
+    """What the link calls (the runner)."""
+
+    def link_opened(self, session: SupervisorProtocol) -> None: ...
+
+    def link_closed(self, session: SupervisorProtocol) -> None: ...
+
+    def message_received(self, session: SupervisorProtocol, message: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class CloseInfo:
+    """How the last connection ended."""
+
+    opened: bool
+    code: int | None
+    reason: str | None
+    http_status: int | None = None
+    local: bool = False  # the supervisor closed it (with ``code``)
+
+
+def parse_url(url: str) -> tuple[bool, str, int, str]:
+    """``(secure, host, port, ws_url)`` from a ``ws://`` or ``wss://`` base URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError(f"expected a ws:// or wss:// URL, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"no host in {url!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"expected a base URL without query, fragment or user, got {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"invalid port in {url!r}") from None
+    secure = parts.scheme == "wss"
+    port = port or (443 if secure else 80)
+    host = parts.hostname
+    shown = f"[{host}]" if ":" in host else host
+    path = parts.path.rstrip("/") + protocol.PATH
+    return secure, host, port, f"{parts.scheme}://{shown}:{port}{path}"
+
+
+class _QuietLogger(Logger):
+    """Autobahn's protocol logger without debug: its debug lines hold the handshake,
+    bearer token included, and secrets never go to logs."""
+
+    def debug(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def trace(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class SupervisorProtocol(WebSocketClientProtocol):
+    """One connection to the switchboard: a runner :class:`~runner.Session`."""
+
+    log = _QuietLogger(namespace="treadmill.supervisor.link.ws")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.minor: int | None = None
+        self.was_open = False  # the session opened (versions agreed)
+        self._handling = False  # messages are handled (until a violation)
+        self._version_error: str | None = None
+        self._request_id = 0
+        self.closed: Deferred[None] = Deferred()
+
+    # -- Session ---------------------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> bool:
+        if self.state != self.STATE_OPEN:
+            return False
+        self.sendMessage(protocol.encode(message), isBinary=False)
+        return True
+
+    def next_request_id(self) -> int:
+        self._request_id += 1
+        return self._request_id
+
+    def close(self, code: int, reason: str) -> None:
+        if self.state == self.STATE_OPEN:
+            # Autobahn wants a plain int, and a reason of at most 123 bytes.
+            self.sendClose(int(code), reason.encode("utf-8")[:120].decode("utf-8", "ignore"))
+
+    # -- Autobahn --------------------------------------------------------------------
+
+    def onConnect(self, response: Any) -> None:
+        if response.protocol != protocol.SUBPROTOCOL:
+            self._version_error = (f"the switchboard did not accept subprotocol "
+                                   f"{protocol.SUBPROTOCOL} (chose {response.protocol!r})")
+            return
+        try:
+            self.minor = protocol.negotiate_minor(response.headers.get(protocol.MINOR_HEADER))
+        except protocol.ProtocolError as e:
+            self._version_error = str(e)
+
+    def onOpen(self) -> None:
+        if self._version_error is not None:
+            self.link.log.error("{link}: version mismatch: {error}", link=self.link.name,
+                                error=self._version_error)
+            self.link.failures = _GIVE_UP_FAST
+            self.close(CloseCode.VERSION_MISMATCH, "version mismatch")
+            return
+        self.was_open = True
+        self._handling = True
+        self.link._opened(self)
+
+    @property
+    def link(self) -> SupervisorLink:
+        return self.factory.link  # type: ignore[no-any-return]
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if not self._handling:
+            return
+        if isBinary:
+            self.violation("binary frames are not part of the protocol")
+            return
+        try:
+            message = protocol.parse(payload, expect=protocol.TO_SUPERVISOR)
+        except protocol.ProtocolError as e:
+            self.violation(str(e))
+            return
+        if message["type"] == "protocol_error":
+            self.link.log.error("{link}: the switchboard reports a protocol error: {code}: "
+                                "{text}", link=self.link.name, code=message["code"],
+                                text=message["message"])
+            return
+        self.link.handler.message_received(self, message)
+
+    def violation(self, text: str) -> None:
+        """The switchboard broke the protocol: say so and close with 4000."""
+        self.link.log.error("{link}: protocol violation by the switchboard: {text}",
+                            link=self.link.name, text=text)
+        self.send(protocol.protocol_error("violation", text))
+        self._handling = False  # handle nothing more from this connection
+        self.close(CloseCode.PROTOCOL_VIOLATION, "protocol violation")
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        status = None
+        status_line = getattr(self, "http_status_line", None)
+        if status_line:
+            parts = status_line.split()
+            if len(parts) >= 2 and parts[1].isdigit() and parts[1] != "101":
+                status = int(parts[1])
+        local = bool(self.closedByMe and self.localCloseCode is not None)
+        if local:
+            code, reason = self.localCloseCode, self.localCloseReason  # we closed, say why
+        elif self.remoteCloseCode is not None:
+            code, reason = self.remoteCloseCode, self.remoteCloseReason
+        info = CloseInfo(opened=self.was_open, code=code, reason=reason, http_status=status,
+                         local=local)
+        try:
+            self.link._closed(self, info)
+        finally:
+            if not self.closed.called:
+                self.closed.callback(None)
+
+
+class SupervisorLink(Service):
+    """Keeps the connection to the switchboard up; see the module docstring."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, url: str, token: str, handler: LinkHandler, *,
+                 ca_file: str | None = None, reconnect_initial: float = 1.0,
+                 reconnect_max: float = 60.0, heartbeat_interval: float = 5.0,
+                 heartbeat_timeout: float = 10.0, name: str = "supervisor",
+                 jitter: Callable[[], float] = random.random):
+        self.reactor = reactor
+        self.handler = handler
+        self.name = name
+        secure, host, port, self.url = parse_url(url)
+        self.factory = WebSocketClientFactory(
+            self.url, protocols=[protocol.SUBPROTOCOL], reactor=reactor,
+            headers={"Authorization": f"Bearer {token}", MINOR_HEADER: str(protocol.MINOR)})
+        self.factory.protocol = SupervisorProtocol
+        self.factory.link = self
+        self.factory.setProtocolOptions(
+            autoPingInterval=heartbeat_interval, autoPingTimeout=heartbeat_timeout,
+            openHandshakeTimeout=heartbeat_timeout,
+            maxMessagePayloadSize=protocol.MAX_MESSAGE_BYTES,
+            maxFramePayloadSize=protocol.MAX_MESSAGE_BYTES)
+        endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=heartbeat_timeout)
+        if secure:
+            endpoint = wrapClientTLS(client_options(host, ca_file), endpoint)
+        # Jitter in proportion to the initial delay (random.random for the default 1 s).
+        self._backoff = backoffPolicy(reconnect_initial, reconnect_max, factor=2,
+                                      jitter=lambda: jitter() * reconnect_initial)
+        self.client = ClientService(endpoint, self.factory, retryPolicy=self._retry_delay,
+                                    clock=reactor)
+        self.session: SupervisorProtocol | None = None
+        self.failures = 0
+        self.last_close: CloseInfo | None = None
+        self.connections = 0  # sessions opened so far
+        self._open_waiters: list[Deferred[SupervisorProtocol]] = []
+        self._close_waiters: list[Deferred[CloseInfo]] = []
+        self._stopping = False
+
+    # -- service ---------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self.client.startService()
+
+    def stopService(self) -> Deferred[None]:
+        """Close the session with 4005 (going away), then stop reconnecting."""
+        super().stopService()
+        self._stopping = True
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await self.close(CloseCode.GOING_AWAY, "supervisor shutting down")
+        await self.client.stopService()
+
+    def _retry_delay(self, attempt: int) -> float:
+        # ``attempt`` counts failed TCP connects in a row (1 after a lost session);
+        # ``failures`` counts refused handshakes and sessions closed with 4xxx.
+        return self._backoff(max(0, attempt - 1) + self.failures)
+
+    # -- waiting ---------------------------------------------------------------------
+
+    def when_open(self) -> Deferred[SupervisorProtocol]:
+        """The open session, or the next one."""
+        if self.session is not None:
+            return succeed(self.session)
+        waiter: Deferred[SupervisorProtocol] = Deferred()
+        self._open_waiters.append(waiter)
+        return waiter
+
+    def when_closed(self) -> Deferred[CloseInfo]:
+        """Fires with how the current (or next) connection ends."""
+        waiter: Deferred[CloseInfo] = Deferred()
+        self._close_waiters.append(waiter)
+        return waiter
+
+    async def close(self, code: int = CloseCode.GOING_AWAY,
+                    reason: str = "supervisor shutting down", timeout: float = 3.0) -> None:
+        """Close the open session (if any) with ``code`` and wait, at most ``timeout``."""
+        session = self.session
+        if session is None:
+            return
+        session.close(code, reason)
+        closed = session.closed
+        timer = self.reactor.callLater(timeout, lambda: closed.called or closed.callback(None))
+        await closed
+        if timer.active():
+            timer.cancel()
+
+    # -- from the protocol -----------------------------------------------------------
+
+    def _opened(self, session: SupervisorProtocol) -> None:
+        self.session = session
+        self.connections += 1
+        self.log.info("{link}: connected to {url} (protocol {major}.{minor})", link=self.name,
+                      url=self.url, major=protocol.MAJOR, minor=session.minor)
+        self.handler.link_opened(session)
+        waiters, self._open_waiters = self._open_waiters, []
+        for waiter in waiters:
+            waiter.callback(session)
+
+    def _closed(self, session: SupervisorProtocol, info: CloseInfo) -> None:
+        was_session = session is self.session
+        if was_session:
+            self.session = None
+            self.handler.link_closed(session)
+        self.last_close = info
+        self._classify(info, was_session)
+        waiters, self._close_waiters = self._close_waiters, []
+        for waiter in waiters:
+            waiter.callback(info)
+
+    def _classify(self, info: CloseInfo, was_session: bool) -> None:
+        """Log how the connection ended and adjust the backoff."""
+        log, name, code = self.log, self.name, info.code
+        if info.local:
+            # Our own close: a violation or mismatch was logged when found.
+            if code == CloseCode.VERSION_MISMATCH:
+                self.failures = _GIVE_UP_FAST
+            elif code == CloseCode.PROTOCOL_VIOLATION:
+                self.failures += 1
+            elif not self._stopping:
+                log.info("{link}: closed the connection (code {code})", link=name, code=code)
+            return
+        if not was_session:
+            status = info.http_status
+            if status == 401:
+                log.error("{link}: the switchboard refused the host token (HTTP 401); check "
+                          "switchboard.token; retrying with backoff", link=name)
+                self.failures += 1
+            elif status == 400:
+                log.error("{link}: the switchboard refused the connection (HTTP 400): it may "
+                          "not speak {sub}; retrying slowly", link=name, sub=protocol.SUBPROTOCOL)
+                self.failures = _GIVE_UP_FAST
+            elif status is not None:
+                log.warn("{link}: WebSocket upgrade refused (HTTP {status})", link=name,
+                         status=status)
+                self.failures += 1
+            else:
+                if not self._stopping:
+                    log.warn("{link}: connection ended before the WebSocket opened: {reason}",
+                             link=name, reason=info.reason)
+                self.failures += 1
+            return
+        if code == CloseCode.SUPERSEDED:
+            log.warn("{link}: superseded by a newer connection of this host (code 4002); is "
+                     "another supervisor using the same token?", link=name)
+            self.failures += 1
+        elif code == CloseCode.HOST_REMOVED:
+            log.error("{link}: the switchboard removed this host or replaced its token "
+                      "(code 4004)", link=name)
+            self.failures += 1
+        elif code == CloseCode.VERSION_MISMATCH:
+            log.error("{link}: the switchboard closed for a protocol version mismatch "
+                      "(code 4001); retrying slowly", link=name)
+            self.failures = _GIVE_UP_FAST
+        elif code == CloseCode.PROTOCOL_VIOLATION:
+            log.error("{link}: closed for a protocol violation (code 4000): {reason}",
+                      link=name, reason=info.reason)
+            self.failures += 1
+        elif code == CloseCode.GOING_AWAY:
+            log.info("{link}: the switchboard is shutting down (code 4005); reconnecting",
+                     link=name)
+            self.failures = 0
+        elif code == CloseCode.INTERNAL_ERROR:
+            log.warn("{link}: the switchboard closed with an internal error (code 4003)",
+                     link=name)
+            self.failures += 1
+        else:
+            if not self._stopping:
+                log.info("{link}: disconnected (code {code}: {reason})", link=name, code=code,
+                         reason=info.reason)
+            self.failures = 0

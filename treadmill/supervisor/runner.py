@@ -1,0 +1,640 @@
+"""The job runner: the supervisor's side of the protocol's job semantics.
+
+:class:`JobRunner` owns at most one current job. It answers the
+switchboard's commands (``docs/protocol.md``):
+
+- ``start_job``: the same job again acks ``ok`` (with the outcome of the first
+  start if that is still under way); another job while one is current acks
+  ``already_running``; a driver refusal acks its code and is followed by no
+  event; a job this supervisor remembers as ended acks ``ok`` and resends its
+  final event (a job is never run twice);
+- ``stop_job``: stops the current job (a ``terminating`` event, then the
+  driver's ``terminated``); for any other job acks ``ok`` and, if the job is
+  remembered as ended, resends its final event;
+- ``status_request``: answered with ``status`` only once every journaled
+  event has been sent *and acknowledged*, so the switchboard reconciles
+  against a database that already holds them.
+
+Job events flow from the driver (:class:`IJobReporter`) through an outbox:
+each event is written to the journal (in a thread, ``fsync``-ed) before it is
+sent; events are sent one at a time, in order, each after the previous one was
+acknowledged, on whichever connection is open, and deleted from the journal
+when acknowledged. After a reconnect the outbox simply starts again from its
+head. Execution timeouts are the switchboard's business, not the runner's.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from treadmill.protocol import supervisor as protocol
+from treadmill.supervisor.drivers import REASONS, STAGES, IHostDriver, IJobReporter, StartRefused
+from treadmill.supervisor.journal import ENDED_KEEP, StateFiles
+
+__all__ = ["ConsoleBuffer", "JobRunner", "Session"]
+
+ACTIVE_STATES = ("assigned", "initializing", "ready", "terminating")
+RESTART_MESSAGE = "supervisor restarted; the job could not be re-adopted"
+
+
+class Session(Protocol):
+    """What the runner needs of an open connection (``link.SupervisorProtocol``)."""
+
+    def send(self, message: dict[str, Any]) -> bool: ...
+
+    def next_request_id(self) -> int: ...
+
+
+class ConsoleBuffer:
+    """Counts console bytes and keeps the last ``limit`` of them."""
+
+    __slots__ = ("_data", "limit", "total")
+
+    def __init__(self, limit: int):
+        self.limit = max(0, limit)
+        self.total = 0
+        self._data = bytearray()
+
+    def append(self, data: bytes) -> None:
+        self.total += len(data)
+        if not self.limit:
+            return
+        self._data += data[-self.limit:]
+        excess = len(self._data) - self.limit
+        if excess > 0:
+            del self._data[:excess]
+
+    def tail(self) -> bytes:
+        return bytes(self._data)
+
+    def reset(self) -> None:
+        self.total = 0
+        self._data = bytearray()
+
+
+@implementer(IJobReporter)
+class _Reporter:
+    """The reporter of one job. Holds reports until the start is accepted."""
+
+    __slots__ = ("_held", "_runner", "job_id")
+
+    def __init__(self, runner: JobRunner, job_id: str):
+        self._runner: JobRunner | None = runner
+        self.job_id = job_id
+        self._held: list[tuple[str, tuple[Any, ...]]] | None = []
+
+    def accept(self) -> None:
+        held, self._held = self._held or [], None
+        for what, args in held:
+            self._call(what, *args)
+
+    def discard(self) -> None:
+        """The job was refused or the runner closes: report nothing more."""
+        self._runner = None
+        self._held = None
+
+    def _call(self, what: str, *args: Any) -> None:
+        if self._runner is None:
+            return
+        if self._held is not None:
+            self._held.append((what, args))
+            return
+        self._runner._report(self.job_id, what, args)
+
+    def stage(self, name: str) -> None:
+        self._call("stage", name)
+
+    def ready(self) -> None:
+        self._call("ready")
+
+    def terminating(self, reason: str | None = None) -> None:
+        self._call("terminating", reason)
+
+    def exited(self, exit_status: int, message: str = "") -> None:
+        self._call("exited", exit_status, message)
+
+    def failed(self, reason: str, message: str = "") -> None:
+        self._call("failed", reason, message)
+
+    def stopped(self, reason: str, message: str = "") -> None:
+        self._call("stopped", reason, message)
+
+    def console(self, data: bytes) -> None:
+        if self._runner is not None:
+            self._runner._console(self.job_id, data)
+
+
+@dataclass(eq=False)
+class _Current:
+    """The job the runner runs."""
+
+    job: dict[str, Any]
+    reporter: _Reporter
+    state: str = "assigned"
+    stage: str | None = None
+    stop_reason: str | None = None
+    # None while the driver's start is under way; then the ack error (or False if accepted).
+    outcome: tuple[str, str] | bool | None = None
+    _waiters: list[Deferred[Any]] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.job["id"]
+
+    def settle(self, error: tuple[str, str] | None) -> None:
+        self.outcome = error if error is not None else False
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(error)
+
+    def started(self) -> Deferred[tuple[str, str] | None]:
+        """Fires with the start's ack error, or None when it was accepted."""
+        if self.outcome is not None:
+            return succeed(self.outcome or None)
+        waiter: Deferred[Any] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+
+class _Pending:
+    """One event in the outbox."""
+
+    __slots__ = ("event", "seq", "written")
+
+    def __init__(self, seq: int, event: dict[str, Any], written: bool = False):
+        self.seq = seq
+        self.event = event
+        self.written = written
+
+
+def _thread_io(reactor: Any) -> Callable[..., Deferred[Any]]:
+    def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args, **kwargs)
+
+    return run
+
+
+class JobRunner:
+    """Runs the switchboard's jobs on one host driver; see the module docstring.
+
+    ``run_io(fn, *args)`` runs blocking state-directory I/O and returns a
+    Deferred; by default in the reactor's thread pool. Calls are serialised,
+    so the journal is written in event order.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, driver: IHostDriver, files: StateFiles, *,
+                 run_io: Callable[..., Deferred[Any]] | None = None,
+                 console_buffer: int = 64 * 1024, name: str = "supervisor"):
+        self.reactor = reactor
+        self.driver = driver
+        self.files = files
+        self.name = name
+        self._run_io = run_io or _thread_io(reactor)
+        self._io_lock = DeferredLock()
+        self._current: _Current | None = None
+        self._ended: list[dict[str, Any]] = []
+        self._outbox: collections.deque[_Pending] = collections.deque()
+        self._inflight: tuple[int, _Pending] | None = None
+        self._seq = 1
+        self._session: Session | None = None
+        self._drain_waiters: list[Deferred[None]] = []
+        self._stopping = False
+        self._closed = False
+        self.console = ConsoleBuffer(console_buffer)
+        # Called with each job event (without request_id) once it is queued.
+        self.observers: list[Callable[[dict[str, Any]], None]] = []
+
+    # -- introspection (tests, manhole) -----------------------------------------------
+
+    def status(self) -> dict[str, Any] | None:
+        """The current job as ``status`` reports it: ``{id, state, stage}`` or None."""
+        cur = self._current
+        if cur is None:
+            return None
+        return {"id": cur.id, "state": cur.state,
+                "stage": cur.stage if cur.state == "initializing" else None}
+
+    @property
+    def current_job(self) -> dict[str, Any] | None:
+        return self._current.job if self._current is not None else None
+
+    @property
+    def pending_events(self) -> list[dict[str, Any]]:
+        """Events not yet acknowledged, in order."""
+        return [dict(p.event) for p in self._outbox]
+
+    @property
+    def ended(self) -> list[dict[str, Any]]:
+        """Final events of the last jobs that ended here, oldest first."""
+        return [dict(e) for e in self._ended]
+
+    @property
+    def connected(self) -> bool:
+        return self._session is not None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def _io(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        return self._io_lock.run(self._run_io, fn, *args, **kwargs)
+
+    async def start(self) -> None:
+        """Lock and read the state directory; re-adopt or report the job it names."""
+        loaded = await self._io(self.files.open)
+        self._seq = loaded.next_seq
+        self._ended = loaded.ended[-ENDED_KEEP:]
+        for seq, event in loaded.events:
+            try:
+                protocol.validate(protocol.job_event(0, **event))
+            except (TypeError, protocol.ProtocolError):
+                # Sending it would only get the link closed for a violation, forever.
+                self.log.error("{name}: dropping invalid journal entry {seq}", name=self.name,
+                               seq=seq)
+                await self._io(self.files.remove_event, seq)
+                continue
+            self._outbox.append(_Pending(seq, event, written=True))
+        if self._outbox:
+            self.log.info("{name}: {count} job events to resend from the journal",
+                          name=self.name, count=len(self._outbox))
+        record = loaded.current
+        if record is None:
+            return
+        job = record.get("job") if isinstance(record, dict) else None
+        if not isinstance(job, dict) or not isinstance(job.get("id"), str):
+            self.log.error("{name}: unusable current-job.json; ignoring it", name=self.name)
+            await self._io(self.files.record, None, None, clear_current=True)
+            return
+        journaled = [p.event for p in self._outbox
+                     if p.event["job_id"] == job["id"] and p.event["state"] == "terminated"]
+        if journaled or self._final_event(job["id"]) is not None:
+            # It ended before the restart; the cleanup after its end was cut short.
+            if self._final_event(job["id"]) is None:
+                self._ended = [*self._ended[-(ENDED_KEEP - 1):], dict(journaled[-1])]
+            await self._io(self.files.record, None, None, clear_current=True,
+                           ended=list(self._ended))
+            return
+        state = record.get("state") if record.get("state") in ACTIVE_STATES else "assigned"
+        stage = record.get("stage") if state == "initializing" else None
+        if state == "initializing" and stage not in STAGES:
+            stage = STAGES[0]
+        cur = _Current(job, _Reporter(self, job["id"]), state=state, stage=stage, outcome=False)
+        self._current = cur
+        try:
+            adopted = bool(self.driver.adopt(job, cur.reporter))
+        except Exception:
+            self.log.failure("{name}: the driver failed to adopt job {job}", name=self.name,
+                             job=cur.id)
+            adopted = False
+        if adopted:
+            self.log.info("{name}: re-adopted job {job} ({state})", name=self.name, job=cur.id,
+                          state=state)
+            cur.reporter.accept()
+        else:
+            self.log.warn("{name}: job {job} could not be re-adopted after a restart; "
+                          "reporting it as host_dropped_job", name=self.name, job=cur.id)
+            cur.reporter.discard()
+            self._terminated(cur, "host_dropped_job", message=RESTART_MESSAGE)
+
+    def stop_accepting(self) -> None:
+        """Shutting down: ignore new start_job commands (the switchboard resends them)."""
+        self._stopping = True
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every event to be acknowledged."""
+        if not self._outbox:
+            return True
+        if self._session is None:
+            return False
+        waiter = self._drained()
+        timer = self.reactor.callLater(timeout, lambda: waiter.called or waiter.callback(None))
+        await waiter
+        if timer.active():
+            timer.cancel()
+        return not self._outbox
+
+    async def close(self) -> None:
+        """Release the driver and the state directory; the job's files stay."""
+        self._closed = True
+        if self._current is not None:
+            self._current.reporter.discard()
+        try:
+            await maybeDeferred(self.driver.shutdown)
+        except Exception:
+            self.log.failure("{name}: driver shutdown failed", name=self.name)
+        await self._io(self.files.close)
+        self._fire_drain_waiters()
+
+    # -- the link ----------------------------------------------------------------------
+
+    def link_opened(self, session: Session) -> None:
+        self._session = session
+        self._inflight = None
+        self._pump()
+
+    def link_closed(self, session: Session) -> None:
+        if session is self._session:
+            self._session = None
+            self._inflight = None
+            self._fire_drain_waiters()
+
+    def message_received(self, session: Session, message: dict[str, Any]) -> None:
+        """Handle one validated message of ``protocol.TO_SUPERVISOR``."""
+        kind = message["type"]
+        if kind == "ack":
+            self._on_ack(session, message)
+        elif kind == "start_job":
+            self._spawn(session, message, self._start_job)
+        elif kind == "stop_job":
+            self._spawn(session, message, self._stop_job)
+        elif kind == "status_request":
+            self._spawn(session, message, self._status_request)
+
+    def _spawn(self, session: Session, message: dict[str, Any], handler: Any) -> None:
+        def crashed(failure: Failure) -> None:
+            self.log.failure("{name}: handling {kind} failed", failure, name=self.name,
+                             kind=message["type"])
+            if message["type"] != "status_request":
+                self._reply(session, protocol.ack(message["request_id"], (
+                    "internal_error", "the supervisor failed to handle the command")))
+
+        Deferred.fromCoroutine(handler(session, message)).addErrback(crashed)
+
+    def _reply(self, session: Session, message: dict[str, Any]) -> None:
+        if session is self._session:
+            session.send(message)
+
+    # -- commands ----------------------------------------------------------------------
+
+    async def _start_job(self, session: Session, message: dict[str, Any]) -> None:
+        rid = message["request_id"]
+        job = message["job"]
+        job_id = job["id"]
+        cur = self._current
+        if cur is not None and cur.id == job_id:
+            self._reply(session, protocol.ack(rid, await cur.started()))
+            return
+        if cur is not None:
+            self._reply(session, protocol.ack(rid, (
+                "already_running", f"job {cur.id} is running on this host")))
+            return
+        if self._stopping or self._closed:
+            self.log.info("{name}: shutting down; not starting job {job}", name=self.name,
+                          job=job_id)
+            return
+        final = self._final_event(job_id)
+        if final is not None:
+            self.log.info("{name}: job {job} already ended here; resending its final event",
+                          name=self.name, job=job_id)
+            self._reply(session, protocol.ack(rid))
+            self._resend(final)
+            return
+
+        cur = _Current(job, _Reporter(self, job_id))
+        self._current = cur
+        self.console.reset()
+        error: tuple[str, str] | None = None
+        try:
+            await self._io(self.files.record, None, None, current=self._record(cur))
+        except Exception:
+            self.log.failure("{name}: cannot write current-job.json", name=self.name)
+            error = ("internal_error", "the supervisor cannot write its state directory")
+        if error is None:
+            try:
+                await maybeDeferred(self.driver.start, job, cur.reporter)
+            except StartRefused as e:
+                error = (e.code, e.message)
+            except Exception as e:
+                self.log.failure("{name}: the driver failed to start job {job}",
+                                 name=self.name, job=job_id)
+                error = ("internal_error", f"the host driver failed: {type(e).__name__}")
+        if error is not None:
+            cur.reporter.discard()
+            if self._current is cur:
+                self._current = None
+                self._io(self.files.record, None, None, clear_current=True).addErrback(
+                    lambda f: self.log.failure("{name}: cannot remove current-job.json", f,
+                                               name=self.name))
+            self.log.warn("{name}: refused job {job}: {code}: {message}", name=self.name,
+                          job=job_id, code=error[0], message=error[1])
+        else:
+            self.log.info("{name}: started job {job}", name=self.name, job=job_id)
+        self._reply(session, protocol.ack(rid, error))
+        if error is None:
+            cur.reporter.accept()  # held reports first, then whatever waited for the start
+        cur.settle(error)
+
+    async def _stop_job(self, session: Session, message: dict[str, Any]) -> None:
+        rid = message["request_id"]
+        job_id = message["job_id"]
+        cur = self._current
+        if cur is not None and cur.id == job_id and cur.outcome is None:
+            await cur.started()
+            cur = self._current
+        if cur is None or cur.id != job_id:
+            self._reply(session, protocol.ack(rid))
+            final = self._final_event(job_id)
+            if final is not None:
+                self._resend(final)
+            return
+        if cur.stop_reason is None:
+            cur.stop_reason = message["reason"]
+            self.log.info("{name}: stopping job {job} ({reason})", name=self.name, job=job_id,
+                          reason=cur.stop_reason)
+        if cur.state != "terminating":
+            self._begin_terminating(cur, cur.stop_reason)
+        try:
+            await maybeDeferred(self.driver.stop, job_id, cur.stop_reason)
+        except Exception:
+            self.log.failure("{name}: the driver failed to stop job {job}", name=self.name,
+                             job=job_id)
+            self._reply(session, protocol.ack(rid, ("internal_error",
+                                                    "the host driver failed to stop the job")))
+            return
+        self._reply(session, protocol.ack(rid))
+
+    async def _status_request(self, session: Session, message: dict[str, Any]) -> None:
+        # Every journaled event first: the switchboard must see them before the status.
+        await self._drained()
+        if session is self._session:
+            session.send(protocol.status(message["request_id"], self.status()))
+
+    # -- reports from the driver ---------------------------------------------------------
+
+    def _report(self, job_id: str, what: str, args: tuple[Any, ...]) -> None:
+        cur = self._current
+        if self._closed or cur is None or cur.id != job_id:
+            self.log.debug("{name}: ignoring {what} for job {job}, which is not current",
+                           name=self.name, what=what, job=job_id)
+            return
+        getattr(self, f"_on_{what}")(cur, *args)
+
+    def _console(self, job_id: str, data: bytes) -> None:
+        cur = self._current
+        if cur is not None and cur.id == job_id:
+            self.console.append(data)
+
+    def _on_stage(self, cur: _Current, name: str) -> None:
+        if name not in STAGES:
+            self.log.error("{name}: driver reported unknown stage {stage!r}", name=self.name,
+                           stage=name)
+            return
+        if cur.state == "assigned" or (cur.state == "initializing" and cur.stage in STAGES
+                                       and STAGES.index(name) > STAGES.index(cur.stage)):
+            cur.state, cur.stage = "initializing", name
+            self._emit(cur.id, "initializing", stage=name, current=self._record(cur))
+
+    def _on_ready(self, cur: _Current) -> None:
+        if cur.state in ("assigned", "initializing"):
+            cur.state, cur.stage = "ready", None
+            self._emit(cur.id, "ready", current=self._record(cur))
+
+    def _on_terminating(self, cur: _Current, reason: str | None = None) -> None:
+        if cur.state != "terminating":
+            if reason not in REASONS:
+                reason = cur.stop_reason or "workload_exited"
+            self._begin_terminating(cur, reason)
+
+    def _on_exited(self, cur: _Current, exit_status: int, message: str = "") -> None:
+        status = int(exit_status)
+        status = max(-(2**31), min(status, 2**31 - 1))
+        self._terminated(cur, "workload_exited", exit_status=status, message=message)
+
+    def _on_failed(self, cur: _Current, reason: str, message: str = "") -> None:
+        if reason not in REASONS:
+            self.log.error("{name}: driver reported unknown reason {reason!r}", name=self.name,
+                           reason=reason)
+            reason = "internal_error"
+        self._terminated(cur, reason, message=message)
+
+    def _on_stopped(self, cur: _Current, reason: str, message: str = "") -> None:
+        if reason not in REASONS:
+            reason = cur.stop_reason or "internal_error"
+        self._terminated(cur, reason, message=message)
+
+    def _begin_terminating(self, cur: _Current, reason: str) -> None:
+        cur.state, cur.stage = "terminating", None
+        self._emit(cur.id, "terminating", reason=reason, current=self._record(cur))
+
+    def _terminated(self, cur: _Current, reason: str, *, exit_status: int | None = None,
+                    message: str | None = None) -> None:
+        final: dict[str, Any] = {"job_id": cur.id, "state": "terminated", "reason": reason}
+        if exit_status is not None:
+            final["exit_status"] = exit_status
+        if message:
+            final["message"] = str(message)[:4096]
+        self._ended = [e for e in self._ended if e.get("job_id") != cur.id]
+        self._ended = [*self._ended[-(ENDED_KEEP - 1):], final]
+        if self._current is cur:
+            self._current = None
+        self._emit(**final, clear_current=True, ended=list(self._ended))
+
+    @staticmethod
+    def _record(cur: _Current) -> dict[str, Any]:
+        return {"job": cur.job, "state": cur.state, "stage": cur.stage}
+
+    def _final_event(self, job_id: str) -> dict[str, Any] | None:
+        for event in reversed(self._ended):
+            if event.get("job_id") == job_id:
+                return event
+        return None
+
+    def _resend(self, final: dict[str, Any]) -> None:
+        if any(p.event["job_id"] == final["job_id"] and p.event["state"] == "terminated"
+               for p in self._outbox):
+            return  # still on its way
+        self._emit(**final)
+
+    # -- the outbox ----------------------------------------------------------------------
+
+    def _emit(self, job_id: str, state: str, *, stage: str | None = None,
+              reason: str | None = None, exit_status: int | None = None,
+              message: str | None = None, current: dict[str, Any] | None = None,
+              clear_current: bool = False, ended: list[dict[str, Any]] | None = None) -> None:
+        """Journal an event (and the state files that change with it), then send it."""
+        event: dict[str, Any] = {"job_id": job_id, "state": state}
+        for key, value in (("stage", stage), ("reason", reason), ("exit_status", exit_status),
+                           ("message", message)):
+            if value is not None:
+                event[key] = value
+        pending = _Pending(self._seq, event)
+        self._seq += 1
+        self._outbox.append(pending)
+        self.log.info("{name}: job {job} {state}{detail}", name=self.name, job=job_id,
+                      state=state, detail=f" ({stage or reason})" if stage or reason else "")
+
+        def written(_: Any) -> None:
+            pending.written = True
+            self._pump()
+
+        def failed(failure: Failure) -> None:
+            # Better sent unjournaled than not at all.
+            self.log.failure("{name}: cannot journal an event of job {job}", failure,
+                             name=self.name, job=job_id)
+            written(None)
+
+        self._io(self.files.record, pending.seq, event, current=current,
+                 clear_current=clear_current, ended=ended).addCallbacks(written, failed)
+        for observer in list(self.observers):
+            try:
+                observer(dict(event))
+            except Exception:
+                self.log.failure("{name}: event observer failed", name=self.name)
+
+    def _pump(self) -> None:
+        """Send the outbox's head if nothing is awaiting an ack."""
+        session = self._session
+        if session is None or self._inflight is not None or not self._outbox:
+            return
+        head = self._outbox[0]
+        if not head.written:
+            return
+        rid = session.next_request_id()
+        if session.send(protocol.job_event(rid, **head.event)):
+            self._inflight = (rid, head)
+
+    def _on_ack(self, session: Session, message: dict[str, Any]) -> None:
+        inflight = self._inflight
+        if session is not self._session or inflight is None or inflight[0] != message["request_id"]:
+            self.log.warn("{name}: ignoring an ack for unknown request {rid}", name=self.name,
+                          rid=message["request_id"])
+            return
+        self._inflight = None
+        head = inflight[1]
+        if self._outbox and self._outbox[0] is head:
+            self._outbox.popleft()
+        if not message["ok"]:
+            error = message.get("error") or {}
+            self.log.warn("{name}: the switchboard refused the {state} event of job {job}: "
+                          "{code}: {text}", name=self.name, state=head.event["state"],
+                          job=head.event["job_id"], code=error.get("code"),
+                          text=error.get("message"))
+        self._io(self.files.remove_event, head.seq).addErrback(
+            lambda f: self.log.failure("{name}: cannot remove a journal entry", f,
+                                       name=self.name))
+        self._pump()
+        if not self._outbox:
+            self._fire_drain_waiters()
+
+    def _drained(self) -> Deferred[None]:
+        """Fires when the outbox is empty, or when the connection is lost."""
+        if not self._outbox:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._drain_waiters.append(waiter)
+        return waiter
+
+    def _fire_drain_waiters(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.callback(None)

@@ -1,0 +1,141 @@
+"""``twistd treadmill-supervisor``: options and service construction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService
+
+from treadmill.common.config import (
+    FLOAT,
+    INT,
+    STR,
+    ConfigError,
+    RoleOptions,
+    Setting,
+    one_of,
+    positive,
+)
+from treadmill.common.daemon import add_operator_services
+from treadmill.supervisor.drivers.mock import MOCK_SETTINGS, MockSettings
+from treadmill.supervisor.journal import StateFiles, StateLocked
+from treadmill.supervisor.link import parse_url
+from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+
+DRIVERS = ("mock",)
+
+
+def _ws_url(value: Any) -> str:
+    url = STR(value)
+    parse_url(url)  # ValueError with a readable message
+    return url
+
+
+def _non_negative_int(value: Any) -> int:
+    number = INT(value)
+    if number < 0:
+        raise ValueError(f"expected an integer >= 0, got {number}")
+    return number
+
+
+class Options(RoleOptions):
+    """Settings of a supervisor (``etc/treadmill/supervisor-mock.toml`` documents them)."""
+
+    settings = (
+        Setting("switchboard.url", _ws_url, None,
+                "Switchboard base URL, ws:// or wss:// (/api/v1/supervisor is appended).",
+                required=True),
+        Setting("switchboard.token", STR, None,
+                "The host token (or use switchboard.token_file)."),
+        Setting("switchboard.token_file", STR, None,
+                "File holding the host token, read at start (whitespace stripped)."),
+        Setting("switchboard.ca_file", STR, None,
+                "PEM file of the CAs trusted for wss:// (default: the system's)."),
+        Setting("state_dir", STR, None,
+                "The supervisor's state directory (current job, event journal).", required=True),
+        Setting("driver", one_of(*DRIVERS), "mock", "Host driver."),
+        Setting("reconnect.initial", positive(FLOAT), 1.0,
+                "First reconnection delay in seconds (also the jitter's scale)."),
+        Setting("reconnect.max", positive(FLOAT), 60.0, "Largest reconnection delay in seconds."),
+        Setting("heartbeat.interval", positive(FLOAT), 5.0,
+                "Seconds between WebSocket pings to the switchboard."),
+        Setting("heartbeat.timeout", positive(FLOAT), 10.0,
+                "Seconds without a pong before the connection is dropped."),
+        Setting("console.buffer", _non_negative_int, 64 * 1024,
+                "Bytes of the job's console output kept in memory."),
+        Setting("shutdown.flush_timeout", positive(FLOAT), 2.0,
+                "Seconds a graceful stop waits for unacknowledged job events to be acked."),
+        *MOCK_SETTINGS,
+    )
+
+    def checkSettings(self, values: dict[str, Any], source: str) -> None:
+        super().checkSettings(values, source)
+        token, token_file = values["switchboard.token"], values["switchboard.token_file"]
+        if bool(token) == bool(token_file):
+            raise ConfigError("set exactly one of switchboard.token and switchboard.token_file",
+                              key="switchboard.token", source=source)
+        if token_file:
+            values["switchboard.token"] = read_token(token_file, source)
+        if values["reconnect.initial"] > values["reconnect.max"]:
+            raise ConfigError(f"reconnect.initial ({values['reconnect.initial']:g}) exceeds "
+                              f"reconnect.max ({values['reconnect.max']:g})",
+                              key="reconnect.initial", source=source)
+        if values["switchboard.ca_file"]:
+            try:
+                with open(values["switchboard.ca_file"], "rb"):
+                    pass
+            except OSError as e:
+                raise ConfigError(f"cannot read: {e.strerror}", key="switchboard.ca_file",
+                                  source=source) from None
+
+
+def read_token(path: str, source: str = "command line") -> str:
+    """The token in ``path``, whitespace stripped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        problem = e.strerror if isinstance(e, OSError) else "not UTF-8"
+        raise ConfigError(f"cannot read {path}: {problem}", key="switchboard.token_file",
+                          source=source) from None
+    if not token or any(c.isspace() for c in token):
+        raise ConfigError(f"{path} does not hold a token", key="switchboard.token_file",
+                          source=source)
+    return token
+
+
+def config_from(values: dict[str, Any]) -> SupervisorConfig:
+    """A :class:`SupervisorConfig` from parsed option values."""
+    return SupervisorConfig(
+        url=values["switchboard.url"], token=values["switchboard.token"],
+        state_dir=values["state_dir"], driver=values["driver"],
+        ca_file=values["switchboard.ca_file"],
+        reconnect_initial=values["reconnect.initial"], reconnect_max=values["reconnect.max"],
+        heartbeat_interval=values["heartbeat.interval"],
+        heartbeat_timeout=values["heartbeat.timeout"],
+        console_buffer=values["console.buffer"],
+        flush_timeout=values["shutdown.flush_timeout"],
+        mock=MockSettings.from_values(values))
+
+
+def check_state_dir(path: str) -> None:
+    """Fail now, with a clear message, if the state directory cannot be used."""
+    files = StateFiles(path)
+    try:
+        files.open()
+    except StateLocked as e:
+        raise ConfigError(str(e), key="state_dir") from None
+    except OSError as e:
+        raise ConfigError(f"cannot use {path}: {e.strerror}", key="state_dir") from None
+    finally:
+        files.close()
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    config = config_from(options.values)
+    check_state_dir(config.state_dir)
+    service = SupervisorService(reactor, config, exit_on_failure=True)
+    add_operator_services(reactor, service, options.values, service.namespace())
+    return service
