@@ -56,7 +56,8 @@ class Daemon:
 
     def start(self) -> None:
         self._proto = _Output(self.log)
-        argv = [str(BIN / "twistd"), "--nodaemon", "--pidfile=", self.plugin, *self.args]
+        argv = [str(BIN / "twistd"), "--nodaemon", "--pidfile=",
+                "--logger=treadmill.common.logging.text", self.plugin, *self.args]
         self._transport = reactor.spawnProcess(self._proto, argv[0], argv, env=self.env)
 
     @property

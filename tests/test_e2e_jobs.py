@@ -1,0 +1,257 @@
+"""Jobs end to end through real daemons: switchboard, supervisor (mock host), tml.
+
+The switchboard and supervisors run as ``twistd`` processes where a test
+kills them; otherwise in this process, which is faster and equally real
+(same services, real sockets, real PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from tests.daemons import Daemon, free_port, run_python
+from tests.support import Client, start_switchboard
+from tests.switchboard.peer import eventually
+from treadmill.cli.main import run as tml
+from treadmill.supervisor.drivers import STAGES
+from treadmill.supervisor.drivers.mock import MockSettings
+from treadmill.supervisor.fleet import ws_url_for
+from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+
+DIGEST = "sha256:" + "e" * 64
+
+
+async def cli(url: str, token: str, *argv: str) -> tuple[int, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = await tml(reactor, ["--url", url, "--token", token, *argv], out, err, {})
+    return code, out.getvalue() + err.getvalue()
+
+
+async def add_host(admin: Client, name: str, tags: list[str]) -> str:
+    r = await admin.post("/api/v1/hosts", {"name": name, "tags": tags})
+    assert r.status == 201, r.body
+    await admin.post(f"/api/v1/hosts/{name}/grants", {"user": "*", "privilege": "start"})
+    return r.body["token"]
+
+
+async def final(admin: Client, job_id: str, timeout: float = 30.0) -> dict[str, Any]:
+    async def done() -> dict[str, Any] | None:
+        body = (await admin.get(f"/api/v1/jobs/{job_id}")).body
+        return body if body["state"] == "terminated" else None
+
+    return await eventually(done, timeout=timeout)
+
+
+async def state_is(admin: Client, job_id: str, state: str, timeout: float = 30.0) -> None:
+    async def check() -> bool:
+        return (await admin.get(f"/api/v1/jobs/{job_id}")).body["state"] == state
+
+    await eventually(check, timeout=timeout)
+
+
+# -- in process -----------------------------------------------------------------------
+
+
+@pytest_twisted.async_yield_fixture
+async def testbed(database: str, tmp_path: Path):
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 timeout_interval=0.1)
+    token = await add_host(sb.admin, "mock-1", ["mock"])
+    config = SupervisorConfig(
+        url=ws_url_for(sb.url), token=token, state_dir=str(tmp_path / "mock-1"),
+        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
+        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2))
+    supervisor = SupervisorService(reactor, config)
+    supervisor.startService()
+    await supervisor.ready()
+    await supervisor.connected()
+    try:
+        yield sb
+    finally:
+        await supervisor.stopService()
+        await sb.stop()
+
+
+def mock(**settings: Any) -> dict[str, dict[str, Any]]:
+    return {f"mock.{k}": {"value": str(v)} for k, v in settings.items()}
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_follow_shows_the_job_to_its_exit(testbed: Any) -> None:
+    code, out = await cli(testbed.url, testbed.admin_token, "job", "submit", DIGEST,
+                          "--tag", "mock", "--param", "mock.exit_status=0", "--follow")
+    assert code == 0, out
+    for state in ("queued", "assigned", "initializing", "ready", "terminated"):
+        assert state in out
+    code, out = await cli(testbed.url, testbed.admin_token, "job", "submit", DIGEST,
+                          "--tag", "mock", "--param", "mock.exit_status=7", "--follow")
+    assert code == 4, out  # The workload exited non-zero.
+    code, out = await cli(testbed.url, testbed.admin_token, "host", "ls")
+    assert code == 0 and "mock-1" in out and "yes" in out
+
+
+@pytest.mark.parametrize("where", ["queued", "assigned", "initializing", "ready"])
+@pytest_twisted.ensureDeferred
+async def test_cancel_in_every_state(testbed: Any, where: str) -> None:
+    admin = testbed.admin
+    if where == "queued":
+        body = {"image": DIGEST, "tags": ["nowhere"]}
+    elif where in ("assigned", "initializing"):
+        body = {"image": DIGEST, "tags": ["mock"], "parameters": mock(**{
+            "stages.starting": 30})}
+    else:
+        body = {"image": DIGEST, "tags": ["mock"], "parameters": mock(run_time=60)}
+    job_id = (await admin.post("/api/v1/jobs", body)).body["id"]
+    if where != "queued":
+        await state_is(admin, job_id, "initializing" if where != "ready" else "ready")
+    r = await admin.post(f"/api/v1/jobs/{job_id}/terminate")
+    assert r.status == 200
+    end = await final(admin, job_id)
+    assert end["termination"]["reason"] == "user_terminated"
+    # The host is free again.
+    nxt = (await admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})).body["id"]
+    assert (await final(admin, nxt))["termination"]["reason"] == "workload_exited"
+
+
+@pytest_twisted.ensureDeferred
+async def test_execution_timeout_stops_the_mock_host(testbed: Any) -> None:
+    admin = testbed.admin
+    job_id = (await admin.post("/api/v1/jobs", {
+        "image": DIGEST, "tags": ["mock"], "timeout": 1,
+        "parameters": mock(run_time="inf")})).body["id"]
+    end = await final(admin, job_id)
+    assert end["termination"]["reason"] == "execution_timeout"
+
+
+@pytest_twisted.ensureDeferred
+async def test_host_start_failure_and_image_error(testbed: Any) -> None:
+    admin = testbed.admin
+    failing = (await admin.post("/api/v1/jobs", {
+        "image": DIGEST, "tags": ["mock"],
+        "parameters": mock(fail_at="provisioning")})).body["id"]
+    assert (await final(admin, failing))["termination"]["reason"] == "host_start_failure"
+    bad_image = (await admin.post("/api/v1/jobs", {
+        "image": DIGEST, "tags": ["mock"],
+        "parameters": mock(fail_at="fetching_image")})).body["id"]
+    assert (await final(admin, bad_image))["termination"]["reason"] == "image_error"
+    host = (await admin.get("/api/v1/hosts/mock-1")).body
+    assert host["consecutive_failures"] == 1  # image errors are not the host's fault
+
+
+# -- real processes, killed ---------------------------------------------------------------
+
+
+class Bed:
+    """A switchboard and one mock supervisor as twistd processes."""
+
+    def __init__(self, database: str, tmp: Path):
+        self.tmp = tmp
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.sb_config = tmp / "switchboard.toml"
+        self.sb_config.write_text(
+            f'listen = ["tcp:{self.port}:interface=127.0.0.1"]\n'
+            f'[database]\ndsn = "{database}"\n'
+            f'[capabilities]\nsigning_key = "{tmp / "key.pem"}"\n'
+            "[jobs]\ntimeout_interval = 0.2\n"
+            "[scheduler]\ninterval = 0.5\n"
+            "[supervisors]\nunreachable_after = 20\n")
+        self.switchboard = Daemon("treadmill-switchboard", ["--config", str(self.sb_config)])
+        self.supervisor: Daemon | None = None
+        self.admin: Client | None = None
+
+    async def start(self) -> None:
+        self.switchboard.start()
+        await self.switchboard.wait_http(f"{self.url}/healthz")
+        out, err, code = await run_python("-m", "treadmill.switchboard.bootstrap",
+                                          "--config", str(self.sb_config), "--admin", "root")
+        assert code == 0, err
+        self.admin = Client(self.url, out.strip())
+        token = await add_host(self.admin, "mock-1", ["mock"])
+        config = self.tmp / "supervisor.toml"
+        config.write_text(
+            f'state_dir = "{self.tmp / "supervisor"}"\ndriver = "mock"\n'
+            f'[switchboard]\nurl = "ws://127.0.0.1:{self.port}"\ntoken = "{token}"\n'
+            "[reconnect]\ninitial = 0.1\nmax = 1.0\n"
+            "[mock]\nrun_time = 0.3\n"
+            "[mock.stages]\nstarting = 0.05\nfetching_image = 0.05\nallocating = 0.05\n"
+            "provisioning = 0.05\nbooting = 0.05\n")
+        self.supervisor = Daemon("treadmill-supervisor", ["--config", str(config)])
+        self.supervisor.start()
+
+        async def connected() -> bool:
+            assert self.admin is not None
+            return (await self.admin.get("/api/v1/hosts/mock-1")).body["connected"]
+
+        await eventually(connected, timeout=30)
+
+    async def stop(self) -> None:
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        await self.switchboard.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def bed(database: str, tmp_path: Path):
+    b = Bed(database, tmp_path)
+    try:
+        await b.start()
+        yield b
+    finally:
+        await b.stop()
+    for daemon in (b.switchboard, b.supervisor):
+        assert daemon is None or "Traceback (most recent" not in daemon.output, daemon.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_switchboard_killed_mid_job(bed: Bed) -> None:
+    admin = bed.admin
+    assert admin is not None
+    job_id = (await admin.post("/api/v1/jobs", {
+        "image": DIGEST, "tags": ["mock"], "parameters": mock(run_time=3)})).body["id"]
+    await state_is(admin, job_id, "ready")
+    assert await bed.switchboard.signal(signal.SIGKILL) != 0
+    bed.switchboard.start()  # The supervisor reconnects; its journal fills any gap.
+    await bed.switchboard.wait_http(f"{bed.url}/healthz")
+    end = await final(admin, job_id)
+    assert end["termination"] == {"reason": "workload_exited", "exit_status": 0,
+                                  "message": "mock workload finished"}
+    events = (await admin.get(f"/api/v1/jobs/{job_id}/events")).body["events"]
+    states = [e["state"] for e in events]
+    assert states[0] == "queued" and states[-1] == "terminated"
+    assert states.count("terminated") == 1 and states.count("ready") == 1
+    # Work goes on: the next job runs.
+    nxt = (await admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})).body["id"]
+    assert (await final(admin, nxt))["termination"]["reason"] == "workload_exited"
+
+
+@pytest_twisted.ensureDeferred
+async def test_supervisor_killed_mid_job(bed: Bed) -> None:
+    admin = bed.admin
+    assert admin is not None and bed.supervisor is not None
+    job_id = (await admin.post("/api/v1/jobs", {
+        "image": DIGEST, "tags": ["mock"], "max_restarts": 1,
+        "parameters": mock(run_time=60)})).body["id"]
+    await state_is(admin, job_id, "ready")
+    assert await bed.supervisor.signal(signal.SIGKILL) != 0
+    bed.supervisor.start()
+    # The restarted supervisor cannot re-adopt an in-process mock job and says so.
+    end = await final(admin, job_id)
+    assert end["termination"]["reason"] == "host_dropped_job"
+    jobs = (await admin.get("/api/v1/jobs")).body["jobs"]
+    successor = [j for j in jobs if j["restart_of"] == job_id]
+    assert len(successor) == 1
+    # The successor runs; nothing is lost or run twice.
+    await state_is(admin, successor[0]["id"], "ready")
+    await admin.post(f"/api/v1/jobs/{successor[0]['id']}/terminate")
+    assert (await final(admin, successor[0]["id"]))["termination"]["reason"] == \
+        "user_terminated"
+    everything = (await admin.get("/api/v1/jobs")).body["jobs"]
+    assert len(everything) == 2
