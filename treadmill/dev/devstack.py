@@ -129,7 +129,50 @@ class Devstack:
 
     def roles(self) -> list[Role]:
         return [Role("switchboard", "treadmill-switchboard", self.state / "switchboard.toml",
-                     f"{self.url}/healthz")]
+                     f"{self.url}/healthz"),
+                Role("supervisor-mock-1", "treadmill-supervisor",
+                     self.state / "supervisor-mock-1.toml")]
+
+    def _api(self, method: str, path: str, token: str, body: object = None
+             ) -> tuple[int, object]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"{self.url}{path}", data=data, method=method)
+        request.add_header("Authorization", f"Bearer {token}")
+        request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def mock_host(self, admin: str) -> None:
+        """Register the mock host (once) and write its supervisor's configuration."""
+        name = "mock-1"
+        token_file = self.state / f"{name}.token"
+        status, body = self._api("POST", "/api/v1/hosts", admin,
+                                 {"name": name, "tags": ["mock"],
+                                  "description": "devstack mock host"})
+        if status == 201:
+            self._api("POST", f"/api/v1/hosts/{name}/grants", admin,
+                      {"user": "*", "privilege": "start"})
+        elif status == 409 and not token_file.exists():
+            status, body = self._api("POST", f"/api/v1/hosts/{name}/token", admin)
+        elif status != 409:
+            raise SystemExit(f"[devstack] could not register {name}: {status} {body}")
+        if isinstance(body, dict) and "token" in body:
+            token_file.write_text(body["token"] + "\n")
+            token_file.chmod(0o600)
+        (self.state / f"supervisor-{name}.toml").write_text(
+            "# Written by tools/devstack; edits are overwritten.\n"
+            f"state_dir = {json.dumps(str(self.state / 'supervisors' / name))}\n"
+            'driver = "mock"\n'
+            "[switchboard]\n"
+            f'url = "ws://127.0.0.1:{self.port}"\n'
+            f"token_file = {json.dumps(str(token_file))}\n"
+            "[reconnect]\ninitial = 0.5\nmax = 10.0\n"
+            "[mock]\nrun_time = 5.0\nconsole_rate = 200\n"
+            "[mock.stages]\nstarting = 0.3\nfetching_image = 1.0\nallocating = 0.3\n"
+            "provisioning = 0.5\nbooting = 1.0\n")
 
     def prepare(self) -> None:
         for path in (self.state, self.logs, self.run):
@@ -191,9 +234,12 @@ class Devstack:
 
     def up(self) -> Path:
         self.prepare()
-        for role in self.roles():
-            self.start_role(role)
+        switchboard, *others = self.roles()
+        self.start_role(switchboard)
         token = self.admin_token()
+        self.mock_host(token)
+        for role in others:
+            self.start_role(role)
         cli = self.write_cli_config(token)
         self.banner(cli)
         return cli
@@ -220,13 +266,15 @@ Use it from another shell:
 
   export PATH={venv_bin}:$PATH TREADMILL_CONFIG={cli}
   tml whoami
+  tml host ls                       # mock-1: a simulated host, connected
+  tml job submit sha256:{'0' * 64} --tag mock --follow
+  tml job submit sha256:{'0' * 64} --tag mock --param mock.exit_status=3 --follow
+  tml job ls
+
   tml admin user add alice --password-stdin <<< 'correct horse battery'
   tml admin token create --user alice --label laptop
-  tml admin host add qemu-1 --tag arch=x86_64 --tag qemu
-  tml grant host qemu-1 '*' start
+  tml admin host add board-1 --tag arch=arm64
   tml image register demo sha256:{'0' * 64} --store http://127.0.0.1:8081
-  tml job submit demo --tag qemu --param GREETING=hello
-  tml job ls
 """, flush=True)
 
 

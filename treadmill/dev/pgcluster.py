@@ -68,9 +68,11 @@ class Cluster:
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(self._cmd(*args), capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise ClusterError(
-                f"{' '.join(args[:2])} failed ({proc.returncode}): "
-                f"{proc.stderr.strip() or proc.stdout.strip()}")
+            message = proc.stderr.strip() or proc.stdout.strip()
+            if self._as_postgres and "Permission denied" in message:
+                message += (f" (the server runs as the postgres user, which must be able to "
+                            f"reach {self.root}: every parent directory needs o+x)")
+            raise ClusterError(f"{' '.join(args[:2])} failed ({proc.returncode}): {message}")
         return proc
 
     def _own(self, path: Path) -> None:
