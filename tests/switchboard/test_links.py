@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 
 from tests.support import RunningSwitchboard, start_switchboard
 from tests.switchboard.peer import Peer, Script, eventually
@@ -532,3 +533,26 @@ async def test_transition_store_api(sb: RunningSwitchboard) -> None:
     assert await sb.store.transition(job_id, Status(State.TERMINATING,
                                                     reason=Reason.USER_TERMINATED))
     await peer.wait_for("stop_job", job_id=job_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_peer_is_detected_by_heartbeats(database: str, tmp_path: Path) -> None:
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 ping_interval=0.3, ping_timeout=0.6)
+    try:
+        token = await add_host(sb)
+        peer = await connected_peer(sb, token)
+        assert peer.connection is not None
+        # The peer's host freezes: it reads nothing more, so it answers no ping.
+        peer.connection.transport.pauseProducing()
+        started = reactor.seconds()
+
+        async def gone() -> bool:
+            return not sb.service.links.by_host
+
+        await eventually(gone, timeout=5)
+        assert reactor.seconds() - started < 3
+        host = (await sb.admin.get("/api/v1/hosts/h1")).body
+        assert host["connected"] is False
+    finally:
+        await sb.stop()

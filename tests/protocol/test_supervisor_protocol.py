@@ -1,0 +1,81 @@
+"""Protocol v1: the code's messages and the committed JSON Schema agree."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+
+from treadmill.protocol import supervisor as p
+
+JOB = str(uuid.uuid4())
+START = {"id": JOB, "image": {"digest": "sha256:" + "a" * 64, "name": None, "stores": []},
+         "parameters": {"A": {"value": "x", "secret": False}}, "timeout": 5.0}
+
+BUILT = {
+    "start_job": p.start_job(1, START),
+    "stop_job": p.stop_job(2, JOB, "user_terminated"),
+    "status_request": p.status_request(3),
+    "status": p.status(3, {"id": JOB, "state": "ready", "stage": None}),
+    "job_event": p.job_event(4, JOB, "terminated", reason="workload_exited", exit_status=0,
+                             message="done"),
+    "ack": p.ack(4, ("already_running", "busy")),
+    "protocol_error": p.protocol_error("violation", "bad"),
+}
+
+
+def test_every_type_has_a_constructor_and_a_schema() -> None:
+    in_schema = set(p.schema()["properties"]["type"]["enum"])
+    assert in_schema == set(p.MESSAGE_TYPES) == set(BUILT)
+    defs = {rule["then"]["$ref"].split("/")[-1] for rule in p.schema()["allOf"]}
+    assert len(defs) == len(in_schema)
+
+
+@pytest.mark.parametrize("kind", sorted(BUILT))
+def test_built_messages_validate(kind: str) -> None:
+    p.validate(BUILT[kind])
+    direction = p.TO_SUPERVISOR if kind in p.TO_SUPERVISOR else p.TO_SWITCHBOARD
+    assert p.parse(p.encode(BUILT[kind]), expect=direction) == BUILT[kind]
+
+
+@pytest.mark.parametrize("kind", sorted(BUILT))
+def test_unknown_fields_are_violations(kind: str) -> None:
+    with pytest.raises(p.ProtocolError):
+        p.validate({**BUILT[kind], "surprise": 1})
+
+
+@pytest.mark.parametrize("payload", [b"", b"{", b"[]", b"null", b'{"type": 5}', b'{"x": 1}',
+                                     b'{"type": "status"}', b"[" * 100000,
+                                     b'{"type": "ack", "request_id": NaN, "ok": true}'])
+def test_garbage_is_a_violation(payload: bytes) -> None:
+    with pytest.raises(p.ProtocolError):
+        p.parse(payload, expect=p.MESSAGE_TYPES)
+
+
+def test_direction_is_enforced() -> None:
+    with pytest.raises(p.ProtocolError, match="unexpected"):
+        p.parse(p.encode(BUILT["start_job"]), expect=p.TO_SWITCHBOARD)
+
+
+def test_trailing_newline_in_an_id_is_refused() -> None:
+    with pytest.raises(p.ProtocolError):
+        p.validate(p.stop_job(1, JOB + "\n", "user_terminated"))
+
+
+def test_minor_version_negotiation() -> None:
+    assert p.negotiate_minor(None) == 0
+    assert p.negotiate_minor(str(p.MINOR + 5)) == p.MINOR
+    assert p.negotiate_minor("0") == 0
+    for bad in ("x", "-1", ""):
+        with pytest.raises(p.ProtocolError):
+            p.negotiate_minor(bad)
+
+
+def test_documentation_lists_every_type_and_close_code() -> None:
+    text = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text()
+    for kind in p.MESSAGE_TYPES:
+        assert f"`{kind}`" in text, kind
+    documented = {int(code) for code in re.findall(r"^\| (\d{4}) \|", text, re.M)}
+    assert {int(code) for code in p.CloseCode} == documented
