@@ -11,6 +11,7 @@ import base64
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from klein import Klein
@@ -20,9 +21,9 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from treadmill.common.captoken import CapabilitySigner
+from treadmill.common.captoken import Access, CapabilitySigner
 from treadmill.common.http import ApiError, dumps, read_json, respond, respond_error
-from treadmill.switchboard import credentials, schemas, views
+from treadmill.switchboard import credentials, registry, schemas, views
 from treadmill.switchboard.access import PRIVILEGES, Principal, effective
 from treadmill.switchboard.auth import Authenticator
 from treadmill.switchboard.events import JobWatchers
@@ -163,6 +164,77 @@ class SwitchboardAPI:
         if self.supervisor_resource is None:
             raise ApiError(503, "supervisor links are not served here")
         return self.supervisor_resource
+
+    # -- registry tokens (image stores) ------------------------------------------
+
+    @app.route("/api/v1/registry/token", methods=["GET"])
+    async def registry_token(self, request: IRequest) -> bytes:
+        """Docker registry token flow: a capability token for image store access."""
+        service = _arg(request, "service")
+        if service is None or not registry.SERVICE.fullmatch(service):
+            raise ApiError(400, "service: the image store's service name is required")
+        try:
+            scopes = registry.parse_scopes(
+                [value.decode("utf-8") for value in request.args.get(b"scope", [])])
+        except UnicodeDecodeError:
+            raise ApiError(400, "scope: not UTF-8") from None
+        except registry.ScopeError as e:
+            raise ApiError(400, str(e)) from None
+        subject, granted = await self._registry_grants(request, scopes)
+        token = self.signer.sign(subject, service, granted, registry.TOKEN_TTL)
+        issued = datetime.fromtimestamp(self.reactor.seconds(), UTC)
+        return respond(request, {"token": token, "access_token": token,
+                                 "expires_in": int(registry.TOKEN_TTL), "issued_at": issued})
+
+    async def _registry_grants(self, request: IRequest, scopes: list[registry.Scope]
+                               ) -> tuple[str, list[Access]]:
+        header = request.getHeader("authorization") or ""
+        scheme, _, value = header.partition(" ")
+        user, secret = None, value.strip()
+        if scheme.lower() == "basic":
+            try:
+                user, _, secret = base64.b64decode(value.strip(), validate=True
+                                                   ).decode("utf-8").partition(":")
+            except (ValueError, UnicodeDecodeError):
+                raise ApiError(401, "malformed Basic credentials") from None
+        elif scheme.lower() != "bearer":
+            if header:
+                raise ApiError(401, "use Basic or Bearer credentials")
+            return "anonymous", []
+        if credentials.looks_like_token(secret, credentials.HOST_TOKEN_PREFIX):
+            host = await self.store.host_by_token(credentials.token_hash(secret))
+            if host is None:
+                raise ApiError(401, "unknown host token")
+            repositories = frozenset(registry.repository_of(name) for name in
+                                     await self.store.job_image_names(host["id"]))
+            return f"host:{host['name']}", [
+                a for s in scopes if (a := registry.access(s, registry.host_actions(
+                    s, repositories))) is not None]
+        if credentials.looks_like_token(secret, credentials.USER_TOKEN_PREFIX):
+            principal = await self.auth.for_token(secret)
+            if user not in (None, "", principal.name):
+                raise ApiError(401, "the token belongs to another user")
+        elif user:
+            try:
+                row = await self.store.get_user(user)
+            except NotFound:
+                row = None
+            encoded = row["password_hash"] if row is not None and not row["disabled"] else None
+            if not await credentials.verify_password(self.reactor, secret, encoded):
+                raise ApiError(401, "wrong user name or password")
+            assert row is not None
+            principal = Principal(row["id"], row["name"], row["admin"])
+        else:
+            raise ApiError(401, "invalid credentials")
+        images: dict[str, frozenset[str]] = {}
+        if not principal.admin:
+            for row in await self.store.list_images(principal):
+                held = effective("image", principal, row["owner_id"], row["grants"])
+                repo = registry.repository_of(row["name"])
+                images[repo] = images.get(repo, frozenset()) | held
+        granted = [a for s in scopes if (a := registry.access(s, registry.user_actions(
+            s, principal.name, principal.admin, images))) is not None]
+        return principal.name, granted
 
     # -- identity --------------------------------------------------------------
 

@@ -46,6 +46,10 @@ class Authenticator:
         token = bearer_token(request.getHeader("authorization"))
         if token is None:
             raise ApiError(401, "authentication required: send Authorization: Bearer <token>")
+        return await self.for_token(token)
+
+    async def for_token(self, token: str) -> Principal:
+        """The user an API token belongs to, or a ``401`` :class:`ApiError`."""
         if not credentials.looks_like_token(token, credentials.USER_TOKEN_PREFIX):
             raise ApiError(401, "invalid API token")
         digest = credentials.token_hash(token)

@@ -176,6 +176,11 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "CapabilityKeys": _list_of("keys", "JWK"),
     "Health": {"type": "object", "properties": {"status": {"const": "ok"}},
                "required": ["status"]},
+    "RegistryToken": {"type": "object", "required": ["token", "access_token", "expires_in",
+                                                     "issued_at"],
+                      "properties": {"token": STRING, "access_token": STRING,
+                                     "expires_in": {"type": "integer"},
+                                     "issued_at": {"type": "string", "format": "date-time"}}},
 }
 """Response schemas by name. The request body ``Grant`` takes the plain name,
 so the grant as the API returns it is ``GrantRecord``."""
@@ -455,7 +460,25 @@ def _other() -> dict[str, dict[str, Any]]:
             "The Ed25519 public keys satellites verify capability tokens with.", 200,
             "CapabilityKeys", anonymous=True)},
         "/api/v1/supervisor": {"get": _supervisor_link()},
+        "/api/v1/registry/token": {"get": _registry_token()},
     }
+
+
+def _registry_token() -> dict[str, Any]:
+    operation = _operation(
+        "registry_token", "Other",
+        "A capability token for image store access (Docker registry token flow).", 200,
+        "RegistryToken", errors=(400, 401), anonymous=True,
+        query=({"name": "service", "in": "query", "required": True,
+                "schema": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
+                "description": "The image store's service name (the token's audience)."},
+               {"name": "scope", "in": "query", "required": False,
+                "schema": {"type": "string"},
+                "description": "repository:NAME:ACTIONS or registry:catalog:*; repeatable."}),
+        description="Credentials are optional: HTTP Basic user:<API token or password>, "
+                    "a Bearer API token, or a host token. The token grants the subset of "
+                    "the requested access the caller holds.")
+    return operation
 
 
 def _supervisor_link() -> dict[str, Any]:

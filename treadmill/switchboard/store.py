@@ -578,6 +578,13 @@ class Store:
         rows = await self.pool.fetchall("SELECT state, count(*) AS n FROM jobs GROUP BY state")
         return {row["state"]: row["n"] for row in rows}
 
+    async def job_image_names(self, host_id: int) -> list[str]:
+        """Catalogue names of the images of the jobs holding a host."""
+        rows = await self.pool.fetchall(
+            "SELECT image_name FROM jobs WHERE host_id = %s AND image_name IS NOT NULL "
+            "AND state IN ('assigned', 'initializing', 'ready', 'terminating')", (host_id,))
+        return [row["image_name"] for row in rows]
+
     async def ping(self) -> None:
         await self.pool.fetchone("SELECT 1")
 

@@ -1,0 +1,114 @@
+"""The registry token endpoint: the access each kind of caller gets."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from tests.support import Client, RunningSwitchboard
+from treadmill.common.captoken import CapabilityVerifier, parse_jwks
+from treadmill.switchboard import credentials
+
+DIGEST = "sha256:" + "d" * 64
+
+
+async def grants(sb: RunningSwitchboard, client: Client | None, *scopes: str,
+                 service: str = "store-1", headers: dict[str, str] | None = None
+                 ) -> tuple[int, dict[str, tuple[str, ...]] | Any]:
+    query = "&".join(f"scope={s}" for s in scopes)
+    caller = client or Client(sb.url, None)
+    r = await caller.get(f"/api/v1/registry/token?service={service}&{query}",
+                         headers=headers or {})
+    if r.status != 200:
+        return r.status, r.body
+    keys = (await Client(sb.url).get("/.well-known/treadmill/capability-keys")).body
+    claims = CapabilityVerifier(parse_jwks(keys), "treadmill", service, reactor).verify_any(
+        r.body["token"])
+    assert r.body["access_token"] == r.body["token"] and r.body["expires_in"] == 300
+    return 200, {a.name: a.actions for a in claims.access}
+
+
+def basic(user: str, secret: str) -> dict[str, str]:
+    raw = base64.b64encode(f"{user}:{secret}".encode()).decode()
+    return {"authorization": f"Basic {raw}"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_users_get_their_namespace_and_catalogue_images(
+        switchboard: RunningSwitchboard) -> None:
+    alice = await switchboard.user("alice")
+    bob = await switchboard.user("bob")
+    r = await alice.post("/api/v1/images", {"name": "Demo", "digest": DIGEST,
+                                            "stores": ["http://s.example"]})
+    assert r.status == 201
+    await alice.post("/api/v1/images/Demo/grants", {"user": "bob", "privilege": "use"})
+    status, got = await grants(switchboard, alice, "repository:alice/fw:pull,push,delete",
+                               "repository:demo:pull,push", "repository:bob/x:pull")
+    assert status == 200
+    assert got == {"alice/fw": ("pull", "push", "delete"), "demo": ("pull", "push")}
+    status, got = await grants(switchboard, bob, "repository:demo:pull,push",
+                               "repository:alice:pull")
+    assert got == {"demo": ("pull",)}
+    status, got = await grants(switchboard, switchboard.admin, "repository:alice/fw:delete",
+                               "registry:catalog:*")
+    assert got == {"alice/fw": ("delete",), "catalog": ("*",)}
+    status, got = await grants(switchboard, None, "repository:demo:pull")
+    assert status == 200 and got == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_basic_credentials_with_a_token_or_a_password(
+        switchboard: RunningSwitchboard) -> None:
+    alice = await switchboard.user("alice")
+    await switchboard.store.update_user(
+        "alice", password_hash=credentials.hash_password_sync("alice's password"))
+    for secret in (alice.token, "alice's password"):
+        status, got = await grants(switchboard, None, "repository:alice/x:push",
+                                   headers=basic("alice", secret))
+        assert (status, got) == (200, {"alice/x": ("push",)})
+    for user, secret in (("alice", "wrong"), ("bob", alice.token), ("alice", "tmu_" + "x" * 43)):
+        status, body = await grants(switchboard, None, "repository:alice/x:push",
+                                    headers=basic(user, secret))
+        assert status == 401, (user, body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_may_pull_only_its_jobs_image(switchboard: RunningSwitchboard) -> None:
+    admin = switchboard.admin
+    r = await admin.post("/api/v1/images", {"name": "fw/Blinky", "digest": DIGEST,
+                                            "stores": ["http://s.example"]})
+    assert r.status == 201
+    host = await admin.post("/api/v1/hosts", {"name": "board-1", "tags": ["b"]})
+    token = host.body["token"]
+    status, got = await grants(switchboard, None, "repository:fw/blinky:pull",
+                               headers={"authorization": f"Bearer {token}"})
+    assert got == {}  # No job on the host yet.
+    job = (await admin.post("/api/v1/jobs", {"image": "fw/Blinky", "tags": ["b"]})).body
+    host_id = (await switchboard.store.host_by_token(credentials.token_hash(token)))["id"]
+    await switchboard.store.pool.execute("UPDATE jobs SET host_id = %s, state = 'assigned' "
+                                         "WHERE id = %s", (host_id, job["id"]))
+    status, got = await grants(switchboard, None, "repository:fw/blinky:pull,push",
+                               "repository:other:pull",
+                               headers={"authorization": f"Bearer {token}"})
+    assert (status, got) == (200, {"fw/blinky": ("pull",)})
+
+
+@pytest.mark.parametrize("query", [
+    "scope=repository:x:pull",  # no service
+    "service=bad%20service&scope=repository:x:pull",
+    "service=s&scope=repository:UPPER:pull",
+    "service=s&scope=repository:../etc:pull",
+    "service=s&scope=repository:x:fly",
+    "service=s&scope=repository:x:",
+    "service=s&scope=nonsense",
+    "service=s&scope=%FF",
+    "service=s&" + "&".join(f"scope=repository:r{i}:pull" for i in range(33)),
+])
+@pytest_twisted.ensureDeferred
+async def test_malformed_requests(switchboard: RunningSwitchboard, query: str) -> None:
+    r = await switchboard.admin.get(f"/api/v1/registry/token?{query}")
+    assert r.status == 400 and r.error == "bad_request", r.body

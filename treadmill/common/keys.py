@@ -1,0 +1,167 @@
+"""The switchboard's public keys, for satellites that verify capability tokens.
+
+Satellite servers (image stores, log servers, proxies) never ask the
+switchboard whether a request may proceed: they verify the capability token
+it carries against the switchboard's Ed25519 public keys. :class:`KeySource`
+keeps those keys: from a file (``auth.keys_file``: PEM or JWKS), or fetched
+from the switchboard's ``/.well-known/treadmill/capability-keys`` (``auth.keys_url``)
+at start and every ``refresh`` seconds, with the last good set cached on disk
+so that a satellite restarts and keeps working while the switchboard is down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import treq
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from treadmill.common.captoken import (
+    CapabilityError,
+    CapabilityKeyError,
+    CapabilityVerifier,
+    Claims,
+    bearer_token,
+    load_public_keys,
+    parse_jwks,
+)
+from treadmill.common.config import FLOAT, STR, Setting, positive
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("auth.keys_url", STR, None,
+            "The switchboard's capability key set, e.g. "
+            "https://switchboard.example/.well-known/treadmill/capability-keys."),
+    Setting("auth.keys_file", STR, None,
+            "A PEM or JWKS file of capability keys (instead of, or cached from, keys_url)."),
+    Setting("auth.keys_refresh", positive(FLOAT), 300.0,
+            "Seconds between fetches of auth.keys_url."),
+    Setting("auth.issuer", STR, "treadmill", "Issuer (iss) capability tokens must carry."),
+    Setting("auth.ca_file", STR, None, "CA certificates for an https keys_url."),
+)
+"""Settings of every satellite role (add them to the role's ``Options.settings``)."""
+
+
+class KeySource(MultiService):
+    """The current set of capability keys, kept fresh."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, *, url: str | None = None, file: str | None = None,
+                 refresh: float = 300.0, ca_file: str | None = None):
+        super().__init__()
+        if url is None and file is None:
+            raise CapabilityKeyError("set auth.keys_url or auth.keys_file")
+        self.reactor = reactor
+        self.url = url
+        self.file = file
+        self.ca_file = ca_file
+        self.keys: dict[str, Ed25519PublicKey] = {}
+        self._ready: Deferred[None] | None = None
+        if file is not None and (url is None or os.path.exists(file)):
+            self.keys = load_public_keys(file)
+        if url is not None:
+            timer = TimerService(refresh, lambda: Deferred.fromCoroutine(self.fetch()))
+            timer.clock = reactor
+            timer.setServiceParent(self)
+
+    def ready(self) -> Deferred[None]:
+        """Fires once keys are known (at once when a file supplied them)."""
+        if self.keys:
+            return succeed(None)
+        if self._ready is None:
+            self._ready = Deferred()
+        return self._ready
+
+    def _http(self) -> Any:
+        if self.url is not None and self.url.startswith("https:") and self.ca_file:
+            from twisted.web.client import Agent
+
+            from treadmill.common.tls import client_policy
+
+            return treq.client.HTTPClient(Agent(self.reactor,
+                                                contextFactory=client_policy(self.ca_file)))
+        return treq
+
+    async def fetch(self) -> None:
+        """Fetch the key set from ``url``; keep the old one on failure."""
+        assert self.url is not None
+        try:
+            response = await self._http().get(self.url, timeout=10)
+            body = await response.content()
+            if response.code != 200:
+                raise CapabilityKeyError(f"HTTP {response.code}")
+            keys = parse_jwks(json.loads(body))
+        except Exception as e:
+            self.log.warn("Could not fetch capability keys from {url}: {error}", url=self.url,
+                          error=str(e) or type(e).__name__)
+            return
+        if keys != self.keys:
+            self.log.info("Capability keys: {kids}", kids=", ".join(sorted(keys)))
+        self.keys = keys
+        if self.file is not None:
+            _write_atomically(self.file, body)
+        if self._ready is not None and not self._ready.called:
+            self._ready.callback(None)
+
+    def verifier(self, issuer: str, audience: str) -> LiveVerifier:
+        return LiveVerifier(self, issuer, audience)
+
+
+class LiveVerifier:
+    """A :class:`CapabilityVerifier` that always uses the source's current keys."""
+
+    def __init__(self, source: KeySource, issuer: str, audience: str):
+        self.source = source
+        self.issuer = issuer
+        self.audience = audience
+
+    def _current(self) -> CapabilityVerifier:
+        return CapabilityVerifier(self.source.keys, self.issuer, self.audience,
+                                  self.source.reactor)
+
+    def verify(self, token: str, type: str, name: str, action: str) -> Claims:
+        return self._current().verify(token, type, name, action)
+
+    def verify_any(self, token: str) -> Claims:
+        return self._current().verify_any(token)
+
+    def from_request(self, request: IRequest, type: str, name: str, action: str) -> Claims:
+        """Verify the request's bearer token; :class:`CapabilityError` if absent or bad."""
+        token = bearer_token(request.getHeader("authorization"))
+        if token is None:
+            raise CapabilityError("malformed", "a bearer capability token is required")
+        return self.verify(token, type, name, action)
+
+
+def key_source(reactor: Any, values: Mapping[str, Any]) -> KeySource:
+    """A :class:`KeySource` from a role's ``auth.*`` settings."""
+    return KeySource(reactor, url=values.get("auth.keys_url"),
+                     file=values.get("auth.keys_file"),
+                     refresh=values.get("auth.keys_refresh", 300.0),
+                     ca_file=values.get("auth.ca_file"))
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".keys-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
