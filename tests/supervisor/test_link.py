@@ -37,7 +37,7 @@ async def test_handshake_headers_and_minor(peer: FakeSwitchboard, supervisors: M
     assert conn.request_headers["authorization"] == "Bearer host-token"
     assert conn.request_headers[protocol.MINOR_HEADER] == str(protocol.MINOR)
     assert protocol.SUBPROTOCOL in conn.request_headers["sec-websocket-protocol"]
-    assert session.minor == 0
+    assert session.minor == protocol.MINOR
     assert service.link.url == f"{peer.url}{protocol.PATH}"
 
 

@@ -64,7 +64,7 @@ class Peer:
         host, port = self.url.removeprefix("http://").split(":")
         factory = PeerFactory(f"ws://{host}:{port}{protocol.PATH}", protocols=[subprotocol],
                               headers={"Authorization": f"Bearer {self.token}",
-                                       protocol.MINOR_HEADER: "0"})
+                                       protocol.MINOR_HEADER: str(protocol.MINOR)})
         factory.peer = self
         self._opened_d, self._closed_d = Deferred(), Deferred()
         self.close_code = None

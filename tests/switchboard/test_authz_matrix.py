@@ -136,6 +136,7 @@ ROWS = [
     Row("GET", "/api/v1/jobs/{job}", (401, 404, 200, 200, 200)),
     Row("POST", "/api/v1/jobs/{job}/terminate", (401, 404, 200, 403, 200)),
     Row("GET", "/api/v1/jobs/{job}/events", (401, 404, 200, 200, 200)),
+    Row("POST", "/api/v1/jobs/{job}/logs/token", (401, 404, 200, 200, 200)),
     Row("GET", "/api/v1/jobs/{done_job}/events/watch", (401, 404, 200, 200, 200)),
     Row("GET", "/api/v1/jobs/{job}/grants", (401, 404, 200, 403, 200)),
     Row("POST", "/api/v1/jobs/{job}/grants", (401, 404, 201, 403, 201),

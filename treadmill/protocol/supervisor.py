@@ -28,7 +28,8 @@ from treadmill.common.http import loads
 from treadmill.common.schema import validator
 
 MAJOR = 1
-MINOR = 0
+MINOR = 1
+"""1: ``JobStart.log_servers``."""
 SUBPROTOCOL = f"treadmill.supervisor.v{MAJOR}"
 MINOR_HEADER = "x-treadmill-protocol-minor"
 PATH = "/api/v1/supervisor"

@@ -42,6 +42,10 @@ class Limits:
     max_queue_timeout: float = 30 * 24 * 3600
     max_page: int = 500
     keepalive: float = 15.0
+    log_servers: tuple[str, ...] = ()
+    log_replicas: int = 2
+    log_service: str = "treadmill-logserver"
+    log_read_ttl: float = 3600.0
 
 
 def _uuid(value: str, what: str) -> str:
@@ -587,7 +591,16 @@ class SwitchboardAPI:
         return JobSpec(image_name=name, image_digest=digest, image_stores=stores,
                        tags=body.get("tags", []), parameters=parameters, timeout=timeout,
                        queue_timeout=queue_timeout, max_restarts=body.get("max_restarts", 0),
-                       label=body.get("label", ""))
+                       label=body.get("label", ""), log_servers=self._pick_log_servers())
+
+    def _pick_log_servers(self) -> tuple[str, ...]:
+        """``log_replicas`` of the configured log servers, rotating the first choice."""
+        servers = self.limits.log_servers
+        if not servers:
+            return ()
+        self._log_rotation = (getattr(self, "_log_rotation", -1) + 1) % len(servers)
+        count = min(self.limits.log_replicas, len(servers))
+        return tuple(servers[(self._log_rotation + i) % len(servers)] for i in range(count))
 
     @app.route("/api/v1/jobs", methods=["GET"])
     async def list_jobs(self, request: IRequest) -> bytes:
@@ -622,6 +635,16 @@ class SwitchboardAPI:
         await self.store.request_termination(row["id"], Reason.USER_TERMINATED,
                                              message=f"terminated by {principal.name}")
         return respond(request, views.job(await self.store.get_job(row["id"], principal)))
+
+    @app.route("/api/v1/jobs/<job_id>/logs/token", methods=["POST"])
+    async def job_logs_token(self, request: IRequest, job_id: str) -> bytes:
+        """A short-lived read token for the job's logs, and where they are."""
+        principal, row = await self._job(request, job_id, "read")
+        ttl = self.limits.log_read_ttl
+        token = self.signer.sign(principal.name, self.limits.log_service,
+                                 [Access("job", row["id"], ("read",))], ttl)
+        return respond(request, {"servers": row["log_servers"], "token": token,
+                                 "expires_in": int(ttl)})
 
     @app.route("/api/v1/jobs/<job_id>/events", methods=["GET"])
     async def job_events(self, request: IRequest, job_id: str) -> bytes:

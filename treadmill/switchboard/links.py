@@ -23,7 +23,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from treadmill.common.captoken import bearer_token
+from treadmill.common.captoken import MAX_TTL, Access, CapabilitySigner, bearer_token
 from treadmill.protocol import supervisor as protocol
 from treadmill.protocol.supervisor import CloseCode, ProtocolError
 from treadmill.switchboard import credentials
@@ -243,7 +243,15 @@ class SupervisorLink(WebSocketServerProtocol):
         found = await self.links.store.job_start(job_id)
         if found is None or found["host_id"] != self.host_id:
             return
-        answer = await self.request(protocol.start_job(0, found["start"]))
+        start = found["start"]
+        if self.minor >= 1 and found["log_servers"] and self.links.signer is not None:
+            # One write token for every replica: append to this job's streams only.
+            ttl = min(start["timeout"] + 3600.0, MAX_TTL)
+            token = self.links.signer.sign(f"host:{self.host_name}", self.links.log_service,
+                                           [Access("job", job_id, ("append",))], ttl)
+            start["log_servers"] = [{"url": url, "token": token}
+                                    for url in found["log_servers"]]
+        answer = await self.request(protocol.start_job(0, start))
         if answer["ok"]:
             return
         code, text = answer["error"]["code"], answer["error"]["message"]
@@ -274,7 +282,9 @@ class SupervisorLinks(MultiService):
     def __init__(self, reactor: Any, store: Store, instance: str, *,
                  ping_interval: float = 5.0, ping_timeout: float = 10.0,
                  reconcile_interval: float = 30.0, touch_interval: float = 5.0,
-                 unreachable_after: float = 60.0, request_timeout: float = REQUEST_TIMEOUT):
+                 unreachable_after: float = 60.0, request_timeout: float = REQUEST_TIMEOUT,
+                 signer: CapabilitySigner | None = None,
+                 log_service: str = "treadmill-logserver"):
         super().__init__()
         self.reactor = reactor
         self.store = store
@@ -283,6 +293,8 @@ class SupervisorLinks(MultiService):
         self.ping_timeout = ping_timeout
         self.request_timeout = request_timeout
         self.unreachable_after = unreachable_after
+        self.signer = signer
+        self.log_service = log_service
         self.by_host: dict[int, SupervisorLink] = {}
         self.factory = SupervisorLinkFactory(self)
         self.resource = WebSocketResource(self.factory)

@@ -127,12 +127,14 @@ JOB = _record({
     "timeout": NUMBER, "queue_timeout": NUMBER, "max_restarts": INTEGER,
     "restart_of": OPTIONAL_UUID, "restarts_left": INTEGER,
     "state": _enum(State), "stage": _enum(Stage, nullable=True), "host": OPTIONAL_STRING,
+    "logs": {"type": "array", "items": STRING,
+             "description": "Log servers holding the job's logs (POST .../logs/token)."},
     "termination": {
         "oneOf": [{"type": "null"}, _record({
             "reason": _enum(Reason, nullable=True), "exit_status": OPTIONAL_INTEGER,
             "message": OPTIONAL_STRING,
         }, "How the job ended.")],
-        "description": "Null until the job is terminated.",
+        "description": "Null until the job is terminating or terminated.",
     },
     "created_at": TIME, "assigned_at": OPTIONAL_TIME, "started_at": OPTIONAL_TIME,
     "ready_at": OPTIONAL_TIME, "terminated_at": OPTIONAL_TIME, "updated_at": TIME,
@@ -176,6 +178,9 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "CapabilityKeys": _list_of("keys", "JWK"),
     "Health": {"type": "object", "properties": {"status": {"const": "ok"}},
                "required": ["status"]},
+    "LogsToken": {"type": "object", "required": ["servers", "token", "expires_in"],
+                  "properties": {"servers": STRINGS, "token": STRING,
+                                 "expires_in": {"type": "integer"}}},
     "RegistryToken": {"type": "object", "required": ["token", "access_token", "expires_in",
                                                      "issued_at"],
                       "properties": {"token": STRING, "access_token": STRING,
@@ -432,6 +437,11 @@ def _jobs() -> dict[str, dict[str, Any]]:
             "job_events", "Jobs", "A job's events (read).", 200, "EventList",
             errors=(400, 403, 404), query=(Q_AFTER,))},
         "/api/v1/jobs/{job_id}/events/watch": {"parameters": [P_JOB], "get": _watch()},
+        "/api/v1/jobs/{job_id}/logs/token": {"parameters": [P_JOB], "post": _operation(
+            "job_logs_token", "Jobs", "A read token for the job's logs (read).", 200,
+            "LogsToken", errors=(403, 404),
+            description="The token is a capability token (audience: the log servers' "
+                        "service) to read this job's streams on the servers listed.")},
     }
 
 

@@ -87,7 +87,8 @@ class SwitchboardService(MultiService):
             reactor, self.store, config.instance, ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout, reconcile_interval=config.reconcile_interval,
             touch_interval=min(5.0, config.unreachable_after / 4),
-            unreachable_after=config.unreachable_after)
+            unreachable_after=config.unreachable_after, signer=self.signer,
+            log_service=config.limits.log_service)
         self.links.setName("links")
         self.scheduler = Scheduler(reactor, self.store, interval=config.scheduler_interval,
                                    fresh_within=max(15.0, 3 * min(5.0,

@@ -44,6 +44,7 @@ class JobSpec:
     queue_timeout: float
     max_restarts: int
     label: str
+    log_servers: tuple[str, ...] = ()
 
 
 _USER_COLUMNS = "u.id, u.name, u.admin, u.disabled, u.created_at"
@@ -63,7 +64,7 @@ _JOB_COLUMNS = """
     j.restarts_left, j.restart_of, j.state, j.stage, h.name AS host, j.termination_reason,
     j.exit_status, j.termination_message, j.created_at, j.assigned_at, j.started_at,
     j.ready_at, j.terminating_at, j.terminated_at, j.updated_at, j.queue_deadline,
-    j.deadline"""
+    j.deadline, j.log_servers"""
 SCHEDULER_LOCK = 0x74726561646D7363  # "treadmsc"
 
 _EVENT_COLUMNS = ("e.seq, e.job_id AS job, e.at, e.state, e.stage, e.reason, e.exit_status, "
@@ -339,11 +340,12 @@ class Store:
             row = await cur.fetchone(
                 "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, "
                 "tags, parameters, timeout, queue_timeout, max_restarts, restarts_left, "
-                "queue_deadline, event_seq) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
-                "now() + make_interval(secs => %s), 1) RETURNING id",
+                "queue_deadline, event_seq, log_servers) VALUES (%s, %s, %s, %s, %s, %s, %s, "
+                "%s, %s, %s, %s, now() + make_interval(secs => %s), 1, %s) RETURNING id",
                 (owner_id, spec.label, spec.image_name, spec.image_digest, spec.image_stores,
                  spec.tags, Json(spec.parameters), spec.timeout, spec.queue_timeout,
-                 spec.max_restarts, spec.max_restarts, spec.queue_timeout))
+                 spec.max_restarts, spec.max_restarts, spec.queue_timeout,
+                 list(spec.log_servers)))
             assert row is not None
             await cur.execute(
                 "INSERT INTO job_events (job_id, seq, state) VALUES (%s, 1, 'queued')",
@@ -474,7 +476,7 @@ class Store:
         """What a supervisor needs to start the job (secrets included)."""
         row = await self.pool.fetchone(
             "SELECT id, image_name, image_digest, image_stores, parameters, timeout, tags, "
-            "label, host_id FROM jobs WHERE id = %s", (job_id,))
+            "label, host_id, log_servers FROM jobs WHERE id = %s", (job_id,))
         if row is None:
             return None
         start = {"id": row["id"], "timeout": row["timeout"], "tags": row["tags"],
@@ -483,7 +485,7 @@ class Store:
                            "stores": row["image_stores"]},
                  "parameters": {name: {"value": p["value"], "secret": bool(p.get("secret"))}
                                 for name, p in row["parameters"].items()}}
-        return {"host_id": row["host_id"], "start": start}
+        return {"host_id": row["host_id"], "start": start, "log_servers": row["log_servers"]}
 
     async def apply_host_event(self, host_id: int, job_id: str, new: Status, *,
                                exit_status: int | None = None,
@@ -662,10 +664,11 @@ async def _after_termination(cur: Cursor, job_id: str, reason: Reason,
         successor = await cur.fetchone(
             "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, tags, "
             "parameters, timeout, queue_timeout, max_restarts, restarts_left, restart_of, "
-            "queue_deadline, event_seq) "
+            "queue_deadline, event_seq, log_servers) "
             "SELECT owner_id, label, image_name, image_digest, image_stores, tags, parameters, "
             "timeout, queue_timeout, max_restarts, restarts_left - 1, id, "
-            "now() + make_interval(secs => queue_timeout), 1 FROM jobs WHERE id = %s "
+            "now() + make_interval(secs => queue_timeout), 1, log_servers FROM jobs "
+            "WHERE id = %s "
             "RETURNING id", (job_id,))
         assert successor is not None
         await cur.execute(

@@ -11,6 +11,7 @@ from treadmill.common.config import (
     FLOAT,
     INT,
     STR,
+    STRLIST,
     ConfigError,
     RoleOptions,
     Setting,
@@ -69,6 +70,12 @@ class Options(RoleOptions):
                 "Seconds without a pong before a supervisor link counts as dead."),
         Setting("supervisors.reconcile_interval", positive(FLOAT), 30.0,
                 "Seconds between reconciliations of each connected host."),
+        Setting("logs.servers", STRLIST, [],
+                "Log server base URLs (http(s)://host:port); jobs ship logs to some of them."),
+        Setting("logs.replicas", positive(INT), 2,
+                "How many of logs.servers hold each job's logs."),
+        Setting("logs.service", STR, "treadmill-logserver",
+                "The log servers' service name (the audience of their tokens)."),
         Setting("supervisors.unreachable_after", positive(FLOAT), 60.0,
                 "Seconds a host with an active job may stay disconnected before the job "
                 "ends as host_unreachable."),
@@ -92,6 +99,8 @@ def config_from(values: dict[str, Any]) -> SwitchboardConfig:
         max_timeout=values["jobs.max_timeout"],
         default_queue_timeout=values["jobs.default_queue_timeout"],
         max_queue_timeout=values["jobs.max_queue_timeout"],
+        log_servers=tuple(url.rstrip("/") for url in values["logs.servers"]),
+        log_replicas=values["logs.replicas"], log_service=values["logs.service"],
     )
     config = SwitchboardConfig(
         dsn=values["database.dsn"], listen=values["listen"],
