@@ -10,14 +10,14 @@ pointing ``tml`` at another switchboard with ``--url`` never leaks it.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from treadmill.common.files import write_atomically
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 FILE_KEYS = ("url", "token", "ca_file")
@@ -154,17 +154,4 @@ def save_file(path: Path, data: Mapping[str, Any]) -> None:
     """Write ``data`` to ``path`` atomically, readable by the owner only."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     text = "# Written by `tml login`.\n" + dump_toml(data)
-    fd, tmp = tempfile.mkstemp(prefix=".tml-", suffix=".toml", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomically(path, text.encode("utf-8"))

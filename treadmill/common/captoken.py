@@ -32,7 +32,6 @@ import os
 import re
 import secrets
 import stat
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +45,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from treadmill.common.files import write_atomically
 
 __all__ = [
     "ALGORITHM",
@@ -217,53 +218,18 @@ def _create_signing_key(path: str) -> Ed25519PrivateKey:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = None
     try:
-        # mkstemp creates the file with mode 0600 whatever the umask.
-        fd, tmp = tempfile.mkstemp(
-            prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory
-        )
-        try:
-            os.fchmod(fd, 0o600)
-            view = memoryview(pem)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_directory(directory)
+        write_atomically(path, pem)
     except OSError as e:
         raise CapabilityKeyError(
             f"{path}: cannot create capability signing key: {e.strerror or e}"
         ) from e
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
     log.info(
         "created capability signing key {path} (kid {kid})",
         path=path,
         kid=key_id(key.public_key()),
     )
     return key
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        dfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 def parse_jwks(obj: Mapping[str, Any]) -> dict[str, Ed25519PublicKey]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +34,7 @@ from treadmill.common.captoken import (
     parse_jwks,
 )
 from treadmill.common.config import FLOAT, STR, Setting, positive
+from treadmill.common.files import write_atomically
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("auth.keys_url", STR, None,
@@ -108,7 +108,7 @@ class KeySource(MultiService):
             self.log.info("Capability keys: {kids}", kids=", ".join(sorted(keys)))
         self.keys = keys
         if self.file is not None:
-            _write_atomically(self.file, body)
+            write_atomically(self.file, body, mode=0o644)
         if self._ready is not None and not self._ready.called:
             self._ready.callback(None)
 
@@ -150,18 +150,3 @@ def key_source(reactor: Any, values: Mapping[str, Any]) -> KeySource:
                      ca_file=values.get("auth.ca_file"))
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".keys-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

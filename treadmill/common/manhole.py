@@ -13,7 +13,6 @@ this for ``manhole.listen``.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,6 +30,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from treadmill.common.files import write_atomically
 
 __all__ = ["AuthorizedKeysFile", "load_or_create_host_key", "manhole_factory", "manhole_service"]
 
@@ -71,17 +72,7 @@ def load_or_create_host_key(path: str) -> keys.Key:
             format=serialization.PrivateFormat.OpenSSH,
             encryption_algorithm=serialization.NoEncryption(),
         )
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".host_key.", dir=directory)  # mode 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_atomically(path, data)
         log.info("generated manhole host key {path} ({fingerprint})",
                  path=path, fingerprint=keys.Key(private).fingerprint(
                      keys.FingerprintFormats.SHA256_BASE64))
