@@ -47,9 +47,11 @@ async def test_users_get_their_namespace_and_catalogue_images(
     assert r.status == 201
     await alice.post("/api/v1/images/Demo/grants", {"user": "bob", "privilege": "use"})
     status, got = await grants(switchboard, alice, "repository:alice/fw:pull,push,delete",
-                               "repository:demo:pull,push", "repository:bob/x:pull")
+                               "repository:demo:pull,push", "repository:bob/x:pull",
+                               "repository:fresh/new:push")
     assert status == 200
-    assert got == {"alice/fw": ("pull", "push", "delete"), "demo": ("pull", "push")}
+    assert got == {"alice/fw": ("pull", "push", "delete"), "demo": ("pull", "push"),
+                   "fresh/new": ("push",)}  # Unclaimed: the first push claims it.
     status, got = await grants(switchboard, bob, "repository:demo:pull,push",
                                "repository:alice:pull")
     assert got == {"demo": ("pull",)}

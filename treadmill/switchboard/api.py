@@ -236,8 +236,15 @@ class SwitchboardAPI:
                 held = effective("image", principal, row["owner_id"], row["grants"])
                 repo = registry.repository_of(row["name"])
                 images[repo] = images.get(repo, frozenset()) | held
-        granted = [a for s in scopes if (a := registry.access(s, registry.user_actions(
-            s, principal.name, principal.admin, images))) is not None]
+        granted = []
+        for scope in scopes:
+            claimed = True
+            if not principal.admin and scope.type == "repository" and scope.name not in images:
+                claimed = await self.store.repository_claimed(scope.name)
+            actions = registry.user_actions(scope, principal.name, principal.admin, images,
+                                            claimed)
+            if (item := registry.access(scope, actions)) is not None:
+                granted.append(item)
         return principal.name, granted
 
     # -- identity --------------------------------------------------------------

@@ -12,6 +12,10 @@ for; the switchboard grants the subset the caller holds:
 - a user: ``pull`` on the repository of each catalogue image they may use
   (the catalogue name, lowercased), and ``push``/``delete`` too where they
   may manage it;
+- a user: ``pull``, ``push`` and ``delete`` on an unclaimed repository, one
+  that no catalogue image names and that is not below another user's name
+  (so a first ``tml image push`` of a new image works; registering it then
+  claims the repository);
 - a host (by its host token): ``pull`` on the repository of the job it runs;
 - anyone else: nothing (a store may still allow anonymous pulls itself).
 """
@@ -71,14 +75,21 @@ def repository_of(image_name: str) -> str:
 
 
 def user_actions(scope: Scope, user: str, admin: bool,
-                 images: dict[str, frozenset[str]]) -> tuple[str, ...]:
-    """What a user may do of ``scope``; ``images`` maps repository to image privileges."""
+                 images: dict[str, frozenset[str]], claimed: bool = True) -> tuple[str, ...]:
+    """What a user may do of ``scope``.
+
+    ``images`` maps repositories to the user's privileges on their catalogue
+    images; ``claimed`` says whether the repository belongs to an image or a
+    user at all.
+    """
     if admin:
         return scope.actions
     if scope.type != "repository":
         return ()
     own = user.lower()
     if scope.name == own or scope.name.startswith(own + "/"):
+        return scope.actions
+    if not claimed:
         return scope.actions
     held = images.get(scope.name, frozenset())
     allowed = {"pull"} if "use" in held else set()

@@ -580,6 +580,14 @@ class Store:
         rows = await self.pool.fetchall("SELECT state, count(*) AS n FROM jobs GROUP BY state")
         return {row["state"]: row["n"] for row in rows}
 
+    async def repository_claimed(self, repository: str) -> bool:
+        """Whether a catalogue image or a user's namespace owns ``repository``."""
+        row = await self.pool.fetchone(
+            "SELECT EXISTS (SELECT 1 FROM images WHERE lower(name) = %(repo)s) "
+            "OR EXISTS (SELECT 1 FROM users WHERE lower(name) = split_part(%(repo)s, '/', 1)) "
+            "AS claimed", {"repo": repository})
+        return bool(row and row["claimed"])
+
     async def job_image_names(self, host_id: int) -> list[str]:
         """Catalogue names of the images of the jobs holding a host."""
         rows = await self.pool.fetchall(

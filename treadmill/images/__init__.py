@@ -1,0 +1,66 @@
+"""Treadmill images: the image format (:mod:`.format`) and an OCI client (:mod:`.registry`).
+
+``docs/images.md`` describes both. The format module is pure and cheap to
+import (the image store imports it to validate manifests); the registry
+client needs treq and a reactor.
+"""
+
+from treadmill.images.format import (
+    ARTIFACT_BOARD,
+    ARTIFACT_QEMU,
+    DIGEST_INVALID,
+    EMPTY_BLOB,
+    EMPTY_DIGEST,
+    FLASH_SCHEMA,
+    MANIFEST_BLOB_UNKNOWN,
+    MANIFEST_INVALID,
+    OCI_EMPTY,
+    OCI_MANIFEST,
+    Blob,
+    Descriptor,
+    Firmware,
+    FirmwareFile,
+    FlashSpec,
+    ManifestError,
+    TreadmillImage,
+    build_board_manifest,
+    build_qemu_manifest,
+    digest_of,
+    expand_flash_args,
+    is_digest,
+    is_treadmill_manifest,
+    load_manifest,
+    manifest_bytes,
+    parse_image,
+    validate_manifest,
+)
+
+__all__ = [
+    "ARTIFACT_BOARD",
+    "ARTIFACT_QEMU",
+    "DIGEST_INVALID",
+    "EMPTY_BLOB",
+    "EMPTY_DIGEST",
+    "FLASH_SCHEMA",
+    "MANIFEST_BLOB_UNKNOWN",
+    "MANIFEST_INVALID",
+    "OCI_EMPTY",
+    "OCI_MANIFEST",
+    "Blob",
+    "Descriptor",
+    "Firmware",
+    "FirmwareFile",
+    "FlashSpec",
+    "ManifestError",
+    "TreadmillImage",
+    "build_board_manifest",
+    "build_qemu_manifest",
+    "digest_of",
+    "expand_flash_args",
+    "is_digest",
+    "is_treadmill_manifest",
+    "load_manifest",
+    "manifest_bytes",
+    "parse_image",
+    "validate_manifest",
+]
