@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -141,6 +141,11 @@ class SwitchboardAPI:
         message = {404: "no such endpoint", 405: "method not allowed"}.get(
             code, error.description or "error")
         return respond_error(request, ApiError(code, message))
+
+    @app.handle_errors(CancelledError)
+    def _cancelled(self, request: IRequest, failure: Failure) -> bytes:
+        # The client went away while we waited; there is no one to answer.
+        return b""
 
     @app.handle_errors(Exception)
     def _internal(self, request: IRequest, failure: Failure) -> bytes:

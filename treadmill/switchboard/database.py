@@ -57,6 +57,24 @@ def _cooperator(reactor: IReactorTime) -> Cooperator:
     return Cooperator(scheduler=lambda work: reactor.callLater(0, work))
 
 
+def shielded(d: Deferred[T]) -> Deferred[T]:
+    """``d``, except that cancelling the result does not cancel ``d``.
+
+    A web request whose client hangs up is cancelled; cancelling a running
+    txpostgres query would cancel it on the server and can break the pooled
+    connection, and a transaction half-way should finish (commit or roll
+    back) on its own. The caller stops waiting; the query completes.
+    """
+    result: Deferred[T] = Deferred()
+
+    def forward(outcome: Any) -> None:
+        if not result.called:
+            result.callback(outcome)
+
+    d.addBoth(forward)
+    return result
+
+
 class _TxPool(txpostgres.ConnectionPool):
     """txpostgres' pool with our reactor and reconnecting connections."""
 
@@ -97,14 +115,14 @@ class Pool:
         return self._pool
 
     async def fetchall(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
-        return await self._require().runQuery(sql, params)
+        return await shielded(self._require().runQuery(sql, params))
 
     async def fetchone(self, sql: str, params: Any = None) -> dict[str, Any] | None:
-        rows = await self._require().runQuery(sql, params)
+        rows = await shielded(self._require().runQuery(sql, params))
         return rows[0] if rows else None
 
     async def execute(self, sql: str, params: Any = None) -> None:
-        await self._require().runOperation(sql, params)
+        await shielded(self._require().runOperation(sql, params))
 
     async def transaction(self, fn: Callable[[Cursor], Awaitable[T]]) -> T:
         """Run ``fn(cursor)`` in one transaction; commit on return, roll back on error."""
@@ -112,7 +130,7 @@ class Pool:
         def interaction(cur: txpostgres.Cursor) -> Deferred[T]:
             return Deferred.fromCoroutine(fn(Cursor(cur)))
 
-        return await self._require().runInteraction(interaction)
+        return await shielded(self._require().runInteraction(interaction))
 
 
 def migrations() -> list[tuple[int, str, str]]:
