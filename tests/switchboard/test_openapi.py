@@ -205,7 +205,7 @@ ROWS: dict[str, tuple[Any, dict[str, Any]]] = {
         "parameters": {"A": {"value": "1", "secret": False}, "B": {"value": "s",
                                                                    "secret": True}},
         "timeout": 3600.0, "queue_timeout": 86400.0, "max_restarts": 0, "restart_of": None,
-        "restarts_left": 0, "state": "terminated", "stage": None, "host": "h1",
+        "restarts_left": 0, "state": "terminated", "stage": None, "host": "h1", "log_servers": ["http://logs.example"],
         "termination_reason": "workload_exited", "exit_status": 0,
         "termination_message": None, "created_at": NOW, "assigned_at": NOW,
         "started_at": NOW, "ready_at": None, "terminated_at": NOW, "updated_at": NOW}),
