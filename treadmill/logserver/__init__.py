@@ -1,0 +1,15 @@
+"""The log server: stores job logs pushed by supervisors and serves them, live.
+
+    treadmill/logserver/
+    ├── names.py    job ids and stream names: what is valid
+    ├── store.py    append-only stream files, the writer thread, retention
+    ├── follow.py   reading a byte range or following a stream (HTTP and WebSocket)
+    ├── api.py      the HTTP API (Klein) and its capability checks
+    ├── metrics.py  Prometheus metrics
+    ├── service.py  the service tree
+    └── tap.py      ``twistd treadmill-logserver`` options
+
+``docs/logserver.md`` documents the API, the storage, the fsync policy,
+retention and the shipping protocol (``treadmill/supervisor/logship.py`` is
+the supervisor's side).
+"""

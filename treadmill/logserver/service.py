@@ -1,0 +1,160 @@
+"""The log server's service tree.
+
+    logserver (LogServerService)
+    ├── keys        the switchboard's capability keys (file, or fetched and refreshed)
+    ├── (after the store is loaded)
+    │   ├── retention  deletes whole jobs by age and total size, oldest first
+    │   └── http       the API listeners (Klein; WebSocket follow under it)
+    ├── manhole     optional SSH manhole
+    └── metrics     optional Prometheus listeners
+
+Start-up scans the storage root (in a thread) before the listeners open, so
+that every stream's length is known before the first append.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from treadmill.common.daemon import listeners
+from treadmill.common.http import limited_site
+from treadmill.common.keys import KeySource, key_source
+from treadmill.logserver.api import LogServerAPI
+from treadmill.logserver.follow import FollowFactory
+from treadmill.logserver.metrics import LogServerMetrics
+from treadmill.logserver.store import StreamStore
+
+DAY = 24 * 3600.0
+
+
+@dataclass
+class LogServerConfig:
+    """Everything a log server needs, already validated."""
+
+    root: str
+    listen: list[str]
+    auth: dict[str, Any] = field(default_factory=dict)  # the auth.* settings
+    service: str = "treadmill-logserver"
+    max_append: int = 1024 * 1024
+    fsync: str = "always"
+    max_streams: int = 64
+    retention_max_age: float | None = 30 * DAY
+    retention_max_bytes: int | None = None
+    retention_interval: float = 300.0
+    access_log: bool = True
+    ping_interval: float = 30.0
+
+
+class LogServerService(MultiService):
+    """The root service of a log server process."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, config: LogServerConfig, *, keys: KeySource | None = None):
+        super().__init__()
+        self.setName("logserver")
+        self.reactor = reactor
+        self.config = config
+        self.keys = keys if keys is not None else key_source(reactor, config.auth)
+        self.keys.setName("keys")
+        self.keys.setServiceParent(self)
+        self.verifier = self.keys.verifier(config.auth.get("auth.issuer") or "treadmill",
+                                           config.service)
+        self.store = StreamStore(reactor, config.root, fsync=config.fsync,
+                                 max_streams=config.max_streams)
+        self.api = LogServerAPI(self.store, self.verifier, max_append=config.max_append,
+                                follow_factory=FollowFactory(ping_interval=config.ping_interval,
+                                                             ping_timeout=config.ping_interval))
+        self.site = limited_site(self.api.resource(), config.max_append)
+        self.metrics = LogServerMetrics(self)
+        access_log = self.site.log
+
+        def log(request: Any) -> None:
+            self.metrics.observe(request)
+            if config.access_log:
+                access_log(request)
+
+        self.site.log = log  # type: ignore[method-assign]
+        self._ready: Deferred[None] | None = None
+        self._ports: list[Any] = []
+        self._stopping = False
+        # twistd sets this: a store that cannot be opened or a port that cannot be bound
+        # stops the process (systemd restarts it) rather than leaving it up and deaf.
+        self.exit_on_failure = False
+
+    def namespace(self) -> dict[str, Any]:
+        """What the manhole shows an operator."""
+        return {"logserver": self, "store": self.store, "api": self.api, "keys": self.keys,
+                "metrics": self.metrics, "reactor": self.reactor}
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._ready = Deferred.fromCoroutine(self._start())
+        if self.exit_on_failure:
+            self._ready.addErrback(self._start_failed)
+
+    def _start_failed(self, failure: Any) -> None:
+        self.log.failure("The log server cannot start", failure)
+        if self.reactor.running:
+            self.reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
+            self.reactor.stop()
+
+    def ready(self) -> Deferred[None]:
+        """Fires when the store is loaded and the API listens."""
+        return self._ready if self._ready is not None else succeed(None)
+
+    async def _start(self) -> None:
+        await self.store.start()
+        if self._stopping:
+            return
+        if self.config.retention_max_age is not None or \
+                self.config.retention_max_bytes is not None:
+            retention = TimerService(self.config.retention_interval,
+                                     lambda: Deferred.fromCoroutine(self.retention()))
+            retention.clock = self.reactor
+            retention.setName("retention")
+            retention.setServiceParent(self)
+        http = listeners(self.reactor, self.config.listen, self.site, "http")
+        http.setServiceParent(self)
+        self._ports = [await service._waitingForPort  # type: ignore[attr-defined]
+                       for service in http]
+        self.log.info("Log server listening on {listen} (root {root}, fsync {fsync})",
+                      listen=", ".join(self.config.listen), root=self.store.root,
+                      fsync=self.config.fsync)
+
+    async def retention(self) -> list[str]:
+        """One retention pass (the timer runs it every ``retention.interval`` seconds)."""
+        try:
+            return await self.store.enforce_retention(self.config.retention_max_age,
+                                                      self.config.retention_max_bytes)
+        except Exception:
+            self.log.failure("Retention pass failed")
+            return []
+
+    def ports(self) -> list[Any]:
+        """The listening ports of the API (for tests that listen on port 0)."""
+        return list(self._ports)
+
+    async def _stop(self) -> None:
+        await super().stopService()
+        self.store.stop()
+
+    def stopService(self) -> Deferred[None]:
+        self._stopping = True
+        return Deferred.fromCoroutine(self._stop())
+
+
+def _exit_failed() -> None:
+    """Leave with status 1 (twistd would exit 0 after ``reactor.stop()``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
