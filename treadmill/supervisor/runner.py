@@ -214,6 +214,10 @@ class JobRunner:
         self.console = ConsoleBuffer(console_buffer)
         # Called with each job event (without request_id) once it is queued.
         self.observers: list[Callable[[dict[str, Any]], None]] = []
+        # Called with each job's JobStart when it is accepted or re-adopted.
+        self.start_observers: list[Callable[[dict[str, Any]], None]] = []
+        # Called with (job id, bytes) for the current job's console output.
+        self.console_observers: list[Callable[[str, bytes], None]] = []
 
     # -- introspection (tests, manhole) -----------------------------------------------
 
@@ -289,6 +293,7 @@ class JobRunner:
             stage = STAGES[0]
         cur = _Current(job, _Reporter(self, job["id"]), state=state, stage=stage, outcome=False)
         self._current = cur
+        self._notify_start(job)
         try:
             adopted = bool(self.driver.adopt(job, cur.reporter))
         except Exception:
@@ -402,6 +407,7 @@ class JobRunner:
         cur = _Current(job, _Reporter(self, job_id))
         self._current = cur
         self.console.reset()
+        self._notify_start(job)
         error: tuple[str, str] | None = None
         try:
             await self._io(self.files.record, None, None, current=self._record(cur))
@@ -482,6 +488,18 @@ class JobRunner:
         cur = self._current
         if cur is not None and cur.id == job_id:
             self.console.append(data)
+            for observer in list(self.console_observers):
+                try:
+                    observer(job_id, data)
+                except Exception:
+                    self.log.failure("{name}: console observer failed", name=self.name)
+
+    def _notify_start(self, job: dict[str, Any]) -> None:
+        for observer in list(self.start_observers):
+            try:
+                observer(job)
+            except Exception:
+                self.log.failure("{name}: start observer failed", name=self.name)
 
     def _on_stage(self, cur: _Current, name: str) -> None:
         if name not in STAGES:

@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 
 from treadmill.supervisor.drivers import IHostDriver, make_driver
 from treadmill.supervisor.drivers.mock import MockSettings
+from treadmill.supervisor.joblogs import JobLogs
 from treadmill.supervisor.journal import StateFiles
 from treadmill.supervisor.link import SupervisorLink, SupervisorProtocol
 from treadmill.supervisor.runner import JobRunner
@@ -59,6 +60,7 @@ class SupervisorConfig:
     durable: bool = True  # fsync the state directory
     name: str = "supervisor"  # shown in log lines (the fleet uses host names)
     mock: MockSettings = field(default_factory=MockSettings)
+    log_spool_limit: int = 64 * 1024 * 1024  # bytes of unshipped log output per job
 
     def __repr__(self) -> str:  # never show the token
         return (f"SupervisorConfig(url={self.url!r}, state_dir={self.state_dir!r}, "
@@ -82,6 +84,11 @@ class SupervisorService(MultiService):
         self.files = StateFiles(config.state_dir, durable=config.durable)
         self.runner = JobRunner(reactor, self.driver, self.files, run_io=run_io,
                                 console_buffer=config.console_buffer, name=config.name)
+        self.logs = JobLogs(reactor, config.state_dir, spool_limit=config.log_spool_limit,
+                            durable=config.durable, ca_file=config.ca_file, name=config.name)
+        self.runner.start_observers.append(self.logs.job_started)
+        self.runner.console_observers.append(self.logs.console)
+        self.runner.observers.append(self.logs.event)
         self.link = SupervisorLink(
             reactor, config.url, config.token, self.runner, ca_file=config.ca_file,
             reconnect_initial=config.reconnect_initial, reconnect_max=config.reconnect_max,
@@ -95,7 +102,7 @@ class SupervisorService(MultiService):
     def namespace(self) -> dict[str, Any]:
         """What the manhole shows an operator."""
         return {"supervisor": self, "runner": self.runner, "driver": self.driver,
-                "link": self.link, "reactor": self.reactor}
+                "link": self.link, "logs": self.logs, "reactor": self.reactor}
 
     def startService(self) -> None:
         super().startService()
@@ -106,6 +113,8 @@ class SupervisorService(MultiService):
 
     async def _start(self) -> None:
         await self.runner.start()
+        current = self.runner.current_job
+        self.logs.resume(current["id"] if current is not None else None)
         if self._stopping:
             return
         self.link.setServiceParent(self)
@@ -153,6 +162,7 @@ class SupervisorService(MultiService):
                               name=self.config.name, count=len(self.runner.pending_events))
         await super().stopService()  # the link closes with 4005 (going away)
         await self.runner.close()
+        await self.logs.stop()
 
     def stopService(self) -> Deferred[None]:
         self._stopping = True

@@ -63,6 +63,8 @@ class Options(RoleOptions):
                 "Seconds without a pong before the connection is dropped."),
         Setting("console.buffer", _non_negative_int, 64 * 1024,
                 "Bytes of the job's console output kept in memory."),
+        Setting("logs.spool_limit", positive(INT), 64 * 1024 * 1024,
+                "Bytes of a job's log output spooled on disk until log servers acknowledge."),
         Setting("shutdown.flush_timeout", positive(FLOAT), 2.0,
                 "Seconds a graceful stop waits for unacknowledged job events to be acked."),
         *MOCK_SETTINGS,
@@ -114,6 +116,7 @@ def config_from(values: dict[str, Any]) -> SupervisorConfig:
         heartbeat_interval=values["heartbeat.interval"],
         heartbeat_timeout=values["heartbeat.timeout"],
         console_buffer=values["console.buffer"],
+        log_spool_limit=values["logs.spool_limit"],
         flush_timeout=values["shutdown.flush_timeout"],
         mock=MockSettings.from_values(values))
 

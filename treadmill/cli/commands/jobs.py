@@ -10,6 +10,8 @@ from twisted.internet.task import deferLater
 from treadmill.cli import output
 from treadmill.cli.client import Unreachable
 from treadmill.cli.commands.images import short_digest
+from treadmill.cli.commands.logs import add_arguments as add_logs_arguments
+from treadmill.cli.commands.logs import job_logs
 from treadmill.cli.context import (
     EXIT_JOB_ABORTED,
     EXIT_JOB_FAILED,
@@ -415,6 +417,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("id", metavar="ID")
     p = add_command(job, "cancel", job_cancel, common, help="terminate a job")
     p.add_argument("id", metavar="ID")
+    p = add_command(job, "logs", job_logs, common,
+                    help="print (or follow) a job's console from its log servers")
+    add_logs_arguments(p)
     p = add_command(job, "events", job_events, common, help="list or follow a job's events")
     p.add_argument("id", metavar="ID")
     p.add_argument("--follow", "-f", action="store_true", help="watch until the job terminates")

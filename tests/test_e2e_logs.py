@@ -1,0 +1,102 @@
+"""Job logs end to end: a mock host's console reaches every log server of the job."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+
+from tests.support import start_switchboard
+from tests.switchboard.peer import eventually
+from treadmill.cli.main import run as tml
+from treadmill.common.captoken import load_or_create_signing_key
+from treadmill.logserver.service import LogServerConfig, LogServerService
+from treadmill.supervisor.drivers import STAGES
+from treadmill.supervisor.drivers.mock import MockSettings
+from treadmill.supervisor.fleet import ws_url_for
+from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.switchboard.api import Limits
+
+DIGEST = "sha256:" + "7" * 64
+
+
+async def start_logserver(root: Path, keys: Path) -> tuple[LogServerService, str]:
+    service = LogServerService(reactor, LogServerConfig(
+        root=str(root), listen=["tcp:0:interface=127.0.0.1"],
+        auth={"auth.keys_file": str(keys)}, fsync="never", access_log=False))
+    service.startService()
+    await service.ready()
+    return service, f"http://127.0.0.1:{service.ports()[0].getHost().port}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_and_events_reach_every_replica(database: str, tmp_path: Path) -> None:
+    key = tmp_path / "capability-key.pem"
+    load_or_create_signing_key(str(key))  # The log servers trust its public half.
+    servers = [await start_logserver(tmp_path / f"logs-{i}", key) for i in range(2)]
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 limits=Limits(log_servers=tuple(u for _, u in servers),
+                                               log_replicas=2))
+    r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
+    supervisor = SupervisorService(reactor, SupervisorConfig(
+        url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
+        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
+        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.5,
+                          console_rate=50_000)))
+    supervisor.startService()
+    try:
+        await supervisor.connected()
+        job_id = (await sb.admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})
+                  ).body["id"]
+
+        async def ended() -> bool:
+            body = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
+            return body["state"] == "terminated"
+
+        await eventually(ended, timeout=20)
+        access = (await sb.admin.post(f"/api/v1/jobs/{job_id}/logs/token")).body
+        assert sorted(access["servers"]) == sorted(u for _, u in servers)
+        headers = {"Authorization": f"Bearer {access['token']}"}
+
+        async def closed_everywhere() -> bool:
+            for url in access["servers"]:
+                r = await treq.get(f"{url}/v1/jobs/{job_id}/streams", headers=headers)
+                streams = {s["name"]: s for s in (await r.json())["streams"]}
+                if not all(streams.get(n, {}).get("closed") for n in ("console", "events")):
+                    return False
+            return True
+
+        await eventually(closed_everywhere, timeout=20)
+        copies = {}
+        for url in access["servers"]:
+            for stream in ("console", "events"):
+                r = await treq.get(f"{url}/v1/jobs/{job_id}/streams/{stream}", headers=headers)
+                copies.setdefault(stream, []).append(await r.content())
+        for stream, bodies in copies.items():
+            assert len({hashlib.sha256(b).hexdigest() for b in bodies}) == 1, stream
+        assert len(copies["console"][0]) > 10_000
+        events = copies["events"][0].decode().splitlines()
+        assert '"state":"ready"' in events[-2] and '"state":"terminated"' in events[-1]
+
+        # tml job logs reads the console from a replica.
+        out, err = io.StringIO(), io.StringIO()
+        code = await tml(reactor, ["--url", sb.url, "--token", sb.admin_token, "job", "logs",
+                                   job_id], out, err, {})
+        assert code == 0, err.getvalue()
+        assert out.getvalue() == copies["console"][0].decode("utf-8", "replace")
+        # With one replica down, the other serves.
+        await servers[0][0].stopService()
+        out, err = io.StringIO(), io.StringIO()
+        code = await tml(reactor, ["--url", sb.url, "--token", sb.admin_token, "job", "logs",
+                                   job_id, "--stream", "events"], out, err, {})
+        assert code == 0, err.getvalue()
+        assert out.getvalue() == copies["events"][0].decode()
+    finally:
+        await supervisor.stopService()
+        await sb.stop()
+        for service, _ in servers:
+            await service.stopService()
