@@ -1,0 +1,36 @@
+"""Fixtures of the image store tests: signing keys and an in-process store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+
+from tests.imagestore.support import Keys, RunningStore, make_keys, start_store
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    return make_keys(tmp_path)
+
+
+@pytest_twisted.async_yield_fixture
+async def store(tmp_path: Path, keys: Keys) -> AsyncIterator[RunningStore]:
+    """A store that requires capability tokens (``store.keys`` signs them)."""
+    running = await start_store(tmp_path / "store", keys)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def open_store(tmp_path: Path) -> AsyncIterator[RunningStore]:
+    """A store with ``auth.disabled``."""
+    running = await start_store(tmp_path / "open-store", None)
+    try:
+        yield running
+    finally:
+        await running.stop()

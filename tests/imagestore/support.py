@@ -1,0 +1,300 @@
+"""Helpers for image store tests: an in-process store, tokens, a small registry client."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.web.client import Agent
+
+from treadmill.common.captoken import Access, CapabilitySigner
+from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
+
+SERVICE = "treadmill-imagestore"
+REALM = "http://127.0.0.1:9/api/v1/registry/token"  # nothing listens: refused at once
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Keys:
+    """A switchboard signing key, and its public key in a file a store reads."""
+
+    signer: CapabilitySigner
+    public_file: Path
+    key: Ed25519PrivateKey
+
+    def signed_at(self, when: float, *access: tuple[str, str, list[str]], ttl: float = 60.0,
+                  audience: str = SERVICE, issuer: str = "treadmill") -> str:
+        """A token signed as if the time were ``when`` (to make expired ones)."""
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        clock.advance(when)
+        signer = CapabilitySigner(self.key, issuer, clock)
+        return signer.sign("alice", audience,
+                           [Access(t, n, tuple(a)) for t, n, a in access], ttl)
+
+    def token(self, *access: tuple[str, str, list[str]] | Access, subject: str = "alice",
+              audience: str = SERVICE, ttl: float = 300.0) -> str:
+        entries = [a if isinstance(a, Access) else Access(a[0], a[1], tuple(a[2]))
+                   for a in access]
+        return self.signer.sign(subject, audience, entries, ttl)
+
+    def repo(self, name: str, *actions: str, **kw: Any) -> str:
+        return self.token(("repository", name, list(actions)), **kw)
+
+
+def make_keys(directory: Path) -> Keys:
+    key = Ed25519PrivateKey.generate()
+    public_file = directory / "capability-keys.pem"
+    public_file.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return Keys(CapabilitySigner(key, "treadmill", reactor), public_file, key)
+
+
+@dataclass
+class Response:
+    code: int
+    headers: Any
+    body: bytes
+    length: Any = None
+
+    def header(self, name: str) -> str | None:
+        if name.lower() == "content-length":
+            # Twisted's client moves Content-Length out of the headers.
+            return None if not isinstance(self.length, int) else str(self.length)
+        values = self.headers.getRawHeaders(name.encode())
+        return values[0].decode() if values else None
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def error(self) -> str | None:
+        try:
+            return self.json["errors"][0]["code"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None
+
+
+@dataclass
+class Registry:
+    """A small OCI registry client over real HTTP."""
+
+    url: str
+    token: str | None = None
+
+    def with_token(self, token: str | None) -> Registry:
+        return Registry(self.url, token)
+
+    async def request(self, method: str, path: str, data: Any = None,
+                      headers: dict[str, str] | None = None, token: str | None = None,
+                      ) -> Response:
+        all_headers = dict(headers or {})
+        bearer = token if token is not None else self.token
+        if bearer:
+            all_headers["authorization"] = f"Bearer {bearer}"
+        url = path if path.startswith("http") else self.url + path
+        if method == "HEAD":
+            return await self._raw_head(url, all_headers)
+        client = HTTPClient(Agent(reactor))
+        response = await client.request(method, url, data=data, headers=all_headers,
+                                        allow_redirects=False)
+        body = await response.content()
+        return Response(response.code, response.headers, body, response.length)
+
+    async def _raw_head(self, url: str, headers: dict[str, str]) -> Response:
+        """HEAD over a raw socket: Twisted's client hides a HEAD's Content-Length."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        lines = [f"HEAD {target} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        _status, raw = await raw_request(parts.port or 80,
+                                         ("\r\n".join(lines) + "\r\n\r\n").encode())
+        return parse_response(raw, head=True)
+
+    async def push_blob(self, name: str, data: bytes) -> str:
+        digest = digest_of(data)
+        r = await self.request("POST", f"/v2/{name}/blobs/uploads/?digest={digest}", data,
+                               {"content-type": "application/octet-stream"})
+        assert r.code == 201, (r.code, r.body)
+        return digest
+
+    async def push_manifest(self, name: str, reference: str, manifest: dict[str, Any],
+                            media_type: str = OCI_MANIFEST) -> Response:
+        body = json.dumps(manifest).encode()
+        return await self.request("PUT", f"/v2/{name}/manifests/{reference}", body,
+                                  {"content-type": media_type})
+
+    async def push_image(self, name: str, tag: str, layers: list[bytes],
+                         config: bytes = b'{"architecture":"amd64","os":"linux"}',
+                         ) -> tuple[str, dict[str, Any]]:
+        """Push blobs and a manifest; return the manifest's digest and content."""
+        config_digest = await self.push_blob(name, config)
+        descriptors = []
+        for layer in layers:
+            descriptors.append({"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                                "digest": await self.push_blob(name, layer),
+                                "size": len(layer)})
+        manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                               "digest": config_digest, "size": len(config)},
+                    "layers": descriptors}
+        r = await self.push_manifest(name, tag, manifest)
+        assert r.code == 201, (r.code, r.body)
+        return r.header("docker-content-digest") or "", manifest
+
+
+@dataclass
+class RunningStore:
+    service: ImageStoreService
+    url: str
+    keys: Keys | None
+    config: ImageStoreConfig
+    registry: Registry = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.registry = Registry(self.url)
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    @property
+    def storage(self) -> Any:
+        return self.service.storage
+
+    async def stop(self) -> None:
+        await self.service.stopService()
+
+
+async def start_store(root: Path, keys: Keys | None, **overrides: Any) -> RunningStore:
+    """An image store in this process on a free loopback port."""
+    settings: dict[str, Any] = {"listen": ["tcp:0:interface=127.0.0.1"], "realm": REALM,
+                                "access_log": False, "gc_grace": 0.0}
+    if keys is not None:
+        settings["keys_file"] = str(keys.public_file)
+    else:
+        settings["auth_disabled"] = True
+    settings.update(overrides)
+    config = ImageStoreConfig(root=str(root), **settings)
+    service = ImageStoreService(reactor, config)
+    service.startService()
+    await service.ready()
+    port = service.ports()[0].getHost().port
+    return RunningStore(service, f"http://127.0.0.1:{port}", keys, config)
+
+
+class _Raw(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any) -> None:
+        self.closed.callback(self.data)
+
+
+async def raw_connect(port: int) -> _Raw:
+    proto = _Raw()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
+    return proto
+
+
+async def raw_request(port: int, data: bytes) -> tuple[int, bytes]:
+    """Send raw bytes (one request, ``Connection: close``); return status and response."""
+    proto = await raw_connect(port)
+    proto.transport.write(data)
+    response = await proto.closed
+    status = int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/") else 0
+    return status, response
+
+
+def _tar_gz(files: dict[str, bytes]) -> tuple[bytes, bytes]:
+    """A deterministic gzipped tar of ``files``; return (compressed, uncompressed)."""
+    import gzip
+    import io
+    import tarfile
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, content in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            info.mtime = 1700000000
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(content))
+    tar_bytes = raw.getvalue()
+    return gzip.compress(tar_bytes, mtime=0), tar_bytes
+
+
+def build_oci_layout(directory: Path, tag: str) -> dict[str, bytes]:
+    """An OCI image layout with a config and two layers; return its blobs by digest."""
+    layers = [_tar_gz({"etc/motd": b"hello from treadmill\n"}),
+              _tar_gz({"boot/firmware.bin": bytes(range(256)) * 64})]
+    config = json.dumps({
+        "architecture": "amd64", "os": "linux",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [digest_of(raw) for _, raw in layers]},
+    }).encode()
+    blobs: dict[str, bytes] = {digest_of(config): config}
+    layer_descriptors = []
+    for compressed, _raw in layers:
+        blobs[digest_of(compressed)] = compressed
+        layer_descriptors.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                                  "digest": digest_of(compressed), "size": len(compressed)})
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": digest_of(config), "size": len(config)},
+        "layers": layer_descriptors,
+    }).encode()
+    blobs[digest_of(manifest)] = manifest
+    (directory / "blobs" / "sha256").mkdir(parents=True)
+    for digest, content in blobs.items():
+        (directory / "blobs" / "sha256" / digest.split(":")[1]).write_bytes(content)
+    (directory / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (directory / "index.json").write_text(json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": digest_of(manifest),
+                       "size": len(manifest),
+                       "annotations": {"org.opencontainers.image.ref.name": tag}}],
+    }))
+    return blobs
+
+
+def parse_response(raw: bytes, head: bool = False) -> Response:
+    """A raw HTTP/1.1 response (with a Content-Length body, or none)."""
+    from twisted.web.http_headers import Headers
+
+    head_part, _, body = raw.partition(b"\r\n\r\n")
+    lines = head_part.split(b"\r\n")
+    code = int(lines[0].split(b" ", 2)[1])
+    headers = Headers()
+    length = None
+    for line in lines[1:]:
+        key, _, value = line.partition(b":")
+        headers.addRawHeader(key.strip(), value.strip())
+        if key.strip().lower() == b"content-length":
+            length = int(value.strip())
+    return Response(code, headers, b"" if head else body, length)

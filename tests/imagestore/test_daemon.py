@@ -1,0 +1,237 @@
+"""The image store as operators run it: ``twistd treadmill-imagestore`` in its own process."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.web.client import FileBodyProducer
+
+from tests.daemons import BIN, Daemon, free_port
+from tests.imagestore.support import (
+    REALM,
+    Keys,
+    Registry,
+    digest_of,
+    raw_connect,
+)
+
+MIB = 1024 * 1024
+
+
+def write_config(path: Path, root: Path, port: int, keys: Keys | None,
+                 metrics: int | None = None) -> Path:
+    auth = (f'[auth]\nkeys_file = "{keys.public_file}"\nrealm = "{REALM}"\n' if keys
+            else "[auth]\ndisabled = true\n")
+    extra = f'[metrics]\nlisten = ["tcp:{metrics}:interface=127.0.0.1"]\n' if metrics else ""
+    path.write_text(
+        f'listen = ["tcp:{port}:interface=127.0.0.1:backlog=128"]\n'
+        f'root = "{root}"\n'
+        "[http]\naccess_log = false\n"
+        f"{auth}{extra}")
+    return path
+
+
+def vm_hwm(pid: int) -> int:
+    """Peak resident set size of a process, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+class Pattern(io.RawIOBase):
+    """``size`` bytes of a repeated random block, readable and seekable, never in memory."""
+
+    def __init__(self, size: int, block: bytes):
+        self.size = size
+        self.block = block
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: offset, 1: self.pos + offset, 2: self.size + offset}[whence]
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.pos if n < 0 else min(n, self.size - self.pos)
+        out = bytearray()
+        while len(out) < n:
+            offset = (self.pos + len(out)) % len(self.block)
+            out += self.block[offset:offset + n - len(out)]
+        self.pos += n
+        return bytes(out)
+
+
+def pattern_digest(size: int, block: bytes) -> str:
+    hasher = hashlib.sha256()
+    source = Pattern(size, block)
+    while chunk := source.read(4 * MIB):
+        hasher.update(chunk)
+    return "sha256:" + hasher.hexdigest()
+
+
+def test_config_errors_name_the_setting(tmp_path: Path) -> None:
+    cases = [
+        ('listen = ["tcp:0"]\n', "root"),
+        (f'root = "{tmp_path}"\n', "auth.keys_file"),
+        (f'root = "{tmp_path}"\n[auth]\nkeys_file = "/x"\n', "auth.realm"),
+        (f'root = "{tmp_path}"\nanonymous_pull = 3\n', "anonymous_pull"),
+        (f'root = "{tmp_path}"\n[gc]\ninterval = -1\n', "gc.interval"),
+    ]
+    for text, key in cases:
+        config = tmp_path / "imagestore.toml"
+        config.write_text(text)
+        proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=",
+                               "treadmill-imagestore", "--config", str(config)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0, text
+        assert key in proc.stdout + proc.stderr, (text, proc.stdout, proc.stderr)
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_stays_flat_for_a_200_mib_blob(tmp_path: Path, keys: Keys) -> None:
+    """Streaming, not buffering: the daemon's peak RSS barely moves (a bound, not a speed)."""
+    port, metrics = free_port(), free_port()
+    config = write_config(tmp_path / "imagestore.toml", tmp_path / "root", port, keys, metrics)
+    daemon = Daemon("treadmill-imagestore", ["--config", str(config)])
+    daemon.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        await daemon.wait_http(f"{url}/healthz")
+        reg = Registry(url, keys.repo("big/blob", "pull", "push"))
+        # Warm up every code path once.
+        small = await reg.push_blob("big/blob", os.urandom(MIB))
+        assert (await reg.request("GET", f"/v2/big/blob/blobs/{small}")).code == 200
+        pid = daemon._transport.pid
+        before = vm_hwm(pid)
+
+        size = 200 * MIB
+        block = os.urandom(MIB + 17)
+        digest = pattern_digest(size, block)
+        r = await reg.request("POST", "/v2/big/blob/blobs/uploads/")
+        location = r.header("location")
+        response = await treq.request(
+            "PATCH", url + location,
+            data=FileBodyProducer(Pattern(size, block), readSize=256 * 1024),
+            headers={"authorization": f"Bearer {reg.token}",
+                     "content-type": "application/octet-stream"})
+        await response.content()
+        assert response.code == 202
+        r = await reg.request("PUT", f"{location}?digest={digest}")
+        assert r.code == 201, r.body
+
+        response = await treq.get(f"{url}/v2/big/blob/blobs/{digest}",
+                                  headers={"authorization": f"Bearer {reg.token}"})
+        assert response.code == 200
+        hasher = hashlib.sha256()
+        received = [0]
+
+        def collect(data: bytes) -> None:
+            hasher.update(data)
+            received[0] += len(data)
+
+        await treq.collect(response, collect)
+        assert received[0] == size
+        assert "sha256:" + hasher.hexdigest() == digest
+
+        growth = vm_hwm(pid) - before
+        assert growth < 64 * MIB, f"peak RSS grew by {growth / MIB:.1f} MiB"
+
+        response = await treq.get(f"http://127.0.0.1:{metrics}/metrics")
+        text = (await response.content()).decode()
+        counted = re.search(r"^treadmill_imagestore_upload_bytes_total (\S+)$", text, re.M)
+        assert counted is not None and float(counted.group(1)) >= size, text
+        assert re.search(r"^treadmill_imagestore_blob_sent_bytes_total (\S+)$", text, re.M)
+    finally:
+        await daemon.stop()
+    assert "Traceback (most recent" not in daemon.output, daemon.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigkill_mid_upload_loses_nothing(tmp_path: Path) -> None:
+    port = free_port()
+    root = tmp_path / "root"
+    config = write_config(tmp_path / "imagestore.toml", root, port, None)
+    daemon = Daemon("treadmill-imagestore", ["--config", str(config)])
+    daemon.start()
+    url = f"http://127.0.0.1:{port}"
+    reg = Registry(url)
+    committed = os.urandom(3 * MIB)
+    pending = os.urandom(24 * MIB)
+    proto: Any = None
+    try:
+        await daemon.wait_http(f"{url}/healthz")
+        await reg.push_blob("lab/fw", committed)
+        r = await reg.request("POST", "/v2/lab/fw/blobs/uploads/")
+        location = r.header("location")
+        # Stream a long PATCH and kill the store while it is writing.
+        proto = await raw_connect(port)
+        proto.transport.write(
+            f"PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(pending)}\r\n"
+            f"Content-Range: 0-{len(pending) - 1}\r\n\r\n".encode())
+        proto.transport.write(pending[:12 * MIB])
+        deadline = reactor.seconds() + 10
+        while True:
+            r = await reg.request("GET", location)
+            end = int(r.header("range").split("-")[1])
+            if end > MIB or reactor.seconds() > deadline:
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        assert await daemon.signal(signal.SIGKILL) != 0
+    finally:
+        if proto is not None:
+            proto.transport.abortConnection()
+        await daemon.stop()
+
+    daemon = Daemon("treadmill-imagestore", ["--config", str(config)])
+    daemon.start()
+    try:
+        await daemon.wait_http(f"{url}/healthz")
+        # The committed blob is intact; no other blob is visible.
+        r = await reg.request("GET", f"/v2/lab/fw/blobs/{digest_of(committed)}")
+        assert r.code == 200 and r.body == committed
+        r = await reg.request("HEAD", f"/v2/lab/fw/blobs/{digest_of(pending)}")
+        assert r.code == 404
+        blobs = []
+        for directory, _dirs, files in os.walk(root / "blobs"):
+            for name in files:
+                with open(os.path.join(directory, name), "rb") as f:
+                    assert hashlib.sha256(f.read()).hexdigest() == name  # only complete blobs
+                blobs.append(name)
+        assert blobs == [digest_of(committed)[7:]]
+        assert os.listdir(root / "tmp") == []
+        # The interrupted upload resumes where the disk says it stopped.
+        r = await reg.request("GET", location)
+        assert r.code == 204
+        offset = int(r.header("range").split("-")[1]) + 1
+        assert MIB < offset <= 12 * MIB
+        r = await reg.request("PATCH", location, pending[offset:],
+                              {"content-range": f"{offset}-{len(pending) - 1}"})
+        assert r.code == 202, r.body
+        r = await reg.request("PUT", f"{location}?digest={digest_of(pending)}")
+        assert r.code == 201, r.body
+        r = await reg.request("GET", f"/v2/lab/fw/blobs/{digest_of(pending)}")
+        assert r.body == pending
+    finally:
+        await daemon.stop()
+    assert "Traceback (most recent" not in daemon.output, daemon.output

@@ -1,0 +1,16 @@
+"""The Treadmill image store: an OCI Distribution registry (``treadmill-imagestore``).
+
+Modules, from the bottom up:
+
+- :mod:`~treadmill.imagestore.names`: repository names, tags, digests (validation).
+- :mod:`~treadmill.imagestore.errors`: the OCI error shape and codes.
+- :mod:`~treadmill.imagestore.storage`: the on-disk layout (stable; read over NFS).
+- :mod:`~treadmill.imagestore.manifests`: manifest media types, checks, references.
+- :mod:`~treadmill.imagestore.uploads`: upload sessions, streamed bodies, commits.
+- :mod:`~treadmill.imagestore.gc`: garbage collection of unreferenced blobs.
+- :mod:`~treadmill.imagestore.auth`: capability tokens and the registry token challenge.
+- :mod:`~treadmill.imagestore.api`: the HTTP API (Klein) and its streaming request class.
+- :mod:`~treadmill.imagestore.service`, :mod:`~treadmill.imagestore.tap`: the daemon.
+
+See ``docs/imagestore.md``.
+"""

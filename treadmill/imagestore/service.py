@@ -1,0 +1,256 @@
+"""The image store's service tree.
+
+    imagestore (ImageStoreService)
+    ├── keys            capability keys (auth.keys_file / auth.keys_url), unless auth.disabled
+    ├── upload-expiry   removes upload sessions idle for uploads.max_age
+    ├── gc              periodic garbage collection (gc.interval > 0)
+    ├── http            the registry listeners
+    ├── manhole         optional SSH manhole (namespace: imagestore, storage, uploads, ...)
+    └── metrics         optional Prometheus listeners
+
+Start-up checks the storage layout, removes expired uploads and temporary
+files, then listens. Disk work runs in a thread pool of the service's own
+(``io_threads``), started and stopped with it.
+
+For tests, build it in-process::
+
+    config = ImageStoreConfig(root=str(tmp_path / "store"),
+                              listen=["tcp:0:interface=127.0.0.1"],
+                              keys_file=str(public_key_pem), realm="http://sb/token")
+    store = ImageStoreService(reactor, config)
+    store.startService()
+    await store.ready()
+    port = store.ports()[0].getHost().port
+    ...
+    await store.stopService()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector as PromCollector
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from twisted.web.iweb import IRequest
+
+from treadmill.common.daemon import listeners
+from treadmill.common.keys import KeySource
+from treadmill.imagestore.api import RegistryAPI, registry_site
+from treadmill.imagestore.auth import Authorizer
+from treadmill.imagestore.gc import Collector, SharedExclusiveLock
+from treadmill.imagestore.storage import Storage
+from treadmill.imagestore.uploads import Uploads
+
+DEFAULT_LISTEN = "tcp:8081:interface=127.0.0.1:backlog=1024"
+
+
+@dataclass
+class ImageStoreConfig:
+    """Everything an image store needs, already validated."""
+
+    root: str
+    listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
+    service: str = "treadmill-imagestore"
+    keys_url: str | None = None
+    keys_file: str | None = None
+    keys_refresh: float = 300.0
+    issuer: str = "treadmill"
+    ca_file: str | None = None
+    realm: str | None = None
+    auth_disabled: bool = False
+    anonymous_pull: list[str] = field(default_factory=list)
+    upload_max_age: float = 24 * 3600.0
+    manifest_max_size: int = 4 * 1024 * 1024
+    gc_interval: float = 0.0
+    gc_grace: float = 3600.0
+    access_log: bool = True
+    io_threads: int = 8
+
+
+class _Periodic(Service):
+    """Calls ``fn`` every ``interval`` seconds (not at start); logs its failures."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, interval: float, fn: Any, what: str):
+        self.reactor = reactor
+        self.interval = interval
+        self.fn = fn
+        self.what = what
+        self._call: LoopingCall | None = None
+
+    def _run(self) -> Deferred[Any]:
+        d = Deferred.fromCoroutine(_call(self.fn))
+        d.addErrback(lambda f: self.log.failure("{what} failed", f, what=self.what))
+        return d
+
+    def startService(self) -> None:
+        super().startService()
+        self._call = LoopingCall(self._run)
+        self._call.clock = self.reactor
+        self._call.start(self.interval, now=False)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self._call is not None and self._call.running:
+            self._call.stop()
+        return None
+
+
+async def _call(fn: Any) -> Any:
+    result = fn()
+    if isinstance(result, Deferred):
+        result = await result
+    return result
+
+
+class _Live(PromCollector):
+    def __init__(self, store: ImageStoreService):
+        self.store = store
+
+    def collect(self) -> Iterator[Any]:
+        uploads = GaugeMetricFamily("treadmill_imagestore_uploads_active",
+                                    "Upload sessions known to this process.")
+        uploads.add_metric([], len(self.store.uploads.active))
+        yield uploads
+        received = CounterMetricFamily("treadmill_imagestore_upload_bytes",
+                                       "Blob bytes received and written.")
+        received.add_metric([], self.store.uploads.bytes_received)
+        yield received
+        sent = CounterMetricFamily("treadmill_imagestore_blob_sent_bytes", "Blob bytes served.")
+        sent.add_metric([], self.store.api.bytes_sent)
+        yield sent
+        committed = CounterMetricFamily("treadmill_imagestore_blob_commits",
+                                        "Uploads verified and committed.")
+        committed.add_metric([], self.store.uploads.committed)
+        yield committed
+        gc_runs = CounterMetricFamily("treadmill_imagestore_gc_runs", "Garbage collections.")
+        gc_runs.add_metric([], self.store.collector.runs)
+        yield gc_runs
+        gc_deleted = CounterMetricFamily("treadmill_imagestore_gc_deleted_blobs",
+                                         "Blobs deleted by garbage collection.")
+        gc_deleted.add_metric([], self.store.collector.deleted_total)
+        yield gc_deleted
+
+
+class ImageStoreMetrics:
+    def __init__(self, store: ImageStoreService):
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.registry.register(_Live(store))
+        self.requests = Counter("treadmill_http_requests", "HTTP requests answered.",
+                                ["method", "code"], registry=self.registry)
+
+    def observe(self, request: IRequest) -> None:
+        method = request.method.decode("ascii", "replace") if request.method else "?"
+        if method not in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+            method = "other"
+        self.requests.labels(method, str(request.code)).inc()
+
+
+class ImageStoreService(MultiService):
+    """The root service of an image store process."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, config: ImageStoreConfig):
+        super().__init__()
+        self.setName("imagestore")
+        self.reactor = reactor
+        self.config = config
+        self.storage = Storage(config.root)
+        self.pool = ThreadPool(minthreads=0, maxthreads=config.io_threads,
+                               name="imagestore-io")
+        self.lock = SharedExclusiveLock()
+        self.collector = Collector(reactor, self.storage, self.pool, self.lock,
+                                   grace=config.gc_grace)
+        self.uploads = Uploads(reactor, self.storage, self.pool, self.lock,
+                               max_age=config.upload_max_age)
+        self.keys: KeySource | None = None
+        verifier = None
+        if not config.auth_disabled:
+            self.keys = KeySource(reactor, url=config.keys_url, file=config.keys_file,
+                                  refresh=config.keys_refresh, ca_file=config.ca_file)
+            self.keys.setName("keys")
+            self.keys.setServiceParent(self)
+            verifier = self.keys.verifier(config.issuer, config.service)
+        self.auth = Authorizer(verifier, realm=config.realm, service=config.service,
+                               anonymous_pull=config.anonymous_pull,
+                               disabled=config.auth_disabled)
+        self.api = RegistryAPI(reactor, self.storage, self.uploads, self.collector, self.auth,
+                               self.lock, self.pool, max_manifest=config.manifest_max_size)
+        self.site = registry_site(self.api)
+        self.metrics = ImageStoreMetrics(self)
+        access_log = self.site.log
+
+        def log(request: Any) -> None:
+            self.metrics.observe(request)
+            if config.access_log:
+                access_log(request)
+
+        self.site.log = log  # type: ignore[method-assign]
+        expiry = _Periodic(reactor, max(1.0, min(3600.0, config.upload_max_age / 4)),
+                           self.uploads.expire, "Upload expiry")
+        expiry.setName("upload-expiry")
+        expiry.setServiceParent(self)
+        if config.gc_interval > 0:
+            gc = _Periodic(reactor, config.gc_interval, self.collector.collect,
+                           "Garbage collection")
+            gc.setName("gc")
+            gc.setServiceParent(self)
+        self._ready: Deferred[None] | None = None
+        self._ports: list[Any] = []
+        self._http: MultiService | None = None
+
+    def namespace(self) -> dict[str, Any]:
+        """What the manhole shows an operator (``collect_garbage()`` runs a GC)."""
+        return {"imagestore": self, "storage": self.storage, "uploads": self.uploads,
+                "collector": self.collector, "api": self.api, "auth": self.auth,
+                "collect_garbage": self.collect_garbage, "reactor": self.reactor}
+
+    def collect_garbage(self) -> Deferred[dict[str, Any]]:
+        """Delete unreferenced blobs now; fires with a summary."""
+        return self.collector.collect()
+
+    def startService(self) -> None:
+        # Fail the start (and twistd) at once if the root is unusable.
+        self.storage.init()
+        self.pool.start()
+        super().startService()
+        self._ready = Deferred.fromCoroutine(self._start())
+
+    def ready(self) -> Deferred[None]:
+        """Fires when the store listens."""
+        return self._ready if self._ready is not None else succeed(None)
+
+    async def _start(self) -> None:
+        await self.uploads.expire()
+        http = listeners(self.reactor, self.config.listen, self.site, "http")
+        http.setServiceParent(self)
+        self._http = http
+        self._ports = [await service._waitingForPort  # type: ignore[attr-defined]
+                       for service in http]
+        self.log.info("Image store on {root} listening on {listen}", root=self.storage.root,
+                      listen=", ".join(self.config.listen))
+
+    def ports(self) -> list[Any]:
+        """The listening ports (for tests that listen on port 0)."""
+        return list(self._ports)
+
+    async def _stop(self) -> None:
+        await super().stopService()
+        self.pool.stop()
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
