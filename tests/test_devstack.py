@@ -42,6 +42,12 @@ async def test_devstack_runs_a_first_job(tmp_path: Path) -> None:
         status = await tml(reactor, argv, stdout, stderr, env)
         assert status == 0, stdout.getvalue() + stderr.getvalue()
         assert "workload_exited, exit status 0" in stdout.getvalue() + stderr.getvalue()
+        job_id = stdout.getvalue().splitlines()[0].strip()
+        # Its events went to the devstack's log server.
+        out, err = io.StringIO(), io.StringIO()
+        status = await tml(reactor, ["job", "logs", job_id, "--stream", "events"], out, err,
+                           env)
+        assert status == 0 and '"state":"terminated"' in out.getvalue(), err.getvalue()
     finally:
         subprocess.run([sys.executable, "-m", "treadmill.dev.devstack", "stop", "--state",
                         str(state), "--port", port], capture_output=True, timeout=120,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest_twisted
 import treq
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from tests.support import start_switchboard
 from tests.switchboard.peer import eventually
@@ -100,3 +101,68 @@ async def test_console_and_events_reach_every_replica(database: str, tmp_path: P
         await sb.stop()
         for service, _ in servers:
             await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_log_server_killed_mid_job_loses_no_byte(database: str, tmp_path: Path) -> None:
+    import re
+    import signal
+
+    from tests.daemons import Daemon, free_port
+
+    key = tmp_path / "capability-key.pem"
+    load_or_create_signing_key(str(key))
+    port = free_port()
+    config = tmp_path / "logserver.toml"
+    config.write_text(f'listen = ["tcp:{port}:interface=127.0.0.1"]\n'
+                      f'root = "{tmp_path / "logs"}"\nfsync = "always"\n'
+                      f'[auth]\nkeys_file = "{key}"\n')
+    logserver = Daemon("treadmill-logserver", ["--config", str(config)])
+    logserver.start()
+    url = f"http://127.0.0.1:{port}"
+    await logserver.wait_http(f"{url}/healthz")
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 limits=Limits(log_servers=(url,), log_replicas=1))
+    r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
+    supervisor = SupervisorService(reactor, SupervisorConfig(
+        url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
+        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
+        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=3.0,
+                          console_rate=20_000)))
+    supervisor.startService()
+    try:
+        await supervisor.connected()
+        job_id = (await sb.admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})
+                  ).body["id"]
+
+        async def running() -> bool:
+            return (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body["state"] == "ready"
+
+        await eventually(running, timeout=20)
+        await deferLater(reactor, 1.0, lambda: None)
+        await logserver.signal(signal.SIGKILL)
+        await deferLater(reactor, 1.0, lambda: None)  # The console keeps going meanwhile.
+        logserver.start()
+        await logserver.wait_http(f"{url}/healthz")
+        access = (await sb.admin.post(f"/api/v1/jobs/{job_id}/logs/token")).body
+        headers = {"Authorization": f"Bearer {access['token']}"}
+
+        async def closed() -> bool:
+            r = await treq.get(f"{url}/v1/jobs/{job_id}/streams", headers=headers)
+            if r.code != 200:
+                await r.content()
+                return False
+            streams = {s["name"]: s for s in (await r.json())["streams"]}
+            return bool(streams.get("console", {}).get("closed"))
+
+        await eventually(closed, timeout=30)
+        r = await treq.get(f"{url}/v1/jobs/{job_id}/streams/console", headers=headers)
+        console = (await r.content()).decode()
+        numbers = [int(n) for n in re.findall(r" line (\d+)", console)]
+        assert len(numbers) > 100 and numbers[0] == 1
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), \
+            "lost or repeated console lines"
+    finally:
+        await supervisor.stopService()
+        await sb.stop()
+        await logserver.stop()

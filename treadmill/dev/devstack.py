@@ -49,11 +49,15 @@ def _http_json(url: str, token: str | None = None, timeout: float = 2.0) -> tupl
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read() or b"null")
+            body = response.read()
     except urllib.error.HTTPError as e:
         return e.code, None
-    except (urllib.error.URLError, OSError, ValueError):
+    except (urllib.error.URLError, OSError):
         return 0, None
+    try:
+        return response.status, json.loads(body or b"null")
+    except ValueError:
+        return response.status, body
 
 
 class Devstack:
@@ -61,6 +65,8 @@ class Devstack:
         self.state = state.absolute()
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.store_url = f"http://127.0.0.1:{port + 1}"
+        self.logs_url = f"http://127.0.0.1:{port + 2}"
         self.cluster = Cluster(self.state / "pg", port=5432, durable=True)
         self.logs = self.state / "logs"
         self.run = self.state / "run"
@@ -130,6 +136,10 @@ class Devstack:
     def roles(self) -> list[Role]:
         return [Role("switchboard", "treadmill-switchboard", self.state / "switchboard.toml",
                      f"{self.url}/healthz"),
+                Role("imagestore", "treadmill-imagestore", self.state / "imagestore.toml",
+                     f"{self.store_url}/healthz"),
+                Role("logserver", "treadmill-logserver", self.state / "logserver.toml",
+                     f"{self.logs_url}/healthz"),
                 Role("supervisor-mock-1", "treadmill-supervisor",
                      self.state / "supervisor-mock-1.toml")]
 
@@ -193,7 +203,26 @@ class Devstack:
             f"dsn = {json.dumps(dsn)}\n"
             "[capabilities]\n"
             f"signing_key = {json.dumps(str(self.state / 'capability-key.pem'))}\n"
+            "[logs]\n"
+            f"servers = [{json.dumps(self.logs_url)}]\n"
+            "replicas = 1\n"
             + self._manhole_config())
+        keys_url = f"{self.url}/.well-known/treadmill/capability-keys"
+        (self.state / "imagestore.toml").write_text(
+            "# Written by tools/devstack; edits are overwritten.\n"
+            f'listen = ["tcp:{self.port + 1}:interface=127.0.0.1:backlog=1024"]\n'
+            f"root = {json.dumps(str(self.state / 'images'))}\n"
+            "[auth]\n"
+            f"realm = {json.dumps(self.url + '/api/v1/registry/token')}\n"
+            f"keys_url = {json.dumps(keys_url)}\n"
+            f"keys_file = {json.dumps(str(self.state / 'imagestore-keys.json'))}\n")
+        (self.state / "logserver.toml").write_text(
+            "# Written by tools/devstack; edits are overwritten.\n"
+            f'listen = ["tcp:{self.port + 2}:interface=127.0.0.1"]\n'
+            f"root = {json.dumps(str(self.state / 'logs-data'))}\n"
+            "[auth]\n"
+            f"keys_url = {json.dumps(keys_url)}\n"
+            f"keys_file = {json.dumps(str(self.state / 'logserver-keys.json'))}\n")
 
     def _manhole_config(self) -> str:
         keys = [p for p in (Path.home() / ".ssh").glob("*.pub")] if Path.home().exists() else []
@@ -258,7 +287,9 @@ class Devstack:
         print(f"""
 Treadmill devstack is up.
 
-  Switchboard API   {self.url}   (logs in {self.logs})
+  Switchboard API   {self.url}   (daemon logs in {self.logs})
+  Image store       {self.store_url}
+  Log server        {self.logs_url}
   Admin user        {ADMIN}; token in {self.state / 'admin-token'}
   PostgreSQL        {self.cluster.dsn(DATABASE)}
 
@@ -270,11 +301,12 @@ Use it from another shell:
   tml job submit sha256:{'0' * 64} --tag mock --follow
   tml job submit sha256:{'0' * 64} --tag mock --param mock.exit_status=3 --follow
   tml job ls
+  tml job logs JOB_ID --follow      # the mock host's console, from the log server
 
   tml admin user add alice --password-stdin <<< 'correct horse battery'
   tml admin token create --user alice --label laptop
   tml admin host add board-1 --tag arch=arm64
-  tml image register demo sha256:{'0' * 64} --store http://127.0.0.1:8081
+  tml image push demo --store {self.store_url} --qcow2 disk.qcow2
 """, flush=True)
 
 
