@@ -22,6 +22,8 @@ BUILT = {
     "job_event": p.job_event(4, JOB, "terminated", reason="workload_exited", exit_status=0,
                              message="done"),
     "ack": p.ack(4, ("already_running", "busy")),
+    "job_endpoints": p.job_endpoints(5, JOB, [{"service": "ssh", "proxy": "http://p:1",
+                                               "host": "p.example", "port": 40022}]),
     "protocol_error": p.protocol_error("violation", "bad"),
 }
 

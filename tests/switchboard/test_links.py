@@ -588,3 +588,44 @@ async def test_start_job_names_log_servers_with_a_write_token(database: str,
             verifier.verify(r.body["token"], "job", job_id, "append")
     finally:
         await sb.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxies_in_start_job_and_reported_endpoints(database: str,
+                                                           tmp_path: Path) -> None:
+    from treadmill.common.captoken import CapabilityVerifier, parse_jwks
+
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 proxies=("http://proxy-1.example:8090",))
+    try:
+        token = await add_host(sb)
+        token2 = await add_host(sb, "h2", ("u",))
+        peer = await connected_peer(sb, token)
+        other = await connected_peer(sb, token2)
+        job_id = await assigned_job(sb, peer)
+        start = peer.of_type("start_job")[-1]["job"]
+        assert [p["url"] for p in start["proxies"]] == ["http://proxy-1.example:8090"]
+        keys = parse_jwks((await sb.admin.get("/.well-known/treadmill/capability-keys")).body)
+        CapabilityVerifier(keys, "treadmill", "treadmill-proxy", reactor).verify(
+            start["proxies"][0]["token"], "tunnel", job_id, "publish")
+        endpoint = {"service": "ssh", "proxy": "http://proxy-1.example:8090",
+                    "host": "proxy-1.example", "port": 40022}
+        ids = iter(range(1000, 2000))
+
+        async def report(p: Peer, endpoints: list) -> dict:
+            from twisted.internet.defer import Deferred
+
+            rid = next(ids)
+            waiter: Deferred = Deferred()
+            p._acks[rid] = waiter
+            p.send(protocol.job_endpoints(rid, job_id, endpoints))
+            return await waiter
+
+        assert (await report(peer, [endpoint]))["ok"]
+        assert (await job(sb, job_id))["endpoints"] == [endpoint]
+        denied = await report(other, [])
+        assert not denied["ok"] and denied["error"]["code"] == "not_your_job"
+        await peer.event(job_id, "terminated", reason="workload_exited", exit_status=0)
+        assert (await job(sb, job_id))["endpoints"] == []
+    finally:
+        await sb.stop()

@@ -28,15 +28,15 @@ from treadmill.common.http import loads
 from treadmill.common.schema import validator
 
 MAJOR = 1
-MINOR = 1
-"""1: ``JobStart.log_servers``."""
+MINOR = 2
+"""1: ``JobStart.log_servers``; 2: ``JobStart.proxies`` and ``job_endpoints``."""
 SUBPROTOCOL = f"treadmill.supervisor.v{MAJOR}"
 MINOR_HEADER = "x-treadmill-protocol-minor"
 PATH = "/api/v1/supervisor"
 MAX_MESSAGE_BYTES = 256 * 1024
 
 TO_SUPERVISOR = ("start_job", "stop_job", "status_request", "ack", "protocol_error")
-TO_SWITCHBOARD = ("status", "job_event", "ack", "protocol_error")
+TO_SWITCHBOARD = ("status", "job_event", "job_endpoints", "ack", "protocol_error")
 MESSAGE_TYPES = tuple(sorted(set(TO_SUPERVISOR) | set(TO_SWITCHBOARD)))
 
 # Why a start_job was refused (ack with ok=false, error.code).
@@ -147,6 +147,13 @@ def job_event(request_id: int, job_id: str, state: str, *, stage: str | None = N
         if value is not None:
             event[key] = value
     return event
+
+
+def job_endpoints(request_id: int, job_id: str,
+                  endpoints: list[dict[str, Any]]) -> dict[str, Any]:
+    """The job's public endpoints now (the whole list; empty when none)."""
+    return {"type": "job_endpoints", "request_id": request_id, "job_id": job_id,
+            "endpoints": endpoints}
 
 
 def ack(request_id: int, error: tuple[str, str] | None = None) -> dict[str, Any]:

@@ -140,10 +140,11 @@ class SupervisorLink(WebSocketServerProtocol):
                 self.violation(f"{kind} for unknown request {message['request_id']}")
             elif not pending.called:
                 pending.callback(message)
-        elif kind == "job_event":
-            # Events apply in the order they arrived, each after the one before.
-            self._inbox.addCallback(lambda _: Deferred.fromCoroutine(self._event(message)))
-            self._inbox.addErrback(lambda f: self.log.failure("Event handling failed", f))
+        elif kind in ("job_event", "job_endpoints"):
+            # Reports apply in the order they arrived, each after the one before.
+            handler = self._event if kind == "job_event" else self._endpoints
+            self._inbox.addCallback(lambda _: Deferred.fromCoroutine(handler(message)))
+            self._inbox.addErrback(lambda f: self.log.failure("Report handling failed", f))
         elif kind == "protocol_error":
             self.log.warn("Supervisor of {host} reports a protocol error: {code} {message}",
                           host=self.host_name, code=message["code"],
@@ -190,6 +191,18 @@ class SupervisorLink(WebSocketServerProtocol):
         if changed:
             self.log.debug("{host}: job {job} is {state}", host=self.host_name,
                            job=message["job_id"], state=status.state.value)
+
+    async def _endpoints(self, message: dict[str, Any]) -> None:
+        assert self.host_id is not None
+        try:
+            await self.links.store.set_endpoints(self.host_id, message["job_id"],
+                                                 message["endpoints"])
+        except (NotYourJob, NotFound):
+            self.send(protocol.ack(message["request_id"], ("not_your_job",
+                                                           "that job is not on this host")))
+            return
+        if self.state == self.STATE_OPEN:
+            self.send(protocol.ack(message["request_id"]))
 
     # -- reconciliation ------------------------------------------------------------------
 
@@ -251,6 +264,11 @@ class SupervisorLink(WebSocketServerProtocol):
                                            [Access("job", job_id, ("append",))], ttl)
             start["log_servers"] = [{"url": url, "token": token}
                                     for url in found["log_servers"]]
+        if self.minor >= 2 and self.links.proxies and self.links.signer is not None:
+            ttl = min(start["timeout"] + 3600.0, MAX_TTL)
+            token = self.links.signer.sign(f"host:{self.host_name}", self.links.proxy_service,
+                                           [Access("tunnel", job_id, ("publish",))], ttl)
+            start["proxies"] = [{"url": url, "token": token} for url in self.links.proxies]
         answer = await self.request(protocol.start_job(0, start))
         if answer["ok"]:
             return
@@ -284,7 +302,8 @@ class SupervisorLinks(MultiService):
                  reconcile_interval: float = 30.0, touch_interval: float = 5.0,
                  unreachable_after: float = 60.0, request_timeout: float = REQUEST_TIMEOUT,
                  signer: CapabilitySigner | None = None,
-                 log_service: str = "treadmill-logserver"):
+                 log_service: str = "treadmill-logserver",
+                 proxies: tuple[str, ...] = (), proxy_service: str = "treadmill-proxy"):
         super().__init__()
         self.reactor = reactor
         self.store = store
@@ -295,6 +314,8 @@ class SupervisorLinks(MultiService):
         self.unreachable_after = unreachable_after
         self.signer = signer
         self.log_service = log_service
+        self.proxies = proxies
+        self.proxy_service = proxy_service
         self.by_host: dict[int, SupervisorLink] = {}
         self.factory = SupervisorLinkFactory(self)
         self.resource = WebSocketResource(self.factory)

@@ -127,6 +127,11 @@ JOB = _record({
     "timeout": NUMBER, "queue_timeout": NUMBER, "max_restarts": INTEGER,
     "restart_of": OPTIONAL_UUID, "restarts_left": INTEGER,
     "state": _enum(State), "stage": _enum(Stage, nullable=True), "host": OPTIONAL_STRING,
+    "endpoints": {"type": "array", "items": {
+        "type": "object", "required": ["service", "proxy"],
+        "properties": {"service": STRING, "proxy": STRING, "host": STRING,
+                       "port": INTEGER, "url": STRING}},
+        "description": "Public endpoints through rendezvous proxies (tml job ssh/connect)."},
     "logs": {"type": "array", "items": STRING,
              "description": "Log servers holding the job's logs (POST .../logs/token)."},
     "termination": {

@@ -59,6 +59,8 @@ class SwitchboardConfig:
     limits: Limits = field(default_factory=Limits)
     scheduler_interval: float = 2.0
     fairness_window: float = 3600.0
+    proxies: tuple[str, ...] = ()
+    proxy_service: str = "treadmill-proxy"
     unrunnable_grace: float = 30.0
     max_host_failures: int = 3
     ping_interval: float = 5.0
@@ -88,7 +90,8 @@ class SwitchboardService(MultiService):
             ping_timeout=config.ping_timeout, reconcile_interval=config.reconcile_interval,
             touch_interval=min(5.0, config.unreachable_after / 4),
             unreachable_after=config.unreachable_after, signer=self.signer,
-            log_service=config.limits.log_service)
+            log_service=config.limits.log_service, proxies=config.proxies,
+            proxy_service=config.proxy_service)
         self.links.setName("links")
         self.scheduler = Scheduler(reactor, self.store, interval=config.scheduler_interval,
                                    fresh_within=max(15.0, 3 * min(5.0,

@@ -64,7 +64,7 @@ _JOB_COLUMNS = """
     j.restarts_left, j.restart_of, j.state, j.stage, h.name AS host, j.termination_reason,
     j.exit_status, j.termination_message, j.created_at, j.assigned_at, j.started_at,
     j.ready_at, j.terminating_at, j.terminated_at, j.updated_at, j.queue_deadline,
-    j.deadline, j.log_servers"""
+    j.deadline, j.log_servers, j.endpoints"""
 SCHEDULER_LOCK = 0x74726561646D7363  # "treadmsc"
 
 _EVENT_COLUMNS = ("e.seq, e.job_id AS job, e.at, e.state, e.stage, e.reason, e.exit_status, "
@@ -580,6 +580,22 @@ class Store:
         rows = await self.pool.fetchall("SELECT state, count(*) AS n FROM jobs GROUP BY state")
         return {row["state"]: row["n"] for row in rows}
 
+    async def set_endpoints(self, host_id: int, job_id: str,
+                            endpoints: list[dict[str, Any]]) -> bool:
+        """Record a running job's public endpoints, as its own host reports them."""
+        async def update(cur: Cursor) -> bool:
+            row = await cur.fetchone("SELECT host_id, state FROM jobs WHERE id = %s "
+                                     "FOR UPDATE", (job_id,))
+            if row is None or row["host_id"] != host_id:
+                raise NotYourJob(f"job {job_id} is not on this host")
+            if row["state"] == "terminated":
+                return False
+            await cur.execute("UPDATE jobs SET endpoints = %s, updated_at = now() "
+                              "WHERE id = %s", (Json(endpoints), job_id))
+            return True
+
+        return await self.pool.transaction(update)
+
     async def repository_claimed(self, repository: str) -> bool:
         """Whether a catalogue image or a user's namespace owns ``repository``."""
         row = await self.pool.fetchone(
@@ -633,6 +649,8 @@ async def transition(cur: Cursor, job_id: str, new: Status, *, exit_status: int 
         sets.append("termination_reason = %(reason)s")
     if exit_status is not None:
         sets.append("exit_status = %(exit_status)s")
+    if new.state is State.TERMINATED:
+        sets.append("endpoints = '[]'")  # Its tunnels close with it.
     if message is not None:
         sets.append("termination_message = %(message)s")
     params = {"id": job_id, "state": new.state.value,

@@ -76,6 +76,10 @@ class Options(RoleOptions):
                 "How many of logs.servers hold each job's logs."),
         Setting("logs.service", STR, "treadmill-logserver",
                 "The log servers' service name (the audience of their tokens)."),
+        Setting("proxies.servers", STRLIST, [],
+                "Rendezvous proxy control URLs; every job's services are published on each."),
+        Setting("proxies.service", STR, "treadmill-proxy",
+                "The proxies' service name (the audience of their publish tokens)."),
         Setting("supervisors.unreachable_after", positive(FLOAT), 60.0,
                 "Seconds a host with an active job may stay disconnected before the job "
                 "ends as host_unreachable."),
@@ -115,7 +119,9 @@ def config_from(values: dict[str, Any]) -> SwitchboardConfig:
         ping_interval=values["supervisors.ping_interval"],
         ping_timeout=values["supervisors.ping_timeout"],
         reconcile_interval=values["supervisors.reconcile_interval"],
-        unreachable_after=values["supervisors.unreachable_after"])
+        unreachable_after=values["supervisors.unreachable_after"],
+        proxies=tuple(url.rstrip("/") for url in values["proxies.servers"]),
+        proxy_service=values["proxies.service"])
     if values["instance"]:
         config.instance = values["instance"]
     return config

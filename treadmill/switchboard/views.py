@@ -49,7 +49,8 @@ def job(row: dict[str, Any]) -> dict[str, Any]:
         "timeout": row["timeout"], "queue_timeout": row["queue_timeout"],
         "max_restarts": row["max_restarts"], "restart_of": row["restart_of"],
         "restarts_left": row["restarts_left"], "state": row["state"], "stage": row["stage"],
-        "host": row["host"], "logs": row["log_servers"], "termination": termination,
+        "host": row["host"], "logs": row["log_servers"], "endpoints": row["endpoints"],
+        "termination": termination,
         **{key: row[key] for key in ("created_at", "assigned_at", "started_at", "ready_at",
                                      "terminated_at", "updated_at")},
     }
