@@ -89,8 +89,19 @@ async def test_console_and_events_reach_every_replica(database: str, tmp_path: P
                                    job_id], out, err, {})
         assert code == 0, err.getvalue()
         assert out.getvalue() == copies["console"][0].decode("utf-8", "replace")
+        # submit --follow shows the console as it happens, beside the events.
+        out, err = io.StringIO(), io.StringIO()
+        code = await tml(reactor, ["--url", sb.url, "--token", sb.admin_token, "job", "submit",
+                                   DIGEST, "--tag", "mock", "--follow"], out, err, {})
+        assert code == 0, err.getvalue()
+        assert "mock console" in out.getvalue() and "terminated" in out.getvalue()
         # With one replica down, the other serves.
         await servers[0][0].stopService()
+        # A stopped in-process server leaves its keep-alive connections open
+        # (a killed one would not): forget them, as a new tml process would.
+        from treq.api import get_global_pool
+
+        await get_global_pool().closeCachedConnections()
         out, err = io.StringIO(), io.StringIO()
         code = await tml(reactor, ["--url", sb.url, "--token", sb.admin_token, "job", "logs",
                                    job_id, "--stream", "events"], out, err, {})

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from treadmill.cli import output
 from treadmill.cli.client import Unreachable
 from treadmill.cli.commands.images import short_digest
+from treadmill.cli.commands.logs import ConsoleWriter, job_logs, read_stream
 from treadmill.cli.commands.logs import add_arguments as add_logs_arguments
-from treadmill.cli.commands.logs import job_logs
 from treadmill.cli.context import (
     EXIT_JOB_ABORTED,
     EXIT_JOB_FAILED,
@@ -320,7 +321,18 @@ async def job_submit(ctx: Context) -> int:
         output.print_json_line(ctx.stdout, job)
     else:
         ctx.write(f"{job['id']}\n")
+    console = None
+    if job.get("logs") and not ctx.json and not a.no_console:
+        # The console as it happens, beside the events.
+        console = Deferred.fromCoroutine(
+            read_stream(ctx, job["id"], "console", True, ConsoleWriter(ctx)))
+        console.addErrback(lambda f: ctx.note(f"tml: console unavailable: {f.value}"))
     last = await EventFollower(ctx, job["id"]).run()
+    if console is not None:
+        # The supervisor closes the stream once it shipped the tail.
+        console.addTimeout(CONSOLE_TAIL_WAIT, ctx.reactor)
+        console.addErrback(lambda f: None)
+        await console
     return await finish_following(ctx, job["id"], last)
 
 
@@ -364,6 +376,10 @@ async def job_events(ctx: Context) -> int:
     return EXIT_OK
 
 
+CONSOLE_TAIL_WAIT = 10.0
+"""Seconds ``submit --follow`` waits for the console's last bytes after the end."""
+
+
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add ``job``."""
     job = add_group(sub, "job", help="submit and watch jobs")
@@ -403,9 +419,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "--follow",
         "-f",
         action="store_true",
-        help="watch the job's events until it terminates; exit 0 only if the workload "
-        "exited with status 0 (4: non-zero exit status, 5: any other termination)",
+        help="watch the job's events (and its console) until it terminates; exit 0 only "
+        "if the workload exited with status 0 (4: non-zero exit status, 5: any other "
+        "termination)",
     )
+    p.add_argument("--no-console", action="store_true",
+                   help="with --follow, show the events only, not the console")
 
     p = add_command(job, "ls", job_ls, common, help="list jobs, newest first")
     p.add_argument("--state", choices=STATES)

@@ -19,7 +19,7 @@ from treadmill.cli.context import EXIT_ERROR, EXIT_OK, Context
 _READ_TIMEOUT = 30.0
 
 
-class _Writer:
+class ConsoleWriter:
     """Console bytes to stdout: raw when stdout is a byte stream, else decoded."""
 
     def __init__(self, ctx: Context):
@@ -37,39 +37,44 @@ class _Writer:
             self.ctx.stdout.flush()
 
 
-async def _access(ctx: Context) -> dict[str, Any]:
-    return await ctx.api.post("jobs", ctx.args.id, "logs", "token")
+async def _access(ctx: Context, job_id: str) -> dict[str, Any]:
+    return await ctx.api.post("jobs", job_id, "logs", "token")
 
 
 async def job_logs(ctx: Context) -> int:
     """Print a job's log stream; with ``--follow``, keep printing as it grows."""
     a = ctx.args
-    access = await _access(ctx)
+    return await read_stream(ctx, a.id, a.stream, a.follow, ConsoleWriter(ctx))
+
+
+async def read_stream(ctx: Context, job_id: str, stream: str, follow: bool,
+                      write: Any) -> int:
+    """Write a job's stream with ``write(bytes)``; follow it until it closes if asked."""
+    access = await _access(ctx, job_id)
     if not access.get("servers"):
-        ctx.note(f"tml: job {a.id} has no log servers (the switchboard configures none)")
+        ctx.note(f"tml: job {job_id} has no log servers (the switchboard configures none)")
         return EXIT_ERROR
-    write = _Writer(ctx)
     offset = 0
     failures = 0
     servers = list(access["servers"])
     while True:
         server = servers[failures % len(servers)]
-        url = f"{server.rstrip('/')}/v1/jobs/{a.id}/streams/{a.stream}"
+        url = f"{server.rstrip('/')}/v1/jobs/{job_id}/streams/{stream}"
         params = {"offset": str(offset)}
-        if a.follow:
+        if follow:
             params["follow"] = "1"
         try:
             response = await treq.get(url, params=params, unbuffered=True,
-                                      timeout=None if a.follow else _READ_TIMEOUT,
+                                      timeout=None if follow else _READ_TIMEOUT,
                                       headers={"Authorization": f"Bearer {access['token']}"})
             if response.code == 401:
                 await treq.content(response)
-                access = await _access(ctx)  # The read token expired: a fresh one.
+                access = await _access(ctx, job_id)  # The token expired: a fresh one.
                 failures += 1
                 continue
-            if response.code == 404 and not a.follow:
+            if response.code == 404 and not follow:
                 await treq.content(response)
-                ctx.note(f"tml: job {a.id} has no {a.stream} stream yet")
+                ctx.note(f"tml: job {job_id} has no {stream} stream yet")
                 return EXIT_OK
             if response.code == 416:
                 await treq.content(response)
@@ -84,7 +89,7 @@ async def job_logs(ctx: Context) -> int:
         except Exception as e:
             failures += 1
             if failures > 3 * len(servers) + 20:
-                ctx.note(f"tml: giving up on the logs of job {a.id}: {e}")
+                ctx.note(f"tml: giving up on the logs of job {job_id}: {e}")
                 return EXIT_ERROR
             ctx.note(f"tml: log server {server} failed ({type(e).__name__}: {e}); "
                      f"resuming at byte {offset} on another")
