@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -288,3 +290,132 @@ def test_settings_from_configuration_values() -> None:
     assert settings.durations["booting"] == 2.5 and settings.fail_at == "booting"
     assert settings.stages() == ["starting", "fetching_image", "provisioning", "booting"]
     assert MockSettings.from_values(settings.values()) == settings
+
+
+# -- fetching the image ---------------------------------------------------------------------
+
+
+class StubFetcher:
+    """An ImageFetcher stand-in whose fetches the test completes by hand."""
+
+    def __init__(self, cache_mount: str | None = None):
+        self.cache_mount = cache_mount
+        self.calls: list[dict[str, Any]] = []
+        self.pending: list[Deferred[Any]] = []
+        self.released: list[Any] = []
+
+    def can_fetch(self, image: dict[str, Any]) -> bool:
+        return bool(self.cache_mount or image.get("stores"))
+
+    async def fetch(self, image: dict[str, Any]) -> Any:
+        self.calls.append(image)
+        d: Deferred[Any] = Deferred()
+        self.pending.append(d)
+        return await d
+
+    def release(self, fetched: Any) -> None:
+        self.released.append(fetched)
+
+
+def with_stores(start: dict[str, Any]) -> dict[str, Any]:
+    start["image"] = {**start["image"], "stores": ["http://store.example:8081"]}
+    return start
+
+
+def fetching_run(settings: MockSettings | None = None, job_start: dict[str, Any] | None = None,
+                 fetcher: StubFetcher | None = None
+                 ) -> tuple[MockDriver, Recorder, MemoryReactorClock, StubFetcher]:
+    clock = MemoryReactorClock()
+    fetcher = fetcher or StubFetcher()
+    driver = MockDriver(clock, settings or MockSettings(durations=dict.fromkeys(STAGES, 1.0)),
+                        fetcher=fetcher)  # type: ignore[arg-type]
+    reporter = Recorder(clock)
+    driver.start(job_start or with_stores(job()), reporter)
+    return driver, reporter, clock, fetcher
+
+
+def test_fetching_image_really_fetches_when_the_job_has_stores() -> None:
+    driver, reporter, clock, fetcher = fetching_run()
+    run_for(clock, 1.5, 0.1)
+    assert reporter.kinds == ["starting", "fetching_image"]
+    assert fetcher.calls == [with_stores(job())["image"]]
+    run_for(clock, 5.0, 0.1)  # the stage lasts as long as the fetch
+    assert reporter.kinds == ["starting", "fetching_image"]
+    fetched = object()
+    fetcher.pending[0].callback(fetched)
+    clock.advance(0)
+    assert reporter.kinds == ["starting", "fetching_image", "allocating"]  # at once: slow fetch
+    run_for(clock, 10.0, 0.1)
+    assert reporter.kinds == [*STAGES, "ready", "exited"]
+    assert fetcher.released == [fetched] and driver.current is None
+
+
+def test_a_fast_fetch_still_takes_the_stage_duration() -> None:
+    _, reporter, clock, fetcher = fetching_run()
+    run_for(clock, 1.25, 0.05)
+    fetcher.pending[0].callback("image")
+    assert reporter.kinds == ["starting", "fetching_image"]
+    run_for(clock, 0.8, 0.05)
+    assert reporter.kinds[-1] == "allocating"
+    assert [t for t, _, _ in reporter.reports] == pytest.approx([0.0, 1.0, 2.0])
+
+
+def test_a_fetch_error_ends_the_job_with_image_error() -> None:
+    from treadmill.supervisor.images import ImageFetchError
+
+    driver, reporter, clock, fetcher = fetching_run()
+    run_for(clock, 1.5, 0.1)
+    fetcher.pending[0].errback(ImageFetchError(
+        "image_not_found", "cannot get the manifest of image demo (sha256:ab…): not there"))
+    assert reporter.last == ("failed", (
+        "image_error", "cannot get the manifest of image demo (sha256:ab…): not there"))
+    assert driver.current is None and not clock.getDelayedCalls()
+
+
+def test_an_unexpected_fetch_failure_is_an_internal_error() -> None:
+    _, reporter, clock, fetcher = fetching_run()
+    run_for(clock, 1.5, 0.1)
+    fetcher.pending[0].errback(RuntimeError("bug"))
+    assert reporter.last == ("failed", ("internal_error",
+                                        "mock: fetching the image failed: RuntimeError"))
+
+
+def test_a_stop_during_the_fetch_cancels_it() -> None:
+    driver, reporter, clock, fetcher = fetching_run()
+    run_for(clock, 1.5, 0.1)
+    driver.stop(JOB_A, "user_terminated")
+    run_for(clock, 1.0, 0.1)
+    assert reporter.kinds == ["starting", "fetching_image", "stopped"]
+    assert fetcher.pending[0].called  # cancelled
+    run_for(clock, 10.0, 0.1)
+    assert reporter.kinds == ["starting", "fetching_image", "stopped"]
+
+
+def test_a_cache_mount_fetches_even_without_stores() -> None:
+    _, _, clock, fetcher = fetching_run(job_start=job(), fetcher=StubFetcher("/mnt/cache"))
+    run_for(clock, 1.5, 0.1)
+    assert len(fetcher.calls) == 1
+
+
+@pytest.mark.parametrize("how", ["no stores", "fetch=never", "skipped", "no fetcher"])
+def test_the_stage_is_only_simulated_when_it_cannot_or_must_not_fetch(how: str) -> None:
+    start = with_stores(job())
+    settings = MockSettings(durations=dict.fromkeys(STAGES, 1.0))
+    if how == "no stores":
+        start = job()
+    elif how == "fetch=never":
+        start = with_stores(job(fetch="never"))
+    elif how == "skipped":
+        settings = replace(settings, skip_stages=("fetching_image",))
+    clock = MemoryReactorClock()
+    fetcher = StubFetcher()
+    driver = MockDriver(clock, settings, fetcher=None if how == "no fetcher" else fetcher)
+    reporter = Recorder(clock)
+    driver.start(start, reporter)
+    run_for(clock, 20.0, 0.1)
+    assert reporter.kinds[-1] == "exited" and fetcher.calls == []
+
+
+def test_a_bad_fetch_parameter_is_refused() -> None:
+    error = refused(MockSettings(), job(fetch="sometimes"))
+    assert error.code == "bad_request" and "mock.fetch" in error.message

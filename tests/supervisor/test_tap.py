@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.application.service import IServiceCollection
+from twisted.internet import reactor
 
 from tests.daemons import BIN, Daemon
 from tests.supervisor.peer import FakeSwitchboard, job, within
@@ -16,6 +17,7 @@ from treadmill.common.config import ConfigError, load_file
 from treadmill.protocol.supervisor import CloseCode
 from treadmill.supervisor import tap
 from treadmill.supervisor.drivers.mock import MockSettings
+from treadmill.supervisor.images import DEFAULT_LOCAL_LIMIT
 from treadmill.supervisor.service import SupervisorService
 
 EXAMPLE = Path(__file__).parents[2] / "etc" / "treadmill" / "supervisor-mock.toml"
@@ -50,6 +52,30 @@ def test_defaults() -> None:
     assert config.driver == "mock" and config.mock == MockSettings()
 
 
+def test_image_settings(tmp_path: Path) -> None:
+    base = ("--switchboard-url", "wss://sb.example.org:8443", "--switchboard-token", "t",
+            "--state-dir", str(tmp_path / "state"))
+    config = tap.config_from(options(*base).values)
+    assert config.images_cache_mount is None and config.images_dir is None
+    assert config.images_local_limit == DEFAULT_LOCAL_LIMIT
+    fetcher = SupervisorService(reactor, config).fetcher
+    assert fetcher.local_dir == str(tmp_path / "state" / "images")
+    assert fetcher.cache_mount is None and fetcher.local_limit == DEFAULT_LOCAL_LIMIT
+    assert fetcher.trusted_realms == ("https://sb.example.org:8443",)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    config = tap.config_from(options(
+        *base, "--images-cache-mount", "/mnt/treadmill-cache", "--images-dir", "/var/cache/x",
+        "--images-local-limit", "1000", "--images-trusted-realms",
+        "https://sb.example.org/api/v1/registry/token", "--images-ca-file", str(ca)).values)
+    fetcher = SupervisorService(reactor, config).fetcher
+    assert fetcher.cache_mount == "/mnt/treadmill-cache" and fetcher.local_dir == "/var/cache/x"
+    assert fetcher.local_limit == 1000 and fetcher.ca_file == str(ca)
+    assert fetcher.trusted_realms == ("https://sb.example.org/api/v1/registry/token",)
+    assert config.mock.fetch == "auto"
+    assert tap.config_from(options(*base, "--mock-fetch", "never").values).mock.fetch == "never"
+
+
 @pytest.mark.parametrize("argv, key", [
     (["--state-dir", "/x"], "switchboard.token"),
     (["--state-dir", "/x", "--switchboard-token", "t", "--switchboard-token-file", "/f"],
@@ -64,6 +90,16 @@ def test_defaults() -> None:
      "--mock-fail-at"),
     (["--state-dir", "/x", "--switchboard-token", "t", "--switchboard-ca-file", "/nope.pem"],
      "switchboard.ca_file"),
+    (["--state-dir", "/x", "--switchboard-token", "t", "--images-ca-file", "/nope.pem"],
+     "images.ca_file"),
+    (["--state-dir", "/x", "--switchboard-token", "t", "--images-cache-mount", "relative"],
+     "--images-cache-mount"),
+    (["--state-dir", "/x", "--switchboard-token", "t", "--images-local-limit", "-1"],
+     "--images-local-limit"),
+    (["--state-dir", "/x", "--switchboard-token", "t", "--images-trusted-realms", "ftp://x"],
+     "--images-trusted-realms"),
+    (["--state-dir", "/x", "--switchboard-token", "t", "--mock-fetch", "always"],
+     "--mock-fetch"),
 ])
 def test_bad_settings_name_the_key(argv: list[str], key: str) -> None:
     with pytest.raises(ConfigError) as raised:
@@ -92,6 +128,7 @@ def test_make_service_builds_the_tree(tmp_path: Path) -> None:
     assert isinstance(service, SupervisorService)
     assert service.namespace()["runner"] is service.runner
     assert service.namespace()["driver"] is service.driver
+    assert service.namespace()["fetcher"] is service.fetcher is service.driver.fetcher
     assert service.driver.settings.run_time == 3.0
     assert (tmp_path / "state" / "journal").is_dir()
     assert list(IServiceCollection(service)) == []  # the link joins after start-up

@@ -2,6 +2,7 @@
 
     supervisor (SupervisorService)
     ├── link       SupervisorLink: the WebSocket to the switchboard (after start-up)
+    │              (and, beside the tree, ``fetcher``: the ImageFetcher drivers use)
     ├── manhole    optional SSH manhole
     └── metrics    optional Prometheus listeners
 
@@ -34,6 +35,7 @@ from twisted.python.failure import Failure
 
 from treadmill.supervisor.drivers import IHostDriver, make_driver
 from treadmill.supervisor.drivers.mock import MockSettings
+from treadmill.supervisor.images import DEFAULT_LOCAL_LIMIT, ImageFetcher, http_url_for
 from treadmill.supervisor.joblogs import JobLogs
 from treadmill.supervisor.journal import StateFiles
 from treadmill.supervisor.link import SupervisorLink, SupervisorProtocol
@@ -61,6 +63,20 @@ class SupervisorConfig:
     name: str = "supervisor"  # shown in log lines (the fleet uses host names)
     mock: MockSettings = field(default_factory=MockSettings)
     log_spool_limit: int = 64 * 1024 * 1024  # bytes of unshipped log output per job
+    images_cache_mount: str | None = None  # read-only root of a site image cache
+    images_dir: str | None = None  # default: <state_dir>/images
+    images_local_limit: int = DEFAULT_LOCAL_LIMIT  # bytes kept in images_dir
+    images_trusted_realms: list[str] = field(default_factory=list)  # default: the switchboard
+    images_ca_file: str | None = None  # default: ca_file
+
+    def image_fetcher(self, reactor: Any) -> ImageFetcher:
+        """The :class:`ImageFetcher` these settings describe (cheap: no I/O until used)."""
+        return ImageFetcher(
+            reactor, cache_mount=self.images_cache_mount,
+            local_dir=self.images_dir or os.path.join(self.state_dir, "images"),
+            token=self.token, ca_file=self.images_ca_file or self.ca_file,
+            trusted_realms=self.images_trusted_realms or [http_url_for(self.url)],
+            local_limit=self.images_local_limit, name=self.name)
 
     def __repr__(self) -> str:  # never show the token
         return (f"SupervisorConfig(url={self.url!r}, state_dir={self.state_dir!r}, "
@@ -80,7 +96,9 @@ class SupervisorService(MultiService):
         self.setName("supervisor")
         self.reactor = reactor
         self.config = config
-        self.driver = driver if driver is not None else make_driver(config, reactor)
+        self.fetcher = config.image_fetcher(reactor)
+        self.driver = (driver if driver is not None
+                       else make_driver(config, reactor, fetcher=self.fetcher))
         self.files = StateFiles(config.state_dir, durable=config.durable)
         self.runner = JobRunner(reactor, self.driver, self.files, run_io=run_io,
                                 console_buffer=config.console_buffer, name=config.name)
@@ -102,7 +120,8 @@ class SupervisorService(MultiService):
     def namespace(self) -> dict[str, Any]:
         """What the manhole shows an operator."""
         return {"supervisor": self, "runner": self.runner, "driver": self.driver,
-                "link": self.link, "logs": self.logs, "reactor": self.reactor}
+                "link": self.link, "logs": self.logs, "fetcher": self.fetcher,
+                "reactor": self.reactor}
 
     def startService(self) -> None:
         super().startService()

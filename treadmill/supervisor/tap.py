@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.application.service import IService
 
@@ -10,6 +12,7 @@ from treadmill.common.config import (
     FLOAT,
     INT,
     STR,
+    STRLIST,
     ConfigError,
     RoleOptions,
     Setting,
@@ -18,6 +21,7 @@ from treadmill.common.config import (
 )
 from treadmill.common.daemon import add_operator_services
 from treadmill.supervisor.drivers.mock import MOCK_SETTINGS, MockSettings
+from treadmill.supervisor.images import DEFAULT_LOCAL_LIMIT
 from treadmill.supervisor.journal import StateFiles, StateLocked
 from treadmill.supervisor.link import parse_url
 from treadmill.supervisor.service import SupervisorConfig, SupervisorService
@@ -36,6 +40,22 @@ def _non_negative_int(value: Any) -> int:
     if number < 0:
         raise ValueError(f"expected an integer >= 0, got {number}")
     return number
+
+
+def _absolute_path(value: Any) -> str:
+    path = STR(value)
+    if not os.path.isabs(path):
+        raise ValueError(f"expected an absolute path, got {path!r}")
+    return path
+
+
+def _http_urls(value: Any) -> list[str]:
+    urls = STRLIST(value)
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"expected http:// or https:// URLs, got {url!r}")
+    return urls
 
 
 class Options(RoleOptions):
@@ -67,6 +87,20 @@ class Options(RoleOptions):
                 "Bytes of a job's log output spooled on disk until log servers acknowledge."),
         Setting("shutdown.flush_timeout", positive(FLOAT), 2.0,
                 "Seconds a graceful stop waits for unacknowledged job events to be acked."),
+        Setting("images.cache_mount", _absolute_path, None,
+                "Root of a site image cache's directory, mounted read-only (e.g. over NFS); "
+                "layers found there are used in place. Unset: fetch from the job's stores."),
+        Setting("images.dir", _absolute_path, None,
+                "Where downloaded image blobs are kept (default: STATE_DIR/images)."),
+        Setting("images.local_limit", _non_negative_int, DEFAULT_LOCAL_LIMIT,
+                "Bytes of image blobs kept in images.dir (least recently used go first; "
+                "the current job's never)."),
+        Setting("images.trusted_realms", _http_urls, [],
+                "Token services (URL prefixes) the host token may be sent to when an image "
+                "store asks for one (default: the switchboard's URL)."),
+        Setting("images.ca_file", STR, None,
+                "PEM file of the CAs trusted for https:// image stores "
+                "(default: switchboard.ca_file, else the system's)."),
         *MOCK_SETTINGS,
     )
 
@@ -82,13 +116,14 @@ class Options(RoleOptions):
             raise ConfigError(f"reconnect.initial ({values['reconnect.initial']:g}) exceeds "
                               f"reconnect.max ({values['reconnect.max']:g})",
                               key="reconnect.initial", source=source)
-        if values["switchboard.ca_file"]:
-            try:
-                with open(values["switchboard.ca_file"], "rb"):
-                    pass
-            except OSError as e:
-                raise ConfigError(f"cannot read: {e.strerror}", key="switchboard.ca_file",
-                                  source=source) from None
+        for key in ("switchboard.ca_file", "images.ca_file"):
+            if values[key]:
+                try:
+                    with open(values[key], "rb"):
+                        pass
+                except OSError as e:
+                    raise ConfigError(f"cannot read: {e.strerror}", key=key,
+                                      source=source) from None
 
 
 def read_token(path: str, source: str = "command line") -> str:
@@ -118,6 +153,10 @@ def config_from(values: dict[str, Any]) -> SupervisorConfig:
         console_buffer=values["console.buffer"],
         log_spool_limit=values["logs.spool_limit"],
         flush_timeout=values["shutdown.flush_timeout"],
+        images_cache_mount=values["images.cache_mount"], images_dir=values["images.dir"],
+        images_local_limit=values["images.local_limit"],
+        images_trusted_realms=list(values["images.trusted_realms"]),
+        images_ca_file=values["images.ca_file"],
         mock=MockSettings.from_values(values))
 
 

@@ -19,6 +19,13 @@ Rules every driver follows:
 - Stages only move forward (``STAGES`` order); any may be skipped.
 - All timing uses the reactor given to the driver (``IReactorTime``), so tests
   can drive it with a ``Clock``.
+- Images: :func:`make_driver` hands every driver the supervisor's
+  :class:`~treadmill.supervisor.images.ImageFetcher` (``fetcher=``, possibly
+  ``None`` in tests). In its ``fetching_image`` stage a driver awaits
+  ``fetcher.fetch(job["image"])`` (a :class:`~treadmill.supervisor.images.FetchedImage`:
+  the parsed image and a read-only path per layer), ends the job with
+  ``failed("image_error", error.message)`` on an ``ImageFetchError``, and
+  calls ``fetcher.release(fetched)`` when the job ends.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    from treadmill.supervisor.images import ImageFetcher
     from treadmill.supervisor.service import SupervisorConfig
 
 __all__ = ["REASONS", "STAGES", "IHostDriver", "IJobReporter", "StartRefused", "make_driver"]
@@ -112,10 +120,11 @@ class IHostDriver(Interface):
         resources and report nothing more. Returns a Deferred (or None)."""
 
 
-def make_driver(config: SupervisorConfig, reactor: Any) -> IHostDriver:
-    """The driver named by ``config.driver``."""
+def make_driver(config: SupervisorConfig, reactor: Any,
+                fetcher: ImageFetcher | None = None) -> IHostDriver:
+    """The driver named by ``config.driver``; ``fetcher`` fetches jobs' images for it."""
     if config.driver == "mock":
         from treadmill.supervisor.drivers.mock import MockDriver
 
-        return MockDriver(reactor, config.mock)
+        return MockDriver(reactor, config.mock, fetcher=fetcher)
     raise ValueError(f"unknown host driver {config.driver!r}")

@@ -16,6 +16,15 @@ A run goes through the stages of ``initializing`` (each for
 - ``mock.hang = true``: the host never gets to ``ready``; only a stop ends it;
 - ``mock.refuse = CODE``: every start is refused with that ``start_job`` error.
 
+Images: with ``mock.fetch = auto`` (the default) and an image fetcher (the
+supervisor always gives one), the ``fetching_image`` stage *really* fetches
+the job's image — from the cache mount, or the job's image stores — whenever
+there is somewhere to fetch it from, and lasts at least
+``mock.stages.fetching_image`` seconds; a fetch error ends the job with
+``image_error`` and the fetcher's message. Without a cache mount and with no
+stores in the job (jobs naming a bare digest), or with ``mock.fetch = never``,
+the stage is only simulated. A skipped ``fetching_image`` fetches nothing.
+
 A stage named by ``fail_at`` or ``crash_at`` is never skipped. Every
 setting can be overridden per job by a job parameter of the same name
 (``mock.exit_status = "3"``, ``mock.stages.booting = "2"``); an invalid or
@@ -31,14 +40,16 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from treadmill.common.config import BOOL, FLOAT, INT, STR, STRLIST, Setting, one_of
 from treadmill.supervisor.drivers import REFUSALS, STAGES, IHostDriver, IJobReporter, StartRefused
+from treadmill.supervisor.images import FetchedImage, ImageFetcher, ImageFetchError
 
 __all__ = ["MOCK_SETTINGS", "MockDriver", "MockSettings"]
 
@@ -116,6 +127,9 @@ MOCK_SETTINGS: tuple[Setting, ...] = (
     Setting("mock.stop_time", _duration, 0.0, "Mock driver: seconds a stop takes."),
     Setting("mock.refuse", _optional(one_of(*REFUSALS)), None,
             "Mock driver: refuse every start with this error code."),
+    Setting("mock.fetch", one_of("auto", "never"), "auto",
+            "Mock driver: really fetch the job's image in fetching_image when a cache mount or "
+            "the job's stores allow it (auto), or only simulate it (never)."),
 )
 _BY_KEY = {setting.key: setting for setting in MOCK_SETTINGS}
 
@@ -135,6 +149,7 @@ class MockSettings:
     console_rate: float = 0.0
     stop_time: float = 0.0
     refuse: str | None = None
+    fetch: str = "auto"
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> MockSettings:
@@ -186,16 +201,19 @@ class _Run:
     """One job on the simulated host."""
 
     __slots__ = ("_console_budget", "_console_carry", "_console_last", "_console_lines",
-                 "_console_loop",
-                 "_driver", "_timer", "job_id", "phase", "reporter", "settings")
+                 "_console_loop", "_driver", "_fetching", "_timer", "fetched", "image",
+                 "job_id", "phase", "reporter", "settings")
 
     def __init__(self, driver: MockDriver, job_id: str, settings: MockSettings,
-                 reporter: IJobReporter):
+                 reporter: IJobReporter, image: dict[str, Any] | None = None):
         self._driver = driver
         self.job_id = job_id
         self.settings = settings
         self.reporter = reporter
+        self.image = image
         self.phase = "assigned"
+        self._fetching: Deferred[FetchedImage] | None = None
+        self.fetched: FetchedImage | None = None
         self._timer: IDelayedCall | None = None
         self._console_loop: LoopingCall | None = None
         self._console_budget = 0.0
@@ -216,15 +234,25 @@ class _Run:
         self._timer = None
 
     def cancel(self) -> None:
-        """Stop every timer; report nothing more."""
+        """Stop every timer and a fetch under way; report nothing more."""
         self._cancel_timer()
+        if self._fetching is not None:
+            fetching, self._fetching = self._fetching, None
+            fetching.cancel()
         if self._console_loop is not None:
             if self._console_loop.running:
                 self._console_loop.stop()
             self._console_loop = None
 
+    def release(self) -> None:
+        """Unpin the fetched image's blobs (the job is over for this process)."""
+        if self.fetched is not None and self._driver.fetcher is not None:
+            self._driver.fetcher.release(self.fetched)
+        self.fetched = None
+
     def _end(self) -> None:
         self.cancel()
+        self.release()
         self.phase = "ended"
         if self._driver.run is self:
             self._driver.run = None
@@ -243,12 +271,53 @@ class _Run:
         self.phase = stage
         self.reporter.stage(stage)
         duration = self.settings.durations[stage]
+        if stage == "fetching_image" and self._driver.fetches(self.settings, self.image):
+            self._fetch(index, duration)
+        else:
+            self._end_stage(index, duration)
+
+    def _end_stage(self, index: int, duration: float) -> None:
+        stage = self.settings.stages()[index]
         if self.settings.fail_at == stage:
             self._after(duration, self._fail, stage)
         elif self.settings.crash_at == stage:
             self._after(duration, self._crash, stage)
         else:
             self._after(duration, self._stage, index + 1)
+
+    def _fetch(self, index: int, duration: float) -> None:
+        """Really fetch the job's image; the stage lasts at least ``duration``."""
+        fetcher = self._driver.fetcher
+        assert fetcher is not None and self.image is not None
+        began = self._driver.reactor.seconds()
+        fetching = Deferred.fromCoroutine(fetcher.fetch(self.image))
+        self._fetching = fetching
+
+        def fetched(result: FetchedImage) -> None:
+            if self._fetching is not fetching:  # stopped meanwhile
+                fetcher.release(result)
+                return
+            self._fetching = None
+            self.fetched = result
+            elapsed = self._driver.reactor.seconds() - began
+            self._end_stage(index, max(0.0, duration - elapsed))
+
+        def failed(failure: Failure) -> None:
+            if self._fetching is not fetching:
+                return  # stopped meanwhile (CancelledError) or already ended
+            self._fetching = None
+            self._end()
+            if failure.check(ImageFetchError):
+                self.reporter.failed("image_error", failure.value.message)
+            elif failure.check(CancelledError):
+                self.reporter.failed("image_error", "mock: fetching the image was cancelled")
+            else:
+                self._driver.log.failure("mock: fetching the image of job {job} failed",
+                                         failure, job=self.job_id)
+                self.reporter.failed("internal_error", "mock: fetching the image failed: "
+                                     f"{failure.type.__name__}")
+
+        fetching.addCallbacks(fetched, failed)
 
     def _booted(self) -> None:
         if self.settings.hang:
@@ -323,10 +392,17 @@ class MockDriver:
     name = "mock"
     log = Logger()
 
-    def __init__(self, reactor: Any, settings: MockSettings | None = None):
+    def __init__(self, reactor: Any, settings: MockSettings | None = None, *,
+                 fetcher: ImageFetcher | None = None):
         self.reactor = reactor
         self.settings = settings or MockSettings()
+        self.fetcher = fetcher
         self.run: _Run | None = None
+
+    def fetches(self, settings: MockSettings, image: dict[str, Any] | None) -> bool:
+        """Whether a run with ``settings`` really fetches ``image``."""
+        return (settings.fetch == "auto" and self.fetcher is not None and image is not None
+                and self.fetcher.can_fetch(image))
 
     @property
     def current(self) -> str | None:
@@ -346,7 +422,7 @@ class MockDriver:
                 return succeed(None)
             return fail(StartRefused("internal_error",
                                      f"mock: the host still runs job {self.run.job_id}"))
-        run = _Run(self, job["id"], settings, reporter)
+        run = _Run(self, job["id"], settings, reporter, job.get("image"))
         self.run = run
         # Report only after start() returned, as a real host would.
         run._after(0, run.begin)
@@ -364,6 +440,7 @@ class MockDriver:
     def shutdown(self) -> Deferred[None]:
         if self.run is not None:
             self.run.cancel()
+            self.run.release()
             self.run = None
         return succeed(None)
 
