@@ -69,7 +69,12 @@ class JobWatchers:
                 if rows:
                     continue
                 if await self.store.job_terminated(job_id):
-                    return  # Already past its last event.
+                    # It terminated, maybe since the read above: its final event
+                    # committed with that state, so one more read has it.
+                    for row in await self.store.job_events(job_id, after):
+                        yield row
+                        after = row["seq"]
+                    return
                 timer = self.clock.callLater(keepalive, waiter.callback, _TIMEOUT)
                 woken = await waiter
                 if woken is _TIMEOUT:
