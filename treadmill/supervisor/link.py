@@ -103,6 +103,9 @@ class SupervisorProtocol(WebSocketClientProtocol):
     """One connection to the switchboard: a runner :class:`~runner.Session`."""
 
     log = _QuietLogger(namespace="treadmill.supervisor.link.ws")
+    # Autobahn reads this before it copies the factory's options: without it,
+    # Nagle's algorithm holds each small message ~40 ms behind the last ack.
+    tcpNoDelay = True
 
     def __init__(self) -> None:
         super().__init__()

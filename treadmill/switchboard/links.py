@@ -11,6 +11,7 @@ host's link, what each host should run.
 from __future__ import annotations
 
 import itertools
+import random
 import uuid
 from typing import Any
 
@@ -19,7 +20,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -96,6 +97,10 @@ class SupervisorLink(WebSocketServerProtocol):
         return protocol.SUBPROTOCOL, {protocol.MINOR_HEADER: str(self.minor)}
 
     def onOpen(self) -> None:
+        try:
+            self.transport.setTcpNoDelay(True)  # Small messages; no Nagle delay.
+        except Exception:
+            pass
         self.log.info("Supervisor of {host} connected (minor {minor})", host=self.host_name,
                       minor=self.minor)
         self.links.spawn(self.reconcile())
@@ -323,7 +328,9 @@ class SupervisorLinks(MultiService):
         self.stopping = False
         for name, interval, work in (
                 ("touch", touch_interval, self.touch),
-                ("reconcile", reconcile_interval, self.reconcile_all),
+                # Spread over most of the interval: 1,000 hosts at once is a spike.
+                ("reconcile", reconcile_interval,
+                 lambda: self.reconcile_all(spread=0.8 * reconcile_interval)),
                 ("unreachable", touch_interval, self.end_unreachable)):
             timer = TimerService(interval, lambda work=work: self.spawn(work()))
             timer.clock = reactor
@@ -334,7 +341,7 @@ class SupervisorLinks(MultiService):
         """Run a coroutine in the background, logging its failure (none once stopping)."""
         if self.stopping:
             work.close()
-            return Deferred()
+            return succeed(None)  # A timer waiting on it must not hang the stop.
         d = Deferred.fromCoroutine(work)
         self._tasks.add(d)
 
@@ -428,10 +435,19 @@ class SupervisorLinks(MultiService):
         await self.store.touch_links([link.session for link in self.by_host.values()
                                       if link.session])
 
-    async def reconcile_all(self) -> None:
+    async def reconcile_all(self, spread: float | None = None) -> None:
+        """Reconcile every open link, spread over ``spread`` seconds (default: at once)."""
         for link in list(self.by_host.values()):
-            if link.state == link.STATE_OPEN:
+            if link.state != link.STATE_OPEN:
+                continue
+            if spread:
+                self.reactor.callLater(random.uniform(0, spread), self._reconcile_later, link)
+            else:
                 self.spawn(link.reconcile())
+
+    def _reconcile_later(self, link: SupervisorLink) -> None:
+        if link.state == link.STATE_OPEN and self.by_host.get(link.host_id) is link:  # type: ignore
+            self.spawn(link.reconcile())
 
     async def end_unreachable(self) -> None:
         """R9: end active jobs whose supervisor stayed away too long."""
@@ -452,12 +468,10 @@ class SupervisorLinks(MultiService):
             link.registered = False
             if link.state == link.STATE_OPEN:
                 link.close(CloseCode.GOING_AWAY, "the switchboard is shutting down")
-            if link.session and link.host_id is not None:
-                try:
-                    await self.store.link_disconnected(link.host_id, link.session)
-                except Exception:
-                    self.log.failure("Could not record the end of {host}'s link",
-                                     host=link.host_name)
+        try:
+            await self.store.links_ended([link.session for link in links if link.session])
+        except Exception:
+            self.log.failure("Could not record the end of the supervisor links")
         await super().stopService()
         # Give the closing handshakes and the work in flight a moment (work is
         # not cancelled: cancelling a query breaks its database connection).

@@ -52,7 +52,9 @@ _TOKEN_COLUMNS = ("t.id, u.name AS user, t.label, t.created_at, t.expires_at, "
                   "t.last_used_at, t.revoked_at")
 _HOST_COLUMNS = """
     h.id, h.name, h.tags, h.owner_id, o.name AS owner, h.description, h.enabled, h.healthy,
-    h.consecutive_failures, h.instance IS NOT NULL AS connected, h.last_seen_at, h.created_at,
+    h.consecutive_failures,
+    (h.session IS NOT NULL AND h.last_seen_at > now() - interval '20 seconds') AS connected,
+    h.last_seen_at, h.created_at,
     (SELECT j.id FROM jobs j WHERE j.host_id = h.id AND j.state <> 'terminated'
      ORDER BY j.seq DESC LIMIT 1) AS current_job"""
 _IMAGE_COLUMNS = """
@@ -447,6 +449,13 @@ class Store:
             "UPDATE hosts SET instance = %s, session = %s, connected_at = now(), "
             "last_seen_at = now() WHERE id = %s", (instance, session, host_id))
 
+    async def links_ended(self, sessions: list[str]) -> None:
+        """Forget many links at once (an instance shutting down)."""
+        if sessions:
+            await self.pool.execute(
+                "UPDATE hosts SET instance = NULL, session = NULL, last_seen_at = now() "
+                "WHERE session = ANY(%s::uuid[])", (sessions,))
+
     async def link_disconnected(self, host_id: int, session: str) -> None:
         """Forget the link unless a newer session superseded it."""
         await self.pool.execute(
@@ -519,6 +528,12 @@ class Store:
                                         (SCHEDULER_LOCK,))
             if not locked or not locked["ok"]:
                 return []
+            jobs = await cur.fetchall(
+                "SELECT j.id, j.seq, j.owner_id, u.admin, j.tags FROM jobs j "
+                "JOIN users u ON u.id = j.owner_id WHERE j.state = 'queued' "
+                "ORDER BY j.seq LIMIT %s FOR UPDATE OF j SKIP LOCKED", (limit,))
+            if not jobs:
+                return []  # Nothing queued: no need to look at (and lock) the hosts.
             hosts = await cur.fetchall(
                 "SELECT h.id, h.name, h.owner_id, h.tags, ARRAY(SELECT g.user_id FROM grants g "
                 "  WHERE g.host_id = h.id AND g.privilege IN ('start', 'manage')) AS starters "
@@ -528,12 +543,6 @@ class Store:
                 "('assigned', 'initializing', 'ready', 'terminating')) "
                 "FOR UPDATE OF h SKIP LOCKED", (fresh_within,))
             if not hosts:
-                return []
-            jobs = await cur.fetchall(
-                "SELECT j.id, j.seq, j.owner_id, u.admin, j.tags FROM jobs j "
-                "JOIN users u ON u.id = j.owner_id WHERE j.state = 'queued' "
-                "ORDER BY j.seq LIMIT %s FOR UPDATE OF j SKIP LOCKED", (limit,))
-            if not jobs:
                 return []
             counts = await cur.fetchall(
                 "SELECT owner_id, count(*) AS n FROM jobs WHERE state IN "
