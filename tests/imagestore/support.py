@@ -183,7 +183,8 @@ class RunningStore:
         return self.service.storage
 
     async def stop(self) -> None:
-        await self.service.stopService()
+        if self.service.running:
+            await self.service.stopService()
 
 
 async def start_store(root: Path, keys: Keys | None, **overrides: Any) -> RunningStore:
@@ -298,3 +299,97 @@ def parse_response(raw: bytes, head: bool = False) -> Response:
         if key.strip().lower() == b"content-length":
             length = int(value.strip())
     return Response(code, headers, b"" if head else body, length)
+
+
+# -- the image cache ------------------------------------------------------------------
+
+CACHE_SERVICE = "treadmill-imagecache"
+
+
+def count_requests(store: RunningStore) -> list[tuple[str, str]]:
+    """Record ``(method, uri)`` of every request ``store`` answers from now on."""
+    seen: list[tuple[str, str]] = []
+    original = store.service.site.log
+
+    def log(request: Any) -> None:
+        seen.append((request.method.decode(), request.uri.decode()))
+        original(request)
+
+    store.service.site.log = log  # type: ignore[method-assign]
+    return seen
+
+
+async def start_cache(root: Path, keys: Keys | None, upstreams: list[str],
+                      cache_settings: dict[str, Any] | None = None,
+                      **overrides: Any) -> RunningStore:
+    """An image cache (``cache.enabled``) in this process; fast retries, no periodic work.
+
+    Without ``upstream_token`` in ``cache_settings``, the cache gets a token from ``keys``
+    pulling ``lab/fw`` and ``lab/other`` from a store of the default service name.
+    """
+    from treadmill.imagestore.cache import CacheConfig
+
+    settings: dict[str, Any] = {"upstream_retries": 1, "upstream_backoff": 0.01,
+                                "upstream_timeout": 5.0, "retry_after": 3,
+                                "maintenance_interval": 0.0}
+    if keys is not None:
+        settings["upstream_token"] = keys.token(("repository", "lab/fw", ["pull"]),
+                                                ("repository", "lab/other", ["pull"]),
+                                                subject="imagecache", ttl=3600)
+    settings.update(cache_settings or {})
+    overrides.setdefault("service", CACHE_SERVICE)
+    return await start_store(root, keys, cache=CacheConfig(upstreams=upstreams, **settings),
+                             **overrides)
+
+
+class TokenService:
+    """The switchboard's registry token endpoint, for the token flow: HTTP Basic
+    ``user:password`` in, a token for the asked scopes (audience: the ``service``) out."""
+
+    def __init__(self, keys: Keys, user: str = "imagecache", password: str = "tmt_secret"):
+        from twisted.web.resource import Resource
+
+        self.keys = keys
+        self.user = user
+        self.password = password
+        self.asked: list[tuple[str, list[str]]] = []
+        service = self
+
+        class _Token(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                return service.render(request)
+
+        self.resource = _Token()
+        self.port: Any = None
+
+    def render(self, request: Any) -> bytes:
+        import base64
+
+        request.setHeader(b"content-type", b"application/json")
+        expected = "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+        if (request.getHeader(b"authorization") or b"").decode() != expected:
+            request.setResponseCode(401)
+            return b'{"error": {"code": "unauthenticated", "message": "bad credentials"}}'
+        audience = (request.args.get(b"service") or [b""])[0].decode()
+        scopes = [s.decode() for s in request.args.get(b"scope", [])]
+        self.asked.append((audience, scopes))
+        access = []
+        for item in " ".join(scopes).split():
+            kind, _, rest = item.partition(":")
+            name, _, actions = rest.rpartition(":")
+            access.append(Access(kind, name, tuple(actions.split(","))))
+        token = self.keys.signer.sign(self.user, audience, access, 300)
+        return json.dumps({"token": token, "expires_in": 300,
+                           "issued_at": "2026-11-23T17:00:00Z"}).encode()
+
+    def start(self) -> str:
+        from twisted.web.server import Site
+
+        self.port = reactor.listenTCP(0, Site(self.resource), interface="127.0.0.1")
+        return f"http://127.0.0.1:{self.port.getHost().port}/api/v1/registry/token"
+
+    async def stop(self) -> None:
+        if self.port is not None:
+            await self.port.stopListening()

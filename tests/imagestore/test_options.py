@@ -12,6 +12,8 @@ from treadmill.common.config import ConfigError
 from treadmill.imagestore.tap import Options, config_from
 
 EXAMPLE = Path(__file__).parents[2] / "etc" / "treadmill" / "imagestore.toml"
+CACHE_EXAMPLE = Path(__file__).parents[2] / "etc" / "treadmill" / "imagecache.toml"
+CACHE_PREFIXES = ("cache.", "replicate.")
 
 
 def parse(*args: str) -> dict:
@@ -42,10 +44,57 @@ def test_example_config_parses() -> None:
 
 
 def test_example_documents_every_setting() -> None:
-    text = EXAMPLE.read_text()
-    for setting in Options.settings:
-        leaf = setting.key.rpartition(".")[2]
-        assert re.search(rf"^#?\s*{re.escape(leaf)}\s*=", text, re.MULTILINE), setting.key
+    """imagestore.toml documents the store's settings, imagecache.toml the cache's too."""
+    for example, settings in (
+            (EXAMPLE, [s for s in Options.settings if not s.key.startswith(CACHE_PREFIXES)]),
+            (CACHE_EXAMPLE, Options.settings)):
+        text = example.read_text()
+        for setting in settings:
+            leaf = setting.key.rpartition(".")[2]
+            assert re.search(rf"^#?\s*{re.escape(leaf)}\s*=", text, re.MULTILINE), \
+                (example.name, setting.key)
+
+
+def test_cache_example_parses() -> None:
+    values = parse("--config", str(CACHE_EXAMPLE))
+    config = config_from(values)
+    assert config.cache is not None
+    assert config.cache.upstreams == ["https://store-1.example:8081",
+                                      "https://store-2.example:8081"]
+    assert config.cache.max_bytes == 500 * 1024 ** 3
+    assert config.cache.upstream_user == "imagecache-site1"
+    assert config.cache.replicate_chunk_size == 8 * 1024 * 1024
+    # A plain store has no cache.
+    assert config_from(parse("--root", "/x", "--auth-disabled", "true")).cache is None
+
+
+@pytest.mark.parametrize("args,key", [
+    (["--cache-enabled", "true"], "cache.upstreams"),
+    (["--cache-upstreams", "ftp://x"], "--cache-upstreams"),
+    (["--cache-max-bytes", "lots"], "--cache-max-bytes"),
+    (["--cache-upstreams", "http://a", "--cache-upstream-user", "u"],
+     "cache.upstream_token_file"),
+    (["--cache-upstreams", "http://a", "--cache-upstream-user", "u",
+      "--cache-upstream-token-file", "/f", "--cache-upstream-token", "t"],
+     "cache.upstream_token"),
+    (["--replicate-token-file", "/f"], "replicate.user"),
+])
+def test_cache_errors_name_the_setting(args: list[str], key: str) -> None:
+    with pytest.raises(UsageError) as e:
+        parse("--root", "/x", "--auth-disabled", "true", *args)
+    assert isinstance(e.value, ConfigError) and e.value.key == key, e.value
+
+
+def test_sizes() -> None:
+    from treadmill.imagestore.tap import byte_size
+
+    assert byte_size(1000) == 1000
+    assert byte_size("1.5K") == 1536
+    assert byte_size("2 GiB") == 2 * 1024 ** 3
+    assert byte_size("3t") == 3 * 1024 ** 4
+    for bad in ("-1", -1, "1 parsec", True):
+        with pytest.raises(ValueError):
+            byte_size(bad)
 
 
 def test_example_with_every_commented_setting_enabled(tmp_path: Path) -> None:

@@ -12,5 +12,10 @@ Modules, from the bottom up:
 - :mod:`~treadmill.imagestore.api`: the HTTP API (Klein) and its streaming request class.
 - :mod:`~treadmill.imagestore.service`, :mod:`~treadmill.imagestore.tap`: the daemon.
 
+The image cache (``cache.enabled``): :mod:`~treadmill.imagestore.cache` (last
+use, pins, eviction, lease state), :mod:`~treadmill.imagestore.pullthrough`
+(fetching from upstreams), :mod:`~treadmill.imagestore.leases`,
+:mod:`~treadmill.imagestore.replicate`, :mod:`~treadmill.imagestore.cache_api`.
+
 See ``docs/imagestore.md``.
 """

@@ -22,7 +22,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, unquote_to_bytes
 
 from klein import Klein
@@ -52,9 +52,14 @@ from treadmill.imagestore.names import (
     is_digest,
     is_name,
 )
+from treadmill.imagestore.pullthrough import UpstreamNotFound
 from treadmill.imagestore.sending import BlobSender, Unsatisfiable, parse_range
 from treadmill.imagestore.storage import Storage
 from treadmill.imagestore.uploads import BodySink, Upload, Uploads
+
+if TYPE_CHECKING:
+    from treadmill.imagestore.cache import Cache
+    from treadmill.imagestore.cache_api import CacheRoutes
 
 MAX_PAGE = 10_000
 _UPLOAD_ENDPOINTS = frozenset({"upload_start", "upload_patch", "upload_put"})
@@ -113,7 +118,7 @@ class RegistryAPI:
 
     def __init__(self, reactor: Any, storage: Storage, uploads: Uploads, collector: Collector,
                  auth: Authorizer, lock: SharedExclusiveLock, pool: Any, *,
-                 max_manifest: int = 4 * 1024 * 1024):
+                 max_manifest: int = 4 * 1024 * 1024, cache: Cache | None = None):
         self.reactor = reactor
         self.storage = storage
         self.uploads = uploads
@@ -123,6 +128,14 @@ class RegistryAPI:
         self.pool = pool
         self.max_manifest = max_manifest
         self.bytes_sent = 0
+        # Cache mode (docs/imagestore.md, "The image cache"): pull-through on misses,
+        # last-use tracking, pins, and the /cache routes.
+        self.cache = cache
+        self._cache_routes: CacheRoutes | None = None
+        if cache is not None:
+            from treadmill.imagestore.cache_api import CacheRoutes
+
+            self._cache_routes = CacheRoutes(self, cache)
 
     def resource(self) -> Resource:
         return self.app.resource()
@@ -224,6 +237,42 @@ class RegistryAPI:
         self.auth.require(request, "registry", "gc", "*")
         return self._json(request, await self.collector.collect())
 
+    # -- the image cache -------------------------------------------------------------
+
+    def _routes(self) -> CacheRoutes:
+        if self._cache_routes is None:
+            raise OCIError("UNSUPPORTED", "this image store is not a cache (cache.enabled)",
+                           status=404)
+        return self._cache_routes
+
+    @app.route("/admin/evict", methods=["POST"])
+    async def admin_evict(self, request: IRequest) -> bytes:
+        return await self._routes().evict(request)
+
+    @app.route("/cache/leases", methods=["POST"])
+    async def lease_post(self, request: IRequest) -> bytes:
+        return await self._routes().post_lease(request)
+
+    @app.route("/cache/leases", methods=["GET"])
+    def lease_list(self, request: IRequest) -> bytes:
+        return self._routes().list_leases(request)
+
+    @app.route("/cache/leases/<lease_id>", methods=["GET"])
+    async def lease_get(self, request: IRequest, lease_id: str) -> bytes:
+        return await self._routes().get_lease(request, lease_id)
+
+    @app.route("/cache/leases/<lease_id>", methods=["DELETE"])
+    async def lease_delete(self, request: IRequest, lease_id: str) -> bytes:
+        return await self._routes().delete_lease(request, lease_id)
+
+    @app.route("/cache/replicate", methods=["POST"])
+    def replicate_post(self, request: IRequest) -> bytes:
+        return self._routes().post_replicate(request)
+
+    @app.route("/cache/replicate/<job_id>", methods=["GET"])
+    async def replicate_get(self, request: IRequest, job_id: str) -> bytes:
+        return await self._routes().get_replicate(request, job_id)
+
     # -- tags ----------------------------------------------------------------------------
 
     @app.route("/v2/<path:name>/tags/list", methods=["GET"])
@@ -258,8 +307,19 @@ class RegistryAPI:
     async def manifest_get(self, request: IRequest, name: str, reference: str) -> bytes:
         name = check_name(name)
         self.auth.require(request, "repository", name, "pull")
+        cache = self.cache
+        if cache is not None:
+            check_reference(reference)
+            await cache.before_manifest(name, reference)
         digest, media_type = self._resolve(name, reference)
-        body = await self._thread(self.storage.read_blob, digest, 64 * 1024 * 1024)
+        if cache is not None:
+            cache.pin(digest)
+            cache.touch(digest)
+        try:
+            body = await self._thread(self.storage.read_blob, digest, 64 * 1024 * 1024)
+        finally:
+            if cache is not None:
+                cache.unpin(digest)
         if body is None:
             raise OCIError("MANIFEST_UNKNOWN", "no such manifest")
         request.setHeader(b"content-type", media_type.encode())
@@ -312,6 +372,8 @@ class RegistryAPI:
             def referenced(digest: str) -> str:
                 self.collector.note_referenced(
                     [digest, *manifests.referenced_digests(manifest)])
+                if self.cache is not None:
+                    self.cache.committed(digest, len(body), False)
                 return digest
 
             return d.addCallback(referenced)
@@ -340,7 +402,18 @@ class RegistryAPI:
         name = check_name(name)
         self.auth.require(request, "repository", name, "pull")
         digest = check_digest(digest)
-        head = request.method == b"HEAD"
+        cache = self.cache
+        if cache is None:
+            return await self._send_blob(request, name, digest)
+        # Pinned while it is fetched and served: eviction leaves it alone.
+        cache.pin(digest)
+        try:
+            return await self._send_blob(request, name, digest)
+        finally:
+            cache.unpin(digest)
+
+    async def _open_blob(self, name: str, digest: str, head: bool) -> tuple[Any, Any]:
+        """The blob's info and an open file (None for HEAD), or (None, None)."""
         # Under the shared lock, so that a blob a client was told exists is
         # protected from a garbage collection sweep (see gc.py).
         await self.lock.acquire()
@@ -348,11 +421,31 @@ class RegistryAPI:
             info = self.storage.blob_info(digest) if self.storage.blob_linked(name, digest) \
                 else None
             if info is None:
-                raise OCIError("BLOB_UNKNOWN", "no such blob in this repository")
+                return None, None
             file = None if head else open(info.path, "rb")
             self.collector.note_seen(digest)
+            return info, file
         finally:
             self.lock.release()
+
+    async def _send_blob(self, request: IRequest, name: str, digest: str) -> bytes:
+        head = request.method == b"HEAD"
+        cache = self.cache
+        info, file = await self._open_blob(name, digest, head)
+        if info is None and cache is not None:
+            cache.misses += 1
+            try:
+                await cache.pull.ensure_blob(name, digest)
+            except UpstreamNotFound:
+                pass
+            else:
+                info, file = await self._open_blob(name, digest, head)
+        elif info is not None and cache is not None:
+            cache.hits += 1
+        if info is None:
+            raise OCIError("BLOB_UNKNOWN", "no such blob in this repository")
+        if cache is not None:
+            cache.touch(digest)
         try:
             request.setHeader(b"content-type", b"application/octet-stream")
             request.setHeader(b"docker-content-digest", digest.encode())

@@ -9,7 +9,9 @@ type                    name            actions
 ======================  ==============  =============================
 ``repository``          ``lab/fw``      ``pull``, ``push``, ``delete``
 ``registry``            ``catalog``     ``*`` (``GET /v2/_catalog``)
-``registry``            ``gc``          ``*`` (``POST /admin/gc``)
+``registry``            ``gc``          ``*`` (``POST /admin/gc``, ``/admin/evict``)
+``cache``               ``leases``      ``lease`` (``/cache/leases``)
+``cache``               ``replicate``   ``*`` (``/cache/replicate``)
 ======================  ==============  =============================
 
 A refused request gets ``401 UNAUTHORIZED`` with the token flow's challenge::
@@ -150,6 +152,28 @@ class Authorizer:
         except CapabilityError as e:
             error = "insufficient_scope" if e.reason == "insufficient_scope" else "invalid_token"
             raise self._refuse(f"{e.message}", scopes, error) from None
+
+    def require_one(self, request: IRequest, grants: Sequence[tuple[str, str, str]],
+                    ) -> tuple[int, Claims | None]:
+        """The index of the first of ``grants`` the request's token allows, and its claims.
+
+        Always needs a token (``anonymous_pull`` does not apply); with
+        authentication disabled, ``(0, None)``. The challenge asks for every
+        grant's scope.
+        """
+        if self.disabled:
+            return 0, None
+        scopes = [scope(t, n, [a]) for t, n, a in grants]
+        token = self._token(request, scopes)
+        try:
+            claims = self.verifier.verify_any(token)
+        except CapabilityError as e:
+            raise self._refuse(f"invalid token: {e.message}", scopes, "invalid_token") from None
+        for i, (t, n, a) in enumerate(grants):
+            if claims.allows(t, n, a):
+                return i, claims
+        wanted = " or ".join(f"{a} on {t} {n}" for t, n, a in grants)
+        raise self._refuse(f"token does not grant {wanted}", scopes, "insufficient_scope")
 
     def allows(self, request: IRequest, type: str, name: str, action: str) -> bool:
         """Like :meth:`require`, as a boolean (for a cross-repository mount's source)."""

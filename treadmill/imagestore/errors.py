@@ -23,6 +23,12 @@ CODES: dict[str, int] = {
     "TOOMANYREQUESTS": 429,
     "RANGE_INVALID": 416,
     "UNKNOWN": 500,
+    # Treadmill extensions (the image cache, docs/imagestore.md).
+    "UNAVAILABLE": 503,
+    "REQUEST_INVALID": 400,
+    "LEASE_UNKNOWN": 404,
+    "LEASE_CONFLICT": 409,
+    "REPLICATION_UNKNOWN": 404,
 }
 
 

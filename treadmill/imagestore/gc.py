@@ -156,6 +156,11 @@ class Collector:
         # for tests that race requests against a collection.
         self.before_sweep: Callable[[], Any] | None = None
         self.last: dict[str, Any] | None = None
+        # In cache mode: the digests leased or in use (called on the reactor, under
+        # the exclusive lock), and their expansion to every blob a leased manifest
+        # references (called in the sweep's thread). Never collected.
+        self.protect: Callable[[], set[str]] | None = None
+        self.expand: Callable[[set[str]], set[str]] | None = None
 
     # -- hooks called under the shared lock ------------------------------------
 
@@ -210,8 +215,11 @@ class Collector:
                 if info.digest not in marked and info.mtime < cutoff]
 
     def _sweep(self, batch: list[BlobInfo], keep: set[str], cutoff: float,
-               links: dict[str, list[str]]) -> tuple[int, int, int]:
+               links: dict[str, list[str]], protected: set[str] | None = None,
+               ) -> tuple[int, int, int]:
         deleted = freed = unlinked = 0
+        if protected:
+            keep = keep | (self.expand(protected) if self.expand is not None else protected)
         for info in batch:
             if info.digest in keep:
                 continue
@@ -245,7 +253,8 @@ class Collector:
                 def sweep(batch: list[BlobInfo] = batch) -> Deferred[tuple[int, int, int]]:
                     keep = set(self._referenced or ())
                     keep.update(d for d, when in self.seen.items() if when >= cutoff)
-                    return self._thread(self._sweep, batch, keep, cutoff, links)
+                    protected = self.protect() if self.protect is not None else None
+                    return self._thread(self._sweep, batch, keep, cutoff, links, protected)
 
                 counts = await under_lock(self.lock, sweep, exclusive=True)
                 deleted += counts[0]

@@ -182,3 +182,38 @@ def referenced_digests(value: Any) -> Iterator[str]:
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
+
+
+def parts(manifest: Any, media_type: str | None) -> tuple[list[str], list[str]]:
+    """The blobs and the child manifests a stored manifest needs, as digests.
+
+    Config and layers of an image (not foreign layers fetched from their
+    ``urls``), ``blobs`` of an artifact manifest, ``manifests`` of an index;
+    never the ``subject``. Malformed descriptors are skipped (the manifest
+    was checked when it was pushed, or came verified from an upstream).
+    """
+    blobs: list[str] = []
+    children: list[str] = []
+    if not isinstance(manifest, dict):
+        return blobs, children
+    media_type = media_type or manifest.get("mediaType")
+
+    def digests(values: Any, into: list[str]) -> None:
+        if not isinstance(values, list):
+            return
+        for desc in values:
+            if not isinstance(desc, dict):
+                continue
+            digest = desc.get("digest")
+            if desc.get("urls") and desc.get("mediaType") in _FOREIGN:
+                continue
+            if isinstance(digest, str) and is_digest(digest) and digest not in into:
+                into.append(digest)
+
+    if media_type in INDEX_TYPES or (media_type is None and "manifests" in manifest):
+        digests(manifest.get("manifests"), children)
+    else:
+        digests([manifest.get("config")], blobs)
+        digests(manifest.get("layers"), blobs)
+        digests(manifest.get("blobs"), blobs)
+    return blobs, children

@@ -4,12 +4,14 @@
     ├── keys            capability keys (auth.keys_file / auth.keys_url), unless auth.disabled
     ├── upload-expiry   removes upload sessions idle for uploads.max_age
     ├── gc              periodic garbage collection (gc.interval > 0)
+    ├── cache-maintenance  cache mode: expire leases, flush the last-use index, evict
     ├── http            the registry listeners
     ├── manhole         optional SSH manhole (namespace: imagestore, storage, uploads, ...)
     └── metrics         optional Prometheus listeners
 
 Start-up checks the storage layout, removes expired uploads and temporary
-files, then listens. Disk work runs in a thread pool of the service's own
+files, loads the cache's leases and last-use index (cache mode), then
+listens. Disk work runs in a thread pool of the service's own
 (``io_threads``), started and stopped with it.
 
 For tests, build it in-process::
@@ -27,6 +29,7 @@ For tests, build it in-process::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +50,7 @@ from treadmill.common.daemon import listeners
 from treadmill.common.keys import KeySource
 from treadmill.imagestore.api import RegistryAPI, registry_site
 from treadmill.imagestore.auth import Authorizer
+from treadmill.imagestore.cache import Cache, CacheConfig
 from treadmill.imagestore.gc import Collector, SharedExclusiveLock
 from treadmill.imagestore.storage import Storage
 from treadmill.imagestore.uploads import Uploads
@@ -75,6 +79,7 @@ class ImageStoreConfig:
     gc_grace: float = 3600.0
     access_log: bool = True
     io_threads: int = 8
+    cache: CacheConfig | None = None  # cache mode (cache.enabled)
 
 
 class _Periodic(Service):
@@ -109,7 +114,7 @@ class _Periodic(Service):
 
 async def _call(fn: Any) -> Any:
     result = fn()
-    if isinstance(result, Deferred):
+    if isinstance(result, Deferred) or inspect.isawaitable(result):
         result = await result
     return result
 
@@ -141,6 +146,35 @@ class _Live(PromCollector):
                                          "Blobs deleted by garbage collection.")
         gc_deleted.add_metric([], self.store.collector.deleted_total)
         yield gc_deleted
+        cache = self.store.cache
+        if cache is None:
+            return
+        size = GaugeMetricFamily("treadmill_imagecache_bytes", "Blob bytes in the cache.")
+        size.add_metric([], cache.total_bytes)
+        yield size
+        bound = GaugeMetricFamily("treadmill_imagecache_max_bytes",
+                                  "The cache's bound (0: none).")
+        bound.add_metric([], cache.config.max_bytes)
+        yield bound
+        leases = GaugeMetricFamily("treadmill_imagecache_leases", "Active leases.")
+        leases.add_metric([], len(cache.leases.active(cache.now())))
+        yield leases
+        for name, value, text in (
+                ("hits", cache.hits, "Manifest and blob requests served from the cache."),
+                ("misses", cache.misses, "Manifest and blob requests the cache lacked."),
+                ("upstream_blob_fetches", cache.pull.blob_fetches,
+                 "Blob downloads from the upstreams."),
+                ("upstream_manifest_fetches", cache.pull.manifest_fetches,
+                 "Manifest fetches from the upstreams."),
+                ("upstream_bytes", cache.pull.fetched_bytes,
+                 "Bytes fetched from the upstreams."),
+                ("upstream_failures", cache.pull.failures,
+                 "Fetches no upstream could answer (502/503)."),
+                ("evicted_blobs", cache.evicted_blobs, "Blobs evicted."),
+                ("evicted_bytes", cache.evicted_bytes, "Bytes evicted.")):
+            counter = CounterMetricFamily(f"treadmill_imagecache_{name}", text)
+            counter.add_metric([], value)
+            yield counter
 
 
 class ImageStoreMetrics:
@@ -188,8 +222,14 @@ class ImageStoreService(MultiService):
         self.auth = Authorizer(verifier, realm=config.realm, service=config.service,
                                anonymous_pull=config.anonymous_pull,
                                disabled=config.auth_disabled)
+        self.cache: Cache | None = None
+        if config.cache is not None:
+            self.cache = Cache(reactor, self.storage, self.pool, self.lock, self.collector,
+                               config.cache, realm=config.realm)
+            self.uploads.on_commit = self.cache.committed
         self.api = RegistryAPI(reactor, self.storage, self.uploads, self.collector, self.auth,
-                               self.lock, self.pool, max_manifest=config.manifest_max_size)
+                               self.lock, self.pool, max_manifest=config.manifest_max_size,
+                               cache=self.cache)
         self.site = registry_site(self.api)
         self.metrics = ImageStoreMetrics(self)
         access_log = self.site.log
@@ -209,6 +249,12 @@ class ImageStoreService(MultiService):
                            "Garbage collection")
             gc.setName("gc")
             gc.setServiceParent(self)
+        if self.cache is not None and config.cache is not None \
+                and config.cache.maintenance_interval > 0:
+            maintenance = _Periodic(reactor, config.cache.maintenance_interval,
+                                    self.cache.maintain, "Cache maintenance")
+            maintenance.setName("cache-maintenance")
+            maintenance.setServiceParent(self)
         self._ready: Deferred[None] | None = None
         self._ports: list[Any] = []
         self._http: MultiService | None = None
@@ -217,7 +263,8 @@ class ImageStoreService(MultiService):
         """What the manhole shows an operator (``collect_garbage()`` runs a GC)."""
         return {"imagestore": self, "storage": self.storage, "uploads": self.uploads,
                 "collector": self.collector, "api": self.api, "auth": self.auth,
-                "collect_garbage": self.collect_garbage, "reactor": self.reactor}
+                "collect_garbage": self.collect_garbage, "reactor": self.reactor,
+                "cache": self.cache}
 
     def collect_garbage(self) -> Deferred[dict[str, Any]]:
         """Delete unreferenced blobs now; fires with a summary."""
@@ -236,6 +283,8 @@ class ImageStoreService(MultiService):
 
     async def _start(self) -> None:
         await self.uploads.expire()
+        if self.cache is not None:
+            await self.cache.start()
         http = listeners(self.reactor, self.config.listen, self.site, "http")
         http.setServiceParent(self)
         self._http = http
@@ -250,6 +299,8 @@ class ImageStoreService(MultiService):
 
     async def _stop(self) -> None:
         await super().stopService()
+        if self.cache is not None:
+            await self.cache.stop()
         self.pool.stop()
 
     def stopService(self) -> Deferred[None]:

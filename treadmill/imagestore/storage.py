@@ -16,6 +16,8 @@ This layout is a contract: supervisors and image caches open it read-only
       uploads/<uuid>/data                 an upload in progress (never read by others)
       uploads/<uuid>/state.json
       tmp/                                scratch files, renamed into place
+      cache/                              an image cache's private state (leases,
+                                          last-use index); only in cache mode
 
 Guarantees for readers:
 
@@ -83,6 +85,7 @@ class Storage:
         self.repos = os.path.join(self.root, "repositories")
         self.uploads = os.path.join(self.root, "uploads")
         self.tmp = os.path.join(self.root, "tmp")
+        self.cache = os.path.join(self.root, "cache")
 
     # -- setup ---------------------------------------------------------------
 
@@ -149,6 +152,15 @@ class Storage:
                 os.unlink(tmp)
             raise
         fsync_dir(os.path.dirname(path))
+
+    def write_atomic(self, path: str, data: bytes, mode: int = _FILE_MODE) -> None:
+        """Replace ``path`` (under the root) atomically; see :meth:`_write_atomic`."""
+        self._write_atomic(path, data, mode)
+
+    def ensure_private_dir(self, path: str) -> None:
+        """Create ``path`` (under the root) with mode 0700."""
+        self._ensure_dir(path)
+        os.chmod(path, 0o700)
 
     def _unlink(self, path: str) -> bool:
         try:
@@ -358,6 +370,18 @@ class Storage:
 
     def write_tag(self, name: str, tag: str, digest: str) -> None:
         self._write_atomic(self._tag_path(name, tag), digest.encode() + b"\n")
+
+    def tag_mtime(self, name: str, tag: str) -> float | None:
+        """When the tag file was last written or touched (None if absent)."""
+        try:
+            return os.stat(self._tag_path(name, tag)).st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def touch_tag(self, name: str, tag: str) -> None:
+        """Set the tag file's mtime to now (its content is unchanged)."""
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            os.utime(self._tag_path(name, tag))
 
     def delete_tag(self, name: str, tag: str) -> bool:
         return self._unlink(self._tag_path(name, tag))

@@ -302,6 +302,8 @@ class Uploads:
         self.active: dict[str, Upload] = {}
         self.bytes_received = 0
         self.committed = 0
+        # Told ``(digest, size, new)`` after each commit (the image cache's accounting).
+        self.on_commit: Callable[[str, int, bool], None] | None = None
 
     def _thread(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.pool, fn, *args)
@@ -485,6 +487,11 @@ class Uploads:
         upload.gone = True
         self.active.pop(upload.id, None)
         self.committed += 1
+        if self.on_commit is not None:
+            try:
+                self.on_commit(digest, upload.size, new)
+            except Exception:
+                self.log.failure("Commit hook failed")
         return new
 
     async def cancel(self, upload: Upload) -> None:
