@@ -10,6 +10,12 @@ from twisted.internet.task import deferLater
 
 from treadmill.cli import output
 from treadmill.cli.client import Unreachable
+from treadmill.cli.commands.connect import (
+    add_connect_arguments,
+    add_ssh_arguments,
+    job_connect,
+    job_ssh,
+)
 from treadmill.cli.commands.images import short_digest
 from treadmill.cli.commands.logs import ConsoleWriter, job_logs, read_stream
 from treadmill.cli.commands.logs import add_arguments as add_logs_arguments
@@ -439,6 +445,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = add_command(job, "logs", job_logs, common,
                     help="print (or follow) a job's console from its log servers")
     add_logs_arguments(p)
+    p = add_command(job, "ssh", job_ssh, common,
+                    help="ssh to a job's public SSH endpoint (options for tml before the ID)")
+    add_ssh_arguments(p)
+    p = add_command(job, "connect", job_connect, common,
+                    help="forward a local port to a job's service through a proxy")
+    add_connect_arguments(p)
     p = add_command(job, "events", job_events, common, help="list or follow a job's events")
     p.add_argument("id", metavar="ID")
     p.add_argument("--follow", "-f", action="store_true", help="watch until the job terminates")

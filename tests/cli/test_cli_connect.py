@@ -1,0 +1,325 @@
+"""``tml job ssh`` and ``tml job connect`` against a crafted job and a real proxy on loopback.
+
+Until the switchboard lists ``endpoints`` in ``GET /api/v1/jobs/{id}``, the
+handlers run with a :class:`Context` whose API client returns a job made here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.protocol import ProcessProtocol
+
+from tests.proxy.support import (
+    Keys,
+    Running,
+    Transfer,
+    TransferService,
+    echo_client,
+    echo_once,
+    eventually,
+    expected_digest,
+    new_job,
+    start_proxy,
+    tcp_transfer,
+)
+from treadmill.cli.commands.connect import (
+    add_connect_arguments,
+    add_ssh_arguments,
+    job_connect,
+    job_ssh,
+    ssh_command,
+)
+from treadmill.cli.config import Settings
+from treadmill.cli.context import CommandError, Context
+from treadmill.supervisor.exposure import ExposureManager, listen_echo
+
+MiB = 1024 * 1024
+ROOT = Path(__file__).parents[2]
+
+
+class FakeApi:
+    """The part of ``ApiClient`` the handlers use."""
+
+    def __init__(self, job: dict[str, Any]):
+        self.job = job
+        self.calls: list[tuple[str, ...]] = []
+
+    async def get(self, *segments: str, params: Any = None) -> Any:
+        self.calls.append(segments)
+        return self.job
+
+
+def context(parser_setup: Any, argv: list[str], job: dict[str, Any],
+            env: dict[str, str] | None = None) -> Context:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", action="store_true")
+    parser_setup(parser)
+    args = parser.parse_args(argv)
+    settings = Settings(url="http://127.0.0.1:1", token="tmt_secret", ca_file=None,
+                        config_path=Path("/nonexistent"))
+    return Context(reactor, args, io.StringIO(), io.StringIO(), io.StringIO(), env or {},
+                   settings, FakeApi(job))  # type: ignore[arg-type]
+
+
+def a_job(endpoints: list[dict[str, Any]], job_id: str = "job-1") -> dict[str, Any]:
+    return {"id": job_id, "state": "ready", "endpoints": endpoints}
+
+
+TCP = {"service": "ssh", "proxy": "wss://p1.example", "host": "p1.example", "port": 40001,
+       "url": "wss://p1.example/v1/tunnels/abcdefghijklmnopqrstuvwx"}
+WS_ONLY = {"service": "ssh", "proxy": "wss://p2.example",
+           "url": "wss://p2.example/v1/tunnels/abcdefghijklmnopqrstuvwx"}
+
+
+# -- tml job ssh -------------------------------------------------------------------------
+
+
+def test_the_ssh_command_for_a_tcp_endpoint() -> None:
+    ctx = context(add_ssh_arguments, ["-l", "alice", "job-1", "-v", "uptime"],
+                  a_job([TCP]))
+    assert ssh_command(ctx, [TCP]) == ["ssh", "-o", "HostKeyAlias=tml-job-job-1", "-p",
+                                       "40001", "alice@p1.example", "-v", "uptime"]
+
+
+def test_the_ssh_command_for_a_websocket_endpoint_uses_a_proxy_command() -> None:
+    ctx = context(add_ssh_arguments, ["job-1"], a_job([WS_ONLY]),
+                  env={"TREADMILL_SSH_USER": "tester", "TML_SSH": "/opt/ssh"})
+    argv = ssh_command(ctx, [WS_ONLY])
+    assert argv[0] == "/opt/ssh" and argv[-1] == "tester@tml-job-job-1"
+    proxy_command = argv[argv.index("-o", 3) + 1]
+    assert proxy_command.startswith("ProxyCommand=")
+    assert proxy_command.endswith("-m treadmill.cli.main job connect job-1 ssh --stdio")
+
+
+@pytest_twisted.ensureDeferred
+async def test_job_ssh_runs_ssh_and_returns_its_status(tmp_path: Path) -> None:
+    fake = tmp_path / "ssh"
+    record = tmp_path / "argv.json"
+    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    f"json.dump([sys.argv[1:], os.environ.get('TREADMILL_TOKEN')], "
+                    f"open({str(record)!r}, 'w'))\nsys.exit(7)\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    other = {**TCP, "service": "console", "port": 40002}
+    ctx = context(add_ssh_arguments, ["job-1", "--", "uname", "-a"], a_job([other, TCP]),
+                  env={"TML_SSH": str(fake), "PATH": os.environ["PATH"]})
+    assert await job_ssh(ctx) == 7
+    argv, token = json.loads(record.read_text())
+    assert argv == ["-o", "HostKeyAlias=tml-job-job-1", "-p", "40001", "root@p1.example",
+                    "uname", "-a"]
+    assert token == "tmt_secret"  # for a ProxyCommand's tml
+    assert ctx.api.calls == [("jobs", "job-1")]  # type: ignore[attr-defined]
+
+
+@pytest_twisted.ensureDeferred
+async def test_job_ssh_print_command() -> None:
+    ctx = context(add_ssh_arguments, ["--print-command", "--proxy", "p1", "job-1"],
+                  a_job([WS_ONLY, TCP]))
+    assert await job_ssh(ctx) == 0
+    assert ctx.stdout.getvalue() == ("ssh -o HostKeyAlias=tml-job-job-1 -p 40001 "
+                                     "root@p1.example\n")
+
+
+@pytest.mark.parametrize(("job", "argv", "words"), [
+    (a_job([]), [], "has no ssh endpoint; it publishes nothing"),
+    ({"id": "job-1", "state": "queued"}, [], "(it is queued)"),
+    (a_job([{**TCP, "service": "console"}]), [], "it publishes console"),
+    (a_job([TCP]), ["--proxy", "elsewhere"], "on a proxy matching 'elsewhere'"),
+])
+@pytest_twisted.ensureDeferred
+async def test_job_ssh_without_an_endpoint(job: dict[str, Any], argv: list[str],
+                                           words: str) -> None:
+    ctx = context(add_ssh_arguments, [*argv, "job-1"], job)
+    with pytest.raises(CommandError) as caught:
+        await job_ssh(ctx)
+    assert words in str(caught.value)
+
+
+# -- tml job connect ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    return Keys(tmp_path)
+
+
+@pytest_twisted.async_yield_fixture
+async def proxy(keys: Keys) -> Any:
+    running = await start_proxy(keys)
+    yield running
+    await running.stop()
+
+
+async def published(proxy: Running, keys: Keys, services: dict[str, Any]
+                    ) -> tuple[ExposureManager, list[dict[str, Any]]]:
+    job = new_job()
+    manager = ExposureManager(reactor, job, [{"url": proxy.ws, "token": keys.token(job)}],
+                              services, reconnect_initial=0.05)
+    manager.start()
+    return manager, await manager.published()
+
+
+async def start_connect(argv: list[str], job: dict[str, Any]) -> tuple[Deferred[int], int,
+                                                                      Context]:
+    ctx = context(add_connect_arguments, [*argv, "--json"], job)
+    running = Deferred.fromCoroutine(job_connect(ctx))
+    await eventually(lambda: ctx.stdout.getvalue() or running.called)
+    assert not running.called, ctx.stderr.getvalue()
+    return running, json.loads(ctx.stdout.getvalue())["local_port"], ctx
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_tunnels_local_connections_through_the_websocket(
+        proxy: Running, keys: Keys) -> None:
+    size = 32 * MiB
+    service = TransferService(lambda: Transfer(size, seed=6))
+    manager, endpoints = await published(proxy, keys, {"data": ("127.0.0.1",
+                                                                service.listen())})
+    running, port, ctx = await start_connect(["job-1", "data"], a_job(endpoints))
+    try:
+        assert "-> data of job job-1 via ws://" in ctx.stderr.getvalue()
+        outcome = await tcp_transfer(port, Transfer(size, seed=5))
+        served = await service.outcomes[0]
+        assert outcome.received == served.sent == expected_digest(size, 6)
+        assert served.received == outcome.sent == expected_digest(size, 5)
+        # Through the WebSocket path, not the TCP port.
+        tunnel = proxy.registry.sessions[manager.job_id].tunnels["data"]
+        assert tunnel.accepted == 1
+    finally:
+        running.cancel()
+        assert await running == 0
+        await manager.close()
+        await service.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_serves_many_connections_at_once(proxy: Running, keys: Keys) -> None:
+    echo = listen_echo(reactor)
+    manager, endpoints = await published(proxy, keys, {"echo": ("127.0.0.1",
+                                                                echo.getHost().port)})
+    running, port, _ = await start_connect(["job-1", "echo"], a_job(endpoints))
+    try:
+        clients = await gatherResults([echo_client(port) for _ in range(50)])
+        for i, client in enumerate(clients):
+            client.transport.write(b"%d;" % i * 50)
+        answers = await gatherResults([c.wait_for(len(b"%d;" % i * 50), timeout=10)
+                                       for i, c in enumerate(clients)])
+        assert answers == [b"%d;" % i * 50 for i in range(len(clients))]
+        for client in clients:
+            client.transport.loseConnection()
+    finally:
+        running.cancel()
+        await running
+        await manager.close()
+        await echo.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_over_the_tcp_port(proxy: Running, keys: Keys) -> None:
+    echo = listen_echo(reactor)
+    manager, endpoints = await published(proxy, keys, {"echo": ("127.0.0.1",
+                                                                echo.getHost().port)})
+    running, port, _ = await start_connect(["job-1", "echo", "--tcp"], a_job(endpoints))
+    try:
+        assert await echo_once(port, b"plain tcp") == b"plain tcp"
+    finally:
+        running.cancel()
+        await running
+        await manager.close()
+        await echo.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_says_when_the_tunnel_is_gone(proxy: Running, keys: Keys) -> None:
+    gone = {"service": "ssh", "proxy": proxy.ws, "host": "127.0.0.1",
+            "url": proxy.ws + "/v1/tunnels/" + "x" * 32}
+    running, port, ctx = await start_connect(["job-1", "ssh"], a_job([gone]))
+    try:
+        client = await echo_client(port)
+        await client.lost
+        await eventually(lambda: "cannot reach" in ctx.stderr.getvalue())
+    finally:
+        running.cancel()
+        await running
+
+
+class _Pipe(ProcessProtocol):
+    def __init__(self) -> None:
+        self.out = b""
+        self.err = b""
+        self.ended: Deferred[int] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(reason.value.exitCode)
+
+
+STDIO_RUNNER = """
+import argparse, io, json, sys
+from pathlib import Path
+from twisted.internet.defer import Deferred
+from twisted.internet.task import react
+from treadmill.cli.commands.connect import add_connect_arguments, job_connect
+from treadmill.cli.config import Settings
+from treadmill.cli.context import Context
+
+class Api:
+    async def get(self, *segments, params=None):
+        return json.loads(sys.argv[1])
+
+def main(reactor):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", action="store_true")
+    add_connect_arguments(parser)
+    args = parser.parse_args(["job-1", "echo", "--stdio"])
+    ctx = Context(reactor, args, sys.stdout, sys.stderr, sys.stdin, {},
+                  Settings("http://127.0.0.1:1", None, None, Path("/x")), Api())
+    return Deferred.fromCoroutine(job_connect(ctx))
+
+react(main)
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_stdio_for_ssh_proxy_command(proxy: Running, keys: Keys) -> None:
+    echo = listen_echo(reactor)
+    manager, endpoints = await published(proxy, keys, {"echo": ("127.0.0.1",
+                                                                echo.getHost().port)})
+    try:
+        pipe = _Pipe()
+        process = reactor.spawnProcess(
+            pipe, sys.executable, [sys.executable, "-c", STDIO_RUNNER,
+                                   json.dumps(a_job(endpoints))],
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        payload = os.urandom(256 * 1024)
+        process.write(payload)
+        await eventually(lambda: len(pipe.out) >= len(payload) or pipe.ended.called,
+                         timeout=20)
+        process.closeStdin()  # end of file: the tunnel closes, the echo service too
+        ended = pipe.ended
+        ended.addTimeout(10, reactor)
+        try:
+            status = await ended
+        except Exception:
+            raise AssertionError(f"out {len(pipe.out)}: {pipe.err.decode()}") from None
+        assert status == 0, pipe.err.decode()
+        assert pipe.out == payload
+    finally:
+        await manager.close()
+        await echo.stopListening()

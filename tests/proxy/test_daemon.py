@@ -1,0 +1,155 @@
+"""Configuration, the twistd plugin, the systemd unit, and the daemon as operators run it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+
+from tests.daemons import BIN, Daemon, free_port
+from tests.proxy.support import Keys, Transfer, TransferService, free_range, new_job, tcp_transfer
+from treadmill.common.config import ConfigError
+from treadmill.proxy import tap
+from treadmill.proxy.service import with_backlog
+from treadmill.supervisor.exposure import ExposureManager
+
+ROOT = Path(__file__).parents[2]
+EXAMPLE = ROOT / "etc" / "treadmill" / "proxy.toml"
+UNIT = ROOT / "systemd" / "treadmill-proxy.service"
+MiB = 1024 * 1024
+
+
+def options(*argv: str) -> tap.Options:
+    parsed = tap.Options()
+    parsed.parseOptions(list(argv))
+    return parsed
+
+
+def test_the_example_configuration_parses() -> None:
+    config = tap.config_from(options("--config", str(EXAMPLE), "--grace", "5").values)
+    assert config.listen == ["tcp:8090:interface=127.0.0.1"]
+    assert config.data_listen == ["tcp:8091:interface=127.0.0.1"]
+    assert config.service == "treadmill-proxy"
+    assert config.tunnels.ports == (40000, 40999) and config.tunnels.static == {}
+    assert config.tunnels.grace == 5.0  # the command line wins
+    assert config.tunnels.public_host == "proxy.example.org"
+    assert config.tunnels.max_connections_per_tunnel == 256
+    assert config.auth["auth.keys_file"].endswith("capability-keys.json")
+
+
+def test_static_ports_from_a_table_or_the_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text('ports = ""\n[auth]\nkeys_file = "/k"\n'
+                    '[static]\n"board-7/console" = 22014\n"job-1/ssh" = 22015\n')
+    config = tap.config_from(options("--config", str(path)).values)
+    assert config.tunnels.ports is None
+    assert config.tunnels.static == {"board-7/console": 22014, "job-1/ssh": 22015}
+    config = tap.config_from(options("--config", str(path), "--static", "a/ssh=2022").values)
+    assert config.tunnels.static == {"a/ssh": 2022}
+
+
+@pytest.mark.parametrize(("argv", "toml", "words"), [
+    ((), "", "auth.keys_file"),
+    (("--ports", "9-1"), "", "ports"),
+    (("--ports", "40000"), "", "ports"),
+    (("--ports", ""), "", "no public ports"),
+    (("--static", "nonsense"), "", "static"),
+    (("--grace", "-1"), "", "zero or more"),
+    (("--max-connections-per-tunnel", "0"), "", "positive"),
+    (("--data-listen", "unix:/tmp/x"), "", "data_listen"),
+    (("--public-url", "http://x"), "", "ws://"),
+    ((), '[static]\n"x/ssh" = 70000\n', "static"),
+    ((), '[static]\n"a/ssh" = 2000\n"b/ssh" = 2000\n', "same port"),
+    ((), "[bogus]\nkey = 1\n", "bogus.key"),
+])
+def test_bad_settings(tmp_path: Path, argv: tuple[str, ...], toml: str, words: str) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(toml)
+    keys = () if not argv and not toml else ("--auth-keys-file", "/k")
+    with pytest.raises(ConfigError) as caught:
+        options("--config", str(path), *keys, *argv)
+    assert words in str(caught.value)
+
+
+def test_listeners_get_a_large_backlog() -> None:
+    assert with_backlog("tcp:8090:interface=127.0.0.1") == \
+        "tcp:8090:interface=127.0.0.1:backlog=1024"
+    assert with_backlog("tcp:8090:backlog=50") == "tcp:8090:backlog=50"
+    assert with_backlog("unix:/run/x.sock") == "unix:/run/x.sock"
+
+
+def test_the_unit_runs_the_plugin() -> None:
+    unit = UNIT.read_text()
+    assert "treadmill-proxy --config /etc/treadmill/proxy.toml" in unit
+    assert "CAP_NET_BIND_SERVICE" in unit and "LimitNOFILE=" in unit
+
+
+def test_config_error_names_file_and_key(tmp_path: Path) -> None:
+    config = tmp_path / "proxy.toml"
+    config.write_text('[auth]\nkeys_file = "/k"\n[limits]\nbogus = 1\n')
+    proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=",
+                           "treadmill-proxy", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    message = proc.stdout + proc.stderr
+    assert str(config) in message and "limits.bogus" in message
+
+
+def _vm(pid: int, field: str) -> int:
+    """A /proc/PID/status memory figure in bytes (VmHWM: peak RSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_reader_keeps_the_daemons_memory_bounded(tmp_path: Path) -> None:
+    """256 MiB from a fast service to a reader that keeps pausing: the proxy daemon's
+    peak RSS grows by far less than what is in flight (backpressure on both legs)."""
+    keys = Keys(tmp_path)
+    http, data, metrics = free_port(), free_port(), free_port()
+    first, last = free_range(4)
+    daemon = Daemon("treadmill-proxy", [
+        "--config", str(EXAMPLE), "--listen", f"tcp:{http}:interface=127.0.0.1",
+        "--data-listen", f"tcp:{data}:interface=127.0.0.1", "--public-host", "127.0.0.1",
+        "--public-interface", "127.0.0.1", "--ports", f"{first}-{last}",
+        "--auth-keys-file", str(keys.keys_file), "--http-access-log", "false",
+        "--metrics-listen", f"tcp:{metrics}:interface=127.0.0.1"])
+    daemon.start()
+    size = 256 * MiB
+    sizes = [16 * MiB, size]  # a warm-up, then the measured transfer
+    service = TransferService(lambda: Transfer(sizes.pop(0), seed=7))
+    job = new_job()
+    manager = ExposureManager(reactor, job, [{"url": f"ws://127.0.0.1:{http}",
+                                              "token": keys.token(job)}],
+                              {"source": ("127.0.0.1", service.listen())},
+                              reconnect_initial=0.1)
+    try:
+        await daemon.wait_http(f"http://127.0.0.1:{http}/healthz")
+        manager.start()
+        port = (await manager.published())[0]["port"]
+        assert first <= port <= last
+        pid = daemon._transport.pid
+        warm = await tcp_transfer(port, Transfer(0, seed=0, expect=None))
+        assert warm.received_bytes == 16 * MiB
+        before = _vm(pid, "VmHWM")
+        slow = Transfer(0, seed=0, pause_every=16 * MiB, pause_for=0.15)
+        outcome = await tcp_transfer(port, slow)
+        assert outcome.received_bytes == size
+        assert outcome.received == (await service.outcomes[1]).sent
+        growth = _vm(pid, "VmHWM") - before
+        assert growth < 64 * MiB, f"the proxy's peak RSS grew by {growth / MiB:.1f} MiB"
+        scrape = await (await treq.get(f"http://127.0.0.1:{metrics}/metrics")).text()
+        assert 'treadmill_proxy_clients_total{outcome="spliced"} 2.0' in scrape
+        assert "treadmill_proxy_tunnels 1.0" in scrape
+    finally:
+        await manager.close()
+        await service.stop()
+        await daemon.stop()
+    assert "Proxy listening on" in daemon.output

@@ -1,0 +1,864 @@
+#!/usr/bin/env python3
+"""Benchmark of the rendezvous proxy against HAProxy (TCP mode) and socat, side by side.
+
+    .venv/bin/python tools/bench/proxy.py [--size-mib 1024] [--connects 1000]
+        [--concurrent 1000] [--tunnels 1000] [--no-ws] [--json]
+
+Everything runs on this machine and talks to 127.0.0.1 only. One backend
+process (asyncio) offers an echo service and a bulk service (``SEND n``: it
+sends n bytes; ``RECV n``: it reads n bytes, then answers ``OK``). The same
+client code then measures each path to the backend:
+
+  direct     the backend itself (the floor)
+  treadmill  our proxy as operators run it (``twistd treadmill-proxy``) and the
+             supervisor's side as its own process (``python -m
+             treadmill.supervisor.exposure``): client -> public port -> proxy
+             -> data connection -> supervisor -> backend. Two relays, where
+             HAProxy and socat are one: that is what a rendezvous costs.
+  treadmill-ws  the same through the tunnel's WebSocket path, with the local
+             forwarder of ``tml job connect`` in front (three relays)
+  haproxy    HAProxy in TCP mode (``mode tcp``, one ``listen`` per service)
+  socat      ``socat TCP-LISTEN:...,fork TCP:backend`` (a process per connection)
+
+Measurements, per path:
+
+  throughput   one connection moving --size-mib MiB each way (download: the
+               backend sends; upload: the client sends), MiB/s, and the CPU
+               seconds the relays spent per GiB
+  setup        --connects sequential connections, each connect, a 1-byte
+               echo, close: p50/p99 latency (the first byte's round trip is
+               included: our splice is only complete when it arrives)
+  concurrent   --concurrent connections opened at once through one tunnel,
+               each echoing 64 bytes: wall time, failures
+  idle conns   RSS of the relays with --concurrent idle connections open
+  tunnels      memory to hold --tunnels published endpoints with no traffic:
+               ours: that many jobs, each with a control connection and a
+               public port (the proxy's RSS); HAProxy: that many ``listen``
+               sections; socat: that many listening processes (sum of PSS)
+
+Ratios are treadmill / reference (throughput: higher is better, so a ratio
+below 1 means slower; latency and memory: lower is better). HAProxy runs with
+``nbthread 1`` (our proxy is one process with one thread). Needs ``haproxy``
+and ``socat`` (``apt-get install haproxy socat``); a missing one is skipped
+and said so. Every phase is bounded; everything started is stopped at the
+end, also on Ctrl-C. Progress goes to standard error, the table (or
+``--json``) to standard output. Results are recorded in ``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MiB = 1024 * 1024
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TIMEOUT = 120.0  # seconds any single phase may take
+
+
+def log(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+# -- processes and /proc ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_range(size: int, start: int = 30000, stop: int = 60000) -> tuple[int, int]:
+    """``size`` consecutive ports nothing listens on (checked by binding each)."""
+    first = start
+    while first + size < stop:
+        for port in range(first, first + size):
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    first = port + 1
+                    break
+        else:
+            return first, first + size - 1
+    raise RuntimeError(f"no run of {size} free ports")
+
+
+def children(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(parents.get(current, []))
+    return found
+
+
+def status(pid: int, field: str) -> int:
+    """A /proc/PID/status figure in bytes (VmRSS, VmHWM)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            # utime, stime, and the same of waited-for children (socat's forks)
+            total += sum(int(x) for x in fields[11:15])
+        except OSError:
+            pass
+    return total / CLK_TCK
+
+
+class Processes:
+    """Everything this benchmark starts, stopped at the end (also on Ctrl-C)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[Any]] = []
+
+    def start(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+
+_PENDING: dict[int, bytes] = {}
+
+
+def read_line(proc: subprocess.Popen[Any], timeout: float) -> str:
+    """A line of ``proc``'s standard output (a pipe), or RuntimeError after ``timeout``."""
+    import select
+
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    buffered = _PENDING.get(fd, b"")
+    while b"\n" not in buffered:
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([fd], [], [], max(0.0, left))
+        chunk = os.read(fd, 65536) if ready else b""
+        if not chunk:
+            raise RuntimeError(f"{' '.join(map(str, proc.args[:3]))} said nothing more "
+                               f"within {timeout:.0f} s")
+        buffered += chunk
+    line, _, _PENDING[fd] = buffered.partition(b"\n")
+    return line.decode()
+
+
+def wait_port(port: int, proc: subprocess.Popen[Any] | None = None,
+              timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
+
+
+# -- the backend (a child process) -----------------------------------------------------------
+
+
+async def _backend(echo_port: int, bulk_port: int) -> None:
+    block = memoryview(os.urandom(MiB))
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def bulk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            verb, size = (await reader.readline()).split()
+            left = int(size)
+            if verb == b"SEND":
+                while left:
+                    chunk = block[:min(left, MiB)]
+                    writer.write(chunk)
+                    left -= len(chunk)
+                    await writer.drain()
+            else:
+                while left:
+                    data = await reader.read(min(left, 4 * MiB))
+                    if not data:
+                        break
+                    left -= len(data)
+                writer.write(b"OK\n")
+                await writer.drain()
+        except (ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    await asyncio.start_server(echo, "127.0.0.1", echo_port, backlog=4096)
+    await asyncio.start_server(bulk, "127.0.0.1", bulk_port, backlog=1024)
+    await asyncio.Event().wait()
+
+
+# -- the fleet: many jobs, each publishing one service (a child process) ------------------
+
+
+def _fleet(proxy_url: str, tokens_file: str, echo_port: int) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.defer import DeferredList
+
+    from treadmill.supervisor.exposure import ExposureManager
+
+    tokens = json.loads(Path(tokens_file).read_text())
+    managers = [ExposureManager(reactor, job, [{"url": proxy_url, "token": token}],
+                                {"echo": ("127.0.0.1", echo_port)}, websocket=False,
+                                reconnect_initial=0.5, reconnect_max=5.0)
+                for job, token in tokens.items()]
+
+    def started() -> None:
+        for manager in managers:
+            manager.start()
+        DeferredList([m.published() for m in managers]).addCallback(
+            lambda _: print(json.dumps({"published": len(managers)}), flush=True))
+
+    reactor.callWhenRunning(started)
+    reactor.run()
+
+
+# -- the WebSocket forwarder of ``tml job connect`` (a child process) --------------------------
+
+
+def _forwarder(job_json: str, service: str, port: int) -> None:
+    from pathlib import Path as _Path
+
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import react
+
+    from treadmill.cli.commands.connect import add_connect_arguments, job_connect
+    from treadmill.cli.config import Settings
+    from treadmill.cli.context import Context
+
+    class Api:
+        async def get(self, *segments: str, params: Any = None) -> Any:
+            return json.loads(job_json)
+
+    def main(reactor: Any) -> Any:
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--json", action="store_true")
+        add_connect_arguments(parser)
+        args = parser.parse_args(["job", service, "--local-port", str(port)])
+        ctx = Context(reactor, args, sys.stdout, sys.stderr, sys.stdin, {},
+                      Settings("http://127.0.0.1:1", None, None, _Path("/x")), Api())
+        return Deferred.fromCoroutine(job_connect(ctx))
+
+    react(main)
+
+
+# -- client measurements ---------------------------------------------------------------------
+
+
+def throughput(port: int, size: int, direction: str) -> float:
+    """Seconds to move ``size`` bytes through one connection."""
+    buffer = bytearray(4 * MiB)
+    view = memoryview(buffer)
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        started = time.perf_counter()
+        if direction == "download":
+            s.sendall(b"SEND %d\n" % size)
+            got = 0
+            while got < size:
+                n = s.recv_into(view)
+                if not n:
+                    raise RuntimeError(f"download ended after {got} bytes")
+                got += n
+        else:
+            s.sendall(b"RECV %d\n" % size)
+            left = size
+            while left:
+                n = min(left, len(view))
+                s.sendall(view[:n])
+                left -= n
+            if not s.recv(16).startswith(b"OK"):
+                raise RuntimeError("upload not acknowledged")
+        return time.perf_counter() - started
+
+
+def setup_latency(port: int, count: int) -> list[float]:
+    """Seconds per connect + 1-byte echo + close, ``count`` times in a row."""
+    times = []
+    deadline = time.monotonic() + TIMEOUT
+    for _ in range(count):
+        started = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(b"x")
+            if s.recv(1) != b"x":
+                raise RuntimeError("no echo")
+        times.append(time.perf_counter() - started)
+        if time.monotonic() > deadline:
+            break
+    return times
+
+
+async def _concurrent(port: int, count: int, hold: float) -> tuple[float, int, list[Any]]:
+    payload = b"0123456789abcdef" * 4
+    open_writers: list[Any] = []
+
+    async def one() -> bool:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", port), 30)
+            writer.write(payload)
+            await writer.drain()
+            got = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
+            open_writers.append(writer)
+            return got == payload
+        except (TimeoutError, OSError, asyncio.IncompleteReadError):
+            return False
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one() for _ in range(count)))
+    elapsed = time.perf_counter() - started
+    return elapsed, results.count(False), open_writers
+
+
+def concurrent(port: int, count: int, measure: Any = None) -> tuple[float, int, Any]:
+    """Open ``count`` connections at once, each echoing 64 bytes; keep them open while
+    ``measure()`` runs (the idle-connections memory), then close them."""
+
+    async def run() -> tuple[float, int, Any]:
+        elapsed, failures, writers = await _concurrent(port, count, 0)
+        await asyncio.sleep(0.5)
+        sample = measure() if measure is not None else None
+        for writer in writers:
+            writer.close()
+        await asyncio.sleep(0.2)
+        return elapsed, failures, sample
+
+    return asyncio.run(run())
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+# -- targets ---------------------------------------------------------------------------------
+
+
+class Target:
+    """A path to the backend: its echo and bulk ports and the relay processes."""
+
+    def __init__(self, name: str, echo: int, bulk: int, pids: list[int], note: str = ""):
+        self.name = name
+        self.echo = echo
+        self.bulk = bulk
+        self.pids = pids
+        self.note = note
+
+    def all_pids(self) -> list[int]:
+        return [p for pid in self.pids for p in children(pid)]
+
+    def rss(self) -> int:
+        return sum(status(p, "VmRSS") for p in self.all_pids())
+
+    def pss(self) -> int:
+        return sum(pss(p) for p in self.all_pids())
+
+
+def measure(target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {"path": target.name, "note": target.note}
+    size = args.size_mib * MiB
+    for direction in ("download", "upload"):
+        cpu0 = cpu_seconds(target.all_pids())
+        seconds = throughput(target.bulk, size, direction)
+        cpu = cpu_seconds(target.all_pids()) - cpu0
+        result[f"{direction}_mib_s"] = round(size / MiB / seconds, 1)
+        result[f"{direction}_cpu_s_per_gib"] = round(cpu / (size / 1024 / MiB), 2)
+        log(f"{target.name}: {direction} {size // MiB} MiB in {seconds:.2f} s "
+            f"({size / MiB / seconds:.0f} MiB/s, relays' CPU {cpu:.2f} s)")
+    setup_latency(target.echo, 50)  # warm-up
+    times = setup_latency(target.echo, args.connects)
+    result["setup_p50_ms"] = round(percentile(times, 50) * 1000, 3)
+    result["setup_p99_ms"] = round(percentile(times, 99) * 1000, 3)
+    result["setup_count"] = len(times)
+    log(f"{target.name}: {len(times)} connections, p50 {result['setup_p50_ms']} ms, "
+        f"p99 {result['setup_p99_ms']} ms")
+    proxy_pid = getattr(target, "proxy_pid", None)
+
+    def memory() -> tuple[int, int]:
+        return target.pss(), pss(proxy_pid) if proxy_pid else 0
+
+    before, proxy_before = memory()
+    elapsed, failures, (with_open, proxy_with) = concurrent(target.echo, args.concurrent,
+                                                             memory)
+    result["concurrent_s"] = round(elapsed, 3)
+    result["concurrent_failures"] = failures
+    # PSS, not RSS: socat's forks share most of their pages.
+    result["idle_conns_pss_mib"] = round(with_open / MiB, 1)
+    result["idle_conns_growth_mib"] = round((with_open - before) / MiB, 1)
+    if proxy_pid:
+        result["proxy_idle_conns_pss_mib"] = round(proxy_with / MiB, 1)
+        result["proxy_idle_conns_growth_mib"] = round((proxy_with - proxy_before) / MiB, 1)
+    log(f"{target.name}: {args.concurrent} concurrent connections in {elapsed:.2f} s, "
+        f"{failures} failed; relays' PSS {before / MiB:.1f} -> {with_open / MiB:.1f} MiB "
+        "with them open")
+    return result
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=1024, help="bytes per throughput "
+                        "run, each way (default 1024: 1 GiB)")
+    parser.add_argument("--connects", type=int, default=1000,
+                        help="sequential connections for the setup latency")
+    parser.add_argument("--concurrent", type=int, default=1000,
+                        help="connections opened at once through one tunnel")
+    parser.add_argument("--tunnels", type=int, default=1000,
+                        help="idle tunnels for the memory comparison (0: skip)")
+    parser.add_argument("--no-ws", action="store_true", help="skip the WebSocket path")
+    parser.add_argument("--paths", default="direct,treadmill,treadmill-ws,haproxy,socat",
+                        help="the paths to measure (comma-separated)")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--serve-backend", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-fleet", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-forwarder", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_backend:
+        asyncio.run(_backend(*args.serve_backend))
+        return 0
+    if args.serve_fleet:
+        _fleet(args.serve_fleet[0], args.serve_fleet[1], int(args.serve_fleet[2]))
+        return 0
+    if args.serve_forwarder:
+        _forwarder(args.serve_forwarder[0], args.serve_forwarder[1],
+                   int(args.serve_forwarder[2]))
+        return 0
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    needed = 6 * max(args.concurrent, args.tunnels) + 200
+    if hard < needed:
+        log(f"warning: the open files limit is {hard}; about {needed} are needed")
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
+    procs = Processes()
+    tmp = Path(tempfile.mkdtemp(prefix="treadmill-bench-proxy-"))
+    results: list[dict[str, Any]] = []
+    tunnels: dict[str, Any] = {}
+    skipped: list[str] = []
+    try:
+        targets = setup(procs, tmp, args, skipped)
+        wanted = set(args.paths.split(","))
+        for target in targets:
+            if target.name in wanted:
+                results.append(measure(target, args))
+        if args.tunnels:
+            tunnels = tunnel_memory(procs, tmp, args, skipped)
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(),
+              "command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "size_mib": args.size_mib, "connects": args.connects,
+              "concurrent": args.concurrent, "paths": results, "tunnels": tunnels,
+              "ratios": ratios(results, tunnels), "skipped": skipped}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(render(report))
+    return 0
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    haproxy = subprocess.run(["haproxy", "-v"], capture_output=True, text=True) \
+        if shutil.which("haproxy") else None
+    socat = subprocess.run(["socat", "-V"], capture_output=True, text=True) \
+        if shutil.which("socat") else None
+    return {"cpus": os.cpu_count(), "cpu": model, "kernel": platform.release(),
+            "python": platform.python_version(),
+            "haproxy": haproxy.stdout.split("\n")[0] if haproxy else None,
+            "socat": next((line for line in socat.stdout.splitlines()
+                           if "version" in line), None) if socat else None}
+
+
+def setup(procs: Processes, tmp: Path, args: argparse.Namespace,
+          skipped: list[str]) -> list[Target]:
+    echo, bulk = free_port(), free_port()
+    backend = procs.start([sys.executable, __file__, "--serve-backend", str(echo), str(bulk)])
+    wait_port(echo, backend)
+    wait_port(bulk, backend)
+    targets = [Target("direct", echo, bulk, [], "no relay")]
+    log(f"backend: echo on {echo}, bulk on {bulk}")
+
+    ours = start_ours(procs, tmp, args, {"echo": echo, "bulk": bulk})
+    targets.append(ours)
+    if not args.no_ws:
+        targets.append(start_forwarders(procs, ours))
+
+    if shutil.which("haproxy"):
+        h_echo, h_bulk = free_port(), free_port()
+        config = tmp / "haproxy.cfg"
+        config.write_text(haproxy_config({h_echo: echo, h_bulk: bulk}))
+        haproxy = procs.start(["haproxy", "-f", str(config), "-db"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(h_echo, haproxy)
+        wait_port(h_bulk, haproxy)
+        targets.append(Target("haproxy", h_echo, h_bulk, [haproxy.pid],
+                              "HAProxy mode tcp, nbthread 1"))
+    else:
+        skipped.append("haproxy (not installed)")
+    if shutil.which("socat"):
+        pids = []
+        ports = []
+        for backend_port in (echo, bulk):
+            port = free_port()
+            proc = procs.start(["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,"
+                                "backlog=1024", f"TCP:127.0.0.1:{backend_port}"],
+                               stderr=subprocess.DEVNULL)
+            wait_port(port, proc)
+            pids.append(proc.pid)
+            ports.append(port)
+        targets.append(Target("socat", ports[0], ports[1], pids, "socat fork"))
+    else:
+        skipped.append("socat (not installed)")
+    return targets
+
+
+def signing(tmp: Path) -> Any:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from twisted.internet.task import Clock
+
+    from treadmill.common.captoken import CapabilitySigner
+
+    clock = Clock()
+    clock.advance(time.time())
+    signer = CapabilitySigner(Ed25519PrivateKey.generate(), "treadmill", clock)
+    (tmp / "keys.json").write_text(json.dumps(signer.jwks()))
+    return signer
+
+
+def token(signer: Any, job: str) -> str:
+    from treadmill.common.captoken import Access
+
+    return str(signer.sign("bench", "treadmill-proxy", [Access("tunnel", job, ("publish",))],
+                           3600))
+
+
+def start_proxy(procs: Processes, tmp: Path, args: argparse.Namespace,
+                ports: tuple[int, int]) -> tuple[subprocess.Popen[Any], int]:
+    http, data = free_port(), free_port()
+    env = {**os.environ, "TREADMILL_LOG_LEVEL": "warn"}
+    argv = [str(Path(sys.executable).parent / "twistd"), "--nodaemon", "--pidfile=",
+            "--logger=treadmill.common.logging.text", "treadmill-proxy",
+            "--listen", f"tcp:{http}:interface=127.0.0.1",
+            "--data-listen", f"tcp:{data}:interface=127.0.0.1",
+            "--public-host", "127.0.0.1", "--public-interface", "127.0.0.1",
+            "--ports", f"{ports[0]}-{ports[1]}", "--auth-keys-file", str(tmp / "keys.json"),
+            "--http-access-log", "false", "--idle-timeout", "0",
+            "--max-connections-per-tunnel", str(args.concurrent + 100),
+            "--max-tunnels-per-job", "16"]
+    proc = procs.start(argv, env=env, cwd=str(ROOT), stdout=open(tmp / "proxy.log", "ab"),
+                       stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the proxy did not start:\n" +
+                                   (tmp / "proxy.log").read_text()[-2000:]) from None
+            time.sleep(0.1)
+    return proc, http
+
+
+def start_ours(procs: Processes, tmp: Path, args: argparse.Namespace,
+               services: dict[str, int]) -> Target:
+    signer = signing(tmp)
+    proxy, http = start_proxy(procs, tmp, args, free_range(16))
+    job = str(uuid.uuid4())
+    (tmp / "token").write_text(token(signer, job))
+    argv = [sys.executable, "-m", "treadmill.supervisor.exposure", "--job", job,
+            "--proxy", f"ws://127.0.0.1:{http}", "--token-file", str(tmp / "token"), "--quiet"]
+    for name, port in services.items():
+        argv += ["--service", f"{name}=127.0.0.1:{port}"]
+    supervisor = procs.start(argv, cwd=str(ROOT), stdout=subprocess.PIPE)
+    endpoints: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 30
+    while len(endpoints) < len(services):
+        endpoints = json.loads(read_line(supervisor, max(0.1, deadline - time.monotonic())))
+    by_name = {e["service"]: e for e in endpoints}
+    target = Target("treadmill", by_name["echo"]["port"], by_name["bulk"]["port"],
+                    [proxy.pid, supervisor.pid], "proxy + supervisor relay (2 relays)")
+    target.endpoints = by_name  # type: ignore[attr-defined]
+    target.proxy_pid = proxy.pid  # type: ignore[attr-defined]
+    log(f"treadmill: proxy pid {proxy.pid}, supervisor pid {supervisor.pid}, "
+        f"echo on {target.echo}, bulk on {target.bulk}")
+    return target
+
+
+def start_forwarders(procs: Processes, ours: Target) -> Target:
+    ports = {}
+    pids = []
+    for name in ("echo", "bulk"):
+        port = free_port()
+        job = {"id": "job", "state": "ready", "endpoints": [ours.endpoints[name]]}  # type: ignore[attr-defined]
+        proc = procs.start([sys.executable, __file__, "--serve-forwarder", json.dumps(job),
+                            name, str(port)], cwd=str(ROOT), stderr=subprocess.DEVNULL)
+        wait_port(port, proc)
+        ports[name] = port
+        pids.append(proc.pid)
+    return Target("treadmill-ws", ports["echo"], ports["bulk"], [*ours.pids, *pids],
+                  "tml job connect -> WebSocket path -> proxy -> supervisor (3 relays)")
+
+
+def haproxy_config(listeners: dict[int, int]) -> str:
+    # HAProxy refuses to start if maxconn needs more descriptors than the limit allows.
+    maxconn = max(1000, (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - len(listeners) - 100)
+                  // 2 - 100)
+    lines = ["global", f"    maxconn {maxconn}", "    nbthread 1", "defaults", "    mode tcp",
+             "    timeout connect 10s", "    timeout client 300s", "    timeout server 300s",
+             f"    maxconn {maxconn}"]
+    for i, (port, backend) in enumerate(listeners.items()):
+        lines += [f"listen l{i}", f"    bind 127.0.0.1:{port}",
+                  f"    server s 127.0.0.1:{backend}"]
+    return "\n".join(lines) + "\n"
+
+
+def tunnel_memory(procs: Processes, tmp: Path, args: argparse.Namespace,
+                  skipped: list[str]) -> dict[str, Any]:
+    """Memory to hold ``--tunnels`` published, idle endpoints."""
+    count = args.tunnels
+    result: dict[str, Any] = {"count": count}
+    echo = free_port()
+    backend = procs.start([sys.executable, __file__, "--serve-backend", str(echo),
+                           str(free_port())])
+    wait_port(echo, backend)
+
+    # Ours: one job per tunnel, each with its own control connection (as a site's
+    # supervisors would have), all in one fleet process.
+    signer = signing(tmp)
+    proxy, http = start_proxy(procs, tmp, args, free_range(count + 16))
+    time.sleep(0.5)
+    base = status(proxy.pid, "VmRSS")
+    tokens = {str(uuid.uuid4()): "" for _ in range(count)}
+    tokens = {job: token(signer, job) for job in tokens}
+    (tmp / "tokens.json").write_text(json.dumps(tokens))
+    started = time.monotonic()
+    fleet = procs.start([sys.executable, __file__, "--serve-fleet", f"ws://127.0.0.1:{http}",
+                         str(tmp / "tokens.json"), str(echo)], cwd=str(ROOT),
+                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    read_line(fleet, TIMEOUT)  # {"published": count}
+    elapsed = time.monotonic() - started
+    time.sleep(1.0)
+    rss = status(proxy.pid, "VmRSS")
+    result["treadmill_rss_mib"] = round(rss / MiB, 1)
+    result["treadmill_base_rss_mib"] = round(base / MiB, 1)
+    result["treadmill_per_tunnel_kib"] = round((rss - base) / count / 1024, 1)
+    result["treadmill_publish_s"] = round(elapsed, 2)
+    result["treadmill_supervisors_rss_mib"] = round(status(fleet.pid, "VmRSS") / MiB, 1)
+    log(f"treadmill: {count} jobs published in {elapsed:.1f} s; proxy RSS "
+        f"{base / MiB:.1f} -> {rss / MiB:.1f} MiB")
+    procs.stop(fleet)
+    procs.stop(proxy)
+
+    if shutil.which("haproxy"):
+        first, _ = free_range(count)
+        config = tmp / "haproxy-tunnels.cfg"
+        config.write_text(haproxy_config({first + i: echo for i in range(count)}))
+        haproxy = procs.start(["haproxy", "-f", str(config), "-db"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(first + count - 1, haproxy)
+        time.sleep(1.0)
+        result["haproxy_rss_mib"] = round(status(haproxy.pid, "VmRSS") / MiB, 1)
+        log(f"haproxy: {count} listeners, RSS {result['haproxy_rss_mib']} MiB")
+        procs.stop(haproxy)
+    if shutil.which("socat"):
+        first, _ = free_range(count)
+        socats = [procs.start(["socat", f"TCP-LISTEN:{first + i},bind=127.0.0.1,fork,"
+                               "reuseaddr", f"TCP:127.0.0.1:{echo}"], stderr=subprocess.DEVNULL)
+                  for i in range(count)]
+        wait_port(first + count - 1, socats[-1])
+        time.sleep(1.0)
+        result["socat_pss_mib"] = round(sum(pss(p.pid) for p in socats) / MiB, 1)
+        result["socat_rss_mib"] = round(sum(status(p.pid, "VmRSS") for p in socats) / MiB, 1)
+        log(f"socat: {count} processes, PSS {result['socat_pss_mib']} MiB "
+            f"(RSS {result['socat_rss_mib']} MiB)")
+        for proc in socats:
+            procs.stop(proc)
+    procs.stop(backend)
+    return result
+
+
+def ratios(results: list[dict[str, Any]], tunnels: dict[str, Any]) -> dict[str, Any]:
+    by = {r["path"]: r for r in results}
+    ours = by.get("treadmill")
+    out: dict[str, Any] = {}
+    if ours is None:
+        return out
+    for ref in ("haproxy", "socat", "direct"):
+        other = by.get(ref)
+        if other is None:
+            continue
+        out[ref] = {
+            "download": round(ours["download_mib_s"] / other["download_mib_s"], 2),
+            "upload": round(ours["upload_mib_s"] / other["upload_mib_s"], 2),
+            "setup_p50": round(ours["setup_p50_ms"] / other["setup_p50_ms"], 2),
+            "setup_p99": round(ours["setup_p99_ms"] / other["setup_p99_ms"], 2),
+            "concurrent": round(ours["concurrent_s"] / other["concurrent_s"], 2),
+        }
+        if ref != "direct" and other["idle_conns_growth_mib"] > 0:
+            # What 1,000 idle connections add: all our relays, and the proxy alone.
+            out[ref]["idle_conns_memory"] = round(ours["idle_conns_growth_mib"] /
+                                                  other["idle_conns_growth_mib"], 2)
+            out[ref]["idle_conns_memory_proxy_only"] = round(
+                ours["proxy_idle_conns_growth_mib"] / other["idle_conns_growth_mib"], 2)
+    if tunnels.get("haproxy_rss_mib"):
+        out.setdefault("haproxy", {})["tunnels_memory"] = round(
+            tunnels["treadmill_rss_mib"] / tunnels["haproxy_rss_mib"], 2)
+    if tunnels.get("socat_pss_mib"):
+        out.setdefault("socat", {})["tunnels_memory"] = round(
+            tunnels["treadmill_rss_mib"] / tunnels["socat_pss_mib"], 2)
+    return out
+
+
+def render(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [f"Proxy benchmark, {report['date']}: {m['cpus']} CPUs ({m['cpu']}), "
+             f"kernel {m['kernel']}, Python {m['python']}",
+             f"{m['haproxy'] or 'no HAProxy'}; {m['socat'] or 'no socat'}", ""]
+    header = (f"{'path':<13} {'down MiB/s':>10} {'up MiB/s':>9} {'CPU s/GiB':>9} "
+              f"{'p50 ms':>7} {'p99 ms':>7} {'conc s':>7} {'fail':>4} {'PSS MiB':>8} "
+              f"{'+conns':>7}")
+    lines += [header, "-" * len(header)]
+    for r in report["paths"]:
+        cpu = (r["download_cpu_s_per_gib"] + r["upload_cpu_s_per_gib"]) / 2
+        lines.append(f"{r['path']:<13} {r['download_mib_s']:>10.0f} {r['upload_mib_s']:>9.0f} "
+                     f"{cpu:>9.2f} {r['setup_p50_ms']:>7.3f} {r['setup_p99_ms']:>7.3f} "
+                     f"{r['concurrent_s']:>7.2f} {r['concurrent_failures']:>4} "
+                     f"{r['idle_conns_pss_mib']:>8.1f} {r['idle_conns_growth_mib']:>7.1f}")
+        if "proxy_idle_conns_pss_mib" in r:
+            lines.append(f"  {'(the proxy process alone)':<75} "
+                         f"{r['proxy_idle_conns_pss_mib']:>8.1f} "
+                         f"{r['proxy_idle_conns_growth_mib']:>7.1f}")
+    lines.append("")
+    lines.append(f"throughput: {report['size_mib']} MiB each way on one connection; "
+                 f"setup: {report['connects']} sequential connect+1-byte echo+close; "
+                 f"conc: {report['concurrent']} connections at once (echo 64 B); "
+                 f"PSS: the relays' memory with them open, +conns: what they added")
+    for r in report["paths"]:
+        lines.append(f"  {r['path']}: {r['note']}")
+    t = report["tunnels"]
+    if t:
+        lines += ["", f"{t['count']} idle tunnels: treadmill proxy RSS "
+                  f"{t['treadmill_base_rss_mib']} -> {t['treadmill_rss_mib']} MiB "
+                  f"({t['treadmill_per_tunnel_kib']} KiB per job with its control connection "
+                  f"and port; published in {t['treadmill_publish_s']} s)"]
+        if "haproxy_rss_mib" in t:
+            lines.append(f"  HAProxy with {t['count']} listen sections: {t['haproxy_rss_mib']} "
+                         "MiB RSS")
+        if "socat_pss_mib" in t:
+            lines.append(f"  {t['count']} socat listeners: {t['socat_pss_mib']} MiB PSS "
+                         f"({t['socat_rss_mib']} MiB RSS)")
+    lines += ["", "ratios (treadmill / reference; throughput > 1 is faster, the rest < 1 is "
+              "better):"]
+    for ref, values in report["ratios"].items():
+        lines.append(f"  vs {ref:<8} " + ", ".join(f"{k} {v}" for k, v in values.items()))
+    if report["skipped"]:
+        lines.append("skipped: " + ", ".join(report["skipped"]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The control WebSocket: one per job, opened by its supervisor (``docs/proxy.md``).
+
+The HTTP route (``api.py``) has verified the capability token before the
+upgrade; a :class:`ControlProtocol` is bound to the job the token grants
+``publish`` on. It validates every received frame against the schema; a
+violation is answered with ``protocol_error`` and closes this connection with
+4000 (the job's tunnels then wait out the grace period, like after any other
+loss, and no other job is affected).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.logger import Logger
+
+from treadmill.proxy import messages
+from treadmill.proxy.messages import CloseCode
+from treadmill.proxy.registry import JobSession, Registry
+
+__all__ = ["ControlFactory", "ControlProtocol"]
+
+
+class _QuietLogger(Logger):
+    """Autobahn's protocol logger without debug: its debug lines would show the
+    handshake, bearer token included."""
+
+    def debug(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def trace(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class ControlProtocol(WebSocketServerProtocol):
+    """A job's control connection (a :class:`registry.Control`)."""
+
+    log = _QuietLogger(namespace="treadmill.proxy.control.ws")
+    factory: ControlFactory
+    job: str = ""
+    subject: str = ""
+    token: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.session: JobSession | None = None
+        self._handling = False
+
+    # -- registry.Control ----------------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> bool:
+        if self.state != self.STATE_OPEN:
+            return False
+        self.sendMessage(messages.encode(message), isBinary=False)
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        self._handling = False
+        if self.state == self.STATE_OPEN:
+            self.sendClose(int(code), reason[:120])
+
+    # -- Autobahn --------------------------------------------------------------------
+
+    def onConnect(self, request: ConnectionRequest) -> str:
+        if messages.SUBPROTOCOL not in request.protocols:
+            raise ConnectionDeny(400, f"subprotocol {messages.SUBPROTOCOL} is required")
+        return messages.SUBPROTOCOL
+
+    def onOpen(self) -> None:
+        self._handling = True
+        self.session = self.factory.registry.attach(self, self.subject, self.token)
+        self.token = ""  # the registry keeps its digest
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if not self._handling or self.session is None:
+            return
+        if isBinary:
+            self.violation("binary frames are not part of the control protocol")
+            return
+        try:
+            message = messages.parse(payload, expect=messages.TO_PROXY)
+        except messages.ProtocolError as e:
+            self.violation(str(e))
+            return
+        self.factory.registry.handle(self.session, self, message)
+
+    def violation(self, text: str) -> None:
+        """The supervisor broke the protocol: say so and close with 4000."""
+        self.factory.registry.counts["control_violation"] += 1
+        self.factory.log.warn("Job {job}: protocol violation on the control connection: {text}",
+                              job=self.job, text=text)
+        self.send(messages.protocol_error(text))
+        self.close(CloseCode.PROTOCOL_VIOLATION, "protocol violation")
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.session is None:
+            return  # never opened
+        self._handling = False
+        # 1000 from the supervisor means "the job ended"; anything else is a loss.
+        final = not self.closedByMe and self.remoteCloseCode == CloseCode.NORMAL
+        self.factory.registry.detach(self, final=final)
+
+
+class ControlFactory(WebSocketServerFactory):
+    """Builds :class:`ControlProtocol`; :meth:`for_job` binds one to a verified job."""
+
+    protocol = ControlProtocol
+    log = Logger()
+
+    def __init__(self, registry: Registry, ping_interval: float = 10.0):
+        super().__init__()
+        self.registry = registry
+        self.setProtocolOptions(autoPingInterval=ping_interval, autoPingTimeout=ping_interval,
+                                openHandshakeTimeout=10, closeHandshakeTimeout=5,
+                                maxMessagePayloadSize=messages.MAX_MESSAGE_BYTES,
+                                maxFramePayloadSize=messages.MAX_MESSAGE_BYTES)
+
+    def for_job(self, job: str, subject: str, token: str) -> Any:
+        return _Bound(self, job, subject, token)
+
+
+class _Bound:
+    """What ``WebSocketResource`` needs of a factory: ``buildProtocol``."""
+
+    def __init__(self, factory: ControlFactory, job: str, subject: str, token: str):
+        self.factory = factory
+        self.job = job
+        self.subject = subject
+        self.token = token
+
+    def buildProtocol(self, addr: Any) -> ControlProtocol:
+        protocol = self.factory.buildProtocol(addr)
+        protocol.job = self.job
+        protocol.subject = self.subject
+        protocol.token = self.token
+        return protocol

@@ -1,0 +1,193 @@
+"""The proxy's connections that carry bytes: clients (TCP or WebSocket) and data connections.
+
+- :class:`PublicEnd`: a client on a tunnel's public TCP port. It reads
+  nothing until its data connection is joined.
+- :class:`TunnelSocket`: a client on a tunnel's WebSocket path
+  (``/v1/tunnels/<id>``); binary messages carry the bytes.
+- :class:`DataEnd`: a supervisor's data connection on ``data_listen``. Its
+  first line is ``TREADMILL-DATA/1 <conn_id> <token>``
+  (``messages.data_header``); anything else, or nothing within the connect
+  timeout, closes it without a word.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionRequest
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+
+from treadmill.proxy import messages
+from treadmill.proxy.registry import Pending, Registry, Tunnel
+from treadmill.proxy.splice import TUNNEL_SUBPROTOCOL, StreamEnd, WebSocketEnd
+
+__all__ = ["DataEnd", "DataFactory", "PublicEnd", "PublicFactory", "TunnelFactory",
+           "TunnelSocket"]
+
+MAX_MESSAGE = 1024 * 1024  # what one client WebSocket message may hold (we send 64 KiB)
+
+
+class PublicEnd(StreamEnd):
+    """A client on a public TCP port."""
+
+    def __init__(self, registry: Registry, tunnel: Tunnel):
+        super().__init__()
+        self.registry = registry
+        self.tunnel = tunnel
+        self.pending: Pending | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.pending = self.registry.client_arrived(self.tunnel, self)
+
+    def gone(self, reason: Any) -> None:
+        if self.pending is not None and self.splice is None:
+            self.registry.client_gone(self.pending)
+        self.pending = None
+
+
+class PublicFactory(ServerFactory):
+    """The factory of one tunnel's public port."""
+
+    noisy = False
+
+    def __init__(self, registry: Registry, tunnel: Tunnel):
+        self.registry = registry
+        self.tunnel = tunnel
+
+    def buildProtocol(self, addr: Any) -> PublicEnd:
+        return PublicEnd(self.registry, self.tunnel)
+
+
+class DataEnd(StreamEnd):
+    """A supervisor's data connection: a header line, then the client's bytes."""
+
+    log = Logger()
+
+    def __init__(self, registry: Registry, timeout: float):
+        super().__init__()
+        self.registry = registry
+        self.timeout = timeout
+        self._header = b""
+        self._timer: Any = None
+
+    def connectionMade(self) -> None:
+        # Read the header now; the join pauses nothing (both legs are ready then).
+        self._timer = self.registry.reactor.callLater(self.timeout, self._no_header)
+
+    def _no_header(self) -> None:
+        self._timer = None
+        self.registry.counts["data_no_header"] += 1
+        self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.splice is not None:
+            super().dataReceived(data)
+            return
+        self._header += data
+        end = self._header.find(b"\n")
+        if end < 0:
+            if len(self._header) > messages.MAX_HEADER_BYTES:
+                self._refuse("data header too long")
+            return
+        line, rest = self._header[:end], self._header[end + 1:]
+        self._header = b""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        try:
+            conn_id, token = messages.parse_data_header(line)
+        except messages.ProtocolError as e:
+            self._refuse(str(e))
+            return
+        self.transport.pauseProducing()  # join() resumes it
+        if self.registry.data_arrived(conn_id, token, self) is None:
+            self.transport.abortConnection()
+            return
+        if rest:
+            super().dataReceived(rest)
+
+    def _refuse(self, why: str) -> None:
+        self.registry.counts["data_malformed"] += 1
+        self.log.info("Refused a data connection: {why}", why=why)
+        self.transport.abortConnection()
+
+    def gone(self, reason: Any) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+class DataFactory(ServerFactory):
+    """The factory of the ``data_listen`` listeners."""
+
+    noisy = False
+
+    def __init__(self, registry: Registry, timeout: float):
+        self.registry = registry
+        self.timeout = timeout
+
+    def buildProtocol(self, addr: Any) -> DataEnd:
+        return DataEnd(self.registry, self.timeout)
+
+
+class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
+    """A client on a tunnel's WebSocket path."""
+
+    factory: TunnelFactory
+    tunnel: Tunnel | None = None
+    pending: Pending | None = None
+
+    def onConnect(self, request: ConnectionRequest) -> str | None:
+        # The subprotocol adds half-close (a text message "eof"); plain binary without it.
+        self.half_close = TUNNEL_SUBPROTOCOL in request.protocols
+        return TUNNEL_SUBPROTOCOL if self.half_close else None
+
+    def onOpen(self) -> None:
+        self.end_opened()
+        if self.tunnel is None:
+            self.sendClose(1011, "no tunnel")
+            return
+        self.pending = self.factory.registry.client_arrived(self.tunnel, self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.end_message(payload, isBinary)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.pending is not None and self.splice is None:
+            self.factory.registry.client_gone(self.pending)
+        self.pending = None
+        self.end_closed()
+
+
+class TunnelFactory(WebSocketServerFactory):
+    """Builds :class:`TunnelSocket`; :meth:`for_tunnel` binds one to a tunnel."""
+
+    protocol = TunnelSocket
+
+    def __init__(self, registry: Registry):
+        super().__init__()
+        self.registry = registry
+        # No auto-ping: a client the proxy has paused (backpressure) could not answer in
+        # time; the idle timeout closes dead connections.
+        self.setProtocolOptions(maxMessagePayloadSize=MAX_MESSAGE,
+                                maxFramePayloadSize=MAX_MESSAGE, openHandshakeTimeout=10,
+                                closeHandshakeTimeout=5)
+
+    def for_tunnel(self, tunnel: Tunnel) -> Any:
+        return _Bound(self, tunnel)
+
+
+class _Bound:
+    """What ``WebSocketResource`` needs of a factory: ``buildProtocol``."""
+
+    def __init__(self, factory: TunnelFactory, tunnel: Tunnel):
+        self.factory = factory
+        self.tunnel = tunnel
+
+    def buildProtocol(self, addr: Any) -> TunnelSocket:
+        protocol = self.factory.buildProtocol(addr)
+        protocol.tunnel = self.tunnel
+        return protocol

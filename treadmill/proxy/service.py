@@ -1,0 +1,178 @@
+"""The proxy's service tree.
+
+    proxy (ProxyService)
+    ├── keys      the switchboard's capability keys (file, or fetched and refreshed)
+    ├── data      the data listeners (supervisors dial back here)
+    ├── http      /healthz, the control WebSocket, tunnel WebSockets (Klein)
+    ├── manhole   optional SSH manhole
+    └── metrics   optional Prometheus listeners
+
+Public tunnel ports are not services of the tree: the registry binds and
+releases them as jobs publish and unpublish. Stopping the service closes
+every control connection with 4005 (going away) and every tunnel.
+
+For tests and tools, in-process::
+
+    service = ProxyService(reactor, ProxyConfig(listen=[...], data_listen=[...],
+                                                auth={"auth.keys_file": ...}))
+    service.startService()
+    await service.ready()
+    port = service.ports()[0].getHost().port
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from treadmill.common.daemon import listeners
+from treadmill.common.http import limited_site
+from treadmill.common.keys import KeySource, key_source
+from treadmill.proxy.api import ProxyAPI
+from treadmill.proxy.control import ControlFactory
+from treadmill.proxy.legs import DataFactory, PublicFactory, TunnelFactory
+from treadmill.proxy.metrics import ProxyMetrics
+from treadmill.proxy.registry import Registry, RegistrySettings
+
+__all__ = ["ProxyConfig", "ProxyService", "with_backlog"]
+
+BACKLOG = 1024
+
+
+def with_backlog(desc: str, backlog: int = BACKLOG) -> str:
+    """A TCP or TLS listener description with ``backlog=`` (unless it names one)."""
+    kind = desc.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "ssl") and not re.search(r"(^|:)backlog=", desc):
+        return f"{desc}:backlog={backlog}"
+    return desc
+
+
+@dataclass
+class ProxyConfig:
+    """Everything a proxy needs, already validated (``tap.config_from``)."""
+
+    listen: list[str]
+    data_listen: list[str]
+    auth: dict[str, Any] = field(default_factory=dict)  # the auth.* settings
+    service: str = "treadmill-proxy"
+    tunnels: RegistrySettings = field(default_factory=RegistrySettings)
+    ping_interval: float = 10.0
+    access_log: bool = True
+
+
+class ProxyService(MultiService):
+    """The root service of a proxy process."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, config: ProxyConfig, *, keys: KeySource | None = None):
+        super().__init__()
+        self.setName("proxy")
+        self.reactor = reactor
+        self.config = config
+        self.keys = keys if keys is not None else key_source(reactor, config.auth)
+        self.keys.setName("keys")
+        self.keys.setServiceParent(self)
+        self.verifier = self.keys.verifier(config.auth.get("auth.issuer") or "treadmill",
+                                           config.service)
+        self.registry = Registry(
+            reactor, config.tunnels, self.verifier,
+            public_factory=lambda tunnel: PublicFactory(self.registry, tunnel),
+            data_port=self._data_port,
+            data_tls=any(d.startswith("ssl:") for d in config.data_listen))
+        self.control = ControlFactory(self.registry, ping_interval=config.ping_interval)
+        self.tunnel_sockets = TunnelFactory(self.registry)
+        self.api = ProxyAPI(self.registry, self.verifier, self.control, self.tunnel_sockets)
+        self.site = limited_site(self.api.resource(), 64 * 1024)
+        if not config.access_log:
+            self.site.log = lambda request: None  # type: ignore[method-assign]
+        self.metrics = ProxyMetrics(self.registry)
+        self._ready: Deferred[None] | None = None
+        self._ports: list[Any] = []
+        self._data_ports: list[Any] = []
+        self._stopping = False
+        # twistd sets this: a port that cannot be bound stops the process.
+        self.exit_on_failure = False
+
+    def namespace(self) -> dict[str, Any]:
+        """What the manhole shows an operator."""
+        return {"proxy": self, "registry": self.registry, "keys": self.keys,
+                "metrics": self.metrics, "reactor": self.reactor}
+
+    def _data_port(self) -> int:
+        if not self._data_ports:
+            raise RuntimeError("the data listener is not bound yet")
+        return self._data_ports[0].getHost().port  # type: ignore[no-any-return]
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._ready = Deferred.fromCoroutine(self._start())
+        if self.exit_on_failure:
+            self._ready.addErrback(self._start_failed)
+
+    def _start_failed(self, failure: Any) -> None:
+        self.log.failure("The proxy cannot start", failure)
+        if self.reactor.running:
+            self.reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
+            self.reactor.stop()
+
+    def ready(self) -> Deferred[None]:
+        """Fires when the data and HTTP listeners listen."""
+        return self._ready if self._ready is not None else succeed(None)
+
+    async def _start(self) -> None:
+        data = listeners(self.reactor, [with_backlog(d) for d in self.config.data_listen],
+                         DataFactory(self.registry, self.config.tunnels.connect_timeout),
+                         "data")
+        data.setServiceParent(self)
+        self._data_ports = [await service._waitingForPort  # type: ignore[attr-defined]
+                            for service in data]
+        if self._stopping:
+            return
+        self.registry.start()
+        http = listeners(self.reactor, [with_backlog(d) for d in self.config.listen],
+                         self.site, "http")
+        http.setServiceParent(self)
+        self._ports = [await service._waitingForPort  # type: ignore[attr-defined]
+                       for service in http]
+        settings = self.config.tunnels
+        self.log.info("Proxy listening on {listen}, data on {data}; public host {host}, ports "
+                      "{ports}, {static} static", listen=", ".join(self.config.listen),
+                      data=", ".join(self.config.data_listen), host=settings.public_host,
+                      ports=self.registry.ports.describe(), static=len(settings.static))
+
+    def ports(self) -> list[Any]:
+        """The listening ports of the HTTP endpoint (for tests that listen on port 0)."""
+        return list(self._ports)
+
+    def data_ports(self) -> list[Any]:
+        return list(self._data_ports)
+
+    def stopService(self) -> Deferred[None]:
+        self._stopping = True
+        self.registry.stop()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await super().stopService()
+        # The listeners are made again by the next start.
+        for name in ("data", "http"):
+            child = self.namedServices.get(name)
+            if child is not None:
+                self.removeService(child)  # already stopped
+        self._ports, self._data_ports = [], []
+
+
+def _exit_failed() -> None:
+    """Leave with status 1 (twistd would exit 0 after ``reactor.stop()``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

@@ -1,0 +1,610 @@
+"""Publishing a job's host-local services through rendezvous proxies: the supervisor's side.
+
+An :class:`ExposureManager` exists for as long as a job runs. For each proxy
+the job names (``{"url", "token"}``: the proxy's base URL and a capability
+token granting ``publish`` on ``{"type": "tunnel", "name": <job id>}``) it
+keeps a control WebSocket up (``ClientService``, capped exponential backoff
+with jitter) and publishes every service on it, again after every
+reconnect: within the proxy's grace period the tunnels survived and the
+answers name the same ports and paths. When a client connects to a tunnel
+the proxy sends ``connect``; the manager dials the service's local
+``(host, port)`` and the proxy's data port at the same time, sends the data
+header, and splices the two with backpressure (``treadmill.proxy.splice``).
+The wire formats are in ``docs/proxy.md``.
+
+For the supervisor (the lead wires it)::
+
+    exposure = ExposureManager(reactor, job_id,
+                               proxies=[{"url": "wss://proxy.example", "token": "…"}],
+                               services={"ssh": ("127.0.0.1", 2222)})
+    exposure.on_change(lambda endpoints: report(job_id, endpoints))
+    exposure.start()
+    ...
+    await exposure.close()            # the job ended: its tunnels close now
+
+``endpoints`` lists ``{"service", "proxy", "host", "port"?, "url"?}``: the
+public TCP port on ``host`` and the WebSocket URL of each published service
+on each proxy. ``close(final=False)`` (a supervisor shutting down while its
+job lives on) leaves the tunnels to the proxy's grace period instead.
+
+Run alone, for manual checks and the benchmark::
+
+    python -m treadmill.supervisor.exposure --job JOB --proxy ws://127.0.0.1:8090 \\
+        --token-file TOKEN --service echo=127.0.0.1:7007 [--echo 7007]
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+from urllib.parse import quote
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from treadmill.proxy import messages
+from treadmill.proxy.messages import CloseCode, parse_proxy_url
+from treadmill.proxy.splice import Splice, StreamEnd, client_endpoint, join
+
+__all__ = ["Echo", "ExposureManager", "listen_echo", "parse_proxy_url"]
+
+_GIVE_UP_FAST = 16  # a failure count that means "wait reconnect_max"
+
+
+def _no_delay(transport: Any) -> None:
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass
+
+
+class _QuietLogger(Logger):
+    """Autobahn's protocol logger without debug (the handshake holds the token)."""
+
+    def debug(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def trace(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+# -- the legs of a connection ---------------------------------------------------------
+
+
+class _LocalEnd(StreamEnd):
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        _no_delay(self.transport)
+
+
+class _DataEnd(StreamEnd):
+    """The data connection to the proxy: the header line first, then the client's bytes."""
+
+    def __init__(self, header: bytes):
+        super().__init__()
+        self.header = header
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        _no_delay(self.transport)
+        self.transport.write(self.header)
+
+
+class _OneShot(Factory):
+    """A factory of one given protocol (``connectProtocol`` makes a class per call)."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol):
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self.protocol_instance
+
+
+class _Rendezvous:
+    """One ``connect``: dial the local service and the proxy, join them when both are up."""
+
+    def __init__(self, manager: ExposureManager, link: _ProxyLink, conn_id: str, service: str):
+        self.manager = manager
+        self.link = link
+        self.conn_id = conn_id
+        self.service = service
+        self.local = _LocalEnd()
+        self.data = _DataEnd(messages.data_header(conn_id, link.token))
+        self.failed = False
+
+    def start(self, local_endpoint: Any, data_endpoint: Any) -> None:
+        local = local_endpoint.connect(_OneShot(self.local))
+        data = data_endpoint.connect(_OneShot(self.data))
+        local.addErrback(self._local_failed)
+        data.addErrback(self._data_failed)
+        DeferredList([local, data], consumeErrors=True).addCallback(self._both)
+
+    def _local_failed(self, failure: Failure) -> None:
+        self.failed = True
+        self.manager.counts["local_failed"] += 1
+        text = failure.getErrorMessage()
+        self.manager.log.warn("{name}: cannot reach {service} for a client: {error}",
+                              name=self.manager.name, service=self.service, error=text)
+        self.link.send(messages.connect_failed(self.conn_id, f"{self.service}: {text}"))
+
+    def _data_failed(self, failure: Failure) -> None:
+        self.failed = True
+        self.manager.counts["data_failed"] += 1
+        self.manager.log.warn("{name}: cannot open a data connection to {url}: {error}",
+                              name=self.manager.name, url=self.link.url,
+                              error=failure.getErrorMessage())
+
+    def _both(self, _: Any) -> None:
+        if self.failed:
+            for end in (self.local, self.data):
+                if end.transport is not None and not end.lost:
+                    end.abort()
+            return
+        self.manager.counts["spliced"] += 1
+        splice = join(self.local, self.data, self.manager._splice_closed, self.link)
+        if not (self.local.lost or self.data.lost):
+            self.manager.splices.add(splice)
+
+
+# -- the control connection -----------------------------------------------------------
+
+
+class _ControlClient(WebSocketClientProtocol):
+    log = _QuietLogger(namespace="treadmill.supervisor.exposure.ws")
+    factory: Any
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handling = False
+        self.opened = False
+        self.closed: Deferred[None] = Deferred()
+        self._wrong_protocol = False
+
+    @property
+    def link(self) -> _ProxyLink:
+        return self.factory.link  # type: ignore[no-any-return]
+
+    def send(self, message: dict[str, Any]) -> bool:
+        if self.state != self.STATE_OPEN:
+            return False
+        self.sendMessage(messages.encode(message), isBinary=False)
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        self.handling = False
+        if self.state == self.STATE_OPEN:
+            self.sendClose(int(code), reason[:120])
+
+    def onConnect(self, response: Any) -> None:
+        self._wrong_protocol = response.protocol != messages.SUBPROTOCOL
+
+    def onOpen(self) -> None:
+        if self._wrong_protocol:
+            self.link.failures = _GIVE_UP_FAST
+            self.link.manager.log.error("{name}: {url} does not speak {sub}",
+                                        name=self.link.manager.name, url=self.link.url,
+                                        sub=messages.SUBPROTOCOL)
+            self.close(CloseCode.PROTOCOL_VIOLATION, "subprotocol required")
+            return
+        self.opened = True
+        self.handling = True
+        self.link.opened(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if not self.handling:
+            return
+        try:
+            if isBinary:
+                raise messages.ProtocolError("binary frames are not part of the protocol")
+            message = messages.parse(payload, expect=messages.TO_SUPERVISOR)
+        except messages.ProtocolError as e:
+            self.link.manager.log.error("{name}: protocol violation by {url}: {error}",
+                                        name=self.link.manager.name, url=self.link.url,
+                                        error=str(e))
+            self.send(messages.protocol_error(str(e)))
+            self.close(CloseCode.PROTOCOL_VIOLATION, "protocol violation")
+            return
+        self.link.message(self, message)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        try:
+            self.link.closed(self, code, reason)
+        finally:
+            if not self.closed.called:
+                self.closed.callback(None)
+
+
+class _ProxyLink:
+    """One proxy: its control connection, and what it published for us."""
+
+    def __init__(self, manager: ExposureManager, url: str, token: str):
+        self.manager = manager
+        self.url = url
+        self.token = token
+        self.secure, self.host, self.port, self.base = parse_proxy_url(url)
+        reactor = manager.reactor
+        control_url = (f"{self.base}{messages.CONTROL_PATH}?job="
+                       f"{quote(manager.job_id, safe='')}")
+        self.factory = WebSocketClientFactory(
+            control_url, protocols=[messages.SUBPROTOCOL], reactor=reactor,
+            headers={"Authorization": f"Bearer {token}"})
+        self.factory.protocol = _ControlClient
+        self.factory.link = self
+        self.factory.setProtocolOptions(
+            autoPingInterval=manager.heartbeat_interval,
+            autoPingTimeout=manager.heartbeat_timeout,
+            openHandshakeTimeout=manager.heartbeat_timeout,
+            maxMessagePayloadSize=messages.MAX_MESSAGE_BYTES,
+            maxFramePayloadSize=messages.MAX_MESSAGE_BYTES)
+        endpoint = client_endpoint(reactor, self.host, self.port, manager.heartbeat_timeout)
+        if self.secure:
+            from treadmill.common.tls import client_options
+
+            endpoint = wrapClientTLS(client_options(self.host, manager.ca_file), endpoint)
+        initial = manager.reconnect_initial
+        self._backoff = backoffPolicy(initial, manager.reconnect_max, factor=2,
+                                      jitter=lambda: manager.jitter() * initial)
+        self.client = ClientService(endpoint, self.factory, retryPolicy=self._retry_delay,
+                                    clock=reactor)
+        self.session: _ControlClient | None = None
+        self.welcome: dict[str, Any] | None = None
+        self.endpoints: dict[str, dict[str, Any]] = {}
+        self.errors: dict[str, tuple[str, str]] = {}
+        self.failures = 0
+        self.connections = 0  # control sessions opened so far
+        self._requests: dict[int, str] = {}
+        self._request_id = 0
+        self._stopping = False
+
+    def _retry_delay(self, attempt: int) -> float:
+        return float(self._backoff(max(0, attempt - 1) + self.failures))
+
+    def start(self) -> None:
+        self.client.startService()
+
+    async def stop(self, final: bool) -> None:
+        self._stopping = True
+        session = self.session
+        if session is not None:
+            session.close(CloseCode.NORMAL if final else CloseCode.GOING_AWAY,
+                          "job ended" if final else "supervisor going away")
+            closed = session.closed
+            timer = self.manager.reactor.callLater(
+                3.0, lambda: closed.called or closed.callback(None))
+            await closed
+            if timer.active():
+                timer.cancel()
+        await self.client.stopService()
+
+    def send(self, message: dict[str, Any]) -> bool:
+        return self.session.send(message) if self.session is not None else False
+
+    def set_token(self, token: str) -> None:
+        """Use ``token`` from the next (re)connection on (and in data headers)."""
+        self.token = token
+        self.factory.headers["Authorization"] = f"Bearer {token}"
+
+    # -- from the protocol -----------------------------------------------------------
+
+    def opened(self, session: _ControlClient) -> None:
+        self.session = session
+        self.connections += 1
+
+    def message(self, session: _ControlClient, message: dict[str, Any]) -> None:
+        if session is not self.session:
+            return
+        kind = message["type"]
+        manager = self.manager
+        if kind == "welcome":
+            if message["job"] != manager.job_id:
+                session.close(CloseCode.PROTOCOL_VIOLATION, "wrong job")
+                return
+            self.welcome = message
+            self.failures = 0
+            manager.log.info("{name}: connected to proxy {url}", name=manager.name,
+                             url=self.url)
+            for service in manager.services:
+                self._request_id += 1
+                self._requests[self._request_id] = service
+                session.send(messages.publish(self._request_id, service, tcp=manager.tcp,
+                                              websocket=manager.websocket))
+            for service in message.get("published", []):
+                if service not in manager.services:  # left over from an earlier run
+                    self._request_id += 1
+                    session.send(messages.unpublish(self._request_id, service))
+        elif kind == "published":
+            self._requests.pop(message["request_id"], None)
+            endpoint: dict[str, Any] = {"service": message["service"], "proxy": self.url,
+                                        "host": message["host"]}
+            if "tcp_port" in message:
+                endpoint["port"] = message["tcp_port"]
+            if "ws_url" in message:
+                endpoint["url"] = message["ws_url"]
+            elif "ws_path" in message:
+                endpoint["url"] = self.base + message["ws_path"]
+            self.errors.pop(message["service"], None)
+            if self.endpoints.get(message["service"]) != endpoint:
+                self.endpoints[message["service"]] = endpoint
+                manager._changed()
+        elif kind == "error":
+            service = self._requests.pop(message["request_id"], message.get("service", "?"))
+            self.errors[service] = (message["code"], message["message"])
+            manager.log.error("{name}: proxy {url} refused to publish {service}: {code}: "
+                              "{message}", name=manager.name, url=self.url, service=service,
+                              code=message["code"], message=message["message"])
+        elif kind == "connect":
+            manager._connect(self, message["conn_id"], message["service"])
+        elif kind == "protocol_error":
+            manager.log.error("{name}: proxy {url} reports a protocol error: {text}",
+                              name=manager.name, url=self.url, text=message["message"])
+
+    def closed(self, session: _ControlClient, code: int | None, reason: str | None) -> None:
+        if session is self.session:
+            self.session = None
+            self.welcome = None  # the next connection's welcome says where to dial
+            self._requests.clear()
+        if self._stopping:
+            return
+        status = None
+        status_line = getattr(session, "http_status_line", None)
+        if status_line:
+            parts = status_line.split()
+            if len(parts) >= 2 and parts[1].isdigit() and parts[1] != "101":
+                status = int(parts[1])
+        if not session.opened:
+            self.failures += 1
+            if status is not None:
+                self.manager.log.error("{name}: proxy {url} refused the control connection "
+                                       "(HTTP {status}); retrying with backoff",
+                                       name=self.manager.name, url=self.url, status=status)
+            return
+        remote = session.remoteCloseCode
+        if remote in (CloseCode.PROTOCOL_VIOLATION, CloseCode.SUPERSEDED):
+            self.failures += 1
+        self.manager.log.info("{name}: control connection to {url} closed ({code}); "
+                              "reconnecting", name=self.manager.name, url=self.url,
+                              code=remote if remote is not None else code)
+
+
+# -- the manager ----------------------------------------------------------------------
+
+
+class ExposureManager:
+    """Publishes a job's services on its proxies; see the module docstring.
+
+    :param proxies: ``[{"url": ws(s)/http(s) base URL, "token": capability token}]``.
+    :param services: ``{name: (host, port)}`` of the host-local endpoints.
+    :param tcp: publish public TCP ports; :param websocket: publish WebSocket paths.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, job_id: str, proxies: Sequence[Mapping[str, str]],
+                 services: Mapping[str, tuple[str, int]], *, ca_file: str | None = None,
+                 tcp: bool = True, websocket: bool = True, reconnect_initial: float = 1.0,
+                 reconnect_max: float = 30.0, heartbeat_interval: float = 10.0,
+                 heartbeat_timeout: float = 20.0, connect_timeout: float = 10.0,
+                 name: str = "exposure", jitter: Callable[[], float] = random.random):
+        for service in services:
+            messages.validate(messages.unpublish(0, service))  # a valid service name
+        self.reactor = reactor
+        self.job_id = job_id
+        self.services = dict(services)
+        self.ca_file = ca_file
+        self.tcp = tcp
+        self.websocket = websocket
+        self.reconnect_initial = reconnect_initial
+        self.reconnect_max = reconnect_max
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.connect_timeout = connect_timeout
+        self.name = name
+        self.jitter = jitter
+        self.links = [_ProxyLink(self, p["url"], p["token"]) for p in proxies]
+        self.splices: set[Splice] = set()
+        self.counts: dict[str, int] = {"spliced": 0, "local_failed": 0, "data_failed": 0,
+                                       "unknown_service": 0}
+        self._callbacks: list[Callable[[list[dict[str, Any]]], None]] = []
+        self._waiters: list[Deferred[list[dict[str, Any]]]] = []
+        self._started = False
+        self._closed = False
+
+    # -- the API -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect to every proxy and publish (again after every reconnect)."""
+        if self._started:
+            return
+        self._started = True
+        for link in self.links:
+            link.start()
+
+    async def close(self, final: bool = True) -> None:
+        """Stop. ``final`` (the job ended): the proxies close its tunnels at once and the
+        connections through them end here; otherwise the proxies keep the tunnels for
+        their grace period (a supervisor restart) and live connections are left alone."""
+        if self._closed:
+            return
+        self._closed = True
+        await DeferredList([Deferred.fromCoroutine(link.stop(final)) for link in self.links],
+                           consumeErrors=True)
+        if final:
+            for splice in list(self.splices):
+                splice.close()
+        for waiter in self._waiters:
+            waiter.cancel()
+        self._waiters = []
+
+    @property
+    def endpoints(self) -> list[dict[str, Any]]:
+        """``{"service", "proxy", "host", "port"?, "url"?}`` per service and proxy."""
+        return [dict(link.endpoints[s]) for link in self.links for s in self.services
+                if s in link.endpoints]
+
+    @property
+    def errors(self) -> list[dict[str, str]]:
+        """Services a proxy refused to publish: ``{"service", "proxy", "code", "message"}``."""
+        return [{"service": s, "proxy": link.url, "code": code, "message": text}
+                for link in self.links for s, (code, text) in sorted(link.errors.items())]
+
+    @property
+    def connections(self) -> int:
+        """Client connections spliced through right now."""
+        return len(self.splices)
+
+    def on_change(self, callback: Callable[[list[dict[str, Any]]], None]) -> None:
+        """Call ``callback(endpoints)`` whenever the endpoints change."""
+        self._callbacks.append(callback)
+
+    def published(self) -> Deferred[list[dict[str, Any]]]:
+        """Fires with the endpoints once every service is published on every proxy."""
+        if self._complete():
+            return succeed(self.endpoints)
+        waiter: Deferred[list[dict[str, Any]]] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def set_token(self, url: str, token: str) -> None:
+        """A fresh token for the proxy at ``url``, used from its next reconnection on."""
+        for link in self.links:
+            if link.url == url:
+                link.set_token(token)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _complete(self) -> bool:
+        return all(s in link.endpoints for link in self.links for s in self.services)
+
+    def _changed(self) -> None:
+        endpoints = self.endpoints
+        for callback in list(self._callbacks):
+            try:
+                callback(endpoints)
+            except Exception:
+                self.log.failure("{name}: endpoint callback failed", name=self.name)
+        if self._complete():
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.callback(endpoints)
+
+    def _connect(self, link: _ProxyLink, conn_id: str, service: str) -> None:
+        target = self.services.get(service)
+        if target is None or link.welcome is None or self._closed:
+            self.counts["unknown_service"] += 1
+            link.send(messages.connect_failed(conn_id, f"no service {service} here"))
+            return
+        host, port = target
+        local = client_endpoint(self.reactor, host, port, self.connect_timeout)
+        data: Any = client_endpoint(self.reactor, link.host, link.welcome["data_port"],
+                              self.connect_timeout)
+        if link.welcome["data_tls"]:
+            from treadmill.common.tls import client_options
+
+            data = wrapClientTLS(client_options(link.host, self.ca_file), data)
+        _Rendezvous(self, link, conn_id, service).start(local, data)
+
+    def _splice_closed(self, splice: Splice) -> None:
+        self.splices.discard(splice)
+
+
+# -- an echo service (the mock host offers one) -------------------------------------------
+
+
+@implementer(IHalfCloseableProtocol)
+class Echo(Protocol):
+    """Writes back what it reads; closes once the client has sent everything (half-close)."""
+
+    def connectionMade(self) -> None:
+        _no_delay(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+
+def listen_echo(reactor: Any, port: int = 0, interface: str = "127.0.0.1") -> IListeningPort:
+    """An echo service on ``interface:port`` (0: any free port; see ``getHost().port``)."""
+    factory = Factory.forProtocol(Echo)
+    factory.noisy = False
+    return reactor.listenTCP(port, factory, backlog=1024,  # type: ignore[no-any-return]
+                             interface=interface)
+
+
+# -- run alone ---------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m treadmill.supervisor.exposure``: publish local services until stopped."""
+    import argparse
+    import json
+    import sys
+
+    from twisted.internet.task import react
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--job", required=True)
+    parser.add_argument("--proxy", action="append", required=True, metavar="URL")
+    parser.add_argument("--token-file", required=True,
+                        help="a file holding the capability token (one for every proxy)")
+    parser.add_argument("--service", action="append", default=[], metavar="NAME=HOST:PORT")
+    parser.add_argument("--echo", type=int, metavar="PORT",
+                        help="also run an echo service on 127.0.0.1:PORT")
+    parser.add_argument("--ca-file")
+    parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    args = parser.parse_args(argv)
+    with open(args.token_file) as f:
+        token = f.read().strip()
+    services: dict[str, tuple[str, int]] = {}
+    for item in args.service:
+        name, _, address = item.partition("=")
+        host, _, port = address.rpartition(":")
+        services[name] = (host.strip("[]"), int(port))
+
+    from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate
+
+    level = LogLevel.warn if args.quiet else LogLevel.info
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(
+        textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(level)])],
+        redirectStandardIO=False)
+
+    async def run(reactor: Any) -> None:
+        if args.echo:
+            listen_echo(reactor, args.echo)
+        manager = ExposureManager(reactor, args.job,
+                                  [{"url": url, "token": token} for url in args.proxy],
+                                  services, ca_file=args.ca_file, reconnect_initial=0.2,
+                                  reconnect_max=5.0)
+
+        def show(endpoints: list[dict[str, Any]]) -> None:
+            print(json.dumps(endpoints), flush=True)
+
+        manager.on_change(show)
+        manager.start()
+        stopped: Deferred[None] = Deferred()
+        reactor.addSystemEventTrigger(
+            "before", "shutdown", lambda: Deferred.fromCoroutine(manager.close(final=True)))
+        await stopped
+
+    react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+
+
+if __name__ == "__main__":
+    main()
