@@ -1,0 +1,958 @@
+#!/usr/bin/env python3
+"""Benchmark of the image store: big-blob upload and download, small-blob GETs, memory.
+
+    .venv/bin/python tools/bench/imagestore.py [--size 1G] [--size 256M] [--json]
+
+For each ``--size`` (default 1 GiB) it writes a file of random bytes in a
+temporary directory and starts a fresh, real image store as its own process
+(``twistd treadmill-imagestore --config FILE``, access log off, capability
+tokens signed by a key of the benchmark's own), then measures, on that one
+file and in one run:
+
+  sha256sum   ``sha256sum FILE`` after a warm read of the file (``cat FILE >
+              /dev/null``), so that it and the uploads read from the page cache;
+  upload      a monolithic upload (``POST /v2/bench/big/blobs/uploads/?digest=``)
+              streaming the file from disk with ``sendfile(2)``; end to end, from
+              the first byte sent to the ``201``, so it includes the store's digest
+              verification, its ``fsync`` and the commit; then a chunked upload of
+              the same bytes to another repository (``POST``, ``PATCH`` with
+              ``Content-Range`` in ``--chunk-size`` pieces, ``PUT ?digest=``), as
+              registry clients do;
+  GET         ``curl -o /dev/null`` of the blob through the store, and of the very
+              same file (the store's ``blobs/sha256/<hh>/<hex>``: same bytes, same
+              disk) served by nginx (one worker, ``sendfile on``), after a warm read
+              of that file; ``--repeat`` times each, the median is reported;
+
+and the store's peak RSS (``VmHWM``, reset through ``/proc/PID/clear_refs``
+before each phase) and CPU time during each phase. Then, on a fresh store, 100
+concurrent GETs of a small blob with ``wrk -c100`` (with a pull token in the
+``Authorization`` header, and again on a repository in ``anonymous_pull``
+without one), and nginx serving the same small file as the reference.
+
+Targets (the issue's): GET >= 0.5 of nginx; upload >= 0.5 of sha256sum's rate;
+memory flat in blob size (give two sizes, e.g. ``--size 1G --size 256M``).
+
+Needs ``curl``, ``sha256sum`` and ``wrk``; nginx is optional (the GET ratio is
+then missing). Installs nothing. Everything listens on 127.0.0.1, every phase
+is bounded, and everything it starts is stopped at the end (also on Ctrl-C).
+Progress goes to standard error, the summary (or ``--json``) to standard
+output. Results are recorded in ``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = Path(__file__).resolve().parent
+for _path in (str(ROOT), str(BENCH)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from switchboard_api import (  # noqa: E402
+    WRK_REPORT_LUA,
+    BenchError,
+    Monitor,
+    _first_line,
+    _machine_ticks,
+    _status_kb,
+    free_port,
+    parse_wrk,
+    revision,
+    say,
+    stop_process,
+    wait_http,
+)
+
+# Targets of the issue.
+TARGET_GET_RATIO = 0.5      # GET MB/s through the store / nginx's
+TARGET_UPLOAD_RATIO = 0.5   # upload MB/s (end to end) / sha256sum's MB/s
+FLAT_MB = 16.0              # "flat": peak RSS moves by less than this between sizes
+
+SERVICE = "treadmill-imagestore"
+MiB = 1024 * 1024
+MB = 1e6
+KB_MB = 1 / 1024
+REPO_BIG = "bench/big"
+REPO_CHUNKED = "bench/chunked"
+REPO_SMALL = "bench/small"
+REPO_PUBLIC = "bench/public"  # in anonymous_pull
+
+_UNITS = {"": 1, "k": 1024, "m": MiB, "g": 1024 * MiB}
+
+
+def byte_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?\s*", text.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected a size such as 1G, 256M or 4096: {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def human(n: int) -> str:
+    for unit, factor in (("GiB", 1024 * MiB), ("MiB", MiB), ("KiB", 1024)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor} {unit}"
+    return f"{n} B"
+
+
+# -- machine ---------------------------------------------------------------------------
+
+
+def machine_info(tmp: Path) -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gb = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
+    fs = _first_line(["findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", "-T", str(tmp)])
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu,
+        "memory_gib": mem_gb,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "filesystem": fs,
+        "curl": _first_line(["curl", "--version"]),
+        "sha256sum": _first_line(["sha256sum", "--version"]),
+        "wrk": _first_line(["wrk", "-v"]),
+        "nginx": _first_line(["nginx", "-v"]) if shutil.which("nginx") else "absent",
+    }
+
+
+# -- memory and CPU of a phase ------------------------------------------------------------
+
+
+def reset_hwm(pid: int) -> bool:
+    """Reset the peak RSS (VmHWM) of ``pid`` to its current RSS (Linux >= 4.0)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class Phase:
+    """CPU time and peak RSS of the store (or nginx) through one phase.
+
+    Wraps the switchboard benchmark's :class:`Monitor` (CPU of the server and
+    its direct children, of reaped children of ours, of the whole machine;
+    RSS sampled every 50 ms) and adds our own CPU time (the upload client runs
+    in this process) and a per-phase ``VmHWM`` (reset before the phase).
+    """
+
+    def __init__(self, pid: int, memory: bool = True):
+        self.pid = pid
+        self.memory = memory
+        self.hwm_reset = reset_hwm(pid) if memory else False
+        self.rss_before = (_status_kb(pid, "VmRSS") or 0) * KB_MB
+        self.monitor = Monitor(pid, None, memory, interval=0.05)
+        self.self0 = resource.getrusage(resource.RUSAGE_SELF)
+        self.monitor.begin()
+
+    def end(self) -> dict[str, Any]:
+        try:
+            usage = self.monitor.end()
+        finally:
+            self.monitor.stop()
+        self1 = resource.getrusage(resource.RUSAGE_SELF)
+        own = (self1.ru_utime + self1.ru_stime) - (self.self0.ru_utime + self.self0.ru_stime)
+        usage["client_cpu_s"] = round(usage.pop("loadgen_cpu_s") + own, 3)
+        cores = len(os.sched_getaffinity(0))
+        if usage.get("other_cpu_busy") is not None and usage["wall_s"]:
+            usage["other_cpu_busy"] = round(max(0.0, usage["other_cpu_busy"]
+                                                - own / (cores * usage["wall_s"])), 3)
+        if self.memory:
+            usage["rss_mb_before"] = round(self.rss_before, 1)
+            if self.hwm_reset:
+                # VmHWM was reset to the RSS at the start: it is this phase's exact peak.
+                usage["peak_rss_mb"] = usage["hwm_mb"]
+            else:
+                usage["peak_rss_mb"] = usage["rss_mb_peak"]
+        usage.pop("server_runq_wait_s", None)
+        usage.pop("postgres_cpu_s", None)
+        return usage
+
+
+# -- a small HTTP/1.1 client on a blocking socket ----------------------------------------------
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; bodies are sent from a file with sendfile(2)."""
+
+    def __init__(self, port: int, timeout: float = 600.0):
+        self.port = port
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = self.sock.makefile("rb")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.reader.close()
+            self.sock.close()
+
+    def send(self, method: str, target: str, headers: dict[str, str],
+             body: bytes | None = None, file: Any = None, offset: int = 0,
+             count: int = 0) -> None:
+        length = len(body) if body is not None else count
+        lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{self.port}",
+                 f"Content-Length: {length}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        if body:
+            self.sock.sendall(body)
+        elif file is not None and count:
+            sent = self.sock.sendfile(file, offset, count)
+            if sent != count:
+                raise BenchError(f"sendfile sent {sent} of {count} bytes")
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        status_line = self.reader.readline()
+        if not status_line.startswith(b"HTTP/1."):
+            raise BenchError(f"bad response: {status_line[:100]!r}")
+        status = int(status_line.split()[1])
+        headers: dict[str, str] = {}
+        while True:
+            line = self.reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            key, _, value = line.decode("latin-1").partition(":")
+            headers[key.strip().lower()] = value.strip()
+        body = b""
+        if status in (204, 304) or 100 <= status < 200:
+            pass
+        elif "content-length" in headers:
+            body = self.reader.read(int(headers["content-length"]))
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            parts = []
+            while True:
+                size = int(self.reader.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.reader.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                parts.append(self.reader.read(size))
+                self.reader.readline()
+            body = b"".join(parts)
+        else:
+            body = self.reader.read()
+        return status, headers, body
+
+
+def request(port: int, method: str, target: str, headers: dict[str, str],
+            body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    conn = Connection(port, timeout=60)
+    try:
+        conn.send(method, target, {**headers, "Connection": "close"}, body=body)
+        return conn.response()
+    finally:
+        conn.close()
+
+
+# -- the benchmark ---------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        base = args.tmpdir or None
+        self.tmp = Path(tempfile.mkdtemp(prefix="tml-bench-imagestore-", dir=base))
+        os.chmod(self.tmp, 0o755)  # nginx's worker (nobody) reads the store's blobs
+        self.store: subprocess.Popen[bytes] | None = None
+        self.store_port = 0
+        self.nginx: subprocess.Popen[bytes] | None = None
+        self.nginx_port = 0
+        self.profilers: list[subprocess.Popen[bytes]] = []
+        self.results: dict[str, Any] = {"sizes": [], "small": []}
+        self.report_lua = self.tmp / "report.lua"
+        self.report_lua.write_text(WRK_REPORT_LUA)
+        self._keys()
+
+    # -- tokens ------------------------------------------------------------------
+
+    def _keys(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from treadmill.common.captoken import Access, CapabilitySigner
+
+        class WallClock:
+            @staticmethod
+            def seconds() -> float:
+                return time.time()
+
+        signer = CapabilitySigner(Ed25519PrivateKey.generate(), "treadmill", WallClock())
+        self.keys_file = self.tmp / "capability-keys.json"
+        self.keys_file.write_text(json.dumps(signer.jwks()))
+        ttl = 6 * 3600.0
+        self.push_token = signer.sign(
+            "bench", SERVICE, [Access("repository", repo, ("pull", "push"))
+                               for repo in (REPO_BIG, REPO_CHUNKED, REPO_SMALL, REPO_PUBLIC)],
+            ttl)
+        self.pull_token = signer.sign("bench", SERVICE,
+                                      [Access("repository", REPO_SMALL, ("pull",))], ttl)
+
+    # -- processes -----------------------------------------------------------------
+
+    def start_store(self, name: str) -> str:
+        port = free_port()
+        root = self.tmp / name
+        config = self.tmp / f"{name}.toml"
+        config.write_text(f"""\
+listen = ["tcp:{port}:interface=127.0.0.1:backlog=1024"]
+root = "{root}"
+service = "{SERVICE}"
+anonymous_pull = ["{REPO_PUBLIC}"]
+
+[auth]
+realm = "http://127.0.0.1:9/api/v1/registry/token"
+keys_file = "{self.keys_file}"
+issuer = "treadmill"
+
+[http]
+access_log = false
+""")
+        log = self.tmp / f"{name}.log"
+        cmd = [str(ROOT / ".venv/bin/twistd"), "--nodaemon", "--pidfile="]
+        if self.args.logger:
+            cmd.append(f"--logger={self.args.logger}")
+        cmd += ["treadmill-imagestore", "--config", str(config)]
+        env = dict(os.environ, TREADMILL_LOG_LEVEL="warn")
+        say(f"starting the image store ({name}) on 127.0.0.1:{port}")
+        with log.open("wb") as out:
+            self.store = subprocess.Popen(cmd, cwd=self.tmp, stdin=subprocess.DEVNULL,
+                                          stdout=out, stderr=subprocess.STDOUT, env=env,
+                                          start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/healthz", self.store, "the image store", log)
+        self.store_port = port
+        return url
+
+    def stop_store(self) -> None:
+        stop_process(self.store)
+        self.store = None
+
+    def start_nginx(self) -> None:
+        if self.args.no_nginx:
+            say("nginx reference skipped (--no-nginx)")
+            return
+        binary = shutil.which("nginx")
+        if binary is None:
+            say("nginx not found: the reference was skipped (apt-get install nginx)")
+            return
+        base = self.tmp / "nginx"
+        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (base / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        conf = base / "nginx.conf"
+        # The root is the temporary directory: /<store>/blobs/sha256/<hh>/<hex> is a store's
+        # own blob file.
+        conf.write_text(f"""
+worker_processes 1;
+pid {base}/nginx.pid;
+error_log {base}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    client_body_temp_path {base}/tmp/body;
+    proxy_temp_path {base}/tmp/proxy;
+    fastcgi_temp_path {base}/tmp/fastcgi;
+    uwsgi_temp_path {base}/tmp/uwsgi;
+    scgi_temp_path {base}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {self.tmp};
+        location / {{ add_header Cache-Control no-store; }}
+    }}
+}}
+""")
+        (self.tmp / "ping").write_text("ok\n")
+        say(f"starting nginx (1 worker) on 127.0.0.1:{port}")
+        with (base / "nginx.out").open("wb") as out:
+            self.nginx = subprocess.Popen(
+                [binary, "-p", str(base), "-e", str(base / "error.log"), "-c", str(conf),
+                 "-g", "daemon off;"], stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        wait_http(f"http://127.0.0.1:{port}/ping", self.nginx, "nginx", base / "error.log",
+                  timeout=20)
+        self.nginx_port = port
+
+    def stop_nginx(self) -> None:
+        stop_process(self.nginx, signal.SIGQUIT)
+        self.nginx = None
+
+    def profile(self, name: str) -> subprocess.Popen[bytes] | None:
+        """With ``--py-spy DIR``: sample the store until :meth:`stop_profile`."""
+        a = self.args
+        if not a.py_spy or self.store is None:
+            return None
+        py_spy = shutil.which("py-spy") or str(ROOT / ".venv/bin/py-spy")
+        if not Path(py_spy).exists():
+            raise BenchError("--py-spy needs py-spy (.venv/bin/pip install py-spy)")
+        out = Path(a.py_spy).absolute()
+        out.mkdir(parents=True, exist_ok=True)
+        self.results.setdefault("profiles", []).append(str(out / f"{name}.txt"))
+        proc = subprocess.Popen(
+            [py_spy, "record", "--pid", str(self.store.pid), "--rate", "200", "--threads",
+             "--format", "raw", "--output", str(out / f"{name}.txt")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=(out / f"{name}.log").open("wb"), start_new_session=True)
+        time.sleep(0.5)  # let it attach
+        self.profilers.append(proc)
+        return proc
+
+    def stop_profile(self, proc: subprocess.Popen[bytes] | None) -> None:
+        if proc is not None:
+            stop_process(proc, signal.SIGINT, timeout=60)
+            self.profilers.remove(proc)
+
+    def cleanup(self) -> None:
+        for proc in list(self.profilers):
+            with contextlib.suppress(Exception):
+                stop_process(proc, signal.SIGINT)
+        for step in (self.stop_store, self.stop_nginx):
+            with contextlib.suppress(Exception):
+                step()
+        if self.args.keep_temp:
+            say(f"kept {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- steps -----------------------------------------------------------------------
+
+    def make_file(self, size: int) -> tuple[Path, str]:
+        path = self.tmp / f"blob-{size}.bin"
+        say(f"writing {human(size)} of random bytes to {path.name}")
+        hasher = hashlib.sha256()
+        block = 4 * MiB
+        with path.open("wb") as f:
+            left = size
+            while left:
+                data = os.urandom(min(block, left))
+                hasher.update(data)
+                f.write(data)
+                left -= len(data)
+        return path, "sha256:" + hasher.hexdigest()
+
+    @staticmethod
+    def warm(path: Path) -> float:
+        """Read ``path`` once so that it is in the page cache; return the seconds taken."""
+        start = time.monotonic()
+        subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True, timeout=600)
+        return time.monotonic() - start
+
+    def sha256sum(self, path: Path, digest: str, size: int) -> dict[str, Any]:
+        self.warm(path)
+        start = time.monotonic()
+        proc = subprocess.run(["sha256sum", str(path)], capture_output=True, text=True,
+                              check=True, timeout=600)
+        wall = time.monotonic() - start
+        if "sha256:" + proc.stdout.split()[0] != digest:
+            raise BenchError("sha256sum disagrees with the digest computed while writing")
+        return {"seconds": round(wall, 3), "mb_s": round(size / wall / MB, 1)}
+
+    def upload_monolithic(self, path: Path, digest: str, size: int) -> dict[str, Any]:
+        assert self.store is not None
+        phase = Phase(self.store.pid)
+        conn = Connection(self.store_port)
+        try:
+            with path.open("rb") as f:
+                start = time.monotonic()
+                conn.send("POST", f"/v2/{REPO_BIG}/blobs/uploads/?digest={digest}",
+                          {"Authorization": f"Bearer {self.push_token}",
+                           "Content-Type": "application/octet-stream",
+                           "Connection": "close"}, file=f, count=size)
+                sent = time.monotonic()
+                status, headers, body = conn.response()
+                done = time.monotonic()
+        finally:
+            conn.close()
+        usage = phase.end()
+        if status != 201 or headers.get("docker-content-digest") != digest:
+            raise BenchError(f"monolithic upload answered {status}: {body[:300]!r}")
+        wall = done - start
+        return {"kind": "monolithic", "seconds": round(wall, 3),
+                "mb_s": round(size / wall / MB, 1),
+                # sendfile returned: all but the socket buffers' worth was taken by the store.
+                "body_sent_s": round(sent - start, 3),
+                # from then to the 201: the rest of the body, verification, fsync, commit.
+                "after_body_s": round(done - sent, 3), **usage}
+
+    def upload_chunked(self, path: Path, digest: str, size: int) -> dict[str, Any]:
+        assert self.store is not None
+        chunk = self.args.chunk_size
+        auth = {"Authorization": f"Bearer {self.push_token}"}
+        phase = Phase(self.store.pid)
+        conn = Connection(self.store_port)
+        requests = 0
+        try:
+            with path.open("rb") as f:
+                start = time.monotonic()
+                conn.send("POST", f"/v2/{REPO_CHUNKED}/blobs/uploads/", auth)
+                status, headers, body = conn.response()
+                requests += 1
+                if status != 202:
+                    raise BenchError(f"starting an upload answered {status}: {body[:300]!r}")
+                location = headers["location"]
+                offset = 0
+                while offset < size:
+                    count = min(chunk, size - offset)
+                    conn.send("PATCH", location,
+                              {**auth, "Content-Type": "application/octet-stream",
+                               "Content-Range": f"{offset}-{offset + count - 1}"},
+                              file=f, offset=offset, count=count)
+                    status, headers, body = conn.response()
+                    requests += 1
+                    if status != 202:
+                        raise BenchError(f"PATCH answered {status}: {body[:300]!r}")
+                    location = headers.get("location", location)
+                    offset += count
+                sep = "&" if "?" in location else "?"
+                sent = time.monotonic()
+                conn.send("PUT", f"{location}{sep}digest={digest}", auth)
+                status, headers, body = conn.response()
+                requests += 1
+                done = time.monotonic()
+        finally:
+            conn.close()
+        usage = phase.end()
+        if status != 201:
+            raise BenchError(f"committing the chunked upload answered {status}: {body[:300]!r}")
+        wall = done - start
+        return {"kind": f"chunked ({human(chunk)} PATCHes)", "seconds": round(wall, 3),
+                "mb_s": round(size / wall / MB, 1), "requests": requests,
+                "body_sent_s": round(sent - start, 3), "after_body_s": round(done - sent, 3),
+                **usage}
+
+    def curl_get(self, url: str, token: str | None, size: int) -> dict[str, Any]:
+        cmd = ["curl", "-sS", "-o", "/dev/null", "--max-time", "600", "-w",
+               "%{http_code} %{size_download} %{time_total} %{time_starttransfer}"]
+        if token:
+            cmd += ["-H", f"Authorization: Bearer {token}"]
+        proc = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=660,
+                              check=False)
+        fields = proc.stdout.split()
+        if proc.returncode != 0 or len(fields) != 4 or fields[0] != "200" \
+                or int(fields[1]) != size:
+            raise BenchError(f"curl {url} failed ({proc.returncode}): {proc.stdout} "
+                             f"{proc.stderr.strip()}")
+        total = float(fields[2])
+        return {"seconds": round(total, 3), "mb_s": round(size / total / MB, 1),
+                "first_byte_ms": round(float(fields[3]) * 1000, 2)}
+
+    def get_phase(self, server: str, url: str, token: str | None, size: int,
+                  pid: int, memory: bool) -> dict[str, Any]:
+        runs = []
+        phase = Phase(pid, memory=memory)
+        for _ in range(self.args.repeat):
+            runs.append(self.curl_get(url, token, size))
+        usage = phase.end()
+        rates = [r["mb_s"] for r in runs]
+        median = statistics.median(rates)
+        entry = {"server": server, "mb_s": round(median, 1), "mb_s_runs": rates,
+                 "first_byte_ms": statistics.median(r["first_byte_ms"] for r in runs),
+                 **usage}
+        entry["server_cpu_s_per_gib"] = round(
+            usage["server_cpu_s"] / (size * len(runs) / (1024 * MiB)), 3)
+        say(f"  GET via {server}: {median:.0f} MB/s (runs: "
+            f"{', '.join(f'{r:.0f}' for r in rates)})"
+            + (f", peak RSS {usage['peak_rss_mb']:.1f} MB" if memory else ""))
+        return entry
+
+    def run_size(self, size: int) -> None:
+        a = self.args
+        name = f"store-{size}"
+        entry: dict[str, Any] = {"size": size, "size_h": human(size)}
+        self.results["sizes"].append(entry)
+        path, digest = self.make_file(size)
+        entry["digest"] = digest
+        self.start_store(name)
+        try:
+            assert self.store is not None
+            entry["store_rss_mb_idle"] = round((_status_kb(self.store.pid, "VmRSS") or 0)
+                                               * KB_MB, 1)
+            say(f"{human(size)}: sha256sum after a warm read")
+            entry["sha256sum"] = self.sha256sum(path, digest, size)
+            say(f"  sha256sum: {entry['sha256sum']['mb_s']:.0f} MB/s")
+
+            self.warm(path)
+            say(f"{human(size)}: monolithic upload")
+            prof = self.profile(f"upload-{size}")
+            try:
+                up = self.upload_monolithic(path, digest, size)
+            finally:
+                self.stop_profile(prof)
+            entry["uploads"] = [up]
+            say(f"  {up['mb_s']:.0f} MB/s end to end ({up['seconds']:.2f} s, of which "
+                f"{up['after_body_s']:.2f} s after the last byte was handed to the kernel), "
+                f"peak RSS {up['peak_rss_mb']:.1f} MB")
+            if not a.no_chunked:
+                self.warm(path)
+                say(f"{human(size)}: chunked upload ({human(a.chunk_size)} PATCHes)")
+                ch = self.upload_chunked(path, digest, size)
+                entry["uploads"].append(ch)
+                say(f"  {ch['mb_s']:.0f} MB/s end to end, peak RSS {ch['peak_rss_mb']:.1f} MB")
+
+            blob = self.tmp / name / "blobs" / "sha256" / digest[7:9] / digest[7:]
+            if not blob.is_file():
+                raise BenchError(f"the store's blob file is not where expected: {blob}")
+            entry["warm_read_blob_s"] = round(self.warm(blob), 3)
+            say(f"{human(size)}: GET x{a.repeat}, store then nginx (same file)")
+            store_url = f"http://127.0.0.1:{self.store_port}/v2/{REPO_BIG}/blobs/{digest}"
+            prof = self.profile(f"get-{size}")
+            try:
+                entry["get"] = [self.get_phase("image store", store_url, self.push_token,
+                                               size, self.store.pid, True)]
+            finally:
+                self.stop_profile(prof)
+            if self.nginx is not None:
+                rel = blob.relative_to(self.tmp)
+                entry["get"].append(self.get_phase(
+                    "nginx", f"http://127.0.0.1:{self.nginx_port}/{rel}", None, size,
+                    self.nginx.pid, False))
+            entry["store_hwm_mb_lifetime"] = round(
+                (_status_kb(self.store.pid, "VmHWM") or 0) * KB_MB, 1)
+        finally:
+            self.stop_store()
+            with contextlib.suppress(OSError):
+                path.unlink()
+            shutil.rmtree(self.tmp / name, ignore_errors=True)
+
+    def wrk(self, url: str, token: str | None) -> dict[str, Any]:
+        a = self.args
+        cmd = ["wrk", f"-t{a.threads}", f"-c{a.connections}", f"-d{a.duration:g}s", "--latency",
+               "--timeout", "10s", "-s", str(self.report_lua)]
+        if token:
+            cmd += ["-H", f"Authorization: Bearer {token}"]
+        proc = subprocess.run([*cmd, url], capture_output=True, text=True,
+                              timeout=a.duration + 60, check=False, start_new_session=True)
+        if proc.returncode != 0:
+            raise BenchError(f"wrk failed ({proc.returncode}): {proc.stderr.strip()}")
+        return parse_wrk(proc.stdout)
+
+    def small_phase(self, server: str, url: str, token: str | None, pid: int,
+                    memory: bool) -> None:
+        a = self.args
+        if a.warmup > 0:
+            saved, a.duration = a.duration, a.warmup
+            try:
+                self.wrk(url, token)
+            finally:
+                a.duration = saved
+        say(f"small blob: {server} ...")
+        phase = Phase(pid, memory=memory)
+        result = self.wrk(url, token)
+        usage = phase.end()
+        ok = (result.get("requests") or 0) - (result.get("non_2xx") or 0)
+        if ok:
+            usage["server_cpu_ms_per_req"] = round(usage["server_cpu_s"] / ok * 1000, 3)
+        entry = {"server": server, **result, **usage}
+        say(f"  {entry['ok_rps']:.0f} req/s, p50 {entry['p50_ms']:.2f} ms, "
+            f"p99 {entry['p99_ms']:.2f} ms, errors {entry['non_2xx'] + entry['socket_errors']}"
+            + (f", peak RSS {usage['peak_rss_mb']:.1f} MB" if memory else ""))
+        self.results["small"].append(entry)
+
+    def run_small(self) -> None:
+        a = self.args
+        data = os.urandom(a.small_size)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        self.start_store("store-small")
+        try:
+            assert self.store is not None
+            for repo in (REPO_SMALL, REPO_PUBLIC):
+                status, _, body = request(
+                    self.store_port, "POST", f"/v2/{repo}/blobs/uploads/?digest={digest}",
+                    {"Authorization": f"Bearer {self.push_token}",
+                     "Content-Type": "application/octet-stream"}, data)
+                if status != 201:
+                    raise BenchError(f"pushing the small blob answered {status}: {body[:300]!r}")
+            base = f"http://127.0.0.1:{self.store_port}/v2"
+            status, _, body = request(self.store_port, "GET",
+                                      f"/v2/{REPO_PUBLIC}/blobs/{digest}", {})
+            if status != 200 or body != data:
+                raise BenchError(f"anonymous GET answered {status}")
+            prof = self.profile("small-token")
+            try:
+                self.small_phase("image store, pull token", f"{base}/{REPO_SMALL}/blobs/{digest}",
+                                 self.pull_token, self.store.pid, True)
+            finally:
+                self.stop_profile(prof)
+            self.small_phase("image store, anonymous_pull",
+                             f"{base}/{REPO_PUBLIC}/blobs/{digest}", None, self.store.pid, True)
+            if self.nginx is not None:
+                blob = self.tmp / "store-small" / "blobs" / "sha256" / digest[7:9] / digest[7:]
+                self.small_phase("nginx", f"http://127.0.0.1:{self.nginx_port}/"
+                                 f"{blob.relative_to(self.tmp)}", None, self.nginx.pid, False)
+            self.results["small_hwm_mb_lifetime"] = round(
+                (_status_kb(self.store.pid, "VmHWM") or 0) * KB_MB, 1)
+        finally:
+            self.stop_store()
+
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        busy0, total0 = _machine_ticks()
+        time.sleep(2)
+        busy1, total1 = _machine_ticks()
+        ambient = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
+        self.results["ambient_cpu_busy"] = round(ambient, 3)
+        if ambient > 0.1:
+            say(f"warning: the machine was {ambient:.0%} busy before the benchmark started; "
+                "other load skews the figures")
+        self.results["machine"] = machine_info(self.tmp)
+        self.results["parameters"] = {
+            "sizes": a.size, "repeat": a.repeat, "chunk_size": a.chunk_size,
+            "small_size": a.small_size, "duration_s": a.duration, "connections": a.connections,
+            "threads": a.threads, "warmup_s": a.warmup, "logger": a.logger,
+            "tmpdir": str(self.tmp.parent)}
+        self.results["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.results["revision"] = revision()
+        self.start_nginx()
+        for size in a.size:
+            self.run_size(size)
+        if not a.no_small:
+            self.run_small()
+        self.results["verdicts"] = verdicts(self.results)
+        return self.results
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for entry in results["sizes"]:
+        get = {g["server"]: g for g in entry.get("get", [])}
+        if "image store" in get and "nginx" in get and get["nginx"]["mb_s"]:
+            ratio = get["image store"]["mb_s"] / get["nginx"]["mb_s"]
+            entry["get_ratio"] = round(ratio, 3)
+            out.append({"target": f"GET {entry['size_h']} >= {TARGET_GET_RATIO:g} of nginx",
+                        "value": round(ratio, 3), "met": ratio >= TARGET_GET_RATIO})
+        sha = entry.get("sha256sum", {}).get("mb_s")
+        uploads = entry.get("uploads", [])
+        if sha and uploads:
+            ratio = uploads[0]["mb_s"] / sha
+            entry["upload_ratio"] = round(ratio, 3)
+            out.append({"target": f"upload {entry['size_h']} >= {TARGET_UPLOAD_RATIO:g} of "
+                                  "sha256sum", "value": round(ratio, 3),
+                        "met": ratio >= TARGET_UPLOAD_RATIO})
+            if len(uploads) > 1:
+                entry["chunked_upload_ratio"] = round(uploads[1]["mb_s"] / sha, 3)
+    sizes = sorted(results["sizes"], key=lambda e: e["size"])
+    if len(sizes) >= 2:
+        small, big = sizes[0], sizes[-1]
+
+        def peaks(entry: dict[str, Any]) -> dict[str, float]:
+            found = {"upload": max((u["peak_rss_mb"] for u in entry.get("uploads", [])),
+                                   default=None)}
+            for g in entry.get("get", []):
+                if g["server"] == "image store":
+                    found["GET"] = g["peak_rss_mb"]
+            return {k: v for k, v in found.items() if v is not None}
+
+        p_small, p_big = peaks(small), peaks(big)
+        for phase in ("upload", "GET"):
+            if phase in p_small and phase in p_big:
+                diff = p_big[phase] - p_small[phase]
+                out.append({"target": f"{phase} peak RSS flat ({big['size_h']} vs "
+                                      f"{small['size_h']}: < {FLAT_MB:g} MB apart)",
+                            "value": round(diff, 1), "met": abs(diff) < FLAT_MB})
+    else:
+        for entry in sizes:
+            for phase in entry.get("uploads", [])[:1] + [
+                    g for g in entry.get("get", []) if g["server"] == "image store"]:
+                growth = phase["peak_rss_mb"] - phase["rss_mb_before"]
+                what = "upload" if "kind" in phase else "GET"
+                out.append({"target": f"{what} {entry['size_h']}: peak RSS grows by "
+                                      f"< {FLAT_MB:g} MB (one size only)",
+                            "value": round(growth, 1), "met": growth < FLAT_MB})
+    return out
+
+
+def _f(value: Any, spec: str) -> str:
+    if value is None:
+        width = re.match(r"\d*", spec).group()  # type: ignore[union-attr]
+        return "-".rjust(int(width or 0))
+    return format(value, spec)
+
+
+def table(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    p = results["parameters"]
+    lines = [
+        f"Image store benchmark: {m['nproc']} cores ({m['cpu_model']}), Python {m['python']}, "
+        f"revision {results.get('revision')}, started {results.get('started')}",
+        f"temporary directory on {m['filesystem']}; machine "
+        f"{results.get('ambient_cpu_busy', 0):.0%} busy before the start",
+        "",
+        f"{'size':>8} {'phase':<34} {'MB/s':>7} {'s':>7} {'srv CPU s':>9} {'client CPU':>10} "
+        f"{'CPUs busy':>9} {'other':>6} {'RSS MB':>7} {'peak MB':>7}",
+        "-" * 112,
+    ]
+    for e in results["sizes"]:
+        size = e["size_h"]
+        sha = e.get("sha256sum", {})
+        lines.append(f"{size:>8} {'sha256sum (warm page cache)':<34} {_f(sha.get('mb_s'), '7.0f')} "
+                     f"{_f(sha.get('seconds'), '7.2f')}")
+        for u in e.get("uploads", []):
+            lines.append(
+                f"{size:>8} {'upload, ' + u['kind']:<34} {u['mb_s']:>7.0f} {u['seconds']:>7.2f} "
+                f"{u['server_cpu_s']:>9.2f} {u['client_cpu_s']:>10.2f} "
+                f"{_f(u.get('machine_cpu_busy'), '9.0%')} {_f(u.get('other_cpu_busy'), '6.0%')} "
+                f"{u['rss_mb_before']:>7.1f} {u['peak_rss_mb']:>7.1f}")
+        for g in e.get("get", []):
+            label = f"GET via {g['server']} (median of {len(g['mb_s_runs'])})"
+            lines.append(
+                f"{size:>8} {label:<34} {g['mb_s']:>7.0f} {g['wall_s']:>7.2f} "
+                f"{g['server_cpu_s']:>9.2f} {g['client_cpu_s']:>10.2f} "
+                f"{_f(g.get('machine_cpu_busy'), '9.0%')} {_f(g.get('other_cpu_busy'), '6.0%')} "
+                f"{_f(g.get('rss_mb_before'), '7.1f')} {_f(g.get('peak_rss_mb'), '7.1f')}")
+    lines += [
+        "",
+        "MB/s: 10^6 bytes per second; an upload is timed from its first byte to the 201 (body, "
+        "digest check, fsync, commit).",
+        "s: that time (GET: all runs). srv CPU s: the store's (or nginx's) CPU time; client "
+        "CPU: curl / this script.",
+        "RSS MB: the store's RSS before the phase; peak MB: its VmHWM over the phase (reset "
+        "before it).",
+    ]
+    if results.get("small"):
+        lines += ["", f"small blob ({p['small_size']} bytes), wrk -t{p['threads']} "
+                      f"-c{p['connections']} -d{p['duration_s']:g}s:",
+                  f"  {'server':<30} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
+                  f"{'CPU ms/req':>10} {'peak MB':>7}"]
+        for s in results["small"]:
+            lines.append(f"  {s['server']:<30} {s['ok_rps']:>8.0f} {s['p50_ms']:>7.2f} "
+                         f"{s['p99_ms']:>7.2f} {s['non_2xx'] + s['socket_errors']:>6} "
+                         f"{_f(s.get('server_cpu_ms_per_req'), '10.3f')} "
+                         f"{_f(s.get('peak_rss_mb'), '7.1f')}")
+    lines.append("")
+    for e in results["sizes"]:
+        if "get_ratio" in e:
+            lines.append(f"{e['size_h']}: GET store / nginx = {e['get_ratio']:.3f}")
+        if "upload_ratio" in e:
+            lines.append(f"{e['size_h']}: upload / sha256sum = {e['upload_ratio']:.3f}"
+                         + (f" (chunked: {e['chunked_upload_ratio']:.3f})"
+                            if "chunked_upload_ratio" in e else ""))
+    for e in results["sizes"]:
+        for row in e.get("uploads", []) + e.get("get", []):
+            if (row.get("other_cpu_busy") or 0) > 0.15:
+                lines.append(f"warning: {e['size_h']}: other processes used "
+                             f"{row['other_cpu_busy']:.0%} of the machine during a phase")
+    lines += ["", "Targets:"]
+    for v in results["verdicts"]:
+        lines.append(f"  {'met   ' if v['met'] else 'MISSED'}  {v['target']:<58} "
+                     f"measured {v['value']:g}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="tools/bench/imagestore.py", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Targets: GET >= 0.5 of nginx; upload >= 0.5 of sha256sum; memory flat in "
+               "blob size.")
+    parser.add_argument("--size", type=byte_size, action="append",
+                        help="blob size (1G, 256M, ...); repeatable; default 1G")
+    parser.add_argument("--repeat", type=int, default=3, help="GETs per server and size")
+    parser.add_argument("--chunk-size", type=byte_size, default=8 * MiB,
+                        help="PATCH size of the chunked upload (default 8M, as tml image push)")
+    parser.add_argument("--no-chunked", action="store_true", help="skip the chunked upload")
+    parser.add_argument("--small-size", type=byte_size, default=4096,
+                        help="size of the small blob (default 4096 bytes)")
+    parser.add_argument("--duration", type=float, default=10.0,
+                        help="seconds of each small-blob wrk run")
+    parser.add_argument("--connections", type=int, default=100, help="wrk connections")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--warmup", type=float, default=2.0,
+                        help="seconds of unrecorded wrk load before each small-blob run")
+    parser.add_argument("--no-small", action="store_true", help="skip the small-blob GETs")
+    parser.add_argument("--no-nginx", action="store_true", help="skip the nginx reference")
+    parser.add_argument("--logger", default="treadmill.common.logging.text",
+                        help="twistd --logger ('' for twistd's default)")
+    parser.add_argument("--tmpdir", help="where to make the temporary directory (default: "
+                                         "the system's; it decides the disk measured)")
+    parser.add_argument("--py-spy", metavar="DIR",
+                        help="sample the store with py-spy (raw stacks in DIR) during the "
+                             "uploads, the GETs and the small-blob run; it perturbs them")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--json-out", metavar="FILE", help="also write the JSON to FILE")
+    parser.add_argument("--keep-temp", action="store_true",
+                        help="keep the temporary directory (logs) for inspection")
+    args = parser.parse_args(argv)
+    args.size = args.size or [1024 * MiB]
+    if not all(MiB <= s <= 64 * 1024 * MiB for s in args.size):
+        parser.error("--size must be between 1M and 64G")
+    if not (1 <= args.repeat <= 20 and 0 < args.duration <= 300 and 0 <= args.warmup <= 60):
+        parser.error("--repeat in [1, 20], --duration in (0, 300], --warmup in [0, 60]")
+    if not (1 <= args.connections <= 1000 and 1 <= args.threads <= args.connections):
+        parser.error("--connections must be in [1, 1000], --threads in [1, connections]")
+    if not MiB // 16 <= args.chunk_size <= 1024 * MiB:
+        parser.error("--chunk-size must be between 64K and 1G")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = [tool for tool in ("curl", "sha256sum", "wrk") if shutil.which(tool) is None]
+    if missing:
+        print(f"imagestore: missing {', '.join(missing)} (apt-get install {' '.join(missing)})",
+              file=sys.stderr)
+        return 2
+    if not (ROOT / ".venv/bin/twistd").exists():
+        print("imagestore: .venv/bin/twistd not found; run tools/setup-env first",
+              file=sys.stderr)
+        return 2
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    bench = Bench(args)
+    try:
+        results = bench.run()
+    except KeyboardInterrupt:
+        say("interrupted; cleaning up")
+        return 130
+    except (BenchError, OSError, subprocess.SubprocessError) as e:
+        say(f"failed: {e}")
+        return 1
+    finally:
+        bench.cleanup()
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
+    if args.json:
+        json.dump(results, sys.stdout, indent=2)
+        print()
+    else:
+        print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

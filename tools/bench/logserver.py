@@ -1,0 +1,950 @@
+#!/usr/bin/env python3
+"""Benchmark of the log server: 100 concurrent streams into one server, follow latency.
+
+    .venv/bin/python tools/bench/logserver.py [--duration 10] [--streams 100] [--json]
+
+For each fsync policy (``--fsync always never``: the default ``always``, and
+``never``) it starts a fresh, real log server as its own process (``twistd
+treadmill-logserver --config FILE``, access log off, capability tokens signed
+by a key of the benchmark's own) on a temporary directory, and runs:
+
+  max     a writer process (asyncio, its own process) with ``--streams`` mock
+          hosts, one job and one keep-alive connection each (every stream is
+          created with a first line before the phase begins; the creation, a
+          directory and ``_meta.json`` per job, is timed apart), every one appending
+          ``--chunk`` bytes of console-like text to its job's ``console`` stream
+          at explicit offsets (``POST …/streams/console?offset=N``), one append in
+          flight per stream as the supervisor's shipper does, as fast as the
+          server acknowledges, for ``--duration`` seconds: aggregate MB/s;
+  @RATE   the same at a fixed aggregate rate (``--rate`` MB/s, each stream on its
+          own schedule), for the follow latency below load saturation.
+
+During both, a follower process (asyncio, its own process) follows every
+``--follow-every``-th stream over the WebSocket endpoint (``…/follow``) and
+timestamps each message; the follow latency of an append is the time from the
+writer starting to send it to the follower receiving its last byte (one
+monotonic clock, so across processes), p50/p99 over every append of the
+followed streams. Throughout, the server's CPU time (its reactor thread and
+its other threads apart), peak RSS (``VmHWM``, reset before each phase) and the
+writer's and follower's CPU are taken from ``/proc``.
+
+As the reference, in the same run and on the same file system, ``dd
+if=/dev/zero of=FILE bs=64k count=N conv=fsync`` writes the volume the server
+took in the ``max`` phase with ``fsync = "always"``; ``oflag=dsync`` (every
+64 KiB block synced, capped at ``--dsync-max`` bytes) and a plain ``dd`` (page
+cache only) are listed too.
+
+Targets on 2 cores (the issue's): >= 100 MB/s aggregate; p99 follow latency
+< 50 ms. Installs nothing. Everything listens on 127.0.0.1, every phase is
+bounded, and everything it starts is stopped at the end (also on Ctrl-C).
+Progress goes to standard error, the summary (or ``--json``) to standard
+output. Results are recorded in ``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import platform
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = Path(__file__).resolve().parent
+for _path in (str(ROOT), str(BENCH)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+# Targets of the issue, on a 2-core machine.
+TARGET_MB_S = 100.0
+TARGET_FOLLOW_P99_MS = 50.0
+
+SERVICE = "treadmill-logserver"
+MB = 1e6
+KB_MB = 1 / 1024
+STREAM = "console"
+
+
+def percentile(sorted_values: list[float], pct: float) -> float | None:
+    """The nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return None
+    rank = max(1, min(len(sorted_values), int(-(-pct * len(sorted_values) // 100))))
+    return sorted_values[rank - 1]
+
+
+def console_text(size: int) -> bytes:
+    """``size`` bytes that look like a busy serial console."""
+    lines = []
+    n = 0
+    total = 0
+    while total < size:
+        line = (f"[{n * 0.000731:12.6f}] bench-host kernel: eth0: rx queue {n % 8} "
+                f"refill {n * 7919 % 100003} descriptors, status 0x{n * 2654435761 % 2**32:08x}"
+                "\n").encode()
+        lines.append(line)
+        total += len(line)
+        n += 1
+    return b"".join(lines)[:size]
+
+
+# ======================================================================================
+# The writer and the follower: separate processes (--role writer|follower).
+# ======================================================================================
+
+
+async def read_response(reader: asyncio.StreamReader
+                        ) -> tuple[int, dict[bytes, bytes], bytes]:
+    """One HTTP/1.1 response: its status, headers and body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(None, 2)[1])
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        if b":" in line:
+            key, _, value = line.partition(b":")
+            headers[key.strip().lower()] = value.strip()
+    body = b""
+    if b"content-length" in headers:
+        body = await reader.readexactly(int(headers[b"content-length"]))
+    elif b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+        parts = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+            if size == 0:
+                while await reader.readuntil(b"\r\n") != b"\r\n":
+                    pass
+                break
+            parts.append((await reader.readexactly(size + 2))[:-2])
+        body = b"".join(parts)
+    return status, headers, body
+
+
+def _wait_line(expected: str) -> None:
+    line = sys.stdin.readline().strip()
+    if line != expected:
+        raise SystemExit(f"expected {expected!r} on standard input, got {line!r}")
+
+
+def _cpu_self() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def writer_main(spec: dict[str, Any]) -> dict[str, Any]:
+    host, port = "127.0.0.1", spec["port"]
+    payload = console_text(spec["chunk"])
+    streams = spec["streams"]
+    followed = set(spec["followed"])
+    rate = spec.get("rate")  # aggregate bytes/s, or None: as fast as acknowledged
+    interval = len(payload) * len(streams) / rate if rate else 0.0
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    for _ in streams:
+        reader, writer = await asyncio.open_connection(host, port)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conns.append((reader, writer))
+    # Create every stream first (its job's directory and _meta.json, synced), with a
+    # first line, so that the phase measures appends to existing streams; the creation
+    # is timed on its own.
+    async def create(index: int) -> tuple[int, float]:
+        reader, writer = conns[index]
+        job, token = streams[index]["job"], streams[index]["token"]
+        line = f"[bench] console of mock host {index}\n".encode()
+        began = time.monotonic()
+        writer.write((f"POST /v1/jobs/{job}/streams/{STREAM}?offset=0 HTTP/1.1\r\n"
+                      f"Host: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
+                      f"Content-Type: application/octet-stream\r\n"
+                      f"Content-Length: {len(line)}\r\n\r\n").encode() + line)
+        await writer.drain()
+        status, _, body = await read_response(reader)
+        if status != 200:
+            raise RuntimeError(f"creating stream {index}: {status} {body[:200]!r}")
+        return len(line), (time.monotonic() - began) * 1000
+
+    began = time.monotonic()
+    created = await asyncio.gather(*(create(i) for i in range(len(streams))))
+    creation = {"seconds": round(time.monotonic() - began, 3),
+                "p50_ms": percentile(sorted(c[1] for c in created), 50),
+                "max_ms": max(c[1] for c in created)}
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, _wait_line, "go")
+    cpu0 = _cpu_self()
+    start = time.monotonic()
+    deadline = start + spec["duration"]
+    acked = [c[0] for c in created]
+    first = list(acked)
+    counts = {"ok": 0, "refused": 0, "errors": 0}
+    append_ms: list[float] = []
+    lags_ms: list[float] = []
+    records: dict[str, list[tuple[int, int, int]]] = {}
+    last_ack = [start]
+
+    async def run(index: int) -> None:
+        job, token = streams[index]["job"], streams[index]["token"]
+        reader, writer = conns[index]
+        prefix = (f"POST /v1/jobs/{job}/streams/{STREAM}?offset=").encode()
+        suffix = (f" HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
+                  f"Content-Type: application/octet-stream\r\n"
+                  f"Content-Length: {len(payload)}\r\n\r\n").encode()
+        mine = records.setdefault(job, []) if job in followed else None
+        offset = acked[index]
+        # Paced: stream i starts at its own phase of the interval (spread evenly).
+        due = start + interval * index / len(streams) if interval else start
+        while True:
+            if interval:
+                now = time.monotonic()
+                if due >= deadline:
+                    break
+                if due > now:
+                    await asyncio.sleep(due - now)
+                else:
+                    lags_ms.append((now - due) * 1000)
+            elif time.monotonic() >= deadline:
+                break
+            sent = time.monotonic_ns()
+            writer.write(prefix + str(offset).encode() + suffix)
+            writer.write(payload)
+            await writer.drain()
+            try:
+                status, headers, _ = await read_response(reader)
+            except (asyncio.IncompleteReadError, ConnectionError) as e:
+                counts["errors"] += 1
+                raise RuntimeError(f"stream {index}: connection lost: {e!r}") from None
+            done = time.monotonic_ns()
+            if status == 200:
+                offset += len(payload)
+                counts["ok"] += 1
+                append_ms.append((done - sent) / 1e6)
+                if mine is not None:
+                    mine.append((offset, sent, done))
+                last_ack[0] = done / 1e9
+            else:
+                counts["refused"] += 1
+                length = headers.get(b"x-stream-length")
+                if length is not None:
+                    offset = int(length)
+                if counts["refused"] > 1000:
+                    raise RuntimeError(f"too many refused appends (last: {status})")
+            acked[index] = offset
+            if interval:
+                due += interval
+
+    await asyncio.gather(*(run(i) for i in range(len(streams))))
+    end = max(last_ack[0], start + 1e-9)
+    cpu = _cpu_self() - cpu0
+    # Every stream's length on the server must be what this writer was told.
+    mismatches = 0
+    for index, (reader, writer) in enumerate(conns):
+        job, token = streams[index]["job"], streams[index]["token"]
+        writer.write((f"GET /v1/jobs/{job}/streams HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                      f"Authorization: Bearer {token}\r\n\r\n").encode())
+        await writer.drain()
+        status, _, raw = await read_response(reader)
+        body = json.loads(raw) if status == 200 else {"streams": []}
+        lengths = {s["name"]: s["length"] for s in body["streams"]}
+        if lengths.get(STREAM, 0) != acked[index]:
+            mismatches += 1
+        writer.close()
+    append_ms.sort()
+    lags_ms.sort()
+    return {
+        "seconds": round(end - start, 3), "bytes": sum(acked) - sum(first),
+        "appends": counts["ok"], "creation": creation,
+        "refused": counts["refused"], "errors": counts["errors"],
+        "mb_s": round((sum(acked) - sum(first)) / (end - start) / MB, 2),
+        "appends_per_s": round(counts["ok"] / (end - start), 1),
+        "append_ms": {"p50": percentile(append_ms, 50), "p99": percentile(append_ms, 99),
+                      "max": append_ms[-1] if append_ms else None},
+        "schedule_lag_ms": {"p50": percentile(lags_ms, 50), "p99": percentile(lags_ms, 99),
+                            "late": len(lags_ms)} if interval else None,
+        "length_mismatches": mismatches, "cpu_s": round(cpu, 3),
+        "records": records, "start_ns": int(start * 1e9),
+    }
+
+
+async def ws_follow(port: int, job: str, token: str, arrivals: list[tuple[int, int]],
+                    ready: asyncio.Event, stop: asyncio.Event) -> dict[str, Any]:
+    """A minimal WebSocket client (RFC 6455) following one stream from offset 0."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write((f"GET /v1/jobs/{job}/streams/{STREAM}/follow HTTP/1.1\r\n"
+                  f"Host: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                  f"Sec-WebSocket-Protocol: treadmill.logs.v1\r\n"
+                  f"Authorization: Bearer {token}\r\n\r\n").encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise RuntimeError(f"follow {job}: {head[:200]!r}")
+    ready.set()
+    total = 0
+    close_code = None
+
+    async def frames() -> None:
+        nonlocal total, close_code
+        while True:
+            b0, b1 = await reader.readexactly(2)
+            opcode, n = b0 & 0x0F, b1 & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", await reader.readexactly(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", await reader.readexactly(8))[0]
+            mask = await reader.readexactly(4) if b1 & 0x80 else None
+            data = await reader.readexactly(n) if n else b""
+            if mask:
+                data = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+            if opcode in (0, 1, 2):
+                total += n
+                arrivals.append((time.monotonic_ns(), total))
+            elif opcode == 9:  # ping: answer with a masked pong
+                m = os.urandom(4)
+                body = bytes(b ^ m[i % 4] for i, b in enumerate(data))
+                writer.write(bytes([0x8A, 0x80 | len(body)]) + m + body)
+            elif opcode == 8:
+                close_code = struct.unpack(">H", data[:2])[0] if len(data) >= 2 else 1005
+                return
+
+    task = asyncio.ensure_future(frames())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    elif task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]
+    writer.close()
+    return {"bytes": total, "messages": len(arrivals), "close_code": close_code}
+
+
+async def follower_main(spec: dict[str, Any]) -> dict[str, Any]:
+    port = spec["port"]
+    stop = asyncio.Event()
+    arrivals: dict[str, list[tuple[int, int]]] = {s["job"]: [] for s in spec["follow"]}
+    readies = [asyncio.Event() for _ in spec["follow"]]
+    tasks = [asyncio.ensure_future(ws_follow(port, s["job"], s["token"], arrivals[s["job"]],
+                                             ready, stop))
+             for s, ready in zip(spec["follow"], readies, strict=True)]
+    await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 30)
+    cpu0 = _cpu_self()
+    print("ready", flush=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, _wait_line, "stop")
+    stop.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    errors = [repr(r) for r in results if isinstance(r, BaseException)]
+    return {"arrivals": arrivals, "errors": errors, "cpu_s": round(_cpu_self() - cpu0, 3),
+            "bytes": sum(r["bytes"] for r in results if isinstance(r, dict))}
+
+
+def role_main(args: argparse.Namespace) -> int:
+    spec = json.loads(Path(args.spec).read_text())
+    main = writer_main if args.role == "writer" else follower_main
+    result = asyncio.run(main(spec))
+    Path(args.out).write_text(json.dumps(result))
+    return 0
+
+
+# ======================================================================================
+# The benchmark (the orchestrating process).
+# ======================================================================================
+
+from switchboard_api import (  # noqa: E402
+    BenchError,
+    _first_line,
+    _machine_ticks,
+    _status_kb,
+    free_port,
+    revision,
+    say,
+    stop_process,
+    wait_http,
+)
+
+
+def machine_info(tmp: Path) -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gb = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu,
+        "memory_gib": mem_gb,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "filesystem": _first_line(["findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", "-T",
+                                   str(tmp)]),
+        "dd": _first_line(["dd", "--version"]),
+    }
+
+
+def _thread_ticks(pid: int) -> tuple[int, int]:
+    """CPU ticks of the main (reactor) thread of ``pid``, and of all its other threads."""
+    main = other = 0
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            except OSError:
+                continue
+            fields = raw[raw.rindex(")") + 2:].split()
+            ticks = int(fields[11]) + int(fields[12])
+            if int(tid) == pid:
+                main += ticks
+            else:
+                other += ticks
+    return main, other
+
+
+class Usage:
+    """The server's CPU time (reactor thread and the rest), its peak RSS, and the machine's
+    busy share, between :meth:`begin` and :meth:`end`."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def begin(self) -> None:
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # reset VmHWM
+        self.t0 = time.monotonic()
+        self.threads0 = _thread_ticks(self.pid)
+        self.machine0 = _machine_ticks()
+
+    def end(self) -> dict[str, Any]:
+        wall = time.monotonic() - self.t0
+        clk = os.sysconf("SC_CLK_TCK")
+        main1, other1 = _thread_ticks(self.pid)
+        main = (main1 - self.threads0[0]) / clk
+        other = (other1 - self.threads0[1]) / clk
+        busy1, total1 = _machine_ticks()
+        busy0, total0 = self.machine0
+        machine = (busy1 - busy0) / (total1 - total0) if total1 > total0 else None
+        return {"wall_s": round(wall, 3), "server_cpu_s": round(main + other, 3),
+                "reactor_cpu_s": round(main, 3), "threads_cpu_s": round(other, 3),
+                "machine_cpu_busy": None if machine is None else round(machine, 3),
+                "peak_rss_mb": round((_status_kb(self.pid, "VmHWM") or 0) * KB_MB, 1),
+                "rss_mb_end": round((_status_kb(self.pid, "VmRSS") or 0) * KB_MB, 1)}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="tml-bench-logserver-", dir=args.tmpdir or None))
+        self.server: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.helpers: list[subprocess.Popen[str]] = []
+        self.profilers: list[subprocess.Popen[bytes]] = []
+        self.results: dict[str, Any] = {"phases": [], "dd": []}
+        self._keys()
+
+    def _keys(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from treadmill.common.captoken import Access, CapabilitySigner
+
+        class WallClock:
+            @staticmethod
+            def seconds() -> float:
+                return time.time()
+
+        self.signer = CapabilitySigner(Ed25519PrivateKey.generate(), "treadmill", WallClock())
+        self.access = Access
+        self.keys_file = self.tmp / "capability-keys.json"
+        self.keys_file.write_text(json.dumps(self.signer.jwks()))
+
+    def token(self, job: str, action: str) -> str:
+        return self.signer.sign("bench", SERVICE, [self.access("job", job, (action,))], 3 * 3600)
+
+    # -- processes ----------------------------------------------------------------------
+
+    def start_server(self, fsync: str) -> None:
+        port = free_port()
+        root = self.tmp / f"root-{fsync}"
+        config = self.tmp / f"logserver-{fsync}.toml"
+        config.write_text(f"""\
+listen = ["tcp:{port}:interface=127.0.0.1"]
+root = "{root}"
+service = "{SERVICE}"
+fsync = "{fsync}"
+
+[auth]
+keys_file = "{self.keys_file}"
+issuer = "treadmill"
+
+[http]
+access_log = false
+""")
+        log = self.tmp / f"logserver-{fsync}.log"
+        cmd = [str(ROOT / ".venv/bin/twistd"), "--nodaemon", "--pidfile="]
+        if self.args.logger:
+            cmd.append(f"--logger={self.args.logger}")
+        cmd += ["treadmill-logserver", "--config", str(config)]
+        env = dict(os.environ, TREADMILL_LOG_LEVEL="warn")
+        say(f"starting the log server (fsync = \"{fsync}\") on 127.0.0.1:{port}")
+        with log.open("wb") as out:
+            self.server = subprocess.Popen(cmd, cwd=self.tmp, stdin=subprocess.DEVNULL,
+                                           stdout=out, stderr=subprocess.STDOUT, env=env,
+                                           start_new_session=True)
+        wait_http(f"http://127.0.0.1:{port}/healthz", self.server, "the log server", log)
+        self.port = port
+
+    def stop_server(self) -> None:
+        stop_process(self.server)
+        self.server = None
+
+    def helper(self, role: str, spec: dict[str, Any], name: str) -> tuple[subprocess.Popen[str],
+                                                                          Path]:
+        spec_file = self.tmp / f"{name}.spec.json"
+        out_file = self.tmp / f"{name}.out.json"
+        spec_file.write_text(json.dumps(spec))
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--role", role, "--spec",
+             str(spec_file), "--out", str(out_file)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(self.tmp / f"{name}.err")
+            .open("w"), text=True, start_new_session=True)
+        self.helpers.append(proc)
+        return proc, out_file
+
+    def expect_ready(self, proc: subprocess.Popen[str], name: str, timeout: float = 60) -> None:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        line = proc.stdout.readline().strip() if ready else ""
+        if line != "ready":
+            stop_process(proc)  # type: ignore[arg-type]
+            raise BenchError(f"the {name} did not get ready: {line!r}; "
+                             + (self.tmp / f"{name}.err").read_text()[-2000:])
+
+    def finish_helper(self, proc: subprocess.Popen[str], out: Path, name: str,
+                      timeout: float) -> dict[str, Any]:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            stop_process(proc)  # type: ignore[arg-type]
+            raise BenchError(f"the {name} did not finish within {timeout:.0f} s") from None
+        finally:
+            with contextlib.suppress(ValueError):
+                self.helpers.remove(proc)
+        if proc.returncode != 0 or not out.exists():
+            raise BenchError(f"the {name} failed ({proc.returncode}): "
+                             + (self.tmp / f"{name}.err").read_text()[-3000:])
+        return json.loads(out.read_text())
+
+    def profile(self, name: str) -> subprocess.Popen[bytes] | None:
+        a = self.args
+        if not a.py_spy or self.server is None:
+            return None
+        py_spy = shutil.which("py-spy") or str(ROOT / ".venv/bin/py-spy")
+        if not Path(py_spy).exists():
+            raise BenchError("--py-spy needs py-spy (.venv/bin/pip install py-spy)")
+        out = Path(a.py_spy).absolute()
+        out.mkdir(parents=True, exist_ok=True)
+        self.results.setdefault("profiles", []).append(str(out / f"{name}.txt"))
+        proc = subprocess.Popen(
+            [py_spy, "record", "--pid", str(self.server.pid), "--rate", "200", "--threads",
+             "--idle", "--format", "raw", "--output", str(out / f"{name}.txt")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=(out / f"{name}.log").open("wb"), start_new_session=True)
+        time.sleep(0.5)
+        self.profilers.append(proc)
+        return proc
+
+    def stop_profile(self, proc: subprocess.Popen[bytes] | None) -> None:
+        if proc is not None:
+            stop_process(proc, signal.SIGINT, timeout=60)
+            self.profilers.remove(proc)
+
+    def cleanup(self) -> None:
+        for proc in list(self.helpers):
+            with contextlib.suppress(Exception):
+                stop_process(proc)  # type: ignore[arg-type]
+        for proc in list(self.profilers):
+            with contextlib.suppress(Exception):
+                stop_process(proc, signal.SIGINT)
+        with contextlib.suppress(Exception):
+            self.stop_server()
+        if self.args.keep_temp:
+            say(f"kept {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- a phase ---------------------------------------------------------------------------
+
+    def phase(self, fsync: str, rate_mb_s: float | None) -> dict[str, Any]:
+        a = self.args
+        assert self.server is not None
+        name = f"{fsync}-{'max' if rate_mb_s is None else f'{rate_mb_s:g}'}"
+        jobs = [str(uuid.uuid4()) for _ in range(a.streams)]
+        streams = [{"job": job, "token": self.token(job, "append")} for job in jobs]
+        followed = jobs[::a.follow_every] if a.follow_every else []
+        follow_spec = {"port": self.port,
+                       "follow": [{"job": job, "token": self.token(job, "read")}
+                                  for job in followed]}
+        writer_spec = {"port": self.port, "streams": streams, "followed": followed,
+                       "chunk": a.chunk, "duration": a.duration,
+                       "rate": rate_mb_s * MB if rate_mb_s else None}
+        label = "max" if rate_mb_s is None else f"@{rate_mb_s:g} MB/s"
+        say(f"fsync {fsync}: {label}, {a.streams} streams x {a.chunk} B appends, "
+            f"{len(followed)} followed, {a.duration:g} s ...")
+        follower = None
+        if followed:
+            follower, follower_out = self.helper("follower", follow_spec, f"follower-{name}")
+            self.expect_ready(follower, f"follower-{name}")
+        writer, writer_out = self.helper("writer", writer_spec, f"writer-{name}")
+        self.expect_ready(writer, f"writer-{name}")
+        usage = Usage(self.server.pid)
+        prof = self.profile(f"{name}") if rate_mb_s is None else None
+        try:
+            usage.begin()
+            assert writer.stdin is not None
+            writer.stdin.write("go\n")
+            writer.stdin.flush()
+            wrote = self.finish_helper(writer, writer_out, f"writer-{name}",
+                                       a.duration + 120)
+            # The server's CPU over the writer's run (not the follower's draining below).
+            used = usage.end()
+        finally:
+            self.stop_profile(prof)
+        followed_result: dict[str, Any] | None = None
+        if follower is not None:
+            time.sleep(1.0)  # the last messages
+            assert follower.stdin is not None
+            follower.stdin.write("stop\n")
+            follower.stdin.flush()
+            followed_result = self.finish_helper(follower, follower_out, f"follower-{name}", 60)
+        entry: dict[str, Any] = {
+            "fsync": fsync, "phase": label, "kind": "max" if rate_mb_s is None else "rate",
+            "rate_target_mb_s": rate_mb_s, "streams": a.streams, "chunk": a.chunk,
+            **{k: v for k, v in wrote.items() if k not in ("records", "start_ns")},
+            "writer_cpu_s": wrote["cpu_s"], **used}
+        entry.pop("cpu_s", None)
+        wall = used["wall_s"] or 1
+        entry["server_cores"] = round(used["server_cpu_s"] / wall, 2)
+        entry["reactor_busy"] = round(used["reactor_cpu_s"] / wall, 2)
+        entry["server_cpu_ms_per_mb"] = round(
+            used["server_cpu_s"] * 1000 / (wrote["bytes"] / MB), 3) if wrote["bytes"] else None
+        if followed_result is not None:
+            entry["follow"] = follow_latency(wrote["records"], followed_result["arrivals"])
+            entry["follow"]["followers"] = len(followed)
+            entry["follow"]["errors"] = followed_result["errors"]
+            entry["follower_cpu_s"] = followed_result["cpu_s"]
+        if used.get("machine_cpu_busy") is not None:
+            # Share of the cores used by anything but the server, the writer and the
+            # follower (other work on the machine): it skews the figures.
+            ours = used["server_cpu_s"] + wrote["cpu_s"] + (followed_result or {}).get(
+                "cpu_s", 0.0)
+            cores = len(os.sched_getaffinity(0))
+            entry["other_cpu_busy"] = round(max(0.0, used["machine_cpu_busy"]
+                                                - ours / (cores * wall)), 3)
+        f = entry.get("follow", {})
+        say(f"  {entry['mb_s']:.1f} MB/s ({entry['appends_per_s']:.0f} appends/s), server "
+            f"{entry['server_cores']:.2f} cores (reactor thread {entry['reactor_busy']:.0%}), "
+            f"append p99 {entry['append_ms']['p99']:.1f} ms"
+            + (f", follow p50/p99 {f['p50_ms']:.1f}/{f['p99_ms']:.1f} ms"
+               if f.get("p99_ms") is not None else "")
+            + f", refused {entry['refused']}, mismatches {entry['length_mismatches']}; "
+            f"creating the {a.streams} streams first took {entry['creation']['seconds']:.2f} s")
+        self.results["phases"].append(entry)
+        return entry
+
+    def dd(self, volume: int) -> None:
+        a = self.args
+        block = 64 * 1024
+        count = max(16, volume // block)
+        target = self.tmp / "dd.bin"
+        variants = [("conv=fsync", ["conv=fsync"], count),
+                    ("oflag=dsync", ["oflag=dsync"], max(16, min(count, a.dsync_max // block))),
+                    ("no sync (page cache)", [], count)]
+        for label, flags, n in variants:
+            with contextlib.suppress(OSError):
+                target.unlink()
+            subprocess.run(["sync"], check=False, timeout=120)
+            cmd = ["dd", "if=/dev/zero", f"of={target}", "bs=64k", f"count={n}", *flags]
+            start = time.monotonic()
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+            wall = time.monotonic() - start
+            if proc.returncode != 0:
+                raise BenchError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
+            entry = {"variant": label, "command": " ".join(cmd[:5] + flags).replace(
+                str(self.tmp), "TMP"), "bytes": n * block, "seconds": round(wall, 3),
+                "mb_s": round(n * block / wall / MB, 1)}
+            say(f"dd {label}: {entry['mb_s']:.0f} MB/s ({n * block / MB:.0f} MB in "
+                f"{wall:.2f} s)")
+            self.results["dd"].append(entry)
+        with contextlib.suppress(OSError):
+            target.unlink()
+
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        busy0, total0 = _machine_ticks()
+        time.sleep(2)
+        busy1, total1 = _machine_ticks()
+        ambient = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
+        self.results["ambient_cpu_busy"] = round(ambient, 3)
+        if ambient > 0.1:
+            say(f"warning: the machine was {ambient:.0%} busy before the benchmark started; "
+                "other load skews the figures")
+        self.results["machine"] = machine_info(self.tmp)
+        self.results["parameters"] = {
+            "streams": a.streams, "chunk": a.chunk, "duration_s": a.duration,
+            "rates_mb_s": a.rate, "follow_every": a.follow_every, "fsync": a.fsync,
+            "logger": a.logger, "tmpdir": str(self.tmp.parent), "dsync_max": a.dsync_max}
+        self.results["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.results["revision"] = revision()
+        volume = 0
+        for fsync in a.fsync:
+            self.start_server(fsync)
+            try:
+                entry = self.phase(fsync, None)
+                if fsync == "always" or not volume:
+                    volume = entry["bytes"]  # dd writes what the default policy took
+                for rate in a.rate:
+                    self.phase(fsync, rate)
+            finally:
+                self.stop_server()
+                shutil.rmtree(self.tmp / f"root-{fsync}", ignore_errors=True)
+        if not a.no_dd and volume:
+            self.dd(volume)
+        self.results["verdicts"] = verdicts(self.results)
+        return self.results
+
+
+def follow_latency(records: dict[str, list[list[int]]],
+                   arrivals: dict[str, list[list[int]]]) -> dict[str, Any]:
+    """From each append's send (and acknowledgement) to the follower's receipt of its last
+    byte."""
+    from_send: list[float] = []
+    from_ack: list[float] = []
+    missing = 0
+    for job, appends in records.items():
+        got = arrivals.get(job, [])
+        i = 0
+        for end_offset, sent, acked in appends:
+            while i < len(got) and got[i][1] < end_offset:
+                i += 1
+            if i == len(got):
+                missing += 1
+                continue
+            received = got[i][0]
+            from_send.append((received - sent) / 1e6)
+            from_ack.append((received - acked) / 1e6)
+    from_send.sort()
+    from_ack.sort()
+    return {"samples": len(from_send), "missing": missing,
+            "p50_ms": _r(percentile(from_send, 50)), "p99_ms": _r(percentile(from_send, 99)),
+            "max_ms": _r(from_send[-1] if from_send else None),
+            "after_ack_p50_ms": _r(percentile(from_ack, 50)),
+            "after_ack_p99_ms": _r(percentile(from_ack, 99))}
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for e in results["phases"]:
+        if e["kind"] == "max":
+            out.append({"target": f"fsync {e['fsync']}: aggregate >= {TARGET_MB_S:g} MB/s",
+                        "value": e["mb_s"], "met": e["mb_s"] >= TARGET_MB_S})
+        f = e.get("follow") or {}
+        if e["kind"] == "rate" and f.get("p99_ms") is not None:
+            # A latency figure counts only if the rate was actually sustained.
+            sustained = e["mb_s"] >= 0.95 * e["rate_target_mb_s"]
+            out.append({"target": f"fsync {e['fsync']}: follow p99 < {TARGET_FOLLOW_P99_MS:g} ms "
+                                  f"{e['phase']}", "value": f["p99_ms"],
+                        "met": f["p99_ms"] < TARGET_FOLLOW_P99_MS and sustained
+                        and not f["missing"]})
+    return out
+
+
+def _f(value: Any, spec: str) -> str:
+    if value is None:
+        width = re.match(r"\d*", spec).group()  # type: ignore[union-attr]
+        return "-".rjust(int(width or 0))
+    return format(value, spec)
+
+
+def table(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    p = results["parameters"]
+    lines = [
+        f"Log server benchmark: {m['nproc']} cores ({m['cpu_model']}), Python {m['python']}, "
+        f"revision {results.get('revision')}, started {results.get('started')}",
+        f"{p['streams']} streams, {p['chunk']} B appends, {p['duration_s']:g} s per phase; "
+        f"file system {m['filesystem']}; machine {results.get('ambient_cpu_busy', 0):.0%} busy "
+        "before the start",
+        "",
+        f"{'fsync':<7} {'phase':<12} {'MB/s':>7} {'app/s':>6} {'app p50':>7} {'app p99':>7} "
+        f"{'fol p50':>7} {'fol p99':>7} {'fol max':>7} {'srv':>5} {'react':>5} {'CPU':>6} "
+        f"{'writer':>6} {'CPUs':>5} {'other':>5} {'RSS':>6} {'refused':>7}",
+        f"{'':<7} {'':<12} {'':>7} {'':>6} {'ms':>7} {'ms':>7} {'ms':>7} {'ms':>7} {'ms':>7} "
+        f"{'cores':>5} {'tor':>5} {'ms/MB':>6} {'CPU s':>6} {'busy':>5} {'load':>5} {'MB':>6} "
+        f"{'':>7}",
+        "-" * 130,
+    ]
+    for e in results["phases"]:
+        f = e.get("follow") or {}
+        lines.append(
+            f"{e['fsync']:<7} {e['phase']:<12} {e['mb_s']:>7.1f} {e['appends_per_s']:>6.0f} "
+            f"{_f(e['append_ms']['p50'], '7.1f')} {_f(e['append_ms']['p99'], '7.1f')} "
+            f"{_f(f.get('p50_ms'), '7.1f')} {_f(f.get('p99_ms'), '7.1f')} "
+            f"{_f(f.get('max_ms'), '7.1f')} {e['server_cores']:>5.2f} {e['reactor_busy']:>5.0%} "
+            f"{_f(e['server_cpu_ms_per_mb'], '6.2f')} {e['writer_cpu_s']:>6.1f} "
+            f"{_f(e.get('machine_cpu_busy'), '5.0%')} {_f(e.get('other_cpu_busy'), '5.0%')} "
+            f"{e['peak_rss_mb']:>6.1f} "
+            f"{e['refused'] + e['errors']:>7}")
+    lines += [
+        "",
+        "app: append latency (writer's send to the 200). fol: follow latency, from the writer "
+        "starting to send",
+        "an append to the follower receiving its last byte. srv cores: the server's CPU "
+        "seconds per second;",
+        "reactor: its main thread's share of one core. RSS: its peak (VmHWM) in the phase.",
+        "CPUs busy: the whole machine; other load: the share of the cores used by anything "
+        "but the server,",
+        "the writer and the follower (other work on the machine skews the figures).",
+    ]
+    for e in results["phases"]:
+        f = e.get("follow") or {}
+        if (e.get("other_cpu_busy") or 0) > 0.15:
+            lines.append(f"warning: fsync {e['fsync']} {e['phase']}: other processes used "
+                         f"{e['other_cpu_busy']:.0%} of the machine; these figures are skewed")
+        if f.get("missing"):
+            lines.append(f"warning: fsync {e['fsync']} {e['phase']}: {f['missing']} followed "
+                         "appends never reached the follower")
+        if e["length_mismatches"]:
+            lines.append(f"warning: fsync {e['fsync']} {e['phase']}: {e['length_mismatches']} "
+                         "streams' lengths differ from what the writer was acknowledged")
+        if e["kind"] == "rate" and e["mb_s"] < 0.95 * e["rate_target_mb_s"]:
+            lines.append(f"warning: fsync {e['fsync']} {e['phase']}: the rate was not "
+                         f"sustained ({e['mb_s']:.1f} MB/s)")
+    lines.append("Streams are created (one first line each, all at once) before each phase, "
+                 "not timed in it: " + ", ".join(
+                     f"{e['fsync']} {e['phase']} {e['creation']['seconds']:.2f} s "
+                     f"(slowest {e['creation']['max_ms']:.0f} ms)" for e in results["phases"]))
+    if results["dd"]:
+        lines += ["", "dd on the same file system, same run:"]
+        for d in results["dd"]:
+            lines.append(f"  {d['command']:<58} {d['mb_s']:>8.1f} MB/s "
+                         f"({d['bytes'] / MB:.0f} MB in {d['seconds']:.2f} s)")
+        ref = next((d for d in results["dd"] if d["variant"] == "conv=fsync"), None)
+        if ref:
+            for e in results["phases"]:
+                if e["kind"] == "max":
+                    lines.append(f"  fsync {e['fsync']}: server / dd conv=fsync = "
+                                 f"{e['mb_s'] / ref['mb_s']:.3f}")
+    lines += ["", "Targets (2-core machine):"]
+    for v in results["verdicts"]:
+        lines.append(f"  {'met   ' if v['met'] else 'MISSED'}  {v['target']:<52} "
+                     f"measured {v['value']:g}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="tools/bench/logserver.py", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Targets on 2 cores: >= 100 MB/s aggregate; p99 follow latency < 50 ms.")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
+    parser.add_argument("--streams", type=int, default=100, help="concurrent streams (jobs)")
+    parser.add_argument("--chunk", type=int, default=64 * 1024, help="bytes per append")
+    parser.add_argument("--rate", type=float, action="append",
+                        help="aggregate MB/s of a fixed-rate phase (repeatable; default 50, "
+                             "i.e. half the target; 0: none)")
+    parser.add_argument("--follow-every", type=int, default=10,
+                        help="follow every N-th stream over the WebSocket (0: no follower)")
+    parser.add_argument("--fsync", choices=("always", "never"), action="append",
+                        help="server fsync policies to run (repeatable; default both)")
+    parser.add_argument("--dsync-max", type=int, default=256 * 1024 * 1024,
+                        help="bytes for the dd oflag=dsync reference (capped: it is slow)")
+    parser.add_argument("--no-dd", action="store_true", help="skip the dd reference")
+    parser.add_argument("--logger", default="treadmill.common.logging.text",
+                        help="twistd --logger ('' for twistd's default)")
+    parser.add_argument("--tmpdir", help="where to make the temporary directory (default: "
+                                         "the system's; it decides the disk measured)")
+    parser.add_argument("--py-spy", metavar="DIR",
+                        help="sample the server with py-spy (raw stacks in DIR) during the "
+                             "max phases; it perturbs them")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--json-out", metavar="FILE", help="also write the JSON to FILE")
+    parser.add_argument("--keep-temp", action="store_true",
+                        help="keep the temporary directory (logs) for inspection")
+    # Internal: the writer and follower processes.
+    parser.add_argument("--role", choices=("writer", "follower"), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.fsync = args.fsync or ["always", "never"]
+    args.rate = [r for r in (args.rate if args.rate is not None else [TARGET_MB_S / 2]) if r > 0]
+    if not (0 < args.duration <= 300 and 1 <= args.streams <= 1000):
+        parser.error("--duration must be in (0, 300], --streams in [1, 1000]")
+    if not (1 <= args.chunk <= 1024 * 1024):
+        parser.error("--chunk must be in [1, 1048576] (the server's appends.max_bytes)")
+    if args.follow_every < 0:
+        parser.error("--follow-every must be 0 or more")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.role:
+        return role_main(args)
+    if not (ROOT / ".venv/bin/twistd").exists():
+        print("logserver: .venv/bin/twistd not found; run tools/setup-env first",
+              file=sys.stderr)
+        return 2
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    bench = Bench(args)
+    try:
+        results = bench.run()
+    except KeyboardInterrupt:
+        say("interrupted; cleaning up")
+        return 130
+    except (BenchError, OSError, subprocess.SubprocessError) as e:
+        say(f"failed: {e}")
+        return 1
+    finally:
+        bench.cleanup()
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
+    if args.json:
+        json.dump(results, sys.stdout, indent=2)
+        print()
+    else:
+        print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
