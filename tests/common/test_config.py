@@ -629,3 +629,26 @@ def test_switchboard_default_above_max_is_refused(args):
     Options = _switchboard_options()
     error("--database-dsn", "dbname=x", "--capabilities-signing-key", "/tmp/key.pem", *args,
           options_class=Options)
+
+
+def test_table_setting_keeps_free_form_keys(tmp_path):
+    from treadmill.common.config import RoleOptions, Setting, load_file
+
+    def mapping(value):
+        if not isinstance(value, dict):
+            raise ValueError("expected a table")
+        return dict(value)
+
+    settings = (Setting("ports", mapping, {}, "a table", table=True),)
+    path = tmp_path / "t.toml"
+    path.write_text('[ports]\n"job-1/ssh" = 22\n"a.b" = 3\n')
+    assert load_file(str(path), settings) == {"ports": {"job-1/ssh": 22, "a.b": 3}}
+
+    class Opts(RoleOptions):
+        settings = (Setting("ports", mapping, {}, "a table", table=True),)
+
+    first, second = Opts(), Opts()
+    first.parseOptions([])
+    second.parseOptions([])
+    first.values["ports"]["x"] = 1
+    assert second.values["ports"] == {}  # Defaults are copied, never shared.

@@ -167,6 +167,8 @@ class Setting:
     default: Any
     help: str
     required: bool = False
+    table: bool = False
+    """The value is a whole TOML table with free-form keys (not flattened)."""
 
     @property
     def flag(self) -> str:
@@ -186,13 +188,14 @@ COMMON_SETTINGS: tuple[Setting, ...] = (
 )
 
 
-def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested TOML tables into dotted keys."""
+def flatten(table: Mapping[str, Any], prefix: str = "",
+            keep: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Flatten nested TOML tables into dotted keys (except the tables named in ``keep``)."""
     flat: dict[str, Any] = {}
     for key, value in table.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, dotted + "."))
+        if isinstance(value, dict) and dotted not in keep:
+            flat.update(flatten(value, dotted + ".", keep))
         else:
             flat[dotted] = value
     return flat
@@ -213,7 +216,8 @@ def load_file(path: str, settings: Iterable[Setting]) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"not UTF-8 (byte {e.start})", source=path) from None
     values: dict[str, Any] = {}
-    for key, value in flatten(raw).items():
+    tables = frozenset(s.key for s in known.values() if s.table)
+    for key, value in flatten(raw, keep=tables).items():
         setting = known.get(key)
         if setting is None:
             raise ConfigError("unknown setting", key=key, source=path)
@@ -255,7 +259,8 @@ class RoleOptions(usage.Options):
         values: dict[str, Any] = {}
         for setting in settings:
             default = setting.default
-            values[setting.key] = list(default) if isinstance(default, list) else default
+            values[setting.key] = (list(default) if isinstance(default, list) else
+                                   dict(default) if isinstance(default, dict) else default)
         if self["config"]:
             values.update(load_file(self["config"], settings))
         for setting in settings:

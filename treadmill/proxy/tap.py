@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tomllib
 from typing import Any
 
 from twisted.application.service import IService
@@ -16,7 +15,6 @@ from treadmill.common.config import (
     ConfigError,
     RoleOptions,
     Setting,
-    flatten,
     positive,
     server_endpoints,
 )
@@ -69,7 +67,7 @@ class Options(RoleOptions):
                 "Range of public ports handed out to tunnels; \"\" for static ports only."),
         Setting("static", parse_static, {},
                 "Static public ports: a table \"<job id or host>/<service>\" = port "
-                "(on the command line: key=port,key=port)."),
+                "(on the command line: key=port,key=port).", table=True),
         Setting("service", STR, "treadmill-proxy",
                 "This proxy's name: the audience (aud) its capability tokens must name."),
         *keys.SETTINGS,
@@ -87,28 +85,6 @@ class Options(RoleOptions):
                 "timeout)."),
         Setting("http.access_log", BOOL, True, "Log one line per HTTP request."),
     )
-
-    def postOptions(self) -> None:
-        # RoleOptions.postOptions, with a loader that reads [static] as a table (the
-        # common loader flattens tables into dotted keys, and static keys are free-form).
-        settings = self.all_settings()
-        values: dict[str, Any] = {}
-        for setting in settings:
-            default = setting.default
-            values[setting.key] = list(default) if isinstance(default, list) else default
-        if self["config"]:
-            values.update(load_file(self["config"], settings))
-        for setting in settings:
-            given = self[setting.flag]
-            if given is None:
-                continue
-            try:
-                values[setting.key] = setting.kind(given)
-            except ValueError as e:
-                raise ConfigError(str(e), key=f"--{setting.flag}") from None
-        source = self["config"] or "command line"
-        self.values = values
-        self.checkSettings(values, source)
 
     def checkSettings(self, values: dict[str, Any], source: str) -> None:
         super().checkSettings(values, source)
@@ -128,37 +104,6 @@ class Options(RoleOptions):
         if port_range is None and not values["static"]:
             raise ConfigError("no public ports: set a range or static ports", key="ports",
                               source=source)
-
-
-def load_file(path: str, settings: tuple[Setting, ...]) -> dict[str, Any]:
-    """``treadmill.common.config.load_file``, with ``[static]`` read as one value."""
-    known = {s.key: s for s in settings}
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError("file not found", source=path) from None
-    except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror}", source=path) from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"invalid TOML: {e}", source=path) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"not UTF-8 (byte {e.start})", source=path) from None
-    values: dict[str, Any] = {}
-    if "static" in raw:
-        try:
-            values["static"] = parse_static(raw.pop("static"))
-        except ValueError as e:
-            raise ConfigError(str(e), key="static", source=path) from None
-    for key, value in flatten(raw).items():
-        setting = known.get(key)
-        if setting is None:
-            raise ConfigError("unknown setting", key=key, source=path)
-        try:
-            values[key] = setting.kind(value)
-        except ValueError as e:
-            raise ConfigError(str(e), key=key, source=path) from None
-    return values
 
 
 def config_from(values: dict[str, Any]) -> ProxyConfig:
