@@ -24,6 +24,7 @@ class Recorder:
         self.clock = clock
         self.reports: list[tuple[float, str, tuple[Any, ...]]] = []
         self.console_bytes = b""
+        self.offered: list[dict[str, tuple[str, int]]] = []
 
     def _add(self, what: str, *args: Any) -> None:
         self.reports.append((round(self.clock.seconds(), 6), what, args))
@@ -48,6 +49,9 @@ class Recorder:
 
     def console(self, data: bytes) -> None:
         self.console_bytes += data
+
+    def services(self, services: dict[str, tuple[str, int]]) -> None:
+        self.offered.append(services)
 
     @property
     def kinds(self) -> list[str]:
@@ -419,3 +423,21 @@ def test_the_stage_is_only_simulated_when_it_cannot_or_must_not_fetch(how: str) 
 def test_a_bad_fetch_parameter_is_refused() -> None:
     error = refused(MockSettings(), job(fetch="sometimes"))
     assert error.code == "bad_request" and "mock.fetch" in error.message
+
+
+def test_the_echo_service_is_offered_while_ready() -> None:
+    clock = MemoryReactorClock()
+    driver = MockDriver(clock, MockSettings(run_time=1.0))
+    reporter = Recorder(clock)
+    driver.start(job(), reporter)
+    run_for(clock, 0.5, 0.01)
+    assert [list(offer) for offer in reporter.offered] == [["echo"]]
+    assert len(clock.tcpServers) == 1
+    run_for(clock, 2.0, 0.01)
+    assert reporter.last[0] == "exited"
+    assert clock.tcpServers[0][0] == reporter.offered[0]["echo"][1]
+
+
+def test_no_echo_service_when_turned_off() -> None:
+    _, reporter, clock = run(MockSettings(echo=False))
+    assert reporter.offered == [] and clock.tcpServers == []

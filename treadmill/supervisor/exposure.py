@@ -291,6 +291,16 @@ class _ProxyLink:
     def send(self, message: dict[str, Any]) -> bool:
         return self.session.send(message) if self.session is not None else False
 
+    def publish(self, service: str) -> None:
+        self._request_id += 1
+        self._requests[self._request_id] = service
+        self.send(messages.publish(self._request_id, service, tcp=self.manager.tcp,
+                                   websocket=self.manager.websocket))
+
+    def unpublish(self, service: str) -> None:
+        self._request_id += 1
+        self.send(messages.unpublish(self._request_id, service))
+
     def set_token(self, token: str) -> None:
         """Use ``token`` from the next (re)connection on (and in data headers)."""
         self.token = token
@@ -316,14 +326,10 @@ class _ProxyLink:
             manager.log.info("{name}: connected to proxy {url}", name=manager.name,
                              url=self.url)
             for service in manager.services:
-                self._request_id += 1
-                self._requests[self._request_id] = service
-                session.send(messages.publish(self._request_id, service, tcp=manager.tcp,
-                                              websocket=manager.websocket))
+                self.publish(service)
             for service in message.get("published", []):
                 if service not in manager.services:  # left over from an earlier run
-                    self._request_id += 1
-                    session.send(messages.unpublish(self._request_id, service))
+                    self.unpublish(service)
         elif kind == "published":
             self._requests.pop(message["request_id"], None)
             endpoint: dict[str, Any] = {"service": message["service"], "proxy": self.url,
@@ -475,6 +481,26 @@ class ExposureManager:
         waiter: Deferred[list[dict[str, Any]]] = Deferred()
         self._waiters.append(waiter)
         return waiter
+
+    def set_services(self, services: Mapping[str, tuple[str, int]]) -> None:
+        """The host's services are now ``services``: publish the new ones, unpublish
+        the ones that went, on every connected proxy (the others on reconnect)."""
+        for service in services:
+            messages.validate(messages.unpublish(0, service))
+        old, self.services = self.services, dict(services)
+        changed = False
+        for link in self.links:
+            for service in old:
+                if service not in self.services:
+                    link.errors.pop(service, None)
+                    changed |= link.endpoints.pop(service, None) is not None
+                    if link.welcome is not None:
+                        link.unpublish(service)
+            for service in self.services:
+                if service not in old and link.welcome is not None:
+                    link.publish(service)
+        if changed:
+            self._changed()
 
     def set_token(self, url: str, token: str) -> None:
         """A fresh token for the proxy at ``url``, used from its next reconnection on."""

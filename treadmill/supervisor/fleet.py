@@ -181,13 +181,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help="log at info level")
     mock = p.add_argument_group("mock driver (defaults for every job)")
     for setting in MOCK_SETTINGS:
+        default = False if setting.key == "mock.echo" else setting.default
         mock.add_argument(f"--{setting.flag}", dest=setting.key, metavar="VALUE",
-                          help=f"{setting.help} [{setting.default}]")
+                          help=f"{setting.help} [{default}]")
     return p
 
 
 def _mock_settings(args: argparse.Namespace, p: argparse.ArgumentParser) -> MockSettings:
-    values: dict[str, Any] = {}
+    # A fleet has no proxies to publish on: no echo port per host unless asked.
+    values: dict[str, Any] = {"mock.echo": False}
     for setting in MOCK_SETTINGS:
         given = getattr(args, setting.key)
         if given is None:

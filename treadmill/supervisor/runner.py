@@ -132,6 +132,9 @@ class _Reporter:
         if self._runner is not None:
             self._runner._console(self.job_id, data)
 
+    def services(self, services: dict[str, tuple[str, int]]) -> None:
+        self._call("services", dict(services))
+
 
 @dataclass(eq=False)
 class _Current:
@@ -218,6 +221,12 @@ class JobRunner:
         self.start_observers: list[Callable[[dict[str, Any]], None]] = []
         # Called with (job id, bytes) for the current job's console output.
         self.console_observers: list[Callable[[str, bytes], None]] = []
+        # Called with (job id, {name: (host, port)}) when the host's services change.
+        self.service_observers: list[Callable[[str, dict[str, tuple[str, int]]], None]] = []
+        self._services: dict[str, tuple[str, int]] = {}
+        # The current job's public endpoints until the switchboard acknowledged them.
+        self._endpoints: tuple[str, list[dict[str, Any]]] | None = None
+        self._endpoints_sent: tuple[int, tuple[str, list[dict[str, Any]]]] | None = None
 
     # -- introspection (tests, manhole) -----------------------------------------------
 
@@ -246,6 +255,42 @@ class JobRunner:
     @property
     def connected(self) -> bool:
         return self._session is not None
+
+    @property
+    def services(self) -> dict[str, tuple[str, int]]:
+        """The current job's services, as its driver last reported them."""
+        return dict(self._services)
+
+    # -- public endpoints ----------------------------------------------------------------
+
+    def report_endpoints(self, job_id: str, endpoints: list[dict[str, Any]]) -> None:
+        """The current job's public endpoints changed: tell the switchboard (``job_endpoints``,
+        protocol minor 2), now or after the next reconnect, until it acknowledges."""
+        cur = self._current
+        if cur is None or cur.id != job_id:
+            return
+        self._endpoints = (job_id, [dict(e) for e in endpoints])
+        self._send_endpoints()
+
+    def _send_endpoints(self) -> None:
+        session, pending = self._session, self._endpoints
+        if session is None or pending is None:
+            return
+        if getattr(session, "minor", protocol.MINOR) < 2:
+            return  # the switchboard cannot take them
+        rid = session.next_request_id()
+        if session.send(protocol.job_endpoints(rid, *pending)):
+            self._endpoints_sent = (rid, pending)
+
+    def _on_endpoints_ack(self, message: dict[str, Any], pending: tuple[str, Any]) -> None:
+        self._endpoints_sent = None
+        if self._endpoints is pending:
+            self._endpoints = None
+        if not message["ok"]:
+            error = message.get("error") or {}
+            self.log.warn("{name}: the switchboard refused the endpoints of job {job}: "
+                          "{code}: {text}", name=self.name, job=pending[0],
+                          code=error.get("code"), text=error.get("message"))
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -344,7 +389,9 @@ class JobRunner:
     def link_opened(self, session: Session) -> None:
         self._session = session
         self._inflight = None
+        self._endpoints_sent = None
         self._pump()
+        self._send_endpoints()
 
     def link_closed(self, session: Session) -> None:
         if session is self._session:
@@ -494,6 +541,16 @@ class JobRunner:
                 except Exception:
                     self.log.failure("{name}: console observer failed", name=self.name)
 
+    def _on_services(self, cur: _Current, services: dict[str, tuple[str, int]]) -> None:
+        if services == self._services:
+            return
+        self._services = services
+        for observer in list(self.service_observers):
+            try:
+                observer(cur.id, dict(services))
+            except Exception:
+                self.log.failure("{name}: service observer failed", name=self.name)
+
     def _notify_start(self, job: dict[str, Any]) -> None:
         for observer in list(self.start_observers):
             try:
@@ -554,6 +611,9 @@ class JobRunner:
         self._ended = [*self._ended[-(ENDED_KEEP - 1):], final]
         if self._current is cur:
             self._current = None
+            self._services = {}
+        if self._endpoints is not None and self._endpoints[0] == cur.id:
+            self._endpoints = None
         self._emit(**final, clear_current=True, ended=list(self._ended))
 
     @staticmethod
@@ -621,6 +681,10 @@ class JobRunner:
             self._inflight = (rid, head)
 
     def _on_ack(self, session: Session, message: dict[str, Any]) -> None:
+        sent = self._endpoints_sent
+        if session is self._session and sent is not None and sent[0] == message["request_id"]:
+            self._on_endpoints_ack(message, sent[1])
+            return
         inflight = self._inflight
         if session is not self._session or inflight is None or inflight[0] != message["request_id"]:
             self.log.warn("{name}: ignoring an ack for unknown request {rid}", name=self.name,

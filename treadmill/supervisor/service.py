@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from treadmill.supervisor.drivers import IHostDriver, make_driver
 from treadmill.supervisor.drivers.mock import MockSettings
 from treadmill.supervisor.images import DEFAULT_LOCAL_LIMIT, ImageFetcher, http_url_for
+from treadmill.supervisor.jobexposure import JobExposure
 from treadmill.supervisor.joblogs import JobLogs
 from treadmill.supervisor.journal import StateFiles
 from treadmill.supervisor.link import SupervisorLink, SupervisorProtocol
@@ -68,6 +69,8 @@ class SupervisorConfig:
     images_local_limit: int = DEFAULT_LOCAL_LIMIT  # bytes kept in images_dir
     images_trusted_realms: list[str] = field(default_factory=list)  # default: the switchboard
     images_ca_file: str | None = None  # default: ca_file
+    proxies_ca_file: str | None = None  # default: ca_file
+    driver_values: dict[str, Any] = field(default_factory=dict)  # the driver's own settings
 
     def image_fetcher(self, reactor: Any) -> ImageFetcher:
         """The :class:`ImageFetcher` these settings describe (cheap: no I/O until used)."""
@@ -107,6 +110,14 @@ class SupervisorService(MultiService):
         self.runner.start_observers.append(self.logs.job_started)
         self.runner.console_observers.append(self.logs.console)
         self.runner.observers.append(self.logs.event)
+        self.exposure = JobExposure(reactor, self.runner.report_endpoints,
+                                    ca_file=config.proxies_ca_file or config.ca_file,
+                                    name=config.name,
+                                    reconnect_initial=config.reconnect_initial,
+                                    reconnect_max=min(30.0, config.reconnect_max))
+        self.runner.start_observers.append(self.exposure.job_started)
+        self.runner.service_observers.append(self.exposure.services)
+        self.runner.observers.append(self.exposure.event)
         self.link = SupervisorLink(
             reactor, config.url, config.token, self.runner, ca_file=config.ca_file,
             reconnect_initial=config.reconnect_initial, reconnect_max=config.reconnect_max,
@@ -121,6 +132,7 @@ class SupervisorService(MultiService):
         """What the manhole shows an operator."""
         return {"supervisor": self, "runner": self.runner, "driver": self.driver,
                 "link": self.link, "logs": self.logs, "fetcher": self.fetcher,
+                "exposure": self.exposure,
                 "reactor": self.reactor}
 
     def startService(self) -> None:
@@ -181,6 +193,7 @@ class SupervisorService(MultiService):
                               name=self.config.name, count=len(self.runner.pending_events))
         await super().stopService()  # the link closes with 4005 (going away)
         await self.runner.close()
+        await self.exposure.stop()
         await self.logs.stop()
 
     def stopService(self) -> Deferred[None]:

@@ -20,13 +20,15 @@ from treadmill.common.config import (
     positive,
 )
 from treadmill.common.daemon import add_operator_services
-from treadmill.supervisor.drivers.mock import MOCK_SETTINGS, MockSettings
+from treadmill.supervisor.drivers import DRIVER_MODULES, driver_module
+from treadmill.supervisor.drivers.mock import MockSettings
 from treadmill.supervisor.images import DEFAULT_LOCAL_LIMIT
 from treadmill.supervisor.journal import StateFiles, StateLocked
 from treadmill.supervisor.link import parse_url
 from treadmill.supervisor.service import SupervisorConfig, SupervisorService
 
-DRIVERS = ("mock",)
+DRIVERS = tuple(DRIVER_MODULES)
+DRIVER_SETTINGS = tuple(setting for name in DRIVERS for setting in driver_module(name).SETTINGS)
 
 
 def _ws_url(value: Any) -> str:
@@ -101,7 +103,10 @@ class Options(RoleOptions):
         Setting("images.ca_file", STR, None,
                 "PEM file of the CAs trusted for https:// image stores "
                 "(default: switchboard.ca_file, else the system's)."),
-        *MOCK_SETTINGS,
+        Setting("proxies.ca_file", STR, None,
+                "PEM file of the CAs trusted for wss:// rendezvous proxies "
+                "(default: switchboard.ca_file, else the system's)."),
+        *DRIVER_SETTINGS,
     )
 
     def checkSettings(self, values: dict[str, Any], source: str) -> None:
@@ -116,7 +121,7 @@ class Options(RoleOptions):
             raise ConfigError(f"reconnect.initial ({values['reconnect.initial']:g}) exceeds "
                               f"reconnect.max ({values['reconnect.max']:g})",
                               key="reconnect.initial", source=source)
-        for key in ("switchboard.ca_file", "images.ca_file"):
+        for key in ("switchboard.ca_file", "images.ca_file", "proxies.ca_file"):
             if values[key]:
                 try:
                     with open(values[key], "rb"):
@@ -157,7 +162,10 @@ def config_from(values: dict[str, Any]) -> SupervisorConfig:
         images_local_limit=values["images.local_limit"],
         images_trusted_realms=list(values["images.trusted_realms"]),
         images_ca_file=values["images.ca_file"],
-        mock=MockSettings.from_values(values))
+        proxies_ca_file=values["proxies.ca_file"],
+        mock=MockSettings.from_values(values),
+        driver_values={key: value for key, value in values.items()
+                       if key.startswith(values["driver"] + ".")})
 
 
 def check_state_dir(path: str) -> None:

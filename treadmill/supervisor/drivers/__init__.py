@@ -30,6 +30,7 @@ Rules every driver follows:
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from zope.interface import Attribute, Interface
@@ -38,7 +39,8 @@ if TYPE_CHECKING:
     from treadmill.supervisor.images import ImageFetcher
     from treadmill.supervisor.service import SupervisorConfig
 
-__all__ = ["REASONS", "STAGES", "IHostDriver", "IJobReporter", "StartRefused", "make_driver"]
+__all__ = ["DRIVER_MODULES", "REASONS", "STAGES", "IHostDriver", "IJobReporter", "StartRefused",
+           "driver_module", "make_driver"]
 
 # The stages of ``initializing``, in order (docs/jobs.md).
 STAGES = ("starting", "fetching_image", "allocating", "provisioning", "booting")
@@ -92,6 +94,14 @@ class IJobReporter(Interface):
     def console(data: bytes) -> None:
         """Output of the host's console."""
 
+    def services(services: dict[str, tuple[str, int]]) -> None:
+        """The host's services that users may reach, as ``{name: (host, port)}``
+        supervisor-local TCP endpoints (e.g. ``{"ssh": ("127.0.0.1", 40022)}``):
+        the whole current set, reported again whenever it changes. The
+        supervisor publishes them on the job's rendezvous proxies. Names are
+        ``[a-z][a-z0-9_-]{0,31}``; ``ssh`` is what ``tml job ssh`` uses,
+        ``console`` a console bridge."""
+
 
 class IHostDriver(Interface):
     """One host, run for one job at a time."""
@@ -120,11 +130,25 @@ class IHostDriver(Interface):
         resources and report nothing more. Returns a Deferred (or None)."""
 
 
+DRIVER_MODULES = {
+    "mock": "treadmill.supervisor.drivers.mock",
+}
+"""Driver name → module. A driver module defines ``SETTINGS`` (its ``NAME.*``
+config settings, a tuple of :class:`~treadmill.common.config.Setting`) and
+``make_driver(config, reactor, fetcher)``; it reads its settings from
+``config.driver_values`` (every parsed ``NAME.*`` value, keyed as in the file)."""
+
+
+def driver_module(name: str) -> Any:
+    """The module of the driver called ``name``."""
+    try:
+        module = DRIVER_MODULES[name]
+    except KeyError:
+        raise ValueError(f"unknown host driver {name!r}") from None
+    return importlib.import_module(module)
+
+
 def make_driver(config: SupervisorConfig, reactor: Any,
                 fetcher: ImageFetcher | None = None) -> IHostDriver:
     """The driver named by ``config.driver``; ``fetcher`` fetches jobs' images for it."""
-    if config.driver == "mock":
-        from treadmill.supervisor.drivers.mock import MockDriver
-
-        return MockDriver(reactor, config.mock, fetcher=fetcher)
-    raise ValueError(f"unknown host driver {config.driver!r}")
+    return driver_module(config.driver).make_driver(config, reactor, fetcher)

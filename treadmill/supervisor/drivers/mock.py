@@ -25,6 +25,11 @@ there is somewhere to fetch it from, and lasts at least
 stores in the job (jobs naming a bare digest), or with ``mock.fetch = never``,
 the stage is only simulated. A skipped ``fetching_image`` fetches nothing.
 
+Services: while ``ready``, with ``mock.echo = true`` (the default) and a
+reactor that can listen, the host offers an ``echo`` service on a loopback
+port (``exposure.listen_echo``), which the supervisor publishes on the job's
+rendezvous proxies.
+
 A stage named by ``fail_at`` or ``crash_at`` is never skipped. Every
 setting can be overridden per job by a job parameter of the same name
 (``mock.exit_status = "3"``, ``mock.stages.booting = "2"``); an invalid or
@@ -38,10 +43,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTCP
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -49,9 +54,13 @@ from zope.interface import implementer
 
 from treadmill.common.config import BOOL, FLOAT, INT, STR, STRLIST, Setting, one_of
 from treadmill.supervisor.drivers import REFUSALS, STAGES, IHostDriver, IJobReporter, StartRefused
+from treadmill.supervisor.exposure import listen_echo
 from treadmill.supervisor.images import FetchedImage, ImageFetcher, ImageFetchError
 
-__all__ = ["MOCK_SETTINGS", "MockDriver", "MockSettings"]
+if TYPE_CHECKING:
+    from treadmill.supervisor.service import SupervisorConfig
+
+__all__ = ["MOCK_SETTINGS", "SETTINGS", "MockDriver", "MockSettings", "make_driver"]
 
 PARAMETER_PREFIX = "mock."
 CONSOLE_TICK = 0.1  # seconds between console chunks (at least one byte per chunk)
@@ -127,6 +136,9 @@ MOCK_SETTINGS: tuple[Setting, ...] = (
     Setting("mock.stop_time", _duration, 0.0, "Mock driver: seconds a stop takes."),
     Setting("mock.refuse", _optional(one_of(*REFUSALS)), None,
             "Mock driver: refuse every start with this error code."),
+    Setting("mock.echo", BOOL, True,
+            "Mock driver: offer an echo service (a loopback TCP port) while ready, which the "
+            "supervisor publishes on the job's proxies."),
     Setting("mock.fetch", one_of("auto", "never"), "auto",
             "Mock driver: really fetch the job's image in fetching_image when a cache mount or "
             "the job's stores allow it (auto), or only simulate it (never)."),
@@ -149,6 +161,7 @@ class MockSettings:
     console_rate: float = 0.0
     stop_time: float = 0.0
     refuse: str | None = None
+    echo: bool = True
     fetch: str = "auto"
 
     @classmethod
@@ -201,7 +214,7 @@ class _Run:
     """One job on the simulated host."""
 
     __slots__ = ("_console_budget", "_console_carry", "_console_last", "_console_lines",
-                 "_console_loop", "_driver", "_fetching", "_timer", "fetched", "image",
+                 "_console_loop", "_driver", "_echo", "_fetching", "_timer", "fetched", "image",
                  "job_id", "phase", "reporter", "settings")
 
     def __init__(self, driver: MockDriver, job_id: str, settings: MockSettings,
@@ -220,6 +233,7 @@ class _Run:
         self._console_last = 0.0
         self._console_lines = 0
         self._console_carry = b""
+        self._echo: Any = None
 
     # -- timing ----------------------------------------------------------------------
 
@@ -243,6 +257,9 @@ class _Run:
             if self._console_loop.running:
                 self._console_loop.stop()
             self._console_loop = None
+        if self._echo is not None:
+            echo, self._echo = self._echo, None
+            echo.stopListening()
 
     def release(self) -> None:
         """Unpin the fetched image's blobs (the job is over for this process)."""
@@ -325,6 +342,7 @@ class _Run:
             return
         self.phase = "ready"
         self.reporter.ready()
+        self._start_echo()
         self._start_console()
         if self.settings.crash_at == "ready":
             self._after(self.settings.run_time, self._crash, "ready")
@@ -355,6 +373,13 @@ class _Run:
     def _stopped(self, reason: str) -> None:
         self._end()
         self.reporter.stopped(reason, "mock: stopped")
+
+    def _start_echo(self) -> None:
+        if not self.settings.echo or not IReactorTCP.providedBy(self._driver.reactor):
+            return
+        self._echo = listen_echo(self._driver.reactor)
+        address = self._echo.getHost()
+        self.reporter.services({"echo": (address.host, address.port)})
 
     # -- console ---------------------------------------------------------------------
 
@@ -447,3 +472,12 @@ class MockDriver:
     def configure(self, **changes: Any) -> None:
         """Change the defaults of later jobs (for the manhole and tests)."""
         self.settings = replace(self.settings, **changes)
+
+
+SETTINGS = MOCK_SETTINGS
+
+
+def make_driver(config: SupervisorConfig, reactor: Any,
+                fetcher: ImageFetcher | None = None) -> MockDriver:
+    """The mock driver of ``config`` (``config.mock``)."""
+    return MockDriver(reactor, config.mock, fetcher=fetcher)
