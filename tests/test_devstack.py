@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.error import ConnectError
+from twisted.internet.task import deferLater
 
-from tests.daemons import free_port, run_python
+from tests.daemons import _Output, free_port, run_python
+from tests.proxy.support import echo_once
 from treadmill.cli.main import run as tml
 
 FAST = [f"mock.stages.{stage}=0" for stage in
@@ -48,6 +53,7 @@ async def test_devstack_runs_a_first_job(tmp_path: Path) -> None:
         status = await tml(reactor, ["job", "logs", job_id, "--stream", "events"], out, err,
                            env)
         assert status == 0 and '"state":"terminated"' in out.getvalue(), err.getvalue()
+        await reach_the_mock_echo_through_the_proxy(env)
     finally:
         subprocess.run([sys.executable, "-m", "treadmill.dev.devstack", "stop", "--state",
                         str(state), "--port", port], capture_output=True, timeout=120,
@@ -57,3 +63,65 @@ async def test_devstack_runs_a_first_job(tmp_path: Path) -> None:
             assert "Traceback (most recent" not in log.read_text(), log
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def tml_json(argv: list[str], env: dict[str, str]) -> Any:
+    out, err = io.StringIO(), io.StringIO()
+    status = await tml(reactor, [*argv, "--json"], out, err, env)
+    assert status == 0, err.getvalue()
+    return json.loads(out.getvalue())
+
+
+async def reach_the_mock_echo_through_the_proxy(env: dict[str, str]) -> None:
+    """A running mock job's echo service, published on the devstack's proxy, answers on
+    its public TCP port and through ``tml job connect``; the job's end closes it."""
+    argv = ["job", "submit", "sha256:" + "0" * 64, "--tag", "mock",
+            "--param", "mock.run_time=inf"]
+    for param in FAST:
+        argv += ["--param", param]
+    job_id = (await tml_json(argv, env))["id"]
+    endpoints: list[dict[str, Any]] = []
+
+    async def published() -> bool:
+        job = await tml_json(["job", "show", job_id], env)
+        endpoints[:] = [e for e in job.get("endpoints") or [] if e["service"] == "echo"]
+        return bool(endpoints)
+
+    await eventually_async(published, 30.0)
+    port = endpoints[0]["port"]
+    assert await echo_once(port, b"through the public port") == b"through the public port"
+
+    local = free_port()
+    output = _Output(io.BytesIO())
+    argv = [sys.executable, "-m", "treadmill.cli.main", "job", "connect", job_id, "echo",
+            "--local-port", str(local)]
+    process = reactor.spawnProcess(output, argv[0], argv, env={**os.environ, **env})
+    try:
+        async def answers() -> bool:
+            try:
+                return await echo_once(local, b"via websocket") == b"via websocket"
+            except (ConnectError, AssertionError):
+                return False
+
+        await eventually_async(answers, 30.0)
+    finally:
+        process.signalProcess("TERM")
+        await output.ended
+
+    await tml_json(["job", "cancel", job_id], env)
+
+    async def closed() -> bool:
+        try:
+            await echo_once(port, b"x", timeout=1.0)
+        except (ConnectError, AssertionError):
+            return True
+        return False
+
+    await eventually_async(closed, 30.0)
+
+
+async def eventually_async(check: Any, timeout: float) -> None:
+    deadline = reactor.seconds() + timeout
+    while not await check():
+        assert reactor.seconds() < deadline, "condition not met in time"
+        await deferLater(reactor, 0.2, lambda: None)

@@ -102,3 +102,14 @@ def test_exit_status_for_termination():
     for reason in ("user_terminated", "queue_timeout", "host_dropped_job", "internal_error"):
         assert exit_status_for({"reason": reason, "exit_status": 0}) == 5
     assert exit_status_for(None) == 5
+
+
+def test_render_job_lists_endpoints_one_per_line():
+    job = {**JOB, "state": "ready", "termination": None, "endpoints": [
+        {"service": "ssh", "proxy": "ws://p", "host": "p.example", "port": 40001,
+         "url": "ws://p.example:8090/v1/tunnels/abc"},
+        {"service": "echo", "proxy": "ws://p", "host": "p.example", "port": 40002},
+        "junk"]}
+    lines = [line for line in render_job(job).splitlines() if line.startswith("endpoint:")]
+    assert [line.split(None, 1)[1] for line in lines] == [
+        "ssh p.example:40001 ws://p.example:8090/v1/tunnels/abc", "echo p.example:40002"]

@@ -244,3 +244,41 @@ async def test_services_left_over_from_an_earlier_run_are_unpublished(keys: Keys
     finally:
         await second.close()
         await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_services_can_come_and_go_while_connected(keys: Keys, echo: int) -> None:
+    proxy = await start_proxy(keys)
+    job = new_job()
+    exposure = manager(job, [proxy], keys, {"echo": ("127.0.0.1", echo)})
+    seen: list[list[dict[str, Any]]] = []
+    exposure.on_change(seen.append)
+    try:
+        exposure.start()
+        first = (await exposure.published())[0]
+        exposure.set_services({"echo": ("127.0.0.1", echo), "ssh": ("127.0.0.1", echo)})
+        await eventually(lambda: len(exposure.endpoints) == 2)
+        ssh = next(e for e in exposure.endpoints if e["service"] == "ssh")
+        assert await echo_once(ssh["port"], b"new") == b"new"
+        exposure.set_services({"ssh": ("127.0.0.1", echo)})
+        assert [e["service"] for e in exposure.endpoints] == ["ssh"]
+        assert [e["service"] for e in seen[-1]] == ["ssh"]
+
+        async def refused() -> bool:
+            try:
+                await echo_once(first["port"], b"x", timeout=1.0)
+            except Exception:
+                return True
+            return False
+
+        for _ in range(50):
+            if await refused():
+                break
+            await sleep(0.05)
+        else:
+            raise AssertionError("the unpublished service still answers")
+        with pytest.raises(Exception):  # noqa: B017 - an invalid service name
+            exposure.set_services({"bad name": ("127.0.0.1", echo)})
+    finally:
+        await exposure.close()
+        await proxy.stop()

@@ -67,6 +67,8 @@ class Devstack:
         self.url = f"http://127.0.0.1:{port}"
         self.store_url = f"http://127.0.0.1:{port + 1}"
         self.logs_url = f"http://127.0.0.1:{port + 2}"
+        self.proxy_url = f"ws://127.0.0.1:{port + 3}"
+        # The proxy's data port is port + 4; its public ports are port + 10 … port + 29.
         self.cluster = Cluster(self.state / "pg", port=5432, durable=True)
         self.logs = self.state / "logs"
         self.run = self.state / "run"
@@ -140,6 +142,8 @@ class Devstack:
                      f"{self.store_url}/healthz"),
                 Role("logserver", "treadmill-logserver", self.state / "logserver.toml",
                      f"{self.logs_url}/healthz"),
+                Role("proxy", "treadmill-proxy", self.state / "proxy.toml",
+                     f"http://127.0.0.1:{self.port + 3}/healthz"),
                 Role("supervisor-mock-1", "treadmill-supervisor",
                      self.state / "supervisor-mock-1.toml")]
 
@@ -206,6 +210,8 @@ class Devstack:
             "[logs]\n"
             f"servers = [{json.dumps(self.logs_url)}]\n"
             "replicas = 1\n"
+            "[proxies]\n"
+            f"servers = [{json.dumps(self.proxy_url)}]\n"
             + self._manhole_config())
         keys_url = f"{self.url}/.well-known/treadmill/capability-keys"
         (self.state / "imagestore.toml").write_text(
@@ -223,6 +229,17 @@ class Devstack:
             "[auth]\n"
             f"keys_url = {json.dumps(keys_url)}\n"
             f"keys_file = {json.dumps(str(self.state / 'logserver-keys.json'))}\n")
+        (self.state / "proxy.toml").write_text(
+            "# Written by tools/devstack; edits are overwritten.\n"
+            f'listen = ["tcp:{self.port + 3}:interface=127.0.0.1"]\n'
+            f'data_listen = ["tcp:{self.port + 4}:interface=127.0.0.1"]\n'
+            'public_host = "127.0.0.1"\n'
+            'public_interface = "127.0.0.1"\n'
+            f'ports = "{self.port + 10}-{self.port + 29}"\n'
+            "grace = 10.0\n"
+            "[auth]\n"
+            f"keys_url = {json.dumps(keys_url)}\n"
+            f"keys_file = {json.dumps(str(self.state / 'proxy-keys.json'))}\n")
 
     def _manhole_config(self) -> str:
         keys = [p for p in (Path.home() / ".ssh").glob("*.pub")] if Path.home().exists() else []
@@ -290,6 +307,7 @@ Treadmill devstack is up.
   Switchboard API   {self.url}   (daemon logs in {self.logs})
   Image store       {self.store_url}
   Log server        {self.logs_url}
+  Proxy             {self.proxy_url} (public ports {self.port + 10}-{self.port + 29})
   Admin user        {ADMIN}; token in {self.state / 'admin-token'}
   PostgreSQL        {self.cluster.dsn(DATABASE)}
 
@@ -302,6 +320,11 @@ Use it from another shell:
   tml job submit sha256:{'0' * 64} --tag mock --param mock.exit_status=3 --follow
   tml job ls
   tml job logs JOB_ID --follow      # the mock host's console, from the log server
+
+  tml job submit sha256:{'0' * 64} --tag mock --param mock.run_time=inf
+  tml job show JOB_ID               # endpoint: echo 127.0.0.1:PORT ws://… (the mock's echo)
+  tml job connect JOB_ID echo --local-port 7007    # then: socat - TCP:127.0.0.1:7007
+  tml job cancel JOB_ID
 
   tml admin user add alice --password-stdin <<< 'correct horse battery'
   tml admin token create --user alice --label laptop

@@ -44,6 +44,7 @@ _JOB_TIMES = (
     "updated_at",
 )
 _JOB_SHOWN = {
+    "endpoints",
     "id",
     "label",
     "owner",
@@ -117,9 +118,21 @@ def render_job(job: dict[str, Any]) -> str:
             ("exit_status", term.get("exit_status")),
             ("message", term.get("message")),
         ]
+    pairs += [("endpoint", text) for text in endpoints_text(job.get("endpoints"))]
     pairs += [(k, job.get(k)) for k in _JOB_TIMES if k in job]
     pairs += [(k, v) for k, v in job.items() if k not in _JOB_SHOWN]
     return output.render_fields(pairs)
+
+
+def endpoints_text(endpoints: Any) -> list[str]:
+    """One line per public endpoint: ``SERVICE HOST:PORT URL``."""
+    lines = []
+    for e in endpoints if isinstance(endpoints, list) else []:
+        if not isinstance(e, dict):
+            continue
+        where = [f"{e.get('host')}:{e['port']}" if "port" in e else "", e.get("url") or ""]
+        lines.append(" ".join([str(e.get("service")), *(w for w in where if w)]))
+    return lines
 
 
 def _job_detail(job: dict[str, Any]) -> str | None:

@@ -1,0 +1,138 @@
+"""A job's services published on its proxies by a whole supervisor, reported as job_endpoints."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from tests.proxy.support import Keys, Running, echo_once, start_proxy
+from tests.supervisor.conftest import fast_config
+from tests.supervisor.peer import JOB_A, FakeSwitchboard, job, sleep
+from treadmill.protocol import supervisor as protocol
+from treadmill.supervisor.service import SupervisorService
+
+INF = "inf"
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    return Keys(tmp_path)
+
+
+@pytest_twisted.async_yield_fixture
+async def proxy(keys: Keys) -> AsyncIterator[Running]:
+    running = await start_proxy(keys)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def setup(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    made: list[Any] = []
+
+    def make(minor: int = 2) -> tuple[FakeSwitchboard, SupervisorService]:
+        peer = FakeSwitchboard(minor=minor).listen()
+        service = SupervisorService(reactor, fast_config(peer.url, tmp_path / "state"))
+        service.startService()
+        made.append((peer, service))
+        return peer, service
+
+    try:
+        yield make
+    finally:
+        for peer, service in made:
+            if service.running:
+                await service.stopService()
+            await peer.shutdown()
+
+
+def proxied_job(proxy: Running, keys: Keys, **mock: Any) -> dict[str, Any]:
+    start = job(**mock)
+    start["proxies"] = [{"url": proxy.ws, "token": keys.token(JOB_A)}]
+    return start
+
+
+async def refused(port: int) -> bool:
+    try:
+        await echo_once(port, b"x", timeout=1.0)
+    except Exception:
+        return True
+    return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_mock_echo_is_published_and_reported(setup: Any, proxy: Running,
+                                                       keys: Keys) -> None:
+    peer, service = setup()
+    conn = await peer.connection()
+    assert (await conn.start(proxied_job(proxy, keys, run_time=INF)))["ok"]
+    message = await conn.wait_for(lambda m: m["type"] == "job_endpoints", timeout=10)
+    assert message["job_id"] == JOB_A
+    [endpoint] = message["endpoints"]
+    assert endpoint["service"] == "echo" and endpoint["proxy"] == proxy.ws
+    assert endpoint["url"].startswith(proxy.ws + "/v1/tunnels/")
+    assert await echo_once(endpoint["port"], b"hello") == b"hello"
+    conn.send(protocol.ack(message["request_id"]))
+    assert (await conn.stop(JOB_A))["ok"]
+    await conn.events_until("terminated")
+    for _ in range(100):  # the job's end closes its tunnel at once
+        if await refused(endpoint["port"]):
+            break
+        await sleep(0.05)
+    else:
+        raise AssertionError("the tunnel outlived its job")
+    assert service.exposure.managers == {}
+    assert not [m for m in conn.inbox.pending if m["type"] == "job_endpoints"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unacknowledged_endpoints_are_sent_again_after_a_reconnect(
+        setup: Any, proxy: Running, keys: Keys) -> None:
+    peer, service = setup()
+    conn = await peer.connection()
+    await conn.start(proxied_job(proxy, keys, run_time=INF))
+    first = await conn.wait_for(lambda m: m["type"] == "job_endpoints", timeout=10)
+    conn.drop()  # before acknowledging them
+    again = await peer.connection()
+    second = await again.wait_for(lambda m: m["type"] == "job_endpoints", timeout=10)
+    assert second["endpoints"] == first["endpoints"]
+    again.send(protocol.ack(second["request_id"]))
+    await sleep(0.2)
+    assert service.runner._endpoints is None
+    await again.stop(JOB_A)
+    await again.events_until("terminated")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_older_switchboard_gets_no_endpoints_but_tunnels_work(
+        setup: Any, proxy: Running, keys: Keys) -> None:
+    peer, service = setup(minor=1)
+    conn = await peer.connection()
+    await conn.start(proxied_job(proxy, keys, run_time=INF))
+    await conn.events_until("ready")
+    for _ in range(100):
+        if service.exposure.managers and service.exposure.managers[JOB_A].endpoints:
+            break
+        await sleep(0.05)
+    [endpoint] = service.exposure.managers[JOB_A].endpoints
+    assert await echo_once(endpoint["port"], b"hi") == b"hi"
+    await conn.stop(JOB_A)
+    await conn.events_until("terminated")
+    assert not [m for m in conn.received if m["type"] == "job_endpoints"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_without_proxies_publishes_nothing(setup: Any) -> None:
+    peer, service = setup()
+    conn = await peer.connection()
+    await conn.start(job(run_time=0.3))
+    await conn.events_until("terminated")
+    assert service.exposure.managers == {}
+    assert not [m for m in conn.received if m["type"] == "job_endpoints"]
