@@ -132,6 +132,7 @@ class IHostDriver(Interface):
 
 DRIVER_MODULES = {
     "mock": "treadmill.supervisor.drivers.mock",
+    "qemu": "treadmill.supervisor.drivers.qemu",
 }
 """Driver name → module. A driver module defines ``SETTINGS`` (its ``NAME.*``
 config settings, a tuple of :class:`~treadmill.common.config.Setting`) and

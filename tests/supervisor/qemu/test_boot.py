@@ -1,0 +1,153 @@
+"""The QEMU driver booting the real test image under TCG, end to end.
+
+Each test boots tools/build-test-image's image (a busybox /init speaking the
+agent channel) with real QEMU, and checks that the job ends as it should and
+that nothing is left behind: no QEMU process, no socket, no overlay.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+
+from tests.supervisor.qemu.conftest import (
+    BuiltImage,
+    FakeFetcher,
+    Recorder,
+    needs_qemu,
+    qemu_processes,
+)
+from treadmill.supervisor.drivers.qemu import QemuDriver, QemuSettings
+
+pytestmark = needs_qemu
+
+BOOT = 60.0  # generous: TCG boots the image in ~3 s, but the machine may be loaded
+
+
+def settings(work_dir: str, **overrides: Any) -> QemuSettings:
+    values: dict[str, Any] = {"accel": "tcg", "memory": 256, "work_dir": work_dir,
+                              "shutdown_timeout": 2.0, "quit_timeout": 3.0,
+                              "boot_timeout": BOOT}
+    values.update(overrides)
+    return QemuSettings(**values)
+
+
+def job(**parameters: Any) -> dict[str, Any]:
+    return {"id": str(uuid.uuid4()), "image": {"digest": "sha256:" + "0" * 64, "name": "demo",
+                                               "stores": []},
+            "parameters": {k: {"value": str(v)} for k, v in parameters.items()},
+            "timeout": 120}
+
+
+async def within(d: Any, seconds: float = BOOT) -> Any:
+    return await d.addTimeout(seconds, reactor)
+
+
+async def start(test_image: BuiltImage, work_dir: str, job_start: dict[str, Any],
+                **overrides: Any) -> tuple[QemuDriver, Recorder, FakeFetcher]:
+    fetcher = FakeFetcher(test_image)
+    driver = QemuDriver(reactor, settings(work_dir, **overrides), fetcher=fetcher)
+    reporter = Recorder()
+    await driver.start(job_start, reporter)
+    return driver, reporter, fetcher
+
+
+def assert_clean(work_dir: str, job_id: str, fetcher: FakeFetcher) -> None:
+    assert qemu_processes(f"treadmill-{job_id}") == []
+    assert os.listdir(work_dir) == []  # no overlay, socket or log
+    assert fetcher.released == fetcher.fetched
+
+
+class Banner(Protocol):
+    def __init__(self) -> None:
+        from twisted.internet.defer import Deferred
+        self.received = b""
+        self.got: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if b"\n" in self.received and not self.got.called:
+            self.got.callback(self.received)
+
+
+async def read_banner(port: int, send: bytes = b"") -> bytes:
+    proto = Banner()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
+    if send:
+        proto.transport.write(send)
+    try:
+        return await within(proto.got, 20)
+    finally:
+        proto.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_boots_and_ends_with_the_agents_exit_status(test_image: BuiltImage,
+                                                                 work_dir: str) -> None:
+    spec = job(exit_status=7, message="seven")
+    driver, reporter, fetcher = await start(test_image, work_dir, spec)
+    what, args = await within(reporter.ended)
+    assert (what, args) == ("exited", (7, "seven")), reporter.reports
+    assert reporter.kinds == ["fetching_image", "allocating", "provisioning", "booting",
+                              "ready", "terminating", "exited"]
+    console = reporter.console_bytes
+    # The chain is the manifest's, by digest: both layers are seen, the job's marker is not.
+    assert b"disk: treadmill-base-layer | treadmill-top-layer | \r\n" in console
+    assert b'"exit_status":"7"' in console  # the agent got its parameters
+    assert set(reporter.offered[0]) == {"ssh", "console"}
+    assert "http" in reporter.offered[-1]
+    assert_clean(work_dir, spec["id"], fetcher)
+    assert driver.run is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_forwards_reach_the_guest_and_stop_tears_everything_down(
+        test_image: BuiltImage, work_dir: str) -> None:
+    spec = job(hang=1)
+    driver, reporter, fetcher = await start(test_image, work_dir, spec)
+    await within(reporter.became_ready)
+    await within(reporter.console_has(b"hanging"))
+    services = reporter.offered[-1]
+    assert (await read_banner(services["ssh"][1])).startswith(b"SSH-2.0-treadmill-test")
+    http = await read_banner(services["http"][1], b"GET / HTTP/1.0\r\n\r\n")
+    assert http.startswith(b"HTTP/1.")
+    # Console input through the bridge reaches the guest's serial console.
+    assert services["console"][0] == "127.0.0.1"
+    assert len(qemu_processes(f"treadmill-{spec['id']}")) == 1
+    await driver.stop(spec["id"], "user_terminated")
+    what, args = await within(reporter.ended)
+    assert (what, args[0]) == ("stopped", "user_terminated")
+    assert_clean(work_dir, spec["id"], fetcher)
+
+
+@pytest_twisted.ensureDeferred
+async def test_qemu_killed_is_host_dropped_job(test_image: BuiltImage, work_dir: str) -> None:
+    spec = job(hang=1)
+    _driver, reporter, fetcher = await start(test_image, work_dir, spec)
+    await within(reporter.became_ready)
+    [pid] = qemu_processes(f"treadmill-{spec['id']}")
+    os.kill(pid, 9)
+    what, args = await within(reporter.ended)
+    assert (what, args[0]) == ("failed", "host_dropped_job"), reporter.reports
+    assert "QEMU exited" in args[1]
+    assert_clean(work_dir, spec["id"], fetcher)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_while_booting(test_image: BuiltImage, work_dir: str) -> None:
+    spec = job()
+    driver, reporter, fetcher = await start(test_image, work_dir, spec)
+    while "booting" not in reporter.kinds:
+        await deferLater(reactor, 0.02, lambda: None)
+    await driver.stop(spec["id"], "user_terminated")
+    what, args = await within(reporter.ended)
+    assert (what, args[0]) == ("stopped", "user_terminated"), reporter.reports
+    assert "ready" not in reporter.kinds
+    assert_clean(work_dir, spec["id"], fetcher)
