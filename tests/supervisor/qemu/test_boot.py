@@ -151,3 +151,63 @@ async def test_stop_while_booting(test_image: BuiltImage, work_dir: str) -> None
     assert (what, args[0]) == ("stopped", "user_terminated"), reporter.reports
     assert "ready" not in reporter.kinds
     assert_clean(work_dir, spec["id"], fetcher)
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_input_reaches_the_guest_and_a_hung_guest_times_out(
+        test_image: BuiltImage, work_dir: str) -> None:
+    spec = job(hang=1)
+    driver, reporter, fetcher = await start(test_image, work_dir, spec, shutdown_timeout=1.0)
+    await within(reporter.console_has(b"hanging"))
+    proto = Banner()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1",
+                                             reporter.offered[-1]["console"][1]), proto)
+    proto.transport.write(b"hello from the bridge\n")
+    await within(reporter.console_has(b"input hello from the bridge"), 20)
+    await within(proto.got, 10)  # the bridge's client sees the console too
+    proto.transport.loseConnection()
+    began = reactor.seconds()
+    await driver.stop(spec["id"], "execution_timeout")  # the guest ignores the power button
+    what, args = await within(reporter.ended)
+    assert (what, args[0]) == ("stopped", "execution_timeout")
+    assert reactor.seconds() - began >= 1.0  # system_powerdown, then quit
+    assert_clean(work_dir, spec["id"], fetcher)
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_jobs_in_sequence_share_no_state(test_image: BuiltImage,
+                                                   work_dir: str) -> None:
+    first = job(write_marker="job-one-was-here")
+    driver, reporter, fetcher = await start(test_image, work_dir, first)
+    assert (await within(reporter.ended))[0] == "exited"
+    assert b"wrote marker job-one-was-here" in reporter.console_bytes
+    second = job()
+    reporter2 = Recorder()
+    await driver.start(second, reporter2)
+    assert (await within(reporter2.ended)) == ("exited", (0, "test image done"))
+    assert b"disk: treadmill-base-layer | treadmill-top-layer | \r\n" in reporter2.console_bytes
+    assert b"job-one-was-here" not in reporter2.console_bytes
+    assert_clean(work_dir, second["id"], fetcher)
+
+
+@pytest_twisted.ensureDeferred
+async def test_qemu_failing_at_start_is_host_start_failure_with_its_message(
+        test_image: BuiltImage, work_dir: str) -> None:
+    spec = job()
+    _, reporter, fetcher = await start(test_image, work_dir, spec,
+                                       extra_args=("-device", "no-such-device-{job}"))
+    what, args = await within(reporter.ended)
+    assert (what, args[0]) == ("failed", "host_start_failure"), reporter.reports
+    assert f"no-such-device-{spec['id']}" in args[1]  # QEMU's own message, templated arg
+    assert_clean(work_dir, spec["id"], fetcher)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_image_that_cannot_be_fetched_is_image_error(work_dir: str) -> None:
+    from treadmill.supervisor.images import ImageFetchError
+    fetcher = FakeFetcher(None, ImageFetchError("image_not_found", "no store has it"))
+    driver = QemuDriver(reactor, settings(work_dir), fetcher=fetcher)
+    reporter = Recorder()
+    await driver.start(job(), reporter)
+    assert (await within(reporter.ended, 10)) == ("failed", ("image_error", "no store has it"))
+    assert os.listdir(work_dir) == []

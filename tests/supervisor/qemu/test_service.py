@@ -1,0 +1,107 @@
+"""A QEMU job through the real daemons: switchboard, image store and a supervisor with
+the qemu driver, all in-process on loopback; the guest's exit status ends the job."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+pytest.importorskip("treadmill.imagestore.service")
+
+from tests.supervisor.qemu.conftest import BuiltImage, needs_qemu, qemu_processes
+from tests.support import RunningSwitchboard, start_switchboard
+from tests.switchboard.peer import eventually
+from treadmill.images.registry import RegistryClient
+from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
+from treadmill.supervisor.fleet import ws_url_for
+from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+
+pytestmark = needs_qemu
+
+
+async def push(sb: RunningSwitchboard, store_url: str, image: BuiltImage, name: str) -> str:
+    client = RegistryClient(reactor, store_url, credentials=("admin", sb.admin_token),
+                            trusted_realms=[sb.url])
+    repo = name.lower()
+    try:
+        await client.push_bytes(repo, b"{}")
+        for path in (*image.info["qcow2"], image.info["kernel"], image.info["initrd"]):
+            await client.push_file(repo, path)
+        digest = await client.put_manifest(repo, "v1", image.manifest)
+    finally:
+        await client.close()
+    assert digest == image.digest
+    r = await sb.admin.post("/api/v1/images", {"name": name, "digest": digest,
+                                               "stores": [store_url]})
+    assert r.status == 201, r.body
+    return digest
+
+
+@pytest_twisted.async_yield_fixture
+async def bed(database: str, tmp_path: Path, test_image: BuiltImage
+              ) -> AsyncIterator[tuple[RunningSwitchboard, str, str]]:
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 timeout_interval=0.1)
+    store = ImageStoreService(reactor, ImageStoreConfig(
+        root=str(tmp_path / "store"), listen=["tcp:0:interface=127.0.0.1"],
+        keys_url=f"{sb.url}/.well-known/treadmill/capability-keys",
+        realm=f"{sb.url}/api/v1/registry/token", access_log=False))
+    store.startService()
+    work_dir = tempfile.mkdtemp(prefix="tq-", dir="/tmp")
+    supervisor: SupervisorService | None = None
+    try:
+        await store.ready()
+        store_url = f"http://127.0.0.1:{store.ports()[0].getHost().port}"
+        r = await sb.admin.post("/api/v1/hosts", {"name": "vm-1", "tags": ["qemu"]})
+        assert r.status == 201, r.body
+        config = SupervisorConfig(
+            url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "vm-1"),
+            reconnect_initial=0.1, reconnect_max=1.0, durable=False, driver="qemu",
+            driver_values={"qemu.accel": "tcg", "qemu.memory": 256, "qemu.work_dir": work_dir,
+                           "qemu.shutdown_timeout": 2.0})
+        supervisor = SupervisorService(reactor, config)
+        supervisor.startService()
+        await supervisor.ready()
+        await supervisor.connected()
+        yield sb, store_url, work_dir
+    finally:
+        if supervisor is not None:
+            await supervisor.stopService()
+        await store.stopService()
+        await sb.stop()
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_qemu_job_runs_through_the_switchboard(bed: Any, test_image: BuiltImage
+                                                       ) -> None:
+    sb, store_url, work_dir = bed
+    await push(sb, store_url, test_image, "demo/tiny-vm")
+    r = await sb.admin.post("/api/v1/jobs", {
+        "image": "demo/tiny-vm", "tags": ["qemu"],
+        "parameters": {"exit_status": {"value": "3"}, "message": {"value": "three"}}})
+    assert r.status == 201, r.body
+    job_id = r.body["id"]
+
+    async def done() -> dict[str, Any] | None:
+        body = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
+        return body if body["state"] == "terminated" else None
+
+    final = await eventually(done, timeout=90)
+    termination = final["termination"]
+    assert termination["reason"] == "workload_exited", final
+    assert termination["exit_status"] == 3 and termination["message"] == "three", final
+    events = (await sb.admin.get(f"/api/v1/jobs/{job_id}/events")).body["events"]
+    stages = [e.get("stage") for e in events]
+    assert "fetching_image" in stages and "booting" in stages
+    assert "ready" in [e.get("state") for e in events]
+    assert qemu_processes(f"treadmill-{job_id}") == []
+    assert os.listdir(work_dir) == []
