@@ -133,6 +133,7 @@ class IHostDriver(Interface):
 DRIVER_MODULES = {
     "mock": "treadmill.supervisor.drivers.mock",
     "qemu": "treadmill.supervisor.drivers.qemu",
+    "serial": "treadmill.supervisor.drivers.serial",
 }
 """Driver name → module. A driver module defines ``SETTINGS`` (its ``NAME.*``
 config settings, a tuple of :class:`~treadmill.common.config.Setting`) and

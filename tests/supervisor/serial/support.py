@@ -1,0 +1,222 @@
+"""Helpers of the serial driver tests: the fake board process, board images, a recorder."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from zope.interface import implementer
+
+from treadmill.images import format as fmt
+from treadmill.supervisor.drivers import IJobReporter
+from treadmill.supervisor.images import FetchedImage, blob_path
+
+FAKEBOARD = str(Path(__file__).with_name("fakeboard.py"))
+PY = sys.executable
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+async def until(check: Any, timeout: float = 20.0, interval: float = 0.05) -> Any:
+    """Poll ``check()`` (plain function) until it returns something truthy."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s (last: {result!r})")
+        await sleep(interval)
+
+
+class FakeBoard:
+    """The fake board process (``fakeboard.py run DIR``) and its files."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def tty(self) -> str:
+        return str(self.root / "tty")
+
+    async def start(self) -> FakeBoard:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen([PY, FAKEBOARD, "run", str(self.root)])
+        await until(lambda: (self.root / "pid").exists() and os.path.exists(self.tty))
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(10)
+
+    def ctl(self, *command: str) -> None:
+        subprocess.run([PY, FAKEBOARD, "ctl", str(self.root), *command], check=True)
+
+    def events(self) -> list[str]:
+        try:
+            return (self.root / "events.log").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def settings(self, **overrides: Any) -> dict[str, Any]:
+        """``serial.*`` values driving this board with its tools."""
+        root = str(self.root)
+        values: dict[str, Any] = {
+            "serial.device": self.tty,
+            "serial.flash.command": [PY, FAKEBOARD, "flash", root, "{firmware}"],
+            "serial.erase.command": [PY, FAKEBOARD, "erase", root],
+            "serial.reset.command": [PY, FAKEBOARD, "ctl", root, "reset"],
+            "serial.clean.after": "erase",
+            "serial.health.pattern": "FakeBoard ok",
+            "serial.health.timeout": 10.0,
+            "serial.boot.ready": "agent",
+            "serial.boot.timeout": 15.0,
+            "serial.reopen_interval": 0.1,
+            "serial.command_timeout": 20.0,
+        }
+        values.update({f"serial.{k.replace('__', '.')}": v for k, v in overrides.items()})
+        return values
+
+
+def board_manifest(files: dict[str, bytes], flash: Any = None) -> tuple[dict[str, Any], bytes]:
+    manifest = fmt.build_board_manifest(
+        [fmt.FirmwareFile(name, fmt.Blob(fmt.digest_of(data), len(data)))
+         for name, data in files.items()], flash=flash)
+    return manifest, fmt.manifest_bytes(manifest)
+
+
+def write_cache(root: Path, files: dict[str, bytes], flash: Any = None) -> str:
+    """A board image in an image store layout at ``root`` (a cache mount); its digest."""
+    _, data = board_manifest(files, flash)
+    (root / "treadmill-imagestore.json").parent.mkdir(parents=True, exist_ok=True)
+    (root / "treadmill-imagestore.json").write_text('{"layout": 1}')
+    for blob in [data, *files.values()]:
+        path = Path(blob_path(str(root), fmt.digest_of(blob)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob)
+    return fmt.digest_of(data)
+
+
+class FakeFetcher:
+    """Hands out board images from a directory; counts releases."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.images: dict[str, tuple[dict[str, Any], bytes, dict[str, str]]] = {}
+        self.released = 0
+
+    def add(self, files: dict[str, bytes], flash: Any = None) -> dict[str, Any]:
+        manifest, data = board_manifest(files, flash)
+        paths = {}
+        for blob in files.values():
+            digest = fmt.digest_of(blob)
+            path = self.root / hashlib.sha256(blob).hexdigest()
+            self.root.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(blob)
+            paths[digest] = str(path)
+        digest = fmt.digest_of(data)
+        self.images[digest] = (manifest, data, paths)
+        return {"digest": digest, "name": "test/board", "stores": []}
+
+    def can_fetch(self, image: Any) -> bool:
+        return True
+
+    async def fetch(self, image: dict[str, Any]) -> FetchedImage:
+        from treadmill.supervisor.images import ImageFetchError
+
+        if image["digest"] not in self.images:
+            raise ImageFetchError("image_not_found", f"image {image['digest']}: not here")
+        manifest, data, paths = self.images[image["digest"]]
+        return FetchedImage(image["digest"], image.get("name"), fmt.parse_image(manifest), data,
+                            paths)
+
+    def release(self, fetched: FetchedImage | None) -> None:
+        self.released += 1
+
+
+def _within(fired: Deferred[Any], timeout: float) -> Deferred[Any]:
+    """A new Deferred with ``fired``'s result, failing after ``timeout`` seconds."""
+    out: Deferred[Any] = Deferred()
+    fired.addBoth(lambda result: (out.called or out.callback(result), result)[1])
+    return out.addTimeout(timeout, reactor)
+
+
+@implementer(IJobReporter)
+class Recorder:
+    """Records reports; ``ended`` fires with the final one."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[str, tuple[Any, ...]]] = []
+        self.console_bytes = b""
+        self.offered: list[dict[str, tuple[str, int]]] = []
+        self._ended: Deferred[tuple[str, tuple[Any, ...]]] = Deferred()
+        self._ready: Deferred[None] = Deferred()
+
+    @property
+    def ended(self) -> Deferred[tuple[str, tuple[Any, ...]]]:
+        """Fires with the final report (fails after 30 s)."""
+        return _within(self._ended, 30.0)
+
+    @property
+    def became_ready(self) -> Deferred[None]:
+        return _within(self._ready, 30.0)
+
+    def _add(self, what: str, *args: Any) -> None:
+        self.reports.append((what, args))
+
+    def stage(self, name: str) -> None:
+        self._add("stage", name)
+
+    def ready(self) -> None:
+        self._add("ready")
+        if not self._ready.called:
+            self._ready.callback(None)
+
+    def terminating(self, reason: str | None = None) -> None:
+        self._add("terminating", reason)
+
+    def _end(self, what: str, *args: Any) -> None:
+        self._add(what, *args)
+        if not self._ended.called:
+            self._ended.callback((what, args))
+
+    def exited(self, exit_status: int, message: str = "") -> None:
+        self._end("exited", exit_status, message)
+
+    def failed(self, reason: str, message: str = "") -> None:
+        self._end("failed", reason, message)
+
+    def stopped(self, reason: str, message: str = "") -> None:
+        self._end("stopped", reason, message)
+
+    def console(self, data: bytes) -> None:
+        self.console_bytes += data
+
+    def services(self, services: dict[str, tuple[str, int]]) -> None:
+        self.offered.append(services)
+
+    @property
+    def stages(self) -> list[str]:
+        return [args[0] for what, args in self.reports if what == "stage"]
+
+    @property
+    def text(self) -> str:
+        return self.console_bytes.decode("utf-8", "replace")
+
+
+def job(job_id: str, image: dict[str, Any], **parameters: Any) -> dict[str, Any]:
+    return {"id": job_id, "image": image, "timeout": 600, "tags": [], "label": None,
+            "parameters": {k: v if isinstance(v, dict) else {"value": v}
+                           for k, v in parameters.items()}}

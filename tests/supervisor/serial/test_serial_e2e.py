@@ -1,0 +1,98 @@
+"""The serial driver end to end: a real switchboard, a real supervisor, the fake board.
+
+The board image is in a cache mount (an image store's layout on disk), so
+the supervisor's real ImageFetcher fetches and verifies it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import reactor
+
+from tests.supervisor.serial.support import FakeBoard, write_cache
+from tests.support import Client, RunningSwitchboard, start_switchboard
+from tests.switchboard.peer import eventually
+from treadmill.supervisor.fleet import ws_url_for
+from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+
+
+@dataclass
+class Bed:
+    switchboard: RunningSwitchboard
+    board: FakeBoard
+    cache: Path
+    supervisor: SupervisorService
+
+    @property
+    def admin(self) -> Client:
+        return self.switchboard.admin
+
+    async def run(self, app: bytes, timeout: float = 30.0) -> dict[str, Any]:
+        digest = write_cache(self.cache, {"app.bin": app})
+        r = await self.admin.post("/api/v1/jobs", {"image": digest, "tags": ["board"]})
+        assert r.status == 201, r.body
+        job_id = r.body["id"]
+
+        async def done() -> dict[str, Any] | None:
+            body = (await self.admin.get(f"/api/v1/jobs/{job_id}")).body
+            return body if body["state"] == "terminated" else None
+
+        return await eventually(done, timeout=timeout)
+
+
+@pytest_twisted.async_yield_fixture
+async def bed(database: str, tmp_path: Path) -> AsyncIterator[Bed]:
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 timeout_interval=0.1, max_host_failures=2)
+    board = await FakeBoard(tmp_path / "board").start()
+    supervisor: SupervisorService | None = None
+    try:
+        r = await sb.admin.post("/api/v1/hosts", {"name": "board-1", "tags": ["board"]})
+        assert r.status == 201, r.body
+        config = SupervisorConfig(
+            url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
+            reconnect_initial=0.1, reconnect_max=1.0, durable=False, driver="serial",
+            images_cache_mount=str(tmp_path / "cache"),
+            driver_values=board.settings(health__timeout=2.0, boot__timeout=3.0))
+        supervisor = SupervisorService(reactor, config)
+        supervisor.startService()
+        await supervisor.ready()
+        await supervisor.connected()
+        yield Bed(sb, board, tmp_path / "cache", supervisor)
+    finally:
+        if supervisor is not None:
+            await supervisor.stopService()
+            await supervisor.driver.shutdown()
+        board.stop()
+        await sb.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_board_job_runs_and_a_sick_board_leaves_service(bed: Bed) -> None:
+    final = await bed.run(b'print hi\nagent {"type":"ready"}\nexit 5 five\n')
+    assert final["termination"] == {"reason": "workload_exited", "exit_status": 5,
+                                    "message": "five"}, final
+    # The board breaks: its health check fails before every start, each job ends
+    # host_start_failure, and after hosts.max_failures (2) the host is out of service.
+    bed.board.ctl("break")
+    # The first job finds out at boot (the board panics instead of running its app),
+    # and the health check after it fails; the next start checks again and fails.
+    final = await bed.run(b'agent {"type":"ready"}\nexit 0\n')
+    assert final["termination"]["reason"] == "host_start_failure", final
+    assert "the agent did not say ready" in final["termination"]["message"]
+    final = await bed.run(b'agent {"type":"ready"}\nexit 0\n')
+    assert final["termination"]["reason"] == "host_start_failure", final
+    assert "board health check failed" in final["termination"]["message"]
+    host = (await bed.admin.get("/api/v1/hosts/board-1")).body
+    assert host["healthy"] is False and host["consecutive_failures"] == 2
+    # Fixed and put back in service by an admin, it runs jobs again.
+    bed.board.ctl("fix")
+    r = await bed.admin.post("/api/v1/hosts/board-1/enable")
+    assert r.status == 200, r.body
+    final = await bed.run(b'agent {"type":"ready"}\nexit 0\n')
+    assert final["termination"]["reason"] == "workload_exited", final
