@@ -264,11 +264,13 @@ class SerialDriver:
         """Close the console device on purpose; fires once it is closed."""
         if self.port is None:
             return succeed(None)
+        closing: Deferred[None] = Deferred()
         if self._closing is None:
             self._closing = Deferred()
+            self._closing.addBoth(lambda result: closing.callback(None) or result)
             self.port.loseConnection()
-        closing: Deferred[None] = Deferred()
-        self._closing.addBoth(lambda result: closing.callback(None) or result)
+        else:
+            self._closing.addBoth(lambda result: closing.callback(None) or result)
         return closing
 
     def _port_lost(self, protocol: _Console, reason: Failure | None) -> None:
