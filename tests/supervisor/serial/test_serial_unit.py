@@ -210,3 +210,18 @@ def test_device_loss_fails_the_job_and_polls(tmp_path: Path) -> None:
     assert not h.driver.present
     h.pump(0.6)
     assert h.driver.present and len(h.ports) == opened + 1
+
+
+def test_the_example_configuration_is_valid(tmp_path: Path) -> None:
+    from treadmill.supervisor.tap import Options, config_from
+
+    token = tmp_path / "token"
+    token.write_text("tmh_test\n")
+    options = Options()
+    options.parseOptions(["--config", "etc/treadmill/supervisor-serial.toml",
+                          "--switchboard-token-file", str(token),
+                          "--state-dir", str(tmp_path / "state")])
+    config = config_from(options.values)
+    settings = SerialSettings.from_values(config.driver_values)
+    assert config.driver == "serial" and settings.clean_after == "erase"
+    assert "tockloader" in settings.flash_tools
