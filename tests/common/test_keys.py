@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import pytest_twisted
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import reactor
+from twisted.internet.task import Clock
 
 from tests.support import RunningSwitchboard
-from treadmill.common.captoken import Access, CapabilityError, CapabilityKeyError
+from treadmill.common.captoken import (
+    Access,
+    CapabilityError,
+    CapabilityKeyError,
+    CapabilitySigner,
+)
 from treadmill.common.keys import KeySource
 
 
@@ -46,3 +54,29 @@ async def test_unreachable_url_keeps_waiting(tmp_path: Path) -> None:
 def test_a_source_is_required() -> None:
     with pytest.raises(CapabilityKeyError):
         KeySource(reactor)
+
+
+def test_verified_claims_are_cached_until_expiry_or_a_key_change(tmp_path: Path) -> None:
+    clock = Clock()
+    clock.advance(1_000_000)
+    signer = CapabilitySigner(Ed25519PrivateKey.generate(), "treadmill", clock)
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps(signer.jwks()))
+    source = KeySource(clock, file=str(keys_file))
+    verifier = source.verifier("treadmill", "logs")
+    token = signer.sign("host-1", "logs", [Access("job", "j1", ("write",))], 60)
+    first = verifier.verify(token, "job", "j1", "write")
+    assert verifier.verify(token, "job", "j1", "write") is first  # from the cache
+    with pytest.raises(CapabilityError) as e:  # the scope is still checked every time
+        verifier.verify(token, "job", "j2", "write")
+    assert e.value.reason == "insufficient_scope"
+    clock.advance(70)  # past expiry and leeway
+    with pytest.raises(CapabilityError) as e:
+        verifier.verify_any(token)
+    assert e.value.reason == "expired"
+    fresh = signer.sign("host-1", "logs", [Access("job", "j1", ("write",))], 60)
+    assert verifier.verify_any(fresh).subject == "host-1"
+    source.keys = {}  # the key was withdrawn: cached claims go with it
+    with pytest.raises(CapabilityError) as e:
+        verifier.verify_any(fresh)
+    assert e.value.reason == "unknown_key"

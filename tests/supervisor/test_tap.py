@@ -83,7 +83,7 @@ def test_image_settings(tmp_path: Path) -> None:
     (["--state-dir", "/x", "--switchboard-token-file", "/nonexistent/token"],
      "switchboard.token_file"),
     (["--switchboard-token", "t"], "state_dir"),
-    (["--state-dir", "/x", "--switchboard-token", "t", "--driver", "qemu"], "--driver"),
+    (["--state-dir", "/x", "--switchboard-token", "t", "--driver", "nonesuch"], "--driver"),
     (["--state-dir", "/x", "--switchboard-token", "t", "--reconnect-initial", "100"],
      "reconnect.initial"),
     (["--state-dir", "/x", "--switchboard-token", "t", "--mock-fail-at", "nowhere"],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -106,7 +107,7 @@ class KeySource(MultiService):
             return
         if keys != self.keys:
             self.log.info("Capability keys: {kids}", kids=", ".join(sorted(keys)))
-        self.keys = keys
+            self.keys = keys  # a new object: verifiers drop what they cached
         if self.file is not None:
             write_atomically(self.file, body, mode=0o644)
         if self._ready is not None and not self._ready.called:
@@ -117,22 +118,55 @@ class KeySource(MultiService):
 
 
 class LiveVerifier:
-    """A :class:`CapabilityVerifier` that always uses the source's current keys."""
+    """A :class:`CapabilityVerifier` that always uses the source's current keys.
 
-    def __init__(self, source: KeySource, issuer: str, audience: str):
+    A token is used many times (a supervisor appends to its log streams, a
+    client pulls blob after blob), and a signature check costs far more than
+    the request: the claims of the last ``cache_size`` tokens that verified
+    are kept until the token expires or the key set changes. Failures are
+    not cached.
+    """
+
+    def __init__(self, source: KeySource, issuer: str, audience: str,
+                 cache_size: int = 4096):
         self.source = source
         self.issuer = issuer
         self.audience = audience
+        self.cache_size = cache_size
+        self._verifier: CapabilityVerifier | None = None
+        self._keys: Any = None  # the source's key set the verifier was made from
+        self._cache: OrderedDict[str, Claims] = OrderedDict()
 
     def _current(self) -> CapabilityVerifier:
-        return CapabilityVerifier(self.source.keys, self.issuer, self.audience,
-                                  self.source.reactor)
+        verifier = self._verifier
+        if verifier is None or self._keys is not self.source.keys:
+            self._keys = self.source.keys
+            verifier = self._verifier = CapabilityVerifier(
+                self._keys, self.issuer, self.audience, self.source.reactor)
+            self._cache.clear()
+        return verifier
 
     def verify(self, token: str, type: str, name: str, action: str) -> Claims:
-        return self._current().verify(token, type, name, action)
+        claims = self.verify_any(token)
+        if not claims.allows(type, name, action):
+            raise CapabilityError("insufficient_scope",
+                                  f"token does not grant {action} on {type} {name}")
+        return claims
 
     def verify_any(self, token: str) -> Claims:
-        return self._current().verify_any(token)
+        verifier = self._current()
+        claims = self._cache.get(token) if isinstance(token, str) else None
+        if claims is not None:
+            if self.source.reactor.seconds() < claims.expires_at + verifier.leeway:
+                self._cache.move_to_end(token)
+                return claims
+            del self._cache[token]
+        claims = verifier.verify_any(token)
+        if isinstance(token, str):
+            self._cache[token] = claims
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return claims
 
     def from_request(self, request: IRequest, type: str, name: str, action: str) -> Claims:
         """Verify the request's bearer token; :class:`CapabilityError` if absent or bad."""
