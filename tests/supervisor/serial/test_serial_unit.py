@@ -42,6 +42,17 @@ class FakePort:
         self.protocol.connectionLost(None)
 
 
+HARNESSES: list[Harness] = []
+
+
+@pytest.fixture(autouse=True)
+def _shut_down() -> Any:
+    """Shut every driver down after its test (jobs left running leave no files)."""
+    yield
+    while HARNESSES:
+        HARNESSES.pop().driver.shutdown()
+
+
 class Harness:
     def __init__(self, tmp_path: Path, **values: Any):
         self.clock = MemoryReactorClock()
@@ -54,6 +65,7 @@ class Harness:
         self.driver = SerialDriver(self.clock, settings, fetcher=self.fetcher,  # type: ignore
                                    open_port=self.open_port, commands=self.run_command)
         self.clock.advance(0)
+        HARNESSES.append(self)
 
     def open_port(self, protocol: Any, device: str, reactor: Any, **options: Any) -> FakePort:
         port = FakePort(protocol, self.clock)
