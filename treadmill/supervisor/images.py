@@ -43,6 +43,31 @@ Drivers end the job with ``failed("image_error", e.message)``.
 The reactor never hashes nor reads a big file: hashing, stat, reads of the
 mount and garbage collection run in threads; downloads stream through the
 registry client.
+
+**Cache leases.** A site image cache evicts least recently used blobs unless a
+lease protects them (``docs/imagestore.md``, "Leases"). With ``cache_url``
+(the cache's HTTP base URL; the cache whose root is ``cache_mount``) and a
+job image that has a name, :meth:`ImageFetcher.fetch` first takes a lease on
+the manifest digest (``POST /cache/leases`` with ``fetch: true`` and ``wait:
+lease_wait``), so a cache miss is pulled through by the cache and then read
+from the mount rather than downloaded from the stores. The request carries a
+pull token for the image's repository, obtained with the same registry token
+flow as the store downloads (host token as the Basic password, trusted realms
+only). The lease is renewed every ``lease_ttl/3`` seconds (reactor clock) while
+a :class:`FetchedImage` of it is held, and deleted on :meth:`~ImageFetcher.release`
+of the last one. Its id is ``<host key>-<manifest hex>``, the host key being
+the first 16 hex digits of the sha256 of the host token: stable across
+restarts (a restarted supervisor renews rather than duplicates), distinct per
+host, and revealing nothing of the token.
+
+A cache that cannot be reached, refuses, or cannot get the whole image in time
+is not an error: a warning is logged and the fetch goes on as without a lease
+(the mount for what is there, the stores for the rest); renewals keep trying,
+so the lease is taken as soon as the cache answers. On :meth:`~ImageFetcher.close`
+(the supervisor stops) renewals stop but leases are kept, since a job left
+running is adopted by the next start: :meth:`~ImageFetcher.pin` with the job's
+``image`` takes its lease again (same id: a renewal), and the matching
+:meth:`~ImageFetcher.release_digests` deletes it.
 """
 
 from __future__ import annotations
@@ -59,7 +84,8 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from twisted.internet.defer import DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -84,6 +110,9 @@ STORE_LAYOUT = 1
 READ_SIZE = 1024 * 1024
 MISMATCH_TRIES = 2  # downloads of one blob from one store while its digest does not match
 HOST_USER = "host"  # the Basic user name sent with the host token (the switchboard ignores it)
+LEASE_TTL = 600.0  # seconds a cache lease lasts unless renewed (renewed every third of it)
+LEASE_WAIT = 60.0  # seconds the first lease request lets the cache pull the image in
+MAX_LEASE_ANSWER = 1024 * 1024
 
 IMAGE_NOT_FOUND = "image_not_found"
 IMAGE_INVALID = "image_invalid"
@@ -113,6 +142,7 @@ class FetchedImage:
     manifest: bytes
     paths: Mapping[str, str]  # layer digest -> path
     sources: Mapping[str, str] = field(default_factory=dict)  # digest -> "cache", "local", URL
+    lease: str | None = None  # the id of the image cache lease held for it, if any
 
     def path(self, what: fmt.Descriptor | str) -> str:
         """The file of a layer (a descriptor of :attr:`image`, or a digest)."""
@@ -301,6 +331,62 @@ def _collect(root: str, limit: int, pinned: Callable[[str], bool], now: float) -
     return result
 
 
+# -- image cache leases --------------------------------------------------------------------
+
+
+class _CacheClient(RegistryClient):
+    """An image cache's lease API (``/cache/leases``), with the registry token flow.
+
+    A pull token for the lease's repository authorises it; the cache's
+    challenge also names the ``cache:leases:lease`` scope, which the
+    switchboard does not hand out (it refuses the whole request), so only the
+    repository's ``pull`` is asked for. Each request is tried once: the caller
+    falls back to the stores, and renewals come again.
+    """
+
+    async def _authenticate(self, repo: str, params: dict[str, str], url: str) -> None:
+        await super()._authenticate(repo, {**params, "scope": f"repository:{repo}:pull"}, url)
+
+    async def put_lease(self, repo: str, body: Mapping[str, Any], wait: float
+                        ) -> tuple[int, dict[str, Any]]:
+        """``POST /cache/leases``: ``(201 created or 200 renewed, the lease's status)``."""
+        url = f"{self.base_url}/cache/leases"
+        data = json.dumps(body).encode()
+        response = await self._request(
+            "POST", url, repo, headers={b"Content-Type": b"application/json"},
+            body=lambda: data, ok=(200, 201), timeout=wait + self.timeout)
+        raw = await self._read(response, url, MAX_LEASE_ANSWER)
+        try:
+            status = json.loads(raw)
+        except ValueError:
+            status = None
+        if not isinstance(status, dict):
+            raise RegistryError(response.code, "BAD_RESPONSE", f"{url}: not a lease", url)
+        return response.code, status
+
+    async def delete_lease(self, repo: str, lease_id: str) -> bool:
+        """``DELETE /cache/leases/<id>``; False if the cache did not have it (expired)."""
+        url = f"{self.base_url}/cache/leases/{lease_id}"
+        response = await self._request("DELETE", url, repo, ok=(204, 404))
+        await self._discard(response)
+        return response.code == 204
+
+
+@dataclass(eq=False)
+class _Lease:
+    """A cache lease this fetcher holds: one per manifest digest, counted."""
+
+    id: str
+    digest: str
+    repository: str
+    shown: str
+    holders: int = 0
+    held: bool = False  # the cache granted it at least once
+    dropped: bool = False
+    loop: LoopingCall | None = None
+    lock: DeferredLock = field(default_factory=DeferredLock)  # one request at a time
+
+
 # -- the fetcher ---------------------------------------------------------------------------
 
 
@@ -348,9 +434,11 @@ class ImageFetcher:
 
     ``token`` is the host token: offered (as the HTTP Basic password, user
     ``host``) only to token realms under one of ``trusted_realms`` — the
-    switchboard's URL. ``ca_file`` verifies ``https`` stores and realms.
-    Nothing is read, created or connected before the first :meth:`fetch`, so a
-    fleet of thousands of mock supervisors pays nothing for it.
+    switchboard's URL. ``ca_file`` verifies ``https`` stores, realms and the
+    cache. ``cache_url`` (with ``cache_mount``) turns on cache leases, lasting
+    ``lease_ttl`` seconds and renewed every third of that. Nothing is read,
+    created or connected before the first :meth:`fetch`, so a fleet of
+    thousands of mock supervisors pays nothing for it.
     """
 
     log = Logger()
@@ -359,9 +447,13 @@ class ImageFetcher:
                  token: str | None, ca_file: str | None = None,
                  trusted_realms: Sequence[str] = (), local_limit: int = DEFAULT_LOCAL_LIMIT,
                  retries: int = 4, backoff: float = 0.5, timeout: float = 60.0,
-                 name: str = "supervisor") -> None:
+                 name: str = "supervisor", cache_url: str | None = None,
+                 lease_ttl: float = LEASE_TTL, lease_wait: float = LEASE_WAIT) -> None:
         self.reactor = reactor
         self.cache_mount = cache_mount or None
+        self.cache_url = check_store_url(cache_url) if cache_url else None
+        self.lease_ttl = max(3.0, float(lease_ttl))
+        self.lease_wait = min(max(0.0, float(lease_wait)), 300.0)
         self.local_dir = local_dir
         self.local_limit = max(0, int(local_limit))
         self.ca_file = ca_file
@@ -374,12 +466,16 @@ class ImageFetcher:
         self._verified: dict[str, Identity] = {}
         self._pins: collections.Counter[str] = collections.Counter()
         self._lock = DeferredLock()  # layer fetching and local garbage collection
+        self._host_key = hashlib.sha256((token or name).encode()).hexdigest()[:16]
+        self._leases: dict[str, _Lease] = {}  # lease id -> lease
+        self._adopted: dict[frozenset[str], list[str]] = {}  # pinned digests -> lease ids
+        self._cache_client: _CacheClient | None = None
         self.fetches = 0
         self.downloaded_bytes = 0
 
     def __repr__(self) -> str:  # never show the token
         return (f"ImageFetcher(cache_mount={self.cache_mount!r}, local_dir={self.local_dir!r}, "
-                f"local_limit={self.local_limit})")
+                f"local_limit={self.local_limit}, cache_url={self.cache_url!r})")
 
     # -- public ----------------------------------------------------------------------------
 
@@ -407,7 +503,10 @@ class ImageFetcher:
         clients: dict[str, RegistryClient] = {}
         started = self.reactor.seconds()
         self.log.info("{who}: fetching {image}", who=self.name, image=shown)
+        lease = self._hold_lease(digest, name, shown)
         try:
+            if lease is not None:
+                await self._ensure_lease(lease, self.lease_wait)
             data, media_type, origin = await self._manifest(digest, repo, stores, clients,
                                                             attempt, shown)
             try:
@@ -429,13 +528,16 @@ class ImageFetcher:
                 paths, sources = await self._layers(layers, repo, stores, clients, shown,
                                                     no_stores)
             except BaseException:
-                self.release_digests(pinned)
+                self._unpin(pinned)
                 raise
+        except BaseException:
+            self._drop_lease(lease.id if lease is not None else None)
+            raise
         finally:
             for client in clients.values():
                 await client.close()
         fetched = FetchedImage(digest, name, parsed, data, MappingProxyType(paths),
-                               MappingProxyType(sources))
+                               MappingProxyType(sources), lease.id if lease is not None else None)
         self.log.info("{who}: fetched {image} in {seconds:.2f} s ({layers} layers: {sources})",
                       who=self.name, image=shown, layers=len(paths),
                       seconds=self.reactor.seconds() - started,
@@ -447,20 +549,68 @@ class ImageFetcher:
             raise
         return fetched
 
-    def pin(self, digests: Iterable[str]) -> None:
-        """Keep these local blobs from garbage collection (e.g. a re-adopted job's)."""
-        self._pins.update(set(digests))
+    def pin(self, digests: Iterable[str], image: Mapping[str, Any] | None = None) -> None:
+        """Keep these local blobs from garbage collection (e.g. a re-adopted job's).
+
+        With the job's ``image`` (``{digest, name, ...}``) and cache leases on,
+        also take its cache lease again (in the background: the same id, so a
+        renewal), until :meth:`release_digests` of the same digests.
+        """
+        pinned = frozenset(digests)
+        self._pins.update(pinned)
+        if image is None or not fmt.is_digest(image.get("digest")):
+            return
+        digest, name = str(image["digest"]), image.get("name")
+        lease = self._hold_lease(digest, name, f"image {name} ({digest})")
+        if lease is not None:
+            self._adopted.setdefault(pinned, []).append(lease.id)
+            Deferred.fromCoroutine(self._ensure_lease(lease, 0.0)).addErrback(
+                lambda f: self.log.failure("{who}: lease {id}", f, who=self.name, id=lease.id))
 
     def release_digests(self, digests: Iterable[str]) -> None:
+        """Undo :meth:`pin` (and drop the lease it took, if any)."""
+        pinned = frozenset(digests)
+        self._unpin(pinned)
+        leases = self._adopted.get(pinned)
+        if leases:
+            self._drop_lease(leases.pop())
+            if not leases:
+                del self._adopted[pinned]
+
+    def _unpin(self, digests: Iterable[str]) -> None:
         for digest in set(digests):
             self._pins[digest] -= 1
             if self._pins[digest] <= 0:
                 del self._pins[digest]
 
     def release(self, fetched: FetchedImage | None) -> None:
-        """The job using ``fetched`` ended: its blobs may be collected again."""
+        """The job using ``fetched`` ended: its blobs may be collected again, its cache
+        lease is deleted (unless another job holds it)."""
         if fetched is not None:
-            self.release_digests([fetched.digest, *fetched.paths])
+            self._unpin([fetched.digest, *fetched.paths])
+            self._drop_lease(fetched.lease)
+
+    def lease_id(self, digest: str) -> str:
+        """This host's cache lease id for a manifest digest (see the module docstring)."""
+        return f"{self._host_key}-{digest.split(':', 1)[1]}"
+
+    @property
+    def leases(self) -> dict[str, int]:
+        """The cache leases held now: id -> number of holders (for the manhole, tests)."""
+        return {lease_id: lease.holders for lease_id, lease in self._leases.items()}
+
+    async def close(self) -> None:
+        """The supervisor stops: stop renewing cache leases, but keep them (a job left
+        running is adopted by the next start); later releases delete nothing."""
+        for lease in self._leases.values():
+            lease.dropped = True
+            if lease.loop is not None and lease.loop.running:
+                lease.loop.stop()
+        self._leases.clear()
+        self._adopted.clear()
+        if self._cache_client is not None:
+            client, self._cache_client = self._cache_client, None
+            await client.close()
 
     def pinned(self, digest: str) -> bool:
         return self._pins.get(digest, 0) > 0
@@ -489,6 +639,129 @@ class ImageFetcher:
                           "images.local_limit ({limit})", who=self.name, dir=self.local_dir,
                           total=result.total, limit=self.local_limit)
         return result
+
+    # -- cache leases ------------------------------------------------------------------------
+
+    def _hold_lease(self, digest: str, name: Any, shown: str) -> _Lease | None:
+        """Count one more holder of the image's lease (None when leases are off, or
+        the image has no name: a lease is authorised by its repository)."""
+        if not (self.cache_url and self.cache_mount and name):
+            return None
+        try:
+            repository = repository_of(str(name))
+        except ValueError:
+            return None
+        lease_id = self.lease_id(digest)
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            lease = self._leases[lease_id] = _Lease(lease_id, digest, repository, shown)
+        lease.holders += 1
+        return lease
+
+    async def _ensure_lease(self, lease: _Lease, wait: float) -> None:
+        """Take the lease (once per holding), then renew it every ttl/3."""
+        await lease.lock.acquire()
+        try:
+            if lease.loop is None and not lease.dropped:
+                await self._put_lease(lease, wait, renewal=False)
+                if lease.dropped:  # released (or the fetcher closed) meanwhile
+                    return
+                lease.loop = LoopingCall(self._renew_lease, lease)
+                lease.loop.clock = self.reactor
+                lease.loop.start(self.lease_ttl / 3, now=False).addErrback(
+                    lambda f: self.log.failure("{who}: renewing lease {id}", f, who=self.name,
+                                               id=lease.id))
+        finally:
+            lease.lock.release()
+
+    def _cache(self) -> _CacheClient:
+        if self._cache_client is None:
+            assert self.cache_url is not None
+            url = self.cache_url
+            self._cache_client = _CacheClient(
+                self.reactor, url, ca_file=self.ca_file,
+                credentials=(HOST_USER, self._token) if self._token else None,
+                trusted_realms=self.trusted_realms, retries=1, backoff=self.backoff,
+                timeout=min(self.timeout, 15.0))
+        return self._cache_client
+
+    async def _put_lease(self, lease: _Lease, wait: float, renewal: bool) -> None:
+        """``POST /cache/leases``; failures are logged, never raised."""
+        body = {"lease": lease.id, "holder": f"{self.name} (host {self._host_key})",
+                "digests": [lease.digest], "repository": lease.repository,
+                "ttl": self.lease_ttl, "fetch": not renewal, "wait": wait}
+        try:
+            code, status = await self._cache().put_lease(lease.repository, body, wait)
+        except RegistryError as e:
+            then = (f"trying again in {self.lease_ttl / 3:g} s" if renewal else
+                    "the cache may evict its blobs while the job runs; reading the mount for "
+                    "what is there, the job's stores for the rest")
+            self.log.warn("{who}: {shown}: cannot {what} lease {id} on the image cache {url}: "
+                          "{error}; {then}", who=self.name, shown=lease.shown,
+                          what="renew" if renewal else "take", id=lease.id, url=self.cache_url,
+                          error=e.message, then=then)
+            return
+        state, missing = status.get("state"), status.get("missing") or []
+        if (renewal and code == 201) or not lease.held:
+            self.log.info("{who}: {shown}: leased on the image cache {url} as {id} "
+                          "({state})", who=self.name, shown=lease.shown, url=self.cache_url,
+                          id=lease.id, state=state)
+        lease.held = True
+        if not renewal and state != "ready":
+            self.log.warn(
+                "{who}: {shown}: the image cache {url} lacks {count} of its blobs ({state}"
+                "{error}); they come from the job's stores", who=self.name, shown=lease.shown,
+                url=self.cache_url, count=len(missing), state=state,
+                error=f": {status['error']}" if status.get("error") else "")
+
+    def _renew_lease(self, lease: _Lease) -> Deferred[None]:
+        async def renew() -> None:
+            await lease.lock.acquire()
+            try:
+                if not lease.dropped:
+                    await self._put_lease(lease, 0.0, renewal=True)
+            finally:
+                lease.lock.release()
+
+        d = Deferred.fromCoroutine(renew())
+        d.addErrback(lambda f: self.log.failure("{who}: renewing lease {id}", f,
+                                                who=self.name, id=lease.id))
+        return d
+
+    def _drop_lease(self, lease_id: str | None) -> None:
+        """One holder fewer; the last one deletes the lease on the cache (in the background)."""
+        lease = self._leases.get(lease_id) if lease_id is not None else None
+        if lease is None:
+            return
+        lease.holders -= 1
+        if lease.holders > 0:
+            return
+        del self._leases[lease.id]
+        lease.dropped = True
+        if lease.loop is not None and lease.loop.running:
+            lease.loop.stop()
+
+        async def delete() -> None:
+            await lease.lock.acquire()  # after a request in flight
+            try:
+                if not lease.held:
+                    return
+                try:
+                    await self._cache().delete_lease(lease.repository, lease.id)
+                except RegistryError as e:
+                    self.log.warn("{who}: cannot delete lease {id} on the image cache {url}: "
+                                  "{error}; it expires within {ttl:g} s", who=self.name,
+                                  id=lease.id, url=self.cache_url, error=e.message,
+                                  ttl=self.lease_ttl)
+                    return
+                self.log.info("{who}: {shown}: lease {id} released", who=self.name,
+                              shown=lease.shown, id=lease.id)
+            finally:
+                lease.lock.release()
+
+        Deferred.fromCoroutine(delete()).addErrback(
+            lambda f: self.log.failure("{who}: deleting lease {id}", f, who=self.name,
+                                       id=lease.id))
 
     # -- plumbing --------------------------------------------------------------------------
 

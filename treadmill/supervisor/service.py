@@ -65,6 +65,7 @@ class SupervisorConfig:
     mock: MockSettings = field(default_factory=MockSettings)
     log_spool_limit: int = 64 * 1024 * 1024  # bytes of unshipped log output per job
     images_cache_mount: str | None = None  # read-only root of a site image cache
+    images_cache_url: str | None = None  # that cache's HTTP(S) base URL: leases
     images_dir: str | None = None  # default: <state_dir>/images
     images_local_limit: int = DEFAULT_LOCAL_LIMIT  # bytes kept in images_dir
     images_trusted_realms: list[str] = field(default_factory=list)  # default: the switchboard
@@ -75,7 +76,7 @@ class SupervisorConfig:
     def image_fetcher(self, reactor: Any) -> ImageFetcher:
         """The :class:`ImageFetcher` these settings describe (cheap: no I/O until used)."""
         return ImageFetcher(
-            reactor, cache_mount=self.images_cache_mount,
+            reactor, cache_mount=self.images_cache_mount, cache_url=self.images_cache_url,
             local_dir=self.images_dir or os.path.join(self.state_dir, "images"),
             token=self.token, ca_file=self.images_ca_file or self.ca_file,
             trusted_realms=self.images_trusted_realms or [http_url_for(self.url)],
@@ -192,6 +193,7 @@ class SupervisorService(MultiService):
                               "they are journaled and will be sent after the restart",
                               name=self.config.name, count=len(self.runner.pending_events))
         await super().stopService()  # the link closes with 4005 (going away)
+        await self.fetcher.close()  # keep cache leases: a running job is adopted later
         await self.runner.close()
         await self.exposure.stop()
         await self.logs.stop()

@@ -20,6 +20,7 @@ from treadmill.common.config import (
     positive,
 )
 from treadmill.common.daemon import add_operator_services
+from treadmill.images.registry import check_store_url
 from treadmill.supervisor.drivers import DRIVER_MODULES, driver_module
 from treadmill.supervisor.drivers.mock import MockSettings
 from treadmill.supervisor.images import DEFAULT_LOCAL_LIMIT
@@ -49,6 +50,14 @@ def _absolute_path(value: Any) -> str:
     if not os.path.isabs(path):
         raise ValueError(f"expected an absolute path, got {path!r}")
     return path
+
+
+def _http_url(value: Any) -> str:
+    url = STR(value)
+    try:
+        return check_store_url(url)
+    except ValueError:
+        raise ValueError(f"expected an http:// or https:// base URL, got {url!r}") from None
 
 
 def _http_urls(value: Any) -> list[str]:
@@ -92,6 +101,10 @@ class Options(RoleOptions):
         Setting("images.cache_mount", _absolute_path, None,
                 "Root of a site image cache's directory, mounted read-only (e.g. over NFS); "
                 "layers found there are used in place. Unset: fetch from the job's stores."),
+        Setting("images.cache_url", _http_url, None,
+                "HTTP(S) base URL of the image cache whose root is images.cache_mount: the "
+                "supervisor leases each job's image there, so it is pulled in and never "
+                "evicted while the job runs. Unset: no leases."),
         Setting("images.dir", _absolute_path, None,
                 "Where downloaded image blobs are kept (default: STATE_DIR/images)."),
         Setting("images.local_limit", _non_negative_int, DEFAULT_LOCAL_LIMIT,
@@ -117,6 +130,9 @@ class Options(RoleOptions):
                               key="switchboard.token", source=source)
         if token_file:
             values["switchboard.token"] = read_token(token_file, source)
+        if values["images.cache_url"] and not values["images.cache_mount"]:
+            raise ConfigError("images.cache_url needs images.cache_mount (the cache's root, "
+                              "mounted read-only)", key="images.cache_url", source=source)
         if values["reconnect.initial"] > values["reconnect.max"]:
             raise ConfigError(f"reconnect.initial ({values['reconnect.initial']:g}) exceeds "
                               f"reconnect.max ({values['reconnect.max']:g})",
@@ -158,7 +174,8 @@ def config_from(values: dict[str, Any]) -> SupervisorConfig:
         console_buffer=values["console.buffer"],
         log_spool_limit=values["logs.spool_limit"],
         flush_timeout=values["shutdown.flush_timeout"],
-        images_cache_mount=values["images.cache_mount"], images_dir=values["images.dir"],
+        images_cache_mount=values["images.cache_mount"],
+        images_cache_url=values["images.cache_url"], images_dir=values["images.dir"],
         images_local_limit=values["images.local_limit"],
         images_trusted_realms=list(values["images.trusted_realms"]),
         images_ca_file=values["images.ca_file"],
