@@ -54,6 +54,7 @@ async def test_devstack_runs_a_first_job(tmp_path: Path) -> None:
                            env)
         assert status == 0 and '"state":"terminated"' in out.getvalue(), err.getvalue()
         await reach_the_mock_echo_through_the_proxy(env)
+        await run_the_demo_image(env)
     finally:
         subprocess.run([sys.executable, "-m", "treadmill.dev.devstack", "stop", "--state",
                         str(state), "--port", port], capture_output=True, timeout=120,
@@ -125,3 +126,27 @@ async def eventually_async(check: Any, timeout: float) -> None:
     while not await check():
         assert reactor.seconds() < deadline, "condition not met in time"
         await deferLater(reactor, 0.2, lambda: None)
+
+
+async def run_the_demo_image(env: dict[str, str]) -> None:
+    """The devstack's demo image: the mock host really fetches it, the QEMU host boots it."""
+    if not (shutil.which("qemu-img") and shutil.which("busybox")):
+        return  # the devstack said it has no demo image
+    images = await tml_json(["image", "ls"], env)
+    assert any(i["name"] == "demo" for i in images["images"]), images
+    argv = ["job", "submit", "demo", "--tag", "mock", "--follow", "--param",
+            "mock.run_time=0.1"]
+    out, err = io.StringIO(), io.StringIO()
+    assert await tml(reactor, argv, out, err, env) == 0, out.getvalue() + err.getvalue()
+    job_id = out.getvalue().splitlines()[0].strip()
+    events = await tml_json(["job", "events", job_id], env)
+    assert "fetching_image" in [e.get("stage") for e in events["events"]], events
+    if not shutil.which("qemu-system-x86_64"):
+        return
+    argv = ["job", "submit", "demo", "--tag", "qemu", "--follow", "--param", "exit_status=3",
+            "--param", "message=from the guest"]
+    out, err = io.StringIO(), io.StringIO()
+    status = await tml(reactor, argv, out, err, env)
+    text = out.getvalue() + err.getvalue()
+    assert "workload_exited, exit status 3" in text, text
+    assert status == 4, text  # tml: the workload failed

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,6 +74,9 @@ class Devstack:
         self.logs = self.state / "logs"
         self.run = self.state / "run"
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        # QEMU's UNIX sockets need short paths: its work directory is not in the state.
+        self.qemu_work = Path(f"/tmp/treadmill-devstack-{port}-qemu")
+        self.demo: str | None = None  # the demo image's digest, once pushed
 
     # -- processes ------------------------------------------------------------
 
@@ -145,7 +149,13 @@ class Devstack:
                 Role("proxy", "treadmill-proxy", self.state / "proxy.toml",
                      f"http://127.0.0.1:{self.port + 3}/healthz"),
                 Role("supervisor-mock-1", "treadmill-supervisor",
-                     self.state / "supervisor-mock-1.toml")]
+                     self.state / "supervisor-mock-1.toml"),
+                *([Role("supervisor-qemu-1", "treadmill-supervisor",
+                        self.state / "supervisor-qemu-1.toml")] if self.has_qemu() else [])]
+
+    @staticmethod
+    def has_qemu() -> bool:
+        return bool(shutil.which("qemu-system-x86_64") and shutil.which("qemu-img"))
 
     def _api(self, method: str, path: str, token: str, body: object = None
              ) -> tuple[int, object]:
@@ -159,13 +169,11 @@ class Devstack:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null")
 
-    def mock_host(self, admin: str) -> None:
-        """Register the mock host (once) and write its supervisor's configuration."""
-        name = "mock-1"
+    def host(self, admin: str, name: str, tags: list[str], description: str) -> Path:
+        """Register a host (once) that every user may start jobs on; its token file."""
         token_file = self.state / f"{name}.token"
         status, body = self._api("POST", "/api/v1/hosts", admin,
-                                 {"name": name, "tags": ["mock"],
-                                  "description": "devstack mock host"})
+                                 {"name": name, "tags": tags, "description": description})
         if status == 201:
             self._api("POST", f"/api/v1/hosts/{name}/grants", admin,
                       {"user": "*", "privilege": "start"})
@@ -176,6 +184,12 @@ class Devstack:
         if isinstance(body, dict) and "token" in body:
             token_file.write_text(body["token"] + "\n")
             token_file.chmod(0o600)
+        return token_file
+
+    def mock_host(self, admin: str) -> None:
+        """Register the mock host and write its supervisor's configuration."""
+        name = "mock-1"
+        token_file = self.host(admin, name, ["mock"], "devstack mock host")
         (self.state / f"supervisor-{name}.toml").write_text(
             "# Written by tools/devstack; edits are overwritten.\n"
             f"state_dir = {json.dumps(str(self.state / 'supervisors' / name))}\n"
@@ -187,6 +201,52 @@ class Devstack:
             "[mock]\nrun_time = 5.0\nconsole_rate = 200\n"
             "[mock.stages]\nstarting = 0.3\nfetching_image = 1.0\nallocating = 0.3\n"
             "provisioning = 0.5\nbooting = 1.0\n")
+
+    def qemu_host(self, admin: str) -> None:
+        """Register the QEMU host and write its supervisor's configuration."""
+        name = "qemu-1"
+        token_file = self.host(admin, name, ["qemu"], "devstack QEMU host")
+        self.qemu_work.mkdir(mode=0o700, exist_ok=True)
+        (self.state / f"supervisor-{name}.toml").write_text(
+            "# Written by tools/devstack; edits are overwritten.\n"
+            f"state_dir = {json.dumps(str(self.state / 'supervisors' / name))}\n"
+            'driver = "qemu"\n'
+            "[switchboard]\n"
+            f'url = "ws://127.0.0.1:{self.port}"\n'
+            f"token_file = {json.dumps(str(token_file))}\n"
+            "[reconnect]\ninitial = 0.5\nmax = 10.0\n"
+            "[qemu]\n"
+            f"work_dir = {json.dumps(str(self.qemu_work))}\n"
+            'accel = "auto"\nprobe_timeout = 10.0\nmemory = 256\n'
+            "shutdown_timeout = 10.0\n")
+
+    def demo_image(self) -> None:
+        """Build the demo image (tools/build-test-image) and push it to the store, once."""
+        tool = Path(__file__).resolve().parents[2] / "tools" / "build-test-image"
+        if not (tool.exists() and shutil.which("qemu-img") and shutil.which("busybox")):
+            _say("no demo image: tools/build-test-image, qemu-img or busybox is missing "
+                 "(tools/setup-env installs them)")
+            return
+        cache = self.state / "test-image"
+        built = subprocess.run([sys.executable, str(tool), "--cache", str(cache), "--json"],
+                               capture_output=True, text=True, check=False)
+        if built.returncode != 0:
+            _say(f"no demo image: tools/build-test-image failed: {built.stderr.strip()[-500:]}")
+            return
+        digest = json.loads(built.stdout)["digest"]
+        token = (self.state / "admin-token").read_text().strip()
+        status, body = self._api("GET", "/api/v1/images/demo", token)
+        if status != 200 or not isinstance(body, dict) or body.get("digest") != digest:
+            _say("pushing the demo image")
+            env = {**os.environ, "TREADMILL_CONFIG": str(self.state / "tml.toml")}
+            pushed = subprocess.run(
+                [sys.executable, str(tool), "--cache", str(cache), "--push", "demo",
+                 "--store", self.store_url], capture_output=True, text=True, env=env,
+                check=False)
+            if pushed.returncode != 0:
+                _say(f"could not push the demo image: {pushed.stderr.strip()[-500:]}")
+                return
+        self.demo = digest
 
     def prepare(self) -> None:
         for path in (self.state, self.logs, self.run):
@@ -284,15 +344,22 @@ class Devstack:
         self.start_role(switchboard)
         token = self.admin_token()
         self.mock_host(token)
+        if self.has_qemu():
+            self.qemu_host(token)
+        else:
+            _say("qemu-system-x86_64 is not installed: no QEMU host (tools/setup-env "
+                 "installs it)")
         for role in others:
             self.start_role(role)
         cli = self.write_cli_config(token)
+        self.demo_image()
         self.banner(cli)
         return cli
 
     def down(self) -> None:
         for role in reversed(self.roles()):
             self.stop_role(role)
+        shutil.rmtree(self.qemu_work, ignore_errors=True)
         try:
             self.cluster.stop()
             _say("PostgreSQL stopped")
@@ -325,12 +392,26 @@ Use it from another shell:
   tml job show JOB_ID               # endpoint: echo 127.0.0.1:PORT ws://… (the mock's echo)
   tml job connect JOB_ID echo --local-port 7007    # then: socat - TCP:127.0.0.1:7007
   tml job cancel JOB_ID
-
+{self._demo_text()}
   tml admin user add alice --password-stdin <<< 'correct horse battery'
   tml admin token create --user alice --label laptop
   tml admin host add board-1 --tag arch=arm64
   tml image push demo --store {self.store_url} --qcow2 disk.qcow2
 """, flush=True)
+
+
+    def _demo_text(self) -> str:
+        if self.demo is None:
+            return ""
+        text = """
+  tml image ls                      # demo: a tiny busybox VM (tools/build-test-image)
+  tml job submit demo --tag mock --follow          # the mock host really fetches it
+"""
+        if self.has_qemu():
+            text += """  tml job submit demo --tag qemu --param exit_status=3 --follow   # boots it
+  tml job submit demo --tag qemu --param hang=1    # then: tml job connect JOB_ID console
+"""
+        return text
 
 
 def main(argv: list[str] | None = None) -> int:

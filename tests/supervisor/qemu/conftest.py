@@ -84,7 +84,7 @@ class FakeFetcher:
         if fetched is not None:
             self.released += 1
 
-    def pin(self, digests: Any) -> None:
+    def pin(self, digests: Any, image: Any = None) -> None:
         self.pinned.extend(digests)
 
     def release_digests(self, digests: Any) -> None:

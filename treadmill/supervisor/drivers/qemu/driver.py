@@ -564,7 +564,8 @@ class _Run(AgentHandler):
         self.ready_reported = True  # the runner knows whether it was; never report again
         self.pinned = [str(d) for d in state.get("layers") or []]
         if self.driver.fetcher is not None and self.pinned:
-            self.driver.fetcher.pin(self.pinned)
+            # With the job's image, the fetcher renews its cache lease too.
+            self.driver.fetcher.pin(self.pinned, image=self.job.get("image"))
         self._watch = LoopingCall(self._check_pid)
         self._watch.clock = self.reactor
         self._watch.start(1.0, now=False)
