@@ -39,8 +39,9 @@ if TYPE_CHECKING:
     from treadmill.supervisor.images import ImageFetcher
     from treadmill.supervisor.service import SupervisorConfig
 
-__all__ = ["DRIVER_MODULES", "REASONS", "STAGES", "IHostDriver", "IJobReporter", "StartRefused",
-           "driver_module", "make_driver"]
+__all__ = ["DRIVER_MODULES", "REASONS", "SNAPSHOT_ERRORS", "STAGES", "IHostDriver",
+           "IHostSnapshots", "IJobReporter", "SnapshotError", "StartRefused", "driver_module",
+           "make_driver"]
 
 # The stages of ``initializing``, in order (docs/jobs.md).
 STAGES = ("starting", "fetching_image", "allocating", "provisioning", "booting")
@@ -139,6 +140,30 @@ DRIVER_MODULES = {
 config settings, a tuple of :class:`~treadmill.common.config.Setting`) and
 ``make_driver(config, reactor, fetcher)``; it reads its settings from
 ``config.driver_values`` (every parsed ``NAME.*`` value, keyed as in the file)."""
+
+
+SNAPSHOT_ERRORS = ("not_supported", "unknown_job", "failed")
+
+
+class SnapshotError(Exception):
+    """A snapshot could not be made: ``code`` is one of ``SNAPSHOT_ERRORS``."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code if code in SNAPSHOT_ERRORS else "failed"
+        self.message = message
+
+
+class IHostSnapshots(Interface):
+    """Optional: a driver that can turn an ended job's disk into a new image."""
+
+    def snapshot(job_id: str, repository: str, store: str) -> Any:
+        """Upload the disk that job ``job_id`` left behind as a new image in
+        ``repository`` on the image store ``store`` (its base URL), on top of the
+        job's own image; returns a Deferred firing with the new manifest's digest,
+        or failing with :class:`SnapshotError` (``unknown_job``: the disk is no
+        longer kept; ``failed``: the upload or the build failed). Calling it again
+        for the same job and repository while an upload runs joins that upload."""
 
 
 def driver_module(name: str) -> Any:
