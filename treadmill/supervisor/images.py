@@ -590,6 +590,12 @@ class ImageFetcher:
             self._unpin([fetched.digest, *fetched.paths])
             self._drop_lease(fetched.lease)
 
+    def registry_client(self, store: str) -> RegistryClient:
+        """A new client for the image store ``store`` (e.g. to push a snapshot), with
+        the host token flow towards trusted realms only; the caller closes it.
+        Raises ``ValueError`` for a malformed store URL."""
+        return self._client(check_store_url(store), {})
+
     def lease_id(self, digest: str) -> str:
         """This host's cache lease id for a manifest digest (see the module docstring)."""
         return f"{self._host_key}-{digest.split(':', 1)[1]}"

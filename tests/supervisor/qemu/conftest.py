@@ -158,12 +158,14 @@ class Recorder:
 
 @pytest.fixture
 def work_dir() -> Iterator[str]:
-    """A short directory for job work dirs (UNIX socket paths are short)."""
+    """A short directory for job work dirs (UNIX socket paths are short); the kept
+    disks go beside it (``WORK_DIR-kept``)."""
     path = tempfile.mkdtemp(prefix="tq-", dir="/tmp")
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path + "-kept", ignore_errors=True)  # the default qemu.kept_dir
 
 
 def qemu_processes(marker: str) -> list[int]:

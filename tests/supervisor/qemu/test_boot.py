@@ -2,7 +2,8 @@
 
 Each test boots tools/build-test-image's image (a busybox /init speaking the
 agent channel) with real QEMU, and checks that the job ends as it should and
-that nothing is left behind: no QEMU process, no socket, no overlay.
+that nothing is left behind: no QEMU process, no socket, nothing in the work
+directory; only the overlay, moved to the kept directory for snapshots.
 """
 
 from __future__ import annotations
@@ -59,10 +60,20 @@ async def start(test_image: BuiltImage, work_dir: str, job_start: dict[str, Any]
     return driver, reporter, fetcher
 
 
-def assert_clean(work_dir: str, job_id: str, fetcher: FakeFetcher) -> None:
+def assert_clean(work_dir: str, job_id: str, fetcher: FakeFetcher, kept: bool = True) -> None:
+    """No QEMU, nothing in the work directory; the job's disk (only) is kept, its image's
+    blobs pinned while it is."""
     assert qemu_processes(f"treadmill-{job_id}") == []
     assert os.listdir(work_dir) == []  # no overlay, socket or log
     assert fetcher.released == fetcher.fetched
+    kept_dir = work_dir + "-kept"
+    if kept:
+        assert sorted(os.listdir(kept_dir)) == [f"{job_id}.json", f"{job_id}.qcow2"]
+        assert fetcher.image is not None
+        assert sorted(fetcher.pinned) == sorted({fetcher.image.digest,
+                                                 *fetcher.image.fetched().paths})
+    else:
+        assert not os.path.exists(kept_dir) or os.listdir(kept_dir) == []
 
 
 class Banner(Protocol):
@@ -211,3 +222,4 @@ async def test_an_image_that_cannot_be_fetched_is_image_error(work_dir: str) -> 
     await driver.start(job(), reporter)
     assert (await within(reporter.ended, 10)) == ("failed", ("image_error", "no store has it"))
     assert os.listdir(work_dir) == []
+    assert not os.path.exists(work_dir + "-kept")  # no overlay was made: nothing to keep

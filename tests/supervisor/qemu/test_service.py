@@ -81,8 +81,8 @@ async def bed(database: str, tmp_path: Path, test_image: BuiltImage
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_qemu_job_runs_through_the_switchboard(bed: Any, test_image: BuiltImage
-                                                       ) -> None:
+async def test_a_qemu_job_runs_through_the_switchboard(bed: Any, test_image: BuiltImage,
+                                                       tmp_path: Path) -> None:
     sb, store_url, work_dir = bed
     await push(sb, store_url, test_image, "demo/tiny-vm")
     r = await sb.admin.post("/api/v1/jobs", {
@@ -105,3 +105,6 @@ async def test_a_qemu_job_runs_through_the_switchboard(bed: Any, test_image: Bui
     assert "ready" in [e.get("state") for e in events]
     assert qemu_processes(f"treadmill-{job_id}") == []
     assert os.listdir(work_dir) == []
+    # Only the job's disk is left, for snapshots (qemu.kept_dir = STATE_DIR/qemu-kept).
+    kept = tmp_path / "vm-1" / "qemu-kept"
+    assert sorted(os.listdir(kept)) == [f"{job_id}.json", f"{job_id}.qcow2"]

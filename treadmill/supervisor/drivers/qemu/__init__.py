@@ -21,9 +21,12 @@ The agent's ``exit`` ends the job (``workload_exited``) after the VM is shut
 down; QEMU ending on its own first is ``host_dropped_job`` (before the guest
 ran: ``host_start_failure``), with the tail of QEMU's output. A stop powers
 the guest off (``system_powerdown``; ``quit`` after ``qemu.shutdown_timeout``;
-SIGKILL after ``qemu.quit_timeout``). Every end removes the work directory
-(overlay, sockets, log) and leaves no QEMU process. ``shutdown()`` leaves the
-VM running; ``adopt()`` re-attaches to it after a restart.
+SIGKILL after ``qemu.quit_timeout``). Every end leaves no QEMU process and
+removes the work directory (sockets, log), after moving the overlay to
+``qemu.kept_dir`` for snapshots (``snapshot.py``: the last ``qemu.keep_disks``
+disks, for ``qemu.keep_time`` seconds). ``snapshot()`` (``IHostSnapshots``)
+pushes a kept disk as a new image. ``shutdown()`` leaves the VM running;
+``adopt()`` re-attaches to it after a restart.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ from treadmill.images import format as fmt
 from treadmill.protocol.agent import VIRTIO_PORT
 from treadmill.supervisor.drivers.qemu.settings import QemuSettings, expand_args
 
-__all__ = ["MAX_SOCKET_PATH", "Paths", "blockdev_chain", "overlay_command", "qemu_command"]
+__all__ = ["MAX_SOCKET_PATH", "Paths", "blockdev_chain", "overlay_command", "qemu_command",
+           "rebase_command"]
 
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the NUL
 NETDEV = "net0"
@@ -95,6 +96,13 @@ def overlay_command(settings: QemuSettings, top: str, overlay: str, size: int) -
     """
     return [settings.img_binary, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-u",
             "-b", top, overlay, str(size)]
+
+
+def rebase_command(settings: QemuSettings, path: str, backing: str) -> list[str]:
+    """``qemu-img rebase -u`` of ``path``'s backing-file field to ``backing`` (a neutral
+    name: no supervisor path leaks into a snapshot; the chain is the manifest's)."""
+    return [settings.img_binary, "rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2",
+            "-b", backing, path]
 
 
 def qemu_command(settings: QemuSettings, *, job_id: str, image: fmt.TreadmillImage,

@@ -15,22 +15,28 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from treadmill.protocol.agent import AgentHandler, AgentProtocol
 from treadmill.supervisor.console import ConsoleBridge
-from treadmill.supervisor.drivers import IHostDriver, IJobReporter, StartRefused
+from treadmill.supervisor.drivers import (
+    IHostDriver,
+    IHostSnapshots,
+    IJobReporter,
+    SnapshotError,
+    StartRefused,
+)
 from treadmill.supervisor.drivers.qemu.accel import AccelChooser
 from treadmill.supervisor.drivers.qemu.command import Paths, overlay_command, qemu_command
+from treadmill.supervisor.drivers.qemu.process import LOG_TAIL, ToolError, run_tool
 from treadmill.supervisor.drivers.qemu.qmp import QMPClient, QMPError
+from treadmill.supervisor.drivers.qemu.snapshot import KeptDisks, disk_info
 from treadmill.supervisor.images import FetchedImage, ImageFetcher, ImageFetchError
 
 __all__ = ["QemuDriver", "StartFailure"]
 
-LOG_TAIL = 2000  # bytes of QEMU's output quoted in a failure message
 CONNECT_RETRY = 0.05
 KILL_WAIT = 10.0
 RESERVED_SERVICES = ("ssh", "console")
@@ -115,6 +121,7 @@ class _Run(AgentHandler):
         self.reporter = reporter
         self.paths = Paths(os.path.join(self.settings.work_dir, self.job_id))
         self.fetched: FetchedImage | None = None
+        self.disk: dict[str, Any] | None = None  # what a snapshot of the disk needs
         self.pinned: list[str] = []
         self.pid: int | None = None
         self.process: Any = None
@@ -164,6 +171,8 @@ class _Run(AgentHandler):
             return
         self._check()
         image = self.fetched.image
+        if image.kind == "qemu":
+            self.disk = disk_info(self.job, self.fetched)
         if image.kind != "qemu" or (not image.qcow2 and image.kernel is None):
             self._end_now(("failed", "image_error",
                            f"qemu: image {self.fetched.digest} is not a bootable QEMU image "
@@ -223,14 +232,9 @@ class _Run(AgentHandler):
 
     async def _run_tool(self, args: list[str], what: str) -> str:
         try:
-            out, err, code = await getProcessOutputAndValue(
-                args[0], args[1:], env=dict(os.environ), reactor=self.reactor)
-        except Exception as e:  # a signal
-            raise StartFailure(f"qemu: {what}: {args[0]} failed: {e!r}") from None
-        if code != 0:
-            message = (err or out).decode("utf-8", "replace").strip()[-LOG_TAIL:]
-            raise StartFailure(f"qemu: {what}: {args[0]} exited with {code}: {message}")
-        return out.decode("utf-8", "replace")
+            return await run_tool(self.reactor, args, what)
+        except ToolError as e:
+            raise StartFailure(str(e)) from None
 
     def _spawn(self, args: list[str]) -> None:
         log_fd = os.open(self.paths.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -460,7 +464,8 @@ class _Run(AgentHandler):
             lambda f: self.log.failure("qemu: job {job}: teardown failed", f, job=self.job_id))
 
     async def _finish(self, graceful: bool, with_log: bool) -> None:
-        """Power the VM off, remove every trace of the job, then report its end."""
+        """Power the VM off, keep its disk (``snapshot.py``), remove every other trace of
+        the job, then report its end."""
         self._cancel_boot_timer()
         await self._power_off(graceful and self.running)
         tail = read_tail(self.paths.log) if with_log else ""
@@ -470,6 +475,11 @@ class _Run(AgentHandler):
         if self.bridge is not None:
             bridge, self.bridge = self.bridge, None
             await bridge.close()
+        if not self.alive and self.disk is not None:  # QEMU is gone: keep its disk
+            try:
+                await self.driver.kept.keep(self.job_id, self.paths.overlay, self.disk)
+            except Exception:
+                self.log.failure("qemu: job {job}: cannot keep its disk", job=self.job_id)
         await self.driver.in_thread(shutil.rmtree, self.paths.work_dir, True)
         self.release()
         if self.driver.run is self:
@@ -552,7 +562,7 @@ class _Run(AgentHandler):
         assert self.fetched is not None
         return {"job": self.job_id, "pid": self.pid, "ssh_port": self.ssh_port,
                 "ready": self.settings.ready, "layers": list(self.fetched.layers),
-                "forwards": {str(k): v for k, v in self.forwards.items()}}
+                "forwards": {str(k): v for k, v in self.forwards.items()}, "disk": self.disk}
 
     def adopt(self, state: dict[str, Any]) -> None:
         """Take over a VM described by its ``run.json`` (alive, checked by the caller)."""
@@ -563,6 +573,7 @@ class _Run(AgentHandler):
         self.running = True
         self.ready_reported = True  # the runner knows whether it was; never report again
         self.pinned = [str(d) for d in state.get("layers") or []]
+        self.disk = state.get("disk") if isinstance(state.get("disk"), dict) else None
         if self.driver.fetcher is not None and self.pinned:
             # With the job's image, the fetcher renews its cache lease too.
             self.driver.fetcher.pin(self.pinned, image=self.job.get("image"))
@@ -627,9 +638,10 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-@implementer(IHostDriver)
+@implementer(IHostDriver, IHostSnapshots)
 class QemuDriver:
-    """Runs each job in a fresh QEMU VM. See ``docs/qemu.md``."""
+    """Runs each job in a fresh QEMU VM; an ended job's disk is kept for snapshots.
+    See ``docs/qemu.md``."""
 
     name = "qemu"
     log = Logger()
@@ -641,6 +653,9 @@ class QemuDriver:
         self.fetcher = fetcher
         self.accel = accel or AccelChooser(reactor, settings)
         self.run: _Run | None = None
+        self.kept = KeptDisks(reactor, settings, fetcher, self.in_thread)
+        self._snapshots: dict[tuple[str, str, str], list[Deferred[str]]] = {}
+        self.kept.restore()  # in a thread: stale kept disks go, fresh ones are pinned again
 
     def in_thread(self, fn: Any, *args: Any) -> Deferred[Any]:
         """Run blocking file work in the reactor's thread pool (inline without one)."""
@@ -678,7 +693,8 @@ class QemuDriver:
         pid = state.get("pid")
         if not isinstance(pid, int) or not pid_alive(pid) or not _is_our_qemu(pid, run):
             self.log.info("qemu: job {job}: QEMU (pid {pid}) is gone", job=run.job_id, pid=pid)
-            self._discard(run)
+            disk = state.get("disk")
+            self._discard(run, disk if isinstance(disk, dict) else None)
             return False
         if not os.path.exists(run.paths.qmp):
             self._discard(run)
@@ -687,14 +703,57 @@ class QemuDriver:
         run.adopt(state)
         return True
 
-    def _discard(self, run: _Run) -> None:
-        """Remove a dead job's leftovers (its work directory)."""
-        self.in_thread(shutil.rmtree, run.paths.work_dir, True)
+    def _discard(self, run: _Run, disk: dict[str, Any] | None = None) -> None:
+        """Remove a dead job's leftovers (its work directory), keeping its disk if
+        ``disk`` says what a snapshot needs (QEMU is gone)."""
+        async def discard() -> None:
+            if disk is not None:
+                await self.kept.keep(run.job_id, run.paths.overlay, disk)
+            await self.in_thread(shutil.rmtree, run.paths.work_dir, True)
+
+        Deferred.fromCoroutine(discard()).addErrback(
+            lambda f: self.log.failure("qemu: job {job}: removing its leftovers", f,
+                                       job=run.job_id))
+
+    def snapshot(self, job_id: str, repository: str, store: str) -> Deferred[str]:
+        """Push the kept disk of job ``job_id`` as a new image into ``repository`` on the
+        image store ``store``: the job's image with the disk as a new top qcow2 layer.
+
+        Fires with the new manifest's digest, or fails with :class:`SnapshotError`
+        (``unknown_job``: no disk of that job is kept; ``failed``). A call for the
+        same job, repository and store while one runs gets the same result.
+        """
+        key = (job_id, repository, store)
+        waiters = self._snapshots.get(key)
+        d: Deferred[str] = Deferred()
+        if waiters is not None:
+            waiters.append(d)
+            return d
+        self._snapshots[key] = [d]
+
+        def done(result: Any) -> None:
+            for waiter in self._snapshots.pop(key, []):
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+
+        running = Deferred.fromCoroutine(self.kept.snapshot(job_id, repository, store))
+        running.addErrback(self._snapshot_error, job_id)
+        running.addBoth(done)
+        return d
+
+    def _snapshot_error(self, failure: Failure, job_id: str) -> Failure:
+        if not failure.check(SnapshotError):
+            self.log.failure("qemu: job {job}: snapshot failed", failure, job=job_id)
+            return Failure(SnapshotError("failed", f"qemu: internal error: {failure.value!r}"))
+        return failure
 
     def shutdown(self) -> Deferred[None]:
         if self.run is not None:
             self.run.detach()
             self.run = None
+        self.kept.close()
         return succeed(None)
 
 

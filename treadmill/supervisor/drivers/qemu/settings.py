@@ -101,6 +101,14 @@ SETTINGS: tuple[Setting, ...] = (
             "QEMU driver: seconds QEMU gets to open its control sockets."),
     Setting("qemu.work_dir", _optional_str, None,
             "QEMU driver: per-job directories (overlay, sockets, log); default STATE_DIR/qemu."),
+    Setting("qemu.kept_dir", _optional_str, None,
+            "QEMU driver: where an ended job's disk is kept for snapshots (JOB.qcow2, JOB.json); "
+            "default STATE_DIR/qemu-kept; on the file system of qemu.work_dir, not inside it."),
+    Setting("qemu.keep_disks", _count(0, 1000), 1,
+            "QEMU driver: how many ended jobs' disks are kept for snapshots (the last ones; "
+            "0: none)."),
+    Setting("qemu.keep_time", _seconds, 3600.0,
+            "QEMU driver: seconds an ended job's disk is kept for snapshots."),
     Setting("qemu.probe_kernel", _optional_str, None,
             "QEMU driver: a Linux kernel for the KVM boot probe of accel = auto; default: the "
             "job's kernel, else /boot/vmlinuz if readable."),
@@ -130,6 +138,9 @@ class QemuSettings:
     quit_timeout: float = 5.0
     start_timeout: float = 60.0
     work_dir: str = "qemu"
+    kept_dir: str = ""  # empty: beside work_dir (WORK_DIR-kept)
+    keep_disks: int = 1
+    keep_time: float = 3600.0
     probe_kernel: str | None = None
     probe_timeout: float = 20.0
 
@@ -145,4 +156,13 @@ class QemuSettings:
             out[f.name] = value
         out["extra_args"] = tuple(out["extra_args"] or ())
         out["work_dir"] = os.path.abspath(out["work_dir"] or os.path.join(state_dir, "qemu"))
+        out["kept_dir"] = os.path.abspath(out["kept_dir"] or os.path.join(state_dir, "qemu-kept"))
         return cls(**out)
+
+    def __post_init__(self) -> None:
+        kept = os.path.abspath(self.kept_dir or self.work_dir.rstrip("/") + "-kept")
+        object.__setattr__(self, "kept_dir", kept)
+        work = os.path.abspath(self.work_dir)
+        if kept == work or kept.startswith(work.rstrip("/") + "/"):
+            raise ValueError(f"qemu.kept_dir ({kept}) must not be qemu.work_dir or inside it "
+                             f"({work}): every job's work directory there is removed")
