@@ -25,7 +25,20 @@ BUILT = {
     "job_endpoints": p.job_endpoints(5, JOB, [{"service": "ssh", "proxy": "http://p:1",
                                                "host": "p.example", "port": 40022}]),
     "protocol_error": p.protocol_error("violation", "bad"),
+    "snapshot_job": p.snapshot_job(6, JOB, JOB, "alice/snap", "http://store:5000"),
+    "snapshot_result": p.snapshot_result(6, JOB, JOB, digest="sha256:" + "b" * 64),
 }
+
+
+def test_a_snapshot_result_has_a_digest_or_an_error() -> None:
+    failed = p.snapshot_result(7, JOB, JOB, error=("unknown_job", "the disk is gone"))
+    p.validate(failed)
+    with pytest.raises(p.ProtocolError):
+        p.validate({**failed, "digest": "sha256:" + "b" * 64})
+    with pytest.raises(p.ProtocolError):
+        p.validate({k: v for k, v in failed.items() if k != "error"})
+    with pytest.raises(p.ProtocolError):
+        p.validate(p.snapshot_job(8, JOB, JOB, "Upper/Case", "http://s"))
 
 
 def test_every_type_has_a_constructor_and_a_schema() -> None:

@@ -28,6 +28,7 @@ class Script:
     job: dict[str, Any] | None = None  # What status reports.
     start_error: tuple[str, str] | None = None  # ack error for start_job.
     run_started: bool = True  # A successful start makes the job the peer's current job.
+    snapshot_error: tuple[str, str] | None = None  # ack error for snapshot_job.
 
 
 class PeerProtocol(WebSocketClientProtocol):
@@ -113,6 +114,8 @@ class Peer:
             if self.script.job and self.script.job["id"] == message["job_id"]:
                 self.script.job = None
             self.send(protocol.ack(message["request_id"]))
+        elif kind == "snapshot_job":
+            self.send(protocol.ack(message["request_id"], self.script.snapshot_error))
         elif kind == "ack":
             waiter = self._acks.pop(message["request_id"], None)
             if waiter is not None:
@@ -120,10 +123,14 @@ class Peer:
 
     async def event(self, job_id: str, state: str, **fields: Any) -> dict[str, Any]:
         """Send a job event and wait for its ack."""
+        return await self.report(protocol.job_event(0, job_id, state, **fields))
+
+    async def report(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send a report (its request id is set here) and wait for its ack."""
         request_id = next(self._ids)
         waiter: Deferred = Deferred()
         self._acks[request_id] = waiter
-        self.send(protocol.job_event(request_id, job_id, state, **fields))
+        self.send({**message, "request_id": request_id})
         waiter.addTimeout(10, reactor)
         return await waiter
 

@@ -137,6 +137,12 @@ ROWS = [
     Row("POST", "/api/v1/jobs/{job}/terminate", (401, 404, 200, 403, 200)),
     Row("GET", "/api/v1/jobs/{job}/events", (401, 404, 200, 200, 200)),
     Row("POST", "/api/v1/jobs/{job}/logs/token", (401, 404, 200, 200, 200)),
+    # The job never ran on a host: 409 once authorised (stop privilege needed).
+    Row("POST", "/api/v1/jobs/{done_job}/snapshots", (401, 404, 409, 403, 409),
+        lambda w: {"name": f"owner/{w.fresh}", "store": "http://s.example"}),
+    Row("GET", "/api/v1/jobs/{done_job}/snapshots", (401, 404, 200, 200, 200)),
+    Row("GET", "/api/v1/jobs/{done_job}/snapshots/{job}",  # no such snapshot
+        (401, 404, 404, 404, 404)),
     Row("GET", "/api/v1/jobs/{done_job}/events/watch", (401, 404, 200, 200, 200)),
     Row("GET", "/api/v1/jobs/{job}/grants", (401, 404, 200, 403, 200)),
     Row("POST", "/api/v1/jobs/{job}/grants", (401, 404, 201, 403, 201),

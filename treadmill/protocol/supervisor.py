@@ -28,15 +28,18 @@ from treadmill.common.http import loads
 from treadmill.common.schema import validator
 
 MAJOR = 1
-MINOR = 2
-"""1: ``JobStart.log_servers``; 2: ``JobStart.proxies`` and ``job_endpoints``."""
+MINOR = 3
+"""1: ``JobStart.log_servers``; 2: ``JobStart.proxies`` and ``job_endpoints``;
+3: ``snapshot_job`` and ``snapshot_result``."""
 SUBPROTOCOL = f"treadmill.supervisor.v{MAJOR}"
 MINOR_HEADER = "x-treadmill-protocol-minor"
 PATH = "/api/v1/supervisor"
 MAX_MESSAGE_BYTES = 256 * 1024
 
-TO_SUPERVISOR = ("start_job", "stop_job", "status_request", "ack", "protocol_error")
-TO_SWITCHBOARD = ("status", "job_event", "job_endpoints", "ack", "protocol_error")
+TO_SUPERVISOR = ("start_job", "stop_job", "status_request", "snapshot_job", "ack",
+                 "protocol_error")
+TO_SWITCHBOARD = ("status", "job_event", "job_endpoints", "snapshot_result", "ack",
+                  "protocol_error")
 MESSAGE_TYPES = tuple(sorted(set(TO_SUPERVISOR) | set(TO_SWITCHBOARD)))
 
 # Why a start_job was refused (ack with ok=false, error.code).
@@ -154,6 +157,26 @@ def job_endpoints(request_id: int, job_id: str,
     """The job's public endpoints now (the whole list; empty when none)."""
     return {"type": "job_endpoints", "request_id": request_id, "job_id": job_id,
             "endpoints": endpoints}
+
+
+def snapshot_job(request_id: int, snapshot_id: str, job_id: str, repository: str,
+                 store: str) -> dict[str, Any]:
+    """Upload the disk ended job ``job_id`` left as a new image in ``repository`` on ``store``."""
+    return {"type": "snapshot_job", "request_id": request_id, "snapshot_id": snapshot_id,
+            "job_id": job_id, "repository": repository, "store": store}
+
+
+def snapshot_result(request_id: int, snapshot_id: str, job_id: str, *,
+                    digest: str | None = None,
+                    error: tuple[str, str] | None = None) -> dict[str, Any]:
+    """How a ``snapshot_job`` ended: the new manifest's ``digest``, or ``error``."""
+    message: dict[str, Any] = {"type": "snapshot_result", "request_id": request_id,
+                               "snapshot_id": snapshot_id, "job_id": job_id}
+    if error is not None:
+        message["error"] = {"code": error[0], "message": error[1][:1024]}
+    else:
+        message["digest"] = digest
+    return message
 
 
 def ack(request_id: int, error: tuple[str, str] | None = None) -> dict[str, Any]:

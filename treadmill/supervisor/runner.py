@@ -37,7 +37,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from treadmill.protocol import supervisor as protocol
-from treadmill.supervisor.drivers import REASONS, STAGES, IHostDriver, IJobReporter, StartRefused
+from treadmill.supervisor.drivers import (
+    REASONS,
+    STAGES,
+    IHostDriver,
+    IHostSnapshots,
+    IJobReporter,
+    SnapshotError,
+    StartRefused,
+)
 from treadmill.supervisor.journal import ENDED_KEEP, StateFiles
 
 __all__ = ["ConsoleBuffer", "JobRunner", "Session"]
@@ -227,6 +235,10 @@ class JobRunner:
         # The current job's public endpoints until the switchboard acknowledged them.
         self._endpoints: tuple[str, list[dict[str, Any]]] | None = None
         self._endpoints_sent: tuple[int, tuple[str, list[dict[str, Any]]]] | None = None
+        # Snapshots: those under way, and the results not yet acknowledged (by id).
+        self._snapshots: dict[str, Deferred[Any]] = {}
+        self._snapshot_results: dict[str, dict[str, Any]] = {}
+        self._snapshot_sent: dict[int, str] = {}
 
     # -- introspection (tests, manhole) -----------------------------------------------
 
@@ -390,8 +402,11 @@ class JobRunner:
         self._session = session
         self._inflight = None
         self._endpoints_sent = None
+        self._snapshot_sent = {}
         self._pump()
         self._send_endpoints()
+        for snapshot_id in list(self._snapshot_results):
+            self._send_snapshot_result(snapshot_id)
 
     def link_closed(self, session: Session) -> None:
         if session is self._session:
@@ -410,6 +425,8 @@ class JobRunner:
             self._spawn(session, message, self._stop_job)
         elif kind == "status_request":
             self._spawn(session, message, self._status_request)
+        elif kind == "snapshot_job":
+            self._snapshot_job(session, message)
 
     def _spawn(self, session: Session, message: dict[str, Any], handler: Any) -> None:
         def crashed(failure: Failure) -> None:
@@ -514,6 +531,62 @@ class JobRunner:
                                                     "the host driver failed to stop the job")))
             return
         self._reply(session, protocol.ack(rid))
+
+    def _snapshot_job(self, session: Session, message: dict[str, Any]) -> None:
+        """Start (or join) a snapshot; its result follows as ``snapshot_result``."""
+        rid, snapshot_id, job_id = message["request_id"], message["snapshot_id"], message["job_id"]
+        if snapshot_id in self._snapshots:
+            self._reply(session, protocol.ack(rid))
+            return
+        if snapshot_id in self._snapshot_results:
+            self._reply(session, protocol.ack(rid))
+            self._send_snapshot_result(snapshot_id)
+            return
+        if not IHostSnapshots.providedBy(self.driver):
+            self._reply(session, protocol.ack(rid, (
+                "not_supported", f"the {self.driver.name} driver cannot make snapshots")))
+            return
+        cur = self._current
+        if cur is not None and cur.id == job_id:
+            self._reply(session, protocol.ack(rid, ("unknown_job", f"job {job_id} still runs")))
+            return
+        self.log.info("{name}: snapshot {snapshot} of job {job} into {repository} on {store}",
+                      name=self.name, snapshot=snapshot_id, job=job_id,
+                      repository=message["repository"], store=message["store"])
+        self._reply(session, protocol.ack(rid))  # accepted; the outcome follows
+        running = maybeDeferred(self.driver.snapshot, job_id, message["repository"],
+                                message["store"])
+        self._snapshots[snapshot_id] = running
+
+        def finished(result: Any) -> None:
+            self._snapshots.pop(snapshot_id, None)
+            if isinstance(result, Failure):
+                if result.check(SnapshotError):
+                    error = (result.value.code, result.value.message)
+                else:
+                    self.log.failure("{name}: snapshot {snapshot} failed", result,
+                                     name=self.name, snapshot=snapshot_id)
+                    error = ("failed", f"the host driver failed: {result.type.__name__}")
+                self.log.warn("{name}: snapshot {snapshot} of job {job} failed: {code}: "
+                              "{text}", name=self.name, snapshot=snapshot_id, job=job_id,
+                              code=error[0], text=error[1])
+                outcome = protocol.snapshot_result(0, snapshot_id, job_id, error=error)
+            else:
+                self.log.info("{name}: snapshot {snapshot} of job {job} is {digest}",
+                              name=self.name, snapshot=snapshot_id, job=job_id, digest=result)
+                outcome = protocol.snapshot_result(0, snapshot_id, job_id, digest=str(result))
+            self._snapshot_results[snapshot_id] = outcome
+            self._send_snapshot_result(snapshot_id)
+
+        running.addBoth(finished)
+
+    def _send_snapshot_result(self, snapshot_id: str) -> None:
+        session, outcome = self._session, self._snapshot_results.get(snapshot_id)
+        if session is None or outcome is None:
+            return
+        rid = session.next_request_id()
+        if session.send({**outcome, "request_id": rid}):
+            self._snapshot_sent[rid] = snapshot_id
 
     async def _status_request(self, session: Session, message: dict[str, Any]) -> None:
         # Every journaled event first: the switchboard must see them before the status.
@@ -681,6 +754,11 @@ class JobRunner:
             self._inflight = (rid, head)
 
     def _on_ack(self, session: Session, message: dict[str, Any]) -> None:
+        snapshot_id = (self._snapshot_sent.pop(message["request_id"], None)
+                       if session is self._session else None)
+        if snapshot_id is not None:
+            self._snapshot_results.pop(snapshot_id, None)
+            return
         sent = self._endpoints_sent
         if session is self._session and sent is not None and sent[0] == message["request_id"]:
             self._on_endpoints_ack(message, sent[1])

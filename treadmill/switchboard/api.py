@@ -216,9 +216,10 @@ class SwitchboardAPI:
                 raise ApiError(401, "unknown host token")
             repositories = frozenset(registry.repository_of(name) for name in
                                      await self.store.job_image_names(host["id"]))
+            snapshots = frozenset(await self.store.snapshot_repositories(host["id"]))
             return f"host:{host['name']}", [
                 a for s in scopes if (a := registry.access(s, registry.host_actions(
-                    s, repositories))) is not None]
+                    s, repositories, snapshots))) is not None]
         if credentials.looks_like_token(secret, credentials.USER_TOKEN_PREFIX):
             principal = await self.auth.for_token(secret)
             if user not in (None, "", principal.name):
@@ -647,6 +648,44 @@ class SwitchboardAPI:
         await self.store.request_termination(row["id"], Reason.USER_TERMINATED,
                                              message=f"terminated by {principal.name}")
         return respond(request, views.job(await self.store.get_job(row["id"], principal)))
+
+    @app.route("/api/v1/jobs/<job_id>/snapshots", methods=["POST"])
+    async def snapshot_job(self, request: IRequest, job_id: str) -> bytes:
+        """Ask the job's host to upload the disk the ended job left as a new image."""
+        principal, row = await self._job(request, job_id, "stop")
+        body = read_json(request, schemas.SNAPSHOT_CREATE)
+        if row["state"] != "terminated":
+            raise ApiError(409, f"job {row['id']} has not ended; stop it first")
+        if row["host_id"] is None:
+            raise ApiError(409, f"job {row['id']} never ran on a host")
+        stores = row["image_stores"] or []
+        store = body.get("store") or (stores[0] if stores else None)
+        if store is None:
+            raise ApiError(400, "store: the job's image names no image store; give one")
+        name = body["name"]
+        repository = registry.repository_of(name)
+        if not registry.REPOSITORY.fullmatch(repository):
+            raise ApiError(400, f"name: {name!r} is not a valid repository name")
+        scope = registry.Scope("repository", repository, ("push",))
+        claimed = await self.store.repository_claimed(repository)
+        if not registry.user_actions(scope, principal.name, principal.admin, {}, claimed):
+            raise ApiError(403, f"you may not push to repository {repository!r}")
+        snapshot = await self.store.create_snapshot(
+            row["id"], row["host_id"], principal.user_id, name, repository, store,
+            body.get("description", ""))
+        return respond(request, views.snapshot(snapshot), 202)
+
+    @app.route("/api/v1/jobs/<job_id>/snapshots", methods=["GET"])
+    async def job_snapshots(self, request: IRequest, job_id: str) -> bytes:
+        _, row = await self._job(request, job_id, "read")
+        rows = await self.store.job_snapshots(row["id"])
+        return respond(request, {"snapshots": [views.snapshot(r) for r in rows]})
+
+    @app.route("/api/v1/jobs/<job_id>/snapshots/<snapshot_id>", methods=["GET"])
+    async def show_snapshot(self, request: IRequest, job_id: str, snapshot_id: str) -> bytes:
+        _, row = await self._job(request, job_id, "read")
+        snapshot = await self.store.get_snapshot(row["id"], _uuid(snapshot_id, "snapshot"))
+        return respond(request, views.snapshot(snapshot))
 
     @app.route("/api/v1/jobs/<job_id>/logs/token", methods=["POST"])
     async def job_logs_token(self, request: IRequest, job_id: str) -> bytes:

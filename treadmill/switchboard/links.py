@@ -145,9 +145,10 @@ class SupervisorLink(WebSocketServerProtocol):
                 self.violation(f"{kind} for unknown request {message['request_id']}")
             elif not pending.called:
                 pending.callback(message)
-        elif kind in ("job_event", "job_endpoints"):
+        elif kind in ("job_event", "job_endpoints", "snapshot_result"):
             # Reports apply in the order they arrived, each after the one before.
-            handler = self._event if kind == "job_event" else self._endpoints
+            handler = {"job_event": self._event, "job_endpoints": self._endpoints,
+                       "snapshot_result": self._snapshot_result}[kind]
             self._inbox.addCallback(lambda _: Deferred.fromCoroutine(handler(message)))
             self._inbox.addErrback(lambda f: self.log.failure("Report handling failed", f))
         elif kind == "protocol_error":
@@ -209,6 +210,41 @@ class SupervisorLink(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             self.send(protocol.ack(message["request_id"]))
 
+    async def _snapshot_result(self, message: dict[str, Any]) -> None:
+        assert self.host_id is not None
+        error = message.get("error")
+        try:
+            changed = await self.links.store.finish_snapshot(
+                self.host_id, message["snapshot_id"], digest=message.get("digest"),
+                error=(error["code"], error["message"]) if error else None)
+        except (NotYourJob, NotFound):
+            self.send(protocol.ack(message["request_id"], ("not_your_job",
+                                                           "that snapshot is not this host's")))
+            return
+        if changed:
+            self.log.info("{host}: snapshot {snapshot} of job {job}: {outcome}",
+                          host=self.host_name, snapshot=message["snapshot_id"],
+                          job=message["job_id"],
+                          outcome=message.get("digest") or error)
+        if self.state == self.STATE_OPEN:
+            self.send(protocol.ack(message["request_id"]))
+
+    async def send_snapshots(self) -> None:
+        """Ask the supervisor for the host's pending snapshots (each command is idempotent)."""
+        if self.minor < 3 or self.host_id is None:
+            return
+        for row in await self.links.store.pending_snapshots(self.host_id):
+            try:
+                answer = await self.request(protocol.snapshot_job(
+                    0, str(row["id"]), str(row["job_id"]), row["repository"], row["store"]))
+            except (TimeoutError, ConnectionError):
+                return
+            if not answer["ok"]:
+                error = answer.get("error") or {}
+                await self.links.store.finish_snapshot(
+                    self.host_id, str(row["id"]),
+                    error=(error.get("code", "failed"), error.get("message", "")))
+
     # -- reconciliation ------------------------------------------------------------------
 
     async def reconcile(self) -> None:
@@ -233,6 +269,7 @@ class SupervisorLink(WebSocketServerProtocol):
                                 Stage(job["stage"]) if job["stage"] else None)
         for action in decide(expected, reported):
             await self.execute(action)
+        await self.send_snapshots()
 
     async def execute(self, action: Action) -> None:
         store = self.links.store
@@ -285,6 +322,10 @@ class SupervisorLink(WebSocketServerProtocol):
                                           message=f"{code}: {text}")
 
 
+SNAPSHOT_TIMEOUT = 3 * 3600.0
+"""Seconds a host has to upload a snapshot before it is marked failed."""
+
+
 class SupervisorLinkFactory(WebSocketServerFactory):
     protocol = SupervisorLink
 
@@ -331,7 +372,8 @@ class SupervisorLinks(MultiService):
                 # Spread over most of the interval: 1,000 hosts at once is a spike.
                 ("reconcile", reconcile_interval,
                  lambda: self.reconcile_all(spread=0.8 * reconcile_interval)),
-                ("unreachable", touch_interval, self.end_unreachable)):
+                ("unreachable", touch_interval, self.end_unreachable),
+                ("snapshots", 30.0, self.expire_snapshots)):
             timer = TimerService(interval, lambda work=work: self.spawn(work()))
             timer.clock = reactor
             timer.setName(name)
@@ -391,6 +433,21 @@ class SupervisorLinks(MultiService):
                 await link.execute(Stop(job_id, reason))
 
         self.spawn(send())
+
+    async def expire_snapshots(self) -> None:
+        """Fail snapshots a host has not finished within ``SNAPSHOT_TIMEOUT``."""
+        expired = await self.store.expire_snapshots(SNAPSHOT_TIMEOUT)
+        if expired:
+            self.log.warn("{count} snapshots timed out", count=expired)
+
+    def snapshot_requested(self, payload: str) -> None:
+        """``treadmill_snapshots``: a snapshot for a host we may hold."""
+        try:
+            link = self.by_host.get(int(payload))
+        except ValueError:
+            return
+        if link is not None and link.state == link.STATE_OPEN:
+            self.spawn(link.send_snapshots())
 
     def host_changed(self, payload: str) -> None:
         """``treadmill_hosts``: close links superseded elsewhere, or whose host is gone."""

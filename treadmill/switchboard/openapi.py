@@ -145,6 +145,17 @@ JOB = _record({
     "ready_at": OPTIONAL_TIME, "terminated_at": OPTIONAL_TIME, "updated_at": TIME,
 }, "A job: a workload on one host. States and stages are described in docs/jobs.md.")
 
+SNAPSHOT = _record({
+    "id": UUID, "job": UUID, "name": STRING, "repository": STRING, "store": STRING,
+    "owner": STRING, "description": STRING,
+    "state": {"enum": ["pending", "done", "failed"]},
+    "digest": {"type": ["string", "null"],
+               "description": "The new image's manifest digest, once uploaded."},
+    "error": {"oneOf": [{"type": "null"}, _record({"code": STRING, "message": STRING},
+                                                   "Why the snapshot failed.")]},
+    "created_at": TIME, "finished_at": OPTIONAL_TIME,
+}, "An ended job's disk, uploaded by its host as a new catalogue image (docs/qemu.md).")
+
 EVENT = _record({
     "seq": INTEGER, "job": UUID, "at": TIME, "state": _enum(State),
     "stage": _enum(Stage, nullable=True), "reason": _enum(Reason, nullable=True),
@@ -171,6 +182,7 @@ JWK: dict[str, Any] = {
 RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "User": USER, "Token": TOKEN, "NewToken": NEW_TOKEN, "Host": HOST, "NewHost": NEW_HOST,
     "Image": IMAGE, "GrantRecord": GRANT_RECORD, "Job": JOB, "Event": EVENT, "Error": ERROR,
+    "Snapshot": SNAPSHOT, "SnapshotList": _list_of("snapshots", "Snapshot"),
     "JWK": JWK,
     "UserList": _list_of("users", "User"),
     "TokenList": _list_of("tokens", "Token"),
@@ -260,7 +272,7 @@ def _operation(operation_id: str, tag: str, summary: str, status: int,
     if result is None:
         success: dict[str, Any] = {"description": "Done; no content."}
     else:
-        success = {"description": "OK" if status == 200 else "Created",
+        success = {"description": {200: "OK", 201: "Created"}.get(status, "Accepted"),
                    "content": {JSON: {"schema": _ref(result)}}}
     responses = {str(status): success}
     for code in sorted(codes):
@@ -442,6 +454,25 @@ def _jobs() -> dict[str, dict[str, Any]]:
             "job_events", "Jobs", "A job's events (read).", 200, "EventList",
             errors=(400, 403, 404), query=(Q_AFTER,))},
         "/api/v1/jobs/{job_id}/events/watch": {"parameters": [P_JOB], "get": _watch()},
+        "/api/v1/jobs/{job_id}/snapshots": {
+            "parameters": [P_JOB],
+            "get": _operation("job_snapshots", "Jobs", "A job's snapshots (read).", 200,
+                              "SnapshotList", errors=(403, 404)),
+            "post": _operation(
+                "snapshot_job", "Jobs", "Snapshot an ended job's disk as a new image (stop).",
+                202, "Snapshot", body="SnapshotCreate", errors=(403, 404, 409),
+                description="The job's host uploads the disk the job left (QEMU hosts keep "
+                            "it for a while after the end) as a new image named `name`, on "
+                            "`store` (default: the job image's first store), and the "
+                            "switchboard registers it; poll the snapshot until its `state` "
+                            "is `done` (`digest` set) or `failed` (`error`). 409: the job "
+                            "has not ended, never ran, or the name is taken."),
+        },
+        "/api/v1/jobs/{job_id}/snapshots/{snapshot_id}": {
+            "parameters": [P_JOB, _path_param("snapshot_id", UUID, "The snapshot's id.")],
+            "get": _operation("show_snapshot", "Jobs", "A snapshot of a job (read).", 200,
+                              "Snapshot", errors=(400, 403, 404)),
+        },
         "/api/v1/jobs/{job_id}/logs/token": {"parameters": [P_JOB], "post": _operation(
             "job_logs_token", "Jobs", "A read token for the job's logs (read).", 200,
             "LogsToken", errors=(403, 404),

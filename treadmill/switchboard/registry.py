@@ -16,7 +16,9 @@ for; the switchboard grants the subset the caller holds:
   that no catalogue image names and that is not below another user's name
   (so a first ``tml image push`` of a new image works; registering it then
   claims the repository);
-- a host (by its host token): ``pull`` on the repository of the job it runs;
+- a host (by its host token): ``pull`` on the repository of the job it runs,
+  and ``pull`` and ``push`` on the repository of each snapshot it was asked to
+  make and has not finished (``docs/protocol.md``, ``snapshot_job``);
 - anyone else: nothing (a store may still allow anonymous pulls itself).
 """
 
@@ -98,9 +100,14 @@ def user_actions(scope: Scope, user: str, admin: bool,
     return tuple(a for a in scope.actions if a in allowed)
 
 
-def host_actions(scope: Scope, repositories: frozenset[str]) -> tuple[str, ...]:
-    """What a host may do of ``scope``: pull its job's image."""
-    if scope.type == "repository" and scope.name in repositories and "pull" in scope.actions:
+def host_actions(scope: Scope, repositories: frozenset[str],
+                 snapshots: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    """What a host may do of ``scope``: pull its job's image, push its pending snapshots."""
+    if scope.type != "repository":
+        return ()
+    if scope.name in snapshots:
+        return tuple(a for a in scope.actions if a in ("pull", "push"))
+    if scope.name in repositories and "pull" in scope.actions:
         return ("pull",)
     return ()
 

@@ -52,6 +52,9 @@ IMAGE_CREATE = _object({
     "name": IMAGE_NAME, "digest": DIGEST, "description": TEXT,
     "stores": {"type": "array", "maxItems": 16, "uniqueItems": True, "items": STORE_URL},
 }, ("name", "digest", "stores"))
+SNAPSHOT_CREATE = _object({
+    "name": IMAGE_NAME, "store": STORE_URL, "description": TEXT,
+}, ("name",))
 IMAGE_UPDATE = _object({
     "digest": DIGEST, "description": TEXT,
     "stores": {"type": "array", "maxItems": 16, "uniqueItems": True, "items": STORE_URL},
@@ -79,6 +82,6 @@ REQUEST_BODIES: dict[str, dict[str, Any]] = {
     "Login": LOGIN, "TokenCreate": TOKEN_CREATE, "UserCreate": USER_CREATE,
     "UserUpdate": USER_UPDATE, "HostCreate": HOST_CREATE, "HostTags": HOST_TAGS,
     "ImageCreate": IMAGE_CREATE, "ImageUpdate": IMAGE_UPDATE, "Grant": GRANT,
-    "JobCreate": JOB_CREATE,
+    "JobCreate": JOB_CREATE, "SnapshotCreate": SNAPSHOT_CREATE,
 }
 """Every request body schema by the name ``docs/openapi.json`` gives it."""

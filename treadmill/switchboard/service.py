@@ -108,6 +108,7 @@ class SwitchboardService(MultiService):
         self.listener.observe("treadmill_jobs", self.links.job_changed)
         self.listener.observe("treadmill_jobs", self.scheduler.job_changed)
         self.listener.observe("treadmill_hosts", self.links.host_changed)
+        self.listener.observe("treadmill_snapshots", self.links.snapshot_requested)
         self.listener.observe("treadmill_hosts", self.scheduler.host_changed)
         self.listener.on_reconnect(self.watchers.wake_all)
         self.listener.on_reconnect(self.auth.invalidate)

@@ -26,6 +26,16 @@ def image(row: dict[str, Any]) -> dict[str, Any]:
             ("name", "digest", "stores", "owner", "description", "created_at", "updated_at")}
 
 
+def snapshot(row: dict[str, Any]) -> dict[str, Any]:
+    error = ({"code": row["error_code"], "message": row["message"] or ""}
+             if row["error_code"] else None)
+    return {"id": str(row["id"]), "job": str(row["job_id"]), "name": row["name"],
+            "repository": row["repository"], "store": row["store"], "owner": row["owner"],
+            "description": row["description"], "state": row["state"],
+            "digest": row["digest"], "error": error, "created_at": row["created_at"],
+            "finished_at": row["finished_at"]}
+
+
 def grant(row: dict[str, Any]) -> dict[str, Any]:
     return {"user": row["user"], "privilege": row["privilege"], "created_at": row["created_at"]}
 

@@ -23,6 +23,7 @@ from treadmill.cli.context import (
     EXIT_JOB_ABORTED,
     EXIT_JOB_FAILED,
     EXIT_OK,
+    CommandError,
     Context,
     UsageError,
     add_command,
@@ -395,6 +396,51 @@ async def job_events(ctx: Context) -> int:
     return EXIT_OK
 
 
+SNAPSHOT_POLL = 1.0
+"""Seconds between polls of a pending snapshot."""
+
+
+def render_snapshot(snapshot: dict[str, Any]) -> str:
+    """A ``Snapshot`` as ``key: value`` lines."""
+    error = snapshot.get("error") or {}
+    return output.render_fields([
+        ("id", snapshot.get("id")), ("job", snapshot.get("job")),
+        ("name", snapshot.get("name")), ("state", snapshot.get("state")),
+        ("digest", snapshot.get("digest")), ("store", snapshot.get("store")),
+        ("error", f"{error.get('code')}: {error.get('message')}" if error else None),
+    ])
+
+
+async def job_snapshot(ctx: Context) -> int:
+    """Upload an ended job's disk as a new image; wait for the outcome unless --no-wait."""
+    a = ctx.args
+    body: dict[str, Any] = {"name": a.name}
+    if a.store:
+        body["store"] = a.store
+    if a.description:
+        body["description"] = a.description
+    snapshot = await ctx.api.post("jobs", a.id, "snapshots", body=body)
+    deadline = ctx.reactor.seconds() + a.wait
+    while not a.no_wait and snapshot.get("state") == "pending":
+        if ctx.reactor.seconds() >= deadline:
+            raise CommandError(f"snapshot {snapshot['id']} is still pending after "
+                               f"{a.wait:g} s; see tml job snapshots {a.id}")
+        await deferLater(ctx.reactor, SNAPSHOT_POLL, lambda: None)
+        snapshot = await ctx.api.get("jobs", a.id, "snapshots", snapshot["id"])
+    status = ctx.emit(snapshot, render_snapshot)
+    if snapshot.get("state") == "failed":
+        error = snapshot.get("error") or {}
+        raise CommandError(f"snapshot failed: {error.get('code')}: {error.get('message')}")
+    return status
+
+
+async def job_snapshots(ctx: Context) -> int:
+    """List a job's snapshots."""
+    data = await ctx.api.get("jobs", ctx.args.id, "snapshots")
+    return ctx.emit(data, lambda d: "".join(render_snapshot(s) + "\n"
+                                            for s in d.get("snapshots", [])))
+
+
 CONSOLE_TAIL_WAIT = 10.0
 """Seconds ``submit --follow`` waits for the console's last bytes after the end."""
 
@@ -464,6 +510,18 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = add_command(job, "connect", job_connect, common,
                     help="forward a local port to a job's service through a proxy")
     add_connect_arguments(p)
+    p = add_command(job, "snapshot", job_snapshot, common,
+                    help="upload an ended job's disk as a new image (QEMU hosts)")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("name", metavar="NAME", help="the new catalogue image's name")
+    p.add_argument("--store", metavar="URL",
+                   help="the image store (default: the job image's first store)")
+    p.add_argument("--description", metavar="TEXT")
+    p.add_argument("--wait", type=duration, default=3600.0, metavar="S",
+                   help="how long to wait for the upload [3600]")
+    p.add_argument("--no-wait", action="store_true", help="print the pending snapshot and exit")
+    p = add_command(job, "snapshots", job_snapshots, common, help="list a job's snapshots")
+    p.add_argument("id", metavar="ID")
     p = add_command(job, "events", job_events, common, help="list or follow a job's events")
     p.add_argument("id", metavar="ID")
     p.add_argument("--follow", "-f", action="store_true", help="watch until the job terminates")
