@@ -244,7 +244,9 @@ def test_snapshot_errors_and_joining_an_upload_under_way(tmp_path: Path) -> None
     fetcher = FakeFetcher(None)
     client = SlowClient()
     fetcher.registry_client = lambda store: client  # type: ignore[attr-defined]
-    driver = QemuDriver(Clock(), QemuSettings(work_dir=str(tmp_path / "work")), fetcher=fetcher)
+    clock = Clock()
+    driver = QemuDriver(clock, QemuSettings(work_dir=str(tmp_path / "work"), keep_time=60.0),
+                        fetcher=fetcher)
     assert IHostSnapshots.providedBy(driver)
     unknown = driver.snapshot("nope", "demo/snap", "http://store")
     error = unknown.result.value
@@ -272,6 +274,33 @@ def test_snapshot_errors_and_joining_an_upload_under_way(tmp_path: Path) -> None
     assert client.pushed == [fmt.EMPTY_DIGEST, A, B, K, INITRD, N]
     assert driver.kept.get("job-1") is disk  # still kept: a second snapshot may follow
     assert disk.busy == 0
+
+    # A disk that expires during an upload is deleted when the upload ends.
+    client.put = Deferred()
+    third = driver.snapshot("job-1", "demo/other", "http://store")
+    clock.advance(61)
+    assert driver.kept.get("job-1") is None and os.path.exists(disk.path)
+    client.put.callback(None)
+    assert fmt.is_digest(third.result)
+    assert not os.path.exists(disk.path) and fetcher.pinned == []
+
+
+def test_a_job_that_cannot_be_adopted_leaves_its_disk_kept(tmp_path: Path) -> None:
+    fetcher = FakeFetcher(None)
+    settings = QemuSettings(work_dir=str(tmp_path / "work"))
+    driver = QemuDriver(Clock(), settings, fetcher=fetcher)
+    spec = job_start()
+    work = tmp_path / "work" / spec["id"]
+    work.mkdir(parents=True)
+    (work / "overlay.qcow2").write_bytes(b"disk")
+    info = disk_info(spec, fetched(old_manifest()))
+    (work / "run.json").write_text(json.dumps({"job": spec["id"], "pid": 2**22 + 1,
+                                               "disk": info}))
+    assert driver.adopt(spec, Recorder()) is False  # QEMU is gone
+    assert not work.exists()
+    assert sorted(os.listdir(settings.kept_dir)) == [f"{spec['id']}.json",
+                                                     f"{spec['id']}.qcow2"]
+    assert driver.kept.get(spec["id"]) is not None and len(fetcher.pinned) == 5
 
 
 # -- the round trip with real QEMU --------------------------------------------------------
