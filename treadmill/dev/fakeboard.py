@@ -1,5 +1,6 @@
 """A simulated serial board on a pseudo-terminal, and its flash and control tools.
 
+Used by the serial driver's tests and by ``tools/devstack --serial-sim``.
 ``python fakeboard.py run DIR`` is the board: a process that owns the master
 side of a pty whose slave side it links as ``DIR/tty`` (the ``serial.device``
 of the supervisor under test). It plays a microcontroller board:

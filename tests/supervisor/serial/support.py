@@ -15,11 +15,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
+from treadmill.dev import fakeboard
 from treadmill.images import format as fmt
 from treadmill.supervisor.drivers import IJobReporter
 from treadmill.supervisor.images import FetchedImage, blob_path
 
-FAKEBOARD = str(Path(__file__).with_name("fakeboard.py"))
+FAKEBOARD = fakeboard.__file__
 PY = sys.executable
 
 
