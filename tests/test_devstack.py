@@ -66,6 +66,40 @@ async def test_devstack_runs_a_first_job(tmp_path: Path) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest_twisted.ensureDeferred
+async def test_devstack_serial_sim_runs_a_board_job() -> None:
+    """``--serial-sim``: a serial supervisor on the simulated board runs the demo board image
+    (flashed by the fake tool, its parameters asked over the agent) to its exit status."""
+    root = Path(tempfile.mkdtemp(prefix="treadmill-devstack-"))
+    root.chmod(0o755)
+    state = root / "stack"
+    port = str(free_port())
+    try:
+        out, err, code = await run_python("-m", "treadmill.dev.devstack", "--detach",
+                                          "--serial-sim", "--state", str(state), "--port", port)
+        assert code == 0, out + err
+        assert "tml job submit board-demo --tag serial --follow" in out
+        env = {"TREADMILL_CONFIG": str(state / "tml.toml")}
+        argv = ["job", "submit", "board-demo", "--tag", "serial", "--follow",
+                "--param", "greeting=hi"]
+        stdout, stderr = io.StringIO(), io.StringIO()
+        status = await tml(reactor, argv, stdout, stderr, env)
+        text = stdout.getvalue() + stderr.getvalue()
+        assert status == 0, text
+        assert "fakeflash: done" in text and "param greeting=hi" in text, text
+        assert "workload_exited, exit status 0" in text, text
+    finally:
+        subprocess.run([sys.executable, "-m", "treadmill.dev.devstack", "stop", "--state",
+                        str(state), "--port", port], capture_output=True, timeout=120,
+                       env={**os.environ})
+    try:
+        assert not (state / "run" / "fakeboard.pid").exists()
+        for log in (state / "logs").glob("*.log"):
+            assert "Traceback (most recent" not in log.read_text(), log
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 async def tml_json(argv: list[str], env: dict[str, str]) -> Any:
     out, err = io.StringIO(), io.StringIO()
     status = await tml(reactor, [*argv, "--json"], out, err, env)

@@ -4,7 +4,8 @@ Run through ``tools/devstack``. State lives in ``.devstack/`` (or
 ``--state DIR``): a private PostgreSQL cluster, each role's configuration,
 keys and logs. Running it again reuses all of it; Ctrl-C stops every role and
 the cluster. ``--detach`` leaves everything running in the background and
-``tools/devstack stop`` stops it.
+``tools/devstack stop`` stops it. ``--serial-sim`` adds a serial board host
+(``board-1``) on a simulated board (``treadmill/dev/fakeboard.py``).
 
 This is development tooling: it blocks, and runs no reactor.
 """
@@ -24,20 +25,34 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from treadmill.dev import fakeboard
 from treadmill.dev.pgcluster import Cluster, ClusterError
+from treadmill.images import format as fmt
 
 DATABASE = "treadmill"
 ADMIN = "admin"
+FAKEBOARD = fakeboard.__file__
+BOARD_IMAGE = "board-demo"
+# The demo board image's app (a fakeboard.py script): ready, its parameters, exit 0.
+BOARD_APP = b"""print Hello from the simulated board (tools/devstack --serial-sim)
+agent {"type":"ready"}
+params
+print the app is done; its exit status is 0
+exit 0 board demo done
+"""
 
 
 @dataclass
 class Role:
-    """A daemon of the devstack, started as ``twistd -n <plugin> --config <file>``."""
+    """A daemon of the devstack, started as ``twistd -n <plugin> --config <file>``, or as
+    ``argv`` and ready once ``ready_path`` exists."""
 
     name: str
     plugin: str
     config: Path
     health_url: str | None = None
+    argv: list[str] | None = None
+    ready_path: Path | None = None
 
 
 def _say(message: str) -> None:
@@ -62,8 +77,9 @@ def _http_json(url: str, token: str | None = None, timeout: float = 2.0) -> tupl
 
 
 class Devstack:
-    def __init__(self, state: Path, port: int):
+    def __init__(self, state: Path, port: int, serial_sim: bool = False):
         self.state = state.absolute()
+        self.serial_sim = serial_sim
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.store_url = f"http://127.0.0.1:{port + 1}"
@@ -77,6 +93,8 @@ class Devstack:
         # QEMU's UNIX sockets need short paths: its work directory is not in the state.
         self.qemu_work = Path(f"/tmp/treadmill-devstack-{port}-qemu")
         self.demo: str | None = None  # the demo image's digest, once pushed
+        self.board = self.state / "board"  # the simulated board's directory (--serial-sim)
+        self.board_image: str | None = None  # the demo board image's digest, once pushed
 
     # -- processes ------------------------------------------------------------
 
@@ -101,20 +119,24 @@ class Devstack:
             self.stop_role(role)
         log = open(self.logs / f"{role.name}.log", "ab")
         twistd = Path(sys.executable).with_name("twistd")
-        proc = subprocess.Popen(
-            [str(twistd), "--nodaemon", "--pidfile=", "--logger=treadmill.common.logging.text",
-             role.plugin, "--config", str(role.config)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+        argv = role.argv or [
+            str(twistd), "--nodaemon", "--pidfile=", "--logger=treadmill.common.logging.text",
+            role.plugin, "--config", str(role.config)]
+        if role.ready_path is not None and role.ready_path.is_symlink():
+            role.ready_path.unlink()  # a stale one from an earlier run
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
         self._procs[role.name] = proc
         self._pidfile(role).write_text(str(proc.pid))
-        if role.health_url:
+        if role.health_url or role.ready_path:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 if proc.poll() is not None:
                     raise SystemExit(f"[devstack] {role.name} exited with {proc.returncode}; "
                                      f"see {self.logs / (role.name + '.log')}")
-                if _http_json(role.health_url)[0] == 200:
+                if role.health_url and _http_json(role.health_url)[0] == 200:
+                    break
+                if role.ready_path and role.ready_path.exists():
                     break
                 time.sleep(0.1)
             else:
@@ -139,7 +161,9 @@ class Devstack:
 
     # -- set-up -------------------------------------------------------------------
 
-    def roles(self) -> list[Role]:
+    def roles(self, serial: bool | None = None) -> list[Role]:
+        """The roles, in start order; the simulated board's if ``serial`` (default:
+        ``--serial-sim``)."""
         return [Role("switchboard", "treadmill-switchboard", self.state / "switchboard.toml",
                      f"{self.url}/healthz"),
                 Role("imagestore", "treadmill-imagestore", self.state / "imagestore.toml",
@@ -151,7 +175,17 @@ class Devstack:
                 Role("supervisor-mock-1", "treadmill-supervisor",
                      self.state / "supervisor-mock-1.toml"),
                 *([Role("supervisor-qemu-1", "treadmill-supervisor",
-                        self.state / "supervisor-qemu-1.toml")] if self.has_qemu() else [])]
+                        self.state / "supervisor-qemu-1.toml")] if self.has_qemu() else []),
+                *(self.serial_roles() if (self.serial_sim if serial is None else serial)
+                  else [])]
+
+    def serial_roles(self) -> list[Role]:
+        """The simulated board (its own process) and its supervisor."""
+        return [Role("fakeboard", "fakeboard", self.board,
+                     argv=[sys.executable, FAKEBOARD, "run", str(self.board)],
+                     ready_path=self.board / "tty"),
+                Role("supervisor-board-1", "treadmill-supervisor",
+                     self.state / "supervisor-board-1.toml")]
 
     @staticmethod
     def has_qemu() -> bool:
@@ -219,6 +253,60 @@ class Devstack:
             f"work_dir = {json.dumps(str(self.qemu_work))}\n"
             'accel = "auto"\nprobe_timeout = 10.0\nmemory = 256\n'
             "shutdown_timeout = 10.0\n")
+
+    def board_host(self, admin: str) -> None:
+        """Register the serial host ``board-1`` and write its supervisor's configuration:
+        the simulated board's pty, and its flash, erase, reset and health tools."""
+        name = "board-1"
+        token_file = self.host(admin, name, ["serial"], "devstack simulated serial board")
+        self.board.mkdir(exist_ok=True)
+
+        def tool(what: str, *args: str) -> str:
+            return json.dumps([sys.executable, FAKEBOARD, what, str(self.board), *args])
+
+        (self.state / f"supervisor-{name}.toml").write_text(
+            "# Written by tools/devstack --serial-sim; edits are overwritten.\n"
+            f"state_dir = {json.dumps(str(self.state / 'supervisors' / name))}\n"
+            'driver = "serial"\n'
+            "[switchboard]\n"
+            f'url = "ws://127.0.0.1:{self.port}"\n'
+            f"token_file = {json.dumps(str(token_file))}\n"
+            "[reconnect]\ninitial = 0.5\nmax = 10.0\n"
+            "[serial]\n"
+            f"device = {json.dumps(str(self.board / 'tty'))}\n"
+            "reopen_interval = 0.5\ncommand_timeout = 20.0\n"
+            "[serial.flash]\n"
+            f"command = {tool('flash', '{firmware}')}\n"
+            "timeout = 30.0\n"
+            f"[serial.erase]\ncommand = {tool('erase')}\n"
+            f"[serial.reset]\ncommand = {tool('ctl', 'reset')}\n"
+            '[serial.clean]\nafter = "erase"\n'
+            f"[serial.health]\ncommand = {tool('health')}\n"
+            'pattern = "FakeBoard ok"\ntimeout = 10.0\n'
+            '[serial.boot]\nready = "agent"\ntimeout = 15.0\n')
+
+    def push_board_image(self) -> None:
+        """Push the demo board image (``BOARD_APP`` as firmware ``app.bin``), once."""
+        app = self.state / "board-image" / "app.bin"
+        app.parent.mkdir(exist_ok=True)
+        app.write_bytes(BOARD_APP)
+        blob = fmt.Blob(fmt.digest_of(BOARD_APP), len(BOARD_APP))
+        digest = fmt.digest_of(fmt.manifest_bytes(fmt.build_board_manifest(
+            [fmt.FirmwareFile("app.bin", blob)])))
+        token = (self.state / "admin-token").read_text().strip()
+        status, body = self._api("GET", f"/api/v1/images/{BOARD_IMAGE}", token)
+        if status != 200 or not isinstance(body, dict) or body.get("digest") != digest:
+            _say("pushing the demo board image")
+            env = {**os.environ, "TREADMILL_CONFIG": str(self.state / "tml.toml")}
+            pushed = subprocess.run(
+                [sys.executable, "-m", "treadmill.cli.main", "image", "push", BOARD_IMAGE,
+                 "--store", self.store_url, "--firmware", str(app), "--description",
+                 "devstack: an app for the simulated board (treadmill/dev/fakeboard.py)"],
+                capture_output=True, text=True, env=env, check=False)
+            if pushed.returncode != 0:
+                raise SystemExit("[devstack] could not push the demo board image: "
+                                 f"{pushed.stderr.strip()[-500:]}")
+        self.board_image = digest
 
     def demo_image(self) -> None:
         """Build the demo image (tools/build-test-image) and push it to the store, once."""
@@ -349,15 +437,22 @@ class Devstack:
         else:
             _say("qemu-system-x86_64 is not installed: no QEMU host (tools/setup-env "
                  "installs it)")
+        if self.serial_sim:
+            self.board_host(token)
+        else:
+            for role in reversed(self.serial_roles()):  # left over from a --serial-sim run
+                self.stop_role(role)
         for role in others:
             self.start_role(role)
         cli = self.write_cli_config(token)
         self.demo_image()
+        if self.serial_sim:
+            self.push_board_image()
         self.banner(cli)
         return cli
 
     def down(self) -> None:
-        for role in reversed(self.roles()):
+        for role in reversed(self.roles(serial=True)):
             self.stop_role(role)
         shutil.rmtree(self.qemu_work, ignore_errors=True)
         try:
@@ -392,10 +487,10 @@ Use it from another shell:
   tml job show JOB_ID               # endpoint: echo 127.0.0.1:PORT ws://… (the mock's echo)
   tml job connect JOB_ID echo --local-port 7007    # then: socat - TCP:127.0.0.1:7007
   tml job cancel JOB_ID
-{self._demo_text()}
+{self._demo_text()}{self._board_text()}
   tml admin user add alice --password-stdin <<< 'correct horse battery'
   tml admin token create --user alice --label laptop
-  tml admin host add board-1 --tag arch=arm64
+  tml admin host add {'board-2' if self.serial_sim else 'board-1'} --tag arch=arm64
   tml image push demo --store {self.store_url} --qcow2 disk.qcow2
 """, flush=True)
 
@@ -414,6 +509,18 @@ Use it from another shell:
         return text
 
 
+    def _board_text(self) -> str:
+        if self.board_image is None:
+            return ""
+        ctl = f"{Path(sys.executable).name} {FAKEBOARD} ctl {self.board}"
+        return f"""
+  tml job submit {BOARD_IMAGE} --tag serial --follow   # flashed and run on board-1 (simulated)
+  tml job submit {BOARD_IMAGE} --tag serial --param greeting=hi --follow   # the app prints it
+  tml job connect JOB_ID console    # the board's console while a job runs
+  {ctl} break    # or fix, unplug, plug
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/devstack", description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", default="up", choices=["up", "stop", "status"])
@@ -421,14 +528,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8080, help="switchboard API port")
     parser.add_argument("--detach", action="store_true",
                         help="leave the testbed running in the background and return")
+    parser.add_argument("--serial-sim", action="store_true",
+                        help="also run a serial supervisor (host board-1, tag serial) on a "
+                        "simulated board, and push the demo board image")
     args = parser.parse_args(argv)
-    stack = Devstack(Path(args.state), args.port)
+    stack = Devstack(Path(args.state), args.port, serial_sim=args.serial_sim)
     if args.command == "stop":
         stack.down()
         return 0
     if args.command == "status":
-        for role in stack.roles():
+        for role in stack.roles(serial=True):
             pid = stack._alive(role)
+            if role in stack.serial_roles() and not (pid or args.serial_sim):
+                continue
             print(f"{role.name}: {'running, pid ' + str(pid) if pid else 'stopped'}")
         return 0
     try:
