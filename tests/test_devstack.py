@@ -184,3 +184,26 @@ async def run_the_demo_image(env: dict[str, str]) -> None:
     text = out.getvalue() + err.getvalue()
     assert "workload_exited, exit status 3" in text, text
     assert status == 4, text  # tml: the workload failed
+    await snapshot_round_trip(env)
+
+
+async def snapshot_round_trip(env: dict[str, str]) -> None:
+    """A QEMU job writes to its disk; tml job snapshot makes it an image; a job booted
+    from that image sees what the first one wrote."""
+    argv = ["job", "submit", "demo", "--tag", "qemu", "--follow",
+            "--param", "write_marker=hello-snapshot"]
+    out, err = io.StringIO(), io.StringIO()
+    assert await tml(reactor, argv, out, err, env) == 0, out.getvalue() + err.getvalue()
+    job_id = out.getvalue().splitlines()[0].strip()
+    snapshot = await tml_json(["job", "snapshot", job_id, "admin/demo-snap",
+                               "--description", "demo plus a marker"], env)
+    assert snapshot["state"] == "done" and snapshot["digest"].startswith("sha256:"), snapshot
+    image = await tml_json(["image", "show", "admin/demo-snap"], env)
+    assert image["digest"] == snapshot["digest"]
+    argv = ["job", "submit", "admin/demo-snap", "--tag", "qemu", "--follow"]
+    out, err = io.StringIO(), io.StringIO()
+    status = await tml(reactor, argv, out, err, env)
+    text = out.getvalue() + err.getvalue()
+    assert status == 0, text
+    assert "treadmill-test-image: disk: treadmill-base-layer | treadmill-top-layer | " \
+           "hello-snapshot" in text, text
