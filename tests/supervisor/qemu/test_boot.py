@@ -106,7 +106,7 @@ async def test_a_job_boots_and_ends_with_the_agents_exit_status(test_image: Buil
     driver, reporter, fetcher = await start(test_image, work_dir, spec)
     what, args = await within(reporter.ended)
     assert (what, args) == ("exited", (7, "seven")), reporter.reports
-    assert reporter.kinds == ["fetching_image", "allocating", "provisioning", "booting",
+    assert reporter.kinds == ["starting", "fetching_image", "allocating", "provisioning", "booting",
                               "ready", "terminating", "exited"]
     console = reporter.console_bytes
     # The chain is the manifest's, by digest: both layers are seen, the job's marker is not.

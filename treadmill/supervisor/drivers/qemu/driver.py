@@ -160,6 +160,7 @@ class _Run(AgentHandler):
             raise _Stopped()
 
     async def _start_up(self) -> None:
+        self.reporter.stage("starting")  # started_at: the job is accepted and under way
         self.reporter.stage("fetching_image")
         fetcher = self.driver.fetcher
         if fetcher is None:
