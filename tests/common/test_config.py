@@ -624,6 +624,7 @@ def test_switchboard_example_without_dsn_is_refused(tmp_path):
 @pytest.mark.parametrize("args", [
     ["--jobs-max-timeout", "600"],
     ["--jobs-default-queue-timeout", "90000", "--jobs-max-queue-timeout", "3600"],
+    ["--jobs-max-timeout", str(8 * 24 * 3600)],  # longer than a log write token can live
 ])
 def test_switchboard_default_above_max_is_refused(args):
     Options = _switchboard_options()

@@ -71,8 +71,9 @@ log = Logger()
 #: The only JWS algorithm signed or accepted.
 ALGORITHM = "EdDSA"
 
-#: The longest lifetime :meth:`CapabilitySigner.sign` accepts, in seconds.
-MAX_TTL = 24 * 60 * 60.0
+#: The longest lifetime :meth:`CapabilitySigner.sign` accepts, in seconds: eight days,
+#: so that a job's log write token (its timeout plus an hour) covers the longest job.
+MAX_TTL = 8 * 24 * 60 * 60.0
 
 #: Tokens longer than this are rejected as malformed before any parsing.
 MAX_TOKEN_LENGTH = 8192

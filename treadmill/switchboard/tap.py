@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.application.service import IService
 
+from treadmill.common.captoken import MAX_TTL
 from treadmill.common.config import (
     BOOL,
     FLOAT,
@@ -93,6 +94,11 @@ class Options(RoleOptions):
             if values[default] > values[limit]:
                 raise ConfigError(f"{default} ({values[default]:g}) exceeds {limit} "
                                   f"({values[limit]:g})", key=default, source=source)
+        longest = MAX_TTL - 3600.0  # a job's log write token lives its timeout plus an hour
+        if values["jobs.max_timeout"] > longest:
+            raise ConfigError(f"jobs.max_timeout ({values['jobs.max_timeout']:g}) exceeds "
+                              f"{longest:g} seconds, the longest a job's log write token "
+                              "can cover", key="jobs.max_timeout", source=source)
 
 
 def config_from(values: dict[str, Any]) -> SwitchboardConfig:
