@@ -177,7 +177,8 @@ async def run_the_demo_image(env: dict[str, str]) -> None:
     assert "fetching_image" in [e.get("stage") for e in events["events"]], events
     if not shutil.which("qemu-system-x86_64"):
         return
-    argv = ["job", "submit", "demo", "--tag", "qemu", "--follow", "--param", "exit_status=3",
+    # No --tag: the demo image's host tag (qemu) sends it to the QEMU host.
+    argv = ["job", "submit", "demo", "--follow", "--param", "exit_status=3",
             "--param", "message=from the guest"]
     out, err = io.StringIO(), io.StringIO()
     status = await tml(reactor, argv, out, err, env)
@@ -190,8 +191,7 @@ async def run_the_demo_image(env: dict[str, str]) -> None:
 async def snapshot_round_trip(env: dict[str, str]) -> None:
     """A QEMU job writes to its disk; tml job snapshot makes it an image; a job booted
     from that image sees what the first one wrote."""
-    argv = ["job", "submit", "demo", "--tag", "qemu", "--follow",
-            "--param", "write_marker=hello-snapshot"]
+    argv = ["job", "submit", "demo", "--follow", "--param", "write_marker=hello-snapshot"]
     out, err = io.StringIO(), io.StringIO()
     assert await tml(reactor, argv, out, err, env) == 0, out.getvalue() + err.getvalue()
     job_id = out.getvalue().splitlines()[0].strip()

@@ -197,7 +197,8 @@ ROWS: dict[str, tuple[Any, dict[str, Any]]] = {
                           "last_seen_at": None, "current_job": JOB_ID, "created_at": NOW}),
     "Image": (views.image, {"id": 1, "name": "org/base", "digest": "sha256:" + "0" * 64,
                             "stores": ["https://store.example/"], "owner": "alice",
-                            "description": "", "created_at": NOW, "updated_at": NOW}),
+                            "description": "", "host_tags": ["qemu"], "created_at": NOW,
+                            "updated_at": NOW}),
     "GrantRecord": (views.grant, {"user": "*", "privilege": "read", "created_at": NOW}),
     "Job": (views.job, {
         "id": JOB_ID, "seq": 7, "owner": "alice", "label": "", "image_name": None,
@@ -213,6 +214,11 @@ ROWS: dict[str, tuple[Any, dict[str, Any]]] = {
     "Event": (views.event, {"seq": 3, "job": JOB_ID, "at": NOW, "state": "initializing",
                             "stage": "booting", "reason": None, "exit_status": None,
                             "message": None}),
+    "Snapshot": (views.snapshot, {
+        "id": JOB_ID, "job_id": JOB_ID, "name": "alice/snap", "repository": "alice/snap",
+        "store": "https://store.example", "owner": "alice", "description": "",
+        "state": "failed", "digest": None, "error_code": "unknown_job", "message": "gone",
+        "created_at": NOW, "finished_at": NOW}),
 }
 
 

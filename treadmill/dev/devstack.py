@@ -324,12 +324,16 @@ class Devstack:
         digest = json.loads(built.stdout)["digest"]
         token = (self.state / "admin-token").read_text().strip()
         status, body = self._api("GET", "/api/v1/images/demo", token)
-        if status != 200 or not isinstance(body, dict) or body.get("digest") != digest:
+        host_tags = ["qemu"] if self.has_qemu() else []
+        if (status != 200 or not isinstance(body, dict) or body.get("digest") != digest
+                or body.get("host_tags") != host_tags):
             _say("pushing the demo image")
             env = {**os.environ, "TREADMILL_CONFIG": str(self.state / "tml.toml")}
             pushed = subprocess.run(
                 [sys.executable, str(tool), "--cache", str(cache), "--push", "demo",
-                 "--store", self.store_url], capture_output=True, text=True, env=env,
+                 "--store", self.store_url,
+                 *(arg for tag in host_tags for arg in ("--host-tag", tag))],
+                capture_output=True, text=True, env=env,
                 check=False)
             if pushed.returncode != 0:
                 _say(f"could not push the demo image: {pushed.stderr.strip()[-500:]}")
@@ -503,8 +507,9 @@ Use it from another shell:
   tml job submit demo --tag mock --follow          # the mock host really fetches it
 """
         if self.has_qemu():
-            text += """  tml job submit demo --tag qemu --param exit_status=3 --follow   # boots it
-  tml job submit demo --tag qemu --param hang=1    # then: tml job connect JOB_ID console
+            text += """  tml job submit demo --follow      # boots on qemu-1 (the host tag)
+  tml job submit demo --param exit_status=3 --follow
+  tml job submit demo --param hang=1    # then: tml job connect JOB_ID console
 """
         return text
 

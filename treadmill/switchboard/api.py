@@ -458,7 +458,8 @@ class SwitchboardAPI:
         principal = await self.auth.principal(request)
         body = read_json(request, schemas.IMAGE_CREATE)
         await self.store.create_image(body["name"], body["digest"], body["stores"],
-                                      principal.user_id, body.get("description", ""))
+                                      principal.user_id, body.get("description", ""),
+                                      body.get("host_tags", ()))
         row = await self.store.get_image(body["name"], principal)
         return respond(request, views.image(row), 201)
 
@@ -475,7 +476,8 @@ class SwitchboardAPI:
         body = read_json(request, schemas.IMAGE_UPDATE)
         await self.store.update_image(name, digest=body.get("digest"),
                                       stores=body.get("stores"),
-                                      description=body.get("description"))
+                                      description=body.get("description"),
+                                      host_tags=body.get("host_tags"))
         return respond(request, views.image(await self.store.get_image(name, principal)))
 
     @app.route("/api/v1/images/<path:name>", methods=["DELETE"])
@@ -582,6 +584,7 @@ class SwitchboardAPI:
             raise ApiError(400, f"queue_timeout: at most {limits.max_queue_timeout:g} seconds")
         image = body["image"]
         name: str | None
+        default_tags: list[str] = []
         if image.startswith("sha256:"):
             name, digest = None, image
             usable = [row for row in await self.store.images_by_digest(digest, principal)
@@ -596,13 +599,15 @@ class SwitchboardAPI:
             if "use" not in held:
                 raise ApiError(400 if not held else 403, f"image: you may not use {image!r}")
             name, digest, stores = image, row["digest"], row["stores"]
+            default_tags = row["host_tags"]
         parameters = {key: {"value": p["value"], "secret": p.get("secret", False)}
                       for key, p in body.get("parameters", {}).items()}
         for key, p in parameters.items():
             if len(p["value"].encode("utf-8")) > 4096:
                 raise ApiError(400, f"parameters.{key}.value: longer than 4 KiB in UTF-8")
         return JobSpec(image_name=name, image_digest=digest, image_stores=stores,
-                       tags=body.get("tags", []), parameters=parameters, timeout=timeout,
+                       tags=body["tags"] if "tags" in body else default_tags,
+                       parameters=parameters, timeout=timeout,
                        queue_timeout=queue_timeout, max_restarts=body.get("max_restarts", 0),
                        label=body.get("label", ""), log_servers=self._pick_log_servers())
 

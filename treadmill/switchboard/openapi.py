@@ -102,7 +102,10 @@ NEW_HOST: dict[str, Any] = {
 
 IMAGE = _record({
     "name": STRING, "digest": STRING, "stores": STRINGS, "owner": OPTIONAL_STRING,
-    "description": STRING, "created_at": TIME, "updated_at": TIME,
+    "description": STRING,
+    "host_tags": {**STRINGS, "description": "The host tags of a job that names this image "
+                                            "and asks for none."},
+    "created_at": TIME, "updated_at": TIME,
 }, "An image of the catalogue.")
 
 GRANT_RECORD = _record({

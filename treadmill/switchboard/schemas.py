@@ -49,14 +49,14 @@ HOST_CREATE = _object({"name": NAME, "tags": TAGS, "owner": NAME, "description":
                       ("name",))
 HOST_TAGS = _object({"tags": TAGS}, ("tags",))
 IMAGE_CREATE = _object({
-    "name": IMAGE_NAME, "digest": DIGEST, "description": TEXT,
+    "name": IMAGE_NAME, "digest": DIGEST, "description": TEXT, "host_tags": TAGS,
     "stores": {"type": "array", "maxItems": 16, "uniqueItems": True, "items": STORE_URL},
 }, ("name", "digest", "stores"))
 SNAPSHOT_CREATE = _object({
     "name": IMAGE_NAME, "store": STORE_URL, "description": TEXT,
 }, ("name",))
 IMAGE_UPDATE = _object({
-    "digest": DIGEST, "description": TEXT,
+    "digest": DIGEST, "description": TEXT, "host_tags": TAGS,
     "stores": {"type": "array", "maxItems": 16, "uniqueItems": True, "items": STORE_URL},
 })
 GRANT = _object({"user": USER_OR_EVERYONE, "privilege": {"type": "string",

@@ -59,7 +59,7 @@ _HOST_COLUMNS = """
      ORDER BY j.seq DESC LIMIT 1) AS current_job"""
 _IMAGE_COLUMNS = """
     i.id, i.name, i.digest, i.stores, i.owner_id, o.name AS owner, i.description,
-    i.created_at, i.updated_at"""
+    i.host_tags, i.created_at, i.updated_at"""
 _JOB_COLUMNS = """
     j.id, j.seq, j.owner_id, o.name AS owner, j.label, j.image_name, j.image_digest,
     j.image_stores, j.tags, j.parameters, j.timeout, j.queue_timeout, j.max_restarts,
@@ -256,11 +256,12 @@ class Store:
                 f"FROM images i LEFT JOIN users o ON o.id = i.owner_id WHERE {where}")
 
     async def create_image(self, name: str, digest: str, stores: list[str], owner_id: int,
-                           description: str) -> None:
+                           description: str, host_tags: Sequence[str] = ()) -> None:
         try:
             await self.pool.execute(
-                "INSERT INTO images (name, digest, stores, owner_id, description) "
-                "VALUES (%s, %s, %s, %s, %s)", (name, digest, stores, owner_id, description))
+                "INSERT INTO images (name, digest, stores, owner_id, description, host_tags) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                (name, digest, stores, owner_id, description, list(host_tags)))
         except psycopg2.errors.UniqueViolation as e:
             raise _unique(e, f"image {name!r}") from None
 
@@ -284,11 +285,15 @@ class Store:
             {"digest": digest, "uid": principal.user_id})
 
     async def update_image(self, name: str, *, digest: str | None, stores: list[str] | None,
-                           description: str | None) -> None:
+                           description: str | None,
+                           host_tags: Sequence[str] | None = None) -> None:
         row = await self.pool.fetchone(
             "UPDATE images SET digest = coalesce(%s, digest), stores = coalesce(%s, stores), "
-            "description = coalesce(%s, description), updated_at = now() "
-            "WHERE name = %s RETURNING id", (digest, stores, description, name))
+            "description = coalesce(%s, description), "
+            "host_tags = coalesce(%s, host_tags), updated_at = now() "
+            "WHERE name = %s RETURNING id",
+            (digest, stores, description, list(host_tags) if host_tags is not None else None,
+             name))
         if row is None:
             raise NotFound(f"no image {name!r}")
 

@@ -23,7 +23,8 @@ def host(row: dict[str, Any]) -> dict[str, Any]:
 
 def image(row: dict[str, Any]) -> dict[str, Any]:
     return {key: row[key] for key in
-            ("name", "digest", "stores", "owner", "description", "created_at", "updated_at")}
+            ("name", "digest", "stores", "owner", "description", "host_tags", "created_at",
+             "updated_at")}
 
 
 def snapshot(row: dict[str, Any]) -> dict[str, Any]:

@@ -108,3 +108,72 @@ async def test_a_qemu_job_runs_through_the_switchboard(bed: Any, test_image: Bui
     # Only the job's disk is left, for snapshots (qemu.kept_dir = STATE_DIR/qemu-kept).
     kept = tmp_path / "vm-1" / "qemu-kept"
     assert sorted(os.listdir(kept)) == [f"{job_id}.json", f"{job_id}.qcow2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_qemu_job_boots_from_a_site_image_cache(database: str, tmp_path: Path,
+                                                        test_image: BuiltImage) -> None:
+    """The supervisor reads the layers from the cache's directory (its "mount"), leasing
+    the image there; the cache pulls them through from the upstream store on the lease."""
+    from treadmill.imagestore.cache import CacheConfig
+
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2)
+    keys = dict(keys_url=f"{sb.url}/.well-known/treadmill/capability-keys",
+                realm=f"{sb.url}/api/v1/registry/token", access_log=False)
+    upstream = ImageStoreService(reactor, ImageStoreConfig(
+        root=str(tmp_path / "store"), listen=["tcp:0:interface=127.0.0.1"], **keys))
+    upstream.startService()
+    await upstream.ready()
+    store_url = f"http://127.0.0.1:{upstream.ports()[0].getHost().port}"
+    token_file = tmp_path / "cache-upstream.token"
+    token_file.write_text(sb.admin_token)
+    cache = ImageStoreService(reactor, ImageStoreConfig(
+        root=str(tmp_path / "cache"), listen=["tcp:0:interface=127.0.0.1"],
+        service="treadmill-imagecache", **keys,
+        cache=CacheConfig(upstreams=[store_url], upstream_user="admin",
+                          upstream_token_file=str(token_file), upstream_realms=[sb.url],
+                          upstream_retries=1, upstream_backoff=0.05, upstream_timeout=30.0)))
+    cache.startService()
+    work_dir = tempfile.mkdtemp(prefix="tq-", dir="/tmp")
+    supervisor: SupervisorService | None = None
+    try:
+        await cache.ready()
+        cache_url = f"http://127.0.0.1:{cache.ports()[0].getHost().port}"
+        await push(sb, store_url, test_image, "demo/cached-vm")
+        r = await sb.admin.post("/api/v1/hosts", {"name": "vm-2", "tags": ["qemu"]})
+        supervisor = SupervisorService(reactor, SupervisorConfig(
+            url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "vm-2"),
+            reconnect_initial=0.1, reconnect_max=1.0, durable=False, driver="qemu",
+            images_cache_mount=str(tmp_path / "cache"), images_cache_url=cache_url,
+            driver_values={"qemu.accel": "tcg", "qemu.memory": 256, "qemu.work_dir": work_dir,
+                           "qemu.shutdown_timeout": 2.0}))
+        supervisor.startService()
+        await supervisor.ready()
+        await supervisor.connected()
+        job_id = (await sb.admin.post("/api/v1/jobs", {
+            "image": "demo/cached-vm", "tags": ["qemu"],
+            "parameters": {"exit_status": {"value": "0"}}})).body["id"]
+
+        async def done() -> dict[str, Any] | None:
+            body = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
+            return body if body["state"] == "terminated" else None
+
+        final = await eventually(done, timeout=90)
+        assert final["termination"]["reason"] == "workload_exited", final
+        assert final["termination"]["exit_status"] == 0, final
+        # Every layer came from the cache's directory: nothing was downloaded locally.
+        local = tmp_path / "vm-2" / "images" / "blobs"
+        downloaded = sorted(p.name for p in local.rglob("*") if p.is_file())
+        assert downloaded == [], (downloaded, test_image.info)
+        cached = {p.name for p in (tmp_path / "cache" / "blobs").rglob("*") if p.is_file()}
+        assert test_image.digest.split(":")[1] in cached
+        # The job's disk is kept (for a snapshot), so its image stays leased on the cache.
+        assert list(supervisor.fetcher.leases.values()) == [1]
+        assert len(list((tmp_path / "cache" / "cache" / "leases").glob("*.json"))) == 1
+    finally:
+        if supervisor is not None:
+            await supervisor.stopService()
+        await cache.stopService()
+        await upstream.stopService()
+        await sb.stop()
+        shutil.rmtree(work_dir, ignore_errors=True)

@@ -74,6 +74,8 @@ async def image_register(ctx: Context) -> int:
     body: dict[str, Any] = {"name": a.name, "digest": a.digest, "stores": a.stores}
     if a.description is not None:
         body["description"] = a.description
+    if a.host_tags is not None:
+        body["host_tags"] = a.host_tags
     return ctx.emit(await ctx.api.post("images", body=body), render_image)
 
 
@@ -87,8 +89,11 @@ async def image_update(ctx: Context) -> int:
         body["stores"] = a.stores
     if a.description is not None:
         body["description"] = a.description
+    if a.host_tags is not None:
+        body["host_tags"] = a.host_tags
     if not body:
-        raise UsageError("nothing to change: give --digest, --store or --description")
+        raise UsageError("nothing to change: give --digest, --store, --description or "
+                         "--host-tag")
     return ctx.emit(await ctx.api.put("images", a.name, body=body), render_image)
 
 
@@ -320,6 +325,8 @@ async def image_push(ctx: Context) -> int:
         body: dict[str, Any] = {"name": name, "digest": digest, "stores": [store]}
         if a.description is not None:
             body["description"] = a.description
+        if a.host_tags is not None:
+            body["host_tags"] = a.host_tags
         try:
             image = await ctx.api.post("images", body=body)
         except ApiError as e:
@@ -328,6 +335,8 @@ async def image_push(ctx: Context) -> int:
             update: dict[str, Any] = {"digest": digest, "stores": [store]}
             if a.description is not None:
                 update["description"] = a.description
+            if a.host_tags is not None:
+                update["host_tags"] = a.host_tags
             image = await ctx.api.put("images", name, body=update)
     result = {"name": name, "repository": repo, "tag": tag, "digest": digest, "store": store,
               "registered": image is not None, "blobs": pushed, "image": image}
@@ -459,11 +468,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("digest", metavar="DIGEST", help="sha256:<64 hex digits>")
     _store_option(p, required=True)
     p.add_argument("--description", metavar="TEXT")
+    _host_tag_option(p)
     p = add_command(image, "update", image_update, common, help="change an image")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--digest", metavar="DIGEST")
     _store_option(p, required=False)
     p.add_argument("--description", metavar="TEXT")
+    _host_tag_option(p)
     add_command(image, "ls", image_ls, common, help="list images")
     p = add_command(image, "show", image_show, common, help="show an image")
     p.add_argument("name", metavar="NAME")
@@ -471,6 +482,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME")
     _push_parser(image, common)
     _pull_parser(image, common)
+
+
+def _host_tag_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host-tag", dest="host_tags", action="append", metavar="TAG",
+                   help="a host tag jobs naming the image get when they give no --tag "
+                   "(e.g. qemu); repeat")
 
 
 def _transfer_options(p: argparse.ArgumentParser) -> None:
@@ -502,6 +519,7 @@ def _push_parser(image: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--annotation", dest="annotations", action="append", default=[],
                    type=name_value, metavar="KEY=VALUE", help="a manifest annotation; repeat")
     p.add_argument("--description", metavar="TEXT", help="the catalogue description")
+    _host_tag_option(p)
     p.add_argument("--no-register", action="store_true",
                    help="only upload; do not add or update the catalogue entry")
     p.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK_SIZE,
