@@ -177,3 +177,31 @@ async def test_a_qemu_job_boots_from_a_site_image_cache(database: str, tmp_path:
         await upstream.stopService()
         await sb.stop()
         shutil.rmtree(work_dir, ignore_errors=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_corrupt_layer_in_the_store_ends_the_job_with_image_error(
+        bed: Any, test_image: BuiltImage, tmp_path: Path) -> None:
+    sb, store_url, work_dir = bed
+    await push(sb, store_url, test_image, "demo/rotten-vm")
+    # The store verified the kernel on upload; its file then rots on disk.
+    kernel = next(d.digest for name, d in test_image.fetched().image.files()
+                  if name == "kernel")
+    hexdigest = kernel.split(":")[1]
+    blob = tmp_path / "store" / "blobs" / "sha256" / hexdigest[:2] / hexdigest
+    size = blob.stat().st_size
+    blob.chmod(0o644)
+    blob.write_bytes(b"\0" * size)
+    r = await sb.admin.post("/api/v1/jobs", {"image": "demo/rotten-vm", "tags": ["qemu"]})
+    job_id = r.body["id"]
+
+    async def done() -> dict[str, Any] | None:
+        body = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
+        return body if body["state"] == "terminated" else None
+
+    final = await eventually(done, timeout=60)
+    termination = final["termination"]
+    assert termination["reason"] == "image_error", final
+    assert kernel in termination["message"], termination
+    assert qemu_processes(f"treadmill-{job_id}") == []
+    assert os.listdir(work_dir) == []
