@@ -18,7 +18,7 @@ from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 
 from tests.daemons import _Output, free_port, run_python
-from tests.proxy.support import echo_once
+from tests.proxy.support import echo_client, echo_once
 from treadmill.cli.main import run as tml
 
 FAST = [f"mock.stages.{stage}=0" for stage in
@@ -186,6 +186,60 @@ async def run_the_demo_image(env: dict[str, str]) -> None:
     assert "workload_exited, exit status 3" in text, text
     assert status == 4, text  # tml: the workload failed
     await snapshot_round_trip(env)
+    await reach_a_vm_through_the_proxy(env)
+
+
+async def reach_a_vm_through_the_proxy(env: dict[str, str]) -> None:
+    """A QEMU job's SSH port and console are published on the proxy: the guest's SSH
+    banner answers on the public port, and a line typed through ``tml job connect JOB
+    console`` reaches the guest, whose echo shows in the job's console log."""
+    job_id = (await tml_json(["job", "submit", "demo", "--param", "hang=1"], env))["id"]
+    found: dict[str, dict[str, Any]] = {}
+
+    async def published() -> bool:
+        job = await tml_json(["job", "show", job_id], env)
+        found.update({e["service"]: e for e in job.get("endpoints") or []})
+        return {"ssh", "console"} <= set(found)
+
+    await eventually_async(published, 60.0)
+    assert (await banner(found["ssh"]["port"])).startswith(b"SSH-2.0-treadmill-test")
+
+    local = free_port()
+    output = _Output(io.BytesIO())
+    argv = [sys.executable, "-m", "treadmill.cli.main", "job", "connect", job_id, "console",
+            "--local-port", str(local)]
+    process = reactor.spawnProcess(output, argv[0], argv, env={**os.environ, **env})
+    try:
+        async def typed() -> bool:
+            try:
+                client = await echo_client(local)
+            except ConnectError:
+                return False
+            client.transport.write(b"hello from the proxy\n")
+            await deferLater(reactor, 0.5, lambda: None)
+            client.transport.loseConnection()
+            out, err = io.StringIO(), io.StringIO()
+            await tml(reactor, ["job", "logs", job_id], out, err, env)
+            return "treadmill-test-image: input hello from the proxy" in out.getvalue()
+
+        await eventually_async(typed, 60.0)
+    finally:
+        process.signalProcess("TERM")
+        await output.ended
+    await tml_json(["job", "cancel", job_id], env)
+
+    async def ended() -> bool:
+        return (await tml_json(["job", "show", job_id], env))["state"] == "terminated"
+
+    await eventually_async(ended, 60.0)
+
+
+async def banner(port: int) -> bytes:
+    client = await echo_client(port)
+    try:
+        return await client.wait_for(10, timeout=10.0)
+    finally:
+        client.transport.loseConnection()
 
 
 async def snapshot_round_trip(env: dict[str, str]) -> None:
