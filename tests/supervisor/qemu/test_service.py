@@ -205,3 +205,64 @@ async def test_a_corrupt_layer_in_the_store_ends_the_job_with_image_error(
     assert kernel in termination["message"], termination
     assert qemu_processes(f"treadmill-{job_id}") == []
     assert os.listdir(work_dir) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_supervisor_adopts_its_running_vm(database: str, tmp_path: Path,
+                                                            test_image: BuiltImage) -> None:
+    """The supervisor stops (gracefully) while its VM runs; the next one re-attaches to the
+    same QEMU and the job ends with the guest's own exit status, run once."""
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2)
+    store = ImageStoreService(reactor, ImageStoreConfig(
+        root=str(tmp_path / "store"), listen=["tcp:0:interface=127.0.0.1"],
+        keys_url=f"{sb.url}/.well-known/treadmill/capability-keys",
+        realm=f"{sb.url}/api/v1/registry/token", access_log=False))
+    store.startService()
+    work_dir = tempfile.mkdtemp(prefix="tq-", dir="/tmp")
+    supervisor: SupervisorService | None = None
+    try:
+        await store.ready()
+        store_url = f"http://127.0.0.1:{store.ports()[0].getHost().port}"
+        await push(sb, store_url, test_image, "demo/long-vm")
+        r = await sb.admin.post("/api/v1/hosts", {"name": "vm-3", "tags": ["qemu"]})
+        config = SupervisorConfig(
+            url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "vm-3"),
+            reconnect_initial=0.1, reconnect_max=1.0, durable=False, driver="qemu",
+            driver_values={"qemu.accel": "tcg", "qemu.memory": 256, "qemu.work_dir": work_dir,
+                           "qemu.shutdown_timeout": 2.0})
+        supervisor = SupervisorService(reactor, config)
+        supervisor.startService()
+        await supervisor.ready()
+        job_id = (await sb.admin.post("/api/v1/jobs", {
+            "image": "demo/long-vm", "tags": ["qemu"],
+            "parameters": {"sleep": {"value": "8"}, "exit_status": {"value": "5"},
+                           "message": {"value": "after the restart"}}})).body["id"]
+
+        async def state(name: str) -> dict[str, Any] | None:
+            body = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
+            return body if body["state"] == name else None
+
+        await eventually(lambda: state("ready"), timeout=60)
+        await supervisor.stopService()  # graceful: the VM keeps running
+        assert len(qemu_processes(f"treadmill-{job_id}")) == 1
+        supervisor = SupervisorService(reactor, config)
+        supervisor.startService()
+        await supervisor.ready()
+        assert supervisor.runner.status() == {"id": job_id, "state": "ready", "stage": None}
+        final = await eventually(lambda: state("terminated"), timeout=60)
+        termination = final["termination"]
+        assert termination == {"reason": "workload_exited", "exit_status": 5,
+                               "message": "after the restart"}, final
+        events = (await sb.admin.get(f"/api/v1/jobs/{job_id}/events")).body["events"]
+        assert [e["state"] for e in events].count("ready") == 1
+        async def gone() -> bool:
+            return qemu_processes(f"treadmill-{job_id}") == []
+
+        await eventually(gone)
+        assert os.listdir(work_dir) == []
+    finally:
+        if supervisor is not None and supervisor.running:
+            await supervisor.stopService()
+        await store.stopService()
+        await sb.stop()
+        shutil.rmtree(work_dir, ignore_errors=True)
