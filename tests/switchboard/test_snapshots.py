@@ -164,6 +164,13 @@ async def test_requests_that_cannot_be_snapshots(sb: RunningSwitchboard) -> None
     r = await alice.post(f"/api/v1/jobs/{job_id}/snapshots",
                          {"name": "alice/x", "store": STORE})
     assert r.status == 202
-    bob = await sb.user("carol")
-    r = await bob.post(f"/api/v1/jobs/{job_id}/snapshots", {"name": "carol/x", "store": STORE})
+    carol = await sb.user("carol")
+    r = await carol.post(f"/api/v1/jobs/{job_id}/snapshots", {"name": "carol/x", "store": STORE})
     assert r.status == 404
+    # Stopping a job is not copying its disk: that takes manage.
+    await alice.post(f"/api/v1/jobs/{job_id}/grants", {"user": "carol", "privilege": "stop"})
+    r = await carol.post(f"/api/v1/jobs/{job_id}/snapshots", {"name": "carol/x", "store": STORE})
+    assert r.status == 403
+    await alice.post(f"/api/v1/jobs/{job_id}/grants", {"user": "carol", "privilege": "manage"})
+    r = await carol.post(f"/api/v1/jobs/{job_id}/snapshots", {"name": "carol/x", "store": STORE})
+    assert r.status == 202 and r.body["owner"] == "carol"

@@ -656,8 +656,10 @@ class SwitchboardAPI:
 
     @app.route("/api/v1/jobs/<job_id>/snapshots", methods=["POST"])
     async def snapshot_job(self, request: IRequest, job_id: str) -> bytes:
-        """Ask the job's host to upload the disk the ended job left as a new image."""
-        principal, row = await self._job(request, job_id, "stop")
+        """Ask the job's host to upload the disk the ended job left as a new image.
+
+        ``manage``, not ``stop``: the image is a copy of everything the job wrote."""
+        principal, row = await self._job(request, job_id, "manage")
         body = read_json(request, schemas.SNAPSHOT_CREATE)
         if row["state"] != "terminated":
             raise ApiError(409, f"job {row['id']} has not ended; stop it first")

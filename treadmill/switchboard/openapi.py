@@ -462,7 +462,7 @@ def _jobs() -> dict[str, dict[str, Any]]:
             "get": _operation("job_snapshots", "Jobs", "A job's snapshots (read).", 200,
                               "SnapshotList", errors=(403, 404)),
             "post": _operation(
-                "snapshot_job", "Jobs", "Snapshot an ended job's disk as a new image (stop).",
+                "snapshot_job", "Jobs", "Snapshot an ended job's disk as a new image (manage).",
                 202, "Snapshot", body="SnapshotCreate", errors=(403, 404, 409),
                 description="The job's host uploads the disk the job left (QEMU hosts keep "
                             "it for a while after the end) as a new image named `name`, on "
