@@ -186,3 +186,23 @@ async def test_failed_health_check_fails_the_next_start(bed: Bed) -> None:
     _, end = await bed.run(driver, "job-2", b'agent {"type":"ready"}\nexit 0\n')
     assert end == ("exited", (0, ""))
     await sleep(0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_before_every_job_catches_a_board_that_broke_while_idle(
+        bed: Bed) -> None:
+    health = [*bed.board.settings()["serial.flash.command"][:2], "health", str(bed.board.root)]
+    driver = await bed.driver(health__timeout=2.0, health__command=health,
+                              health__before_job=True)
+    _, end = await bed.run(driver, "job-1", b'agent {"type":"ready"}\nexit 0\n')
+    assert end == ("exited", (0, "")) and not driver.needs_check
+    bed.board.ctl("break")  # while idle: nothing notices until the next job
+    _, end = await bed.run(driver, "job-2", b'agent {"type":"ready"}\nexit 0\n')
+    what, (reason, message) = end
+    assert (what, reason) == ("failed", "host_start_failure")
+    assert "board health check failed" in message
+    assert driver.needs_check
+    bed.board.ctl("fix")
+    _, end = await bed.run(driver, "job-3", b'agent {"type":"ready"}\nexit 0\n')
+    assert end == ("exited", (0, ""))
+    await sleep(0)

@@ -470,9 +470,20 @@ class SerialDriver:
         return None
 
     async def _check(self, run: _Run) -> None:
-        """Clean state and health before a job when the board needs it."""
+        """Clean state and health before a job when the board needs it (and, with
+        ``serial.health.before_job``, the health check before every job)."""
+        s = self.settings
         if not self.needs_check:
-            return
+            if not (s.health_before_job and (s.health_command or s.health_pattern)):
+                return
+            run.touched = True
+            problem = await self._health(run)
+            if problem is None:
+                return
+            self.needs_check = True
+            self.health_problem = problem
+            run.touched = False
+            raise _StepFailed("host_start_failure", f"board health check failed: {problem}")
         run.touched = True
         try:
             await self._clean(run, self.settings.clean_after,

@@ -138,6 +138,9 @@ SETTINGS: tuple[Setting, ...] = (
             "serial.health.timeout after a reset for the board to be healthy."),
     Setting("serial.health.timeout", positive(FLOAT), 30.0,
             "Serial driver: seconds to wait for serial.health.pattern."),
+    Setting("serial.health.before_job", BOOL, False,
+            "Serial driver: run the health check before every job, not only after a job "
+            "or a problem (finds a board that broke while idle before its job is lost)."),
     Setting("serial.boot.ready", one_of("reset", "pattern", "agent"), "reset",
             "Serial driver: when the job is ready: right after the reset, when the console "
             "shows serial.boot.pattern, or when the agent says ready."),
@@ -190,6 +193,7 @@ class SerialSettings:
     health_command: list[str] = field(default_factory=list)
     health_pattern: str | None = None
     health_timeout: float = 30.0
+    health_before_job: bool = False
     boot_ready: str = "reset"
     boot_pattern: str | None = None
     boot_timeout: float = 60.0
