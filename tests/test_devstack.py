@@ -80,7 +80,7 @@ async def test_devstack_serial_sim_runs_a_board_job() -> None:
         assert code == 0, out + err
         assert "tml job submit board-demo --tag serial --follow" in out
         env = {"TREADMILL_CONFIG": str(state / "tml.toml")}
-        argv = ["job", "submit", "board-demo", "--tag", "serial", "--follow",
+        argv = ["job", "submit", "board-demo", "--follow",
                 "--param", "greeting=hi"]
         stdout, stderr = io.StringIO(), io.StringIO()
         status = await tml(reactor, argv, stdout, stderr, env)
@@ -88,6 +88,7 @@ async def test_devstack_serial_sim_runs_a_board_job() -> None:
         assert status == 0, text
         assert "fakeflash: done" in text and "param greeting=hi" in text, text
         assert "workload_exited, exit status 0" in text, text
+        await type_into_a_board_through_the_proxy(state, env, int(port))
     finally:
         subprocess.run([sys.executable, "-m", "treadmill.dev.devstack", "stop", "--state",
                         str(state), "--port", port], capture_output=True, timeout=120,
@@ -98,6 +99,53 @@ async def test_devstack_serial_sim_runs_a_board_job() -> None:
             assert "Traceback (most recent" not in log.read_text(), log
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def type_into_a_board_through_the_proxy(state: Path, env: dict[str, str],
+                                              port: int) -> None:
+    """The board's console bridge, published on the proxy: a line typed through ``tml job
+    connect JOB console`` reaches the board's app, which reads it and exits."""
+    app = state / "interactive.bin"
+    app.write_bytes(b'agent {"type":"ready"}\nprint type a line\nread\nexit 0 typed\n')
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["image", "push", "board-interactive", "--store", f"http://127.0.0.1:{port + 1}",
+            "--firmware", str(app), "--host-tag", "serial"]
+    assert await tml(reactor, argv, out, err, env) == 0, out.getvalue() + err.getvalue()
+    job_id = (await tml_json(["job", "submit", "board-interactive"], env))["id"]
+    found: dict[str, Any] = {}
+
+    async def published() -> bool:
+        job = await tml_json(["job", "show", job_id], env)
+        found.update({e["service"]: e for e in job.get("endpoints") or []})
+        return "console" in found
+
+    await eventually_async(published, 60.0)
+    local = free_port()
+    output = _Output(io.BytesIO())
+    argv = [sys.executable, "-m", "treadmill.cli.main", "job", "connect", job_id, "console",
+            "--local-port", str(local)]
+    process = reactor.spawnProcess(output, argv[0], argv, env={**os.environ, **env})
+    try:
+        async def typed() -> bool:
+            try:
+                client = await echo_client(local)
+            except ConnectError:
+                return False
+            client.transport.write(b"hello board\n")
+            await deferLater(reactor, 0.5, lambda: None)
+            client.transport.loseConnection()
+            job = await tml_json(["job", "show", job_id], env)
+            return job["state"] == "terminated"
+
+        await eventually_async(typed, 60.0)
+    finally:
+        process.signalProcess("TERM")
+        await output.ended
+    job = await tml_json(["job", "show", job_id], env)
+    assert job["termination"]["reason"] == "workload_exited", job
+    out_, err_ = io.StringIO(), io.StringIO()
+    await tml(reactor, ["job", "logs", job_id], out_, err_, env)
+    assert "got: hello board" in out_.getvalue(), out_.getvalue()
 
 
 async def tml_json(argv: list[str], env: dict[str, str]) -> Any:

@@ -295,12 +295,14 @@ class Devstack:
             [fmt.FirmwareFile("app.bin", blob)])))
         token = (self.state / "admin-token").read_text().strip()
         status, body = self._api("GET", f"/api/v1/images/{BOARD_IMAGE}", token)
-        if status != 200 or not isinstance(body, dict) or body.get("digest") != digest:
+        if (status != 200 or not isinstance(body, dict) or body.get("digest") != digest
+                or body.get("host_tags") != ["serial"]):
             _say("pushing the demo board image")
             env = {**os.environ, "TREADMILL_CONFIG": str(self.state / "tml.toml")}
             pushed = subprocess.run(
                 [sys.executable, "-m", "treadmill.cli.main", "image", "push", BOARD_IMAGE,
-                 "--store", self.store_url, "--firmware", str(app), "--description",
+                 "--store", self.store_url, "--firmware", str(app), "--host-tag", "serial",
+                 "--description",
                  "devstack: an app for the simulated board (treadmill/dev/fakeboard.py)"],
                 capture_output=True, text=True, env=env, check=False)
             if pushed.returncode != 0:
