@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest_twisted
 import treq
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 
 from tests.support import start_switchboard
@@ -150,6 +151,11 @@ async def test_log_server_killed_mid_job_loses_no_byte(database: str, tmp_path: 
             return (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body["state"] == "ready"
 
         await eventually(running, timeout=20)
+        # A user follows the console live (tml job logs -f) across the restart.
+        followed, follow_err = io.StringIO(), io.StringIO()
+        following: Deferred[int] = ensureDeferred(tml(
+            reactor, ["--url", sb.url, "--token", sb.admin_token, "job", "logs", job_id,
+                      "--follow"], followed, follow_err, {}))
         await deferLater(reactor, 1.0, lambda: None)
         await logserver.signal(signal.SIGKILL)
         await deferLater(reactor, 1.0, lambda: None)  # The console keeps going meanwhile.
@@ -175,6 +181,9 @@ async def test_log_server_killed_mid_job_loses_no_byte(database: str, tmp_path: 
         assert len(numbers) > 100 and numbers[0] == 1
         assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), \
             "lost or repeated console lines"
+        # The follower waited out the restart and saw every byte once, then ended.
+        assert await following.addTimeout(30, reactor) == 0, follow_err.getvalue()
+        assert followed.getvalue() == console
     finally:
         await supervisor.stopService()
         await sb.stop()

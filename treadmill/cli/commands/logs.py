@@ -83,8 +83,11 @@ async def read_stream(ctx: Context, job_id: str, stream: str, follow: bool,
                 body = (await treq.content(response))[:300].decode("utf-8", "replace")
                 raise OSError(f"HTTP {response.code}: {body}")
             before = write.count
-            await treq.collect(response, write)
-            offset += write.count - before
+            try:
+                await treq.collect(response, write)
+            finally:
+                # Also when the server vanished mid-stream: resume after what was shown.
+                offset += write.count - before
             return EXIT_OK
         except Exception as e:
             failures += 1
