@@ -1,8 +1,11 @@
-"""Assembling a role's service tree: listeners plus the optional manhole and metrics."""
+"""Assembling a role's service tree: listeners plus the optional manhole and metrics,
+and leaving with a failure status when start-up fails under twistd."""
 
 from __future__ import annotations
 
 import gc
+import os
+import sys
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -49,3 +52,22 @@ def add_operator_services(reactor: Any, root: MultiService, values: dict[str, An
         metrics: IService = metrics_service(reactor, values["metrics.listen"], registry)
         metrics.setName("metrics")
         metrics.setServiceParent(root)
+
+
+def exit_failed(reactor: Any) -> None:
+    """Stop the running reactor, then leave the process with status 1.
+
+    For a role whose start-up failed (a store that cannot be opened, a port that
+    cannot be bound): twistd would exit 0 after ``reactor.stop()``, and systemd must
+    see the failure rather than a process left up and deaf. Does nothing when the
+    reactor is not running.
+    """
+    if reactor.running:
+        reactor.addSystemEventTrigger("after", "shutdown", _exit_1)
+        reactor.stop()
+
+
+def _exit_1() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

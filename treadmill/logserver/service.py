@@ -14,8 +14,6 @@ that every stream's length is known before the first append.
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +22,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from treadmill.common.daemon import listeners
+from treadmill.common.daemon import exit_failed, listeners
 from treadmill.common.http import limited_site
 from treadmill.common.keys import KeySource, key_source
 from treadmill.logserver.api import LogServerAPI
@@ -104,9 +102,7 @@ class LogServerService(MultiService):
 
     def _start_failed(self, failure: Any) -> None:
         self.log.failure("The log server cannot start", failure)
-        if self.reactor.running:
-            self.reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
-            self.reactor.stop()
+        exit_failed(self.reactor)
 
     def ready(self) -> Deferred[None]:
         """Fires when the store is loaded and the API listens."""
@@ -152,9 +148,3 @@ class LogServerService(MultiService):
         self._stopping = True
         return Deferred.fromCoroutine(self._stop())
 
-
-def _exit_failed() -> None:
-    """Leave with status 1 (twistd would exit 0 after ``reactor.stop()``)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)

@@ -22,9 +22,7 @@ For tests and tools, in-process::
 
 from __future__ import annotations
 
-import os
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +30,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from treadmill.common.daemon import listeners
+from treadmill.common.daemon import exit_failed, listeners
 from treadmill.common.http import limited_site
 from treadmill.common.keys import KeySource, key_source
 from treadmill.proxy.api import ProxyAPI
@@ -120,9 +118,7 @@ class ProxyService(MultiService):
 
     def _start_failed(self, failure: Any) -> None:
         self.log.failure("The proxy cannot start", failure)
-        if self.reactor.running:
-            self.reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
-            self.reactor.stop()
+        exit_failed(self.reactor)
 
     def ready(self) -> Deferred[None]:
         """Fires when the data and HTTP listeners listen."""
@@ -170,9 +166,3 @@ class ProxyService(MultiService):
                 self.removeService(child)  # already stopped
         self._ports, self._data_ports = [], []
 
-
-def _exit_failed() -> None:
-    """Leave with status 1 (twistd would exit 0 after ``reactor.stop()``)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)

@@ -33,6 +33,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from treadmill.common.daemon import exit_failed
 from treadmill.supervisor.drivers import IHostDriver, make_driver
 from treadmill.supervisor.drivers.mock import MockSettings
 from treadmill.supervisor.images import DEFAULT_LOCAL_LIMIT, ImageFetcher, http_url_for
@@ -156,11 +157,9 @@ class SupervisorService(MultiService):
     def _start_failed(self, failure: Failure) -> None:
         self._start_error = failure
         self.log.failure("{name}: start-up failed", failure, name=self.config.name)
-        if self.exit_on_failure and self.reactor.running and not self._stopping:
-            # A supervisor that cannot use its state directory must not run: exit
-            # non-zero so that systemd sees the failure (twistd has no exit status).
-            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-            self.reactor.stop()
+        if self.exit_on_failure and not self._stopping:
+            # A supervisor that cannot use its state directory must not run.
+            exit_failed(self.reactor)
 
     def ready(self) -> Deferred[None]:
         """Fires when the state directory is read and the link is started (or fails
