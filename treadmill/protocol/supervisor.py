@@ -22,10 +22,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from jsonschema.exceptions import best_match
-
-from treadmill.common.http import loads
-from treadmill.common.schema import validator
+from treadmill.common.messages import check, decode
+from treadmill.common.messages import encode as encode  # re-exported: the protocol's encoder
 
 MAJOR = 1
 MINOR = 3
@@ -72,38 +70,15 @@ def schema() -> dict[str, Any]:
     return json.loads(text)
 
 
-def _validator() -> Any:
-    return validator(schema())
-
-
 def validate(message: Any) -> None:
     """Raise :class:`ProtocolError` unless ``message`` is a valid v1 message."""
-    error = best_match(_validator().iter_errors(message))
-    if error is not None:
-        where = ".".join(str(p) for p in error.absolute_path) or "message"
-        kind = message.get("type") if isinstance(message, dict) else None
-        raise ProtocolError(f"invalid {kind or 'message'}: {where}: {error.validator} "
-                            f"check failed")
+    check(message, schema(), ProtocolError)
 
 
 def parse(payload: bytes, *, expect: tuple[str, ...]) -> dict[str, Any]:
     """Decode and validate one received message of one of the ``expect`` types."""
-    if len(payload) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    try:
-        message = loads(payload)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ProtocolError(f"malformed JSON: {e}") from None
-    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-        raise ProtocolError("a message is a JSON object with a string 'type'")
-    if message["type"] not in expect:
-        raise ProtocolError(f"unexpected message type {message['type'][:64]!r}")
-    validate(message)
-    return message
-
-
-def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode("utf-8")
+    return decode(payload, expect=expect, max_bytes=MAX_MESSAGE_BYTES, error=ProtocolError,
+                  validate=validate)
 
 
 def negotiate_minor(theirs: str | bytes | None) -> int:

@@ -25,10 +25,8 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
-from jsonschema.exceptions import best_match
-
-from treadmill.common.http import loads
-from treadmill.common.schema import validator
+from treadmill.common.messages import check, decode
+from treadmill.common.messages import encode as encode  # re-exported: the protocol's encoder
 
 __all__ = [
     "CONTROL_PATH",
@@ -106,31 +104,13 @@ def validate(message: Any) -> None:
     """Raise :class:`ProtocolError` unless ``message`` is a valid v1 message."""
     kind = message.get("type") if isinstance(message, dict) else None
     part = _type_schemas().get(kind) if isinstance(kind, str) else None
-    error = best_match(validator(part if part is not None else schema()).iter_errors(message))
-    if error is not None:
-        where = ".".join(str(p) for p in error.absolute_path) or "message"
-        raise ProtocolError(f"invalid {kind or 'message'}: {where}: {error.validator} "
-                            "check failed")
+    check(message, part if part is not None else schema(), ProtocolError)
 
 
 def parse(payload: bytes, *, expect: tuple[str, ...]) -> dict[str, Any]:
     """Decode and validate one received message of one of the ``expect`` types."""
-    if len(payload) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    try:
-        message = loads(payload)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ProtocolError(f"malformed JSON: {e}") from None
-    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-        raise ProtocolError("a message is a JSON object with a string 'type'")
-    if message["type"] not in expect:
-        raise ProtocolError(f"unexpected message type {message['type'][:64]!r}")
-    validate(message)
-    return message
-
-
-def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode("utf-8")
+    return decode(payload, expect=expect, max_bytes=MAX_MESSAGE_BYTES, error=ProtocolError,
+                  validate=validate)
 
 
 def parse_proxy_url(url: str) -> tuple[bool, str, int, str]:
