@@ -1,7 +1,8 @@
 """HTTP plumbing shared by the roles' JSON APIs (Klein).
 
 - :class:`ApiError` and :func:`error_body`: the one error shape,
-  ``{"error": {"code": ..., "message": ...}}``.
+  ``{"error": {"code": ..., "message": ...}}``; :func:`http_exception_error` and
+  :func:`respond_internal` for the handlers every role's API has.
 - :func:`limited_site`: a ``Site`` whose requests stop buffering a body past a
   size limit, so that an oversized upload costs no memory and gets ``413``.
 - :func:`read_json`: parse and validate a request body against a JSON Schema.
@@ -18,10 +19,13 @@ from typing import Any
 from uuid import UUID
 
 from jsonschema.exceptions import best_match
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+from werkzeug.exceptions import HTTPException
 
 from treadmill.common.schema import validator
 
@@ -98,6 +102,21 @@ def respond_error(request: IRequest, error: ApiError) -> bytes:
     if error.status == 401:
         request.setHeader(b"www-authenticate", b'Bearer realm="treadmill"')
     return error_body(error.code, error.message)
+
+
+def http_exception_error(error: HTTPException) -> ApiError:
+    """The JSON error for a routing failure (Werkzeug's ``NotFound``, ``MethodNotAllowed``…)."""
+    code = error.code or 500
+    message = {404: "no such endpoint", 405: "method not allowed"}.get(
+        code, error.description or "error")
+    return ApiError(code, message)
+
+
+def respond_internal(request: IRequest, failure: Failure, log: Logger) -> bytes:
+    """Log an unhandled ``failure`` on ``log`` and answer ``500 internal error``."""
+    log.failure("Unhandled error in {method} {path}", failure=failure,
+                method=request.method, path=request.path)
+    return respond_error(request, ApiError(500, "internal error"))
 
 
 class LimitedRequest(Request):

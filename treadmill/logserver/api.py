@@ -29,7 +29,14 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from treadmill.common.captoken import CapabilityError, Claims, bearer_token
-from treadmill.common.http import ApiError, dumps, respond, respond_error
+from treadmill.common.http import (
+    ApiError,
+    dumps,
+    http_exception_error,
+    respond,
+    respond_error,
+    respond_internal,
+)
 from treadmill.logserver.follow import FollowFactory, Pump, RequestSink, serve
 from treadmill.logserver.names import InvalidName, check_job, check_stream
 from treadmill.logserver.store import StorageError, StreamError, StreamStore, TooManyStreams
@@ -160,17 +167,11 @@ class LogServerAPI:
 
     @app.handle_errors(HTTPException)
     def _http_error(self, request: IRequest, failure: Failure) -> bytes:
-        error: HTTPException = failure.value
-        code = error.code or 500
-        message = {404: "no such endpoint", 405: "method not allowed"}.get(
-            code, error.description or "error")
-        return respond_error(request, ApiError(code, message))
+        return respond_error(request, http_exception_error(failure.value))
 
     @app.handle_errors(Exception)
     def _internal(self, request: IRequest, failure: Failure) -> bytes:
-        self.log.failure("Unhandled error in {method} {path}", failure=failure,
-                         method=request.method, path=request.path)
-        return respond_error(request, ApiError(500, "internal error"))
+        return respond_internal(request, failure, self.log)
 
     # -- helpers -----------------------------------------------------------------------
 

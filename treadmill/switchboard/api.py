@@ -22,7 +22,15 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from treadmill.common.captoken import Access, CapabilitySigner
-from treadmill.common.http import ApiError, dumps, read_json, respond, respond_error
+from treadmill.common.http import (
+    ApiError,
+    dumps,
+    http_exception_error,
+    read_json,
+    respond,
+    respond_error,
+    respond_internal,
+)
 from treadmill.switchboard import credentials, registry, schemas, views
 from treadmill.switchboard.access import PRIVILEGES, Principal, effective
 from treadmill.switchboard.auth import Authenticator
@@ -136,11 +144,7 @@ class SwitchboardAPI:
 
     @app.handle_errors(HTTPException)
     def _http_error(self, request: IRequest, failure: Failure) -> bytes:
-        error: HTTPException = failure.value
-        code = error.code or 500
-        message = {404: "no such endpoint", 405: "method not allowed"}.get(
-            code, error.description or "error")
-        return respond_error(request, ApiError(code, message))
+        return respond_error(request, http_exception_error(failure.value))
 
     @app.handle_errors(CancelledError)
     def _cancelled(self, request: IRequest, failure: Failure) -> bytes:
@@ -149,9 +153,7 @@ class SwitchboardAPI:
 
     @app.handle_errors(Exception)
     def _internal(self, request: IRequest, failure: Failure) -> bytes:
-        self.log.failure("Unhandled error in {method} {path}", failure=failure,
-                         method=request.method, path=request.path)
-        return respond_error(request, ApiError(500, "internal error"))
+        return respond_internal(request, failure, self.log)
 
     # -- public ----------------------------------------------------------------
 
