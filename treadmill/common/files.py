@@ -1,5 +1,8 @@
 """Small durable file writes: write a temporary file, fsync, rename, fsync the directory.
 
+:func:`write_atomically` for keys and configuration, :func:`write_json` for the
+stores' JSON state files.
+
 For keys, configuration and state files of a few KiB. Callers on the reactor
 thread may call these directly for such sizes; bulk data goes through the
 roles' streaming writers instead.
@@ -7,20 +10,26 @@ roles' streaming writers instead.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from typing import Any
 
 
-def fsync_directory(directory: str) -> None:
-    """Make a rename in ``directory`` durable (best effort where unsupported)."""
+def fsync_directory(directory: str, *, strict: bool = False) -> None:
+    """Make a rename in ``directory`` durable: best effort where unsupported, unless
+    ``strict`` (a store that must report a failed sync), when errors raise."""
     try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
     except OSError:
+        if strict:
+            raise
         return
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        if strict:
+            raise
     finally:
         os.close(fd)
 
@@ -54,3 +63,27 @@ def write_atomically(path: str | os.PathLike[str], data: bytes, *, mode: int = 0
         raise
     if durable:
         fsync_directory(directory)
+
+
+def write_json(path: str, value: Any, durable: bool = True, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``value`` as compact JSON, written to ``path + ".tmp"`` and
+    renamed over it.
+
+    For the stores' state files, written in their I/O threads: the fixed temporary
+    name lets a start-up scan remove leftovers, and with ``durable`` the file and its
+    directory are synced and a failed sync raises.
+    """
+    data = json.dumps(value, separators=(",", ":")).encode("utf-8")
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if durable:
+        fsync_directory(os.path.dirname(path), strict=True)

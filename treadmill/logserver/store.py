@@ -41,6 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from treadmill.common.files import fsync_directory, write_json
 from treadmill.logserver.names import META, is_job, is_stream
 
 __all__ = ["Job", "Stream", "StreamError", "StreamStore", "TooManyStreams", "Writer"]
@@ -301,37 +302,12 @@ class Writer:
 # -- blocking file operations (writer or reader thread) ------------------------------------
 
 
-def _write_json(path: str, value: Any, fsync: bool) -> None:
-    data = json.dumps(value, separators=(",", ":")).encode("utf-8")
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    if fsync:
-        _sync_dir(os.path.dirname(path))
-
-
-def _sync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _make_job_dir(path: str, fsync: bool) -> None:
     if os.path.isdir(path):
         return
     os.makedirs(path, mode=0o750, exist_ok=True)
     if fsync:
-        _sync_dir(os.path.dirname(path))
+        fsync_directory(os.path.dirname(path), strict=True)
 
 
 def _read_range(path: str, offset: int, size: int) -> bytes:
@@ -631,12 +607,12 @@ class StreamStore:
         def write(batch: _Batch, index: int) -> None:
             if meta is not None:
                 _make_job_dir(job_path, fsync)
-                _write_json(os.path.join(job_path, META), meta, fsync)
+                write_json(os.path.join(job_path, META), meta, fsync, mode=0o640)
             batch.pwrite(index, path, offset, data)
             if meta is not None and fsync:
                 # The new file's directory entry must survive too.
                 batch.fd(path)
-                _sync_dir(job_path)
+                fsync_directory(job_path, strict=True)
 
         try:
             await self.writer.submit(write, len(data))
@@ -671,7 +647,7 @@ class StreamStore:
         def close(batch: _Batch, index: int) -> None:
             _make_job_dir(job_path, fsync)
             batch.fd(path)  # creates an empty stream if needed
-            _write_json(os.path.join(job_path, META), meta, fsync)  # syncs the directory
+            write_json(os.path.join(job_path, META), meta, fsync, mode=0o640)  # syncs the directory
 
         try:
             await self.writer.submit(close)

@@ -32,6 +32,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from treadmill.common.files import fsync_directory, write_json
+
 __all__ = ["ENDED_KEEP", "Loaded", "StateFiles", "StateLocked"]
 
 CURRENT = "current-job.json"
@@ -117,11 +119,11 @@ class StateFiles:
         files say.
         """
         if event is not None and seq is not None:
-            self._write_json(self._event_path(seq), event)
+            write_json(self._event_path(seq), event, self.durable)
         if ended is not None:
-            self._write_json(os.path.join(self.path, ENDED), {"jobs": ended})
+            write_json(os.path.join(self.path, ENDED), {"jobs": ended}, self.durable)
         if current is not None:
-            self._write_json(os.path.join(self.path, CURRENT), current)
+            write_json(os.path.join(self.path, CURRENT), current, self.durable)
         elif clear_current:
             self._unlink(os.path.join(self.path, CURRENT))
 
@@ -148,21 +150,6 @@ class StateFiles:
                 os.replace(path, path + ".corrupt")
             return None
 
-    def _write_json(self, path: str, value: Any) -> None:
-        data = json.dumps(value, separators=(",", ":")).encode("utf-8")
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if self.durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        self._sync_dir(os.path.dirname(path))
-
     def _unlink(self, path: str, *, sync: bool = True) -> None:
         try:
             os.unlink(path)
@@ -172,10 +159,5 @@ class StateFiles:
             self._sync_dir(os.path.dirname(path))
 
     def _sync_dir(self, path: str) -> None:
-        if not self.durable:
-            return
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.durable:
+            fsync_directory(path, strict=True)

@@ -71,6 +71,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from treadmill.common.files import fsync_directory, write_json
 from treadmill.logserver.names import is_stream
 
 __all__ = ["LOGS_DIR", "LogShipper"]
@@ -142,31 +143,6 @@ class _Server:
 # -- blocking file operations (run in a thread, one at a time) ---------------------------
 
 
-def _write_json(path: str, value: Any, durable: bool) -> None:
-    data = json.dumps(value, separators=(",", ":")).encode("utf-8")
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    if durable:
-        _sync_dir(os.path.dirname(path))
-
-
-def _sync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _read_json(path: str) -> Any:
     try:
         with open(path, "rb") as f:
@@ -198,7 +174,7 @@ def _spool_write(directory: str, name: str, start: int, data: bytes, durable: bo
     finally:
         os.close(fd)
     if new and durable:
-        _sync_dir(os.path.dirname(path))
+        fsync_directory(os.path.dirname(path), strict=True)
 
 
 def _spool_read(directory: str, name: str, start: int, offset: int, size: int) -> bytes:
@@ -323,7 +299,7 @@ class LogShipper:
         loaded = _load(self.directory) if os.path.isdir(self.directory) else None
         self._restore(loaded, servers)
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        self._io(_write_json, os.path.join(self.directory, JOB_FILE),
+        self._io(write_json, os.path.join(self.directory, JOB_FILE),
                  {"job_id": job_id, "servers": [{"url": s.url, "token": s.token}
                                                 for s in self._servers.values()]},
                  durable).addErrback(self._io_failed, "write job.json")
@@ -844,7 +820,7 @@ class LogShipper:
                                 "failed": dict(s.failed)}
                         for s in self._servers.values()},
         }
-        d = self._io(_write_json, os.path.join(self.directory, CURSORS_FILE), state,
+        d = self._io(write_json, os.path.join(self.directory, CURSORS_FILE), state,
                      self.durable)
         d.addErrback(self._io_failed, "save its cursors")
         return d
@@ -903,7 +879,7 @@ class LogShipper:
             self._servers[url] = server
             if not self._stopped and not self._finished:
                 self._start_loop(server)
-        self._io(_write_json, os.path.join(self.directory, JOB_FILE),
+        self._io(write_json, os.path.join(self.directory, JOB_FILE),
                  {"job_id": self.job_id, "servers": [{"url": s.url, "token": s.token}
                                                      for s in self._servers.values()]},
                  self.durable).addErrback(self._io_failed, "write job.json")
