@@ -8,58 +8,19 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from tests.supervisor import reporter
 from tests.supervisor.peer import JOB_A, JOB_B, job
-from treadmill.supervisor.drivers import STAGES, IHostDriver, IJobReporter, StartRefused
+from treadmill.supervisor.drivers import STAGES, IHostDriver, StartRefused
 from treadmill.supervisor.drivers.mock import MOCK_SETTINGS, MockDriver, MockSettings
 
 
-@implementer(IJobReporter)
-class Recorder:
-    """Records reports with the clock's time."""
-
-    def __init__(self, clock: MemoryReactorClock):
-        self.clock = clock
-        self.reports: list[tuple[float, str, tuple[Any, ...]]] = []
-        self.console_bytes = b""
-        self.offered: list[dict[str, tuple[str, int]]] = []
+class Recorder(reporter.Recorder):
+    """Records reports with the clock's time (to the microsecond)."""
 
     def _add(self, what: str, *args: Any) -> None:
         self.reports.append((round(self.clock.seconds(), 6), what, args))
-
-    def stage(self, name: str) -> None:
-        self._add("stage", name)
-
-    def ready(self) -> None:
-        self._add("ready")
-
-    def terminating(self, reason: str | None = None) -> None:
-        self._add("terminating", reason)
-
-    def exited(self, exit_status: int, message: str = "") -> None:
-        self._add("exited", exit_status, message)
-
-    def failed(self, reason: str, message: str = "") -> None:
-        self._add("failed", reason, message)
-
-    def stopped(self, reason: str, message: str = "") -> None:
-        self._add("stopped", reason, message)
-
-    def console(self, data: bytes) -> None:
-        self.console_bytes += data
-
-    def services(self, services: dict[str, tuple[str, int]]) -> None:
-        self.offered.append(services)
-
-    @property
-    def kinds(self) -> list[str]:
-        return [what if what != "stage" else args[0] for _, what, args in self.reports]
-
-    @property
-    def last(self) -> tuple[str, tuple[Any, ...]]:
-        return self.reports[-1][1], self.reports[-1][2]
 
 
 def run(settings: MockSettings | None = None, seconds: float = 10.0, step: float = 0.01,

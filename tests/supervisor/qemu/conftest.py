@@ -15,12 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from zope.interface import implementer
 
 from treadmill.images import format as fmt
-from treadmill.supervisor.drivers import IJobReporter
 from treadmill.supervisor.images import FetchedImage, ImageFetchError
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -90,70 +86,6 @@ class FakeFetcher:
     def release_digests(self, digests: Any) -> None:
         for d in digests:
             self.pinned.remove(d)
-
-
-@implementer(IJobReporter)
-class Recorder:
-    """Records reports; ``ended`` fires with the final one."""
-
-    def __init__(self, clock: Any = reactor) -> None:
-        self.clock = clock
-        self.reports: list[tuple[float, str, tuple[Any, ...]]] = []
-        self.console_bytes = b""
-        self.offered: list[dict[str, tuple[str, int]]] = []
-        self.ended: Deferred[tuple[str, tuple[Any, ...]]] = Deferred()
-        self.became_ready: Deferred[None] = Deferred()
-        self._console_waiters: list[tuple[bytes, Deferred[None]]] = []
-
-    def _add(self, what: str, *args: Any) -> None:
-        self.reports.append((self.clock.seconds(), what, args))
-
-    def stage(self, name: str) -> None:
-        self._add("stage", name)
-
-    def ready(self) -> None:
-        self._add("ready")
-        if not self.became_ready.called:
-            self.became_ready.callback(None)
-
-    def terminating(self, reason: str | None = None) -> None:
-        self._add("terminating", reason)
-
-    def _end(self, what: str, *args: Any) -> None:
-        self._add(what, *args)
-        if not self.ended.called:
-            self.ended.callback((what, args))
-
-    def exited(self, exit_status: int, message: str = "") -> None:
-        self._end("exited", exit_status, message)
-
-    def failed(self, reason: str, message: str = "") -> None:
-        self._end("failed", reason, message)
-
-    def stopped(self, reason: str, message: str = "") -> None:
-        self._end("stopped", reason, message)
-
-    def console(self, data: bytes) -> None:
-        self.console_bytes += data
-        for waiter in list(self._console_waiters):
-            if waiter[0] in self.console_bytes:
-                self._console_waiters.remove(waiter)
-                waiter[1].callback(None)
-
-    def services(self, services: dict[str, tuple[str, int]]) -> None:
-        self.offered.append(dict(services))
-
-    def console_has(self, text: bytes) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        if text in self.console_bytes:
-            d.callback(None)
-        else:
-            self._console_waiters.append((text, d))
-        return d
-
-    @property
-    def kinds(self) -> list[str]:
-        return [what if what != "stage" else args[0] for _, what, args in self.reports]
 
 
 @pytest.fixture

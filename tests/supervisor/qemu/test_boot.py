@@ -21,10 +21,10 @@ from twisted.internet.task import deferLater
 from tests.supervisor.qemu.conftest import (
     BuiltImage,
     FakeFetcher,
-    Recorder,
     needs_qemu,
     qemu_processes,
 )
+from tests.supervisor.reporter import Recorder
 from treadmill.supervisor.drivers.qemu import QemuDriver, QemuSettings
 
 pytestmark = needs_qemu

@@ -13,11 +13,10 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from zope.interface import implementer
 
+from tests.supervisor import reporter
 from treadmill.dev import fakeboard
 from treadmill.images import format as fmt
-from treadmill.supervisor.drivers import IJobReporter
 from treadmill.supervisor.images import FetchedImage, blob_path
 
 FAKEBOARD = fakeboard.__file__
@@ -154,16 +153,8 @@ def _within(fired: Deferred[Any], timeout: float) -> Deferred[Any]:
     return out.addTimeout(timeout, reactor)
 
 
-@implementer(IJobReporter)
-class Recorder:
-    """Records reports; ``ended`` fires with the final one."""
-
-    def __init__(self) -> None:
-        self.reports: list[tuple[str, tuple[Any, ...]]] = []
-        self.console_bytes = b""
-        self.offered: list[dict[str, tuple[str, int]]] = []
-        self._ended: Deferred[tuple[str, tuple[Any, ...]]] = Deferred()
-        self._ready: Deferred[None] = Deferred()
+class Recorder(reporter.Recorder):
+    """Records reports as ``(what, args)``; ``ended`` and ``became_ready`` fail after 30 s."""
 
     @property
     def ended(self) -> Deferred[tuple[str, tuple[Any, ...]]]:
@@ -176,45 +167,6 @@ class Recorder:
 
     def _add(self, what: str, *args: Any) -> None:
         self.reports.append((what, args))
-
-    def stage(self, name: str) -> None:
-        self._add("stage", name)
-
-    def ready(self) -> None:
-        self._add("ready")
-        if not self._ready.called:
-            self._ready.callback(None)
-
-    def terminating(self, reason: str | None = None) -> None:
-        self._add("terminating", reason)
-
-    def _end(self, what: str, *args: Any) -> None:
-        self._add(what, *args)
-        if not self._ended.called:
-            self._ended.callback((what, args))
-
-    def exited(self, exit_status: int, message: str = "") -> None:
-        self._end("exited", exit_status, message)
-
-    def failed(self, reason: str, message: str = "") -> None:
-        self._end("failed", reason, message)
-
-    def stopped(self, reason: str, message: str = "") -> None:
-        self._end("stopped", reason, message)
-
-    def console(self, data: bytes) -> None:
-        self.console_bytes += data
-
-    def services(self, services: dict[str, tuple[str, int]]) -> None:
-        self.offered.append(services)
-
-    @property
-    def stages(self) -> list[str]:
-        return [args[0] for what, args in self.reports if what == "stage"]
-
-    @property
-    def text(self) -> str:
-        return self.console_bytes.decode("utf-8", "replace")
 
 
 def job(job_id: str, image: dict[str, Any], **parameters: Any) -> dict[str, Any]:
