@@ -145,6 +145,18 @@ def positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return check
 
 
+def non_negative(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A number that must be zero or more (not NaN)."""
+
+    def check(value: Any) -> Any:
+        value = kind(value)
+        if value < 0 or value != value:
+            raise ValueError(f"expected zero or more, got {value}")
+        return value
+
+    return check
+
+
 STR = _str
 INT = _int
 FLOAT = _float

@@ -15,6 +15,7 @@ from treadmill.common.config import (
     ConfigError,
     RoleOptions,
     Setting,
+    non_negative,
     one_of,
     positive,
     server_endpoints,
@@ -22,16 +23,6 @@ from treadmill.common.config import (
 from treadmill.common.daemon import add_operator_services
 from treadmill.logserver.service import DAY, LogServerConfig, LogServerService
 from treadmill.logserver.store import FSYNC_POLICIES
-
-
-def _non_negative(kind: Any) -> Any:
-    def check(value: Any) -> Any:
-        value = kind(value)
-        if value < 0 or value != value:
-            raise ValueError(f"expected zero or more, got {value}")
-        return value
-
-    return check
 
 
 class Options(RoleOptions):
@@ -50,9 +41,9 @@ class Options(RoleOptions):
         Setting("fsync", one_of(*FSYNC_POLICIES), "always",
                 "always: an append is acknowledged once fdatasync-ed (group commit); "
                 "never: once written to the OS (survives a daemon crash, not a power loss)."),
-        Setting("retention.max_age", _non_negative(FLOAT), 30 * DAY,
+        Setting("retention.max_age", non_negative(FLOAT), 30 * DAY,
                 "Delete a job this many seconds after its last append; 0 keeps jobs forever."),
-        Setting("retention.max_bytes", _non_negative(INT), 0,
+        Setting("retention.max_bytes", non_negative(INT), 0,
                 "Delete the least recently written jobs while the total exceeds this many "
                 "bytes; 0: no limit."),
         Setting("retention.interval", positive(FLOAT), 300.0,

@@ -15,6 +15,7 @@ from treadmill.common.config import (
     ConfigError,
     RoleOptions,
     Setting,
+    non_negative,
     positive,
     server_endpoints,
 )
@@ -22,16 +23,6 @@ from treadmill.common.daemon import add_operator_services
 from treadmill.proxy.ports import parse_range, parse_static
 from treadmill.proxy.registry import RegistrySettings
 from treadmill.proxy.service import ProxyConfig, ProxyService
-
-
-def _non_negative(kind: Any) -> Any:
-    def check(value: Any) -> Any:
-        value = kind(value)
-        if value < 0 or value != value:
-            raise ValueError(f"expected zero or more, got {value}")
-        return value
-
-    return check
 
 
 def _port_range(value: Any) -> str:
@@ -71,12 +62,12 @@ class Options(RoleOptions):
         Setting("service", STR, "treadmill-proxy",
                 "This proxy's name: the audience (aud) its capability tokens must name."),
         *keys.SETTINGS,
-        Setting("idle_timeout", _non_negative(FLOAT), 3600.0,
+        Setting("idle_timeout", non_negative(FLOAT), 3600.0,
                 "Close a client connection after this many seconds without traffic; 0: never."),
         Setting("max_connections_per_tunnel", positive(INT), 256,
                 "Client connections (waiting or active) one tunnel may have."),
         Setting("max_tunnels_per_job", positive(INT), 16, "Services one job may publish."),
-        Setting("grace", _non_negative(FLOAT), 30.0,
+        Setting("grace", non_negative(FLOAT), 30.0,
                 "Seconds a job's tunnels outlive its lost control connection."),
         Setting("connect_timeout", positive(FLOAT), 10.0,
                 "Seconds a client waits for the supervisor's data connection."),
