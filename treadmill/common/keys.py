@@ -34,7 +34,7 @@ from treadmill.common.captoken import (
     load_public_keys,
     parse_jwks,
 )
-from treadmill.common.config import FLOAT, STR, Setting, positive
+from treadmill.common.config import FLOAT, STR, ConfigError, Setting, positive
 from treadmill.common.files import write_atomically
 
 SETTINGS: tuple[Setting, ...] = (
@@ -49,6 +49,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth.ca_file", STR, None, "CA certificates for an https keys_url."),
 )
 """Settings of every satellite role (add them to the role's ``Options.settings``)."""
+
+
+def require_keys(values: Mapping[str, Any], source: str,
+                 hint: str = "the switchboard's capability keys") -> None:
+    """For a role's ``checkSettings``: refuse settings that name no capability keys."""
+    if not values["auth.keys_url"] and not values["auth.keys_file"]:
+        raise ConfigError(f"set auth.keys_file or auth.keys_url ({hint})", key="auth.keys_file",
+                          source=source)
 
 
 class KeySource(MultiService):

@@ -150,9 +150,7 @@ class Options(RoleOptions):
         self._check_cache(values, source)
         if values["auth.disabled"]:
             return
-        if not values["auth.keys_url"] and not values["auth.keys_file"]:
-            raise ConfigError("set auth.keys_file or auth.keys_url (or auth.disabled = true "
-                              "for a local experiment)", key="auth.keys_file", source=source)
+        keys.require_keys(values, source, "or auth.disabled = true for a local experiment")
         if not values["auth.realm"]:
             raise ConfigError("set auth.realm, the token endpoint registry clients are sent "
                               "to", key="auth.realm", source=source)

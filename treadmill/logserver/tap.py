@@ -55,9 +55,7 @@ class Options(RoleOptions):
 
     def checkSettings(self, values: dict[str, Any], source: str) -> None:
         super().checkSettings(values, source)
-        if not values["auth.keys_url"] and not values["auth.keys_file"]:
-            raise ConfigError("set auth.keys_file or auth.keys_url (the switchboard's "
-                              "capability keys)", key="auth.keys_file", source=source)
+        keys.require_keys(values, source)
         if not values["service"]:
             raise ConfigError("must not be empty", key="service", source=source)
 
