@@ -1,5 +1,6 @@
-"""Assembling a role's service tree: listeners plus the optional manhole and metrics,
-and leaving with a failure status when start-up fails under twistd."""
+"""Assembling a role's service tree: the root :class:`RoleService`, listeners plus the
+optional manhole and metrics, and leaving with a failure status when start-up fails
+under twistd."""
 
 from __future__ import annotations
 
@@ -10,8 +11,50 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+
+class RoleService(MultiService):
+    """The root service of a role's process.
+
+    Start-up is the coroutine :meth:`_start` (run by ``startService``);
+    :meth:`ready` fires when it is done. With :attr:`exit_on_failure` (twistd sets
+    it), a failed start-up logs :attr:`start_failure` and ends the process with
+    status 1: systemd restarts it, rather than it staying up and deaf.
+    ``_stopping`` tells ``_start`` that a stop began meanwhile.
+    """
+
+    log = Logger()
+    reactor: Any
+    start_failure = "The service cannot start"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ready: Deferred[None] | None = None
+        self._stopping = False
+        self.exit_on_failure = False
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._ready = Deferred.fromCoroutine(self._start())
+        if self.exit_on_failure:
+            self._ready.addErrback(self._start_failed)
+
+    async def _start(self) -> None:
+        raise NotImplementedError
+
+    def _start_failed(self, failure: Failure) -> None:
+        self.log.failure(self.start_failure, failure)
+        exit_failed(self.reactor)
+
+    def ready(self) -> Deferred[None]:
+        """Fires when start-up is done."""
+        return self._ready if self._ready is not None else succeed(None)
 
 
 def listeners(reactor: Any, descriptions: list[str], factory: IProtocolFactory,

@@ -40,13 +40,13 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector as PromCollector
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.iweb import IRequest
 
-from treadmill.common.daemon import listeners
+from treadmill.common.daemon import RoleService, listeners
 from treadmill.common.keys import KeySource
 from treadmill.imagestore.api import RegistryAPI, registry_site
 from treadmill.imagestore.auth import Authorizer
@@ -193,8 +193,9 @@ class ImageStoreMetrics:
         self.requests.labels(method, str(request.code)).inc()
 
 
-class ImageStoreService(MultiService):
-    """The root service of an image store process."""
+class ImageStoreService(RoleService):
+    """The root service of an image store process; ``ready()`` fires when the store
+    listens."""
 
     log = Logger()
 
@@ -255,7 +256,6 @@ class ImageStoreService(MultiService):
                                     self.cache.maintain, "Cache maintenance")
             maintenance.setName("cache-maintenance")
             maintenance.setServiceParent(self)
-        self._ready: Deferred[None] | None = None
         self._ports: list[Any] = []
         self._http: MultiService | None = None
 
@@ -275,11 +275,6 @@ class ImageStoreService(MultiService):
         self.storage.init()
         self.pool.start()
         super().startService()
-        self._ready = Deferred.fromCoroutine(self._start())
-
-    def ready(self) -> Deferred[None]:
-        """Fires when the store listens."""
-        return self._ready if self._ready is not None else succeed(None)
 
     async def _start(self) -> None:
         await self.uploads.expire()

@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from treadmill.common.daemon import exit_failed, listeners
+from treadmill.common.daemon import RoleService, listeners
 from treadmill.common.http import limited_site
 from treadmill.common.keys import KeySource, key_source
 from treadmill.logserver.api import LogServerAPI
@@ -51,10 +50,12 @@ class LogServerConfig:
     ping_interval: float = 30.0
 
 
-class LogServerService(MultiService):
-    """The root service of a log server process."""
+class LogServerService(RoleService):
+    """The root service of a log server process; ``ready()`` fires when the store is
+    loaded and the API listens."""
 
     log = Logger()
+    start_failure = "The log server cannot start"
 
     def __init__(self, reactor: Any, config: LogServerConfig, *, keys: KeySource | None = None):
         super().__init__()
@@ -81,32 +82,12 @@ class LogServerService(MultiService):
                 access_log(request)
 
         self.site.log = log  # type: ignore[method-assign]
-        self._ready: Deferred[None] | None = None
         self._ports: list[Any] = []
-        self._stopping = False
-        # twistd sets this: a store that cannot be opened or a port that cannot be bound
-        # stops the process (systemd restarts it) rather than leaving it up and deaf.
-        self.exit_on_failure = False
 
     def namespace(self) -> dict[str, Any]:
         """What the manhole shows an operator."""
         return {"logserver": self, "store": self.store, "api": self.api, "keys": self.keys,
                 "metrics": self.metrics, "reactor": self.reactor}
-
-    def startService(self) -> None:
-        super().startService()
-        self._stopping = False
-        self._ready = Deferred.fromCoroutine(self._start())
-        if self.exit_on_failure:
-            self._ready.addErrback(self._start_failed)
-
-    def _start_failed(self, failure: Any) -> None:
-        self.log.failure("The log server cannot start", failure)
-        exit_failed(self.reactor)
-
-    def ready(self) -> Deferred[None]:
-        """Fires when the store is loaded and the API listens."""
-        return self._ready if self._ready is not None else succeed(None)
 
     async def _start(self) -> None:
         await self.store.start()

@@ -26,11 +26,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from treadmill.common.daemon import exit_failed, listeners
+from treadmill.common.daemon import RoleService, listeners
 from treadmill.common.http import limited_site
 from treadmill.common.keys import KeySource, key_source
 from treadmill.proxy.api import ProxyAPI
@@ -65,10 +64,12 @@ class ProxyConfig:
     access_log: bool = True
 
 
-class ProxyService(MultiService):
-    """The root service of a proxy process."""
+class ProxyService(RoleService):
+    """The root service of a proxy process; ``ready()`` fires when the data and HTTP
+    listeners listen."""
 
     log = Logger()
+    start_failure = "The proxy cannot start"
 
     def __init__(self, reactor: Any, config: ProxyConfig, *, keys: KeySource | None = None):
         super().__init__()
@@ -92,12 +93,8 @@ class ProxyService(MultiService):
         if not config.access_log:
             self.site.log = lambda request: None  # type: ignore[method-assign]
         self.metrics = ProxyMetrics(self.registry)
-        self._ready: Deferred[None] | None = None
         self._ports: list[Any] = []
         self._data_ports: list[Any] = []
-        self._stopping = False
-        # twistd sets this: a port that cannot be bound stops the process.
-        self.exit_on_failure = False
 
     def namespace(self) -> dict[str, Any]:
         """What the manhole shows an operator."""
@@ -108,21 +105,6 @@ class ProxyService(MultiService):
         if not self._data_ports:
             raise RuntimeError("the data listener is not bound yet")
         return self._data_ports[0].getHost().port  # type: ignore[no-any-return]
-
-    def startService(self) -> None:
-        super().startService()
-        self._stopping = False
-        self._ready = Deferred.fromCoroutine(self._start())
-        if self.exit_on_failure:
-            self._ready.addErrback(self._start_failed)
-
-    def _start_failed(self, failure: Any) -> None:
-        self.log.failure("The proxy cannot start", failure)
-        exit_failed(self.reactor)
-
-    def ready(self) -> Deferred[None]:
-        """Fires when the data and HTTP listeners listen."""
-        return self._ready if self._ready is not None else succeed(None)
 
     async def _start(self) -> None:
         data = listeners(self.reactor, [with_backlog(d) for d in self.config.data_listen],

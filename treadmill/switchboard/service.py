@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from treadmill.common.captoken import CapabilitySigner, load_or_create_signing_key
-from treadmill.common.daemon import listeners
+from treadmill.common.daemon import RoleService, listeners
 from treadmill.common.http import limited_site
 from treadmill.switchboard.api import Limits, SwitchboardAPI
 from treadmill.switchboard.auth import Authenticator
@@ -69,8 +68,9 @@ class SwitchboardConfig:
     unreachable_after: float = 60.0
 
 
-class SwitchboardService(MultiService):
-    """The root service of a switchboard process."""
+class SwitchboardService(RoleService):
+    """The root service of a switchboard process; ``ready()`` fires when the database
+    is migrated and the API listens."""
 
     log = Logger()
 
@@ -126,24 +126,13 @@ class SwitchboardService(MultiService):
                 access_log(request)
 
         self.site.log = log  # type: ignore[method-assign]
-        self._ready: Deferred[None] | None = None
         self._ports: list[Any] = []
-        self._stopping = False
 
     def namespace(self) -> dict[str, Any]:
         """What the manhole shows an operator."""
         return {"switchboard": self, "store": self.store, "pool": self.pool, "api": self.api,
                 "auth": self.auth, "watchers": self.watchers, "links": self.links,
                 "scheduler": self.scheduler, "metrics": self.metrics, "reactor": self.reactor}
-
-    def startService(self) -> None:
-        super().startService()
-        self._stopping = False
-        self._ready = Deferred.fromCoroutine(self._start())
-
-    def ready(self) -> Deferred[None]:
-        """Fires when the database is migrated and the API listens."""
-        return self._ready if self._ready is not None else succeed(None)
 
     async def _start(self) -> None:
         delay = 0.5
