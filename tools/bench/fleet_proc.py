@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import resource
 import signal
 import socket
@@ -18,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from benchkit import first_line, host_info
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -130,17 +131,6 @@ def listen_overflows() -> dict[str, int]:
             table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
             return {k: int(table.get(k, 0)) for k in ("ListenOverflows", "ListenDrops")}
     return {}
-
-
-def machine_ticks() -> tuple[int, int]:
-    """(busy, total) CPU ticks of the whole machine, from /proc/stat."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    total = sum(fields[:8])
-    return total - idle, total
 
 
 # -- sampling --------------------------------------------------------------------------
@@ -294,50 +284,14 @@ def tail(path: Path, lines: int = 20) -> str:
 # -- the machine -------------------------------------------------------------------------
 
 
-def _first_line(cmd: list[str]) -> str:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "absent"
-    out = (proc.stdout or proc.stderr).strip().splitlines()
-    return out[0] if out else "unknown"
-
-
 def machine_info(postgres_bin: Path | None) -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_gb = None
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
     somaxconn = None
     with contextlib.suppress(OSError, ValueError):
         somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
     return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu,
-        "memory_gib": mem_gb,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "postgresql": _first_line([str(postgres_bin), "--version"]) if postgres_bin
+        **host_info(),
+        "postgresql": first_line([str(postgres_bin), "--version"]) if postgres_bin
         else "unknown",
         "somaxconn": somaxconn,
         "nofile": nofile_limits(),
     }
-
-
-def revision(root: Path) -> str:
-    """The checked-out commit, with ``+dirty`` if ``treadmill/`` has local changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root,
-                              capture_output=True, text=True, timeout=10, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "treadmill"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -46,7 +46,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -66,16 +65,14 @@ for _path in (str(ROOT), str(BENCH)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+from benchkit import first_line, host_info, machine_ticks, revision  # noqa: E402
 from switchboard_api import (  # noqa: E402
     WRK_REPORT_LUA,
     BenchError,
     Monitor,
-    _first_line,
-    _machine_ticks,
     _status_kb,
     free_port,
     parse_wrk,
-    revision,
     say,
     stop_process,
     wait_http,
@@ -116,29 +113,14 @@ def human(n: int) -> str:
 
 
 def machine_info(tmp: Path) -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_gb = None
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
-    fs = _first_line(["findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", "-T", str(tmp)])
+    fs = first_line(["findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", "-T", str(tmp)])
     return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu,
-        "memory_gib": mem_gb,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
+        **host_info(),
         "filesystem": fs,
-        "curl": _first_line(["curl", "--version"]),
-        "sha256sum": _first_line(["sha256sum", "--version"]),
-        "wrk": _first_line(["wrk", "-v"]),
-        "nginx": _first_line(["nginx", "-v"]) if shutil.which("nginx") else "absent",
+        "curl": first_line(["curl", "--version"]),
+        "sha256sum": first_line(["sha256sum", "--version"]),
+        "wrk": first_line(["wrk", "-v"]),
+        "nginx": first_line(["nginx", "-v"]) if shutil.which("nginx") else "absent",
     }
 
 
@@ -715,9 +697,9 @@ http {{
 
     def run(self) -> dict[str, Any]:
         a = self.args
-        busy0, total0 = _machine_ticks()
+        busy0, total0 = machine_ticks()
         time.sleep(2)
-        busy1, total1 = _machine_ticks()
+        busy1, total1 = machine_ticks()
         ambient = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
         self.results["ambient_cpu_busy"] = round(ambient, 3)
         if ambient > 0.1:
@@ -730,7 +712,7 @@ http {{
             "threads": a.threads, "warmup_s": a.warmup, "logger": a.logger,
             "tmpdir": str(self.tmp.parent)}
         self.results["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.results["revision"] = revision()
+        self.results["revision"] = revision(ROOT)
         self.start_nginx()
         for size in a.size:
             self.run_size(size)

@@ -49,7 +49,6 @@ import base64
 import contextlib
 import json
 import os
-import platform
 import re
 import resource
 import select
@@ -367,13 +366,11 @@ def role_main(args: argparse.Namespace) -> int:
 # The benchmark (the orchestrating process).
 # ======================================================================================
 
+from benchkit import first_line, host_info, machine_ticks, revision  # noqa: E402
 from switchboard_api import (  # noqa: E402
     BenchError,
-    _first_line,
-    _machine_ticks,
     _status_kb,
     free_port,
-    revision,
     say,
     stop_process,
     wait_http,
@@ -381,26 +378,11 @@ from switchboard_api import (  # noqa: E402
 
 
 def machine_info(tmp: Path) -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_gb = None
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
     return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu,
-        "memory_gib": mem_gb,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "filesystem": _first_line(["findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", "-T",
+        **host_info(),
+        "filesystem": first_line(["findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", "-T",
                                    str(tmp)]),
-        "dd": _first_line(["dd", "--version"]),
+        "dd": first_line(["dd", "--version"]),
     }
 
 
@@ -434,7 +416,7 @@ class Usage:
             Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # reset VmHWM
         self.t0 = time.monotonic()
         self.threads0 = _thread_ticks(self.pid)
-        self.machine0 = _machine_ticks()
+        self.machine0 = machine_ticks()
 
     def end(self) -> dict[str, Any]:
         wall = time.monotonic() - self.t0
@@ -442,7 +424,7 @@ class Usage:
         main1, other1 = _thread_ticks(self.pid)
         main = (main1 - self.threads0[0]) / clk
         other = (other1 - self.threads0[1]) / clk
-        busy1, total1 = _machine_ticks()
+        busy1, total1 = machine_ticks()
         busy0, total0 = self.machine0
         machine = (busy1 - busy0) / (total1 - total0) if total1 > total0 else None
         return {"wall_s": round(wall, 3), "server_cpu_s": round(main + other, 3),
@@ -701,9 +683,9 @@ access_log = false
 
     def run(self) -> dict[str, Any]:
         a = self.args
-        busy0, total0 = _machine_ticks()
+        busy0, total0 = machine_ticks()
         time.sleep(2)
-        busy1, total1 = _machine_ticks()
+        busy1, total1 = machine_ticks()
         ambient = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
         self.results["ambient_cpu_busy"] = round(ambient, 3)
         if ambient > 0.1:
@@ -715,7 +697,7 @@ access_log = false
             "rates_mb_s": a.rate, "follow_every": a.follow_every, "fsync": a.fsync,
             "logger": a.logger, "tmpdir": str(self.tmp.parent), "dsync_max": a.dsync_max}
         self.results["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.results["revision"] = revision()
+        self.results["revision"] = revision(ROOT)
         volume = 0
         for fsync in a.fsync:
             self.start_server(fsync)

@@ -54,7 +54,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import selectors
 import shutil
 import signal
@@ -73,6 +72,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchkit import first_line, host_info, machine_ticks, revision  # noqa: E402
 
 from treadmill.dev.pgcluster import Cluster, ClusterError  # noqa: E402
 from treadmill.images import format as fmt  # noqa: E402
@@ -125,53 +126,16 @@ def median(values: list[float]) -> float | None:
 # -- machine -------------------------------------------------------------------------
 
 
-def _first_line(cmd: list[str]) -> str:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "absent"
-    out = (proc.stdout or proc.stderr).strip().splitlines()
-    return out[0] if out else "unknown"
-
-
-def revision() -> str:
-    """The checked-out commit, with ``+dirty`` if ``treadmill/`` has local changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=10, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "treadmill", "twisted"],
-                               cwd=ROOT, capture_output=True, text=True, timeout=10,
-                               check=True)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
 def machine_info(settings: QemuSettings, cluster: Cluster | None) -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_gb = None
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
     return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu,
-        "memory_gib": mem_gb,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "postgresql": _first_line([str(cluster.bindir / "postgres"), "--version"])
+        **host_info(),
+        "postgresql": first_line([str(cluster.bindir / "postgres"), "--version"])
         if cluster is not None else "unknown",
-        "qemu": _first_line([settings.binary, "--version"]),
-        "qemu_img": _first_line([settings.img_binary, "--version"]),
+        "qemu": first_line([settings.binary, "--version"]),
+        "qemu_img": first_line([settings.img_binary, "--version"]),
         "kvm_device": os.path.exists("/dev/kvm"),
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
-        "revision": revision(),
+        "revision": revision(ROOT),
     }
 
 
@@ -186,17 +150,6 @@ def _stat(pid: int) -> tuple[int, int, int] | None:
         return None
     f = raw[raw.rindex(")") + 2:].split()
     return int(f[1]), int(f[11]) + int(f[12]), int(f[13]) + int(f[14])
-
-
-def _machine_ticks() -> tuple[int, int]:
-    """(busy, total) CPU ticks of the whole machine, from /proc/stat."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    total = sum(fields[:8])
-    return total - idle, total
 
 
 def _tree_ticks(roots: list[int]) -> int:
@@ -229,12 +182,12 @@ class Load:
         self.roots = roots  # a callable: the root pids of our process trees
 
     def begin(self) -> tuple[float, tuple[int, int], int]:
-        return time.monotonic(), _machine_ticks(), _tree_ticks(self.roots())
+        return time.monotonic(), machine_ticks(), _tree_ticks(self.roots())
 
     def end(self, start: tuple[float, tuple[int, int], int]) -> dict[str, Any]:
         t0, (busy0, total0), ours0 = start
         wall = time.monotonic() - t0
-        busy, total = _machine_ticks()
+        busy, total = machine_ticks()
         ours = _tree_ticks(self.roots())
         cores = len(os.sched_getaffinity(0))
         machine = (busy - busy0) / (total - total0) if total > total0 else None
@@ -251,9 +204,9 @@ def wait_quiet(max_busy: float, seconds: float, timeout: float) -> float | None:
     deadline = time.monotonic() + timeout
     share = None
     while True:
-        busy0, total0 = _machine_ticks()
+        busy0, total0 = machine_ticks()
         time.sleep(seconds)
-        busy, total = _machine_ticks()
+        busy, total = machine_ticks()
         share = (busy - busy0) / (total - total0) if total > total0 else 0.0
         if share <= max_busy or time.monotonic() >= deadline:
             return round(share, 3)

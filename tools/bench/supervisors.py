@@ -63,6 +63,7 @@ for _path in (str(ROOT), str(BENCH)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+from benchkit import machine_ticks, revision  # noqa: E402
 from fleet_client import (  # noqa: E402
     ACTIVE_STATES,
     APIError,
@@ -81,9 +82,7 @@ from fleet_proc import (  # noqa: E402
     free_port,
     listen_overflows,
     machine_info,
-    machine_ticks,
     nofile_limits,
-    revision,
     spawn,
     stop_process,
     tail,

@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -55,6 +54,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCH = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchkit import first_line, host_info, machine_ticks, revision  # noqa: E402
 
 from treadmill.dev.pgcluster import Cluster, ClusterError  # noqa: E402
 
@@ -102,52 +103,15 @@ class BenchError(RuntimeError):
 # -- machine ---------------------------------------------------------------------
 
 
-def _first_line(cmd: list[str]) -> str:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "absent"
-    out = (proc.stdout or proc.stderr).strip().splitlines()
-    return out[0] if out else "unknown"
-
-
-def revision() -> str:
-    """The checked-out commit, with ``+dirty`` if ``treadmill/`` has local changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=10, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "treadmill", "twisted"],
-                               cwd=ROOT, capture_output=True, text=True, timeout=10,
-                               check=True)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
 def machine_info(cluster: Cluster | None) -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_gb = None
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
     postgres = "unknown"
     if cluster is not None:
-        postgres = _first_line([str(cluster.bindir / "postgres"), "--version"])
+        postgres = first_line([str(cluster.bindir / "postgres"), "--version"])
     return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu,
-        "memory_gib": mem_gb,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
+        **host_info(),
         "postgresql": postgres,
-        "wrk": _first_line(["wrk", "-v"]),
-        "nginx": _first_line(["nginx", "-v"]) if shutil.which("nginx") else "absent",
+        "wrk": first_line(["wrk", "-v"]),
+        "nginx": first_line(["nginx", "-v"]) if shutil.which("nginx") else "absent",
     }
 
 
@@ -172,17 +136,6 @@ def _cpu_ticks(pid: int) -> tuple[int, int] | None:
         return None
     fields = raw[raw.rindex(")") + 2:].split()
     return int(fields[11]) + int(fields[12]), int(fields[1])
-
-
-def _machine_ticks() -> tuple[int, int]:
-    """(busy, total) CPU ticks of the whole machine, from /proc/stat."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    total = sum(fields[:8])
-    return total - idle, total
 
 
 def _runqueue_wait_ns(pid: int) -> int:
@@ -244,7 +197,7 @@ class Monitor:
             "time": time.monotonic(),
             "server": _tree_ticks(self.pid),
             "runq": _runqueue_wait_ns(self.pid),
-            "machine": _machine_ticks(),
+            "machine": machine_ticks(),
             "pg": _tree_ticks(self.postmaster) if self.postmaster else {},
             "children": resource.getrusage(resource.RUSAGE_CHILDREN),
         }
@@ -263,7 +216,7 @@ class Monitor:
         start = self._start["children"]
         # The load generator is the only child of ours reaped during a phase.
         loadgen = children.ru_utime + children.ru_stime - start.ru_utime - start.ru_stime
-        busy, total = _machine_ticks()
+        busy, total = machine_ticks()
         busy0, total0 = self._start["machine"]
         machine = (busy - busy0) / (total - total0) if total > total0 else None
         other = None
@@ -700,9 +653,9 @@ http {{
 
     def run(self) -> dict[str, Any]:
         a = self.args
-        busy0, total0 = _machine_ticks()
+        busy0, total0 = machine_ticks()
         time.sleep(2)
-        busy1, total1 = _machine_ticks()
+        busy1, total1 = machine_ticks()
         ambient = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
         self.results["ambient_cpu_busy"] = round(ambient, 3)
         if ambient > 0.1:
@@ -716,7 +669,7 @@ http {{
             "openloop_connections": a.openloop_connections, "logger": a.logger,
             "switchboard_args": a.switchboard_arg, "postgresql_durable": True}
         self.results["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.results["revision"] = revision()
+        self.results["revision"] = revision(ROOT)
         variants = {"off": [False], "on": [True], "both": [False, True]}[a.access_log]
         for access_log in variants:
             self.run_switchboard(access_log)
