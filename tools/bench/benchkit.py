@@ -7,13 +7,16 @@ Imported by the scripts beside it (each is run as a script, so this folder is on
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
+import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["first_line", "host_info", "machine_ticks", "revision"]
+__all__ = ["first_line", "host_info", "machine_ticks", "revision", "run"]
 
 
 def first_line(cmd: list[str]) -> str:
@@ -69,3 +72,36 @@ def machine_ticks() -> tuple[int, int]:
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
     total = sum(fields[:8])
     return total - idle, total
+
+
+def run(bench: Any, args: Any, table: Any, errors: tuple[type[BaseException], ...],
+        say: Any) -> int:
+    """Run ``bench`` (``run()`` then always ``cleanup()``) and print its results.
+
+    SIGTERM and Ctrl-C interrupt it (130) and ``errors`` fail it (1), cleaned up
+    either way; the results go to ``args.json_out`` if set, and to standard output
+    as JSON (``args.json``) or as ``table(results)``.
+    """
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
+    try:
+        results = bench.run()
+    except KeyboardInterrupt:
+        say("interrupted; cleaning up")
+        return 130
+    except errors as e:
+        say(f"failed: {e}")
+        return 1
+    finally:
+        bench.cleanup()
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
+    if args.json:
+        json.dump(results, sys.stdout, indent=2)
+        print()
+    else:
+        print(table(results))
+    return 0

@@ -366,6 +366,7 @@ def role_main(args: argparse.Namespace) -> int:
 # The benchmark (the orchestrating process).
 # ======================================================================================
 
+import benchkit  # noqa: E402
 from benchkit import first_line, host_info, machine_ticks, revision  # noqa: E402
 from switchboard_api import (  # noqa: E402
     BenchError,
@@ -902,30 +903,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
-    def terminate(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    bench = Bench(args)
-    try:
-        results = bench.run()
-    except KeyboardInterrupt:
-        say("interrupted; cleaning up")
-        return 130
-    except (BenchError, OSError, subprocess.SubprocessError) as e:
-        say(f"failed: {e}")
-        return 1
-    finally:
-        bench.cleanup()
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
-    if args.json:
-        json.dump(results, sys.stdout, indent=2)
-        print()
-    else:
-        print(table(results))
-    return 0
+    errors = (BenchError, OSError, subprocess.SubprocessError)
+    return benchkit.run(Bench(args), args, table, errors, say)
 
 
 if __name__ == "__main__":

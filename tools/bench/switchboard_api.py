@@ -55,6 +55,7 @@ BENCH = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import benchkit  # noqa: E402
 from benchkit import first_line, host_info, machine_ticks, revision  # noqa: E402
 
 from treadmill.dev.pgcluster import Cluster, ClusterError  # noqa: E402
@@ -848,30 +849,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
-    def terminate(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
-    bench = Bench(args)
-    try:
-        results = bench.run()
-    except KeyboardInterrupt:
-        say("interrupted; cleaning up")
-        return 130
-    except (BenchError, ClusterError, OSError, subprocess.SubprocessError) as e:
-        say(f"failed: {e}")
-        return 1
-    finally:
-        bench.cleanup()
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
-    if args.json:
-        json.dump(results, sys.stdout, indent=2)
-        print()
-    else:
-        print(table(results))
-    return 0
+    errors = (BenchError, ClusterError, OSError, subprocess.SubprocessError)
+    return benchkit.run(Bench(args), args, table, errors, say)
 
 
 if __name__ == "__main__":
