@@ -112,35 +112,14 @@ async def type_into_a_board_through_the_proxy(state: Path, env: dict[str, str],
             "--firmware", str(app), "--host-tag", "serial"]
     assert await tml(reactor, argv, out, err, env) == 0, out.getvalue() + err.getvalue()
     job_id = (await tml_json(["job", "submit", "board-interactive"], env))["id"]
-    found: dict[str, Any] = {}
+    await published(job_id, env, {"console"}, 60.0)
 
-    async def published() -> bool:
-        job = await tml_json(["job", "show", job_id], env)
-        found.update({e["service"]: e for e in job.get("endpoints") or []})
-        return "console" in found
+    async def typed(local: int) -> bool:
+        if not await type_line(local, b"hello board\n"):
+            return False
+        return (await tml_json(["job", "show", job_id], env))["state"] == "terminated"
 
-    await eventually_async(published, 60.0)
-    local = free_port()
-    output = _Output(io.BytesIO())
-    argv = [sys.executable, "-m", "treadmill.cli.main", "job", "connect", job_id, "console",
-            "--local-port", str(local)]
-    process = reactor.spawnProcess(output, argv[0], argv, env={**os.environ, **env})
-    try:
-        async def typed() -> bool:
-            try:
-                client = await echo_client(local)
-            except ConnectError:
-                return False
-            client.transport.write(b"hello board\n")
-            await deferLater(reactor, 0.5, lambda: None)
-            client.transport.loseConnection()
-            job = await tml_json(["job", "show", job_id], env)
-            return job["state"] == "terminated"
-
-        await eventually_async(typed, 60.0)
-    finally:
-        process.signalProcess("TERM")
-        await output.ended
+    await through_connect(job_id, "console", env, typed, 60.0)
     job = await tml_json(["job", "show", job_id], env)
     assert job["termination"]["reason"] == "workload_exited", job
     out_, err_ = io.StringIO(), io.StringIO()
@@ -163,33 +142,16 @@ async def reach_the_mock_echo_through_the_proxy(env: dict[str, str]) -> None:
     for param in FAST:
         argv += ["--param", param]
     job_id = (await tml_json(argv, env))["id"]
-    endpoints: list[dict[str, Any]] = []
-
-    async def published() -> bool:
-        job = await tml_json(["job", "show", job_id], env)
-        endpoints[:] = [e for e in job.get("endpoints") or [] if e["service"] == "echo"]
-        return bool(endpoints)
-
-    await eventually_async(published, 30.0)
-    port = endpoints[0]["port"]
+    port = (await published(job_id, env, {"echo"}, 30.0))["echo"]["port"]
     assert await echo_once(port, b"through the public port") == b"through the public port"
 
-    local = free_port()
-    output = _Output(io.BytesIO())
-    argv = [sys.executable, "-m", "treadmill.cli.main", "job", "connect", job_id, "echo",
-            "--local-port", str(local)]
-    process = reactor.spawnProcess(output, argv[0], argv, env={**os.environ, **env})
-    try:
-        async def answers() -> bool:
-            try:
-                return await echo_once(local, b"via websocket") == b"via websocket"
-            except (ConnectError, AssertionError):
-                return False
+    async def answers(local: int) -> bool:
+        try:
+            return await echo_once(local, b"via websocket") == b"via websocket"
+        except (ConnectError, AssertionError):
+            return False
 
-        await eventually_async(answers, 30.0)
-    finally:
-        process.signalProcess("TERM")
-        await output.ended
+    await through_connect(job_id, "echo", env, answers, 30.0)
 
     await tml_json(["job", "cancel", job_id], env)
 
@@ -201,6 +163,47 @@ async def reach_the_mock_echo_through_the_proxy(env: dict[str, str]) -> None:
         return False
 
     await eventually_async(closed, 30.0)
+
+
+async def published(job_id: str, env: dict[str, str], services: set[str],
+                    timeout: float) -> dict[str, dict[str, Any]]:
+    """The job's public endpoints by service, once ``services`` are all published."""
+    found: dict[str, dict[str, Any]] = {}
+
+    async def check() -> bool:
+        job = await tml_json(["job", "show", job_id], env)
+        found.update({e["service"]: e for e in job.get("endpoints") or []})
+        return services <= set(found)
+
+    await eventually_async(check, timeout)
+    return found
+
+
+async def through_connect(job_id: str, service: str, env: dict[str, str],
+                          check: Any, timeout: float) -> None:
+    """Run ``tml job connect JOB SERVICE --local-port P`` until ``check(P)`` holds."""
+    local = free_port()
+    output = _Output(io.BytesIO())
+    argv = [sys.executable, "-m", "treadmill.cli.main", "job", "connect", job_id, service,
+            "--local-port", str(local)]
+    process = reactor.spawnProcess(output, argv[0], argv, env={**os.environ, **env})
+    try:
+        await eventually_async(lambda: check(local), timeout)
+    finally:
+        process.signalProcess("TERM")
+        await output.ended
+
+
+async def type_line(port: int, line: bytes) -> bool:
+    """Send ``line`` to a local port (False if nothing listens yet)."""
+    try:
+        client = await echo_client(port)
+    except ConnectError:
+        return False
+    client.transport.write(line)
+    await deferLater(reactor, 0.5, lambda: None)
+    client.transport.loseConnection()
+    return True
 
 
 async def eventually_async(check: Any, timeout: float) -> None:
@@ -242,38 +245,17 @@ async def reach_a_vm_through_the_proxy(env: dict[str, str]) -> None:
     banner answers on the public port, and a line typed through ``tml job connect JOB
     console`` reaches the guest, whose echo shows in the job's console log."""
     job_id = (await tml_json(["job", "submit", "demo", "--param", "hang=1"], env))["id"]
-    found: dict[str, dict[str, Any]] = {}
-
-    async def published() -> bool:
-        job = await tml_json(["job", "show", job_id], env)
-        found.update({e["service"]: e for e in job.get("endpoints") or []})
-        return {"ssh", "console"} <= set(found)
-
-    await eventually_async(published, 60.0)
+    found = await published(job_id, env, {"ssh", "console"}, 60.0)
     assert (await banner(found["ssh"]["port"])).startswith(b"SSH-2.0-treadmill-test")
 
-    local = free_port()
-    output = _Output(io.BytesIO())
-    argv = [sys.executable, "-m", "treadmill.cli.main", "job", "connect", job_id, "console",
-            "--local-port", str(local)]
-    process = reactor.spawnProcess(output, argv[0], argv, env={**os.environ, **env})
-    try:
-        async def typed() -> bool:
-            try:
-                client = await echo_client(local)
-            except ConnectError:
-                return False
-            client.transport.write(b"hello from the proxy\n")
-            await deferLater(reactor, 0.5, lambda: None)
-            client.transport.loseConnection()
-            out, err = io.StringIO(), io.StringIO()
-            await tml(reactor, ["job", "logs", job_id], out, err, env)
-            return "treadmill-test-image: input hello from the proxy" in out.getvalue()
+    async def typed(local: int) -> bool:
+        if not await type_line(local, b"hello from the proxy\n"):
+            return False
+        out, err = io.StringIO(), io.StringIO()
+        await tml(reactor, ["job", "logs", job_id], out, err, env)
+        return "treadmill-test-image: input hello from the proxy" in out.getvalue()
 
-        await eventually_async(typed, 60.0)
-    finally:
-        process.signalProcess("TERM")
-        await output.ended
+    await through_connect(job_id, "console", env, typed, 60.0)
     await tml_json(["job", "cancel", job_id], env)
 
     async def ended() -> bool:
