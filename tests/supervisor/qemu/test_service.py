@@ -45,28 +45,53 @@ async def push(sb: RunningSwitchboard, store_url: str, image: BuiltImage, name: 
     return digest
 
 
+def store_service(sb: RunningSwitchboard, root: Path, **more: Any) -> ImageStoreService:
+    """An image store (or, with ``cache=``, a cache) on loopback that trusts ``sb``."""
+    return ImageStoreService(reactor, ImageStoreConfig(
+        root=str(root), listen=["tcp:0:interface=127.0.0.1"],
+        keys_url=f"{sb.url}/.well-known/treadmill/capability-keys",
+        realm=f"{sb.url}/api/v1/registry/token", access_log=False, **more))
+
+
+def url_of(service: ImageStoreService) -> str:
+    return f"http://127.0.0.1:{service.ports()[0].getHost().port}"
+
+
+async def qemu_host(sb: RunningSwitchboard, name: str, state_dir: Path, work_dir: str,
+                    **more: Any) -> SupervisorConfig:
+    """Register host ``name`` (tag qemu) and the configuration of its supervisor (TCG)."""
+    r = await sb.admin.post("/api/v1/hosts", {"name": name, "tags": ["qemu"]})
+    assert r.status == 201, r.body
+    return SupervisorConfig(
+        url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(state_dir),
+        reconnect_initial=0.1, reconnect_max=1.0, durable=False, driver="qemu",
+        driver_values={"qemu.accel": "tcg", "qemu.memory": 256, "qemu.work_dir": work_dir,
+                       "qemu.shutdown_timeout": 2.0}, **more)
+
+
+async def job_reaches(sb: RunningSwitchboard, job_id: str, state: str,
+                      timeout: float = 90) -> dict[str, Any]:
+    """The job, once it is in ``state``."""
+    async def check() -> dict[str, Any] | None:
+        body = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
+        return body if body["state"] == state else None
+
+    return await eventually(check, timeout=timeout)
+
+
 @pytest_twisted.async_yield_fixture
 async def bed(database: str, tmp_path: Path, test_image: BuiltImage
               ) -> AsyncIterator[tuple[RunningSwitchboard, str, str]]:
     sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
-    store = ImageStoreService(reactor, ImageStoreConfig(
-        root=str(tmp_path / "store"), listen=["tcp:0:interface=127.0.0.1"],
-        keys_url=f"{sb.url}/.well-known/treadmill/capability-keys",
-        realm=f"{sb.url}/api/v1/registry/token", access_log=False))
+    store = store_service(sb, tmp_path / "store")
     store.startService()
     work_dir = tempfile.mkdtemp(prefix="tq-", dir="/tmp")
     supervisor: SupervisorService | None = None
     try:
         await store.ready()
-        store_url = f"http://127.0.0.1:{store.ports()[0].getHost().port}"
-        r = await sb.admin.post("/api/v1/hosts", {"name": "vm-1", "tags": ["qemu"]})
-        assert r.status == 201, r.body
-        config = SupervisorConfig(
-            url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "vm-1"),
-            reconnect_initial=0.1, reconnect_max=1.0, durable=False, driver="qemu",
-            driver_values={"qemu.accel": "tcg", "qemu.memory": 256, "qemu.work_dir": work_dir,
-                           "qemu.shutdown_timeout": 2.0})
+        store_url = url_of(store)
+        config = await qemu_host(sb, "vm-1", tmp_path / "vm-1", work_dir)
         supervisor = SupervisorService(reactor, config)
         supervisor.startService()
         await supervisor.ready()
@@ -90,12 +115,7 @@ async def test_a_qemu_job_runs_through_the_switchboard(bed: Any, test_image: Bui
         "parameters": {"exit_status": {"value": "3"}, "message": {"value": "three"}}})
     assert r.status == 201, r.body
     job_id = r.body["id"]
-
-    async def done() -> dict[str, Any] | None:
-        body = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
-        return body if body["state"] == "terminated" else None
-
-    final = await eventually(done, timeout=90)
+    final = await job_reaches(sb, job_id, "terminated")
     termination = final["termination"]
     assert termination["reason"] == "workload_exited", final
     assert termination["exit_status"] == 3 and termination["message"] == "three", final
@@ -118,47 +138,33 @@ async def test_a_qemu_job_boots_from_a_site_image_cache(database: str, tmp_path:
     from treadmill.imagestore.cache import CacheConfig
 
     sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2)
-    keys = dict(keys_url=f"{sb.url}/.well-known/treadmill/capability-keys",
-                realm=f"{sb.url}/api/v1/registry/token", access_log=False)
-    upstream = ImageStoreService(reactor, ImageStoreConfig(
-        root=str(tmp_path / "store"), listen=["tcp:0:interface=127.0.0.1"], **keys))
+    upstream = store_service(sb, tmp_path / "store")
     upstream.startService()
     await upstream.ready()
-    store_url = f"http://127.0.0.1:{upstream.ports()[0].getHost().port}"
+    store_url = url_of(upstream)
     token_file = tmp_path / "cache-upstream.token"
     token_file.write_text(sb.admin_token)
-    cache = ImageStoreService(reactor, ImageStoreConfig(
-        root=str(tmp_path / "cache"), listen=["tcp:0:interface=127.0.0.1"],
-        service="treadmill-imagecache", **keys,
-        cache=CacheConfig(upstreams=[store_url], upstream_user="admin",
-                          upstream_token_file=str(token_file), upstream_realms=[sb.url],
-                          upstream_retries=1, upstream_backoff=0.05, upstream_timeout=30.0)))
+    cache = store_service(sb, tmp_path / "cache", service="treadmill-imagecache",
+                          cache=CacheConfig(upstreams=[store_url], upstream_user="admin",
+                                            upstream_token_file=str(token_file),
+                                            upstream_realms=[sb.url], upstream_retries=1,
+                                            upstream_backoff=0.05, upstream_timeout=30.0))
     cache.startService()
     work_dir = tempfile.mkdtemp(prefix="tq-", dir="/tmp")
     supervisor: SupervisorService | None = None
     try:
         await cache.ready()
-        cache_url = f"http://127.0.0.1:{cache.ports()[0].getHost().port}"
         await push(sb, store_url, test_image, "demo/cached-vm")
-        r = await sb.admin.post("/api/v1/hosts", {"name": "vm-2", "tags": ["qemu"]})
-        supervisor = SupervisorService(reactor, SupervisorConfig(
-            url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "vm-2"),
-            reconnect_initial=0.1, reconnect_max=1.0, durable=False, driver="qemu",
-            images_cache_mount=str(tmp_path / "cache"), images_cache_url=cache_url,
-            driver_values={"qemu.accel": "tcg", "qemu.memory": 256, "qemu.work_dir": work_dir,
-                           "qemu.shutdown_timeout": 2.0}))
+        supervisor = SupervisorService(reactor, await qemu_host(
+            sb, "vm-2", tmp_path / "vm-2", work_dir, images_cache_mount=str(tmp_path / "cache"),
+            images_cache_url=url_of(cache)))
         supervisor.startService()
         await supervisor.ready()
         await supervisor.connected()
         job_id = (await sb.admin.post("/api/v1/jobs", {
             "image": "demo/cached-vm", "tags": ["qemu"],
             "parameters": {"exit_status": {"value": "0"}}})).body["id"]
-
-        async def done() -> dict[str, Any] | None:
-            body = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
-            return body if body["state"] == "terminated" else None
-
-        final = await eventually(done, timeout=90)
+        final = await job_reaches(sb, job_id, "terminated")
         assert final["termination"]["reason"] == "workload_exited", final
         assert final["termination"]["exit_status"] == 0, final
         # Every layer came from the cache's directory: nothing was downloaded locally.
@@ -194,12 +200,7 @@ async def test_a_corrupt_layer_in_the_store_ends_the_job_with_image_error(
     blob.write_bytes(b"\0" * size)
     r = await sb.admin.post("/api/v1/jobs", {"image": "demo/rotten-vm", "tags": ["qemu"]})
     job_id = r.body["id"]
-
-    async def done() -> dict[str, Any] | None:
-        body = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
-        return body if body["state"] == "terminated" else None
-
-    final = await eventually(done, timeout=60)
+    final = await job_reaches(sb, job_id, "terminated", timeout=60)
     termination = final["termination"]
     assert termination["reason"] == "image_error", final
     assert kernel in termination["message"], termination
@@ -213,23 +214,14 @@ async def test_a_restarted_supervisor_adopts_its_running_vm(database: str, tmp_p
     """The supervisor stops (gracefully) while its VM runs; the next one re-attaches to the
     same QEMU and the job ends with the guest's own exit status, run once."""
     sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2)
-    store = ImageStoreService(reactor, ImageStoreConfig(
-        root=str(tmp_path / "store"), listen=["tcp:0:interface=127.0.0.1"],
-        keys_url=f"{sb.url}/.well-known/treadmill/capability-keys",
-        realm=f"{sb.url}/api/v1/registry/token", access_log=False))
+    store = store_service(sb, tmp_path / "store")
     store.startService()
     work_dir = tempfile.mkdtemp(prefix="tq-", dir="/tmp")
     supervisor: SupervisorService | None = None
     try:
         await store.ready()
-        store_url = f"http://127.0.0.1:{store.ports()[0].getHost().port}"
-        await push(sb, store_url, test_image, "demo/long-vm")
-        r = await sb.admin.post("/api/v1/hosts", {"name": "vm-3", "tags": ["qemu"]})
-        config = SupervisorConfig(
-            url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "vm-3"),
-            reconnect_initial=0.1, reconnect_max=1.0, durable=False, driver="qemu",
-            driver_values={"qemu.accel": "tcg", "qemu.memory": 256, "qemu.work_dir": work_dir,
-                           "qemu.shutdown_timeout": 2.0})
+        await push(sb, url_of(store), test_image, "demo/long-vm")
+        config = await qemu_host(sb, "vm-3", tmp_path / "vm-3", work_dir)
         supervisor = SupervisorService(reactor, config)
         supervisor.startService()
         await supervisor.ready()
@@ -238,18 +230,14 @@ async def test_a_restarted_supervisor_adopts_its_running_vm(database: str, tmp_p
             "parameters": {"sleep": {"value": "8"}, "exit_status": {"value": "5"},
                            "message": {"value": "after the restart"}}})).body["id"]
 
-        async def state(name: str) -> dict[str, Any] | None:
-            body = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
-            return body if body["state"] == name else None
-
-        await eventually(lambda: state("ready"), timeout=60)
+        await job_reaches(sb, job_id, "ready", timeout=60)
         await supervisor.stopService()  # graceful: the VM keeps running
         assert len(qemu_processes(f"treadmill-{job_id}")) == 1
         supervisor = SupervisorService(reactor, config)
         supervisor.startService()
         await supervisor.ready()
         assert supervisor.runner.status() == {"id": job_id, "state": "ready", "stage": None}
-        final = await eventually(lambda: state("terminated"), timeout=60)
+        final = await job_reaches(sb, job_id, "terminated", timeout=60)
         termination = final["termination"]
         assert termination == {"reason": "workload_exited", "exit_status": 5,
                                "message": "after the restart"}, final
