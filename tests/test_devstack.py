@@ -18,7 +18,7 @@ from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 
 from tests.daemons import _Output, free_port, run_python
-from tests.proxy.support import echo_client, echo_once
+from tests.proxy.support import echo_client, echo_once, free_range
 from treadmill.cli.main import run as tml
 
 FAST = [f"mock.stages.{stage}=0" for stage in
@@ -31,7 +31,7 @@ async def test_devstack_runs_a_first_job(tmp_path: Path) -> None:
     root = Path(tempfile.mkdtemp(prefix="treadmill-devstack-"))
     root.chmod(0o755)
     state = root / "stack"
-    port = str(free_port())
+    port = str(free_range(30)[0])  # the devstack uses P … P+29
     try:
         for _ in range(2):  # Idempotent: a second run reuses everything.
             out, err, code = await run_python("-m", "treadmill.dev.devstack", "--detach",
@@ -73,7 +73,7 @@ async def test_devstack_serial_sim_runs_a_board_job() -> None:
     root = Path(tempfile.mkdtemp(prefix="treadmill-devstack-"))
     root.chmod(0o755)
     state = root / "stack"
-    port = str(free_port())
+    port = str(free_range(30)[0])  # the devstack uses P … P+29
     try:
         out, err, code = await run_python("-m", "treadmill.dev.devstack", "--detach",
                                           "--serial-sim", "--state", str(state), "--port", port)

@@ -153,3 +153,26 @@ async def test_a_slow_reader_keeps_the_daemons_memory_bounded(tmp_path: Path) ->
         await service.stop()
         await daemon.stop()
     assert "Proxy listening on" in daemon.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_port_that_cannot_be_bound_ends_the_daemon_with_status_1(
+        tmp_path: Path) -> None:
+    """Under twistd, services start before the reactor runs: a failed start-up must still
+    end the process (status 1, so systemd restarts it), not leave it up and deaf."""
+    import socket
+
+    keys = Keys(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = Daemon("treadmill-proxy", [
+            "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--data-listen", "tcp:0:interface=127.0.0.1", "--ports", "%d-%d" % free_range(2),
+            "--auth-keys-file", str(keys.keys_file)])
+        daemon.start()
+        assert daemon._proto is not None
+        code = await daemon._proto.ended.addTimeout(30, reactor)
+    assert code == 1, daemon.output
+    assert "Address already in use" in daemon.output

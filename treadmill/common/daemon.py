@@ -102,12 +102,15 @@ def exit_failed(reactor: Any) -> None:
 
     For a role whose start-up failed (a store that cannot be opened, a port that
     cannot be bound): twistd would exit 0 after ``reactor.stop()``, and systemd must
-    see the failure rather than a process left up and deaf. Does nothing when the
-    reactor is not running.
+    see the failure rather than a process left up and deaf. Under twistd, services
+    start before the reactor runs (a port that cannot be bound fails then): the exit
+    then waits until it runs.
     """
-    if reactor.running:
-        reactor.addSystemEventTrigger("after", "shutdown", _exit_1)
-        reactor.stop()
+    if not reactor.running:
+        reactor.callWhenRunning(exit_failed, reactor)
+        return
+    reactor.addSystemEventTrigger("after", "shutdown", _exit_1)
+    reactor.stop()
 
 
 def _exit_1() -> None:
