@@ -7,6 +7,14 @@ first produces output: the host's console goes to the ``console`` stream,
 each job event (one JSON line) to ``events``. When the job ends its streams
 are closed on every server, in the background; a supervisor restarted before
 that resumes shipping from its spool.
+
+One shipper per job, always: a job's shipper lives from its first output (or
+the restart that finds its spool) until its streams are closed everywhere and
+its spool is gone, whether the job still runs (:attr:`shippers`) or is over
+(:attr:`closing`). A restart that reports the interrupted job as dropped (the
+runner starts first) makes that job's shipper from the spool, and
+:meth:`resume` then leaves the job alone; :meth:`stop` stops every shipper,
+closing ones too, so none outlives its supervisor.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from treadmill.supervisor.logship import LogShipper
@@ -34,8 +42,10 @@ class JobLogs:
         self.ca_file = ca_file
         self.name = name
         self.servers: dict[str, list[dict[str, str]]] = {}
-        self.shippers: dict[str, LogShipper] = {}
+        self.shippers: dict[str, LogShipper] = {}  # jobs that still produce output
+        self.closing: dict[str, LogShipper] = {}  # ended jobs: shipping the rest, then closing
         self._closing: set[Deferred[Any]] = set()
+        self._stopped = False
 
     def _options(self) -> dict[str, Any]:
         return {"spool_limit": self.spool_limit, "durable": self.durable,
@@ -49,6 +59,8 @@ class JobLogs:
     def resume(self, current_job: str | None) -> None:
         """After a restart: ship what the spool still holds, finishing ended jobs."""
         for job_id in LogShipper.unfinished(self.state_dir):
+            if job_id in self.shippers or job_id in self.closing:
+                continue  # made already, from the spool (the runner reported it dropped)
             shipper = LogShipper.resume(self.reactor, self.state_dir, job_id,
                                         **self._options())
             if shipper is None:
@@ -69,7 +81,8 @@ class JobLogs:
 
     def _shipper(self, job_id: str) -> LogShipper | None:
         shipper = self.shippers.get(job_id)
-        if shipper is None and job_id in self.servers:
+        if shipper is None and job_id in self.servers and job_id not in self.closing:
+            # Continues the spool a restart left, if any (the LogShipper reads it).
             shipper = LogShipper(self.reactor, self.state_dir, job_id, self.servers[job_id],
                                  **self._options())
             self.shippers[job_id] = shipper
@@ -97,22 +110,34 @@ class JobLogs:
         self.servers.pop(job_id, None)
         if shipper is None:
             return
-        closing = ensureDeferred(shipper.close())
+        self.closing[job_id] = shipper
+        closing = Deferred.fromCoroutine(self._close(job_id, shipper))
         self._closing.add(closing)
 
-        def done(result: Any) -> None:
-            self._closing.discard(closing)
-            if result is False:
+        def failed(failure: Any) -> None:
+            self.log.failure("{name}: closing the logs of job {job} failed", failure,
+                             name=self.name, job=job_id)
+
+        closing.addErrback(failed).addBoth(lambda _: self._closing.discard(closing))
+
+    async def _close(self, job_id: str, shipper: LogShipper) -> None:
+        """Close a job's streams; forget its shipper once it finished."""
+        warned = False
+        while not await shipper.close(timeout=30.0):
+            if self._stopped:
+                return  # the next start resumes it
+            if not warned:
                 self.log.warn("{name}: logs of job {job} are still being shipped",
                               name=self.name, job=job_id)
-            elif hasattr(result, "check"):
-                self.log.failure("{name}: closing the logs of job {job} failed", result,
-                                 name=self.name, job=job_id)
-
-        closing.addBoth(done)
+                warned = True
+        if self.closing.get(job_id) is shipper:
+            del self.closing[job_id]
 
     async def stop(self) -> None:
-        """Supervisor shutdown: keep spools and cursors for the next start."""
-        for shipper in list(self.shippers.values()):
+        """Supervisor shutdown: keep spools and cursors for the next start (closing
+        shippers stop too: the next start resumes them)."""
+        self._stopped = True
+        for shipper in [*self.shippers.values(), *self.closing.values()]:
             await shipper.stop()
         self.shippers.clear()
+        self.closing.clear()
