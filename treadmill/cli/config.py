@@ -35,6 +35,7 @@ class Settings:
     token: str | None
     ca_file: str | None
     config_path: Path
+    retry_for: float = 30.0  # seconds an idempotent request is retried (docs/cli.md)
 
 
 def config_path(env: Mapping[str, str], override: str | None = None) -> Path:
@@ -108,7 +109,24 @@ def resolve(
         final_token = None
 
     final_ca = ca_file or env.get("TREADMILL_CA_FILE") or data.get("ca_file") or None
-    return Settings(final_url, final_token or None, final_ca, path)
+    retry_for = _retry_for(env.get("TREADMILL_RETRY_FOR"), "TREADMILL_RETRY_FOR")
+    if retry_for is None:
+        retry_for = _retry_for(data.get("retry_for"), f"{path}: retry_for")
+    return Settings(final_url, final_token or None, final_ca, path,
+                    30.0 if retry_for is None else retry_for)
+
+
+def _retry_for(value: Any, source: str) -> float | None:
+    """Seconds to retry for, from the environment or the file (None if unset)."""
+    if value is None or value == "":
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if isinstance(value, bool) or not 0 <= seconds <= 86400:
+        raise ConfigError(f"{source}: expected seconds between 0 and 86400, got {value!r}")
+    return seconds
 
 
 def _toml_string(value: str) -> str:

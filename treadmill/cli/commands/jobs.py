@@ -33,6 +33,7 @@ from treadmill.cli.context import (
     non_negative_int,
     positive_int,
 )
+from treadmill.cli.retry import Retry
 from treadmill.cli.sse import SSEMessage, json_objects
 
 STATES = ("queued", "assigned", "initializing", "ready", "terminating", "terminated")
@@ -256,9 +257,8 @@ class EventFollower:
 
     async def run(self) -> dict[str, Any]:
         """Follow until the ``terminated`` event; return it."""
-        reactor = self.ctx.reactor
-        failing_since: float | None = None
-        delay = 1.0
+        retry = Retry(self.ctx.reactor, give_up_after=self.give_up_after, initial=1.0,
+                      max_delay=self.max_delay)
         while True:
             try:
                 await self.ctx.api.watch(
@@ -274,18 +274,18 @@ class EventFollower:
                 for event in data.get("events", []):
                     if self.accept(event):
                         return event
-                failing_since, delay = None, 1.0
+                retry.reset()
+                delay = 1.0  # the stream ended early: watch again, without hurry
             except Unreachable as e:
                 if self.terminated:
                     return self.terminated
-                now = reactor.seconds()
-                if failing_since is None:
-                    failing_since = now
+                next_delay = retry.next_delay()
+                if next_delay is None:
+                    raise Unreachable(e.url, f"{e.reason} ({retry.summary()})") from None
+                if retry.failures == 1:
                     self.ctx.note(f"tml: {e}; retrying")
-                elif now - failing_since > self.give_up_after:
-                    raise
-                delay = min(delay * 2, self.max_delay)
-            await deferLater(reactor, delay, lambda: None)
+                delay = next_delay
+            await deferLater(self.ctx.reactor, delay, lambda: None)
 
 
 async def finish_following(ctx: Context, job_id: str, last: dict[str, Any]) -> int:
