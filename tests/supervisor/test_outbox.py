@@ -15,15 +15,18 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
+from zope.interface import implementer
 
 from tests.supervisor.peer import JOB_A, job
 from treadmill.protocol import supervisor as protocol
-from treadmill.supervisor.drivers import STAGES
+from treadmill.supervisor.drivers import STAGES, IHostSnapshots
 from treadmill.supervisor.drivers.mock import MockDriver, MockSettings
 from treadmill.supervisor.journal import StateFiles
 from treadmill.supervisor.runner import UNAVAILABLE, JobRunner
 
 TIMEOUT, CAP = 5.0, 40.0
+ENDPOINTS = [{"service": "ssh", "proxy": "https://proxy.example", "host": "proxy.example",
+              "port": 2222}]
 
 
 class Connection:
@@ -226,8 +229,7 @@ def test_endpoints_acked_unavailable_are_sent_again(tmp_path: Path, minor: int) 
     h = Harness(tmp_path, hang=True)
     h.conn.minor = minor
     h.start()
-    endpoints = [{"service": "ssh", "proxy": "https://proxy.example", "host": "proxy.example",
-                  "port": 2222}]
+    endpoints = ENDPOINTS
     h.runner.report_endpoints(JOB_A, endpoints)
     sent = [m for _, m in h.conn.sent if m["type"] == "job_endpoints"]
     assert len(sent) == 1
@@ -238,3 +240,60 @@ def test_endpoints_acked_unavailable_are_sent_again(tmp_path: Path, minor: int) 
     h.ack(sent[1]["request_id"])
     h.clock.advance(3 * CAP)
     assert len([m for _, m in h.conn.sent if m["type"] == "job_endpoints"]) == 2
+
+
+def test_endpoints_without_an_ack_are_sent_again(tmp_path: Path) -> None:
+    h = Harness(tmp_path, hang=True)
+    h.start()
+    h.runner.report_endpoints(JOB_A, ENDPOINTS)
+    h.advance_to(3 * TIMEOUT + 1)
+    sent = [(t, m) for t, m in h.conn.sent if m["type"] == "job_endpoints"]
+    assert [t for t, _ in sent] == [0, 5, 10, 15]
+    assert all(m["endpoints"] == ENDPOINTS for _, m in sent)
+    h.ack(sent[0][1]["request_id"])  # an old copy's ack: not the one awaited
+    h.ack(sent[-1][1]["request_id"])
+    h.advance_to(100)
+    assert len([m for _, m in h.conn.sent if m["type"] == "job_endpoints"]) == 4
+
+
+@implementer(IHostSnapshots)
+class SnapshottingMock(MockDriver):
+    """The mock host, whose snapshots end as the test says."""
+
+    def __init__(self, clock: Clock):
+        super().__init__(clock, MockSettings(echo=False))
+        self.pending: list[Deferred[str]] = []
+
+    def snapshot(self, job_id: str, repository: str, store: str) -> Deferred[str]:
+        d: Deferred[str] = Deferred()
+        self.pending.append(d)
+        return d
+
+
+@pytest.mark.parametrize("answer", [None, (UNAVAILABLE, "the database is away")])
+def test_a_snapshot_result_is_sent_until_acknowledged(tmp_path: Path,
+                                                      answer: tuple[str, str] | None) -> None:
+    clock = Clock()
+    driver = SnapshottingMock(clock)
+    runner = JobRunner(clock, driver, StateFiles(str(tmp_path / "state"), durable=False),
+                       run_io=lambda fn, *a, **k: maybeDeferred(fn, *a, **k),
+                       ack_timeout=TIMEOUT, resend_max=CAP, jitter=lambda: 0.0)
+    assert Deferred.fromCoroutine(runner.start()).called
+    conn = Connection(clock)
+    runner.link_opened(conn)
+    snapshot_id = "0b8d3c1e-0000-4000-8000-0000000000ff"
+    runner.message_received(conn, protocol.snapshot_job(7, snapshot_id, JOB_A, "alice/snap",
+                                                        "http://store:5000"))
+    driver.pending[0].callback("sha256:" + "cd" * 32)
+
+    def results() -> list[dict[str, Any]]:
+        return [m for _, m in conn.sent if m["type"] == "snapshot_result"]
+
+    assert len(results()) == 1
+    if answer is not None:
+        runner.message_received(conn, protocol.ack(results()[0]["request_id"], answer))
+    clock.advance(TIMEOUT)
+    assert len(results()) == 2 and results()[1]["digest"] == "sha256:" + "cd" * 32
+    runner.message_received(conn, protocol.ack(results()[1]["request_id"]))
+    clock.advance(5 * CAP)
+    assert len(results()) == 2

@@ -319,6 +319,13 @@ class JobRunner:
         rid = session.next_request_id()
         if session.send(protocol.job_endpoints(rid, *pending)):
             self._endpoints_sent = (rid, pending)
+            self._later(self._backoff(0), self._endpoints_unacked, session, rid)
+
+    def _endpoints_unacked(self, session: Session, rid: int) -> None:
+        sent = self._endpoints_sent
+        if session is self._session and sent is not None and sent[0] == rid:
+            self._endpoints_sent = None  # no ack in time: send them again
+            self._send_endpoints()
 
     def _on_endpoints_ack(self, message: dict[str, Any], pending: tuple[str, Any]) -> None:
         self._endpoints_sent = None
@@ -646,6 +653,11 @@ class JobRunner:
         rid = session.next_request_id()
         if session.send({**outcome, "request_id": rid}):
             self._snapshot_sent[rid] = snapshot_id
+            self._later(self._backoff(0), self._snapshot_unacked, session, rid)
+
+    def _snapshot_unacked(self, session: Session, rid: int) -> None:
+        if session is self._session and rid in self._snapshot_sent:
+            self._send_snapshot_result(self._snapshot_sent.pop(rid))  # no ack in time
 
     async def _status_request(self, session: Session, message: dict[str, Any]) -> None:
         # Every journaled event first: the switchboard must see them before the status.
