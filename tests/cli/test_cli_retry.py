@@ -299,3 +299,14 @@ async def test_retry_for_from_the_config_file(tml, tmp_path):
     assert result.status == 1
     assert result.err == (f"tml: error: {config}: retry_for: expected seconds between 0 and "
                           "86400, got 'a while'\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_text_in_retry_messages_cannot_drive_the_terminal(tml, fake_switchboard,
+                                                                       env):
+    fake_switchboard.faults["GET /api/v1/whoami"] = [
+        Fault(message="down\x1b[2J\x07", times=None)]
+    result = await tml("whoami", env={**env, "TREADMILL_RETRY_FOR": "0.3"})
+    assert result.status == 3
+    assert "\x1b" not in result.err and "\x07" not in result.err
+    assert "down" in result.err

@@ -30,6 +30,7 @@ from twisted.web.client import (
 from twisted.web.iweb import IResponse
 
 from treadmill.cli.config import ConfigError, Settings
+from treadmill.cli.output import clean
 from treadmill.cli.retry import Retry, retry_after_seconds
 from treadmill.cli.sse import SSEMessage, SSEParser
 
@@ -220,6 +221,7 @@ class ApiClient:
         retry: Retry | None = None
         if method in IDEMPOTENT_METHODS or idempotency_key is not None:
             retry = Retry(self.reactor, give_up_after=self.retry_for)
+            retry.since = self.reactor.seconds()  # the bound counts from the first attempt
         while True:
             try:
                 response = await self._http.request(
@@ -260,7 +262,7 @@ class ApiClient:
             wait = retry_after_seconds(
                 (response.headers.getRawHeaders(b"retry-after") or [None])[-1])
             delay = retry.next_delay(wait)
-            what = f"the switchboard is unavailable (HTTP 503: {error.message})"
+            what = f"the switchboard is unavailable (HTTP 503: {clean(error.message)})"
             if delay is None:
                 raise Unreachable(self.base_url, f"{what}; {retry.summary()}")
             self._retrying(retry, what, delay)

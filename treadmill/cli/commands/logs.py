@@ -55,7 +55,7 @@ async def _access(ctx: Context, job_id: str, retry: Retry) -> dict[str, Any]:
             delay = retry.next_delay()
             if delay is None:
                 reason = (e.reason if isinstance(e, Unreachable) else
-                          f"the switchboard is unavailable (HTTP 503: {e.message})")
+                          f"the switchboard is unavailable (HTTP 503: {output.clean(e.message)})")
                 raise Unreachable(ctx.api.base_url, f"{reason}; {retry.summary()}") from None
             await retry.sleep(delay)
 
