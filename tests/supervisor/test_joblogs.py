@@ -186,3 +186,40 @@ async def test_restarts_while_the_log_server_is_down_lose_and_repeat_nothing(
     finally:
         await server.stop()
     assert not os.listdir(tmp_path / "state" / LOGS_DIR)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_final_line_lost_in_a_crash_is_added_once(
+        peer: FakeSwitchboard, supervisors: Make, tmp_path: Path,
+        counted: type[Counted]) -> None:
+    keys = Keys(tmp_path)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"  # down until the restart
+    first = supervisors()
+    conn = await peer.connection()
+    await conn.start(logged_job(keys, url, run_time=0.05, exit_status=0))
+    events = await conn.events_until("terminated")
+    await first.stopService()
+    # What a crash between journaling the final event and spooling its line leaves:
+    # the runner knows how the job ended; the spool lacks the line and was not closing.
+    spool = tmp_path / "state" / LOGS_DIR / JOB_A
+    (segment,) = sorted((spool / "spool" / "events").iterdir())
+    lines = segment.read_bytes().splitlines(keepends=True)
+    assert json.loads(lines[-1])["state"] == "terminated"
+    segment.write_bytes(b"".join(lines[:-1]))
+    cursors = json.loads((spool / "cursors.json").read_text())
+    for stream in cursors["streams"].values():
+        stream["closing"] = False
+    (spool / "cursors.json").write_text(json.dumps(cursors))
+
+    supervisors()
+    server = await start_logserver(tmp_path / "logs", keys,
+                                   listen=[f"tcp:{port}:interface=127.0.0.1"])
+    try:
+        shipped = await finished(url, keys, tmp_path / "state")
+        assert states(shipped) == states(events)
+        assert shipped[-1] == {"job_id": JOB_A, "state": "terminated",
+                               "reason": "workload_exited", "exit_status": 0,
+                               "message": "mock workload finished"}
+    finally:
+        await server.stop()

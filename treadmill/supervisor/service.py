@@ -151,7 +151,7 @@ class SupervisorService(MultiService):
     async def _start(self) -> None:
         await self.runner.start()
         current = self.runner.current_job
-        self.logs.resume(current["id"] if current is not None else None)
+        self.logs.resume(current["id"] if current is not None else None, self.runner.ended)
         if self._stopping:
             return
         self.link.setServiceParent(self)
