@@ -17,11 +17,18 @@ from twisted.web.server import Site
 
 from tests.cli.conftest import FakeSwitchboard, Fault, Faulty
 from tests.daemons import free_port
+from treadmill.cli import client as client_module
 from treadmill.cli.commands import logs as logs_module
 from treadmill.cli.retry import Retry, retry_after_seconds
 
 ALICE = "tmt_alice_secret"
 JOB = "5b7c0c9e-8a41-4f7e-b1b4-3c2d9e0f1a22"
+
+
+@pytest.fixture(autouse=True)
+def quick(monkeypatch):
+    """Short pauses (the bounds under test stay real)."""
+    monkeypatch.setattr(client_module, "RETRY_INITIAL", 0.05)
 
 
 @pytest.fixture
@@ -98,15 +105,15 @@ async def test_503_then_200_succeeds(tml, fake_switchboard, env):
 async def test_503_forever_gives_up_within_the_bound(tml, fake_switchboard, env):
     fake_switchboard.faults["GET /api/v1/whoami"] = [Fault(retry_after="1000", times=None)]
     started = reactor.seconds()
-    result = await tml("whoami", env={**env, "TREADMILL_RETRY_FOR": "1.5"})
+    result = await tml("whoami", env={**env, "TREADMILL_RETRY_FOR": "0.8"})
     elapsed = reactor.seconds() - started
     assert result.status == 3
-    assert 1.4 < elapsed < 3.0
+    assert 0.75 < elapsed < 2.0
     last = result.err.splitlines()[-1]
     assert re.fullmatch(
         rf"tml: error: cannot reach the switchboard at {fake_switchboard.url}: the switchboard "
         r"is unavailable \(HTTP 503: the database is unavailable\); gave up after \d+ attempts "
-        r"in 1\.\d s", last), last
+        r"in 0\.8 s", last), last
     no_raw_exceptions(result.err)
     # Retry-After asked for more than the bound: the deadline wins, no spin either.
     assert 2 <= fake_switchboard.count("GET /api/v1/whoami") <= 3

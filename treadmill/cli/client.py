@@ -41,6 +41,8 @@ _NO_BODY = object()
 IDEMPOTENCY_KEY = b"Idempotency-Key"
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 RETRY_FOR = 30.0  # default seconds an idempotent request is retried
+RETRY_INITIAL = 0.5  # the first pause (halved at most by the jitter), doubling to...
+RETRY_MAX_DELAY = 8.0  # ...this
 
 
 class ApiError(Exception):
@@ -220,7 +222,8 @@ class ApiClient:
             headers[IDEMPOTENCY_KEY] = [idempotency_key.encode("ascii")]
         retry: Retry | None = None
         if method in IDEMPOTENT_METHODS or idempotency_key is not None:
-            retry = Retry(self.reactor, give_up_after=self.retry_for)
+            retry = Retry(self.reactor, give_up_after=self.retry_for, initial=RETRY_INITIAL,
+                          max_delay=RETRY_MAX_DELAY)
             retry.since = self.reactor.seconds()  # the bound counts from the first attempt
         while True:
             try:
