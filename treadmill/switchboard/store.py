@@ -782,9 +782,24 @@ async def transition(cur: Cursor, job_id: str, new: Status, *, exit_status: int 
         "INSERT INTO job_events (job_id, seq, state, stage, reason, exit_status, message) "
         "VALUES (%(id)s, %(seq)s, %(state)s, %(stage)s, %(reason)s, %(exit_status)s, "
         "%(message)s)", {**params, "seq": updated["event_seq"]})
-    if new.state is State.TERMINATED and final_reason is not None:
-        await _after_termination(cur, job_id, final_reason, max_host_failures)
+    if new.state is State.TERMINATED:
+        if final_reason is not None:
+            await _after_termination(cur, job_id, final_reason, max_host_failures)
+        # After the restart policy copied the parameters to a successor.
+        await cur.execute(_WIPE_SECRETS, {"id": job_id})
     return True
+
+
+# Secret parameter values end with their job: the names stay, and the fact that
+# they were secret, but the values are replaced by empty strings.
+_WIPE_SECRETS = """
+    UPDATE jobs SET parameters = (
+        SELECT jsonb_object_agg(key, CASE WHEN value->>'secret' = 'true'
+                                     THEN jsonb_build_object('value', '', 'secret', true)
+                                     ELSE value END)
+        FROM jsonb_each(parameters))
+    WHERE id = %(id)s AND EXISTS (
+        SELECT 1 FROM jsonb_each(parameters) WHERE value->>'secret' = 'true')"""
 
 
 async def _after_termination(cur: Cursor, job_id: str, reason: Reason,
