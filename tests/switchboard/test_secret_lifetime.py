@@ -7,23 +7,34 @@ policy copied them to a successor, which still receives them.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest_twisted
 
+from tests.support import start_switchboard
 from tests.switchboard.test_links import (
+    FAST,
     add_host,
     assigned_job,
     connected_peer,
     reaches,
     reconnect,
-    sb,  # noqa: F401 (fixture)
     submit,
 )
 
 SECRET = "wipe-me-6c1f0e2d9b8a7f3e"
 PARAMETERS = {"TOKEN": {"value": SECRET, "secret": True}, "PLAIN": {"value": "keep"}}
 WIPED = {"TOKEN": {"value": "", "secret": True}, "PLAIN": {"value": "keep", "secret": False}}
+
+
+@pytest_twisted.async_yield_fixture
+async def sb(database: str, tmp_path: Path):
+    running = await start_switchboard(database, tmp_path, **FAST)
+    try:
+        yield running
+    finally:
+        await running.stop()
 
 
 async def stored(sb: Any, job_id: str) -> dict[str, Any]:
@@ -41,7 +52,7 @@ async def stored(sb: Any, job_id: str) -> dict[str, Any]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_cancelled_queued_job_forgets_its_secrets(sb) -> None:  # noqa: F811
+async def test_cancelled_queued_job_forgets_its_secrets(sb) -> None:
     job_id = await submit(sb, parameters=PARAMETERS)
     assert (await stored(sb, job_id))["leak"] is True  # Kept while it may still run.
     r = await sb.admin.post(f"/api/v1/jobs/{job_id}/terminate")
@@ -52,7 +63,7 @@ async def test_cancelled_queued_job_forgets_its_secrets(sb) -> None:  # noqa: F8
 
 
 @pytest_twisted.ensureDeferred
-async def test_finished_job_forgets_its_secrets(sb) -> None:  # noqa: F811
+async def test_finished_job_forgets_its_secrets(sb) -> None:
     peer = await connected_peer(sb, await add_host(sb))
     job_id = await submit(sb, parameters=PARAMETERS)
     start = (await peer.wait_for("start_job", job_id=job_id))[0]
@@ -64,7 +75,7 @@ async def test_finished_job_forgets_its_secrets(sb) -> None:  # noqa: F811
 
 
 @pytest_twisted.ensureDeferred
-async def test_restarted_job_hands_its_secrets_to_the_successor(sb) -> None:  # noqa: F811
+async def test_restarted_job_hands_its_secrets_to_the_successor(sb) -> None:
     peer = await connected_peer(sb, await add_host(sb))
     job_id = await assigned_job(sb, peer, max_restarts=1, parameters=PARAMETERS)
     await peer.event(job_id, "initializing", stage="starting")
