@@ -459,9 +459,14 @@ class SwitchboardAPI:
     async def create_image(self, request: IRequest) -> bytes:
         principal = await self.auth.principal(request)
         body = read_json(request, schemas.IMAGE_CREATE)
-        await self.store.create_image(body["name"], body["digest"], body["stores"],
-                                      principal.user_id, body.get("description", ""),
-                                      body.get("host_tags", ()))
+        try:
+            await self.store.create_image(body["name"], body["digest"], body["stores"],
+                                          principal.user_id, body.get("description", ""),
+                                          body.get("host_tags", ()))
+        except Conflict:
+            # The same answer whether the caller may see the image holding the
+            # name or not, so that it tells nothing about private images.
+            raise ApiError(409, f"image name {body['name']!r} is not available") from None
         row = await self.store.get_image(body["name"], principal)
         return respond(request, views.image(row), 201)
 
@@ -593,13 +598,15 @@ class SwitchboardAPI:
                       if "use" in effective("image", principal, row["owner_id"], row["grants"])]
             stores = sorted({store for row in usable for store in row["stores"]})
         else:
+            # An image that exists but is not the caller's to use answers exactly
+            # like one that does not exist.
+            refusal = ApiError(400, f"image: no image named {image!r} that you may use")
             try:
                 row = await self.store.get_image(image, principal)
             except NotFound:
-                raise ApiError(400, f"image: no image named {image!r}") from None
-            held = effective("image", principal, row["owner_id"], row["grants"])
-            if "use" not in held:
-                raise ApiError(400 if not held else 403, f"image: you may not use {image!r}")
+                raise refusal from None
+            if "use" not in effective("image", principal, row["owner_id"], row["grants"]):
+                raise refusal
             name, digest, stores = image, row["digest"], row["stores"]
             default_tags = row["host_tags"]
         parameters = {key: {"value": p["value"], "secret": p.get("secret", False)}

@@ -55,8 +55,12 @@ _HOST_COLUMNS = """
     h.consecutive_failures,
     (h.session IS NOT NULL AND h.last_seen_at > now() - interval '20 seconds') AS connected,
     h.last_seen_at, h.created_at,
-    (SELECT j.id FROM jobs j WHERE j.host_id = h.id AND j.state <> 'terminated'
-     ORDER BY j.seq DESC LIMIT 1) AS current_job"""
+    (SELECT CASE WHEN %(admin)s OR j.owner_id = %(uid)s OR EXISTS (
+                 SELECT 1 FROM grants g WHERE g.job_id = j.id
+                 AND g.privilege IN ('read', 'manage')
+                 AND (g.user_id = %(uid)s OR g.user_id IS NULL)) THEN j.id END
+     FROM jobs j WHERE j.host_id = h.id AND j.state <> 'terminated'
+     ORDER BY j.seq DESC LIMIT 1) AS current_job"""  # Only a job the caller may read.
 _IMAGE_COLUMNS = """
     i.id, i.name, i.digest, i.stores, i.owner_id, o.name AS owner, i.description,
     i.host_tags, i.created_at, i.updated_at"""
@@ -208,7 +212,8 @@ class Store:
 
     async def get_host(self, name: str, principal: Principal) -> dict:
         row = await self.pool.fetchone(self._host_query("h.name = %(name)s"),
-                                       {"name": name, "uid": principal.user_id})
+                                       {"name": name, "uid": principal.user_id,
+                                        "admin": principal.admin})
         if row is None:
             raise NotFound(f"no host {name!r}")
         return row
@@ -218,7 +223,7 @@ class Store:
             "(h.owner_id = %(uid)s OR EXISTS (SELECT 1 FROM grants g WHERE g.host_id = h.id "
             "AND (g.user_id = %(uid)s OR g.user_id IS NULL)))")
         return await self.pool.fetchall(self._host_query(where) + " ORDER BY h.name",
-                                        {"uid": principal.user_id})
+                                        {"uid": principal.user_id, "admin": principal.admin})
 
     async def update_host(self, name: str, *, tags: list[str] | None = None,
                           enabled: bool | None = None, reset_health: bool = False,
