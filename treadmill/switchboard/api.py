@@ -33,7 +33,7 @@ from treadmill.common.http import (
 )
 from treadmill.switchboard import credentials, registry, schemas, views
 from treadmill.switchboard.access import PRIVILEGES, Principal, effective
-from treadmill.switchboard.auth import Authenticator
+from treadmill.switchboard.auth import Authenticator, PasswordGuard
 from treadmill.switchboard.events import JobWatchers
 from treadmill.switchboard.jobstate import InvalidTransition, Reason, State
 from treadmill.switchboard.store import Conflict, JobSpec, NotFound, Store
@@ -116,7 +116,7 @@ class SwitchboardAPI:
 
     def __init__(self, reactor: Any, store: Store, authenticator: Authenticator,
                  signer: CapabilitySigner, watchers: JobWatchers, limits: Limits | None = None,
-                 supervisor_resource: Any = None):
+                 supervisor_resource: Any = None, passwords: PasswordGuard | None = None):
         self.reactor = reactor
         self.store = store
         self.auth = authenticator
@@ -124,6 +124,7 @@ class SwitchboardAPI:
         self.watchers = watchers
         self.limits = limits or Limits()
         self.supervisor_resource = supervisor_resource
+        self.passwords = passwords or PasswordGuard(reactor)
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -227,14 +228,7 @@ class SwitchboardAPI:
             if user not in (None, "", principal.name):
                 raise ApiError(401, "the token belongs to another user")
         elif user:
-            try:
-                row = await self.store.get_user(user)
-            except NotFound:
-                row = None
-            encoded = row["password_hash"] if row is not None and not row["disabled"] else None
-            if not await credentials.verify_password(self.reactor, secret, encoded):
-                raise ApiError(401, "wrong user name or password")
-            assert row is not None
+            row = await self._check_password(request, user, secret)
             principal = Principal(row["id"], row["name"], row["admin"])
         else:
             raise ApiError(401, "invalid credentials")
@@ -265,17 +259,24 @@ class SwitchboardAPI:
     @app.route("/api/v1/login", methods=["POST"])
     async def login(self, request: IRequest) -> bytes:
         body = read_json(request, schemas.LOGIN)
+        row = await self._check_password(request, body["user"], body["password"])
+        ttl = self._ttl(body, admin=row["admin"])
+        return await self._issue_token(request, row["id"], body.get("label", "login"), ttl)
+
+    async def _check_password(self, request: IRequest, user: str, password: str) -> dict:
+        """The user's row if ``password`` is theirs; ``429`` over the rate limits, before
+        any work; else ``401``."""
+        spent = self.passwords.admit(request, user)
         try:
-            row = await self.store.get_user(body["user"])
+            row = await self.store.get_user(user)
         except NotFound:
             row = None
         encoded = row["password_hash"] if row is not None and not row["disabled"] else None
-        ok = await credentials.verify_password(self.reactor, body["password"], encoded)
-        if not ok:
+        if not await self.passwords.verify(password, encoded):
             raise ApiError(401, "wrong user name or password")
         assert row is not None
-        ttl = self._ttl(body, admin=row["admin"])
-        return await self._issue_token(request, row["id"], body.get("label", "login"), ttl)
+        self.passwords.succeeded(spent)
+        return row
 
     def _ttl(self, body: dict[str, Any], admin: bool) -> float | None:
         if "expires_in" not in body:
@@ -341,7 +342,7 @@ class SwitchboardAPI:
         body = read_json(request, schemas.USER_CREATE)
         password_hash = None
         if "password" in body:
-            password_hash = await credentials.hash_password(self.reactor, body["password"])
+            password_hash = await self.passwords.hash(body["password"])
         row = await self.store.create_user(body["name"], body.get("admin", False), password_hash)
         return respond(request, views.user(row), 201)
 
@@ -363,7 +364,7 @@ class SwitchboardAPI:
                 raise ApiError(403, "only admins may change admin or disabled")
         password_hash = None
         if "password" in body:
-            password_hash = await credentials.hash_password(self.reactor, body["password"])
+            password_hash = await self.passwords.hash(body["password"])
         row = await self.store.update_user(name, admin=body.get("admin"),
                                            disabled=body.get("disabled"),
                                            password_hash=password_hash)
