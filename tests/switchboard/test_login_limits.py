@@ -176,3 +176,18 @@ async def test_concurrent_hashing_is_bounded(database: str, tmp_path: Path, hash
 def defer_login(sb: RunningSwitchboard, user: str) -> Any:
     from twisted.internet.defer import Deferred
     return Deferred.fromCoroutine(login(sb, user, "guess"))
+
+
+def test_login_settings_reach_the_policy(tmp_path: Path) -> None:
+    from tests.common.test_config import parse
+    from treadmill.switchboard.tap import Options, config_from
+
+    config = tmp_path / "switchboard.toml"
+    config.write_text('[database]\ndsn = "dbname=x"\n[login]\naddress_burst = 7\n'
+                      'trusted_proxies = ["10.0.0.1"]\nhashing_queue = 0\n')
+    values = parse("--config", str(config), "--login-user-rate", "0.5", options_class=Options)
+    policy = config_from(values).passwords
+    assert policy == PasswordPolicy(address_burst=7, user_rate=0.5, hashing_queue=0,
+                                    trusted_proxies=("10.0.0.1",))
+    assert config_from(parse("--database-dsn", "x", options_class=Options)).passwords == \
+        PasswordPolicy()
