@@ -191,3 +191,64 @@ def test_login_settings_reach_the_policy(tmp_path: Path) -> None:
                                     trusted_proxies=("10.0.0.1",))
     assert config_from(parse("--database-dsn", "x", options_class=Options)).passwords == \
         PasswordPolicy()
+
+
+@pytest_twisted.ensureDeferred
+async def test_end_to_end_through_the_daemon_and_tml(database: str, tmp_path: Path) -> None:
+    """``twistd treadmill-switchboard`` with [login] settings; ``tml`` as users run it:
+    a guessing ``tml login`` is refused with the switchboard's 429 message, and a
+    secret given through the environment is gone from PostgreSQL once the job ends."""
+    import io
+
+    import psycopg2
+
+    from tests.daemons import Daemon, free_port, run_python
+    from tests.switchboard.test_daemon import write_config
+    from treadmill.cli.main import run as tml
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = write_config(tmp_path / "switchboard.toml", database, port, tmp_path)
+    with config.open("a") as f:
+        f.write("[login]\naddress_burst = 2\naddress_rate = 0.01\n")
+    daemon = Daemon("treadmill-switchboard", ["--config", str(config)])
+    daemon.start()
+
+    async def cli(*argv: str, stdin: str = "", **env: str) -> tuple[int, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = await tml(reactor, ["--url", url, *argv], out, err,
+                         {"HOME": str(tmp_path), **env}, stdin=io.StringIO(stdin))
+        return code, out.getvalue() + err.getvalue()
+
+    try:
+        await daemon.wait_http(f"{url}/healthz")
+        out, err, code = await run_python("-m", "treadmill.switchboard.bootstrap",
+                                          "--config", str(config), "--admin", "root")
+        assert code == 0, err
+        admin = {"TREADMILL_TOKEN": out.strip()}
+        code, text = await cli("admin", "user", "add", "alice", "--password-stdin",
+                               stdin=PASSWORD, **admin)
+        assert code == 0, text
+        login = ("login", "--user", "alice", "--password-stdin")
+        for _ in range(2):
+            code, text = await cli(*login, stdin="wrong guess\n")
+            assert code == 1 and "wrong user name or password" in text, text
+        code, text = await cli(*login, stdin=PASSWORD + "\n")
+        assert code == 1 and "too many password attempts" in text, text
+
+        code, text = await cli("job", "submit", "sha256:" + "1" * 64, "--tag", "nowhere",
+                               "--secret-param", "API_KEY", API_KEY="hush-9f8e7d", **admin)
+        assert code == 0 and "warning" not in text, text
+        job = text.split()[0]
+        code, text = await cli("job", "cancel", job, **admin)
+        assert code == 0, text
+    finally:
+        await daemon.stop()
+    conn = psycopg2.connect(database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT parameters, strpos(jobs::text, 'hush-9f8e7d') FROM jobs")
+            assert cur.fetchall() == [({"API_KEY": {"value": "", "secret": True}}, 0)]
+    finally:
+        conn.close()
+    assert "Traceback (most recent" not in daemon.output, daemon.output
