@@ -155,3 +155,24 @@ async def test_host_list_shows_current_job_only_to_its_readers(world) -> None:
                                                             "privilege": privilege})
         assert r.status == 201, r.body
         assert await current(bob) == ((job, job) if visible else (None, None)), privilege
+
+
+@pytest_twisted.ensureDeferred
+async def test_snapshot_name_taken_is_refused_alike_whether_visible_or_not(world) -> None:
+    switchboard, _, bob, _ = world
+    store = switchboard.store
+    admin_id = await store.user_id("admin")
+    await store.create_image("bob/hidden", DIGEST, ["https://s.example"], admin_id, "")
+    r = await bob.post("/api/v1/images", {"name": "bob/mine", "digest": DIGEST,
+                                          "stores": ["https://s.example"]})
+    assert r.status == 201, r.body
+    job = (await bob.post("/api/v1/jobs", {"image": DIGEST})).body["id"]
+    await store.pool.execute(
+        "UPDATE jobs SET state = 'terminated', host_id = (SELECT id FROM hosts "
+        "WHERE name = 'secret-host') WHERE id = %s", (job,))
+    answers = []
+    for name in ("bob/hidden", "bob/mine"):
+        r = await bob.post(f"/api/v1/jobs/{job}/snapshots",
+                           {"name": name, "store": "https://s.example"})
+        answers.append((r.status, json.dumps(r.body).replace(name, "NAME")))
+    assert answers[0] == answers[1] and answers[0][0] == 409, answers

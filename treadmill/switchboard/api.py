@@ -687,9 +687,14 @@ class SwitchboardAPI:
         claimed = await self.store.repository_claimed(repository)
         if not registry.user_actions(scope, principal.name, principal.admin, {}, claimed):
             raise ApiError(403, f"you may not push to repository {repository!r}")
-        snapshot = await self.store.create_snapshot(
-            row["id"], row["host_id"], principal.user_id, name, repository, store,
-            body.get("description", ""))
+        try:
+            snapshot = await self.store.create_snapshot(
+                row["id"], row["host_id"], principal.user_id, name, repository, store,
+                body.get("description", ""))
+        except Conflict:
+            # As for POST /images: nothing about whose image or snapshot holds it.
+            raise ApiError(409, f"image name {name!r} is not available (an image or a "
+                                "snapshot under way holds it)") from None
         return respond(request, views.snapshot(snapshot), 202)
 
     @app.route("/api/v1/jobs/<job_id>/snapshots", methods=["GET"])
