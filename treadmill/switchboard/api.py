@@ -224,7 +224,7 @@ class SwitchboardAPI:
                     s, repositories, snapshots))) is not None]
         if credentials.looks_like_token(secret, credentials.USER_TOKEN_PREFIX):
             principal = await self.auth.for_token(secret)
-            if user not in (None, "", principal.name):
+            if user and user.lower() != principal.name.lower():
                 raise ApiError(401, "the token belongs to another user")
         elif user:
             try:
@@ -238,22 +238,32 @@ class SwitchboardAPI:
             principal = Principal(row["id"], row["name"], row["admin"])
         else:
             raise ApiError(401, "invalid credentials")
-        images: dict[str, frozenset[str]] = {}
-        if not principal.admin:
+        images: set[str] = set()
+        namespaces: dict[str, frozenset[str]] = {}
+        if not principal.admin and scopes:
             for row in await self.store.list_images(principal):
-                held = effective("image", principal, row["owner_id"], row["grants"])
-                repo = registry.repository_of(row["name"])
-                images[repo] = images.get(repo, frozenset()) | held
+                if "use" in effective("image", principal, row["owner_id"], row["grants"]):
+                    images.add(registry.repository_of(row["name"]))
+            namespaces = await self.store.namespace_grants(principal.user_id)
         granted = []
         for scope in scopes:
-            claimed = True
-            if not principal.admin and scope.type == "repository" and scope.name not in images:
-                claimed = await self.store.repository_claimed(scope.name)
             actions = registry.user_actions(scope, principal.name, principal.admin, images,
-                                            claimed)
+                                            namespaces)
             if (item := registry.access(scope, actions)) is not None:
                 granted.append(item)
         return principal.name, granted
+
+    async def _check_writable(self, principal: Principal, name: str) -> None:
+        """403 unless ``principal`` may write the repository of image ``name``."""
+        if principal.admin:
+            return
+        repository = registry.repository_of(name)
+        namespaces = await self.store.namespace_grants(principal.user_id)
+        if not registry.may_write(repository, principal.name, False, namespaces):
+            own = principal.name.lower()
+            raise ApiError(403, f"{name!r} is outside your namespaces: use {own}/NAME, or a "
+                                "namespace an admin granted you (top-level names and other "
+                                "users' namespaces are for admins)")
 
     # -- identity --------------------------------------------------------------
 
@@ -339,6 +349,11 @@ class SwitchboardAPI:
     async def create_user(self, request: IRequest) -> bytes:
         await self._admin(request)
         body = read_json(request, schemas.USER_CREATE)
+        taken = await self.store.namespace_images(body["name"])
+        if taken:
+            raise ApiError(409, f"user {body['name']!r} would own namespace "
+                                f"{body['name'].lower()!r}, which holds other users' images "
+                                f"({', '.join(taken)}); choose another name")
         password_hash = None
         if "password" in body:
             password_hash = await credentials.hash_password(self.reactor, body["password"])
@@ -459,6 +474,7 @@ class SwitchboardAPI:
     async def create_image(self, request: IRequest) -> bytes:
         principal = await self.auth.principal(request)
         body = read_json(request, schemas.IMAGE_CREATE)
+        await self._check_writable(principal, body["name"])
         await self.store.create_image(body["name"], body["digest"], body["stores"],
                                       principal.user_id, body.get("description", ""),
                                       body.get("host_tags", ()))
@@ -555,6 +571,32 @@ class SwitchboardAPI:
         request.setResponseCode(204)
         return b""
 
+    # -- namespace grants (admin) -------------------------------------------------
+
+    @staticmethod
+    def _namespace(name: str) -> str:
+        canonical = name.lower()
+        if len(canonical) > 128 or not registry.NAMESPACE.fullmatch(canonical):
+            raise ApiError(400, f"namespace: {name[:130]!r} is not a namespace (a repository's "
+                                "first component: lower-case letters and digits joined by "
+                                "'.', '_', '__' or dashes)")
+        return canonical
+
+    @app.route("/api/v1/namespaces/<namespace>/grants", methods=["GET", "POST"])
+    async def namespace_grants(self, request: IRequest, namespace: str) -> bytes:
+        """Grants on a repository namespace: ``use`` pulls in it, ``manage`` also pushes,
+        deletes and registers catalogue images there."""
+        await self._admin(request)
+        return await self._grants(request, request.method.decode(), "namespace",
+                                  self._namespace(namespace))
+
+    @app.route("/api/v1/namespaces/<namespace>/grants/<user>/<privilege>", methods=["DELETE"])
+    async def revoke_namespace_grant(self, request: IRequest, namespace: str, user: str,
+                                     privilege: str) -> bytes:
+        await self._admin(request)
+        return await self._revoke(request, "namespace", self._namespace(namespace), user,
+                                  privilege)
+
     # -- jobs ------------------------------------------------------------------------
 
     async def _job(self, request: IRequest, job_id: str, privilege: str
@@ -600,7 +642,7 @@ class SwitchboardAPI:
             held = effective("image", principal, row["owner_id"], row["grants"])
             if "use" not in held:
                 raise ApiError(400 if not held else 403, f"image: you may not use {image!r}")
-            name, digest, stores = image, row["digest"], row["stores"]
+            name, digest, stores = row["name"], row["digest"], row["stores"]
             default_tags = row["host_tags"]
         parameters = {key: {"value": p["value"], "secret": p.get("secret", False)}
                       for key, p in body.get("parameters", {}).items()}
@@ -675,10 +717,7 @@ class SwitchboardAPI:
         repository = registry.repository_of(name)
         if not registry.REPOSITORY.fullmatch(repository):
             raise ApiError(400, f"name: {name!r} is not a valid repository name")
-        scope = registry.Scope("repository", repository, ("push",))
-        claimed = await self.store.repository_claimed(repository)
-        if not registry.user_actions(scope, principal.name, principal.admin, {}, claimed):
-            raise ApiError(403, f"you may not push to repository {repository!r}")
+        await self._check_writable(principal, name)
         snapshot = await self.store.create_snapshot(
             row["id"], row["host_id"], principal.user_id, name, repository, store,
             body.get("description", ""))

@@ -104,14 +104,24 @@ class Store:
                 "INSERT INTO users (name, admin, password_hash) VALUES (%s, %s, %s) "
                 "RETURNING id, name, admin, disabled, created_at",
                 (name, admin, password_hash))
-        except psycopg2.errors.UniqueViolation as e:
-            raise _unique(e, f"user {name!r}") from None
+        except psycopg2.errors.UniqueViolation:
+            raise Conflict(await self._taken("users", "user", name)) from None
         assert row is not None
         return row
 
+    async def _taken(self, table: str, what: str, name: str) -> str:
+        """The message for a name taken in ``table`` (names compare without case)."""
+        row = await self.pool.fetchone(
+            f"SELECT name FROM {table} WHERE lower(name) = lower(%s)", (name,))
+        if row is None or row["name"] == name:
+            return f"{what} {name!r} already exists"
+        return (f"{what} {name!r} already exists as {row['name']!r} "
+                "(names are unique regardless of case)")
+
     async def get_user(self, name: str) -> dict:
         row = await self.pool.fetchone(
-            f"SELECT {_USER_COLUMNS}, u.password_hash FROM users u WHERE u.name = %s", (name,))
+            f"SELECT {_USER_COLUMNS}, u.password_hash FROM users u "
+            "WHERE lower(u.name) = lower(%s)", (name,))
         if row is None:
             raise NotFound(f"no user {name!r}")
         return row
@@ -124,7 +134,7 @@ class Store:
                           password_hash: str | None = None) -> dict:
         row = await self.pool.fetchone(
             "UPDATE users SET admin = coalesce(%s, admin), disabled = coalesce(%s, disabled), "
-            "password_hash = coalesce(%s, password_hash) WHERE name = %s "
+            "password_hash = coalesce(%s, password_hash) WHERE lower(name) = lower(%s) "
             "RETURNING id, name, admin, disabled, created_at",
             (admin, disabled, password_hash, name))
         if row is None:
@@ -132,7 +142,8 @@ class Store:
         return row
 
     async def user_id(self, name: str) -> int:
-        row = await self.pool.fetchone("SELECT id FROM users WHERE name = %s", (name,))
+        row = await self.pool.fetchone("SELECT id FROM users WHERE lower(name) = lower(%s)",
+                                       (name,))
         if row is None:
             raise NotFound(f"no user {name!r}")
         return row["id"]
@@ -262,11 +273,11 @@ class Store:
                 "INSERT INTO images (name, digest, stores, owner_id, description, host_tags) "
                 "VALUES (%s, %s, %s, %s, %s, %s)",
                 (name, digest, stores, owner_id, description, list(host_tags)))
-        except psycopg2.errors.UniqueViolation as e:
-            raise _unique(e, f"image {name!r}") from None
+        except psycopg2.errors.UniqueViolation:
+            raise Conflict(await self._taken("images", "image", name)) from None
 
     async def get_image(self, name: str, principal: Principal) -> dict:
-        row = await self.pool.fetchone(self._image_query("i.name = %(name)s"),
+        row = await self.pool.fetchone(self._image_query("lower(i.name) = lower(%(name)s)"),
                                        {"name": name, "uid": principal.user_id})
         if row is None:
             raise NotFound(f"no image {name!r}")
@@ -291,21 +302,22 @@ class Store:
             "UPDATE images SET digest = coalesce(%s, digest), stores = coalesce(%s, stores), "
             "description = coalesce(%s, description), "
             "host_tags = coalesce(%s, host_tags), updated_at = now() "
-            "WHERE name = %s RETURNING id",
+            "WHERE lower(name) = lower(%s) RETURNING id",
             (digest, stores, description, list(host_tags) if host_tags is not None else None,
              name))
         if row is None:
             raise NotFound(f"no image {name!r}")
 
     async def delete_image(self, name: str) -> None:
-        row = await self.pool.fetchone("DELETE FROM images WHERE name = %s RETURNING id",
-                                       (name,))
+        row = await self.pool.fetchone(
+            "DELETE FROM images WHERE lower(name) = lower(%s) RETURNING id", (name,))
         if row is None:
             raise NotFound(f"no image {name!r}")
 
     # -- grants ------------------------------------------------------------------
 
-    _GRANT_COLUMN = {"host": "host_id", "job": "job_id", "image": "image_id"}
+    _GRANT_COLUMN = {"host": "host_id", "job": "job_id", "image": "image_id",
+                     "namespace": "namespace"}
 
     async def list_grants(self, kind: str, resource_id: Any) -> list[dict]:
         column = self._GRANT_COLUMN[kind]
@@ -714,13 +726,20 @@ class Store:
             "RETURNING id", (after,))
         return len(rows)
 
-    async def repository_claimed(self, repository: str) -> bool:
-        """Whether a catalogue image or a user's namespace owns ``repository``."""
-        row = await self.pool.fetchone(
-            "SELECT EXISTS (SELECT 1 FROM images WHERE lower(name) = %(repo)s) "
-            "OR EXISTS (SELECT 1 FROM users WHERE lower(name) = split_part(%(repo)s, '/', 1)) "
-            "AS claimed", {"repo": repository})
-        return bool(row and row["claimed"])
+    async def namespace_grants(self, user_id: int) -> dict[str, frozenset[str]]:
+        """The privileges the user holds on each namespace (own grants and grants to all)."""
+        rows = await self.pool.fetchall(
+            "SELECT namespace, array_agg(DISTINCT privilege) AS privileges FROM grants "
+            "WHERE namespace IS NOT NULL AND (user_id = %s OR user_id IS NULL) "
+            "GROUP BY namespace", (user_id,))
+        return {row["namespace"]: frozenset(row["privileges"]) for row in rows}
+
+    async def namespace_images(self, namespace: str, limit: int = 5) -> list[str]:
+        """Names of catalogue images whose repository is in ``namespace``."""
+        rows = await self.pool.fetchall(
+            "SELECT name FROM images WHERE split_part(lower(name), '/', 1) = lower(%s) "
+            "ORDER BY name LIMIT %s", (namespace, limit))
+        return [row["name"] for row in rows]
 
     async def job_image_names(self, host_id: int) -> list[str]:
         """Catalogue names of the images of the jobs holding a host."""
