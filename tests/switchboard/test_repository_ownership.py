@@ -127,6 +127,37 @@ async def ended_job_on_a_host(sb: RunningSwitchboard, owner: Client, host: str) 
 
 
 @pytest_twisted.ensureDeferred
+async def test_images_registered_before_namespaces_were_owned(switchboard: RunningSwitchboard,
+                                                             world) -> None:
+    """Rows the old rules let bob create: one in alice's namespace lends nothing, to
+    bob or to those he shares it with, and runs no job; a top-level one still lends
+    pull (as before), but no push."""
+    _, bob = world
+    store = switchboard.store
+    bob_id = await store.user_id("bob")
+    carol = await switchboard.user("carol")
+    for name in ("ALICE/legacy", "Alice", "old-image"):
+        await store.create_image(name, DIGEST, [STORE], bob_id, "")
+        r = await bob.post(f"/api/v1/images/{name}/grants", {"user": "carol", "privilege": "use"})
+        assert r.status == 201, r.body
+    for who in (bob, carol):
+        _, got = await grants(switchboard, who, "repository:alice/legacy:*", "repository:alice:*",
+                              "repository:old-image:*")
+        assert got == {"old-image": ("pull",)}
+        for name in ("ALICE/legacy", "alice"):
+            r = await who.post("/api/v1/jobs", {"image": name})
+            assert r.status == 403 and "namespace" in r.body["error"]["message"], r.body
+        assert (await who.post("/api/v1/jobs", {"image": "old-image"})).status == 201
+    await attacker_gets_nothing(switchboard, bob)
+    # An admin's grant of alice's namespace to bob makes his image lend again.
+    r = await switchboard.admin.post("/api/v1/namespaces/alice/grants",
+                                     {"user": "bob", "privilege": "manage"})
+    assert r.status == 201
+    _, got = await grants(switchboard, carol, "repository:alice/legacy:pull")
+    assert got == {"alice/legacy": ("pull",)}
+
+
+@pytest_twisted.ensureDeferred
 async def test_bob_cannot_snapshot_into_someone_elses_namespace(
         switchboard: RunningSwitchboard, world) -> None:
     _, bob = world

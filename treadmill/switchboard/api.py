@@ -241,9 +241,7 @@ class SwitchboardAPI:
         images: set[str] = set()
         namespaces: dict[str, frozenset[str]] = {}
         if not principal.admin and scopes:
-            for row in await self.store.list_images(principal):
-                if "use" in effective("image", principal, row["owner_id"], row["grants"]):
-                    images.add(registry.repository_of(row["name"]))
+            images = set(await self.store.readable_repositories(principal))
             namespaces = await self.store.namespace_grants(principal.user_id)
         granted = []
         for scope in scopes:
@@ -642,6 +640,10 @@ class SwitchboardAPI:
             held = effective("image", principal, row["owner_id"], row["grants"])
             if "use" not in held:
                 raise ApiError(400 if not held else 403, f"image: you may not use {image!r}")
+            if not principal.admin and not await self.store.image_lends(row["name"]):
+                raise ApiError(403, f"image: {row['name']!r} lies in another user's namespace "
+                                    "that its owner may not write; an admin must move or "
+                                    "re-register it")
             name, digest, stores = row["name"], row["digest"], row["stores"]
             default_tags = row["host_tags"]
         parameters = {key: {"value": p["value"], "secret": p.get("secret", False)}

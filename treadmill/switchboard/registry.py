@@ -20,7 +20,10 @@ the repository of a catalogue image is its name lowercased. A repository's
 - a user: ``pull`` on the repository of each catalogue image they may use
   (that is how others run alice's shared image). Managing an image gives
   nothing more: push and delete come from the namespace alone, so registering
-  a name never opens a repository that holds someone else's content;
+  a name never opens a repository that holds someone else's content. An image
+  whose repository lies in another user's namespace that its owner may not
+  write (registered before namespaces were owned) lends nothing
+  (``Store.readable_repositories``), and no job may run it;
 - a host (by its host token): ``pull`` on the repository of the job it runs,
   and ``pull`` and ``push`` on the repository of each snapshot it was asked to
   make and has not finished (``docs/protocol.md``, ``snapshot_job``; a

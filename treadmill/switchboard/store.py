@@ -76,6 +76,16 @@ _EVENT_COLUMNS = ("e.seq, e.job_id AS job, e.at, e.state, e.stage, e.reason, e.e
 _MY_GRANTS = """ARRAY(SELECT g.privilege FROM grants g WHERE g.{column} = {alias}.id
                       AND (g.user_id = %(uid)s OR g.user_id IS NULL)) AS grants"""
 
+# Whether catalogue image i (owner o) lends its repository to those who may use
+# it. Not when the repository lies in another user's namespace that the owner
+# may not write: such a name was registered before namespaces were owned
+# (security issue 12) and must not open that user's repository.
+_LENDS = """(coalesce(o.admin, false)
+    OR NOT EXISTS (SELECT 1 FROM users n WHERE lower(n.name) = split_part(lower(i.name), '/', 1)
+                   AND n.id IS DISTINCT FROM i.owner_id)
+    OR EXISTS (SELECT 1 FROM grants g WHERE g.namespace = split_part(lower(i.name), '/', 1)
+               AND g.privilege = 'manage' AND (g.user_id = i.owner_id OR g.user_id IS NULL)))"""
+
 
 def _unique(e: psycopg2.Error, what: str) -> Conflict:
     return Conflict(f"{what} already exists")
@@ -289,6 +299,24 @@ class Store:
             "AND (g.user_id = %(uid)s OR g.user_id IS NULL)))")
         return await self.pool.fetchall(self._image_query(where) + " ORDER BY i.name",
                                         {"uid": principal.user_id})
+
+    async def readable_repositories(self, principal: Principal) -> list[str]:
+        """Repositories of the catalogue images ``principal`` may use that lend them
+        (see ``_LENDS``): what the image gives pull on."""
+        rows = await self.pool.fetchall(
+            "SELECT DISTINCT lower(i.name) AS repository FROM images i "
+            "LEFT JOIN users o ON o.id = i.owner_id WHERE (i.owner_id = %(uid)s OR EXISTS "
+            "(SELECT 1 FROM grants g WHERE g.image_id = i.id "
+            f"AND (g.user_id = %(uid)s OR g.user_id IS NULL))) AND {_LENDS}",
+            {"uid": principal.user_id})
+        return [row["repository"] for row in rows]
+
+    async def image_lends(self, name: str) -> bool:
+        """Whether catalogue image ``name`` may lend its repository (``_LENDS``)."""
+        row = await self.pool.fetchone(
+            f"SELECT {_LENDS} AS lends FROM images i LEFT JOIN users o ON o.id = i.owner_id "
+            "WHERE lower(i.name) = lower(%(name)s)", {"name": name})
+        return bool(row and row["lends"])
 
     async def images_by_digest(self, digest: str, principal: Principal) -> list[dict]:
         return await self.pool.fetchall(
