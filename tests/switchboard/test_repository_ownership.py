@@ -90,6 +90,12 @@ async def test_names_differing_only_in_case_conflict(switchboard: RunningSwitchb
     assert [u["name"] for u in (await admin.get("/api/v1/users")).body["users"]
             ] == ["admin", "alice", "bob", "carol"]
     await attacker_gets_nothing(switchboard, bob)
+    # A user is themself in any spelling, and no one else.
+    assert (await alice.get("/api/v1/users/ALICE")).body["name"] == "alice"
+    assert (await alice.get("/api/v1/tokens?user=Alice")).status == 200
+    assert (await bob.get("/api/v1/users/ALICE")).status == 403
+    assert (await bob.patch("/api/v1/users/Alice", {"password": "long enough password"})
+            ).status == 403
 
 
 @pytest_twisted.ensureDeferred

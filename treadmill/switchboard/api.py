@@ -307,7 +307,7 @@ class SwitchboardAPI:
         return respond(request, {"tokens": [views.token(row) for row in rows]})
 
     async def _target_user(self, principal: Principal, name: str | None) -> int:
-        if name is None or name == principal.name:
+        if name is None or name.lower() == principal.name.lower():
             return principal.user_id
         if not principal.admin:
             raise ApiError(403, "only admins may act on other users' tokens")
@@ -361,7 +361,7 @@ class SwitchboardAPI:
     @app.route("/api/v1/users/<name>", methods=["GET"])
     async def show_user(self, request: IRequest, name: str) -> bytes:
         principal = await self.auth.principal(request)
-        if name != principal.name and not principal.admin:
+        if name.lower() != principal.name.lower() and not principal.admin:
             raise ApiError(403, "only admins may read other users")
         return respond(request, views.user(await self.store.get_user(name)))
 
@@ -370,7 +370,7 @@ class SwitchboardAPI:
         principal = await self.auth.principal(request)
         body = read_json(request, schemas.USER_UPDATE)
         if not principal.admin:
-            if name != principal.name:
+            if name.lower() != principal.name.lower():
                 raise ApiError(403, "only admins may change other users")
             if set(body) - {"password"}:
                 raise ApiError(403, "only admins may change admin or disabled")
