@@ -78,7 +78,8 @@ async def test_names_differing_only_in_case_conflict(switchboard: RunningSwitchb
 
     for name in ("ALICE", "Alice", "aLiCe"):
         r = await admin.post("/api/v1/users", {"name": name})
-        assert r.status == 409 and "'alice'" in r.body["error"]["message"], r.body
+        assert r.status == 409, r.body
+        assert f"{name!r} already exists as 'alice'" in r.body["error"]["message"], r.body
         # The store refuses it too (the unique index), whoever calls it.
         with pytest.raises(Conflict):
             await switchboard.store.create_user(name, False, None)

@@ -763,10 +763,13 @@ class Store:
         return {row["namespace"]: frozenset(row["privileges"]) for row in rows}
 
     async def namespace_images(self, namespace: str, limit: int = 5) -> list[str]:
-        """Names of catalogue images whose repository is in ``namespace``."""
+        """Names of catalogue images whose repository is in ``namespace``, but for those
+        of the user of that name."""
         rows = await self.pool.fetchall(
-            "SELECT name FROM images WHERE split_part(lower(name), '/', 1) = lower(%s) "
-            "ORDER BY name LIMIT %s", (namespace, limit))
+            "SELECT i.name FROM images i LEFT JOIN users o ON o.id = i.owner_id "
+            "WHERE split_part(lower(i.name), '/', 1) = lower(%(ns)s) "
+            "AND lower(o.name) IS DISTINCT FROM lower(%(ns)s) ORDER BY i.name LIMIT %(n)s",
+            {"ns": namespace, "n": limit})
         return [row["name"] for row in rows]
 
     async def job_image_names(self, host_id: int) -> list[str]:
