@@ -12,6 +12,7 @@ repository. alice's own ``*`` token (as ``skopeo delete`` asks) deletes.
 from __future__ import annotations
 
 import base64
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from twisted.internet import reactor
 
 pytest.importorskip("treadmill.imagestore.service")
 
-from tests.imagestore.support import Registry, digest_of
+from tests.imagestore.support import Registry, build_oci_layout, digest_of
 from tests.support import Client, RunningSwitchboard, start_switchboard
 from treadmill.images import format as fmt
 from treadmill.images.registry import RegistryClient, RegistryError
@@ -173,3 +174,54 @@ async def test_shared_image_mounts_and_star_tokens(bed: Bed) -> None:
     star = await bed.token("alice", bed.alice, "repository:alice/fw:*")
     r = await bed.store.request("DELETE", f"/v2/alice/fw/manifests/{bed.manifest}", token=star)
     assert r.code == 202, r.body
+
+
+@pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed")
+@pytest_twisted.ensureDeferred
+async def test_skopeo_with_the_switchboards_token_flow(bed: Bed, tmp_path: Path) -> None:
+    """skopeo, with user:API token credentials: alice copies into her namespace and
+    deletes (skopeo asks for repository:NAME:*); bob can do neither there, nor push
+    a top-level name; he copies alice's image once she shares it, not before."""
+    from tests.imagestore.test_skopeo import skopeo
+
+    source = tmp_path / "source"
+    source.mkdir()
+    build_oci_layout(source, "v1")
+    store = bed.store.url.removeprefix("http://")
+    alice = ["--creds", f"alice:{bed.alice.token}"]
+    bob = ["--creds", f"bob:{bed.bob.token}"]
+
+    async def copy(creds: list[str], src: str, dest: str) -> tuple[int, str]:
+        flag = "--dest-creds" if src.startswith("oci:") else "--src-creds"
+        both = [flag, creds[1]] if src.startswith("oci:") else [
+            "--src-creds", creds[1], "--dest-creds", creds[1]]
+        return await skopeo(tmp_path, "copy", "--src-tls-verify=false",
+                            "--dest-tls-verify=false", *both, src, dest)
+
+    code, out = await copy(alice, f"oci:{source}:v1", f"docker://{store}/alice/sk:v1")
+    assert code == 0, out
+    for dest in (f"docker://{store}/alice/sk:v2", f"docker://{store}/demo:v1"):
+        code, out = await copy(bob, f"oci:{source}:v1", dest)
+        assert code != 0, out
+    code, out = await copy(bob, f"docker://{store}/alice/sk:v1", f"docker://{store}/bob/sk:v1")
+    assert code != 0, out
+    code, out = await skopeo(tmp_path, "delete", "--tls-verify=false", *bob,
+                             f"docker://{store}/alice/sk:v1")
+    assert code != 0, out
+
+    r = await bed.alice.post("/api/v1/images", {"name": "alice/sk", "digest": bed.manifest,
+                                                "stores": [bed.store.url]})
+    assert r.status == 201
+    r = await bed.alice.post("/api/v1/images/alice/sk/grants", {"user": "bob", "privilege": "use"})
+    assert r.status == 201
+    code, out = await copy(bob, f"docker://{store}/alice/sk:v1", f"docker://{store}/bob/sk:v1")
+    assert code == 0, out
+    code, out = await skopeo(tmp_path, "delete", "--tls-verify=false", *bob,
+                             f"docker://{store}/alice/sk:v1")
+    assert code != 0, out
+    code, out = await skopeo(tmp_path, "delete", "--tls-verify=false", *alice,
+                             f"docker://{store}/alice/sk:v1")
+    assert code == 0, out
+    token = await bed.token("alice", bed.alice, "repository:alice/sk:pull")
+    r = await bed.store.request("GET", "/v2/alice/sk/manifests/v1", token=token)
+    assert r.code == 404
