@@ -124,3 +124,18 @@ async def test_submit_follow_then_cancel(tml, admin_env):
     assert r.out.splitlines()[-1].split()[2] == "terminated"
     r = await tml("job", "show", job["id"], env=admin_env)
     assert "reason:" in r.out
+
+
+@pytest_twisted.ensureDeferred
+async def test_namespace_grants(tml, switchboard, admin_env):
+    await switchboard.user("bob")
+    r = await tml("grant", "namespace", "Team", "bob", "manage", env=admin_env)
+    assert r.status == 0, r.err
+    r = await tml("grant", "ls", "namespace", "team", "--json", env=admin_env)
+    assert r.status == 0, r.err
+    assert [(g["user"], g["privilege"]) for g in json.loads(r.out)["grants"]] == [
+        ("bob", "manage")]
+    r = await tml("revoke", "namespaces", "team", "bob", "manage", env=admin_env)
+    assert r.status == 0, r.err
+    r = await tml("grant", "ls", "namespace", "team", "--json", env=admin_env)
+    assert json.loads(r.out)["grants"] == []

@@ -41,6 +41,8 @@ class World:
     token_of_owner: str
     fresh: str
     owner: str = "owner"
+    grantee: str = "grantee"
+    use: str = "use"
 
 
 async def build_world(sb: RunningSwitchboard, clients: dict[str, Client]) -> World:
@@ -120,8 +122,12 @@ ROWS = [
         lambda w: {"user": "other", "privilege": "start"}),
     Row("DELETE", "/api/v1/hosts/{host}/grants/grantee/read", (401, 404, 204, 403, 204)),
     Row("GET", "/api/v1/images", (401, 200, 200, 200, 200)),
-    Row("POST", "/api/v1/images", (401, 201, 201, 201, 201),
+    # Top-level names are the admins'; a namespace is its user's (security issue 12).
+    Row("POST", "/api/v1/images", (401, 403, 403, 403, 201),
         lambda w: {"name": w.fresh, "digest": DIGEST, "stores": ["https://s.example"]}),
+    Row("POST", "/api/v1/images", (401, 403, 201, 403, 201),
+        lambda w: {"name": f"owner/{w.fresh}", "digest": DIGEST,
+                   "stores": ["https://s.example"]}),
     Row("GET", "/api/v1/images/{image}", (401, 404, 200, 200, 200)),
     Row("PUT", "/api/v1/images/{image}", (401, 404, 200, 403, 200),
         lambda w: {"description": "changed"}),
@@ -148,6 +154,11 @@ ROWS = [
     Row("POST", "/api/v1/jobs/{job}/grants", (401, 404, 201, 403, 201),
         lambda w: {"user": "other", "privilege": "stop"}),
     Row("DELETE", "/api/v1/jobs/{job}/grants/grantee/read", (401, 404, 204, 403, 204)),
+    Row("GET", "/api/v1/namespaces/{owner}/grants", (401, 403, 403, 403, 200)),
+    Row("POST", "/api/v1/namespaces/{fresh}/grants", (401, 403, 403, 403, 201),
+        lambda w: {"user": "grantee", "privilege": "manage"}),
+    Row("DELETE", "/api/v1/namespaces/{owner}/grants/{grantee}/{use}",  # no such grant
+        (401, 403, 403, 403, 404)),
     Row("GET", "/healthz", (200, 200, 200, 200, 200)),
     Row("GET", "/api/v1/registry/token?service=s&scope=repository:owner/x:pull",
         (200, 200, 200, 200, 200)),

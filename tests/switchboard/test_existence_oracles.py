@@ -117,13 +117,23 @@ async def test_invisible_answers_like_nonexistent(world) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_image_name_taken_is_refused_alike_whether_visible_or_not(world) -> None:
-    _, alice, bob, _ = world
+    switchboard, alice, bob, _ = world
     body = {"name": "alice/private-fw", "digest": DIGEST, "stores": ["https://s.example"]}
     by_owner = await alice.post("/api/v1/images", body)
-    by_other = await bob.post("/api/v1/images", body)
-    assert by_owner.status == by_other.status == 409
-    assert by_owner.body == by_other.body
-    assert "exist" not in json.dumps(by_other.body)
+    assert by_owner.status == 409
+    # Outside bob's namespaces a taken name and a free one answer alike.
+    taken = await bob.post("/api/v1/images", body)
+    free = await bob.post("/api/v1/images", {**body, "name": "alice/no-such-fw"})
+    assert taken.status == free.status == 403
+    assert json.dumps(taken.body).replace("private-fw", "X") == \
+        json.dumps(free.body).replace("no-such-fw", "X")
+    # In bob's own namespace, an image he cannot see (an admin's, private)
+    # says only that the name is not available, not that it exists.
+    r = await switchboard.admin.post("/api/v1/images", {**body, "name": "bob/admins-fw"})
+    assert r.status == 201, r.body
+    hidden = await bob.post("/api/v1/images", {**body, "name": "bob/admins-fw"})
+    assert hidden.status == 409
+    assert "exist" not in json.dumps(hidden.body)
     # The digest of a private image gives nothing away either.
     job = (await bob.post("/api/v1/jobs", {"image": DIGEST})).body
     assert job["image"] == {"name": None, "digest": DIGEST, "stores": []}

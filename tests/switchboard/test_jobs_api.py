@@ -174,29 +174,29 @@ async def test_configured_defaults_apply(database, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_enqueue_by_catalogue_name_resolves_digest(switchboard):
     alice = await switchboard.user("alice")
-    r = await alice.post("/api/v1/images", {"name": "os/debian", "digest": DIGEST,
+    r = await alice.post("/api/v1/images", {"name": "alice/debian", "digest": DIGEST,
                                             "stores": ["https://store.example/v2"]})
     assert r.status == 201, r.body
-    job = await enqueue(alice, image="os/debian")
-    assert job["image"] == {"name": "os/debian", "digest": DIGEST,
+    job = await enqueue(alice, image="alice/debian")
+    assert job["image"] == {"name": "alice/debian", "digest": DIGEST,
                             "stores": ["https://store.example/v2"]}
 
     # The name was resolved at enqueue: moving the name later does not move the job.
-    r = await alice.put("/api/v1/images/os/debian", {"digest": OTHER_DIGEST})
+    r = await alice.put("/api/v1/images/alice/debian", {"digest": OTHER_DIGEST})
     assert r.status == 200, r.body
     shown = await alice.get(f"/api/v1/jobs/{job['id']}")
     assert shown.body["image"]["digest"] == DIGEST
-    assert (await enqueue(alice, image="os/debian"))["image"]["digest"] == OTHER_DIGEST
+    assert (await enqueue(alice, image="alice/debian"))["image"]["digest"] == OTHER_DIGEST
     row = await switchboard.store.pool.fetchone(
         "SELECT image_name, image_digest FROM jobs WHERE id = %s", (job["id"],))
-    assert row == {"image_name": "os/debian", "image_digest": DIGEST}
+    assert row == {"image_name": "alice/debian", "image_digest": DIGEST}
 
 
 @pytest_twisted.ensureDeferred
 async def test_enqueue_by_digest_lists_stores_of_usable_images_only(switchboard):
     alice = await switchboard.user("alice")
     bob = await switchboard.user("bob")
-    r = await alice.post("/api/v1/images", {"name": "fw", "digest": DIGEST,
+    r = await alice.post("/api/v1/images", {"name": "alice/fw", "digest": DIGEST,
                                             "stores": ["https://a.example/"]})
     assert r.status == 201, r.body
     assert (await enqueue(alice))["image"]["stores"] == ["https://a.example/"]
@@ -208,24 +208,24 @@ async def test_enqueue_by_digest_lists_stores_of_usable_images_only(switchboard)
 async def test_enqueue_by_name_without_use_privilege(switchboard):
     alice = await switchboard.user("alice")
     bob = await switchboard.user("bob")
-    r = await alice.post("/api/v1/images", {"name": "private", "digest": DIGEST,
+    r = await alice.post("/api/v1/images", {"name": "alice/private", "digest": DIGEST,
                                             "stores": ["https://a.example/"]})
     assert r.status == 201
     # An image bob may not use answers like one that does not exist (400).
-    r = await bob.post("/api/v1/jobs", {"image": "private"})
+    r = await bob.post("/api/v1/jobs", {"image": "alice/private"})
     assert r.status == 400, r.body
     assert r.body["error"] == {"code": "bad_request",
-                               "message": "image: no image named 'private' that you may use"}
+                               "message": "image: no image named 'alice/private' that you may use"}
     r = await bob.post("/api/v1/jobs", {"image": "nonexistent"})
     assert r.status == 400
     assert r.body["error"]["message"] == "image: no image named 'nonexistent' that you may use"
     listed = await switchboard.admin.get("/api/v1/jobs")
     assert listed.body["jobs"] == []
 
-    r = await alice.post("/api/v1/images/private/grants", {"user": "bob", "privilege": "use"})
+    r = await alice.post("/api/v1/images/alice/private/grants", {"user": "bob", "privilege": "use"})
     assert r.status == 201, r.body
-    job = await enqueue(bob, image="private")
-    assert job["image"] == {"name": "private", "digest": DIGEST,
+    job = await enqueue(bob, image="alice/private")
+    assert job["image"] == {"name": "alice/private", "digest": DIGEST,
                             "stores": ["https://a.example/"]}
 
 

@@ -42,23 +42,24 @@ async def test_users_get_their_namespace_and_catalogue_images(
         switchboard: RunningSwitchboard) -> None:
     alice = await switchboard.user("alice")
     bob = await switchboard.user("bob")
-    r = await alice.post("/api/v1/images", {"name": "Demo", "digest": DIGEST,
+    r = await alice.post("/api/v1/images", {"name": "Alice/Demo", "digest": DIGEST,
                                             "stores": ["http://s.example"]})
     assert r.status == 201
-    await alice.post("/api/v1/images/Demo/grants", {"user": "bob", "privilege": "use"})
+    await alice.post("/api/v1/images/alice/demo/grants", {"user": "bob", "privilege": "use"})
     status, got = await grants(switchboard, alice, "repository:alice/fw:pull,push,delete",
-                               "repository:demo:pull,push", "repository:bob/x:pull",
-                               "repository:fresh/new:push")
+                               "repository:alice/demo:pull,push", "repository:bob/x:pull",
+                               "repository:fresh/new:push", "repository:alice:*")
     assert status == 200
-    assert got == {"alice/fw": ("pull", "push", "delete"), "demo": ("pull", "push"),
-                   "fresh/new": ("push",)}  # Unclaimed: the first push claims it.
-    status, got = await grants(switchboard, bob, "repository:demo:pull,push",
-                               "repository:alice:pull")
-    assert got == {"demo": ("pull",)}
+    assert got == {"alice/fw": ("pull", "push", "delete"), "alice/demo": ("pull", "push"),
+                   "alice": ("pull", "push", "delete")}  # No repository is open to all.
+    status, got = await grants(switchboard, bob, "repository:alice/demo:pull,push",
+                               "repository:alice:pull", "repository:alice/demo:*")
+    assert got == {"alice/demo": ("pull",)}
     status, got = await grants(switchboard, switchboard.admin, "repository:alice/fw:delete",
-                               "registry:catalog:*")
-    assert got == {"alice/fw": ("delete",), "catalog": ("*",)}
-    status, got = await grants(switchboard, None, "repository:demo:pull")
+                               "registry:catalog:*", "repository:demo:*")
+    assert got == {"alice/fw": ("delete",), "catalog": ("*",),
+                   "demo": ("pull", "push", "delete")}
+    status, got = await grants(switchboard, None, "repository:alice/demo:pull")
     assert status == 200 and got == {}
 
 
@@ -105,6 +106,7 @@ async def test_a_host_may_pull_only_its_jobs_image(switchboard: RunningSwitchboa
     "service=s&scope=repository:UPPER:pull",
     "service=s&scope=repository:../etc:pull",
     "service=s&scope=repository:x:fly",
+    "service=s&scope=repository:x:*,fly",
     "service=s&scope=repository:x:",
     "service=s&scope=nonsense",
     "service=s&scope=%FF",

@@ -529,12 +529,18 @@ class RegistryAPI:
     async def _prepare(self, sink: BodySink, request: IRequest, endpoint: str,
                        args: dict[str, Any], params: dict[str, str]) -> None:
         name = check_name(args["name"])
-        self.auth.require(request, "repository", name, "push", self._push_scopes(name))
+        mount, source = params.get("mount"), params.get("from")
+        mounting = (endpoint == "upload_start" and mount is not None and source is not None
+                    and is_digest(mount) and is_name(source))
+        scopes = self._push_scopes(name)
+        if mounting:
+            # As the reference registry: the challenge names the source too, so that
+            # the client fetches a token that allows the mount.
+            scopes.append(scope("repository", str(source), ["pull"]))
+        self.auth.require(request, "repository", name, "push", scopes)
         if endpoint == "upload_start":
-            mount, source = params.get("mount"), params.get("from")
-            if mount is not None and source is not None and is_digest(mount) \
-                    and is_name(source) and self.storage.blob_linked(source, mount) \
-                    and self.auth.allows(request, "repository", source, "pull"):
+            if mounting and self.auth.allows(request, "repository", str(source), "pull") \
+                    and self.storage.blob_linked(str(source), str(mount)):
                 sink.plan = {"kind": "mount", "digest": mount, "from": source}
                 sink.discard()
                 return

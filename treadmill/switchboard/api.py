@@ -225,29 +225,51 @@ class SwitchboardAPI:
                     s, repositories, snapshots))) is not None]
         if credentials.looks_like_token(secret, credentials.USER_TOKEN_PREFIX):
             principal = await self.auth.for_token(secret)
-            if user not in (None, "", principal.name):
+            if user and user.lower() != principal.name.lower():
                 raise ApiError(401, "the token belongs to another user")
         elif user:
             row = await self._check_password(request, user, secret)
             principal = Principal(row["id"], row["name"], row["admin"])
         else:
             raise ApiError(401, "invalid credentials")
-        images: dict[str, frozenset[str]] = {}
-        if not principal.admin:
-            for row in await self.store.list_images(principal):
-                held = effective("image", principal, row["owner_id"], row["grants"])
-                repo = registry.repository_of(row["name"])
-                images[repo] = images.get(repo, frozenset()) | held
+        images: set[str] = set()
+        namespaces: dict[str, frozenset[str]] = {}
+        if not principal.admin and scopes:
+            images = set(await self.store.readable_repositories(principal))
+            namespaces = await self.store.namespace_grants(principal.user_id)
         granted = []
         for scope in scopes:
-            claimed = True
-            if not principal.admin and scope.type == "repository" and scope.name not in images:
-                claimed = await self.store.repository_claimed(scope.name)
             actions = registry.user_actions(scope, principal.name, principal.admin, images,
-                                            claimed)
+                                            namespaces)
             if (item := registry.access(scope, actions)) is not None:
                 granted.append(item)
         return principal.name, granted
+
+    async def _check_writable(self, principal: Principal, name: str) -> None:
+        """403 unless ``principal`` may write the repository of image ``name``."""
+        if principal.admin:
+            return
+        repository = registry.repository_of(name)
+        namespaces = await self.store.namespace_grants(principal.user_id)
+        if not registry.may_write(repository, principal.name, False, namespaces):
+            own = principal.name.lower()
+            raise ApiError(403, f"{name!r} is outside your namespaces: use {own}/NAME, or a "
+                                "namespace an admin granted you (top-level names and other "
+                                "users' namespaces are for admins)")
+
+    async def _name_taken(self, principal: Principal, name: str) -> ApiError:
+        """The 409 for a taken image name: its spelling only to those who may see it.
+
+        Whether the holder is invisible or absent from the caller's view, the
+        answer is the same, so that it tells nothing about private images.
+        """
+        try:
+            row = await self.store.get_image(name, principal)
+        except NotFound:
+            row = None
+        if row is None or not effective("image", principal, row["owner_id"], row["grants"]):
+            return ApiError(409, f"image name {name!r} is not available")
+        return ApiError(409, f"image {row['name']!r} already exists")
 
     # -- identity --------------------------------------------------------------
 
@@ -300,7 +322,7 @@ class SwitchboardAPI:
         return respond(request, {"tokens": [views.token(row) for row in rows]})
 
     async def _target_user(self, principal: Principal, name: str | None) -> int:
-        if name is None or name == principal.name:
+        if name is None or name.lower() == principal.name.lower():
             return principal.user_id
         if not principal.admin:
             raise ApiError(403, "only admins may act on other users' tokens")
@@ -340,6 +362,11 @@ class SwitchboardAPI:
     async def create_user(self, request: IRequest) -> bytes:
         await self._admin(request)
         body = read_json(request, schemas.USER_CREATE)
+        taken = await self.store.namespace_images(body["name"])
+        if taken:
+            raise ApiError(409, f"user {body['name']!r} would own namespace "
+                                f"{body['name'].lower()!r}, which holds other users' images "
+                                f"({', '.join(taken)}); choose another name")
         password_hash = None
         if "password" in body:
             password_hash = await self.passwords.hash(body["password"])
@@ -349,7 +376,7 @@ class SwitchboardAPI:
     @app.route("/api/v1/users/<name>", methods=["GET"])
     async def show_user(self, request: IRequest, name: str) -> bytes:
         principal = await self.auth.principal(request)
-        if name != principal.name and not principal.admin:
+        if name.lower() != principal.name.lower() and not principal.admin:
             raise ApiError(403, "only admins may read other users")
         return respond(request, views.user(await self.store.get_user(name)))
 
@@ -358,7 +385,7 @@ class SwitchboardAPI:
         principal = await self.auth.principal(request)
         body = read_json(request, schemas.USER_UPDATE)
         if not principal.admin:
-            if name != principal.name:
+            if name.lower() != principal.name.lower():
                 raise ApiError(403, "only admins may change other users")
             if set(body) - {"password"}:
                 raise ApiError(403, "only admins may change admin or disabled")
@@ -460,14 +487,13 @@ class SwitchboardAPI:
     async def create_image(self, request: IRequest) -> bytes:
         principal = await self.auth.principal(request)
         body = read_json(request, schemas.IMAGE_CREATE)
+        await self._check_writable(principal, body["name"])
         try:
             await self.store.create_image(body["name"], body["digest"], body["stores"],
                                           principal.user_id, body.get("description", ""),
                                           body.get("host_tags", ()))
         except Conflict:
-            # The same answer whether the caller may see the image holding the
-            # name or not, so that it tells nothing about private images.
-            raise ApiError(409, f"image name {body['name']!r} is not available") from None
+            raise await self._name_taken(principal, body["name"]) from None
         row = await self.store.get_image(body["name"], principal)
         return respond(request, views.image(row), 201)
 
@@ -561,6 +587,32 @@ class SwitchboardAPI:
         request.setResponseCode(204)
         return b""
 
+    # -- namespace grants (admin) -------------------------------------------------
+
+    @staticmethod
+    def _namespace(name: str) -> str:
+        canonical = name.lower()
+        if len(canonical) > 128 or not registry.NAMESPACE.fullmatch(canonical):
+            raise ApiError(400, f"namespace: {name[:130]!r} is not a namespace (a repository's "
+                                "first component: lower-case letters and digits joined by "
+                                "'.', '_', '__' or dashes)")
+        return canonical
+
+    @app.route("/api/v1/namespaces/<namespace>/grants", methods=["GET", "POST"])
+    async def namespace_grants(self, request: IRequest, namespace: str) -> bytes:
+        """Grants on a repository namespace: ``use`` pulls in it, ``manage`` also pushes,
+        deletes and registers catalogue images there."""
+        await self._admin(request)
+        return await self._grants(request, request.method.decode(), "namespace",
+                                  self._namespace(namespace))
+
+    @app.route("/api/v1/namespaces/<namespace>/grants/<user>/<privilege>", methods=["DELETE"])
+    async def revoke_namespace_grant(self, request: IRequest, namespace: str, user: str,
+                                     privilege: str) -> bytes:
+        await self._admin(request)
+        return await self._revoke(request, "namespace", self._namespace(namespace), user,
+                                  privilege)
+
     # -- jobs ------------------------------------------------------------------------
 
     async def _job(self, request: IRequest, job_id: str, privilege: str
@@ -608,7 +660,11 @@ class SwitchboardAPI:
                 raise refusal from None
             if "use" not in effective("image", principal, row["owner_id"], row["grants"]):
                 raise refusal
-            name, digest, stores = image, row["digest"], row["stores"]
+            if not principal.admin and not await self.store.image_lends(row["name"]):
+                raise ApiError(403, f"image: {row['name']!r} lies in another user's namespace "
+                                    "that its owner may not write; an admin must move or "
+                                    "re-register it")
+            name, digest, stores = row["name"], row["digest"], row["stores"]
             default_tags = row["host_tags"]
         parameters = {key: {"value": p["value"], "secret": p.get("secret", False)}
                       for key, p in body.get("parameters", {}).items()}
@@ -683,10 +739,7 @@ class SwitchboardAPI:
         repository = registry.repository_of(name)
         if not registry.REPOSITORY.fullmatch(repository):
             raise ApiError(400, f"name: {name!r} is not a valid repository name")
-        scope = registry.Scope("repository", repository, ("push",))
-        claimed = await self.store.repository_claimed(repository)
-        if not registry.user_actions(scope, principal.name, principal.admin, {}, claimed):
-            raise ApiError(403, f"you may not push to repository {repository!r}")
+        await self._check_writable(principal, name)
         try:
             snapshot = await self.store.create_snapshot(
                 row["id"], row["host_id"], principal.user_id, name, repository, store,

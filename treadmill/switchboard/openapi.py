@@ -386,7 +386,10 @@ def _images() -> dict[str, dict[str, Any]]:
                               "ImageList"),
             "post": _operation("create_image", "Images",
                                "Add an image to the catalogue (you become its owner).", 201,
-                               "Image", body="ImageCreate", errors=(409,)),
+                               "Image", body="ImageCreate", errors=(403, 409),
+                               description="Non-admins register only names in their own "
+                                           "namespace (`alice/…`) or one granted them "
+                                           "`manage`; names are unique regardless of case."),
         },
         "/api/v1/images/{name}": {
             "parameters": [P_IMAGE],
@@ -429,6 +432,37 @@ def _grants() -> dict[str, dict[str, Any]]:
                                  errors=(403, 404)),
         }
     return paths
+
+
+P_NAMESPACE = _path_param(
+    "namespace", {"type": "string", "maxLength": 128, "pattern": r"^[A-Za-z0-9._-]+$"},
+    "A repository namespace (a repository's first component), compared without case.")
+
+
+def _namespace_grants() -> dict[str, dict[str, Any]]:
+    base = "/api/v1/namespaces/{namespace}/grants"
+    privilege = _path_param("privilege", _enum(PRIVILEGES["namespace"]), "The privilege.")
+    return {
+        base: {
+            "parameters": [P_NAMESPACE],
+            "get": _operation("list_namespace_grants", "Grants",
+                              "List the grants on a repository namespace (admin).", 200,
+                              "GrantList", errors=(400, 403)),
+            "post": _operation(
+                "add_namespace_grant", "Grants",
+                "Grant a privilege on a repository namespace (admin).", 201, "GrantRecord",
+                body="Grant", errors=(403, 404, 409),
+                description="`use` pulls every repository of the namespace; `manage` also "
+                            "pushes, deletes and registers catalogue images there. "
+                            'User "*" means every user.'),
+        },
+        base + "/{user}/{privilege}": {
+            "parameters": [P_NAMESPACE, P_GRANTEE, privilege],
+            "delete": _operation("revoke_namespace_grant", "Grants",
+                                 "Revoke a grant on a repository namespace (admin).", 204,
+                                 errors=(400, 403, 404)),
+        },
+    }
 
 
 def _jobs() -> dict[str, dict[str, Any]]:
@@ -559,7 +593,8 @@ def build() -> dict[str, Any]:
     if clash:
         raise ValueError(f"schema names both request and response: {sorted(clash)}")
     paths: dict[str, dict[str, Any]] = {}
-    for part in (_identity(), _hosts(), _images(), _grants(), _jobs(), _other()):
+    for part in (_identity(), _hosts(), _images(), _grants(), _namespace_grants(), _jobs(),
+                 _other()):
         paths.update(part)
     document = {
         "openapi": "3.1.0",

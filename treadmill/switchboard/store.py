@@ -80,6 +80,16 @@ _EVENT_COLUMNS = ("e.seq, e.job_id AS job, e.at, e.state, e.stage, e.reason, e.e
 _MY_GRANTS = """ARRAY(SELECT g.privilege FROM grants g WHERE g.{column} = {alias}.id
                       AND (g.user_id = %(uid)s OR g.user_id IS NULL)) AS grants"""
 
+# Whether catalogue image i (owner o) lends its repository to those who may use
+# it. Not when the repository lies in another user's namespace that the owner
+# may not write: such a name was registered before namespaces were owned
+# (security issue 12) and must not open that user's repository.
+_LENDS = """(coalesce(o.admin, false)
+    OR NOT EXISTS (SELECT 1 FROM users n WHERE lower(n.name) = split_part(lower(i.name), '/', 1)
+                   AND n.id IS DISTINCT FROM i.owner_id)
+    OR EXISTS (SELECT 1 FROM grants g WHERE g.namespace = split_part(lower(i.name), '/', 1)
+               AND g.privilege = 'manage' AND (g.user_id = i.owner_id OR g.user_id IS NULL)))"""
+
 
 def _unique(e: psycopg2.Error, what: str) -> Conflict:
     return Conflict(f"{what} already exists")
@@ -108,14 +118,24 @@ class Store:
                 "INSERT INTO users (name, admin, password_hash) VALUES (%s, %s, %s) "
                 "RETURNING id, name, admin, disabled, created_at",
                 (name, admin, password_hash))
-        except psycopg2.errors.UniqueViolation as e:
-            raise _unique(e, f"user {name!r}") from None
+        except psycopg2.errors.UniqueViolation:
+            raise Conflict(await self._taken("users", "user", name)) from None
         assert row is not None
         return row
 
+    async def _taken(self, table: str, what: str, name: str) -> str:
+        """The message for a name taken in ``table`` (names compare without case)."""
+        row = await self.pool.fetchone(
+            f"SELECT name FROM {table} WHERE lower(name) = lower(%s)", (name,))
+        if row is None or row["name"] == name:
+            return f"{what} {name!r} already exists"
+        return (f"{what} {name!r} already exists as {row['name']!r} "
+                "(names are unique regardless of case)")
+
     async def get_user(self, name: str) -> dict:
         row = await self.pool.fetchone(
-            f"SELECT {_USER_COLUMNS}, u.password_hash FROM users u WHERE u.name = %s", (name,))
+            f"SELECT {_USER_COLUMNS}, u.password_hash FROM users u "
+            "WHERE lower(u.name) = lower(%s)", (name,))
         if row is None:
             raise NotFound(f"no user {name!r}")
         return row
@@ -128,7 +148,7 @@ class Store:
                           password_hash: str | None = None) -> dict:
         row = await self.pool.fetchone(
             "UPDATE users SET admin = coalesce(%s, admin), disabled = coalesce(%s, disabled), "
-            "password_hash = coalesce(%s, password_hash) WHERE name = %s "
+            "password_hash = coalesce(%s, password_hash) WHERE lower(name) = lower(%s) "
             "RETURNING id, name, admin, disabled, created_at",
             (admin, disabled, password_hash, name))
         if row is None:
@@ -136,7 +156,8 @@ class Store:
         return row
 
     async def user_id(self, name: str) -> int:
-        row = await self.pool.fetchone("SELECT id FROM users WHERE name = %s", (name,))
+        row = await self.pool.fetchone("SELECT id FROM users WHERE lower(name) = lower(%s)",
+                                       (name,))
         if row is None:
             raise NotFound(f"no user {name!r}")
         return row["id"]
@@ -267,11 +288,11 @@ class Store:
                 "INSERT INTO images (name, digest, stores, owner_id, description, host_tags) "
                 "VALUES (%s, %s, %s, %s, %s, %s)",
                 (name, digest, stores, owner_id, description, list(host_tags)))
-        except psycopg2.errors.UniqueViolation as e:
-            raise _unique(e, f"image {name!r}") from None
+        except psycopg2.errors.UniqueViolation:
+            raise Conflict(await self._taken("images", "image", name)) from None
 
     async def get_image(self, name: str, principal: Principal) -> dict:
-        row = await self.pool.fetchone(self._image_query("i.name = %(name)s"),
+        row = await self.pool.fetchone(self._image_query("lower(i.name) = lower(%(name)s)"),
                                        {"name": name, "uid": principal.user_id})
         if row is None:
             raise NotFound(f"no image {name!r}")
@@ -283,6 +304,24 @@ class Store:
             "AND (g.user_id = %(uid)s OR g.user_id IS NULL)))")
         return await self.pool.fetchall(self._image_query(where) + " ORDER BY i.name",
                                         {"uid": principal.user_id})
+
+    async def readable_repositories(self, principal: Principal) -> list[str]:
+        """Repositories of the catalogue images ``principal`` may use that lend them
+        (see ``_LENDS``): what the image gives pull on."""
+        rows = await self.pool.fetchall(
+            "SELECT DISTINCT lower(i.name) AS repository FROM images i "
+            "LEFT JOIN users o ON o.id = i.owner_id WHERE (i.owner_id = %(uid)s OR EXISTS "
+            "(SELECT 1 FROM grants g WHERE g.image_id = i.id "
+            f"AND (g.user_id = %(uid)s OR g.user_id IS NULL))) AND {_LENDS}",
+            {"uid": principal.user_id})
+        return [row["repository"] for row in rows]
+
+    async def image_lends(self, name: str) -> bool:
+        """Whether catalogue image ``name`` may lend its repository (``_LENDS``)."""
+        row = await self.pool.fetchone(
+            f"SELECT {_LENDS} AS lends FROM images i LEFT JOIN users o ON o.id = i.owner_id "
+            "WHERE lower(i.name) = lower(%(name)s)", {"name": name})
+        return bool(row and row["lends"])
 
     async def images_by_digest(self, digest: str, principal: Principal) -> list[dict]:
         return await self.pool.fetchall(
@@ -296,21 +335,22 @@ class Store:
             "UPDATE images SET digest = coalesce(%s, digest), stores = coalesce(%s, stores), "
             "description = coalesce(%s, description), "
             "host_tags = coalesce(%s, host_tags), updated_at = now() "
-            "WHERE name = %s RETURNING id",
+            "WHERE lower(name) = lower(%s) RETURNING id",
             (digest, stores, description, list(host_tags) if host_tags is not None else None,
              name))
         if row is None:
             raise NotFound(f"no image {name!r}")
 
     async def delete_image(self, name: str) -> None:
-        row = await self.pool.fetchone("DELETE FROM images WHERE name = %s RETURNING id",
-                                       (name,))
+        row = await self.pool.fetchone(
+            "DELETE FROM images WHERE lower(name) = lower(%s) RETURNING id", (name,))
         if row is None:
             raise NotFound(f"no image {name!r}")
 
     # -- grants ------------------------------------------------------------------
 
-    _GRANT_COLUMN = {"host": "host_id", "job": "job_id", "image": "image_id"}
+    _GRANT_COLUMN = {"host": "host_id", "job": "job_id", "image": "image_id",
+                     "namespace": "namespace"}
 
     async def list_grants(self, kind: str, resource_id: Any) -> list[dict]:
         column = self._GRANT_COLUMN[kind]
@@ -719,13 +759,23 @@ class Store:
             "RETURNING id", (after,))
         return len(rows)
 
-    async def repository_claimed(self, repository: str) -> bool:
-        """Whether a catalogue image or a user's namespace owns ``repository``."""
-        row = await self.pool.fetchone(
-            "SELECT EXISTS (SELECT 1 FROM images WHERE lower(name) = %(repo)s) "
-            "OR EXISTS (SELECT 1 FROM users WHERE lower(name) = split_part(%(repo)s, '/', 1)) "
-            "AS claimed", {"repo": repository})
-        return bool(row and row["claimed"])
+    async def namespace_grants(self, user_id: int) -> dict[str, frozenset[str]]:
+        """The privileges the user holds on each namespace (own grants and grants to all)."""
+        rows = await self.pool.fetchall(
+            "SELECT namespace, array_agg(DISTINCT privilege) AS privileges FROM grants "
+            "WHERE namespace IS NOT NULL AND (user_id = %s OR user_id IS NULL) "
+            "GROUP BY namespace", (user_id,))
+        return {row["namespace"]: frozenset(row["privileges"]) for row in rows}
+
+    async def namespace_images(self, namespace: str, limit: int = 5) -> list[str]:
+        """Names of catalogue images whose repository is in ``namespace``, but for those
+        of the user of that name."""
+        rows = await self.pool.fetchall(
+            "SELECT i.name FROM images i LEFT JOIN users o ON o.id = i.owner_id "
+            "WHERE split_part(lower(i.name), '/', 1) = lower(%(ns)s) "
+            "AND lower(o.name) IS DISTINCT FROM lower(%(ns)s) ORDER BY i.name LIMIT %(n)s",
+            {"ns": namespace, "n": limit})
+        return [row["name"] for row in rows]
 
     async def job_image_names(self, host_id: int) -> list[str]:
         """Catalogue names of the images of the jobs holding a host."""

@@ -15,6 +15,8 @@ KINDS = {
     "jobs": "jobs",
     "image": "images",
     "images": "images",
+    "namespace": "namespaces",  # repository namespaces; admins only
+    "namespaces": "namespaces",
 }
 
 
@@ -22,7 +24,8 @@ def _kind(text: str) -> str:
     try:
         return KINDS[text]
     except KeyError:
-        raise UsageError(f"unknown kind {text!r}: expected host, job or image") from None
+        raise UsageError(f"unknown kind {text!r}: expected host, job, image or namespace"
+                         ) from None
 
 
 def render_grants(data: dict[str, Any]) -> str:
@@ -80,8 +83,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         common,
         help="grant a privilege on a host, job or image; 'grant ls KIND ID' lists grants",
         usage="tml grant [options] KIND ID USER PRIVILEGE\n       tml grant [options] ls KIND ID",
-        epilog="KIND is host, job or image. USER '*' means every user. Privileges: "
-        "hosts read, start, manage; jobs read, stop, manage; images use, manage.",
+        epilog="KIND is host, job, image or namespace. USER '*' means every user. Privileges: "
+        "hosts read, start, manage; jobs read, stop, manage; images and namespaces use, manage.",
     )
     p.add_argument("words", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
     p = add_command(sub, "revoke", revoke, common, help="revoke a granted privilege")

@@ -192,8 +192,9 @@ def _registry(ctx: Context, store: str, reporter: _Reporter) -> RegistryClient:
 def _store_failure(store: str, e: RegistryError) -> str:
     message = f"image store {store}: {output.clean(e.message)}"
     if e.status in (401, 403):
-        message += (" (you may push to repositories under your user name, like "
-                    "'USER/NAME', to images you manage, and pull images you may use)")
+        message += (" (you may push only to repositories under your user name, like "
+                    "'USER/NAME', or in a namespace an admin granted you; top-level names "
+                    "are for admins; you may pull images you may use)")
     return message
 
 
