@@ -128,6 +128,13 @@ def check_store_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def canonical_store_url(url: str) -> str:
+    """The form stores are registered and compared in: :func:`check_store_url` with a
+    lowercase scheme and host (:class:`ValueError` if malformed)."""
+    parts = urlsplit(check_store_url(url))
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path, "", ""))
+
+
 # -- errors ------------------------------------------------------------------------
 
 
