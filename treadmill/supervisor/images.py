@@ -337,15 +337,11 @@ def _collect(root: str, limit: int, pinned: Callable[[str], bool], now: float) -
 class _CacheClient(RegistryClient):
     """An image cache's lease API (``/cache/leases``), with the registry token flow.
 
-    A pull token for the lease's repository authorises it; the cache's
-    challenge also names the ``cache:leases:lease`` scope, which the
-    switchboard does not hand out (it refuses the whole request), so only the
-    repository's ``pull`` is asked for. Each request is tried once: the caller
+    A pull token for the lease's repository authorises it (the client never
+    asks for the challenge's ``cache:leases:lease`` scope, which the
+    switchboard does not hand out). Each request is tried once: the caller
     falls back to the stores, and renewals come again.
     """
-
-    async def _authenticate(self, repo: str, params: dict[str, str], url: str) -> None:
-        await super()._authenticate(repo, {**params, "scope": f"repository:{repo}:pull"}, url)
 
     async def put_lease(self, repo: str, body: Mapping[str, Any], wait: float
                         ) -> tuple[int, dict[str, Any]]:
@@ -354,7 +350,7 @@ class _CacheClient(RegistryClient):
         data = json.dumps(body).encode()
         response = await self._request(
             "POST", url, repo, headers={b"Content-Type": b"application/json"},
-            body=lambda: data, ok=(200, 201), timeout=wait + self.timeout)
+            body=lambda: data, ok=(200, 201), timeout=wait + self.timeout, actions=("pull",))
         raw = await self._read(response, url, MAX_LEASE_ANSWER)
         try:
             status = json.loads(raw)
@@ -367,7 +363,7 @@ class _CacheClient(RegistryClient):
     async def delete_lease(self, repo: str, lease_id: str) -> bool:
         """``DELETE /cache/leases/<id>``; False if the cache did not have it (expired)."""
         url = f"{self.base_url}/cache/leases/{lease_id}"
-        response = await self._request("DELETE", url, repo, ok=(204, 404))
+        response = await self._request("DELETE", url, repo, ok=(204, 404), actions=("pull",))
         await self._discard(response)
         return response.code == 204
 
