@@ -286,3 +286,37 @@ async def test_an_unregistered_store_gets_no_request_at_all(bed: Bed) -> None:
     final = await run_lure_job(bed)
     assert final["state"] == "terminated", final
     assert bed.unregistered.received == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_for_store_b_is_refused_by_store_a(bed: Bed) -> None:
+    """Two real stores, each registered under its own service: the switchboard's token
+    for B is good at B and refused at A (its audience), for the same repository."""
+    await seed_real_store(bed)
+    store_b = ImageStoreService(reactor, ImageStoreConfig(
+        root=str(bed.tmp / "store-b"), listen=["tcp:0:interface=127.0.0.1"],
+        keys_url=f"{bed.sb.url}/.well-known/treadmill/capability-keys", service="store-b",
+        realm=bed.realm, access_log=False))
+    store_b.startService()
+    try:
+        await store_b.ready()
+        url_b = f"http://127.0.0.1:{store_b.ports()[0].getHost().port}"
+        await bed.sb.register_store(url_b, "store-b")
+        tokens = {}
+        for service in (REAL_SERVICE, "store-b"):
+            r = await bed.alice.get(f"/api/v1/registry/token?service={service}"
+                                    "&scope=repository:alice/fw:pull")
+            assert r.status == 200, r.body
+            tokens[service] = r.body["token"]
+        path = "/v2/alice/fw/manifests/v1"
+        for url, service, expect in ((bed.store_url, REAL_SERVICE, 200),
+                                     (bed.store_url, "store-b", 401),
+                                     (url_b, "store-b", 404),  # allowed; B lacks it
+                                     (url_b, REAL_SERVICE, 401)):
+            response = await treq.get(url + path, headers={
+                "Authorization": f"Bearer {tokens[service]}",
+                "Accept": fmt.OCI_MANIFEST})
+            body = await treq.content(response)
+            assert response.code == expect, (url, service, body)
+    finally:
+        await store_b.stopService()
