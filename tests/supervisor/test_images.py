@@ -378,6 +378,19 @@ async def test_unregistered_stores_are_never_contacted(bed: Bed) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_without_the_switchboards_list_no_store_is_contacted(bed: Bed) -> None:
+    digest, _ = await bed.push_qemu("lab/tiny", [qcow2(3_000, 3)])
+    fetcher = bed.fetcher(switchboard=DEAD_STORE)  # nothing listens there
+    error = await fails(fetcher.fetch(bed.image(digest)))
+    assert error.code == "image_not_found"
+    assert "not registered" in error.message and "cannot list them" in error.message
+    assert bed.tokens.host_users == []
+    # A wrong host token: the switchboard refuses the listing, same outcome.
+    error = await fails(bed.fetcher(token="tmh_wrong").fetch(bed.image(digest)))
+    assert "cannot list them" in error.message and "HTTP 401" in error.message
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_non_treadmill_manifest_is_image_invalid(bed: Bed) -> None:
     client = bed.pusher()
     repo = "lab/plain"

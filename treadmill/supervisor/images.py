@@ -470,6 +470,7 @@ class ImageFetcher:
         self.retry_time = retry_time
         self._registered: dict[str, str] | None = None  # canonical URL -> service
         self._registered_at = float("-inf")
+        self._registered_error: str | None = None  # why the last listing failed
         self._http: treq.client.HTTPClient | None = None
         self.cache_mount = cache_mount or None
         self.cache_url = check_store_url(cache_url) if cache_url else None
@@ -646,7 +647,9 @@ class ImageFetcher:
             self._registered = {canonical_store_url(str(row["url"])): str(row["service"])
                                 for row in listed}
             self._registered_at = now
+            self._registered_error = None
         except Exception as e:
+            self._registered_error = f"cannot list them at {url}: {str(e) or type(e).__name__}"
             self.log.warn("{who}: cannot list the registered image stores at {url}: {error}; "
                           "using the last list known", who=self.name, url=url,
                           error=str(e) or type(e).__name__)
@@ -845,6 +848,8 @@ class ImageFetcher:
             if registered is not None and canonical_store_url(store) not in registered:
                 text = (f"image store {store} is not registered with the switchboard: "
                         "not contacted")
+                if self._registered_error:
+                    text += f" ({self._registered_error})"
                 self.log.warn("{who}: {text}", who=self.name, text=text)
                 attempt.add(text)
                 continue
