@@ -65,11 +65,14 @@ class FakeRegistry:
     challenge_service: str = SERVICE
     challenge_realm: str = ""
     challenge_scope: str | None = None
+    redirect_blobs: str = ""  # answer blob GETs with a 307 to this base URL
+    authorizations: list[str] = field(default_factory=list)  # Authorization headers seen
 
     # -- helpers
 
     def log(self, request: Request) -> None:
         self.requests.append((request.method.decode(), request.uri.decode()))
+        self.authorizations.append((request.getHeader(b"authorization") or b"").decode())
 
     def count(self, method: str, fragment: str = "") -> int:
         return sum(1 for m, uri in self.requests if m == method and fragment in uri)
@@ -218,6 +221,11 @@ class FakeRegistry:
             return b""
         if method != "GET":
             return self.error(request, 405, "UNSUPPORTED", method)
+        if self.redirect_blobs:
+            request.setResponseCode(307)
+            request.setHeader(b"location", f"{self.redirect_blobs}/v2/{name}/blobs/{digest}"
+                              .encode())
+            return b""
         start = 0
         m = re.fullmatch(r"bytes=(\d+)-", (request.getHeader(b"range") or b"").decode())
         if m and not self.no_range:

@@ -341,6 +341,25 @@ async def test_a_challenge_naming_another_service_or_realm_is_refused(fake, clie
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_redirect_elsewhere_carries_no_token(fake, clients, tmp_path):
+    """A store may send blob reads elsewhere (a CDN); its token does not follow."""
+    other, port = listen(FakeRegistry())
+    try:
+        other.blobs[digest_of(b"abc")] = b"abc"
+        fake.require_auth = True
+        client = clients(fake.url, credentials=(USER, SECRET), service="fake-store",
+                         realm=fake.realm)
+        await client.push_bytes(REPO, b"abc")
+        fake.redirect_blobs = other.url
+        await client.pull_blob(REPO, digest_of(b"abc"), tmp_path / "abc")
+        assert (tmp_path / "abc").read_bytes() == b"abc"
+        assert other.requests and other.authorizations == [""] * len(other.requests)
+        assert any(a.startswith("Bearer ") for a in fake.authorizations)
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
 async def test_wrong_credentials(fake, clients):
     fake.require_auth = True
     client = clients(fake.url, credentials=(USER, "nope"), trusted_realms=[fake.url])
