@@ -32,7 +32,7 @@ pytest.importorskip("treadmill.imagestore.service")
 from tests.imagestore.support import Keys, RunningStore, make_keys, start_store
 from treadmill.common.captoken import Access
 from treadmill.images import format as fmt
-from treadmill.images.registry import RegistryClient
+from treadmill.images.registry import RegistryClient, RegistryError
 from treadmill.supervisor.images import (
     FetchedImage,
     ImageFetcher,
@@ -372,8 +372,36 @@ async def test_unregistered_stores_are_never_contacted(bed: Bed) -> None:
         bed.tokens.stores[rogue.url] = "fake-store"
         fetcher.stores_ttl = 0
         await fails(fetcher.fetch(bed.image(fmt.digest_of(b"absent"), stores=[rogue.url])))
-        assert bed.tokens.listed == 2 and rogue.requests
+        assert bed.tokens.listed >= 2 and rogue.requests
     finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_client_made_before_any_fetch_asks_for_the_registered_service(
+        bed: Bed) -> None:
+    """``registry_client`` (snapshots) looks the store's service up before a token, and
+    gets none for a store that is not registered."""
+    from tests.images.ocifake import FakeRegistry, listen
+
+    digest, _ = await bed.push_qemu("lab/tiny", [qcow2(3_000, 3)])
+    fetcher = bed.fetcher()
+    client = fetcher.registry_client(bed.url)
+    try:
+        assert (await client.get_manifest("lab/tiny", digest)).digest == digest
+        assert client.service == "treadmill-imagestore" and bed.tokens.listed == 1
+    finally:
+        await client.close()
+    rogue, port = listen(FakeRegistry(require_auth=True,
+                                      realm=f"{bed.switchboard}/api/v1/registry/token"))
+    client = fetcher.registry_client(rogue.url)
+    try:
+        with pytest.raises(RegistryError, match="not registered"):
+            await client.push_bytes("lab/snap", b"disk")
+        assert rogue.token_requests == [] and set(rogue.authorizations) == {""}
+        assert bed.tokens.host_users == ["host"]  # the one token, for the real store
+    finally:
+        await client.close()
         await port.stopListening()
 
 

@@ -348,7 +348,28 @@ def _collect(root: str, limit: int, pinned: Callable[[str], bool], now: float) -
 # -- image cache leases --------------------------------------------------------------------
 
 
-class _CacheClient(RegistryClient):
+class _StoreClient(RegistryClient):
+    """A store client of a fetcher with a switchboard: before asking for a token it looks
+    the store's registered service up (so a client made before any fetch, e.g. to push a
+    snapshot, asks for the right audience) and refuses a store that is not registered."""
+
+    fetcher: ImageFetcher | None = None
+
+    async def _authenticate(self, repo: str, params: dict[str, str], url: str,
+                            actions: Sequence[str] = ("pull",)) -> None:
+        fetcher = self.fetcher
+        if fetcher is not None and fetcher.switchboard is not None:
+            registered = await fetcher.registered_stores() or {}
+            service = registered.get(canonical_store_url(self.base_url))
+            if service is None:
+                raise RegistryError(
+                    401, "UNAUTHORIZED", f"image store {self.base_url} is not registered "
+                    "with the switchboard; no token was requested", url)
+            self.service = service
+        await super()._authenticate(repo, params, url, actions)
+
+
+class _CacheClient(_StoreClient):
     """An image cache's lease API (``/cache/leases``), with the registry token flow.
 
     A pull token for the lease's repository authorises it (the client never
@@ -751,6 +772,7 @@ class ImageFetcher:
                 service=self._service(url), realm=self.realm,
                 trusted_realms=self.trusted_realms, retries=1, backoff=self.backoff,
                 timeout=min(self.timeout, 15.0))
+            self._cache_client.fetcher = self
         return self._cache_client
 
     async def _put_lease(self, lease: _Lease, wait: float, renewal: bool) -> None:
@@ -881,7 +903,7 @@ class ImageFetcher:
     def _client(self, store: str, clients: dict[str, RegistryClient]) -> RegistryClient:
         client = clients.get(store)
         if client is None:
-            client = RegistryClient(
+            client = _StoreClient(
                 self.reactor, store, ca_file=self.ca_file,
                 credentials=(HOST_USER, self._token) if self._token else None,
                 service=self._service(store), realm=self.realm,
@@ -889,6 +911,7 @@ class ImageFetcher:
                 retry_time=self.retry_time, timeout=self.timeout,
                 on_retry=lambda text: self.log.info("{who}: {store}: {text}", who=self.name,
                                                     store=store, text=text))
+            client.fetcher = self
             clients[store] = client
         return client
 
