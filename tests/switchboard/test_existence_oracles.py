@@ -89,6 +89,7 @@ async def world(switchboard: RunningSwitchboard):
     store = switchboard.store
     alice_id = await store.user_id("alice")
     await store.create_host("secret-host", ["t"], alice_id, "", credentials.token_hash("h"))
+    await switchboard.register_store("https://s.example", "s")
     r = await alice.post("/api/v1/images", {"name": "alice/private-fw", "digest": DIGEST,
                                             "stores": ["https://s.example"]})
     assert r.status == 201, r.body

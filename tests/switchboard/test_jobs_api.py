@@ -174,6 +174,7 @@ async def test_configured_defaults_apply(database, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_enqueue_by_catalogue_name_resolves_digest(switchboard):
     alice = await switchboard.user("alice")
+    await switchboard.register_store("https://store.example/v2", "store")
     r = await alice.post("/api/v1/images", {"name": "alice/debian", "digest": DIGEST,
                                             "stores": ["https://store.example/v2"]})
     assert r.status == 201, r.body
@@ -196,10 +197,11 @@ async def test_enqueue_by_catalogue_name_resolves_digest(switchboard):
 async def test_enqueue_by_digest_lists_stores_of_usable_images_only(switchboard):
     alice = await switchboard.user("alice")
     bob = await switchboard.user("bob")
+    await switchboard.register_store("https://a.example", "a")
     r = await alice.post("/api/v1/images", {"name": "alice/fw", "digest": DIGEST,
                                             "stores": ["https://a.example/"]})
     assert r.status == 201, r.body
-    assert (await enqueue(alice))["image"]["stores"] == ["https://a.example/"]
+    assert (await enqueue(alice))["image"]["stores"] == ["https://a.example"]
     # Bob may not use alice's image, so he learns nothing about where it lives.
     assert (await enqueue(bob))["image"]["stores"] == []
 
@@ -208,6 +210,7 @@ async def test_enqueue_by_digest_lists_stores_of_usable_images_only(switchboard)
 async def test_enqueue_by_name_without_use_privilege(switchboard):
     alice = await switchboard.user("alice")
     bob = await switchboard.user("bob")
+    await switchboard.register_store("https://a.example", "a")
     r = await alice.post("/api/v1/images", {"name": "alice/private", "digest": DIGEST,
                                             "stores": ["https://a.example/"]})
     assert r.status == 201
@@ -226,7 +229,7 @@ async def test_enqueue_by_name_without_use_privilege(switchboard):
     assert r.status == 201, r.body
     job = await enqueue(bob, image="alice/private")
     assert job["image"] == {"name": "alice/private", "digest": DIGEST,
-                            "stores": ["https://a.example/"]}
+                            "stores": ["https://a.example"]}
 
 
 # -- secrets ------------------------------------------------------------------------

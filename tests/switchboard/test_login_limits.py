@@ -71,6 +71,7 @@ async def make_switchboard(database: str, tmp_path: Path, policy: PasswordPolicy
 @pytest_twisted.async_yield_fixture
 async def sb(database: str, tmp_path: Path):
     running = await make_switchboard(database, tmp_path, POLICY)
+    await running.register_store("https://store.example", "store")
     try:
         yield running
     finally:

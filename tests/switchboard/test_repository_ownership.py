@@ -39,6 +39,7 @@ async def attacker_gets_nothing(sb: RunningSwitchboard, attacker: Client) -> Non
 @pytest_twisted.async_yield_fixture
 async def world(switchboard: RunningSwitchboard):
     """alice owns ``alice/fw``; the admin owns the top-level ``demo``; bob attacks."""
+    await switchboard.register_store(STORE, "store-1")
     alice = await switchboard.user("alice")
     bob = await switchboard.user("bob")
     assert await image(alice, "alice/fw") == 201
@@ -298,6 +299,7 @@ async def test_repository_matrix(switchboard: RunningSwitchboard) -> None:
     """Every principal of MATRIX asks for every action; the table of what the token
     endpoint grants must be MATRIX exactly."""
     sb = switchboard
+    await sb.register_store(STORE, "store-1")
     alice = await sb.user("alice")
     assert await image(alice, "alice/fw") == 201
     table: dict[str, frozenset[str]] = {}

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from treadmill.common.captoken import Access, CapabilitySigner
+from treadmill.common.captoken import Access, CapabilitySigner, bearer_token
 from treadmill.common.http import (
     ApiError,
     dumps,
@@ -31,6 +31,7 @@ from treadmill.common.http import (
     respond_error,
     respond_internal,
 )
+from treadmill.images.registry import canonical_store_url
 from treadmill.switchboard import credentials, registry, schemas, views
 from treadmill.switchboard.access import PRIVILEGES, Principal, effective
 from treadmill.switchboard.auth import Authenticator, PasswordGuard
@@ -192,6 +193,9 @@ class SwitchboardAPI:
             raise ApiError(400, "scope: not UTF-8") from None
         except registry.ScopeError as e:
             raise ApiError(400, str(e)) from None
+        if await self.store.image_store_by_service(service) is None:
+            # A token's audience is one registered store: no token for anything else.
+            raise ApiError(400, f"service: no image store is registered as {service!r}")
         subject, granted = await self._registry_grants(request, scopes)
         token = self.signer.sign(subject, service, granted, registry.TOKEN_TTL)
         issued = datetime.fromtimestamp(self.reactor.seconds(), UTC)
@@ -270,6 +274,57 @@ class SwitchboardAPI:
         if row is None or not effective("image", principal, row["owner_id"], row["grants"]):
             return ApiError(409, f"image name {name!r} is not available")
         return ApiError(409, f"image {row['name']!r} already exists")
+
+    # -- registered image stores -------------------------------------------------
+
+    @app.route("/api/v1/stores", methods=["GET"])
+    async def list_stores(self, request: IRequest) -> bytes:
+        """The registered image stores: for every user, and for hosts (host token)."""
+        token = bearer_token(request.getHeader("authorization"))
+        if token is not None and credentials.looks_like_token(
+                token, credentials.HOST_TOKEN_PREFIX):
+            if await self.store.host_by_token(credentials.token_hash(token)) is None:
+                raise ApiError(401, "unknown host token")
+        else:
+            await self.auth.principal(request)
+        rows = await self.store.list_image_stores()
+        return respond(request, {"stores": [views.image_store(row) for row in rows]})
+
+    @app.route("/api/v1/stores", methods=["POST"])
+    async def create_store(self, request: IRequest) -> bytes:
+        await self._admin(request)
+        body = read_json(request, schemas.STORE_CREATE)
+        try:
+            url = canonical_store_url(body["url"])
+        except ValueError as e:
+            raise ApiError(400, f"url: {e}") from None
+        row = await self.store.create_image_store(url, body["service"],
+                                                  body.get("description", ""),
+                                                  body.get("cache", False))
+        return respond(request, views.image_store(row), 201)
+
+    @app.route("/api/v1/stores/<service>", methods=["DELETE"])
+    async def delete_store(self, request: IRequest, service: str) -> bytes:
+        await self._admin(request)
+        await self.store.delete_image_store(service)
+        request.setResponseCode(204)
+        return b""
+
+    async def _registered(self, field: str, urls: list[str]) -> list[str]:
+        """``urls`` in canonical form, or a 400 naming the first one not registered."""
+        registered = {row["url"] for row in await self.store.list_image_stores()}
+        canonical = []
+        for url in urls:
+            try:
+                key = canonical_store_url(url)
+            except ValueError as e:
+                raise ApiError(400, f"{field}: {e}") from None
+            if key not in registered:
+                raise ApiError(400, f"{field}: {url!r} is not a registered image store "
+                                    "(see GET /api/v1/stores)")
+            if key not in canonical:
+                canonical.append(key)
+        return canonical
 
     # -- identity --------------------------------------------------------------
 
@@ -488,8 +543,9 @@ class SwitchboardAPI:
         principal = await self.auth.principal(request)
         body = read_json(request, schemas.IMAGE_CREATE)
         await self._check_writable(principal, body["name"])
+        stores = await self._registered("stores", body["stores"])
         try:
-            await self.store.create_image(body["name"], body["digest"], body["stores"],
+            await self.store.create_image(body["name"], body["digest"], stores,
                                           principal.user_id, body.get("description", ""),
                                           body.get("host_tags", ()))
         except Conflict:
@@ -508,8 +564,9 @@ class SwitchboardAPI:
     async def update_image(self, request: IRequest, name: str) -> bytes:
         principal, _ = await self._image(request, name, "manage")
         body = read_json(request, schemas.IMAGE_UPDATE)
+        stores = await self._registered("stores", body["stores"]) if "stores" in body else None
         await self.store.update_image(name, digest=body.get("digest"),
-                                      stores=body.get("stores"),
+                                      stores=stores,
                                       description=body.get("description"),
                                       host_tags=body.get("host_tags"))
         return respond(request, views.image(await self.store.get_image(name, principal)))
@@ -735,6 +792,7 @@ class SwitchboardAPI:
         store = body.get("store") or (stores[0] if stores else None)
         if store is None:
             raise ApiError(400, "store: the job's image names no image store; give one")
+        store = (await self._registered("store", [store]))[0]
         name = body["name"]
         repository = registry.repository_of(name)
         if not registry.REPOSITORY.fullmatch(repository):

@@ -108,6 +108,16 @@ IMAGE = _record({
     "created_at": TIME, "updated_at": TIME,
 }, "An image of the catalogue.")
 
+IMAGE_STORE = _record({
+    "url": {"type": "string", "description": "The store's base URL (lowercase scheme and "
+                                             "host, no final /)."},
+    "service": {"type": "string", "description": "Its service name: the audience of the "
+                                                 "registry tokens issued for it."},
+    "description": STRING,
+    "cache": {"type": "boolean", "description": "A site image cache."},
+    "created_at": TIME,
+}, "An image store registered by an operator.")
+
 GRANT_RECORD = _record({
     "user": {"type": "string", "description": '"*" means every user.'},
     "privilege": _enum(sorted({p for privileges in PRIVILEGES.values() for p in privileges})),
@@ -191,6 +201,7 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "TokenList": _list_of("tokens", "Token"),
     "HostList": _list_of("hosts", "Host"),
     "ImageList": _list_of("images", "Image"),
+    "ImageStore": IMAGE_STORE, "ImageStoreList": _list_of("stores", "ImageStore"),
     "GrantList": _list_of("grants", "GrantRecord"),
     "JobList": _list_of("jobs", "Job", next_cursor={
         "type": "string", "description": "The cursor of the next page; absent on the last."}),
@@ -389,7 +400,9 @@ def _images() -> dict[str, dict[str, Any]]:
                                "Image", body="ImageCreate", errors=(403, 409),
                                description="Non-admins register only names in their own "
                                            "namespace (`alice/…`) or one granted them "
-                                           "`manage`; names are unique regardless of case."),
+                                           "`manage`; names are unique regardless of case. "
+                                           "Every store must be registered "
+                                           "(`/api/v1/stores`); 400 otherwise."),
         },
         "/api/v1/images/{name}": {
             "parameters": [P_IMAGE],
@@ -397,9 +410,31 @@ def _images() -> dict[str, dict[str, Any]]:
             "get": _operation("show_image", "Images", "An image (use).", 200, "Image",
                               errors=(404,)),
             "put": _operation("update_image", "Images", "Change an image (manage).", 200,
-                              "Image", body="ImageUpdate", errors=(403, 404)),
+                              "Image", body="ImageUpdate", errors=(403, 404),
+                              description="New stores must be registered; 400 otherwise."),
             "delete": _operation("delete_image", "Images", "Remove an image (manage).", 204,
                                  errors=(403, 404)),
+        },
+        "/api/v1/stores": {
+            "get": _operation(
+                "list_stores", "Images", "The registered image stores.", 200, "ImageStoreList",
+                description="Readable by every user and by hosts (host token): clients ask "
+                            "tokens only for these services and fetch only from these "
+                            "URLs."),
+            "post": _operation(
+                "create_store", "Images", "Register an image store or site cache (admin).",
+                201, "ImageStore", body="StoreCreate", errors=(403, 409),
+                description="409 when the URL or the service name is already registered."),
+        },
+        "/api/v1/stores/{service}": {
+            "parameters": [_path_param("service", {"type": "string",
+                                                   "pattern": schemas.SERVICE_PATTERN},
+                                       "The store's service name.")],
+            "delete": _operation(
+                "delete_store", "Images", "Unregister an image store (admin).", 204,
+                errors=(403, 404),
+                description="No token is issued for its service any more and job starts "
+                            "no longer name it; catalogue entries keep its URL."),
         },
     }
 
@@ -562,7 +597,8 @@ def _registry_token() -> dict[str, Any]:
         "RegistryToken", errors=(400, 401, 429), anonymous=True,
         query=({"name": "service", "in": "query", "required": True,
                 "schema": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
-                "description": "The image store's service name (the token's audience)."},
+                "description": "A registered image store's service name (the token's "
+                               "audience); 400 for any other."},
                {"name": "scope", "in": "query", "required": False,
                 "schema": {"type": "string"},
                 "description": "repository:NAME:ACTIONS or registry:catalog:*; repeatable."}),

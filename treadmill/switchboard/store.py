@@ -347,6 +347,39 @@ class Store:
         if row is None:
             raise NotFound(f"no image {name!r}")
 
+    # -- registered image stores ----------------------------------------------------
+
+    _STORE_COLUMNS = "url, service, description, cache, created_at"
+
+    async def create_image_store(self, url: str, service: str, description: str,
+                                 cache: bool) -> dict:
+        """Register an image store (or a site cache); :class:`Conflict` on a taken URL
+        or service name."""
+        try:
+            return await self.pool.fetchone(
+                "INSERT INTO image_stores (url, service, description, cache) "
+                f"VALUES (%s, %s, %s, %s) RETURNING {self._STORE_COLUMNS}",
+                (url, service, description, cache))
+        except psycopg2.errors.UniqueViolation:
+            raise Conflict(f"an image store with URL {url!r} or service {service!r} "
+                           "is already registered") from None
+
+    async def list_image_stores(self) -> list[dict]:
+        return await self.pool.fetchall(
+            f"SELECT {self._STORE_COLUMNS} FROM image_stores ORDER BY url")
+
+    async def image_store_by_service(self, service: str) -> dict | None:
+        return await self.pool.fetchone(
+            f"SELECT {self._STORE_COLUMNS} FROM image_stores WHERE service = %s", (service,))
+
+    async def delete_image_store(self, service: str) -> None:
+        """Unregister the store of ``service``; catalogue images keep naming its URL, but
+        no job start carries it and no token is issued for it any more."""
+        row = await self.pool.fetchone(
+            "DELETE FROM image_stores WHERE service = %s RETURNING id", (service,))
+        if row is None:
+            raise NotFound(f"no image store with service name {service!r} is registered")
+
     # -- grants ------------------------------------------------------------------
 
     _GRANT_COLUMN = {"host": "host_id", "job": "job_id", "image": "image_id",
@@ -538,10 +571,14 @@ class Store:
             "label, host_id, log_servers FROM jobs WHERE id = %s", (job_id,))
         if row is None:
             return None
+        # Only registered stores reach a host: one removed since the job was
+        # enqueued (or never registered) is dropped.
+        registered = {r["url"] for r in await self.list_image_stores()}
+        stores = [url for url in row["image_stores"] if url.rstrip("/") in registered]
         start = {"id": row["id"], "timeout": row["timeout"], "tags": row["tags"],
                  "label": row["label"],
                  "image": {"digest": row["image_digest"], "name": row["image_name"],
-                           "stores": row["image_stores"]},
+                           "stores": stores},
                  "parameters": {name: {"value": p["value"], "secret": bool(p.get("secret"))}
                                 for name, p in row["parameters"].items()}}
         return {"host_id": row["host_id"], "start": start, "log_servers": row["log_servers"]}
