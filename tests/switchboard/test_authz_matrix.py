@@ -149,6 +149,7 @@ ROWS = [
         lambda w: {"user": "other", "privilege": "stop"}),
     Row("DELETE", "/api/v1/jobs/{job}/grants/grantee/read", (401, 404, 204, 403, 204)),
     Row("GET", "/healthz", (200, 200, 200, 200, 200)),
+    Row("GET", "/api/v1/openapi.json", (200, 200, 200, 200, 200)),
     Row("GET", "/api/v1/registry/token?service=s&scope=repository:owner/x:pull",
         (200, 200, 200, 200, 200)),
     Row("GET", "/.well-known/treadmill/capability-keys", (200, 200, 200, 200, 200)),
