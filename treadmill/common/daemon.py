@@ -17,9 +17,10 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-#: The file creation mask of every role's process: no access for other users, no
-#: writing for the group (directories 0750, files 0640 at most).
-UMASK = 0o027
+#: The file creation mask of every role's process: what it creates is its own
+#: (directories 0700, files 0600) unless created with an explicit mode (the image
+#: store's blobs, shared with its group).
+UMASK = 0o077
 
 
 class RoleService(MultiService):
