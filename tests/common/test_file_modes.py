@@ -99,3 +99,20 @@ async def test_an_image_store_shares_its_layout_with_its_group_only(tmp_path: Pa
     assert all(found[p] == 0o440 for p in blobs), {p: oct(found[p]) for p in blobs}
     assert {p: oct(m) for p, m in found.items() if m & 0o027} == {}, "others read nothing"
     assert stat.S_IMODE((tmp_path / "imagestore.log").stat().st_mode) & 0o077 == 0
+
+
+def test_devstack_daemon_logs_are_private(tmp_path: Path, umask: None) -> None:
+    import sys
+
+    from treadmill.dev.devstack import Devstack, Role
+
+    stack = Devstack(tmp_path / "state", free_port())
+    for path in (stack.logs, stack.run):
+        path.mkdir(parents=True)
+    role = Role("echo", "", tmp_path / "none.toml",
+                argv=[sys.executable, "-c", "print('token tmt_secret')"])
+    stack.start_role(role)
+    assert stack._procs["echo"].wait(timeout=30) == 0
+    log = stack.logs / "echo.log"
+    assert log.read_text() == "token tmt_secret\n"
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
