@@ -416,3 +416,33 @@ async def test_slowloris_connections_are_dropped_by_a_real_server(tmp_path: Path
         await follower.closed
     finally:
         await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_daemon_applies_its_head_timeout_setting(tmp_path: Path) -> None:
+    """twistd treadmill-logserver --http-head-timeout: the setting reaches every listener,
+    the metrics one included; a well-behaved client is served meanwhile."""
+    from tests.daemons import Daemon
+
+    keys = LogKeys(tmp_path)
+    port, metrics = free_port(), free_port()
+    daemon = Daemon("treadmill-logserver", [
+        "--root", str(tmp_path / "logs"), "--listen", f"tcp:{port}:interface=127.0.0.1",
+        "--auth-keys-file", str(keys.keys_file), "--http-head-timeout", "0.5",
+        "--metrics-listen", f"tcp:{metrics}:interface=127.0.0.1"])
+    daemon.start()
+    try:
+        await daemon.wait_http(f"http://127.0.0.1:{port}/healthz")
+        for listener in (port, metrics):
+            slow = await raw_connect(listener)
+            slow.transport.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            started = reactor.seconds()
+            answer = parse(await slow.closed)
+            assert answer.status == 408 and answer.json["error"]["code"] == "request_timeout"
+            assert 0.4 < reactor.seconds() - started < 3.0
+            reply = await send(listener, b"GET", b"/metrics" if listener == metrics
+                               else b"/healthz", {})
+            assert reply.status == 200
+    finally:
+        await daemon.stop()
+    assert "Traceback" not in daemon.output
