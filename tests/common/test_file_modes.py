@@ -116,3 +116,39 @@ def test_devstack_daemon_logs_are_private(tmp_path: Path, umask: None) -> None:
     log = stack.logs / "echo.log"
     assert log.read_text() == "token tmt_secret\n"
     assert stat.S_IMODE(log.stat().st_mode) == 0o600
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_supervisor_keeps_its_state_to_itself(tmp_path: Path) -> None:
+    import signal
+
+    from tests.supervisor.peer import FakeSwitchboard, job
+
+    peer = FakeSwitchboard().listen()
+    token = tmp_path / "token"
+    token.write_text("host-token\n")
+    token.chmod(0o600)
+    config = tmp_path / "supervisor.toml"
+    config.write_text((Path(__file__).parents[2] / "etc" / "treadmill"
+                       / "supervisor-mock.toml").read_text())
+    logfile = tmp_path / "supervisor.log"
+    daemon = Daemon("treadmill-supervisor", [
+        "--config", str(config), "--switchboard-url", peer.url,
+        "--switchboard-token-file", str(token), "--state-dir", str(tmp_path / "state"),
+        "--mock-run-time", "inf", "--reconnect-initial", "0.1"],
+        twistd_args=[f"--logfile={logfile}"])
+    daemon.start()
+    try:
+        conn = await peer.connection(timeout=30)
+        ack = await conn.start(job(**{f"stages.{s}": 0.01 for s in (
+            "starting", "fetching_image", "allocating", "provisioning", "booting")}))
+        assert ack["ok"], ack
+        await conn.events_until("ready")
+        await daemon.signal(signal.SIGTERM)
+    finally:
+        await daemon.stop()
+        await peer.shutdown()
+    found = modes(tmp_path / "state")
+    assert len(found) > 1, found
+    assert {p: oct(m) for p, m in found.items() if m & 0o077} == {}
+    assert stat.S_IMODE(logfile.stat().st_mode) & 0o077 == 0
