@@ -149,6 +149,7 @@ def respond_internal(request: IRequest, failure: Failure, log: Logger) -> bytes:
 
 
 _HEADER_CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+_PLAIN = re.compile(rb"[\x09\x20-\x7e]*")  # printable ASCII and tab: nothing to check
 
 
 def _text(raw: bytes, what: str, controls: re.Pattern[str] | None = None) -> str | None:
@@ -172,9 +173,11 @@ def head_problem(headers: Headers, uri: bytes | None) -> str | None:
     decode any of them without a second thought.
     """
     for name, values in headers.getAllRawHeaders():
-        where = f"header {name.decode('ascii', 'replace')}"
         for value in values:
-            problem = _text(value, where, _HEADER_CONTROLS)
+            if _PLAIN.fullmatch(value):
+                continue
+            problem = _text(value, f"header {name.decode('ascii', 'replace')}",
+                            _HEADER_CONTROLS)
             if problem is not None:
                 return problem
     for value in headers.getRawHeaders(b"authorization", []):
@@ -189,6 +192,8 @@ def head_problem(headers: Headers, uri: bytes | None) -> str | None:
         if problem is not None:
             return problem
     if uri is None:
+        return None
+    if b"%" not in uri and _PLAIN.fullmatch(uri):
         return None
     path, _, query = uri.partition(b"?")
     for segment in path.split(b"/"):
