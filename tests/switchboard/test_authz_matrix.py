@@ -171,6 +171,7 @@ ROWS = [
     Row("DELETE", "/api/v1/namespaces/{owner}/grants/{grantee}/{use}",  # no such grant
         (401, 403, 403, 403, 404)),
     Row("GET", "/healthz", (200, 200, 200, 200, 200)),
+    Row("GET", "/api/v1/openapi.json", (200, 200, 200, 200, 200)),
     Row("GET", "/api/v1/registry/token?service=s&scope=repository:owner/x:pull",
         (200, 200, 200, 200, 200)),
     Row("GET", "/.well-known/treadmill/capability-keys", (200, 200, 200, 200, 200)),

@@ -118,7 +118,8 @@ class Devstack:
         if pid is not None:
             _say(f"{role.name} already runs (pid {pid}); restarting it")
             self.stop_role(role)
-        log = open(self.logs / f"{role.name}.log", "ab")
+        log = open(os.open(self.logs / f"{role.name}.log",  # private: tokens, tunnel paths
+                           os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "ab")
         twistd = Path(sys.executable).with_name("twistd")
         argv = role.argv or [
             str(twistd), "--nodaemon", "--pidfile=", "--logger=treadmill.common.logging.text",
@@ -356,6 +357,8 @@ class Devstack:
         for path in (self.state, self.logs, self.run):
             path.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state, 0o711)  # The postgres user must reach its cluster (0700).
+        for private in (self.logs, self.run):  # daemon logs, sockets, pid files
+            os.chmod(private, 0o700)
         _say("starting PostgreSQL")
         try:
             self.cluster.start()

@@ -126,6 +126,7 @@ class SwitchboardAPI:
         self.limits = limits or Limits()
         self.supervisor_resource = supervisor_resource
         self.passwords = passwords or PasswordGuard(reactor)
+        self._openapi: bytes | None = None
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -166,6 +167,17 @@ class SwitchboardAPI:
         except Exception as e:
             raise ApiError(503, f"database unavailable: {type(e).__name__}") from None
         return respond(request, {"status": "ok"})
+
+    @app.route("/api/v1/openapi.json", methods=["GET"])
+    def openapi_document(self, request: IRequest) -> bytes:
+        """The OpenAPI description of this API (the same as docs/openapi.json)."""
+        if self._openapi is None:
+            from treadmill.switchboard import openapi  # it imports this module
+
+            self._openapi = openapi.render(openapi.build()).encode("utf-8")
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"public, max-age=300")
+        return self._openapi
 
     @app.route("/.well-known/treadmill/capability-keys", methods=["GET"])
     def capability_keys(self, request: IRequest) -> bytes:

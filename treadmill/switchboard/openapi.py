@@ -209,6 +209,8 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "CapabilityKeys": _list_of("keys", "JWK"),
     "Health": {"type": "object", "properties": {"status": {"const": "ok"}},
                "required": ["status"]},
+    "OpenAPIDocument": {"type": "object", "required": ["openapi", "info", "paths"],
+                        "description": "This document (docs/openapi.json)."},
     "LogsToken": {"type": "object", "required": ["servers", "token", "expires_in"],
                   "properties": {"servers": STRINGS, "token": STRING,
                                  "expires_in": {"type": "integer"}}},
@@ -581,6 +583,9 @@ def _other() -> dict[str, dict[str, Any]]:
         "/healthz": {"get": _operation(
             "healthz", "Other", "Whether the switchboard and its database answer.", 200,
             "Health", errors=(503,), anonymous=True)},
+        "/api/v1/openapi.json": {"get": _operation(
+            "openapi_document", "Other", "This OpenAPI document.", 200, "OpenAPIDocument",
+            anonymous=True)},
         "/.well-known/treadmill/capability-keys": {"get": _operation(
             "capability_keys", "Other",
             "The Ed25519 public keys satellites verify capability tokens with.", 200,
