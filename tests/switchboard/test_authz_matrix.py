@@ -131,6 +131,7 @@ ROWS = [
         lambda w: {"user": "*", "privilege": "use"}),
     Row("DELETE", "/api/v1/images/{image}/grants/grantee/use", (401, 404, 204, 403, 204)),
     Row("GET", "/api/v1/jobs", (401, 200, 200, 200, 200)),
+    Row("GET", "/api/v1/jobs?id_prefix={job}&restart_of={job}", (401, 200, 200, 200, 200)),
     Row("POST", "/api/v1/jobs", (401, 201, 201, 201, 201), lambda w: {"image": DIGEST}),
     Row("POST", "/api/v1/jobs", (401, 400, 201, 201, 201), lambda w: {"image": w.image}),
     Row("GET", "/api/v1/jobs/{job}", (401, 404, 200, 200, 200)),
