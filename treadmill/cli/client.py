@@ -20,13 +20,17 @@ from urllib.parse import quote
 import treq
 from treq.client import HTTPClient
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
     RequestTransmissionFailed,
+    ResponseDone,
     ResponseFailed,
 )
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from treadmill.cli.config import ConfigError, Settings
@@ -62,6 +66,77 @@ class Unreachable(Exception):
         super().__init__(f"cannot reach the switchboard at {url}: {reason}")
         self.url = url
         self.reason = reason
+
+
+class Cancelled(CancelledError):
+    """The caller cancelled what it awaited (an interrupt, or a follower told to stop).
+
+    Unlike a request that timed out, it is never retried and never reported as
+    the switchboard being unreachable."""
+
+
+def cancellable(d: Deferred[Any]) -> Deferred[Any]:
+    """``d``, except that cancelling the result cancels ``d`` and fails with
+    :class:`Cancelled`, whatever ``d`` fails with then (``ResponseNeverReceived``…)."""
+    cancelled = False
+
+    def cancel(_: Deferred[Any]) -> None:
+        nonlocal cancelled
+        cancelled = True
+        d.cancel()
+
+    outer: Deferred[Any] = Deferred(cancel)
+
+    def failed(failure: Failure) -> None:
+        outer.errback(Failure(Cancelled()) if cancelled else failure)
+
+    d.addCallbacks(outer.callback, failed)
+    return outer
+
+
+class _Collector(Protocol):
+    def __init__(self, finished: Deferred[None], collector: Callable[[bytes], None]):
+        self.finished: Deferred[None] | None = finished
+        self.collector = collector
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.finished is None:
+            return
+        try:
+            self.collector(data)
+        except BaseException:
+            finished, self.finished = self.finished, None
+            self.transport.loseConnection()
+            finished.errback(Failure())
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        finished, self.finished = self.finished, None
+        if finished is None:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            finished.callback(None)
+        else:
+            finished.errback(reason)
+
+    def stop(self) -> None:
+        self.finished = None
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+def collect(response: IResponse, collector: Callable[[bytes], None]) -> Deferred[None]:
+    """Like ``treq.collect``, but cancelling it closes the connection at once (so no
+    more data reaches ``collector``) and fails with :class:`Cancelled`."""
+    protocol: _Collector | None = None
+
+    def cancel(_: Deferred[None]) -> None:
+        if protocol is not None:
+            protocol.stop()
+
+    finished: Deferred[None] = Deferred(cancel)
+    protocol = _Collector(finished, collector)
+    response.deliverBody(protocol)
+    return cancellable(finished)
 
 
 class _StopWatching(Exception):
@@ -227,7 +302,7 @@ class ApiClient:
             retry.since = self.reactor.seconds()  # the bound counts from the first attempt
         while True:
             try:
-                response = await self._http.request(
+                response = await cancellable(self._http.request(
                     method,
                     self.url(segments),
                     headers=headers,
@@ -237,7 +312,9 @@ class ApiClient:
                     timeout=None if stream else self.timeout,
                     reactor=self.reactor,
                     **kwargs,
-                )
+                ))
+            except Cancelled:
+                raise
             except Exception as e:
                 reason = describe_transport_error(e, self.timeout)
                 if reason is None:
@@ -292,7 +369,9 @@ class ApiClient:
         response = await self._send(method, segments, params=params, body=body, auth=auth,
                                     idempotency_key=idempotency_key)
         try:
-            content = await treq.content(response)
+            content = await cancellable(treq.content(response))
+        except Cancelled:
+            raise
         except Exception as e:
             reason = describe_transport_error(e)
             if reason is None:
@@ -350,9 +429,11 @@ class ApiClient:
                     raise _StopWatching()
 
         try:
-            await treq.collect(response, collector)
+            await collect(response, collector)
         except _StopWatching:
             return True
+        except Cancelled:
+            raise
         except Exception as e:
             reason = describe_transport_error(e)
             if reason is None:
