@@ -3,6 +3,8 @@ switchboard, and ``tml`` resolving short ids with them."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import pytest_twisted
 
@@ -43,3 +45,46 @@ async def test_id_prefix_filter_and_what_others_see(switchboard) -> None:
     r = await alice.get("/api/v1/jobs?restart_of=nope")
     assert r.status == 400 and r.error == "bad_request", r.body
     assert await _jobs(alice, f"restart_of={ids[0]}") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_tml_resolves_unique_prefixes_only(tml, switchboard, tmp_path) -> None:
+    alice = await switchboard.user("alice")
+    bob = await switchboard.user("bob")
+    env = {"HOME": str(tmp_path), "TREADMILL_URL": switchboard.url,
+           "TREADMILL_TOKEN": alice.token}
+    bob_env = {**env, "TREADMILL_TOKEN": bob.token}
+    by_first: dict[str, list[str]] = {}
+    while not any(len(ids) > 1 for ids in by_first.values()):  # at most 17 jobs
+        r = await alice.post("/api/v1/jobs", {"image": DIGEST, "tags": ["nowhere"]})
+        by_first.setdefault(r.body["id"][0], []).append(r.body["id"])
+    shared = next(ids for ids in by_first.values() if len(ids) > 1)
+    job = shared[0]
+    unique = next(job[:n] for n in range(2, 37)
+                  if not any(o != job and o.startswith(job[:n])
+                             for ids in by_first.values() for o in ids))
+    r = await tml("job", "show", unique, "--json", env=env)
+    assert r.status == 0, r.err
+    assert json.loads(r.out)["id"] == job
+    r = await tml("job", "events", unique.upper(), env=env)
+    assert r.status == 0, r.err
+    # Ambiguous: a clear error listing the candidates, and nothing done.
+    r = await tml("job", "cancel", job[0], env=env)
+    assert r.status == 1
+    assert r.err.startswith(f"tml: error: job id prefix {job[0]} is ambiguous; it matches:")
+    for other in shared:
+        assert f"\n  {other}  queued  " in r.err
+    for other in shared:
+        assert (await alice.get(f"/api/v1/jobs/{other}")).body["state"] == "queued"
+    # Bob cannot tell that Alice's job exists.
+    r = await tml("job", "show", unique, env=bob_env)
+    assert (r.status, r.err) == (1, f"tml: error: no job you can see has an id starting with "
+                                    f"{unique}\n")
+    r = await tml("job", "show", job, env=bob_env)
+    assert r.status == 1 and "no job" in r.err
+    # Not hexadecimal: a usage error before any request.
+    r = await tml("job", "show", "zz", env=env)
+    assert r.status == 2 and "not a job id or a prefix of one" in r.err
+    r = await tml("job", "cancel", unique, env=env)
+    assert r.status == 0, r.err
+    assert (await alice.get(f"/api/v1/jobs/{job}")).body["state"] == "terminated"
