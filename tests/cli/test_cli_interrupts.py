@@ -81,7 +81,7 @@ async def test_sigint_cancels_the_job_of_job_run(switchboard) -> None:
     assert code == 130, err
     assert f"tml: interrupted; cancelled job {job_id}" in err
     assert "cannot reach" not in err and "retrying" not in err and "Traceback" not in err
-    assert err.rstrip().endswith("tml: error: interrupted (SIGINT)")
+    assert err.rstrip().endswith("tml: interrupted (SIGINT)")
     job = await _job(switchboard, job_id)
     assert job["state"] == "terminated"
     assert job["termination"]["reason"] == "user_terminated"

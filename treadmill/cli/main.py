@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tml",
         description="Treadmill command-line client: jobs, hosts, images, tokens.",
         epilog="Exit status: 0 success, 1 error, 2 usage error, 3 switchboard unreachable; "
-        "'job submit --follow': 4 workload failed, 5 job ended otherwise. See docs/cli.md.",
+        "'job run', 'job wait', 'job submit --follow': 4 workload failed, 5 job ended "
+        "otherwise; 'job wait --timeout': 6 not ended; 130/143 interrupted by "
+        "SIGINT/SIGTERM. Job ids may be unique prefixes. See docs/cli.md.",
     )
     _add_globals(parser, None)
     common = argparse.ArgumentParser(add_help=False)
@@ -130,7 +132,7 @@ async def _run(
     except CancelledError:
         if ctx.interrupted is None:
             raise
-        error(f"interrupted ({_SIGNAL_NAMES.get(ctx.interrupted, ctx.interrupted)})")
+        stderr.write(f"tml: interrupted ({_SIGNAL_NAMES.get(ctx.interrupted, ctx.interrupted)})\n")
         return EXIT_SIGNAL_BASE + ctx.interrupted
     except UsageError as e:
         stderr.write(args.command_parser.format_usage())
