@@ -180,8 +180,30 @@ def describe_transport_error(exc: BaseException, timeout: float | None = None) -
     if type(leaf).__module__.startswith("service_identity"):
         return f"TLS error: the certificate does not match the host name ({leaf})"
     if isinstance(exc, RequestTransmissionFailed | ResponseFailed):
-        return str(leaf) or type(leaf).__name__
+        text = str(leaf)
+        return type(leaf).__name__ if not text or _is_repr(text) else text
     return None
+
+
+def plain_error(exc: BaseException) -> str:
+    """Text for people about ``exc``: never a ``Failure`` or exception repr.
+
+    Connection failures get :func:`describe_transport_error`'s short reasons,
+    ``OSError`` its ``strerror`` (and file name); text that is a repr (``[<twisted…``,
+    ``<…object at 0x…>``) or empty becomes the exception's class name.
+    """
+    reason = describe_transport_error(exc)
+    if reason is not None and not _is_repr(reason):
+        return reason
+    leaf = _leaf_reason(exc)
+    if isinstance(leaf, OSError) and leaf.strerror:
+        return f"{leaf.strerror}: {leaf.filename}" if leaf.filename else leaf.strerror
+    text = str(leaf)
+    return type(leaf).__name__ if not text or _is_repr(text) else text
+
+
+def _is_repr(text: str) -> bool:
+    return "<twisted." in text or "Failure " in text or " object at 0x" in text
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -249,7 +271,7 @@ class ApiClient:
             try:
                 policy = client_policy(settings.ca_file)
             except (OSError, ValueError) as e:
-                raise ConfigError(f"CA file: {e}") from None
+                raise ConfigError(f"CA file: {plain_error(e)}") from None
             agent = Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=15)
         else:
             agent = Agent(reactor, pool=pool, connectTimeout=15)
@@ -335,7 +357,7 @@ class ApiClient:
             try:
                 error = await _error_from(response)
             except (ResponseFailed, ierror.ConnectionLost) as e:
-                reason = describe_transport_error(e) or str(e)
+                reason = plain_error(e)
                 raise Unreachable(self.base_url, reason) from None
             if response.code != 503 or retry is None:
                 raise error

@@ -35,6 +35,7 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.python.failure import Failure
 
+from treadmill.cli.client import plain_error
 from treadmill.cli.context import EXIT_OK, CommandError, Context, add_job_id, non_negative_int
 from treadmill.proxy.messages import parse_proxy_url
 from treadmill.proxy.splice import (
@@ -244,7 +245,7 @@ class _Connector:
         else:
             protocol = _Remote(self, local)
         connectProtocol(endpoint, protocol).addErrback(
-            lambda f: self.failed(local, f.getErrorMessage()))
+            lambda f: self.failed(local, plain_error(f.value)))
 
     def joined(self, splice: Splice) -> None:
         self.splices.add(splice)

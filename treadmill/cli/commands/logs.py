@@ -22,7 +22,7 @@ from treadmill.cli.client import (
     Unreachable,
     cancellable,
     collect,
-    describe_transport_error,
+    plain_error,
 )
 from treadmill.cli.context import EXIT_ERROR, EXIT_OK, Context, add_job_id
 from treadmill.cli.retry import Retry
@@ -113,7 +113,7 @@ class _Refused(Exception):
 
 
 def _reason(e: BaseException) -> str:
-    return describe_transport_error(e) or str(e) or type(e).__name__
+    return plain_error(e)
 
 
 async def read_stream(ctx: Context, job_id: str, stream: str, follow: bool,
