@@ -113,8 +113,7 @@ async def job_ssh(ctx: Context) -> int:
     endpoints = await _endpoints(ctx, ctx.args.id, ctx.args.service)
     argv = ssh_command(ctx, endpoints)
     if ctx.args.print_command:
-        ctx.write(shlex.join(argv) + "\n")
-        return EXIT_OK
+        return ctx.emit({"argv": argv}, lambda d: shlex.join(d["argv"]) + "\n")
     program = argv[0]
     if os.sep not in program:
         from twisted.python.procutils import which

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.task import deferLater
 
 from treadmill.cli import output
@@ -313,8 +314,9 @@ async def _on_interrupt(ctx: Context, job_id: str, keep: bool) -> None:
     asked.addTimeout(CANCEL_WAIT, ctx.reactor)
     try:
         job = await asked
-    except (ApiError, Unreachable, CancelledError) as e:
-        why = "no answer in time" if isinstance(e, CancelledError) else output.clean(str(e))
+    except (ApiError, Unreachable, DeferredTimeoutError) as e:
+        why = ("no answer in time" if isinstance(e, DeferredTimeoutError)
+               else output.clean(str(e)))
         ctx.note(f"tml: interrupted; could not cancel job {job_id} ({why}); to cancel it:")
         ctx.note(f"tml job cancel {job_id}")
         return
@@ -331,9 +333,7 @@ async def job_wait(ctx: Context) -> int:
         waiting.addTimeout(a.timeout, ctx.reactor)
     try:
         followed = await waiting
-    except CancelledError:
-        if ctx.interrupted:
-            raise
+    except DeferredTimeoutError:
         job = await ctx.api.get("jobs", a.id)
         ctx.note(output.clean(f"tml: job {a.id} is still {job.get('state')} after "
                               f"{a.timeout:g} s"))
