@@ -198,6 +198,10 @@ async def test_never_ran_queue_timeout_ends_every_follower(tml, stack: Stack):
     r = await events
     assert r.status == 0 and r.out.splitlines()[-1].split()[1] == "terminated"
     assert reactor.seconds() - ended < 2
+    # Following after its last event: it ended already, so this ends too.
+    r = await Deferred.fromCoroutine(tml("job", "events", job["id"], "-f", "--after", "50",
+                                         env=stack.env)).addTimeout(5, reactor)
+    assert (r.status, r.out) == (0, ""), r.err
 
 
 @pytest_twisted.ensureDeferred

@@ -114,3 +114,31 @@ async def test_submit_follow_interrupted_keeps_the_job_and_says_how_to_cancel(
     assert "cannot reach" not in err and "Traceback" not in err
     assert tml.out.decode().splitlines()[0] == job_id
     assert (await _job(switchboard, job_id))["state"] == "queued"
+
+
+def test_a_second_signal_ends_tml_at_once() -> None:
+    """The first signal cancels the command (which may clean up); the second forces."""
+    import signal
+    from types import SimpleNamespace
+
+    from treadmill.cli.main import Interrupts
+
+    forced: list[int] = []
+    cancelled: list[bool] = []
+    interrupts = Interrupts(forced.append)
+    ctx = SimpleNamespace(interrupted=None)
+    task: Deferred[int] = Deferred(lambda _: cancelled.append(True))
+    task.addErrback(lambda f: None)
+    interrupts.bind(ctx, task)  # type: ignore[arg-type]
+    interrupts.fire(signal.SIGTERM)
+    assert (ctx.interrupted, cancelled, forced) == (signal.SIGTERM, [True], [])
+    interrupts.fire(signal.SIGINT)
+    assert forced == [130]
+    # A signal before the command runs interrupts it as soon as it does.
+    early = Interrupts(forced.append)
+    early.fire(signal.SIGINT)
+    ctx2 = SimpleNamespace(interrupted=None)
+    task2: Deferred[int] = Deferred()
+    task2.addErrback(lambda f: None)
+    early.bind(ctx2, task2)  # type: ignore[arg-type]
+    assert ctx2.interrupted == signal.SIGINT and task2.called

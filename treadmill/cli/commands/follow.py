@@ -130,6 +130,13 @@ class EventFollower:
                 for event in data.get("events", []):
                     if self.accept(event):
                         return event
+                if not data.get("events"):
+                    # Nothing new: maybe it ended before the events asked for (--after).
+                    job = await self.ctx.api.get("jobs", self.job_id)
+                    if job.get("state") == "terminated":
+                        self.terminated = {"job": self.job_id, "state": "terminated",
+                                           **(job.get("termination") or {})}
+                        return self.terminated
                 retry.reset()
                 delay = 1.0  # the stream ended early: watch again, without hurry
             except Unreachable as e:
