@@ -25,7 +25,7 @@ from twisted.internet.task import deferLater
 from tests.support import RunningSwitchboard, start_switchboard
 from tests.switchboard.peer import eventually
 from treadmill.cli.commands import follow as follow_module
-from treadmill.common.captoken import load_or_create_signing_key
+from treadmill.common.captoken import Access, load_or_create_signing_key
 from treadmill.dev.pgcluster import create_database, drop_database
 from treadmill.logserver.service import LogServerConfig, LogServerService
 from treadmill.supervisor.drivers import STAGES
@@ -130,10 +130,24 @@ async def _started(tml, stack: Stack, *argv: str) -> tuple[Deferred, dict[str, A
 
 @pytest_twisted.ensureDeferred
 async def test_ran_exit_0_with_console_and_artifacts(tml, stack: Stack, tmp_path: Path):
-    r = await tml("job", "run", DIGEST, "--tag", "mock", "--param", "mock.run_time=0.6",
-                  "--artifacts", str(tmp_path / "a"), env=stack.env)
+    following, job = await _started(tml, stack, "job", "run", DIGEST, "--tag", "mock",
+                                    "--param", "mock.run_time=1", "--artifacts",
+                                    str(tmp_path / "a"))
+    # A results stream beside the console (as an agent's results would be shipped).
+    await stack.state(job["id"], "ready")
+    results = b'{"case": "boot", "outcome": "pass"}\n'
+    token = stack.sb.service.signer.sign("host:mock-1", "treadmill-logserver",
+                                         [Access("job", job["id"], ("append",))], 60)
+    import treq
+
+    r = await treq.post(f"{job['logs'][0]}/v1/jobs/{job['id']}/streams/results",
+                        params={"offset": "0", "close": "1"}, data=results,
+                        headers={"Authorization": f"Bearer {token}"})
+    assert r.code == 200, await r.text()
+    r = await following.addTimeout(15, reactor)
     assert r.status == 0, r.err
     job_id = r.out.splitlines()[0]
+    assert job_id == job["id"]
     assert "mock console" in r.out and "terminated" in r.out
     assert_not_glued(r.out)
     assert f"tml: job {job_id} terminated: workload_exited, exit status 0" in r.err
@@ -145,11 +159,10 @@ async def test_ran_exit_0_with_console_and_artifacts(tml, stack: Stack, tmp_path
     assert summary["tml_exit_status"] == 0 and summary["ran"] is True
     assert [j["id"] for j in summary["chain"]] == [job_id]
     assert summary["timings"]["run_seconds"] >= 0.5
-    assert summary["artifacts"]["results"] is None  # no results stream: no file
-    assert not (tmp_path / "a" / "results").exists()
+    assert summary["artifacts"]["results"] == "results"
+    assert (tmp_path / "a" / "results").read_bytes() == results
     console = (tmp_path / "a" / "console.log").read_text()
     access = (await stack.sb.admin.post(f"/api/v1/jobs/{job_id}/logs/token")).body
-    import treq
 
     stored = await (await treq.get(f"{access['servers'][0]}/v1/jobs/{job_id}/streams/console",
                                    headers={"Authorization": f"Bearer {access['token']}"})
@@ -272,3 +285,5 @@ async def test_restarted_is_followed_to_the_end(tml, stack: Stack, tmp_path: Pat
               (tmp_path / "a" / "events.jsonl").read_text().splitlines()]
     assert events[0] == job["id"] and events[-1] == successor["id"]
     assert (tmp_path / "a" / "console.log").exists()
+    assert summary["artifacts"]["results"] is None  # no results stream: no file
+    assert not (tmp_path / "a" / "results").exists()
