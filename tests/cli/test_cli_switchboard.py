@@ -124,3 +124,15 @@ async def test_submit_follow_then_cancel(tml, admin_env):
     assert r.out.splitlines()[-1].split()[2] == "terminated"
     r = await tml("job", "show", job["id"], env=admin_env)
     assert "reason:" in r.out
+
+
+@pytest_twisted.ensureDeferred
+async def test_logs_follow_without_log_servers_ends_at_once(tml, admin_env):
+    r = await tml("job", "submit", DIGEST, "--tag", "nowhere", env=admin_env)
+    assert r.status == 0, r.err
+    job_id = r.out.strip()
+    following = Deferred.fromCoroutine(tml("job", "logs", job_id[:8], "-f", env=admin_env))
+    r = await following.addTimeout(5, reactor)
+    assert r.status == 1 and "has no log servers" in r.err, r.err
+    r = await tml("job", "cancel", job_id, env=admin_env)
+    assert r.status == 0, r.err

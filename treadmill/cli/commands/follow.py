@@ -236,6 +236,8 @@ class JobFollower:
                 self.ctx.note(f"tml: job {job_id} has no log servers "
                               "(the switchboard configures none)")
                 self.followed.stream_status = EXIT_ERROR
+                self.gave_up = True
+                return job
         following = Deferred.fromCoroutine(EventFollower(
             self.ctx, job_id, after, show=self.events,
             console=writer if self.events else None).run())
