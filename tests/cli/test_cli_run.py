@@ -63,3 +63,14 @@ async def test_job_wait_timeout_exits_6_and_leaves_the_job(tml, fake_switchboard
     assert r.err == f"tml: job {job_id} is still assigned after 0.3 s\n"
     assert r.out == ""
     assert not [uri for m, uri, _ in fake_switchboard.requests if "terminate" in uri]
+
+
+def test_job_run_takes_every_option_of_job_submit() -> None:
+    from tests.cli.test_cli_docs import commands
+    from treadmill.cli.main import build_parser
+
+    parsers = {path: parser for path, parser in commands(build_parser())}
+    submit = {o for a in parsers[("job", "submit")]._actions for o in a.option_strings}
+    run = {o for a in parsers[("job", "run")]._actions for o in a.option_strings}
+    assert submit - run == {"--follow", "-f"}
+    assert run - submit == {"--artifacts", "--keep-on-interrupt"}

@@ -526,13 +526,15 @@ def _add_run(job: Any, common: argparse.ArgumentParser, submit: argparse.Argumen
                     help="submit a job, follow its console and events to the end (restarts "
                     "too), write its artifacts; exit with its outcome (for CI pipelines)")
     for action in submit._actions:
-        if action.dest in ("help", "follow") or any(
+        if action.dest in ("help", "follow", "no_console") or any(
                 o in p._option_string_actions for o in action.option_strings):
             continue
         p._add_action(action)
     p.add_argument("--artifacts", metavar="DIR",
                    help="write console.log, events.jsonl, results (if the job has a results "
                    "stream) and summary.json here (created if missing)")
+    p.add_argument("--no-console", action="store_true",
+                   help="print the events only (the console is still saved with --artifacts)")
     p.add_argument("--keep-on-interrupt", action="store_true",
                    help="leave the job running when tml is interrupted (SIGINT, SIGTERM); "
                    "by default it is cancelled")
