@@ -82,6 +82,18 @@ async def test_tml_resolves_unique_prefixes_only(tml, switchboard, tmp_path) -> 
                                     f"{unique}\n")
     r = await tml("job", "show", job, env=bob_env)
     assert r.status == 1 and "no job" in r.err
+    # Granted read, Bob sees it, by its prefix too; revoked, no more.
+    r = await tml("grant", "job", unique, "bob", "read", env=env)
+    assert r.status == 0, r.err
+    assert f"granted read on job {job} to bob" in r.out
+    r = await tml("grant", "ls", "job", unique, "--json", env=env)
+    assert [g["user"] for g in json.loads(r.out)["grants"]] == ["bob"], r.err
+    r = await tml("job", "show", unique, "--json", env=bob_env)
+    assert r.status == 0 and json.loads(r.out)["id"] == job, r.err
+    r = await tml("revoke", "job", unique, "bob", "read", env=env)
+    assert r.status == 0, r.err
+    r = await tml("job", "show", unique, env=bob_env)
+    assert r.status == 1, r.out
     # Not hexadecimal: a usage error before any request.
     r = await tml("job", "show", "zz", env=env)
     assert r.status == 2 and "not a job id or a prefix of one" in r.err
