@@ -175,3 +175,15 @@ async def test_admin_store_add_ls_rm(tml, switchboard, admin_env):
     assert r.status == 1 and "no image store" in r.err
     r = await tml("admin", "store", "ls", "--json", env=admin_env)
     assert json.loads(r.out)["stores"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_logs_follow_without_log_servers_ends_at_once(tml, admin_env):
+    r = await tml("job", "submit", DIGEST, "--tag", "nowhere", env=admin_env)
+    assert r.status == 0, r.err
+    job_id = r.out.strip()
+    following = Deferred.fromCoroutine(tml("job", "logs", job_id[:8], "-f", env=admin_env))
+    r = await following.addTimeout(5, reactor)
+    assert r.status == 1 and "has no log servers" in r.err, r.err
+    r = await tml("job", "cancel", job_id, env=admin_env)
+    assert r.status == 0, r.err

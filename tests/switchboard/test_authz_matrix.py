@@ -148,6 +148,7 @@ ROWS = [
         lambda w: {"url": f"https://{w.fresh}.example", "service": w.fresh}),
     Row("DELETE", "/api/v1/stores/{store_service}", (401, 403, 403, 403, 204)),
     Row("GET", "/api/v1/jobs", (401, 200, 200, 200, 200)),
+    Row("GET", "/api/v1/jobs?id_prefix={job}&restart_of={job}", (401, 200, 200, 200, 200)),
     Row("POST", "/api/v1/jobs", (401, 201, 201, 201, 201), lambda w: {"image": DIGEST}),
     Row("POST", "/api/v1/jobs", (401, 400, 201, 201, 201), lambda w: {"image": w.image}),
     Row("GET", "/api/v1/jobs/{job}", (401, 404, 200, 200, 200)),

@@ -175,7 +175,8 @@ def test_query_parameters(document):
         op = operations(document)[(method, path)]
         return {p["name"] for p in op.get("parameters", []) if p["in"] == "query"}
 
-    assert names("GET", "/api/v1/jobs") == {"state", "owner", "limit", "cursor"}
+    assert names("GET", "/api/v1/jobs") == {"state", "owner", "limit", "cursor",
+                                              "id_prefix", "restart_of"}
     assert names("GET", "/api/v1/jobs/{job_id}/events") == {"after"}
     assert names("GET", "/api/v1/jobs/{job_id}/events/watch") == {"after"}
     assert names("GET", "/api/v1/tokens") == {"user"}

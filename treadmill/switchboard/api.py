@@ -8,6 +8,7 @@ validates its input, then checks privileges on the resource it names.
 from __future__ import annotations
 
 import base64
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -99,6 +100,28 @@ def _decode_cursor(cursor: str) -> int:
         return int(raw[1:])
     except ValueError:
         raise ApiError(400, "cursor: not a cursor this API issued") from None
+
+
+def _uuid_arg(value: str, name: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ApiError(400, f"{name}: not a job id") from None
+
+
+_ID_PREFIX = re.compile(r"[0-9a-fA-F-]{1,36}")
+
+
+def _id_range(prefix: str) -> tuple[str, str]:
+    """The lowest and highest UUIDs starting with ``prefix`` (hex digits, dashes ignored)."""
+    digits = prefix.replace("-", "").lower()
+    if not _ID_PREFIX.fullmatch(prefix) or not digits or len(digits) > 32:
+        raise ApiError(400, "id_prefix: expected 1 to 32 hexadecimal digits of a job id")
+
+    def uuid_of(hex32: str) -> str:
+        return str(uuid.UUID(hex32))
+
+    return uuid_of(digits.ljust(32, "0")), uuid_of(digits.ljust(32, "f"))
 
 
 def _require(held: frozenset[str], privilege: str, what: str) -> None:
@@ -768,9 +791,13 @@ class SwitchboardAPI:
             if state not in State.__members__.values():
                 raise ApiError(400, f"state: no state {state!r}")
         cursor = _arg(request, "cursor")
+        prefix = _arg(request, "id_prefix")
+        restart_of = _arg(request, "restart_of")
         rows = await self.store.list_jobs(
             principal, states=states, owner=_arg(request, "owner"),
-            before_seq=_decode_cursor(cursor) if cursor else None, limit=limit + 1)
+            before_seq=_decode_cursor(cursor) if cursor else None, limit=limit + 1,
+            id_range=_id_range(prefix) if prefix is not None else None,
+            restart_of=_uuid_arg(restart_of, "restart_of") if restart_of is not None else None)
         page = rows[:limit]
         body: dict[str, Any] = {"jobs": [views.job(row) for row in page]}
         if len(rows) > limit:

@@ -519,7 +519,13 @@ def _jobs() -> dict[str, dict[str, Any]]:
                                            "maximum": limits.max_page, "default": 100},
                                  "Page size."),
                     _query_param("cursor", STRING,
-                                 "`next_cursor` of the previous page (opaque)."))),
+                                 "`next_cursor` of the previous page (opaque)."),
+                    _query_param("id_prefix", {"type": "string",
+                                               "pattern": "^[0-9a-fA-F-]{1,36}$"},
+                                 "Only jobs whose id starts with these hexadecimal digits "
+                                 "(dashes ignored)."),
+                    _query_param("restart_of", {"type": "string", "format": "uuid"},
+                                 "Only the job that restarted this job."))),
             "post": _operation(
                 "enqueue", "Jobs", "Enqueue a job.", 201, "Job", body="JobCreate",
                 errors=(403,),

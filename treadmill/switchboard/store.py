@@ -450,8 +450,15 @@ class Store:
 
     async def list_jobs(self, principal: Principal, *, states: Sequence[str] = (),
                         owner: str | None = None, before_seq: int | None = None,
-                        limit: int = 100) -> list[dict]:
+                        limit: int = 100, id_range: tuple[str, str] | None = None,
+                        restart_of: str | None = None) -> list[dict]:
+        """Jobs ``principal`` may read, newest first; ``id_range`` is an inclusive
+        (low, high) pair of UUIDs (an id prefix), ``restart_of`` a predecessor's id."""
         clauses = ["true"]
+        if id_range is not None:
+            clauses.append("j.id BETWEEN %(id_low)s AND %(id_high)s")
+        if restart_of is not None:
+            clauses.append("j.restart_of = %(restart_of)s")
         if not principal.admin:
             clauses.append(
                 "(j.owner_id = %(uid)s OR EXISTS (SELECT 1 FROM grants g WHERE g.job_id = j.id "
@@ -465,7 +472,9 @@ class Store:
         return await self.pool.fetchall(
             self._job_query(" AND ".join(clauses)) + " ORDER BY j.seq DESC LIMIT %(limit)s",
             {"uid": principal.user_id, "states": list(states), "owner": owner,
-             "before": before_seq, "limit": limit})
+             "before": before_seq, "limit": limit, "restart_of": restart_of,
+             "id_low": id_range[0] if id_range else None,
+             "id_high": id_range[1] if id_range else None})
 
     async def job_events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[dict]:
         return await self.pool.fetchall(

@@ -7,6 +7,7 @@ from typing import Any
 
 from treadmill.cli import output
 from treadmill.cli.context import Context, UsageError, add_command
+from treadmill.cli.jobids import resolve_job_id
 
 KINDS = {
     "host": "hosts",
@@ -28,6 +29,11 @@ def _kind(text: str) -> str:
                          ) from None
 
 
+async def _ident(ctx: Context, kind: str, ident: str) -> str:
+    """A host or image name as given; a job id, or a unique prefix of one, as a whole id."""
+    return await resolve_job_id(ctx, ident) if _kind(kind) == "jobs" else ident
+
+
 def render_grants(data: dict[str, Any]) -> str:
     """``{"grants": [Grant]}`` as a table."""
     rows = [
@@ -43,11 +49,13 @@ async def grant(ctx: Context) -> int:
     if words and words[0] == "ls":
         if len(words) != 3:
             raise UsageError("usage: tml grant ls KIND ID")
-        data = await ctx.api.get(_kind(words[1]), words[2], "grants")
+        data = await ctx.api.get(_kind(words[1]), await _ident(ctx, words[1], words[2]),
+                                 "grants")
         return ctx.emit(data, render_grants)
     if len(words) != 4:
         raise UsageError("usage: tml grant KIND ID USER PRIVILEGE")
     kind, ident, user, privilege = words
+    ident = await _ident(ctx, kind, ident)
     created = await ctx.api.post(
         _kind(kind), ident, "grants", body={"user": user, "privilege": privilege}
     )
@@ -63,6 +71,7 @@ async def grant(ctx: Context) -> int:
 async def revoke(ctx: Context) -> int:
     """``revoke KIND ID USER PRIVILEGE``."""
     a = ctx.args
+    a.id = await _ident(ctx, a.kind, a.id)
     await ctx.api.delete(_kind(a.kind), a.id, "grants", a.user, a.privilege)
     result = {"kind": _kind(a.kind), "id": a.id, "user": a.user, "privilege": a.privilege}
     return ctx.emit(
@@ -89,6 +98,6 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("words", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
     p = add_command(sub, "revoke", revoke, common, help="revoke a granted privilege")
     p.add_argument("kind", metavar="KIND", help="host, job or image")
-    p.add_argument("id", metavar="ID", help="host name, job id or image name")
+    p.add_argument("id", metavar="ID", help="host name, job id (or a unique prefix) or image name")
     p.add_argument("user", metavar="USER")
     p.add_argument("privilege", metavar="PRIVILEGE")
