@@ -345,7 +345,8 @@ class SupervisorLinks(MultiService):
 
     def __init__(self, reactor: Any, store: Store, instance: str, *,
                  ping_interval: float = 5.0, ping_timeout: float = 10.0,
-                 reconcile_interval: float = 30.0, touch_interval: float = 5.0,
+                 reconcile_interval: float = 30.0, reconcile_retry: float = 2.0,
+                 touch_interval: float = 5.0,
                  unreachable_after: float = 60.0, request_timeout: float = REQUEST_TIMEOUT,
                  signer: CapabilitySigner | None = None,
                  log_service: str = "treadmill-logserver",
@@ -357,6 +358,7 @@ class SupervisorLinks(MultiService):
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.request_timeout = request_timeout
+        self.reconcile_retry = reconcile_retry
         self.unreachable_after = unreachable_after
         self.signer = signer
         self.log_service = log_service
