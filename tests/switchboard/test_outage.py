@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -16,8 +17,20 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+from tests.support import RunningSwitchboard, start_switchboard
 from tests.switchboard.outage import Outage
+from tests.switchboard.peer import Peer, Script, eventually
+from tests.switchboard.test_links import (
+    add_host,
+    assigned_job,
+    connected_peer,
+    job,
+    reaches,
+    submit,
+)
+from treadmill.protocol import supervisor as protocol
 from treadmill.switchboard.database import (
     DatabaseUnavailable,
     Listener,
@@ -194,3 +207,206 @@ def test_bugs_are_not_outages() -> None:
     assert not unavailable(psycopg2.errors.SyntaxError())
     assert not unavailable(ValueError())
     assert unavailable(psycopg2.errors.AdminShutdown())
+
+
+# -- supervisor reports and reconciliation --------------------------------------------
+
+
+class Failures:
+    """Failures (tracebacks) and warnings logged by the supervisor links and the API.
+
+    (The scheduler and the timeout enforcer still log a traceback for each pass
+    that fails during an outage; they are not this test's subject.)
+    """
+
+    NAMESPACES = ("treadmill.switchboard.links", "treadmill.switchboard.api")
+
+    def __init__(self) -> None:
+        self.failures: list[dict[str, Any]] = []
+        self.warnings: list[str] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if not str(event.get("log_namespace", "")).startswith(self.NAMESPACES):
+            return
+        if "log_failure" in event:
+            self.failures.append(event)
+        elif event.get("log_level") is LogLevel.warn:
+            self.warnings.append(formatEvent(event))
+
+    def tracebacks(self) -> list[str]:
+        return [formatEvent(e) + repr(e["log_failure"].value) for e in self.failures]
+
+
+@pytest.fixture
+def logged() -> Any:
+    failures = Failures()
+    globalLogPublisher.addObserver(failures)
+    yield failures
+    globalLogPublisher.removeObserver(failures)
+
+
+@pytest_twisted.async_yield_fixture
+async def sb(database: str, tmp_path: Path) -> AsyncIterator[RunningSwitchboard]:
+    running = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                      reconcile_retry=0.5)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def until_back(outage: Outage, sb: RunningSwitchboard) -> float:
+    """End the outage; return when it ended (reactor time) once the API answers again."""
+    await outage.end()
+    back = reactor.seconds()
+
+    async def healthy() -> bool:
+        return (await sb.admin.get("/healthz")).status == 200
+
+    await eventually(healthy, timeout=5)
+    return back
+
+
+async def ready_job(sb: RunningSwitchboard, peer: Peer) -> str:
+    job_id = await assigned_job(sb, peer)
+    for state, fields in (("initializing", {"stage": "starting"}), ("ready", {})):
+        assert (await peer.event(job_id, state, **fields))["ok"]
+    await reaches(sb, job_id, "ready")
+    return job_id
+
+
+async def host_idle(sb: RunningSwitchboard) -> bool:
+    return (await sb.admin.get("/api/v1/hosts/h1")).body["current_job"] is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_event_sent_during_an_outage_is_refused_then_stored(
+        sb: RunningSwitchboard, outage: Outage, logged: Failures) -> None:
+    """Minor 4: acked ``unavailable`` (never ``ok``) until stored; then everything
+    converges within 10 s of the database's return."""
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    job_id = await ready_job(sb, peer)
+    await outage.begin()
+    # The workload exits: the supervisor reports it and no longer runs the job.
+    peer.script.job = None
+    delivery = Deferred.fromCoroutine(peer.deliver(protocol.job_event(
+        0, job_id, "terminated", reason="workload_exited", exit_status=0, message="exit 0")))
+    while not peer.of_type("ack") or len([a for a in peer.of_type("ack")
+                                          if protocol.is_retryable(a)]) < 3:
+        await sleep(0.05)
+    await sleep(1.0)  # reconciliations fail meanwhile, and are retried
+    back = await until_back(outage, sb)
+    acks = await delivery
+    assert [a["ok"] for a in acks[:-1]] == [False] * (len(acks) - 1) and acks[-1]["ok"]
+    assert all(a["error"]["code"] == "unavailable" for a in acks[:-1])
+    body = await reaches(sb, job_id, "terminated", reason="workload_exited", exit_status=0)
+    assert body["termination"]["message"] == "exit 0"
+    await eventually(lambda: host_idle(sb), timeout=10)
+    # The host is free again: the next job starts on it.
+    job2 = await submit(sb)
+    await peer.wait_for("start_job", job_id=job2, timeout=10)
+    assert reactor.seconds() - back < 10
+    assert logged.tracebacks() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_older_supervisor_is_disconnected_and_resends(
+        sb: RunningSwitchboard, outage: Outage, logged: Failures) -> None:
+    """Minor 3 would drop an event acked ``ok: false``: the link closes (4003) instead,
+    the upgrade is refused with 503 while the database is away, and the event
+    sent again after the reconnect is stored."""
+    token = await add_host(sb)
+    peer = Peer(sb.url, token, minor=3)
+    await peer.connect()
+    await peer.wait_for("status_request")
+    job_id = await ready_job(sb, peer)
+    await outage.begin()
+    peer.script.job = None
+    event = protocol.job_event(0, job_id, "terminated", reason="workload_exited",
+                               exit_status=0)
+    request_id = 1000
+    peer.send({**event, "request_id": request_id})
+    assert await peer.closed() == protocol.CloseCode.INTERNAL_ERROR
+    assert not [a for a in peer.of_type("ack") if a["request_id"] == request_id]
+    with pytest.raises(ConnectionRefusedError, match=r"503|1006|None"):
+        await peer.connect()
+    back = await until_back(outage, sb)
+
+    async def reconnected() -> bool:
+        try:
+            await peer.connect()
+        except ConnectionRefusedError:
+            return False
+        return True
+
+    await eventually(reconnected, timeout=10, interval=0.2)
+    assert (await peer.event(job_id, "terminated", reason="workload_exited",
+                             exit_status=0))["ok"]
+    await reaches(sb, job_id, "terminated", reason="workload_exited")
+    await eventually(lambda: host_idle(sb), timeout=10)
+    assert reactor.seconds() - back < 10
+    assert logged.tracebacks() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reconciliation_that_fails_is_retried_soon(sb: RunningSwitchboard,
+                                                           outage: Outage) -> None:
+    """R3 during an outage: the job the host dropped ends within seconds of the return."""
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    job_id = await ready_job(sb, peer)
+    await outage.begin()
+    peer.script.job = None  # the host lost the job (say it rebooted)
+    link = sb.service.links.by_host[next(iter(sb.service.links.by_host))]
+    peer.received.clear()
+    link.links.spawn(link.reconcile())
+    await peer.wait_for("status_request", count=3, timeout=5)  # retried every ~0.5 s
+    back = await until_back(outage, sb)
+    await reaches(sb, job_id, "terminated", reason="host_dropped_job")
+    assert reactor.seconds() - back < 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unanswered_status_request_is_retried(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    sb.service.links.request_timeout = 0.3
+    peer = await connected_peer(sb, token, Script(answer_status=False))
+    await peer.wait_for("status_request", count=3, timeout=5)
+    peer.script.answer_status = True
+    job_id = await submit(sb)
+    await peer.wait_for("start_job", job_id=job_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_hosts_connected_through_an_outage_are_not_unreachable(
+        database: str, tmp_path: Path, outage: Outage) -> None:
+    """An outage longer than unreachable_after must not end jobs of connected hosts:
+    R9 waits until this instance has recorded its links' liveness again."""
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 reconcile_retry=0.5, unreachable_after=1.0)
+    links = sb.service.links
+    try:
+        token = await add_host(sb)
+        peer = await connected_peer(sb, token)
+        job_id = await ready_job(sb, peer)
+        # The periodic work runs by hand here, in the order that would go wrong.
+        for name in ("touch", "unreachable"):
+            await links.getServiceNamed(name).stopService()
+        await links.touch()
+        await outage.begin()
+        await sleep(1.5)
+        await until_back(outage, sb)
+        await links.end_unreachable()  # before any touch since the return
+        assert (await job(sb, job_id))["state"] == "ready"
+        await links.touch()
+        await sleep(2.5 * links.touch_interval)
+        await links.touch()
+        await links.end_unreachable()
+        assert (await job(sb, job_id))["state"] == "ready"
+        peer.disconnect()
+        await sleep(1.2)
+        await links.end_unreachable()
+        await reaches(sb, job_id, "terminated", reason="host_unreachable")
+    finally:
+        await sb.stop()

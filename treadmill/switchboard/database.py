@@ -29,7 +29,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import Cooperator
+from twisted.internet.task import Cooperator, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import reconnection, retrying, txpostgres
@@ -295,15 +295,30 @@ class Pool:
             raise DatabaseUnavailable("the database pool is not connected")
         return self._pool
 
+    async def _run(self, call: Callable[[_TxPool], Deferred[T]]) -> T:
+        """``call(pool)``, again while it lands on a connection that is still
+        reconnecting although another is back (nothing was sent on it)."""
+        waited = 0.0
+        while True:
+            pool = self._require()
+            try:
+                return await shielded(call(pool))
+            except reconnection.ConnectionDead:
+                if waited >= 2 * RECONNECT_MAX or not any(
+                        not conn.detector.connectionIsDead for conn in pool.everyone):
+                    raise
+            await deferLater(self.reactor, 0.05, lambda: None)
+            waited += 0.05
+
     async def fetchall(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
-        return await shielded(self._require().runQuery(sql, params))
+        return await self._run(lambda pool: pool.runQuery(sql, params))
 
     async def fetchone(self, sql: str, params: Any = None) -> dict[str, Any] | None:
-        rows = await shielded(self._require().runQuery(sql, params))
+        rows = await self._run(lambda pool: pool.runQuery(sql, params))
         return rows[0] if rows else None
 
     async def execute(self, sql: str, params: Any = None) -> None:
-        await shielded(self._require().runOperation(sql, params))
+        await self._run(lambda pool: pool.runOperation(sql, params))
 
     async def transaction(self, fn: Callable[[Cursor], Awaitable[T]]) -> T:
         """Run ``fn(cursor)`` in one transaction; commit on return, roll back on error."""
@@ -311,7 +326,7 @@ class Pool:
         def interaction(cur: txpostgres.Cursor) -> Deferred[T]:
             return Deferred.fromCoroutine(fn(Cursor(cur)))
 
-        return await shielded(self._require().runInteraction(interaction))
+        return await self._run(lambda pool: pool.runInteraction(interaction))
 
 
 def migrations() -> list[tuple[int, str, str]]:
