@@ -6,6 +6,8 @@ are terminated (:mod:`tests.switchboard.outage`), then it comes back.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -408,5 +410,119 @@ async def test_hosts_connected_through_an_outage_are_not_unreachable(
         await sleep(1.2)
         await links.end_unreachable()
         await reaches(sb, job_id, "terminated", reason="host_unreachable")
+    finally:
+        await sb.stop()
+
+
+# -- the API ---------------------------------------------------------------------------
+
+OPENAPI = json.loads((Path(__file__).resolve().parents[2] / "docs" / "openapi.json")
+                     .read_text(encoding="utf-8"))
+NO_DATABASE = {("get", "/.well-known/treadmill/capability-keys"),
+               ("get", "/api/v1/supervisor")}  # (the WebSocket: see the link tests)
+PATH_VALUES = {"name": "h1", "job_id": "6f1d2c3b-0000-4000-8000-000000000001",
+               "token_id": "6f1d2c3b-0000-4000-8000-000000000002",
+               "snapshot_id": "6f1d2c3b-0000-4000-8000-000000000003",
+               "user": "someone", "privilege": "read"}
+QUERIES = {"/api/v1/registry/token": "?service=treadmill-imagestore&scope=repository:a:pull"}
+BODIES = {"/api/v1/login": {"user": "admin", "password": "whatever"},
+          "/api/v1/jobs": {"image": "sha256:" + "c" * 64},
+          "/api/v1/hosts/{name}/tags": {"tags": ["a"]}}
+ROUTES = sorted((method, path) for path, methods in OPENAPI["paths"].items()
+                for method in methods if method in ("get", "post", "put", "patch", "delete")
+                and (method, path) not in NO_DATABASE)
+
+
+def test_the_route_table_covers_the_api() -> None:
+    assert len(ROUTES) >= 40 and ("post", "/api/v1/jobs") in ROUTES
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_route_answers_503_with_retry_after_during_an_outage(
+        sb: RunningSwitchboard, outage: Outage, logged: Failures) -> None:
+    fresh = await sb.user("fresh", admin=True)  # its token is in no cache
+    await outage.begin()
+    wrong = []
+    for method, path in ROUTES:
+        url = re.sub(r"\{(\w+)\}", lambda m: PATH_VALUES[m.group(1)], path) + QUERIES.get(
+            path, "")
+        body = BODIES.get(path, {}) if method in ("post", "put", "patch") else None
+        r = await fresh.request(method.upper(), url, body)
+        if (r.status, r.error) != (503, "unavailable") or \
+                r.headers.getRawHeaders(b"retry-after") != [b"2"]:
+            wrong.append((method, path, r.status, r.body))
+    assert wrong == []
+    assert logged.tracebacks() == []
+    assert len([w for w in logged.warnings if "503" in w]) >= len(ROUTES) - 2
+    await until_back(outage, sb)
+    assert (await fresh.get("/api/v1/whoami")).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_request_fails_otherwise_than_503_through_an_outage(
+        sb: RunningSwitchboard, outage: Outage, logged: Failures) -> None:
+    """Polling all along: only 200 or 503, and 200 within 2 s of the return."""
+    statuses: list[tuple[float, int]] = []
+    stop = False
+
+    async def poll() -> None:
+        while not stop:
+            r = await sb.admin.get("/api/v1/jobs")
+            statuses.append((reactor.seconds(), r.status))
+            await sleep(0.05)
+
+    poller = Deferred.fromCoroutine(poll())
+    await sleep(0.3)
+    await outage.begin()
+    await sleep(1.5)
+    await outage.end()
+    back = reactor.seconds()
+    await sleep(2.5)
+    stop = True
+    await poller
+    assert {status for _, status in statuses} == {200, 503}
+    first_ok = min(at for at, status in statuses if at > back and status == 200)
+    assert first_ok - back < 2.0
+    assert all(status == 200 for at, status in statuses if at > first_ok)
+    health = await sb.admin.get("/healthz")
+    assert health.status == 200
+    assert logged.tracebacks() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_healthz_is_503_while_the_database_is_away(sb: RunningSwitchboard,
+                                                         outage: Outage) -> None:
+    await outage.begin()
+    r = await sb.admin.get("/healthz")
+    assert (r.status, r.error) == (503, "unavailable")
+    assert r.headers.getRawHeaders(b"retry-after") == [b"2"]
+    await until_back(outage, sb)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lock_held_by_a_stalled_peer_answers_503_soon(database: str,
+                                                              tmp_path: Path) -> None:
+    """A peer holding a lock the request needs: lock_timeout, 503, no traceback."""
+    sb = await start_switchboard(database, tmp_path,
+                                 timeouts=Timeouts(statement=5, lock=0.3))
+    try:
+        fresh = await sb.user("fresh")
+        holding: Deferred[None] = Deferred()
+        release: Deferred[None] = Deferred()
+
+        async def stall(cur: Any) -> None:
+            await cur.execute("LOCK TABLE api_tokens IN ACCESS EXCLUSIVE MODE")
+            holding.callback(None)
+            await release
+
+        held = Deferred.fromCoroutine(sb.service.pool.transaction(stall))
+        await holding
+        started = time.monotonic()
+        r = await fresh.get("/api/v1/whoami")
+        release.callback(None)
+        await held
+        assert (r.status, r.error) == (503, "unavailable")
+        assert time.monotonic() - started < 2.0
+        assert (await fresh.get("/api/v1/whoami")).status == 200
     finally:
         await sb.stop()

@@ -34,6 +34,7 @@ from treadmill.common.http import (
 from treadmill.switchboard import credentials, registry, schemas, views
 from treadmill.switchboard.access import PRIVILEGES, Principal, effective
 from treadmill.switchboard.auth import Authenticator
+from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.events import JobWatchers
 from treadmill.switchboard.jobstate import InvalidTransition, Reason, State
 from treadmill.switchboard.store import Conflict, JobSpec, NotFound, Store
@@ -107,6 +108,9 @@ def _require(held: frozenset[str], privilege: str, what: str) -> None:
 
 Handler = Callable[..., Awaitable[Any]]
 
+RETRY_AFTER = b"2"
+"""Seconds a client waits before retrying a ``503`` (the database reconnects within one)."""
+
 
 class SwitchboardAPI:
     """Routes of ``/api/v1`` and the public well-known endpoints."""
@@ -153,7 +157,21 @@ class SwitchboardAPI:
 
     @app.handle_errors(Exception)
     def _internal(self, request: IRequest, failure: Failure) -> bytes:
+        if unavailable(failure):
+            return self._unavailable(request, failure)
         return respond_internal(request, failure, self.log)
+
+    def _unavailable(self, request: IRequest, failure: Failure) -> bytes:
+        """``503`` with ``Retry-After`` while the database is away: one line, no traceback."""
+        lines = str(failure.value).strip().splitlines()
+        self.log.warn("{method} {path}: 503, the database is unavailable ({error})",
+                      method=request.method.decode("ascii", "replace"),
+                      path=request.path.decode("ascii", "replace"),
+                      error=f"{type(failure.value).__name__}: {lines[0]}" if lines
+                      else type(failure.value).__name__)
+        request.setHeader(b"retry-after", RETRY_AFTER)
+        return respond_error(request, ApiError(503, "the database is unavailable; "
+                                                    "try again later"))
 
     # -- public ----------------------------------------------------------------
 
@@ -162,6 +180,7 @@ class SwitchboardAPI:
         try:
             await self.store.ping()
         except Exception as e:
+            request.setHeader(b"retry-after", RETRY_AFTER)
             raise ApiError(503, f"database unavailable: {type(e).__name__}") from None
         return respond(request, {"status": "ok"})
 

@@ -220,7 +220,8 @@ ERROR_RESPONSES: dict[int, tuple[str, str]] = {
     409: ("Conflict", "The request conflicts with the current state."),
     413: ("TooLarge", "The request body is too large."),
     415: ("UnsupportedMediaType", "The request body is not JSON."),
-    503: ("Unavailable", "The database does not answer."),
+    503: ("Unavailable", "The database does not answer (any route may answer this; "
+                         "retry after Retry-After seconds)."),
 }
 
 
@@ -231,6 +232,10 @@ def _error_response(status: int) -> dict[str, Any]:
     if status == 401:
         response["headers"] = {"WWW-Authenticate": {
             "description": 'Bearer realm="treadmill"', "schema": STRING}}
+    if status == 503:
+        response["headers"] = {"Retry-After": {
+            "description": "Seconds to wait before trying again.",
+            "schema": {"type": "integer", "minimum": 0}}}
     return response
 
 
