@@ -8,6 +8,9 @@ validates its input, then checks privileges on the resource it names.
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -99,6 +102,31 @@ def _decode_cursor(cursor: str) -> int:
         return int(raw[1:])
     except ValueError:
         raise ApiError(400, "cursor: not a cursor this API issued") from None
+
+
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+
+
+def _idempotency_key(request: IRequest) -> str | None:
+    """The request's ``Idempotency-Key`` header (1 to 255 printable ASCII characters)."""
+    values = request.requestHeaders.getRawHeaders(b"idempotency-key")
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ApiError(400, "Idempotency-Key: send it once")
+    try:
+        key = values[0].decode("ascii")
+    except UnicodeDecodeError:
+        key = ""
+    if not _IDEMPOTENCY_KEY.fullmatch(key) or not key.strip():
+        raise ApiError(400, "Idempotency-Key: 1 to 255 printable ASCII characters")
+    return key
+
+
+def dumps_canonical(value: Any) -> bytes:
+    """``value`` as JSON with sorted keys: equal requests, equal bytes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8")
 
 
 def _require(held: frozenset[str], privilege: str, what: str) -> None:
@@ -591,9 +619,19 @@ class SwitchboardAPI:
     async def enqueue(self, request: IRequest) -> bytes:
         principal = await self.auth.principal(request)
         body = read_json(request, schemas.JOB_CREATE)
-        spec = await self._job_spec(principal, body)
-        row = await self.store.enqueue(principal.user_id, spec)
-        return respond(request, views.job(row), 201)
+        key = _idempotency_key(request)
+        if key is None:
+            spec = await self._job_spec(principal, body)
+            row = await self.store.enqueue(principal.user_id, spec)
+            return respond(request, views.job(row), 201)
+        # A retry (same user, key and body) gets the first answer, not a second job.
+        fingerprint = hashlib.sha256(dumps_canonical(body)).digest()
+        answer = await self.store.remembered_job(principal.user_id, key, fingerprint)
+        if answer is None:
+            spec = await self._job_spec(principal, body)
+            answer = await self.store.enqueue_once(principal.user_id, spec, key, fingerprint,
+                                                   views.job)
+        return respond(request, answer, 201)
 
     async def _job_spec(self, principal: Principal, body: dict[str, Any]) -> JobSpec:
         limits = self.limits

@@ -259,6 +259,14 @@ P_JOB = _path_param("job_id", UUID, "The job's id.")
 P_GRANTEE = _path_param("user", schemas.USER_OR_EVERYONE,
                         'The user the grant is to; "*" for every user.')
 
+H_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "description": "Makes the request safe to retry: the same user sending the same key "
+                   "and body again within 24 hours gets the first answer, and no second "
+                   "job. 1 to 255 printable ASCII characters, e.g. a random UUID.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255,
+               "pattern": "^[\\x20-\\x7e]+$"}}
+
 Q_AFTER = _query_param("after", {"type": "integer", "minimum": 0, "maximum": 2**31 - 1,
                                  "default": 0}, "Only events with a larger `seq`.")
 
@@ -448,9 +456,13 @@ def _jobs() -> dict[str, dict[str, Any]]:
                                  "`next_cursor` of the previous page (opaque)."))),
             "post": _operation(
                 "enqueue", "Jobs", "Enqueue a job.", 201, "Job", body="JobCreate",
-                errors=(403,),
+                errors=(403, 409), query=(H_IDEMPOTENCY_KEY,),
                 description="`image` is a digest or a catalogue name; a name you may not "
-                            "use is 403 (400 if you cannot see it)."),
+                            "use is 403 (400 if you cannot see it). With an "
+                            "`Idempotency-Key`, a retry of the same request by the same "
+                            "user within 24 hours answers the first answer (the same job, "
+                            "status and body) and creates no job; the key with a "
+                            "different body is 409."),
         },
         "/api/v1/jobs/{job_id}": {"parameters": [P_JOB], "get": _operation(
             "show_job", "Jobs", "A job (read).", 200, "Job", errors=(403, 404))},
