@@ -538,3 +538,26 @@ async def test_a_lock_held_by_a_stalled_peer_answers_503_soon(database: str,
         assert (await fresh.get("/api/v1/whoami")).status == 200
     finally:
         await sb.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_watch_stream_ends_cleanly_in_an_outage(sb: RunningSwitchboard, outage: Outage,
+                                                        logged: Failures) -> None:
+    """Its status line is long gone: the stream ends with an SSE retry hint, no JSON."""
+    job_id = await submit(sb)
+    response = await treq.get(f"{sb.url}/api/v1/jobs/{job_id}/events/watch",
+                              headers=sb.admin.headers(), unbuffered=True)
+    assert response.code == 200
+    chunks: list[bytes] = []
+    ended = treq.collect(response, chunks.append)
+    while b"id: " not in b"".join(chunks):
+        await sleep(0.05)
+    await outage.begin()
+    sb.service.watchers.wake_all()  # as a notification would: it reads again
+    ended.addTimeout(5, reactor)
+    await ended
+    text = b"".join(chunks).decode()
+    assert text.endswith(": the database is unavailable\nretry: 2000\n\n"), text
+    assert "error" not in text
+    assert logged.tracebacks() == []
+    await until_back(outage, sb)

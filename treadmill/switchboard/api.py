@@ -783,12 +783,22 @@ class SwitchboardAPI:
     async def _stream_events(self, request: IRequest, job_id: str, after: int) -> bytes:
         finished = [False]
         request.notifyFinish().addBoth(lambda _: finished.__setitem__(0, True))
-        async for event in self.watchers.events(job_id, after, self.limits.keepalive):
-            if finished[0]:
-                break
-            if event is None:
-                request.write(b": keepalive\n\n")
-                continue
-            request.write(b"id: %d\nevent: job\ndata: %s\n\n" % (
-                event["seq"], dumps(views.event(event))))
+        try:
+            async for event in self.watchers.events(job_id, after, self.limits.keepalive):
+                if finished[0]:
+                    break
+                if event is None:
+                    request.write(b": keepalive\n\n")
+                    continue
+                request.write(b"id: %d\nevent: job\ndata: %s\n\n" % (
+                    event["seq"], dumps(views.event(event))))
+        except Exception as e:
+            if not unavailable(e):
+                raise
+            # The status line is gone: end the stream; the client reconnects with ?after=.
+            self.log.warn("Watch of job {job} ended: the database is unavailable ({error})",
+                          job=job_id, error=type(e).__name__)
+            if not finished[0]:
+                request.write(b": the database is unavailable\nretry: %d\n\n"
+                              % (int(RETRY_AFTER) * 1000))
         return b""
