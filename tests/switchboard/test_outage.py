@@ -270,8 +270,8 @@ async def until_back(outage: Outage, sb: RunningSwitchboard) -> float:
     return back
 
 
-async def ready_job(sb: RunningSwitchboard, peer: Peer) -> str:
-    job_id = await assigned_job(sb, peer)
+async def ready_job(sb: RunningSwitchboard, peer: Peer, **fields: Any) -> str:
+    job_id = await assigned_job(sb, peer, **fields)
     for state, fields in (("initializing", {"stage": "starting"}), ("ready", {})):
         assert (await peer.event(job_id, state, **fields))["ok"]
     await reaches(sb, job_id, "ready")
@@ -404,7 +404,7 @@ async def test_hosts_connected_through_an_outage_are_not_unreachable(
             await links.getServiceNamed(name).stopService()
         await links.touch()
         await outage.begin()
-        await sleep(1.5)
+        await sleep(1.2)
         await until_back(outage, sb)
 
         async def listener_back() -> bool:  # it tells the links the records are stale
@@ -484,12 +484,12 @@ async def test_no_request_fails_otherwise_than_503_through_an_outage(
             await sleep(0.05)
 
     poller = Deferred.fromCoroutine(poll())
-    await sleep(0.3)
+    await sleep(0.2)
     await outage.begin()
-    await sleep(1.5)
+    await sleep(1.0)
     await outage.end()
     back = reactor.seconds()
-    await sleep(2.5)
+    await sleep(2.0)
     stop = True
     await poller
     assert {status for _, status in statuses} == {200, 503}
@@ -561,3 +561,42 @@ async def test_a_watch_stream_ends_cleanly_in_an_outage(sb: RunningSwitchboard, 
     assert "error" not in text
     assert logged.tracebacks() == []
     await until_back(outage, sb)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_that_exited_in_time_is_not_an_execution_timeout(
+        sb: RunningSwitchboard, outage: Outage) -> None:
+    """Its deadline passed during the outage, its exit is reported after the return:
+    it ends workload_exited (execution timeouts wait a little after an outage)."""
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    job_id = await ready_job(sb, peer, timeout=1)
+    sb.service.getServiceNamed("timeouts").after_outage = 3.0
+    await outage.begin()
+    peer.script.job = None
+    delivery = Deferred.fromCoroutine(peer.deliver(protocol.job_event(
+        0, job_id, "terminated", reason="workload_exited", exit_status=0), every=1.5))
+    await sleep(1.2)  # the deadline passes
+    await until_back(outage, sb)
+    await delivery
+    await reaches(sb, job_id, "terminated", reason="workload_exited", exit_status=0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_execution_timeouts_resume_after_an_outage(sb: RunningSwitchboard,
+                                                         outage: Outage) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    job_id = await ready_job(sb, peer, timeout=1)
+    sb.service.getServiceNamed("timeouts").after_outage = 1.5
+    await outage.begin()
+    await sleep(1.1)
+    back = await until_back(outage, sb)
+
+    async def stopping() -> bool:
+        return (await job(sb, job_id))["state"] != "ready"
+
+    await eventually(stopping, timeout=15)
+    assert reactor.seconds() - back >= 1.2
+    body = await job(sb, job_id)
+    assert body["termination"]["reason"] == "execution_timeout"
