@@ -600,3 +600,37 @@ async def test_execution_timeouts_resume_after_an_outage(sb: RunningSwitchboard,
     assert reactor.seconds() - back >= 1.2
     body = await job(sb, job_id)
     assert body["termination"]["reason"] == "execution_timeout"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_that_cannot_register_leaves_the_current_link_in_charge(
+        database: str, tmp_path: Path) -> None:
+    """A second connection of a host whose registration times out (a lock held) is
+    refused with 503, and the host's working link keeps receiving its jobs."""
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 timeouts=Timeouts(statement=5, lock=0.3))
+    try:
+        token = await add_host(sb)
+        first = await connected_peer(sb, token)
+        holding: Deferred[None] = Deferred()
+        release: Deferred[None] = Deferred()
+
+        async def stall(cur: Any) -> None:
+            await cur.execute("LOCK TABLE hosts IN EXCLUSIVE MODE")  # reads still pass
+            holding.callback(None)
+            await release
+
+        held = Deferred.fromCoroutine(sb.service.pool.transaction(stall))
+        await holding
+        second = Peer(sb.url, token)
+        try:
+            with pytest.raises(ConnectionRefusedError):
+                await second.connect()
+        finally:
+            release.callback(None)
+            await held
+        assert first.connection is not None
+        job_id = await submit(sb)
+        await first.wait_for("start_job", job_id=job_id)
+    finally:
+        await sb.stop()

@@ -95,7 +95,17 @@ class SupervisorLink(WebSocketServerProtocol):
                 raise ConnectionDeny(401, "unknown host token")
             self.host_id, self.host_name, self.token_digest = host["id"], host["name"], digest
             self.session = str(uuid.uuid4())
-            await self.links.register(self)
+            previous = self.links.by_host.get(self.host_id)
+            try:
+                await self.links.register(self)
+            except Exception:
+                # Not registered: give the host back to its link before this one.
+                if self.links.by_host.get(self.host_id) is self:
+                    if previous is not None and previous.registered:
+                        self.links.by_host[self.host_id] = previous
+                    else:
+                        del self.links.by_host[self.host_id]
+                raise
         except Exception as e:
             if not unavailable(e):
                 raise
