@@ -634,3 +634,26 @@ async def test_a_connection_that_cannot_register_leaves_the_current_link_in_char
         await first.wait_for("start_job", job_id=job_id)
     finally:
         await sb.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_retries_do_not_pile_up_behind_a_held_status_request(
+        sb: RunningSwitchboard, outage: Outage) -> None:
+    """A supervisor answers status only once its reports are stored: while it waits,
+    the switchboard sends no more status requests, and one answer settles it."""
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    job_id = await ready_job(sb, peer)
+    await outage.begin()
+    peer.script.job = None
+    delivery = Deferred.fromCoroutine(peer.deliver(protocol.job_event(
+        0, job_id, "terminated", reason="workload_exited", exit_status=0)))
+    peer.received.clear()
+    link = next(iter(sb.service.links.by_host.values()))
+    link.links.spawn(link.reconcile())  # its status request is held
+    await sleep(2.0)  # four retry intervals
+    assert len(peer.of_type("status_request")) == 1
+    await until_back(outage, sb)
+    await delivery
+    await reaches(sb, job_id, "terminated", reason="workload_exited")
+    await eventually(lambda: host_idle(sb), timeout=5)

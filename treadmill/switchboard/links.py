@@ -66,6 +66,8 @@ class SupervisorLink(WebSocketServerProtocol):
         self._inbox: Deferred[None] = Deferred()
         self._inbox.callback(None)
         self._retry: Any = None  # the pending retry of a failed reconciliation
+        self._reconciling = 0  # reconciliations under way
+        self._again = False  # retry once those are over
 
     @property
     def links(self) -> SupervisorLinks:
@@ -301,6 +303,7 @@ class SupervisorLink(WebSocketServerProtocol):
         A reconciliation that fails (no status in time, the database unavailable)
         is tried again after ``reconcile_retry`` seconds.
         """
+        self._reconciling += 1
         try:
             await self._reconcile()
         except ConnectionError:
@@ -315,9 +318,19 @@ class SupervisorLink(WebSocketServerProtocol):
             self.log.debug("{host}: reconciliation failed, the database is unavailable "
                            "({error})", host=self.host_name, error=_brief(e))
             self.retry_reconcile()
+        finally:
+            self._reconciling -= 1
+            if self._again and not self._reconciling:
+                self._again = False
+                self.retry_reconcile()
 
     def retry_reconcile(self) -> None:
-        """Reconcile again after ``reconcile_retry`` seconds (once, however often asked)."""
+        """Reconcile again after ``reconcile_retry`` seconds (once, however often asked,
+        and not while a reconciliation is under way: its status request may be held by
+        a supervisor that is resending reports)."""
+        if self._reconciling:
+            self._again = True
+            return
         if self._retry is not None and self._retry.active():
             return
         if self.state != self.STATE_OPEN or self.links.stopping:
