@@ -82,11 +82,13 @@ async def test_bad_request_message(tml, fake_switchboard, env):
 
 
 @pytest_twisted.ensureDeferred
-async def test_connection_refused_exits_3(tml):
+async def test_connection_refused_exits_3(tml, tmp_path):
     port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
     url = f"http://127.0.0.1:{port.getHost().port}"
     await port.stopListening()
-    result = await tml("whoami", "--url", url, "--token", "x")
+    env = {"HOME": str(tmp_path), "TREADMILL_RETRY_FOR": "0",  # no retries (test_cli_retry)
+           "TREADMILL_TOKEN": "x"}
+    result = await tml("whoami", "--url", url, env=env)
     assert result.status == 3
     assert result.err == f"tml: error: cannot reach the switchboard at {url}: connection refused\n"
 
@@ -326,7 +328,7 @@ async def test_https_with_private_ca(tml, tls_switchboard):
 @pytest_twisted.ensureDeferred
 async def test_https_untrusted_certificate_exits_3(tml, tls_switchboard):
     sb = tls_switchboard
-    result = await tml("whoami", "--url", sb.url, "--token", ALICE)
+    result = await tml("whoami", "--url", sb.url, env={"TREADMILL_TOKEN": ALICE})
     assert result.status == 3
     assert result.err.startswith(f"tml: error: cannot reach the switchboard at {sb.url}: TLS")
     assert sb.requests == []

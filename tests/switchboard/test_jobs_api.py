@@ -211,15 +211,14 @@ async def test_enqueue_by_name_without_use_privilege(switchboard):
     r = await alice.post("/api/v1/images", {"name": "private", "digest": DIGEST,
                                             "stores": ["https://a.example/"]})
     assert r.status == 201
-    # _job_spec answers 400 (not 403) when the user holds no privilege at all
-    # on the image: the image field is invalid for them.
+    # An image bob may not use answers like one that does not exist (400).
     r = await bob.post("/api/v1/jobs", {"image": "private"})
     assert r.status == 400, r.body
     assert r.body["error"] == {"code": "bad_request",
-                               "message": "image: you may not use 'private'"}
+                               "message": "image: no image named 'private' that you may use"}
     r = await bob.post("/api/v1/jobs", {"image": "nonexistent"})
     assert r.status == 400
-    assert r.body["error"]["message"] == "image: no image named 'nonexistent'"
+    assert r.body["error"]["message"] == "image: no image named 'nonexistent' that you may use"
     listed = await switchboard.admin.get("/api/v1/jobs")
     assert listed.body["jobs"] == []
 

@@ -44,6 +44,9 @@ class Context:
     api: ApiClient
     prompt_password: Callable[[str], str] = field(default=lambda prompt: getpass.getpass(prompt))
 
+    def __post_init__(self) -> None:
+        self.api.on_retry = self.note  # "retrying for up to N s", once per request
+
     @property
     def json(self) -> bool:
         """Whether ``--json`` was given."""

@@ -36,7 +36,17 @@ _GLOBAL_OPTIONS: tuple[tuple[str, str, str], ...] = (
         "URL",
         "switchboard URL (default: $TREADMILL_URL, the config file, http://127.0.0.1:8080)",
     ),
-    ("--token", "TOKEN", "API token (default: $TREADMILL_TOKEN, the config file)"),
+    (
+        "--token",
+        "TOKEN",
+        "API token; visible to other local users in the process list: prefer "
+        "--token-file or $TREADMILL_TOKEN",
+    ),
+    (
+        "--token-file",
+        "PATH",
+        "read the API token from this file (default: $TREADMILL_TOKEN, the config file)",
+    ),
     (
         "--ca-file",
         "PEM",
@@ -110,8 +120,18 @@ async def _run(
 
     try:
         settings = resolve(
-            env, url=args.url, token=args.token, ca_file=args.ca_file, config=args.config
+            env,
+            url=args.url,
+            token=args.token,
+            ca_file=args.ca_file,
+            config=args.config,
+            token_file=args.token_file,
         )
+        if args.token:
+            stderr.write(
+                "tml: warning: --token puts the token on the command line, where other "
+                "local users can read it; use --token-file, TREADMILL_TOKEN or tml login\n"
+            )
         api = ApiClient.from_settings(reactor, settings)
     except ConfigError as e:
         error(str(e))

@@ -38,6 +38,7 @@ STATUS_CODES = {
     409: "conflict",
     413: "too_large",
     415: "unsupported_media_type",
+    429: "too_many_requests",
     500: "internal",
     503: "unavailable",
 }
@@ -46,11 +47,13 @@ STATUS_CODES = {
 class ApiError(Exception):
     """An error answered as ``{"error": {"code", "message"}}`` with ``status``."""
 
-    def __init__(self, status: int, message: str, code: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.code = code or STATUS_CODES.get(status, "error")
         self.message = message
+        self.headers = headers or {}
 
 
 def timestamp(value: datetime) -> str:
@@ -101,6 +104,8 @@ def respond_error(request: IRequest, error: ApiError) -> bytes:
     request.setHeader(b"content-type", b"application/json")
     if error.status == 401:
         request.setHeader(b"www-authenticate", b'Bearer realm="treadmill"')
+    for name, value in error.headers.items():
+        request.setHeader(name.encode("ascii"), value.encode("ascii"))
     return error_body(error.code, error.message)
 
 

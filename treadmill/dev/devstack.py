@@ -345,7 +345,7 @@ class Devstack:
     def prepare(self) -> None:
         for path in (self.state, self.logs, self.run):
             path.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.state, 0o755)  # The postgres user must reach its cluster.
+        os.chmod(self.state, 0o711)  # The postgres user must reach its cluster (0700).
         _say("starting PostgreSQL")
         try:
             self.cluster.start()

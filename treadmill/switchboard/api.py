@@ -36,7 +36,7 @@ from treadmill.common.http import (
 )
 from treadmill.switchboard import credentials, registry, schemas, views
 from treadmill.switchboard.access import PRIVILEGES, Principal, effective
-from treadmill.switchboard.auth import Authenticator
+from treadmill.switchboard.auth import Authenticator, PasswordGuard
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.events import JobWatchers
 from treadmill.switchboard.jobstate import InvalidTransition, Reason, State
@@ -148,7 +148,7 @@ class SwitchboardAPI:
 
     def __init__(self, reactor: Any, store: Store, authenticator: Authenticator,
                  signer: CapabilitySigner, watchers: JobWatchers, limits: Limits | None = None,
-                 supervisor_resource: Any = None):
+                 supervisor_resource: Any = None, passwords: PasswordGuard | None = None):
         self.reactor = reactor
         self.store = store
         self.auth = authenticator
@@ -156,6 +156,7 @@ class SwitchboardAPI:
         self.watchers = watchers
         self.limits = limits or Limits()
         self.supervisor_resource = supervisor_resource
+        self.passwords = passwords or PasswordGuard(reactor)
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -274,14 +275,7 @@ class SwitchboardAPI:
             if user not in (None, "", principal.name):
                 raise ApiError(401, "the token belongs to another user")
         elif user:
-            try:
-                row = await self.store.get_user(user)
-            except NotFound:
-                row = None
-            encoded = row["password_hash"] if row is not None and not row["disabled"] else None
-            if not await credentials.verify_password(self.reactor, secret, encoded):
-                raise ApiError(401, "wrong user name or password")
-            assert row is not None
+            row = await self._check_password(request, user, secret)
             principal = Principal(row["id"], row["name"], row["admin"])
         else:
             raise ApiError(401, "invalid credentials")
@@ -312,17 +306,24 @@ class SwitchboardAPI:
     @app.route("/api/v1/login", methods=["POST"])
     async def login(self, request: IRequest) -> bytes:
         body = read_json(request, schemas.LOGIN)
+        row = await self._check_password(request, body["user"], body["password"])
+        ttl = self._ttl(body, admin=row["admin"])
+        return await self._issue_token(request, row["id"], body.get("label", "login"), ttl)
+
+    async def _check_password(self, request: IRequest, user: str, password: str) -> dict:
+        """The user's row if ``password`` is theirs; ``429`` over the rate limits, before
+        any work; else ``401``."""
+        spent = self.passwords.admit(request, user)
         try:
-            row = await self.store.get_user(body["user"])
+            row = await self.store.get_user(user)
         except NotFound:
             row = None
         encoded = row["password_hash"] if row is not None and not row["disabled"] else None
-        ok = await credentials.verify_password(self.reactor, body["password"], encoded)
-        if not ok:
+        if not await self.passwords.verify(password, encoded):
             raise ApiError(401, "wrong user name or password")
         assert row is not None
-        ttl = self._ttl(body, admin=row["admin"])
-        return await self._issue_token(request, row["id"], body.get("label", "login"), ttl)
+        self.passwords.succeeded(spent)
+        return row
 
     def _ttl(self, body: dict[str, Any], admin: bool) -> float | None:
         if "expires_in" not in body:
@@ -388,7 +389,7 @@ class SwitchboardAPI:
         body = read_json(request, schemas.USER_CREATE)
         password_hash = None
         if "password" in body:
-            password_hash = await credentials.hash_password(self.reactor, body["password"])
+            password_hash = await self.passwords.hash(body["password"])
         row = await self.store.create_user(body["name"], body.get("admin", False), password_hash)
         return respond(request, views.user(row), 201)
 
@@ -410,7 +411,7 @@ class SwitchboardAPI:
                 raise ApiError(403, "only admins may change admin or disabled")
         password_hash = None
         if "password" in body:
-            password_hash = await credentials.hash_password(self.reactor, body["password"])
+            password_hash = await self.passwords.hash(body["password"])
         row = await self.store.update_user(name, admin=body.get("admin"),
                                            disabled=body.get("disabled"),
                                            password_hash=password_hash)
@@ -506,9 +507,14 @@ class SwitchboardAPI:
     async def create_image(self, request: IRequest) -> bytes:
         principal = await self.auth.principal(request)
         body = read_json(request, schemas.IMAGE_CREATE)
-        await self.store.create_image(body["name"], body["digest"], body["stores"],
-                                      principal.user_id, body.get("description", ""),
-                                      body.get("host_tags", ()))
+        try:
+            await self.store.create_image(body["name"], body["digest"], body["stores"],
+                                          principal.user_id, body.get("description", ""),
+                                          body.get("host_tags", ()))
+        except Conflict:
+            # The same answer whether the caller may see the image holding the
+            # name or not, so that it tells nothing about private images.
+            raise ApiError(409, f"image name {body['name']!r} is not available") from None
         row = await self.store.get_image(body["name"], principal)
         return respond(request, views.image(row), 201)
 
@@ -650,13 +656,15 @@ class SwitchboardAPI:
                       if "use" in effective("image", principal, row["owner_id"], row["grants"])]
             stores = sorted({store for row in usable for store in row["stores"]})
         else:
+            # An image that exists but is not the caller's to use answers exactly
+            # like one that does not exist.
+            refusal = ApiError(400, f"image: no image named {image!r} that you may use")
             try:
                 row = await self.store.get_image(image, principal)
             except NotFound:
-                raise ApiError(400, f"image: no image named {image!r}") from None
-            held = effective("image", principal, row["owner_id"], row["grants"])
-            if "use" not in held:
-                raise ApiError(400 if not held else 403, f"image: you may not use {image!r}")
+                raise refusal from None
+            if "use" not in effective("image", principal, row["owner_id"], row["grants"]):
+                raise refusal
             name, digest, stores = image, row["digest"], row["stores"]
             default_tags = row["host_tags"]
         parameters = {key: {"value": p["value"], "secret": p.get("secret", False)}
@@ -736,9 +744,14 @@ class SwitchboardAPI:
         claimed = await self.store.repository_claimed(repository)
         if not registry.user_actions(scope, principal.name, principal.admin, {}, claimed):
             raise ApiError(403, f"you may not push to repository {repository!r}")
-        snapshot = await self.store.create_snapshot(
-            row["id"], row["host_id"], principal.user_id, name, repository, store,
-            body.get("description", ""))
+        try:
+            snapshot = await self.store.create_snapshot(
+                row["id"], row["host_id"], principal.user_id, name, repository, store,
+                body.get("description", ""))
+        except Conflict:
+            # As for POST /images: nothing about whose image or snapshot holds it.
+            raise ApiError(409, f"image name {name!r} is not available (an image or a "
+                                "snapshot under way holds it)") from None
         return respond(request, views.snapshot(snapshot), 202)
 
     @app.route("/api/v1/jobs/<job_id>/snapshots", methods=["GET"])

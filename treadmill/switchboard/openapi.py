@@ -220,6 +220,8 @@ ERROR_RESPONSES: dict[int, tuple[str, str]] = {
     409: ("Conflict", "The request conflicts with the current state."),
     413: ("TooLarge", "The request body is too large."),
     415: ("UnsupportedMediaType", "The request body is not JSON."),
+    429: ("TooManyRequests", "Too many password attempts from this address or on this "
+                             "user; retry after Retry-After seconds."),
     503: ("Unavailable", "The database does not answer (any route may answer this; "
                          "retry after Retry-After seconds)."),
 }
@@ -236,6 +238,10 @@ def _error_response(status: int) -> dict[str, Any]:
         response["headers"] = {"Retry-After": {
             "description": "Seconds to wait before trying again.",
             "schema": {"type": "integer", "minimum": 0}}}
+    if status == 429:
+        response["headers"] = {"Retry-After": {
+            "description": "Seconds until the next attempt may succeed.",
+            "schema": {"type": "integer"}}}
     return response
 
 
@@ -313,9 +319,11 @@ def _identity() -> dict[str, dict[str, Any]]:
             "whoami", "Identity", "The token's user.", 200, "User")},
         "/api/v1/login": {"post": _operation(
             "login", "Identity", "Exchange a password for a new API token.", 201, "NewToken",
-            body="Login", errors=(401, 403), anonymous=True,
+            body="Login", errors=(401, 403, 429, 503), anonymous=True,
             description="401 for a wrong user name or password (or a disabled user); 403 "
-                        "when a non-admin asks for a token that never expires.")},
+                        "when a non-admin asks for a token that never expires; 429 over "
+                        "the password attempt limits (login.* settings); 503 with "
+                        "Retry-After when too many password checks are under way.")},
         "/api/v1/tokens": {
             "get": _operation(
                 "list_tokens", "Identity", "List API tokens.", 200, "TokenList",
@@ -534,7 +542,7 @@ def _registry_token() -> dict[str, Any]:
     operation = _operation(
         "registry_token", "Other",
         "A capability token for image store access (Docker registry token flow).", 200,
-        "RegistryToken", errors=(400, 401), anonymous=True,
+        "RegistryToken", errors=(400, 401, 429), anonymous=True,
         query=({"name": "service", "in": "query", "required": True,
                 "schema": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
                 "description": "The image store's service name (the token's audience)."},

@@ -31,7 +31,7 @@ from treadmill.common.captoken import CapabilitySigner, load_or_create_signing_k
 from treadmill.common.daemon import RoleService, listeners
 from treadmill.common.http import limited_site
 from treadmill.switchboard.api import Limits, SwitchboardAPI
-from treadmill.switchboard.auth import Authenticator
+from treadmill.switchboard.auth import Authenticator, PasswordGuard, PasswordPolicy
 from treadmill.switchboard.database import Listener, Pool, Timeouts, migrate
 from treadmill.switchboard.events import JobWatchers
 from treadmill.switchboard.links import SupervisorLinks
@@ -68,6 +68,7 @@ class SwitchboardConfig:
     unreachable_after: float = 60.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     reconcile_retry: float = 2.0
+    passwords: PasswordPolicy = field(default_factory=PasswordPolicy)
 
 
 class SwitchboardService(RoleService):
@@ -103,7 +104,8 @@ class SwitchboardService(RoleService):
                                    fairness_window=config.fairness_window)
         self.scheduler.setName("scheduler")
         self.api = SwitchboardAPI(reactor, self.store, self.auth, self.signer, self.watchers,
-                                  config.limits, supervisor_resource=self.links.resource)
+                                  config.limits, supervisor_resource=self.links.resource,
+                                  passwords=PasswordGuard(reactor, config.passwords))
         self.listener = Listener(reactor, config.dsn, config.timeouts)
         self.listener.setName("listener")
         self.listener.observe("treadmill_jobs", self.watchers.notify)

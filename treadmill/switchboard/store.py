@@ -64,8 +64,12 @@ _HOST_COLUMNS = """
     h.consecutive_failures,
     (h.session IS NOT NULL AND h.last_seen_at > now() - interval '20 seconds') AS connected,
     h.last_seen_at, h.created_at,
-    (SELECT j.id FROM jobs j WHERE j.host_id = h.id AND j.state <> 'terminated'
-     ORDER BY j.seq DESC LIMIT 1) AS current_job"""
+    (SELECT CASE WHEN %(admin)s OR j.owner_id = %(uid)s OR EXISTS (
+                 SELECT 1 FROM grants g WHERE g.job_id = j.id
+                 AND g.privilege IN ('read', 'manage')
+                 AND (g.user_id = %(uid)s OR g.user_id IS NULL)) THEN j.id END
+     FROM jobs j WHERE j.host_id = h.id AND j.state <> 'terminated'
+     ORDER BY j.seq DESC LIMIT 1) AS current_job"""  # Only a job the caller may read.
 _IMAGE_COLUMNS = """
     i.id, i.name, i.digest, i.stores, i.owner_id, o.name AS owner, i.description,
     i.host_tags, i.created_at, i.updated_at"""
@@ -217,7 +221,8 @@ class Store:
 
     async def get_host(self, name: str, principal: Principal) -> dict:
         row = await self.pool.fetchone(self._host_query("h.name = %(name)s"),
-                                       {"name": name, "uid": principal.user_id})
+                                       {"name": name, "uid": principal.user_id,
+                                        "admin": principal.admin})
         if row is None:
             raise NotFound(f"no host {name!r}")
         return row
@@ -227,7 +232,7 @@ class Store:
             "(h.owner_id = %(uid)s OR EXISTS (SELECT 1 FROM grants g WHERE g.host_id = h.id "
             "AND (g.user_id = %(uid)s OR g.user_id IS NULL)))")
         return await self.pool.fetchall(self._host_query(where) + " ORDER BY h.name",
-                                        {"uid": principal.user_id})
+                                        {"uid": principal.user_id, "admin": principal.admin})
 
     async def update_host(self, name: str, *, tags: list[str] | None = None,
                           enabled: bool | None = None, reset_health: bool = False,
@@ -839,9 +844,24 @@ async def transition(cur: Cursor, job_id: str, new: Status, *, exit_status: int 
         "INSERT INTO job_events (job_id, seq, state, stage, reason, exit_status, message) "
         "VALUES (%(id)s, %(seq)s, %(state)s, %(stage)s, %(reason)s, %(exit_status)s, "
         "%(message)s)", {**params, "seq": updated["event_seq"]})
-    if new.state is State.TERMINATED and final_reason is not None:
-        await _after_termination(cur, job_id, final_reason, max_host_failures)
+    if new.state is State.TERMINATED:
+        if final_reason is not None:
+            await _after_termination(cur, job_id, final_reason, max_host_failures)
+        # After the restart policy copied the parameters to a successor.
+        await cur.execute(_WIPE_SECRETS, {"id": job_id})
     return True
+
+
+# Secret parameter values end with their job: the names stay, and the fact that
+# they were secret, but the values are replaced by empty strings.
+_WIPE_SECRETS = """
+    UPDATE jobs SET parameters = (
+        SELECT jsonb_object_agg(key, CASE WHEN value->>'secret' = 'true'
+                                     THEN jsonb_build_object('value', '', 'secret', true)
+                                     ELSE value END)
+        FROM jsonb_each(parameters))
+    WHERE id = %(id)s AND EXISTS (
+        SELECT 1 FROM jsonb_each(parameters) WHERE value->>'secret' = 'true')"""
 
 
 async def _after_termination(cur: Cursor, job_id: str, reason: Reason,

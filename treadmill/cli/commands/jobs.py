@@ -33,6 +33,7 @@ from treadmill.cli.context import (
     non_negative_int,
     positive_int,
 )
+from treadmill.cli.retry import Retry
 from treadmill.cli.sse import SSEMessage, json_objects
 
 STATES = ("queued", "assigned", "initializing", "ready", "terminating", "terminated")
@@ -256,9 +257,8 @@ class EventFollower:
 
     async def run(self) -> dict[str, Any]:
         """Follow until the ``terminated`` event; return it."""
-        reactor = self.ctx.reactor
-        failing_since: float | None = None
-        delay = 1.0
+        retry = Retry(self.ctx.reactor, give_up_after=self.give_up_after, initial=1.0,
+                      max_delay=self.max_delay)
         while True:
             try:
                 await self.ctx.api.watch(
@@ -274,18 +274,18 @@ class EventFollower:
                 for event in data.get("events", []):
                     if self.accept(event):
                         return event
-                failing_since, delay = None, 1.0
+                retry.reset()
+                delay = 1.0  # the stream ended early: watch again, without hurry
             except Unreachable as e:
                 if self.terminated:
                     return self.terminated
-                now = reactor.seconds()
-                if failing_since is None:
-                    failing_since = now
+                next_delay = retry.next_delay()
+                if next_delay is None:
+                    raise Unreachable(e.url, f"{e.reason} ({retry.summary()})") from None
+                if retry.failures == 1:
                     self.ctx.note(f"tml: {e}; retrying")
-                elif now - failing_since > self.give_up_after:
-                    raise
-                delay = min(delay * 2, self.max_delay)
-            await deferLater(reactor, delay, lambda: None)
+                delay = next_delay
+            await deferLater(self.ctx.reactor, delay, lambda: None)
 
 
 async def finish_following(ctx: Context, job_id: str, last: dict[str, Any]) -> int:
@@ -301,24 +301,59 @@ async def finish_following(ctx: Context, job_id: str, last: dict[str, Any]) -> i
     return status
 
 
-def parameters_body(args: argparse.Namespace, env: Any) -> dict[str, Any]:
-    """The ``parameters`` of a job request from ``--param`` and ``--secret-param``."""
+def _secret_value(name: str, value: str, stdin: Any, warn: Any) -> str:
+    """The value of ``--secret-param NAME=VALUE``: ``@PATH`` a file, ``-`` stdin."""
+    if value == "-":
+        if stdin is None:
+            raise UsageError(f"--secret-param {name}=-: only one value can come from stdin")
+        return stdin.read().removesuffix("\n").removesuffix("\r")
+    if value.startswith("@"):
+        path = value[1:]
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().removesuffix("\n").removesuffix("\r")
+        except OSError as e:
+            raise UsageError(f"--secret-param {name}=@{path}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--secret-param {name}=@{path}: not UTF-8 text") from None
+    if warn is not None:
+        warn(f"tml: warning: --secret-param {name}=VALUE puts the secret on the command "
+             f"line, where other local users can read it; use {name}=@FILE, {name}=- "
+             f"(stdin), --secret-param-env {name}=VAR or {name} alone (${name})")
+    return value
+
+
+def parameters_body(args: argparse.Namespace, env: Any, stdin: Any = None,
+                    warn: Any = None) -> dict[str, Any]:
+    """The ``parameters`` of a job request from ``--param``, ``--secret-param`` and
+    ``--secret-param-env``; ``warn`` is told of secrets given on the command line."""
     parameters: dict[str, Any] = {}
-    for name, value in args.params:
+
+    def add(name: str, value: str, secret: bool) -> None:
         if name in parameters:
             raise UsageError(f"parameter {name} given twice")
-        parameters[name] = {"value": value, "secret": False}
+        parameters[name] = {"value": value, "secret": secret}
+
+    for name, value in args.params:
+        add(name, value, False)
     for spec in args.secret_params:
         name, sep, value = spec.partition("=")
         if not name:
-            raise UsageError(f"expected NAME=VALUE or NAME, got {spec!r}")
+            raise UsageError(f"expected NAME, NAME=@FILE, NAME=- or NAME=VALUE, got {spec!r}")
         if not sep:
             if name not in env:
                 raise UsageError(f"--secret-param {name}: no environment variable {name}")
             value = env[name]
-        if name in parameters:
-            raise UsageError(f"parameter {name} given twice")
-        parameters[name] = {"value": value, "secret": True}
+        else:
+            from_stdin = value == "-"
+            value = _secret_value(name, value, stdin, warn)
+            if from_stdin:
+                stdin = None
+        add(name, value, True)
+    for name, variable in getattr(args, "secret_param_envs", []):
+        if variable not in env:
+            raise UsageError(f"--secret-param-env {name}: no environment variable {variable}")
+        add(name, env[variable], True)
     return parameters
 
 
@@ -328,7 +363,7 @@ async def job_submit(ctx: Context) -> int:
     body: dict[str, Any] = {"image": a.image}
     if a.tags:
         body["tags"] = list(a.tags)
-    parameters = parameters_body(a, ctx.env)
+    parameters = parameters_body(a, ctx.env, ctx.stdin, ctx.note)
     if parameters:
         body["parameters"] = parameters
     for key in ("timeout", "queue_timeout", "max_restarts", "label"):
@@ -473,8 +508,19 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         dest="secret_params",
         action="append",
         default=[],
-        metavar="NAME[=VALUE]",
-        help="a secret parameter (repeat); with NAME alone, the value of $NAME",
+        metavar="NAME[=@FILE|=-]",
+        help="a secret parameter (repeat): NAME alone takes $NAME, NAME=@FILE the file's "
+        "content, NAME=- standard input (NAME=VALUE works but shows the secret to "
+        "other local users)",
+    )
+    p.add_argument(
+        "--secret-param-env",
+        dest="secret_param_envs",
+        action="append",
+        default=[],
+        type=name_value,
+        metavar="NAME=VAR",
+        help="a secret parameter NAME whose value is the environment variable VAR (repeat)",
     )
     p.add_argument("--timeout", type=duration, metavar="S", help="execution timeout")
     p.add_argument("--queue-timeout", type=duration, metavar="S", help="time allowed queued")
