@@ -34,6 +34,10 @@ from tests.switchboard.test_links import (
     submit,
 )
 from treadmill.protocol import supervisor as protocol
+from treadmill.supervisor.drivers import STAGES
+from treadmill.supervisor.drivers.mock import MockSettings
+from treadmill.supervisor.fleet import ws_url_for
+from treadmill.supervisor.service import SupervisorConfig, SupervisorService
 from treadmill.switchboard.database import (
     DatabaseUnavailable,
     Listener,
@@ -657,3 +661,57 @@ async def test_retries_do_not_pile_up_behind_a_held_status_request(
     await delivery
     await reaches(sb, job_id, "terminated", reason="workload_exited")
     await eventually(lambda: host_idle(sb), timeout=5)
+
+
+# -- end to end: a real supervisor --------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_real_supervisor_through_an_outage(database: str, tmp_path: Path,
+                                                   outage: Outage) -> None:
+    """Real switchboard, supervisor (mock driver) and PostgreSQL: the workload exits
+    while the database is away; within 10 s of its return the job has ended
+    workload_exited, the host is idle and runs the next job."""
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 reconcile_retry=0.5)
+    r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
+    assert r.status == 201, r.body
+    supervisor = SupervisorService(reactor, SupervisorConfig(
+        url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "mock-1"),
+        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
+        event_ack_timeout=1.0, event_resend_max=1.0,
+        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2)))
+    supervisor.startService()
+    try:
+        await supervisor.connected()
+
+        async def enqueue(run_time: str) -> str:
+            r = await sb.admin.post("/api/v1/jobs", {
+                "image": "sha256:" + "e" * 64, "tags": ["mock"],
+                "parameters": {"mock.run_time": {"value": run_time, "secret": False}}})
+            assert r.status == 201, r.body
+            return r.body["id"]
+
+        job_id = await enqueue("1.0")
+        await reaches(sb, job_id, "ready")
+        await outage.begin()
+        await sleep(2.0)  # the workload exits meanwhile
+        assert [e["state"] for e in supervisor.runner.pending_events] == ["terminated"]
+        back = await until_back(outage, sb)
+        body = await reaches(sb, job_id, "terminated", reason="workload_exited",
+                             exit_status=0)
+        assert body["host"] == "mock-1"
+
+        async def idle() -> bool:
+            r = await sb.admin.get("/api/v1/hosts/mock-1")
+            return r.status == 200 and r.body["current_job"] is None
+
+        await eventually(idle, timeout=10)
+        assert reactor.seconds() - back < 10
+        second = await enqueue("0.1")
+        await reaches(sb, second, "terminated", reason="workload_exited")
+        events = (await sb.admin.get(f"/api/v1/jobs/{job_id}/events")).body["events"]
+        assert [e["state"] for e in events].count("terminated") == 1
+    finally:
+        await supervisor.stopService()
+        await sb.stop()
