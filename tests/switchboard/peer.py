@@ -62,6 +62,7 @@ class Peer:
     _closed_d: Deferred | None = None
     _acks: dict[int, Deferred] = field(default_factory=dict)
     minor: int = protocol.MINOR
+    reconnections: int = 0  # by deliver()
     # Like a real supervisor, status waits while a report is not yet stored.
     _delivering: int = 0
     _held_status: list[int] = field(default_factory=list)
@@ -90,6 +91,10 @@ class Peer:
     def _closed(self, code: int | None, reason: str | None) -> None:
         self.close_code = code
         self.connection = None
+        acks, self._acks = self._acks, {}
+        for waiter in acks.values():
+            if not waiter.called:
+                waiter.errback(ConnectionError(f"closed ({code})"))
         if self._opened_d and not self._opened_d.called:
             self._opened_d.callback("closed")
         if self._closed_d and not self._closed_d.called:
@@ -147,13 +152,24 @@ class Peer:
     async def deliver(self, message: dict[str, Any], every: float = 0.25,
                       timeout: float = 30.0) -> list[dict[str, Any]]:
         """Send a report until it is acked other than ``unavailable`` (as a supervisor of
-        minor 4 does); status requests wait meanwhile. Returns every ack received."""
+        minor 4 does), reconnecting if the switchboard closes the link; status requests
+        wait meanwhile. Returns every ack received."""
         acks: list[dict[str, Any]] = []
         deadline = reactor.seconds() + timeout
         self._delivering += 1
         try:
             while True:
-                ack = await self.report(message)
+                while self.connection is None:
+                    assert reactor.seconds() < deadline, "could not reconnect"
+                    try:
+                        await self.connect()
+                        self.reconnections += 1
+                    except ConnectionRefusedError:
+                        await deferLater(reactor, 0.1, lambda: None)
+                try:
+                    ack = await self.report(message)
+                except ConnectionError:
+                    continue
                 acks.append(ack)
                 if not protocol.is_retryable(ack):
                     return acks

@@ -666,12 +666,15 @@ async def test_retries_do_not_pile_up_behind_a_held_status_request(
 # -- end to end: a real supervisor --------------------------------------------------------
 
 
+@pytest.mark.parametrize("ack_timeout", [1.0, 5.0])
 @pytest_twisted.ensureDeferred
 async def test_a_real_supervisor_through_an_outage(database: str, tmp_path: Path,
-                                                   outage: Outage) -> None:
+                                                   outage: Outage, ack_timeout: float) -> None:
     """Real switchboard, supervisor (mock driver) and PostgreSQL: the workload exits
     while the database is away; within 10 s of its return the job has ended
-    workload_exited, the host is idle and runs the next job."""
+    workload_exited, the host is idle and runs the next job. With a resend backoff
+    longer than the outage (5 s and more) the switchboard makes the supervisor
+    resend at once when the database answers again (it closes the link: 4005)."""
     sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
                                  reconcile_retry=0.5)
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
@@ -679,7 +682,7 @@ async def test_a_real_supervisor_through_an_outage(database: str, tmp_path: Path
     supervisor = SupervisorService(reactor, SupervisorConfig(
         url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "mock-1"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        event_ack_timeout=1.0, event_resend_max=1.0,
+        event_ack_timeout=ack_timeout, event_resend_max=30.0,
         mock=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2)))
     supervisor.startService()
     try:
@@ -701,6 +704,7 @@ async def test_a_real_supervisor_through_an_outage(database: str, tmp_path: Path
         body = await reaches(sb, job_id, "terminated", reason="workload_exited",
                              exit_status=0)
         assert body["host"] == "mock-1"
+        assert reactor.seconds() - back < 3.0  # not after the supervisor's backoff
 
         async def idle() -> bool:
             r = await sb.admin.get("/api/v1/hosts/mock-1")

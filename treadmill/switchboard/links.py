@@ -208,6 +208,8 @@ class SupervisorLink(WebSocketServerProtocol):
                 self.log.failure("{host}: {kind} handling failed", host=self.host_name,
                                  kind=message["type"])
             self._not_stored(message["request_id"])
+            return
+        self.links.unstored.discard(self)
 
     def _not_stored(self, request_id: int) -> None:
         """Tell the supervisor to send report ``request_id`` again (docs/protocol.md)."""
@@ -215,6 +217,7 @@ class SupervisorLink(WebSocketServerProtocol):
             return
         if self.minor >= protocol.UNAVAILABLE_MINOR:
             self.send(protocol.unavailable(request_id))
+            self.links.report_not_stored(self)
         else:
             # It would drop an event acked ok: false; after a reconnect it resends.
             self.close(CloseCode.INTERNAL_ERROR, "a report could not be stored; send it again")
@@ -460,6 +463,8 @@ class SupervisorLinks(MultiService):
         self.ping_timeout = ping_timeout
         self.request_timeout = request_timeout
         self.reconcile_retry = reconcile_retry
+        self.unstored: set[SupervisorLink] = set()  # links with a report refused unavailable
+        self._probe: Any = None
         self.unreachable_after = unreachable_after
         self.touch_interval = touch_interval
         self._touched_since: float | None = None  # since when touch() keeps succeeding
@@ -589,6 +594,37 @@ class SupervisorLinks(MultiService):
             link.close(code, reason)
         else:
             link.dropConnection(abort=True)
+
+    def report_not_stored(self, link: SupervisorLink) -> None:
+        """``link``'s supervisor holds a report it will send again after a backoff that
+        may have grown long; once the database answers, make it send that report now."""
+        self.unstored.add(link)
+        if self._probe is None or not self._probe.active():
+            self._probe = self.reactor.callLater(self.reconcile_retry, self._probe_database)
+
+    def _probe_database(self) -> None:
+        self._probe = None
+        if self.stopping or not self.unstored:
+            return
+
+        async def probe() -> None:
+            try:
+                await self.store.ping()
+            except Exception as e:
+                if not unavailable(e):
+                    raise
+                self._probe = self.reactor.callLater(self.reconcile_retry,
+                                                     self._probe_database)
+                return
+            # Back: a supervisor resends its unacknowledged reports at once after a
+            # reconnect (its resend backoff may have grown to a minute).
+            links, self.unstored = self.unstored, set()
+            for link in links:
+                if link.state == link.STATE_OPEN and self.by_host.get(link.host_id) is link:  # type: ignore[arg-type]
+                    self._drop(link, CloseCode.GOING_AWAY,
+                               "the database is back: reconnect and send your reports again")
+
+        self.spawn(probe())
 
     def database_reconnected(self) -> None:
         """Notifications may have been lost: reconcile every link."""
