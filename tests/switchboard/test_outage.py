@@ -719,3 +719,17 @@ async def test_a_real_supervisor_through_an_outage(database: str, tmp_path: Path
     finally:
         await supervisor.stopService()
         await sb.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deadlock_does_not_cost_the_connection(small_pool: Pool) -> None:
+    """Errors the server reports on a healthy session keep the connection."""
+    pids = {(await small_pool.fetchone("SELECT pg_backend_pid() AS pid"))["pid"]
+            for _ in range(6)}
+    for code in ("40P01", "40001", "55P03"):
+        error = await failure_of(small_pool.execute(
+            f"DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '{code}'; END $$"))
+        assert isinstance(error, psycopg2.OperationalError) and error.pgcode == code
+    after = {(await small_pool.fetchone("SELECT pg_backend_pid() AS pid"))["pid"]
+             for _ in range(6)}
+    assert after <= pids

@@ -84,9 +84,10 @@ def session_dsn(dsn: str, timeouts: Timeouts) -> str:
     return make_dsn(dsn, options=f"{given} {timeouts.options()}".strip())
 
 
-# SQLSTATEs of errors after which the connection is still usable: a statement
-# cancelled (statement_timeout) and a lock not obtained (lock_timeout).
-_CONNECTION_SURVIVES = frozenset({"57014", "55P03"})
+# SQLSTATEs of errors (psycopg2 makes them OperationalError) after which the
+# connection is still usable: a statement cancelled (statement_timeout), a lock
+# not obtained (lock_timeout), a serialization failure or a deadlock.
+_CONNECTION_SURVIVES = frozenset({"57014", "55P03", "40001", "40P01"})
 
 
 def unavailable(error: BaseException | Failure) -> bool:
