@@ -91,6 +91,7 @@ class Peer:
     def _closed(self, code: int | None, reason: str | None) -> None:
         self.close_code = code
         self.connection = None
+        self._held_status = []  # requests of this connection: nobody waits for them now
         acks, self._acks = self._acks, {}
         for waiter in acks.values():
             if not waiter.called:

@@ -733,3 +733,26 @@ async def test_a_deadlock_does_not_cost_the_connection(small_pool: Pool) -> None
     after = {(await small_pool.fetchone("SELECT pg_backend_pid() AS pid"))["pid"]
              for _ in range(6)}
     assert after <= pids
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_link_closing_with_several_requests_pending_fails_them_all(
+        sb: RunningSwitchboard) -> None:
+    """(An errback popping its entry used to cut the loop short: the other requests
+    waited for their timeout and the link was never unregistered.)"""
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token, Script(answer_status=False))
+    links = sb.service.links
+    link = next(iter(links.by_host.values()))
+    tasks = [link.links.spawn(link.reconcile()) for _ in range(3)]
+    await peer.wait_for("status_request", count=4)
+    peer.disconnect()
+    for task in tasks:
+        task.addTimeout(2, reactor)
+        await task
+
+    async def disconnected() -> bool:
+        return links.by_host == {} and (
+            await sb.admin.get("/api/v1/hosts/h1")).body["connected"] is False
+
+    await eventually(disconnected, timeout=5)

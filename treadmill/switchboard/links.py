@@ -130,10 +130,10 @@ class SupervisorLink(WebSocketServerProtocol):
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
-        for pending in self._pending.values():
+        pending_all, self._pending = self._pending, {}  # (an errback pops its entry)
+        for pending in pending_all.values():
             if not pending.called:
                 pending.errback(ConnectionError("the supervisor link closed"))
-        self._pending.clear()
         if self.registered:
             self.registered = False
             self.log.info("Supervisor of {host} disconnected ({code} {reason})",
