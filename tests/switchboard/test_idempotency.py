@@ -6,6 +6,7 @@ test database's sessions (tests/switchboard/outage.py).
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -15,11 +16,14 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
+from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.internet.task import deferLater
 from twisted.web.http_headers import Headers
 
 from tests.support import Client, RunningSwitchboard, start_switchboard
 from tests.switchboard.outage import Outage
+from treadmill.cli.main import run as tml
 
 DIGEST = "sha256:" + "d" * 64
 BODY = {"image": DIGEST, "label": "nightly", "parameters": {"S": {"value": "hush",
@@ -202,5 +206,30 @@ async def test_a_request_refused_during_an_outage_creates_its_job_once_after(
         assert {a.status for a in answers} == {201}
         assert len({a.body["id"] for a in answers}) == 1
         assert len(await jobs_of(alice)) == 1
+    finally:
+        await sb.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tml_submits_once_across_an_outage(database: str, tmp_path: Path,
+                                                 outage: Outage) -> None:
+    """End to end: `tml job submit` meets 503s, retries with its Idempotency-Key, and
+    the database's return leaves exactly one job."""
+    sb = await start_switchboard(database, tmp_path)
+    try:
+        alice = await sb.user("alice")
+        await outage.begin()
+        out, err = io.StringIO(), io.StringIO()
+        submitting = ensureDeferred(tml(reactor, [
+            "--url", sb.url, "--token", alice.token, "job", "submit", DIGEST, "--json"],
+            out, err, {"TREADMILL_RETRY_FOR": "20"}))
+        await deferLater(reactor, 1.5, lambda: None)
+        assert not submitting.called
+        await outage.end()
+        submitting.addTimeout(15, reactor)
+        assert await submitting == 0, err.getvalue()
+        assert "503" in err.getvalue()
+        job_id = json.loads(out.getvalue())["id"]
+        assert await jobs_of(alice) == [job_id]
     finally:
         await sb.stop()
