@@ -89,6 +89,11 @@ def test_timeouts_are_added_to_the_dsn_options() -> None:
     assert parsed["dbname"] == "x"
     assert parsed["options"] == ("-c search_path=a -c statement_timeout=1500 "
                                  "-c lock_timeout=250 -c idle_in_transaction_session_timeout=0")
+    assert parsed["keepalives_idle"] == "5" and parsed["keepalives_count"] == "3"
+    # What the DSN says about keepalives stands.
+    mine = psycopg2.extensions.parse_dsn(session_dsn("dbname=x keepalives_idle=60",
+                                                     Timeouts()))
+    assert mine["keepalives_idle"] == "60" and mine["keepalives_interval"] == "2"
 
 
 @pytest_twisted.ensureDeferred

@@ -78,10 +78,20 @@ class Timeouts:
                 ("idle_in_transaction_session_timeout", self.idle_in_transaction)))
 
 
+TCP_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2",
+                  "keepalives_count": "3"}
+"""libpq TCP keepalives unless the DSN sets them: a server gone silent (a network
+partition, a host powered off) is noticed in about 11 s, not after the kernel's
+two hours. (Ignored on UNIX sockets.)"""
+
+
 def session_dsn(dsn: str, timeouts: Timeouts) -> str:
-    """``dsn`` with the session settings of ``timeouts`` added to its ``options``."""
-    given = parse_dsn(dsn).get("options", "")
-    return make_dsn(dsn, options=f"{given} {timeouts.options()}".strip())
+    """``dsn`` with the session settings of ``timeouts`` added to its ``options``, and
+    :data:`TCP_KEEPALIVES` where it names none."""
+    given = parse_dsn(dsn)
+    keepalives = {key: value for key, value in TCP_KEEPALIVES.items() if key not in given}
+    return make_dsn(dsn, options=f"{given.get('options', '')} {timeouts.options()}".strip(),
+                    **keepalives)
 
 
 # SQLSTATEs of errors (psycopg2 makes them OperationalError) after which the
