@@ -94,3 +94,22 @@ def test_documentation_lists_every_type_and_close_code() -> None:
         assert f"`{kind}`" in text, kind
     documented = {int(code) for code in re.findall(r"^\| (\d{4}) \|", text, re.M)}
     assert {int(code) for code in p.CloseCode} == documented
+
+
+def test_the_unavailable_ack_is_valid_and_the_only_retryable_one() -> None:
+    """Minor 4: ``unavailable`` means "not stored, send again"; other refusals mean dropped."""
+    message = p.unavailable(9)
+    p.validate(message)
+    assert p.parse(p.encode(message), expect=p.TO_SUPERVISOR) == message
+    assert message["ok"] is False and message["error"]["code"] == p.UNAVAILABLE == "unavailable"
+    assert p.is_retryable(message)
+    assert not p.is_retryable(p.ack(9))
+    assert not p.is_retryable(p.ack(9, ("not_your_job", "no")))
+    assert not p.is_retryable({"type": "ack", "request_id": 9, "ok": True,
+                               "error": {"code": "unavailable", "message": ""}})
+    assert p.MINOR >= p.UNAVAILABLE_MINOR == 4
+
+
+def test_the_document_states_the_current_minor() -> None:
+    text = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text(encoding="utf-8")
+    assert f"This document is minor {p.MINOR};" in text

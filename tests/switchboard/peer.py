@@ -29,6 +29,7 @@ class Script:
     start_error: tuple[str, str] | None = None  # ack error for start_job.
     run_started: bool = True  # A successful start makes the job the peer's current job.
     snapshot_error: tuple[str, str] | None = None  # ack error for snapshot_job.
+    answer_status: bool = True  # False: status requests go unanswered.
 
 
 class PeerProtocol(WebSocketClientProtocol):
@@ -60,12 +61,17 @@ class Peer:
     _opened_d: Deferred | None = None
     _closed_d: Deferred | None = None
     _acks: dict[int, Deferred] = field(default_factory=dict)
+    minor: int = protocol.MINOR
+    reconnections: int = 0  # by deliver()
+    # Like a real supervisor, status waits while a report is not yet stored.
+    _delivering: int = 0
+    _held_status: list[int] = field(default_factory=list)
 
     async def connect(self, subprotocol: str = protocol.SUBPROTOCOL) -> PeerProtocol:
         host, port = self.url.removeprefix("http://").split(":")
         factory = PeerFactory(f"ws://{host}:{port}{protocol.PATH}", protocols=[subprotocol],
                               headers={"Authorization": f"Bearer {self.token}",
-                                       protocol.MINOR_HEADER: str(protocol.MINOR)})
+                                       protocol.MINOR_HEADER: str(self.minor)})
         factory.peer = self
         self._opened_d, self._closed_d = Deferred(), Deferred()
         self.close_code = None
@@ -85,6 +91,11 @@ class Peer:
     def _closed(self, code: int | None, reason: str | None) -> None:
         self.close_code = code
         self.connection = None
+        self._held_status = []  # requests of this connection: nobody waits for them now
+        acks, self._acks = self._acks, {}
+        for waiter in acks.values():
+            if not waiter.called:
+                waiter.errback(ConnectionError(f"closed ({code})"))
         if self._opened_d and not self._opened_d.called:
             self._opened_d.callback("closed")
         if self._closed_d and not self._closed_d.called:
@@ -99,7 +110,12 @@ class Peer:
         self.received.append(message)
         kind = message["type"]
         if kind == "status_request":
-            self.send(protocol.status(message["request_id"], self.script.job))
+            if not self.script.answer_status:
+                return
+            if self._delivering:
+                self._held_status.append(message["request_id"])
+            else:
+                self.send(protocol.status(message["request_id"], self.script.job))
         elif kind == "start_job":
             error = self.script.start_error
             if error is None and self.script.run_started:
@@ -133,6 +149,39 @@ class Peer:
         self.send({**message, "request_id": request_id})
         waiter.addTimeout(10, reactor)
         return await waiter
+
+    async def deliver(self, message: dict[str, Any], every: float = 0.25,
+                      timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Send a report until it is acked other than ``unavailable`` (as a supervisor of
+        minor 4 does), reconnecting if the switchboard closes the link; status requests
+        wait meanwhile. Returns every ack received."""
+        acks: list[dict[str, Any]] = []
+        deadline = reactor.seconds() + timeout
+        self._delivering += 1
+        try:
+            while True:
+                while self.connection is None:
+                    assert reactor.seconds() < deadline, "could not reconnect"
+                    try:
+                        await self.connect()
+                        self.reconnections += 1
+                    except ConnectionRefusedError:
+                        await deferLater(reactor, 0.1, lambda: None)
+                try:
+                    ack = await self.report(message)
+                except ConnectionError:
+                    continue
+                acks.append(ack)
+                if not protocol.is_retryable(ack):
+                    return acks
+                assert reactor.seconds() < deadline, f"never stored: {acks[-3:]}"
+                await deferLater(reactor, every, lambda: None)
+        finally:
+            self._delivering -= 1
+            if not self._delivering and self.connection is not None:
+                held, self._held_status = self._held_status, []
+                for request_id in held:
+                    self.send(protocol.status(request_id, self.script.job))
 
     async def closed(self) -> int | None:
         assert self._closed_d is not None

@@ -12,6 +12,9 @@ Commands carry a ``request_id`` and are answered by an ``ack`` with the same
 id. Job events from the supervisor are acknowledged too: a supervisor keeps
 an event until its ``ack`` arrives and sends it again after a reconnect, so
 no event is lost and (transitions being idempotent) none is applied twice.
+Since minor 4 a report the switchboard could not store (its database is
+unavailable) is acked ``ok: false`` with the code :data:`UNAVAILABLE`: the
+supervisor keeps it and sends it again later.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from treadmill.common.messages import check, decode
 from treadmill.common.messages import encode as encode  # re-exported: the protocol's encoder
 
 MAJOR = 1
-MINOR = 3
+MINOR = 4
 """1: ``JobStart.log_servers``; 2: ``JobStart.proxies`` and ``job_endpoints``;
-3: ``snapshot_job`` and ``snapshot_result``."""
+3: ``snapshot_job`` and ``snapshot_result``; 4: the ack error ``unavailable``."""
 SUBPROTOCOL = f"treadmill.supervisor.v{MAJOR}"
 MINOR_HEADER = "x-treadmill-protocol-minor"
 PATH = "/api/v1/supervisor"
@@ -39,6 +42,17 @@ TO_SUPERVISOR = ("start_job", "stop_job", "status_request", "snapshot_job", "ack
 TO_SWITCHBOARD = ("status", "job_event", "job_endpoints", "snapshot_result", "ack",
                   "protocol_error")
 MESSAGE_TYPES = tuple(sorted(set(TO_SUPERVISOR) | set(TO_SWITCHBOARD)))
+
+UNAVAILABLE = "unavailable"
+"""Ack error code (minor 4) for a ``job_event``, ``job_endpoints`` or ``snapshot_result``
+the switchboard did not store (its database is unavailable): nothing changed, the
+supervisor keeps the report and sends it again later (after a delay, in order)."""
+UNAVAILABLE_MINOR = 4
+"""The first minor version that understands :data:`UNAVAILABLE`; to an older supervisor
+the switchboard closes the link with ``INTERNAL_ERROR`` instead, and the supervisor
+resends its unacknowledged reports after it reconnects."""
+RETRYABLE_ACK_ERRORS = (UNAVAILABLE,)
+"""Ack error codes meaning "not stored, send the same report again later"."""
 
 # Why a start_job was refused (ack with ok=false, error.code).
 START_ERRORS = ("already_running", "image_not_found", "image_invalid", "bad_request",
@@ -155,11 +169,24 @@ def snapshot_result(request_id: int, snapshot_id: str, job_id: str, *,
 
 
 def ack(request_id: int, error: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Answer request ``request_id``: ``ok``, or ``ok: false`` with ``error`` (code, text)."""
     if error is None:
         return {"type": "ack", "request_id": request_id, "ok": True}
     code, text = error
     return {"type": "ack", "request_id": request_id, "ok": False,
             "error": {"code": code, "message": text[:1024]}}
+
+
+def unavailable(request_id: int) -> dict[str, Any]:
+    """The retryable negative ack (minor 4): the report was not stored, send it again later."""
+    return ack(request_id, (UNAVAILABLE, "the switchboard cannot store reports now; "
+                                         "send this one again later"))
+
+
+def is_retryable(message: dict[str, Any]) -> bool:
+    """Whether an ``ack`` asks for the same report to be sent again later."""
+    error = message.get("error") or {}
+    return not message.get("ok") and error.get("code") in RETRYABLE_ACK_ERRORS
 
 
 def protocol_error(code: str, text: str) -> dict[str, Any]:

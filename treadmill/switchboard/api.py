@@ -8,6 +8,8 @@ validates its input, then checks privileges on the resource it names.
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import re
 import uuid
 from collections.abc import Awaitable, Callable
@@ -36,6 +38,7 @@ from treadmill.images.registry import canonical_store_url
 from treadmill.switchboard import credentials, registry, schemas, views
 from treadmill.switchboard.access import PRIVILEGES, Principal, effective
 from treadmill.switchboard.auth import Authenticator, PasswordGuard
+from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.events import JobWatchers
 from treadmill.switchboard.jobstate import InvalidTransition, Reason, State
 from treadmill.switchboard.store import Conflict, JobSpec, NotFound, Store
@@ -124,12 +127,40 @@ def _id_range(prefix: str) -> tuple[str, str]:
     return uuid_of(digits.ljust(32, "0")), uuid_of(digits.ljust(32, "f"))
 
 
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+
+
+def _idempotency_key(request: IRequest) -> str | None:
+    """The request's ``Idempotency-Key`` header (1 to 255 printable ASCII characters)."""
+    values = request.requestHeaders.getRawHeaders(b"idempotency-key")
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ApiError(400, "Idempotency-Key: send it once")
+    try:
+        key = values[0].decode("ascii")
+    except UnicodeDecodeError:
+        key = ""
+    if not _IDEMPOTENCY_KEY.fullmatch(key) or not key.strip():
+        raise ApiError(400, "Idempotency-Key: 1 to 255 printable ASCII characters")
+    return key
+
+
+def dumps_canonical(value: Any) -> bytes:
+    """``value`` as JSON with sorted keys: equal requests, equal bytes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8")
+
+
 def _require(held: frozenset[str], privilege: str, what: str) -> None:
     if privilege not in held:
         raise ApiError(403, f"you may not {privilege} {what}")
 
 
 Handler = Callable[..., Awaitable[Any]]
+
+RETRY_AFTER = b"2"
+"""Seconds a client waits before retrying a ``503`` (the database reconnects within one)."""
 
 
 class SwitchboardAPI:
@@ -179,7 +210,21 @@ class SwitchboardAPI:
 
     @app.handle_errors(Exception)
     def _internal(self, request: IRequest, failure: Failure) -> bytes:
+        if unavailable(failure):
+            return self._unavailable(request, failure)
         return respond_internal(request, failure, self.log)
+
+    def _unavailable(self, request: IRequest, failure: Failure) -> bytes:
+        """``503`` with ``Retry-After`` while the database is away: one line, no traceback."""
+        lines = str(failure.value).strip().splitlines()
+        self.log.warn("{method} {path}: 503, the database is unavailable ({error})",
+                      method=request.method.decode("ascii", "replace"),
+                      path=request.path.decode("ascii", "replace"),
+                      error=f"{type(failure.value).__name__}: {lines[0]}" if lines
+                      else type(failure.value).__name__)
+        request.setHeader(b"retry-after", RETRY_AFTER)
+        return respond_error(request, ApiError(503, "the database is unavailable; "
+                                                    "try again later"))
 
     # -- public ----------------------------------------------------------------
 
@@ -188,6 +233,7 @@ class SwitchboardAPI:
         try:
             await self.store.ping()
         except Exception as e:
+            request.setHeader(b"retry-after", RETRY_AFTER)
             raise ApiError(503, f"database unavailable: {type(e).__name__}") from None
         return respond(request, {"status": "ok"})
 
@@ -722,9 +768,19 @@ class SwitchboardAPI:
     async def enqueue(self, request: IRequest) -> bytes:
         principal = await self.auth.principal(request)
         body = read_json(request, schemas.JOB_CREATE)
-        spec = await self._job_spec(principal, body)
-        row = await self.store.enqueue(principal.user_id, spec)
-        return respond(request, views.job(row), 201)
+        key = _idempotency_key(request)
+        if key is None:
+            spec = await self._job_spec(principal, body)
+            row = await self.store.enqueue(principal.user_id, spec)
+            return respond(request, views.job(row), 201)
+        # A retry (same user, key and body) gets the first answer, not a second job.
+        fingerprint = hashlib.sha256(dumps_canonical(body)).digest()
+        answer = await self.store.remembered_job(principal.user_id, key, fingerprint)
+        if answer is None:
+            spec = await self._job_spec(principal, body)
+            answer = await self.store.enqueue_once(principal.user_id, spec, key, fingerprint,
+                                                   views.job)
+        return respond(request, answer, 201)
 
     async def _job_spec(self, principal: Principal, body: dict[str, Any]) -> JobSpec:
         limits = self.limits
@@ -889,12 +945,22 @@ class SwitchboardAPI:
     async def _stream_events(self, request: IRequest, job_id: str, after: int) -> bytes:
         finished = [False]
         request.notifyFinish().addBoth(lambda _: finished.__setitem__(0, True))
-        async for event in self.watchers.events(job_id, after, self.limits.keepalive):
-            if finished[0]:
-                break
-            if event is None:
-                request.write(b": keepalive\n\n")
-                continue
-            request.write(b"id: %d\nevent: job\ndata: %s\n\n" % (
-                event["seq"], dumps(views.event(event))))
+        try:
+            async for event in self.watchers.events(job_id, after, self.limits.keepalive):
+                if finished[0]:
+                    break
+                if event is None:
+                    request.write(b": keepalive\n\n")
+                    continue
+                request.write(b"id: %d\nevent: job\ndata: %s\n\n" % (
+                    event["seq"], dumps(views.event(event))))
+        except Exception as e:
+            if not unavailable(e):
+                raise
+            # The status line is gone: end the stream; the client reconnects with ?after=.
+            self.log.warn("Watch of job {job} ended: the database is unavailable ({error})",
+                          job=job_id, error=type(e).__name__)
+            if not finished[0]:
+                request.write(b": the database is unavailable\nretry: %d\n\n"
+                              % (int(RETRY_AFTER) * 1000))
         return b""

@@ -5,23 +5,34 @@ Every query of the switchboard goes through one txpostgres
 Schema changes are versioned ``.sql`` files in ``migrations/``, applied at
 start in one transaction under an advisory lock, so two switchboards starting
 at once apply each migration exactly once.
+
+Every connection (the pool's and the LISTEN one) runs with statement, lock and
+idle-in-transaction timeouts (:class:`Timeouts`), so a stalled peer cannot hold
+locks for long. A connection the server closes is reconnected at once and then
+every :data:`RECONNECT_MAX` seconds at most; while the database is away every
+query fails fast with an error :func:`unavailable` recognises (the API answers
+``503``), and the pool prefers connections that are alive.
 """
 
 from __future__ import annotations
 
 import importlib.resources
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg2
 import psycopg2.extras
+from psycopg2.extensions import make_dsn, parse_dsn
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import Cooperator
+from twisted.internet.task import Cooperator, deferLater
 from twisted.logger import Logger
-from txpostgres import reconnection, txpostgres
+from twisted.python.failure import Failure
+from txpostgres import reconnection, retrying, txpostgres
 
 T = TypeVar("T")
 
@@ -29,6 +40,154 @@ T = TypeVar("T")
 MIGRATION_LOCK = 0x74726561646D696C
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+RECONNECT_MAX = 1.0
+"""Longest wait in seconds between two attempts to reconnect a dead connection."""
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be reached now (the pool is not connected)."""
+
+
+class StatementCancelled(DatabaseUnavailable):
+    """The server cancelled a statement (``statement_timeout``; txpostgres reports it
+    as a ``CancelledError``, which here would read as a client that went away)."""
+
+
+def _server_cancelled(failure: Failure) -> Failure:
+    # Our queries are never cancelled from this side (see shielded), so a
+    # CancelledError out of txpostgres is the server's QueryCanceled.
+    if failure.check(CancelledError):
+        return Failure(StatementCancelled("the statement was cancelled (statement_timeout)"))
+    return failure
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Server-side timeouts of every connection, in seconds (0 disables one)."""
+
+    statement: float = 10.0
+    lock: float = 5.0
+    idle_in_transaction: float = 10.0
+
+    def options(self) -> str:
+        """The libpq ``options`` that set them for a session."""
+        return " ".join(
+            f"-c {name}={round(value * 1000)}" for name, value in (
+                ("statement_timeout", self.statement), ("lock_timeout", self.lock),
+                ("idle_in_transaction_session_timeout", self.idle_in_transaction)))
+
+
+TCP_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2",
+                  "keepalives_count": "3"}
+"""libpq TCP keepalives unless the DSN sets them: a server gone silent (a network
+partition, a host powered off) is noticed in about 11 s, not after the kernel's
+two hours. (Ignored on UNIX sockets.)"""
+
+
+def session_dsn(dsn: str, timeouts: Timeouts) -> str:
+    """``dsn`` with the session settings of ``timeouts`` added to its ``options``, and
+    :data:`TCP_KEEPALIVES` where it names none."""
+    given = parse_dsn(dsn)
+    keepalives = {key: value for key, value in TCP_KEEPALIVES.items() if key not in given}
+    return make_dsn(dsn, options=f"{given.get('options', '')} {timeouts.options()}".strip(),
+                    **keepalives)
+
+
+# SQLSTATEs of errors (psycopg2 makes them OperationalError) after which the
+# connection is still usable: a statement cancelled (statement_timeout), a lock
+# not obtained (lock_timeout), a serialization failure or a deadlock.
+_CONNECTION_SURVIVES = frozenset({"57014", "55P03", "40001", "40P01"})
+
+
+def unavailable(error: BaseException | Failure) -> bool:
+    """Whether ``error`` means the database is unavailable (down, unreachable,
+    restarting, a connection lost or a statement timed out), not a bug."""
+    if isinstance(error, Failure):
+        error = error.value
+    return isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError,
+                              reconnection.ConnectionDead, txpostgres.RollbackFailed,
+                              DatabaseUnavailable))
+
+
+def _dead(failure: Failure) -> bool:
+    """Whether a failure on a connection means the connection is gone."""
+    if failure.check(psycopg2.OperationalError):
+        return getattr(failure.value, "pgcode", None) not in _CONNECTION_SURVIVES
+    return bool(failure.check(psycopg2.InterfaceError, txpostgres.RollbackFailed,
+                              ConnectionLost, ConnectionDone))
+
+
+def _reconnect_delays() -> Iterator[float]:
+    """At once, then after 0.1 s, growing to :data:`RECONNECT_MAX`, until stopped."""
+    yield 0.0
+    delay = 0.1
+    while True:
+        yield delay
+        delay = min(delay * 2, RECONNECT_MAX)
+
+
+class _Detector(reconnection.DeadConnectionDetector):
+    """txpostgres' reconnection with our death check and delays, that can be stopped."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any):
+        super().__init__(deathChecker=_dead, reconnectionIterator=_reconnect_delays,
+                         reactor=reactor)
+        self.stopped = False
+
+    def startReconnecting(self, f: Failure) -> None:
+        if self.stopped:
+            return
+        retry = retrying.RetryingCall(self.reconnect)
+        retry.reactor = self.reactor
+        d = retry.start(self.reconnectionIterator())
+
+        def reconnected(_: object) -> Any:
+            if self.stopped:
+                self._close()
+                return None
+            return self.connectionRecovered()
+
+        def failed(failure: Failure) -> None:
+            if not self.stopped:
+                self.log.failure("Database reconnection gave up", failure)
+
+        d.addCallback(reconnected).addErrback(failed)
+
+    def reconnect(self) -> Any:
+        if self.stopped:
+            raise DatabaseUnavailable("stopped")  # ends the retries
+        return super().reconnect()
+
+    def _close(self) -> None:
+        try:
+            self.reconnectable.close()
+        except Exception:
+            pass
+
+    def stop(self) -> None:
+        """Stop reconnecting, and close the connection."""
+        self.stopped = True
+        if self.reconnectable is not None:
+            self._close()
+
+
+class _Connection(txpostgres.Connection):
+    """A txpostgres connection that reports a server closing it as a lost connection.
+
+    Idle connections watch their socket (for notifications), so they notice at
+    once when the server goes away, and reconnect; txpostgres would also have
+    the reactor log a traceback for it.
+    """
+
+    def doRead(self) -> Any:
+        try:
+            super().doRead()
+        except psycopg2.Error as e:
+            return ConnectionLost(str(e).strip().splitlines()[0] if str(e).strip() else "")
+        return None
 
 
 class Cursor:
@@ -63,7 +222,9 @@ def shielded(d: Deferred[T]) -> Deferred[T]:
     A web request whose client hangs up is cancelled; cancelling a running
     txpostgres query would cancel it on the server and can break the pooled
     connection, and a transaction half-way should finish (commit or roll
-    back) on its own. The caller stops waiting; the query completes.
+    back) on its own. The caller stops waiting; the query completes. A
+    ``CancelledError`` out of ``d`` itself (the server cancelled the statement)
+    becomes :class:`StatementCancelled`.
     """
     result: Deferred[T] = Deferred()
 
@@ -71,21 +232,50 @@ def shielded(d: Deferred[T]) -> Deferred[T]:
         if not result.called:
             result.callback(outcome)
 
-    d.addBoth(forward)
+    d.addErrback(_server_cancelled).addBoth(forward)
     return result
 
 
 class _TxPool(txpostgres.ConnectionPool):
-    """txpostgres' pool with our reactor and reconnecting connections."""
+    """txpostgres' pool with our reactor and quickly reconnecting connections.
+
+    A query takes a connection that is alive when there is one.
+    """
 
     def __init__(self, reactor: Any, dsn: str, size: int):
         self.reactor = reactor
         self.cooperator = _cooperator(reactor)
+        self.everyone: list[txpostgres.Connection] = []
         super().__init__(None, dsn, min=size, cursor_factory=psycopg2.extras.RealDictCursor)
 
     def connectionFactory(self, reactor: Any, cooperator: Any) -> txpostgres.Connection:
-        detector = reconnection.DeadConnectionDetector(reactor=reactor)
-        return txpostgres.Connection(reactor, cooperator, detector=detector)
+        conn = _Connection(reactor, cooperator, detector=_Detector(reactor))
+        self.everyone.append(conn)
+        return conn
+
+    def close(self) -> None:
+        for conn in self.everyone:  # idle or busy
+            conn.detector.stop()
+
+    def _take(self) -> txpostgres.Connection:
+        for conn in self.connections:
+            if not conn.detector.connectionIsDead:
+                self.connections.remove(conn)
+                return conn
+        return self.connections.pop()
+
+    def _runQuery(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        c = self._take()
+        return c.runQuery(*args, **kwargs).addBoth(self._putBackAndPassthrough, c)
+
+    def _runOperation(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        c = self._take()
+        return c.runOperation(*args, **kwargs).addBoth(self._putBackAndPassthrough, c)
+
+    def _runInteraction(self, interaction: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        c = self._take()
+        return c.runInteraction(interaction, *args, **kwargs).addBoth(
+            self._putBackAndPassthrough, c)
 
 
 class Pool:
@@ -93,14 +283,16 @@ class Pool:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, dsn: str, size: int = 4):
+    def __init__(self, reactor: Any, dsn: str, size: int = 4,
+                 timeouts: Timeouts | None = None):
         self.reactor = reactor
         self.dsn = dsn
         self.size = size
+        self.timeouts = timeouts or Timeouts()
         self._pool: _TxPool | None = None
 
     async def start(self) -> None:
-        pool = _TxPool(self.reactor, self.dsn, self.size)
+        pool = _TxPool(self.reactor, session_dsn(self.dsn, self.timeouts), self.size)
         await pool.start()
         self._pool = pool
 
@@ -111,18 +303,33 @@ class Pool:
 
     def _require(self) -> _TxPool:
         if self._pool is None:
-            raise RuntimeError("the database pool is not started")
+            raise DatabaseUnavailable("the database pool is not connected")
         return self._pool
 
+    async def _run(self, call: Callable[[_TxPool], Deferred[T]]) -> T:
+        """``call(pool)``, again while it lands on a connection that is still
+        reconnecting although another is back (nothing was sent on it)."""
+        waited = 0.0
+        while True:
+            pool = self._require()
+            try:
+                return await shielded(call(pool))
+            except reconnection.ConnectionDead:
+                if waited >= 2 * RECONNECT_MAX or not any(
+                        not conn.detector.connectionIsDead for conn in pool.everyone):
+                    raise
+            await deferLater(self.reactor, 0.05, lambda: None)
+            waited += 0.05
+
     async def fetchall(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
-        return await shielded(self._require().runQuery(sql, params))
+        return await self._run(lambda pool: pool.runQuery(sql, params))
 
     async def fetchone(self, sql: str, params: Any = None) -> dict[str, Any] | None:
-        rows = await shielded(self._require().runQuery(sql, params))
+        rows = await self._run(lambda pool: pool.runQuery(sql, params))
         return rows[0] if rows else None
 
     async def execute(self, sql: str, params: Any = None) -> None:
-        await shielded(self._require().runOperation(sql, params))
+        await self._run(lambda pool: pool.runOperation(sql, params))
 
     async def transaction(self, fn: Callable[[Cursor], Awaitable[T]]) -> T:
         """Run ``fn(cursor)`` in one transaction; commit on return, roll back on error."""
@@ -130,7 +337,7 @@ class Pool:
         def interaction(cur: txpostgres.Cursor) -> Deferred[T]:
             return Deferred.fromCoroutine(fn(Cursor(cur)))
 
-        return await shielded(self._require().runInteraction(interaction))
+        return await self._run(lambda pool: pool.runInteraction(interaction))
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -142,8 +349,8 @@ def migrations() -> list[tuple[int, str, str]]:
             found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
     found.sort()
     versions = [v for v, _, _ in found]
-    # Numbers are handed out to parallel branches: a gap is fine, a duplicate is not.
-    if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
+    # Numbers are handed out to parallel branches, so a gap may stay open for a while.
+    if len(set(versions)) != len(versions) or versions[:1] not in ([], [1]):
         raise RuntimeError(f"migrations are not numbered uniquely from 1: {versions}")
     return found
 
@@ -153,6 +360,9 @@ async def migrate(pool: Pool) -> list[str]:
     log = Logger(namespace="treadmill.switchboard.database")
 
     async def apply(cur: Cursor) -> list[str]:
+        # Migrations may be slow, and wait for another instance's.
+        await cur.execute("SET LOCAL statement_timeout = 0")
+        await cur.execute("SET LOCAL lock_timeout = 0")
         await cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         await cur.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -187,9 +397,9 @@ class Listener(Service):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, dsn: str):
+    def __init__(self, reactor: Any, dsn: str, timeouts: Timeouts | None = None):
         self.reactor = reactor
-        self.dsn = dsn
+        self.dsn = session_dsn(dsn, timeouts or Timeouts())
         self._observers: dict[str, list[Callable[[str], object]]] = {}
         self._on_reconnect: list[Callable[[], object]] = []
         self._conn: txpostgres.Connection | None = None
@@ -233,8 +443,8 @@ class Listener(Service):
         self._started = Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
-        detector = reconnection.DeadConnectionDetector(reactor=self.reactor)
-        conn = txpostgres.Connection(self.reactor, _cooperator(self.reactor), detector=detector)
+        detector = _Detector(self.reactor)
+        conn = _Connection(self.reactor, _cooperator(self.reactor), detector=detector)
         self._conn = conn
         conn.addNotifyObserver(self._notify)
         detector.addRecoveryHandler(self._recovered)
@@ -242,17 +452,14 @@ class Listener(Service):
             await conn.connect(self.dsn)
         except psycopg2.Error as e:
             self.log.warn("Database LISTEN connection failed: {error}; retrying", error=e)
-            detector.checkForDeadConnection(_failure(e))
+            detector.checkForDeadConnection(Failure(e))
             return
         await self._listen_all()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:
-                pass
+            self._conn.detector.stop()
             self._conn = None
         return succeed(None)
 
@@ -260,8 +467,3 @@ class Listener(Service):
         """Fires once the first LISTEN is in place."""
         return self._started if self._started is not None else succeed(None)
 
-
-def _failure(e: BaseException) -> Any:
-    from twisted.python.failure import Failure
-
-    return Failure(e)

@@ -28,6 +28,7 @@ from treadmill.common.captoken import MAX_TTL, Access, CapabilitySigner, bearer_
 from treadmill.protocol import supervisor as protocol
 from treadmill.protocol.supervisor import CloseCode, ProtocolError
 from treadmill.switchboard import credentials
+from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.jobstate import InvalidTransition, Reason, Stage, State, Status
 from treadmill.switchboard.reconcile import (
     Action,
@@ -64,6 +65,9 @@ class SupervisorLink(WebSocketServerProtocol):
         self._pending: dict[int, Deferred[dict[str, Any]]] = {}
         self._inbox: Deferred[None] = Deferred()
         self._inbox.callback(None)
+        self._retry: Any = None  # the pending retry of a failed reconciliation
+        self._reconciling = 0  # reconciliations under way
+        self._again = False  # retry once those are over
 
     @property
     def links(self) -> SupervisorLinks:
@@ -87,12 +91,29 @@ class SupervisorLink(WebSocketServerProtocol):
         except ProtocolError as e:
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, str(e)) from None
         digest = credentials.token_hash(token)
-        host = await self.links.store.host_by_token(digest)
-        if host is None:
-            raise ConnectionDeny(401, "unknown host token")
-        self.host_id, self.host_name, self.token_digest = host["id"], host["name"], digest
-        self.session = str(uuid.uuid4())
-        await self.links.register(self)
+        try:
+            host = await self.links.store.host_by_token(digest)
+            if host is None:
+                raise ConnectionDeny(401, "unknown host token")
+            self.host_id, self.host_name, self.token_digest = host["id"], host["name"], digest
+            self.session = str(uuid.uuid4())
+            previous = self.links.by_host.get(self.host_id)
+            try:
+                await self.links.register(self)
+            except Exception:
+                # Not registered: give the host back to its link before this one.
+                if self.links.by_host.get(self.host_id) is self:
+                    if previous is not None and previous.registered:
+                        self.links.by_host[self.host_id] = previous
+                    else:
+                        del self.links.by_host[self.host_id]
+                raise
+        except Exception as e:
+            if not unavailable(e):
+                raise
+            self.log.warn("Supervisor connection refused: the database is unavailable "
+                          "({error})", error=_brief(e))
+            raise ConnectionDeny(503, "the database is unavailable; try again later") from None
         self.registered = True
         return protocol.SUBPROTOCOL, {protocol.MINOR_HEADER: str(self.minor)}
 
@@ -106,10 +127,13 @@ class SupervisorLink(WebSocketServerProtocol):
         self.links.spawn(self.reconcile())
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        for pending in self._pending.values():
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        pending_all, self._pending = self._pending, {}  # (an errback pops its entry)
+        for pending in pending_all.values():
             if not pending.called:
                 pending.errback(ConnectionError("the supervisor link closed"))
-        self._pending.clear()
         if self.registered:
             self.registered = False
             self.log.info("Supervisor of {host} disconnected ({code} {reason})",
@@ -149,7 +173,8 @@ class SupervisorLink(WebSocketServerProtocol):
             # Reports apply in the order they arrived, each after the one before.
             handler = {"job_event": self._event, "job_endpoints": self._endpoints,
                        "snapshot_result": self._snapshot_result}[kind]
-            self._inbox.addCallback(lambda _: Deferred.fromCoroutine(handler(message)))
+            self._inbox.addCallback(
+                lambda _: Deferred.fromCoroutine(self._report(handler, message)))
             self._inbox.addErrback(lambda f: self.log.failure("Report handling failed", f))
         elif kind == "protocol_error":
             self.log.warn("Supervisor of {host} reports a protocol error: {code} {message}",
@@ -169,6 +194,34 @@ class SupervisorLink(WebSocketServerProtocol):
             return await answer
         finally:
             self._pending.pop(request_id, None)
+
+    async def _report(self, handler: Any, message: dict[str, Any]) -> None:
+        """Store one report; acknowledge it only once stored (the handler acks)."""
+        try:
+            await handler(message)
+        except Exception as e:
+            if unavailable(e):
+                self.log.warn("{host}: {kind} not stored, the database is unavailable "
+                              "({error})", host=self.host_name, kind=message["type"],
+                              error=_brief(e))
+            else:
+                self.log.failure("{host}: {kind} handling failed", host=self.host_name,
+                                 kind=message["type"])
+            self._not_stored(message["request_id"])
+            return
+        self.links.unstored.discard(self)
+
+    def _not_stored(self, request_id: int) -> None:
+        """Tell the supervisor to send report ``request_id`` again (docs/protocol.md)."""
+        if self.state != self.STATE_OPEN:
+            return
+        if self.minor >= protocol.UNAVAILABLE_MINOR:
+            self.send(protocol.unavailable(request_id))
+            self.links.report_not_stored(self)
+        else:
+            # It would drop an event acked ok: false; after a reconnect it resends.
+            self.close(CloseCode.INTERNAL_ERROR, "a report could not be stored; send it again")
+        self.retry_reconcile()
 
     async def _event(self, message: dict[str, Any]) -> None:
         request_id = message["request_id"]
@@ -248,14 +301,57 @@ class SupervisorLink(WebSocketServerProtocol):
     # -- reconciliation ------------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Ask what the supervisor runs and bring it in line with the database."""
-        assert self.host_id is not None
+        """Ask what the supervisor runs and bring it in line with the database.
+
+        A reconciliation that fails (no status in time, the database unavailable)
+        is tried again after ``reconcile_retry`` seconds.
+        """
+        self._reconciling += 1
         try:
-            answer = await self.request(protocol.status_request(0))
-            await self._inbox  # Events sent before the status are applied first.
-            row = await self.links.store.active_job(self.host_id)
-        except (TimeoutError, ConnectionError):
+            await self._reconcile()
+        except ConnectionError:
+            return  # The link is gone.
+        except TimeoutError:
+            self.log.info("{host}: no status in time; reconciling again soon",
+                          host=self.host_name)
+            self.retry_reconcile()
+        except Exception as e:
+            if not unavailable(e):
+                raise
+            self.log.debug("{host}: reconciliation failed, the database is unavailable "
+                           "({error})", host=self.host_name, error=_brief(e))
+            self.retry_reconcile()
+        finally:
+            self._reconciling -= 1
+            if self._again and not self._reconciling:
+                self._again = False
+                self.retry_reconcile()
+
+    def retry_reconcile(self) -> None:
+        """Reconcile again after ``reconcile_retry`` seconds (once, however often asked,
+        and not while a reconciliation is under way: its status request may be held by
+        a supervisor that is resending reports)."""
+        if self._reconciling:
+            self._again = True
             return
+        if self._retry is not None and self._retry.active():
+            return
+        if self.state != self.STATE_OPEN or self.links.stopping:
+            return
+        delay = self.links.reconcile_retry * random.uniform(0.75, 1.25)
+        self._retry = self.links.reactor.callLater(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        if (self.state == self.STATE_OPEN and self.host_id is not None
+                and self.links.by_host.get(self.host_id) is self):
+            self.links.spawn(self.reconcile())
+
+    async def _reconcile(self) -> None:
+        assert self.host_id is not None
+        answer = await self.request(protocol.status_request(0))
+        await self._inbox  # Events sent before the status are applied first.
+        row = await self.links.store.active_job(self.host_id)
         expected = None
         if row is not None:
             expected = Expected(row["id"], State(row["state"]),
@@ -288,8 +384,10 @@ class SupervisorLink(WebSocketServerProtocol):
                                        message=action.message)
             elif isinstance(action, Advance):
                 await store.transition(action.job_id, Status(action.state, action.stage))
-        except (TimeoutError, ConnectionError):
-            pass  # The next reconciliation tries again.
+        except TimeoutError:
+            self.retry_reconcile()
+        except ConnectionError:
+            pass  # The next link reconciles.
         except (InvalidTransition, NotFound) as e:
             self.log.info("{host}: {action} no longer applies: {why}", host=self.host_name,
                           action=action, why=str(e))
@@ -322,6 +420,12 @@ class SupervisorLink(WebSocketServerProtocol):
                                           message=f"{code}: {text}")
 
 
+def _brief(error: BaseException) -> str:
+    """One line about ``error``, for a warning without a traceback."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
 SNAPSHOT_TIMEOUT = 3 * 3600.0
 """Seconds a host has to upload a snapshot before it is marked failed."""
 
@@ -345,7 +449,8 @@ class SupervisorLinks(MultiService):
 
     def __init__(self, reactor: Any, store: Store, instance: str, *,
                  ping_interval: float = 5.0, ping_timeout: float = 10.0,
-                 reconcile_interval: float = 30.0, touch_interval: float = 5.0,
+                 reconcile_interval: float = 30.0, reconcile_retry: float = 2.0,
+                 touch_interval: float = 5.0,
                  unreachable_after: float = 60.0, request_timeout: float = REQUEST_TIMEOUT,
                  signer: CapabilitySigner | None = None,
                  log_service: str = "treadmill-logserver",
@@ -357,7 +462,12 @@ class SupervisorLinks(MultiService):
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.request_timeout = request_timeout
+        self.reconcile_retry = reconcile_retry
+        self.unstored: set[SupervisorLink] = set()  # links with a report refused unavailable
+        self._probe: Any = None
         self.unreachable_after = unreachable_after
+        self.touch_interval = touch_interval
+        self._touched_since: float | None = None  # since when touch() keeps succeeding
         self.signer = signer
         self.log_service = log_service
         self.proxies = proxies
@@ -389,7 +499,10 @@ class SupervisorLinks(MultiService):
 
         def done(result: Any) -> None:
             self._tasks.discard(d)
-            if hasattr(result, "check") and not result.check(CancelledError):
+            if hasattr(result, "check") and unavailable(result):
+                self.log.warn("Background work failed, the database is unavailable ({error})",
+                              error=_brief(result.value))
+            elif hasattr(result, "check") and not result.check(CancelledError):
                 self.log.failure("Background work failed", result)
 
         d.addBoth(done)
@@ -482,15 +595,53 @@ class SupervisorLinks(MultiService):
         else:
             link.dropConnection(abort=True)
 
+    def report_not_stored(self, link: SupervisorLink) -> None:
+        """``link``'s supervisor holds a report it will send again after a backoff that
+        may have grown long; once the database answers, make it send that report now."""
+        self.unstored.add(link)
+        if self._probe is None or not self._probe.active():
+            self._probe = self.reactor.callLater(self.reconcile_retry, self._probe_database)
+
+    def _probe_database(self) -> None:
+        self._probe = None
+        if self.stopping or not self.unstored:
+            return
+
+        async def probe() -> None:
+            try:
+                await self.store.ping()
+            except Exception as e:
+                if not unavailable(e):
+                    raise
+                self._probe = self.reactor.callLater(self.reconcile_retry,
+                                                     self._probe_database)
+                return
+            # Back: a supervisor resends its unacknowledged reports at once after a
+            # reconnect (its resend backoff may have grown to a minute).
+            links, self.unstored = self.unstored, set()
+            for link in links:
+                if link.state == link.STATE_OPEN and self.by_host.get(link.host_id) is link:  # type: ignore[arg-type]
+                    self._drop(link, CloseCode.GOING_AWAY,
+                               "the database is back: reconnect and send your reports again")
+
+        self.spawn(probe())
+
     def database_reconnected(self) -> None:
         """Notifications may have been lost: reconcile every link."""
+        self._touched_since = None  # liveness records went stale meanwhile
         self.spawn(self.reconcile_all())
 
     # -- periodic work ----------------------------------------------------------------------
 
     async def touch(self) -> None:
-        await self.store.touch_links([link.session for link in self.by_host.values()
-                                      if link.session])
+        try:
+            await self.store.touch_links([link.session for link in self.by_host.values()
+                                          if link.session])
+        except Exception:
+            self._touched_since = None
+            raise
+        if self._touched_since is None:
+            self._touched_since = self.reactor.seconds()
 
     async def reconcile_all(self, spread: float | None = None) -> None:
         """Reconcile every open link, spread over ``spread`` seconds (default: at once)."""
@@ -507,7 +658,15 @@ class SupervisorLinks(MultiService):
             self.spawn(link.reconcile())
 
     async def end_unreachable(self) -> None:
-        """R9: end active jobs whose supervisor stayed away too long."""
+        """R9: end active jobs whose supervisor stayed away too long.
+
+        Only once this instance has recorded its links' liveness for two touch
+        intervals: after a database outage every instance's record is stale, and
+        connected hosts must not look unreachable.
+        """
+        since = self._touched_since
+        if since is None or self.reactor.seconds() - since < 2 * self.touch_interval:
+            return
         for job_id in await self.store.unreachable_jobs(self.unreachable_after):
             try:
                 await self.store.transition(

@@ -235,7 +235,8 @@ ERROR_RESPONSES: dict[int, tuple[str, str]] = {
     415: ("UnsupportedMediaType", "The request body is not JSON."),
     429: ("TooManyRequests", "Too many password attempts from this address or on this "
                              "user; retry after Retry-After seconds."),
-    503: ("Unavailable", "The database does not answer."),
+    503: ("Unavailable", "The database does not answer (any route may answer this; "
+                         "retry after Retry-After seconds)."),
 }
 
 
@@ -246,6 +247,10 @@ def _error_response(status: int) -> dict[str, Any]:
     if status == 401:
         response["headers"] = {"WWW-Authenticate": {
             "description": 'Bearer realm="treadmill"', "schema": STRING}}
+    if status == 503:
+        response["headers"] = {"Retry-After": {
+            "description": "Seconds to wait before trying again.",
+            "schema": {"type": "integer", "minimum": 0}}}
     if status == 429:
         response["headers"] = {"Retry-After": {
             "description": "Seconds until the next attempt may succeed.",
@@ -272,6 +277,14 @@ P_IMAGE = _path_param("name", schemas.IMAGE_NAME,
 P_JOB = _path_param("job_id", UUID, "The job's id.")
 P_GRANTEE = _path_param("user", schemas.USER_OR_EVERYONE,
                         'The user the grant is to; "*" for every user.')
+
+H_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "description": "Makes the request safe to retry: the same user sending the same key "
+                   "and body again within 24 hours gets the first answer, and no second "
+                   "job. 1 to 255 printable ASCII characters, e.g. a random UUID.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255,
+               "pattern": "^[\\x20-\\x7e]+$"}}
 
 Q_AFTER = _query_param("after", {"type": "integer", "minimum": 0, "maximum": 2**31 - 1,
                                  "default": 0}, "Only events with a larger `seq`.")
@@ -528,9 +541,13 @@ def _jobs() -> dict[str, dict[str, Any]]:
                                  "Only the job that restarted this job."))),
             "post": _operation(
                 "enqueue", "Jobs", "Enqueue a job.", 201, "Job", body="JobCreate",
-                errors=(403,),
+                errors=(403, 409), query=(H_IDEMPOTENCY_KEY,),
                 description="`image` is a digest or a catalogue name; a name you may not "
-                            "use is 403 (400 if you cannot see it)."),
+                            "use is 403 (400 if you cannot see it). With an "
+                            "`Idempotency-Key`, a retry of the same request by the same "
+                            "user within 24 hours answers the first answer (the same job, "
+                            "status and body) and creates no job; the key with a "
+                            "different body is 409."),
         },
         "/api/v1/jobs/{job_id}": {"parameters": [P_JOB], "get": _operation(
             "show_job", "Jobs", "A job (read).", 200, "Job", errors=(403, 404))},

@@ -32,7 +32,7 @@ from treadmill.common.daemon import RoleService, listeners
 from treadmill.common.http import limited_site
 from treadmill.switchboard.api import Limits, SwitchboardAPI
 from treadmill.switchboard.auth import Authenticator, PasswordGuard, PasswordPolicy
-from treadmill.switchboard.database import Listener, Pool, migrate
+from treadmill.switchboard.database import Listener, Pool, Timeouts, migrate
 from treadmill.switchboard.events import JobWatchers
 from treadmill.switchboard.links import SupervisorLinks
 from treadmill.switchboard.metrics import SwitchboardMetrics
@@ -66,6 +66,8 @@ class SwitchboardConfig:
     ping_timeout: float = 10.0
     reconcile_interval: float = 30.0
     unreachable_after: float = 60.0
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    reconcile_retry: float = 2.0
     passwords: PasswordPolicy = field(default_factory=PasswordPolicy)
 
 
@@ -80,7 +82,7 @@ class SwitchboardService(RoleService):
         self.setName("switchboard")
         self.reactor = reactor
         self.config = config
-        self.pool = Pool(reactor, config.dsn, config.pool_size)
+        self.pool = Pool(reactor, config.dsn, config.pool_size, config.timeouts)
         self.store = Store(self.pool, max_host_failures=config.max_host_failures)
         self.signer = CapabilitySigner(load_or_create_signing_key(config.signing_key),
                                        config.issuer, reactor)
@@ -89,6 +91,7 @@ class SwitchboardService(RoleService):
         self.links = SupervisorLinks(
             reactor, self.store, config.instance, ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout, reconcile_interval=config.reconcile_interval,
+            reconcile_retry=config.reconcile_retry,
             touch_interval=min(5.0, config.unreachable_after / 4),
             unreachable_after=config.unreachable_after, signer=self.signer,
             log_service=config.limits.log_service, proxies=config.proxies,
@@ -103,7 +106,7 @@ class SwitchboardService(RoleService):
         self.api = SwitchboardAPI(reactor, self.store, self.auth, self.signer, self.watchers,
                                   config.limits, supervisor_resource=self.links.resource,
                                   passwords=PasswordGuard(reactor, config.passwords))
-        self.listener = Listener(reactor, config.dsn)
+        self.listener = Listener(reactor, config.dsn, config.timeouts)
         self.listener.setName("listener")
         self.listener.observe("treadmill_jobs", self.watchers.notify)
         self.listener.observe("treadmill_auth", self.auth.invalidate)

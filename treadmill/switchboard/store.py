@@ -8,7 +8,7 @@ read methods return alongside the rows (see :mod:`treadmill.switchboard.access`)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,6 +17,7 @@ import psycopg2
 import psycopg2.errors
 from psycopg2.extras import Json
 
+from treadmill.common.http import dumps
 from treadmill.switchboard import jobstate
 from treadmill.switchboard.access import Principal
 from treadmill.switchboard.database import Cursor, Pool
@@ -27,8 +28,16 @@ class NotFound(LookupError):
     """No such resource (or none the caller may see)."""
 
 
+IDEMPOTENCY_RETENTION = 24 * 3600.0
+"""Seconds an Idempotency-Key of ``POST /api/v1/jobs`` is remembered."""
+
+
 class Conflict(ValueError):
     """The request conflicts with the current state (a duplicate name, say)."""
+
+
+class IdempotencyKeyReused(Conflict):
+    """An Idempotency-Key sent again with a different request."""
 
 
 @dataclass(frozen=True)
@@ -420,26 +429,74 @@ class Store:
                 "FROM jobs j JOIN users o ON o.id = j.owner_id "
                 f"LEFT JOIN hosts h ON h.id = j.host_id WHERE {where}")
 
-    async def enqueue(self, owner_id: int, spec: JobSpec) -> dict:
-        async def insert(cur: Cursor) -> dict:
-            row = await cur.fetchone(
-                "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, "
-                "tags, parameters, timeout, queue_timeout, max_restarts, restarts_left, "
-                "queue_deadline, event_seq, log_servers) VALUES (%s, %s, %s, %s, %s, %s, %s, "
-                "%s, %s, %s, %s, now() + make_interval(secs => %s), 1, %s) RETURNING id",
-                (owner_id, spec.label, spec.image_name, spec.image_digest, spec.image_stores,
-                 spec.tags, Json(spec.parameters), spec.timeout, spec.queue_timeout,
-                 spec.max_restarts, spec.max_restarts, spec.queue_timeout,
-                 list(spec.log_servers)))
-            assert row is not None
-            await cur.execute(
-                "INSERT INTO job_events (job_id, seq, state) VALUES (%s, 1, 'queued')",
-                (row["id"],))
-            return row
+    async def _insert_job(self, cur: Cursor, owner_id: int, spec: JobSpec) -> dict:
+        """Insert a queued job; return it as :meth:`get_job` would, from this transaction."""
+        row = await cur.fetchone(
+            "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, "
+            "tags, parameters, timeout, queue_timeout, max_restarts, restarts_left, "
+            "queue_deadline, event_seq, log_servers) VALUES (%s, %s, %s, %s, %s, %s, %s, "
+            "%s, %s, %s, %s, now() + make_interval(secs => %s), 1, %s) RETURNING id",
+            (owner_id, spec.label, spec.image_name, spec.image_digest, spec.image_stores,
+             spec.tags, Json(spec.parameters), spec.timeout, spec.queue_timeout,
+             spec.max_restarts, spec.max_restarts, spec.queue_timeout,
+             list(spec.log_servers)))
+        assert row is not None
+        await cur.execute(
+            "INSERT INTO job_events (job_id, seq, state) VALUES (%s, 1, 'queued')",
+            (row["id"],))
+        job = await cur.fetchone(self._job_query("j.id = %(id)s"),
+                                 {"id": row["id"], "uid": owner_id})
+        assert job is not None
+        return job
 
-        row = await self.pool.transaction(insert)
-        return await self.pool.fetchone(self._job_query("j.id = %(id)s"),
-                                        {"id": row["id"], "uid": owner_id})  # type: ignore
+    async def enqueue(self, owner_id: int, spec: JobSpec) -> dict:
+        """Enqueue a job; the row returned is read in the inserting transaction, so the
+        answer never needs another connection after the commit."""
+        return await self.pool.transaction(lambda cur: self._insert_job(cur, owner_id, spec))
+
+    async def remembered_job(self, owner_id: int, key: str, fingerprint: bytes) -> dict | None:
+        """The answer kept for ``owner_id``'s Idempotency-Key ``key``, if any.
+
+        Raises :class:`IdempotencyKeyReused` if the key came with another request.
+        """
+        row = await self.pool.fetchone(
+            "SELECT fingerprint, response FROM job_idempotency WHERE owner_id = %s "
+            "AND key = %s AND created_at > now() - make_interval(secs => %s)",
+            (owner_id, key, IDEMPOTENCY_RETENTION))
+        if row is None:
+            return None
+        if bytes(row["fingerprint"]) != fingerprint:
+            raise IdempotencyKeyReused("Idempotency-Key: already used for another request")
+        return row["response"]
+
+    async def enqueue_once(self, owner_id: int, spec: JobSpec, key: str, fingerprint: bytes,
+                           render: Callable[[dict], Any]) -> Any:
+        """Enqueue a job under an Idempotency-Key and keep ``render(job)``, the answer,
+        in the same transaction; a concurrent or later request with the same key gets
+        that answer (see :meth:`remembered_job`) and no second job."""
+
+        async def insert(cur: Cursor) -> Any:
+            # Forget this user's expired keys (this one included).
+            await cur.execute(
+                "DELETE FROM job_idempotency WHERE owner_id = %s "
+                "AND created_at <= now() - make_interval(secs => %s)",
+                (owner_id, IDEMPOTENCY_RETENTION))
+            job = await self._insert_job(cur, owner_id, spec)
+            response = render(job)
+            # A concurrent request with the key waits here for ours to commit, then fails.
+            await cur.execute(
+                "INSERT INTO job_idempotency (owner_id, key, fingerprint, job_id, response) "
+                "VALUES (%s, %s, %s, %s, %s::json)",
+                (owner_id, key, fingerprint, job["id"], dumps(response).decode("utf-8")))
+            return response
+
+        try:
+            return await self.pool.transaction(insert)
+        except psycopg2.errors.UniqueViolation:
+            remembered = await self.remembered_job(owner_id, key, fingerprint)
+            if remembered is None:
+                raise
+            return remembered
 
     async def get_job(self, job_id: str, principal: Principal) -> dict:
         row = await self.pool.fetchone(self._job_query("j.id = %(id)s"),

@@ -16,12 +16,14 @@ from treadmill.common.config import (
     ConfigError,
     RoleOptions,
     Setting,
+    non_negative,
     positive,
     server_endpoints,
 )
 from treadmill.common.daemon import add_operator_services
 from treadmill.switchboard.api import Limits
 from treadmill.switchboard.auth import PasswordPolicy
+from treadmill.switchboard.database import Timeouts
 from treadmill.switchboard.service import SwitchboardConfig, SwitchboardService
 
 DAY = 24 * 3600.0
@@ -36,6 +38,15 @@ class Options(RoleOptions):
         Setting("database.dsn", STR, None,
                 "libpq connection string of the PostgreSQL database.", required=True),
         Setting("database.pool_size", positive(INT), 4, "Connections in the pool."),
+        Setting("database.statement_timeout", non_negative(FLOAT), 10.0,
+                "Seconds a statement may run before the server cancels it (0: no limit)."),
+        Setting("database.lock_timeout", non_negative(FLOAT), 5.0,
+                "Seconds a statement may wait for a lock (0: no limit)."),
+        Setting("database.idle_in_transaction_timeout", non_negative(FLOAT), 10.0,
+                "Seconds a connection may sit idle inside a transaction before the server "
+                "ends it (0: no limit)."),
+        Setting("supervisors.reconcile_retry", positive(FLOAT), 2.0,
+                "Seconds before a failed reconciliation of a host is tried again."),
         Setting("instance", STR, None,
                 "Name of this switchboard instance (default: hostname:pid)."),
         Setting("capabilities.signing_key", STR,
@@ -136,6 +147,10 @@ def config_from(values: dict[str, Any]) -> SwitchboardConfig:
         dsn=values["database.dsn"], listen=values["listen"],
         signing_key=values["capabilities.signing_key"], issuer=values["capabilities.issuer"],
         pool_size=values["database.pool_size"], max_body=values["http.max_body"],
+        timeouts=Timeouts(statement=values["database.statement_timeout"],
+                          lock=values["database.lock_timeout"],
+                          idle_in_transaction=values["database.idle_in_transaction_timeout"]),
+        reconcile_retry=values["supervisors.reconcile_retry"],
         access_log=values["http.access_log"],
         auth_cache_ttl=values["auth.cache_ttl"], timeout_interval=values["jobs.timeout_interval"],
         limits=limits, scheduler_interval=values["scheduler.interval"],

@@ -8,8 +8,14 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from treadmill.switchboard.jobstate import InvalidTransition
+from treadmill.switchboard.database import unavailable
+from treadmill.switchboard.jobstate import InvalidTransition, Reason
 from treadmill.switchboard.store import NotFound, Store
+
+AFTER_OUTAGE = 10.0
+"""Seconds after the database's return before execution timeouts are enforced again:
+supervisors resend the events they could not report meanwhile (a job that exited in
+time must end ``workload_exited``, not ``execution_timeout``)."""
 
 
 class TimeoutEnforcer(TimerService):
@@ -17,7 +23,8 @@ class TimeoutEnforcer(TimerService):
 
     A queued job terminates at once (``queue_timeout``); a job that holds a
     host moves to ``terminating`` (``execution_timeout``) and its supervisor
-    is told to stop it.
+    is told to stop it. After a database outage execution timeouts wait
+    ``after_outage`` seconds (:data:`AFTER_OUTAGE`).
     """
 
     log = Logger()
@@ -26,15 +33,28 @@ class TimeoutEnforcer(TimerService):
         super().__init__(interval, lambda: Deferred.fromCoroutine(self.check()))
         self.clock = clock
         self.store = store
+        self.after_outage = AFTER_OUTAGE
+        self._failing = False
+        self._back_at: float | None = None  # when the database answered after failing
 
     async def check(self) -> int:
         """End every expired job; return how many changed."""
         changed = 0
         try:
             expired = await self.store.expired_jobs()
-        except Exception:
-            self.log.failure("Could not look for expired jobs")
+        except Exception as e:
+            if not unavailable(e):
+                self.log.failure("Could not look for expired jobs")
+                return 0
+            self.log.warn("Could not look for expired jobs: the database is unavailable")
+            self._failing = True
             return 0
+        now = self.clock.seconds()
+        if self._failing:
+            self._failing, self._back_at = False, now
+        if self._back_at is not None and now - self._back_at < self.after_outage:
+            expired = [(job, reason) for job, reason in expired
+                       if reason is not Reason.EXECUTION_TIMEOUT]
         for job_id, reason in expired:
             try:
                 if await self.store.request_termination(job_id, reason):
