@@ -152,7 +152,7 @@ async def seed_real_store(bed: Bed) -> str:
 async def replay_refused(bed: Bed, token: str) -> None:
     """Every use of ``token`` at the real store is refused."""
     for method, path in (("GET", "/v2/alice/fw/manifests/v1"), ("GET", "/v2/_catalog"),
-                         ("GET", "/v2/lure/tags/list"), ("POST", "/v2/alice/fw/blobs/uploads/"),
+                         ("GET", "/v2/alice/lure/tags/list"), ("POST", "/v2/alice/fw/blobs/uploads/"),
                          ("DELETE", "/v2/alice/fw/manifests/v1")):
         response = await treq.request(method, bed.store_url + path,
                                       headers={"Authorization": f"Bearer {token}"})
@@ -172,7 +172,7 @@ async def run_lure_job(bed: Bed) -> dict[str, Any]:
     try:
         await supervisor.ready()
         await supervisor.connected()
-        r = await admin.post("/api/v1/jobs", {"image": "lure", "tags": ["mock"]})
+        r = await admin.post("/api/v1/jobs", {"image": "alice/lure", "tags": ["mock"]})
         assert r.status == 201, r.body
 
         async def done() -> dict[str, Any] | None:
@@ -186,7 +186,7 @@ async def run_lure_job(bed: Bed) -> dict[str, Any]:
 
 async def lure(bed: Bed) -> str:
     digest = await seed_real_store(bed)
-    r = await bed.alice.post("/api/v1/images", {"name": "lure", "digest": digest,
+    r = await bed.alice.post("/api/v1/images", {"name": "alice/lure", "digest": digest,
                                                 "stores": [bed.hostile_url]})
     assert r.status == 201, r.body
     return digest
@@ -200,10 +200,10 @@ async def test_a_greedy_challenge_gets_only_useless_tokens(bed: Bed) -> None:
     bed.hostile.challenge = (f'Bearer realm="{bed.realm}",service="{HOSTILE_SERVICE}",'
                              f'scope="{GREEDY}"')
     admin_token = bed.sb.admin_token
-    status, err = await tml(bed, bed.alice.token, "image", "pull", "lure",
+    status, err = await tml(bed, bed.alice.token, "image", "pull", "alice/lure",
                             "-o", str(bed.tmp / "out"))
     assert status == 1 and bed.hostile_url in err
-    status, err = await tml(bed, admin_token, "image", "pull", "lure", "-o", str(bed.tmp / "o"))
+    status, err = await tml(bed, admin_token, "image", "pull", "alice/lure", "-o", str(bed.tmp / "o"))
     assert status == 1
     disk = bed.tmp / "d.qcow2"
     disk.write_bytes(DISK)
@@ -222,9 +222,9 @@ async def test_a_greedy_challenge_gets_only_useless_tokens(bed: Bed) -> None:
             granted |= {(access["type"], access["name"], a) for a in access["actions"]}
         await replay_refused(bed, token)
     # Only what each operation needs: no alice/fw, no catalogue, though admins hold them.
-    assert granted <= {("repository", "lure", "pull"), ("repository", "alice/new", "pull"),
+    assert granted <= {("repository", "alice/lure", "pull"), ("repository", "alice/new", "pull"),
                        ("repository", "alice/new", "push")}, granted
-    assert ("repository", "lure", "pull") in granted
+    assert ("repository", "alice/lure", "pull") in granted
     # No credential ever went to the store itself: only bearer tokens.
     assert all(c.startswith("Bearer ") for c in bed.hostile.credentials())
     assert bed.alice.token not in json.dumps(bed.hostile.received)
@@ -245,7 +245,7 @@ async def test_a_challenge_for_another_service_or_realm_gets_nothing(bed: Bed,
     else:
         bed.hostile.challenge = (f'Bearer realm="{bed.hostile_url}/token",'
                                  f'service="{HOSTILE_SERVICE}",scope="{GREEDY}"')
-    status, err = await tml(bed, bed.alice.token, "image", "pull", "lure",
+    status, err = await tml(bed, bed.alice.token, "image", "pull", "alice/lure",
                             "-o", str(bed.tmp / "out"))
     assert status == 1 and "no token was requested" in err, err
     disk = bed.tmp / "d.qcow2"
@@ -265,12 +265,12 @@ async def test_a_challenge_for_another_service_or_realm_gets_nothing(bed: Bed,
 async def test_an_unregistered_store_gets_no_request_at_all(bed: Bed) -> None:
     digest = await lure(bed)
     bed.unregistered.challenge = f'Bearer realm="{bed.realm}",service="{REAL_SERVICE}"'
-    r = await bed.alice.put("/api/v1/images/lure", {"stores": [bed.unregistered_url]})
+    r = await bed.alice.put("/api/v1/images/alice/lure", {"stores": [bed.unregistered_url]})
     assert r.status == 400, r.body
-    r = await bed.alice.post("/api/v1/images", {"name": "lure2", "digest": digest,
+    r = await bed.alice.post("/api/v1/images", {"name": "alice/lure2", "digest": digest,
                                                 "stores": [bed.unregistered_url]})
     assert r.status == 400, r.body
-    status, err = await tml(bed, bed.alice.token, "image", "pull", "lure",
+    status, err = await tml(bed, bed.alice.token, "image", "pull", "alice/lure",
                             "--store", bed.unregistered_url, "-o", str(bed.tmp / "out"))
     assert status == 1 and "not registered" in err, err
     disk = bed.tmp / "d.qcow2"

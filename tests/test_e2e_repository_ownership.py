@@ -67,6 +67,7 @@ async def bed(database: str, tmp_path: Path) -> AsyncIterator[Bed]:
     try:
         await store.ready()
         url = f"http://127.0.0.1:{store.ports()[0].getHost().port}"
+        await sb.register_store(url, "treadmill-imagestore")
         alice, bob = await sb.user("alice"), await sb.user("bob")
         bed = Bed(sb, Registry(url), alice, bob, "")
         client = bed.client(alice, "alice")
