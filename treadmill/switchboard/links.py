@@ -363,6 +363,10 @@ class SupervisorLinks(MultiService):
         self.proxies = proxies
         self.proxy_service = proxy_service
         self.by_host: dict[int, SupervisorLink] = {}
+        self.instance_id: str | None = None
+        """This process's id in ``instances`` (:mod:`treadmill.switchboard.instances`)."""
+        self.rebalanced = 0
+        self._next_rebalance = 0.0
         self.factory = SupervisorLinkFactory(self)
         self.resource = WebSocketResource(self.factory)
         self._tasks: set[Deferred[Any]] = set()
@@ -399,7 +403,8 @@ class SupervisorLinks(MultiService):
         assert link.host_id is not None and link.session is not None
         old = self.by_host.get(link.host_id)
         self.by_host[link.host_id] = link
-        await self.store.link_connected(link.host_id, self.instance, link.session)
+        await self.store.link_connected(link.host_id, self.instance, link.session,
+                                        self.instance_id)
         if old is not None and old is not link:
             self._drop(old, CloseCode.SUPERSEDED, "superseded by a newer connection")
             self.by_host[link.host_id] = link
@@ -481,6 +486,34 @@ class SupervisorLinks(MultiService):
             link.close(code, reason)
         else:
             link.dropConnection(abort=True)
+
+    def rebalance(self, live: int, total: int, interval: float, step: int = 2,
+                  slack: int = 1) -> int:
+        """Close a few links if this instance holds more than its fair share.
+
+        ``live`` instances hold ``total`` links between them; an instance with
+        more than ``ceil(total / live) + slack`` closes at most ``step`` of its
+        links every ``interval`` seconds, with ``GOING_AWAY``: their supervisors
+        reconnect (with backoff) through the load balancer, which sends them to
+        a less loaded instance. So links come back to an instance that joins
+        or recovers, gently. Returns how many links it closed.
+        """
+        now = self.reactor.seconds()
+        if live < 2 or self.stopping or now < self._next_rebalance:
+            return 0
+        excess = len(self.by_host) - (-(-total // live) + slack)
+        if excess <= 0:
+            return 0
+        self._next_rebalance = now + interval
+        open_links = [link for link in self.by_host.values() if link.state == link.STATE_OPEN]
+        chosen = random.sample(open_links, min(step, excess, len(open_links)))
+        for link in chosen:
+            self._drop(link, CloseCode.GOING_AWAY, "rebalancing between switchboard "
+                       "instances: reconnect")
+            self.spawn(self.store.link_disconnected(link.host_id,  # type: ignore[arg-type]
+                                                    link.session))  # type: ignore[arg-type]
+        self.rebalanced += len(chosen)
+        return len(chosen)
 
     def database_reconnected(self) -> None:
         """Notifications may have been lost: reconcile every link."""

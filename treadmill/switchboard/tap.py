@@ -40,6 +40,10 @@ class Options(RoleOptions):
         Setting("capabilities.signing_key", STR,
                 "/var/lib/treadmill-switchboard/capability-key.pem",
                 "Ed25519 private key (PEM) that signs capability tokens; created if absent."),
+        Setting("capabilities.adopt_key", BOOL, False,
+                "Record this instance's signing key as the one every instance must use "
+                "(key rotation, docs/operations.md); otherwise a different key refuses to "
+                "start."),
         Setting("capabilities.issuer", STR, "treadmill", "Issuer (iss) of capability tokens."),
         Setting("http.max_body", positive(INT), 64 * 1024, "Largest request body in bytes."),
         Setting("http.access_log", BOOL, True, "Log one line per HTTP request."),
@@ -84,6 +88,12 @@ class Options(RoleOptions):
         Setting("supervisors.unreachable_after", positive(FLOAT), 60.0,
                 "Seconds a host with an active job may stay disconnected before the job "
                 "ends as host_unreachable."),
+        Setting("instances.heartbeat_interval", positive(FLOAT), 1.0,
+                "Seconds between this instance's heartbeats in the database (an instance "
+                "silent for 5 s counts as dead)."),
+        Setting("instances.rebalance_interval", positive(FLOAT), 10.0,
+                "Seconds between closing a few supervisor links when this instance holds "
+                "more than its share."),
     )
 
 
@@ -127,7 +137,10 @@ def config_from(values: dict[str, Any]) -> SwitchboardConfig:
         reconcile_interval=values["supervisors.reconcile_interval"],
         unreachable_after=values["supervisors.unreachable_after"],
         proxies=tuple(url.rstrip("/") for url in values["proxies.servers"]),
-        proxy_service=values["proxies.service"])
+        proxy_service=values["proxies.service"],
+        adopt_signing_key=values["capabilities.adopt_key"],
+        heartbeat_interval=values["instances.heartbeat_interval"],
+        rebalance_interval=values["instances.rebalance_interval"])
     if values["instance"]:
         config.instance = values["instance"]
     return config
