@@ -17,10 +17,12 @@ import psycopg2
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from tests.support import RunningSwitchboard, start_switchboard
 from tests.switchboard.peer import Peer, Script, eventually
+from treadmill.common.http import ApiError
 from treadmill.switchboard.jobstate import Reason, State, Status
 from treadmill.switchboard.service import (
     SigningKeyMismatch,
@@ -391,3 +393,53 @@ async def test_cluster_wide_metrics_come_from_the_leader_only(pair: Any) -> None
     assert "treadmill_instance_leader 1.0" in text["a"]
     assert "treadmill_instance_leader 0.0" in text["b"]
     assert "treadmill_instances_live 2.0" in text["b"]
+
+
+# -- revocations ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_revoked_on_one_instance_is_refused_by_the_other_at_once(
+        pair: Any) -> None:
+    a, b = pair
+    await a.user("alice")
+    for _ in range(10):
+        r = await a.admin.post("/api/v1/tokens", {"user": "alice", "label": "t"})
+        assert r.status == 201, r.body
+        token, token_id = r.body["token"], r.body["id"]
+        alice_b = b.admin.as_user(token)
+        assert (await alice_b.get("/api/v1/tokens")).status == 200  # Now cached on B.
+        revoked = await a.admin.delete(f"/api/v1/tokens/{token_id}")
+        assert revoked.status == 200, revoked.body
+        assert (await alice_b.get("/api/v1/tokens")).status == 401
+    # A lookup that raced with the revocation is not cached past it either.
+    r = await a.admin.post("/api/v1/tokens", {"user": "alice", "label": "t"})
+    token, token_id = r.body["token"], r.body["id"]
+    lookup = Deferred.fromCoroutine(b.service.auth.for_token(token))  # In flight while
+    await a.admin.delete(f"/api/v1/tokens/{token_id}")  # the revocation commits.
+    await lookup.addErrback(lambda f: f.trap(ApiError))
+    await sleep(0.2)
+    assert (await b.admin.as_user(token).get("/api/v1/tokens")).status == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_requests_with_one_token_share_reads(switchboard: RunningSwitchboard
+                                                             ) -> None:
+    auth = switchboard.service.auth
+    client = await switchboard.user("alice")
+    before = auth.reads
+    answers = await gather(*[client.get("/api/v1/tokens") for _ in range(40)])
+    assert [r.status for r in answers] == [200] * 40
+    assert auth.reads - before < 40
+    # A refused token is remembered: no read per attempt.
+    bad = client.as_user("tmu_" + "x" * 43)
+    before = auth.reads
+    for _ in range(5):
+        assert (await bad.get("/api/v1/tokens")).status == 401
+    assert auth.reads - before == 1
+
+
+async def gather(*coroutines: Any) -> list[Any]:
+    from twisted.internet.defer import gatherResults
+
+    return await gatherResults([Deferred.fromCoroutine(c) for c in coroutines])

@@ -48,7 +48,8 @@ class Options(RoleOptions):
         Setting("http.max_body", positive(INT), 64 * 1024, "Largest request body in bytes."),
         Setting("http.access_log", BOOL, True, "Log one line per HTTP request."),
         Setting("auth.cache_ttl", FLOAT, 5.0,
-                "Seconds an API token lookup is cached (revocations clear it at once)."),
+                "Seconds a refused API token is remembered (accepted tokens are read from "
+                "the database on every request, so revocations hold at once everywhere)."),
         Setting("tokens.default_ttl", positive(FLOAT), 30 * DAY,
                 "Lifetime of new API tokens without expires_in, in seconds."),
         Setting("jobs.default_timeout", positive(FLOAT), 3600.0,
