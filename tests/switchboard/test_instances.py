@@ -443,3 +443,35 @@ async def gather(*coroutines: Any) -> list[Any]:
     from twisted.internet.defer import gatherResults
 
     return await gatherResults([Deferred.fromCoroutine(c) for c in coroutines])
+
+
+# -- rebalancing ---------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_links_move_to_an_instance_that_joins(pair: Any) -> None:
+    a, b = pair
+    links = a.service.links
+    links._next_rebalance = float("inf")  # As if B had just joined.
+    peers = [await connect(a, await add_host(a, f"h{i}", ["t"])) for i in range(6)]
+    links._next_rebalance = 0.0
+    a.service.config.rebalance_interval = 0.3
+    # Six links, two live instances: a share is 3, plus 1 of slack. Each link A
+    # closes reconnects (as through the balancer) to B.
+    moved: list[Peer] = []
+    deadline = reactor.seconds() + 5
+    while reactor.seconds() < deadline and len(moved) < 2:
+        for peer in peers:
+            if peer.connection is None and peer not in moved:
+                assert peer.close_code == 4005
+                moved.append(peer)
+                peer.url = b.url
+                await peer.connect()
+        await sleep(0.05)
+    assert len(moved) == 2
+    await sleep(2.0)  # Balanced now: nothing more moves.
+    assert links.rebalanced == 2 and len(links.by_host) == 4
+    assert len(b.service.links.by_host) == 2
+    for p in peers:
+        p.disconnect()
+
