@@ -106,10 +106,11 @@ class SupervisorLink(WebSocketServerProtocol):
         self.links.spawn(self.reconcile())
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        for pending in self._pending.values():
+        # A failed request's waiter pops itself from _pending: iterate over a copy.
+        waiting, self._pending = self._pending, {}
+        for pending in waiting.values():
             if not pending.called:
                 pending.errback(ConnectionError("the supervisor link closed"))
-        self._pending.clear()
         if self.registered:
             self.registered = False
             self.log.info("Supervisor of {host} disconnected ({code} {reason})",
