@@ -163,10 +163,12 @@ async def test_hosts_of_a_dead_instance_are_not_scheduled(pair: Any) -> None:
     await sleep(1.0)
     assert await state_of(a, job) == "queued"
     assert a.service.scheduler.passes > 0
-    assert (await a.admin.get("/api/v1/hosts/h1")).body["instance"] == "b"
+    host = (await a.admin.get("/api/v1/hosts/h1")).body
+    assert (host["instance"], host["connected"]) == ("b", False)
     # The instance comes back: its host is schedulable again.
     b.service.instance.getServiceNamed("heartbeat").startService()
     await peer.wait_for("start_job", job_id=job)
+    assert (await a.admin.get("/api/v1/hosts/h1")).body["connected"] is True
     peer.disconnect()
 
 

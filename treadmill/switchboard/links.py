@@ -15,6 +15,7 @@ import random
 import uuid
 from typing import Any
 
+from autobahn.exception import Disconnected
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
@@ -165,9 +166,11 @@ class SupervisorLink(WebSocketServerProtocol):
         answer: Deferred[dict[str, Any]] = Deferred()
         self._pending[request_id] = answer
         answer.addTimeout(self.links.request_timeout, self.links.reactor)
-        self.send(message)
         try:
+            self.send(message)
             return await answer
+        except Disconnected:  # Closing already (a failover, a rebalance).
+            raise ConnectionError("the supervisor link closed") from None
         finally:
             self._pending.pop(request_id, None)
 

@@ -109,7 +109,8 @@ class SwitchboardService(RoleService):
             log_service=config.limits.log_service, proxies=config.proxies,
             proxy_service=config.proxy_service)
         self.links.setName("links")
-        self.instance = Instance(reactor, self.store, config.instance, config.address,
+        self.instance = Instance(reactor, self.store, config.instance,
+                                 config.address or " ".join(config.listen),
                                  interval=config.heartbeat_interval)
         self.instance.setName("instance")
         self.links.instance_id = self.instance.id

@@ -47,13 +47,29 @@ class JobSpec:
     log_servers: tuple[str, ...] = ()
 
 
+# Limits of the scheduling transaction (SET LOCAL), in milliseconds: a pass
+# never waits long for a lock, and if its instance freezes half-way (SIGSTOP, a
+# long pause) PostgreSQL ends its session, releasing the scheduling lock and
+# the job rows it locked, after idle_in_transaction_session_timeout.
+SCHEDULING_TIMEOUTS = {"statement_timeout": 5000, "lock_timeout": 1000,
+                       "idle_in_transaction_session_timeout": 2000}
+
+INSTANCE_DEAD_AFTER = 5.0
+"""Seconds without a heartbeat after which an instance counts as dead."""
+
+# A live instance: not stopped, heartbeat fresher than %(dead)s seconds.
+_LIVE_INSTANCE = ("i.stopped_at IS NULL "
+                  "AND i.heartbeat_at > now() - make_interval(secs => %(dead)s)")
+
 _USER_COLUMNS = "u.id, u.name, u.admin, u.disabled, u.created_at"
 _TOKEN_COLUMNS = ("t.id, u.name AS user, t.label, t.created_at, t.expires_at, "
                   "t.last_used_at, t.revoked_at")
-_HOST_COLUMNS = """
+_HOST_COLUMNS = f"""
     h.id, h.name, h.tags, h.owner_id, o.name AS owner, h.description, h.enabled, h.healthy,
     h.consecutive_failures,
-    (h.session IS NOT NULL AND h.last_seen_at > now() - interval '20 seconds') AS connected,
+    (h.session IS NOT NULL AND h.last_seen_at > now() - interval '20 seconds'
+     AND EXISTS (SELECT 1 FROM instances i WHERE i.id = h.instance_id AND i.stopped_at IS NULL
+                 AND i.heartbeat_at > now() - interval '{INSTANCE_DEAD_AFTER:g} s')) AS connected,
     h.last_seen_at, h.created_at,
     (SELECT j.id FROM jobs j WHERE j.host_id = h.id AND j.state <> 'terminated'
      ORDER BY j.seq DESC LIMIT 1) AS current_job"""
@@ -68,20 +84,6 @@ _JOB_COLUMNS = """
     j.ready_at, j.terminating_at, j.terminated_at, j.updated_at, j.queue_deadline,
     j.deadline, j.log_servers, j.endpoints, j.host_id"""
 SCHEDULER_LOCK = 0x74726561646D7363  # "treadmsc"
-
-# Limits of the scheduling transaction (SET LOCAL), in milliseconds: a pass
-# never waits long for a lock, and if its instance freezes half-way (SIGSTOP, a
-# long pause) PostgreSQL ends its session, releasing the scheduling lock and
-# the job rows it locked, after idle_in_transaction_session_timeout.
-SCHEDULING_TIMEOUTS = {"statement_timeout": 5000, "lock_timeout": 1000,
-                       "idle_in_transaction_session_timeout": 2000}
-
-INSTANCE_DEAD_AFTER = 5.0
-"""Seconds without a heartbeat after which an instance counts as dead."""
-
-# A live instance: not stopped, heartbeat fresher than %(dead)s seconds.
-_LIVE_INSTANCE = ("i.stopped_at IS NULL "
-                  "AND i.heartbeat_at > now() - make_interval(secs => %(dead)s)")
 
 _EVENT_COLUMNS = ("e.seq, e.job_id AS job, e.at, e.state, e.stage, e.reason, e.exit_status, "
                   "e.message")
