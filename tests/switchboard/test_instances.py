@@ -477,3 +477,63 @@ async def test_links_move_to_an_instance_that_joins(pair: Any) -> None:
     for p in peers:
         p.disconnect()
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_jobs_for_one_kind_of_host_do_not_hide_jobs_for_another(
+        database: str, tmp_path: Path) -> None:
+    sb = await start_switchboard(database, tmp_path, **QUICK)  # No timer passes.
+    try:
+        gpu = await connect(sb, await add_host(sb, "gpu-1", ["gpu"]))
+        plain = await connect(sb, await add_host(sb, "plain-1", ["t"]))
+        for name in ("gpu-1", "plain-1"):
+            assert (await sb.admin.post(f"/api/v1/hosts/{name}/drain")).status == 200
+        gpu_jobs = [await submit(sb, ["gpu"]) for _ in range(3)]
+        plain_job = await submit(sb, ["t"])
+        # Both hosts free up in one pass: it must see the plain job too.
+        await sb.store.pool.execute("UPDATE hosts SET enabled = true")
+        await gpu.wait_for("start_job", job_id=gpu_jobs[0], timeout=1.0)
+        await plain.wait_for("start_job", job_id=plain_job, timeout=1.0)
+        for peer in (gpu, plain):
+            peer.disconnect()
+    finally:
+        await sb.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_locked_elsewhere_is_retried_soon_not_in_a_loop(
+        switchboard: RunningSwitchboard, database: str) -> None:
+    sb = switchboard
+    token = await add_host(sb, "h1", ["t"])
+    # A transaction (a cancel, say) holds the queued job's row while a pass runs.
+    owner = await sb.store.user_id("admin")
+    row = await sb.store.pool.fetchone(
+        "INSERT INTO jobs (owner_id, image_digest, tags, timeout, queue_timeout, "
+        "queue_deadline, event_seq) VALUES (%s, %s, ARRAY['t'], 60, 3600, "
+        "now() + interval '1 hour', 1) RETURNING id", (owner, DIGEST))
+    job = str(row["id"])
+    held, release = threading.Event(), threading.Event()
+    holder = threads.deferToThread(_hold_row, database, job, held, release)
+    assert await threads.deferToThread(held.wait, 10)
+    passes = sb.service.scheduler.passes
+    peer = await connect(sb, token)  # The host is free: a pass picks the locked job.
+    await sleep(1.0)
+    assert await state_of(sb, job) == "queued"
+    release.set()
+    await holder
+    # A retry every 0.5 s, not a pass after pass while it stays locked.
+    assert 1 <= sb.service.scheduler.passes - passes <= 4
+    await peer.wait_for("start_job", job_id=job)
+    peer.disconnect()
+
+
+def _hold_row(dsn: str, job_id: str, held: threading.Event, release: threading.Event) -> None:
+    conn = psycopg2.connect(dsn)
+    try:
+        cur = conn.cursor()
+        cur.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+        held.set()
+        release.wait(30)
+        conn.rollback()
+    finally:
+        conn.close()

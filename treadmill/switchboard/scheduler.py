@@ -113,12 +113,14 @@ class Scheduler(MultiService):
         except Exception:
             self.log.failure("Scheduling pass failed")
             return
-        if not result.locked:
-            # Another instance's pass, or a frozen one until PostgreSQL ends it.
-            self.lost += 1
+        if not result.locked or result.skipped:
+            # Another instance's pass, a frozen one until PostgreSQL ends it, or
+            # a job locked elsewhere: try again soon, not at once.
+            self.lost += not result.locked
             if self._retry_call is None or not self._retry_call.active():
                 self._retry_call = self.reactor.callLater(self.retry, self.wake)
-            return
+            if not result.locked:
+                return
         self.passes += 1
         self.assigned += len(result.pairs)
         if result.more:

@@ -104,11 +104,13 @@ class NotYourJob(PermissionError):
 @dataclass(frozen=True)
 class ScheduleResult:
     """One scheduling pass: whether it held the lock, the (job, host id) pairs it
-    assigned, and whether more may fit at once (a locked job skipped, the limit hit)."""
+    assigned, whether more may fit at once (it read ``limit`` jobs), and how many
+    jobs it skipped because another transaction had them locked."""
 
     locked: bool = True
     pairs: list[tuple[str, int]] = field(default_factory=list)
     more: bool = False
+    skipped: int = 0
 
 
 class Store:
@@ -555,8 +557,8 @@ class Store:
 
         Free hosts are enabled, healthy, idle and connected through a live
         instance (:data:`_LIVE_INSTANCE`, ``dead_after``). Only jobs some free
-        host may run are read (``limit`` at most, and per user no more than
-        there are free hosts), so a runnable job is never stuck behind jobs no
+        host may run are read (``limit`` at most, and per user and tag set no
+        more than there are free hosts), so a runnable job is never stuck behind jobs no
         host can take. A user's share is the number of jobs holding hosts plus
         those assigned within ``fairness_window`` seconds: the user with the
         smallest share goes first.
@@ -565,7 +567,7 @@ class Store:
         tried, never waited for: ``locked`` is False when another holds it).
         The transaction runs under :data:`SCHEDULING_TIMEOUTS`, and locks only
         the jobs it assigns (``SKIP LOCKED``: a job locked elsewhere, being
-        cancelled say, waits for the next pass and sets ``more``).
+        cancelled say, waits for a later pass: ``skipped``).
         """
         from treadmill.switchboard.scheduling import FreeHost, QueuedJob, assign
 
@@ -592,7 +594,9 @@ class Store:
             if not hosts:
                 return ScheduleResult()
             # Each distinct (owner, tags) of the queue is checked against the free
-            # hosts once; then each user's oldest runnable jobs, as many as hosts.
+            # hosts once; then of each runnable kind, the oldest jobs, as many as
+            # there are hosts (a user's jobs for one kind of host cannot hide
+            # their jobs for another).
             jobs = await cur.fetchall(
                 "WITH free AS (SELECT id, owner_id, tags FROM hosts WHERE id = ANY(%(hosts)s)), "
                 "kinds AS (SELECT DISTINCT owner_id, tags FROM jobs WHERE state = 'queued'), "
@@ -603,12 +607,12 @@ class Store:
                 "  AND g.privilege IN ('start', 'manage') "
                 "  AND (g.user_id = k.owner_id OR g.user_id IS NULL))))), "
                 "ranked AS (SELECT j.id, j.seq, j.owner_id, r.admin, j.tags, row_number() "
-                "  OVER (PARTITION BY j.owner_id ORDER BY j.seq) AS n FROM jobs j "
+                "  OVER (PARTITION BY j.owner_id, j.tags ORDER BY j.seq) AS n FROM jobs j "
                 "  JOIN runnable r ON r.owner_id = j.owner_id AND r.tags = j.tags "
                 "  WHERE j.state = 'queued') "
-                "SELECT id, seq, owner_id, admin, tags FROM ranked WHERE n <= %(per_user)s "
+                "SELECT id, seq, owner_id, admin, tags FROM ranked WHERE n <= %(per_kind)s "
                 "ORDER BY seq LIMIT %(limit)s",
-                {"hosts": [h["id"] for h in hosts], "per_user": len(hosts), "limit": limit})
+                {"hosts": [h["id"] for h in hosts], "per_kind": len(hosts), "limit": limit})
             if not jobs:
                 return ScheduleResult()
             counts = await cur.fetchall(
@@ -637,7 +641,8 @@ class Store:
                 await transition(cur, job.id, Status(State.ASSIGNED),
                                  message=f"assigned to {host.name}")
                 done.append((str(job.id), host.id))
-            return ScheduleResult(pairs=done, more=len(done) < len(pairs) or len(jobs) >= limit)
+            return ScheduleResult(pairs=done, more=len(jobs) >= limit,
+                                  skipped=len(pairs) - len(done))
 
         return await self.pool.transaction(run)
 
