@@ -496,11 +496,12 @@ class SupervisorLinks(MultiService):
         """Close a few links if this instance holds more than its fair share.
 
         ``live`` instances hold ``total`` links between them; an instance with
-        more than ``ceil(total / live) + slack`` closes at most ``step`` of its
-        links every ``interval`` seconds, with ``GOING_AWAY``: their supervisors
-        reconnect (with backoff) through the load balancer, which sends them to
-        a less loaded instance. So links come back to an instance that joins
-        or recovers, gently. Returns how many links it closed.
+        more than ``ceil(total / live) + slack`` closes a quarter of the excess
+        (at least ``step``) every ``interval`` seconds, with ``GOING_AWAY``: their
+        supervisors
+        reconnect through the load balancer, which sends them to a less loaded
+        instance. So links come back to an instance that joins or recovers,
+        gently. Returns how many links it closed.
         """
         now = self.reactor.seconds()
         if live < 2 or self.stopping or now < self._next_rebalance:
@@ -510,7 +511,8 @@ class SupervisorLinks(MultiService):
             return 0
         self._next_rebalance = now + interval
         open_links = [link for link in self.by_host.values() if link.state == link.STATE_OPEN]
-        chosen = random.sample(open_links, min(step, excess, len(open_links)))
+        count = min(max(step, excess // 4), excess, len(open_links))
+        chosen = random.sample(open_links, count)
         for link in chosen:
             self._drop(link, CloseCode.GOING_AWAY, "rebalancing between switchboard "
                        "instances: reconnect")
