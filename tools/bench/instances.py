@@ -12,9 +12,10 @@ process (``python -m treadmill.supervisor.fleet``) connected through the
 balancer. The figures of fault-tolerance issue 13:
 
   txn       database transactions per job (``pg_stat_database``: commits and
-            rollbacks, less the idle rate of the same setup) and scheduling
-            passes per job (the instances' ``/metrics``), ``--jobs`` jobs
-            enqueued one after another, each run to its end; with one instance
+            rollbacks, less the idle rate of the same setup just before) and
+            scheduling passes per job, timer passes included (the instances'
+            ``/metrics``): ``--jobs`` jobs, one a second, each run to its end
+            within it (the bench does not poll meanwhile); with one instance
             running, then with all;
   balance   links per instance after the others joined (rebalancing), after
             one instance is killed (SIGKILL), and after it is back, with the
@@ -186,20 +187,27 @@ class Bench:
     # -- phases ----------------------------------------------------------------------
 
     def txn(self, label: str) -> dict[str, Any]:
+        """Transactions per job: one job a second (each ends within it), no polling,
+        less the rate of the same setup idle just before."""
+        time.sleep(3.0)  # Let connections and rebalancing settle.
         idle0, t0 = self.xacts(), time.monotonic()
-        time.sleep(3.0)
+        time.sleep(self.args.jobs / 2)
         idle_rate = (self.xacts() - idle0) / (time.monotonic() - t0)
         x0, p0, t0 = self.xacts(), self.passes(), time.monotonic()
+        jobs = []
         for _ in range(self.args.jobs):
-            job_id = self.job(["mock"])
-            wait(lambda j=job_id: self.state(j)["state"] == "terminated", 30, "a job's end",
-                 0.02)
+            jobs.append(self.job(["mock"]))
+            time.sleep(1.0)
         took = time.monotonic() - t0
         used = self.xacts() - x0 - idle_rate * took
+        passes = self.passes() - p0
+        ended = [self.state(job_id)["state"] for job_id in jobs]
+        if ended != ["terminated"] * len(jobs):
+            raise BenchError(f"jobs still running after 1 s each: {ended}")
         result = {"instances": label, "jobs": self.args.jobs,
                   "transactions_per_job": round(used / self.args.jobs, 1),
                   "idle_transactions_per_s": round(idle_rate, 1),
-                  "scheduling_passes_per_job": round((self.passes() - p0) / self.args.jobs, 2)}
+                  "scheduling_passes_per_job": round(passes / self.args.jobs, 2)}
         say(f"txn ({label}): {result}")
         return result
 
