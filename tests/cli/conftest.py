@@ -20,6 +20,7 @@ from klein import Klein
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from treadmill.cli.main import run
@@ -65,8 +66,24 @@ class WatchPlan:
 
 
 @dataclass
+class Fault:
+    """An answer the fake gives instead of handling a request (``times`` times; None:
+    always)."""
+
+    status: int = 503
+    code: str = "unavailable"
+    message: str = "the database is unavailable"
+    retry_after: str | None = None
+    times: int | None = 1
+
+
+@dataclass
 class FakeSwitchboard:
-    """State and routes of the fake; tests read ``requests`` and set ``events``."""
+    """State and routes of the fake; tests read ``requests`` and set ``events``.
+
+    ``faults["METHOD /api/v1/path"]`` lists :class:`Fault` answers given first;
+    ``seen`` records every request as ``(time, "METHOD /path", Idempotency-Key)``.
+    """
 
     url: str = ""
     ca_file: str = ""
@@ -79,8 +96,34 @@ class FakeSwitchboard:
     requests: list[tuple[str, str, dict[str, Any] | None]] = field(default_factory=list)
     auth_headers: list[str | None] = field(default_factory=list)
     streams_closed_by_client: int = 0
+    faults: dict[str, list[Fault]] = field(default_factory=dict)
+    seen: list[tuple[float, str, str | None]] = field(default_factory=list)
+    log_tokens: list[str] = field(default_factory=list)
+    log_servers: list[str] = field(default_factory=list)
 
     app = Klein()
+
+    def fault(self, request: Request) -> bytes | None:
+        """The injected answer for ``request``, if any (and record it)."""
+        path = request.path.decode()
+        key = request.getHeader(b"idempotency-key")
+        self.seen.append((reactor.seconds(), f"{request.method.decode()} {path}",
+                          key.decode() if key else None))
+        faults = self.faults.get(f"{request.method.decode()} {path}")
+        if not faults:
+            return None
+        fault = faults[0]
+        if fault.times is not None:
+            fault.times -= 1
+            if fault.times <= 0:
+                faults.pop(0)
+        if fault.retry_after is not None:
+            request.setHeader(b"retry-after", fault.retry_after.encode())
+        return self._error(request, fault.status, fault.code, fault.message)
+
+    def count(self, what: str) -> int:
+        """How many requests ``"METHOD /path"`` came."""
+        return sum(1 for _, seen, _ in self.seen if seen == what)
 
     def __post_init__(self) -> None:
         self.users = {
@@ -236,13 +279,33 @@ class FakeSwitchboard:
             body["next_cursor"] = str(start + limit)
         return self._json(request, 200, body)
 
+    def job_as_of_events(self, job_id: str) -> dict[str, Any] | None:
+        """A job (known, or made up from the scripted events) in the state the events
+        published so far say."""
+        job = self.jobs.get(job_id)
+        if job is None and not self.events and not self.log_servers:
+            return None
+        job = dict(job or {"id": job_id, "owner": "alice", "state": "queued", "host": None,
+                           "termination": None, "created_at": NOW, "logs": self.log_servers})
+        for e in self.events:
+            if e["seq"] > self.published:
+                break
+            job["state"], job["stage"] = e["state"], e.get("stage")
+            if e["state"] == "assigned":
+                job["assigned_at"], job["host"] = e["at"], "mock-1"
+            if e["state"] == "terminated":
+                job["terminated_at"] = e["at"]
+                job["termination"] = {k: e.get(k) for k in ("reason", "exit_status", "message")}
+        return job
+
     @app.route("/api/v1/jobs/<job_id>", methods=["GET"])
     def show_job(self, request: Request, job_id: str) -> bytes:
         self._log(request)
         self._user(request)
-        if job_id not in self.jobs:
+        job = self.job_as_of_events(job_id)
+        if job is None:
             return self._error(request, 404, "not_found", "no such job")
-        return self._json(request, 200, self.jobs[job_id])
+        return self._json(request, 200, job)
 
     @app.route("/api/v1/jobs/<job_id>/events", methods=["GET"])
     def list_events(self, request: Request, job_id: str) -> bytes:
@@ -261,7 +324,8 @@ class FakeSwitchboard:
         if not plan.close:
             request.notifyFinish().addErrback(self._client_closed)
         after = int(request.args.get(b"after", [b"0"])[0])
-        upto = plan.upto if plan.upto is not None else max(e["seq"] for e in self.events)
+        upto = plan.upto if plan.upto is not None else max((e["seq"] for e in self.events),
+                                                           default=0)
         self.published = max(self.published, upto)
         request.setHeader(b"content-type", b"text/event-stream")
         request.write(b": hello\n\n")
@@ -278,6 +342,16 @@ class FakeSwitchboard:
 
     def _client_closed(self, _: object) -> None:
         self.streams_closed_by_client += 1
+
+    @app.route("/api/v1/jobs/<job_id>/logs/token", methods=["POST"])
+    def logs_token(self, request: Request, job_id: str) -> bytes:
+        self._log(request)
+        if self._user(request) is None:
+            return self._error(request, 401, "unauthenticated", "missing or unknown token")
+        token = f"tml_log_{len(self.log_tokens)}"
+        self.log_tokens.append(token)
+        return self._json(request, 200, {"servers": self.log_servers, "token": token,
+                                         "streams": ["console", "events"]})
 
     @app.route("/broken/api/v1/whoami", methods=["GET"])
     def broken(self, request: Request) -> bytes:
@@ -301,10 +375,25 @@ Tml = Callable[..., Awaitable[Result]]
 async def fake_switchboard():
     """A fake switchboard listening on a loopback port."""
     fake = FakeSwitchboard()
-    port = reactor.listenTCP(0, Site(fake.app.resource()), interface="127.0.0.1")
+    port = reactor.listenTCP(0, Site(Faulty(fake)), interface="127.0.0.1")
     fake.url = f"http://127.0.0.1:{port.getHost().port}"
     yield fake
     await port.stopListening()
+
+
+class Faulty(Resource):
+    """The fake's routes, behind its injected faults."""
+
+    isLeaf = True
+
+    def __init__(self, fake: FakeSwitchboard):
+        super().__init__()
+        self.fake = fake
+        self.routes = fake.app.resource()
+
+    def render(self, request: Request) -> Any:
+        answer = self.fake.fault(request)
+        return answer if answer is not None else self.routes.render(request)
 
 
 @pytest.fixture

@@ -291,3 +291,22 @@ async def test_closing_survives_a_restart(tmp_path: Path) -> None:
         assert LogShipper.unfinished(state) == []
     finally:
         await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_last_line_of_a_spooled_stream(tmp_path: Path) -> None:
+    job = new_job()
+    shipper = LogShipper(reactor, str(tmp_path), job, [], durable=False, **FAST)
+    try:
+        assert await shipper.last_line("events") == b""
+        for n in range(3):
+            assert shipper.append("events", b'{"n":%d}\n' % n)
+        assert await shipper.last_line("events") == b'{"n":2}'
+        await shipper.stop()
+        resumed = LogShipper(reactor, str(tmp_path), job, [], durable=False, **FAST)
+        assert await resumed.last_line("events") == b'{"n":2}'  # read from the spool
+        assert await resumed.last_line("console") == b""
+        assert not resumed.closing
+        await resumed.stop()
+    finally:
+        await shipper.stop()

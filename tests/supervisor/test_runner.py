@@ -336,6 +336,51 @@ async def test_a_refused_event_is_not_resent(peer: FakeSwitchboard, supervisors:
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_unacknowledged_event_is_sent_again_on_the_same_connection(
+        peer: FakeSwitchboard, supervisors: Make, tmp_path: Path) -> None:
+    peer.auto_ack = False
+    service = supervisors(event_ack_timeout=0.2, event_resend_max=0.4)
+    conn = await peer.connection()
+    await conn.start(job(run_time=0.0))
+    first = await conn.event(ack=False)
+    again = await conn.event(ack=False, timeout=2)  # no ack: the same event, a new id
+    assert again["request_id"] != first["request_id"]
+    assert {**again, "request_id": 0} == {**first, "request_id": 0}
+    conn.send(protocol.ack(again["request_id"]))
+    conn.send(protocol.ack(first["request_id"]))  # the first copy's ack, late: ignored
+    events = [first, *await conn.events_until("terminated")]
+    assert brief(events) == [*STAGES, "ready", "terminated"]
+    assert events[-1]["reason"] == "workload_exited" and events[-1]["exit_status"] == 0
+    await eventually(lambda: journal(tmp_path / "state") == [])
+    assert (await conn.status())["job"] is None
+    assert len(peer.connections) == 1 and conn.open_now
+    assert service.runner.pending_events == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_event_acked_unavailable_is_sent_again_until_stored(
+        peer: FakeSwitchboard, supervisors: Make, tmp_path: Path) -> None:
+    peer.auto_ack = False
+    supervisors(event_ack_timeout=0.1, event_resend_max=0.2)
+    conn = await peer.connection()
+    await conn.start(job(run_time=0.0, exit_status=0))
+    await conn.events_until("ready")
+    copies = []
+    for _ in range(3):  # the switchboard's database is away
+        final = await conn.event(ack=False, timeout=2)
+        copies.append(final)
+        assert final["state"] == "terminated"
+        conn.send(protocol.ack(final["request_id"], ("unavailable", "the database is away")))
+        await eventually(lambda: len(journal(tmp_path / "state")) == 1)
+    final = await conn.event(timeout=2)  # acked: stored at last
+    assert all({**c, "request_id": 0} == {**final, "request_id": 0} for c in copies)
+    assert final["state"] == "terminated" and final["reason"] == "workload_exited"
+    assert (await conn.status())["job"] is None
+    await eventually(lambda: journal(tmp_path / "state") == [])
+    await conn.nothing(0.4)  # and never sent again
+
+
+@pytest_twisted.ensureDeferred
 async def test_restart_reports_the_job_it_cannot_adopt(peer: FakeSwitchboard,
                                                        supervisors: Make,
                                                        tmp_path: Path) -> None:

@@ -50,6 +50,16 @@ def test_defaults() -> None:
     assert (config.reconnect_initial, config.reconnect_max) == (1.0, 60.0)
     assert (config.heartbeat_interval, config.heartbeat_timeout) == (5.0, 10.0)
     assert config.driver == "mock" and config.mock == MockSettings()
+    assert (config.event_ack_timeout, config.event_resend_max) == (5.0, 60.0)
+    runner = SupervisorService(reactor, config).runner
+    assert runner.ack_timeout == 5.0
+
+
+def test_event_resend_settings() -> None:
+    config = tap.config_from(options(
+        "--switchboard-url", "ws://sb", "--switchboard-token", "t", "--state-dir", "/x",
+        "--events-ack-timeout", "0.5", "--events-resend-max", "8").values)
+    assert (config.event_ack_timeout, config.event_resend_max) == (0.5, 8.0)
 
 
 def test_image_settings(tmp_path: Path) -> None:
@@ -86,6 +96,10 @@ def test_image_settings(tmp_path: Path) -> None:
     (["--state-dir", "/x", "--switchboard-token", "t", "--driver", "nonesuch"], "--driver"),
     (["--state-dir", "/x", "--switchboard-token", "t", "--reconnect-initial", "100"],
      "reconnect.initial"),
+    (["--state-dir", "/x", "--switchboard-token", "t", "--events-ack-timeout", "100"],
+     "events.ack_timeout"),
+    (["--state-dir", "/x", "--switchboard-token", "t", "--events-ack-timeout", "0"],
+     "--events-ack-timeout"),
     (["--state-dir", "/x", "--switchboard-token", "t", "--mock-fail-at", "nowhere"],
      "--mock-fail-at"),
     (["--state-dir", "/x", "--switchboard-token", "t", "--switchboard-ca-file", "/nope.pem"],

@@ -1,8 +1,18 @@
-"""A small client for the switchboard's JSON API (``docs/api.md``), on treq."""
+"""A small client for the switchboard's JSON API (``docs/api.md``), on treq.
+
+Retries (``docs/cli.md``): an idempotent request (``GET``, ``HEAD``, ``PUT``,
+``DELETE``, or a ``POST`` with an ``Idempotency-Key``) that fails to connect or
+is answered 503 is sent again, backing off with jitter and honouring
+``Retry-After``, for at most ``retry_for`` seconds; then the last failure is
+reported with how long it was retried. ``POST /api/v1/jobs`` always carries an
+``Idempotency-Key`` (a fresh UUID per submission, the same for its retries), so
+that a retried submission returns the same job. Other requests are sent once.
+"""
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -10,22 +20,33 @@ from urllib.parse import quote
 import treq
 from treq.client import HTTPClient
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
     RequestTransmissionFailed,
+    ResponseDone,
     ResponseFailed,
 )
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from treadmill.cli.config import ConfigError, Settings
+from treadmill.cli.output import clean
+from treadmill.cli.retry import Retry, retry_after_seconds
 from treadmill.cli.sse import SSEMessage, SSEParser
 
 USER_AGENT = b"tml/0.1"
 # RFC 3986 pchar minus "/": a segment keeps these, everything else is percent-encoded.
 _SEGMENT_SAFE = "!$&'()*+,;=:@"
 _NO_BODY = object()
+IDEMPOTENCY_KEY = b"Idempotency-Key"
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+RETRY_FOR = 30.0  # default seconds an idempotent request is retried
+RETRY_INITIAL = 0.5  # the first pause (halved at most by the jitter), doubling to...
+RETRY_MAX_DELAY = 8.0  # ...this
 
 
 class ApiError(Exception):
@@ -45,6 +66,77 @@ class Unreachable(Exception):
         super().__init__(f"cannot reach the switchboard at {url}: {reason}")
         self.url = url
         self.reason = reason
+
+
+class Cancelled(CancelledError):
+    """The caller cancelled what it awaited (an interrupt, or a follower told to stop).
+
+    Unlike a request that timed out, it is never retried and never reported as
+    the switchboard being unreachable."""
+
+
+def cancellable(d: Deferred[Any]) -> Deferred[Any]:
+    """``d``, except that cancelling the result cancels ``d`` and fails with
+    :class:`Cancelled`, whatever ``d`` fails with then (``ResponseNeverReceived``…)."""
+    cancelled = False
+
+    def cancel(_: Deferred[Any]) -> None:
+        nonlocal cancelled
+        cancelled = True
+        d.cancel()
+
+    outer: Deferred[Any] = Deferred(cancel)
+
+    def failed(failure: Failure) -> None:
+        outer.errback(Failure(Cancelled()) if cancelled else failure)
+
+    d.addCallbacks(outer.callback, failed)
+    return outer
+
+
+class _Collector(Protocol):
+    def __init__(self, finished: Deferred[None], collector: Callable[[bytes], None]):
+        self.finished: Deferred[None] | None = finished
+        self.collector = collector
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.finished is None:
+            return
+        try:
+            self.collector(data)
+        except BaseException:
+            finished, self.finished = self.finished, None
+            self.transport.loseConnection()
+            finished.errback(Failure())
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        finished, self.finished = self.finished, None
+        if finished is None:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            finished.callback(None)
+        else:
+            finished.errback(reason)
+
+    def stop(self) -> None:
+        self.finished = None
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+def collect(response: IResponse, collector: Callable[[bytes], None]) -> Deferred[None]:
+    """Like ``treq.collect``, but cancelling it closes the connection at once (so no
+    more data reaches ``collector``) and fails with :class:`Cancelled`."""
+    protocol: _Collector | None = None
+
+    def cancel(_: Deferred[None]) -> None:
+        if protocol is not None:
+            protocol.stop()
+
+    finished: Deferred[None] = Deferred(cancel)
+    protocol = _Collector(finished, collector)
+    response.deliverBody(protocol)
+    return cancellable(finished)
 
 
 class _StopWatching(Exception):
@@ -88,8 +180,40 @@ def describe_transport_error(exc: BaseException, timeout: float | None = None) -
     if type(leaf).__module__.startswith("service_identity"):
         return f"TLS error: the certificate does not match the host name ({leaf})"
     if isinstance(exc, RequestTransmissionFailed | ResponseFailed):
-        return str(leaf) or type(leaf).__name__
+        text = str(leaf)
+        return type(leaf).__name__ if not text or _is_repr(text) else text
     return None
+
+
+def plain_error(exc: BaseException) -> str:
+    """Text for people about ``exc``: never a ``Failure`` or exception repr.
+
+    Connection failures get :func:`describe_transport_error`'s short reasons,
+    ``OSError`` its ``strerror`` (and file name); text that is a repr (``[<twisted…``,
+    ``<…object at 0x…>``) or empty becomes the exception's class name.
+    """
+    reason = describe_transport_error(exc)
+    if reason is not None and not _is_repr(reason):
+        return reason
+    leaf = _leaf_reason(exc)
+    if isinstance(leaf, OSError) and leaf.strerror:
+        return f"{leaf.strerror}: {leaf.filename}" if leaf.filename else leaf.strerror
+    text = str(leaf)
+    return type(leaf).__name__ if not text or _is_repr(text) else text
+
+
+def _is_repr(text: str) -> bool:
+    return "<twisted." in text or "Failure " in text or " object at 0x" in text
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed connection may work when tried again (not a TLS failure)."""
+    leaf = _leaf_reason(exc)
+    module = type(leaf).__module__
+    if module.startswith("OpenSSL") or module.startswith("service_identity"):
+        return False
+    return isinstance(leaf, ierror.ConnectError | ierror.ConnectionLost | ierror.ConnectionDone
+                      | ierror.TimeoutError | ierror.ConnectingCancelledError | CancelledError)
 
 
 async def _error_from(response: IResponse) -> ApiError:
@@ -125,11 +249,15 @@ class ApiClient:
         *,
         pool: HTTPConnectionPool | None = None,
         timeout: float = 60.0,
+        retry_for: float = RETRY_FOR,
     ) -> None:
         self.reactor = reactor
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.retry_for = retry_for
+        # Told (once per request) when a request is retried: ``on_retry(text)``.
+        self.on_retry: Callable[[str], None] | None = None
         self._http = http
         self._pool = pool
 
@@ -143,11 +271,12 @@ class ApiClient:
             try:
                 policy = client_policy(settings.ca_file)
             except (OSError, ValueError) as e:
-                raise ConfigError(f"CA file: {e}") from None
+                raise ConfigError(f"CA file: {plain_error(e)}") from None
             agent = Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=15)
         else:
             agent = Agent(reactor, pool=pool, connectTimeout=15)
-        return cls(reactor, settings.url, settings.token, HTTPClient(agent), pool=pool)
+        return cls(reactor, settings.url, settings.token, HTTPClient(agent), pool=pool,
+                   retry_for=settings.retry_for)
 
     async def close(self) -> None:
         """Close idle connections."""
@@ -164,6 +293,10 @@ class ApiClient:
             headers[b"Authorization"] = [b"Bearer " + self.token.encode("utf-8")]
         return headers
 
+    def _retrying(self, retry: Retry, what: str, delay: float) -> None:
+        if retry.failures == 1 and self.on_retry is not None:
+            self.on_retry(f"tml: {what}; retrying for up to {self.retry_for:g} s")
+
     async def _send(
         self,
         method: str,
@@ -174,36 +307,68 @@ class ApiClient:
         auth: bool = True,
         accept: bytes = b"application/json",
         stream: bool = False,
+        idempotency_key: str | None = None,
     ) -> IResponse:
         kwargs: dict[str, Any] = {}
         if body is not _NO_BODY:
             kwargs["json"] = body
         if params:
             kwargs["params"] = {k: str(v) for k, v in params.items() if v is not None}
-        try:
-            response = await self._http.request(
-                method,
-                self.url(segments),
-                headers=self._headers(accept, auth),
-                allow_redirects=False,
-                unbuffered=stream,
-                # A stream may rightly stay silent until the next event: no timeout.
-                timeout=None if stream else self.timeout,
-                reactor=self.reactor,
-                **kwargs,
-            )
-        except Exception as e:
-            reason = describe_transport_error(e, self.timeout)
-            if reason is None:
-                raise
-            raise Unreachable(self.base_url, reason) from None
-        if not 200 <= response.code < 300:
+        headers = self._headers(accept, auth)
+        if idempotency_key is not None:
+            headers[IDEMPOTENCY_KEY] = [idempotency_key.encode("ascii")]
+        retry: Retry | None = None
+        if method in IDEMPOTENT_METHODS or idempotency_key is not None:
+            retry = Retry(self.reactor, give_up_after=self.retry_for, initial=RETRY_INITIAL,
+                          max_delay=RETRY_MAX_DELAY)
+            retry.since = self.reactor.seconds()  # the bound counts from the first attempt
+        while True:
             try:
-                raise await _error_from(response)
+                response = await cancellable(self._http.request(
+                    method,
+                    self.url(segments),
+                    headers=headers,
+                    allow_redirects=False,
+                    unbuffered=stream,
+                    # A stream may rightly stay silent until the next event: no timeout.
+                    timeout=None if stream else self.timeout,
+                    reactor=self.reactor,
+                    **kwargs,
+                ))
+            except Cancelled:
+                raise
+            except Exception as e:
+                reason = describe_transport_error(e, self.timeout)
+                if reason is None:
+                    raise
+                transient = retry is not None and is_transient(e)
+                delay = retry.next_delay() if transient and retry is not None else None
+                if delay is None:
+                    if retry is not None and retry.failures > 1:
+                        reason = f"{reason} ({retry.summary()})"
+                    raise Unreachable(self.base_url, reason) from None
+                assert retry is not None
+                self._retrying(retry, f"cannot reach the switchboard at {self.base_url}: "
+                               f"{reason}", delay)
+                await retry.sleep(delay)
+                continue
+            if 200 <= response.code < 300:
+                return response
+            try:
+                error = await _error_from(response)
             except (ResponseFailed, ierror.ConnectionLost) as e:
-                reason = describe_transport_error(e) or str(e)
+                reason = plain_error(e)
                 raise Unreachable(self.base_url, reason) from None
-        return response
+            if response.code != 503 or retry is None:
+                raise error
+            wait = retry_after_seconds(
+                (response.headers.getRawHeaders(b"retry-after") or [None])[-1])
+            delay = retry.next_delay(wait)
+            what = f"the switchboard is unavailable (HTTP 503: {clean(error.message)})"
+            if delay is None:
+                raise Unreachable(self.base_url, f"{what}; {retry.summary()}")
+            self._retrying(retry, what, delay)
+            await retry.sleep(delay)
 
     async def request(
         self,
@@ -213,11 +378,22 @@ class ApiClient:
         params: Mapping[str, Any] | None = None,
         body: Any = _NO_BODY,
         auth: bool = True,
+        idempotency_key: str | None = None,
     ) -> Any:
-        """Send a request; return the decoded JSON body, or ``None`` for 204."""
-        response = await self._send(method, segments, params=params, body=body, auth=auth)
+        """Send a request; return the decoded JSON body, or ``None`` for 204.
+
+        With ``idempotency_key`` (sent as ``Idempotency-Key``) a ``POST`` is retried
+        like an idempotent request; ``POST /api/v1/jobs`` always gets one.
+        """
+        if (idempotency_key is None and method == "POST"
+                and tuple(segments) == ("jobs",)):
+            idempotency_key = str(uuid.uuid4())
+        response = await self._send(method, segments, params=params, body=body, auth=auth,
+                                    idempotency_key=idempotency_key)
         try:
-            content = await treq.content(response)
+            content = await cancellable(treq.content(response))
+        except Cancelled:
+            raise
         except Exception as e:
             reason = describe_transport_error(e)
             if reason is None:
@@ -275,9 +451,11 @@ class ApiClient:
                     raise _StopWatching()
 
         try:
-            await treq.collect(response, collector)
+            await collect(response, collector)
         except _StopWatching:
             return True
+        except Cancelled:
+            raise
         except Exception as e:
             reason = describe_transport_error(e)
             if reason is None:

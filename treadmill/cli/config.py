@@ -1,8 +1,11 @@
 """Where ``tml`` finds the switchboard URL, the API token and the CA file.
 
 Each setting is taken from the first of: a command-line flag, an environment
-variable, the configuration file. The file is TOML with top-level keys ``url``,
-``token`` and ``ca_file``; ``tml login`` writes it.
+variable, the configuration file. The token is best given by ``--token-file``,
+``$TREADMILL_TOKEN`` or the file: ``--token TOKEN`` shows it to every local user
+(the process list) and is kept only for compatibility, with a warning. The
+file is TOML with top-level keys ``url``, ``token`` and ``ca_file``; ``tml
+login`` writes it.
 
 A token read from the file is only sent to the URL stored next to it, so that
 pointing ``tml`` at another switchboard with ``--url`` never leaks it.
@@ -35,6 +38,7 @@ class Settings:
     token: str | None
     ca_file: str | None
     config_path: Path
+    retry_for: float = 30.0  # seconds an idempotent request is retried (docs/cli.md)
 
 
 def config_path(env: Mapping[str, str], override: str | None = None) -> Path:
@@ -85,6 +89,7 @@ def resolve(
     token: str | None = None,
     ca_file: str | None = None,
     config: str | None = None,
+    token_file: str | None = None,
 ) -> Settings:
     """Resolve the settings from flags (the keyword arguments), ``env`` and the file."""
     path = config_path(env, config)
@@ -100,6 +105,8 @@ def resolve(
 
     if token:
         final_token: str | None = token.strip()
+    elif token_file:
+        final_token = read_token_file(token_file)
     elif env.get("TREADMILL_TOKEN"):
         final_token = env["TREADMILL_TOKEN"].strip()
     elif data.get("token") and (file_url is None or file_url == final_url):
@@ -108,7 +115,39 @@ def resolve(
         final_token = None
 
     final_ca = ca_file or env.get("TREADMILL_CA_FILE") or data.get("ca_file") or None
-    return Settings(final_url, final_token or None, final_ca, path)
+    retry_for = _retry_for(env.get("TREADMILL_RETRY_FOR"), "TREADMILL_RETRY_FOR")
+    if retry_for is None:
+        retry_for = _retry_for(data.get("retry_for"), f"{path}: retry_for")
+    return Settings(final_url, final_token or None, final_ca, path,
+                    30.0 if retry_for is None else retry_for)
+
+
+def _retry_for(value: Any, source: str) -> float | None:
+    """Seconds to retry for, from the environment or the file (None if unset)."""
+    if value is None or value == "":
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if isinstance(value, bool) or not 0 <= seconds <= 86400:
+        raise ConfigError(f"{source}: expected seconds between 0 and 86400, got {value!r}")
+    return seconds
+
+
+def read_token_file(path: str) -> str:
+    """The token in the file ``path`` (``--token-file``): its first line, trimmed."""
+    try:
+        with open(Path(path).expanduser(), encoding="utf-8") as f:
+            text = f.read(4096)
+    except OSError as e:
+        raise ConfigError(f"--token-file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--token-file {path}: not UTF-8 text") from None
+    token = text.strip().split("\n", 1)[0].strip() if text.strip() else ""
+    if not token:
+        raise ConfigError(f"--token-file {path}: the file is empty")
+    return token
 
 
 def _toml_string(value: str) -> str:

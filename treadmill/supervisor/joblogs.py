@@ -7,6 +7,16 @@ first produces output: the host's console goes to the ``console`` stream,
 each job event (one JSON line) to ``events``. When the job ends its streams
 are closed on every server, in the background; a supervisor restarted before
 that resumes shipping from its spool.
+
+One shipper per job, always: a job's shipper lives from its first output (or
+the restart that finds its spool) until its streams are closed everywhere and
+its spool is gone, whether the job still runs (:attr:`shippers`) or is over
+(:attr:`closing`). A restart that reports the interrupted job as dropped (the
+runner starts first) makes that job's shipper from the spool, and
+:meth:`resume` then leaves the job alone; :meth:`stop` stops every shipper,
+closing ones too, so none outlives its supervisor. A job's streams are closed
+only once its final event line is spooled, and :meth:`resume` adds that line
+if a crash lost it (the runner journaled the event, the spool missed it).
 """
 
 from __future__ import annotations
@@ -14,10 +24,25 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from treadmill.supervisor.logship import LogShipper
+from treadmill.supervisor.logship import EVENTS, LogShipper
+
+
+def _line(event: dict[str, Any]) -> bytes:
+    """A job event as a line of the ``events`` stream."""
+    text = json.dumps({key: value for key, value in event.items() if key != "request_id"},
+                      separators=(",", ":"), sort_keys=True)
+    return text.encode("utf-8") + b"\n"
+
+
+def _is_final(line: bytes) -> bool:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(event, dict) and event.get("state") == "terminated"
 
 
 class JobLogs:
@@ -34,8 +59,10 @@ class JobLogs:
         self.ca_file = ca_file
         self.name = name
         self.servers: dict[str, list[dict[str, str]]] = {}
-        self.shippers: dict[str, LogShipper] = {}
+        self.shippers: dict[str, LogShipper] = {}  # jobs that still produce output
+        self.closing: dict[str, LogShipper] = {}  # ended jobs: shipping the rest, then closing
         self._closing: set[Deferred[Any]] = set()
+        self._stopped = False
 
     def _options(self) -> dict[str, Any]:
         return {"spool_limit": self.spool_limit, "durable": self.durable,
@@ -46,16 +73,25 @@ class JobLogs:
                        "were refused (a log server is unreachable or slow)", name=self.name,
                        job=shipper.job_id, count=nbytes, stream=stream)
 
-    def resume(self, current_job: str | None) -> None:
-        """After a restart: ship what the spool still holds, finishing ended jobs."""
+    def resume(self, current_job: str | None,
+               ended: list[dict[str, Any]] | None = None) -> None:
+        """After a restart: ship what the spool still holds, finishing ended jobs.
+
+        ``ended`` holds the final events of the jobs that ended here (the runner's):
+        an ended job whose ``events`` stream lacks its final line (a crash after
+        the runner journaled the event, before the line was spooled) gets it.
+        """
+        finals = {e.get("job_id"): e for e in ended or ()}
         for job_id in LogShipper.unfinished(self.state_dir):
+            if job_id in self.shippers or job_id in self.closing:
+                continue  # made already, from the spool (the runner reported it dropped)
             shipper = LogShipper.resume(self.reactor, self.state_dir, job_id,
                                         **self._options())
             if shipper is None:
                 continue
             self.shippers[job_id] = shipper
             if job_id != current_job:
-                self._finish(job_id)
+                self._finish(job_id, finals.get(job_id))
 
     def job_started(self, job: dict[str, Any]) -> None:
         """A job was accepted: remember where its logs go (fresh tokens too)."""
@@ -69,7 +105,8 @@ class JobLogs:
 
     def _shipper(self, job_id: str) -> LogShipper | None:
         shipper = self.shippers.get(job_id)
-        if shipper is None and job_id in self.servers:
+        if shipper is None and job_id in self.servers and job_id not in self.closing:
+            # Continues the spool a restart left, if any (the LogShipper reads it).
             shipper = LogShipper(self.reactor, self.state_dir, job_id, self.servers[job_id],
                                  **self._options())
             self.shippers[job_id] = shipper
@@ -86,33 +123,57 @@ class JobLogs:
         shipper = self._shipper(job_id)
         if shipper is None:
             return
-        line = json.dumps({key: value for key, value in event.items() if key != "request_id"},
-                          separators=(",", ":"), sort_keys=True)
-        shipper.append("events", line.encode("utf-8") + b"\n")
+        shipper.append(EVENTS, _line(event))
         if event.get("state") == "terminated":
             self._finish(job_id)
 
-    def _finish(self, job_id: str) -> None:
+    def _finish(self, job_id: str, final: dict[str, Any] | None = None) -> None:
         shipper = self.shippers.pop(job_id, None)
         self.servers.pop(job_id, None)
         if shipper is None:
             return
-        closing = ensureDeferred(shipper.close())
+        self.closing[job_id] = shipper
+        closing = Deferred.fromCoroutine(self._close(job_id, shipper, final))
         self._closing.add(closing)
 
-        def done(result: Any) -> None:
-            self._closing.discard(closing)
-            if result is False:
+        def failed(failure: Any) -> None:
+            self.log.failure("{name}: closing the logs of job {job} failed", failure,
+                             name=self.name, job=job_id)
+
+        closing.addErrback(failed).addBoth(lambda _: self._closing.discard(closing))
+
+    async def _close(self, job_id: str, shipper: LogShipper,
+                     final: dict[str, Any] | None) -> None:
+        """Close a job's streams (its final event line spooled first); forget its
+        shipper once it finished."""
+        if final is not None and not shipper.closing:
+            last = await shipper.last_line(EVENTS)
+            if self._stopped:
+                return  # the next start looks again
+            if last is not None and not _is_final(last):
+                self.log.warn("{name}: the events log of job {job} lacks its final line; "
+                              "adding it", name=self.name, job=job_id)
+                shipper.append(EVENTS, _line(final))
+        # Closing is recorded in the spool's cursors: only once the last line is in it.
+        await shipper.flushed()
+        if self._stopped:
+            return
+        warned = False
+        while not await shipper.close(timeout=30.0):
+            if self._stopped:
+                return  # the next start resumes it
+            if not warned:
                 self.log.warn("{name}: logs of job {job} are still being shipped",
                               name=self.name, job=job_id)
-            elif hasattr(result, "check"):
-                self.log.failure("{name}: closing the logs of job {job} failed", result,
-                                 name=self.name, job=job_id)
-
-        closing.addBoth(done)
+                warned = True
+        if self.closing.get(job_id) is shipper:
+            del self.closing[job_id]
 
     async def stop(self) -> None:
-        """Supervisor shutdown: keep spools and cursors for the next start."""
-        for shipper in list(self.shippers.values()):
+        """Supervisor shutdown: keep spools and cursors for the next start (closing
+        shippers stop too: the next start resumes them)."""
+        self._stopped = True
+        for shipper in [*self.shippers.values(), *self.closing.values()]:
             await shipper.stop()
         self.shippers.clear()
+        self.closing.clear()

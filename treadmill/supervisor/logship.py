@@ -409,6 +409,26 @@ class LogShipper:
         """Every stream is closed on every server and the spool is gone."""
         return self._finished
 
+    @property
+    def closing(self) -> bool:
+        """:meth:`close` was called (before a restart, too): appends are refused."""
+        return self._closing
+
+    async def last_line(self, stream: str, limit: int = 64 * 1024) -> bytes | None:
+        """The last line spooled in ``stream`` (``b""`` if it has none), once every
+        byte appended so far is spooled; None if the spool no longer holds its end."""
+        await self.flushed()
+        st = self._streams.get(stream)
+        if st is None or st.spooled == 0:
+            return b""
+        if not st.segments or st.spooled <= st.base:
+            return None
+        first = st.segments[-1][0]  # a segment starts where an append started
+        start = max(first, st.spooled - limit)
+        data = await self._read(st, start, st.spooled - start)
+        lines = data.rstrip(b"\n").rsplit(b"\n", 1)
+        return lines[-1] if len(lines) > 1 or start == first else None
+
     def status(self) -> dict[str, Any]:
         return {
             "job_id": self.job_id, "pending_bytes": self.pending_bytes,

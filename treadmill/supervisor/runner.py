@@ -20,16 +20,25 @@ each event is written to the journal (in a thread, ``fsync``-ed) before it is
 sent; events are sent one at a time, in order, each after the previous one was
 acknowledged, on whichever connection is open, and deleted from the journal
 when acknowledged. After a reconnect the outbox simply starts again from its
-head. Execution timeouts are the switchboard's business, not the runner's.
+head. An event not acknowledged within ``ack_timeout`` seconds is sent again
+on the same connection (a new request id; the switchboard applies a repeat as
+a no-op), and so is one acknowledged with the retryable error
+``unavailable`` (the switchboard could not store it), after a pause; both
+delays double with each attempt, with jitter, up to ``resend_max``. An ack for
+any of the request ids the event went out with acknowledges it. Other refusals
+are logged and the event dropped. Execution timeouts are the switchboard's
+business, not the runner's.
 """
 
 from __future__ import annotations
 
 import collections
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -52,6 +61,9 @@ __all__ = ["ConsoleBuffer", "JobRunner", "Session"]
 
 ACTIVE_STATES = ("assigned", "initializing", "ready", "terminating")
 RESTART_MESSAGE = "supervisor restarted; the job could not be re-adopted"
+# An ack error meaning "not stored, send it again later" (docs/protocol.md). The literal
+# stands until treadmill/protocol/supervisor.py names it (the switchboard's side).
+UNAVAILABLE = "unavailable"
 
 
 class Session(Protocol):
@@ -199,14 +211,18 @@ class JobRunner:
 
     ``run_io(fn, *args)`` runs blocking state-directory I/O and returns a
     Deferred; by default in the reactor's thread pool. Calls are serialised,
-    so the journal is written in event order.
+    so the journal is written in event order. ``ack_timeout`` and
+    ``resend_max`` bound the resending of unacknowledged events; ``jitter()``
+    returns a number in [0, 1) that scales a random extra delay.
     """
 
     log = Logger()
 
     def __init__(self, reactor: Any, driver: IHostDriver, files: StateFiles, *,
                  run_io: Callable[..., Deferred[Any]] | None = None,
-                 console_buffer: int = 64 * 1024, name: str = "supervisor"):
+                 console_buffer: int = 64 * 1024, name: str = "supervisor",
+                 ack_timeout: float = 5.0, resend_max: float = 60.0,
+                 jitter: Callable[[], float] = random.random):
         self.reactor = reactor
         self.driver = driver
         self.files = files
@@ -216,7 +232,16 @@ class JobRunner:
         self._current: _Current | None = None
         self._ended: list[dict[str, Any]] = []
         self._outbox: collections.deque[_Pending] = collections.deque()
-        self._inflight: tuple[int, _Pending] | None = None
+        # The outbox's head once sent on the open connection, until acknowledged; the
+        # request ids it went out with; the timer that sends it again; how many times.
+        self._inflight: _Pending | None = None
+        self._sent_rids: set[int] = set()
+        self._late_rids: set[int] = set()  # other ids of the last acknowledged event
+        self._retry_call: Any = None
+        self._attempts = 0
+        self.ack_timeout = ack_timeout
+        self._backoff = backoffPolicy(ack_timeout, max(ack_timeout, resend_max), factor=2,
+                                      jitter=lambda: jitter() * ack_timeout)
         self._seq = 1
         self._session: Session | None = None
         self._drain_waiters: list[Deferred[None]] = []
@@ -239,6 +264,7 @@ class JobRunner:
         self._snapshots: dict[str, Deferred[Any]] = {}
         self._snapshot_results: dict[str, dict[str, Any]] = {}
         self._snapshot_sent: dict[int, str] = {}
+        self._calls: set[Any] = set()  # delayed resends of endpoints and snapshot results
 
     # -- introspection (tests, manhole) -----------------------------------------------
 
@@ -293,16 +319,39 @@ class JobRunner:
         rid = session.next_request_id()
         if session.send(protocol.job_endpoints(rid, *pending)):
             self._endpoints_sent = (rid, pending)
+            self._later(self._backoff(0), self._endpoints_unacked, session, rid)
+
+    def _endpoints_unacked(self, session: Session, rid: int) -> None:
+        sent = self._endpoints_sent
+        if session is self._session and sent is not None and sent[0] == rid:
+            self._endpoints_sent = None  # no ack in time: send them again
+            self._send_endpoints()
 
     def _on_endpoints_ack(self, message: dict[str, Any], pending: tuple[str, Any]) -> None:
         self._endpoints_sent = None
+        error = None if message["ok"] else (message.get("error") or {})
+        if error is not None and error.get("code") == UNAVAILABLE:
+            self._later(self._backoff(0), self._resend_endpoints, pending)
+            return
         if self._endpoints is pending:
             self._endpoints = None
-        if not message["ok"]:
-            error = message.get("error") or {}
+        if error is not None:
             self.log.warn("{name}: the switchboard refused the endpoints of job {job}: "
                           "{code}: {text}", name=self.name, job=pending[0],
                           code=error.get("code"), text=error.get("message"))
+
+    def _resend_endpoints(self, pending: tuple[str, Any]) -> None:
+        if self._endpoints is pending and self._endpoints_sent is None:
+            self._send_endpoints()
+
+    def _later(self, delay: float, fn: Callable[..., Any], *args: Any) -> None:
+        """Call ``fn(*args)`` after ``delay`` seconds unless the runner closes first."""
+        def run() -> None:
+            self._calls.discard(call)
+            fn(*args)
+
+        call = self.reactor.callLater(delay, run)
+        self._calls.add(call)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -387,6 +436,11 @@ class JobRunner:
     async def close(self) -> None:
         """Release the driver and the state directory; the job's files stay."""
         self._closed = True
+        self._cancel_retry()
+        for call in list(self._calls):
+            if call.active():
+                call.cancel()
+        self._calls.clear()
         if self._current is not None:
             self._current.reporter.discard()
         try:
@@ -400,7 +454,8 @@ class JobRunner:
 
     def link_opened(self, session: Session) -> None:
         self._session = session
-        self._inflight = None
+        self._forget_inflight()
+        self._attempts = 0
         self._endpoints_sent = None
         self._snapshot_sent = {}
         self._pump()
@@ -411,7 +466,7 @@ class JobRunner:
     def link_closed(self, session: Session) -> None:
         if session is self._session:
             self._session = None
-            self._inflight = None
+            self._forget_inflight()
             self._fire_drain_waiters()
 
     def message_received(self, session: Session, message: dict[str, Any]) -> None:
@@ -580,6 +635,17 @@ class JobRunner:
 
         running.addBoth(finished)
 
+    def _on_snapshot_ack(self, message: dict[str, Any], snapshot_id: str) -> None:
+        error = None if message["ok"] else (message.get("error") or {})
+        if error is not None and error.get("code") == UNAVAILABLE:
+            self._later(self._backoff(0), self._resend_snapshot_result, snapshot_id)
+            return
+        self._snapshot_results.pop(snapshot_id, None)
+
+    def _resend_snapshot_result(self, snapshot_id: str) -> None:
+        if snapshot_id not in self._snapshot_sent.values():
+            self._send_snapshot_result(snapshot_id)
+
     def _send_snapshot_result(self, snapshot_id: str) -> None:
         session, outcome = self._session, self._snapshot_results.get(snapshot_id)
         if session is None or outcome is None:
@@ -587,6 +653,11 @@ class JobRunner:
         rid = session.next_request_id()
         if session.send({**outcome, "request_id": rid}):
             self._snapshot_sent[rid] = snapshot_id
+            self._later(self._backoff(0), self._snapshot_unacked, session, rid)
+
+    def _snapshot_unacked(self, session: Session, rid: int) -> None:
+        if session is self._session and rid in self._snapshot_sent:
+            self._send_snapshot_result(self._snapshot_sent.pop(rid))  # no ack in time
 
     async def _status_request(self, session: Session, message: dict[str, Any]) -> None:
         # Every journaled event first: the switchboard must see them before the status.
@@ -749,31 +820,87 @@ class JobRunner:
         head = self._outbox[0]
         if not head.written:
             return
+        self._send_head(session, head)
+
+    def _send_head(self, session: Session, head: _Pending) -> None:
+        """Send ``head`` (again) and wait ``ack_timeout`` (backing off) for its ack."""
         rid = session.next_request_id()
-        if session.send(protocol.job_event(rid, **head.event)):
-            self._inflight = (rid, head)
+        if not session.send(protocol.job_event(rid, **head.event)):
+            return  # closing: link_closed follows, and the next connection sends it
+        if self._inflight is not head:
+            self._inflight, self._sent_rids = head, set()
+        self._sent_rids.add(rid)
+        self._attempts += 1
+        self._retry_after(self._backoff(self._attempts - 1), "timeout")
+
+    def _retry_after(self, delay: float, why: str) -> None:
+        self._cancel_retry()
+        self._retry_call = self.reactor.callLater(delay, self._retry, delay, why)
+
+    def _cancel_retry(self) -> None:
+        call, self._retry_call = self._retry_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _forget_inflight(self) -> None:
+        """The connection changed: what was sent on the old one is not awaited."""
+        self._cancel_retry()
+        self._inflight = None
+        self._sent_rids = set()
+        self._late_rids = set()
+
+    def _retry(self, delay: float, why: str) -> None:
+        self._retry_call = None
+        head, session = self._inflight, self._session
+        if head is None or session is None:
+            return
+        if not self._outbox or self._outbox[0] is not head:  # cannot happen; stay safe
+            self._forget_inflight()
+            self._pump()
+            return
+        if why == "timeout":
+            self.log.warn("{name}: no ack for the {state} event of job {job} within "
+                          "{delay:.1f} s; sending it again (attempt {attempt})",
+                          name=self.name, state=head.event["state"], job=head.event["job_id"],
+                          delay=delay, attempt=self._attempts + 1)
+        self._send_head(session, head)
 
     def _on_ack(self, session: Session, message: dict[str, Any]) -> None:
-        snapshot_id = (self._snapshot_sent.pop(message["request_id"], None)
-                       if session is self._session else None)
+        rid = message["request_id"]
+        snapshot_id = self._snapshot_sent.pop(rid, None) if session is self._session else None
         if snapshot_id is not None:
-            self._snapshot_results.pop(snapshot_id, None)
+            self._on_snapshot_ack(message, snapshot_id)
             return
         sent = self._endpoints_sent
-        if session is self._session and sent is not None and sent[0] == message["request_id"]:
+        if session is self._session and sent is not None and sent[0] == rid:
             self._on_endpoints_ack(message, sent[1])
             return
-        inflight = self._inflight
-        if session is not self._session or inflight is None or inflight[0] != message["request_id"]:
+        head = self._inflight
+        if session is not self._session or head is None or rid not in self._sent_rids:
+            if session is self._session and rid in self._late_rids:
+                self._late_rids.discard(rid)  # a resent event's other copy: already done
+                return
             self.log.warn("{name}: ignoring an ack for unknown request {rid}", name=self.name,
-                          rid=message["request_id"])
+                          rid=rid)
             return
+        error = None if message["ok"] else (message.get("error") or {})
+        if error is not None and error.get("code") == UNAVAILABLE:
+            # Not stored (the switchboard's database is away): the same event, later.
+            delay = self._backoff(self._attempts - 1)
+            self.log.warn("{name}: the switchboard could not store the {state} event of job "
+                          "{job} ({text}); sending it again in {delay:.1f} s",
+                          name=self.name, state=head.event["state"], job=head.event["job_id"],
+                          text=error.get("message"), delay=delay)
+            self._retry_after(delay, UNAVAILABLE)
+            return
+        self._cancel_retry()
         self._inflight = None
-        head = inflight[1]
+        self._late_rids = self._sent_rids - {rid}
+        self._sent_rids = set()
+        self._attempts = 0
         if self._outbox and self._outbox[0] is head:
             self._outbox.popleft()
-        if not message["ok"]:
-            error = message.get("error") or {}
+        if error is not None:
             self.log.warn("{name}: the switchboard refused the {state} event of job {job}: "
                           "{code}: {text}", name=self.name, state=head.event["state"],
                           job=head.event["job_id"], code=error.get("code"),

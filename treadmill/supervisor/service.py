@@ -61,6 +61,8 @@ class SupervisorConfig:
     heartbeat_timeout: float = 10.0
     console_buffer: int = 64 * 1024
     flush_timeout: float = 2.0
+    event_ack_timeout: float = 5.0  # an unacknowledged job event is sent again after this
+    event_resend_max: float = 60.0  # the longest pause between sends of one event
     durable: bool = True  # fsync the state directory
     name: str = "supervisor"  # shown in log lines (the fleet uses host names)
     mock: MockSettings = field(default_factory=MockSettings)
@@ -81,7 +83,8 @@ class SupervisorConfig:
             local_dir=self.images_dir or os.path.join(self.state_dir, "images"),
             token=self.token, ca_file=self.images_ca_file or self.ca_file,
             trusted_realms=self.images_trusted_realms or [http_url_for(self.url)],
-            local_limit=self.images_local_limit, name=self.name)
+            local_limit=self.images_local_limit, name=self.name,
+            switchboard=http_url_for(self.url))
 
     def __repr__(self) -> str:  # never show the token
         return (f"SupervisorConfig(url={self.url!r}, state_dir={self.state_dir!r}, "
@@ -106,7 +109,9 @@ class SupervisorService(MultiService):
                        else make_driver(config, reactor, fetcher=self.fetcher))
         self.files = StateFiles(config.state_dir, durable=config.durable)
         self.runner = JobRunner(reactor, self.driver, self.files, run_io=run_io,
-                                console_buffer=config.console_buffer, name=config.name)
+                                console_buffer=config.console_buffer, name=config.name,
+                                ack_timeout=config.event_ack_timeout,
+                                resend_max=config.event_resend_max)
         self.logs = JobLogs(reactor, config.state_dir, spool_limit=config.log_spool_limit,
                             durable=config.durable, ca_file=config.ca_file, name=config.name)
         self.runner.start_observers.append(self.logs.job_started)
@@ -147,7 +152,7 @@ class SupervisorService(MultiService):
     async def _start(self) -> None:
         await self.runner.start()
         current = self.runner.current_job
-        self.logs.resume(current["id"] if current is not None else None)
+        self.logs.resume(current["id"] if current is not None else None, self.runner.ended)
         if self._stopping:
             return
         self.link.setServiceParent(self)

@@ -98,6 +98,12 @@ class Options(RoleOptions):
                 "Bytes of a job's log output spooled on disk until log servers acknowledge."),
         Setting("shutdown.flush_timeout", positive(FLOAT), 2.0,
                 "Seconds a graceful stop waits for unacknowledged job events to be acked."),
+        Setting("events.ack_timeout", positive(FLOAT), 5.0,
+                "Seconds to wait for the switchboard's ack of a job event before sending it "
+                "again (doubling, with jitter, per attempt; also the first pause after an "
+                "'unavailable' ack)."),
+        Setting("events.resend_max", positive(FLOAT), 60.0,
+                "Longest pause in seconds between two sends of one unacknowledged job event."),
         Setting("images.cache_mount", _absolute_path, None,
                 "Root of a site image cache's directory, mounted read-only (e.g. over NFS); "
                 "layers found there are used in place. Unset: fetch from the job's stores."),
@@ -133,6 +139,10 @@ class Options(RoleOptions):
         if values["images.cache_url"] and not values["images.cache_mount"]:
             raise ConfigError("images.cache_url needs images.cache_mount (the cache's root, "
                               "mounted read-only)", key="images.cache_url", source=source)
+        if values["events.ack_timeout"] > values["events.resend_max"]:
+            raise ConfigError(f"events.ack_timeout ({values['events.ack_timeout']:g}) exceeds "
+                              f"events.resend_max ({values['events.resend_max']:g})",
+                              key="events.ack_timeout", source=source)
         if values["reconnect.initial"] > values["reconnect.max"]:
             raise ConfigError(f"reconnect.initial ({values['reconnect.initial']:g}) exceeds "
                               f"reconnect.max ({values['reconnect.max']:g})",
@@ -174,6 +184,8 @@ def config_from(values: dict[str, Any]) -> SupervisorConfig:
         console_buffer=values["console.buffer"],
         log_spool_limit=values["logs.spool_limit"],
         flush_timeout=values["shutdown.flush_timeout"],
+        event_ack_timeout=values["events.ack_timeout"],
+        event_resend_max=values["events.resend_max"],
         images_cache_mount=values["images.cache_mount"],
         images_cache_url=values["images.cache_url"], images_dir=values["images.dir"],
         images_local_limit=values["images.local_limit"],

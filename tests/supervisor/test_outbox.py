@@ -1,0 +1,299 @@
+"""The runner's outbox on a Clock: resending unacknowledged job events, backing off.
+
+A real :class:`JobRunner`, real state files, the real mock driver; the clock
+is a :class:`Clock` and the connection a recorder of what the runner sends
+(each message checked against the protocol schema). End-to-end versions over
+a real WebSocket are in ``test_runner.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from tests.supervisor.peer import JOB_A, job
+from treadmill.protocol import supervisor as protocol
+from treadmill.supervisor.drivers import STAGES, IHostSnapshots
+from treadmill.supervisor.drivers.mock import MockDriver, MockSettings
+from treadmill.supervisor.journal import StateFiles
+from treadmill.supervisor.runner import UNAVAILABLE, JobRunner
+
+TIMEOUT, CAP = 5.0, 40.0
+ENDPOINTS = [{"service": "ssh", "proxy": "https://proxy.example", "host": "proxy.example",
+              "port": 2222}]
+
+
+class Connection:
+    """What the runner sent on one connection, with the clock's time."""
+
+    def __init__(self, clock: Clock, minor: int = protocol.MINOR):
+        self.clock = clock
+        self.minor = minor
+        self.open = True
+        self.sent: list[tuple[float, dict[str, Any]]] = []
+        self._rid = 0
+
+    def send(self, message: dict[str, Any]) -> bool:
+        if not self.open:
+            return False
+        protocol.validate(message)
+        self.sent.append((self.clock.seconds(), message))
+        return True
+
+    def next_request_id(self) -> int:
+        self._rid += 1
+        return self._rid
+
+    def events(self) -> list[tuple[float, dict[str, Any]]]:
+        return [(t, m) for t, m in self.sent if m["type"] == "job_event"]
+
+
+def body(message: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in message.items() if k != "request_id"}
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, jitter: float = 0.0, **mock: Any):
+        self.clock = Clock()
+        self.state = tmp_path / "state"
+        mock = {"durations": dict.fromkeys(STAGES, 1.0), "run_time": 1.0, **mock}
+        settings = MockSettings(echo=False, **mock)
+        self.runner = JobRunner(self.clock, MockDriver(self.clock, settings),
+                                StateFiles(str(self.state), durable=False),
+                                run_io=lambda fn, *a, **k: maybeDeferred(fn, *a, **k),
+                                ack_timeout=TIMEOUT, resend_max=CAP, jitter=lambda: jitter)
+        started = Deferred.fromCoroutine(self.runner.start())
+        assert started.called
+        self.conn = self.connect()
+
+    def connect(self) -> Connection:
+        conn = Connection(self.clock)
+        self.runner.link_opened(conn)
+        return conn
+
+    def disconnect(self) -> None:
+        self.conn.open = False
+        self.runner.link_closed(self.conn)
+
+    def start(self, **params: Any) -> None:
+        self.runner.message_received(self.conn, protocol.start_job(900, job(**params)))
+        self.clock.advance(0)  # the mock reports "starting" on the next turn
+
+    def ack(self, rid: int, error: tuple[str, str] | None = None,
+            conn: Connection | None = None) -> None:
+        self.runner.message_received(conn or self.conn, protocol.ack(rid, error))
+
+    def journal(self) -> list[str]:
+        return sorted(os.listdir(self.state / "journal"))
+
+    def advance_to(self, when: float) -> None:
+        while self.clock.seconds() < when - 1e-9:
+            self.clock.advance(min(0.25, when - self.clock.seconds()))
+
+
+def test_an_unacknowledged_event_is_resent_backing_off_up_to_the_cap(tmp_path: Path) -> None:
+    h = Harness(tmp_path, hang=True)
+    h.start()
+    h.advance_to(400)
+    events = h.conn.events()
+    # Only the head ("starting"), again and again: the next stage waits for its ack.
+    assert {e["stage"] for _, e in events} == {"starting"}
+    assert all(body(e) == body(events[0][1]) for _, e in events)
+    assert len({e["request_id"] for _, e in events}) == len(events)  # a new id each time
+    times = [t for t, _ in events]
+    assert times == [0, 5, 15, 35, 75, 115, 155, 195, 235, 275, 315, 355, 395]
+    assert len(h.journal()) == len(STAGES)  # nothing is dropped (the stages came while waiting)
+
+
+def test_jitter_stretches_each_wait(tmp_path: Path) -> None:
+    h = Harness(tmp_path, jitter=0.5, hang=True)
+    h.start()
+    h.advance_to(60)
+    times = [t for t, _ in h.conn.events()]
+    assert times == [0, 7.5, 20, 42.5]  # 5 + 2.5, 10 + 2.5, 20 + 2.5
+
+
+def test_an_ack_of_any_copy_acknowledges_it_and_the_rest_are_ignored(tmp_path: Path) -> None:
+    h = Harness(tmp_path, hang=True)
+    h.start()
+    h.advance_to(16)
+    copies = [e["request_id"] for _, e in h.conn.events()]
+    assert len(copies) == 3
+    h.ack(copies[1])  # the second copy's ack comes first
+    after = h.conn.events()[3:]
+    assert [e["stage"] for _, e in after] == ["fetching_image"]  # at once, in order
+    h.ack(copies[0])
+    h.ack(copies[2])  # late acks of the other copies acknowledge nothing else
+    assert h.runner.pending_events[0]["stage"] == "fetching_image"
+    assert len(h.conn.events()) == 4
+    # The next event has its own timer, starting from the first wait again.
+    h.advance_to(16 + TIMEOUT)
+    assert [t for t, _ in h.conn.events()[3:]] == [16, 21]
+
+
+def test_unavailable_keeps_the_event_and_sends_it_again_later(tmp_path: Path) -> None:
+    h = Harness(tmp_path, hang=True)
+    h.start()
+    for nack_at in (2, 7, 17, 37):  # the switchboard's database is away: "not stored"
+        h.advance_to(nack_at)
+        h.ack(h.conn.events()[-1][1]["request_id"], (UNAVAILABLE, "the database is away"))
+        assert h.runner.pending_events[0]["stage"] == "starting"
+        assert len(h.journal()) == min(len(STAGES), 1 + nack_at)
+    h.advance_to(200)
+    copies = h.conn.events()
+    assert all(body(e) == body(copies[0][1]) for _, e in copies)
+    # Each pause starts at the nack and doubles (5, 10, 20, 40 s); then the ack timeout.
+    assert [t for t, _ in copies] == [0, 7, 17, 37, 77, 117, 157, 197]
+    h.ack(copies[-1][1]["request_id"])
+    assert h.runner.pending_events[0]["stage"] == "fetching_image"
+    assert [e["stage"] for _, e in h.conn.events()[len(copies):]] == ["fetching_image"]
+
+
+def test_a_cleanly_exited_job_ends_as_workload_exited_through_an_outage(
+        tmp_path: Path) -> None:
+    h = Harness(tmp_path, run_time=0.0)
+    h.start()
+    while not any(e["state"] == "terminated" for _, e in h.conn.events()):
+        h.ack(h.conn.events()[-1][1]["request_id"])
+        h.clock.advance(1)
+    finals = [e for _, e in h.conn.events() if e["state"] == "terminated"]
+    assert len(finals) == 1
+    h.ack(finals[0]["request_id"], (UNAVAILABLE, "the database is away"))
+    h.advance_to(h.clock.seconds() + 200)  # no ack at all for a while
+    finals = [e for _, e in h.conn.events() if e["state"] == "terminated"]
+    assert len(finals) > 3
+    h.ack(finals[-1]["request_id"])
+    assert body(finals[-1]) == {"type": "job_event", "job_id": JOB_A, "state": "terminated",
+                                "reason": "workload_exited", "exit_status": 0,
+                                "message": "mock workload finished"}
+    assert h.runner.pending_events == [] and h.journal() == []
+    h.advance_to(h.clock.seconds() + 3 * CAP)
+    assert len([e for _, e in h.conn.events() if e["state"] == "terminated"]) == len(finals)
+
+
+def test_another_refusal_drops_the_event_as_before(tmp_path: Path) -> None:
+    h = Harness(tmp_path, hang=True)
+    h.start()
+    first = h.conn.events()[0][1]
+    h.ack(first["request_id"], ("not_your_job", "no"))
+    assert [e["stage"] for _, e in h.conn.events()] == ["starting"]
+    h.clock.advance(1)
+    assert [e["stage"] for _, e in h.conn.events()] == ["starting", "fetching_image"]
+    h.advance_to(100)
+    assert "starting" not in [e.get("stage") for e in h.runner.pending_events]
+
+
+def test_a_new_connection_sends_the_head_at_once_and_the_old_timer_is_gone(
+        tmp_path: Path) -> None:
+    h = Harness(tmp_path, hang=True)
+    h.start()
+    h.advance_to(6)  # sent at 0 and 5
+    old = h.conn
+    h.disconnect()
+    h.advance_to(30)
+    assert len(old.events()) == 2
+    h.conn = h.connect()
+    assert [t for t, _ in h.conn.events()] == [30]  # the head, at once
+    assert body(h.conn.events()[0][1]) == body(old.events()[0][1])
+    # An ack that comes on the old connection acknowledges nothing.
+    h.ack(old.events()[1][1]["request_id"], conn=old)
+    assert len(h.runner.pending_events) == len(STAGES)
+    h.advance_to(30 + TIMEOUT)  # the backoff starts again on the new connection
+    assert [t for t, _ in h.conn.events()] == [30, 35]
+
+
+def test_status_waits_through_resends(tmp_path: Path) -> None:
+    h = Harness(tmp_path, hang=True)
+    h.start()
+    h.runner.message_received(h.conn, protocol.status_request(901))
+    h.advance_to(20)
+    assert not [m for _, m in h.conn.sent if m["type"] == "status"]
+    while h.runner.pending_events:
+        h.ack(h.conn.events()[-1][1]["request_id"], (UNAVAILABLE, "busy"))
+        h.clock.advance(CAP)
+        assert not [m for _, m in h.conn.sent if m["type"] == "status"]
+        h.ack(h.conn.events()[-1][1]["request_id"])
+    statuses = [m for _, m in h.conn.sent if m["type"] == "status"]
+    assert statuses == [{"type": "status", "request_id": 901,
+                         "job": {"id": JOB_A, "state": "initializing", "stage": "booting"}}]
+
+
+@pytest.mark.parametrize("minor", [protocol.MINOR])
+def test_endpoints_acked_unavailable_are_sent_again(tmp_path: Path, minor: int) -> None:
+    h = Harness(tmp_path, hang=True)
+    h.conn.minor = minor
+    h.start()
+    endpoints = ENDPOINTS
+    h.runner.report_endpoints(JOB_A, endpoints)
+    sent = [m for _, m in h.conn.sent if m["type"] == "job_endpoints"]
+    assert len(sent) == 1
+    h.ack(sent[0]["request_id"], (UNAVAILABLE, "the database is unavailable"))
+    h.clock.advance(TIMEOUT)
+    sent = [m for _, m in h.conn.sent if m["type"] == "job_endpoints"]
+    assert len(sent) == 2 and sent[1]["endpoints"] == endpoints
+    h.ack(sent[1]["request_id"])
+    h.clock.advance(3 * CAP)
+    assert len([m for _, m in h.conn.sent if m["type"] == "job_endpoints"]) == 2
+
+
+def test_endpoints_without_an_ack_are_sent_again(tmp_path: Path) -> None:
+    h = Harness(tmp_path, hang=True)
+    h.start()
+    h.runner.report_endpoints(JOB_A, ENDPOINTS)
+    h.advance_to(3 * TIMEOUT + 1)
+    sent = [(t, m) for t, m in h.conn.sent if m["type"] == "job_endpoints"]
+    assert [t for t, _ in sent] == [0, 5, 10, 15]
+    assert all(m["endpoints"] == ENDPOINTS for _, m in sent)
+    h.ack(sent[0][1]["request_id"])  # an old copy's ack: not the one awaited
+    h.ack(sent[-1][1]["request_id"])
+    h.advance_to(100)
+    assert len([m for _, m in h.conn.sent if m["type"] == "job_endpoints"]) == 4
+
+
+@implementer(IHostSnapshots)
+class SnapshottingMock(MockDriver):
+    """The mock host, whose snapshots end as the test says."""
+
+    def __init__(self, clock: Clock):
+        super().__init__(clock, MockSettings(echo=False))
+        self.pending: list[Deferred[str]] = []
+
+    def snapshot(self, job_id: str, repository: str, store: str) -> Deferred[str]:
+        d: Deferred[str] = Deferred()
+        self.pending.append(d)
+        return d
+
+
+@pytest.mark.parametrize("answer", [None, (UNAVAILABLE, "the database is away")])
+def test_a_snapshot_result_is_sent_until_acknowledged(tmp_path: Path,
+                                                      answer: tuple[str, str] | None) -> None:
+    clock = Clock()
+    driver = SnapshottingMock(clock)
+    runner = JobRunner(clock, driver, StateFiles(str(tmp_path / "state"), durable=False),
+                       run_io=lambda fn, *a, **k: maybeDeferred(fn, *a, **k),
+                       ack_timeout=TIMEOUT, resend_max=CAP, jitter=lambda: 0.0)
+    assert Deferred.fromCoroutine(runner.start()).called
+    conn = Connection(clock)
+    runner.link_opened(conn)
+    snapshot_id = "0b8d3c1e-0000-4000-8000-0000000000ff"
+    runner.message_received(conn, protocol.snapshot_job(7, snapshot_id, JOB_A, "alice/snap",
+                                                        "http://store:5000"))
+    driver.pending[0].callback("sha256:" + "cd" * 32)
+
+    def results() -> list[dict[str, Any]]:
+        return [m for _, m in conn.sent if m["type"] == "snapshot_result"]
+
+    assert len(results()) == 1
+    if answer is not None:
+        runner.message_received(conn, protocol.ack(results()[0]["request_id"], answer))
+    clock.advance(TIMEOUT)
+    assert len(results()) == 2 and results()[1]["digest"] == "sha256:" + "cd" * 32
+    runner.message_received(conn, protocol.ack(results()[1]["request_id"]))
+    clock.advance(5 * CAP)
+    assert len(results()) == 2
