@@ -152,7 +152,8 @@ async def seed_real_store(bed: Bed) -> str:
 async def replay_refused(bed: Bed, token: str) -> None:
     """Every use of ``token`` at the real store is refused."""
     for method, path in (("GET", "/v2/alice/fw/manifests/v1"), ("GET", "/v2/_catalog"),
-                         ("GET", "/v2/alice/lure/tags/list"), ("POST", "/v2/alice/fw/blobs/uploads/"),
+                         ("GET", "/v2/alice/lure/tags/list"),
+                         ("POST", "/v2/alice/fw/blobs/uploads/"),
                          ("DELETE", "/v2/alice/fw/manifests/v1")):
         response = await treq.request(method, bed.store_url + path,
                                       headers={"Authorization": f"Bearer {token}"})
@@ -203,7 +204,8 @@ async def test_a_greedy_challenge_gets_only_useless_tokens(bed: Bed) -> None:
     status, err = await tml(bed, bed.alice.token, "image", "pull", "alice/lure",
                             "-o", str(bed.tmp / "out"))
     assert status == 1 and bed.hostile_url in err
-    status, err = await tml(bed, admin_token, "image", "pull", "alice/lure", "-o", str(bed.tmp / "o"))
+    status, err = await tml(bed, admin_token, "image", "pull", "alice/lure",
+                            "-o", str(bed.tmp / "o"))
     assert status == 1
     disk = bed.tmp / "d.qcow2"
     disk.write_bytes(DISK)

@@ -1,10 +1,14 @@
 """Authentication of API requests by bearer token, and the guard of passwords.
 
-Looking a token up costs a database round trip, so an answer is cached for a
-few seconds. Any change to tokens or users (revocation, a disabled user, a
-changed admin flag) is announced on the ``treadmill_auth`` channel and clears
-the cache of every switchboard instance; the TTL bounds staleness if that
-notification is lost. Token use is recorded in batches.
+A token is accepted only on a database read that began after the request
+arrived, so a revocation (a disabled user, a changed admin flag) committed
+through any switchboard instance holds on every instance from the next request
+on; no notification can come too late. Concurrent requests with one token
+share reads: while a read runs, later requests wait for the next one, so a
+busy client costs at most two reads at a time. Refusals are cached for ``ttl``
+seconds (a refused token stays refused unless a user is re-enabled, which the
+``treadmill_auth`` notification announces and which clears that cache). Token
+use is recorded in batches.
 
 :class:`PasswordGuard` stands before every password check (``POST
 /api/v1/login``, HTTP Basic on the registry token endpoint): attempts are
@@ -22,7 +26,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from treadmill.common.captoken import bearer_token
@@ -49,12 +55,51 @@ class Authenticator:
         self.clock = clock
         self.ttl = ttl
         self.size = size
-        self._cache: OrderedDict[bytes, tuple[float, Principal | None]] = OrderedDict()
+        self._refused: OrderedDict[bytes, float] = OrderedDict()
+        self._reading: set[bytes] = set()
+        self._waiting: dict[bytes, list[Deferred[Principal | None]]] = {}
+        self._generation = 0
+        self.reads = 0
+        """Token reads from the database since start."""
         self._used: dict[str, datetime] = {}
 
     def invalidate(self, _payload: object = None) -> None:
-        """Forget every cached answer (called on ``treadmill_auth`` notifications)."""
-        self._cache.clear()
+        """Forget cached refusals (called on ``treadmill_auth`` notifications)."""
+        self._refused.clear()
+        self._generation += 1
+
+    def _lookup(self, digest: bytes) -> Deferred[Principal | None]:
+        """The token's principal, from a database read that begins after this call."""
+        d: Deferred[Principal | None] = Deferred()
+        self._waiting.setdefault(digest, []).append(d)
+        if digest not in self._reading:
+            self._read(digest)
+        return d
+
+    def _read(self, digest: bytes) -> None:
+        waiters = self._waiting.pop(digest)
+        self._reading.add(digest)
+        self.reads += 1
+        generation = self._generation
+        read = Deferred.fromCoroutine(self.store.authenticate(digest))
+
+        def done(result: Principal | Failure | None) -> None:
+            self._reading.discard(digest)
+            if digest in self._waiting:
+                self._read(digest)  # Those who came meanwhile get a fresh read.
+            if result is None and generation == self._generation:
+                self._refused[digest] = self.clock.seconds() + self.ttl
+                self._refused.move_to_end(digest)
+                while len(self._refused) > self.size:
+                    self._refused.popitem(last=False)
+            for waiter in waiters:
+                if not waiter.called:  # A cancelled request stopped waiting.
+                    if isinstance(result, Failure):
+                        waiter.errback(result)
+                    else:
+                        waiter.callback(result)
+
+        read.addBoth(done)
 
     async def principal(self, request: IRequest) -> Principal:
         """The authenticated user, or a ``401`` :class:`ApiError`."""
@@ -69,15 +114,9 @@ class Authenticator:
             raise ApiError(401, "invalid API token")
         digest = credentials.token_hash(token)
         now = self.clock.seconds()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
-            principal = cached[1]
-        else:
-            principal = await self.store.authenticate(digest)
-            self._cache[digest] = (now + self.ttl, principal)
-            self._cache.move_to_end(digest)
-            while len(self._cache) > self.size:
-                self._cache.popitem(last=False)
+        refused = self._refused.get(digest)
+        principal = None if refused is not None and refused > now else await self._lookup(
+            digest)
         if principal is None:
             raise ApiError(401, "invalid, expired or revoked API token")
         if principal.token_id is not None:

@@ -15,6 +15,7 @@ import random
 import uuid
 from typing import Any
 
+from autobahn.exception import Disconnected
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
@@ -189,9 +190,11 @@ class SupervisorLink(WebSocketServerProtocol):
         answer: Deferred[dict[str, Any]] = Deferred()
         self._pending[request_id] = answer
         answer.addTimeout(self.links.request_timeout, self.links.reactor)
-        self.send(message)
         try:
+            self.send(message)
             return await answer
+        except Disconnected:  # Closing already (a failover, a rebalance).
+            raise ConnectionError("the supervisor link closed") from None
         finally:
             self._pending.pop(request_id, None)
 
@@ -473,6 +476,10 @@ class SupervisorLinks(MultiService):
         self.proxies = proxies
         self.proxy_service = proxy_service
         self.by_host: dict[int, SupervisorLink] = {}
+        self.instance_id: str | None = None
+        """This process's id in ``instances`` (:mod:`treadmill.switchboard.instances`)."""
+        self.rebalanced = 0
+        self._next_rebalance = 0.0
         self.factory = SupervisorLinkFactory(self)
         self.resource = WebSocketResource(self.factory)
         self._tasks: set[Deferred[Any]] = set()
@@ -512,7 +519,8 @@ class SupervisorLinks(MultiService):
         assert link.host_id is not None and link.session is not None
         old = self.by_host.get(link.host_id)
         self.by_host[link.host_id] = link
-        await self.store.link_connected(link.host_id, self.instance, link.session)
+        await self.store.link_connected(link.host_id, self.instance, link.session,
+                                        self.instance_id)
         if old is not None and old is not link:
             self._drop(old, CloseCode.SUPERSEDED, "superseded by a newer connection")
             self.by_host[link.host_id] = link
@@ -625,6 +633,36 @@ class SupervisorLinks(MultiService):
                                "the database is back: reconnect and send your reports again")
 
         self.spawn(probe())
+
+    def rebalance(self, live: int, total: int, interval: float, step: int = 2,
+                  slack: int = 1) -> int:
+        """Close a few links if this instance holds more than its fair share.
+
+        ``live`` instances hold ``total`` links between them; an instance with
+        more than ``ceil(total / live) + slack`` closes a quarter of the excess
+        (at least ``step``) every ``interval`` seconds, with ``GOING_AWAY``: their
+        supervisors
+        reconnect through the load balancer, which sends them to a less loaded
+        instance. So links come back to an instance that joins or recovers,
+        gently. Returns how many links it closed.
+        """
+        now = self.reactor.seconds()
+        if live < 2 or self.stopping or now < self._next_rebalance:
+            return 0
+        excess = len(self.by_host) - (-(-total // live) + slack)
+        if excess <= 0:
+            return 0
+        self._next_rebalance = now + interval
+        open_links = [link for link in self.by_host.values() if link.state == link.STATE_OPEN]
+        count = min(max(step, excess // 4), excess, len(open_links))
+        chosen = random.sample(open_links, count)
+        for link in chosen:
+            self._drop(link, CloseCode.GOING_AWAY, "rebalancing between switchboard "
+                       "instances: reconnect")
+            self.spawn(self.store.link_disconnected(link.host_id,  # type: ignore[arg-type]
+                                                    link.session))  # type: ignore[arg-type]
+        self.rebalanced += len(chosen)
+        return len(chosen)
 
     def database_reconnected(self) -> None:
         """Notifications may have been lost: reconcile every link."""

@@ -3,6 +3,10 @@
 Each :class:`SwitchboardMetrics` has a registry of its own (several
 switchboards may share a process in tests); ``metrics.listen`` serves it with
 the process and platform collectors.
+
+With several instances on one database, every metric counts this instance's
+own work, except the cluster-wide ``treadmill_jobs``, which only the leader
+(``treadmill_instance_leader`` 1) exports, so that a sum over instances is right.
 """
 
 from __future__ import annotations
@@ -37,14 +41,36 @@ class _Live(Collector):
         yield watchers
         scheduler = self.service.scheduler
         passes = GaugeMetricFamily("treadmill_scheduler_passes",
-                                   "Scheduling passes since start.")
+                                   "Scheduling passes this instance ran since start.")
         passes.add_metric([], scheduler.passes)
         yield passes
+        lost = GaugeMetricFamily("treadmill_scheduler_lock_busy",
+                                 "Passes of this instance that found another holding the "
+                                 "scheduling lock.")
+        lost.add_metric([], scheduler.lost)
+        yield lost
+        instance = self.service.instance
+        leader = GaugeMetricFamily("treadmill_instance_leader",
+                                   "1 if this instance leads (schedules, exports "
+                                   "treadmill_jobs), else 0.")
+        leader.add_metric([], 1 if instance.leader else 0)
+        yield leader
+        live = GaugeMetricFamily("treadmill_instances_live",
+                                 "Live switchboard instances, as this instance last saw.")
+        live.add_metric([], instance.live)
+        yield live
+        rebalanced = GaugeMetricFamily("treadmill_supervisor_links_rebalanced",
+                                       "Links this instance closed to rebalance since start.")
+        rebalanced.add_metric([], self.service.links.rebalanced)
+        yield rebalanced
+        if not instance.leader:
+            return
         assigned = GaugeMetricFamily("treadmill_scheduler_assigned",
                                      "Jobs assigned by this instance since start.")
         assigned.add_metric([], scheduler.assigned)
         yield assigned
-        jobs = GaugeMetricFamily("treadmill_jobs", "Jobs by state (refreshed periodically).",
+        jobs = GaugeMetricFamily("treadmill_jobs", "Jobs by state, cluster-wide (refreshed "
+                                 "periodically; exported by the leader only).",
                                  labels=["state"])
         for state in State:
             jobs.add_metric([state.value], self.service.job_counts.get(state.value, 0))

@@ -93,6 +93,10 @@ HOST = _record({
     "consecutive_failures": INTEGER, "connected": BOOLEAN, "last_seen_at": OPTIONAL_TIME,
     "current_job": OPTIONAL_UUID, "created_at": TIME,
 }, "A host of the testbed.")
+HOST["properties"]["instance"] = {  # Not required: shown to admins only.
+    "type": ["string", "null"],
+    "description": "Admins only: the switchboard instance holding the host's supervisor "
+                   "link (null when not connected)."}
 
 NEW_HOST: dict[str, Any] = {
     "description": "A host with its (new) host token, shown only this once.",

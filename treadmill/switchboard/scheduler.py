@@ -1,14 +1,23 @@
 """The scheduler service: assigns queued jobs to free hosts.
 
-Woken by database notifications (a job queued or finished, a host changed)
-and by a timer as a fallback; passes never overlap, and a wake-up during a
-pass runs one more pass after it. The matching itself is
+Woken by database notifications that can make a job runnable (a job queued,
+a host freed by a finished job, a host connected or changed) and by a timer as
+a fallback; wake-ups that arrive together make one pass, passes never overlap,
+and a wake-up during a pass runs one more pass after it. The matching itself is
 :mod:`treadmill.switchboard.scheduling`; the transaction is
-:meth:`Store.schedule`, which only one switchboard instance runs at a time.
+:meth:`Store.schedule`.
+
+With several instances, only the leader (``is_leader``: the oldest live
+instance, :mod:`treadmill.switchboard.instances`) runs passes; the others
+ignore wake-ups, so an enqueue costs one scheduling transaction whatever the
+number of instances. The pass still tries the scheduling lock: if another
+instance holds it (a leader that froze half-way, until PostgreSQL ends its
+session), it tries again ``retry`` seconds later.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import TimerService
@@ -27,18 +36,29 @@ class Scheduler(MultiService):
 
     def __init__(self, reactor: Any, store: Store, *, interval: float = 2.0,
                  fresh_within: float = 15.0, unrunnable_grace: float = 30.0,
-                 fairness_window: float = 3600.0):
+                 fairness_window: float = 3600.0,
+                 is_leader: Callable[[], bool] = lambda: True,
+                 coalesce: float = 0.01, retry: float = 0.5):
         super().__init__()
         self.reactor = reactor
         self.store = store
         self.fresh_within = fresh_within
         self.unrunnable_grace = unrunnable_grace
         self.fairness_window = fairness_window
+        self.is_leader = is_leader
+        self.coalesce = coalesce
+        self.retry = retry
         self.passes = 0
+        """Passes that held the scheduling lock."""
+        self.lost = 0
+        """Passes that found the lock held by another instance (no write)."""
+        self.ignored = 0
+        """Wake-ups ignored because another instance leads."""
         self.assigned = 0
         self._running: Deferred[None] | None = None
         self._again = False
         self._pending_call: Any = None
+        self._retry_call: Any = None
         timer = TimerService(interval, self.wake)
         timer.clock = reactor
         timer.setServiceParent(self)
@@ -48,23 +68,32 @@ class Scheduler(MultiService):
         expiry.setServiceParent(self)
 
     def job_changed(self, payload: str) -> None:
-        """``treadmill_jobs``: a queued job, or a host freed by a finished job."""
-        state = payload.split(" ")[1] if " " in payload else ""
-        if state in ("queued", "terminated"):
+        """``treadmill_jobs`` (``"<job> <state> <host or ->"``): a newly queued job, or a
+        host freed by a finished job (not a pass's own assignments)."""
+        parts = payload.split(" ")
+        if len(parts) != 3:
+            return
+        if (parts[1], parts[2] == "-") in (("queued", True), ("terminated", False)):
             self.wake()
 
     def host_changed(self, payload: str) -> None:
-        self.wake()
+        """``treadmill_hosts`` (``"<host> <session or ->"``): a connected host changed
+        (connected, enabled, re-tagged); a host without a link can take nothing."""
+        if not payload.endswith(" -"):
+            self.wake()
 
     def wake(self, _: object = None) -> None:
         """Ask for a pass soon (coalescing wake-ups that arrive together)."""
         if not self.running:
             return
+        if not self.is_leader():
+            self.ignored += 1
+            return
         if self._running is not None:
             self._again = True
             return
         if self._pending_call is None or not self._pending_call.active():
-            self._pending_call = self.reactor.callLater(0, self._start_pass)
+            self._pending_call = self.reactor.callLater(self.coalesce, self._start_pass)
 
     def _start_pass(self) -> None:
         self._pending_call = None
@@ -80,18 +109,29 @@ class Scheduler(MultiService):
 
     async def _pass(self) -> None:
         try:
-            pairs = await self.store.schedule(self.fresh_within, self.fairness_window)
+            result = await self.store.schedule(self.fresh_within, self.fairness_window)
         except Exception:
             self.log.failure("Scheduling pass failed")
             return
+        if not result.locked or result.skipped:
+            # Another instance's pass, a frozen one until PostgreSQL ends it, or
+            # a job locked elsewhere: try again soon, not at once.
+            self.lost += not result.locked
+            if self._retry_call is None or not self._retry_call.active():
+                self._retry_call = self.reactor.callLater(self.retry, self.wake)
+            if not result.locked:
+                return
         self.passes += 1
-        self.assigned += len(pairs)
-        if pairs:
-            self._again = True  # More may fit: hosts freed or jobs queued meanwhile.
-            self.log.debug("Assigned {count} jobs", count=len(pairs))
+        self.assigned += len(result.pairs)
+        if result.more:
+            self._again = True
+        if result.pairs:
+            self.log.debug("Assigned {count} jobs", count=len(result.pairs))
 
     async def expire_unrunnable(self) -> None:
-        """End queued jobs that no host could ever run."""
+        """End queued jobs that no host could ever run (the leader's work)."""
+        if not self.is_leader():
+            return
         try:
             jobs = await self.store.unrunnable_jobs(self.unrunnable_grace)
         except Exception:
@@ -107,8 +147,9 @@ class Scheduler(MultiService):
                 pass
 
     def stopService(self) -> Deferred[None]:
-        if self._pending_call is not None and self._pending_call.active():
-            self._pending_call.cancel()
+        for call in (self._pending_call, self._retry_call):
+            if call is not None and call.active():
+                call.cancel()
         d = super().stopService()
         running = self._running
         if running is not None:

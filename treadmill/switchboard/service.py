@@ -3,6 +3,7 @@
     switchboard (SwitchboardService)
     ├── listener        LISTEN connection: jobs, hosts, auth notifications
     ├── (after the database is ready)
+    │   ├── instance    this instance's heartbeat in ``instances``; who leads
     │   ├── timeouts    queue and execution timeouts
     │   ├── token-usage batched last-use times of API tokens
     │   ├── links       supervisor WebSockets: heartbeats, reconciliation
@@ -12,7 +13,9 @@
     └── metrics         optional Prometheus listeners
 
 Start-up connects the pool and applies migrations, retrying with backoff
-while PostgreSQL is unreachable; the HTTP listeners open only then.
+while PostgreSQL is unreachable; then it checks that the capability signing key
+is the one the database records for every instance (:class:`SigningKeyMismatch`
+if not); the HTTP listeners open only then.
 """
 
 from __future__ import annotations
@@ -27,13 +30,18 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from treadmill.common.captoken import CapabilitySigner, load_or_create_signing_key
+from treadmill.common.captoken import (
+    CapabilitySigner,
+    load_or_create_signing_key,
+    public_jwk,
+)
 from treadmill.common.daemon import RoleService, listeners
 from treadmill.common.http import limited_site
 from treadmill.switchboard.api import Limits, SwitchboardAPI
 from treadmill.switchboard.auth import Authenticator, PasswordGuard, PasswordPolicy
 from treadmill.switchboard.database import Listener, Pool, Timeouts, migrate
 from treadmill.switchboard.events import JobWatchers
+from treadmill.switchboard.instances import Instance
 from treadmill.switchboard.links import SupervisorLinks
 from treadmill.switchboard.metrics import SwitchboardMetrics
 from treadmill.switchboard.scheduler import Scheduler
@@ -69,6 +77,14 @@ class SwitchboardConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     reconcile_retry: float = 2.0
     passwords: PasswordPolicy = field(default_factory=PasswordPolicy)
+    heartbeat_interval: float = 1.0
+    address: str = ""
+    adopt_signing_key: bool = False
+    rebalance_interval: float = 10.0
+
+
+class SigningKeyMismatch(RuntimeError):
+    """This instance's capability signing key is not the one the database records."""
 
 
 class SwitchboardService(RoleService):
@@ -97,12 +113,19 @@ class SwitchboardService(RoleService):
             log_service=config.limits.log_service, proxies=config.proxies,
             proxy_service=config.proxy_service)
         self.links.setName("links")
+        self.instance = Instance(reactor, self.store, config.instance,
+                                 config.address or " ".join(config.listen),
+                                 interval=config.heartbeat_interval)
+        self.instance.setName("instance")
+        self.links.instance_id = self.instance.id
         self.scheduler = Scheduler(reactor, self.store, interval=config.scheduler_interval,
                                    fresh_within=max(15.0, 3 * min(5.0,
                                                                   config.unreachable_after / 4)),
                                    unrunnable_grace=config.unrunnable_grace,
-                                   fairness_window=config.fairness_window)
+                                   fairness_window=config.fairness_window,
+                                   is_leader=lambda: self.instance.leader)
         self.scheduler.setName("scheduler")
+        self.instance.observe(self._heartbeat)
         self.api = SwitchboardAPI(reactor, self.store, self.auth, self.signer, self.watchers,
                                   config.limits, supervisor_resource=self.links.resource,
                                   passwords=PasswordGuard(reactor, config.passwords))
@@ -132,12 +155,40 @@ class SwitchboardService(RoleService):
 
         self.site.log = log  # type: ignore[method-assign]
         self._ports: list[Any] = []
+        self._was_leader = False
+        self._live = 0
 
     def namespace(self) -> dict[str, Any]:
         """What the manhole shows an operator."""
         return {"switchboard": self, "store": self.store, "pool": self.pool, "api": self.api,
                 "auth": self.auth, "watchers": self.watchers, "links": self.links,
-                "scheduler": self.scheduler, "metrics": self.metrics, "reactor": self.reactor}
+                "scheduler": self.scheduler, "metrics": self.metrics, "reactor": self.reactor,
+                "instance": self.instance}
+
+    def _heartbeat(self, instance: Instance) -> None:
+        """After each heartbeat: a new leader schedules at once, and so does the leader
+        when an instance came back (its hosts are schedulable again); links rebalance."""
+        if instance.leader and (not self._was_leader or instance.live > self._live):
+            self.scheduler.wake()
+        self._was_leader, self._live = instance.leader, instance.live
+        self.links.rebalance(instance.live, instance.links, self.config.rebalance_interval)
+
+    async def _check_signing_key(self) -> None:
+        """Record this instance's signing key if the database has none (or on
+        ``adopt_signing_key``); refuse to start with another key."""
+        row = await self.store.record_capability_key(
+            self.signer.key_id, public_jwk(self.signer.public_key)["x"], self.config.instance,
+            replace=self.config.adopt_signing_key)
+        if row["key_id"] != self.signer.key_id:
+            raise SigningKeyMismatch(
+                f"the capability signing key {self.config.signing_key} (key id "
+                f"{self.signer.key_id}) is not the key every switchboard instance of this "
+                f"database uses (key id {row['key_id']}, recorded by {row['recorded_by']} at "
+                f"{row['recorded_at']:%Y-%m-%d %H:%M:%S %Z}): copy that key file here, or "
+                "see \"Rotating the capability signing key\" in docs/operations.md")
+        if self.config.adopt_signing_key:
+            self.log.warn("Capability signing key {key_id} adopted for every instance",
+                          key_id=self.signer.key_id)
 
     async def _start(self) -> None:
         delay = 0.5
@@ -155,7 +206,11 @@ class SwitchboardService(RoleService):
         if self._stopping:
             return
         self.log.info("Database ready ({count} migrations applied)", count=len(applied))
+        await self._check_signing_key()
         await self.listener.ready()
+        await self.instance.register()
+        self.instance.setServiceParent(self)
+        await self.instance.beat()
         timeouts = TimeoutEnforcer(self.store, self.reactor, self.config.timeout_interval)
         timeouts.setName("timeouts")
         timeouts.setServiceParent(self)
@@ -177,6 +232,8 @@ class SwitchboardService(RoleService):
                       instance=self.config.instance, listen=", ".join(self.config.listen))
 
     async def _count_jobs(self) -> None:
+        if not self.instance.leader:
+            return  # Cluster-wide: the leader counts (and exports) them.
         try:
             self.job_counts = await self.store.job_counts()
         except Exception:

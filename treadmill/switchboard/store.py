@@ -9,7 +9,7 @@ read methods return alongside the rows (see :mod:`treadmill.switchboard.access`)
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -56,13 +56,29 @@ class JobSpec:
     log_servers: tuple[str, ...] = ()
 
 
+# Limits of the scheduling transaction (SET LOCAL), in milliseconds: a pass
+# never waits long for a lock, and if its instance freezes half-way (SIGSTOP, a
+# long pause) PostgreSQL ends its session, releasing the scheduling lock and
+# the job rows it locked, after idle_in_transaction_session_timeout.
+SCHEDULING_TIMEOUTS = {"statement_timeout": 5000, "lock_timeout": 1000,
+                       "idle_in_transaction_session_timeout": 2000}
+
+INSTANCE_DEAD_AFTER = 5.0
+"""Seconds without a heartbeat after which an instance counts as dead."""
+
+# A live instance: not stopped, heartbeat fresher than %(dead)s seconds.
+_LIVE_INSTANCE = ("i.stopped_at IS NULL "
+                  "AND i.heartbeat_at > now() - make_interval(secs => %(dead)s)")
+
 _USER_COLUMNS = "u.id, u.name, u.admin, u.disabled, u.created_at"
 _TOKEN_COLUMNS = ("t.id, u.name AS user, t.label, t.created_at, t.expires_at, "
                   "t.last_used_at, t.revoked_at")
-_HOST_COLUMNS = """
+_HOST_COLUMNS = f"""
     h.id, h.name, h.tags, h.owner_id, o.name AS owner, h.description, h.enabled, h.healthy,
     h.consecutive_failures,
-    (h.session IS NOT NULL AND h.last_seen_at > now() - interval '20 seconds') AS connected,
+    (h.session IS NOT NULL AND h.last_seen_at > now() - interval '20 seconds'
+     AND EXISTS (SELECT 1 FROM instances i WHERE i.id = h.instance_id AND i.stopped_at IS NULL
+                 AND i.heartbeat_at > now() - interval '{INSTANCE_DEAD_AFTER:g} s')) AS connected,
     h.last_seen_at, h.created_at,
     (SELECT CASE WHEN %(admin)s OR j.owner_id = %(uid)s OR EXISTS (
                  SELECT 1 FROM grants g WHERE g.job_id = j.id
@@ -106,6 +122,18 @@ def _unique(e: psycopg2.Error, what: str) -> Conflict:
 
 class NotYourJob(PermissionError):
     """A supervisor reported on a job that is not on its host."""
+
+
+@dataclass(frozen=True)
+class ScheduleResult:
+    """One scheduling pass: whether it held the lock, the (job, host id) pairs it
+    assigned, whether more may fit at once (it read ``limit`` jobs), and how many
+    jobs it skipped because another transaction had them locked."""
+
+    locked: bool = True
+    pairs: list[tuple[str, int]] = field(default_factory=list)
+    more: bool = False
+    skipped: int = 0
 
 
 class Store:
@@ -226,8 +254,11 @@ class Store:
 
     # -- hosts ---------------------------------------------------------------
 
-    def _host_query(self, where: str) -> str:
-        return (f"SELECT {_HOST_COLUMNS}, {_MY_GRANTS.format(column='host_id', alias='h')} "
+    def _host_query(self, where: str, admin: bool = False) -> str:
+        # Admins also see which switchboard instance holds the host's link.
+        extra = ", h.instance" if admin else ""
+        return (f"SELECT {_HOST_COLUMNS}{extra}, "
+                f"{_MY_GRANTS.format(column='host_id', alias='h')} "
                 f"FROM hosts h LEFT JOIN users o ON o.id = h.owner_id WHERE {where}")
 
     async def create_host(self, name: str, tags: list[str], owner_id: int | None,
@@ -241,7 +272,7 @@ class Store:
             raise _unique(e, f"host {name!r}") from None
 
     async def get_host(self, name: str, principal: Principal) -> dict:
-        row = await self.pool.fetchone(self._host_query("h.name = %(name)s"),
+        row = await self.pool.fetchone(self._host_query("h.name = %(name)s", principal.admin),
                                        {"name": name, "uid": principal.user_id,
                                         "admin": principal.admin})
         if row is None:
@@ -252,8 +283,9 @@ class Store:
         where = "true" if principal.admin else (
             "(h.owner_id = %(uid)s OR EXISTS (SELECT 1 FROM grants g WHERE g.host_id = h.id "
             "AND (g.user_id = %(uid)s OR g.user_id IS NULL)))")
-        return await self.pool.fetchall(self._host_query(where) + " ORDER BY h.name",
-                                        {"uid": principal.user_id, "admin": principal.admin})
+        return await self.pool.fetchall(
+            self._host_query(where, principal.admin) + " ORDER BY h.name",
+            {"uid": principal.user_id, "admin": principal.admin})
 
     async def update_host(self, name: str, *, tags: list[str] | None = None,
                           enabled: bool | None = None, reset_health: bool = False,
@@ -592,24 +624,27 @@ class Store:
         return await self.pool.fetchone(
             "SELECT id, name FROM hosts WHERE token_hash = %s", (psycopg2.Binary(digest),))
 
-    async def link_connected(self, host_id: int, instance: str, session: str) -> None:
-        """Record that ``instance`` holds the host's link as ``session`` (superseding any)."""
+    async def link_connected(self, host_id: int, instance: str, session: str,
+                             instance_id: str | None = None) -> None:
+        """Record that ``instance`` (the process ``instance_id``) holds the host's link as
+        ``session``, superseding any."""
         await self.pool.execute(
-            "UPDATE hosts SET instance = %s, session = %s, connected_at = now(), "
-            "last_seen_at = now() WHERE id = %s", (instance, session, host_id))
+            "UPDATE hosts SET instance = %s, instance_id = %s, session = %s, "
+            "connected_at = now(), last_seen_at = now() WHERE id = %s",
+            (instance, instance_id, session, host_id))
 
     async def links_ended(self, sessions: list[str]) -> None:
         """Forget many links at once (an instance shutting down)."""
         if sessions:
             await self.pool.execute(
-                "UPDATE hosts SET instance = NULL, session = NULL, last_seen_at = now() "
-                "WHERE session = ANY(%s::uuid[])", (sessions,))
+                "UPDATE hosts SET instance = NULL, instance_id = NULL, session = NULL, "
+                "last_seen_at = now() WHERE session = ANY(%s::uuid[])", (sessions,))
 
     async def link_disconnected(self, host_id: int, session: str) -> None:
         """Forget the link unless a newer session superseded it."""
         await self.pool.execute(
-            "UPDATE hosts SET instance = NULL, session = NULL, last_seen_at = now() "
-            "WHERE id = %s AND session = %s", (host_id, session))
+            "UPDATE hosts SET instance = NULL, instance_id = NULL, session = NULL, "
+            "last_seen_at = now() WHERE id = %s AND session = %s", (host_id, session))
 
     async def host_link_state(self, host_id: int) -> dict | None:
         """The host's token hash and link session, or None if it was removed."""
@@ -663,40 +698,71 @@ class Store:
 
         return await self.pool.transaction(apply)
 
-    async def schedule(self, fresh_within: float, fairness_window: float = 3600.0,
-                       limit: int = 500) -> list[tuple[str, int]]:
-        """Assign queued jobs to free hosts in one transaction; return (job, host id) pairs.
+    async def schedule(self, fresh_within: float, fairness_window: float = 3600.0, *,
+                       dead_after: float = INSTANCE_DEAD_AFTER, limit: int = 2000,
+                       timeouts: dict[str, int] | None = None) -> ScheduleResult:
+        """Assign queued jobs to free hosts in one transaction.
 
-        A user's share is the number of jobs holding hosts plus those assigned
-        within ``fairness_window`` seconds: the user with the smallest share
-        goes first.
+        Free hosts are enabled, healthy, idle and connected through a live
+        instance (:data:`_LIVE_INSTANCE`, ``dead_after``). Only jobs some free
+        host may run are read (``limit`` at most, and per user and tag set no
+        more than there are free hosts), so a runnable job is never stuck behind jobs no
+        host can take. A user's share is the number of jobs holding hosts plus
+        those assigned within ``fairness_window`` seconds: the user with the
+        smallest share goes first.
 
-        Only one instance schedules at a time (a transaction advisory lock);
-        the others return at once.
+        Only one instance schedules at a time (a transaction advisory lock,
+        tried, never waited for: ``locked`` is False when another holds it).
+        The transaction runs under :data:`SCHEDULING_TIMEOUTS`, and locks only
+        the jobs it assigns (``SKIP LOCKED``: a job locked elsewhere, being
+        cancelled say, waits for a later pass: ``skipped``).
         """
         from treadmill.switchboard.scheduling import FreeHost, QueuedJob, assign
 
-        async def run(cur: Cursor) -> list[tuple[str, int]]:
-            locked = await cur.fetchone("SELECT pg_try_advisory_xact_lock(%s) AS ok",
-                                        (SCHEDULER_LOCK,))
+        limits = {**SCHEDULING_TIMEOUTS, **(timeouts or {})}
+
+        async def run(cur: Cursor) -> ScheduleResult:
+            sets = ", ".join(f"set_config('{name}', %({name})s, true)" for name in limits)
+            locked = await cur.fetchone(
+                f"SELECT {sets}, pg_try_advisory_xact_lock(%(lock)s) AS ok",
+                {**{name: str(value) for name, value in limits.items()},
+                 "lock": SCHEDULER_LOCK})
             if not locked or not locked["ok"]:
-                return []
-            jobs = await cur.fetchall(
-                "SELECT j.id, j.seq, j.owner_id, u.admin, j.tags FROM jobs j "
-                "JOIN users u ON u.id = j.owner_id WHERE j.state = 'queued' "
-                "ORDER BY j.seq LIMIT %s FOR UPDATE OF j SKIP LOCKED", (limit,))
-            if not jobs:
-                return []  # Nothing queued: no need to look at (and lock) the hosts.
+                return ScheduleResult(locked=False)
+            params = {"fresh": fresh_within, "dead": dead_after}
             hosts = await cur.fetchall(
                 "SELECT h.id, h.name, h.owner_id, h.tags, ARRAY(SELECT g.user_id FROM grants g "
                 "  WHERE g.host_id = h.id AND g.privilege IN ('start', 'manage')) AS starters "
-                "FROM hosts h WHERE h.enabled AND h.healthy AND h.session IS NOT NULL "
-                "AND h.last_seen_at > now() - make_interval(secs => %s) "
-                "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.host_id = h.id AND j.state IN "
-                "('assigned', 'initializing', 'ready', 'terminating')) "
-                "FOR UPDATE OF h SKIP LOCKED", (fresh_within,))
+                "FROM hosts h JOIN instances i ON i.id = h.instance_id "
+                "WHERE h.enabled AND h.healthy AND h.session IS NOT NULL "
+                "AND h.last_seen_at > now() - make_interval(secs => %(fresh)s) "
+                f"AND {_LIVE_INSTANCE} "
+                "AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.host_id = h.id AND a.state IN "
+                "('assigned', 'initializing', 'ready', 'terminating'))", params)
             if not hosts:
-                return []
+                return ScheduleResult()
+            # Each distinct (owner, tags) of the queue is checked against the free
+            # hosts once; then of each runnable kind, the oldest jobs, as many as
+            # there are hosts (a user's jobs for one kind of host cannot hide
+            # their jobs for another).
+            jobs = await cur.fetchall(
+                "WITH free AS (SELECT id, owner_id, tags FROM hosts WHERE id = ANY(%(hosts)s)), "
+                "kinds AS (SELECT DISTINCT owner_id, tags FROM jobs WHERE state = 'queued'), "
+                "runnable AS (SELECT k.owner_id, k.tags, u.admin FROM kinds k "
+                "  JOIN users u ON u.id = k.owner_id WHERE EXISTS (SELECT 1 FROM free h "
+                "  WHERE h.tags @> k.tags AND (u.admin OR h.owner_id = k.owner_id "
+                "  OR EXISTS (SELECT 1 FROM grants g WHERE g.host_id = h.id "
+                "  AND g.privilege IN ('start', 'manage') "
+                "  AND (g.user_id = k.owner_id OR g.user_id IS NULL))))), "
+                "ranked AS (SELECT j.id, j.seq, j.owner_id, r.admin, j.tags, row_number() "
+                "  OVER (PARTITION BY j.owner_id, j.tags ORDER BY j.seq) AS n FROM jobs j "
+                "  JOIN runnable r ON r.owner_id = j.owner_id AND r.tags = j.tags "
+                "  WHERE j.state = 'queued') "
+                "SELECT id, seq, owner_id, admin, tags FROM ranked WHERE n <= %(per_kind)s "
+                "ORDER BY seq LIMIT %(limit)s",
+                {"hosts": [h["id"] for h in hosts], "per_kind": len(hosts), "limit": limit})
+            if not jobs:
+                return ScheduleResult()
             counts = await cur.fetchall(
                 "SELECT owner_id, count(*) AS n FROM jobs WHERE state IN "
                 "('assigned', 'initializing', 'ready', 'terminating') "
@@ -708,12 +774,23 @@ class Store:
                 [FreeHost(h["id"], h["name"], h["owner_id"], frozenset(h["tags"]),
                           frozenset(h["starters"])) for h in hosts],
                 {c["owner_id"]: c["n"] for c in counts})
+            if not pairs:
+                return ScheduleResult()
+            rows = await cur.fetchall(
+                "SELECT id FROM jobs WHERE id = ANY(%s::uuid[]) AND state = 'queued' "
+                "FOR UPDATE SKIP LOCKED", ([job.id for job, _ in pairs],))
+            mine = {str(row["id"]) for row in rows}
+            done = []
             for job, host in pairs:
+                if str(job.id) not in mine:
+                    continue
                 await cur.execute("UPDATE jobs SET host_id = %s WHERE id = %s",
                                   (host.id, job.id))
                 await transition(cur, job.id, Status(State.ASSIGNED),
                                  message=f"assigned to {host.name}")
-            return [(job.id, host.id) for job, host in pairs]
+                done.append((str(job.id), host.id))
+            return ScheduleResult(pairs=done, more=len(jobs) >= limit,
+                                  skipped=len(pairs) - len(done))
 
         return await self.pool.transaction(run)
 
@@ -757,6 +834,71 @@ class Store:
             return True
 
         return await self.pool.transaction(update)
+
+    # -- switchboard instances -------------------------------------------------------
+
+    async def register_instance(self, instance_id: str, name: str, address: str) -> None:
+        """Record a starting instance (forgetting instances gone for over a day)."""
+        async def register(cur: Cursor) -> None:
+            await cur.execute(
+                "DELETE FROM instances WHERE heartbeat_at < now() - interval '1 day'")
+            await cur.execute(
+                "INSERT INTO instances (id, name, address) VALUES (%s, %s, %s) "
+                "ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL",
+                (instance_id, name, address))
+
+        await self.pool.transaction(register)
+
+    async def instance_heartbeat(self, instance_id: str,
+                                 dead_after: float = INSTANCE_DEAD_AFTER) -> dict:
+        """Refresh the instance's heartbeat; return the ``leader`` (the oldest live
+        instance, which schedules), how many instances are ``live`` and how many
+        supervisor ``links`` they hold between them."""
+        row = await self.pool.fetchone(
+            "WITH beat AS (UPDATE instances SET heartbeat_at = now(), stopped_at = NULL "
+            "  WHERE id = %(id)s RETURNING id), "
+            f"live AS (SELECT i.id, i.started_at FROM instances i WHERE ({_LIVE_INSTANCE}) "
+            "  OR i.id = %(id)s) "
+            "SELECT (SELECT id FROM live ORDER BY started_at, id LIMIT 1) AS leader, "
+            "(SELECT count(*) FROM live) AS live, "
+            "(SELECT count(*) FROM hosts h WHERE h.session IS NOT NULL "
+            "  AND h.instance_id IN (SELECT id FROM live)) AS links, "
+            "(SELECT count(*) FROM beat) AS found",
+            {"id": instance_id, "dead": dead_after})
+        assert row is not None
+        return {"leader": str(row["leader"]) if row["leader"] else None, "live": row["live"],
+                "links": row["links"], "found": bool(row["found"])}
+
+    async def instance_stopped(self, instance_id: str) -> None:
+        await self.pool.execute("UPDATE instances SET stopped_at = now() WHERE id = %s",
+                                (instance_id,))
+
+    async def instances(self, dead_after: float = INSTANCE_DEAD_AFTER) -> list[dict]:
+        """Every instance known, with whether it is ``live`` and the links it holds."""
+        return await self.pool.fetchall(
+            f"SELECT i.id, i.name, i.address, i.started_at, i.heartbeat_at, i.stopped_at, "
+            f"({_LIVE_INSTANCE}) AS live, (SELECT count(*) FROM hosts h "
+            "WHERE h.instance_id = i.id AND h.session IS NOT NULL) AS links "
+            "FROM instances i ORDER BY i.started_at", {"dead": dead_after})
+
+    async def record_capability_key(self, key_id: str, public_key: str, instance: str,
+                                    replace: bool = False) -> dict:
+        """The capability key id every instance must use: the recorded one, or
+        ``key_id`` if none is recorded yet (or ``replace``, for a rotation)."""
+        async def record(cur: Cursor) -> dict:
+            verb = ("DO UPDATE SET key_id = EXCLUDED.key_id, public_key = EXCLUDED.public_key, "
+                    "recorded_at = now(), recorded_by = EXCLUDED.recorded_by"
+                    if replace else "DO NOTHING")
+            await cur.execute(
+                "INSERT INTO capability_key (key_id, public_key, recorded_by) "
+                f"VALUES (%s, %s, %s) ON CONFLICT (only_one) {verb}",
+                (key_id, public_key, instance))
+            row = await cur.fetchone("SELECT key_id, public_key, recorded_at, recorded_by "
+                                     "FROM capability_key")
+            assert row is not None
+            return row
+
+        return await self.pool.transaction(record)
 
     # -- snapshots -------------------------------------------------------------------
 
@@ -948,6 +1090,16 @@ async def transition(cur: Cursor, job_id: str, new: Status, *, exit_status: int 
     return True
 
 
+async def _link_died_with_instance(cur: Cursor, host_id: int) -> bool:
+    """Whether the host's link was held by a switchboard instance that died (then an
+    unreachable host is the instance's fault, not the host's)."""
+    row = await cur.fetchone(
+        "SELECT h.instance_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM instances i "
+        f"WHERE i.id = h.instance_id AND {_LIVE_INSTANCE}) AS died FROM hosts h "
+        "WHERE h.id = %(id)s", {"id": host_id, "dead": INSTANCE_DEAD_AFTER})
+    return bool(row and row["died"])
+
+
 # Secret parameter values end with their job: the names stay, and the fact that
 # they were secret, but the values are replaced by empty strings.
 _WIPE_SECRETS = """
@@ -967,7 +1119,9 @@ async def _after_termination(cur: Cursor, job_id: str, reason: Reason,
         "SELECT host_id, restarts_left FROM jobs WHERE id = %s", (job_id,))
     assert job is not None
     if job["host_id"] is not None:
-        if reason in jobstate.HOST_SIDE_REASONS:
+        if reason in jobstate.HOST_SIDE_REASONS and not (
+                reason is Reason.HOST_UNREACHABLE
+                and await _link_died_with_instance(cur, job["host_id"])):
             await cur.execute(
                 "UPDATE hosts SET consecutive_failures = consecutive_failures + 1, "
                 "healthy = healthy AND consecutive_failures + 1 < %s WHERE id = %s",

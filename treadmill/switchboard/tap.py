@@ -52,11 +52,16 @@ class Options(RoleOptions):
         Setting("capabilities.signing_key", STR,
                 "/var/lib/treadmill-switchboard/capability-key.pem",
                 "Ed25519 private key (PEM) that signs capability tokens; created if absent."),
+        Setting("capabilities.adopt_key", BOOL, False,
+                "Record this instance's signing key as the one every instance must use "
+                "(key rotation, docs/operations.md); otherwise a different key refuses to "
+                "start."),
         Setting("capabilities.issuer", STR, "treadmill", "Issuer (iss) of capability tokens."),
         Setting("http.max_body", positive(INT), 64 * 1024, "Largest request body in bytes."),
         Setting("http.access_log", BOOL, True, "Log one line per HTTP request."),
         Setting("auth.cache_ttl", FLOAT, 5.0,
-                "Seconds an API token lookup is cached (revocations clear it at once)."),
+                "Seconds a refused API token is remembered (accepted tokens are read from "
+                "the database on every request, so revocations hold at once everywhere)."),
         Setting("login.address_rate", positive(FLOAT), 0.2,
                 "Password attempts per second a client address regains (login, HTTP Basic)."),
         Setting("login.address_burst", positive(INT), 20,
@@ -112,6 +117,12 @@ class Options(RoleOptions):
         Setting("supervisors.unreachable_after", positive(FLOAT), 60.0,
                 "Seconds a host with an active job may stay disconnected before the job "
                 "ends as host_unreachable."),
+        Setting("instances.heartbeat_interval", positive(FLOAT), 1.0,
+                "Seconds between this instance's heartbeats in the database (an instance "
+                "silent for 5 s counts as dead)."),
+        Setting("instances.rebalance_interval", positive(FLOAT), 10.0,
+                "Seconds between closing a few supervisor links when this instance holds "
+                "more than its share."),
     )
 
 
@@ -162,7 +173,10 @@ def config_from(values: dict[str, Any]) -> SwitchboardConfig:
         reconcile_interval=values["supervisors.reconcile_interval"],
         unreachable_after=values["supervisors.unreachable_after"],
         proxies=tuple(url.rstrip("/") for url in values["proxies.servers"]),
-        proxy_service=values["proxies.service"])
+        proxy_service=values["proxies.service"],
+        adopt_signing_key=values["capabilities.adopt_key"],
+        heartbeat_interval=values["instances.heartbeat_interval"],
+        rebalance_interval=values["instances.rebalance_interval"])
     config.passwords = PasswordPolicy(
         address_rate=values["login.address_rate"], address_burst=values["login.address_burst"],
         user_rate=values["login.user_rate"], user_burst=values["login.user_burst"],

@@ -16,9 +16,14 @@ def token(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def host(row: dict[str, Any]) -> dict[str, Any]:
-    return {key: row[key] for key in
-            ("name", "tags", "owner", "description", "enabled", "healthy",
-             "consecutive_failures", "connected", "last_seen_at", "current_job", "created_at")}
+    """A host; ``instance`` (the switchboard instance holding its link) for admins only:
+    the store reads it only for them."""
+    shown = {key: row[key] for key in
+             ("name", "tags", "owner", "description", "enabled", "healthy",
+              "consecutive_failures", "connected", "last_seen_at", "current_job", "created_at")}
+    if "instance" in row:
+        shown["instance"] = row["instance"]
+    return shown
 
 
 def image(row: dict[str, Any]) -> dict[str, Any]:
