@@ -34,7 +34,13 @@ def test_defaults() -> None:
     assert config.listen == ["tcp:8081:interface=127.0.0.1:backlog=1024"]
     assert config.service == "treadmill-imagestore"
     assert config.manifest_max_size == 4 * 1024 * 1024
-    assert config.gc_interval == 0 and config.anonymous_pull == []
+    assert config.anonymous_pull == []
+    # Hygiene by default: hourly garbage collection, abandoned uploads gone within
+    # the hour, generous quotas on user namespaces and sessions.
+    assert config.gc_interval == 3600 and config.upload_max_age == 3600
+    assert config.quota.namespace_bytes == 100 * 1024 ** 3
+    assert config.quota.top_level_bytes == 0 and config.quota.namespaces == {}
+    assert config.quota.uploads_per_subject == 16
 
 
 def test_example_config_parses() -> None:

@@ -366,6 +366,9 @@ class RegistryAPI:
         if digest is not None and digest != actual:
             raise OCIError("DIGEST_INVALID", "the manifest does not match the digest")
 
+        if self.uploads.ledger is not None:
+            self.uploads.ledger.check(name, len(body), "a manifest", actual)
+
         def store() -> Deferred[str]:
             d = self._thread(self._store_manifest, name, tag, body, manifest, media_type)
 
@@ -529,19 +532,26 @@ class RegistryAPI:
     async def _prepare(self, sink: BodySink, request: IRequest, endpoint: str,
                        args: dict[str, Any], params: dict[str, str]) -> None:
         name = check_name(args["name"])
-        self.auth.require(request, "repository", name, "push", self._push_scopes(name))
+        claims = self.auth.require(request, "repository", name, "push", self._push_scopes(name))
+        subject = claims.subject if claims is not None else None
+        ledger = self.uploads.ledger
+        length = request.getHeader("content-length")
+        size = int(length) if length is not None and length.isdigit() else 0
         if endpoint == "upload_start":
             mount, source = params.get("mount"), params.get("from")
             if mount is not None and source is not None and is_digest(mount) \
                     and is_name(source) and self.storage.blob_linked(source, mount) \
                     and self.auth.allows(request, "repository", source, "pull"):
-                sink.plan = {"kind": "mount", "digest": mount, "from": source}
+                sink.plan = {"kind": "mount", "digest": mount, "from": source,
+                             "subject": subject}
                 sink.discard()
                 return
             digest = params.get("digest")
             if digest is not None:
                 digest = check_digest(digest)
-            upload = await self.uploads.create(name)
+            if ledger is not None:
+                ledger.check(name, size, "an upload")
+            upload = await self.uploads.create(name, subject)
             await self.uploads.acquire(upload, sink)
             if digest is not None:
                 sink.plan = {"kind": "monolithic", "digest": digest}
@@ -555,6 +565,8 @@ class RegistryAPI:
                 digest = check_digest(params.get("digest"))
             sink.plan = {"kind": endpoint, "digest": digest}
             upload = self.uploads.get(upload_id, name)
+            if ledger is not None:
+                ledger.check(name, size, "an upload chunk")
             await self.uploads.acquire(upload, sink)
             self._check_content_range(request, upload)
         await self.uploads.ensure_hash(upload)
@@ -618,7 +630,13 @@ class RegistryAPI:
     @app.route("/v2/<path:name>/blobs/uploads/", methods=["POST"], strict_slashes=False)
     async def upload_start(self, request: IRequest, name: str) -> bytes:
         sink = self._sink(request)
-        upload = await self._body(sink)
+        try:
+            upload = await self._body(sink)
+        except OCIError:
+            if sink.plan.get("kind") == "monolithic" and sink.upload is not None:
+                # Nobody knows this session: do not keep (or charge) what it received.
+                await self.uploads.cancel(sink.upload)
+            raise
         plan = sink.plan
         if plan["kind"] == "monolithic":
             assert upload is not None
@@ -631,6 +649,9 @@ class RegistryAPI:
             def mount() -> bool:
                 if not self.storage.blob_linked(plan["from"], digest):
                     return False
+                info = self.storage.blob_info(digest)
+                if self.uploads.ledger is not None and info is not None:
+                    self.uploads.ledger.check(name, info.size, f"mounting {digest}", digest)
                 self.storage.link_blob(name, digest)
                 return True
 
@@ -641,7 +662,7 @@ class RegistryAPI:
 
             if await under_lock(self.lock, lambda: self._thread(mount).addCallback(mount_seen)):
                 return self._blob_created(request, name, digest)
-            upload = await self.uploads.create(name)
+            upload = await self.uploads.create(name, plan["subject"])
         assert upload is not None
         return self._upload_accepted(request, name, upload)
 
