@@ -205,6 +205,18 @@ async def test_monolithic_uploads_over_the_quota(tmp_path: Path, keys: Keys) -> 
         assert status == 403 and parse_response(raw).error == "DENIED", raw
         assert stored_uploads(store) == [] and not store.storage.has_blob(digest_of(body))
         assert store.service.ledger.used("alice") == 1000
+        # A session started with a first chunk: refused, and no unknown session stays,
+        # with a length or without.
+        r = await alice.request("POST", "/v2/alice/fw/blobs/uploads/", b"f")
+        assert r.code == 403 and r.error == "DENIED" and r.header("location") is None
+        status, raw = await raw_request(store.port, (
+            f"POST /v2/alice/fw/blobs/uploads/ HTTP/1.1\r\n"
+            f"Host: x\r\nAuthorization: Bearer {alice.token}\r\n"
+            f"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            f"a\r\n").encode() + body + b"\r\n0\r\n\r\n")
+        assert status == 403 and parse_response(raw).error == "DENIED", raw
+        assert stored_uploads(store) == [] and store.service.uploads.active == {}
+        assert store.service.ledger.used("alice") == 1000
     finally:
         await store.stop()
 

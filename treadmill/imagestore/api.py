@@ -633,8 +633,8 @@ class RegistryAPI:
         try:
             upload = await self._body(sink)
         except OCIError:
-            if sink.plan.get("kind") == "monolithic" and sink.upload is not None:
-                # Nobody knows this session: do not keep (or charge) what it received.
+            if sink.plan.get("kind") in ("monolithic", "session") and sink.upload is not None:
+                # The client was never told this session: do not keep (or charge) it.
                 await self.uploads.cancel(sink.upload)
             raise
         plan = sink.plan

@@ -37,6 +37,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.logger import Logger
+
 from treadmill.images.progress import human_size
 from treadmill.imagestore.errors import OCIError
 from treadmill.imagestore.names import NAME
@@ -100,6 +102,8 @@ def parse_overrides(value: Any, size: Any) -> dict[str, int]:
 class Ledger:
     """Bytes charged to each namespace (see the module docstring)."""
 
+    log = Logger()
+
     def __init__(self, config: QuotaConfig):
         self.config = config
         self._lock = threading.Lock()
@@ -147,6 +151,9 @@ class Ledger:
     def _refuse(self, namespace: str, used: int, adding: int, limit: int,
                 what: str) -> OCIError:
         self.refusals += 1
+        self.log.info("Quota: refused {what} of {adding} bytes in {namespace} "
+                      "({used} of {limit} bytes used)", what=what, adding=adding,
+                      namespace=namespace, used=used, limit=limit)
         return OCIError(
             "DENIED",
             f"quota exceeded for {describe(namespace)}: {used} bytes ({human_size(used)}) "

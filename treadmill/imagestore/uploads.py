@@ -353,6 +353,8 @@ class Uploads:
         wait = max(1, min(math.ceil(first - now), math.ceil(self.max_age)))
         self.refused_sessions += 1
         who = f"subject {subject}" if subject is not None else "anonymous clients"
+        self.log.info("Quota: refused an upload session to {who} ({count} open)", who=who,
+                      count=len(sessions))
         raise OCIError(
             "TOOMANYREQUESTS",
             f"too many open upload sessions: {who} has {len(sessions)} of the "
