@@ -23,8 +23,15 @@ it to ``blobs/sha256/<hh>/<hex>`` (atomic; if the blob is already there the
 upload is simply dropped, so two clients uploading one blob at once end with
 one correct blob), fsyncs the directory, links the blob into the repository,
 then removes the session. A store killed at any point leaves either no blob
-or a complete one; sessions older than ``uploads.max_age`` are removed at
+or a complete one; sessions idle for ``uploads.max_age`` are removed at
 start and periodically.
+
+Limits: each session belongs to the token subject that opened it (kept in
+``state.json``); one subject may hold ``quota.uploads_per_subject`` open
+sessions (``429 TOOMANYREQUESTS`` beyond, :meth:`Uploads.check_sessions`).
+The bytes a session has received are charged to its repository's namespace
+(:class:`~treadmill.imagestore.quota.Ledger`), each batch before it is
+written, and freed by its commit, cancel or expiry.
 """
 
 from __future__ import annotations
