@@ -503,3 +503,25 @@ async def test_a_known_size_is_refused_before_any_byte_is_stored(tmp_path: Path,
             == received
     finally:
         await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_uploads_never_exceed_the_limit(tmp_path: Path, keys: Keys) -> None:
+    """Eight uploads of 300 bytes at once, each fitting alone, into 1000 bytes: three get
+    through, whatever the order; the namespace never holds more than its limit."""
+    from twisted.internet.defer import Deferred, gatherResults
+
+    store = await start(tmp_path, keys, uploads_per_subject=0)
+    try:
+        alice = client(store, keys, "alice", "alice/fw")
+        blobs = [bytes([i]) * 300 for i in range(8)]
+        results = await gatherResults([Deferred.fromCoroutine(
+            alice.request("POST", f"/v2/alice/fw/blobs/uploads/?digest={digest_of(b)}", b))
+            for b in blobs])
+        codes = sorted(r.code for r in results)
+        assert codes == [201] * 3 + [403] * 5, codes
+        stored = [b for b in blobs if store.storage.has_blob(digest_of(b))]
+        assert len(stored) == 3 and store.service.ledger.used("alice") == 900
+        assert stored_uploads(store) == []
+    finally:
+        await store.stop()
