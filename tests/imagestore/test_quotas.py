@@ -7,6 +7,7 @@ stays stored, what frees space, and what a restart rebuilds.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,11 @@ def test_checks_and_upload_reservations() -> None:
     assert ledger.used("alice") == 850
     ledger.drop_upload("u1")
     assert ledger.used("alice") == 600 and ledger.uploading("alice") == 0
+    # A pending link (mount, manifest) of a digest the namespace holds reserves nothing.
+    assert ledger.reserve_upload("m1", "alice/b", 600, "mounting", D1) is False
+    assert ledger.reserve_upload("m2", "alice/b", 400, "mounting", D3) is True
+    assert ledger.used("alice") == 1000
+    ledger.drop_upload("m2")
     assert ledger.refusals == 2
 
 
@@ -523,5 +529,38 @@ async def test_concurrent_uploads_never_exceed_the_limit(tmp_path: Path, keys: K
         stored = [b for b in blobs if store.storage.has_blob(digest_of(b))]
         assert len(stored) == 3 and store.service.ledger.used("alice") == 900
         assert stored_uploads(store) == []
+    finally:
+        await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_manifests_and_mounts_never_exceed_the_limit(tmp_path: Path,
+                                                                      keys: Keys) -> None:
+    from twisted.internet.defer import Deferred, gatherResults
+
+    store = await start(tmp_path, keys, uploads_per_subject=0, namespaces={"bob": 0})
+    try:
+        ledger = store.service.ledger
+        alice = client(store, keys, "alice", "alice/fw", "bob/fw")
+        config = await alice.push_blob("alice/fw", b"{}")
+        manifests = [{**manifest_of(config, 2), "annotations": {"n": str(i) * 150}}
+                     for i in range(8)]
+        room = 1000 - ledger.used("alice")
+        results = await gatherResults([Deferred.fromCoroutine(
+            alice.push_manifest("alice/fw", f"v{i}", m)) for i, m in enumerate(manifests)])
+        assert {r.code for r in results} == {201, 403}
+        assert ledger.used("alice") <= 1000
+        # Each manifest costs the same: exactly as many as fit got through.
+        size = len(json.dumps(manifests[0]).encode())
+        assert sum(r.code == 201 for r in results) == room // size
+        bob = client(store, keys, "bob", "bob/fw")
+        blobs = [await bob.push_blob("bob/fw", bytes([i]) * 300) for i in range(8)]
+        before = ledger.used("alice")
+        results = await gatherResults([Deferred.fromCoroutine(
+            alice.request("POST", f"/v2/alice/fw/blobs/uploads/?mount={d}&from=bob/fw"))
+            for d in blobs])
+        mounted = sum(r.code == 201 for r in results)
+        assert mounted == (1000 - before) // 300
+        assert ledger.used("alice") == before + 300 * mounted <= 1000
     finally:
         await store.stop()

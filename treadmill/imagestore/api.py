@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, unquote_to_bytes
@@ -366,11 +367,16 @@ class RegistryAPI:
         if digest is not None and digest != actual:
             raise OCIError("DIGEST_INVALID", "the manifest does not match the digest")
 
-        if self.uploads.ledger is not None:
-            self.uploads.ledger.check(name, len(body), "a manifest", actual)
+        ledger = self.uploads.ledger
+        pending = f"manifest:{uuid.uuid4()}"
+        if ledger is not None:
+            # Held until the manifest is linked (and counted), or refused.
+            ledger.reserve_upload(pending, name, len(body), "a manifest", actual)
 
         def store() -> Deferred[str]:
             d = self._thread(self._store_manifest, name, tag, body, manifest, media_type)
+            if ledger is not None:
+                d.addBoth(lambda result: (ledger.drop_upload(pending), result)[1])
 
             def referenced(digest: str) -> str:
                 self.collector.note_referenced(
@@ -381,7 +387,11 @@ class RegistryAPI:
 
             return d.addCallback(referenced)
 
-        stored = await under_lock(self.lock, store)
+        try:
+            stored = await under_lock(self.lock, store)
+        finally:
+            if ledger is not None:
+                ledger.drop_upload(pending)
         return self._empty(request, 201, {"Location": f"/v2/{name}/manifests/{stored}",
                                           "Docker-Content-Digest": stored})
 
@@ -650,9 +660,16 @@ class RegistryAPI:
                 if not self.storage.blob_linked(plan["from"], digest):
                     return False
                 info = self.storage.blob_info(digest)
-                if self.uploads.ledger is not None and info is not None:
-                    self.uploads.ledger.check(name, info.size, f"mounting {digest}", digest)
-                self.storage.link_blob(name, digest)
+                ledger = self.uploads.ledger
+                if ledger is None or info is None:
+                    self.storage.link_blob(name, digest)
+                    return True
+                pending = f"mount:{uuid.uuid4()}"
+                ledger.reserve_upload(pending, name, info.size, f"mounting {digest}", digest)
+                try:
+                    self.storage.link_blob(name, digest)
+                finally:
+                    ledger.drop_upload(pending)
                 return True
 
             def mount_seen(mounted: bool) -> bool:

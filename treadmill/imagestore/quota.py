@@ -23,10 +23,11 @@ method takes a ``threading.Lock`` for a few dictionary operations.
 
 The checks raise ``403 DENIED`` with the namespace, its usage and limit.
 They are made before bytes are accepted when the size is known (a
-monolithic or chunk upload with ``Content-Length``, a mount, a manifest
-PUT) and for every batch of an upload body otherwise
-(:meth:`Ledger.reserve_upload`, atomic with the charge), so that bytes
-stored before the refusal stay and the session stays resumable.
+monolithic or chunk upload with ``Content-Length``) and for every batch of
+an upload body (:meth:`Ledger.reserve_upload`, atomic with the charge), so
+that bytes stored before the refusal stay and the session stays resumable.
+A mount or a manifest PUT reserves its bytes the same way until its link is
+written (and counted), so concurrent requests cannot overshoot a limit.
 """
 
 from __future__ import annotations
@@ -213,11 +214,18 @@ class Ledger:
 
     # -- uploads -----------------------------------------------------------------------
 
-    def reserve_upload(self, upload_id: str, repository: str, adding: int) -> None:
-        """Charge ``adding`` more bytes to an upload, or raise ``DENIED`` (charging nothing)."""
+    def reserve_upload(self, upload_id: str, repository: str, adding: int,
+                       what: str = "an upload chunk", digest: str | None = None) -> bool:
+        """Charge ``adding`` more bytes to an upload (or any pending change keyed by
+        ``upload_id``), or raise ``DENIED`` (charging nothing).
+
+        With ``digest``, nothing is charged (False) if the namespace holds it already.
+        """
         namespace = namespace_of(repository)
         limit = self.config.limit(namespace)
         with self._lock:
+            if digest is not None and digest in self._links.get(namespace, {}):
+                return False
             used = self._used(namespace)
             if limit > 0 and adding > 0 and used + adding > limit:
                 refused = (used, limit)
@@ -226,7 +234,8 @@ class Ledger:
                 self._set_upload(upload_id, namespace,
                                  self._upload.get(upload_id, (namespace, 0))[1] + adding)
         if refused is not None:
-            raise self._refuse(namespace, refused[0], adding, refused[1], "an upload chunk")
+            raise self._refuse(namespace, refused[0], adding, refused[1], what)
+        return True
 
     def set_upload(self, upload_id: str, repository: str, size: int) -> None:
         """The upload holds ``size`` bytes (after a write, or found on disk at start)."""
