@@ -100,6 +100,25 @@ def test_checks_and_upload_reservations() -> None:
     assert ledger.refusals == 2
 
 
+def test_sessions_without_bytes_next_to_ones_with_bytes() -> None:
+    """Empty sessions of a namespace survive the others' coming and going (a session
+    opened, then a monolithic upload dropped, then the session's first chunk)."""
+    ledger = Ledger(QuotaConfig(namespace_bytes=1000))
+    ledger.set_upload("empty", "alice/a", 0)
+    ledger.set_upload("full", "alice/a", 100)
+    ledger.drop_upload("full")
+    assert ledger.usage() == {}
+    ledger.reserve_upload("empty", "alice/a", 300)
+    assert ledger.uploading("alice") == 300
+    ledger.set_upload("other", "alice/b", 0)
+    ledger.set_upload("empty", "alice/a", 0)
+    ledger.reserve_upload("other", "alice/b", 10)
+    ledger.drop_upload("other")
+    ledger.drop_upload("empty")
+    ledger.drop_upload("never")
+    assert ledger.usage() == {} and ledger.used("alice") == 0
+
+
 def test_zero_means_unlimited() -> None:
     ledger = Ledger(QuotaConfig(namespace_bytes=0, namespaces={"ci": 10}))
     ledger.check("alice/a", 10 ** 15, "an upload")
@@ -562,5 +581,32 @@ async def test_concurrent_manifests_and_mounts_never_exceed_the_limit(tmp_path: 
         mounted = sum(r.code == 201 for r in results)
         assert mounted == (1000 - before) // 300
         assert ledger.used("alice") == before + 300 * mounted <= 1000
+    finally:
+        await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_charge_answers_instead_of_hanging(tmp_path: Path, keys: Keys,
+                                                          monkeypatch: Any) -> None:
+    """Whatever goes wrong while charging a batch, the request gets an answer and the
+    session stays usable (a bug here once left the request waiting forever)."""
+    store = await start(tmp_path, keys)
+    try:
+        alice = client(store, keys, "alice", "alice/fw")
+        r = await alice.request("POST", "/v2/alice/fw/blobs/uploads/")
+        location = r.header("location")
+        ledger = store.service.ledger
+
+        def broken(*args: Any, **kwargs: Any) -> bool:
+            raise RuntimeError("accounting bug")
+
+        monkeypatch.setattr(ledger, "reserve_upload", broken)
+        r = await alice.request("PATCH", location, b"x" * 100)
+        assert r.code == 500 and r.error == "BLOB_UPLOAD_INVALID", (r.code, r.body)
+        monkeypatch.undo()
+        r = await alice.request("PATCH", location, b"x" * 100)
+        assert r.code == 202 and r.header("range") == "0-99"
+        r = await alice.request("PUT", f"{location}?digest={digest_of(b'x' * 100)}")
+        assert r.code == 201 and ledger.used("alice") == 100
     finally:
         await store.stop()

@@ -250,14 +250,17 @@ class Ledger:
     def _set_upload(self, upload_id: str, namespace: str | None, size: int) -> None:
         old = self._upload.pop(upload_id, None)
         if old is not None:
-            total = self._uploading[old[0]] - old[1]
+            # A namespace whose uploads hold 0 bytes has no entry (even with sessions).
+            total = self._uploading.get(old[0], 0) - old[1]
             if total:
                 self._uploading[old[0]] = total
             else:
-                del self._uploading[old[0]]
+                self._uploading.pop(old[0], None)
         if namespace is not None:
             self._upload[upload_id] = (namespace, size)
-            self._uploading[namespace] = self._uploading.get(namespace, 0) + size
+            total = self._uploading.get(namespace, 0) + size
+            if total:
+                self._uploading[namespace] = total
 
     # -- start -------------------------------------------------------------------------
 

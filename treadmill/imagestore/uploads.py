@@ -543,10 +543,12 @@ class Uploads:
             return d.addCallback(done).addBoth(settle)
 
         def safe(chunks: list[bytes]) -> Deferred[int]:
+            # Never raise: the sink waits for this Deferred (an exception would leave it
+            # waiting forever, and the request with it).
             try:
                 return append(chunks)
-            except OCIError as e:
-                return fail(e)
+            except Exception:
+                return fail()
 
         return safe
 
