@@ -119,6 +119,55 @@ def test_sessions_without_bytes_next_to_ones_with_bytes() -> None:
     assert ledger.usage() == {} and ledger.used("alice") == 0
 
 
+def test_ledger_agrees_with_a_recount() -> None:
+    """Random link, unlink and upload operations: the running sums always equal a recount
+    from scratch, and no upload reservation takes a namespace over its limit."""
+    import random
+
+    rng = random.Random(12)
+    ledger = Ledger(QuotaConfig(namespace_bytes=5000, namespaces={"b": 0}))
+    repos = ["a/x", "a/y", "b/x", "top"]
+    digests = {digest_of(bytes([i])): rng.randrange(0, 700) for i in range(12)}
+    links: set[tuple[str, str, str]] = set()
+    uploads: dict[str, tuple[str, int]] = {}
+    for _ in range(3000):
+        op = rng.randrange(5)
+        repo = rng.choice(repos)
+        digest = rng.choice(list(digests))
+        uid = f"u{rng.randrange(6)}"
+        if op == 0:
+            kind = rng.choice(["blob", "manifest"])
+            ledger.linked(repo, kind, digest, digests[digest])
+            links.add((repo, kind, digest))
+        elif op == 1 and links:
+            repo, kind, digest = rng.choice(sorted(links))
+            ledger.unlinked(repo, kind, digest)
+            links.discard((repo, kind, digest))
+        elif op == 2:
+            size = rng.choice([0, 0, rng.randrange(1, 400)])  # empty sessions are common
+            ledger.set_upload(uid, repo, size)
+            uploads[uid] = (namespace_of(repo), size)
+        elif op == 3 and uid in uploads:
+            ns, size = uploads[uid]
+            adding = rng.randrange(0, 400)
+            repo = "top" if ns == TOP_LEVEL else f"{ns}/x"
+            try:
+                ledger.reserve_upload(uid, repo, adding)
+            except OCIError:
+                assert ns == "a"
+            else:
+                uploads[uid] = (ns, size + adding)
+        elif op == 4:
+            ledger.drop_upload(uid)
+            uploads.pop(uid, None)
+        for ns in ("a", "b", TOP_LEVEL):
+            stored = sum(digests[d] for d in {d for r, _k, d in links if namespace_of(r) == ns})
+            uploading = sum(size for n, size in uploads.values() if n == ns)
+            assert (ledger.stored(ns), ledger.uploading(ns)) == (stored, uploading)
+        if op == 3:
+            assert ledger.used("a") <= 5000 or uploads.get(uid, ("", 0))[0] != "a"
+
+
 def test_zero_means_unlimited() -> None:
     ledger = Ledger(QuotaConfig(namespace_bytes=0, namespaces={"ci": 10}))
     ledger.check("alice/a", 10 ** 15, "an upload")
