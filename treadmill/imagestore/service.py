@@ -257,8 +257,8 @@ class ImageStoreService(RoleService):
                 access_log(request)
 
         self.site.log = log  # type: ignore[method-assign]
-        expiry = _Periodic(reactor, max(1.0, min(3600.0, config.upload_max_age / 4)),
-                           self.uploads.expire, "Upload expiry")
+        expiry = _Periodic(reactor, self.uploads.expiry_interval, self.uploads.expire,
+                           "Upload expiry")
         expiry.setName("upload-expiry")
         expiry.setServiceParent(self)
         if config.gc_interval > 0:

@@ -340,6 +340,11 @@ class Uploads:
             json.dump(state, f)
         return directory
 
+    @property
+    def expiry_interval(self) -> float:
+        """Seconds between runs of :meth:`expire`: ``max_age/4``, within 1 s and 1 h."""
+        return max(1.0, min(3600.0, self.max_age / 4))
+
     def sessions_of(self, subject: str | None) -> list[Upload]:
         """The open sessions ``subject`` started."""
         return [u for u in self.active.values() if u.subject == subject and not u.gone]
@@ -347,8 +352,8 @@ class Uploads:
     def check_sessions(self, subject: str | None) -> None:
         """Raise ``429 TOOMANYREQUESTS`` if ``subject`` may not open another session.
 
-        ``Retry-After`` says when its first idle session expires (the subject may
-        also finish or cancel one, ``DELETE``, at once).
+        ``Retry-After`` says when the expiry will have removed its longest-idle
+        session (the subject may also finish or cancel one, ``DELETE``, at once).
         """
         if self.per_subject <= 0:
             return
@@ -357,7 +362,8 @@ class Uploads:
             return
         now = self.reactor.seconds()
         first = min(u.updated for u in sessions) + self.max_age
-        wait = max(1, min(math.ceil(first - now), math.ceil(self.max_age)))
+        wait = max(1, min(math.ceil(first - now), math.ceil(self.max_age))
+                   + math.ceil(self.expiry_interval))
         self.refused_sessions += 1
         who = f"subject {subject}" if subject is not None else "anonymous clients"
         self.log.info("Quota: refused an upload session to {who} ({count} open)", who=who,
