@@ -235,3 +235,54 @@ async def test_sigkill_mid_upload_loses_nothing(tmp_path: Path) -> None:
     finally:
         await daemon.stop()
     assert "Traceback (most recent" not in daemon.output, daemon.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_quotas_from_the_config_file(tmp_path: Path, keys: Keys) -> None:
+    """The [quota] table of a real daemon's file: bytes and sessions refused with their
+    codes, counted in the metrics, and the same after a SIGKILL and a restart."""
+    port, metrics = free_port(), free_port()
+    config = write_config(tmp_path / "imagestore.toml", tmp_path / "root", port, keys, metrics)
+    with open(config, "a") as f:
+        f.write('[quota]\nnamespaces = { alice = "2K" }\nuploads_per_subject = 1\n')
+    url = f"http://127.0.0.1:{port}"
+    alice = Registry(url, keys.repo("alice/fw", "pull", "push", subject="alice"))
+    bob = Registry(url, keys.repo("bob/fw", "pull", "push", subject="bob"))
+    daemon = Daemon("treadmill-imagestore", ["--config", str(config)])
+    daemon.start()
+    try:
+        await daemon.wait_http(f"{url}/healthz")
+        await alice.push_blob("alice/fw", b"a" * 1500)
+        data = b"b" * 600
+        r = await alice.request("POST", f"/v2/alice/fw/blobs/uploads/?digest={digest_of(data)}",
+                                data)
+        assert r.code == 403 and r.error == "DENIED"
+        await bob.push_blob("bob/fw", data)
+        r = await alice.request("POST", "/v2/alice/fw/blobs/uploads/")
+        location = r.header("location")
+        await alice.request("PATCH", location, b"c" * 500)
+        r = await alice.request("POST", "/v2/alice/fw/blobs/uploads/")
+        assert r.code == 429 and r.error == "TOOMANYREQUESTS" and r.header("retry-after")
+        response = await treq.get(f"http://127.0.0.1:{metrics}/metrics")
+        text = (await response.content()).decode()
+        for limit in ("bytes", "sessions"):
+            assert re.search(rf'^treadmill_imagestore_quota_refusals_total{{limit="{limit}"}} '
+                             rf"1\.0$", text, re.M), text
+        assert await daemon.signal(signal.SIGKILL) != 0
+    finally:
+        await daemon.stop()
+    daemon = Daemon("treadmill-imagestore", ["--config", str(config)])
+    daemon.start()
+    try:
+        await daemon.wait_http(f"{url}/healthz")
+        # 1500 stored + 500 in the session: 48 bytes left, and still one session open.
+        r = await alice.request("PATCH", location, b"d" * 49)
+        assert r.code == 403 and "2000 bytes" in r.json["errors"][0]["message"]
+        r = await alice.request("POST", "/v2/alice/fw/blobs/uploads/")
+        assert r.code == 429
+        r = await alice.request("DELETE", location)
+        assert r.code == 204
+        await alice.push_blob("alice/fw", b"e" * 548)
+    finally:
+        await daemon.stop()
+    assert "Traceback (most recent" not in daemon.output, daemon.output

@@ -34,7 +34,13 @@ def test_defaults() -> None:
     assert config.listen == ["tcp:8081:interface=127.0.0.1:backlog=1024"]
     assert config.service == "treadmill-imagestore"
     assert config.manifest_max_size == 4 * 1024 * 1024
-    assert config.gc_interval == 0 and config.anonymous_pull == []
+    assert config.anonymous_pull == []
+    # Hygiene by default: hourly garbage collection, abandoned uploads gone within
+    # the hour, generous quotas on user namespaces and sessions.
+    assert config.gc_interval == 3600 and config.upload_max_age == 3600
+    assert config.quota.namespace_bytes == 100 * 1024 ** 3
+    assert config.quota.top_level_bytes == 0 and config.quota.namespaces == {}
+    assert config.quota.uploads_per_subject == 16
 
 
 def test_example_config_parses() -> None:
@@ -130,3 +136,25 @@ def test_anonymous_pull_from_the_command_line() -> None:
     assert values["anonymous_pull"] == ["demo/*", "a/**"]
     values = parse("--root", "/x", "--auth-disabled", "true", "--anonymous-pull", "true")
     assert values["anonymous_pull"] == ["**"]
+
+
+def test_quota_settings_from_a_file(tmp_path: Path) -> None:
+    config = tmp_path / "imagestore.toml"
+    config.write_text('root = "/x"\n[auth]\ndisabled = true\n[quota]\n'
+                      'namespace_bytes = "1G"\ntop_level_bytes = 5000\n'
+                      'uploads_per_subject = 0\n'
+                      '[quota.namespaces]\nalice = "2T"\nci = 0\n')
+    quota = config_from(parse("--config", str(config))).quota
+    assert quota.namespace_bytes == 1024 ** 3 and quota.top_level_bytes == 5000
+    assert quota.namespaces == {"alice": 2 * 1024 ** 4, "ci": 0}
+    assert quota.uploads_per_subject == 0
+    quota = config_from(parse("--config", str(config), "--quota-namespaces", "bob=1M")).quota
+    assert quota.namespaces == {"bob": 1024 ** 2}
+    for text, key in (('[quota.namespaces]\n"alice/fw" = 1\n', "quota.namespaces"),
+                      ('[quota]\nnamespace_bytes = "lots"\n', "quota.namespace_bytes"),
+                      ('[quota]\nuploads_per_subject = -1\n', "quota.uploads_per_subject"),
+                      ('[quota]\nsessions = 3\n', "quota.sessions")):
+        config.write_text('root = "/x"\n[auth]\ndisabled = true\n' + text)
+        with pytest.raises(UsageError) as e:
+            parse("--config", str(config))
+        assert isinstance(e.value, ConfigError) and e.value.key == key, e.value

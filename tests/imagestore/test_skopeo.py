@@ -223,3 +223,52 @@ async def test_skopeo_fetches_tokens_from_the_realm(tmp_path: Path, keys: Keys) 
     finally:
         await store.stop()
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_skopeo_within_and_over_a_quota(tmp_path: Path, keys: Keys) -> None:
+    """A namespace is charged each distinct blob once: a copy into a second repository of
+    the namespace costs nothing more once done (while it runs, its uploads count: the
+    quota has room for them); a push over the limit fails with the store's message, and
+    what skopeo leaves behind is an unfinished session within the limit (it expires)."""
+    from treadmill.imagestore.quota import QuotaConfig
+
+    source = tmp_path / "source"
+    source.mkdir()
+    blobs = build_oci_layout(source, "v1")
+    size = sum(len(content) for content in blobs.values())
+    store = await start_store(tmp_path / "store", keys,
+                              quota=QuotaConfig(namespace_bytes=2 * size,
+                                                namespaces={"tiny": size // 2}))
+    try:
+        ledger = store.service.ledger
+        for repo in ("alice/img", "alice/again"):
+            push = keys.repo(repo, "pull", "push", subject="alice")
+            code, out = await skopeo(tmp_path, "copy", "--dest-tls-verify=false",
+                                     "--preserve-digests", "--dest-registry-token", push,
+                                     f"oci:{source}:v1",
+                                     f"docker://127.0.0.1:{store.port}/{repo}:v1")
+            assert code == 0, out
+            assert ledger.used("alice") == size and ledger.uploading("alice") == 0
+        pull = keys.repo("alice/again", "pull", subject="alice")
+        result = tmp_path / "result"
+        code, out = await skopeo(tmp_path, "copy", "--src-tls-verify=false",
+                                 "--src-registry-token", pull,
+                                 f"docker://127.0.0.1:{store.port}/alice/again:v1",
+                                 f"oci:{result}:v1")
+        assert code == 0, out
+        assert layout_blobs(result) == blobs
+
+        push = keys.repo("tiny/img", "pull", "push", subject="tiny")
+        code, out = await skopeo(tmp_path, "copy", "--dest-tls-verify=false",
+                                 "--dest-registry-token", push, f"oci:{source}:v1",
+                                 f"docker://127.0.0.1:{store.port}/tiny/img:v1")
+        assert code != 0
+        assert "quota exceeded for namespace tiny" in out, out
+        assert store.storage.read_tag("tiny/img", "v1") is None
+        assert ledger.used("tiny") <= size // 2
+        on_disk = sum(os.path.getsize(os.path.join(store.storage.uploads, entry, "data"))
+                      for entry in os.listdir(store.storage.uploads))
+        assert ledger.uploading("tiny") == on_disk
+    finally:
+        await store.stop()

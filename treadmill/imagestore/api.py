@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, unquote_to_bytes
@@ -364,8 +365,16 @@ class RegistryAPI:
         if digest is not None and digest != actual:
             raise OCIError("DIGEST_INVALID", "the manifest does not match the digest")
 
+        ledger = self.uploads.ledger
+        pending = f"manifest:{uuid.uuid4()}"
+        if ledger is not None:
+            # Held until the manifest is linked (and counted), or refused.
+            ledger.reserve_upload(pending, name, len(body), "a manifest", actual)
+
         def store() -> Deferred[str]:
             d = self._thread(self._store_manifest, name, tag, body, manifest, media_type)
+            if ledger is not None:
+                d.addBoth(lambda result: (ledger.drop_upload(pending), result)[1])
 
             def referenced(digest: str) -> str:
                 self.collector.note_referenced(
@@ -376,7 +385,11 @@ class RegistryAPI:
 
             return d.addCallback(referenced)
 
-        stored = await under_lock(self.lock, store)
+        try:
+            stored = await under_lock(self.lock, store)
+        finally:
+            if ledger is not None:
+                ledger.drop_upload(pending)
         return self._empty(request, 201, {"Location": f"/v2/{name}/manifests/{stored}",
                                           "Docker-Content-Digest": stored})
 
@@ -535,17 +548,24 @@ class RegistryAPI:
             # As the reference registry: the challenge names the source too, so that
             # the client fetches a token that allows the mount.
             scopes.append(scope("repository", str(source), ["pull"]))
-        self.auth.require(request, "repository", name, "push", scopes)
+        claims = self.auth.require(request, "repository", name, "push", scopes)
+        subject = claims.subject if claims is not None else None
+        ledger = self.uploads.ledger
+        length = request.getHeader("content-length")
+        size = int(length) if length is not None and length.isdigit() else 0
         if endpoint == "upload_start":
             if mounting and self.auth.allows(request, "repository", str(source), "pull") \
                     and self.storage.blob_linked(str(source), str(mount)):
-                sink.plan = {"kind": "mount", "digest": mount, "from": source}
+                sink.plan = {"kind": "mount", "digest": mount, "from": source,
+                             "subject": subject}
                 sink.discard()
                 return
             digest = params.get("digest")
             if digest is not None:
                 digest = check_digest(digest)
-            upload = await self.uploads.create(name)
+            if ledger is not None:
+                ledger.check(name, size, "an upload")
+            upload = await self.uploads.create(name, subject)
             await self.uploads.acquire(upload, sink)
             if digest is not None:
                 sink.plan = {"kind": "monolithic", "digest": digest}
@@ -559,6 +579,8 @@ class RegistryAPI:
                 digest = check_digest(params.get("digest"))
             sink.plan = {"kind": endpoint, "digest": digest}
             upload = self.uploads.get(upload_id, name)
+            if ledger is not None:
+                ledger.check(name, size, "an upload chunk")
             await self.uploads.acquire(upload, sink)
             self._check_content_range(request, upload)
         await self.uploads.ensure_hash(upload)
@@ -622,7 +644,13 @@ class RegistryAPI:
     @app.route("/v2/<path:name>/blobs/uploads/", methods=["POST"], strict_slashes=False)
     async def upload_start(self, request: IRequest, name: str) -> bytes:
         sink = self._sink(request)
-        upload = await self._body(sink)
+        try:
+            upload = await self._body(sink)
+        except OCIError:
+            if sink.plan.get("kind") in ("monolithic", "session") and sink.upload is not None:
+                # The client was never told this session: do not keep (or charge) it.
+                await self.uploads.cancel(sink.upload)
+            raise
         plan = sink.plan
         if plan["kind"] == "monolithic":
             assert upload is not None
@@ -635,7 +663,17 @@ class RegistryAPI:
             def mount() -> bool:
                 if not self.storage.blob_linked(plan["from"], digest):
                     return False
-                self.storage.link_blob(name, digest)
+                info = self.storage.blob_info(digest)
+                ledger = self.uploads.ledger
+                if ledger is None or info is None:
+                    self.storage.link_blob(name, digest)
+                    return True
+                pending = f"mount:{uuid.uuid4()}"
+                ledger.reserve_upload(pending, name, info.size, f"mounting {digest}", digest)
+                try:
+                    self.storage.link_blob(name, digest)
+                finally:
+                    ledger.drop_upload(pending)
                 return True
 
             def mount_seen(mounted: bool) -> bool:
@@ -645,7 +683,7 @@ class RegistryAPI:
 
             if await under_lock(self.lock, lambda: self._thread(mount).addCallback(mount_seen)):
                 return self._blob_created(request, name, digest)
-            upload = await self.uploads.create(name)
+            upload = await self.uploads.create(name, plan["subject"])
         assert upload is not None
         return self._upload_accepted(request, name, upload)
 

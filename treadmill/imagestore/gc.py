@@ -2,7 +2,9 @@
 
 Collection is an explicit action (``POST /admin/gc`` with a
 ``registry:gc:*`` capability, or ``imagestore.collect_garbage()`` in the
-manhole), optionally repeated every ``gc.interval`` seconds.
+manhole), and repeated every ``gc.interval`` seconds (hourly by default; 0: never).
+Removing the repositories' links to deleted blobs frees the namespaces'
+quota (:mod:`~treadmill.imagestore.quota`).
 
 A run has three phases:
 

@@ -3,7 +3,7 @@
     imagestore (ImageStoreService)
     ├── keys            capability keys (auth.keys_file / auth.keys_url), unless auth.disabled
     ├── upload-expiry   removes upload sessions idle for uploads.max_age
-    ├── gc              periodic garbage collection (gc.interval > 0)
+    ├── gc              periodic garbage collection (gc.interval > 0; hourly by default)
     ├── cache-maintenance  cache mode: expire leases, flush the last-use index, evict
     ├── http            the registry listeners
     ├── manhole         optional SSH manhole (namespace: imagestore, storage, uploads, ...)
@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector as PromCollector
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.iweb import IRequest
@@ -52,6 +53,7 @@ from treadmill.imagestore.api import RegistryAPI, registry_site
 from treadmill.imagestore.auth import Authorizer
 from treadmill.imagestore.cache import Cache, CacheConfig
 from treadmill.imagestore.gc import Collector, SharedExclusiveLock
+from treadmill.imagestore.quota import Ledger, QuotaConfig
 from treadmill.imagestore.storage import Storage
 from treadmill.imagestore.uploads import Uploads
 
@@ -73,13 +75,15 @@ class ImageStoreConfig:
     realm: str | None = None
     auth_disabled: bool = False
     anonymous_pull: list[str] = field(default_factory=list)
-    upload_max_age: float = 24 * 3600.0
+    upload_max_age: float = 3600.0
     manifest_max_size: int = 4 * 1024 * 1024
-    gc_interval: float = 0.0
+    gc_interval: float = 3600.0
     gc_grace: float = 3600.0
     access_log: bool = True
     io_threads: int = 8
     cache: CacheConfig | None = None  # cache mode (cache.enabled)
+    # Namespace byte quotas (not in cache mode) and open sessions per subject.
+    quota: QuotaConfig = field(default_factory=QuotaConfig)
 
 
 class _Periodic(Service):
@@ -146,6 +150,12 @@ class _Live(PromCollector):
                                          "Blobs deleted by garbage collection.")
         gc_deleted.add_metric([], self.store.collector.deleted_total)
         yield gc_deleted
+        refused = CounterMetricFamily("treadmill_imagestore_quota_refusals",
+                                      "Requests refused by a quota.", labels=["limit"])
+        ledger = self.store.ledger
+        refused.add_metric(["bytes"], ledger.refusals if ledger is not None else 0)
+        refused.add_metric(["sessions"], self.store.uploads.refused_sessions)
+        yield refused
         cache = self.store.cache
         if cache is None:
             return
@@ -210,8 +220,14 @@ class ImageStoreService(RoleService):
         self.lock = SharedExclusiveLock()
         self.collector = Collector(reactor, self.storage, self.pool, self.lock,
                                    grace=config.gc_grace)
+        # Byte quotas apply to a store, not to a cache (its bound is cache.max_bytes).
+        self.ledger: Ledger | None = None
+        if config.cache is None:
+            self.ledger = Ledger(config.quota)
+            self.storage.ledger = self.ledger
         self.uploads = Uploads(reactor, self.storage, self.pool, self.lock,
-                               max_age=config.upload_max_age)
+                               max_age=config.upload_max_age, ledger=self.ledger,
+                               per_subject=config.quota.uploads_per_subject)
         self.keys: KeySource | None = None
         verifier = None
         if not config.auth_disabled:
@@ -241,8 +257,8 @@ class ImageStoreService(RoleService):
                 access_log(request)
 
         self.site.log = log  # type: ignore[method-assign]
-        expiry = _Periodic(reactor, max(1.0, min(3600.0, config.upload_max_age / 4)),
-                           self.uploads.expire, "Upload expiry")
+        expiry = _Periodic(reactor, self.uploads.expiry_interval, self.uploads.expire,
+                           "Upload expiry")
         expiry.setName("upload-expiry")
         expiry.setServiceParent(self)
         if config.gc_interval > 0:
@@ -264,7 +280,7 @@ class ImageStoreService(RoleService):
         return {"imagestore": self, "storage": self.storage, "uploads": self.uploads,
                 "collector": self.collector, "api": self.api, "auth": self.auth,
                 "collect_garbage": self.collect_garbage, "reactor": self.reactor,
-                "cache": self.cache}
+                "cache": self.cache, "quota": self.ledger}
 
     def collect_garbage(self) -> Deferred[dict[str, Any]]:
         """Delete unreferenced blobs now; fires with a summary."""
@@ -278,6 +294,12 @@ class ImageStoreService(RoleService):
 
     async def _start(self) -> None:
         await self.uploads.expire()
+        if self.ledger is not None:
+            usage = await deferToThreadPool(self.reactor, self.pool, self.ledger.rebuild,
+                                            self.storage)
+            self.log.info("Quotas: {namespaces} namespaces store {bytes} bytes",
+                          namespaces=len(usage), bytes=sum(usage.values()))
+        await self.uploads.load()
         if self.cache is not None:
             await self.cache.start()
         http = listeners(self.reactor, self.config.listen, self.site, "http")

@@ -45,6 +45,7 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from treadmill.imagestore.names import hex_of, is_digest, is_name, is_tag
 
@@ -86,6 +87,8 @@ class Storage:
         self.uploads = os.path.join(self.root, "uploads")
         self.tmp = os.path.join(self.root, "tmp")
         self.cache = os.path.join(self.root, "cache")
+        # Told when a repository link appears or goes (a quota.Ledger; None: no quotas).
+        self.ledger: Any = None
 
     # -- setup ---------------------------------------------------------------
 
@@ -305,9 +308,18 @@ class Storage:
         path = self._blob_link(name, digest)
         if not os.path.exists(path):
             self._write_atomic(path, digest.encode() + b"\n")
+        self._charge(name, "blob", digest)
 
     def unlink_blob(self, name: str, digest: str) -> bool:
-        return self._unlink(self._blob_link(name, digest))
+        found = self._unlink(self._blob_link(name, digest))
+        if self.ledger is not None:
+            self.ledger.unlinked(name, "blob", digest)
+        return found
+
+    def _charge(self, name: str, kind: str, digest: str) -> None:
+        if self.ledger is not None:
+            info = self.blob_info(digest)
+            self.ledger.linked(name, kind, digest, info.size if info is not None else 0)
 
     # manifests
 
@@ -325,10 +337,13 @@ class Storage:
         path = self._manifest_link(name, digest)
         if self._read_small(path) != media_type:
             self._write_atomic(path, media_type.encode() + b"\n")
+        self._charge(name, "manifest", digest)
 
     def unlink_manifest(self, name: str, digest: str) -> bool:
         """Remove a manifest from a repository, and every tag that points to it."""
         found = self._unlink(self._manifest_link(name, digest))
+        if self.ledger is not None:
+            self.ledger.unlinked(name, "manifest", digest)
         for tag in self.tags(name) or []:
             if self.read_tag(name, tag) == digest:
                 self.delete_tag(name, tag)

@@ -17,6 +17,7 @@ from treadmill.common.config import (
     ConfigError,
     RoleOptions,
     Setting,
+    non_negative,
     positive,
     server_endpoints,
 )
@@ -24,6 +25,7 @@ from treadmill.common.daemon import add_operator_services
 from treadmill.images.registry import check_store_url
 from treadmill.imagestore.auth import anonymous_patterns
 from treadmill.imagestore.cache import CacheConfig
+from treadmill.imagestore.quota import QuotaConfig, parse_overrides
 from treadmill.imagestore.service import DEFAULT_LISTEN, ImageStoreConfig, ImageStoreService
 
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4, "p": 1024 ** 5}
@@ -49,6 +51,10 @@ def byte_size(value: Any) -> int:
     if number < 0:
         raise ValueError(f"expected zero or a positive size, got {number}")
     return number
+
+
+def _namespace_sizes(value: Any) -> dict[str, int]:
+    return parse_overrides(value, byte_size)
 
 
 def store_urls(value: Any) -> list[str]:
@@ -83,11 +89,22 @@ class Options(RoleOptions):
         Setting("anonymous_pull", anonymous_patterns, [],
                 "Repositories anyone may pull without a token: true, or glob patterns "
                 "(\"demo/*\" one level, \"public/**\" any depth)."),
-        Setting("uploads.max_age", positive(FLOAT), 24 * 3600.0,
+        Setting("uploads.max_age", positive(FLOAT), 3600.0,
                 "Seconds an idle upload session is kept before it is removed."),
+        Setting("quota.namespace_bytes", byte_size, 100 * 1024 ** 3,
+                "Bytes each user namespace (alice/...) may store, its open uploads "
+                "included (\"500G\" works); 0: unlimited."),
+        Setting("quota.top_level_bytes", byte_size, 0,
+                "Bytes the top-level repositories (the operators') may store together; "
+                "0: unlimited."),
+        Setting("quota.namespaces", _namespace_sizes, {},
+                "Per-namespace overrides of quota.namespace_bytes: a table "
+                "namespace = size (on the command line: alice=500G,ci=0).", table=True),
+        Setting("quota.uploads_per_subject", non_negative(INT), 16,
+                "Open upload sessions one token subject (user or host) may have; 0: any."),
         Setting("manifests.max_size", positive(INT), 4 * 1024 * 1024,
                 "Largest manifest accepted, in bytes."),
-        Setting("gc.interval", _non_negative, 0.0,
+        Setting("gc.interval", _non_negative, 3600.0,
                 "Seconds between garbage collections; 0 runs them only on demand."),
         Setting("gc.grace", _non_negative, 3600.0,
                 "Seconds a newly uploaded, mounted or HEAD-checked blob is safe from "
@@ -209,7 +226,11 @@ def config_from(values: dict[str, Any]) -> ImageStoreConfig:
         upload_max_age=values["uploads.max_age"],
         manifest_max_size=values["manifests.max_size"], gc_interval=values["gc.interval"],
         gc_grace=values["gc.grace"], access_log=values["http.access_log"],
-        io_threads=values["io_threads"], cache=cache_config_from(values))
+        io_threads=values["io_threads"], cache=cache_config_from(values),
+        quota=QuotaConfig(namespace_bytes=values["quota.namespace_bytes"],
+                          top_level_bytes=values["quota.top_level_bytes"],
+                          namespaces=values["quota.namespaces"],
+                          uploads_per_subject=values["quota.uploads_per_subject"]))
 
 
 def makeService(options: Options) -> IService:

@@ -23,8 +23,15 @@ it to ``blobs/sha256/<hh>/<hex>`` (atomic; if the blob is already there the
 upload is simply dropped, so two clients uploading one blob at once end with
 one correct blob), fsyncs the directory, links the blob into the repository,
 then removes the session. A store killed at any point leaves either no blob
-or a complete one; sessions older than ``uploads.max_age`` are removed at
+or a complete one; sessions idle for ``uploads.max_age`` are removed at
 start and periodically.
+
+Limits: each session belongs to the token subject that opened it (kept in
+``state.json``); one subject may hold ``quota.uploads_per_subject`` open
+sessions (``429 TOOMANYREQUESTS`` beyond, :meth:`Uploads.check_sessions`).
+The bytes a session has received are charged to its repository's namespace
+(:class:`~treadmill.imagestore.quota.Ledger`), each batch before it is
+written, and freed by its commit, cancel or expiry.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -47,6 +55,7 @@ from twisted.python.failure import Failure
 from treadmill.imagestore.errors import OCIError
 from treadmill.imagestore.gc import SharedExclusiveLock, under_lock
 from treadmill.imagestore.names import UPLOAD_ID, is_name
+from treadmill.imagestore.quota import Ledger
 from treadmill.imagestore.storage import Storage
 
 #: Bytes queued for the disk before the connection is paused.
@@ -60,9 +69,13 @@ class Upload:
     """One upload session."""
 
     def __init__(self, upload_id: str, repository: str, directory: str, *, size: int,
-                 started: float, updated: float, hasher: Any = None):
+                 started: float, updated: float, hasher: Any = None,
+                 subject: str | None = None):
         self.id = upload_id
         self.repository = repository
+        # Who opened it (the token's ``sub``; None without authentication): the
+        # per-subject session limit counts it.
+        self.subject = subject
         self.directory = directory
         self.size = size
         self.started = started
@@ -293,12 +306,17 @@ class Uploads:
     log = Logger()
 
     def __init__(self, reactor: Any, storage: Storage, pool: Any, lock: SharedExclusiveLock,
-                 *, max_age: float = 86400.0):
+                 *, max_age: float = 3600.0, ledger: Ledger | None = None,
+                 per_subject: int = 0):
         self.reactor = reactor
         self.storage = storage
         self.pool = pool
         self.lock = lock
         self.max_age = max_age
+        # Byte quotas (None: none) and the open sessions one subject may have (0: any).
+        self.ledger = ledger
+        self.per_subject = per_subject
+        self.refused_sessions = 0
         self.active: dict[str, Upload] = {}
         self.bytes_received = 0
         self.committed = 0
@@ -310,23 +328,72 @@ class Uploads:
 
     # -- sessions --------------------------------------------------------------
 
-    def _create(self, upload_id: str, repository: str, now: float) -> str:
+    def _create(self, upload_id: str, repository: str, now: float,
+                subject: str | None) -> str:
         directory = self.storage.upload_dir(upload_id)
         os.mkdir(directory, 0o700)
         with open(os.path.join(directory, "data"), "xb"):
             pass
-        state = {"id": upload_id, "repository": repository, "started": now}
+        state = {"id": upload_id, "repository": repository, "started": now,
+                 "subject": subject}
         with open(os.path.join(directory, "state.json"), "x") as f:
             json.dump(state, f)
         return directory
 
-    async def create(self, repository: str) -> Upload:
+    @property
+    def expiry_interval(self) -> float:
+        """Seconds between runs of :meth:`expire`: ``max_age/4``, within 1 s and 1 h."""
+        return max(1.0, min(3600.0, self.max_age / 4))
+
+    def sessions_of(self, subject: str | None) -> list[Upload]:
+        """The open sessions ``subject`` started."""
+        return [u for u in self.active.values() if u.subject == subject and not u.gone]
+
+    def check_sessions(self, subject: str | None) -> None:
+        """Raise ``429 TOOMANYREQUESTS`` if ``subject`` may not open another session.
+
+        ``Retry-After`` says when the expiry will have removed its longest-idle
+        session (the subject may also finish or cancel one, ``DELETE``, at once).
+        """
+        if self.per_subject <= 0:
+            return
+        sessions = self.sessions_of(subject)
+        if len(sessions) < self.per_subject:
+            return
+        now = self.reactor.seconds()
+        first = min(u.updated for u in sessions) + self.max_age
+        wait = max(1, min(math.ceil(first - now), math.ceil(self.max_age))
+                   + math.ceil(self.expiry_interval))
+        self.refused_sessions += 1
+        who = f"subject {subject}" if subject is not None else "anonymous clients"
+        self.log.info("Quota: refused an upload session to {who} ({count} open)", who=who,
+                      count=len(sessions))
+        raise OCIError(
+            "TOOMANYREQUESTS",
+            f"too many open upload sessions: {who} has {len(sessions)} of the "
+            f"{self.per_subject} allowed (quota.uploads_per_subject); finish or cancel "
+            f"one (DELETE its Location), or retry after {wait} s when an idle one expires",
+            detail={"subject": subject, "open": len(sessions), "limit": self.per_subject},
+            headers={"Retry-After": str(wait)})
+
+    async def create(self, repository: str, subject: str | None = None) -> Upload:
+        """A new session of ``repository`` for ``subject`` (``429`` beyond the limit)."""
+        self.check_sessions(subject)
         upload_id = str(uuid.uuid4())
         now = self.reactor.seconds()
-        directory = await self._thread(self._create, upload_id, repository, now)
+        directory = self.storage.upload_dir(upload_id)
         upload = Upload(upload_id, repository, directory, size=0, started=now, updated=now,
-                        hasher=hashlib.sha256())
+                        hasher=hashlib.sha256(), subject=subject)
+        # Counted from now on, so that concurrent requests cannot overshoot the limit.
         self.active[upload_id] = upload
+        try:
+            await self._thread(self._create, upload_id, repository, now, subject)
+        except BaseException:
+            upload.gone = True
+            self.active.pop(upload_id, None)
+            raise
+        if self.ledger is not None:
+            self.ledger.set_upload(upload_id, repository, 0)
         return upload
 
     def _load(self, upload_id: str) -> Upload | None:
@@ -339,12 +406,39 @@ class Uploads:
             return None
         repository = state.get("repository") if isinstance(state, dict) else None
         started = state.get("started") if isinstance(state, dict) else None
+        subject = state.get("subject") if isinstance(state, dict) else None
         if not isinstance(repository, str) or not is_name(repository):
             return None
         if isinstance(started, bool) or not isinstance(started, int | float):
             started = st.st_mtime
         return Upload(upload_id, repository, directory, size=st.st_size, started=started,
-                      updated=st.st_mtime, hasher=None)
+                      updated=st.st_mtime, hasher=None,
+                      subject=subject if isinstance(subject, str) else None)
+
+    def _load_all(self) -> list[Upload]:
+        try:
+            entries = sorted(os.listdir(self.storage.uploads))
+        except FileNotFoundError:
+            return []
+        found = []
+        for entry in entries:
+            if UPLOAD_ID.fullmatch(entry):
+                upload = self._load(entry)
+                if upload is not None:
+                    found.append(upload)
+        return found
+
+    async def load(self) -> int:
+        """Know every session on disk (at start, after :meth:`expire`): the session
+        limits and the quotas count them. Returns how many."""
+        found = await self._thread(self._load_all)
+        for upload in found:
+            if upload.id in self.active:
+                continue
+            self.active[upload.id] = upload
+            if self.ledger is not None:
+                self.ledger.set_upload(upload.id, upload.repository, upload.size)
+        return len(found)
 
     def get(self, upload_id: str, repository: str) -> Upload:
         """The session ``upload_id`` of ``repository`` (loaded from disk after a restart).
@@ -357,6 +451,8 @@ class Uploads:
             upload = self._load(upload_id)
             if upload is not None:
                 self.active[upload_id] = upload
+                if self.ledger is not None:
+                    self.ledger.set_upload(upload_id, upload.repository, upload.size)
         if upload is None or upload.gone or upload.repository != repository:
             raise OCIError("BLOB_UPLOAD_UNKNOWN", "unknown upload")
         return upload
@@ -430,6 +526,12 @@ class Uploads:
         def append(chunks: list[bytes]) -> Deferred[int]:
             if upload.gone:
                 raise OCIError("BLOB_UPLOAD_UNKNOWN", "the upload was cancelled")
+            ledger = self.ledger
+            if ledger is not None:
+                # Charged before the write, atomically with the check: the batch that
+                # would cross the namespace's limit is refused, nothing of it stored.
+                ledger.reserve_upload(upload.id, upload.repository,
+                                      sum(len(c) for c in chunks))
             d = self._thread(self._append, upload, chunks)
 
             def done(count: int) -> int:
@@ -438,13 +540,21 @@ class Uploads:
                 self.bytes_received += count
                 return count
 
-            return d.addCallback(done)
+            def settle(result: Any) -> Any:
+                # What is really in ``data`` now (a failed write may have stored part).
+                if ledger is not None and not upload.gone:
+                    ledger.set_upload(upload.id, upload.repository, upload.size)
+                return result
+
+            return d.addCallback(done).addBoth(settle)
 
         def safe(chunks: list[bytes]) -> Deferred[int]:
+            # Never raise: the sink waits for this Deferred (an exception would leave it
+            # waiting forever, and the request with it).
             try:
                 return append(chunks)
-            except OCIError as e:
-                return fail(e)
+            except Exception:
+                return fail()
 
         return safe
 
@@ -466,6 +576,8 @@ class Uploads:
         new = self.storage.commit_file(upload.data_path, digest)
         self.storage.link_blob(upload.repository, digest)
         self.storage.remove_upload(upload.id)
+        if self.ledger is not None:
+            self.ledger.drop_upload(upload.id)
         return new
 
     async def commit(self, upload: Upload, digest: str) -> bool:
@@ -499,6 +611,8 @@ class Uploads:
         upload.gone = True
         self.active.pop(upload.id, None)
         await self._thread(self.storage.remove_upload, upload.id)
+        if self.ledger is not None:
+            self.ledger.drop_upload(upload.id)
 
     def _expired(self, cutoff: float, busy: set[str]) -> list[str]:
         removed = []
@@ -530,6 +644,8 @@ class Uploads:
             upload = self.active.pop(uid, None)
             if upload is not None:
                 upload.gone = True
+            if self.ledger is not None:
+                self.ledger.drop_upload(uid)
         if removed:
             self.log.info("Removed {count} expired uploads", count=len(removed))
         return len(removed)
