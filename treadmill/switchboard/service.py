@@ -131,10 +131,13 @@ class SwitchboardService(RoleService):
         self._ports: list[Any] = []
 
     def namespace(self) -> dict[str, Any]:
-        """What the manhole shows an operator."""
+        """What the manhole shows an operator (helpers: ``treadmill.switchboard.manhole``)."""
+        from treadmill.switchboard.manhole import helpers
+
         return {"switchboard": self, "store": self.store, "pool": self.pool, "api": self.api,
                 "auth": self.auth, "watchers": self.watchers, "links": self.links,
-                "scheduler": self.scheduler, "metrics": self.metrics, "reactor": self.reactor}
+                "scheduler": self.scheduler, "metrics": self.metrics, "reactor": self.reactor,
+                **helpers(self)}
 
     async def _start(self) -> None:
         delay = 0.5
