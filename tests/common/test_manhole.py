@@ -313,6 +313,38 @@ def test_ctrl_c_cancels_a_wait(setup: Setup, manhole: int):
     assert b"CancelledError" in result["output"]
 
 
+@pytest_twisted.inlineCallbacks
+def test_leaving_while_waiting_lets_the_work_finish(setup: Setup, manhole: int):
+    done = []
+
+    async def slow():
+        from twisted.internet.task import deferLater
+
+        await deferLater(reactor, 0.3, lambda: None)
+        done.append(True)
+        return "finished"
+
+    setup.namespace["slow"] = slow
+    errors = []
+    from twisted.logger import globalLogPublisher
+
+    def observe(event):
+        if event.get("log_failure") is not None or event.get("isError"):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        # Ctrl-D right after the line: the session ends before the result is there.
+        result = yield conch_session(manhole, setup.key, b"await slow()\r\x04")
+        assert b"finished" not in result["output"]
+        from twisted.internet.task import deferLater
+
+        yield deferLater(reactor, 0.5, lambda: None)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert done == [True] and errors == []
+
+
 @pytest.mark.skipif(SSH is None, reason="no OpenSSH client installed")
 @pytest_twisted.inlineCallbacks
 def test_exec_request_runs_lines_in_order(setup: Setup, manhole: int):

@@ -246,6 +246,8 @@ class _AsyncManhole(manhole.ColoredManhole):
 
     def _resume(self, _: object) -> None:
         self._waiting = None
+        if getattr(self, "_gone", False):
+            return
         self._prompt()
         while self._queued and self._waiting is None:
             self.lineReceived(self._queued.popleft())
@@ -259,7 +261,16 @@ class _AsyncManhole(manhole.ColoredManhole):
         self.pn = 0
         self.interpreter.cancel()
 
+    def connectionLost(self, reason: Any) -> None:
+        # What the session still waits for runs on (a drain half done is worse); its
+        # output has nowhere to go.
+        self._gone = True
+        self._queued.clear()
+        super().connectionLost(reason)
+
     def addOutput(self, data: Any, isAsync: bool | None = None) -> None:
+        if getattr(self, "_gone", False):
+            return
         if self._waiting is not None:
             isAsync = False  # no prompt shown: write in place
         elif isAsync and not data.strip():
