@@ -3,18 +3,22 @@ run applies, both as the least-privileged role docs/install.md creates."""
 
 from __future__ import annotations
 
-import subprocess
+import os
 import sys
 import uuid
 from collections.abc import Iterator
 
 import psycopg2
 import pytest
+import pytest_twisted
 from psycopg2 import sql
 from psycopg2.extensions import make_dsn
+from twisted.internet import reactor
+from twisted.internet.utils import getProcessOutputAndValue
 
 from treadmill.dev.pgcluster import drop_database
 from treadmill.switchboard.database import migrations
+from treadmill.switchboard.migrate import run_migrations
 
 
 @pytest.fixture
@@ -40,11 +44,11 @@ def owner_dsn(pg_admin_dsn: str) -> Iterator[str]:
         conn.close()
 
 
-def run(dsn: str, *flags: str) -> subprocess.CompletedProcess[str]:
-    # --database-dsn carries no password here: the test cluster uses peer logins.
-    return subprocess.run(
-        [sys.executable, "-m", "treadmill.switchboard.migrate", "--database-dsn", dsn, *flags],
-        capture_output=True, text=True, timeout=60, check=False)
+async def cli(*flags: str) -> tuple[int, str, str]:
+    """The command line in a child process: (exit status, stdout, stderr)."""
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable, ["-m", "treadmill.switchboard.migrate", *flags], env=os.environ)
+    return code, out.decode(), err.decode()
 
 
 def tables(dsn: str) -> set[str]:
@@ -53,47 +57,43 @@ def tables(dsn: str) -> set[str]:
         return {row[0] for row in cur.fetchall()}
 
 
-def test_dry_run_then_apply_as_database_owner(owner_dsn: str) -> None:
+@pytest_twisted.ensureDeferred
+async def test_dry_run_then_apply_as_database_owner(owner_dsn: str) -> None:
     names = [name for _, name, _ in migrations()]
     with psycopg2.connect(owner_dsn) as conn, conn.cursor() as cur:
         cur.execute("SELECT rolsuper, rolcreatedb FROM pg_roles WHERE rolname = current_user")
         assert cur.fetchone() == (False, False)
 
-    dry = run(owner_dsn, "--dry-run")
-    assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.splitlines() == [f"pending {name}" for name in names]
+    assert await run_migrations(reactor, owner_dsn, dry_run=True) == names
+    code, out, err = await cli("--database-dsn", owner_dsn, "--dry-run", "--check")
+    assert (code, out.splitlines()) == (1, [f"pending {name}" for name in names]), err
     assert tables(owner_dsn) == set()  # not even schema_migrations
-    assert run(owner_dsn, "--dry-run", "--check").returncode == 1
 
-    applied = run(owner_dsn)
-    assert applied.returncode == 0, applied.stderr
-    assert applied.stdout.splitlines() == [f"applied {name}" for name in names]
+    assert await run_migrations(reactor, owner_dsn, dry_run=False) == names
     assert {"schema_migrations", "users", "jobs"} <= tables(owner_dsn)
+    assert await run_migrations(reactor, owner_dsn, dry_run=True) == []
+    assert await run_migrations(reactor, owner_dsn, dry_run=False) == []
+    assert await cli("--database-dsn", owner_dsn, "--dry-run", "--check") == \
+        (0, "nothing pending\n", "")
 
-    again = run(owner_dsn, "--dry-run", "--check")
-    assert (again.returncode, again.stdout) == (0, "nothing pending\n")
-    assert run(owner_dsn).stdout == "nothing to apply\n"
 
-
-def test_dry_run_lists_only_what_is_missing(owner_dsn: str) -> None:
-    assert run(owner_dsn).returncode == 0
+@pytest_twisted.ensureDeferred
+async def test_dry_run_lists_only_what_is_missing(owner_dsn: str) -> None:
+    await run_migrations(reactor, owner_dsn, dry_run=False)
     last = migrations()[-1]
     with psycopg2.connect(owner_dsn) as conn, conn.cursor() as cur:
         cur.execute("DELETE FROM schema_migrations WHERE version = %s", (last[0],))
-    dry = run(owner_dsn, "--dry-run")
-    assert dry.stdout.splitlines() == [f"pending {last[1]}"]
+    assert await run_migrations(reactor, owner_dsn, dry_run=True) == [last[1]]
     with psycopg2.connect(owner_dsn) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM schema_migrations")
         assert cur.fetchone() == (len(migrations()) - 1,)
 
 
-def test_bad_usage_is_a_clear_error(tmp_path) -> None:
-    check_alone = run("dbname=x", "--check")
-    assert check_alone.returncode == 2 and "--check needs --dry-run" in check_alone.stderr
+@pytest_twisted.ensureDeferred
+async def test_bad_usage_is_a_clear_error(tmp_path) -> None:
+    code, _, err = await cli("--database-dsn", "dbname=x", "--check")
+    assert code == 2 and "--check needs --dry-run" in err
     bad = tmp_path / "switchboard.toml"
     bad.write_text("[database]\ndsn = 3\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "treadmill.switchboard.migrate", "--config", str(bad)],
-        capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 2 and result.stderr.startswith("migrate: ")
-    assert "Traceback" not in result.stderr
+    code, _, err = await cli("--config", str(bad))
+    assert code == 2 and err.startswith("migrate: ") and "Traceback" not in err
