@@ -390,3 +390,39 @@ def test_unknown_key_cannot_exec(setup: Setup, manhole: int):
     output, code = yield openssh_session(manhole, setup.stranger, b"", tty=False,
                                          command="print(thing.value * 3)")
     assert code == 255 and b"60780" not in output and b"Permission denied" in output
+
+
+# The interpreter alone, with a plain output collector.
+
+
+class _Output:
+    def __init__(self) -> None:
+        self.text: list[str] = []
+
+    def addOutput(self, data, isAsync=None) -> None:
+        self.text.append(data)
+
+
+def test_a_deferred_shown_keeps_its_result_for_its_owner() -> None:
+    from treadmill.common.manhole import AsyncManholeInterpreter
+
+    owned: defer.Deferred[int] = defer.Deferred()
+    seen: list[int] = []
+    out = _Output()
+    shell = AsyncManholeInterpreter(out, {"owned": owned})
+    shell.push(b"owned")
+    assert shell.pending() is not None
+    owned.addCallback(seen.append)  # the daemon's own consumer, added later
+    owned.callback(7)
+    assert "7" in out.text and seen == [7] and shell.pending() is None
+
+
+def test_syntax_errors_and_exceptions_are_counted_not_raised() -> None:
+    from treadmill.common.manhole import AsyncManholeInterpreter
+
+    out = _Output()
+    shell = AsyncManholeInterpreter(out, {})
+    for line in (b"1 +", b"", b"raise SystemExit(0)", b"import sys; sys.exit(2)", b"40 + 2"):
+        shell.push(line)
+    assert shell.errors == 3 and out.text[-1] == "42"
+    assert any("SystemExit" in t for t in out.text)

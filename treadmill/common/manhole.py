@@ -170,7 +170,7 @@ class AsyncManholeInterpreter(manhole.ManholeInterpreter):
     def _stepped(self, awaitable: Any) -> Generator[Any, Any, Any]:
         """Drive ``awaitable`` one step at a time with the shell's patches applied."""
         if isinstance(awaitable, Deferred):
-            return (yield awaitable)
+            return (yield _observed(awaitable))
         value: Any = None
         error: BaseException | None = None
         first = True
@@ -209,6 +209,22 @@ class AsyncManholeInterpreter(manhole.ManholeInterpreter):
             self._waiting.append(d)
 
 
+def _observed(d: Deferred[Any]) -> Deferred[Any]:
+    """A Deferred that fires as ``d`` does, leaving ``d``'s own result to its other
+    consumers (daemon code may wait on a Deferred the operator looks at)."""
+    copy: Deferred[Any] = Deferred()
+
+    def relay(result: Any) -> Any:
+        if isinstance(result, Failure):
+            copy.errback(result)
+        else:
+            copy.callback(result)
+        return result
+
+    d.addBoth(relay)
+    return copy
+
+
 class _Stdout(manhole.FileWrapper):
     """``sys.stdout`` in the shell: text to the interpreter's ``write``."""
 
@@ -220,6 +236,8 @@ class _AsyncManhole(manhole.ColoredManhole):
     """The interactive shell, with :class:`AsyncManholeInterpreter`. While a line
     waits for a result the prompt is held back and lines typed ahead wait their
     turn; Ctrl-C cancels the wait."""
+
+    _gone = False  # the connection is lost
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -246,7 +264,7 @@ class _AsyncManhole(manhole.ColoredManhole):
 
     def _resume(self, _: object) -> None:
         self._waiting = None
-        if getattr(self, "_gone", False):
+        if self._gone:
             return
         self._prompt()
         while self._queued and self._waiting is None:
@@ -269,7 +287,7 @@ class _AsyncManhole(manhole.ColoredManhole):
         super().connectionLost(reason)
 
     def addOutput(self, data: Any, isAsync: bool | None = None) -> None:
-        if getattr(self, "_gone", False):
+        if self._gone:
             return
         if self._waiting is not None:
             isAsync = False  # no prompt shown: write in place
