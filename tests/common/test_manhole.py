@@ -37,6 +37,14 @@ class Thing:
     value = 20260
 
 
+async def later(x, delay: float = 0.05):
+    """Doubles ``x`` after ``delay`` seconds of reactor time (a real wait)."""
+    from twisted.internet.task import deferLater
+
+    await deferLater(reactor, delay, lambda: None)
+    return x * 2
+
+
 @dataclass
 class Setup:
     dir: Path
@@ -44,7 +52,7 @@ class Setup:
     stranger: Path
     authorized_keys: Path
     host_key: Path
-    namespace: dict = field(default_factory=lambda: {"thing": Thing()})
+    namespace: dict = field(default_factory=lambda: {"thing": Thing(), "later": later})
 
 
 @pytest.fixture
@@ -81,10 +89,11 @@ def manhole(setup: Setup):
 class _Session(channel.SSHChannel):
     name = b"session"
 
-    def __init__(self, typed: bytes, result: dict, **kw) -> None:
+    def __init__(self, typed: bytes, result: dict, until: bytes | None = None, **kw) -> None:
         super().__init__(**kw)
         self.typed = typed
         self.result = result
+        self.until = until
 
     @defer.inlineCallbacks
     def channelOpen(self, specificData: bytes):
@@ -102,6 +111,9 @@ class _Session(channel.SSHChannel):
 
     def dataReceived(self, data: bytes) -> None:
         self.result["output"] += data
+        if self.until is not None and self.until in self.result["output"]:
+            self.until = None
+            self.write(b"\x04")  # Ctrl-D once what we waited for is shown
 
     def closed(self) -> None:
         # The manhole closes the channel on Ctrl-D; end the connection too.
@@ -109,14 +121,15 @@ class _Session(channel.SSHChannel):
 
 
 class _Connection(connection.SSHConnection):
-    def __init__(self, typed: bytes, result: dict) -> None:
+    def __init__(self, typed: bytes, result: dict, until: bytes | None = None) -> None:
         super().__init__()
         self.typed = typed
         self.result = result
+        self.until = until
 
     def serviceStarted(self) -> None:
         self.result["authenticated"] = True
-        self.openChannel(_Session(self.typed, self.result, conn=self))
+        self.openChannel(_Session(self.typed, self.result, self.until, conn=self))
 
 
 class _UserAuth(userauth.SSHUserAuthClient):
@@ -135,10 +148,11 @@ class _UserAuth(userauth.SSHUserAuthClient):
 
 
 class _Client(transport.SSHClientTransport):
-    def __init__(self, key: keys.Key, typed: bytes) -> None:
+    def __init__(self, key: keys.Key, typed: bytes, until: bytes | None = None) -> None:
         self.key = key
         self.result = {"output": b"", "authenticated": False, "shell": False, "host_key": None}
         self.typed = typed
+        self.until = until
         self.done: defer.Deferred[dict] = defer.Deferred()
 
     def verifyHostKey(self, hostKey: bytes, fingerprint: bytes):
@@ -146,7 +160,7 @@ class _Client(transport.SSHClientTransport):
         return defer.succeed(True)
 
     def connectionSecure(self) -> None:
-        self.requestService(_UserAuth(self.key, _Connection(self.typed, self.result)))
+        self.requestService(_UserAuth(self.key, _Connection(self.typed, self.result, self.until)))
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
@@ -154,9 +168,11 @@ class _Client(transport.SSHClientTransport):
             self.done.callback(self.result)
 
 
-def conch_session(port: int, key_path: Path, typed: bytes, timeout: float = 10) -> defer.Deferred:
-    """Log in with the key at ``key_path``, type ``typed``; the session's result."""
-    client = _Client(keys.Key.fromFile(str(key_path)), typed)
+def conch_session(port: int, key_path: Path, typed: bytes, timeout: float = 10,
+                  until: bytes | None = None) -> defer.Deferred:
+    """Log in with the key at ``key_path``, type ``typed`` (then Ctrl-D once ``until``
+    is shown, if given); the session's result."""
+    client = _Client(keys.Key.fromFile(str(key_path)), typed, until)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     d = endpoint.connect(protocol.Factory.forProtocol(lambda: client))
     d.addCallback(lambda _: client.done)
@@ -226,13 +242,16 @@ def test_missing_authorized_keys_fails_early(setup: Setup) -> None:
 
 
 class _SSHProcess(protocol.ProcessProtocol):
-    def __init__(self, typed: bytes) -> None:
+    def __init__(self, typed: bytes, close_stdin: bool = False) -> None:
         self.typed = typed
+        self.close_stdin = close_stdin
         self.output = b""
         self.done: defer.Deferred[tuple[bytes, int | None]] = defer.Deferred()
 
     def connectionMade(self) -> None:
         self.transport.write(self.typed)
+        if self.close_stdin:
+            self.transport.closeStdin()
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
@@ -244,14 +263,20 @@ class _SSHProcess(protocol.ProcessProtocol):
         self.done.callback((self.output, code))
 
 
-def openssh_session(port: int, key_path: Path, typed: bytes) -> defer.Deferred:
-    proto = _SSHProcess(typed)
+def openssh_session(port: int, key_path: Path, typed: bytes, *, tty: bool = True,
+                    command: str | None = None) -> defer.Deferred:
+    """Run OpenSSH's ``ssh`` with a pty (``-tt``) or without (``-T``: standard input
+    is a pipe, closed after ``typed``), and an exec request if ``command`` is given;
+    fires with (output, exit status)."""
+    proto = _SSHProcess(typed, close_stdin=not tty)
     env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
-    args = [SSH, "-tt", "-F", "/dev/null",
+    args = [SSH, "-tt" if tty else "-T", "-F", "/dev/null",
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10",
             "-o", "LogLevel=ERROR",
             "-i", str(key_path), "-p", str(port), "admin@127.0.0.1"]
+    if command is not None:
+        args.append(command)
     process = reactor.spawnProcess(proto, SSH, args, env=env)
     timeout = reactor.callLater(20, process.signalProcess, "KILL")
     return proto.done.addBoth(lambda r: (timeout.active() and timeout.cancel(), r)[1])
@@ -266,3 +291,138 @@ def test_openssh_client(setup: Setup, manhole: int):
     assert code == 255
     assert b"60780" not in output
     assert b"Permission denied" in output
+
+
+# Top-level await, and sessions without a terminal.
+
+
+@pytest_twisted.inlineCallbacks
+def test_await_in_terminal(setup: Setup, manhole: int):
+    typed = b"await later(21)\rlater(8)\rr = await later(thing.value)\rprint(r + 1)\r"
+    result = yield conch_session(manhole, setup.key, typed, until=b"40521")
+    output = result["output"]
+    # 42 from the awaited expression, 16 from the coroutine awaited for us.
+    assert b"42" in output and b"16" in output and b"40521" in output, output
+    assert b"SyntaxError" not in output and b"<coroutine" not in output
+
+
+@pytest_twisted.inlineCallbacks
+def test_ctrl_c_cancels_a_wait(setup: Setup, manhole: int):
+    typed = b"await later(1, 30)\r\x03print(7000 + 777)\r"
+    result = yield conch_session(manhole, setup.key, typed, until=b"7777")
+    assert b"CancelledError" in result["output"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_leaving_while_waiting_lets_the_work_finish(setup: Setup, manhole: int):
+    done = []
+
+    async def slow():
+        from twisted.internet.task import deferLater
+
+        await deferLater(reactor, 0.3, lambda: None)
+        done.append(True)
+        return "finished"
+
+    setup.namespace["slow"] = slow
+    errors = []
+    from twisted.logger import globalLogPublisher
+
+    def observe(event):
+        if event.get("log_failure") is not None or event.get("isError"):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        # Ctrl-D right after the line: the session ends before the result is there.
+        result = yield conch_session(manhole, setup.key, b"await slow()\r\x04")
+        assert b"finished" not in result["output"]
+        from twisted.internet.task import deferLater
+
+        yield deferLater(reactor, 0.5, lambda: None)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert done == [True] and errors == []
+
+
+@pytest.mark.skipif(SSH is None, reason="no OpenSSH client installed")
+@pytest_twisted.inlineCallbacks
+def test_exec_request_runs_lines_in_order(setup: Setup, manhole: int):
+    # Each line waits for the one before: x exists only once later() has fired.
+    command = "x = await later(5, 0.2)\nprint(x + 1)\nthing.value\nlater(x)\nNone"
+    output, code = yield openssh_session(manhole, setup.key, b"", tty=False, command=command)
+    assert (output, code) == (b"11\n20260\n20\n", 0)
+    output, code = yield openssh_session(manhole, setup.key, b"", tty=False,
+                                         command="help_manhole()")
+    assert code == 0
+    lines = [line.split() for line in output.decode().splitlines()]
+    assert ["later()", "[await]", "Doubles", "``x``", "after", "``delay``", "seconds", "of",
+            "reactor", "time", "(a", "real", "wait)."] in lines, output
+    assert ["thing", "tests.common.test_manhole.Thing"] in lines
+
+
+@pytest.mark.skipif(SSH is None, reason="no OpenSSH client installed")
+@pytest_twisted.inlineCallbacks
+def test_exec_request_errors_set_the_exit_status(setup: Setup, manhole: int):
+    command = "1/0\nprint('after')\nawait later(None)"
+    output, code = yield openssh_session(manhole, setup.key, b"", tty=False, command=command)
+    assert code == 1
+    assert b"ZeroDivisionError: division by zero" in output
+    assert b"after\n" in output and b"TypeError" in output
+    assert b"treadmill/common/manhole.py" not in output  # the shell's own frames are hidden
+    output, code = yield openssh_session(manhole, setup.key, b"", tty=False,
+                                         command="raise SystemExit(3)\nprint('alive')")
+    assert code == 1 and b"alive" in output
+
+
+@pytest.mark.skipif(SSH is None, reason="no OpenSSH client installed")
+@pytest_twisted.inlineCallbacks
+def test_piped_standard_input(setup: Setup, manhole: int):
+    # An unfinished block at the end of the input is run, as python does.
+    typed = b"x = await later(5, 0.2)\nprint(x)\nfor i in range(2):\n    print(i * x)\n"
+    output, code = yield openssh_session(manhole, setup.key, typed, tty=False)
+    assert (output, code) == (b"10\n0\n10\n", 0)
+
+
+@pytest.mark.skipif(SSH is None, reason="no OpenSSH client installed")
+@pytest_twisted.inlineCallbacks
+def test_unknown_key_cannot_exec(setup: Setup, manhole: int):
+    output, code = yield openssh_session(manhole, setup.stranger, b"", tty=False,
+                                         command="print(thing.value * 3)")
+    assert code == 255 and b"60780" not in output and b"Permission denied" in output
+
+
+# The interpreter alone, with a plain output collector.
+
+
+class _Output:
+    def __init__(self) -> None:
+        self.text: list[str] = []
+
+    def addOutput(self, data, isAsync=None) -> None:
+        self.text.append(data)
+
+
+def test_a_deferred_shown_keeps_its_result_for_its_owner() -> None:
+    from treadmill.common.manhole import AsyncManholeInterpreter
+
+    owned: defer.Deferred[int] = defer.Deferred()
+    seen: list[int] = []
+    out = _Output()
+    shell = AsyncManholeInterpreter(out, {"owned": owned})
+    shell.push(b"owned")
+    assert shell.pending() is not None
+    owned.addCallback(seen.append)  # the daemon's own consumer, added later
+    owned.callback(7)
+    assert "7" in out.text and seen == [7] and shell.pending() is None
+
+
+def test_syntax_errors_and_exceptions_are_counted_not_raised() -> None:
+    from treadmill.common.manhole import AsyncManholeInterpreter
+
+    out = _Output()
+    shell = AsyncManholeInterpreter(out, {})
+    for line in (b"1 +", b"", b"raise SystemExit(0)", b"import sys; sys.exit(2)", b"40 + 2"):
+        shell.push(line)
+    assert shell.errors == 3 and out.text[-1] == "42"
+    assert any("SystemExit" in t for t in out.text)

@@ -277,10 +277,17 @@ class ImageStoreService(RoleService):
 
     def namespace(self) -> dict[str, Any]:
         """What the manhole shows an operator (``collect_garbage()`` runs a GC)."""
+        uploads = self.uploads
+
+        def list_uploads() -> list[dict[str, Any]]:
+            """Uploads in flight: id, repository, bytes so far, whether a client writes now."""
+            return [{"id": u.id, "repository": u.repository, "size": u.size,
+                     "writing": u.holder is not None} for u in uploads.active.values()]
+
         return {"imagestore": self, "storage": self.storage, "uploads": self.uploads,
                 "collector": self.collector, "api": self.api, "auth": self.auth,
                 "collect_garbage": self.collect_garbage, "reactor": self.reactor,
-                "cache": self.cache, "quota": self.ledger}
+                "cache": self.cache, "quota": self.ledger, "list_uploads": list_uploads}
 
     def collect_garbage(self) -> Deferred[dict[str, Any]]:
         """Delete unreferenced blobs now; fires with a summary."""

@@ -86,8 +86,18 @@ class LogServerService(RoleService):
 
     def namespace(self) -> dict[str, Any]:
         """What the manhole shows an operator."""
+        store = self.store
+
+        def list_streams(job_id: str | None = None) -> dict[str, dict[str, Any]]:
+            """Streams on disk: job id -> stream name -> length and closed (one job's if
+            ``job_id`` is given)."""
+            return {job.id: {s.name: {"length": s.length, "closed": s.closed}
+                             for s in job.existing()}
+                    for job in store.jobs.values()
+                    if job.on_disk and job_id in (None, job.id)}
+
         return {"logserver": self, "store": self.store, "api": self.api, "keys": self.keys,
-                "metrics": self.metrics, "reactor": self.reactor}
+                "metrics": self.metrics, "reactor": self.reactor, "list_streams": list_streams}
 
     async def _start(self) -> None:
         await self.store.start()

@@ -98,8 +98,14 @@ class ProxyService(RoleService):
 
     def namespace(self) -> dict[str, Any]:
         """What the manhole shows an operator."""
+        registry = self.registry
+
+        def list_tunnels() -> list[dict[str, Any]]:
+            """Jobs holding tunnels: job, control connected, each tunnel's port and clients."""
+            return [session.info() for session in registry.sessions.values()]
+
         return {"proxy": self, "registry": self.registry, "keys": self.keys,
-                "metrics": self.metrics, "reactor": self.reactor}
+                "metrics": self.metrics, "reactor": self.reactor, "list_tunnels": list_tunnels}
 
     def _data_port(self) -> int:
         if not self._data_ports:

@@ -137,10 +137,17 @@ class SupervisorService(MultiService):
 
     def namespace(self) -> dict[str, Any]:
         """What the manhole shows an operator."""
+
+        def status() -> dict[str, Any]:
+            """The current job (id, state, stage), unacknowledged events, log shipping per job."""
+            shipping = {**self.logs.shippers, **self.logs.closing}
+            return {"job": self.runner.status(), "pending_events": len(self.runner.pending_events),
+                    "logs": {job: shipper.status() for job, shipper in shipping.items()}}
+
         return {"supervisor": self, "runner": self.runner, "driver": self.driver,
                 "link": self.link, "logs": self.logs, "fetcher": self.fetcher,
                 "exposure": self.exposure,
-                "reactor": self.reactor}
+                "reactor": self.reactor, "status": status}
 
     def startService(self) -> None:
         super().startService()

@@ -386,6 +386,15 @@ async def migrate(pool: Pool) -> list[str]:
     return applied
 
 
+async def pending_migrations(pool: Pool) -> list[str]:
+    """The names of the packaged migrations not yet applied, in order; applies nothing."""
+    row = await pool.fetchone("SELECT to_regclass('schema_migrations') IS NOT NULL AS present")
+    done = set()
+    if row and row["present"]:
+        done = {r["version"] for r in await pool.fetchall("SELECT version FROM schema_migrations")}
+    return [name for version, name, _ in migrations() if version not in done]
+
+
 class Listener(Service):
     """A dedicated connection that LISTENs on channels and reconnects.
 

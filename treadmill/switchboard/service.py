@@ -159,11 +159,13 @@ class SwitchboardService(RoleService):
         self._live = 0
 
     def namespace(self) -> dict[str, Any]:
-        """What the manhole shows an operator."""
+        """What the manhole shows an operator (helpers: ``treadmill.switchboard.manhole``)."""
+        from treadmill.switchboard.manhole import helpers
+
         return {"switchboard": self, "store": self.store, "pool": self.pool, "api": self.api,
                 "auth": self.auth, "watchers": self.watchers, "links": self.links,
                 "scheduler": self.scheduler, "metrics": self.metrics, "reactor": self.reactor,
-                "instance": self.instance}
+                "instance": self.instance, **helpers(self)}
 
     def _heartbeat(self, instance: Instance) -> None:
         """After each heartbeat: a new leader schedules at once, and so does the leader

@@ -1,0 +1,143 @@
+"""Each role's manhole helpers against the real role service: the log server's through
+a real manhole over OpenSSH, the others called as the shell would call them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.utils import getProcessOutputAndValue
+
+from tests.common.test_manhole import make_client_key
+from tests.imagestore.support import start_store
+from tests.logserver.support import Keys as LogKeys
+from tests.logserver.support import LogClient, new_job, start_logserver
+from tests.proxy.support import Keys as ProxyKeys
+from tests.proxy.support import opened_control, start_proxy
+from treadmill.common.manhole import manhole_service
+from treadmill.proxy import messages
+
+SSH = shutil.which("ssh")
+
+
+async def ssh(port: int, key: Path, command: str) -> tuple[str, int]:
+    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+    out, err, code = await getProcessOutputAndValue(SSH, [
+        "-T", "-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
+        "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+        "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", "-i", str(key),
+        "-p", str(port), "operator@127.0.0.1", command], env=env)
+    return (out + err).decode(), code
+
+
+@pytest.mark.skipif(SSH is None, reason="no OpenSSH client installed")
+@pytest_twisted.ensureDeferred
+async def test_logserver_list_streams_and_delete_over_ssh(tmp_path: Path) -> None:
+    keys = LogKeys(tmp_path)
+    server = await start_logserver(tmp_path / "logs", keys)
+    key = tmp_path / "id"
+    (tmp_path / "authorized_keys").write_bytes(
+        make_client_key(key).public().toString("openssh") + b"\n")
+    manhole = manhole_service(reactor, ["tcp:0:interface=127.0.0.1"],
+                              str(tmp_path / "authorized_keys"), str(tmp_path / "host_key"),
+                              server.service.namespace())
+    manhole.startService()
+    try:
+        (child,) = list(manhole)
+        port = (await child._waitingForPort).getHost().port
+        client, job, other = LogClient(server.url), new_job(), new_job()
+        assert (await client.append(job, "console", 0, b"hello", keys.token(job, "append"),
+                                    close=True)).code == 200
+        assert (await client.append(other, "events", 0, b"{}\n",
+                                    keys.token(other, "append"))).code == 200
+
+        out, code = await ssh(port, key, "import json\nprint(json.dumps(list_streams()))")
+        assert code == 0, out
+        assert json.loads(out) == {job: {"console": {"length": 5, "closed": True}},
+                                   other: {"events": {"length": 3, "closed": False}}}
+        out, code = await ssh(port, key, f"await store.delete({job!r})\n"
+                                         f"list_streams({job!r})")
+        assert (out, code) == ("True\n{}\n", 0)
+        assert (await client.read(job, "console", keys.token(job))).code == 404
+    finally:
+        await manhole.stopService()
+        await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxy_list_tunnels(tmp_path: Path) -> None:
+    keys = ProxyKeys(tmp_path)
+    proxy = await start_proxy(keys)
+    try:
+        list_tunnels = proxy.service.namespace()["list_tunnels"]
+        assert list_tunnels() == []
+        job = new_job()
+        control = await opened_control(proxy, keys.token(job))
+        control.send(messages.publish(1, "ssh"))
+        port = (await control.next())["tcp_port"]
+        (session,) = list_tunnels()
+        assert session["job"] == job and session["connected"] is True
+        assert [(t["service"], t["tcp_port"], t["active"]) for t in session["tunnels"]] == \
+            [("ssh", port, 0)]
+        control.sendClose(1000)
+        await control.closed
+    finally:
+        await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_imagestore_list_uploads(tmp_path: Path) -> None:
+    store = await start_store(tmp_path / "store", None)
+    try:
+        list_uploads = store.service.namespace()["list_uploads"]
+        assert list_uploads() == []
+        r = await store.registry.request("POST", "/v2/lab/fw/blobs/uploads/")
+        location = r.header("location")
+        assert (await store.registry.request("PATCH", location, b"x" * 1000)).code == 202
+        (upload,) = list_uploads()
+        assert upload["repository"] == "lab/fw" and upload["size"] == 1000
+        assert upload["id"] in location and upload["writing"] is False
+    finally:
+        await store.stop()
+
+
+def test_supervisor_status(tmp_path: Path) -> None:
+    from treadmill.supervisor import tap
+
+    parsed = tap.Options()
+    parsed.parseOptions(["--switchboard-url", "ws://127.0.0.1:9", "--switchboard-token", "t",
+                         "--state-dir", str(tmp_path / "state")])
+    service = tap.makeService(parsed)
+    assert service.namespace()["status"]() == {"job": None, "pending_events": 0, "logs": {}}
+
+
+@pytest_twisted.ensureDeferred
+async def test_switchboard_list_links_shows_a_connected_supervisor(database: str,
+                                                                   tmp_path: Path) -> None:
+    from tests.support import start_switchboard
+    from tests.switchboard.peer import eventually
+    from tests.switchboard.test_links import add_host, connected_peer
+    from treadmill.protocol import supervisor as protocol
+
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2)
+    try:
+        list_links = sb.service.namespace()["list_links"]
+        assert list_links() == []
+        peer = await connected_peer(sb, await add_host(sb, "board-7"))
+        (link,) = list_links()
+        assert link["host"] == "board-7" and link["minor"] == protocol.MINOR
+        assert link["peer"].startswith("127.0.0.1:")
+        peer.disconnect()
+        await peer.closed()
+
+        async def gone() -> bool:
+            return list_links() == []
+
+        await eventually(gone)
+    finally:
+        await sb.stop()

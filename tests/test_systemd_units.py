@@ -1,0 +1,109 @@
+"""The systemd units in systemd/: their syntax (``systemd-analyze verify`` when it
+is installed, a parse otherwise), the install layout of docs/install.md, and the
+device access of each kind of supervisor."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.daemons import BIN
+
+UNITS = Path(__file__).resolve().parent.parent / "systemd"
+TWISTD = "/opt/treadmill/bin/twistd"  # docs/install.md's layout
+ROLES = {"treadmill-switchboard.service": "treadmill-switchboard",
+         "treadmill-imagestore.service": "treadmill-imagestore",
+         "treadmill-logserver.service": "treadmill-logserver",
+         "treadmill-proxy.service": "treadmill-proxy",
+         "treadmill-supervisor@.service": "treadmill-supervisor",
+         "treadmill-supervisor-qemu@.service": "treadmill-supervisor",
+         "treadmill-supervisor-serial@.service": "treadmill-supervisor"}
+
+
+def parse(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """Sections of a unit file as (key, value) lists, continuation lines joined."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    logical = ""
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        if not logical and (not raw.strip() or raw.lstrip().startswith(("#", ";"))):
+            continue
+        logical += raw.rstrip()
+        if logical.endswith("\\"):
+            logical = logical[:-1] + " "
+            continue
+        line, logical = logical.strip(), ""
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+            continue
+        assert current is not None and "=" in line, f"{path.name}:{number}: {line!r}"
+        key, value = line.split("=", 1)
+        assert key.strip() == key and key.isascii() and key[:1].isupper(), (path.name, key)
+        current.append((key, value.strip()))
+    assert not logical, f"{path.name}: ends inside a continued line"
+    return sections
+
+
+def values(unit: dict[str, list[tuple[str, str]]], key: str) -> list[str]:
+    return [v for k, v in unit["Service"] if k == key]
+
+
+def test_every_unit_is_known_and_well_formed() -> None:
+    assert sorted(p.name for p in UNITS.iterdir()) == sorted(ROLES)
+    for name, plugin in ROLES.items():
+        unit = parse(UNITS / name)
+        assert set(unit) == {"Unit", "Service", "Install"}, name
+        (exec_start,) = values(unit, "ExecStart")
+        argv = exec_start.split()
+        assert argv[0] == TWISTD and "/usr/bin/env" not in exec_start, name
+        assert plugin in argv and argv[argv.index(plugin) + 1] == "--config", name
+        assert argv[argv.index(plugin) + 2].startswith("/etc/treadmill/"), name
+        assert values(unit, "NoNewPrivileges") == ["yes"], name
+        assert values(unit, "DynamicUser") == ["yes"], name
+
+
+def test_serial_unit_allows_power_control_devices() -> None:
+    unit = parse(UNITS / "treadmill-supervisor-serial@.service")
+    assert values(unit, "PrivateDevices") == ["no"]
+    assert values(unit, "DevicePolicy") == ["closed"]
+    allowed = {v.split()[0] for v in values(unit, "DeviceAllow")}
+    # Consoles, debug probes and libusb relays, GPIO chips, HID relay boards.
+    assert {"char-ttyS", "char-ttyUSB", "char-ttyACM", "char-usb_device", "char-gpiochip",
+            "char-hidraw"} <= allowed
+    assert all(v.split()[1] == "rw" for v in values(unit, "DeviceAllow"))
+    groups = " ".join(values(unit, "SupplementaryGroups")).split()
+    assert {"dialout", "plugdev", "gpio"} <= set(groups)
+    # Still no capability, no new privileges: access is by group and device list only.
+    assert values(unit, "CapabilityBoundingSet") == [""]
+
+
+def test_units_that_need_no_device_get_none() -> None:
+    for name in ("treadmill-switchboard.service", "treadmill-imagestore.service",
+                 "treadmill-logserver.service", "treadmill-proxy.service",
+                 "treadmill-supervisor@.service"):
+        unit = parse(UNITS / name)
+        assert values(unit, "PrivateDevices") == ["yes"], name
+        assert values(unit, "DeviceAllow") == [], name
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    """systemd's own parser: unknown keys or bad values are warnings, so any output fails.
+    The unit checks that ExecStart exists: point it at this checkout's twistd."""
+    paths = []
+    for name in ROLES:
+        text = (UNITS / name).read_text()
+        assert TWISTD in text
+        target = tmp_path / name
+        target.write_text(text.replace(TWISTD, str(BIN / "twistd")))
+        if name.endswith("@.service"):
+            instance = tmp_path / name.replace("@.service", "@board-1.service")
+            instance.symlink_to(target)
+            target = instance
+        paths.append(str(target))
+    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", *paths],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
