@@ -26,7 +26,7 @@ from treadmill.common.messages import check, decode
 from treadmill.common.messages import encode as encode  # re-exported: the protocol's encoder
 
 MAJOR = 1
-MINOR = 3
+MINOR = 4
 """1: ``JobStart.log_servers``; 2: ``JobStart.proxies`` and ``job_endpoints``;
 3: ``snapshot_job`` and ``snapshot_result``."""
 SUBPROTOCOL = f"treadmill.supervisor.v{MAJOR}"
