@@ -31,6 +31,7 @@ from treadmill.common.http import (
     respond_error,
     respond_internal,
 )
+from treadmill.protocol.results import ResultsError, check_patterns
 from treadmill.switchboard import credentials, registry, schemas, views
 from treadmill.switchboard.access import PRIVILEGES, Principal, effective
 from treadmill.switchboard.auth import Authenticator
@@ -84,6 +85,17 @@ def _int_arg(request: IRequest, name: str, default: int, low: int, high: int) ->
     if not low <= value <= high:
         raise ApiError(400, f"{name}: must be between {low} and {high}")
     return value
+
+
+def _patterns(body: dict[str, Any]) -> dict[str, str] | None:
+    """A body's console patterns (``results``), compiled and checked (docs/results.md)."""
+    patterns = body.get("results")
+    if patterns is None:
+        return None
+    try:
+        return check_patterns(patterns)
+    except ResultsError as e:
+        raise ApiError(400, str(e)) from None
 
 
 def _encode_cursor(seq: int) -> str:
@@ -461,7 +473,7 @@ class SwitchboardAPI:
         body = read_json(request, schemas.IMAGE_CREATE)
         await self.store.create_image(body["name"], body["digest"], body["stores"],
                                       principal.user_id, body.get("description", ""),
-                                      body.get("host_tags", ()))
+                                      body.get("host_tags", ()), _patterns(body))
         row = await self.store.get_image(body["name"], principal)
         return respond(request, views.image(row), 201)
 
@@ -479,7 +491,8 @@ class SwitchboardAPI:
         await self.store.update_image(name, digest=body.get("digest"),
                                       stores=body.get("stores"),
                                       description=body.get("description"),
-                                      host_tags=body.get("host_tags"))
+                                      host_tags=body.get("host_tags"),
+                                      results=_patterns(body) if "results" in body else False)
         return respond(request, views.image(await self.store.get_image(name, principal)))
 
     @app.route("/api/v1/images/<path:name>", methods=["DELETE"])
@@ -587,6 +600,7 @@ class SwitchboardAPI:
         image = body["image"]
         name: str | None
         default_tags: list[str] = []
+        image_results = None
         if image.startswith("sha256:"):
             name, digest = None, image
             usable = [row for row in await self.store.images_by_digest(digest, principal)
@@ -602,6 +616,7 @@ class SwitchboardAPI:
                 raise ApiError(400 if not held else 403, f"image: you may not use {image!r}")
             name, digest, stores = image, row["digest"], row["stores"]
             default_tags = row["host_tags"]
+            image_results = row["results"]
         parameters = {key: {"value": p["value"], "secret": p.get("secret", False)}
                       for key, p in body.get("parameters", {}).items()}
         for key, p in parameters.items():
@@ -611,7 +626,8 @@ class SwitchboardAPI:
                        tags=body["tags"] if "tags" in body else default_tags,
                        parameters=parameters, timeout=timeout,
                        queue_timeout=queue_timeout, max_restarts=body.get("max_restarts", 0),
-                       label=body.get("label", ""), log_servers=self._pick_log_servers())
+                       label=body.get("label", ""), log_servers=self._pick_log_servers(),
+                       results=_patterns(body) or image_results)
 
     def _pick_log_servers(self) -> tuple[str, ...]:
         """``log_replicas`` of the configured log servers, rotating the first choice."""

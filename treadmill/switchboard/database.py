@@ -142,8 +142,9 @@ def migrations() -> list[tuple[int, str, str]]:
             found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
     found.sort()
     versions = [v for v, _, _ in found]
-    if versions != list(range(1, len(versions) + 1)):
-        raise RuntimeError(f"migrations are not numbered 1..N: {versions}")
+    # Numbers are handed out to parallel branches, so a gap may stay open for a while.
+    if len(set(versions)) != len(versions) or versions[:1] not in ([], [1]):
+        raise RuntimeError(f"migrations are not numbered uniquely from 1: {versions}")
     return found
 
 
