@@ -194,3 +194,9 @@ async def test_a_user_stop_is_not_taken_for_the_end_of_the_run(
     events = await conn.events_until("terminated")
     assert events[-1]["reason"] == "user_terminated" and "exit_status" not in events[-1]
     assert lines[-1]["result"] == "error" and lines[-1]["passed"] == 1
+
+
+def test_a_lone_surrogate_from_the_agent_still_makes_a_utf8_line() -> None:
+    made = Made(None)
+    made.results.agent({"type": "test_case", "name": "bad \ud800 name", "result": "pass"})
+    assert made.lines[0]["name"] == "bad ? name"

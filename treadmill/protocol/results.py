@@ -191,9 +191,10 @@ def summarise(cases: dict[str, int], *, result: str, exit_status: int | None = N
 
 
 def encode(line: dict[str, Any]) -> bytes:
-    """One line of the ``results`` stream."""
+    """One line of the ``results`` stream (valid UTF-8: a lone surrogate an agent's JSON
+    escaped becomes ``?``)."""
     return json.dumps(line, separators=(",", ":"), sort_keys=True,
-                      ensure_ascii=False).encode("utf-8") + b"\n"
+                      ensure_ascii=False).encode("utf-8", "replace") + b"\n"
 
 
 def parse_line(raw: bytes | str) -> dict[str, Any]:

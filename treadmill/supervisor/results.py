@@ -167,8 +167,8 @@ class JobResults:
         result = self.result(exit_status) if reason == "workload_exited" else "error"
         if result == "error":
             message = f"the job ended {reason}" + (f": {message}" if message else "")
-        elif not message:
-            message = self.verdict_message
+        else:  # the verdict's own words (the agent's summary, the fail line) first
+            message = self.verdict_message or message
         if self.dropped:
             message = f"{message} ({self.dropped} test cases dropped)".strip()
         self.write(fmt.encode(fmt.summarise(self.counts, result=result,

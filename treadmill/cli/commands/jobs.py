@@ -10,6 +10,7 @@ from twisted.internet.task import deferLater
 
 from treadmill.cli import output
 from treadmill.cli.client import Unreachable
+from treadmill.cli.commands import results as results_command
 from treadmill.cli.commands.connect import (
     add_connect_arguments,
     add_ssh_arguments,
@@ -504,6 +505,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = add_command(job, "logs", job_logs, common,
                     help="print (or follow) a job's console from its log servers")
     add_logs_arguments(p)
+    results_command.register(job, common)
     p = add_command(job, "ssh", job_ssh, common,
                     help="ssh to a job's public SSH endpoint (options for tml before the ID)")
     add_ssh_arguments(p)
