@@ -25,6 +25,7 @@ class Made:
         self.ends: list[tuple[int, str]] = []
         self.results = JobResults("job", patterns, self.write,
                                   lambda status, message: self.ends.append((status, message)))
+        self.results.listen()
 
     def write(self, raw: bytes) -> None:
         assert raw.endswith(b"\n") and raw.count(b"\n") == 1
@@ -51,6 +52,15 @@ def test_console_lines_become_test_cases_across_chunks() -> None:
                               "message": "test result: FAILED. 1 passed; 1 failed"}
     made.results.finish("workload_exited", 1, "")  # once only
     assert len(made.lines) == 4
+
+
+def test_console_output_before_booting_is_not_matched() -> None:
+    made = Made(TOCK)
+    made.results.listening = False
+    made.results.console(b"test old ... ok\ntest result: ok.\n")  # a flash tool, old firmware
+    made.results.listen()
+    made.results.console(b"test new ... ok\n")
+    assert cases(made.lines) == [("new", "pass")] and made.ends == []
 
 
 def test_a_pass_line_ends_the_run_with_status_zero() -> None:

@@ -1,7 +1,8 @@
 """A job's test results, from console patterns and the agent (``docs/results.md``).
 
 The runner makes one :class:`JobResults` per job. Console output (every
-driver's: the runner's console path is shared) is split into lines, each cut
+driver's: the runner's console path is shared) from the job's ``booting``
+stage on (a board's reset into the job's firmware) is split into lines, each cut
 to :data:`~treadmill.protocol.results.MAX_MATCH_LINE` bytes and matched with
 the job's console patterns (RE2, linear time); the agent's ``test_case`` and
 ``summary`` messages arrive through :meth:`JobResults.agent`. Each test case
@@ -49,6 +50,7 @@ class JobResults:
         self.verdict: str | None = None  # "pass"/"fail": a console line or the agent said so
         self.verdict_message = ""
         self.ended = False  # the console showed the end of the run
+        self.listening = False  # console lines count from the booting stage on
         self.finished = False  # the summary is written
         self._buffer = b""
         self._discarding = False
@@ -60,9 +62,14 @@ class JobResults:
 
     # -- in ----------------------------------------------------------------------------
 
+    def listen(self) -> None:
+        """The job reached ``booting`` (or ``ready``): its own output starts. Console
+        output before (a flash tool's, a health check's, old firmware's) is not matched."""
+        self.listening = True
+
     def console(self, data: bytes) -> None:
         """Console output: match complete lines (a long line's first bytes only)."""
-        if not self.patterns or self.ended:
+        if not self.patterns or self.ended or not self.listening:
             return
         self._buffer += data
         while True:

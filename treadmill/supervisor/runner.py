@@ -763,11 +763,15 @@ class JobRunner:
             return
         if cur.state == "assigned" or (cur.state == "initializing" and cur.stage in STAGES
                                        and STAGES.index(name) > STAGES.index(cur.stage)):
+            if name == "booting" and cur.results is not None:
+                cur.results.listen()
             cur.state, cur.stage = "initializing", name
             self._emit(cur.id, "initializing", stage=name, current=self._record(cur))
 
     def _on_ready(self, cur: _Current) -> None:
         if cur.state in ("assigned", "initializing"):
+            if cur.results is not None:
+                cur.results.listen()
             cur.state, cur.stage = "ready", None
             self._emit(cur.id, "ready", current=self._record(cur))
 
