@@ -7,9 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import succeed
+from zope.interface import implementer
 
 from tests.supervisor.peer import JOB_A, FakeSwitchboard, job
 from treadmill.protocol import results as fmt
+from treadmill.supervisor.drivers import IHostDriver
 from treadmill.supervisor.results import JobResults
 from treadmill.supervisor.service import SupervisorService
 
@@ -210,3 +214,54 @@ def test_a_lone_surrogate_from_the_agent_still_makes_a_utf8_line() -> None:
     made = Made(None)
     made.results.agent({"type": "test_case", "name": "bad \ud800 name", "result": "pass"})
     assert made.lines[0]["name"] == "bad ? name"
+
+
+@implementer(IHostDriver)
+class Adopting:
+    """A host that keeps its job across supervisor restarts (as a VM or a board does)."""
+
+    name = "adopting"
+
+    def __init__(self) -> None:
+        self.reporter: Any = None
+
+    def start(self, job: dict[str, Any], reporter: Any) -> Any:
+        self.reporter = reporter
+        reporter.stage("booting")
+        reporter.ready()
+        return succeed(None)
+
+    def stop(self, job_id: str, reason: str) -> Any:
+        reactor.callLater(0, self.reporter.stopped, reason)
+        return succeed(None)
+
+    def adopt(self, job: dict[str, Any], reporter: Any) -> bool:
+        self.reporter = reporter
+        return True
+
+    def shutdown(self) -> None:
+        return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_adopted_job_goes_on_matching_after_a_restart(
+        peer: FakeSwitchboard, supervisors: Any) -> None:
+    first = Adopting()
+    service = supervisors(driver=first)
+    conn = await peer.connection()
+    await conn.start({**job(), "results": TOCK})
+    await conn.events_until("ready")
+    first.reporter.console(b"test before ... ok\n")
+    await service.stopService()
+
+    second = Adopting()
+    restarted = supervisors(driver=second)
+    lines = observe(restarted)
+    conn = await peer.connection()
+    second.reporter.console(b"test after ... FAILED\ntest result: FAILED.\n")
+    events = await conn.events_until("terminated")
+    assert events[-1]["reason"] == "workload_exited" and events[-1]["exit_status"] == 1
+    assert [(line["type"], line.get("name")) for line in lines] == [
+        ("test_case", "after"), ("summary", None)]
+    assert lines[-1]["failed"] == 1 and lines[-1]["passed"] == 0
+    assert lines[-1]["message"] == "test result: FAILED. (counted since a supervisor restart)"

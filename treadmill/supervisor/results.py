@@ -51,6 +51,7 @@ class JobResults:
         self.verdict_message = ""
         self.ended = False  # the console showed the end of the run
         self.listening = False  # console lines count from the booting stage on
+        self.resumed = False  # made by a restarted supervisor: earlier counts are lost
         self.finished = False  # the summary is written
         self._buffer = b""
         self._discarding = False
@@ -178,5 +179,7 @@ class JobResults:
             message = self.verdict_message or message
         if self.dropped:
             message = f"{message} ({self.dropped} test cases dropped)".strip()
+        if self.resumed:
+            message = f"{message} (counted since a supervisor restart)".strip()
         self.write(fmt.encode(fmt.summarise(self.counts, result=result,
                                             exit_status=exit_status, message=message)))

@@ -408,6 +408,10 @@ class JobRunner:
         if state == "initializing" and stage not in STAGES:
             stage = STAGES[0]
         cur = _Current(job, _Reporter(self, job["id"]), state=state, stage=stage, outcome=False)
+        cur.results = self._job_results(cur)
+        cur.results.resumed = True
+        if state in ("ready", "terminating") or stage == "booting":
+            cur.results.listen()
         self._current = cur
         self._notify_start(job)
         try:
