@@ -72,22 +72,25 @@ class JobResults:
         """Console output: match complete lines (a long line's first bytes only)."""
         if not self.patterns or self.ended or not self.listening:
             return
-        self._buffer += data
+        buffer = self._buffer + data
+        start = 0
         while True:
-            end = self._buffer.find(b"\n")
+            end = buffer.find(b"\n", start)
             if end < 0:
+                self._buffer = buffer[start:]
                 if len(self._buffer) > _MAX_BUFFER:  # a line without end: match its start
                     if not self._discarding:
                         self._line(self._buffer)
                     self._discarding = True
                     self._buffer = b""
                 return
-            line, self._buffer = self._buffer[:end], self._buffer[end + 1:]
+            line, start = buffer[start:end], end + 1
             if self._discarding:
                 self._discarding = False
                 continue
             self._line(line)
             if self.ended:
+                self._buffer = b""
                 return
 
     def agent(self, message: dict[str, Any]) -> None:
