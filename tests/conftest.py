@@ -30,7 +30,7 @@ def pg_admin_dsn() -> Iterator[str]:
         yield given
         return
     root = tempfile.mkdtemp(prefix="treadmill-pg-")
-    os.chmod(root, 0o755)  # The postgres user must reach its data directory.
+    os.chmod(root, 0o711)  # The postgres user must reach its cluster; no one may list.
     cluster = Cluster(os.path.join(root, "pg"), durable=False)
     cluster.start()
     try:

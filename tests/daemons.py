@@ -46,9 +46,11 @@ class _Output(ProcessProtocol):
 class Daemon:
     """One ``twistd --nodaemon`` process of a role."""
 
-    def __init__(self, plugin: str, args: list[str], env: dict[str, str] | None = None):
+    def __init__(self, plugin: str, args: list[str], env: dict[str, str] | None = None,
+                 twistd_args: list[str] | None = None):
         self.plugin = plugin
         self.args = args
+        self.twistd_args = twistd_args or []
         self.env = {**os.environ, **(env or {})}
         self.log = io.BytesIO()
         self._proto: _Output | None = None
@@ -56,8 +58,11 @@ class Daemon:
 
     def start(self) -> None:
         self._proto = _Output(self.log)
-        argv = [str(BIN / "twistd"), "--nodaemon", "--pidfile=",
-                "--logger=treadmill.common.logging.text", self.plugin, *self.args]
+        # twistd ignores --logfile when --logger names an observer.
+        logfile = any(arg.startswith("--logfile") for arg in self.twistd_args)
+        logger = [] if logfile else ["--logger=treadmill.common.logging.text"]
+        argv = [str(BIN / "twistd"), "--nodaemon", "--pidfile=", *logger, *self.twistd_args,
+                self.plugin, *self.args]
         self._transport = reactor.spawnProcess(self._proto, argv[0], argv, env=self.env)
 
     @property

@@ -89,6 +89,12 @@ class RunningSwitchboard:
     async def stop(self) -> None:
         await self.service.stopService()
 
+    async def register_store(self, url: str, service: str, cache: bool = False) -> None:
+        """Register an image store (``POST /api/v1/stores`` does the same for admins)."""
+        from treadmill.images.registry import canonical_store_url
+
+        await self.store.create_image_store(canonical_store_url(url), service, "", cache)
+
     async def user(self, name: str, admin: bool = False) -> Client:
         """Create a user with a token; return a client acting as that user."""
         row = await self.store.create_user(name, admin, None)

@@ -39,6 +39,12 @@ async def test_devstack_runs_a_first_job(tmp_path: Path) -> None:
             assert code == 0, out + err
         assert "tml job submit" in out
         env = {"TREADMILL_CONFIG": str(state / "tml.toml")}
+        listed = io.StringIO()
+        status = await tml(reactor, ["admin", "store", "ls", "--json"], listed, io.StringIO(),
+                           env)
+        assert status == 0 and [(s["url"], s["service"]) for s in json.loads(
+            listed.getvalue())["stores"]] == [(f"http://127.0.0.1:{int(port) + 1}",
+                                              "treadmill-imagestore")]  # registered, once
         stdout, stderr = io.StringIO(), io.StringIO()
         argv = ["job", "submit", "sha256:" + "0" * 64, "--tag", "mock", "--follow",
                 "--param", "mock.run_time=0.1", "--param", "mock.exit_status=0"]

@@ -68,6 +68,7 @@ async def bed(database: str, tmp_path: Path) -> AsyncIterator[Bed]:
     try:
         await store.ready()
         store_url = f"http://127.0.0.1:{store.ports()[0].getHost().port}"
+        await sb.register_store(store_url, "treadmill-imagestore")
         token = await add_host(sb.admin, "mock-1", ["mock"])
         config = SupervisorConfig(
             url=ws_url_for(sb.url), token=token, state_dir=str(tmp_path / "mock-1"),
@@ -89,7 +90,8 @@ async def push_image(bed: Bed, name: str) -> tuple[str, dict[str, bytes]]:
     """Push a QEMU image as the admin (the registry token flow with the API token)."""
     client = RegistryClient(reactor, bed.store_url, credentials=("admin", bed.switchboard
                                                                   .admin_token),
-                            trusted_realms=[bed.switchboard.url])
+                            service="treadmill-imagestore",
+                            realm=f"{bed.switchboard.url}/api/v1/registry/token")
     repo = name.lower()
     try:
         await client.push_bytes(repo, fmt.EMPTY_BLOB)

@@ -198,6 +198,7 @@ async def test_console_patterns_end_a_job_and_render(bed: Bed) -> None:
 @pytest_twisted.ensureDeferred
 async def test_image_patterns_and_a_passing_run(bed: Bed) -> None:
     admin = bed.switchboard.admin
+    await bed.switchboard.register_store("http://store.example", "store")
     r = await admin.post("/api/v1/images", {"name": "uboot-board", "digest": DIGEST,
                                             "stores": ["http://store.example"],
                                             "results": {"pass": "^Failures: 0$",

@@ -279,13 +279,33 @@ class FakeSwitchboard:
             body["next_cursor"] = str(start + limit)
         return self._json(request, 200, body)
 
+    def job_as_of_events(self, job_id: str) -> dict[str, Any] | None:
+        """A job (known, or made up from the scripted events) in the state the events
+        published so far say."""
+        job = self.jobs.get(job_id)
+        if job is None and not self.events and not self.log_servers:
+            return None
+        job = dict(job or {"id": job_id, "owner": "alice", "state": "queued", "host": None,
+                           "termination": None, "created_at": NOW, "logs": self.log_servers})
+        for e in self.events:
+            if e["seq"] > self.published:
+                break
+            job["state"], job["stage"] = e["state"], e.get("stage")
+            if e["state"] == "assigned":
+                job["assigned_at"], job["host"] = e["at"], "mock-1"
+            if e["state"] == "terminated":
+                job["terminated_at"] = e["at"]
+                job["termination"] = {k: e.get(k) for k in ("reason", "exit_status", "message")}
+        return job
+
     @app.route("/api/v1/jobs/<job_id>", methods=["GET"])
     def show_job(self, request: Request, job_id: str) -> bytes:
         self._log(request)
         self._user(request)
-        if job_id not in self.jobs:
+        job = self.job_as_of_events(job_id)
+        if job is None:
             return self._error(request, 404, "not_found", "no such job")
-        return self._json(request, 200, self.jobs[job_id])
+        return self._json(request, 200, job)
 
     @app.route("/api/v1/jobs/<job_id>/events", methods=["GET"])
     def list_events(self, request: Request, job_id: str) -> bytes:
@@ -304,7 +324,8 @@ class FakeSwitchboard:
         if not plan.close:
             request.notifyFinish().addErrback(self._client_closed)
         after = int(request.args.get(b"after", [b"0"])[0])
-        upto = plan.upto if plan.upto is not None else max(e["seq"] for e in self.events)
+        upto = plan.upto if plan.upto is not None else max((e["seq"] for e in self.events),
+                                                           default=0)
         self.published = max(self.published, upto)
         request.setHeader(b"content-type", b"text/event-stream")
         request.write(b": hello\n\n")

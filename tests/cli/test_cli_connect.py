@@ -129,6 +129,10 @@ async def test_job_ssh_print_command() -> None:
     assert await job_ssh(ctx) == 0
     assert ctx.stdout.getvalue() == ("ssh -o HostKeyAlias=tml-job-job-1 -p 40001 "
                                      "root@p1.example\n")
+    ctx = context(add_ssh_arguments, ["--print-command", "--json", "job-1"], a_job([TCP]))
+    assert await job_ssh(ctx) == 0
+    assert json.loads(ctx.stdout.getvalue()) == {"argv": [
+        "ssh", "-o", "HostKeyAlias=tml-job-job-1", "-p", "40001", "root@p1.example"]}
 
 
 @pytest.mark.parametrize(("job", "argv", "words"), [

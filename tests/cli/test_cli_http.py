@@ -13,10 +13,11 @@ from twisted.internet import reactor
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 
-from treadmill.cli.commands import jobs as jobs_module
+from treadmill.cli.commands import follow as follow_module
 
 ALICE = "tmt_alice_secret"
 ROOT = "tmt_root_secret"
+J1 = "11111111-2222-4333-8444-555555555555"
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def env(tmp_path, fake_switchboard):
 @pytest.fixture(autouse=True)
 def fast_reconnect(monkeypatch):
     """Reconnect without waiting a second."""
-    monkeypatch.setattr(jobs_module, "deferLater", _fast_defer_later)
+    monkeypatch.setattr(follow_module, "deferLater", _fast_defer_later)
 
 
 def _fast_defer_later(clock, delay, f):
@@ -68,7 +69,7 @@ async def test_unauthenticated_without_token_hints_login(tml, fake_switchboard, 
 
 @pytest_twisted.ensureDeferred
 async def test_error_shape_exits_1(tml, env):
-    result = await tml("job", "show", "0000", env=env)
+    result = await tml("job", "show", "00000000-0000-0000-0000-000000000000", env=env)
     assert result.status == 1
     assert result.err == "tml: error: no such job\n"
     assert result.out == ""
@@ -86,8 +87,9 @@ async def test_connection_refused_exits_3(tml, tmp_path):
     port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
     url = f"http://127.0.0.1:{port.getHost().port}"
     await port.stopListening()
-    env = {"HOME": str(tmp_path), "TREADMILL_RETRY_FOR": "0"}  # no retries (test_cli_retry)
-    result = await tml("whoami", "--url", url, "--token", "x", env=env)
+    env = {"HOME": str(tmp_path), "TREADMILL_RETRY_FOR": "0",  # no retries (test_cli_retry)
+           "TREADMILL_TOKEN": "x"}
+    result = await tml("whoami", "--url", url, env=env)
     assert result.status == 3
     assert result.err == f"tml: error: cannot reach the switchboard at {url}: connection refused\n"
 
@@ -264,14 +266,14 @@ async def test_follow_resumes_after_stream_ends_early(tml, fake_switchboard, env
     fake_switchboard.plan(upto=2)
     fake_switchboard.plan(upto=2)
     fake_switchboard.plan()
-    result = await tml("job", "events", "J1", "--follow", env=env)
+    result = await tml("job", "events", J1, "--follow", env=env)
     assert result.status == 0, result.err
     assert len(result.out.splitlines()) == 5
     watches = [uri for method, uri, _ in fake_switchboard.requests if "/watch" in uri]
     assert watches == [
-        "/api/v1/jobs/J1/events/watch",
-        "/api/v1/jobs/J1/events/watch?after=2",
-        "/api/v1/jobs/J1/events/watch?after=2",
+        f"/api/v1/jobs/{J1}/events/watch",
+        f"/api/v1/jobs/{J1}/events/watch?after=2",
+        f"/api/v1/jobs/{J1}/events/watch?after=2",
     ]
 
 
@@ -279,7 +281,7 @@ async def test_follow_resumes_after_stream_ends_early(tml, fake_switchboard, env
 async def test_follow_stops_at_terminated_even_if_stream_stays_open(tml, fake_switchboard, env):
     fake_switchboard.life(reason="workload_exited", exit_status=0)
     fake_switchboard.plan(close=False, chunk=1000)
-    result = await tml("job", "events", "J1", "-f", env=env)
+    result = await tml("job", "events", J1, "-f", env=env)
     assert result.status == 0, result.err
     assert len(result.out.splitlines()) == 5
     for _ in range(100):
@@ -306,7 +308,7 @@ async def test_job_ls_all_follows_cursor(tml, fake_switchboard, env):
 async def test_job_events_table(tml, fake_switchboard, env):
     fake_switchboard.life(reason="workload_exited", exit_status=0)
     fake_switchboard.published = 5
-    result = await tml("job", "events", "J1", "--after", "3", env=env)
+    result = await tml("job", "events", J1, "--after", "3", env=env)
     assert result.status == 0, result.err
     lines = result.out.splitlines()
     assert lines[0].split() == ["SEQ", "AT", "STATE", "STAGE", "REASON", "EXIT", "MESSAGE"]
@@ -327,7 +329,7 @@ async def test_https_with_private_ca(tml, tls_switchboard):
 @pytest_twisted.ensureDeferred
 async def test_https_untrusted_certificate_exits_3(tml, tls_switchboard):
     sb = tls_switchboard
-    result = await tml("whoami", "--url", sb.url, "--token", ALICE)
+    result = await tml("whoami", "--url", sb.url, env={"TREADMILL_TOKEN": ALICE})
     assert result.status == 3
     assert result.err.startswith(f"tml: error: cannot reach the switchboard at {sb.url}: TLS")
     assert sb.requests == []

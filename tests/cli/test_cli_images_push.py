@@ -29,6 +29,7 @@ class Catalogue:
     url: str = ""
     images: dict[str, dict[str, Any]] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)
+    stores: dict[str, str] = field(default_factory=dict)  # registered: URL -> service
 
     app = Klein()
 
@@ -50,6 +51,14 @@ class Catalogue:
             return self._denied(request)
         return self._json(request, 200, {"name": "alice", "admin": False, "disabled": False,
                                          "created_at": NOW})
+
+    @app.route("/api/v1/stores", methods=["GET"])
+    def list_stores(self, request: Request) -> bytes:
+        if not self._authed(request):
+            return self._denied(request)
+        return self._json(request, 200, {"stores": [
+            {"url": url, "service": service, "description": "", "cache": False,
+             "created_at": NOW} for url, service in self.stores.items()]})
 
     @app.route("/api/v1/registry/token", methods=["GET"])
     def token(self, request: Request) -> bytes:
@@ -101,6 +110,7 @@ async def world(tmp_path):
     sb_port = reactor.listenTCP(0, Site(catalogue.app.resource()), interface="127.0.0.1")
     catalogue.url = f"http://127.0.0.1:{sb_port.getHost().port}"
     store.realm = catalogue.url + "/api/v1/registry/token"
+    catalogue.stores[store.url] = "fake-store"
     env = {"HOME": str(tmp_path / "home"), "TREADMILL_URL": catalogue.url,
            "TREADMILL_TOKEN": SECRET}
     (tmp_path / "in").mkdir()
@@ -248,8 +258,9 @@ async def test_push_without_token_is_refused_by_the_store(world, tml):
     env = {k: v for k, v in world.env.items() if k != "TREADMILL_TOKEN"}
     r = await tml("image", "push", "alice/x", "--store", world.store.url, "--qcow2",
                   world.file("a.qcow2", qcow2(b"a")), "--no-register", env=env)
-    assert r.status == 1
-    assert f"image store {world.store.url}" in r.err and "USER/NAME" in r.err
+    # Which stores are registered is the switchboard's to say, to users it knows.
+    assert r.status == 1 and "not logged in" in r.err, r.err
+    assert world.store.requests == []
 
 
 # -- pull ----------------------------------------------------------------------------------
@@ -313,6 +324,7 @@ async def test_pull_verifies_digests_and_falls_back_to_the_next_store(world, tml
     try:
         world.store.corrupt.add(digest_of(base))
         world.catalogue.images["alice/vm"]["stores"] = [world.store.url, good.url]
+        world.catalogue.stores[good.url] = "fake-store-2"
         out = world.tmp / "pulled"
         r = await tml("image", "pull", "alice/vm", "-o", str(out), env=world.env)
         assert r.status == 0, r.err
@@ -336,11 +348,36 @@ async def test_pull_verifies_digests_and_falls_back_to_the_next_store(world, tml
 async def test_pull_skips_an_unreachable_store(world, tml):
     base, _ = await push_qemu(world, tml)
     world.catalogue.images["alice/vm"]["stores"] = ["http://127.0.0.1:9", world.store.url]
+    world.catalogue.stores["http://127.0.0.1:9"] = "nowhere"
     out = world.tmp / "pulled"
     r = await tml("image", "pull", "alice/vm", "-o", str(out), env=world.env)
     assert r.status == 0, r.err
     assert "connection refused" in r.err
     assert (out / "disk-0.qcow2").read_bytes() == base
+
+
+@pytest_twisted.ensureDeferred
+async def test_unregistered_stores_get_nothing(world, tml):
+    """Push to or pull from a store the switchboard does not list: not one request (so no
+    token and no credential) reaches it; a registered one after it is still used."""
+    base, _ = await push_qemu(world, tml)
+    rogue, rogue_port = listen(FakeRegistry(require_auth=True))
+    try:
+        rogue.realm = world.catalogue.url + "/api/v1/registry/token"
+        r = await tml("image", "push", "alice/x", "--store", rogue.url, "--qcow2",
+                      world.file("x.qcow2", b"QFI\xfb" + b"x" * 100), env=world.env)
+        assert r.status == 1 and "not registered" in r.err, r.err
+        world.catalogue.images["alice/vm"]["stores"] = [rogue.url, world.store.url]
+        out = world.tmp / "pulled"
+        r = await tml("image", "pull", "alice/vm", "-o", str(out), env=world.env)
+        assert r.status == 0, r.err
+        assert "not registered" in r.err and (out / "disk-0.qcow2").read_bytes() == base
+        r = await tml("image", "pull", "alice/vm", "-o", str(out), "--store", rogue.url,
+                      env=world.env)
+        assert r.status == 1 and "not registered" in r.err
+        assert rogue.requests == [] and rogue.token_requests == []
+    finally:
+        await rogue_port.stopListening()
 
 
 @pytest_twisted.ensureDeferred

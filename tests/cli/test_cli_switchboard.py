@@ -77,6 +77,8 @@ async def test_admin_and_user_flow(tml, switchboard, admin_env, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_images_with_slash_and_grants(tml, admin_env):
+    r = await tml("admin", "store", "add", "http://store.example/", "store", env=admin_env)
+    assert r.status == 0, r.err
     r = await tml(
         "image", "register", "team/debian", DIGEST, "--store", "http://store.example",
         env=admin_env,
@@ -100,6 +102,8 @@ async def test_images_with_slash_and_grants(tml, admin_env):
 
 @pytest_twisted.ensureDeferred
 async def test_submit_follow_then_cancel(tml, admin_env):
+    r = await tml("admin", "store", "add", "http://s.example", "s", env=admin_env)
+    assert r.status == 0, r.err
     r = await tml("image", "register", "img", DIGEST, "--store", "http://s.example", env=admin_env)
     assert r.status == 0, r.err
     submit = tml("job", "submit", "img", "--tag", "nowhere", "--follow", env=admin_env)
@@ -124,3 +128,62 @@ async def test_submit_follow_then_cancel(tml, admin_env):
     assert r.out.splitlines()[-1].split()[2] == "terminated"
     r = await tml("job", "show", job["id"], env=admin_env)
     assert "reason:" in r.out
+
+
+@pytest_twisted.ensureDeferred
+async def test_namespace_grants(tml, switchboard, admin_env):
+    await switchboard.user("bob")
+    r = await tml("grant", "namespace", "Team", "bob", "manage", env=admin_env)
+    assert r.status == 0, r.err
+    r = await tml("grant", "ls", "namespace", "team", "--json", env=admin_env)
+    assert r.status == 0, r.err
+    assert [(g["user"], g["privilege"]) for g in json.loads(r.out)["grants"]] == [
+        ("bob", "manage")]
+    r = await tml("revoke", "namespaces", "team", "bob", "manage", env=admin_env)
+    assert r.status == 0, r.err
+    r = await tml("grant", "ls", "namespace", "team", "--json", env=admin_env)
+    assert json.loads(r.out)["grants"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_store_add_ls_rm(tml, switchboard, admin_env):
+    r = await tml("admin", "store", "add", "https://Store.example:5000/", "store-1",
+                  "--description", "main", env=admin_env)
+    assert r.status == 0, r.err
+    assert "https://store.example:5000" in r.out and "store-1" in r.out
+    r = await tml("admin", "store", "add", "http://cache.site", "cache-1", "--cache",
+                  "--json", env=admin_env)
+    assert r.status == 0 and json.loads(r.out)["cache"] is True, r.err
+    r = await tml("admin", "store", "add", "https://store.example:5000", "again",
+                  env=admin_env)
+    assert r.status == 1 and "already registered" in r.err
+    user = await switchboard.user("alice")
+    alice_env = {**admin_env, "TREADMILL_TOKEN": user.token}
+    r = await tml("admin", "store", "add", "https://x.example", "x", env=alice_env)
+    assert r.status == 1 and "admin" in r.err
+    r = await tml("admin", "store", "ls", "--json", env=alice_env)  # listing: any user
+    assert r.status == 0, r.err
+    assert [(s["url"], s["service"], s["cache"]) for s in json.loads(r.out)["stores"]] == [
+        ("http://cache.site", "cache-1", True), ("https://store.example:5000", "store-1", False)]
+    r = await tml("admin", "store", "ls", env=alice_env)
+    assert "cache-1" in r.out and "main" in r.out
+    r = await tml("admin", "store", "rm", "http://cache.site/", env=admin_env)
+    assert r.status == 0 and "cache-1" in r.out, r.err
+    r = await tml("admin", "store", "rm", "store-1", env=admin_env)
+    assert r.status == 0, r.err
+    r = await tml("admin", "store", "rm", "store-1", env=admin_env)
+    assert r.status == 1 and "no image store" in r.err
+    r = await tml("admin", "store", "ls", "--json", env=admin_env)
+    assert json.loads(r.out)["stores"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_logs_follow_without_log_servers_ends_at_once(tml, admin_env):
+    r = await tml("job", "submit", DIGEST, "--tag", "nowhere", env=admin_env)
+    assert r.status == 0, r.err
+    job_id = r.out.strip()
+    following = Deferred.fromCoroutine(tml("job", "logs", job_id[:8], "-f", env=admin_env))
+    r = await following.addTimeout(5, reactor)
+    assert r.status == 1 and "has no log servers" in r.err, r.err
+    r = await tml("job", "cancel", job_id, env=admin_env)
+    assert r.status == 0, r.err

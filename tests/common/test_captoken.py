@@ -356,6 +356,56 @@ def test_signed_but_malformed_claims(key, signer, verifier, payload):
     assert _reason(verifier, token) == "malformed"
 
 
+NOW = int(START)
+
+
+def _forged(key, signer, **claims) -> str:
+    """A token signed by the real key with hand-written time claims."""
+    payload = {"iss": ISSUER, "sub": "alice", "aud": AUDIENCE, "access": [PULL.to_json()],
+               "iat": NOW, "nbf": NOW, "exp": NOW + 60}
+    payload.update(claims)
+    payload = {k: v for k, v in payload.items() if v is not None}
+    return jwt.encode(payload, key, "EdDSA", headers={"kid": signer.key_id})
+
+
+def test_forged_baseline_verifies(key, signer, verifier):
+    assert verifier.verify_any(_forged(key, signer)).expires_at == NOW + 60
+
+
+@pytest.mark.parametrize("claims", [
+    {"exp": 1e300},                                  # the finding: valid for ever
+    {"exp": float("nan")},
+    {"exp": float("inf")},
+    {"exp": NOW + 60.5},                             # not a whole number
+    {"exp": float(NOW + 60)},                        # a float, even if whole
+    {"exp": 10**30},                                 # huge integer
+    {"exp": -1, "iat": -100, "nbf": -100},           # negative
+    {"iat": -5},
+    {"iat": 1.5},
+    {"nbf": "now"},
+    {"exp": NOW + int(MAX_TTL) + 2},                 # longer than eight days
+    {"iat": 0, "nbf": 0, "exp": NOW + 60},           # issued long ago, lifetime of years
+    {"exp": NOW},                                    # exp not after iat
+    {"exp": NOW - 10},
+    {"nbf": NOW - 1},                                # nbf before iat
+    {"nbf": NOW + 60},                               # nbf not before exp
+])
+def test_forged_time_claims_are_malformed(key, signer, verifier, claims):
+    assert _reason(verifier, _forged(key, signer, **claims)) == "malformed"
+
+
+def test_longest_lifetime_the_signer_makes_verifies(key, clock, verifier):
+    signer = CapabilitySigner(key, ISSUER, clock)  # START has a fraction: exp - iat = MAX + 1
+    token = signer.sign("alice", AUDIENCE, [PULL], ttl=MAX_TTL)
+    _, payload, _ = _segments(token)
+    assert payload["exp"] - payload["iat"] == MAX_TTL + 1
+    assert verifier.verify_any(token).subject == "alice"
+
+
+def test_token_without_nbf_still_verifies(key, signer, verifier):
+    assert verifier.verify_any(_forged(key, signer, nbf=None)).subject == "alice"
+
+
 def test_crit_header_is_malformed(key, signer, verifier):
     _, payload, _ = _segments(signer.sign("alice", AUDIENCE, [PULL], ttl=60))
     token = jwt.encode(

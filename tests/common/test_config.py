@@ -52,6 +52,9 @@ DEFAULTS = {
     "manhole.authorized_keys": None,
     "manhole.host_key": None,
     "metrics.listen": [],
+    "metrics.allow_remote": False,
+    "http.head_timeout": 10.0,
+    "http.idle_timeout": 60.0,
     "listen": ["tcp:8080:interface=127.0.0.1"],
     "upstream.endpoint": None,
     "database.dsn": "dbname=test",
@@ -653,3 +656,50 @@ def test_table_setting_keeps_free_form_keys(tmp_path):
     second.parseOptions([])
     first.values["ports"]["x"] = 1
     assert second.values["ports"] == {}  # Defaults are copied, never shared.
+
+
+# -- metrics listeners and HTTP limits (security issue 12) -------------------------------
+
+
+@pytest.mark.parametrize("desc", [
+    "tcp:9101",  # every interface
+    "tcp:9101:interface=0.0.0.0",
+    "tcp:9101:interface=192.0.2.10",
+    "tcp6:9101:interface=\\:\\:",
+    "systemd:domain=INET:index=0",
+])
+def test_metrics_refuses_non_loopback_without_opt_in(socket_activated, desc):
+    e = error(*DSN, "--metrics-listen", desc)
+    assert e.key == "metrics.listen"
+    assert repr(desc) in e.problem and "metrics.allow_remote" in e.problem
+    values = parse(*DSN, "--metrics-listen", desc, "--metrics-allow-remote", "true")
+    assert values["metrics.listen"] == [desc]
+
+
+def test_metrics_opt_in_from_the_file(config):
+    path = config("""
+        database.dsn = "x"
+        [metrics]
+        listen = ["unix:/run/metrics.sock", "tcp:9101:interface=10.0.0.1"]
+    """)
+    assert error("--config", path).key == "metrics.listen"
+    path = config("""
+        database.dsn = "x"
+        [metrics]
+        listen = ["unix:/run/metrics.sock", "tcp:9101:interface=10.0.0.1"]
+        allow_remote = true
+    """)
+    assert parse("--config", path)["metrics.allow_remote"] is True
+
+
+@pytest.mark.parametrize("desc", ["unix:/run/metrics.sock", "tcp:9101:interface=127.0.0.1",
+                                  "tcp6:9101:interface=\\:\\:1"])
+def test_metrics_on_loopback_needs_no_opt_in(desc):
+    assert parse(*DSN, "--metrics-listen", desc)["metrics.listen"] == [desc]
+
+
+def test_http_limits(config):
+    values = parse(*DSN, "--http-head-timeout", "2.5", "--http-idle-timeout", "0")
+    assert (values["http.head_timeout"], values["http.idle_timeout"]) == (2.5, 0.0)
+    assert error(*DSN, "--http-head-timeout", "-1").key == "--http-head-timeout"
+    assert error(*DSN, "--http-idle-timeout", "nan").key == "--http-idle-timeout"

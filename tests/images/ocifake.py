@@ -60,11 +60,19 @@ class FakeRegistry:
     corrupt: set[str] = field(default_factory=set)
     no_range: bool = False  # answer Range GETs with the whole blob
     fail_status: list[int] = field(default_factory=list)  # next answers to PATCH, once each
+    unavailable: int = 0  # answer the next N /v2/ requests 503 (-1: all of them)
+    # A hostile store's challenge: another service, realm or scope than its own.
+    challenge_service: str = SERVICE
+    challenge_realm: str = ""
+    challenge_scope: str | None = None
+    redirect_blobs: str = ""  # answer blob GETs with a 307 to this base URL
+    authorizations: list[str] = field(default_factory=list)  # Authorization headers seen
 
     # -- helpers
 
     def log(self, request: Request) -> None:
         self.requests.append((request.method.decode(), request.uri.decode()))
+        self.authorizations.append((request.getHeader(b"authorization") or b"").decode())
 
     def count(self, method: str, fragment: str = "") -> int:
         return sum(1 for m, uri in self.requests if m == method and fragment in uri)
@@ -113,8 +121,9 @@ class FakeRegistry:
     def challenge(self, request: Request, name: str) -> bytes:
         request.setHeader(
             b"www-authenticate",
-            f'Bearer realm="{self.realm}",service="{SERVICE}",'
-            f'scope="repository:{name}:pull,push"'.encode(),
+            f'Bearer realm="{self.challenge_realm or self.realm}",'
+            f'service="{self.challenge_service}",'
+            f'scope="{self.challenge_scope or f"repository:{name}:pull,push"}"'.encode(),
         )
         return self.error(request, 401, "UNAUTHORIZED", "authentication required")
 
@@ -126,6 +135,9 @@ class FakeRegistry:
         method = request.method.decode()
         if path == "/token":
             return self.token_endpoint(request)
+        if self.unavailable:
+            self.unavailable -= self.unavailable > 0
+            return self.error(request, 503, "UNAVAILABLE", "the store is starting")
         if path == "/v2/":
             return b"{}"
         for pattern, handler in ((_UPLOADS, self.upload), (_BLOB, self.blob),
@@ -209,6 +221,11 @@ class FakeRegistry:
             return b""
         if method != "GET":
             return self.error(request, 405, "UNSUPPORTED", method)
+        if self.redirect_blobs:
+            request.setResponseCode(307)
+            request.setHeader(b"location", f"{self.redirect_blobs}/v2/{name}/blobs/{digest}"
+                              .encode())
+            return b""
         start = 0
         m = re.fullmatch(r"bytes=(\d+)-", (request.getHeader(b"range") or b"").decode())
         if m and not self.no_range:

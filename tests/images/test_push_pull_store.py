@@ -56,6 +56,7 @@ class _TokenService(Resource):
         self.signer = signer
         self.asked: list[list[str]] = []
         self.images: dict[str, dict[str, Any]] = {}
+        self.stores: list[str] = []  # registered (service: SERVICE)
 
     def render(self, request: Any) -> bytes:
         request.setHeader(b"content-type", b"application/json")
@@ -67,6 +68,9 @@ class _TokenService(Resource):
             return b'{"error": {"code": "unauthenticated", "message": "no token"}}'
         if path == "/api/v1/whoami":
             return json.dumps({"name": USER, "admin": False}).encode()
+        if path == "/api/v1/stores":
+            return json.dumps({"stores": [{"url": url, "service": SERVICE} for url in
+                                          self.stores]}).encode()
         if path == "/api/v1/images" and request.method == b"POST":
             body = json.loads(request.content.read())
             self.images[body["name"]] = body
@@ -124,6 +128,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Running]:
     try:
         await service.ready()
         port = service.ports()[0].getHost().port
+        tokens.stores.append(f"http://127.0.0.1:{port}")
         yield Running(f"http://127.0.0.1:{port}", realm, tmp_path / "store", tokens)
     finally:
         await service.stopService()

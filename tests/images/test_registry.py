@@ -27,6 +27,7 @@ from treadmill.images.registry import (
 )
 
 REPO = "alice/demo"
+OCI_JSON = "application/vnd.oci.image.manifest.v1+json"
 
 
 @pytest_twisted.async_yield_fixture
@@ -152,11 +153,76 @@ async def test_retry_on_server_errors_then_give_up(fake, clients, tmp_path):
     fake.fail_status = [503, 500]
     blob, _ = await client.push_file(REPO, path)
     assert fake.blobs[blob.digest] == path.read_bytes()
-    fake.fail_status = [503] * 5
+    fake.fail_status = [500] * 5  # (503 is retried for a time instead: test_503_*)
     with pytest.raises(RegistryError) as info:
         await client.push_file(REPO, blob_file(tmp_path, 351, "other.bin"))
-    assert info.value.status == 503
+    assert info.value.status == 500
     assert len(fake.fail_status) == 2  # three tries in all
+
+
+@pytest_twisted.ensureDeferred
+async def test_503_is_retried_with_backoff_then_succeeds(fake, clients, tmp_path):
+    retries: list[str] = []
+    client = clients(fake.url, retries=2, backoff=0.02, max_backoff=0.05, retry_time=5,
+                     on_retry=retries.append)
+    data = fmt.manifest_bytes({"schemaVersion": 2, "layers": []})
+    await client.put_manifest(REPO, "v1", data, media_type=OCI_JSON)
+    fake.unavailable = 4  # more failures than retries: 503 is bounded by time, not count
+    got = await client.get_manifest(REPO, "v1")
+    assert got.data == data and fake.unavailable == 0
+    assert len(retries) == 4 and all("HTTP 503" in r or "starting" in r for r in retries)
+    # Uploads too (a HEAD, then the upload session) come through an outage.
+    fake.unavailable = 3
+    path = blob_file(tmp_path, 300)
+    blob, uploaded = await client.push_file(REPO, path)
+    assert uploaded and fake.blobs[blob.digest] == path.read_bytes()
+    # A caller with another store to try asks for one attempt: no retry at all.
+    fake.unavailable = 1
+    with pytest.raises(RegistryError) as info:
+        await client.get_manifest(REPO, "v1", retries=1)
+    assert info.value.status == 503 and "giving up" not in info.value.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_503_forever_fails_within_the_bound(fake, clients):
+    retries: list[str] = []
+    client = clients(fake.url, retries=2, backoff=0.02, max_backoff=0.1, retry_time=0.6,
+                     on_retry=retries.append)
+    fake.unavailable = -1
+    started = reactor.seconds()
+    with pytest.raises(RegistryError) as info:
+        await client.get_manifest(REPO, "v1")
+    took = reactor.seconds() - started
+    assert 0.3 < took < 2.0, took
+    assert info.value.status == 503
+    assert "still unavailable after" in info.value.message and "giving up" in info.value.message
+    assert len(retries) >= 4  # the delays are capped at max_backoff: many tries in the time
+    delays = [float(r.split("retrying in ")[1].split(" s")[0]) for r in retries]
+    assert all(0.01 <= d <= 0.1 for d in delays), delays
+    assert len(set(delays)) > 1  # jitter
+
+
+def test_backoff_is_capped_and_jittered():
+    client = RegistryClient(reactor, "http://127.0.0.1:9", backoff=0.5, max_backoff=4)
+    for failures in range(1, 20):
+        exact = min(4.0, 0.5 * 2 ** (failures - 1))
+        samples = {client._delay(failures) for _ in range(20)}
+        assert all(exact / 2 <= d <= exact for d in samples) and len(samples) > 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_refused_is_retried_for_a_bounded_time(clients):
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+    from twisted.internet.protocol import Factory
+
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory())
+    url = f"http://127.0.0.1:{port.getHost().port}"
+    await port.stopListening()
+    client = clients(url, retries=2, backoff=0.02, max_backoff=0.05, retry_time=0.4)
+    started = reactor.seconds()
+    with pytest.raises(RegistryUnreachable, match=r"connection refused.*giving up"):
+        await client.blob_size(REPO, fmt.EMPTY_DIGEST)
+    assert 0.2 < reactor.seconds() - started < 2.0
 
 
 @pytest_twisted.ensureDeferred
@@ -178,7 +244,7 @@ async def test_unreachable(clients):
         __import__("twisted.internet.protocol", fromlist=["Factory"]).Factory())
     url = f"http://127.0.0.1:{port.getHost().port}"
     await port.stopListening()
-    client = clients(url, retries=2)
+    client = clients(url, retries=2, retry_time=0.1)
     with pytest.raises(RegistryUnreachable, match="connection refused"):
         await client.blob_size(REPO, fmt.EMPTY_DIGEST)
 
@@ -230,6 +296,67 @@ async def test_credentials_never_go_to_an_untrusted_realm(fake, clients):
     with pytest.raises(RegistryError, match="not a trusted token service"):
         await client.push_bytes(REPO, b"abc")
     assert fake.token_requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_client_asks_for_its_operation_never_the_challenges_scope(fake, clients,
+                                                                            tmp_path):
+    fake.require_auth = True
+    fake.challenge_scope = "repository:alice/fw:pull,push,delete registry:catalog:*"
+    client = clients(fake.url, credentials=(USER, SECRET), service="fake-store",
+                     realm=fake.realm)
+    await client.push_bytes(REPO, b"abc")
+    data = fmt.manifest_bytes({"schemaVersion": 2, "layers": []})
+    await client.put_manifest(REPO, "v1", data, media_type=OCI_JSON)
+    other = clients(fake.url, credentials=(USER, SECRET), service="fake-store",
+                    realm=fake.realm)
+    await other.get_manifest(REPO, "v1")
+    await other.pull_blob(REPO, digest_of(b"abc"), tmp_path / "abc")
+    asked = [(r["service"], r["scopes"]) for r in fake.token_requests]
+    assert asked == [("fake-store", [f"repository:{REPO}:pull,push"]),
+                     ("fake-store", [f"repository:{REPO}:pull"])]
+
+
+@pytest.mark.parametrize("hostile", ["service", "realm", "realm-prefix"])
+@pytest_twisted.ensureDeferred
+async def test_a_challenge_naming_another_service_or_realm_is_refused(fake, clients, hostile):
+    fake.require_auth = True
+    if hostile == "service":
+        fake.challenge_service = "real-store"
+    elif hostile == "realm":
+        fake.challenge_realm = fake.url + "/elsewhere"
+    else:
+        fake.challenge_realm = fake.realm + "?service=real-store"
+    client = clients(fake.url, credentials=(USER, SECRET), service="fake-store",
+                     realm=fake.realm)
+    with pytest.raises(RegistryError, match="no token was requested") as info:
+        await client.get_manifest(REPO, "v1")
+    assert info.value.status == 401
+    assert fake.token_requests == []
+    # Not even anonymously.
+    client = clients(fake.url, service="fake-store", realm=fake.realm)
+    with pytest.raises(RegistryError, match="no token was requested"):
+        await client.get_manifest(REPO, "v1")
+    assert fake.token_requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redirect_elsewhere_carries_no_token(fake, clients, tmp_path):
+    """A store may send blob reads elsewhere (a CDN); its token does not follow."""
+    other, port = listen(FakeRegistry())
+    try:
+        other.blobs[digest_of(b"abc")] = b"abc"
+        fake.require_auth = True
+        client = clients(fake.url, credentials=(USER, SECRET), service="fake-store",
+                         realm=fake.realm)
+        await client.push_bytes(REPO, b"abc")
+        fake.redirect_blobs = other.url
+        await client.pull_blob(REPO, digest_of(b"abc"), tmp_path / "abc")
+        assert (tmp_path / "abc").read_bytes() == b"abc"
+        assert other.requests and other.authorizations == [""] * len(other.requests)
+        assert any(a.startswith("Bearer ") for a in fake.authorizations)
+    finally:
+        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred

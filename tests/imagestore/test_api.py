@@ -49,7 +49,7 @@ async def test_monolithic_upload_then_head_get_delete(open_store: RunningStore) 
     # Committed blobs are read-only files in the documented place.
     path = open_store.storage.blob_path(digest)
     assert path.endswith(f"blobs/sha256/{digest[7:9]}/{digest[7:]}")
-    assert os.stat(path).st_mode & 0o777 == 0o444
+    assert os.stat(path).st_mode & 0o777 == 0o440
     assert os.listdir(open_store.storage.uploads) == []
 
     # Not visible from another repository.

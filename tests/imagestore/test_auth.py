@@ -200,6 +200,28 @@ async def test_mount_needs_pull_on_the_source(store: RunningStore) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_mounts_challenge_names_the_source_too(store: RunningStore) -> None:
+    """As the reference registry: a client fetches one token that allows the mount."""
+    await seeded(store)
+    keys = store.keys
+    other_layer = digest_of(b"other")
+    path = f"/v2/{NAME}/blobs/uploads/?mount={other_layer}&from=lab/other"
+    wanted = f'scope="repository:{NAME}:pull,push repository:lab/other:pull"'
+    for token in (None, keys.repo("lab/other", "pull"), keys.repo(NAME, "pull")):
+        r = await store.registry.request("POST", path, token=token)
+        assert r.code == 401, r.body
+        assert wanted in (r.header("www-authenticate") or ""), r.header("www-authenticate")
+    assert (await store.registry.request("HEAD", f"/v2/{NAME}/blobs/{other_layer}",
+                                         token=keys.repo(NAME, "pull"))).code == 404
+    # Without a valid mount, the challenge is the push's alone.
+    for query in (f"mount={other_layer}", "mount=sha256:zz&from=lab/other",
+                  f"mount={other_layer}&from=..%2Fetc"):
+        r = await store.registry.request("POST", f"/v2/{NAME}/blobs/uploads/?{query}")
+        assert r.code == 401
+        assert f'scope="repository:{NAME}:pull,push"' in r.header("www-authenticate"), query
+
+
+@pytest_twisted.ensureDeferred
 async def test_anonymous_pull(tmp_path: Path, keys: Keys) -> None:
     store = await start_store(tmp_path / "store", keys, anonymous_pull=["demo/*", "public/**"])
     try:

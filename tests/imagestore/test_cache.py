@@ -95,7 +95,7 @@ async def test_pull_through_by_tag_and_digest(stores: Pair) -> None:
         assert r.body == blob_file(stores.upstream, digest)
         assert digest_of(r.body) == digest
         assert blob_file(stores.cache, digest) == r.body
-        assert os.stat(cache.blob_path(digest)).st_mode & 0o777 == 0o444
+        assert os.stat(cache.blob_path(digest)).st_mode & 0o777 == 0o440
         assert cache.blob_linked("lab/fw", digest)
     before = len(log)
     layer = manifest["layers"][1]["digest"]

@@ -138,7 +138,10 @@ async def test_invalid_stream_names_are_refused(client: LogClient, keys: Keys,
                                 ("POST", f"{segment}/close", w), ("GET", f"{segment}/follow", r)):
         answer = await client.call(method, f"/v1/jobs/{job}/streams/{path}", token, data=b"x")
         assert (answer.code, answer.error) == (400, "bad_request"), (method, path, answer)
-        assert "invalid stream name" in answer.body["error"]["message"]
+        message = answer.body["error"]["message"]
+        # A NUL is refused for any request, before routing (treadmill.common.http).
+        assert "invalid stream name" in message or (
+            "%00" in segment and "control character" in message), message
     assert not os.listdir(logserver.root / "jobs")
 
 

@@ -130,6 +130,25 @@ async def test_fleet_reports_api_errors(api: Any, peer: FakeSwitchboard,
         await start_fleet(reactor, args)
 
 
+@pytest_twisted.ensureDeferred
+async def test_fleet_reads_the_admin_token_from_a_file(api: Any, peer: FakeSwitchboard,
+                                                       tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("TREADMILL_TOKEN", raising=False)
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN + "\n")
+    argv = fleet_args(api, peer, tmp_path / "state", "--count", "1", "--ramp", "0")
+    at = argv.index("--admin-token")
+    argv[at:at + 2] = ["--admin-token-file", str(token_file)]
+    fleet = await start_fleet(reactor, parser().parse_args(argv))
+    try:
+        assert (await peer.connection()).host_name == "fleet-0000"
+    finally:
+        await fleet.stopService()
+    del argv[at:at + 2]
+    with pytest.raises(SystemExit):  # No token anywhere.
+        await start_fleet(reactor, parser().parse_args(argv))
+
+
 def test_ws_url_for() -> None:
     assert ws_url_for("http://127.0.0.1:8080/") == "ws://127.0.0.1:8080"
     assert ws_url_for("https://sb.example.org") == "wss://sb.example.org"

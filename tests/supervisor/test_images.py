@@ -32,7 +32,7 @@ pytest.importorskip("treadmill.imagestore.service")
 from tests.imagestore.support import Keys, RunningStore, make_keys, start_store
 from treadmill.common.captoken import Access
 from treadmill.images import format as fmt
-from treadmill.images.registry import RegistryClient
+from treadmill.images.registry import RegistryClient, RegistryError
 from treadmill.supervisor.images import (
     FetchedImage,
     ImageFetcher,
@@ -47,7 +47,8 @@ DEAD_STORE = "http://127.0.0.1:9"  # nothing listens: refused at once
 
 
 class TokenService(Resource):
-    """The switchboard's registry token endpoint, reduced to two callers."""
+    """The switchboard's registry token endpoint, reduced to two callers, and its list of
+    registered stores (``GET /api/v1/stores``, host token only)."""
 
     isLeaf = True
 
@@ -56,10 +57,19 @@ class TokenService(Resource):
         self.keys = keys
         self.host_users: list[str] = []
         self.host_repositories: set[str] | None = None  # None: any
+        self.stores: dict[str, str] = {DEAD_STORE: "dead"}  # registered: URL -> service
+        self.listed = 0
 
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"content-type", b"application/json")
         header = (request.getHeader(b"authorization") or b"").decode()
+        if request.path == b"/api/v1/stores":
+            if header != f"Bearer {HOST_TOKEN}":
+                request.setResponseCode(401)
+                return b'{"error": {"code": "unauthenticated", "message": "no"}}'
+            self.listed += 1
+            return json.dumps({"stores": [{"url": url, "service": service} for url, service
+                                          in self.stores.items()]}).encode()
         scheme, _, value = header.partition(" ")
         user, _, secret = (base64.b64decode(value).decode().partition(":")
                            if scheme == "Basic" else ("", "", ""))
@@ -103,8 +113,9 @@ class Bed:
         kw.setdefault("cache_mount", None)
         kw.setdefault("token", HOST_TOKEN)
         kw.setdefault("trusted_realms", [self.switchboard])
+        kw.setdefault("switchboard", self.switchboard)
         fetcher = ImageFetcher(reactor, local_dir=str(self.tmp / name), backoff=0.01,
-                               retries=2, timeout=5.0, **kw)
+                               retries=2, timeout=5.0, retry_time=0.2, **kw)
         self.fetchers.append(fetcher)
         return fetcher
 
@@ -140,6 +151,7 @@ async def bed(tmp_path: Path) -> AsyncIterator[Bed]:
     switchboard = f"http://127.0.0.1:{port.getHost().port}"
     store = await start_store(tmp_path / "store", keys,
                               realm=f"{switchboard}/api/v1/registry/token")
+    tokens.stores[store.url] = "treadmill-imagestore"
     testbed = Bed(store, tokens, switchboard, tmp_path / "store", tmp_path)
     try:
         yield testbed
@@ -326,10 +338,84 @@ async def test_a_missing_image_is_image_not_found(bed: Bed) -> None:
 @pytest_twisted.ensureDeferred
 async def test_the_host_token_goes_only_to_a_trusted_realm(bed: Bed) -> None:
     digest, _ = await bed.push_qemu("lab/tiny", [qcow2(3_000, 3)])
-    fetcher = bed.fetcher(trusted_realms=["http://switchboard.example"])
+    # Without a switchboard to ask (a bare fetcher), the trusted realm prefixes decide.
+    fetcher = bed.fetcher(trusted_realms=["http://switchboard.example"], switchboard=None)
     error = await fails(fetcher.fetch(bed.image(digest)))
     assert error.code == "image_not_found" and "not a trusted token service" in error.message
     assert bed.tokens.host_users == []
+    # With one, only its token endpoint: a store pointing elsewhere gets refused unasked.
+    bed.store.service.auth.realm = "http://127.0.0.1:9/api/v1/registry/token"
+    error = await fails(bed.fetcher().fetch(bed.image(digest)))
+    assert "no token was requested" in error.message, error.message
+    assert bed.tokens.host_users == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_unregistered_stores_are_never_contacted(bed: Bed) -> None:
+    """A job start naming a store the switchboard does not list: refused unasked, even
+    when it is the only one; a registered store after it serves the image."""
+    from tests.images.ocifake import FakeRegistry, listen
+
+    digest, _ = await bed.push_qemu("lab/tiny", [qcow2(3_000, 3)])
+    rogue, port = listen(FakeRegistry(require_auth=True,
+                                      realm=f"{bed.switchboard}/api/v1/registry/token"))
+    try:
+        fetcher = bed.fetcher()
+        error = await fails(fetcher.fetch(bed.image(digest, stores=[rogue.url])))
+        assert error.code == "image_not_found"
+        assert f"{rogue.url} is not registered" in error.message
+        fetched = await fetcher.fetch(bed.image(digest, stores=[rogue.url + "/", bed.url]))
+        assert set(fetched.sources.values()) == {bed.url}
+        assert rogue.requests == [] and rogue.token_requests == []
+        assert bed.tokens.listed == 1  # the list is kept for stores_ttl
+        # Registered afterwards: used once the list is older than stores_ttl.
+        bed.tokens.stores[rogue.url] = "fake-store"
+        fetcher.stores_ttl = 0
+        await fails(fetcher.fetch(bed.image(fmt.digest_of(b"absent"), stores=[rogue.url])))
+        assert bed.tokens.listed >= 2 and rogue.requests
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_client_made_before_any_fetch_asks_for_the_registered_service(
+        bed: Bed) -> None:
+    """``registry_client`` (snapshots) looks the store's service up before a token, and
+    gets none for a store that is not registered."""
+    from tests.images.ocifake import FakeRegistry, listen
+
+    digest, _ = await bed.push_qemu("lab/tiny", [qcow2(3_000, 3)])
+    fetcher = bed.fetcher()
+    client = fetcher.registry_client(bed.url)
+    try:
+        assert (await client.get_manifest("lab/tiny", digest)).digest == digest
+        assert client.service == "treadmill-imagestore" and bed.tokens.listed == 1
+    finally:
+        await client.close()
+    rogue, port = listen(FakeRegistry(require_auth=True,
+                                      realm=f"{bed.switchboard}/api/v1/registry/token"))
+    client = fetcher.registry_client(rogue.url)
+    try:
+        with pytest.raises(RegistryError, match="not registered"):
+            await client.push_bytes("lab/snap", b"disk")
+        assert rogue.token_requests == [] and set(rogue.authorizations) == {""}
+        assert bed.tokens.host_users == ["host"]  # the one token, for the real store
+    finally:
+        await client.close()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_the_switchboards_list_no_store_is_contacted(bed: Bed) -> None:
+    digest, _ = await bed.push_qemu("lab/tiny", [qcow2(3_000, 3)])
+    fetcher = bed.fetcher(switchboard=DEAD_STORE)  # nothing listens there
+    error = await fails(fetcher.fetch(bed.image(digest)))
+    assert error.code == "image_not_found"
+    assert "not registered" in error.message and "cannot list them" in error.message
+    assert bed.tokens.host_users == []
+    # A wrong host token: the switchboard refuses the listing, same outcome.
+    error = await fails(bed.fetcher(token="tmh_wrong").fetch(bed.image(digest)))
+    assert "cannot list them" in error.message and "HTTP 401" in error.message
 
 
 @pytest_twisted.ensureDeferred

@@ -40,7 +40,10 @@ class World:
     done_job: str
     token_of_owner: str
     fresh: str
+    store_service: str
     owner: str = "owner"
+    grantee: str = "grantee"
+    use: str = "use"
 
 
 async def build_world(sb: RunningSwitchboard, clients: dict[str, Client]) -> World:
@@ -49,6 +52,11 @@ async def build_world(sb: RunningSwitchboard, clients: dict[str, Client]) -> Wor
     owner_id = await store.user_id("owner")
     grantee_id = await store.user_id("grantee")
     host, spare, image = f"host-{n}", f"spare-{n}", f"image-{n}"
+    if not await store.list_image_stores():
+        await sb.register_store("http://store.example", "s")
+        await sb.register_store("https://s.example", "s2")
+        await sb.register_store("http://s.example", "s3")
+    await sb.register_store(f"https://store-{n}.example", f"store-{n}")
     await store.create_host(host, ["a"], owner_id, "", credentials.token_hash(f"x{n}"))
     await store.create_host(spare, [], owner_id, "", credentials.token_hash(f"y{n}"))
     await store.create_image(image, DIGEST, ["http://store.example"], owner_id, "")
@@ -70,7 +78,8 @@ async def build_world(sb: RunningSwitchboard, clients: dict[str, Client]) -> Wor
     await store.add_grant("job", done_job, grantee_id, "read")
     spare_token = await store.create_token(owner_id, credentials.token_hash(f"z{n}"), "", 60)
     return World(host=host, spare_host=spare, image=image, job=job, done_job=done_job,
-                 token_of_owner=spare_token["id"], fresh=f"new-{n}")
+                 token_of_owner=spare_token["id"], fresh=f"new-{n}",
+                 store_service=f"store-{n}")
 
 
 @dataclass
@@ -120,8 +129,12 @@ ROWS = [
         lambda w: {"user": "other", "privilege": "start"}),
     Row("DELETE", "/api/v1/hosts/{host}/grants/grantee/read", (401, 404, 204, 403, 204)),
     Row("GET", "/api/v1/images", (401, 200, 200, 200, 200)),
-    Row("POST", "/api/v1/images", (401, 201, 201, 201, 201),
+    # Top-level names are the admins'; a namespace is its user's (security issue 12).
+    Row("POST", "/api/v1/images", (401, 403, 403, 403, 201),
         lambda w: {"name": w.fresh, "digest": DIGEST, "stores": ["https://s.example"]}),
+    Row("POST", "/api/v1/images", (401, 403, 201, 403, 201),
+        lambda w: {"name": f"owner/{w.fresh}", "digest": DIGEST,
+                   "stores": ["https://s.example"]}),
     Row("GET", "/api/v1/images/{image}", (401, 404, 200, 200, 200)),
     Row("PUT", "/api/v1/images/{image}", (401, 404, 200, 403, 200),
         lambda w: {"description": "changed"}),
@@ -130,7 +143,12 @@ ROWS = [
     Row("POST", "/api/v1/images/{image}/grants", (401, 404, 201, 403, 201),
         lambda w: {"user": "*", "privilege": "use"}),
     Row("DELETE", "/api/v1/images/{image}/grants/grantee/use", (401, 404, 204, 403, 204)),
+    Row("GET", "/api/v1/stores", (401, 200, 200, 200, 200)),
+    Row("POST", "/api/v1/stores", (401, 403, 403, 403, 201),
+        lambda w: {"url": f"https://{w.fresh}.example", "service": w.fresh}),
+    Row("DELETE", "/api/v1/stores/{store_service}", (401, 403, 403, 403, 204)),
     Row("GET", "/api/v1/jobs", (401, 200, 200, 200, 200)),
+    Row("GET", "/api/v1/jobs?id_prefix={job}&restart_of={job}", (401, 200, 200, 200, 200)),
     Row("POST", "/api/v1/jobs", (401, 201, 201, 201, 201), lambda w: {"image": DIGEST}),
     Row("POST", "/api/v1/jobs", (401, 400, 201, 201, 201), lambda w: {"image": w.image}),
     Row("GET", "/api/v1/jobs/{job}", (401, 404, 200, 200, 200)),
@@ -148,7 +166,13 @@ ROWS = [
     Row("POST", "/api/v1/jobs/{job}/grants", (401, 404, 201, 403, 201),
         lambda w: {"user": "other", "privilege": "stop"}),
     Row("DELETE", "/api/v1/jobs/{job}/grants/grantee/read", (401, 404, 204, 403, 204)),
+    Row("GET", "/api/v1/namespaces/{owner}/grants", (401, 403, 403, 403, 200)),
+    Row("POST", "/api/v1/namespaces/{fresh}/grants", (401, 403, 403, 403, 201),
+        lambda w: {"user": "grantee", "privilege": "manage"}),
+    Row("DELETE", "/api/v1/namespaces/{owner}/grants/{grantee}/{use}",  # no such grant
+        (401, 403, 403, 403, 404)),
     Row("GET", "/healthz", (200, 200, 200, 200, 200)),
+    Row("GET", "/api/v1/openapi.json", (200, 200, 200, 200, 200)),
     Row("GET", "/api/v1/registry/token?service=s&scope=repository:owner/x:pull",
         (200, 200, 200, 200, 200)),
     Row("GET", "/.well-known/treadmill/capability-keys", (200, 200, 200, 200, 200)),

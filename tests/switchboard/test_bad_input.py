@@ -98,10 +98,12 @@ async def populate(sb: RunningSwitchboard) -> World:
     bob = await sb.user("bob")
     r = await sb.admin.post("/api/v1/hosts", {"name": "h1", "tags": ["qemu"], "owner": "alice"})
     assert r.status == 201, r.body
-    r = await alice.post("/api/v1/images", {"name": "img", "digest": DIGEST,
+    await sb.register_store("https://store.example", "store")
+    await sb.register_store("https://s.example/o'brien", "s")
+    r = await alice.post("/api/v1/images", {"name": "alice/img", "digest": DIGEST,
                                             "stores": ["https://store.example/"]})
     assert r.status == 201, r.body
-    r = await alice.post("/api/v1/jobs", {"image": "img", "label": "existing"})
+    r = await alice.post("/api/v1/jobs", {"image": "alice/img", "label": "existing"})
     assert r.status == 201, r.body
     job = r.body["id"]
     r = await alice.post(f"/api/v1/jobs/{job}/grants", {"user": "bob", "privilege": "read"})
@@ -397,7 +399,7 @@ BAD_DIGESTS = {
 test_bad_digests = run_cases([
     Case(f"image-{key}", "POST", "/api/v1/images", {"name": "i2", "digest": d, "stores": []},
          mentions=("digest",)) for key, d in BAD_DIGESTS.items()] + [
-    Case(f"image-update-{key}", "PUT", "/api/v1/images/img", {"digest": d},
+    Case(f"image-update-{key}", "PUT", "/api/v1/images/alice/img", {"digest": d},
          mentions=("digest",)) for key, d in BAD_DIGESTS.items()] + [
     Case(f"job-{key}", "POST", "/api/v1/jobs", {"image": d}, mentions=("image",))
     for key, d in BAD_DIGESTS.items()])
@@ -423,7 +425,34 @@ test_bad_stores = run_cases([
                         "file": ["file:///etc/passwd"], "no-host": ["http://"],
                         "space": ["http://s.example/a b"], "duplicate": ["http://a/", "http://a/"],
                         "too-many": [f"http://s{i}.example/" for i in range(17)],
-                        "relative": ["/v2/"]}.items()])
+                        "relative": ["/v2/"],
+                        # Valid URLs, but no operator registered them.
+                        "unregistered": ["https://evil.example/"],
+                        "one-unregistered": ["https://store.example", "https://evil.example"],
+                        "other-port": ["https://store.example:8443/"],
+                        "other-prefix": ["https://store.example/other"],
+                        "query": ["https://store.example/?x=1"]}.items()]
+    + [Case("update-store-unregistered", "PUT", "/api/v1/images/alice/img",
+            {"stores": ["https://evil.example/"]}, mentions=("stores", "registered"),
+            who="alice")])
+
+test_bad_store_registrations = run_cases([
+    Case(f"register-{key}", "POST", "/api/v1/stores", body, mentions=mentions)
+    for key, body, mentions in (
+        ("ftp", {"url": "ftp://s.example", "service": "x"}, ("url",)),
+        ("query", {"url": "https://s.example/?a=b", "service": "x"}, ("url",)),
+        ("no-service", {"url": "https://s.example"}, ("service",)),
+        ("bad-service", {"url": "https://s.example", "service": "a b"}, ("service",)),
+        ("extra", {"url": "https://s.example", "service": "x", "admin": True}, ("admin",)),
+    )] + [
+    Case("register-url-taken", "POST", "/api/v1/stores",
+         {"url": "https://STORE.example/", "service": "fresh"}, status=409),
+    Case("register-service-taken", "POST", "/api/v1/stores",
+         {"url": "https://fresh.example", "service": "store"}, status=409),
+    Case("register-not-admin", "POST", "/api/v1/stores",
+         {"url": "https://fresh.example", "service": "fresh"}, status=403, who="alice"),
+    Case("unregister-unknown", "DELETE", "/api/v1/stores/nothing", status=404),
+])
 
 test_bad_job_values = run_cases([
     Case("timeout-above-max", "POST", "/api/v1/jobs", job(timeout=7 * DAY + 1),
@@ -528,7 +557,7 @@ test_not_found = run_cases([
     Case("image-update-unknown", "PUT", "/api/v1/images/noimage", {"description": "x"},
          status=404),
     Case("image-delete-unknown", "DELETE", "/api/v1/images/noimage", status=404),
-    Case("image-of-another-user", "GET", "/api/v1/images/img", who="bob", status=404),
+    Case("image-of-another-user", "GET", "/api/v1/images/alice/img", who="bob", status=404),
     Case("token-unknown", "DELETE", f"/api/v1/tokens/{MISSING_JOB}", status=404),
     Case("token-not-uuid", "DELETE", "/api/v1/tokens/abc", status=404),
     Case("tokens-of-unknown-user", "GET", "/api/v1/tokens?user=nobody", status=404),
@@ -827,9 +856,14 @@ test_duplicates = run_cases([
     Case("user-admin", "POST", "/api/v1/users", {"name": "admin", "admin": True}, status=409),
     Case("host", "POST", "/api/v1/hosts", {"name": "h1", "tags": ["other"]}, status=409,
          mentions=("h1",)),
+    Case("user-in-another-case", "POST", "/api/v1/users", {"name": "ALICE"}, status=409,
+         mentions=("alice",)),
     Case("image", "POST", "/api/v1/images",
-         {"name": "img", "digest": "sha256:" + "f" * 64, "stores": []}, who="bob",
-         status=409, mentions=("img",)),
+         {"name": "alice/img", "digest": "sha256:" + "f" * 64, "stores": []}, who="alice",
+         status=409, mentions=("alice/img",)),
+    Case("image-in-another-case", "POST", "/api/v1/images",
+         {"name": "Alice/IMG", "digest": "sha256:" + "f" * 64, "stores": []}, who="alice",
+         status=409, mentions=("alice/img",)),
     Case("grant", "POST", "/api/v1/jobs/{job}/grants", {"user": "bob", "privilege": "read"},
          who="alice", status=409),
 ])
@@ -873,14 +907,15 @@ async def test_hostile_but_valid_strings_round_trip(world):
     r = await world.sb.admin.get("/api/v1/hosts/O.Brien-_1")
     assert r.body["description"] == description and r.body["owner"] == "alice"
 
-    r = await alice.post("/api/v1/images", {"name": "team.a/os-1_2/debian", "digest": DIGEST,
-                                            "stores": ["https://s.example/v2?x=1&y='2'"],
+    r = await alice.post("/api/v1/images", {"name": "alice/team.a/os-1_2/debian",
+                                            "digest": DIGEST,
+                                            "stores": ["https://s.example/o'brien/"],
                                             "description": description})
     assert r.status == 201, r.body
-    r = await alice.get("/api/v1/images/team.a/os-1_2/debian")
+    r = await alice.get("/api/v1/images/alice/team.a/os-1_2/debian")
     assert r.status == 200
     assert r.body["description"] == description
-    assert r.body["stores"] == ["https://s.example/v2?x=1&y='2'"]
+    assert r.body["stores"] == ["https://s.example/o'brien"]  # the registered form
 
     r = await alice.post("/api/v1/tokens", {"label": HOSTILE_LABEL[:256]})
     assert r.status == 201 and r.body["label"] == HOSTILE_LABEL[:256]

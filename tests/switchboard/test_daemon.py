@@ -30,7 +30,8 @@ def write_config(path: Path, dsn: str, port: int, state: Path) -> Path:
 
 async def cli(url: str, token: str, *argv: str) -> tuple[int, str]:
     out, err = io.StringIO(), io.StringIO()
-    code = await tml(reactor, ["--url", url, "--token", token, *argv], out, err, {},
+    code = await tml(reactor, ["--url", url, *argv], out, err,
+                     {"TREADMILL_TOKEN": token, "S": "hidden"},
                      stdin=io.StringIO("a long enough password\n"))
     return code, out.getvalue() + err.getvalue()
 
@@ -65,7 +66,7 @@ async def test_switchboard_daemon_end_to_end(database: str, tmp_path: Path) -> N
         code, out = await cli(url, admin, "admin", "host", "add", "board-1", "--tag", "qemu")
         assert code == 0 and "tmh_" in out, out
         code, out = await cli(url, admin, "job", "submit", "sha256:" + "1" * 64,
-                              "--tag", "qemu", "--param", "A=b", "--secret-param", "S=hidden")
+                              "--tag", "qemu", "--param", "A=b", "--secret-param", "S")
         assert code == 0, out
         job = out.strip().splitlines()[-1].split()[-1]
 

@@ -13,6 +13,7 @@ STORE = "http://store.example"
 @pytest_twisted.ensureDeferred
 async def test_a_job_without_tags_takes_the_images_host_tags(
         switchboard: RunningSwitchboard) -> None:
+    await switchboard.register_store(STORE, "store")
     admin = switchboard.admin
     r = await admin.post("/api/v1/images", {"name": "vm", "digest": DIGEST, "stores": [STORE],
                                             "host_tags": ["qemu", "arch=x86_64"]})

@@ -174,32 +174,34 @@ async def test_configured_defaults_apply(database, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_enqueue_by_catalogue_name_resolves_digest(switchboard):
     alice = await switchboard.user("alice")
-    r = await alice.post("/api/v1/images", {"name": "os/debian", "digest": DIGEST,
+    await switchboard.register_store("https://store.example/v2", "store")
+    r = await alice.post("/api/v1/images", {"name": "alice/debian", "digest": DIGEST,
                                             "stores": ["https://store.example/v2"]})
     assert r.status == 201, r.body
-    job = await enqueue(alice, image="os/debian")
-    assert job["image"] == {"name": "os/debian", "digest": DIGEST,
+    job = await enqueue(alice, image="alice/debian")
+    assert job["image"] == {"name": "alice/debian", "digest": DIGEST,
                             "stores": ["https://store.example/v2"]}
 
     # The name was resolved at enqueue: moving the name later does not move the job.
-    r = await alice.put("/api/v1/images/os/debian", {"digest": OTHER_DIGEST})
+    r = await alice.put("/api/v1/images/alice/debian", {"digest": OTHER_DIGEST})
     assert r.status == 200, r.body
     shown = await alice.get(f"/api/v1/jobs/{job['id']}")
     assert shown.body["image"]["digest"] == DIGEST
-    assert (await enqueue(alice, image="os/debian"))["image"]["digest"] == OTHER_DIGEST
+    assert (await enqueue(alice, image="alice/debian"))["image"]["digest"] == OTHER_DIGEST
     row = await switchboard.store.pool.fetchone(
         "SELECT image_name, image_digest FROM jobs WHERE id = %s", (job["id"],))
-    assert row == {"image_name": "os/debian", "image_digest": DIGEST}
+    assert row == {"image_name": "alice/debian", "image_digest": DIGEST}
 
 
 @pytest_twisted.ensureDeferred
 async def test_enqueue_by_digest_lists_stores_of_usable_images_only(switchboard):
     alice = await switchboard.user("alice")
     bob = await switchboard.user("bob")
-    r = await alice.post("/api/v1/images", {"name": "fw", "digest": DIGEST,
+    await switchboard.register_store("https://a.example", "a")
+    r = await alice.post("/api/v1/images", {"name": "alice/fw", "digest": DIGEST,
                                             "stores": ["https://a.example/"]})
     assert r.status == 201, r.body
-    assert (await enqueue(alice))["image"]["stores"] == ["https://a.example/"]
+    assert (await enqueue(alice))["image"]["stores"] == ["https://a.example"]
     # Bob may not use alice's image, so he learns nothing about where it lives.
     assert (await enqueue(bob))["image"]["stores"] == []
 
@@ -208,26 +210,26 @@ async def test_enqueue_by_digest_lists_stores_of_usable_images_only(switchboard)
 async def test_enqueue_by_name_without_use_privilege(switchboard):
     alice = await switchboard.user("alice")
     bob = await switchboard.user("bob")
-    r = await alice.post("/api/v1/images", {"name": "private", "digest": DIGEST,
+    await switchboard.register_store("https://a.example", "a")
+    r = await alice.post("/api/v1/images", {"name": "alice/private", "digest": DIGEST,
                                             "stores": ["https://a.example/"]})
     assert r.status == 201
-    # _job_spec answers 400 (not 403) when the user holds no privilege at all
-    # on the image: the image field is invalid for them.
-    r = await bob.post("/api/v1/jobs", {"image": "private"})
+    # An image bob may not use answers like one that does not exist (400).
+    r = await bob.post("/api/v1/jobs", {"image": "alice/private"})
     assert r.status == 400, r.body
     assert r.body["error"] == {"code": "bad_request",
-                               "message": "image: you may not use 'private'"}
+                               "message": "image: no image named 'alice/private' that you may use"}
     r = await bob.post("/api/v1/jobs", {"image": "nonexistent"})
     assert r.status == 400
-    assert r.body["error"]["message"] == "image: no image named 'nonexistent'"
+    assert r.body["error"]["message"] == "image: no image named 'nonexistent' that you may use"
     listed = await switchboard.admin.get("/api/v1/jobs")
     assert listed.body["jobs"] == []
 
-    r = await alice.post("/api/v1/images/private/grants", {"user": "bob", "privilege": "use"})
+    r = await alice.post("/api/v1/images/alice/private/grants", {"user": "bob", "privilege": "use"})
     assert r.status == 201, r.body
-    job = await enqueue(bob, image="private")
-    assert job["image"] == {"name": "private", "digest": DIGEST,
-                            "stores": ["https://a.example/"]}
+    job = await enqueue(bob, image="alice/private")
+    assert job["image"] == {"name": "alice/private", "digest": DIGEST,
+                            "stores": ["https://a.example"]}
 
 
 # -- secrets ------------------------------------------------------------------------

@@ -160,6 +160,7 @@ def test_anonymous_endpoints(document):
     anonymous = {(method, path) for (method, path), op in operations(document).items()
                  if op.get("security") == []}
     assert anonymous == {("POST", "/api/v1/login"), ("GET", "/healthz"),
+                         ("GET", "/api/v1/openapi.json"),
                          ("GET", "/.well-known/treadmill/capability-keys"),
                          ("GET", "/api/v1/registry/token")}
 
@@ -174,7 +175,8 @@ def test_query_parameters(document):
         op = operations(document)[(method, path)]
         return {p["name"] for p in op.get("parameters", []) if p["in"] == "query"}
 
-    assert names("GET", "/api/v1/jobs") == {"state", "owner", "limit", "cursor"}
+    assert names("GET", "/api/v1/jobs") == {"state", "owner", "limit", "cursor",
+                                              "id_prefix", "restart_of"}
     assert names("GET", "/api/v1/jobs/{job_id}/events") == {"after"}
     assert names("GET", "/api/v1/jobs/{job_id}/events/watch") == {"after"}
     assert names("GET", "/api/v1/tokens") == {"user"}

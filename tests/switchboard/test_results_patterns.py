@@ -46,6 +46,7 @@ async def test_job_patterns_are_stored_and_shown(switchboard: RunningSwitchboard
 async def test_a_job_takes_its_images_patterns_unless_it_has_its_own(
         switchboard: RunningSwitchboard) -> None:
     admin = switchboard.admin
+    await switchboard.register_store(STORE, "store")
     r = await admin.post("/api/v1/images", {"name": "board-fw", "digest": DIGEST,
                                             "stores": [STORE], "results": UBOOT})
     assert r.status == 201 and r.body["results"] == UBOOT
@@ -70,6 +71,7 @@ async def test_a_job_takes_its_images_patterns_unless_it_has_its_own(
 async def test_bad_patterns_are_refused_everywhere(switchboard: RunningSwitchboard,
                                                    patterns: Any, problem: str) -> None:
     admin = switchboard.admin
+    await switchboard.register_store(STORE, "store")
     before = (await admin.get("/api/v1/jobs")).body["jobs"]
     r = await admin.post("/api/v1/jobs", {"image": DIGEST, "results": patterns})
     assert r.status == 400 and problem in r.body["error"]["message"], r.body

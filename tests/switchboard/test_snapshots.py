@@ -29,6 +29,7 @@ NEW = "sha256:" + "d" * 64
 @pytest_twisted.async_yield_fixture
 async def sb(database: str, tmp_path: Path):
     running = await start_switchboard(database, tmp_path, **FAST)
+    await running.register_store(STORE, "store")
     try:
         yield running
     finally:

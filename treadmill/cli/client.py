@@ -20,13 +20,17 @@ from urllib.parse import quote
 import treq
 from treq.client import HTTPClient
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
     RequestTransmissionFailed,
+    ResponseDone,
     ResponseFailed,
 )
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from treadmill.cli.config import ConfigError, Settings
@@ -62,6 +66,77 @@ class Unreachable(Exception):
         super().__init__(f"cannot reach the switchboard at {url}: {reason}")
         self.url = url
         self.reason = reason
+
+
+class Cancelled(CancelledError):
+    """The caller cancelled what it awaited (an interrupt, or a follower told to stop).
+
+    Unlike a request that timed out, it is never retried and never reported as
+    the switchboard being unreachable."""
+
+
+def cancellable(d: Deferred[Any]) -> Deferred[Any]:
+    """``d``, except that cancelling the result cancels ``d`` and fails with
+    :class:`Cancelled`, whatever ``d`` fails with then (``ResponseNeverReceived``…)."""
+    cancelled = False
+
+    def cancel(_: Deferred[Any]) -> None:
+        nonlocal cancelled
+        cancelled = True
+        d.cancel()
+
+    outer: Deferred[Any] = Deferred(cancel)
+
+    def failed(failure: Failure) -> None:
+        outer.errback(Failure(Cancelled()) if cancelled else failure)
+
+    d.addCallbacks(outer.callback, failed)
+    return outer
+
+
+class _Collector(Protocol):
+    def __init__(self, finished: Deferred[None], collector: Callable[[bytes], None]):
+        self.finished: Deferred[None] | None = finished
+        self.collector = collector
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.finished is None:
+            return
+        try:
+            self.collector(data)
+        except BaseException:
+            finished, self.finished = self.finished, None
+            self.transport.loseConnection()
+            finished.errback(Failure())
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        finished, self.finished = self.finished, None
+        if finished is None:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            finished.callback(None)
+        else:
+            finished.errback(reason)
+
+    def stop(self) -> None:
+        self.finished = None
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+def collect(response: IResponse, collector: Callable[[bytes], None]) -> Deferred[None]:
+    """Like ``treq.collect``, but cancelling it closes the connection at once (so no
+    more data reaches ``collector``) and fails with :class:`Cancelled`."""
+    protocol: _Collector | None = None
+
+    def cancel(_: Deferred[None]) -> None:
+        if protocol is not None:
+            protocol.stop()
+
+    finished: Deferred[None] = Deferred(cancel)
+    protocol = _Collector(finished, collector)
+    response.deliverBody(protocol)
+    return cancellable(finished)
 
 
 class _StopWatching(Exception):
@@ -105,8 +180,30 @@ def describe_transport_error(exc: BaseException, timeout: float | None = None) -
     if type(leaf).__module__.startswith("service_identity"):
         return f"TLS error: the certificate does not match the host name ({leaf})"
     if isinstance(exc, RequestTransmissionFailed | ResponseFailed):
-        return str(leaf) or type(leaf).__name__
+        text = str(leaf)
+        return type(leaf).__name__ if not text or _is_repr(text) else text
     return None
+
+
+def plain_error(exc: BaseException) -> str:
+    """Text for people about ``exc``: never a ``Failure`` or exception repr.
+
+    Connection failures get :func:`describe_transport_error`'s short reasons,
+    ``OSError`` its ``strerror`` (and file name); text that is a repr (``[<twisted…``,
+    ``<…object at 0x…>``) or empty becomes the exception's class name.
+    """
+    reason = describe_transport_error(exc)
+    if reason is not None and not _is_repr(reason):
+        return reason
+    leaf = _leaf_reason(exc)
+    if isinstance(leaf, OSError) and leaf.strerror:
+        return f"{leaf.strerror}: {leaf.filename}" if leaf.filename else leaf.strerror
+    text = str(leaf)
+    return type(leaf).__name__ if not text or _is_repr(text) else text
+
+
+def _is_repr(text: str) -> bool:
+    return "<twisted." in text or "Failure " in text or " object at 0x" in text
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -174,7 +271,7 @@ class ApiClient:
             try:
                 policy = client_policy(settings.ca_file)
             except (OSError, ValueError) as e:
-                raise ConfigError(f"CA file: {e}") from None
+                raise ConfigError(f"CA file: {plain_error(e)}") from None
             agent = Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=15)
         else:
             agent = Agent(reactor, pool=pool, connectTimeout=15)
@@ -227,7 +324,7 @@ class ApiClient:
             retry.since = self.reactor.seconds()  # the bound counts from the first attempt
         while True:
             try:
-                response = await self._http.request(
+                response = await cancellable(self._http.request(
                     method,
                     self.url(segments),
                     headers=headers,
@@ -237,7 +334,9 @@ class ApiClient:
                     timeout=None if stream else self.timeout,
                     reactor=self.reactor,
                     **kwargs,
-                )
+                ))
+            except Cancelled:
+                raise
             except Exception as e:
                 reason = describe_transport_error(e, self.timeout)
                 if reason is None:
@@ -258,7 +357,7 @@ class ApiClient:
             try:
                 error = await _error_from(response)
             except (ResponseFailed, ierror.ConnectionLost) as e:
-                reason = describe_transport_error(e) or str(e)
+                reason = plain_error(e)
                 raise Unreachable(self.base_url, reason) from None
             if response.code != 503 or retry is None:
                 raise error
@@ -292,7 +391,9 @@ class ApiClient:
         response = await self._send(method, segments, params=params, body=body, auth=auth,
                                     idempotency_key=idempotency_key)
         try:
-            content = await treq.content(response)
+            content = await cancellable(treq.content(response))
+        except Cancelled:
+            raise
         except Exception as e:
             reason = describe_transport_error(e)
             if reason is None:
@@ -350,9 +451,11 @@ class ApiClient:
                     raise _StopWatching()
 
         try:
-            await treq.collect(response, collector)
+            await collect(response, collector)
         except _StopWatching:
             return True
+        except Cancelled:
+            raise
         except Exception as e:
             reason = describe_transport_error(e)
             if reason is None:

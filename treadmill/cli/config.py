@@ -1,8 +1,11 @@
 """Where ``tml`` finds the switchboard URL, the API token and the CA file.
 
 Each setting is taken from the first of: a command-line flag, an environment
-variable, the configuration file. The file is TOML with top-level keys ``url``,
-``token`` and ``ca_file``; ``tml login`` writes it.
+variable, the configuration file. The token is best given by ``--token-file``,
+``$TREADMILL_TOKEN`` or the file: ``--token TOKEN`` shows it to every local user
+(the process list) and is kept only for compatibility, with a warning. The
+file is TOML with top-level keys ``url``, ``token`` and ``ca_file``; ``tml
+login`` writes it.
 
 A token read from the file is only sent to the URL stored next to it, so that
 pointing ``tml`` at another switchboard with ``--url`` never leaks it.
@@ -86,6 +89,7 @@ def resolve(
     token: str | None = None,
     ca_file: str | None = None,
     config: str | None = None,
+    token_file: str | None = None,
 ) -> Settings:
     """Resolve the settings from flags (the keyword arguments), ``env`` and the file."""
     path = config_path(env, config)
@@ -101,6 +105,8 @@ def resolve(
 
     if token:
         final_token: str | None = token.strip()
+    elif token_file:
+        final_token = read_token_file(token_file)
     elif env.get("TREADMILL_TOKEN"):
         final_token = env["TREADMILL_TOKEN"].strip()
     elif data.get("token") and (file_url is None or file_url == final_url):
@@ -127,6 +133,21 @@ def _retry_for(value: Any, source: str) -> float | None:
     if isinstance(value, bool) or not 0 <= seconds <= 86400:
         raise ConfigError(f"{source}: expected seconds between 0 and 86400, got {value!r}")
     return seconds
+
+
+def read_token_file(path: str) -> str:
+    """The token in the file ``path`` (``--token-file``): its first line, trimmed."""
+    try:
+        with open(Path(path).expanduser(), encoding="utf-8") as f:
+            text = f.read(4096)
+    except OSError as e:
+        raise ConfigError(f"--token-file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--token-file {path}: not UTF-8 text") from None
+    token = text.strip().split("\n", 1)[0].strip() if text.strip() else ""
+    if not token:
+        raise ConfigError(f"--token-file {path}: the file is empty")
+    return token
 
 
 def _toml_string(value: str) -> str:

@@ -20,6 +20,8 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_JOB_FAILED = 4
 EXIT_JOB_ABORTED = 5
+EXIT_WAIT_TIMEOUT = 6  # tml job wait --timeout: the job had not ended
+EXIT_SIGNAL_BASE = 128  # interrupted by signal N: 128 + N (130 SIGINT, 143 SIGTERM)
 
 
 class UsageError(Exception):
@@ -43,6 +45,7 @@ class Context:
     settings: Settings
     api: ApiClient
     prompt_password: Callable[[str], str] = field(default=lambda prompt: getpass.getpass(prompt))
+    interrupted: int | None = None  # the signal that interrupted the command
 
     def __post_init__(self) -> None:
         self.api.on_retry = self.note  # "retrying for up to N s", once per request
@@ -131,6 +134,16 @@ def add_command(
     parser = sub.add_parser(name, help=help, description=help, parents=[common], **kw)
     parser.set_defaults(handler=handler, command_parser=parser)
     return parser
+
+
+JOB_ID_HELP = "a job id, or a prefix of one that no other job you can see has"
+
+
+def add_job_id(parser: argparse.ArgumentParser, name: str = "id") -> None:
+    """Add a positional job id; ``tml`` resolves a unique prefix to the whole id before
+    the handler runs (``job_id_args``)."""
+    parser.add_argument(name, metavar="ID", help=JOB_ID_HELP)
+    parser.set_defaults(job_id_args=(*(parser.get_default("job_id_args") or ()), name))
 
 
 def add_group(sub: Any, name: str, *, help: str) -> Any:

@@ -537,11 +537,19 @@ class CapabilitySigner:
 # -- verification -----------------------------------------------------------
 
 
-def _number(payload: Mapping[str, Any], claim: str) -> float:
+#: The latest time claim accepted, in seconds since the epoch (the year 3000): larger
+#: values are junk, and would overflow date arithmetic downstream.
+MAX_TIME = 32_503_680_000
+
+
+def _time(payload: Mapping[str, Any], claim: str) -> int:
+    """A time claim: a whole number of seconds since the epoch, within reason."""
     value = payload.get(claim)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise CapabilityError("malformed", f'"{claim}" must be a number')
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CapabilityError("malformed", f'"{claim}" must be a whole number of seconds')
+    if not 0 <= value <= MAX_TIME:
+        raise CapabilityError("malformed", f'"{claim}" is out of range')
+    return value
 
 
 class CapabilityVerifier:
@@ -654,10 +662,20 @@ class CapabilityVerifier:
         if self.audience not in audience:
             raise CapabilityError("wrong_audience", "token is meant for another service")
 
-        expires_at = _number(payload, "exp")
-        not_before = _number(payload, "nbf") if "nbf" in payload else None
-        issued_at = _number(payload, "iat")
+        expires_at = _time(payload, "exp")
+        not_before = _time(payload, "nbf") if "nbf" in payload else None
+        issued_at = _time(payload, "iat")
+        # The signer rounds iat down and exp up: a lifetime of MAX_TTL spans MAX_TTL + 1.
+        longest = MAX_TTL + 1
+        if expires_at <= issued_at:
+            raise CapabilityError("malformed", '"exp" must be later than "iat"')
+        if expires_at - issued_at > longest:
+            raise CapabilityError("malformed", "token lifetime exceeds the maximum")
+        if not_before is not None and not issued_at <= not_before < expires_at:
+            raise CapabilityError("malformed", '"nbf" must lie between "iat" and "exp"')
         now = self._clock.seconds()
+        if expires_at - now > longest + self.leeway:
+            raise CapabilityError("malformed", "token lifetime exceeds the maximum")
         if now >= expires_at + self.leeway:
             raise CapabilityError("expired", "token has expired")
         if not_before is not None and now < not_before - self.leeway:
@@ -679,7 +697,7 @@ class CapabilityVerifier:
         return Claims(
             subject=subject,
             audience=tuple(audience),
-            expires_at=expires_at,
+            expires_at=float(expires_at),
             access=access,
             raw=payload,
         )

@@ -197,6 +197,12 @@ COMMON_SETTINGS: tuple[Setting, ...] = (
             "Manhole SSH host key file; generated on first start if absent."),
     Setting("metrics.listen", server_endpoints, [],
             "Prometheus /metrics listeners; empty disables them."),
+    Setting("metrics.allow_remote", BOOL, False,
+            "Allow metrics listeners that are not UNIX sockets or loopback TCP."),
+    Setting("http.head_timeout", non_negative(FLOAT), 10.0,
+            "Seconds a client has to send a complete request head; 0 disables the limit."),
+    Setting("http.idle_timeout", non_negative(FLOAT), 60.0,
+            "Seconds a kept-alive connection may wait for its next request; 0 disables."),
 )
 
 
@@ -305,6 +311,13 @@ class RoleOptions(usage.Options):
                 raise ConfigError(
                     f"manhole listener {desc!r} must be a UNIX socket or bound to loopback",
                     key="manhole.listen", source=source)
+        if not values.get("metrics.allow_remote"):
+            for desc in values["metrics.listen"]:
+                if not _is_local_endpoint(desc):
+                    raise ConfigError(
+                        f"metrics listener {desc!r} is not a UNIX socket or bound to "
+                        "loopback: set metrics.allow_remote = true to serve metrics to "
+                        "other hosts", key="metrics.listen", source=source)
 
 
 def _is_local_endpoint(desc: str) -> bool:

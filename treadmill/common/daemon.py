@@ -17,6 +17,11 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+#: The file creation mask of every role's process: what it creates is its own
+#: (directories 0700, files 0600) unless created with an explicit mode (the image
+#: store's blobs, shared with its group).
+UMASK = 0o077
+
 
 class RoleService(MultiService):
     """The root service of a role's process.
@@ -79,7 +84,18 @@ def add_operator_services(reactor: Any, root: MultiService, values: dict[str, An
     Once the reactor runs, the start-up heap is frozen (``gc.freeze``): full
     collections under load then skip its objects instead of stalling the
     reactor for tens of milliseconds.
+
+    Every role calls this from ``makeService``, so it is also where the
+    process-wide settings apply: the HTTP head and idle limits
+    (``http.head_timeout``, ``http.idle_timeout``) and the file creation mask
+    (:func:`restrict_umask`: what a daemon creates, twistd's ``--logfile``
+    included, is not readable by other local users).
     """
+    restrict_umask()
+    from treadmill.common.http import configure_timeouts
+
+    configure_timeouts(values.get("http.head_timeout", 10.0),
+                       values.get("http.idle_timeout", 60.0))
     reactor.callWhenRunning(gc.freeze)
     if values.get("manhole.listen"):
         from treadmill.common.manhole import manhole_service
@@ -95,6 +111,14 @@ def add_operator_services(reactor: Any, root: MultiService, values: dict[str, An
         metrics: IService = metrics_service(reactor, values["metrics.listen"], registry)
         metrics.setName("metrics")
         metrics.setServiceParent(root)
+
+
+def restrict_umask() -> int:
+    """Add :data:`UMASK` to the process's file creation mask (a stricter one, such as
+    systemd's ``UMask=0077``, stays); return the new mask."""
+    current = os.umask(UMASK)
+    os.umask(current | UMASK)
+    return current | UMASK
 
 
 def exit_failed(reactor: Any) -> None:

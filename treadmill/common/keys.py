@@ -11,11 +11,13 @@ so that a satellite restarts and keeps working while the switchboard is down.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import treq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -37,8 +39,35 @@ from treadmill.common.captoken import (
 from treadmill.common.config import FLOAT, STR, ConfigError, Setting, positive
 from treadmill.common.files import write_atomically
 
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def keys_url(value: Any) -> str:
+    """Check ``auth.keys_url``: ``https``, or plain ``http`` to a loopback host only
+    (a key set fetched in the clear from elsewhere could be replaced on the way)."""
+    url = STR(value)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:
+        raise ValueError(f"invalid URL {url!r}") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ValueError(f"expected an https:// URL, got {url!r}")
+    if parts.scheme == "http" and not _loopback(host):
+        raise ValueError(f"{url!r} must use https (plain http only to a loopback host): "
+                         "the key set decides which tokens are trusted")
+    return url
+
+
 SETTINGS: tuple[Setting, ...] = (
-    Setting("auth.keys_url", STR, None,
+    Setting("auth.keys_url", keys_url, None,
             "The switchboard's capability key set, e.g. "
             "https://switchboard.example/.well-known/treadmill/capability-keys."),
     Setting("auth.keys_file", STR, None,
@@ -69,6 +98,11 @@ class KeySource(MultiService):
         super().__init__()
         if url is None and file is None:
             raise CapabilityKeyError("set auth.keys_url or auth.keys_file")
+        if url is not None:
+            try:
+                keys_url(url)
+            except ValueError as e:
+                raise CapabilityKeyError(f"auth.keys_url: {e}") from None
         self.reactor = reactor
         self.url = url
         self.file = file
@@ -114,12 +148,29 @@ class KeySource(MultiService):
                           error=str(e) or type(e).__name__)
             return
         if keys != self.keys:
-            self.log.info("Capability keys: {kids}", kids=", ".join(sorted(keys)))
+            self._log_change(self.keys, keys)
             self.keys = keys  # a new object: verifiers drop what they cached
         if self.file is not None:
-            write_atomically(self.file, body, mode=0o644)
+            write_atomically(self.file, body, mode=0o640)
         if self._ready is not None and not self._ready.called:
             self._ready.callback(None)
+
+    def _log_change(self, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+        """Say which key ids a fetch added and removed (a removal at warn level: tokens
+        signed with that key stop verifying here)."""
+        added = sorted(set(new) - set(old))
+        removed = sorted(set(old) - set(new))
+        changed = sorted(kid for kid in set(old) & set(new) if old[kid] != new[kid])
+        if not old:
+            self.log.info("Capability keys from {url}: {kids}", url=self.url,
+                          kids=", ".join(added))
+            return
+        if added:
+            self.log.info("Capability keys added from {url}: {kids}", url=self.url,
+                          kids=", ".join(added))
+        if removed or changed:
+            self.log.warn("Capability keys removed from {url}: {kids}", url=self.url,
+                          kids=", ".join(removed + [f"{kid} (replaced)" for kid in changed]))
 
     def verifier(self, issuer: str, audience: str) -> LiveVerifier:
         return LiveVerifier(self, issuer, audience)

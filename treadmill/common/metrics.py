@@ -14,7 +14,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
+
+from treadmill.common.http import HardenedSite, LimitedRequest
 
 __all__ = ["MetricsResource", "metrics_resource", "metrics_service"]
 
@@ -45,8 +47,11 @@ class _Root(Resource):
         return notFound()
 
 
-class _QuietSite(Site):
-    """A Site that does not log every scrape."""
+class _QuietSite(HardenedSite):
+    """A Site that does not log every scrape; heads are checked and time-bounded
+    like the roles' APIs (:mod:`treadmill.common.http`)."""
+
+    requestFactory = type("MetricsRequest", (LimitedRequest,), {"max_body": 0})
 
     def log(self, request: Request) -> None:
         pass

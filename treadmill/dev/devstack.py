@@ -31,6 +31,7 @@ from treadmill.images import format as fmt
 
 DATABASE = "treadmill"
 ADMIN = "admin"
+STORE_SERVICE = "treadmill-imagestore"  # the devstack image store's service name
 FAKEBOARD = fakeboard.__file__
 BOARD_IMAGE = "board-demo"
 # The demo board image's app (a fakeboard.py script): ready, its parameters, exit 0.
@@ -117,7 +118,8 @@ class Devstack:
         if pid is not None:
             _say(f"{role.name} already runs (pid {pid}); restarting it")
             self.stop_role(role)
-        log = open(self.logs / f"{role.name}.log", "ab")
+        log = open(os.open(self.logs / f"{role.name}.log",  # private: tokens, tunnel paths
+                           os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "ab")
         twistd = Path(sys.executable).with_name("twistd")
         argv = role.argv or [
             str(twistd), "--nodaemon", "--pidfile=", "--logger=treadmill.common.logging.text",
@@ -219,6 +221,15 @@ class Devstack:
             token_file.write_text(body["token"] + "\n")
             token_file.chmod(0o600)
         return token_file
+
+    def register_store(self, admin: str) -> None:
+        """Register the image store with the switchboard (once): only registered stores
+        get registry tokens, catalogue entries and requests from tml and supervisors."""
+        status, body = self._api("POST", "/api/v1/stores", admin, {
+            "url": self.store_url, "service": STORE_SERVICE,
+            "description": "devstack image store"})
+        if status not in (201, 409):
+            raise SystemExit(f"[devstack] could not register the image store: {status} {body}")
 
     def mock_host(self, admin: str) -> None:
         """Register the mock host and write its supervisor's configuration."""
@@ -345,7 +356,9 @@ class Devstack:
     def prepare(self) -> None:
         for path in (self.state, self.logs, self.run):
             path.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.state, 0o755)  # The postgres user must reach its cluster.
+        os.chmod(self.state, 0o711)  # The postgres user must reach its cluster (0700).
+        for private in (self.logs, self.run):  # daemon logs, sockets, pid files
+            os.chmod(private, 0o700)
         _say("starting PostgreSQL")
         try:
             self.cluster.start()
@@ -372,6 +385,7 @@ class Devstack:
             "# Written by tools/devstack; edits are overwritten.\n"
             f'listen = ["tcp:{self.port + 1}:interface=127.0.0.1:backlog=1024"]\n'
             f"root = {json.dumps(str(self.state / 'images'))}\n"
+            f"service = {json.dumps(STORE_SERVICE)}\n"
             "[auth]\n"
             f"realm = {json.dumps(self.url + '/api/v1/registry/token')}\n"
             f"keys_url = {json.dumps(keys_url)}\n"
@@ -437,6 +451,7 @@ class Devstack:
         switchboard, *others = self.roles()
         self.start_role(switchboard)
         token = self.admin_token()
+        self.register_store(token)
         self.mock_host(token)
         if self.has_qemu():
             self.qemu_host(token)

@@ -1,10 +1,18 @@
 """A private PostgreSQL cluster from the distribution's server binaries.
 
 Used by the test suite (an ephemeral cluster per session) and by
-``tools/devstack`` (a persistent one under ``.devstack/``). The cluster listens
-only on a UNIX socket (``listen_addresses=''``). ``initdb`` refuses to run as
-root, so as root every server command runs as the ``postgres`` user through
-``runuser``.
+``tools/devstack`` (a persistent one under ``.devstack/``). ``initdb`` refuses
+to run as root, so as root every server command runs as the ``postgres`` user
+through ``runuser``.
+
+Only its owner can reach the cluster: it listens on no TCP port
+(``listen_addresses=''``), only on a UNIX socket in a directory of mode 0700
+with ``unix_socket_permissions = 0700``; authentication is ``peer``, and
+``pg_ident.conf`` lets exactly two operating-system users in as the
+``postgres`` role: the one the server runs as and the one that created the
+cluster (root, when the server runs as ``postgres``). The cluster's files are
+the server user's alone. ``pg_hba.conf`` and ``pg_ident.conf`` are rewritten on
+every start, so a cluster made by an older version is locked down too.
 
 This is development tooling: it blocks, and must never run inside a reactor.
 
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -58,6 +67,8 @@ class Cluster:
         self.durable = durable
         self.bindir = find_bindir()
         self._as_postgres = os.geteuid() == 0
+        self.owner = pwd.getpwuid(os.geteuid()).pw_name
+        self.server_user = "postgres" if self._as_postgres else self.owner
 
     def _cmd(self, *args: str) -> list[str]:
         cmd = [str(self.bindir / args[0]), *args[1:]]
@@ -96,30 +107,52 @@ class Cluster:
         return proc.returncode == 0
 
     def init(self) -> None:
-        """Create the cluster unless it exists."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.run.mkdir(exist_ok=True)
+        """Create the cluster unless it exists; (re)write who may connect."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.run.mkdir(mode=0o700, exist_ok=True)
         for path in (self.root, self.run):
+            os.chmod(path, 0o700)
             self._own(path)
-        if self.initialized:
-            return
-        args = ["initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                "--encoding=UTF8", "--locale=C"]
-        if not self.durable:
-            args.append("--no-sync")
-        self._run(*args)
+        if not self.initialized:
+            args = ["initdb", "-D", str(self.data), "-U", "postgres", "--auth-local=peer",
+                    "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C"]
+            if not self.durable:
+                args.append("--no-sync")
+            self._run(*args)
+        self._write_access_rules()
+
+    def _write_access_rules(self) -> None:
+        """Peer authentication for the owner and the server user; nothing else."""
+        users = dict.fromkeys((self.server_user, self.owner))
+        files = {
+            "pg_hba.conf": "# Written by treadmill.dev.pgcluster on every start.\n"
+                           "local all all peer map=owner\n",
+            "pg_ident.conf": "# Written by treadmill.dev.pgcluster on every start.\n"
+                             + "".join(f"owner {user} postgres\n" for user in users),
+        }
+        for name, text in files.items():
+            path = self.data / name
+            temporary = path.with_name(name + ".tmp")
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            self._own(temporary)
+            os.replace(temporary, path)
 
     def start(self, timeout: float = 60) -> None:
         """Start the server unless it runs; wait until it accepts connections."""
         self.init()
         if self.running:
+            self._run("pg_ctl", "reload", "-D", str(self.data))  # The rewritten rules.
             return
-        opts = [f"-c listen_addresses='' -k {self.run} -p {self.port}"]
+        opts = [f"-c listen_addresses='' -k {self.run} -p {self.port} "
+                "-c unix_socket_permissions=0700"]
         if not self.durable:
             opts.append("-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
-        if self._as_postgres and not self.logfile.exists():
-            self.logfile.touch()
-            self._own(self.logfile)
+        if not self.logfile.exists():
+            os.close(os.open(self.logfile, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.chmod(self.logfile, 0o600)
+        self._own(self.logfile)
         self._run("pg_ctl", "start", "-D", str(self.data), "-w", "-t", str(int(timeout)),
                   "-l", str(self.logfile), "-o", " ".join(opts))
 

@@ -5,9 +5,17 @@ cache later. It speaks the subset of the OCI Distribution API that
 ``docs/images.md`` lists:
 
 - the registry token flow: on ``401`` with ``WWW-Authenticate: Bearer
-  realm=…,service=…,scope=…`` it asks the realm for a token (with HTTP Basic
-  credentials, only if the realm is trusted) and retries with it; a pre-made
-  bearer token may be given instead;
+  realm=…,service=…`` it asks for a token and retries with it. It asks only
+  for the repository and actions of the operation it performs (``pull`` to
+  read, ``pull,push`` to upload, ``delete`` to delete), never the challenge's
+  ``scope``. Given the store's registered ``service`` and the switchboard's
+  token ``realm`` (how ``tml`` and supervisors build it), it asks that realm
+  only, for that service only, and refuses a challenge naming another realm or
+  service; HTTP Basic credentials go only to that realm (or, without one, to a
+  trusted realm prefix). A pre-made bearer token may be given instead;
+- ``503`` answers and refused connections are retried with capped exponential
+  backoff and jitter for at most ``retry_time`` seconds, other transient
+  failures ``retries`` times;
 - blobs: ``HEAD`` (an existing blob is not uploaded again), monolithic upload
   of small blobs, chunked upload (``POST``, ``PATCH`` with ``Content-Range``,
   ``PUT ?digest=``) of large ones, resumed after a failure from the offset the
@@ -28,6 +36,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -128,6 +137,13 @@ def check_store_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def canonical_store_url(url: str) -> str:
+    """The form stores are registered and compared in: :func:`check_store_url` with a
+    lowercase scheme and host (:class:`ValueError` if malformed)."""
+    parts = urlsplit(check_store_url(url))
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path, "", ""))
+
+
 # -- errors ------------------------------------------------------------------------
 
 
@@ -158,10 +174,19 @@ class DigestMismatch(RegistryError):
 
 
 _RETRY_STATUS = frozenset({408, 416, 429, 500, 502, 503, 504})
+PULL = ("pull",)
+PUSH = ("pull", "push")
+DELETE = ("delete",)
 
 
 def _retryable(error: RegistryError) -> bool:
     return isinstance(error, RegistryUnreachable) or error.status in _RETRY_STATUS
+
+
+def _unavailable(error: RegistryError) -> bool:
+    """The store is down or overloaded for now: retried for a time, not a count."""
+    return error.status == 503 or (isinstance(error, RegistryUnreachable)
+                                   and error.reason == "connection refused")
 
 
 def _transport_reason(exc: BaseException) -> str | None:
@@ -355,13 +380,19 @@ class _Sink(Protocol):
 class RegistryClient:
     """An OCI Distribution client for one store (``{url}/v2/…``).
 
+    ``service`` is the store's registered service name and ``realm`` the
+    switchboard's token endpoint (``…/api/v1/registry/token``): with them,
+    tokens are asked of ``realm`` only, for ``service`` only, and a challenge
+    naming another realm or service is refused (nothing is sent).
     ``credentials`` (user, password — for Treadmill, the user name and API
-    token) are sent only to token realms under one of ``trusted_realms``
-    (URL prefixes: the switchboard's URL), never to the store itself.
-    ``token`` is a pre-made bearer token, sent to the store as is.
-    Failed uploads and downloads are retried ``retries`` times in all
-    (exponential backoff from ``backoff`` seconds), resuming where the store
-    says they stopped; ``on_retry(message)`` is told about each retry.
+    token) are sent only to ``realm``, or without one to token realms under one
+    of ``trusted_realms`` (URL prefixes), never to the store itself. ``token``
+    is a pre-made bearer token, sent to the store as is. Failed uploads and
+    downloads are retried ``retries`` times in all (exponential backoff from
+    ``backoff`` seconds, at most ``max_backoff``, with jitter), resuming where
+    the store says they stopped; a store answering 503 or refusing connections
+    is retried until ``retry_time`` seconds have passed instead;
+    ``on_retry(message)`` is told about each retry.
     """
 
     log = Logger()
@@ -375,10 +406,14 @@ class RegistryClient:
         ca_file: str | None = None,
         credentials: Credentials | None = None,
         token: str | None = None,
+        service: str | None = None,
+        realm: str | None = None,
         trusted_realms: Sequence[str] = (),
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         retries: int = 5,
         backoff: float = 0.5,
+        max_backoff: float = 10.0,
+        retry_time: float = 60.0,
         timeout: float = 60.0,
         on_retry: Callable[[str], None] | None = None,
         user_agent: bytes = USER_AGENT,
@@ -388,13 +423,20 @@ class RegistryClient:
         self.chunk_size = max(1, chunk_size)
         self.retries = max(1, retries)
         self.backoff = backoff
+        self.max_backoff = max(backoff, max_backoff)
+        self.retry_time = retry_time
         self.timeout = timeout
         self.on_retry = on_retry
         self.user_agent = user_agent
+        self.service = service
+        self.realm = realm
+        if realm is not None and urlsplit(realm).scheme not in ("http", "https"):
+            raise ValueError(f"a token realm is an http(s) URL, not {realm!r}")
         self._credentials = credentials
         self._static_token = token
         self._trusted = tuple(trusted_realms)
-        self._tokens: dict[str, tuple[str, float]] = {}
+        self._tokens: dict[str, tuple[str, float, frozenset[str]]] = {}
+        self._random = random.Random()
         self._pool: HTTPConnectionPool | None = None
         if http is None:
             self._pool = HTTPConnectionPool(reactor, persistent=True)
@@ -421,9 +463,9 @@ class RegistryClient:
     def _sleep(self, seconds: float) -> Deferred[None]:
         return deferLater(self.reactor, seconds, lambda: None)
 
-    def _token_for(self, repo: str) -> str | None:
+    def _token_for(self, repo: str, actions: Sequence[str]) -> str | None:
         hit = self._tokens.get(repo)
-        if hit is not None and hit[1] > self.reactor.seconds():
+        if hit is not None and hit[1] > self.reactor.seconds() and hit[2].issuperset(actions):
             return hit[0]
         return self._static_token
 
@@ -451,13 +493,21 @@ class RegistryClient:
         ok: Sequence[int] = (200,),
         timeout: float | None = None,
         redirects: bool = False,
+        actions: Sequence[str] | None = None,
     ) -> IResponse:
-        """Send a request, doing the token flow on a ``401`` once; check the status."""
+        """Send a request, doing the token flow on a ``401`` once; check the status.
+
+        ``actions`` are what the operation needs on ``repo`` (default: ``pull``
+        for reads, ``pull,push`` for writes, ``delete`` for ``DELETE``).
+        """
+        if actions is None:
+            actions = (PULL if method in ("GET", "HEAD") else DELETE if method == "DELETE"
+                       else PUSH)
         for attempt in (0, 1):
             h = {b"User-Agent": [self.user_agent]}
             for k, v in (headers or {}).items():
                 h[k] = [v]
-            token = self._token_for(repo)
+            token = self._token_for(repo, actions)
             if token:
                 h[b"Authorization"] = [b"Bearer " + token.encode("ascii")]
             response = await self._send(method, url, h, body() if body else None,
@@ -467,7 +517,7 @@ class RegistryClient:
                 scheme, params = parse_challenge(challenge.decode("latin-1"))
                 if scheme == "bearer" and "realm" in params:
                     await self._discard(response)
-                    await self._authenticate(repo, params, url)
+                    await self._authenticate(repo, params, url, actions)
                     continue
             if response.code not in ok:
                 raise await self._error(response, url)
@@ -523,13 +573,28 @@ class RegistryClient:
             pass
         return RegistryError(status, code, message.strip(), url)
 
-    async def _authenticate(self, repo: str, params: dict[str, str], url: str) -> None:
+    async def _authenticate(self, repo: str, params: dict[str, str], url: str,
+                            actions: Sequence[str] = PULL) -> None:
+        """Get a token for ``actions`` on ``repo`` (never the challenge's scope)."""
         realm = params["realm"]
         if urlsplit(realm).scheme not in ("http", "https"):
             raise RegistryError(401, "UNAUTHORIZED", f"bad token realm {realm!r} from {url}", url)
+        if self.realm is not None and realm != self.realm:
+            raise RegistryError(
+                401, "UNAUTHORIZED",
+                f"the store at {self.base_url} wants a token from {realm}, not from "
+                f"{self.realm}; no token was requested", url)
+        service = params.get("service")
+        if self.service is not None:
+            if service != self.service:
+                raise RegistryError(
+                    401, "UNAUTHORIZED",
+                    f"the store at {self.base_url} asks for a token for service "
+                    f"{service!r}, but it is registered as {self.service!r}; no token was "
+                    "requested", url)
         headers = {b"User-Agent": [self.user_agent], b"Accept": [b"application/json"]}
         if self._credentials is not None:
-            if not any(_same_prefix(realm, p) for p in self._trusted):
+            if self.realm is None and not any(_same_prefix(realm, p) for p in self._trusted):
                 raise RegistryError(
                     401, "UNAUTHORIZED",
                     f"the store at {self.base_url} wants a token from {realm}, which is not "
@@ -540,8 +605,13 @@ class RegistryClient:
             headers[b"Authorization"] = [b"Basic " + basic.encode("ascii")]
         elif self._static_token is not None:
             raise RegistryError(401, "UNAUTHORIZED", f"{url}: the store refused the token", url)
-        query = [(k, params[k]) for k in ("service",) if k in params]
-        query += [("scope", s) for s in params.get("scope", "").split() if s]
+        held = self._tokens.get(repo)
+        wanted = set(actions)
+        if held is not None and held[1] > self.reactor.seconds():
+            wanted |= held[2]  # one token for everything this client does on repo
+        ordered = [a for a in (*PUSH, *DELETE) if a in wanted]
+        query = [("service", service)] if service else []
+        query.append(("scope", f"repository:{repo}:{','.join(ordered)}"))
         sep = "&" if urlsplit(realm).query else "?"
         token_url = realm + (sep + urlencode(query) if query else "")
         response = await self._send("GET", token_url, headers, None, self.timeout, False)
@@ -559,27 +629,48 @@ class RegistryClient:
         if not isinstance(token, str) or not token:
             raise RegistryError(401, "UNAUTHORIZED", f"no token in the answer of {realm}", url)
         lifetime = max(1.0, min(expires_in, 86400.0) * 0.9)
-        self._tokens[repo] = (token, self.reactor.seconds() + lifetime)
+        self._tokens[repo] = (token, self.reactor.seconds() + lifetime, frozenset(ordered))
+
+    def _give_up(self, e: RegistryError, failures: int, tries: int, started: float) -> bool:
+        """Whether the ``failures``-th failure ``e`` ends the operation (``e`` is then
+        reworded to say so). ``tries`` 1 never retries (the caller has another store)."""
+        if not _retryable(e):
+            return True
+        if _unavailable(e) and tries > 1:
+            elapsed = self.reactor.seconds() - started
+            if elapsed + self._delay(failures, jitter=False) / 2 <= self.retry_time:
+                return False
+            e.message = (f"{e.message} (still unavailable after {failures} attempts in "
+                         f"{elapsed:.0f} s; giving up)")
+            e.args = (e.message,)
+            return True
+        return failures >= tries
+
+    def _delay(self, failures: int, jitter: bool = True) -> float:
+        """Exponential from ``backoff``, capped at ``max_backoff``; jitter takes it down to
+        half at random, so that many clients do not come back at once."""
+        delay = min(self.max_backoff, self.backoff * 2 ** (failures - 1))
+        return delay * self._random.uniform(0.5, 1.0) if jitter else delay
 
     async def _retrying(self, what: str, op: Callable[[], Awaitable[T]],
                         retries: int | None = None) -> T:
         tries = retries or self.retries
         failures = 0
+        started = self.reactor.seconds()
         while True:
             try:
                 return await op()
             except RegistryError as e:
-                if not _retryable(e):
-                    raise
                 failures += 1
-                if failures >= tries:
+                if self._give_up(e, failures, tries, started):
                     raise
                 await self._pause(failures, f"{what}: {e.message}", tries)
 
     async def _pause(self, failures: int, message: str, tries: int | None = None) -> None:
-        delay = self.backoff * 2 ** (failures - 1)
+        delay = self._delay(failures)
         tries = tries or self.retries
-        text = f"{message}; retrying in {delay:g} s (attempt {failures + 1}/{tries})"
+        text = f"{message}; retrying in {delay:.2g} s (attempt {failures + 1}"
+        text += f"/{tries})" if failures < tries else ")"
         self.log.info("{text}", text=text)
         if self.on_retry is not None:
             self.on_retry(text)
@@ -587,12 +678,17 @@ class RegistryClient:
 
     # -- blobs ----------------------------------------------------------------------
 
-    async def blob_size(self, repo: str, digest: str) -> int | None:
-        """The size of a blob in the store (``HEAD``), or ``None`` if it is not there."""
+    async def blob_size(self, repo: str, digest: str, actions: Sequence[str] = PULL
+                        ) -> int | None:
+        """The size of a blob in the store (``HEAD``), or ``None`` if it is not there.
+
+        ``actions``: what the operation it is part of needs (:data:`PUSH` for an upload).
+        """
         url = self.url(repo, "blobs", digest)
 
         async def head() -> int | None:
-            response = await self._request("HEAD", url, repo, ok=(200, 404), redirects=True)
+            response = await self._request("HEAD", url, repo, ok=(200, 404), redirects=True,
+                                           actions=actions)
             await self._discard(response)
             if response.code == 404:
                 return None
@@ -605,7 +701,7 @@ class RegistryClient:
                         progress: Progress | None = None) -> bool:
         """Upload a blob unless the store has it; return whether it was uploaded."""
         blob = source.blob
-        if await self.blob_size(repo, blob.digest) is not None:
+        if await self.blob_size(repo, blob.digest, PUSH) is not None:
             if progress is not None:
                 progress(blob.size, blob.size)
             return False
@@ -648,7 +744,7 @@ class RegistryClient:
 
     async def _upload_status(self, location: str, repo: str) -> tuple[str, int] | None:
         """``(location, offset)`` of an upload session, or ``None`` if the store forgot it."""
-        response = await self._request("GET", location, repo, ok=(200, 204, 404))
+        response = await self._request("GET", location, repo, ok=(200, 204, 404), actions=PUSH)
         await self._discard(response)
         if response.code == 404:
             return None
@@ -720,6 +816,7 @@ class RegistryClient:
         location: str | None = None
         offset = 0
         failures = 0
+        started = self.reactor.seconds()
         need_status = False
         range_errors = 0
         while True:
@@ -732,7 +829,7 @@ class RegistryClient:
                     need_status = False
                     if status is None:
                         # The store forgot the session: done already, or start over.
-                        if await self.blob_size(repo, blob.digest) is not None:
+                        if await self.blob_size(repo, blob.digest, PUSH) is not None:
                             return
                         location = None
                         continue
@@ -747,13 +844,12 @@ class RegistryClient:
                     location, offset = await self._patch(location, repo, source, offset, n,
                                                          progress)
                     failures = range_errors = 0
+                    started = self.reactor.seconds()
                 await self._put_blob(location, repo, source, False, None)
                 return
             except RegistryError as e:
-                if not _retryable(e):
-                    raise
                 failures += 1
-                if failures >= self.retries:
+                if self._give_up(e, failures, self.retries, started):
                     raise
                 if e.status == 416:
                     range_errors += 1

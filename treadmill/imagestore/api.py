@@ -31,15 +31,13 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
-from treadmill.common.http import LimitedRequest
+from treadmill.common.http import HardenedChannel, HardenedSite, LimitedRequest
 from treadmill.imagestore import manifests
 from treadmill.imagestore.auth import Authorizer, scope
 from treadmill.imagestore.errors import OCIError, error_body
@@ -529,12 +527,18 @@ class RegistryAPI:
     async def _prepare(self, sink: BodySink, request: IRequest, endpoint: str,
                        args: dict[str, Any], params: dict[str, str]) -> None:
         name = check_name(args["name"])
-        self.auth.require(request, "repository", name, "push", self._push_scopes(name))
+        mount, source = params.get("mount"), params.get("from")
+        mounting = (endpoint == "upload_start" and mount is not None and source is not None
+                    and is_digest(mount) and is_name(source))
+        scopes = self._push_scopes(name)
+        if mounting:
+            # As the reference registry: the challenge names the source too, so that
+            # the client fetches a token that allows the mount.
+            scopes.append(scope("repository", str(source), ["pull"]))
+        self.auth.require(request, "repository", name, "push", scopes)
         if endpoint == "upload_start":
-            mount, source = params.get("mount"), params.get("from")
-            if mount is not None and source is not None and is_digest(mount) \
-                    and is_name(source) and self.storage.blob_linked(source, mount) \
-                    and self.auth.allows(request, "repository", source, "pull"):
+            if mounting and self.auth.allows(request, "repository", str(source), "pull") \
+                    and self.storage.blob_linked(str(source), str(mount)):
                 sink.plan = {"kind": "mount", "digest": mount, "from": source}
                 sink.discard()
                 return
@@ -696,12 +700,18 @@ class RegistryRequest(LimitedRequest):
 
     body_sink: BodySink | None = None
 
+    @classmethod
+    def error_body(cls, status: int, message: str) -> bytes:
+        code = {400: "REQUEST_INVALID", 408: "REQUEST_INVALID"}.get(status, "UNKNOWN")
+        return error_body(code, message)
+
     def gotLength(self, length: int | None) -> None:
         site = getattr(self.channel, "site", None)
         registry = getattr(site, "registry", None)
         command = getattr(self.channel, "_command", None)
         path = getattr(self.channel, "_path", None)
-        if registry is not None and command is not None and path is not None:
+        if registry is not None and command is not None and path is not None \
+                and self.check_head() is None:
             sink = registry.body_sink(self, command, path)
             if sink is not None:
                 self.body_sink = sink
@@ -730,7 +740,7 @@ class RegistryRequest(LimitedRequest):
         super().connectionLost(reason)
 
 
-class RegistryChannel(HTTPChannel):
+class RegistryChannel(HardenedChannel):
     """HTTP/1.1 only (upload streaming relies on its request line), and quick to
     turn away a TLS handshake on a plain-HTTP listener.
 
@@ -752,7 +762,7 @@ class RegistryChannel(HTTPChannel):
         super().dataReceived(data)
 
 
-class RegistrySite(Site):
+class RegistrySite(HardenedSite):
     """A ``Site`` whose requests can stream upload bodies to ``registry``."""
 
     protocol = RegistryChannel

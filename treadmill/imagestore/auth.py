@@ -20,7 +20,9 @@ A refused request gets ``401 UNAUTHORIZED`` with the token flow's challenge::
                       scope="repository:lab/fw:pull,push"[,error="invalid_token"]
 
 so that a registry client (skopeo, docker) asks the realm (the switchboard's
-``GET /api/v1/registry/token``) for a token with that scope and retries. An
+``GET /api/v1/registry/token``) for a token with that scope and retries. A
+cross-repository mount's challenge names the source too
+(``repository:<name>:pull,push repository:<from>:pull``). An
 insufficient token also gets 401 (with ``error="insufficient_scope"``), not
 403: registry clients only fetch a new token after a 401.
 """

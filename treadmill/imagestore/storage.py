@@ -6,7 +6,7 @@ This layout is a contract: supervisors and image caches open it read-only
 
     ROOT/
       treadmill-imagestore.json           {"layout": 1}
-      blobs/sha256/<hh>/<hex>             blob bytes; hh = first 2 hex digits; mode 0444
+      blobs/sha256/<hh>/<hex>             blob bytes; hh = first 2 hex digits; mode 0440
       repositories/<name>/                name may hold "/": nested directories
         _manifests/<hex>                  manifest sha256:<hex> is in the repository;
                                           the file holds its media type (one line)
@@ -51,9 +51,9 @@ from treadmill.imagestore.names import hex_of, is_digest, is_name, is_tag
 LAYOUT_VERSION = 1
 MARKER = "treadmill-imagestore.json"
 
-_DIR_MODE = 0o755
-_FILE_MODE = 0o644
-_BLOB_MODE = 0o444
+_DIR_MODE = 0o750
+_FILE_MODE = 0o640
+_BLOB_MODE = 0o440
 
 
 def fsync_dir(path: str) -> None:

@@ -1,7 +1,7 @@
 """Many mock supervisors in one process, for load tests.
 
     python -m treadmill.supervisor.fleet --url http://127.0.0.1:8080 \\
-        --admin-token TOKEN --count 1000 [--prefix fleet-] [--tag mock] \\
+        --admin-token-file PATH --count 1000 [--prefix fleet-] [--tag mock] \\
         [--state DIR] [--mock-run-time 5 ...]
 
 It creates hosts ``PREFIX0000`` … through the switchboard API (or, for hosts
@@ -155,7 +155,9 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m treadmill.supervisor.fleet",
         description="Run many mock supervisors in one process (load tests).")
     p.add_argument("--url", required=True, help="switchboard HTTP URL (http:// or https://)")
-    p.add_argument("--admin-token", help="an admin API token (or TREADMILL_TOKEN)")
+    p.add_argument("--admin-token-file", metavar="PATH",
+                   help="file holding an admin API token (or TREADMILL_TOKEN)")
+    p.add_argument("--admin-token", help=argparse.SUPPRESS)  # Leaks through argv: warned.
     p.add_argument("--count", type=int, required=True, help="number of hosts and supervisors")
     p.add_argument("--prefix", default="fleet-", help="host name prefix [fleet-]")
     p.add_argument("--first", type=int, default=0, help="number of the first host [0]")
@@ -215,15 +217,34 @@ def _raise_fd_limit(wanted: int) -> None:
                  limit=target, wanted=wanted)
 
 
+def _admin_token(args: argparse.Namespace, p: argparse.ArgumentParser) -> str:
+    """The admin token from ``--admin-token-file``, ``$TREADMILL_TOKEN`` or (with a
+    warning: other local users see argv) ``--admin-token``."""
+    if args.admin_token_file:
+        try:
+            with open(args.admin_token_file, encoding="utf-8") as f:
+                token = f.read(4096).strip()
+        except (OSError, UnicodeDecodeError) as e:
+            p.error(f"--admin-token-file: {getattr(e, 'strerror', None) or e}")
+        if not token:
+            p.error("--admin-token-file: the file is empty")
+        return token
+    if args.admin_token:
+        log.warn("--admin-token shows the token to every local user (the process list); "
+                 "use --admin-token-file or TREADMILL_TOKEN")
+        return args.admin_token
+    if os.environ.get("TREADMILL_TOKEN"):
+        return os.environ["TREADMILL_TOKEN"].strip()
+    p.error("--admin-token-file (or TREADMILL_TOKEN) is required")
+
+
 async def start_fleet(reactor: Any, args: argparse.Namespace,
                       p: argparse.ArgumentParser | None = None) -> Fleet:
     """Provision the hosts and start their supervisors (not yet connected)."""
     p = p or parser()
     if args.count < 1:
         p.error("--count must be at least 1")
-    token = args.admin_token or os.environ.get("TREADMILL_TOKEN")
-    if not token:
-        p.error("--admin-token (or TREADMILL_TOKEN) is required")
+    token = _admin_token(args, p)
     mock = _mock_settings(args, p)
     try:
         ws_url = args.ws_url or ws_url_for(args.url)

@@ -18,6 +18,16 @@ for every layer, verifying every digest on the way:
    layout) if it is there, else downloaded there from the stores (a temporary
    file verified while streaming, then renamed into place, mode 0444).
 
+**Registered stores only.** With ``switchboard`` (its HTTP base URL; the
+supervisor always gives it), the fetcher learns the registered image stores
+from the switchboard (``GET /api/v1/stores`` with the host token, cached for
+``stores_ttl`` seconds) and contacts only those of a job's stores: any other
+URL is refused, unasked (``image_not_found`` if nothing else has the image),
+and the switchboard drops such URLs from the job start already. Tokens are
+asked of the switchboard's token endpoint only, for the store's registered
+service only, whatever the store's challenge says; the site cache
+(``cache_url``) is configured locally and trusted as such.
+
 Verification policy: a blob file is hashed (in the reactor's thread pool) the
 first time this supervisor process uses it, and its identity (device, inode,
 size, mtime) is then remembered in memory; later jobs of the same run that use
@@ -84,6 +94,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import treq
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -95,6 +106,7 @@ from treadmill.images.registry import (
     RegistryClient,
     RegistryError,
     RegistryUnreachable,
+    canonical_store_url,
     check_store_url,
     repository_of,
 )
@@ -113,6 +125,8 @@ HOST_USER = "host"  # the Basic user name sent with the host token (the switchbo
 LEASE_TTL = 600.0  # seconds a cache lease lasts unless renewed (renewed every third of it)
 LEASE_WAIT = 60.0  # seconds the first lease request lets the cache pull the image in
 MAX_LEASE_ANSWER = 1024 * 1024
+STORES_TTL = 60.0  # seconds the registered store list from the switchboard is kept
+MAX_STORES_ANSWER = 1024 * 1024
 
 IMAGE_NOT_FOUND = "image_not_found"
 IMAGE_INVALID = "image_invalid"
@@ -334,18 +348,35 @@ def _collect(root: str, limit: int, pinned: Callable[[str], bool], now: float) -
 # -- image cache leases --------------------------------------------------------------------
 
 
-class _CacheClient(RegistryClient):
+class _StoreClient(RegistryClient):
+    """A store client of a fetcher with a switchboard: before asking for a token it looks
+    the store's registered service up (so a client made before any fetch, e.g. to push a
+    snapshot, asks for the right audience) and refuses a store that is not registered."""
+
+    fetcher: ImageFetcher | None = None
+
+    async def _authenticate(self, repo: str, params: dict[str, str], url: str,
+                            actions: Sequence[str] = ("pull",)) -> None:
+        fetcher = self.fetcher
+        if fetcher is not None and fetcher.switchboard is not None:
+            registered = await fetcher.registered_stores() or {}
+            service = registered.get(canonical_store_url(self.base_url))
+            if service is None:
+                raise RegistryError(
+                    401, "UNAUTHORIZED", f"image store {self.base_url} is not registered "
+                    "with the switchboard; no token was requested", url)
+            self.service = service
+        await super()._authenticate(repo, params, url, actions)
+
+
+class _CacheClient(_StoreClient):
     """An image cache's lease API (``/cache/leases``), with the registry token flow.
 
-    A pull token for the lease's repository authorises it; the cache's
-    challenge also names the ``cache:leases:lease`` scope, which the
-    switchboard does not hand out (it refuses the whole request), so only the
-    repository's ``pull`` is asked for. Each request is tried once: the caller
+    A pull token for the lease's repository authorises it (the client never
+    asks for the challenge's ``cache:leases:lease`` scope, which the
+    switchboard does not hand out). Each request is tried once: the caller
     falls back to the stores, and renewals come again.
     """
-
-    async def _authenticate(self, repo: str, params: dict[str, str], url: str) -> None:
-        await super()._authenticate(repo, {**params, "scope": f"repository:{repo}:pull"}, url)
 
     async def put_lease(self, repo: str, body: Mapping[str, Any], wait: float
                         ) -> tuple[int, dict[str, Any]]:
@@ -354,7 +385,7 @@ class _CacheClient(RegistryClient):
         data = json.dumps(body).encode()
         response = await self._request(
             "POST", url, repo, headers={b"Content-Type": b"application/json"},
-            body=lambda: data, ok=(200, 201), timeout=wait + self.timeout)
+            body=lambda: data, ok=(200, 201), timeout=wait + self.timeout, actions=("pull",))
         raw = await self._read(response, url, MAX_LEASE_ANSWER)
         try:
             status = json.loads(raw)
@@ -367,7 +398,7 @@ class _CacheClient(RegistryClient):
     async def delete_lease(self, repo: str, lease_id: str) -> bool:
         """``DELETE /cache/leases/<id>``; False if the cache did not have it (expired)."""
         url = f"{self.base_url}/cache/leases/{lease_id}"
-        response = await self._request("DELETE", url, repo, ok=(204, 404))
+        response = await self._request("DELETE", url, repo, ok=(204, 404), actions=("pull",))
         await self._discard(response)
         return response.code == 204
 
@@ -436,7 +467,9 @@ class ImageFetcher:
     ``host``) only to token realms under one of ``trusted_realms`` — the
     switchboard's URL. ``ca_file`` verifies ``https`` stores, realms and the
     cache. ``cache_url`` (with ``cache_mount``) turns on cache leases, lasting
-    ``lease_ttl`` seconds and renewed every third of that. Nothing is read,
+    ``lease_ttl`` seconds and renewed every third of that. ``switchboard``
+    (its HTTP base URL) turns on the registered-store check and fixes the token
+    realm (see the module docstring). Nothing is read,
     created or connected before the first :meth:`fetch`, so a fleet of
     thousands of mock supervisors pays nothing for it.
     """
@@ -448,8 +481,18 @@ class ImageFetcher:
                  trusted_realms: Sequence[str] = (), local_limit: int = DEFAULT_LOCAL_LIMIT,
                  retries: int = 4, backoff: float = 0.5, timeout: float = 60.0,
                  name: str = "supervisor", cache_url: str | None = None,
-                 lease_ttl: float = LEASE_TTL, lease_wait: float = LEASE_WAIT) -> None:
+                 lease_ttl: float = LEASE_TTL, lease_wait: float = LEASE_WAIT,
+                 switchboard: str | None = None, stores_ttl: float = STORES_TTL,
+                 retry_time: float = 60.0) -> None:
         self.reactor = reactor
+        self.switchboard = switchboard.rstrip("/") if switchboard else None
+        self.realm = f"{self.switchboard}/api/v1/registry/token" if self.switchboard else None
+        self.stores_ttl = stores_ttl
+        self.retry_time = retry_time
+        self._registered: dict[str, str] | None = None  # canonical URL -> service
+        self._registered_at = float("-inf")
+        self._registered_error: str | None = None  # why the last listing failed
+        self._http: treq.client.HTTPClient | None = None
         self.cache_mount = cache_mount or None
         self.cache_url = check_store_url(cache_url) if cache_url else None
         self.lease_ttl = max(3.0, float(lease_ttl))
@@ -497,7 +540,7 @@ class ImageFetcher:
         assert isinstance(digest, str)
         self.fetches += 1
         attempt = _Attempt()
-        stores = self._stores(image, attempt)
+        stores = self._stores(image, attempt, await self.registered_stores())
         repo = self._repository(name, stores, attempt)
         no_stores = "; ".join(attempt.problems) or "the job lists no image store"
         clients: dict[str, RegistryClient] = {}
@@ -592,9 +635,48 @@ class ImageFetcher:
 
     def registry_client(self, store: str) -> RegistryClient:
         """A new client for the image store ``store`` (e.g. to push a snapshot), with
-        the host token flow towards trusted realms only; the caller closes it.
-        Raises ``ValueError`` for a malformed store URL."""
+        the host token flow towards the switchboard (trusted realms) only; the caller
+        closes it. Raises ``ValueError`` for a malformed store URL."""
         return self._client(check_store_url(store), {})
+
+    async def registered_stores(self) -> dict[str, str] | None:
+        """The registered stores (canonical URL → service), from the switchboard, cached
+        for ``stores_ttl`` s; ``None`` without a switchboard. If the switchboard cannot be
+        asked, the last list known (empty at first): nothing unregistered is contacted."""
+        if self.switchboard is None:
+            return None
+        now = self.reactor.seconds()
+        if self._registered is not None and now - self._registered_at < self.stores_ttl:
+            return self._registered
+        url = f"{self.switchboard}/api/v1/stores"
+        try:
+            if self._http is None:
+                from twisted.web.client import Agent
+
+                from treadmill.common.tls import client_policy
+
+                agent = (Agent(self.reactor, contextFactory=client_policy(self.ca_file))
+                         if self.ca_file else Agent(self.reactor))
+                self._http = treq.client.HTTPClient(agent)
+            response = await self._http.get(
+                url, headers={"Authorization": f"Bearer {self._token or ''}"},
+                timeout=min(self.timeout, 15.0), reactor=self.reactor)
+            raw = await treq.content(response)
+            if response.code != 200 or len(raw) > MAX_STORES_ANSWER:
+                raise ValueError(f"HTTP {response.code}")
+            listed = json.loads(raw)["stores"]
+            self._registered = {canonical_store_url(str(row["url"])): str(row["service"])
+                                for row in listed}
+            self._registered_at = now
+            self._registered_error = None
+        except Exception as e:
+            self._registered_error = f"cannot list them at {url}: {str(e) or type(e).__name__}"
+            self.log.warn("{who}: cannot list the registered image stores at {url}: {error}; "
+                          "using the last list known", who=self.name, url=url,
+                          error=str(e) or type(e).__name__)
+            if self._registered is None:
+                return {}
+        return self._registered
 
     def lease_id(self, digest: str) -> str:
         """This host's cache lease id for a manifest digest (see the module docstring)."""
@@ -687,8 +769,10 @@ class ImageFetcher:
             self._cache_client = _CacheClient(
                 self.reactor, url, ca_file=self.ca_file,
                 credentials=(HOST_USER, self._token) if self._token else None,
+                service=self._service(url), realm=self.realm,
                 trusted_realms=self.trusted_realms, retries=1, backoff=self.backoff,
                 timeout=min(self.timeout, 15.0))
+            self._cache_client.fetcher = self
         return self._cache_client
 
     async def _put_lease(self, lease: _Lease, wait: float, renewal: bool) -> None:
@@ -774,7 +858,8 @@ class ImageFetcher:
     def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
 
-    def _stores(self, image: Mapping[str, Any], attempt: _Attempt) -> list[str]:
+    def _stores(self, image: Mapping[str, Any], attempt: _Attempt,
+                registered: Mapping[str, str] | None) -> list[str]:
         stores: list[str] = []
         for url in image.get("stores") or []:
             try:
@@ -782,9 +867,24 @@ class ImageFetcher:
             except ValueError as e:
                 attempt.add(str(e))
                 continue
+            if registered is not None and canonical_store_url(store) not in registered:
+                text = (f"image store {store} is not registered with the switchboard: "
+                        "not contacted")
+                if self._registered_error:
+                    text += f" ({self._registered_error})"
+                self.log.warn("{who}: {text}", who=self.name, text=text)
+                attempt.add(text)
+                continue
             if store not in stores:
                 stores.append(store)
         return stores
+
+    def _service(self, store: str) -> str | None:
+        """The registered service of ``store`` (None: unknown, or no switchboard)."""
+        try:
+            return (self._registered or {}).get(canonical_store_url(store))
+        except ValueError:
+            return None
 
     @staticmethod
     def _repository(name: Any, stores: list[str], attempt: _Attempt) -> str | None:
@@ -803,13 +903,15 @@ class ImageFetcher:
     def _client(self, store: str, clients: dict[str, RegistryClient]) -> RegistryClient:
         client = clients.get(store)
         if client is None:
-            client = RegistryClient(
+            client = _StoreClient(
                 self.reactor, store, ca_file=self.ca_file,
                 credentials=(HOST_USER, self._token) if self._token else None,
+                service=self._service(store), realm=self.realm,
                 trusted_realms=self.trusted_realms, retries=self.retries, backoff=self.backoff,
-                timeout=self.timeout,
+                retry_time=self.retry_time, timeout=self.timeout,
                 on_retry=lambda text: self.log.info("{who}: {store}: {text}", who=self.name,
                                                     store=store, text=text))
+            client.fetcher = self
             clients[store] = client
         return client
 

@@ -83,7 +83,8 @@ class SupervisorConfig:
             local_dir=self.images_dir or os.path.join(self.state_dir, "images"),
             token=self.token, ca_file=self.images_ca_file or self.ca_file,
             trusted_realms=self.images_trusted_realms or [http_url_for(self.url)],
-            local_limit=self.images_local_limit, name=self.name)
+            local_limit=self.images_local_limit, name=self.name,
+            switchboard=http_url_for(self.url))
 
     def __repr__(self) -> str:  # never show the token
         return (f"SupervisorConfig(url={self.url!r}, state_dir={self.state_dir!r}, "

@@ -14,6 +14,7 @@ PRIVILEGES: dict[str, tuple[str, ...]] = {
     "host": ("read", "start", "manage"),
     "job": ("read", "stop", "manage"),
     "image": ("use", "manage"),
+    "namespace": ("use", "manage"),  # repository namespaces; granted by admins only
 }
 """The privileges of each kind of resource, weakest first."""
 

@@ -8,6 +8,7 @@ validates its input, then checks privileges on the resource it names.
 from __future__ import annotations
 
 import base64
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from treadmill.common.captoken import Access, CapabilitySigner
+from treadmill.common.captoken import Access, CapabilitySigner, bearer_token
 from treadmill.common.http import (
     ApiError,
     dumps,
@@ -31,10 +32,11 @@ from treadmill.common.http import (
     respond_error,
     respond_internal,
 )
+from treadmill.images.registry import canonical_store_url
 from treadmill.protocol.results import ResultsError, check_patterns
 from treadmill.switchboard import credentials, registry, schemas, views
 from treadmill.switchboard.access import PRIVILEGES, Principal, effective
-from treadmill.switchboard.auth import Authenticator
+from treadmill.switchboard.auth import Authenticator, PasswordGuard
 from treadmill.switchboard.events import JobWatchers
 from treadmill.switchboard.jobstate import InvalidTransition, Reason, State
 from treadmill.switchboard.store import Conflict, JobSpec, NotFound, Store
@@ -112,6 +114,28 @@ def _decode_cursor(cursor: str) -> int:
         raise ApiError(400, "cursor: not a cursor this API issued") from None
 
 
+def _uuid_arg(value: str, name: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ApiError(400, f"{name}: not a job id") from None
+
+
+_ID_PREFIX = re.compile(r"[0-9a-fA-F-]{1,36}")
+
+
+def _id_range(prefix: str) -> tuple[str, str]:
+    """The lowest and highest UUIDs starting with ``prefix`` (hex digits, dashes ignored)."""
+    digits = prefix.replace("-", "").lower()
+    if not _ID_PREFIX.fullmatch(prefix) or not digits or len(digits) > 32:
+        raise ApiError(400, "id_prefix: expected 1 to 32 hexadecimal digits of a job id")
+
+    def uuid_of(hex32: str) -> str:
+        return str(uuid.UUID(hex32))
+
+    return uuid_of(digits.ljust(32, "0")), uuid_of(digits.ljust(32, "f"))
+
+
 def _require(held: frozenset[str], privilege: str, what: str) -> None:
     if privilege not in held:
         raise ApiError(403, f"you may not {privilege} {what}")
@@ -128,7 +152,7 @@ class SwitchboardAPI:
 
     def __init__(self, reactor: Any, store: Store, authenticator: Authenticator,
                  signer: CapabilitySigner, watchers: JobWatchers, limits: Limits | None = None,
-                 supervisor_resource: Any = None):
+                 supervisor_resource: Any = None, passwords: PasswordGuard | None = None):
         self.reactor = reactor
         self.store = store
         self.auth = authenticator
@@ -136,6 +160,8 @@ class SwitchboardAPI:
         self.watchers = watchers
         self.limits = limits or Limits()
         self.supervisor_resource = supervisor_resource
+        self.passwords = passwords or PasswordGuard(reactor)
+        self._openapi: bytes | None = None
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -177,6 +203,17 @@ class SwitchboardAPI:
             raise ApiError(503, f"database unavailable: {type(e).__name__}") from None
         return respond(request, {"status": "ok"})
 
+    @app.route("/api/v1/openapi.json", methods=["GET"])
+    def openapi_document(self, request: IRequest) -> bytes:
+        """The OpenAPI description of this API (the same as docs/openapi.json)."""
+        if self._openapi is None:
+            from treadmill.switchboard import openapi  # it imports this module
+
+            self._openapi = openapi.render(openapi.build()).encode("utf-8")
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"public, max-age=300")
+        return self._openapi
+
     @app.route("/.well-known/treadmill/capability-keys", methods=["GET"])
     def capability_keys(self, request: IRequest) -> bytes:
         return respond(request, self.signer.jwks())
@@ -203,6 +240,9 @@ class SwitchboardAPI:
             raise ApiError(400, "scope: not UTF-8") from None
         except registry.ScopeError as e:
             raise ApiError(400, str(e)) from None
+        if await self.store.image_store_by_service(service) is None:
+            # A token's audience is one registered store: no token for anything else.
+            raise ApiError(400, f"service: no image store is registered as {service!r}")
         subject, granted = await self._registry_grants(request, scopes)
         token = self.signer.sign(subject, service, granted, registry.TOKEN_TTL)
         issued = datetime.fromtimestamp(self.reactor.seconds(), UTC)
@@ -236,36 +276,102 @@ class SwitchboardAPI:
                     s, repositories, snapshots))) is not None]
         if credentials.looks_like_token(secret, credentials.USER_TOKEN_PREFIX):
             principal = await self.auth.for_token(secret)
-            if user not in (None, "", principal.name):
+            if user and user.lower() != principal.name.lower():
                 raise ApiError(401, "the token belongs to another user")
         elif user:
-            try:
-                row = await self.store.get_user(user)
-            except NotFound:
-                row = None
-            encoded = row["password_hash"] if row is not None and not row["disabled"] else None
-            if not await credentials.verify_password(self.reactor, secret, encoded):
-                raise ApiError(401, "wrong user name or password")
-            assert row is not None
+            row = await self._check_password(request, user, secret)
             principal = Principal(row["id"], row["name"], row["admin"])
         else:
             raise ApiError(401, "invalid credentials")
-        images: dict[str, frozenset[str]] = {}
-        if not principal.admin:
-            for row in await self.store.list_images(principal):
-                held = effective("image", principal, row["owner_id"], row["grants"])
-                repo = registry.repository_of(row["name"])
-                images[repo] = images.get(repo, frozenset()) | held
+        images: set[str] = set()
+        namespaces: dict[str, frozenset[str]] = {}
+        if not principal.admin and scopes:
+            images = set(await self.store.readable_repositories(principal))
+            namespaces = await self.store.namespace_grants(principal.user_id)
         granted = []
         for scope in scopes:
-            claimed = True
-            if not principal.admin and scope.type == "repository" and scope.name not in images:
-                claimed = await self.store.repository_claimed(scope.name)
             actions = registry.user_actions(scope, principal.name, principal.admin, images,
-                                            claimed)
+                                            namespaces)
             if (item := registry.access(scope, actions)) is not None:
                 granted.append(item)
         return principal.name, granted
+
+    async def _check_writable(self, principal: Principal, name: str) -> None:
+        """403 unless ``principal`` may write the repository of image ``name``."""
+        if principal.admin:
+            return
+        repository = registry.repository_of(name)
+        namespaces = await self.store.namespace_grants(principal.user_id)
+        if not registry.may_write(repository, principal.name, False, namespaces):
+            own = principal.name.lower()
+            raise ApiError(403, f"{name!r} is outside your namespaces: use {own}/NAME, or a "
+                                "namespace an admin granted you (top-level names and other "
+                                "users' namespaces are for admins)")
+
+    async def _name_taken(self, principal: Principal, name: str) -> ApiError:
+        """The 409 for a taken image name: its spelling only to those who may see it.
+
+        Whether the holder is invisible or absent from the caller's view, the
+        answer is the same, so that it tells nothing about private images.
+        """
+        try:
+            row = await self.store.get_image(name, principal)
+        except NotFound:
+            row = None
+        if row is None or not effective("image", principal, row["owner_id"], row["grants"]):
+            return ApiError(409, f"image name {name!r} is not available")
+        return ApiError(409, f"image {row['name']!r} already exists")
+
+    # -- registered image stores -------------------------------------------------
+
+    @app.route("/api/v1/stores", methods=["GET"])
+    async def list_stores(self, request: IRequest) -> bytes:
+        """The registered image stores: for every user, and for hosts (host token)."""
+        token = bearer_token(request.getHeader("authorization"))
+        if token is not None and credentials.looks_like_token(
+                token, credentials.HOST_TOKEN_PREFIX):
+            if await self.store.host_by_token(credentials.token_hash(token)) is None:
+                raise ApiError(401, "unknown host token")
+        else:
+            await self.auth.principal(request)
+        rows = await self.store.list_image_stores()
+        return respond(request, {"stores": [views.image_store(row) for row in rows]})
+
+    @app.route("/api/v1/stores", methods=["POST"])
+    async def create_store(self, request: IRequest) -> bytes:
+        await self._admin(request)
+        body = read_json(request, schemas.STORE_CREATE)
+        try:
+            url = canonical_store_url(body["url"])
+        except ValueError as e:
+            raise ApiError(400, f"url: {e}") from None
+        row = await self.store.create_image_store(url, body["service"],
+                                                  body.get("description", ""),
+                                                  body.get("cache", False))
+        return respond(request, views.image_store(row), 201)
+
+    @app.route("/api/v1/stores/<service>", methods=["DELETE"])
+    async def delete_store(self, request: IRequest, service: str) -> bytes:
+        await self._admin(request)
+        await self.store.delete_image_store(service)
+        request.setResponseCode(204)
+        return b""
+
+    async def _registered(self, field: str, urls: list[str]) -> list[str]:
+        """``urls`` in canonical form, or a 400 naming the first one not registered."""
+        registered = {row["url"] for row in await self.store.list_image_stores()}
+        canonical = []
+        for url in urls:
+            try:
+                key = canonical_store_url(url)
+            except ValueError as e:
+                raise ApiError(400, f"{field}: {e}") from None
+            if key not in registered:
+                raise ApiError(400, f"{field}: {url!r} is not a registered image store "
+                                    "(see GET /api/v1/stores)")
+            if key not in canonical:
+                canonical.append(key)
+        return canonical
 
     # -- identity --------------------------------------------------------------
 
@@ -277,17 +383,24 @@ class SwitchboardAPI:
     @app.route("/api/v1/login", methods=["POST"])
     async def login(self, request: IRequest) -> bytes:
         body = read_json(request, schemas.LOGIN)
+        row = await self._check_password(request, body["user"], body["password"])
+        ttl = self._ttl(body, admin=row["admin"])
+        return await self._issue_token(request, row["id"], body.get("label", "login"), ttl)
+
+    async def _check_password(self, request: IRequest, user: str, password: str) -> dict:
+        """The user's row if ``password`` is theirs; ``429`` over the rate limits, before
+        any work; else ``401``."""
+        spent = self.passwords.admit(request, user)
         try:
-            row = await self.store.get_user(body["user"])
+            row = await self.store.get_user(user)
         except NotFound:
             row = None
         encoded = row["password_hash"] if row is not None and not row["disabled"] else None
-        ok = await credentials.verify_password(self.reactor, body["password"], encoded)
-        if not ok:
+        if not await self.passwords.verify(password, encoded):
             raise ApiError(401, "wrong user name or password")
         assert row is not None
-        ttl = self._ttl(body, admin=row["admin"])
-        return await self._issue_token(request, row["id"], body.get("label", "login"), ttl)
+        self.passwords.succeeded(spent)
+        return row
 
     def _ttl(self, body: dict[str, Any], admin: bool) -> float | None:
         if "expires_in" not in body:
@@ -311,7 +424,7 @@ class SwitchboardAPI:
         return respond(request, {"tokens": [views.token(row) for row in rows]})
 
     async def _target_user(self, principal: Principal, name: str | None) -> int:
-        if name is None or name == principal.name:
+        if name is None or name.lower() == principal.name.lower():
             return principal.user_id
         if not principal.admin:
             raise ApiError(403, "only admins may act on other users' tokens")
@@ -351,16 +464,21 @@ class SwitchboardAPI:
     async def create_user(self, request: IRequest) -> bytes:
         await self._admin(request)
         body = read_json(request, schemas.USER_CREATE)
+        taken = await self.store.namespace_images(body["name"])
+        if taken:
+            raise ApiError(409, f"user {body['name']!r} would own namespace "
+                                f"{body['name'].lower()!r}, which holds other users' images "
+                                f"({', '.join(taken)}); choose another name")
         password_hash = None
         if "password" in body:
-            password_hash = await credentials.hash_password(self.reactor, body["password"])
+            password_hash = await self.passwords.hash(body["password"])
         row = await self.store.create_user(body["name"], body.get("admin", False), password_hash)
         return respond(request, views.user(row), 201)
 
     @app.route("/api/v1/users/<name>", methods=["GET"])
     async def show_user(self, request: IRequest, name: str) -> bytes:
         principal = await self.auth.principal(request)
-        if name != principal.name and not principal.admin:
+        if name.lower() != principal.name.lower() and not principal.admin:
             raise ApiError(403, "only admins may read other users")
         return respond(request, views.user(await self.store.get_user(name)))
 
@@ -369,13 +487,13 @@ class SwitchboardAPI:
         principal = await self.auth.principal(request)
         body = read_json(request, schemas.USER_UPDATE)
         if not principal.admin:
-            if name != principal.name:
+            if name.lower() != principal.name.lower():
                 raise ApiError(403, "only admins may change other users")
             if set(body) - {"password"}:
                 raise ApiError(403, "only admins may change admin or disabled")
         password_hash = None
         if "password" in body:
-            password_hash = await credentials.hash_password(self.reactor, body["password"])
+            password_hash = await self.passwords.hash(body["password"])
         row = await self.store.update_user(name, admin=body.get("admin"),
                                            disabled=body.get("disabled"),
                                            password_hash=password_hash)
@@ -471,9 +589,14 @@ class SwitchboardAPI:
     async def create_image(self, request: IRequest) -> bytes:
         principal = await self.auth.principal(request)
         body = read_json(request, schemas.IMAGE_CREATE)
-        await self.store.create_image(body["name"], body["digest"], body["stores"],
-                                      principal.user_id, body.get("description", ""),
-                                      body.get("host_tags", ()), _patterns(body))
+        await self._check_writable(principal, body["name"])
+        stores = await self._registered("stores", body["stores"])
+        try:
+            await self.store.create_image(body["name"], body["digest"], stores,
+                                          principal.user_id, body.get("description", ""),
+                                          body.get("host_tags", ()), _patterns(body))
+        except Conflict:
+            raise await self._name_taken(principal, body["name"]) from None
         row = await self.store.get_image(body["name"], principal)
         return respond(request, views.image(row), 201)
 
@@ -488,8 +611,9 @@ class SwitchboardAPI:
     async def update_image(self, request: IRequest, name: str) -> bytes:
         principal, _ = await self._image(request, name, "manage")
         body = read_json(request, schemas.IMAGE_UPDATE)
+        stores = await self._registered("stores", body["stores"]) if "stores" in body else None
         await self.store.update_image(name, digest=body.get("digest"),
-                                      stores=body.get("stores"),
+                                      stores=stores,
                                       description=body.get("description"),
                                       host_tags=body.get("host_tags"),
                                       results=_patterns(body) if "results" in body else False)
@@ -568,6 +692,32 @@ class SwitchboardAPI:
         request.setResponseCode(204)
         return b""
 
+    # -- namespace grants (admin) -------------------------------------------------
+
+    @staticmethod
+    def _namespace(name: str) -> str:
+        canonical = name.lower()
+        if len(canonical) > 128 or not registry.NAMESPACE.fullmatch(canonical):
+            raise ApiError(400, f"namespace: {name[:130]!r} is not a namespace (a repository's "
+                                "first component: lower-case letters and digits joined by "
+                                "'.', '_', '__' or dashes)")
+        return canonical
+
+    @app.route("/api/v1/namespaces/<namespace>/grants", methods=["GET", "POST"])
+    async def namespace_grants(self, request: IRequest, namespace: str) -> bytes:
+        """Grants on a repository namespace: ``use`` pulls in it, ``manage`` also pushes,
+        deletes and registers catalogue images there."""
+        await self._admin(request)
+        return await self._grants(request, request.method.decode(), "namespace",
+                                  self._namespace(namespace))
+
+    @app.route("/api/v1/namespaces/<namespace>/grants/<user>/<privilege>", methods=["DELETE"])
+    async def revoke_namespace_grant(self, request: IRequest, namespace: str, user: str,
+                                     privilege: str) -> bytes:
+        await self._admin(request)
+        return await self._revoke(request, "namespace", self._namespace(namespace), user,
+                                  privilege)
+
     # -- jobs ------------------------------------------------------------------------
 
     async def _job(self, request: IRequest, job_id: str, privilege: str
@@ -607,14 +757,20 @@ class SwitchboardAPI:
                       if "use" in effective("image", principal, row["owner_id"], row["grants"])]
             stores = sorted({store for row in usable for store in row["stores"]})
         else:
+            # An image that exists but is not the caller's to use answers exactly
+            # like one that does not exist.
+            refusal = ApiError(400, f"image: no image named {image!r} that you may use")
             try:
                 row = await self.store.get_image(image, principal)
             except NotFound:
-                raise ApiError(400, f"image: no image named {image!r}") from None
-            held = effective("image", principal, row["owner_id"], row["grants"])
-            if "use" not in held:
-                raise ApiError(400 if not held else 403, f"image: you may not use {image!r}")
-            name, digest, stores = image, row["digest"], row["stores"]
+                raise refusal from None
+            if "use" not in effective("image", principal, row["owner_id"], row["grants"]):
+                raise refusal
+            if not principal.admin and not await self.store.image_lends(row["name"]):
+                raise ApiError(403, f"image: {row['name']!r} lies in another user's namespace "
+                                    "that its owner may not write; an admin must move or "
+                                    "re-register it")
+            name, digest, stores = row["name"], row["digest"], row["stores"]
             default_tags = row["host_tags"]
             image_results = row["results"]
         parameters = {key: {"value": p["value"], "secret": p.get("secret", False)}
@@ -651,9 +807,13 @@ class SwitchboardAPI:
             if state not in State.__members__.values():
                 raise ApiError(400, f"state: no state {state!r}")
         cursor = _arg(request, "cursor")
+        prefix = _arg(request, "id_prefix")
+        restart_of = _arg(request, "restart_of")
         rows = await self.store.list_jobs(
             principal, states=states, owner=_arg(request, "owner"),
-            before_seq=_decode_cursor(cursor) if cursor else None, limit=limit + 1)
+            before_seq=_decode_cursor(cursor) if cursor else None, limit=limit + 1,
+            id_range=_id_range(prefix) if prefix is not None else None,
+            restart_of=_uuid_arg(restart_of, "restart_of") if restart_of is not None else None)
         page = rows[:limit]
         body: dict[str, Any] = {"jobs": [views.job(row) for row in page]}
         if len(rows) > limit:
@@ -687,17 +847,20 @@ class SwitchboardAPI:
         store = body.get("store") or (stores[0] if stores else None)
         if store is None:
             raise ApiError(400, "store: the job's image names no image store; give one")
+        store = (await self._registered("store", [store]))[0]
         name = body["name"]
         repository = registry.repository_of(name)
         if not registry.REPOSITORY.fullmatch(repository):
             raise ApiError(400, f"name: {name!r} is not a valid repository name")
-        scope = registry.Scope("repository", repository, ("push",))
-        claimed = await self.store.repository_claimed(repository)
-        if not registry.user_actions(scope, principal.name, principal.admin, {}, claimed):
-            raise ApiError(403, f"you may not push to repository {repository!r}")
-        snapshot = await self.store.create_snapshot(
-            row["id"], row["host_id"], principal.user_id, name, repository, store,
-            body.get("description", ""))
+        await self._check_writable(principal, name)
+        try:
+            snapshot = await self.store.create_snapshot(
+                row["id"], row["host_id"], principal.user_id, name, repository, store,
+                body.get("description", ""))
+        except Conflict:
+            # As for POST /images: nothing about whose image or snapshot holds it.
+            raise ApiError(409, f"image name {name!r} is not available (an image or a "
+                                "snapshot under way holds it)") from None
         return respond(request, views.snapshot(snapshot), 202)
 
     @app.route("/api/v1/jobs/<job_id>/snapshots", methods=["GET"])

@@ -1,15 +1,23 @@
-"""Authentication of API requests by bearer token.
+"""Authentication of API requests by bearer token, and the guard of passwords.
 
 Looking a token up costs a database round trip, so an answer is cached for a
 few seconds. Any change to tokens or users (revocation, a disabled user, a
 changed admin flag) is announced on the ``treadmill_auth`` channel and clears
 the cache of every switchboard instance; the TTL bounds staleness if that
 notification is lost. Token use is recorded in batches.
+
+:class:`PasswordGuard` stands before every password check (``POST
+/api/v1/login``, HTTP Basic on the registry token endpoint): attempts are
+rate-limited per client address and per user name, refused with ``429`` before
+any database or hashing work, and the memory-hard hashing itself runs at most
+a few at a time.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +27,13 @@ from twisted.web.iweb import IRequest
 
 from treadmill.common.captoken import bearer_token
 from treadmill.common.http import ApiError
+from treadmill.common.ratelimit import (
+    ConcurrencyGate,
+    RateLimited,
+    RateLimiter,
+    Saturated,
+    admit,
+)
 from treadmill.switchboard import credentials
 from treadmill.switchboard.access import Principal
 from treadmill.switchboard.store import Store
@@ -83,3 +98,99 @@ class Authenticator:
         service = TimerService(interval, lambda: Deferred.fromCoroutine(self.flush_usage()))
         service.clock = self.clock
         return service
+
+
+@dataclass(frozen=True)
+class PasswordPolicy:
+    """Limits of password attempts (the ``login.*`` settings)."""
+
+    address_rate: float = 0.2
+    address_burst: int = 20
+    user_rate: float = 0.05
+    user_burst: int = 10
+    table_size: int = 10000
+    max_hashing: int = 2
+    hashing_queue: int = 16
+    trusted_proxies: tuple[str, ...] = ()
+
+
+def client_key(request: IRequest, trusted_proxies: frozenset[str] = frozenset()) -> str:
+    """Who the rate limit counts a request against: its IPv4 address or IPv6 /64.
+
+    Behind a trusted proxy, the address it appended to ``X-Forwarded-For``."""
+    host = getattr(request.getClientAddress(), "host", None)
+    if host is None:
+        return "local"
+    if host in trusted_proxies:
+        forwarded = (request.getHeader("x-forwarded-for") or "").split(",")[-1].strip()
+        host = forwarded or host
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host[:64]
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+class PasswordGuard:
+    """Rate limits per client address and per user, and a bound on concurrent hashing.
+
+    A request spends a token of its address and of the user it names before
+    any work; a correct password gives both back, so a legitimate client is
+    limited only by its failures (and the burst of its concurrent attempts)."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, policy: PasswordPolicy | None = None):
+        policy = policy or PasswordPolicy()
+        self.reactor = reactor
+        self.policy = policy
+        self.by_address = RateLimiter(reactor, policy.address_rate, policy.address_burst,
+                                      policy.table_size)
+        self.by_user = RateLimiter(reactor, policy.user_rate, policy.user_burst,
+                                   policy.table_size)
+        self.hashing = ConcurrencyGate(policy.max_hashing, policy.hashing_queue)
+        self._trusted = frozenset(policy.trusted_proxies)
+        self._refused = 0
+        self._warned_at = float("-inf")
+
+    def admit(self, request: IRequest, user: str) -> list[tuple[RateLimiter, str]]:
+        """Spend the attempt, or raise ``429`` with ``Retry-After``; the keys spent."""
+        address = client_key(request, self._trusted)
+        keys = [(self.by_address, address), (self.by_user, user.lower()[:128])]
+        try:
+            admit(keys)
+        except RateLimited as e:
+            self._refused += 1
+            now = self.reactor.seconds()
+            if now - self._warned_at >= 10.0:  # A flood must not flood the log too.
+                self.log.warn("{count} password attempts refused over the limit, the last "
+                              "from {address} for {user!r}", count=self._refused,
+                              address=address, user=user[:64])
+                self._warned_at, self._refused = now, 0
+            raise ApiError(429, "too many password attempts; retry later",
+                           headers={"Retry-After": str(e.retry_after)}) from None
+        return keys
+
+    def succeeded(self, keys: list[tuple[RateLimiter, str]]) -> None:
+        """The password was right: the attempt does not count."""
+        for limiter, key in keys:
+            limiter.give(key)
+
+    async def verify(self, password: str, encoded: str | None) -> bool:
+        """:func:`credentials.verify_password`, a few at a time (``503`` when saturated)."""
+        return await self._gated(credentials.verify_password, self.reactor, password, encoded)
+
+    async def hash(self, password: str) -> str:
+        """:func:`credentials.hash_password`, a few at a time (``503`` when saturated)."""
+        return await self._gated(credentials.hash_password, self.reactor, password)
+
+    async def _gated(self, call: Any, *args: Any) -> Any:
+        try:
+            return await self.hashing.run(call, *args)
+        except Saturated:
+            raise ApiError(503, "too many password checks under way; retry shortly",
+                           headers={"Retry-After": "1"}) from None

@@ -111,6 +111,16 @@ IMAGE = _record({
                 "description": "Console patterns of the image's jobs (docs/results.md)."},
 }, "An image of the catalogue.")
 
+IMAGE_STORE = _record({
+    "url": {"type": "string", "description": "The store's base URL (lowercase scheme and "
+                                             "host, no final /)."},
+    "service": {"type": "string", "description": "Its service name: the audience of the "
+                                                 "registry tokens issued for it."},
+    "description": STRING,
+    "cache": {"type": "boolean", "description": "A site image cache."},
+    "created_at": TIME,
+}, "An image store registered by an operator.")
+
 GRANT_RECORD = _record({
     "user": {"type": "string", "description": '"*" means every user.'},
     "privilege": _enum(sorted({p for privileges in PRIVILEGES.values() for p in privileges})),
@@ -201,6 +211,7 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "TokenList": _list_of("tokens", "Token"),
     "HostList": _list_of("hosts", "Host"),
     "ImageList": _list_of("images", "Image"),
+    "ImageStore": IMAGE_STORE, "ImageStoreList": _list_of("stores", "ImageStore"),
     "GrantList": _list_of("grants", "GrantRecord"),
     "JobList": _list_of("jobs", "Job", next_cursor={
         "type": "string", "description": "The cursor of the next page; absent on the last."}),
@@ -208,6 +219,8 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "CapabilityKeys": _list_of("keys", "JWK"),
     "Health": {"type": "object", "properties": {"status": {"const": "ok"}},
                "required": ["status"]},
+    "OpenAPIDocument": {"type": "object", "required": ["openapi", "info", "paths"],
+                        "description": "This document (docs/openapi.json)."},
     "LogsToken": {"type": "object", "required": ["servers", "token", "expires_in"],
                   "properties": {"servers": STRINGS, "token": STRING,
                                  "expires_in": {"type": "integer"}}},
@@ -230,6 +243,8 @@ ERROR_RESPONSES: dict[int, tuple[str, str]] = {
     409: ("Conflict", "The request conflicts with the current state."),
     413: ("TooLarge", "The request body is too large."),
     415: ("UnsupportedMediaType", "The request body is not JSON."),
+    429: ("TooManyRequests", "Too many password attempts from this address or on this "
+                             "user; retry after Retry-After seconds."),
     503: ("Unavailable", "The database does not answer."),
 }
 
@@ -241,6 +256,10 @@ def _error_response(status: int) -> dict[str, Any]:
     if status == 401:
         response["headers"] = {"WWW-Authenticate": {
             "description": 'Bearer realm="treadmill"', "schema": STRING}}
+    if status == 429:
+        response["headers"] = {"Retry-After": {
+            "description": "Seconds until the next attempt may succeed.",
+            "schema": {"type": "integer"}}}
     return response
 
 
@@ -310,9 +329,11 @@ def _identity() -> dict[str, dict[str, Any]]:
             "whoami", "Identity", "The token's user.", 200, "User")},
         "/api/v1/login": {"post": _operation(
             "login", "Identity", "Exchange a password for a new API token.", 201, "NewToken",
-            body="Login", errors=(401, 403), anonymous=True,
+            body="Login", errors=(401, 403, 429, 503), anonymous=True,
             description="401 for a wrong user name or password (or a disabled user); 403 "
-                        "when a non-admin asks for a token that never expires.")},
+                        "when a non-admin asks for a token that never expires; 429 over "
+                        "the password attempt limits (login.* settings); 503 with "
+                        "Retry-After when too many password checks are under way.")},
         "/api/v1/tokens": {
             "get": _operation(
                 "list_tokens", "Identity", "List API tokens.", 200, "TokenList",
@@ -388,7 +409,12 @@ def _images() -> dict[str, dict[str, Any]]:
                               "ImageList"),
             "post": _operation("create_image", "Images",
                                "Add an image to the catalogue (you become its owner).", 201,
-                               "Image", body="ImageCreate", errors=(409,)),
+                               "Image", body="ImageCreate", errors=(403, 409),
+                               description="Non-admins register only names in their own "
+                                           "namespace (`alice/…`) or one granted them "
+                                           "`manage`; names are unique regardless of case. "
+                                           "Every store must be registered "
+                                           "(`/api/v1/stores`); 400 otherwise."),
         },
         "/api/v1/images/{name}": {
             "parameters": [P_IMAGE],
@@ -396,9 +422,31 @@ def _images() -> dict[str, dict[str, Any]]:
             "get": _operation("show_image", "Images", "An image (use).", 200, "Image",
                               errors=(404,)),
             "put": _operation("update_image", "Images", "Change an image (manage).", 200,
-                              "Image", body="ImageUpdate", errors=(403, 404)),
+                              "Image", body="ImageUpdate", errors=(403, 404),
+                              description="New stores must be registered; 400 otherwise."),
             "delete": _operation("delete_image", "Images", "Remove an image (manage).", 204,
                                  errors=(403, 404)),
+        },
+        "/api/v1/stores": {
+            "get": _operation(
+                "list_stores", "Images", "The registered image stores.", 200, "ImageStoreList",
+                description="Readable by every user and by hosts (host token): clients ask "
+                            "tokens only for these services and fetch only from these "
+                            "URLs."),
+            "post": _operation(
+                "create_store", "Images", "Register an image store or site cache (admin).",
+                201, "ImageStore", body="StoreCreate", errors=(403, 409),
+                description="409 when the URL or the service name is already registered."),
+        },
+        "/api/v1/stores/{service}": {
+            "parameters": [_path_param("service", {"type": "string",
+                                                   "pattern": schemas.SERVICE_PATTERN},
+                                       "The store's service name.")],
+            "delete": _operation(
+                "delete_store", "Images", "Unregister an image store (admin).", 204,
+                errors=(403, 404),
+                description="No token is issued for its service any more and job starts "
+                            "no longer name it; catalogue entries keep its URL."),
         },
     }
 
@@ -433,6 +481,37 @@ def _grants() -> dict[str, dict[str, Any]]:
     return paths
 
 
+P_NAMESPACE = _path_param(
+    "namespace", {"type": "string", "maxLength": 128, "pattern": r"^[A-Za-z0-9._-]+$"},
+    "A repository namespace (a repository's first component), compared without case.")
+
+
+def _namespace_grants() -> dict[str, dict[str, Any]]:
+    base = "/api/v1/namespaces/{namespace}/grants"
+    privilege = _path_param("privilege", _enum(PRIVILEGES["namespace"]), "The privilege.")
+    return {
+        base: {
+            "parameters": [P_NAMESPACE],
+            "get": _operation("list_namespace_grants", "Grants",
+                              "List the grants on a repository namespace (admin).", 200,
+                              "GrantList", errors=(400, 403)),
+            "post": _operation(
+                "add_namespace_grant", "Grants",
+                "Grant a privilege on a repository namespace (admin).", 201, "GrantRecord",
+                body="Grant", errors=(403, 404, 409),
+                description="`use` pulls every repository of the namespace; `manage` also "
+                            "pushes, deletes and registers catalogue images there. "
+                            'User "*" means every user.'),
+        },
+        base + "/{user}/{privilege}": {
+            "parameters": [P_NAMESPACE, P_GRANTEE, privilege],
+            "delete": _operation("revoke_namespace_grant", "Grants",
+                                 "Revoke a grant on a repository namespace (admin).", 204,
+                                 errors=(400, 403, 404)),
+        },
+    }
+
+
 def _jobs() -> dict[str, dict[str, Any]]:
     limits = Limits()
     state = _query_param(
@@ -450,7 +529,13 @@ def _jobs() -> dict[str, dict[str, Any]]:
                                            "maximum": limits.max_page, "default": 100},
                                  "Page size."),
                     _query_param("cursor", STRING,
-                                 "`next_cursor` of the previous page (opaque)."))),
+                                 "`next_cursor` of the previous page (opaque)."),
+                    _query_param("id_prefix", {"type": "string",
+                                               "pattern": "^[0-9a-fA-F-]{1,36}$"},
+                                 "Only jobs whose id starts with these hexadecimal digits "
+                                 "(dashes ignored)."),
+                    _query_param("restart_of", {"type": "string", "format": "uuid"},
+                                 "Only the job that restarted this job."))),
             "post": _operation(
                 "enqueue", "Jobs", "Enqueue a job.", 201, "Job", body="JobCreate",
                 errors=(403,),
@@ -514,6 +599,9 @@ def _other() -> dict[str, dict[str, Any]]:
         "/healthz": {"get": _operation(
             "healthz", "Other", "Whether the switchboard and its database answer.", 200,
             "Health", errors=(503,), anonymous=True)},
+        "/api/v1/openapi.json": {"get": _operation(
+            "openapi_document", "Other", "This OpenAPI document.", 200, "OpenAPIDocument",
+            anonymous=True)},
         "/.well-known/treadmill/capability-keys": {"get": _operation(
             "capability_keys", "Other",
             "The Ed25519 public keys satellites verify capability tokens with.", 200,
@@ -527,10 +615,11 @@ def _registry_token() -> dict[str, Any]:
     operation = _operation(
         "registry_token", "Other",
         "A capability token for image store access (Docker registry token flow).", 200,
-        "RegistryToken", errors=(400, 401), anonymous=True,
+        "RegistryToken", errors=(400, 401, 429), anonymous=True,
         query=({"name": "service", "in": "query", "required": True,
                 "schema": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
-                "description": "The image store's service name (the token's audience)."},
+                "description": "A registered image store's service name (the token's "
+                               "audience); 400 for any other."},
                {"name": "scope", "in": "query", "required": False,
                 "schema": {"type": "string"},
                 "description": "repository:NAME:ACTIONS or registry:catalog:*; repeatable."}),
@@ -561,7 +650,8 @@ def build() -> dict[str, Any]:
     if clash:
         raise ValueError(f"schema names both request and response: {sorted(clash)}")
     paths: dict[str, dict[str, Any]] = {}
-    for part in (_identity(), _hosts(), _images(), _grants(), _jobs(), _other()):
+    for part in (_identity(), _hosts(), _images(), _grants(), _namespace_grants(), _jobs(),
+                 _other()):
         paths.update(part)
     document = {
         "openapi": "3.1.0",

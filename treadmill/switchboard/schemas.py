@@ -63,6 +63,11 @@ IMAGE_UPDATE = _object({
     "results": {"oneOf": [{"type": "null"}, PATTERNS_SCHEMA]},
     "stores": {"type": "array", "maxItems": 16, "uniqueItems": True, "items": STORE_URL},
 })
+SERVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+STORE_CREATE = _object({
+    "url": STORE_URL, "service": {"type": "string", "pattern": SERVICE_PATTERN},
+    "description": TEXT, "cache": {"type": "boolean"},
+}, ("url", "service"))
 GRANT = _object({"user": USER_OR_EVERYONE, "privilege": {"type": "string",
                  "enum": ["read", "start", "stop", "use", "manage"]}}, ("user", "privilege"))
 PARAMETER = _object({
@@ -87,6 +92,6 @@ REQUEST_BODIES: dict[str, dict[str, Any]] = {
     "Login": LOGIN, "TokenCreate": TOKEN_CREATE, "UserCreate": USER_CREATE,
     "UserUpdate": USER_UPDATE, "HostCreate": HOST_CREATE, "HostTags": HOST_TAGS,
     "ImageCreate": IMAGE_CREATE, "ImageUpdate": IMAGE_UPDATE, "Grant": GRANT,
-    "JobCreate": JOB_CREATE, "SnapshotCreate": SNAPSHOT_CREATE,
+    "JobCreate": JOB_CREATE, "SnapshotCreate": SNAPSHOT_CREATE, "StoreCreate": STORE_CREATE,
 }
 """Every request body schema by the name ``docs/openapi.json`` gives it."""

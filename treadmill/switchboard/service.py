@@ -31,7 +31,7 @@ from treadmill.common.captoken import CapabilitySigner, load_or_create_signing_k
 from treadmill.common.daemon import RoleService, listeners
 from treadmill.common.http import limited_site
 from treadmill.switchboard.api import Limits, SwitchboardAPI
-from treadmill.switchboard.auth import Authenticator
+from treadmill.switchboard.auth import Authenticator, PasswordGuard, PasswordPolicy
 from treadmill.switchboard.database import Listener, Pool, migrate
 from treadmill.switchboard.events import JobWatchers
 from treadmill.switchboard.links import SupervisorLinks
@@ -66,6 +66,7 @@ class SwitchboardConfig:
     ping_timeout: float = 10.0
     reconcile_interval: float = 30.0
     unreachable_after: float = 60.0
+    passwords: PasswordPolicy = field(default_factory=PasswordPolicy)
 
 
 class SwitchboardService(RoleService):
@@ -100,7 +101,8 @@ class SwitchboardService(RoleService):
                                    fairness_window=config.fairness_window)
         self.scheduler.setName("scheduler")
         self.api = SwitchboardAPI(reactor, self.store, self.auth, self.signer, self.watchers,
-                                  config.limits, supervisor_resource=self.links.resource)
+                                  config.limits, supervisor_resource=self.links.resource,
+                                  passwords=PasswordGuard(reactor, config.passwords))
         self.listener = Listener(reactor, config.dsn)
         self.listener.setName("listener")
         self.listener.observe("treadmill_jobs", self.watchers.notify)

@@ -56,8 +56,12 @@ _HOST_COLUMNS = """
     h.consecutive_failures,
     (h.session IS NOT NULL AND h.last_seen_at > now() - interval '20 seconds') AS connected,
     h.last_seen_at, h.created_at,
-    (SELECT j.id FROM jobs j WHERE j.host_id = h.id AND j.state <> 'terminated'
-     ORDER BY j.seq DESC LIMIT 1) AS current_job"""
+    (SELECT CASE WHEN %(admin)s OR j.owner_id = %(uid)s OR EXISTS (
+                 SELECT 1 FROM grants g WHERE g.job_id = j.id
+                 AND g.privilege IN ('read', 'manage')
+                 AND (g.user_id = %(uid)s OR g.user_id IS NULL)) THEN j.id END
+     FROM jobs j WHERE j.host_id = h.id AND j.state <> 'terminated'
+     ORDER BY j.seq DESC LIMIT 1) AS current_job"""  # Only a job the caller may read.
 _IMAGE_COLUMNS = """
     i.id, i.name, i.digest, i.stores, i.owner_id, o.name AS owner, i.description,
     i.host_tags, i.created_at, i.updated_at, i.results"""
@@ -76,6 +80,16 @@ _EVENT_COLUMNS = ("e.seq, e.job_id AS job, e.at, e.state, e.stage, e.reason, e.e
 # The grants a principal holds on a resource, as an array column named grants.
 _MY_GRANTS = """ARRAY(SELECT g.privilege FROM grants g WHERE g.{column} = {alias}.id
                       AND (g.user_id = %(uid)s OR g.user_id IS NULL)) AS grants"""
+
+# Whether catalogue image i (owner o) lends its repository to those who may use
+# it. Not when the repository lies in another user's namespace that the owner
+# may not write: such a name was registered before namespaces were owned
+# (security issue 12) and must not open that user's repository.
+_LENDS = """(coalesce(o.admin, false)
+    OR NOT EXISTS (SELECT 1 FROM users n WHERE lower(n.name) = split_part(lower(i.name), '/', 1)
+                   AND n.id IS DISTINCT FROM i.owner_id)
+    OR EXISTS (SELECT 1 FROM grants g WHERE g.namespace = split_part(lower(i.name), '/', 1)
+               AND g.privilege = 'manage' AND (g.user_id = i.owner_id OR g.user_id IS NULL)))"""
 
 
 def _unique(e: psycopg2.Error, what: str) -> Conflict:
@@ -105,14 +119,24 @@ class Store:
                 "INSERT INTO users (name, admin, password_hash) VALUES (%s, %s, %s) "
                 "RETURNING id, name, admin, disabled, created_at",
                 (name, admin, password_hash))
-        except psycopg2.errors.UniqueViolation as e:
-            raise _unique(e, f"user {name!r}") from None
+        except psycopg2.errors.UniqueViolation:
+            raise Conflict(await self._taken("users", "user", name)) from None
         assert row is not None
         return row
 
+    async def _taken(self, table: str, what: str, name: str) -> str:
+        """The message for a name taken in ``table`` (names compare without case)."""
+        row = await self.pool.fetchone(
+            f"SELECT name FROM {table} WHERE lower(name) = lower(%s)", (name,))
+        if row is None or row["name"] == name:
+            return f"{what} {name!r} already exists"
+        return (f"{what} {name!r} already exists as {row['name']!r} "
+                "(names are unique regardless of case)")
+
     async def get_user(self, name: str) -> dict:
         row = await self.pool.fetchone(
-            f"SELECT {_USER_COLUMNS}, u.password_hash FROM users u WHERE u.name = %s", (name,))
+            f"SELECT {_USER_COLUMNS}, u.password_hash FROM users u "
+            "WHERE lower(u.name) = lower(%s)", (name,))
         if row is None:
             raise NotFound(f"no user {name!r}")
         return row
@@ -125,7 +149,7 @@ class Store:
                           password_hash: str | None = None) -> dict:
         row = await self.pool.fetchone(
             "UPDATE users SET admin = coalesce(%s, admin), disabled = coalesce(%s, disabled), "
-            "password_hash = coalesce(%s, password_hash) WHERE name = %s "
+            "password_hash = coalesce(%s, password_hash) WHERE lower(name) = lower(%s) "
             "RETURNING id, name, admin, disabled, created_at",
             (admin, disabled, password_hash, name))
         if row is None:
@@ -133,7 +157,8 @@ class Store:
         return row
 
     async def user_id(self, name: str) -> int:
-        row = await self.pool.fetchone("SELECT id FROM users WHERE name = %s", (name,))
+        row = await self.pool.fetchone("SELECT id FROM users WHERE lower(name) = lower(%s)",
+                                       (name,))
         if row is None:
             raise NotFound(f"no user {name!r}")
         return row["id"]
@@ -209,7 +234,8 @@ class Store:
 
     async def get_host(self, name: str, principal: Principal) -> dict:
         row = await self.pool.fetchone(self._host_query("h.name = %(name)s"),
-                                       {"name": name, "uid": principal.user_id})
+                                       {"name": name, "uid": principal.user_id,
+                                        "admin": principal.admin})
         if row is None:
             raise NotFound(f"no host {name!r}")
         return row
@@ -219,7 +245,7 @@ class Store:
             "(h.owner_id = %(uid)s OR EXISTS (SELECT 1 FROM grants g WHERE g.host_id = h.id "
             "AND (g.user_id = %(uid)s OR g.user_id IS NULL)))")
         return await self.pool.fetchall(self._host_query(where) + " ORDER BY h.name",
-                                        {"uid": principal.user_id})
+                                        {"uid": principal.user_id, "admin": principal.admin})
 
     async def update_host(self, name: str, *, tags: list[str] | None = None,
                           enabled: bool | None = None, reset_health: bool = False,
@@ -265,11 +291,11 @@ class Store:
                 "results) VALUES (%s, %s, %s, %s, %s, %s, %s)",
                 (name, digest, stores, owner_id, description, list(host_tags),
                  Json(results) if results else None))
-        except psycopg2.errors.UniqueViolation as e:
-            raise _unique(e, f"image {name!r}") from None
+        except psycopg2.errors.UniqueViolation:
+            raise Conflict(await self._taken("images", "image", name)) from None
 
     async def get_image(self, name: str, principal: Principal) -> dict:
-        row = await self.pool.fetchone(self._image_query("i.name = %(name)s"),
+        row = await self.pool.fetchone(self._image_query("lower(i.name) = lower(%(name)s)"),
                                        {"name": name, "uid": principal.user_id})
         if row is None:
             raise NotFound(f"no image {name!r}")
@@ -281,6 +307,24 @@ class Store:
             "AND (g.user_id = %(uid)s OR g.user_id IS NULL)))")
         return await self.pool.fetchall(self._image_query(where) + " ORDER BY i.name",
                                         {"uid": principal.user_id})
+
+    async def readable_repositories(self, principal: Principal) -> list[str]:
+        """Repositories of the catalogue images ``principal`` may use that lend them
+        (see ``_LENDS``): what the image gives pull on."""
+        rows = await self.pool.fetchall(
+            "SELECT DISTINCT lower(i.name) AS repository FROM images i "
+            "LEFT JOIN users o ON o.id = i.owner_id WHERE (i.owner_id = %(uid)s OR EXISTS "
+            "(SELECT 1 FROM grants g WHERE g.image_id = i.id "
+            f"AND (g.user_id = %(uid)s OR g.user_id IS NULL))) AND {_LENDS}",
+            {"uid": principal.user_id})
+        return [row["repository"] for row in rows]
+
+    async def image_lends(self, name: str) -> bool:
+        """Whether catalogue image ``name`` may lend its repository (``_LENDS``)."""
+        row = await self.pool.fetchone(
+            f"SELECT {_LENDS} AS lends FROM images i LEFT JOIN users o ON o.id = i.owner_id "
+            "WHERE lower(i.name) = lower(%(name)s)", {"name": name})
+        return bool(row and row["lends"])
 
     async def images_by_digest(self, digest: str, principal: Principal) -> list[dict]:
         return await self.pool.fetchall(
@@ -297,21 +341,55 @@ class Store:
             "description = coalesce(%s, description), "
             "host_tags = coalesce(%s, host_tags), "
             "results = CASE WHEN %s THEN %s::jsonb ELSE results END, updated_at = now() "
-            "WHERE name = %s RETURNING id",
+            "WHERE lower(name) = lower(%s) RETURNING id",
             (digest, stores, description, list(host_tags) if host_tags is not None else None,
              results is not False, Json(results) if results else None, name))
         if row is None:
             raise NotFound(f"no image {name!r}")
 
     async def delete_image(self, name: str) -> None:
-        row = await self.pool.fetchone("DELETE FROM images WHERE name = %s RETURNING id",
-                                       (name,))
+        row = await self.pool.fetchone(
+            "DELETE FROM images WHERE lower(name) = lower(%s) RETURNING id", (name,))
         if row is None:
             raise NotFound(f"no image {name!r}")
 
+    # -- registered image stores ----------------------------------------------------
+
+    _STORE_COLUMNS = "url, service, description, cache, created_at"
+
+    async def create_image_store(self, url: str, service: str, description: str,
+                                 cache: bool) -> dict:
+        """Register an image store (or a site cache); :class:`Conflict` on a taken URL
+        or service name."""
+        try:
+            return await self.pool.fetchone(
+                "INSERT INTO image_stores (url, service, description, cache) "
+                f"VALUES (%s, %s, %s, %s) RETURNING {self._STORE_COLUMNS}",
+                (url, service, description, cache))
+        except psycopg2.errors.UniqueViolation:
+            raise Conflict(f"an image store with URL {url!r} or service {service!r} "
+                           "is already registered") from None
+
+    async def list_image_stores(self) -> list[dict]:
+        return await self.pool.fetchall(
+            f"SELECT {self._STORE_COLUMNS} FROM image_stores ORDER BY url")
+
+    async def image_store_by_service(self, service: str) -> dict | None:
+        return await self.pool.fetchone(
+            f"SELECT {self._STORE_COLUMNS} FROM image_stores WHERE service = %s", (service,))
+
+    async def delete_image_store(self, service: str) -> None:
+        """Unregister the store of ``service``; catalogue images keep naming its URL, but
+        no job start carries it and no token is issued for it any more."""
+        row = await self.pool.fetchone(
+            "DELETE FROM image_stores WHERE service = %s RETURNING id", (service,))
+        if row is None:
+            raise NotFound(f"no image store with service name {service!r} is registered")
+
     # -- grants ------------------------------------------------------------------
 
-    _GRANT_COLUMN = {"host": "host_id", "job": "job_id", "image": "image_id"}
+    _GRANT_COLUMN = {"host": "host_id", "job": "job_id", "image": "image_id",
+                     "namespace": "namespace"}
 
     async def list_grants(self, kind: str, resource_id: Any) -> list[dict]:
         column = self._GRANT_COLUMN[kind]
@@ -379,8 +457,15 @@ class Store:
 
     async def list_jobs(self, principal: Principal, *, states: Sequence[str] = (),
                         owner: str | None = None, before_seq: int | None = None,
-                        limit: int = 100) -> list[dict]:
+                        limit: int = 100, id_range: tuple[str, str] | None = None,
+                        restart_of: str | None = None) -> list[dict]:
+        """Jobs ``principal`` may read, newest first; ``id_range`` is an inclusive
+        (low, high) pair of UUIDs (an id prefix), ``restart_of`` a predecessor's id."""
         clauses = ["true"]
+        if id_range is not None:
+            clauses.append("j.id BETWEEN %(id_low)s AND %(id_high)s")
+        if restart_of is not None:
+            clauses.append("j.restart_of = %(restart_of)s")
         if not principal.admin:
             clauses.append(
                 "(j.owner_id = %(uid)s OR EXISTS (SELECT 1 FROM grants g WHERE g.job_id = j.id "
@@ -394,7 +479,9 @@ class Store:
         return await self.pool.fetchall(
             self._job_query(" AND ".join(clauses)) + " ORDER BY j.seq DESC LIMIT %(limit)s",
             {"uid": principal.user_id, "states": list(states), "owner": owner,
-             "before": before_seq, "limit": limit})
+             "before": before_seq, "limit": limit, "restart_of": restart_of,
+             "id_low": id_range[0] if id_range else None,
+             "id_high": id_range[1] if id_range else None})
 
     async def job_events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[dict]:
         return await self.pool.fetchall(
@@ -500,10 +587,14 @@ class Store:
             "label, host_id, log_servers, results FROM jobs WHERE id = %s", (job_id,))
         if row is None:
             return None
+        # Only registered stores reach a host: one removed since the job was
+        # enqueued (or never registered) is dropped.
+        registered = {r["url"] for r in await self.list_image_stores()}
+        stores = [url for url in row["image_stores"] if url.rstrip("/") in registered]
         start = {"id": row["id"], "timeout": row["timeout"], "tags": row["tags"],
                  "label": row["label"],
                  "image": {"digest": row["image_digest"], "name": row["image_name"],
-                           "stores": row["image_stores"]},
+                           "stores": stores},
                  "parameters": {name: {"value": p["value"], "secret": bool(p.get("secret"))}
                                 for name, p in row["parameters"].items()}}
         return {"host_id": row["host_id"], "start": start, "log_servers": row["log_servers"],
@@ -722,13 +813,23 @@ class Store:
             "RETURNING id", (after,))
         return len(rows)
 
-    async def repository_claimed(self, repository: str) -> bool:
-        """Whether a catalogue image or a user's namespace owns ``repository``."""
-        row = await self.pool.fetchone(
-            "SELECT EXISTS (SELECT 1 FROM images WHERE lower(name) = %(repo)s) "
-            "OR EXISTS (SELECT 1 FROM users WHERE lower(name) = split_part(%(repo)s, '/', 1)) "
-            "AS claimed", {"repo": repository})
-        return bool(row and row["claimed"])
+    async def namespace_grants(self, user_id: int) -> dict[str, frozenset[str]]:
+        """The privileges the user holds on each namespace (own grants and grants to all)."""
+        rows = await self.pool.fetchall(
+            "SELECT namespace, array_agg(DISTINCT privilege) AS privileges FROM grants "
+            "WHERE namespace IS NOT NULL AND (user_id = %s OR user_id IS NULL) "
+            "GROUP BY namespace", (user_id,))
+        return {row["namespace"]: frozenset(row["privileges"]) for row in rows}
+
+    async def namespace_images(self, namespace: str, limit: int = 5) -> list[str]:
+        """Names of catalogue images whose repository is in ``namespace``, but for those
+        of the user of that name."""
+        rows = await self.pool.fetchall(
+            "SELECT i.name FROM images i LEFT JOIN users o ON o.id = i.owner_id "
+            "WHERE split_part(lower(i.name), '/', 1) = lower(%(ns)s) "
+            "AND lower(o.name) IS DISTINCT FROM lower(%(ns)s) ORDER BY i.name LIMIT %(n)s",
+            {"ns": namespace, "n": limit})
+        return [row["name"] for row in rows]
 
     async def job_image_names(self, host_id: int) -> list[str]:
         """Catalogue names of the images of the jobs holding a host."""
@@ -790,9 +891,24 @@ async def transition(cur: Cursor, job_id: str, new: Status, *, exit_status: int 
         "INSERT INTO job_events (job_id, seq, state, stage, reason, exit_status, message) "
         "VALUES (%(id)s, %(seq)s, %(state)s, %(stage)s, %(reason)s, %(exit_status)s, "
         "%(message)s)", {**params, "seq": updated["event_seq"]})
-    if new.state is State.TERMINATED and final_reason is not None:
-        await _after_termination(cur, job_id, final_reason, max_host_failures)
+    if new.state is State.TERMINATED:
+        if final_reason is not None:
+            await _after_termination(cur, job_id, final_reason, max_host_failures)
+        # After the restart policy copied the parameters to a successor.
+        await cur.execute(_WIPE_SECRETS, {"id": job_id})
     return True
+
+
+# Secret parameter values end with their job: the names stay, and the fact that
+# they were secret, but the values are replaced by empty strings.
+_WIPE_SECRETS = """
+    UPDATE jobs SET parameters = (
+        SELECT jsonb_object_agg(key, CASE WHEN value->>'secret' = 'true'
+                                     THEN jsonb_build_object('value', '', 'secret', true)
+                                     ELSE value END)
+        FROM jsonb_each(parameters))
+    WHERE id = %(id)s AND EXISTS (
+        SELECT 1 FROM jsonb_each(parameters) WHERE value->>'secret' = 'true')"""
 
 
 async def _after_termination(cur: Cursor, job_id: str, reason: Reason,

@@ -21,6 +21,7 @@ from treadmill.common.config import (
 )
 from treadmill.common.daemon import add_operator_services
 from treadmill.switchboard.api import Limits
+from treadmill.switchboard.auth import PasswordPolicy
 from treadmill.switchboard.service import SwitchboardConfig, SwitchboardService
 
 DAY = 24 * 3600.0
@@ -45,6 +46,22 @@ class Options(RoleOptions):
         Setting("http.access_log", BOOL, True, "Log one line per HTTP request."),
         Setting("auth.cache_ttl", FLOAT, 5.0,
                 "Seconds an API token lookup is cached (revocations clear it at once)."),
+        Setting("login.address_rate", positive(FLOAT), 0.2,
+                "Password attempts per second a client address regains (login, HTTP Basic)."),
+        Setting("login.address_burst", positive(INT), 20,
+                "Password attempts a client address may make at once; then 429."),
+        Setting("login.user_rate", positive(FLOAT), 0.05,
+                "Password attempts per second a user name regains."),
+        Setting("login.user_burst", positive(INT), 10,
+                "Password attempts on one user name at once; then 429."),
+        Setting("login.table_size", positive(INT), 10000,
+                "Client addresses and user names the rate limits remember (each table)."),
+        Setting("login.max_hashing", positive(INT), 2,
+                "Password hashes computed at once (32 MiB each); others wait."),
+        Setting("login.hashing_queue", INT, 16,
+                "Password checks that may wait for a hashing slot; beyond them, 503."),
+        Setting("login.trusted_proxies", STRLIST, [],
+                "Addresses of reverse proxies whose X-Forwarded-For names the client."),
         Setting("tokens.default_ttl", positive(FLOAT), 30 * DAY,
                 "Lifetime of new API tokens without expires_in, in seconds."),
         Setting("jobs.default_timeout", positive(FLOAT), 3600.0,
@@ -99,6 +116,9 @@ class Options(RoleOptions):
             raise ConfigError(f"jobs.max_timeout ({values['jobs.max_timeout']:g}) exceeds "
                               f"{longest:g} seconds, the longest a job's log write token "
                               "can cover", key="jobs.max_timeout", source=source)
+        if values["login.hashing_queue"] < 0:
+            raise ConfigError("login.hashing_queue must be 0 or more",
+                              key="login.hashing_queue", source=source)
 
 
 def config_from(values: dict[str, Any]) -> SwitchboardConfig:
@@ -128,6 +148,12 @@ def config_from(values: dict[str, Any]) -> SwitchboardConfig:
         unreachable_after=values["supervisors.unreachable_after"],
         proxies=tuple(url.rstrip("/") for url in values["proxies.servers"]),
         proxy_service=values["proxies.service"])
+    config.passwords = PasswordPolicy(
+        address_rate=values["login.address_rate"], address_burst=values["login.address_burst"],
+        user_rate=values["login.user_rate"], user_burst=values["login.user_burst"],
+        table_size=values["login.table_size"], max_hashing=values["login.max_hashing"],
+        hashing_queue=values["login.hashing_queue"],
+        trusted_proxies=tuple(values["login.trusted_proxies"]))
     if values["instance"]:
         config.instance = values["instance"]
     return config

@@ -27,6 +27,10 @@ def image(row: dict[str, Any]) -> dict[str, Any]:
              "updated_at", "results")}
 
 
+def image_store(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: row[key] for key in ("url", "service", "description", "cache", "created_at")}
+
+
 def snapshot(row: dict[str, Any]) -> dict[str, Any]:
     error = ({"code": row["error_code"], "message": row["message"] or ""}
              if row["error_code"] else None)

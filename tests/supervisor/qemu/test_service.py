@@ -28,8 +28,12 @@ pytestmark = needs_qemu
 
 
 async def push(sb: RunningSwitchboard, store_url: str, image: BuiltImage, name: str) -> str:
+    """Register the store (service treadmill-imagestore) unless it is, push, catalogue."""
+    if not any(row["url"] == store_url for row in await sb.store.list_image_stores()):
+        await sb.register_store(store_url, "treadmill-imagestore")
     client = RegistryClient(reactor, store_url, credentials=("admin", sb.admin_token),
-                            trusted_realms=[sb.url])
+                            service="treadmill-imagestore",
+                            realm=f"{sb.url}/api/v1/registry/token")
     repo = name.lower()
     try:
         await client.push_bytes(repo, b"{}")
@@ -154,6 +158,7 @@ async def test_a_qemu_job_boots_from_a_site_image_cache(database: str, tmp_path:
     supervisor: SupervisorService | None = None
     try:
         await cache.ready()
+        await sb.register_store(url_of(cache), "treadmill-imagecache", cache=True)
         await push(sb, store_url, test_image, "demo/cached-vm")
         supervisor = SupervisorService(reactor, await qemu_host(
             sb, "vm-2", tmp_path / "vm-2", work_dir, images_cache_mount=str(tmp_path / "cache"),

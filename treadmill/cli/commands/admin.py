@@ -1,10 +1,11 @@
-"""``tml admin``: users, hosts and tokens, for administrators."""
+"""``tml admin``: users, hosts, tokens and image stores, for administrators."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from treadmill.cli import output
 from treadmill.cli.commands.hosts import HOST_FIELDS
 from treadmill.cli.commands.identity import (
     add_expiry_options,
@@ -14,6 +15,8 @@ from treadmill.cli.commands.identity import (
     render_users,
 )
 from treadmill.cli.context import Context, UsageError, add_command, add_group
+
+STORE_FIELDS = ("url", "service", "cache", "description", "created_at")
 
 
 async def user_ls(ctx: Context) -> int:
@@ -77,6 +80,43 @@ async def host_rm(ctx: Context) -> int:
     return ctx.emit({"deleted": ctx.args.name}, lambda _: f"removed host {ctx.args.name}\n")
 
 
+def render_stores(data: dict[str, Any]) -> str:
+    """``{"stores": [ImageStore]}`` as a table."""
+    rows = [(s.get("url"), s.get("service"), "cache" if s.get("cache") else "store",
+             s.get("description") or None) for s in data.get("stores", [])]
+    return output.render_table(("URL", "SERVICE", "KIND", "DESCRIPTION"), rows)
+
+
+async def store_ls(ctx: Context) -> int:
+    """List the registered image stores (any user may)."""
+    return ctx.emit(await ctx.api.get("stores"), render_stores)
+
+
+async def store_add(ctx: Context) -> int:
+    """Register an image store (or a site cache) by URL and service name."""
+    args = ctx.args
+    body: dict[str, Any] = {"url": args.store_url, "service": args.service,
+                            "cache": args.cache}
+    if args.description is not None:
+        body["description"] = args.description
+    return ctx.emit(await ctx.api.post("stores", body=body),
+                    lambda d: output.render_object(d, STORE_FIELDS))
+
+
+async def store_rm(ctx: Context) -> int:
+    """Unregister an image store, named by its service name or its URL."""
+    service = ctx.args.store
+    if "://" in service:
+        wanted = service.rstrip("/").lower()
+        stores = (await ctx.api.get("stores")).get("stores", [])
+        found = [s["service"] for s in stores if s["url"].lower() == wanted]
+        if not found:
+            raise UsageError(f"no image store is registered at {service}")
+        service = found[0]
+    await ctx.api.delete("stores", service)
+    return ctx.emit({"deleted": service}, lambda _: f"unregistered image store {service}\n")
+
+
 async def token_create(ctx: Context) -> int:
     """Create a token for a user."""
     return await create_token(ctx, ctx.args.user)
@@ -84,7 +124,7 @@ async def token_create(ctx: Context) -> int:
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add ``admin``."""
-    admin = add_group(sub, "admin", help="administration: users, hosts, tokens")
+    admin = add_group(sub, "admin", help="administration: users, hosts, tokens, image stores")
 
     users = add_group(admin, "user", help="manage users")
     add_command(users, "ls", user_ls, common, help="list users")
@@ -124,6 +164,19 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME")
     p = add_command(hosts, "rm", host_rm, common, help="delete a host")
     p.add_argument("name", metavar="NAME")
+
+    stores = add_group(admin, "store", help="register and remove image stores")
+    add_command(stores, "ls", store_ls, common, help="list the registered image stores")
+    p = add_command(stores, "add", store_add, common,
+                    help="register an image store or a site cache")
+    p.add_argument("store_url", metavar="URL",
+                   help="its base URL, http(s)://HOST[:PORT][/PREFIX]")
+    p.add_argument("service", metavar="SERVICE",
+                   help="its service name (the store's `service` setting: token audience)")
+    p.add_argument("--cache", action="store_true", help="it is a site image cache")
+    p.add_argument("--description", metavar="TEXT")
+    p = add_command(stores, "rm", store_rm, common, help="unregister an image store")
+    p.add_argument("store", metavar="SERVICE|URL")
 
     tokens = add_group(admin, "token", help="tokens for other users")
     p = add_command(tokens, "create", token_create, common, help="create a token for a user")

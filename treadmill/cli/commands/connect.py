@@ -35,7 +35,8 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.python.failure import Failure
 
-from treadmill.cli.context import EXIT_OK, CommandError, Context, non_negative_int
+from treadmill.cli.client import plain_error
+from treadmill.cli.context import EXIT_OK, CommandError, Context, add_job_id, non_negative_int
 from treadmill.proxy.messages import parse_proxy_url
 from treadmill.proxy.splice import (
     MAX_FRAME,
@@ -112,8 +113,7 @@ async def job_ssh(ctx: Context) -> int:
     endpoints = await _endpoints(ctx, ctx.args.id, ctx.args.service)
     argv = ssh_command(ctx, endpoints)
     if ctx.args.print_command:
-        ctx.write(shlex.join(argv) + "\n")
-        return EXIT_OK
+        return ctx.emit({"argv": argv}, lambda d: shlex.join(d["argv"]) + "\n")
     program = argv[0]
     if os.sep not in program:
         from twisted.python.procutils import which
@@ -135,7 +135,7 @@ async def job_ssh(ctx: Context) -> int:
 
 
 def add_ssh_arguments(p: Any) -> None:
-    p.add_argument("id", metavar="ID")
+    add_job_id(p)
     p.add_argument("-l", "--user", metavar="USER",
                    help="the user to log in as (default: $TREADMILL_SSH_USER, else root)")
     p.add_argument("--service", default="ssh", metavar="NAME",
@@ -244,7 +244,7 @@ class _Connector:
         else:
             protocol = _Remote(self, local)
         connectProtocol(endpoint, protocol).addErrback(
-            lambda f: self.failed(local, f.getErrorMessage()))
+            lambda f: self.failed(local, plain_error(f.value)))
 
     def joined(self, splice: Splice) -> None:
         self.splices.add(splice)
@@ -326,7 +326,7 @@ async def _stdio(ctx: Context, connector: _Connector) -> int:
 
 
 def add_connect_arguments(p: Any) -> None:
-    p.add_argument("id", metavar="ID")
+    add_job_id(p)
     p.add_argument("service", metavar="SERVICE", help="a service the job publishes, e.g. ssh")
     p.add_argument("--local-port", type=non_negative_int, default=0, metavar="N",
                    help="the local port to listen on, on 127.0.0.1 (default: any free port)")

@@ -32,6 +32,7 @@ from treadmill.images.registry import (
     BlobSource,
     RegistryClient,
     RegistryError,
+    canonical_store_url,
     check_store_url,
     file_blob,
     parse_reference,
@@ -163,8 +164,29 @@ def _repository(ctx: Context, name: str) -> str:
         raise UsageError(f"{e}; give --repository" if not given else str(e)) from None
 
 
-def _registry(ctx: Context, store: str, reporter: _Reporter) -> RegistryClient:
-    """A client for ``store``; the API token is offered only to the switchboard's token service."""
+async def _registered_service(ctx: Context, store: str,
+                              cache: dict[str, str] | None = None) -> str:
+    """The service name the switchboard registered ``store`` with; :class:`CommandError`
+    if it is not registered (then nothing, not even a request, goes to it)."""
+    found = cache if cache else None
+    if found is None:
+        listed = (await ctx.api.get("stores")).get("stores", [])
+        found = {str(s["url"]): str(s["service"]) for s in listed}
+        if cache is not None:
+            cache.update(found)
+    try:
+        key = canonical_store_url(store)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if key not in found:
+        raise CommandError(f"image store {store} is not registered with the switchboard "
+                           "(tml admin store ls); nothing was sent to it")
+    return found[key]
+
+
+def _registry(ctx: Context, store: str, service: str, reporter: _Reporter) -> RegistryClient:
+    """A client for the registered ``store``: tokens are asked of the switchboard only, for
+    ``service`` only, and the API token is offered to the switchboard only."""
     settings = ctx.settings
     credentials: Callable[[], Awaitable[tuple[str, str]]] | None = None
     if settings.token:
@@ -180,7 +202,8 @@ def _registry(ctx: Context, store: str, reporter: _Reporter) -> RegistryClient:
             store,
             ca_file=settings.ca_file,
             credentials=credentials,
-            trusted_realms=[settings.url],
+            service=service,
+            realm=settings.url.rstrip("/") + "/api/v1/registry/token",
             retries=RETRIES,
             chunk_size=getattr(ctx.args, "chunk_size", None) or DEFAULT_CHUNK_SIZE,
             on_retry=lambda text: reporter.note(f"tml: {output.clean(text)}"),
@@ -192,8 +215,9 @@ def _registry(ctx: Context, store: str, reporter: _Reporter) -> RegistryClient:
 def _store_failure(store: str, e: RegistryError) -> str:
     message = f"image store {store}: {output.clean(e.message)}"
     if e.status in (401, 403):
-        message += (" (you may push to repositories under your user name, like "
-                    "'USER/NAME', to images you manage, and pull images you may use)")
+        message += (" (you may push only to repositories under your user name, like "
+                    "'USER/NAME', or in a namespace an admin granted you; top-level names "
+                    "are for admins; you may pull images you may use)")
     return message
 
 
@@ -295,7 +319,7 @@ async def image_push(ctx: Context) -> int:
         raise CommandError(f"invalid image: {e.message}") from None
     data = fmt.manifest_bytes(manifest)
 
-    client = _registry(ctx, store, reporter)
+    client = _registry(ctx, store, await _registered_service(ctx, store), reporter)
     pushed: list[dict[str, Any]] = []
     try:
         await client.push_blob(repo, BlobSource.from_bytes(fmt.EMPTY_BLOB))
@@ -419,8 +443,16 @@ async def image_pull(ctx: Context) -> int:
     out = Path(a.output) if a.output else Path(a.name.rsplit("/", 1)[-1])
     reporter = _Reporter(ctx, _progress_enabled(ctx))
     errors = []
+    registered: dict[str, str] = {}
     for i, store in enumerate(stores):
-        client = _registry(ctx, store, reporter)
+        try:
+            service = await _registered_service(ctx, store, registered)
+        except CommandError as e:
+            errors.append(str(e))
+            if i + 1 < len(stores):
+                ctx.note(f"tml: {errors[-1]}; trying the next store")
+            continue
+        client = _registry(ctx, store, service, reporter)
         try:
             files = await _pull_from(ctx, client, repo, digest, out, reporter,
                                      last=i + 1 == len(stores))

@@ -5,37 +5,47 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.task import deferLater
 
 from treadmill.cli import output
-from treadmill.cli.client import Unreachable
+from treadmill.cli.client import ApiError, Unreachable
 from treadmill.cli.commands import results as results_command
+from treadmill.cli.commands.artifacts import run_summary, write_artifacts
 from treadmill.cli.commands.connect import (
     add_connect_arguments,
     add_ssh_arguments,
     job_connect,
     job_ssh,
 )
+from treadmill.cli.commands.follow import (
+    EventFollower,
+    JobFollower,
+    event_line,
+    exit_status_for,
+    termination_text,
+)
 from treadmill.cli.commands.images import short_digest
-from treadmill.cli.commands.logs import ConsoleWriter, job_logs, read_stream
 from treadmill.cli.commands.logs import add_arguments as add_logs_arguments
+from treadmill.cli.commands.logs import job_logs
 from treadmill.cli.context import (
-    EXIT_JOB_ABORTED,
-    EXIT_JOB_FAILED,
     EXIT_OK,
+    EXIT_WAIT_TIMEOUT,
     CommandError,
     Context,
     UsageError,
     add_command,
     add_group,
+    add_job_id,
     duration,
     name_value,
     non_negative_int,
     positive_int,
 )
-from treadmill.cli.retry import Retry
-from treadmill.cli.sse import SSEMessage, json_objects
+
+__all__ = ["EventFollower", "event_line", "exit_status_for", "register", "render_job",
+           "render_jobs", "termination_text"]
 
 STATES = ("queued", "assigned", "initializing", "ready", "terminating", "terminated")
 _JOB_TIMES = (
@@ -168,30 +178,6 @@ def render_jobs(data: dict[str, Any]) -> str:
     return output.render_table(headers, rows)
 
 
-def termination_text(t: dict[str, Any]) -> str:
-    """``reason, exit status N: message``."""
-    text = str(t.get("reason") or "unknown reason")
-    if t.get("exit_status") is not None:
-        text += f", exit status {t['exit_status']}"
-    if t.get("message"):
-        text += f": {t['message']}"
-    return text
-
-
-def event_line(event: dict[str, Any]) -> str:
-    """One ``Event`` as a line, for following a job."""
-    state = str(event.get("state") or "?")
-    if event.get("stage"):
-        state += f"/{event['stage']}"
-    detail = ""
-    if event.get("reason") or event.get("exit_status") is not None:
-        detail = termination_text(event)
-    elif event.get("message"):
-        detail = str(event["message"])
-    line = f"{output.fmt_time(event.get('at'))}  {state:<27}  {detail}".rstrip()
-    return output.clean(line) + "\n"
-
-
 def render_events(data: dict[str, Any]) -> str:
     """``{"events": [Event]}`` as a table."""
     rows = [
@@ -210,151 +196,187 @@ def render_events(data: dict[str, Any]) -> str:
     return output.render_table(headers, rows)
 
 
-def exit_status_for(termination: dict[str, Any] | None) -> int:
-    """0 if the workload exited with status 0; 4 if it exited otherwise; 5 for other reasons."""
-    if not termination:
-        return EXIT_JOB_ABORTED
-    if termination.get("reason") == "workload_exited":
-        return EXIT_OK if termination.get("exit_status") == 0 else EXIT_JOB_FAILED
-    return EXIT_JOB_ABORTED
+def _secret_value(name: str, value: str, stdin: Any, warn: Any) -> str:
+    """The value of ``--secret-param NAME=VALUE``: ``@PATH`` a file, ``-`` stdin."""
+    if value == "-":
+        if stdin is None:
+            raise UsageError(f"--secret-param {name}=-: only one value can come from stdin")
+        return stdin.read().removesuffix("\n").removesuffix("\r")
+    if value.startswith("@"):
+        path = value[1:]
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().removesuffix("\n").removesuffix("\r")
+        except OSError as e:
+            raise UsageError(f"--secret-param {name}=@{path}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--secret-param {name}=@{path}: not UTF-8 text") from None
+    if warn is not None:
+        warn(f"tml: warning: --secret-param {name}=VALUE puts the secret on the command "
+             f"line, where other local users can read it; use {name}=@FILE, {name}=- "
+             f"(stdin), --secret-param-env {name}=VAR or {name} alone (${name})")
+    return value
 
 
-class EventFollower:
-    """Print a job's events as they happen until it terminates.
-
-    If the stream ends or breaks before the ``terminated`` event, it catches up
-    with ``GET .../events?after=SEQ`` and watches again from the last event it
-    saw; it gives up (:class:`Unreachable`) after ``give_up_after`` seconds of
-    failing to reach the switchboard.
-    """
-
-    give_up_after = 60.0
-    max_delay = 10.0
-
-    def __init__(self, ctx: Context, job_id: str, after: int | None = None) -> None:
-        self.ctx = ctx
-        self.job_id = job_id
-        self.last_seq = after
-        self.terminated: dict[str, Any] | None = None
-
-    def accept(self, event: dict[str, Any]) -> bool:
-        """Print a new event; return whether it is the last."""
-        seq = event.get("seq")
-        if isinstance(seq, int):
-            if self.last_seq is not None and seq <= self.last_seq:
-                return False
-            self.last_seq = seq
-        if self.ctx.json:
-            output.print_json_line(self.ctx.stdout, event)
-        else:
-            self.ctx.write(event_line(event))
-        if event.get("state") == "terminated":
-            self.terminated = event
-            return True
-        return False
-
-    def _on_message(self, message: SSEMessage) -> bool:
-        return any(self.accept(event) for event in json_objects(message))
-
-    async def run(self) -> dict[str, Any]:
-        """Follow until the ``terminated`` event; return it."""
-        retry = Retry(self.ctx.reactor, give_up_after=self.give_up_after, initial=1.0,
-                      max_delay=self.max_delay)
-        while True:
-            try:
-                await self.ctx.api.watch(
-                    ("jobs", self.job_id, "events", "watch"),
-                    self._on_message,
-                    params={"after": self.last_seq},
-                )
-                if self.terminated:
-                    return self.terminated
-                data = await self.ctx.api.get(
-                    "jobs", self.job_id, "events", params={"after": self.last_seq}
-                )
-                for event in data.get("events", []):
-                    if self.accept(event):
-                        return event
-                retry.reset()
-                delay = 1.0  # the stream ended early: watch again, without hurry
-            except Unreachable as e:
-                if self.terminated:
-                    return self.terminated
-                next_delay = retry.next_delay()
-                if next_delay is None:
-                    raise Unreachable(e.url, f"{e.reason} ({retry.summary()})") from None
-                if retry.failures == 1:
-                    self.ctx.note(f"tml: {e}; retrying")
-                delay = next_delay
-            await deferLater(self.ctx.reactor, delay, lambda: None)
-
-
-async def finish_following(ctx: Context, job_id: str, last: dict[str, Any]) -> int:
-    """The exit status for a followed job that terminated with event ``last``."""
-    termination: dict[str, Any] | None = last
-    if not last.get("reason"):
-        job = await ctx.api.get("jobs", job_id)
-        termination = job.get("termination")
-    status = exit_status_for(termination)
-    if not ctx.json:
-        text = termination_text(termination) if termination else "no termination recorded"
-        ctx.note(output.clean(f"tml: job {job_id} terminated: {text}"))
-    return status
-
-
-def parameters_body(args: argparse.Namespace, env: Any) -> dict[str, Any]:
-    """The ``parameters`` of a job request from ``--param`` and ``--secret-param``."""
+def parameters_body(args: argparse.Namespace, env: Any, stdin: Any = None,
+                    warn: Any = None) -> dict[str, Any]:
+    """The ``parameters`` of a job request from ``--param``, ``--secret-param`` and
+    ``--secret-param-env``; ``warn`` is told of secrets given on the command line."""
     parameters: dict[str, Any] = {}
-    for name, value in args.params:
+
+    def add(name: str, value: str, secret: bool) -> None:
         if name in parameters:
             raise UsageError(f"parameter {name} given twice")
-        parameters[name] = {"value": value, "secret": False}
+        parameters[name] = {"value": value, "secret": secret}
+
+    for name, value in args.params:
+        add(name, value, False)
     for spec in args.secret_params:
         name, sep, value = spec.partition("=")
         if not name:
-            raise UsageError(f"expected NAME=VALUE or NAME, got {spec!r}")
+            raise UsageError(f"expected NAME, NAME=@FILE, NAME=- or NAME=VALUE, got {spec!r}")
         if not sep:
             if name not in env:
                 raise UsageError(f"--secret-param {name}: no environment variable {name}")
             value = env[name]
-        if name in parameters:
-            raise UsageError(f"parameter {name} given twice")
-        parameters[name] = {"value": value, "secret": True}
+        else:
+            from_stdin = value == "-"
+            value = _secret_value(name, value, stdin, warn)
+            if from_stdin:
+                stdin = None
+        add(name, value, True)
+    for name, variable in getattr(args, "secret_param_envs", []):
+        if variable not in env:
+            raise UsageError(f"--secret-param-env {name}: no environment variable {variable}")
+        add(name, env[variable], True)
     return parameters
 
 
-async def job_submit(ctx: Context) -> int:
-    """Submit a job; print its id; with ``--follow``, watch it to the end."""
+def submit_body(ctx: Context) -> dict[str, Any]:
+    """The ``POST /api/v1/jobs`` body from the options of ``job submit`` and ``job run``."""
     a = ctx.args
     body: dict[str, Any] = {"image": a.image}
     if a.tags:
         body["tags"] = list(a.tags)
-    parameters = parameters_body(a, ctx.env)
+    parameters = parameters_body(a, ctx.env, ctx.stdin, ctx.note)
     if parameters:
         body["parameters"] = parameters
     for key in ("timeout", "queue_timeout", "max_restarts", "label"):
         if getattr(a, key) is not None:
             body[key] = getattr(a, key)
-    job = await ctx.api.post("jobs", body=body)
-    if not a.follow:
-        return ctx.emit(job, lambda j: f"{j['id']}\n")
+    return body
+
+
+async def _submit(ctx: Context) -> dict[str, Any]:
+    """Submit the job of the command line; print its id (a JSON line with ``--json``)."""
+    try:
+        job = await ctx.api.post("jobs", body=submit_body(ctx))
+    except CancelledError:
+        if ctx.interrupted:
+            ctx.note("tml: interrupted while submitting: the job may have been created "
+                     "(see tml job ls)")
+        raise
     if ctx.json:
         output.print_json_line(ctx.stdout, job)
     else:
         ctx.write(f"{job['id']}\n")
-    console = None
-    if job.get("logs") and not ctx.json and not a.no_console:
-        # The console as it happens, beside the events.
-        console = Deferred.fromCoroutine(
-            read_stream(ctx, job["id"], "console", True, ConsoleWriter(ctx)))
-        console.addErrback(lambda f: ctx.note(f"tml: console unavailable: {f.value}"))
-    last = await EventFollower(ctx, job["id"]).run()
-    if console is not None:
-        # The supervisor closes the stream once it shipped the tail.
-        console.addTimeout(CONSOLE_TAIL_WAIT, ctx.reactor)
-        console.addErrback(lambda f: None)
-        await console
-    return await finish_following(ctx, job["id"], last)
+    return job
+
+
+def _follower(ctx: Context, job: dict[str, Any]) -> JobFollower:
+    stream = None if ctx.json or ctx.args.no_console else "console"
+    return JobFollower(ctx, job["id"], events=True, stream=stream, job=job)
+
+
+async def job_submit(ctx: Context) -> int:
+    """Submit a job; print its id; with ``--follow``, watch it to the end."""
+    if not ctx.args.follow:
+        job = await ctx.api.post("jobs", body=submit_body(ctx))
+        return ctx.emit(job, lambda j: f"{j['id']}\n")
+    job = await _submit(ctx)
+    if not ctx.json:
+        ctx.note(f"tml: following job {job['id']} (interrupting tml leaves it running); "
+                 "to cancel it:")
+        ctx.note(f"tml job cancel {job['id']}")
+    follower = _follower(ctx, job)
+    try:
+        return (await follower.run()).status
+    except CancelledError:
+        if ctx.interrupted:
+            ctx.note(f"tml: interrupted; job {follower.current} keeps running; to cancel it:")
+            ctx.note(f"tml job cancel {follower.current}")
+        raise
+
+
+CANCEL_WAIT = 15.0
+"""Seconds ``tml job run`` gives the switchboard to take a cancellation on interrupt."""
+
+
+async def job_run(ctx: Context) -> int:
+    """Submit a job, follow it to the end (restarts too), write its artifacts; exit with
+    its outcome. An interrupt cancels the job unless ``--keep-on-interrupt``."""
+    a = ctx.args
+    job = await _submit(ctx)
+    if a.keep_on_interrupt:
+        ctx.note(f"tml: following job {job['id']}; interrupting tml leaves it running "
+                 f"(--keep-on-interrupt); to cancel it: tml job cancel {job['id']}")
+    else:
+        ctx.note(f"tml: following job {job['id']}; interrupting tml cancels it "
+                 "(--keep-on-interrupt to keep it)")
+    follower = _follower(ctx, job)
+    started = ctx.reactor.seconds()
+    try:
+        followed = await follower.run()
+    except CancelledError:
+        if ctx.interrupted:
+            await _on_interrupt(ctx, follower.current, a.keep_on_interrupt)
+        raise
+    status = followed.status
+    summary = run_summary(followed, status, ctx.reactor.seconds() - started)
+    if a.artifacts:
+        await write_artifacts(ctx, a.artifacts, followed, summary)
+    if ctx.json:
+        output.print_json_line(ctx.stdout, summary)
+    return status
+
+
+async def _on_interrupt(ctx: Context, job_id: str, keep: bool) -> None:
+    if keep:
+        ctx.note(f"tml: interrupted; job {job_id} keeps running (--keep-on-interrupt); "
+                 "to cancel it:")
+        ctx.note(f"tml job cancel {job_id}")
+        return
+    asked = Deferred.fromCoroutine(ctx.api.post("jobs", job_id, "terminate"))
+    asked.addTimeout(CANCEL_WAIT, ctx.reactor)
+    try:
+        job = await asked
+    except (ApiError, Unreachable, DeferredTimeoutError) as e:
+        why = ("no answer in time" if isinstance(e, DeferredTimeoutError)
+               else output.clean(str(e)))
+        ctx.note(f"tml: interrupted; could not cancel job {job_id} ({why}); to cancel it:")
+        ctx.note(f"tml job cancel {job_id}")
+        return
+    ctx.note(output.clean(f"tml: interrupted; cancelled job {job_id} "
+                          f"(now {job.get('state')})"))
+
+
+async def job_wait(ctx: Context) -> int:
+    """Wait for a job (and the jobs that restart it) to end; exit with its outcome."""
+    a = ctx.args
+    waiting = Deferred.fromCoroutine(
+        JobFollower(ctx, a.id, events=False, stream=None, notes=not ctx.json).run())
+    if a.timeout is not None:
+        waiting.addTimeout(a.timeout, ctx.reactor)
+    try:
+        followed = await waiting
+    except DeferredTimeoutError:
+        job = await ctx.api.get("jobs", a.id)
+        ctx.note(output.clean(f"tml: job {a.id} is still {job.get('state')} after "
+                              f"{a.timeout:g} s"))
+        return EXIT_WAIT_TIMEOUT
+    if ctx.json:
+        output.print_json(ctx.stdout, followed.final)
+    return followed.status
 
 
 async def job_ls(ctx: Context) -> int:
@@ -388,12 +410,12 @@ async def job_cancel(ctx: Context) -> int:
 
 
 async def job_events(ctx: Context) -> int:
-    """List a job's events; ``--follow`` watches until it terminates."""
+    """List a job's events; ``--follow`` watches until it (or its last restart) ends."""
     a = ctx.args
     if not a.follow:
         data = await ctx.api.get("jobs", a.id, "events", params={"after": a.after})
         return ctx.emit(data, render_events)
-    await EventFollower(ctx, a.id, a.after).run()
+    await JobFollower(ctx, a.id, events=True, stream=None, after=a.after, notes=False).run()
     return EXIT_OK
 
 
@@ -442,10 +464,6 @@ async def job_snapshots(ctx: Context) -> int:
                                             for s in d.get("snapshots", [])))
 
 
-CONSOLE_TAIL_WAIT = 10.0
-"""Seconds ``submit --follow`` waits for the console's last bytes after the end."""
-
-
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add ``job``."""
     job = add_group(sub, "job", help="submit and watch jobs")
@@ -474,8 +492,19 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         dest="secret_params",
         action="append",
         default=[],
-        metavar="NAME[=VALUE]",
-        help="a secret parameter (repeat); with NAME alone, the value of $NAME",
+        metavar="NAME[=@FILE|=-]",
+        help="a secret parameter (repeat): NAME alone takes $NAME, NAME=@FILE the file's "
+        "content, NAME=- standard input (NAME=VALUE works but shows the secret to "
+        "other local users)",
+    )
+    p.add_argument(
+        "--secret-param-env",
+        dest="secret_param_envs",
+        action="append",
+        default=[],
+        type=name_value,
+        metavar="NAME=VAR",
+        help="a secret parameter NAME whose value is the environment variable VAR (repeat)",
     )
     p.add_argument("--timeout", type=duration, metavar="S", help="execution timeout")
     p.add_argument("--queue-timeout", type=duration, metavar="S", help="time allowed queued")
@@ -491,6 +520,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-console", action="store_true",
                    help="with --follow, show the events only, not the console")
+    _add_run(job, common, p)
 
     p = add_command(job, "ls", job_ls, common, help="list jobs, newest first")
     p.add_argument("--state", choices=STATES)
@@ -499,9 +529,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--all", action="store_true", help="follow every page")
 
     p = add_command(job, "show", job_show, common, help="show a job")
-    p.add_argument("id", metavar="ID")
+    add_job_id(p)
     p = add_command(job, "cancel", job_cancel, common, help="terminate a job")
-    p.add_argument("id", metavar="ID")
+    add_job_id(p)
     p = add_command(job, "logs", job_logs, common,
                     help="print (or follow) a job's console from its log servers")
     add_logs_arguments(p)
@@ -514,7 +544,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     add_connect_arguments(p)
     p = add_command(job, "snapshot", job_snapshot, common,
                     help="upload an ended job's disk as a new image (QEMU hosts)")
-    p.add_argument("id", metavar="ID")
+    add_job_id(p)
     p.add_argument("name", metavar="NAME", help="the new catalogue image's name")
     p.add_argument("--store", metavar="URL",
                    help="the image store (default: the job image's first store)")
@@ -523,8 +553,36 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="how long to wait for the upload [3600]")
     p.add_argument("--no-wait", action="store_true", help="print the pending snapshot and exit")
     p = add_command(job, "snapshots", job_snapshots, common, help="list a job's snapshots")
-    p.add_argument("id", metavar="ID")
+    add_job_id(p)
     p = add_command(job, "events", job_events, common, help="list or follow a job's events")
-    p.add_argument("id", metavar="ID")
-    p.add_argument("--follow", "-f", action="store_true", help="watch until the job terminates")
+    add_job_id(p)
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="watch until the job (or the last job restarting it) terminates")
     p.add_argument("--after", type=non_negative_int, metavar="SEQ", help="only later events")
+    p = add_command(job, "wait", job_wait, common,
+                    help="wait until a job (and any job restarting it) ends; exit 0 if its "
+                    "workload exited with status 0, 4 if with another, 5 if the job ended "
+                    "otherwise, 6 after --timeout")
+    add_job_id(p)
+    p.add_argument("--timeout", type=duration, metavar="S",
+                   help="give up after this long (exit status 6); default: wait for ever")
+
+
+def _add_run(job: Any, common: argparse.ArgumentParser, submit: argparse.ArgumentParser) -> None:
+    """``job run``: the options of ``job submit`` (but ``--follow``), and its own."""
+    p = add_command(job, "run", job_run, common,
+                    help="submit a job, follow its console and events to the end (restarts "
+                    "too), write its artifacts; exit with its outcome (for CI pipelines)")
+    for action in submit._actions:
+        if action.dest in ("help", "follow", "no_console") or any(
+                o in p._option_string_actions for o in action.option_strings):
+            continue
+        p._add_action(action)
+    p.add_argument("--artifacts", metavar="DIR",
+                   help="write console.log, events.jsonl, results (if the job has a results "
+                   "stream) and summary.json here (created if missing)")
+    p.add_argument("--no-console", action="store_true",
+                   help="print the events only (the console is still saved with --artifacts)")
+    p.add_argument("--keep-on-interrupt", action="store_true",
+                   help="leave the job running when tml is interrupted (SIGINT, SIGTERM); "
+                   "by default it is cancelled")

@@ -9,13 +9,22 @@ skipped. Failures are retried with backoff and a bound (:func:`read_stream`).
 
 from __future__ import annotations
 
-from typing import Any
+import codecs
+import json
+from typing import Any, BinaryIO
 
 import treq
 
 from treadmill.cli import output
-from treadmill.cli.client import ApiError, Unreachable, describe_transport_error
-from treadmill.cli.context import EXIT_ERROR, EXIT_OK, Context
+from treadmill.cli.client import (
+    ApiError,
+    Cancelled,
+    Unreachable,
+    cancellable,
+    collect,
+    plain_error,
+)
+from treadmill.cli.context import EXIT_ERROR, EXIT_OK, Context, add_job_id
 from treadmill.cli.retry import Retry
 
 _READ_TIMEOUT = 30.0
@@ -26,21 +35,48 @@ MAX_REFUSALS = 5  # fresh read tokens refused in a row
 
 
 class ConsoleWriter:
-    """Console bytes to stdout: raw when stdout is a byte stream, else decoded."""
+    """Console bytes to stdout: raw when stdout is a byte stream, else decoded.
+
+    It remembers whether the console stopped mid-line, so that a line printed
+    between its bytes (a job event) starts on a line of its own: :meth:`end_line`.
+    """
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.buffer = getattr(ctx.stdout, "buffer", None)
         self.count = 0
+        self.mid_line = False
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def __call__(self, data: bytes) -> None:
+        if not data:
+            return
         self.count += len(data)
+        self.mid_line = not data.endswith(b"\n")
         if self.buffer is not None:
             self.buffer.write(data)
             self.buffer.flush()
         else:
-            self.ctx.stdout.write(data.decode("utf-8", "replace"))
+            self.ctx.stdout.write(self._decoder.decode(data))
             self.ctx.stdout.flush()
+
+    def end_line(self) -> None:
+        """Finish the console's last line if it stopped mid-line."""
+        if self.mid_line:
+            self.mid_line = False
+            self.ctx.write("\n")
+
+
+class FileWriter:
+    """Stream bytes appended to a binary file (``tml job run --artifacts``)."""
+
+    def __init__(self, file: BinaryIO):
+        self.file = file
+        self.count = 0
+
+    def __call__(self, data: bytes) -> None:
+        self.count += len(data)
+        self.file.write(data)
 
 
 async def _access(ctx: Context, job_id: str, retry: Retry) -> dict[str, Any]:
@@ -61,9 +97,15 @@ async def _access(ctx: Context, job_id: str, retry: Retry) -> dict[str, Any]:
 
 
 async def job_logs(ctx: Context) -> int:
-    """Print a job's log stream; with ``--follow``, keep printing as it grows."""
+    """Print a job's log stream; with ``--follow``, keep printing as it grows, until the
+    job (or the last job restarting it) ended and its stream was read."""
     a = ctx.args
-    return await read_stream(ctx, a.id, a.stream, a.follow, ConsoleWriter(ctx))
+    if not a.follow:
+        return await read_stream(ctx, a.id, a.stream, False, ConsoleWriter(ctx))
+    from treadmill.cli.commands.follow import JobFollower  # follow.py imports this module
+
+    follower = JobFollower(ctx, a.id, events=False, stream=a.stream, notes=False)
+    return (await follower.run()).stream_status
 
 
 class _Refused(Exception):
@@ -71,17 +113,19 @@ class _Refused(Exception):
 
 
 def _reason(e: BaseException) -> str:
-    return describe_transport_error(e) or str(e) or type(e).__name__
+    return plain_error(e)
 
 
 async def read_stream(ctx: Context, job_id: str, stream: str, follow: bool,
-                      write: Any) -> int:
+                      write: Any, *, quiet_missing: bool = False) -> int:
     """Write a job's stream with ``write(bytes)``; follow it until it closes if asked.
 
     Failures (a log server down or refusing the token, the switchboard away) are
     retried on the next replica, backing off with jitter; after ``GIVE_UP_AFTER``
     seconds without progress, or ``MAX_REFUSALS`` refused tokens in a row, it
-    gives up with a message.
+    gives up with a message. Cancelling it stops it at once (:class:`Cancelled`).
+    Without ``follow``, a stream that does not exist is noted (unless
+    ``quiet_missing``) and answers 0 with nothing written.
     """
     retry = Retry(ctx.reactor, give_up_after=GIVE_UP_AFTER, initial=RETRY_INITIAL,
                   max_delay=RETRY_MAX)
@@ -101,29 +145,32 @@ async def read_stream(ctx: Context, job_id: str, stream: str, follow: bool,
             params["follow"] = "1"
         before = write.count
         try:
-            response = await treq.get(url, params=params, unbuffered=True,
-                                      timeout=None if follow else _READ_TIMEOUT,
-                                      headers={"Authorization": f"Bearer {access['token']}"})
+            response = await cancellable(treq.get(
+                url, params=params, unbuffered=True,
+                timeout=None if follow else _READ_TIMEOUT,
+                headers={"Authorization": f"Bearer {access['token']}"}))
             if response.code == 401:
-                body = (await treq.content(response))[:300].decode("utf-8", "replace")
-                raise _Refused(f"the log server refused the read token ({body.strip()})")
+                body = await _error_text(response)
+                raise _Refused(f"the log server refused the read token ({body})")
             if response.code == 404 and not follow:
-                await treq.content(response)
-                ctx.note(f"tml: job {job_id} has no {stream} stream yet")
+                await cancellable(treq.content(response))
+                if not quiet_missing:
+                    ctx.note(f"tml: job {job_id} has no {stream} stream yet")
                 return EXIT_OK
             if response.code == 416:
-                await treq.content(response)
+                await cancellable(treq.content(response))
                 return EXIT_OK  # Nothing past what we have.
             if response.code not in (200, 206):
-                body = (await treq.content(response))[:300].decode("utf-8", "replace")
-                raise OSError(f"HTTP {response.code}: {body.strip()}")
+                raise OSError(f"HTTP {response.code}: {await _error_text(response)}")
             refusals = 0
             try:
-                await treq.collect(response, write)
+                await collect(response, write)
             finally:
                 # Also when the server vanished mid-stream: resume after what was shown.
                 offset += write.count - before
             return EXIT_OK
+        except Cancelled:
+            raise
         except Exception as e:
             if write.count > before:
                 retry.reset()  # it got somewhere: a new episode of failures
@@ -145,8 +192,17 @@ async def read_stream(ctx: Context, job_id: str, stream: str, follow: bool,
                 servers = list(access.get("servers") or servers)
 
 
+async def _error_text(response: Any) -> str:
+    """An error answer's message (``{"error": {"message"}}``) or the start of its body."""
+    body = (await cancellable(treq.content(response)))[:300].decode("utf-8", "replace")
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body.strip()
+
+
 def add_arguments(p: Any) -> None:
-    p.add_argument("id", metavar="ID")
+    add_job_id(p)
     p.add_argument("--follow", "-f", action="store_true",
                    help="keep printing new output until the job's stream closes")
     p.add_argument("--stream", default="console", metavar="NAME",

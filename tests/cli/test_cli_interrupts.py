@@ -1,0 +1,144 @@
+"""SIGINT and SIGTERM sent to a real ``tml`` process following a job on the real
+switchboard: exit statuses 130 and 143, and what happens to the job."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+
+from tests.switchboard.peer import eventually
+
+pytestmark = pytest.mark.slow
+
+DIGEST = "sha256:" + "6" * 64
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class Tml(ProcessProtocol):
+    """``python -m treadmill.cli.main ARGS`` with its output collected."""
+
+    def __init__(self) -> None:
+        self.out = b""
+        self.err = b""
+        self.ended: Deferred[int | None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Any) -> None:
+        code = reason.value.exitCode if reason.check(ProcessDone, ProcessTerminated) else None
+        self.ended.callback(code)
+
+    @classmethod
+    def start(cls, switchboard: Any, *argv: str) -> Tml:
+        proto = cls()
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": "/nonexistent",
+               "TREADMILL_URL": switchboard.url, "TREADMILL_TOKEN": switchboard.admin_token,
+               "PYTHONPATH": ROOT}
+        args = [sys.executable, "-m", "treadmill.cli.main", *argv]
+        proto.transport = reactor.spawnProcess(proto, sys.executable, args, env=env)
+        return proto
+
+    async def following(self) -> str:
+        """Wait until it follows a job; return the job's id."""
+
+        async def started() -> str | None:
+            m = re.search(rb"tml: following job ([0-9a-f-]{36})", self.err)
+            return m.group(1).decode() if m else None
+
+        return await eventually(started, timeout=20)
+
+
+async def _interrupt(switchboard: Any, signal: str, *argv: str) -> tuple[Tml, str, int | None]:
+    tml = Tml.start(switchboard, *argv)
+    job_id = await tml.following()
+    tml.transport.signalProcess(signal)
+    code = await tml.ended.addTimeout(20, reactor)
+    return tml, job_id, code
+
+
+async def _job(switchboard: Any, job_id: str) -> dict[str, Any]:
+    return (await switchboard.admin.get(f"/api/v1/jobs/{job_id}")).body
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigint_cancels_the_job_of_job_run(switchboard) -> None:
+    tml, job_id, code = await _interrupt(switchboard, "INT", "job", "run", DIGEST,
+                                         "--tag", "nowhere")
+    err = tml.err.decode()
+    assert code == 130, err
+    assert f"tml: interrupted; cancelled job {job_id}" in err
+    assert "cannot reach" not in err and "retrying" not in err and "Traceback" not in err
+    assert err.rstrip().endswith("tml: interrupted (SIGINT)")
+    job = await _job(switchboard, job_id)
+    assert job["state"] == "terminated"
+    assert job["termination"]["reason"] == "user_terminated"
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_cancels_the_job_of_job_run_unless_kept(switchboard) -> None:
+    tml, job_id, code = await _interrupt(switchboard, "TERM", "job", "run", DIGEST,
+                                         "--tag", "nowhere")
+    assert code == 143, tml.err
+    assert (await _job(switchboard, job_id))["state"] == "terminated"
+
+    tml, job_id, code = await _interrupt(switchboard, "TERM", "job", "run", DIGEST,
+                                         "--tag", "nowhere", "--keep-on-interrupt")
+    err = tml.err.decode()
+    assert code == 143, err
+    assert f"tml job cancel {job_id}" in err.splitlines()
+    assert (await _job(switchboard, job_id))["state"] == "queued"
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_follow_interrupted_keeps_the_job_and_says_how_to_cancel(
+        switchboard) -> None:
+    tml, job_id, code = await _interrupt(switchboard, "INT", "job", "submit", DIGEST,
+                                         "--tag", "nowhere", "--follow")
+    err = tml.err.decode()
+    assert code == 130, err
+    lines = err.splitlines()
+    assert lines.count(f"tml job cancel {job_id}") == 2  # when it starts, and at the end
+    assert "cannot reach" not in err and "Traceback" not in err
+    assert tml.out.decode().splitlines()[0] == job_id
+    assert (await _job(switchboard, job_id))["state"] == "queued"
+
+
+def test_a_second_signal_ends_tml_at_once() -> None:
+    """The first signal cancels the command (which may clean up); the second forces."""
+    import signal
+    from types import SimpleNamespace
+
+    from treadmill.cli.main import Interrupts
+
+    forced: list[int] = []
+    cancelled: list[bool] = []
+    interrupts = Interrupts(forced.append)
+    ctx = SimpleNamespace(interrupted=None)
+    task: Deferred[int] = Deferred(lambda _: cancelled.append(True))
+    task.addErrback(lambda f: None)
+    interrupts.bind(ctx, task)  # type: ignore[arg-type]
+    interrupts.fire(signal.SIGTERM)
+    assert (ctx.interrupted, cancelled, forced) == (signal.SIGTERM, [True], [])
+    interrupts.fire(signal.SIGINT)
+    assert forced == [130]
+    # A signal before the command runs interrupts it as soon as it does.
+    early = Interrupts(forced.append)
+    early.fire(signal.SIGINT)
+    ctx2 = SimpleNamespace(interrupted=None)
+    task2: Deferred[int] = Deferred()
+    task2.addErrback(lambda f: None)
+    early.bind(ctx2, task2)  # type: ignore[arg-type]
+    assert ctx2.interrupted == signal.SIGINT and task2.called
