@@ -3,6 +3,7 @@ and sent to the supervisor in start_job."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -93,3 +94,36 @@ async def test_start_job_carries_the_patterns(switchboard: RunningSwitchboard) -
     job = (await admin.post("/api/v1/jobs", {"image": DIGEST, "results": TOCK})).body
     found = await switchboard.store.job_start(job["id"])
     assert found["results"] == TOCK
+
+
+@pytest_twisted.ensureDeferred
+async def test_tml_sets_patterns_on_images_and_jobs(switchboard: RunningSwitchboard) -> None:
+    import io
+
+    from twisted.internet import reactor
+
+    from treadmill.cli.main import run as tml
+
+    async def run(*args: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = await tml(reactor, ["--url", switchboard.url, "--token", switchboard.admin_token,
+                                   "--json", *args], out, err, {})
+        return code, out.getvalue(), err.getvalue()
+
+    await switchboard.register_store(STORE, "store")
+    code, out, err = await run("image", "register", "fw", DIGEST, "--store", STORE,
+                               "--results-pattern", "pass=^Failures: 0$",
+                               "--results-pattern", "fail=^Failures: [1-9]")
+    assert code == 0, err
+    assert json.loads(out)["results"] == UBOOT
+    code, out, err = await run("job", "submit", "fw", "--results-pattern", f"end={TOCK['end']}")
+    assert code == 0, err
+    job = (await switchboard.admin.get(f"/api/v1/jobs/{json.loads(out)['id']}")).body
+    assert job["results"]["patterns"] == {"end": TOCK["end"]}
+    code, out, err = await run("image", "update", "fw", "--no-results-patterns")
+    assert code == 0 and json.loads(out)["results"] is None, err
+    code, out, err = await run("job", "submit", "fw", "--results-pattern", "end=(a)\\1")
+    assert code == 2 and "not an RE2 regular expression" in err, err
+    code, out, err = await run("job", "submit", "fw", "--results-pattern", "end=a",
+                               "--results-pattern", "end=b")
+    assert code == 2 and "each KEY at most once" in err, err

@@ -264,6 +264,8 @@ def submit_body(ctx: Context) -> dict[str, Any]:
     for key in ("timeout", "queue_timeout", "max_restarts", "label"):
         if getattr(a, key) is not None:
             body[key] = getattr(a, key)
+    if (patterns := results_command.patterns_from(a)) is not None:
+        body["results"] = patterns
     return body
 
 
@@ -510,6 +512,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-timeout", type=duration, metavar="S", help="time allowed queued")
     p.add_argument("--max-restarts", type=non_negative_int, metavar="N")
     p.add_argument("--label", metavar="TEXT")
+    results_command.add_patterns_option(p, "the job (instead of its image's)")
     p.add_argument(
         "--follow",
         "-f",

@@ -18,10 +18,17 @@ from xml.etree import ElementTree
 
 from treadmill.cli import output
 from treadmill.cli.commands.logs import read_stream
-from treadmill.cli.context import EXIT_ERROR, EXIT_OK, Context, add_command
-from treadmill.protocol.results import STREAM, ResultsError, parse_line
+from treadmill.cli.context import EXIT_ERROR, EXIT_OK, Context, UsageError, add_command
+from treadmill.protocol.results import (
+    PATTERN_KEYS,
+    STREAM,
+    ResultsError,
+    check_patterns,
+    parse_line,
+)
 
-__all__ = ["EXIT_FAILED", "junit", "load", "register", "tap"]
+__all__ = ["EXIT_FAILED", "add_patterns_option", "junit", "load", "patterns_from",
+           "register", "tap"]
 
 EXIT_FAILED = 4
 """The summary says the run failed (or ended in error)."""
@@ -200,6 +207,37 @@ async def job_results(ctx: Context) -> int:
     if summary is None:
         return EXIT_ERROR
     return EXIT_OK if summary["result"] == "pass" else EXIT_FAILED
+
+
+def _pattern(text: str) -> tuple[str, str]:
+    """An argparse type: ``KEY=REGEX`` with KEY one of the pattern keys."""
+    key, sep, regex = text.partition("=")
+    if not sep or key not in PATTERN_KEYS:
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=REGEX with KEY one of {', '.join(PATTERN_KEYS)}, got {text!r}")
+    return key, regex
+
+
+def add_patterns_option(p: argparse.ArgumentParser, what: str) -> None:
+    """``--results-pattern KEY=REGEX`` (repeatable): console patterns (docs/results.md)."""
+    p.add_argument("--results-pattern", dest="results_patterns", action="append",
+                   type=_pattern, metavar="KEY=REGEX",
+                   help=f"a console pattern of {what} (KEY: {', '.join(PATTERN_KEYS)}; "
+                   "repeat; docs/results.md)")
+
+
+def patterns_from(args: argparse.Namespace) -> dict[str, str] | None:
+    """The console patterns of ``--results-pattern`` options, checked; None without any."""
+    given = getattr(args, "results_patterns", None)
+    if not given:
+        return None
+    patterns = dict(given)
+    if len(patterns) != len(given):
+        raise UsageError("--results-pattern: each KEY at most once")
+    try:
+        return check_patterns(patterns, "--results-pattern")
+    except ResultsError as e:
+        raise UsageError(str(e)) from None
 
 
 def register(job: Any, common: argparse.ArgumentParser) -> None:
