@@ -702,7 +702,8 @@ class JobRunner:
                 except Exception:
                     self.log.failure("{name}: console observer failed", name=self.name)
 
-    def _job_results(self, cur: _Current) -> JobResults | None:
+    def _job_results(self, cur: _Current) -> JobResults:
+        """The job's results: its console patterns, lines to the results observers."""
         job_id = cur.id
 
         def write(line: bytes) -> None:
