@@ -252,7 +252,7 @@ async def reach_a_vm_through_the_proxy(env: dict[str, str]) -> None:
     console`` reaches the guest, whose echo shows in the job's console log."""
     job_id = (await tml_json(["job", "submit", "demo", "--param", "hang=1"], env))["id"]
     found = await published(job_id, env, {"ssh", "console"}, 60.0)
-    assert (await banner(found["ssh"]["port"])).startswith(b"SSH-2.0-treadmill-test")
+    assert (await banner(found["ssh"]["port"])).startswith(b"SSH-2.0-dropbear")
 
     async def typed(local: int) -> bool:
         if not await type_line(local, b"hello from the proxy\n"):

@@ -14,11 +14,14 @@ The agent says::
     {"type": "exit", "status": 0, "message": "ok"}     the workload finished
     {"type": "service", "name": "ssh", "port": 22}     a TCP service listens on this port
     {"type": "get_parameters"}                         answered with "parameters"
+    {"type": "get_ssh_keys"}                           answered with "ssh_keys"
+    {"type": "ssh_host_key", "key": "ssh-ed25519 AAAA…"}   the guest's SSH host key
 
 The supervisor says ``welcome`` (``job``, ``protocol``), ``parameters``
 (``job``, ``parameters``: the job's parameters, secret values included, as
-strings) and ``error`` (``message``: a line it could not use; the channel
-stays open).
+strings), ``ssh_keys`` (``job``, ``keys``: the job's authorized keys, one
+``TYPE BASE64 USER`` line each; no line holds ``"``, ``,`` or ``]``) and
+``error`` (``message``: a line it could not use; the channel stays open).
 """
 
 from __future__ import annotations
@@ -50,19 +53,23 @@ SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
     "required": ["type"],
-    "properties": {"type": {"enum": ["hello", "ready", "exit", "service", "get_parameters"]}},
+    "properties": {"type": {"enum": ["hello", "ready", "exit", "service", "get_parameters",
+                                      "get_ssh_keys", "ssh_host_key"]}},
     "allOf": [
         {"if": {"properties": {"type": {"const": "hello"}}},
          "then": {"additionalProperties": False,
                   "properties": {"type": True,
                                  "agent": {"type": "string", "maxLength": 128}}}},
-        {"if": {"properties": {"type": {"enum": ["ready", "get_parameters"]}}},
+        {"if": {"properties": {"type": {"enum": ["ready", "get_parameters", "get_ssh_keys"]}}},
          "then": {"additionalProperties": False, "properties": {"type": True}}},
         {"if": {"properties": {"type": {"const": "exit"}}},
          "then": {"additionalProperties": False, "required": ["status"],
                   "properties": {"type": True,
                                  "status": {"type": "integer", "minimum": 0, "maximum": 255},
                                  "message": {"type": "string", "maxLength": 4096}}}},
+        {"if": {"properties": {"type": {"const": "ssh_host_key"}}},
+         "then": {"additionalProperties": False, "required": ["key"],
+                  "properties": {"type": True, "key": {"type": "string", "maxLength": 8192}}}},
         {"if": {"properties": {"type": {"const": "service"}}},
          "then": {"additionalProperties": False, "required": ["name", "port"],
                   "properties": {"type": True, "name": _NAME,
@@ -109,6 +116,10 @@ def parameters(job_id: str, values: dict[str, Any]) -> dict[str, Any]:
                            for k, v in values.items()}}
 
 
+def ssh_keys(job_id: str, keys: list[str]) -> dict[str, Any]:
+    return {"type": "ssh_keys", "job": job_id, "keys": list(keys)}
+
+
 def error(message: str) -> dict[str, Any]:
     return {"type": "error", "message": message}
 
@@ -116,11 +127,13 @@ def error(message: str) -> dict[str, Any]:
 class AgentHandler:
     """What a driver does with the agent's messages; override what it needs.
 
-    ``job_id`` and ``job_parameters`` answer ``hello`` and ``get_parameters``.
+    ``job_id``, ``job_parameters`` and ``job_ssh_keys`` answer ``hello``,
+    ``get_parameters`` and ``get_ssh_keys``.
     """
 
     job_id: str = ""
     job_parameters: dict[str, Any] = {}
+    job_ssh_keys: list[str] = []
 
     def agent_ready(self) -> None:
         """The agent said ``ready``."""
@@ -130,6 +143,9 @@ class AgentHandler:
 
     def agent_service(self, name: str, port: int) -> None:
         """The agent announced a service on ``port`` inside the host."""
+
+    def agent_ssh_host_key(self, key: str) -> None:
+        """The agent reported one of the guest's SSH host public keys (unchecked text)."""
 
     def agent_invalid(self, problem: str) -> None:
         """The agent sent a line that is not a valid message."""
@@ -149,6 +165,10 @@ def dispatch(handler: AgentHandler, message: dict[str, Any],
         handler.agent_service(message["name"], message["port"])
     elif kind == "get_parameters":
         reply(parameters(handler.job_id, handler.job_parameters))
+    elif kind == "get_ssh_keys":
+        reply(ssh_keys(handler.job_id, handler.job_ssh_keys))
+    elif kind == "ssh_host_key":
+        handler.agent_ssh_host_key(message["key"])
 
 
 class _Lines:

@@ -103,6 +103,10 @@ class IJobReporter(Interface):
         ``[a-z][a-z0-9_-]{0,31}``; ``ssh`` is what ``tml job ssh`` uses,
         ``console`` a console bridge."""
 
+    def ssh_host_keys(keys: list[str]) -> None:
+        """The guest's SSH host public keys (``TYPE BASE64`` lines), as its agent
+        reported them; the switchboard shows them for host-key checking."""
+
 
 class IHostDriver(Interface):
     """One host, run for one job at a time."""
