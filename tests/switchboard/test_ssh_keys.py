@@ -171,3 +171,19 @@ async def test_job_keys_are_the_owners_and_managers(switchboard: RunningSwitchbo
     keys = await store.job_ssh_keys(job)
     assert sorted(k.split()[2] for k in keys) == ["dan", "erin"]
     assert {" ".join(k.split()[:2]) for k in keys} == {lines["dan"], lines["erin"]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_say_what_and_keep_nothing(switchboard: RunningSwitchboard) -> None:
+    from tests.switchboard.test_authz_matrix import _new_ssh_key
+
+    dora = await switchboard.user("dora")
+    r = await dora.get("/api/v1/keys?user=admin")
+    assert r.status == 403 and "SSH keys" in r.body["error"]["message"]
+    r = await dora.post("/api/v1/keys", {"key": "ssh-ed25519 AAAA!!!! dora"})
+    assert r.status == 400 and "AAAA!!!!" not in r.body["error"]["message"]
+    r = await dora.post("/api/v1/keys", raw=b"ssh-ed25519 AAAA")
+    assert r.status in (400, 415)
+    assert (await dora.get("/api/v1/keys")).body == {"keys": []}
+    ok = await dora.post("/api/v1/keys", {"key": _new_ssh_key()})
+    assert ok.status == 201

@@ -443,7 +443,7 @@ class SwitchboardAPI:
     @app.route("/api/v1/keys", methods=["GET"])
     async def list_ssh_keys(self, request: IRequest) -> bytes:
         principal = await self.auth.principal(request)
-        user_id = await self._target_user(principal, _arg(request, "user"))
+        user_id = await self._key_owner(principal, _arg(request, "user"))
         rows = await self.store.list_ssh_keys(user_id)
         return respond(request, {"keys": [views.ssh_key(row) for row in rows]})
 
@@ -451,7 +451,7 @@ class SwitchboardAPI:
     async def add_ssh_key(self, request: IRequest) -> bytes:
         principal = await self.auth.principal(request)
         body = read_json(request, schemas.SSH_KEY_CREATE)
-        user_id = await self._target_user(principal, _arg(request, "user"))
+        user_id = await self._key_owner(principal, _arg(request, "user"))
         try:
             key = sshkeys.parse(body["key"])
         except sshkeys.BadKey as e:
@@ -459,6 +459,11 @@ class SwitchboardAPI:
         row = await self.store.add_ssh_key(user_id, key.type, key.body, key.comment,
                                            key.fingerprint, MAX_SSH_KEYS)
         return respond(request, views.ssh_key(row), 201)
+
+    async def _key_owner(self, principal: Principal, name: str | None) -> int:
+        if name is not None and name.lower() != principal.name.lower() and not principal.admin:
+            raise ApiError(403, "only admins may act on other users' SSH keys")
+        return await self._target_user(principal, name)
 
     @app.route("/api/v1/keys/<key_id>", methods=["DELETE"])
     async def delete_ssh_key(self, request: IRequest, key_id: str) -> bytes:
