@@ -364,3 +364,34 @@ async def test_connect_stdio_for_ssh_proxy_command(proxy: Running, keys: Keys) -
     finally:
         await manager.close()
         await echo.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_job_ssh_proxy_command_tunnels_stdio(proxy: Running, keys: Keys) -> None:
+    """``tml job ssh --proxy-command JOB``: what ssh, scp and rsync run as ProxyCommand."""
+    runner = STDIO_RUNNER.replace("add_connect_arguments, job_connect",
+                                  "add_ssh_arguments, job_ssh").replace(
+        "add_connect_arguments(parser)", "add_ssh_arguments(parser)").replace(
+        '["job-1", "echo", "--stdio"]', '["--proxy-command", "--service", "echo", "job-1"]'
+    ).replace("job_connect(ctx)", "job_ssh(ctx)")
+    assert "job_connect" not in runner and '"--proxy-command"' in runner
+    echo = listen_echo(reactor)
+    manager, endpoints = await published(proxy, keys, {"echo": ("127.0.0.1",
+                                                                echo.getHost().port)})
+    try:
+        pipe = _Pipe()
+        process = reactor.spawnProcess(
+            pipe, sys.executable, [sys.executable, "-c", runner, json.dumps(a_job(endpoints))],
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        payload = os.urandom(256 * 1024)
+        process.write(payload)
+        await eventually(lambda: len(pipe.out) >= len(payload) or pipe.ended.called,
+                         timeout=20)
+        process.closeStdin()
+        ended = pipe.ended
+        ended.addTimeout(10, reactor)
+        assert await ended == 0, pipe.err.decode()
+        assert pipe.out == payload
+    finally:
+        await manager.close()
+        await echo.stopListening()
