@@ -260,6 +260,11 @@ async def reach_a_vm_through_the_proxy(env: dict[str, str]) -> None:
         await register_ssh_key(keys, env)
     job_id = (await tml_json(["job", "submit", "demo", "--param", "hang=1"], env))["id"]
     found = await published(job_id, env, {"ssh", "console"}, 60.0)
+
+    async def ready() -> bool:  # the guest starts its SSH server before saying ready
+        return (await tml_json(["job", "show", job_id], env))["state"] == "ready"
+
+    await eventually_async(ready, 60.0)
     assert (await banner(found["ssh"]["port"])).startswith(b"SSH-2.0-dropbear")
     if ssh_keys:
         await ssh_into_the_vm(job_id, keys, env)
