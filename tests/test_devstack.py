@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -16,10 +17,13 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.daemons import _Output, free_port, run_python
 from tests.proxy.support import echo_client, echo_once, free_range
 from treadmill.cli.main import run as tml
+from treadmill.protocol import supervisor as protocol
 
 FAST = [f"mock.stages.{stage}=0" for stage in
         ("starting", "fetching_image", "allocating", "provisioning", "booting")]
@@ -250,9 +254,21 @@ async def reach_a_vm_through_the_proxy(env: dict[str, str]) -> None:
     """A QEMU job's SSH port and console are published on the proxy: the guest's SSH
     banner answers on the public port, and a line typed through ``tml job connect JOB
     console`` reaches the guest, whose echo shows in the job's console log."""
+    keys = Path(tempfile.mkdtemp(prefix="tml-ssh-test-"))
+    ssh_keys = SSH_KEYS_FLOW and shutil.which("ssh") and shutil.which("ssh-keygen")
+    if ssh_keys:  # registered before the job starts: its start carries them
+        await register_ssh_key(keys, env)
     job_id = (await tml_json(["job", "submit", "demo", "--param", "hang=1"], env))["id"]
     found = await published(job_id, env, {"ssh", "console"}, 60.0)
-    assert (await banner(found["ssh"]["port"])).startswith(b"SSH-2.0-treadmill-test")
+
+    async def ready() -> bool:  # the guest starts its SSH server before saying ready
+        return (await tml_json(["job", "show", job_id], env))["state"] == "ready"
+
+    await eventually_async(ready, 60.0)
+    assert (await banner(found["ssh"]["port"])).startswith(b"SSH-2.0-dropbear")
+    if ssh_keys:
+        await ssh_into_the_vm(job_id, keys, env)
+    shutil.rmtree(keys, ignore_errors=True)
 
     async def typed(local: int) -> bool:
         if not await type_line(local, b"hello from the proxy\n"):
@@ -268,6 +284,69 @@ async def reach_a_vm_through_the_proxy(env: dict[str, str]) -> None:
         return (await tml_json(["job", "show", job_id], env))["state"] == "terminated"
 
     await eventually_async(ended, 60.0)
+
+
+SSH_KEYS_FLOW = protocol.MINOR >= protocol.SSH_KEYS_MINOR
+"""Keys reach jobs (and host keys come back) from protocol minor 5 on."""
+
+
+async def run_tml(argv: list[str], env: dict[str, str]) -> tuple[str, str, int]:
+    """``tml ARGV`` in a child process (its ssh writes to the real standard output)."""
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable, ["-m", "treadmill.cli.main", *argv], env={**os.environ, **env})
+    return out.decode(errors="replace"), err.decode(errors="replace"), code
+
+
+async def register_ssh_key(keys: Path, env: dict[str, str]) -> None:
+    await deferToThread(subprocess.run, ["ssh-keygen", "-q", "-t", "ed25519", "-N", "",
+                                         "-f", str(keys / "id")], check=True)
+    out, err, code = await run_tml(["key", "add", str(keys / "id.pub")], env)
+    assert code == 0, out + err
+
+
+async def ssh_into_the_vm(job_id: str, keys: Path, env: dict[str, str]) -> None:
+    """Through the proxy: ``tml job ssh JOB -- uname -a`` runs in the guest; ``scp`` of
+    10 MB with ``--proxy-command`` arrives whole; a tampered host key is refused."""
+    async def host_keys() -> bool:
+        return bool((await tml_json(["job", "show", job_id], env))["ssh_host_keys"])
+
+    await eventually_async(host_keys, 60.0)
+    login = ["-i", str(keys / "id"), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+             "-o", "ConnectTimeout=30"]
+    out, err, code = await run_tml(["job", "ssh", job_id, *login, "uname", "-a"], env)
+    assert code == 0, err
+    assert out.startswith("Linux ") and "cloud-amd64" in out, out
+    out, err, code = await run_tml(["job", "ssh", job_id, *login, "exit 5"], env)
+    assert code == 5, err  # the remote command's status
+
+    known, err, code = await run_tml(["job", "ssh", "--known-hosts", job_id], env)
+    assert code == 0, err
+    (keys / "known_hosts").write_text(known)
+    blob = keys / "blob"
+    await deferToThread(blob.write_bytes, os.urandom(10 * 1024 * 1024))
+    tml_cmd = f"{sys.executable} -m treadmill.cli.main job ssh --proxy-command %h"
+    scp = ["scp", "-O", "-q", *login, "-F", "/dev/null", "-o", f"ProxyCommand={tml_cmd}",
+           "-o", f"UserKnownHostsFile={keys / 'known_hosts'}",
+           "-o", "GlobalKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=yes"]
+    out, err, code = await getProcessOutputAndValue(
+        "/usr/bin/scp", [*scp[1:], str(blob), f"root@{job_id}:/tmp/blob"],
+        env={**os.environ, **env})
+    assert code == 0, err.decode(errors="replace")
+    out, err, code = await run_tml(["job", "ssh", job_id, *login, "sha256sum /tmp/blob"], env)
+    assert code == 0, err
+    assert out.split()[0] == hashlib.sha256(blob.read_bytes()).hexdigest()
+
+    # Tamper with the published host key: ssh refuses the guest before logging in.
+    other = await deferToThread(subprocess.run, ["ssh-keygen", "-q", "-t", "ed25519", "-N", "",
+                                                 "-f", str(keys / "other")], check=True)
+    assert other.returncode == 0
+    wrong = " ".join((keys / "other.pub").read_text().split()[:2])
+    (keys / "known_hosts").write_text(f"{job_id} {wrong}\n")
+    out, err, code = await getProcessOutputAndValue(
+        "/usr/bin/ssh", [*scp[3:], f"root@{job_id}", "echo logged-in"],
+        env={**os.environ, **env})
+    assert code == 255 and b"logged-in" not in out, err
+    assert b"Host key verification failed" in err or b"CHANGED" in err, err
 
 
 async def banner(port: int) -> bytes:

@@ -34,6 +34,7 @@ from tests.proxy.support import (
     start_proxy,
     tcp_transfer,
 )
+from tests.switchboard.test_authz_matrix import _new_ssh_key
 from treadmill.cli.commands.connect import (
     add_connect_arguments,
     add_ssh_arguments,
@@ -89,7 +90,8 @@ WS_ONLY = {"service": "ssh", "proxy": "wss://p2.example",
 def test_the_ssh_command_for_a_tcp_endpoint() -> None:
     ctx = context(add_ssh_arguments, ["-l", "alice", "job-1", "-v", "uptime"],
                   a_job([TCP]))
-    assert ssh_command(ctx, [TCP]) == ["ssh", "-o", "HostKeyAlias=tml-job-job-1", "-p",
+    assert ssh_command(ctx, [TCP]) == ["ssh", "-o", "HostKeyAlias=tml-job-job-1",
+                                       "-o", "StrictHostKeyChecking=yes", "-p",
                                        "40001", "alice@p1.example", "-v", "uptime"]
 
 
@@ -98,7 +100,7 @@ def test_the_ssh_command_for_a_websocket_endpoint_uses_a_proxy_command() -> None
                   env={"TREADMILL_SSH_USER": "tester", "TML_SSH": "/opt/ssh"})
     argv = ssh_command(ctx, [WS_ONLY])
     assert argv[0] == "/opt/ssh" and argv[-1] == "tester@tml-job-job-1"
-    proxy_command = argv[argv.index("-o", 3) + 1]
+    proxy_command = argv[argv.index("-o", 5) + 1]
     assert proxy_command.startswith("ProxyCommand=")
     assert proxy_command.endswith("-m treadmill.cli.main job connect job-1 ssh --stdio")
 
@@ -108,18 +110,52 @@ async def test_job_ssh_runs_ssh_and_returns_its_status(tmp_path: Path) -> None:
     fake = tmp_path / "ssh"
     record = tmp_path / "argv.json"
     fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                    f"json.dump([sys.argv[1:], os.environ.get('TREADMILL_TOKEN')], "
+                    "known = [a.split('=', 1)[1] for a in sys.argv if "
+                    "a.startswith('UserKnownHostsFile=')]\n"
+                    "text = open(known[0]).read() if known else None\n"
+                    f"json.dump([sys.argv[1:], os.environ.get('TREADMILL_TOKEN'), text], "
                     f"open({str(record)!r}, 'w'))\nsys.exit(7)\n")
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     other = {**TCP, "service": "console", "port": 40002}
-    ctx = context(add_ssh_arguments, ["job-1", "--", "uname", "-a"], a_job([other, TCP]),
+    host_key = _new_ssh_key()
+    job = {**a_job([other, TCP]), "ssh_host_keys": ["ssh-rsa AAAA", host_key]}
+    ctx = context(add_ssh_arguments, ["job-1", "--", "uname", "-a"], job,
                   env={"TML_SSH": str(fake), "PATH": os.environ["PATH"]})
     assert await job_ssh(ctx) == 7
-    argv, token = json.loads(record.read_text())
-    assert argv == ["-o", "HostKeyAlias=tml-job-job-1", "-p", "40001", "root@p1.example",
-                    "uname", "-a"]
+    argv, token, known_hosts = json.loads(record.read_text())
+    path = argv[5].split("=", 1)[1]
+    assert argv == ["-o", "HostKeyAlias=tml-job-job-1", "-o", "StrictHostKeyChecking=yes",
+                    "-o", f"UserKnownHostsFile={path}", "-o", "GlobalKnownHostsFile=/dev/null",
+                    "-p", "40001", "root@p1.example", "uname", "-a"]
+    assert known_hosts == f"tml-job-job-1 {host_key}\n"  # only the well-formed key
+    assert not os.path.exists(path)  # removed once ssh ended
     assert token == "tmt_secret"  # for a ProxyCommand's tml
     assert ctx.api.calls == [("jobs", "job-1")]  # type: ignore[attr-defined]
+
+    # Without a reported host key, ssh checks against the user's own known_hosts,
+    # still strictly: never trust on first use.
+    ctx = context(add_ssh_arguments, ["job-1"], a_job([TCP]),
+                  env={"TML_SSH": str(fake), "PATH": os.environ["PATH"]})
+    assert await job_ssh(ctx) == 7
+    argv, _, known_hosts = json.loads(record.read_text())
+    assert argv == ["-o", "HostKeyAlias=tml-job-job-1", "-o", "StrictHostKeyChecking=yes",
+                    "-p", "40001", "root@p1.example"]
+    assert "has not reported an SSH host key" in ctx.stderr.getvalue()
+
+
+@pytest_twisted.ensureDeferred
+async def test_job_ssh_known_hosts() -> None:
+    host_key = _new_ssh_key()
+    ctx = context(add_ssh_arguments, ["--known-hosts", "job-1"],
+                  {**a_job([TCP]), "ssh_host_keys": [host_key]})
+    assert await job_ssh(ctx) == 0
+    assert ctx.stdout.getvalue() == f"job-1,tml-job-job-1 {host_key}\n"
+    ctx = context(add_ssh_arguments, ["--known-hosts", "job-1"], a_job([TCP]))
+    with pytest.raises(CommandError, match="not reported an SSH host key"):
+        await job_ssh(ctx)
+    ctx = context(add_ssh_arguments, ["--proxy-command", "job-1", "uname"], a_job([TCP]))
+    with pytest.raises(CommandError, match="take no ssh arguments"):
+        await job_ssh(ctx)
 
 
 @pytest_twisted.ensureDeferred
@@ -127,12 +163,13 @@ async def test_job_ssh_print_command() -> None:
     ctx = context(add_ssh_arguments, ["--print-command", "--proxy", "p1", "job-1"],
                   a_job([WS_ONLY, TCP]))
     assert await job_ssh(ctx) == 0
-    assert ctx.stdout.getvalue() == ("ssh -o HostKeyAlias=tml-job-job-1 -p 40001 "
-                                     "root@p1.example\n")
+    assert ctx.stdout.getvalue() == ("ssh -o HostKeyAlias=tml-job-job-1 "
+                                     "-o StrictHostKeyChecking=yes -p 40001 root@p1.example\n")
     ctx = context(add_ssh_arguments, ["--print-command", "--json", "job-1"], a_job([TCP]))
     assert await job_ssh(ctx) == 0
     assert json.loads(ctx.stdout.getvalue()) == {"argv": [
-        "ssh", "-o", "HostKeyAlias=tml-job-job-1", "-p", "40001", "root@p1.example"]}
+        "ssh", "-o", "HostKeyAlias=tml-job-job-1", "-o", "StrictHostKeyChecking=yes", "-p",
+        "40001", "root@p1.example"]}
 
 
 @pytest.mark.parametrize(("job", "argv", "words"), [
@@ -323,6 +360,37 @@ async def test_connect_stdio_for_ssh_proxy_command(proxy: Running, keys: Keys) -
         except Exception:
             raise AssertionError(f"out {len(pipe.out)}: {pipe.err.decode()}") from None
         assert status == 0, pipe.err.decode()
+        assert pipe.out == payload
+    finally:
+        await manager.close()
+        await echo.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_job_ssh_proxy_command_tunnels_stdio(proxy: Running, keys: Keys) -> None:
+    """``tml job ssh --proxy-command JOB``: what ssh, scp and rsync run as ProxyCommand."""
+    runner = STDIO_RUNNER.replace("add_connect_arguments, job_connect",
+                                  "add_ssh_arguments, job_ssh").replace(
+        "add_connect_arguments(parser)", "add_ssh_arguments(parser)").replace(
+        '["job-1", "echo", "--stdio"]', '["--proxy-command", "--service", "echo", "job-1"]'
+    ).replace("job_connect(ctx)", "job_ssh(ctx)")
+    assert "job_connect" not in runner and '"--proxy-command"' in runner
+    echo = listen_echo(reactor)
+    manager, endpoints = await published(proxy, keys, {"echo": ("127.0.0.1",
+                                                                echo.getHost().port)})
+    try:
+        pipe = _Pipe()
+        process = reactor.spawnProcess(
+            pipe, sys.executable, [sys.executable, "-c", runner, json.dumps(a_job(endpoints))],
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        payload = os.urandom(256 * 1024)
+        process.write(payload)
+        await eventually(lambda: len(pipe.out) >= len(payload) or pipe.ended.called,
+                         timeout=20)
+        process.closeStdin()
+        ended = pipe.ended
+        ended.addTimeout(10, reactor)
+        assert await ended == 0, pipe.err.decode()
         assert pipe.out == payload
     finally:
         await manager.close()

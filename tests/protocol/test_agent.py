@@ -92,3 +92,33 @@ def test_console_framing_passes_every_byte_on_and_finds_agent_lines() -> None:
     assert sent[0].startswith(agent.CONSOLE_PREFIX) and sent[0].endswith(b"\n")
     assert json.loads(sent[0][len(agent.CONSOLE_PREFIX):])["type"] == "parameters"
     assert json.loads(sent[1][len(agent.CONSOLE_PREFIX):])["type"] == "error"
+
+
+class KeysHandler(Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.job_ssh_keys = ["ssh-ed25519 AAAAC3Nza alice"]
+
+    def agent_ssh_host_key(self, key: str) -> None:
+        self.calls.append(("host_key", key))
+
+
+def test_ssh_keys_are_handed_out_and_host_keys_reported() -> None:
+    handler = KeysHandler()
+    proto = agent.AgentProtocol(handler)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b'{"type":"get_ssh_keys"}\n'
+                       b'{"type":"ssh_host_key","key":"ssh-ed25519 AAAA"}\n'
+                       b'{"type":"ssh_host_key"}\n{"type":"get_ssh_keys","x":1}\n'
+                       b'{"type":"ssh_host_key","key":"' + b"A" * 9000 + b'"}\n')
+    assert handler.calls[0] == ("host_key", "ssh-ed25519 AAAA")
+    assert [kind for kind, _ in handler.calls[1:]] == ["invalid"] * 3
+    answers = replies(transport)
+    assert answers[0] == {"type": "ssh_keys", "job": "job-1",
+                          "keys": ["ssh-ed25519 AAAAC3Nza alice"]}
+    assert [a["type"] for a in answers[1:]] == ["error"] * 3
+    # A handler without keys (an older driver) answers an empty list.
+    proto, _, transport = channel()
+    proto.dataReceived(b'{"type":"get_ssh_keys"}\n')
+    assert replies(transport) == [{"type": "ssh_keys", "job": "job-1", "keys": []}]

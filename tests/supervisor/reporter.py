@@ -26,6 +26,7 @@ class Recorder:
         self.console_bytes = b""
         self.offered: list[dict[str, tuple[str, int]]] = []
         self.results: list[dict[str, Any]] = []
+        self.host_keys: list[list[str]] = []
         self._ended: Deferred[tuple[str, tuple[Any, ...]]] = Deferred()
         self._ready: Deferred[None] = Deferred()
         self._console_waiters: list[tuple[bytes, Deferred[None]]] = []
@@ -79,6 +80,9 @@ class Recorder:
 
     def result(self, message: dict[str, Any]) -> None:
         self.results.append(dict(message))
+
+    def ssh_host_keys(self, keys: list[str]) -> None:
+        self.host_keys.append(list(keys))
 
     def console_has(self, text: bytes) -> Deferred[None]:
         """Fires once the console output contains ``text``."""

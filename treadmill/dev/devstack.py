@@ -527,6 +527,7 @@ Use it from another shell:
             text += """  tml job submit demo --follow      # boots on qemu-1 (the host tag)
   tml job submit demo --param exit_status=3 --follow
   tml job submit demo --param hang=1    # then: tml job connect JOB_ID console
+  tml key add ~/.ssh/id_ed25519.pub     # before submitting: then tml job ssh JOB_ID
 """
         return text
 

@@ -17,11 +17,14 @@ The agent says::
     {"type": "test_case", "name": "boot", "result": "pass", "duration": 0.5}
                                                        one test's outcome (docs/results.md)
     {"type": "summary", "result": "pass"}              the run's verdict (before ``exit``)
+    {"type": "get_ssh_keys"}                           answered with "ssh_keys"
+    {"type": "ssh_host_key", "key": "ssh-ed25519 AAAA…"}   the guest's SSH host key
 
 The supervisor says ``welcome`` (``job``, ``protocol``), ``parameters``
 (``job``, ``parameters``: the job's parameters, secret values included, as
-strings) and ``error`` (``message``: a line it could not use; the channel
-stays open).
+strings), ``ssh_keys`` (``job``, ``keys``: the job's authorized keys, one
+``TYPE BASE64 USER`` line each; no line holds ``"``, ``,`` or ``]``) and
+``error`` (``message``: a line it could not use; the channel stays open).
 """
 
 from __future__ import annotations
@@ -55,19 +58,23 @@ SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["type"],
     "properties": {"type": {"enum": ["hello", "ready", "exit", "service", "get_parameters",
-                                     "test_case", "summary"]}},
+                                     "test_case", "summary", "get_ssh_keys",
+                                     "ssh_host_key"]}},
     "allOf": [
         {"if": {"properties": {"type": {"const": "hello"}}},
          "then": {"additionalProperties": False,
                   "properties": {"type": True,
                                  "agent": {"type": "string", "maxLength": 128}}}},
-        {"if": {"properties": {"type": {"enum": ["ready", "get_parameters"]}}},
+        {"if": {"properties": {"type": {"enum": ["ready", "get_parameters", "get_ssh_keys"]}}},
          "then": {"additionalProperties": False, "properties": {"type": True}}},
         {"if": {"properties": {"type": {"const": "exit"}}},
          "then": {"additionalProperties": False, "required": ["status"],
                   "properties": {"type": True,
                                  "status": {"type": "integer", "minimum": 0, "maximum": 255},
                                  "message": {"type": "string", "maxLength": 4096}}}},
+        {"if": {"properties": {"type": {"const": "ssh_host_key"}}},
+         "then": {"additionalProperties": False, "required": ["key"],
+                  "properties": {"type": True, "key": {"type": "string", "maxLength": 8192}}}},
         {"if": {"properties": {"type": {"const": "service"}}},
          "then": {"additionalProperties": False, "required": ["name", "port"],
                   "properties": {"type": True, "name": _NAME,
@@ -121,6 +128,10 @@ def parameters(job_id: str, values: dict[str, Any]) -> dict[str, Any]:
                            for k, v in values.items()}}
 
 
+def ssh_keys(job_id: str, keys: list[str]) -> dict[str, Any]:
+    return {"type": "ssh_keys", "job": job_id, "keys": list(keys)}
+
+
 def error(message: str) -> dict[str, Any]:
     return {"type": "error", "message": message}
 
@@ -128,11 +139,13 @@ def error(message: str) -> dict[str, Any]:
 class AgentHandler:
     """What a driver does with the agent's messages; override what it needs.
 
-    ``job_id`` and ``job_parameters`` answer ``hello`` and ``get_parameters``.
+    ``job_id``, ``job_parameters`` and ``job_ssh_keys`` answer ``hello``,
+    ``get_parameters`` and ``get_ssh_keys``.
     """
 
     job_id: str = ""
     job_parameters: dict[str, Any] = {}
+    job_ssh_keys: list[str] = []
 
     def agent_ready(self) -> None:
         """The agent said ``ready``."""
@@ -142,6 +155,9 @@ class AgentHandler:
 
     def agent_service(self, name: str, port: int) -> None:
         """The agent announced a service on ``port`` inside the host."""
+
+    def agent_ssh_host_key(self, key: str) -> None:
+        """The agent reported one of the guest's SSH host public keys (unchecked text)."""
 
     def agent_invalid(self, problem: str) -> None:
         """The agent sent a line that is not a valid message."""
@@ -167,6 +183,10 @@ def dispatch(handler: AgentHandler, message: dict[str, Any],
         reply(parameters(handler.job_id, handler.job_parameters))
     elif kind in ("test_case", "summary"):
         handler.agent_result(message)
+    elif kind == "get_ssh_keys":
+        reply(ssh_keys(handler.job_id, handler.job_ssh_keys))
+    elif kind == "ssh_host_key":
+        handler.agent_ssh_host_key(message["key"])
 
 
 class _Lines:

@@ -32,7 +32,9 @@ MAJOR = 1
 MINOR = 5
 """1: ``JobStart.log_servers``; 2: ``JobStart.proxies`` and ``job_endpoints``;
 3: ``snapshot_job`` and ``snapshot_result``; 4: the ack error ``unavailable``;
-5: ``JobStart.results``."""
+5: ``JobStart.results``, ``JobStart.ssh_keys`` and ``job_endpoints.ssh_host_keys``."""
+SSH_KEYS_MINOR = 5
+"""The minor that brings ``JobStart.ssh_keys`` and ``job_endpoints.ssh_host_keys``."""
 SUBPROTOCOL = f"treadmill.supervisor.v{MAJOR}"
 MINOR_HEADER = "x-treadmill-protocol-minor"
 PATH = "/api/v1/supervisor"
@@ -144,11 +146,15 @@ def job_event(request_id: int, job_id: str, state: str, *, stage: str | None = N
     return event
 
 
-def job_endpoints(request_id: int, job_id: str,
-                  endpoints: list[dict[str, Any]]) -> dict[str, Any]:
-    """The job's public endpoints now (the whole list; empty when none)."""
-    return {"type": "job_endpoints", "request_id": request_id, "job_id": job_id,
-            "endpoints": endpoints}
+def job_endpoints(request_id: int, job_id: str, endpoints: list[dict[str, Any]], *,
+                  ssh_host_keys: list[str] | None = None) -> dict[str, Any]:
+    """The job's public endpoints now (the whole list; empty when none), and the
+    guest's SSH host keys if known (minor 5)."""
+    message: dict[str, Any] = {"type": "job_endpoints", "request_id": request_id,
+                               "job_id": job_id, "endpoints": endpoints}
+    if ssh_host_keys:
+        message["ssh_host_keys"] = ssh_host_keys
+    return message
 
 
 def snapshot_job(request_id: int, snapshot_id: str, job_id: str, repository: str,

@@ -160,6 +160,9 @@ class _Reporter:
     def result(self, message: dict[str, Any]) -> None:
         self._call("result", dict(message))
 
+    def ssh_host_keys(self, keys: list[str]) -> None:
+        self._call("ssh_host_keys", list(keys))
+
 
 @dataclass(eq=False)
 class _Current:
@@ -270,6 +273,9 @@ class JobRunner:
         # The current job's public endpoints until the switchboard acknowledged them.
         self._endpoints: tuple[str, list[dict[str, Any]]] | None = None
         self._endpoints_sent: tuple[int, tuple[str, list[dict[str, Any]]]] | None = None
+        # The current job's last endpoints and the guest's SSH host keys (sent with them).
+        self._last_endpoints: tuple[str, list[dict[str, Any]]] | None = None
+        self._ssh_host_keys: tuple[str, list[str]] | None = None
         # Snapshots: those under way, and the results not yet acknowledged (by id).
         self._snapshots: dict[str, Deferred[Any]] = {}
         self._snapshot_results: dict[str, dict[str, Any]] = {}
@@ -318,6 +324,7 @@ class JobRunner:
         if cur is None or cur.id != job_id:
             return
         self._endpoints = (job_id, [dict(e) for e in endpoints])
+        self._last_endpoints = self._endpoints
         self._send_endpoints()
 
     def _send_endpoints(self) -> None:
@@ -327,7 +334,11 @@ class JobRunner:
         if getattr(session, "minor", protocol.MINOR) < 2:
             return  # the switchboard cannot take them
         rid = session.next_request_id()
-        if session.send(protocol.job_endpoints(rid, *pending)):
+        keys = self._ssh_host_keys
+        host_keys = (keys[1] if keys is not None and keys[0] == pending[0]
+                     and getattr(session, "minor", protocol.MINOR) >= protocol.SSH_KEYS_MINOR
+                     else None)
+        if session.send(protocol.job_endpoints(rid, *pending, ssh_host_keys=host_keys)):
             self._endpoints_sent = (rid, pending)
             self._later(self._backoff(0), self._endpoints_unacked, session, rid)
 
@@ -754,6 +765,16 @@ class JobRunner:
             except Exception:
                 self.log.failure("{name}: service observer failed", name=self.name)
 
+    def _on_ssh_host_keys(self, cur: _Current, keys: list[str]) -> None:
+        """The guest reported its SSH host keys: send them with the endpoints (minor 5)."""
+        if self._ssh_host_keys == (cur.id, keys):
+            return
+        self._ssh_host_keys = (cur.id, keys)
+        last = self._last_endpoints
+        self._endpoints = (cur.id, list(last[1]) if last is not None and last[0] == cur.id
+                           else [])
+        self._send_endpoints()
+
     def _notify_start(self, job: dict[str, Any]) -> None:
         for observer in list(self.start_observers):
             try:
@@ -827,6 +848,7 @@ class JobRunner:
             self._services = {}
         if self._endpoints is not None and self._endpoints[0] == cur.id:
             self._endpoints = None
+        self._last_endpoints = self._ssh_host_keys = None
         self._emit(**final, clear_current=True, ended=list(self._ended))
 
     @staticmethod

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
+from treadmill.common import sshkeys
 from treadmill.common.captoken import Access, CapabilitySigner, bearer_token
 from treadmill.common.http import (
     ApiError,
@@ -125,6 +126,8 @@ def _uuid_arg(value: str, name: str) -> str:
 
 
 _ID_PREFIX = re.compile(r"[0-9a-fA-F-]{1,36}")
+MAX_SSH_KEYS = 32
+"""SSH public keys a user may register."""
 
 
 def _id_range(prefix: str) -> tuple[str, str]:
@@ -494,6 +497,39 @@ class SwitchboardAPI:
         row = await self.store.revoke_token(token_id)
         self.auth.invalidate()
         return respond(request, views.token(row))
+
+    @app.route("/api/v1/keys", methods=["GET"])
+    async def list_ssh_keys(self, request: IRequest) -> bytes:
+        principal = await self.auth.principal(request)
+        user_id = await self._key_owner(principal, _arg(request, "user"))
+        rows = await self.store.list_ssh_keys(user_id)
+        return respond(request, {"keys": [views.ssh_key(row) for row in rows]})
+
+    @app.route("/api/v1/keys", methods=["POST"])
+    async def add_ssh_key(self, request: IRequest) -> bytes:
+        principal = await self.auth.principal(request)
+        body = read_json(request, schemas.SSH_KEY_CREATE)
+        user_id = await self._key_owner(principal, _arg(request, "user"))
+        try:
+            key = sshkeys.parse(body["key"])
+        except sshkeys.BadKey as e:
+            raise ApiError(400, str(e)) from None
+        row = await self.store.add_ssh_key(user_id, key.type, key.body, key.comment,
+                                           key.fingerprint, MAX_SSH_KEYS)
+        return respond(request, views.ssh_key(row), 201)
+
+    async def _key_owner(self, principal: Principal, name: str | None) -> int:
+        if name is not None and name.lower() != principal.name.lower() and not principal.admin:
+            raise ApiError(403, "only admins may act on other users' SSH keys")
+        return await self._target_user(principal, name)
+
+    @app.route("/api/v1/keys/<key_id>", methods=["DELETE"])
+    async def delete_ssh_key(self, request: IRequest, key_id: str) -> bytes:
+        principal = await self.auth.principal(request)
+        key_id = _uuid(key_id, "SSH key")
+        row = await self.store.delete_ssh_key(None if principal.admin else principal.user_id,
+                                              key_id)
+        return respond(request, views.ssh_key(row))
 
     @app.route("/api/v1/users", methods=["GET"])
     async def list_users(self, request: IRequest) -> bytes:

@@ -25,6 +25,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succe
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from treadmill.common import sshkeys
 from treadmill.common.captoken import MAX_TTL, Access, CapabilitySigner, bearer_token
 from treadmill.protocol import supervisor as protocol
 from treadmill.protocol.supervisor import CloseCode, ProtocolError
@@ -259,12 +260,26 @@ class SupervisorLink(WebSocketServerProtocol):
         try:
             await self.links.store.set_endpoints(self.host_id, message["job_id"],
                                                  message["endpoints"])
+            if "ssh_host_keys" in message:
+                await self.links.store.set_ssh_host_keys(
+                    self.host_id, message["job_id"], self._host_keys(message["ssh_host_keys"]))
         except (NotYourJob, NotFound):
             self.send(protocol.ack(message["request_id"], ("not_your_job",
                                                            "that job is not on this host")))
             return
         if self.state == self.STATE_OPEN:
             self.send(protocol.ack(message["request_id"]))
+
+    def _host_keys(self, reported: list[str]) -> list[str]:
+        """The valid keys among those a guest reported, canonical (``TYPE BASE64``)."""
+        keys = []
+        for text in reported:
+            try:
+                keys.append(sshkeys.parse(text, comment_allowed=False).line)
+            except sshkeys.BadKey as e:
+                self.log.warn("{host}: an SSH host key was ignored: {why}", host=self.host_name,
+                              why=str(e))
+        return list(dict.fromkeys(keys))
 
     async def _snapshot_result(self, message: dict[str, Any]) -> None:
         assert self.host_id is not None
@@ -414,6 +429,8 @@ class SupervisorLink(WebSocketServerProtocol):
             start["proxies"] = [{"url": url, "token": token} for url in self.links.proxies]
         if self.minor >= protocol.RESULTS_MINOR and found.get("results"):
             start["results"] = found["results"]
+        if self.minor >= protocol.SSH_KEYS_MINOR:
+            start["ssh_keys"] = await self.links.store.job_ssh_keys(job_id)
         answer = await self.request(protocol.start_job(0, start))
         if answer["ok"]:
             return

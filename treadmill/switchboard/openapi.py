@@ -79,6 +79,16 @@ TOKEN = _record({
     "expires_at": OPTIONAL_TIME, "last_used_at": OPTIONAL_TIME, "revoked_at": OPTIONAL_TIME,
 }, "An API token (never its secret).")
 
+SSH_KEY = _record({
+    "id": UUID, "user": STRING,
+    "type": {"enum": ["ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+                      "ecdsa-sha2-nistp521", "ssh-rsa"]},
+    "key": {"type": "string", "description": "`TYPE BASE64`, canonical, without comment."},
+    "comment": STRING,
+    "fingerprint": {"type": "string", "description": "`SHA256:…`, as `ssh-keygen -l`."},
+    "created_at": TIME,
+}, "A user's SSH public key; jobs carry their owner's and managers' keys to the guest.")
+
 NEW_TOKEN: dict[str, Any] = {
     "description": "A new API token with its secret, shown only this once.",
     "allOf": [_ref("Token"), {"type": "object", "properties": {"token": STRING},
@@ -152,6 +162,8 @@ JOB = _record({
         "properties": {"service": STRING, "proxy": STRING, "host": STRING,
                        "port": INTEGER, "url": STRING}},
         "description": "Public endpoints through rendezvous proxies (tml job ssh/connect)."},
+    "ssh_host_keys": {**STRINGS, "description": "The guest's SSH host keys (`TYPE BASE64`), "
+                                                "as its agent reported them (tml job ssh)."},
     "logs": {"type": "array", "items": STRING,
              "description": "Log servers holding the job's logs (POST .../logs/token)."},
     "results": _record({
@@ -213,6 +225,7 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "JWK": JWK,
     "UserList": _list_of("users", "User"),
     "TokenList": _list_of("tokens", "Token"),
+    "SshKey": SSH_KEY, "SshKeyList": _list_of("keys", "SshKey"),
     "HostList": _list_of("hosts", "Host"),
     "ImageList": _list_of("images", "Image"),
     "ImageStore": IMAGE_STORE, "ImageStoreList": _list_of("stores", "ImageStore"),
@@ -380,6 +393,27 @@ def _identity() -> dict[str, dict[str, Any]]:
                 "update_user", "Identity", "Change a user (admin; self for password only).",
                 200, "User", body="UserUpdate", errors=(403, 404)),
         },
+    }
+
+
+def _ssh_keys() -> dict[str, dict[str, Any]]:
+    q_user = _query_param("user", schemas.NAME, "Whose keys (admins only; default: your own).")
+    return {
+        "/api/v1/keys": {
+            "get": _operation("list_ssh_keys", "Identity", "List SSH public keys.", 200,
+                              "SshKeyList", errors=(400, 403, 404), query=(q_user,)),
+            "post": _operation(
+                "add_ssh_key", "Identity", "Register an SSH public key.", 201, "SshKey",
+                body="SshKeyCreate", errors=(403, 404, 409), query=(q_user,),
+                description="`key` is one `TYPE BASE64 [COMMENT]` line of type ssh-ed25519, "
+                            "ecdsa-sha2-nistp256/384/521 or ssh-rsa (2048 to 16384 bits). "
+                            "409 if the user has it already or has 32 keys."),
+        },
+        "/api/v1/keys/{key_id}": {
+            "parameters": [_path_param("key_id", UUID, "The key's id.")],
+            "delete": _operation("delete_ssh_key", "Identity",
+                                 "Remove an SSH public key (its user or an admin).", 200,
+                                 "SshKey", errors=(404,))},
     }
 
 
@@ -672,7 +706,7 @@ def build() -> dict[str, Any]:
         raise ValueError(f"schema names both request and response: {sorted(clash)}")
     paths: dict[str, dict[str, Any]] = {}
     for part in (_identity(), _hosts(), _images(), _grants(), _namespace_grants(), _jobs(),
-                 _other()):
+                 _other(), _ssh_keys()):
         paths.update(part)
     document = {
         "openapi": "3.1.0",

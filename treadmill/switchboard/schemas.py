@@ -88,10 +88,14 @@ JOB_CREATE = _object({
     "results": PATTERNS_SCHEMA,
 }, ("image",))
 
+SSH_KEY_CREATE = _object({"key": {"type": "string", "minLength": 1, "maxLength": 8192}},
+                         ("key",))
+
 REQUEST_BODIES: dict[str, dict[str, Any]] = {
     "Login": LOGIN, "TokenCreate": TOKEN_CREATE, "UserCreate": USER_CREATE,
     "UserUpdate": USER_UPDATE, "HostCreate": HOST_CREATE, "HostTags": HOST_TAGS,
     "ImageCreate": IMAGE_CREATE, "ImageUpdate": IMAGE_UPDATE, "Grant": GRANT,
     "JobCreate": JOB_CREATE, "SnapshotCreate": SNAPSHOT_CREATE, "StoreCreate": STORE_CREATE,
+    "SshKeyCreate": SSH_KEY_CREATE,
 }
 """Every request body schema by the name ``docs/openapi.json`` gives it."""

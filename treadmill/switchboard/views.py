@@ -15,6 +15,12 @@ def token(row: dict[str, Any]) -> dict[str, Any]:
             ("id", "user", "label", "created_at", "expires_at", "last_used_at", "revoked_at")}
 
 
+def ssh_key(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "user": row["user"], "type": row["key_type"],
+            "key": f"{row['key_type']} {row['body']}", "comment": row["comment"],
+            "fingerprint": row["fingerprint"], "created_at": row["created_at"]}
+
+
 def host(row: dict[str, Any]) -> dict[str, Any]:
     """A host; ``instance`` (the switchboard instance holding its link) for admins only:
     the store reads it only for them."""
@@ -72,7 +78,7 @@ def job(row: dict[str, Any]) -> dict[str, Any]:
         "host": row["host"], "logs": row["log_servers"], "endpoints": row["endpoints"],
         "results": {"patterns": row["results"], "stream": "results",
                     "servers": row["log_servers"]},
-        "termination": termination,
+        "termination": termination, "ssh_host_keys": row.get("ssh_host_keys", []),
         **{key: row[key] for key in ("created_at", "assigned_at", "started_at", "ready_at",
                                      "terminated_at", "updated_at")},
     }

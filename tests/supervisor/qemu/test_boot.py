@@ -126,7 +126,7 @@ async def test_forwards_reach_the_guest_and_stop_tears_everything_down(
     await within(reporter.became_ready)
     await within(reporter.console_has(b"hanging"))
     services = reporter.offered[-1]
-    assert (await read_banner(services["ssh"][1])).startswith(b"SSH-2.0-treadmill-test")
+    assert (await read_banner(services["ssh"][1])).startswith(b"SSH-2.0-dropbear")
     http = await read_banner(services["http"][1], b"GET / HTTP/1.0\r\n\r\n")
     assert http.startswith(b"HTTP/1.")
     # Console input through the bridge reaches the guest's serial console.

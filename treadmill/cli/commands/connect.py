@@ -10,7 +10,11 @@ published by its supervisor on one or more rendezvous proxies
   against the job's ``ssh`` endpoint. With only a WebSocket endpoint it runs
   ``ssh`` with ``-o ProxyCommand="tml job connect JOB ssh --stdio"``. Each job
   gets its own known-hosts entry (``HostKeyAlias=tml-job-<id>``), since a
-  proxy port is reused by later jobs.
+  proxy port is reused by later jobs: the host keys the guest reported (the
+  job's ``ssh_host_keys``) in a temporary known-hosts file, checked with
+  ``StrictHostKeyChecking=yes``. ``--proxy-command`` tunnels standard input
+  and output instead (``ssh -o ProxyCommand='tml job ssh --proxy-command %h'``),
+  and ``--known-hosts`` prints the job's known-hosts lines.
 - ``tml job connect JOB SERVICE [--local-port N]`` listens on 127.0.0.1 and
   tunnels every accepted connection through the service's WebSocket URL (or
   its TCP port), with backpressure both ways, until interrupted.
@@ -25,7 +29,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -53,8 +59,10 @@ __all__ = ["add_connect_arguments", "add_ssh_arguments", "job_connect", "job_ssh
 SSH_ENV = "TML_SSH"  # the ssh program (default: ssh from PATH)
 
 
-async def _endpoints(ctx: Context, job_id: str, service: str) -> list[dict[str, Any]]:
-    job = await ctx.api.get("jobs", job_id)
+async def _endpoints(ctx: Context, job_id: str, service: str,
+                     job: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    if job is None:
+        job = await ctx.api.get("jobs", job_id)
     found = [e for e in job.get("endpoints") or [] if isinstance(e, dict)
              and e.get("service") == service]
     proxy = getattr(ctx.args, "proxy", None)
@@ -87,12 +95,39 @@ class _Exit(ProcessProtocol):
             self.ended.callback(255)
 
 
-def ssh_command(ctx: Context, endpoints: list[dict[str, Any]]) -> list[str]:
-    """The ``ssh`` command line for the first usable endpoint."""
+def host_alias(job_id: str) -> str:
+    return f"tml-job-{job_id}"
+
+
+def known_hosts_lines(names: list[str], keys: list[str]) -> str:
+    """``known_hosts`` lines: every name with every key (``TYPE BASE64``)."""
+    hosts = ",".join(dict.fromkeys(names))
+    return "".join(f"{hosts} {key}\n" for key in keys)
+
+
+def _host_keys(job: dict[str, Any]) -> list[str]:
+    """The job's SSH host keys, only well-formed ``TYPE BASE64`` ones."""
+    from treadmill.common import sshkeys
+
+    keys = []
+    for text in job.get("ssh_host_keys") or []:
+        try:
+            keys.append(sshkeys.parse(str(text), comment_allowed=False).line)
+        except sshkeys.BadKey:
+            continue
+    return keys
+
+
+def ssh_command(ctx: Context, endpoints: list[dict[str, Any]],
+                known_hosts: str | None = None) -> list[str]:
+    """The ``ssh`` command line for the first usable endpoint; host keys are checked
+    strictly, against ``known_hosts`` (a file) when given."""
     a = ctx.args
     program = ctx.env.get(SSH_ENV) or "ssh"
     user = a.user or ctx.env.get("TREADMILL_SSH_USER") or "root"
-    argv = [program, "-o", f"HostKeyAlias=tml-job-{a.id}"]
+    argv = [program, "-o", f"HostKeyAlias={host_alias(a.id)}", "-o", "StrictHostKeyChecking=yes"]
+    if known_hosts is not None:
+        argv += ["-o", f"UserKnownHostsFile={known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null"]
     tcp = [e for e in endpoints if e.get("port") and e.get("host")]
     if tcp:
         endpoint = tcp[0]
@@ -110,10 +145,50 @@ def ssh_command(ctx: Context, endpoints: list[dict[str, Any]]) -> list[str]:
 
 async def job_ssh(ctx: Context) -> int:
     """Run ``ssh`` to the job's SSH endpoint; its exit status is ours."""
-    endpoints = await _endpoints(ctx, ctx.args.id, ctx.args.service)
-    argv = ssh_command(ctx, endpoints)
-    if ctx.args.print_command:
+    a = ctx.args
+    if a.proxy_command or a.known_hosts:
+        if a.ssh_args and a.ssh_args != ["--"]:
+            raise CommandError("--proxy-command and --known-hosts take no ssh arguments")
+        if a.proxy_command:
+            return await _proxy_command(ctx)
+        job = await ctx.api.get("jobs", a.id)
+        keys = _host_keys(job)
+        if not keys:
+            raise CommandError(f"job {a.id} has not reported an SSH host key")
+        text = known_hosts_lines([a.id, host_alias(a.id)], keys)
+        return ctx.emit({"known_hosts": text}, lambda d: d["known_hosts"])
+    job = await ctx.api.get("jobs", a.id)
+    endpoints = await _endpoints(ctx, a.id, a.service, job)
+    keys = _host_keys(job)
+    if a.print_command:
+        argv = ssh_command(ctx, endpoints)
         return ctx.emit({"argv": argv}, lambda d: shlex.join(d["argv"]) + "\n")
+    if not keys:
+        ctx.note(f"tml: job {a.id} has not reported an SSH host key: ssh checks the host "
+                 "against your own known_hosts")
+        return await _run_ssh(ctx, ssh_command(ctx, endpoints))
+    tmp = tempfile.mkdtemp(prefix="tml-ssh-")  # a few hundred bytes, private (0700)
+    try:
+        path = os.path.join(tmp, "known_hosts")
+        with open(path, "w", encoding="ascii") as f:
+            f.write(known_hosts_lines([host_alias(a.id)], keys))
+        return await _run_ssh(ctx, ssh_command(ctx, endpoints, path))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _proxy_command(ctx: Context) -> int:
+    """Tunnel standard input and output to the job's SSH endpoint (``ProxyCommand``)."""
+    a = ctx.args
+    endpoints = await _endpoints(ctx, a.id, a.service)
+    usable = [e for e in endpoints if e.get("url")] or [
+        e for e in endpoints if e.get("port") and e.get("host")]
+    if not usable:
+        raise CommandError(f"job {a.id}'s {a.service} endpoints have neither a URL nor a port")
+    return await _stdio(ctx, _Connector(ctx, usable[0]))
+
+
+async def _run_ssh(ctx: Context, argv: list[str]) -> int:
     program = argv[0]
     if os.sep not in program:
         from twisted.python.procutils import which
@@ -144,6 +219,11 @@ def add_ssh_arguments(p: Any) -> None:
                    "contains TEXT")
     p.add_argument("--print-command", action="store_true",
                    help="print the ssh command instead of running it")
+    p.add_argument("--proxy-command", action="store_true",
+                   help="tunnel standard input and output to the job's SSH endpoint, for "
+                   "ssh -o ProxyCommand='tml job ssh --proxy-command %%h' (also scp, rsync)")
+    p.add_argument("--known-hosts", action="store_true",
+                   help="print known_hosts lines with the host keys the job's guest reported")
     p.add_argument("ssh_args", nargs=argparse.REMAINDER, metavar="SSH_ARG",
                    help="everything after ID goes to ssh (options first, then a remote "
                    "command), as with ssh itself; a leading -- is dropped")

@@ -107,6 +107,10 @@ class IJobReporter(Interface):
         """The agent's ``test_case`` or ``summary`` message (validated by
         ``treadmill.protocol.agent``): a line of the job's results (docs/results.md)."""
 
+    def ssh_host_keys(keys: list[str]) -> None:
+        """The guest's SSH host public keys (``TYPE BASE64`` lines), as its agent
+        reported them; the switchboard shows them for host-key checking."""
+
 
 class IHostDriver(Interface):
     """One host, run for one job at a time."""

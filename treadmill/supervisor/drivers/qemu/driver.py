@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from treadmill.common import sshkeys
 from treadmill.protocol.agent import AgentHandler, AgentProtocol
 from treadmill.supervisor.console import ConsoleBridge
 from treadmill.supervisor.drivers import (
@@ -40,6 +41,7 @@ __all__ = ["QemuDriver", "StartFailure"]
 CONNECT_RETRY = 0.05
 KILL_WAIT = 10.0
 RESERVED_SERVICES = ("ssh", "console")
+MAX_HOST_KEYS = 8  # as many as job_endpoints.ssh_host_keys carries
 
 
 class StartFailure(Exception):
@@ -118,6 +120,8 @@ class _Run(AgentHandler):
         self.job_id = str(job["id"])
         self.job_parameters = {name: (spec or {}).get("value")
                                for name, spec in (job.get("parameters") or {}).items()}
+        self.job_ssh_keys = list(job.get("ssh_keys") or [])
+        self.host_keys: list[str] = []
         self.reporter = reporter
         self.paths = Paths(os.path.join(self.settings.work_dir, self.job_id))
         self.fetched: FetchedImage | None = None
@@ -349,6 +353,19 @@ class _Run(AgentHandler):
     def agent_result(self, message: dict[str, Any]) -> None:
         if self.ending is None:
             self.reporter.result(message)
+
+    def agent_ssh_host_key(self, key: str) -> None:
+        if self.ending is not None:
+            return
+        try:
+            line = sshkeys.parse(key, comment_allowed=False).line
+        except sshkeys.BadKey as e:
+            self.log.warn("qemu: job {job}: the agent's SSH host key ignored: {why}",
+                          job=self.job_id, why=str(e))
+            return
+        if line not in self.host_keys and len(self.host_keys) < MAX_HOST_KEYS:
+            self.host_keys.append(line)
+            self.reporter.ssh_host_keys(list(self.host_keys))
 
     def agent_service(self, name: str, port: int) -> None:
         if self.ending is not None:
