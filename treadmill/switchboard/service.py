@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.application.internet import TimerService
@@ -101,7 +101,8 @@ class SwitchboardService(RoleService):
                                    fairness_window=config.fairness_window)
         self.scheduler.setName("scheduler")
         self.api = SwitchboardAPI(reactor, self.store, self.auth, self.signer, self.watchers,
-                                  config.limits, supervisor_resource=self.links.resource,
+                                  replace(config.limits, proxy_service=config.proxy_service),
+                                  supervisor_resource=self.links.resource,
                                   passwords=PasswordGuard(reactor, config.passwords))
         self.listener = Listener(reactor, config.dsn)
         self.listener.setName("listener")
