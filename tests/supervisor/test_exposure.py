@@ -257,7 +257,8 @@ async def test_services_can_come_and_go_while_connected(keys: Keys, echo: int) -
     try:
         exposure.start()
         first = (await exposure.published())[0]
-        exposure.set_services({"echo": ("127.0.0.1", echo, True), "ssh": ("127.0.0.1", echo, True)})
+        exposure.set_services({"echo": ("127.0.0.1", echo, True),
+                               "ssh": ("127.0.0.1", echo, True)})
         await eventually(lambda: len(exposure.endpoints) == 2)
         ssh = next(e for e in exposure.endpoints if e["service"] == "ssh")
         assert await echo_once(ssh["port"], b"new") == b"new"
@@ -280,6 +281,28 @@ async def test_services_can_come_and_go_while_connected(keys: Keys, echo: int) -
             raise AssertionError("the unpublished service still answers")
         with pytest.raises(Exception):  # noqa: B017 - an invalid service name
             exposure.set_services({"bad name": ("127.0.0.1", echo, True)})
+    finally:
+        await exposure.close()
+        await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_service_declares_whether_it_authenticates_its_users(keys: Keys,
+                                                                      echo: int) -> None:
+    proxy = await start_proxy(keys)
+    job = new_job()
+    exposure = manager(job, [proxy], keys, {"ssh": ("127.0.0.1", echo, True),
+                                            "console": ("127.0.0.1", echo)})
+    try:
+        exposure.start()
+        found = {e["service"]: e for e in await exposure.published()}
+        assert found["ssh"]["auth"] == "service" and "port" in found["ssh"]
+        assert found["console"]["auth"] == "token" and "port" not in found["console"]
+        # The driver says ssh no longer authenticates: it is published again, without port.
+        exposure.set_services({"ssh": ("127.0.0.1", echo), "console": ("127.0.0.1", echo)})
+        await eventually(lambda: all(e["auth"] == "token" for e in exposure.endpoints))
+        assert all("port" not in e for e in exposure.endpoints)
+        assert proxy.registry.ports.in_use == set()
     finally:
         await exposure.close()
         await proxy.stop()
