@@ -203,10 +203,11 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
             return
         registry.counts[f"console_{self.access}"] += 1
         # A stable event name for the audit log to come (docs/proxy.md, "Consoles").
-        self.console_log.info("console_opened: {subject} opened {service} of job {job} to "
-                      "{access} (token {jti}, from {peer})", audit_event="console_opened",
-                      subject=claims.subject, job=job, service=tunnel.service,
-                      access=self.access, jti=claims.raw.get("jti"), peer=self._peer)
+        self.console_log.info(
+            "console_opened: {subject} opened {service} of job {job} to {access} (token "
+            "{jti}, from {peer})", audit_event="console_opened", subject=claims.subject,
+            job=job, service=tunnel.service, access=self.access, jti=claims.raw.get("jti"),
+            peer=self._peer)
         self._arrive()
 
     def _refuse(self, code: int, text: str, reason: str, subject: str | None = None) -> None:
@@ -214,11 +215,12 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
         registry = self.factory.registry
         registry.counts["console_refused"] += 1
         tunnel = self.tunnel
-        self.console_log.info("console_refused: a client of {service} of job {job} ({reason}; "
-                      "subject {subject}, from {peer})", audit_event="console_refused",
-                      service=tunnel.service if tunnel else None,
-                      job=tunnel.session.job if tunnel else None, reason=reason,
-                      subject=subject, peer=self._peer)
+        self.console_log.info(
+            "console_refused: a client of {service} of job {job} ({reason}; subject "
+            "{subject}, from {peer})", audit_event="console_refused",
+            service=tunnel.service if tunnel else None,
+            job=tunnel.session.job if tunnel else None, reason=reason, subject=subject,
+            peer=self._peer)
         if self.state == self.STATE_OPEN:
             self.sendClose(int(code), text[:120])
 
