@@ -251,3 +251,31 @@ async def test_a_service_that_stops_authenticating_loses_its_port(keys: Keys) ->
     finally:
         control.sendClose(1000)
         await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_clients_waiting_to_present_a_token_are_limited(keys: Keys) -> None:
+    proxy = await start_proxy(keys, connect_timeout=0.5, max_connections_per_tunnel=2)
+    echo = listen_echo(reactor)
+    job = new_job()
+    manager = ExposureManager(reactor, job, [{"url": proxy.ws, "token": keys.token(job)}],
+                              {"echo": ("127.0.0.1", echo.getHost().port)},
+                              reconnect_initial=0.05)
+    manager.start()
+    try:
+        url = (await manager.published())[0]["url"]
+        silent = [await console(url) for _ in range(2)]
+        for client in silent:
+            await client.opened
+        third = await console(url)
+        await third.opened
+        assert (await third.closed)[0] == ConsoleCloseCode.BUSY  # try again later
+        for client in silent:  # they never sent a token: closed after connect_timeout
+            assert (await client.closed)[0] == ConsoleCloseCode.UNAUTHORIZED
+        assert proxy.registry.sessions[job].tunnels["echo"].unauthenticated == 0
+        token = keys.token(job, actions=("read", "manage"), subject="alice")
+        assert await console_echo(url, token, b"room again") == b"room again"
+    finally:
+        await manager.close()
+        await echo.stopListening()
+        await proxy.stop()

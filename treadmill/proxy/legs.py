@@ -171,8 +171,16 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
         elif self._offered is not None:
             self._authenticate(self._offered)
         else:  # the token comes in the first text message
-            self._auth_timer = self.factory.registry.reactor.callLater(
-                self.factory.registry.settings.connect_timeout, self._refuse,
+            registry = self.factory.registry
+            tunnel = self.tunnel
+            if tunnel.connections + tunnel.unauthenticated >= \
+                    registry.settings.max_connections_per_tunnel:
+                registry.counts["refused_limit"] += 1
+                self.sendClose(int(ConsoleCloseCode.BUSY), "too many connections; try again later")
+                return
+            tunnel.unauthenticated += 1
+            self._auth_timer = registry.reactor.callLater(
+                registry.settings.connect_timeout, self._refuse,
                 ConsoleCloseCode.UNAUTHORIZED, "no console token in time", "timeout")
 
     def _arrive(self) -> None:
@@ -211,7 +219,7 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
         self._arrive()
 
     def _refuse(self, code: int, text: str, reason: str, subject: str | None = None) -> None:
-        self._auth_timer = None
+        self._stop_waiting()
         registry = self.factory.registry
         registry.counts["console_refused"] += 1
         tunnel = self.tunnel
@@ -224,11 +232,18 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
         if self.state == self.STATE_OPEN:
             self.sendClose(int(code), text[:120])
 
+    def _stop_waiting(self) -> None:
+        """No longer waiting for the token's message."""
+        timer, self._auth_timer = self._auth_timer, None
+        if timer is not None:
+            if timer.active():
+                timer.cancel()
+            if self.tunnel is not None:
+                self.tunnel.unauthenticated -= 1
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._auth_timer is not None:
-            if self._auth_timer.active():
-                self._auth_timer.cancel()
-            self._auth_timer = None
+            self._stop_waiting()
             if isBinary:
                 self._refuse(ConsoleCloseCode.UNAUTHORIZED,
                              "send the console token first (a text message)", "no_token")
@@ -249,9 +264,7 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
         self.end_message(payload, isBinary)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if self._auth_timer is not None and self._auth_timer.active():
-            self._auth_timer.cancel()
-        self._auth_timer = None
+        self._stop_waiting()
         if self.pending is not None and self.splice is None:
             self.factory.registry.client_gone(self.pending)
         self.pending = None

@@ -83,6 +83,9 @@ class ConsoleCloseCode(IntEnum):
     expired, wrong audience, unknown key, bad signature)."""
     FORBIDDEN = 4403
     """A valid token that grants neither ``read`` nor ``manage`` on this job."""
+    BUSY = 4429
+    """The tunnel has ``max_connections_per_tunnel`` clients (waiting for their token
+    included): try again later."""
 
 
 class ProtocolError(ValueError):

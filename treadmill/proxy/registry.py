@@ -120,6 +120,7 @@ class Tunnel:
         self.splices: set[Splice] = set()
         self.closed = False
         self.accepted = 0  # clients joined so far
+        self.unauthenticated = 0  # console clients whose token message is awaited
 
     @property
     def connections(self) -> int:
