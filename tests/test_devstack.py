@@ -21,9 +21,10 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.daemons import _Output, free_port, run_python
-from tests.proxy.support import echo_client, echo_once, free_range
+from tests.proxy.support import console, echo_client, echo_once, free_range
 from treadmill.cli.main import run as tml
 from treadmill.protocol import supervisor as protocol
+from treadmill.proxy.messages import ConsoleCloseCode
 
 FAST = [f"mock.stages.{stage}=0" for stage in
         ("starting", "fetching_image", "allocating", "provisioning", "booting")]
@@ -145,15 +146,22 @@ async def tml_json(argv: list[str], env: dict[str, str]) -> Any:
 
 
 async def reach_the_mock_echo_through_the_proxy(env: dict[str, str]) -> None:
-    """A running mock job's echo service, published on the devstack's proxy, answers on
-    its public TCP port and through ``tml job connect``; the job's end closes it."""
+    """A running mock job's echo service, published on the devstack's proxy: it does not
+    authenticate its users, so it has no public port and its WebSocket refuses a client
+    without a console token; ``tml job connect`` fetches one and types through it,
+    ``--read-only`` watches only; the job's end closes it."""
     argv = ["job", "submit", "sha256:" + "0" * 64, "--tag", "mock",
             "--param", "mock.run_time=inf"]
     for param in FAST:
         argv += ["--param", param]
     job_id = (await tml_json(argv, env))["id"]
-    port = (await published(job_id, env, {"echo"}, 30.0))["echo"]["port"]
-    assert await echo_once(port, b"through the public port") == b"through the public port"
+    endpoint = (await published(job_id, env, {"echo"}, 30.0))["echo"]
+    assert endpoint["auth"] == "token" and "port" not in endpoint, endpoint
+    anonymous = await console(endpoint["url"])
+    await anonymous.opened
+    anonymous.type(b"let me in")
+    assert (await anonymous.closed)[0] == ConsoleCloseCode.UNAUTHORIZED
+    assert anonymous.output == b""
 
     async def answers(local: int) -> bool:
         try:
@@ -163,13 +171,33 @@ async def reach_the_mock_echo_through_the_proxy(env: dict[str, str]) -> None:
 
     await through_connect(job_id, "echo", env, answers, 30.0)
 
+    def proxy_log() -> str:
+        return (Path(env["TREADMILL_CONFIG"]).parent / "logs" / "proxy.log").read_text()
+
+    assert f"console_opened: admin opened echo of job {job_id} to manage" in proxy_log()
+
+    async def watches_only(local: int) -> bool:
+        try:
+            client = await echo_client(local)
+        except ConnectError:
+            return False
+        client.transport.write(b"typed while watching")
+        await deferLater(reactor, 0.5, lambda: None)
+        client.transport.loseConnection()
+        assert client.data == b""  # the proxy dropped it: no echo
+        # ... and it did go through the proxy, with a read token of the user.
+        return f"console_opened: admin opened echo of job {job_id} to read" in proxy_log()
+
+    await through_connect(job_id, "echo", env, watches_only, 30.0, "--read-only")
     await tml_json(["job", "cancel", job_id], env)
 
     async def closed() -> bool:
+        client = await console(endpoint["url"])
         try:
-            await echo_once(port, b"x", timeout=1.0)
-        except (ConnectError, AssertionError):
-            return True
+            await client.opened
+        except AssertionError:
+            return True  # 404: the tunnel is gone
+        client.sendClose(1000)
         return False
 
     await eventually_async(closed, 30.0)
@@ -190,12 +218,12 @@ async def published(job_id: str, env: dict[str, str], services: set[str],
 
 
 async def through_connect(job_id: str, service: str, env: dict[str, str],
-                          check: Any, timeout: float) -> None:
+                          check: Any, timeout: float, *options: str) -> None:
     """Run ``tml job connect JOB SERVICE --local-port P`` until ``check(P)`` holds."""
     local = free_port()
     output = _Output(io.BytesIO())
     argv = [sys.executable, "-m", "treadmill.cli.main", "job", "connect", job_id, service,
-            "--local-port", str(local)]
+            "--local-port", str(local), *options]
     process = reactor.spawnProcess(output, argv[0], argv, env={**os.environ, **env})
     try:
         await eventually_async(lambda: check(local), timeout)

@@ -31,6 +31,7 @@ from tests.proxy.support import (
     eventually,
     expected_digest,
     new_job,
+    sleep,
     start_proxy,
     tcp_transfer,
 )
@@ -51,19 +52,26 @@ ROOT = Path(__file__).parents[2]
 
 
 class FakeApi:
-    """The part of ``ApiClient`` the handlers use."""
+    """The part of ``ApiClient`` the handlers use; ``console_token(access)`` answers
+    ``POST .../console-token`` (as the switchboard would, or raises its refusal)."""
 
-    def __init__(self, job: dict[str, Any]):
+    def __init__(self, job: dict[str, Any], console_token: Any = None):
         self.job = job
+        self.console_token = console_token
         self.calls: list[tuple[str, ...]] = []
 
     async def get(self, *segments: str, params: Any = None) -> Any:
         self.calls.append(segments)
         return self.job
 
+    async def post(self, *segments: str, body: Any = None, auth: bool = True) -> Any:
+        self.calls.append((*segments, json.dumps(body)))
+        assert segments[-1] == "console-token" and self.console_token is not None
+        return self.console_token(body["access"])
+
 
 def context(parser_setup: Any, argv: list[str], job: dict[str, Any],
-            env: dict[str, str] | None = None) -> Context:
+            env: dict[str, str] | None = None, console_token: Any = None) -> Context:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", action="store_true")
     parser_setup(parser)
@@ -71,7 +79,7 @@ def context(parser_setup: Any, argv: list[str], job: dict[str, Any],
     settings = Settings(url="http://127.0.0.1:1", token="tmt_secret", ca_file=None,
                         config_path=Path("/nonexistent"))
     return Context(reactor, args, io.StringIO(), io.StringIO(), io.StringIO(), env or {},
-                   settings, FakeApi(job))  # type: ignore[arg-type]
+                   settings, FakeApi(job, console_token))  # type: ignore[arg-type]
 
 
 def a_job(endpoints: list[dict[str, Any]], job_id: str = "job-1") -> dict[str, Any]:
@@ -211,9 +219,9 @@ async def published(proxy: Running, keys: Keys, services: dict[str, Any]
     return manager, await manager.published()
 
 
-async def start_connect(argv: list[str], job: dict[str, Any]) -> tuple[Deferred[int], int,
-                                                                      Context]:
-    ctx = context(add_connect_arguments, [*argv, "--json"], job)
+async def start_connect(argv: list[str], job: dict[str, Any], console_token: Any = None
+                        ) -> tuple[Deferred[int], int, Context]:
+    ctx = context(add_connect_arguments, [*argv, "--json"], job, console_token=console_token)
     running = Deferred.fromCoroutine(job_connect(ctx))
     await eventually(lambda: ctx.stdout.getvalue() or running.called)
     assert not running.called, ctx.stderr.getvalue()
@@ -226,7 +234,7 @@ async def test_connect_tunnels_local_connections_through_the_websocket(
     size = 32 * MiB
     service = TransferService(lambda: Transfer(size, seed=6))
     manager, endpoints = await published(proxy, keys, {"data": ("127.0.0.1",
-                                                                service.listen())})
+                                                                service.listen(), True)})
     running, port, ctx = await start_connect(["job-1", "data"], a_job(endpoints))
     try:
         assert "-> data of job job-1 via ws://" in ctx.stderr.getvalue()
@@ -248,7 +256,7 @@ async def test_connect_tunnels_local_connections_through_the_websocket(
 async def test_connect_serves_many_connections_at_once(proxy: Running, keys: Keys) -> None:
     echo = listen_echo(reactor)
     manager, endpoints = await published(proxy, keys, {"echo": ("127.0.0.1",
-                                                                echo.getHost().port)})
+                                                                echo.getHost().port, True)})
     running, port, _ = await start_connect(["job-1", "echo"], a_job(endpoints))
     try:
         clients = await gatherResults([echo_client(port) for _ in range(50)])
@@ -270,7 +278,7 @@ async def test_connect_serves_many_connections_at_once(proxy: Running, keys: Key
 async def test_connect_over_the_tcp_port(proxy: Running, keys: Keys) -> None:
     echo = listen_echo(reactor)
     manager, endpoints = await published(proxy, keys, {"echo": ("127.0.0.1",
-                                                                echo.getHost().port)})
+                                                                echo.getHost().port, True)})
     running, port, _ = await start_connect(["job-1", "echo", "--tcp"], a_job(endpoints))
     try:
         assert await echo_once(port, b"plain tcp") == b"plain tcp"
@@ -341,7 +349,7 @@ react(main)
 async def test_connect_stdio_for_ssh_proxy_command(proxy: Running, keys: Keys) -> None:
     echo = listen_echo(reactor)
     manager, endpoints = await published(proxy, keys, {"echo": ("127.0.0.1",
-                                                                echo.getHost().port)})
+                                                                echo.getHost().port, True)})
     try:
         pipe = _Pipe()
         process = reactor.spawnProcess(
@@ -377,7 +385,7 @@ async def test_job_ssh_proxy_command_tunnels_stdio(proxy: Running, keys: Keys) -
     assert "job_connect" not in runner and '"--proxy-command"' in runner
     echo = listen_echo(reactor)
     manager, endpoints = await published(proxy, keys, {"echo": ("127.0.0.1",
-                                                                echo.getHost().port)})
+                                                                echo.getHost().port, True)})
     try:
         pipe = _Pipe()
         process = reactor.spawnProcess(
@@ -392,6 +400,83 @@ async def test_job_ssh_proxy_command_tunnels_stdio(proxy: Running, keys: Keys) -
         ended.addTimeout(10, reactor)
         assert await ended == 0, pipe.err.decode()
         assert pipe.out == payload
+    finally:
+        await manager.close()
+        await echo.stopListening()
+
+
+# -- consoles: endpoints that need a console token ---------------------------------------
+
+
+class Issuer:
+    """Signs console tokens as the switchboard does for a user holding ``held``."""
+
+    def __init__(self, keys: Keys, job: str, held: tuple[str, ...] = ("read", "manage")):
+        self.keys = keys
+        self.job = job
+        self.held = held
+        self.asked: list[str] = []
+
+    def __call__(self, access: str) -> dict[str, Any]:
+        self.asked.append(access)
+        if access not in self.held:
+            raise CommandError(f"403: you lack {access} on job {self.job}")
+        actions = ("read", "manage") if access == "manage" else ("read",)
+        return {"token": self.keys.token(self.job, actions=actions, subject="alice"),
+                "access": access, "expires_in": 300, "endpoints": []}
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("read_only", [False, True])
+async def test_connect_fetches_a_console_token(proxy: Running, keys: Keys,
+                                               read_only: bool) -> None:
+    echo = listen_echo(reactor)
+    manager, endpoints = await published(proxy, keys, {"echo": ("127.0.0.1",
+                                                                echo.getHost().port)})
+    [endpoint] = endpoints
+    assert endpoint["auth"] == "token" and "port" not in endpoint
+    issuer = Issuer(keys, manager.job_id)
+    argv = ["job-1", "echo", *(["--read-only"] if read_only else [])]
+    running, port, ctx = await start_connect(argv, a_job(endpoints), issuer)
+    try:
+        client = await echo_client(port)
+        client.transport.write(b"typed")
+        if read_only:  # watching: what is typed never reaches the echo
+            await eventually(lambda: proxy.registry.counts["console_input_dropped"] > 0)
+            await sleep(0.1)
+            assert client.data == b""
+        else:
+            assert await client.wait_for(5) == b"typed"
+        client.transport.loseConnection()
+        assert issuer.asked == ["read" if read_only else "manage"]  # one token, reused
+        assert proxy.registry.counts["console_read" if read_only else "console_manage"] == 1
+        second = await echo_client(port)  # another connection reuses the token
+        await eventually(lambda: proxy.registry.counts["spliced"] == 2)
+        second.transport.loseConnection()
+        assert len(issuer.asked) == 1
+        assert "Bearer" not in ctx.stderr.getvalue() + ctx.stdout.getvalue()
+    finally:
+        running.cancel()
+        await running
+        await manager.close()
+        await echo.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_without_the_privilege_gets_no_console(proxy: Running,
+                                                             keys: Keys) -> None:
+    echo = listen_echo(reactor)
+    manager, endpoints = await published(proxy, keys, {"echo": ("127.0.0.1",
+                                                                echo.getHost().port)})
+    try:
+        ctx = context(add_connect_arguments, ["job-1", "echo"], a_job(endpoints),
+                      console_token=Issuer(keys, manager.job_id, held=("read",)))
+        with pytest.raises(CommandError, match="lack manage"):
+            await job_connect(ctx)
+        ctx = context(add_connect_arguments, ["job-1", "echo", "--tcp"], a_job(endpoints))
+        with pytest.raises(CommandError, match="no public port"):
+            await job_connect(ctx)
+        assert proxy.registry.counts["spliced"] == 0
     finally:
         await manager.close()
         await echo.stopListening()

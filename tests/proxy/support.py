@@ -517,3 +517,88 @@ async def start_tls_proxy(keys: Keys, directory: Path, **tunnels: Any) -> tuple[
     port = service.ports()[0].getHost().port
     return Running(service, f"https://127.0.0.1:{port}",
                    service.data_ports()[0].getHost().port), ca
+
+
+# -- console clients (tunnels that need a console token) --------------------------------
+
+
+class ConsoleClient(WebSocketClientProtocol):
+    """A client of a tunnel's WebSocket path that records bytes and how it closed.
+
+    ``token_frame``: send it as the first text message once open (what a browser does).
+    """
+
+    token_frame: str | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.output = b""
+        self.opened: Deferred[None] = Deferred()
+        self.closed: Deferred[tuple[int | None, str | None]] = Deferred()
+        self.waiters: list[tuple[int, Deferred[bytes]]] = []
+
+    def onOpen(self) -> None:
+        if self.token_frame is not None:
+            self.sendMessage(self.token_frame.encode(), isBinary=False)
+        self.opened.callback(None)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.output += payload
+        keep = []
+        for size, waiter in self.waiters:
+            if len(self.output) >= size:
+                waiter.callback(self.output)
+            else:
+                keep.append((size, waiter))
+        self.waiters = keep
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.opened.called:
+            self.opened.errback(AssertionError(f"not opened: {reason}"))
+        if not self.closed.called:
+            self.closed.callback((self.remoteCloseCode, self.remoteCloseReason))
+        for _, waiter in self.waiters:
+            waiter.errback(AssertionError(f"closed ({self.remoteCloseCode}) with {self.output!r}"))
+        self.waiters = []
+
+    def type(self, data: bytes) -> None:
+        self.sendMessage(data, isBinary=True)
+
+    def wait_for(self, size: int, timeout: float = 5.0) -> Deferred[bytes]:
+        if len(self.output) >= size:
+            return succeed(self.output)
+        waiter: Deferred[bytes] = Deferred()
+        waiter.addTimeout(timeout, reactor)
+        self.waiters.append((size, waiter))
+        return waiter
+
+
+async def console(url: str, token: str | None = None, via: str = "frame") -> ConsoleClient:
+    """Connect to a tunnel URL, presenting ``token`` ``via`` ``frame``, ``query`` or
+    ``header`` (not waiting for it to open)."""
+    headers = {}
+    if token is not None and via == "query":
+        url += "?token=" + token
+    elif token is not None and via == "header":
+        headers["Authorization"] = f"Bearer {token}"
+    factory = WebSocketClientFactory(url, headers=headers)
+
+    class Proto(ConsoleClient):
+        token_frame = token if via == "frame" else None
+
+    factory.protocol = Proto
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    return await connectProtocol(TCP4ClientEndpoint(reactor, host, int(port)),
+                                 factory.buildProtocol(None))
+
+
+async def console_echo(url: str, token: str, payload: bytes = b"hello",
+                       via: str = "frame") -> bytes:
+    """Type ``payload`` into a console (an echo service) and read it back."""
+    client = await console(url, token, via)
+    await client.opened
+    client.type(payload)
+    try:
+        return await client.wait_for(len(payload))
+    finally:
+        client.sendClose(1000)

@@ -29,10 +29,11 @@ from treadmill.supervisor.exposure import ExposureManager, listen_echo
 def test_every_message_the_code_builds_matches_the_schema() -> None:
     built = [
         messages.welcome("job-1", 8091, False, "proxy.example", 30.0, ["ssh"]),
-        messages.publish(1, "ssh"), messages.publish(2, "console", tcp=False),
+        messages.publish(1, "ssh", authenticates=True), messages.publish(2, "console", tcp=False),
         messages.published(1, "ssh", "proxy.example", tcp_port=40000,
                            ws_path="/v1/tunnels/" + "a" * 32, ws_url="wss://p/v1/tunnels/x"),
-        messages.published(2, "ssh", "proxy.example", ws_path="/v1/tunnels/" + "b" * 24),
+        messages.published(2, "ssh", "proxy.example", ws_path="/v1/tunnels/" + "b" * 24,
+                           auth="token"),
         messages.unpublish(3, "ssh"), messages.unpublished(3, "ssh"),
         messages.connect("c" * 24, "ssh"), messages.connect_failed("c" * 24, "refused"),
         messages.error(4, "ports_exhausted", "no port", "ssh"),
@@ -100,7 +101,7 @@ async def test_a_job_cannot_use_another_jobs_conn_id(proxy: Running, keys: Keys)
     control_a = await opened_control(proxy, token_a)
     control_b = await opened_control(proxy, token_b)
     try:
-        control_b.send(messages.publish(1, "ssh"))
+        control_b.send(messages.publish(1, "ssh", authenticates=True))
         port_b = (await control_b.next())["tcp_port"]
         client = await echo_client(port_b)
         conn_id = (await control_b.next())["conn_id"]
@@ -157,10 +158,14 @@ async def test_running_out_of_ports_is_a_clear_error(keys: Keys) -> None:
     job = new_job()
     control = await opened_control(proxy, keys.token(job))
     try:
+        ports = []
         for i in range(size):
-            control.send(messages.publish(i, f"s{i}", websocket=False))
-            assert (await control.next())["type"] == "published"
-        control.send(messages.publish(99, "one-too-many"))
+            control.send(messages.publish(i, f"s{i}", websocket=False, authenticates=True))
+            reply = await control.next()
+            assert reply["type"] == "published"
+            ports.append(reply["tcp_port"])
+        assert sorted(ports) == list(range(first, last + 1))
+        control.send(messages.publish(99, "one-too-many", authenticates=True))
         error = await control.next()
         assert error["type"] == "error" and error["request_id"] == 99
         assert error["code"] == "ports_exhausted" and error["service"] == "one-too-many"
@@ -168,8 +173,8 @@ async def test_running_out_of_ports_is_a_clear_error(keys: Keys) -> None:
         # The tunnels that have ports still work, and a released port is handed out again.
         control.send(messages.unpublish(100, "s0"))
         assert (await control.next())["type"] == "unpublished"
-        control.send(messages.publish(101, "one-too-many"))
-        assert (await control.next())["tcp_port"] == first
+        control.send(messages.publish(101, "one-too-many", authenticates=True))
+        assert (await control.next())["tcp_port"] == ports[0]
     finally:
         control.sendClose(1000)
         await proxy.stop()
@@ -203,11 +208,11 @@ async def test_static_ports_by_job_and_by_host(keys: Keys) -> None:
     a = await opened_control(proxy, keys.token(job))
     b = await opened_control(proxy, keys.token(other, subject="board-7"))
     try:
-        a.send(messages.publish(1, "ssh"))
-        b.send(messages.publish(1, "console"))
+        a.send(messages.publish(1, "ssh", authenticates=True))
+        b.send(messages.publish(1, "console", authenticates=True))
         assert (await a.next())["tcp_port"] == by_job
         assert (await b.next())["tcp_port"] == by_host
-        b.send(messages.publish(2, "ssh"))  # not static, and this proxy has no range
+        b.send(messages.publish(2, "ssh", authenticates=True))  # not static; no range
         refused = await b.next()
         assert refused["code"] == "ports_exhausted" and "no port range" in refused["message"]
     finally:
@@ -234,7 +239,7 @@ async def test_malformed_messages_close_only_that_control_connection(
     echo = listen_echo(reactor)
     good = new_job()
     manager = ExposureManager(reactor, good, [{"url": proxy.ws, "token": keys.token(good)}],
-                              {"echo": ("127.0.0.1", echo.getHost().port)},
+                              {"echo": ("127.0.0.1", echo.getHost().port, True)},
                               reconnect_initial=0.05)
     manager.start()
     port = (await manager.published())[0]["port"]
@@ -242,7 +247,7 @@ async def test_malformed_messages_close_only_that_control_connection(
     job = new_job()
     control = await opened_control(proxy, keys.token(job))
     try:
-        control.send(messages.publish(1, "ssh"))
+        control.send(messages.publish(1, "ssh", authenticates=True))
         await control.next()
         if bad == b"binary":
             control.sendMessage(b"\x00\x01", isBinary=True)
@@ -271,7 +276,7 @@ async def test_a_new_control_connection_supersedes_the_old_one(proxy: Running,
                                                                keys: Keys) -> None:
     job = new_job()
     old = await opened_control(proxy, keys.token(job))
-    old.send(messages.publish(1, "ssh"))
+    old.send(messages.publish(1, "ssh", authenticates=True))
     port = (await old.next())["tcp_port"]
     new = await raw_control(proxy, keys.token(job))
     await new.opened
@@ -283,7 +288,7 @@ async def test_a_new_control_connection_supersedes_the_old_one(proxy: Running,
     client = await echo_client(port)
     assert (await new.next())["type"] == "connect"
     client.transport.loseConnection()
-    new.send(messages.publish(2, "ssh"))
+    new.send(messages.publish(2, "ssh", authenticates=True))
     assert (await new.next())["tcp_port"] == port
     new.sendClose(1000)
     await eventually(lambda: not proxy.registry.sessions)

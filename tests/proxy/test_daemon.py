@@ -128,7 +128,7 @@ async def test_a_slow_reader_keeps_the_daemons_memory_bounded(tmp_path: Path) ->
     job = new_job()
     manager = ExposureManager(reactor, job, [{"url": f"ws://127.0.0.1:{http}",
                                               "token": keys.token(job)}],
-                              {"source": ("127.0.0.1", service.listen())},
+                              {"source": ("127.0.0.1", service.listen(), True)},
                               reconnect_initial=0.1)
     try:
         await daemon.wait_http(f"http://127.0.0.1:{http}/healthz")

@@ -66,7 +66,7 @@ async def echo() -> AsyncIterator[int]:
 async def test_tcp_transfer_both_ways_is_intact(proxy: Running, keys: Keys) -> None:
     size = 64 * MiB
     service = TransferService(lambda: Transfer(size, seed=2))
-    job = Job(proxy, keys, {"data": ("127.0.0.1", service.listen())})
+    job = Job(proxy, keys, {"data": ("127.0.0.1", service.listen(), True)})
     endpoints = await job.start()
     try:
         client = await tcp_transfer(endpoints["data"]["port"], Transfer(size, seed=1))
@@ -84,7 +84,7 @@ async def test_websocket_transfer_both_ways_is_intact(proxy: Running, keys: Keys
     size = 64 * MiB
     # A WebSocket has no half-close: the service closes once it has sent and received all.
     service = TransferService(lambda: Transfer(size, seed=4, expect=size, half_close=False))
-    job = Job(proxy, keys, {"data": ("127.0.0.1", service.listen())})
+    job = Job(proxy, keys, {"data": ("127.0.0.1", service.listen(), True)})
     endpoints = await job.start()
     try:
         url = endpoints["data"]["url"]
@@ -102,7 +102,7 @@ async def test_websocket_transfer_both_ways_is_intact(proxy: Running, keys: Keys
 @pytest_twisted.ensureDeferred
 async def test_many_concurrent_connections_through_one_tunnel(keys: Keys, echo: int) -> None:
     proxy = await start_proxy(keys, max_connections_per_tunnel=400)
-    job = Job(proxy, keys, {"echo": ("127.0.0.1", echo)})
+    job = Job(proxy, keys, {"echo": ("127.0.0.1", echo, True)})
     try:
         port = (await job.start())["echo"]["port"]
         clients = await gatherResults([echo_client(port) for _ in range(300)])
@@ -125,7 +125,7 @@ async def test_many_concurrent_connections_through_one_tunnel(keys: Keys, echo: 
 @pytest_twisted.ensureDeferred
 async def test_a_client_sees_the_end_of_file_of_the_service(proxy: Running, keys: Keys,
                                                             echo: int) -> None:
-    job = Job(proxy, keys, {"echo": ("127.0.0.1", echo)})
+    job = Job(proxy, keys, {"echo": ("127.0.0.1", echo, True)})
     port = (await job.start())["echo"]["port"]
     try:
         client = await echo_client(port)
@@ -140,7 +140,7 @@ async def test_a_client_sees_the_end_of_file_of_the_service(proxy: Running, keys
 @pytest_twisted.ensureDeferred
 async def test_connections_per_tunnel_are_limited(keys: Keys, echo: int) -> None:
     proxy = await start_proxy(keys, max_connections_per_tunnel=2)
-    job = Job(proxy, keys, {"echo": ("127.0.0.1", echo)})
+    job = Job(proxy, keys, {"echo": ("127.0.0.1", echo, True)})
     try:
         port = (await job.start())["echo"]["port"]
         first, second = await echo_client(port), await echo_client(port)
@@ -165,7 +165,7 @@ async def test_a_client_whose_data_connection_never_comes_is_closed(keys: Keys) 
     job = new_job()
     control = await opened_control(proxy, keys.token(job))  # answers nothing
     try:
-        control.send(messages.publish(1, "ssh"))
+        control.send(messages.publish(1, "ssh", authenticates=True))
         port = (await control.next())["tcp_port"]
         client = await echo_client(port)
         started = reactor.seconds()
@@ -182,7 +182,7 @@ async def test_a_client_whose_data_connection_never_comes_is_closed(keys: Keys) 
 @pytest_twisted.ensureDeferred
 async def test_idle_connections_are_closed(keys: Keys, echo: int) -> None:
     proxy = await start_proxy(keys, idle_timeout=0.3)
-    job = Job(proxy, keys, {"echo": ("127.0.0.1", echo)})
+    job = Job(proxy, keys, {"echo": ("127.0.0.1", echo, True)})
     try:
         port = (await job.start())["echo"]["port"]
         busy, idle = await echo_client(port), await echo_client(port)
@@ -207,7 +207,7 @@ async def test_an_unreachable_service_closes_the_client_at_once(proxy: Running,
     nothing = listen_echo(reactor)
     dead = nothing.getHost().port
     await nothing.stopListening()
-    job = Job(proxy, keys, {"echo": ("127.0.0.1", dead)})
+    job = Job(proxy, keys, {"echo": ("127.0.0.1", dead, True)})
     try:
         port = (await job.start())["echo"]["port"]
         client = await echo_client(port)
@@ -225,8 +225,8 @@ async def test_unpublish_and_the_end_of_the_job_close_tunnels(proxy: Running, ke
                                                               echo: int) -> None:
     job = new_job()
     control = await opened_control(proxy, keys.token(job))
-    control.send(messages.publish(1, "a"))
-    control.send(messages.publish(2, "b", tcp=False))
+    control.send(messages.publish(1, "a", authenticates=True))
+    control.send(messages.publish(2, "b", tcp=False, authenticates=True))
     a, b = await control.next(), await control.next()
     assert "tcp_port" in a and "ws_path" in a and "tcp_port" not in b and "ws_path" in b
     control.send(messages.unpublish(3, "a"))
@@ -250,9 +250,9 @@ async def test_publish_is_idempotent_and_checked(proxy: Running, keys: Keys) -> 
     job = new_job()
     control = await opened_control(proxy, keys.token(job))
     try:
-        control.send(messages.publish(1, "ssh"))
+        control.send(messages.publish(1, "ssh", authenticates=True))
         first = await control.next()
-        control.send(messages.publish(2, "ssh"))
+        control.send(messages.publish(2, "ssh", authenticates=True))
         again = await control.next()
         assert {**first, "request_id": 2} == again
         control.send(messages.publish(3, "ssh", tcp=False, websocket=False))
@@ -276,7 +276,7 @@ async def test_a_plain_websocket_client_is_closed_at_the_services_end_of_file(
     # Without the treadmill.tunnel.v1 subprotocol there is no half-close: the service's
     # end of file (after its bytes) closes the WebSocket, and then the data leg.
     service = TransferService(lambda: Transfer(100_000, seed=8))
-    job = Job(proxy, keys, {"data": ("127.0.0.1", service.listen())})
+    job = Job(proxy, keys, {"data": ("127.0.0.1", service.listen(), True)})
     endpoints = await job.start()
     try:
         outcome = await ws_transfer(endpoints["data"]["url"], 0, seed=0, expect=10**9)
@@ -298,7 +298,7 @@ async def test_tls_on_the_control_and_data_connections(keys: Keys, tmp_path: Any
     job = new_job()
     url = proxy.url.replace("https://", "wss://")
     manager = ExposureManager(reactor, job, [{"url": url, "token": keys.token(job)}],
-                              {"data": ("127.0.0.1", service.listen())}, ca_file=str(ca),
+                              {"data": ("127.0.0.1", service.listen(), True)}, ca_file=str(ca),
                               reconnect_initial=0.05)
     try:
         manager.start()

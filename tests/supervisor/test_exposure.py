@@ -55,8 +55,8 @@ def test_proxy_urls() -> None:
 async def test_services_are_published_on_every_proxy(keys: Keys, echo: int) -> None:
     one, two = await start_proxy(keys), await start_proxy(keys, public_url="wss://p2.example")
     job = new_job()
-    exposure = manager(job, [one, two], keys, {"echo": ("127.0.0.1", echo),
-                                               "ssh": ("127.0.0.1", echo)})
+    exposure = manager(job, [one, two], keys, {"echo": ("127.0.0.1", echo, True),
+                                               "ssh": ("127.0.0.1", echo, True)})
     seen: list[list[dict[str, Any]]] = []
     exposure.on_change(seen.append)
     try:
@@ -82,7 +82,7 @@ async def test_a_restarted_supervisor_finds_its_tunnels_within_the_grace_period(
         keys: Keys, echo: int) -> None:
     proxy = await start_proxy(keys, grace=0.6)
     job = new_job()
-    first = manager(job, [proxy], keys, {"ssh": ("127.0.0.1", echo)})
+    first = manager(job, [proxy], keys, {"ssh": ("127.0.0.1", echo, True)})
     first.start()
     [endpoint] = await first.published()
     live = await echo_client(endpoint["port"])
@@ -93,7 +93,7 @@ async def test_a_restarted_supervisor_finds_its_tunnels_within_the_grace_period(
     assert job in proxy.registry.sessions
     live.transport.write(b"still")
     assert await live.wait_for(8) == b"on still"
-    second = manager(job, [proxy], keys, {"ssh": ("127.0.0.1", echo)})
+    second = manager(job, [proxy], keys, {"ssh": ("127.0.0.1", echo, True)})
     try:
         second.start()
         [again] = await second.published()
@@ -114,7 +114,7 @@ async def test_a_restarted_supervisor_finds_its_tunnels_within_the_grace_period(
 async def test_tunnels_close_when_the_grace_period_ends(keys: Keys, echo: int) -> None:
     proxy = await start_proxy(keys, grace=0.3)
     job = new_job()
-    exposure = manager(job, [proxy], keys, {"ssh": ("127.0.0.1", echo)})
+    exposure = manager(job, [proxy], keys, {"ssh": ("127.0.0.1", echo, True)})
     exposure.start()
     [endpoint] = await exposure.published()
     live = await echo_client(endpoint["port"])
@@ -133,7 +133,7 @@ async def test_tunnels_close_when_the_grace_period_ends(keys: Keys, echo: int) -
 async def test_a_lost_control_connection_is_reestablished(keys: Keys, echo: int) -> None:
     proxy = await start_proxy(keys, grace=5.0)
     job = new_job()
-    exposure = manager(job, [proxy], keys, {"ssh": ("127.0.0.1", echo)})
+    exposure = manager(job, [proxy], keys, {"ssh": ("127.0.0.1", echo, True)})
     try:
         exposure.start()
         [endpoint] = await exposure.published()
@@ -155,7 +155,7 @@ async def test_the_manager_publishes_again_on_a_restarted_proxy(keys: Keys,
     proxy = await start_proxy(keys)
     http = proxy.service.ports()[0].getHost().port
     job = new_job()
-    exposure = manager(job, [proxy], keys, {"ssh": ("127.0.0.1", echo)})
+    exposure = manager(job, [proxy], keys, {"ssh": ("127.0.0.1", echo, True)})
     seen: list[Any] = []
     exposure.on_change(seen.append)
     exposure.start()
@@ -181,7 +181,7 @@ async def test_the_manager_publishes_again_on_a_restarted_proxy(keys: Keys,
 async def test_closing_for_good_ends_live_connections(keys: Keys, echo: int) -> None:
     proxy = await start_proxy(keys)
     job = new_job()
-    exposure = manager(job, [proxy], keys, {"ssh": ("127.0.0.1", echo)})
+    exposure = manager(job, [proxy], keys, {"ssh": ("127.0.0.1", echo, True)})
     exposure.start()
     [endpoint] = await exposure.published()
     live = await echo_client(endpoint["port"])
@@ -198,10 +198,10 @@ async def test_closing_for_good_ends_live_connections(keys: Keys, echo: int) -> 
 async def test_refusals_are_reported_and_retried(keys: Keys, echo: int) -> None:
     proxy = await start_proxy(keys, ports=None, max_tunnels_per_job=1)
     job = new_job()
-    exposure = manager(job, [proxy], keys, {"a": ("127.0.0.1", echo),
-                                            "b": ("127.0.0.1", echo)})
+    exposure = manager(job, [proxy], keys, {"a": ("127.0.0.1", echo, True),
+                                            "b": ("127.0.0.1", echo, True)})
     wrong = ExposureManager(reactor, job, [{"url": proxy.ws, "token": keys.token(new_job())}],
-                            {"a": ("127.0.0.1", echo)}, reconnect_initial=0.05,
+                            {"a": ("127.0.0.1", echo, True)}, reconnect_initial=0.05,
                             reconnect_max=0.2)
     try:
         exposure.start()
@@ -232,11 +232,12 @@ async def test_services_left_over_from_an_earlier_run_are_unpublished(keys: Keys
                                                                      echo: int) -> None:
     proxy = await start_proxy(keys, grace=5.0)
     job = new_job()
-    first = manager(job, [proxy], keys, {"a": ("127.0.0.1", echo), "b": ("127.0.0.1", echo)})
+    first = manager(job, [proxy], keys, {"a": ("127.0.0.1", echo, True),
+                                         "b": ("127.0.0.1", echo, True)})
     first.start()
     await first.published()
     await first.close(final=False)
-    second = manager(job, [proxy], keys, {"a": ("127.0.0.1", echo)})
+    second = manager(job, [proxy], keys, {"a": ("127.0.0.1", echo, True)})
     try:
         second.start()
         await second.published()
@@ -250,17 +251,18 @@ async def test_services_left_over_from_an_earlier_run_are_unpublished(keys: Keys
 async def test_services_can_come_and_go_while_connected(keys: Keys, echo: int) -> None:
     proxy = await start_proxy(keys)
     job = new_job()
-    exposure = manager(job, [proxy], keys, {"echo": ("127.0.0.1", echo)})
+    exposure = manager(job, [proxy], keys, {"echo": ("127.0.0.1", echo, True)})
     seen: list[list[dict[str, Any]]] = []
     exposure.on_change(seen.append)
     try:
         exposure.start()
         first = (await exposure.published())[0]
-        exposure.set_services({"echo": ("127.0.0.1", echo), "ssh": ("127.0.0.1", echo)})
+        exposure.set_services({"echo": ("127.0.0.1", echo, True),
+                               "ssh": ("127.0.0.1", echo, True)})
         await eventually(lambda: len(exposure.endpoints) == 2)
         ssh = next(e for e in exposure.endpoints if e["service"] == "ssh")
         assert await echo_once(ssh["port"], b"new") == b"new"
-        exposure.set_services({"ssh": ("127.0.0.1", echo)})
+        exposure.set_services({"ssh": ("127.0.0.1", echo, True)})
         assert [e["service"] for e in exposure.endpoints] == ["ssh"]
         assert [e["service"] for e in seen[-1]] == ["ssh"]
 
@@ -278,7 +280,29 @@ async def test_services_can_come_and_go_while_connected(keys: Keys, echo: int) -
         else:
             raise AssertionError("the unpublished service still answers")
         with pytest.raises(Exception):  # noqa: B017 - an invalid service name
-            exposure.set_services({"bad name": ("127.0.0.1", echo)})
+            exposure.set_services({"bad name": ("127.0.0.1", echo, True)})
+    finally:
+        await exposure.close()
+        await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_service_declares_whether_it_authenticates_its_users(keys: Keys,
+                                                                      echo: int) -> None:
+    proxy = await start_proxy(keys)
+    job = new_job()
+    exposure = manager(job, [proxy], keys, {"ssh": ("127.0.0.1", echo, True),
+                                            "console": ("127.0.0.1", echo)})
+    try:
+        exposure.start()
+        found = {e["service"]: e for e in await exposure.published()}
+        assert found["ssh"]["auth"] == "service" and "port" in found["ssh"]
+        assert found["console"]["auth"] == "token" and "port" not in found["console"]
+        # The driver says ssh no longer authenticates: it is published again, without port.
+        exposure.set_services({"ssh": ("127.0.0.1", echo), "console": ("127.0.0.1", echo)})
+        await eventually(lambda: all(e["auth"] == "token" for e in exposure.endpoints))
+        assert all("port" not in e for e in exposure.endpoints)
+        assert proxy.registry.ports.in_use == set()
     finally:
         await exposure.close()
         await proxy.stop()

@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.proxy.support import Keys, Running, echo_once, start_proxy
+from tests.proxy.support import Keys, Running, console_echo, start_proxy
 from tests.supervisor.conftest import fast_config
 from tests.supervisor.peer import JOB_A, FakeSwitchboard, job, sleep
 from treadmill.protocol import supervisor as protocol
@@ -59,9 +59,14 @@ def proxied_job(proxy: Running, keys: Keys, **mock: Any) -> dict[str, Any]:
     return start
 
 
-async def refused(port: int) -> bool:
+def manage(keys: Keys) -> str:
+    """A user's console token for JOB_A (what POST .../console-token gives)."""
+    return keys.token(JOB_A, actions=("read", "manage"), subject="alice")
+
+
+async def refused(url: str, keys: Keys) -> bool:
     try:
-        await echo_once(port, b"x", timeout=1.0)
+        await console_echo(url, manage(keys), b"x")
     except Exception:
         return True
     return False
@@ -70,7 +75,7 @@ async def refused(port: int) -> bool:
 @pytest_twisted.ensureDeferred
 async def test_the_mock_echo_is_published_and_reported(setup: Any, proxy: Running,
                                                        keys: Keys) -> None:
-    peer, service = setup()
+    peer, service = setup(minor=protocol.ENDPOINT_AUTH_MINOR)
     conn = await peer.connection()
     assert (await conn.start(proxied_job(proxy, keys, run_time=INF)))["ok"]
     message = await conn.wait_for(lambda m: m["type"] == "job_endpoints", timeout=10)
@@ -78,12 +83,14 @@ async def test_the_mock_echo_is_published_and_reported(setup: Any, proxy: Runnin
     [endpoint] = message["endpoints"]
     assert endpoint["service"] == "echo" and endpoint["proxy"] == proxy.ws
     assert endpoint["url"].startswith(proxy.ws + "/v1/tunnels/")
-    assert await echo_once(endpoint["port"], b"hello") == b"hello"
+    # The echo does not authenticate its users: no public port, a console token instead.
+    assert endpoint["auth"] == "token" and "port" not in endpoint
+    assert await console_echo(endpoint["url"], manage(keys)) == b"hello"
     conn.send(protocol.ack(message["request_id"]))
     assert (await conn.stop(JOB_A))["ok"]
     await conn.events_until("terminated")
     for _ in range(100):  # the job's end closes its tunnel at once
-        if await refused(endpoint["port"]):
+        if await refused(endpoint["url"], keys):
             break
         await sleep(0.05)
     else:
@@ -122,7 +129,7 @@ async def test_an_older_switchboard_gets_no_endpoints_but_tunnels_work(
             break
         await sleep(0.05)
     [endpoint] = service.exposure.managers[JOB_A].endpoints
-    assert await echo_once(endpoint["port"], b"hi") == b"hi"
+    assert await console_echo(endpoint["url"], manage(keys), b"hi") == b"hi"
     await conn.stop(JOB_A)
     await conn.events_until("terminated")
     assert not [m for m in conn.received if m["type"] == "job_endpoints"]
@@ -136,3 +143,18 @@ async def test_a_job_without_proxies_publishes_nothing(setup: Any) -> None:
     await conn.events_until("terminated")
     assert service.exposure.managers == {}
     assert not [m for m in conn.received if m["type"] == "job_endpoints"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_endpoints_to_an_older_switchboard_carry_no_auth(setup: Any, proxy: Running,
+                                                               keys: Keys) -> None:
+    """A switchboard below minor 5 refuses unknown fields: ``auth`` is left out."""
+    peer, _ = setup(minor=protocol.ENDPOINT_AUTH_MINOR - 1)
+    conn = await peer.connection()
+    assert (await conn.start(proxied_job(proxy, keys, run_time=INF)))["ok"]
+    message = await conn.wait_for(lambda m: m["type"] == "job_endpoints", timeout=10)
+    [endpoint] = message["endpoints"]
+    assert endpoint["service"] == "echo" and "auth" not in endpoint
+    conn.send(protocol.ack(message["request_id"]))
+    assert (await conn.stop(JOB_A))["ok"]
+    await conn.events_until("terminated")

@@ -175,6 +175,12 @@ ROWS = [
     Row("POST", "/api/v1/jobs/{job}/terminate", (401, 404, 200, 403, 200)),
     Row("GET", "/api/v1/jobs/{job}/events", (401, 404, 200, 200, 200)),
     Row("POST", "/api/v1/jobs/{job}/logs/token", (401, 404, 200, 200, 200)),
+    # Consoles: read watches (read on the job), manage types (the default; manage).
+    Row("POST", "/api/v1/jobs/{job}/console-token", (401, 404, 200, 200, 200),
+        lambda w: {"access": "read"}),
+    Row("POST", "/api/v1/jobs/{job}/console-token", (401, 404, 200, 403, 200),
+        lambda w: {"access": "manage"}),
+    Row("POST", "/api/v1/jobs/{job}/console-token", (401, 404, 200, 403, 200)),
     # The job never ran on a host: 409 once authorised (manage privilege needed).
     Row("POST", "/api/v1/jobs/{done_job}/snapshots", (401, 404, 409, 403, 409),
         lambda w: {"name": f"owner/{w.fresh}", "store": "http://s.example"}),

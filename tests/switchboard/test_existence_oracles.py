@@ -59,6 +59,7 @@ CASES: list[tuple[str, Case]] = [
     ("job", Case("GET", "/api/v1/jobs/{}/snapshots")),
     ("job", Case("GET", "/api/v1/jobs/{}/snapshots/" + str(uuid.UUID(int=7)))),
     ("job", Case("POST", "/api/v1/jobs/{}/logs/token")),
+    ("job", Case("POST", "/api/v1/jobs/{}/console-token", {"access": "read"})),
     ("job", Case("GET", "/api/v1/jobs/{}/events")),
     ("job", Case("GET", "/api/v1/jobs/{}/events/watch")),
     ("job", Case("GET", "/api/v1/jobs/{}/grants")),

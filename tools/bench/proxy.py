@@ -283,7 +283,7 @@ def _fleet(proxy_url: str, tokens_file: str, echo_port: int) -> None:
 
     tokens = json.loads(Path(tokens_file).read_text())
     managers = [ExposureManager(reactor, job, [{"url": proxy_url, "token": token}],
-                                {"echo": ("127.0.0.1", echo_port)}, websocket=False,
+                                {"echo": ("127.0.0.1", echo_port, True)}, websocket=False,
                                 reconnect_initial=0.5, reconnect_max=5.0)
                 for job, token in tokens.items()]
 
@@ -670,7 +670,8 @@ def start_ours(procs: Processes, tmp: Path, args: argparse.Namespace,
     job = str(uuid.uuid4())
     (tmp / "token").write_text(token(signer, job))
     argv = [sys.executable, "-m", "treadmill.supervisor.exposure", "--job", job,
-            "--proxy", f"ws://127.0.0.1:{http}", "--token-file", str(tmp / "token"), "--quiet"]
+            "--proxy", f"ws://127.0.0.1:{http}", "--token-file", str(tmp / "token"), "--quiet",
+            "--self-authenticating"]
     for name, port in services.items():
         argv += ["--service", f"{name}=127.0.0.1:{port}"]
     supervisor = procs.start(argv, cwd=str(ROOT), stdout=subprocess.PIPE)

@@ -32,9 +32,12 @@ MAJOR = 1
 MINOR = 5
 """1: ``JobStart.log_servers``; 2: ``JobStart.proxies`` and ``job_endpoints``;
 3: ``snapshot_job`` and ``snapshot_result``; 4: the ack error ``unavailable``;
-5: ``JobStart.results``, ``JobStart.ssh_keys`` and ``job_endpoints.ssh_host_keys``."""
+5: ``JobStart.results``, ``JobStart.ssh_keys``, ``job_endpoints.ssh_host_keys`` and the
+endpoints' ``auth``."""
 SSH_KEYS_MINOR = 5
 """The minor that brings ``JobStart.ssh_keys`` and ``job_endpoints.ssh_host_keys``."""
+ENDPOINT_AUTH_MINOR = 5
+"""The minor whose ``job_endpoints`` entries may carry ``auth`` (``service`` or ``token``)."""
 SUBPROTOCOL = f"treadmill.supervisor.v{MAJOR}"
 MINOR_HEADER = "x-treadmill-protocol-minor"
 PATH = "/api/v1/supervisor"

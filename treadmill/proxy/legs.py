@@ -3,7 +3,11 @@
 - :class:`PublicEnd`: a client on a tunnel's public TCP port. It reads
   nothing until its data connection is joined.
 - :class:`TunnelSocket`: a client on a tunnel's WebSocket path
-  (``/v1/tunnels/<id>``); binary messages carry the bytes.
+  (``/v1/tunnels/<id>``); binary messages carry the bytes. On the path of a
+  service that does not authenticate its users itself (a console) the client
+  presents a console token first: ``Authorization: Bearer``, ``?token=`` or a
+  first text message; ``read`` watches (what it sends is dropped), ``manage``
+  types. Refusals close with 4401 (no or bad token) or 4403 (not this job).
 - :class:`DataEnd`: a supervisor's data connection on ``data_listen``. Its
   first line is ``TREADMILL-DATA/1 <conn_id> <token>``
   (``messages.data_header``); anything else, or nothing within the connect
@@ -19,7 +23,9 @@ from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
+from treadmill.common.captoken import CapabilityError, Claims, bearer_token
 from treadmill.proxy import messages
+from treadmill.proxy.messages import ConsoleCloseCode
 from treadmill.proxy.registry import Pending, Registry, Tunnel
 from treadmill.proxy.splice import TUNNEL_SUBPROTOCOL, StreamEnd, WebSocketEnd
 
@@ -134,28 +140,131 @@ class DataFactory(ServerFactory):
 
 
 class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
-    """A client on a tunnel's WebSocket path."""
+    """A client on a tunnel's WebSocket path (see the module docstring for consoles)."""
 
+    # Not ``log``: that is Autobahn's (its debug lines would show the handshake's token).
+    console_log = Logger(namespace="treadmill.proxy.consoles")
     factory: TunnelFactory
     tunnel: Tunnel | None = None
     pending: Pending | None = None
+    access: str | None = None  # a console client's: "read" or "manage"
+    _offered: str | None = None
+    _auth_timer: Any = None
+    _peer = ""
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         # The subprotocol adds half-close (a text message "eof"); plain binary without it.
         self.half_close = TUNNEL_SUBPROTOCOL in request.protocols
+        self._peer = request.peer
+        self._offered = bearer_token(request.headers.get("authorization"))
+        tokens = request.params.get("token")
+        if self._offered is None and tokens:
+            self._offered = tokens[-1]
         return TUNNEL_SUBPROTOCOL if self.half_close else None
 
     def onOpen(self) -> None:
-        self.end_opened()
         if self.tunnel is None:
             self.sendClose(1011, "no tunnel")
             return
+        if self.tunnel.authenticates:
+            self._arrive()
+        elif self._offered is not None:
+            self._authenticate(self._offered)
+        else:  # the token comes in the first text message
+            registry = self.factory.registry
+            tunnel = self.tunnel
+            if tunnel.connections + tunnel.unauthenticated >= \
+                    registry.settings.max_connections_per_tunnel:
+                registry.counts["refused_limit"] += 1
+                self.sendClose(int(ConsoleCloseCode.BUSY), "too many connections; try again later")
+                return
+            tunnel.unauthenticated += 1
+            self._auth_timer = registry.reactor.callLater(
+                registry.settings.connect_timeout, self._refuse,
+                ConsoleCloseCode.UNAUTHORIZED, "no console token in time", "timeout")
+
+    def _arrive(self) -> None:
+        self.end_opened()
+        assert self.tunnel is not None
         self.pending = self.factory.registry.client_arrived(self.tunnel, self)
 
+    def _authenticate(self, token: str) -> None:
+        self._offered = None
+        tunnel = self.tunnel
+        assert tunnel is not None
+        registry = self.factory.registry
+        job = tunnel.session.job
+        try:
+            claims: Claims = registry.verifier.verify_any(token)
+        except CapabilityError as e:
+            self._refuse(ConsoleCloseCode.UNAUTHORIZED,
+                         f"console token refused ({e.reason})", e.reason)
+            return
+        if claims.allows("tunnel", job, "manage"):
+            self.access = "manage"
+        elif claims.allows("tunnel", job, "read"):
+            self.access = "read"
+        else:
+            self._refuse(ConsoleCloseCode.FORBIDDEN,
+                         f"the token grants neither read nor manage on job {job}",
+                         "insufficient_scope", claims.subject)
+            return
+        registry.counts[f"console_{self.access}"] += 1
+        # A stable event name for the audit log to come (docs/proxy.md, "Consoles").
+        self.console_log.info(
+            "console_opened: {subject} opened {service} of job {job} to {access} (token "
+            "{jti}, from {peer})", audit_event="console_opened", subject=claims.subject,
+            job=job, service=tunnel.service, access=self.access, jti=claims.raw.get("jti"),
+            peer=self._peer)
+        self._arrive()
+
+    def _refuse(self, code: int, text: str, reason: str, subject: str | None = None) -> None:
+        self._stop_waiting()
+        registry = self.factory.registry
+        registry.counts["console_refused"] += 1
+        tunnel = self.tunnel
+        self.console_log.info(
+            "console_refused: a client of {service} of job {job} ({reason}; subject "
+            "{subject}, from {peer})", audit_event="console_refused",
+            service=tunnel.service if tunnel else None,
+            job=tunnel.session.job if tunnel else None, reason=reason, subject=subject,
+            peer=self._peer)
+        if self.state == self.STATE_OPEN:
+            self.sendClose(int(code), text[:120])
+
+    def _stop_waiting(self) -> None:
+        """No longer waiting for the token's message."""
+        timer, self._auth_timer = self._auth_timer, None
+        if timer is not None:
+            if timer.active():
+                timer.cancel()
+            if self.tunnel is not None:
+                self.tunnel.unauthenticated -= 1
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._auth_timer is not None:
+            self._stop_waiting()
+            if isBinary:
+                self._refuse(ConsoleCloseCode.UNAUTHORIZED,
+                             "send the console token first (a text message)", "no_token")
+                return
+            try:
+                token = payload.decode("ascii").strip()
+            except UnicodeDecodeError:
+                token = ""
+            self._authenticate(token)
+            return
+        if self.access == "read":
+            # A read token watches: nothing it sends reaches the service (not even eof).
+            if isBinary:
+                self.factory.registry.counts["console_input_dropped"] += 1
+            return
+        if self.access is None and self.tunnel is not None and not self.tunnel.authenticates:
+            return  # refused, closing
         self.end_message(payload, isBinary)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._stop_waiting()
         if self.pending is not None and self.splice is None:
             self.factory.registry.client_gone(self.pending)
         self.pending = None

@@ -37,6 +37,7 @@ __all__ = [
     "TO_PROXY",
     "TO_SUPERVISOR",
     "CloseCode",
+    "ConsoleCloseCode",
     "ProtocolError",
     "data_header",
     "parse",
@@ -72,6 +73,19 @@ class CloseCode(IntEnum):
     """A newer control connection of the same job took over."""
     GOING_AWAY = 4005
     """The sender shuts down; the tunnels are kept for the grace period."""
+
+
+class ConsoleCloseCode(IntEnum):
+    """WebSocket close codes of a tunnel path that needs a console token."""
+
+    UNAUTHORIZED = 4401
+    """No token within ``connect_timeout``, or a token that does not verify (malformed,
+    expired, wrong audience, unknown key, bad signature)."""
+    FORBIDDEN = 4403
+    """A valid token that grants neither ``read`` nor ``manage`` on this job."""
+    BUSY = 4429
+    """The tunnel has ``max_connections_per_tunnel`` clients (waiting for their token
+    included): try again later."""
 
 
 class ProtocolError(ValueError):
@@ -156,17 +170,22 @@ def welcome(job: str, data_port: int, data_tls: bool, public_host: str, grace: f
             "public_host": public_host, "grace": grace, "published": published}
 
 
-def publish(request_id: int, service: str, *, tcp: bool = True,
-            websocket: bool = True) -> dict[str, Any]:
-    return {"type": "publish", "request_id": request_id, "service": service, "tcp": tcp,
-            "websocket": websocket}
+def publish(request_id: int, service: str, *, tcp: bool = True, websocket: bool = True,
+            authenticates: bool = False) -> dict[str, Any]:
+    message: dict[str, Any] = {"type": "publish", "request_id": request_id,
+                               "service": service, "tcp": tcp, "websocket": websocket}
+    if authenticates:
+        message["authenticates"] = True
+    return message
 
 
 def published(request_id: int, service: str, host: str, *, tcp_port: int | None = None,
-              ws_path: str | None = None, ws_url: str | None = None) -> dict[str, Any]:
+              ws_path: str | None = None, ws_url: str | None = None,
+              auth: str | None = None) -> dict[str, Any]:
     message: dict[str, Any] = {"type": "published", "request_id": request_id,
                                "service": service, "host": host}
-    for key, value in (("tcp_port", tcp_port), ("ws_path", ws_path), ("ws_url", ws_url)):
+    for key, value in (("tcp_port", tcp_port), ("ws_path", ws_path), ("ws_url", ws_url),
+                       ("auth", auth)):
         if value is not None:
             message[key] = value
     return message

@@ -1,8 +1,10 @@
-"""Public TCP ports: a configured range handed out in turn, and static assignments."""
+"""Public TCP ports: a configured range handed out at random, and static assignments."""
 
 from __future__ import annotations
 
 import re
+import secrets
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -67,17 +69,22 @@ def parse_static(value: Any) -> dict[str, int]:
 
 
 class PortAllocator:
-    """Hands out ports of ``[first, last]`` in turn (so that a port just released is
-    not given to the next tunnel at once), skipping the static ones and any that
-    cannot be bound. ``static`` maps ``"<job or host>/<service>"`` to a port.
+    """Hands out ports of ``[first, last]`` chosen uniformly at random among the free
+    ones (from the system's CSPRNG), so that a tunnel's port says nothing about
+    another's; a port just released is not given out again while others are free
+    (the last ``quarantine`` released ones wait). Static ports and ports that
+    cannot be bound are skipped. ``static`` maps ``"<job or host>/<service>"`` to a
+    port.
     """
 
-    def __init__(self, port_range: tuple[int, int] | None, static: Mapping[str, int]):
+    def __init__(self, port_range: tuple[int, int] | None, static: Mapping[str, int],
+                 quarantine: int = 64):
         self.range = port_range
         self.static = dict(static)
         self._reserved = set(self.static.values())
         self.in_use: set[int] = set()
-        self._next = port_range[0] if port_range else 0
+        size = port_range[1] - port_range[0] + 1 if port_range else 0
+        self._recent: deque[int] = deque(maxlen=max(0, min(quarantine, size // 2)))
 
     @property
     def size(self) -> int:
@@ -108,18 +115,36 @@ class PortAllocator:
             raise PortsExhausted("this proxy has no port range (ports = \"\"), only static ports")
         first, last = self.range
         size = self.size
-        for _ in range(size):
-            port = self._next
-            self._next = first if port >= last else port + 1
-            if port in self.in_use or port in self._reserved:
-                continue
+        tried: set[int] = set()
+        # Random probes first (cheap while the range is mostly free), then every
+        # remaining port in a random order; recently released ports come last.
+        for port in self._candidates(first, size, tried):
+            tried.add(port)
             try:
                 listener = listen(port)
             except CannotListenError:
-                continue  # something else holds it: try the next
+                continue  # something else holds it: try another
             self.in_use.add(port)
             return port, listener
         raise PortsExhausted(f"no free port in {first}-{last} ({len(self.in_use)} in use)")
 
+    def _candidates(self, first: int, size: int, tried: set[int]) -> Any:
+        recent = set(self._recent)
+
+        def free(port: int) -> bool:
+            return not (port in tried or port in self.in_use or port in self._reserved)
+
+        for _ in range(min(32, size)):
+            port = first + secrets.randbelow(size)
+            if free(port) and port not in recent:
+                yield port
+        rest = [p for p in range(first, first + size) if free(p) and p not in recent]
+        secrets.SystemRandom().shuffle(rest)
+        yield from (p for p in rest if free(p))
+        yield from (p for p in self._recent if free(p))
+
     def release(self, port: int) -> None:
-        self.in_use.discard(port)
+        if port in self.in_use:
+            self.in_use.discard(port)
+            if self.range is not None and self.range[0] <= port <= self.range[1]:
+                self._recent.append(port)

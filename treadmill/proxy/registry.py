@@ -20,6 +20,11 @@ The rules (``docs/proxy.md``):
   it is away). Only a data connection that presents that ``conn_id`` and a
   token granting ``publish`` on the same job is joined to the client, within
   ``connect_timeout`` seconds; otherwise the client is closed.
+- A service that does not authenticate its users itself (``publish`` without
+  ``authenticates``: a console, an echo service) has no public TCP port, and
+  a client of its WebSocket path must present a console token for the job
+  first (``legs.TunnelSocket``): ``read`` watches (its bytes are dropped),
+  ``manage`` types.
 - ``max_connections_per_tunnel`` bounds clients (waiting and joined) per
   tunnel; connections with no traffic for ``idle_timeout`` seconds close.
 
@@ -103,9 +108,11 @@ class Pending:
 class Tunnel:
     """One published service of a job."""
 
-    def __init__(self, session: JobSession, service: str):
+    def __init__(self, session: JobSession, service: str, authenticates: bool = False):
         self.session = session
         self.service = service
+        self.authenticates = authenticates
+        """The service authenticates its users (SSH); else clients need a console token."""
         self.tcp_port: int | None = None
         self.listener: IListeningPort | None = None
         self.ws_id: str | None = None
@@ -113,6 +120,7 @@ class Tunnel:
         self.splices: set[Splice] = set()
         self.closed = False
         self.accepted = 0  # clients joined so far
+        self.unauthenticated = 0  # console clients whose token message is awaited
 
     @property
     def connections(self) -> int:
@@ -120,11 +128,17 @@ class Tunnel:
         return len(self.pending) + len(self.splices)
 
     @property
+    def auth(self) -> str:
+        """``service`` (it authenticates its users) or ``token`` (a console token)."""
+        return "service" if self.authenticates else "token"
+
+    @property
     def ws_path(self) -> str | None:
         return messages.TUNNEL_PREFIX + self.ws_id if self.ws_id is not None else None
 
     def info(self) -> dict[str, Any]:
-        return {"service": self.service, "tcp_port": self.tcp_port, "ws_path": self.ws_path,
+        return {"service": self.service, "auth": self.auth, "tcp_port": self.tcp_port,
+                "ws_path": self.ws_path,
                 "pending": len(self.pending), "active": len(self.splices),
                 "accepted": self.accepted}
 
@@ -277,7 +291,8 @@ class Registry:
             rid = message["request_id"]
             try:
                 reply = self.publish(session, rid, message["service"], tcp=message["tcp"],
-                                     websocket=message["websocket"])
+                                     websocket=message["websocket"],
+                                     authenticates=message.get("authenticates", False))
             except PublishError as e:
                 self.counts[f"publish_{e.code}"] += 1
                 self.log.warn("Job {job}: cannot publish {service}: {message}", job=session.job,
@@ -308,17 +323,28 @@ class Registry:
     # -- tunnels ---------------------------------------------------------------------
 
     def publish(self, session: JobSession, request_id: int, service: str, *, tcp: bool,
-                websocket: bool) -> dict[str, Any]:
-        """Publish (or update) a tunnel; the ``published`` reply. Idempotent."""
+                websocket: bool, authenticates: bool = False) -> dict[str, Any]:
+        """Publish (or update) a tunnel; the ``published`` reply. Idempotent.
+
+        A service that does not authenticate its users itself gets no public TCP
+        port: only its WebSocket path, behind a console token."""
         if not tcp and not websocket:
             raise PublishError("bad_request", "publish tcp, websocket or both")
+        if not authenticates:
+            tcp, websocket = False, True
         tunnel = session.tunnels.get(service)
         new = tunnel is None
         if tunnel is None:
             if len(session.tunnels) >= self.settings.max_tunnels_per_job:
                 raise PublishError("too_many_tunnels", f"a job may publish at most "
                                    f"{self.settings.max_tunnels_per_job} services")
-            tunnel = Tunnel(session, service)
+            tunnel = Tunnel(session, service, authenticates)
+        elif tunnel.authenticates and not authenticates:
+            # Now behind a token: clients that came in without one go.
+            tunnel.authenticates = False
+            self._drop_clients(tunnel)
+        else:
+            tunnel.authenticates = authenticates
         if tcp and tunnel.listener is None:
             try:
                 self._listen(tunnel)
@@ -345,7 +371,7 @@ class Registry:
             ws_url = self.settings.public_url.rstrip("/") + tunnel.ws_path
         return messages.published(request_id, service, self.settings.public_host,
                                   tcp_port=tunnel.tcp_port, ws_path=tunnel.ws_path,
-                                  ws_url=ws_url)
+                                  ws_url=ws_url, auth=tunnel.auth)
 
     def _listen(self, tunnel: Tunnel) -> None:
         session = tunnel.session
@@ -386,6 +412,9 @@ class Registry:
         self._stop_listening(tunnel)
         if tunnel.ws_id is not None:
             self.by_ws.pop(tunnel.ws_id, None)
+        self._drop_clients(tunnel)
+
+    def _drop_clients(self, tunnel: Tunnel) -> None:
         for pending in list(tunnel.pending.values()):
             self._drop_pending(pending)
             pending.client.abort()

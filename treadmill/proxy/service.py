@@ -28,6 +28,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.web.http import combinedLogFormatter
 
 from treadmill.common.daemon import RoleService, listeners
 from treadmill.common.http import limited_site
@@ -49,6 +50,28 @@ def with_backlog(desc: str, backlog: int = BACKLOG) -> str:
     if kind in ("tcp", "tcp6", "ssl") and not re.search(r"(^|:)backlog=", desc):
         return f"{desc}:backlog={backlog}"
     return desc
+
+
+_TOKEN_QUERY = re.compile(rb"(?<=[?&]token=)[^&#]*")
+
+
+class _Redacted:
+    """A request whose ``uri`` has its console token hidden; the rest as the request's."""
+
+    def __init__(self, request: Any, uri: bytes):
+        self._request = request
+        self.uri = uri
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)
+
+
+def redacting_log_formatter(timestamp: str, request: Any) -> str:
+    """The combined log format, without the ``token`` query value of a console URL."""
+    uri = request.uri
+    if b"token=" in uri:
+        request = _Redacted(request, _TOKEN_QUERY.sub(b"REDACTED", uri))
+    return combinedLogFormatter(timestamp, request)  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -89,7 +112,8 @@ class ProxyService(RoleService):
         self.control = ControlFactory(self.registry, ping_interval=config.ping_interval)
         self.tunnel_sockets = TunnelFactory(self.registry)
         self.api = ProxyAPI(self.registry, self.verifier, self.control, self.tunnel_sockets)
-        self.site = limited_site(self.api.resource(), 64 * 1024)
+        self.site = limited_site(self.api.resource(), 64 * 1024,
+                                 logFormatter=redacting_log_formatter)
         if not config.access_log:
             self.site.log = lambda request: None  # type: ignore[method-assign]
         self.metrics = ProxyMetrics(self.registry)

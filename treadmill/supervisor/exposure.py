@@ -22,15 +22,22 @@ For the supervisor (the lead wires it)::
     ...
     await exposure.close()            # the job ended: its tunnels close now
 
-``endpoints`` lists ``{"service", "proxy", "host", "port"?, "url"?}``: the
-public TCP port on ``host`` and the WebSocket URL of each published service
-on each proxy. ``close(final=False)`` (a supervisor shutting down while its
+A service is ``(host, port)``, or ``(host, port, True)`` when it
+authenticates its users itself (an SSH server): only those get a public TCP
+port; the others (consoles, the mock's echo) only a WebSocket URL that needs a
+console token for the job (``docs/proxy.md``, "Consoles").
+
+``endpoints`` lists ``{"service", "proxy", "host", "port"?, "url"?, "auth"?}``:
+the public TCP port on ``host`` and the WebSocket URL of each published
+service on each proxy, and ``auth`` (``service`` or ``token``) as the proxy
+answered. ``close(final=False)`` (a supervisor shutting down while its
 job lives on) leaves the tunnels to the proxy's grace period instead.
 
 Run alone, for manual checks and the benchmark::
 
     python -m treadmill.supervisor.exposure --job JOB --proxy ws://127.0.0.1:8090 \\
-        --token-file TOKEN --service echo=127.0.0.1:7007 [--echo 7007]
+        --token-file TOKEN --service echo=127.0.0.1:7007 [--echo 7007] \\
+        [--self-authenticating]
 """
 
 from __future__ import annotations
@@ -54,7 +61,16 @@ from treadmill.proxy import messages
 from treadmill.proxy.messages import CloseCode, parse_proxy_url
 from treadmill.proxy.splice import Splice, StreamEnd, client_endpoint, join
 
-__all__ = ["Echo", "ExposureManager", "listen_echo", "parse_proxy_url"]
+__all__ = ["Echo", "ExposureManager", "authenticates", "listen_echo", "parse_proxy_url"]
+
+Service = tuple[str, int] | tuple[str, int, bool]
+"""A host-local service: ``(host, port)``, or ``(host, port, True)`` if it authenticates
+its users itself."""
+
+
+def authenticates(service: Service) -> bool:
+    """Whether a service declared that it authenticates its users itself."""
+    return len(service) > 2 and service[2] is True  # type: ignore[misc]
 
 _GIVE_UP_FAST = 16  # a failure count that means "wait reconnect_max"
 
@@ -294,8 +310,10 @@ class _ProxyLink:
     def publish(self, service: str) -> None:
         self._request_id += 1
         self._requests[self._request_id] = service
+        target = self.manager.services.get(service)
         self.send(messages.publish(self._request_id, service, tcp=self.manager.tcp,
-                                   websocket=self.manager.websocket))
+                                   websocket=self.manager.websocket,
+                                   authenticates=target is not None and authenticates(target)))
 
     def unpublish(self, service: str) -> None:
         self._request_id += 1
@@ -340,6 +358,8 @@ class _ProxyLink:
                 endpoint["url"] = message["ws_url"]
             elif "ws_path" in message:
                 endpoint["url"] = self.base + message["ws_path"]
+            if "auth" in message:
+                endpoint["auth"] = message["auth"]
             self.errors.pop(message["service"], None)
             if self.endpoints.get(message["service"]) != endpoint:
                 self.endpoints[message["service"]] = endpoint
@@ -391,14 +411,15 @@ class ExposureManager:
     """Publishes a job's services on its proxies; see the module docstring.
 
     :param proxies: ``[{"url": ws(s)/http(s) base URL, "token": capability token}]``.
-    :param services: ``{name: (host, port)}`` of the host-local endpoints.
+    :param services: ``{name: (host, port)}`` of the host-local endpoints;
+        ``(host, port, True)`` for one that authenticates its users itself.
     :param tcp: publish public TCP ports; :param websocket: publish WebSocket paths.
     """
 
     log = Logger()
 
     def __init__(self, reactor: Any, job_id: str, proxies: Sequence[Mapping[str, str]],
-                 services: Mapping[str, tuple[str, int]], *, ca_file: str | None = None,
+                 services: Mapping[str, Service], *, ca_file: str | None = None,
                  tcp: bool = True, websocket: bool = True, reconnect_initial: float = 1.0,
                  reconnect_max: float = 30.0, heartbeat_interval: float = 10.0,
                  heartbeat_timeout: float = 20.0, connect_timeout: float = 10.0,
@@ -482,7 +503,7 @@ class ExposureManager:
         self._waiters.append(waiter)
         return waiter
 
-    def set_services(self, services: Mapping[str, tuple[str, int]]) -> None:
+    def set_services(self, services: Mapping[str, Service]) -> None:
         """The host's services are now ``services``: publish the new ones, unpublish
         the ones that went, on every connected proxy (the others on reconnect)."""
         for service in services:
@@ -497,8 +518,11 @@ class ExposureManager:
                     if link.welcome is not None:
                         link.unpublish(service)
             for service in self.services:
-                if service not in old and link.welcome is not None:
-                    link.publish(service)
+                if link.welcome is None:
+                    continue
+                if service not in old or (authenticates(old[service])
+                                          != authenticates(self.services[service])):
+                    link.publish(service)  # new, or its authentication changed
         if changed:
             self._changed()
 
@@ -531,7 +555,7 @@ class ExposureManager:
             self.counts["unknown_service"] += 1
             link.send(messages.connect_failed(conn_id, f"no service {service} here"))
             return
-        host, port = target
+        host, port = target[0], target[1]
         local = client_endpoint(self.reactor, host, port, self.connect_timeout)
         data: Any = client_endpoint(self.reactor, link.host, link.welcome["data_port"],
                               self.connect_timeout)
@@ -591,6 +615,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--token-file", required=True,
                         help="a file holding the capability token (one for every proxy)")
     parser.add_argument("--service", action="append", default=[], metavar="NAME=HOST:PORT")
+    parser.add_argument("--self-authenticating", action="store_true",
+                        help="the services authenticate their users themselves: publish "
+                        "public TCP ports (otherwise only token-protected WebSocket paths)")
     parser.add_argument("--echo", type=int, metavar="PORT",
                         help="also run an echo service on 127.0.0.1:PORT")
     parser.add_argument("--ca-file")
@@ -598,11 +625,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with open(args.token_file) as f:
         token = f.read().strip()
-    services: dict[str, tuple[str, int]] = {}
+    services: dict[str, Service] = {}
     for item in args.service:
         name, _, address = item.partition("=")
         host, _, port = address.rpartition(":")
-        services[name] = (host.strip("[]"), int(port))
+        services[name] = ((host.strip("[]"), int(port), True) if args.self_authenticating
+                          else (host.strip("[]"), int(port)))
 
     from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate
 

@@ -334,11 +334,15 @@ class JobRunner:
         if getattr(session, "minor", protocol.MINOR) < 2:
             return  # the switchboard cannot take them
         rid = session.next_request_id()
+        minor = getattr(session, "minor", protocol.MINOR)
         keys = self._ssh_host_keys
         host_keys = (keys[1] if keys is not None and keys[0] == pending[0]
-                     and getattr(session, "minor", protocol.MINOR) >= protocol.SSH_KEYS_MINOR
-                     else None)
-        if session.send(protocol.job_endpoints(rid, *pending, ssh_host_keys=host_keys)):
+                     and minor >= protocol.SSH_KEYS_MINOR else None)
+        job_id, endpoints = pending
+        if minor < protocol.ENDPOINT_AUTH_MINOR:  # an older switchboard refuses the field
+            endpoints = [{k: v for k, v in e.items() if k != "auth"} for e in endpoints]
+        if session.send(protocol.job_endpoints(rid, job_id, endpoints,
+                                               ssh_host_keys=host_keys)):
             self._endpoints_sent = (rid, pending)
             self._later(self._backoff(0), self._endpoints_unacked, session, rid)
 

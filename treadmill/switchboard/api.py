@@ -61,6 +61,8 @@ class Limits:
     log_replicas: int = 2
     log_service: str = "treadmill-logserver"
     log_read_ttl: float = 3600.0
+    proxy_service: str = "treadmill-proxy"
+    console_token_ttl: float = 300.0
 
 
 def _uuid(value: str, what: str) -> str:
@@ -976,6 +978,20 @@ class SwitchboardAPI:
                                  [Access("job", row["id"], ("read",))], ttl)
         return respond(request, {"servers": row["log_servers"], "token": token,
                                  "expires_in": int(ttl)})
+
+    @app.route("/api/v1/jobs/<job_id>/console-token", methods=["POST"])
+    async def job_console_token(self, request: IRequest, job_id: str) -> bytes:
+        """A short-lived token for the job's consoles on its proxies: ``read`` watches
+        (needs read on the job), ``manage`` types (needs manage)."""
+        body = read_json(request, schemas.CONSOLE_TOKEN, empty=dict)
+        access = body.get("access", "manage")
+        principal, row = await self._job(request, job_id, access)
+        ttl = self.limits.console_token_ttl
+        actions = ("read", "manage") if access == "manage" else ("read",)
+        token = self.signer.sign(principal.name, self.limits.proxy_service,
+                                 [Access("tunnel", row["id"], actions)], ttl)
+        return respond(request, {"token": token, "access": access, "expires_in": int(ttl),
+                                 "endpoints": row["endpoints"] or []})
 
     @app.route("/api/v1/jobs/<job_id>/events", methods=["GET"])
     async def job_events(self, request: IRequest, job_id: str) -> bytes:

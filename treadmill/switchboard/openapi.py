@@ -160,7 +160,9 @@ JOB = _record({
     "endpoints": {"type": "array", "items": {
         "type": "object", "required": ["service", "proxy"],
         "properties": {"service": STRING, "proxy": STRING, "host": STRING,
-                       "port": INTEGER, "url": STRING}},
+                       "port": INTEGER, "url": STRING,
+                       "auth": {"enum": ["service", "token"], "description":
+                                "token: url needs a console token (POST .../console-token)"}}},
         "description": "Public endpoints through rendezvous proxies (tml job ssh/connect)."},
     "ssh_host_keys": {**STRINGS, "description": "The guest's SSH host keys (`TYPE BASE64`), "
                                                 "as its agent reported them (tml job ssh)."},
@@ -241,6 +243,12 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "LogsToken": {"type": "object", "required": ["servers", "token", "expires_in"],
                   "properties": {"servers": STRINGS, "token": STRING,
                                  "expires_in": {"type": "integer"}}},
+    "ConsoleToken": {"type": "object", "required": ["token", "access", "expires_in",
+                                                    "endpoints"],
+                     "properties": {"token": STRING, "access": {"enum": ["read", "manage"]},
+                                    "expires_in": {"type": "integer"},
+                                    "endpoints": {"type": "array",
+                                                  "items": {"type": "object"}}}},
     "RegistryToken": {"type": "object", "required": ["token", "access_token", "expires_in",
                                                      "issued_at"],
                       "properties": {"token": STRING, "access_token": STRING,
@@ -631,6 +639,16 @@ def _jobs() -> dict[str, dict[str, Any]]:
             "LogsToken", errors=(403, 404),
             description="The token is a capability token (audience: the log servers' "
                         "service) to read this job's streams on the servers listed.")},
+        "/api/v1/jobs/{job_id}/console-token": {"parameters": [P_JOB], "post": _operation(
+            "job_console_token", "Jobs",
+            "A console token for the job's proxies (read or manage).", 200, "ConsoleToken",
+            body="ConsoleTokenRequest", body_required=False, errors=(403, 404),
+            description="A capability token (audience: the proxies' service; "
+                        "`{type: tunnel, name: <job id>}`) that opens the job's endpoints "
+                        "with `auth: token` (docs/proxy.md, Consoles). `access`: `manage` "
+                        "(the default; needs manage on the job) types, `read` (needs read) "
+                        "watches. Valid for a few minutes; a console stays open after it "
+                        "expires.")},
     }
 
 

@@ -63,6 +63,7 @@ IMAGE_UPDATE = _object({
     "results": {"oneOf": [{"type": "null"}, PATTERNS_SCHEMA]},
     "stores": {"type": "array", "maxItems": 16, "uniqueItems": True, "items": STORE_URL},
 })
+CONSOLE_TOKEN = _object({"access": {"enum": ["read", "manage"]}})
 SERVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 STORE_CREATE = _object({
     "url": STORE_URL, "service": {"type": "string", "pattern": SERVICE_PATTERN},
@@ -97,5 +98,6 @@ REQUEST_BODIES: dict[str, dict[str, Any]] = {
     "ImageCreate": IMAGE_CREATE, "ImageUpdate": IMAGE_UPDATE, "Grant": GRANT,
     "JobCreate": JOB_CREATE, "SnapshotCreate": SNAPSHOT_CREATE, "StoreCreate": STORE_CREATE,
     "SshKeyCreate": SSH_KEY_CREATE,
+    "ConsoleTokenRequest": CONSOLE_TOKEN,
 }
 """Every request body schema by the name ``docs/openapi.json`` gives it."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.application.internet import TimerService
@@ -127,7 +127,8 @@ class SwitchboardService(RoleService):
         self.scheduler.setName("scheduler")
         self.instance.observe(self._heartbeat)
         self.api = SwitchboardAPI(reactor, self.store, self.auth, self.signer, self.watchers,
-                                  config.limits, supervisor_resource=self.links.resource,
+                                  replace(config.limits, proxy_service=config.proxy_service),
+                                  supervisor_resource=self.links.resource,
                                   passwords=PasswordGuard(reactor, config.passwords))
         self.listener = Listener(reactor, config.dsn, config.timeouts)
         self.listener.setName("listener")

@@ -152,6 +152,10 @@ async def test_the_agent_drives_the_job() -> None:
     assert run.qmp.commands[0].startswith("hostfwd_add net0 tcp:127.0.0.1:")  # type: ignore
     assert run.qmp.commands[0].endswith("-:80")  # type: ignore[union-attr]
     assert set(reporter.offered[-1]) == {"ssh", "console", "http"}
+    assert len(reporter.offered[-1]["http"]) == 2  # not self-authenticating: token only
+    run.agent_service("ssh", 22)  # the image's sshd: it authenticates its users
+    assert reporter.offered[-1]["ssh"] == ("127.0.0.1", 40022, True)
+    del reporter.offered[-1]
     run.agent_service("http", 80)  # the same again: no new forward, no new report
     assert len(reporter.offered) == 1 and len(run.qmp.commands) == 1  # type: ignore
     run.agent_ready()

@@ -19,6 +19,11 @@ published by its supervisor on one or more rendezvous proxies
   tunnels every accepted connection through the service's WebSocket URL (or
   its TCP port), with backpressure both ways, until interrupted.
   ``--stdio`` tunnels standard input and output instead (for ``ProxyCommand``).
+  An endpoint with ``"auth": "token"`` (a console: a service that does not
+  authenticate its users) needs a console token for the job: it is fetched
+  from the switchboard (``POST /api/v1/jobs/{id}/console-token``, ``manage``,
+  or ``read`` with ``--read-only``) and sent in the ``Authorization`` header,
+  again when it is about to expire.
 
 The lead registers the handlers under ``tml job`` with
 :func:`add_ssh_arguments` and :func:`add_connect_arguments`.
@@ -293,6 +298,9 @@ class _Connector:
         self.splices: set[Splice] = set()
         self.done: Deferred[None] | None = None  # --stdio: fires when the one connection ends
         self.errors = 0
+        self.needs_token = endpoint.get("auth") == "token" and bool(endpoint.get("url"))
+        self.access = "read" if getattr(ctx.args, "read_only", False) else "manage"
+        self._token: tuple[str, float] | None = None  # (token, when to fetch another)
         url = endpoint.get("url")
         if url:
             self.secure, self.host, self.port, _ = parse_proxy_url(url)
@@ -310,7 +318,31 @@ class _Connector:
     def describe(self) -> str:
         return self.url or f"{self.host}:{self.port}"
 
+    async def console_token(self) -> str:
+        """A console token for the job (``manage``, or ``read`` with ``--read-only``)."""
+        now = self.reactor.seconds()
+        if self._token is None or now >= self._token[1]:
+            answer = await self.ctx.api.post("jobs", self.ctx.args.id, "console-token",
+                                             body={"access": self.access})
+            ttl = float(answer.get("expires_in", 60))
+            self._token = (answer["token"], now + max(ttl * 0.8, ttl - 60))
+        return self._token[0]
+
     def accepted(self, local: _Local) -> None:
+        if not self.needs_token:
+            self._open(local)
+            return
+
+        async def with_token() -> None:
+            token = await self.console_token()
+            # The header, not the URL: the token stays out of access logs.
+            self.factory.headers["Authorization"] = f"Bearer {token}"
+            self._open(local)
+
+        Deferred.fromCoroutine(with_token()).addErrback(
+            lambda f: self.failed(local, f"no console token: {plain_error(f.value)}"))
+
+    def _open(self, local: _Local) -> None:
         endpoint: Any = client_endpoint(self.reactor, self.host, self.port, timeout=15)
         if self.secure:
             from treadmill.common.tls import client_options
@@ -364,8 +396,14 @@ async def job_connect(ctx: Context) -> int:
     usable = [e for e in endpoints if e.get("url")] if not a.tcp else []
     usable = usable or [e for e in endpoints if e.get("port") and e.get("host")]
     if not usable:
+        if a.tcp and any(e.get("auth") == "token" for e in endpoints):
+            raise CommandError(f"job {a.id}'s {a.service} has no public port: it does not "
+                               "authenticate its users, so it needs a console token (drop "
+                               "--tcp)")
         raise CommandError(f"job {a.id}'s {a.service} endpoints have neither a URL nor a port")
     connector = _Connector(ctx, usable[0])
+    if connector.needs_token:
+        await connector.console_token()  # refused (403/404) before listening
     if a.stdio:
         return await _stdio(ctx, connector)
     factory = Factory.forProtocol(lambda: _Local(connector))
@@ -414,5 +452,8 @@ def add_connect_arguments(p: Any) -> None:
                    help="tunnel standard input and output (for ssh -o ProxyCommand=...)")
     p.add_argument("--tcp", action="store_true",
                    help="use the public TCP port rather than the WebSocket URL")
+    p.add_argument("--read-only", action="store_true",
+                   help="a console: ask only for read access (watch; what you type is "
+                   "dropped by the proxy)")
     p.add_argument("--proxy", metavar="TEXT", help="use an endpoint on a proxy whose URL "
                    "contains TEXT")

@@ -101,7 +101,9 @@ class IJobReporter(Interface):
         the whole current set, reported again whenever it changes. The
         supervisor publishes them on the job's rendezvous proxies. Names are
         ``[a-z][a-z0-9_-]{0,31}``; ``ssh`` is what ``tml job ssh`` uses,
-        ``console`` a console bridge."""
+        ``console`` a console bridge. A service that authenticates its users
+        itself (an SSH server) is ``(host, port, True)``: only those get public
+        ports; the others are reachable only with a console token for the job."""
 
     def result(message: dict[str, Any]) -> None:
         """The agent's ``test_case`` or ``summary`` message (validated by

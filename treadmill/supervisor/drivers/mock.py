@@ -427,6 +427,8 @@ class _Run:
             return
         self._echo = listen_echo(self._driver.reactor)
         address = self._echo.getHost()
+        # (host, port): the echo does not authenticate its users, so the proxy publishes
+        # it behind a console token only (no public port).
         self.reporter.services({"echo": (address.host, address.port)})
 
     # -- console ---------------------------------------------------------------------

@@ -137,7 +137,7 @@ class _Run(AgentHandler):
         self.console: _Console | None = None
         self.agent: AgentProtocol | None = None
         self.bridge: ConsoleBridge | None = None
-        self.services: dict[str, tuple[str, int]] = {}
+        self.services: dict[str, tuple[str, int] | tuple[str, int, bool]] = {}
         self.forwards: dict[int, int] = {}  # guest port -> host port
         self.running = False  # the guest runs (after cont)
         self.ready_reported = False
@@ -294,7 +294,8 @@ class _Run(AgentHandler):
             self.log.warn("qemu: job {job}: no console bridge: {e}", job=self.job_id, e=e)
             return
         self.bridge = bridge
-        self.services = {"ssh": ("127.0.0.1", self.ssh_port), "console": address}
+        # Only sshd authenticates its users (a public port); the console needs a token.
+        self.services = {"ssh": ("127.0.0.1", self.ssh_port, True), "console": address}
         self.reporter.services(dict(self.services))
 
     def _console_input(self, data: bytes) -> None:
@@ -391,8 +392,12 @@ class _Run(AgentHandler):
                                   job=self.job_id, name=name, out=out.strip())
                     return
             self.forwards[port] = host_port
-        if self.ending is None and self.services.get(name) != ("127.0.0.1", host_port):
-            self.services[name] = ("127.0.0.1", host_port)
+        # An agent's service does not authenticate its users unless it is the image's sshd.
+        service: tuple[str, int] | tuple[str, int, bool] = (
+            ("127.0.0.1", host_port, True) if name == "ssh" and host_port == self.ssh_port
+            else ("127.0.0.1", host_port))
+        if self.ending is None and self.services.get(name) != service:
+            self.services[name] = service
             self.reporter.services(dict(self.services))
 
     def agent_invalid(self, problem: str) -> None:
