@@ -190,7 +190,8 @@ async def test_ci_recipe_runs_against_real_daemons(light: tuple[Path, Path], tes
     lines = [line for _, script in steps for line in tml_lines(script)]
     assert any(line.startswith("tml job run ") and "--artifacts out/" in line
                for line in lines), lines
-    assert not [line for line in lines if "--token" in line]
+    assert not [line for _, script in steps for line in script.splitlines()
+                if "--token" in line or "TREADMILL_TOKEN" in line]
     # Their install line is the fixture's: the client alone, no extra.
     install, steps = steps[0][1], steps[1:]
     assert "pip install" in install and '"$TREADMILL_CLIENT"' in install, install
