@@ -25,6 +25,7 @@ class Recorder:
         self.reports: list[tuple[Any, ...]] = []
         self.console_bytes = b""
         self.offered: list[dict[str, tuple[str, int]]] = []
+        self.results: list[dict[str, Any]] = []
         self._ended: Deferred[tuple[str, tuple[Any, ...]]] = Deferred()
         self._ready: Deferred[None] = Deferred()
         self._console_waiters: list[tuple[bytes, Deferred[None]]] = []
@@ -75,6 +76,9 @@ class Recorder:
 
     def services(self, services: dict[str, tuple[str, int]]) -> None:
         self.offered.append(dict(services))
+
+    def result(self, message: dict[str, Any]) -> None:
+        self.results.append(dict(message))
 
     def console_has(self, text: bytes) -> Deferred[None]:
         """Fires once the console output contains ``text``."""

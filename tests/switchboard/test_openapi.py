@@ -201,7 +201,7 @@ ROWS: dict[str, tuple[Any, dict[str, Any]]] = {
     "Image": (views.image, {"id": 1, "name": "org/base", "digest": "sha256:" + "0" * 64,
                             "stores": ["https://store.example/"], "owner": "alice",
                             "description": "", "host_tags": ["qemu"], "created_at": NOW,
-                            "updated_at": NOW}),
+                            "updated_at": NOW, "results": {"end": "^done$"}}),
     "GrantRecord": (views.grant, {"user": "*", "privilege": "read", "created_at": NOW}),
     "Job": (views.job, {
         "id": JOB_ID, "seq": 7, "owner": "alice", "label": "", "image_name": None,
@@ -213,7 +213,8 @@ ROWS: dict[str, tuple[Any, dict[str, Any]]] = {
         "log_servers": ["http://logs.example"], "endpoints": [],
         "termination_reason": "workload_exited", "exit_status": 0,
         "termination_message": None, "created_at": NOW, "assigned_at": NOW,
-        "started_at": NOW, "ready_at": None, "terminated_at": NOW, "updated_at": NOW}),
+        "started_at": NOW, "ready_at": None, "terminated_at": NOW, "updated_at": NOW,
+        "results": {"test_case": "(?P<name>x)(?P<result>y)"}}),
     "Event": (views.event, {"seq": 3, "job": JOB_ID, "at": NOW, "state": "initializing",
                             "stage": "booting", "reason": None, "exit_status": None,
                             "message": None}),

@@ -14,6 +14,9 @@ The agent says::
     {"type": "exit", "status": 0, "message": "ok"}     the workload finished
     {"type": "service", "name": "ssh", "port": 22}     a TCP service listens on this port
     {"type": "get_parameters"}                         answered with "parameters"
+    {"type": "test_case", "name": "boot", "result": "pass", "duration": 0.5}
+                                                       one test's outcome (docs/results.md)
+    {"type": "summary", "result": "pass"}              the run's verdict (before ``exit``)
 
 The supervisor says ``welcome`` (``job``, ``protocol``), ``parameters``
 (``job``, ``parameters``: the job's parameters, secret values included, as
@@ -33,6 +36,7 @@ from twisted.logger import Logger
 
 from treadmill.common.http import loads
 from treadmill.common.schema import validator
+from treadmill.protocol.results import MAX_MESSAGE, TEST_CASE_FIELDS
 
 __all__ = ["CONSOLE_PREFIX", "MAX_LINE", "PROTOCOL", "VIRTIO_PORT", "AgentError",
            "AgentHandler", "AgentProtocol", "ConsoleAgentFilter", "encode", "parse"]
@@ -50,7 +54,8 @@ SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
     "required": ["type"],
-    "properties": {"type": {"enum": ["hello", "ready", "exit", "service", "get_parameters"]}},
+    "properties": {"type": {"enum": ["hello", "ready", "exit", "service", "get_parameters",
+                                     "test_case", "summary"]}},
     "allOf": [
         {"if": {"properties": {"type": {"const": "hello"}}},
          "then": {"additionalProperties": False,
@@ -68,6 +73,13 @@ SCHEMA: dict[str, Any] = {
                   "properties": {"type": True, "name": _NAME,
                                  "port": {"type": "integer", "minimum": 1,
                                           "maximum": 65535}}}},
+        {"if": {"properties": {"type": {"const": "test_case"}}},
+         "then": {"additionalProperties": False, "required": ["name", "result"],
+                  "properties": {"type": True, **TEST_CASE_FIELDS}}},
+        {"if": {"properties": {"type": {"const": "summary"}}},
+         "then": {"additionalProperties": False, "required": ["result"],
+                  "properties": {"type": True, "result": {"enum": ["pass", "fail"]},
+                                 "message": {"type": "string", "maxLength": MAX_MESSAGE}}}},
     ],
 }
 
@@ -134,6 +146,10 @@ class AgentHandler:
     def agent_invalid(self, problem: str) -> None:
         """The agent sent a line that is not a valid message."""
 
+    def agent_result(self, message: dict[str, Any]) -> None:
+        """The agent reported a ``test_case`` or its ``summary`` (a validated message);
+        drivers pass it to their reporter's ``result``."""
+
 
 def dispatch(handler: AgentHandler, message: dict[str, Any],
              reply: Callable[[dict[str, Any]], None]) -> None:
@@ -149,6 +165,8 @@ def dispatch(handler: AgentHandler, message: dict[str, Any],
         handler.agent_service(message["name"], message["port"])
     elif kind == "get_parameters":
         reply(parameters(handler.job_id, handler.job_parameters))
+    elif kind in ("test_case", "summary"):
+        handler.agent_result(message)
 
 
 class _Lines:

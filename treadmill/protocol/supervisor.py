@@ -29,9 +29,10 @@ from treadmill.common.messages import check, decode
 from treadmill.common.messages import encode as encode  # re-exported: the protocol's encoder
 
 MAJOR = 1
-MINOR = 4
+MINOR = 5
 """1: ``JobStart.log_servers``; 2: ``JobStart.proxies`` and ``job_endpoints``;
-3: ``snapshot_job`` and ``snapshot_result``; 4: the ack error ``unavailable``."""
+3: ``snapshot_job`` and ``snapshot_result``; 4: the ack error ``unavailable``;
+5: ``JobStart.results``."""
 SUBPROTOCOL = f"treadmill.supervisor.v{MAJOR}"
 MINOR_HEADER = "x-treadmill-protocol-minor"
 PATH = "/api/v1/supervisor"
@@ -47,6 +48,8 @@ UNAVAILABLE = "unavailable"
 """Ack error code (minor 4) for a ``job_event``, ``job_endpoints`` or ``snapshot_result``
 the switchboard did not store (its database is unavailable): nothing changed, the
 supervisor keeps the report and sends it again later (after a delay, in order)."""
+RESULTS_MINOR = 5
+"""The first minor version whose ``start_job`` carries ``results`` (console patterns)."""
 UNAVAILABLE_MINOR = 4
 """The first minor version that understands :data:`UNAVAILABLE`; to an older supervisor
 the switchboard closes the link with ``INTERNAL_ERROR`` instead, and the supervisor

@@ -4,9 +4,9 @@ The switchboard names a job's log servers, with a write token, in
 ``start_job`` (``log_servers``, protocol minor 1). :class:`JobLogs` keeps one
 :class:`~treadmill.supervisor.logship.LogShipper` per job, made when the job
 first produces output: the host's console goes to the ``console`` stream,
-each job event (one JSON line) to ``events``. When the job ends its streams
-are closed on every server, in the background; a supervisor restarted before
-that resumes shipping from its spool.
+each job event (one JSON line) to ``events``, its test results to ``results``.
+When the job ends its streams are closed on every server, in the background; a
+supervisor restarted before that resumes shipping from its spool.
 
 One shipper per job, always: a job's shipper lives from its first output (or
 the restart that finds its spool) until its streams are closed everywhere and
@@ -27,6 +27,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from treadmill.protocol.results import STREAM as RESULTS
 from treadmill.supervisor.logship import EVENTS, LogShipper
 
 
@@ -116,6 +117,12 @@ class JobLogs:
         shipper = self._shipper(job_id)
         if shipper is not None:
             shipper.append("console", data)
+
+    def results(self, job_id: str, line: bytes) -> None:
+        """A line of the job's ``results`` stream (docs/results.md)."""
+        shipper = self._shipper(job_id)
+        if shipper is not None:
+            shipper.append(RESULTS, line)
 
     def event(self, event: dict[str, Any]) -> None:
         """A job event was queued for the switchboard: log it, and finish on the end."""

@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from treadmill.protocol import supervisor as protocol
+from treadmill.protocol.results import ResultsError
 from treadmill.supervisor.drivers import (
     REASONS,
     STAGES,
@@ -56,6 +57,7 @@ from treadmill.supervisor.drivers import (
     StartRefused,
 )
 from treadmill.supervisor.journal import ENDED_KEEP, StateFiles
+from treadmill.supervisor.results import JobResults
 
 __all__ = ["ConsoleBuffer", "JobRunner", "Session"]
 
@@ -155,6 +157,9 @@ class _Reporter:
     def services(self, services: dict[str, tuple[str, int]]) -> None:
         self._call("services", dict(services))
 
+    def result(self, message: dict[str, Any]) -> None:
+        self._call("result", dict(message))
+
 
 @dataclass(eq=False)
 class _Current:
@@ -165,6 +170,9 @@ class _Current:
     state: str = "assigned"
     stage: str | None = None
     stop_reason: str | None = None
+    results: JobResults | None = None
+    # (exit status, message) once console patterns ended the run (docs/results.md)
+    results_exit: tuple[int, str] | None = None
     # None while the driver's start is under way; then the ack error (or False if accepted).
     outcome: tuple[str, str] | bool | None = None
     _waiters: list[Deferred[Any]] = field(default_factory=list)
@@ -252,6 +260,8 @@ class JobRunner:
         self.observers: list[Callable[[dict[str, Any]], None]] = []
         # Called with each job's JobStart when it is accepted or re-adopted.
         self.start_observers: list[Callable[[dict[str, Any]], None]] = []
+        # Called with (job id, bytes) for each line of a job's results stream.
+        self.results_observers: list[Callable[[str, bytes], None]] = []
         # Called with (job id, bytes) for the current job's console output.
         self.console_observers: list[Callable[[str, bytes], None]] = []
         # Called with (job id, {name: (host, port)}) when the host's services change.
@@ -398,6 +408,10 @@ class JobRunner:
         if state == "initializing" and stage not in STAGES:
             stage = STAGES[0]
         cur = _Current(job, _Reporter(self, job["id"]), state=state, stage=stage, outcome=False)
+        cur.results = self._job_results(cur)
+        cur.results.resumed = True
+        if state in ("ready", "terminating") or stage == "booting":
+            cur.results.listen()
         self._current = cur
         self._notify_start(job)
         try:
@@ -524,6 +538,7 @@ class JobRunner:
             return
 
         cur = _Current(job, _Reporter(self, job_id))
+        cur.results = self._job_results(cur)
         self._current = cur
         self.console.reset()
         self._notify_start(job)
@@ -679,11 +694,55 @@ class JobRunner:
         cur = self._current
         if cur is not None and cur.id == job_id:
             self.console.append(data)
+            if cur.results is not None:
+                cur.results.console(data)
             for observer in list(self.console_observers):
                 try:
                     observer(job_id, data)
                 except Exception:
                     self.log.failure("{name}: console observer failed", name=self.name)
+
+    def _job_results(self, cur: _Current) -> JobResults:
+        """The job's results: its console patterns, lines to the results observers."""
+        job_id = cur.id
+
+        def write(line: bytes) -> None:
+            for observer in list(self.results_observers):
+                try:
+                    observer(job_id, line)
+                except Exception:
+                    self.log.failure("{name}: results observer failed", name=self.name)
+
+        try:
+            return JobResults(job_id, cur.job.get("results"), write,
+                              lambda status, message: self._results_end(cur, status, message))
+        except ResultsError as e:
+            self.log.error("{name}: job {job}: console patterns ignored: {problem}",
+                           name=self.name, job=job_id, problem=str(e))
+            return JobResults(job_id, None, write, lambda *_: None)
+
+    def _on_result(self, cur: _Current, message: dict[str, Any]) -> None:
+        if cur.results is not None:
+            cur.results.agent(message)
+
+    def _results_end(self, cur: _Current, exit_status: int, message: str) -> None:
+        """Console patterns saw the end of the run: stop the job, ``workload_exited``."""
+        if self._current is not cur or cur.stop_reason is not None:
+            return
+        self.log.info("{name}: job {job}: the console shows the end of the run (exit status "
+                      "{status})", name=self.name, job=cur.id, status=exit_status)
+        cur.results_exit = (exit_status, message)
+        cur.stop_reason = "workload_exited"
+        if cur.state != "terminating":
+            self._begin_terminating(cur, cur.stop_reason)
+
+        def stop() -> None:  # on a later turn: the driver may be reporting console output
+            if self._current is cur:
+                maybeDeferred(self.driver.stop, cur.id, "workload_exited").addErrback(
+                    lambda f: self.log.failure("{name}: the driver failed to stop job {job}",
+                                               f, name=self.name, job=cur.id))
+
+        self._later(0, stop)
 
     def _on_services(self, cur: _Current, services: dict[str, tuple[str, int]]) -> None:
         if services == self._services:
@@ -709,11 +768,15 @@ class JobRunner:
             return
         if cur.state == "assigned" or (cur.state == "initializing" and cur.stage in STAGES
                                        and STAGES.index(name) > STAGES.index(cur.stage)):
+            if name == "booting" and cur.results is not None:
+                cur.results.listen()
             cur.state, cur.stage = "initializing", name
             self._emit(cur.id, "initializing", stage=name, current=self._record(cur))
 
     def _on_ready(self, cur: _Current) -> None:
         if cur.state in ("assigned", "initializing"):
+            if cur.results is not None:
+                cur.results.listen()
             cur.state, cur.stage = "ready", None
             self._emit(cur.id, "ready", current=self._record(cur))
 
@@ -738,6 +801,10 @@ class JobRunner:
     def _on_stopped(self, cur: _Current, reason: str, message: str = "") -> None:
         if reason not in REASONS:
             reason = cur.stop_reason or "internal_error"
+        if reason == "workload_exited" and cur.results_exit is not None:
+            self._terminated(cur, reason, exit_status=cur.results_exit[0],
+                             message=cur.results_exit[1])
+            return
         self._terminated(cur, reason, message=message)
 
     def _begin_terminating(self, cur: _Current, reason: str) -> None:
@@ -746,6 +813,8 @@ class JobRunner:
 
     def _terminated(self, cur: _Current, reason: str, *, exit_status: int | None = None,
                     message: str | None = None) -> None:
+        if cur.results is not None:  # the summary goes before the final event closes the logs
+            cur.results.finish(reason, exit_status, message or "")
         final: dict[str, Any] = {"job_id": cur.id, "state": "terminated", "reason": reason}
         if exit_status is not None:
             final["exit_status"] = exit_status

@@ -116,6 +116,7 @@ class SupervisorService(MultiService):
                             durable=config.durable, ca_file=config.ca_file, name=config.name)
         self.runner.start_observers.append(self.logs.job_started)
         self.runner.console_observers.append(self.logs.console)
+        self.runner.results_observers.append(self.logs.results)
         self.runner.observers.append(self.logs.event)
         self.exposure = JobExposure(reactor, self.runner.report_endpoints,
                                     ca_file=config.proxies_ca_file or config.ca_file,

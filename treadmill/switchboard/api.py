@@ -35,6 +35,7 @@ from treadmill.common.http import (
     respond_internal,
 )
 from treadmill.images.registry import canonical_store_url
+from treadmill.protocol.results import ResultsError, check_patterns
 from treadmill.switchboard import credentials, registry, schemas, views
 from treadmill.switchboard.access import PRIVILEGES, Principal, effective
 from treadmill.switchboard.auth import Authenticator, PasswordGuard
@@ -89,6 +90,17 @@ def _int_arg(request: IRequest, name: str, default: int, low: int, high: int) ->
     if not low <= value <= high:
         raise ApiError(400, f"{name}: must be between {low} and {high}")
     return value
+
+
+def _patterns(body: dict[str, Any]) -> dict[str, str] | None:
+    """A body's console patterns (``results``), compiled and checked (docs/results.md)."""
+    patterns = body.get("results")
+    if patterns is None:
+        return None
+    try:
+        return check_patterns(patterns)
+    except ResultsError as e:
+        raise ApiError(400, str(e)) from None
 
 
 def _encode_cursor(seq: int) -> str:
@@ -628,7 +640,7 @@ class SwitchboardAPI:
         try:
             await self.store.create_image(body["name"], body["digest"], stores,
                                           principal.user_id, body.get("description", ""),
-                                          body.get("host_tags", ()))
+                                          body.get("host_tags", ()), _patterns(body))
         except Conflict:
             raise await self._name_taken(principal, body["name"]) from None
         row = await self.store.get_image(body["name"], principal)
@@ -649,7 +661,8 @@ class SwitchboardAPI:
         await self.store.update_image(name, digest=body.get("digest"),
                                       stores=stores,
                                       description=body.get("description"),
-                                      host_tags=body.get("host_tags"))
+                                      host_tags=body.get("host_tags"),
+                                      results=_patterns(body) if "results" in body else False)
         return respond(request, views.image(await self.store.get_image(name, principal)))
 
     @app.route("/api/v1/images/<path:name>", methods=["DELETE"])
@@ -793,6 +806,7 @@ class SwitchboardAPI:
         image = body["image"]
         name: str | None
         default_tags: list[str] = []
+        image_results = None
         if image.startswith("sha256:"):
             name, digest = None, image
             usable = [row for row in await self.store.images_by_digest(digest, principal)
@@ -814,6 +828,7 @@ class SwitchboardAPI:
                                     "re-register it")
             name, digest, stores = row["name"], row["digest"], row["stores"]
             default_tags = row["host_tags"]
+            image_results = row["results"]
         parameters = {key: {"value": p["value"], "secret": p.get("secret", False)}
                       for key, p in body.get("parameters", {}).items()}
         for key, p in parameters.items():
@@ -823,7 +838,8 @@ class SwitchboardAPI:
                        tags=body["tags"] if "tags" in body else default_tags,
                        parameters=parameters, timeout=timeout,
                        queue_timeout=queue_timeout, max_restarts=body.get("max_restarts", 0),
-                       label=body.get("label", ""), log_servers=self._pick_log_servers())
+                       label=body.get("label", ""), log_servers=self._pick_log_servers(),
+                       results=_patterns(body) or image_results)
 
     def _pick_log_servers(self) -> tuple[str, ...]:
         """``log_replicas`` of the configured log servers, rotating the first choice."""

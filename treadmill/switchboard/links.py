@@ -412,6 +412,8 @@ class SupervisorLink(WebSocketServerProtocol):
             token = self.links.signer.sign(f"host:{self.host_name}", self.links.proxy_service,
                                            [Access("tunnel", job_id, ("publish",))], ttl)
             start["proxies"] = [{"url": url, "token": token} for url in self.links.proxies]
+        if self.minor >= protocol.RESULTS_MINOR and found.get("results"):
+            start["results"] = found["results"]
         answer = await self.request(protocol.start_job(0, start))
         if answer["ok"]:
             return

@@ -19,6 +19,7 @@ import json
 from typing import Any
 
 from treadmill.common.http import STATUS_CODES
+from treadmill.protocol.results import PATTERNS_SCHEMA
 from treadmill.switchboard import schemas
 from treadmill.switchboard.access import PRIVILEGES
 from treadmill.switchboard.api import Limits
@@ -110,6 +111,8 @@ IMAGE = _record({
     "host_tags": {**STRINGS, "description": "The host tags of a job that names this image "
                                             "and asks for none."},
     "created_at": TIME, "updated_at": TIME,
+    "results": {"oneOf": [{"type": "null"}, PATTERNS_SCHEMA],
+                "description": "Console patterns of the image's jobs (docs/results.md)."},
 }, "An image of the catalogue.")
 
 IMAGE_STORE = _record({
@@ -151,6 +154,13 @@ JOB = _record({
         "description": "Public endpoints through rendezvous proxies (tml job ssh/connect)."},
     "logs": {"type": "array", "items": STRING,
              "description": "Log servers holding the job's logs (POST .../logs/token)."},
+    "results": _record({
+        "patterns": {"oneOf": [{"type": "null"}, PATTERNS_SCHEMA],
+                     "description": "The console patterns in force: the job's own, or its "
+                                    "image's."},
+        "stream": {"const": "results"},
+        "servers": {**STRINGS, "description": "Log servers holding the results stream."},
+    }, "The job's test results (docs/results.md): a stream on its log servers."),
     "termination": {
         "oneOf": [{"type": "null"}, _record({
             "reason": _enum(Reason, nullable=True), "exit_status": OPTIONAL_INTEGER,

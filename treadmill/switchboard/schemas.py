@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from treadmill.protocol.results import PATTERNS_SCHEMA
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 # Slash-separated segments; no segment may be "grants" (it names the grant routes).
 IMAGE_NAME_PATTERN = (r"^(?!(.*/)?grants(/|$))"
@@ -50,6 +52,7 @@ HOST_CREATE = _object({"name": NAME, "tags": TAGS, "owner": NAME, "description":
 HOST_TAGS = _object({"tags": TAGS}, ("tags",))
 IMAGE_CREATE = _object({
     "name": IMAGE_NAME, "digest": DIGEST, "description": TEXT, "host_tags": TAGS,
+    "results": {"oneOf": [{"type": "null"}, PATTERNS_SCHEMA]},
     "stores": {"type": "array", "maxItems": 16, "uniqueItems": True, "items": STORE_URL},
 }, ("name", "digest", "stores"))
 SNAPSHOT_CREATE = _object({
@@ -57,6 +60,7 @@ SNAPSHOT_CREATE = _object({
 }, ("name",))
 IMAGE_UPDATE = _object({
     "digest": DIGEST, "description": TEXT, "host_tags": TAGS,
+    "results": {"oneOf": [{"type": "null"}, PATTERNS_SCHEMA]},
     "stores": {"type": "array", "maxItems": 16, "uniqueItems": True, "items": STORE_URL},
 })
 SERVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
@@ -81,6 +85,7 @@ JOB_CREATE = _object({
     "queue_timeout": {"type": "number", "minimum": 1},
     "max_restarts": {"type": "integer", "minimum": 0, "maximum": 100},
     "label": TEXT,
+    "results": PATTERNS_SCHEMA,
 }, ("image",))
 
 REQUEST_BODIES: dict[str, dict[str, Any]] = {

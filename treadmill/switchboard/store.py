@@ -54,6 +54,7 @@ class JobSpec:
     max_restarts: int
     label: str
     log_servers: tuple[str, ...] = ()
+    results: dict[str, str] | None = None  # console patterns (docs/results.md)
 
 
 # Limits of the scheduling transaction (SET LOCAL), in milliseconds: a pass
@@ -88,14 +89,14 @@ _HOST_COLUMNS = f"""
      ORDER BY j.seq DESC LIMIT 1) AS current_job"""  # Only a job the caller may read.
 _IMAGE_COLUMNS = """
     i.id, i.name, i.digest, i.stores, i.owner_id, o.name AS owner, i.description,
-    i.host_tags, i.created_at, i.updated_at"""
+    i.host_tags, i.created_at, i.updated_at, i.results"""
 _JOB_COLUMNS = """
     j.id, j.seq, j.owner_id, o.name AS owner, j.label, j.image_name, j.image_digest,
     j.image_stores, j.tags, j.parameters, j.timeout, j.queue_timeout, j.max_restarts,
     j.restarts_left, j.restart_of, j.state, j.stage, h.name AS host, j.termination_reason,
     j.exit_status, j.termination_message, j.created_at, j.assigned_at, j.started_at,
     j.ready_at, j.terminating_at, j.terminated_at, j.updated_at, j.queue_deadline,
-    j.deadline, j.log_servers, j.endpoints, j.host_id"""
+    j.deadline, j.log_servers, j.endpoints, j.host_id, j.results"""
 SCHEDULER_LOCK = 0x74726561646D7363  # "treadmsc"
 
 _EVENT_COLUMNS = ("e.seq, e.job_id AS job, e.at, e.state, e.stage, e.reason, e.exit_status, "
@@ -323,12 +324,14 @@ class Store:
                 f"FROM images i LEFT JOIN users o ON o.id = i.owner_id WHERE {where}")
 
     async def create_image(self, name: str, digest: str, stores: list[str], owner_id: int,
-                           description: str, host_tags: Sequence[str] = ()) -> None:
+                           description: str, host_tags: Sequence[str] = (),
+                           results: dict[str, str] | None = None) -> None:
         try:
             await self.pool.execute(
-                "INSERT INTO images (name, digest, stores, owner_id, description, host_tags) "
-                "VALUES (%s, %s, %s, %s, %s, %s)",
-                (name, digest, stores, owner_id, description, list(host_tags)))
+                "INSERT INTO images (name, digest, stores, owner_id, description, host_tags, "
+                "results) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (name, digest, stores, owner_id, description, list(host_tags),
+                 Json(results) if results else None))
         except psycopg2.errors.UniqueViolation:
             raise Conflict(await self._taken("images", "image", name)) from None
 
@@ -371,14 +374,17 @@ class Store:
 
     async def update_image(self, name: str, *, digest: str | None, stores: list[str] | None,
                            description: str | None,
-                           host_tags: Sequence[str] | None = None) -> None:
+                           host_tags: Sequence[str] | None = None,
+                           results: dict[str, str] | bool | None = False) -> None:
+        """``results``: new console patterns, None to clear them, False to keep them."""
         row = await self.pool.fetchone(
             "UPDATE images SET digest = coalesce(%s, digest), stores = coalesce(%s, stores), "
             "description = coalesce(%s, description), "
-            "host_tags = coalesce(%s, host_tags), updated_at = now() "
+            "host_tags = coalesce(%s, host_tags), "
+            "results = CASE WHEN %s THEN %s::jsonb ELSE results END, updated_at = now() "
             "WHERE lower(name) = lower(%s) RETURNING id",
             (digest, stores, description, list(host_tags) if host_tags is not None else None,
-             name))
+             results is not False, Json(results) if results else None, name))
         if row is None:
             raise NotFound(f"no image {name!r}")
 
@@ -466,12 +472,13 @@ class Store:
         row = await cur.fetchone(
             "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, "
             "tags, parameters, timeout, queue_timeout, max_restarts, restarts_left, "
-            "queue_deadline, event_seq, log_servers) VALUES (%s, %s, %s, %s, %s, %s, %s, "
-            "%s, %s, %s, %s, now() + make_interval(secs => %s), 1, %s) RETURNING id",
+            "queue_deadline, event_seq, log_servers, results) VALUES (%s, %s, %s, %s, %s, "
+            "%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s), 1, %s, %s) "
+            "RETURNING id",
             (owner_id, spec.label, spec.image_name, spec.image_digest, spec.image_stores,
              spec.tags, Json(spec.parameters), spec.timeout, spec.queue_timeout,
              spec.max_restarts, spec.max_restarts, spec.queue_timeout,
-             list(spec.log_servers)))
+             list(spec.log_servers), Json(spec.results) if spec.results else None))
         assert row is not None
         await cur.execute(
             "INSERT INTO job_events (job_id, seq, state) VALUES (%s, 1, 'queued')",
@@ -669,7 +676,7 @@ class Store:
         """What a supervisor needs to start the job (secrets included)."""
         row = await self.pool.fetchone(
             "SELECT id, image_name, image_digest, image_stores, parameters, timeout, tags, "
-            "label, host_id, log_servers FROM jobs WHERE id = %s", (job_id,))
+            "label, host_id, log_servers, results FROM jobs WHERE id = %s", (job_id,))
         if row is None:
             return None
         # Only registered stores reach a host: one removed since the job was
@@ -682,7 +689,8 @@ class Store:
                            "stores": stores},
                  "parameters": {name: {"value": p["value"], "secret": bool(p.get("secret"))}
                                 for name, p in row["parameters"].items()}}
-        return {"host_id": row["host_id"], "start": start, "log_servers": row["log_servers"]}
+        return {"host_id": row["host_id"], "start": start, "log_servers": row["log_servers"],
+                "results": row["results"]}
 
     async def apply_host_event(self, host_id: int, job_id: str, new: Status, *,
                                exit_status: int | None = None,
@@ -1135,10 +1143,10 @@ async def _after_termination(cur: Cursor, job_id: str, reason: Reason,
         successor = await cur.fetchone(
             "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, tags, "
             "parameters, timeout, queue_timeout, max_restarts, restarts_left, restart_of, "
-            "queue_deadline, event_seq, log_servers) "
+            "queue_deadline, event_seq, log_servers, results) "
             "SELECT owner_id, label, image_name, image_digest, image_stores, tags, parameters, "
             "timeout, queue_timeout, max_restarts, restarts_left - 1, id, "
-            "now() + make_interval(secs => queue_timeout), 1, log_servers FROM jobs "
+            "now() + make_interval(secs => queue_timeout), 1, log_servers, results FROM jobs "
             "WHERE id = %s "
             "RETURNING id", (job_id,))
         assert successor is not None

@@ -29,7 +29,7 @@ def host(row: dict[str, Any]) -> dict[str, Any]:
 def image(row: dict[str, Any]) -> dict[str, Any]:
     return {key: row[key] for key in
             ("name", "digest", "stores", "owner", "description", "host_tags", "created_at",
-             "updated_at")}
+             "updated_at", "results")}
 
 
 def image_store(row: dict[str, Any]) -> dict[str, Any]:
@@ -70,6 +70,8 @@ def job(row: dict[str, Any]) -> dict[str, Any]:
         "max_restarts": row["max_restarts"], "restart_of": row["restart_of"],
         "restarts_left": row["restarts_left"], "state": row["state"], "stage": row["stage"],
         "host": row["host"], "logs": row["log_servers"], "endpoints": row["endpoints"],
+        "results": {"patterns": row["results"], "stream": "results",
+                    "servers": row["log_servers"]},
         "termination": termination,
         **{key: row[key] for key in ("created_at", "assigned_at", "started_at", "ready_at",
                                      "terminated_at", "updated_at")},

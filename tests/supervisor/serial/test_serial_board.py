@@ -206,3 +206,20 @@ async def test_health_before_every_job_catches_a_board_that_broke_while_idle(
     _, end = await bed.run(driver, "job-3", b'agent {"type":"ready"}\nexit 0\n')
     assert end == ("exited", (0, ""))
     await sleep(0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_agents_results_on_the_console_reach_the_reporter(bed: Bed) -> None:
+    driver = await bed.driver()
+    app = (b'agent {"type":"test_case","name":"gpio","result":"pass","duration":0.5}\n'
+           b'agent {"type":"ready"}\n'
+           b'agent {"type":"test_case","name":"uart","result":"fail","message":"no echo"}\n'
+           b'agent {"type":"test_case","name":"bad","result":"maybe"}\n'
+           b'agent {"type":"summary","result":"fail"}\n'
+           b"exit 1 tests failed\n")
+    reporter, end = await bed.run(driver, "job-results", app)
+    assert end == ("exited", (1, "tests failed"))
+    assert reporter.results == [
+        {"type": "test_case", "name": "gpio", "result": "pass", "duration": 0.5},
+        {"type": "test_case", "name": "uart", "result": "fail", "message": "no echo"},
+        {"type": "summary", "result": "fail"}]

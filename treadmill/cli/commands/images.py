@@ -16,6 +16,7 @@ from typing import Any
 
 from treadmill.cli import output
 from treadmill.cli.client import ApiError
+from treadmill.cli.commands import results as results_command
 from treadmill.cli.context import (
     CommandError,
     Context,
@@ -77,6 +78,8 @@ async def image_register(ctx: Context) -> int:
         body["description"] = a.description
     if a.host_tags is not None:
         body["host_tags"] = a.host_tags
+    if (patterns := results_command.patterns_from(a)) is not None:
+        body["results"] = patterns
     return ctx.emit(await ctx.api.post("images", body=body), render_image)
 
 
@@ -92,6 +95,10 @@ async def image_update(ctx: Context) -> int:
         body["description"] = a.description
     if a.host_tags is not None:
         body["host_tags"] = a.host_tags
+    if (patterns := results_command.patterns_from(a)) is not None:
+        body["results"] = patterns
+    if a.no_results_patterns:
+        body["results"] = None
     if not body:
         raise UsageError("nothing to change: give --digest, --store, --description or "
                          "--host-tag")
@@ -501,12 +508,16 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     _store_option(p, required=True)
     p.add_argument("--description", metavar="TEXT")
     _host_tag_option(p)
+    results_command.add_patterns_option(p, "the image's jobs")
     p = add_command(image, "update", image_update, common, help="change an image")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--digest", metavar="DIGEST")
     _store_option(p, required=False)
     p.add_argument("--description", metavar="TEXT")
     _host_tag_option(p)
+    results_command.add_patterns_option(p, "the image's jobs (replacing them all)")
+    p.add_argument("--no-results-patterns", action="store_true",
+                   help="remove the image's console patterns")
     add_command(image, "ls", image_ls, common, help="list images")
     p = add_command(image, "show", image_show, common, help="show an image")
     p.add_argument("name", metavar="NAME")

@@ -11,6 +11,7 @@ from twisted.internet.task import deferLater
 
 from treadmill.cli import output
 from treadmill.cli.client import ApiError, Unreachable
+from treadmill.cli.commands import results as results_command
 from treadmill.cli.commands.artifacts import run_summary, write_artifacts
 from treadmill.cli.commands.connect import (
     add_connect_arguments,
@@ -263,6 +264,8 @@ def submit_body(ctx: Context) -> dict[str, Any]:
     for key in ("timeout", "queue_timeout", "max_restarts", "label"):
         if getattr(a, key) is not None:
             body[key] = getattr(a, key)
+    if (patterns := results_command.patterns_from(a)) is not None:
+        body["results"] = patterns
     return body
 
 
@@ -509,6 +512,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-timeout", type=duration, metavar="S", help="time allowed queued")
     p.add_argument("--max-restarts", type=non_negative_int, metavar="N")
     p.add_argument("--label", metavar="TEXT")
+    results_command.add_patterns_option(p, "the job (instead of its image's)")
     p.add_argument(
         "--follow",
         "-f",
@@ -534,6 +538,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = add_command(job, "logs", job_logs, common,
                     help="print (or follow) a job's console from its log servers")
     add_logs_arguments(p)
+    results_command.register(job, common)
     p = add_command(job, "ssh", job_ssh, common,
                     help="ssh to a job's public SSH endpoint (options for tml before the ID)")
     add_ssh_arguments(p)

@@ -103,6 +103,10 @@ class IJobReporter(Interface):
         ``[a-z][a-z0-9_-]{0,31}``; ``ssh`` is what ``tml job ssh`` uses,
         ``console`` a console bridge."""
 
+    def result(message: dict[str, Any]) -> None:
+        """The agent's ``test_case`` or ``summary`` message (validated by
+        ``treadmill.protocol.agent``): a line of the job's results (docs/results.md)."""
+
 
 class IHostDriver(Interface):
     """One host, run for one job at a time."""

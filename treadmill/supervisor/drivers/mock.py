@@ -16,6 +16,11 @@ A run goes through the stages of ``initializing`` (each for
 - ``mock.hang = true``: the host never gets to ``ready``; only a stop ends it;
 - ``mock.refuse = CODE``: every start is refused with that ``start_job`` error.
 
+Results (``docs/results.md``): at ``ready`` the host writes ``mock.console``
+to its console (lines for console patterns) and its simulated agent sends
+``mock.agent``, one agent message a line (``test_case``, ``summary``,
+``exit``: an ``exit`` ends the job as a real agent's does).
+
 Images: with ``mock.fetch = auto`` (the default) and an image fetcher (the
 supervisor always gives one), the ``fetching_image`` stage *really* fetches
 the job's image — from the cache mount, or the job's image stores — whenever
@@ -53,6 +58,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from treadmill.common.config import BOOL, FLOAT, INT, STR, STRLIST, Setting, one_of
+from treadmill.protocol import agent
 from treadmill.supervisor.drivers import REFUSALS, STAGES, IHostDriver, IJobReporter, StartRefused
 from treadmill.supervisor.exposure import listen_echo
 from treadmill.supervisor.images import FetchedImage, ImageFetcher, ImageFetchError
@@ -133,6 +139,12 @@ MOCK_SETTINGS: tuple[Setting, ...] = (
             "(host_dropped_job)."),
     Setting("mock.console_rate", _rate, 0.0,
             "Mock driver: bytes per second of console output while ready."),
+    Setting("mock.console", _text, "",
+            "Mock driver: text written to the console when the job becomes ready (lines for "
+            "console patterns, docs/results.md)."),
+    Setting("mock.agent", _text, "",
+            "Mock driver: agent lines (docs/agent.md, one JSON message a line) the simulated "
+            "agent sends when the job becomes ready; an exit ends the job."),
     Setting("mock.stop_time", _duration, 0.0, "Mock driver: seconds a stop takes."),
     Setting("mock.refuse", _optional(one_of(*REFUSALS)), None,
             "Mock driver: refuse every start with this error code."),
@@ -159,6 +171,8 @@ class MockSettings:
     hang: bool = False
     crash_at: str | None = None
     console_rate: float = 0.0
+    console: str = ""
+    agent: str = ""
     stop_time: float = 0.0
     refuse: str | None = None
     echo: bool = True
@@ -208,6 +222,21 @@ class MockSettings:
         """The stages a run goes through."""
         keep = {self.fail_at, self.crash_at}
         return [s for s in STAGES if s not in self.skip_stages or s in keep]
+
+
+class _Agent(agent.AgentHandler):
+    """The simulated agent of a run (``mock.agent``)."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.job_id = run.job_id
+
+    def agent_result(self, message: dict[str, Any]) -> None:
+        self.run.reporter.result(message)
+
+    def agent_exit(self, status: int, message: str) -> None:
+        self.run._end()
+        self.run.reporter.exited(status, message)
 
 
 class _Run:
@@ -348,6 +377,25 @@ class _Run:
             self._after(self.settings.run_time, self._crash, "ready")
         else:
             self._after(self.settings.run_time, self._exit)
+        if self.settings.console:
+            self.reporter.console(self.settings.console.encode("utf-8"))
+        if self.settings.agent:
+            self._agent_says(self.settings.agent)
+
+    def _agent_says(self, text: str) -> None:
+        """The simulated agent's lines, through the real agent protocol's parser."""
+        handler = _Agent(self)
+        for raw in text.splitlines():
+            if self.phase != "ready":
+                return
+            if not raw.strip():
+                continue
+            try:
+                message = agent.parse(raw.encode("utf-8"))
+            except agent.AgentError as e:
+                self.reporter.console(f"[mock agent] invalid line: {e}\n".encode())
+                continue
+            agent.dispatch(handler, message, lambda _answer: None)
 
     def _exit(self) -> None:
         self._end()

@@ -346,6 +346,10 @@ class _Run(AgentHandler):
         self.reporter.terminating()
         self._end_now(("exited", status, message))
 
+    def agent_result(self, message: dict[str, Any]) -> None:
+        if self.ending is None:
+            self.reporter.result(message)
+
     def agent_service(self, name: str, port: int) -> None:
         if self.ending is not None:
             return

@@ -184,6 +184,10 @@ class _Run(AgentHandler):
             self.driver._end(self, "workload_exited",
                              lambda: self.reporter.exited(status, message))
 
+    def agent_result(self, message: dict[str, Any]) -> None:
+        if self._listening():
+            self.reporter.result(message)
+
     def agent_service(self, name: str, port: int) -> None:
         self.note(f"agent: service {name} on port {port} ignored (a board has no network "
                   "path through the supervisor)")
