@@ -38,8 +38,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     (wheel,) = (base / "dist").glob("treadmill-*.whl")
     venv = base / "opt-treadmill"
     run(sys.executable, "-m", "venv", venv, cwd=base)
-    run(venv / "bin" / "pip", "install", "--quiet", "--disable-pip-version-check", wheel,
-        cwd=base)
+    run(venv / "bin" / "pip", "install", "--quiet", "--disable-pip-version-check",
+        f"{wheel}[server]", cwd=base)
     # The step install.md prescribes after every install or upgrade.
     run(venv / "bin" / "python", "-c",
         "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))", cwd=base)

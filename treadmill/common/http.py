@@ -24,7 +24,7 @@ import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 from uuid import UUID
 
@@ -37,9 +37,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from treadmill.common.schema import validator
+
+if TYPE_CHECKING:  # Werkzeug comes with Klein (the `server` extra); `tml` reaches this
+    from werkzeug.exceptions import HTTPException  # module without either.
 
 STATUS_CODES = {
     400: "bad_request",
@@ -129,6 +131,8 @@ def http_exception_error(error: HTTPException) -> ApiError:
 
     A ``405`` carries the ``Allow`` header naming the methods the path serves.
     """
+    from werkzeug.exceptions import MethodNotAllowed
+
     code = error.code or 500
     message = {404: "no such endpoint", 405: "method not allowed"}.get(
         code, error.description or "error")

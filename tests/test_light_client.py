@@ -1,0 +1,218 @@
+"""The light client and the CI recipes, checked from a real install.
+
+The wheel installed alone (no ``server`` extra) into a clean virtual environment:
+no server-only package is there or imported, ``tml`` starts and talks to a real
+switchboard (docs/cli.md, "Installing tml alone"). The recipes in examples/ci/
+run as written from that environment (their install line, then their ``tml``
+steps, with the environment they set) against a real switchboard, log server and
+mock supervisor; their artifacts must exist and parse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import yaml
+from twisted.internet import reactor
+from twisted.internet.utils import getProcessOutputAndValue
+
+from tests.support import start_switchboard
+from treadmill.common.captoken import load_or_create_signing_key
+from treadmill.logserver.service import LogServerConfig, LogServerService
+from treadmill.supervisor.drivers import STAGES
+from treadmill.supervisor.drivers.mock import MockSettings
+from treadmill.supervisor.fleet import ws_url_for
+from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.switchboard.api import Limits
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "examples" / "ci"
+DIGEST = "sha256:" + "c" * 64
+# Import names of what only the daemons need (the `server` extra and its dependencies).
+SERVER_ONLY = ("klein", "werkzeug", "txpostgres", "psycopg2", "prometheus_client", "serial",
+               "jwt")
+pytestmark = pytest.mark.slow
+
+
+def run(*argv: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run a command outside the checkout's environment; fail with its output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    proc = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, f"{argv}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def light(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the wheel, a clean virtual environment holding it without the server extra)."""
+    base = tmp_path_factory.mktemp("light")
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", base / "dist",
+        ROOT, cwd=base)
+    (wheel,) = (base / "dist").glob("treadmill-*.whl")
+    venv = base / "venv"
+    # No pip of its own (seconds saved): this environment's pip installs into it.
+    run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=base)
+    run(sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--quiet",
+        "--no-compile", "--disable-pip-version-check", wheel, cwd=base)
+    return wheel, venv
+
+
+def clean_env(home: Path, venv: Path, **extra: str) -> dict[str, str]:
+    """A CI runner's environment: the light venv first on PATH, no Treadmill settings."""
+    return {"PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin", "HOME": str(home),
+            "LANG": "C.UTF-8", **extra}
+
+
+def test_light_install_lacks_the_server_packages(light: tuple[Path, Path],
+                                                 tmp_path: Path) -> None:
+    _, venv = light
+    python = venv / "bin" / "python"
+    found = run(python, "-c", "import importlib.util as u, sys; "
+                "print(' '.join(n for n in sys.argv[1:] if u.find_spec(n)))", *SERVER_ONLY,
+                cwd=tmp_path).stdout.split()
+    assert found == []
+    # Every module of tml imports (commands run lazily-imported code only when used),
+    # and none of them pulls in a server-side module of the tree either.
+    loaded = run(python, "-c", """if 1:
+        import importlib, pkgutil, sys
+        import treadmill.cli
+        for m in pkgutil.walk_packages(treadmill.cli.__path__, "treadmill.cli."):
+            importlib.import_module(m.name)
+        print(" ".join(sorted(sys.modules)))""", cwd=tmp_path).stdout.split()
+    roles = ("switchboard", "imagestore", "logserver", "supervisor", "dev")
+    assert [m for m in loaded if m.split(".")[0] in SERVER_ONLY
+            or m.startswith(tuple(f"treadmill.{r}" for r in roles))] == []
+    tml = venv / "bin" / "tml"
+    for argv in ([], ["job", "submit"], ["job", "run"], ["image", "push"]):
+        proc = run(tml, *argv, "--help", cwd=tmp_path)
+        assert proc.stdout.startswith("usage: tml"), (argv, proc.stdout)
+
+
+@pytest_twisted.ensureDeferred
+async def test_light_tml_whoami_against_a_real_switchboard(
+        light: tuple[Path, Path], database: str, tmp_path: Path) -> None:
+    _, venv = light
+    sb = await start_switchboard(database, tmp_path)
+    try:
+        tml = str(venv / "bin" / "tml")
+        env = clean_env(tmp_path, venv, TREADMILL_URL=sb.url, TREADMILL_TOKEN=sb.admin_token)
+        out, err, code = await getProcessOutputAndValue(tml, ["whoami", "--json"], env=env,
+                                                        path=str(tmp_path))
+        assert code == 0, err
+        assert json.loads(out)["name"] == "admin"
+        # A token the switchboard does not know: a clear error, and the token is not echoed.
+        bad = "tml_" + "0" * 40
+        out, err, code = await getProcessOutputAndValue(
+            tml, ["whoami"], env={**env, "TREADMILL_TOKEN": bad}, path=str(tmp_path))
+        assert code == 1 and b"error" in err, (out, err)
+        assert bad.encode() not in out + err
+    finally:
+        await sb.stop()
+
+
+# -- the CI recipes --------------------------------------------------------------------
+
+
+def github_steps(doc: dict[str, Any]) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """(the job's env, [(step name, run script)]) of the recipe's only job."""
+    (job,) = doc["jobs"].values()
+    return dict(job["env"]), [(s.get("name", "?"), s["run"]) for s in job["steps"] if "run" in s]
+
+
+def gitlab_steps(doc: dict[str, Any]) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    (job,) = doc.values()
+    steps = [(part, "\n".join(job[part])) for part in ("before_script", "script", "after_script")]
+    return dict(job["variables"]), steps
+
+
+def tml_lines(script: str) -> list[str]:
+    return [line.strip() for line in script.splitlines() if "tml " in line]
+
+
+@pytest_twisted.async_yield_fixture
+async def testbed(database: str, tmp_path: Path):
+    """A switchboard, a log server and a mock host tagged ``mock``."""
+    key = tmp_path / "capability-key.pem"
+    load_or_create_signing_key(str(key))
+    logs = LogServerService(reactor, LogServerConfig(
+        root=str(tmp_path / "logs"), listen=["tcp:0:interface=127.0.0.1"],
+        auth={"auth.keys_file": str(key)}, fsync="never", access_log=False))
+    logs.startService()
+    await logs.ready()
+    log_url = f"http://127.0.0.1:{logs.ports()[0].getHost().port}"
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 limits=Limits(log_servers=(log_url,), log_replicas=1))
+    r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
+    await sb.admin.post("/api/v1/hosts/mock-1/grants", {"user": "*", "privilege": "start"})
+    supervisor = SupervisorService(reactor, SupervisorConfig(
+        url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "mock-1"),
+        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
+        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.3,
+                          console_rate=2000)))
+    supervisor.startService()
+    try:
+        await supervisor.connected()
+        yield sb
+    finally:
+        await supervisor.stopService()
+        await sb.stop()
+        await logs.stopService()
+
+
+@pytest.mark.parametrize(("recipe", "parse"), [("github-actions.yml", github_steps),
+                                               ("gitlab-ci.yml", gitlab_steps)])
+@pytest_twisted.ensureDeferred
+async def test_ci_recipe_runs_against_real_daemons(light: tuple[Path, Path], testbed: Any,
+                                                  tmp_path: Path, recipe: str,
+                                                  parse: Any) -> None:
+    wheel, venv = light
+    text = (RECIPES / recipe).read_text()
+    recipe_env, steps = parse(yaml.safe_load(text))
+    # The token comes from the CI's secrets, into the environment: never in argv or the file.
+    assert "TREADMILL_TOKEN" not in recipe_env or recipe_env["TREADMILL_TOKEN"] == (
+        "${{ secrets.TREADMILL_TOKEN }}")
+    lines = [line for _, script in steps for line in tml_lines(script)]
+    assert any(line.startswith("tml job run ") and "--artifacts out/" in line
+               for line in lines), lines
+    assert not [line for _, script in steps for line in script.splitlines()
+                if "--token" in line or "TREADMILL_TOKEN" in line]
+    # Their install line is the fixture's: the client alone, no extra.
+    install, steps = steps[0][1], steps[1:]
+    assert "pip install" in install and '"$TREADMILL_CLIENT"' in install, install
+    assert "[" not in install and "tml" not in install, install
+
+    user = await testbed.user("ci")
+    # A console pattern gives the job a results stream, which the JUnit step renders.
+    run_args = "--param mock.run_time=0.3 --results-pattern pass=mock.console"
+    env = clean_env(tmp_path / "home", venv, **{
+        **{k: str(v) for k, v in recipe_env.items()},
+        "TREADMILL_URL": testbed.url, "TREADMILL_TOKEN": user.token or "",
+        "TREADMILL_RETRY_FOR": "10", "TREADMILL_CLIENT": str(wheel),
+        "TREADMILL_IMAGE": DIGEST, "TREADMILL_TAG": "mock", "TREADMILL_RUN_ARGS": run_args})
+    work = tmp_path / "checkout"
+    work.mkdir()
+    said = b""
+    for name, script in steps:
+        out, err, code = await getProcessOutputAndValue(
+            "/bin/bash", ["-e", "-o", "pipefail", "-c", script], env=env, path=str(work))
+        said += out + err
+        assert code == 0, (recipe, name, out.decode(), err.decode())
+    assert user.token and user.token.encode() not in said
+
+    out = work / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["state"] == "terminated" and summary["exit_status"] == 0, summary
+    assert (out / "console.log").stat().st_size > 0
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert events and events[-1]["state"] == "terminated"
+    report = ET.parse(out / "junit.xml").getroot()
+    assert report.tag == "testsuites" and report.find("testsuite") is not None, report
