@@ -22,7 +22,7 @@ from treadmill.common.config import ConfigError
 from treadmill.switchboard import credentials
 from treadmill.switchboard.database import Pool, migrate
 from treadmill.switchboard.store import NotFound, Store
-from treadmill.switchboard.tap import Options
+from treadmill.switchboard.tap import database_dsn
 
 
 async def bootstrap(reactor: Any, dsn: str, admin: str, label: str,
@@ -55,20 +55,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--expires-in", type=float, default=None,
                         help="token lifetime in seconds (default: never expires)")
     args = parser.parse_args(argv)
-    options = Options()
-    flags = []
-    if args.config:
-        flags += ["--config", args.config]
-    if args.database_dsn:
-        flags += ["--database-dsn", args.database_dsn]
     try:
-        options.parseOptions(flags)
+        dsn = database_dsn(args.config, args.database_dsn)
     except ConfigError as e:
         parser.exit(2, f"bootstrap: {e}\n")
 
     def run(reactor: Any) -> Deferred[None]:
         async def go() -> None:
-            token = await bootstrap(reactor, options.values["database.dsn"], args.admin,
+            token = await bootstrap(reactor, dsn, args.admin,
                                     args.label, args.expires_in)
             sys.stdout.write(token + "\n")
 

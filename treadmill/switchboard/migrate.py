@@ -23,7 +23,7 @@ from twisted.internet.task import react
 
 from treadmill.common.config import ConfigError
 from treadmill.switchboard.database import Pool, migrate, pending_migrations
-from treadmill.switchboard.tap import Options
+from treadmill.switchboard.tap import database_dsn
 
 __all__ = ["main", "run_migrations"]
 
@@ -55,20 +55,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.check and not args.dry_run:
         parser.error("--check needs --dry-run")
-    options = Options()
-    flags = []
-    if args.config:
-        flags += ["--config", args.config]
-    if args.database_dsn:
-        flags += ["--database-dsn", args.database_dsn]
     try:
-        options.parseOptions(flags)
+        dsn = database_dsn(args.config, args.database_dsn)
     except ConfigError as e:
         parser.exit(2, f"migrate: {e}\n")
 
     def run(reactor: Any) -> Deferred[None]:
         async def go() -> None:
-            names = await run_migrations(reactor, options.values["database.dsn"], args.dry_run)
+            names = await run_migrations(reactor, dsn, args.dry_run)
             verb = "pending" if args.dry_run else "applied"
             for name in names:
                 sys.stdout.write(f"{verb} {name}\n")

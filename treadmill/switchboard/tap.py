@@ -143,6 +143,19 @@ class Options(RoleOptions):
                               key="login.hashing_queue", source=source)
 
 
+def database_dsn(config: str | None, dsn: str | None) -> str:
+    """``database.dsn`` from a configuration file and an override, as the daemon reads it
+    (for the command-line tools beside it); raises ``ConfigError``."""
+    options = Options()
+    flags = []
+    if config:
+        flags += ["--config", config]
+    if dsn:
+        flags += ["--database-dsn", dsn]
+    options.parseOptions(flags)
+    return options.values["database.dsn"]
+
+
 def config_from(values: dict[str, Any]) -> SwitchboardConfig:
     """A :class:`SwitchboardConfig` from parsed option values."""
     limits = Limits(
