@@ -628,7 +628,7 @@ class SwitchboardAPI:
         try:
             await self.store.create_image(body["name"], body["digest"], stores,
                                           principal.user_id, body.get("description", ""),
-                                          body.get("host_tags", ()))
+                                          body.get("host_tags", ()), body.get("kind"))
         except Conflict:
             raise await self._name_taken(principal, body["name"]) from None
         row = await self.store.get_image(body["name"], principal)
@@ -649,7 +649,8 @@ class SwitchboardAPI:
         await self.store.update_image(name, digest=body.get("digest"),
                                       stores=stores,
                                       description=body.get("description"),
-                                      host_tags=body.get("host_tags"))
+                                      host_tags=body.get("host_tags"),
+                                      kind=body.get("kind"))
         return respond(request, views.image(await self.store.get_image(name, principal)))
 
     @app.route("/api/v1/images/<path:name>", methods=["DELETE"])
@@ -793,11 +794,14 @@ class SwitchboardAPI:
         image = body["image"]
         name: str | None
         default_tags: list[str] = []
+        kind: str | None = None
         if image.startswith("sha256:"):
             name, digest = None, image
             usable = [row for row in await self.store.images_by_digest(digest, principal)
                       if "use" in effective("image", principal, row["owner_id"], row["grants"])]
             stores = sorted({store for row in usable for store in row["stores"]})
+            kinds = {row["kind"] for row in usable} - {None}
+            kind = kinds.pop() if len(kinds) == 1 else None  # unknown: any host
         else:
             # An image that exists but is not the caller's to use answers exactly
             # like one that does not exist.
@@ -813,7 +817,7 @@ class SwitchboardAPI:
                                     "that its owner may not write; an admin must move or "
                                     "re-register it")
             name, digest, stores = row["name"], row["digest"], row["stores"]
-            default_tags = row["host_tags"]
+            default_tags, kind = row["host_tags"], row["kind"]
         parameters = {key: {"value": p["value"], "secret": p.get("secret", False)}
                       for key, p in body.get("parameters", {}).items()}
         for key, p in parameters.items():
@@ -823,7 +827,8 @@ class SwitchboardAPI:
                        tags=body["tags"] if "tags" in body else default_tags,
                        parameters=parameters, timeout=timeout,
                        queue_timeout=queue_timeout, max_restarts=body.get("max_restarts", 0),
-                       label=body.get("label", ""), log_servers=self._pick_log_servers())
+                       label=body.get("label", ""), log_servers=self._pick_log_servers(),
+                       image_kind=kind)
 
     def _pick_log_servers(self) -> tuple[str, ...]:
         """``log_replicas`` of the configured log servers, rotating the first choice."""

@@ -92,6 +92,9 @@ HOST = _record({
                                "failures."},
     "consecutive_failures": INTEGER, "connected": BOOLEAN, "last_seen_at": OPTIONAL_TIME,
     "current_job": OPTIONAL_UUID, "created_at": TIME,
+    "kinds": {"type": ["array", "null"], "items": STRING,
+              "description": "The image kinds its driver runs, as its supervisor reported "
+                             "them; null: any kind (a supervisor that reports none)."},
 }, "A host of the testbed.")
 HOST["properties"]["instance"] = {  # Not required: shown to admins only.
     "type": ["string", "null"],
@@ -109,6 +112,9 @@ IMAGE = _record({
     "description": STRING,
     "host_tags": {**STRINGS, "description": "The host tags of a job that names this image "
                                             "and asks for none."},
+    "kind": {**_enum(["qemu", "board"], nullable=True),
+             "description": "The image's kind (its manifest's artifactType): only hosts "
+                            "that run it get its jobs; null: unknown, any host."},
     "created_at": TIME, "updated_at": TIME,
 }, "An image of the catalogue.")
 
@@ -137,7 +143,8 @@ JOB_PARAMETER: dict[str, Any] = {"oneOf": [
 
 JOB = _record({
     "id": UUID, "owner": STRING, "label": STRING,
-    "image": _record({"name": OPTIONAL_STRING, "digest": STRING, "stores": STRINGS},
+    "image": _record({"name": OPTIONAL_STRING, "digest": STRING, "stores": STRINGS,
+                      "kind": _enum(["qemu", "board"], nullable=True)},
                      "The image the job runs (no name when enqueued by digest)."),
     "tags": STRINGS,
     "parameters": {"type": "object", "additionalProperties": JOB_PARAMETER},

@@ -48,15 +48,17 @@ USER_UPDATE = _object({"admin": {"type": "boolean"}, "disabled": {"type": "boole
 HOST_CREATE = _object({"name": NAME, "tags": TAGS, "owner": NAME, "description": TEXT},
                       ("name",))
 HOST_TAGS = _object({"tags": TAGS}, ("tags",))
+IMAGE_KIND: dict[str, Any] = {"enum": ["qemu", "board"]}
 IMAGE_CREATE = _object({
     "name": IMAGE_NAME, "digest": DIGEST, "description": TEXT, "host_tags": TAGS,
+    "kind": IMAGE_KIND,
     "stores": {"type": "array", "maxItems": 16, "uniqueItems": True, "items": STORE_URL},
 }, ("name", "digest", "stores"))
 SNAPSHOT_CREATE = _object({
     "name": IMAGE_NAME, "store": STORE_URL, "description": TEXT,
 }, ("name",))
 IMAGE_UPDATE = _object({
-    "digest": DIGEST, "description": TEXT, "host_tags": TAGS,
+    "digest": DIGEST, "description": TEXT, "host_tags": TAGS, "kind": IMAGE_KIND,
     "stores": {"type": "array", "maxItems": 16, "uniqueItems": True, "items": STORE_URL},
 })
 SERVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"

@@ -54,6 +54,7 @@ class JobSpec:
     max_restarts: int
     label: str
     log_servers: tuple[str, ...] = ()
+    image_kind: str | None = None
 
 
 # Limits of the scheduling transaction (SET LOCAL), in milliseconds: a pass
@@ -75,7 +76,7 @@ _TOKEN_COLUMNS = ("t.id, u.name AS user, t.label, t.created_at, t.expires_at, "
                   "t.last_used_at, t.revoked_at")
 _HOST_COLUMNS = f"""
     h.id, h.name, h.tags, h.owner_id, o.name AS owner, h.description, h.enabled, h.healthy,
-    h.consecutive_failures,
+    h.consecutive_failures, h.kinds,
     (h.session IS NOT NULL AND h.last_seen_at > now() - interval '20 seconds'
      AND EXISTS (SELECT 1 FROM instances i WHERE i.id = h.instance_id AND i.stopped_at IS NULL
                  AND i.heartbeat_at > now() - interval '{INSTANCE_DEAD_AFTER:g} s')) AS connected,
@@ -88,14 +89,14 @@ _HOST_COLUMNS = f"""
      ORDER BY j.seq DESC LIMIT 1) AS current_job"""  # Only a job the caller may read.
 _IMAGE_COLUMNS = """
     i.id, i.name, i.digest, i.stores, i.owner_id, o.name AS owner, i.description,
-    i.host_tags, i.created_at, i.updated_at"""
+    i.host_tags, i.kind, i.created_at, i.updated_at"""
 _JOB_COLUMNS = """
     j.id, j.seq, j.owner_id, o.name AS owner, j.label, j.image_name, j.image_digest,
     j.image_stores, j.tags, j.parameters, j.timeout, j.queue_timeout, j.max_restarts,
     j.restarts_left, j.restart_of, j.state, j.stage, h.name AS host, j.termination_reason,
     j.exit_status, j.termination_message, j.created_at, j.assigned_at, j.started_at,
     j.ready_at, j.terminating_at, j.terminated_at, j.updated_at, j.queue_deadline,
-    j.deadline, j.log_servers, j.endpoints, j.host_id"""
+    j.deadline, j.log_servers, j.endpoints, j.host_id, j.image_kind"""
 SCHEDULER_LOCK = 0x74726561646D7363  # "treadmsc"
 
 _EVENT_COLUMNS = ("e.seq, e.job_id AS job, e.at, e.state, e.stage, e.reason, e.exit_status, "
@@ -323,12 +324,13 @@ class Store:
                 f"FROM images i LEFT JOIN users o ON o.id = i.owner_id WHERE {where}")
 
     async def create_image(self, name: str, digest: str, stores: list[str], owner_id: int,
-                           description: str, host_tags: Sequence[str] = ()) -> None:
+                           description: str, host_tags: Sequence[str] = (),
+                           kind: str | None = None) -> None:
         try:
             await self.pool.execute(
-                "INSERT INTO images (name, digest, stores, owner_id, description, host_tags) "
-                "VALUES (%s, %s, %s, %s, %s, %s)",
-                (name, digest, stores, owner_id, description, list(host_tags)))
+                "INSERT INTO images (name, digest, stores, owner_id, description, host_tags, "
+                "kind) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (name, digest, stores, owner_id, description, list(host_tags), kind))
         except psycopg2.errors.UniqueViolation:
             raise Conflict(await self._taken("images", "image", name)) from None
 
@@ -371,14 +373,15 @@ class Store:
 
     async def update_image(self, name: str, *, digest: str | None, stores: list[str] | None,
                            description: str | None,
-                           host_tags: Sequence[str] | None = None) -> None:
+                           host_tags: Sequence[str] | None = None,
+                           kind: str | None = None) -> None:
         row = await self.pool.fetchone(
             "UPDATE images SET digest = coalesce(%s, digest), stores = coalesce(%s, stores), "
             "description = coalesce(%s, description), "
-            "host_tags = coalesce(%s, host_tags), updated_at = now() "
-            "WHERE lower(name) = lower(%s) RETURNING id",
+            "host_tags = coalesce(%s, host_tags), kind = coalesce(%s, kind), "
+            "updated_at = now() WHERE lower(name) = lower(%s) RETURNING id",
             (digest, stores, description, list(host_tags) if host_tags is not None else None,
-             name))
+             kind, name))
         if row is None:
             raise NotFound(f"no image {name!r}")
 
@@ -466,12 +469,12 @@ class Store:
         row = await cur.fetchone(
             "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, "
             "tags, parameters, timeout, queue_timeout, max_restarts, restarts_left, "
-            "queue_deadline, event_seq, log_servers) VALUES (%s, %s, %s, %s, %s, %s, %s, "
-            "%s, %s, %s, %s, now() + make_interval(secs => %s), 1, %s) RETURNING id",
+            "queue_deadline, event_seq, log_servers, image_kind) VALUES (%s, %s, %s, %s, %s, "
+            "%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s), 1, %s, %s) RETURNING id",
             (owner_id, spec.label, spec.image_name, spec.image_digest, spec.image_stores,
              spec.tags, Json(spec.parameters), spec.timeout, spec.queue_timeout,
              spec.max_restarts, spec.max_restarts, spec.queue_timeout,
-             list(spec.log_servers)))
+             list(spec.log_servers), spec.image_kind))
         assert row is not None
         await cur.execute(
             "INSERT INTO job_events (job_id, seq, state) VALUES (%s, 1, 'queued')",
@@ -646,6 +649,14 @@ class Store:
             "UPDATE hosts SET instance = NULL, instance_id = NULL, session = NULL, "
             "last_seen_at = now() WHERE id = %s AND session = %s", (host_id, session))
 
+    async def set_host_kinds(self, host_id: int, kinds: Sequence[str] | None) -> None:
+        """Record the image kinds the host's supervisor reports (None: any kind); a
+        change wakes the scheduler (the hosts trigger)."""
+        value = sorted(kinds) if kinds is not None else None
+        await self.pool.execute(
+            "UPDATE hosts SET kinds = %(kinds)s WHERE id = %(id)s "
+            "AND kinds IS DISTINCT FROM %(kinds)s::text[]", {"kinds": value, "id": host_id})
+
     async def host_link_state(self, host_id: int) -> dict | None:
         """The host's token hash and link session, or None if it was removed."""
         return await self.pool.fetchone(
@@ -731,7 +742,8 @@ class Store:
                 return ScheduleResult(locked=False)
             params = {"fresh": fresh_within, "dead": dead_after}
             hosts = await cur.fetchall(
-                "SELECT h.id, h.name, h.owner_id, h.tags, ARRAY(SELECT g.user_id FROM grants g "
+                "SELECT h.id, h.name, h.owner_id, h.tags, h.kinds, "
+                "ARRAY(SELECT g.user_id FROM grants g "
                 "  WHERE g.host_id = h.id AND g.privilege IN ('start', 'manage')) AS starters "
                 "FROM hosts h JOIN instances i ON i.id = h.instance_id "
                 "WHERE h.enabled AND h.healthy AND h.session IS NOT NULL "
@@ -741,24 +753,30 @@ class Store:
                 "('assigned', 'initializing', 'ready', 'terminating'))", params)
             if not hosts:
                 return ScheduleResult()
-            # Each distinct (owner, tags) of the queue is checked against the free
-            # hosts once; then of each runnable kind, the oldest jobs, as many as
-            # there are hosts (a user's jobs for one kind of host cannot hide
-            # their jobs for another).
+            # Each distinct (owner, tags, image kind) of the queue is checked against
+            # the free hosts once; then of each runnable kind, the oldest jobs, as
+            # many as there are hosts (a user's jobs for one kind of host cannot
+            # hide their jobs for another). A NULL image kind or host kinds: any.
             jobs = await cur.fetchall(
-                "WITH free AS (SELECT id, owner_id, tags FROM hosts WHERE id = ANY(%(hosts)s)), "
-                "kinds AS (SELECT DISTINCT owner_id, tags FROM jobs WHERE state = 'queued'), "
-                "runnable AS (SELECT k.owner_id, k.tags, u.admin FROM kinds k "
+                "WITH free AS (SELECT id, owner_id, tags, kinds FROM hosts "
+                "  WHERE id = ANY(%(hosts)s)), "
+                "kinds AS (SELECT DISTINCT owner_id, tags, image_kind FROM jobs "
+                "  WHERE state = 'queued'), "
+                "runnable AS (SELECT k.owner_id, k.tags, k.image_kind, u.admin FROM kinds k "
                 "  JOIN users u ON u.id = k.owner_id WHERE EXISTS (SELECT 1 FROM free h "
-                "  WHERE h.tags @> k.tags AND (u.admin OR h.owner_id = k.owner_id "
+                "  WHERE h.tags @> k.tags AND (h.kinds IS NULL OR k.image_kind IS NULL "
+                "  OR k.image_kind = ANY(h.kinds)) AND (u.admin OR h.owner_id = k.owner_id "
                 "  OR EXISTS (SELECT 1 FROM grants g WHERE g.host_id = h.id "
                 "  AND g.privilege IN ('start', 'manage') "
                 "  AND (g.user_id = k.owner_id OR g.user_id IS NULL))))), "
-                "ranked AS (SELECT j.id, j.seq, j.owner_id, r.admin, j.tags, row_number() "
-                "  OVER (PARTITION BY j.owner_id, j.tags ORDER BY j.seq) AS n FROM jobs j "
+                "ranked AS (SELECT j.id, j.seq, j.owner_id, r.admin, j.tags, j.image_kind, "
+                "  row_number() OVER (PARTITION BY j.owner_id, j.tags, j.image_kind "
+                "  ORDER BY j.seq) AS n FROM jobs j "
                 "  JOIN runnable r ON r.owner_id = j.owner_id AND r.tags = j.tags "
+                "  AND r.image_kind IS NOT DISTINCT FROM j.image_kind "
                 "  WHERE j.state = 'queued') "
-                "SELECT id, seq, owner_id, admin, tags FROM ranked WHERE n <= %(per_kind)s "
+                "SELECT id, seq, owner_id, admin, tags, image_kind FROM ranked "
+                "WHERE n <= %(per_kind)s "
                 "ORDER BY seq LIMIT %(limit)s",
                 {"hosts": [h["id"] for h in hosts], "per_kind": len(hosts), "limit": limit})
             if not jobs:
@@ -769,10 +787,12 @@ class Store:
                 "OR assigned_at > now() - make_interval(secs => %s) GROUP BY owner_id",
                 (fairness_window,))
             pairs = assign(
-                [QueuedJob(j["id"], j["seq"], j["owner_id"], j["admin"], frozenset(j["tags"]))
-                 for j in jobs],
+                [QueuedJob(j["id"], j["seq"], j["owner_id"], j["admin"], frozenset(j["tags"]),
+                           j["image_kind"]) for j in jobs],
                 [FreeHost(h["id"], h["name"], h["owner_id"], frozenset(h["tags"]),
-                          frozenset(h["starters"])) for h in hosts],
+                          frozenset(h["starters"]),
+                          frozenset(h["kinds"]) if h["kinds"] is not None else None)
+                 for h in hosts],
                 {c["owner_id"]: c["n"] for c in counts})
             if not pairs:
                 return ScheduleResult()
@@ -803,17 +823,25 @@ class Store:
             "ORDER BY j.seq LIMIT 100", (after,))
         return [row["id"] for row in rows]
 
-    async def unrunnable_jobs(self, grace: float) -> list[str]:
-        """Queued jobs older than ``grace`` that no existing host could ever run."""
+    async def unrunnable_jobs(self, grace: float) -> list[tuple[str, str | None]]:
+        """Queued jobs older than ``grace`` that no existing host could ever run, with
+        their image kind if some host could run them but for the kind (else None)."""
+        allowed = ("(u.admin OR h.owner_id = j.owner_id OR EXISTS (SELECT 1 FROM grants g "
+                   "WHERE g.host_id = h.id AND g.privilege IN ('start', 'manage') "
+                   "AND (g.user_id = j.owner_id OR g.user_id IS NULL)))")
         rows = await self.pool.fetchall(
-            "SELECT j.id FROM jobs j JOIN users u ON u.id = j.owner_id "
+            "SELECT j.id, CASE WHEN EXISTS (SELECT 1 FROM hosts h WHERE h.tags @> j.tags "
+            f"  AND {allowed}) THEN j.image_kind END AS kind "
+            "FROM jobs j JOIN users u ON u.id = j.owner_id "
             "WHERE j.state = 'queued' AND j.created_at < now() - make_interval(secs => %s) "
-            "AND NOT EXISTS (SELECT 1 FROM hosts h WHERE h.tags @> j.tags AND (u.admin "
+            "AND NOT EXISTS (SELECT 1 FROM hosts h WHERE h.tags @> j.tags "
+            "  AND (h.kinds IS NULL OR j.image_kind IS NULL OR j.image_kind = ANY(h.kinds)) "
+            "  AND (u.admin "
             "  OR h.owner_id = j.owner_id OR EXISTS (SELECT 1 FROM grants g "
             "  WHERE g.host_id = h.id AND g.privilege IN ('start', 'manage') "
             "  AND (g.user_id = j.owner_id OR g.user_id IS NULL)))) "
             "ORDER BY j.seq LIMIT 100", (grace,))
-        return [row["id"] for row in rows]
+        return [(row["id"], row["kind"]) for row in rows]
 
     async def job_counts(self) -> dict[str, int]:
         rows = await self.pool.fetchall("SELECT state, count(*) AS n FROM jobs GROUP BY state")
@@ -974,11 +1002,16 @@ class Store:
             if digest is not None:
                 await cur.execute("SAVEPOINT register")
                 try:
+                    # The snapshot keeps its parent's host tags and kind: those of
+                    # the job's catalogue image (as it is now), else the job's own.
                     await cur.execute(
-                        "INSERT INTO images (name, digest, stores, owner_id, description) "
-                        "VALUES (%s, %s, %s, %s, %s)",
+                        "INSERT INTO images (name, digest, stores, owner_id, description, "
+                        "host_tags, kind) SELECT %s, %s, %s, %s, %s, "
+                        "coalesce(p.host_tags, '{}'), coalesce(j.image_kind, p.kind) "
+                        "FROM jobs j LEFT JOIN images p ON lower(p.name) = lower(j.image_name) "
+                        "WHERE j.id = %s",
                         (row["name"], digest, [row["store"]], row["owner_id"],
-                         row["description"]))
+                         row["description"], row["job_id"]))
                     outcome = ("done", digest, None, None)
                 except psycopg2.errors.UniqueViolation:
                     await cur.execute("ROLLBACK TO SAVEPOINT register")
@@ -1135,10 +1168,10 @@ async def _after_termination(cur: Cursor, job_id: str, reason: Reason,
         successor = await cur.fetchone(
             "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, tags, "
             "parameters, timeout, queue_timeout, max_restarts, restarts_left, restart_of, "
-            "queue_deadline, event_seq, log_servers) "
+            "queue_deadline, event_seq, log_servers, image_kind) "
             "SELECT owner_id, label, image_name, image_digest, image_stores, tags, parameters, "
             "timeout, queue_timeout, max_restarts, restarts_left - 1, id, "
-            "now() + make_interval(secs => queue_timeout), 1, log_servers FROM jobs "
+            "now() + make_interval(secs => queue_timeout), 1, log_servers, image_kind FROM jobs "
             "WHERE id = %s "
             "RETURNING id", (job_id,))
         assert successor is not None

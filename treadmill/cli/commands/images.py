@@ -39,7 +39,8 @@ from treadmill.images.registry import (
     repository_of,
 )
 
-IMAGE_FIELDS = ("name", "digest", "stores", "owner", "description", "created_at", "updated_at")
+IMAGE_FIELDS = ("name", "digest", "kind", "stores", "owner", "description", "created_at",
+                "updated_at")
 
 
 def short_digest(digest: str | None) -> str | None:
@@ -77,7 +78,34 @@ async def image_register(ctx: Context) -> int:
         body["description"] = a.description
     if a.host_tags is not None:
         body["host_tags"] = a.host_tags
+    kind = a.kind or await _kind_in_store(ctx, a.name, a.digest, a.stores[0])
+    if kind is not None:
+        body["kind"] = kind
     return ctx.emit(await ctx.api.post("images", body=body), render_image)
+
+
+async def _kind_in_store(ctx: Context, name: str, digest: str, store: str) -> str | None:
+    """The kind of image ``digest`` as its manifest in ``store`` says (``docs/images.md``);
+    None, with a note, when the store cannot tell (then any host may run its jobs)."""
+    try:
+        client = _registry(ctx, store, await _registered_service(ctx, store),
+                           _Reporter(ctx, False))
+    except (CommandError, UsageError) as e:
+        ctx.note(f"tml: {e}; registering without a kind (give --kind)")
+        return None
+    try:
+        manifest = await client.get_manifest(_repository(ctx, name), digest, retries=1)
+        loaded = fmt.load_manifest(manifest.data)
+        if not fmt.is_treadmill_manifest(loaded, manifest.media_type):
+            ctx.note("tml: not a Treadmill image; registering without a kind")
+            return None
+        return fmt.parse_image(loaded, manifest.media_type).kind
+    except (RegistryError, fmt.ManifestError) as e:
+        ctx.note(f"tml: could not read the image's kind from {store} ({e}); registering "
+                 "without a kind (give --kind)")
+        return None
+    finally:
+        await client.close()
 
 
 async def image_update(ctx: Context) -> int:
@@ -346,7 +374,8 @@ async def image_push(ctx: Context) -> int:
 
     image = None
     if not a.no_register:
-        body: dict[str, Any] = {"name": name, "digest": digest, "stores": [store]}
+        body: dict[str, Any] = {"name": name, "digest": digest, "stores": [store],
+                                "kind": "qemu" if a.qcow2 else "board"}
         if a.description is not None:
             body["description"] = a.description
         if a.host_tags is not None:
@@ -356,7 +385,8 @@ async def image_push(ctx: Context) -> int:
         except ApiError as e:
             if e.status != 409:
                 raise
-            update: dict[str, Any] = {"digest": digest, "stores": [store]}
+            update: dict[str, Any] = {"digest": digest, "stores": [store],
+                                      "kind": body["kind"]}
             if a.description is not None:
                 update["description"] = a.description
             if a.host_tags is not None:
@@ -501,6 +531,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     _store_option(p, required=True)
     p.add_argument("--description", metavar="TEXT")
     _host_tag_option(p)
+    p.add_argument("--kind", choices=("qemu", "board"),
+                   help="the image's kind (default: read from its manifest in the first "
+                   "store); only hosts that run this kind get its jobs")
+    p.add_argument("--repository", metavar="REPO",
+                   help="the store repository, to read the kind (default: NAME, lowercased)")
     p = add_command(image, "update", image_update, common, help="change an image")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--digest", metavar="DIGEST")
