@@ -157,10 +157,16 @@ async def test_push_qemu_image_and_register(world, tml):
     assert {req["authorization"][:6] for req in world.store.token_requests} == {"Basic "}
     assert world.store.token_requests[0]["scopes"] == ["repository:alice/debian:pull,push"]
 
-    # Pushed again with a new kernel: the disks are not uploaded again, and the
-    # existing catalogue entry is updated (409 → PUT).
+    # Pushed again with a new kernel: refused before anything is sent without --replace.
     args[args.index("--kernel") + 1] = world.file("vmlinuz2", b"kernel 2")
-    r = await tml(*args, "--json", env=world.env)
+    blobs_before = dict(world.store.blobs)
+    r = await tml(*args, env=world.env)
+    assert r.status == 1 and "--replace" in r.err and "nothing was uploaded" in r.err
+    assert world.store.blobs == blobs_before
+    assert world.catalogue.images["alice/Debian"]["digest"] == digest
+    # With --replace the disks are not uploaded again, and the existing catalogue
+    # entry is updated (409 → PUT).
+    r = await tml(*args, "--replace", "--json", env=world.env)
     assert r.status == 0, r.err
     out = json.loads(r.out)
     assert [b["uploaded"] for b in out["blobs"]] == [False, False, True, False]

@@ -234,6 +234,9 @@ async def test_a_snapshot_keeps_its_parents_host_tags_and_kind(sb: RunningSwitch
     assert ack["ok"] is True
     image = (await sb.admin.get("/api/v1/images/admin/snap")).body
     assert image["kind"] == "qemu" and image["host_tags"] == ["t", "arch=x86_64"]
+    [version] = (await sb.admin.get("/api/v1/images/admin/snap/history")).body["versions"]
+    assert version["version"] == 1 and version["digest"] == DIGEST_FW
+    assert version["note"] == f"snapshot of job {job['id']}" and version["kind"] == "qemu"
     # And its jobs go only where its parent's would.
     child = await submit(sb, "admin/snap")
     assert child["image"]["kind"] == "qemu"

@@ -59,6 +59,7 @@ class Limits:
     log_replicas: int = 2
     log_service: str = "treadmill-logserver"
     log_read_ttl: float = 3600.0
+    image_history: int = 50
 
 
 def _uuid(value: str, what: str) -> str:
@@ -641,6 +642,21 @@ class SwitchboardAPI:
         _, row = await self._image(request, name, "use")
         return respond(request, views.image(row))
 
+    @app.route("/api/v1/images/<path:name>/history", methods=["GET"])
+    async def image_history(self, request: IRequest, name: str) -> bytes:
+        _, row = await self._image(request, name, "use")
+        rows = await self.store.image_history(row["id"])
+        return respond(request, {"name": row["name"], "current": row["digest"],
+                                 "versions": [views.image_version(r) for r in rows]})
+
+    @app.route("/api/v1/images/<path:name>/rollback", methods=["POST"])
+    async def rollback_image(self, request: IRequest, name: str) -> bytes:
+        principal, row = await self._image(request, name, "manage")
+        body = read_json(request, schemas.IMAGE_ROLLBACK)
+        await self.store.rollback_image(row["name"], body["version"], principal.user_id,
+                                        keep=self.limits.image_history)
+        return respond(request, views.image(await self.store.get_image(name, principal)))
+
     @app.route("/api/v1/images/<path:name>", methods=["PUT"])
     async def update_image(self, request: IRequest, name: str) -> bytes:
         principal, _ = await self._image(request, name, "manage")
@@ -650,7 +666,8 @@ class SwitchboardAPI:
                                       stores=stores,
                                       description=body.get("description"),
                                       host_tags=body.get("host_tags"),
-                                      kind=body.get("kind"))
+                                      kind=body.get("kind"), by=principal.user_id,
+                                      keep=self.limits.image_history)
         return respond(request, views.image(await self.store.get_image(name, principal)))
 
     @app.route("/api/v1/images/<path:name>", methods=["DELETE"])

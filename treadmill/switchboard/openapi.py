@@ -118,6 +118,16 @@ IMAGE = _record({
     "created_at": TIME, "updated_at": TIME,
 }, "An image of the catalogue.")
 
+IMAGE_VERSION = _record({
+    "version": INTEGER, "digest": STRING, "stores": STRINGS, "host_tags": STRINGS,
+    "kind": _enum(["qemu", "board"], nullable=True),
+    "by": {**OPTIONAL_STRING, "description": "Who made this version current (null: a user "
+                                             "since deleted)."},
+    "created_at": TIME,
+    "note": {**STRING, "description": "created, replaced, rollback to version N, or "
+                                      "snapshot of job J."},
+}, "A version of a catalogue image.")
+
 IMAGE_STORE = _record({
     "url": {"type": "string", "description": "The store's base URL (lowercase scheme and "
                                              "host, no final /)."},
@@ -212,6 +222,12 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "TokenList": _list_of("tokens", "Token"),
     "HostList": _list_of("hosts", "Host"),
     "ImageList": _list_of("images", "Image"),
+    "ImageVersion": IMAGE_VERSION,
+    "ImageHistory": {"type": "object", "description": "An image's kept versions.",
+                     "properties": {"name": STRING, "current": STRING,
+                                    "versions": {"type": "array",
+                                                 "items": _ref("ImageVersion")}},
+                     "required": ["name", "current", "versions"]},
     "ImageStore": IMAGE_STORE, "ImageStoreList": _list_of("stores", "ImageStore"),
     "GrantList": _list_of("grants", "GrantRecord"),
     "JobList": _list_of("jobs", "Job", next_cursor={
@@ -440,6 +456,23 @@ def _images() -> dict[str, dict[str, Any]]:
                               description="New stores must be registered; 400 otherwise."),
             "delete": _operation("delete_image", "Images", "Remove an image (manage).", 204,
                                  errors=(403, 404)),
+        },
+        "/api/v1/images/{name}/history": {
+            "parameters": [P_IMAGE],
+            "get": _operation("image_history", "Images",
+                              "The image's versions, newest first (use).", 200,
+                              "ImageHistory", errors=(404,),
+                              description="A version is recorded at creation and on every "
+                                          "change of digest (a replace or a rollback); the "
+                                          "last `images.history` versions are kept."),
+        },
+        "/api/v1/images/{name}/rollback": {
+            "parameters": [P_IMAGE],
+            "post": _operation("rollback_image", "Images",
+                               "Make a kept version current again (manage).", 200, "Image",
+                               body="ImageRollback", errors=(403, 404),
+                               description="Recorded as a new version; 404 for a version "
+                                           "not kept."),
         },
         "/api/v1/stores": {
             "get": _operation(

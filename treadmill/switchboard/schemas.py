@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
-# Slash-separated segments; no segment may be "grants" (it names the grant routes).
-IMAGE_NAME_PATTERN = (r"^(?!(.*/)?grants(/|$))"
+# Slash-separated segments; no segment may be "grants" (it names the grant routes),
+# nor a last segment "history" or "rollback" (the history routes).
+IMAGE_NAME_PATTERN = (r"^(?!(.*/)?grants(/|$))(?!.*/(history|rollback)$)"
                       r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:=/+-]{0,127}$"
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
@@ -61,6 +62,8 @@ IMAGE_UPDATE = _object({
     "digest": DIGEST, "description": TEXT, "host_tags": TAGS, "kind": IMAGE_KIND,
     "stores": {"type": "array", "maxItems": 16, "uniqueItems": True, "items": STORE_URL},
 })
+IMAGE_ROLLBACK = _object({"version": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}},
+                         ("version",))
 SERVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 STORE_CREATE = _object({
     "url": STORE_URL, "service": {"type": "string", "pattern": SERVICE_PATTERN},
@@ -89,6 +92,7 @@ REQUEST_BODIES: dict[str, dict[str, Any]] = {
     "Login": LOGIN, "TokenCreate": TOKEN_CREATE, "UserCreate": USER_CREATE,
     "UserUpdate": USER_UPDATE, "HostCreate": HOST_CREATE, "HostTags": HOST_TAGS,
     "ImageCreate": IMAGE_CREATE, "ImageUpdate": IMAGE_UPDATE, "Grant": GRANT,
+    "ImageRollback": IMAGE_ROLLBACK,
     "JobCreate": JOB_CREATE, "SnapshotCreate": SNAPSHOT_CREATE, "StoreCreate": STORE_CREATE,
 }
 """Every request body schema by the name ``docs/openapi.json`` gives it."""

@@ -117,6 +117,22 @@ _LENDS = """(coalesce(o.admin, false)
                AND g.privilege = 'manage' AND (g.user_id = i.owner_id OR g.user_id IS NULL)))"""
 
 
+async def _record_version(cur: Cursor, image_id: int, by: int | None, note: str,
+                          keep: int | None) -> None:
+    """Record the image's current digest, stores, host tags and kind as its next version;
+    keep only the last ``keep`` versions (None: all)."""
+    await cur.execute(
+        "INSERT INTO image_versions (image_id, version, digest, stores, host_tags, kind, "
+        "created_by, note) SELECT i.id, coalesce((SELECT max(v.version) FROM image_versions v "
+        "WHERE v.image_id = i.id), 0) + 1, i.digest, i.stores, i.host_tags, i.kind, %s, %s "
+        "FROM images i WHERE i.id = %s", (by, note, image_id))
+    if keep is not None:
+        await cur.execute(
+            "DELETE FROM image_versions WHERE image_id = %(id)s AND version <= "
+            "(SELECT max(version) FROM image_versions WHERE image_id = %(id)s) - %(keep)s",
+            {"id": image_id, "keep": keep})
+
+
 def _unique(e: psycopg2.Error, what: str) -> Conflict:
     return Conflict(f"{what} already exists")
 
@@ -326,11 +342,15 @@ class Store:
     async def create_image(self, name: str, digest: str, stores: list[str], owner_id: int,
                            description: str, host_tags: Sequence[str] = (),
                            kind: str | None = None) -> None:
-        try:
-            await self.pool.execute(
+        async def create(cur: Cursor) -> None:
+            row = await cur.fetchone(
                 "INSERT INTO images (name, digest, stores, owner_id, description, host_tags, "
-                "kind) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                "kind) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
                 (name, digest, stores, owner_id, description, list(host_tags), kind))
+            await _record_version(cur, row["id"], owner_id, "created", None)
+
+        try:
+            await self.pool.transaction(create)
         except psycopg2.errors.UniqueViolation:
             raise Conflict(await self._taken("images", "image", name)) from None
 
@@ -374,16 +394,54 @@ class Store:
     async def update_image(self, name: str, *, digest: str | None, stores: list[str] | None,
                            description: str | None,
                            host_tags: Sequence[str] | None = None,
-                           kind: str | None = None) -> None:
-        row = await self.pool.fetchone(
-            "UPDATE images SET digest = coalesce(%s, digest), stores = coalesce(%s, stores), "
-            "description = coalesce(%s, description), "
-            "host_tags = coalesce(%s, host_tags), kind = coalesce(%s, kind), "
-            "updated_at = now() WHERE lower(name) = lower(%s) RETURNING id",
-            (digest, stores, description, list(host_tags) if host_tags is not None else None,
-             kind, name))
-        if row is None:
-            raise NotFound(f"no image {name!r}")
+                           kind: str | None = None, by: int | None = None,
+                           keep: int = 50) -> None:
+        """Change an image; a new digest is recorded as a new version (the last ``keep``
+        versions are kept), by user ``by``."""
+        async def update(cur: Cursor) -> None:
+            old = await cur.fetchone("SELECT id, digest FROM images "
+                                     "WHERE lower(name) = lower(%s) FOR UPDATE", (name,))
+            if old is None:
+                raise NotFound(f"no image {name!r}")
+            await cur.execute(
+                "UPDATE images SET digest = coalesce(%s, digest), stores = coalesce(%s, stores), "
+                "description = coalesce(%s, description), "
+                "host_tags = coalesce(%s, host_tags), kind = coalesce(%s, kind), "
+                "updated_at = now() WHERE id = %s",
+                (digest, stores, description,
+                 list(host_tags) if host_tags is not None else None, kind, old["id"]))
+            if digest is not None and digest != old["digest"]:
+                await _record_version(cur, old["id"], by, "replaced", keep)
+
+        await self.pool.transaction(update)
+
+    async def rollback_image(self, name: str, version: int, by: int | None,
+                             keep: int = 50) -> None:
+        """Make ``version`` of the image current again (digest, stores, host tags, kind),
+        recorded as a new version; :class:`NotFound` if it is not (or no longer) kept."""
+        async def rollback(cur: Cursor) -> None:
+            image = await cur.fetchone("SELECT id FROM images WHERE lower(name) = lower(%s) "
+                                       "FOR UPDATE", (name,))
+            if image is None:
+                raise NotFound(f"no image {name!r}")
+            row = await cur.fetchone(
+                "UPDATE images i SET digest = v.digest, stores = v.stores, "
+                "host_tags = v.host_tags, kind = v.kind, updated_at = now() "
+                "FROM image_versions v WHERE i.id = %s AND v.image_id = i.id "
+                "AND v.version = %s RETURNING i.id", (image["id"], version))
+            if row is None:
+                raise NotFound(f"image {name!r} has no version {version} (see its history)")
+            await _record_version(cur, image["id"], by, f"rollback to version {version}", keep)
+
+        await self.pool.transaction(rollback)
+
+    async def image_history(self, image_id: int) -> list[dict]:
+        """The image's kept versions, newest first."""
+        return await self.pool.fetchall(
+            "SELECT v.version, v.digest, v.stores, v.host_tags, v.kind, u.name AS by, "
+            "v.created_at, v.note FROM image_versions v LEFT JOIN users u "
+            "ON u.id = v.created_by WHERE v.image_id = %s ORDER BY v.version DESC",
+            (image_id,))
 
     async def delete_image(self, name: str) -> None:
         row = await self.pool.fetchone(
@@ -1009,9 +1067,13 @@ class Store:
                         "host_tags, kind) SELECT %s, %s, %s, %s, %s, "
                         "coalesce(p.host_tags, '{}'), coalesce(j.image_kind, p.kind) "
                         "FROM jobs j LEFT JOIN images p ON lower(p.name) = lower(j.image_name) "
-                        "WHERE j.id = %s",
+                        "WHERE j.id = %s RETURNING id",
                         (row["name"], digest, [row["store"]], row["owner_id"],
                          row["description"], row["job_id"]))
+                    created = await cur.fetchone("SELECT id FROM images "
+                                                 "WHERE lower(name) = lower(%s)", (row["name"],))
+                    await _record_version(cur, created["id"], row["owner_id"],
+                                          f"snapshot of job {row['job_id']}", None)
                     outcome = ("done", digest, None, None)
                 except psycopg2.errors.UniqueViolation:
                     await cur.execute("ROLLBACK TO SAVEPOINT register")

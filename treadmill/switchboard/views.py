@@ -33,6 +33,11 @@ def image(row: dict[str, Any]) -> dict[str, Any]:
              "created_at", "updated_at")}
 
 
+def image_version(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: row[key] for key in
+            ("version", "digest", "stores", "host_tags", "kind", "by", "created_at", "note")}
+
+
 def image_store(row: dict[str, Any]) -> dict[str, Any]:
     return {key: row[key] for key in ("url", "service", "description", "cache", "created_at")}
 

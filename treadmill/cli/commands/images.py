@@ -78,10 +78,71 @@ async def image_register(ctx: Context) -> int:
         body["description"] = a.description
     if a.host_tags is not None:
         body["host_tags"] = a.host_tags
+    if not a.replace and await _exists(ctx, a.name):
+        raise CommandError(_taken(a.name))
     kind = a.kind or await _kind_in_store(ctx, a.name, a.digest, a.stores[0])
     if kind is not None:
         body["kind"] = kind
-    return ctx.emit(await ctx.api.post("images", body=body), render_image)
+    return ctx.emit(await _register(ctx, body, a.replace), render_image)
+
+
+def _taken(name: str) -> str:
+    return (f"image {name} exists; give --replace to point it at the new digest (the "
+            f"current one stays in its history: tml image history {name})")
+
+
+async def _exists(ctx: Context, name: str) -> bool:
+    """Whether the catalogue has ``name`` (that the user may see)."""
+    try:
+        await ctx.api.get("images", name)
+    except ApiError as e:
+        if e.status == 404:
+            return False
+        raise
+    return True
+
+
+async def _register(ctx: Context, body: dict[str, Any], replace: bool) -> Any:
+    """Create the catalogue entry; an existing name is replaced only with ``replace``
+    (``PUT``: the previous digest becomes a version in its history)."""
+    try:
+        return await ctx.api.post("images", body=body)
+    except ApiError as e:
+        if e.status != 409:
+            raise
+        if not replace:
+            raise CommandError(_taken(body["name"])) from None
+    update = {key: value for key, value in body.items() if key != "name"}
+    return await ctx.api.put("images", body["name"], body=update)
+
+
+def render_history(data: dict[str, Any]) -> str:
+    """``{"versions": [ImageVersion]}`` as a table, newest first; * marks the current."""
+    rows = [
+        (
+            ("*" if v.get("digest") == data.get("current") and i == 0 else "")
+            + str(v.get("version")),
+            short_digest(v.get("digest")),
+            v.get("kind"),
+            v.get("by"),
+            output.fmt_time(v.get("created_at")),
+            v.get("note") or None,
+        )
+        for i, v in enumerate(data.get("versions", []))
+    ]
+    return output.render_table(("VERSION", "DIGEST", "KIND", "BY", "AT", "NOTE"), rows)
+
+
+async def image_history(ctx: Context) -> int:
+    """List an image's versions, newest first."""
+    return ctx.emit(await ctx.api.get("images", ctx.args.name, "history"), render_history)
+
+
+async def image_rollback(ctx: Context) -> int:
+    """Make an earlier version of an image current again (recorded as a new version)."""
+    a = ctx.args
+    image = await ctx.api.post("images", a.name, "rollback", body={"version": a.version})
+    return ctx.emit(image, render_image)
 
 
 async def _kind_in_store(ctx: Context, name: str, digest: str, store: str) -> str | None:
@@ -317,6 +378,8 @@ async def image_push(ctx: Context) -> int:
         raise UsageError(str(e)) from None
     for role, path in files:
         _check_file(path, qcow2=role.startswith("disk-"))
+    if not a.no_register and not a.replace and await _exists(ctx, name):
+        raise CommandError(_taken(name) + "; nothing was uploaded")
     reporter = _Reporter(ctx, _progress_enabled(ctx))
     blobs: dict[str, fmt.Blob] = {}
     for _, path in files:
@@ -380,18 +443,7 @@ async def image_push(ctx: Context) -> int:
             body["description"] = a.description
         if a.host_tags is not None:
             body["host_tags"] = a.host_tags
-        try:
-            image = await ctx.api.post("images", body=body)
-        except ApiError as e:
-            if e.status != 409:
-                raise
-            update: dict[str, Any] = {"digest": digest, "stores": [store],
-                                      "kind": body["kind"]}
-            if a.description is not None:
-                update["description"] = a.description
-            if a.host_tags is not None:
-                update["host_tags"] = a.host_tags
-            image = await ctx.api.put("images", name, body=update)
+        image = await _register(ctx, body, a.replace)
     result = {"name": name, "repository": repo, "tag": tag, "digest": digest, "store": store,
               "registered": image is not None, "blobs": pushed, "image": image}
     return ctx.emit(result, lambda r: output.render_object(r, PUSH_FIELDS,
@@ -536,6 +588,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    "store); only hosts that run this kind get its jobs")
     p.add_argument("--repository", metavar="REPO",
                    help="the store repository, to read the kind (default: NAME, lowercased)")
+    _replace_option(p)
     p = add_command(image, "update", image_update, common, help="change an image")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--digest", metavar="DIGEST")
@@ -543,12 +596,26 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--description", metavar="TEXT")
     _host_tag_option(p)
     add_command(image, "ls", image_ls, common, help="list images")
+    p = add_command(image, "history", image_history, common,
+                    help="list an image's versions (newest first)")
+    p.add_argument("name", metavar="NAME")
+    p = add_command(image, "rollback", image_rollback, common,
+                    help="make an earlier version of an image current again")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("version", metavar="VERSION", type=positive_int,
+                   help="a version number from tml image history")
     p = add_command(image, "show", image_show, common, help="show an image")
     p.add_argument("name", metavar="NAME")
     p = add_command(image, "rm", image_rm, common, help="remove an image from the catalogue")
     p.add_argument("name", metavar="NAME")
     _push_parser(image, common)
     _pull_parser(image, common)
+
+
+def _replace_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replace", action="store_true",
+                   help="if the name exists, point it at the new digest (the previous one "
+                   "stays in tml image history NAME); without it an existing name is refused")
 
 
 def _host_tag_option(p: argparse.ArgumentParser) -> None:
@@ -587,6 +654,7 @@ def _push_parser(image: Any, common: argparse.ArgumentParser) -> None:
                    type=name_value, metavar="KEY=VALUE", help="a manifest annotation; repeat")
     p.add_argument("--description", metavar="TEXT", help="the catalogue description")
     _host_tag_option(p)
+    _replace_option(p)
     p.add_argument("--no-register", action="store_true",
                    help="only upload; do not add or update the catalogue entry")
     p.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK_SIZE,
