@@ -30,9 +30,8 @@ async def test_kinds_in_image_and_host_views(tml, switchboard, tmp_path):
     assert r.status == 0, r.err
     header, row = r.out.splitlines()[:2]
     assert "KINDS" in header and " any " in row  # no supervisor reported kinds yet
-    await switchboard.service.store.set_host_kinds(
-        (await switchboard.service.store.pool.fetchone("SELECT id FROM hosts"))["id"],
-        ["qemu"])
+    # As a supervisor's status records them (tests/switchboard/test_image_kinds.py).
+    await switchboard.service.store.pool.execute("UPDATE hosts SET kinds = '{qemu}'")
     r = await tml("host", "show", "h1", env=env)
     assert r.status == 0 and "kinds:" in r.out and "qemu" in r.out
     r = await tml("host", "show", "h1", "--json", env=env)

@@ -240,3 +240,40 @@ async def test_a_snapshot_keeps_its_parents_host_tags_and_kind(sb: RunningSwitch
     # And its jobs go only where its parent's would.
     child = await submit(sb, "admin/snap")
     assert child["image"]["kind"] == "qemu"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_link_gets_no_job_before_its_kinds(database: str, tmp_path: Path) -> None:
+    """A host whose driver changed (qemu → serial) is not offered a job by the kinds of
+    its previous link: no job before the new link's first status is recorded."""
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 reconcile_retry=0.3)
+    try:
+        sb.service.links.request_timeout = 0.3
+        await sb.register_store(STORE, "store")
+        await register(sb, "vm", DIGEST_VM, "qemu")
+        peer = await peer_with(sb, "h", ["qemu"])
+        peer.disconnect()
+        await peer.closed()
+        peer.script = Script(run_started=False, kinds=["board"], answer_status=False)
+        await peer.connect()
+        await peer.wait_for("status_request")
+        job = await submit(sb, "vm")
+        await peer.wait_for("status_request", count=3)  # retried, unanswered
+        passes = sb.service.scheduler.passes
+        await eventually(lambda: _true(sb.service.scheduler.passes >= passes + 2))
+        assert not peer.of_type("start_job")
+        assert (await state_of(sb, job["id"]))["state"] == "queued"
+        peer.script.answer_status = True
+        await eventually(lambda: _kinds_are(sb, "h", ["board"]))
+        passes = sb.service.scheduler.passes
+        await eventually(lambda: _true(sb.service.scheduler.passes >= passes + 3))
+        assert not peer.of_type("start_job")
+        # A supervisor of the old driver again: the job goes.
+        peer.script.kinds = ["qemu"]
+        peer.disconnect()
+        await peer.closed()
+        await peer.connect()
+        await peer.wait_for("start_job", job_id=job["id"])
+    finally:
+        await sb.stop()

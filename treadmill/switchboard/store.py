@@ -707,13 +707,17 @@ class Store:
             "UPDATE hosts SET instance = NULL, instance_id = NULL, session = NULL, "
             "last_seen_at = now() WHERE id = %s AND session = %s", (host_id, session))
 
-    async def set_host_kinds(self, host_id: int, kinds: Sequence[str] | None) -> None:
-        """Record the image kinds the host's supervisor reports (None: any kind); a
-        change wakes the scheduler (the hosts trigger)."""
+    async def set_host_kinds(self, host_id: int, kinds: Sequence[str] | None,
+                             session: str) -> None:
+        """Record the image kinds the host's supervisor reports on link ``session`` (None:
+        any kind); from then on the scheduler may offer the host jobs (``kinds_session``).
+        A change wakes the scheduler (the hosts trigger)."""
         value = sorted(kinds) if kinds is not None else None
         await self.pool.execute(
-            "UPDATE hosts SET kinds = %(kinds)s WHERE id = %(id)s "
-            "AND kinds IS DISTINCT FROM %(kinds)s::text[]", {"kinds": value, "id": host_id})
+            "UPDATE hosts SET kinds = %(kinds)s, kinds_session = session WHERE id = %(id)s "
+            "AND session = %(session)s::uuid AND (kinds IS DISTINCT FROM %(kinds)s::text[] "
+            "OR kinds_session IS DISTINCT FROM session)",
+            {"kinds": value, "id": host_id, "session": session})
 
     async def host_link_state(self, host_id: int) -> dict | None:
         """The host's token hash and link session, or None if it was removed."""
@@ -773,7 +777,8 @@ class Store:
         """Assign queued jobs to free hosts in one transaction.
 
         Free hosts are enabled, healthy, idle and connected through a live
-        instance (:data:`_LIVE_INSTANCE`, ``dead_after``). Only jobs some free
+        instance (:data:`_LIVE_INSTANCE`, ``dead_after``) on a link that has
+        reported its kinds (answered a status request: ``kinds_session``). Only jobs some free
         host may run are read (``limit`` at most, and per user and tag set no
         more than there are free hosts), so a runnable job is never stuck behind jobs no
         host can take. A user's share is the number of jobs holding hosts plus
@@ -805,6 +810,7 @@ class Store:
                 "  WHERE g.host_id = h.id AND g.privilege IN ('start', 'manage')) AS starters "
                 "FROM hosts h JOIN instances i ON i.id = h.instance_id "
                 "WHERE h.enabled AND h.healthy AND h.session IS NOT NULL "
+                "AND h.kinds_session = h.session "
                 "AND h.last_seen_at > now() - make_interval(secs => %(fresh)s) "
                 f"AND {_LIVE_INSTANCE} "
                 "AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.host_id = h.id AND a.state IN "

@@ -4,6 +4,10 @@
 -- last reported them (protocol minor 5, `status.kinds`); NULL: any kind (a
 -- supervisor that does not report them).
 ALTER TABLE hosts ADD COLUMN kinds text[];
+-- The link session (hosts.session) whose status recorded kinds: a host is offered
+-- jobs only once its current link has answered a status request, so that a host
+-- whose driver changed is never offered a job by the kinds of its last link.
+ALTER TABLE hosts ADD COLUMN kinds_session uuid;
 
 -- The kind of a catalogue image (from its manifest's artifactType); NULL: unknown.
 ALTER TABLE images ADD COLUMN kind text;
@@ -35,5 +39,6 @@ SELECT id, 1, digest, stores, host_tags, owner_id, updated_at FROM images;
 -- A change of a host's kinds wakes the scheduler like a change of its tags.
 DROP TRIGGER hosts_notify ON hosts;
 CREATE TRIGGER hosts_notify AFTER INSERT OR DELETE OR UPDATE OF
-    name, tags, owner_id, enabled, healthy, token_hash, session, kinds ON hosts
+    name, tags, owner_id, enabled, healthy, token_hash, session, kinds, kinds_session
+    ON hosts
     FOR EACH ROW EXECUTE FUNCTION treadmill_notify_host();
