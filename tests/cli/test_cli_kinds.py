@@ -21,6 +21,8 @@ async def test_kinds_in_image_and_host_views(tml, switchboard, tmp_path):
     assert "kind:" in r.out and "qemu" in r.out
     r = await tml("image", "show", "vm", "--json", env=env)
     assert json.loads(r.out)["kind"] == "qemu"
+    r = await tml("image", "update", "vm", "--kind", "board", "--json", env=env)
+    assert r.status == 0 and json.loads(r.out)["kind"] == "board"
     r = await tml("image", "register", "x", DIGEST, "--store", STORE, "--kind", "floppy",
                   env=env)
     assert r.status == 2 and "floppy" in r.err

@@ -181,9 +181,11 @@ async def image_update(ctx: Context) -> int:
         body["description"] = a.description
     if a.host_tags is not None:
         body["host_tags"] = a.host_tags
+    if a.kind is not None:
+        body["kind"] = a.kind
     if not body:
-        raise UsageError("nothing to change: give --digest, --store, --description or "
-                         "--host-tag")
+        raise UsageError("nothing to change: give --digest, --store, --description, "
+                         "--host-tag or --kind")
     return ctx.emit(await ctx.api.put("images", a.name, body=body), render_image)
 
 
@@ -595,6 +597,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     _store_option(p, required=False)
     p.add_argument("--description", metavar="TEXT")
     _host_tag_option(p)
+    p.add_argument("--kind", choices=("qemu", "board"), help="the image's kind")
     add_command(image, "ls", image_ls, common, help="list images")
     p = add_command(image, "history", image_history, common,
                     help="list an image's versions (newest first)")
