@@ -10,8 +10,9 @@ from typing import Any
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 # Slash-separated segments; no segment may be "grants" (it names the grant routes),
-# nor a last segment "history" or "rollback" (the history routes).
-IMAGE_NAME_PATTERN = (r"^(?!(.*/)?grants(/|$))(?!.*/(history|rollback)$)"
+# nor a last segment "history" or "rollback" in any case (the history routes).
+IMAGE_NAME_PATTERN = (r"^(?!(.*/)?grants(/|$))"
+                      r"(?!.*/([Hh][Ii][Ss][Tt][Oo][Rr][Yy]|[Rr][Oo][Ll][Ll][Bb][Aa][Cc][Kk])$)"
                       r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:=/+-]{0,127}$"
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
