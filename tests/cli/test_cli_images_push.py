@@ -152,14 +152,21 @@ async def test_push_qemu_image_and_register(world, tml):
     entry = world.catalogue.images["alice/Debian"]
     assert (entry["digest"], entry["stores"], entry["description"]) == (
         digest, [world.store.url], "Debian")
+    assert entry["kind"] == "qemu"
     # The registry token came from the switchboard, with the user's own credentials.
     assert {req["authorization"][:6] for req in world.store.token_requests} == {"Basic "}
     assert world.store.token_requests[0]["scopes"] == ["repository:alice/debian:pull,push"]
 
-    # Pushed again with a new kernel: the disks are not uploaded again, and the
-    # existing catalogue entry is updated (409 → PUT).
+    # Pushed again with a new kernel: refused before anything is sent without --replace.
     args[args.index("--kernel") + 1] = world.file("vmlinuz2", b"kernel 2")
-    r = await tml(*args, "--json", env=world.env)
+    blobs_before = dict(world.store.blobs)
+    r = await tml(*args, env=world.env)
+    assert r.status == 1 and "--replace" in r.err and "nothing was uploaded" in r.err
+    assert world.store.blobs == blobs_before
+    assert world.catalogue.images["alice/Debian"]["digest"] == digest
+    # With --replace the disks are not uploaded again, and the existing catalogue
+    # entry is updated (409 → PUT).
+    r = await tml(*args, "--replace", "--json", env=world.env)
     assert r.status == 0, r.err
     out = json.loads(r.out)
     assert [b["uploaded"] for b in out["blobs"]] == [False, False, True, False]
@@ -184,6 +191,21 @@ async def test_push_board_image(world, tml):
     assert image.annotations["org.example.board"] == "nrf52"
     assert world.catalogue.images == {}
     assert "registered: no" in r.out
+    # Registered afterwards, its kind is read from its manifest in the store.
+    digest = digest_of(world.store.manifests[("alice/fw", "latest")][0])
+    r = await tml("image", "register", "alice/fw", digest, "--store", world.store.url,
+                  env=world.env)
+    assert r.status == 0, r.err
+    assert world.catalogue.images["alice/fw"]["kind"] == "board"
+    # Unless --kind says otherwise; a digest the store lacks registers with no kind.
+    r = await tml("image", "register", "alice/fw2", digest, "--store", world.store.url,
+                  "--kind", "qemu", env=world.env)
+    assert r.status == 0 and world.catalogue.images["alice/fw2"]["kind"] == "qemu"
+    r = await tml("image", "register", "alice/fw3", "sha256:" + "e" * 64, "--store",
+                  world.store.url, env=world.env)
+    assert r.status == 0, r.err
+    assert "kind" not in world.catalogue.images["alice/fw3"]
+    assert "registering without a kind" in r.err
 
 
 @pytest_twisted.ensureDeferred

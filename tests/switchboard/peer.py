@@ -30,6 +30,7 @@ class Script:
     run_started: bool = True  # A successful start makes the job the peer's current job.
     snapshot_error: tuple[str, str] | None = None  # ack error for snapshot_job.
     answer_status: bool = True  # False: status requests go unanswered.
+    kinds: list[str] | None = None  # status.kinds (minor 5); None: not sent.
 
 
 class PeerProtocol(WebSocketClientProtocol):
@@ -115,7 +116,8 @@ class Peer:
             if self._delivering:
                 self._held_status.append(message["request_id"])
             else:
-                self.send(protocol.status(message["request_id"], self.script.job))
+                self.send(protocol.status(message["request_id"], self.script.job,
+                                          self.script.kinds))
         elif kind == "start_job":
             error = self.script.start_error
             if error is None and self.script.run_started:
@@ -181,7 +183,7 @@ class Peer:
             if not self._delivering and self.connection is not None:
                 held, self._held_status = self._held_status, []
                 for request_id in held:
-                    self.send(protocol.status(request_id, self.script.job))
+                    self.send(protocol.status(request_id, self.script.job, self.script.kinds))
 
     async def closed(self) -> int | None:
         assert self._closed_d is not None

@@ -138,7 +138,7 @@ async def test_image_name_taken_is_refused_alike_whether_visible_or_not(world) -
     assert "exist" not in json.dumps(hidden.body)
     # The digest of a private image gives nothing away either.
     job = (await bob.post("/api/v1/jobs", {"image": DIGEST})).body
-    assert job["image"] == {"name": None, "digest": DIGEST, "stores": []}
+    assert job["image"] == {"name": None, "digest": DIGEST, "stores": [], "kind": None}
 
 
 @pytest_twisted.ensureDeferred

@@ -129,7 +129,7 @@ async def test_enqueue_by_digest_with_defaults(switchboard):
     limits = Limits()
     assert job["owner"] == "alice"
     assert job["state"] == "queued" and job["stage"] is None and job["host"] is None
-    assert job["image"] == {"name": None, "digest": DIGEST, "stores": []}
+    assert job["image"] == {"name": None, "digest": DIGEST, "stores": [], "kind": None}
     assert job["timeout"] == limits.default_timeout
     assert job["queue_timeout"] == limits.default_queue_timeout
     assert job["max_restarts"] == 0 and job["restarts_left"] == 0
@@ -180,7 +180,7 @@ async def test_enqueue_by_catalogue_name_resolves_digest(switchboard):
     assert r.status == 201, r.body
     job = await enqueue(alice, image="alice/debian")
     assert job["image"] == {"name": "alice/debian", "digest": DIGEST,
-                            "stores": ["https://store.example/v2"]}
+                            "stores": ["https://store.example/v2"], "kind": None}
 
     # The name was resolved at enqueue: moving the name later does not move the job.
     r = await alice.put("/api/v1/images/alice/debian", {"digest": OTHER_DIGEST})
@@ -229,7 +229,7 @@ async def test_enqueue_by_name_without_use_privilege(switchboard):
     assert r.status == 201, r.body
     job = await enqueue(bob, image="alice/private")
     assert job["image"] == {"name": "alice/private", "digest": DIGEST,
-                            "stores": ["https://a.example"]}
+                            "stores": ["https://a.example"], "kind": None}
 
 
 # -- secrets ------------------------------------------------------------------------

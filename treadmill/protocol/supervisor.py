@@ -59,6 +59,8 @@ UNAVAILABLE_MINOR = 4
 """The first minor version that understands :data:`UNAVAILABLE`; to an older supervisor
 the switchboard closes the link with ``INTERNAL_ERROR`` instead, and the supervisor
 resends its unacknowledged reports after it reconnects."""
+KINDS_MINOR = 5
+"""The first minor version with ``status.kinds``: the image kinds the host's driver runs."""
 RETRYABLE_ACK_ERRORS = (UNAVAILABLE,)
 """Ack error codes meaning "not stored, send the same report again later"."""
 
@@ -132,9 +134,14 @@ def status_request(request_id: int) -> dict[str, Any]:
     return {"type": "status_request", "request_id": request_id}
 
 
-def status(request_id: int, job: dict[str, Any] | None) -> dict[str, Any]:
-    """What the supervisor runs: ``None`` when idle, else ``{id, state, stage}``."""
-    return {"type": "status", "request_id": request_id, "job": job}
+def status(request_id: int, job: dict[str, Any] | None,
+           kinds: list[str] | None = None) -> dict[str, Any]:
+    """What the supervisor runs: ``None`` when idle, else ``{id, state, stage}``;
+    ``kinds`` (minor 5, optional): the image kinds its driver runs (absent: any)."""
+    message = {"type": "status", "request_id": request_id, "job": job}
+    if kinds is not None:
+        message["kinds"] = sorted(kinds)
+    return message
 
 
 def job_event(request_id: int, job_id: str, state: str, *, stage: str | None = None,

@@ -693,7 +693,11 @@ class JobRunner:
         # Every journaled event first: the switchboard must see them before the status.
         await self._drained()
         if session is self._session:
-            session.send(protocol.status(message["request_id"], self.status()))
+            kinds = getattr(self.driver, "kinds", None)
+            if getattr(session, "minor", protocol.MINOR) < protocol.KINDS_MINOR:
+                kinds = None  # An older switchboard refuses the field.
+            session.send(protocol.status(message["request_id"], self.status(),
+                                         list(kinds) if kinds is not None else None))
 
     # -- reports from the driver ---------------------------------------------------------
 

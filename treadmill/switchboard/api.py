@@ -63,6 +63,7 @@ class Limits:
     log_read_ttl: float = 3600.0
     proxy_service: str = "treadmill-proxy"
     console_token_ttl: float = 300.0
+    image_history: int = 50
 
 
 def _uuid(value: str, what: str) -> str:
@@ -678,7 +679,8 @@ class SwitchboardAPI:
         try:
             await self.store.create_image(body["name"], body["digest"], stores,
                                           principal.user_id, body.get("description", ""),
-                                          body.get("host_tags", ()), _patterns(body))
+                                          body.get("host_tags", ()), _patterns(body),
+                                          body.get("kind"))
         except Conflict:
             raise await self._name_taken(principal, body["name"]) from None
         row = await self.store.get_image(body["name"], principal)
@@ -691,6 +693,21 @@ class SwitchboardAPI:
         _, row = await self._image(request, name, "use")
         return respond(request, views.image(row))
 
+    @app.route("/api/v1/images/<path:name>/history", methods=["GET"])
+    async def image_history(self, request: IRequest, name: str) -> bytes:
+        _, row = await self._image(request, name, "use")
+        rows = await self.store.image_history(row["id"])
+        return respond(request, {"name": row["name"], "current": row["digest"],
+                                 "versions": [views.image_version(r) for r in rows]})
+
+    @app.route("/api/v1/images/<path:name>/rollback", methods=["POST"])
+    async def rollback_image(self, request: IRequest, name: str) -> bytes:
+        principal, row = await self._image(request, name, "manage")
+        body = read_json(request, schemas.IMAGE_ROLLBACK)
+        await self.store.rollback_image(row["name"], body["version"], principal.user_id,
+                                        keep=self.limits.image_history)
+        return respond(request, views.image(await self.store.get_image(name, principal)))
+
     @app.route("/api/v1/images/<path:name>", methods=["PUT"])
     async def update_image(self, request: IRequest, name: str) -> bytes:
         principal, _ = await self._image(request, name, "manage")
@@ -700,7 +717,9 @@ class SwitchboardAPI:
                                       stores=stores,
                                       description=body.get("description"),
                                       host_tags=body.get("host_tags"),
-                                      results=_patterns(body) if "results" in body else False)
+                                      results=_patterns(body) if "results" in body else False,
+                                      kind=body.get("kind"), by=principal.user_id,
+                                      keep=self.limits.image_history)
         return respond(request, views.image(await self.store.get_image(name, principal)))
 
     @app.route("/api/v1/images/<path:name>", methods=["DELETE"])
@@ -845,11 +864,14 @@ class SwitchboardAPI:
         name: str | None
         default_tags: list[str] = []
         image_results = None
+        kind: str | None = None
         if image.startswith("sha256:"):
             name, digest = None, image
             usable = [row for row in await self.store.images_by_digest(digest, principal)
                       if "use" in effective("image", principal, row["owner_id"], row["grants"])]
             stores = sorted({store for row in usable for store in row["stores"]})
+            kinds = {row["kind"] for row in usable} - {None}
+            kind = kinds.pop() if len(kinds) == 1 else None  # unknown: any host
         else:
             # An image that exists but is not the caller's to use answers exactly
             # like one that does not exist.
@@ -865,7 +887,7 @@ class SwitchboardAPI:
                                     "that its owner may not write; an admin must move or "
                                     "re-register it")
             name, digest, stores = row["name"], row["digest"], row["stores"]
-            default_tags = row["host_tags"]
+            default_tags, kind = row["host_tags"], row["kind"]
             image_results = row["results"]
         parameters = {key: {"value": p["value"], "secret": p.get("secret", False)}
                       for key, p in body.get("parameters", {}).items()}
@@ -877,7 +899,7 @@ class SwitchboardAPI:
                        parameters=parameters, timeout=timeout,
                        queue_timeout=queue_timeout, max_restarts=body.get("max_restarts", 0),
                        label=body.get("label", ""), log_servers=self._pick_log_servers(),
-                       results=_patterns(body) or image_results)
+                       results=_patterns(body) or image_results, image_kind=kind)
 
     def _pick_log_servers(self) -> tuple[str, ...]:
         """``log_replicas`` of the configured log servers, rotating the first choice."""

@@ -369,6 +369,7 @@ class SupervisorLink(WebSocketServerProtocol):
         assert self.host_id is not None
         answer = await self.request(protocol.status_request(0))
         await self._inbox  # Events sent before the status are applied first.
+        await self.links.store.set_host_kinds(self.host_id, answer.get("kinds"), self.session)
         row = await self.links.store.active_job(self.host_id)
         expected = None
         if row is not None:

@@ -103,6 +103,9 @@ HOST = _record({
                                "failures."},
     "consecutive_failures": INTEGER, "connected": BOOLEAN, "last_seen_at": OPTIONAL_TIME,
     "current_job": OPTIONAL_UUID, "created_at": TIME,
+    "kinds": {"type": ["array", "null"], "items": STRING,
+              "description": "The image kinds its driver runs, as its supervisor reported "
+                             "them; null: any kind (a supervisor that reports none)."},
 }, "A host of the testbed.")
 HOST["properties"]["instance"] = {  # Not required: shown to admins only.
     "type": ["string", "null"],
@@ -120,10 +123,23 @@ IMAGE = _record({
     "description": STRING,
     "host_tags": {**STRINGS, "description": "The host tags of a job that names this image "
                                             "and asks for none."},
+    "kind": {**_enum(["qemu", "board"], nullable=True),
+             "description": "The image's kind (its manifest's artifactType): only hosts "
+                            "that run it get its jobs; null: unknown, any host."},
     "created_at": TIME, "updated_at": TIME,
     "results": {"oneOf": [{"type": "null"}, PATTERNS_SCHEMA],
                 "description": "Console patterns of the image's jobs (docs/results.md)."},
 }, "An image of the catalogue.")
+
+IMAGE_VERSION = _record({
+    "version": INTEGER, "digest": STRING, "stores": STRINGS, "host_tags": STRINGS,
+    "kind": _enum(["qemu", "board"], nullable=True),
+    "by": {**OPTIONAL_STRING, "description": "Who made this version current (null: a user "
+                                             "since deleted)."},
+    "created_at": TIME,
+    "note": {**STRING, "description": "created, replaced, rollback to version N, or "
+                                      "snapshot of job J."},
+}, "A version of a catalogue image.")
 
 IMAGE_STORE = _record({
     "url": {"type": "string", "description": "The store's base URL (lowercase scheme and "
@@ -150,7 +166,8 @@ JOB_PARAMETER: dict[str, Any] = {"oneOf": [
 
 JOB = _record({
     "id": UUID, "owner": STRING, "label": STRING,
-    "image": _record({"name": OPTIONAL_STRING, "digest": STRING, "stores": STRINGS},
+    "image": _record({"name": OPTIONAL_STRING, "digest": STRING, "stores": STRINGS,
+                      "kind": _enum(["qemu", "board"], nullable=True)},
                      "The image the job runs (no name when enqueued by digest)."),
     "tags": STRINGS,
     "parameters": {"type": "object", "additionalProperties": JOB_PARAMETER},
@@ -230,6 +247,12 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "SshKey": SSH_KEY, "SshKeyList": _list_of("keys", "SshKey"),
     "HostList": _list_of("hosts", "Host"),
     "ImageList": _list_of("images", "Image"),
+    "ImageVersion": IMAGE_VERSION,
+    "ImageHistory": {"type": "object", "description": "An image's kept versions.",
+                     "properties": {"name": STRING, "current": STRING,
+                                    "versions": {"type": "array",
+                                                 "items": _ref("ImageVersion")}},
+                     "required": ["name", "current", "versions"]},
     "ImageStore": IMAGE_STORE, "ImageStoreList": _list_of("stores", "ImageStore"),
     "GrantList": _list_of("grants", "GrantRecord"),
     "JobList": _list_of("jobs", "Job", next_cursor={
@@ -485,6 +508,23 @@ def _images() -> dict[str, dict[str, Any]]:
                               description="New stores must be registered; 400 otherwise."),
             "delete": _operation("delete_image", "Images", "Remove an image (manage).", 204,
                                  errors=(403, 404)),
+        },
+        "/api/v1/images/{name}/history": {
+            "parameters": [P_IMAGE],
+            "get": _operation("image_history", "Images",
+                              "The image's versions, newest first (use).", 200,
+                              "ImageHistory", errors=(404,),
+                              description="A version is recorded at creation and on every "
+                                          "change of digest (a replace or a rollback); the "
+                                          "last `images.history` versions are kept."),
+        },
+        "/api/v1/images/{name}/rollback": {
+            "parameters": [P_IMAGE],
+            "post": _operation("rollback_image", "Images",
+                               "Make a kept version current again (manage).", 200, "Image",
+                               body="ImageRollback", errors=(403, 404),
+                               description="Recorded as a new version; 404 for a version "
+                                           "not kept."),
         },
         "/api/v1/stores": {
             "get": _operation(

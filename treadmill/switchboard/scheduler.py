@@ -137,12 +137,16 @@ class Scheduler(MultiService):
         except Exception:
             self.log.failure("Looking for unrunnable jobs failed")
             return
-        for job_id in jobs:
+        for job_id, kind in jobs:
+            message = ("no host can run this job: none has all its tags and lets its "
+                       "owner start jobs")
+            if kind is not None:
+                message = (f"no host can run this job: none that has all its tags and lets "
+                           f"its owner start jobs runs {kind} images")
             try:
                 await self.store.transition(
                     job_id, Status(State.TERMINATED, reason=Reason.QUEUE_TIMEOUT),
-                    message="no host can run this job: none has all its tags and lets its "
-                            "owner start jobs")
+                    message=message)
             except (InvalidTransition, NotFound):
                 pass
 

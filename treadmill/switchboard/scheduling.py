@@ -6,8 +6,10 @@ caller counts them; ties go to the user whose oldest runnable job is oldest),
 and each user's jobs go oldest first. A job may run
 on a host when the host's tags are a superset of the job's and the job's
 owner may start jobs there (admin, host owner, or a ``start``/``manage``
-grant to them or to every user). Among the hosts a job may use, the one with
-the fewest tags is taken, keeping specialised hosts for jobs that need them.
+grant to them or to every user), and the host runs the job's image kind (a
+job of unknown kind, or a host that reports no kinds: any). Among the hosts a
+job may use, the one with the fewest tags is taken, keeping specialised hosts
+for jobs that need them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class QueuedJob:
     owner_id: int
     owner_admin: bool
     tags: frozenset[str]
+    kind: str | None = None
+    """The image's kind (``qemu``, ``board``); None: unknown, any host."""
 
 
 @dataclass(frozen=True)
@@ -33,10 +37,14 @@ class FreeHost:
     tags: frozenset[str]
     starters: frozenset[int | None]
     """Users granted start or manage; ``None`` stands for every user."""
+    kinds: frozenset[str] | None = None
+    """The image kinds its driver runs; None: any kind."""
 
 
 def may_run(job: QueuedJob, host: FreeHost) -> bool:
     if not job.tags <= host.tags:
+        return False
+    if job.kind is not None and host.kinds is not None and job.kind not in host.kinds:
         return False
     return (job.owner_admin or host.owner_id == job.owner_id or None in host.starters
             or job.owner_id in host.starters)

@@ -11,8 +11,10 @@ from typing import Any
 from treadmill.protocol.results import PATTERNS_SCHEMA
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
-# Slash-separated segments; no segment may be "grants" (it names the grant routes).
+# Slash-separated segments; no segment may be "grants" (it names the grant routes),
+# nor a last segment "history" or "rollback" in any case (the history routes).
 IMAGE_NAME_PATTERN = (r"^(?!(.*/)?grants(/|$))"
+                      r"(?!.*/([Hh][Ii][Ss][Tt][Oo][Rr][Yy]|[Rr][Oo][Ll][Ll][Bb][Aa][Cc][Kk])$)"
                       r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:=/+-]{0,127}$"
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
@@ -50,20 +52,24 @@ USER_UPDATE = _object({"admin": {"type": "boolean"}, "disabled": {"type": "boole
 HOST_CREATE = _object({"name": NAME, "tags": TAGS, "owner": NAME, "description": TEXT},
                       ("name",))
 HOST_TAGS = _object({"tags": TAGS}, ("tags",))
+IMAGE_KIND: dict[str, Any] = {"enum": ["qemu", "board"]}
 IMAGE_CREATE = _object({
     "name": IMAGE_NAME, "digest": DIGEST, "description": TEXT, "host_tags": TAGS,
     "results": {"oneOf": [{"type": "null"}, PATTERNS_SCHEMA]},
+    "kind": IMAGE_KIND,
     "stores": {"type": "array", "maxItems": 16, "uniqueItems": True, "items": STORE_URL},
 }, ("name", "digest", "stores"))
 SNAPSHOT_CREATE = _object({
     "name": IMAGE_NAME, "store": STORE_URL, "description": TEXT,
 }, ("name",))
 IMAGE_UPDATE = _object({
-    "digest": DIGEST, "description": TEXT, "host_tags": TAGS,
+    "digest": DIGEST, "description": TEXT, "host_tags": TAGS, "kind": IMAGE_KIND,
     "results": {"oneOf": [{"type": "null"}, PATTERNS_SCHEMA]},
     "stores": {"type": "array", "maxItems": 16, "uniqueItems": True, "items": STORE_URL},
 })
 CONSOLE_TOKEN = _object({"access": {"enum": ["read", "manage"]}})
+IMAGE_ROLLBACK = _object({"version": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}},
+                         ("version",))
 SERVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 STORE_CREATE = _object({
     "url": STORE_URL, "service": {"type": "string", "pattern": SERVICE_PATTERN},
@@ -96,6 +102,7 @@ REQUEST_BODIES: dict[str, dict[str, Any]] = {
     "Login": LOGIN, "TokenCreate": TOKEN_CREATE, "UserCreate": USER_CREATE,
     "UserUpdate": USER_UPDATE, "HostCreate": HOST_CREATE, "HostTags": HOST_TAGS,
     "ImageCreate": IMAGE_CREATE, "ImageUpdate": IMAGE_UPDATE, "Grant": GRANT,
+    "ImageRollback": IMAGE_ROLLBACK,
     "JobCreate": JOB_CREATE, "SnapshotCreate": SNAPSHOT_CREATE, "StoreCreate": STORE_CREATE,
     "SshKeyCreate": SSH_KEY_CREATE,
     "ConsoleTokenRequest": CONSOLE_TOKEN,

@@ -55,6 +55,7 @@ class JobSpec:
     label: str
     log_servers: tuple[str, ...] = ()
     results: dict[str, str] | None = None  # console patterns (docs/results.md)
+    image_kind: str | None = None
 
 
 # Limits of the scheduling transaction (SET LOCAL), in milliseconds: a pass
@@ -76,7 +77,7 @@ _TOKEN_COLUMNS = ("t.id, u.name AS user, t.label, t.created_at, t.expires_at, "
                   "t.last_used_at, t.revoked_at")
 _HOST_COLUMNS = f"""
     h.id, h.name, h.tags, h.owner_id, o.name AS owner, h.description, h.enabled, h.healthy,
-    h.consecutive_failures,
+    h.consecutive_failures, h.kinds,
     (h.session IS NOT NULL AND h.last_seen_at > now() - interval '20 seconds'
      AND EXISTS (SELECT 1 FROM instances i WHERE i.id = h.instance_id AND i.stopped_at IS NULL
                  AND i.heartbeat_at > now() - interval '{INSTANCE_DEAD_AFTER:g} s')) AS connected,
@@ -89,14 +90,14 @@ _HOST_COLUMNS = f"""
      ORDER BY j.seq DESC LIMIT 1) AS current_job"""  # Only a job the caller may read.
 _IMAGE_COLUMNS = """
     i.id, i.name, i.digest, i.stores, i.owner_id, o.name AS owner, i.description,
-    i.host_tags, i.created_at, i.updated_at, i.results"""
+    i.host_tags, i.kind, i.created_at, i.updated_at, i.results"""
 _JOB_COLUMNS = """
     j.id, j.seq, j.owner_id, o.name AS owner, j.label, j.image_name, j.image_digest,
     j.image_stores, j.tags, j.parameters, j.timeout, j.queue_timeout, j.max_restarts,
     j.restarts_left, j.restart_of, j.state, j.stage, h.name AS host, j.termination_reason,
     j.exit_status, j.termination_message, j.created_at, j.assigned_at, j.started_at,
     j.ready_at, j.terminating_at, j.terminated_at, j.updated_at, j.queue_deadline,
-    j.deadline, j.log_servers, j.endpoints, j.host_id, j.results"""
+    j.deadline, j.log_servers, j.endpoints, j.host_id, j.results, j.image_kind"""
 _JOB_COLUMNS += ", j.ssh_host_keys"  # 0013_ssh_keys
 SCHEDULER_LOCK = 0x74726561646D7363  # "treadmsc"
 
@@ -116,6 +117,22 @@ _LENDS = """(coalesce(o.admin, false)
                    AND n.id IS DISTINCT FROM i.owner_id)
     OR EXISTS (SELECT 1 FROM grants g WHERE g.namespace = split_part(lower(i.name), '/', 1)
                AND g.privilege = 'manage' AND (g.user_id = i.owner_id OR g.user_id IS NULL)))"""
+
+
+async def _record_version(cur: Cursor, image_id: int, by: int | None, note: str,
+                          keep: int | None) -> None:
+    """Record the image's current digest, stores, host tags and kind as its next version;
+    keep only the last ``keep`` versions (None: all)."""
+    await cur.execute(
+        "INSERT INTO image_versions (image_id, version, digest, stores, host_tags, kind, "
+        "created_by, note) SELECT i.id, coalesce((SELECT max(v.version) FROM image_versions v "
+        "WHERE v.image_id = i.id), 0) + 1, i.digest, i.stores, i.host_tags, i.kind, %s, %s "
+        "FROM images i WHERE i.id = %s", (by, note, image_id))
+    if keep is not None:
+        await cur.execute(
+            "DELETE FROM image_versions WHERE image_id = %(id)s AND version <= "
+            "(SELECT max(version) FROM image_versions WHERE image_id = %(id)s) - %(keep)s",
+            {"id": image_id, "keep": keep})
 
 
 def _unique(e: psycopg2.Error, what: str) -> Conflict:
@@ -394,13 +411,18 @@ class Store:
 
     async def create_image(self, name: str, digest: str, stores: list[str], owner_id: int,
                            description: str, host_tags: Sequence[str] = (),
-                           results: dict[str, str] | None = None) -> None:
-        try:
-            await self.pool.execute(
+                           results: dict[str, str] | None = None,
+                           kind: str | None = None) -> None:
+        async def create(cur: Cursor) -> None:
+            row = await cur.fetchone(
                 "INSERT INTO images (name, digest, stores, owner_id, description, host_tags, "
-                "results) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                "results, kind) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
                 (name, digest, stores, owner_id, description, list(host_tags),
-                 Json(results) if results else None))
+                 Json(results) if results else None, kind))
+            await _record_version(cur, row["id"], owner_id, "created", None)
+
+        try:
+            await self.pool.transaction(create)
         except psycopg2.errors.UniqueViolation:
             raise Conflict(await self._taken("images", "image", name)) from None
 
@@ -444,18 +466,58 @@ class Store:
     async def update_image(self, name: str, *, digest: str | None, stores: list[str] | None,
                            description: str | None,
                            host_tags: Sequence[str] | None = None,
-                           results: dict[str, str] | bool | None = False) -> None:
-        """``results``: new console patterns, None to clear them, False to keep them."""
-        row = await self.pool.fetchone(
-            "UPDATE images SET digest = coalesce(%s, digest), stores = coalesce(%s, stores), "
-            "description = coalesce(%s, description), "
-            "host_tags = coalesce(%s, host_tags), "
-            "results = CASE WHEN %s THEN %s::jsonb ELSE results END, updated_at = now() "
-            "WHERE lower(name) = lower(%s) RETURNING id",
-            (digest, stores, description, list(host_tags) if host_tags is not None else None,
-             results is not False, Json(results) if results else None, name))
-        if row is None:
-            raise NotFound(f"no image {name!r}")
+                           results: dict[str, str] | bool | None = False,
+                           kind: str | None = None, by: int | None = None,
+                           keep: int = 50) -> None:
+        """Change an image; a new digest is recorded as a new version (the last ``keep``
+        versions are kept), by user ``by``. ``results``: new console patterns, None to
+        clear them, False to keep them."""
+        async def update(cur: Cursor) -> None:
+            old = await cur.fetchone("SELECT id, digest FROM images "
+                                     "WHERE lower(name) = lower(%s) FOR UPDATE", (name,))
+            if old is None:
+                raise NotFound(f"no image {name!r}")
+            await cur.execute(
+                "UPDATE images SET digest = coalesce(%s, digest), stores = coalesce(%s, stores), "
+                "description = coalesce(%s, description), "
+                "host_tags = coalesce(%s, host_tags), kind = coalesce(%s, kind), "
+                "results = CASE WHEN %s THEN %s::jsonb ELSE results END, "
+                "updated_at = now() WHERE id = %s",
+                (digest, stores, description,
+                 list(host_tags) if host_tags is not None else None, kind,
+                 results is not False, Json(results) if results else None, old["id"]))
+            if digest is not None and digest != old["digest"]:
+                await _record_version(cur, old["id"], by, "replaced", keep)
+
+        await self.pool.transaction(update)
+
+    async def rollback_image(self, name: str, version: int, by: int | None,
+                             keep: int = 50) -> None:
+        """Make ``version`` of the image current again (digest, stores, host tags, kind),
+        recorded as a new version; :class:`NotFound` if it is not (or no longer) kept."""
+        async def rollback(cur: Cursor) -> None:
+            image = await cur.fetchone("SELECT id FROM images WHERE lower(name) = lower(%s) "
+                                       "FOR UPDATE", (name,))
+            if image is None:
+                raise NotFound(f"no image {name!r}")
+            row = await cur.fetchone(
+                "UPDATE images i SET digest = v.digest, stores = v.stores, "
+                "host_tags = v.host_tags, kind = v.kind, updated_at = now() "
+                "FROM image_versions v WHERE i.id = %s AND v.image_id = i.id "
+                "AND v.version = %s RETURNING i.id", (image["id"], version))
+            if row is None:
+                raise NotFound(f"image {name!r} has no version {version} (see its history)")
+            await _record_version(cur, image["id"], by, f"rollback to version {version}", keep)
+
+        await self.pool.transaction(rollback)
+
+    async def image_history(self, image_id: int) -> list[dict]:
+        """The image's kept versions, newest first."""
+        return await self.pool.fetchall(
+            "SELECT v.version, v.digest, v.stores, v.host_tags, v.kind, u.name AS by, "
+            "v.created_at, v.note FROM image_versions v LEFT JOIN users u "
+            "ON u.id = v.created_by WHERE v.image_id = %s ORDER BY v.version DESC",
+            (image_id,))
 
     async def delete_image(self, name: str) -> None:
         row = await self.pool.fetchone(
@@ -541,13 +603,14 @@ class Store:
         row = await cur.fetchone(
             "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, "
             "tags, parameters, timeout, queue_timeout, max_restarts, restarts_left, "
-            "queue_deadline, event_seq, log_servers, results) VALUES (%s, %s, %s, %s, %s, "
-            "%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s), 1, %s, %s) "
+            "queue_deadline, event_seq, log_servers, results, image_kind) VALUES (%s, %s, %s, "
+            "%s, %s, %s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s), 1, %s, %s, %s) "
             "RETURNING id",
             (owner_id, spec.label, spec.image_name, spec.image_digest, spec.image_stores,
              spec.tags, Json(spec.parameters), spec.timeout, spec.queue_timeout,
              spec.max_restarts, spec.max_restarts, spec.queue_timeout,
-             list(spec.log_servers), Json(spec.results) if spec.results else None))
+             list(spec.log_servers), Json(spec.results) if spec.results else None,
+             spec.image_kind))
         assert row is not None
         await cur.execute(
             "INSERT INTO job_events (job_id, seq, state) VALUES (%s, 1, 'queued')",
@@ -722,6 +785,18 @@ class Store:
             "UPDATE hosts SET instance = NULL, instance_id = NULL, session = NULL, "
             "last_seen_at = now() WHERE id = %s AND session = %s", (host_id, session))
 
+    async def set_host_kinds(self, host_id: int, kinds: Sequence[str] | None,
+                             session: str) -> None:
+        """Record the image kinds the host's supervisor reports on link ``session`` (None:
+        any kind); from then on the scheduler may offer the host jobs (``kinds_session``).
+        A change wakes the scheduler (the hosts trigger)."""
+        value = sorted(kinds) if kinds is not None else None
+        await self.pool.execute(
+            "UPDATE hosts SET kinds = %(kinds)s, kinds_session = session WHERE id = %(id)s "
+            "AND session = %(session)s::uuid AND (kinds IS DISTINCT FROM %(kinds)s::text[] "
+            "OR kinds_session IS DISTINCT FROM session)",
+            {"kinds": value, "id": host_id, "session": session})
+
     async def host_link_state(self, host_id: int) -> dict | None:
         """The host's token hash and link session, or None if it was removed."""
         return await self.pool.fetchone(
@@ -781,7 +856,8 @@ class Store:
         """Assign queued jobs to free hosts in one transaction.
 
         Free hosts are enabled, healthy, idle and connected through a live
-        instance (:data:`_LIVE_INSTANCE`, ``dead_after``). Only jobs some free
+        instance (:data:`_LIVE_INSTANCE`, ``dead_after``) on a link that has
+        reported its kinds (answered a status request: ``kinds_session``). Only jobs some free
         host may run are read (``limit`` at most, and per user and tag set no
         more than there are free hosts), so a runnable job is never stuck behind jobs no
         host can take. A user's share is the number of jobs holding hosts plus
@@ -808,34 +884,42 @@ class Store:
                 return ScheduleResult(locked=False)
             params = {"fresh": fresh_within, "dead": dead_after}
             hosts = await cur.fetchall(
-                "SELECT h.id, h.name, h.owner_id, h.tags, ARRAY(SELECT g.user_id FROM grants g "
+                "SELECT h.id, h.name, h.owner_id, h.tags, h.kinds, "
+                "ARRAY(SELECT g.user_id FROM grants g "
                 "  WHERE g.host_id = h.id AND g.privilege IN ('start', 'manage')) AS starters "
                 "FROM hosts h JOIN instances i ON i.id = h.instance_id "
                 "WHERE h.enabled AND h.healthy AND h.session IS NOT NULL "
+                "AND h.kinds_session = h.session "
                 "AND h.last_seen_at > now() - make_interval(secs => %(fresh)s) "
                 f"AND {_LIVE_INSTANCE} "
                 "AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.host_id = h.id AND a.state IN "
                 "('assigned', 'initializing', 'ready', 'terminating'))", params)
             if not hosts:
                 return ScheduleResult()
-            # Each distinct (owner, tags) of the queue is checked against the free
-            # hosts once; then of each runnable kind, the oldest jobs, as many as
-            # there are hosts (a user's jobs for one kind of host cannot hide
-            # their jobs for another).
+            # Each distinct (owner, tags, image kind) of the queue is checked against
+            # the free hosts once; then of each runnable kind, the oldest jobs, as
+            # many as there are hosts (a user's jobs for one kind of host cannot
+            # hide their jobs for another). A NULL image kind or host kinds: any.
             jobs = await cur.fetchall(
-                "WITH free AS (SELECT id, owner_id, tags FROM hosts WHERE id = ANY(%(hosts)s)), "
-                "kinds AS (SELECT DISTINCT owner_id, tags FROM jobs WHERE state = 'queued'), "
-                "runnable AS (SELECT k.owner_id, k.tags, u.admin FROM kinds k "
+                "WITH free AS (SELECT id, owner_id, tags, kinds FROM hosts "
+                "  WHERE id = ANY(%(hosts)s)), "
+                "kinds AS (SELECT DISTINCT owner_id, tags, image_kind FROM jobs "
+                "  WHERE state = 'queued'), "
+                "runnable AS (SELECT k.owner_id, k.tags, k.image_kind, u.admin FROM kinds k "
                 "  JOIN users u ON u.id = k.owner_id WHERE EXISTS (SELECT 1 FROM free h "
-                "  WHERE h.tags @> k.tags AND (u.admin OR h.owner_id = k.owner_id "
+                "  WHERE h.tags @> k.tags AND (h.kinds IS NULL OR k.image_kind IS NULL "
+                "  OR k.image_kind = ANY(h.kinds)) AND (u.admin OR h.owner_id = k.owner_id "
                 "  OR EXISTS (SELECT 1 FROM grants g WHERE g.host_id = h.id "
                 "  AND g.privilege IN ('start', 'manage') "
                 "  AND (g.user_id = k.owner_id OR g.user_id IS NULL))))), "
-                "ranked AS (SELECT j.id, j.seq, j.owner_id, r.admin, j.tags, row_number() "
-                "  OVER (PARTITION BY j.owner_id, j.tags ORDER BY j.seq) AS n FROM jobs j "
+                "ranked AS (SELECT j.id, j.seq, j.owner_id, r.admin, j.tags, j.image_kind, "
+                "  row_number() OVER (PARTITION BY j.owner_id, j.tags, j.image_kind "
+                "  ORDER BY j.seq) AS n FROM jobs j "
                 "  JOIN runnable r ON r.owner_id = j.owner_id AND r.tags = j.tags "
+                "  AND r.image_kind IS NOT DISTINCT FROM j.image_kind "
                 "  WHERE j.state = 'queued') "
-                "SELECT id, seq, owner_id, admin, tags FROM ranked WHERE n <= %(per_kind)s "
+                "SELECT id, seq, owner_id, admin, tags, image_kind FROM ranked "
+                "WHERE n <= %(per_kind)s "
                 "ORDER BY seq LIMIT %(limit)s",
                 {"hosts": [h["id"] for h in hosts], "per_kind": len(hosts), "limit": limit})
             if not jobs:
@@ -846,10 +930,12 @@ class Store:
                 "OR assigned_at > now() - make_interval(secs => %s) GROUP BY owner_id",
                 (fairness_window,))
             pairs = assign(
-                [QueuedJob(j["id"], j["seq"], j["owner_id"], j["admin"], frozenset(j["tags"]))
-                 for j in jobs],
+                [QueuedJob(j["id"], j["seq"], j["owner_id"], j["admin"], frozenset(j["tags"]),
+                           j["image_kind"]) for j in jobs],
                 [FreeHost(h["id"], h["name"], h["owner_id"], frozenset(h["tags"]),
-                          frozenset(h["starters"])) for h in hosts],
+                          frozenset(h["starters"]),
+                          frozenset(h["kinds"]) if h["kinds"] is not None else None)
+                 for h in hosts],
                 {c["owner_id"]: c["n"] for c in counts})
             if not pairs:
                 return ScheduleResult()
@@ -880,17 +966,25 @@ class Store:
             "ORDER BY j.seq LIMIT 100", (after,))
         return [row["id"] for row in rows]
 
-    async def unrunnable_jobs(self, grace: float) -> list[str]:
-        """Queued jobs older than ``grace`` that no existing host could ever run."""
+    async def unrunnable_jobs(self, grace: float) -> list[tuple[str, str | None]]:
+        """Queued jobs older than ``grace`` that no existing host could ever run, with
+        their image kind if some host could run them but for the kind (else None)."""
+        allowed = ("(u.admin OR h.owner_id = j.owner_id OR EXISTS (SELECT 1 FROM grants g "
+                   "WHERE g.host_id = h.id AND g.privilege IN ('start', 'manage') "
+                   "AND (g.user_id = j.owner_id OR g.user_id IS NULL)))")
         rows = await self.pool.fetchall(
-            "SELECT j.id FROM jobs j JOIN users u ON u.id = j.owner_id "
+            "SELECT j.id, CASE WHEN EXISTS (SELECT 1 FROM hosts h WHERE h.tags @> j.tags "
+            f"  AND {allowed}) THEN j.image_kind END AS kind "
+            "FROM jobs j JOIN users u ON u.id = j.owner_id "
             "WHERE j.state = 'queued' AND j.created_at < now() - make_interval(secs => %s) "
-            "AND NOT EXISTS (SELECT 1 FROM hosts h WHERE h.tags @> j.tags AND (u.admin "
+            "AND NOT EXISTS (SELECT 1 FROM hosts h WHERE h.tags @> j.tags "
+            "  AND (h.kinds IS NULL OR j.image_kind IS NULL OR j.image_kind = ANY(h.kinds)) "
+            "  AND (u.admin "
             "  OR h.owner_id = j.owner_id OR EXISTS (SELECT 1 FROM grants g "
             "  WHERE g.host_id = h.id AND g.privilege IN ('start', 'manage') "
             "  AND (g.user_id = j.owner_id OR g.user_id IS NULL)))) "
             "ORDER BY j.seq LIMIT 100", (grace,))
-        return [row["id"] for row in rows]
+        return [(row["id"], row["kind"]) for row in rows]
 
     async def job_counts(self) -> dict[str, int]:
         rows = await self.pool.fetchall("SELECT state, count(*) AS n FROM jobs GROUP BY state")
@@ -1051,11 +1145,20 @@ class Store:
             if digest is not None:
                 await cur.execute("SAVEPOINT register")
                 try:
+                    # The snapshot keeps its parent's host tags and kind: those of
+                    # the job's catalogue image (as it is now), else the job's own.
                     await cur.execute(
-                        "INSERT INTO images (name, digest, stores, owner_id, description) "
-                        "VALUES (%s, %s, %s, %s, %s)",
+                        "INSERT INTO images (name, digest, stores, owner_id, description, "
+                        "host_tags, kind) SELECT %s, %s, %s, %s, %s, "
+                        "coalesce(p.host_tags, '{}'), coalesce(j.image_kind, p.kind) "
+                        "FROM jobs j LEFT JOIN images p ON lower(p.name) = lower(j.image_name) "
+                        "WHERE j.id = %s RETURNING id",
                         (row["name"], digest, [row["store"]], row["owner_id"],
-                         row["description"]))
+                         row["description"], row["job_id"]))
+                    created = await cur.fetchone("SELECT id FROM images "
+                                                 "WHERE lower(name) = lower(%s)", (row["name"],))
+                    await _record_version(cur, created["id"], row["owner_id"],
+                                          f"snapshot of job {row['job_id']}", None)
                     outcome = ("done", digest, None, None)
                 except psycopg2.errors.UniqueViolation:
                     await cur.execute("ROLLBACK TO SAVEPOINT register")
@@ -1212,10 +1315,11 @@ async def _after_termination(cur: Cursor, job_id: str, reason: Reason,
         successor = await cur.fetchone(
             "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, tags, "
             "parameters, timeout, queue_timeout, max_restarts, restarts_left, restart_of, "
-            "queue_deadline, event_seq, log_servers, results) "
+            "queue_deadline, event_seq, log_servers, results, image_kind) "
             "SELECT owner_id, label, image_name, image_digest, image_stores, tags, parameters, "
             "timeout, queue_timeout, max_restarts, restarts_left - 1, id, "
-            "now() + make_interval(secs => queue_timeout), 1, log_servers, results FROM jobs "
+            "now() + make_interval(secs => queue_timeout), 1, log_servers, results, image_kind "
+            "FROM jobs "
             "WHERE id = %s "
             "RETURNING id", (job_id,))
         assert successor is not None

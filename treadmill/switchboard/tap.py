@@ -96,6 +96,8 @@ class Options(RoleOptions):
                 "Seconds of recent assignments that count towards a user's share."),
         Setting("scheduler.unrunnable_grace", FLOAT, 30.0,
                 "Seconds a queued job that no host could ever run waits before it expires."),
+        Setting("images.history", positive(INT), 50,
+                "Versions of each catalogue image kept (a new digest is a new version)."),
         Setting("hosts.max_failures", positive(INT), 3,
                 "Consecutive host-side failures that take a host out of service."),
         Setting("supervisors.ping_interval", positive(FLOAT), 5.0,
@@ -166,6 +168,7 @@ def config_from(values: dict[str, Any]) -> SwitchboardConfig:
         max_queue_timeout=values["jobs.max_queue_timeout"],
         log_servers=tuple(url.rstrip("/") for url in values["logs.servers"]),
         log_replicas=values["logs.replicas"], log_service=values["logs.service"],
+        image_history=values["images.history"],
     )
     config = SwitchboardConfig(
         dsn=values["database.dsn"], listen=values["listen"],

@@ -26,7 +26,8 @@ def host(row: dict[str, Any]) -> dict[str, Any]:
     the store reads it only for them."""
     shown = {key: row[key] for key in
              ("name", "tags", "owner", "description", "enabled", "healthy",
-              "consecutive_failures", "connected", "last_seen_at", "current_job", "created_at")}
+              "consecutive_failures", "connected", "last_seen_at", "current_job", "created_at",
+              "kinds")}
     if "instance" in row:
         shown["instance"] = row["instance"]
     return shown
@@ -34,8 +35,13 @@ def host(row: dict[str, Any]) -> dict[str, Any]:
 
 def image(row: dict[str, Any]) -> dict[str, Any]:
     return {key: row[key] for key in
-            ("name", "digest", "stores", "owner", "description", "host_tags", "created_at",
-             "updated_at", "results")}
+            ("name", "digest", "stores", "owner", "description", "host_tags", "kind",
+             "created_at", "updated_at", "results")}
+
+
+def image_version(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: row[key] for key in
+            ("version", "digest", "stores", "host_tags", "kind", "by", "created_at", "note")}
 
 
 def image_store(row: dict[str, Any]) -> dict[str, Any]:
@@ -70,7 +76,7 @@ def job(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": row["id"], "owner": row["owner"], "label": row["label"],
         "image": {"name": row["image_name"], "digest": row["image_digest"],
-                  "stores": row["image_stores"]},
+                  "stores": row["image_stores"], "kind": row["image_kind"]},
         "tags": row["tags"], "parameters": parameters(row["parameters"]),
         "timeout": row["timeout"], "queue_timeout": row["queue_timeout"],
         "max_restarts": row["max_restarts"], "restart_of": row["restart_of"],

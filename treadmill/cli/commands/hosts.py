@@ -11,6 +11,7 @@ from treadmill.cli.context import Context, UsageError, add_command, add_group
 HOST_FIELDS = (
     "name",
     "tags",
+    "kinds",
     "owner",
     "description",
     "enabled",
@@ -25,7 +26,13 @@ HOST_FIELDS = (
 
 def render_host(host: dict[str, Any]) -> str:
     """A ``Host`` as ``key: value`` lines (never its token)."""
-    return output.render_object(host, HOST_FIELDS, skip=("token",))
+    return output.render_object({**host, "kinds": _kinds(host)}, HOST_FIELDS, skip=("token",))
+
+
+def _kinds(host: dict[str, Any]) -> Any:
+    """The image kinds a host runs; "any" for a supervisor that reports none."""
+    kinds = host.get("kinds")
+    return "any" if kinds is None else kinds
 
 
 def render_hosts(data: dict[str, Any]) -> str:
@@ -38,12 +45,14 @@ def render_hosts(data: dict[str, Any]) -> str:
             h.get("connected"),
             h.get("current_job"),
             h.get("tags"),
+            _kinds(h),
             h.get("owner"),
             output.fmt_time(h.get("last_seen_at")),
         )
         for h in data.get("hosts", [])
     ]
-    headers = ("NAME", "ENABLED", "HEALTHY", "CONNECTED", "JOB", "TAGS", "OWNER", "LAST SEEN")
+    headers = ("NAME", "ENABLED", "HEALTHY", "CONNECTED", "JOB", "TAGS", "KINDS", "OWNER",
+               "LAST SEEN")
     return output.render_table(headers, rows)
 
 

@@ -40,7 +40,8 @@ from treadmill.images.registry import (
     repository_of,
 )
 
-IMAGE_FIELDS = ("name", "digest", "stores", "owner", "description", "created_at", "updated_at")
+IMAGE_FIELDS = ("name", "digest", "kind", "stores", "owner", "description", "created_at",
+                "updated_at")
 
 
 def short_digest(digest: str | None) -> str | None:
@@ -80,7 +81,95 @@ async def image_register(ctx: Context) -> int:
         body["host_tags"] = a.host_tags
     if (patterns := results_command.patterns_from(a)) is not None:
         body["results"] = patterns
-    return ctx.emit(await ctx.api.post("images", body=body), render_image)
+    if not a.replace and await _exists(ctx, a.name):
+        raise CommandError(_taken(a.name))
+    kind = a.kind or await _kind_in_store(ctx, a.name, a.digest, a.stores[0])
+    if kind is not None:
+        body["kind"] = kind
+    return ctx.emit(await _register(ctx, body, a.replace), render_image)
+
+
+def _taken(name: str) -> str:
+    return (f"image {name} exists; give --replace to point it at the new digest (the "
+            f"current one stays in its history: tml image history {name})")
+
+
+async def _exists(ctx: Context, name: str) -> bool:
+    """Whether the catalogue has ``name`` (that the user may see)."""
+    try:
+        await ctx.api.get("images", name)
+    except ApiError as e:
+        if e.status == 404:
+            return False
+        raise
+    return True
+
+
+async def _register(ctx: Context, body: dict[str, Any], replace: bool) -> Any:
+    """Create the catalogue entry; an existing name is replaced only with ``replace``
+    (``PUT``: the previous digest becomes a version in its history)."""
+    try:
+        return await ctx.api.post("images", body=body)
+    except ApiError as e:
+        if e.status != 409:
+            raise
+        if not replace:
+            raise CommandError(_taken(body["name"])) from None
+    update = {key: value for key, value in body.items() if key != "name"}
+    return await ctx.api.put("images", body["name"], body=update)
+
+
+def render_history(data: dict[str, Any]) -> str:
+    """``{"versions": [ImageVersion]}`` as a table, newest first; * marks the current."""
+    rows = [
+        (
+            ("*" if v.get("digest") == data.get("current") and i == 0 else "")
+            + str(v.get("version")),
+            short_digest(v.get("digest")),
+            v.get("kind"),
+            v.get("by"),
+            output.fmt_time(v.get("created_at")),
+            v.get("note") or None,
+        )
+        for i, v in enumerate(data.get("versions", []))
+    ]
+    return output.render_table(("VERSION", "DIGEST", "KIND", "BY", "AT", "NOTE"), rows)
+
+
+async def image_history(ctx: Context) -> int:
+    """List an image's versions, newest first."""
+    return ctx.emit(await ctx.api.get("images", ctx.args.name, "history"), render_history)
+
+
+async def image_rollback(ctx: Context) -> int:
+    """Make an earlier version of an image current again (recorded as a new version)."""
+    a = ctx.args
+    image = await ctx.api.post("images", a.name, "rollback", body={"version": a.version})
+    return ctx.emit(image, render_image)
+
+
+async def _kind_in_store(ctx: Context, name: str, digest: str, store: str) -> str | None:
+    """The kind of image ``digest`` as its manifest in ``store`` says (``docs/images.md``);
+    None, with a note, when the store cannot tell (then any host may run its jobs)."""
+    try:
+        client = _registry(ctx, store, await _registered_service(ctx, store),
+                           _Reporter(ctx, False))
+    except (CommandError, UsageError) as e:
+        ctx.note(f"tml: {e}; registering without a kind (give --kind)")
+        return None
+    try:
+        manifest = await client.get_manifest(_repository(ctx, name), digest, retries=1)
+        loaded = fmt.load_manifest(manifest.data)
+        if not fmt.is_treadmill_manifest(loaded, manifest.media_type):
+            ctx.note("tml: not a Treadmill image; registering without a kind")
+            return None
+        return fmt.parse_image(loaded, manifest.media_type).kind
+    except (RegistryError, fmt.ManifestError) as e:
+        ctx.note(f"tml: could not read the image's kind from {store} ({e}); registering "
+                 "without a kind (give --kind)")
+        return None
+    finally:
+        await client.close()
 
 
 async def image_update(ctx: Context) -> int:
@@ -99,9 +188,11 @@ async def image_update(ctx: Context) -> int:
         body["results"] = patterns
     if a.no_results_patterns:
         body["results"] = None
+    if a.kind is not None:
+        body["kind"] = a.kind
     if not body:
-        raise UsageError("nothing to change: give --digest, --store, --description or "
-                         "--host-tag")
+        raise UsageError("nothing to change: give --digest, --store, --description, "
+                         "--host-tag or --kind")
     return ctx.emit(await ctx.api.put("images", a.name, body=body), render_image)
 
 
@@ -296,6 +387,8 @@ async def image_push(ctx: Context) -> int:
         raise UsageError(str(e)) from None
     for role, path in files:
         _check_file(path, qcow2=role.startswith("disk-"))
+    if not a.no_register and not a.replace and await _exists(ctx, name):
+        raise CommandError(_taken(name) + "; nothing was uploaded")
     reporter = _Reporter(ctx, _progress_enabled(ctx))
     blobs: dict[str, fmt.Blob] = {}
     for _, path in files:
@@ -353,22 +446,13 @@ async def image_push(ctx: Context) -> int:
 
     image = None
     if not a.no_register:
-        body: dict[str, Any] = {"name": name, "digest": digest, "stores": [store]}
+        body: dict[str, Any] = {"name": name, "digest": digest, "stores": [store],
+                                "kind": "qemu" if a.qcow2 else "board"}
         if a.description is not None:
             body["description"] = a.description
         if a.host_tags is not None:
             body["host_tags"] = a.host_tags
-        try:
-            image = await ctx.api.post("images", body=body)
-        except ApiError as e:
-            if e.status != 409:
-                raise
-            update: dict[str, Any] = {"digest": digest, "stores": [store]}
-            if a.description is not None:
-                update["description"] = a.description
-            if a.host_tags is not None:
-                update["host_tags"] = a.host_tags
-            image = await ctx.api.put("images", name, body=update)
+        image = await _register(ctx, body, a.replace)
     result = {"name": name, "repository": repo, "tag": tag, "digest": digest, "store": store,
               "registered": image is not None, "blobs": pushed, "image": image}
     return ctx.emit(result, lambda r: output.render_object(r, PUSH_FIELDS,
@@ -509,6 +593,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--description", metavar="TEXT")
     _host_tag_option(p)
     results_command.add_patterns_option(p, "the image's jobs")
+    p.add_argument("--kind", choices=("qemu", "board"),
+                   help="the image's kind (default: read from its manifest in the first "
+                   "store); only hosts that run this kind get its jobs")
+    p.add_argument("--repository", metavar="REPO",
+                   help="the store repository, to read the kind (default: NAME, lowercased)")
+    _replace_option(p)
     p = add_command(image, "update", image_update, common, help="change an image")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--digest", metavar="DIGEST")
@@ -518,13 +608,28 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     results_command.add_patterns_option(p, "the image's jobs (replacing them all)")
     p.add_argument("--no-results-patterns", action="store_true",
                    help="remove the image's console patterns")
+    p.add_argument("--kind", choices=("qemu", "board"), help="the image's kind")
     add_command(image, "ls", image_ls, common, help="list images")
+    p = add_command(image, "history", image_history, common,
+                    help="list an image's versions (newest first)")
+    p.add_argument("name", metavar="NAME")
+    p = add_command(image, "rollback", image_rollback, common,
+                    help="make an earlier version of an image current again")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("version", metavar="VERSION", type=positive_int,
+                   help="a version number from tml image history")
     p = add_command(image, "show", image_show, common, help="show an image")
     p.add_argument("name", metavar="NAME")
     p = add_command(image, "rm", image_rm, common, help="remove an image from the catalogue")
     p.add_argument("name", metavar="NAME")
     _push_parser(image, common)
     _pull_parser(image, common)
+
+
+def _replace_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replace", action="store_true",
+                   help="if the name exists, point it at the new digest (the previous one "
+                   "stays in tml image history NAME); without it an existing name is refused")
 
 
 def _host_tag_option(p: argparse.ArgumentParser) -> None:
@@ -563,6 +668,7 @@ def _push_parser(image: Any, common: argparse.ArgumentParser) -> None:
                    type=name_value, metavar="KEY=VALUE", help="a manifest annotation; repeat")
     p.add_argument("--description", metavar="TEXT", help="the catalogue description")
     _host_tag_option(p)
+    _replace_option(p)
     p.add_argument("--no-register", action="store_true",
                    help="only upload; do not add or update the catalogue entry")
     p.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK_SIZE,

@@ -118,6 +118,8 @@ class IHostDriver(Interface):
     """One host, run for one job at a time."""
 
     name = Attribute("The driver's name (the ``driver`` setting).")
+    kinds = Attribute("The image kinds (``docs/images.md``) the driver runs, a tuple, or "
+                      "None for any kind; reported in ``status.kinds`` (protocol minor 5).")
 
     def start(job: dict[str, Any], reporter: IJobReporter) -> Any:
         """Begin running ``job`` (a protocol ``JobStart``). Returns a Deferred that

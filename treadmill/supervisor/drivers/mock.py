@@ -465,6 +465,7 @@ class MockDriver:
     """A simulated host. ``reactor`` only needs ``IReactorTime``."""
 
     name = "mock"
+    kinds: tuple[str, ...] | None = None  # any kind, unless a test or setting narrows it
     log = Logger()
 
     def __init__(self, reactor: Any, settings: MockSettings | None = None, *,

@@ -671,6 +671,7 @@ class QemuDriver:
     See ``docs/qemu.md``."""
 
     name = "qemu"
+    kinds = ("qemu",)
     log = Logger()
 
     def __init__(self, reactor: Any, settings: Any, *, fetcher: ImageFetcher | None = None,

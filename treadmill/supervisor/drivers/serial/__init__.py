@@ -203,6 +203,7 @@ class SerialDriver:
     """A board on a serial port. ``open_port`` and ``commands`` are for tests."""
 
     name = "serial"
+    kinds = ("board",)
     log = Logger()
 
     def __init__(self, reactor: Any, settings: SerialSettings, *,
