@@ -225,13 +225,12 @@ def test_bugs_are_not_outages() -> None:
 
 
 class Failures:
-    """Failures (tracebacks) and warnings logged by the supervisor links and the API.
-
-    (The scheduler and the timeout enforcer still log a traceback for each pass
-    that fails during an outage; they are not this test's subject.)
+    """Failures (tracebacks) and warnings logged by the supervisor links, the API, the
+    scheduler and the timeout enforcer (an outage is a warning for each, never a traceback).
     """
 
-    NAMESPACES = ("treadmill.switchboard.links", "treadmill.switchboard.api")
+    NAMESPACES = ("treadmill.switchboard.links", "treadmill.switchboard.api",
+                  "treadmill.switchboard.scheduler", "treadmill.switchboard.timeouts")
 
     def __init__(self) -> None:
         self.failures: list[dict[str, Any]] = []
