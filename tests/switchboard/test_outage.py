@@ -255,11 +255,13 @@ def test_bugs_are_not_outages() -> None:
 
 class Failures:
     """Failures (tracebacks) and warnings logged by the supervisor links, the API, the
-    scheduler and the timeout enforcer (an outage is a warning for each, never a traceback).
+    scheduler, the timeout enforcer and the job counter (an outage is a warning for each,
+    never a traceback).
     """
 
     NAMESPACES = ("treadmill.switchboard.links", "treadmill.switchboard.api",
-                  "treadmill.switchboard.scheduler", "treadmill.switchboard.timeouts")
+                  "treadmill.switchboard.scheduler", "treadmill.switchboard.timeouts",
+                  "treadmill.switchboard.service")
 
     def __init__(self) -> None:
         self.failures: list[dict[str, Any]] = []
