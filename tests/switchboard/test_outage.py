@@ -208,6 +208,35 @@ async def test_idle_connections_cut_by_a_restart_do_not_fail_later_queries(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_transaction_cut_midway_is_an_outage_without_a_traceback(
+        small_pool: Pool, outage: Outage) -> None:
+    """The server goes away inside a transaction: its next statement and the rollback
+    fail; the caller gets an outage and nothing logs a traceback (the chaos run found
+    txpostgres logging the failed rollback, and the reactor an fd of -1)."""
+    tracebacks: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "log_failure" in event or event.get("isError"):
+            tracebacks.append(event)
+
+    async def cut_midway(cur: Any) -> None:
+        await cur.execute("SELECT 1")
+        await outage.cut()
+        await sleep(0.3)
+        await cur.execute("SELECT 2")
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        error = await failure_of(small_pool.transaction(cut_midway))
+        await sleep(0.5)
+        assert await small_pool.fetchone("SELECT 1 AS one") == {"one": 1}
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert error is not None and unavailable(error), error
+    assert tracebacks == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_pool_that_is_not_connected_is_unavailable(database: str) -> None:
     pool = Pool(reactor, database)
     error = await failure_of(pool.fetchone("SELECT 1"))
@@ -225,13 +254,14 @@ def test_bugs_are_not_outages() -> None:
 
 
 class Failures:
-    """Failures (tracebacks) and warnings logged by the supervisor links and the API.
-
-    (The scheduler and the timeout enforcer still log a traceback for each pass
-    that fails during an outage; they are not this test's subject.)
+    """Failures (tracebacks) and warnings logged by the supervisor links, the API, the
+    scheduler, the timeout enforcer and the job counter (an outage is a warning for each,
+    never a traceback).
     """
 
-    NAMESPACES = ("treadmill.switchboard.links", "treadmill.switchboard.api")
+    NAMESPACES = ("treadmill.switchboard.links", "treadmill.switchboard.api",
+                  "treadmill.switchboard.scheduler", "treadmill.switchboard.timeouts",
+                  "treadmill.switchboard.service")
 
     def __init__(self) -> None:
         self.failures: list[dict[str, Any]] = []

@@ -26,7 +26,7 @@ import psycopg2
 import psycopg2.extras
 from psycopg2.extensions import make_dsn, parse_dsn
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator, deferLater
@@ -182,12 +182,49 @@ class _Connection(txpostgres.Connection):
     the reactor log a traceback for it.
     """
 
+    _log = Logger()
+
     def doRead(self) -> Any:
         try:
             super().doRead()
         except psycopg2.Error as e:
             return ConnectionLost(str(e).strip().splitlines()[0] if str(e).strip() else "")
+        except ValueError:
+            # libpq closed the socket (the server shut down) before psycopg2 marked the
+            # connection closed, and txpostgres watched it again: its fileno is now -1.
+            if not self._socket_gone():
+                raise
+            return ConnectionLost("the server closed the connection")
         return None
+
+    def _runInteraction(self, interaction: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        """txpostgres's, except that a rollback failing on a connection that is gone
+        (the server shut down mid-transaction) is no traceback: the caller gets
+        ``RollbackFailed`` (an outage, see :func:`unavailable`) and the pool reconnects."""
+        c = self.cursor()
+        d = c.execute("begin")
+        d.addCallback(interaction, *args, **kwargs)
+
+        def commit(ret: Any) -> Deferred[Any]:
+            return c.execute("commit").addCallback(lambda _: ret)
+
+        def rollback(f: Failure) -> Deferred[Any]:
+            e = maybeDeferred(c.execute, "rollback")
+
+            def failed(rf: Failure) -> Failure:
+                if not _dead(rf):  # a connection gone (then replaced) is no news
+                    self._log.failure("Rollback failed", rf)
+                return Failure(txpostgres.RollbackFailed(self, f))
+
+            return e.addCallbacks(lambda _: f, failed)
+
+        return d.addCallback(commit).addErrback(rollback)
+
+    def _socket_gone(self) -> bool:
+        try:
+            return self.fileno() < 0
+        except Exception:
+            return True
 
 
 class Cursor:

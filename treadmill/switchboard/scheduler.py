@@ -25,6 +25,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.jobstate import InvalidTransition, Reason, State, Status
 from treadmill.switchboard.store import NotFound, Store
 
@@ -110,8 +111,11 @@ class Scheduler(MultiService):
     async def _pass(self) -> None:
         try:
             result = await self.store.schedule(self.fresh_within, self.fairness_window)
-        except Exception:
-            self.log.failure("Scheduling pass failed")
+        except Exception as e:
+            if not unavailable(e):
+                self.log.failure("Scheduling pass failed")
+            else:  # an outage: the next pass (timer or notification) tries again
+                self.log.warn("Scheduling pass failed: the database is unavailable")
             return
         if not result.locked or result.skipped:
             # Another instance's pass, a frozen one until PostgreSQL ends it, or
@@ -134,8 +138,11 @@ class Scheduler(MultiService):
             return
         try:
             jobs = await self.store.unrunnable_jobs(self.unrunnable_grace)
-        except Exception:
-            self.log.failure("Looking for unrunnable jobs failed")
+        except Exception as e:
+            if not unavailable(e):
+                self.log.failure("Looking for unrunnable jobs failed")
+            else:
+                self.log.warn("Looking for unrunnable jobs failed: the database is unavailable")
             return
         for job_id, kind in jobs:
             message = ("no host can run this job: none has all its tags and lets its "

@@ -39,7 +39,7 @@ from treadmill.common.daemon import RoleService, listeners
 from treadmill.common.http import limited_site
 from treadmill.switchboard.api import Limits, SwitchboardAPI
 from treadmill.switchboard.auth import Authenticator, PasswordGuard, PasswordPolicy
-from treadmill.switchboard.database import Listener, Pool, Timeouts, migrate
+from treadmill.switchboard.database import Listener, Pool, Timeouts, migrate, unavailable
 from treadmill.switchboard.events import JobWatchers
 from treadmill.switchboard.instances import Instance
 from treadmill.switchboard.links import SupervisorLinks
@@ -239,8 +239,11 @@ class SwitchboardService(RoleService):
             return  # Cluster-wide: the leader counts (and exports) them.
         try:
             self.job_counts = await self.store.job_counts()
-        except Exception:
-            self.log.failure("Could not count jobs")
+        except Exception as e:
+            if not unavailable(e):
+                self.log.failure("Could not count jobs")
+            else:  # the gauge keeps its last counts until the next pass
+                self.log.warn("Could not count jobs: the database is unavailable")
 
     def ports(self) -> list[Any]:
         """The listening ports of the API (for tests that listen on port 0)."""
