@@ -13,6 +13,7 @@ This is development tooling: it blocks, and runs no reactor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -160,6 +161,22 @@ class Devstack:
         self._procs.pop(role.name, None)
         self._pidfile(role).unlink(missing_ok=True)
         _say(f"{role.name} stopped")
+
+    def stop_vms(self) -> None:
+        """Kill the QEMU host's VMs: they outlive their supervisor on purpose (it adopts
+        them when it restarts), but not the devstack. Only a process whose command line
+        names this devstack's QEMU work directory is killed."""
+        for pidfile in self.qemu_work.glob("*/qemu.pid"):
+            try:
+                pid = int(pidfile.read_text().strip())
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except (OSError, ValueError):
+                continue
+            if str(self.qemu_work).encode() not in cmdline:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                _say(f"VM {pidfile.parent.name} stopped (pid {pid})")
 
     # -- set-up -------------------------------------------------------------------
 
@@ -475,6 +492,7 @@ class Devstack:
     def down(self) -> None:
         for role in reversed(self.roles(serial=True)):
             self.stop_role(role)
+        self.stop_vms()
         shutil.rmtree(self.qemu_work, ignore_errors=True)
         try:
             self.cluster.stop()
