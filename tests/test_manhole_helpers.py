@@ -78,7 +78,7 @@ async def test_proxy_list_tunnels(tmp_path: Path) -> None:
         assert list_tunnels() == []
         job = new_job()
         control = await opened_control(proxy, keys.token(job))
-        control.send(messages.publish(1, "ssh"))
+        control.send(messages.publish(1, "ssh", authenticates=True))  # a public TCP port
         port = (await control.next())["tcp_port"]
         (session,) = list_tunnels()
         assert session["job"] == job and session["connected"] is True
