@@ -22,6 +22,8 @@ from treadmill.supervisor.drivers.mock import RESERVATION_PARAMETER, MockSetting
 from treadmill.supervisor.fleet import ws_url_for
 from treadmill.supervisor.service import SupervisorConfig, SupervisorService
 from treadmill.switchboard.api import Limits
+from treadmill.switchboard.jobstate import Reason, State, Status
+from treadmill.switchboard.store import JobSpec
 
 MAX_TIMEOUT = 60.0
 
@@ -164,6 +166,21 @@ async def test_reservation_parameter_is_reserved_and_ordinary_jobs_unchanged(
     job = (await alice.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})).body
     assert job["reservation"] is False
     assert (await final(alice, job["id"]))["termination"]["reason"] == "workload_exited"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_reservation_is_a_reservation(testbed: Any) -> None:
+    store = testbed.store
+    owner = await store.user_id("admin")
+    job = await store.enqueue(owner, JobSpec(
+        image_name=None, image_digest=DIGEST, image_stores=[], tags=["nowhere"],
+        parameters={}, timeout=20, queue_timeout=60, max_restarts=1, label="",
+        reservation=True))
+    await store.transition(job["id"], Status(State.ASSIGNED))
+    await store.transition(job["id"], Status(State.TERMINATED,
+                                             reason=Reason.HOST_DROPPED_JOB))
+    jobs = (await testbed.admin.get(f"/api/v1/jobs?restart_of={job['id']}")).body["jobs"]
+    assert [j["reservation"] for j in jobs] == [True]
 
 
 def test_mock_driver_holds_a_reservation() -> None:
