@@ -176,6 +176,9 @@ ROWS = [
     Row("POST", "/api/v1/jobs", (401, 400, 201, 201, 201), lambda w: {"image": w.image}),
     Row("GET", "/api/v1/jobs/{job}", (401, 404, 200, 200, 200)),
     Row("POST", "/api/v1/jobs/{job}/terminate", (401, 404, 200, 403, 200)),
+    Row("POST", "/api/v1/jobs/{job}/extend", (401, 404, 200, 403, 200), lambda w: {"by": 60}),
+    Row("POST", "/api/v1/jobs/{done_job}/extend", (401, 404, 409, 403, 409),
+        lambda w: {"by": 60}),
     Row("GET", "/api/v1/jobs/{job}/events", (401, 404, 200, 200, 200)),
     Row("POST", "/api/v1/jobs/{job}/logs/token", (401, 404, 200, 200, 200)),
     # Consoles: read watches (read on the job), manage types (the default; manage).

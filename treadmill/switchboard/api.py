@@ -43,7 +43,7 @@ from treadmill.switchboard.auth import Authenticator, PasswordGuard
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.events import JobWatchers
 from treadmill.switchboard.jobstate import InvalidTransition, Reason, State
-from treadmill.switchboard.store import Conflict, JobSpec, NotFound, Store
+from treadmill.switchboard.store import RESERVATION_PARAMETER, Conflict, JobSpec, NotFound, Store
 
 
 @dataclass(frozen=True)
@@ -891,6 +891,9 @@ class SwitchboardAPI:
             image_results = row["results"]
         parameters = {key: {"value": p["value"], "secret": p.get("secret", False)}
                       for key, p in body.get("parameters", {}).items()}
+        if RESERVATION_PARAMETER in parameters:
+            raise ApiError(400, f"parameters.{RESERVATION_PARAMETER}: reserved; "
+                                "ask for a reservation with \"reservation\": true")
         for key, p in parameters.items():
             if len(p["value"].encode("utf-8")) > 4096:
                 raise ApiError(400, f"parameters.{key}.value: longer than 4 KiB in UTF-8")
@@ -899,7 +902,8 @@ class SwitchboardAPI:
                        parameters=parameters, timeout=timeout,
                        queue_timeout=queue_timeout, max_restarts=body.get("max_restarts", 0),
                        label=body.get("label", ""), log_servers=self._pick_log_servers(),
-                       results=_patterns(body) or image_results, image_kind=kind)
+                       results=_patterns(body) or image_results, image_kind=kind,
+                       reservation=body.get("reservation", False))
 
     def _pick_log_servers(self) -> tuple[str, ...]:
         """``log_replicas`` of the configured log servers, rotating the first choice."""
@@ -946,6 +950,19 @@ class SwitchboardAPI:
         principal, row = await self._job(request, job_id, "stop")
         await self.store.request_termination(row["id"], Reason.USER_TERMINATED,
                                              message=f"terminated by {principal.name}")
+        return respond(request, views.job(await self.store.get_job(row["id"], principal)))
+
+    @app.route("/api/v1/jobs/<job_id>/extend", methods=["POST"])
+    async def extend(self, request: IRequest, job_id: str) -> bytes:
+        """Move a job's deadline later (a reservation's end): manage privilege."""
+        principal, row = await self._job(request, job_id, "manage")
+        body = read_json(request, schemas.JOB_EXTEND)
+        try:
+            await self.store.extend_job(row["id"], body["by"], self.limits.max_timeout)
+        except Conflict:
+            raise
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
         return respond(request, views.job(await self.store.get_job(row["id"], principal)))
 
     @app.route("/api/v1/jobs/<job_id>/snapshots", methods=["POST"])

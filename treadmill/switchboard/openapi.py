@@ -103,6 +103,11 @@ HOST = _record({
                                "failures."},
     "consecutive_failures": INTEGER, "connected": BOOLEAN, "last_seen_at": OPTIONAL_TIME,
     "current_job": OPTIONAL_UUID, "created_at": TIME,
+    "held_by": {"type": ["string", "null"],
+                "description": "The owner of current_job (null when not shown)."},
+    "held_until": {**OPTIONAL_TIME,
+                   "description": "current_job's deadline: a reservation's end (null when "
+                                  "not shown or not yet started)."},
     "kinds": {"type": ["array", "null"], "items": STRING,
               "description": "The image kinds its driver runs, as its supervisor reported "
                              "them; null: any kind (a supervisor that reports none)."},
@@ -201,6 +206,12 @@ JOB = _record({
     },
     "created_at": TIME, "assigned_at": OPTIONAL_TIME, "started_at": OPTIONAL_TIME,
     "ready_at": OPTIONAL_TIME, "terminated_at": OPTIONAL_TIME, "updated_at": TIME,
+    "reservation": {"type": "boolean",
+                    "description": "A reservation: holds its host for interactive work until "
+                                   "its deadline (docs/jobs.md, Reservations)."},
+    "deadline": {**OPTIONAL_TIME,
+                 "description": "When the job is stopped (execution_timeout); null while "
+                                "queued. POST .../extend moves it."},
 }, "A job: a workload on one host. States and stages are described in docs/jobs.md.")
 
 SNAPSHOT = _record({
@@ -651,6 +662,12 @@ def _jobs() -> dict[str, dict[str, Any]]:
             "terminate", "Jobs", "Terminate a job (stop).", 200, "Job", errors=(403, 404),
             description="A queued job terminates at once, an active one starts "
                         "terminating; a terminated job is returned as it is.")},
+        "/api/v1/jobs/{job_id}/extend": {"parameters": [P_JOB], "post": _operation(
+            "extend_job", "Jobs", "Extend a job's deadline (manage).", 200, "Job",
+            body="JobExtend", errors=(403, 404, 409),
+            description="Moves the deadline (a queued job's timeout) `by` seconds later; "
+                        "the new deadline may lie at most the configured maximum timeout "
+                        "from now (400 beyond). A terminating or terminated job is 409.")},
         "/api/v1/jobs/{job_id}/events": {"parameters": [P_JOB], "get": _operation(
             "job_events", "Jobs", "A job's events (read).", 200, "EventList",
             errors=(400, 403, 404), query=(Q_AFTER,))},

@@ -93,7 +93,10 @@ JOB_CREATE = _object({
     "max_restarts": {"type": "integer", "minimum": 0, "maximum": 100},
     "label": TEXT,
     "results": PATTERNS_SCHEMA,
+    "reservation": {"type": "boolean"},
 }, ("image",))
+JOB_EXTEND = _object({"by": {"type": "number", "exclusiveMinimum": 0,
+                             "maximum": 10 * 365 * 24 * 3600}}, ("by",))
 
 SSH_KEY_CREATE = _object({"key": {"type": "string", "minLength": 1, "maxLength": 8192}},
                          ("key",))
@@ -106,5 +109,6 @@ REQUEST_BODIES: dict[str, dict[str, Any]] = {
     "JobCreate": JOB_CREATE, "SnapshotCreate": SNAPSHOT_CREATE, "StoreCreate": STORE_CREATE,
     "SshKeyCreate": SSH_KEY_CREATE,
     "ConsoleTokenRequest": CONSOLE_TOKEN,
+    "JobExtend": JOB_EXTEND,
 }
 """Every request body schema by the name ``docs/openapi.json`` gives it."""

@@ -40,6 +40,10 @@ class IdempotencyKeyReused(Conflict):
     """An Idempotency-Key sent again with a different request."""
 
 
+RESERVATION_PARAMETER = "treadmill.reservation"
+"""The job parameter a reservation's start carries (``"true"``); users may not set it."""
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """A validated job request, ready to insert."""
@@ -56,6 +60,7 @@ class JobSpec:
     log_servers: tuple[str, ...] = ()
     results: dict[str, str] | None = None  # console patterns (docs/results.md)
     image_kind: str | None = None
+    reservation: bool = False  # holds its host until the deadline (docs/jobs.md)
 
 
 # Limits of the scheduling transaction (SET LOCAL), in milliseconds: a pass
@@ -88,6 +93,17 @@ _HOST_COLUMNS = f"""
                  AND (g.user_id = %(uid)s OR g.user_id IS NULL)) THEN j.id END
      FROM jobs j WHERE j.host_id = h.id AND j.state <> 'terminated'
      ORDER BY j.seq DESC LIMIT 1) AS current_job"""  # Only a job the caller may read.
+# Who holds the host and until when (0017_reservations): like current_job, only for a
+# job the caller may read.
+_HOST_COLUMNS += "".join(f""",
+    (SELECT CASE WHEN %(admin)s OR j.owner_id = %(uid)s OR EXISTS (
+                 SELECT 1 FROM grants g WHERE g.job_id = j.id
+                 AND g.privilege IN ('read', 'manage')
+                 AND (g.user_id = %(uid)s OR g.user_id IS NULL)) THEN {value} END
+     FROM jobs j JOIN users u ON u.id = j.owner_id
+     WHERE j.host_id = h.id AND j.state <> 'terminated'
+     ORDER BY j.seq DESC LIMIT 1) AS {name}""" for name, value in (
+    ("held_by", "u.name"), ("held_until", "j.deadline")))
 _IMAGE_COLUMNS = """
     i.id, i.name, i.digest, i.stores, i.owner_id, o.name AS owner, i.description,
     i.host_tags, i.kind, i.created_at, i.updated_at, i.results"""
@@ -99,6 +115,7 @@ _JOB_COLUMNS = """
     j.ready_at, j.terminating_at, j.terminated_at, j.updated_at, j.queue_deadline,
     j.deadline, j.log_servers, j.endpoints, j.host_id, j.results, j.image_kind"""
 _JOB_COLUMNS += ", j.ssh_host_keys"  # 0013_ssh_keys
+_JOB_COLUMNS += ", j.reservation"  # 0017_reservations
 SCHEDULER_LOCK = 0x74726561646D7363  # "treadmsc"
 
 _EVENT_COLUMNS = ("e.seq, e.job_id AS job, e.at, e.state, e.stage, e.reason, e.exit_status, "
@@ -603,14 +620,14 @@ class Store:
         row = await cur.fetchone(
             "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, "
             "tags, parameters, timeout, queue_timeout, max_restarts, restarts_left, "
-            "queue_deadline, event_seq, log_servers, results, image_kind) VALUES (%s, %s, %s, "
-            "%s, %s, %s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s), 1, %s, %s, %s) "
-            "RETURNING id",
+            "queue_deadline, event_seq, log_servers, results, image_kind, reservation) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
+            "now() + make_interval(secs => %s), 1, %s, %s, %s, %s) RETURNING id",
             (owner_id, spec.label, spec.image_name, spec.image_digest, spec.image_stores,
              spec.tags, Json(spec.parameters), spec.timeout, spec.queue_timeout,
              spec.max_restarts, spec.max_restarts, spec.queue_timeout,
              list(spec.log_servers), Json(spec.results) if spec.results else None,
-             spec.image_kind))
+             spec.image_kind, spec.reservation))
         assert row is not None
         await cur.execute(
             "INSERT INTO job_events (job_id, seq, state) VALUES (%s, 1, 'queued')",
@@ -729,18 +746,51 @@ class Store:
         """
 
         async def terminate(cur: Cursor) -> bool:
-            row = await cur.fetchone("SELECT state FROM jobs WHERE id = %s FOR UPDATE",
-                                     (job_id,))
+            row = await cur.fetchone(
+                "SELECT state, reservation FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
             if row is None:
                 raise NotFound(f"no job {job_id}")
             state = State(row["state"])
             if state is State.TERMINATED:
                 return False
+            text = message
+            if reason is Reason.EXECUTION_TIMEOUT and row["reservation"] and text is None:
+                text = "reservation expired"
             target = State.TERMINATED if state is State.QUEUED else State.TERMINATING
-            return await transition(cur, job_id, Status(target, reason=reason), message=message,
+            return await transition(cur, job_id, Status(target, reason=reason), message=text,
                                     max_host_failures=self.max_host_failures)
 
         return await self.pool.transaction(terminate)
+
+    async def extend_job(self, job_id: str, by: float, max_timeout: float) -> dict:
+        """Move a job's deadline ``by`` seconds later (a queued job's timeout grows).
+
+        The new deadline lies at most ``max_timeout`` seconds from now. Raises
+        :class:`NotFound`, :class:`Conflict` for a job that is ending or ended,
+        and :class:`ValueError` past the bound.
+        """
+
+        async def extend(cur: Cursor) -> dict:
+            row = await cur.fetchone(
+                "SELECT state, extract(epoch FROM coalesce(deadline, now() "
+                "+ make_interval(secs => timeout)) - now())::float8 AS left "
+                "FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+            if row is None:
+                raise NotFound(f"no job {job_id}")
+            if row["state"] in (State.TERMINATING.value, State.TERMINATED.value):
+                raise Conflict(f"job {job_id} is {row['state']}")
+            if max(row["left"], 0.0) + by > max_timeout:
+                raise ValueError(f"by: the deadline may lie at most {max_timeout:g} "
+                                 f"seconds ahead ({max(row['left'], 0.0):.0f} s left)")
+            updated = await cur.fetchone(
+                "UPDATE jobs SET timeout = timeout + %(by)s, deadline = CASE WHEN deadline "
+                "IS NOT NULL THEN greatest(deadline, now()) + make_interval(secs => %(by)s) END, "
+                "updated_at = now() WHERE id = %(id)s RETURNING deadline",
+                {"id": job_id, "by": by})
+            assert updated is not None
+            return updated
+
+        return await self.pool.transaction(extend)
 
     async def job_terminated(self, job_id: str) -> bool:
         row = await self.pool.fetchone("SELECT state FROM jobs WHERE id = %s", (job_id,))
@@ -820,7 +870,8 @@ class Store:
         """What a supervisor needs to start the job (secrets included)."""
         row = await self.pool.fetchone(
             "SELECT id, image_name, image_digest, image_stores, parameters, timeout, tags, "
-            "label, host_id, log_servers, results FROM jobs WHERE id = %s", (job_id,))
+            "label, host_id, log_servers, results, reservation FROM jobs WHERE id = %s",
+            (job_id,))
         if row is None:
             return None
         # Only registered stores reach a host: one removed since the job was
@@ -833,6 +884,8 @@ class Store:
                            "stores": stores},
                  "parameters": {name: {"value": p["value"], "secret": bool(p.get("secret"))}
                                 for name, p in row["parameters"].items()}}
+        if row["reservation"]:  # The host's driver holds it (docs/jobs.md, Reservations).
+            start["parameters"][RESERVATION_PARAMETER] = {"value": "true", "secret": False}
         return {"host_id": row["host_id"], "start": start, "log_servers": row["log_servers"],
                 "results": row["results"]}
 
@@ -1315,10 +1368,11 @@ async def _after_termination(cur: Cursor, job_id: str, reason: Reason,
         successor = await cur.fetchone(
             "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, tags, "
             "parameters, timeout, queue_timeout, max_restarts, restarts_left, restart_of, "
-            "queue_deadline, event_seq, log_servers, results, image_kind) "
+            "queue_deadline, event_seq, log_servers, results, image_kind, reservation) "
             "SELECT owner_id, label, image_name, image_digest, image_stores, tags, parameters, "
             "timeout, queue_timeout, max_restarts, restarts_left - 1, id, "
-            "now() + make_interval(secs => queue_timeout), 1, log_servers, results, image_kind "
+            "now() + make_interval(secs => queue_timeout), 1, log_servers, results, image_kind, "
+            "reservation "
             "FROM jobs "
             "WHERE id = %s "
             "RETURNING id", (job_id,))

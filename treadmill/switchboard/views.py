@@ -28,6 +28,7 @@ def host(row: dict[str, Any]) -> dict[str, Any]:
              ("name", "tags", "owner", "description", "enabled", "healthy",
               "consecutive_failures", "connected", "last_seen_at", "current_job", "created_at",
               "kinds")}
+    shown["held_by"], shown["held_until"] = row.get("held_by"), row.get("held_until")
     if "instance" in row:
         shown["instance"] = row["instance"]
     return shown
@@ -85,6 +86,7 @@ def job(row: dict[str, Any]) -> dict[str, Any]:
         "results": {"patterns": row["results"], "stream": "results",
                     "servers": row["log_servers"]},
         "termination": termination, "ssh_host_keys": row.get("ssh_host_keys", []),
+        "reservation": row.get("reservation", False), "deadline": row.get("deadline"),
         **{key: row[key] for key in ("created_at", "assigned_at", "started_at", "ready_at",
                                      "terminated_at", "updated_at")},
     }

@@ -1,12 +1,24 @@
-"""``tml host``: list, show, tag, drain and enable hosts."""
+"""``tml host``: list, show, tag, drain, enable and reserve hosts."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from twisted.internet.task import deferLater
+
 from treadmill.cli import output
-from treadmill.cli.context import Context, UsageError, add_command, add_group
+from treadmill.cli.commands.jobs import endpoints_text
+from treadmill.cli.context import (
+    CommandError,
+    Context,
+    UsageError,
+    add_command,
+    add_group,
+    duration,
+    name_value,
+)
+from treadmill.cli.jobids import resolve_job_id
 
 HOST_FIELDS = (
     "name",
@@ -20,6 +32,8 @@ HOST_FIELDS = (
     "connected",
     "last_seen_at",
     "current_job",
+    "held_by",
+    "held_until",
     "created_at",
 )
 
@@ -44,6 +58,8 @@ def render_hosts(data: dict[str, Any]) -> str:
             h.get("healthy"),
             h.get("connected"),
             h.get("current_job"),
+            h.get("held_by"),
+            output.fmt_time(h.get("held_until")),
             h.get("tags"),
             _kinds(h),
             h.get("owner"),
@@ -51,8 +67,8 @@ def render_hosts(data: dict[str, Any]) -> str:
         )
         for h in data.get("hosts", [])
     ]
-    headers = ("NAME", "ENABLED", "HEALTHY", "CONNECTED", "JOB", "TAGS", "KINDS", "OWNER",
-               "LAST SEEN")
+    headers = ("NAME", "ENABLED", "HEALTHY", "CONNECTED", "JOB", "HELD BY", "UNTIL", "TAGS",
+               "KINDS", "OWNER", "LAST SEEN")
     return output.render_table(headers, rows)
 
 
@@ -88,6 +104,63 @@ async def host_enable(ctx: Context) -> int:
     return ctx.emit(await ctx.api.post("hosts", ctx.args.name, "enable"), render_host)
 
 
+RESERVE_POLL = 1.0
+"""Seconds between polls of a reservation waiting for its host."""
+
+
+def how_to_get_in(job: dict[str, Any]) -> str:
+    """A reservation's host, deadline, endpoints and the commands to use it."""
+    job_id = job.get("id")
+    lines = [f"reservation {job_id}: {job.get('state')} on {job.get('host') or '(no host yet)'}"
+             f", until {job.get('deadline') or 'its timeout'}"]
+    lines += [f"  endpoint {text}" for text in endpoints_text(job.get("endpoints"))]
+    lines += [f"  get in:  tml job ssh {job_id}   or   tml job connect {job_id} SERVICE",
+              f"  console: tml job logs -f {job_id}",
+              f"  extend:  tml job extend {job_id} DURATION",
+              f"  release: tml job cancel {job_id}"]
+    return output.clean("\n".join(lines)) + "\n"
+
+
+async def host_reserve(ctx: Context) -> int:
+    """Hold a matching host for interactive work (a reservation job); wait until it is
+    ready and print how to get in. ``--extend JOB DURATION`` extends one instead."""
+    a = ctx.args
+    if a.extend is not None:
+        text, by_text = a.extend
+        try:
+            by = duration(by_text)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"--extend: {e}") from None
+        job_id = await resolve_job_id(ctx, text)
+        job = await ctx.api.post("jobs", job_id, "extend", body={"by": by})
+        return ctx.emit(job, how_to_get_in)
+    if a.image is None or a.duration is None:
+        raise UsageError("give --image and --for (or --extend JOB DURATION)")
+    body: dict[str, Any] = {"image": a.image, "reservation": True, "timeout": a.duration}
+    if a.tags:
+        body["tags"] = list(a.tags)
+    if a.params:
+        body["parameters"] = {name: {"value": value} for name, value in a.params}
+    if a.queue_timeout is not None:
+        body["queue_timeout"] = a.queue_timeout
+    if a.label is not None:
+        body["label"] = a.label
+    job = await ctx.api.post("jobs", body=body)
+    if not a.no_wait:
+        if not ctx.json:
+            ctx.note(f"tml: waiting for a host for reservation {job['id']} "
+                     f"(tml job cancel {job['id']} to give up)")
+        while job.get("state") not in ("ready", "terminating", "terminated"):
+            await deferLater(ctx.reactor, RESERVE_POLL, lambda: None)
+            job = await ctx.api.get("jobs", job["id"])
+        if job.get("state") != "ready":
+            term = job.get("termination") or {}
+            raise CommandError(output.clean(
+                f"reservation {job['id']} ended before it was ready: {term.get('reason')}"
+                f"{': ' + term['message'] if term.get('message') else ''}"))
+    return ctx.emit(job, how_to_get_in)
+
+
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add ``host``."""
     host = add_group(sub, "host", help="list and manage hosts")
@@ -104,3 +177,21 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME")
     p = add_command(host, "enable", host_enable, common, help="put a host back in service")
     p.add_argument("name", metavar="NAME")
+    p = add_command(host, "reserve", host_reserve, common,
+                    help="hold a matching host for interactive work (queued like a job) and "
+                    "print how to get in; released by tml job cancel or at its end")
+    p.add_argument("--image", metavar="IMAGE",
+                   help="the image to boot (a catalogue name or sha256:… digest)")
+    p.add_argument("--for", dest="duration", type=duration, metavar="DURATION",
+                   help="how long to hold the host once it is assigned (90, 15m, 2h, 1d)")
+    p.add_argument("--tag", dest="tags", action="append", default=[], metavar="TAG",
+                   help="a tag the host must have (repeat)")
+    p.add_argument("--param", dest="params", action="append", default=[], type=name_value,
+                   metavar="NAME=VALUE", help="a job parameter (repeat)")
+    p.add_argument("--queue-timeout", type=duration, metavar="S",
+                   help="how long to wait for a host")
+    p.add_argument("--label", metavar="TEXT")
+    p.add_argument("--no-wait", action="store_true",
+                   help="print the reservation at once, without waiting for its host")
+    p.add_argument("--extend", nargs=2, metavar=("JOB", "DURATION"),
+                   help="extend reservation JOB by DURATION instead (tml job extend)")

@@ -411,6 +411,14 @@ async def job_cancel(ctx: Context) -> int:
     return ctx.emit(job, lambda j: f"job {j.get('id')}: {j.get('state')}\n")
 
 
+async def job_extend(ctx: Context) -> int:
+    """Move a job's deadline (a reservation's end) later."""
+    job = await ctx.api.post("jobs", ctx.args.id, "extend", body={"by": ctx.args.by})
+    return ctx.emit(job, lambda j: output.clean(
+        f"job {j.get('id')}: {j.get('state')}, until {j.get('deadline') or 'its timeout'} "
+        f"(timeout {j.get('timeout')} s)\n"))
+
+
 async def job_events(ctx: Context) -> int:
     """List a job's events; ``--follow`` watches until it (or its last restart) ends."""
     a = ctx.args
@@ -535,6 +543,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     add_job_id(p)
     p = add_command(job, "cancel", job_cancel, common, help="terminate a job")
     add_job_id(p)
+    p = add_command(job, "extend", job_extend, common,
+                    help="move a job's deadline (a reservation's end) later")
+    add_job_id(p)
+    p.add_argument("by", metavar="DURATION", type=duration,
+                   help="how much later (90, 15m, 2h, 1d)")
     p = add_command(job, "logs", job_logs, common,
                     help="print (or follow) a job's console from its log servers")
     add_logs_arguments(p)

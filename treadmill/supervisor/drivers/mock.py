@@ -69,6 +69,9 @@ if TYPE_CHECKING:
 __all__ = ["MOCK_SETTINGS", "SETTINGS", "MockDriver", "MockSettings", "make_driver"]
 
 PARAMETER_PREFIX = "mock."
+RESERVATION_PARAMETER = "treadmill.reservation"
+"""Set (``"true"``) by the switchboard on a reservation's start: its workload never
+exits by itself (docs/jobs.md, Reservations)."""
 CONSOLE_TICK = 0.1  # seconds between console chunks (at least one byte per chunk)
 
 
@@ -205,6 +208,8 @@ class MockSettings:
         """
         overrides = {name: spec.get("value") for name, spec in parameters.items()
                      if name.startswith(PARAMETER_PREFIX)}
+        if (parameters.get(RESERVATION_PARAMETER) or {}).get("value") == "true":
+            overrides["mock.run_time"] = "inf"  # A reservation: held until stopped.
         if not overrides:
             return self
         values = self.values()
