@@ -204,6 +204,8 @@ async def test_fetch_from_a_store_with_the_host_token(bed: Bed) -> None:
     # The host token went to the trusted realm as a Basic password.
     assert bed.tokens.host_users and set(bed.tokens.host_users) == {"host"}
     assert fetcher.downloaded_bytes == sum(len(d) for d in layers.values())
+    assert fetcher.layer_sources == {"store": len(layers)}  # the metrics' misses
+    assert fetcher.manifest_bytes == len(fetched.manifest)
     assert not list((bed.tmp / "local").rglob("*.part"))
 
 
@@ -216,7 +218,8 @@ async def test_blobs_already_local_are_reused_without_any_store(bed: Bed) -> Non
     fetcher = bed.fetcher()
     again = await fetcher.fetch(bed.image(digest, stores=[DEAD_STORE]))
     assert again.paths == first.paths and set(again.sources.values()) == {"local"}
-    assert fetcher.downloaded_bytes == 0
+    assert fetcher.downloaded_bytes == 0 and fetcher.manifest_bytes == 0
+    assert fetcher.layer_sources == {"local": len(layers)}  # the metrics' local hits
     # A corrupt local blob is noticed, deleted and downloaded again.
     [layer] = layers
     path = Path(first.path(layer))

@@ -310,3 +310,31 @@ async def test_last_line_of_a_spooled_stream(tmp_path: Path) -> None:
         await resumed.stop()
     finally:
         await shipper.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lag_per_server_backlog_and_seconds_behind(tmp_path: Path) -> None:
+    """What the supervisor's metrics export: the live server catches up (0 bytes, 0 s);
+    the dead one keeps every byte as backlog and falls further behind."""
+    keys = Keys(tmp_path)
+    job = new_job()
+    token = keys.token(job, "append")
+    server = await start_logserver(tmp_path / "logs", keys)
+    dead = f"http://127.0.0.1:{free_port()}"
+    shipper = LogShipper(reactor, str(tmp_path / "state"), job,
+                         [{"url": server.url, "token": token}, {"url": dead, "token": token}],
+                         **FAST)
+    try:
+        await sleep(0.3)  # idle: nobody is behind, however long ago the last ack
+        assert shipper.lag() == {server.url: (0, 0.0), dead: (0, 0.0)}
+        shipper.append("console", b"a" * 20_000)
+        shipper.append("events", b"{}\n")
+        await until(lambda: shipper.lag()[server.url] == (0, 0.0), what="caught up")
+        await sleep(0.3)
+        behind, seconds = shipper.lag()[dead]
+        assert behind == 20_003 and 0.3 <= seconds < 5
+        await sleep(0.2)
+        assert shipper.lag()[dead][1] >= seconds + 0.2
+    finally:
+        await shipper.stop()
+        await server.stop()

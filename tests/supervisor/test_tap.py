@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+import treq
 from twisted.application.service import IServiceCollection
 from twisted.internet import reactor
 
-from tests.daemons import BIN, Daemon
+from tests.daemons import BIN, Daemon, free_port
 from tests.supervisor.peer import FakeSwitchboard, job, within
 from treadmill.common.config import ConfigError, load_file
 from treadmill.protocol.supervisor import CloseCode
@@ -181,6 +182,7 @@ def test_config_error_exits_non_zero(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_the_daemon_runs_a_job_and_stops_gracefully(tmp_path: Path) -> None:
     peer = FakeSwitchboard().listen()
+    metrics = free_port()
     token = tmp_path / "token"
     token.write_text("host-token\n")
     config = tmp_path / "supervisor.toml"
@@ -188,7 +190,8 @@ async def test_the_daemon_runs_a_job_and_stops_gracefully(tmp_path: Path) -> Non
     daemon = Daemon("treadmill-supervisor", [
         "--config", str(config), "--switchboard-url", peer.url,
         "--switchboard-token-file", str(token), "--state-dir", str(tmp_path / "state"),
-        "--mock-run-time", "inf", "--reconnect-initial", "0.1"],
+        "--mock-run-time", "inf", "--reconnect-initial", "0.1",
+        "--metrics-listen", f"tcp:{metrics}:interface=127.0.0.1"],
         env={"TREADMILL_LOG_LEVEL": "info"})
     daemon.start()
     try:
@@ -197,6 +200,11 @@ async def test_the_daemon_runs_a_job_and_stops_gracefully(tmp_path: Path) -> Non
             "starting", "fetching_image", "allocating", "provisioning", "booting")}))
         assert ack["ok"], ack
         await conn.events_until("ready")
+        # metrics.listen serves this supervisor's registry.
+        scrape = await (await treq.get(f"http://127.0.0.1:{metrics}/metrics")).text()
+        assert "treadmill_supervisor_link_up 1.0" in scrape
+        assert 'treadmill_supervisor_job_stage_seconds_count{driver="mock",stage="booting"} 1.0' \
+            in scrape
         # twistd re-raises the signal once shut down: no exit code, but a clean stop.
         assert await daemon.signal(signal.SIGTERM) in (0, None)
         assert "Server Shut Down" in daemon.output, daemon.output

@@ -138,6 +138,9 @@ async def test_operators_reach_metrics_and_manhole(database: str, tmp_path: Path
         assert response.code == 200
         assert 'treadmill_http_requests_total{code="200",method="GET"}' in text
         assert "treadmill_supervisor_links 0.0" in text
+        # Counters are counters; the lone (so leading) instance exports hosts by state.
+        assert "# TYPE treadmill_scheduler_passes_total counter" in text
+        assert 'treadmill_jobs_terminated_total{reason="workload_exited"} 0.0' in text
         assert "process_resident_memory_bytes" in text
         typed = b"print(switchboard.config.instance, len(links.by_host))\r\x04"
         output = await conch_session(manhole_port, key, typed, timeout=20)

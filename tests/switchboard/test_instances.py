@@ -397,6 +397,61 @@ async def test_cluster_wide_metrics_come_from_the_leader_only(pair: Any) -> None
     assert "treadmill_instances_live 2.0" in text["b"]
 
 
+
+def _samples(sb: RunningSwitchboard) -> dict[tuple[str, tuple], float]:
+    """The instance's metric samples by (name, sorted labels)."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in sb.service.metrics.registry.collect() for s in family.samples}
+
+
+@pytest_twisted.ensureDeferred
+async def test_job_metrics_count_once_in_the_instance_that_applied_the_transition(
+        pair: Any) -> None:
+    """Assignment on the leader, start and end on the instance holding the link: a sum
+    over instances counts each job once; hosts by state come from the leader only."""
+    a, b = pair
+    token = await add_host(a, "h1", ["t"])
+    await add_host(a, "h2", ["t"])
+    r = await a.admin.post("/api/v1/hosts/h2/drain", {})
+    assert r.status == 200, r.body
+    peer = await connect(b, token)
+    job = await submit(b, ["t"])
+    await peer.wait_for("start_job", job_id=job)
+    await peer.event(job, "initializing", stage="starting")
+    for sb in (a, b):
+        await sb.service._count_jobs()
+    busy = _samples(a)
+    assert busy[("treadmill_hosts", (("state", "registered"),))] == 2
+    assert busy[("treadmill_hosts", (("state", "connected"),))] == 1
+    assert busy[("treadmill_hosts", (("state", "enabled"),))] == 1
+    assert busy[("treadmill_hosts", (("state", "healthy"),))] == 2
+    assert busy[("treadmill_hosts", (("state", "busy"),))] == 1
+    assert not any(name == "treadmill_hosts" for name, _ in _samples(b))
+    await peer.event(job, "terminated", reason="workload_exited", exit_status=0)
+    cancelled = await submit(a, ["nowhere"])
+    r = await b.admin.post(f"/api/v1/jobs/{cancelled}/terminate", {})
+    assert r.status in (200, 202), r.body
+    await reaches(a, cancelled, "terminated")
+    sa, sb_ = _samples(a), _samples(b)
+
+    def total(name: str, labels: tuple = ()) -> float:
+        return sa.get((name, labels), 0) + sb_.get((name, labels), 0)
+
+    assert total("treadmill_job_queue_wait_seconds_count") == 1
+    assert sa[("treadmill_job_queue_wait_seconds_count", ())] == 1  # the leader assigned
+    assert total("treadmill_job_dispatch_seconds_count") == 1
+    assert sb_[("treadmill_job_dispatch_seconds_count", ())] == 1  # B holds the link
+    assert total("treadmill_jobs_terminated_total", (("reason", "workload_exited"),)) == 1
+    assert sb_[("treadmill_jobs_terminated_total", (("reason", "workload_exited"),))] == 1
+    assert total("treadmill_jobs_terminated_total", (("reason", "user_terminated"),)) == 1
+    assert total("treadmill_scheduler_assigned_total") == 1
+    # A repeated event changes nothing and counts nothing.
+    await peer.event(job, "terminated", reason="workload_exited", exit_status=0)
+    assert _samples(b)[("treadmill_jobs_terminated_total",
+                        (("reason", "workload_exited"),))] == 1
+    peer.disconnect()
+
+
 # -- revocations ---------------------------------------------------------------------------
 
 

@@ -158,8 +158,8 @@ class Bench:
         return float(found.group(1)) if found else 0.0
 
     def passes(self) -> float:
-        return sum(self.scrape(n, "treadmill_scheduler_passes")
-                   + self.scrape(n, "treadmill_scheduler_lock_busy") for n in self.names
+        return sum(self.scrape(n, "treadmill_scheduler_passes_total")
+                   + self.scrape(n, "treadmill_scheduler_lock_busy_total") for n in self.names
                    if self.procs.get(n) is not None and self.procs[n].poll() is None)
 
     def holders(self) -> dict[str, int]:

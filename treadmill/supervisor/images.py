@@ -514,7 +514,10 @@ class ImageFetcher:
         self._adopted: dict[frozenset[str], list[str]] = {}  # pinned digests -> lease ids
         self._cache_client: _CacheClient | None = None
         self.fetches = 0
-        self.downloaded_bytes = 0
+        self.downloaded_bytes = 0  # layers
+        self.manifest_bytes = 0
+        # Layers by where they came from: "cache" (the mount), "local", "store" (metrics).
+        self.layer_sources: collections.Counter[str] = collections.Counter()
 
     def __repr__(self) -> str:  # never show the token
         return (f"ImageFetcher(cache_mount={self.cache_mount!r}, local_dir={self.local_dir!r}, "
@@ -953,6 +956,7 @@ class ImageFetcher:
                     self.log.warn("{who}: cannot keep the manifest of {shown} in {dir}: {error}",
                                   who=self.name, shown=shown, dir=self.local_dir,
                                   error=e.strerror or str(e))
+                self.manifest_bytes += len(got.data)
                 return got.data, got.media_type, store
         raise attempt.error(f"cannot get the manifest of {shown}")
 
@@ -987,6 +991,7 @@ class ImageFetcher:
             path = blob_path(self.cache_mount, desc.digest)
             status, value = await self._verify(path, desc, touch=False)
             if status == "ok":
+                self.layer_sources["cache"] += 1
                 return path, "cache"
             if status != "missing":
                 text = f"cache mount {self.cache_mount}: blob {path}: {value}"
@@ -995,6 +1000,7 @@ class ImageFetcher:
         local = blob_path(self.local_dir, desc.digest)
         status, value = await self._verify(local, desc, touch=True)
         if status == "ok":
+            self.layer_sources["local"] += 1
             return local, "local"
         if status == "bad":
             self.log.warn("{who}: {path}: {reason}; downloading it again", who=self.name,
@@ -1026,6 +1032,7 @@ class ImageFetcher:
                         f"{local}: {e.strerror or e}") from None
                 self._verified[local] = await self._in_thread(_finish_download, local)
                 self.downloaded_bytes += desc.size
+                self.layer_sources["store"] += 1
                 return local, store
         raise attempt.error(f"cannot get layer {desc.digest} of {shown}")
 

@@ -132,6 +132,7 @@ class _Server:
         self.sleep: Deferred[None] | None = None
         self.request: Deferred[Any] | None = None
         self.removed = False
+        self.progress_at = 0.0  # when it last acknowledged, or was caught up (metrics)
 
     def live(self, name: str) -> bool:
         return name not in self.failed
@@ -335,6 +336,7 @@ class LogShipper:
     def _restore(self, loaded: dict[str, Any] | None, servers: list[dict[str, str]]) -> None:
         for spec in servers:
             server = _Server(spec["url"], spec["token"], self.chunk)
+            server.progress_at = self.reactor.seconds()
             self._servers[server.url] = server
         if loaded is None:
             return
@@ -442,6 +444,21 @@ class LogShipper:
                         for s in self._servers.values()},
         }
 
+    def _behind(self, server: _Server) -> int:
+        """Bytes produced that ``server`` has not acknowledged (its live streams)."""
+        return sum(max(0, st.produced - server.cursor(name))
+                   for name, st in self._streams.items() if server.live(name))
+
+    def lag(self) -> dict[str, tuple[int, float]]:
+        """Per log server URL: bytes not yet acknowledged, and seconds since it last made
+        progress while behind (0 when caught up)."""
+        now = self.reactor.seconds()
+        result = {}
+        for server in self._servers.values():
+            behind = self._behind(server)
+            result[server.url] = (behind, max(0.0, now - server.progress_at) if behind else 0.0)
+        return result
+
     def _acked_by_all(self, st: _Stream) -> int:
         cursors = [s.cursor(st.name) for s in self._servers.values() if s.live(st.name)]
         return min(cursors) if cursors else st.produced
@@ -473,6 +490,10 @@ class LogShipper:
                           "were dropped", job=self.job_id, count=st.refused, stream=stream)
             st.refused = 0
         self.spool_full = any(s.refused for s in self._streams.values())
+        now = self.reactor.seconds()
+        for server in self._servers.values():
+            if not self._behind(server):  # its lag starts now
+                server.progress_at = now
         st.buffer += marker
         st.buffer += data
         st.produced += len(marker) + len(data)
@@ -695,6 +716,7 @@ class LogShipper:
             return
         if code == 200:
             server.cursors[name] = max(server.cursor(name), offset + len(data))
+            server.progress_at = self.reactor.seconds()
             if last and isinstance(body, dict) and body.get("closed"):
                 server.closed.add(name)
             self._acked(st)
@@ -892,6 +914,7 @@ class LogShipper:
                 server.token = token
                 continue
             server = _Server(url, token, self.chunk)
+            server.progress_at = self.reactor.seconds()
             for name, st in self._streams.items():
                 server.cursors[name] = st.base
                 if st.base:

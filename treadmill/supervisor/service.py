@@ -4,7 +4,7 @@
     ├── link       SupervisorLink: the WebSocket to the switchboard (after start-up)
     │              (and, beside the tree, ``fetcher``: the ImageFetcher drivers use)
     ├── manhole    optional SSH manhole
-    └── metrics    optional Prometheus listeners
+    └── metrics    optional Prometheus listeners (``SupervisorMetrics``' registry)
 
 Start-up locks and reads the state directory and re-adopts (or reports) the
 job it names; only then does the link connect. A graceful stop (SIGTERM,
@@ -41,6 +41,7 @@ from treadmill.supervisor.jobexposure import JobExposure
 from treadmill.supervisor.joblogs import JobLogs
 from treadmill.supervisor.journal import StateFiles
 from treadmill.supervisor.link import SupervisorLink, SupervisorProtocol
+from treadmill.supervisor.metrics import SupervisorMetrics
 from treadmill.supervisor.runner import JobRunner
 
 __all__ = ["SupervisorConfig", "SupervisorService"]
@@ -132,6 +133,7 @@ class SupervisorService(MultiService):
             heartbeat_interval=config.heartbeat_interval,
             heartbeat_timeout=config.heartbeat_timeout, name=config.name)
         self.link.setName("link")
+        self.metrics = SupervisorMetrics(self)
         self._ready: Deferred[None] | None = None
         self._start_error: Failure | None = None
         self._stopping = False
@@ -147,7 +149,7 @@ class SupervisorService(MultiService):
 
         return {"supervisor": self, "runner": self.runner, "driver": self.driver,
                 "link": self.link, "logs": self.logs, "fetcher": self.fetcher,
-                "exposure": self.exposure,
+                "exposure": self.exposure, "metrics": self.metrics,
                 "reactor": self.reactor, "status": status}
 
     def startService(self) -> None:

@@ -216,5 +216,6 @@ def makeService(options: Options) -> IService:
     config = config_from(options.values)
     check_state_dir(config.state_dir)
     service = SupervisorService(reactor, config, exit_on_failure=True)
-    add_operator_services(reactor, service, options.values, service.namespace())
+    add_operator_services(reactor, service, options.values, service.namespace(),
+                          service.metrics.registry)
     return service

@@ -232,6 +232,12 @@ class Cursor:
 
     def __init__(self, cursor: txpostgres.Cursor):
         self._cursor = cursor
+        self.notes: list[tuple[str, Any]] = []
+        """What the transaction did, for :attr:`Pool.on_commit` once it commits."""
+
+    def note(self, kind: str, value: Any) -> None:
+        """Record a fact to report once (and only if) the transaction commits."""
+        self.notes.append((kind, value))
 
     async def execute(self, sql: str, params: Any = None) -> None:
         await self._cursor.execute(sql, params)
@@ -327,6 +333,8 @@ class Pool:
         self.size = size
         self.timeouts = timeouts or Timeouts()
         self._pool: _TxPool | None = None
+        self.on_commit: Callable[[list[tuple[str, Any]]], None] | None = None
+        """Called with a committed transaction's :meth:`Cursor.note` facts (metrics)."""
 
     async def start(self) -> None:
         pool = _TxPool(self.reactor, session_dsn(self.dsn, self.timeouts), self.size)
@@ -371,10 +379,17 @@ class Pool:
     async def transaction(self, fn: Callable[[Cursor], Awaitable[T]]) -> T:
         """Run ``fn(cursor)`` in one transaction; commit on return, roll back on error."""
 
-        def interaction(cur: txpostgres.Cursor) -> Deferred[T]:
-            return Deferred.fromCoroutine(fn(Cursor(cur)))
+        cursors: list[Cursor] = []
 
-        return await self._run(lambda pool: pool.runInteraction(interaction))
+        def interaction(cur: txpostgres.Cursor) -> Deferred[T]:
+            cursor = Cursor(cur)
+            cursors[:] = [cursor]  # a retried interaction starts afresh
+            return Deferred.fromCoroutine(fn(cursor))
+
+        result = await self._run(lambda pool: pool.runInteraction(interaction))
+        if self.on_commit is not None and cursors and cursors[0].notes:
+            self.on_commit(cursors[0].notes)
+        return result
 
 
 def migrations() -> list[tuple[int, str, str]]:

@@ -5,8 +5,10 @@ switchboards may share a process in tests); ``metrics.listen`` serves it with
 the process and platform collectors.
 
 With several instances on one database, every metric counts this instance's
-own work, except the cluster-wide ``treadmill_jobs``, which only the leader
-(``treadmill_instance_leader`` 1) exports, so that a sum over instances is right.
+own work (a job's end is counted by the instance whose transaction ended it,
+once it commits), except the cluster-wide ``treadmill_jobs`` and
+``treadmill_hosts``, which only the leader (``treadmill_instance_leader`` 1)
+exports, so that a sum over instances is right.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from twisted.web.iweb import IRequest
 
-from treadmill.switchboard.jobstate import State
+from treadmill.switchboard.jobstate import Reason, State
 
 
 class _Live(Collector):
@@ -40,41 +42,56 @@ class _Live(Collector):
         watchers.add_metric([], self.service.watchers.count)
         yield watchers
         scheduler = self.service.scheduler
-        passes = GaugeMetricFamily("treadmill_scheduler_passes",
-                                   "Scheduling passes this instance ran since start.")
+        passes = CounterMetricFamily("treadmill_scheduler_passes",
+                                     "Scheduling passes this instance ran since start.")
         passes.add_metric([], scheduler.passes)
         yield passes
-        lost = GaugeMetricFamily("treadmill_scheduler_lock_busy",
-                                 "Passes of this instance that found another holding the "
-                                 "scheduling lock.")
+        lost = CounterMetricFamily("treadmill_scheduler_lock_busy",
+                                   "Passes of this instance that found another holding the "
+                                   "scheduling lock.")
         lost.add_metric([], scheduler.lost)
         yield lost
+        assigned = CounterMetricFamily("treadmill_scheduler_assigned",
+                                       "Jobs assigned by this instance since start.")
+        assigned.add_metric([], scheduler.assigned)
+        yield assigned
         instance = self.service.instance
         leader = GaugeMetricFamily("treadmill_instance_leader",
                                    "1 if this instance leads (schedules, exports "
-                                   "treadmill_jobs), else 0.")
+                                   "treadmill_jobs and treadmill_hosts), else 0.")
         leader.add_metric([], 1 if instance.leader else 0)
         yield leader
         live = GaugeMetricFamily("treadmill_instances_live",
                                  "Live switchboard instances, as this instance last saw.")
         live.add_metric([], instance.live)
         yield live
-        rebalanced = GaugeMetricFamily("treadmill_supervisor_links_rebalanced",
-                                       "Links this instance closed to rebalance since start.")
+        rebalanced = CounterMetricFamily("treadmill_supervisor_links_rebalanced",
+                                         "Links this instance closed to rebalance since start.")
         rebalanced.add_metric([], self.service.links.rebalanced)
         yield rebalanced
         if not instance.leader:
             return
-        assigned = GaugeMetricFamily("treadmill_scheduler_assigned",
-                                     "Jobs assigned by this instance since start.")
-        assigned.add_metric([], scheduler.assigned)
-        yield assigned
         jobs = GaugeMetricFamily("treadmill_jobs", "Jobs by state, cluster-wide (refreshed "
                                  "periodically; exported by the leader only).",
                                  labels=["state"])
         for state in State:
             jobs.add_metric([state.value], self.service.job_counts.get(state.value, 0))
         yield jobs
+        hosts = GaugeMetricFamily("treadmill_hosts", "Hosts registered, connected, healthy, "
+                                  "enabled and busy, cluster-wide (refreshed periodically; "
+                                  "exported by the leader only).", labels=["state"])
+        for state in HOST_STATES:
+            hosts.add_metric([state], self.service.host_counts.get(state, 0))
+        yield hosts
+
+
+HOST_STATES = ("registered", "connected", "healthy", "enabled", "busy")
+"""The ``state`` labels of ``treadmill_hosts`` (they overlap: a busy host is connected)."""
+
+# Seconds from a job's submission to its assignment, and from its assignment to its
+# start: a queue of hours, a start of a few seconds.
+QUEUE_BUCKETS = (.1, .5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+DISPATCH_BUCKETS = (.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
 class SwitchboardMetrics:
@@ -92,6 +109,30 @@ class SwitchboardMetrics:
                                  registry=self.registry,
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1,
                                           2.5, 5))
+
+        self.outcomes = Counter("treadmill_jobs_terminated", "Jobs this instance ended, by "
+                                "termination reason.", ["reason"], registry=self.registry)
+        for reason in Reason:
+            self.outcomes.labels(reason.value)
+        self.queue_wait = Histogram("treadmill_job_queue_wait_seconds",
+                                    "Time from a job's submission to its assignment (jobs "
+                                    "this instance assigned).", registry=self.registry,
+                                    buckets=QUEUE_BUCKETS)
+        self.dispatch = Histogram("treadmill_job_dispatch_seconds",
+                                  "Time from a job's assignment to its start on the host (starts "
+                                  "this instance recorded).", registry=self.registry,
+                                  buckets=DISPATCH_BUCKETS)
+        service.pool.on_commit = self.committed
+
+    def committed(self, notes: list[tuple[str, Any]]) -> None:
+        """Count what a committed transaction of this instance did to jobs."""
+        for kind, value in notes:
+            if kind == "terminated":
+                self.outcomes.labels(value).inc()
+            elif kind == "queue_wait":
+                self.queue_wait.observe(max(0.0, value))
+            elif kind == "dispatch":
+                self.dispatch.observe(max(0.0, value))
 
     def observe(self, request: IRequest) -> None:
         """Count a finished request (called from the site's log hook)."""

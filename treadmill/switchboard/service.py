@@ -146,6 +146,7 @@ class SwitchboardService(RoleService):
         self.listener.setServiceParent(self)
         self.site = limited_site(self.api.resource(), config.max_body)
         self.job_counts: dict[str, int] = {}
+        self.host_counts: dict[str, int] = {}
         self.metrics = SwitchboardMetrics(self)
         access_log = self.site.log
 
@@ -239,6 +240,7 @@ class SwitchboardService(RoleService):
             return  # Cluster-wide: the leader counts (and exports) them.
         try:
             self.job_counts = await self.store.job_counts()
+            self.host_counts = await self.store.host_counts()
         except Exception as e:
             if not unavailable(e):
                 self.log.failure("Could not count jobs")

@@ -1043,6 +1043,23 @@ class Store:
         rows = await self.pool.fetchall("SELECT state, count(*) AS n FROM jobs GROUP BY state")
         return {row["state"]: row["n"] for row in rows}
 
+    async def host_counts(self) -> dict[str, int]:
+        """Hosts registered, and those connected, healthy, enabled and busy (a metric)."""
+        row = await self.pool.fetchone(
+            "SELECT count(*) AS registered, "
+            "count(*) FILTER (WHERE h.session IS NOT NULL "
+            "  AND h.last_seen_at > now() - interval '20 seconds' AND EXISTS ("
+            "  SELECT 1 FROM instances i WHERE i.id = h.instance_id AND i.stopped_at IS NULL "
+            f"  AND i.heartbeat_at > now() - interval '{INSTANCE_DEAD_AFTER:g} s')) "
+            "  AS connected, "
+            "count(*) FILTER (WHERE h.healthy) AS healthy, "
+            "count(*) FILTER (WHERE h.enabled) AS enabled, "
+            "count(*) FILTER (WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.host_id = h.id "
+            "  AND j.state IN ('assigned', 'initializing', 'ready', 'terminating'))) AS busy "
+            "FROM hosts h")
+        assert row is not None
+        return {key: int(value) for key, value in row.items()}
+
     async def set_endpoints(self, host_id: int, job_id: str,
                             endpoints: list[dict[str, Any]]) -> bool:
         """Record a running job's public endpoints, as its own host reports them."""
@@ -1276,7 +1293,10 @@ async def transition(cur: Cursor, job_id: str, new: Status, *, exit_status: int 
     the requested status.
     """
     row = await cur.fetchone(
-        "SELECT state, stage, termination_reason FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+        "SELECT state, stage, termination_reason, "
+        "extract(epoch FROM clock_timestamp() - created_at) AS since_created, "
+        "extract(epoch FROM clock_timestamp() - assigned_at) AS since_assigned "
+        "FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
     if row is None:
         raise NotFound(f"no job {job_id}")
     current_state = State(row["state"])
@@ -1315,6 +1335,14 @@ async def transition(cur: Cursor, job_id: str, new: Status, *, exit_status: int 
         "INSERT INTO job_events (job_id, seq, state, stage, reason, exit_status, message) "
         "VALUES (%(id)s, %(seq)s, %(state)s, %(stage)s, %(reason)s, %(exit_status)s, "
         "%(message)s)", {**params, "seq": updated["event_seq"]})
+    # Reported to this instance's metrics once the transaction commits.
+    if new.state is State.ASSIGNED and current_state is State.QUEUED:
+        cur.note("queue_wait", float(row["since_created"]))
+    elif new.state in (State.INITIALIZING, State.READY) and current_state is State.ASSIGNED \
+            and row["since_assigned"] is not None:
+        cur.note("dispatch", float(row["since_assigned"]))
+    elif new.state is State.TERMINATED:
+        cur.note("terminated", final_reason.value if final_reason else "none")
     if new.state is State.TERMINATED:
         if final_reason is not None:
             await _after_termination(cur, job_id, final_reason, max_host_failures)

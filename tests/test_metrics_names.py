@@ -1,0 +1,255 @@
+"""Every role's ``/metrics``, scraped over loopback, against the tables of docs/operations.md.
+
+Real services in this process (a switchboard on the test's PostgreSQL, a log
+server, an image store and an image cache, a proxy and a mock supervisor that
+runs a job with console output shipped to the log server), each registry
+served by the shared metrics listener on a loopback port and scraped over
+HTTP. The documented names, types and labels must be exactly those scraped,
+``promtool check metrics`` (when installed) must accept every scrape, and the
+example Grafana dashboard may only use exported metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+
+from tests.imagestore.support import make_keys as make_store_keys
+from tests.imagestore.support import start_cache, start_store
+from tests.logserver.support import Running as RunningLogServer
+from tests.proxy.support import Keys as ProxyKeys
+from tests.proxy.support import start_proxy
+from tests.support import start_switchboard
+from tests.switchboard.peer import eventually
+from treadmill.common.captoken import load_or_create_signing_key
+from treadmill.common.metrics import metrics_service
+from treadmill.logserver.service import LogServerConfig, LogServerService
+from treadmill.supervisor.drivers import STAGES
+from treadmill.supervisor.drivers.mock import MockSettings
+from treadmill.supervisor.fleet import ws_url_for
+from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.switchboard.api import Limits
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "operations.md"
+DASHBOARD = ROOT / "etc" / "grafana" / "treadmill.json"
+DIGEST = "sha256:" + "7" * 64
+ROLES = ("Switchboard", "Image store", "Image cache", "Log server", "Proxy", "Supervisor")
+_ROW = re.compile(r"^\| `([a-z_:][a-z0-9_:]*)(?:\{([a-z_,]*)\})?` \| (counter|gauge|histogram) \|")
+# The process and platform collectors every role adds: not Treadmill's to document.
+_FOREIGN = ("process_", "python_")
+
+
+def documented() -> dict[str, dict[str, tuple[str, frozenset[str]]]]:
+    """Per role (a ``###`` heading of the Metrics section): name -> (type, labels)."""
+    text = DOC.read_text()
+    section = text[text.index("\n## Metrics\n"):]
+    section = section[:section.index("\n## ", 1)]
+    tables: dict[str, dict[str, tuple[str, frozenset[str]]]] = {}
+    role = None
+    for line in section.splitlines():
+        if line.startswith("### "):
+            role = line[4:].strip()
+            tables[role] = {}
+        elif (found := _ROW.match(line)) and role is not None:
+            name, labels, kind = found.groups()
+            tables[role][name] = (kind, frozenset(labels.split(",")) if labels else frozenset())
+    return tables
+
+
+def scraped(text: str) -> dict[str, tuple[str, frozenset[str] | None]]:
+    """Treadmill's families of a text-format scrape: name -> (type, label names), the
+    labels None when the family has no sample now (a gauge per log server, none)."""
+    families: dict[str, tuple[str, set[str] | None]] = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            base = name.removesuffix("_created")
+            if name.startswith(_FOREIGN) or (name != base and (
+                    f"{base}_total" in families or base in families)):
+                continue  # prometheus_client's creation times of counters and histograms
+            families[name] = (kind, None)
+        elif line and not line.startswith("#"):
+            found = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", line)
+            assert found is not None, line
+            labels = set(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="', line.split("} ")[0]))
+            for family, (kind, seen) in list(families.items()):
+                if found.group(0) == family or (kind == "histogram" and found.group(0) in (
+                        f"{family}_bucket", f"{family}_sum", f"{family}_count")):
+                    families[family] = (kind, (seen or set()) | (labels - {"le"}))
+    return {name: (kind, None if labels is None else frozenset(labels))
+            for name, (kind, labels) in families.items()}
+
+
+def test_the_docs_have_a_table_per_role() -> None:
+    tables = documented()
+    assert set(ROLES) <= set(tables), tables.keys()
+    assert all(tables[role] for role in ROLES)
+
+
+async def _scrape(registry: Any) -> str:
+    service = metrics_service(reactor, ["tcp:0:interface=127.0.0.1"], registry)
+    service.startService()
+    try:
+        child = next(iter(service))
+        port = (await child._waitingForPort).getHost().port
+        response = await treq.get(f"http://127.0.0.1:{port}/metrics")
+        assert response.code == 200
+        return (await response.content()).decode()
+    finally:
+        await service.stopService()
+
+
+async def _promtool(text: str) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        return
+    out, err, code = await _run_with_stdin(promtool, text.encode())
+    assert code == 0, (out + err).decode()
+
+
+async def _run_with_stdin(executable: str, data: bytes) -> tuple[bytes, bytes, int]:
+    """``executable check metrics`` with ``data`` on its standard input."""
+
+    class Collect(ProcessProtocol):
+        def __init__(self) -> None:
+            self.out, self.err = b"", b""
+            self.done: Deferred[int] = Deferred()
+
+        def connectionMade(self) -> None:
+            self.transport.write(data)
+            self.transport.closeStdin()
+
+        def outReceived(self, chunk: bytes) -> None:
+            self.out += chunk
+
+        def errReceived(self, chunk: bytes) -> None:
+            self.err += chunk
+
+        def processEnded(self, reason: Any) -> None:
+            self.done.callback(reason.value.exitCode)
+
+    proto = Collect()
+    reactor.spawnProcess(proto, executable, [executable, "check", "metrics"], env={})
+    code = await proto.done
+    return proto.out, proto.err, code
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_role_exports_what_the_docs_list(database: str, tmp_path: Path) -> None:
+    key = tmp_path / "capability-key.pem"  # the switchboard's; the log server trusts it
+    load_or_create_signing_key(str(key))
+    service = LogServerService(reactor, LogServerConfig(
+        root=str(tmp_path / "logs"), listen=["tcp:0:interface=127.0.0.1"],
+        auth={"auth.keys_file": str(key)}, fsync="never", access_log=False))
+    service.startService()
+    await service.ready()
+    logs = RunningLogServer(service, f"http://127.0.0.1:{service.ports()[0].getHost().port}",
+                            tmp_path / "logs")
+    (tmp_path / "keys").mkdir()
+    store_keys = make_store_keys(tmp_path / "keys")
+    store = await start_store(tmp_path / "store", store_keys)
+    cache = await start_cache(tmp_path / "cache", store_keys, [store.url])
+    proxy = await start_proxy(ProxyKeys(tmp_path / "keys"))
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 limits=Limits(log_servers=(logs.url,), log_replicas=1))
+    r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
+    supervisor = SupervisorService(reactor, SupervisorConfig(
+        url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
+        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
+        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.3,
+                          console_rate=20_000)))
+    supervisor.startService()
+    try:
+        await supervisor.connected()
+        job_id = (await sb.admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})
+                  ).body["id"]
+
+        async def ended() -> bool:
+            return (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body["state"] == "terminated"
+
+        await eventually(ended, timeout=20)
+        await sb.service._count_jobs()
+        registries = {
+            "Switchboard": sb.service.metrics.registry,
+            "Image store": store.service.metrics.registry,
+            "Image cache": cache.service.metrics.registry,
+            "Log server": logs.service.metrics.registry,
+            "Proxy": proxy.service.metrics.registry,
+            "Supervisor": supervisor.metrics.registry,
+        }
+        tables = documented()
+        texts, wrong = {}, {}
+        for role, registry in registries.items():
+            texts[role] = text = await _scrape(registry)
+            expected = dict(tables.get(role, {}))
+            if role == "Image cache":  # a cache exports the store's metrics too
+                expected.update(tables.get("Image store", {}))
+            found = {name: (kind, expected[name][1] if labels is None and name in expected
+                            else labels) for name, (kind, labels) in scraped(text).items()}
+            if found != expected:
+                wrong[role] = {"undocumented": sorted(set(found.items()) - set(expected.items())),
+                               "not exported": sorted(set(expected.items()) - set(found.items()))}
+            await _promtool(text)
+        assert not wrong, "\n".join(
+            f"{role}: {what}: `{name}{{{','.join(sorted(labels or ()))}}}` | {kind}"
+            for role, found in wrong.items() for what, rows in found.items()
+            for name, (kind, labels) in rows)
+        # The job's work shows, once.
+        sup = texts["Supervisor"]
+        assert re.search(r"^treadmill_supervisor_console_bytes_total [1-9]", sup, re.M)
+        assert "treadmill_supervisor_link_up 1.0" in sup
+        for stage in (*STAGES, "ready"):
+            assert re.search(rf'^treadmill_supervisor_job_stage_seconds_count\{{driver="mock",'
+                             rf'stage="{stage}"\}} 1\.0$', sup, re.M), stage
+        assert 'treadmill_supervisor_image_layers_total{source="store"} 0.0' in sup
+        swb = texts["Switchboard"]
+        assert 'treadmill_jobs_terminated_total{reason="workload_exited"} 1.0' in swb
+        assert "treadmill_job_queue_wait_seconds_count 1.0" in swb
+        assert "treadmill_job_dispatch_seconds_count 1.0" in swb
+        assert 'treadmill_hosts{state="connected"} 1.0' in swb
+    finally:
+        await supervisor.stopService()
+        await sb.stop()
+        for running in (proxy, cache, store, logs):
+            await running.stop()
+
+
+def _expressions(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["expr"]] if isinstance(node.get("expr"), str) else []
+        return found + [e for value in node.values() for e in _expressions(value)]
+    if isinstance(node, list):
+        return [e for value in node for e in _expressions(value)]
+    return []
+
+
+def test_the_grafana_dashboard_uses_only_exported_metrics() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = _expressions(dashboard)
+    assert exprs
+    names = set()
+    for kind_labels in documented().values():
+        for name, (kind, _) in kind_labels.items():
+            names.add(name)
+            if kind == "histogram":
+                names.update(f"{name}_{suffix}" for suffix in ("bucket", "sum", "count"))
+    used = set()
+    for expr in exprs:
+        for word in re.findall(r"\btreadmill_[a-z0-9_]+", expr):
+            used.add(word)
+            assert word in names, (word, expr)
+    roles = documented()
+    for role in ("Switchboard", "Supervisor", "Log server", "Image store", "Proxy"):
+        assert used & set(roles[role]) or any(
+            u.rsplit("_", 1)[0] in roles[role] for u in used), role
+
