@@ -436,3 +436,32 @@ async def test_filters_and_pages(world: World) -> None:
 async def test_bad_queries_are_400(world: World, query: str) -> None:
     r = await world.sb.admin.get(f"/api/v1/audit?{query}")
     assert r.status == 400 and r.error is not None, r.body
+
+
+@pytest_twisted.ensureDeferred
+async def test_change_and_record_share_one_transaction(world: World) -> None:
+    """No change without its record: a record the database refuses undoes the drain; and
+    no record without its change: a delete that finds nothing records nothing."""
+    sb = world.sb
+    await sb.store.create_host("rack9", [], None, "", credentials.token_hash("rack9"))
+    await sb.store.pool.execute(
+        "CREATE FUNCTION refuse_drains() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.action = 'host.drain' THEN RAISE EXCEPTION 'no drains today'; END IF; "
+        "RETURN NEW; END; $$; CREATE TRIGGER refuse_drains BEFORE INSERT ON audit_log "
+        "FOR EACH ROW EXECUTE FUNCTION refuse_drains()")
+    try:
+        before = await last_id(sb)
+        r = await sb.admin.post("/api/v1/hosts/rack9/drain")
+        assert r.status == 500, r.body
+        assert (await sb.admin.get("/api/v1/hosts/rack9")).body["enabled"] is True
+    finally:
+        await sb.store.pool.execute("DROP TRIGGER refuse_drains ON audit_log; "
+                                    "DROP FUNCTION refuse_drains()")
+    assert await rows_after(sb, before) == []
+    assert (await sb.admin.post("/api/v1/hosts/rack9/drain")).status == 200
+    assert [row["action"] for row in await rows_after(sb, before)] == ["host.drain"]
+    before = await last_id(sb)
+    assert (await sb.admin.delete("/api/v1/hosts/no-such-host")).status == 404
+    assert (await sb.admin.delete("/api/v1/stores/no-such-store")).status == 404
+    assert (await world.alice.delete(f"/api/v1/tokens/{uuid.uuid4()}")).status == 404
+    assert await rows_after(sb, before) == []

@@ -400,18 +400,20 @@ class SwitchboardAPI:
             url = canonical_store_url(body["url"])
         except ValueError as e:
             raise ApiError(400, f"url: {e}") from None
-        row = await self.store.create_image_store(url, body["service"],
-                                                  body.get("description", ""),
-                                                  body.get("cache", False))
-        await self.audit.record(request, principal, "store.add", "store", row["service"],
-                                url=row["url"], cache=row["cache"])
+        row = await self.store.audited(
+            lambda store: store.create_image_store(url, body["service"],
+                                                   body.get("description", ""),
+                                                   body.get("cache", False)),
+            lambda row: self.audit.entry(request, principal, "store.add", "store",
+                                         row["service"], url=row["url"], cache=row["cache"]))
         return respond(request, views.image_store(row), 201)
 
     @app.route("/api/v1/stores/<service>", methods=["DELETE"])
     async def delete_store(self, request: IRequest, service: str) -> bytes:
         principal = await self._admin(request)
-        await self.store.delete_image_store(service)
-        await self.audit.record(request, principal, "store.remove", "store", service)
+        await self.store.audited(
+            lambda store: store.delete_image_store(service),
+            lambda _: self.audit.entry(request, principal, "store.remove", "store", service))
         request.setResponseCode(204)
         return b""
 
@@ -476,10 +478,12 @@ class SwitchboardAPI:
                            ttl: float | None, actor: Principal | str,
                            action: str = "token.create") -> bytes:
         secret = credentials.new_token(credentials.USER_TOKEN_PREFIX)
-        row = await self.store.create_token(user_id, credentials.token_hash(secret), label, ttl)
-        await self.audit.record(request, actor, action, "user", row["user"],
-                                subject_user=row["user"], token_id=str(row["id"]),
-                                label=label, expires_at=row["expires_at"])
+        row = await self.store.audited(
+            lambda store: store.create_token(user_id, credentials.token_hash(secret), label,
+                                             ttl),
+            lambda row: self.audit.entry(request, actor, action, "user", row["user"],
+                                         subject_user=row["user"], token_id=str(row["id"]),
+                                         label=label, expires_at=row["expires_at"]))
         return respond(request, {**views.token(row), "token": secret}, 201)
 
     @app.route("/api/v1/tokens", methods=["GET"])
@@ -512,11 +516,12 @@ class SwitchboardAPI:
         row = await self.store.get_token(token_id)
         if row["user_id"] != principal.user_id and not principal.admin:
             raise ApiError(404, "no such token")
-        row = await self.store.revoke_token(token_id)
+        row = await self.store.audited(
+            lambda store: store.revoke_token(token_id),
+            lambda row: self.audit.entry(request, principal, "token.revoke", "user",
+                                         row["user"], subject_user=row["user"],
+                                         token_id=str(row["id"]), label=row["label"]))
         self.auth.invalidate()
-        await self.audit.record(request, principal, "token.revoke", "user", row["user"],
-                                subject_user=row["user"], token_id=str(row["id"]),
-                                label=row["label"])
         return respond(request, views.token(row))
 
     @app.route("/api/v1/keys", methods=["GET"])
@@ -535,11 +540,12 @@ class SwitchboardAPI:
             key = sshkeys.parse(body["key"])
         except sshkeys.BadKey as e:
             raise ApiError(400, str(e)) from None
-        row = await self.store.add_ssh_key(user_id, key.type, key.body, key.comment,
-                                           key.fingerprint, MAX_SSH_KEYS)
-        await self.audit.record(request, principal, "key.add", "user", row["user"],
-                                subject_user=row["user"], key_id=str(row["id"]),
-                                fingerprint=row["fingerprint"])
+        row = await self.store.audited(
+            lambda store: store.add_ssh_key(user_id, key.type, key.body, key.comment,
+                                            key.fingerprint, MAX_SSH_KEYS),
+            lambda row: self.audit.entry(request, principal, "key.add", "user", row["user"],
+                                         subject_user=row["user"], key_id=str(row["id"]),
+                                         fingerprint=row["fingerprint"]))
         return respond(request, views.ssh_key(row), 201)
 
     async def _key_owner(self, principal: Principal, name: str | None) -> int:
@@ -551,11 +557,12 @@ class SwitchboardAPI:
     async def delete_ssh_key(self, request: IRequest, key_id: str) -> bytes:
         principal = await self.auth.principal(request)
         key_id = _uuid(key_id, "SSH key")
-        row = await self.store.delete_ssh_key(None if principal.admin else principal.user_id,
-                                              key_id)
-        await self.audit.record(request, principal, "key.remove", "user", row["user"],
-                                subject_user=row["user"], key_id=str(row["id"]),
-                                fingerprint=row["fingerprint"])
+        row = await self.store.audited(
+            lambda store: store.delete_ssh_key(None if principal.admin else principal.user_id,
+                                               key_id),
+            lambda row: self.audit.entry(request, principal, "key.remove", "user", row["user"],
+                                         subject_user=row["user"], key_id=str(row["id"]),
+                                         fingerprint=row["fingerprint"]))
         return respond(request, views.ssh_key(row))
 
     @app.route("/api/v1/users", methods=["GET"])
@@ -606,14 +613,15 @@ class SwitchboardAPI:
         password_hash = None
         if "password" in body:
             password_hash = await self.passwords.hash(body["password"])
-        row = await self.store.update_user(name, admin=body.get("admin"),
-                                           disabled=body.get("disabled"),
-                                           password_hash=password_hash)
-        self.auth.invalidate()
         changes = {key: body[key] for key in ("admin", "disabled") if key in body}
-        await self.audit.record(request, principal, "user.update", "user", row["name"],
-                                subject_user=row["name"], password="password" in body,
-                                **changes)
+        row = await self.store.audited(
+            lambda store: store.update_user(name, admin=body.get("admin"),
+                                            disabled=body.get("disabled"),
+                                            password_hash=password_hash),
+            lambda row: self.audit.entry(request, principal, "user.update", "user",
+                                         row["name"], subject_user=row["name"],
+                                         password="password" in body, **changes))
+        self.auth.invalidate()
         return respond(request, views.user(row))
 
     # -- hosts -------------------------------------------------------------------
@@ -639,12 +647,15 @@ class SwitchboardAPI:
         body = read_json(request, schemas.HOST_CREATE)
         owner_id = await self.store.user_id(body["owner"]) if "owner" in body else None
         secret = credentials.new_token(credentials.HOST_TOKEN_PREFIX)
-        await self.store.create_host(body["name"], body.get("tags", []), owner_id,
-                                     body.get("description", ""),
-                                     credentials.token_hash(secret))
-        row = await self.store.get_host(body["name"], principal)
-        await self.audit.record(request, principal, "host.create", "host", row["name"],
-                                tags=row["tags"], owner=row["owner"])
+
+        async def create(store: Store) -> dict:
+            await store.create_host(body["name"], body.get("tags", []), owner_id,
+                                    body.get("description", ""), credentials.token_hash(secret))
+            return await store.get_host(body["name"], principal)
+
+        row = await self.store.audited(create, lambda row: self.audit.entry(
+            request, principal, "host.create", "host", row["name"], tags=row["tags"],
+            owner=row["owner"]))
         return respond(request, {**views.host(row), "token": secret}, 201)
 
     @app.route("/api/v1/hosts/<name>", methods=["GET"])
@@ -655,10 +666,14 @@ class SwitchboardAPI:
     async def _update_host(self, request: IRequest, name: str, action: str,
                            **changes: Any) -> bytes:
         principal, _ = await self._host(request, name, "manage")
-        await self.store.update_host(name, **changes)
-        row = await self.store.get_host(name, principal)
-        await self.audit.record(request, principal, action, "host", row["name"],
-                                **({"tags": row["tags"]} if "tags" in changes else {}))
+
+        async def update(store: Store) -> dict:
+            await store.update_host(name, **changes)
+            return await store.get_host(name, principal)
+
+        row = await self.store.audited(update, lambda row: self.audit.entry(
+            request, principal, action, "host", row["name"],
+            **({"tags": row["tags"]} if "tags" in changes else {})))
         return respond(request, views.host(row))
 
     @app.route("/api/v1/hosts/<name>/tags", methods=["PUT"])
@@ -679,16 +694,21 @@ class SwitchboardAPI:
     async def host_token(self, request: IRequest, name: str) -> bytes:
         principal = await self._admin(request)
         secret = credentials.new_token(credentials.HOST_TOKEN_PREFIX)
-        await self.store.update_host(name, digest=credentials.token_hash(secret))
-        row = await self.store.get_host(name, principal)
-        await self.audit.record(request, principal, "host.token", "host", row["name"])
+
+        async def replace(store: Store) -> dict:
+            await store.update_host(name, digest=credentials.token_hash(secret))
+            return await store.get_host(name, principal)
+
+        row = await self.store.audited(replace, lambda row: self.audit.entry(
+            request, principal, "host.token", "host", row["name"]))
         return respond(request, {**views.host(row), "token": secret})
 
     @app.route("/api/v1/hosts/<name>", methods=["DELETE"])
     async def delete_host(self, request: IRequest, name: str) -> bytes:
         principal = await self._admin(request)
-        await self.store.delete_host(name)
-        await self.audit.record(request, principal, "host.delete", "host", name)
+        await self.store.audited(
+            lambda store: store.delete_host(name),
+            lambda _: self.audit.entry(request, principal, "host.delete", "host", name))
         request.setResponseCode(204)
         return b""
 
@@ -746,11 +766,15 @@ class SwitchboardAPI:
     async def rollback_image(self, request: IRequest, name: str) -> bytes:
         principal, row = await self._image(request, name, "manage")
         body = read_json(request, schemas.IMAGE_ROLLBACK)
-        await self.store.rollback_image(row["name"], body["version"], principal.user_id,
-                                        keep=self.limits.image_history)
-        row = await self.store.get_image(name, principal)
-        await self.audit.record(request, principal, "image.rollback", "image", row["name"],
-                                version=body["version"], digest=row["digest"])
+
+        async def rollback(store: Store) -> dict:
+            await store.rollback_image(row["name"], body["version"], principal.user_id,
+                                       keep=self.limits.image_history)
+            return await store.get_image(name, principal)
+
+        row = await self.store.audited(rollback, lambda row: self.audit.entry(
+            request, principal, "image.rollback", "image", row["name"],
+            version=body["version"], digest=row["digest"]))
         return respond(request, views.image(row))
 
     @app.route("/api/v1/images/<path:name>", methods=["PUT"])
@@ -758,16 +782,19 @@ class SwitchboardAPI:
         principal, _ = await self._image(request, name, "manage")
         body = read_json(request, schemas.IMAGE_UPDATE)
         stores = await self._registered("stores", body["stores"]) if "stores" in body else None
-        await self.store.update_image(name, digest=body.get("digest"),
-                                      stores=stores,
-                                      description=body.get("description"),
-                                      host_tags=body.get("host_tags"),
-                                      results=_patterns(body) if "results" in body else False,
-                                      kind=body.get("kind"), by=principal.user_id,
-                                      keep=self.limits.image_history)
-        row = await self.store.get_image(name, principal)
-        await self.audit.record(request, principal, "image.update", "image", row["name"],
-                                changed=sorted(body), digest=row["digest"])
+        results = _patterns(body) if "results" in body else False
+
+        async def update(store: Store) -> dict:
+            await store.update_image(name, digest=body.get("digest"), stores=stores,
+                                     description=body.get("description"),
+                                     host_tags=body.get("host_tags"), results=results,
+                                     kind=body.get("kind"), by=principal.user_id,
+                                     keep=self.limits.image_history)
+            return await store.get_image(name, principal)
+
+        row = await self.store.audited(update, lambda row: self.audit.entry(
+            request, principal, "image.update", "image", row["name"], changed=sorted(body),
+            digest=row["digest"]))
         return respond(request, views.image(row))
 
     @app.route("/api/v1/images/<path:name>", methods=["DELETE"])
@@ -775,9 +802,10 @@ class SwitchboardAPI:
         if "/grants/" in name:
             return await self._image_grants_dispatch(request, name)
         principal, row = await self._image(request, name, "manage")
-        await self.store.delete_image(name)
-        await self.audit.record(request, principal, "image.delete", "image", row["name"],
-                                digest=row["digest"])
+        await self.store.audited(
+            lambda store: store.delete_image(name),
+            lambda _: self.audit.entry(request, principal, "image.delete", "image",
+                                       row["name"], digest=row["digest"]))
         request.setResponseCode(204)
         return b""
 
@@ -833,18 +861,20 @@ class SwitchboardAPI:
         if body["privilege"] not in PRIVILEGES[kind]:
             raise ApiError(400, f"privilege: {kind}s have {', '.join(PRIVILEGES[kind])}")
         user_id = None if body["user"] == "*" else await self.store.user_id(body["user"])
-        row = await self.store.add_grant(kind, resource_id, user_id, body["privilege"])
-        await self._audit_grant(request, audited, "add", kind, body["user"], body["privilege"])
+        row = await self.store.audited(
+            lambda store: store.add_grant(kind, resource_id, user_id, body["privilege"]),
+            lambda _: self._grant_entry(request, audited, "add", kind, body["user"],
+                                        body["privilege"]))
         return respond(request, views.grant({**row, "user": body["user"]}), 201)
 
-    async def _audit_grant(self, request: IRequest, audited: tuple[Principal, str], what: str,
-                           kind: str, user: str, privilege: str) -> None:
+    def _grant_entry(self, request: IRequest, audited: tuple[Principal, str], what: str,
+                     kind: str, user: str, privilege: str) -> Any:
         principal, subject = audited
         if kind == "namespace":
             action = "namespace.grant" if what == "add" else "namespace.revoke"
         else:
             action = f"grant.{what}"
-        await self.audit.record(request, principal, action, kind, subject,
+        return self.audit.entry(request, principal, action, kind, subject,
                                 subject_user=None if user == "*" else user, user=user,
                                 privilege=privilege)
 
@@ -857,8 +887,9 @@ class SwitchboardAPI:
     async def _revoke(self, request: IRequest, kind: str, resource_id: Any, user: str,
                       privilege: str, audited: tuple[Principal, str]) -> bytes:
         user_id = None if user == "*" else await self.store.user_id(user)
-        await self.store.remove_grant(kind, resource_id, user_id, privilege)
-        await self._audit_grant(request, audited, "remove", kind, user, privilege)
+        await self.store.audited(
+            lambda store: store.remove_grant(kind, resource_id, user_id, privilege),
+            lambda _: self._grant_entry(request, audited, "remove", kind, user, privilege))
         request.setResponseCode(204)
         return b""
 
@@ -1048,11 +1079,12 @@ class SwitchboardAPI:
     @app.route("/api/v1/jobs/<job_id>/terminate", methods=["POST"])
     async def terminate(self, request: IRequest, job_id: str) -> bytes:
         principal, row = await self._job(request, job_id, "stop")
-        changed = await self.store.request_termination(row["id"], Reason.USER_TERMINATED,
-                                                       message=f"terminated by {principal.name}")
-        await self.audit.record(request, principal, "job.cancel", "job", row["id"],
-                                subject_user=row["owner"], state=row["state"],
-                                changed=changed)
+        await self.store.audited(
+            lambda store: store.request_termination(row["id"], Reason.USER_TERMINATED,
+                                                    message=f"terminated by {principal.name}"),
+            lambda changed: self.audit.entry(request, principal, "job.cancel", "job",
+                                             row["id"], subject_user=row["owner"],
+                                             state=row["state"], changed=changed))
         return respond(request, views.job(await self.store.get_job(row["id"], principal)))
 
     @app.route("/api/v1/jobs/<job_id>/snapshots", methods=["POST"])
@@ -1077,16 +1109,17 @@ class SwitchboardAPI:
             raise ApiError(400, f"name: {name!r} is not a valid repository name")
         await self._check_writable(principal, name)
         try:
-            snapshot = await self.store.create_snapshot(
-                row["id"], row["host_id"], principal.user_id, name, repository, store,
-                body.get("description", ""))
+            snapshot = await self.store.audited(
+                lambda s: s.create_snapshot(row["id"], row["host_id"], principal.user_id, name,
+                                            repository, store, body.get("description", "")),
+                lambda snapshot: self.audit.entry(
+                    request, principal, "job.snapshot", "job", row["id"],
+                    subject_user=row["owner"], name=name, store=store,
+                    snapshot=str(snapshot["id"])))
         except Conflict:
             # As for POST /images: nothing about whose image or snapshot holds it.
             raise ApiError(409, f"image name {name!r} is not available (an image or a "
                                 "snapshot under way holds it)") from None
-        await self.audit.record(request, principal, "job.snapshot", "job", row["id"],
-                                subject_user=row["owner"], name=name, store=store,
-                                snapshot=str(snapshot["id"]))
         return respond(request, views.snapshot(snapshot), 202)
 
     @app.route("/api/v1/jobs/<job_id>/snapshots", methods=["GET"])

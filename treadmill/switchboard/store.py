@@ -8,7 +8,8 @@ read methods return alongside the rows (see :mod:`treadmill.switchboard.access`)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -22,6 +23,25 @@ from treadmill.switchboard import jobstate
 from treadmill.switchboard.access import Principal
 from treadmill.switchboard.database import Cursor, Pool
 from treadmill.switchboard.jobstate import Reason, Stage, State, Status
+
+
+class _InTransaction:
+    """The queries of :class:`Pool` on one transaction's cursor (``Store.audited``)."""
+
+    def __init__(self, cur: Cursor):
+        self.cur = cur
+
+    async def fetchall(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
+        return await self.cur.fetchall(sql, params)
+
+    async def fetchone(self, sql: str, params: Any = None) -> dict[str, Any] | None:
+        return await self.cur.fetchone(sql, params)
+
+    async def execute(self, sql: str, params: Any = None) -> None:
+        await self.cur.execute(sql, params)
+
+    async def transaction(self, fn: Callable[[Cursor], Awaitable[Any]]) -> Any:
+        return await fn(self.cur)
 
 
 class NotFound(LookupError):
@@ -1213,6 +1233,20 @@ class Store:
         await self.pool.fetchone("SELECT 1")
 
     # -- audit log (treadmill/switchboard/audit.py) ---------------------------
+
+    async def audited(self, call: Callable[[Store], Awaitable[Any]],
+                      describe: Callable[[Any], Any]) -> Any:
+        """``await call(store)`` and append ``describe(result)`` in one transaction: no
+        change without its record, no record without its change. ``call`` gets a store
+        whose every query runs in that transaction; it must not go on querying after a
+        database error (the transaction is aborted then)."""
+        async def run(cur: Cursor) -> Any:
+            view = copy.copy(self)
+            view.pool = _InTransaction(cur)  # type: ignore[assignment]
+            result = await call(view)
+            await self.audit_append(describe(result), cur)
+            return result
+        return await self.pool.transaction(run)
 
     async def audit_append(self, entry: Any, cur: Cursor | None = None) -> None:
         """Append one :class:`audit.Entry` (in ``cur``'s transaction if given)."""
