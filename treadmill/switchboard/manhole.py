@@ -50,17 +50,22 @@ def helpers(service: SwitchboardService) -> dict[str, Callable[..., Any]]:
 
     async def drain(host: str) -> dict[str, Any]:
         """Take ``host`` out of scheduling (as ``tml host drain``); its current job runs on."""
-        await service.store.update_host(host, enabled=False)
-        row = await service.store.get_host(host, OPERATOR)
-        await audit.record(None, "manhole", "host.drain", "host", row["name"])
+        async def drain_it(store: Any) -> dict[str, Any]:
+            await store.update_host(host, enabled=False)
+            return await store.get_host(host, OPERATOR)
+
+        row = await service.store.audited(drain_it, lambda row: audit.entry(
+            None, "manhole", "host.drain", "host", row["name"]))
         return views.host(row)
 
     async def revoke_token(token_id: str) -> dict[str, Any]:
         """Revoke the API token with id ``token_id`` (as ``tml token revoke``)."""
-        row = await service.store.revoke_token(token_id)
-        await audit.record(None, "manhole", "token.revoke", "user", row["user"],
-                           subject_user=row["user"], token_id=str(row["id"]),
-                           label=row["label"])
+        row = await service.store.audited(
+            lambda store: store.revoke_token(token_id),
+            lambda row: audit.entry(None, "manhole", "token.revoke", "user", row["user"],
+                                    subject_user=row["user"], token_id=str(row["id"]),
+                                    label=row["label"]))
+        service.auth.invalidate()  # at once on this instance, as the API does
         return views.token(row)
 
     return {"list_links": list_links, "list_jobs": list_jobs, "list_hosts": list_hosts,
