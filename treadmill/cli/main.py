@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from twisted.internet.defer import CancelledError, Deferred
 
 from treadmill.cli.client import ApiClient, ApiError, Unreachable
-from treadmill.cli.commands import admin, grants, hosts, identity, images, jobs
+from treadmill.cli.commands import admin, audit, grants, hosts, identity, images, jobs
 from treadmill.cli.commands import keys as ssh_keys
 from treadmill.cli.config import ConfigError, resolve
 from treadmill.cli.context import (
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _add_globals(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command", required=True)
-    for module in (identity, admin, hosts, grants, images, jobs, ssh_keys):
+    for module in (identity, admin, hosts, grants, images, jobs, ssh_keys, audit):
         module.register(sub, common)
     return parser
 

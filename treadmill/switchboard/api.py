@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import jwt
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
@@ -39,6 +40,7 @@ from treadmill.images.registry import canonical_store_url
 from treadmill.protocol.results import ResultsError, check_patterns
 from treadmill.switchboard import credentials, registry, schemas, views
 from treadmill.switchboard.access import PRIVILEGES, Principal, effective
+from treadmill.switchboard.audit import Recorder
 from treadmill.switchboard.auth import Authenticator, PasswordGuard
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.events import JobWatchers
@@ -107,14 +109,14 @@ def _patterns(body: dict[str, Any]) -> dict[str, str] | None:
         raise ApiError(400, str(e)) from None
 
 
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"j{seq}".encode()).decode().rstrip("=")
+def _encode_cursor(seq: int, tag: str = "j") -> str:
+    return base64.urlsafe_b64encode(f"{tag}{seq}".encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> int:
+def _decode_cursor(cursor: str, tag: str = "j") -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not raw.startswith("j"):
+        if not raw.startswith(tag) or not 0 <= int(raw[1:]) < 2 ** 63:
             raise ValueError(raw)
         return int(raw[1:])
     except ValueError:
@@ -198,6 +200,7 @@ class SwitchboardAPI:
         self.limits = limits or Limits()
         self.supervisor_resource = supervisor_resource
         self.passwords = passwords or PasswordGuard(reactor)
+        self.audit = Recorder(store, self.passwords.trusted_proxies)
         self._openapi: bytes | None = None
 
     def resource(self) -> Any:
@@ -391,21 +394,26 @@ class SwitchboardAPI:
 
     @app.route("/api/v1/stores", methods=["POST"])
     async def create_store(self, request: IRequest) -> bytes:
-        await self._admin(request)
+        principal = await self._admin(request)
         body = read_json(request, schemas.STORE_CREATE)
         try:
             url = canonical_store_url(body["url"])
         except ValueError as e:
             raise ApiError(400, f"url: {e}") from None
-        row = await self.store.create_image_store(url, body["service"],
-                                                  body.get("description", ""),
-                                                  body.get("cache", False))
+        row = await self.store.audited(
+            lambda store: store.create_image_store(url, body["service"],
+                                                   body.get("description", ""),
+                                                   body.get("cache", False)),
+            lambda row: self.audit.entry(request, principal, "store.add", "store",
+                                         row["service"], url=row["url"], cache=row["cache"]))
         return respond(request, views.image_store(row), 201)
 
     @app.route("/api/v1/stores/<service>", methods=["DELETE"])
     async def delete_store(self, request: IRequest, service: str) -> bytes:
-        await self._admin(request)
-        await self.store.delete_image_store(service)
+        principal = await self._admin(request)
+        await self.store.audited(
+            lambda store: store.delete_image_store(service),
+            lambda _: self.audit.entry(request, principal, "store.remove", "store", service))
         request.setResponseCode(204)
         return b""
 
@@ -437,7 +445,8 @@ class SwitchboardAPI:
         body = read_json(request, schemas.LOGIN)
         row = await self._check_password(request, body["user"], body["password"])
         ttl = self._ttl(body, admin=row["admin"])
-        return await self._issue_token(request, row["id"], body.get("label", "login"), ttl)
+        return await self._issue_token(request, row["id"], body.get("label", "login"), ttl,
+                                       actor=row["name"], action="login")
 
     async def _check_password(self, request: IRequest, user: str, password: str) -> dict:
         """The user's row if ``password`` is theirs; ``429`` over the rate limits, before
@@ -449,6 +458,9 @@ class SwitchboardAPI:
             row = None
         encoded = row["password_hash"] if row is not None and not row["disabled"] else None
         if not await self.passwords.verify(password, encoded):
+            if row is not None:  # attempts on an account its user may see
+                await self.audit.record(request, row["name"], "login.failure", "user",
+                                        row["name"], subject_user=row["name"])
             raise ApiError(401, "wrong user name or password")
         assert row is not None
         self.passwords.succeeded(spent)
@@ -463,9 +475,15 @@ class SwitchboardAPI:
         return ttl
 
     async def _issue_token(self, request: IRequest, user_id: int, label: str,
-                           ttl: float | None) -> bytes:
+                           ttl: float | None, actor: Principal | str,
+                           action: str = "token.create") -> bytes:
         secret = credentials.new_token(credentials.USER_TOKEN_PREFIX)
-        row = await self.store.create_token(user_id, credentials.token_hash(secret), label, ttl)
+        row = await self.store.audited(
+            lambda store: store.create_token(user_id, credentials.token_hash(secret), label,
+                                             ttl),
+            lambda row: self.audit.entry(request, actor, action, "user", row["user"],
+                                         subject_user=row["user"], token_id=str(row["id"]),
+                                         label=label, expires_at=row["expires_at"]))
         return respond(request, {**views.token(row), "token": secret}, 201)
 
     @app.route("/api/v1/tokens", methods=["GET"])
@@ -488,7 +506,8 @@ class SwitchboardAPI:
         body = read_json(request, schemas.TOKEN_CREATE, empty=dict)
         user_id = await self._target_user(principal, body.get("user"))
         ttl = self._ttl(body, admin=principal.admin)
-        return await self._issue_token(request, user_id, body.get("label", ""), ttl)
+        return await self._issue_token(request, user_id, body.get("label", ""), ttl,
+                                       actor=principal)
 
     @app.route("/api/v1/tokens/<token_id>", methods=["DELETE"])
     async def revoke_token(self, request: IRequest, token_id: str) -> bytes:
@@ -497,7 +516,11 @@ class SwitchboardAPI:
         row = await self.store.get_token(token_id)
         if row["user_id"] != principal.user_id and not principal.admin:
             raise ApiError(404, "no such token")
-        row = await self.store.revoke_token(token_id)
+        row = await self.store.audited(
+            lambda store: store.revoke_token(token_id),
+            lambda row: self.audit.entry(request, principal, "token.revoke", "user",
+                                         row["user"], subject_user=row["user"],
+                                         token_id=str(row["id"]), label=row["label"]))
         self.auth.invalidate()
         return respond(request, views.token(row))
 
@@ -517,8 +540,12 @@ class SwitchboardAPI:
             key = sshkeys.parse(body["key"])
         except sshkeys.BadKey as e:
             raise ApiError(400, str(e)) from None
-        row = await self.store.add_ssh_key(user_id, key.type, key.body, key.comment,
-                                           key.fingerprint, MAX_SSH_KEYS)
+        row = await self.store.audited(
+            lambda store: store.add_ssh_key(user_id, key.type, key.body, key.comment,
+                                            key.fingerprint, MAX_SSH_KEYS),
+            lambda row: self.audit.entry(request, principal, "key.add", "user", row["user"],
+                                         subject_user=row["user"], key_id=str(row["id"]),
+                                         fingerprint=row["fingerprint"]))
         return respond(request, views.ssh_key(row), 201)
 
     async def _key_owner(self, principal: Principal, name: str | None) -> int:
@@ -530,8 +557,12 @@ class SwitchboardAPI:
     async def delete_ssh_key(self, request: IRequest, key_id: str) -> bytes:
         principal = await self.auth.principal(request)
         key_id = _uuid(key_id, "SSH key")
-        row = await self.store.delete_ssh_key(None if principal.admin else principal.user_id,
-                                              key_id)
+        row = await self.store.audited(
+            lambda store: store.delete_ssh_key(None if principal.admin else principal.user_id,
+                                               key_id),
+            lambda row: self.audit.entry(request, principal, "key.remove", "user", row["user"],
+                                         subject_user=row["user"], key_id=str(row["id"]),
+                                         fingerprint=row["fingerprint"]))
         return respond(request, views.ssh_key(row))
 
     @app.route("/api/v1/users", methods=["GET"])
@@ -547,7 +578,7 @@ class SwitchboardAPI:
 
     @app.route("/api/v1/users", methods=["POST"])
     async def create_user(self, request: IRequest) -> bytes:
-        await self._admin(request)
+        principal = await self._admin(request)
         body = read_json(request, schemas.USER_CREATE)
         taken = await self.store.namespace_images(body["name"])
         if taken:
@@ -558,6 +589,9 @@ class SwitchboardAPI:
         if "password" in body:
             password_hash = await self.passwords.hash(body["password"])
         row = await self.store.create_user(body["name"], body.get("admin", False), password_hash)
+        await self.audit.record(request, principal, "user.create", "user", row["name"],
+                                subject_user=row["name"], admin=row["admin"],
+                                password="password" in body)
         return respond(request, views.user(row), 201)
 
     @app.route("/api/v1/users/<name>", methods=["GET"])
@@ -579,9 +613,14 @@ class SwitchboardAPI:
         password_hash = None
         if "password" in body:
             password_hash = await self.passwords.hash(body["password"])
-        row = await self.store.update_user(name, admin=body.get("admin"),
-                                           disabled=body.get("disabled"),
-                                           password_hash=password_hash)
+        changes = {key: body[key] for key in ("admin", "disabled") if key in body}
+        row = await self.store.audited(
+            lambda store: store.update_user(name, admin=body.get("admin"),
+                                            disabled=body.get("disabled"),
+                                            password_hash=password_hash),
+            lambda row: self.audit.entry(request, principal, "user.update", "user",
+                                         row["name"], subject_user=row["name"],
+                                         password="password" in body, **changes))
         self.auth.invalidate()
         return respond(request, views.user(row))
 
@@ -608,10 +647,15 @@ class SwitchboardAPI:
         body = read_json(request, schemas.HOST_CREATE)
         owner_id = await self.store.user_id(body["owner"]) if "owner" in body else None
         secret = credentials.new_token(credentials.HOST_TOKEN_PREFIX)
-        await self.store.create_host(body["name"], body.get("tags", []), owner_id,
-                                     body.get("description", ""),
-                                     credentials.token_hash(secret))
-        row = await self.store.get_host(body["name"], principal)
+
+        async def create(store: Store) -> dict:
+            await store.create_host(body["name"], body.get("tags", []), owner_id,
+                                    body.get("description", ""), credentials.token_hash(secret))
+            return await store.get_host(body["name"], principal)
+
+        row = await self.store.audited(create, lambda row: self.audit.entry(
+            request, principal, "host.create", "host", row["name"], tags=row["tags"],
+            owner=row["owner"]))
         return respond(request, {**views.host(row), "token": secret}, 201)
 
     @app.route("/api/v1/hosts/<name>", methods=["GET"])
@@ -619,36 +663,52 @@ class SwitchboardAPI:
         _, row = await self._host(request, name, "read")
         return respond(request, views.host(row))
 
-    async def _update_host(self, request: IRequest, name: str, **changes: Any) -> bytes:
+    async def _update_host(self, request: IRequest, name: str, action: str,
+                           **changes: Any) -> bytes:
         principal, _ = await self._host(request, name, "manage")
-        await self.store.update_host(name, **changes)
-        return respond(request, views.host(await self.store.get_host(name, principal)))
+
+        async def update(store: Store) -> dict:
+            await store.update_host(name, **changes)
+            return await store.get_host(name, principal)
+
+        row = await self.store.audited(update, lambda row: self.audit.entry(
+            request, principal, action, "host", row["name"],
+            **({"tags": row["tags"]} if "tags" in changes else {})))
+        return respond(request, views.host(row))
 
     @app.route("/api/v1/hosts/<name>/tags", methods=["PUT"])
     async def set_host_tags(self, request: IRequest, name: str) -> bytes:
         body = read_json(request, schemas.HOST_TAGS)
-        return await self._update_host(request, name, tags=body["tags"])
+        return await self._update_host(request, name, "host.tags", tags=body["tags"])
 
     @app.route("/api/v1/hosts/<name>/drain", methods=["POST"])
     async def drain_host(self, request: IRequest, name: str) -> bytes:
-        return await self._update_host(request, name, enabled=False)
+        return await self._update_host(request, name, "host.drain", enabled=False)
 
     @app.route("/api/v1/hosts/<name>/enable", methods=["POST"])
     async def enable_host(self, request: IRequest, name: str) -> bytes:
-        return await self._update_host(request, name, enabled=True, reset_health=True)
+        return await self._update_host(request, name, "host.enable", enabled=True,
+                                       reset_health=True)
 
     @app.route("/api/v1/hosts/<name>/token", methods=["POST"])
     async def host_token(self, request: IRequest, name: str) -> bytes:
         principal = await self._admin(request)
         secret = credentials.new_token(credentials.HOST_TOKEN_PREFIX)
-        await self.store.update_host(name, digest=credentials.token_hash(secret))
-        row = await self.store.get_host(name, principal)
+
+        async def replace(store: Store) -> dict:
+            await store.update_host(name, digest=credentials.token_hash(secret))
+            return await store.get_host(name, principal)
+
+        row = await self.store.audited(replace, lambda row: self.audit.entry(
+            request, principal, "host.token", "host", row["name"]))
         return respond(request, {**views.host(row), "token": secret})
 
     @app.route("/api/v1/hosts/<name>", methods=["DELETE"])
     async def delete_host(self, request: IRequest, name: str) -> bytes:
-        await self._admin(request)
-        await self.store.delete_host(name)
+        principal = await self._admin(request)
+        await self.store.audited(
+            lambda store: store.delete_host(name),
+            lambda _: self.audit.entry(request, principal, "host.delete", "host", name))
         request.setResponseCode(204)
         return b""
 
@@ -684,6 +744,8 @@ class SwitchboardAPI:
         except Conflict:
             raise await self._name_taken(principal, body["name"]) from None
         row = await self.store.get_image(body["name"], principal)
+        await self.audit.record(request, principal, "image.create", "image", row["name"],
+                                digest=row["digest"], stores=row["stores"])
         return respond(request, views.image(row), 201)
 
     @app.route("/api/v1/images/<path:name>", methods=["GET"])
@@ -704,30 +766,46 @@ class SwitchboardAPI:
     async def rollback_image(self, request: IRequest, name: str) -> bytes:
         principal, row = await self._image(request, name, "manage")
         body = read_json(request, schemas.IMAGE_ROLLBACK)
-        await self.store.rollback_image(row["name"], body["version"], principal.user_id,
-                                        keep=self.limits.image_history)
-        return respond(request, views.image(await self.store.get_image(name, principal)))
+
+        async def rollback(store: Store) -> dict:
+            await store.rollback_image(row["name"], body["version"], principal.user_id,
+                                       keep=self.limits.image_history)
+            return await store.get_image(name, principal)
+
+        row = await self.store.audited(rollback, lambda row: self.audit.entry(
+            request, principal, "image.rollback", "image", row["name"],
+            version=body["version"], digest=row["digest"]))
+        return respond(request, views.image(row))
 
     @app.route("/api/v1/images/<path:name>", methods=["PUT"])
     async def update_image(self, request: IRequest, name: str) -> bytes:
         principal, _ = await self._image(request, name, "manage")
         body = read_json(request, schemas.IMAGE_UPDATE)
         stores = await self._registered("stores", body["stores"]) if "stores" in body else None
-        await self.store.update_image(name, digest=body.get("digest"),
-                                      stores=stores,
-                                      description=body.get("description"),
-                                      host_tags=body.get("host_tags"),
-                                      results=_patterns(body) if "results" in body else False,
-                                      kind=body.get("kind"), by=principal.user_id,
-                                      keep=self.limits.image_history)
-        return respond(request, views.image(await self.store.get_image(name, principal)))
+        results = _patterns(body) if "results" in body else False
+
+        async def update(store: Store) -> dict:
+            await store.update_image(name, digest=body.get("digest"), stores=stores,
+                                     description=body.get("description"),
+                                     host_tags=body.get("host_tags"), results=results,
+                                     kind=body.get("kind"), by=principal.user_id,
+                                     keep=self.limits.image_history)
+            return await store.get_image(name, principal)
+
+        row = await self.store.audited(update, lambda row: self.audit.entry(
+            request, principal, "image.update", "image", row["name"], changed=sorted(body),
+            digest=row["digest"]))
+        return respond(request, views.image(row))
 
     @app.route("/api/v1/images/<path:name>", methods=["DELETE"])
     async def delete_image(self, request: IRequest, name: str) -> bytes:
         if "/grants/" in name:
             return await self._image_grants_dispatch(request, name)
-        await self._image(request, name, "manage")
-        await self.store.delete_image(name)
+        principal, row = await self._image(request, name, "manage")
+        await self.store.audited(
+            lambda store: store.delete_image(name),
+            lambda _: self.audit.entry(request, principal, "image.delete", "image",
+                                       row["name"], digest=row["digest"]))
         request.setResponseCode(204)
         return b""
 
@@ -744,34 +822,38 @@ class SwitchboardAPI:
         parts = path.split("/")
         method = request.method.decode()
         if len(parts) >= 2 and parts[-1] == "grants" and method in ("GET", "POST"):
-            _, row = await self._image(request, "/".join(parts[:-1]), "manage")
-            return await self._grants(request, method, "image", row["id"])
+            principal, row = await self._image(request, "/".join(parts[:-1]), "manage")
+            return await self._grants(request, method, "image", row["id"],
+                                      (principal, row["name"]))
         if len(parts) >= 4 and parts[-3] == "grants" and method == "DELETE":
-            _, row = await self._image(request, "/".join(parts[:-3]), "manage")
-            return await self._revoke(request, "image", row["id"], parts[-2], parts[-1])
+            principal, row = await self._image(request, "/".join(parts[:-3]), "manage")
+            return await self._revoke(request, "image", row["id"], parts[-2], parts[-1],
+                                      (principal, row["name"]))
         raise ApiError(404, "no such endpoint")
 
     # -- grants --------------------------------------------------------------------
 
     async def _grant_target(self, request: IRequest, collection: str, ident: str
-                            ) -> tuple[str, Any]:
+                            ) -> tuple[str, Any, tuple[Principal, str]]:
+        """The kind and id of the resource, and who acts on it (named) for the audit log."""
         if collection == "hosts":
-            _, row = await self._host(request, ident, "manage")
-            return "host", row["id"]
+            principal, row = await self._host(request, ident, "manage")
+            return "host", row["id"], (principal, row["name"])
         if collection == "jobs":
-            _, row = await self._job(request, ident, "manage")
-            return "job", row["id"]
+            principal, row = await self._job(request, ident, "manage")
+            return "job", row["id"], (principal, str(row["id"]))
         if collection == "images":
-            _, row = await self._image(request, ident, "manage")
-            return "image", row["id"]
+            principal, row = await self._image(request, ident, "manage")
+            return "image", row["id"], (principal, row["name"])
         raise ApiError(404, "no such endpoint")
 
     @app.route("/api/v1/<collection>/<ident>/grants", methods=["GET", "POST"])
     async def grants(self, request: IRequest, collection: str, ident: str) -> bytes:
-        kind, resource_id = await self._grant_target(request, collection, ident)
-        return await self._grants(request, request.method.decode(), kind, resource_id)
+        kind, resource_id, audited = await self._grant_target(request, collection, ident)
+        return await self._grants(request, request.method.decode(), kind, resource_id, audited)
 
-    async def _grants(self, request: IRequest, method: str, kind: str, resource_id: Any) -> bytes:
+    async def _grants(self, request: IRequest, method: str, kind: str, resource_id: Any,
+                      audited: tuple[Principal, str]) -> bytes:
         if method == "GET":
             rows = await self.store.list_grants(kind, resource_id)
             return respond(request, {"grants": [views.grant(row) for row in rows]})
@@ -779,19 +861,35 @@ class SwitchboardAPI:
         if body["privilege"] not in PRIVILEGES[kind]:
             raise ApiError(400, f"privilege: {kind}s have {', '.join(PRIVILEGES[kind])}")
         user_id = None if body["user"] == "*" else await self.store.user_id(body["user"])
-        row = await self.store.add_grant(kind, resource_id, user_id, body["privilege"])
+        row = await self.store.audited(
+            lambda store: store.add_grant(kind, resource_id, user_id, body["privilege"]),
+            lambda _: self._grant_entry(request, audited, "add", kind, body["user"],
+                                        body["privilege"]))
         return respond(request, views.grant({**row, "user": body["user"]}), 201)
+
+    def _grant_entry(self, request: IRequest, audited: tuple[Principal, str], what: str,
+                     kind: str, user: str, privilege: str) -> Any:
+        principal, subject = audited
+        if kind == "namespace":
+            action = "namespace.grant" if what == "add" else "namespace.revoke"
+        else:
+            action = f"grant.{what}"
+        return self.audit.entry(request, principal, action, kind, subject,
+                                subject_user=None if user == "*" else user, user=user,
+                                privilege=privilege)
 
     @app.route("/api/v1/<collection>/<ident>/grants/<user>/<privilege>", methods=["DELETE"])
     async def revoke_grant(self, request: IRequest, collection: str, ident: str, user: str,
                            privilege: str) -> bytes:
-        kind, resource_id = await self._grant_target(request, collection, ident)
-        return await self._revoke(request, kind, resource_id, user, privilege)
+        kind, resource_id, audited = await self._grant_target(request, collection, ident)
+        return await self._revoke(request, kind, resource_id, user, privilege, audited)
 
     async def _revoke(self, request: IRequest, kind: str, resource_id: Any, user: str,
-                      privilege: str) -> bytes:
+                      privilege: str, audited: tuple[Principal, str]) -> bytes:
         user_id = None if user == "*" else await self.store.user_id(user)
-        await self.store.remove_grant(kind, resource_id, user_id, privilege)
+        await self.store.audited(
+            lambda store: store.remove_grant(kind, resource_id, user_id, privilege),
+            lambda _: self._grant_entry(request, audited, "remove", kind, user, privilege))
         request.setResponseCode(204)
         return b""
 
@@ -810,16 +908,53 @@ class SwitchboardAPI:
     async def namespace_grants(self, request: IRequest, namespace: str) -> bytes:
         """Grants on a repository namespace: ``use`` pulls in it, ``manage`` also pushes,
         deletes and registers catalogue images there."""
-        await self._admin(request)
-        return await self._grants(request, request.method.decode(), "namespace",
-                                  self._namespace(namespace))
+        principal = await self._admin(request)
+        canonical = self._namespace(namespace)
+        return await self._grants(request, request.method.decode(), "namespace", canonical,
+                                  (principal, canonical))
 
     @app.route("/api/v1/namespaces/<namespace>/grants/<user>/<privilege>", methods=["DELETE"])
     async def revoke_namespace_grant(self, request: IRequest, namespace: str, user: str,
                                      privilege: str) -> bytes:
-        await self._admin(request)
-        return await self._revoke(request, "namespace", self._namespace(namespace), user,
-                                  privilege)
+        principal = await self._admin(request)
+        canonical = self._namespace(namespace)
+        return await self._revoke(request, "namespace", canonical, user, privilege,
+                                  (principal, canonical))
+
+    # -- audit log ------------------------------------------------------------------
+
+    @app.route("/api/v1/audit", methods=["GET"])
+    async def audit_log(self, request: IRequest) -> bytes:
+        """Audit records, newest first: an admin's all, a user's those about themselves
+        and the jobs, hosts and images they may read (docs/api.md, "Audit log")."""
+        principal = await self.auth.principal(request)
+        limit = _int_arg(request, "limit", 100, 1, self.limits.max_page)
+        filters: dict[str, Any] = {}
+        for name in ("user", "host", "image", "action"):
+            value = _arg(request, name)
+            if value is not None:
+                if not value or len(value) > 256 or "\x00" in value:
+                    raise ApiError(400, f"{name}: between 1 and 256 characters")
+                filters[name] = value
+        job = _arg(request, "job")
+        if job is not None:
+            filters["job"] = _uuid_arg(job, "job")
+        after = _arg(request, "after")
+        if after is not None:
+            try:
+                moment = datetime.fromisoformat(after)
+            except ValueError:
+                raise ApiError(400, "after: not an RFC 3339 time") from None
+            filters["after"] = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        cursor = _arg(request, "cursor")
+        rows = await self.store.audit_list(
+            principal, before_id=_decode_cursor(cursor, "a") if cursor else None,
+            limit=limit + 1, **filters)
+        page = rows[:limit]
+        body: dict[str, Any] = {"entries": [views.audit_entry(row) for row in page]}
+        if len(rows) > limit:
+            body["next_cursor"] = _encode_cursor(page[-1]["id"], "a")
+        return respond(request, body)
 
     # -- jobs ------------------------------------------------------------------------
 
@@ -948,8 +1083,12 @@ class SwitchboardAPI:
     @app.route("/api/v1/jobs/<job_id>/terminate", methods=["POST"])
     async def terminate(self, request: IRequest, job_id: str) -> bytes:
         principal, row = await self._job(request, job_id, "stop")
-        await self.store.request_termination(row["id"], Reason.USER_TERMINATED,
-                                             message=f"terminated by {principal.name}")
+        await self.store.audited(
+            lambda store: store.request_termination(row["id"], Reason.USER_TERMINATED,
+                                                    message=f"terminated by {principal.name}"),
+            lambda changed: self.audit.entry(request, principal, "job.cancel", "job",
+                                             row["id"], subject_user=row["owner"],
+                                             state=row["state"], changed=changed))
         return respond(request, views.job(await self.store.get_job(row["id"], principal)))
 
     @app.route("/api/v1/jobs/<job_id>/extend", methods=["POST"])
@@ -987,9 +1126,13 @@ class SwitchboardAPI:
             raise ApiError(400, f"name: {name!r} is not a valid repository name")
         await self._check_writable(principal, name)
         try:
-            snapshot = await self.store.create_snapshot(
-                row["id"], row["host_id"], principal.user_id, name, repository, store,
-                body.get("description", ""))
+            snapshot = await self.store.audited(
+                lambda s: s.create_snapshot(row["id"], row["host_id"], principal.user_id, name,
+                                            repository, store, body.get("description", "")),
+                lambda snapshot: self.audit.entry(
+                    request, principal, "job.snapshot", "job", row["id"],
+                    subject_user=row["owner"], name=name, store=store,
+                    snapshot=str(snapshot["id"])))
         except Conflict:
             # As for POST /images: nothing about whose image or snapshot holds it.
             raise ApiError(409, f"image name {name!r} is not available (an image or a "
@@ -1029,6 +1172,11 @@ class SwitchboardAPI:
         actions = ("read", "manage") if access == "manage" else ("read",)
         token = self.signer.sign(principal.name, self.limits.proxy_service,
                                  [Access("tunnel", row["id"], actions)], ttl)
+        # The token's id (not a secret) is what the proxy logs with each connection.
+        jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+        await self.audit.record(request, principal, "job.console_token", "job", row["id"],
+                                subject_user=row["owner"], access=access,
+                                expires_in=int(ttl), token_jti=jti)
         return respond(request, {"token": token, "access": access, "expires_in": int(ttl),
                                  "endpoints": row["endpoints"] or []})
 

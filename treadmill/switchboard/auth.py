@@ -153,16 +153,27 @@ class PasswordPolicy:
     trusted_proxies: tuple[str, ...] = ()
 
 
-def client_key(request: IRequest, trusted_proxies: frozenset[str] = frozenset()) -> str:
-    """Who the rate limit counts a request against: its IPv4 address or IPv6 /64.
+def client_address(request: IRequest, trusted_proxies: frozenset[str] = frozenset()
+                   ) -> str | None:
+    """The client's address as given (None: not an IP connection).
 
     Behind a trusted proxy, the address it appended to ``X-Forwarded-For``."""
     host = getattr(request.getClientAddress(), "host", None)
     if host is None:
-        return "local"
+        return None
     if host in trusted_proxies:
         forwarded = (request.getHeader("x-forwarded-for") or "").split(",")[-1].strip()
         host = forwarded or host
+    return str(host)
+
+
+def client_key(request: IRequest, trusted_proxies: frozenset[str] = frozenset()) -> str:
+    """Who the rate limit counts a request against: its IPv4 address or IPv6 /64.
+
+    Behind a trusted proxy, the address it appended to ``X-Forwarded-For``."""
+    host = client_address(request, trusted_proxies)
+    if host is None:
+        return "local"
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -193,6 +204,7 @@ class PasswordGuard:
                                    policy.table_size)
         self.hashing = ConcurrencyGate(policy.max_hashing, policy.hashing_queue)
         self._trusted = frozenset(policy.trusted_proxies)
+        self.trusted_proxies = self._trusted
         self._refused = 0
         self._warned_at = float("-inf")
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from treadmill.switchboard import views
 from treadmill.switchboard.access import Principal
+from treadmill.switchboard.audit import Recorder
 
 if TYPE_CHECKING:
     from treadmill.switchboard.service import SwitchboardService
@@ -23,6 +24,7 @@ OPERATOR = Principal(user_id=0, name="manhole", admin=True)
 
 def helpers(service: SwitchboardService) -> dict[str, Callable[..., Any]]:
     """The helper functions of ``service``'s manhole namespace."""
+    audit = Recorder(service.store)
 
     def list_links() -> list[dict[str, Any]]:
         """Supervisors connected to this instance: host, protocol minor, peer address."""
@@ -48,12 +50,23 @@ def helpers(service: SwitchboardService) -> dict[str, Callable[..., Any]]:
 
     async def drain(host: str) -> dict[str, Any]:
         """Take ``host`` out of scheduling (as ``tml host drain``); its current job runs on."""
-        await service.store.update_host(host, enabled=False)
-        return views.host(await service.store.get_host(host, OPERATOR))
+        async def drain_it(store: Any) -> dict[str, Any]:
+            await store.update_host(host, enabled=False)
+            return await store.get_host(host, OPERATOR)
+
+        row = await service.store.audited(drain_it, lambda row: audit.entry(
+            None, "manhole", "host.drain", "host", row["name"]))
+        return views.host(row)
 
     async def revoke_token(token_id: str) -> dict[str, Any]:
         """Revoke the API token with id ``token_id`` (as ``tml token revoke``)."""
-        return views.token(await service.store.revoke_token(token_id))
+        row = await service.store.audited(
+            lambda store: store.revoke_token(token_id),
+            lambda row: audit.entry(None, "manhole", "token.revoke", "user", row["user"],
+                                    subject_user=row["user"], token_id=str(row["id"]),
+                                    label=row["label"]))
+        service.auth.invalidate()  # at once on this instance, as the API does
+        return views.token(row)
 
     return {"list_links": list_links, "list_jobs": list_jobs, "list_hosts": list_hosts,
             "drain": drain, "revoke_token": revoke_token}

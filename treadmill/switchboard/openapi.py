@@ -248,6 +248,17 @@ JWK: dict[str, Any] = {
     "required": ["kty", "crv", "x", "kid"],
 }
 
+AUDIT_ENTRY = _record({
+    "id": {"type": "integer"}, "at": TIME, "actor": STRING,
+    "actor_kind": _enum(("user", "host", "manhole", "system")),
+    "source": {"type": "string", "description": "The client's address ('' if none)."},
+    "action": {"type": "string", "description": "A dotted name: token.create, host.drain, "
+                                                "... (docs/operations.md, \"Audit log\")."},
+    "subject_kind": _enum(("user", "host", "job", "image", "store", "namespace")),
+    "subject_id": STRING, "subject_user": OPTIONAL_STRING,
+    "details": {"type": "object", "description": "What changed; never a secret."},
+}, "One audit record (append-only).")
+
 RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "User": USER, "Token": TOKEN, "NewToken": NEW_TOKEN, "Host": HOST, "NewHost": NEW_HOST,
     "Image": IMAGE, "GrantRecord": GRANT_RECORD, "Job": JOB, "Event": EVENT, "Error": ERROR,
@@ -269,6 +280,9 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "JobList": _list_of("jobs", "Job", next_cursor={
         "type": "string", "description": "The cursor of the next page; absent on the last."}),
     "EventList": _list_of("events", "Event"),
+    "AuditEntry": AUDIT_ENTRY,
+    "AuditList": _list_of("entries", "AuditEntry", next_cursor={
+        "type": "string", "description": "The cursor of the next page; absent on the last."}),
     "CapabilityKeys": _list_of("keys", "JWK"),
     "Health": {"type": "object", "properties": {"status": {"const": "ok"}},
                "required": ["status"]},
@@ -741,6 +755,27 @@ def _other() -> dict[str, dict[str, Any]]:
     }
 
 
+def _audit() -> dict[str, dict[str, Any]]:
+    limits = Limits()
+    text = {"type": "string", "minLength": 1, "maxLength": 256}
+    return {"/api/v1/audit": {"get": _operation(
+        "audit_log", "Other", "Audit records you may read, newest first.", 200, "AuditList",
+        errors=(400,), query=(
+            _query_param("user", text, "Records the user acted in or that name them."),
+            _query_param("host", text, "Records about this host."),
+            _query_param("job", UUID, "Records about this job."),
+            _query_param("image", text, "Records about this catalogue image."),
+            _query_param("action", text, "This action, or every action under a prefix "
+                                         "(`host` for `host.*`)."),
+            _query_param("after", TIME, "Only records after this time (RFC 3339)."),
+            _query_param("limit", {"type": "integer", "minimum": 1,
+                                   "maximum": limits.max_page, "default": 100}, "Page size."),
+            _query_param("cursor", STRING, "`next_cursor` of the previous page (opaque).")),
+        description="An admin reads every record; a user those they acted in, those "
+                    "naming them (`subject_user`), and those about the jobs, hosts and "
+                    "images they may read now.")}}
+
+
 def _registry_token() -> dict[str, Any]:
     operation = _operation(
         "registry_token", "Other",
@@ -783,6 +818,7 @@ def build() -> dict[str, Any]:
     for part in (_identity(), _hosts(), _images(), _grants(), _namespace_grants(), _jobs(),
                  _other(), _ssh_keys()):
         paths.update(part)
+    paths.update(_audit())
     document = {
         "openapi": "3.1.0",
         "info": {

@@ -38,6 +38,7 @@ from treadmill.common.captoken import (
 from treadmill.common.daemon import RoleService, listeners
 from treadmill.common.http import limited_site
 from treadmill.switchboard.api import Limits, SwitchboardAPI
+from treadmill.switchboard.audit import RetentionService
 from treadmill.switchboard.auth import Authenticator, PasswordGuard, PasswordPolicy
 from treadmill.switchboard.database import Listener, Pool, Timeouts, migrate, unavailable
 from treadmill.switchboard.events import JobWatchers
@@ -81,6 +82,7 @@ class SwitchboardConfig:
     address: str = ""
     adopt_signing_key: bool = False
     rebalance_interval: float = 10.0
+    audit_retention: float = 365.0
 
 
 class SigningKeyMismatch(RuntimeError):
@@ -227,6 +229,10 @@ class SwitchboardService(RoleService):
         counts.clock = self.reactor
         counts.setName("job-counts")
         counts.setServiceParent(self)
+        retention = RetentionService(self.reactor, self.store, self.config.audit_retention,
+                                     is_leader=lambda: self.instance.leader)
+        retention.setName("audit-retention")
+        retention.setServiceParent(self)
         http = listeners(self.reactor, self.config.listen, self.site, "http")
         http.setServiceParent(self)
         # StreamServerEndpointService keeps the pending listen here.

@@ -98,6 +98,9 @@ class Options(RoleOptions):
                 "Seconds a queued job that no host could ever run waits before it expires."),
         Setting("images.history", positive(INT), 50,
                 "Versions of each catalogue image kept (a new digest is a new version)."),
+        Setting("audit.retention", non_negative(FLOAT), 365.0,
+                "Days audit records are kept (0: for ever); the leader deletes older ones "
+                "hourly."),
         Setting("hosts.max_failures", positive(INT), 3,
                 "Consecutive host-side failures that take a host out of service."),
         Setting("supervisors.ping_interval", positive(FLOAT), 5.0,
@@ -192,7 +195,8 @@ def config_from(values: dict[str, Any]) -> SwitchboardConfig:
         proxy_service=values["proxies.service"],
         adopt_signing_key=values["capabilities.adopt_key"],
         heartbeat_interval=values["instances.heartbeat_interval"],
-        rebalance_interval=values["instances.rebalance_interval"])
+        rebalance_interval=values["instances.rebalance_interval"],
+        audit_retention=values["audit.retention"])
     config.passwords = PasswordPolicy(
         address_rate=values["login.address_rate"], address_burst=values["login.address_burst"],
         user_rate=values["login.user_rate"], user_burst=values["login.user_burst"],

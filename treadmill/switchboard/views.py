@@ -95,3 +95,9 @@ def job(row: dict[str, Any]) -> dict[str, Any]:
 def event(row: dict[str, Any]) -> dict[str, Any]:
     return {key: row[key] for key in
             ("seq", "job", "at", "state", "stage", "reason", "exit_status", "message")}
+
+
+def audit_entry(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: row[key] for key in
+            ("id", "at", "actor", "actor_kind", "source", "action", "subject_kind",
+             "subject_id", "subject_user", "details")}
