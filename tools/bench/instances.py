@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -125,6 +126,12 @@ class Bench:
         text = re.sub(r"^    bind .*\n", f"    bind 127.0.0.1:{self.port}\n", text, flags=re.M)
         # Two connections per supervisor: the example's maxconn 4000 holds about 1,990.
         maxconn = max(4000, 2 * self.args.supervisors + 1000)
+        # HAProxy wants about 2 * maxconn descriptors and cannot go over the hard limit.
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY and 2 * maxconn + 100 > hard:
+            raise BenchError(f"{self.args.supervisors} supervisors need HAProxy's maxconn "
+                             f"{maxconn}, about {2 * maxconn + 100} descriptors: over "
+                             f"RLIMIT_NOFILE {hard}")
         text = re.sub(r"^    maxconn .*\n", f"    maxconn {maxconn}\n", text, flags=re.M)
         if self.args.check_timeout:
             text = re.sub(r"^    timeout check .*\n",
