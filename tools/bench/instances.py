@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -123,6 +124,18 @@ class Bench:
     def start_haproxy(self) -> None:
         text = (ROOT / "etc" / "haproxy" / "haproxy.cfg").read_text()
         text = re.sub(r"^    bind .*\n", f"    bind 127.0.0.1:{self.port}\n", text, flags=re.M)
+        # Two connections per supervisor: the example's maxconn 4000 holds about 1,990.
+        maxconn = max(4000, 2 * self.args.supervisors + 1000)
+        # HAProxy wants about 2 * maxconn descriptors and cannot go over the hard limit.
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY and 2 * maxconn + 100 > hard:
+            raise BenchError(f"{self.args.supervisors} supervisors need HAProxy's maxconn "
+                             f"{maxconn}, about {2 * maxconn + 100} descriptors: over "
+                             f"RLIMIT_NOFILE {hard}")
+        text = re.sub(r"^    maxconn .*\n", f"    maxconn {maxconn}\n", text, flags=re.M)
+        if self.args.check_timeout:
+            text = re.sub(r"^    timeout check .*\n",
+                          f"    timeout check {self.args.check_timeout}\n", text, flags=re.M)
         text = re.sub(r"^    server .*\n", "", text, flags=re.M).rstrip("\n") + "\n"
         text += "".join(f"    server {n} 127.0.0.1:{p} check\n" for n, p in self.ports.items())
         config = self.tmp / "haproxy.cfg"
@@ -238,7 +251,8 @@ class Bench:
              "--reconnect-max", "5", "--heartbeat-interval", "2", "--heartbeat-timeout", "4",
              "--report-interval", "0"],
             self.tmp / "fleet.log", cwd=self.tmp)
-        wait(lambda: sum(self.holders().values()) == args.supervisors, 120, "fleet connect",
+        wait(lambda: sum(self.holders().values()) == args.supervisors,
+             max(120.0, args.supervisors / 25), "fleet connect",
              0.5)
         results["txn"] = [self.txn("1")]
         say("starting the other instances")
@@ -339,6 +353,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--supervisors", type=int, default=200)
     p.add_argument("--instances", type=int, default=3)
     p.add_argument("--jobs", type=int, default=20, help="jobs per txn phase [20]")
+    p.add_argument("--check-timeout", default="",
+                   help="HAProxy's 'timeout check' (e.g. 5s) [the example's 500ms]")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--json-out", help="also write the JSON to this file")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")

@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Benchmark: the wall time of ``tml job run`` from its start to its exit (issue 14).
+
+    .venv/bin/python tools/bench/job_run.py [--runs 5] [--json]
+
+Starts a devstack with the simulated board (``python -m treadmill.dev.devstack
+--detach --serial-sim``, what ``tools/devstack`` runs after ``tools/setup-env``)
+with its own ``--state`` in a temporary directory (mode 0755) and its own
+``--port`` at the start of a free range of 30 ports, then times, each
+``--runs`` times, one after the other:
+
+  demo      ``tml job run demo --artifacts DIR``: the demo VM (the test image,
+            QEMU with TCG on host ``qemu-1``) booted, run and powered off;
+  board     ``tml job run board-demo --tag serial --artifacts DIR``: the demo
+            board image flashed by the fake tool and run on the simulated board;
+  whoami    ``tml whoami``: one authenticated API round trip, the floor of
+            any ``tml`` command (Python start-up, imports, one request).
+
+Each time is from ``tml``'s spawn to its exit (``time.monotonic``), the
+command run as a user would (``.venv/bin/tml``, ``TREADMILL_CONFIG`` the
+devstack's ``tml.toml``). The first run of each is also reported apart
+(cold: the supervisor fetches the image then). A run that exits non-zero is
+counted as failed and left out of the statistics. The load average and the
+share of the CPUs busy during each series are recorded: the machine may be
+shared with other work, which skews the figures.
+
+Only 127.0.0.1 is used; ``devstack stop`` stops every role, QEMU and
+PostgreSQL at the end, also on Ctrl-C or an error. Progress goes to standard
+error, the table (or ``--json``) to standard output. Results are recorded in
+``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import benchkit  # noqa: E402
+
+VENV = ROOT / ".venv" / "bin"
+
+
+def say(text: str) -> None:
+    """Progress, to standard error."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def free_range(size: int, start: int = 30000, stop: int = 60000) -> int:
+    """The first of ``size`` consecutive loopback ports nothing listens on."""
+    first = start
+    while first + size < stop:
+        for port in range(first, first + size):
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    first = port + 1
+                    break
+        else:
+            return first
+    raise RuntimeError(f"no run of {size} free ports")
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+class BenchError(Exception):
+    """The devstack did not come up, or a series could not run."""
+
+
+class JobRunBench:
+    """One devstack, then each command ``runs`` times."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.root = Path(tempfile.mkdtemp(prefix="tml-jobrun-bench-"))
+        self.root.chmod(0o755)  # the postgres user must reach the cluster when run as root
+        self.state = self.root / "stack"
+        self.port = args.port or free_range(30)
+        self.started = False
+
+    def devstack(self, *argv: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        """``python -m treadmill.dev.devstack ARGV --state … --port …``."""
+        return subprocess.run(
+            [str(VENV / "python"), "-m", "treadmill.dev.devstack", *argv,
+             "--state", str(self.state), "--port", str(self.port)],
+            cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+
+    def series(self, name: str, argv: list[str]) -> dict[str, Any]:
+        """Run ``tml ARGV`` ``runs`` times; wall times, exit codes, load."""
+        env = {**os.environ, "TREADMILL_CONFIG": str(self.state / "tml.toml")}
+        times: list[float] = []
+        codes: list[int] = []
+        load_before = os.getloadavg()[0]
+        busy0, total0 = benchkit.machine_ticks()
+        for i in range(self.args.runs):
+            artifacts = self.root / f"artifacts-{name}-{i}"
+            cmd = [str(VENV / "tml"), *[a.replace("{ART}", str(artifacts)) for a in argv]]
+            t0 = time.monotonic()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                  timeout=self.args.run_timeout, check=False)
+            elapsed = time.monotonic() - t0
+            times.append(elapsed)
+            codes.append(proc.returncode)
+            say(f"{name} #{i + 1}: {elapsed:.2f} s, exit {proc.returncode}")
+            if proc.returncode != 0:
+                say(f"{name} #{i + 1} output: {(proc.stdout + proc.stderr)[-800:]}")
+        busy1, total1 = benchkit.machine_ticks()
+        ok = [t for t, c in zip(times, codes, strict=True) if c == 0]
+        return {
+            "command": "tml " + " ".join(argv).replace("{ART}", "DIR"),
+            "times_s": [round(t, 3) for t in times],
+            "exit_codes": codes,
+            "failed": sum(1 for c in codes if c != 0),
+            "cold_s": round(times[0], 3) if times else None,
+            "min_s": round(min(ok), 3) if ok else None,
+            "median_s": round(statistics.median(ok), 3) if ok else None,
+            "p90_s": round(quantile(ok, 0.9), 3) if ok else None,
+            "load_before": round(load_before, 2),
+            "load_after": round(os.getloadavg()[0], 2),
+            "cpus_busy": round((busy1 - busy0) / (total1 - total0), 3) if total1 > total0 else None,
+        }
+
+    def run(self) -> dict[str, Any]:
+        results: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "host": benchkit.host_info(),
+            "revision": benchkit.revision(ROOT),
+            "qemu": benchkit.first_line(["qemu-system-x86_64", "--version"]),
+            "load_at_start": [round(v, 2) for v in os.getloadavg()],
+            "runs": self.args.runs,
+        }
+        say(f"starting the devstack (--serial-sim) in {self.state} on port {self.port}")
+        t0 = time.monotonic()
+        self.started = True
+        up = self.devstack("--detach", "--serial-sim", timeout=600)
+        if up.returncode != 0:
+            raise BenchError(f"devstack up failed: {(up.stdout + up.stderr)[-1500:]}")
+        results["devstack_up_s"] = round(time.monotonic() - t0, 2)
+        if "tml job submit demo --follow" not in up.stdout:
+            raise BenchError("the devstack has no QEMU host or no demo image:\n"
+                             + (up.stdout + up.stderr)[-1500:])
+        series = {"whoami": ["whoami"],
+                  "board": ["job", "run", "board-demo", "--tag", "serial", "--artifacts", "{ART}"],
+                  "demo": ["job", "run", "demo", "--artifacts", "{ART}"]}
+        results["series"] = {name: self.series(name, argv) for name, argv in series.items()
+                             if name in self.args.only}
+        return results
+
+    def cleanup(self) -> None:
+        if self.started:
+            say("stopping the devstack")
+            try:
+                stop = self.devstack("stop", timeout=180)
+                if stop.returncode != 0:
+                    say(f"devstack stop: {(stop.stdout + stop.stderr)[-800:]}")
+            except subprocess.TimeoutExpired:
+                say(f"devstack stop timed out; state kept in {self.root}")
+                return
+        if self.args.keep_temp:
+            say(f"kept {self.root}")
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def table(results: dict[str, Any]) -> str:
+    """The results as a Markdown table."""
+    host = results["host"]
+    lines = [
+        f"{results['date']}, revision {results['revision']}, {host['nproc']} CPUs "
+        f"({host['cpu_model']}), {host['memory_gib']} GiB, kernel {host['kernel']}, "
+        f"Python {host['python']}, {results['qemu']}",
+        f"load average at start {results['load_at_start']}; devstack up in "
+        f"{results['devstack_up_s']} s",
+        "",
+        "| command | runs (failed) | cold (1st) s | min s | median s | p90 s "
+        "| load before/after | CPUs busy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in results["series"].values():
+        busy = f"{s['cpus_busy'] * 100:.0f} %" if s["cpus_busy"] is not None else "-"
+        lines.append(
+            f"| `{s['command']}` | {len(s['times_s'])} ({s['failed']}) | {s['cold_s']} "
+            f"| {s['min_s']} | {s['median_s']} | {s['p90_s']} "
+            f"| {s['load_before']} / {s['load_after']} | {busy} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5, help="runs of each command [5]")
+    parser.add_argument("--port", type=int, default=0,
+                        help="the devstack's first port (it uses 30) [a free range]")
+    parser.add_argument("--only", default="whoami,board,demo",
+                        help="series to run, comma-separated [whoami,board,demo]")
+    parser.add_argument("--run-timeout", type=float, default=300.0,
+                        help="seconds allowed per tml command [300]")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--json-out", metavar="FILE", help="also write the JSON to FILE")
+    parser.add_argument("--keep-temp", action="store_true", help="keep the state directory")
+    args = parser.parse_args(argv)
+    args.only = set(args.only.split(","))
+    return benchkit.run(JobRunBench(args), args, table,
+                        (BenchError, subprocess.TimeoutExpired, OSError), say)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
