@@ -244,9 +244,13 @@ class Bench:
                              capture_output=True, text=True, timeout=60, check=True)
         token = out.stdout.strip()
         self.client = Client(self.url, token)
+        token_file = self.tmp / "admin-token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(token + "\n")
         self.fleet = spawn(
             [str(VENV / "python"), "-m", "treadmill.supervisor.fleet", "--url", self.url,
-             "--admin-token", token, "--count", str(args.supervisors), "--tag", "mock",
+             "--admin-token-file", str(token_file), "--count", str(args.supervisors),
+             "--tag", "mock",
              "--state", str(self.tmp / "fleet"), "--no-fsync", "--reconnect-initial", "0.5",
              "--reconnect-max", "5", "--heartbeat-interval", "2", "--heartbeat-timeout", "4",
              "--report-interval", "0"],
