@@ -13,13 +13,21 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import pytest_twisted
 from psycopg2.extensions import make_dsn
 
 from tests.support import RunningSwitchboard, start_switchboard
+from tests.wheels import build_wheel
 from treadmill.dev.pgcluster import Cluster, create_database, drop_database
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkout's wheel, built once for the tests that install it."""
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.fixture(scope="session")

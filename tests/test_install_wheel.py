@@ -4,7 +4,6 @@ the console scripts and the packaged data, and dry-runs the migrations."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -13,29 +12,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.wheels import ROOT, run
 from treadmill.switchboard.database import migrations
 
-ROOT = Path(__file__).resolve().parent.parent
 ROLES = ("switchboard", "imagestore", "logserver", "proxy", "supervisor")
 pytestmark = pytest.mark.slow
 
 
-def run(*argv: str | Path, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    # No PYTHONPATH and a neutral working directory: only the installed wheel is importable.
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    proc = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
-    assert proc.returncode == 0, f"{argv}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def installed(tmp_path_factory: pytest.TempPathFactory,
+              built_wheel: Path) -> tuple[Path, Path]:
     """(the wheel, the virtual environment it is installed in), as /opt/treadmill."""
     base = tmp_path_factory.mktemp("install")
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", base / "dist",
-        ROOT, cwd=base)
-    (wheel,) = (base / "dist").glob("treadmill-*.whl")
+    wheel = built_wheel
     venv = base / "opt-treadmill"
     run(sys.executable, "-m", "venv", venv, cwd=base)
     run(venv / "bin" / "pip", "install", "--quiet", "--disable-pip-version-check",

@@ -11,8 +11,6 @@ mock supervisor; their artifacts must exist and parse.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -25,6 +23,7 @@ from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.support import start_switchboard
+from tests.wheels import ROOT, run
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.logserver.service import LogServerConfig, LogServerService
 from treadmill.supervisor.drivers import STAGES
@@ -33,7 +32,6 @@ from treadmill.supervisor.fleet import ws_url_for
 from treadmill.supervisor.service import SupervisorConfig, SupervisorService
 from treadmill.switchboard.api import Limits
 
-ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "examples" / "ci"
 DIGEST = "sha256:" + "c" * 64
 # Import names of what only the daemons need (the `server` extra and its dependencies).
@@ -42,22 +40,13 @@ SERVER_ONLY = ("klein", "werkzeug", "txpostgres", "psycopg2", "prometheus_client
 pytestmark = pytest.mark.slow
 
 
-def run(*argv: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run a command outside the checkout's environment; fail with its output."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    proc = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
-    assert proc.returncode == 0, f"{argv}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
 
 @pytest.fixture(scope="module")
-def light(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def light(tmp_path_factory: pytest.TempPathFactory,
+          built_wheel: Path) -> tuple[Path, Path]:
     """(the wheel, a clean virtual environment holding it without the server extra)."""
     base = tmp_path_factory.mktemp("light")
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", base / "dist",
-        ROOT, cwd=base)
-    (wheel,) = (base / "dist").glob("treadmill-*.whl")
+    wheel = built_wheel
     venv = base / "venv"
     # No pip of its own (seconds saved): this environment's pip installs into it.
     run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=base)
