@@ -8,6 +8,8 @@ import hmac
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import jwt
 import pytest
@@ -440,6 +442,20 @@ def test_signing_key_created_0600_and_reused(tmp_path):
 
     second = load_or_create_signing_key(str(path))
     assert key_id(first.public_key()) == key_id(second.public_key())
+
+
+def test_signing_key_created_by_racing_processes_is_one_key(tmp_path):
+    # Two instances started at once on one key file (a shared mount) must not each
+    # write their own key: one wins, the other loads it.
+    path = str(tmp_path / "capability.key")
+    script = ("import sys; from treadmill.common.captoken import load_or_create_signing_key, "
+              "key_id; print(key_id(load_or_create_signing_key(sys.argv[1]).public_key()))")
+    procs = [subprocess.Popen([sys.executable, "-c", script, path], stdout=subprocess.PIPE,
+                              text=True) for _ in range(8)]
+    kids = {proc.communicate(timeout=60)[0].strip() for proc in procs}
+    assert all(proc.returncode == 0 for proc in procs)
+    assert kids == {key_id(load_or_create_signing_key(path).public_key())}
+    assert [p.name for p in tmp_path.iterdir()] == ["capability.key"]
 
 
 def test_signing_key_created_0600_despite_permissive_umask(tmp_path):

@@ -286,3 +286,17 @@ async def test_quotas_from_the_config_file(tmp_path: Path, keys: Keys) -> None:
     finally:
         await daemon.stop()
     assert "Traceback (most recent" not in daemon.output, daemon.output
+
+
+def test_a_busy_port_stops_the_daemon(tmp_path: Path) -> None:
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        config = write_config(tmp_path / "imagestore.toml", tmp_path / "store",
+                              busy.getsockname()[1], None)
+        proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=",
+                               "treadmill-imagestore", "--config", str(config)],
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Address already in use" in proc.stdout + proc.stderr

@@ -147,3 +147,18 @@ async def test_operators_reach_metrics_and_manhole(database: str, tmp_path: Path
         assert b"ops-1 0" in output["output"]
     finally:
         await daemon.stop()
+
+
+def test_a_busy_port_stops_the_daemon(database: str, tmp_path: Path) -> None:
+    # Staying up without its API would look healthy to systemd: it exits 1 instead.
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        config = write_config(tmp_path / "switchboard.toml", database,
+                              busy.getsockname()[1], tmp_path)
+        proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=",
+                               "treadmill-switchboard", "--config", str(config)],
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Address already in use" in proc.stdout + proc.stderr

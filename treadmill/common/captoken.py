@@ -220,7 +220,9 @@ def _create_signing_key(path: str) -> Ed25519PrivateKey:
         serialization.NoEncryption(),
     )
     try:
-        write_atomically(path, pem)
+        write_atomically(path, pem, exclusive=True)
+    except FileExistsError:
+        return load_or_create_signing_key(path)  # another process created it first
     except OSError as e:
         raise CapabilityKeyError(
             f"{path}: cannot create capability signing key: {e.strerror or e}"

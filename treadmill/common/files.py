@@ -35,10 +35,12 @@ def fsync_directory(directory: str, *, strict: bool = False) -> None:
 
 
 def write_atomically(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600,
-                     durable: bool = True) -> None:
+                     durable: bool = True, exclusive: bool = False) -> None:
     """Replace ``path`` with ``data``: readers see the old file or the new one, never half.
 
     The new file gets ``mode`` (0600 by default: most of what we write is secret).
+    With ``exclusive`` an existing ``path`` is kept and :class:`FileExistsError`
+    raised (of two processes creating one file, one wins and both see its content).
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -56,11 +58,17 @@ def write_atomically(path: str | os.PathLike[str], data: bytes, *, mode: int = 0
         os.unlink(tmp)
         raise
     os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    if exclusive:
+        try:
+            os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    else:
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
     if durable:
         fsync_directory(directory)
 

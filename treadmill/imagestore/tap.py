@@ -237,6 +237,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     service = ImageStoreService(reactor, config_from(options.values))
+    service.exit_on_failure = True
     add_operator_services(reactor, service, options.values, service.namespace(),
                           service.metrics.registry)
     return service
