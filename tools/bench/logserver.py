@@ -49,26 +49,23 @@ import base64
 import contextlib
 import json
 import os
-import re
-import resource
 import select
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = Path(__file__).resolve().parent
-for _path in (str(ROOT), str(BENCH)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+from benchkit.cli import BenchError, output_options, run, sayer
+from benchkit.daemons import remove_temp, signer, start_daemon, temp_dir, twistd
+from benchkit.host import ambient, first_line, host_info, machine_ticks, revision
+from benchkit.procfs import KB_MB, reset_hwm, rusage_cpu, status_kb, thread_ticks
+from benchkit.procs import ROOT, Profiler, free_port, stop_process
+from benchkit.report import cell, percentile
 
 # Targets of the issue, on a 2-core machine.
 TARGET_MB_S = 100.0
@@ -76,16 +73,7 @@ TARGET_FOLLOW_P99_MS = 50.0
 
 SERVICE = "treadmill-logserver"
 MB = 1e6
-KB_MB = 1 / 1024
 STREAM = "console"
-
-
-def percentile(sorted_values: list[float], pct: float) -> float | None:
-    """The nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return None
-    rank = max(1, min(len(sorted_values), int(-(-pct * len(sorted_values) // 100))))
-    return sorted_values[rank - 1]
 
 
 def console_text(size: int) -> bytes:
@@ -141,11 +129,6 @@ def _wait_line(expected: str) -> None:
         raise SystemExit(f"expected {expected!r} on standard input, got {line!r}")
 
 
-def _cpu_self() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 async def writer_main(spec: dict[str, Any]) -> dict[str, Any]:
     host, port = "127.0.0.1", spec["port"]
     payload = console_text(spec["chunk"])
@@ -184,7 +167,7 @@ async def writer_main(spec: dict[str, Any]) -> dict[str, Any]:
                 "max_ms": max(c[1] for c in created)}
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, _wait_line, "go")
-    cpu0 = _cpu_self()
+    cpu0 = rusage_cpu()
     start = time.monotonic()
     deadline = start + spec["duration"]
     acked = [c[0] for c in created]
@@ -247,7 +230,7 @@ async def writer_main(spec: dict[str, Any]) -> dict[str, Any]:
 
     await asyncio.gather(*(run(i) for i in range(len(streams))))
     end = max(last_ack[0], start + 1e-9)
-    cpu = _cpu_self() - cpu0
+    cpu = rusage_cpu() - cpu0
     # Every stream's length on the server must be what this writer was told.
     mismatches = 0
     for index, (reader, writer) in enumerate(conns):
@@ -343,14 +326,14 @@ async def follower_main(spec: dict[str, Any]) -> dict[str, Any]:
                                              ready, stop))
              for s, ready in zip(spec["follow"], readies, strict=True)]
     await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 30)
-    cpu0 = _cpu_self()
+    cpu0 = rusage_cpu()
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, _wait_line, "stop")
     stop.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     errors = [repr(r) for r in results if isinstance(r, BaseException)]
-    return {"arrivals": arrivals, "errors": errors, "cpu_s": round(_cpu_self() - cpu0, 3),
+    return {"arrivals": arrivals, "errors": errors, "cpu_s": round(rusage_cpu() - cpu0, 3),
             "bytes": sum(r["bytes"] for r in results if isinstance(r, dict))}
 
 
@@ -366,16 +349,7 @@ def role_main(args: argparse.Namespace) -> int:
 # The benchmark (the orchestrating process).
 # ======================================================================================
 
-import benchkit  # noqa: E402
-from benchkit import first_line, host_info, machine_ticks, revision  # noqa: E402
-from switchboard_api import (  # noqa: E402
-    BenchError,
-    _status_kb,
-    free_port,
-    say,
-    stop_process,
-    wait_http,
-)
+say = sayer()
 
 
 def machine_info(tmp: Path) -> dict[str, Any]:
@@ -387,24 +361,6 @@ def machine_info(tmp: Path) -> dict[str, Any]:
     }
 
 
-def _thread_ticks(pid: int) -> tuple[int, int]:
-    """CPU ticks of the main (reactor) thread of ``pid``, and of all its other threads."""
-    main = other = 0
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-            except OSError:
-                continue
-            fields = raw[raw.rindex(")") + 2:].split()
-            ticks = int(fields[11]) + int(fields[12])
-            if int(tid) == pid:
-                main += ticks
-            else:
-                other += ticks
-    return main, other
-
-
 class Usage:
     """The server's CPU time (reactor thread and the rest), its peak RSS, and the machine's
     busy share, between :meth:`begin` and :meth:`end`."""
@@ -413,16 +369,15 @@ class Usage:
         self.pid = pid
 
     def begin(self) -> None:
-        with contextlib.suppress(OSError):
-            Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # reset VmHWM
+        reset_hwm(self.pid)
         self.t0 = time.monotonic()
-        self.threads0 = _thread_ticks(self.pid)
+        self.threads0 = thread_ticks(self.pid)
         self.machine0 = machine_ticks()
 
     def end(self) -> dict[str, Any]:
         wall = time.monotonic() - self.t0
         clk = os.sysconf("SC_CLK_TCK")
-        main1, other1 = _thread_ticks(self.pid)
+        main1, other1 = thread_ticks(self.pid)
         main = (main1 - self.threads0[0]) / clk
         other = (other1 - self.threads0[1]) / clk
         busy1, total1 = machine_ticks()
@@ -431,48 +386,35 @@ class Usage:
         return {"wall_s": round(wall, 3), "server_cpu_s": round(main + other, 3),
                 "reactor_cpu_s": round(main, 3), "threads_cpu_s": round(other, 3),
                 "machine_cpu_busy": None if machine is None else round(machine, 3),
-                "peak_rss_mb": round((_status_kb(self.pid, "VmHWM") or 0) * KB_MB, 1),
-                "rss_mb_end": round((_status_kb(self.pid, "VmRSS") or 0) * KB_MB, 1)}
+                "peak_rss_mb": round((status_kb(self.pid, "VmHWM") or 0) * KB_MB, 1),
+                "rss_mb_end": round((status_kb(self.pid, "VmRSS") or 0) * KB_MB, 1)}
 
 
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.tmp = Path(tempfile.mkdtemp(prefix="tml-bench-logserver-", dir=args.tmpdir or None))
+        self.tmp = temp_dir("tml-bench-logserver-", args.tmpdir)
         self.server: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.helpers: list[subprocess.Popen[str]] = []
-        self.profilers: list[subprocess.Popen[bytes]] = []
         self.results: dict[str, Any] = {"phases": [], "dd": []}
-        self._keys()
-
-    def _keys(self) -> None:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-        from treadmill.common.captoken import Access, CapabilitySigner
-
-        class WallClock:
-            @staticmethod
-            def seconds() -> float:
-                return time.time()
-
-        self.signer = CapabilitySigner(Ed25519PrivateKey.generate(), "treadmill", WallClock())
-        self.access = Access
+        self.profiler = Profiler(args.py_spy, self.results)
         self.keys_file = self.tmp / "capability-keys.json"
-        self.keys_file.write_text(json.dumps(self.signer.jwks()))
+        self.signer = signer(self.keys_file)
 
     def token(self, job: str, action: str) -> str:
-        return self.signer.sign("bench", SERVICE, [self.access("job", job, (action,))], 3 * 3600)
+        from treadmill.common.captoken import Access
+
+        return self.signer.sign("bench", SERVICE, [Access("job", job, (action,))], 3 * 3600)
 
     # -- processes ----------------------------------------------------------------------
 
     def start_server(self, fsync: str) -> None:
         port = free_port()
-        root = self.tmp / f"root-{fsync}"
         config = self.tmp / f"logserver-{fsync}.toml"
         config.write_text(f"""\
 listen = ["tcp:{port}:interface=127.0.0.1"]
-root = "{root}"
+root = "{self.tmp / f'root-{fsync}'}"
 service = "{SERVICE}"
 fsync = "{fsync}"
 
@@ -483,18 +425,12 @@ issuer = "treadmill"
 [http]
 access_log = false
 """)
-        log = self.tmp / f"logserver-{fsync}.log"
-        cmd = [str(ROOT / ".venv/bin/twistd"), "--nodaemon", "--pidfile="]
-        if self.args.logger:
-            cmd.append(f"--logger={self.args.logger}")
-        cmd += ["treadmill-logserver", "--config", str(config)]
-        env = dict(os.environ, TREADMILL_LOG_LEVEL="warn")
         say(f"starting the log server (fsync = \"{fsync}\") on 127.0.0.1:{port}")
-        with log.open("wb") as out:
-            self.server = subprocess.Popen(cmd, cwd=self.tmp, stdin=subprocess.DEVNULL,
-                                           stdout=out, stderr=subprocess.STDOUT, env=env,
-                                           start_new_session=True)
-        wait_http(f"http://127.0.0.1:{port}/healthz", self.server, "the log server", log)
+        self.server = start_daemon(twistd("treadmill-logserver", "--config", str(config),
+                                          logger=self.args.logger),
+                                   self.tmp / f"logserver-{fsync}.log",
+                                   f"http://127.0.0.1:{port}/healthz", "the log server",
+                                   level="warn")
         self.port = port
 
     def stop_server(self) -> None:
@@ -538,43 +474,14 @@ access_log = false
                              + (self.tmp / f"{name}.err").read_text()[-3000:])
         return json.loads(out.read_text())
 
-    def profile(self, name: str) -> subprocess.Popen[bytes] | None:
-        a = self.args
-        if not a.py_spy or self.server is None:
-            return None
-        py_spy = shutil.which("py-spy") or str(ROOT / ".venv/bin/py-spy")
-        if not Path(py_spy).exists():
-            raise BenchError("--py-spy needs py-spy (.venv/bin/pip install py-spy)")
-        out = Path(a.py_spy).absolute()
-        out.mkdir(parents=True, exist_ok=True)
-        self.results.setdefault("profiles", []).append(str(out / f"{name}.txt"))
-        proc = subprocess.Popen(
-            [py_spy, "record", "--pid", str(self.server.pid), "--rate", "200", "--threads",
-             "--idle", "--format", "raw", "--output", str(out / f"{name}.txt")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=(out / f"{name}.log").open("wb"), start_new_session=True)
-        time.sleep(0.5)
-        self.profilers.append(proc)
-        return proc
-
-    def stop_profile(self, proc: subprocess.Popen[bytes] | None) -> None:
-        if proc is not None:
-            stop_process(proc, signal.SIGINT, timeout=60)
-            self.profilers.remove(proc)
-
     def cleanup(self) -> None:
         for proc in list(self.helpers):
             with contextlib.suppress(Exception):
                 stop_process(proc)  # type: ignore[arg-type]
-        for proc in list(self.profilers):
-            with contextlib.suppress(Exception):
-                stop_process(proc, signal.SIGINT)
+        self.profiler.stop_all()
         with contextlib.suppress(Exception):
             self.stop_server()
-        if self.args.keep_temp:
-            say(f"kept {self.tmp}")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        remove_temp(self.tmp, self.args.keep_temp, say)
 
     # -- a phase ---------------------------------------------------------------------------
 
@@ -601,7 +508,8 @@ access_log = false
         writer, writer_out = self.helper("writer", writer_spec, f"writer-{name}")
         self.expect_ready(writer, f"writer-{name}")
         usage = Usage(self.server.pid)
-        prof = self.profile(f"{name}") if rate_mb_s is None else None
+        prof = self.profiler.start(self.server.pid, name, "--rate", "200", "--threads",
+                                   "--idle") if rate_mb_s is None else None
         try:
             usage.begin()
             assert writer.stdin is not None
@@ -612,7 +520,7 @@ access_log = false
             # The server's CPU over the writer's run (not the follower's draining below).
             used = usage.end()
         finally:
-            self.stop_profile(prof)
+            self.profiler.stop(prof)
         followed_result: dict[str, Any] | None = None
         if follower is not None:
             time.sleep(1.0)  # the last messages
@@ -684,14 +592,7 @@ access_log = false
 
     def run(self) -> dict[str, Any]:
         a = self.args
-        busy0, total0 = machine_ticks()
-        time.sleep(2)
-        busy1, total1 = machine_ticks()
-        ambient = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
-        self.results["ambient_cpu_busy"] = round(ambient, 3)
-        if ambient > 0.1:
-            say(f"warning: the machine was {ambient:.0%} busy before the benchmark started; "
-                "other load skews the figures")
+        self.results["ambient_cpu_busy"] = round(ambient(say), 3)
         self.results["machine"] = machine_info(self.tmp)
         self.results["parameters"] = {
             "streams": a.streams, "chunk": a.chunk, "duration_s": a.duration,
@@ -766,13 +667,6 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _f(value: Any, spec: str) -> str:
-    if value is None:
-        width = re.match(r"\d*", spec).group()  # type: ignore[union-attr]
-        return "-".rjust(int(width or 0))
-    return format(value, spec)
-
-
 def table(results: dict[str, Any]) -> str:
     m = results["machine"]
     p = results["parameters"]
@@ -795,11 +689,11 @@ def table(results: dict[str, Any]) -> str:
         f = e.get("follow") or {}
         lines.append(
             f"{e['fsync']:<7} {e['phase']:<12} {e['mb_s']:>7.1f} {e['appends_per_s']:>6.0f} "
-            f"{_f(e['append_ms']['p50'], '7.1f')} {_f(e['append_ms']['p99'], '7.1f')} "
-            f"{_f(f.get('p50_ms'), '7.1f')} {_f(f.get('p99_ms'), '7.1f')} "
-            f"{_f(f.get('max_ms'), '7.1f')} {e['server_cores']:>5.2f} {e['reactor_busy']:>5.0%} "
-            f"{_f(e['server_cpu_ms_per_mb'], '6.2f')} {e['writer_cpu_s']:>6.1f} "
-            f"{_f(e.get('machine_cpu_busy'), '5.0%')} {_f(e.get('other_cpu_busy'), '5.0%')} "
+            f"{cell(e['append_ms']['p50'], '7.1f')} {cell(e['append_ms']['p99'], '7.1f')} "
+            f"{cell(f.get('p50_ms'), '7.1f')} {cell(f.get('p99_ms'), '7.1f')} "
+            f"{cell(f.get('max_ms'), '7.1f')} {e['server_cores']:>5.2f} {e['reactor_busy']:>5.0%} "
+            f"{cell(e['server_cpu_ms_per_mb'], '6.2f')} {e['writer_cpu_s']:>6.1f} "
+            f"{cell(e.get('machine_cpu_busy'), '5.0%')} {cell(e.get('other_cpu_busy'), '5.0%')} "
             f"{e['peak_rss_mb']:>6.1f} "
             f"{e['refused'] + e['errors']:>7}")
     lines += [
@@ -874,10 +768,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--py-spy", metavar="DIR",
                         help="sample the server with py-spy (raw stacks in DIR) during the "
                              "max phases; it perturbs them")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument("--json-out", metavar="FILE", help="also write the JSON to FILE")
-    parser.add_argument("--keep-temp", action="store_true",
-                        help="keep the temporary directory (logs) for inspection")
+    output_options(parser, keep_help="keep the temporary directory (logs) for inspection")
     # Internal: the writer and follower processes.
     parser.add_argument("--role", choices=("writer", "follower"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -904,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     errors = (BenchError, OSError, subprocess.SubprocessError)
-    return benchkit.run(Bench(args), args, table, errors, say)
+    return run(Bench(args), args, table, errors, say)
 
 
 if __name__ == "__main__":

@@ -46,26 +46,16 @@ import contextlib
 import itertools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = Path(__file__).resolve().parent
-for _path in (str(ROOT), str(BENCH)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-import benchkit  # noqa: E402
-from benchkit import machine_ticks, revision  # noqa: E402
-from fleet_client import (  # noqa: E402
+from benchkit.api import (
     ACTIVE_STATES,
     APIError,
     Client,
@@ -76,23 +66,25 @@ from fleet_client import (  # noqa: E402
     job_body,
     job_events,
     list_jobs,
-    percentiles,
 )
-from fleet_proc import (  # noqa: E402
+from benchkit.cli import BenchError, output_options, run, sayer
+from benchkit.daemons import Postgres, bootstrap, remove_temp, start_daemon, temp_dir, twistd
+from benchkit.host import host_info, machine_ticks, revision, wait_quiet
+from benchkit.procfs import (
     Sampler,
-    free_port,
     listen_overflows,
-    machine_info,
-    nofile_limits,
-    spawn,
-    stop_process,
-    tail,
+    rusage_cpu,
     ticks_delta,
     tree_memory_mb,
     tree_ticks,
 )
+from benchkit.procs import ROOT, Profiler, free_port, py_spy, spawn, stop_process
+from benchkit.report import cell as _f
+from benchkit.report import percentiles
 
-from treadmill.dev.pgcluster import Cluster, ClusterError  # noqa: E402
+from treadmill.dev.pgcluster import ClusterError
+
+BENCH = Path(__file__).resolve().parent
 
 # Targets of the issue (reference deployment: one switchboard on a 256 MB machine).
 TARGET_SUPERVISORS = 1000
@@ -101,20 +93,13 @@ TARGET_RSS_MB = 256.0
 TARGET_DISPATCH_P99_MS = 100.0
 TARGET_STORM_S = 30.0
 
-DATABASE = "treadmill_bench"
-ADMIN = "bench"
 IMAGE = "sha256:" + "cd" * 32
 TAGS = ["mock"]
 PREFIX = "fleet-"
 PHASES = ("steady", "burst", "kill", "term")
 
 
-def say(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-class BenchError(RuntimeError):
-    pass
+say = sayer(clock=True)
 
 
 def since(t0: float) -> float:
@@ -161,21 +146,32 @@ class Span:
 def _rusage() -> float:
     import resource
 
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return rusage_cpu() + rusage_cpu(resource.RUSAGE_CHILDREN)
+
+
+def nofile_limits() -> dict[str, int]:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return {"soft": soft, "hard": hard}
+
+
+def machine_info(db: Postgres) -> dict[str, Any]:
+    somaxconn = None
+    with contextlib.suppress(OSError, ValueError):
+        somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    return {**host_info(), "postgresql": db.version(), "somaxconn": somaxconn,
+            "nofile": nofile_limits()}
 
 
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.n = args.supervisors
-        self.tmp = Path(tempfile.mkdtemp(prefix="tml-fleet-bench-"))
-        os.chmod(self.tmp, 0o755)  # the postgres user must traverse it when run as root
+        self.tmp = temp_dir("tml-fleet-bench-")
         self.python = str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() \
             else sys.executable
-        self.cluster: Cluster | None = None
-        self.dsn = ""
+        self.db: Postgres | None = None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.switchboard: subprocess.Popen[bytes] | None = None
@@ -184,29 +180,18 @@ class Bench:
         self.fleet_reports: list[tuple[float, dict[str, int]]] = []
         self.fleet_provisioned: float | None = None
         self._fleet_lock = threading.Lock()
-        self.profilers: list[subprocess.Popen[bytes]] = []
         self.token = ""
         self.client: Client | None = None
         self.sampler: Sampler | None = None
         self.pg_memory: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
+        self.profiler = Profiler(args.py_spy, self.results)
         self.keep = False
 
     # -- processes ----------------------------------------------------------------------
 
     def postmaster_pid(self) -> int | None:
-        if self.cluster is None:
-            return None
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            return int((self.cluster.data / "postmaster.pid").read_text().splitlines()[0])
-        return None
-
-    def start_database(self) -> None:
-        say(f"starting PostgreSQL (durable) in {self.tmp / 'pg'}")
-        self.cluster = Cluster(self.tmp / "pg", durable=True)
-        self.cluster.start()
-        self.cluster.create_database(DATABASE)
-        self.dsn = self.cluster.dsn(DATABASE)
+        return self.db.postmaster_pid() if self.db is not None else None
 
     def listen_endpoint(self) -> str:
         endpoint = f"tcp:{self.port}:interface=127.0.0.1"
@@ -215,47 +200,25 @@ class Bench:
         return endpoint
 
     def switchboard_cmd(self) -> list[str]:
-        return [str(ROOT / ".venv/bin/twistd"), "--nodaemon", "--pidfile=",
-                "--logger=treadmill.common.logging.text", "treadmill-switchboard",
-                "--database-dsn", self.dsn,
-                "--capabilities-signing-key", str(self.tmp / "key.pem"),
-                "--listen", self.listen_endpoint(), "--http-access-log", "false",
-                *self.args.switchboard_arg]
+        assert self.db is not None
+        return twistd("treadmill-switchboard", "--database-dsn", self.db.dsn,
+                      "--capabilities-signing-key", str(self.tmp / "key.pem"),
+                      "--listen", self.listen_endpoint(), "--http-access-log", "false",
+                      *self.args.switchboard_arg)
 
     def start_switchboard(self) -> tuple[float, float]:
         """Start the switchboard; (spawn time, time /healthz first answered)."""
         self.switchboard_starts += 1
         log = self.tmp / f"switchboard-{self.switchboard_starts}.log"
-        env = dict(os.environ, TREADMILL_LOG_LEVEL=self.args.switchboard_log_level)
         spawned = time.time()
-        self.switchboard = spawn(self.switchboard_cmd(), log, cwd=self.tmp, env=env)
-        deadline = time.monotonic() + 60
-        probe = Client(self.url, "", timeout=2)
-        try:
-            while time.monotonic() < deadline:
-                if self.switchboard.poll() is not None:
-                    raise BenchError(f"the switchboard exited with {self.switchboard.returncode}:"
-                                     f"\n{tail(log)}")
-                try:
-                    status, _ = probe.request("GET", "/healthz", retries=0)
-                    if status == 200:
-                        return spawned, time.time()
-                except APIError:
-                    pass
-                time.sleep(0.05)
-        finally:
-            probe.close()
-        raise BenchError(f"the switchboard did not answer within 60 s:\n{tail(log)}")
+        self.switchboard = start_daemon(self.switchboard_cmd(), log, self.url + "/healthz",
+                                        "the switchboard",
+                                        level=self.args.switchboard_log_level, interval=0.05)
+        return spawned, time.time()
 
     def bootstrap(self) -> None:
-        proc = subprocess.run(
-            [self.python, "-m", "treadmill.switchboard.bootstrap", "--database-dsn", self.dsn,
-             "--admin", ADMIN], capture_output=True, text=True, timeout=60, cwd=ROOT,
-            check=False)
-        lines = proc.stdout.strip().splitlines()
-        if proc.returncode != 0 or not lines:
-            raise BenchError(f"bootstrap failed ({proc.returncode}): {proc.stderr.strip()}")
-        self.token = lines[-1].strip()
+        assert self.db is not None
+        self.token = bootstrap("--database-dsn", self.db.dsn)
         self.client = Client(self.url, self.token)
 
     def start_fleet(self) -> None:
@@ -308,38 +271,28 @@ class Bench:
 
     def profile(self, name: str, duration: float) -> None:
         """With --py-spy DIR: sample the switchboard for ``duration`` s."""
-        if not self.args.py_spy or self.switchboard is None:
-            return
-        py_spy = shutil.which("py-spy") or str(ROOT / ".venv/bin/py-spy")
-        if not Path(py_spy).exists():
+        if self.args.py_spy and py_spy() is None:
             say("py-spy is not installed (.venv/bin/pip install py-spy): no profile")
             return
-        out = Path(self.args.py_spy).absolute()
-        out.mkdir(parents=True, exist_ok=True)
-        self.profilers.append(subprocess.Popen(
-            [py_spy, "record", "--pid", str(self.switchboard.pid), "--rate", "100",
-             "--nonblocking", "--format", "raw", "--duration", f"{duration:.0f}",
-             "--output", str(out / f"{name}.txt")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=(out / f"{name}.log").open("wb"), start_new_session=True))
-        self.results.setdefault("profiles", []).append(str(out / f"{name}.txt"))
+        self.profiler.start(self.switchboard.pid if self.switchboard else None, name,
+                            "--rate", "100", "--nonblocking", "--duration", f"{duration:.0f}",
+                            attach=0)
 
     def dump_stacks(self, name: str) -> str | None:
         """py-spy dump of the switchboard (if py-spy is installed); the file name."""
-        py_spy = shutil.which("py-spy") or str(ROOT / ".venv/bin/py-spy")
-        if self.switchboard is None or not Path(py_spy).exists():
+        binary = py_spy()
+        if self.switchboard is None or binary is None:
             return None
         out = Path(self.args.py_spy or self.tmp).absolute()
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{name}.txt"
         with path.open("wb") as f:
-            subprocess.run([py_spy, "dump", "--pid", str(self.switchboard.pid), "--locals"],
+            subprocess.run([binary, "dump", "--pid", str(self.switchboard.pid), "--locals"],
                            stdout=f, stderr=subprocess.STDOUT, timeout=60, check=False)
         return str(path)
 
     def cleanup(self) -> None:
-        for proc in self.profilers:
-            stop_process(proc, signal.SIGINT, timeout=15)
+        self.profiler.stop_all()
         if self.client is not None:
             self.client.close()
         with contextlib.suppress(Exception):
@@ -348,16 +301,11 @@ class Bench:
             stop_process(self.switchboard, signal.SIGTERM, timeout=30)
         if self.sampler is not None:
             self.sampler.stop()
-        if self.cluster is not None:
-            try:
-                self.cluster.stop()
-            except ClusterError as e:
-                say(f"could not stop PostgreSQL: {e}")
-        if self.args.keep_temp or self.keep:
-            say(f"kept {self.tmp}" + ("" if self.args.keep_temp else
-                                      " (anomalies: its logs and database are evidence)"))
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.db is not None:
+            self.db.stop()
+        if self.keep and not self.args.keep_temp:
+            say("anomalies: the logs and database are evidence")
+        remove_temp(self.tmp, self.args.keep_temp or self.keep, say)
 
     # -- waiting ----------------------------------------------------------------------------
 
@@ -698,23 +646,13 @@ class Bench:
 
     def run(self) -> dict[str, Any]:
         a = self.args
-        deadline = time.monotonic() + a.quiet_wait
-        while True:
-            busy0, total0 = machine_ticks()
-            time.sleep(2)
-            busy1, total1 = machine_ticks()
-            ambient = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
-            if ambient <= 0.1 or time.monotonic() > deadline:
-                break
-            say(f"the machine is {ambient:.0%} busy; waiting for it to quiet down "
-                f"(--quiet-wait, {deadline - time.monotonic():.0f} s left)")
+        ambient = wait_quiet(0.1, 2, a.quiet_wait, say)
         self.results["ambient_busy_pct"] = round(100 * ambient, 1)
         if ambient > 0.1:
             say(f"warning: the machine was {ambient:.0%} busy before the start; other load "
                 "skews the figures")
-        self.start_database()
-        assert self.cluster is not None
-        self.results["machine"] = machine_info(self.cluster.bindir / "postgres")
+        self.db = Postgres(self.tmp / "pg", say)
+        self.results["machine"] = machine_info(self.db)
         self.results["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.results["revision"] = revision(ROOT)
         self.results["parameters"] = {
@@ -808,10 +746,6 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
     for v in out:
         v["full_scale"] = full
     return out
-
-
-def _f(value: Any, spec: str = "") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def table(r: dict[str, Any]) -> str:
@@ -994,10 +928,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--py-spy", metavar="DIR",
                         help="sample the switchboard with py-spy during the steady phase and "
                              "the first 30 s after each restart (collapsed stacks in DIR)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument("--json-out", metavar="FILE", help="also write the JSON to FILE")
-    parser.add_argument("--keep-temp", action="store_true",
-                        help="keep the temporary directory (logs, cluster)")
+    output_options(parser)
     args = parser.parse_args(argv)
     args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     if any(p not in PHASES for p in args.phases):
@@ -1019,7 +950,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     errors = (BenchError, ClusterError, APIError, subprocess.TimeoutExpired)
-    return benchkit.run(Bench(args), args, table, errors, say)
+    return run(Bench(args), args, table, errors, say)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Process plumbing for ``tools/bench/supervisors.py``: start, stop and sample processes.
+"""Processes seen through ``/proc`` (Linux): memory, CPU time, run-queue wait; samplers.
 
-Standard library only. Everything here reads ``/proc`` (Linux): resident set
-sizes (``VmRSS``, ``VmHWM``, ``Pss``) and CPU times (``utime + stime``).
+Resident set sizes (``VmRSS``, ``VmHWM``, ``Pss``) are in kB, CPU times
+(``utime + stime``) in clock ticks unless a name says otherwise.
 """
 
 from __future__ import annotations
@@ -9,21 +9,16 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-import signal
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchkit import first_line, host_info
+from benchkit.host import machine_ticks
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-# -- /proc ---------------------------------------------------------------------------
+KB_MB = 1 / 1024
 
 
 def status_kb(pid: int | None, field: str) -> int | None:
@@ -133,6 +128,69 @@ def listen_overflows() -> dict[str, int]:
     return {}
 
 
+def descendants(roots: list[int]) -> list[int]:
+    """``roots`` (those alive) and all their descendants."""
+    parents: dict[int, list[int]] = {}
+    alive = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = stat_fields(int(entry))
+            if fields is not None:
+                alive.add(int(entry))
+                parents.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[int] = []
+    todo = [r for r in roots if r in alive]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.append(pid)
+            todo.extend(parents.get(pid, ()))
+    return found
+
+
+def total_ticks(pids: list[int]) -> int:
+    """utime + stime of ``pids``, with those of their reaped children (``cutime``)."""
+    total = 0
+    for pid in pids:
+        fields = stat_fields(pid)
+        if fields is not None:
+            total += sum(int(x) for x in fields[11:15])
+    return total
+
+
+def reset_hwm(pid: int) -> bool:
+    """Reset the peak RSS (VmHWM) of ``pid`` to its current RSS (Linux >= 4.0)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def thread_ticks(pid: int) -> tuple[int, int]:
+    """CPU ticks of the main (reactor) thread of ``pid``, and of all its other threads."""
+    main = other = 0
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            except OSError:
+                continue
+            fields = raw[raw.rindex(")") + 2:].split()
+            ticks = int(fields[11]) + int(fields[12])
+            if int(tid) == pid:
+                main += ticks
+            else:
+                other += ticks
+    return main, other
+
+
+def rusage_cpu(who: int = resource.RUSAGE_SELF) -> float:
+    """User + system CPU seconds of this process (or its reaped children)."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 # -- sampling --------------------------------------------------------------------------
 
 
@@ -225,73 +283,88 @@ class Sampler:
         return out
 
 
-# -- processes -------------------------------------------------------------------------
+class Monitor:
+    """Samples a server's CPU time (and memory), and PostgreSQL's CPU time, through a phase.
 
+    The server's CPU time includes its direct children (nginx's worker); its
+    memory and run-queue wait are those of the process itself (the
+    switchboard's reactor thread).
+    """
 
-def raise_nofile() -> None:
-    """preexec_fn: raise the soft RLIMIT_NOFILE of the child to its hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft < target:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    def __init__(self, pid: int, postmaster: int | None, memory: bool = True,
+                 interval: float = 0.1):
+        self.pid = pid
+        self.postmaster = postmaster
+        self.memory = memory
+        self.interval = interval
+        self._peak = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._start: dict[str, Any] = {}
 
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            rss = status_kb(self.pid, "VmRSS")
+            if rss is not None:
+                with self._lock:
+                    self._peak = max(self._peak, rss)
 
-def nofile_limits() -> dict[str, int]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return {"soft": soft, "hard": hard}
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
 
+    def begin(self) -> None:
+        with self._lock:
+            self._peak = status_kb(self.pid, "VmRSS") or 0
+        self._start = {
+            "time": time.monotonic(),
+            "server": tree_ticks(self.pid),
+            "runq": runq_wait_ns(self.pid) or 0,
+            "machine": machine_ticks(),
+            "pg": tree_ticks(self.postmaster) if self.postmaster else {},
+            "children": resource.getrusage(resource.RUSAGE_CHILDREN),
+        }
 
-def spawn(cmd: list[str], log: Path, *, cwd: Path, env: dict[str, str] | None = None,
-          stdout_pipe: bool = False) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` in its own session, with a raised fd limit, output to ``log``."""
-    out = subprocess.PIPE if stdout_pipe else log.open("ab")
-    err = log.with_suffix(".err").open("ab") if stdout_pipe else subprocess.STDOUT
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                            stderr=err, start_new_session=True, preexec_fn=raise_nofile)
-
-
-def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM,
-                 timeout: float = 30.0) -> float | None:
-    """Signal ``proc`` and wait for it (SIGKILL after ``timeout``); seconds it took."""
-    if proc is None or proc.poll() is not None:
-        return None
-    start = time.monotonic()
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait(10)
-    return time.monotonic() - start
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-# -- the machine -------------------------------------------------------------------------
-
-
-def machine_info(postgres_bin: Path | None) -> dict[str, Any]:
-    somaxconn = None
-    with contextlib.suppress(OSError, ValueError):
-        somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
-    return {
-        **host_info(),
-        "postgresql": first_line([str(postgres_bin), "--version"]) if postgres_bin
-        else "unknown",
-        "somaxconn": somaxconn,
-        "nofile": nofile_limits(),
-    }
+    def end(self) -> dict[str, Any]:
+        wall = time.monotonic() - self._start["time"]
+        delta = ticks_delta
+        server_cpu = delta(self._start["server"], tree_ticks(self.pid))
+        runq = ((runq_wait_ns(self.pid) or 0) - self._start["runq"]) / 1e9
+        pg_cpu = delta(self._start["pg"], tree_ticks(self.postmaster)) \
+            if self.postmaster else 0.0
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = self._start["children"]
+        # The load generator is the only child of ours reaped during a phase.
+        loadgen = children.ru_utime + children.ru_stime - start.ru_utime - start.ru_stime
+        busy, total = machine_ticks()
+        busy0, total0 = self._start["machine"]
+        machine = (busy - busy0) / (total - total0) if total > total0 else None
+        other = None
+        if machine is not None:
+            cores = len(os.sched_getaffinity(0))
+            other = max(0.0, machine - (server_cpu + pg_cpu + loadgen) / (cores * wall))
+        result: dict[str, Any] = {
+            "wall_s": round(wall, 3),
+            "server_cpu_s": round(server_cpu, 3),
+            # Time the server's main (reactor) thread was ready to run but no core was free.
+            "server_runq_wait_s": round(runq, 3),
+            "postgres_cpu_s": round(pg_cpu, 3) if self.postmaster else None,
+            "loadgen_cpu_s": round(loadgen, 3),
+            # Share of all the machine's cores that were busy (any process).
+            "machine_cpu_busy": None if machine is None else round(machine, 3),
+            # Share of the cores used by anything but the server, PostgreSQL and the
+            # load generator (other work on the machine): it skews the figures.
+            "other_cpu_busy": None if other is None else round(other, 3),
+        }
+        if self.memory:
+            rss = status_kb(self.pid, "VmRSS") or 0
+            with self._lock:
+                peak = max(self._peak, rss)
+            result.update({
+                "rss_mb_end": round(rss * KB_MB, 1),
+                "rss_mb_peak": round(peak * KB_MB, 1),
+                "hwm_mb": round((status_kb(self.pid, "VmHWM") or 0) * KB_MB, 1),
+            })
+        return result

@@ -1,4 +1,4 @@
-"""The switchboard API as ``tools/bench/supervisors.py`` uses it (standard library only).
+"""The switchboard API as the fleet benchmarks use it (standard library only).
 
 A thread-safe client with one keep-alive HTTP/1.1 connection per thread, bulk
 enqueue over several threads, a paced (open-loop) enqueuer, job listing with
@@ -20,6 +20,8 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+from benchkit.report import percentiles
+
 ACTIVE_STATES = ("queued", "assigned", "initializing", "ready", "terminating")
 
 
@@ -32,20 +34,6 @@ def epoch(stamp: str | None) -> float | None:
     if not stamp:
         return None
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-
-
-def percentiles(values: Iterable[float], scale: float = 1000.0) -> dict[str, Any]:
-    """count, p50, p90, p99, max (nearest rank), each multiplied by ``scale`` (s -> ms)."""
-    ordered = sorted(values)
-    if not ordered:
-        return {"count": 0, "p50": None, "p90": None, "p99": None, "max": None}
-
-    def rank(pct: float) -> float:
-        index = max(1, min(len(ordered), int(-(-pct * len(ordered) // 100))))
-        return round(ordered[index - 1] * scale, 1)
-
-    return {"count": len(ordered), "p50": rank(50), "p90": rank(90), "p99": rank(99),
-            "max": round(ordered[-1] * scale, 1)}
 
 
 class Client:

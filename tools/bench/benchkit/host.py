@@ -1,22 +1,15 @@
-"""What every benchmark here reports about the machine and the checkout.
-
-Imported by the scripts beside it (each is run as a script, so this folder is on
-``sys.path``). Standard library only.
-"""
+"""The machine and the checkout: versions, CPUs, how busy the machine is, the revision."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
-import signal
 import subprocess
-import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-__all__ = ["first_line", "host_info", "machine_ticks", "revision", "run"]
 
 
 def first_line(cmd: list[str]) -> str:
@@ -74,34 +67,31 @@ def machine_ticks() -> tuple[int, int]:
     return total - idle, total
 
 
-def run(bench: Any, args: Any, table: Any, errors: tuple[type[BaseException], ...],
-        say: Any) -> int:
-    """Run ``bench`` (``run()`` then always ``cleanup()``) and print its results.
+def busy_share(seconds: float) -> float:
+    """The share of the machine's cores busy with anything over the next ``seconds``."""
+    busy0, total0 = machine_ticks()
+    time.sleep(seconds)
+    busy1, total1 = machine_ticks()
+    return (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
 
-    SIGTERM and Ctrl-C interrupt it (130) and ``errors`` fail it (1), cleaned up
-    either way; the results go to ``args.json_out`` if set, and to standard output
-    as JSON (``args.json``) or as ``table(results)``.
-    """
-    def terminate(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
-    try:
-        results = bench.run()
-    except KeyboardInterrupt:
-        say("interrupted; cleaning up")
-        return 130
-    except errors as e:
-        say(f"failed: {e}")
-        return 1
-    finally:
-        bench.cleanup()
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
-    if args.json:
-        json.dump(results, sys.stdout, indent=2)
-        print()
-    else:
-        print(table(results))
-    return 0
+def ambient(say: Callable[[str], None]) -> float:
+    """How busy the machine is (2 s) before a benchmark starts; a warning above 10 %."""
+    share = busy_share(2)
+    if share > 0.1:
+        say(f"warning: the machine was {share:.0%} busy before the benchmark started; "
+            "other load skews the figures")
+    return share
+
+
+def wait_quiet(max_busy: float, seconds: float, timeout: float,
+               say: Callable[[str], None]) -> float:
+    """Wait (at most ``timeout`` s) until the machine was at most ``max_busy`` busy for
+    ``seconds``; the last window's busy share."""
+    deadline = time.monotonic() + timeout
+    while True:
+        share = busy_share(seconds)
+        if share <= max_busy or time.monotonic() >= deadline:
+            return share
+        say(f"the machine is {share:.0%} busy; waiting for it to quiet down "
+            f"({deadline - time.monotonic():.0f} s left)")
