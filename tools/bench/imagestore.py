@@ -55,12 +55,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchkit.cli import BenchError, output_options, run, sayer
+from benchkit import cli
 from benchkit.daemons import Nginx, remove_temp, signer, start_daemon, temp_dir, twistd
 from benchkit.host import ambient, first_line, host_info, revision
 from benchkit.procfs import KB_MB, Monitor, reset_hwm, rusage_cpu, status_kb
 from benchkit.procs import ROOT, Profiler, free_port, stop_process
-from benchkit.report import WRK_REPORT_LUA, cell, wrk
+from benchkit.report import WRK_REPORT_LUA, cell, verdict_lines, wrk
 
 # Targets of the issue.
 TARGET_GET_RATIO = 0.5      # GET MB/s through the store / nginx's
@@ -75,7 +75,7 @@ REPO_CHUNKED = "bench/chunked"
 REPO_SMALL = "bench/small"
 REPO_PUBLIC = "bench/public"  # in anonymous_pull
 
-say = sayer()
+say = cli.sayer()
 _UNITS = {"": 1, "k": 1024, "m": MiB, "g": 1024 * MiB}
 
 
@@ -182,12 +182,12 @@ class Connection:
         elif file is not None and count:
             sent = self.sock.sendfile(file, offset, count)
             if sent != count:
-                raise BenchError(f"sendfile sent {sent} of {count} bytes")
+                raise cli.BenchError(f"sendfile sent {sent} of {count} bytes")
 
     def response(self) -> tuple[int, dict[str, str], bytes]:
         status_line = self.reader.readline()
         if not status_line.startswith(b"HTTP/1."):
-            raise BenchError(f"bad response: {status_line[:100]!r}")
+            raise cli.BenchError(f"bad response: {status_line[:100]!r}")
         status = int(status_line.split()[1])
         headers: dict[str, str] = {}
         while True:
@@ -334,7 +334,7 @@ access_log = false
                               check=True, timeout=600)
         wall = time.monotonic() - start
         if "sha256:" + proc.stdout.split()[0] != digest:
-            raise BenchError("sha256sum disagrees with the digest computed while writing")
+            raise cli.BenchError("sha256sum disagrees with the digest computed while writing")
         return {"seconds": round(wall, 3), "mb_s": round(size / wall / MB, 1)}
 
     def upload_monolithic(self, path: Path, digest: str, size: int) -> dict[str, Any]:
@@ -355,7 +355,7 @@ access_log = false
             conn.close()
         usage = phase.end()
         if status != 201 or headers.get("docker-content-digest") != digest:
-            raise BenchError(f"monolithic upload answered {status}: {body[:300]!r}")
+            raise cli.BenchError(f"monolithic upload answered {status}: {body[:300]!r}")
         wall = done - start
         return {"kind": "monolithic", "seconds": round(wall, 3),
                 "mb_s": round(size / wall / MB, 1),
@@ -378,7 +378,7 @@ access_log = false
                 status, headers, body = conn.response()
                 requests += 1
                 if status != 202:
-                    raise BenchError(f"starting an upload answered {status}: {body[:300]!r}")
+                    raise cli.BenchError(f"starting an upload answered {status}: {body[:300]!r}")
                 location = headers["location"]
                 offset = 0
                 while offset < size:
@@ -390,7 +390,7 @@ access_log = false
                     status, headers, body = conn.response()
                     requests += 1
                     if status != 202:
-                        raise BenchError(f"PATCH answered {status}: {body[:300]!r}")
+                        raise cli.BenchError(f"PATCH answered {status}: {body[:300]!r}")
                     location = headers.get("location", location)
                     offset += count
                 sep = "&" if "?" in location else "?"
@@ -403,7 +403,7 @@ access_log = false
             conn.close()
         usage = phase.end()
         if status != 201:
-            raise BenchError(f"committing the chunked upload answered {status}: {body[:300]!r}")
+            raise cli.BenchError(f"committing the chunked upload answered {status}: {body[:300]!r}")
         wall = done - start
         return {"kind": f"chunked ({human(chunk)} PATCHes)", "seconds": round(wall, 3),
                 "mb_s": round(size / wall / MB, 1), "requests": requests,
@@ -420,7 +420,7 @@ access_log = false
         fields = proc.stdout.split()
         if proc.returncode != 0 or len(fields) != 4 or fields[0] != "200" \
                 or int(fields[1]) != size:
-            raise BenchError(f"curl {url} failed ({proc.returncode}): {proc.stdout} "
+            raise cli.BenchError(f"curl {url} failed ({proc.returncode}): {proc.stdout} "
                              f"{proc.stderr.strip()}")
         total = float(fields[2])
         return {"seconds": round(total, 3), "mb_s": round(size / total / MB, 1),
@@ -481,7 +481,7 @@ access_log = false
 
             blob = self.tmp / name / "blobs" / "sha256" / digest[7:9] / digest[7:]
             if not blob.is_file():
-                raise BenchError(f"the store's blob file is not where expected: {blob}")
+                raise cli.BenchError(f"the store's blob file is not where expected: {blob}")
             entry["warm_read_blob_s"] = round(self.warm(blob), 3)
             say(f"{human(size)}: GET x{a.repeat}, store then nginx (same file)")
             store_url = f"http://127.0.0.1:{self.store_port}/v2/{REPO_BIG}/blobs/{digest}"
@@ -543,12 +543,13 @@ access_log = false
                     {"Authorization": f"Bearer {self.push_token}",
                      "Content-Type": "application/octet-stream"}, data)
                 if status != 201:
-                    raise BenchError(f"pushing the small blob answered {status}: {body[:300]!r}")
+                    raise cli.BenchError(f"pushing the small blob answered {status}: "
+                                         f"{body[:300]!r}")
             base = f"http://127.0.0.1:{self.store_port}/v2"
             status, _, body = request(self.store_port, "GET",
                                       f"/v2/{REPO_PUBLIC}/blobs/{digest}", {})
             if status != 200 or body != data:
-                raise BenchError(f"anonymous GET answered {status}")
+                raise cli.BenchError(f"anonymous GET answered {status}")
             prof = self.profile("small-token")
             try:
                 self.small_phase("image store, pull token", f"{base}/{REPO_SMALL}/blobs/{digest}",
@@ -704,19 +705,14 @@ def table(results: dict[str, Any]) -> str:
             if (row.get("other_cpu_busy") or 0) > 0.15:
                 lines.append(f"warning: {e['size_h']}: other processes used "
                              f"{row['other_cpu_busy']:.0%} of the machine during a phase")
-    lines += ["", "Targets:"]
-    for v in results["verdicts"]:
-        lines.append(f"  {'met   ' if v['met'] else 'MISSED'}  {v['target']:<58} "
-                     f"measured {v['value']:g}")
+    lines += ["", "Targets:", *verdict_lines(results["verdicts"], 58)]
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="tools/bench/imagestore.py", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Targets: GET >= 0.5 of nginx; upload >= 0.5 of sha256sum; memory flat in "
-               "blob size.")
+    parser = cli.bench_parser("imagestore.py", __doc__,
+                          "Targets: GET >= 0.5 of nginx; upload >= 0.5 of sha256sum; "
+                          "memory flat in blob size.")
     parser.add_argument("--size", type=byte_size, action="append",
                         help="blob size (1G, 256M, ...); repeatable; default 1G")
     parser.add_argument("--repeat", type=int, default=3, help="GETs per server and size")
@@ -733,14 +729,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds of unrecorded wrk load before each small-blob run")
     parser.add_argument("--no-small", action="store_true", help="skip the small-blob GETs")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx reference")
-    parser.add_argument("--logger", default="treadmill.common.logging.text",
-                        help="twistd --logger ('' for twistd's default)")
-    parser.add_argument("--tmpdir", help="where to make the temporary directory (default: "
-                                         "the system's; it decides the disk measured)")
-    parser.add_argument("--py-spy", metavar="DIR",
-                        help="sample the store with py-spy (raw stacks in DIR) during the "
-                             "uploads, the GETs and the small-blob run; it perturbs them")
-    output_options(parser, keep_help="keep the temporary directory (logs) for inspection")
+    cli.daemon_options(parser, "the store during the uploads, the GETs and the small-blob run")
+    cli.output_options(parser, keep_help="keep the temporary directory (logs) for inspection")
     args = parser.parse_args(argv)
     args.size = args.size or [1024 * MiB]
     if not all(MiB <= s <= 64 * 1024 * MiB for s in args.size):
@@ -756,18 +746,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = [tool for tool in ("curl", "sha256sum", "wrk") if shutil.which(tool) is None]
-    if missing:
-        print(f"imagestore: missing {', '.join(missing)} (apt-get install {' '.join(missing)})",
-              file=sys.stderr)
+    if cli.missing("imagestore", "curl", "sha256sum", "wrk"):
         return 2
-    if not (ROOT / ".venv/bin/twistd").exists():
-        print("imagestore: .venv/bin/twistd not found; run tools/setup-env first",
-              file=sys.stderr)
-        return 2
-
-    errors = (BenchError, OSError, subprocess.SubprocessError)
-    return run(Bench(args), args, table, errors, say)
+    errors = (cli.BenchError, OSError, subprocess.SubprocessError)
+    return cli.run(Bench(args), args, table, errors, say)
 
 
 if __name__ == "__main__":

@@ -60,12 +60,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchkit.cli import BenchError, output_options, run, sayer
+from benchkit import cli
 from benchkit.daemons import remove_temp, signer, start_daemon, temp_dir, twistd
 from benchkit.host import ambient, first_line, host_info, machine_ticks, revision
 from benchkit.procfs import KB_MB, reset_hwm, rusage_cpu, status_kb, thread_ticks
 from benchkit.procs import ROOT, Profiler, free_port, stop_process
-from benchkit.report import cell, percentile
+from benchkit.report import cell, percentile, verdict_lines
 
 # Targets of the issue, on a 2-core machine.
 TARGET_MB_S = 100.0
@@ -349,7 +349,7 @@ def role_main(args: argparse.Namespace) -> int:
 # The benchmark (the orchestrating process).
 # ======================================================================================
 
-say = sayer()
+say = cli.sayer()
 
 
 def machine_info(tmp: Path) -> dict[str, Any]:
@@ -456,7 +456,7 @@ access_log = false
         line = proc.stdout.readline().strip() if ready else ""
         if line != "ready":
             stop_process(proc)  # type: ignore[arg-type]
-            raise BenchError(f"the {name} did not get ready: {line!r}; "
+            raise cli.BenchError(f"the {name} did not get ready: {line!r}; "
                              + (self.tmp / f"{name}.err").read_text()[-2000:])
 
     def finish_helper(self, proc: subprocess.Popen[str], out: Path, name: str,
@@ -465,12 +465,12 @@ access_log = false
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             stop_process(proc)  # type: ignore[arg-type]
-            raise BenchError(f"the {name} did not finish within {timeout:.0f} s") from None
+            raise cli.BenchError(f"the {name} did not finish within {timeout:.0f} s") from None
         finally:
             with contextlib.suppress(ValueError):
                 self.helpers.remove(proc)
         if proc.returncode != 0 or not out.exists():
-            raise BenchError(f"the {name} failed ({proc.returncode}): "
+            raise cli.BenchError(f"the {name} failed ({proc.returncode}): "
                              + (self.tmp / f"{name}.err").read_text()[-3000:])
         return json.loads(out.read_text())
 
@@ -580,7 +580,7 @@ access_log = false
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
             wall = time.monotonic() - start
             if proc.returncode != 0:
-                raise BenchError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
+                raise cli.BenchError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
             entry = {"variant": label, "command": " ".join(cmd[:5] + flags).replace(
                 str(self.tmp), "TMP"), "bytes": n * block, "seconds": round(wall, 3),
                 "mb_s": round(n * block / wall / MB, 1)}
@@ -736,18 +736,13 @@ def table(results: dict[str, Any]) -> str:
                 if e["kind"] == "max":
                     lines.append(f"  fsync {e['fsync']}: server / dd conv=fsync = "
                                  f"{e['mb_s'] / ref['mb_s']:.3f}")
-    lines += ["", "Targets (2-core machine):"]
-    for v in results["verdicts"]:
-        lines.append(f"  {'met   ' if v['met'] else 'MISSED'}  {v['target']:<52} "
-                     f"measured {v['value']:g}")
+    lines += ["", "Targets (2-core machine):", *verdict_lines(results["verdicts"], 52)]
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="tools/bench/logserver.py", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Targets on 2 cores: >= 100 MB/s aggregate; p99 follow latency < 50 ms.")
+    parser = cli.bench_parser("logserver.py", __doc__,
+                          "Targets on 2 cores: >= 100 MB/s aggregate; p99 follow latency < 50 ms.")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
     parser.add_argument("--streams", type=int, default=100, help="concurrent streams (jobs)")
     parser.add_argument("--chunk", type=int, default=64 * 1024, help="bytes per append")
@@ -761,14 +756,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dsync-max", type=int, default=256 * 1024 * 1024,
                         help="bytes for the dd oflag=dsync reference (capped: it is slow)")
     parser.add_argument("--no-dd", action="store_true", help="skip the dd reference")
-    parser.add_argument("--logger", default="treadmill.common.logging.text",
-                        help="twistd --logger ('' for twistd's default)")
-    parser.add_argument("--tmpdir", help="where to make the temporary directory (default: "
-                                         "the system's; it decides the disk measured)")
-    parser.add_argument("--py-spy", metavar="DIR",
-                        help="sample the server with py-spy (raw stacks in DIR) during the "
-                             "max phases; it perturbs them")
-    output_options(parser, keep_help="keep the temporary directory (logs) for inspection")
+    cli.daemon_options(parser, "the server during the max phases")
+    cli.output_options(parser, keep_help="keep the temporary directory (logs) for inspection")
     # Internal: the writer and follower processes.
     parser.add_argument("--role", choices=("writer", "follower"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -789,13 +778,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.role:
         return role_main(args)
-    if not (ROOT / ".venv/bin/twistd").exists():
-        print("logserver: .venv/bin/twistd not found; run tools/setup-env first",
-              file=sys.stderr)
+    if cli.missing("logserver"):
         return 2
-
-    errors = (BenchError, OSError, subprocess.SubprocessError)
-    return run(Bench(args), args, table, errors, say)
+    errors = (cli.BenchError, OSError, subprocess.SubprocessError)
+    return cli.run(Bench(args), args, table, errors, say)
 
 
 if __name__ == "__main__":

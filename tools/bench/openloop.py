@@ -31,13 +31,7 @@ import time
 from collections import Counter
 from urllib.parse import urlsplit
 
-
-def percentile(sorted_values: list[float], pct: float) -> float | None:
-    """The nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return None
-    rank = max(1, min(len(sorted_values), int(-(-pct * len(sorted_values) // 100))))
-    return sorted_values[rank - 1]
+from benchkit.report import percentile
 
 
 class BadResponse(Exception):

@@ -66,7 +66,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchkit.cli import BenchError, output_options, run, sayer
+from benchkit.cli import BenchError, bench_parser, missing, output_options, run, sayer
 from benchkit.daemons import Postgres, bootstrap, remove_temp, start_daemon, temp_dir, twistd
 from benchkit.host import first_line, host_info, machine_ticks, revision, wait_quiet
 from benchkit.procfs import CLK_TCK, cpu_ticks, descendants, total_ticks
@@ -697,11 +697,9 @@ def table(results: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="tools/bench/qemu_boot.py", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Target: supervisor overhead on enqueue -> ready < 10 % of the same QEMU "
-               "run by hand.")
+    parser = bench_parser("qemu_boot.py", __doc__,
+                          "Target: supervisor overhead on enqueue -> ready < 10 % of the same QEMU "
+                          "run by hand.")
     parser.add_argument("--jobs", type=int, default=5,
                         help="treadmill jobs (the first is cold) and as many runs by hand")
     parser.add_argument("--accel", choices=("tcg", "kvm"), default="tcg",
@@ -729,16 +727,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not (ROOT / ".venv/bin/twistd").exists():
-        print("qemu_boot: .venv/bin/twistd not found; run tools/setup-env first",
-              file=sys.stderr)
+    if missing("qemu_boot", "qemu-system-x86_64", "qemu-img", "busybox"):
         return 2
-    for tool in ("qemu-system-x86_64", "qemu-img", "busybox"):
-        if shutil.which(tool) is None:
-            print(f"qemu_boot: {tool} is not installed (tools/setup-env installs it)",
-                  file=sys.stderr)
-            return 2
-
     errors = (BenchError, ClusterError, OSError, subprocess.SubprocessError, ValueError)
     return run(Bench(args), args, table, errors, say)
 

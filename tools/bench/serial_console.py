@@ -34,7 +34,6 @@ import errno
 import hashlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -43,8 +42,10 @@ import tty
 from pathlib import Path
 from typing import Any
 
+from benchkit.host import host_info, machine_ticks
+from benchkit.procs import ROOT
+
 HERE = Path(__file__).resolve()
-ROOT = HERE.parents[2]
 LINE_BITS = 10  # 8N1: start bit, 8 data bits, stop bit
 
 
@@ -213,14 +214,6 @@ def capture(device: str, baud: int, size: int, idle: float) -> int:
 # -- the orchestrator -----------------------------------------------------------------------
 
 
-def _machine_busy() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    total = sum(fields[:8])
-    return total - idle, total
-
-
 def phase(name: str, baud: int, rate: float, size: int, tick: float, idle: float
           ) -> dict[str, Any]:
     """One run: a sender and a capture process; returns the figures."""
@@ -239,13 +232,13 @@ def phase(name: str, baud: int, rate: float, size: int, tick: float, idle: float
         assert grab.stdout is not None
         if grab.stdout.readline().strip() != "ready":
             raise SystemExit(f"{name}: the capture process did not start")
-        busy0, total0 = _machine_busy()
+        busy0, total0 = machine_ticks()
         load0 = os.getloadavg()[0]
         send.stdin.write("go\n")
         send.stdin.flush()
         sent = json.loads(send.stdout.readline())
         got = json.loads(grab.stdout.readline())
-        busy1, total1 = _machine_busy()
+        busy1, total1 = machine_ticks()
         grab.wait(30)
         send.stdin.write("done\n")
         send.stdin.flush()
@@ -279,15 +272,13 @@ def phase(name: str, baud: int, rate: float, size: int, tick: float, idle: float
 
 
 def machine_info() -> dict[str, Any]:
-    model = next((line.split(":", 1)[1].strip() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
     import serial
 
     import twisted
 
-    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
-            "python": platform.python_version(), "twisted": twisted.__version__,
+    host = host_info()
+    return {"cpus": os.cpu_count(), "cpu_model": host["cpu_model"], "kernel": host["kernel"],
+            "python": host["python"], "twisted": twisted.__version__,
             "pyserial": serial.__version__}
 
 

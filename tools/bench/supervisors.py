@@ -67,7 +67,7 @@ from benchkit.api import (
     job_events,
     list_jobs,
 )
-from benchkit.cli import BenchError, output_options, run, sayer
+from benchkit.cli import BenchError, bench_parser, missing, output_options, run, sayer
 from benchkit.daemons import Postgres, bootstrap, remove_temp, start_daemon, temp_dir, twistd
 from benchkit.host import host_info, machine_ticks, revision, wait_quiet
 from benchkit.procfs import (
@@ -869,11 +869,10 @@ def table(r: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="tools/bench/supervisors.py", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Targets: 1000 supervisors within 256 MB RSS; p99 enqueue -> start-job < "
-               "100 ms at 20 jobs/s; the reconnect storm settles in < 30 s with no job lost.")
+    parser = bench_parser("supervisors.py", __doc__,
+                          "Targets: 1000 supervisors within 256 MB RSS; p99 enqueue -> "
+                          "start-job < 100 ms at 20 jobs/s; the reconnect storm settles in "
+                          "< 30 s with no job lost.")
     parser.add_argument("--supervisors", type=int, default=TARGET_SUPERVISORS)
     parser.add_argument("--rate", type=float, default=TARGET_RATE, help="jobs/s (steady)")
     parser.add_argument("--duration", type=float, default=60.0, help="steady phase, seconds")
@@ -944,11 +943,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not (ROOT / ".venv/bin/twistd").exists():
-        print("supervisors: .venv/bin/twistd not found; run tools/setup-env first",
-              file=sys.stderr)
+    if missing("supervisors"):
         return 2
-
     errors = (BenchError, ClusterError, APIError, subprocess.TimeoutExpired)
     return run(Bench(args), args, table, errors, say)
 

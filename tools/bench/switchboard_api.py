@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchkit.cli import BenchError, output_options, run, sayer
+from benchkit import cli
 from benchkit.daemons import (
     Nginx,
     Postgres,
@@ -55,7 +55,7 @@ from benchkit.daemons import (
 from benchkit.host import ambient, first_line, host_info, revision
 from benchkit.procfs import KB_MB, Monitor, status_kb
 from benchkit.procs import ROOT, free_port, http, py_spy_record, stop_process
-from benchkit.report import WRK_REPORT_LUA, cell, wrk
+from benchkit.report import WRK_REPORT_LUA, cell, verdict_lines, wrk
 
 from treadmill.dev.pgcluster import ClusterError
 
@@ -76,7 +76,7 @@ wrk.headers["Content-Type"] = "application/json"
 """ % IMAGE + WRK_REPORT_LUA
 
 
-say = sayer()
+say = cli.sayer()
 
 
 def machine_info(db: Postgres | None) -> dict[str, Any]:
@@ -133,7 +133,7 @@ class Bench:
         self.token = bootstrap("--database-dsn", self.db.dsn)
         status, body = http("POST", url + "/api/v1/jobs", self.token, {"image": IMAGE})
         if status != 201:
-            raise BenchError(f"enqueue answered {status}: {body[:300]!r}")
+            raise cli.BenchError(f"enqueue answered {status}: {body[:300]!r}")
         self.job_id = json.loads(body)["id"]
         say(f"enqueued job {self.job_id}")
         # A registered host that never connects: queued jobs are then runnable in
@@ -142,12 +142,12 @@ class Bench:
         status, body = http("POST", url + "/api/v1/hosts", self.token,
                             {"name": "bench-offline", "description": "never connects"})
         if status != 201:
-            raise BenchError(f"creating a host answered {status}: {body[:300]!r}")
+            raise cli.BenchError(f"creating a host answered {status}: {body[:300]!r}")
 
     def check(self, url: str) -> None:
         status, body = http("GET", f"{url}/api/v1/jobs/{self.job_id}", self.token)
         if status != 200:
-            raise BenchError(f"GET job answered {status}: {body[:300]!r}")
+            raise cli.BenchError(f"GET job answered {status}: {body[:300]!r}")
         self.job_body = body
 
     def start_nginx(self) -> str | None:
@@ -190,7 +190,7 @@ class Bench:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.duration + 60,
                               check=False, start_new_session=True)
         if proc.returncode != 0:
-            raise BenchError(f"openloop failed ({proc.returncode}): {proc.stderr.strip()}")
+            raise cli.BenchError(f"openloop failed ({proc.returncode}): {proc.stderr.strip()}")
         raw = json.loads(proc.stdout)
         lat = raw["latency_ms"]
         return {"rps": raw["rate_achieved"], "ok_rps": raw["rate_achieved"],
@@ -418,19 +418,15 @@ def table(results: dict[str, Any]) -> str:
         lines.append("nginx reference: skipped")
     for server, hwm in sorted(results.get("switchboard_hwm_mb", {}).items()):
         lines.append(f"switchboard peak RSS (VmHWM), access log {server}: {hwm:.1f} MB")
-    lines += ["", "Targets (2-core machine):"]
-    for v in results["verdicts"]:
-        lines.append(f"  {'met   ' if v['met'] else 'MISSED'}  {v['server']:<31} "
-                     f"{v['target']:<28} measured {v['value']:g}")
+    lines += ["", "Targets (2-core machine):",
+              *verdict_lines(results["verdicts"], 28, server=True)]
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="tools/bench/switchboard_api.py", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Targets on 2 cores: >= 1000 GET/s, >= 200 enqueues/s, p99 < 50 ms at "
-               "500 GET/s and 100 enqueues/s, RSS < 150 MB.")
+    parser = cli.bench_parser("switchboard_api.py", __doc__,
+                          "Targets on 2 cores: >= 1000 GET/s, >= 200 enqueues/s, p99 < 50 ms at "
+                          "500 GET/s and 100 enqueues/s, RSS < 150 MB.")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
@@ -443,17 +439,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--openloop-connections", type=int, default=16)
     parser.add_argument("--access-log", choices=("off", "on", "both"), default="both",
                         help="run the switchboard with its HTTP access log off, on, or both")
-    parser.add_argument("--logger", default="treadmill.common.logging.text",
-                        help="twistd --logger, as in the systemd unit ('' for twistd's default)")
     parser.add_argument("--switchboard-arg", action="append", default=[],
                         help="extra option for treadmill-switchboard (repeatable), "
                              "e.g. --switchboard-arg=--database-pool-size=8")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx reference")
     parser.add_argument("--no-openloop", action="store_true", help="skip phase C")
-    parser.add_argument("--py-spy", metavar="DIR",
-                        help="sample the switchboard with py-spy (collapsed stacks in DIR) "
-                             "during phases A and B; the sampling perturbs those figures")
-    output_options(parser)
+    cli.daemon_options(parser, "the switchboard during phases A and B", tmpdir=False)
+    cli.output_options(parser)
     args = parser.parse_args(argv)
     if not (0 < args.duration <= 300 and 0 <= args.warmup <= 60):
         parser.error("--duration must be in (0, 300] and --warmup in [0, 60]")
@@ -464,17 +456,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if shutil.which("wrk") is None:
-        print("switchboard_api: wrk is not installed; install it with: apt-get install wrk",
-              file=sys.stderr)
+    if cli.missing("switchboard_api", "wrk"):
         return 2
-    if not (ROOT / ".venv/bin/twistd").exists():
-        print("switchboard_api: .venv/bin/twistd not found; run tools/setup-env first",
-              file=sys.stderr)
-        return 2
-
-    errors = (BenchError, ClusterError, OSError, subprocess.SubprocessError)
-    return run(Bench(args), args, table, errors, say)
+    errors = (cli.BenchError, ClusterError, OSError, subprocess.SubprocessError)
+    return cli.run(Bench(args), args, table, errors, say)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,40 @@ def run(bench: Any, args: Any, table: Any, errors: tuple[type[BaseException], ..
     else:
         print(table(results))
     return 0
+
+
+def bench_parser(script: str, doc: str, epilog: str) -> argparse.ArgumentParser:
+    """The parser of ``tools/bench/SCRIPT``: its docstring's first line, its targets."""
+    return argparse.ArgumentParser(
+        prog=f"tools/bench/{script}", description=doc.splitlines()[0], epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def daemon_options(parser: argparse.ArgumentParser, what: str, tmpdir: bool = True) -> None:
+    """``--logger`` (twistd's), ``--tmpdir`` and ``--py-spy DIR`` of a benchmarked daemon."""
+    parser.add_argument("--logger", default="treadmill.common.logging.text",
+                        help="twistd --logger, as in the systemd unit ('' for twistd's default)")
+    if tmpdir:
+        parser.add_argument("--tmpdir", help="where to make the temporary directory (default: "
+                                             "the system's; it decides the disk measured)")
+    parser.add_argument("--py-spy", metavar="DIR",
+                        help=f"sample {what} with py-spy (raw stacks in DIR); it perturbs "
+                             "the figures")
+
+
+def missing(script: str, *tools: str) -> int | None:
+    """2 (after saying what to install) if ``tools`` or the .venv's twistd are missing."""
+    import shutil
+
+    from benchkit.procs import VENV
+
+    absent = [tool for tool in tools if shutil.which(tool) is None]
+    if absent:
+        print(f"{script}: missing {', '.join(absent)} (apt-get install {' '.join(absent)}; "
+              "tools/setup-env installs some)", file=sys.stderr)
+        return 2
+    if not (VENV / "twistd").exists():
+        print(f"{script}: .venv/bin/twistd not found; run tools/setup-env first",
+              file=sys.stderr)
+        return 2
+    return None

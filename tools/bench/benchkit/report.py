@@ -118,3 +118,11 @@ def parse_wrk(output: str) -> dict[str, Any]:
     result["ok_rps"] = round(result["rps"] * (1 - result["non_2xx"] / result["requests"]), 2) \
         if result.get("requests") else 0.0
     return result
+
+
+def verdict_lines(verdicts: list[dict[str, Any]], width: int, server: bool = False
+                  ) -> list[str]:
+    """``met``/``MISSED`` lines of the targets, with their server (``server``)."""
+    return [f"  {'met   ' if v['met'] else 'MISSED'}  "
+            + (f"{v['server']:<31} " if server else "")
+            + f"{v['target']:<{width}} measured {v['value']:g}" for v in verdicts]
