@@ -57,10 +57,10 @@ from typing import Any
 
 from benchkit import cli
 from benchkit.daemons import Nginx, remove_temp, signer, start_daemon, temp_dir, twistd
-from benchkit.host import ambient, first_line, host_info, revision
+from benchkit.host import ambient, first_line, host_info, stamp
 from benchkit.procfs import KB_MB, Monitor, reset_hwm, rusage_cpu, status_kb
 from benchkit.procs import ROOT, Profiler, free_port, stop_process
-from benchkit.report import WRK_REPORT_LUA, cell, verdict_lines, wrk
+from benchkit.report import WRK_REPORT_LUA, cell, headline, verdict_lines, wrk
 
 # Targets of the issue.
 TARGET_GET_RATIO = 0.5      # GET MB/s through the store / nginx's
@@ -570,14 +570,11 @@ access_log = false
     def run(self) -> dict[str, Any]:
         a = self.args
         self.results["ambient_cpu_busy"] = round(ambient(say), 3)
-        self.results["machine"] = machine_info(self.tmp)
-        self.results["parameters"] = {
+        stamp(self.results, machine_info(self.tmp), {
             "sizes": a.size, "repeat": a.repeat, "chunk_size": a.chunk_size,
             "small_size": a.small_size, "duration_s": a.duration, "connections": a.connections,
             "threads": a.threads, "warmup_s": a.warmup, "logger": a.logger,
-            "tmpdir": str(self.tmp.parent)}
-        self.results["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.results["revision"] = revision(ROOT)
+            "tmpdir": str(self.tmp.parent)}, ROOT)
         self.start_nginx()
         for size in a.size:
             self.run_size(size)
@@ -641,11 +638,9 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def table(results: dict[str, Any]) -> str:
-    m = results["machine"]
-    p = results["parameters"]
+    m, p = results["machine"], results["parameters"]
     lines = [
-        f"Image store benchmark: {m['nproc']} cores ({m['cpu_model']}), Python {m['python']}, "
-        f"revision {results.get('revision')}, started {results.get('started')}",
+        headline("Image store benchmark", results),
         f"temporary directory on {m['filesystem']}; machine "
         f"{results.get('ambient_cpu_busy', 0):.0%} busy before the start",
         "",
@@ -719,14 +714,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk-size", type=byte_size, default=8 * MiB,
                         help="PATCH size of the chunked upload (default 8M, as tml image push)")
     parser.add_argument("--no-chunked", action="store_true", help="skip the chunked upload")
-    parser.add_argument("--small-size", type=byte_size, default=4096,
-                        help="size of the small blob (default 4096 bytes)")
-    parser.add_argument("--duration", type=float, default=10.0,
-                        help="seconds of each small-blob wrk run")
-    parser.add_argument("--connections", type=int, default=100, help="wrk connections")
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
-    parser.add_argument("--warmup", type=float, default=2.0,
-                        help="seconds of unrecorded wrk load before each small-blob run")
+    cli.options(parser, (
+        ("--small-size", byte_size, 4096, "size of the small blob (default 4096 bytes)"),
+        ("--duration", float, 10.0, "seconds of each small-blob wrk run"),
+        ("--connections", int, 100, "wrk connections"),
+        ("--threads", int, 2, "wrk threads"),
+        ("--warmup", float, 2.0, "seconds of unrecorded wrk load before each small-blob run"),
+    ))
     parser.add_argument("--no-small", action="store_true", help="skip the small-blob GETs")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx reference")
     cli.daemon_options(parser, "the store during the uploads, the GETs and the small-blob run")

@@ -62,10 +62,10 @@ from typing import Any
 
 from benchkit import cli
 from benchkit.daemons import remove_temp, signer, start_daemon, temp_dir, twistd
-from benchkit.host import ambient, first_line, host_info, machine_ticks, revision
+from benchkit.host import ambient, first_line, host_info, machine_ticks, stamp
 from benchkit.procfs import KB_MB, reset_hwm, rusage_cpu, status_kb, thread_ticks
 from benchkit.procs import ROOT, Profiler, free_port, stop_process
-from benchkit.report import cell, percentile, verdict_lines
+from benchkit.report import cell, headline, percentile, verdict_lines
 
 # Targets of the issue, on a 2-core machine.
 TARGET_MB_S = 100.0
@@ -593,13 +593,10 @@ access_log = false
     def run(self) -> dict[str, Any]:
         a = self.args
         self.results["ambient_cpu_busy"] = round(ambient(say), 3)
-        self.results["machine"] = machine_info(self.tmp)
-        self.results["parameters"] = {
-            "streams": a.streams, "chunk": a.chunk, "duration_s": a.duration,
-            "rates_mb_s": a.rate, "follow_every": a.follow_every, "fsync": a.fsync,
-            "logger": a.logger, "tmpdir": str(self.tmp.parent), "dsync_max": a.dsync_max}
-        self.results["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.results["revision"] = revision(ROOT)
+        stamp(self.results, machine_info(self.tmp), dict(
+            streams=a.streams, chunk=a.chunk, duration_s=a.duration, rates_mb_s=a.rate,
+            follow_every=a.follow_every, fsync=a.fsync, logger=a.logger,
+            tmpdir=str(self.tmp.parent), dsync_max=a.dsync_max), ROOT)
         volume = 0
         for fsync in a.fsync:
             self.start_server(fsync)
@@ -668,14 +665,12 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def table(results: dict[str, Any]) -> str:
-    m = results["machine"]
     p = results["parameters"]
     lines = [
-        f"Log server benchmark: {m['nproc']} cores ({m['cpu_model']}), Python {m['python']}, "
-        f"revision {results.get('revision')}, started {results.get('started')}",
+        headline("Log server benchmark", results),
         f"{p['streams']} streams, {p['chunk']} B appends, {p['duration_s']:g} s per phase; "
-        f"file system {m['filesystem']}; machine {results.get('ambient_cpu_busy', 0):.0%} busy "
-        "before the start",
+        f"file system {results['machine']['filesystem']}; machine "
+        f"{results.get('ambient_cpu_busy', 0):.0%} busy before the start",
         "",
         f"{'fsync':<7} {'phase':<12} {'MB/s':>7} {'app/s':>6} {'app p50':>7} {'app p99':>7} "
         f"{'fol p50':>7} {'fol p99':>7} {'fol max':>7} {'srv':>5} {'react':>5} {'CPU':>6} "
@@ -743,9 +738,11 @@ def table(results: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.bench_parser("logserver.py", __doc__,
                           "Targets on 2 cores: >= 100 MB/s aggregate; p99 follow latency < 50 ms.")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
-    parser.add_argument("--streams", type=int, default=100, help="concurrent streams (jobs)")
-    parser.add_argument("--chunk", type=int, default=64 * 1024, help="bytes per append")
+    cli.options(parser, (
+        ("--duration", float, 10.0, "seconds per phase"),
+        ("--streams", int, 100, "concurrent streams (jobs)"),
+        ("--chunk", int, 64 * 1024, "bytes per append"),
+    ))
     parser.add_argument("--rate", type=float, action="append",
                         help="aggregate MB/s of a fixed-rate phase (repeatable; default 50, "
                              "i.e. half the target; 0: none)")

@@ -410,14 +410,12 @@ def measure(target: Target, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mib", type=int, default=1024, help="bytes per throughput "
-                        "run, each way (default 1024: 1 GiB)")
-    parser.add_argument("--connects", type=int, default=1000,
-                        help="sequential connections for the setup latency")
-    parser.add_argument("--concurrent", type=int, default=1000,
-                        help="connections opened at once through one tunnel")
-    parser.add_argument("--tunnels", type=int, default=1000,
-                        help="idle tunnels for the memory comparison (0: skip)")
+    for option, default, text in (
+            ("--size-mib", 1024, "bytes per throughput run, each way (default 1024: 1 GiB)"),
+            ("--connects", 1000, "sequential connections for the setup latency"),
+            ("--concurrent", 1000, "connections opened at once through one tunnel"),
+            ("--tunnels", 1000, "idle tunnels for the memory comparison (0: skip)")):
+        parser.add_argument(option, type=int, default=default, help=text)
     parser.add_argument("--no-ws", action="store_true", help="skip the WebSocket path")
     parser.add_argument("--paths", default="direct,treadmill,treadmill-ws,haproxy,socat",
                         help="the paths to measure (comma-separated)")

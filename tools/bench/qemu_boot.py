@@ -66,7 +66,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchkit.cli import BenchError, bench_parser, missing, output_options, run, sayer
+from benchkit.cli import BenchError, bench_parser, missing, options, output_options, run, sayer
 from benchkit.daemons import Postgres, bootstrap, remove_temp, start_daemon, temp_dir, twistd
 from benchkit.host import first_line, host_info, machine_ticks, revision, wait_quiet
 from benchkit.procfs import CLK_TCK, cpu_ticks, descendants, total_ticks
@@ -705,12 +705,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--accel", choices=("tcg", "kvm"), default="tcg",
                         help="qemu.accel, fixed so that the run by hand uses the same "
                              "(not auto: its KVM probe hangs on this machine's /dev/kvm)")
-    parser.add_argument("--memory", type=int, default=QemuSettings.memory,
-                        help="qemu.memory in MiB (default: the driver's default)")
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds a job or a run by hand may take")
-    parser.add_argument("--retry", type=float, default=0.01,
-                        help="seconds between socket connection attempts by hand")
+    options(parser, (
+        ("--memory", int, QemuSettings.memory,
+         "qemu.memory in MiB (default: the driver's default)"),
+        ("--timeout", float, 120.0, "seconds a job or a run by hand may take"),
+        ("--retry", float, 0.01, "seconds between socket connection attempts by hand"),
+    ))
     parser.add_argument("--image-cache", default="~/.cache/treadmill/test-image",
                         help="tools/build-test-image --cache")
     parser.add_argument("--no-logserver", action="store_true",

@@ -55,6 +55,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from benchkit import procfs
 from benchkit.api import (
     ACTIVE_STATES,
     APIError,
@@ -67,17 +68,9 @@ from benchkit.api import (
     job_events,
     list_jobs,
 )
-from benchkit.cli import BenchError, bench_parser, missing, output_options, run, sayer
+from benchkit.cli import BenchError, bench_parser, missing, options, output_options, run, sayer
 from benchkit.daemons import Postgres, bootstrap, remove_temp, start_daemon, temp_dir, twistd
 from benchkit.host import host_info, machine_ticks, revision, wait_quiet
-from benchkit.procfs import (
-    Sampler,
-    listen_overflows,
-    rusage_cpu,
-    ticks_delta,
-    tree_memory_mb,
-    tree_ticks,
-)
 from benchkit.procs import ROOT, Profiler, free_port, py_spy, spawn, stop_process
 from benchkit.report import cell as _f
 from benchkit.report import percentiles
@@ -112,14 +105,14 @@ class Span:
     def __init__(self, bench: Bench):
         self.bench = bench
         self.t0 = time.time()
-        self.pg0 = tree_ticks(bench.postmaster_pid())
+        self.pg0 = procfs.tree_ticks(bench.postmaster_pid())
         self.machine0 = machine_ticks()
         self.self0 = _rusage()
 
     def end(self, t1: float | None = None) -> dict[str, Any]:
         t1 = t1 if t1 is not None else time.time()
         wall = max(1e-6, time.time() - self.t0)
-        pg = ticks_delta(self.pg0, tree_ticks(self.bench.postmaster_pid()))
+        pg = procfs.ticks_delta(self.pg0, procfs.tree_ticks(self.bench.postmaster_pid()))
         busy, total = machine_ticks()
         busy0, total0 = self.machine0
         sampler = self.bench.sampler
@@ -146,7 +139,7 @@ class Span:
 def _rusage() -> float:
     import resource
 
-    return rusage_cpu() + rusage_cpu(resource.RUSAGE_CHILDREN)
+    return procfs.rusage_cpu() + procfs.rusage_cpu(resource.RUSAGE_CHILDREN)
 
 
 def nofile_limits() -> dict[str, int]:
@@ -182,7 +175,7 @@ class Bench:
         self._fleet_lock = threading.Lock()
         self.token = ""
         self.client: Client | None = None
-        self.sampler: Sampler | None = None
+        self.sampler: procfs.Sampler | None = None
         self.pg_memory: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
         self.profiler = Profiler(args.py_spy, self.results)
@@ -409,7 +402,7 @@ class Bench:
             raise BenchError(f"openloop failed ({proc.returncode}): {proc.stderr.strip()}")
         enqueue = json.loads(proc.stdout)
         usage = span.end()
-        self.pg_memory.append({"after": "steady", **tree_memory_mb(self.postmaster_pid())})
+        self.pg_memory.append({"after": "steady", **procfs.tree_memory_mb(self.postmaster_pid())})
         idle = self.wait_idle(60 + a.run_time * 3)
         jobs = [j for j in list_jobs(self.client, since=span.t0 - 1) if j["label"] == "steady"]
         result = {"enqueue": {k: enqueue[k] for k in (
@@ -509,7 +502,7 @@ class Bench:
             f"({enqueued['rate']}/s); hold times {min(holds):.1f} .. {max(holds):.1f} s")
         idle = self.wait_idle(max(holds) + 120 + total / 20)
         usage = span.end()
-        self.pg_memory.append({"after": "burst", **tree_memory_mb(self.postmaster_pid())})
+        self.pg_memory.append({"after": "burst", **procfs.tree_memory_mb(self.postmaster_pid())})
         jobs = [j for j in list_jobs(self.client, since=span.t0 - 1)
                 if j["label"] in ("burst-hold", "burst-wait")]
         hold_jobs = [j for j in jobs if j["label"] == "burst-hold"]
@@ -556,7 +549,7 @@ class Bench:
         old_pid = self.switchboard.pid
         old_hwm = self.sampler.window("switchboard", t_phase, time.time())["hwm_mb"] \
             if self.sampler else None
-        overflows0 = listen_overflows()
+        overflows0 = procfs.listen_overflows()
         t_kill = time.time()
         hung = None
         proc = self.switchboard
@@ -589,8 +582,8 @@ class Bench:
         t_accounted = self.wait_idle(remaining, before=t_kill)
         t_end = time.time()
         usage = span.end()
-        overflows1 = listen_overflows()
-        self.pg_memory.append({"after": label, **tree_memory_mb(self.postmaster_pid())})
+        overflows1 = procfs.listen_overflows()
+        self.pg_memory.append({"after": label, **procfs.tree_memory_mb(self.postmaster_pid())})
         jobs = [j for j in list_jobs(self.client, since=t_phase - 1)
                 if j["label"].startswith(label) and (epoch(j["created_at"]) or 0) <= t_kill]
         outcomes = Counter((j["termination"] or {}).get("reason") or j["state"] for j in jobs)
@@ -666,7 +659,7 @@ class Bench:
             "what_if_nodelay": a.what_if_nodelay,
             "bench_nofile": nofile_limits(),
         }
-        self.sampler = Sampler({
+        self.sampler = procfs.Sampler({
             "switchboard": lambda: self.switchboard.pid
             if self.switchboard is not None and self.switchboard.poll() is None else None,
             "fleet": lambda: self.fleet.pid
@@ -748,6 +741,11 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _latency_row(name: str, v: dict[str, Any]) -> str:
+    return (f"  {name:<24} p50 {_f(v['p50']):>7} ms  p90 {_f(v['p90']):>7} ms  "
+            f"p99 {_f(v['p99']):>7} ms  max {_f(v['max']):>7} ms  (n={v['count']})")
+
+
 def table(r: dict[str, Any]) -> str:
     m, p = r["machine"], r["parameters"]
     lines = [
@@ -770,9 +768,8 @@ def table(r: dict[str, Any]) -> str:
             f" s); switchboard RSS idle {_f(r.get('switchboard_idle_rss_mb'))} MB -> "
             f"{_f(r.get('switchboard_connected_rss_mb'))} MB connected, CPU "
             f"{_f(u['switchboard']['cpu_pct'])} %")
-    idle = r.get("idle")
-    if idle:
-        u = idle["usage"]
+    if r.get("idle"):
+        u = r["idle"]["usage"]
         lines.append(
             f"idle         {p['supervisors']} links, no jobs, {u['wall_s']:g} s: CPU (% of one "
             f"core) switchboard {_f(u['switchboard']['cpu_pct'])}, fleet "
@@ -786,13 +783,11 @@ def table(r: dict[str, Any]) -> str:
             f"{_f(e['latency_ms']['p99'])} ms; outcomes {s['outcomes']}; "
             f"{s['distinct_hosts']} hosts used",
         ]
-        for key, name in (("created_to_assigned", "enqueue -> assigned"),
-                          ("created_to_starting", "enqueue -> start-job"),
-                          ("assigned_to_starting", "assigned -> start-job"),
-                          ("created_to_ready", "enqueue -> ready")):
-            v = d[key]
-            lines.append(f"  {name:<24} p50 {_f(v['p50']):>7} ms  p90 {_f(v['p90']):>7} ms  "
-                         f"p99 {_f(v['p99']):>7} ms  max {_f(v['max']):>7} ms  (n={v['count']})")
+        lines += [_latency_row(name, d[key]) for key, name in (
+            ("created_to_assigned", "enqueue -> assigned"),
+            ("created_to_starting", "enqueue -> start-job"),
+            ("assigned_to_starting", "assigned -> start-job"),
+            ("created_to_ready", "enqueue -> ready"))]
         lines.append(
             f"  CPU (% of one core): switchboard {_f(u['switchboard']['cpu_pct'])} (its reactor "
             f"waited for a core {_f(u['switchboard']['runq_pct'])} % of the time), fleet "
@@ -807,11 +802,9 @@ def table(r: dict[str, Any]) -> str:
             f"{b['hold_jobs']} holding a host for {b['hold_s']['min']:g}..{b['hold_s']['max']:g}"
             f" s, then {b['waiting_jobs']} waiting; {b['hosts_busy_when_enqueued']} hosts busy "
             f"when the last was enqueued; outcomes {b['outcomes']}")
-        for key, name in (("terminated_to_assigned_ms", "job-end -> next assigned"),
-                          ("terminated_to_starting_ms", "job-end -> next start-job")):
-            v = b[key]
-            lines.append(f"  {name:<24} p50 {_f(v['p50']):>7} ms  p90 {_f(v['p90']):>7} ms  "
-                         f"p99 {_f(v['p99']):>7} ms  max {_f(v['max']):>7} ms  (n={v['count']})")
+        lines += [_latency_row(name, b[key]) for key, name in (
+            ("terminated_to_assigned_ms", "job-end -> next assigned"),
+            ("terminated_to_starting_ms", "job-end -> next start-job"))]
         v = b["hold_dispatch_ms"]["created_to_starting"]
         u = b["usage"]
         lines.append(f"  enqueue -> start-job while enqueueing flat out: p50 {_f(v['p50'])} ms, "
@@ -873,44 +866,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           "Targets: 1000 supervisors within 256 MB RSS; p99 enqueue -> "
                           "start-job < 100 ms at 20 jobs/s; the reconnect storm settles in "
                           "< 30 s with no job lost.")
-    parser.add_argument("--supervisors", type=int, default=TARGET_SUPERVISORS)
-    parser.add_argument("--rate", type=float, default=TARGET_RATE, help="jobs/s (steady)")
-    parser.add_argument("--duration", type=float, default=60.0, help="steady phase, seconds")
+    options(parser, (
+        ("--supervisors", int, TARGET_SUPERVISORS, None),
+        ("--rate", float, TARGET_RATE, "jobs/s (steady)"),
+        ("--duration", float, 60.0, "steady phase, seconds"),
+    ))
     parser.add_argument("--phases", default=",".join(PHASES),
                         help=f"comma-separated subset of {','.join(PHASES)} [all]")
-    parser.add_argument("--stage-time", type=float, default=0.01,
-                        help="seconds of each mock initializing stage [0.01]")
-    parser.add_argument("--run-time", type=float, default=2.0,
-                        help="seconds a mock workload runs [2]")
-    parser.add_argument("--backlog", type=int, default=1024,
-                        help="listen backlog of the switchboard (0: Twisted's default, 50)")
-    parser.add_argument("--burst-wait", type=int, default=None,
-                        help="jobs that wait for a host in the burst phase [supervisors/2]")
-    parser.add_argument("--burst-hold", type=float, default=None,
-                        help="run time of the jobs holding the hosts [3 + 1.5 s per 100 jobs]")
-    parser.add_argument("--enqueue-concurrency", type=int, default=8,
-                        help="connections for bulk enqueues [8]")
-    parser.add_argument("--storm-batch", type=int, default=None,
-                        help="jobs running when the switchboard is killed [supervisors/2]")
-    parser.add_argument("--storm-run-time", type=float, default=5.0,
-                        help="run time of those jobs [5]")
-    parser.add_argument("--storm-lead", type=float, default=1.5,
-                        help="seconds between the batch and the kill [1.5]")
-    parser.add_argument("--restart-delay-kill", type=float, default=2.0,
-                        help="seconds before the restart after SIGKILL (systemd RestartSec) [2]")
-    parser.add_argument("--restart-delay-term", type=float, default=0.0,
-                        help="seconds before the restart after SIGTERM [0]")
-    parser.add_argument("--stop-timeout", type=float, default=30.0,
-                        help="seconds the switchboard may take to exit after SIGTERM before "
-                             "SIGKILL (systemd TimeoutStopSec) [30]")
-    parser.add_argument("--storm-timeout", type=float, default=180.0,
-                        help="longest wait for the storm to settle, seconds [180]")
-    parser.add_argument("--connect-timeout", type=float, default=None,
-                        help="longest wait for the fleet to connect [120 + supervisors/20]")
-    parser.add_argument("--settle", type=float, default=10.0,
-                        help="seconds to wait (and measure the idle cost) after the fleet "
-                             "connected [10]")
-    parser.add_argument("--poll", type=float, default=0.5, help="API polling interval [0.5]")
+    options(parser, (
+        ("--stage-time", float, 0.01, "seconds of each mock initializing stage [0.01]"),
+        ("--run-time", float, 2.0, "seconds a mock workload runs [2]"),
+        ("--backlog", int, 1024, "listen backlog of the switchboard (0: Twisted's default, 50)"),
+        ("--burst-wait", int, None, "jobs that wait for a host in the burst phase [supervisors/2]"),
+        ("--burst-hold", float, None,
+         "run time of the jobs holding the hosts [3 + 1.5 s per 100 jobs]"),
+        ("--enqueue-concurrency", int, 8, "connections for bulk enqueues [8]"),
+        ("--storm-batch", int, None, "jobs running when the switchboard is killed [supervisors/2]"),
+        ("--storm-run-time", float, 5.0, "run time of those jobs [5]"),
+        ("--storm-lead", float, 1.5, "seconds between the batch and the kill [1.5]"),
+        ("--restart-delay-kill", float, 2.0,
+         "seconds before the restart after SIGKILL (systemd RestartSec) [2]"),
+        ("--restart-delay-term", float, 0.0, "seconds before the restart after SIGTERM [0]"),
+        ("--stop-timeout", float, 30.0,
+         "seconds the switchboard may take to exit after SIGTERM before SIGKILL (systemd "
+         "TimeoutStopSec) [30]"),
+        ("--storm-timeout", float, 180.0, "longest wait for the storm to settle, seconds [180]"),
+        ("--connect-timeout", float, None,
+         "longest wait for the fleet to connect [120 + supervisors/20]"),
+        ("--settle", float, 10.0,
+         "seconds to wait (and measure the idle cost) after the fleet connected [10]"),
+        ("--poll", float, 0.5, "API polling interval [0.5]"),
+    ))
     parser.add_argument("--fleet-fsync", action="store_true",
                         help="let the supervisors fsync their state files (default: --no-fsync)")
     parser.add_argument("--quiet-wait", type=float, default=0.0,

@@ -38,24 +38,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from benchkit import cli
-from benchkit.daemons import (
-    Nginx,
-    Postgres,
-    bootstrap,
-    remove_temp,
-    start_daemon,
-    temp_dir,
-    twistd,
-)
-from benchkit.host import ambient, first_line, host_info, revision
+from benchkit import cli, daemons
+from benchkit.host import ambient, first_line, host_info, stamp
 from benchkit.procfs import KB_MB, Monitor, status_kb
 from benchkit.procs import ROOT, free_port, http, py_spy_record, stop_process
-from benchkit.report import WRK_REPORT_LUA, cell, verdict_lines, wrk
+from benchkit.report import WRK_REPORT_LUA, cell, headline, verdict_lines, wrk
 
 from treadmill.dev.pgcluster import ClusterError
 
@@ -79,7 +69,7 @@ wrk.headers["Content-Type"] = "application/json"
 say = cli.sayer()
 
 
-def machine_info(db: Postgres | None) -> dict[str, Any]:
+def machine_info(db: daemons.Postgres | None) -> dict[str, Any]:
     return {
         **host_info(),
         "postgresql": db.version() if db is not None else "unknown",
@@ -94,10 +84,10 @@ def machine_info(db: Postgres | None) -> dict[str, Any]:
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.tmp = temp_dir("tml-bench-")
-        self.db: Postgres | None = None
+        self.tmp = daemons.temp_dir("tml-bench-")
+        self.db: daemons.Postgres | None = None
         self.switchboard: subprocess.Popen[bytes] | None = None
-        self.nginx: Nginx | None = None
+        self.nginx: daemons.Nginx | None = None
         self.token = ""
         self.job_id = ""
         self.job_body = b""
@@ -113,14 +103,14 @@ class Bench:
         assert self.db is not None
         port = free_port()
         on = "on" if access_log else "off"
-        cmd = twistd("treadmill-switchboard", "--database-dsn", self.db.dsn,
+        cmd = daemons.twistd("treadmill-switchboard", "--database-dsn", self.db.dsn,
                      "--capabilities-signing-key", str(self.tmp / "key.pem"),
                      "--listen", f"tcp:{port}:interface=127.0.0.1",
                      "--http-access-log", "true" if access_log else "false",
                      *self.args.switchboard_arg, logger=self.args.logger)
         say(f"starting the switchboard (access log {on}) on 127.0.0.1:{port}")
         url = f"http://127.0.0.1:{port}"
-        self.switchboard = start_daemon(cmd, self.tmp / f"switchboard-accesslog-{on}.log",
+        self.switchboard = daemons.start_daemon(cmd, self.tmp / f"switchboard-accesslog-{on}.log",
                                         url + "/healthz", "the switchboard")
         return url
 
@@ -130,7 +120,7 @@ class Bench:
 
     def bootstrap(self, url: str) -> None:
         assert self.db is not None
-        self.token = bootstrap("--database-dsn", self.db.dsn)
+        self.token = daemons.bootstrap("--database-dsn", self.db.dsn)
         status, body = http("POST", url + "/api/v1/jobs", self.token, {"image": IMAGE})
         if status != 201:
             raise cli.BenchError(f"enqueue answered {status}: {body[:300]!r}")
@@ -151,13 +141,13 @@ class Bench:
         self.job_body = body
 
     def start_nginx(self) -> str | None:
-        if not Nginx.available(self.args.no_nginx, say):
+        if not daemons.Nginx.available(self.args.no_nginx, say):
             return None
         www = self.tmp / "nginx" / "www"
         target = www / "api/v1/jobs" / self.job_id
         target.parent.mkdir(parents=True)
         target.write_bytes(self.job_body)  # the same bytes as the job's GET response
-        self.nginx = Nginx(self.tmp / "nginx", www, f"/api/v1/jobs/{self.job_id}",
+        self.nginx = daemons.Nginx(self.tmp / "nginx", www, f"/api/v1/jobs/{self.job_id}",
                            "application/json", say)
         return self.nginx.url
 
@@ -172,7 +162,7 @@ class Bench:
                 step()
         if self.db is not None:
             self.db.stop()
-        remove_temp(self.tmp, self.args.keep_temp, say)
+        daemons.remove_temp(self.tmp, self.args.keep_temp, say)
 
     # -- phases ---------------------------------------------------------------
 
@@ -297,15 +287,12 @@ class Bench:
     def run(self) -> dict[str, Any]:
         a = self.args
         self.results["ambient_cpu_busy"] = round(ambient(say), 3)
-        self.db = Postgres(self.tmp / "pg", say)
-        self.results["machine"] = machine_info(self.db)
-        self.results["parameters"] = {
+        self.db = daemons.Postgres(self.tmp / "pg", say)
+        stamp(self.results, machine_info(self.db), {
             "duration_s": a.duration, "connections": a.connections, "threads": a.threads,
             "warmup_s": a.warmup, "get_rate": a.get_rate, "enqueue_rate": a.enqueue_rate,
             "openloop_connections": a.openloop_connections, "logger": a.logger,
-            "switchboard_args": a.switchboard_arg, "postgresql_durable": True}
-        self.results["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.results["revision"] = revision(ROOT)
+            "switchboard_args": a.switchboard_arg, "postgresql_durable": True}, ROOT)
         variants = {"off": [False], "on": [True], "both": [False, True]}[a.access_log]
         for access_log in variants:
             self.run_switchboard(access_log)
@@ -355,11 +342,9 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def table(results: dict[str, Any]) -> str:
     p = results["parameters"]
-    m = results["machine"]
     lines = [
-        f"Switchboard API benchmark: {m['nproc']} cores ({m['cpu_model']}), "
-        f"{m['postgresql']}, Python {m['python']}; revision {results.get('revision')}, "
-        f"started {results.get('started')}",
+        headline("Switchboard API benchmark", results, f"{results['machine']['postgresql']}, ",
+                 "; "),
         f"wrk -t{p['threads']} -c{p['connections']} -d{p['duration_s']:g}s; open loop: "
         f"{p['openloop_connections']} connections, {p['duration_s']:g} s; "
         f"job response {results.get('job_response_bytes')} bytes; machine "
@@ -427,16 +412,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.bench_parser("switchboard_api.py", __doc__,
                           "Targets on 2 cores: >= 1000 GET/s, >= 200 enqueues/s, p99 < 50 ms at "
                           "500 GET/s and 100 enqueues/s, RSS < 150 MB.")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
-    parser.add_argument("--connections", type=int, default=16, help="wrk connections")
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
-    parser.add_argument("--warmup", type=float, default=2.0,
-                        help="seconds of unrecorded load before phase A (0: none)")
-    parser.add_argument("--get-rate", type=float, default=TARGET_GET_RPS / 2,
-                        help="GET/s of the open-loop phase")
-    parser.add_argument("--enqueue-rate", type=float, default=TARGET_ENQUEUE_RPS / 2,
-                        help="enqueues/s of the open-loop phase")
-    parser.add_argument("--openloop-connections", type=int, default=16)
+    cli.options(parser, (
+        ("--duration", float, 10.0, "seconds per phase"),
+        ("--connections", int, 16, "wrk connections"),
+        ("--threads", int, 2, "wrk threads"),
+        ("--warmup", float, 2.0, "seconds of unrecorded load before phase A (0: none)"),
+        ("--get-rate", float, TARGET_GET_RPS / 2, "GET/s of the open-loop phase"),
+        ("--enqueue-rate", float, TARGET_ENQUEUE_RPS / 2, "enqueues/s of the open-loop phase"),
+        ("--openloop-connections", int, 16, None),
+    ))
     parser.add_argument("--access-log", choices=("off", "on", "both"), default="both",
                         help="run the switchboard with its HTTP access log off, on, or both")
     parser.add_argument("--switchboard-arg", action="append", default=[],

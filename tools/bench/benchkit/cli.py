@@ -101,3 +101,10 @@ def missing(script: str, *tools: str) -> int | None:
               file=sys.stderr)
         return 2
     return None
+
+
+def options(parser: argparse.ArgumentParser,
+            table: tuple[tuple[str, Callable[[str], Any], Any, str | None], ...]) -> None:
+    """Options from rows ``(flag, type, default, help)``."""
+    for flag, kind, default, text in table:
+        parser.add_argument(flag, type=kind, default=default, help=text)

@@ -95,3 +95,12 @@ def wait_quiet(max_busy: float, seconds: float, timeout: float,
             return share
         say(f"the machine is {share:.0%} busy; waiting for it to quiet down "
             f"({deadline - time.monotonic():.0f} s left)")
+
+
+def stamp(results: dict[str, Any], machine: dict[str, Any], parameters: dict[str, Any],
+          root: Path) -> None:
+    """Record the machine, the parameters, the start time and the revision of a run."""
+    results["machine"] = machine
+    results["parameters"] = parameters
+    results["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    results["revision"] = revision(root)

@@ -126,3 +126,10 @@ def verdict_lines(verdicts: list[dict[str, Any]], width: int, server: bool = Fal
     return [f"  {'met   ' if v['met'] else 'MISSED'}  "
             + (f"{v['server']:<31} " if server else "")
             + f"{v['target']:<{width}} measured {v['value']:g}" for v in verdicts]
+
+
+def headline(title: str, results: dict[str, Any], extra: str = "", sep: str = ", ") -> str:
+    """``TITLE: N cores (CPU), EXTRAPython V, revision R, started T``."""
+    m = results["machine"]
+    return (f"{title}: {m['nproc']} cores ({m['cpu_model']}), {extra}Python {m['python']}"
+            f"{sep}revision {results.get('revision')}, started {results.get('started')}")
