@@ -2,14 +2,7 @@
 
     python tools/bench/fleet_nodelay.py ARGS...   # same arguments as treadmill.supervisor.fleet
 
-Autobahn's Twisted adapter calls ``transport.setTcpNoDelay(self.tcpNoDelay)``
-in ``connectionMade`` *before* it copies the factory's options onto the
-protocol, so the attribute is missing, the ``AttributeError`` is swallowed and
-the supervisor's socket keeps Nagle's algorithm. A supervisor then sends
-``ack`` and the ``starting`` event back to back, and the second waits for the
-switchboard's delayed ACK (about 40 ms on Linux). This wrapper sets the
-attribute on the supervisor's protocol class, in this process only, to
-measure what the fix would gain; it changes no file of the product.
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations

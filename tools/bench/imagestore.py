@@ -3,40 +3,7 @@
 
     .venv/bin/python tools/bench/imagestore.py [--size 1G] [--size 256M] [--json]
 
-For each ``--size`` (default 1 GiB) it writes a file of random bytes in a
-temporary directory and starts a fresh, real image store as its own process
-(``twistd treadmill-imagestore --config FILE``, access log off, capability
-tokens signed by a key of the benchmark's own), then measures, on that one
-file and in one run:
-
-  sha256sum   ``sha256sum FILE`` after a warm read of the file (``cat FILE >
-              /dev/null``), so that it and the uploads read from the page cache;
-  upload      a monolithic upload (``POST /v2/bench/big/blobs/uploads/?digest=``)
-              streaming the file from disk with ``sendfile(2)``; end to end, from
-              the first byte sent to the ``201``, so it includes the store's digest
-              verification, its ``fsync`` and the commit; then a chunked upload of
-              the same bytes to another repository (``POST``, ``PATCH`` with
-              ``Content-Range`` in ``--chunk-size`` pieces, ``PUT ?digest=``), as
-              registry clients do;
-  GET         ``curl -o /dev/null`` of the blob through the store, and of the very
-              same file (the store's ``blobs/sha256/<hh>/<hex>``: same bytes, same
-              disk) served by nginx (one worker, ``sendfile on``), after a warm read
-              of that file; ``--repeat`` times each, the median is reported;
-
-and the store's peak RSS (``VmHWM``, reset through ``/proc/PID/clear_refs``
-before each phase) and CPU time during each phase. Then, on a fresh store, 100
-concurrent GETs of a small blob with ``wrk -c100`` (with a pull token in the
-``Authorization`` header, and again on a repository in ``anonymous_pull``
-without one), and nginx serving the same small file as the reference.
-
-Targets (the issue's): GET >= 0.5 of nginx; upload >= 0.5 of sha256sum's rate;
-memory flat in blob size (give two sizes, e.g. ``--size 1G --size 256M``).
-
-Needs ``curl``, ``sha256sum`` and ``wrk``; nginx is optional (the GET ratio is
-then missing). Installs nothing. Everything listens on 127.0.0.1, every phase
-is bounded, and everything it starts is stopped at the end (also on Ctrl-C).
-Progress goes to standard error, the summary (or ``--json``) to standard
-output. Results are recorded in ``docs/performance.md``.
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations

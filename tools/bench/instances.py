@@ -3,32 +3,7 @@
 
     .venv/bin/python tools/bench/instances.py [--supervisors 200] [--instances 3] [--json]
 
-Starts a private PostgreSQL cluster (``treadmill.dev.pgcluster``) in a
-temporary directory, ``--instances`` switchboards as their own processes
-(``twistd treadmill-switchboard``, access log off, ``TREADMILL_LOG_LEVEL=warn``,
-one key file for all), HAProxy with ``etc/haproxy/haproxy.cfg`` (its bind and
-server lines replaced) and ``--supervisors`` mock supervisors in one more
-process (``python -m treadmill.supervisor.fleet``) connected through the
-balancer. The figures of fault-tolerance issue 13:
-
-  txn       database transactions per job (``pg_stat_database``: commits and
-            rollbacks, less the idle rate of the same setup just before) and
-            scheduling passes per job, timer passes included (the instances'
-            ``/metrics``): ``--jobs`` jobs, one a second, each run to its end
-            within it (the bench does not poll meanwhile); with one instance
-            running, then with all;
-  balance   links per instance after the others joined (rebalancing), after
-            one instance is killed (SIGKILL), and after it is back, with the
-            time each took;
-  queue     614 jobs that no host can run, then one that a host can: its
-            enqueue-to-assignment latency (five times);
-  frozen    the leader frozen with SIGSTOP: enqueue-to-assignment of a job and
-            the latency of a cancel while it is frozen.
-
-Everything listens on 127.0.0.1 only, every wait is bounded, and everything
-started is stopped at the end (also on Ctrl-C or an error). Progress goes to
-standard error, the summary (or ``--json``) to standard output. Results are
-recorded in ``docs/performance.md``.
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations

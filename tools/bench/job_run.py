@@ -3,31 +3,7 @@
 
     .venv/bin/python tools/bench/job_run.py [--runs 5] [--json]
 
-Starts a devstack with the simulated board (``python -m treadmill.dev.devstack
---detach --serial-sim``, what ``tools/devstack`` runs after ``tools/setup-env``)
-with its own ``--state`` in a temporary directory (mode 0755) and its own
-``--port`` at the start of a free range of 30 ports, then times, each
-``--runs`` times, one after the other:
-
-  demo      ``tml job run demo --artifacts DIR``: the demo VM (the test image,
-            QEMU with TCG on host ``qemu-1``) booted, run and powered off;
-  board     ``tml job run board-demo --tag serial --artifacts DIR``: the demo
-            board image flashed by the fake tool and run on the simulated board;
-  whoami    ``tml whoami``: one authenticated API round trip, the floor of
-            any ``tml`` command (Python start-up, imports, one request).
-
-Each time is from ``tml``'s spawn to its exit (``time.monotonic``), the
-command run as a user would (``.venv/bin/tml``, ``TREADMILL_CONFIG`` the
-devstack's ``tml.toml``). The first run of each is also reported apart
-(cold: the supervisor fetches the image then). A run that exits non-zero is
-counted as failed and left out of the statistics. The load average and the
-share of the CPUs busy during each series are recorded: the machine may be
-shared with other work, which skews the figures.
-
-Only 127.0.0.1 is used; ``devstack stop`` stops every role, QEMU and
-PostgreSQL at the end, also on Ctrl-C or an error. Progress goes to standard
-error, the table (or ``--json``) to standard output. Results are recorded in
-``docs/performance.md``.
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations

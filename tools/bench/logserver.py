@@ -3,42 +3,7 @@
 
     .venv/bin/python tools/bench/logserver.py [--duration 10] [--streams 100] [--json]
 
-For each fsync policy (``--fsync always never``: the default ``always``, and
-``never``) it starts a fresh, real log server as its own process (``twistd
-treadmill-logserver --config FILE``, access log off, capability tokens signed
-by a key of the benchmark's own) on a temporary directory, and runs:
-
-  max     a writer process (asyncio, its own process) with ``--streams`` mock
-          hosts, one job and one keep-alive connection each (every stream is
-          created with a first line before the phase begins; the creation, a
-          directory and ``_meta.json`` per job, is timed apart), every one appending
-          ``--chunk`` bytes of console-like text to its job's ``console`` stream
-          at explicit offsets (``POST …/streams/console?offset=N``), one append in
-          flight per stream as the supervisor's shipper does, as fast as the
-          server acknowledges, for ``--duration`` seconds: aggregate MB/s;
-  @RATE   the same at a fixed aggregate rate (``--rate`` MB/s, each stream on its
-          own schedule), for the follow latency below load saturation.
-
-During both, a follower process (asyncio, its own process) follows every
-``--follow-every``-th stream over the WebSocket endpoint (``…/follow``) and
-timestamps each message; the follow latency of an append is the time from the
-writer starting to send it to the follower receiving its last byte (one
-monotonic clock, so across processes), p50/p99 over every append of the
-followed streams. Throughout, the server's CPU time (its reactor thread and
-its other threads apart), peak RSS (``VmHWM``, reset before each phase) and the
-writer's and follower's CPU are taken from ``/proc``.
-
-As the reference, in the same run and on the same file system, ``dd
-if=/dev/zero of=FILE bs=64k count=N conv=fsync`` writes the volume the server
-took in the ``max`` phase with ``fsync = "always"``; ``oflag=dsync`` (every
-64 KiB block synced, capped at ``--dsync-max`` bytes) and a plain ``dd`` (page
-cache only) are listed too.
-
-Targets on 2 cores (the issue's): >= 100 MB/s aggregate; p99 follow latency
-< 50 ms. Installs nothing. Everything listens on 127.0.0.1, every phase is
-bounded, and everything it starts is stopped at the end (also on Ctrl-C).
-Progress goes to standard error, the summary (or ``--json``) to standard
-output. Results are recorded in ``docs/performance.md``.
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations

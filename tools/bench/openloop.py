@@ -1,22 +1,11 @@
 #!/usr/bin/env python3
 """An open-loop, fixed-rate HTTP/1.1 load generator (standard library only).
 
-    python tools/bench/openloop.py --url http://127.0.0.1:8080/api/v1/jobs/ID \\
-        --rate 500 --duration 10 [--connections 16] [--method POST --body '{...}'] \\
+    python tools/bench/openloop.py --url http://127.0.0.1:8080/api/v1/jobs/ID \
+        --rate 500 --duration 10 [--connections 16] [--method POST --body '{...}'] \
         [-H 'Authorization: Bearer ...']
 
-wrk is closed-loop: a slow response delays the next request on its
-connection, so the requests that would have seen the stall are never sent and
-the percentiles look better than what clients experience ("coordinated
-omission"). Here request *i* is due at ``t0 + i / rate`` whatever happens to
-the earlier ones; a pool of keep-alive connections takes due requests from a
-queue, and each latency is measured from the request's *scheduled* time to the
-end of its response, so time spent queued behind a slow response counts.
-
-Bounded: it schedules ``rate * duration`` requests, then waits at most
-``--drain`` seconds for the outstanding ones (counted as ``unfinished``
-otherwise), and only talks to the host of ``--url``, which must be a loopback
-address. Prints one JSON object on standard output.
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations

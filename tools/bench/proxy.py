@@ -4,45 +4,7 @@
     .venv/bin/python tools/bench/proxy.py [--size-mib 1024] [--connects 1000]
         [--concurrent 1000] [--tunnels 1000] [--no-ws] [--json]
 
-Everything runs on this machine and talks to 127.0.0.1 only. One backend
-process (asyncio) offers an echo service and a bulk service (``SEND n``: it
-sends n bytes; ``RECV n``: it reads n bytes, then answers ``OK``). The same
-client code then measures each path to the backend:
-
-  direct     the backend itself (the floor)
-  treadmill  our proxy as operators run it (``twistd treadmill-proxy``) and the
-             supervisor's side as its own process (``python -m
-             treadmill.supervisor.exposure``): client -> public port -> proxy
-             -> data connection -> supervisor -> backend. Two relays, where
-             HAProxy and socat are one: that is what a rendezvous costs.
-  treadmill-ws  the same through the tunnel's WebSocket path, with the local
-             forwarder of ``tml job connect`` in front (three relays)
-  haproxy    HAProxy in TCP mode (``mode tcp``, one ``listen`` per service)
-  socat      ``socat TCP-LISTEN:...,fork TCP:backend`` (a process per connection)
-
-Measurements, per path:
-
-  throughput   one connection moving --size-mib MiB each way (download: the
-               backend sends; upload: the client sends), MiB/s, and the CPU
-               seconds the relays spent per GiB
-  setup        --connects sequential connections, each connect, a 1-byte
-               echo, close: p50/p99 latency (the first byte's round trip is
-               included: our splice is only complete when it arrives)
-  concurrent   --concurrent connections opened at once through one tunnel,
-               each echoing 64 bytes: wall time, failures
-  idle conns   RSS of the relays with --concurrent idle connections open
-  tunnels      memory to hold --tunnels published endpoints with no traffic:
-               ours: that many jobs, each with a control connection and a
-               public port (the proxy's RSS); HAProxy: that many ``listen``
-               sections; socat: that many listening processes (sum of PSS)
-
-Ratios are treadmill / reference (throughput: higher is better, so a ratio
-below 1 means slower; latency and memory: lower is better). HAProxy runs with
-``nbthread 1`` (our proxy is one process with one thread). Needs ``haproxy``
-and ``socat`` (``apt-get install haproxy socat``); a missing one is skipped
-and said so. Every phase is bounded; everything started is stopped at the
-end, also on Ctrl-C. Progress goes to standard error, the table (or
-``--json``) to standard output. Results are recorded in ``docs/performance.md``.
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations

@@ -3,49 +3,7 @@
 
     .venv/bin/python tools/bench/qemu_boot.py [--jobs 5] [--accel tcg] [--json]
 
-Starts, in a temporary directory, a private PostgreSQL cluster
-(``treadmill.dev.pgcluster``, durable) and the real daemons as their own
-``twistd`` processes, configured as ``tools/devstack`` configures them: a
-switchboard, an image store, a log server and one QEMU supervisor (host
-``qemu-1``, tag ``qemu``, ``qemu.accel = --accel``, every other ``qemu.*``
-setting at its default). It builds the test image (``tools/build-test-image``,
-cached in ``~/.cache/treadmill/test-image``) and pushes it to the store as
-``demo``. Then it alternates:
-
-  treadmill  ``tml job submit demo --tag qemu --param exit_status=0`` (the
-             test image's ``/init`` says ``ready`` and exits at once), waits for
-             the job to terminate, and reads its events
-             (``GET /api/v1/jobs/{id}/events``): enqueue -> assigned, assigned ->
-             the first stage, each stage (``starting``, ``fetching_image``,
-             ``allocating``, ``provisioning``, ``booting`` = booting -> ready;
-             a stage the supervisor does not report shows as ``-``) and the
-             total enqueue -> ready, from the events' timestamps (stamped by
-             the switchboard). The supervisor's JSON log splits ``booting``
-             further: QEMU spawned -> the guest runs (QMP, console and agent
-             connected, ``cont``), and the guest runs -> ``ready``.
-  by hand    the SAME QEMU command line, rebuilt with
-             ``treadmill.supervisor.drivers.qemu.command.qemu_command`` from the
-             same settings and the supervisor's own fetched copies of the
-             image's layers (checked against the command the supervisor logged),
-             preceded by the same ``qemu-img create`` of the overlay. The script
-             connects to QMP (``qmp_capabilities``), the console and the agent
-             socket, sends ``cont``, answers the agent's ``hello`` and
-             ``get_parameters`` and times ``qemu-img create`` + spawn -> the
-             agent's ``ready`` line; then it lets the guest power off.
-
-The first treadmill job is reported apart (cold): it also downloads the image
-from the store and hashes its blobs (and with ``--accel auto``, which this
-script does not use by default, it would pay the KVM probe). The others are
-warm. Supervisor overhead = (warm enqueue -> ready p50 - by-hand p50) /
-by-hand p50; the issue's target is < 10 %.
-
-For every run it also records how busy the machine was and how much of it
-went to processes other than the benchmark's own (PostgreSQL, the daemons,
-QEMU): other engineers' work skews the figures. Installs nothing; everything
-listens on 127.0.0.1; every wait is bounded; everything it starts (daemons,
-QEMU, the cluster) is stopped at the end, also on Ctrl-C. Progress goes to
-standard error, the table (or ``--json``) to standard output. Results are
-recorded in ``docs/performance.md``.
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations

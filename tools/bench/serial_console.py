@@ -1,30 +1,7 @@
 #!/usr/bin/env python3
 """Serial console capture: bytes lost and the capture's CPU cost (docs/performance.md).
 
-A *sender* process plays a board's UART: it owns a pseudo-terminal pair (as
-``treadmill/dev/fakeboard.py`` does), and writes a console-like byte stream
-(numbered text lines) into the master side, paced at the line rate of the
-baud rate (10 bits per byte at 8N1; a pty ignores the baud rate) in ticks of
-``--tick`` seconds. Like a UART, it never waits: bytes the pty does not take
-at once (``EAGAIN``) are dropped and so lost. The unpaced phase writes as
-fast as the pty takes them instead (blocking writes: no loss possible, it
-measures the ceiling).
-
-A *capture* process runs the real driver: a ``SerialDriver`` opens the pty's
-slave side by its path with Twisted's ``SerialPort`` on pyserial, exactly as a
-supervisor does (same settings, the default epoll reactor), and the bytes go
-the way a job's console goes — ``_Console.dataReceived`` → the driver's
-pattern watches → the agent filter (``@@treadmill`` line scanning) → the
-job's reporter and the console bridge (listening, no client). The reporter
-hashes (sha256) and counts what it gets; log shipping is not included (see
-the log server's benchmark).
-
-Bytes lost = bytes sent - bytes captured, and the sha256 of the stream is
-compared. CPU is the capture process's own (``getrusage``) from the moment
-it is ready to its last byte, per MB and as % of one core over the sending
-time. The whole machine's busy time is sampled too ("other load": not ours).
-
-    .venv/bin/python tools/bench/serial_console.py [--duration 10] [--json]
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations

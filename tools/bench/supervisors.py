@@ -1,42 +1,10 @@
 #!/usr/bin/env python3
 """Benchmark: a fleet of mock supervisors on one switchboard, and its reconnect storm.
 
-    .venv/bin/python tools/bench/supervisors.py [--supervisors 1000] [--rate 20] \\
+    .venv/bin/python tools/bench/supervisors.py [--supervisors 1000] [--rate 20] \
         [--duration 60] [--json]
 
-Starts a private, durable PostgreSQL cluster (``treadmill.dev.pgcluster``) in
-a temporary directory, the switchboard as its own process (``twistd
-treadmill-switchboard``, as the systemd unit runs it, access log off,
-``TREADMILL_LOG_LEVEL=warn``), an admin token (``treadmill.switchboard.bootstrap``)
-and ``--supervisors`` mock supervisors in one more process
-(``python -m treadmill.supervisor.fleet``: mock stages of ``--stage-time`` s,
-workloads of ``--run-time`` s). Then:
-
-  connect  time until every host shows ``connected`` (``GET /api/v1/hosts``);
-  steady   jobs enqueued at ``--rate``/s for ``--duration`` s (open loop,
-           ``openloop.py``); dispatch latency from each job's ``created_at`` to
-           its ``assigned_at`` and to its ``started_at`` (the ``starting``
-           event, which the supervisor sends as soon as it accepted
-           ``start_job``): enqueue -> start-job at the host;
-  burst    one job per host that holds it for a while, then half as many more
-           that must wait: job-end -> next-start latency, per host, from a
-           job's ``terminated_at`` to the next job's ``assigned_at`` /
-           ``started_at``, counted only when that next job was already waiting;
-  storm    with jobs running (a batch per host half the fleet) and jobs
-           arriving, the switchboard is killed (SIGKILL; then SIGTERM) and
-           restarted with the same configuration after ``--restart-delay-*``
-           (systemd's ``RestartSec=2s`` after a crash, none for a restart):
-           time until every host is connected to the new process and every
-           job enqueued before the kill has terminated; jobs lost (not
-           terminated), ended for another reason than ``workload_exited``, or
-           run twice (more than one ``ready`` event).
-
-Throughout it samples the switchboard's RSS (``VmRSS``, ``VmHWM``) and CPU time
-(``utime + stime``), the fleet's, and PostgreSQL's CPU time and memory (PSS).
-Everything listens on 127.0.0.1 only, every wait is bounded, and everything
-started is stopped at the end (also on Ctrl-C or an error). Progress goes to
-standard error, the summary (or ``--json``) to standard output. Results are
-recorded in ``docs/performance.md``.
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations

@@ -3,30 +3,7 @@
 
     .venv/bin/python tools/bench/switchboard_api.py [--duration 10] [--connections 16] [--json]
 
-Starts a private PostgreSQL cluster (``treadmill.dev.pgcluster``, durable)
-in a temporary directory, the real switchboard as its own process
-(``twistd treadmill-switchboard``, as the systemd unit runs it), bootstraps
-an admin token, enqueues one job and registers one host that never connects
-(so that the scheduler leaves queued jobs alone), then measures:
-
-  A  ``GET /api/v1/jobs/{id}`` at maximum throughput (wrk, closed loop),
-  B  ``POST /api/v1/jobs`` (enqueue) at maximum throughput (wrk + Lua),
-  C  latency at half the target rates (500 GET/s, 100 enqueues/s) with an
-     open-loop fixed-rate generator (``tools/bench/openloop.py``, which
-     measures from each request's scheduled time, so no coordinated omission),
-
-with the switchboard's HTTP access log off and on (``--access-log``), and
-samples the switchboard's RSS (VmRSS, VmHWM) and CPU time, and the CPU time
-of the PostgreSQL server processes, through every phase. As a reference it
-serves a static file of the same size as the job from nginx (one worker) with
-the same wrk parameters. ``--py-spy DIR`` samples the switchboard with py-spy
-during phases A and B (which perturbs them) for a profile.
-
-Needs ``wrk`` (``apt-get install wrk``); nginx (``apt-get install nginx``) is
-optional. Installs nothing. Every phase has a fixed duration, everything it
-starts is stopped at the end (also on Ctrl-C), and all traffic goes to
-127.0.0.1. Progress goes to standard error, the summary (or ``--json``) to
-standard output. Results are recorded in ``docs/performance.md``.
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations
