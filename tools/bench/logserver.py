@@ -29,7 +29,7 @@ from benchkit import cli
 from benchkit.daemons import remove_temp, signer, start_daemon, temp_dir, twistd
 from benchkit.host import ambient, first_line, host_info, machine_ticks, stamp
 from benchkit.procfs import KB_MB, reset_hwm, rusage_cpu, status_kb, thread_ticks
-from benchkit.procs import ROOT, Profiler, free_port, stop_process
+from benchkit.procs import ROOT, Profiler, free_port, read_response, stop_process
 from benchkit.report import cell, headline, percentile, verdict_lines
 
 # Targets of the issue, on a 2-core machine.
@@ -59,33 +59,6 @@ def console_text(size: int) -> bytes:
 # ======================================================================================
 # The writer and the follower: separate processes (--role writer|follower).
 # ======================================================================================
-
-
-async def read_response(reader: asyncio.StreamReader
-                        ) -> tuple[int, dict[bytes, bytes], bytes]:
-    """One HTTP/1.1 response: its status, headers and body."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split(None, 2)[1])
-    headers: dict[bytes, bytes] = {}
-    for line in lines[1:]:
-        if b":" in line:
-            key, _, value = line.partition(b":")
-            headers[key.strip().lower()] = value.strip()
-    body = b""
-    if b"content-length" in headers:
-        body = await reader.readexactly(int(headers[b"content-length"]))
-    elif b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-        parts = []
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
-            if size == 0:
-                while await reader.readuntil(b"\r\n") != b"\r\n":
-                    pass
-                break
-            parts.append((await reader.readexactly(size + 2))[:-2])
-        body = b"".join(parts)
-    return status, headers, body
 
 
 def _wait_line(expected: str) -> None:
@@ -120,7 +93,7 @@ async def writer_main(spec: dict[str, Any]) -> dict[str, Any]:
                       f"Content-Type: application/octet-stream\r\n"
                       f"Content-Length: {len(line)}\r\n\r\n").encode() + line)
         await writer.drain()
-        status, _, body = await read_response(reader)
+        status, _, body, _ = await read_response(reader)
         if status != 200:
             raise RuntimeError(f"creating stream {index}: {status} {body[:200]!r}")
         return len(line), (time.monotonic() - began) * 1000
@@ -170,7 +143,7 @@ async def writer_main(spec: dict[str, Any]) -> dict[str, Any]:
             writer.write(payload)
             await writer.drain()
             try:
-                status, headers, _ = await read_response(reader)
+                status, headers, _, _ = await read_response(reader)
             except (asyncio.IncompleteReadError, ConnectionError) as e:
                 counts["errors"] += 1
                 raise RuntimeError(f"stream {index}: connection lost: {e!r}") from None
@@ -203,7 +176,7 @@ async def writer_main(spec: dict[str, Any]) -> dict[str, Any]:
         writer.write((f"GET /v1/jobs/{job}/streams HTTP/1.1\r\nHost: {host}:{port}\r\n"
                       f"Authorization: Bearer {token}\r\n\r\n").encode())
         await writer.drain()
-        status, _, raw = await read_response(reader)
+        status, _, raw, _ = await read_response(reader)
         body = json.loads(raw) if status == 200 else {"streams": []}
         lengths = {s["name"]: s["length"] for s in body["streams"]}
         if lengths.get(STREAM, 0) != acked[index]:

@@ -20,43 +20,8 @@ import time
 from collections import Counter
 from urllib.parse import urlsplit
 
+from benchkit.procs import BadResponse, read_response
 from benchkit.report import percentile
-
-
-class BadResponse(Exception):
-    pass
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """Read one response; return its status and whether the connection stays open."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(None, 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-        raise BadResponse(lines[0][:80])
-    status = int(parts[1])
-    headers: dict[bytes, bytes] = {}
-    for line in lines[1:]:
-        if b":" in line:
-            key, _, value = line.partition(b":")
-            headers[key.strip().lower()] = value.strip()
-    keep = headers.get(b"connection", b"").lower() != b"close" and parts[0] != b"HTTP/1.0"
-    if 100 <= status < 200 or status in (204, 304):
-        return status, keep
-    if b"content-length" in headers:
-        await reader.readexactly(int(headers[b"content-length"]))
-    elif b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
-            if size == 0:
-                while await reader.readuntil(b"\r\n") != b"\r\n":
-                    pass  # trailers
-                break
-            await reader.readexactly(size + 2)
-    else:
-        await reader.read()  # delimited by the end of the connection
-        keep = False
-    return status, keep
 
 
 async def generate(host: str, port: int, request: bytes, rate: float, duration: float,
@@ -89,7 +54,7 @@ async def generate(host: str, port: int, request: bytes, rate: float, duration: 
                     conn = await connect()
                 reader, writer = conn
                 writer.write(request)
-                status, keep = await asyncio.wait_for(read_response(reader), timeout)
+                status, _, _, keep = await asyncio.wait_for(read_response(reader), timeout)
                 now = loop.time()
                 last_done[0] = now
                 latencies.append(now - due)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -196,3 +197,43 @@ class Profiler:
         for proc in list(self.running):
             with contextlib.suppress(Exception):
                 self.stop(proc, 15)
+
+
+class BadResponse(Exception):
+    """Not an HTTP/1.x response."""
+
+
+async def read_response(reader: asyncio.StreamReader
+                        ) -> tuple[int, dict[bytes, bytes], bytes, bool]:
+    """One HTTP/1.1 response: status, headers, body, and whether the connection stays open."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+        raise BadResponse(lines[0][:80])
+    status = int(parts[1])
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        if b":" in line:
+            key, _, value = line.partition(b":")
+            headers[key.strip().lower()] = value.strip()
+    keep = headers.get(b"connection", b"").lower() != b"close" and parts[0] != b"HTTP/1.0"
+    body = b""
+    if 100 <= status < 200 or status in (204, 304):
+        return status, headers, body, keep
+    if b"content-length" in headers:
+        body = await reader.readexactly(int(headers[b"content-length"]))
+    elif b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+        chunks = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+            if size == 0:
+                while await reader.readuntil(b"\r\n") != b"\r\n":
+                    pass  # trailers
+                break
+            chunks.append((await reader.readexactly(size + 2))[:-2])
+        body = b"".join(chunks)
+    else:
+        body = await reader.read()  # delimited by the end of the connection
+        keep = False
+    return status, headers, body, keep
