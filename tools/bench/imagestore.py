@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchkit import cli
-from benchkit.daemons import Nginx, remove_temp, signer, start_daemon, temp_dir, twistd
+from benchkit.daemons import Nginx, remove_temp, role_config, signer, start_daemon, temp_dir, twistd
 from benchkit.host import ambient, first_line, host_info, stamp
 from benchkit.procfs import KB_MB, Monitor, reset_hwm, rusage_cpu, status_kb
 from benchkit.procs import ROOT, Profiler, free_port, stop_process
@@ -223,21 +223,11 @@ class Bench:
 
     def start_store(self, name: str) -> str:
         port = free_port()
-        config = self.tmp / f"{name}.toml"
-        config.write_text(f"""\
-listen = ["tcp:{port}:interface=127.0.0.1:backlog=1024"]
-root = "{self.tmp / name}"
-service = "{SERVICE}"
-anonymous_pull = ["{REPO_PUBLIC}"]
-
-[auth]
-realm = "http://127.0.0.1:9/api/v1/registry/token"
-keys_file = "{self.keys_file}"
-issuer = "treadmill"
-
-[http]
-access_log = false
-""")
+        config = role_config(self.tmp / f"{name}.toml",
+                             f"tcp:{port}:interface=127.0.0.1:backlog=1024", self.tmp / name,
+                             SERVICE, self.keys_file,
+                             f'anonymous_pull = ["{REPO_PUBLIC}"]\n',
+                             'realm = "http://127.0.0.1:9/api/v1/registry/token"\n')
         say(f"starting the image store ({name}) on 127.0.0.1:{port}")
         url = f"http://127.0.0.1:{port}"
         self.store = start_daemon(twistd("treadmill-imagestore", "--config", str(config),

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchkit import cli
-from benchkit.daemons import remove_temp, signer, start_daemon, temp_dir, twistd
+from benchkit.daemons import remove_temp, role_config, signer, start_daemon, temp_dir, twistd
 from benchkit.host import ambient, first_line, host_info, machine_ticks, stamp
 from benchkit.procfs import KB_MB, reset_hwm, rusage_cpu, status_kb, thread_ticks
 from benchkit.procs import ROOT, Profiler, free_port, read_response, stop_process
@@ -349,20 +349,9 @@ class Bench:
 
     def start_server(self, fsync: str) -> None:
         port = free_port()
-        config = self.tmp / f"logserver-{fsync}.toml"
-        config.write_text(f"""\
-listen = ["tcp:{port}:interface=127.0.0.1"]
-root = "{self.tmp / f'root-{fsync}'}"
-service = "{SERVICE}"
-fsync = "{fsync}"
-
-[auth]
-keys_file = "{self.keys_file}"
-issuer = "treadmill"
-
-[http]
-access_log = false
-""")
+        config = role_config(self.tmp / f"logserver-{fsync}.toml",
+                             f"tcp:{port}:interface=127.0.0.1", self.tmp / f"root-{fsync}",
+                             SERVICE, self.keys_file, f'fsync = "{fsync}"\n')
         say(f"starting the log server (fsync = \"{fsync}\") on 127.0.0.1:{port}")
         self.server = start_daemon(twistd("treadmill-logserver", "--config", str(config),
                                           logger=self.args.logger),
@@ -669,8 +658,8 @@ def table(results: dict[str, Any]) -> str:
                 if e["kind"] == "max":
                     lines.append(f"  fsync {e['fsync']}: server / dd conv=fsync = "
                                  f"{e['mb_s'] / ref['mb_s']:.3f}")
-    lines += ["", "Targets (2-core machine):", *verdict_lines(results["verdicts"], 52)]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", "Targets (2-core machine):",
+                      *verdict_lines(results["verdicts"], 52)])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
