@@ -130,8 +130,10 @@ class Nginx:
         temp = "".join(f"    {name}_temp_path {base}/tmp/{sub};\n" for name, sub in
                        (("client_body", "body"), ("proxy", "proxy"), ("fastcgi", "fastcgi"),
                         ("uwsgi", "uwsgi"), ("scgi", "scgi")))
+        # As root, the worker would be nobody, who may not read a store's blob files.
+        user = "user root;\n" if os.geteuid() == 0 else ""
         conf.write_text(f"""
-worker_processes 1;
+{user}worker_processes 1;
 pid {base}/nginx.pid;
 error_log {base}/error.log warn;
 events {{ worker_connections 1024; }}
