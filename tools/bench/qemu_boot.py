@@ -254,6 +254,8 @@ def run_by_hand(settings: QemuSettings, image: fmt.TreadmillImage, blobs: str,
                     elif kind == "get_parameters":
                         agent.sock.sendall(agent_proto.encode(
                             agent_proto.parameters(job_id, PARAMS)))
+                    elif kind == "get_ssh_keys":  # the guest waits for it (none here)
+                        agent.sock.sendall(agent_proto.encode(agent_proto.ssh_keys(job_id, [])))
                     elif kind == "ready" and t_ready is None:
                         t_ready = time.monotonic()
                     elif kind == "exit":
@@ -261,8 +263,8 @@ def run_by_hand(settings: QemuSettings, image: fmt.TreadmillImage, blobs: str,
             if proc.poll() is not None:
                 break
         if t_ready is None:
-            raise BenchError(f"the guest did not say ready by hand (QEMU log: "
-                             f"{tail(Path(paths.log), 5)})")
+            raise BenchError(f"the guest did not say ready by hand (QEMU exit status "
+                             f"{proc.poll()}, log: {tail(Path(paths.log), 5)})")
         out.update({
             "img_create": _ms(t_img - t0),
             "spawn_to_running": _ms(t_run - t_img),
@@ -360,6 +362,11 @@ class Bench:
                            f"keys_url = {json.dumps(keys_url)}\n"
                            f"keys_file = {json.dumps(str(self.tmp / 'store-keys.json'))}\n")
         self.start("imagestore", "treadmill-imagestore", store, self.store_url + "/healthz")
+        # Only a registered store gets pushes from tml and fetches from supervisors.
+        status, body = http("POST", url + "/api/v1/stores", self.token, {
+            "url": self.store_url, "service": "treadmill-imagestore", "description": "bench"})
+        if status != 201:
+            raise BenchError(f"registering the image store: {status} {body}")
         if not self.args.no_logserver:
             logs = self.write("logserver.toml",
                               f'listen = ["tcp:{logs_port}:interface=127.0.0.1"]\n'
