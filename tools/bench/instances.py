@@ -253,10 +253,10 @@ class Bench:
     def cleanup(self) -> None:
         for name in self.names:
             self.signal(name, signal.SIGCONT)
-        stop_process(self.fleet)
+        stop_process(self.fleet, timeout=30)
         for proc in self.procs.values():
-            stop_process(proc)
-        stop_process(self.haproxy)
+            stop_process(proc, timeout=30)
+        stop_process(self.haproxy, timeout=30)
         if self.client is not None:
             self.client.close()
         if self.db is not None:
