@@ -39,6 +39,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
 from treadmill.common.http import HardenedChannel, HardenedSite, LimitedRequest
+from treadmill.common.ranges import Unsatisfiable, parse_range
 from treadmill.imagestore import manifests
 from treadmill.imagestore.auth import Authorizer, scope
 from treadmill.imagestore.errors import OCIError, error_body
@@ -52,7 +53,7 @@ from treadmill.imagestore.names import (
     is_name,
 )
 from treadmill.imagestore.pullthrough import UpstreamNotFound
-from treadmill.imagestore.sending import BlobSender, Unsatisfiable, parse_range
+from treadmill.imagestore.sending import BlobSender
 from treadmill.imagestore.storage import Storage
 from treadmill.imagestore.uploads import BodySink, Upload, Uploads
 
