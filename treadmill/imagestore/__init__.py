@@ -10,6 +10,7 @@ Modules, from the bottom up:
 - :mod:`~treadmill.imagestore.gc`: garbage collection of unreferenced blobs.
 - :mod:`~treadmill.imagestore.auth`: capability tokens and the registry token challenge.
 - :mod:`~treadmill.imagestore.api`: the HTTP API (Klein) and its streaming request class.
+- :mod:`~treadmill.imagestore.metrics`: the Prometheus metrics.
 - :mod:`~treadmill.imagestore.service`, :mod:`~treadmill.imagestore.tap`: the daemon.
 
 The image cache (``cache.enabled``): :mod:`~treadmill.imagestore.cache` (last
