@@ -40,6 +40,7 @@ from werkzeug.routing import RequestRedirect
 
 from treadmill.common.http import HardenedChannel, HardenedSite, LimitedRequest
 from treadmill.common.ranges import Unsatisfiable, parse_range
+from treadmill.images.format import is_digest
 from treadmill.imagestore import manifests
 from treadmill.imagestore.auth import Authorizer, scope
 from treadmill.imagestore.errors import OCIError, error_body
@@ -49,7 +50,6 @@ from treadmill.imagestore.names import (
     check_name,
     check_reference,
     check_upload_id,
-    is_digest,
     is_name,
 )
 from treadmill.imagestore.pullthrough import UpstreamNotFound

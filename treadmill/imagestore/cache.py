@@ -51,11 +51,12 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from treadmill.images.format import is_digest
 from treadmill.imagestore import manifests
 from treadmill.imagestore.errors import OCIError
 from treadmill.imagestore.gc import Collector, SharedExclusiveLock, under_lock
 from treadmill.imagestore.leases import Lease, Leases, new_lease_id, rfc3339
-from treadmill.imagestore.names import check_reference, hex_of, is_digest
+from treadmill.imagestore.names import check_reference, hex_of
 from treadmill.imagestore.pullthrough import Flight, PullThrough, UpstreamNotFound, registry_client
 from treadmill.imagestore.replicate import Replicator
 from treadmill.imagestore.storage import BlobInfo, Storage

@@ -91,10 +91,6 @@ class Upload:
         return os.path.join(self.directory, "data")
 
     @property
-    def state_path(self) -> str:
-        return os.path.join(self.directory, "state.json")
-
-    @property
     def range_header(self) -> str:
         """The OCI ``Range`` of the bytes received (``0-0`` when there are none)."""
         return f"0-{max(self.size - 1, 0)}"
