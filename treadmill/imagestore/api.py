@@ -19,7 +19,6 @@ once the body is on disk, and answers.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import uuid
 from collections.abc import Callable
@@ -38,11 +37,12 @@ from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
-from treadmill.common.http import HardenedChannel, HardenedSite, LimitedRequest
+from treadmill.common.http import HardenedChannel, HardenedSite, LimitedRequest, respond
 from treadmill.common.ranges import Unsatisfiable, parse_range
 from treadmill.images.format import is_digest
 from treadmill.imagestore import manifests
 from treadmill.imagestore.auth import Authorizer, scope
+from treadmill.imagestore.cache_api import CacheRoutes
 from treadmill.imagestore.errors import OCIError, error_body
 from treadmill.imagestore.gc import Collector, SharedExclusiveLock, shield, under_lock
 from treadmill.imagestore.names import (
@@ -59,7 +59,6 @@ from treadmill.imagestore.uploads import BodySink, Upload, Uploads
 
 if TYPE_CHECKING:
     from treadmill.imagestore.cache import Cache
-    from treadmill.imagestore.cache_api import CacheRoutes
 
 MAX_PAGE = 10_000
 _UPLOAD_ENDPOINTS = frozenset({"upload_start", "upload_patch", "upload_put"})
@@ -78,6 +77,13 @@ def _error(request: IRequest, status: int, body: bytes,
 def _set_headers(request: IRequest, headers: dict[str, str]) -> None:
     for key, value in headers.items():
         request.setHeader(key.encode("ascii"), value.encode("utf-8"))
+
+
+def _empty(request: IRequest, status: int, headers: dict[str, str]) -> bytes:
+    request.setResponseCode(status)
+    _set_headers(request, headers)
+    request.setHeader(b"content-length", b"0")
+    return b""
 
 
 def _arg(request: IRequest, name: str) -> str | None:
@@ -131,11 +137,7 @@ class RegistryAPI:
         # Cache mode (docs/imagestore.md, "The image cache"): pull-through on misses,
         # last-use tracking, pins, and the /cache routes.
         self.cache = cache
-        self._cache_routes: CacheRoutes | None = None
-        if cache is not None:
-            from treadmill.imagestore.cache_api import CacheRoutes
-
-            self._cache_routes = CacheRoutes(self, cache)
+        self._cache_routes = CacheRoutes(auth, cache) if cache is not None else None
 
     def resource(self) -> Resource:
         return self.app.resource()
@@ -181,27 +183,12 @@ class RegistryAPI:
 
     # -- helpers -------------------------------------------------------------------
 
-    @staticmethod
-    def _json(request: IRequest, value: Any, status: int = 200) -> bytes:
-        body = json.dumps(value, separators=(",", ":")).encode()
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"content-length", str(len(body)).encode())
-        return body
-
-    @staticmethod
-    def _empty(request: IRequest, status: int, headers: dict[str, str]) -> bytes:
-        request.setResponseCode(status)
-        _set_headers(request, headers)
-        request.setHeader(b"content-length", b"0")
-        return b""
-
     def _blob_created(self, request: IRequest, name: str, digest: str) -> bytes:
-        return self._empty(request, 201, {"Location": f"/v2/{name}/blobs/{digest}",
+        return _empty(request, 201, {"Location": f"/v2/{name}/blobs/{digest}",
                                           "Docker-Content-Digest": digest})
 
     def _upload_accepted(self, request: IRequest, name: str, upload: Upload) -> bytes:
-        return self._empty(request, 202, {
+        return _empty(request, 202, {
             "Location": f"/v2/{name}/blobs/uploads/{upload.id}",
             "Range": upload.range_header,
             "Docker-Upload-UUID": upload.id,
@@ -220,7 +207,7 @@ class RegistryAPI:
     @app.route("/v2/", methods=["GET"], strict_slashes=False)
     def base(self, request: IRequest) -> bytes:
         self.auth.authenticate(request)
-        return self._json(request, {})
+        return respond(request, {})
 
     @app.route("/v2/_catalog", methods=["GET"])
     async def catalog(self, request: IRequest) -> bytes:
@@ -230,12 +217,12 @@ class RegistryAPI:
         if more and names:
             request.setHeader(b"link", f'</v2/_catalog?n={n}&last={quote(names[-1])}>; '
                                        f'rel="next"'.encode())
-        return self._json(request, {"repositories": names})
+        return respond(request, {"repositories": names})
 
     @app.route("/admin/gc", methods=["POST"])
     async def admin_gc(self, request: IRequest) -> bytes:
         self.auth.require(request, "registry", "gc", "*")
-        return self._json(request, await self.collector.collect())
+        return respond(request, await self.collector.collect())
 
     # -- the image cache -------------------------------------------------------------
 
@@ -287,7 +274,7 @@ class RegistryAPI:
         if more and tags:
             request.setHeader(b"link", f'</v2/{name}/tags/list?n={n}&last={quote(tags[-1])}>; '
                                        f'rel="next"'.encode())
-        return self._json(request, {"name": name, "tags": tags})
+        return respond(request, {"name": name, "tags": tags})
 
     # -- manifests -----------------------------------------------------------------------
 
@@ -391,7 +378,7 @@ class RegistryAPI:
         finally:
             if ledger is not None:
                 ledger.drop_upload(pending)
-        return self._empty(request, 201, {"Location": f"/v2/{name}/manifests/{stored}",
+        return _empty(request, 201, {"Location": f"/v2/{name}/manifests/{stored}",
                                           "Docker-Content-Digest": stored})
 
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["DELETE"])
@@ -405,7 +392,7 @@ class RegistryAPI:
         else:
             self._resolve(name, reference)
             await self._thread(self.storage.unlink_manifest, name, digest)
-        return self._empty(request, 202, {})
+        return _empty(request, 202, {})
 
     # -- blobs ---------------------------------------------------------------------------
 
@@ -496,7 +483,7 @@ class RegistryAPI:
         digest = check_digest(digest)
         if not await self._thread(self.storage.unlink_blob, name, digest):
             raise OCIError("BLOB_UNKNOWN", "no such blob in this repository")
-        return self._empty(request, 202, {})
+        return _empty(request, 202, {})
 
     # -- uploads -------------------------------------------------------------------------
 
@@ -713,7 +700,7 @@ class RegistryAPI:
         await self.uploads.settle(upload)
         if upload.gone:
             raise OCIError("BLOB_UPLOAD_UNKNOWN", "unknown upload")
-        return self._empty(request, 204, {
+        return _empty(request, 204, {
             "Location": f"/v2/{name}/blobs/uploads/{upload.id}",
             "Range": upload.range_header,
             "Docker-Upload-UUID": upload.id,
@@ -725,7 +712,7 @@ class RegistryAPI:
         self.auth.require(request, "repository", name, "push", self._push_scopes(name))
         upload = self.uploads.get(check_upload_id(session), name)
         await self.uploads.cancel(upload)
-        return self._empty(request, 204, {})
+        return _empty(request, 204, {})
 
 
 class RegistryRequest(LimitedRequest):
