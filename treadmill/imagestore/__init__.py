@@ -9,7 +9,8 @@ Modules, from the bottom up:
 - :mod:`~treadmill.imagestore.uploads`: upload sessions, streamed bodies, commits.
 - :mod:`~treadmill.imagestore.gc`: garbage collection of unreferenced blobs.
 - :mod:`~treadmill.imagestore.auth`: capability tokens and the registry token challenge.
-- :mod:`~treadmill.imagestore.api`: the HTTP API (Klein) and its streaming request class.
+- :mod:`~treadmill.imagestore.api`: the HTTP API (Klein).
+- :mod:`~treadmill.imagestore.site`: the HTTP site, whose requests stream upload bodies to disk.
 - :mod:`~treadmill.imagestore.metrics`: the Prometheus metrics.
 - :mod:`~treadmill.imagestore.service`, :mod:`~treadmill.imagestore.tap`: the daemon.
 

@@ -1,16 +1,17 @@
 """The image store's HTTP API: the OCI Distribution subset that registry clients use.
 
 State is injected: :class:`RegistryAPI` gets the storage, the upload
-sessions, the collector and the authorizer, and :func:`registry_site` serves
-it. Every handler validates the names in its path before building a file
-name from them (:mod:`~treadmill.imagestore.names`), then authorises, then
-acts. Errors are answered once, in the OCI shape, by the ``handle_errors``
-methods.
+sessions, the collector and the authorizer, and
+:func:`~treadmill.imagestore.site.registry_site` serves it. Every handler
+validates the names in its path before building a file name from them
+(:mod:`~treadmill.imagestore.names`), then authorises, then acts. Errors are
+answered once, in the OCI shape, by the ``handle_errors`` methods.
 
 Upload bodies (``POST``/``PATCH``/``PUT`` on ``/v2/<name>/blobs/uploads/``)
-never sit in memory or in a temporary file: :class:`RegistryRequest`
-recognises them when their headers arrive (with the same URL map as the
-routes), and :meth:`RegistryAPI.body_sink` authorises the request, finds or
+never sit in memory or in a temporary file: the site's request
+(:class:`~treadmill.imagestore.site.RegistryRequest`) asks
+:meth:`RegistryAPI.body_sink` when their headers arrive; it recognises them
+(with the same URL map as the routes), authorises the request, finds or
 creates its session and returns the :class:`~treadmill.imagestore.uploads.BodySink`
 that writes the body to disk as it arrives. The route's handler then runs
 once the body is on disk, and answers.
@@ -31,13 +32,12 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import Request as HTTPRequest
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
-from treadmill.common.http import HardenedChannel, HardenedSite, LimitedRequest, respond
+from treadmill.common.http import respond
 from treadmill.common.ranges import Unsatisfiable, parse_range
 from treadmill.images.format import is_digest
 from treadmill.imagestore import manifests
@@ -713,91 +713,3 @@ class RegistryAPI:
         upload = self.uploads.get(check_upload_id(session), name)
         await self.uploads.cancel(upload)
         return _empty(request, 204, {})
-
-
-class RegistryRequest(LimitedRequest):
-    """A request that streams upload bodies to a sink instead of buffering them.
-
-    Other bodies (manifests) are buffered up to ``max_body`` bytes, as by
-    :class:`~treadmill.common.http.LimitedRequest`. The request line is
-    read from the channel when the headers are complete (``gotLength``),
-    which is the moment twisted.web would otherwise pick a buffer.
-    """
-
-    body_sink: BodySink | None = None
-
-    @classmethod
-    def error_body(cls, status: int, message: str) -> bytes:
-        code = {400: "REQUEST_INVALID", 408: "REQUEST_INVALID"}.get(status, "UNKNOWN")
-        return error_body(code, message)
-
-    def gotLength(self, length: int | None) -> None:
-        site = getattr(self.channel, "site", None)
-        registry = getattr(site, "registry", None)
-        command = getattr(self.channel, "_command", None)
-        path = getattr(self.channel, "_path", None)
-        if registry is not None and command is not None and path is not None \
-                and self.check_head() is None:
-            sink = registry.body_sink(self, command, path)
-            if sink is not None:
-                self.body_sink = sink
-                HTTPRequest.gotLength(self, 0)  # an empty in-memory buffer
-                return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self.body_sink is not None:
-            self.body_sink.write(data)
-            return
-        super().handleContentChunk(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self.body_sink is not None:
-            self.body_sink.finish()
-        super().requestReceived(command, path, version)
-
-    def process(self) -> None:
-        self.setHeader(b"docker-distribution-api-version", b"registry/2.0")
-        super().process()
-
-    def connectionLost(self, reason: Failure) -> None:
-        if self.body_sink is not None:
-            self.body_sink.abort()
-        super().connectionLost(reason)
-
-
-class RegistryChannel(HardenedChannel):
-    """HTTP/1.1 only (upload streaming relies on its request line), and quick to
-    turn away a TLS handshake on a plain-HTTP listener.
-
-    Registry clients told that a store is "insecure" (``--tls-verify=false``)
-    try HTTPS first and fall back to HTTP on error; without this, the
-    ClientHello would sit in the request-line parser until the client's TLS
-    handshake timeout (10 s in skopeo) expired. On an ``ssl:`` listener the
-    channel sees decrypted bytes, which never start with ``0x16``.
-    """
-
-    _sniffed = False
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self._sniffed and data:
-            self._sniffed = True
-            if data[:1] == b"\x16":
-                self.transport.abortConnection()
-                return
-        super().dataReceived(data)
-
-
-class RegistrySite(HardenedSite):
-    """A ``Site`` whose requests can stream upload bodies to ``registry``."""
-
-    protocol = RegistryChannel
-    registry: RegistryAPI
-
-
-def registry_site(api: RegistryAPI, **kwargs: Any) -> RegistrySite:
-    request_class = type("RegistryRequest", (RegistryRequest,), {"max_body": api.max_manifest})
-    site = RegistrySite(api.resource(), **kwargs)
-    site.requestFactory = request_class
-    site.registry = api
-    return site

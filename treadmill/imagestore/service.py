@@ -42,12 +42,13 @@ from twisted.python.threadpool import ThreadPool
 
 from treadmill.common.daemon import RoleService, listeners
 from treadmill.common.keys import KeySource
-from treadmill.imagestore.api import RegistryAPI, registry_site
+from treadmill.imagestore.api import RegistryAPI
 from treadmill.imagestore.auth import Authorizer
 from treadmill.imagestore.cache import Cache, CacheConfig
 from treadmill.imagestore.gc import Collector, SharedExclusiveLock
 from treadmill.imagestore.metrics import ImageStoreMetrics
 from treadmill.imagestore.quota import Ledger, QuotaConfig
+from treadmill.imagestore.site import registry_site
 from treadmill.imagestore.storage import Storage
 from treadmill.imagestore.uploads import Uploads
 
