@@ -1,7 +1,9 @@
 """The image store's HTTP API: the OCI Distribution subset that registry clients use.
 
 State is injected: :class:`RegistryAPI` gets the storage, the upload
-sessions, the collector and the authorizer, and
+sessions, the collector, the authorizer and, in cache mode, a
+:class:`~treadmill.imagestore.modes.CacheMode` and the ``/cache`` routes
+(:class:`~treadmill.imagestore.cache_api.CacheRoutes`);
 :func:`~treadmill.imagestore.site.registry_site` serves it. Every handler
 validates the names in its path before building a file name from them
 (:mod:`~treadmill.imagestore.names`), then authorises, then acts. Errors are
@@ -42,9 +44,9 @@ from treadmill.common.ranges import Unsatisfiable, parse_range
 from treadmill.images.format import is_digest
 from treadmill.imagestore import manifests
 from treadmill.imagestore.auth import Authorizer, scope
-from treadmill.imagestore.cache_api import CacheRoutes
 from treadmill.imagestore.errors import OCIError, error_body
 from treadmill.imagestore.gc import Collector, SharedExclusiveLock, shield, under_lock
+from treadmill.imagestore.modes import PlainStore, StoreMode
 from treadmill.imagestore.names import (
     check_digest,
     check_name,
@@ -52,13 +54,12 @@ from treadmill.imagestore.names import (
     check_upload_id,
     is_name,
 )
-from treadmill.imagestore.pullthrough import UpstreamNotFound
 from treadmill.imagestore.sending import BlobSender
 from treadmill.imagestore.storage import Storage
 from treadmill.imagestore.uploads import BodySink, Upload, Uploads
 
 if TYPE_CHECKING:
-    from treadmill.imagestore.cache import Cache
+    from treadmill.imagestore.cache_api import CacheRoutes
 
 MAX_PAGE = 10_000
 _UPLOAD_ENDPOINTS = frozenset({"upload_start", "upload_patch", "upload_put"})
@@ -124,7 +125,8 @@ class RegistryAPI:
 
     def __init__(self, reactor: Any, storage: Storage, uploads: Uploads, collector: Collector,
                  auth: Authorizer, lock: SharedExclusiveLock, pool: Any, *,
-                 max_manifest: int = 4 * 1024 * 1024, cache: Cache | None = None):
+                 max_manifest: int = 4 * 1024 * 1024, mode: StoreMode | None = None,
+                 cache_routes: CacheRoutes | None = None):
         self.reactor = reactor
         self.storage = storage
         self.uploads = uploads
@@ -136,8 +138,8 @@ class RegistryAPI:
         self.bytes_sent = 0
         # Cache mode (docs/imagestore.md, "The image cache"): pull-through on misses,
         # last-use tracking, pins, and the /cache routes.
-        self.cache = cache
-        self._cache_routes = CacheRoutes(auth, cache) if cache is not None else None
+        self.mode: StoreMode = mode if mode is not None else PlainStore()
+        self._cache_routes = cache_routes
 
     def resource(self) -> Resource:
         return self.app.resource()
@@ -294,19 +296,11 @@ class RegistryAPI:
     async def manifest_get(self, request: IRequest, name: str, reference: str) -> bytes:
         name = check_name(name)
         self.auth.require(request, "repository", name, "pull")
-        cache = self.cache
-        if cache is not None:
-            check_reference(reference)
-            await cache.before_manifest(name, reference)
+        await self.mode.before_manifest(name, reference)
         digest, media_type = self._resolve(name, reference)
-        if cache is not None:
-            cache.pin(digest)
-            cache.touch(digest)
-        try:
+        with self.mode.serving(digest):
+            self.mode.used(digest)
             body = await self._thread(self.storage.read_blob, digest, 64 * 1024 * 1024)
-        finally:
-            if cache is not None:
-                cache.unpin(digest)
         if body is None:
             raise OCIError("MANIFEST_UNKNOWN", "no such manifest")
         request.setHeader(b"content-type", media_type.encode())
@@ -367,8 +361,7 @@ class RegistryAPI:
             def referenced(digest: str) -> str:
                 self.collector.note_referenced(
                     [digest, *manifests.referenced_digests(manifest)])
-                if self.cache is not None:
-                    self.cache.committed(digest, len(body), False)
+                self.mode.committed(digest, len(body))
                 return digest
 
             return d.addCallback(referenced)
@@ -401,15 +394,9 @@ class RegistryAPI:
         name = check_name(name)
         self.auth.require(request, "repository", name, "pull")
         digest = check_digest(digest)
-        cache = self.cache
-        if cache is None:
+        # A cache pins it while it is fetched and served: eviction leaves it alone.
+        with self.mode.serving(digest):
             return await self._send_blob(request, name, digest)
-        # Pinned while it is fetched and served: eviction leaves it alone.
-        cache.pin(digest)
-        try:
-            return await self._send_blob(request, name, digest)
-        finally:
-            cache.unpin(digest)
 
     async def _open_blob(self, name: str, digest: str, head: bool) -> tuple[Any, Any]:
         """The blob's info and an open file (None for HEAD), or (None, None)."""
@@ -429,22 +416,15 @@ class RegistryAPI:
 
     async def _send_blob(self, request: IRequest, name: str, digest: str) -> bytes:
         head = request.method == b"HEAD"
-        cache = self.cache
         info, file = await self._open_blob(name, digest, head)
-        if info is None and cache is not None:
-            cache.misses += 1
-            try:
-                await cache.pull.ensure_blob(name, digest)
-            except UpstreamNotFound:
-                pass
-            else:
+        if info is None:
+            if await self.mode.fetch_blob(name, digest):
                 info, file = await self._open_blob(name, digest, head)
-        elif info is not None and cache is not None:
-            cache.hits += 1
+        else:
+            self.mode.found(digest)
         if info is None:
             raise OCIError("BLOB_UNKNOWN", "no such blob in this repository")
-        if cache is not None:
-            cache.touch(digest)
+        self.mode.used(digest)
         try:
             request.setHeader(b"content-type", b"application/octet-stream")
             request.setHeader(b"docker-content-digest", digest.encode())

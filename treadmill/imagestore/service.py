@@ -45,8 +45,10 @@ from treadmill.common.keys import KeySource
 from treadmill.imagestore.api import RegistryAPI
 from treadmill.imagestore.auth import Authorizer
 from treadmill.imagestore.cache import Cache, CacheConfig
+from treadmill.imagestore.cache_api import CacheRoutes
 from treadmill.imagestore.gc import Collector, SharedExclusiveLock
 from treadmill.imagestore.metrics import ImageStoreMetrics
+from treadmill.imagestore.modes import CacheMode
 from treadmill.imagestore.quota import Ledger, QuotaConfig
 from treadmill.imagestore.site import registry_site
 from treadmill.imagestore.storage import Storage
@@ -159,9 +161,11 @@ class ImageStoreService(RoleService):
             self.cache = Cache(reactor, self.storage, self.pool, self.lock, self.collector,
                                config.cache, realm=config.realm)
             self.uploads.on_commit = self.cache.committed
-        self.api = RegistryAPI(reactor, self.storage, self.uploads, self.collector, self.auth,
-                               self.lock, self.pool, max_manifest=config.manifest_max_size,
-                               cache=self.cache)
+        self.api = RegistryAPI(
+            reactor, self.storage, self.uploads, self.collector, self.auth, self.lock,
+            self.pool, max_manifest=config.manifest_max_size,
+            mode=CacheMode(self.cache) if self.cache is not None else None,
+            cache_routes=CacheRoutes(self.auth, self.cache) if self.cache is not None else None)
         self.site = registry_site(self.api)
         self.metrics = ImageStoreMetrics(self)
         access_log = self.site.log
