@@ -369,7 +369,7 @@ def test_zero_disables_the_limits() -> None:
 
 def test_every_site_of_the_roles_is_hardened() -> None:
     from treadmill.common import metrics
-    from treadmill.imagestore.api import RegistrySite
+    from treadmill.imagestore.site import RegistrySite
 
     assert issubclass(RegistrySite, HardenedSite)
     assert isinstance(limited_site(Resource(), 10), HardenedSite)
