@@ -22,7 +22,7 @@ from tests.proxy.support import (
     start_proxy,
 )
 from treadmill.common.schema import validator
-from treadmill.proxy import messages
+from treadmill.protocol import proxy as messages
 from treadmill.supervisor.exposure import ExposureManager, listen_echo
 
 

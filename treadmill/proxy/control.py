@@ -16,8 +16,8 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.logger import Logger
 
-from treadmill.proxy import messages
-from treadmill.proxy.messages import CloseCode
+from treadmill.protocol import proxy as messages
+from treadmill.protocol.proxy import CloseCode
 from treadmill.proxy.registry import JobSession, Registry
 
 __all__ = ["ControlFactory", "ControlProtocol"]

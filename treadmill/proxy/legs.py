@@ -24,15 +24,18 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from treadmill.common.captoken import CapabilityError, Claims, bearer_token
-from treadmill.proxy import messages
-from treadmill.proxy.messages import ConsoleCloseCode
+from treadmill.common.splice import TUNNEL_SUBPROTOCOL, StreamEnd, WebSocketEnd
+from treadmill.protocol import proxy as messages
+from treadmill.protocol.proxy import ConsoleCloseCode
 from treadmill.proxy.registry import Pending, Registry, Tunnel
-from treadmill.proxy.splice import TUNNEL_SUBPROTOCOL, StreamEnd, WebSocketEnd
 
 __all__ = ["DataEnd", "DataFactory", "PublicEnd", "PublicFactory", "TunnelFactory",
            "TunnelSocket"]
 
 MAX_MESSAGE = 1024 * 1024  # what one client WebSocket message may hold (we send 64 KiB)
+NO_TUNNEL = 4011
+"""The close code of a tunnel WebSocket bound to no tunnel (1011, internal error, shifted
+into the private range: Autobahn lets an application send only 1000 and 3000-4999)."""
 
 
 class PublicEnd(StreamEnd):
@@ -164,7 +167,7 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
 
     def onOpen(self) -> None:
         if self.tunnel is None:
-            self.sendClose(1011, "no tunnel")
+            self.sendClose(NO_TUNNEL, "no tunnel")
             return
         if self.tunnel.authenticates:
             self._arrive()

@@ -9,7 +9,7 @@ reconnect: within the proxy's grace period the tunnels survived and the
 answers name the same ports and paths. When a client connects to a tunnel
 the proxy sends ``connect``; the manager dials the service's local
 ``(host, port)`` and the proxy's data port at the same time, sends the data
-header, and splices the two with backpressure (``treadmill.proxy.splice``).
+header, and splices the two with backpressure (``treadmill.common.splice``).
 The wire formats are in ``docs/proxy.md``.
 
 For the supervisor (the lead wires it)::
@@ -57,9 +57,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from treadmill.proxy import messages
-from treadmill.proxy.messages import CloseCode, parse_proxy_url
-from treadmill.proxy.splice import Splice, StreamEnd, client_endpoint, join
+from treadmill.common.splice import Splice, StreamEnd, client_endpoint, join
+from treadmill.protocol import proxy as messages
+from treadmill.protocol.proxy import CloseCode, parse_proxy_url
 
 __all__ = ["Echo", "ExposureManager", "authenticates", "listen_echo", "parse_proxy_url"]
 
