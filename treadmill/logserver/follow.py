@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
+from treadmill.common.wsjson import QuietLogger, close_reason
 from treadmill.logserver.store import Stream, StreamStore
 from treadmill.protocol.logs import FOLLOW_CLOSE_CODES, FOLLOW_SUBPROTOCOL
 
@@ -231,7 +232,7 @@ class FollowProtocol(WebSocketServerProtocol):
     are ignored.
     """
 
-    log = Logger()
+    log = QuietLogger(namespace="treadmill.logserver.follow.ws")
     factory: FollowFactory
     target: tuple[StreamStore, str, str, int] | None = None
     pump: Pump | None = None
@@ -280,7 +281,7 @@ class _SocketSink(Sink):
 
     def abort(self, reason: str, message: str) -> None:
         code = FOLLOW_CLOSE_CODES.get(reason, FOLLOW_CLOSE_CODES["error"])
-        self.protocol.sendClose(code, message[:120])
+        self.protocol.sendClose(code, close_reason(message))
 
 
 class FollowFactory(WebSocketServerFactory):

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from treadmill.common.captoken import CapabilityError, Claims, bearer_token
 from treadmill.common.splice import TUNNEL_SUBPROTOCOL, StreamEnd, WebSocketEnd
+from treadmill.common.wsjson import QuietLogger, close_reason
 from treadmill.protocol import proxy as messages
 from treadmill.protocol.proxy import ConsoleCloseCode
 from treadmill.proxy.registry import Pending, Registry, Tunnel
@@ -145,7 +146,8 @@ class DataFactory(ServerFactory):
 class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
     """A client on a tunnel's WebSocket path (see the module docstring for consoles)."""
 
-    # Not ``log``: that is Autobahn's (its debug lines would show the handshake's token).
+    # Autobahn's (quiet: its debug lines would show the handshake's token).
+    log = QuietLogger(namespace="treadmill.proxy.legs.ws")
     console_log = Logger(namespace="treadmill.proxy.consoles")
     factory: TunnelFactory
     tunnel: Tunnel | None = None
@@ -233,7 +235,7 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
             job=tunnel.session.job if tunnel else None, reason=reason, subject=subject,
             peer=self._peer)
         if self.state == self.STATE_OPEN:
-            self.sendClose(int(code), text[:120])
+            self.sendClose(int(code), close_reason(text))
 
     def _stop_waiting(self) -> None:
         """No longer waiting for the token's message."""

@@ -58,6 +58,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from treadmill.common.splice import Splice, StreamEnd, client_endpoint, join
+from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import proxy as messages
 from treadmill.protocol.proxy import CloseCode, parse_proxy_url
 
@@ -82,16 +83,6 @@ def _no_delay(transport: Any) -> None:
             set_no_delay(True)
         except OSError:
             pass
-
-
-class _QuietLogger(Logger):
-    """Autobahn's protocol logger without debug (the handshake holds the token)."""
-
-    def debug(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def trace(self, *args: Any, **kwargs: Any) -> None:
-        pass
 
 
 # -- the legs of a connection ---------------------------------------------------------
@@ -177,8 +168,9 @@ class _Rendezvous:
 # -- the control connection -----------------------------------------------------------
 
 
-class _ControlClient(WebSocketClientProtocol):
-    log = _QuietLogger(namespace="treadmill.supervisor.exposure.ws")
+class _ControlClient(JsonSession, WebSocketClientProtocol):
+    log = QuietLogger(namespace="treadmill.supervisor.exposure.ws")
+    violation_code = CloseCode.PROTOCOL_VIOLATION
     factory: Any
 
     def __init__(self) -> None:
@@ -192,16 +184,16 @@ class _ControlClient(WebSocketClientProtocol):
     def link(self) -> _ProxyLink:
         return self.factory.link  # type: ignore[no-any-return]
 
-    def send(self, message: dict[str, Any]) -> bool:
-        if self.state != self.STATE_OPEN:
-            return False
-        self.sendMessage(messages.encode(message), isBinary=False)
-        return True
-
     def close(self, code: int, reason: str) -> None:
         self.handling = False
-        if self.state == self.STATE_OPEN:
-            self.sendClose(int(code), reason[:120])
+        super().close(code, reason)
+
+    def violation_message(self, text: str) -> dict[str, Any]:
+        return messages.protocol_error(text)
+
+    def log_violation(self, text: str) -> None:
+        self.link.manager.log.error("{name}: protocol violation by {url}: {error}",
+                                    name=self.link.manager.name, url=self.link.url, error=text)
 
     def onConnect(self, response: Any) -> None:
         self._wrong_protocol = response.protocol != messages.SUBPROTOCOL
@@ -226,11 +218,7 @@ class _ControlClient(WebSocketClientProtocol):
                 raise messages.ProtocolError("binary frames are not part of the protocol")
             message = messages.parse(payload, expect=messages.TO_SUPERVISOR)
         except messages.ProtocolError as e:
-            self.link.manager.log.error("{name}: protocol violation by {url}: {error}",
-                                        name=self.link.manager.name, url=self.link.url,
-                                        error=str(e))
-            self.send(messages.protocol_error(str(e)))
-            self.close(CloseCode.PROTOCOL_VIOLATION, "protocol violation")
+            self.violation(str(e))
             return
         self.link.message(self, message)
 

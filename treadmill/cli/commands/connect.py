@@ -57,6 +57,7 @@ from treadmill.common.splice import (
     client_endpoint,
     join,
 )
+from treadmill.common.wsjson import QuietLogger
 from treadmill.protocol.proxy import parse_proxy_url
 
 __all__ = ["add_connect_arguments", "add_ssh_arguments", "job_connect", "job_ssh"]
@@ -268,6 +269,7 @@ class _StdioLocal(_Local):
 class _TunnelClient(WebSocketClientProtocol, WebSocketEnd):
     """The WebSocket to the tunnel's URL, one per local connection."""
 
+    log = QuietLogger(namespace="treadmill.cli.connect.ws")
     local: _Local | None = None
     connector: _Connector | None = None
 
