@@ -23,8 +23,8 @@ from zope.interface import implementer
 
 from treadmill.common.captoken import Access, CapabilitySigner
 from treadmill.protocol import proxy as messages
-from treadmill.proxy.registry import RegistrySettings
 from treadmill.proxy.service import ProxyConfig, ProxyService
+from treadmill.proxy.tunnels import RegistrySettings
 
 AUDIENCE = "treadmill-proxy"
 ISSUER = "treadmill"

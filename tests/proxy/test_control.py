@@ -23,7 +23,8 @@ from tests.proxy.support import (
 )
 from treadmill.common.schema import validator
 from treadmill.protocol import proxy as messages
-from treadmill.supervisor.exposure import ExposureManager, listen_echo
+from treadmill.supervisor.echo import listen_echo
+from treadmill.supervisor.exposure import ExposureManager
 
 
 def test_every_message_the_code_builds_matches_the_schema() -> None:

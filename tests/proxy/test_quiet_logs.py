@@ -14,7 +14,8 @@ from twisted.internet import reactor
 from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.proxy.support import Keys, Running, new_job
-from treadmill.supervisor.exposure import ExposureManager, listen_echo
+from treadmill.supervisor.echo import listen_echo
+from treadmill.supervisor.exposure import ExposureManager
 
 
 @pytest.fixture

@@ -36,7 +36,8 @@ from tests.proxy.support import (
 )
 from treadmill.common.splice import UNSUPPORTED_DATA
 from treadmill.protocol import proxy as messages
-from treadmill.supervisor.exposure import ExposureManager, listen_echo
+from treadmill.supervisor.echo import listen_echo
+from treadmill.supervisor.exposure import ExposureManager
 
 MiB = 1024 * 1024
 

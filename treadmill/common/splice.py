@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 __all__ = ["EOF", "MAX_FRAME", "TUNNEL_SUBPROTOCOL", "UNSUPPORTED_DATA", "End", "Splice",
-           "StreamEnd", "WebSocketEnd", "client_endpoint", "join"]
+           "StreamEnd", "WebSocketEnd", "client_endpoint", "join", "no_delay"]
 
 MAX_FRAME = 64 * 1024  # the largest binary message a WebSocket leg sends
 TUNNEL_SUBPROTOCOL = "treadmill.tunnel.v1"
@@ -395,3 +395,14 @@ def client_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
     if isIPv6Address(host):
         return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
     return HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
+def no_delay(transport: Any) -> None:
+    """Turn Nagle's algorithm off on ``transport`` if it is a TCP one (small writes of an
+    interactive session go out at once)."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass

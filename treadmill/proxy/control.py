@@ -19,13 +19,13 @@ from twisted.logger import Logger
 from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import proxy as messages
 from treadmill.protocol.proxy import CloseCode
-from treadmill.proxy.registry import JobSession, Registry
+from treadmill.proxy.tunnels import JobSession, Registry
 
 __all__ = ["ControlFactory", "ControlProtocol"]
 
 
 class ControlProtocol(JsonSession, WebSocketServerProtocol):
-    """A job's control connection (a :class:`registry.Control`)."""
+    """A job's control connection (a :class:`tunnels.Control`)."""
 
     log = QuietLogger(namespace="treadmill.proxy.control.ws")
     factory: ControlFactory
@@ -38,7 +38,7 @@ class ControlProtocol(JsonSession, WebSocketServerProtocol):
         self.session: JobSession | None = None
         self.handling = False
 
-    # -- registry.Control (send: JsonSession's) ------------------------------------------
+    # -- tunnels.Control (send: JsonSession's) -------------------------------------------
 
     def close(self, code: int, reason: str) -> None:
         self.handling = False

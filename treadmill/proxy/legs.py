@@ -28,7 +28,7 @@ from treadmill.common.splice import TUNNEL_SUBPROTOCOL, StreamEnd, WebSocketEnd
 from treadmill.common.wsjson import QuietLogger, close_reason
 from treadmill.protocol import proxy as messages
 from treadmill.protocol.proxy import ConsoleCloseCode
-from treadmill.proxy.registry import Pending, Registry, Tunnel
+from treadmill.proxy.tunnels import Pending, Registry, Tunnel
 
 __all__ = ["DataEnd", "DataFactory", "PublicEnd", "PublicFactory", "TunnelFactory",
            "TunnelSocket"]
