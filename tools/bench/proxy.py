@@ -11,8 +11,8 @@ client code then measures each path to the backend:
 
   direct     the backend itself (the floor)
   treadmill  our proxy as operators run it (``twistd treadmill-proxy``) and the
-             supervisor's side as its own process (``python -m
-             treadmill.dev.expose``): client -> public port -> proxy
+             supervisor's side as its own process (``tools/bench/
+             expose.py``): client -> public port -> proxy
              -> data connection -> supervisor -> backend. Two relays, where
              HAProxy and socat are one: that is what a rendezvous costs.
   treadmill-ws  the same through the tunnel's WebSocket path, with the local
@@ -669,7 +669,7 @@ def start_ours(procs: Processes, tmp: Path, args: argparse.Namespace,
     proxy, http = start_proxy(procs, tmp, args, free_range(16))
     job = str(uuid.uuid4())
     (tmp / "token").write_text(token(signer, job))
-    argv = [sys.executable, "-m", "treadmill.dev.expose", "--job", job,
+    argv = [sys.executable, str(ROOT / "tools" / "bench" / "expose.py"), "--job", job,
             "--proxy", f"ws://127.0.0.1:{http}", "--token-file", str(tmp / "token"), "--quiet",
             "--self-authenticating"]
     for name, port in services.items():

@@ -33,7 +33,7 @@ service on each proxy, and ``auth`` (``service`` or ``token``) as the proxy
 answered. ``close(final=False)`` (a supervisor shutting down while its
 job lives on) leaves the tunnels to the proxy's grace period instead.
 
-``python -m treadmill.dev.expose`` runs one alone (manual checks, the benchmark).
+``tools/bench/expose.py`` runs one alone (manual checks, the benchmark).
 """
 
 from __future__ import annotations

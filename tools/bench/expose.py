@@ -2,7 +2,7 @@
 (an :class:`~treadmill.supervisor.exposure.ExposureManager` alone): for manual checks
 and ``tools/bench/proxy.py``. It prints the endpoints as JSON on every change::
 
-    python -m treadmill.dev.expose --job JOB --proxy ws://127.0.0.1:8090 \\
+    .venv/bin/python tools/bench/expose.py --job JOB --proxy ws://127.0.0.1:8090 \\
         --token-file TOKEN --service echo=127.0.0.1:7007 [--echo 7007] \\
         [--self-authenticating]
 """
@@ -13,11 +13,16 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.task import react
-from twisted.logger import (
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from twisted.internet.defer import Deferred  # noqa: E402
+from twisted.internet.task import react  # noqa: E402
+from twisted.logger import (  # noqa: E402
     FilteringLogObserver,
     LogLevel,
     LogLevelFilterPredicate,
@@ -25,14 +30,14 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
-from treadmill.supervisor.echo import listen_echo
-from treadmill.supervisor.exposure import ExposureManager, Service
+from treadmill.supervisor.echo import listen_echo  # noqa: E402
+from treadmill.supervisor.exposure import ExposureManager, Service  # noqa: E402
 
 __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m treadmill.dev.expose``: publish local services until stopped."""
+    """``tools/bench/expose.py``: publish local services until stopped."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--job", required=True)
     parser.add_argument("--proxy", action="append", required=True, metavar="URL")
