@@ -3,9 +3,11 @@ every Autobahn protocol in ``treadmill/`` logs through a :class:`QuietLogger`.""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import pkgutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -81,3 +83,32 @@ def test_a_violation_is_reported_sent_and_closes_with_4000() -> None:
     assert session.send({"type": "x"}) is False  # closed: nothing more is sent
     session.close(4000, "again")
     assert len(session.closed) == 1
+
+
+def _allowed(code: int) -> bool:
+    return code == 1000 or 3000 <= code <= 4999
+
+
+def test_every_literal_close_code_is_one_autobahn_accepts() -> None:
+    """Autobahn's ``sendClose`` raises for any code but 1000 and 3000-4999 (1001-1015 are
+    the implementation's): a literal code in a ``sendClose`` call, a member of a
+    ``*CloseCode`` enum or a value of a ``*CLOSE_CODES`` table must be one of those."""
+    root = Path(treadmill.__file__).parent
+    wrong = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            codes: list[ast.AST] = []
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr == "sendClose" and node.args:
+                codes = list(ast.walk(node.args[0]))
+            elif isinstance(node, ast.Assign) and any(
+                    isinstance(t, ast.Name) and t.id.endswith("CLOSE_CODES") for t in node.targets):
+                codes = list(ast.walk(node.value))
+            elif isinstance(node, ast.ClassDef) and node.name.endswith("CloseCode"):
+                codes = [stmt.value for stmt in node.body if isinstance(stmt, ast.Assign)]
+            for code in codes:
+                if isinstance(code, ast.Constant) and type(code.value) is int \
+                        and not _allowed(code.value):
+                    wrong.append(f"{path.relative_to(root.parent)}:{code.lineno}: {code.value}")
+    assert not wrong, wrong
