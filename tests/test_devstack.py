@@ -24,7 +24,7 @@ from tests.daemons import _Output, free_port, run_python
 from tests.proxy.support import console, echo_client, echo_once, free_range
 from treadmill.cli.main import run as tml
 from treadmill.protocol import supervisor as protocol
-from treadmill.proxy.messages import ConsoleCloseCode
+from treadmill.protocol.proxy import ConsoleCloseCode
 
 FAST = [f"mock.stages.{stage}=0" for stage in
         ("starting", "fetching_image", "allocating", "provisioning", "booting")]

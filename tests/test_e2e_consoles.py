@@ -26,7 +26,7 @@ from tests.proxy.support import console, console_echo, echo_client, start_proxy
 from tests.support import start_switchboard
 from tests.switchboard.peer import eventually
 from treadmill.common.captoken import CapabilitySigner, load_or_create_signing_key
-from treadmill.proxy.messages import ConsoleCloseCode
+from treadmill.protocol.proxy import ConsoleCloseCode
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
 from treadmill.supervisor.fleet import ws_url_for

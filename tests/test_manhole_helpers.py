@@ -20,7 +20,7 @@ from tests.logserver.support import LogClient, new_job, start_logserver
 from tests.proxy.support import Keys as ProxyKeys
 from tests.proxy.support import opened_control, start_proxy
 from treadmill.common.manhole import manhole_service
-from treadmill.proxy import messages
+from treadmill.protocol import proxy as messages
 
 SSH = shutil.which("ssh")
 

@@ -45,7 +45,8 @@ from treadmill.cli.commands.connect import (
 )
 from treadmill.cli.config import Settings
 from treadmill.cli.context import CommandError, Context
-from treadmill.supervisor.exposure import ExposureManager, listen_echo
+from treadmill.supervisor.echo import listen_echo
+from treadmill.supervisor.exposure import ExposureManager
 
 MiB = 1024 * 1024
 ROOT = Path(__file__).parents[2]

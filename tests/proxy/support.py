@@ -22,9 +22,9 @@ from twisted.internet.task import Clock, deferLater
 from zope.interface import implementer
 
 from treadmill.common.captoken import Access, CapabilitySigner
-from treadmill.proxy import messages
-from treadmill.proxy.registry import RegistrySettings
+from treadmill.protocol import proxy as messages
 from treadmill.proxy.service import ProxyConfig, ProxyService
+from treadmill.proxy.tunnels import RegistrySettings
 
 AUDIENCE = "treadmill-proxy"
 ISSUER = "treadmill"

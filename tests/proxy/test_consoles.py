@@ -27,10 +27,11 @@ from tests.proxy.support import (
     sleep,
     start_proxy,
 )
-from treadmill.proxy import messages
-from treadmill.proxy.messages import ConsoleCloseCode
+from treadmill.protocol import proxy as messages
+from treadmill.protocol.proxy import ConsoleCloseCode
 from treadmill.proxy.service import redacting_log_formatter
-from treadmill.supervisor.exposure import ExposureManager, listen_echo
+from treadmill.supervisor.echo import listen_echo
+from treadmill.supervisor.exposure import ExposureManager
 
 VIAS = ("frame", "query", "header")
 

@@ -17,7 +17,9 @@ from tests.proxy.support import (
     sleep,
     start_proxy,
 )
-from treadmill.supervisor.exposure import ExposureManager, listen_echo, parse_proxy_url
+from treadmill.protocol.proxy import parse_proxy_url
+from treadmill.supervisor.echo import listen_echo
+from treadmill.supervisor.exposure import ExposureManager
 
 
 @pytest.fixture

@@ -522,7 +522,7 @@ def start_ours(procs: Processes, tmp: Path, args: argparse.Namespace,
     proxy, http = start_proxy(procs, tmp, args, port_range(16))
     job = str(uuid.uuid4())
     (tmp / "token").write_text(token(sign, job))
-    argv = [sys.executable, "-m", "treadmill.supervisor.exposure", "--job", job,
+    argv = [sys.executable, str(ROOT / "tools" / "bench" / "expose.py"), "--job", job,
             "--proxy", f"ws://127.0.0.1:{http}", "--token-file", str(tmp / "token"), "--quiet",
             "--self-authenticating"]
     for name, port in services.items():

@@ -1,1 +1,5 @@
-"""Development tooling: not used by the daemons."""
+"""Development tooling: not used by the daemons.
+
+Modules: ``pgcluster`` (a private PostgreSQL cluster), ``devstack`` (a whole testbed on
+one machine), ``fakeboard`` (a simulated serial board).
+"""

@@ -37,7 +37,7 @@ from treadmill.common.http import (
 )
 from treadmill.proxy.control import ControlFactory
 from treadmill.proxy.legs import TunnelFactory
-from treadmill.proxy.registry import Registry
+from treadmill.proxy.tunnels import Registry
 
 __all__ = ["ProxyAPI"]
 

@@ -37,7 +37,7 @@ from treadmill.proxy.api import ProxyAPI
 from treadmill.proxy.control import ControlFactory
 from treadmill.proxy.legs import DataFactory, PublicFactory, TunnelFactory
 from treadmill.proxy.metrics import ProxyMetrics
-from treadmill.proxy.registry import Registry, RegistrySettings
+from treadmill.proxy.tunnels import Registry, RegistrySettings
 
 __all__ = ["ProxyConfig", "ProxyService", "with_backlog"]
 

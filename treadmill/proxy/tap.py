@@ -21,8 +21,8 @@ from treadmill.common.config import (
 )
 from treadmill.common.daemon import add_operator_services
 from treadmill.proxy.ports import parse_range, parse_static
-from treadmill.proxy.registry import RegistrySettings
 from treadmill.proxy.service import ProxyConfig, ProxyService
+from treadmill.proxy.tunnels import RegistrySettings
 
 
 def _port_range(value: Any) -> str:

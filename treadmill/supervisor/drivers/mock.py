@@ -32,7 +32,7 @@ the stage is only simulated. A skipped ``fetching_image`` fetches nothing.
 
 Services: while ``ready``, with ``mock.echo = true`` (the default) and a
 reactor that can listen, the host offers an ``echo`` service on a loopback
-port (``exposure.listen_echo``), which the supervisor publishes on the job's
+port (``echo.listen_echo``), which the supervisor publishes on the job's
 rendezvous proxies.
 
 A stage named by ``fail_at`` or ``crash_at`` is never skipped. Every
@@ -60,7 +60,7 @@ from zope.interface import implementer
 from treadmill.common.config import BOOL, FLOAT, INT, STR, STRLIST, Setting, one_of
 from treadmill.protocol import agent
 from treadmill.supervisor.drivers import REFUSALS, STAGES, IHostDriver, IJobReporter, StartRefused
-from treadmill.supervisor.exposure import listen_echo
+from treadmill.supervisor.echo import listen_echo
 from treadmill.supervisor.images import FetchedImage, ImageFetcher, ImageFetchError
 
 if TYPE_CHECKING:

@@ -47,9 +47,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from treadmill.common.captoken import CapabilityError
-from treadmill.proxy import messages
+from treadmill.common.splice import End, Splice, join
+from treadmill.protocol import proxy as messages
 from treadmill.proxy.ports import PortAllocator, PortsExhausted, PortUnavailable
-from treadmill.proxy.splice import End, Splice, join
 
 __all__ = ["Control", "JobSession", "Pending", "Registry", "RegistrySettings", "Tunnel"]
 

@@ -95,7 +95,7 @@ class ProtocolError(ValueError):
 @cache
 def schema() -> dict[str, Any]:
     """The control protocol's JSON Schema (2020-12)."""
-    text = (resources.files("treadmill.proxy") / "schemas" / "proxy-control-v1.json"
+    text = (resources.files("treadmill.protocol") / "schemas" / "proxy-control-v1.json"
             ).read_text(encoding="utf-8")
     return json.loads(text)
 

@@ -40,12 +40,16 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-__all__ = ["EOF", "MAX_FRAME", "TUNNEL_SUBPROTOCOL", "End", "Splice", "StreamEnd",
-           "WebSocketEnd", "client_endpoint", "join"]
+__all__ = ["EOF", "MAX_FRAME", "TUNNEL_SUBPROTOCOL", "UNSUPPORTED_DATA", "End", "Splice",
+           "StreamEnd", "WebSocketEnd", "client_endpoint", "join", "no_delay"]
 
 MAX_FRAME = 64 * 1024  # the largest binary message a WebSocket leg sends
 TUNNEL_SUBPROTOCOL = "treadmill.tunnel.v1"
 EOF = b"eof"  # a text message: its sender will send no more bytes (half-close)
+UNSUPPORTED_DATA = 4003
+"""The close code for a text message other than ``eof``, or bytes after ``eof`` (1003
+shifted into the private range: Autobahn lets an application send only 1000 and
+3000-4999)."""
 
 
 class End:
@@ -256,7 +260,8 @@ class WebSocketEnd(End):
     ``treadmill.tunnel.v1`` subprotocol (set :attr:`half_close`), a text
     message ``eof`` says that its sender will send no more bytes, and the
     WebSocket closes with 1000 once both sides said so; without it an end of
-    file closes the WebSocket. Other text messages are refused (close 1003).
+    file closes the WebSocket. Other text messages are refused (close
+    :data:`UNSUPPORTED_DATA`, 4003).
     The protocol's ``maxMessagePayloadSize`` bounds what one message may hold.
     """
 
@@ -285,10 +290,10 @@ class WebSocketEnd(End):
                     self._early.append(None)
                 self._maybe_close()
                 return
-            self.sendClose(1003, "binary messages only")
+            self.sendClose(UNSUPPORTED_DATA, "binary messages only")
             return
         if self._eof_received:
-            self.sendClose(1003, "data after eof")
+            self.sendClose(UNSUPPORTED_DATA, "data after eof")
             return
         self.received += len(payload)
         other = self.other
@@ -390,3 +395,14 @@ def client_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
     if isIPv6Address(host):
         return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
     return HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
+def no_delay(transport: Any) -> None:
+    """Turn Nagle's algorithm off on ``transport`` if it is a TCP one (small writes of an
+    interactive session go out at once)."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass
