@@ -34,7 +34,7 @@ pytest.importorskip("treadmill.imagestore.service")
 from tests.support import Client, RunningSwitchboard, start_switchboard
 from tests.switchboard.peer import eventually
 from treadmill.images import format as fmt
-from treadmill.images.registry import RegistryClient
+from treadmill.images.oci import RegistryClient
 from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings

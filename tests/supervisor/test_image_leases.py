@@ -39,7 +39,7 @@ from tests.imagestore.support import (
 from treadmill.common.captoken import Access
 from treadmill.common.config import ConfigError
 from treadmill.images import format as fmt
-from treadmill.images.registry import RegistryClient
+from treadmill.images.oci import RegistryClient
 from treadmill.supervisor import tap
 from treadmill.supervisor.images import ImageFetcher
 from treadmill.switchboard import registry as policy

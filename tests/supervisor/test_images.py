@@ -32,7 +32,7 @@ pytest.importorskip("treadmill.imagestore.service")
 from tests.imagestore.support import Keys, RunningStore, make_keys, start_store
 from treadmill.common.captoken import Access
 from treadmill.images import format as fmt
-from treadmill.images.registry import RegistryClient, RegistryError
+from treadmill.images.oci import RegistryClient, RegistryError
 from treadmill.supervisor.images import (
     FetchedImage,
     ImageFetcher,

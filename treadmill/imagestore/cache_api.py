@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.web.iweb import IRequest
 
-from treadmill.images.registry import check_store_url
+from treadmill.images.oci import check_store_url
 from treadmill.imagestore.cache import Cache, url_under
 from treadmill.imagestore.errors import OCIError
 from treadmill.imagestore.leases import DIGESTS_MAX, HOLDER_MAX, LEASE_ID, rfc3339

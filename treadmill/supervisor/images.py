@@ -9,7 +9,7 @@ for every layer, verifying every digest on the way:
    a site image cache, often NFS, in the image store's stable layout:
    ``ROOT/blobs/sha256/<hh>/<hex>``) if it holds the manifest blob — read and
    hashed in a thread — else from the job's stores in order, with
-   :class:`~treadmill.images.registry.RegistryClient` (repository: the image's
+   :class:`~treadmill.images.oci.RegistryClient` (repository: the image's
    catalogue name, lowercased; the host token as the HTTP Basic password of the
    registry token flow, sent only to a trusted realm, the switchboard's). It
    must parse as a Treadmill image (``image_invalid`` otherwise).
@@ -101,7 +101,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from treadmill.images import format as fmt
-from treadmill.images.registry import (
+from treadmill.images.oci import (
     DigestMismatch,
     RegistryClient,
     RegistryError,

@@ -20,7 +20,7 @@ from treadmill.common.config import (
     positive,
 )
 from treadmill.common.daemon import add_operator_services
-from treadmill.images.registry import check_store_url
+from treadmill.images.oci import check_store_url
 from treadmill.supervisor.drivers import DRIVER_MODULES, driver_module
 from treadmill.supervisor.drivers.mock import MockSettings
 from treadmill.supervisor.images import DEFAULT_LOCAL_LIMIT

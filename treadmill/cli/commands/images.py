@@ -1,7 +1,7 @@
 """``tml image``: the switchboard's image catalogue, and pushing and pulling images.
 
 ``push`` and ``pull`` talk to image stores with the OCI client of
-:mod:`treadmill.images.registry`; the image format is
+:mod:`treadmill.images.oci`; the image format is
 :mod:`treadmill.images.format` (``docs/images.md``).
 """
 
@@ -28,7 +28,7 @@ from treadmill.cli.context import (
 )
 from treadmill.images import format as fmt
 from treadmill.images.progress import ProgressBar, human_size
-from treadmill.images.registry import (
+from treadmill.images.oci import (
     DEFAULT_CHUNK_SIZE,
     BlobSource,
     RegistryClient,

@@ -30,7 +30,7 @@ from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 
 from treadmill.images import format as fmt
-from treadmill.images.registry import RegistryError, check_store_url, hash_file, repository_of
+from treadmill.images.oci import RegistryError, check_store_url, hash_file, repository_of
 from treadmill.supervisor.drivers import SnapshotError
 from treadmill.supervisor.drivers.qemu.command import rebase_command
 from treadmill.supervisor.drivers.qemu.process import ToolError, run_tool
