@@ -8,8 +8,9 @@ from typing import Any
 from prometheus_client import generate_latest
 from twisted.internet.task import Clock
 
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.metrics import SupervisorMetrics
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 
 
 def _metrics(clock: Clock, tmp_path: Path) -> tuple[SupervisorMetrics, Any]:

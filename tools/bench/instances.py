@@ -8,7 +8,7 @@ temporary directory, ``--instances`` switchboards as their own processes
 (``twistd treadmill-switchboard``, access log off, ``TREADMILL_LOG_LEVEL=warn``,
 one key file for all), HAProxy with ``etc/haproxy/haproxy.cfg`` (its bind and
 server lines replaced) and ``--supervisors`` mock supervisors in one more
-process (``python -m treadmill.supervisor.fleet``) connected through the
+process (``python -m treadmill.dev.fleet``) connected through the
 balancer. The figures of fault-tolerance issue 13:
 
   txn       database transactions per job (``pg_stat_database``: commits and
@@ -248,7 +248,7 @@ class Bench:
         token_file.touch(mode=0o600)
         token_file.write_text(token + "\n")
         self.fleet = spawn(
-            [str(VENV / "python"), "-m", "treadmill.supervisor.fleet", "--url", self.url,
+            [str(VENV / "python"), "-m", "treadmill.dev.fleet", "--url", self.url,
              "--admin-token-file", str(token_file), "--count", str(args.supervisors),
              "--tag", "mock",
              "--state", str(self.tmp / "fleet"), "--no-fsync", "--reconnect-initial", "0.5",

@@ -24,8 +24,6 @@ For tests and tools, in-process::
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -34,9 +32,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from treadmill.common.daemon import exit_failed
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import IHostDriver, make_driver
-from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.images import DEFAULT_LOCAL_LIMIT, ImageFetcher, http_url_for
 from treadmill.supervisor.jobexposure import JobExposure
 from treadmill.supervisor.joblogs import JobLogs
 from treadmill.supervisor.journal import StateFiles
@@ -44,52 +41,7 @@ from treadmill.supervisor.link import SupervisorLink, SupervisorProtocol
 from treadmill.supervisor.metrics import SupervisorMetrics
 from treadmill.supervisor.runner import JobRunner
 
-__all__ = ["SupervisorConfig", "SupervisorService"]
-
-
-@dataclass
-class SupervisorConfig:
-    """Everything a supervisor needs, already validated (``tap.config_from``)."""
-
-    url: str  # ws:// or wss:// base URL of the switchboard
-    token: str  # the host token
-    state_dir: str
-    driver: str = "mock"
-    ca_file: str | None = None
-    reconnect_initial: float = 1.0
-    reconnect_max: float = 60.0
-    heartbeat_interval: float = 5.0
-    heartbeat_timeout: float = 10.0
-    console_buffer: int = 64 * 1024
-    flush_timeout: float = 2.0
-    event_ack_timeout: float = 5.0  # an unacknowledged job event is sent again after this
-    event_resend_max: float = 60.0  # the longest pause between sends of one event
-    durable: bool = True  # fsync the state directory
-    name: str = "supervisor"  # shown in log lines (the fleet uses host names)
-    mock: MockSettings = field(default_factory=MockSettings)
-    log_spool_limit: int = 64 * 1024 * 1024  # bytes of unshipped log output per job
-    images_cache_mount: str | None = None  # read-only root of a site image cache
-    images_cache_url: str | None = None  # that cache's HTTP(S) base URL: leases
-    images_dir: str | None = None  # default: <state_dir>/images
-    images_local_limit: int = DEFAULT_LOCAL_LIMIT  # bytes kept in images_dir
-    images_trusted_realms: list[str] = field(default_factory=list)  # default: the switchboard
-    images_ca_file: str | None = None  # default: ca_file
-    proxies_ca_file: str | None = None  # default: ca_file
-    driver_values: dict[str, Any] = field(default_factory=dict)  # the driver's own settings
-
-    def image_fetcher(self, reactor: Any) -> ImageFetcher:
-        """The :class:`ImageFetcher` these settings describe (cheap: no I/O until used)."""
-        return ImageFetcher(
-            reactor, cache_mount=self.images_cache_mount, cache_url=self.images_cache_url,
-            local_dir=self.images_dir or os.path.join(self.state_dir, "images"),
-            token=self.token, ca_file=self.images_ca_file or self.ca_file,
-            trusted_realms=self.images_trusted_realms or [http_url_for(self.url)],
-            local_limit=self.images_local_limit, name=self.name,
-            switchboard=http_url_for(self.url))
-
-    def __repr__(self) -> str:  # never show the token
-        return (f"SupervisorConfig(url={self.url!r}, state_dir={self.state_dir!r}, "
-                f"driver={self.driver!r}, name={self.name!r})")
+__all__ = ["SupervisorService"]
 
 
 class SupervisorService(MultiService):
@@ -107,7 +59,8 @@ class SupervisorService(MultiService):
         self.config = config
         self.fetcher = config.image_fetcher(reactor)
         self.driver = (driver if driver is not None
-                       else make_driver(config, reactor, fetcher=self.fetcher))
+                       else make_driver(config.driver, config.driver_values, reactor=reactor,
+                                        state_dir=config.state_dir, fetcher=self.fetcher))
         self.files = StateFiles(config.state_dir, durable=config.durable)
         self.runner = JobRunner(reactor, self.driver, self.files, run_io=run_io,
                                 console_buffer=config.console_buffer, name=config.name,

@@ -27,7 +27,6 @@ from treadmill.cli.context import (
     positive_int,
 )
 from treadmill.images import format as fmt
-from treadmill.images.progress import ProgressBar, human_size
 from treadmill.images.oci import (
     DEFAULT_CHUNK_SIZE,
     BlobSource,
@@ -39,6 +38,7 @@ from treadmill.images.oci import (
     parse_reference,
     repository_of,
 )
+from treadmill.images.progress import ProgressBar, human_size
 
 IMAGE_FIELDS = ("name", "digest", "kind", "stores", "owner", "description", "created_at",
                 "updated_at")

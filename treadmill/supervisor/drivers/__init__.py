@@ -37,7 +37,6 @@ from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from treadmill.supervisor.images import ImageFetcher
-    from treadmill.supervisor.service import SupervisorConfig
 
 __all__ = ["DRIVER_MODULES", "REASONS", "SNAPSHOT_ERRORS", "STAGES", "IHostDriver",
            "IHostSnapshots", "IJobReporter", "SnapshotError", "StartRefused", "driver_module",
@@ -150,8 +149,9 @@ DRIVER_MODULES = {
 }
 """Driver name → module. A driver module defines ``SETTINGS`` (its ``NAME.*``
 config settings, a tuple of :class:`~treadmill.common.config.Setting`) and
-``make_driver(config, reactor, fetcher)``; it reads its settings from
-``config.driver_values`` (every parsed ``NAME.*`` value, keyed as in the file)."""
+``make_driver(values, *, reactor, state_dir, fetcher)``: ``values`` holds its own
+checked ``NAME.*`` values, keyed as in the file (a missing key takes its default);
+a driver never sees the rest of the supervisor's configuration."""
 
 
 SNAPSHOT_ERRORS = ("not_supported", "unknown_job", "failed")
@@ -187,7 +187,10 @@ def driver_module(name: str) -> Any:
     return importlib.import_module(module)
 
 
-def make_driver(config: SupervisorConfig, reactor: Any,
+def make_driver(name: str, values: dict[str, Any], *, reactor: Any, state_dir: str,
                 fetcher: ImageFetcher | None = None) -> IHostDriver:
-    """The driver named by ``config.driver``; ``fetcher`` fetches jobs' images for it."""
-    return driver_module(config.driver).make_driver(config, reactor, fetcher)
+    """The driver called ``name``, from its own ``values`` (``NAME.*`` keys); ``state_dir``
+    is the supervisor's state directory (where a driver keeps its files by default),
+    ``fetcher`` fetches jobs' images for it."""
+    return driver_module(name).make_driver(values, reactor=reactor, state_dir=state_dir,
+                                           fetcher=fetcher)

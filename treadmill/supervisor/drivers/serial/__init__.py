@@ -49,12 +49,11 @@ from treadmill.supervisor.drivers.serial.settings import SETTINGS, SerialSetting
 
 if TYPE_CHECKING:
     from treadmill.supervisor.images import ImageFetcher
-    from treadmill.supervisor.service import SupervisorConfig
 
 __all__ = ["SETTINGS", "SerialDriver", "SerialSettings", "make_driver"]
 
 
-def make_driver(config: SupervisorConfig, reactor: Any,
+def make_driver(values: dict[str, Any], *, reactor: Any, state_dir: str,
                 fetcher: ImageFetcher | None = None) -> SerialDriver:
-    """The serial driver of ``config`` (its ``serial.*`` values)."""
-    return SerialDriver(reactor, SerialSettings.from_values(config.driver_values), fetcher=fetcher)
+    """The serial driver of its ``serial.*`` ``values``."""
+    return SerialDriver(reactor, SerialSettings.from_values(values), fetcher=fetcher)
