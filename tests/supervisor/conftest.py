@@ -43,14 +43,17 @@ async def peer() -> AsyncIterator[FakeSwitchboard]:
 @pytest_twisted.async_yield_fixture
 async def supervisors(peer: FakeSwitchboard, tmp_path: Path
                       ) -> AsyncIterator[Callable[..., SupervisorService]]:
-    """``make(state="name", **config overrides)``: a started SupervisorService."""
+    """``make(state="name", start=True, **config overrides)``: a SupervisorService, started
+    unless ``start=False``, and stopped at the end if it runs."""
     made: list[SupervisorService] = []
 
-    def make(state: str = "state", driver: Any = None, **overrides: Any) -> SupervisorService:
+    def make(state: str = "state", driver: Any = None, start: bool = True,
+             **overrides: Any) -> SupervisorService:
         overrides.setdefault("url", peer.url)
         service = SupervisorService(reactor, fast_config(state_dir=tmp_path / state,
                                                          **overrides), driver=driver)
-        service.startService()
+        if start:
+            service.startService()
         made.append(service)
         return service
 

@@ -50,7 +50,7 @@ class SupervisorConfig:
             local_dir=self.images_dir or os.path.join(self.state_dir, "images"),
             token=self.token, ca_file=self.images_ca_file or self.ca_file,
             trusted_realms=self.images_trusted_realms or [http_url_for(self.url)],
-            local_limit=self.images_local_limit, name=self.name,
+            local_limit=self.images_local_limit, label=self.name,
             switchboard=http_url_for(self.url))
 
     def __repr__(self) -> str:  # never show the token

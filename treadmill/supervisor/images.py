@@ -95,6 +95,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import treq
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -460,7 +461,7 @@ class _Attempt:
         return ImageFetchError(code, f"{what}: {detail}")
 
 
-class ImageFetcher:
+class ImageFetcher(Service):
     """Fetches jobs' images for a supervisor's host driver (see the module docstring).
 
     ``token`` is the host token: offered (as the HTTP Basic password, user
@@ -480,7 +481,7 @@ class ImageFetcher:
                  token: str | None, ca_file: str | None = None,
                  trusted_realms: Sequence[str] = (), local_limit: int = DEFAULT_LOCAL_LIMIT,
                  retries: int = 4, backoff: float = 0.5, timeout: float = 60.0,
-                 name: str = "supervisor", cache_url: str | None = None,
+                 label: str = "supervisor", cache_url: str | None = None,
                  lease_ttl: float = LEASE_TTL, lease_wait: float = LEASE_WAIT,
                  switchboard: str | None = None, stores_ttl: float = STORES_TTL,
                  retry_time: float = 60.0) -> None:
@@ -504,12 +505,12 @@ class ImageFetcher:
         self.retries = retries
         self.backoff = backoff
         self.timeout = timeout
-        self.name = name
+        self.label = label
         self._token = token or None
         self._verified: dict[str, Identity] = {}
         self._pins: collections.Counter[str] = collections.Counter()
         self._lock = DeferredLock()  # layer fetching and local garbage collection
-        self._host_key = hashlib.sha256((token or name).encode()).hexdigest()[:16]
+        self._host_key = hashlib.sha256((token or label).encode()).hexdigest()[:16]
         self._leases: dict[str, _Lease] = {}  # lease id -> lease
         self._adopted: dict[frozenset[str], list[str]] = {}  # pinned digests -> lease ids
         self._cache_client: _CacheClient | None = None
@@ -548,7 +549,7 @@ class ImageFetcher:
         no_stores = "; ".join(attempt.problems) or "the job lists no image store"
         clients: dict[str, RegistryClient] = {}
         started = self.reactor.seconds()
-        self.log.info("{who}: fetching {image}", who=self.name, image=shown)
+        self.log.info("{who}: fetching {image}", who=self.label, image=shown)
         lease = self._hold_lease(digest, name, shown)
         try:
             if lease is not None:
@@ -585,7 +586,7 @@ class ImageFetcher:
         fetched = FetchedImage(digest, name, parsed, data, MappingProxyType(paths),
                                MappingProxyType(sources), lease.id if lease is not None else None)
         self.log.info("{who}: fetched {image} in {seconds:.2f} s ({layers} layers: {sources})",
-                      who=self.name, image=shown, layers=len(paths),
+                      who=self.label, image=shown, layers=len(paths),
                       seconds=self.reactor.seconds() - started,
                       sources=", ".join(sorted(set(sources.values()))))
         try:
@@ -611,7 +612,7 @@ class ImageFetcher:
         if lease is not None:
             self._adopted.setdefault(pinned, []).append(lease.id)
             Deferred.fromCoroutine(self._ensure_lease(lease, 0.0)).addErrback(
-                lambda f: self.log.failure("{who}: lease {id}", f, who=self.name, id=lease.id))
+                lambda f: self.log.failure("{who}: lease {id}", f, who=self.label, id=lease.id))
 
     def release_digests(self, digests: Iterable[str]) -> None:
         """Undo :meth:`pin` (and drop the lease it took, if any)."""
@@ -675,7 +676,7 @@ class ImageFetcher:
         except Exception as e:
             self._registered_error = f"cannot list them at {url}: {str(e) or type(e).__name__}"
             self.log.warn("{who}: cannot list the registered image stores at {url}: {error}; "
-                          "using the last list known", who=self.name, url=url,
+                          "using the last list known", who=self.label, url=url,
                           error=str(e) or type(e).__name__)
             if self._registered is None:
                 return {}
@@ -703,6 +704,11 @@ class ImageFetcher:
             client, self._cache_client = self._cache_client, None
             await client.close()
 
+    def stopService(self) -> Deferred[None]:
+        """As a child of the supervisor's service: :meth:`close`."""
+        super().stopService()
+        return Deferred.fromCoroutine(self.close())
+
     def pinned(self, digest: str) -> bool:
         return self._pins.get(digest, 0) > 0
 
@@ -713,7 +719,7 @@ class ImageFetcher:
             result: GCResult = await self._in_thread(
                 _collect, self.local_dir, self.local_limit, self.pinned, time.time())
         except Exception:
-            self.log.failure("{who}: garbage collection of {dir} failed", who=self.name,
+            self.log.failure("{who}: garbage collection of {dir} failed", who=self.label,
                              dir=self.local_dir)
             return None
         finally:
@@ -722,12 +728,12 @@ class ImageFetcher:
             self._verified.pop(path, None)
         if result.deleted:
             self.log.info("{who}: removed {count} least recently used image blobs ({freed} "
-                          "bytes) from {dir}; {total} bytes remain", who=self.name,
+                          "bytes) from {dir}; {total} bytes remain", who=self.label,
                           count=len(result.deleted), freed=result.freed, dir=self.local_dir,
                           total=result.total)
         if result.total > self.local_limit:
             self.log.warn("{who}: {dir} holds {total} bytes of pinned image blobs, more than "
-                          "images.local_limit ({limit})", who=self.name, dir=self.local_dir,
+                          "images.local_limit ({limit})", who=self.label, dir=self.local_dir,
                           total=result.total, limit=self.local_limit)
         return result
 
@@ -760,7 +766,7 @@ class ImageFetcher:
                 lease.loop = LoopingCall(self._renew_lease, lease)
                 lease.loop.clock = self.reactor
                 lease.loop.start(self.lease_ttl / 3, now=False).addErrback(
-                    lambda f: self.log.failure("{who}: renewing lease {id}", f, who=self.name,
+                    lambda f: self.log.failure("{who}: renewing lease {id}", f, who=self.label,
                                                id=lease.id))
         finally:
             lease.lock.release()
@@ -780,7 +786,7 @@ class ImageFetcher:
 
     async def _put_lease(self, lease: _Lease, wait: float, renewal: bool) -> None:
         """``POST /cache/leases``; failures are logged, never raised."""
-        body = {"lease": lease.id, "holder": f"{self.name} (host {self._host_key})",
+        body = {"lease": lease.id, "holder": f"{self.label} (host {self._host_key})",
                 "digests": [lease.digest], "repository": lease.repository,
                 "ttl": self.lease_ttl, "fetch": not renewal, "wait": wait}
         try:
@@ -790,20 +796,20 @@ class ImageFetcher:
                     "the cache may evict its blobs while the job runs; reading the mount for "
                     "what is there, the job's stores for the rest")
             self.log.warn("{who}: {shown}: cannot {what} lease {id} on the image cache {url}: "
-                          "{error}; {then}", who=self.name, shown=lease.shown,
+                          "{error}; {then}", who=self.label, shown=lease.shown,
                           what="renew" if renewal else "take", id=lease.id, url=self.cache_url,
                           error=e.message, then=then)
             return
         state, missing = status.get("state"), status.get("missing") or []
         if (renewal and code == 201) or not lease.held:
             self.log.info("{who}: {shown}: leased on the image cache {url} as {id} "
-                          "({state})", who=self.name, shown=lease.shown, url=self.cache_url,
+                          "({state})", who=self.label, shown=lease.shown, url=self.cache_url,
                           id=lease.id, state=state)
         lease.held = True
         if not renewal and state != "ready":
             self.log.warn(
                 "{who}: {shown}: the image cache {url} lacks {count} of its blobs ({state}"
-                "{error}); they come from the job's stores", who=self.name, shown=lease.shown,
+                "{error}); they come from the job's stores", who=self.label, shown=lease.shown,
                 url=self.cache_url, count=len(missing), state=state,
                 error=f": {status['error']}" if status.get("error") else "")
 
@@ -818,7 +824,7 @@ class ImageFetcher:
 
         d = Deferred.fromCoroutine(renew())
         d.addErrback(lambda f: self.log.failure("{who}: renewing lease {id}", f,
-                                                who=self.name, id=lease.id))
+                                                who=self.label, id=lease.id))
         return d
 
     def _drop_lease(self, lease_id: str | None) -> None:
@@ -843,17 +849,17 @@ class ImageFetcher:
                     await self._cache().delete_lease(lease.repository, lease.id)
                 except RegistryError as e:
                     self.log.warn("{who}: cannot delete lease {id} on the image cache {url}: "
-                                  "{error}; it expires within {ttl:g} s", who=self.name,
+                                  "{error}; it expires within {ttl:g} s", who=self.label,
                                   id=lease.id, url=self.cache_url, error=e.message,
                                   ttl=self.lease_ttl)
                     return
-                self.log.info("{who}: {shown}: lease {id} released", who=self.name,
+                self.log.info("{who}: {shown}: lease {id} released", who=self.label,
                               shown=lease.shown, id=lease.id)
             finally:
                 lease.lock.release()
 
         Deferred.fromCoroutine(delete()).addErrback(
-            lambda f: self.log.failure("{who}: deleting lease {id}", f, who=self.name,
+            lambda f: self.log.failure("{who}: deleting lease {id}", f, who=self.label,
                                        id=lease.id))
 
     # -- plumbing --------------------------------------------------------------------------
@@ -875,7 +881,7 @@ class ImageFetcher:
                         "not contacted")
                 if self._registered_error:
                     text += f" ({self._registered_error})"
-                self.log.warn("{who}: {text}", who=self.name, text=text)
+                self.log.warn("{who}: {text}", who=self.label, text=text)
                 attempt.add(text)
                 continue
             if store not in stores:
@@ -912,7 +918,7 @@ class ImageFetcher:
                 service=self._service(store), realm=self.realm,
                 trusted_realms=self.trusted_realms, retries=self.retries, backoff=self.backoff,
                 retry_time=self.retry_time, timeout=self.timeout,
-                on_retry=lambda text: self.log.info("{who}: {store}: {text}", who=self.name,
+                on_retry=lambda text: self.log.info("{who}: {store}: {text}", who=self.label,
                                                     store=store, text=text))
             client.fetcher = self
             clients[store] = client
@@ -929,13 +935,13 @@ class ImageFetcher:
             text = f"cache mount {self.cache_mount}: {value}"
             attempt.add(text, corrupt=status == "bad")
             if status != "missing":
-                self.log.warn("{who}: {shown}: {text}", who=self.name, shown=shown, text=text)
+                self.log.warn("{who}: {shown}: {text}", who=self.label, shown=shown, text=text)
         status, value = await self._in_thread(_read_manifest, self.local_dir, digest, True)
         if status == "ok":
             return value, None, f"the local copy in {self.local_dir}"
         if status != "missing":
             self.log.warn("{who}: {shown}: local copy of the manifest in {dir}: {reason}; "
-                          "fetching it again", who=self.name, shown=shown, dir=self.local_dir,
+                          "fetching it again", who=self.label, shown=shown, dir=self.local_dir,
                           reason=value)
             await self._in_thread(_unlink, blob_path(self.local_dir, digest))
         if repo is not None:
@@ -947,14 +953,14 @@ class ImageFetcher:
                     got = await client.get_manifest(repo, digest, retries=None if last else 1)
                 except RegistryError as e:
                     attempt.add(_describe(store, e), corrupt=isinstance(e, DigestMismatch))
-                    self.log.info("{who}: {shown}: {text}", who=self.name, shown=shown,
+                    self.log.info("{who}: {shown}: {text}", who=self.label, shown=shown,
                                   text=_describe(store, e))
                     continue
                 try:
                     await self._in_thread(_save_blob, self.local_dir, digest, got.data)
                 except OSError as e:
                     self.log.warn("{who}: cannot keep the manifest of {shown} in {dir}: {error}",
-                                  who=self.name, shown=shown, dir=self.local_dir,
+                                  who=self.label, shown=shown, dir=self.local_dir,
                                   error=e.strerror or str(e))
                 self.manifest_bytes += len(got.data)
                 return got.data, got.media_type, store
@@ -996,14 +1002,14 @@ class ImageFetcher:
             if status != "missing":
                 text = f"cache mount {self.cache_mount}: blob {path}: {value}"
                 attempt.add(text, corrupt=status == "bad")
-                self.log.warn("{who}: {shown}: {text}", who=self.name, shown=shown, text=text)
+                self.log.warn("{who}: {shown}: {text}", who=self.label, shown=shown, text=text)
         local = blob_path(self.local_dir, desc.digest)
         status, value = await self._verify(local, desc, touch=True)
         if status == "ok":
             self.layer_sources["local"] += 1
             return local, "local"
         if status == "bad":
-            self.log.warn("{who}: {path}: {reason}; downloading it again", who=self.name,
+            self.log.warn("{who}: {path}: {reason}; downloading it again", who=self.label,
                           path=local, reason=value)
             await self._in_thread(_unlink, local)
         if repo is None or not stores:
@@ -1018,7 +1024,7 @@ class ImageFetcher:
                     await client.pull_blob(repo, desc.digest, local, size=desc.size)
                 except DigestMismatch as e:
                     text = _describe(store, e)
-                    self.log.warn("{who}: {shown}: {text} (try {tries} of {of})", who=self.name,
+                    self.log.warn("{who}: {shown}: {text} (try {tries} of {of})", who=self.label,
                                   shown=shown, text=text, tries=tries, of=MISMATCH_TRIES)
                     if tries == MISMATCH_TRIES:
                         attempt.add(text, corrupt=True)

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.application.internet import backoffPolicy
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -57,6 +58,7 @@ from treadmill.supervisor.drivers import (
     StartRefused,
 )
 from treadmill.supervisor.journal import ENDED_KEEP, StateFiles
+from treadmill.supervisor.observers import IJobObserver
 from treadmill.supervisor.results import JobResults
 
 __all__ = ["ConsoleBuffer", "JobRunner", "Session"]
@@ -112,56 +114,58 @@ class _Reporter:
     def __init__(self, runner: JobRunner, job_id: str):
         self._runner: JobRunner | None = runner
         self.job_id = job_id
-        self._held: list[tuple[str, tuple[Any, ...]]] | None = []
+        self._held: list[tuple[Callable[..., None], tuple[Any, ...]]] | None = []
 
     def accept(self) -> None:
         held, self._held = self._held or [], None
-        for what, args in held:
-            self._call(what, *args)
+        for handler, args in held:
+            self._call(handler, *args)
 
     def discard(self) -> None:
         """The job was refused or the runner closes: report nothing more."""
         self._runner = None
         self._held = None
 
-    def _call(self, what: str, *args: Any) -> None:
+    def _call(self, handler: Callable[..., None], *args: Any) -> None:
+        """Have the runner apply ``handler`` (a ``JobRunner._on_*`` method) now, or once
+        the start is accepted."""
         if self._runner is None:
             return
         if self._held is not None:
-            self._held.append((what, args))
+            self._held.append((handler, args))
             return
-        self._runner._report(self.job_id, what, args)
+        self._runner._report(self.job_id, handler, args)
 
     def stage(self, name: str) -> None:
-        self._call("stage", name)
+        self._call(JobRunner._on_stage, name)
 
     def ready(self) -> None:
-        self._call("ready")
+        self._call(JobRunner._on_ready)
 
     def terminating(self, reason: str | None = None) -> None:
-        self._call("terminating", reason)
+        self._call(JobRunner._on_terminating, reason)
 
     def exited(self, exit_status: int, message: str = "") -> None:
-        self._call("exited", exit_status, message)
+        self._call(JobRunner._on_exited, exit_status, message)
 
     def failed(self, reason: str, message: str = "") -> None:
-        self._call("failed", reason, message)
+        self._call(JobRunner._on_failed, reason, message)
 
     def stopped(self, reason: str, message: str = "") -> None:
-        self._call("stopped", reason, message)
+        self._call(JobRunner._on_stopped, reason, message)
 
     def console(self, data: bytes) -> None:
         if self._runner is not None:
             self._runner._console(self.job_id, data)
 
     def services(self, services: dict[str, tuple[str, int]]) -> None:
-        self._call("services", dict(services))
+        self._call(JobRunner._on_services, dict(services))
 
     def result(self, message: dict[str, Any]) -> None:
-        self._call("result", dict(message))
+        self._call(JobRunner._on_result, dict(message))
 
     def ssh_host_keys(self, keys: list[str]) -> None:
-        self._call("ssh_host_keys", list(keys))
+        self._call(JobRunner._on_ssh_host_keys, list(keys))
 
 
 @dataclass(eq=False)
@@ -217,7 +221,7 @@ def _thread_io(reactor: Any) -> Callable[..., Deferred[Any]]:
     return run
 
 
-class JobRunner:
+class JobRunner(Service):
     """Runs the switchboard's jobs on one host driver; see the module docstring.
 
     ``run_io(fn, *args)`` runs blocking state-directory I/O and returns a
@@ -231,13 +235,13 @@ class JobRunner:
 
     def __init__(self, reactor: Any, driver: IHostDriver, files: StateFiles, *,
                  run_io: Callable[..., Deferred[Any]] | None = None,
-                 console_buffer: int = 64 * 1024, name: str = "supervisor",
+                 console_buffer: int = 64 * 1024, label: str = "supervisor",
                  ack_timeout: float = 5.0, resend_max: float = 60.0,
                  jitter: Callable[[], float] = random.random):
         self.reactor = reactor
         self.driver = driver
         self.files = files
-        self.name = name
+        self.label = label
         self._run_io = run_io or _thread_io(reactor)
         self._io_lock = DeferredLock()
         self._current: _Current | None = None
@@ -259,16 +263,7 @@ class JobRunner:
         self._stopping = False
         self._closed = False
         self.console = ConsoleBuffer(console_buffer)
-        # Called with each job event (without request_id) once it is queued.
-        self.observers: list[Callable[[dict[str, Any]], None]] = []
-        # Called with each job's JobStart when it is accepted or re-adopted.
-        self.start_observers: list[Callable[[dict[str, Any]], None]] = []
-        # Called with (job id, bytes) for each line of a job's results stream.
-        self.results_observers: list[Callable[[str, bytes], None]] = []
-        # Called with (job id, bytes) for the current job's console output.
-        self.console_observers: list[Callable[[str, bytes], None]] = []
-        # Called with (job id, {name: (host, port)}) when the host's services change.
-        self.service_observers: list[Callable[[str, dict[str, tuple[str, int]]], None]] = []
+        self.observers: list[IJobObserver] = []  # add_observer
         self._services: dict[str, tuple[str, int]] = {}
         # The current job's public endpoints until the switchboard acknowledged them.
         self._endpoints: tuple[str, list[dict[str, Any]]] | None = None
@@ -281,6 +276,21 @@ class JobRunner:
         self._snapshot_results: dict[str, dict[str, Any]] = {}
         self._snapshot_sent: dict[int, str] = {}
         self._calls: set[Any] = set()  # delayed resends of endpoints and snapshot results
+
+    # -- observers -----------------------------------------------------------------------
+
+    def add_observer(self, observer: IJobObserver) -> None:
+        """Tell ``observer`` about every job from now on (see :class:`IJobObserver`)."""
+        self.observers.append(observer)
+
+    def _tell(self, call: Callable[[IJobObserver], Any], what: str) -> None:
+        """``call(observer)`` for each observer; one that raises is logged, not fatal."""
+        for observer in list(self.observers):
+            try:
+                call(observer)
+            except Exception:
+                self.log.failure("{name}: a job observer failed ({what})", name=self.label,
+                                 what=what)
 
     # -- introspection (tests, manhole) -----------------------------------------------
 
@@ -362,7 +372,7 @@ class JobRunner:
             self._endpoints = None
         if error is not None:
             self.log.warn("{name}: the switchboard refused the endpoints of job {job}: "
-                          "{code}: {text}", name=self.name, job=pending[0],
+                          "{code}: {text}", name=self.label, job=pending[0],
                           code=error.get("code"), text=error.get("message"))
 
     def _resend_endpoints(self, pending: tuple[str, Any]) -> None:
@@ -393,20 +403,20 @@ class JobRunner:
                 protocol.validate(protocol.job_event(0, **event))
             except (TypeError, protocol.ProtocolError):
                 # Sending it would only get the link closed for a violation, forever.
-                self.log.error("{name}: dropping invalid journal entry {seq}", name=self.name,
+                self.log.error("{name}: dropping invalid journal entry {seq}", name=self.label,
                                seq=seq)
                 await self._io(self.files.remove_event, seq)
                 continue
             self._outbox.append(_Pending(seq, event, written=True))
         if self._outbox:
             self.log.info("{name}: {count} job events to resend from the journal",
-                          name=self.name, count=len(self._outbox))
+                          name=self.label, count=len(self._outbox))
         record = loaded.current
         if record is None:
             return
         job = record.get("job") if isinstance(record, dict) else None
         if not isinstance(job, dict) or not isinstance(job.get("id"), str):
-            self.log.error("{name}: unusable current-job.json; ignoring it", name=self.name)
+            self.log.error("{name}: unusable current-job.json; ignoring it", name=self.label)
             await self._io(self.files.record, None, None, clear_current=True)
             return
         journaled = [p.event for p in self._outbox
@@ -432,16 +442,16 @@ class JobRunner:
         try:
             adopted = bool(self.driver.adopt(job, cur.reporter))
         except Exception:
-            self.log.failure("{name}: the driver failed to adopt job {job}", name=self.name,
+            self.log.failure("{name}: the driver failed to adopt job {job}", name=self.label,
                              job=cur.id)
             adopted = False
         if adopted:
-            self.log.info("{name}: re-adopted job {job} ({state})", name=self.name, job=cur.id,
+            self.log.info("{name}: re-adopted job {job} ({state})", name=self.label, job=cur.id,
                           state=state)
             cur.reporter.accept()
         else:
             self.log.warn("{name}: job {job} could not be re-adopted after a restart; "
-                          "reporting it as host_dropped_job", name=self.name, job=cur.id)
+                          "reporting it as host_dropped_job", name=self.label, job=cur.id)
             cur.reporter.discard()
             self._terminated(cur, "host_dropped_job", message=RESTART_MESSAGE)
 
@@ -475,9 +485,15 @@ class JobRunner:
         try:
             await maybeDeferred(self.driver.shutdown)
         except Exception:
-            self.log.failure("{name}: driver shutdown failed", name=self.name)
+            self.log.failure("{name}: driver shutdown failed", name=self.label)
         await self._io(self.files.close)
         self._fire_drain_waiters()
+
+    def stopService(self) -> Deferred[None]:
+        """As a child of the supervisor's service: :meth:`close` (the supervisor calls
+        :meth:`start` itself: start-up may fail)."""
+        super().stopService()
+        return Deferred.fromCoroutine(self.close())
 
     # -- the link ----------------------------------------------------------------------
 
@@ -514,7 +530,7 @@ class JobRunner:
 
     def _spawn(self, session: Session, message: dict[str, Any], handler: Any) -> None:
         def crashed(failure: Failure) -> None:
-            self.log.failure("{name}: handling {kind} failed", failure, name=self.name,
+            self.log.failure("{name}: handling {kind} failed", failure, name=self.label,
                              kind=message["type"])
             if message["type"] != "status_request":
                 self._reply(session, protocol.ack(message["request_id"], (
@@ -541,13 +557,13 @@ class JobRunner:
                 "already_running", f"job {cur.id} is running on this host")))
             return
         if self._stopping or self._closed:
-            self.log.info("{name}: shutting down; not starting job {job}", name=self.name,
+            self.log.info("{name}: shutting down; not starting job {job}", name=self.label,
                           job=job_id)
             return
         final = self._final_event(job_id)
         if final is not None:
             self.log.info("{name}: job {job} already ended here; resending its final event",
-                          name=self.name, job=job_id)
+                          name=self.label, job=job_id)
             self._reply(session, protocol.ack(rid))
             self._resend(final)
             return
@@ -561,7 +577,7 @@ class JobRunner:
         try:
             await self._io(self.files.record, None, None, current=self._record(cur))
         except Exception:
-            self.log.failure("{name}: cannot write current-job.json", name=self.name)
+            self.log.failure("{name}: cannot write current-job.json", name=self.label)
             error = ("internal_error", "the supervisor cannot write its state directory")
         if error is None:
             try:
@@ -570,7 +586,7 @@ class JobRunner:
                 error = (e.code, e.message)
             except Exception as e:
                 self.log.failure("{name}: the driver failed to start job {job}",
-                                 name=self.name, job=job_id)
+                                 name=self.label, job=job_id)
                 error = ("internal_error", f"the host driver failed: {type(e).__name__}")
         if error is not None:
             cur.reporter.discard()
@@ -578,11 +594,11 @@ class JobRunner:
                 self._current = None
                 self._io(self.files.record, None, None, clear_current=True).addErrback(
                     lambda f: self.log.failure("{name}: cannot remove current-job.json", f,
-                                               name=self.name))
-            self.log.warn("{name}: refused job {job}: {code}: {message}", name=self.name,
+                                               name=self.label))
+            self.log.warn("{name}: refused job {job}: {code}: {message}", name=self.label,
                           job=job_id, code=error[0], message=error[1])
         else:
-            self.log.info("{name}: started job {job}", name=self.name, job=job_id)
+            self.log.info("{name}: started job {job}", name=self.label, job=job_id)
         self._reply(session, protocol.ack(rid, error))
         if error is None:
             cur.reporter.accept()  # held reports first, then whatever waited for the start
@@ -603,14 +619,14 @@ class JobRunner:
             return
         if cur.stop_reason is None:
             cur.stop_reason = message["reason"]
-            self.log.info("{name}: stopping job {job} ({reason})", name=self.name, job=job_id,
+            self.log.info("{name}: stopping job {job} ({reason})", name=self.label, job=job_id,
                           reason=cur.stop_reason)
         if cur.state != "terminating":
             self._begin_terminating(cur, cur.stop_reason)
         try:
             await maybeDeferred(self.driver.stop, job_id, cur.stop_reason)
         except Exception:
-            self.log.failure("{name}: the driver failed to stop job {job}", name=self.name,
+            self.log.failure("{name}: the driver failed to stop job {job}", name=self.label,
                              job=job_id)
             self._reply(session, protocol.ack(rid, ("internal_error",
                                                     "the host driver failed to stop the job")))
@@ -636,7 +652,7 @@ class JobRunner:
             self._reply(session, protocol.ack(rid, ("unknown_job", f"job {job_id} still runs")))
             return
         self.log.info("{name}: snapshot {snapshot} of job {job} into {repository} on {store}",
-                      name=self.name, snapshot=snapshot_id, job=job_id,
+                      name=self.label, snapshot=snapshot_id, job=job_id,
                       repository=message["repository"], store=message["store"])
         self._reply(session, protocol.ack(rid))  # accepted; the outcome follows
         running = maybeDeferred(self.driver.snapshot, job_id, message["repository"],
@@ -650,15 +666,15 @@ class JobRunner:
                     error = (result.value.code, result.value.message)
                 else:
                     self.log.failure("{name}: snapshot {snapshot} failed", result,
-                                     name=self.name, snapshot=snapshot_id)
+                                     name=self.label, snapshot=snapshot_id)
                     error = ("failed", f"the host driver failed: {result.type.__name__}")
                 self.log.warn("{name}: snapshot {snapshot} of job {job} failed: {code}: "
-                              "{text}", name=self.name, snapshot=snapshot_id, job=job_id,
+                              "{text}", name=self.label, snapshot=snapshot_id, job=job_id,
                               code=error[0], text=error[1])
                 outcome = protocol.snapshot_result(0, snapshot_id, job_id, error=error)
             else:
                 self.log.info("{name}: snapshot {snapshot} of job {job} is {digest}",
-                              name=self.name, snapshot=snapshot_id, job=job_id, digest=result)
+                              name=self.label, snapshot=snapshot_id, job=job_id, digest=result)
                 outcome = protocol.snapshot_result(0, snapshot_id, job_id, digest=str(result))
             self._snapshot_results[snapshot_id] = outcome
             self._send_snapshot_result(snapshot_id)
@@ -701,13 +717,15 @@ class JobRunner:
 
     # -- reports from the driver ---------------------------------------------------------
 
-    def _report(self, job_id: str, what: str, args: tuple[Any, ...]) -> None:
+    def _report(self, job_id: str, handler: Callable[..., None], args: tuple[Any, ...]) -> None:
+        """A driver's report (``handler``, a ``_on_*`` method, with ``args``) about a job."""
         cur = self._current
         if self._closed or cur is None or cur.id != job_id:
             self.log.debug("{name}: ignoring {what} for job {job}, which is not current",
-                           name=self.name, what=what, job=job_id)
+                           name=self.label, what=handler.__name__.removeprefix("_on_"),
+                           job=job_id)
             return
-        getattr(self, f"_on_{what}")(cur, *args)
+        handler(self, cur, *args)
 
     def _console(self, job_id: str, data: bytes) -> None:
         cur = self._current
@@ -715,29 +733,21 @@ class JobRunner:
             self.console.append(data)
             if cur.results is not None:
                 cur.results.console(data)
-            for observer in list(self.console_observers):
-                try:
-                    observer(job_id, data)
-                except Exception:
-                    self.log.failure("{name}: console observer failed", name=self.name)
+            self._tell(lambda observer: observer.console(job_id, data), "console")
 
     def _job_results(self, cur: _Current) -> JobResults:
         """The job's results: its console patterns, lines to the results observers."""
         job_id = cur.id
 
         def write(line: bytes) -> None:
-            for observer in list(self.results_observers):
-                try:
-                    observer(job_id, line)
-                except Exception:
-                    self.log.failure("{name}: results observer failed", name=self.name)
+            self._tell(lambda observer: observer.results(job_id, line), "results")
 
         try:
             return JobResults(job_id, cur.job.get("results"), write,
                               lambda status, message: self._results_end(cur, status, message))
         except ResultsError as e:
             self.log.error("{name}: job {job}: console patterns ignored: {problem}",
-                           name=self.name, job=job_id, problem=str(e))
+                           name=self.label, job=job_id, problem=str(e))
             return JobResults(job_id, None, write, lambda *_: None)
 
     def _on_result(self, cur: _Current, message: dict[str, Any]) -> None:
@@ -749,7 +759,7 @@ class JobRunner:
         if self._current is not cur or cur.stop_reason is not None:
             return
         self.log.info("{name}: job {job}: the console shows the end of the run (exit status "
-                      "{status})", name=self.name, job=cur.id, status=exit_status)
+                      "{status})", name=self.label, job=cur.id, status=exit_status)
         cur.results_exit = (exit_status, message)
         cur.stop_reason = "workload_exited"
         if cur.state != "terminating":
@@ -759,7 +769,7 @@ class JobRunner:
             if self._current is cur:
                 maybeDeferred(self.driver.stop, cur.id, "workload_exited").addErrback(
                     lambda f: self.log.failure("{name}: the driver failed to stop job {job}",
-                                               f, name=self.name, job=cur.id))
+                                               f, name=self.label, job=cur.id))
 
         self._later(0, stop)
 
@@ -767,11 +777,7 @@ class JobRunner:
         if services == self._services:
             return
         self._services = services
-        for observer in list(self.service_observers):
-            try:
-                observer(cur.id, dict(services))
-            except Exception:
-                self.log.failure("{name}: service observer failed", name=self.name)
+        self._tell(lambda observer: observer.services(cur.id, dict(services)), "services")
 
     def _on_ssh_host_keys(self, cur: _Current, keys: list[str]) -> None:
         """The guest reported its SSH host keys: send them with the endpoints (minor 5)."""
@@ -784,15 +790,11 @@ class JobRunner:
         self._send_endpoints()
 
     def _notify_start(self, job: dict[str, Any]) -> None:
-        for observer in list(self.start_observers):
-            try:
-                observer(job)
-            except Exception:
-                self.log.failure("{name}: start observer failed", name=self.name)
+        self._tell(lambda observer: observer.job_started(job), "job_started")
 
     def _on_stage(self, cur: _Current, name: str) -> None:
         if name not in STAGES:
-            self.log.error("{name}: driver reported unknown stage {stage!r}", name=self.name,
+            self.log.error("{name}: driver reported unknown stage {stage!r}", name=self.label,
                            stage=name)
             return
         if cur.state == "assigned" or (cur.state == "initializing" and cur.stage in STAGES
@@ -822,7 +824,7 @@ class JobRunner:
 
     def _on_failed(self, cur: _Current, reason: str, message: str = "") -> None:
         if reason not in REASONS:
-            self.log.error("{name}: driver reported unknown reason {reason!r}", name=self.name,
+            self.log.error("{name}: driver reported unknown reason {reason!r}", name=self.label,
                            reason=reason)
             reason = "internal_error"
         self._terminated(cur, reason, message=message)
@@ -890,7 +892,7 @@ class JobRunner:
         pending = _Pending(self._seq, event)
         self._seq += 1
         self._outbox.append(pending)
-        self.log.info("{name}: job {job} {state}{detail}", name=self.name, job=job_id,
+        self.log.info("{name}: job {job} {state}{detail}", name=self.label, job=job_id,
                       state=state, detail=f" ({stage or reason})" if stage or reason else "")
 
         def written(_: Any) -> None:
@@ -900,16 +902,12 @@ class JobRunner:
         def failed(failure: Failure) -> None:
             # Better sent unjournaled than not at all.
             self.log.failure("{name}: cannot journal an event of job {job}", failure,
-                             name=self.name, job=job_id)
+                             name=self.label, job=job_id)
             written(None)
 
         self._io(self.files.record, pending.seq, event, current=current,
                  clear_current=clear_current, ended=ended).addCallbacks(written, failed)
-        for observer in list(self.observers):
-            try:
-                observer(dict(event))
-            except Exception:
-                self.log.failure("{name}: event observer failed", name=self.name)
+        self._tell(lambda observer: observer.event(dict(event)), "event")
 
     def _pump(self) -> None:
         """Send the outbox's head if nothing is awaiting an ack."""
@@ -960,7 +958,7 @@ class JobRunner:
         if why == "timeout":
             self.log.warn("{name}: no ack for the {state} event of job {job} within "
                           "{delay:.1f} s; sending it again (attempt {attempt})",
-                          name=self.name, state=head.event["state"], job=head.event["job_id"],
+                          name=self.label, state=head.event["state"], job=head.event["job_id"],
                           delay=delay, attempt=self._attempts + 1)
         self._send_head(session, head)
 
@@ -979,7 +977,7 @@ class JobRunner:
             if session is self._session and rid in self._late_rids:
                 self._late_rids.discard(rid)  # a resent event's other copy: already done
                 return
-            self.log.warn("{name}: ignoring an ack for unknown request {rid}", name=self.name,
+            self.log.warn("{name}: ignoring an ack for unknown request {rid}", name=self.label,
                           rid=rid)
             return
         error = None if message["ok"] else (message.get("error") or {})
@@ -988,7 +986,7 @@ class JobRunner:
             delay = self._backoff(self._attempts - 1)
             self.log.warn("{name}: the switchboard could not store the {state} event of job "
                           "{job} ({text}); sending it again in {delay:.1f} s",
-                          name=self.name, state=head.event["state"], job=head.event["job_id"],
+                          name=self.label, state=head.event["state"], job=head.event["job_id"],
                           text=error.get("message"), delay=delay)
             self._retry_after(delay, UNAVAILABLE)
             return
@@ -1001,12 +999,12 @@ class JobRunner:
             self._outbox.popleft()
         if error is not None:
             self.log.warn("{name}: the switchboard refused the {state} event of job {job}: "
-                          "{code}: {text}", name=self.name, state=head.event["state"],
+                          "{code}: {text}", name=self.label, state=head.event["state"],
                           job=head.event["job_id"], code=error.get("code"),
                           text=error.get("message"))
         self._io(self.files.remove_event, head.seq).addErrback(
             lambda f: self.log.failure("{name}: cannot remove a journal entry", f,
-                                       name=self.name))
+                                       name=self.label))
         self._pump()
         if not self._outbox:
             self._fire_drain_waiters()
