@@ -29,10 +29,10 @@ from treadmill.dev.fleet import ws_url_for
 from treadmill.images import format as fmt
 from treadmill.images.oci import RegistryClient
 from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
+from treadmill.supervisor.blobcache import blob_path
 from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.images import blob_path
 from treadmill.supervisor.service import SupervisorService
 
 BASE = b"QFI\xfb" + bytes(range(256)) * 160  # a tiny fake qcow2 (the magic, then filler)

@@ -17,8 +17,8 @@ from tests.supervisor.peer import FakeSwitchboard, job, within
 from treadmill.common.config import ConfigError, load_file
 from treadmill.protocol.supervisor import CloseCode
 from treadmill.supervisor import tap
+from treadmill.supervisor.blobcache import DEFAULT_LOCAL_LIMIT
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.images import DEFAULT_LOCAL_LIMIT
 from treadmill.supervisor.service import SupervisorService
 
 EXAMPLE = Path(__file__).parents[2] / "etc" / "treadmill" / "supervisor-mock.toml"

@@ -85,7 +85,7 @@ from treadmill.supervisor.drivers.qemu.command import (  # noqa: E402
     qemu_command,
 )
 from treadmill.supervisor.drivers.qemu.settings import QemuSettings  # noqa: E402
-from treadmill.supervisor.images import blob_path  # noqa: E402
+from treadmill.supervisor.fetch import blob_path  # noqa: E402
 
 TARGET_OVERHEAD = 0.10  # the issue's: supervisor overhead < 10 %
 DATABASE = "treadmill_bench"

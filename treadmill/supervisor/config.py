@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from treadmill.supervisor.images import DEFAULT_LOCAL_LIMIT, ImageFetcher, http_url_for
+from treadmill.supervisor.blobcache import DEFAULT_LOCAL_LIMIT
+from treadmill.supervisor.fetch import ImageFetcher, http_url_for
 
 __all__ = ["SupervisorConfig"]
 

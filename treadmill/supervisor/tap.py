@@ -21,9 +21,9 @@ from treadmill.common.config import (
 )
 from treadmill.common.daemon import add_operator_services
 from treadmill.images.oci import check_store_url
+from treadmill.supervisor.blobcache import DEFAULT_LOCAL_LIMIT
 from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import DRIVER_MODULES, driver_module
-from treadmill.supervisor.images import DEFAULT_LOCAL_LIMIT
 from treadmill.supervisor.journal import StateFiles, StateLocked
 from treadmill.supervisor.link import parse_url
 from treadmill.supervisor.service import SupervisorService

@@ -20,9 +20,9 @@ Rules every driver follows:
 - All timing uses the reactor given to the driver (``IReactorTime``), so tests
   can drive it with a ``Clock``.
 - Images: :func:`make_driver` hands every driver the supervisor's
-  :class:`~treadmill.supervisor.images.ImageFetcher` (``fetcher=``, possibly
+  :class:`~treadmill.supervisor.fetch.ImageFetcher` (``fetcher=``, possibly
   ``None`` in tests). In its ``fetching_image`` stage a driver awaits
-  ``fetcher.fetch(job["image"])`` (a :class:`~treadmill.supervisor.images.FetchedImage`:
+  ``fetcher.fetch(job["image"])`` (a :class:`~treadmill.supervisor.fetch.FetchedImage`:
   the parsed image and a read-only path per layer), ends the job with
   ``failed("image_error", error.message)`` on an ``ImageFetchError``, and
   calls ``fetcher.release(fetched)`` when the job ends.
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
-    from treadmill.supervisor.images import ImageFetcher
+    from treadmill.supervisor.fetch import ImageFetcher
 
 __all__ = ["DRIVER_MODULES", "REASONS", "SNAPSHOT_ERRORS", "STAGES", "IHostDriver",
            "IHostSnapshots", "IJobReporter", "SnapshotError", "StartRefused", "driver_module",

@@ -61,7 +61,7 @@ from treadmill.common.config import BOOL, FLOAT, INT, STR, STRLIST, Setting, one
 from treadmill.protocol import agent
 from treadmill.supervisor.drivers import REFUSALS, STAGES, IHostDriver, IJobReporter, StartRefused
 from treadmill.supervisor.exposure import listen_echo
-from treadmill.supervisor.images import FetchedImage, ImageFetcher, ImageFetchError
+from treadmill.supervisor.fetch import FetchedImage, ImageFetcher, ImageFetchError
 
 __all__ = ["MOCK_SETTINGS", "SETTINGS", "MockDriver", "MockSettings", "make_driver"]
 

@@ -2,7 +2,7 @@
 
 A job goes through:
 
-- ``fetching_image``: the supervisor's :class:`~treadmill.supervisor.images.ImageFetcher`
+- ``fetching_image``: the supervisor's :class:`~treadmill.supervisor.fetch.ImageFetcher`
   fetches and verifies the image (``image_error`` if it cannot);
 - ``allocating``: a work directory ``qemu.work_dir/JOB`` and a free loopback
   port for the guest's SSH port;
@@ -38,7 +38,7 @@ from treadmill.supervisor.drivers.qemu.driver import QemuDriver
 from treadmill.supervisor.drivers.qemu.settings import SETTINGS, QemuSettings
 
 if TYPE_CHECKING:
-    from treadmill.supervisor.images import ImageFetcher
+    from treadmill.supervisor.fetch import ImageFetcher
 
 __all__ = ["SETTINGS", "AccelChooser", "QemuDriver", "QemuSettings", "make_driver"]
 

@@ -48,7 +48,7 @@ from treadmill.supervisor.drivers.serial.driver import SerialDriver
 from treadmill.supervisor.drivers.serial.settings import SETTINGS, SerialSettings
 
 if TYPE_CHECKING:
-    from treadmill.supervisor.images import ImageFetcher
+    from treadmill.supervisor.fetch import ImageFetcher
 
 __all__ = ["SETTINGS", "SerialDriver", "SerialSettings", "make_driver"]
 

@@ -33,7 +33,7 @@ from treadmill.supervisor.drivers.serial.tools import (
     parameters_used,
     run_command,
 )
-from treadmill.supervisor.images import FetchedImage, ImageFetcher, ImageFetchError
+from treadmill.supervisor.fetch import FetchedImage, ImageFetcher, ImageFetchError
 
 __all__ = ["SerialDriver"]
 
