@@ -1,5 +1,6 @@
 """The supervisor's service tree: its named children are the tree drawn in the
-``service.py`` docstring, and the runner's observers implement ``IJobObserver``."""
+``service.py`` docstring; the runner's observers implement ``IJobObserver`` and
+the fetcher ``IImageFetcher``."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from zope.interface.verify import verifyObject
 from tests.supervisor.peer import FakeSwitchboard
 from treadmill.common.daemon import RoleService, add_operator_services
 from treadmill.supervisor import service as service_module
+from treadmill.supervisor.fetch import IImageFetcher
 from treadmill.supervisor.observers import IJobObserver
 from treadmill.supervisor.service import SupervisorService
 
@@ -63,3 +65,9 @@ def test_the_observers_are_job_observers(supervisors: Make) -> None:
     assert service.runner.observers == [service.logs, service.exposure, service.metrics]
     for observer in service.runner.observers:
         assert verifyObject(IJobObserver, observer)
+
+
+def test_the_drivers_fetcher_is_an_image_fetcher(supervisors: Make) -> None:
+    service = supervisors(start=False)
+    assert service.driver.fetcher is service.fetcher
+    assert verifyObject(IImageFetcher, service.fetcher)

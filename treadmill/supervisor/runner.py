@@ -15,28 +15,20 @@ switchboard's commands (``docs/protocol.md``):
   event has been sent *and acknowledged*, so the switchboard reconciles
   against a database that already holds them.
 
-Job events flow from the driver (:class:`IJobReporter`) through an outbox:
-each event is written to the journal (in a thread, ``fsync``-ed) before it is
-sent; events are sent one at a time, in order, each after the previous one was
-acknowledged, on whichever connection is open, and deleted from the journal
-when acknowledged. After a reconnect the outbox simply starts again from its
-head. An event not acknowledged within ``ack_timeout`` seconds is sent again
-on the same connection (a new request id; the switchboard applies a repeat as
-a no-op), and so is one acknowledged with the retryable error
-``unavailable`` (the switchboard could not store it), after a pause; both
-delays double with each attempt, with jitter, up to ``resend_max``. An ack for
-any of the request ids the event went out with acknowledges it. Other refusals
-are logged and the event dropped. Execution timeouts are the switchboard's
-business, not the runner's.
+Job events flow from the driver (:class:`IJobReporter`) through the journaled
+outbox (``outbox.py``: journaled, then sent one at a time until acknowledged)
+and to the runner's observers (``IJobObserver``). The runner also reports the
+current job's public endpoints and answers snapshot requests, resending each
+until acknowledged. Execution timeouts are the switchboard's business, not the
+runner's.
 """
 
 from __future__ import annotations
 
-import collections
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
@@ -59,25 +51,13 @@ from treadmill.supervisor.drivers import (
 )
 from treadmill.supervisor.journal import ENDED_KEEP, StateFiles
 from treadmill.supervisor.observers import IJobObserver
+from treadmill.supervisor.outbox import UNAVAILABLE, EventOutbox, Session
 from treadmill.supervisor.results import JobResults
 
-__all__ = ["ConsoleBuffer", "JobRunner", "Session"]
+__all__ = ["ConsoleBuffer", "JobRunner"]
 
 ACTIVE_STATES = ("assigned", "initializing", "ready", "terminating")
 RESTART_MESSAGE = "supervisor restarted; the job could not be re-adopted"
-# An ack error meaning "not stored, send it again later" (docs/protocol.md). The literal
-# stands until treadmill/protocol/supervisor.py names it (the switchboard's side).
-UNAVAILABLE = "unavailable"
-
-
-class Session(Protocol):
-    """What the runner needs of an open connection (``link.SupervisorProtocol``)."""
-
-    def send(self, message: dict[str, Any]) -> bool: ...
-
-    def next_request_id(self) -> int: ...
-
-
 class ConsoleBuffer:
     """Counts console bytes and keeps the last ``limit`` of them."""
 
@@ -203,17 +183,6 @@ class _Current:
         return waiter
 
 
-class _Pending:
-    """One event in the outbox."""
-
-    __slots__ = ("event", "seq", "written")
-
-    def __init__(self, seq: int, event: dict[str, Any], written: bool = False):
-        self.seq = seq
-        self.event = event
-        self.written = written
-
-
 def _thread_io(reactor: Any) -> Callable[..., Deferred[Any]]:
     def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args, **kwargs)
@@ -246,20 +215,11 @@ class JobRunner(Service):
         self._io_lock = DeferredLock()
         self._current: _Current | None = None
         self._ended: list[dict[str, Any]] = []
-        self._outbox: collections.deque[_Pending] = collections.deque()
-        # The outbox's head once sent on the open connection, until acknowledged; the
-        # request ids it went out with; the timer that sends it again; how many times.
-        self._inflight: _Pending | None = None
-        self._sent_rids: set[int] = set()
-        self._late_rids: set[int] = set()  # other ids of the last acknowledged event
-        self._retry_call: Any = None
-        self._attempts = 0
         self.ack_timeout = ack_timeout
         self._backoff = backoffPolicy(ack_timeout, max(ack_timeout, resend_max), factor=2,
                                       jitter=lambda: jitter() * ack_timeout)
-        self._seq = 1
+        self.outbox = EventOutbox(reactor, files, self._io, backoff=self._backoff, label=label)
         self._session: Session | None = None
-        self._drain_waiters: list[Deferred[None]] = []
         self._stopping = False
         self._closed = False
         self.console = ConsoleBuffer(console_buffer)
@@ -309,7 +269,7 @@ class JobRunner(Service):
     @property
     def pending_events(self) -> list[dict[str, Any]]:
         """Events not yet acknowledged, in order."""
-        return [dict(p.event) for p in self._outbox]
+        return self.outbox.events
 
     @property
     def ended(self) -> list[dict[str, Any]]:
@@ -396,21 +356,8 @@ class JobRunner(Service):
     async def start(self) -> None:
         """Lock and read the state directory; re-adopt or report the job it names."""
         loaded = await self._io(self.files.open)
-        self._seq = loaded.next_seq
         self._ended = loaded.ended[-ENDED_KEEP:]
-        for seq, event in loaded.events:
-            try:
-                protocol.validate(protocol.job_event(0, **event))
-            except (TypeError, protocol.ProtocolError):
-                # Sending it would only get the link closed for a violation, forever.
-                self.log.error("{name}: dropping invalid journal entry {seq}", name=self.label,
-                               seq=seq)
-                await self._io(self.files.remove_event, seq)
-                continue
-            self._outbox.append(_Pending(seq, event, written=True))
-        if self._outbox:
-            self.log.info("{name}: {count} job events to resend from the journal",
-                          name=self.label, count=len(self._outbox))
+        await self.outbox.load(loaded.next_seq, loaded.events)
         record = loaded.current
         if record is None:
             return
@@ -419,8 +366,8 @@ class JobRunner(Service):
             self.log.error("{name}: unusable current-job.json; ignoring it", name=self.label)
             await self._io(self.files.record, None, None, clear_current=True)
             return
-        journaled = [p.event for p in self._outbox
-                     if p.event["job_id"] == job["id"] and p.event["state"] == "terminated"]
+        journaled = [event for event in self.outbox.events
+                     if event["job_id"] == job["id"] and event["state"] == "terminated"]
         if journaled or self._final_event(job["id"]) is not None:
             # It ended before the restart; the cleanup after its end was cut short.
             if self._final_event(job["id"]) is None:
@@ -461,21 +408,12 @@ class JobRunner(Service):
 
     async def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every event to be acknowledged."""
-        if not self._outbox:
-            return True
-        if self._session is None:
-            return False
-        waiter = self._drained()
-        timer = self.reactor.callLater(timeout, lambda: waiter.called or waiter.callback(None))
-        await waiter
-        if timer.active():
-            timer.cancel()
-        return not self._outbox
+        return await self.outbox.flush(timeout)
 
     async def close(self) -> None:
         """Release the driver and the state directory; the job's files stay."""
         self._closed = True
-        self._cancel_retry()
+        self.outbox.stop()
         for call in list(self._calls):
             if call.active():
                 call.cancel()
@@ -487,7 +425,7 @@ class JobRunner(Service):
         except Exception:
             self.log.failure("{name}: driver shutdown failed", name=self.label)
         await self._io(self.files.close)
-        self._fire_drain_waiters()
+        self.outbox.wake()
 
     def stopService(self) -> Deferred[None]:
         """As a child of the supervisor's service: :meth:`close` (the supervisor calls
@@ -499,11 +437,9 @@ class JobRunner(Service):
 
     def link_opened(self, session: Session) -> None:
         self._session = session
-        self._forget_inflight()
-        self._attempts = 0
         self._endpoints_sent = None
         self._snapshot_sent = {}
-        self._pump()
+        self.outbox.opened(session)
         self._send_endpoints()
         for snapshot_id in list(self._snapshot_results):
             self._send_snapshot_result(snapshot_id)
@@ -511,8 +447,7 @@ class JobRunner(Service):
     def link_closed(self, session: Session) -> None:
         if session is self._session:
             self._session = None
-            self._forget_inflight()
-            self._fire_drain_waiters()
+        self.outbox.closed(session)
 
     def message_received(self, session: Session, message: dict[str, Any]) -> None:
         """Handle one validated message of ``protocol.TO_SUPERVISOR``."""
@@ -707,7 +642,7 @@ class JobRunner(Service):
 
     async def _status_request(self, session: Session, message: dict[str, Any]) -> None:
         # Every journaled event first: the switchboard must see them before the status.
-        await self._drained()
+        await self.outbox.drained()
         if session is self._session:
             kinds = getattr(self.driver, "kinds", None)
             if getattr(session, "minor", protocol.MINOR) < protocol.KINDS_MINOR:
@@ -872,12 +807,11 @@ class JobRunner(Service):
         return None
 
     def _resend(self, final: dict[str, Any]) -> None:
-        if any(p.event["job_id"] == final["job_id"] and p.event["state"] == "terminated"
-               for p in self._outbox):
+        if self.outbox.has_final(final["job_id"]):
             return  # still on its way
         self._emit(**final)
 
-    # -- the outbox ----------------------------------------------------------------------
+    # -- events ----------------------------------------------------------------------------
 
     def _emit(self, job_id: str, state: str, *, stage: str | None = None,
               reason: str | None = None, exit_status: int | None = None,
@@ -889,78 +823,10 @@ class JobRunner(Service):
                            ("message", message)):
             if value is not None:
                 event[key] = value
-        pending = _Pending(self._seq, event)
-        self._seq += 1
-        self._outbox.append(pending)
         self.log.info("{name}: job {job} {state}{detail}", name=self.label, job=job_id,
                       state=state, detail=f" ({stage or reason})" if stage or reason else "")
-
-        def written(_: Any) -> None:
-            pending.written = True
-            self._pump()
-
-        def failed(failure: Failure) -> None:
-            # Better sent unjournaled than not at all.
-            self.log.failure("{name}: cannot journal an event of job {job}", failure,
-                             name=self.label, job=job_id)
-            written(None)
-
-        self._io(self.files.record, pending.seq, event, current=current,
-                 clear_current=clear_current, ended=ended).addCallbacks(written, failed)
+        self.outbox.add(event, current=current, clear_current=clear_current, ended=ended)
         self._tell(lambda observer: observer.event(dict(event)), "event")
-
-    def _pump(self) -> None:
-        """Send the outbox's head if nothing is awaiting an ack."""
-        session = self._session
-        if session is None or self._inflight is not None or not self._outbox:
-            return
-        head = self._outbox[0]
-        if not head.written:
-            return
-        self._send_head(session, head)
-
-    def _send_head(self, session: Session, head: _Pending) -> None:
-        """Send ``head`` (again) and wait ``ack_timeout`` (backing off) for its ack."""
-        rid = session.next_request_id()
-        if not session.send(protocol.job_event(rid, **head.event)):
-            return  # closing: link_closed follows, and the next connection sends it
-        if self._inflight is not head:
-            self._inflight, self._sent_rids = head, set()
-        self._sent_rids.add(rid)
-        self._attempts += 1
-        self._retry_after(self._backoff(self._attempts - 1), "timeout")
-
-    def _retry_after(self, delay: float, why: str) -> None:
-        self._cancel_retry()
-        self._retry_call = self.reactor.callLater(delay, self._retry, delay, why)
-
-    def _cancel_retry(self) -> None:
-        call, self._retry_call = self._retry_call, None
-        if call is not None and call.active():
-            call.cancel()
-
-    def _forget_inflight(self) -> None:
-        """The connection changed: what was sent on the old one is not awaited."""
-        self._cancel_retry()
-        self._inflight = None
-        self._sent_rids = set()
-        self._late_rids = set()
-
-    def _retry(self, delay: float, why: str) -> None:
-        self._retry_call = None
-        head, session = self._inflight, self._session
-        if head is None or session is None:
-            return
-        if not self._outbox or self._outbox[0] is not head:  # cannot happen; stay safe
-            self._forget_inflight()
-            self._pump()
-            return
-        if why == "timeout":
-            self.log.warn("{name}: no ack for the {state} event of job {job} within "
-                          "{delay:.1f} s; sending it again (attempt {attempt})",
-                          name=self.label, state=head.event["state"], job=head.event["job_id"],
-                          delay=delay, attempt=self._attempts + 1)
-        self._send_head(session, head)
 
     def _on_ack(self, session: Session, message: dict[str, Any]) -> None:
         rid = message["request_id"]
@@ -972,53 +838,4 @@ class JobRunner(Service):
         if session is self._session and sent is not None and sent[0] == rid:
             self._on_endpoints_ack(message, sent[1])
             return
-        head = self._inflight
-        if session is not self._session or head is None or rid not in self._sent_rids:
-            if session is self._session and rid in self._late_rids:
-                self._late_rids.discard(rid)  # a resent event's other copy: already done
-                return
-            self.log.warn("{name}: ignoring an ack for unknown request {rid}", name=self.label,
-                          rid=rid)
-            return
-        error = None if message["ok"] else (message.get("error") or {})
-        if error is not None and error.get("code") == UNAVAILABLE:
-            # Not stored (the switchboard's database is away): the same event, later.
-            delay = self._backoff(self._attempts - 1)
-            self.log.warn("{name}: the switchboard could not store the {state} event of job "
-                          "{job} ({text}); sending it again in {delay:.1f} s",
-                          name=self.label, state=head.event["state"], job=head.event["job_id"],
-                          text=error.get("message"), delay=delay)
-            self._retry_after(delay, UNAVAILABLE)
-            return
-        self._cancel_retry()
-        self._inflight = None
-        self._late_rids = self._sent_rids - {rid}
-        self._sent_rids = set()
-        self._attempts = 0
-        if self._outbox and self._outbox[0] is head:
-            self._outbox.popleft()
-        if error is not None:
-            self.log.warn("{name}: the switchboard refused the {state} event of job {job}: "
-                          "{code}: {text}", name=self.label, state=head.event["state"],
-                          job=head.event["job_id"], code=error.get("code"),
-                          text=error.get("message"))
-        self._io(self.files.remove_event, head.seq).addErrback(
-            lambda f: self.log.failure("{name}: cannot remove a journal entry", f,
-                                       name=self.label))
-        self._pump()
-        if not self._outbox:
-            self._fire_drain_waiters()
-
-    def _drained(self) -> Deferred[None]:
-        """Fires when the outbox is empty, or when the connection is lost."""
-        if not self._outbox:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._drain_waiters.append(waiter)
-        return waiter
-
-    def _fire_drain_waiters(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
-            if not waiter.called:
-                waiter.callback(None)
+        self.outbox.ack(session, message)
