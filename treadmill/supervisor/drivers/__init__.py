@@ -5,7 +5,8 @@ through the :class:`IJobReporter` it is given with the job. The runner
 (``treadmill/supervisor/runner.py``) turns those reports into journaled
 ``job_event`` messages, so a driver never talks to the switchboard and never
 touches the state directory. ``docs/supervisor.md`` describes the contract
-for authors of new drivers (QEMU, serial boards).
+for authors of new drivers. The drivers: ``mock.py`` (a simulated host),
+``qemu/`` (a VM per job) and ``serial/`` (a board on a serial port).
 
 Rules every driver follows:
 
@@ -19,11 +20,14 @@ Rules every driver follows:
 - Stages only move forward (``STAGES`` order); any may be skipped.
 - All timing uses the reactor given to the driver (``IReactorTime``), so tests
   can drive it with a ``Clock``.
+- Settings: :func:`make_driver` hands a driver only its own ``NAME.*`` values
+  and the supervisor's state directory, never the whole configuration.
 - Images: :func:`make_driver` hands every driver the supervisor's
-  :class:`~treadmill.supervisor.fetch.ImageFetcher` (``fetcher=``, possibly
-  ``None`` in tests). In its ``fetching_image`` stage a driver awaits
-  ``fetcher.fetch(job["image"])`` (a :class:`~treadmill.supervisor.fetch.FetchedImage`:
-  the parsed image and a read-only path per layer), ends the job with
+  :class:`~treadmill.supervisor.fetch.ImageFetcher` (``fetcher=``, an
+  :class:`~treadmill.supervisor.fetch.IImageFetcher`; possibly ``None`` in tests).
+  In its ``fetching_image`` stage a driver awaits ``fetcher.fetch(job["image"])``
+  (a :class:`~treadmill.supervisor.fetch.FetchedImage`: the parsed image and a
+  read-only path per layer), ends the job with
   ``failed("image_error", error.message)`` on an ``ImageFetchError``, and
   calls ``fetcher.release(fetched)`` when the job ends.
 """
