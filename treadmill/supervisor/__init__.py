@@ -6,6 +6,7 @@
     link.py         the WebSocket link to the switchboard (docs/protocol.md)
     runner.py       JobRunner: the protocol's job semantics, at most one job
     outbox.py       EventOutbox: job events, journaled, sent until acknowledged
+    snapshots.py    SnapshotRequests: snapshot_job, results sent until acknowledged
     observers.py    IJobObserver: what the runner tells about its jobs
     journal.py      the state directory: current job, event journal, ended jobs
     results.py      console patterns and agent results: the ``results`` stream

@@ -18,9 +18,9 @@ switchboard's commands (``docs/protocol.md``):
 Job events flow from the driver (:class:`IJobReporter`) through the journaled
 outbox (``outbox.py``: journaled, then sent one at a time until acknowledged)
 and to the runner's observers (``IJobObserver``). The runner also reports the
-current job's public endpoints and answers snapshot requests, resending each
-until acknowledged. Execution timeouts are the switchboard's business, not the
-runner's.
+current job's public endpoints, resending them until acknowledged, and hands
+``snapshot_job`` to its ``SnapshotRequests`` (``snapshots.py``). Execution
+timeouts are the switchboard's business, not the runner's.
 """
 
 from __future__ import annotations
@@ -44,15 +44,14 @@ from treadmill.supervisor.drivers import (
     REASONS,
     STAGES,
     IHostDriver,
-    IHostSnapshots,
     IJobReporter,
-    SnapshotError,
     StartRefused,
 )
 from treadmill.supervisor.journal import ENDED_KEEP, StateFiles
 from treadmill.supervisor.observers import IJobObserver
 from treadmill.supervisor.outbox import UNAVAILABLE, EventOutbox, Session
 from treadmill.supervisor.results import JobResults
+from treadmill.supervisor.snapshots import SnapshotRequests
 
 __all__ = ["ConsoleBuffer", "JobRunner"]
 
@@ -231,11 +230,10 @@ class JobRunner(Service):
         # The current job's last endpoints and the guest's SSH host keys (sent with them).
         self._last_endpoints: tuple[str, list[dict[str, Any]]] | None = None
         self._ssh_host_keys: tuple[str, list[str]] | None = None
-        # Snapshots: those under way, and the results not yet acknowledged (by id).
-        self._snapshots: dict[str, Deferred[Any]] = {}
-        self._snapshot_results: dict[str, dict[str, Any]] = {}
-        self._snapshot_sent: dict[int, str] = {}
         self._calls: set[Any] = set()  # delayed resends of endpoints and snapshot results
+        self.snapshots = SnapshotRequests(
+            driver, current=lambda: self._current.id if self._current is not None else None,
+            reply=self._reply, later=self._later, backoff=self._backoff, label=label)
 
     # -- observers -----------------------------------------------------------------------
 
@@ -438,16 +436,15 @@ class JobRunner(Service):
     def link_opened(self, session: Session) -> None:
         self._session = session
         self._endpoints_sent = None
-        self._snapshot_sent = {}
         self.outbox.opened(session)
         self._send_endpoints()
-        for snapshot_id in list(self._snapshot_results):
-            self._send_snapshot_result(snapshot_id)
+        self.snapshots.opened(session)
 
     def link_closed(self, session: Session) -> None:
         if session is self._session:
             self._session = None
         self.outbox.closed(session)
+        self.snapshots.closed(session)
 
     def message_received(self, session: Session, message: dict[str, Any]) -> None:
         """Handle one validated message of ``protocol.TO_SUPERVISOR``."""
@@ -461,7 +458,7 @@ class JobRunner(Service):
         elif kind == "status_request":
             self._spawn(session, message, self._status_request)
         elif kind == "snapshot_job":
-            self._snapshot_job(session, message)
+            self.snapshots.request(session, message)
 
     def _spawn(self, session: Session, message: dict[str, Any], handler: Any) -> None:
         def crashed(failure: Failure) -> None:
@@ -567,78 +564,6 @@ class JobRunner(Service):
                                                     "the host driver failed to stop the job")))
             return
         self._reply(session, protocol.ack(rid))
-
-    def _snapshot_job(self, session: Session, message: dict[str, Any]) -> None:
-        """Start (or join) a snapshot; its result follows as ``snapshot_result``."""
-        rid, snapshot_id, job_id = message["request_id"], message["snapshot_id"], message["job_id"]
-        if snapshot_id in self._snapshots:
-            self._reply(session, protocol.ack(rid))
-            return
-        if snapshot_id in self._snapshot_results:
-            self._reply(session, protocol.ack(rid))
-            self._send_snapshot_result(snapshot_id)
-            return
-        if not IHostSnapshots.providedBy(self.driver):
-            self._reply(session, protocol.ack(rid, (
-                "not_supported", f"the {self.driver.name} driver cannot make snapshots")))
-            return
-        cur = self._current
-        if cur is not None and cur.id == job_id:
-            self._reply(session, protocol.ack(rid, ("unknown_job", f"job {job_id} still runs")))
-            return
-        self.log.info("{name}: snapshot {snapshot} of job {job} into {repository} on {store}",
-                      name=self.label, snapshot=snapshot_id, job=job_id,
-                      repository=message["repository"], store=message["store"])
-        self._reply(session, protocol.ack(rid))  # accepted; the outcome follows
-        running = maybeDeferred(self.driver.snapshot, job_id, message["repository"],
-                                message["store"])
-        self._snapshots[snapshot_id] = running
-
-        def finished(result: Any) -> None:
-            self._snapshots.pop(snapshot_id, None)
-            if isinstance(result, Failure):
-                if result.check(SnapshotError):
-                    error = (result.value.code, result.value.message)
-                else:
-                    self.log.failure("{name}: snapshot {snapshot} failed", result,
-                                     name=self.label, snapshot=snapshot_id)
-                    error = ("failed", f"the host driver failed: {result.type.__name__}")
-                self.log.warn("{name}: snapshot {snapshot} of job {job} failed: {code}: "
-                              "{text}", name=self.label, snapshot=snapshot_id, job=job_id,
-                              code=error[0], text=error[1])
-                outcome = protocol.snapshot_result(0, snapshot_id, job_id, error=error)
-            else:
-                self.log.info("{name}: snapshot {snapshot} of job {job} is {digest}",
-                              name=self.label, snapshot=snapshot_id, job=job_id, digest=result)
-                outcome = protocol.snapshot_result(0, snapshot_id, job_id, digest=str(result))
-            self._snapshot_results[snapshot_id] = outcome
-            self._send_snapshot_result(snapshot_id)
-
-        running.addBoth(finished)
-
-    def _on_snapshot_ack(self, message: dict[str, Any], snapshot_id: str) -> None:
-        error = None if message["ok"] else (message.get("error") or {})
-        if error is not None and error.get("code") == UNAVAILABLE:
-            self._later(self._backoff(0), self._resend_snapshot_result, snapshot_id)
-            return
-        self._snapshot_results.pop(snapshot_id, None)
-
-    def _resend_snapshot_result(self, snapshot_id: str) -> None:
-        if snapshot_id not in self._snapshot_sent.values():
-            self._send_snapshot_result(snapshot_id)
-
-    def _send_snapshot_result(self, snapshot_id: str) -> None:
-        session, outcome = self._session, self._snapshot_results.get(snapshot_id)
-        if session is None or outcome is None:
-            return
-        rid = session.next_request_id()
-        if session.send({**outcome, "request_id": rid}):
-            self._snapshot_sent[rid] = snapshot_id
-            self._later(self._backoff(0), self._snapshot_unacked, session, rid)
-
-    def _snapshot_unacked(self, session: Session, rid: int) -> None:
-        if session is self._session and rid in self._snapshot_sent:
-            self._send_snapshot_result(self._snapshot_sent.pop(rid))  # no ack in time
 
     async def _status_request(self, session: Session, message: dict[str, Any]) -> None:
         # Every journaled event first: the switchboard must see them before the status.
@@ -830,9 +755,7 @@ class JobRunner(Service):
 
     def _on_ack(self, session: Session, message: dict[str, Any]) -> None:
         rid = message["request_id"]
-        snapshot_id = self._snapshot_sent.pop(rid, None) if session is self._session else None
-        if snapshot_id is not None:
-            self._on_snapshot_ack(message, snapshot_id)
+        if self.snapshots.ack(session, message):
             return
         sent = self._endpoints_sent
         if session is self._session and sent is not None and sent[0] == rid:
