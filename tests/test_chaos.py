@@ -52,7 +52,7 @@ from tests.support import Client
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.images import format as fmt
-from treadmill.images.registry import RegistryClient
+from treadmill.images.oci import RegistryClient
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 

@@ -26,11 +26,12 @@ from tests.proxy.support import console, console_echo, echo_client, start_proxy
 from tests.support import start_switchboard
 from tests.switchboard.peer import eventually
 from treadmill.common.captoken import CapabilitySigner, load_or_create_signing_key
+from treadmill.dev.fleet import ws_url_for
 from treadmill.protocol.proxy import ConsoleCloseCode
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 
 DIGEST = "sha256:" + "c" * 64
 
@@ -51,7 +52,7 @@ async def test_console_tokens_end_to_end(database: str, tmp_path: Path) -> None:
     supervisor = SupervisorService(reactor, SupervisorConfig(
         url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "mock-1"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=600.0)))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=600.0).values()))
     supervisor.startService()
     try:
         alice, bob = await sb.user("alice"), await sb.user("bob")

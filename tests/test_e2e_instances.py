@@ -28,10 +28,10 @@ from twisted.internet.task import deferLater
 from tests.daemons import Daemon, free_port, run_python
 from tests.support import Client
 from tests.switchboard.peer import eventually
+from treadmill.dev.fleet import Fleet
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import Fleet
-from treadmill.supervisor.service import SupervisorConfig
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 EXAMPLE = Path(__file__).parents[1] / "etc" / "haproxy" / "haproxy.cfg"
@@ -119,8 +119,8 @@ class Cluster:
                 url=f"ws://127.0.0.1:{self.port}", token=r.body["token"],
                 state_dir=str(self.tmp / name), name=name, reconnect_initial=0.1,
                 reconnect_max=1.0, heartbeat_interval=1.0, heartbeat_timeout=2.0,
-                durable=False, mock=MockSettings(durations=dict.fromkeys(STAGES, 0.02),
-                                                 run_time=0.3)))
+                durable=False, driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02),
+                                                 run_time=0.3).values()))
         self.fleet = Fleet(reactor, configs)
         self.fleet.startService()
 

@@ -20,10 +20,11 @@ from tests.daemons import Daemon, free_port, run_python
 from tests.support import Client, start_switchboard
 from tests.switchboard.peer import eventually
 from treadmill.cli.main import run as tml
+from treadmill.dev.fleet import ws_url_for
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 
 DIGEST = "sha256:" + "e" * 64
 
@@ -67,7 +68,7 @@ async def testbed(database: str, tmp_path: Path):
     config = SupervisorConfig(
         url=ws_url_for(sb.url), token=token, state_dir=str(tmp_path / "mock-1"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2).values())
     supervisor = SupervisorService(reactor, config)
     supervisor.startService()
     await supervisor.ready()

@@ -19,11 +19,12 @@ from twisted.internet import reactor
 from tests.support import start_switchboard
 from tests.switchboard.peer import eventually
 from treadmill.cli.main import run as tml
+from treadmill.dev.fleet import ws_url_for
 from treadmill.protocol import supervisor as protocol
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockDriver, MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 
 STORE = "http://store.example"
 VM = "sha256:" + "1" * 64
@@ -52,7 +53,8 @@ async def test_jobs_go_to_hosts_of_their_kind(database: str, tmp_path: Path) -> 
             driver.kinds = kinds
             config = SupervisorConfig(url=ws_url_for(sb.url), token=r.body["token"],
                                       state_dir=str(tmp_path / name), reconnect_initial=0.1,
-                                      reconnect_max=1.0, durable=False, mock=settings)
+                                      reconnect_max=1.0, durable=False,
+                                      driver_values=settings.values())
             service = SupervisorService(reactor, config, driver=driver)
             service.startService()
             supervisors.append(service)

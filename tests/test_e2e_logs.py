@@ -16,11 +16,12 @@ from tests.support import start_switchboard
 from tests.switchboard.peer import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
+from treadmill.dev.fleet import ws_url_for
 from treadmill.logserver.service import LogServerConfig, LogServerService
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.api import Limits
 
 DIGEST = "sha256:" + "7" * 64
@@ -47,8 +48,8 @@ async def test_console_and_events_reach_every_replica(database: str, tmp_path: P
     supervisor = SupervisorService(reactor, SupervisorConfig(
         url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.5,
-                          console_rate=50_000)))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.5,
+                          console_rate=50_000).values()))
     supervisor.startService()
     try:
         await supervisor.connected()
@@ -139,8 +140,8 @@ async def test_log_server_killed_mid_job_loses_no_byte(database: str, tmp_path: 
     supervisor = SupervisorService(reactor, SupervisorConfig(
         url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=3.0,
-                          console_rate=20_000)))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=3.0,
+                          console_rate=20_000).values()))
     supervisor.startService()
     try:
         await supervisor.connected()

@@ -27,7 +27,7 @@ pytest.importorskip("treadmill.imagestore.service")
 from tests.imagestore.support import Registry, build_oci_layout, digest_of
 from tests.support import Client, RunningSwitchboard, start_switchboard
 from treadmill.images import format as fmt
-from treadmill.images.registry import RegistryClient, RegistryError
+from treadmill.images.oci import RegistryClient, RegistryError
 from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
 
 LAYER = b"QFI\xfb" + b"alice's disk" * 100

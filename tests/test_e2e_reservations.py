@@ -17,10 +17,11 @@ from twisted.internet.task import deferLater
 
 from tests.support import start_switchboard
 from tests.test_e2e_jobs import DIGEST, add_host, cli, final, state_is
+from treadmill.dev.fleet import ws_url_for
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import RESERVATION_PARAMETER, MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.api import Limits
 from treadmill.switchboard.jobstate import Reason, State, Status
 from treadmill.switchboard.store import JobSpec
@@ -45,7 +46,7 @@ async def testbed(database: str, tmp_path: Path):
     config = SupervisorConfig(
         url=ws_url_for(sb.url), token=token, state_dir=str(tmp_path / "mock-1"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2).values())
     supervisor = SupervisorService(reactor, config)
     supervisor.startService()
     await supervisor.ready()

@@ -22,11 +22,12 @@ from tests.switchboard.peer import eventually
 from tests.test_e2e_logs import start_logserver
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
+from treadmill.dev.fleet import ws_url_for
 from treadmill.logserver.service import LogServerService
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 
 DIGEST = "sha256:" + "5" * 64
 TOCK = {"test_case": r"^test (?P<name>\S+) \.\.\. (?P<result>ok|FAILED|ignored)"
@@ -87,7 +88,8 @@ async def bed(database: str, tmp_path: Path) -> AsyncIterator[Bed]:
     supervisor = SupervisorService(reactor, SupervisorConfig(
         url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.5, echo=False)))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.5,
+                                   echo=False).values()))
     supervisor.startService()
     try:
         await supervisor.connected()

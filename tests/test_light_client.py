@@ -25,11 +25,12 @@ from twisted.internet.utils import getProcessOutputAndValue
 from tests.support import start_switchboard
 from tests.wheels import ROOT, run
 from treadmill.common.captoken import load_or_create_signing_key
+from treadmill.dev.fleet import ws_url_for
 from treadmill.logserver.service import LogServerConfig, LogServerService
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.api import Limits
 
 RECIPES = ROOT / "examples" / "ci"
@@ -145,8 +146,8 @@ async def testbed(database: str, tmp_path: Path):
     supervisor = SupervisorService(reactor, SupervisorConfig(
         url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "mock-1"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.3,
-                          console_rate=2000)))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.3,
+                          console_rate=2000).values()))
     supervisor.startService()
     try:
         await supervisor.connected()

@@ -15,12 +15,13 @@ from tests.support import start_switchboard
 from tests.switchboard.peer import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
+from treadmill.dev.fleet import ws_url_for
 from treadmill.logserver.service import LogServerConfig, LogServerService
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
 from treadmill.supervisor.runner import RESTART_MESSAGE
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.api import Limits
 
 DIGEST = "sha256:" + "7" * 64
@@ -43,7 +44,7 @@ async def test_restart_mid_job_ships_the_final_event_line_once(database: str,
     config = SupervisorConfig(
         url=ws_url_for(sb.url), token=host.body["token"], state_dir=str(tmp_path / "sup"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=60.0))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=60.0).values())
     supervisor = SupervisorService(reactor, config)
     supervisor.startService()
     try:

@@ -39,9 +39,9 @@ from tests.imagestore.support import (
 from treadmill.common.captoken import Access
 from treadmill.common.config import ConfigError
 from treadmill.images import format as fmt
-from treadmill.images.registry import RegistryClient
+from treadmill.images.oci import RegistryClient
 from treadmill.supervisor import tap
-from treadmill.supervisor.images import ImageFetcher
+from treadmill.supervisor.fetch import ImageFetcher
 from treadmill.switchboard import registry as policy
 
 HOST_TOKENS = {"tmh_host-one-token": "host-1", "tmh_host-two-token": "host-2"}

@@ -326,7 +326,7 @@ def test_a_fast_fetch_still_takes_the_stage_duration() -> None:
 
 
 def test_a_fetch_error_ends_the_job_with_image_error() -> None:
-    from treadmill.supervisor.images import ImageFetchError
+    from treadmill.supervisor.fetch import ImageFetchError
 
     driver, reporter, clock, fetcher = fetching_run()
     run_for(clock, 1.5, 0.1)

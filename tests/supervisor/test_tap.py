@@ -17,8 +17,8 @@ from tests.supervisor.peer import FakeSwitchboard, job, within
 from treadmill.common.config import ConfigError, load_file
 from treadmill.protocol.supervisor import CloseCode
 from treadmill.supervisor import tap
+from treadmill.supervisor.blobcache import DEFAULT_LOCAL_LIMIT
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.images import DEFAULT_LOCAL_LIMIT
 from treadmill.supervisor.service import SupervisorService
 
 EXAMPLE = Path(__file__).parents[2] / "etc" / "treadmill" / "supervisor-mock.toml"
@@ -41,7 +41,10 @@ def test_the_example_configuration_parses(tmp_path: Path) -> None:
     config = tap.config_from(parsed.values)
     assert config.token == "tmh_example-token"
     assert config.state_dir == str(tmp_path / "state")
-    assert config.mock.durations["booting"] == 2.0 and config.mock.run_time == 10.0
+    mock = MockSettings.from_values(config.driver_values)
+    assert mock.durations["booting"] == 2.0 and mock.run_time == 10.0
+    assert all(key.startswith("mock.") for key in config.driver_values)
+    assert SupervisorService(reactor, config).driver.settings == mock
     assert config.heartbeat_interval == 5.0 and config.heartbeat_timeout == 10.0
 
 
@@ -50,7 +53,8 @@ def test_defaults() -> None:
                                      "--switchboard-token", "t", "--state-dir", "/x").values)
     assert (config.reconnect_initial, config.reconnect_max) == (1.0, 60.0)
     assert (config.heartbeat_interval, config.heartbeat_timeout) == (5.0, 10.0)
-    assert config.driver == "mock" and config.mock == MockSettings()
+    assert config.driver == "mock"
+    assert MockSettings.from_values(config.driver_values) == MockSettings()
     assert (config.event_ack_timeout, config.event_resend_max) == (5.0, 60.0)
     runner = SupervisorService(reactor, config).runner
     assert runner.ack_timeout == 5.0
@@ -83,8 +87,9 @@ def test_image_settings(tmp_path: Path) -> None:
     assert fetcher.cache_mount == "/mnt/treadmill-cache" and fetcher.local_dir == "/var/cache/x"
     assert fetcher.local_limit == 1000 and fetcher.ca_file == str(ca)
     assert fetcher.trusted_realms == ("https://sb.example.org/api/v1/registry/token",)
-    assert config.mock.fetch == "auto"
-    assert tap.config_from(options(*base, "--mock-fetch", "never").values).mock.fetch == "never"
+    assert config.driver_values["mock.fetch"] == "auto"
+    never = tap.config_from(options(*base, "--mock-fetch", "never").values)
+    assert SupervisorService(reactor, never).driver.settings.fetch == "never"
 
 
 @pytest.mark.parametrize("argv, key", [
@@ -146,7 +151,9 @@ def test_make_service_builds_the_tree(tmp_path: Path) -> None:
     assert service.namespace()["fetcher"] is service.fetcher is service.driver.fetcher
     assert service.driver.settings.run_time == 3.0
     assert (tmp_path / "state" / "journal").is_dir()
-    assert list(IServiceCollection(service)) == []  # the link joins after start-up
+    # The link joins after start-up.
+    assert [child.name for child in IServiceCollection(service)] == [
+        "logs", "exposure", "runner", "fetcher"]
 
 
 def test_make_service_refuses_a_locked_state_directory(tmp_path: Path) -> None:

@@ -186,7 +186,7 @@ class Bench:
         token_file.touch(mode=0o600)
         token_file.write_text(token + "\n")
         self.fleet = spawn(
-            [str(VENV / "python"), "-m", "treadmill.supervisor.fleet", "--url", self.url,
+            [str(VENV / "python"), "-m", "treadmill.dev.fleet", "--url", self.url,
              "--admin-token-file", str(token_file), "--count", str(args.supervisors),
              "--tag", "mock",
              "--state", str(self.tmp / "fleet"), "--no-fsync", "--reconnect-initial", "0.5",

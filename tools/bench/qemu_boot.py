@@ -41,7 +41,7 @@ from treadmill.supervisor.drivers.qemu.command import (
     qemu_command,
 )
 from treadmill.supervisor.drivers.qemu.settings import QemuSettings
-from treadmill.supervisor.images import blob_path
+from treadmill.supervisor.fetch import blob_path
 
 TARGET_OVERHEAD = 0.10  # the issue's: supervisor overhead < 10 %
 HOST = "qemu-1"

@@ -98,7 +98,7 @@ def capture(device: str, baud: int, size: int, idle: float) -> int:
 
     from treadmill.protocol.agent import ConsoleAgentFilter
     from treadmill.supervisor.drivers import IJobReporter
-    from treadmill.supervisor.drivers.serial import SerialDriver, _Run
+    from treadmill.supervisor.drivers.serial.driver import SerialDriver, _Run
     from treadmill.supervisor.drivers.serial.settings import SerialSettings
 
     result: dict[str, Any] = {}

@@ -185,7 +185,7 @@ class Bench:
     def start_fleet(self) -> None:
         a = self.args
         runner = [str(BENCH / "fleet_nodelay.py")] if a.what_if_nodelay else \
-            ["-m", "treadmill.supervisor.fleet"]
+            ["-m", "treadmill.dev.fleet"]
         tags = [arg for tag in TAGS for arg in ("--tag", tag)]
         cmd = [self.python, *runner, "--url", self.url,
                "--count", str(self.n), "--prefix", PREFIX, *tags,
@@ -877,7 +877,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--switchboard-arg", action="append", default=[],
                         help="extra treadmill-switchboard option (repeatable)")
     parser.add_argument("--fleet-arg", action="append", default=[],
-                        help="extra treadmill.supervisor.fleet option (repeatable)")
+                        help="extra treadmill.dev.fleet option (repeatable)")
     parser.add_argument("--py-spy", metavar="DIR",
                         help="sample the switchboard with py-spy during the steady phase and "
                              "the first 30 s after each restart (collapsed stacks in DIR)")

@@ -52,7 +52,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from treadmill.images.format import is_digest
-from treadmill.images.registry import RegistryClient
+from treadmill.images.oci import RegistryClient
 from treadmill.imagestore import manifests
 from treadmill.imagestore.errors import OCIError
 from treadmill.imagestore.gc import Collector, SharedExclusiveLock, under_lock

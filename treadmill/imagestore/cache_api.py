@@ -17,7 +17,7 @@ from twisted.internet.defer import TimeoutError
 from twisted.web.iweb import IRequest
 
 from treadmill.common.http import respond
-from treadmill.images.registry import check_store_url
+from treadmill.images.oci import check_store_url
 from treadmill.imagestore.auth import Authorizer
 from treadmill.imagestore.cache import Cache, url_under
 from treadmill.imagestore.errors import OCIError

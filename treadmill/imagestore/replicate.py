@@ -7,7 +7,7 @@
    cache lacks it) and, for an index, every child manifest;
 2. makes sure every blob they need is in the cache (pulling through what is
    missing) and pins them, so that eviction leaves them alone meanwhile;
-3. uploads with :class:`treadmill.images.registry.RegistryClient` to the
+3. uploads with :class:`treadmill.images.oci.RegistryClient` to the
    target: a blob ``HEAD`` first (a blob the target has is skipped), then a
    monolithic or chunked upload (``replicate.chunk_size``), resumed after a
    failure; child manifests by digest, then the manifest by the tag it was
@@ -35,7 +35,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
 from treadmill.images.format import Blob
-from treadmill.images.registry import RegistryClient, RegistryError
+from treadmill.images.oci import RegistryClient, RegistryError
 from treadmill.imagestore import manifests
 from treadmill.imagestore.errors import OCIError
 from treadmill.imagestore.leases import rfc3339

@@ -22,7 +22,7 @@ from treadmill.common.config import (
     server_endpoints,
 )
 from treadmill.common.daemon import add_operator_services
-from treadmill.images.registry import check_store_url
+from treadmill.images.oci import check_store_url
 from treadmill.imagestore.auth import anonymous_patterns
 from treadmill.imagestore.cache import CacheConfig
 from treadmill.imagestore.quota import QuotaConfig, parse_overrides

@@ -20,13 +20,13 @@ from treadmill.common.config import (
     positive,
 )
 from treadmill.common.daemon import add_operator_services
-from treadmill.images.registry import check_store_url
+from treadmill.images.oci import check_store_url
+from treadmill.supervisor.blobcache import DEFAULT_LOCAL_LIMIT
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import DRIVER_MODULES, driver_module
-from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.images import DEFAULT_LOCAL_LIMIT
 from treadmill.supervisor.journal import StateFiles, StateLocked
 from treadmill.supervisor.link import parse_url
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 
 DRIVERS = tuple(DRIVER_MODULES)
 DRIVER_SETTINGS = tuple(setting for name in DRIVERS for setting in driver_module(name).SETTINGS)
@@ -192,7 +192,6 @@ def config_from(values: dict[str, Any]) -> SupervisorConfig:
         images_trusted_realms=list(values["images.trusted_realms"]),
         images_ca_file=values["images.ca_file"],
         proxies_ca_file=values["proxies.ca_file"],
-        mock=MockSettings.from_values(values),
         driver_values={key: value for key, value in values.items()
                        if key.startswith(values["driver"] + ".")})
 

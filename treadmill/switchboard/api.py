@@ -36,7 +36,7 @@ from treadmill.common.http import (
     respond_error,
     respond_internal,
 )
-from treadmill.images.registry import canonical_store_url
+from treadmill.images.oci import canonical_store_url
 from treadmill.protocol.results import ResultsError, check_patterns
 from treadmill.switchboard import credentials, registry, schemas, views
 from treadmill.switchboard.access import PRIVILEGES, Principal, effective

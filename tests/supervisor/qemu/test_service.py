@@ -19,10 +19,11 @@ pytest.importorskip("treadmill.imagestore.service")
 from tests.supervisor.qemu.conftest import BuiltImage, needs_qemu, qemu_processes
 from tests.support import RunningSwitchboard, start_switchboard
 from tests.switchboard.peer import eventually
-from treadmill.images.registry import RegistryClient
+from treadmill.dev.fleet import ws_url_for
+from treadmill.images.oci import RegistryClient
 from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.config import SupervisorConfig
+from treadmill.supervisor.service import SupervisorService
 
 pytestmark = needs_qemu
 

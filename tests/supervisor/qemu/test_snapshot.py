@@ -31,7 +31,7 @@ from treadmill.supervisor.drivers.qemu.snapshot import (
     disk_info,
     snapshot_manifest,
 )
-from treadmill.supervisor.images import FetchedImage
+from treadmill.supervisor.fetch import FetchedImage
 
 A, B, K, INITRD, N, F = ("sha256:" + c * 64 for c in "abcdef")
 
@@ -316,7 +316,7 @@ async def test_a_snapshot_round_trip_through_a_real_store(
     from tests.supervisor.qemu.test_service import push
     from tests.support import start_switchboard
     from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
-    from treadmill.supervisor.images import ImageFetcher
+    from treadmill.supervisor.fetch import ImageFetcher
 
     sb = await start_switchboard(database, tmp_path)
     store = ImageStoreService(reactor, ImageStoreConfig(

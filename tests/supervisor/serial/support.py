@@ -17,7 +17,8 @@ from twisted.internet.task import deferLater
 from tests.supervisor import reporter
 from treadmill.dev import fakeboard
 from treadmill.images import format as fmt
-from treadmill.supervisor.images import FetchedImage, blob_path
+from treadmill.supervisor.blobcache import blob_path
+from treadmill.supervisor.fetch import FetchedImage
 
 FAKEBOARD = fakeboard.__file__
 PY = sys.executable
@@ -134,7 +135,7 @@ class FakeFetcher:
         return True
 
     async def fetch(self, image: dict[str, Any]) -> FetchedImage:
-        from treadmill.supervisor.images import ImageFetchError
+        from treadmill.supervisor.fetch import ImageFetchError
 
         if image["digest"] not in self.images:
             raise ImageFetchError("image_not_found", f"image {image['digest']}: not here")

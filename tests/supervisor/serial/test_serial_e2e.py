@@ -17,8 +17,9 @@ from twisted.internet import reactor
 from tests.supervisor.serial.support import FakeBoard, write_cache
 from tests.support import Client, RunningSwitchboard, start_switchboard
 from tests.switchboard.peer import eventually
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.dev.fleet import ws_url_for
+from treadmill.supervisor.config import SupervisorConfig
+from treadmill.supervisor.service import SupervisorService
 
 
 @dataclass

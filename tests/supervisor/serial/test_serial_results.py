@@ -21,8 +21,9 @@ from tests.switchboard.peer import eventually
 from tests.test_e2e_logs import start_logserver
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.dev.fleet import ws_url_for
+from treadmill.supervisor.config import SupervisorConfig
+from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.api import Limits
 
 TOCK = {"test_case": r"^test (?P<name>\S+) \.\.\. (?P<result>ok|FAILED|ignored)",

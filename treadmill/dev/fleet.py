@@ -1,6 +1,6 @@
 """Many mock supervisors in one process, for load tests.
 
-    python -m treadmill.supervisor.fleet --url http://127.0.0.1:8080 \\
+    python -m treadmill.dev.fleet --url http://127.0.0.1:8080 \\
         --admin-token-file PATH --count 1000 [--prefix fleet-] [--tag mock] \\
         [--state DIR] [--mock-run-time 5 ...]
 
@@ -39,8 +39,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from treadmill.common.logging import build_text
 from treadmill.common.tls import client_policy
-from treadmill.supervisor.drivers.mock import MOCK_SETTINGS, MockSettings
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.config import SupervisorConfig
+from treadmill.supervisor.drivers.mock import MOCK_SETTINGS
+from treadmill.supervisor.service import SupervisorService
 
 __all__ = ["Fleet", "main", "parser", "provision_hosts", "start_fleet", "ws_url_for"]
 
@@ -152,7 +153,7 @@ class Fleet(MultiService):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m treadmill.supervisor.fleet",
+        prog="python -m treadmill.dev.fleet",
         description="Run many mock supervisors in one process (load tests).")
     p.add_argument("--url", required=True, help="switchboard HTTP URL (http:// or https://)")
     p.add_argument("--admin-token-file", metavar="PATH",
@@ -189,7 +190,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _mock_settings(args: argparse.Namespace, p: argparse.ArgumentParser) -> MockSettings:
+def _mock_values(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict[str, Any]:
+    """The mock driver's ``mock.*`` values given on the command line (checked)."""
     # A fleet has no proxies to publish on: no echo port per host unless asked.
     values: dict[str, Any] = {"mock.echo": False}
     for setting in MOCK_SETTINGS:
@@ -200,7 +202,7 @@ def _mock_settings(args: argparse.Namespace, p: argparse.ArgumentParser) -> Mock
             values[setting.key] = setting.kind(given)
         except ValueError as e:
             p.error(f"--{setting.flag}: {e}")
-    return MockSettings.from_values(values)
+    return values
 
 
 def _raise_fd_limit(wanted: int) -> None:
@@ -245,7 +247,7 @@ async def start_fleet(reactor: Any, args: argparse.Namespace,
     if args.count < 1:
         p.error("--count must be at least 1")
     token = _admin_token(args, p)
-    mock = _mock_settings(args, p)
+    mock = _mock_values(args, p)
     try:
         ws_url = args.ws_url or ws_url_for(args.url)
     except ValueError as e:
@@ -261,7 +263,7 @@ async def start_fleet(reactor: Any, args: argparse.Namespace,
         ca_file=args.ca_file, reconnect_initial=args.reconnect_initial,
         reconnect_max=args.reconnect_max, heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout, console_buffer=args.console_buffer,
-        durable=not args.no_fsync, name=name, mock=mock) for name in names]
+        durable=not args.no_fsync, name=name, driver_values=mock) for name in names]
     ramp = args.ramp if args.ramp is not None else args.count / 200
     fleet = Fleet(reactor, configs, ramp=ramp)
     fleet.startService()

@@ -1,4 +1,4 @@
-"""The OCI client (treadmill/images/registry.py) against a real little server on loopback."""
+"""The OCI client (treadmill/images/oci.py) against a real little server on loopback."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from twisted.internet import reactor
 
 from tests.images.ocifake import SECRET, USER, FakeRegistry, digest_of, listen
 from treadmill.images import format as fmt
-from treadmill.images.registry import (
+from treadmill.images.oci import (
     BlobSource,
     DigestMismatch,
     RegistryClient,

@@ -1,22 +1,24 @@
 """Fetching a job's image: from a site image cache's mount, or from image stores.
 
 A job names its image by manifest digest (``JobStart.image``: ``{digest,
-name, stores}``). :class:`ImageFetcher` resolves that digest — never a tag —
-to a parsed :class:`~treadmill.images.format.TreadmillImage` and a local path
-for every layer, verifying every digest on the way:
+name, stores}``). :class:`ImageFetcher` (:class:`IImageFetcher`, what drivers
+use) resolves that digest — never a tag — to a parsed
+:class:`~treadmill.images.format.TreadmillImage` and a local path for every
+layer, verifying every digest on the way:
 
 1. **The manifest.** From the cache mount (``images.cache_mount``, the root of
    a site image cache, often NFS, in the image store's stable layout:
    ``ROOT/blobs/sha256/<hh>/<hex>``) if it holds the manifest blob — read and
    hashed in a thread — else from the job's stores in order, with
-   :class:`~treadmill.images.registry.RegistryClient` (repository: the image's
+   :class:`~treadmill.supervisor.storeclient.StoreClient` (repository: the image's
    catalogue name, lowercased; the host token as the HTTP Basic password of the
    registry token flow, sent only to a trusted realm, the switchboard's). It
    must parse as a Treadmill image (``image_invalid`` otherwise).
 2. **Every layer.** From the cache mount if it is there (opened read-only, in
    place), else from the supervisor's own directory (``images.dir``, the same
-   layout) if it is there, else downloaded there from the stores (a temporary
-   file verified while streaming, then renamed into place, mode 0444).
+   layout; ``blobcache.py``) if it is there, else downloaded there from the
+   stores (a temporary file verified while streaming, then renamed into place,
+   mode 0444).
 
 **Registered stores only.** With ``switchboard`` (its HTTP base URL; the
 supervisor always gives it), the fetcher learns the registered image stores
@@ -54,26 +56,11 @@ The reactor never hashes nor reads a big file: hashing, stat, reads of the
 mount and garbage collection run in threads; downloads stream through the
 registry client.
 
-**Cache leases.** A site image cache evicts least recently used blobs unless a
-lease protects them (``docs/imagestore.md``, "Leases"). With ``cache_url``
-(the cache's HTTP base URL; the cache whose root is ``cache_mount``) and a
-job image that has a name, :meth:`ImageFetcher.fetch` first takes a lease on
-the manifest digest (``POST /cache/leases`` with ``fetch: true`` and ``wait:
-lease_wait``), so a cache miss is pulled through by the cache and then read
-from the mount rather than downloaded from the stores. The request carries a
-pull token for the image's repository, obtained with the same registry token
-flow as the store downloads (host token as the Basic password, trusted realms
-only). The lease is renewed every ``lease_ttl/3`` seconds (reactor clock) while
-a :class:`FetchedImage` of it is held, and deleted on :meth:`~ImageFetcher.release`
-of the last one. Its id is ``<host key>-<manifest hex>``, the host key being
-the first 16 hex digits of the sha256 of the host token: stable across
-restarts (a restarted supervisor renews rather than duplicates), distinct per
-host, and revealing nothing of the token.
-
-A cache that cannot be reached, refuses, or cannot get the whole image in time
-is not an error: a warning is logged and the fetch goes on as without a lease
-(the mount for what is there, the stores for the rest); renewals keep trying,
-so the lease is taken as soon as the cache answers. On :meth:`~ImageFetcher.close`
+**Cache leases** (``leases.py``). With ``cache_url`` (the cache's HTTP base URL;
+the cache whose root is ``cache_mount``) and a job image that has a name,
+:meth:`ImageFetcher.fetch` first takes a lease on the manifest digest, renewed
+while a :class:`FetchedImage` of it is held and deleted on
+:meth:`~ImageFetcher.release` of the last one. On :meth:`~ImageFetcher.close`
 (the supervisor stops) renewals stop but leases are kept, since a job left
 running is adopted by the next start: :meth:`~ImageFetcher.pin` with the job's
 ``image`` takes its lease again (same id: a renewal), and the matching
@@ -85,8 +72,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import os
-import stat
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -95,13 +80,14 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import treq
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock
-from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from zope.interface import Interface, implementer
 
 from treadmill.images import format as fmt
-from treadmill.images.registry import (
+from treadmill.images.oci import (
     DigestMismatch,
     RegistryClient,
     RegistryError,
@@ -110,21 +96,22 @@ from treadmill.images.registry import (
     check_store_url,
     repository_of,
 )
+from treadmill.supervisor import blobcache
+from treadmill.supervisor.blobcache import DEFAULT_LOCAL_LIMIT
+from treadmill.supervisor.leases import (
+    LEASE_TTL,
+    LEASE_WAIT,
+    CacheClient,
+    CacheLeases,
+    Lease,
+    lease_id,
+)
+from treadmill.supervisor.storeclient import StoreClient
 
-__all__ = ["DEFAULT_LOCAL_LIMIT", "FetchedImage", "ImageFetchError", "ImageFetcher",
-           "http_url_for"]
+__all__ = ["FetchedImage", "IImageFetcher", "ImageFetchError", "ImageFetcher", "http_url_for"]
 
-DEFAULT_LOCAL_LIMIT = 20 * 2**30  # bytes kept in images.dir
-MAX_MANIFEST = 4 * 1024 * 1024
-PART_MAX_AGE = 3600.0  # seconds after which an abandoned download's .part file goes
-STORE_MARKER = "treadmill-imagestore.json"
-STORE_LAYOUT = 1
-READ_SIZE = 1024 * 1024
 MISMATCH_TRIES = 2  # downloads of one blob from one store while its digest does not match
 HOST_USER = "host"  # the Basic user name sent with the host token (the switchboard ignores it)
-LEASE_TTL = 600.0  # seconds a cache lease lasts unless renewed (renewed every third of it)
-LEASE_WAIT = 60.0  # seconds the first lease request lets the cache pull the image in
-MAX_LEASE_ANSWER = 1024 * 1024
 STORES_TTL = 60.0  # seconds the registered store list from the switchboard is kept
 MAX_STORES_ANSWER = 1024 * 1024
 
@@ -176,249 +163,29 @@ def http_url_for(ws_url: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
 
 
-def blob_path(root: str, digest: str) -> str:
-    """``ROOT/blobs/sha256/<hh>/<hex>`` (the image store's layout)."""
-    hex_ = digest.split(":", 1)[1]
-    return os.path.join(root, "blobs", "sha256", hex_[:2], hex_)
+class IImageFetcher(Interface):
+    """What a host driver uses of the supervisor's image fetcher (``docs/supervisor.md``)."""
 
+    def can_fetch(image: Mapping[str, Any] | None) -> bool:
+        """Whether there is anywhere to fetch ``image`` from (a cache mount, or stores)."""
 
-# -- blocking helpers (run in threads) ---------------------------------------------------
+    def fetch(image: Mapping[str, Any]) -> Any:
+        """A coroutine: the image of a ``JobStart`` (``{digest, name, stores}``), a
+        :class:`FetchedImage` with every layer local and pinned until :meth:`release`;
+        raises :class:`ImageFetchError`."""
 
-Identity = tuple[int, int, int, int]
+    def release(fetched: FetchedImage | None) -> None:
+        """The job using ``fetched`` ended: unpin its blobs, drop its cache lease."""
 
+    def pin(digests: Iterable[str], image: Mapping[str, Any] | None = None) -> None:
+        """Keep these local blobs (a re-adopted job's), and with its ``image`` take its
+        cache lease again, until :meth:`release_digests`."""
 
-def _identity(st: os.stat_result) -> Identity:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    def release_digests(digests: Iterable[str]) -> None:
+        """Undo :meth:`pin`."""
 
-
-def _check_blob(path: str, digest: str, size: int, known: Identity | None,
-                touch: bool) -> tuple[str, Any]:
-    """``("ok", identity)``, ``("missing", None)``, ``("bad", reason)`` or ``("error", reason)``.
-
-    Hashes the file unless its identity is ``known`` (verified earlier in this
-    run). ``touch`` sets its atime to now (the local directory's LRU clock).
-    """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return "missing", None
-    except OSError as e:
-        return "error", e.strerror or str(e)
-    if not stat.S_ISREG(st.st_mode):
-        return "bad", "not a regular file"
-    if st.st_size != size:
-        return "bad", f"it has {st.st_size} bytes, the manifest says {size}"
-    ident = _identity(st)
-    if ident != known:
-        h = hashlib.sha256()
-        try:
-            with open(path, "rb") as f:
-                while chunk := f.read(READ_SIZE):
-                    h.update(chunk)
-        except OSError as e:
-            return "error", e.strerror or str(e)
-        got = "sha256:" + h.hexdigest()
-        if got != digest:
-            return "bad", f"its content has digest {got}"
-    if touch:
-        try:
-            os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
-        except OSError:
-            pass
-    return "ok", ident
-
-
-def _read_manifest(root: str, digest: str, local: bool) -> tuple[str, Any]:
-    """A manifest blob from a store layout: ``("ok", bytes)``, ``("missing", reason)``,
-    ``("bad", reason)`` or ``("error", reason)``. In the cache mount the layout
-    marker is checked first; in the ``local`` directory the atime is set to now."""
-    if not local:
-        problem = _check_marker(root)
-        if problem is not None:
-            return "error", problem
-    path = blob_path(root, digest)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_MANIFEST + 1)
-    except FileNotFoundError:
-        return "missing", "it does not have the manifest"
-    except OSError as e:
-        return "error", e.strerror or str(e)
-    if len(data) > MAX_MANIFEST:
-        return "bad", f"the manifest is larger than {MAX_MANIFEST} bytes"
-    got = fmt.digest_of(data)
-    if got != digest:
-        return "bad", f"the manifest's content has digest {got}"
-    if local:
-        try:
-            os.utime(path, ns=(time.time_ns(), os.stat(path).st_mtime_ns))
-        except OSError:
-            pass
-    return "ok", data
-
-
-def _check_marker(root: str) -> str | None:
-    """Why ``root`` is not an image store's root of the layout we read, or None."""
-    marker = os.path.join(root, STORE_MARKER)
-    try:
-        with open(marker, "rb") as f:
-            layout = json.loads(f.read(4096)).get("layout")
-    except FileNotFoundError:
-        return f"no {STORE_MARKER}: not an image store's root (not mounted?)"
-    except (OSError, ValueError, AttributeError) as e:
-        return f"unreadable {STORE_MARKER}: {getattr(e, 'strerror', None) or e}"
-    if layout != STORE_LAYOUT:
-        return f"layout {layout!r} is not supported (expected {STORE_LAYOUT})"
-    return None
-
-
-def _save_blob(root: str, digest: str, data: bytes) -> None:
-    """Write a small verified blob into a layout (temporary file, rename, mode 0444)."""
-    path = blob_path(root, digest)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{os.getpid()}.part"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o444)
-    os.replace(tmp, path)
-
-
-def _finish_download(path: str) -> Identity:
-    os.chmod(path, 0o444)
-    now = time.time_ns()
-    os.utime(path, ns=(now, now))
-    return _identity(os.stat(path))
-
-
-@dataclass
-class GCResult:
-    deleted: list[str] = field(default_factory=list)  # paths
-    freed: int = 0
-    total: int = 0  # bytes left
-
-
-def _collect(root: str, limit: int, pinned: Callable[[str], bool], now: float) -> GCResult:
-    """Delete least recently used blobs of ``root`` until at most ``limit`` bytes remain."""
-    result = GCResult()
-    base = os.path.join(root, "blobs", "sha256")
-    blobs: list[tuple[int, int, str, str]] = []  # (atime, size, path, digest)
-    try:
-        prefixes = os.listdir(base)
-    except FileNotFoundError:
-        return result
-    for prefix in prefixes:
-        directory = os.path.join(base, prefix)
-        try:
-            names = os.listdir(directory)
-        except (NotADirectoryError, FileNotFoundError):
-            continue
-        for name in names:
-            path = os.path.join(directory, name)
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            if name.startswith(".") and name.endswith(".part"):
-                if now - st.st_mtime > PART_MAX_AGE:
-                    try:
-                        os.unlink(path)
-                    except FileNotFoundError:
-                        pass
-                continue
-            if len(name) == 64 and name.startswith(prefix) and stat.S_ISREG(st.st_mode):
-                blobs.append((st.st_atime_ns, st.st_size, path, "sha256:" + name))
-    result.total = sum(size for _, size, _, _ in blobs)
-    if result.total <= limit:
-        return result
-    for _, size, path, digest in sorted(blobs):
-        if result.total <= limit:
-            break
-        if pinned(digest):
-            continue
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        result.deleted.append(path)
-        result.freed += size
-        result.total -= size
-    return result
-
-
-# -- image cache leases --------------------------------------------------------------------
-
-
-class _StoreClient(RegistryClient):
-    """A store client of a fetcher with a switchboard: before asking for a token it looks
-    the store's registered service up (so a client made before any fetch, e.g. to push a
-    snapshot, asks for the right audience) and refuses a store that is not registered."""
-
-    fetcher: ImageFetcher | None = None
-
-    async def _authenticate(self, repo: str, params: dict[str, str], url: str,
-                            actions: Sequence[str] = ("pull",)) -> None:
-        fetcher = self.fetcher
-        if fetcher is not None and fetcher.switchboard is not None:
-            registered = await fetcher.registered_stores() or {}
-            service = registered.get(canonical_store_url(self.base_url))
-            if service is None:
-                raise RegistryError(
-                    401, "UNAUTHORIZED", f"image store {self.base_url} is not registered "
-                    "with the switchboard; no token was requested", url)
-            self.service = service
-        await super()._authenticate(repo, params, url, actions)
-
-
-class _CacheClient(_StoreClient):
-    """An image cache's lease API (``/cache/leases``), with the registry token flow.
-
-    A pull token for the lease's repository authorises it (the client never
-    asks for the challenge's ``cache:leases:lease`` scope, which the
-    switchboard does not hand out). Each request is tried once: the caller
-    falls back to the stores, and renewals come again.
-    """
-
-    async def put_lease(self, repo: str, body: Mapping[str, Any], wait: float
-                        ) -> tuple[int, dict[str, Any]]:
-        """``POST /cache/leases``: ``(201 created or 200 renewed, the lease's status)``."""
-        url = f"{self.base_url}/cache/leases"
-        data = json.dumps(body).encode()
-        response = await self._request(
-            "POST", url, repo, headers={b"Content-Type": b"application/json"},
-            body=lambda: data, ok=(200, 201), timeout=wait + self.timeout, actions=("pull",))
-        raw = await self._read(response, url, MAX_LEASE_ANSWER)
-        try:
-            status = json.loads(raw)
-        except ValueError:
-            status = None
-        if not isinstance(status, dict):
-            raise RegistryError(response.code, "BAD_RESPONSE", f"{url}: not a lease", url)
-        return response.code, status
-
-    async def delete_lease(self, repo: str, lease_id: str) -> bool:
-        """``DELETE /cache/leases/<id>``; False if the cache did not have it (expired)."""
-        url = f"{self.base_url}/cache/leases/{lease_id}"
-        response = await self._request("DELETE", url, repo, ok=(204, 404), actions=("pull",))
-        await self._discard(response)
-        return response.code == 204
-
-
-@dataclass(eq=False)
-class _Lease:
-    """A cache lease this fetcher holds: one per manifest digest, counted."""
-
-    id: str
-    digest: str
-    repository: str
-    shown: str
-    holders: int = 0
-    held: bool = False  # the cache granted it at least once
-    dropped: bool = False
-    loop: LoopingCall | None = None
-    lock: DeferredLock = field(default_factory=DeferredLock)  # one request at a time
-
-
-# -- the fetcher ---------------------------------------------------------------------------
+    def registry_client(store: str) -> RegistryClient:
+        """A new client for the image store ``store`` (the caller closes it)."""
 
 
 def _failure_kind(e: RegistryError) -> str:
@@ -460,7 +227,8 @@ class _Attempt:
         return ImageFetchError(code, f"{what}: {detail}")
 
 
-class ImageFetcher:
+@implementer(IImageFetcher)
+class ImageFetcher(Service):
     """Fetches jobs' images for a supervisor's host driver (see the module docstring).
 
     ``token`` is the host token: offered (as the HTTP Basic password, user
@@ -480,7 +248,7 @@ class ImageFetcher:
                  token: str | None, ca_file: str | None = None,
                  trusted_realms: Sequence[str] = (), local_limit: int = DEFAULT_LOCAL_LIMIT,
                  retries: int = 4, backoff: float = 0.5, timeout: float = 60.0,
-                 name: str = "supervisor", cache_url: str | None = None,
+                 label: str = "supervisor", cache_url: str | None = None,
                  lease_ttl: float = LEASE_TTL, lease_wait: float = LEASE_WAIT,
                  switchboard: str | None = None, stores_ttl: float = STORES_TTL,
                  retry_time: float = 60.0) -> None:
@@ -504,15 +272,17 @@ class ImageFetcher:
         self.retries = retries
         self.backoff = backoff
         self.timeout = timeout
-        self.name = name
+        self.label = label
         self._token = token or None
-        self._verified: dict[str, Identity] = {}
+        self._verified: dict[str, blobcache.Identity] = {}
         self._pins: collections.Counter[str] = collections.Counter()
         self._lock = DeferredLock()  # layer fetching and local garbage collection
-        self._host_key = hashlib.sha256((token or name).encode()).hexdigest()[:16]
-        self._leases: dict[str, _Lease] = {}  # lease id -> lease
+        self._host_key = hashlib.sha256((token or label).encode()).hexdigest()[:16]
+        self._cache_leases = (CacheLeases(reactor, self.cache_url, self._cache_client,
+                                          host_key=self._host_key, ttl=self.lease_ttl,
+                                          label=label)
+                              if self.cache_url and self.cache_mount else None)
         self._adopted: dict[frozenset[str], list[str]] = {}  # pinned digests -> lease ids
-        self._cache_client: _CacheClient | None = None
         self.fetches = 0
         self.downloaded_bytes = 0  # layers
         self.manifest_bytes = 0
@@ -548,11 +318,11 @@ class ImageFetcher:
         no_stores = "; ".join(attempt.problems) or "the job lists no image store"
         clients: dict[str, RegistryClient] = {}
         started = self.reactor.seconds()
-        self.log.info("{who}: fetching {image}", who=self.name, image=shown)
-        lease = self._hold_lease(digest, name, shown)
+        self.log.info("{who}: fetching {image}", who=self.label, image=shown)
+        lease = self._hold(digest, name, shown)
         try:
-            if lease is not None:
-                await self._ensure_lease(lease, self.lease_wait)
+            if lease is not None and self._cache_leases is not None:
+                await self._cache_leases.ensure(lease, self.lease_wait)
             data, media_type, origin = await self._manifest(digest, repo, stores, clients,
                                                             attempt, shown)
             try:
@@ -577,7 +347,7 @@ class ImageFetcher:
                 self._unpin(pinned)
                 raise
         except BaseException:
-            self._drop_lease(lease.id if lease is not None else None)
+            self._drop(lease.id if lease is not None else None)
             raise
         finally:
             for client in clients.values():
@@ -585,7 +355,7 @@ class ImageFetcher:
         fetched = FetchedImage(digest, name, parsed, data, MappingProxyType(paths),
                                MappingProxyType(sources), lease.id if lease is not None else None)
         self.log.info("{who}: fetched {image} in {seconds:.2f} s ({layers} layers: {sources})",
-                      who=self.name, image=shown, layers=len(paths),
+                      who=self.label, image=shown, layers=len(paths),
                       seconds=self.reactor.seconds() - started,
                       sources=", ".join(sorted(set(sources.values()))))
         try:
@@ -607,11 +377,11 @@ class ImageFetcher:
         if image is None or not fmt.is_digest(image.get("digest")):
             return
         digest, name = str(image["digest"]), image.get("name")
-        lease = self._hold_lease(digest, name, f"image {name} ({digest})")
-        if lease is not None:
+        lease = self._hold(digest, name, f"image {name} ({digest})")
+        if lease is not None and self._cache_leases is not None:
             self._adopted.setdefault(pinned, []).append(lease.id)
-            Deferred.fromCoroutine(self._ensure_lease(lease, 0.0)).addErrback(
-                lambda f: self.log.failure("{who}: lease {id}", f, who=self.name, id=lease.id))
+            Deferred.fromCoroutine(self._cache_leases.ensure(lease, 0.0)).addErrback(
+                lambda f: self.log.failure("{who}: lease {id}", f, who=self.label, id=lease.id))
 
     def release_digests(self, digests: Iterable[str]) -> None:
         """Undo :meth:`pin` (and drop the lease it took, if any)."""
@@ -619,7 +389,7 @@ class ImageFetcher:
         self._unpin(pinned)
         leases = self._adopted.get(pinned)
         if leases:
-            self._drop_lease(leases.pop())
+            self._drop(leases.pop())
             if not leases:
                 del self._adopted[pinned]
 
@@ -634,7 +404,7 @@ class ImageFetcher:
         lease is deleted (unless another job holds it)."""
         if fetched is not None:
             self._unpin([fetched.digest, *fetched.paths])
-            self._drop_lease(fetched.lease)
+            self._drop(fetched.lease)
 
     def registry_client(self, store: str) -> RegistryClient:
         """A new client for the image store ``store`` (e.g. to push a snapshot), with
@@ -675,7 +445,7 @@ class ImageFetcher:
         except Exception as e:
             self._registered_error = f"cannot list them at {url}: {str(e) or type(e).__name__}"
             self.log.warn("{who}: cannot list the registered image stores at {url}: {error}; "
-                          "using the last list known", who=self.name, url=url,
+                          "using the last list known", who=self.label, url=url,
                           error=str(e) or type(e).__name__)
             if self._registered is None:
                 return {}
@@ -683,37 +453,36 @@ class ImageFetcher:
 
     def lease_id(self, digest: str) -> str:
         """This host's cache lease id for a manifest digest (see the module docstring)."""
-        return f"{self._host_key}-{digest.split(':', 1)[1]}"
+        return lease_id(self._host_key, digest)
 
     @property
     def leases(self) -> dict[str, int]:
         """The cache leases held now: id -> number of holders (for the manhole, tests)."""
-        return {lease_id: lease.holders for lease_id, lease in self._leases.items()}
+        return self._cache_leases.held if self._cache_leases is not None else {}
 
     async def close(self) -> None:
         """The supervisor stops: stop renewing cache leases, but keep them (a job left
         running is adopted by the next start); later releases delete nothing."""
-        for lease in self._leases.values():
-            lease.dropped = True
-            if lease.loop is not None and lease.loop.running:
-                lease.loop.stop()
-        self._leases.clear()
         self._adopted.clear()
-        if self._cache_client is not None:
-            client, self._cache_client = self._cache_client, None
-            await client.close()
+        if self._cache_leases is not None:
+            await self._cache_leases.close()
+
+    def stopService(self) -> Deferred[None]:
+        """As a child of the supervisor's service: :meth:`close`."""
+        super().stopService()
+        return Deferred.fromCoroutine(self.close())
 
     def pinned(self, digest: str) -> bool:
         return self._pins.get(digest, 0) > 0
 
-    async def collect(self) -> GCResult | None:
+    async def collect(self) -> blobcache.GCResult | None:
         """Trim the local directory to ``local_limit`` bytes (least recently used first)."""
         await self._lock.acquire()
         try:
-            result: GCResult = await self._in_thread(
-                _collect, self.local_dir, self.local_limit, self.pinned, time.time())
+            result: blobcache.GCResult = await self._in_thread(
+                blobcache.collect, self.local_dir, self.local_limit, self.pinned, time.time())
         except Exception:
-            self.log.failure("{who}: garbage collection of {dir} failed", who=self.name,
+            self.log.failure("{who}: garbage collection of {dir} failed", who=self.label,
                              dir=self.local_dir)
             return None
         finally:
@@ -722,139 +491,40 @@ class ImageFetcher:
             self._verified.pop(path, None)
         if result.deleted:
             self.log.info("{who}: removed {count} least recently used image blobs ({freed} "
-                          "bytes) from {dir}; {total} bytes remain", who=self.name,
+                          "bytes) from {dir}; {total} bytes remain", who=self.label,
                           count=len(result.deleted), freed=result.freed, dir=self.local_dir,
                           total=result.total)
         if result.total > self.local_limit:
             self.log.warn("{who}: {dir} holds {total} bytes of pinned image blobs, more than "
-                          "images.local_limit ({limit})", who=self.name, dir=self.local_dir,
+                          "images.local_limit ({limit})", who=self.label, dir=self.local_dir,
                           total=result.total, limit=self.local_limit)
         return result
 
     # -- cache leases ------------------------------------------------------------------------
 
-    def _hold_lease(self, digest: str, name: Any, shown: str) -> _Lease | None:
-        """Count one more holder of the image's lease (None when leases are off, or
-        the image has no name: a lease is authorised by its repository)."""
-        if not (self.cache_url and self.cache_mount and name):
+    def _hold(self, digest: str, name: Any, shown: str) -> Lease | None:
+        """One more holder of the image's cache lease (None when leases are off)."""
+        if self._cache_leases is None:
             return None
-        try:
-            repository = repository_of(str(name))
-        except ValueError:
-            return None
-        lease_id = self.lease_id(digest)
-        lease = self._leases.get(lease_id)
-        if lease is None:
-            lease = self._leases[lease_id] = _Lease(lease_id, digest, repository, shown)
-        lease.holders += 1
-        return lease
+        return self._cache_leases.hold(digest, name, shown)
 
-    async def _ensure_lease(self, lease: _Lease, wait: float) -> None:
-        """Take the lease (once per holding), then renew it every ttl/3."""
-        await lease.lock.acquire()
-        try:
-            if lease.loop is None and not lease.dropped:
-                await self._put_lease(lease, wait, renewal=False)
-                if lease.dropped:  # released (or the fetcher closed) meanwhile
-                    return
-                lease.loop = LoopingCall(self._renew_lease, lease)
-                lease.loop.clock = self.reactor
-                lease.loop.start(self.lease_ttl / 3, now=False).addErrback(
-                    lambda f: self.log.failure("{who}: renewing lease {id}", f, who=self.name,
-                                               id=lease.id))
-        finally:
-            lease.lock.release()
+    def _drop(self, lease_id: str | None) -> None:
+        if self._cache_leases is not None:
+            self._cache_leases.drop(lease_id)
 
-    def _cache(self) -> _CacheClient:
-        if self._cache_client is None:
-            assert self.cache_url is not None
-            url = self.cache_url
-            self._cache_client = _CacheClient(
-                self.reactor, url, ca_file=self.ca_file,
-                credentials=(HOST_USER, self._token) if self._token else None,
-                service=self._service(url), realm=self.realm,
-                trusted_realms=self.trusted_realms, retries=1, backoff=self.backoff,
-                timeout=min(self.timeout, 15.0))
-            self._cache_client.fetcher = self
-        return self._cache_client
-
-    async def _put_lease(self, lease: _Lease, wait: float, renewal: bool) -> None:
-        """``POST /cache/leases``; failures are logged, never raised."""
-        body = {"lease": lease.id, "holder": f"{self.name} (host {self._host_key})",
-                "digests": [lease.digest], "repository": lease.repository,
-                "ttl": self.lease_ttl, "fetch": not renewal, "wait": wait}
-        try:
-            code, status = await self._cache().put_lease(lease.repository, body, wait)
-        except RegistryError as e:
-            then = (f"trying again in {self.lease_ttl / 3:g} s" if renewal else
-                    "the cache may evict its blobs while the job runs; reading the mount for "
-                    "what is there, the job's stores for the rest")
-            self.log.warn("{who}: {shown}: cannot {what} lease {id} on the image cache {url}: "
-                          "{error}; {then}", who=self.name, shown=lease.shown,
-                          what="renew" if renewal else "take", id=lease.id, url=self.cache_url,
-                          error=e.message, then=then)
-            return
-        state, missing = status.get("state"), status.get("missing") or []
-        if (renewal and code == 201) or not lease.held:
-            self.log.info("{who}: {shown}: leased on the image cache {url} as {id} "
-                          "({state})", who=self.name, shown=lease.shown, url=self.cache_url,
-                          id=lease.id, state=state)
-        lease.held = True
-        if not renewal and state != "ready":
-            self.log.warn(
-                "{who}: {shown}: the image cache {url} lacks {count} of its blobs ({state}"
-                "{error}); they come from the job's stores", who=self.name, shown=lease.shown,
-                url=self.cache_url, count=len(missing), state=state,
-                error=f": {status['error']}" if status.get("error") else "")
-
-    def _renew_lease(self, lease: _Lease) -> Deferred[None]:
-        async def renew() -> None:
-            await lease.lock.acquire()
-            try:
-                if not lease.dropped:
-                    await self._put_lease(lease, 0.0, renewal=True)
-            finally:
-                lease.lock.release()
-
-        d = Deferred.fromCoroutine(renew())
-        d.addErrback(lambda f: self.log.failure("{who}: renewing lease {id}", f,
-                                                who=self.name, id=lease.id))
-        return d
-
-    def _drop_lease(self, lease_id: str | None) -> None:
-        """One holder fewer; the last one deletes the lease on the cache (in the background)."""
-        lease = self._leases.get(lease_id) if lease_id is not None else None
-        if lease is None:
-            return
-        lease.holders -= 1
-        if lease.holders > 0:
-            return
-        del self._leases[lease.id]
-        lease.dropped = True
-        if lease.loop is not None and lease.loop.running:
-            lease.loop.stop()
-
-        async def delete() -> None:
-            await lease.lock.acquire()  # after a request in flight
-            try:
-                if not lease.held:
-                    return
-                try:
-                    await self._cache().delete_lease(lease.repository, lease.id)
-                except RegistryError as e:
-                    self.log.warn("{who}: cannot delete lease {id} on the image cache {url}: "
-                                  "{error}; it expires within {ttl:g} s", who=self.name,
-                                  id=lease.id, url=self.cache_url, error=e.message,
-                                  ttl=self.lease_ttl)
-                    return
-                self.log.info("{who}: {shown}: lease {id} released", who=self.name,
-                              shown=lease.shown, id=lease.id)
-            finally:
-                lease.lock.release()
-
-        Deferred.fromCoroutine(delete()).addErrback(
-            lambda f: self.log.failure("{who}: deleting lease {id}", f, who=self.name,
-                                       id=lease.id))
+    def _cache_client(self) -> CacheClient:
+        """The client of the cache's lease API (made when first needed)."""
+        assert self.cache_url is not None
+        url = self.cache_url
+        client = CacheClient(
+            self.reactor, url, ca_file=self.ca_file,
+            credentials=(HOST_USER, self._token) if self._token else None,
+            service=self._service(url), realm=self.realm,
+            trusted_realms=self.trusted_realms, retries=1, backoff=self.backoff,
+            timeout=min(self.timeout, 15.0))
+        if self.switchboard is not None:
+            client.registered = self.registered_stores
+        return client
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -875,7 +545,7 @@ class ImageFetcher:
                         "not contacted")
                 if self._registered_error:
                     text += f" ({self._registered_error})"
-                self.log.warn("{who}: {text}", who=self.name, text=text)
+                self.log.warn("{who}: {text}", who=self.label, text=text)
                 attempt.add(text)
                 continue
             if store not in stores:
@@ -906,15 +576,16 @@ class ImageFetcher:
     def _client(self, store: str, clients: dict[str, RegistryClient]) -> RegistryClient:
         client = clients.get(store)
         if client is None:
-            client = _StoreClient(
+            client = StoreClient(
                 self.reactor, store, ca_file=self.ca_file,
                 credentials=(HOST_USER, self._token) if self._token else None,
                 service=self._service(store), realm=self.realm,
                 trusted_realms=self.trusted_realms, retries=self.retries, backoff=self.backoff,
                 retry_time=self.retry_time, timeout=self.timeout,
-                on_retry=lambda text: self.log.info("{who}: {store}: {text}", who=self.name,
+                on_retry=lambda text: self.log.info("{who}: {store}: {text}", who=self.label,
                                                     store=store, text=text))
-            client.fetcher = self
+            if self.switchboard is not None:
+                client.registered = self.registered_stores
             clients[store] = client
         return client
 
@@ -923,21 +594,23 @@ class ImageFetcher:
                         ) -> tuple[bytes, str | None, str]:
         """``(bytes, media type or None, where from)``; the digest is verified."""
         if self.cache_mount:
-            status, value = await self._in_thread(_read_manifest, self.cache_mount, digest, False)
+            status, value = await self._in_thread(blobcache.read_manifest, self.cache_mount,
+                                                 digest, False)
             if status == "ok":
                 return value, None, f"the cache mount {self.cache_mount}"
             text = f"cache mount {self.cache_mount}: {value}"
             attempt.add(text, corrupt=status == "bad")
             if status != "missing":
-                self.log.warn("{who}: {shown}: {text}", who=self.name, shown=shown, text=text)
-        status, value = await self._in_thread(_read_manifest, self.local_dir, digest, True)
+                self.log.warn("{who}: {shown}: {text}", who=self.label, shown=shown, text=text)
+        status, value = await self._in_thread(blobcache.read_manifest, self.local_dir, digest,
+                                             True)
         if status == "ok":
             return value, None, f"the local copy in {self.local_dir}"
         if status != "missing":
             self.log.warn("{who}: {shown}: local copy of the manifest in {dir}: {reason}; "
-                          "fetching it again", who=self.name, shown=shown, dir=self.local_dir,
+                          "fetching it again", who=self.label, shown=shown, dir=self.local_dir,
                           reason=value)
-            await self._in_thread(_unlink, blob_path(self.local_dir, digest))
+            await self._in_thread(blobcache.unlink, blobcache.blob_path(self.local_dir, digest))
         if repo is not None:
             for i, store in enumerate(stores):
                 client = self._client(store, clients)
@@ -947,14 +620,14 @@ class ImageFetcher:
                     got = await client.get_manifest(repo, digest, retries=None if last else 1)
                 except RegistryError as e:
                     attempt.add(_describe(store, e), corrupt=isinstance(e, DigestMismatch))
-                    self.log.info("{who}: {shown}: {text}", who=self.name, shown=shown,
+                    self.log.info("{who}: {shown}: {text}", who=self.label, shown=shown,
                                   text=_describe(store, e))
                     continue
                 try:
-                    await self._in_thread(_save_blob, self.local_dir, digest, got.data)
+                    await self._in_thread(blobcache.save_blob, self.local_dir, digest, got.data)
                 except OSError as e:
                     self.log.warn("{who}: cannot keep the manifest of {shown} in {dir}: {error}",
-                                  who=self.name, shown=shown, dir=self.local_dir,
+                                  who=self.label, shown=shown, dir=self.local_dir,
                                   error=e.strerror or str(e))
                 self.manifest_bytes += len(got.data)
                 return got.data, got.media_type, store
@@ -975,7 +648,7 @@ class ImageFetcher:
         return paths, sources
 
     async def _verify(self, path: str, desc: fmt.Descriptor, touch: bool) -> tuple[str, Any]:
-        status, value = await self._in_thread(_check_blob, path, desc.digest, desc.size,
+        status, value = await self._in_thread(blobcache.check_blob, path, desc.digest, desc.size,
                                               self._verified.get(path), touch)
         if status == "ok":
             self._verified[path] = value
@@ -988,7 +661,7 @@ class ImageFetcher:
                      ) -> tuple[str, str]:
         attempt = _Attempt()
         if self.cache_mount:
-            path = blob_path(self.cache_mount, desc.digest)
+            path = blobcache.blob_path(self.cache_mount, desc.digest)
             status, value = await self._verify(path, desc, touch=False)
             if status == "ok":
                 self.layer_sources["cache"] += 1
@@ -996,16 +669,16 @@ class ImageFetcher:
             if status != "missing":
                 text = f"cache mount {self.cache_mount}: blob {path}: {value}"
                 attempt.add(text, corrupt=status == "bad")
-                self.log.warn("{who}: {shown}: {text}", who=self.name, shown=shown, text=text)
-        local = blob_path(self.local_dir, desc.digest)
+                self.log.warn("{who}: {shown}: {text}", who=self.label, shown=shown, text=text)
+        local = blobcache.blob_path(self.local_dir, desc.digest)
         status, value = await self._verify(local, desc, touch=True)
         if status == "ok":
             self.layer_sources["local"] += 1
             return local, "local"
         if status == "bad":
-            self.log.warn("{who}: {path}: {reason}; downloading it again", who=self.name,
+            self.log.warn("{who}: {path}: {reason}; downloading it again", who=self.label,
                           path=local, reason=value)
-            await self._in_thread(_unlink, local)
+            await self._in_thread(blobcache.unlink, local)
         if repo is None or not stores:
             if self.cache_mount and not attempt.problems:
                 attempt.add(f"cache mount {self.cache_mount}: it does not have the blob")
@@ -1018,7 +691,7 @@ class ImageFetcher:
                     await client.pull_blob(repo, desc.digest, local, size=desc.size)
                 except DigestMismatch as e:
                     text = _describe(store, e)
-                    self.log.warn("{who}: {shown}: {text} (try {tries} of {of})", who=self.name,
+                    self.log.warn("{who}: {shown}: {text} (try {tries} of {of})", who=self.label,
                                   shown=shown, text=text, tries=tries, of=MISMATCH_TRIES)
                     if tries == MISMATCH_TRIES:
                         attempt.add(text, corrupt=True)
@@ -1030,15 +703,9 @@ class ImageFetcher:
                     raise ImageFetchError(
                         IMAGE_NOT_FOUND, f"cannot write layer {desc.digest} of {shown} to "
                         f"{local}: {e.strerror or e}") from None
-                self._verified[local] = await self._in_thread(_finish_download, local)
+                self._verified[local] = await self._in_thread(blobcache.finish_download, local)
                 self.downloaded_bytes += desc.size
                 self.layer_sources["store"] += 1
                 return local, store
         raise attempt.error(f"cannot get layer {desc.digest} of {shown}")
 
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
