@@ -34,10 +34,11 @@ DAY = 24 * 3600.0
 
 @dataclass
 class LogServerConfig:
-    """Everything a log server needs, already validated."""
+    """Everything a log server needs, already validated; its defaults are the settings'
+    (``tap.Options``: each setting names its field here)."""
 
     root: str
-    listen: list[str]
+    listen: list[str] = field(default_factory=lambda: ["tcp:8070:interface=127.0.0.1"])
     auth: dict[str, Any] = field(default_factory=dict)  # the auth.* settings
     service: str = "treadmill-logserver"
     max_append: int = 1024 * 1024

@@ -76,10 +76,11 @@ def redacting_log_formatter(timestamp: str, request: Any) -> str:
 
 @dataclass
 class ProxyConfig:
-    """Everything a proxy needs, already validated (``tap.config_from``)."""
+    """Everything a proxy needs, already validated; its defaults are the settings'
+    (``tap.Options``: each setting names its field here)."""
 
-    listen: list[str]
-    data_listen: list[str]
+    listen: list[str] = field(default_factory=lambda: ["tcp:8090:interface=127.0.0.1"])
+    data_listen: list[str] = field(default_factory=lambda: ["tcp:8091:interface=127.0.0.1"])
     auth: dict[str, Any] = field(default_factory=dict)  # the auth.* settings
     service: str = "treadmill-proxy"
     tunnels: RegistrySettings = field(default_factory=RegistrySettings)

@@ -52,11 +52,12 @@ from treadmill.switchboard.timeouts import TimeoutEnforcer
 
 @dataclass
 class SwitchboardConfig:
-    """Everything the switchboard needs, already validated."""
+    """Everything the switchboard needs, already validated; its defaults are the
+    settings' (``tap.Options``: each setting names its field here)."""
 
     dsn: str
-    listen: list[str]
-    signing_key: str
+    listen: list[str] = field(default_factory=lambda: ["tcp:8080:interface=127.0.0.1"])
+    signing_key: str = "/var/lib/treadmill-switchboard/capability-key.pem"
     issuer: str = "treadmill"
     pool_size: int = 4
     max_body: int = 64 * 1024
