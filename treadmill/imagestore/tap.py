@@ -23,7 +23,7 @@ from treadmill.common.config import (
     server_endpoints,
     with_fields,
 )
-from treadmill.common.daemon import add_operator_services
+from treadmill.common.daemon import twistd_service
 from treadmill.images.registry import check_store_url
 from treadmill.imagestore.auth import anonymous_patterns
 from treadmill.imagestore.quota import parse_overrides
@@ -232,8 +232,5 @@ def config_from(values: dict[str, Any]) -> ImageStoreConfig:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    service = ImageStoreService(reactor, config_from(options.values))
-    service.exit_on_failure = True
-    add_operator_services(reactor, service, options.values, service.namespace(),
-                          service.metrics.registry)
-    return service
+    return twistd_service(reactor, ImageStoreService(reactor, config_from(options.values)),
+                          options.values)

@@ -22,7 +22,7 @@ from treadmill.common.config import (
     server_endpoints,
     with_fields,
 )
-from treadmill.common.daemon import add_operator_services
+from treadmill.common.daemon import twistd_service
 from treadmill.logserver.service import DAY, LogServerConfig, LogServerService
 from treadmill.logserver.store import FSYNC_POLICIES
 
@@ -84,8 +84,5 @@ def config_from(values: dict[str, Any]) -> LogServerConfig:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    service = LogServerService(reactor, config_from(options.values))
-    service.exit_on_failure = True
-    add_operator_services(reactor, service, options.values, service.namespace(),
-                          service.metrics.registry)
-    return service
+    return twistd_service(reactor, LogServerService(reactor, config_from(options.values)),
+                          options.values)

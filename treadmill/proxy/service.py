@@ -31,8 +31,8 @@ from twisted.logger import Logger
 from twisted.web.http import combinedLogFormatter
 
 from treadmill.common.daemon import RoleService, listeners
-from treadmill.common.http import limited_site
-from treadmill.common.keys import KeySource, key_source
+from treadmill.common.http import limited_site, log_requests
+from treadmill.common.keys import KeySource, attach_keys
 from treadmill.proxy.api import ProxyAPI
 from treadmill.proxy.control import ControlFactory
 from treadmill.proxy.legs import DataFactory, PublicFactory, TunnelFactory
@@ -100,11 +100,7 @@ class ProxyService(RoleService):
         self.setName("proxy")
         self.reactor = reactor
         self.config = config
-        self.keys = keys if keys is not None else key_source(reactor, config.auth)
-        self.keys.setName("keys")
-        self.keys.setServiceParent(self)
-        self.verifier = self.keys.verifier(config.auth.get("auth.issuer") or "treadmill",
-                                           config.service)
+        self.keys, self.verifier = attach_keys(self, reactor, config.auth, config.service, keys)
         self.registry = Registry(
             reactor, config.tunnels, self.verifier,
             public_factory=lambda tunnel: PublicFactory(self.registry, tunnel),
@@ -115,8 +111,7 @@ class ProxyService(RoleService):
         self.api = ProxyAPI(self.registry, self.verifier, self.control, self.tunnel_sockets)
         self.site = limited_site(self.api.resource(), 64 * 1024,
                                  logFormatter=redacting_log_formatter)
-        if not config.access_log:
-            self.site.log = lambda request: None  # type: ignore[method-assign]
+        log_requests(self.site, config.access_log)
         self.metrics = ProxyMetrics(self.registry)
         self._ports: list[Any] = []
         self._data_ports: list[Any] = []

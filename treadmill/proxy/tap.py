@@ -21,7 +21,7 @@ from treadmill.common.config import (
     server_endpoints,
     with_fields,
 )
-from treadmill.common.daemon import add_operator_services
+from treadmill.common.daemon import twistd_service
 from treadmill.proxy.ports import parse_port_range, parse_static
 from treadmill.proxy.service import ProxyConfig, ProxyService
 
@@ -120,8 +120,5 @@ def config_from(values: dict[str, Any]) -> ProxyConfig:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    service = ProxyService(reactor, config_from(options.values))
-    service.exit_on_failure = True
-    add_operator_services(reactor, service, options.values, service.namespace(),
-                          service.metrics.registry)
-    return service
+    return twistd_service(reactor, ProxyService(reactor, config_from(options.values)),
+                          options.values)

@@ -21,7 +21,7 @@ from treadmill.common.config import (
     positive,
     server_endpoints,
 )
-from treadmill.common.daemon import add_operator_services
+from treadmill.common.daemon import twistd_service
 from treadmill.switchboard.service import SwitchboardConfig, SwitchboardService
 
 DAY = 24 * 3600.0
@@ -217,8 +217,5 @@ def config_from(values: dict[str, Any]) -> SwitchboardConfig:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    service = SwitchboardService(reactor, config_from(options.values))
-    service.exit_on_failure = True
-    add_operator_services(reactor, service, options.values, service.namespace(),
-                          service.metrics.registry)
-    return service
+    return twistd_service(reactor, SwitchboardService(reactor, config_from(options.values)),
+                          options.values)
