@@ -294,13 +294,14 @@ def _instance(cls: type, tree: dict[str, Any]) -> Any:
     for name, value in tree.items():
         if name not in types_:
             raise TypeError(f"{cls.__name__} has no field {name!r}")
-        if isinstance(value, dict) and dataclasses.is_dataclass(_dataclass_or_none(types_[name])):
-            value = _instance(_dataclass_of(types_[name]), value)
+        nested = _dataclass_or_none(types_[name])
+        if isinstance(value, dict) and nested is not None:
+            value = _instance(nested, value)
         kwargs[name] = value
     return cls(**kwargs)
 
 
-def _dataclass_or_none(hint: Any) -> Any:
+def _dataclass_or_none(hint: Any) -> type | None:
     try:
         return _dataclass_of(hint)
     except TypeError:
