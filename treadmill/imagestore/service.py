@@ -41,7 +41,8 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from treadmill.common.daemon import RoleService, listeners
-from treadmill.common.keys import KeySource
+from treadmill.common.http import log_requests
+from treadmill.common.keys import KeySource, attach_keys
 from treadmill.imagestore.api import RegistryAPI
 from treadmill.imagestore.auth import Authorizer
 from treadmill.imagestore.cache import Cache, CacheConfig
@@ -148,11 +149,10 @@ class ImageStoreService(RoleService):
         self.keys: KeySource | None = None
         verifier = None
         if not config.auth_disabled:
-            self.keys = KeySource(reactor, url=config.keys_url, file=config.keys_file,
-                                  refresh=config.keys_refresh, ca_file=config.ca_file)
-            self.keys.setName("keys")
-            self.keys.setServiceParent(self)
-            verifier = self.keys.verifier(config.issuer, config.service)
+            self.keys, verifier = attach_keys(
+                self, reactor, {"auth.issuer": config.issuer}, config.service,
+                KeySource(reactor, url=config.keys_url, file=config.keys_file,
+                          refresh=config.keys_refresh, ca_file=config.ca_file))
         self.auth = Authorizer(verifier, realm=config.realm, service=config.service,
                                anonymous_pull=config.anonymous_pull,
                                disabled=config.auth_disabled)
@@ -168,14 +168,7 @@ class ImageStoreService(RoleService):
             cache_routes=CacheRoutes(self.auth, self.cache) if self.cache is not None else None)
         self.site = registry_site(self.api)
         self.metrics = ImageStoreMetrics(self)
-        access_log = self.site.log
-
-        def log(request: Any) -> None:
-            self.metrics.observe(request)
-            if config.access_log:
-                access_log(request)
-
-        self.site.log = log  # type: ignore[method-assign]
+        log_requests(self.site, config.access_log, self.metrics.observe)
         expiry = _Periodic(reactor, self.uploads.expiry_interval, self.uploads.expire,
                            "Upload expiry")
         expiry.setName("upload-expiry")
