@@ -17,7 +17,6 @@ in the ``X-Stream-Length`` header) so that a writer knows where to resume.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -36,6 +35,7 @@ from treadmill.common.http import (
     respond,
     respond_error,
 )
+from treadmill.common.ranges import Unsatisfiable, parse_range
 from treadmill.logserver.follow import FollowFactory, Pump, RequestSink, serve
 from treadmill.logserver.names import InvalidName, check_job, check_stream
 from treadmill.logserver.store import StorageError, StreamError, StreamStore, TooManyStreams
@@ -45,7 +45,6 @@ __all__ = ["LENGTH_HEADER", "LogServerAPI"]
 LENGTH_HEADER = b"x-stream-length"
 CLOSED_HEADER = b"x-stream-closed"
 MAX_OFFSET = 2**62
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
 def _set_stream_headers(request: IRequest, length: int, closed: bool | None = None) -> None:
@@ -75,32 +74,6 @@ def _bool_arg(request: IRequest, name: str) -> bool:
     if lowered in ("0", "false", "no"):
         return False
     raise ApiError(400, f"{name}: expected 1 or 0")
-
-
-def parse_range(header: str | None, length: int) -> tuple[int, int] | bool | None:
-    """``(start, end)`` of a single ``bytes=`` range; None to ignore the header
-    (absent, malformed or several ranges: the whole stream is sent); False if it
-    cannot be satisfied."""
-    if header is None:
-        return None
-    match = _RANGE.fullmatch(header.strip().replace(" ", ""))
-    if match is None:
-        return None
-    first, last = match.groups()
-    if first == "" and last == "":
-        return None
-    if first == "":
-        suffix = int(last)
-        if suffix == 0:
-            return False
-        return max(0, length - suffix), length
-    start = int(first)
-    end = length if last == "" else min(int(last) + 1, length)
-    if last != "" and int(last) < start:
-        return None
-    if start >= length:
-        return False
-    return start, end
 
 
 class LogServerAPI:
@@ -231,12 +204,15 @@ class LogServerAPI:
         _set_stream_headers(request, total, found.closed)
         request.setHeader(b"accept-ranges", b"bytes")
         request.setHeader(b"content-type", b"application/octet-stream")
-        wanted = parse_range(request.getHeader("range"), total)
-        if wanted is False or (offset is not None and offset > total):
+        try:
+            wanted = parse_range(request.getHeader("range"), total)
+            if offset is not None and offset > total:
+                raise Unsatisfiable()
+        except Unsatisfiable:
             request.setHeader(b"content-range", f"bytes */{total}".encode())
-            raise ApiError(416, f"the stream has {total} bytes", "range_not_satisfiable")
-        if isinstance(wanted, tuple):
-            start, end = wanted
+            raise ApiError(416, f"the stream has {total} bytes", "range_not_satisfiable") from None
+        if wanted is not None:
+            start, end = wanted[0], wanted[1] + 1
             request.setResponseCode(206)
             request.setHeader(b"content-range", f"bytes {start}-{end - 1}/{total}".encode())
         else:
