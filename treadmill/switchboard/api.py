@@ -38,7 +38,7 @@ from treadmill.common.http import (
 )
 from treadmill.images.registry import canonical_store_url
 from treadmill.protocol.results import ResultsError, check_patterns
-from treadmill.switchboard import credentials, registry, schemas, views
+from treadmill.switchboard import credentials, repositories, schemas, views
 from treadmill.switchboard.access import PRIVILEGES, Principal, effective
 from treadmill.switchboard.audit import Recorder
 from treadmill.switchboard.auth import Authenticator, PasswordGuard
@@ -286,25 +286,25 @@ class SwitchboardAPI:
     async def registry_token(self, request: IRequest) -> bytes:
         """Docker registry token flow: a capability token for image store access."""
         service = _arg(request, "service")
-        if service is None or not registry.SERVICE.fullmatch(service):
+        if service is None or not repositories.SERVICE.fullmatch(service):
             raise ApiError(400, "service: the image store's service name is required")
         try:
-            scopes = registry.parse_scopes(
+            scopes = repositories.parse_scopes(
                 [value.decode("utf-8") for value in request.args.get(b"scope", [])])
         except UnicodeDecodeError:
             raise ApiError(400, "scope: not UTF-8") from None
-        except registry.ScopeError as e:
+        except repositories.ScopeError as e:
             raise ApiError(400, str(e)) from None
         if await self.store.image_store_by_service(service) is None:
             # A token's audience is one registered store: no token for anything else.
             raise ApiError(400, f"service: no image store is registered as {service!r}")
         subject, granted = await self._registry_grants(request, scopes)
-        token = self.signer.sign(subject, service, granted, registry.TOKEN_TTL)
+        token = self.signer.sign(subject, service, granted, repositories.TOKEN_TTL)
         issued = datetime.fromtimestamp(self.reactor.seconds(), UTC)
         return respond(request, {"token": token, "access_token": token,
-                                 "expires_in": int(registry.TOKEN_TTL), "issued_at": issued})
+                                 "expires_in": int(repositories.TOKEN_TTL), "issued_at": issued})
 
-    async def _registry_grants(self, request: IRequest, scopes: list[registry.Scope]
+    async def _registry_grants(self, request: IRequest, scopes: list[repositories.Scope]
                                ) -> tuple[str, list[Access]]:
         header = request.getHeader("authorization") or ""
         scheme, _, value = header.partition(" ")
@@ -323,12 +323,12 @@ class SwitchboardAPI:
             host = await self.store.host_by_token(credentials.token_hash(secret))
             if host is None:
                 raise ApiError(401, "unknown host token")
-            repositories = frozenset(registry.repository_of(name) for name in
-                                     await self.store.job_image_names(host["id"]))
+            running = frozenset(repositories.repository_of(name) for name in
+                                await self.store.job_image_names(host["id"]))
             snapshots = frozenset(await self.store.snapshot_repositories(host["id"]))
             return f"host:{host['name']}", [
-                a for s in scopes if (a := registry.access(s, registry.host_actions(
-                    s, repositories, snapshots))) is not None]
+                a for s in scopes if (a := repositories.access(s, repositories.host_actions(
+                    s, running, snapshots))) is not None]
         if credentials.looks_like_token(secret, credentials.USER_TOKEN_PREFIX):
             principal = await self.auth.for_token(secret)
             if user and user.lower() != principal.name.lower():
@@ -345,9 +345,9 @@ class SwitchboardAPI:
             namespaces = await self.store.namespace_grants(principal.user_id)
         granted = []
         for scope in scopes:
-            actions = registry.user_actions(scope, principal.name, principal.admin, images,
-                                            namespaces)
-            if (item := registry.access(scope, actions)) is not None:
+            actions = repositories.user_actions(scope, principal.name, principal.admin,
+                                                images, namespaces)
+            if (item := repositories.access(scope, actions)) is not None:
                 granted.append(item)
         return principal.name, granted
 
@@ -355,9 +355,9 @@ class SwitchboardAPI:
         """403 unless ``principal`` may write the repository of image ``name``."""
         if principal.admin:
             return
-        repository = registry.repository_of(name)
+        repository = repositories.repository_of(name)
         namespaces = await self.store.namespace_grants(principal.user_id)
-        if not registry.may_write(repository, principal.name, False, namespaces):
+        if not repositories.may_write(repository, principal.name, False, namespaces):
             own = principal.name.lower()
             raise ApiError(403, f"{name!r} is outside your namespaces: use {own}/NAME, or a "
                                 "namespace an admin granted you (top-level names and other "
@@ -898,7 +898,7 @@ class SwitchboardAPI:
     @staticmethod
     def _namespace(name: str) -> str:
         canonical = name.lower()
-        if len(canonical) > 128 or not registry.NAMESPACE.fullmatch(canonical):
+        if len(canonical) > 128 or not repositories.NAMESPACE.fullmatch(canonical):
             raise ApiError(400, f"namespace: {name[:130]!r} is not a namespace (a repository's "
                                 "first component: lower-case letters and digits joined by "
                                 "'.', '_', '__' or dashes)")
@@ -1121,8 +1121,8 @@ class SwitchboardAPI:
             raise ApiError(400, "store: the job's image names no image store; give one")
         store = (await self._registered("store", [store]))[0]
         name = body["name"]
-        repository = registry.repository_of(name)
-        if not registry.REPOSITORY.fullmatch(repository):
+        repository = repositories.repository_of(name)
+        if not repositories.REPOSITORY.fullmatch(repository):
             raise ApiError(400, f"name: {name!r} is not a valid repository name")
         await self._check_writable(principal, name)
         try:

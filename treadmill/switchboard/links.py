@@ -1,6 +1,6 @@
 """The switchboard's side of the supervisor link (``docs/protocol.md``).
 
-:class:`SupervisorLink` is one supervisor's WebSocket; :class:`SupervisorLinks`
+:class:`SupervisorSession` is one supervisor's WebSocket; :class:`SupervisorLinks`
 is this instance's registry of them and reacts to database notifications:
 a job assigned to (or stopping on) a host whose link it holds is sent to that
 host; a host whose session changed elsewhere is closed as superseded.
@@ -32,6 +32,7 @@ from treadmill.protocol.supervisor import CloseCode, ProtocolError
 from treadmill.switchboard import credentials
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.jobstate import InvalidTransition, Reason, Stage, State, Status
+from treadmill.switchboard.notifications import HostNote, JobNote, SnapshotNote
 from treadmill.switchboard.reconcile import (
     Action,
     Advance,
@@ -48,11 +49,11 @@ REQUEST_TIMEOUT = 30.0
 _IMAGE_ERRORS = {"image_not_found", "image_invalid"}
 
 
-class SupervisorLink(WebSocketServerProtocol):
+class SupervisorSession(WebSocketServerProtocol):
     """One supervisor's connection."""
 
     log = Logger()
-    factory: SupervisorLinkFactory
+    factory: SupervisorSessionFactory
 
     host_id: int | None = None
     host_name: str = "?"
@@ -453,8 +454,8 @@ SNAPSHOT_TIMEOUT = 3 * 3600.0
 """Seconds a host has to upload a snapshot before it is marked failed."""
 
 
-class SupervisorLinkFactory(WebSocketServerFactory):
-    protocol = SupervisorLink
+class SupervisorSessionFactory(WebSocketServerFactory):
+    protocol = SupervisorSession
 
     def __init__(self, links: SupervisorLinks):
         super().__init__()
@@ -486,7 +487,7 @@ class SupervisorLinks(MultiService):
         self.ping_timeout = ping_timeout
         self.request_timeout = request_timeout
         self.reconcile_retry = reconcile_retry
-        self.unstored: set[SupervisorLink] = set()  # links with a report refused unavailable
+        self.unstored: set[SupervisorSession] = set()  # links with a report refused unavailable
         self._probe: Any = None
         self.unreachable_after = unreachable_after
         self.touch_interval = touch_interval
@@ -495,12 +496,12 @@ class SupervisorLinks(MultiService):
         self.log_service = log_service
         self.proxies = proxies
         self.proxy_service = proxy_service
-        self.by_host: dict[int, SupervisorLink] = {}
+        self.by_host: dict[int, SupervisorSession] = {}
         self.instance_id: str | None = None
         """This process's id in ``instances`` (:mod:`treadmill.switchboard.instances`)."""
         self.rebalanced = 0
         self._next_rebalance = 0.0
-        self.factory = SupervisorLinkFactory(self)
+        self.factory = SupervisorSessionFactory(self)
         self.resource = WebSocketResource(self.factory)
         self._tasks: set[Deferred[Any]] = set()
         self.stopping = False
@@ -535,7 +536,7 @@ class SupervisorLinks(MultiService):
         d.addBoth(done)
         return d
 
-    async def register(self, link: SupervisorLink) -> None:
+    async def register(self, link: SupervisorSession) -> None:
         assert link.host_id is not None and link.session is not None
         old = self.by_host.get(link.host_id)
         self.by_host[link.host_id] = link
@@ -545,7 +546,7 @@ class SupervisorLinks(MultiService):
             self._drop(old, CloseCode.SUPERSEDED, "superseded by a newer connection")
             self.by_host[link.host_id] = link
 
-    def unregister(self, link: SupervisorLink) -> None:
+    def unregister(self, link: SupervisorSession) -> None:
         assert link.host_id is not None and link.session is not None
         if self.by_host.get(link.host_id) is link:
             del self.by_host[link.host_id]
@@ -555,13 +556,13 @@ class SupervisorLinks(MultiService):
 
     def job_changed(self, payload: str) -> None:
         """``treadmill_jobs``: send assigned and stopping jobs to hosts we hold."""
-        parts = payload.split(" ")
-        if len(parts) != 3 or parts[1] not in ("assigned", "terminating") or parts[2] == "-":
+        note = JobNote.parse(payload)
+        if note is None or note.state not in ("assigned", "terminating") or note.host_id is None:
             return
-        link = self.by_host.get(int(parts[2]))
+        link = self.by_host.get(note.host_id)
         if link is None or link.state != link.STATE_OPEN:
             return
-        job_id = parts[0]
+        job_id = note.job_id
 
         async def send() -> None:
             row = await self.store.active_job(link.host_id)  # type: ignore[arg-type]
@@ -583,20 +584,19 @@ class SupervisorLinks(MultiService):
 
     def snapshot_requested(self, payload: str) -> None:
         """``treadmill_snapshots``: a snapshot for a host we may hold."""
-        try:
-            link = self.by_host.get(int(payload))
-        except ValueError:
+        note = SnapshotNote.parse(payload)
+        if note is None or note.host_id is None:
             return
+        link = self.by_host.get(note.host_id)
         if link is not None and link.state == link.STATE_OPEN:
             self.spawn(link.send_snapshots())
 
     def host_changed(self, payload: str) -> None:
         """``treadmill_hosts``: close links superseded elsewhere, or whose host is gone."""
-        host = payload.partition(" ")[0]
-        try:
-            link = self.by_host.get(int(host))
-        except ValueError:
+        note = HostNote.parse(payload)
+        if note is None:
             return
+        link = self.by_host.get(note.host_id)
         if link is None:
             return
 
@@ -612,7 +612,7 @@ class SupervisorLinks(MultiService):
 
         self.spawn(check())
 
-    def _drop(self, link: SupervisorLink, code: CloseCode, reason: str) -> None:
+    def _drop(self, link: SupervisorSession, code: CloseCode, reason: str) -> None:
         if self.by_host.get(link.host_id) is link:  # type: ignore[arg-type]
             del self.by_host[link.host_id]  # type: ignore[arg-type]
         link.registered = False
@@ -623,7 +623,7 @@ class SupervisorLinks(MultiService):
         else:
             link.dropConnection(abort=True)
 
-    def report_not_stored(self, link: SupervisorLink) -> None:
+    def report_not_stored(self, link: SupervisorSession) -> None:
         """``link``'s supervisor holds a report it will send again after a backoff that
         may have grown long; once the database answers, make it send that report now."""
         self.unstored.add(link)
@@ -711,7 +711,7 @@ class SupervisorLinks(MultiService):
             else:
                 self.spawn(link.reconcile())
 
-    def _reconcile_later(self, link: SupervisorLink) -> None:
+    def _reconcile_later(self, link: SupervisorSession) -> None:
         if link.state == link.STATE_OPEN and self.by_host.get(link.host_id) is link:  # type: ignore
             self.spawn(link.reconcile())
 
