@@ -38,6 +38,7 @@ from treadmill.common.http import (
 )
 from treadmill.images.registry import canonical_store_url
 from treadmill.protocol.results import ResultsError, check_patterns
+from treadmill.protocol.supervisor import RESERVATION_PARAMETER
 from treadmill.switchboard import credentials, repositories, schemas, views
 from treadmill.switchboard.access import PRIVILEGES, Principal, effective
 from treadmill.switchboard.audit import Recorder
@@ -45,7 +46,7 @@ from treadmill.switchboard.auth import Authenticator, PasswordGuard
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.events import JobWatchers
 from treadmill.switchboard.jobstate import InvalidTransition, Reason, State
-from treadmill.switchboard.store import RESERVATION_PARAMETER, Conflict, JobSpec, NotFound, Store
+from treadmill.switchboard.store import Conflict, JobSpec, NotFound, Store
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,12 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from treadmill.common import sshkeys
-from treadmill.common.captoken import MAX_TTL, Access, CapabilitySigner, bearer_token
+from treadmill.common.captoken import CapabilitySigner, bearer_token
 from treadmill.protocol import supervisor as protocol
 from treadmill.protocol.supervisor import CloseCode, ProtocolError
 from treadmill.switchboard import credentials
 from treadmill.switchboard.database import unavailable
+from treadmill.switchboard.jobstart import job_start
 from treadmill.switchboard.jobstate import InvalidTransition, Reason, Stage, State, Status
 from treadmill.switchboard.notifications import HostNote, JobNote, SnapshotNote
 from treadmill.switchboard.reconcile import (
@@ -413,26 +414,16 @@ class SupervisorSession(WebSocketServerProtocol):
                           action=action, why=str(e))
 
     async def _start(self, job_id: str) -> None:
-        found = await self.links.store.job_start(job_id)
-        if found is None or found["host_id"] != self.host_id:
+        store = self.links.store
+        row = await store.job_start(job_id)
+        if row is None or row["host_id"] != self.host_id:
             return
-        start = found["start"]
-        if self.minor >= 1 and found["log_servers"] and self.links.signer is not None:
-            # One write token for every replica: append to this job's streams only.
-            ttl = min(start["timeout"] + 3600.0, MAX_TTL)
-            token = self.links.signer.sign(f"host:{self.host_name}", self.links.log_service,
-                                           [Access("job", job_id, ("append",))], ttl)
-            start["log_servers"] = [{"url": url, "token": token}
-                                    for url in found["log_servers"]]
-        if self.minor >= 2 and self.links.proxies and self.links.signer is not None:
-            ttl = min(start["timeout"] + 3600.0, MAX_TTL)
-            token = self.links.signer.sign(f"host:{self.host_name}", self.links.proxy_service,
-                                           [Access("tunnel", job_id, ("publish",))], ttl)
-            start["proxies"] = [{"url": url, "token": token} for url in self.links.proxies]
-        if self.minor >= protocol.RESULTS_MINOR and found.get("results"):
-            start["results"] = found["results"]
-        if self.minor >= protocol.SSH_KEYS_MINOR:
-            start["ssh_keys"] = await self.links.store.job_ssh_keys(job_id)
+        ssh_keys = (await store.job_ssh_keys(job_id)
+                    if self.minor >= protocol.SSH_KEYS_MINOR else None)
+        start = job_start(row, minor=self.minor, host_name=self.host_name,
+                          signer=self.links.signer, log_service=self.links.log_service,
+                          proxies=self.links.proxies, proxy_service=self.links.proxy_service,
+                          ssh_keys=ssh_keys)
         answer = await self.request(protocol.start_job(0, start))
         if answer["ok"]:
             return

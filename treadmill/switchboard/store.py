@@ -60,10 +60,6 @@ class IdempotencyKeyReused(Conflict):
     """An Idempotency-Key sent again with a different request."""
 
 
-RESERVATION_PARAMETER = "treadmill.reservation"
-"""The job parameter a reservation's start carries (``"true"``); users may not set it."""
-
-
 @dataclass(frozen=True)
 class JobSpec:
     """A validated job request, ready to insert."""
@@ -887,27 +883,16 @@ class Store:
             "'terminating')", (host_id,))
 
     async def job_start(self, job_id: str) -> dict | None:
-        """What a supervisor needs to start the job (secrets included)."""
-        row = await self.pool.fetchone(
-            "SELECT id, image_name, image_digest, image_stores, parameters, timeout, tags, "
-            "label, host_id, log_servers, results, reservation FROM jobs WHERE id = %s",
-            (job_id,))
-        if row is None:
-            return None
-        # Only registered stores reach a host: one removed since the job was
-        # enqueued (or never registered) is dropped.
-        registered = {r["url"] for r in await self.list_image_stores()}
-        stores = [url for url in row["image_stores"] if url.rstrip("/") in registered]
-        start = {"id": row["id"], "timeout": row["timeout"], "tags": row["tags"],
-                 "label": row["label"],
-                 "image": {"digest": row["image_digest"], "name": row["image_name"],
-                           "stores": stores},
-                 "parameters": {name: {"value": p["value"], "secret": bool(p.get("secret"))}
-                                for name, p in row["parameters"].items()}}
-        if row["reservation"]:  # The host's driver holds it (docs/jobs.md, Reservations).
-            start["parameters"][RESERVATION_PARAMETER] = {"value": "true", "secret": False}
-        return {"host_id": row["host_id"], "start": start, "log_servers": row["log_servers"],
-                "results": row["results"]}
+        """The row a supervisor's ``JobStart`` is built from (secrets included; see
+        :mod:`treadmill.switchboard.jobstart`). Its ``image_stores`` are the job's
+        registered ones only: a store removed since the job was enqueued (or never
+        registered) does not reach a host."""
+        return await self.pool.fetchone(
+            "SELECT j.id, j.image_name, j.image_digest, j.parameters, j.timeout, j.tags, "
+            "j.label, j.host_id, j.log_servers, j.results, j.reservation, "
+            "ARRAY(SELECT u.url FROM unnest(j.image_stores) WITH ORDINALITY AS u(url, n) "
+            "WHERE rtrim(u.url, '/') IN (SELECT s.url FROM image_stores s) ORDER BY u.n) "
+            "AS image_stores FROM jobs j WHERE j.id = %s", (job_id,))
 
     async def apply_host_event(self, host_id: int, job_id: str, new: Status, *,
                                exit_status: int | None = None,
