@@ -23,7 +23,7 @@ from treadmill.supervisor.fleet import ws_url_for
 from treadmill.supervisor.service import SupervisorConfig, SupervisorService
 from treadmill.switchboard.api import Limits
 from treadmill.switchboard.jobstate import Reason, State, Status
-from treadmill.switchboard.store import JobSpec
+from treadmill.switchboard.store.jobs import JobSpec
 
 MAX_TIMEOUT = 60.0
 

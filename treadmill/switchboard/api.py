@@ -46,7 +46,9 @@ from treadmill.switchboard.auth import Authenticator, PasswordGuard
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.events import JobWatchers
 from treadmill.switchboard.jobstate import InvalidTransition, Reason, State
-from treadmill.switchboard.store import Conflict, JobSpec, NotFound, Store
+from treadmill.switchboard.store import Store
+from treadmill.switchboard.store.errors import Conflict, NotFound
+from treadmill.switchboard.store.jobs import JobSpec
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ from treadmill.switchboard.reconcile import (
     Stop,
     decide,
 )
-from treadmill.switchboard.store import NotFound, NotYourJob, Store
+from treadmill.switchboard.store import Store
+from treadmill.switchboard.store.errors import NotFound, NotYourJob
 
 REQUEST_TIMEOUT = 30.0
 _IMAGE_ERRORS = {"image_not_found", "image_invalid"}

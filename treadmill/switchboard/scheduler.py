@@ -28,7 +28,8 @@ from twisted.logger import Logger
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.jobstate import InvalidTransition, Reason, State, Status
 from treadmill.switchboard.notifications import HostNote, JobNote
-from treadmill.switchboard.store import NotFound, Store
+from treadmill.switchboard.store import Store
+from treadmill.switchboard.store.errors import NotFound
 
 
 class Scheduler(MultiService):
