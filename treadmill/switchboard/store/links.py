@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg2
-import psycopg2.errors
 from psycopg2.extras import Json
 
 from treadmill.switchboard.database import Cursor

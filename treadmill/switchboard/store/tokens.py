@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime
 
 import psycopg2
-import psycopg2.errors
 
 from treadmill.switchboard.access import Principal
 from treadmill.switchboard.store.base import Queries
