@@ -10,7 +10,8 @@ registers the routes of one domain on it, as methods of a
 :class:`SwitchboardAPI` combines those classes:
 
 - ``base``: the app, the injected state, errors mapped to answers, the caller
-  and resource lookups; ``args``: query arguments, ids, cursors, headers;
+  and resource lookups; ``limits`` (``Limits``, the configured bounds); ``args``:
+  query arguments, ids, cursors, headers;
 - ``public``: health, the OpenAPI document, capability keys, the supervisors'
   WebSocket;
 - ``users``, ``tokens`` (login, API tokens), ``keys`` (SSH keys);
@@ -22,7 +23,6 @@ registers the routes of one domain on it, as methods of a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from treadmill.common.captoken import CapabilitySigner
@@ -33,6 +33,7 @@ from treadmill.switchboard.api.images import ImageRoutes
 from treadmill.switchboard.api.imagetokens import ImageTokenRoutes
 from treadmill.switchboard.api.jobs import JobRoutes
 from treadmill.switchboard.api.keys import KeyRoutes
+from treadmill.switchboard.api.limits import Limits
 from treadmill.switchboard.api.public import PublicRoutes
 from treadmill.switchboard.api.snapshots import SnapshotRoutes
 from treadmill.switchboard.api.stores import StoreRoutes
@@ -41,26 +42,6 @@ from treadmill.switchboard.audit import Recorder
 from treadmill.switchboard.auth import Authenticator, PasswordGuard
 from treadmill.switchboard.events import JobWatchers
 from treadmill.switchboard.store import Store
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Configured bounds and defaults of the API."""
-
-    default_token_ttl: float = 30 * 24 * 3600
-    default_timeout: float = 3600
-    max_timeout: float = 7 * 24 * 3600
-    default_queue_timeout: float = 24 * 3600
-    max_queue_timeout: float = 30 * 24 * 3600
-    max_page: int = 500
-    keepalive: float = 15.0
-    log_servers: tuple[str, ...] = ()
-    log_replicas: int = 2
-    log_service: str = "treadmill-logserver"
-    log_read_ttl: float = 3600.0
-    proxy_service: str = "treadmill-proxy"
-    console_token_ttl: float = 300.0
-    image_history: int = 50
 
 
 class SwitchboardAPI(PublicRoutes, ImageTokenRoutes, StoreRoutes, UserRoutes, KeyRoutes,

@@ -4,7 +4,7 @@ and of the resource a route names."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from klein import Klein
 from twisted.internet.defer import CancelledError
@@ -17,6 +17,7 @@ from treadmill.common.captoken import CapabilitySigner
 from treadmill.common.http import ApiError, http_exception_error, respond_error, respond_internal
 from treadmill.switchboard.access import Principal, effective
 from treadmill.switchboard.api.args import path_uuid
+from treadmill.switchboard.api.limits import Limits
 from treadmill.switchboard.audit import Recorder
 from treadmill.switchboard.auth import Authenticator, PasswordGuard
 from treadmill.switchboard.database import unavailable
@@ -24,9 +25,6 @@ from treadmill.switchboard.events import JobWatchers
 from treadmill.switchboard.jobstate import InvalidTransition
 from treadmill.switchboard.store import Store
 from treadmill.switchboard.store.errors import Conflict, NotFound
-
-if TYPE_CHECKING:
-    from treadmill.switchboard.api import Limits
 
 RETRY_AFTER = b"2"
 """Seconds a client waits before retrying a ``503`` (the database reconnects within one)."""

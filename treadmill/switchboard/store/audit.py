@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Self
 
 from psycopg2.extras import Json
 
@@ -13,9 +13,6 @@ from treadmill.common.http import dumps
 from treadmill.switchboard.access import Principal
 from treadmill.switchboard.database import Cursor
 from treadmill.switchboard.store.base import Queries
-
-if TYPE_CHECKING:
-    from treadmill.switchboard.store import Store
 
 
 class _InTransaction:
@@ -40,7 +37,7 @@ class _InTransaction:
 class AuditQueries(Queries):
     """The audit log (:mod:`treadmill.switchboard.audit`)."""
 
-    async def audited(self, call: Callable[[Store], Awaitable[Any]],
+    async def audited(self, call: Callable[[Self], Awaitable[Any]],
                       describe: Callable[[Any], Any]) -> Any:
         """``await call(store)`` and append ``describe(result)`` in one transaction: no
         change without its record, no record without its change. ``call`` gets a store
