@@ -24,7 +24,7 @@ from treadmill.supervisor.drivers.mock import RESERVATION_PARAMETER, MockSetting
 from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.api import Limits
 from treadmill.switchboard.jobstate import Reason, State, Status
-from treadmill.switchboard.store import JobSpec
+from treadmill.switchboard.store.jobs import JobSpec
 
 MAX_TIMEOUT = 60.0
 

@@ -18,9 +18,7 @@ from treadmill.common.wsjson import MAX_CLOSE_REASON, JsonSession, QuietLogger, 
 
 # Protocol classes not yet on the kit, by "module:Class". Each entry is removed when its
 # owner adopts QuietLogger; the test fails if an entry is no longer needed.
-NOT_YET_QUIET = {
-    "treadmill.switchboard.links:SupervisorLink",  # adopted at merge
-}
+NOT_YET_QUIET: set[str] = set()
 
 
 def _websocket_protocols() -> dict[str, type]:

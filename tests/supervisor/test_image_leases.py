@@ -42,7 +42,7 @@ from treadmill.images import format as fmt
 from treadmill.images.oci import RegistryClient
 from treadmill.supervisor import tap
 from treadmill.supervisor.fetch import ImageFetcher
-from treadmill.switchboard import registry as policy
+from treadmill.switchboard import repositories as policy
 
 HOST_TOKENS = {"tmh_host-one-token": "host-1", "tmh_host-two-token": "host-2"}
 PUSHER = ("pusher", "tmt_pusher-secret")

@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.task import deferLater
 
 from treadmill.switchboard.database import Listener, Pool, migrate, migrations
+from treadmill.switchboard.notifications import JobNote
 
 
 async def sleep(seconds: float) -> None:
@@ -185,12 +186,15 @@ async def test_observer_failure_does_not_stop_delivery(pool, listener):
 
 @pytest_twisted.ensureDeferred
 async def test_job_trigger_notifies_insert_and_update(pool, listener):
-    """Every insert or update of a job notifies ``"<id> <state>"`` (later
-    migrations may append fields after these two; watchers read only the id)."""
+    """Every insert or update of a job notifies a :class:`JobNote`
+    (``"<id> <state> <host id or ->"``)."""
     _, recorder = listener
 
     def heads(payloads: list[str]) -> list[list[str]]:
-        return [payload.split(" ")[:2] for payload in payloads]
+        notes = [JobNote.parse(payload) for payload in payloads]
+        assert None not in notes, payloads
+        assert {note.host_id for note in notes} <= {None}
+        return [[note.job_id, note.state] for note in notes]
 
     user = await pool.fetchone("INSERT INTO users (name) VALUES ('owner') RETURNING id")
     job = await pool.fetchone(

@@ -29,7 +29,7 @@ from treadmill.switchboard.service import (
     SwitchboardConfig,
     SwitchboardService,
 )
-from treadmill.switchboard.store import SCHEDULER_LOCK, SCHEDULING_TIMEOUTS
+from treadmill.switchboard.store.scheduler import SCHEDULER_LOCK, SCHEDULING_TIMEOUTS
 
 DIGEST = "sha256:" + "d" * 64
 QUICK = {"scheduler_interval": 60.0, "unreachable_after": 60.0}

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from treadmill.switchboard.registry import Scope, ScopeError, may_write, parse_scopes, user_actions
+from treadmill.switchboard.repositories import (
+    Scope,
+    ScopeError,
+    may_write,
+    parse_scopes,
+    user_actions,
+)
 
 ALL = ("pull", "push", "delete")
 
