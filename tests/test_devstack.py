@@ -20,8 +20,9 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
-from tests.daemons import _Output, free_port, run_python
-from tests.proxy.support import console, echo_client, echo_once, free_range
+from tests.proxy.support import console, echo_client, echo_once
+from tests.util.daemons import _Output, run_python
+from tests.util.ports import free_port, free_range
 from treadmill.cli.main import run as tml
 from treadmill.protocol import supervisor as protocol
 from treadmill.proxy.messages import ConsoleCloseCode

@@ -99,8 +99,8 @@ def claims(token: str) -> dict[str, Any]:
 
 
 @pytest_twisted.async_yield_fixture
-async def bed(database: str, tmp_path: Path) -> AsyncIterator[Bed]:
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
     store = ImageStoreService(reactor, ImageStoreConfig(
         root=str(tmp_path / "store"), listen=["tcp:0:interface=127.0.0.1"],

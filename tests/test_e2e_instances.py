@@ -25,9 +25,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 
-from tests.daemons import Daemon, free_port, run_python
 from tests.support import Client
 from tests.switchboard.peer import eventually
+from tests.util.daemons import Daemon, run_python
+from tests.util.ports import free_port
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
 from treadmill.supervisor.fleet import Fleet
@@ -51,7 +52,7 @@ class HAProxy(Daemon):
         self.config = config
 
     def start(self) -> None:
-        from tests.daemons import _Output
+        from tests.util.daemons import _Output
 
         self._proto = _Output(self.log)
         argv = [HAPROXY, "-db", "-f", str(self.config)]

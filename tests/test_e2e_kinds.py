@@ -37,8 +37,8 @@ async def cli(url: str, token: str, *argv: str) -> tuple[int, str]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_jobs_go_to_hosts_of_their_kind(database: str, tmp_path: Path) -> None:
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def test_jobs_go_to_hosts_of_their_kind(migrated_database: str, tmp_path: Path) -> None:
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
     supervisors: list[SupervisorService] = []
     try:

@@ -37,8 +37,8 @@ async def sleep(seconds: float) -> None:
 
 
 @pytest_twisted.async_yield_fixture
-async def testbed(database: str, tmp_path: Path):
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def testbed(migrated_database: str, tmp_path: Path):
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1,
                                  limits=Limits(max_timeout=MAX_TIMEOUT, default_timeout=30))
     token = await add_host(sb.admin, "mock-1", ["mock"])

@@ -76,12 +76,12 @@ class Bed:
 
 
 @pytest_twisted.async_yield_fixture
-async def bed(database: str, tmp_path: Path) -> AsyncIterator[Bed]:
+async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
     key = tmp_path / "capability-key.pem"
     load_or_create_signing_key(str(key))
     logs: LogServerService
     logs, log_url = await start_logserver(tmp_path / "logs", key)
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=_limits(log_url))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     supervisor = SupervisorService(reactor, SupervisorConfig(

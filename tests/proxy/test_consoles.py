@@ -24,9 +24,9 @@ from tests.proxy.support import (
     echo_client,
     new_job,
     opened_control,
-    sleep,
     start_proxy,
 )
+from tests.util.waiting import sleep
 from treadmill.proxy import messages
 from treadmill.proxy.messages import ConsoleCloseCode
 from treadmill.proxy.service import redacting_log_formatter

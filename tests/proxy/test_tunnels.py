@@ -23,16 +23,15 @@ from tests.proxy.support import (
     TransferService,
     echo_client,
     echo_once,
-    eventually,
     expected_digest,
     new_job,
     opened_control,
-    sleep,
     start_proxy,
     start_tls_proxy,
     tcp_transfer,
     ws_transfer,
 )
+from tests.util.waiting import eventually, sleep
 from treadmill.proxy import messages
 from treadmill.supervisor.exposure import ExposureManager, listen_echo
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest_twisted
 
-from tests.daemons import free_port
 from tests.logserver.support import Keys, LogClient, Running, start_logserver
 from tests.supervisor.peer import JOB_A, FakeSwitchboard, job, sleep
+from tests.util.ports import free_port
 from treadmill.supervisor import joblogs
 from treadmill.supervisor.logship import LOGS_DIR, LogShipper
 from treadmill.supervisor.runner import RESTART_MESSAGE

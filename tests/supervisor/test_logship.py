@@ -14,8 +14,9 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from tests.daemons import Daemon, free_port
 from tests.logserver.support import Keys, LogClient, Running, new_job, start_logserver
+from tests.util.daemons import Daemon
+from tests.util.ports import free_port
 from treadmill.supervisor.logship import LOGS_DIR, MARKER, LogShipper
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.3, "save_interval": 0.05,

@@ -158,9 +158,9 @@ async def test_enqueue_with_every_field(switchboard):
 
 
 @pytest_twisted.ensureDeferred
-async def test_configured_defaults_apply(database, tmp_path):
+async def test_configured_defaults_apply(migrated_database, tmp_path):
     limits = Limits(default_timeout=123, default_queue_timeout=456, max_timeout=1000)
-    sb = await start_switchboard(database, tmp_path, limits=limits)
+    sb = await start_switchboard(migrated_database, tmp_path, limits=limits)
     try:
         job = await enqueue(sb.admin)
         assert job["timeout"] == 123 and job["queue_timeout"] == 456
@@ -614,8 +614,8 @@ async def test_watch_requires_read(switchboard):
 
 
 @pytest_twisted.async_yield_fixture
-async def fast_switchboard(database, tmp_path):
-    running = await start_switchboard(database, tmp_path, timeout_interval=0.1)
+async def fast_switchboard(migrated_database, tmp_path):
+    running = await start_switchboard(migrated_database, tmp_path, timeout_interval=0.1)
     try:
         yield running
     finally:

@@ -203,8 +203,9 @@ async def test_end_to_end_through_the_daemon_and_tml(database: str, tmp_path: Pa
 
     import psycopg2
 
-    from tests.daemons import Daemon, free_port, run_python
     from tests.switchboard.test_daemon import write_config
+    from tests.util.daemons import Daemon, run_python
+    from tests.util.ports import free_port
     from treadmill.cli.main import run as tml
 
     port = free_port()
