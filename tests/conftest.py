@@ -180,3 +180,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if untiered:
         raise pytest.UsageError("tests without a tier (see tests/conftest.py): "
                                 + ", ".join(untiered[:10]))
+    if hasattr(config, "workerinput"):
+        # Under pytest-xdist (tools/test), the slow tiers first, so that the long files do
+        # not end the run on one worker while the other idles; a file's tests stay together.
+        rank = {"e2e": 0, "integration": 1, "unit": 2}
+        by_file: dict[Path, int] = {}
+        for item in items:
+            by_file[item.path] = min(by_file.get(item.path, 2), rank[tier_of(item) or "unit"])
+        items.sort(key=lambda item: by_file[item.path])

@@ -23,9 +23,9 @@ from twisted.internet.task import deferLater
 
 from tests.proxy.support import console, console_echo, echo_client, start_proxy
 from tests.support import start_switchboard
-from tests.switchboard.peer import eventually
 from tests.util.daemons import _Output
 from tests.util.ports import free_port
+from tests.util.waiting import eventually
 from treadmill.common.captoken import CapabilitySigner, load_or_create_signing_key
 from treadmill.proxy.messages import ConsoleCloseCode
 from treadmill.supervisor.drivers import STAGES

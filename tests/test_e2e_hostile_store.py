@@ -32,7 +32,7 @@ from twisted.web.server import Site
 pytest.importorskip("treadmill.imagestore.service")
 
 from tests.support import Client, RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.images import format as fmt
 from treadmill.images.registry import RegistryClient
 from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService

@@ -26,9 +26,9 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 
 from tests.support import Client
-from tests.switchboard.peer import eventually
 from tests.util.daemons import Daemon, run_python
 from tests.util.ports import free_port
+from tests.util.waiting import eventually, sleep
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
 from treadmill.supervisor.fleet import Fleet
@@ -172,10 +172,6 @@ async def cluster(database: str, tmp_path: Path):
         yield c
     finally:
         await c.stop()
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 @pytest_twisted.ensureDeferred

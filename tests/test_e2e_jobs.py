@@ -17,9 +17,9 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from tests.support import Client, start_switchboard
-from tests.switchboard.peer import eventually
 from tests.util.daemons import Daemon, run_python
 from tests.util.ports import free_port
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 
 from tests.support import start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.logserver.service import LogServerConfig, LogServerService

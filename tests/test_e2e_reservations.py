@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from tests.support import start_switchboard
 from tests.test_e2e_jobs import DIGEST, add_host, cli, final, state_is
+from tests.util.waiting import sleep
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import RESERVATION_PARAMETER, MockSettings
 from treadmill.supervisor.fleet import ws_url_for
@@ -30,10 +30,6 @@ MAX_TIMEOUT = 60.0
 
 def _time(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 @pytest_twisted.async_yield_fixture

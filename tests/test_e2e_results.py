@@ -18,8 +18,8 @@ import treq
 from twisted.internet import reactor
 
 from tests.support import RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import eventually
 from tests.test_e2e_logs import start_logserver
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.logserver.service import LogServerService

@@ -29,7 +29,7 @@ from tests.logserver.support import Running as RunningLogServer
 from tests.proxy.support import Keys as ProxyKeys
 from tests.proxy.support import start_proxy
 from tests.support import start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.common.metrics import metrics_service
 from treadmill.logserver.service import LogServerConfig, LogServerService

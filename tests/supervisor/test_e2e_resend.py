@@ -13,7 +13,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from tests.support import start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings

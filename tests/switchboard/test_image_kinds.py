@@ -13,7 +13,8 @@ from typing import Any
 import pytest_twisted
 
 from tests.support import RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import Peer, Script, eventually
+from tests.switchboard.peer import Peer, Script
+from tests.util.waiting import eventually
 from treadmill.switchboard.scheduling import FreeHost, QueuedJob, assign, may_run
 
 DIGEST_VM = "sha256:" + "a" * 64

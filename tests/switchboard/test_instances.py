@@ -18,10 +18,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 
 from tests.support import RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import Peer, Script, eventually
+from tests.switchboard.peer import Peer, Script
+from tests.util.waiting import eventually, sleep
 from treadmill.common.http import ApiError
 from treadmill.switchboard.jobstate import Reason, State, Status
 from treadmill.switchboard.service import (
@@ -90,10 +90,6 @@ async def reaches(sb: RunningSwitchboard, job_id: str, state: str,
         return await state_of(sb, job_id) == state
 
     await eventually(check, timeout=timeout)
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 async def freeze_heartbeat(sb: RunningSwitchboard) -> None:

@@ -11,29 +11,16 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 
 from tests.support import Client, start_switchboard
+from tests.util.waiting import eventually as wait_for
+from tests.util.waiting import sleep
 from treadmill.switchboard.api import Limits
 from treadmill.switchboard.jobstate import Reason, Stage, State, Status
 
 DIGEST = "sha256:" + "ab" * 32
 OTHER_DIGEST = "sha256:" + "cd" * 32
 SECRET = "s3cr3t-value-that-must-never-leak-7f3a9c"
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
-
-
-async def wait_for(predicate, timeout: float = 3.0, step: float = 0.02) -> bool:
-    waited = 0.0
-    while waited < timeout:
-        if predicate():
-            return True
-        await sleep(step)
-        waited += step
-    return bool(predicate())
 
 
 async def enqueue(client: Client, **fields: Any) -> dict:

@@ -16,7 +16,8 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from tests.support import RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import Peer, Script, eventually
+from tests.switchboard.peer import Peer, Script
+from tests.util.waiting import eventually
 from treadmill.protocol import supervisor as protocol
 from treadmill.switchboard.jobstate import Reason, State, Status
 

@@ -28,8 +28,8 @@ from tests.supervisor.qemu.test_service import (
     url_of,
 )
 from tests.support import RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import eventually
 from tests.test_e2e_logs import start_logserver
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.supervisor.service import SupervisorService

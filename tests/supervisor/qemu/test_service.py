@@ -18,7 +18,7 @@ pytest.importorskip("treadmill.imagestore.service")
 
 from tests.supervisor.qemu.conftest import BuiltImage, needs_qemu, qemu_processes
 from tests.support import RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.images.registry import RegistryClient
 from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
 from treadmill.supervisor.fleet import ws_url_for

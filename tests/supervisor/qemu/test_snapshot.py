@@ -20,8 +20,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
+from tests.fakes.reporter import Recorder
 from tests.supervisor.qemu.conftest import BuiltImage, FakeFetcher, needs_qemu
-from tests.supervisor.reporter import Recorder
 from treadmill.images import format as fmt
 from treadmill.supervisor.drivers import IHostSnapshots, SnapshotError
 from treadmill.supervisor.drivers.qemu import QemuDriver, QemuSettings

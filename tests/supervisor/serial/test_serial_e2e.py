@@ -16,7 +16,7 @@ from twisted.internet import reactor
 
 from tests.supervisor.serial.support import FakeBoard, write_cache
 from tests.support import Client, RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.supervisor.fleet import ws_url_for
 from treadmill.supervisor.service import SupervisorConfig, SupervisorService
 
