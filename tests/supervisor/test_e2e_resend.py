@@ -24,8 +24,8 @@ DIGEST = "sha256:" + "e" * 64
 
 
 @pytest_twisted.ensureDeferred
-async def test_repeated_events_are_applied_once(database: str, tmp_path: Path) -> None:
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def test_repeated_events_are_applied_once(migrated_database: str, tmp_path: Path) -> None:
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     assert r.status == 201, r.body

@@ -783,8 +783,8 @@ class ChunkedBody:
 
 
 @pytest_twisted.async_yield_fixture
-async def small(database, tmp_path):
-    sb = await start_switchboard(database, tmp_path, max_body=1024)
+async def small(migrated_database, tmp_path):
+    sb = await start_switchboard(migrated_database, tmp_path, max_body=1024)
     try:
         yield World(sb, await sb.user("alice"), await sb.user("bob"), MISSING_JOB, "")
     finally:

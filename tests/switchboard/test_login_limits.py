@@ -59,9 +59,9 @@ def hashes(monkeypatch: pytest.MonkeyPatch) -> Iterator[HashCounter]:
     yield counter
 
 
-async def make_switchboard(database: str, tmp_path: Path, policy: PasswordPolicy
+async def make_switchboard(migrated_database: str, tmp_path: Path, policy: PasswordPolicy
                            ) -> RunningSwitchboard:
-    sb = await start_switchboard(database, tmp_path, passwords=policy)
+    sb = await start_switchboard(migrated_database, tmp_path, passwords=policy)
     for name in ("alice", "bob"):
         hashed = credentials.hash_password_sync(PASSWORD)
         await sb.store.create_user(name, False, hashed)

@@ -28,8 +28,8 @@ NEW = "sha256:" + "d" * 64
 
 
 @pytest_twisted.async_yield_fixture
-async def sb(database: str, tmp_path: Path):
-    running = await start_switchboard(database, tmp_path, **FAST)
+async def sb(migrated_database: str, tmp_path: Path):
+    running = await start_switchboard(migrated_database, tmp_path, **FAST)
     await running.register_store(STORE, "store")
     try:
         yield running
