@@ -2,5 +2,6 @@
 
 - ``waiting``: ``sleep``, ``within`` (a Deferred with a deadline), ``eventually`` (polling).
 - ``ports``: free loopback ports and port ranges.
+- ``certs``: a CA and a server certificate for localhost (``make_pki``).
 - ``daemons``: a role as a ``twistd`` child process, ``run_python``.
 """
