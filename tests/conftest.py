@@ -1,11 +1,13 @@
-"""Fixtures shared by every test: a real PostgreSQL, a real switchboard.
+"""Fixtures shared by every test (a real PostgreSQL, a real switchboard), and the tiers.
 
-PostgreSQL is an ephemeral cluster started once per session from the
-system's server binaries (UNIX socket only), unless ``TREADMILL_TEST_DSN``
-names a server whose role may create databases. Each test that asks for
-``database`` gets a fresh, empty database of its own; ``migrated_database`` is
-a fresh database with every migration applied (a copy of one migrated once per
-session), which is what the ``switchboard`` fixtures start on.
+PostgreSQL is an ephemeral cluster started once per session (so once per
+pytest-xdist worker) from the system's server binaries (UNIX socket only),
+unless ``TREADMILL_TEST_DSN`` names a server whose role may create databases.
+Each test that asks for ``database`` gets a fresh, empty database of its own;
+``migrated_database`` is a fresh database with every migration applied (a copy
+of one migrated once per session), which is what the ``switchboard`` fixtures
+start on. Every test gets a tier marker here (``unit``, ``integration``,
+``e2e``; see ``tier_of``).
 """
 
 from __future__ import annotations
