@@ -327,6 +327,18 @@ COMMON_SETTINGS: tuple[Setting, ...] = (
 )
 
 
+def http_settings(listeners: str) -> tuple[Setting, ...]:
+    """``listen`` and ``http.access_log`` of a role that serves HTTP, filling the config
+    fields ``listen`` and ``access_log``; ``listeners`` says what its listeners serve."""
+    return (
+        Setting("listen", server_endpoints, FIELD,
+                f"{listeners} (endpoint descriptions: tcp:, ssl:, unix:, systemd:).",
+                field="listen"),
+        Setting("http.access_log", BOOL, FIELD, "Log one line per HTTP request.",
+                field="access_log"),
+    )
+
+
 def flatten(table: Mapping[str, Any], prefix: str = "",
             keep: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Flatten nested TOML tables into dotted keys (except the tables named in ``keep``)."""
@@ -450,6 +462,15 @@ class RoleOptions(usage.Options):
                         f"metrics listener {desc!r} is not a UNIX socket or bound to "
                         "loopback: set metrics.allow_remote = true to serve metrics to "
                         "other hosts", key="metrics.listen", source=source)
+
+
+def check_order(values: Mapping[str, Any], source: str, *pairs: tuple[str, str]) -> None:
+    """For a role's ``checkSettings``: each ``(lower, upper)`` pair of numeric settings
+    must have ``values[lower] <= values[upper]``; else a ConfigError on ``lower``."""
+    for lower, upper in pairs:
+        if values[lower] > values[upper]:
+            raise ConfigError(f"{lower} ({values[lower]:g}) exceeds {upper} "
+                              f"({values[upper]:g})", key=lower, source=source)
 
 
 def _is_local_endpoint(desc: str) -> bool:

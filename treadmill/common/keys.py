@@ -34,7 +34,15 @@ from treadmill.common.captoken import (
     load_public_keys,
     parse_jwks,
 )
-from treadmill.common.config import FLOAT, STR, ConfigError, Setting, positive
+from treadmill.common.config import (
+    FIELD,
+    FLOAT,
+    STR,
+    ConfigError,
+    Setting,
+    positive,
+    with_fields,
+)
 from treadmill.common.files import write_atomically
 
 
@@ -75,7 +83,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth.issuer", STR, "treadmill", "Issuer (iss) capability tokens must carry."),
     Setting("auth.ca_file", STR, None, "CA certificates for an https keys_url."),
 )
-"""Settings of every satellite role (add them to the role's ``Options.settings``)."""
+"""The key source's settings (:func:`satellite_settings` adds them to a role's table)."""
+
+
+def satellite_settings(what: str, keys_field: str) -> tuple[Setting, ...]:
+    """The settings of every satellite role: ``service``, its name (the audience of the
+    capability tokens it accepts, filling the config field ``service``), and the key
+    source's :data:`SETTINGS`, filling ``keys_field`` (:func:`with_fields`)."""
+    return (
+        Setting("service", STR, FIELD,
+                f"This {what}'s name: the audience (aud) its capability tokens must name.",
+                field="service"),
+        *with_fields(SETTINGS, keys_field),
+    )
 
 
 def require_keys(values: Mapping[str, Any], source: str,
