@@ -101,24 +101,23 @@ def _strlist(value: Any) -> list[str]:
     raise ValueError("expected a list of strings")
 
 
-def server_endpoint(value: Any) -> str:
-    """Check a listening endpoint description (``tcp:8080:interface=::1``)."""
+def _endpoint(value: Any, parse: Callable[[Any, str], Any], what: str) -> str:
     desc = _str(value)
     try:
-        serverFromString(MemoryReactor(), desc)
+        parse(MemoryReactor(), desc)
     except Exception as e:
-        raise ValueError(f"invalid listening endpoint {desc!r}: {e}") from None
+        raise ValueError(f"invalid {what} endpoint {desc!r}: {e}") from None
     return desc
+
+
+def server_endpoint(value: Any) -> str:
+    """Check a listening endpoint description (``tcp:8080:interface=::1``)."""
+    return _endpoint(value, serverFromString, "listening")
 
 
 def client_endpoint(value: Any) -> str:
     """Check a connecting endpoint description (``tcp:host=example.org:port=80``)."""
-    desc = _str(value)
-    try:
-        clientFromString(MemoryReactor(), desc)
-    except Exception as e:
-        raise ValueError(f"invalid client endpoint {desc!r}: {e}") from None
-    return desc
+    return _endpoint(value, clientFromString, "client")
 
 
 def server_endpoints(value: Any) -> list[str]:
