@@ -8,6 +8,6 @@
 - ``logging``, ``tls``, ``manhole``, ``metrics``, ``ratelimit``, ``sshkeys``.
 - ``messages``: JSON messages over a WebSocket; ``schema``: JSON Schema validation.
 - ``files``: atomic, durable file writes; ``ranges``: HTTP ``Range`` headers.
-- ``splice``: joining two connections with backpressure.
+- ``splice``: joining two connections with backpressure; ``deferreds``: ``fork``.
 - ``wsjson``: the JSON-WebSocket session (quiet logger, ``send``/``close``/``violation``).
 """
