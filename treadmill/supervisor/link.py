@@ -23,6 +23,7 @@ the count, so the next attempt comes after ``reconnect_initial``.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,6 +90,9 @@ def parse_url(url: str) -> tuple[bool, str, int, str]:
     return secure, host, port, f"{parts.scheme}://{shown}:{port}{path}"
 
 
+_parse = functools.partial(protocol.parse, expect=protocol.TO_SUPERVISOR)
+
+
 class SupervisorProtocol(JsonSession, WebSocketClientProtocol):
     """One connection to the switchboard: a runner :class:`~runner.Session`."""
 
@@ -140,15 +144,8 @@ class SupervisorProtocol(JsonSession, WebSocketClientProtocol):
         return self.factory.link  # type: ignore[no-any-return]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if not self.handling:
-            return
-        if isBinary:
-            self.violation("binary frames are not part of the protocol")
-            return
-        try:
-            message = protocol.parse(payload, expect=protocol.TO_SUPERVISOR)
-        except protocol.ProtocolError as e:
-            self.violation(str(e))
+        message = self.receive(payload, isBinary, _parse, protocol.ProtocolError)
+        if message is None:
             return
         if message["type"] == "protocol_error":
             self.link.log.error("{link}: the switchboard reports a protocol error: {code}: "
