@@ -15,7 +15,7 @@ import ipaddress
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,12 +25,14 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.web.iweb import IRequest
 
 from treadmill.common.captoken import (
     CapabilityError,
     CapabilityKeyError,
     CapabilityVerifier,
     Claims,
+    bearer_token,
     load_public_keys,
     parse_jwks,
 )
@@ -44,6 +46,7 @@ from treadmill.common.config import (
     with_fields,
 )
 from treadmill.common.files import write_atomically
+from treadmill.common.http import ApiError
 
 
 def _loopback(host: str) -> bool:
@@ -192,6 +195,23 @@ class KeySource(MultiService):
 
     def verifier(self, issuer: str, audience: str) -> LiveVerifier:
         return LiveVerifier(self, issuer, audience)
+
+
+def bearer_claims(request: IRequest, verifier: Any,
+                  refused: Callable[[], None] | None = None) -> tuple[str, Claims]:
+    """The bearer capability token of ``request`` and its claims (``verifier.verify_any``);
+    a 401 :class:`ApiError` if it has none, or if ``verifier`` refuses it (after calling
+    ``refused``)."""
+    token = bearer_token(request.getHeader("authorization"))
+    if token is None:
+        raise ApiError(401, "a capability token is required (Authorization: Bearer)")
+    try:
+        claims: Claims = verifier.verify_any(token)
+    except CapabilityError as e:
+        if refused is not None:
+            refused()
+        raise ApiError(401, f"capability token refused ({e.reason}): {e.message}") from None
+    return token, claims
 
 
 class LiveVerifier:
