@@ -1,4 +1,4 @@
-"""Helpers for tests: an in-process switchboard and a small JSON client."""
+"""Helpers for tests: an in-process switchboard, a small JSON client, a mock supervisor."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ from typing import Any
 import treq
 from twisted.internet import reactor
 
+from tests.util.waiting import eventually
+from treadmill.dev.fleet import ws_url_for
+from treadmill.supervisor.config import SupervisorConfig
+from treadmill.supervisor.drivers import STAGES
+from treadmill.supervisor.drivers.mock import MockSettings
+from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard import credentials
 from treadmill.switchboard.service import SwitchboardConfig, SwitchboardService
 
@@ -115,3 +121,40 @@ async def start_switchboard(dsn: str, state: Path, **overrides: Any) -> RunningS
     token = credentials.new_token(credentials.USER_TOKEN_PREFIX)
     await service.store.create_token(row["id"], credentials.token_hash(token), "admin", None)
     return RunningSwitchboard(service, f"http://127.0.0.1:{port}", token)
+
+
+def mock_supervisor(switchboard_url: str, token: str, state_dir: Path, *,
+                    stage_time: float = 0.01, config: dict[str, Any] | None = None,
+                    **mock: Any) -> SupervisorService:
+    """A started supervisor of the mock driver, linked to the switchboard at
+    ``switchboard_url`` with the host token ``token``: each stage takes ``stage_time``
+    seconds, ``mock`` holds the other :class:`MockSettings`, ``config`` the other
+    :class:`SupervisorConfig` fields (reconnection is quick, nothing is fsynced)."""
+    supervisor = SupervisorService(reactor, SupervisorConfig(
+        url=ws_url_for(switchboard_url), token=token, state_dir=str(state_dir),
+        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, stage_time),
+                                   **mock).values(),
+        **(config or {})))
+    supervisor.startService()
+    return supervisor
+
+
+async def closed_stream(admin: Client, log_url: str, job_id: str, name: str,
+                        timeout: float = 20.0) -> bytes:
+    """The bytes of the job's log stream ``name`` on the log server at ``log_url``, once
+    it is closed (``admin`` gets the read token from the switchboard)."""
+    access = (await admin.post(f"/api/v1/jobs/{job_id}/logs/token")).body
+    headers = {"Authorization": f"Bearer {access['token']}"}
+
+    async def closed() -> bool:
+        r = await treq.get(f"{log_url}/v1/jobs/{job_id}/streams", headers=headers)
+        if r.code != 200:  # a log server still starting
+            await r.content()
+            return False
+        streams = {s["name"]: s for s in (await r.json())["streams"]}
+        return bool(streams.get(name, {}).get("closed"))
+
+    await eventually(closed, timeout=timeout)
+    r = await treq.get(f"{log_url}/v1/jobs/{job_id}/streams/{name}", headers=headers)
+    return await r.content()  # type: ignore[no-any-return]

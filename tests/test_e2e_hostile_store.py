@@ -31,16 +31,11 @@ from twisted.web.server import Site
 
 pytest.importorskip("treadmill.imagestore.service")
 
-from tests.support import Client, RunningSwitchboard, start_switchboard
+from tests.support import Client, RunningSwitchboard, mock_supervisor, start_switchboard
 from tests.util.waiting import eventually
-from treadmill.dev.fleet import ws_url_for
 from treadmill.images import format as fmt
 from treadmill.images.oci import RegistryClient
 from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
-from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.service import SupervisorService
 
 REAL_SERVICE = "treadmill-imagestore"
 HOSTILE_SERVICE = "hostile"
@@ -166,11 +161,8 @@ async def run_lure_job(bed: Bed) -> dict[str, Any]:
     """A mock host's supervisor fetches the lure image for a job; the job's final state."""
     admin = bed.sb.admin
     host = (await admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})).body
-    supervisor = SupervisorService(reactor, SupervisorConfig(
-        url=ws_url_for(bed.sb.url), token=host["token"], state_dir=str(bed.tmp / "mock-1"),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2).values()))
-    supervisor.startService()
+    supervisor = mock_supervisor(bed.sb.url, host["token"], bed.tmp / "mock-1",
+                                 stage_time=0.02, run_time=0.2)
     try:
         await supervisor.ready()
         await supervisor.connected()

@@ -28,16 +28,12 @@ from tests.imagestore.support import start_cache, start_store
 from tests.logserver.support import Running as RunningLogServer
 from tests.proxy.support import Keys as ProxyKeys
 from tests.proxy.support import start_proxy
-from tests.support import start_switchboard
+from tests.support import mock_supervisor, start_switchboard
 from tests.util.waiting import eventually
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.common.metrics import metrics_service
-from treadmill.dev.fleet import ws_url_for
 from treadmill.logserver.service import LogServerConfig, LogServerService
-from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.api import Limits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,12 +161,8 @@ async def test_every_role_exports_what_the_docs_list(migrated_database: str,
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=Limits(log_servers=(logs.url,), log_replicas=1))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
-    supervisor = SupervisorService(reactor, SupervisorConfig(
-        url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.3,
-                          console_rate=20_000).values()))
-    supervisor.startService()
+    supervisor = mock_supervisor(sb.url, r.body["token"], tmp_path / "sup",
+                                 run_time=0.3, console_rate=20_000)
     try:
         await supervisor.connected()
         job_id = (await sb.admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})

@@ -12,11 +12,10 @@ from typing import Any
 from xml.etree import ElementTree
 
 import pytest_twisted
-import treq
 from twisted.internet import reactor
 
 from tests.supervisor.serial.support import FakeBoard, write_cache
-from tests.support import RunningSwitchboard, start_switchboard
+from tests.support import RunningSwitchboard, closed_stream, start_switchboard
 from tests.test_e2e_logs import start_logserver
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
@@ -93,17 +92,8 @@ async def test_a_board_job_ends_by_its_console_patterns(
     host = (await sb.admin.get("/api/v1/hosts/board-1")).body
     assert host["healthy"] is True and host["consecutive_failures"] == 0
 
-    access = (await sb.admin.post(f"/api/v1/jobs/{job_id}/logs/token")).body
-    headers = {"Authorization": f"Bearer {access['token']}"}
-
-    async def closed() -> bool:
-        r = await treq.get(f"{log_url}/v1/jobs/{job_id}/streams", headers=headers)
-        streams = {s["name"]: s for s in (await r.json())["streams"]}
-        return bool(streams.get("results", {}).get("closed"))
-
-    await eventually(closed, timeout=20)
-    r = await treq.get(f"{log_url}/v1/jobs/{job_id}/streams/results", headers=headers)
-    lines = [json.loads(line) for line in (await r.content()).decode().splitlines()]
+    results = await closed_stream(sb.admin, log_url, job_id, "results")
+    lines = [json.loads(line) for line in results.decode().splitlines()]
     assert [(x["type"], x.get("name"), x["result"]) for x in lines] == [
         ("test_case", "alarm::one_shot", "pass"), ("test_case", "aes::ctr", "fail"),
         ("test_case", "rng::entropy", "skip"), ("summary", None, "fail")]
