@@ -12,44 +12,31 @@ from pathlib import Path
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
 from zope.interface import implementer
 
+from tests.util.captokens import SigningKey
 from tests.util.ports import free_range
-from treadmill.common.captoken import Access, CapabilitySigner
+from treadmill.common.captoken import Access
 from treadmill.protocol import proxy as messages
 from treadmill.proxy.service import ProxyConfig, ProxyService
 from treadmill.proxy.tunnels import RegistrySettings
 
 AUDIENCE = "treadmill-proxy"
-ISSUER = "treadmill"
 CHUNK = 64 * 1024
 
 
-class Keys:
-    """A switchboard signing key; its public half in ``keys_file`` (JWKS)."""
-
-    def __init__(self, directory: Path):
-        self.private = Ed25519PrivateKey.generate()
-        self.signer = CapabilitySigner(self.private, ISSUER, reactor)
-        self.keys_file = directory / "capability-keys.json"
-        self.keys_file.write_text(json.dumps(self.signer.jwks()))
+class Keys(SigningKey):
+    """The switchboard's key, and tunnel tokens."""
 
     def token(self, job: str, *, actions: tuple[str, ...] = ("publish",), kind: str = "tunnel",
               audience: str = AUDIENCE, subject: str = "host-1", ttl: float = 600.0,
               issued_at: float | None = None) -> str:
-        signer = self.signer
-        if issued_at is not None:
-            clock = Clock()
-            clock.advance(issued_at)
-            signer = CapabilitySigner(self.private, ISSUER, clock)
-        return signer.sign(subject, audience, [Access(kind, job, actions)], ttl)
+        return self.sign(subject, audience, [Access(kind, job, actions)], ttl, issued_at)
 
 
 def new_job() -> str:

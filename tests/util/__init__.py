@@ -3,5 +3,6 @@
 - ``waiting``: ``sleep``, ``within`` (a Deferred with a deadline), ``eventually`` (polling).
 - ``ports``: free loopback ports and port ranges.
 - ``certs``: a CA and a server certificate for localhost (``make_pki``).
+- ``captokens``: a switchboard's capability signing key (``SigningKey``).
 - ``daemons``: a role as a ``twistd`` child process, ``run_python``.
 """
