@@ -12,23 +12,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 
+from tests.logserver.support import start_logserver
 from tests.support import closed_stream, mock_supervisor, start_switchboard
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
-from treadmill.logserver.service import LogServerConfig, LogServerService
 from treadmill.switchboard.api import Limits
 
 DIGEST = "sha256:" + "7" * 64
-
-
-async def start_logserver(root: Path, keys: Path) -> tuple[LogServerService, str]:
-    service = LogServerService(reactor, LogServerConfig(
-        root=str(root), listen=["tcp:0:interface=127.0.0.1"],
-        auth={"auth.keys_file": str(keys)}, fsync="never", access_log=False))
-    service.startService()
-    await service.ready()
-    return service, f"http://127.0.0.1:{service.ports()[0].getHost().port}"
 
 
 @pytest_twisted.ensureDeferred
@@ -38,7 +29,7 @@ async def test_console_and_events_reach_every_replica(migrated_database: str,
     load_or_create_signing_key(str(key))  # The log servers trust its public half.
     servers = [await start_logserver(tmp_path / f"logs-{i}", key) for i in range(2)]
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 limits=Limits(log_servers=tuple(u for _, u in servers),
+                                 limits=Limits(log_servers=tuple(s.url for s in servers),
                                                log_replicas=2))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     supervisor = mock_supervisor(sb.url, r.body["token"], tmp_path / "sup",
@@ -54,7 +45,7 @@ async def test_console_and_events_reach_every_replica(migrated_database: str,
 
         await eventually(ended, timeout=20)
         access = (await sb.admin.post(f"/api/v1/jobs/{job_id}/logs/token")).body
-        assert sorted(access["servers"]) == sorted(u for _, u in servers)
+        assert sorted(access["servers"]) == sorted(s.url for s in servers)
         headers = {"Authorization": f"Bearer {access['token']}"}
 
         async def closed_everywhere() -> bool:
@@ -90,7 +81,7 @@ async def test_console_and_events_reach_every_replica(migrated_database: str,
         assert code == 0, err.getvalue()
         assert "mock console" in out.getvalue() and "terminated" in out.getvalue()
         # With one replica down, the other serves.
-        await servers[0][0].stopService()
+        await servers[0].service.stopService()
         # A stopped in-process server leaves its keep-alive connections open
         # (a killed one would not): forget them, as a new tml process would.
         from treq.api import get_global_pool
@@ -104,8 +95,8 @@ async def test_console_and_events_reach_every_replica(migrated_database: str,
     finally:
         await supervisor.stopService()
         await sb.stop()
-        for service, _ in servers:
-            await service.stopService()
+        for server in servers:
+            await server.stop()
 
 
 @pytest_twisted.ensureDeferred

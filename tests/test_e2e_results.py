@@ -16,12 +16,11 @@ from xml.etree import ElementTree
 import pytest_twisted
 from twisted.internet import reactor
 
+from tests.logserver.support import start_logserver
 from tests.support import RunningSwitchboard, closed_stream, mock_supervisor, start_switchboard
-from tests.test_e2e_logs import start_logserver
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
-from treadmill.logserver.service import LogServerService
 
 DIGEST = "sha256:" + "5" * 64
 TOCK = {"test_case": r"^test (?P<name>\S+) \.\.\. (?P<result>ok|FAILED|ignored)"
@@ -63,8 +62,8 @@ class Bed:
 async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
     key = tmp_path / "capability-key.pem"
     load_or_create_signing_key(str(key))
-    logs: LogServerService
-    logs, log_url = await start_logserver(tmp_path / "logs", key)
+    logs = await start_logserver(tmp_path / "logs", key)
+    log_url = logs.url
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=_limits(log_url))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
@@ -76,7 +75,7 @@ async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
     finally:
         await supervisor.stopService()
         await sb.stop()
-        await logs.stopService()
+        await logs.stop()
 
 
 def _limits(log_url: str) -> Any:

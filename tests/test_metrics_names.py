@@ -25,14 +25,13 @@ from twisted.internet.protocol import ProcessProtocol
 
 from tests.imagestore.support import make_keys as make_store_keys
 from tests.imagestore.support import start_cache, start_store
-from tests.logserver.support import Running as RunningLogServer
+from tests.logserver.support import start_logserver
 from tests.proxy.support import Keys as ProxyKeys
 from tests.proxy.support import start_proxy
 from tests.support import mock_supervisor, start_switchboard
 from tests.util.waiting import eventually
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.common.metrics import metrics_service
-from treadmill.logserver.service import LogServerConfig, LogServerService
 from treadmill.supervisor.drivers import STAGES
 from treadmill.switchboard.api import Limits
 
@@ -146,13 +145,7 @@ async def test_every_role_exports_what_the_docs_list(migrated_database: str,
                                                      tmp_path: Path) -> None:
     key = tmp_path / "capability-key.pem"  # the switchboard's; the log server trusts it
     load_or_create_signing_key(str(key))
-    service = LogServerService(reactor, LogServerConfig(
-        root=str(tmp_path / "logs"), listen=["tcp:0:interface=127.0.0.1"],
-        auth={"auth.keys_file": str(key)}, fsync="never", access_log=False))
-    service.startService()
-    await service.ready()
-    logs = RunningLogServer(service, f"http://127.0.0.1:{service.ports()[0].getHost().port}",
-                            tmp_path / "logs")
+    logs = await start_logserver(tmp_path / "logs", key)
     (tmp_path / "keys").mkdir()
     store_keys = make_store_keys(tmp_path / "keys")
     store = await start_store(tmp_path / "store", store_keys)

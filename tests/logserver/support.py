@@ -50,10 +50,12 @@ class Running:
             await self.service.stopService()
 
 
-async def start_logserver(root: Path, keys: Keys, **overrides: Any) -> Running:
-    """A log server in this process on a loopback port."""
+async def start_logserver(root: Path, keys: Keys | Path, **overrides: Any) -> Running:
+    """A log server in this process on a loopback port, trusting ``keys`` (or the keys in
+    that file: a PEM signing key, its public half, a JWKS)."""
+    keys_file = keys if isinstance(keys, Path) else keys.keys_file
     values: dict[str, Any] = {"root": str(root), "listen": ["tcp:0:interface=127.0.0.1"],
-                              "auth": {"auth.keys_file": str(keys.keys_file)},
+                              "auth": {"auth.keys_file": str(keys_file)},
                               "fsync": "never", "access_log": False}
     values.update(overrides)
     service = LogServerService(reactor, LogServerConfig(**values))

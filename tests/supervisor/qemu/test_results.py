@@ -18,6 +18,7 @@ from twisted.internet import reactor
 
 pytest.importorskip("treadmill.imagestore.service")
 
+from tests.logserver.support import start_logserver
 from tests.supervisor.qemu.conftest import BuiltImage, needs_qemu
 from tests.supervisor.qemu.test_service import (
     job_reaches,
@@ -27,7 +28,6 @@ from tests.supervisor.qemu.test_service import (
     url_of,
 )
 from tests.support import RunningSwitchboard, closed_stream, start_switchboard
-from tests.test_e2e_logs import start_logserver
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.supervisor.service import SupervisorService
@@ -41,7 +41,8 @@ async def bed(migrated_database: str, tmp_path: Path, test_image: BuiltImage
               ) -> AsyncIterator[tuple[RunningSwitchboard, str, str]]:
     key = tmp_path / "capability-key.pem"
     load_or_create_signing_key(str(key))
-    logs, log_url = await start_logserver(tmp_path / "logs", key)
+    logs = await start_logserver(tmp_path / "logs", key)
+    log_url = logs.url
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1,
                                  limits=Limits(log_servers=(log_url,), log_replicas=1))
@@ -64,7 +65,7 @@ async def bed(migrated_database: str, tmp_path: Path, test_image: BuiltImage
             await supervisor.stopService()
         await store.stopService()
         await sb.stop()
-        await logs.stopService()
+        await logs.stop()
         shutil.rmtree(work_dir, ignore_errors=True)
 
 

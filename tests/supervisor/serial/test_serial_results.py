@@ -14,9 +14,9 @@ from xml.etree import ElementTree
 import pytest_twisted
 from twisted.internet import reactor
 
+from tests.logserver.support import start_logserver
 from tests.supervisor.serial.support import FakeBoard, write_cache
 from tests.support import RunningSwitchboard, closed_stream, start_switchboard
-from tests.test_e2e_logs import start_logserver
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
@@ -41,7 +41,8 @@ async def bed(migrated_database: str, tmp_path: Path
               ) -> AsyncIterator[tuple[RunningSwitchboard, str]]:
     key = tmp_path / "capability-key.pem"
     load_or_create_signing_key(str(key))
-    logs, log_url = await start_logserver(tmp_path / "logs", key)
+    logs = await start_logserver(tmp_path / "logs", key)
+    log_url = logs.url
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1,
                                  limits=Limits(log_servers=(log_url,), log_replicas=1))
@@ -66,7 +67,7 @@ async def bed(migrated_database: str, tmp_path: Path
             await supervisor.driver.shutdown()
         board.stop()
         await sb.stop()
-        await logs.stopService()
+        await logs.stop()
 
 
 @pytest_twisted.ensureDeferred
