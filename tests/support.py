@@ -130,12 +130,13 @@ def mock_supervisor(switchboard_url: str, token: str, state_dir: Path, *,
     ``switchboard_url`` with the host token ``token``: each stage takes ``stage_time``
     seconds, ``mock`` holds the other :class:`MockSettings`, ``config`` the other
     :class:`SupervisorConfig` fields (reconnection is quick, nothing is fsynced)."""
+    fields: dict[str, Any] = {"reconnect_initial": 0.1, "reconnect_max": 1.0, "durable": False,
+                              **(config or {})}
     supervisor = SupervisorService(reactor, SupervisorConfig(
         url=ws_url_for(switchboard_url), token=token, state_dir=str(state_dir),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
         driver_values=MockSettings(durations=dict.fromkeys(STAGES, stage_time),
                                    **mock).values(),
-        **(config or {})))
+        **fields))
     supervisor.startService()
     return supervisor
 

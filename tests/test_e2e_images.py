@@ -23,16 +23,12 @@ from twisted.internet import reactor
 
 pytest.importorskip("treadmill.imagestore.service")
 
-from tests.support import Client, RunningSwitchboard, start_switchboard
+from tests.support import Client, RunningSwitchboard, mock_supervisor, start_switchboard
 from tests.util.waiting import eventually
-from treadmill.dev.fleet import ws_url_for
 from treadmill.images import format as fmt
 from treadmill.images.oci import RegistryClient
 from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
 from treadmill.supervisor.blobcache import blob_path
-from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
 from treadmill.supervisor.service import SupervisorService
 
 BASE = b"QFI\xfb" + bytes(range(256)) * 160  # a tiny fake qcow2 (the magic, then filler)
@@ -71,13 +67,8 @@ async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
         store_url = f"http://127.0.0.1:{store.ports()[0].getHost().port}"
         await sb.register_store(store_url, "treadmill-imagestore")
         token = await add_host(sb.admin, "mock-1", ["mock"])
-        config = SupervisorConfig(
-            url=ws_url_for(sb.url), token=token, state_dir=str(tmp_path / "mock-1"),
-            reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-            driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02),
-                                       run_time=0.2).values())
-        supervisor = SupervisorService(reactor, config)
-        supervisor.startService()
+        supervisor = mock_supervisor(sb.url, token, tmp_path / "mock-1", stage_time=0.02,
+                                     run_time=0.2)
         await supervisor.ready()
         await supervisor.connected()
         yield Bed(sb, store_url, tmp_path / "mock-1" / "images")

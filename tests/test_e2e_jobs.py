@@ -16,16 +16,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.support import Client, start_switchboard
+from tests.support import Client, mock_supervisor, start_switchboard
 from tests.util.daemons import Daemon, run_python
 from tests.util.ports import free_port
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
-from treadmill.dev.fleet import ws_url_for
-from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.service import SupervisorService
 
 DIGEST = "sha256:" + "e" * 64
 
@@ -66,12 +61,8 @@ async def testbed(migrated_database: str, tmp_path: Path):
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
     token = await add_host(sb.admin, "mock-1", ["mock"])
-    config = SupervisorConfig(
-        url=ws_url_for(sb.url), token=token, state_dir=str(tmp_path / "mock-1"),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2).values())
-    supervisor = SupervisorService(reactor, config)
-    supervisor.startService()
+    supervisor = mock_supervisor(sb.url, token, tmp_path / "mock-1", stage_time=0.02,
+                                 run_time=0.2)
     await supervisor.ready()
     await supervisor.connected()
     try:

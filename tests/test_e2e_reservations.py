@@ -12,16 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from twisted.internet import reactor
 
-from tests.support import start_switchboard
+from tests.support import mock_supervisor, start_switchboard
 from tests.test_e2e_jobs import DIGEST, add_host, cli, final, state_is
 from tests.util.waiting import sleep
-from treadmill.dev.fleet import ws_url_for
-from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import RESERVATION_PARAMETER, MockSettings
-from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.api import Limits
 from treadmill.switchboard.jobstate import Reason, State, Status
 from treadmill.switchboard.store.jobs import JobSpec
@@ -39,12 +34,8 @@ async def testbed(migrated_database: str, tmp_path: Path):
                                  timeout_interval=0.1,
                                  limits=Limits(max_timeout=MAX_TIMEOUT, default_timeout=30))
     token = await add_host(sb.admin, "mock-1", ["mock"])
-    config = SupervisorConfig(
-        url=ws_url_for(sb.url), token=token, state_dir=str(tmp_path / "mock-1"),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2).values())
-    supervisor = SupervisorService(reactor, config)
-    supervisor.startService()
+    supervisor = mock_supervisor(sb.url, token, tmp_path / "mock-1", stage_time=0.02,
+                                 run_time=0.2)
     await supervisor.ready()
     await supervisor.connected()
     try:
