@@ -7,10 +7,13 @@ import json
 import random
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
@@ -79,6 +82,26 @@ async def start_proxy(keys: Keys, **tunnels: Any) -> Running:
     await service.ready()
     port = service.ports()[0].getHost().port
     return Running(service, f"http://127.0.0.1:{port}", service.data_ports()[0].getHost().port)
+
+
+# Fixtures ``keys`` and ``proxy``: a conftest or a test module outside tests/proxy imports
+# them (as ``keys_fixture`` and ``proxy_fixture``).
+
+
+@pytest.fixture(name="keys")
+def keys_fixture(tmp_path: Path) -> Keys:
+    """The switchboard's signing key (the proxy trusts it)."""
+    return Keys(tmp_path)
+
+
+@pytest_twisted.async_yield_fixture(name="proxy")
+async def proxy_fixture(keys: Keys) -> AsyncIterator[Running]:
+    """A proxy in this process, stopped at the end."""
+    running = await start_proxy(keys)
+    try:
+        yield running
+    finally:
+        await running.stop()
 
 
 # -- a raw control connection (for protocol tests) --------------------------------------
