@@ -7,7 +7,6 @@ import io
 import os
 import re
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from tests.imagestore.support import (
     digest_of,
     raw_connect,
 )
-from tests.util.daemons import BIN, Daemon
+from tests.util.daemons import Daemon, run_twistd
 from tests.util.ports import free_port
 
 MIB = 1024 * 1024
@@ -102,11 +101,9 @@ def test_config_errors_name_the_setting(tmp_path: Path) -> None:
     for text, key in cases:
         config = tmp_path / "imagestore.toml"
         config.write_text(text)
-        proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=",
-                               "treadmill-imagestore", "--config", str(config)],
-                              capture_output=True, text=True, timeout=60)
-        assert proc.returncode != 0, text
-        assert key in proc.stdout + proc.stderr, (text, proc.stdout, proc.stderr)
+        code, output = run_twistd("treadmill-imagestore", "--config", str(config))
+        assert code != 0, text
+        assert key in output, (text, output)
 
 
 @pytest_twisted.ensureDeferred
@@ -296,8 +293,6 @@ def test_a_busy_port_stops_the_daemon(tmp_path: Path) -> None:
         busy.listen()
         config = write_config(tmp_path / "imagestore.toml", tmp_path / "store",
                               busy.getsockname()[1], None)
-        proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=",
-                               "treadmill-imagestore", "--config", str(config)],
-                              capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "Address already in use" in proc.stdout + proc.stderr
+        code, output = run_twistd("treadmill-imagestore", "--config", str(config))
+    assert code == 1, output
+    assert "Address already in use" in output

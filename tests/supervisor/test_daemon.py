@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from twisted.application.service import IServiceCollection
 from twisted.internet import reactor
 
 from tests.supervisor.peer import FakeSwitchboard, job
-from tests.util.daemons import BIN, Daemon
+from tests.util.daemons import Daemon, run_twistd
 from tests.util.ports import free_port
 from tests.util.waiting import within
 from treadmill.common.config import ConfigError, load_file
@@ -181,11 +180,9 @@ def test_config_error_exits_non_zero(tmp_path: Path) -> None:
     config = tmp_path / "supervisor.toml"
     config.write_text('state_dir = "/tmp/x"\n[switchboard]\nurl = "ws://h"\ntoken = "t"\n'
                       "bogus = 1\n")
-    proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=",
-                           "treadmill-supervisor", "--config", str(config)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
-    assert "switchboard.bogus" in proc.stdout + proc.stderr
+    code, output = run_twistd("treadmill-supervisor", "--config", str(config))
+    assert code != 0
+    assert "switchboard.bogus" in output
 
 
 @pytest_twisted.ensureDeferred

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import signal
-import subprocess
 from pathlib import Path
 
 import psycopg2
@@ -12,7 +11,7 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 
-from tests.util.daemons import BIN, Daemon, run_python
+from tests.util.daemons import Daemon, run_python, run_twistd
 from tests.util.ports import free_port
 from treadmill.cli.main import run as tml
 
@@ -40,12 +39,9 @@ async def cli(url: str, token: str, *argv: str) -> tuple[int, str]:
 def test_config_error_names_file_and_key(tmp_path: Path) -> None:
     config = tmp_path / "switchboard.toml"
     config.write_text('listen = ["tcp:8080"]\n[database]\ndsn = "x"\nbogus = 1\n')
-    proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=",
-                           "treadmill-switchboard", "--config", str(config)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
-    message = proc.stdout + proc.stderr
-    assert str(config) in message and "database.bogus" in message and "unknown" in message
+    code, output = run_twistd("treadmill-switchboard", "--config", str(config))
+    assert code != 0
+    assert str(config) in output and "database.bogus" in output and "unknown" in output
 
 
 @pytest_twisted.ensureDeferred
@@ -158,8 +154,6 @@ def test_a_busy_port_stops_the_daemon(database: str, tmp_path: Path) -> None:
         busy.listen()
         config = write_config(tmp_path / "switchboard.toml", database,
                               busy.getsockname()[1], tmp_path)
-        proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=",
-                               "treadmill-switchboard", "--config", str(config)],
-                              capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "Address already in use" in proc.stdout + proc.stderr
+        code, output = run_twistd("treadmill-switchboard", "--config", str(config))
+    assert code == 1, output
+    assert "Address already in use" in output

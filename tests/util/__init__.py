@@ -4,5 +4,6 @@
 - ``ports``: free loopback ports and port ranges.
 - ``certs``: a CA and a server certificate for localhost (``make_pki``).
 - ``captokens``: a switchboard's capability signing key (``SigningKey``).
-- ``daemons``: a role as a ``twistd`` child process, ``run_python``.
+- ``daemons``: a role as a ``twistd`` child process, ``run_twistd`` (one that should
+  refuse to start), ``run_python``.
 """
