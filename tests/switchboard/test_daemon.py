@@ -114,7 +114,7 @@ async def test_two_switchboards_share_one_database(database: str, tmp_path: Path
 
 @pytest_twisted.ensureDeferred
 async def test_operators_reach_metrics_and_manhole(database: str, tmp_path: Path) -> None:
-    from tests.common.test_manhole import conch_session, make_client_key
+    from tests.util.ssh import conch_session, make_client_key
 
     port, metrics_port, manhole_port = free_port(), free_port(), free_port()
     key = tmp_path / "operator_key"
