@@ -1,7 +1,9 @@
-"""Helpers for tests: an in-process switchboard, a small JSON client, a mock supervisor."""
+"""Helpers for tests: an in-process switchboard, a small JSON client, a mock supervisor,
+``tml`` in-process."""
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +13,7 @@ import treq
 from twisted.internet import reactor
 
 from tests.util.waiting import eventually
+from treadmill.cli.main import run as tml
 from treadmill.dev.fleet import ws_url_for
 from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
@@ -159,3 +162,25 @@ async def closed_stream(admin: Client, log_url: str, job_id: str, name: str,
     await eventually(closed, timeout=timeout)
     r = await treq.get(f"{log_url}/v1/jobs/{job_id}/streams/{name}", headers=headers)
     return await r.content()  # type: ignore[no-any-return]
+
+
+async def run_tml(url: str, token: str, *argv: str) -> tuple[int, str]:
+    """``tml --url URL ARGV`` in this process as the user of ``token`` (``TREADMILL_TOKEN``):
+    its exit status and output (standard output and error together)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = await tml(reactor, ["--url", url, *argv], out, err, {"TREADMILL_TOKEN": token})
+    return code, out.getvalue() + err.getvalue()
+
+
+def write_switchboard_config(path: Path, dsn: str, port: int, state: Path) -> Path:
+    """A switchboard configuration file for ``twistd`` at ``path``: a loopback listener on
+    ``port``, the database ``dsn``, the signing key in ``state``."""
+    path.write_text(
+        f'listen = ["tcp:{port}:interface=127.0.0.1"]\n'
+        "[database]\n"
+        f'dsn = "{dsn}"\n'
+        "[capabilities]\n"
+        f'signing_key = "{state / "key.pem"}"\n'
+        "[jobs]\n"
+        "timeout_interval = 0.2\n")
+    return path

@@ -7,28 +7,19 @@ kills them; otherwise in this process, which is faster and equally real
 
 from __future__ import annotations
 
-import io
 import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 
-from tests.support import Client, mock_supervisor, start_switchboard
+from tests.support import Client, mock_supervisor, run_tml, start_switchboard
 from tests.util.daemons import Daemon, run_python
 from tests.util.ports import free_port
 from tests.util.waiting import eventually
-from treadmill.cli.main import run as tml
 
 DIGEST = "sha256:" + "e" * 64
-
-
-async def cli(url: str, token: str, *argv: str) -> tuple[int, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = await tml(reactor, ["--url", url, "--token", token, *argv], out, err, {})
-    return code, out.getvalue() + err.getvalue()
 
 
 async def add_host(admin: Client, name: str, tags: list[str]) -> str:
@@ -78,15 +69,15 @@ def mock(**settings: Any) -> dict[str, dict[str, Any]]:
 
 @pytest_twisted.ensureDeferred
 async def test_submit_follow_shows_the_job_to_its_exit(testbed: Any) -> None:
-    code, out = await cli(testbed.url, testbed.admin_token, "job", "submit", DIGEST,
-                          "--tag", "mock", "--param", "mock.exit_status=0", "--follow")
+    code, out = await run_tml(testbed.url, testbed.admin_token, "job", "submit", DIGEST,
+                              "--tag", "mock", "--param", "mock.exit_status=0", "--follow")
     assert code == 0, out
     for state in ("queued", "assigned", "initializing", "ready", "terminated"):
         assert state in out
-    code, out = await cli(testbed.url, testbed.admin_token, "job", "submit", DIGEST,
-                          "--tag", "mock", "--param", "mock.exit_status=7", "--follow")
+    code, out = await run_tml(testbed.url, testbed.admin_token, "job", "submit", DIGEST,
+                              "--tag", "mock", "--param", "mock.exit_status=7", "--follow")
     assert code == 4, out  # The workload exited non-zero.
-    code, out = await cli(testbed.url, testbed.admin_token, "host", "ls")
+    code, out = await run_tml(testbed.url, testbed.admin_token, "host", "ls")
     assert code == 0 and "mock-1" in out and "yes" in out
 
 

@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 import treq
 
-from tests.switchboard.test_daemon import cli, write_config
+from tests.support import run_tml, write_switchboard_config
 from tests.util.daemons import Daemon, run_python
 from tests.util.ports import free_port
 from tests.util.ssh import SSH, make_client_key, ssh_exec
@@ -26,7 +26,7 @@ async def test_switchboard_manhole_helpers(database: str, tmp_path: Path) -> Non
     key = tmp_path / "id_operator"
     public = make_client_key(key).public().toString("openssh").decode()
     (tmp_path / "authorized_keys").write_text(public + " operator\n")
-    config = write_config(tmp_path / "switchboard.toml", database, port, tmp_path)
+    config = write_switchboard_config(tmp_path / "switchboard.toml", database, port, tmp_path)
     with config.open("a") as f:
         f.write("[manhole]\n"
                 f'listen = ["tcp:{manhole_port}:interface=127.0.0.1"]\n'
@@ -40,18 +40,18 @@ async def test_switchboard_manhole_helpers(database: str, tmp_path: Path) -> Non
                                           "--config", str(config), "--admin", "root")
         assert code == 0, err
         admin = out.strip()
-        code, out = await cli(url, admin, "admin", "host", "add", "board-1", "--tag", "qemu")
+        code, out = await run_tml(url, admin, "admin", "host", "add", "board-1", "--tag", "qemu")
         assert code == 0, out
-        code, out = await cli(url, admin, "job", "submit", "sha256:" + "1" * 64,
-                              "--tag", "qemu")
+        code, out = await run_tml(url, admin, "job", "submit", "sha256:" + "1" * 64,
+                                  "--tag", "qemu")
         assert code == 0, out
         job = out.strip().splitlines()[-1].split()[-1]
 
         # Listing: helpers are coroutine functions, awaited for us; json for the test.
         out, code = await ssh_exec(manhole_port, key, "import json\n"
-                              "print(json.dumps(await list_jobs(), default=str))\n"
-                              "print(json.dumps(await list_hosts(), default=str))\n"
-                              "list_links()")
+                                   "print(json.dumps(await list_jobs(), default=str))\n"
+                                   "print(json.dumps(await list_hosts(), default=str))\n"
+                                   "list_links()")
         assert code == 0, out
         jobs, hosts, links = out.splitlines()
         assert [(j["id"], j["state"], j["owner"]) for j in json.loads(jobs)] == \
@@ -71,10 +71,11 @@ async def test_switchboard_manhole_helpers(database: str, tmp_path: Path) -> Non
         assert code == 1 and "no host 'no-such-host'" in out
 
         # Revoking the admin's token shuts it out of the API at once.
-        out, code = await ssh_exec(manhole_port, key,
-                              "user = await store.get_user('root')\n"
-                              "(token,) = await store.list_tokens(user['id'])\n"
-                              "(await revoke_token(str(token['id'])))['revoked_at'] is not None")
+        out, code = await ssh_exec(
+            manhole_port, key,
+            "user = await store.get_user('root')\n"
+            "(token,) = await store.list_tokens(user['id'])\n"
+            "(await revoke_token(str(token['id'])))['revoked_at'] is not None")
         assert (out, code) == ("True\n", 0), out
         response = await treq.get(f"{url}/api/v1/hosts/board-1",
                                   headers={"Authorization": f"Bearer {admin}"})

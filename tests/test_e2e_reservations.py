@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest_twisted
 
-from tests.support import mock_supervisor, start_switchboard
-from tests.test_e2e_jobs import DIGEST, add_host, cli, final, state_is
+from tests.support import mock_supervisor, run_tml, start_switchboard
+from tests.test_e2e_jobs import DIGEST, add_host, final, state_is
 from tests.util.waiting import sleep
 from treadmill.supervisor.drivers.mock import RESERVATION_PARAMETER, MockSettings
 from treadmill.switchboard.api import Limits
@@ -50,8 +50,8 @@ async def test_reservation_holds_shows_extends_and_expires(testbed: Any) -> None
     alice = await testbed.user("alice")
     bob = await testbed.user("bob")
     await testbed.admin.post("/api/v1/hosts/mock-1/grants", {"user": "*", "privilege": "read"})
-    code, out = await cli(testbed.url, alice.token, "host", "reserve", "--image", DIGEST,
-                          "--tag", "mock", "--for", "3")
+    code, out = await run_tml(testbed.url, alice.token, "host", "reserve", "--image", DIGEST,
+                              "--tag", "mock", "--for", "3")
     assert code == 0, out
     assert "ready on mock-1" in out and "tml job cancel" in out and "tml job ssh" in out
     job = (await alice.get("/api/v1/jobs?state=ready")).body["jobs"][0]
@@ -62,7 +62,7 @@ async def test_reservation_holds_shows_extends_and_expires(testbed: Any) -> None
     assert (await alice.get(f"/api/v1/jobs/{job_id}")).body["state"] == "ready"
 
     # tml host ls: the holder and the deadline, for readers of the job only.
-    code, out = await cli(testbed.url, alice.token, "host", "ls")
+    code, out = await run_tml(testbed.url, alice.token, "host", "ls")
     assert code == 0 and "alice" in out and job_id in out, out
     host = (await alice.get("/api/v1/hosts/mock-1")).body
     assert host["held_by"] == "alice" and _time(host["held_until"]) == _time(job["deadline"])
@@ -81,12 +81,12 @@ async def test_reservation_holds_shows_extends_and_expires(testbed: Any) -> None
         r = await alice.post(f"/api/v1/jobs/{job_id}/extend", body)
         assert r.status == 400, (body, r.body)
     before = (await alice.get(f"/api/v1/jobs/{job_id}")).body["deadline"]
-    code, out = await cli(testbed.url, alice.token, "job", "extend", job_id[:8], "2")
+    code, out = await run_tml(testbed.url, alice.token, "job", "extend", job_id[:8], "2")
     assert code == 0, out
     after = (await alice.get(f"/api/v1/jobs/{job_id}")).body
     assert _time(after["deadline"]) - _time(before) == 2
     assert after["timeout"] == 5
-    code, out = await cli(testbed.url, alice.token, "host", "reserve", "--extend", job_id, "1")
+    code, out = await run_tml(testbed.url, alice.token, "host", "reserve", "--extend", job_id, "1")
     assert code == 0 and "until" in out, out
     after = (await alice.get(f"/api/v1/jobs/{job_id}")).body
     assert _time(after["deadline"]) - _time(before) == 3
@@ -116,8 +116,8 @@ async def test_reservation_is_queued_like_a_job_and_released_on_cancel(testbed: 
         "image": DIGEST, "tags": ["mock"],
         "parameters": {"mock.run_time": {"value": "inf"}}})).body["id"]
     await state_is(testbed.admin, busy, "ready")
-    code, out = await cli(testbed.url, alice.token, "host", "reserve", "--image", DIGEST,
-                          "--tag", "mock", "--for", "20", "--no-wait")
+    code, out = await run_tml(testbed.url, alice.token, "host", "reserve", "--image", DIGEST,
+                              "--tag", "mock", "--for", "20", "--no-wait")
     assert code == 0 and "queued" in out, out
     job_id = (await alice.get("/api/v1/jobs")).body["jobs"][0]["id"]
     await sleep(0.5)
@@ -130,7 +130,7 @@ async def test_reservation_is_queued_like_a_job_and_released_on_cancel(testbed: 
     job = (await alice.get(f"/api/v1/jobs/{job_id}")).body
     assert 29.5 <= _time(job["deadline"]) - _time(job["assigned_at"]) <= 30.5
     # tml job cancel releases it at once.
-    code, out = await cli(testbed.url, alice.token, "job", "cancel", job_id)
+    code, out = await run_tml(testbed.url, alice.token, "job", "cancel", job_id)
     assert code == 0, out
     end = await final(alice, job_id, timeout=10)
     assert end["termination"]["reason"] == "user_terminated"
@@ -148,7 +148,7 @@ async def test_reservation_parameter_is_reserved_and_ordinary_jobs_unchanged(
     assert r.status == 400 and RESERVATION_PARAMETER in r.body["error"]["message"], r.body
     r = await alice.post("/api/v1/jobs", {"image": DIGEST, "reservation": "yes"})
     assert r.status == 400, r.body
-    code, out = await cli(testbed.url, alice.token, "host", "reserve", "--for", "5")
+    code, out = await run_tml(testbed.url, alice.token, "host", "reserve", "--for", "5")
     assert code != 0 and "--image" in out, out
     # An ordinary job is no reservation: its workload's exit ends it.
     job = (await alice.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})).body

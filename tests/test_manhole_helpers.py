@@ -46,7 +46,7 @@ async def test_logserver_list_streams_and_delete_over_ssh(tmp_path: Path) -> Non
         assert json.loads(out) == {job: {"console": {"length": 5, "closed": True}},
                                    other: {"events": {"length": 3, "closed": False}}}
         out, code = await ssh_exec(port, key, f"await store.delete({job!r})\n"
-                                         f"list_streams({job!r})")
+                                              f"list_streams({job!r})")
         assert (out, code) == ("True\n{}\n", 0)
         assert (await client.read(job, "console", keys.token(job))).code == 404
     finally:

@@ -11,21 +11,10 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 
+from tests.support import write_switchboard_config
 from tests.util.daemons import Daemon, run_python, run_twistd
 from tests.util.ports import free_port
 from treadmill.cli.main import run as tml
-
-
-def write_config(path: Path, dsn: str, port: int, state: Path) -> Path:
-    path.write_text(
-        f'listen = ["tcp:{port}:interface=127.0.0.1"]\n'
-        "[database]\n"
-        f'dsn = "{dsn}"\n'
-        "[capabilities]\n"
-        f'signing_key = "{state / "key.pem"}"\n'
-        "[jobs]\n"
-        "timeout_interval = 0.2\n")
-    return path
 
 
 async def cli(url: str, token: str, *argv: str) -> tuple[int, str]:
@@ -48,7 +37,7 @@ def test_config_error_names_file_and_key(tmp_path: Path) -> None:
 async def test_switchboard_daemon_end_to_end(database: str, tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    config = write_config(tmp_path / "switchboard.toml", database, port, tmp_path)
+    config = write_switchboard_config(tmp_path / "switchboard.toml", database, port, tmp_path)
     daemon = Daemon("treadmill-switchboard", ["--config", str(config)])
     daemon.start()
     try:
@@ -91,7 +80,7 @@ async def test_two_switchboards_share_one_database(database: str, tmp_path: Path
     for i, port in enumerate(ports):
         state = tmp_path / f"sb{i}"
         state.mkdir()
-        config = write_config(state / "switchboard.toml", database, port, tmp_path)
+        config = write_switchboard_config(state / "switchboard.toml", database, port, tmp_path)
         daemons.append(Daemon("treadmill-switchboard",
                               ["--config", str(config), "--instance", f"sb{i}"]))
     for daemon in daemons:
@@ -120,7 +109,7 @@ async def test_operators_reach_metrics_and_manhole(database: str, tmp_path: Path
     key = tmp_path / "operator_key"
     public = make_client_key(key).public().toString("OPENSSH").decode()
     (tmp_path / "authorized_keys").write_text(public + "\n")
-    config = write_config(tmp_path / "switchboard.toml", database, port, tmp_path)
+    config = write_switchboard_config(tmp_path / "switchboard.toml", database, port, tmp_path)
     with config.open("a") as f:
         f.write(f'[metrics]\nlisten = ["tcp:{metrics_port}:interface=127.0.0.1"]\n'
                 f'[manhole]\nlisten = ["tcp:{manhole_port}:interface=127.0.0.1"]\n'
@@ -152,7 +141,7 @@ def test_a_busy_port_stops_the_daemon(database: str, tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        config = write_config(tmp_path / "switchboard.toml", database,
+        config = write_switchboard_config(tmp_path / "switchboard.toml", database,
                               busy.getsockname()[1], tmp_path)
         code, output = run_twistd("treadmill-switchboard", "--config", str(config))
     assert code == 1, output
