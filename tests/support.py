@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from dataclasses import dataclass, field
@@ -12,14 +13,18 @@ from typing import Any
 import treq
 from twisted.internet import reactor
 
+from tests.logserver.support import Running as RunningLogServer
+from tests.logserver.support import start_logserver
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
+from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.dev.fleet import ws_url_for
 from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
 from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard import credentials
+from treadmill.switchboard.api import Limits
 from treadmill.switchboard.service import SwitchboardConfig, SwitchboardService
 
 
@@ -124,6 +129,18 @@ async def start_switchboard(dsn: str, state: Path, **overrides: Any) -> RunningS
     token = credentials.new_token(credentials.USER_TOKEN_PREFIX)
     await service.store.create_token(row["id"], credentials.token_hash(token), "admin", None)
     return RunningSwitchboard(service, f"http://127.0.0.1:{port}", token)
+
+
+async def start_switchboard_with_logs(dsn: str, state: Path, limits: Limits | None = None,
+                                      **overrides: Any
+                                      ) -> tuple[RunningSwitchboard, RunningLogServer]:
+    """A switchboard (:func:`start_switchboard`) whose jobs ship their logs to one log
+    server, started first in ``state/logs`` and trusting the switchboard's signing key."""
+    key = state / "capability-key.pem"
+    load_or_create_signing_key(str(key))
+    logs = await start_logserver(state / "logs", key)
+    limits = dataclasses.replace(limits or Limits(), log_servers=(logs.url,), log_replicas=1)
+    return await start_switchboard(dsn, state, limits=limits, **overrides), logs
 
 
 def mock_supervisor(switchboard_url: str, token: str, state_dir: Path, *,

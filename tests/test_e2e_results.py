@@ -16,11 +16,14 @@ from xml.etree import ElementTree
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.logserver.support import start_logserver
-from tests.support import RunningSwitchboard, closed_stream, mock_supervisor, start_switchboard
+from tests.support import (
+    RunningSwitchboard,
+    closed_stream,
+    mock_supervisor,
+    start_switchboard_with_logs,
+)
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
-from treadmill.common.captoken import load_or_create_signing_key
 
 DIGEST = "sha256:" + "5" * 64
 TOCK = {"test_case": r"^test (?P<name>\S+) \.\.\. (?P<result>ok|FAILED|ignored)"
@@ -60,12 +63,9 @@ class Bed:
 
 @pytest_twisted.async_yield_fixture
 async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
-    key = tmp_path / "capability-key.pem"
-    load_or_create_signing_key(str(key))
-    logs = await start_logserver(tmp_path / "logs", key)
+    sb, logs = await start_switchboard_with_logs(migrated_database, tmp_path,
+                                                 scheduler_interval=0.2)
     log_url = logs.url
-    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 limits=_limits(log_url))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     supervisor = mock_supervisor(sb.url, r.body["token"], tmp_path / "sup",
                                  run_time=0.5, echo=False)
@@ -76,12 +76,6 @@ async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
         await supervisor.stopService()
         await sb.stop()
         await logs.stop()
-
-
-def _limits(log_url: str) -> Any:
-    from treadmill.switchboard.api import Limits
-
-    return Limits(log_servers=(log_url,), log_replicas=1)
 
 
 def lines(raw: bytes) -> list[dict[str, Any]]:

@@ -22,15 +22,17 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
-from tests.logserver.support import start_logserver
-from tests.support import RunningSwitchboard, mock_supervisor, start_switchboard
+from tests.support import (
+    RunningSwitchboard,
+    mock_supervisor,
+    start_switchboard_with_logs,
+)
 from tests.util.waiting import eventually
 from treadmill.cli.commands import follow as follow_module
-from treadmill.common.captoken import Access, load_or_create_signing_key
+from treadmill.common.captoken import Access
 from treadmill.dev.pgcluster import create_database, drop_database
 from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.service import SupervisorService
-from treadmill.switchboard.api import Limits
 
 pytestmark = pytest.mark.slow
 
@@ -73,13 +75,8 @@ async def stack(pg_admin_dsn: str, tmp_path_factory) -> AsyncIterator[Stack]:
     root = tmp_path_factory.mktemp("follow")
     name = f"treadmill_test_{uuid.uuid4().hex[:12]}"
     create_database(pg_admin_dsn, name)
-    key = root / "capability-key.pem"
-    load_or_create_signing_key(str(key))
-    logs = await start_logserver(root / "logs", key)
-    log_url = logs.url
-    sb = await start_switchboard(make_dsn(pg_admin_dsn, dbname=name), root,
-                                 scheduler_interval=0.2, timeout_interval=0.2,
-                                 limits=Limits(log_servers=(log_url,), log_replicas=1))
+    sb, logs = await start_switchboard_with_logs(make_dsn(pg_admin_dsn, dbname=name), root,
+                                                 scheduler_interval=0.2, timeout_interval=0.2)
     supervisors, configs = {}, {}
     for host, tags in (("mock-1", ["mock"]), ("mock-2", ["mock"]), ("phoenix", ["phoenix"])):
         r = await sb.admin.post("/api/v1/hosts", {"name": host, "tags": tags})

@@ -11,15 +11,12 @@ from pathlib import Path
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.logserver.support import start_logserver
-from tests.support import mock_supervisor, start_switchboard
+from tests.support import mock_supervisor, start_switchboard_with_logs
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
-from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.runner import RESTART_MESSAGE
 from treadmill.supervisor.service import SupervisorService
-from treadmill.switchboard.api import Limits
 
 DIGEST = "sha256:" + "7" * 64
 
@@ -27,12 +24,8 @@ DIGEST = "sha256:" + "7" * 64
 @pytest_twisted.ensureDeferred
 async def test_restart_mid_job_ships_the_final_event_line_once(migrated_database: str,
                                                                tmp_path: Path) -> None:
-    key = tmp_path / "capability-key.pem"
-    load_or_create_signing_key(str(key))
-    logserver = await start_logserver(tmp_path / "logs", key)
-    url = logserver.url
-    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 limits=Limits(log_servers=(url,), log_replicas=1))
+    sb, logserver = await start_switchboard_with_logs(migrated_database, tmp_path,
+                                                      scheduler_interval=0.2)
     host = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     supervisor = mock_supervisor(sb.url, host.body["token"], tmp_path / "sup", run_time=60.0)
     try:

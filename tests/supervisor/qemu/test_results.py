@@ -18,7 +18,6 @@ from twisted.internet import reactor
 
 pytest.importorskip("treadmill.imagestore.service")
 
-from tests.logserver.support import start_logserver
 from tests.supervisor.qemu.conftest import BuiltImage, needs_qemu
 from tests.supervisor.qemu.test_service import (
     job_reaches,
@@ -27,11 +26,9 @@ from tests.supervisor.qemu.test_service import (
     store_service,
     url_of,
 )
-from tests.support import RunningSwitchboard, closed_stream, start_switchboard
+from tests.support import RunningSwitchboard, closed_stream, start_switchboard_with_logs
 from treadmill.cli.main import run as tml
-from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.supervisor.service import SupervisorService
-from treadmill.switchboard.api import Limits
 
 pytestmark = needs_qemu
 
@@ -39,13 +36,9 @@ pytestmark = needs_qemu
 @pytest_twisted.async_yield_fixture
 async def bed(migrated_database: str, tmp_path: Path, test_image: BuiltImage
               ) -> AsyncIterator[tuple[RunningSwitchboard, str, str]]:
-    key = tmp_path / "capability-key.pem"
-    load_or_create_signing_key(str(key))
-    logs = await start_logserver(tmp_path / "logs", key)
+    sb, logs = await start_switchboard_with_logs(migrated_database, tmp_path,
+                                                 scheduler_interval=0.2, timeout_interval=0.1)
     log_url = logs.url
-    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 timeout_interval=0.1,
-                                 limits=Limits(log_servers=(log_url,), log_replicas=1))
     store = store_service(sb, tmp_path / "store")
     store.startService()
     work_dir = tempfile.mkdtemp(prefix="tq-", dir="/tmp")

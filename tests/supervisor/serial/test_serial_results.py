@@ -14,16 +14,17 @@ from xml.etree import ElementTree
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.logserver.support import start_logserver
 from tests.supervisor.serial.support import FakeBoard, write_cache
-from tests.support import RunningSwitchboard, closed_stream, start_switchboard
+from tests.support import (
+    RunningSwitchboard,
+    closed_stream,
+    start_switchboard_with_logs,
+)
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
-from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.dev.fleet import ws_url_for
 from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.service import SupervisorService
-from treadmill.switchboard.api import Limits
 
 TOCK = {"test_case": r"^test (?P<name>\S+) \.\.\. (?P<result>ok|FAILED|ignored)",
         "pass": r"^test result: ok\.", "fail": r"^test result: FAILED\.",
@@ -39,13 +40,9 @@ APP = (b"print Running 3 tests\n"
 @pytest_twisted.async_yield_fixture
 async def bed(migrated_database: str, tmp_path: Path
               ) -> AsyncIterator[tuple[RunningSwitchboard, str]]:
-    key = tmp_path / "capability-key.pem"
-    load_or_create_signing_key(str(key))
-    logs = await start_logserver(tmp_path / "logs", key)
+    sb, logs = await start_switchboard_with_logs(migrated_database, tmp_path,
+                                                 scheduler_interval=0.2, timeout_interval=0.1)
     log_url = logs.url
-    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 timeout_interval=0.1,
-                                 limits=Limits(log_servers=(log_url,), log_replicas=1))
     board = await FakeBoard(tmp_path / "board").start()
     supervisor: SupervisorService | None = None
     try:
