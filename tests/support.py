@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,3 +203,51 @@ def write_switchboard_config(path: Path, dsn: str, port: int, state: Path) -> Pa
         "[jobs]\n"
         "timeout_interval = 0.2\n")
     return path
+
+
+async def add_host(admin: Client, name: str, tags: list[str], *,
+                   anyone_starts: bool = True) -> str:
+    """Register a host (``admin`` is an administrator's client); its host token. With
+    ``anyone_starts``, every user may start jobs on it."""
+    r = await admin.post("/api/v1/hosts", {"name": name, "tags": tags})
+    assert r.status == 201, r.body
+    if anyone_starts:
+        await admin.post(f"/api/v1/hosts/{name}/grants", {"user": "*", "privilege": "start"})
+    return r.body["token"]  # type: ignore[no-any-return]
+
+
+async def job_reaches(admin: Client, job_id: str, state: str,
+                      timeout: float = 30.0) -> dict[str, Any]:
+    """The job, as ``admin`` reads it, once it is in ``state``."""
+    async def check() -> dict[str, Any] | None:
+        body = (await admin.get(f"/api/v1/jobs/{job_id}")).body
+        return body if body["state"] == state else None
+
+    return await eventually(check, timeout=timeout)  # type: ignore[no-any-return]
+
+
+async def final(admin: Client, job_id: str, timeout: float = 30.0) -> dict[str, Any]:
+    """The job once it is terminated."""
+    return await job_reaches(admin, job_id, "terminated", timeout)
+
+
+@contextlib.asynccontextmanager
+async def one_mock_host(dsn: str, state: Path, **overrides: Any
+                        ) -> AsyncIterator[RunningSwitchboard]:
+    """A switchboard (quick scheduling and timeouts; ``overrides``: its other config) with
+    one connected mock host, ``mock-1`` tagged ``mock``, on which anyone may start jobs
+    (stages of 0.02 s, 0.2 s of running); both stopped at the end."""
+    sb = await start_switchboard(dsn, state, **{"scheduler_interval": 0.2,
+                                                "timeout_interval": 0.1, **overrides})
+    supervisor: SupervisorService | None = None
+    try:
+        token = await add_host(sb.admin, "mock-1", ["mock"])
+        supervisor = mock_supervisor(sb.url, token, state / "mock-1", stage_time=0.02,
+                                     run_time=0.2)
+        await supervisor.ready()
+        await supervisor.connected()
+        yield sb
+    finally:
+        if supervisor is not None:
+            await supervisor.stopService()
+        await sb.stop()

@@ -23,7 +23,7 @@ from twisted.internet import reactor
 
 pytest.importorskip("treadmill.imagestore.service")
 
-from tests.support import Client, RunningSwitchboard, mock_supervisor, start_switchboard
+from tests.support import Client, RunningSwitchboard, add_host, mock_supervisor, start_switchboard
 from tests.util.waiting import eventually
 from treadmill.images import format as fmt
 from treadmill.images.oci import RegistryClient
@@ -46,12 +46,6 @@ class Bed:
         return self.switchboard.admin
 
 
-async def add_host(admin: Client, name: str, tags: list[str]) -> str:
-    r = await admin.post("/api/v1/hosts", {"name": name, "tags": tags})
-    assert r.status == 201, r.body
-    return r.body["token"]
-
-
 @pytest_twisted.async_yield_fixture
 async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
@@ -66,7 +60,7 @@ async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
         await store.ready()
         store_url = f"http://127.0.0.1:{store.ports()[0].getHost().port}"
         await sb.register_store(store_url, "treadmill-imagestore")
-        token = await add_host(sb.admin, "mock-1", ["mock"])
+        token = await add_host(sb.admin, "mock-1", ["mock"], anyone_starts=False)
         supervisor = mock_supervisor(sb.url, token, tmp_path / "mock-1", stage_time=0.02,
                                      run_time=0.2)
         await supervisor.ready()

@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from tests.support import Client, mock_supervisor, run_tml, start_switchboard
+from tests.support import (
+    Client,
+    add_host,
+    final,
+    job_reaches,
+    one_mock_host,
+    run_tml,
+)
 from tests.util.daemons import Daemon, run_python
 from tests.util.ports import free_port
 from tests.util.waiting import eventually
@@ -22,26 +29,8 @@ from tests.util.waiting import eventually
 DIGEST = "sha256:" + "e" * 64
 
 
-async def add_host(admin: Client, name: str, tags: list[str]) -> str:
-    r = await admin.post("/api/v1/hosts", {"name": name, "tags": tags})
-    assert r.status == 201, r.body
-    await admin.post(f"/api/v1/hosts/{name}/grants", {"user": "*", "privilege": "start"})
-    return r.body["token"]
-
-
-async def final(admin: Client, job_id: str, timeout: float = 30.0) -> dict[str, Any]:
-    async def done() -> dict[str, Any] | None:
-        body = (await admin.get(f"/api/v1/jobs/{job_id}")).body
-        return body if body["state"] == "terminated" else None
-
-    return await eventually(done, timeout=timeout)
-
-
 async def state_is(admin: Client, job_id: str, state: str, timeout: float = 30.0) -> None:
-    async def check() -> bool:
-        return (await admin.get(f"/api/v1/jobs/{job_id}")).body["state"] == state
-
-    await eventually(check, timeout=timeout)
+    await job_reaches(admin, job_id, state, timeout)
 
 
 # -- in process -----------------------------------------------------------------------
@@ -49,18 +38,8 @@ async def state_is(admin: Client, job_id: str, state: str, timeout: float = 30.0
 
 @pytest_twisted.async_yield_fixture
 async def testbed(migrated_database: str, tmp_path: Path):
-    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 timeout_interval=0.1)
-    token = await add_host(sb.admin, "mock-1", ["mock"])
-    supervisor = mock_supervisor(sb.url, token, tmp_path / "mock-1", stage_time=0.02,
-                                 run_time=0.2)
-    await supervisor.ready()
-    await supervisor.connected()
-    try:
+    async with one_mock_host(migrated_database, tmp_path) as sb:
         yield sb
-    finally:
-        await supervisor.stopService()
-        await sb.stop()
 
 
 def mock(**settings: Any) -> dict[str, dict[str, Any]]:

@@ -13,8 +13,12 @@ from typing import Any
 
 import pytest_twisted
 
-from tests.support import mock_supervisor, run_tml, start_switchboard
-from tests.test_e2e_jobs import DIGEST, add_host, final, state_is
+from tests.support import (
+    final,
+    one_mock_host,
+    run_tml,
+)
+from tests.test_e2e_jobs import DIGEST, state_is
 from tests.util.waiting import sleep
 from treadmill.supervisor.drivers.mock import RESERVATION_PARAMETER, MockSettings
 from treadmill.switchboard.api import Limits
@@ -30,19 +34,9 @@ def _time(text: str) -> float:
 
 @pytest_twisted.async_yield_fixture
 async def testbed(migrated_database: str, tmp_path: Path):
-    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 timeout_interval=0.1,
-                                 limits=Limits(max_timeout=MAX_TIMEOUT, default_timeout=30))
-    token = await add_host(sb.admin, "mock-1", ["mock"])
-    supervisor = mock_supervisor(sb.url, token, tmp_path / "mock-1", stage_time=0.02,
-                                 run_time=0.2)
-    await supervisor.ready()
-    await supervisor.connected()
-    try:
+    limits = Limits(max_timeout=MAX_TIMEOUT, default_timeout=30)
+    async with one_mock_host(migrated_database, tmp_path, limits=limits) as sb:
         yield sb
-    finally:
-        await supervisor.stopService()
-        await sb.stop()
 
 
 @pytest_twisted.ensureDeferred

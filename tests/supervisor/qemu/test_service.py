@@ -16,6 +16,7 @@ from twisted.internet import reactor
 
 pytest.importorskip("treadmill.imagestore.service")
 
+from tests import support
 from tests.supervisor.qemu.conftest import BuiltImage, needs_qemu, qemu_processes
 from tests.support import RunningSwitchboard, start_switchboard
 from tests.util.waiting import eventually
@@ -77,11 +78,7 @@ async def qemu_host(sb: RunningSwitchboard, name: str, state_dir: Path, work_dir
 async def job_reaches(sb: RunningSwitchboard, job_id: str, state: str,
                       timeout: float = 90) -> dict[str, Any]:
     """The job, once it is in ``state``."""
-    async def check() -> dict[str, Any] | None:
-        body = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
-        return body if body["state"] == state else None
-
-    return await eventually(check, timeout=timeout)
+    return await support.job_reaches(sb.admin, job_id, state, timeout)
 
 
 @pytest_twisted.async_yield_fixture
