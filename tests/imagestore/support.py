@@ -393,3 +393,24 @@ class TokenService:
     async def stop(self) -> None:
         if self.port is not None:
             await self.port.stopListening()
+
+
+@dataclass
+class Pair:
+    """An image store and a cache pulling through from it; ``up`` pushes ``lab/fw`` to the
+    store, ``client`` pulls it from the cache."""
+
+    upstream: RunningStore
+    cache: RunningStore
+    keys: Keys
+    up: Registry  # pushes to the upstream
+    client: Registry  # pulls lab/fw from the cache
+
+
+async def pair(tmp_path: Path, keys: Keys, **cache_settings: Any) -> Pair:
+    """A started :class:`Pair` (``cache_settings``: the cache's)."""
+    upstream = await start_store(tmp_path / "upstream", keys)
+    cache = await start_cache(tmp_path / "cache", keys, [upstream.url], cache_settings)
+    up = upstream.registry.with_token(keys.repo("lab/fw", "pull", "push"))
+    client = cache.registry.with_token(keys.repo("lab/fw", "pull", audience=CACHE_SERVICE))
+    return Pair(upstream, cache, keys, up, client)
