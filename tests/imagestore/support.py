@@ -12,11 +12,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent
 
+from tests.util.raw import raw_request
 from treadmill.common.captoken import Access, CapabilitySigner
 from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
 
@@ -202,33 +200,6 @@ async def start_store(root: Path, keys: Keys | None, **overrides: Any) -> Runnin
     await service.ready()
     port = service.ports()[0].getHost().port
     return RunningStore(service, f"http://127.0.0.1:{port}", keys, config)
-
-
-class _Raw(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.closed: Deferred[bytes] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any) -> None:
-        self.closed.callback(self.data)
-
-
-async def raw_connect(port: int) -> _Raw:
-    proto = _Raw()
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
-    return proto
-
-
-async def raw_request(port: int, data: bytes) -> tuple[int, bytes]:
-    """Send raw bytes (one request, ``Connection: close``); return status and response."""
-    proto = await raw_connect(port)
-    proto.transport.write(data)
-    response = await proto.closed
-    status = int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/") else 0
-    return status, response
 
 
 def _tar_gz(files: dict[str, bytes]) -> tuple[bytes, bytes]:

@@ -21,10 +21,10 @@ from tests.imagestore.support import (
     Keys,
     Registry,
     digest_of,
-    raw_connect,
 )
 from tests.util.daemons import Daemon, run_twistd
 from tests.util.ports import free_port
+from tests.util.raw import raw_connect
 
 MIB = 1024 * 1024
 

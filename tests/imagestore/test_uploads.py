@@ -17,9 +17,9 @@ from tests.imagestore.support import (
     RunningStore,
     digest_of,
     parse_response,
-    raw_connect,
     start_store,
 )
+from tests.util.raw import raw_connect
 from treadmill.imagestore.uploads import HIGH_WATER, LOW_WATER, BodySink, Upload
 
 

@@ -3,6 +3,7 @@
 - ``waiting``: ``sleep``, ``within`` (a Deferred with a deadline), ``eventually`` (polling).
 - ``ports``: free loopback ports and port ranges.
 - ``certs``: a CA and a server certificate for localhost (``make_pki``).
+- ``raw``: raw HTTP over loopback TCP (``raw_connect``, ``raw_request``).
 - ``ssh``: SSH client keys, a conch client and OpenSSH exec requests for manholes.
 - ``captokens``: a switchboard's capability signing key (``SigningKey``).
 - ``daemons``: a role as a ``twistd`` child process, ``run_twistd`` (one that should
