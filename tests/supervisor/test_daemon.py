@@ -11,7 +11,7 @@ import treq
 from twisted.application.service import IServiceCollection
 from twisted.internet import reactor
 
-from tests.supervisor.peer import FakeSwitchboard, job
+from tests.supervisor.peer import FakeSwitchboard, quick_job_ready
 from tests.util.daemons import Daemon, run_twistd
 from tests.util.ports import free_port
 from tests.util.waiting import within
@@ -201,11 +201,7 @@ async def test_the_daemon_runs_a_job_and_stops_gracefully(tmp_path: Path) -> Non
         env={"TREADMILL_LOG_LEVEL": "info"})
     daemon.start()
     try:
-        conn = await peer.connection(timeout=30)
-        ack = await conn.start(job(**{f"stages.{s}": 0.01 for s in (
-            "starting", "fetching_image", "allocating", "provisioning", "booting")}))
-        assert ack["ok"], ack
-        await conn.events_until("ready")
+        conn = await quick_job_ready(peer)
         # metrics.listen serves this supervisor's registry.
         scrape = await (await treq.get(f"http://127.0.0.1:{metrics}/metrics")).text()
         assert "treadmill_supervisor_link_up 1.0" in scrape
