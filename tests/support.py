@@ -21,6 +21,7 @@ from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.dev.fleet import ws_url_for
+from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
 from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
@@ -131,6 +132,19 @@ async def start_switchboard(dsn: str, state: Path, **overrides: Any) -> RunningS
     token = credentials.new_token(credentials.USER_TOKEN_PREFIX)
     await service.store.create_token(row["id"], credentials.token_hash(token), "admin", None)
     return RunningSwitchboard(service, f"http://127.0.0.1:{port}", token)
+
+
+def store_service(sb: RunningSwitchboard, root: Path, **more: Any) -> ImageStoreService:
+    """An image store (or, with ``cache=``, a cache) on loopback that trusts ``sb``."""
+    return ImageStoreService(reactor, ImageStoreConfig(
+        root=str(root), listen=["tcp:0:interface=127.0.0.1"],
+        keys_url=f"{sb.url}/.well-known/treadmill/capability-keys",
+        realm=f"{sb.url}/api/v1/registry/token", access_log=False, **more))
+
+
+def url_of(service: Any) -> str:
+    """The base URL of a started service's first (loopback) listener."""
+    return f"http://127.0.0.1:{service.ports()[0].getHost().port}"
 
 
 async def start_switchboard_with_logs(dsn: str, state: Path, limits: Limits | None = None,

@@ -23,11 +23,18 @@ from twisted.internet import reactor
 
 pytest.importorskip("treadmill.imagestore.service")
 
-from tests.support import Client, RunningSwitchboard, add_host, mock_supervisor, start_switchboard
+from tests.support import (
+    Client,
+    RunningSwitchboard,
+    add_host,
+    mock_supervisor,
+    start_switchboard,
+    store_service,
+    url_of,
+)
 from tests.util.waiting import eventually
 from treadmill.images import format as fmt
 from treadmill.images.oci import RegistryClient
-from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
 from treadmill.supervisor.blobcache import blob_path
 from treadmill.supervisor.service import SupervisorService
 
@@ -50,15 +57,12 @@ class Bed:
 async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
-    store = ImageStoreService(reactor, ImageStoreConfig(
-        root=str(tmp_path / "store"), listen=["tcp:0:interface=127.0.0.1"],
-        keys_url=f"{sb.url}/.well-known/treadmill/capability-keys",
-        realm=f"{sb.url}/api/v1/registry/token", access_log=False))
+    store = store_service(sb, tmp_path / "store")
     store.startService()
     supervisor: SupervisorService | None = None
     try:
         await store.ready()
-        store_url = f"http://127.0.0.1:{store.ports()[0].getHost().port}"
+        store_url = url_of(store)
         await sb.register_store(store_url, "treadmill-imagestore")
         token = await add_host(sb.admin, "mock-1", ["mock"], anyone_starts=False)
         supervisor = mock_supervisor(sb.url, token, tmp_path / "mock-1", stage_time=0.02,

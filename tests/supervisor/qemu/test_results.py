@@ -23,10 +23,14 @@ from tests.supervisor.qemu.test_service import (
     job_reaches,
     push,
     qemu_host,
+)
+from tests.support import (
+    RunningSwitchboard,
+    closed_stream,
+    start_switchboard_with_logs,
     store_service,
     url_of,
 )
-from tests.support import RunningSwitchboard, closed_stream, start_switchboard_with_logs
 from treadmill.cli.main import run as tml
 from treadmill.supervisor.service import SupervisorService
 

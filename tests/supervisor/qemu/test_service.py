@@ -18,11 +18,10 @@ pytest.importorskip("treadmill.imagestore.service")
 
 from tests import support
 from tests.supervisor.qemu.conftest import BuiltImage, needs_qemu, qemu_processes
-from tests.support import RunningSwitchboard, start_switchboard
+from tests.support import RunningSwitchboard, start_switchboard, store_service, url_of
 from tests.util.waiting import eventually
 from treadmill.dev.fleet import ws_url_for
 from treadmill.images.oci import RegistryClient
-from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
 from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.service import SupervisorService
 
@@ -49,18 +48,6 @@ async def push(sb: RunningSwitchboard, store_url: str, image: BuiltImage, name: 
                                                "stores": [store_url]})
     assert r.status == 201, r.body
     return digest
-
-
-def store_service(sb: RunningSwitchboard, root: Path, **more: Any) -> ImageStoreService:
-    """An image store (or, with ``cache=``, a cache) on loopback that trusts ``sb``."""
-    return ImageStoreService(reactor, ImageStoreConfig(
-        root=str(root), listen=["tcp:0:interface=127.0.0.1"],
-        keys_url=f"{sb.url}/.well-known/treadmill/capability-keys",
-        realm=f"{sb.url}/api/v1/registry/token", access_log=False, **more))
-
-
-def url_of(service: ImageStoreService) -> str:
-    return f"http://127.0.0.1:{service.ports()[0].getHost().port}"
 
 
 async def qemu_host(sb: RunningSwitchboard, name: str, state_dir: Path, work_dir: str,
