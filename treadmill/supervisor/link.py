@@ -223,7 +223,6 @@ class SupervisorLink(Service):
         self.last_close: CloseInfo | None = None
         self.connections = 0  # sessions opened so far
         self._open_waiters: list[Deferred[SupervisorProtocol]] = []
-        self._close_waiters: list[Deferred[CloseInfo]] = []
         self._stopping = False
 
     # -- service ---------------------------------------------------------------------
@@ -258,12 +257,6 @@ class SupervisorLink(Service):
         self._open_waiters.append(waiter)
         return waiter
 
-    def when_closed(self) -> Deferred[CloseInfo]:
-        """Fires with how the current (or next) connection ends."""
-        waiter: Deferred[CloseInfo] = Deferred()
-        self._close_waiters.append(waiter)
-        return waiter
-
     async def close(self, code: int = CloseCode.GOING_AWAY,
                     reason: str = "supervisor shutting down", timeout: float = 3.0) -> None:
         """Close the open session (if any) with ``code`` and wait, at most ``timeout``."""
@@ -296,9 +289,6 @@ class SupervisorLink(Service):
             self.handler.link_closed(session)
         self.last_close = info
         self._classify(info, was_session)
-        waiters, self._close_waiters = self._close_waiters, []
-        for waiter in waiters:
-            waiter.callback(info)
 
     def _classify(self, info: CloseInfo, was_session: bool) -> None:
         """Log how the connection ended and adjust the backoff."""

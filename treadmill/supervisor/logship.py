@@ -273,7 +273,6 @@ class LogShipper:
         self._finished = False
         self._gone = False
         self._save_call: Any = None
-        self._dirty = False
         self._drain_waiters: list[Deferred[None]] = []
         self._settle_waiters: list[Deferred[None]] = []
         self._finish_waiters: list[Deferred[None]] = []
@@ -834,7 +833,6 @@ class LogShipper:
     # -- cursors ---------------------------------------------------------------------------
 
     def _save_soon(self) -> None:
-        self._dirty = True
         if self._save_call is None and not self._stopped:
             self._save_call = self.reactor.callLater(self.save_interval, self._save_now)
 
@@ -847,7 +845,6 @@ class LogShipper:
         self._save_call = None
         if self._finished and self._stopped:
             return succeed(None)
-        self._dirty = False
         state = {
             "streams": {st.name: {"closing": st.closing, "length": st.spooled}
                         for st in self._streams.values()},
