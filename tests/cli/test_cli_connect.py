@@ -33,7 +33,7 @@ from tests.proxy.support import (
     start_proxy,
     tcp_transfer,
 )
-from tests.switchboard.test_authz_matrix import _new_ssh_key
+from tests.util.ssh import new_ssh_public_key
 from tests.util.waiting import eventually, sleep
 from treadmill.cli.commands.connect import (
     add_connect_arguments,
@@ -125,7 +125,7 @@ async def test_job_ssh_runs_ssh_and_returns_its_status(tmp_path: Path) -> None:
                     f"open({str(record)!r}, 'w'))\nsys.exit(7)\n")
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     other = {**TCP, "service": "console", "port": 40002}
-    host_key = _new_ssh_key()
+    host_key = new_ssh_public_key()
     job = {**a_job([other, TCP]), "ssh_host_keys": ["ssh-rsa AAAA", host_key]}
     ctx = context(add_ssh_arguments, ["job-1", "--", "uname", "-a"], job,
                   env={"TML_SSH": str(fake), "PATH": os.environ["PATH"]})
@@ -153,7 +153,7 @@ async def test_job_ssh_runs_ssh_and_returns_its_status(tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_job_ssh_known_hosts() -> None:
-    host_key = _new_ssh_key()
+    host_key = new_ssh_public_key()
     ctx = context(add_ssh_arguments, ["--known-hosts", "job-1"],
                   {**a_job([TCP]), "ssh_host_keys": [host_key]})
     assert await job_ssh(ctx) == 0

@@ -29,6 +29,12 @@ def make_client_key(path: Path) -> keys.Key:
     return keys.Key(private)
 
 
+def new_ssh_public_key() -> str:
+    """A fresh OpenSSH Ed25519 public key line (for the SSH key API)."""
+    return ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
 async def ssh_exec(port: int, key: Path, command: str) -> tuple[str, int]:
     """Run ``command`` in the manhole on ``port`` as an OpenSSH exec request (no pty):
     its output and exit status."""
