@@ -385,3 +385,38 @@ async def pair(tmp_path: Path, keys: Keys, **cache_settings: Any) -> Pair:
     up = upstream.registry.with_token(keys.repo("lab/fw", "pull", "push"))
     client = cache.registry.with_token(keys.repo("lab/fw", "pull", audience=CACHE_SERVICE))
     return Pair(upstream, cache, keys, up, client)
+
+
+@dataclass
+class Backpressure:
+    """What :func:`slow_disk` saw: the largest queue of an upload body, and how many
+    times the body's sender was paused."""
+
+    peak: int = 0
+    pauses: int = 0
+
+
+def slow_disk(store: RunningStore, monkeypatch: Any, delay: float = 0.01) -> Backpressure:
+    """Make ``store``'s upload appends take ``delay`` seconds each (a disk slower than
+    the network) and watch the upload bodies' queues (``monkeypatch`` undoes both)."""
+    import time
+
+    from treadmill.imagestore.uploads import BodySink, Upload
+
+    uploads = store.service.uploads
+    original_append, original_write = uploads._append, BodySink.write
+    seen = Backpressure()
+
+    def slow_append(upload: Upload, chunks: list[bytes]) -> int:
+        time.sleep(delay)
+        return original_append(upload, chunks)
+
+    def write(self: BodySink, data: bytes) -> None:
+        was_paused = self._paused
+        original_write(self, data)
+        seen.peak = max(seen.peak, self._queued)
+        seen.pauses += int(self._paused and not was_paused)
+
+    monkeypatch.setattr(uploads, "_append", slow_append)
+    monkeypatch.setattr(BodySink, "write", write)
+    return seen

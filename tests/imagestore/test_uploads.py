@@ -17,6 +17,7 @@ from tests.imagestore.support import (
     RunningStore,
     digest_of,
     parse_response,
+    slow_disk,
     start_store,
 )
 from tests.util.raw import raw_connect
@@ -305,32 +306,12 @@ async def test_expired_uploads_are_removed(tmp_path: Path, keys: Keys) -> None:
 @pytest_twisted.ensureDeferred
 async def test_slow_disk_pauses_the_client(open_store: RunningStore, monkeypatch) -> None:
     """With a disk slower than the network, the queue stays bounded: TCP backpressure."""
-    import time as _time
-
-    uploads = open_store.service.uploads
-    original = uploads._append
-
-    def slow_append(upload: Upload, chunks: list[bytes]) -> int:
-        _time.sleep(0.01)
-        return original(upload, chunks)
-
-    monkeypatch.setattr(uploads, "_append", slow_append)
-    peak = [0]
-    pauses = [0]
-    original_write = BodySink.write
-
-    def write(self: BodySink, data: bytes) -> None:
-        was_paused = self._paused
-        original_write(self, data)
-        peak[0] = max(peak[0], self._queued)
-        pauses[0] += int(self._paused and not was_paused)
-
-    monkeypatch.setattr(BodySink, "write", write)
+    seen = slow_disk(open_store, monkeypatch)
     data = os.urandom(24 * 1024 * 1024)
     digest = await open_store.registry.push_blob("lab/fw", data)
     assert digest == digest_of(data)
-    assert pauses[0] >= 1
-    assert peak[0] <= HIGH_WATER + 256 * 1024, peak[0]
+    assert seen.pauses >= 1
+    assert seen.peak <= HIGH_WATER + 256 * 1024, seen.peak
 
 
 @pytest_twisted.ensureDeferred
