@@ -117,6 +117,18 @@ class Registry:
         body = await response.content()
         return Response(response.code, response.headers, body, response.length)
 
+    async def complete_upload(self, location: str, data: bytes, offset: int) -> None:
+        """Send ``data[offset:]`` to the upload session at ``location``, commit it as
+        ``data`` and check that the blob reads back."""
+        r = await self.request("PATCH", location, data[offset:],
+                               {"content-range": f"{offset}-{len(data) - 1}"})
+        assert r.code == 202, r.body
+        r = await self.request("PUT", f"{location}?digest={digest_of(data)}")
+        assert r.code == 201, r.body
+        blobs = location.split("/blobs/uploads/")[0] + "/blobs/"
+        r = await self.request("GET", blobs + digest_of(data))
+        assert r.body == data
+
     async def _raw_head(self, url: str, headers: dict[str, str]) -> Response:
         """HEAD over a raw socket: Twisted's client hides a HEAD's Content-Length."""
         from urllib.parse import urlsplit

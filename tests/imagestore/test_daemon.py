@@ -223,13 +223,7 @@ async def test_sigkill_mid_upload_loses_nothing(tmp_path: Path) -> None:
         assert r.code == 204
         offset = int(r.header("range").split("-")[1]) + 1
         assert MIB < offset <= 12 * MIB
-        r = await reg.request("PATCH", location, pending[offset:],
-                              {"content-range": f"{offset}-{len(pending) - 1}"})
-        assert r.code == 202, r.body
-        r = await reg.request("PUT", f"{location}?digest={digest_of(pending)}")
-        assert r.code == 201, r.body
-        r = await reg.request("GET", f"/v2/lab/fw/blobs/{digest_of(pending)}")
-        assert r.body == pending
+        await reg.complete_upload(location, pending, offset)
     finally:
         await daemon.stop()
     assert "Traceback (most recent" not in daemon.output, daemon.output
