@@ -12,7 +12,7 @@ from twisted.application.service import IServiceCollection
 from twisted.internet import reactor
 
 from tests.supervisor.peer import FakeSwitchboard, quick_job_ready
-from tests.util.daemons import Daemon, run_twistd
+from tests.util.daemons import Daemon, refused_config
 from tests.util.ports import free_port
 from tests.util.waiting import within
 from treadmill.common.config import ConfigError, load_file
@@ -177,11 +177,9 @@ def test_the_unit_runs_the_plugin() -> None:
 
 
 def test_config_error_exits_non_zero(tmp_path: Path) -> None:
-    config = tmp_path / "supervisor.toml"
-    config.write_text('state_dir = "/tmp/x"\n[switchboard]\nurl = "ws://h"\ntoken = "t"\n'
-                      "bogus = 1\n")
-    code, output = run_twistd("treadmill-supervisor", "--config", str(config))
-    assert code != 0
+    output = refused_config("treadmill-supervisor", tmp_path / "supervisor.toml",
+                            'state_dir = "/tmp/x"\n[switchboard]\nurl = "ws://h"\n'
+                            'token = "t"\nbogus = 1\n')
     assert "switchboard.bogus" in output
 
 

@@ -107,3 +107,13 @@ def run_twistd(plugin: str, *args: str) -> tuple[int, str]:
     proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=", plugin, *args],
                           capture_output=True, text=True, timeout=60)
     return proc.returncode, proc.stdout + proc.stderr
+
+
+def refused_config(plugin: str, config: Path, text: str) -> str:
+    """Write ``text`` to ``config`` and run ``twistd PLUGIN --config CONFIG``, which must
+    refuse it, naming the file; its output."""
+    config.write_text(text)
+    code, output = run_twistd(plugin, "--config", str(config))
+    assert code != 0, output
+    assert str(config) in output, output
+    return output
