@@ -6,6 +6,6 @@
 - ``raw``: raw HTTP over loopback TCP (``raw_connect``, ``raw_request``).
 - ``ssh``: SSH client keys, a conch client and OpenSSH exec requests for manholes.
 - ``captokens``: a switchboard's capability signing key (``SigningKey``).
-- ``daemons``: a role as a ``twistd`` child process, ``run_twistd`` and ``refused_config`` (one that should
-  refuse to start), ``run_python``.
+- ``daemons``: a role as a ``twistd`` child process; ``run_twistd`` and
+  ``refused_config`` for one that should refuse to start; ``run_python``.
 """
