@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 
 from tests.logserver.support import start_logserver
-from tests.support import closed_stream, mock_supervisor, start_switchboard
+from tests.support import closed_stream, final, job_reaches, mock_supervisor, start_switchboard
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
@@ -39,11 +39,7 @@ async def test_console_and_events_reach_every_replica(migrated_database: str,
         job_id = (await sb.admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})
                   ).body["id"]
 
-        async def ended() -> bool:
-            body = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
-            return body["state"] == "terminated"
-
-        await eventually(ended, timeout=20)
+        await final(sb.admin, job_id, timeout=20)
         access = (await sb.admin.post(f"/api/v1/jobs/{job_id}/logs/token")).body
         assert sorted(access["servers"]) == sorted(s.url for s in servers)
         headers = {"Authorization": f"Bearer {access['token']}"}
@@ -129,10 +125,7 @@ async def test_log_server_killed_mid_job_loses_no_byte(migrated_database: str,
         job_id = (await sb.admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})
                   ).body["id"]
 
-        async def running() -> bool:
-            return (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body["state"] == "ready"
-
-        await eventually(running, timeout=20)
+        await job_reaches(sb.admin, job_id, "ready", timeout=20)
         # A user follows the console live (tml job logs -f) across the restart.
         followed, follow_err = io.StringIO(), io.StringIO()
         following: Deferred[int] = ensureDeferred(tml(

@@ -28,8 +28,7 @@ from tests.imagestore.support import start_cache, start_store
 from tests.logserver.support import start_logserver
 from tests.proxy.support import Keys as ProxyKeys
 from tests.proxy.support import start_proxy
-from tests.support import mock_supervisor, start_switchboard
-from tests.util.waiting import eventually
+from tests.support import final, mock_supervisor, start_switchboard
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.common.metrics import metrics_service
 from treadmill.supervisor.drivers import STAGES
@@ -161,10 +160,7 @@ async def test_every_role_exports_what_the_docs_list(migrated_database: str,
         job_id = (await sb.admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})
                   ).body["id"]
 
-        async def ended() -> bool:
-            return (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body["state"] == "terminated"
-
-        await eventually(ended, timeout=20)
+        await final(sb.admin, job_id, timeout=20)
         await sb.service._count_jobs()
         registries = {
             "Switchboard": sb.service.metrics.registry,
