@@ -112,6 +112,12 @@ class RunningSwitchboard:
 
         await self.store.create_image_store(canonical_store_url(url), service, "", cache)
 
+    def tml_env(self, home: Path, token: str | None = None) -> dict[str, str]:
+        """The environment of a ``tml`` run against this switchboard: ``HOME``, its URL
+        and ``token`` (the admin's unless given)."""
+        return {"HOME": str(home), "TREADMILL_URL": self.url,
+                "TREADMILL_TOKEN": token or self.admin_token}
+
     async def user(self, name: str, admin: bool = False) -> Client:
         """Create a user with a token; return a client acting as that user."""
         row = await self.store.create_user(name, admin, None)
