@@ -22,7 +22,7 @@ from tests.support import (
     one_mock_host,
     run_tml,
 )
-from tests.util.daemons import Daemon, run_python
+from tests.util.daemons import Daemon, bootstrap_admin
 from tests.util.ports import free_port
 from tests.util.waiting import eventually
 
@@ -133,10 +133,7 @@ class Bed:
     async def start(self) -> None:
         self.switchboard.start()
         await self.switchboard.wait_http(f"{self.url}/healthz")
-        out, err, code = await run_python("-m", "treadmill.switchboard.bootstrap",
-                                          "--config", str(self.sb_config), "--admin", "root")
-        assert code == 0, err
-        self.admin = Client(self.url, out.strip())
+        self.admin = Client(self.url, await bootstrap_admin("--config", str(self.sb_config)))
         token = await add_host(self.admin, "mock-1", ["mock"])
         config = self.tmp / "supervisor.toml"
         config.write_text(

@@ -11,7 +11,7 @@ import pytest_twisted
 import treq
 
 from tests.support import run_tml, write_switchboard_config
-from tests.util.daemons import Daemon, run_python
+from tests.util.daemons import Daemon, bootstrap_admin
 from tests.util.ports import free_port
 from tests.util.ssh import SSH, make_client_key, ssh_exec
 
@@ -36,10 +36,7 @@ async def test_switchboard_manhole_helpers(database: str, tmp_path: Path) -> Non
     daemon.start()
     try:
         await daemon.wait_http(f"{url}/healthz")
-        out, err, code = await run_python("-m", "treadmill.switchboard.bootstrap",
-                                          "--config", str(config), "--admin", "root")
-        assert code == 0, err
-        admin = out.strip()
+        admin = await bootstrap_admin("--config", str(config))
         code, out = await run_tml(url, admin, "admin", "host", "add", "board-1", "--tag", "qemu")
         assert code == 0, out
         code, out = await run_tml(url, admin, "job", "submit", "sha256:" + "1" * 64,

@@ -12,7 +12,7 @@ import treq
 from twisted.internet import reactor
 
 from tests.support import write_switchboard_config
-from tests.util.daemons import Daemon, refused_config, run_python, run_twistd
+from tests.util.daemons import Daemon, bootstrap_admin, refused_config, run_twistd
 from tests.util.ports import free_port
 from treadmill.cli.main import run as tml
 
@@ -40,10 +40,7 @@ async def test_switchboard_daemon_end_to_end(database: str, tmp_path: Path) -> N
     daemon.start()
     try:
         await daemon.wait_http(f"{url}/healthz")
-        out, err, code = await run_python("-m", "treadmill.switchboard.bootstrap",
-                                          "--config", str(config), "--admin", "root")
-        assert code == 0, err
-        admin = out.strip()
+        admin = await bootstrap_admin("--config", str(config))
 
         code, out = await cli(url, admin, "admin", "user", "add", "alice", "--password-stdin")
         assert code == 0, out

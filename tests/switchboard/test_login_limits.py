@@ -204,7 +204,7 @@ async def test_end_to_end_through_the_daemon_and_tml(database: str, tmp_path: Pa
     import psycopg2
 
     from tests.support import write_switchboard_config
-    from tests.util.daemons import Daemon, run_python
+    from tests.util.daemons import Daemon, bootstrap_admin
     from tests.util.ports import free_port
     from treadmill.cli.main import run as tml
 
@@ -224,10 +224,7 @@ async def test_end_to_end_through_the_daemon_and_tml(database: str, tmp_path: Pa
 
     try:
         await daemon.wait_http(f"{url}/healthz")
-        out, err, code = await run_python("-m", "treadmill.switchboard.bootstrap",
-                                          "--config", str(config), "--admin", "root")
-        assert code == 0, err
-        admin = {"TREADMILL_TOKEN": out.strip()}
+        admin = {"TREADMILL_TOKEN": await bootstrap_admin("--config", str(config))}
         code, text = await cli("admin", "user", "add", "alice", "--password-stdin",
                                stdin=PASSWORD, **admin)
         assert code == 0, text

@@ -7,5 +7,6 @@
 - ``ssh``: SSH client keys, a conch client and OpenSSH exec requests for manholes.
 - ``captokens``: a switchboard's capability signing key (``SigningKey``).
 - ``daemons``: a role as a ``twistd`` child process; ``run_twistd`` and
-  ``refused_config`` for one that should refuse to start; ``run_python``.
+  ``refused_config`` for one that should refuse to start; ``run_python``;
+  ``bootstrap_admin`` (the first admin's token).
 """

@@ -117,3 +117,12 @@ def refused_config(plugin: str, config: Path, text: str) -> str:
     assert code != 0, output
     assert str(config) in output, output
     return output
+
+
+async def bootstrap_admin(*flags: str) -> str:
+    """The first admin, ``root``, made by ``python -m treadmill.switchboard.bootstrap
+    FLAGS`` (``--config FILE`` or ``--database-dsn DSN``): its API token."""
+    out, err, code = await run_python("-m", "treadmill.switchboard.bootstrap", *flags,
+                                      "--admin", "root")
+    assert code == 0, err
+    return out.strip()
