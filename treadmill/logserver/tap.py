@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.application.service import IService
 
-from treadmill.common import keys
+from treadmill.common import cors, keys
 from treadmill.common.config import (
     BOOL,
     FLOAT,
@@ -49,6 +49,9 @@ class Options(RoleOptions):
         Setting("retention.interval", positive(FLOAT), 300.0,
                 "Seconds between retention passes."),
         Setting("http.access_log", BOOL, True, "Log one line per HTTP request."),
+        Setting("http.cors_origins", cors.origins, [],
+                "Origins of web consoles (the switchboard's URL, https://host[:port]) "
+                "whose pages may read logs with a capability token (CORS)."),
         Setting("follow.ping_interval", positive(FLOAT), 30.0,
                 "Seconds between WebSocket pings to followers (and the pong timeout)."),
     )
@@ -70,7 +73,8 @@ def config_from(values: dict[str, Any]) -> LogServerConfig:
         retention_max_age=values["retention.max_age"] or None,
         retention_max_bytes=values["retention.max_bytes"] or None,
         retention_interval=values["retention.interval"],
-        access_log=values["http.access_log"], ping_interval=values["follow.ping_interval"])
+        access_log=values["http.access_log"], ping_interval=values["follow.ping_interval"],
+        cors_origins=tuple(values["http.cors_origins"]))
 
 
 def makeService(options: Options) -> IService:
