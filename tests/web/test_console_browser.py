@@ -7,6 +7,8 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -14,9 +16,10 @@ import treq
 from twisted.internet import reactor
 
 from tests.daemons import free_port
+from tests.proxy.support import start_proxy
 from tests.support import Client, RunningSwitchboard, start_switchboard
 from tests.web.browser import Browser, available
-from treadmill.common.captoken import load_or_create_signing_key
+from treadmill.common.captoken import CapabilitySigner, load_or_create_signing_key
 from treadmill.logserver.service import LogServerConfig, LogServerService
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
@@ -39,13 +42,16 @@ class Stack:
     host_token: str
 
 
-async def _stack(database: str, tmp_path: Path) -> tuple[Stack, LogServerService]:
+async def _stack(database: str, tmp_path: Path) -> tuple[Stack, LogServerService, Any]:
     key = tmp_path / "capability-key.pem"
-    load_or_create_signing_key(str(key))
+    jwks = CapabilitySigner(load_or_create_signing_key(str(key)), "treadmill", reactor).jwks()
+    (tmp_path / "keys.json").write_text(json.dumps(jwks))
+    proxy = await start_proxy(SimpleNamespace(keys_file=tmp_path / "keys.json"))
     logs_port = free_port()
     logs_url = f"http://127.0.0.1:{logs_port}"
     sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
-                                 limits=Limits(log_servers=(logs_url,), log_replicas=1))
+                                 limits=Limits(log_servers=(logs_url,), log_replicas=1),
+                                 proxies=(proxy.ws,))
     logserver = LogServerService(reactor, LogServerConfig(
         root=str(tmp_path / "logs"), listen=[f"tcp:{logs_port}:interface=127.0.0.1"],
         auth={"auth.keys_file": str(key)}, fsync="never", access_log=False,
@@ -54,7 +60,8 @@ async def _stack(database: str, tmp_path: Path) -> tuple[Stack, LogServerService
     await logserver.ready()
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     assert r.status == 201, r.body
-    return Stack(sb, logs_url, r.body["token"]), logserver
+    await sb.admin.post("/api/v1/hosts/mock-1/grants", {"user": "*", "privilege": "start"})
+    return Stack(sb, logs_url, r.body["token"]), logserver, proxy
 
 
 async def _user(sb: RunningSwitchboard, name: str, admin: bool = False) -> Client:
@@ -77,7 +84,7 @@ async def _log_in(browser: Browser, url: str, user: str) -> None:
 
 @pytest_twisted.async_yield_fixture
 async def stack(database: str, tmp_path: Path) -> AsyncIterator[Stack]:
-    built, logserver = await _stack(database, tmp_path)
+    built, logserver, proxy = await _stack(database, tmp_path)
     supervisor = SupervisorService(reactor, SupervisorConfig(
         url=ws_url_for(built.sb.url), token=built.host_token, state_dir=str(tmp_path / "sup"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
@@ -89,6 +96,7 @@ async def stack(database: str, tmp_path: Path) -> AsyncIterator[Stack]:
     await supervisor.stopService()
     await built.sb.stop()
     await logserver.stopService()
+    await proxy.service.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -139,7 +147,7 @@ async def test_submit_watch_cancel_and_log_out(stack: Stack, browser: Browser,
                            ".includes('mock console')")
 
     # Cancel: the page follows the job to its end over the SSE watch; the host is free.
-    await browser.wait_for("['running', 'ready'].includes(document.querySelector("
+    await browser.wait_for("['initializing', 'ready'].includes(document.querySelector("
                            "'#job-state [data-state]')?.dataset.state)", 30)
     await browser.click("#cancel")
     await browser.accept_dialog()
@@ -158,6 +166,14 @@ async def test_submit_watch_cancel_and_log_out(stack: Stack, browser: Browser,
     assert await browser.script(
         f"return document.querySelector('tr[data-job=\"{job_id}\"] .label').textContent"
     ) == HOSTILE
+    # Filters: the ended job is not active.
+    await browser.script("document.querySelector('#filter-state').value = 'active';"
+                         "document.querySelector('form.inline button[type=submit]').click()")
+    await browser.wait_for("document.querySelector('#jobs tbody').textContent"
+                           ".includes('No jobs.')")
+    await browser.script("document.querySelector('#filter-state').value = 'terminated';"
+                         "document.querySelector('form.inline button[type=submit]').click()")
+    await browser.wait_for(f"document.querySelector('tr[data-job=\"{job_id}\"]')")
 
     # Log out revokes the session's token.
     await browser.click("#logout")
@@ -201,7 +217,8 @@ async def test_without_privilege_no_cancel_and_csrf(stack: Stack, browser: Brows
     status, body = await browser.call_async(fetch, terminate, False)
     assert status == 403 and "CSRF" in body
     # The job runs on.
-    assert (await alice.get(f"/api/v1/jobs/{job['id']}")).body["state"] != "terminated"
+    assert (await alice.get(f"/api/v1/jobs/{job['id']}")).body["state"] in (
+        "assigned", "initializing", "ready")
 
     # An expired (here: revoked) session sends the page back to the login form.
     session = (await browser.run(browser.driver.get_cookie, "treadmill_session"))["value"]
@@ -212,3 +229,37 @@ async def test_without_privilege_no_cancel_and_csrf(stack: Stack, browser: Brows
     assert r.code == 204
     await browser.get(f"{sb.url}/#/hosts")
     await browser.wait_for("document.querySelector('#login-form')")
+
+
+@pytest_twisted.ensureDeferred
+async def test_web_terminal_types_with_manage_and_watches_with_read(
+        stack: Stack, browser: Browser, artifacts: None) -> None:
+    sb = stack.sb
+    alice = await _user(sb, "alice")
+    await _user(sb, "bob")
+    job = (await alice.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})).body
+    await alice.post(f"/api/v1/jobs/{job['id']}/grants", {"user": "bob", "privilege": "read"})
+
+    await _log_in(browser, sb.url, "alice")
+    await browser.get(f"{sb.url}/#/jobs/{job['id']}")
+    # The mock host's echo service appears as an endpoint that needs a console token.
+    await browser.wait_for("document.querySelector('tr[data-service=\"echo\"] .open-terminal')",
+                           30)
+    await browser.click("tr[data-service=\"echo\"] .open-terminal")
+    await browser.wait_for("document.querySelector('#terminal-status').textContent"
+                           ".includes('type here')")
+    await browser.script("document.querySelector('#terminal').scrollIntoView()")
+    await browser.type("#terminal .xterm-helper-textarea", "hello from the web", clear=False)
+    await browser.wait_for("(document.querySelector('#terminal').dataset.tail || '')"
+                           ".includes('hello from the web')")
+
+    # bob may only watch: no terminal to type into, and a read token.
+    await _log_in(browser, sb.url, "bob")
+    await browser.get(f"{sb.url}/#/jobs/{job['id']}")
+    await browser.wait_for("document.querySelector('tr[data-service=\"echo\"] .watch-terminal')",
+                           30)
+    assert not await browser.script(
+        "return document.querySelector('tr[data-service=\"echo\"] .open-terminal')")
+    await browser.click("tr[data-service=\"echo\"] .watch-terminal")
+    await browser.wait_for("document.querySelector('#terminal-status').textContent"
+                           ".includes('read only')")

@@ -147,7 +147,8 @@ class SwitchboardService(RoleService):
         self.listener.on_reconnect(self.links.database_reconnected)
         self.listener.on_reconnect(self.scheduler.wake)
         self.listener.setServiceParent(self)
-        self.site = limited_site(console_root(self.api, list(config.limits.log_servers)),
+        self.site = limited_site(console_root(self.api, [*config.limits.log_servers,
+                                                         *config.proxies]),
                                  config.max_body)
         self.job_counts: dict[str, int] = {}
         self.host_counts: dict[str, int] = {}

@@ -2,6 +2,7 @@
 import { ApiError, enc, get, post } from "../api.js";
 import { append, clear, duration, h, stateBadge, table, time } from "../dom.js";
 import { JobLogs } from "../logs.js";
+import { openTerminal } from "../terminal.js";
 import { FitAddon } from "../vendor/xterm/addon-fit.mjs";
 import { Terminal } from "../vendor/xterm/xterm.mjs";
 
@@ -95,11 +96,37 @@ export async function render(main, app, id) {
         h("td", { class: "mono" }, p.secret ? h("span", { class: "muted" }, "•••••• (secret)") : p.value)))));
   }
   const endpoints = h("div", { id: "endpoints" });
-  main.append(h("h2", {}, "Endpoints"), endpoints);
+  const terminalStatus = h("span", { class: "muted", id: "terminal-status" });
+  const terminalScreen = h("div", { class: "terminal", id: "terminal", hidden: true });
+  let closeTerminal = null;
+  main.append(h("h2", {}, "Endpoints"), endpoints, h("div", { class: "row" }, terminalStatus),
+    terminalScreen);
+  async function connect(endpoint, access) {
+    if (closeTerminal) { closeTerminal(); closeTerminal = null; }
+    clear(terminalScreen).hidden = false;
+    terminalScreen.dataset.service = endpoint.service || "";
+    terminalStatus.textContent = `connecting to ${endpoint.service}…`;
+    try {
+      closeTerminal = await openTerminal(terminalScreen, job.id, endpoint, access,
+        (text) => { terminalStatus.textContent = `${endpoint.service}: ${text}`; });
+    } catch (e) {
+      terminalStatus.textContent = "";
+      app.fail(e);
+    }
+  }
+  function endpointActions(e) {
+    if (e.auth !== "token" || !e.url) return "";
+    return h("div", { class: "row" },
+      held.includes("manage") ? h("button", { class: "open-terminal",
+        onclick: () => connect(e, "manage") }, "Open terminal") : null,
+      h("button", { class: "watch-terminal", onclick: () => connect(e, "read") }, "Watch"));
+  }
   function renderEndpoints(list) {
     clear(endpoints).append(list && list.length
-      ? table(["Name", "Where"], list.map((e) => h("tr", {},
-        h("td", {}, e.name || e.service || ""), h("td", { class: "mono" }, e.url || JSON.stringify(e)))))
+      ? table(["Service", "Where", ""], list.map((e) => h("tr", { "data-service": e.service || "" },
+        h("td", {}, e.service || e.name || ""),
+        h("td", { class: "mono" }, e.url || (e.host && e.port ? `${e.host}:${e.port}` : JSON.stringify(e))),
+        h("td", {}, endpointActions(e)))))
       : h("p", { class: "muted" }, "None."));
   }
   renderEndpoints(job.endpoints);
@@ -180,6 +207,7 @@ export async function render(main, app, id) {
 
   return () => {
     abort.abort();
+    if (closeTerminal) closeTerminal();
     clearInterval(ticker);
     window.removeEventListener("resize", onResize);
     if (source) source.close();

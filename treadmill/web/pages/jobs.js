@@ -5,7 +5,7 @@ import { clear, h, shortId, stateBadge, time } from "../dom.js";
 
 export const name = "jobs";
 
-const STATES = ["queued", "assigned", "starting", "running", "ready", "terminating", "terminated"];
+const STATES = ["queued", "assigned", "initializing", "ready", "terminating", "terminated"];
 const ACTIVE = STATES.filter((s) => s !== "terminated");
 const MAX_WATCHES = 3; // a browser holds six connections per origin: leave the rest free
 const REFRESH_MS = 5000;
