@@ -7,6 +7,7 @@ reactor keeps serving while the browser waits.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -106,6 +107,14 @@ class Browser:
         """A fresh start: no cookies, no page."""
         await self.run(self.driver.delete_all_cookies)
         await self.get("about:blank")
+
+    async def snap(self, name: str) -> None:
+        """With ``TREADMILL_CONSOLE_SCREENSHOTS=DIR``, a screenshot ``DIR/NAME.png`` of the
+        page (how docs/console.md's images are made); otherwise nothing."""
+        where = os.environ.get("TREADMILL_CONSOLE_SCREENSHOTS")
+        if where:
+            Path(where).mkdir(parents=True, exist_ok=True)
+            await self.run(self.driver.save_screenshot, str(Path(where) / f"{name}.png"))
 
     def keep_artifacts(self, where: Path, name: str) -> None:
         """A screenshot, the page's HTML and its console log, for a failed test."""

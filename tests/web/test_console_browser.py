@@ -119,6 +119,7 @@ async def test_submit_watch_cancel_and_log_out(stack: Stack, browser: Browser,
     await browser.type(".param-name", "TOKEN")
     await browser.type(".param-value", "s3cret-value")
     await browser.click(".param-secret")
+    await browser.snap("submit")
     await browser.click("#submit-form button[type=submit]")
     job_id = await browser.wait_for(
         "(location.hash.match(/^#\\/jobs\\/([0-9a-f-]{36})$/) || [])[1]")
@@ -145,6 +146,10 @@ async def test_submit_watch_cancel_and_log_out(stack: Stack, browser: Browser,
     await browser.script("document.querySelector('#console').scrollIntoView()")
     await browser.wait_for("document.querySelector('#console .xterm-rows').textContent"
                            ".includes('mock console')")
+    await browser.script("window.scrollTo(0, 0)")
+    await browser.snap("job")
+    await browser.script("document.querySelector('#console').scrollIntoView()")
+    await browser.snap("job-console")
 
     # Cancel: the page follows the job to its end over the SSE watch; the host is free.
     await browser.wait_for("['initializing', 'ready'].includes(document.querySelector("
@@ -160,6 +165,7 @@ async def test_submit_watch_cancel_and_log_out(stack: Stack, browser: Browser,
     await browser.wait_for("document.querySelector('tr[data-host=\"mock-1\"]')")
     await browser.wait_for("document.querySelector('tr[data-host=\"mock-1\"] .current-job')"
                            ".textContent === ''", 30)
+    await browser.snap("hosts")
     # The jobs list shows it, as text.
     await browser.get(f"{sb.url}/#/jobs")
     await browser.wait_for(f"document.querySelector('tr[data-job=\"{job_id}\"] .label')")
@@ -174,10 +180,17 @@ async def test_submit_watch_cancel_and_log_out(stack: Stack, browser: Browser,
     await browser.script("document.querySelector('#filter-state').value = 'terminated';"
                          "document.querySelector('form.inline button[type=submit]').click()")
     await browser.wait_for(f"document.querySelector('tr[data-job=\"{job_id}\"]')")
+    await browser.snap("jobs")
+    for page in ("images", "tokens", "users"):
+        await browser.get(f"{sb.url}/#/{page}")
+        await browser.wait_for(f"document.body.dataset.page === '{page}' && "
+                               "!document.querySelector('main > p.muted')")
+        await browser.snap(page)
 
     # Log out revokes the session's token.
     await browser.click("#logout")
     await browser.wait_for("document.querySelector('#login-form')")
+    await browser.snap("login")
     r = await sb.admin.as_user(session).get("/api/v1/whoami")
     assert r.status == 401
 
@@ -252,6 +265,8 @@ async def test_web_terminal_types_with_manage_and_watches_with_read(
     await browser.type("#terminal .xterm-helper-textarea", "hello from the web", clear=False)
     await browser.wait_for("(document.querySelector('#terminal').dataset.tail || '')"
                            ".includes('hello from the web')")
+    await browser.script("document.querySelector('#endpoints').scrollIntoView()")
+    await browser.snap("terminal")
 
     # bob may only watch: no terminal to type into, and a read token.
     await _log_in(browser, sb.url, "bob")

@@ -123,6 +123,11 @@ async def test_assets_headers_sessions_and_csrf(database: str, tmp_path: Path) -
                            headers={"Authorization": f"Bearer {token}"})
         assert r.code == 401
         await r.content()
+        # Logging out of an ended session only clears the cookies.
+        r = await treq.delete(f"{sb.url}/console/session", cookies=cookies,
+                              headers={"X-CSRF-Token": cookies["treadmill_csrf"]})
+        assert r.code == 204 and "Max-Age=0" in _cookies(r)["treadmill_session"]
+        await r.content()
     finally:
         await sb.stop()
 

@@ -203,11 +203,16 @@ class WebConsole:
     @app.route("/console/session", methods=["DELETE"])
     async def log_out(self, request: IRequest) -> bytes:
         """Revoke the session's token (``DELETE /api/v1/tokens/{id}``); clear the cookies."""
-        principal = await self.api.auth.principal(request)
         if request.getHeader("authorization") is not None:
             raise ApiError(400, "log out ends a console session; revoke API tokens with "
                                 "DELETE /api/v1/tokens/{id}")
-        if principal.token_id is not None:
+        try:
+            principal = await self.api.auth.principal(request)
+        except ApiError as e:
+            if e.status != 401:
+                raise
+            principal = None  # expired or revoked already: only the cookies are left
+        if principal is not None and principal.token_id is not None:
             await self.api.revoke_token(request, principal.token_id)
         self._clear(request)
         request.setResponseCode(204)

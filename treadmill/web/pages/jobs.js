@@ -45,7 +45,7 @@ export async function render(main, app) {
     return h("tr", { "data-job": job.id },
       h("td", {}, h("a", { href: `#/jobs/${job.id}`, class: "mono" }, shortId(job.id))),
       h("td", { class: "label" }, job.label || ""),
-      h("td", {}, job.image?.name || shortId(job.image?.digest || "")),
+      h("td", { class: "mono" }, job.image?.name || (job.image?.digest || "").slice(0, 19)),
       h("td", { class: "state-cell" }, stateBadge(job.state)),
       h("td", { class: "stage-cell" }, job.stage || ""),
       h("td", {}, job.host || ""),
