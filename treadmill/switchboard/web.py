@@ -119,24 +119,19 @@ class WebConsole:
 
     # -- errors ----------------------------------------------------------------------
 
-    @app.handle_errors(ApiError)
-    def _api_error(self, request: IRequest, failure: Failure) -> bytes:
-        return respond_error(request, failure.value)
-
-    @app.handle_errors(NotFound)
-    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
-        return respond_error(request, ApiError(404, str(failure.value)))
-
-    @app.handle_errors(HTTPException)
-    def _http_error(self, request: IRequest, failure: Failure) -> bytes:
-        return respond_error(request, http_exception_error(failure.value))
-
     @app.handle_errors(Exception)
-    def _internal(self, request: IRequest, failure: Failure) -> bytes:
-        if unavailable(failure):
+    def _error(self, request: IRequest, failure: Failure) -> bytes:
+        """Errors in the API's one shape (``docs/api.md``)."""
+        error = failure.value
+        if isinstance(error, NotFound):
+            error = ApiError(404, str(error))
+        elif isinstance(error, HTTPException):
+            error = http_exception_error(error)
+        elif unavailable(failure):
             request.setHeader(b"retry-after", b"2")
-            return respond_error(request, ApiError(503, "the database is unavailable; "
-                                                        "try again later"))
+            error = ApiError(503, "the database is unavailable; try again later")
+        if isinstance(error, ApiError):
+            return respond_error(request, error)
         return respond_internal(request, failure, self.log)
 
     # -- assets ----------------------------------------------------------------------
