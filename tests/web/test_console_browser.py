@@ -28,7 +28,8 @@ from treadmill.supervisor.service import SupervisorConfig, SupervisorService
 from treadmill.switchboard import credentials
 from treadmill.switchboard.api import Limits
 
-pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(available() is not None, reason=str(available()))]
 
 DIGEST = "sha256:" + "7" * 64
 PASSWORD = "console password"
