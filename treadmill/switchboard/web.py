@@ -147,8 +147,8 @@ class WebConsole:
         request.setHeader(b"x-frame-options", b"DENY")
         request.setHeader(b"content-security-policy", self.policy)
         request.setHeader(b"etag", etag.encode("ascii"))
-        # Vendored files change only with their versioned path's VERSION; the rest is
-        # revalidated on every load (cheap: an ETag).
+        # Vendored files change only when xterm.js is upgraded: cached for a day. The
+        # console's own files are revalidated on every load (cheap: an ETag).
         request.setHeader(b"cache-control", b"public, max-age=86400"
                           if path.startswith("vendor/") else b"no-cache")
         if request.getHeader("if-none-match") == etag:
