@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 import treq
 
@@ -180,3 +181,35 @@ async def test_log_server_cors_for_configured_origins(tmp_path: Path) -> None:
         assert r.headers.getRawHeaders("access-control-allow-origin") is None
     finally:
         await service.stopService()
+
+
+def test_cors_origins_setting() -> None:
+    from treadmill.common.cors import origins
+    from treadmill.logserver.tap import Options, config_from
+
+    assert origins(["HTTPS://Console.Example:8443/", "http://127.0.0.1:8080"]) == [
+        "https://console.example:8443", "http://127.0.0.1:8080"]
+    assert origins("https://a.example") == ["https://a.example"]
+    for bad in (["ftp://a.example"], ["https://a.example/path"], ["*"], [1], {"a": 1}):
+        with pytest.raises(ValueError):
+            origins(bad)
+    # The example configuration lists none; a file's list reaches the config.
+    example = Path(__file__).parents[2] / "etc" / "treadmill" / "logserver.toml"
+    options = Options()
+    options.parseOptions(["--config", str(example), "--root", "/srv/logs"])
+    assert config_from(options.values).cors_origins == ()
+
+
+def test_cors_origins_from_a_file(tmp_path: Path) -> None:
+    from treadmill.logserver.tap import Options, config_from
+
+    config = tmp_path / "logserver.toml"
+    config.write_text('root = "/x"\n[auth]\nkeys_file = "/k"\n'
+                      '[http]\ncors_origins = ["https://Treadmill.example"]\n')
+    options = Options()
+    options.parseOptions(["--config", str(config)])
+    assert config_from(options.values).cors_origins == ("https://treadmill.example",)
+    config.write_text('root = "/x"\n[auth]\nkeys_file = "/k"\n'
+                      '[http]\ncors_origins = ["https://treadmill.example/console"]\n')
+    with pytest.raises(Exception, match="cors_origins"):
+        Options().parseOptions(["--config", str(config)])
