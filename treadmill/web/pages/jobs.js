@@ -9,6 +9,8 @@ const STATES = ["queued", "assigned", "initializing", "ready", "terminating", "t
 const ACTIVE = STATES.filter((s) => s !== "terminated");
 const MAX_WATCHES = 3; // a browser holds six connections per origin: leave the rest free
 const REFRESH_MS = 5000;
+const PAGE = 100;
+const MAX_PAGE = 500; // the API's largest page
 
 export async function render(main, app) {
   const params = new URLSearchParams(location.hash.split("?")[1] || "");
@@ -20,20 +22,25 @@ export async function render(main, app) {
   const owner = h("input", { id: "filter-owner", placeholder: "owner", value: params.get("owner") || "" });
   const prefix = h("input", { id: "filter-id", placeholder: "id prefix", size: 10 });
   const body = h("tbody", {});
+  let limit = PAGE;
+  const more = h("button", { id: "more", hidden: true, onclick: () => {
+    limit = Math.min(MAX_PAGE, limit + PAGE);
+    load();
+  } }, "Show older jobs");
   const form = h("form", { class: "inline" }, state, owner, prefix,
     h("button", { type: "submit" }, "Filter"),
     h("a", { href: "#/submit" }, h("button", { type: "button", class: "primary" }, "Submit a job")));
   main.append(h("h1", {}, "Jobs"), form,
     h("table", { id: "jobs" }, h("thead", {}, h("tr", {},
       ["Job", "Label", "Image", "State", "Stage", "Host", "Owner", "Created"].map((t) => h("th", {}, t)))),
-    body));
+    body), h("p", {}, more));
 
   const watches = new Map();
   let timer = null;
   let stopped = false;
 
   function query() {
-    const q = new URLSearchParams({ limit: "100" });
+    const q = new URLSearchParams({ limit: String(limit) });
     if (state.value === "active") q.set("state", ACTIVE.join(","));
     else if (state.value) q.set("state", state.value);
     if (owner.value.trim()) q.set("owner", owner.value.trim());
@@ -82,6 +89,7 @@ export async function render(main, app) {
       clear(body).append(...result.jobs.map(row));
       if (!result.jobs.length) body.append(h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No jobs.")));
       watch(result.jobs);
+      more.hidden = !result.next_cursor || limit >= MAX_PAGE;
     } catch (e) {
       if (stopped) return;
       app.fail(e);
@@ -89,7 +97,7 @@ export async function render(main, app) {
     if (!stopped) timer = setTimeout(load, REFRESH_MS);
   }
 
-  form.addEventListener("submit", (event) => { event.preventDefault(); load(); });
+  form.addEventListener("submit", (event) => { event.preventDefault(); limit = PAGE; load(); });
   await load();
   return () => {
     stopped = true;
