@@ -188,6 +188,10 @@ async def test_submit_watch_cancel_and_log_out(stack: Stack, browser: Browser,
                                "!document.querySelector('main > p.muted')")
         await browser.snap(page)
 
+    # The page lives within its Content-Security-Policy.
+    log = await browser.run(browser.driver.get_log, "browser")
+    assert not [e for e in log if "Content Security Policy" in str(e.get("message"))], log
+
     # Log out revokes the session's token.
     await browser.click("#logout")
     await browser.wait_for("document.querySelector('#login-form')")
