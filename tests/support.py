@@ -91,7 +91,7 @@ class RunningSwitchboard:
 
     async def register_store(self, url: str, service: str, cache: bool = False) -> None:
         """Register an image store (``POST /api/v1/stores`` does the same for admins)."""
-        from treadmill.images.registry import canonical_store_url
+        from treadmill.images.oci import canonical_store_url
 
         await self.store.create_image_store(canonical_store_url(url), service, "", cache)
 

@@ -21,22 +21,24 @@ from twisted.internet import reactor
 from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 
-from tests.daemons import _Output, free_port
 from tests.proxy.support import console, console_echo, echo_client, start_proxy
 from tests.support import start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.daemons import _Output
+from tests.util.ports import free_port
+from tests.util.waiting import eventually
 from treadmill.common.captoken import CapabilitySigner, load_or_create_signing_key
-from treadmill.proxy.messages import ConsoleCloseCode
+from treadmill.dev.fleet import ws_url_for
+from treadmill.protocol.proxy import ConsoleCloseCode
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 
 DIGEST = "sha256:" + "c" * 64
 
 
 @pytest_twisted.ensureDeferred
-async def test_console_tokens_end_to_end(database: str, tmp_path: Path) -> None:
+async def test_console_tokens_end_to_end(migrated_database: str, tmp_path: Path) -> None:
     # The proxy trusts the switchboard's key (as an operator's keys_file would).
     key_path = tmp_path / "capability-key.pem"
     jwks = CapabilitySigner(load_or_create_signing_key(str(key_path)), "treadmill",
@@ -44,14 +46,14 @@ async def test_console_tokens_end_to_end(database: str, tmp_path: Path) -> None:
     (tmp_path / "keys.json").write_text(json.dumps(jwks))
     proxy = await start_proxy(SimpleNamespace(keys_file=tmp_path / "keys.json"),
                               connect_timeout=2.0)
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  proxies=(proxy.ws,))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     await sb.admin.post("/api/v1/hosts/mock-1/grants", {"user": "*", "privilege": "start"})
     supervisor = SupervisorService(reactor, SupervisorConfig(
         url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "mock-1"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=600.0)))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=600.0).values()))
     supervisor.startService()
     try:
         alice, bob = await sb.user("alice"), await sb.user("bob")

@@ -32,14 +32,15 @@ from twisted.web.server import Site
 pytest.importorskip("treadmill.imagestore.service")
 
 from tests.support import Client, RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
+from treadmill.dev.fleet import ws_url_for
 from treadmill.images import format as fmt
-from treadmill.images.registry import RegistryClient
+from treadmill.images.oci import RegistryClient
 from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 
 REAL_SERVICE = "treadmill-imagestore"
 HOSTILE_SERVICE = "hostile"
@@ -99,8 +100,8 @@ def claims(token: str) -> dict[str, Any]:
 
 
 @pytest_twisted.async_yield_fixture
-async def bed(database: str, tmp_path: Path) -> AsyncIterator[Bed]:
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
     store = ImageStoreService(reactor, ImageStoreConfig(
         root=str(tmp_path / "store"), listen=["tcp:0:interface=127.0.0.1"],
@@ -168,7 +169,7 @@ async def run_lure_job(bed: Bed) -> dict[str, Any]:
     supervisor = SupervisorService(reactor, SupervisorConfig(
         url=ws_url_for(bed.sb.url), token=host["token"], state_dir=str(bed.tmp / "mock-1"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2)))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2).values()))
     supervisor.startService()
     try:
         await supervisor.ready()

@@ -24,15 +24,16 @@ from twisted.internet import reactor
 pytest.importorskip("treadmill.imagestore.service")
 
 from tests.support import Client, RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
+from treadmill.dev.fleet import ws_url_for
 from treadmill.images import format as fmt
-from treadmill.images.registry import RegistryClient
+from treadmill.images.oci import RegistryClient
 from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
+from treadmill.supervisor.blobcache import blob_path
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.images import blob_path
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 
 BASE = b"QFI\xfb" + bytes(range(256)) * 160  # a tiny fake qcow2 (the magic, then filler)
 TOP = b"QFI\xfb" + b"overlay" * 300
@@ -56,8 +57,8 @@ async def add_host(admin: Client, name: str, tags: list[str]) -> str:
 
 
 @pytest_twisted.async_yield_fixture
-async def bed(database: str, tmp_path: Path) -> AsyncIterator[Bed]:
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
     store = ImageStoreService(reactor, ImageStoreConfig(
         root=str(tmp_path / "store"), listen=["tcp:0:interface=127.0.0.1"],
@@ -73,7 +74,8 @@ async def bed(database: str, tmp_path: Path) -> AsyncIterator[Bed]:
         config = SupervisorConfig(
             url=ws_url_for(sb.url), token=token, state_dir=str(tmp_path / "mock-1"),
             reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-            mock=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2))
+            driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02),
+                                       run_time=0.2).values())
         supervisor = SupervisorService(reactor, config)
         supervisor.startService()
         await supervisor.ready()

@@ -25,13 +25,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 
-from tests.daemons import Daemon, free_port, run_python
 from tests.support import Client
-from tests.switchboard.peer import eventually
+from tests.util.daemons import Daemon, run_python
+from tests.util.ports import free_port
+from tests.util.waiting import eventually, sleep
+from treadmill.dev.fleet import Fleet
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import Fleet
-from treadmill.supervisor.service import SupervisorConfig
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 EXAMPLE = Path(__file__).parents[1] / "etc" / "haproxy" / "haproxy.cfg"
@@ -51,7 +52,7 @@ class HAProxy(Daemon):
         self.config = config
 
     def start(self) -> None:
-        from tests.daemons import _Output
+        from tests.util.daemons import _Output
 
         self._proto = _Output(self.log)
         argv = [HAPROXY, "-db", "-f", str(self.config)]
@@ -119,8 +120,8 @@ class Cluster:
                 url=f"ws://127.0.0.1:{self.port}", token=r.body["token"],
                 state_dir=str(self.tmp / name), name=name, reconnect_initial=0.1,
                 reconnect_max=1.0, heartbeat_interval=1.0, heartbeat_timeout=2.0,
-                durable=False, mock=MockSettings(durations=dict.fromkeys(STAGES, 0.02),
-                                                 run_time=0.3)))
+                durable=False, driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02),
+                                                 run_time=0.3).values()))
         self.fleet = Fleet(reactor, configs)
         self.fleet.startService()
 
@@ -171,10 +172,6 @@ async def cluster(database: str, tmp_path: Path):
         yield c
     finally:
         await c.stop()
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 @pytest_twisted.ensureDeferred

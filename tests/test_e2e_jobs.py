@@ -16,14 +16,16 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.daemons import Daemon, free_port, run_python
 from tests.support import Client, start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.daemons import Daemon, run_python
+from tests.util.ports import free_port
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
+from treadmill.dev.fleet import ws_url_for
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 
 DIGEST = "sha256:" + "e" * 64
 
@@ -60,14 +62,14 @@ async def state_is(admin: Client, job_id: str, state: str, timeout: float = 30.0
 
 
 @pytest_twisted.async_yield_fixture
-async def testbed(database: str, tmp_path: Path):
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def testbed(migrated_database: str, tmp_path: Path):
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
     token = await add_host(sb.admin, "mock-1", ["mock"])
     config = SupervisorConfig(
         url=ws_url_for(sb.url), token=token, state_dir=str(tmp_path / "mock-1"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2).values())
     supervisor = SupervisorService(reactor, config)
     supervisor.startService()
     await supervisor.ready()

@@ -17,13 +17,14 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from tests.support import start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
+from treadmill.dev.fleet import ws_url_for
 from treadmill.protocol import supervisor as protocol
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockDriver, MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 
 STORE = "http://store.example"
 VM = "sha256:" + "1" * 64
@@ -37,8 +38,8 @@ async def cli(url: str, token: str, *argv: str) -> tuple[int, str]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_jobs_go_to_hosts_of_their_kind(database: str, tmp_path: Path) -> None:
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def test_jobs_go_to_hosts_of_their_kind(migrated_database: str, tmp_path: Path) -> None:
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
     supervisors: list[SupervisorService] = []
     try:
@@ -52,7 +53,8 @@ async def test_jobs_go_to_hosts_of_their_kind(database: str, tmp_path: Path) -> 
             driver.kinds = kinds
             config = SupervisorConfig(url=ws_url_for(sb.url), token=r.body["token"],
                                       state_dir=str(tmp_path / name), reconnect_initial=0.1,
-                                      reconnect_max=1.0, durable=False, mock=settings)
+                                      reconnect_max=1.0, durable=False,
+                                      driver_values=settings.values())
             service = SupervisorService(reactor, config, driver=driver)
             service.startService()
             supervisors.append(service)

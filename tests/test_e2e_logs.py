@@ -13,14 +13,15 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 
 from tests.support import start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
+from treadmill.dev.fleet import ws_url_for
 from treadmill.logserver.service import LogServerConfig, LogServerService
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.api import Limits
 
 DIGEST = "sha256:" + "7" * 64
@@ -36,19 +37,20 @@ async def start_logserver(root: Path, keys: Path) -> tuple[LogServerService, str
 
 
 @pytest_twisted.ensureDeferred
-async def test_console_and_events_reach_every_replica(database: str, tmp_path: Path) -> None:
+async def test_console_and_events_reach_every_replica(migrated_database: str,
+                                                      tmp_path: Path) -> None:
     key = tmp_path / "capability-key.pem"
     load_or_create_signing_key(str(key))  # The log servers trust its public half.
     servers = [await start_logserver(tmp_path / f"logs-{i}", key) for i in range(2)]
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=Limits(log_servers=tuple(u for _, u in servers),
                                                log_replicas=2))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     supervisor = SupervisorService(reactor, SupervisorConfig(
         url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.5,
-                          console_rate=50_000)))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.5,
+                          console_rate=50_000).values()))
     supervisor.startService()
     try:
         await supervisor.connected()
@@ -116,11 +118,13 @@ async def test_console_and_events_reach_every_replica(database: str, tmp_path: P
 
 
 @pytest_twisted.ensureDeferred
-async def test_log_server_killed_mid_job_loses_no_byte(database: str, tmp_path: Path) -> None:
+async def test_log_server_killed_mid_job_loses_no_byte(migrated_database: str,
+                                                       tmp_path: Path) -> None:
     import re
     import signal
 
-    from tests.daemons import Daemon, free_port
+    from tests.util.daemons import Daemon
+    from tests.util.ports import free_port
 
     key = tmp_path / "capability-key.pem"
     load_or_create_signing_key(str(key))
@@ -133,14 +137,14 @@ async def test_log_server_killed_mid_job_loses_no_byte(database: str, tmp_path: 
     logserver.start()
     url = f"http://127.0.0.1:{port}"
     await logserver.wait_http(f"{url}/healthz")
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=Limits(log_servers=(url,), log_replicas=1))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     supervisor = SupervisorService(reactor, SupervisorConfig(
         url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=3.0,
-                          console_rate=20_000)))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=3.0,
+                          console_rate=20_000).values()))
     supervisor.startService()
     try:
         await supervisor.connected()

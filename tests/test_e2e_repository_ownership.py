@@ -27,7 +27,7 @@ pytest.importorskip("treadmill.imagestore.service")
 from tests.imagestore.support import Registry, build_oci_layout, digest_of
 from tests.support import Client, RunningSwitchboard, start_switchboard
 from treadmill.images import format as fmt
-from treadmill.images.registry import RegistryClient, RegistryError
+from treadmill.images.oci import RegistryClient, RegistryError
 from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
 
 LAYER = b"QFI\xfb" + b"alice's disk" * 100
@@ -57,8 +57,8 @@ class Bed:
 
 
 @pytest_twisted.async_yield_fixture
-async def bed(database: str, tmp_path: Path) -> AsyncIterator[Bed]:
-    sb = await start_switchboard(database, tmp_path)
+async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
+    sb = await start_switchboard(migrated_database, tmp_path)
     store = ImageStoreService(reactor, ImageStoreConfig(
         root=str(tmp_path / "store"), listen=["tcp:0:interface=127.0.0.1"],
         keys_url=f"{sb.url}/.well-known/treadmill/capability-keys",

@@ -13,17 +13,18 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from tests.support import start_switchboard
 from tests.test_e2e_jobs import DIGEST, add_host, cli, final, state_is
+from tests.util.waiting import sleep
+from treadmill.dev.fleet import ws_url_for
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import RESERVATION_PARAMETER, MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.api import Limits
 from treadmill.switchboard.jobstate import Reason, State, Status
-from treadmill.switchboard.store import JobSpec
+from treadmill.switchboard.store.jobs import JobSpec
 
 MAX_TIMEOUT = 60.0
 
@@ -32,20 +33,16 @@ def _time(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
-
-
 @pytest_twisted.async_yield_fixture
-async def testbed(database: str, tmp_path: Path):
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def testbed(migrated_database: str, tmp_path: Path):
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1,
                                  limits=Limits(max_timeout=MAX_TIMEOUT, default_timeout=30))
     token = await add_host(sb.admin, "mock-1", ["mock"])
     config = SupervisorConfig(
         url=ws_url_for(sb.url), token=token, state_dir=str(tmp_path / "mock-1"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2).values())
     supervisor = SupervisorService(reactor, config)
     supervisor.startService()
     await supervisor.ready()

@@ -18,15 +18,16 @@ import treq
 from twisted.internet import reactor
 
 from tests.support import RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import eventually
 from tests.test_e2e_logs import start_logserver
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
+from treadmill.dev.fleet import ws_url_for
 from treadmill.logserver.service import LogServerService
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 
 DIGEST = "sha256:" + "5" * 64
 TOCK = {"test_case": r"^test (?P<name>\S+) \.\.\. (?P<result>ok|FAILED|ignored)"
@@ -76,18 +77,19 @@ class Bed:
 
 
 @pytest_twisted.async_yield_fixture
-async def bed(database: str, tmp_path: Path) -> AsyncIterator[Bed]:
+async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
     key = tmp_path / "capability-key.pem"
     load_or_create_signing_key(str(key))
     logs: LogServerService
     logs, log_url = await start_logserver(tmp_path / "logs", key)
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=_limits(log_url))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     supervisor = SupervisorService(reactor, SupervisorConfig(
         url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.5, echo=False)))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.5,
+                                   echo=False).values()))
     supervisor.startService()
     try:
         await supervisor.connected()

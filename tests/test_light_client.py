@@ -25,11 +25,12 @@ from twisted.internet.utils import getProcessOutputAndValue
 from tests.support import start_switchboard
 from tests.wheels import ROOT, run
 from treadmill.common.captoken import load_or_create_signing_key
+from treadmill.dev.fleet import ws_url_for
 from treadmill.logserver.service import LogServerConfig, LogServerService
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.api import Limits
 
 RECIPES = ROOT / "examples" / "ci"
@@ -88,9 +89,9 @@ def test_light_install_lacks_the_server_packages(light: tuple[Path, Path],
 
 @pytest_twisted.ensureDeferred
 async def test_light_tml_whoami_against_a_real_switchboard(
-        light: tuple[Path, Path], database: str, tmp_path: Path) -> None:
+        light: tuple[Path, Path], migrated_database: str, tmp_path: Path) -> None:
     _, venv = light
-    sb = await start_switchboard(database, tmp_path)
+    sb = await start_switchboard(migrated_database, tmp_path)
     try:
         tml = str(venv / "bin" / "tml")
         env = clean_env(tmp_path, venv, TREADMILL_URL=sb.url, TREADMILL_TOKEN=sb.admin_token)
@@ -128,7 +129,7 @@ def tml_lines(script: str) -> list[str]:
 
 
 @pytest_twisted.async_yield_fixture
-async def testbed(database: str, tmp_path: Path):
+async def testbed(migrated_database: str, tmp_path: Path):
     """A switchboard, a log server and a mock host tagged ``mock``."""
     key = tmp_path / "capability-key.pem"
     load_or_create_signing_key(str(key))
@@ -138,15 +139,15 @@ async def testbed(database: str, tmp_path: Path):
     logs.startService()
     await logs.ready()
     log_url = f"http://127.0.0.1:{logs.ports()[0].getHost().port}"
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=Limits(log_servers=(log_url,), log_replicas=1))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     await sb.admin.post("/api/v1/hosts/mock-1/grants", {"user": "*", "privilege": "start"})
     supervisor = SupervisorService(reactor, SupervisorConfig(
         url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "mock-1"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.3,
-                          console_rate=2000)))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.3,
+                          console_rate=2000).values()))
     supervisor.startService()
     try:
         await supervisor.connected()

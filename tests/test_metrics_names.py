@@ -29,14 +29,15 @@ from tests.logserver.support import Running as RunningLogServer
 from tests.proxy.support import Keys as ProxyKeys
 from tests.proxy.support import start_proxy
 from tests.support import start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.common.metrics import metrics_service
+from treadmill.dev.fleet import ws_url_for
 from treadmill.logserver.service import LogServerConfig, LogServerService
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.api import Limits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,7 +146,8 @@ async def _run_with_stdin(executable: str, data: bytes) -> tuple[bytes, bytes, i
 
 
 @pytest_twisted.ensureDeferred
-async def test_every_role_exports_what_the_docs_list(database: str, tmp_path: Path) -> None:
+async def test_every_role_exports_what_the_docs_list(migrated_database: str,
+                                                     tmp_path: Path) -> None:
     key = tmp_path / "capability-key.pem"  # the switchboard's; the log server trusts it
     load_or_create_signing_key(str(key))
     service = LogServerService(reactor, LogServerConfig(
@@ -160,14 +162,14 @@ async def test_every_role_exports_what_the_docs_list(database: str, tmp_path: Pa
     store = await start_store(tmp_path / "store", store_keys)
     cache = await start_cache(tmp_path / "cache", store_keys, [store.url])
     proxy = await start_proxy(ProxyKeys(tmp_path / "keys"))
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=Limits(log_servers=(logs.url,), log_replicas=1))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     supervisor = SupervisorService(reactor, SupervisorConfig(
         url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.3,
-                          console_rate=20_000)))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.3,
+                          console_rate=20_000).values()))
     supervisor.startService()
     try:
         await supervisor.connected()

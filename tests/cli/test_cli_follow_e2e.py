@@ -23,15 +23,16 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from tests.support import RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.cli.commands import follow as follow_module
 from treadmill.common.captoken import Access, load_or_create_signing_key
+from treadmill.dev.fleet import ws_url_for
 from treadmill.dev.pgcluster import create_database, drop_database
 from treadmill.logserver.service import LogServerConfig, LogServerService
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.api import Limits
 
 pytestmark = pytest.mark.slow
@@ -92,8 +93,8 @@ async def stack(pg_admin_dsn: str, tmp_path_factory) -> AsyncIterator[Stack]:
         configs[host] = SupervisorConfig(
             url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(root / host),
             reconnect_initial=0.1, reconnect_max=0.5, durable=False,
-            mock=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.5,
-                              console_rate=2000))
+            driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.5,
+                              console_rate=2000).values())
         supervisors[host] = SupervisorService(reactor, configs[host])
         supervisors[host].startService()
         await supervisors[host].connected()

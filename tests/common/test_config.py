@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import textwrap
@@ -15,6 +16,7 @@ from twisted.python.systemd import ListenFDs
 
 from treadmill.common.config import (
     BOOL,
+    FIELD,
     FLOAT,
     INT,
     STR,
@@ -22,10 +24,14 @@ from treadmill.common.config import (
     ConfigError,
     RoleOptions,
     Setting,
+    _field_default,
+    build,
     client_endpoint,
     one_of,
     positive,
+    resolve_defaults,
     server_endpoints,
+    with_fields,
 )
 
 
@@ -703,3 +709,113 @@ def test_http_limits(config):
     assert (values["http.head_timeout"], values["http.idle_timeout"]) == (2.5, 0.0)
     assert error(*DSN, "--http-head-timeout", "-1").key == "--http-head-timeout"
     assert error(*DSN, "--http-idle-timeout", "nan").key == "--http-idle-timeout"
+
+
+# -- the config dataclass a settings table fills ------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pool:
+    size: int = 4
+    timeout: float = 10.0
+
+
+@dataclasses.dataclass
+class _Config:
+    dsn: str
+    pool: _Pool = dataclasses.field(default_factory=_Pool)
+    cache: _Pool | None = None
+    name: str = dataclasses.field(default_factory=lambda: "generated")
+    auth: dict = dataclasses.field(default_factory=dict)
+    urls: tuple[str, ...] = ()
+
+
+class _FieldOptions(RoleOptions):
+    config = _Config
+    settings = (
+        Setting("database.dsn", STR, None, "DSN.", required=True, field="dsn"),
+        Setting("database.pool_size", positive(INT), FIELD, "Pool.", field="pool.size"),
+        Setting("database.timeout", positive(FLOAT), FIELD, "Timeout.", field="pool.timeout"),
+        Setting("cache.size", positive(INT), 8, "Cache.", field="cache.size"),
+        Setting("name", STR, None, "Name (default: generated).", field="name"),
+        Setting("urls", STRLIST, [], "URLs.", field="urls",
+                convert=lambda urls: tuple(u.rstrip("/") for u in urls)),
+        *with_fields((Setting("auth.a", STR, None, "A."), Setting("auth.b", STR, "b", "B.")),
+                     "auth[]"),
+    )
+
+
+def test_field_defaults_come_from_the_dataclass():
+    defaults = {s.key: s.default for s in _FieldOptions.settings}
+    # Checked by the kind: an integer default of a FLOAT setting reads as a float.
+    assert defaults["database.pool_size"] == 4 and defaults["database.timeout"] == 10.0
+    assert isinstance(defaults["database.timeout"], float)
+    assert "[default: 4]" in dict((p[0], p[3]) for p in _FieldOptions.optParameters)[
+        "database-pool-size"]
+
+
+def test_build_fills_nested_fields():
+    options = _FieldOptions()
+    options.parseOptions([*DSN, "--database-pool-size", "7", "--urls", "http://a/,http://b"])
+    config = options.config_of(options.values)
+    assert config == _Config(dsn="dbname=test", pool=_Pool(size=7, timeout=10.0),
+                             cache=_Pool(size=8), name="generated",
+                             auth={"auth.a": None, "auth.b": "b"},
+                             urls=("http://a", "http://b"))
+    assert options.config_of(options.values, omit=("cache",)).cache is None
+
+
+def test_unset_setting_keeps_the_field_default():
+    options = _FieldOptions()
+    options.parseOptions([*DSN, "--name", "given"])
+    assert options.config_of(options.values).name == "given"
+
+
+def test_field_default_needs_a_field():
+    with pytest.raises(TypeError):
+        resolve_defaults(_Config, [Setting("x", INT, FIELD, "X.")])
+    with pytest.raises(TypeError):
+        resolve_defaults(_Config, [Setting("dsn", STR, FIELD, "No default.", field="dsn")])
+
+
+def test_build_refuses_an_unknown_field():
+    with pytest.raises(TypeError):
+        build(_Config, [Setting("x", INT, 1, "X.", field="nope")], {"x": 1})
+
+
+def _role_options():
+    from treadmill.imagestore.tap import Options as ImageStoreOptions
+    from treadmill.logserver.tap import Options as LogServerOptions
+    from treadmill.proxy.tap import Options as ProxyOptions
+    from treadmill.supervisor.tap import Options as SupervisorOptions
+    from treadmill.switchboard.tap import Options as SwitchboardOptions
+
+    return [SwitchboardOptions, LogServerOptions, ProxyOptions, ImageStoreOptions,
+            SupervisorOptions]
+
+
+@pytest.mark.parametrize("options", _role_options(), ids=lambda o: o.__module__)
+def test_role_settings_and_their_fields_agree(options):
+    """Every role setting fills a field, and an explicit default (the file's form) is the
+    field's default once converted: the two cannot drift apart."""
+    for setting in options.settings:
+        if setting.field is None:
+            # Not config fields: a switch, a file read at start, the driver's own settings.
+            from treadmill.supervisor.tap import DRIVER_SETTINGS
+            assert (setting.key in ("cache.enabled", "switchboard.token_file")
+                    or setting in DRIVER_SETTINGS), setting.key
+            continue
+        if setting.field.endswith("[]") or setting.default is None:
+            continue
+        value = setting.kind(setting.default)
+        if setting.convert is not None:
+            value = setting.convert(value)
+        assert value == _field_default(options.config, setting.field), setting.key
+
+
+def test_a_converted_none_replaces_the_field_default():
+    """ "0: no limit" may mean None in the config, over a field default that is a limit."""
+    zero_is_none = Setting("pool.timeout", FLOAT, 10.0, "Seconds; 0: none.", field="timeout",
+                           convert=lambda seconds: seconds or None)
+    assert build(_Pool, [zero_is_none], {"pool.timeout": 0.0}).timeout is None
+    assert build(_Pool, [zero_is_none], {"pool.timeout": 3.0}).timeout == 3.0

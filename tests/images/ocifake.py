@@ -1,6 +1,6 @@
 """A tiny OCI Distribution server on 127.0.0.1 for the image client tests.
 
-Just enough of the API for ``treadmill.images.registry``: upload sessions
+Just enough of the API for ``treadmill.images.oci``: upload sessions
 (POST, PATCH with ``Content-Range``, status GET, PUT ``?digest=``), blob
 HEAD/GET (with ``Range``), manifest PUT/GET, and the Bearer token flow (a 401
 with ``WWW-Authenticate`` and a token endpoint taking HTTP Basic). Faults are

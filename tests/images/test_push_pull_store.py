@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from treadmill.common.captoken import Access, CapabilitySigner
 from treadmill.images import format as fmt
-from treadmill.images.registry import (
+from treadmill.images.oci import (
     BlobSource,
     DigestMismatch,
     RegistryClient,

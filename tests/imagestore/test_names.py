@@ -13,7 +13,6 @@ from treadmill.imagestore.auth import anonymous_patterns, glob_regex
 from treadmill.imagestore.errors import OCIError
 from treadmill.imagestore.manifests import references
 from treadmill.imagestore.names import check_digest, check_reference, is_name, is_tag
-from treadmill.imagestore.sending import Unsatisfiable, parse_range
 
 GOOD_NAMES = ["a", "lab/fw", "a.b_c__d-e---f/g0", "x" * 255, "0/1/2/3"]
 BAD_NAMES = ["", "A", "..", "a/..", "../a", "a/../b", ".a", "a.", "a//b", "/a", "a/", "a b",
@@ -77,22 +76,6 @@ def test_anonymous_setting() -> None:
     for bad in (3, ["ok", 4], ["../x y"]):
         with pytest.raises(ValueError):
             anonymous_patterns(bad)
-
-
-@pytest.mark.parametrize("header,size,expected", [
-    (None, 10, None), ("bytes=0-0", 10, (0, 0)), ("bytes=5-", 10, (5, 9)),
-    ("bytes=-3", 10, (7, 9)), ("bytes=-30", 10, (0, 9)), ("bytes=3-100", 10, (3, 9)),
-    ("bytes=0-1,3-4", 10, None), ("items=0-1", 10, None), ("bytes=5-2", 10, None),
-    ("bytes=-", 10, None)])
-def test_ranges(header: str | None, size: int, expected: tuple[int, int] | None) -> None:
-    assert parse_range(header, size) == expected
-
-
-@pytest.mark.parametrize("header,size", [("bytes=10-", 10), ("bytes=-0", 10), ("bytes=0-", 0),
-                                         ("bytes=-5", 0)])
-def test_unsatisfiable_ranges(header: str, size: int) -> None:
-    with pytest.raises(Unsatisfiable):
-        parse_range(header, size)
 
 
 def test_references_are_found_anywhere() -> None:

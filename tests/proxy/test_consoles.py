@@ -24,13 +24,14 @@ from tests.proxy.support import (
     echo_client,
     new_job,
     opened_control,
-    sleep,
     start_proxy,
 )
-from treadmill.proxy import messages
-from treadmill.proxy.messages import ConsoleCloseCode
+from tests.util.waiting import sleep
+from treadmill.protocol import proxy as messages
+from treadmill.protocol.proxy import ConsoleCloseCode
 from treadmill.proxy.service import redacting_log_formatter
-from treadmill.supervisor.exposure import ExposureManager, listen_echo
+from treadmill.supervisor.echo import listen_echo
+from treadmill.supervisor.exposure import ExposureManager
 
 VIAS = ("frame", "query", "header")
 

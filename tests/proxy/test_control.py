@@ -15,15 +15,16 @@ from tests.proxy.support import (
     Running,
     echo_client,
     echo_once,
-    eventually,
     new_job,
     opened_control,
     raw_control,
     start_proxy,
 )
+from tests.util.waiting import eventually
 from treadmill.common.schema import validator
-from treadmill.proxy import messages
-from treadmill.supervisor.exposure import ExposureManager, listen_echo
+from treadmill.protocol import proxy as messages
+from treadmill.supervisor.echo import listen_echo
+from treadmill.supervisor.exposure import ExposureManager
 
 
 def test_every_message_the_code_builds_matches_the_schema() -> None:

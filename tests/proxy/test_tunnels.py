@@ -21,20 +21,22 @@ from tests.proxy.support import (
     Running,
     Transfer,
     TransferService,
+    console,
     echo_client,
     echo_once,
-    eventually,
     expected_digest,
     new_job,
     opened_control,
-    sleep,
     start_proxy,
     start_tls_proxy,
     tcp_transfer,
     ws_transfer,
 )
-from treadmill.proxy import messages
-from treadmill.supervisor.exposure import ExposureManager, listen_echo
+from tests.util.waiting import eventually, sleep
+from treadmill.common.splice import UNSUPPORTED_DATA
+from treadmill.protocol import proxy as messages
+from treadmill.supervisor.echo import listen_echo
+from treadmill.supervisor.exposure import ExposureManager
 
 MiB = 1024 * 1024
 
@@ -286,6 +288,22 @@ async def test_a_plain_websocket_client_is_closed_at_the_services_end_of_file(
     finally:
         await job.manager.close()
         await service.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_text_message_other_than_eof_closes_the_websocket_with_4003(
+        proxy: Running, keys: Keys, echo: int) -> None:
+    job = Job(proxy, keys, {"echo": ("127.0.0.1", echo, True)})
+    try:
+        url = (await job.start())["echo"]["url"]
+        client = await console(url)
+        await client.opened
+        client.sendMessage(b"hello", isBinary=False)
+        code, reason = await client.closed
+        assert (code, reason) == (UNSUPPORTED_DATA, "binary messages only")
+        await eventually(lambda: not proxy.registry.splices)
+    finally:
+        await job.manager.close()
 
 
 @pytest_twisted.ensureDeferred

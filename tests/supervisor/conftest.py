@@ -10,9 +10,10 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from tests.supervisor.peer import FakeSwitchboard
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 
 FAST_MOCK = MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.05)
 
@@ -23,7 +24,7 @@ def fast_config(url: str, state_dir: Path | str, **overrides: Any) -> Supervisor
         "url": url, "token": "host-token", "state_dir": str(state_dir),
         "reconnect_initial": 0.05, "reconnect_max": 0.4,
         "heartbeat_interval": 1.0, "heartbeat_timeout": 2.0,
-        "flush_timeout": 1.0, "mock": FAST_MOCK,
+        "flush_timeout": 1.0, "driver_values": FAST_MOCK.values(),
     }
     values.update(overrides)
     return SupervisorConfig(**values)
@@ -42,14 +43,17 @@ async def peer() -> AsyncIterator[FakeSwitchboard]:
 @pytest_twisted.async_yield_fixture
 async def supervisors(peer: FakeSwitchboard, tmp_path: Path
                       ) -> AsyncIterator[Callable[..., SupervisorService]]:
-    """``make(state="name", **config overrides)``: a started SupervisorService."""
+    """``make(state="name", start=True, **config overrides)``: a SupervisorService, started
+    unless ``start=False``, and stopped at the end if it runs."""
     made: list[SupervisorService] = []
 
-    def make(state: str = "state", driver: Any = None, **overrides: Any) -> SupervisorService:
+    def make(state: str = "state", driver: Any = None, start: bool = True,
+             **overrides: Any) -> SupervisorService:
         overrides.setdefault("url", peer.url)
         service = SupervisorService(reactor, fast_config(state_dir=tmp_path / state,
                                                          **overrides), driver=driver)
-        service.startService()
+        if start:
+            service.startService()
         made.append(service)
         return service
 

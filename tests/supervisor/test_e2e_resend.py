@@ -13,19 +13,20 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from tests.support import start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
+from treadmill.dev.fleet import ws_url_for
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 
 DIGEST = "sha256:" + "e" * 64
 
 
 @pytest_twisted.ensureDeferred
-async def test_repeated_events_are_applied_once(database: str, tmp_path: Path) -> None:
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def test_repeated_events_are_applied_once(migrated_database: str, tmp_path: Path) -> None:
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     assert r.status == 201, r.body
@@ -34,7 +35,7 @@ async def test_repeated_events_are_applied_once(database: str, tmp_path: Path) -
         url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(state),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
         event_ack_timeout=0.001, event_resend_max=0.02,  # resend before the ack comes
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2)))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2).values()))
     sent: list[dict[str, object]] = []
     supervisor.startService()
     try:

@@ -12,22 +12,23 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from tests.support import start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
+from treadmill.dev.fleet import ws_url_for
 from treadmill.logserver.service import LogServerConfig, LogServerService
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
 from treadmill.supervisor.runner import RESTART_MESSAGE
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.api import Limits
 
 DIGEST = "sha256:" + "7" * 64
 
 
 @pytest_twisted.ensureDeferred
-async def test_restart_mid_job_ships_the_final_event_line_once(database: str,
+async def test_restart_mid_job_ships_the_final_event_line_once(migrated_database: str,
                                                                tmp_path: Path) -> None:
     key = tmp_path / "capability-key.pem"
     load_or_create_signing_key(str(key))
@@ -37,13 +38,13 @@ async def test_restart_mid_job_ships_the_final_event_line_once(database: str,
     logserver.startService()
     await logserver.ready()
     url = f"http://127.0.0.1:{logserver.ports()[0].getHost().port}"
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=Limits(log_servers=(url,), log_replicas=1))
     host = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     config = SupervisorConfig(
         url=ws_url_for(sb.url), token=host.body["token"], state_dir=str(tmp_path / "sup"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=60.0))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=60.0).values())
     supervisor = SupervisorService(reactor, config)
     supervisor.startService()
     try:

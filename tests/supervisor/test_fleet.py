@@ -16,10 +16,10 @@ from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tests.daemons import Daemon, _Output
-from tests.supervisor.peer import FakeSwitchboard, job, within
-from tests.supervisor.test_runner import eventually
-from treadmill.supervisor.fleet import FleetError, parser, start_fleet, ws_url_for
+from tests.supervisor.peer import FakeSwitchboard, job
+from tests.util.daemons import Daemon, _Output
+from tests.util.waiting import eventually, within
+from treadmill.dev.fleet import FleetError, parser, start_fleet, ws_url_for
 
 ADMIN = "tma_admin-token"
 
@@ -165,11 +165,11 @@ async def test_bad_mock_option_is_a_usage_error() -> None:
 
 
 class FleetProcess(Daemon):
-    """``python -m treadmill.supervisor.fleet ARGS`` in a child process."""
+    """``python -m treadmill.dev.fleet ARGS`` in a child process."""
 
     def start(self) -> None:
         self._proto = _Output(self.log)
-        argv = [sys.executable, "-m", "treadmill.supervisor.fleet", *self.args]
+        argv = [sys.executable, "-m", "treadmill.dev.fleet", *self.args]
         self._transport = reactor.spawnProcess(self._proto, argv[0], argv, env=self.env)
 
 

@@ -32,14 +32,9 @@ pytest.importorskip("treadmill.imagestore.service")
 from tests.imagestore.support import Keys, RunningStore, make_keys, start_store
 from treadmill.common.captoken import Access
 from treadmill.images import format as fmt
-from treadmill.images.registry import RegistryClient, RegistryError
-from treadmill.supervisor.images import (
-    FetchedImage,
-    ImageFetcher,
-    ImageFetchError,
-    blob_path,
-    http_url_for,
-)
+from treadmill.images.oci import RegistryClient, RegistryError
+from treadmill.supervisor.blobcache import blob_path
+from treadmill.supervisor.fetch import FetchedImage, ImageFetcher, ImageFetchError, http_url_for
 
 HOST_TOKEN = "tmh_host-token-for-tests"
 PUSHER = ("pusher", "tmt_pusher-secret")

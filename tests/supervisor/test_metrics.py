@@ -7,9 +7,12 @@ from typing import Any
 
 from prometheus_client import generate_latest
 from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
 
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.metrics import SupervisorMetrics
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.observers import IJobObserver
+from treadmill.supervisor.service import SupervisorService
 
 
 def _metrics(clock: Clock, tmp_path: Path) -> tuple[SupervisorMetrics, Any]:
@@ -26,7 +29,8 @@ def _value(metrics: SupervisorMetrics, name: str, **labels: str) -> float | None
 def test_each_stage_is_timed_once_when_the_job_leaves_it(tmp_path: Path) -> None:
     clock = Clock()
     metrics, runner = _metrics(clock, tmp_path)
-    assert metrics.event in runner.observers
+    assert metrics in runner.observers
+    assert verifyObject(IJobObserver, metrics)
     job = "j1"
     steps = [("initializing", "starting", 1.0), ("initializing", "fetching_image", 4.0),
              ("initializing", "fetching_image", 0.0),  # a repeat: the same stage goes on
@@ -54,8 +58,8 @@ def test_each_stage_is_timed_once_when_the_job_leaves_it(tmp_path: Path) -> None
 def test_console_bytes_count_every_byte(tmp_path: Path) -> None:
     metrics, runner = _metrics(Clock(), tmp_path)
     for data in (b"abc", b"", b"x" * 1000):
-        for observer in runner.console_observers:
-            observer("j1", data)
+        for observer in runner.observers:
+            observer.console("j1", data)
     assert _value(metrics, "treadmill_supervisor_console_bytes_total") == 1003
     text = generate_latest(metrics.registry).decode()
     assert "treadmill_supervisor_console_bytes_total 1003.0" in text

@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface.verify import verifyObject
 
-from tests.supervisor import reporter
+from tests.fakes import reporter
 from tests.supervisor.peer import JOB_A, JOB_B, job
 from treadmill.supervisor.drivers import STAGES, IHostDriver, StartRefused
 from treadmill.supervisor.drivers.mock import MOCK_SETTINGS, MockDriver, MockSettings
@@ -326,7 +326,7 @@ def test_a_fast_fetch_still_takes_the_stage_duration() -> None:
 
 
 def test_a_fetch_error_ends_the_job_with_image_error() -> None:
-    from treadmill.supervisor.images import ImageFetchError
+    from treadmill.supervisor.fetch import ImageFetchError
 
     driver, reporter, clock, fetcher = fetching_run()
     run_for(clock, 1.5, 0.1)

@@ -22,7 +22,8 @@ from treadmill.protocol import supervisor as protocol
 from treadmill.supervisor.drivers import STAGES, IHostSnapshots
 from treadmill.supervisor.drivers.mock import MockDriver, MockSettings
 from treadmill.supervisor.journal import StateFiles
-from treadmill.supervisor.runner import UNAVAILABLE, JobRunner
+from treadmill.supervisor.outbox import UNAVAILABLE
+from treadmill.supervisor.runner import JobRunner
 
 TIMEOUT, CAP = 5.0, 40.0
 ENDPOINTS = [{"service": "ssh", "proxy": "https://proxy.example", "host": "proxy.example",

@@ -14,6 +14,7 @@ from zope.interface import implementer
 from tests.supervisor.peer import JOB_A, FakeSwitchboard, job
 from treadmill.protocol import results as fmt
 from treadmill.supervisor.drivers import IHostDriver
+from treadmill.supervisor.observers import JobObserver
 from treadmill.supervisor.results import JobResults
 from treadmill.supervisor.service import SupervisorService
 
@@ -139,8 +140,12 @@ def test_exit_status_decides_without_a_verdict_and_other_ends_are_errors() -> No
 
 def observe(service: SupervisorService) -> list[dict[str, Any]]:
     lines: list[dict[str, Any]] = []
-    service.runner.results_observers.append(
-        lambda job_id, raw: lines.append({"job": job_id, **json.loads(raw)}))
+
+    class Results(JobObserver):
+        def results(self, job_id: str, line: bytes) -> None:
+            lines.append({"job": job_id, **json.loads(line)})
+
+    service.runner.add_observer(Results())
     return lines
 
 

@@ -94,7 +94,7 @@ async def test_the_result_follows_and_is_resent_until_acked(setup: Any) -> None:
     again.send(protocol.ack(resent["request_id"]))
     # Asked again after that: acked, the result sent once more only if still held.
     await again.nothing(0.2)
-    assert service.runner._snapshot_results == {}
+    assert service.runner.snapshots.unacknowledged == {}
 
 
 @pytest_twisted.ensureDeferred

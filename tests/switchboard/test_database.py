@@ -7,24 +7,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
-from twisted.internet.task import deferLater
 
+from tests.util.waiting import eventually as wait_for
+from tests.util.waiting import sleep
 from treadmill.switchboard.database import Listener, Pool, migrate, migrations
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
-
-
-async def wait_for(predicate, timeout: float = 5.0, step: float = 0.02) -> bool:
-    """Poll ``predicate()`` until true or ``timeout`` seconds pass."""
-    waited = 0.0
-    while waited < timeout:
-        if predicate():
-            return True
-        await sleep(step)
-        waited += step
-    return bool(predicate())
+from treadmill.switchboard.notifications import JobNote
 
 
 @pytest_twisted.async_yield_fixture
@@ -185,12 +172,15 @@ async def test_observer_failure_does_not_stop_delivery(pool, listener):
 
 @pytest_twisted.ensureDeferred
 async def test_job_trigger_notifies_insert_and_update(pool, listener):
-    """Every insert or update of a job notifies ``"<id> <state>"`` (later
-    migrations may append fields after these two; watchers read only the id)."""
+    """Every insert or update of a job notifies a :class:`JobNote`
+    (``"<id> <state> <host id or ->"``)."""
     _, recorder = listener
 
     def heads(payloads: list[str]) -> list[list[str]]:
-        return [payload.split(" ")[:2] for payload in payloads]
+        notes = [JobNote.parse(payload) for payload in payloads]
+        assert None not in notes, payloads
+        assert {note.host_id for note in notes} <= {None}
+        return [[note.job_id, note.state] for note in notes]
 
     user = await pool.fetchone("INSERT INTO users (name) VALUES ('owner') RETURNING id")
     job = await pool.fetchone(

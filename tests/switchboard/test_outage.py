@@ -19,12 +19,11 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from tests.support import RunningSwitchboard, start_switchboard
 from tests.switchboard.outage import Outage
-from tests.switchboard.peer import Peer, Script, eventually
+from tests.switchboard.peer import Peer, Script
 from tests.switchboard.test_links import (
     add_host,
     assigned_job,
@@ -33,11 +32,13 @@ from tests.switchboard.test_links import (
     reaches,
     submit,
 )
+from tests.util.waiting import eventually, sleep
+from treadmill.dev.fleet import ws_url_for
 from treadmill.protocol import supervisor as protocol
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.database import (
     DatabaseUnavailable,
     Listener,
@@ -47,10 +48,6 @@ from treadmill.switchboard.database import (
     session_dsn,
     unavailable,
 )
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 async def failure_of(work: Any) -> BaseException | None:
@@ -709,7 +706,7 @@ async def test_a_real_supervisor_through_an_outage(database: str, tmp_path: Path
         url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "mock-1"),
         reconnect_initial=0.1, reconnect_max=1.0, durable=False,
         event_ack_timeout=5.0, event_resend_max=30.0,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2)))
+        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2).values()))
     supervisor.startService()
     try:
         await supervisor.connected()

@@ -197,14 +197,14 @@ async def test_catalogue_and_job_starts_name_only_registered_stores(
         "https://a.example", "https://b.example/prefix"]
     job = (await admin.post("/api/v1/jobs", {"image": "img"})).body
     start = await switchboard.store.job_start(job["id"])
-    assert start["start"]["image"]["stores"] == ["https://a.example", "https://b.example/prefix"]
+    assert start["image_stores"] == ["https://a.example", "https://b.example/prefix"]
     # A store unregistered after the job was enqueued never reaches the host.
     assert (await admin.delete("/api/v1/stores/store-a")).status == 204
     start = await switchboard.store.job_start(job["id"])
-    assert start["start"]["image"]["stores"] == ["https://b.example/prefix"]
+    assert start["image_stores"] == ["https://b.example/prefix"]
     # ... and one smuggled into the database directly neither.
     await switchboard.store.pool.execute(
         "UPDATE jobs SET image_stores = %s WHERE id = %s",
         (["https://evil.example", "https://b.example/prefix"], job["id"]))
     start = await switchboard.store.job_start(job["id"])
-    assert start["start"]["image"]["stores"] == ["https://b.example/prefix"]
+    assert start["image_stores"] == ["https://b.example/prefix"]

@@ -75,7 +75,7 @@ async def test_names_differing_only_in_case_conflict(switchboard: RunningSwitchb
     r = await alice.get("/api/v1/images/Alice/FW")
     assert r.status == 200 and r.body["name"] == "alice/fw"
 
-    from treadmill.switchboard.store import Conflict
+    from treadmill.switchboard.store.errors import Conflict
 
     for name in ("ALICE", "Alice", "aLiCe"):
         r = await admin.post("/api/v1/users", {"name": name})

@@ -13,7 +13,7 @@ import pytest_twisted
 
 from tests.support import RunningSwitchboard
 from treadmill.common import sshkeys
-from treadmill.switchboard.api import MAX_SSH_KEYS
+from treadmill.switchboard.api.keys import MAX_SSH_KEYS
 
 HAVE_KEYGEN = shutil.which("ssh-keygen") is not None
 

@@ -4,7 +4,7 @@ server and a supervisor with the mock driver (one browser for the module)."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,16 +15,17 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 
-from tests.daemons import free_port
 from tests.proxy.support import start_proxy
 from tests.support import Client, RunningSwitchboard, start_switchboard
+from tests.util.ports import free_port
 from tests.web.browser import Browser, available
 from treadmill.common.captoken import CapabilitySigner, load_or_create_signing_key
+from treadmill.dev.fleet import ws_url_for
 from treadmill.logserver.service import LogServerConfig, LogServerService
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.fleet import ws_url_for
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard import credentials
 from treadmill.switchboard.api import Limits
 
@@ -43,26 +44,30 @@ class Stack:
     host_token: str
 
 
-async def _stack(database: str, tmp_path: Path) -> tuple[Stack, LogServerService, Any]:
+async def _stack(database: str, tmp_path: Path, stops: list[Callable[[], Any]]) -> Stack:
+    """Starts the daemons, each one's stop appended to ``stops`` as soon as it runs."""
     key = tmp_path / "capability-key.pem"
     jwks = CapabilitySigner(load_or_create_signing_key(str(key)), "treadmill", reactor).jwks()
     (tmp_path / "keys.json").write_text(json.dumps(jwks))
     proxy = await start_proxy(SimpleNamespace(keys_file=tmp_path / "keys.json"))
+    stops.append(proxy.service.stopService)
     logs_port = free_port()
     logs_url = f"http://127.0.0.1:{logs_port}"
     sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
                                  limits=Limits(log_servers=(logs_url,), log_replicas=1),
                                  proxies=(proxy.ws,))
+    stops.append(sb.stop)
     logserver = LogServerService(reactor, LogServerConfig(
         root=str(tmp_path / "logs"), listen=[f"tcp:{logs_port}:interface=127.0.0.1"],
         auth={"auth.keys_file": str(key)}, fsync="never", access_log=False,
         cors_origins=(sb.url,)))
     logserver.startService()
+    stops.append(logserver.stopService)
     await logserver.ready()
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     assert r.status == 201, r.body
     await sb.admin.post("/api/v1/hosts/mock-1/grants", {"user": "*", "privilege": "start"})
-    return Stack(sb, logs_url, r.body["token"]), logserver, proxy
+    return Stack(sb, logs_url, r.body["token"])
 
 
 async def _user(sb: RunningSwitchboard, name: str, admin: bool = False) -> Client:
@@ -85,19 +90,22 @@ async def _log_in(browser: Browser, url: str, user: str) -> None:
 
 @pytest_twisted.async_yield_fixture
 async def stack(database: str, tmp_path: Path) -> AsyncIterator[Stack]:
-    built, logserver, proxy = await _stack(database, tmp_path)
-    supervisor = SupervisorService(reactor, SupervisorConfig(
-        url=ws_url_for(built.sb.url), token=built.host_token, state_dir=str(tmp_path / "sup"),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        mock=MockSettings(durations=dict.fromkeys(STAGES, 0.05), run_time=120,
-                          console_rate=4000)))
-    supervisor.startService()
-    await supervisor.connected()
-    yield built
-    await supervisor.stopService()
-    await built.sb.stop()
-    await logserver.stopService()
-    await proxy.service.stopService()
+    stops: list[Callable[[], Any]] = []  # a failed start-up stops what already runs
+    try:
+        built = await _stack(database, tmp_path, stops)
+        supervisor = SupervisorService(reactor, SupervisorConfig(
+            url=ws_url_for(built.sb.url), token=built.host_token,
+            state_dir=str(tmp_path / "sup"), reconnect_initial=0.1, reconnect_max=1.0,
+            durable=False,
+            driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.05), run_time=120,
+                                       console_rate=4000).values()))
+        supervisor.startService()
+        stops.append(supervisor.stopService)
+        await supervisor.connected()
+        yield built
+    finally:
+        for stop in reversed(stops):
+            await stop()
 
 
 @pytest_twisted.ensureDeferred

@@ -3,40 +3,7 @@
 
     .venv/bin/python tools/bench/imagestore.py [--size 1G] [--size 256M] [--json]
 
-For each ``--size`` (default 1 GiB) it writes a file of random bytes in a
-temporary directory and starts a fresh, real image store as its own process
-(``twistd treadmill-imagestore --config FILE``, access log off, capability
-tokens signed by a key of the benchmark's own), then measures, on that one
-file and in one run:
-
-  sha256sum   ``sha256sum FILE`` after a warm read of the file (``cat FILE >
-              /dev/null``), so that it and the uploads read from the page cache;
-  upload      a monolithic upload (``POST /v2/bench/big/blobs/uploads/?digest=``)
-              streaming the file from disk with ``sendfile(2)``; end to end, from
-              the first byte sent to the ``201``, so it includes the store's digest
-              verification, its ``fsync`` and the commit; then a chunked upload of
-              the same bytes to another repository (``POST``, ``PATCH`` with
-              ``Content-Range`` in ``--chunk-size`` pieces, ``PUT ?digest=``), as
-              registry clients do;
-  GET         ``curl -o /dev/null`` of the blob through the store, and of the very
-              same file (the store's ``blobs/sha256/<hh>/<hex>``: same bytes, same
-              disk) served by nginx (one worker, ``sendfile on``), after a warm read
-              of that file; ``--repeat`` times each, the median is reported;
-
-and the store's peak RSS (``VmHWM``, reset through ``/proc/PID/clear_refs``
-before each phase) and CPU time during each phase. Then, on a fresh store, 100
-concurrent GETs of a small blob with ``wrk -c100`` (with a pull token in the
-``Authorization`` header, and again on a repository in ``anonymous_pull``
-without one), and nginx serving the same small file as the reference.
-
-Targets (the issue's): GET >= 0.5 of nginx; upload >= 0.5 of sha256sum's rate;
-memory flat in blob size (give two sizes, e.g. ``--size 1G --size 256M``).
-
-Needs ``curl``, ``sha256sum`` and ``wrk``; nginx is optional (the GET ratio is
-then missing). Installs nothing. Everything listens on 127.0.0.1, every phase
-is bounded, and everything it starts is stopped at the end (also on Ctrl-C).
-Progress goes to standard error, the summary (or ``--json``) to standard
-output. Results are recorded in ``docs/performance.md``.
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations
@@ -44,40 +11,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import os
 import re
-import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = Path(__file__).resolve().parent
-for _path in (str(ROOT), str(BENCH)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-import benchkit  # noqa: E402
-from benchkit import first_line, host_info, machine_ticks, revision  # noqa: E402
-from switchboard_api import (  # noqa: E402
-    WRK_REPORT_LUA,
-    BenchError,
-    Monitor,
-    _status_kb,
-    free_port,
-    parse_wrk,
-    say,
-    stop_process,
-    wait_http,
-)
+from benchkit import cli
+from benchkit.daemons import Nginx, remove_temp, role_config, signer, start_daemon, temp_dir, twistd
+from benchkit.host import ambient, first_line, host_info, stamp
+from benchkit.procfs import KB_MB, Monitor, reset_hwm, rusage_cpu, status_kb
+from benchkit.procs import ROOT, Profiler, free_port, stop_process
+from benchkit.report import WRK_REPORT_LUA, cell, headline, verdict_lines, wrk
 
 # Targets of the issue.
 TARGET_GET_RATIO = 0.5      # GET MB/s through the store / nginx's
@@ -87,12 +37,12 @@ FLAT_MB = 16.0              # "flat": peak RSS moves by less than this between s
 SERVICE = "treadmill-imagestore"
 MiB = 1024 * 1024
 MB = 1e6
-KB_MB = 1 / 1024
 REPO_BIG = "bench/big"
 REPO_CHUNKED = "bench/chunked"
 REPO_SMALL = "bench/small"
 REPO_PUBLIC = "bench/public"  # in anonymous_pull
 
+say = cli.sayer()
 _UNITS = {"": 1, "k": 1024, "m": MiB, "g": 1024 * MiB}
 
 
@@ -128,15 +78,6 @@ def machine_info(tmp: Path) -> dict[str, Any]:
 # -- memory and CPU of a phase ------------------------------------------------------------
 
 
-def reset_hwm(pid: int) -> bool:
-    """Reset the peak RSS (VmHWM) of ``pid`` to its current RSS (Linux >= 4.0)."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 class Phase:
     """CPU time and peak RSS of the store (or nginx) through one phase.
 
@@ -150,9 +91,9 @@ class Phase:
         self.pid = pid
         self.memory = memory
         self.hwm_reset = reset_hwm(pid) if memory else False
-        self.rss_before = (_status_kb(pid, "VmRSS") or 0) * KB_MB
+        self.rss_before = (status_kb(pid, "VmRSS") or 0) * KB_MB
         self.monitor = Monitor(pid, None, memory, interval=0.05)
-        self.self0 = resource.getrusage(resource.RUSAGE_SELF)
+        self.self0 = rusage_cpu()
         self.monitor.begin()
 
     def end(self) -> dict[str, Any]:
@@ -160,8 +101,7 @@ class Phase:
             usage = self.monitor.end()
         finally:
             self.monitor.stop()
-        self1 = resource.getrusage(resource.RUSAGE_SELF)
-        own = (self1.ru_utime + self1.ru_stime) - (self.self0.ru_utime + self.self0.ru_stime)
+        own = rusage_cpu() - self.self0
         usage["client_cpu_s"] = round(usage.pop("loadgen_cpu_s") + own, 3)
         cores = len(os.sched_getaffinity(0))
         if usage.get("other_cpu_busy") is not None and usage["wall_s"]:
@@ -209,12 +149,12 @@ class Connection:
         elif file is not None and count:
             sent = self.sock.sendfile(file, offset, count)
             if sent != count:
-                raise BenchError(f"sendfile sent {sent} of {count} bytes")
+                raise cli.BenchError(f"sendfile sent {sent} of {count} bytes")
 
     def response(self) -> tuple[int, dict[str, str], bytes]:
         status_line = self.reader.readline()
         if not status_line.startswith(b"HTTP/1."):
-            raise BenchError(f"bad response: {status_line[:100]!r}")
+            raise cli.BenchError(f"bad response: {status_line[:100]!r}")
         status = int(status_line.split()[1])
         headers: dict[str, str] = {}
         while True:
@@ -260,75 +200,40 @@ def request(port: int, method: str, target: str, headers: dict[str, str],
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        base = args.tmpdir or None
-        self.tmp = Path(tempfile.mkdtemp(prefix="tml-bench-imagestore-", dir=base))
-        os.chmod(self.tmp, 0o755)  # nginx's worker (nobody) reads the store's blobs
+        self.tmp = temp_dir("tml-bench-imagestore-", args.tmpdir)
         self.store: subprocess.Popen[bytes] | None = None
         self.store_port = 0
-        self.nginx: subprocess.Popen[bytes] | None = None
-        self.nginx_port = 0
-        self.profilers: list[subprocess.Popen[bytes]] = []
+        self.nginx: Nginx | None = None
         self.results: dict[str, Any] = {"sizes": [], "small": []}
+        self.profiler = Profiler(args.py_spy, self.results)
         self.report_lua = self.tmp / "report.lua"
         self.report_lua.write_text(WRK_REPORT_LUA)
-        self._keys()
+        from treadmill.common.captoken import Access
 
-    # -- tokens ------------------------------------------------------------------
-
-    def _keys(self) -> None:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-        from treadmill.common.captoken import Access, CapabilitySigner
-
-        class WallClock:
-            @staticmethod
-            def seconds() -> float:
-                return time.time()
-
-        signer = CapabilitySigner(Ed25519PrivateKey.generate(), "treadmill", WallClock())
         self.keys_file = self.tmp / "capability-keys.json"
-        self.keys_file.write_text(json.dumps(signer.jwks()))
+        sign = signer(self.keys_file).sign
         ttl = 6 * 3600.0
-        self.push_token = signer.sign(
-            "bench", SERVICE, [Access("repository", repo, ("pull", "push"))
-                               for repo in (REPO_BIG, REPO_CHUNKED, REPO_SMALL, REPO_PUBLIC)],
-            ttl)
-        self.pull_token = signer.sign("bench", SERVICE,
-                                      [Access("repository", REPO_SMALL, ("pull",))], ttl)
+        self.push_token = sign("bench", SERVICE, [
+            Access("repository", repo, ("pull", "push"))
+            for repo in (REPO_BIG, REPO_CHUNKED, REPO_SMALL, REPO_PUBLIC)], ttl)
+        self.pull_token = sign("bench", SERVICE, [Access("repository", REPO_SMALL, ("pull",))],
+                               ttl)
 
     # -- processes -----------------------------------------------------------------
 
     def start_store(self, name: str) -> str:
         port = free_port()
-        root = self.tmp / name
-        config = self.tmp / f"{name}.toml"
-        config.write_text(f"""\
-listen = ["tcp:{port}:interface=127.0.0.1:backlog=1024"]
-root = "{root}"
-service = "{SERVICE}"
-anonymous_pull = ["{REPO_PUBLIC}"]
-
-[auth]
-realm = "http://127.0.0.1:9/api/v1/registry/token"
-keys_file = "{self.keys_file}"
-issuer = "treadmill"
-
-[http]
-access_log = false
-""")
-        log = self.tmp / f"{name}.log"
-        cmd = [str(ROOT / ".venv/bin/twistd"), "--nodaemon", "--pidfile="]
-        if self.args.logger:
-            cmd.append(f"--logger={self.args.logger}")
-        cmd += ["treadmill-imagestore", "--config", str(config)]
-        env = dict(os.environ, TREADMILL_LOG_LEVEL="warn")
+        config = role_config(self.tmp / f"{name}.toml",
+                             f"tcp:{port}:interface=127.0.0.1:backlog=1024", self.tmp / name,
+                             SERVICE, self.keys_file,
+                             f'anonymous_pull = ["{REPO_PUBLIC}"]\n',
+                             'realm = "http://127.0.0.1:9/api/v1/registry/token"\n')
         say(f"starting the image store ({name}) on 127.0.0.1:{port}")
-        with log.open("wb") as out:
-            self.store = subprocess.Popen(cmd, cwd=self.tmp, stdin=subprocess.DEVNULL,
-                                          stdout=out, stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True)
         url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/healthz", self.store, "the image store", log)
+        self.store = start_daemon(twistd("treadmill-imagestore", "--config", str(config),
+                                         logger=self.args.logger),
+                                  self.tmp / f"{name}.log", url + "/healthz", "the image store",
+                                  level="warn")
         self.store_port = port
         return url
 
@@ -337,94 +242,24 @@ access_log = false
         self.store = None
 
     def start_nginx(self) -> None:
-        if self.args.no_nginx:
-            say("nginx reference skipped (--no-nginx)")
-            return
-        binary = shutil.which("nginx")
-        if binary is None:
-            say("nginx not found: the reference was skipped (apt-get install nginx)")
-            return
-        base = self.tmp / "nginx"
-        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (base / "tmp" / sub).mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        conf = base / "nginx.conf"
-        # The root is the temporary directory: /<store>/blobs/sha256/<hh>/<hex> is a store's
-        # own blob file.
-        conf.write_text(f"""
-worker_processes 1;
-pid {base}/nginx.pid;
-error_log {base}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    default_type application/octet-stream;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 1000000;
-    client_body_temp_path {base}/tmp/body;
-    proxy_temp_path {base}/tmp/proxy;
-    fastcgi_temp_path {base}/tmp/fastcgi;
-    uwsgi_temp_path {base}/tmp/uwsgi;
-    scgi_temp_path {base}/tmp/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        root {self.tmp};
-        location / {{ add_header Cache-Control no-store; }}
-    }}
-}}
-""")
-        (self.tmp / "ping").write_text("ok\n")
-        say(f"starting nginx (1 worker) on 127.0.0.1:{port}")
-        with (base / "nginx.out").open("wb") as out:
-            self.nginx = subprocess.Popen(
-                [binary, "-p", str(base), "-e", str(base / "error.log"), "-c", str(conf),
-                 "-g", "daemon off;"], stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True)
-        wait_http(f"http://127.0.0.1:{port}/ping", self.nginx, "nginx", base / "error.log",
-                  timeout=20)
-        self.nginx_port = port
-
-    def stop_nginx(self) -> None:
-        stop_process(self.nginx, signal.SIGQUIT)
-        self.nginx = None
+        if Nginx.available(self.args.no_nginx, say):
+            # The root is the temporary directory: /<store>/blobs/sha256/<hh>/<hex> is a
+            # store's own blob file.
+            (self.tmp / "ping").write_text("ok\n")
+            self.nginx = Nginx(self.tmp / "nginx", self.tmp, "/ping",
+                               "application/octet-stream", say)
 
     def profile(self, name: str) -> subprocess.Popen[bytes] | None:
-        """With ``--py-spy DIR``: sample the store until :meth:`stop_profile`."""
-        a = self.args
-        if not a.py_spy or self.store is None:
-            return None
-        py_spy = shutil.which("py-spy") or str(ROOT / ".venv/bin/py-spy")
-        if not Path(py_spy).exists():
-            raise BenchError("--py-spy needs py-spy (.venv/bin/pip install py-spy)")
-        out = Path(a.py_spy).absolute()
-        out.mkdir(parents=True, exist_ok=True)
-        self.results.setdefault("profiles", []).append(str(out / f"{name}.txt"))
-        proc = subprocess.Popen(
-            [py_spy, "record", "--pid", str(self.store.pid), "--rate", "200", "--threads",
-             "--format", "raw", "--output", str(out / f"{name}.txt")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=(out / f"{name}.log").open("wb"), start_new_session=True)
-        time.sleep(0.5)  # let it attach
-        self.profilers.append(proc)
-        return proc
-
-    def stop_profile(self, proc: subprocess.Popen[bytes] | None) -> None:
-        if proc is not None:
-            stop_process(proc, signal.SIGINT, timeout=60)
-            self.profilers.remove(proc)
+        """With ``--py-spy DIR``: sample the store until ``profiler.stop``."""
+        pid = self.store.pid if self.store is not None else None
+        return self.profiler.start(pid, name, "--rate", "200", "--threads")
 
     def cleanup(self) -> None:
-        for proc in list(self.profilers):
+        self.profiler.stop_all()
+        for step in (self.stop_store, self.nginx.stop if self.nginx else None):
             with contextlib.suppress(Exception):
-                stop_process(proc, signal.SIGINT)
-        for step in (self.stop_store, self.stop_nginx):
-            with contextlib.suppress(Exception):
-                step()
-        if self.args.keep_temp:
-            say(f"kept {self.tmp}")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+                step()  # type: ignore[misc]
+        remove_temp(self.tmp, self.args.keep_temp, say)
 
     # -- steps -----------------------------------------------------------------------
 
@@ -456,7 +291,7 @@ http {{
                               check=True, timeout=600)
         wall = time.monotonic() - start
         if "sha256:" + proc.stdout.split()[0] != digest:
-            raise BenchError("sha256sum disagrees with the digest computed while writing")
+            raise cli.BenchError("sha256sum disagrees with the digest computed while writing")
         return {"seconds": round(wall, 3), "mb_s": round(size / wall / MB, 1)}
 
     def upload_monolithic(self, path: Path, digest: str, size: int) -> dict[str, Any]:
@@ -477,7 +312,7 @@ http {{
             conn.close()
         usage = phase.end()
         if status != 201 or headers.get("docker-content-digest") != digest:
-            raise BenchError(f"monolithic upload answered {status}: {body[:300]!r}")
+            raise cli.BenchError(f"monolithic upload answered {status}: {body[:300]!r}")
         wall = done - start
         return {"kind": "monolithic", "seconds": round(wall, 3),
                 "mb_s": round(size / wall / MB, 1),
@@ -500,7 +335,7 @@ http {{
                 status, headers, body = conn.response()
                 requests += 1
                 if status != 202:
-                    raise BenchError(f"starting an upload answered {status}: {body[:300]!r}")
+                    raise cli.BenchError(f"starting an upload answered {status}: {body[:300]!r}")
                 location = headers["location"]
                 offset = 0
                 while offset < size:
@@ -512,7 +347,7 @@ http {{
                     status, headers, body = conn.response()
                     requests += 1
                     if status != 202:
-                        raise BenchError(f"PATCH answered {status}: {body[:300]!r}")
+                        raise cli.BenchError(f"PATCH answered {status}: {body[:300]!r}")
                     location = headers.get("location", location)
                     offset += count
                 sep = "&" if "?" in location else "?"
@@ -525,7 +360,7 @@ http {{
             conn.close()
         usage = phase.end()
         if status != 201:
-            raise BenchError(f"committing the chunked upload answered {status}: {body[:300]!r}")
+            raise cli.BenchError(f"committing the chunked upload answered {status}: {body[:300]!r}")
         wall = done - start
         return {"kind": f"chunked ({human(chunk)} PATCHes)", "seconds": round(wall, 3),
                 "mb_s": round(size / wall / MB, 1), "requests": requests,
@@ -542,7 +377,7 @@ http {{
         fields = proc.stdout.split()
         if proc.returncode != 0 or len(fields) != 4 or fields[0] != "200" \
                 or int(fields[1]) != size:
-            raise BenchError(f"curl {url} failed ({proc.returncode}): {proc.stdout} "
+            raise cli.BenchError(f"curl {url} failed ({proc.returncode}): {proc.stdout} "
                              f"{proc.stderr.strip()}")
         total = float(fields[2])
         return {"seconds": round(total, 3), "mb_s": round(size / total / MB, 1),
@@ -577,7 +412,7 @@ http {{
         self.start_store(name)
         try:
             assert self.store is not None
-            entry["store_rss_mb_idle"] = round((_status_kb(self.store.pid, "VmRSS") or 0)
+            entry["store_rss_mb_idle"] = round((status_kb(self.store.pid, "VmRSS") or 0)
                                                * KB_MB, 1)
             say(f"{human(size)}: sha256sum after a warm read")
             entry["sha256sum"] = self.sha256sum(path, digest, size)
@@ -589,7 +424,7 @@ http {{
             try:
                 up = self.upload_monolithic(path, digest, size)
             finally:
-                self.stop_profile(prof)
+                self.profiler.stop(prof)
             entry["uploads"] = [up]
             say(f"  {up['mb_s']:.0f} MB/s end to end ({up['seconds']:.2f} s, of which "
                 f"{up['after_body_s']:.2f} s after the last byte was handed to the kernel), "
@@ -603,7 +438,7 @@ http {{
 
             blob = self.tmp / name / "blobs" / "sha256" / digest[7:9] / digest[7:]
             if not blob.is_file():
-                raise BenchError(f"the store's blob file is not where expected: {blob}")
+                raise cli.BenchError(f"the store's blob file is not where expected: {blob}")
             entry["warm_read_blob_s"] = round(self.warm(blob), 3)
             say(f"{human(size)}: GET x{a.repeat}, store then nginx (same file)")
             store_url = f"http://127.0.0.1:{self.store_port}/v2/{REPO_BIG}/blobs/{digest}"
@@ -612,14 +447,14 @@ http {{
                 entry["get"] = [self.get_phase("image store", store_url, self.push_token,
                                                size, self.store.pid, True)]
             finally:
-                self.stop_profile(prof)
+                self.profiler.stop(prof)
             if self.nginx is not None:
                 rel = blob.relative_to(self.tmp)
                 entry["get"].append(self.get_phase(
-                    "nginx", f"http://127.0.0.1:{self.nginx_port}/{rel}", None, size,
-                    self.nginx.pid, False))
+                    "nginx", f"http://127.0.0.1:{self.nginx.port}/{rel}", None, size,
+                    self.nginx.proc.pid, False))
             entry["store_hwm_mb_lifetime"] = round(
-                (_status_kb(self.store.pid, "VmHWM") or 0) * KB_MB, 1)
+                (status_kb(self.store.pid, "VmHWM") or 0) * KB_MB, 1)
         finally:
             self.stop_store()
             with contextlib.suppress(OSError):
@@ -628,15 +463,7 @@ http {{
 
     def wrk(self, url: str, token: str | None) -> dict[str, Any]:
         a = self.args
-        cmd = ["wrk", f"-t{a.threads}", f"-c{a.connections}", f"-d{a.duration:g}s", "--latency",
-               "--timeout", "10s", "-s", str(self.report_lua)]
-        if token:
-            cmd += ["-H", f"Authorization: Bearer {token}"]
-        proc = subprocess.run([*cmd, url], capture_output=True, text=True,
-                              timeout=a.duration + 60, check=False, start_new_session=True)
-        if proc.returncode != 0:
-            raise BenchError(f"wrk failed ({proc.returncode}): {proc.stderr.strip()}")
-        return parse_wrk(proc.stdout)
+        return wrk(url, self.report_lua, a.duration, a.threads, a.connections, token)
 
     def small_phase(self, server: str, url: str, token: str | None, pid: int,
                     memory: bool) -> None:
@@ -673,47 +500,38 @@ http {{
                     {"Authorization": f"Bearer {self.push_token}",
                      "Content-Type": "application/octet-stream"}, data)
                 if status != 201:
-                    raise BenchError(f"pushing the small blob answered {status}: {body[:300]!r}")
+                    raise cli.BenchError(f"pushing the small blob answered {status}: "
+                                         f"{body[:300]!r}")
             base = f"http://127.0.0.1:{self.store_port}/v2"
             status, _, body = request(self.store_port, "GET",
                                       f"/v2/{REPO_PUBLIC}/blobs/{digest}", {})
             if status != 200 or body != data:
-                raise BenchError(f"anonymous GET answered {status}")
+                raise cli.BenchError(f"anonymous GET answered {status}")
             prof = self.profile("small-token")
             try:
                 self.small_phase("image store, pull token", f"{base}/{REPO_SMALL}/blobs/{digest}",
                                  self.pull_token, self.store.pid, True)
             finally:
-                self.stop_profile(prof)
+                self.profiler.stop(prof)
             self.small_phase("image store, anonymous_pull",
                              f"{base}/{REPO_PUBLIC}/blobs/{digest}", None, self.store.pid, True)
             if self.nginx is not None:
                 blob = self.tmp / "store-small" / "blobs" / "sha256" / digest[7:9] / digest[7:]
-                self.small_phase("nginx", f"http://127.0.0.1:{self.nginx_port}/"
-                                 f"{blob.relative_to(self.tmp)}", None, self.nginx.pid, False)
+                self.small_phase("nginx", f"http://127.0.0.1:{self.nginx.port}/"
+                                 f"{blob.relative_to(self.tmp)}", None, self.nginx.proc.pid, False)
             self.results["small_hwm_mb_lifetime"] = round(
-                (_status_kb(self.store.pid, "VmHWM") or 0) * KB_MB, 1)
+                (status_kb(self.store.pid, "VmHWM") or 0) * KB_MB, 1)
         finally:
             self.stop_store()
 
     def run(self) -> dict[str, Any]:
         a = self.args
-        busy0, total0 = machine_ticks()
-        time.sleep(2)
-        busy1, total1 = machine_ticks()
-        ambient = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
-        self.results["ambient_cpu_busy"] = round(ambient, 3)
-        if ambient > 0.1:
-            say(f"warning: the machine was {ambient:.0%} busy before the benchmark started; "
-                "other load skews the figures")
-        self.results["machine"] = machine_info(self.tmp)
-        self.results["parameters"] = {
+        self.results["ambient_cpu_busy"] = round(ambient(say), 3)
+        stamp(self.results, machine_info(self.tmp), {
             "sizes": a.size, "repeat": a.repeat, "chunk_size": a.chunk_size,
             "small_size": a.small_size, "duration_s": a.duration, "connections": a.connections,
             "threads": a.threads, "warmup_s": a.warmup, "logger": a.logger,
-            "tmpdir": str(self.tmp.parent)}
-        self.results["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.results["revision"] = revision(ROOT)
+            "tmpdir": str(self.tmp.parent)}, ROOT)
         self.start_nginx()
         for size in a.size:
             self.run_size(size)
@@ -776,19 +594,10 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _f(value: Any, spec: str) -> str:
-    if value is None:
-        width = re.match(r"\d*", spec).group()  # type: ignore[union-attr]
-        return "-".rjust(int(width or 0))
-    return format(value, spec)
-
-
 def table(results: dict[str, Any]) -> str:
-    m = results["machine"]
-    p = results["parameters"]
+    m, p = results["machine"], results["parameters"]
     lines = [
-        f"Image store benchmark: {m['nproc']} cores ({m['cpu_model']}), Python {m['python']}, "
-        f"revision {results.get('revision')}, started {results.get('started')}",
+        headline("Image store benchmark", results),
         f"temporary directory on {m['filesystem']}; machine "
         f"{results.get('ambient_cpu_busy', 0):.0%} busy before the start",
         "",
@@ -799,21 +608,23 @@ def table(results: dict[str, Any]) -> str:
     for e in results["sizes"]:
         size = e["size_h"]
         sha = e.get("sha256sum", {})
-        lines.append(f"{size:>8} {'sha256sum (warm page cache)':<34} {_f(sha.get('mb_s'), '7.0f')} "
-                     f"{_f(sha.get('seconds'), '7.2f')}")
+        lines.append(f"{size:>8} {'sha256sum (warm page cache)':<34} "
+                     f"{cell(sha.get('mb_s'), '7.0f')} {cell(sha.get('seconds'), '7.2f')}")
         for u in e.get("uploads", []):
             lines.append(
                 f"{size:>8} {'upload, ' + u['kind']:<34} {u['mb_s']:>7.0f} {u['seconds']:>7.2f} "
                 f"{u['server_cpu_s']:>9.2f} {u['client_cpu_s']:>10.2f} "
-                f"{_f(u.get('machine_cpu_busy'), '9.0%')} {_f(u.get('other_cpu_busy'), '6.0%')} "
+                f"{cell(u.get('machine_cpu_busy'), '9.0%')} "
+                f"{cell(u.get('other_cpu_busy'), '6.0%')} "
                 f"{u['rss_mb_before']:>7.1f} {u['peak_rss_mb']:>7.1f}")
         for g in e.get("get", []):
             label = f"GET via {g['server']} (median of {len(g['mb_s_runs'])})"
             lines.append(
                 f"{size:>8} {label:<34} {g['mb_s']:>7.0f} {g['wall_s']:>7.2f} "
                 f"{g['server_cpu_s']:>9.2f} {g['client_cpu_s']:>10.2f} "
-                f"{_f(g.get('machine_cpu_busy'), '9.0%')} {_f(g.get('other_cpu_busy'), '6.0%')} "
-                f"{_f(g.get('rss_mb_before'), '7.1f')} {_f(g.get('peak_rss_mb'), '7.1f')}")
+                f"{cell(g.get('machine_cpu_busy'), '9.0%')} "
+                f"{cell(g.get('other_cpu_busy'), '6.0%')} "
+                f"{cell(g.get('rss_mb_before'), '7.1f')} {cell(g.get('peak_rss_mb'), '7.1f')}")
     lines += [
         "",
         "MB/s: 10^6 bytes per second; an upload is timed from its first byte to the 201 (body, "
@@ -831,8 +642,8 @@ def table(results: dict[str, Any]) -> str:
         for s in results["small"]:
             lines.append(f"  {s['server']:<30} {s['ok_rps']:>8.0f} {s['p50_ms']:>7.2f} "
                          f"{s['p99_ms']:>7.2f} {s['non_2xx'] + s['socket_errors']:>6} "
-                         f"{_f(s.get('server_cpu_ms_per_req'), '10.3f')} "
-                         f"{_f(s.get('peak_rss_mb'), '7.1f')}")
+                         f"{cell(s.get('server_cpu_ms_per_req'), '10.3f')} "
+                         f"{cell(s.get('peak_rss_mb'), '7.1f')}")
     lines.append("")
     for e in results["sizes"]:
         if "get_ratio" in e:
@@ -846,46 +657,31 @@ def table(results: dict[str, Any]) -> str:
             if (row.get("other_cpu_busy") or 0) > 0.15:
                 lines.append(f"warning: {e['size_h']}: other processes used "
                              f"{row['other_cpu_busy']:.0%} of the machine during a phase")
-    lines += ["", "Targets:"]
-    for v in results["verdicts"]:
-        lines.append(f"  {'met   ' if v['met'] else 'MISSED'}  {v['target']:<58} "
-                     f"measured {v['value']:g}")
+    lines += ["", "Targets:", *verdict_lines(results["verdicts"], 58)]
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="tools/bench/imagestore.py", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Targets: GET >= 0.5 of nginx; upload >= 0.5 of sha256sum; memory flat in "
-               "blob size.")
+    parser = cli.bench_parser("imagestore.py", __doc__,
+                          "Targets: GET >= 0.5 of nginx; upload >= 0.5 of sha256sum; "
+                          "memory flat in blob size.")
     parser.add_argument("--size", type=byte_size, action="append",
                         help="blob size (1G, 256M, ...); repeatable; default 1G")
     parser.add_argument("--repeat", type=int, default=3, help="GETs per server and size")
     parser.add_argument("--chunk-size", type=byte_size, default=8 * MiB,
                         help="PATCH size of the chunked upload (default 8M, as tml image push)")
     parser.add_argument("--no-chunked", action="store_true", help="skip the chunked upload")
-    parser.add_argument("--small-size", type=byte_size, default=4096,
-                        help="size of the small blob (default 4096 bytes)")
-    parser.add_argument("--duration", type=float, default=10.0,
-                        help="seconds of each small-blob wrk run")
-    parser.add_argument("--connections", type=int, default=100, help="wrk connections")
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
-    parser.add_argument("--warmup", type=float, default=2.0,
-                        help="seconds of unrecorded wrk load before each small-blob run")
+    cli.options(parser, (
+        ("--small-size", byte_size, 4096, "size of the small blob (default 4096 bytes)"),
+        ("--duration", float, 10.0, "seconds of each small-blob wrk run"),
+        ("--connections", int, 100, "wrk connections"),
+        ("--threads", int, 2, "wrk threads"),
+        ("--warmup", float, 2.0, "seconds of unrecorded wrk load before each small-blob run"),
+    ))
     parser.add_argument("--no-small", action="store_true", help="skip the small-blob GETs")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx reference")
-    parser.add_argument("--logger", default="treadmill.common.logging.text",
-                        help="twistd --logger ('' for twistd's default)")
-    parser.add_argument("--tmpdir", help="where to make the temporary directory (default: "
-                                         "the system's; it decides the disk measured)")
-    parser.add_argument("--py-spy", metavar="DIR",
-                        help="sample the store with py-spy (raw stacks in DIR) during the "
-                             "uploads, the GETs and the small-blob run; it perturbs them")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument("--json-out", metavar="FILE", help="also write the JSON to FILE")
-    parser.add_argument("--keep-temp", action="store_true",
-                        help="keep the temporary directory (logs) for inspection")
+    cli.daemon_options(parser, "the store during the uploads, the GETs and the small-blob run")
+    cli.output_options(parser, keep_help="keep the temporary directory (logs) for inspection")
     args = parser.parse_args(argv)
     args.size = args.size or [1024 * MiB]
     if not all(MiB <= s <= 64 * 1024 * MiB for s in args.size):
@@ -901,18 +697,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = [tool for tool in ("curl", "sha256sum", "wrk") if shutil.which(tool) is None]
-    if missing:
-        print(f"imagestore: missing {', '.join(missing)} (apt-get install {' '.join(missing)})",
-              file=sys.stderr)
+    if cli.missing("imagestore", "curl", "sha256sum", "wrk"):
         return 2
-    if not (ROOT / ".venv/bin/twistd").exists():
-        print("imagestore: .venv/bin/twistd not found; run tools/setup-env first",
-              file=sys.stderr)
-        return 2
-
-    errors = (BenchError, OSError, subprocess.SubprocessError)
-    return benchkit.run(Bench(args), args, table, errors, say)
+    errors = (cli.BenchError, OSError, subprocess.SubprocessError)
+    return cli.run(Bench(args), args, table, errors, say)
 
 
 if __name__ == "__main__":

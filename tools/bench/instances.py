@@ -3,32 +3,7 @@
 
     .venv/bin/python tools/bench/instances.py [--supervisors 200] [--instances 3] [--json]
 
-Starts a private PostgreSQL cluster (``treadmill.dev.pgcluster``) in a
-temporary directory, ``--instances`` switchboards as their own processes
-(``twistd treadmill-switchboard``, access log off, ``TREADMILL_LOG_LEVEL=warn``,
-one key file for all), HAProxy with ``etc/haproxy/haproxy.cfg`` (its bind and
-server lines replaced) and ``--supervisors`` mock supervisors in one more
-process (``python -m treadmill.supervisor.fleet``) connected through the
-balancer. The figures of fault-tolerance issue 13:
-
-  txn       database transactions per job (``pg_stat_database``: commits and
-            rollbacks, less the idle rate of the same setup just before) and
-            scheduling passes per job, timer passes included (the instances'
-            ``/metrics``): ``--jobs`` jobs, one a second, each run to its end
-            within it (the bench does not poll meanwhile); with one instance
-            running, then with all;
-  balance   links per instance after the others joined (rebalancing), after
-            one instance is killed (SIGKILL), and after it is back, with the
-            time each took;
-  queue     614 jobs that no host can run, then one that a host can: its
-            enqueue-to-assignment latency (five times);
-  frozen    the leader frozen with SIGSTOP: enqueue-to-assignment of a job and
-            the latency of a cancel while it is frozen.
-
-Everything listens on 127.0.0.1 only, every wait is bounded, and everything
-started is stopped at the end (also on Ctrl-C or an error). Progress goes to
-standard error, the summary (or ``--json``) to standard output. Results are
-recorded in ``docs/performance.md``.
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations
@@ -41,53 +16,31 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = Path(__file__).resolve().parent
-for _path in (str(ROOT), str(BENCH)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+from benchkit.api import APIError, Client, epoch
+from benchkit.cli import BenchError, output_options, run, sayer
+from benchkit.daemons import Postgres, bootstrap, remove_temp, start_daemon, temp_dir, twistd
+from benchkit.host import first_line, host_info, revision
+from benchkit.procs import ROOT, VENV, free_port, spawn, stop_process, wait_http
+from benchkit.procs import wait_until as wait
 
-import benchkit  # noqa: E402
-from fleet_client import APIError, Client, epoch  # noqa: E402
-from fleet_proc import free_port, spawn, stop_process  # noqa: E402
+from treadmill.dev.pgcluster import ClusterError
 
-from treadmill.dev.pgcluster import Cluster, ClusterError  # noqa: E402
-
-VENV = ROOT / ".venv" / "bin"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 IMAGE = "sha256:" + "ab" * 32
 
 
-def say(message: str) -> None:
-    print(f"[instances] {message}", file=sys.stderr, flush=True)
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-def wait(check: Any, timeout: float, what: str, interval: float = 0.1) -> float:
-    """Seconds until ``check()`` is true; :class:`BenchError` after ``timeout``."""
-    t0 = time.monotonic()
-    while not check():
-        if time.monotonic() - t0 > timeout:
-            raise BenchError(f"{what}: not within {timeout:g} s")
-        time.sleep(interval)
-    return time.monotonic() - t0
+say = sayer("instances")
 
 
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.tmp = Path(tempfile.mkdtemp(prefix="treadmill-instances-"))
-        os.chmod(self.tmp, 0o755)  # The postgres user must reach its data directory.
-        self.cluster: Cluster | None = None
+        self.tmp = temp_dir("treadmill-instances-")
+        self.db: Postgres | None = None
         self.names = [chr(ord("a") + i) for i in range(args.instances)]
         self.ports = {name: free_port() for name in self.names}
         self.metrics = {name: free_port() for name in self.names}
@@ -97,29 +50,20 @@ class Bench:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.client: Client | None = None
-        self.dsn = ""
 
     # -- processes -----------------------------------------------------------------
 
     def start_instance(self, name: str) -> None:
-        cmd = [str(VENV / "twistd"), "--nodaemon", "--pidfile=",
-               "--logger=treadmill.common.logging.text", "treadmill-switchboard",
-               "--database-dsn", self.dsn, "--instance", name,
-               "--capabilities-signing-key", str(self.tmp / "key.pem"),
-               "--listen", f"tcp:{self.ports[name]}:interface=127.0.0.1",
-               "--metrics-listen", f"tcp:{self.metrics[name]}:interface=127.0.0.1",
-               "--http-access-log", "false", "--supervisors-ping-interval", "2",
-               "--supervisors-ping-timeout", "4", "--instances-rebalance-interval", "2"]
-        env = {**os.environ, "TREADMILL_LOG_LEVEL": "warn"}
-        self.procs[name] = spawn(cmd, self.tmp / f"{name}.log", cwd=self.tmp, env=env)
-        wait(lambda: self._healthy(self.ports[name]), 60, f"instance {name} start")
-
-    def _healthy(self, port: int) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        assert self.db is not None
+        cmd = twistd("treadmill-switchboard", "--database-dsn", self.db.dsn, "--instance", name,
+                     "--capabilities-signing-key", str(self.tmp / "key.pem"),
+                     "--listen", f"tcp:{self.ports[name]}:interface=127.0.0.1",
+                     "--metrics-listen", f"tcp:{self.metrics[name]}:interface=127.0.0.1",
+                     "--http-access-log", "false", "--supervisors-ping-interval", "2",
+                     "--supervisors-ping-timeout", "4", "--instances-rebalance-interval", "2")
+        self.procs[name] = start_daemon(cmd, self.tmp / f"{name}.log",
+                                        f"http://127.0.0.1:{self.ports[name]}/healthz",
+                                        f"instance {name}", level="warn", interval=0.1)
 
     def start_haproxy(self) -> None:
         text = (ROOT / "etc" / "haproxy" / "haproxy.cfg").read_text()
@@ -142,7 +86,8 @@ class Bench:
         config.write_text(text)
         self.haproxy = spawn([HAPROXY, "-db", "-f", str(config)], self.tmp / "haproxy.log",
                              cwd=self.tmp)
-        wait(lambda: self._healthy(self.port), 30, "haproxy start")
+        wait_http(self.url + "/healthz", self.haproxy, "haproxy", self.tmp / "haproxy.log",
+                  timeout=30, interval=0.1)
 
     def signal(self, name: str, sig: int) -> None:
         proc = self.procs.get(name)
@@ -152,11 +97,12 @@ class Bench:
     # -- observations ----------------------------------------------------------------
 
     def xacts(self) -> int:
+        assert self.db is not None
         out = subprocess.run(
             [str(VENV / "python"), "-c",
              "import psycopg2, sys; c = psycopg2.connect(sys.argv[1]); k = c.cursor(); "
              "k.execute(\"SELECT xact_commit + xact_rollback FROM pg_stat_database "
-             "WHERE datname = current_database()\"); print(k.fetchone()[0])", self.dsn],
+             "WHERE datname = current_database()\"); print(k.fetchone()[0])", self.db.dsn],
             capture_output=True, text=True, timeout=30, check=True)
         return int(out.stdout)
 
@@ -226,29 +172,21 @@ class Bench:
 
     def run(self) -> dict[str, Any]:
         args = self.args
-        results: dict[str, Any] = {"machine": benchkit.host_info(),
-                                   "revision": benchkit.revision(ROOT),
-                                   "haproxy": benchkit.first_line([HAPROXY, "-v"]),
+        results: dict[str, Any] = {"machine": host_info(), "revision": revision(ROOT),
+                                   "haproxy": first_line([HAPROXY, "-v"]),
                                    "supervisors": args.supervisors,
                                    "instances": args.instances}
-        self.cluster = Cluster(self.tmp / "pg", port=free_port(), durable=False)
-        self.cluster.init()
-        self.cluster.start()
-        self.cluster.create_database("treadmill_bench")
-        self.dsn = self.cluster.dsn("treadmill_bench")
+        self.db = Postgres(self.tmp / "pg", say, durable=False, port=free_port())
         say("starting the first instance and HAProxy")
         self.start_instance(self.names[0])
         self.start_haproxy()
-        out = subprocess.run([str(VENV / "python"), "-m", "treadmill.switchboard.bootstrap",
-                              "--database-dsn", self.dsn, "--admin", "bench"],
-                             capture_output=True, text=True, timeout=60, check=True)
-        token = out.stdout.strip()
+        token = bootstrap("--database-dsn", self.db.dsn)
         self.client = Client(self.url, token)
         token_file = self.tmp / "admin-token"
         token_file.touch(mode=0o600)
         token_file.write_text(token + "\n")
         self.fleet = spawn(
-            [str(VENV / "python"), "-m", "treadmill.supervisor.fleet", "--url", self.url,
+            [str(VENV / "python"), "-m", "treadmill.dev.fleet", "--url", self.url,
              "--admin-token-file", str(token_file), "--count", str(args.supervisors),
              "--tag", "mock",
              "--state", str(self.tmp / "fleet"), "--no-fsync", "--reconnect-initial", "0.5",
@@ -315,21 +253,15 @@ class Bench:
     def cleanup(self) -> None:
         for name in self.names:
             self.signal(name, signal.SIGCONT)
-        stop_process(self.fleet)
+        stop_process(self.fleet, timeout=30)
         for proc in self.procs.values():
-            stop_process(proc)
-        stop_process(self.haproxy)
+            stop_process(proc, timeout=30)
+        stop_process(self.haproxy, timeout=30)
         if self.client is not None:
             self.client.close()
-        if self.cluster is not None:
-            try:
-                self.cluster.stop()
-            except ClusterError as e:
-                say(f"stopping PostgreSQL: {e}")
-        if self.args.keep:
-            say(f"kept {self.tmp}")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.db is not None:
+            self.db.stop()
+        remove_temp(self.tmp, self.args.keep, say)
 
 
 def table(r: dict[str, Any]) -> str:
@@ -359,9 +291,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=20, help="jobs per txn phase [20]")
     p.add_argument("--check-timeout", default="",
                    help="HAProxy's 'timeout check' (e.g. 5s) [the example's 500ms]")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--json-out", help="also write the JSON to this file")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    output_options(p, "--keep", "keep the temporary directory", "print JSON instead of a table")
     args = p.parse_args(argv)
     if args.instances < 2:
         p.error("--instances must be at least 2")
@@ -373,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.access(HAPROXY, os.X_OK):
         say("haproxy is not installed (tools/setup-env installs it)")
         return 1
-    bench = Bench(args)
-    return benchkit.run(bench, args, table,
+    return run(Bench(args), args, table,
                         (BenchError, APIError, ClusterError, subprocess.SubprocessError,
                          OSError), say)
 

@@ -3,31 +3,7 @@
 
     .venv/bin/python tools/bench/job_run.py [--runs 5] [--json]
 
-Starts a devstack with the simulated board (``python -m treadmill.dev.devstack
---detach --serial-sim``, what ``tools/devstack`` runs after ``tools/setup-env``)
-with its own ``--state`` in a temporary directory (mode 0755) and its own
-``--port`` at the start of a free range of 30 ports, then times, each
-``--runs`` times, one after the other:
-
-  demo      ``tml job run demo --artifacts DIR``: the demo VM (the test image,
-            QEMU with TCG on host ``qemu-1``) booted, run and powered off;
-  board     ``tml job run board-demo --tag serial --artifacts DIR``: the demo
-            board image flashed by the fake tool and run on the simulated board;
-  whoami    ``tml whoami``: one authenticated API round trip, the floor of
-            any ``tml`` command (Python start-up, imports, one request).
-
-Each time is from ``tml``'s spawn to its exit (``time.monotonic``), the
-command run as a user would (``.venv/bin/tml``, ``TREADMILL_CONFIG`` the
-devstack's ``tml.toml``). The first run of each is also reported apart
-(cold: the supervisor fetches the image then). A run that exits non-zero is
-counted as failed and left out of the statistics. The load average and the
-share of the CPUs busy during each series are recorded: the machine may be
-shared with other work, which skews the figures.
-
-Only 127.0.0.1 is used; ``devstack stop`` stops every role, QEMU and
-PostgreSQL at the end, also on Ctrl-C or an error. Progress goes to standard
-error, the table (or ``--json``) to standard output. Results are recorded in
-``docs/performance.md``.
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations
@@ -35,46 +11,18 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = Path(__file__).resolve().parent
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
+from benchkit.cli import BenchError, output_options, run, sayer
+from benchkit.daemons import remove_temp, temp_dir
+from benchkit.host import first_line, host_info, machine_ticks, revision
+from benchkit.procs import ROOT, VENV, free_range
 
-import benchkit  # noqa: E402
-
-VENV = ROOT / ".venv" / "bin"
-
-
-def say(text: str) -> None:
-    """Progress, to standard error."""
-    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-def free_range(size: int, start: int = 30000, stop: int = 60000) -> int:
-    """The first of ``size`` consecutive loopback ports nothing listens on."""
-    first = start
-    while first + size < stop:
-        for port in range(first, first + size):
-            with socket.socket() as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    first = port + 1
-                    break
-        else:
-            return first
-    raise RuntimeError(f"no run of {size} free ports")
+say = sayer(clock=True)
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -83,17 +31,12 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-class BenchError(Exception):
-    """The devstack did not come up, or a series could not run."""
-
-
 class JobRunBench:
     """One devstack, then each command ``runs`` times."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.root = Path(tempfile.mkdtemp(prefix="tml-jobrun-bench-"))
-        self.root.chmod(0o755)  # the postgres user must reach the cluster when run as root
+        self.root = temp_dir("tml-jobrun-bench-")
         self.state = self.root / "stack"
         self.port = args.port or free_range(30)
         self.started = False
@@ -111,7 +54,7 @@ class JobRunBench:
         times: list[float] = []
         codes: list[int] = []
         load_before = os.getloadavg()[0]
-        busy0, total0 = benchkit.machine_ticks()
+        busy0, total0 = machine_ticks()
         for i in range(self.args.runs):
             artifacts = self.root / f"artifacts-{name}-{i}"
             cmd = [str(VENV / "tml"), *[a.replace("{ART}", str(artifacts)) for a in argv]]
@@ -124,7 +67,7 @@ class JobRunBench:
             say(f"{name} #{i + 1}: {elapsed:.2f} s, exit {proc.returncode}")
             if proc.returncode != 0:
                 say(f"{name} #{i + 1} output: {(proc.stdout + proc.stderr)[-800:]}")
-        busy1, total1 = benchkit.machine_ticks()
+        busy1, total1 = machine_ticks()
         ok = [t for t, c in zip(times, codes, strict=True) if c == 0]
         return {
             "command": "tml " + " ".join(argv).replace("{ART}", "DIR"),
@@ -143,9 +86,9 @@ class JobRunBench:
     def run(self) -> dict[str, Any]:
         results: dict[str, Any] = {
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "host": benchkit.host_info(),
-            "revision": benchkit.revision(ROOT),
-            "qemu": benchkit.first_line(["qemu-system-x86_64", "--version"]),
+            "host": host_info(),
+            "revision": revision(ROOT),
+            "qemu": first_line(["qemu-system-x86_64", "--version"]),
             "load_at_start": [round(v, 2) for v in os.getloadavg()],
             "runs": self.args.runs,
         }
@@ -176,10 +119,7 @@ class JobRunBench:
             except subprocess.TimeoutExpired:
                 say(f"devstack stop timed out; state kept in {self.root}")
                 return
-        if self.args.keep_temp:
-            say(f"kept {self.root}")
-        else:
-            shutil.rmtree(self.root, ignore_errors=True)
+        remove_temp(self.root, self.args.keep_temp, say)
 
 
 def table(results: dict[str, Any]) -> str:
@@ -214,12 +154,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="series to run, comma-separated [whoami,board,demo]")
     parser.add_argument("--run-timeout", type=float, default=300.0,
                         help="seconds allowed per tml command [300]")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument("--json-out", metavar="FILE", help="also write the JSON to FILE")
-    parser.add_argument("--keep-temp", action="store_true", help="keep the state directory")
+    output_options(parser, keep_help="keep the state directory")
     args = parser.parse_args(argv)
     args.only = set(args.only.split(","))
-    return benchkit.run(JobRunBench(args), args, table,
+    return run(JobRunBench(args), args, table,
                         (BenchError, subprocess.TimeoutExpired, OSError), say)
 
 

@@ -3,42 +3,7 @@
 
     .venv/bin/python tools/bench/logserver.py [--duration 10] [--streams 100] [--json]
 
-For each fsync policy (``--fsync always never``: the default ``always``, and
-``never``) it starts a fresh, real log server as its own process (``twistd
-treadmill-logserver --config FILE``, access log off, capability tokens signed
-by a key of the benchmark's own) on a temporary directory, and runs:
-
-  max     a writer process (asyncio, its own process) with ``--streams`` mock
-          hosts, one job and one keep-alive connection each (every stream is
-          created with a first line before the phase begins; the creation, a
-          directory and ``_meta.json`` per job, is timed apart), every one appending
-          ``--chunk`` bytes of console-like text to its job's ``console`` stream
-          at explicit offsets (``POST …/streams/console?offset=N``), one append in
-          flight per stream as the supervisor's shipper does, as fast as the
-          server acknowledges, for ``--duration`` seconds: aggregate MB/s;
-  @RATE   the same at a fixed aggregate rate (``--rate`` MB/s, each stream on its
-          own schedule), for the follow latency below load saturation.
-
-During both, a follower process (asyncio, its own process) follows every
-``--follow-every``-th stream over the WebSocket endpoint (``…/follow``) and
-timestamps each message; the follow latency of an append is the time from the
-writer starting to send it to the follower receiving its last byte (one
-monotonic clock, so across processes), p50/p99 over every append of the
-followed streams. Throughout, the server's CPU time (its reactor thread and
-its other threads apart), peak RSS (``VmHWM``, reset before each phase) and the
-writer's and follower's CPU are taken from ``/proc``.
-
-As the reference, in the same run and on the same file system, ``dd
-if=/dev/zero of=FILE bs=64k count=N conv=fsync`` writes the volume the server
-took in the ``max`` phase with ``fsync = "always"``; ``oflag=dsync`` (every
-64 KiB block synced, capped at ``--dsync-max`` bytes) and a plain ``dd`` (page
-cache only) are listed too.
-
-Targets on 2 cores (the issue's): >= 100 MB/s aggregate; p99 follow latency
-< 50 ms. Installs nothing. Everything listens on 127.0.0.1, every phase is
-bounded, and everything it starts is stopped at the end (also on Ctrl-C).
-Progress goes to standard error, the summary (or ``--json``) to standard
-output. Results are recorded in ``docs/performance.md``.
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations
@@ -49,26 +14,23 @@ import base64
 import contextlib
 import json
 import os
-import re
-import resource
 import select
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = Path(__file__).resolve().parent
-for _path in (str(ROOT), str(BENCH)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+from benchkit import cli
+from benchkit.daemons import remove_temp, role_config, signer, start_daemon, temp_dir, twistd
+from benchkit.host import ambient, first_line, host_info, machine_ticks, stamp
+from benchkit.procfs import KB_MB, reset_hwm, rusage_cpu, status_kb, thread_ticks
+from benchkit.procs import ROOT, Profiler, free_port, read_response, stop_process
+from benchkit.report import cell, headline, percentile, verdict_lines
 
 # Targets of the issue, on a 2-core machine.
 TARGET_MB_S = 100.0
@@ -76,16 +38,7 @@ TARGET_FOLLOW_P99_MS = 50.0
 
 SERVICE = "treadmill-logserver"
 MB = 1e6
-KB_MB = 1 / 1024
 STREAM = "console"
-
-
-def percentile(sorted_values: list[float], pct: float) -> float | None:
-    """The nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return None
-    rank = max(1, min(len(sorted_values), int(-(-pct * len(sorted_values) // 100))))
-    return sorted_values[rank - 1]
 
 
 def console_text(size: int) -> bytes:
@@ -108,42 +61,10 @@ def console_text(size: int) -> bytes:
 # ======================================================================================
 
 
-async def read_response(reader: asyncio.StreamReader
-                        ) -> tuple[int, dict[bytes, bytes], bytes]:
-    """One HTTP/1.1 response: its status, headers and body."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split(None, 2)[1])
-    headers: dict[bytes, bytes] = {}
-    for line in lines[1:]:
-        if b":" in line:
-            key, _, value = line.partition(b":")
-            headers[key.strip().lower()] = value.strip()
-    body = b""
-    if b"content-length" in headers:
-        body = await reader.readexactly(int(headers[b"content-length"]))
-    elif b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-        parts = []
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
-            if size == 0:
-                while await reader.readuntil(b"\r\n") != b"\r\n":
-                    pass
-                break
-            parts.append((await reader.readexactly(size + 2))[:-2])
-        body = b"".join(parts)
-    return status, headers, body
-
-
 def _wait_line(expected: str) -> None:
     line = sys.stdin.readline().strip()
     if line != expected:
         raise SystemExit(f"expected {expected!r} on standard input, got {line!r}")
-
-
-def _cpu_self() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 async def writer_main(spec: dict[str, Any]) -> dict[str, Any]:
@@ -172,7 +93,7 @@ async def writer_main(spec: dict[str, Any]) -> dict[str, Any]:
                       f"Content-Type: application/octet-stream\r\n"
                       f"Content-Length: {len(line)}\r\n\r\n").encode() + line)
         await writer.drain()
-        status, _, body = await read_response(reader)
+        status, _, body, _ = await read_response(reader)
         if status != 200:
             raise RuntimeError(f"creating stream {index}: {status} {body[:200]!r}")
         return len(line), (time.monotonic() - began) * 1000
@@ -184,7 +105,7 @@ async def writer_main(spec: dict[str, Any]) -> dict[str, Any]:
                 "max_ms": max(c[1] for c in created)}
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, _wait_line, "go")
-    cpu0 = _cpu_self()
+    cpu0 = rusage_cpu()
     start = time.monotonic()
     deadline = start + spec["duration"]
     acked = [c[0] for c in created]
@@ -222,7 +143,7 @@ async def writer_main(spec: dict[str, Any]) -> dict[str, Any]:
             writer.write(payload)
             await writer.drain()
             try:
-                status, headers, _ = await read_response(reader)
+                status, headers, _, _ = await read_response(reader)
             except (asyncio.IncompleteReadError, ConnectionError) as e:
                 counts["errors"] += 1
                 raise RuntimeError(f"stream {index}: connection lost: {e!r}") from None
@@ -247,7 +168,7 @@ async def writer_main(spec: dict[str, Any]) -> dict[str, Any]:
 
     await asyncio.gather(*(run(i) for i in range(len(streams))))
     end = max(last_ack[0], start + 1e-9)
-    cpu = _cpu_self() - cpu0
+    cpu = rusage_cpu() - cpu0
     # Every stream's length on the server must be what this writer was told.
     mismatches = 0
     for index, (reader, writer) in enumerate(conns):
@@ -255,7 +176,7 @@ async def writer_main(spec: dict[str, Any]) -> dict[str, Any]:
         writer.write((f"GET /v1/jobs/{job}/streams HTTP/1.1\r\nHost: {host}:{port}\r\n"
                       f"Authorization: Bearer {token}\r\n\r\n").encode())
         await writer.drain()
-        status, _, raw = await read_response(reader)
+        status, _, raw, _ = await read_response(reader)
         body = json.loads(raw) if status == 200 else {"streams": []}
         lengths = {s["name"]: s["length"] for s in body["streams"]}
         if lengths.get(STREAM, 0) != acked[index]:
@@ -343,14 +264,14 @@ async def follower_main(spec: dict[str, Any]) -> dict[str, Any]:
                                              ready, stop))
              for s, ready in zip(spec["follow"], readies, strict=True)]
     await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 30)
-    cpu0 = _cpu_self()
+    cpu0 = rusage_cpu()
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, _wait_line, "stop")
     stop.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     errors = [repr(r) for r in results if isinstance(r, BaseException)]
-    return {"arrivals": arrivals, "errors": errors, "cpu_s": round(_cpu_self() - cpu0, 3),
+    return {"arrivals": arrivals, "errors": errors, "cpu_s": round(rusage_cpu() - cpu0, 3),
             "bytes": sum(r["bytes"] for r in results if isinstance(r, dict))}
 
 
@@ -366,16 +287,7 @@ def role_main(args: argparse.Namespace) -> int:
 # The benchmark (the orchestrating process).
 # ======================================================================================
 
-import benchkit  # noqa: E402
-from benchkit import first_line, host_info, machine_ticks, revision  # noqa: E402
-from switchboard_api import (  # noqa: E402
-    BenchError,
-    _status_kb,
-    free_port,
-    say,
-    stop_process,
-    wait_http,
-)
+say = cli.sayer()
 
 
 def machine_info(tmp: Path) -> dict[str, Any]:
@@ -387,24 +299,6 @@ def machine_info(tmp: Path) -> dict[str, Any]:
     }
 
 
-def _thread_ticks(pid: int) -> tuple[int, int]:
-    """CPU ticks of the main (reactor) thread of ``pid``, and of all its other threads."""
-    main = other = 0
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-            except OSError:
-                continue
-            fields = raw[raw.rindex(")") + 2:].split()
-            ticks = int(fields[11]) + int(fields[12])
-            if int(tid) == pid:
-                main += ticks
-            else:
-                other += ticks
-    return main, other
-
-
 class Usage:
     """The server's CPU time (reactor thread and the rest), its peak RSS, and the machine's
     busy share, between :meth:`begin` and :meth:`end`."""
@@ -413,16 +307,15 @@ class Usage:
         self.pid = pid
 
     def begin(self) -> None:
-        with contextlib.suppress(OSError):
-            Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # reset VmHWM
+        reset_hwm(self.pid)
         self.t0 = time.monotonic()
-        self.threads0 = _thread_ticks(self.pid)
+        self.threads0 = thread_ticks(self.pid)
         self.machine0 = machine_ticks()
 
     def end(self) -> dict[str, Any]:
         wall = time.monotonic() - self.t0
         clk = os.sysconf("SC_CLK_TCK")
-        main1, other1 = _thread_ticks(self.pid)
+        main1, other1 = thread_ticks(self.pid)
         main = (main1 - self.threads0[0]) / clk
         other = (other1 - self.threads0[1]) / clk
         busy1, total1 = machine_ticks()
@@ -431,70 +324,40 @@ class Usage:
         return {"wall_s": round(wall, 3), "server_cpu_s": round(main + other, 3),
                 "reactor_cpu_s": round(main, 3), "threads_cpu_s": round(other, 3),
                 "machine_cpu_busy": None if machine is None else round(machine, 3),
-                "peak_rss_mb": round((_status_kb(self.pid, "VmHWM") or 0) * KB_MB, 1),
-                "rss_mb_end": round((_status_kb(self.pid, "VmRSS") or 0) * KB_MB, 1)}
+                "peak_rss_mb": round((status_kb(self.pid, "VmHWM") or 0) * KB_MB, 1),
+                "rss_mb_end": round((status_kb(self.pid, "VmRSS") or 0) * KB_MB, 1)}
 
 
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.tmp = Path(tempfile.mkdtemp(prefix="tml-bench-logserver-", dir=args.tmpdir or None))
+        self.tmp = temp_dir("tml-bench-logserver-", args.tmpdir)
         self.server: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.helpers: list[subprocess.Popen[str]] = []
-        self.profilers: list[subprocess.Popen[bytes]] = []
         self.results: dict[str, Any] = {"phases": [], "dd": []}
-        self._keys()
-
-    def _keys(self) -> None:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-        from treadmill.common.captoken import Access, CapabilitySigner
-
-        class WallClock:
-            @staticmethod
-            def seconds() -> float:
-                return time.time()
-
-        self.signer = CapabilitySigner(Ed25519PrivateKey.generate(), "treadmill", WallClock())
-        self.access = Access
+        self.profiler = Profiler(args.py_spy, self.results)
         self.keys_file = self.tmp / "capability-keys.json"
-        self.keys_file.write_text(json.dumps(self.signer.jwks()))
+        self.signer = signer(self.keys_file)
 
     def token(self, job: str, action: str) -> str:
-        return self.signer.sign("bench", SERVICE, [self.access("job", job, (action,))], 3 * 3600)
+        from treadmill.common.captoken import Access
+
+        return self.signer.sign("bench", SERVICE, [Access("job", job, (action,))], 3 * 3600)
 
     # -- processes ----------------------------------------------------------------------
 
     def start_server(self, fsync: str) -> None:
         port = free_port()
-        root = self.tmp / f"root-{fsync}"
-        config = self.tmp / f"logserver-{fsync}.toml"
-        config.write_text(f"""\
-listen = ["tcp:{port}:interface=127.0.0.1"]
-root = "{root}"
-service = "{SERVICE}"
-fsync = "{fsync}"
-
-[auth]
-keys_file = "{self.keys_file}"
-issuer = "treadmill"
-
-[http]
-access_log = false
-""")
-        log = self.tmp / f"logserver-{fsync}.log"
-        cmd = [str(ROOT / ".venv/bin/twistd"), "--nodaemon", "--pidfile="]
-        if self.args.logger:
-            cmd.append(f"--logger={self.args.logger}")
-        cmd += ["treadmill-logserver", "--config", str(config)]
-        env = dict(os.environ, TREADMILL_LOG_LEVEL="warn")
+        config = role_config(self.tmp / f"logserver-{fsync}.toml",
+                             f"tcp:{port}:interface=127.0.0.1", self.tmp / f"root-{fsync}",
+                             SERVICE, self.keys_file, f'fsync = "{fsync}"\n')
         say(f"starting the log server (fsync = \"{fsync}\") on 127.0.0.1:{port}")
-        with log.open("wb") as out:
-            self.server = subprocess.Popen(cmd, cwd=self.tmp, stdin=subprocess.DEVNULL,
-                                           stdout=out, stderr=subprocess.STDOUT, env=env,
-                                           start_new_session=True)
-        wait_http(f"http://127.0.0.1:{port}/healthz", self.server, "the log server", log)
+        self.server = start_daemon(twistd("treadmill-logserver", "--config", str(config),
+                                          logger=self.args.logger),
+                                   self.tmp / f"logserver-{fsync}.log",
+                                   f"http://127.0.0.1:{port}/healthz", "the log server",
+                                   level="warn")
         self.port = port
 
     def stop_server(self) -> None:
@@ -520,7 +383,7 @@ access_log = false
         line = proc.stdout.readline().strip() if ready else ""
         if line != "ready":
             stop_process(proc)  # type: ignore[arg-type]
-            raise BenchError(f"the {name} did not get ready: {line!r}; "
+            raise cli.BenchError(f"the {name} did not get ready: {line!r}; "
                              + (self.tmp / f"{name}.err").read_text()[-2000:])
 
     def finish_helper(self, proc: subprocess.Popen[str], out: Path, name: str,
@@ -529,52 +392,23 @@ access_log = false
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             stop_process(proc)  # type: ignore[arg-type]
-            raise BenchError(f"the {name} did not finish within {timeout:.0f} s") from None
+            raise cli.BenchError(f"the {name} did not finish within {timeout:.0f} s") from None
         finally:
             with contextlib.suppress(ValueError):
                 self.helpers.remove(proc)
         if proc.returncode != 0 or not out.exists():
-            raise BenchError(f"the {name} failed ({proc.returncode}): "
+            raise cli.BenchError(f"the {name} failed ({proc.returncode}): "
                              + (self.tmp / f"{name}.err").read_text()[-3000:])
         return json.loads(out.read_text())
-
-    def profile(self, name: str) -> subprocess.Popen[bytes] | None:
-        a = self.args
-        if not a.py_spy or self.server is None:
-            return None
-        py_spy = shutil.which("py-spy") or str(ROOT / ".venv/bin/py-spy")
-        if not Path(py_spy).exists():
-            raise BenchError("--py-spy needs py-spy (.venv/bin/pip install py-spy)")
-        out = Path(a.py_spy).absolute()
-        out.mkdir(parents=True, exist_ok=True)
-        self.results.setdefault("profiles", []).append(str(out / f"{name}.txt"))
-        proc = subprocess.Popen(
-            [py_spy, "record", "--pid", str(self.server.pid), "--rate", "200", "--threads",
-             "--idle", "--format", "raw", "--output", str(out / f"{name}.txt")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=(out / f"{name}.log").open("wb"), start_new_session=True)
-        time.sleep(0.5)
-        self.profilers.append(proc)
-        return proc
-
-    def stop_profile(self, proc: subprocess.Popen[bytes] | None) -> None:
-        if proc is not None:
-            stop_process(proc, signal.SIGINT, timeout=60)
-            self.profilers.remove(proc)
 
     def cleanup(self) -> None:
         for proc in list(self.helpers):
             with contextlib.suppress(Exception):
                 stop_process(proc)  # type: ignore[arg-type]
-        for proc in list(self.profilers):
-            with contextlib.suppress(Exception):
-                stop_process(proc, signal.SIGINT)
+        self.profiler.stop_all()
         with contextlib.suppress(Exception):
             self.stop_server()
-        if self.args.keep_temp:
-            say(f"kept {self.tmp}")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        remove_temp(self.tmp, self.args.keep_temp, say)
 
     # -- a phase ---------------------------------------------------------------------------
 
@@ -601,7 +435,8 @@ access_log = false
         writer, writer_out = self.helper("writer", writer_spec, f"writer-{name}")
         self.expect_ready(writer, f"writer-{name}")
         usage = Usage(self.server.pid)
-        prof = self.profile(f"{name}") if rate_mb_s is None else None
+        prof = self.profiler.start(self.server.pid, name, "--rate", "200", "--threads",
+                                   "--idle") if rate_mb_s is None else None
         try:
             usage.begin()
             assert writer.stdin is not None
@@ -612,7 +447,7 @@ access_log = false
             # The server's CPU over the writer's run (not the follower's draining below).
             used = usage.end()
         finally:
-            self.stop_profile(prof)
+            self.profiler.stop(prof)
         followed_result: dict[str, Any] | None = None
         if follower is not None:
             time.sleep(1.0)  # the last messages
@@ -672,7 +507,7 @@ access_log = false
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
             wall = time.monotonic() - start
             if proc.returncode != 0:
-                raise BenchError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
+                raise cli.BenchError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
             entry = {"variant": label, "command": " ".join(cmd[:5] + flags).replace(
                 str(self.tmp), "TMP"), "bytes": n * block, "seconds": round(wall, 3),
                 "mb_s": round(n * block / wall / MB, 1)}
@@ -684,21 +519,11 @@ access_log = false
 
     def run(self) -> dict[str, Any]:
         a = self.args
-        busy0, total0 = machine_ticks()
-        time.sleep(2)
-        busy1, total1 = machine_ticks()
-        ambient = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
-        self.results["ambient_cpu_busy"] = round(ambient, 3)
-        if ambient > 0.1:
-            say(f"warning: the machine was {ambient:.0%} busy before the benchmark started; "
-                "other load skews the figures")
-        self.results["machine"] = machine_info(self.tmp)
-        self.results["parameters"] = {
-            "streams": a.streams, "chunk": a.chunk, "duration_s": a.duration,
-            "rates_mb_s": a.rate, "follow_every": a.follow_every, "fsync": a.fsync,
-            "logger": a.logger, "tmpdir": str(self.tmp.parent), "dsync_max": a.dsync_max}
-        self.results["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.results["revision"] = revision(ROOT)
+        self.results["ambient_cpu_busy"] = round(ambient(say), 3)
+        stamp(self.results, machine_info(self.tmp), dict(
+            streams=a.streams, chunk=a.chunk, duration_s=a.duration, rates_mb_s=a.rate,
+            follow_every=a.follow_every, fsync=a.fsync, logger=a.logger,
+            tmpdir=str(self.tmp.parent), dsync_max=a.dsync_max), ROOT)
         volume = 0
         for fsync in a.fsync:
             self.start_server(fsync)
@@ -766,22 +591,13 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _f(value: Any, spec: str) -> str:
-    if value is None:
-        width = re.match(r"\d*", spec).group()  # type: ignore[union-attr]
-        return "-".rjust(int(width or 0))
-    return format(value, spec)
-
-
 def table(results: dict[str, Any]) -> str:
-    m = results["machine"]
     p = results["parameters"]
     lines = [
-        f"Log server benchmark: {m['nproc']} cores ({m['cpu_model']}), Python {m['python']}, "
-        f"revision {results.get('revision')}, started {results.get('started')}",
+        headline("Log server benchmark", results),
         f"{p['streams']} streams, {p['chunk']} B appends, {p['duration_s']:g} s per phase; "
-        f"file system {m['filesystem']}; machine {results.get('ambient_cpu_busy', 0):.0%} busy "
-        "before the start",
+        f"file system {results['machine']['filesystem']}; machine "
+        f"{results.get('ambient_cpu_busy', 0):.0%} busy before the start",
         "",
         f"{'fsync':<7} {'phase':<12} {'MB/s':>7} {'app/s':>6} {'app p50':>7} {'app p99':>7} "
         f"{'fol p50':>7} {'fol p99':>7} {'fol max':>7} {'srv':>5} {'react':>5} {'CPU':>6} "
@@ -795,11 +611,11 @@ def table(results: dict[str, Any]) -> str:
         f = e.get("follow") or {}
         lines.append(
             f"{e['fsync']:<7} {e['phase']:<12} {e['mb_s']:>7.1f} {e['appends_per_s']:>6.0f} "
-            f"{_f(e['append_ms']['p50'], '7.1f')} {_f(e['append_ms']['p99'], '7.1f')} "
-            f"{_f(f.get('p50_ms'), '7.1f')} {_f(f.get('p99_ms'), '7.1f')} "
-            f"{_f(f.get('max_ms'), '7.1f')} {e['server_cores']:>5.2f} {e['reactor_busy']:>5.0%} "
-            f"{_f(e['server_cpu_ms_per_mb'], '6.2f')} {e['writer_cpu_s']:>6.1f} "
-            f"{_f(e.get('machine_cpu_busy'), '5.0%')} {_f(e.get('other_cpu_busy'), '5.0%')} "
+            f"{cell(e['append_ms']['p50'], '7.1f')} {cell(e['append_ms']['p99'], '7.1f')} "
+            f"{cell(f.get('p50_ms'), '7.1f')} {cell(f.get('p99_ms'), '7.1f')} "
+            f"{cell(f.get('max_ms'), '7.1f')} {e['server_cores']:>5.2f} {e['reactor_busy']:>5.0%} "
+            f"{cell(e['server_cpu_ms_per_mb'], '6.2f')} {e['writer_cpu_s']:>6.1f} "
+            f"{cell(e.get('machine_cpu_busy'), '5.0%')} {cell(e.get('other_cpu_busy'), '5.0%')} "
             f"{e['peak_rss_mb']:>6.1f} "
             f"{e['refused'] + e['errors']:>7}")
     lines += [
@@ -842,21 +658,18 @@ def table(results: dict[str, Any]) -> str:
                 if e["kind"] == "max":
                     lines.append(f"  fsync {e['fsync']}: server / dd conv=fsync = "
                                  f"{e['mb_s'] / ref['mb_s']:.3f}")
-    lines += ["", "Targets (2-core machine):"]
-    for v in results["verdicts"]:
-        lines.append(f"  {'met   ' if v['met'] else 'MISSED'}  {v['target']:<52} "
-                     f"measured {v['value']:g}")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", "Targets (2-core machine):",
+                      *verdict_lines(results["verdicts"], 52)])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="tools/bench/logserver.py", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Targets on 2 cores: >= 100 MB/s aggregate; p99 follow latency < 50 ms.")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
-    parser.add_argument("--streams", type=int, default=100, help="concurrent streams (jobs)")
-    parser.add_argument("--chunk", type=int, default=64 * 1024, help="bytes per append")
+    parser = cli.bench_parser("logserver.py", __doc__,
+                          "Targets on 2 cores: >= 100 MB/s aggregate; p99 follow latency < 50 ms.")
+    cli.options(parser, (
+        ("--duration", float, 10.0, "seconds per phase"),
+        ("--streams", int, 100, "concurrent streams (jobs)"),
+        ("--chunk", int, 64 * 1024, "bytes per append"),
+    ))
     parser.add_argument("--rate", type=float, action="append",
                         help="aggregate MB/s of a fixed-rate phase (repeatable; default 50, "
                              "i.e. half the target; 0: none)")
@@ -867,17 +680,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dsync-max", type=int, default=256 * 1024 * 1024,
                         help="bytes for the dd oflag=dsync reference (capped: it is slow)")
     parser.add_argument("--no-dd", action="store_true", help="skip the dd reference")
-    parser.add_argument("--logger", default="treadmill.common.logging.text",
-                        help="twistd --logger ('' for twistd's default)")
-    parser.add_argument("--tmpdir", help="where to make the temporary directory (default: "
-                                         "the system's; it decides the disk measured)")
-    parser.add_argument("--py-spy", metavar="DIR",
-                        help="sample the server with py-spy (raw stacks in DIR) during the "
-                             "max phases; it perturbs them")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument("--json-out", metavar="FILE", help="also write the JSON to FILE")
-    parser.add_argument("--keep-temp", action="store_true",
-                        help="keep the temporary directory (logs) for inspection")
+    cli.daemon_options(parser, "the server during the max phases")
+    cli.output_options(parser, keep_help="keep the temporary directory (logs) for inspection")
     # Internal: the writer and follower processes.
     parser.add_argument("--role", choices=("writer", "follower"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -898,13 +702,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.role:
         return role_main(args)
-    if not (ROOT / ".venv/bin/twistd").exists():
-        print("logserver: .venv/bin/twistd not found; run tools/setup-env first",
-              file=sys.stderr)
+    if cli.missing("logserver"):
         return 2
-
-    errors = (BenchError, OSError, subprocess.SubprocessError)
-    return benchkit.run(Bench(args), args, table, errors, say)
+    errors = (cli.BenchError, OSError, subprocess.SubprocessError)
+    return cli.run(Bench(args), args, table, errors, say)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,11 @@
 #!/usr/bin/env python3
 """An open-loop, fixed-rate HTTP/1.1 load generator (standard library only).
 
-    python tools/bench/openloop.py --url http://127.0.0.1:8080/api/v1/jobs/ID \\
-        --rate 500 --duration 10 [--connections 16] [--method POST --body '{...}'] \\
+    python tools/bench/openloop.py --url http://127.0.0.1:8080/api/v1/jobs/ID \
+        --rate 500 --duration 10 [--connections 16] [--method POST --body '{...}'] \
         [-H 'Authorization: Bearer ...']
 
-wrk is closed-loop: a slow response delays the next request on its
-connection, so the requests that would have seen the stall are never sent and
-the percentiles look better than what clients experience ("coordinated
-omission"). Here request *i* is due at ``t0 + i / rate`` whatever happens to
-the earlier ones; a pool of keep-alive connections takes due requests from a
-queue, and each latency is measured from the request's *scheduled* time to the
-end of its response, so time spent queued behind a slow response counts.
-
-Bounded: it schedules ``rate * duration`` requests, then waits at most
-``--drain`` seconds for the outstanding ones (counted as ``unfinished``
-otherwise), and only talks to the host of ``--url``, which must be a loopback
-address. Prints one JSON object on standard output.
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations
@@ -31,49 +20,8 @@ import time
 from collections import Counter
 from urllib.parse import urlsplit
 
-
-def percentile(sorted_values: list[float], pct: float) -> float | None:
-    """The nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return None
-    rank = max(1, min(len(sorted_values), int(-(-pct * len(sorted_values) // 100))))
-    return sorted_values[rank - 1]
-
-
-class BadResponse(Exception):
-    pass
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """Read one response; return its status and whether the connection stays open."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(None, 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-        raise BadResponse(lines[0][:80])
-    status = int(parts[1])
-    headers: dict[bytes, bytes] = {}
-    for line in lines[1:]:
-        if b":" in line:
-            key, _, value = line.partition(b":")
-            headers[key.strip().lower()] = value.strip()
-    keep = headers.get(b"connection", b"").lower() != b"close" and parts[0] != b"HTTP/1.0"
-    if 100 <= status < 200 or status in (204, 304):
-        return status, keep
-    if b"content-length" in headers:
-        await reader.readexactly(int(headers[b"content-length"]))
-    elif b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
-            if size == 0:
-                while await reader.readuntil(b"\r\n") != b"\r\n":
-                    pass  # trailers
-                break
-            await reader.readexactly(size + 2)
-    else:
-        await reader.read()  # delimited by the end of the connection
-        keep = False
-    return status, keep
+from benchkit.procs import BadResponse, read_response
+from benchkit.report import percentile
 
 
 async def generate(host: str, port: int, request: bytes, rate: float, duration: float,
@@ -106,7 +54,7 @@ async def generate(host: str, port: int, request: bytes, rate: float, duration: 
                     conn = await connect()
                 reader, writer = conn
                 writer.write(request)
-                status, keep = await asyncio.wait_for(read_response(reader), timeout)
+                status, _, _, keep = await asyncio.wait_for(read_response(reader), timeout)
                 now = loop.time()
                 last_done[0] = now
                 latencies.append(now - due)

@@ -4,45 +4,7 @@
     .venv/bin/python tools/bench/proxy.py [--size-mib 1024] [--connects 1000]
         [--concurrent 1000] [--tunnels 1000] [--no-ws] [--json]
 
-Everything runs on this machine and talks to 127.0.0.1 only. One backend
-process (asyncio) offers an echo service and a bulk service (``SEND n``: it
-sends n bytes; ``RECV n``: it reads n bytes, then answers ``OK``). The same
-client code then measures each path to the backend:
-
-  direct     the backend itself (the floor)
-  treadmill  our proxy as operators run it (``twistd treadmill-proxy``) and the
-             supervisor's side as its own process (``python -m
-             treadmill.supervisor.exposure``): client -> public port -> proxy
-             -> data connection -> supervisor -> backend. Two relays, where
-             HAProxy and socat are one: that is what a rendezvous costs.
-  treadmill-ws  the same through the tunnel's WebSocket path, with the local
-             forwarder of ``tml job connect`` in front (three relays)
-  haproxy    HAProxy in TCP mode (``mode tcp``, one ``listen`` per service)
-  socat      ``socat TCP-LISTEN:...,fork TCP:backend`` (a process per connection)
-
-Measurements, per path:
-
-  throughput   one connection moving --size-mib MiB each way (download: the
-               backend sends; upload: the client sends), MiB/s, and the CPU
-               seconds the relays spent per GiB
-  setup        --connects sequential connections, each connect, a 1-byte
-               echo, close: p50/p99 latency (the first byte's round trip is
-               included: our splice is only complete when it arrives)
-  concurrent   --concurrent connections opened at once through one tunnel,
-               each echoing 64 bytes: wall time, failures
-  idle conns   RSS of the relays with --concurrent idle connections open
-  tunnels      memory to hold --tunnels published endpoints with no traffic:
-               ours: that many jobs, each with a control connection and a
-               public port (the proxy's RSS); HAProxy: that many ``listen``
-               sections; socat: that many listening processes (sum of PSS)
-
-Ratios are treadmill / reference (throughput: higher is better, so a ratio
-below 1 means slower; latency and memory: lower is better). HAProxy runs with
-``nbthread 1`` (our proxy is one process with one thread). Needs ``haproxy``
-and ``socat`` (``apt-get install haproxy socat``); a missing one is skipped
-and said so. Every phase is bounded; everything started is stopped at the
-end, also on Ctrl-C. Progress goes to standard error, the table (or
-``--json``) to standard output. Results are recorded in ``docs/performance.md``.
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations
@@ -52,115 +14,40 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchkit.cli import run, sayer
+from benchkit.daemons import remove_temp, signer, start_daemon, temp_dir, twistd
+from benchkit.host import first_line, host_info
+from benchkit.procfs import CLK_TCK, descendants, pss_kb, status_kb, total_ticks
+from benchkit.procs import ROOT, free_port, free_range
 
 MiB = 1024 * 1024
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 TIMEOUT = 120.0  # seconds any single phase may take
-
-
-def log(text: str) -> None:
-    print(f"[bench] {text}", file=sys.stderr, flush=True)
-
-
-# -- processes and /proc ------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_range(size: int, start: int = 30000, stop: int = 60000) -> tuple[int, int]:
-    """``size`` consecutive ports nothing listens on (checked by binding each)."""
-    first = start
-    while first + size < stop:
-        for port in range(first, first + size):
-            with socket.socket() as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    first = port + 1
-                    break
-        else:
-            return first, first + size - 1
-    raise RuntimeError(f"no run of {size} free ports")
-
-
-def children(pid: int) -> list[int]:
-    """``pid`` and its descendants."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo.extend(parents.get(current, []))
-    return found
+log = sayer()
 
 
 def status(pid: int, field: str) -> int:
     """A /proc/PID/status figure in bytes (VmRSS, VmHWM)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return (status_kb(pid, field) or 0) * 1024
 
 
 def pss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return (pss_kb(pid) or 0) * 1024
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            # utime, stime, and the same of waited-for children (socat's forks)
-            total += sum(int(x) for x in fields[11:15])
-        except OSError:
-            pass
-    return total / CLK_TCK
+    """utime, stime, and the same of waited-for children (socat's forks)."""
+    return total_ticks(pids) / CLK_TCK
 
 
 class Processes:
@@ -431,7 +318,7 @@ class Target:
         self.note = note
 
     def all_pids(self) -> list[int]:
-        return [p for pid in self.pids for p in children(pid)]
+        return [p for pid in self.pids for p in descendants([pid])]
 
     def rss(self) -> int:
         return sum(status(p, "VmRSS") for p in self.all_pids())
@@ -485,14 +372,12 @@ def measure(target: Target, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mib", type=int, default=1024, help="bytes per throughput "
-                        "run, each way (default 1024: 1 GiB)")
-    parser.add_argument("--connects", type=int, default=1000,
-                        help="sequential connections for the setup latency")
-    parser.add_argument("--concurrent", type=int, default=1000,
-                        help="connections opened at once through one tunnel")
-    parser.add_argument("--tunnels", type=int, default=1000,
-                        help="idle tunnels for the memory comparison (0: skip)")
+    for option, default, text in (
+            ("--size-mib", 1024, "bytes per throughput run, each way (default 1024: 1 GiB)"),
+            ("--connects", 1000, "sequential connections for the setup latency"),
+            ("--concurrent", 1000, "connections opened at once through one tunnel"),
+            ("--tunnels", 1000, "idle tunnels for the memory comparison (0: skip)")):
+        parser.add_argument(option, type=int, default=default, help=text)
     parser.add_argument("--no-ws", action="store_true", help="skip the WebSocket path")
     parser.add_argument("--paths", default="direct,treadmill,treadmill-ws,haproxy,socat",
                         help="the paths to measure (comma-separated)")
@@ -517,59 +402,52 @@ def main() -> int:
     needed = 6 * max(args.concurrent, args.tunnels) + 200
     if hard < needed:
         log(f"warning: the open files limit is {hard}; about {needed} are needed")
+    return run(Bench(args), args, render, (), log)
 
-    def terminated(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, terminated)
-    procs = Processes()
-    tmp = Path(tempfile.mkdtemp(prefix="treadmill-bench-proxy-"))
-    results: list[dict[str, Any]] = []
-    tunnels: dict[str, Any] = {}
-    skipped: list[str] = []
-    try:
-        targets = setup(procs, tmp, args, skipped)
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.procs = Processes()
+        self.tmp = temp_dir("treadmill-bench-proxy-")
+
+    def run(self) -> dict[str, Any]:
+        args = self.args
+        results: list[dict[str, Any]] = []
+        tunnels: dict[str, Any] = {}
+        skipped: list[str] = []
+        targets = setup(self.procs, self.tmp, args, skipped)
         wanted = set(args.paths.split(","))
         for target in targets:
             if target.name in wanted:
                 results.append(measure(target, args))
         if args.tunnels:
-            tunnels = tunnel_memory(procs, tmp, args, skipped)
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    finally:
-        procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+            tunnels = tunnel_memory(self.procs, self.tmp, args, skipped)
+        return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(),
+                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "size_mib": args.size_mib, "connects": args.connects,
+                "concurrent": args.concurrent, "paths": results, "tunnels": tunnels,
+                "ratios": ratios(results, tunnels), "skipped": skipped}
 
-    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(),
-              "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "size_mib": args.size_mib, "connects": args.connects,
-              "concurrent": args.concurrent, "paths": results, "tunnels": tunnels,
-              "ratios": ratios(results, tunnels), "skipped": skipped}
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(render(report))
-    return 0
+    def cleanup(self) -> None:
+        self.procs.stop_all()
+        remove_temp(self.tmp, False, log)
 
 
 def machine() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    haproxy = subprocess.run(["haproxy", "-v"], capture_output=True, text=True) \
-        if shutil.which("haproxy") else None
     socat = subprocess.run(["socat", "-V"], capture_output=True, text=True) \
         if shutil.which("socat") else None
-    return {"cpus": os.cpu_count(), "cpu": model, "kernel": platform.release(),
-            "python": platform.python_version(),
-            "haproxy": haproxy.stdout.split("\n")[0] if haproxy else None,
+    host = host_info()
+    return {"cpus": os.cpu_count(), "cpu": host["cpu_model"], "kernel": host["kernel"],
+            "python": host["python"],
+            "haproxy": first_line(["haproxy", "-v"]) if shutil.which("haproxy") else None,
             "socat": next((line for line in socat.stdout.splitlines()
                            if "version" in line), None) if socat else None}
+
+
+def port_range(size: int) -> tuple[int, int]:
+    first = free_range(size)
+    return first, first + size - 1
 
 
 def setup(procs: Processes, tmp: Path, args: argparse.Namespace,
@@ -615,61 +493,36 @@ def setup(procs: Processes, tmp: Path, args: argparse.Namespace,
     return targets
 
 
-def signing(tmp: Path) -> Any:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from twisted.internet.task import Clock
-
-    from treadmill.common.captoken import CapabilitySigner
-
-    clock = Clock()
-    clock.advance(time.time())
-    signer = CapabilitySigner(Ed25519PrivateKey.generate(), "treadmill", clock)
-    (tmp / "keys.json").write_text(json.dumps(signer.jwks()))
-    return signer
-
-
-def token(signer: Any, job: str) -> str:
+def token(sign: Any, job: str) -> str:
     from treadmill.common.captoken import Access
 
-    return str(signer.sign("bench", "treadmill-proxy", [Access("tunnel", job, ("publish",))],
+    return str(sign.sign("bench", "treadmill-proxy", [Access("tunnel", job, ("publish",))],
                            3600))
 
 
 def start_proxy(procs: Processes, tmp: Path, args: argparse.Namespace,
                 ports: tuple[int, int]) -> tuple[subprocess.Popen[Any], int]:
     http, data = free_port(), free_port()
-    env = {**os.environ, "TREADMILL_LOG_LEVEL": "warn"}
-    argv = [str(Path(sys.executable).parent / "twistd"), "--nodaemon", "--pidfile=",
-            "--logger=treadmill.common.logging.text", "treadmill-proxy",
-            "--listen", f"tcp:{http}:interface=127.0.0.1",
-            "--data-listen", f"tcp:{data}:interface=127.0.0.1",
-            "--public-host", "127.0.0.1", "--public-interface", "127.0.0.1",
-            "--ports", f"{ports[0]}-{ports[1]}", "--auth-keys-file", str(tmp / "keys.json"),
-            "--http-access-log", "false", "--idle-timeout", "0",
-            "--max-connections-per-tunnel", str(args.concurrent + 100),
-            "--max-tunnels-per-job", "16"]
-    proc = procs.start(argv, env=env, cwd=str(ROOT), stdout=open(tmp / "proxy.log", "ab"),
-                       stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the proxy did not start:\n" +
-                                   (tmp / "proxy.log").read_text()[-2000:]) from None
-            time.sleep(0.1)
+    argv = twistd("treadmill-proxy", "--listen", f"tcp:{http}:interface=127.0.0.1",
+                  "--data-listen", f"tcp:{data}:interface=127.0.0.1",
+                  "--public-host", "127.0.0.1", "--public-interface", "127.0.0.1",
+                  "--ports", f"{ports[0]}-{ports[1]}", "--auth-keys-file",
+                  str(tmp / "keys.json"), "--http-access-log", "false", "--idle-timeout", "0",
+                  "--max-connections-per-tunnel", str(args.concurrent + 100),
+                  "--max-tunnels-per-job", "16")
+    proc = start_daemon(argv, tmp / "proxy.log", f"http://127.0.0.1:{http}/healthz",
+                        "the proxy", level="warn", cwd=ROOT, interval=0.1)
+    procs.procs.append(proc)
     return proc, http
 
 
 def start_ours(procs: Processes, tmp: Path, args: argparse.Namespace,
                services: dict[str, int]) -> Target:
-    signer = signing(tmp)
-    proxy, http = start_proxy(procs, tmp, args, free_range(16))
+    sign = signer(tmp / "keys.json")
+    proxy, http = start_proxy(procs, tmp, args, port_range(16))
     job = str(uuid.uuid4())
-    (tmp / "token").write_text(token(signer, job))
-    argv = [sys.executable, "-m", "treadmill.supervisor.exposure", "--job", job,
+    (tmp / "token").write_text(token(sign, job))
+    argv = [sys.executable, str(ROOT / "tools" / "bench" / "expose.py"), "--job", job,
             "--proxy", f"ws://127.0.0.1:{http}", "--token-file", str(tmp / "token"), "--quiet",
             "--self-authenticating"]
     for name, port in services.items():
@@ -729,12 +582,12 @@ def tunnel_memory(procs: Processes, tmp: Path, args: argparse.Namespace,
 
     # Ours: one job per tunnel, each with its own control connection (as a site's
     # supervisors would have), all in one fleet process.
-    signer = signing(tmp)
-    proxy, http = start_proxy(procs, tmp, args, free_range(count + 16))
+    sign = signer(tmp / "keys.json")
+    proxy, http = start_proxy(procs, tmp, args, port_range(count + 16))
     time.sleep(0.5)
     base = status(proxy.pid, "VmRSS")
     tokens = {str(uuid.uuid4()): "" for _ in range(count)}
-    tokens = {job: token(signer, job) for job in tokens}
+    tokens = {job: token(sign, job) for job in tokens}
     (tmp / "tokens.json").write_text(json.dumps(tokens))
     started = time.monotonic()
     fleet = procs.start([sys.executable, __file__, "--serve-fleet", f"ws://127.0.0.1:{http}",
@@ -755,7 +608,7 @@ def tunnel_memory(procs: Processes, tmp: Path, args: argparse.Namespace,
     procs.stop(proxy)
 
     if shutil.which("haproxy"):
-        first, _ = free_range(count)
+        first = free_range(count)
         config = tmp / "haproxy-tunnels.cfg"
         config.write_text(haproxy_config({first + i: echo for i in range(count)}))
         haproxy = procs.start(["haproxy", "-f", str(config), "-db"],
@@ -766,7 +619,7 @@ def tunnel_memory(procs: Processes, tmp: Path, args: argparse.Namespace,
         log(f"haproxy: {count} listeners, RSS {result['haproxy_rss_mib']} MiB")
         procs.stop(haproxy)
     if shutil.which("socat"):
-        first, _ = free_range(count)
+        first = free_range(count)
         socats = [procs.start(["socat", f"TCP-LISTEN:{first + i},bind=127.0.0.1,fork,"
                                "reuseaddr", f"TCP:127.0.0.1:{echo}"], stderr=subprocess.DEVNULL)
                   for i in range(count)]

@@ -3,49 +3,7 @@
 
     .venv/bin/python tools/bench/qemu_boot.py [--jobs 5] [--accel tcg] [--json]
 
-Starts, in a temporary directory, a private PostgreSQL cluster
-(``treadmill.dev.pgcluster``, durable) and the real daemons as their own
-``twistd`` processes, configured as ``tools/devstack`` configures them: a
-switchboard, an image store, a log server and one QEMU supervisor (host
-``qemu-1``, tag ``qemu``, ``qemu.accel = --accel``, every other ``qemu.*``
-setting at its default). It builds the test image (``tools/build-test-image``,
-cached in ``~/.cache/treadmill/test-image``) and pushes it to the store as
-``demo``. Then it alternates:
-
-  treadmill  ``tml job submit demo --tag qemu --param exit_status=0`` (the
-             test image's ``/init`` says ``ready`` and exits at once), waits for
-             the job to terminate, and reads its events
-             (``GET /api/v1/jobs/{id}/events``): enqueue -> assigned, assigned ->
-             the first stage, each stage (``starting``, ``fetching_image``,
-             ``allocating``, ``provisioning``, ``booting`` = booting -> ready;
-             a stage the supervisor does not report shows as ``-``) and the
-             total enqueue -> ready, from the events' timestamps (stamped by
-             the switchboard). The supervisor's JSON log splits ``booting``
-             further: QEMU spawned -> the guest runs (QMP, console and agent
-             connected, ``cont``), and the guest runs -> ``ready``.
-  by hand    the SAME QEMU command line, rebuilt with
-             ``treadmill.supervisor.drivers.qemu.command.qemu_command`` from the
-             same settings and the supervisor's own fetched copies of the
-             image's layers (checked against the command the supervisor logged),
-             preceded by the same ``qemu-img create`` of the overlay. The script
-             connects to QMP (``qmp_capabilities``), the console and the agent
-             socket, sends ``cont``, answers the agent's ``hello`` and
-             ``get_parameters`` and times ``qemu-img create`` + spawn -> the
-             agent's ``ready`` line; then it lets the guest power off.
-
-The first treadmill job is reported apart (cold): it also downloads the image
-from the store and hashes its blobs (and with ``--accel auto``, which this
-script does not use by default, it would pay the KVM probe). The others are
-warm. Supervisor overhead = (warm enqueue -> ready p50 - by-hand p50) /
-by-hand p50; the issue's target is < 10 %.
-
-For every run it also records how busy the machine was and how much of it
-went to processes other than the benchmark's own (PostgreSQL, the daemons,
-QEMU): other engineers' work skews the figures. Installs nothing; everything
-listens on 127.0.0.1; every wait is bounded; everything it starts (daemons,
-QEMU, the cluster) is stopped at the end, also on Ctrl-C. Progress goes to
-standard error, the table (or ``--json``) to standard output. Results are
-recorded in ``docs/performance.md``.
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations
@@ -60,40 +18,35 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchkit.cli import BenchError, bench_parser, missing, options, output_options, run, sayer
+from benchkit.daemons import Postgres, bootstrap, remove_temp, start_daemon, temp_dir, twistd
+from benchkit.host import first_line, host_info, machine_ticks, revision, wait_quiet
+from benchkit.procfs import CLK_TCK, cpu_ticks, descendants, total_ticks
+from benchkit.procs import ROOT, free_port, stop_process, tail
+from benchkit.procs import http_json as http
+from benchkit.report import cell
 
-import benchkit  # noqa: E402
-from benchkit import first_line, host_info, machine_ticks, revision  # noqa: E402
-
-from treadmill.dev.pgcluster import Cluster, ClusterError  # noqa: E402
-from treadmill.images import format as fmt  # noqa: E402
-from treadmill.protocol import agent as agent_proto  # noqa: E402
-from treadmill.supervisor.drivers.qemu.command import (  # noqa: E402
+from treadmill.dev.pgcluster import ClusterError
+from treadmill.images import format as fmt
+from treadmill.protocol import agent as agent_proto
+from treadmill.supervisor.drivers.qemu.command import (
     Paths,
     overlay_command,
     qemu_command,
 )
-from treadmill.supervisor.drivers.qemu.settings import QemuSettings  # noqa: E402
-from treadmill.supervisor.images import blob_path  # noqa: E402
+from treadmill.supervisor.drivers.qemu.settings import QemuSettings
+from treadmill.supervisor.fetch import blob_path
 
 TARGET_OVERHEAD = 0.10  # the issue's: supervisor overhead < 10 %
-DATABASE = "treadmill_bench"
-ADMIN = "bench"
 HOST = "qemu-1"
 IMAGE_NAME = "demo"
 PARAMS = {"exit_status": "0"}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 STAGES = ("starting", "fetching_image", "allocating", "provisioning", "booting")
 # Columns of a treadmill job: (key, heading).
 PHASES = (("queued", "enq->asg"), ("assigned", "asg->stage1"), ("starting", "starting"),
@@ -107,12 +60,7 @@ HAND_PHASES = (("img_create", "img create"), ("spawn_to_running", "spawn->cont")
                ("running_to_ready", "guest->ready"), ("total", "TOTAL"))
 
 
-def say(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-class BenchError(RuntimeError):
-    pass
+say = sayer()
 
 
 def median(values: list[float]) -> float | None:
@@ -127,11 +75,10 @@ def median(values: list[float]) -> float | None:
 # -- machine -------------------------------------------------------------------------
 
 
-def machine_info(settings: QemuSettings, cluster: Cluster | None) -> dict[str, Any]:
+def machine_info(settings: QemuSettings, db: Postgres | None) -> dict[str, Any]:
     return {
         **host_info(),
-        "postgresql": first_line([str(cluster.bindir / "postgres"), "--version"])
-        if cluster is not None else "unknown",
+        "postgresql": db.version() if db is not None else "unknown",
         "qemu": first_line([settings.binary, "--version"]),
         "qemu_img": first_line([settings.img_binary, "--version"]),
         "kvm_device": os.path.exists("/dev/kvm"),
@@ -143,37 +90,9 @@ def machine_info(settings: QemuSettings, cluster: Cluster | None) -> dict[str, A
 # -- CPU accounting ----------------------------------------------------------------
 
 
-def _stat(pid: int) -> tuple[int, int, int] | None:
-    """(ppid, own ticks, ticks of reaped children) of ``pid``."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    f = raw[raw.rindex(")") + 2:].split()
-    return int(f[1]), int(f[11]) + int(f[12]), int(f[13]) + int(f[14])
-
-
 def _tree_ticks(roots: list[int]) -> int:
     """CPU ticks of ``roots`` and every descendant, live or reaped (``cutime``)."""
-    procs: dict[int, tuple[int, int, int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            info = _stat(int(entry))
-            if info is not None:
-                procs[int(entry)] = info
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in procs.items():
-        children.setdefault(ppid, []).append(pid)
-    total, seen, todo = 0, set(), [r for r in roots if r in procs]
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        _, own, reaped = procs[pid]
-        total += own + reaped
-        todo.extend(children.get(pid, ()))
-    return total
+    return total_ticks(descendants(roots))
 
 
 class Load:
@@ -197,74 +116,6 @@ class Load:
         return {"machine_busy": None if machine is None else round(machine, 3),
                 "ours": round(ours_share, 3),
                 "other": None if other is None else round(other, 3)}
-
-
-def wait_quiet(max_busy: float, seconds: float, timeout: float) -> float | None:
-    """Wait (at most ``timeout`` s) until the machine was at most ``max_busy`` busy for
-    ``seconds``; the last window's busy share."""
-    deadline = time.monotonic() + timeout
-    share = None
-    while True:
-        busy0, total0 = machine_ticks()
-        time.sleep(seconds)
-        busy, total = machine_ticks()
-        share = (busy - busy0) / (total - total0) if total > total0 else 0.0
-        if share <= max_busy or time.monotonic() >= deadline:
-            return round(share, 3)
-        say(f"the machine is {share:.0%} busy; waiting for it to calm down")
-
-
-# -- helpers ------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(method: str, url: str, token: str | None = None, body: Any = None,
-         timeout: float = 10.0) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw = response.read()
-            status = response.status
-    except urllib.error.HTTPError as e:
-        raw, status = e.read(), e.code
-    except (urllib.error.URLError, OSError):
-        return 0, None
-    try:
-        return status, json.loads(raw or b"null")
-    except ValueError:
-        return status, raw
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM,
-                 timeout: float = 15.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
 
 
 def parse_time(text: str) -> float:
@@ -403,6 +254,8 @@ def run_by_hand(settings: QemuSettings, image: fmt.TreadmillImage, blobs: str,
                     elif kind == "get_parameters":
                         agent.sock.sendall(agent_proto.encode(
                             agent_proto.parameters(job_id, PARAMS)))
+                    elif kind == "get_ssh_keys":  # the guest waits for it (none here)
+                        agent.sock.sendall(agent_proto.encode(agent_proto.ssh_keys(job_id, [])))
                     elif kind == "ready" and t_ready is None:
                         t_ready = time.monotonic()
                     elif kind == "exit":
@@ -410,8 +263,8 @@ def run_by_hand(settings: QemuSettings, image: fmt.TreadmillImage, blobs: str,
             if proc.poll() is not None:
                 break
         if t_ready is None:
-            raise BenchError(f"the guest did not say ready by hand (QEMU log: "
-                             f"{_tail(Path(paths.log), 5)})")
+            raise BenchError(f"the guest did not say ready by hand (QEMU exit status "
+                             f"{proc.poll()}, log: {tail(Path(paths.log), 5)})")
         out.update({
             "img_create": _ms(t_img - t0),
             "spawn_to_running": _ms(t_run - t_img),
@@ -443,12 +296,11 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         # Short: QEMU's UNIX socket paths live under it (<= 107 bytes).
-        self.tmp = Path(tempfile.mkdtemp(prefix="tml-qb-"))
-        os.chmod(self.tmp, 0o755)  # the postgres user must traverse it
+        self.tmp = temp_dir("tml-qb-")
         self.settings = QemuSettings.from_values(
             {"qemu.accel": args.accel, "qemu.memory": args.memory},
             state_dir=str(self.tmp / "supervisor"))
-        self.cluster: Cluster | None = None
+        self.db: Postgres | None = None
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.port = 0
         self.url = ""
@@ -462,40 +314,18 @@ class Bench:
         self.sup_log_offset = 0
 
     def _roots(self) -> list[int]:
-        roots = [os.getpid()]
-        if self.cluster is not None:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                roots.append(int((self.cluster.data / "postmaster.pid").read_text()
-                                 .splitlines()[0]))
-        return roots
+        postmaster = self.db.postmaster_pid() if self.db is not None else None
+        return [os.getpid()] + ([postmaster] if postmaster else [])
 
     # -- lifecycle ----------------------------------------------------------------------
-
-    def start_database(self) -> None:
-        say(f"starting PostgreSQL in {self.tmp / 'pg'}")
-        self.cluster = Cluster(self.tmp / "pg", durable=True)
-        self.cluster.start()
-        self.cluster.create_database(DATABASE)
 
     def start(self, name: str, plugin: str, config: Path, health: str | None,
               logger: str = "text", level: str = "info") -> None:
         log = self.tmp / f"{name}.log"
-        cmd = [str(ROOT / ".venv/bin/twistd"), "--nodaemon", "--pidfile=",
-               f"--logger=treadmill.common.logging.{logger}", plugin, "--config", str(config)]
-        with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, cwd=self.tmp, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, "TREADMILL_LOG_LEVEL": level})
-        self.procs[name] = proc
-        if health:
-            deadline = time.monotonic() + 60
-            while http("GET", health, timeout=2)[0] != 200:
-                if proc.poll() is not None:
-                    raise BenchError(f"{name} exited with {proc.returncode}:\n{_tail(log)}")
-                if time.monotonic() > deadline:
-                    raise BenchError(f"{name} did not become healthy:\n{_tail(log)}")
-                time.sleep(0.1)
-        say(f"{name} running (pid {proc.pid}), log {log}")
+        cmd = twistd(plugin, "--config", str(config),
+                     logger=f"treadmill.common.logging.{logger}")
+        self.procs[name] = start_daemon(cmd, log, health, name, level=level, interval=0.1)
+        say(f"{name} running (pid {self.procs[name].pid}), log {log}")
 
     def write(self, name: str, text: str) -> Path:
         path = self.tmp / name
@@ -503,14 +333,14 @@ class Bench:
         return path
 
     def start_daemons(self) -> None:
-        assert self.cluster is not None
+        assert self.db is not None
         self.port = free_port()
         store_port, logs_port = free_port(), free_port()
         self.url = url = f"http://127.0.0.1:{self.port}"
         self.store_url = f"http://127.0.0.1:{store_port}"
         logs_url = f"http://127.0.0.1:{logs_port}"
         keys_url = f"{url}/.well-known/treadmill/capability-keys"
-        dsn = self.cluster.dsn(DATABASE)
+        dsn = self.db.dsn
         sb = self.write("switchboard.toml",
                         f'listen = ["tcp:{self.port}:interface=127.0.0.1"]\n'
                         'instance = "bench"\n'
@@ -520,14 +350,7 @@ class Bench:
                         + (f"[logs]\nservers = [{json.dumps(logs_url)}]\nreplicas = 1\n"
                            if not self.args.no_logserver else ""))
         self.start("switchboard", "treadmill-switchboard", sb, url + "/healthz")
-        proc = subprocess.run(
-            [sys.executable, "-m", "treadmill.switchboard.bootstrap", "--config", str(sb),
-             "--admin", ADMIN], capture_output=True, text=True, timeout=60, cwd=ROOT,
-            check=False)
-        lines = proc.stdout.strip().splitlines()
-        if proc.returncode != 0 or not lines:
-            raise BenchError(f"bootstrap failed ({proc.returncode}): {proc.stderr.strip()}")
-        self.token = lines[-1].strip()
+        self.token = bootstrap("--config", str(sb))
         self.tml_config = self.write("tml.toml", f"url = {json.dumps(url)}\n"
                                                  f"token = {json.dumps(self.token)}\n")
         self.tml_config.chmod(0o600)
@@ -539,6 +362,11 @@ class Bench:
                            f"keys_url = {json.dumps(keys_url)}\n"
                            f"keys_file = {json.dumps(str(self.tmp / 'store-keys.json'))}\n")
         self.start("imagestore", "treadmill-imagestore", store, self.store_url + "/healthz")
+        # Only a registered store gets pushes from tml and fetches from supervisors.
+        status, body = http("POST", url + "/api/v1/stores", self.token, {
+            "url": self.store_url, "service": "treadmill-imagestore", "description": "bench"})
+        if status != 201:
+            raise BenchError(f"registering the image store: {status} {body}")
         if not self.args.no_logserver:
             logs = self.write("logserver.toml",
                               f'listen = ["tcp:{logs_port}:interface=127.0.0.1"]\n'
@@ -577,7 +405,7 @@ class Bench:
                 break
             if self.procs["supervisor"].poll() is not None or time.monotonic() > deadline:
                 raise BenchError("the supervisor did not connect:\n"
-                                 + _tail(self.tmp / "supervisor.log"))
+                                 + tail(self.tmp / "supervisor.log"))
             time.sleep(0.2)
         say(f"{HOST} connected")
 
@@ -618,15 +446,9 @@ class Bench:
                             and any(str(self.tmp).encode() in a for a in argv)):
                         say(f"killing a leftover {os.fsdecode(argv[0])} (pid {pid})")
                         os.kill(int(pid), signal.SIGKILL)
-        if self.cluster is not None:
-            try:
-                self.cluster.stop()
-            except ClusterError as e:
-                say(f"could not stop PostgreSQL: {e}")
-        if self.args.keep_temp:
-            say(f"kept {self.tmp}")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.db is not None:
+            self.db.stop()
+        remove_temp(self.tmp, self.args.keep_temp, say)
 
     # -- runs ------------------------------------------------------------------------
 
@@ -649,7 +471,7 @@ class Bench:
         params = [a for k, v in PARAMS.items() for a in ("--param", f"{k}={v}")]
         load0 = self.load.begin()
         sup = self.procs["supervisor"].pid
-        sup0 = _stat(sup)
+        sup0 = cpu_ticks(sup)
         proc = subprocess.run([str(ROOT / ".venv/bin/tml"), "job", "submit", IMAGE_NAME,
                                "--tag", "qemu", *params], capture_output=True, text=True,
                               env=env, timeout=60, check=False)
@@ -664,7 +486,7 @@ class Bench:
             if time.monotonic() > deadline:
                 raise BenchError(f"job {job} did not terminate within {self.args.timeout} s")
             time.sleep(0.2)
-        sup1 = _stat(sup)
+        sup1 = cpu_ticks(sup)
         load = self.load.end(load0)
         status, body = http("GET", f"{self.url}/api/v1/jobs/{job}/events", self.token)
         if status != 200 or not isinstance(body, dict):
@@ -705,8 +527,8 @@ class Bench:
             result["boot_to_spawn"] = _ms(spawned - at["booting"])
             result["spawn_to_running"] = _ms(running - spawned)
             result["running_to_ready"] = _ms(at["ready"] - running)
-        if sup0 and sup1:
-            result["supervisor_cpu_ms"] = round((sup1[1] - sup0[1]) / CLK_TCK * 1000)
+        if sup0 is not None and sup1 is not None:
+            result["supervisor_cpu_ms"] = round((sup1 - sup0) / CLK_TCK * 1000)
         result["load"] = load
         return result
 
@@ -733,11 +555,11 @@ class Bench:
     def run(self) -> dict[str, Any]:
         quiet = None
         if self.args.quiet_wait:
-            quiet = wait_quiet(0.15, 5, self.args.quiet_wait)
-        self.start_database()
+            quiet = round(wait_quiet(0.15, 5, self.args.quiet_wait, say), 3)
+        self.db = Postgres(self.tmp / "pg", say)
         results: dict[str, Any] = {
             "started_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "machine": machine_info(self.settings, self.cluster),
+            "machine": machine_info(self.settings, self.db),
             "idle_before": quiet,
             "settings": {"accel": self.settings.accel, "memory": self.settings.memory,
                          "cpus": self.settings.cpus, "machine": self.settings.machine,
@@ -797,7 +619,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _f(value: Any) -> str:
-    return "-" if value is None else f"{value:.0f}"
+    return cell(value, ".0f")
 
 
 def table(results: dict[str, Any]) -> str:
@@ -840,32 +662,28 @@ def table(results: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="tools/bench/qemu_boot.py", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Target: supervisor overhead on enqueue -> ready < 10 % of the same QEMU "
-               "run by hand.")
+    parser = bench_parser("qemu_boot.py", __doc__,
+                          "Target: supervisor overhead on enqueue -> ready < 10 % of the same QEMU "
+                          "run by hand.")
     parser.add_argument("--jobs", type=int, default=5,
                         help="treadmill jobs (the first is cold) and as many runs by hand")
     parser.add_argument("--accel", choices=("tcg", "kvm"), default="tcg",
                         help="qemu.accel, fixed so that the run by hand uses the same "
                              "(not auto: its KVM probe hangs on this machine's /dev/kvm)")
-    parser.add_argument("--memory", type=int, default=QemuSettings.memory,
-                        help="qemu.memory in MiB (default: the driver's default)")
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds a job or a run by hand may take")
-    parser.add_argument("--retry", type=float, default=0.01,
-                        help="seconds between socket connection attempts by hand")
+    options(parser, (
+        ("--memory", int, QemuSettings.memory,
+         "qemu.memory in MiB (default: the driver's default)"),
+        ("--timeout", float, 120.0, "seconds a job or a run by hand may take"),
+        ("--retry", float, 0.01, "seconds between socket connection attempts by hand"),
+    ))
     parser.add_argument("--image-cache", default="~/.cache/treadmill/test-image",
                         help="tools/build-test-image --cache")
     parser.add_argument("--no-logserver", action="store_true",
                         help="no log server (the supervisor ships no console)")
     parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
                         help="wait up to S seconds for the machine to be <= 15 %% busy")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument("--json-out", metavar="FILE", help="also write the JSON to FILE")
-    parser.add_argument("--keep-temp", action="store_true",
-                        help="keep the temporary directory (logs, cluster) for inspection")
+    output_options(parser, keep_help="keep the temporary directory (logs, cluster) for "
+                   "inspection")
     args = parser.parse_args(argv)
     if not 2 <= args.jobs <= 100:
         parser.error("--jobs must be in [2, 100] (the first is cold)")
@@ -874,18 +692,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not (ROOT / ".venv/bin/twistd").exists():
-        print("qemu_boot: .venv/bin/twistd not found; run tools/setup-env first",
-              file=sys.stderr)
+    if missing("qemu_boot", "qemu-system-x86_64", "qemu-img", "busybox"):
         return 2
-    for tool in ("qemu-system-x86_64", "qemu-img", "busybox"):
-        if shutil.which(tool) is None:
-            print(f"qemu_boot: {tool} is not installed (tools/setup-env installs it)",
-                  file=sys.stderr)
-            return 2
-
     errors = (BenchError, ClusterError, OSError, subprocess.SubprocessError, ValueError)
-    return benchkit.run(Bench(args), args, table, errors, say)
+    return run(Bench(args), args, table, errors, say)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,7 @@
 #!/usr/bin/env python3
 """Serial console capture: bytes lost and the capture's CPU cost (docs/performance.md).
 
-A *sender* process plays a board's UART: it owns a pseudo-terminal pair (as
-``treadmill/dev/fakeboard.py`` does), and writes a console-like byte stream
-(numbered text lines) into the master side, paced at the line rate of the
-baud rate (10 bits per byte at 8N1; a pty ignores the baud rate) in ticks of
-``--tick`` seconds. Like a UART, it never waits: bytes the pty does not take
-at once (``EAGAIN``) are dropped and so lost. The unpaced phase writes as
-fast as the pty takes them instead (blocking writes: no loss possible, it
-measures the ceiling).
-
-A *capture* process runs the real driver: a ``SerialDriver`` opens the pty's
-slave side by its path with Twisted's ``SerialPort`` on pyserial, exactly as a
-supervisor does (same settings, the default epoll reactor), and the bytes go
-the way a job's console goes — ``_Console.dataReceived`` → the driver's
-pattern watches → the agent filter (``@@treadmill`` line scanning) → the
-job's reporter and the console bridge (listening, no client). The reporter
-hashes (sha256) and counts what it gets; log shipping is not included (see
-the log server's benchmark).
-
-Bytes lost = bytes sent - bytes captured, and the sha256 of the stream is
-compared. CPU is the capture process's own (``getrusage``) from the moment
-it is ready to its last byte, per MB and as % of one core over the sending
-time. The whole machine's busy time is sampled too ("other load": not ours).
-
-    .venv/bin/python tools/bench/serial_console.py [--duration 10] [--json]
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations
@@ -34,7 +11,6 @@ import errno
 import hashlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -43,8 +19,10 @@ import tty
 from pathlib import Path
 from typing import Any
 
+from benchkit.host import host_info, machine_ticks
+from benchkit.procs import ROOT
+
 HERE = Path(__file__).resolve()
-ROOT = HERE.parents[2]
 LINE_BITS = 10  # 8N1: start bit, 8 data bits, stop bit
 
 
@@ -120,7 +98,7 @@ def capture(device: str, baud: int, size: int, idle: float) -> int:
 
     from treadmill.protocol.agent import ConsoleAgentFilter
     from treadmill.supervisor.drivers import IJobReporter
-    from treadmill.supervisor.drivers.serial import SerialDriver, _Run
+    from treadmill.supervisor.drivers.serial.driver import SerialDriver, _Run
     from treadmill.supervisor.drivers.serial.settings import SerialSettings
 
     result: dict[str, Any] = {}
@@ -213,14 +191,6 @@ def capture(device: str, baud: int, size: int, idle: float) -> int:
 # -- the orchestrator -----------------------------------------------------------------------
 
 
-def _machine_busy() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    total = sum(fields[:8])
-    return total - idle, total
-
-
 def phase(name: str, baud: int, rate: float, size: int, tick: float, idle: float
           ) -> dict[str, Any]:
     """One run: a sender and a capture process; returns the figures."""
@@ -239,13 +209,13 @@ def phase(name: str, baud: int, rate: float, size: int, tick: float, idle: float
         assert grab.stdout is not None
         if grab.stdout.readline().strip() != "ready":
             raise SystemExit(f"{name}: the capture process did not start")
-        busy0, total0 = _machine_busy()
+        busy0, total0 = machine_ticks()
         load0 = os.getloadavg()[0]
         send.stdin.write("go\n")
         send.stdin.flush()
         sent = json.loads(send.stdout.readline())
         got = json.loads(grab.stdout.readline())
-        busy1, total1 = _machine_busy()
+        busy1, total1 = machine_ticks()
         grab.wait(30)
         send.stdin.write("done\n")
         send.stdin.flush()
@@ -279,15 +249,13 @@ def phase(name: str, baud: int, rate: float, size: int, tick: float, idle: float
 
 
 def machine_info() -> dict[str, Any]:
-    model = next((line.split(":", 1)[1].strip() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
     import serial
 
     import twisted
 
-    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
-            "python": platform.python_version(), "twisted": twisted.__version__,
+    host = host_info()
+    return {"cpus": os.cpu_count(), "cpu_model": host["cpu_model"], "kernel": host["kernel"],
+            "python": host["python"], "twisted": twisted.__version__,
             "pyserial": serial.__version__}
 
 

@@ -1,42 +1,10 @@
 #!/usr/bin/env python3
 """Benchmark: a fleet of mock supervisors on one switchboard, and its reconnect storm.
 
-    .venv/bin/python tools/bench/supervisors.py [--supervisors 1000] [--rate 20] \\
+    .venv/bin/python tools/bench/supervisors.py [--supervisors 1000] [--rate 20] \
         [--duration 60] [--json]
 
-Starts a private, durable PostgreSQL cluster (``treadmill.dev.pgcluster``) in
-a temporary directory, the switchboard as its own process (``twistd
-treadmill-switchboard``, as the systemd unit runs it, access log off,
-``TREADMILL_LOG_LEVEL=warn``), an admin token (``treadmill.switchboard.bootstrap``)
-and ``--supervisors`` mock supervisors in one more process
-(``python -m treadmill.supervisor.fleet``: mock stages of ``--stage-time`` s,
-workloads of ``--run-time`` s). Then:
-
-  connect  time until every host shows ``connected`` (``GET /api/v1/hosts``);
-  steady   jobs enqueued at ``--rate``/s for ``--duration`` s (open loop,
-           ``openloop.py``); dispatch latency from each job's ``created_at`` to
-           its ``assigned_at`` and to its ``started_at`` (the ``starting``
-           event, which the supervisor sends as soon as it accepted
-           ``start_job``): enqueue -> start-job at the host;
-  burst    one job per host that holds it for a while, then half as many more
-           that must wait: job-end -> next-start latency, per host, from a
-           job's ``terminated_at`` to the next job's ``assigned_at`` /
-           ``started_at``, counted only when that next job was already waiting;
-  storm    with jobs running (a batch per host half the fleet) and jobs
-           arriving, the switchboard is killed (SIGKILL; then SIGTERM) and
-           restarted with the same configuration after ``--restart-delay-*``
-           (systemd's ``RestartSec=2s`` after a crash, none for a restart):
-           time until every host is connected to the new process and every
-           job enqueued before the kill has terminated; jobs lost (not
-           terminated), ended for another reason than ``workload_exited``, or
-           run twice (more than one ``ready`` event).
-
-Throughout it samples the switchboard's RSS (``VmRSS``, ``VmHWM``) and CPU time
-(``utime + stime``), the fleet's, and PostgreSQL's CPU time and memory (PSS).
-Everything listens on 127.0.0.1 only, every wait is bounded, and everything
-started is stopped at the end (also on Ctrl-C or an error). Progress goes to
-standard error, the summary (or ``--json``) to standard output. Results are
-recorded in ``docs/performance.md``.
+What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
 
 from __future__ import annotations
@@ -46,26 +14,17 @@ import contextlib
 import itertools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = Path(__file__).resolve().parent
-for _path in (str(ROOT), str(BENCH)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-import benchkit  # noqa: E402
-from benchkit import machine_ticks, revision  # noqa: E402
-from fleet_client import (  # noqa: E402
+from benchkit import procfs
+from benchkit.api import (
     ACTIVE_STATES,
     APIError,
     Client,
@@ -76,23 +35,17 @@ from fleet_client import (  # noqa: E402
     job_body,
     job_events,
     list_jobs,
-    percentiles,
 )
-from fleet_proc import (  # noqa: E402
-    Sampler,
-    free_port,
-    listen_overflows,
-    machine_info,
-    nofile_limits,
-    spawn,
-    stop_process,
-    tail,
-    ticks_delta,
-    tree_memory_mb,
-    tree_ticks,
-)
+from benchkit.cli import BenchError, bench_parser, missing, options, output_options, run, sayer
+from benchkit.daemons import Postgres, bootstrap, remove_temp, start_daemon, temp_dir, twistd
+from benchkit.host import host_info, machine_ticks, revision, wait_quiet
+from benchkit.procs import ROOT, Profiler, free_port, py_spy, spawn, stop_process
+from benchkit.report import cell as _f
+from benchkit.report import percentiles
 
-from treadmill.dev.pgcluster import Cluster, ClusterError  # noqa: E402
+from treadmill.dev.pgcluster import ClusterError
+
+BENCH = Path(__file__).resolve().parent
 
 # Targets of the issue (reference deployment: one switchboard on a 256 MB machine).
 TARGET_SUPERVISORS = 1000
@@ -101,20 +54,13 @@ TARGET_RSS_MB = 256.0
 TARGET_DISPATCH_P99_MS = 100.0
 TARGET_STORM_S = 30.0
 
-DATABASE = "treadmill_bench"
-ADMIN = "bench"
 IMAGE = "sha256:" + "cd" * 32
 TAGS = ["mock"]
 PREFIX = "fleet-"
 PHASES = ("steady", "burst", "kill", "term")
 
 
-def say(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-class BenchError(RuntimeError):
-    pass
+say = sayer(clock=True)
 
 
 def since(t0: float) -> float:
@@ -127,14 +73,14 @@ class Span:
     def __init__(self, bench: Bench):
         self.bench = bench
         self.t0 = time.time()
-        self.pg0 = tree_ticks(bench.postmaster_pid())
+        self.pg0 = procfs.tree_ticks(bench.postmaster_pid())
         self.machine0 = machine_ticks()
         self.self0 = _rusage()
 
     def end(self, t1: float | None = None) -> dict[str, Any]:
         t1 = t1 if t1 is not None else time.time()
         wall = max(1e-6, time.time() - self.t0)
-        pg = ticks_delta(self.pg0, tree_ticks(self.bench.postmaster_pid()))
+        pg = procfs.ticks_delta(self.pg0, procfs.tree_ticks(self.bench.postmaster_pid()))
         busy, total = machine_ticks()
         busy0, total0 = self.machine0
         sampler = self.bench.sampler
@@ -161,21 +107,32 @@ class Span:
 def _rusage() -> float:
     import resource
 
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return procfs.rusage_cpu() + procfs.rusage_cpu(resource.RUSAGE_CHILDREN)
+
+
+def nofile_limits() -> dict[str, int]:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return {"soft": soft, "hard": hard}
+
+
+def machine_info(db: Postgres) -> dict[str, Any]:
+    somaxconn = None
+    with contextlib.suppress(OSError, ValueError):
+        somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    return {**host_info(), "postgresql": db.version(), "somaxconn": somaxconn,
+            "nofile": nofile_limits()}
 
 
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.n = args.supervisors
-        self.tmp = Path(tempfile.mkdtemp(prefix="tml-fleet-bench-"))
-        os.chmod(self.tmp, 0o755)  # the postgres user must traverse it when run as root
+        self.tmp = temp_dir("tml-fleet-bench-")
         self.python = str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() \
             else sys.executable
-        self.cluster: Cluster | None = None
-        self.dsn = ""
+        self.db: Postgres | None = None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.switchboard: subprocess.Popen[bytes] | None = None
@@ -184,29 +141,18 @@ class Bench:
         self.fleet_reports: list[tuple[float, dict[str, int]]] = []
         self.fleet_provisioned: float | None = None
         self._fleet_lock = threading.Lock()
-        self.profilers: list[subprocess.Popen[bytes]] = []
         self.token = ""
         self.client: Client | None = None
-        self.sampler: Sampler | None = None
+        self.sampler: procfs.Sampler | None = None
         self.pg_memory: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
+        self.profiler = Profiler(args.py_spy, self.results)
         self.keep = False
 
     # -- processes ----------------------------------------------------------------------
 
     def postmaster_pid(self) -> int | None:
-        if self.cluster is None:
-            return None
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            return int((self.cluster.data / "postmaster.pid").read_text().splitlines()[0])
-        return None
-
-    def start_database(self) -> None:
-        say(f"starting PostgreSQL (durable) in {self.tmp / 'pg'}")
-        self.cluster = Cluster(self.tmp / "pg", durable=True)
-        self.cluster.start()
-        self.cluster.create_database(DATABASE)
-        self.dsn = self.cluster.dsn(DATABASE)
+        return self.db.postmaster_pid() if self.db is not None else None
 
     def listen_endpoint(self) -> str:
         endpoint = f"tcp:{self.port}:interface=127.0.0.1"
@@ -215,53 +161,31 @@ class Bench:
         return endpoint
 
     def switchboard_cmd(self) -> list[str]:
-        return [str(ROOT / ".venv/bin/twistd"), "--nodaemon", "--pidfile=",
-                "--logger=treadmill.common.logging.text", "treadmill-switchboard",
-                "--database-dsn", self.dsn,
-                "--capabilities-signing-key", str(self.tmp / "key.pem"),
-                "--listen", self.listen_endpoint(), "--http-access-log", "false",
-                *self.args.switchboard_arg]
+        assert self.db is not None
+        return twistd("treadmill-switchboard", "--database-dsn", self.db.dsn,
+                      "--capabilities-signing-key", str(self.tmp / "key.pem"),
+                      "--listen", self.listen_endpoint(), "--http-access-log", "false",
+                      *self.args.switchboard_arg)
 
     def start_switchboard(self) -> tuple[float, float]:
         """Start the switchboard; (spawn time, time /healthz first answered)."""
         self.switchboard_starts += 1
         log = self.tmp / f"switchboard-{self.switchboard_starts}.log"
-        env = dict(os.environ, TREADMILL_LOG_LEVEL=self.args.switchboard_log_level)
         spawned = time.time()
-        self.switchboard = spawn(self.switchboard_cmd(), log, cwd=self.tmp, env=env)
-        deadline = time.monotonic() + 60
-        probe = Client(self.url, "", timeout=2)
-        try:
-            while time.monotonic() < deadline:
-                if self.switchboard.poll() is not None:
-                    raise BenchError(f"the switchboard exited with {self.switchboard.returncode}:"
-                                     f"\n{tail(log)}")
-                try:
-                    status, _ = probe.request("GET", "/healthz", retries=0)
-                    if status == 200:
-                        return spawned, time.time()
-                except APIError:
-                    pass
-                time.sleep(0.05)
-        finally:
-            probe.close()
-        raise BenchError(f"the switchboard did not answer within 60 s:\n{tail(log)}")
+        self.switchboard = start_daemon(self.switchboard_cmd(), log, self.url + "/healthz",
+                                        "the switchboard",
+                                        level=self.args.switchboard_log_level, interval=0.05)
+        return spawned, time.time()
 
     def bootstrap(self) -> None:
-        proc = subprocess.run(
-            [self.python, "-m", "treadmill.switchboard.bootstrap", "--database-dsn", self.dsn,
-             "--admin", ADMIN], capture_output=True, text=True, timeout=60, cwd=ROOT,
-            check=False)
-        lines = proc.stdout.strip().splitlines()
-        if proc.returncode != 0 or not lines:
-            raise BenchError(f"bootstrap failed ({proc.returncode}): {proc.stderr.strip()}")
-        self.token = lines[-1].strip()
+        assert self.db is not None
+        self.token = bootstrap("--database-dsn", self.db.dsn)
         self.client = Client(self.url, self.token)
 
     def start_fleet(self) -> None:
         a = self.args
         runner = [str(BENCH / "fleet_nodelay.py")] if a.what_if_nodelay else \
-            ["-m", "treadmill.supervisor.fleet"]
+            ["-m", "treadmill.dev.fleet"]
         tags = [arg for tag in TAGS for arg in ("--tag", tag)]
         cmd = [self.python, *runner, "--url", self.url,
                "--count", str(self.n), "--prefix", PREFIX, *tags,
@@ -308,38 +232,28 @@ class Bench:
 
     def profile(self, name: str, duration: float) -> None:
         """With --py-spy DIR: sample the switchboard for ``duration`` s."""
-        if not self.args.py_spy or self.switchboard is None:
-            return
-        py_spy = shutil.which("py-spy") or str(ROOT / ".venv/bin/py-spy")
-        if not Path(py_spy).exists():
+        if self.args.py_spy and py_spy() is None:
             say("py-spy is not installed (.venv/bin/pip install py-spy): no profile")
             return
-        out = Path(self.args.py_spy).absolute()
-        out.mkdir(parents=True, exist_ok=True)
-        self.profilers.append(subprocess.Popen(
-            [py_spy, "record", "--pid", str(self.switchboard.pid), "--rate", "100",
-             "--nonblocking", "--format", "raw", "--duration", f"{duration:.0f}",
-             "--output", str(out / f"{name}.txt")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=(out / f"{name}.log").open("wb"), start_new_session=True))
-        self.results.setdefault("profiles", []).append(str(out / f"{name}.txt"))
+        self.profiler.start(self.switchboard.pid if self.switchboard else None, name,
+                            "--rate", "100", "--nonblocking", "--duration", f"{duration:.0f}",
+                            attach=0)
 
     def dump_stacks(self, name: str) -> str | None:
         """py-spy dump of the switchboard (if py-spy is installed); the file name."""
-        py_spy = shutil.which("py-spy") or str(ROOT / ".venv/bin/py-spy")
-        if self.switchboard is None or not Path(py_spy).exists():
+        binary = py_spy()
+        if self.switchboard is None or binary is None:
             return None
         out = Path(self.args.py_spy or self.tmp).absolute()
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{name}.txt"
         with path.open("wb") as f:
-            subprocess.run([py_spy, "dump", "--pid", str(self.switchboard.pid), "--locals"],
+            subprocess.run([binary, "dump", "--pid", str(self.switchboard.pid), "--locals"],
                            stdout=f, stderr=subprocess.STDOUT, timeout=60, check=False)
         return str(path)
 
     def cleanup(self) -> None:
-        for proc in self.profilers:
-            stop_process(proc, signal.SIGINT, timeout=15)
+        self.profiler.stop_all()
         if self.client is not None:
             self.client.close()
         with contextlib.suppress(Exception):
@@ -348,16 +262,11 @@ class Bench:
             stop_process(self.switchboard, signal.SIGTERM, timeout=30)
         if self.sampler is not None:
             self.sampler.stop()
-        if self.cluster is not None:
-            try:
-                self.cluster.stop()
-            except ClusterError as e:
-                say(f"could not stop PostgreSQL: {e}")
-        if self.args.keep_temp or self.keep:
-            say(f"kept {self.tmp}" + ("" if self.args.keep_temp else
-                                      " (anomalies: its logs and database are evidence)"))
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.db is not None:
+            self.db.stop()
+        if self.keep and not self.args.keep_temp:
+            say("anomalies: the logs and database are evidence")
+        remove_temp(self.tmp, self.args.keep_temp or self.keep, say)
 
     # -- waiting ----------------------------------------------------------------------------
 
@@ -461,7 +370,7 @@ class Bench:
             raise BenchError(f"openloop failed ({proc.returncode}): {proc.stderr.strip()}")
         enqueue = json.loads(proc.stdout)
         usage = span.end()
-        self.pg_memory.append({"after": "steady", **tree_memory_mb(self.postmaster_pid())})
+        self.pg_memory.append({"after": "steady", **procfs.tree_memory_mb(self.postmaster_pid())})
         idle = self.wait_idle(60 + a.run_time * 3)
         jobs = [j for j in list_jobs(self.client, since=span.t0 - 1) if j["label"] == "steady"]
         result = {"enqueue": {k: enqueue[k] for k in (
@@ -561,7 +470,7 @@ class Bench:
             f"({enqueued['rate']}/s); hold times {min(holds):.1f} .. {max(holds):.1f} s")
         idle = self.wait_idle(max(holds) + 120 + total / 20)
         usage = span.end()
-        self.pg_memory.append({"after": "burst", **tree_memory_mb(self.postmaster_pid())})
+        self.pg_memory.append({"after": "burst", **procfs.tree_memory_mb(self.postmaster_pid())})
         jobs = [j for j in list_jobs(self.client, since=span.t0 - 1)
                 if j["label"] in ("burst-hold", "burst-wait")]
         hold_jobs = [j for j in jobs if j["label"] == "burst-hold"]
@@ -608,7 +517,7 @@ class Bench:
         old_pid = self.switchboard.pid
         old_hwm = self.sampler.window("switchboard", t_phase, time.time())["hwm_mb"] \
             if self.sampler else None
-        overflows0 = listen_overflows()
+        overflows0 = procfs.listen_overflows()
         t_kill = time.time()
         hung = None
         proc = self.switchboard
@@ -641,8 +550,8 @@ class Bench:
         t_accounted = self.wait_idle(remaining, before=t_kill)
         t_end = time.time()
         usage = span.end()
-        overflows1 = listen_overflows()
-        self.pg_memory.append({"after": label, **tree_memory_mb(self.postmaster_pid())})
+        overflows1 = procfs.listen_overflows()
+        self.pg_memory.append({"after": label, **procfs.tree_memory_mb(self.postmaster_pid())})
         jobs = [j for j in list_jobs(self.client, since=t_phase - 1)
                 if j["label"].startswith(label) and (epoch(j["created_at"]) or 0) <= t_kill]
         outcomes = Counter((j["termination"] or {}).get("reason") or j["state"] for j in jobs)
@@ -698,23 +607,13 @@ class Bench:
 
     def run(self) -> dict[str, Any]:
         a = self.args
-        deadline = time.monotonic() + a.quiet_wait
-        while True:
-            busy0, total0 = machine_ticks()
-            time.sleep(2)
-            busy1, total1 = machine_ticks()
-            ambient = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
-            if ambient <= 0.1 or time.monotonic() > deadline:
-                break
-            say(f"the machine is {ambient:.0%} busy; waiting for it to quiet down "
-                f"(--quiet-wait, {deadline - time.monotonic():.0f} s left)")
+        ambient = wait_quiet(0.1, 2, a.quiet_wait, say)
         self.results["ambient_busy_pct"] = round(100 * ambient, 1)
         if ambient > 0.1:
             say(f"warning: the machine was {ambient:.0%} busy before the start; other load "
                 "skews the figures")
-        self.start_database()
-        assert self.cluster is not None
-        self.results["machine"] = machine_info(self.cluster.bindir / "postgres")
+        self.db = Postgres(self.tmp / "pg", say)
+        self.results["machine"] = machine_info(self.db)
         self.results["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.results["revision"] = revision(ROOT)
         self.results["parameters"] = {
@@ -728,7 +627,7 @@ class Bench:
             "what_if_nodelay": a.what_if_nodelay,
             "bench_nofile": nofile_limits(),
         }
-        self.sampler = Sampler({
+        self.sampler = procfs.Sampler({
             "switchboard": lambda: self.switchboard.pid
             if self.switchboard is not None and self.switchboard.poll() is None else None,
             "fleet": lambda: self.fleet.pid
@@ -810,8 +709,9 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _f(value: Any, spec: str = "") -> str:
-    return "-" if value is None else format(value, spec)
+def _latency_row(name: str, v: dict[str, Any]) -> str:
+    return (f"  {name:<24} p50 {_f(v['p50']):>7} ms  p90 {_f(v['p90']):>7} ms  "
+            f"p99 {_f(v['p99']):>7} ms  max {_f(v['max']):>7} ms  (n={v['count']})")
 
 
 def table(r: dict[str, Any]) -> str:
@@ -836,9 +736,8 @@ def table(r: dict[str, Any]) -> str:
             f" s); switchboard RSS idle {_f(r.get('switchboard_idle_rss_mb'))} MB -> "
             f"{_f(r.get('switchboard_connected_rss_mb'))} MB connected, CPU "
             f"{_f(u['switchboard']['cpu_pct'])} %")
-    idle = r.get("idle")
-    if idle:
-        u = idle["usage"]
+    if r.get("idle"):
+        u = r["idle"]["usage"]
         lines.append(
             f"idle         {p['supervisors']} links, no jobs, {u['wall_s']:g} s: CPU (% of one "
             f"core) switchboard {_f(u['switchboard']['cpu_pct'])}, fleet "
@@ -852,13 +751,11 @@ def table(r: dict[str, Any]) -> str:
             f"{_f(e['latency_ms']['p99'])} ms; outcomes {s['outcomes']}; "
             f"{s['distinct_hosts']} hosts used",
         ]
-        for key, name in (("created_to_assigned", "enqueue -> assigned"),
-                          ("created_to_starting", "enqueue -> start-job"),
-                          ("assigned_to_starting", "assigned -> start-job"),
-                          ("created_to_ready", "enqueue -> ready")):
-            v = d[key]
-            lines.append(f"  {name:<24} p50 {_f(v['p50']):>7} ms  p90 {_f(v['p90']):>7} ms  "
-                         f"p99 {_f(v['p99']):>7} ms  max {_f(v['max']):>7} ms  (n={v['count']})")
+        lines += [_latency_row(name, d[key]) for key, name in (
+            ("created_to_assigned", "enqueue -> assigned"),
+            ("created_to_starting", "enqueue -> start-job"),
+            ("assigned_to_starting", "assigned -> start-job"),
+            ("created_to_ready", "enqueue -> ready"))]
         lines.append(
             f"  CPU (% of one core): switchboard {_f(u['switchboard']['cpu_pct'])} (its reactor "
             f"waited for a core {_f(u['switchboard']['runq_pct'])} % of the time), fleet "
@@ -873,11 +770,9 @@ def table(r: dict[str, Any]) -> str:
             f"{b['hold_jobs']} holding a host for {b['hold_s']['min']:g}..{b['hold_s']['max']:g}"
             f" s, then {b['waiting_jobs']} waiting; {b['hosts_busy_when_enqueued']} hosts busy "
             f"when the last was enqueued; outcomes {b['outcomes']}")
-        for key, name in (("terminated_to_assigned_ms", "job-end -> next assigned"),
-                          ("terminated_to_starting_ms", "job-end -> next start-job")):
-            v = b[key]
-            lines.append(f"  {name:<24} p50 {_f(v['p50']):>7} ms  p90 {_f(v['p90']):>7} ms  "
-                         f"p99 {_f(v['p99']):>7} ms  max {_f(v['max']):>7} ms  (n={v['count']})")
+        lines += [_latency_row(name, b[key]) for key, name in (
+            ("terminated_to_assigned_ms", "job-end -> next assigned"),
+            ("terminated_to_starting_ms", "job-end -> next start-job"))]
         v = b["hold_dispatch_ms"]["created_to_starting"]
         u = b["usage"]
         lines.append(f"  enqueue -> start-job while enqueueing flat out: p50 {_f(v['p50'])} ms, "
@@ -935,49 +830,41 @@ def table(r: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="tools/bench/supervisors.py", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Targets: 1000 supervisors within 256 MB RSS; p99 enqueue -> start-job < "
-               "100 ms at 20 jobs/s; the reconnect storm settles in < 30 s with no job lost.")
-    parser.add_argument("--supervisors", type=int, default=TARGET_SUPERVISORS)
-    parser.add_argument("--rate", type=float, default=TARGET_RATE, help="jobs/s (steady)")
-    parser.add_argument("--duration", type=float, default=60.0, help="steady phase, seconds")
+    parser = bench_parser("supervisors.py", __doc__,
+                          "Targets: 1000 supervisors within 256 MB RSS; p99 enqueue -> "
+                          "start-job < 100 ms at 20 jobs/s; the reconnect storm settles in "
+                          "< 30 s with no job lost.")
+    options(parser, (
+        ("--supervisors", int, TARGET_SUPERVISORS, None),
+        ("--rate", float, TARGET_RATE, "jobs/s (steady)"),
+        ("--duration", float, 60.0, "steady phase, seconds"),
+    ))
     parser.add_argument("--phases", default=",".join(PHASES),
                         help=f"comma-separated subset of {','.join(PHASES)} [all]")
-    parser.add_argument("--stage-time", type=float, default=0.01,
-                        help="seconds of each mock initializing stage [0.01]")
-    parser.add_argument("--run-time", type=float, default=2.0,
-                        help="seconds a mock workload runs [2]")
-    parser.add_argument("--backlog", type=int, default=1024,
-                        help="listen backlog of the switchboard (0: Twisted's default, 50)")
-    parser.add_argument("--burst-wait", type=int, default=None,
-                        help="jobs that wait for a host in the burst phase [supervisors/2]")
-    parser.add_argument("--burst-hold", type=float, default=None,
-                        help="run time of the jobs holding the hosts [3 + 1.5 s per 100 jobs]")
-    parser.add_argument("--enqueue-concurrency", type=int, default=8,
-                        help="connections for bulk enqueues [8]")
-    parser.add_argument("--storm-batch", type=int, default=None,
-                        help="jobs running when the switchboard is killed [supervisors/2]")
-    parser.add_argument("--storm-run-time", type=float, default=5.0,
-                        help="run time of those jobs [5]")
-    parser.add_argument("--storm-lead", type=float, default=1.5,
-                        help="seconds between the batch and the kill [1.5]")
-    parser.add_argument("--restart-delay-kill", type=float, default=2.0,
-                        help="seconds before the restart after SIGKILL (systemd RestartSec) [2]")
-    parser.add_argument("--restart-delay-term", type=float, default=0.0,
-                        help="seconds before the restart after SIGTERM [0]")
-    parser.add_argument("--stop-timeout", type=float, default=30.0,
-                        help="seconds the switchboard may take to exit after SIGTERM before "
-                             "SIGKILL (systemd TimeoutStopSec) [30]")
-    parser.add_argument("--storm-timeout", type=float, default=180.0,
-                        help="longest wait for the storm to settle, seconds [180]")
-    parser.add_argument("--connect-timeout", type=float, default=None,
-                        help="longest wait for the fleet to connect [120 + supervisors/20]")
-    parser.add_argument("--settle", type=float, default=10.0,
-                        help="seconds to wait (and measure the idle cost) after the fleet "
-                             "connected [10]")
-    parser.add_argument("--poll", type=float, default=0.5, help="API polling interval [0.5]")
+    options(parser, (
+        ("--stage-time", float, 0.01, "seconds of each mock initializing stage [0.01]"),
+        ("--run-time", float, 2.0, "seconds a mock workload runs [2]"),
+        ("--backlog", int, 1024, "listen backlog of the switchboard (0: Twisted's default, 50)"),
+        ("--burst-wait", int, None, "jobs that wait for a host in the burst phase [supervisors/2]"),
+        ("--burst-hold", float, None,
+         "run time of the jobs holding the hosts [3 + 1.5 s per 100 jobs]"),
+        ("--enqueue-concurrency", int, 8, "connections for bulk enqueues [8]"),
+        ("--storm-batch", int, None, "jobs running when the switchboard is killed [supervisors/2]"),
+        ("--storm-run-time", float, 5.0, "run time of those jobs [5]"),
+        ("--storm-lead", float, 1.5, "seconds between the batch and the kill [1.5]"),
+        ("--restart-delay-kill", float, 2.0,
+         "seconds before the restart after SIGKILL (systemd RestartSec) [2]"),
+        ("--restart-delay-term", float, 0.0, "seconds before the restart after SIGTERM [0]"),
+        ("--stop-timeout", float, 30.0,
+         "seconds the switchboard may take to exit after SIGTERM before SIGKILL (systemd "
+         "TimeoutStopSec) [30]"),
+        ("--storm-timeout", float, 180.0, "longest wait for the storm to settle, seconds [180]"),
+        ("--connect-timeout", float, None,
+         "longest wait for the fleet to connect [120 + supervisors/20]"),
+        ("--settle", float, 10.0,
+         "seconds to wait (and measure the idle cost) after the fleet connected [10]"),
+        ("--poll", float, 0.5, "API polling interval [0.5]"),
+    ))
     parser.add_argument("--fleet-fsync", action="store_true",
                         help="let the supervisors fsync their state files (default: --no-fsync)")
     parser.add_argument("--quiet-wait", type=float, default=0.0,
@@ -990,14 +877,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--switchboard-arg", action="append", default=[],
                         help="extra treadmill-switchboard option (repeatable)")
     parser.add_argument("--fleet-arg", action="append", default=[],
-                        help="extra treadmill.supervisor.fleet option (repeatable)")
+                        help="extra treadmill.dev.fleet option (repeatable)")
     parser.add_argument("--py-spy", metavar="DIR",
                         help="sample the switchboard with py-spy during the steady phase and "
                              "the first 30 s after each restart (collapsed stacks in DIR)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument("--json-out", metavar="FILE", help="also write the JSON to FILE")
-    parser.add_argument("--keep-temp", action="store_true",
-                        help="keep the temporary directory (logs, cluster)")
+    output_options(parser)
     args = parser.parse_args(argv)
     args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     if any(p not in PHASES for p in args.phases):
@@ -1013,13 +897,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not (ROOT / ".venv/bin/twistd").exists():
-        print("supervisors: .venv/bin/twistd not found; run tools/setup-env first",
-              file=sys.stderr)
+    if missing("supervisors"):
         return 2
-
     errors = (BenchError, ClusterError, APIError, subprocess.TimeoutExpired)
-    return benchkit.run(Bench(args), args, table, errors, say)
+    return run(Bench(args), args, table, errors, say)
 
 
 if __name__ == "__main__":

@@ -1,1 +1,13 @@
-"""The daemon kit shared by every role: configuration, logging, TLS, manhole, metrics, tokens."""
+"""The daemon kit shared by every role.
+
+- ``config``: the settings table (TOML file, command line) and the config it builds.
+- ``daemon``: the root ``RoleService``, listeners, operator services, ``twistd_service``.
+- ``http``: the JSON error shape and handlers, hardened sites, request logging, bodies.
+- ``keys``: the switchboard's capability keys, for the satellite roles.
+- ``captoken``: capability tokens (signing, verification).
+- ``logging``, ``tls``, ``manhole``, ``metrics``, ``ratelimit``, ``sshkeys``.
+- ``messages``: JSON messages over a WebSocket; ``schema``: JSON Schema validation.
+- ``files``: atomic, durable file writes; ``ranges``: HTTP ``Range`` headers.
+- ``splice``: joining two connections with backpressure.
+- ``wsjson``: the JSON-WebSocket session (quiet logger, ``send``/``close``/``violation``).
+"""

@@ -5,7 +5,13 @@ setting has a dotted key (``database.dsn``) that names a table and key in the
 TOML file, and a command-line flag derived from it (``--database-dsn``).
 :class:`RoleOptions` turns the table into ``usage.Options`` parameters, loads
 the file named by ``--config``, checks every key and value, and leaves the
-merged result in ``options.settings``: a flat mapping of dotted key to value.
+merged result in ``options.values``: a flat mapping of dotted key to value.
+
+A setting also names the field of the role's config dataclass it fills
+(``field="timeouts.statement"``; dots reach into nested dataclasses), so that
+:func:`build` makes the config from the values, and a setting whose default is
+:data:`FIELD` takes it from that field: each key, default and field is written
+once (``RoleOptions.config`` names the dataclass).
 
 Errors name the file, the key and the problem, and are ``UsageError`` so that
 ``twistd`` prints them and exits non-zero.
@@ -13,9 +19,12 @@ Errors name the file, the key and the problem, and are ``UsageError`` so that
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import tomllib
+import types
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -145,12 +154,12 @@ def positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return check
 
 
-def non_negative(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """A number that must be zero or more (not NaN)."""
+def non_negative(kind: Callable[[Any], Any], *, finite: bool = False) -> Callable[[Any], Any]:
+    """A number that must be zero or more (not NaN; with ``finite``, not infinite)."""
 
     def check(value: Any) -> Any:
         value = kind(value)
-        if value < 0 or value != value:
+        if value < 0 or value != value or (finite and value == math.inf):
             raise ValueError(f"expected zero or more, got {value}")
         return value
 
@@ -164,13 +173,23 @@ BOOL = _bool
 STRLIST = _strlist
 
 
+class _FieldDefault:
+    def __repr__(self) -> str:
+        return "FIELD"
+
+
+FIELD: Any = _FieldDefault()
+"""A :class:`Setting` default: the default of the config field the setting names."""
+
+
 @dataclass(frozen=True)
 class Setting:
     """One configuration setting of a role.
 
     ``key`` is dotted (``table.key``); ``kind`` converts and checks a value
     from the file or the command line and raises ``ValueError`` with a
-    readable message; ``default`` of ``None`` means "unset"; ``required``
+    readable message; ``default`` of ``None`` means "unset" (the field keeps
+    its own default), :data:`FIELD` means the field's default; ``required``
     settings must come from the file or the command line.
     """
 
@@ -181,10 +200,112 @@ class Setting:
     required: bool = False
     table: bool = False
     """The value is a whole TOML table with free-form keys (not flattened)."""
+    field: str | None = None
+    """The config dataclass field the value fills: ``name``, ``nested.name``, or
+    ``name[]`` for an entry of a mapping field, keyed by :attr:`key`."""
+    convert: Callable[[Any], Any] | None = None
+    """Turns the checked value into the field's shape (``tuple``, "0 means None")."""
 
     @property
     def flag(self) -> str:
         return self.key.replace(".", "-").replace("_", "-")
+
+
+def with_fields(settings: Iterable[Setting], field: str) -> tuple[Setting, ...]:
+    """``settings`` filling the fields ``field`` names: ``{leaf}`` stands for the last part
+    of each key (``"{leaf}"``, ``"auth[]"``)."""
+    return tuple(dataclasses.replace(s, field=field.format(leaf=s.key.rpartition(".")[2]))
+                 for s in settings)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """The dataclass fields of ``cls`` by name, their types resolved."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _dataclass_of(hint: Any) -> type:
+    """The dataclass in a field's type (``X`` or ``X | None``)."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    raise TypeError(f"{hint!r} is not a dataclass")
+
+
+def _field_default(cls: type, path: str) -> Any:
+    """The default of the field at the dotted ``path`` of dataclass ``cls``."""
+    head, _, rest = path.partition(".")
+    if rest:
+        return _field_default(_dataclass_of(_field_types(cls)[head]), rest)
+    for f in dataclasses.fields(cls):
+        if f.name == head:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    raise TypeError(f"{cls.__name__}.{path} has no default")
+
+
+def resolve_defaults(config: type, settings: Iterable[Setting]) -> tuple[Setting, ...]:
+    """``settings`` with each :data:`FIELD` default replaced by its field's default in
+    ``config`` (checked by the setting's ``kind``, so that ``3600`` reads ``3600.0``)."""
+    resolved = []
+    for s in settings:
+        if s.default is FIELD:
+            if s.field is None or s.convert is not None:
+                raise TypeError(f"{s.key}: a FIELD default needs a field and no convert")
+            default = _field_default(config, s.field)
+            if isinstance(default, tuple):
+                default = list(default)
+            s = dataclasses.replace(s, default=None if default is None else s.kind(default))
+        resolved.append(s)
+    return tuple(resolved)
+
+
+def build(cls: type, settings: Iterable[Setting], values: Mapping[str, Any],
+          omit: Iterable[str] = ()) -> Any:
+    """An instance of the dataclass ``cls`` from parsed ``values``: each setting with a
+    ``field`` fills it (converted by its ``convert``); an unset (None) value leaves the
+    field at its default (a mapping entry, ``name[]``, is set to None); the top-level
+    fields in ``omit`` keep their defaults."""
+    tree: dict[str, Any] = {}
+    skip = frozenset(omit)
+    for s in settings:
+        if s.field is None or s.field.partition(".")[0].removesuffix("[]") in skip:
+            continue
+        value = values[s.key]
+        *parents, leaf = s.field.split(".")
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        if leaf.endswith("[]"):
+            node.setdefault(leaf[:-2], {})[s.key] = value
+        elif value is not None:
+            node[leaf] = value if s.convert is None else s.convert(value)
+    return _instance(cls, tree)
+
+
+def _instance(cls: type, tree: dict[str, Any]) -> Any:
+    types_ = _field_types(cls)
+    kwargs = {}
+    for name, value in tree.items():
+        if name not in types_:
+            raise TypeError(f"{cls.__name__} has no field {name!r}")
+        nested = _dataclass_or_none(types_[name])
+        if isinstance(value, dict) and nested is not None:
+            value = _instance(nested, value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _dataclass_or_none(hint: Any) -> type | None:
+    try:
+        return _dataclass_of(hint)
+    except TypeError:
+        return None
 
 
 # Settings every role has.
@@ -249,18 +370,23 @@ def load_file(path: str, settings: Iterable[Setting]) -> dict[str, Any]:
 class RoleOptions(usage.Options):
     """``usage.Options`` for a role, built from its settings table.
 
-    Subclasses set ``settings`` (their own, added to :data:`COMMON_SETTINGS`)
-    and may override :meth:`checkSettings` for cross-setting rules. After
-    parsing, ``options.values`` maps every dotted key to its value.
+    Subclasses set ``settings`` (their own, added to :data:`COMMON_SETTINGS`),
+    ``config`` (the dataclass the settings' fields belong to) and may override
+    :meth:`checkSettings` for cross-setting rules. After parsing,
+    ``options.values`` maps every dotted key to its value and :meth:`config_of`
+    makes the config.
     """
 
     values: dict[str, Any]
 
     settings: tuple[Setting, ...] = ()
+    config: type | None = None
     optParameters: list[list[Any]] = []
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if cls.config is not None:
+            cls.settings = resolve_defaults(cls.config, cls.settings)
         params = [["config", "c", None, "TOML configuration file (the command line overrides it)."]]
         for setting in cls.all_settings():
             default = setting.default
@@ -271,6 +397,12 @@ class RoleOptions(usage.Options):
     @classmethod
     def all_settings(cls) -> tuple[Setting, ...]:
         return COMMON_SETTINGS + cls.settings
+
+    @classmethod
+    def config_of(cls, values: Mapping[str, Any], omit: Iterable[str] = ()) -> Any:
+        """The ``config`` dataclass from parsed ``values`` (:func:`build`)."""
+        assert cls.config is not None, f"{cls.__name__}.config is not set"
+        return build(cls.config, cls.settings, values, omit)
 
     def postOptions(self) -> None:
         settings = self.all_settings()

@@ -1,6 +1,6 @@
 """Assembling a role's service tree: the root :class:`RoleService`, listeners plus the
 optional manhole and metrics, and leaving with a failure status when start-up fails
-under twistd."""
+under twistd (:func:`twistd_service`, the end of every ``makeService``)."""
 
 from __future__ import annotations
 
@@ -111,6 +111,16 @@ def add_operator_services(reactor: Any, root: MultiService, values: dict[str, An
         metrics: IService = metrics_service(reactor, values["metrics.listen"], registry)
         metrics.setName("metrics")
         metrics.setServiceParent(root)
+
+
+def twistd_service(reactor: Any, root: Any, values: dict[str, Any]) -> IService:
+    """The end of every role's ``makeService``: ``root`` leaves the process with status 1
+    when its start-up fails (:attr:`RoleService.exit_on_failure`) and gets the manhole
+    and ``/metrics`` listeners the settings ask for (:func:`add_operator_services`, with
+    ``root.namespace()`` and ``root.metrics.registry``). Returns ``root``."""
+    root.exit_on_failure = True
+    add_operator_services(reactor, root, values, root.namespace(), root.metrics.registry)
+    return root  # type: ignore[no-any-return]
 
 
 def restrict_umask() -> int:

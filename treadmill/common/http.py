@@ -2,7 +2,8 @@
 
 - :class:`ApiError` and :func:`error_body`: the one error shape,
   ``{"error": {"code": ..., "message": ...}}``; :func:`http_exception_error` and
-  :func:`respond_internal` for the handlers every role's API has.
+  :func:`respond_internal` for the handlers every role's API has, registered by
+  :func:`add_fallback_error_handlers`; :func:`query_arg` reads a query parameter.
 - :func:`limited_site`: a ``Site`` whose requests stop buffering a body past a
   size limit, so that an oversized upload costs no memory and gets ``413``;
   whose requests with invalid UTF-8, NUL or control characters in a header,
@@ -11,6 +12,7 @@
   a request head within :attr:`HardenedSite.head_timeout` seconds and may sit
   idle between requests for at most :attr:`HardenedSite.idle_timeout`
   (:class:`HardenedChannel`).
+- :func:`log_requests`: a site's access log (optional) and request metrics.
 - :func:`read_json`: parse and validate a request body against a JSON Schema.
 - :func:`dumps`: JSON with RFC 3339 timestamps.
 """
@@ -153,6 +155,52 @@ def respond_internal(request: IRequest, failure: Failure, log: Logger) -> bytes:
     log.failure("Unhandled error in {method} {path}", failure=failure,
                 method=request.method, path=request.path)
     return respond_error(request, ApiError(500, "internal error"))
+
+
+def add_fallback_error_handlers(app: Any) -> None:
+    """Give a Klein ``app`` the handlers every JSON API ends with: Werkzeug's routing
+    errors (:func:`http_exception_error`) and any other exception (``500``, logged on
+    the API object's ``log``). Call it after the API's own ``handle_errors``, at the end
+    of its class body: the first handler that matches answers."""
+    from werkzeug.exceptions import HTTPException
+
+    @app.handle_errors(HTTPException)
+    def _http_error(api: Any, request: IRequest, failure: Failure) -> bytes:
+        return respond_error(request, http_exception_error(failure.value))
+
+    @app.handle_errors(Exception)
+    def _internal(api: Any, request: IRequest, failure: Failure) -> bytes:
+        return respond_internal(request, failure, api.log)
+
+
+_ENCODINGS = {"ascii": "ASCII", "utf-8": "UTF-8"}
+
+
+def query_arg(request: IRequest, name: str, encoding: str = "utf-8") -> str | None:
+    """The last value of the query parameter ``name``, None if absent; ``400`` if it
+    is not text in ``encoding``."""
+    values = request.args.get(name.encode("ascii")) if request.args else None
+    if not values:
+        return None
+    try:
+        return values[-1].decode(encoding)  # type: ignore[no-any-return]
+    except UnicodeDecodeError:
+        raise ApiError(400, f"{name}: not {_ENCODINGS.get(encoding, encoding)}") from None
+
+
+def log_requests(site: Site, access_log: bool,
+                 observe: Callable[[IRequest], None] | None = None) -> None:
+    """Send each answered request of ``site`` to ``observe`` (the role's request
+    metrics) and, with ``access_log``, to the site's access log."""
+    access = site.log
+
+    def log(request: IRequest) -> None:
+        if observe is not None:
+            observe(request)
+        if access_log:
+            access(request)
+
+    site.log = log  # type: ignore[method-assign]
 
 
 _HEADER_CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f]")

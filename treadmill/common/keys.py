@@ -25,14 +25,12 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest
 
 from treadmill.common.captoken import (
     CapabilityError,
     CapabilityKeyError,
     CapabilityVerifier,
     Claims,
-    bearer_token,
     load_public_keys,
     parse_jwks,
 )
@@ -227,13 +225,6 @@ class LiveVerifier:
                 self._cache.popitem(last=False)
         return claims
 
-    def from_request(self, request: IRequest, type: str, name: str, action: str) -> Claims:
-        """Verify the request's bearer token; :class:`CapabilityError` if absent or bad."""
-        token = bearer_token(request.getHeader("authorization"))
-        if token is None:
-            raise CapabilityError("malformed", "a bearer capability token is required")
-        return self.verify(token, type, name, action)
-
 
 def key_source(reactor: Any, values: Mapping[str, Any]) -> KeySource:
     """A :class:`KeySource` from a role's ``auth.*`` settings."""
@@ -241,5 +232,15 @@ def key_source(reactor: Any, values: Mapping[str, Any]) -> KeySource:
                      file=values.get("auth.keys_file"),
                      refresh=values.get("auth.keys_refresh", 300.0),
                      ca_file=values.get("auth.ca_file"))
+
+
+def attach_keys(root: MultiService, reactor: Any, auth: Mapping[str, Any], audience: str,
+                source: KeySource | None = None) -> tuple[KeySource, LiveVerifier]:
+    """A satellite's ``keys`` child of ``root`` (``source``, or one made from the
+    ``auth.*`` settings) and the verifier of the tokens addressed to ``audience``."""
+    keys = source if source is not None else key_source(reactor, auth)
+    keys.setName("keys")
+    keys.setServiceParent(root)
+    return keys, keys.verifier(auth.get("auth.issuer") or "treadmill", audience)
 
 

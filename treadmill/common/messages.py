@@ -2,7 +2,7 @@
 checked against the protocol's JSON Schema.
 
 Shared by the switchboard ↔ supervisor protocol (``treadmill.protocol.supervisor``)
-and the proxy's control protocol (``treadmill.proxy.messages``); each passes its own
+and the proxy's control protocol (``treadmill.protocol.proxy``); each passes its own
 error type, so a caller sees the protocol it speaks.
 """
 

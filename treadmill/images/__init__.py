@@ -1,7 +1,7 @@
-"""Treadmill images: the image format (:mod:`.format`) and an OCI client (:mod:`.registry`).
+"""Treadmill images: the image format (:mod:`.format`) and an OCI client (:mod:`.oci`).
 
 ``docs/images.md`` describes both. The format module is pure and cheap to
-import (the image store imports it to validate manifests); the registry
+import (the image store imports it to validate manifests); the OCI
 client needs treq and a reactor.
 """
 

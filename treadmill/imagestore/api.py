@@ -1,16 +1,19 @@
 """The image store's HTTP API: the OCI Distribution subset that registry clients use.
 
 State is injected: :class:`RegistryAPI` gets the storage, the upload
-sessions, the collector and the authorizer, and :func:`registry_site` serves
-it. Every handler validates the names in its path before building a file
-name from them (:mod:`~treadmill.imagestore.names`), then authorises, then
-acts. Errors are answered once, in the OCI shape, by the ``handle_errors``
-methods.
+sessions, the collector, the authorizer and, in cache mode, a
+:class:`~treadmill.imagestore.modes.CacheMode` and the ``/cache`` routes
+(:class:`~treadmill.imagestore.cache_api.CacheRoutes`);
+:func:`~treadmill.imagestore.site.registry_site` serves it. Every handler
+validates the names in its path before building a file name from them
+(:mod:`~treadmill.imagestore.names`), then authorises, then acts. Errors are
+answered once, in the OCI shape, by the ``handle_errors`` methods.
 
 Upload bodies (``POST``/``PATCH``/``PUT`` on ``/v2/<name>/blobs/uploads/``)
-never sit in memory or in a temporary file: :class:`RegistryRequest`
-recognises them when their headers arrive (with the same URL map as the
-routes), and :meth:`RegistryAPI.body_sink` authorises the request, finds or
+never sit in memory or in a temporary file: the site's request
+(:class:`~treadmill.imagestore.site.RegistryRequest`) asks
+:meth:`RegistryAPI.body_sink` when their headers arrive; it recognises them
+(with the same URL map as the routes), authorises the request, finds or
 creates its session and returns the :class:`~treadmill.imagestore.uploads.BodySink`
 that writes the body to disk as it arrives. The route's handler then runs
 once the body is on disk, and answers.
@@ -19,7 +22,6 @@ once the body is on disk, and answers.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import uuid
 from collections.abc import Callable
@@ -32,32 +34,31 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import Request as HTTPRequest
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
-from treadmill.common.http import HardenedChannel, HardenedSite, LimitedRequest
+from treadmill.common.http import respond
+from treadmill.common.ranges import Unsatisfiable, parse_range
+from treadmill.images.format import is_digest
 from treadmill.imagestore import manifests
 from treadmill.imagestore.auth import Authorizer, scope
 from treadmill.imagestore.errors import OCIError, error_body
 from treadmill.imagestore.gc import Collector, SharedExclusiveLock, shield, under_lock
+from treadmill.imagestore.modes import PlainStore, StoreMode
 from treadmill.imagestore.names import (
     check_digest,
     check_name,
     check_reference,
     check_upload_id,
-    is_digest,
     is_name,
 )
-from treadmill.imagestore.pullthrough import UpstreamNotFound
-from treadmill.imagestore.sending import BlobSender, Unsatisfiable, parse_range
+from treadmill.imagestore.sending import BlobSender
 from treadmill.imagestore.storage import Storage
 from treadmill.imagestore.uploads import BodySink, Upload, Uploads
 
 if TYPE_CHECKING:
-    from treadmill.imagestore.cache import Cache
     from treadmill.imagestore.cache_api import CacheRoutes
 
 MAX_PAGE = 10_000
@@ -77,6 +78,13 @@ def _error(request: IRequest, status: int, body: bytes,
 def _set_headers(request: IRequest, headers: dict[str, str]) -> None:
     for key, value in headers.items():
         request.setHeader(key.encode("ascii"), value.encode("utf-8"))
+
+
+def _empty(request: IRequest, status: int, headers: dict[str, str]) -> bytes:
+    request.setResponseCode(status)
+    _set_headers(request, headers)
+    request.setHeader(b"content-length", b"0")
+    return b""
 
 
 def _arg(request: IRequest, name: str) -> str | None:
@@ -117,7 +125,8 @@ class RegistryAPI:
 
     def __init__(self, reactor: Any, storage: Storage, uploads: Uploads, collector: Collector,
                  auth: Authorizer, lock: SharedExclusiveLock, pool: Any, *,
-                 max_manifest: int = 4 * 1024 * 1024, cache: Cache | None = None):
+                 max_manifest: int = 4 * 1024 * 1024, mode: StoreMode | None = None,
+                 cache_routes: CacheRoutes | None = None):
         self.reactor = reactor
         self.storage = storage
         self.uploads = uploads
@@ -129,12 +138,8 @@ class RegistryAPI:
         self.bytes_sent = 0
         # Cache mode (docs/imagestore.md, "The image cache"): pull-through on misses,
         # last-use tracking, pins, and the /cache routes.
-        self.cache = cache
-        self._cache_routes: CacheRoutes | None = None
-        if cache is not None:
-            from treadmill.imagestore.cache_api import CacheRoutes
-
-            self._cache_routes = CacheRoutes(self, cache)
+        self.mode: StoreMode = mode if mode is not None else PlainStore()
+        self._cache_routes = cache_routes
 
     def resource(self) -> Resource:
         return self.app.resource()
@@ -180,27 +185,12 @@ class RegistryAPI:
 
     # -- helpers -------------------------------------------------------------------
 
-    @staticmethod
-    def _json(request: IRequest, value: Any, status: int = 200) -> bytes:
-        body = json.dumps(value, separators=(",", ":")).encode()
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"content-length", str(len(body)).encode())
-        return body
-
-    @staticmethod
-    def _empty(request: IRequest, status: int, headers: dict[str, str]) -> bytes:
-        request.setResponseCode(status)
-        _set_headers(request, headers)
-        request.setHeader(b"content-length", b"0")
-        return b""
-
     def _blob_created(self, request: IRequest, name: str, digest: str) -> bytes:
-        return self._empty(request, 201, {"Location": f"/v2/{name}/blobs/{digest}",
+        return _empty(request, 201, {"Location": f"/v2/{name}/blobs/{digest}",
                                           "Docker-Content-Digest": digest})
 
     def _upload_accepted(self, request: IRequest, name: str, upload: Upload) -> bytes:
-        return self._empty(request, 202, {
+        return _empty(request, 202, {
             "Location": f"/v2/{name}/blobs/uploads/{upload.id}",
             "Range": upload.range_header,
             "Docker-Upload-UUID": upload.id,
@@ -219,7 +209,7 @@ class RegistryAPI:
     @app.route("/v2/", methods=["GET"], strict_slashes=False)
     def base(self, request: IRequest) -> bytes:
         self.auth.authenticate(request)
-        return self._json(request, {})
+        return respond(request, {})
 
     @app.route("/v2/_catalog", methods=["GET"])
     async def catalog(self, request: IRequest) -> bytes:
@@ -229,12 +219,12 @@ class RegistryAPI:
         if more and names:
             request.setHeader(b"link", f'</v2/_catalog?n={n}&last={quote(names[-1])}>; '
                                        f'rel="next"'.encode())
-        return self._json(request, {"repositories": names})
+        return respond(request, {"repositories": names})
 
     @app.route("/admin/gc", methods=["POST"])
     async def admin_gc(self, request: IRequest) -> bytes:
         self.auth.require(request, "registry", "gc", "*")
-        return self._json(request, await self.collector.collect())
+        return respond(request, await self.collector.collect())
 
     # -- the image cache -------------------------------------------------------------
 
@@ -286,7 +276,7 @@ class RegistryAPI:
         if more and tags:
             request.setHeader(b"link", f'</v2/{name}/tags/list?n={n}&last={quote(tags[-1])}>; '
                                        f'rel="next"'.encode())
-        return self._json(request, {"name": name, "tags": tags})
+        return respond(request, {"name": name, "tags": tags})
 
     # -- manifests -----------------------------------------------------------------------
 
@@ -306,19 +296,11 @@ class RegistryAPI:
     async def manifest_get(self, request: IRequest, name: str, reference: str) -> bytes:
         name = check_name(name)
         self.auth.require(request, "repository", name, "pull")
-        cache = self.cache
-        if cache is not None:
-            check_reference(reference)
-            await cache.before_manifest(name, reference)
+        await self.mode.before_manifest(name, reference)
         digest, media_type = self._resolve(name, reference)
-        if cache is not None:
-            cache.pin(digest)
-            cache.touch(digest)
-        try:
+        with self.mode.serving(digest):
+            self.mode.used(digest)
             body = await self._thread(self.storage.read_blob, digest, 64 * 1024 * 1024)
-        finally:
-            if cache is not None:
-                cache.unpin(digest)
         if body is None:
             raise OCIError("MANIFEST_UNKNOWN", "no such manifest")
         request.setHeader(b"content-type", media_type.encode())
@@ -379,8 +361,7 @@ class RegistryAPI:
             def referenced(digest: str) -> str:
                 self.collector.note_referenced(
                     [digest, *manifests.referenced_digests(manifest)])
-                if self.cache is not None:
-                    self.cache.committed(digest, len(body), False)
+                self.mode.committed(digest, len(body))
                 return digest
 
             return d.addCallback(referenced)
@@ -390,7 +371,7 @@ class RegistryAPI:
         finally:
             if ledger is not None:
                 ledger.drop_upload(pending)
-        return self._empty(request, 201, {"Location": f"/v2/{name}/manifests/{stored}",
+        return _empty(request, 201, {"Location": f"/v2/{name}/manifests/{stored}",
                                           "Docker-Content-Digest": stored})
 
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["DELETE"])
@@ -404,7 +385,7 @@ class RegistryAPI:
         else:
             self._resolve(name, reference)
             await self._thread(self.storage.unlink_manifest, name, digest)
-        return self._empty(request, 202, {})
+        return _empty(request, 202, {})
 
     # -- blobs ---------------------------------------------------------------------------
 
@@ -413,15 +394,9 @@ class RegistryAPI:
         name = check_name(name)
         self.auth.require(request, "repository", name, "pull")
         digest = check_digest(digest)
-        cache = self.cache
-        if cache is None:
+        # A cache pins it while it is fetched and served: eviction leaves it alone.
+        with self.mode.serving(digest):
             return await self._send_blob(request, name, digest)
-        # Pinned while it is fetched and served: eviction leaves it alone.
-        cache.pin(digest)
-        try:
-            return await self._send_blob(request, name, digest)
-        finally:
-            cache.unpin(digest)
 
     async def _open_blob(self, name: str, digest: str, head: bool) -> tuple[Any, Any]:
         """The blob's info and an open file (None for HEAD), or (None, None)."""
@@ -441,22 +416,15 @@ class RegistryAPI:
 
     async def _send_blob(self, request: IRequest, name: str, digest: str) -> bytes:
         head = request.method == b"HEAD"
-        cache = self.cache
         info, file = await self._open_blob(name, digest, head)
-        if info is None and cache is not None:
-            cache.misses += 1
-            try:
-                await cache.pull.ensure_blob(name, digest)
-            except UpstreamNotFound:
-                pass
-            else:
+        if info is None:
+            if await self.mode.fetch_blob(name, digest):
                 info, file = await self._open_blob(name, digest, head)
-        elif info is not None and cache is not None:
-            cache.hits += 1
+        else:
+            self.mode.found(digest)
         if info is None:
             raise OCIError("BLOB_UNKNOWN", "no such blob in this repository")
-        if cache is not None:
-            cache.touch(digest)
+        self.mode.used(digest)
         try:
             request.setHeader(b"content-type", b"application/octet-stream")
             request.setHeader(b"docker-content-digest", digest.encode())
@@ -495,7 +463,7 @@ class RegistryAPI:
         digest = check_digest(digest)
         if not await self._thread(self.storage.unlink_blob, name, digest):
             raise OCIError("BLOB_UNKNOWN", "no such blob in this repository")
-        return self._empty(request, 202, {})
+        return _empty(request, 202, {})
 
     # -- uploads -------------------------------------------------------------------------
 
@@ -712,7 +680,7 @@ class RegistryAPI:
         await self.uploads.settle(upload)
         if upload.gone:
             raise OCIError("BLOB_UPLOAD_UNKNOWN", "unknown upload")
-        return self._empty(request, 204, {
+        return _empty(request, 204, {
             "Location": f"/v2/{name}/blobs/uploads/{upload.id}",
             "Range": upload.range_header,
             "Docker-Upload-UUID": upload.id,
@@ -724,92 +692,4 @@ class RegistryAPI:
         self.auth.require(request, "repository", name, "push", self._push_scopes(name))
         upload = self.uploads.get(check_upload_id(session), name)
         await self.uploads.cancel(upload)
-        return self._empty(request, 204, {})
-
-
-class RegistryRequest(LimitedRequest):
-    """A request that streams upload bodies to a sink instead of buffering them.
-
-    Other bodies (manifests) are buffered up to ``max_body`` bytes, as by
-    :class:`~treadmill.common.http.LimitedRequest`. The request line is
-    read from the channel when the headers are complete (``gotLength``),
-    which is the moment twisted.web would otherwise pick a buffer.
-    """
-
-    body_sink: BodySink | None = None
-
-    @classmethod
-    def error_body(cls, status: int, message: str) -> bytes:
-        code = {400: "REQUEST_INVALID", 408: "REQUEST_INVALID"}.get(status, "UNKNOWN")
-        return error_body(code, message)
-
-    def gotLength(self, length: int | None) -> None:
-        site = getattr(self.channel, "site", None)
-        registry = getattr(site, "registry", None)
-        command = getattr(self.channel, "_command", None)
-        path = getattr(self.channel, "_path", None)
-        if registry is not None and command is not None and path is not None \
-                and self.check_head() is None:
-            sink = registry.body_sink(self, command, path)
-            if sink is not None:
-                self.body_sink = sink
-                HTTPRequest.gotLength(self, 0)  # an empty in-memory buffer
-                return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self.body_sink is not None:
-            self.body_sink.write(data)
-            return
-        super().handleContentChunk(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self.body_sink is not None:
-            self.body_sink.finish()
-        super().requestReceived(command, path, version)
-
-    def process(self) -> None:
-        self.setHeader(b"docker-distribution-api-version", b"registry/2.0")
-        super().process()
-
-    def connectionLost(self, reason: Failure) -> None:
-        if self.body_sink is not None:
-            self.body_sink.abort()
-        super().connectionLost(reason)
-
-
-class RegistryChannel(HardenedChannel):
-    """HTTP/1.1 only (upload streaming relies on its request line), and quick to
-    turn away a TLS handshake on a plain-HTTP listener.
-
-    Registry clients told that a store is "insecure" (``--tls-verify=false``)
-    try HTTPS first and fall back to HTTP on error; without this, the
-    ClientHello would sit in the request-line parser until the client's TLS
-    handshake timeout (10 s in skopeo) expired. On an ``ssl:`` listener the
-    channel sees decrypted bytes, which never start with ``0x16``.
-    """
-
-    _sniffed = False
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self._sniffed and data:
-            self._sniffed = True
-            if data[:1] == b"\x16":
-                self.transport.abortConnection()
-                return
-        super().dataReceived(data)
-
-
-class RegistrySite(HardenedSite):
-    """A ``Site`` whose requests can stream upload bodies to ``registry``."""
-
-    protocol = RegistryChannel
-    registry: RegistryAPI
-
-
-def registry_site(api: RegistryAPI, **kwargs: Any) -> RegistrySite:
-    request_class = type("RegistryRequest", (RegistryRequest,), {"max_body": api.max_manifest})
-    site = RegistrySite(api.resource(), **kwargs)
-    site.requestFactory = request_class
-    site.registry = api
-    return site
+        return _empty(request, 204, {})

@@ -51,11 +51,13 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from treadmill.images.format import is_digest
+from treadmill.images.oci import RegistryClient
 from treadmill.imagestore import manifests
 from treadmill.imagestore.errors import OCIError
 from treadmill.imagestore.gc import Collector, SharedExclusiveLock, under_lock
 from treadmill.imagestore.leases import Lease, Leases, new_lease_id, rfc3339
-from treadmill.imagestore.names import check_reference, hex_of, is_digest
+from treadmill.imagestore.names import check_reference, hex_of
 from treadmill.imagestore.pullthrough import Flight, PullThrough, UpstreamNotFound, registry_client
 from treadmill.imagestore.replicate import Replicator
 from treadmill.imagestore.storage import BlobInfo, Storage
@@ -158,7 +160,9 @@ class Cache:
                                 retry_after=config.retry_after, on_commit=self.committed)
         self.leases = Leases(storage)
         self.lease_fetches: dict[str, LeaseFetch] = {}
-        self.replicator = Replicator(self)
+        self.replicator = Replicator(storage, self.pull, manifest_for=self.manifest_for,
+                                     pin=self.pin, unpin=self.unpin,
+                                     connect=self.replication_client)
         self.usage: dict[str, float] = {}
         self._usage_dirty = False
         self.pins: collections.Counter[str] = collections.Counter()
@@ -454,6 +458,15 @@ class Cache:
         return await self.evict()
 
     # -- manifests (for the API and replication) -------------------------------------------
+
+    def replication_client(self, url: str) -> RegistryClient:
+        """A client for a replication target, with the ``replicate.*`` credentials."""
+        config = self.config
+        return registry_client(
+            self.reactor, url, token=config.replicate_token, user=config.replicate_user,
+            token_file=config.replicate_token_file, realms=self.replicate_realms,
+            ca_file=config.replicate_ca_file, retries=5, timeout=config.upstream_timeout,
+            chunk_size=config.replicate_chunk_size)
 
     async def before_manifest(self, name: str, reference: str) -> None:
         """Pull a manifest through if it is missing, or refresh a tag that is due."""

@@ -1,27 +1,28 @@
 """The image cache's own HTTP API: ``/cache/leases``, ``/cache/replicate``, ``/admin/evict``.
 
 The routes live in :class:`~treadmill.imagestore.api.RegistryAPI` (one Klein
-app); they call :class:`CacheRoutes`, which parses bodies, authorises and
-answers JSON. Errors use the store's OCI error shape. ``docs/imagestore.md``
-documents the API.
+app); they call :class:`CacheRoutes`, which is given the authorizer and the
+cache, parses bodies, authorises and answers JSON
+(:func:`treadmill.common.http.respond`). Errors use the store's OCI error
+shape. ``docs/imagestore.md`` documents the API.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from twisted.internet.defer import TimeoutError
 from twisted.web.iweb import IRequest
 
-from treadmill.images.registry import check_store_url
+from treadmill.common.http import respond
+from treadmill.images.oci import check_store_url
+from treadmill.imagestore.auth import Authorizer
 from treadmill.imagestore.cache import Cache, url_under
 from treadmill.imagestore.errors import OCIError
 from treadmill.imagestore.leases import DIGESTS_MAX, HOLDER_MAX, LEASE_ID, rfc3339
 from treadmill.imagestore.names import check_digest, check_name, check_reference
-
-if TYPE_CHECKING:
-    from treadmill.imagestore.api import RegistryAPI
 
 MAX_WAIT = 300.0
 LEASE_GRANT = ("cache", "leases", "lease")
@@ -56,10 +57,9 @@ def _wait_arg(request: IRequest) -> float:
 class CacheRoutes:
     """Handlers of the cache's routes (see the module docstring)."""
 
-    def __init__(self, api: RegistryAPI, cache: Cache):
-        self.api = api
+    def __init__(self, auth: Authorizer, cache: Cache):
+        self.auth = auth
         self.cache = cache
-        self.auth = api.auth
 
     # -- helpers --------------------------------------------------------------------
 
@@ -74,12 +74,6 @@ class CacheRoutes:
         if not isinstance(value, dict):
             raise _invalid("the body must be a JSON object")
         return value
-
-    def _json(self, request: IRequest, value: Any, status: int = 200,
-              location: str | None = None) -> bytes:
-        if location is not None:
-            request.setHeader(b"location", location.encode())
-        return self.api._json(request, value, status)
 
     # -- leases ---------------------------------------------------------------------
 
@@ -127,8 +121,8 @@ class CacheRoutes:
             self.cache.start_fetch(lease)
             await self.cache.wait_fetch(lease.id, wait)
         status = await self.cache.lease_status(lease)
-        return self._json(request, status, 201 if created else 200,
-                          location=f"/cache/leases/{lease.id}")
+        request.setHeader(b"location", f"/cache/leases/{lease.id}".encode())
+        return respond(request, status, 201 if created else 200)
 
     def _lease_for(self, request: IRequest, lease_id: str) -> Any:
         lease = self.cache.leases.get(lease_id, self.cache.now()) \
@@ -146,17 +140,18 @@ class CacheRoutes:
     async def get_lease(self, request: IRequest, lease_id: str) -> bytes:
         lease = self._lease_for(request, lease_id)
         await self.cache.wait_fetch(lease.id, _wait_arg(request))
-        return self._json(request, await self.cache.lease_status(lease))
+        return respond(request, await self.cache.lease_status(lease))
 
     async def delete_lease(self, request: IRequest, lease_id: str) -> bytes:
         lease = self._lease_for(request, lease_id)
         await self.cache.delete_lease(lease.id)
-        return self.api._empty(request, 204, {})
+        request.setResponseCode(204)
+        return b""
 
     def list_leases(self, request: IRequest) -> bytes:
         self.auth.require_one(request, [LEASE_GRANT])
         leases = sorted(self.cache.leases.active(self.cache.now()), key=lambda le: le.id)
-        return self._json(request, {"leases": [
+        return respond(request, {"leases": [
             {"lease": le.id, "holder": le.holder, "digests": le.digests,
              "repository": le.repository, "expires_at": rfc3339(le.expires_at)}
             for le in leases]})
@@ -188,7 +183,8 @@ class CacheRoutes:
             raise OCIError("DENIED", f"{target} is not among this cache's replication "
                            "targets (replicate.targets)")
         job = self.cache.replicator.start(repository, reference, target, target_repository)
-        return self._json(request, job.to_json(), 202, location=f"/cache/replicate/{job.id}")
+        request.setHeader(b"location", f"/cache/replicate/{job.id}".encode())
+        return respond(request, job.to_json(), 202)
 
     async def get_replicate(self, request: IRequest, job_id: str) -> bytes:
         self.auth.require_one(request, [REPLICATE_GRANT])
@@ -197,18 +193,16 @@ class CacheRoutes:
             raise OCIError("REPLICATION_UNKNOWN", f"no replication {job_id}")
         wait = _wait_arg(request)
         if wait > 0 and job.state == "running":
-            from twisted.internet.defer import TimeoutError
-
             d = job.finished.wait()
             d.addTimeout(wait, self.cache.reactor)
             try:
                 await d
             except TimeoutError:
                 pass
-        return self._json(request, job.to_json())
+        return respond(request, job.to_json())
 
     # -- operators ----------------------------------------------------------------------
 
     async def evict(self, request: IRequest) -> bytes:
         self.auth.require(request, "registry", "gc", "*")
-        return self._json(request, await self.cache.maintain())
+        return respond(request, await self.cache.maintain())

@@ -57,10 +57,6 @@ class SharedExclusiveLock:
         self._exclusive = False
         self._waiting: collections.deque[tuple[bool, Deferred[None]]] = collections.deque()
 
-    @property
-    def exclusive_held(self) -> bool:
-        return self._exclusive
-
     def _can(self, exclusive: bool) -> bool:
         if self._exclusive:
             return False

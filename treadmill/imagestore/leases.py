@@ -27,7 +27,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from treadmill.imagestore.names import is_digest, is_name
+from treadmill.images.format import is_digest
+from treadmill.imagestore.names import is_name
 from treadmill.imagestore.storage import Storage
 
 LEASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

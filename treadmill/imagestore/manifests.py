@@ -5,7 +5,7 @@ unchanged. On push it checks that the body is a JSON object of a known kind,
 that every descriptor names a valid ``sha256`` digest, and that every blob
 (config, layers) and child manifest (of an index) is already in the
 repository; the Treadmill image format (``treadmill.images.format``) adds
-its own checks when that module is installed.
+its own checks.
 """
 
 from __future__ import annotations
@@ -14,15 +14,8 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from treadmill.images.format import ManifestError, is_digest, validate_manifest
 from treadmill.imagestore.errors import OCIError
-from treadmill.imagestore.names import is_digest
-
-try:  # The Treadmill image format; optional, so the store works without it.
-    from treadmill.images.format import ManifestError as _FormatError
-    from treadmill.images.format import validate_manifest as _validate_format
-except ImportError:  # pragma: no cover - depends on the checkout
-    _FormatError = None
-    _validate_format = None
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -141,12 +134,10 @@ def check(manifest: dict[str, Any], media_type: str,
 
 def check_format(manifest: dict[str, Any], media_type: str,
                  blob_exists: Callable[[str], bool]) -> None:
-    """Apply the Treadmill image format's checks, when that module is installed."""
-    if _validate_format is None or _FormatError is None:
-        return
+    """Apply the Treadmill image format's checks (:mod:`treadmill.images.format`)."""
     try:
-        _validate_format(manifest, media_type, blob_exists)
-    except _FormatError as e:
+        validate_manifest(manifest, media_type, blob_exists)
+    except ManifestError as e:
         code = getattr(e, "code", "MANIFEST_INVALID")
         if code not in ("MANIFEST_INVALID", "MANIFEST_BLOB_UNKNOWN", "DIGEST_INVALID"):
             code = "MANIFEST_INVALID"

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import re
 
+from treadmill.images.format import is_digest
 from treadmill.imagestore.errors import OCIError
 
 NAME_MAX = 255
 
 NAME = re.compile(r"[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*")
 TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
-SHA256 = re.compile(r"sha256:[a-f0-9]{64}")
 # Anything shaped like a digest (algorithm:encoded), to tell "a digest we do
 # not support" from "a tag".
 DIGEST_SHAPE = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
@@ -39,15 +39,11 @@ def is_tag(value: str) -> bool:
     return TAG.fullmatch(value) is not None
 
 
-def is_digest(value: str) -> bool:
-    return SHA256.fullmatch(value) is not None
-
-
 def check_digest(value: str | None) -> str:
     """A ``sha256:<hex>`` digest, or ``DIGEST_INVALID``."""
     if not value:
         raise OCIError("DIGEST_INVALID", "a digest is required")
-    if SHA256.fullmatch(value):
+    if is_digest(value):
         return value
     if DIGEST_SHAPE.fullmatch(value) and not value.startswith("sha256:"):
         raise OCIError("DIGEST_INVALID", "unsupported digest algorithm (only sha256)")

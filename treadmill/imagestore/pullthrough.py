@@ -2,7 +2,7 @@
 
 A manifest (by tag or digest) or blob that a client asks for and the cache
 does not hold is fetched from the upstreams, tried in order, with
-:class:`treadmill.images.registry.RegistryClient` (the registry token flow,
+:class:`treadmill.images.oci.RegistryClient` (the registry token flow,
 digest-verified downloads resumed with ``Range``). It is verified, committed
 into the ordinary layout (blobs, then repository links, exactly as an upload
 is committed) and then served from disk.
@@ -38,7 +38,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from treadmill.images.registry import (
+from treadmill.images.oci import (
     MANIFEST_ACCEPT,
     DigestMismatch,
     RegistryClient,

@@ -7,13 +7,15 @@
    cache lacks it) and, for an index, every child manifest;
 2. makes sure every blob they need is in the cache (pulling through what is
    missing) and pins them, so that eviction leaves them alone meanwhile;
-3. uploads with :class:`treadmill.images.registry.RegistryClient` to the
+3. uploads with :class:`treadmill.images.oci.RegistryClient` to the
    target: a blob ``HEAD`` first (a blob the target has is skipped), then a
    monolithic or chunked upload (``replicate.chunk_size``), resumed after a
    failure; child manifests by digest, then the manifest by the tag it was
    asked by (or by digest).
 
-The target's credentials come from the settings (``replicate.token``, or
+The :class:`Replicator` is given what it uses, not the cache: the storage,
+the pull-through, the manifest lookup, pin/unpin and ``connect`` (a client
+for a target, with the credentials of the settings: ``replicate.token``, or
 ``replicate.user`` + ``replicate.token_file`` for the registry token flow).
 Jobs live in memory: a restart forgets them (a repeated request is cheap,
 since blobs the target has are skipped).
@@ -25,22 +27,25 @@ import collections
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
 from treadmill.images.format import Blob
-from treadmill.images.registry import RegistryError
+from treadmill.images.oci import RegistryClient, RegistryError
 from treadmill.imagestore import manifests
 from treadmill.imagestore.errors import OCIError
 from treadmill.imagestore.leases import rfc3339
 from treadmill.imagestore.names import check_reference
-from treadmill.imagestore.pullthrough import Flight, UpstreamNotFound, registry_client
+from treadmill.imagestore.pullthrough import Flight, PullThrough, UpstreamNotFound
+from treadmill.imagestore.storage import Storage
 
-if TYPE_CHECKING:
-    from treadmill.imagestore.cache import Cache
+#: A manifest's digest, media type and bytes, by repository and reference,
+#: pulled through if need be (:meth:`treadmill.imagestore.cache.Cache.manifest_for`).
+ManifestLookup = Callable[[str, str], Awaitable[tuple[str, str, bytes]]]
 
 KEEP_FINISHED = 200
 
@@ -85,14 +90,23 @@ class _Plan:
 
 
 class Replicator:
-    """Replication jobs of one cache."""
+    """Replication jobs of one cache.
+
+    ``pin``/``unpin`` keep a blob from eviction while a job uses it;
+    ``connect(url)`` gives a client for a target store.
+    """
 
     log = Logger()
 
-    def __init__(self, cache: Cache):
-        self.cache = cache
-        self.reactor = cache.reactor
-        self.config = cache.config
+    def __init__(self, storage: Storage, pull: PullThrough, *, manifest_for: ManifestLookup,
+                 pin: Callable[[str], None], unpin: Callable[[str], None],
+                 connect: Callable[[str], RegistryClient]):
+        self.storage = storage
+        self.pull = pull
+        self.manifest_for = manifest_for
+        self.pin = pin
+        self.unpin = unpin
+        self.connect = connect
         self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
 
     def get(self, job_id: str) -> Job | None:
@@ -134,7 +148,7 @@ class Replicator:
                 if isinstance(desc, dict) and isinstance(desc.get("size"), int):
                     sizes[str(desc.get("digest"))] = desc["size"]
         for child in children:
-            _d, child_type, child_body = await self.cache.manifest_for(job.repository, child)
+            _d, child_type, child_body = await self.manifest_for(job.repository, child)
             await self._plan(job, child, child_type, child_body, plan, depth + 1)
             plan.manifests.append((child, child_type, child_body))
         for blob in blobs:
@@ -146,8 +160,7 @@ class Replicator:
         client = None
         try:
             tag, _digest = check_reference(job.reference)
-            digest, media_type, body = await self.cache.manifest_for(job.repository,
-                                                                    job.reference)
+            digest, media_type, body = await self.manifest_for(job.repository, job.reference)
             job.manifest = digest
             plan = _Plan()
             await self._plan(job, digest, media_type, body, plan)
@@ -155,23 +168,17 @@ class Replicator:
             job.manifests_total = len(plan.manifests) + 1
             job.bytes_total = sum(plan.blobs.values())
             for d in [digest, *plan.blobs, *(m[0] for m in plan.manifests)]:
-                self.cache.pin(d)
+                self.pin(d)
                 pinned.append(d)
-            config = self.config
-            client = registry_client(
-                self.reactor, job.target, token=config.replicate_token,
-                user=config.replicate_user, token_file=config.replicate_token_file,
-                realms=self.cache.replicate_realms, ca_file=config.replicate_ca_file,
-                retries=5, timeout=config.upstream_timeout,
-                chunk_size=config.replicate_chunk_size)
+            client = self.connect(job.target)
             done_before = 0
             for blob, size in plan.blobs.items():
                 try:
-                    await self.cache.pull.ensure_blob(job.repository, blob)
+                    await self.pull.ensure_blob(job.repository, blob)
                 except UpstreamNotFound:
                     raise OCIError("BLOB_UNKNOWN", f"blob {blob} of {job.repository} is "
                                    "neither in the cache nor upstream") from None
-                info = self.cache.storage.blob_info(blob)
+                info = self.storage.blob_info(blob)
                 if info is None:
                     raise OCIError("BLOB_UNKNOWN", f"blob {blob} vanished from the cache")
                 if size != info.size:
@@ -211,7 +218,7 @@ class Replicator:
             job.state, job.error = "failed", f"internal error: {type(e).__name__}: {e}"
         finally:
             for d in pinned:
-                self.cache.unpin(d)
+                self.unpin(d)
             if client is not None:
                 await client.close()
             job.finished_at = time.time()

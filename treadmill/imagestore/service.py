@@ -30,30 +30,28 @@ For tests, build it in-process::
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.registry import Collector as PromCollector
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from twisted.web.iweb import IRequest
 
 from treadmill.common.daemon import RoleService, listeners
-from treadmill.common.keys import KeySource
-from treadmill.imagestore.api import RegistryAPI, registry_site
+from treadmill.common.http import log_requests
+from treadmill.common.keys import KeySource, attach_keys
+from treadmill.imagestore.api import RegistryAPI
 from treadmill.imagestore.auth import Authorizer
 from treadmill.imagestore.cache import Cache, CacheConfig
+from treadmill.imagestore.cache_api import CacheRoutes
 from treadmill.imagestore.gc import Collector, SharedExclusiveLock
+from treadmill.imagestore.metrics import ImageStoreMetrics
+from treadmill.imagestore.modes import CacheMode
 from treadmill.imagestore.quota import Ledger, QuotaConfig
+from treadmill.imagestore.site import registry_site
 from treadmill.imagestore.storage import Storage
 from treadmill.imagestore.uploads import Uploads
 
@@ -123,86 +121,6 @@ async def _call(fn: Any) -> Any:
     return result
 
 
-class _Live(PromCollector):
-    def __init__(self, store: ImageStoreService):
-        self.store = store
-
-    def collect(self) -> Iterator[Any]:
-        uploads = GaugeMetricFamily("treadmill_imagestore_uploads_active",
-                                    "Upload sessions known to this process.")
-        uploads.add_metric([], len(self.store.uploads.active))
-        yield uploads
-        received = CounterMetricFamily("treadmill_imagestore_upload_bytes",
-                                       "Blob bytes received and written.")
-        received.add_metric([], self.store.uploads.bytes_received)
-        yield received
-        sent = CounterMetricFamily("treadmill_imagestore_blob_sent_bytes", "Blob bytes served.")
-        sent.add_metric([], self.store.api.bytes_sent)
-        yield sent
-        committed = CounterMetricFamily("treadmill_imagestore_blob_commits",
-                                        "Uploads verified and committed.")
-        committed.add_metric([], self.store.uploads.committed)
-        yield committed
-        gc_runs = CounterMetricFamily("treadmill_imagestore_gc_runs", "Garbage collections.")
-        gc_runs.add_metric([], self.store.collector.runs)
-        yield gc_runs
-        gc_deleted = CounterMetricFamily("treadmill_imagestore_gc_deleted_blobs",
-                                         "Blobs deleted by garbage collection.")
-        gc_deleted.add_metric([], self.store.collector.deleted_total)
-        yield gc_deleted
-        refused = CounterMetricFamily("treadmill_imagestore_quota_refusals",
-                                      "Requests refused by a quota.", labels=["limit"])
-        ledger = self.store.ledger
-        refused.add_metric(["bytes"], ledger.refusals if ledger is not None else 0)
-        refused.add_metric(["sessions"], self.store.uploads.refused_sessions)
-        yield refused
-        cache = self.store.cache
-        if cache is None:
-            return
-        size = GaugeMetricFamily("treadmill_imagecache_bytes", "Blob bytes in the cache.")
-        size.add_metric([], cache.total_bytes)
-        yield size
-        bound = GaugeMetricFamily("treadmill_imagecache_max_bytes",
-                                  "The cache's bound (0: none).")
-        bound.add_metric([], cache.config.max_bytes)
-        yield bound
-        leases = GaugeMetricFamily("treadmill_imagecache_leases", "Active leases.")
-        leases.add_metric([], len(cache.leases.active(cache.now())))
-        yield leases
-        for name, value, text in (
-                ("hits", cache.hits, "Manifest and blob requests served from the cache."),
-                ("misses", cache.misses, "Manifest and blob requests the cache lacked."),
-                ("upstream_blob_fetches", cache.pull.blob_fetches,
-                 "Blob downloads from the upstreams."),
-                ("upstream_manifest_fetches", cache.pull.manifest_fetches,
-                 "Manifest fetches from the upstreams."),
-                ("upstream_bytes", cache.pull.fetched_bytes,
-                 "Bytes fetched from the upstreams."),
-                ("upstream_failures", cache.pull.failures,
-                 "Fetches no upstream could answer (502/503)."),
-                ("evicted_blobs", cache.evicted_blobs, "Blobs evicted."),
-                ("evicted_bytes", cache.evicted_bytes, "Bytes evicted.")):
-            counter = CounterMetricFamily(f"treadmill_imagecache_{name}", text)
-            counter.add_metric([], value)
-            yield counter
-
-
-class ImageStoreMetrics:
-    def __init__(self, store: ImageStoreService):
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        self.registry.register(_Live(store))
-        self.requests = Counter("treadmill_http_requests", "HTTP requests answered.",
-                                ["method", "code"], registry=self.registry)
-
-    def observe(self, request: IRequest) -> None:
-        method = request.method.decode("ascii", "replace") if request.method else "?"
-        if method not in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
-            method = "other"
-        self.requests.labels(method, str(request.code)).inc()
-
-
 class ImageStoreService(RoleService):
     """The root service of an image store process; ``ready()`` fires when the store
     listens."""
@@ -231,11 +149,10 @@ class ImageStoreService(RoleService):
         self.keys: KeySource | None = None
         verifier = None
         if not config.auth_disabled:
-            self.keys = KeySource(reactor, url=config.keys_url, file=config.keys_file,
-                                  refresh=config.keys_refresh, ca_file=config.ca_file)
-            self.keys.setName("keys")
-            self.keys.setServiceParent(self)
-            verifier = self.keys.verifier(config.issuer, config.service)
+            self.keys, verifier = attach_keys(
+                self, reactor, {"auth.issuer": config.issuer}, config.service,
+                KeySource(reactor, url=config.keys_url, file=config.keys_file,
+                          refresh=config.keys_refresh, ca_file=config.ca_file))
         self.auth = Authorizer(verifier, realm=config.realm, service=config.service,
                                anonymous_pull=config.anonymous_pull,
                                disabled=config.auth_disabled)
@@ -244,19 +161,14 @@ class ImageStoreService(RoleService):
             self.cache = Cache(reactor, self.storage, self.pool, self.lock, self.collector,
                                config.cache, realm=config.realm)
             self.uploads.on_commit = self.cache.committed
-        self.api = RegistryAPI(reactor, self.storage, self.uploads, self.collector, self.auth,
-                               self.lock, self.pool, max_manifest=config.manifest_max_size,
-                               cache=self.cache)
+        self.api = RegistryAPI(
+            reactor, self.storage, self.uploads, self.collector, self.auth, self.lock,
+            self.pool, max_manifest=config.manifest_max_size,
+            mode=CacheMode(self.cache) if self.cache is not None else None,
+            cache_routes=CacheRoutes(self.auth, self.cache) if self.cache is not None else None)
         self.site = registry_site(self.api)
         self.metrics = ImageStoreMetrics(self)
-        access_log = self.site.log
-
-        def log(request: Any) -> None:
-            self.metrics.observe(request)
-            if config.access_log:
-                access_log(request)
-
-        self.site.log = log  # type: ignore[method-assign]
+        log_requests(self.site, config.access_log, self.metrics.observe)
         expiry = _Periodic(reactor, self.uploads.expiry_interval, self.uploads.expire,
                            "Upload expiry")
         expiry.setName("upload-expiry")

@@ -47,7 +47,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from treadmill.imagestore.names import hex_of, is_digest, is_name, is_tag
+from treadmill.images.format import is_digest
+from treadmill.imagestore.names import hex_of, is_name, is_tag
 
 LAYOUT_VERSION = 1
 MARKER = "treadmill-imagestore.json"

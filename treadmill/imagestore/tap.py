@@ -10,6 +10,7 @@ from twisted.application.service import IService
 from treadmill.common import keys
 from treadmill.common.config import (
     BOOL,
+    FIELD,
     FLOAT,
     INT,
     STR,
@@ -20,22 +21,15 @@ from treadmill.common.config import (
     non_negative,
     positive,
     server_endpoints,
+    with_fields,
 )
-from treadmill.common.daemon import add_operator_services
-from treadmill.images.registry import check_store_url
+from treadmill.common.daemon import twistd_service
+from treadmill.images.oci import check_store_url
 from treadmill.imagestore.auth import anonymous_patterns
-from treadmill.imagestore.cache import CacheConfig
-from treadmill.imagestore.quota import QuotaConfig, parse_overrides
-from treadmill.imagestore.service import DEFAULT_LISTEN, ImageStoreConfig, ImageStoreService
+from treadmill.imagestore.quota import parse_overrides
+from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
 
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4, "p": 1024 ** 5}
-
-
-def _non_negative(value: Any) -> float:
-    number = FLOAT(value)
-    if not number >= 0 or number == float("inf"):
-        raise ValueError(f"expected zero or a positive number, got {number}")
-    return number
 
 
 def byte_size(value: Any) -> int:
@@ -72,94 +66,132 @@ def _token_value(value: Any) -> str:
 class Options(RoleOptions):
     """Settings of the image store (``etc/treadmill/imagestore.toml`` documents them)."""
 
+    config = ImageStoreConfig
     settings = (
-        Setting("listen", server_endpoints, [DEFAULT_LISTEN],
-                "Registry listeners (endpoint descriptions: tcp:, ssl:, unix:, systemd:)."),
+        Setting("listen", server_endpoints, FIELD,
+                "Registry listeners (endpoint descriptions: tcp:, ssl:, unix:, systemd:).",
+                field="listen"),
         Setting("root", STR, None,
                 "Storage directory (blobs, repositories, uploads); see docs/imagestore.md.",
-                required=True),
-        Setting("service", STR, "treadmill-imagestore",
-                "This store's name: the audience (aud) its capability tokens must carry."),
-        *keys.SETTINGS,
-        Setting("auth.realm", STR, None,
+                required=True,
+                field="root"),
+        Setting("service", STR, FIELD,
+                "This store's name: the audience (aud) its capability tokens must carry.",
+                field="service"),
+        *with_fields(keys.SETTINGS, "{leaf}"),
+        Setting("auth.realm", STR, FIELD,
                 "Token endpoint clients are sent to on 401, e.g. "
-                "https://switchboard.example/api/v1/registry/token."),
-        Setting("auth.disabled", BOOL, False,
-                "Accept every request without a token (local experiments only)."),
-        Setting("anonymous_pull", anonymous_patterns, [],
+                "https://switchboard.example/api/v1/registry/token.",
+                field="realm"),
+        Setting("auth.disabled", BOOL, FIELD,
+                "Accept every request without a token (local experiments only).",
+                field="auth_disabled"),
+        Setting("anonymous_pull", anonymous_patterns, FIELD,
                 "Repositories anyone may pull without a token: true, or glob patterns "
-                "(\"demo/*\" one level, \"public/**\" any depth)."),
-        Setting("uploads.max_age", positive(FLOAT), 3600.0,
-                "Seconds an idle upload session is kept before it is removed."),
-        Setting("quota.namespace_bytes", byte_size, 100 * 1024 ** 3,
+                "(\"demo/*\" one level, \"public/**\" any depth).",
+                field="anonymous_pull"),
+        Setting("uploads.max_age", positive(FLOAT), FIELD,
+                "Seconds an idle upload session is kept before it is removed.",
+                field="upload_max_age"),
+        Setting("quota.namespace_bytes", byte_size, FIELD,
                 "Bytes each user namespace (alice/...) may store, its open uploads "
-                "included (\"500G\" works); 0: unlimited."),
-        Setting("quota.top_level_bytes", byte_size, 0,
+                "included (\"500G\" works); 0: unlimited.",
+                field="quota.namespace_bytes"),
+        Setting("quota.top_level_bytes", byte_size, FIELD,
                 "Bytes the top-level repositories (the operators') may store together; "
-                "0: unlimited."),
-        Setting("quota.namespaces", _namespace_sizes, {},
+                "0: unlimited.",
+                field="quota.top_level_bytes"),
+        Setting("quota.namespaces", _namespace_sizes, FIELD,
                 "Per-namespace overrides of quota.namespace_bytes: a table "
-                "namespace = size (on the command line: alice=500G,ci=0).", table=True),
-        Setting("quota.uploads_per_subject", non_negative(INT), 16,
-                "Open upload sessions one token subject (user or host) may have; 0: any."),
-        Setting("manifests.max_size", positive(INT), 4 * 1024 * 1024,
-                "Largest manifest accepted, in bytes."),
-        Setting("gc.interval", _non_negative, 3600.0,
-                "Seconds between garbage collections; 0 runs them only on demand."),
-        Setting("gc.grace", _non_negative, 3600.0,
+                "namespace = size (on the command line: alice=500G,ci=0).", table=True,
+                field="quota.namespaces"),
+        Setting("quota.uploads_per_subject", non_negative(INT), FIELD,
+                "Open upload sessions one token subject (user or host) may have; 0: any.",
+                field="quota.uploads_per_subject"),
+        Setting("manifests.max_size", positive(INT), FIELD,
+                "Largest manifest accepted, in bytes.",
+                field="manifest_max_size"),
+        Setting("gc.interval", non_negative(FLOAT, finite=True), FIELD,
+                "Seconds between garbage collections; 0 runs them only on demand.",
+                field="gc_interval"),
+        Setting("gc.grace", non_negative(FLOAT, finite=True), FIELD,
                 "Seconds a newly uploaded, mounted or HEAD-checked blob is safe from "
-                "garbage collection while no manifest references it."),
-        Setting("http.access_log", BOOL, True, "Log one line per HTTP request."),
-        Setting("io_threads", positive(INT), 8, "Threads for disk work."),
+                "garbage collection while no manifest references it.",
+                field="gc_grace"),
+        Setting("http.access_log", BOOL, FIELD, "Log one line per HTTP request.",
+                field="access_log"),
+        Setting("io_threads", positive(INT), FIELD, "Threads for disk work.",
+                field="io_threads"),
         # -- the image cache (etc/treadmill/imagecache.toml documents them) --
         Setting("cache.enabled", BOOL, False,
                 "Run as an image cache: pull through from cache.upstreams, leases, eviction, "
                 "replication."),
-        Setting("cache.upstreams", store_urls, [],
-                "Upstream image stores, tried in order (https://store-1.example, ...)."),
-        Setting("cache.max_bytes", byte_size, 0,
+        Setting("cache.upstreams", store_urls, FIELD,
+                "Upstream image stores, tried in order (https://store-1.example, ...).",
+                field="cache.upstreams"),
+        Setting("cache.max_bytes", byte_size, FIELD,
                 "Evict least recently used unleased blobs beyond this many bytes "
-                "(\"500G\" works); 0: no bound."),
-        Setting("cache.upstream_token", _token_value, None,
-                "A bearer capability token sent as is to the upstreams (tests, fixed setups)."),
-        Setting("cache.upstream_user", STR, None,
-                "User name for the upstreams' token flow (with cache.upstream_token_file)."),
-        Setting("cache.upstream_token_file", STR, None,
-                "File holding that user's API token (read at each token request)."),
-        Setting("cache.upstream_realms", STRLIST, [],
+                "(\"500G\" works); 0: no bound.",
+                field="cache.max_bytes"),
+        Setting("cache.upstream_token", _token_value, FIELD,
+                "A bearer capability token sent as is to the upstreams (tests, fixed setups).",
+                field="cache.upstream_token"),
+        Setting("cache.upstream_user", STR, FIELD,
+                "User name for the upstreams' token flow (with cache.upstream_token_file).",
+                field="cache.upstream_user"),
+        Setting("cache.upstream_token_file", STR, FIELD,
+                "File holding that user's API token (read at each token request).",
+                field="cache.upstream_token_file"),
+        Setting("cache.upstream_realms", STRLIST, FIELD,
                 "Token services (URL prefixes) the upstream credentials may be sent to; "
-                "default: auth.realm."),
-        Setting("cache.upstream_ca_file", STR, None, "CA certificates for https upstreams."),
-        Setting("cache.upstream_timeout", positive(FLOAT), 60.0,
-                "Seconds without progress before an upstream request fails."),
-        Setting("cache.upstream_retries", positive(INT), 2,
-                "Attempts per upstream before trying the next one."),
-        Setting("cache.retry_after", positive(INT), 10,
-                "Retry-After (seconds) of a 503 when no upstream can be reached."),
-        Setting("cache.tag_refresh", _non_negative, 300.0,
+                "default: auth.realm.",
+                field="cache.upstream_realms"),
+        Setting("cache.upstream_ca_file", STR, FIELD, "CA certificates for https upstreams.",
+                field="cache.upstream_ca_file"),
+        Setting("cache.upstream_timeout", positive(FLOAT), FIELD,
+                "Seconds without progress before an upstream request fails.",
+                field="cache.upstream_timeout"),
+        Setting("cache.upstream_retries", positive(INT), FIELD,
+                "Attempts per upstream before trying the next one.",
+                field="cache.upstream_retries"),
+        Setting("cache.retry_after", positive(INT), FIELD,
+                "Retry-After (seconds) of a 503 when no upstream can be reached.",
+                field="cache.retry_after"),
+        Setting("cache.tag_refresh", non_negative(FLOAT, finite=True), FIELD,
                 "Seconds before a cached tag is checked against the upstreams again "
-                "(0: on every request)."),
-        Setting("cache.lease_default", positive(FLOAT), 3600.0,
-                "Seconds a lease lasts when the request gives no ttl."),
-        Setting("cache.lease_max", positive(FLOAT), 7 * 86400.0,
-                "The longest lease granted, in seconds (longer ttls are shortened)."),
-        Setting("cache.maintenance_interval", _non_negative, 60.0,
+                "(0: on every request).",
+                field="cache.tag_refresh"),
+        Setting("cache.lease_default", positive(FLOAT), FIELD,
+                "Seconds a lease lasts when the request gives no ttl.",
+                field="cache.lease_default"),
+        Setting("cache.lease_max", positive(FLOAT), FIELD,
+                "The longest lease granted, in seconds (longer ttls are shortened).",
+                field="cache.lease_max"),
+        Setting("cache.maintenance_interval", non_negative(FLOAT, finite=True), FIELD,
                 "Seconds between lease expiry, last-use index flushes and eviction runs "
-                "(eviction also runs after commits that cross the bound); 0: never."),
-        Setting("replicate.token", _token_value, None,
-                "A bearer token sent as is to replication targets."),
-        Setting("replicate.user", STR, None,
+                "(eviction also runs after commits that cross the bound); 0: never.",
+                field="cache.maintenance_interval"),
+        Setting("replicate.token", _token_value, FIELD,
+                "A bearer token sent as is to replication targets.",
+                field="cache.replicate_token"),
+        Setting("replicate.user", STR, FIELD,
                 "User name for the replication targets' token flow (with "
-                "replicate.token_file)."),
-        Setting("replicate.token_file", STR, None, "File holding that user's API token."),
-        Setting("replicate.realms", STRLIST, [],
+                "replicate.token_file).",
+                field="cache.replicate_user"),
+        Setting("replicate.token_file", STR, FIELD, "File holding that user's API token.",
+                field="cache.replicate_token_file"),
+        Setting("replicate.realms", STRLIST, FIELD,
                 "Token services (URL prefixes) replication credentials may be sent to; "
-                "default: auth.realm."),
-        Setting("replicate.ca_file", STR, None, "CA certificates for https targets."),
-        Setting("replicate.targets", store_urls, [],
-                "Stores (URL prefixes) the cache may replicate to; empty: any."),
-        Setting("replicate.chunk_size", positive(byte_size), 8 * 1024 * 1024,
-                "Blobs larger than this are uploaded in chunks of this size."),
+                "default: auth.realm.",
+                field="cache.replicate_realms"),
+        Setting("replicate.ca_file", STR, FIELD, "CA certificates for https targets.",
+                field="cache.replicate_ca_file"),
+        Setting("replicate.targets", store_urls, FIELD,
+                "Stores (URL prefixes) the cache may replicate to; empty: any.",
+                field="cache.replicate_targets"),
+        Setting("replicate.chunk_size", positive(byte_size), FIELD,
+                "Blobs larger than this are uploaded in chunks of this size.",
+                field="cache.replicate_chunk_size"),
     )
 
     def checkSettings(self, values: dict[str, Any], source: str) -> None:
@@ -191,53 +223,14 @@ class Options(RoleOptions):
                               source=source)
 
 
-def cache_config_from(values: dict[str, Any]) -> CacheConfig | None:
-    """The :class:`CacheConfig` of parsed option values (None unless cache.enabled)."""
-    if not values.get("cache.enabled"):
-        return None
-    return CacheConfig(
-        upstreams=values["cache.upstreams"], max_bytes=values["cache.max_bytes"],
-        upstream_token=values["cache.upstream_token"],
-        upstream_user=values["cache.upstream_user"],
-        upstream_token_file=values["cache.upstream_token_file"],
-        upstream_realms=values["cache.upstream_realms"],
-        upstream_ca_file=values["cache.upstream_ca_file"],
-        upstream_timeout=values["cache.upstream_timeout"],
-        upstream_retries=values["cache.upstream_retries"],
-        retry_after=values["cache.retry_after"], tag_refresh=values["cache.tag_refresh"],
-        lease_default=values["cache.lease_default"], lease_max=values["cache.lease_max"],
-        maintenance_interval=values["cache.maintenance_interval"],
-        replicate_token=values["replicate.token"], replicate_user=values["replicate.user"],
-        replicate_token_file=values["replicate.token_file"],
-        replicate_realms=values["replicate.realms"],
-        replicate_ca_file=values["replicate.ca_file"],
-        replicate_targets=values["replicate.targets"],
-        replicate_chunk_size=values["replicate.chunk_size"])
-
-
 def config_from(values: dict[str, Any]) -> ImageStoreConfig:
-    """An :class:`ImageStoreConfig` from parsed option values."""
-    return ImageStoreConfig(
-        root=values["root"], listen=values["listen"], service=values["service"],
-        keys_url=values["auth.keys_url"], keys_file=values["auth.keys_file"],
-        keys_refresh=values["auth.keys_refresh"], issuer=values["auth.issuer"],
-        ca_file=values["auth.ca_file"], realm=values["auth.realm"],
-        auth_disabled=values["auth.disabled"], anonymous_pull=values["anonymous_pull"],
-        upload_max_age=values["uploads.max_age"],
-        manifest_max_size=values["manifests.max_size"], gc_interval=values["gc.interval"],
-        gc_grace=values["gc.grace"], access_log=values["http.access_log"],
-        io_threads=values["io_threads"], cache=cache_config_from(values),
-        quota=QuotaConfig(namespace_bytes=values["quota.namespace_bytes"],
-                          top_level_bytes=values["quota.top_level_bytes"],
-                          namespaces=values["quota.namespaces"],
-                          uploads_per_subject=values["quota.uploads_per_subject"]))
+    """An :class:`ImageStoreConfig` from parsed option values (``cache`` is None unless
+    cache.enabled)."""
+    return Options.config_of(values, omit=() if values["cache.enabled"] else ("cache",))
 
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    service = ImageStoreService(reactor, config_from(options.values))
-    service.exit_on_failure = True
-    add_operator_services(reactor, service, options.values, service.namespace(),
-                          service.metrics.registry)
-    return service
+    return twistd_service(reactor, ImageStoreService(reactor, config_from(options.values)),
+                          options.values)

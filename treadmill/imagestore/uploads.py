@@ -4,7 +4,7 @@ An upload session is a directory ``uploads/<uuid>/`` with ``state.json``
 (its repository and start time) and ``data`` (the bytes received so far, in
 order). A request body that adds to it (``POST``, ``PATCH``, ``PUT``) is
 not buffered by twisted.web: :class:`BodySink` receives the chunks as they
-arrive (see ``RegistryRequest`` in :mod:`~treadmill.imagestore.api`) and
+arrive (see ``RegistryRequest`` in :mod:`~treadmill.imagestore.site`) and
 hands them, in batches, to a thread of the store's pool that appends them
 to ``data`` and feeds the running sha256. At most one batch per upload is in
 flight; while more than :data:`HIGH_WATER` bytes wait, the sink pauses the
@@ -89,10 +89,6 @@ class Upload:
     @property
     def data_path(self) -> str:
         return os.path.join(self.directory, "data")
-
-    @property
-    def state_path(self) -> str:
-        return os.path.join(self.directory, "state.json")
 
     @property
     def range_header(self) -> str:

@@ -1,7 +1,7 @@
 """The log server: stores job logs pushed by supervisors and serves them, live.
 
     treadmill/logserver/
-    ├── names.py    job ids and stream names: what is valid
+    ├── names.py    checks of job ids and stream names (the grammar: protocol/logs.py)
     ├── store.py    append-only stream files, the writer thread, retention
     ├── follow.py   reading a byte range or following a stream (HTTP and WebSocket)
     ├── api.py      the HTTP API (Klein) and its capability checks
@@ -10,6 +10,7 @@
     └── tap.py      ``twistd treadmill-logserver`` options
 
 ``docs/logserver.md`` documents the API, the storage, the fsync policy,
-retention and the shipping protocol (``treadmill/supervisor/logship.py`` is
-the supervisor's side).
+retention and the shipping protocol (``treadmill/protocol/logs.py`` holds the
+names, URLs and close codes; ``treadmill/supervisor/logship.py`` is the
+supervisor's side).
 """

@@ -17,7 +17,6 @@ in the ``X-Stream-Length`` header) so that a writer knows where to resume.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -26,17 +25,17 @@ from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from werkzeug.exceptions import HTTPException
 
 from treadmill.common.captoken import CapabilityError, Claims, bearer_token
 from treadmill.common.http import (
     ApiError,
+    add_fallback_error_handlers,
     dumps,
-    http_exception_error,
+    query_arg,
     respond,
     respond_error,
-    respond_internal,
 )
+from treadmill.common.ranges import Unsatisfiable, parse_range
 from treadmill.logserver.follow import FollowFactory, Pump, RequestSink, serve
 from treadmill.logserver.names import InvalidName, check_job, check_stream
 from treadmill.logserver.store import StorageError, StreamError, StreamStore, TooManyStreams
@@ -46,7 +45,6 @@ __all__ = ["LENGTH_HEADER", "LogServerAPI"]
 LENGTH_HEADER = b"x-stream-length"
 CLOSED_HEADER = b"x-stream-closed"
 MAX_OFFSET = 2**62
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
 def _set_stream_headers(request: IRequest, length: int, closed: bool | None = None) -> None:
@@ -55,29 +53,19 @@ def _set_stream_headers(request: IRequest, length: int, closed: bool | None = No
         request.setHeader(CLOSED_HEADER, b"1" if closed else b"0")
 
 
-def _arg(request: IRequest, name: bytes) -> str | None:
-    values = request.args.get(name) if request.args else None
-    if not values:
-        return None
-    try:
-        return values[-1].decode("ascii")
-    except UnicodeDecodeError:
-        raise ApiError(400, f"{name.decode()}: not ASCII") from None
-
-
-def _int_arg(request: IRequest, name: bytes, *, required: bool = False) -> int | None:
-    raw = _arg(request, name)
+def _int_arg(request: IRequest, name: str, *, required: bool = False) -> int | None:
+    raw = query_arg(request, name, "ascii")
     if raw is None or raw == "":
         if required:
-            raise ApiError(400, f"the query parameter {name.decode()} is required")
+            raise ApiError(400, f"the query parameter {name} is required")
         return None
     if not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_OFFSET:
-        raise ApiError(400, f"{name.decode()}: expected a non-negative integer")
+        raise ApiError(400, f"{name}: expected a non-negative integer")
     return int(raw)
 
 
-def _bool_arg(request: IRequest, name: bytes) -> bool:
-    raw = _arg(request, name)
+def _bool_arg(request: IRequest, name: str) -> bool:
+    raw = query_arg(request, name, "ascii")
     if raw is None:
         return False
     lowered = raw.lower()
@@ -85,33 +73,7 @@ def _bool_arg(request: IRequest, name: bytes) -> bool:
         return True
     if lowered in ("0", "false", "no"):
         return False
-    raise ApiError(400, f"{name.decode()}: expected 1 or 0")
-
-
-def parse_range(header: str | None, length: int) -> tuple[int, int] | bool | None:
-    """``(start, end)`` of a single ``bytes=`` range; None to ignore the header
-    (absent, malformed or several ranges: the whole stream is sent); False if it
-    cannot be satisfied."""
-    if header is None:
-        return None
-    match = _RANGE.fullmatch(header.strip().replace(" ", ""))
-    if match is None:
-        return None
-    first, last = match.groups()
-    if first == "" and last == "":
-        return None
-    if first == "":
-        suffix = int(last)
-        if suffix == 0:
-            return False
-        return max(0, length - suffix), length
-    start = int(first)
-    end = length if last == "" else min(int(last) + 1, length)
-    if last != "" and int(last) < start:
-        return None
-    if start >= length:
-        return False
-    return start, end
+    raise ApiError(400, f"{name}: expected 1 or 0")
 
 
 class LogServerAPI:
@@ -165,13 +127,7 @@ class LogServerAPI:
         request.setHeader(b"retry-after", b"5")
         return respond_error(request, ApiError(503, str(failure.value)))
 
-    @app.handle_errors(HTTPException)
-    def _http_error(self, request: IRequest, failure: Failure) -> bytes:
-        return respond_error(request, http_exception_error(failure.value))
-
-    @app.handle_errors(Exception)
-    def _internal(self, request: IRequest, failure: Failure) -> bytes:
-        return respond_internal(request, failure, self.log)
+    add_fallback_error_handlers(app)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -211,9 +167,9 @@ class LogServerAPI:
         if getattr(request, "too_large", False):
             self._count("too_large")
             raise ApiError(413, f"an append may carry at most {self.max_append} bytes")
-        offset = _int_arg(request, b"offset", required=True)
+        offset = _int_arg(request, "offset", required=True)
         assert offset is not None
-        close = _bool_arg(request, b"close")
+        close = _bool_arg(request, "close")
         data = request.content.read() if request.content is not None else b""
         if len(data) > self.max_append:
             self._count("too_large")
@@ -227,7 +183,7 @@ class LogServerAPI:
     async def close(self, request: IRequest, job: str, stream: str) -> bytes:
         job, stream = check_job(job), check_stream(stream)
         self._authorize(request, job, "append")
-        length = _int_arg(request, b"length")
+        length = _int_arg(request, "length")
         result = await self.store.close(job, stream, length)
         _set_stream_headers(request, result.length, True)
         return respond(request, {"length": result.length, "closed": True})
@@ -236,10 +192,10 @@ class LogServerAPI:
     def read(self, request: IRequest, job: str, stream: str) -> Any:
         job, stream = check_job(job), check_stream(stream)
         self._authorize(request, job, "read")
-        offset = _int_arg(request, b"offset")
+        offset = _int_arg(request, "offset")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-content-type-options", b"nosniff")
-        if _bool_arg(request, b"follow"):
+        if _bool_arg(request, "follow"):
             return self._follow_http(request, job, stream, offset or 0)
         found = self.store.lookup(job, stream)
         if found is None:
@@ -248,12 +204,15 @@ class LogServerAPI:
         _set_stream_headers(request, total, found.closed)
         request.setHeader(b"accept-ranges", b"bytes")
         request.setHeader(b"content-type", b"application/octet-stream")
-        wanted = parse_range(request.getHeader("range"), total)
-        if wanted is False or (offset is not None and offset > total):
+        try:
+            wanted = parse_range(request.getHeader("range"), total)
+            if offset is not None and offset > total:
+                raise Unsatisfiable()
+        except Unsatisfiable:
             request.setHeader(b"content-range", f"bytes */{total}".encode())
-            raise ApiError(416, f"the stream has {total} bytes", "range_not_satisfiable")
-        if isinstance(wanted, tuple):
-            start, end = wanted
+            raise ApiError(416, f"the stream has {total} bytes", "range_not_satisfiable") from None
+        if wanted is not None:
+            start, end = wanted[0], wanted[1] + 1
             request.setResponseCode(206)
             request.setHeader(b"content-range", f"bytes {start}-{end - 1}/{total}".encode())
         else:
@@ -285,7 +244,7 @@ class LogServerAPI:
     def follow(self, request: IRequest, job: str, stream: str) -> Any:
         job, stream = check_job(job), check_stream(stream)
         self._authorize(request, job, "read")
-        offset = _int_arg(request, b"offset") or 0
+        offset = _int_arg(request, "offset") or 0
         upgrade = (request.getHeader("upgrade") or "").lower()
         if upgrade != "websocket":
             raise ApiError(400, "this is a WebSocket endpoint; for HTTP streaming use "

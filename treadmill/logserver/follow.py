@@ -24,14 +24,13 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
+from treadmill.common.wsjson import QuietLogger, close_reason
 from treadmill.logserver.store import Stream, StreamStore
+from treadmill.protocol.logs import FOLLOW_CLOSE_CODES, FOLLOW_SUBPROTOCOL
 
 __all__ = ["CHUNK", "FollowFactory", "FollowProtocol", "Pump", "RequestSink"]
 
 CHUNK = 64 * 1024
-SUBPROTOCOL = "treadmill.logs.v1"
-# WebSocket close codes other than 1000 (end of stream).
-CLOSE_CODES = {"deleted": 4004, "error": 1011, "shutdown": 4005}
 
 
 class Sink:
@@ -229,21 +228,21 @@ class FollowProtocol(WebSocketServerProtocol):
     """A WebSocket follower: binary messages of the stream's new bytes.
 
     The server closes with 1000 once the stream is closed and every byte was
-    sent; otherwise with one of :data:`CLOSE_CODES`. Messages from the client
+    sent; otherwise with one of :data:`FOLLOW_CLOSE_CODES`. Messages from the client
     are ignored.
     """
 
-    log = Logger()
+    log = QuietLogger(namespace="treadmill.logserver.follow.ws")
     factory: FollowFactory
     target: tuple[StreamStore, str, str, int] | None = None
     pump: Pump | None = None
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
-        return SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
+        return FOLLOW_SUBPROTOCOL if FOLLOW_SUBPROTOCOL in request.protocols else None
 
     def onOpen(self) -> None:
         if self.target is None:
-            self.sendClose(1011, "no stream")
+            self.sendClose(FOLLOW_CLOSE_CODES["error"], "no stream")
             return
         store, job_id, name, offset = self.target
         pump = Pump(store, store.stream(job_id, name), offset, _SocketSink(self), follow=True)
@@ -281,7 +280,8 @@ class _SocketSink(Sink):
         self.protocol.sendClose(1000, "end of stream")
 
     def abort(self, reason: str, message: str) -> None:
-        self.protocol.sendClose(CLOSE_CODES.get(reason, 1011), message[:120])
+        code = FOLLOW_CLOSE_CODES.get(reason, FOLLOW_CLOSE_CODES["error"])
+        self.protocol.sendClose(code, close_reason(message))
 
 
 class FollowFactory(WebSocketServerFactory):

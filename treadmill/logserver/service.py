@@ -23,8 +23,8 @@ from twisted.logger import Logger
 
 from treadmill.common.cors import with_cors
 from treadmill.common.daemon import RoleService, listeners
-from treadmill.common.http import limited_site
-from treadmill.common.keys import KeySource, key_source
+from treadmill.common.http import limited_site, log_requests
+from treadmill.common.keys import KeySource, attach_keys
 from treadmill.logserver.api import LogServerAPI
 from treadmill.logserver.follow import FollowFactory
 from treadmill.logserver.metrics import LogServerMetrics
@@ -35,10 +35,11 @@ DAY = 24 * 3600.0
 
 @dataclass
 class LogServerConfig:
-    """Everything a log server needs, already validated."""
+    """Everything a log server needs, already validated; its defaults are the settings'
+    (``tap.Options``: each setting names its field here)."""
 
     root: str
-    listen: list[str]
+    listen: list[str] = field(default_factory=lambda: ["tcp:8070:interface=127.0.0.1"])
     auth: dict[str, Any] = field(default_factory=dict)  # the auth.* settings
     service: str = "treadmill-logserver"
     max_append: int = 1024 * 1024
@@ -68,11 +69,7 @@ class LogServerService(RoleService):
         self.setName("logserver")
         self.reactor = reactor
         self.config = config
-        self.keys = keys if keys is not None else key_source(reactor, config.auth)
-        self.keys.setName("keys")
-        self.keys.setServiceParent(self)
-        self.verifier = self.keys.verifier(config.auth.get("auth.issuer") or "treadmill",
-                                           config.service)
+        self.keys, self.verifier = attach_keys(self, reactor, config.auth, config.service, keys)
         self.store = StreamStore(reactor, config.root, fsync=config.fsync,
                                  max_streams=config.max_streams)
         self.api = LogServerAPI(self.store, self.verifier, max_append=config.max_append,
@@ -81,14 +78,7 @@ class LogServerService(RoleService):
         self.site = limited_site(with_cors(self.api.resource(), config.cors_origins,
                                            expose=LOG_HEADERS), config.max_append)
         self.metrics = LogServerMetrics(self)
-        access_log = self.site.log
-
-        def log(request: Any) -> None:
-            self.metrics.observe(request)
-            if config.access_log:
-                access_log(request)
-
-        self.site.log = log  # type: ignore[method-assign]
+        log_requests(self.site, config.access_log, self.metrics.observe)
         self._ports: list[Any] = []
 
     def namespace(self) -> dict[str, Any]:

@@ -42,7 +42,8 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from treadmill.common.files import fsync_directory, write_json
-from treadmill.logserver.names import META, is_job, is_stream
+from treadmill.logserver.names import META
+from treadmill.protocol.logs import is_job, is_stream
 
 __all__ = ["Job", "Stream", "StreamError", "StreamStore", "TooManyStreams", "Writer"]
 

@@ -23,7 +23,7 @@ import json
 from enum import IntEnum
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from treadmill.common.messages import check, decode
 from treadmill.common.messages import encode as encode  # re-exported: the protocol's encoder
@@ -67,6 +67,68 @@ RETRYABLE_ACK_ERRORS = (UNAVAILABLE,)
 # Why a start_job was refused (ack with ok=false, error.code).
 START_ERRORS = ("already_running", "image_not_found", "image_invalid", "bad_request",
                 "internal_error")
+
+
+RESERVATION_PARAMETER = "treadmill.reservation"
+"""The ``JobStart`` parameter (``"true"``) by which the switchboard tells a driver to hold
+its host until the job's deadline (``docs/jobs.md``, Reservations); users may not set it."""
+
+
+# -- typed messages (the schema is the authority; a test compares their keys) --------------
+
+
+class JobImage(TypedDict):
+    """``JobStart.image``: the manifest to run and the image stores to fetch it from."""
+
+    digest: str
+    name: str | None
+    stores: list[str]
+
+
+class JobParameter(TypedDict):
+    value: str
+    secret: bool
+
+
+class ServiceURL(TypedDict):
+    """A log server or proxy of ``JobStart``, with the capability token for it."""
+
+    url: str
+    token: str
+
+
+class _JobStartFields(TypedDict):
+    id: str
+    image: JobImage
+    parameters: dict[str, JobParameter]
+    timeout: float
+
+
+class JobStart(_JobStartFields, total=False):
+    """The ``job`` of a ``start_job`` command (the four fields above are required)."""
+
+    tags: list[str]
+    label: str
+    log_servers: list[ServiceURL]  # minor 1
+    proxies: list[ServiceURL]  # minor 2
+    results: dict[str, str]  # minor 5 (docs/results.md)
+    ssh_keys: list[str]  # minor 5
+
+
+class _JobEventFields(TypedDict):
+    type: Literal["job_event"]
+    request_id: int
+    job_id: str
+    state: str
+
+
+class JobEvent(_JobEventFields, total=False):
+    """A ``job_event`` report: the job's state now on its host."""
+
+    stage: str
+    reason: str
+    exit_status: int
+    message: str
 
 
 class CloseCode(IntEnum):
@@ -121,7 +183,7 @@ def negotiate_minor(theirs: str | bytes | None) -> int:
 # -- constructors: the only places messages are built -------------------------------
 
 
-def start_job(request_id: int, job: dict[str, Any]) -> dict[str, Any]:
+def start_job(request_id: int, job: JobStart) -> dict[str, Any]:
     """Ask the supervisor to start ``job`` (see ``JobStart`` in the schema)."""
     return {"type": "start_job", "request_id": request_id, "job": job}
 
@@ -146,13 +208,17 @@ def status(request_id: int, job: dict[str, Any] | None,
 
 def job_event(request_id: int, job_id: str, state: str, *, stage: str | None = None,
               reason: str | None = None, exit_status: int | None = None,
-              message: str | None = None) -> dict[str, Any]:
-    event: dict[str, Any] = {"type": "job_event", "request_id": request_id, "job_id": job_id,
-                             "state": state}
-    for key, value in (("stage", stage), ("reason", reason), ("exit_status", exit_status),
-                       ("message", message)):
-        if value is not None:
-            event[key] = value
+              message: str | None = None) -> JobEvent:
+    event: JobEvent = {"type": "job_event", "request_id": request_id, "job_id": job_id,
+                       "state": state}
+    if stage is not None:
+        event["stage"] = stage
+    if reason is not None:
+        event["reason"] = reason
+    if exit_status is not None:
+        event["exit_status"] = exit_status
+    if message is not None:
+        event["message"] = message
     return event
 
 

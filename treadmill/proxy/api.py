@@ -25,19 +25,17 @@ from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from werkzeug.exceptions import HTTPException
 
 from treadmill.common.captoken import CapabilityError, Claims, bearer_token
 from treadmill.common.http import (
     ApiError,
-    http_exception_error,
+    add_fallback_error_handlers,
     respond,
     respond_error,
-    respond_internal,
 )
 from treadmill.proxy.control import ControlFactory
 from treadmill.proxy.legs import TunnelFactory
-from treadmill.proxy.registry import Registry
+from treadmill.proxy.tunnels import Registry
 
 __all__ = ["ProxyAPI"]
 
@@ -70,13 +68,7 @@ class ProxyAPI:
     def _api_error(self, request: IRequest, failure: Failure) -> bytes:
         return respond_error(request, failure.value)
 
-    @app.handle_errors(HTTPException)
-    def _http_error(self, request: IRequest, failure: Failure) -> bytes:
-        return respond_error(request, http_exception_error(failure.value))
-
-    @app.handle_errors(Exception)
-    def _internal(self, request: IRequest, failure: Failure) -> bytes:
-        return respond_internal(request, failure, self.log)
+    add_fallback_error_handlers(app)
 
     # -- routes ------------------------------------------------------------------------
 

@@ -16,28 +16,18 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.logger import Logger
 
-from treadmill.proxy import messages
-from treadmill.proxy.messages import CloseCode
-from treadmill.proxy.registry import JobSession, Registry
+from treadmill.common.wsjson import JsonSession, QuietLogger
+from treadmill.protocol import proxy as messages
+from treadmill.protocol.proxy import CloseCode
+from treadmill.proxy.tunnels import JobSession, Registry
 
 __all__ = ["ControlFactory", "ControlProtocol"]
 
 
-class _QuietLogger(Logger):
-    """Autobahn's protocol logger without debug: its debug lines would show the
-    handshake, bearer token included."""
+class ControlProtocol(JsonSession, WebSocketServerProtocol):
+    """A job's control connection (a :class:`tunnels.Control`)."""
 
-    def debug(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def trace(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
-class ControlProtocol(WebSocketServerProtocol):
-    """A job's control connection (a :class:`registry.Control`)."""
-
-    log = _QuietLogger(namespace="treadmill.proxy.control.ws")
+    log = QuietLogger(namespace="treadmill.proxy.control.ws")
     factory: ControlFactory
     job: str = ""
     subject: str = ""
@@ -46,20 +36,13 @@ class ControlProtocol(WebSocketServerProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.session: JobSession | None = None
-        self._handling = False
+        self.handling = False
 
-    # -- registry.Control ----------------------------------------------------------------
-
-    def send(self, message: dict[str, Any]) -> bool:
-        if self.state != self.STATE_OPEN:
-            return False
-        self.sendMessage(messages.encode(message), isBinary=False)
-        return True
+    # -- tunnels.Control (send: JsonSession's) -------------------------------------------
 
     def close(self, code: int, reason: str) -> None:
-        self._handling = False
-        if self.state == self.STATE_OPEN:
-            self.sendClose(int(code), reason[:120])
+        self.handling = False
+        super().close(code, reason)
 
     # -- Autobahn --------------------------------------------------------------------
 
@@ -69,12 +52,12 @@ class ControlProtocol(WebSocketServerProtocol):
         return messages.SUBPROTOCOL
 
     def onOpen(self) -> None:
-        self._handling = True
+        self.handling = True
         self.session = self.factory.registry.attach(self, self.subject, self.token)
         self.token = ""  # the registry keeps its digest
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if not self._handling or self.session is None:
+        if not self.handling or self.session is None:
             return
         if isBinary:
             self.violation("binary frames are not part of the control protocol")
@@ -86,18 +69,22 @@ class ControlProtocol(WebSocketServerProtocol):
             return
         self.factory.registry.handle(self.session, self, message)
 
-    def violation(self, text: str) -> None:
-        """The supervisor broke the protocol: say so and close with 4000."""
+    # -- JsonSession: the supervisor broke the protocol ---------------------------------
+
+    violation_code = CloseCode.PROTOCOL_VIOLATION
+
+    def violation_message(self, text: str) -> dict[str, Any]:
+        return messages.protocol_error(text)
+
+    def log_violation(self, text: str) -> None:
         self.factory.registry.counts["control_violation"] += 1
         self.factory.log.warn("Job {job}: protocol violation on the control connection: {text}",
                               job=self.job, text=text)
-        self.send(messages.protocol_error(text))
-        self.close(CloseCode.PROTOCOL_VIOLATION, "protocol violation")
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.session is None:
             return  # never opened
-        self._handling = False
+        self.handling = False
         # 1000 from the supervisor means "the job ended"; anything else is a loss.
         final = not self.closedByMe and self.remoteCloseCode == CloseCode.NORMAL
         self.factory.registry.detach(self, final=final)

@@ -24,15 +24,19 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from treadmill.common.captoken import CapabilityError, Claims, bearer_token
-from treadmill.proxy import messages
-from treadmill.proxy.messages import ConsoleCloseCode
-from treadmill.proxy.registry import Pending, Registry, Tunnel
-from treadmill.proxy.splice import TUNNEL_SUBPROTOCOL, StreamEnd, WebSocketEnd
+from treadmill.common.splice import TUNNEL_SUBPROTOCOL, StreamEnd, WebSocketEnd
+from treadmill.common.wsjson import QuietLogger, close_reason
+from treadmill.protocol import proxy as messages
+from treadmill.protocol.proxy import ConsoleCloseCode
+from treadmill.proxy.tunnels import Pending, Registry, Tunnel
 
 __all__ = ["DataEnd", "DataFactory", "PublicEnd", "PublicFactory", "TunnelFactory",
            "TunnelSocket"]
 
 MAX_MESSAGE = 1024 * 1024  # what one client WebSocket message may hold (we send 64 KiB)
+NO_TUNNEL = 4011
+"""The close code of a tunnel WebSocket bound to no tunnel (1011, internal error, shifted
+into the private range: Autobahn lets an application send only 1000 and 3000-4999)."""
 
 
 class PublicEnd(StreamEnd):
@@ -142,7 +146,8 @@ class DataFactory(ServerFactory):
 class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
     """A client on a tunnel's WebSocket path (see the module docstring for consoles)."""
 
-    # Not ``log``: that is Autobahn's (its debug lines would show the handshake's token).
+    # Autobahn's (quiet: its debug lines would show the handshake's token).
+    log = QuietLogger(namespace="treadmill.proxy.legs.ws")
     console_log = Logger(namespace="treadmill.proxy.consoles")
     factory: TunnelFactory
     tunnel: Tunnel | None = None
@@ -164,7 +169,7 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
 
     def onOpen(self) -> None:
         if self.tunnel is None:
-            self.sendClose(1011, "no tunnel")
+            self.sendClose(NO_TUNNEL, "no tunnel")
             return
         if self.tunnel.authenticates:
             self._arrive()
@@ -230,7 +235,7 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
             job=tunnel.session.job if tunnel else None, reason=reason, subject=subject,
             peer=self._peer)
         if self.state == self.STATE_OPEN:
-            self.sendClose(int(code), text[:120])
+            self.sendClose(int(code), close_reason(text))
 
     def _stop_waiting(self) -> None:
         """No longer waiting for the token's message."""

@@ -10,7 +10,8 @@ from typing import Any
 
 from twisted.internet.error import CannotListenError
 
-__all__ = ["PortAllocator", "PortUnavailable", "PortsExhausted", "parse_range", "parse_static"]
+__all__ = ["PortAllocator", "PortUnavailable", "PortsExhausted", "parse_port_range",
+           "parse_static"]
 
 _RANGE = re.compile(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*")
 _STATIC_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -24,7 +25,7 @@ class PortUnavailable(Exception):
     """A static port cannot be bound (another tunnel or program holds it)."""
 
 
-def parse_range(value: Any) -> tuple[int, int] | None:
+def parse_port_range(value: Any) -> tuple[int, int] | None:
     """``"40000-40999"`` → ``(40000, 40999)``; ``""`` → None (no dynamic ports)."""
     if not isinstance(value, str):
         raise ValueError("expected a port range such as \"40000-40999\"")

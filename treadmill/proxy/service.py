@@ -31,13 +31,13 @@ from twisted.logger import Logger
 from twisted.web.http import combinedLogFormatter
 
 from treadmill.common.daemon import RoleService, listeners
-from treadmill.common.http import limited_site
-from treadmill.common.keys import KeySource, key_source
+from treadmill.common.http import limited_site, log_requests
+from treadmill.common.keys import KeySource, attach_keys
 from treadmill.proxy.api import ProxyAPI
 from treadmill.proxy.control import ControlFactory
 from treadmill.proxy.legs import DataFactory, PublicFactory, TunnelFactory
 from treadmill.proxy.metrics import ProxyMetrics
-from treadmill.proxy.registry import Registry, RegistrySettings
+from treadmill.proxy.tunnels import Registry, RegistrySettings
 
 __all__ = ["ProxyConfig", "ProxyService", "with_backlog"]
 
@@ -76,10 +76,11 @@ def redacting_log_formatter(timestamp: str, request: Any) -> str:
 
 @dataclass
 class ProxyConfig:
-    """Everything a proxy needs, already validated (``tap.config_from``)."""
+    """Everything a proxy needs, already validated; its defaults are the settings'
+    (``tap.Options``: each setting names its field here)."""
 
-    listen: list[str]
-    data_listen: list[str]
+    listen: list[str] = field(default_factory=lambda: ["tcp:8090:interface=127.0.0.1"])
+    data_listen: list[str] = field(default_factory=lambda: ["tcp:8091:interface=127.0.0.1"])
     auth: dict[str, Any] = field(default_factory=dict)  # the auth.* settings
     service: str = "treadmill-proxy"
     tunnels: RegistrySettings = field(default_factory=RegistrySettings)
@@ -99,11 +100,7 @@ class ProxyService(RoleService):
         self.setName("proxy")
         self.reactor = reactor
         self.config = config
-        self.keys = keys if keys is not None else key_source(reactor, config.auth)
-        self.keys.setName("keys")
-        self.keys.setServiceParent(self)
-        self.verifier = self.keys.verifier(config.auth.get("auth.issuer") or "treadmill",
-                                           config.service)
+        self.keys, self.verifier = attach_keys(self, reactor, config.auth, config.service, keys)
         self.registry = Registry(
             reactor, config.tunnels, self.verifier,
             public_factory=lambda tunnel: PublicFactory(self.registry, tunnel),
@@ -114,8 +111,7 @@ class ProxyService(RoleService):
         self.api = ProxyAPI(self.registry, self.verifier, self.control, self.tunnel_sockets)
         self.site = limited_site(self.api.resource(), 64 * 1024,
                                  logFormatter=redacting_log_formatter)
-        if not config.access_log:
-            self.site.log = lambda request: None  # type: ignore[method-assign]
+        log_requests(self.site, config.access_log)
         self.metrics = ProxyMetrics(self.registry)
         self._ports: list[Any] = []
         self._data_ports: list[Any] = []

@@ -9,7 +9,7 @@ reconnect: within the proxy's grace period the tunnels survived and the
 answers name the same ports and paths. When a client connects to a tunnel
 the proxy sends ``connect``; the manager dials the service's local
 ``(host, port)`` and the proxy's data port at the same time, sends the data
-header, and splices the two with backpressure (``treadmill.proxy.splice``).
+header, and splices the two with backpressure (``treadmill.common.splice``).
 The wire formats are in ``docs/proxy.md``.
 
 For the supervisor (the lead wires it)::
@@ -33,11 +33,7 @@ service on each proxy, and ``auth`` (``service`` or ``token``) as the proxy
 answered. ``close(final=False)`` (a supervisor shutting down while its
 job lives on) leaves the tunnels to the proxy's grace period instead.
 
-Run alone, for manual checks and the benchmark::
-
-    python -m treadmill.supervisor.exposure --job JOB --proxy ws://127.0.0.1:8090 \\
-        --token-file TOKEN --service echo=127.0.0.1:7007 [--echo 7007] \\
-        [--self-authenticating]
+``tools/bench/expose.py`` runs one alone (manual checks, the benchmark).
 """
 
 from __future__ import annotations
@@ -51,17 +47,16 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import wrapClientTLS
-from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from treadmill.proxy import messages
-from treadmill.proxy.messages import CloseCode, parse_proxy_url
-from treadmill.proxy.splice import Splice, StreamEnd, client_endpoint, join
+from treadmill.common.splice import Splice, StreamEnd, client_endpoint, join, no_delay
+from treadmill.common.wsjson import JsonSession, QuietLogger
+from treadmill.protocol import proxy as messages
+from treadmill.protocol.proxy import CloseCode, parse_proxy_url
 
-__all__ = ["Echo", "ExposureManager", "authenticates", "listen_echo", "parse_proxy_url"]
+__all__ = ["ExposureManager", "Service", "authenticates"]
 
 Service = tuple[str, int] | tuple[str, int, bool]
 """A host-local service: ``(host, port)``, or ``(host, port, True)`` if it authenticates
@@ -75,32 +70,13 @@ def authenticates(service: Service) -> bool:
 _GIVE_UP_FAST = 16  # a failure count that means "wait reconnect_max"
 
 
-def _no_delay(transport: Any) -> None:
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        try:
-            set_no_delay(True)
-        except OSError:
-            pass
-
-
-class _QuietLogger(Logger):
-    """Autobahn's protocol logger without debug (the handshake holds the token)."""
-
-    def debug(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def trace(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 # -- the legs of a connection ---------------------------------------------------------
 
 
 class _LocalEnd(StreamEnd):
     def connectionMade(self) -> None:
         super().connectionMade()
-        _no_delay(self.transport)
+        no_delay(self.transport)
 
 
 class _DataEnd(StreamEnd):
@@ -112,7 +88,7 @@ class _DataEnd(StreamEnd):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        _no_delay(self.transport)
+        no_delay(self.transport)
         self.transport.write(self.header)
 
 
@@ -177,8 +153,9 @@ class _Rendezvous:
 # -- the control connection -----------------------------------------------------------
 
 
-class _ControlClient(WebSocketClientProtocol):
-    log = _QuietLogger(namespace="treadmill.supervisor.exposure.ws")
+class _ControlClient(JsonSession, WebSocketClientProtocol):
+    log = QuietLogger(namespace="treadmill.supervisor.exposure.ws")
+    violation_code = CloseCode.PROTOCOL_VIOLATION
     factory: Any
 
     def __init__(self) -> None:
@@ -192,16 +169,16 @@ class _ControlClient(WebSocketClientProtocol):
     def link(self) -> _ProxyLink:
         return self.factory.link  # type: ignore[no-any-return]
 
-    def send(self, message: dict[str, Any]) -> bool:
-        if self.state != self.STATE_OPEN:
-            return False
-        self.sendMessage(messages.encode(message), isBinary=False)
-        return True
-
     def close(self, code: int, reason: str) -> None:
         self.handling = False
-        if self.state == self.STATE_OPEN:
-            self.sendClose(int(code), reason[:120])
+        super().close(code, reason)
+
+    def violation_message(self, text: str) -> dict[str, Any]:
+        return messages.protocol_error(text)
+
+    def log_violation(self, text: str) -> None:
+        self.link.manager.log.error("{name}: protocol violation by {url}: {error}",
+                                    name=self.link.manager.name, url=self.link.url, error=text)
 
     def onConnect(self, response: Any) -> None:
         self._wrong_protocol = response.protocol != messages.SUBPROTOCOL
@@ -226,11 +203,7 @@ class _ControlClient(WebSocketClientProtocol):
                 raise messages.ProtocolError("binary frames are not part of the protocol")
             message = messages.parse(payload, expect=messages.TO_SUPERVISOR)
         except messages.ProtocolError as e:
-            self.link.manager.log.error("{name}: protocol violation by {url}: {error}",
-                                        name=self.link.manager.name, url=self.link.url,
-                                        error=str(e))
-            self.send(messages.protocol_error(str(e)))
-            self.close(CloseCode.PROTOCOL_VIOLATION, "protocol violation")
+            self.violation(str(e))
             return
         self.link.message(self, message)
 
@@ -567,98 +540,3 @@ class ExposureManager:
 
     def _splice_closed(self, splice: Splice) -> None:
         self.splices.discard(splice)
-
-
-# -- an echo service (the mock host offers one) -------------------------------------------
-
-
-@implementer(IHalfCloseableProtocol)
-class Echo(Protocol):
-    """Writes back what it reads; closes once the client has sent everything (half-close)."""
-
-    def connectionMade(self) -> None:
-        _no_delay(self.transport)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def readConnectionLost(self) -> None:
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        self.transport.loseConnection()
-
-
-def listen_echo(reactor: Any, port: int = 0, interface: str = "127.0.0.1") -> IListeningPort:
-    """An echo service on ``interface:port`` (0: any free port; see ``getHost().port``)."""
-    factory = Factory.forProtocol(Echo)
-    factory.noisy = False
-    return reactor.listenTCP(port, factory, backlog=1024,  # type: ignore[no-any-return]
-                             interface=interface)
-
-
-# -- run alone ---------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m treadmill.supervisor.exposure``: publish local services until stopped."""
-    import argparse
-    import json
-    import sys
-
-    from twisted.internet.task import react
-    from twisted.logger import globalLogBeginner, textFileLogObserver
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--job", required=True)
-    parser.add_argument("--proxy", action="append", required=True, metavar="URL")
-    parser.add_argument("--token-file", required=True,
-                        help="a file holding the capability token (one for every proxy)")
-    parser.add_argument("--service", action="append", default=[], metavar="NAME=HOST:PORT")
-    parser.add_argument("--self-authenticating", action="store_true",
-                        help="the services authenticate their users themselves: publish "
-                        "public TCP ports (otherwise only token-protected WebSocket paths)")
-    parser.add_argument("--echo", type=int, metavar="PORT",
-                        help="also run an echo service on 127.0.0.1:PORT")
-    parser.add_argument("--ca-file")
-    parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
-    args = parser.parse_args(argv)
-    with open(args.token_file) as f:
-        token = f.read().strip()
-    services: dict[str, Service] = {}
-    for item in args.service:
-        name, _, address = item.partition("=")
-        host, _, port = address.rpartition(":")
-        services[name] = ((host.strip("[]"), int(port), True) if args.self_authenticating
-                          else (host.strip("[]"), int(port)))
-
-    from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate
-
-    level = LogLevel.warn if args.quiet else LogLevel.info
-    globalLogBeginner.beginLoggingTo([FilteringLogObserver(
-        textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(level)])],
-        redirectStandardIO=False)
-
-    async def run(reactor: Any) -> None:
-        if args.echo:
-            listen_echo(reactor, args.echo)
-        manager = ExposureManager(reactor, args.job,
-                                  [{"url": url, "token": token} for url in args.proxy],
-                                  services, ca_file=args.ca_file, reconnect_initial=0.2,
-                                  reconnect_max=5.0)
-
-        def show(endpoints: list[dict[str, Any]]) -> None:
-            print(json.dumps(endpoints), flush=True)
-
-        manager.on_change(show)
-        manager.start()
-        stopped: Deferred[None] = Deferred()
-        reactor.addSystemEventTrigger(
-            "before", "shutdown", lambda: Deferred.fromCoroutine(manager.close(final=True)))
-        await stopped
-
-    react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
-
-
-if __name__ == "__main__":
-    main()

@@ -16,24 +16,26 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from treadmill.supervisor.exposure import ExposureManager
+from treadmill.supervisor.observers import JobObserver
 
 
-class JobExposure:
-    """Proxy publishing for the jobs of one supervisor."""
+class JobExposure(JobObserver, Service):
+    """Proxy publishing for the jobs of one supervisor (an ``IJobObserver`` of its runner)."""
 
     log = Logger()
 
     def __init__(self, reactor: Any, report: Callable[[str, list[dict[str, Any]]], None], *,
-                 ca_file: str | None = None, name: str = "supervisor",
+                 ca_file: str | None = None, label: str = "supervisor",
                  reconnect_initial: float = 1.0, reconnect_max: float = 30.0):
         self.reactor = reactor
         self.report = report
         self.ca_file = ca_file
-        self.name = name
+        self.label = label
         self.reconnect_initial = reconnect_initial
         self.reconnect_max = reconnect_max
         self.proxies: dict[str, list[dict[str, str]]] = {}
@@ -57,7 +59,7 @@ class JobExposure:
         if not proxies:
             if services:
                 self.log.info("{name}: job {job} offers {services} but names no proxy",
-                              name=self.name, job=job_id, services=", ".join(sorted(services)))
+                              name=self.label, job=job_id, services=", ".join(sorted(services)))
             return
         manager = self.managers.get(job_id)
         if manager is None:
@@ -67,10 +69,10 @@ class JobExposure:
                 manager = ExposureManager(
                     self.reactor, job_id, proxies, services, ca_file=self.ca_file,
                     reconnect_initial=self.reconnect_initial,
-                    reconnect_max=self.reconnect_max, name=f"{self.name}: job {job_id}")
+                    reconnect_max=self.reconnect_max, name=f"{self.label}: job {job_id}")
             except ValueError as e:
                 self.log.error("{name}: cannot publish the services of job {job}: {error}",
-                               name=self.name, job=job_id, error=str(e))
+                               name=self.label, job=job_id, error=str(e))
                 return
             self.managers[job_id] = manager
             manager.on_change(lambda endpoints: self.report(job_id, endpoints))
@@ -95,7 +97,7 @@ class JobExposure:
             self._closing.discard(closing)
             if hasattr(result, "check"):
                 self.log.failure("{name}: closing the tunnels of job {job} failed", result,
-                                 name=self.name, job=job_id)
+                                 name=self.label, job=job_id)
 
         closing.addBoth(done)
         return closing
@@ -105,3 +107,8 @@ class JobExposure:
         for job_id in list(self.managers):
             self._close(job_id, final=False)
         await DeferredList(list(self._closing), consumeErrors=True)
+
+    def stopService(self) -> Deferred[None]:
+        """As a child of the supervisor's service: :meth:`stop`."""
+        super().stopService()
+        return Deferred.fromCoroutine(self.stop())

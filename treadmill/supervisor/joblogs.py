@@ -24,11 +24,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from treadmill.protocol.results import STREAM as RESULTS
 from treadmill.supervisor.logship import EVENTS, LogShipper
+from treadmill.supervisor.observers import JobObserver
 
 
 def _line(event: dict[str, Any]) -> bytes:
@@ -46,19 +48,19 @@ def _is_final(line: bytes) -> bool:
     return isinstance(event, dict) and event.get("state") == "terminated"
 
 
-class JobLogs:
-    """Log shipping for the jobs of one supervisor."""
+class JobLogs(JobObserver, Service):
+    """Log shipping for the jobs of one supervisor (an ``IJobObserver`` of its runner)."""
 
     log = Logger()
 
     def __init__(self, reactor: Any, state_dir: str, *, spool_limit: int = 64 * 1024 * 1024,
-                 durable: bool = True, ca_file: str | None = None, name: str = "supervisor"):
+                 durable: bool = True, ca_file: str | None = None, label: str = "supervisor"):
         self.reactor = reactor
         self.state_dir = state_dir
         self.spool_limit = spool_limit
         self.durable = durable
         self.ca_file = ca_file
-        self.name = name
+        self.label = label
         self.servers: dict[str, list[dict[str, str]]] = {}
         self.shippers: dict[str, LogShipper] = {}  # jobs that still produce output
         self.closing: dict[str, LogShipper] = {}  # ended jobs: shipping the rest, then closing
@@ -71,7 +73,7 @@ class JobLogs:
 
     def _spool_full(self, shipper: LogShipper, stream: str, nbytes: int) -> None:
         self.log.error("{name}: the log spool of job {job} is full; {count} bytes of {stream} "
-                       "were refused (a log server is unreachable or slow)", name=self.name,
+                       "were refused (a log server is unreachable or slow)", name=self.label,
                        job=shipper.job_id, count=nbytes, stream=stream)
 
     def resume(self, current_job: str | None,
@@ -145,7 +147,7 @@ class JobLogs:
 
         def failed(failure: Any) -> None:
             self.log.failure("{name}: closing the logs of job {job} failed", failure,
-                             name=self.name, job=job_id)
+                             name=self.label, job=job_id)
 
         closing.addErrback(failed).addBoth(lambda _: self._closing.discard(closing))
 
@@ -159,7 +161,7 @@ class JobLogs:
                 return  # the next start looks again
             if last is not None and not _is_final(last):
                 self.log.warn("{name}: the events log of job {job} lacks its final line; "
-                              "adding it", name=self.name, job=job_id)
+                              "adding it", name=self.label, job=job_id)
                 shipper.append(EVENTS, _line(final))
         # Closing is recorded in the spool's cursors: only once the last line is in it.
         await shipper.flushed()
@@ -171,7 +173,7 @@ class JobLogs:
                 return  # the next start resumes it
             if not warned:
                 self.log.warn("{name}: logs of job {job} are still being shipped",
-                              name=self.name, job=job_id)
+                              name=self.label, job=job_id)
                 warned = True
         if self.closing.get(job_id) is shipper:
             del self.closing[job_id]
@@ -184,3 +186,8 @@ class JobLogs:
             await shipper.stop()
         self.shippers.clear()
         self.closing.clear()
+
+    def stopService(self) -> Deferred[None]:
+        """As a child of the supervisor's service: :meth:`stop`."""
+        super().stopService()
+        return Deferred.fromCoroutine(self.stop())

@@ -37,6 +37,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 
 from treadmill.common.tls import client_options
+from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import supervisor as protocol
 from treadmill.protocol.supervisor import CloseCode
 
@@ -88,21 +89,10 @@ def parse_url(url: str) -> tuple[bool, str, int, str]:
     return secure, host, port, f"{parts.scheme}://{shown}:{port}{path}"
 
 
-class _QuietLogger(Logger):
-    """Autobahn's protocol logger without debug: its debug lines hold the handshake,
-    bearer token included, and secrets never go to logs."""
-
-    def debug(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def trace(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
-class SupervisorProtocol(WebSocketClientProtocol):
+class SupervisorProtocol(JsonSession, WebSocketClientProtocol):
     """One connection to the switchboard: a runner :class:`~runner.Session`."""
 
-    log = _QuietLogger(namespace="treadmill.supervisor.link.ws")
+    log = QuietLogger(namespace="treadmill.supervisor.link.ws")
     # Autobahn reads this before it copies the factory's options: without it,
     # Nagle's algorithm holds each small message ~40 ms behind the last ack.
     tcpNoDelay = True
@@ -111,27 +101,16 @@ class SupervisorProtocol(WebSocketClientProtocol):
         super().__init__()
         self.minor: int | None = None
         self.was_open = False  # the session opened (versions agreed)
-        self._handling = False  # messages are handled (until a violation)
+        self.handling = False  # messages are handled (until a violation)
         self._version_error: str | None = None
         self._request_id = 0
         self.closed: Deferred[None] = Deferred()
 
     # -- Session ---------------------------------------------------------------------
 
-    def send(self, message: dict[str, Any]) -> bool:
-        if self.state != self.STATE_OPEN:
-            return False
-        self.sendMessage(protocol.encode(message), isBinary=False)
-        return True
-
     def next_request_id(self) -> int:
         self._request_id += 1
         return self._request_id
-
-    def close(self, code: int, reason: str) -> None:
-        if self.state == self.STATE_OPEN:
-            # Autobahn wants a plain int, and a reason of at most 123 bytes.
-            self.sendClose(int(code), reason.encode("utf-8")[:120].decode("utf-8", "ignore"))
 
     # -- Autobahn --------------------------------------------------------------------
 
@@ -153,7 +132,7 @@ class SupervisorProtocol(WebSocketClientProtocol):
             self.close(CloseCode.VERSION_MISMATCH, "version mismatch")
             return
         self.was_open = True
-        self._handling = True
+        self.handling = True
         self.link._opened(self)
 
     @property
@@ -161,7 +140,7 @@ class SupervisorProtocol(WebSocketClientProtocol):
         return self.factory.link  # type: ignore[no-any-return]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if not self._handling:
+        if not self.handling:
             return
         if isBinary:
             self.violation("binary frames are not part of the protocol")
@@ -178,13 +157,16 @@ class SupervisorProtocol(WebSocketClientProtocol):
             return
         self.link.handler.message_received(self, message)
 
-    def violation(self, text: str) -> None:
-        """The switchboard broke the protocol: say so and close with 4000."""
+    # -- JsonSession: the switchboard broke the protocol ------------------------------
+
+    violation_code = CloseCode.PROTOCOL_VIOLATION
+
+    def violation_message(self, text: str) -> dict[str, Any]:
+        return protocol.protocol_error("violation", text)
+
+    def log_violation(self, text: str) -> None:
         self.link.log.error("{link}: protocol violation by the switchboard: {text}",
                             link=self.link.name, text=text)
-        self.send(protocol.protocol_error("violation", text))
-        self._handling = False  # handle nothing more from this connection
-        self.close(CloseCode.PROTOCOL_VIOLATION, "protocol violation")
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         status = None

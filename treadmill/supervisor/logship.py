@@ -72,7 +72,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from treadmill.common.files import fsync_directory, write_json
-from treadmill.logserver.names import is_stream
+from treadmill.protocol import logs
+from treadmill.protocol.logs import is_stream
 
 __all__ = ["LOGS_DIR", "LogShipper"]
 
@@ -665,8 +666,7 @@ class LogShipper:
             server.attempts = 0
             server.last_error = None
 
-    async def _request(self, server: _Server, path: str, data: bytes) -> tuple[int, Any]:
-        url = f"{server.url}/v1/jobs/{self.job_id}/streams/{path}"
+    async def _request(self, server: _Server, url: str, data: bytes) -> tuple[int, Any]:
         headers = {"authorization": f"Bearer {server.token}",
                    "content-type": "application/octet-stream"}
         try:
@@ -710,8 +710,8 @@ class LogShipper:
         if not data:
             raise RuntimeError(f"nothing to read at {offset} of {name}")
         last = st.closing and st.settled and offset + len(data) == st.produced
-        query = f"{name}?offset={offset}" + ("&close=1" if last else "")
-        code, body = await self._request(server, query, data)
+        url = logs.append_url(server.url, self.job_id, name, offset, close=last)
+        code, body = await self._request(server, url, data)
         if self._stopped or server.removed:
             return
         if code == 200:
@@ -750,7 +750,8 @@ class LogShipper:
 
     async def _close_on(self, server: _Server, st: _Stream) -> None:
         name = st.name
-        code, body = await self._request(server, f"{name}/close?length={st.produced}", b"")
+        code, body = await self._request(
+            server, logs.close_url(server.url, self.job_id, name, st.produced), b"")
         if self._stopped or server.removed:
             return
         if code == 200:

@@ -2,7 +2,7 @@
 
 Live values (the link, log shipping, image fetching) are read from the service
 objects at scrape time; job stage durations and console bytes are observed
-from the runner's event and console observers. A supervisor serves its
+as an observer of the runner (events and console). A supervisor serves its
 registry on ``metrics.listen``; the fleet (many supervisors in one process, a
 load-test tool) serves none, so no metric carries a host label.
 """
@@ -17,6 +17,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+
+from treadmill.supervisor.observers import JobObserver
 
 __all__ = ["STAGE_BUCKETS", "SupervisorMetrics"]
 
@@ -74,8 +76,8 @@ class _Live(Collector):
         yield layers
 
 
-class SupervisorMetrics:
-    """The registry of one supervisor, fed by its runner's observers."""
+class SupervisorMetrics(JobObserver):
+    """The registry of one supervisor, fed as an observer of its runner."""
 
     def __init__(self, service: Any):
         self.registry = CollectorRegistry()
@@ -88,14 +90,14 @@ class SupervisorMetrics:
                                 "Time a job spent in each stage (initializing stages, ready, "
                                 "terminating), by driver.", ["stage", "driver"],
                                 registry=self.registry, buckets=STAGE_BUCKETS)
-        self.console = Counter("treadmill_supervisor_console_bytes",
-                               "Console bytes received from the host.", registry=self.registry)
+        self.console_bytes = Counter("treadmill_supervisor_console_bytes",
+                                     "Console bytes received from the host.",
+                                     registry=self.registry)
         self._phase: dict[str, tuple[str, float]] = {}  # job id -> (stage, since)
-        service.runner.observers.append(self.event)
-        service.runner.console_observers.append(self.console_data)
+        service.runner.add_observer(self)
 
     def event(self, event: dict[str, Any]) -> None:
-        """Time the stage a job leaves (a runner event observer)."""
+        """Time the stage a job leaves."""
         job, state = event["job_id"], event["state"]
         stage = (event.get("stage") or state) if state == "initializing" else state
         now = self.reactor.seconds()
@@ -109,5 +111,5 @@ class SupervisorMetrics:
         else:
             self._phase[job] = (stage, now)
 
-    def console_data(self, job_id: str, data: bytes) -> None:
-        self.console.inc(len(data))
+    def console(self, job_id: str, data: bytes) -> None:
+        self.console_bytes.inc(len(data))

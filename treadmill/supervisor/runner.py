@@ -15,30 +15,23 @@ switchboard's commands (``docs/protocol.md``):
   event has been sent *and acknowledged*, so the switchboard reconciles
   against a database that already holds them.
 
-Job events flow from the driver (:class:`IJobReporter`) through an outbox:
-each event is written to the journal (in a thread, ``fsync``-ed) before it is
-sent; events are sent one at a time, in order, each after the previous one was
-acknowledged, on whichever connection is open, and deleted from the journal
-when acknowledged. After a reconnect the outbox simply starts again from its
-head. An event not acknowledged within ``ack_timeout`` seconds is sent again
-on the same connection (a new request id; the switchboard applies a repeat as
-a no-op), and so is one acknowledged with the retryable error
-``unavailable`` (the switchboard could not store it), after a pause; both
-delays double with each attempt, with jitter, up to ``resend_max``. An ack for
-any of the request ids the event went out with acknowledges it. Other refusals
-are logged and the event dropped. Execution timeouts are the switchboard's
-business, not the runner's.
+Job events flow from the driver (:class:`IJobReporter`) through the journaled
+outbox (``outbox.py``: journaled, then sent one at a time until acknowledged)
+and to the runner's observers (``IJobObserver``). The runner also reports the
+current job's public endpoints, resending them until acknowledged, and hands
+``snapshot_job`` to its ``SnapshotRequests`` (``snapshots.py``). Execution
+timeouts are the switchboard's business, not the runner's.
 """
 
 from __future__ import annotations
 
-import collections
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.internet import backoffPolicy
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -51,31 +44,19 @@ from treadmill.supervisor.drivers import (
     REASONS,
     STAGES,
     IHostDriver,
-    IHostSnapshots,
     IJobReporter,
-    SnapshotError,
     StartRefused,
 )
 from treadmill.supervisor.journal import ENDED_KEEP, StateFiles
+from treadmill.supervisor.observers import IJobObserver
+from treadmill.supervisor.outbox import UNAVAILABLE, EventOutbox, Session
 from treadmill.supervisor.results import JobResults
+from treadmill.supervisor.snapshots import SnapshotRequests
 
-__all__ = ["ConsoleBuffer", "JobRunner", "Session"]
+__all__ = ["ConsoleBuffer", "JobRunner"]
 
 ACTIVE_STATES = ("assigned", "initializing", "ready", "terminating")
 RESTART_MESSAGE = "supervisor restarted; the job could not be re-adopted"
-# An ack error meaning "not stored, send it again later" (docs/protocol.md). The literal
-# stands until treadmill/protocol/supervisor.py names it (the switchboard's side).
-UNAVAILABLE = "unavailable"
-
-
-class Session(Protocol):
-    """What the runner needs of an open connection (``link.SupervisorProtocol``)."""
-
-    def send(self, message: dict[str, Any]) -> bool: ...
-
-    def next_request_id(self) -> int: ...
-
-
 class ConsoleBuffer:
     """Counts console bytes and keeps the last ``limit`` of them."""
 
@@ -112,56 +93,58 @@ class _Reporter:
     def __init__(self, runner: JobRunner, job_id: str):
         self._runner: JobRunner | None = runner
         self.job_id = job_id
-        self._held: list[tuple[str, tuple[Any, ...]]] | None = []
+        self._held: list[tuple[Callable[..., None], tuple[Any, ...]]] | None = []
 
     def accept(self) -> None:
         held, self._held = self._held or [], None
-        for what, args in held:
-            self._call(what, *args)
+        for handler, args in held:
+            self._call(handler, *args)
 
     def discard(self) -> None:
         """The job was refused or the runner closes: report nothing more."""
         self._runner = None
         self._held = None
 
-    def _call(self, what: str, *args: Any) -> None:
+    def _call(self, handler: Callable[..., None], *args: Any) -> None:
+        """Have the runner apply ``handler`` (a ``JobRunner._on_*`` method) now, or once
+        the start is accepted."""
         if self._runner is None:
             return
         if self._held is not None:
-            self._held.append((what, args))
+            self._held.append((handler, args))
             return
-        self._runner._report(self.job_id, what, args)
+        self._runner._report(self.job_id, handler, args)
 
     def stage(self, name: str) -> None:
-        self._call("stage", name)
+        self._call(JobRunner._on_stage, name)
 
     def ready(self) -> None:
-        self._call("ready")
+        self._call(JobRunner._on_ready)
 
     def terminating(self, reason: str | None = None) -> None:
-        self._call("terminating", reason)
+        self._call(JobRunner._on_terminating, reason)
 
     def exited(self, exit_status: int, message: str = "") -> None:
-        self._call("exited", exit_status, message)
+        self._call(JobRunner._on_exited, exit_status, message)
 
     def failed(self, reason: str, message: str = "") -> None:
-        self._call("failed", reason, message)
+        self._call(JobRunner._on_failed, reason, message)
 
     def stopped(self, reason: str, message: str = "") -> None:
-        self._call("stopped", reason, message)
+        self._call(JobRunner._on_stopped, reason, message)
 
     def console(self, data: bytes) -> None:
         if self._runner is not None:
             self._runner._console(self.job_id, data)
 
     def services(self, services: dict[str, tuple[str, int]]) -> None:
-        self._call("services", dict(services))
+        self._call(JobRunner._on_services, dict(services))
 
     def result(self, message: dict[str, Any]) -> None:
-        self._call("result", dict(message))
+        self._call(JobRunner._on_result, dict(message))
 
     def ssh_host_keys(self, keys: list[str]) -> None:
-        self._call("ssh_host_keys", list(keys))
+        self._call(JobRunner._on_ssh_host_keys, list(keys))
 
 
 @dataclass(eq=False)
@@ -199,17 +182,6 @@ class _Current:
         return waiter
 
 
-class _Pending:
-    """One event in the outbox."""
-
-    __slots__ = ("event", "seq", "written")
-
-    def __init__(self, seq: int, event: dict[str, Any], written: bool = False):
-        self.seq = seq
-        self.event = event
-        self.written = written
-
-
 def _thread_io(reactor: Any) -> Callable[..., Deferred[Any]]:
     def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args, **kwargs)
@@ -217,7 +189,7 @@ def _thread_io(reactor: Any) -> Callable[..., Deferred[Any]]:
     return run
 
 
-class JobRunner:
+class JobRunner(Service):
     """Runs the switchboard's jobs on one host driver; see the module docstring.
 
     ``run_io(fn, *args)`` runs blocking state-directory I/O and returns a
@@ -231,44 +203,26 @@ class JobRunner:
 
     def __init__(self, reactor: Any, driver: IHostDriver, files: StateFiles, *,
                  run_io: Callable[..., Deferred[Any]] | None = None,
-                 console_buffer: int = 64 * 1024, name: str = "supervisor",
+                 console_buffer: int = 64 * 1024, label: str = "supervisor",
                  ack_timeout: float = 5.0, resend_max: float = 60.0,
                  jitter: Callable[[], float] = random.random):
         self.reactor = reactor
         self.driver = driver
         self.files = files
-        self.name = name
+        self.label = label
         self._run_io = run_io or _thread_io(reactor)
         self._io_lock = DeferredLock()
         self._current: _Current | None = None
         self._ended: list[dict[str, Any]] = []
-        self._outbox: collections.deque[_Pending] = collections.deque()
-        # The outbox's head once sent on the open connection, until acknowledged; the
-        # request ids it went out with; the timer that sends it again; how many times.
-        self._inflight: _Pending | None = None
-        self._sent_rids: set[int] = set()
-        self._late_rids: set[int] = set()  # other ids of the last acknowledged event
-        self._retry_call: Any = None
-        self._attempts = 0
         self.ack_timeout = ack_timeout
         self._backoff = backoffPolicy(ack_timeout, max(ack_timeout, resend_max), factor=2,
                                       jitter=lambda: jitter() * ack_timeout)
-        self._seq = 1
+        self.outbox = EventOutbox(reactor, files, self._io, backoff=self._backoff, label=label)
         self._session: Session | None = None
-        self._drain_waiters: list[Deferred[None]] = []
         self._stopping = False
         self._closed = False
         self.console = ConsoleBuffer(console_buffer)
-        # Called with each job event (without request_id) once it is queued.
-        self.observers: list[Callable[[dict[str, Any]], None]] = []
-        # Called with each job's JobStart when it is accepted or re-adopted.
-        self.start_observers: list[Callable[[dict[str, Any]], None]] = []
-        # Called with (job id, bytes) for each line of a job's results stream.
-        self.results_observers: list[Callable[[str, bytes], None]] = []
-        # Called with (job id, bytes) for the current job's console output.
-        self.console_observers: list[Callable[[str, bytes], None]] = []
-        # Called with (job id, {name: (host, port)}) when the host's services change.
-        self.service_observers: list[Callable[[str, dict[str, tuple[str, int]]], None]] = []
+        self.observers: list[IJobObserver] = []  # add_observer
         self._services: dict[str, tuple[str, int]] = {}
         # The current job's public endpoints until the switchboard acknowledged them.
         self._endpoints: tuple[str, list[dict[str, Any]]] | None = None
@@ -276,11 +230,25 @@ class JobRunner:
         # The current job's last endpoints and the guest's SSH host keys (sent with them).
         self._last_endpoints: tuple[str, list[dict[str, Any]]] | None = None
         self._ssh_host_keys: tuple[str, list[str]] | None = None
-        # Snapshots: those under way, and the results not yet acknowledged (by id).
-        self._snapshots: dict[str, Deferred[Any]] = {}
-        self._snapshot_results: dict[str, dict[str, Any]] = {}
-        self._snapshot_sent: dict[int, str] = {}
         self._calls: set[Any] = set()  # delayed resends of endpoints and snapshot results
+        self.snapshots = SnapshotRequests(
+            driver, current=lambda: self._current.id if self._current is not None else None,
+            reply=self._reply, later=self._later, backoff=self._backoff, label=label)
+
+    # -- observers -----------------------------------------------------------------------
+
+    def add_observer(self, observer: IJobObserver) -> None:
+        """Tell ``observer`` about every job from now on (see :class:`IJobObserver`)."""
+        self.observers.append(observer)
+
+    def _tell(self, call: Callable[[IJobObserver], Any], what: str) -> None:
+        """``call(observer)`` for each observer; one that raises is logged, not fatal."""
+        for observer in list(self.observers):
+            try:
+                call(observer)
+            except Exception:
+                self.log.failure("{name}: a job observer failed ({what})", name=self.label,
+                                 what=what)
 
     # -- introspection (tests, manhole) -----------------------------------------------
 
@@ -299,7 +267,7 @@ class JobRunner:
     @property
     def pending_events(self) -> list[dict[str, Any]]:
         """Events not yet acknowledged, in order."""
-        return [dict(p.event) for p in self._outbox]
+        return self.outbox.events
 
     @property
     def ended(self) -> list[dict[str, Any]]:
@@ -362,7 +330,7 @@ class JobRunner:
             self._endpoints = None
         if error is not None:
             self.log.warn("{name}: the switchboard refused the endpoints of job {job}: "
-                          "{code}: {text}", name=self.name, job=pending[0],
+                          "{code}: {text}", name=self.label, job=pending[0],
                           code=error.get("code"), text=error.get("message"))
 
     def _resend_endpoints(self, pending: tuple[str, Any]) -> None:
@@ -386,31 +354,18 @@ class JobRunner:
     async def start(self) -> None:
         """Lock and read the state directory; re-adopt or report the job it names."""
         loaded = await self._io(self.files.open)
-        self._seq = loaded.next_seq
         self._ended = loaded.ended[-ENDED_KEEP:]
-        for seq, event in loaded.events:
-            try:
-                protocol.validate(protocol.job_event(0, **event))
-            except (TypeError, protocol.ProtocolError):
-                # Sending it would only get the link closed for a violation, forever.
-                self.log.error("{name}: dropping invalid journal entry {seq}", name=self.name,
-                               seq=seq)
-                await self._io(self.files.remove_event, seq)
-                continue
-            self._outbox.append(_Pending(seq, event, written=True))
-        if self._outbox:
-            self.log.info("{name}: {count} job events to resend from the journal",
-                          name=self.name, count=len(self._outbox))
+        await self.outbox.load(loaded.next_seq, loaded.events)
         record = loaded.current
         if record is None:
             return
         job = record.get("job") if isinstance(record, dict) else None
         if not isinstance(job, dict) or not isinstance(job.get("id"), str):
-            self.log.error("{name}: unusable current-job.json; ignoring it", name=self.name)
+            self.log.error("{name}: unusable current-job.json; ignoring it", name=self.label)
             await self._io(self.files.record, None, None, clear_current=True)
             return
-        journaled = [p.event for p in self._outbox
-                     if p.event["job_id"] == job["id"] and p.event["state"] == "terminated"]
+        journaled = [event for event in self.outbox.events
+                     if event["job_id"] == job["id"] and event["state"] == "terminated"]
         if journaled or self._final_event(job["id"]) is not None:
             # It ended before the restart; the cleanup after its end was cut short.
             if self._final_event(job["id"]) is None:
@@ -432,16 +387,16 @@ class JobRunner:
         try:
             adopted = bool(self.driver.adopt(job, cur.reporter))
         except Exception:
-            self.log.failure("{name}: the driver failed to adopt job {job}", name=self.name,
+            self.log.failure("{name}: the driver failed to adopt job {job}", name=self.label,
                              job=cur.id)
             adopted = False
         if adopted:
-            self.log.info("{name}: re-adopted job {job} ({state})", name=self.name, job=cur.id,
+            self.log.info("{name}: re-adopted job {job} ({state})", name=self.label, job=cur.id,
                           state=state)
             cur.reporter.accept()
         else:
             self.log.warn("{name}: job {job} could not be re-adopted after a restart; "
-                          "reporting it as host_dropped_job", name=self.name, job=cur.id)
+                          "reporting it as host_dropped_job", name=self.label, job=cur.id)
             cur.reporter.discard()
             self._terminated(cur, "host_dropped_job", message=RESTART_MESSAGE)
 
@@ -451,21 +406,12 @@ class JobRunner:
 
     async def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every event to be acknowledged."""
-        if not self._outbox:
-            return True
-        if self._session is None:
-            return False
-        waiter = self._drained()
-        timer = self.reactor.callLater(timeout, lambda: waiter.called or waiter.callback(None))
-        await waiter
-        if timer.active():
-            timer.cancel()
-        return not self._outbox
+        return await self.outbox.flush(timeout)
 
     async def close(self) -> None:
         """Release the driver and the state directory; the job's files stay."""
         self._closed = True
-        self._cancel_retry()
+        self.outbox.stop()
         for call in list(self._calls):
             if call.active():
                 call.cancel()
@@ -475,28 +421,30 @@ class JobRunner:
         try:
             await maybeDeferred(self.driver.shutdown)
         except Exception:
-            self.log.failure("{name}: driver shutdown failed", name=self.name)
+            self.log.failure("{name}: driver shutdown failed", name=self.label)
         await self._io(self.files.close)
-        self._fire_drain_waiters()
+        self.outbox.wake()
+
+    def stopService(self) -> Deferred[None]:
+        """As a child of the supervisor's service: :meth:`close` (the supervisor calls
+        :meth:`start` itself: start-up may fail)."""
+        super().stopService()
+        return Deferred.fromCoroutine(self.close())
 
     # -- the link ----------------------------------------------------------------------
 
     def link_opened(self, session: Session) -> None:
         self._session = session
-        self._forget_inflight()
-        self._attempts = 0
         self._endpoints_sent = None
-        self._snapshot_sent = {}
-        self._pump()
+        self.outbox.opened(session)
         self._send_endpoints()
-        for snapshot_id in list(self._snapshot_results):
-            self._send_snapshot_result(snapshot_id)
+        self.snapshots.opened(session)
 
     def link_closed(self, session: Session) -> None:
         if session is self._session:
             self._session = None
-            self._forget_inflight()
-            self._fire_drain_waiters()
+        self.outbox.closed(session)
+        self.snapshots.closed(session)
 
     def message_received(self, session: Session, message: dict[str, Any]) -> None:
         """Handle one validated message of ``protocol.TO_SUPERVISOR``."""
@@ -510,11 +458,11 @@ class JobRunner:
         elif kind == "status_request":
             self._spawn(session, message, self._status_request)
         elif kind == "snapshot_job":
-            self._snapshot_job(session, message)
+            self.snapshots.request(session, message)
 
     def _spawn(self, session: Session, message: dict[str, Any], handler: Any) -> None:
         def crashed(failure: Failure) -> None:
-            self.log.failure("{name}: handling {kind} failed", failure, name=self.name,
+            self.log.failure("{name}: handling {kind} failed", failure, name=self.label,
                              kind=message["type"])
             if message["type"] != "status_request":
                 self._reply(session, protocol.ack(message["request_id"], (
@@ -541,13 +489,13 @@ class JobRunner:
                 "already_running", f"job {cur.id} is running on this host")))
             return
         if self._stopping or self._closed:
-            self.log.info("{name}: shutting down; not starting job {job}", name=self.name,
+            self.log.info("{name}: shutting down; not starting job {job}", name=self.label,
                           job=job_id)
             return
         final = self._final_event(job_id)
         if final is not None:
             self.log.info("{name}: job {job} already ended here; resending its final event",
-                          name=self.name, job=job_id)
+                          name=self.label, job=job_id)
             self._reply(session, protocol.ack(rid))
             self._resend(final)
             return
@@ -561,7 +509,7 @@ class JobRunner:
         try:
             await self._io(self.files.record, None, None, current=self._record(cur))
         except Exception:
-            self.log.failure("{name}: cannot write current-job.json", name=self.name)
+            self.log.failure("{name}: cannot write current-job.json", name=self.label)
             error = ("internal_error", "the supervisor cannot write its state directory")
         if error is None:
             try:
@@ -570,7 +518,7 @@ class JobRunner:
                 error = (e.code, e.message)
             except Exception as e:
                 self.log.failure("{name}: the driver failed to start job {job}",
-                                 name=self.name, job=job_id)
+                                 name=self.label, job=job_id)
                 error = ("internal_error", f"the host driver failed: {type(e).__name__}")
         if error is not None:
             cur.reporter.discard()
@@ -578,11 +526,11 @@ class JobRunner:
                 self._current = None
                 self._io(self.files.record, None, None, clear_current=True).addErrback(
                     lambda f: self.log.failure("{name}: cannot remove current-job.json", f,
-                                               name=self.name))
-            self.log.warn("{name}: refused job {job}: {code}: {message}", name=self.name,
+                                               name=self.label))
+            self.log.warn("{name}: refused job {job}: {code}: {message}", name=self.label,
                           job=job_id, code=error[0], message=error[1])
         else:
-            self.log.info("{name}: started job {job}", name=self.name, job=job_id)
+            self.log.info("{name}: started job {job}", name=self.label, job=job_id)
         self._reply(session, protocol.ack(rid, error))
         if error is None:
             cur.reporter.accept()  # held reports first, then whatever waited for the start
@@ -603,95 +551,23 @@ class JobRunner:
             return
         if cur.stop_reason is None:
             cur.stop_reason = message["reason"]
-            self.log.info("{name}: stopping job {job} ({reason})", name=self.name, job=job_id,
+            self.log.info("{name}: stopping job {job} ({reason})", name=self.label, job=job_id,
                           reason=cur.stop_reason)
         if cur.state != "terminating":
             self._begin_terminating(cur, cur.stop_reason)
         try:
             await maybeDeferred(self.driver.stop, job_id, cur.stop_reason)
         except Exception:
-            self.log.failure("{name}: the driver failed to stop job {job}", name=self.name,
+            self.log.failure("{name}: the driver failed to stop job {job}", name=self.label,
                              job=job_id)
             self._reply(session, protocol.ack(rid, ("internal_error",
                                                     "the host driver failed to stop the job")))
             return
         self._reply(session, protocol.ack(rid))
 
-    def _snapshot_job(self, session: Session, message: dict[str, Any]) -> None:
-        """Start (or join) a snapshot; its result follows as ``snapshot_result``."""
-        rid, snapshot_id, job_id = message["request_id"], message["snapshot_id"], message["job_id"]
-        if snapshot_id in self._snapshots:
-            self._reply(session, protocol.ack(rid))
-            return
-        if snapshot_id in self._snapshot_results:
-            self._reply(session, protocol.ack(rid))
-            self._send_snapshot_result(snapshot_id)
-            return
-        if not IHostSnapshots.providedBy(self.driver):
-            self._reply(session, protocol.ack(rid, (
-                "not_supported", f"the {self.driver.name} driver cannot make snapshots")))
-            return
-        cur = self._current
-        if cur is not None and cur.id == job_id:
-            self._reply(session, protocol.ack(rid, ("unknown_job", f"job {job_id} still runs")))
-            return
-        self.log.info("{name}: snapshot {snapshot} of job {job} into {repository} on {store}",
-                      name=self.name, snapshot=snapshot_id, job=job_id,
-                      repository=message["repository"], store=message["store"])
-        self._reply(session, protocol.ack(rid))  # accepted; the outcome follows
-        running = maybeDeferred(self.driver.snapshot, job_id, message["repository"],
-                                message["store"])
-        self._snapshots[snapshot_id] = running
-
-        def finished(result: Any) -> None:
-            self._snapshots.pop(snapshot_id, None)
-            if isinstance(result, Failure):
-                if result.check(SnapshotError):
-                    error = (result.value.code, result.value.message)
-                else:
-                    self.log.failure("{name}: snapshot {snapshot} failed", result,
-                                     name=self.name, snapshot=snapshot_id)
-                    error = ("failed", f"the host driver failed: {result.type.__name__}")
-                self.log.warn("{name}: snapshot {snapshot} of job {job} failed: {code}: "
-                              "{text}", name=self.name, snapshot=snapshot_id, job=job_id,
-                              code=error[0], text=error[1])
-                outcome = protocol.snapshot_result(0, snapshot_id, job_id, error=error)
-            else:
-                self.log.info("{name}: snapshot {snapshot} of job {job} is {digest}",
-                              name=self.name, snapshot=snapshot_id, job=job_id, digest=result)
-                outcome = protocol.snapshot_result(0, snapshot_id, job_id, digest=str(result))
-            self._snapshot_results[snapshot_id] = outcome
-            self._send_snapshot_result(snapshot_id)
-
-        running.addBoth(finished)
-
-    def _on_snapshot_ack(self, message: dict[str, Any], snapshot_id: str) -> None:
-        error = None if message["ok"] else (message.get("error") or {})
-        if error is not None and error.get("code") == UNAVAILABLE:
-            self._later(self._backoff(0), self._resend_snapshot_result, snapshot_id)
-            return
-        self._snapshot_results.pop(snapshot_id, None)
-
-    def _resend_snapshot_result(self, snapshot_id: str) -> None:
-        if snapshot_id not in self._snapshot_sent.values():
-            self._send_snapshot_result(snapshot_id)
-
-    def _send_snapshot_result(self, snapshot_id: str) -> None:
-        session, outcome = self._session, self._snapshot_results.get(snapshot_id)
-        if session is None or outcome is None:
-            return
-        rid = session.next_request_id()
-        if session.send({**outcome, "request_id": rid}):
-            self._snapshot_sent[rid] = snapshot_id
-            self._later(self._backoff(0), self._snapshot_unacked, session, rid)
-
-    def _snapshot_unacked(self, session: Session, rid: int) -> None:
-        if session is self._session and rid in self._snapshot_sent:
-            self._send_snapshot_result(self._snapshot_sent.pop(rid))  # no ack in time
-
     async def _status_request(self, session: Session, message: dict[str, Any]) -> None:
         # Every journaled event first: the switchboard must see them before the status.
-        await self._drained()
+        await self.outbox.drained()
         if session is self._session:
             kinds = getattr(self.driver, "kinds", None)
             if getattr(session, "minor", protocol.MINOR) < protocol.KINDS_MINOR:
@@ -701,13 +577,15 @@ class JobRunner:
 
     # -- reports from the driver ---------------------------------------------------------
 
-    def _report(self, job_id: str, what: str, args: tuple[Any, ...]) -> None:
+    def _report(self, job_id: str, handler: Callable[..., None], args: tuple[Any, ...]) -> None:
+        """A driver's report (``handler``, a ``_on_*`` method, with ``args``) about a job."""
         cur = self._current
         if self._closed or cur is None or cur.id != job_id:
             self.log.debug("{name}: ignoring {what} for job {job}, which is not current",
-                           name=self.name, what=what, job=job_id)
+                           name=self.label, what=handler.__name__.removeprefix("_on_"),
+                           job=job_id)
             return
-        getattr(self, f"_on_{what}")(cur, *args)
+        handler(self, cur, *args)
 
     def _console(self, job_id: str, data: bytes) -> None:
         cur = self._current
@@ -715,29 +593,21 @@ class JobRunner:
             self.console.append(data)
             if cur.results is not None:
                 cur.results.console(data)
-            for observer in list(self.console_observers):
-                try:
-                    observer(job_id, data)
-                except Exception:
-                    self.log.failure("{name}: console observer failed", name=self.name)
+            self._tell(lambda observer: observer.console(job_id, data), "console")
 
     def _job_results(self, cur: _Current) -> JobResults:
         """The job's results: its console patterns, lines to the results observers."""
         job_id = cur.id
 
         def write(line: bytes) -> None:
-            for observer in list(self.results_observers):
-                try:
-                    observer(job_id, line)
-                except Exception:
-                    self.log.failure("{name}: results observer failed", name=self.name)
+            self._tell(lambda observer: observer.results(job_id, line), "results")
 
         try:
             return JobResults(job_id, cur.job.get("results"), write,
                               lambda status, message: self._results_end(cur, status, message))
         except ResultsError as e:
             self.log.error("{name}: job {job}: console patterns ignored: {problem}",
-                           name=self.name, job=job_id, problem=str(e))
+                           name=self.label, job=job_id, problem=str(e))
             return JobResults(job_id, None, write, lambda *_: None)
 
     def _on_result(self, cur: _Current, message: dict[str, Any]) -> None:
@@ -749,7 +619,7 @@ class JobRunner:
         if self._current is not cur or cur.stop_reason is not None:
             return
         self.log.info("{name}: job {job}: the console shows the end of the run (exit status "
-                      "{status})", name=self.name, job=cur.id, status=exit_status)
+                      "{status})", name=self.label, job=cur.id, status=exit_status)
         cur.results_exit = (exit_status, message)
         cur.stop_reason = "workload_exited"
         if cur.state != "terminating":
@@ -759,7 +629,7 @@ class JobRunner:
             if self._current is cur:
                 maybeDeferred(self.driver.stop, cur.id, "workload_exited").addErrback(
                     lambda f: self.log.failure("{name}: the driver failed to stop job {job}",
-                                               f, name=self.name, job=cur.id))
+                                               f, name=self.label, job=cur.id))
 
         self._later(0, stop)
 
@@ -767,11 +637,7 @@ class JobRunner:
         if services == self._services:
             return
         self._services = services
-        for observer in list(self.service_observers):
-            try:
-                observer(cur.id, dict(services))
-            except Exception:
-                self.log.failure("{name}: service observer failed", name=self.name)
+        self._tell(lambda observer: observer.services(cur.id, dict(services)), "services")
 
     def _on_ssh_host_keys(self, cur: _Current, keys: list[str]) -> None:
         """The guest reported its SSH host keys: send them with the endpoints (minor 5)."""
@@ -784,15 +650,11 @@ class JobRunner:
         self._send_endpoints()
 
     def _notify_start(self, job: dict[str, Any]) -> None:
-        for observer in list(self.start_observers):
-            try:
-                observer(job)
-            except Exception:
-                self.log.failure("{name}: start observer failed", name=self.name)
+        self._tell(lambda observer: observer.job_started(job), "job_started")
 
     def _on_stage(self, cur: _Current, name: str) -> None:
         if name not in STAGES:
-            self.log.error("{name}: driver reported unknown stage {stage!r}", name=self.name,
+            self.log.error("{name}: driver reported unknown stage {stage!r}", name=self.label,
                            stage=name)
             return
         if cur.state == "assigned" or (cur.state == "initializing" and cur.stage in STAGES
@@ -822,7 +684,7 @@ class JobRunner:
 
     def _on_failed(self, cur: _Current, reason: str, message: str = "") -> None:
         if reason not in REASONS:
-            self.log.error("{name}: driver reported unknown reason {reason!r}", name=self.name,
+            self.log.error("{name}: driver reported unknown reason {reason!r}", name=self.label,
                            reason=reason)
             reason = "internal_error"
         self._terminated(cur, reason, message=message)
@@ -870,12 +732,11 @@ class JobRunner:
         return None
 
     def _resend(self, final: dict[str, Any]) -> None:
-        if any(p.event["job_id"] == final["job_id"] and p.event["state"] == "terminated"
-               for p in self._outbox):
+        if self.outbox.has_final(final["job_id"]):
             return  # still on its way
         self._emit(**final)
 
-    # -- the outbox ----------------------------------------------------------------------
+    # -- events ----------------------------------------------------------------------------
 
     def _emit(self, job_id: str, state: str, *, stage: str | None = None,
               reason: str | None = None, exit_status: int | None = None,
@@ -887,140 +748,17 @@ class JobRunner:
                            ("message", message)):
             if value is not None:
                 event[key] = value
-        pending = _Pending(self._seq, event)
-        self._seq += 1
-        self._outbox.append(pending)
-        self.log.info("{name}: job {job} {state}{detail}", name=self.name, job=job_id,
+        self.log.info("{name}: job {job} {state}{detail}", name=self.label, job=job_id,
                       state=state, detail=f" ({stage or reason})" if stage or reason else "")
-
-        def written(_: Any) -> None:
-            pending.written = True
-            self._pump()
-
-        def failed(failure: Failure) -> None:
-            # Better sent unjournaled than not at all.
-            self.log.failure("{name}: cannot journal an event of job {job}", failure,
-                             name=self.name, job=job_id)
-            written(None)
-
-        self._io(self.files.record, pending.seq, event, current=current,
-                 clear_current=clear_current, ended=ended).addCallbacks(written, failed)
-        for observer in list(self.observers):
-            try:
-                observer(dict(event))
-            except Exception:
-                self.log.failure("{name}: event observer failed", name=self.name)
-
-    def _pump(self) -> None:
-        """Send the outbox's head if nothing is awaiting an ack."""
-        session = self._session
-        if session is None or self._inflight is not None or not self._outbox:
-            return
-        head = self._outbox[0]
-        if not head.written:
-            return
-        self._send_head(session, head)
-
-    def _send_head(self, session: Session, head: _Pending) -> None:
-        """Send ``head`` (again) and wait ``ack_timeout`` (backing off) for its ack."""
-        rid = session.next_request_id()
-        if not session.send(protocol.job_event(rid, **head.event)):
-            return  # closing: link_closed follows, and the next connection sends it
-        if self._inflight is not head:
-            self._inflight, self._sent_rids = head, set()
-        self._sent_rids.add(rid)
-        self._attempts += 1
-        self._retry_after(self._backoff(self._attempts - 1), "timeout")
-
-    def _retry_after(self, delay: float, why: str) -> None:
-        self._cancel_retry()
-        self._retry_call = self.reactor.callLater(delay, self._retry, delay, why)
-
-    def _cancel_retry(self) -> None:
-        call, self._retry_call = self._retry_call, None
-        if call is not None and call.active():
-            call.cancel()
-
-    def _forget_inflight(self) -> None:
-        """The connection changed: what was sent on the old one is not awaited."""
-        self._cancel_retry()
-        self._inflight = None
-        self._sent_rids = set()
-        self._late_rids = set()
-
-    def _retry(self, delay: float, why: str) -> None:
-        self._retry_call = None
-        head, session = self._inflight, self._session
-        if head is None or session is None:
-            return
-        if not self._outbox or self._outbox[0] is not head:  # cannot happen; stay safe
-            self._forget_inflight()
-            self._pump()
-            return
-        if why == "timeout":
-            self.log.warn("{name}: no ack for the {state} event of job {job} within "
-                          "{delay:.1f} s; sending it again (attempt {attempt})",
-                          name=self.name, state=head.event["state"], job=head.event["job_id"],
-                          delay=delay, attempt=self._attempts + 1)
-        self._send_head(session, head)
+        self.outbox.add(event, current=current, clear_current=clear_current, ended=ended)
+        self._tell(lambda observer: observer.event(dict(event)), "event")
 
     def _on_ack(self, session: Session, message: dict[str, Any]) -> None:
         rid = message["request_id"]
-        snapshot_id = self._snapshot_sent.pop(rid, None) if session is self._session else None
-        if snapshot_id is not None:
-            self._on_snapshot_ack(message, snapshot_id)
+        if self.snapshots.ack(session, message):
             return
         sent = self._endpoints_sent
         if session is self._session and sent is not None and sent[0] == rid:
             self._on_endpoints_ack(message, sent[1])
             return
-        head = self._inflight
-        if session is not self._session or head is None or rid not in self._sent_rids:
-            if session is self._session and rid in self._late_rids:
-                self._late_rids.discard(rid)  # a resent event's other copy: already done
-                return
-            self.log.warn("{name}: ignoring an ack for unknown request {rid}", name=self.name,
-                          rid=rid)
-            return
-        error = None if message["ok"] else (message.get("error") or {})
-        if error is not None and error.get("code") == UNAVAILABLE:
-            # Not stored (the switchboard's database is away): the same event, later.
-            delay = self._backoff(self._attempts - 1)
-            self.log.warn("{name}: the switchboard could not store the {state} event of job "
-                          "{job} ({text}); sending it again in {delay:.1f} s",
-                          name=self.name, state=head.event["state"], job=head.event["job_id"],
-                          text=error.get("message"), delay=delay)
-            self._retry_after(delay, UNAVAILABLE)
-            return
-        self._cancel_retry()
-        self._inflight = None
-        self._late_rids = self._sent_rids - {rid}
-        self._sent_rids = set()
-        self._attempts = 0
-        if self._outbox and self._outbox[0] is head:
-            self._outbox.popleft()
-        if error is not None:
-            self.log.warn("{name}: the switchboard refused the {state} event of job {job}: "
-                          "{code}: {text}", name=self.name, state=head.event["state"],
-                          job=head.event["job_id"], code=error.get("code"),
-                          text=error.get("message"))
-        self._io(self.files.remove_event, head.seq).addErrback(
-            lambda f: self.log.failure("{name}: cannot remove a journal entry", f,
-                                       name=self.name))
-        self._pump()
-        if not self._outbox:
-            self._fire_drain_waiters()
-
-    def _drained(self) -> Deferred[None]:
-        """Fires when the outbox is empty, or when the connection is lost."""
-        if not self._outbox:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._drain_waiters.append(waiter)
-        return waiter
-
-    def _fire_drain_waiters(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
-            if not waiter.called:
-                waiter.callback(None)
+        self.outbox.ack(session, message)

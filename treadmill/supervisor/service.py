@@ -1,10 +1,18 @@
 """The supervisor's service tree.
 
     supervisor (SupervisorService)
-    ├── link       SupervisorLink: the WebSocket to the switchboard (after start-up)
-    │              (and, beside the tree, ``fetcher``: the ImageFetcher drivers use)
+    ├── logs       JobLogs: each job's console, events and results, to its log servers
+    ├── exposure   JobExposure: each job's services, published on its proxies
+    ├── runner     JobRunner: the switchboard's job commands on the host driver
+    ├── fetcher    ImageFetcher: jobs' images, for the driver
     ├── manhole    optional SSH manhole
-    └── metrics    optional Prometheus listeners (``SupervisorMetrics``' registry)
+    ├── metrics    optional Prometheus listeners (``SupervisorMetrics``' registry)
+    └── link       SupervisorLink: the WebSocket to the switchboard (after start-up)
+
+Children start in this order and stop one after the other in the reverse order:
+the link closes first; the fetcher stops renewing cache leases before the runner
+releases the driver (a job left running keeps its leases); the observers of the
+runner (``logs``, ``exposure``: ``IJobObserver``) stop last.
 
 Start-up locks and reads the state directory and re-adopts (or reports) the
 job it names; only then does the link connect. A graceful stop (SIGTERM,
@@ -24,19 +32,14 @@ For tests and tools, in-process::
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger
-from twisted.python.failure import Failure
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
 
-from treadmill.common.daemon import exit_failed
+from treadmill.common.daemon import RoleService
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import IHostDriver, make_driver
-from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.images import DEFAULT_LOCAL_LIMIT, ImageFetcher, http_url_for
 from treadmill.supervisor.jobexposure import JobExposure
 from treadmill.supervisor.joblogs import JobLogs
 from treadmill.supervisor.journal import StateFiles
@@ -44,58 +47,17 @@ from treadmill.supervisor.link import SupervisorLink, SupervisorProtocol
 from treadmill.supervisor.metrics import SupervisorMetrics
 from treadmill.supervisor.runner import JobRunner
 
-__all__ = ["SupervisorConfig", "SupervisorService"]
+__all__ = ["SupervisorService"]
 
 
-@dataclass
-class SupervisorConfig:
-    """Everything a supervisor needs, already validated (``tap.config_from``)."""
+class SupervisorService(RoleService):
+    """The root service of a supervisor (or one of a fleet's).
 
-    url: str  # ws:// or wss:// base URL of the switchboard
-    token: str  # the host token
-    state_dir: str
-    driver: str = "mock"
-    ca_file: str | None = None
-    reconnect_initial: float = 1.0
-    reconnect_max: float = 60.0
-    heartbeat_interval: float = 5.0
-    heartbeat_timeout: float = 10.0
-    console_buffer: int = 64 * 1024
-    flush_timeout: float = 2.0
-    event_ack_timeout: float = 5.0  # an unacknowledged job event is sent again after this
-    event_resend_max: float = 60.0  # the longest pause between sends of one event
-    durable: bool = True  # fsync the state directory
-    name: str = "supervisor"  # shown in log lines (the fleet uses host names)
-    mock: MockSettings = field(default_factory=MockSettings)
-    log_spool_limit: int = 64 * 1024 * 1024  # bytes of unshipped log output per job
-    images_cache_mount: str | None = None  # read-only root of a site image cache
-    images_cache_url: str | None = None  # that cache's HTTP(S) base URL: leases
-    images_dir: str | None = None  # default: <state_dir>/images
-    images_local_limit: int = DEFAULT_LOCAL_LIMIT  # bytes kept in images_dir
-    images_trusted_realms: list[str] = field(default_factory=list)  # default: the switchboard
-    images_ca_file: str | None = None  # default: ca_file
-    proxies_ca_file: str | None = None  # default: ca_file
-    driver_values: dict[str, Any] = field(default_factory=dict)  # the driver's own settings
+    :meth:`ready` fails with the start-up error (e.g. a state directory in use),
+    which is logged either way.
+    """
 
-    def image_fetcher(self, reactor: Any) -> ImageFetcher:
-        """The :class:`ImageFetcher` these settings describe (cheap: no I/O until used)."""
-        return ImageFetcher(
-            reactor, cache_mount=self.images_cache_mount, cache_url=self.images_cache_url,
-            local_dir=self.images_dir or os.path.join(self.state_dir, "images"),
-            token=self.token, ca_file=self.images_ca_file or self.ca_file,
-            trusted_realms=self.images_trusted_realms or [http_url_for(self.url)],
-            local_limit=self.images_local_limit, name=self.name,
-            switchboard=http_url_for(self.url))
-
-    def __repr__(self) -> str:  # never show the token
-        return (f"SupervisorConfig(url={self.url!r}, state_dir={self.state_dir!r}, "
-                f"driver={self.driver!r}, name={self.name!r})")
-
-
-class SupervisorService(MultiService):
-    """The root service of a supervisor (or one of a fleet's)."""
-
-    log = Logger()
+    start_failure = "The supervisor cannot start"
 
     def __init__(self, reactor: Any, config: SupervisorConfig, *,
                  driver: IHostDriver | None = None, run_io: Any = None,
@@ -105,28 +67,28 @@ class SupervisorService(MultiService):
         self.setName("supervisor")
         self.reactor = reactor
         self.config = config
+        self.logs = JobLogs(reactor, config.state_dir, spool_limit=config.log_spool_limit,
+                            durable=config.durable, ca_file=config.ca_file, label=config.name)
+        self._add("logs", self.logs)
         self.fetcher = config.image_fetcher(reactor)
         self.driver = (driver if driver is not None
-                       else make_driver(config, reactor, fetcher=self.fetcher))
+                       else make_driver(config.driver, config.driver_values, reactor=reactor,
+                                        state_dir=config.state_dir, fetcher=self.fetcher))
         self.files = StateFiles(config.state_dir, durable=config.durable)
         self.runner = JobRunner(reactor, self.driver, self.files, run_io=run_io,
-                                console_buffer=config.console_buffer, name=config.name,
+                                console_buffer=config.console_buffer, label=config.name,
                                 ack_timeout=config.event_ack_timeout,
                                 resend_max=config.event_resend_max)
-        self.logs = JobLogs(reactor, config.state_dir, spool_limit=config.log_spool_limit,
-                            durable=config.durable, ca_file=config.ca_file, name=config.name)
-        self.runner.start_observers.append(self.logs.job_started)
-        self.runner.console_observers.append(self.logs.console)
-        self.runner.results_observers.append(self.logs.results)
-        self.runner.observers.append(self.logs.event)
         self.exposure = JobExposure(reactor, self.runner.report_endpoints,
                                     ca_file=config.proxies_ca_file or config.ca_file,
-                                    name=config.name,
+                                    label=config.name,
                                     reconnect_initial=config.reconnect_initial,
                                     reconnect_max=min(30.0, config.reconnect_max))
-        self.runner.start_observers.append(self.exposure.job_started)
-        self.runner.service_observers.append(self.exposure.services)
-        self.runner.observers.append(self.exposure.event)
+        self._add("exposure", self.exposure)
+        self._add("runner", self.runner)
+        self._add("fetcher", self.fetcher)
+        self.runner.add_observer(self.logs)
+        self.runner.add_observer(self.exposure)
         self.link = SupervisorLink(
             reactor, config.url, config.token, self.runner, ca_file=config.ca_file,
             reconnect_initial=config.reconnect_initial, reconnect_max=config.reconnect_max,
@@ -134,9 +96,10 @@ class SupervisorService(MultiService):
             heartbeat_timeout=config.heartbeat_timeout, name=config.name)
         self.link.setName("link")
         self.metrics = SupervisorMetrics(self)
-        self._ready: Deferred[None] | None = None
-        self._start_error: Failure | None = None
-        self._stopping = False
+
+    def _add(self, name: str, child: Any) -> None:
+        child.setName(name)
+        child.setServiceParent(self)
 
     def namespace(self) -> dict[str, Any]:
         """What the manhole shows an operator."""
@@ -152,45 +115,20 @@ class SupervisorService(MultiService):
                 "exposure": self.exposure, "metrics": self.metrics,
                 "reactor": self.reactor, "status": status}
 
-    def startService(self) -> None:
-        super().startService()
-        self._stopping = False
-        self._start_error = None
-        self._ready = Deferred.fromCoroutine(self._start())
-        self._ready.addErrback(self._start_failed)
-
     async def _start(self) -> None:
-        await self.runner.start()
-        current = self.runner.current_job
-        self.logs.resume(current["id"] if current is not None else None, self.runner.ended)
+        try:
+            await self.runner.start()
+            current = self.runner.current_job
+            self.logs.resume(current["id"] if current is not None else None, self.runner.ended)
+        except Exception:
+            if not self.exit_on_failure:  # else RoleService logs it, and the process ends
+                self.log.failure("{name}: start-up failed", name=self.config.name)
+            raise
         if self._stopping:
             return
         self.link.setServiceParent(self)
         self.log.info("{name}: {driver} driver, connecting to {url}", name=self.config.name,
                       driver=self.driver.name, url=self.link.url)
-
-    def _start_failed(self, failure: Failure) -> None:
-        self._start_error = failure
-        self.log.failure("{name}: start-up failed", failure, name=self.config.name)
-        if self.exit_on_failure and not self._stopping:
-            # A supervisor that cannot use its state directory must not run.
-            exit_failed(self.reactor)
-
-    def ready(self) -> Deferred[None]:
-        """Fires when the state directory is read and the link is started (or fails
-        with the start-up error, e.g. a state directory in use)."""
-        if self._ready is None:
-            return succeed(None)
-        result: Deferred[None] = Deferred()
-
-        def relay(_: Any) -> None:
-            if self._start_error is not None:
-                result.errback(self._start_error)
-            else:
-                result.callback(None)
-
-        self._ready.addCallback(relay)
-        return result
 
     def connected(self) -> Deferred[SupervisorProtocol]:
         """Fires with the open WebSocket session (now, or when it opens)."""
@@ -199,18 +137,23 @@ class SupervisorService(MultiService):
     async def _stop(self) -> None:
         self.runner.stop_accepting()
         if self._ready is not None:
-            await self._ready  # start-up errors were consumed (and logged) there
+            try:
+                await self._ready
+            except Exception:
+                pass  # logged by _start
         if self.link.running and self.link.session is not None:
             flushed = await self.runner.flush(self.config.flush_timeout)
             if not flushed:
                 self.log.warn("{name}: stopping with {count} unacknowledged job events; "
                               "they are journaled and will be sent after the restart",
                               name=self.config.name, count=len(self.runner.pending_events))
-        await super().stopService()  # the link closes with 4005 (going away)
-        await self.fetcher.close()  # keep cache leases: a running job is adopted later
-        await self.runner.close()
-        await self.exposure.stop()
-        await self.logs.stop()
+        Service.stopService(self)  # not running; then the children, one by one:
+        for child in reversed(list(self)):
+            try:
+                await maybeDeferred(child.stopService)  # the link closes with 4005 (going away)
+            except Exception:
+                self.log.failure("{name}: stopping {child} failed", name=self.config.name,
+                                 child=child.name)
 
     def stopService(self) -> Deferred[None]:
         self._stopping = True

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from twisted.application.service import IService
 
 from treadmill.common.config import (
+    FIELD,
     FLOAT,
     INT,
     STR,
@@ -16,17 +17,17 @@ from treadmill.common.config import (
     ConfigError,
     RoleOptions,
     Setting,
+    non_negative,
     one_of,
     positive,
 )
-from treadmill.common.daemon import add_operator_services
-from treadmill.images.registry import check_store_url
+from treadmill.common.daemon import twistd_service
+from treadmill.images.oci import check_store_url
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import DRIVER_MODULES, driver_module
-from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.images import DEFAULT_LOCAL_LIMIT
 from treadmill.supervisor.journal import StateFiles, StateLocked
 from treadmill.supervisor.link import parse_url
-from treadmill.supervisor.service import SupervisorConfig, SupervisorService
+from treadmill.supervisor.service import SupervisorService
 
 DRIVERS = tuple(DRIVER_MODULES)
 DRIVER_SETTINGS = tuple(setting for name in DRIVERS for setting in driver_module(name).SETTINGS)
@@ -36,13 +37,6 @@ def _ws_url(value: Any) -> str:
     url = STR(value)
     parse_url(url)  # ValueError with a readable message
     return url
-
-
-def _non_negative_int(value: Any) -> int:
-    number = INT(value)
-    if number < 0:
-        raise ValueError(f"expected an integer >= 0, got {number}")
-    return number
 
 
 def _absolute_path(value: Any) -> str:
@@ -72,59 +66,81 @@ def _http_urls(value: Any) -> list[str]:
 class Options(RoleOptions):
     """Settings of a supervisor (``etc/treadmill/supervisor-mock.toml`` documents them)."""
 
+    config = SupervisorConfig
     settings = (
         Setting("switchboard.url", _ws_url, None,
                 "Switchboard base URL, ws:// or wss:// (/api/v1/supervisor is appended).",
-                required=True),
+                required=True,
+                field="url"),
         Setting("switchboard.token", STR, None,
-                "The host token (or use switchboard.token_file)."),
+                "The host token (or use switchboard.token_file).",
+                field="token"),
         Setting("switchboard.token_file", STR, None,
                 "File holding the host token, read at start (whitespace stripped)."),
         Setting("switchboard.ca_file", STR, None,
-                "PEM file of the CAs trusted for wss:// (default: the system's)."),
+                "PEM file of the CAs trusted for wss:// (default: the system's).",
+                field="ca_file"),
         Setting("state_dir", STR, None,
-                "The supervisor's state directory (current job, event journal).", required=True),
-        Setting("driver", one_of(*DRIVERS), "mock", "Host driver."),
-        Setting("reconnect.initial", positive(FLOAT), 1.0,
-                "First reconnection delay in seconds (also the jitter's scale)."),
-        Setting("reconnect.max", positive(FLOAT), 60.0, "Largest reconnection delay in seconds."),
-        Setting("heartbeat.interval", positive(FLOAT), 5.0,
-                "Seconds between WebSocket pings to the switchboard."),
-        Setting("heartbeat.timeout", positive(FLOAT), 10.0,
-                "Seconds without a pong before the connection is dropped."),
-        Setting("console.buffer", _non_negative_int, 64 * 1024,
-                "Bytes of the job's console output kept in memory."),
-        Setting("logs.spool_limit", positive(INT), 64 * 1024 * 1024,
-                "Bytes of a job's log output spooled on disk until log servers acknowledge."),
-        Setting("shutdown.flush_timeout", positive(FLOAT), 2.0,
-                "Seconds a graceful stop waits for unacknowledged job events to be acked."),
-        Setting("events.ack_timeout", positive(FLOAT), 5.0,
+                "The supervisor's state directory (current job, event journal).", required=True,
+                field="state_dir"),
+        Setting("driver", one_of(*DRIVERS), FIELD, "Host driver.",
+                field="driver"),
+        Setting("reconnect.initial", positive(FLOAT), FIELD,
+                "First reconnection delay in seconds (also the jitter's scale).",
+                field="reconnect_initial"),
+        Setting("reconnect.max", positive(FLOAT), FIELD, "Largest reconnection delay in seconds.",
+                field="reconnect_max"),
+        Setting("heartbeat.interval", positive(FLOAT), FIELD,
+                "Seconds between WebSocket pings to the switchboard.",
+                field="heartbeat_interval"),
+        Setting("heartbeat.timeout", positive(FLOAT), FIELD,
+                "Seconds without a pong before the connection is dropped.",
+                field="heartbeat_timeout"),
+        Setting("console.buffer", non_negative(INT), FIELD,
+                "Bytes of the job's console output kept in memory.",
+                field="console_buffer"),
+        Setting("logs.spool_limit", positive(INT), FIELD,
+                "Bytes of a job's log output spooled on disk until log servers acknowledge.",
+                field="log_spool_limit"),
+        Setting("shutdown.flush_timeout", positive(FLOAT), FIELD,
+                "Seconds a graceful stop waits for unacknowledged job events to be acked.",
+                field="flush_timeout"),
+        Setting("events.ack_timeout", positive(FLOAT), FIELD,
                 "Seconds to wait for the switchboard's ack of a job event before sending it "
                 "again (doubling, with jitter, per attempt; also the first pause after an "
-                "'unavailable' ack)."),
-        Setting("events.resend_max", positive(FLOAT), 60.0,
-                "Longest pause in seconds between two sends of one unacknowledged job event."),
+                "'unavailable' ack).",
+                field="event_ack_timeout"),
+        Setting("events.resend_max", positive(FLOAT), FIELD,
+                "Longest pause in seconds between two sends of one unacknowledged job event.",
+                field="event_resend_max"),
         Setting("images.cache_mount", _absolute_path, None,
                 "Root of a site image cache's directory, mounted read-only (e.g. over NFS); "
-                "layers found there are used in place. Unset: fetch from the job's stores."),
+                "layers found there are used in place. Unset: fetch from the job's stores.",
+                field="images_cache_mount"),
         Setting("images.cache_url", _http_url, None,
                 "HTTP(S) base URL of the image cache whose root is images.cache_mount: the "
                 "supervisor leases each job's image there, so it is pulled in and never "
-                "evicted while the job runs. Unset: no leases."),
+                "evicted while the job runs. Unset: no leases.",
+                field="images_cache_url"),
         Setting("images.dir", _absolute_path, None,
-                "Where downloaded image blobs are kept (default: STATE_DIR/images)."),
-        Setting("images.local_limit", _non_negative_int, DEFAULT_LOCAL_LIMIT,
+                "Where downloaded image blobs are kept (default: STATE_DIR/images).",
+                field="images_dir"),
+        Setting("images.local_limit", non_negative(INT), FIELD,
                 "Bytes of image blobs kept in images.dir (least recently used go first; "
-                "the current job's never)."),
+                "the current job's never).",
+                field="images_local_limit"),
         Setting("images.trusted_realms", _http_urls, [],
                 "Token services (URL prefixes) the host token may be sent to when an image "
-                "store asks for one (default: the switchboard's URL)."),
+                "store asks for one (default: the switchboard's URL).",
+                field="images_trusted_realms", convert=list),
         Setting("images.ca_file", STR, None,
                 "PEM file of the CAs trusted for https:// image stores "
-                "(default: switchboard.ca_file, else the system's)."),
+                "(default: switchboard.ca_file, else the system's).",
+                field="images_ca_file"),
         Setting("proxies.ca_file", STR, None,
                 "PEM file of the CAs trusted for wss:// rendezvous proxies "
-                "(default: switchboard.ca_file, else the system's)."),
+                "(default: switchboard.ca_file, else the system's).",
+                field="proxies_ca_file"),
         *DRIVER_SETTINGS,
     )
 
@@ -173,28 +189,12 @@ def read_token(path: str, source: str = "command line") -> str:
 
 
 def config_from(values: dict[str, Any]) -> SupervisorConfig:
-    """A :class:`SupervisorConfig` from parsed option values."""
-    return SupervisorConfig(
-        url=values["switchboard.url"], token=values["switchboard.token"],
-        state_dir=values["state_dir"], driver=values["driver"],
-        ca_file=values["switchboard.ca_file"],
-        reconnect_initial=values["reconnect.initial"], reconnect_max=values["reconnect.max"],
-        heartbeat_interval=values["heartbeat.interval"],
-        heartbeat_timeout=values["heartbeat.timeout"],
-        console_buffer=values["console.buffer"],
-        log_spool_limit=values["logs.spool_limit"],
-        flush_timeout=values["shutdown.flush_timeout"],
-        event_ack_timeout=values["events.ack_timeout"],
-        event_resend_max=values["events.resend_max"],
-        images_cache_mount=values["images.cache_mount"],
-        images_cache_url=values["images.cache_url"], images_dir=values["images.dir"],
-        images_local_limit=values["images.local_limit"],
-        images_trusted_realms=list(values["images.trusted_realms"]),
-        images_ca_file=values["images.ca_file"],
-        proxies_ca_file=values["proxies.ca_file"],
-        mock=MockSettings.from_values(values),
-        driver_values={key: value for key, value in values.items()
-                       if key.startswith(values["driver"] + ".")})
+    """A :class:`SupervisorConfig` from parsed option values (the driver's own settings
+    in ``driver_values``)."""
+    config = Options.config_of(values)
+    config.driver_values = {key: value for key, value in values.items()
+                            if key.startswith(values["driver"] + ".")}
+    return config
 
 
 def check_state_dir(path: str) -> None:
@@ -215,7 +215,4 @@ def makeService(options: Options) -> IService:
 
     config = config_from(options.values)
     check_state_dir(config.state_dir)
-    service = SupervisorService(reactor, config, exit_on_failure=True)
-    add_operator_services(reactor, service, options.values, service.namespace(),
-                          service.metrics.registry)
-    return service
+    return twistd_service(reactor, SupervisorService(reactor, config), options.values)

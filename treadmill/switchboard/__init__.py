@@ -1,1 +1,18 @@
-"""The switchboard: users, tokens, hosts, images catalogue, jobs and scheduling."""
+"""The switchboard: users, tokens, hosts, images catalogue, jobs and scheduling.
+
+- ``tap`` (options, ``makeService``), ``service`` (the service tree), ``manhole``
+  (operator helpers), ``metrics``, ``bootstrap`` (the first admin), ``migrate``
+  (migrations from the command line);
+- ``api/`` (the HTTP API, one module per domain), ``schemas`` (request JSON Schemas),
+  ``views`` (response shapes), ``openapi`` (the OpenAPI document), ``auth`` (bearer
+  tokens, passwords), ``credentials`` (token and password hashing), ``access``
+  (privileges), ``repositories`` (the registry token policy), ``audit`` (the audit
+  log's records);
+- ``store/`` (all SQL, one component per domain), ``database`` (pool, migrations,
+  LISTEN), ``migrations/*.sql``, ``notifications`` (the NOTIFY payloads);
+- ``jobstate`` (the job state machine), ``scheduler`` and ``scheduling`` (assigning
+  jobs to hosts), ``timeouts`` (deadlines), ``events`` (live job events);
+- ``links`` (the supervisors' WebSocket sessions), ``reconcile`` (what a link does
+  about a host's report), ``jobstart`` (the wire ``JobStart``), ``instances``
+  (liveness of switchboard instances, the leader).
+"""

@@ -21,7 +21,8 @@ from twisted.internet.task import react
 from treadmill.common.config import ConfigError
 from treadmill.switchboard import credentials
 from treadmill.switchboard.database import Pool, migrate
-from treadmill.switchboard.store import NotFound, Store
+from treadmill.switchboard.store import Store
+from treadmill.switchboard.store.errors import NotFound
 from treadmill.switchboard.tap import database_dsn
 
 

@@ -1,8 +1,9 @@
 """Live job events for watchers, woken by PostgreSQL notifications.
 
 Every change to a job row raises a ``treadmill_jobs`` notification (a trigger
-in the schema); :class:`JobWatchers` wakes the watchers of that job, which
-then read the events they have not seen yet from the database. A watcher
+in the schema; the payload is a :class:`~treadmill.switchboard.notifications.JobNote`,
+``"<job id> <state> <host id or ->"``); :class:`JobWatchers` wakes the watchers
+of that job, which then read the events they have not seen yet from the database. A watcher
 registers before it reads, so no notification falls between the two; after
 the LISTEN connection recovers every watcher re-reads, since notifications
 sent meanwhile are lost.
@@ -15,6 +16,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
+from treadmill.switchboard.notifications import JobNote
 from treadmill.switchboard.store import Store
 
 _TIMEOUT = object()
@@ -29,9 +31,11 @@ class JobWatchers:
         self._waiters: dict[str, set[Deferred[object]]] = {}
 
     def notify(self, payload: str) -> None:
-        """Handle a ``treadmill_jobs`` notification (``"<job id> <state>"``)."""
-        job_id = payload.partition(" ")[0]
-        for waiter in self._waiters.pop(job_id, set()):
+        """Handle a ``treadmill_jobs`` notification (a :class:`JobNote`)."""
+        note = JobNote.parse(payload)
+        if note is None:
+            return
+        for waiter in self._waiters.pop(note.job_id, set()):
             if not waiter.called:
                 waiter.callback(None)
 

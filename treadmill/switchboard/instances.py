@@ -20,7 +20,8 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from treadmill.switchboard.store import INSTANCE_DEAD_AFTER, Store
+from treadmill.switchboard.store import Store
+from treadmill.switchboard.store.base import INSTANCE_DEAD_AFTER
 
 
 class Instance(MultiService):

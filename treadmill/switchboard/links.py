@@ -1,6 +1,6 @@
 """The switchboard's side of the supervisor link (``docs/protocol.md``).
 
-:class:`SupervisorLink` is one supervisor's WebSocket; :class:`SupervisorLinks`
+:class:`SupervisorSession` is one supervisor's WebSocket; :class:`SupervisorLinks`
 is this instance's registry of them and reacts to database notifications:
 a job assigned to (or stopping on) a host whose link it holds is sent to that
 host; a host whose session changed elsewhere is closed as superseded.
@@ -26,12 +26,15 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from treadmill.common import sshkeys
-from treadmill.common.captoken import MAX_TTL, Access, CapabilitySigner, bearer_token
+from treadmill.common.captoken import CapabilitySigner, bearer_token
+from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import supervisor as protocol
 from treadmill.protocol.supervisor import CloseCode, ProtocolError
 from treadmill.switchboard import credentials
 from treadmill.switchboard.database import unavailable
+from treadmill.switchboard.jobstart import job_start
 from treadmill.switchboard.jobstate import InvalidTransition, Reason, Stage, State, Status
+from treadmill.switchboard.notifications import HostNote, JobNote, SnapshotNote
 from treadmill.switchboard.reconcile import (
     Action,
     Advance,
@@ -42,17 +45,19 @@ from treadmill.switchboard.reconcile import (
     Stop,
     decide,
 )
-from treadmill.switchboard.store import NotFound, NotYourJob, Store
+from treadmill.switchboard.store import Store
+from treadmill.switchboard.store.errors import NotFound, NotYourJob
 
 REQUEST_TIMEOUT = 30.0
 _IMAGE_ERRORS = {"image_not_found", "image_invalid"}
 
 
-class SupervisorLink(WebSocketServerProtocol):
+class SupervisorSession(JsonSession, WebSocketServerProtocol):
     """One supervisor's connection."""
 
-    log = Logger()
-    factory: SupervisorLinkFactory
+    log = QuietLogger(namespace="treadmill.switchboard.links.ws")
+    violation_code = CloseCode.PROTOCOL_VIOLATION
+    factory: SupervisorSessionFactory
 
     host_id: int | None = None
     host_name: str = "?"
@@ -144,16 +149,11 @@ class SupervisorLink(WebSocketServerProtocol):
 
     # -- messages ------------------------------------------------------------------
 
-    def send(self, message: dict[str, Any]) -> None:
-        self.sendMessage(protocol.encode(message), isBinary=False)
+    def violation_message(self, text: str) -> dict[str, Any]:
+        return protocol.protocol_error("violation", text)
 
-    def close(self, code: CloseCode, reason: str) -> None:
-        self.sendClose(int(code), reason[:100])
-
-    def violation(self, text: str) -> None:
+    def log_violation(self, text: str) -> None:
         self.log.warn("Protocol violation by {host}: {text}", host=self.host_name, text=text)
-        self.send(protocol.protocol_error("violation", text))
-        self.close(CloseCode.PROTOCOL_VIOLATION, "protocol violation")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
@@ -412,26 +412,16 @@ class SupervisorLink(WebSocketServerProtocol):
                           action=action, why=str(e))
 
     async def _start(self, job_id: str) -> None:
-        found = await self.links.store.job_start(job_id)
-        if found is None or found["host_id"] != self.host_id:
+        store = self.links.store
+        row = await store.job_start(job_id)
+        if row is None or row["host_id"] != self.host_id:
             return
-        start = found["start"]
-        if self.minor >= 1 and found["log_servers"] and self.links.signer is not None:
-            # One write token for every replica: append to this job's streams only.
-            ttl = min(start["timeout"] + 3600.0, MAX_TTL)
-            token = self.links.signer.sign(f"host:{self.host_name}", self.links.log_service,
-                                           [Access("job", job_id, ("append",))], ttl)
-            start["log_servers"] = [{"url": url, "token": token}
-                                    for url in found["log_servers"]]
-        if self.minor >= 2 and self.links.proxies and self.links.signer is not None:
-            ttl = min(start["timeout"] + 3600.0, MAX_TTL)
-            token = self.links.signer.sign(f"host:{self.host_name}", self.links.proxy_service,
-                                           [Access("tunnel", job_id, ("publish",))], ttl)
-            start["proxies"] = [{"url": url, "token": token} for url in self.links.proxies]
-        if self.minor >= protocol.RESULTS_MINOR and found.get("results"):
-            start["results"] = found["results"]
-        if self.minor >= protocol.SSH_KEYS_MINOR:
-            start["ssh_keys"] = await self.links.store.job_ssh_keys(job_id)
+        ssh_keys = (await store.job_ssh_keys(job_id)
+                    if self.minor >= protocol.SSH_KEYS_MINOR else None)
+        start = job_start(row, minor=self.minor, host_name=self.host_name,
+                          signer=self.links.signer, log_service=self.links.log_service,
+                          proxies=self.links.proxies, proxy_service=self.links.proxy_service,
+                          ssh_keys=ssh_keys)
         answer = await self.request(protocol.start_job(0, start))
         if answer["ok"]:
             return
@@ -453,8 +443,8 @@ SNAPSHOT_TIMEOUT = 3 * 3600.0
 """Seconds a host has to upload a snapshot before it is marked failed."""
 
 
-class SupervisorLinkFactory(WebSocketServerFactory):
-    protocol = SupervisorLink
+class SupervisorSessionFactory(WebSocketServerFactory):
+    protocol = SupervisorSession
 
     def __init__(self, links: SupervisorLinks):
         super().__init__()
@@ -486,7 +476,7 @@ class SupervisorLinks(MultiService):
         self.ping_timeout = ping_timeout
         self.request_timeout = request_timeout
         self.reconcile_retry = reconcile_retry
-        self.unstored: set[SupervisorLink] = set()  # links with a report refused unavailable
+        self.unstored: set[SupervisorSession] = set()  # links with a report refused unavailable
         self._probe: Any = None
         self.unreachable_after = unreachable_after
         self.touch_interval = touch_interval
@@ -495,12 +485,12 @@ class SupervisorLinks(MultiService):
         self.log_service = log_service
         self.proxies = proxies
         self.proxy_service = proxy_service
-        self.by_host: dict[int, SupervisorLink] = {}
+        self.by_host: dict[int, SupervisorSession] = {}
         self.instance_id: str | None = None
         """This process's id in ``instances`` (:mod:`treadmill.switchboard.instances`)."""
         self.rebalanced = 0
         self._next_rebalance = 0.0
-        self.factory = SupervisorLinkFactory(self)
+        self.factory = SupervisorSessionFactory(self)
         self.resource = WebSocketResource(self.factory)
         self._tasks: set[Deferred[Any]] = set()
         self.stopping = False
@@ -535,7 +525,7 @@ class SupervisorLinks(MultiService):
         d.addBoth(done)
         return d
 
-    async def register(self, link: SupervisorLink) -> None:
+    async def register(self, link: SupervisorSession) -> None:
         assert link.host_id is not None and link.session is not None
         old = self.by_host.get(link.host_id)
         self.by_host[link.host_id] = link
@@ -545,7 +535,7 @@ class SupervisorLinks(MultiService):
             self._drop(old, CloseCode.SUPERSEDED, "superseded by a newer connection")
             self.by_host[link.host_id] = link
 
-    def unregister(self, link: SupervisorLink) -> None:
+    def unregister(self, link: SupervisorSession) -> None:
         assert link.host_id is not None and link.session is not None
         if self.by_host.get(link.host_id) is link:
             del self.by_host[link.host_id]
@@ -555,13 +545,13 @@ class SupervisorLinks(MultiService):
 
     def job_changed(self, payload: str) -> None:
         """``treadmill_jobs``: send assigned and stopping jobs to hosts we hold."""
-        parts = payload.split(" ")
-        if len(parts) != 3 or parts[1] not in ("assigned", "terminating") or parts[2] == "-":
+        note = JobNote.parse(payload)
+        if note is None or note.state not in ("assigned", "terminating") or note.host_id is None:
             return
-        link = self.by_host.get(int(parts[2]))
+        link = self.by_host.get(note.host_id)
         if link is None or link.state != link.STATE_OPEN:
             return
-        job_id = parts[0]
+        job_id = note.job_id
 
         async def send() -> None:
             row = await self.store.active_job(link.host_id)  # type: ignore[arg-type]
@@ -583,20 +573,19 @@ class SupervisorLinks(MultiService):
 
     def snapshot_requested(self, payload: str) -> None:
         """``treadmill_snapshots``: a snapshot for a host we may hold."""
-        try:
-            link = self.by_host.get(int(payload))
-        except ValueError:
+        note = SnapshotNote.parse(payload)
+        if note is None or note.host_id is None:
             return
+        link = self.by_host.get(note.host_id)
         if link is not None and link.state == link.STATE_OPEN:
             self.spawn(link.send_snapshots())
 
     def host_changed(self, payload: str) -> None:
         """``treadmill_hosts``: close links superseded elsewhere, or whose host is gone."""
-        host = payload.partition(" ")[0]
-        try:
-            link = self.by_host.get(int(host))
-        except ValueError:
+        note = HostNote.parse(payload)
+        if note is None:
             return
+        link = self.by_host.get(note.host_id)
         if link is None:
             return
 
@@ -612,7 +601,7 @@ class SupervisorLinks(MultiService):
 
         self.spawn(check())
 
-    def _drop(self, link: SupervisorLink, code: CloseCode, reason: str) -> None:
+    def _drop(self, link: SupervisorSession, code: CloseCode, reason: str) -> None:
         if self.by_host.get(link.host_id) is link:  # type: ignore[arg-type]
             del self.by_host[link.host_id]  # type: ignore[arg-type]
         link.registered = False
@@ -623,7 +612,7 @@ class SupervisorLinks(MultiService):
         else:
             link.dropConnection(abort=True)
 
-    def report_not_stored(self, link: SupervisorLink) -> None:
+    def report_not_stored(self, link: SupervisorSession) -> None:
         """``link``'s supervisor holds a report it will send again after a backoff that
         may have grown long; once the database answers, make it send that report now."""
         self.unstored.add(link)
@@ -711,7 +700,7 @@ class SupervisorLinks(MultiService):
             else:
                 self.spawn(link.reconcile())
 
-    def _reconcile_later(self, link: SupervisorLink) -> None:
+    def _reconcile_later(self, link: SupervisorSession) -> None:
         if link.state == link.STATE_OPEN and self.by_host.get(link.host_id) is link:  # type: ignore
             self.spawn(link.reconcile())
 

@@ -27,7 +27,9 @@ from twisted.logger import Logger
 
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.jobstate import InvalidTransition, Reason, State, Status
-from treadmill.switchboard.store import NotFound, Store
+from treadmill.switchboard.notifications import HostNote, JobNote
+from treadmill.switchboard.store import Store
+from treadmill.switchboard.store.errors import NotFound
 
 
 class Scheduler(MultiService):
@@ -69,18 +71,19 @@ class Scheduler(MultiService):
         expiry.setServiceParent(self)
 
     def job_changed(self, payload: str) -> None:
-        """``treadmill_jobs`` (``"<job> <state> <host or ->"``): a newly queued job, or a
+        """``treadmill_jobs`` (a :class:`JobNote`): a newly queued job, or a
         host freed by a finished job (not a pass's own assignments)."""
-        parts = payload.split(" ")
-        if len(parts) != 3:
+        note = JobNote.parse(payload)
+        if note is None:
             return
-        if (parts[1], parts[2] == "-") in (("queued", True), ("terminated", False)):
+        if (note.state, note.host_id is None) in (("queued", True), ("terminated", False)):
             self.wake()
 
     def host_changed(self, payload: str) -> None:
-        """``treadmill_hosts`` (``"<host> <session or ->"``): a connected host changed
+        """``treadmill_hosts`` (a :class:`HostNote`): a connected host changed
         (connected, enabled, re-tagged); a host without a link can take nothing."""
-        if not payload.endswith(" -"):
+        note = HostNote.parse(payload)
+        if note is not None and note.session is not None:
             self.wake()
 
     def wake(self, _: object = None) -> None:

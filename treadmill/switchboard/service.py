@@ -36,7 +36,7 @@ from treadmill.common.captoken import (
     public_jwk,
 )
 from treadmill.common.daemon import RoleService, listeners
-from treadmill.common.http import limited_site
+from treadmill.common.http import limited_site, log_requests
 from treadmill.switchboard.api import Limits, SwitchboardAPI
 from treadmill.switchboard.audit import RetentionService
 from treadmill.switchboard.auth import Authenticator, PasswordGuard, PasswordPolicy
@@ -53,11 +53,12 @@ from treadmill.switchboard.web import console_root
 
 @dataclass
 class SwitchboardConfig:
-    """Everything the switchboard needs, already validated."""
+    """Everything the switchboard needs, already validated; its defaults are the
+    settings' (``tap.Options``: each setting names its field here)."""
 
     dsn: str
-    listen: list[str]
-    signing_key: str
+    listen: list[str] = field(default_factory=lambda: ["tcp:8080:interface=127.0.0.1"])
+    signing_key: str = "/var/lib/treadmill-switchboard/capability-key.pem"
     issuer: str = "treadmill"
     pool_size: int = 4
     max_body: int = 64 * 1024
@@ -153,14 +154,7 @@ class SwitchboardService(RoleService):
         self.job_counts: dict[str, int] = {}
         self.host_counts: dict[str, int] = {}
         self.metrics = SwitchboardMetrics(self)
-        access_log = self.site.log
-
-        def log(request: Any) -> None:
-            self.metrics.observe(request)
-            if config.access_log:
-                access_log(request)
-
-        self.site.log = log  # type: ignore[method-assign]
+        log_requests(self.site, config.access_log, self.metrics.observe)
         self._ports: list[Any] = []
         self._was_leader = False
         self._live = 0

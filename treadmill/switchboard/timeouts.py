@@ -10,7 +10,8 @@ from twisted.logger import Logger
 
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.jobstate import InvalidTransition, Reason
-from treadmill.switchboard.store import NotFound, Store
+from treadmill.switchboard.store import Store
+from treadmill.switchboard.store.errors import NotFound
 
 AFTER_OUTAGE = 10.0
 """Seconds after the database's return before execution timeouts are enforced again:

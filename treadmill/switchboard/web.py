@@ -39,7 +39,7 @@ from treadmill.common.http import (
 from treadmill.switchboard.access import effective
 from treadmill.switchboard.auth import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, csrf_token
 from treadmill.switchboard.database import unavailable
-from treadmill.switchboard.store import NotFound
+from treadmill.switchboard.store.errors import NotFound
 
 SESSION_TTL = 12 * 3600
 """Seconds a console session lasts (its token's ``expires_in``)."""

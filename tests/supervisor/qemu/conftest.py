@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from treadmill.images import format as fmt
-from treadmill.supervisor.images import FetchedImage, ImageFetchError
+from treadmill.supervisor.fetch import FetchedImage, ImageFetchError
 
 ROOT = Path(__file__).resolve().parents[3]
 HAVE_QEMU = shutil.which("qemu-system-x86_64") is not None and shutil.which("qemu-img")

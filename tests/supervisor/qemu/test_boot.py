@@ -18,13 +18,13 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
+from tests.fakes.reporter import Recorder
 from tests.supervisor.qemu.conftest import (
     BuiltImage,
     FakeFetcher,
     needs_qemu,
     qemu_processes,
 )
-from tests.supervisor.reporter import Recorder
 from treadmill.supervisor.drivers.qemu import QemuDriver, QemuSettings
 
 pytestmark = needs_qemu
@@ -215,7 +215,7 @@ async def test_qemu_failing_at_start_is_host_start_failure_with_its_message(
 
 @pytest_twisted.ensureDeferred
 async def test_an_image_that_cannot_be_fetched_is_image_error(work_dir: str) -> None:
-    from treadmill.supervisor.images import ImageFetchError
+    from treadmill.supervisor.fetch import ImageFetchError
     fetcher = FakeFetcher(None, ImageFetchError("image_not_found", "no store has it"))
     driver = QemuDriver(reactor, settings(work_dir), fetcher=fetcher)
     reporter = Recorder()

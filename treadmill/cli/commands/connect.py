@@ -48,8 +48,7 @@ from twisted.python.failure import Failure
 
 from treadmill.cli.client import plain_error
 from treadmill.cli.context import EXIT_OK, CommandError, Context, add_job_id, non_negative_int
-from treadmill.proxy.messages import parse_proxy_url
-from treadmill.proxy.splice import (
+from treadmill.common.splice import (
     MAX_FRAME,
     TUNNEL_SUBPROTOCOL,
     Splice,
@@ -58,6 +57,8 @@ from treadmill.proxy.splice import (
     client_endpoint,
     join,
 )
+from treadmill.common.wsjson import QuietLogger
+from treadmill.protocol.proxy import parse_proxy_url
 
 __all__ = ["add_connect_arguments", "add_ssh_arguments", "job_connect", "job_ssh"]
 
@@ -268,6 +269,7 @@ class _StdioLocal(_Local):
 class _TunnelClient(WebSocketClientProtocol, WebSocketEnd):
     """The WebSocket to the tunnel's URL, one per local connection."""
 
+    log = QuietLogger(namespace="treadmill.cli.connect.ws")
     local: _Local | None = None
     connector: _Connector | None = None
 

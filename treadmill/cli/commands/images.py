@@ -1,7 +1,7 @@
 """``tml image``: the switchboard's image catalogue, and pushing and pulling images.
 
 ``push`` and ``pull`` talk to image stores with the OCI client of
-:mod:`treadmill.images.registry`; the image format is
+:mod:`treadmill.images.oci`; the image format is
 :mod:`treadmill.images.format` (``docs/images.md``).
 """
 
@@ -27,8 +27,7 @@ from treadmill.cli.context import (
     positive_int,
 )
 from treadmill.images import format as fmt
-from treadmill.images.progress import ProgressBar, human_size
-from treadmill.images.registry import (
+from treadmill.images.oci import (
     DEFAULT_CHUNK_SIZE,
     BlobSource,
     RegistryClient,
@@ -39,6 +38,7 @@ from treadmill.images.registry import (
     parse_reference,
     repository_of,
 )
+from treadmill.images.progress import ProgressBar, human_size
 
 IMAGE_FIELDS = ("name", "digest", "kind", "stores", "owner", "description", "created_at",
                 "updated_at")

@@ -26,6 +26,7 @@ from treadmill.cli.client import (
 )
 from treadmill.cli.context import EXIT_ERROR, EXIT_OK, Context, add_job_id
 from treadmill.cli.retry import Retry
+from treadmill.protocol.logs import stream_url
 
 _READ_TIMEOUT = 30.0
 GIVE_UP_AFTER = 60.0  # seconds of failures without progress
@@ -139,7 +140,7 @@ async def read_stream(ctx: Context, job_id: str, stream: str, follow: bool,
     servers = list(access["servers"])
     while True:
         server = servers[turn % len(servers)]
-        url = f"{server.rstrip('/')}/v1/jobs/{job_id}/streams/{stream}"
+        url = stream_url(server, job_id, stream)
         params = {"offset": str(offset)}
         if follow:
             params["follow"] = "1"

@@ -5,7 +5,8 @@ through the :class:`IJobReporter` it is given with the job. The runner
 (``treadmill/supervisor/runner.py``) turns those reports into journaled
 ``job_event`` messages, so a driver never talks to the switchboard and never
 touches the state directory. ``docs/supervisor.md`` describes the contract
-for authors of new drivers (QEMU, serial boards).
+for authors of new drivers. The drivers: ``mock.py`` (a simulated host),
+``qemu/`` (a VM per job) and ``serial/`` (a board on a serial port).
 
 Rules every driver follows:
 
@@ -19,11 +20,14 @@ Rules every driver follows:
 - Stages only move forward (``STAGES`` order); any may be skipped.
 - All timing uses the reactor given to the driver (``IReactorTime``), so tests
   can drive it with a ``Clock``.
+- Settings: :func:`make_driver` hands a driver only its own ``NAME.*`` values
+  and the supervisor's state directory, never the whole configuration.
 - Images: :func:`make_driver` hands every driver the supervisor's
-  :class:`~treadmill.supervisor.images.ImageFetcher` (``fetcher=``, possibly
-  ``None`` in tests). In its ``fetching_image`` stage a driver awaits
-  ``fetcher.fetch(job["image"])`` (a :class:`~treadmill.supervisor.images.FetchedImage`:
-  the parsed image and a read-only path per layer), ends the job with
+  :class:`~treadmill.supervisor.fetch.ImageFetcher` (``fetcher=``, an
+  :class:`~treadmill.supervisor.fetch.IImageFetcher`; possibly ``None`` in tests).
+  In its ``fetching_image`` stage a driver awaits ``fetcher.fetch(job["image"])``
+  (a :class:`~treadmill.supervisor.fetch.FetchedImage`: the parsed image and a
+  read-only path per layer), ends the job with
   ``failed("image_error", error.message)`` on an ``ImageFetchError``, and
   calls ``fetcher.release(fetched)`` when the job ends.
 """
@@ -36,8 +40,7 @@ from typing import TYPE_CHECKING, Any
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
-    from treadmill.supervisor.images import ImageFetcher
-    from treadmill.supervisor.service import SupervisorConfig
+    from treadmill.supervisor.fetch import ImageFetcher
 
 __all__ = ["DRIVER_MODULES", "REASONS", "SNAPSHOT_ERRORS", "STAGES", "IHostDriver",
            "IHostSnapshots", "IJobReporter", "SnapshotError", "StartRefused", "driver_module",
@@ -150,8 +153,9 @@ DRIVER_MODULES = {
 }
 """Driver name → module. A driver module defines ``SETTINGS`` (its ``NAME.*``
 config settings, a tuple of :class:`~treadmill.common.config.Setting`) and
-``make_driver(config, reactor, fetcher)``; it reads its settings from
-``config.driver_values`` (every parsed ``NAME.*`` value, keyed as in the file)."""
+``make_driver(values, *, reactor, state_dir, fetcher)``: ``values`` holds its own
+checked ``NAME.*`` values, keyed as in the file (a missing key takes its default);
+a driver never sees the rest of the supervisor's configuration."""
 
 
 SNAPSHOT_ERRORS = ("not_supported", "unknown_job", "failed")
@@ -187,7 +191,10 @@ def driver_module(name: str) -> Any:
     return importlib.import_module(module)
 
 
-def make_driver(config: SupervisorConfig, reactor: Any,
+def make_driver(name: str, values: dict[str, Any], *, reactor: Any, state_dir: str,
                 fetcher: ImageFetcher | None = None) -> IHostDriver:
-    """The driver named by ``config.driver``; ``fetcher`` fetches jobs' images for it."""
-    return driver_module(config.driver).make_driver(config, reactor, fetcher)
+    """The driver called ``name``, from its own ``values`` (``NAME.*`` keys); ``state_dir``
+    is the supervisor's state directory (where a driver keeps its files by default),
+    ``fetcher`` fetches jobs' images for it."""
+    return driver_module(name).make_driver(values, reactor=reactor, state_dir=state_dir,
+                                           fetcher=fetcher)

@@ -32,7 +32,7 @@ the stage is only simulated. A skipped ``fetching_image`` fetches nothing.
 
 Services: while ``ready``, with ``mock.echo = true`` (the default) and a
 reactor that can listen, the host offers an ``echo`` service on a loopback
-port (``exposure.listen_echo``), which the supervisor publishes on the job's
+port (``echo.listen_echo``), which the supervisor publishes on the job's
 rendezvous proxies.
 
 A stage named by ``fail_at`` or ``crash_at`` is never skipped. Every
@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTCP
@@ -60,11 +60,8 @@ from zope.interface import implementer
 from treadmill.common.config import BOOL, FLOAT, INT, STR, STRLIST, Setting, one_of
 from treadmill.protocol import agent
 from treadmill.supervisor.drivers import REFUSALS, STAGES, IHostDriver, IJobReporter, StartRefused
-from treadmill.supervisor.exposure import listen_echo
-from treadmill.supervisor.images import FetchedImage, ImageFetcher, ImageFetchError
-
-if TYPE_CHECKING:
-    from treadmill.supervisor.service import SupervisorConfig
+from treadmill.supervisor.echo import listen_echo
+from treadmill.supervisor.fetch import FetchedImage, ImageFetcher, ImageFetchError
 
 __all__ = ["MOCK_SETTINGS", "SETTINGS", "MockDriver", "MockSettings", "make_driver"]
 
@@ -533,7 +530,7 @@ class MockDriver:
 SETTINGS = MOCK_SETTINGS
 
 
-def make_driver(config: SupervisorConfig, reactor: Any,
+def make_driver(values: dict[str, Any], *, reactor: Any, state_dir: str,
                 fetcher: ImageFetcher | None = None) -> MockDriver:
-    """The mock driver of ``config`` (``config.mock``)."""
-    return MockDriver(reactor, config.mock, fetcher=fetcher)
+    """The mock driver of its ``mock.*`` ``values``."""
+    return MockDriver(reactor, MockSettings.from_values(values), fetcher=fetcher)

@@ -2,7 +2,7 @@
 
 A job goes through:
 
-- ``fetching_image``: the supervisor's :class:`~treadmill.supervisor.images.ImageFetcher`
+- ``fetching_image``: the supervisor's :class:`~treadmill.supervisor.fetch.ImageFetcher`
   fetches and verifies the image (``image_error`` if it cannot);
 - ``allocating``: a work directory ``qemu.work_dir/JOB`` and a free loopback
   port for the guest's SSH port;
@@ -38,14 +38,13 @@ from treadmill.supervisor.drivers.qemu.driver import QemuDriver
 from treadmill.supervisor.drivers.qemu.settings import SETTINGS, QemuSettings
 
 if TYPE_CHECKING:
-    from treadmill.supervisor.images import ImageFetcher
-    from treadmill.supervisor.service import SupervisorConfig
+    from treadmill.supervisor.fetch import ImageFetcher
 
 __all__ = ["SETTINGS", "AccelChooser", "QemuDriver", "QemuSettings", "make_driver"]
 
 
-def make_driver(config: SupervisorConfig, reactor: Any,
+def make_driver(values: dict[str, Any], *, reactor: Any, state_dir: str,
                 fetcher: ImageFetcher | None = None) -> QemuDriver:
-    """The QEMU driver of ``config`` (its ``qemu.*`` values in ``config.driver_values``)."""
-    settings = QemuSettings.from_values(config.driver_values, config.state_dir)
+    """The QEMU driver of its ``qemu.*`` ``values`` (directories default under ``state_dir``)."""
+    settings = QemuSettings.from_values(values, state_dir)
     return QemuDriver(reactor, settings, fetcher=fetcher)

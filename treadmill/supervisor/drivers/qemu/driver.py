@@ -34,7 +34,7 @@ from treadmill.supervisor.drivers.qemu.command import Paths, overlay_command, qe
 from treadmill.supervisor.drivers.qemu.process import LOG_TAIL, ToolError, run_tool
 from treadmill.supervisor.drivers.qemu.qmp import QMPClient, QMPError
 from treadmill.supervisor.drivers.qemu.snapshot import KeptDisks, disk_info
-from treadmill.supervisor.images import FetchedImage, ImageFetcher, ImageFetchError
+from treadmill.supervisor.fetch import FetchedImage, ImageFetcher, ImageFetchError
 
 __all__ = ["QemuDriver", "StartFailure"]
 

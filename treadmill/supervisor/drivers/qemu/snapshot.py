@@ -30,12 +30,12 @@ from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 
 from treadmill.images import format as fmt
-from treadmill.images.registry import RegistryError, check_store_url, hash_file, repository_of
+from treadmill.images.oci import RegistryError, check_store_url, hash_file, repository_of
 from treadmill.supervisor.drivers import SnapshotError
 from treadmill.supervisor.drivers.qemu.command import rebase_command
 from treadmill.supervisor.drivers.qemu.process import ToolError, run_tool
 from treadmill.supervisor.drivers.qemu.settings import QemuSettings
-from treadmill.supervisor.images import FetchedImage
+from treadmill.supervisor.fetch import FetchedImage
 
 __all__ = ["ANN_BASE_DIGEST", "KEPT_FORMAT", "KeptDisk", "KeptDisks", "disk_info",
            "snapshot_manifest"]
@@ -111,7 +111,7 @@ class KeptDisk:
 class KeptDisks:
     """The kept disks of a QEMU driver, and snapshots made from them.
 
-    ``fetcher`` is the supervisor's :class:`~treadmill.supervisor.images.ImageFetcher`
+    ``fetcher`` is the supervisor's :class:`~treadmill.supervisor.fetch.ImageFetcher`
     (``pin``, ``release_digests``, ``registry_client``); ``in_thread`` runs
     blocking file work off the reactor.
     """

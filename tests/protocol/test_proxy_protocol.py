@@ -1,0 +1,86 @@
+"""Proxy control protocol v1: the code's messages and the committed JSON Schema agree."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from treadmill.protocol import proxy as p
+
+CONN = "c" * 32
+
+BUILT = {
+    "welcome": p.welcome("job-1", 40000, False, "proxy.example", 30.0, ["ssh"]),
+    "publish": p.publish(1, "ssh", tcp=True, websocket=True, authenticates=True),
+    "published": p.published(1, "ssh", "proxy.example", tcp_port=40001,
+                             ws_path="/v1/tunnels/" + CONN, ws_url="ws://p/v1/tunnels/x",
+                             auth="service"),
+    "unpublish": p.unpublish(2, "ssh"),
+    "unpublished": p.unpublished(2, "ssh"),
+    "connect": p.connect(CONN, "ssh"),
+    "connect_failed": p.connect_failed(CONN, "refused"),
+    "error": p.error(3, "not_published", "no such service", service="ssh"),
+    "protocol_error": p.protocol_error("bad"),
+}
+
+
+def test_every_type_has_a_constructor_and_a_schema() -> None:
+    in_schema = set(p.schema()["properties"]["type"]["enum"])
+    assert in_schema == set(p.TO_PROXY) | set(p.TO_SUPERVISOR) == set(BUILT)
+    for kind in in_schema:
+        assert callable(getattr(p, kind, None)), f"no constructor for {kind}"
+    defs = {rule["then"]["$ref"].split("/")[-1] for rule in p.schema()["allOf"]}
+    assert len(defs) == len(in_schema)
+
+
+def test_error_codes_match_the_schema() -> None:
+    assert set(p.schema()["$defs"]["Error"]["properties"]["code"]["enum"]) == set(p.ERROR_CODES)
+
+
+@pytest.mark.parametrize("kind", sorted(BUILT))
+def test_built_messages_validate(kind: str) -> None:
+    p.validate(BUILT[kind])
+    direction = p.TO_SUPERVISOR if kind in p.TO_SUPERVISOR else p.TO_PROXY
+    assert p.parse(p.encode(BUILT[kind]), expect=direction) == BUILT[kind]
+
+
+def test_minimal_constructors_validate() -> None:
+    for message in (p.publish(1, "echo"), p.published(1, "echo", "h"), p.connect_failed(CONN),
+                    p.error(1, "internal_error", "x" * 5000)):
+        p.validate(message)
+
+
+@pytest.mark.parametrize("kind", sorted(BUILT))
+def test_unknown_fields_are_violations(kind: str) -> None:
+    with pytest.raises(p.ProtocolError):
+        p.validate({**BUILT[kind], "surprise": 1})
+
+
+@pytest.mark.parametrize("payload", [b"", b"{", b"[]", b"null", b'{"type": 5}', b'{"x": 1}',
+                                     b'{"type": "connect"}', b"[" * 100000])
+def test_garbage_is_a_violation(payload: bytes) -> None:
+    with pytest.raises(p.ProtocolError):
+        p.parse(payload, expect=p.TO_SUPERVISOR + p.TO_PROXY)
+
+
+def test_direction_is_enforced() -> None:
+    with pytest.raises(p.ProtocolError, match="unexpected"):
+        p.parse(p.encode(BUILT["connect"]), expect=p.TO_PROXY)
+
+
+def test_data_header_round_trip() -> None:
+    line = p.data_header(CONN, "tok.en")
+    assert p.parse_data_header(line.rstrip(b"\n")) == (CONN, "tok.en")
+    with pytest.raises(p.ProtocolError):
+        p.parse_data_header(b"TREADMILL-DATA/2 " + CONN.encode() + b" t")
+
+
+def test_documentation_lists_every_type_and_close_code() -> None:
+    text = (Path(__file__).parents[2] / "docs" / "proxy.md").read_text(encoding="utf-8")
+    for kind in BUILT:
+        assert f"| `{kind}` |" in text, kind
+    documented = {int(code) for code in re.findall(r"^\| (\d{4}) \|", text, re.M)}
+    assert {int(code) for code in p.CloseCode} | {int(code) for code in p.ConsoleCloseCode} \
+        <= documented

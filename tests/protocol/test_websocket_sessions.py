@@ -1,0 +1,112 @@
+"""The shared WebSocket session kit (``treadmill.common.wsjson``) and its use everywhere:
+every Autobahn protocol in ``treadmill/`` logs through a :class:`QuietLogger`."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import pkgutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from autobahn.websocket.protocol import WebSocketProtocol
+
+import treadmill
+from treadmill.common.wsjson import MAX_CLOSE_REASON, JsonSession, QuietLogger, close_reason
+
+# Protocol classes not yet on the kit, by "module:Class". Each entry is removed when its
+# owner adopts QuietLogger; the test fails if an entry is no longer needed.
+NOT_YET_QUIET: set[str] = set()
+
+
+def _websocket_protocols() -> dict[str, type]:
+    found = {}
+    for info in pkgutil.walk_packages(treadmill.__path__, "treadmill."):
+        module = importlib.import_module(info.name)
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == module.__name__ and issubclass(cls, WebSocketProtocol):
+                found[f"{module.__name__}:{name}"] = cls
+    return found
+
+
+def test_every_websocket_protocol_logs_through_a_quiet_logger() -> None:
+    protocols = _websocket_protocols()
+    assert len(protocols) >= 7  # the walk found them
+    loud = {name for name, cls in protocols.items() if not isinstance(cls.log, QuietLogger)}
+    assert loud == NOT_YET_QUIET, (
+        "Autobahn logs the handshake (bearer tokens) at debug level: give these protocol "
+        "classes log = QuietLogger(namespace=...) from treadmill.common.wsjson")
+
+
+@pytest.mark.parametrize("reason", ["short", "x" * 200, "é" * 100, "€" * 50 + "x", "😀" * 40])
+def test_close_reasons_are_cut_between_characters(reason: str) -> None:
+    cut = close_reason(reason)
+    assert len(cut.encode("utf-8")) <= MAX_CLOSE_REASON
+    assert reason.startswith(cut)
+    assert len(cut.encode("utf-8")) > MAX_CLOSE_REASON - 4 or cut == reason
+
+
+class _Session(JsonSession):
+    STATE_OPEN = 1
+
+    def __init__(self) -> None:
+        self.state = self.STATE_OPEN
+        self.sent: list[Any] = []
+        self.closed: list[tuple[int, str]] = []
+        self.handling = True
+        self.reported: list[str] = []
+
+    def sendMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.sent.append((payload, isBinary))
+
+    def sendClose(self, code: int, reason: str) -> None:
+        self.closed.append((code, reason))
+        self.state = 2
+
+    def violation_message(self, text: str) -> dict[str, Any]:
+        return {"type": "protocol_error", "message": text}
+
+    def log_violation(self, text: str) -> None:
+        self.reported.append(text)
+
+
+def test_a_violation_is_reported_sent_and_closes_with_4000() -> None:
+    session = _Session()
+    session.violation("bad")
+    assert session.reported == ["bad"]
+    assert session.sent == [(b'{"type":"protocol_error","message":"bad"}', False)]
+    assert session.closed == [(4000, "protocol violation")] and not session.handling
+    assert session.send({"type": "x"}) is False  # closed: nothing more is sent
+    session.close(4000, "again")
+    assert len(session.closed) == 1
+
+
+def _allowed(code: int) -> bool:
+    return code == 1000 or 3000 <= code <= 4999
+
+
+def test_every_literal_close_code_is_one_autobahn_accepts() -> None:
+    """Autobahn's ``sendClose`` raises for any code but 1000 and 3000-4999 (1001-1015 are
+    the implementation's): a literal code in a ``sendClose`` call, a member of a
+    ``*CloseCode`` enum or a value of a ``*CLOSE_CODES`` table must be one of those."""
+    root = Path(treadmill.__file__).parent
+    wrong = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            codes: list[ast.AST] = []
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr == "sendClose" and node.args:
+                codes = list(ast.walk(node.args[0]))
+            elif isinstance(node, ast.Assign) and any(
+                    isinstance(t, ast.Name) and t.id.endswith("CLOSE_CODES") for t in node.targets):
+                codes = list(ast.walk(node.value))
+            elif isinstance(node, ast.ClassDef) and node.name.endswith("CloseCode"):
+                codes = [stmt.value for stmt in node.body if isinstance(stmt, ast.Assign)]
+            for code in codes:
+                if isinstance(code, ast.Constant) and type(code.value) is int \
+                        and not _allowed(code.value):
+                    wrong.append(f"{path.relative_to(root.parent)}:{code.lineno}: {code.value}")
+    assert not wrong, wrong

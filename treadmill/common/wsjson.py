@@ -1,0 +1,80 @@
+"""One JSON-WebSocket session for Autobahn protocols: a quiet logger, ``send``,
+``close`` and ``violation``.
+
+Autobahn logs the opening handshake, ``Authorization: Bearer`` included, at
+debug level: every Autobahn protocol class in Treadmill sets ``log`` to a
+:class:`QuietLogger`, which drops debug and trace lines (a test walks the
+modules to check). A close reason is cut to the 123 bytes of UTF-8 a close frame
+may carry (:func:`close_reason`), never inside a character.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+from treadmill.common.messages import encode
+
+__all__ = ["MAX_CLOSE_REASON", "JsonSession", "QuietLogger", "close_reason"]
+
+MAX_CLOSE_REASON = 123  # bytes: a close frame's payload is at most 125, 2 of them the code
+
+
+class QuietLogger(Logger):
+    """Autobahn's protocol logger without debug and trace: those lines hold the
+    handshake, bearer token included, and secrets never go to logs."""
+
+    def debug(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def trace(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def close_reason(reason: str) -> str:
+    """``reason`` cut to at most :data:`MAX_CLOSE_REASON` bytes of UTF-8, between characters."""
+    return reason.encode("utf-8")[:MAX_CLOSE_REASON].decode("utf-8", "ignore")
+
+
+class JsonSession:
+    """Mixin for an Autobahn protocol whose messages are JSON objects in text frames.
+
+    Put it before the Autobahn class (``class P(JsonSession, WebSocketClientProtocol)``)
+    and give ``log`` a :class:`QuietLogger` with the protocol's namespace. A subclass
+    says how it reports a violation: :meth:`violation_message` (the protocol's
+    ``protocol_error``) and :meth:`log_violation`. ``handling`` is whether received
+    messages are still handled; :meth:`violation` ends it.
+    """
+
+    log: Logger = QuietLogger(namespace="treadmill.websocket")
+    violation_code = 4000
+    handling = False
+    # From the Autobahn protocol it is mixed into: state, STATE_OPEN, sendMessage, sendClose.
+
+    def send(self, message: dict[str, Any]) -> bool:
+        """Send ``message`` if the connection is open; whether it was sent."""
+        if self.state != self.STATE_OPEN:  # type: ignore[attr-defined]
+            return False
+        self.sendMessage(encode(message), isBinary=False)  # type: ignore[attr-defined]
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        """Close with ``code`` (a plain ``int`` for Autobahn) and ``reason`` (cut to fit)."""
+        if self.state == self.STATE_OPEN:  # type: ignore[attr-defined]
+            self.sendClose(int(code), close_reason(reason))  # type: ignore[attr-defined]
+
+    def violation(self, text: str) -> None:
+        """The peer broke the protocol: log it, say so and close with :attr:`violation_code`."""
+        self.log_violation(text)
+        self.send(self.violation_message(text))
+        self.handling = False  # handle nothing more from this connection
+        self.close(self.violation_code, "protocol violation")
+
+    def violation_message(self, text: str) -> dict[str, Any]:
+        """The protocol's ``protocol_error`` message about ``text``."""
+        raise NotImplementedError
+
+    def log_violation(self, text: str) -> None:
+        """Report a violation by the peer (a subclass logs it where its role logs)."""
+        self.log.warn("protocol violation by the peer: {text}", text=text)

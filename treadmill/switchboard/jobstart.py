@@ -1,0 +1,55 @@
+"""The wire ``JobStart`` (:class:`treadmill.protocol.supervisor.JobStart`) of a job.
+
+:meth:`Store.job_start <treadmill.switchboard.store.Store.job_start>` reads the job's
+row; :func:`job_start` turns it into the message for a supervisor that speaks
+protocol minor ``minor``, with the capability tokens it carries. Every version
+gate of the message is here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from treadmill.common.captoken import MAX_TTL, Access, CapabilitySigner
+from treadmill.protocol import supervisor as protocol
+from treadmill.protocol.supervisor import RESERVATION_PARAMETER, JobStart
+
+TOKEN_SLACK = 3600.0
+"""Seconds the tokens of a start outlive the job's timeout (logs are shipped after it)."""
+
+
+def job_start(row: dict[str, Any], *, minor: int, host_name: str,
+              signer: CapabilitySigner | None, log_service: str, proxies: Sequence[str],
+              proxy_service: str, ssh_keys: list[str] | None = None) -> JobStart:
+    """The ``start_job`` payload for the job of ``row`` on host ``host_name``.
+
+    Log servers come with one append token for every replica (minor 1), proxies
+    with a publish token (minor 2); the console patterns and ``ssh_keys`` (the
+    job's authorized keys) go to minor 5 and later. Without a ``signer`` no
+    tokens, hence no log servers or proxies, are sent.
+    """
+    job_id = str(row["id"])
+    start: JobStart = {
+        "id": row["id"], "timeout": row["timeout"], "tags": row["tags"], "label": row["label"],
+        "image": {"digest": row["image_digest"], "name": row["image_name"],
+                  "stores": list(row["image_stores"])},
+        "parameters": {name: {"value": p["value"], "secret": bool(p.get("secret"))}
+                       for name, p in row["parameters"].items()}}
+    if row["reservation"]:  # The host's driver holds it (docs/jobs.md, Reservations).
+        start["parameters"][RESERVATION_PARAMETER] = {"value": "true", "secret": False}
+    ttl = min(row["timeout"] + TOKEN_SLACK, MAX_TTL)
+    if minor >= 1 and row["log_servers"] and signer is not None:
+        # One write token for every replica: append to this job's streams only.
+        token = signer.sign(f"host:{host_name}", log_service,
+                            [Access("job", job_id, ("append",))], ttl)
+        start["log_servers"] = [{"url": url, "token": token} for url in row["log_servers"]]
+    if minor >= 2 and proxies and signer is not None:
+        token = signer.sign(f"host:{host_name}", proxy_service,
+                            [Access("tunnel", job_id, ("publish",))], ttl)
+        start["proxies"] = [{"url": url, "token": token} for url in proxies]
+    if minor >= protocol.RESULTS_MINOR and row["results"]:
+        start["results"] = row["results"]
+    if minor >= protocol.SSH_KEYS_MINOR and ssh_keys is not None:
+        start["ssh_keys"] = ssh_keys
+    return start

@@ -1,0 +1,118 @@
+"""Supervisor links: which instance and session hold each host, and what hosts report."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg2
+from psycopg2.extras import Json
+
+from treadmill.switchboard.database import Cursor
+from treadmill.switchboard.jobstate import Status
+from treadmill.switchboard.store.base import Queries
+from treadmill.switchboard.store.errors import NotYourJob
+from treadmill.switchboard.store.lifecycle import transition
+
+
+class LinkQueries(Queries):
+    """The hosts' links and their reports (events, endpoints)."""
+
+    async def host_by_token(self, digest: bytes) -> dict | None:
+        return await self.pool.fetchone(
+            "SELECT id, name FROM hosts WHERE token_hash = %s", (psycopg2.Binary(digest),))
+
+    async def link_connected(self, host_id: int, instance: str, session: str,
+                             instance_id: str | None = None) -> None:
+        """Record that ``instance`` (the process ``instance_id``) holds the host's link as
+        ``session``, superseding any."""
+        await self.pool.execute(
+            "UPDATE hosts SET instance = %s, instance_id = %s, session = %s, "
+            "connected_at = now(), last_seen_at = now() WHERE id = %s",
+            (instance, instance_id, session, host_id))
+
+    async def links_ended(self, sessions: list[str]) -> None:
+        """Forget many links at once (an instance shutting down)."""
+        if sessions:
+            await self.pool.execute(
+                "UPDATE hosts SET instance = NULL, instance_id = NULL, session = NULL, "
+                "last_seen_at = now() WHERE session = ANY(%s::uuid[])", (sessions,))
+
+    async def link_disconnected(self, host_id: int, session: str) -> None:
+        """Forget the link unless a newer session superseded it."""
+        await self.pool.execute(
+            "UPDATE hosts SET instance = NULL, instance_id = NULL, session = NULL, "
+            "last_seen_at = now() WHERE id = %s AND session = %s", (host_id, session))
+
+    async def set_host_kinds(self, host_id: int, kinds: Sequence[str] | None,
+                             session: str) -> None:
+        """Record the image kinds the host's supervisor reports on link ``session`` (None:
+        any kind); from then on the scheduler may offer the host jobs (``kinds_session``).
+        A change wakes the scheduler (the hosts trigger)."""
+        value = sorted(kinds) if kinds is not None else None
+        await self.pool.execute(
+            "UPDATE hosts SET kinds = %(kinds)s, kinds_session = session WHERE id = %(id)s "
+            "AND session = %(session)s::uuid AND (kinds IS DISTINCT FROM %(kinds)s::text[] "
+            "OR kinds_session IS DISTINCT FROM session)",
+            {"kinds": value, "id": host_id, "session": session})
+
+    async def host_link_state(self, host_id: int) -> dict | None:
+        """The host's token hash and link session, or None if it was removed."""
+        return await self.pool.fetchone(
+            "SELECT token_hash, session FROM hosts WHERE id = %s", (host_id,))
+
+    async def touch_links(self, sessions: list[str]) -> None:
+        """Refresh last_seen_at of the hosts whose links this instance holds."""
+        if sessions:
+            await self.pool.execute(
+                "UPDATE hosts SET last_seen_at = now() WHERE session = ANY(%s::uuid[])",
+                (sessions,))
+
+    async def active_job(self, host_id: int) -> dict | None:
+        """The job holding the host, if any (at most one: an index ensures it)."""
+        return await self.pool.fetchone(
+            "SELECT id, state, stage, termination_reason FROM jobs "
+            "WHERE host_id = %s AND state IN ('assigned', 'initializing', 'ready', "
+            "'terminating')", (host_id,))
+
+    async def job_start(self, job_id: str) -> dict | None:
+        """The row a supervisor's ``JobStart`` is built from (secrets included; see
+        :mod:`treadmill.switchboard.jobstart`). Its ``image_stores`` are the job's
+        registered ones only: a store removed since the job was enqueued (or never
+        registered) does not reach a host."""
+        return await self.pool.fetchone(
+            "SELECT j.id, j.image_name, j.image_digest, j.parameters, j.timeout, j.tags, "
+            "j.label, j.host_id, j.log_servers, j.results, j.reservation, "
+            "ARRAY(SELECT u.url FROM unnest(j.image_stores) WITH ORDINALITY AS u(url, n) "
+            "WHERE rtrim(u.url, '/') IN (SELECT s.url FROM image_stores s) ORDER BY u.n) "
+            "AS image_stores FROM jobs j WHERE j.id = %s", (job_id,))
+
+    async def apply_host_event(self, host_id: int, job_id: str, new: Status, *,
+                               exit_status: int | None = None,
+                               message: str | None = None) -> bool:
+        """Apply a supervisor's job event; only for jobs on its own host."""
+
+        async def apply(cur: Cursor) -> bool:
+            row = await cur.fetchone("SELECT host_id FROM jobs WHERE id = %s", (job_id,))
+            if row is None or row["host_id"] != host_id:
+                raise NotYourJob(f"job {job_id} is not on this host")
+            return await transition(cur, job_id, new, exit_status=exit_status,
+                                    message=message, max_host_failures=self.max_host_failures)
+
+        return await self.pool.transaction(apply)
+
+    async def set_endpoints(self, host_id: int, job_id: str,
+                            endpoints: list[dict[str, Any]]) -> bool:
+        """Record a running job's public endpoints, as its own host reports them."""
+        async def update(cur: Cursor) -> bool:
+            row = await cur.fetchone("SELECT host_id, state FROM jobs WHERE id = %s "
+                                     "FOR UPDATE", (job_id,))
+            if row is None or row["host_id"] != host_id:
+                raise NotYourJob(f"job {job_id} is not on this host")
+            if row["state"] == "terminated":
+                return False
+            await cur.execute("UPDATE jobs SET endpoints = %s, updated_at = now() "
+                              "WHERE id = %s", (Json(endpoints), job_id))
+            return True
+
+        return await self.pool.transaction(update)
