@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.application.service import IService
 
-from treadmill.common import keys
+from treadmill.common import cors, keys
 from treadmill.common.config import (
     BOOL,
     FIELD,
@@ -64,6 +64,10 @@ class Options(RoleOptions):
                 "Seconds between retention passes.", field="retention_interval"),
         Setting("http.access_log", BOOL, FIELD, "Log one line per HTTP request.",
                 field="access_log"),
+        Setting("http.cors_origins", cors.origins, [],
+                "Origins of web consoles (the switchboard's URL, https://host[:port]) "
+                "whose pages may read logs with a capability token (CORS).",
+                field="cors_origins", convert=tuple),
         Setting("follow.ping_interval", positive(FLOAT), FIELD,
                 "Seconds between WebSocket pings to followers (and the pong timeout).",
                 field="ping_interval"),

@@ -48,6 +48,7 @@ from treadmill.switchboard.metrics import SwitchboardMetrics
 from treadmill.switchboard.scheduler import Scheduler
 from treadmill.switchboard.store import Store
 from treadmill.switchboard.timeouts import TimeoutEnforcer
+from treadmill.switchboard.web import console_root
 
 
 @dataclass
@@ -147,7 +148,9 @@ class SwitchboardService(RoleService):
         self.listener.on_reconnect(self.links.database_reconnected)
         self.listener.on_reconnect(self.scheduler.wake)
         self.listener.setServiceParent(self)
-        self.site = limited_site(self.api.resource(), config.max_body)
+        self.site = limited_site(console_root(self.api, [*config.limits.log_servers,
+                                                         *config.proxies]),
+                                 config.max_body)
         self.job_counts: dict[str, int] = {}
         self.host_counts: dict[str, int] = {}
         self.metrics = SwitchboardMetrics(self)
