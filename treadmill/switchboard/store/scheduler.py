@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from treadmill.switchboard.database import Cursor
-from treadmill.switchboard.jobstate import State, Status
 from treadmill.switchboard.scheduling import FreeHost, QueuedJob, assign
 from treadmill.switchboard.store.base import INSTANCE_DEAD_AFTER, LIVE_INSTANCE, Queries
-from treadmill.switchboard.store.lifecycle import transition
 
 # Limits of the scheduling transaction (SET LOCAL), in milliseconds: a pass
 # never waits long for a lock, and if its instance freezes half-way (SIGSTOP, a
@@ -18,6 +16,48 @@ SCHEDULING_TIMEOUTS = {"statement_timeout": 5000, "lock_timeout": 1000,
                        "idle_in_transaction_session_timeout": 2000}
 
 SCHEDULER_LOCK = 0x74726561646D7363  # "treadmsc"
+
+# The free hosts (a CTE named free): enabled, healthy, connected through a live
+# instance on a link that reported its kinds, seen within %(fresh)s s, idle.
+_FREE = (
+    "free AS (SELECT h.id, h.name, h.owner_id, h.tags, h.kinds "
+    "FROM hosts h JOIN instances i ON i.id = h.instance_id "
+    "WHERE h.enabled AND h.healthy AND h.session IS NOT NULL "
+    "AND h.kinds_session = h.session "
+    "AND h.last_seen_at > now() - make_interval(secs => %(fresh)s) "
+    f"AND {LIVE_INSTANCE} "
+    "AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.host_id = h.id AND a.state IN "
+    "('assigned', 'initializing', 'ready', 'terminating')))")
+
+# Whether free host h may run the jobs of {job} (owner_id, admin, tags,
+# image_kind), as :func:`treadmill.switchboard.scheduling.may_run` decides.
+_MAY_RUN = (
+    "h.tags @> {job}.tags AND (h.kinds IS NULL OR {job}.image_kind IS NULL "
+    "OR {job}.image_kind = ANY(h.kinds)) AND ({job}.admin OR h.owner_id = {job}.owner_id "
+    "OR EXISTS (SELECT 1 FROM grants g WHERE g.host_id = h.id "
+    "AND g.privilege IN ('start', 'manage') "
+    "AND (g.user_id = {job}.owner_id OR g.user_id IS NULL)))")
+
+# Queued -> assigned for every (job, host) pair at once, as
+# :func:`treadmill.switchboard.store.lifecycle.transition` moves one job (the
+# row stamped, the event appended), skipping jobs locked elsewhere. Stamped with
+# the statement's time, after the enqueue that this statement saw committed.
+_ASSIGN = """
+    WITH pairs AS (SELECT * FROM unnest(%(jobs)s::uuid[], %(hosts)s::bigint[],
+                                        %(messages)s::text[]) AS p(id, host_id, message)),
+    mine AS (SELECT j.id FROM jobs j JOIN pairs p ON p.id = j.id
+             WHERE j.state = 'queued' FOR UPDATE OF j SKIP LOCKED),
+    moved AS (UPDATE jobs j SET host_id = p.host_id, state = 'assigned', stage = NULL,
+                     updated_at = statement_timestamp(), event_seq = j.event_seq + 1,
+                     assigned_at = coalesce(j.assigned_at, statement_timestamp()),
+                     deadline = statement_timestamp() + make_interval(secs => j.timeout),
+                     termination_message = p.message
+              FROM pairs p WHERE j.id = p.id AND j.id IN (SELECT id FROM mine)
+              RETURNING j.id, j.event_seq, p.message,
+                        extract(epoch FROM clock_timestamp() - j.created_at) AS since_created),
+    events AS (INSERT INTO job_events (job_id, seq, state, message)
+               SELECT id, event_seq, 'assigned', message FROM moved)
+    SELECT id, since_created FROM moved"""
 
 
 @dataclass(frozen=True)
@@ -66,35 +106,17 @@ class SchedulerQueries(Queries):
             if not locked or not locked["ok"]:
                 return ScheduleResult(locked=False)
             params = {"fresh": fresh_within, "dead": dead_after}
-            hosts = await cur.fetchall(
-                "SELECT h.id, h.name, h.owner_id, h.tags, h.kinds, "
-                "ARRAY(SELECT g.user_id FROM grants g "
-                "  WHERE g.host_id = h.id AND g.privilege IN ('start', 'manage')) AS starters "
-                "FROM hosts h JOIN instances i ON i.id = h.instance_id "
-                "WHERE h.enabled AND h.healthy AND h.session IS NOT NULL "
-                "AND h.kinds_session = h.session "
-                "AND h.last_seen_at > now() - make_interval(secs => %(fresh)s) "
-                f"AND {LIVE_INSTANCE} "
-                "AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.host_id = h.id AND a.state IN "
-                "('assigned', 'initializing', 'ready', 'terminating'))", params)
-            if not hosts:
-                return ScheduleResult()
             # Each distinct (owner, tags, image kind) of the queue is checked against
             # the free hosts once; then of each runnable kind, the oldest jobs, as
-            # many as there are hosts (a user's jobs for one kind of host cannot
-            # hide their jobs for another). A NULL image kind or host kinds: any.
+            # many as there are free hosts (a user's jobs for one kind of host
+            # cannot hide their jobs for another).
             jobs = await cur.fetchall(
-                "WITH free AS (SELECT id, owner_id, tags, kinds FROM hosts "
-                "  WHERE id = ANY(%(hosts)s)), "
+                f"WITH {_FREE}, "
                 "kinds AS (SELECT DISTINCT owner_id, tags, image_kind FROM jobs "
                 "  WHERE state = 'queued'), "
-                "runnable AS (SELECT k.owner_id, k.tags, k.image_kind, u.admin FROM kinds k "
-                "  JOIN users u ON u.id = k.owner_id WHERE EXISTS (SELECT 1 FROM free h "
-                "  WHERE h.tags @> k.tags AND (h.kinds IS NULL OR k.image_kind IS NULL "
-                "  OR k.image_kind = ANY(h.kinds)) AND (u.admin OR h.owner_id = k.owner_id "
-                "  OR EXISTS (SELECT 1 FROM grants g WHERE g.host_id = h.id "
-                "  AND g.privilege IN ('start', 'manage') "
-                "  AND (g.user_id = k.owner_id OR g.user_id IS NULL))))), "
+                "runnable AS (SELECT k.* FROM (SELECT k.*, u.admin FROM kinds k "
+                "  JOIN users u ON u.id = k.owner_id) k WHERE EXISTS (SELECT 1 FROM free h "
+                f"  WHERE {_MAY_RUN.format(job='k')})), "
                 "ranked AS (SELECT j.id, j.seq, j.owner_id, r.admin, j.tags, j.image_kind, "
                 "  row_number() OVER (PARTITION BY j.owner_id, j.tags, j.image_kind "
                 "  ORDER BY j.seq) AS n FROM jobs j "
@@ -102,16 +124,32 @@ class SchedulerQueries(Queries):
                 "  AND r.image_kind IS NOT DISTINCT FROM j.image_kind "
                 "  WHERE j.state = 'queued') "
                 "SELECT id, seq, owner_id, admin, tags, image_kind FROM ranked "
-                "WHERE n <= %(per_kind)s "
-                "ORDER BY seq LIMIT %(limit)s",
-                {"hosts": [h["id"] for h in hosts], "per_kind": len(hosts), "limit": limit})
+                "WHERE n <= (SELECT count(*) FROM free) "
+                "ORDER BY seq LIMIT %(limit)s", {**params, "limit": limit})
             if not jobs:
                 return ScheduleResult()
+            # Only the hosts the matching can pick: it gives each job the first free
+            # host it may run on (fewest tags, then name), so with N jobs no job
+            # looks past the N first hosts of its (owner, tags, kind).
+            hosts = await cur.fetchall(
+                f"WITH {_FREE}, "
+                "k AS (SELECT DISTINCT j.owner_id, u.admin, j.tags, j.image_kind FROM jobs j "
+                "  JOIN users u ON u.id = j.owner_id WHERE j.id = ANY(%(jobs)s::uuid[])) "
+                "SELECT DISTINCT h.id, h.name, h.owner_id, h.tags, h.kinds, "
+                "ARRAY(SELECT g.user_id FROM grants g "
+                "  WHERE g.host_id = h.id AND g.privilege IN ('start', 'manage')) AS starters "
+                "FROM k CROSS JOIN LATERAL (SELECT h.* FROM free h "
+                f"  WHERE {_MAY_RUN.format(job='k')} "
+                "  ORDER BY cardinality(h.tags), h.name COLLATE \"C\" LIMIT %(n)s) h",
+                {**params, "jobs": [j["id"] for j in jobs], "n": len(jobs)})
+            owners = {j["owner_id"] for j in jobs}
+            # A user's share matters only when several users compete.
             counts = await cur.fetchall(
-                "SELECT owner_id, count(*) AS n FROM jobs WHERE state IN "
+                "SELECT owner_id, count(*) AS n FROM jobs WHERE (state IN "
                 "('assigned', 'initializing', 'ready', 'terminating') "
-                "OR assigned_at > now() - make_interval(secs => %s) GROUP BY owner_id",
-                (fairness_window,))
+                "OR assigned_at > now() - make_interval(secs => %s)) "
+                "AND owner_id = ANY(%s) GROUP BY owner_id",
+                (fairness_window, list(owners))) if len(owners) > 1 else []
             pairs = assign(
                 [QueuedJob(j["id"], j["seq"], j["owner_id"], j["admin"], frozenset(j["tags"]),
                            j["image_kind"]) for j in jobs],
@@ -123,18 +161,13 @@ class SchedulerQueries(Queries):
             if not pairs:
                 return ScheduleResult()
             rows = await cur.fetchall(
-                "SELECT id FROM jobs WHERE id = ANY(%s::uuid[]) AND state = 'queued' "
-                "FOR UPDATE SKIP LOCKED", ([job.id for job, _ in pairs],))
+                _ASSIGN, {"jobs": [str(job.id) for job, _ in pairs],
+                          "hosts": [host.id for _, host in pairs],
+                          "messages": [f"assigned to {host.name}" for _, host in pairs]})
+            for row in rows:  # Reported to this instance's metrics once it commits.
+                cur.note("queue_wait", float(row["since_created"]))
             mine = {str(row["id"]) for row in rows}
-            done = []
-            for job, host in pairs:
-                if str(job.id) not in mine:
-                    continue
-                await cur.execute("UPDATE jobs SET host_id = %s WHERE id = %s",
-                                  (host.id, job.id))
-                await transition(cur, job.id, Status(State.ASSIGNED),
-                                 message=f"assigned to {host.name}")
-                done.append((str(job.id), host.id))
+            done = [(str(job.id), host.id) for job, host in pairs if str(job.id) in mine]
             return ScheduleResult(pairs=done, more=len(jobs) >= limit,
                                   skipped=len(pairs) - len(done))
 
