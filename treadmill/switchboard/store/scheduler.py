@@ -60,16 +60,53 @@ _ASSIGN = """
     SELECT id, since_created FROM moved"""
 
 
+# The oldest queued jobs some free host may run: of each (owner, tags, image
+# kind), no more than the free hosts that may run it (``room``), so that jobs no
+# free host can take, or more jobs of a kind than its hosts, are never read.
+_JOBS = (
+    f"WITH {_FREE}, "
+    "kinds AS (SELECT k.owner_id, u.admin, k.tags, k.image_kind FROM (SELECT DISTINCT "
+    "  owner_id, tags, image_kind FROM jobs WHERE state = 'queued') k "
+    "  JOIN users u ON u.id = k.owner_id), "
+    "runnable AS (SELECT k.*, r.room FROM kinds k CROSS JOIN LATERAL "
+    f"  (SELECT count(*) AS room FROM free h WHERE {_MAY_RUN.format(job='k')}) r "
+    "  WHERE r.room > 0), "
+    "ranked AS (SELECT j.id, j.seq, j.owner_id, r.admin, j.tags, j.image_kind, r.room, "
+    "  row_number() OVER (PARTITION BY j.owner_id, j.tags, j.image_kind "
+    "  ORDER BY j.seq) AS n FROM jobs j "
+    "  JOIN runnable r ON r.owner_id = j.owner_id AND r.tags = j.tags "
+    "  AND r.image_kind IS NOT DISTINCT FROM j.image_kind "
+    "  WHERE j.state = 'queued') "
+    "SELECT id, seq, owner_id, admin, tags, image_kind FROM ranked WHERE n <= room "
+    "ORDER BY seq LIMIT %(limit)s")
+
+# The free hosts the matching can pick for the jobs read: it gives each job the
+# first free host it may run on (fewest tags, then name: ``assign``), so with N
+# jobs none looks past the first N hosts of its (owner, tags, image kind).
+_HOSTS = (
+    f"WITH {_FREE}, "
+    "k AS (SELECT DISTINCT j.owner_id, u.admin, j.tags, j.image_kind FROM jobs j "
+    "  JOIN users u ON u.id = j.owner_id WHERE j.id = ANY(%(jobs)s::uuid[])) "
+    "SELECT DISTINCT h.id, h.name, h.owner_id, h.tags, h.kinds, "
+    "ARRAY(SELECT g.user_id FROM grants g "
+    "  WHERE g.host_id = h.id AND g.privilege IN ('start', 'manage')) AS starters "
+    "FROM k CROSS JOIN LATERAL (SELECT h.* FROM free h "
+    f"  WHERE {_MAY_RUN.format(job='k')} "
+    "  ORDER BY cardinality(h.tags), h.name COLLATE \"C\" LIMIT %(n)s) h")
+
+
 @dataclass(frozen=True)
 class ScheduleResult:
     """One scheduling pass: whether it held the lock, the (job, host id) pairs it
-    assigned, whether more may fit at once (it read ``limit`` jobs), and how many
-    jobs it skipped because another transaction had them locked."""
+    assigned, whether more may fit at once (it read ``limit`` jobs), how many
+    jobs it skipped because another transaction had them locked, and how many
+    jobs it left queued (runnable or not)."""
 
     locked: bool = True
     pairs: list[tuple[str, int]] = field(default_factory=list)
     more: bool = False
     skipped: int = 0
+    queued: int = 0
 
 
 class SchedulerQueries(Queries):
@@ -82,12 +119,15 @@ class SchedulerQueries(Queries):
 
         Free hosts are enabled, healthy, idle and connected through a live
         instance (:data:`LIVE_INSTANCE`, ``dead_after``) on a link that has
-        reported its kinds (answered a status request: ``kinds_session``). Only jobs some free
-        host may run are read (``limit`` at most, and per user and tag set no
-        more than there are free hosts), so a runnable job is never stuck behind jobs no
-        host can take. A user's share is the number of jobs holding hosts plus
-        those assigned within ``fairness_window`` seconds: the user with the
-        smallest share goes first.
+        reported its kinds (answered a status request: ``kinds_session``). The
+        pass costs what the queue needs, not what the fleet holds: PostgreSQL
+        filters, and the pass reads only jobs some free host may run (``limit``
+        at most, and of each owner, tag set and image kind no more than the free
+        hosts that may run them, so a runnable job is never stuck behind jobs no
+        host can take), then of the free hosts only those the matching can
+        pick, as tuples. With nothing queued it reads nothing. A user's share
+        is the number of jobs holding hosts plus those assigned within
+        ``fairness_window`` seconds: the user with the smallest share goes first.
 
         Only one instance schedules at a time (a transaction advisory lock,
         tried, never waited for: ``locked`` is False when another holds it).
@@ -99,77 +139,48 @@ class SchedulerQueries(Queries):
 
         async def run(cur: Cursor) -> ScheduleResult:
             sets = ", ".join(f"set_config('{name}', %({name})s, true)" for name in limits)
-            locked = await cur.fetchone(
-                f"SELECT {sets}, pg_try_advisory_xact_lock(%(lock)s) AS ok",
+            [head] = await cur.rows(
+                f"SELECT {sets}, pg_try_advisory_xact_lock(%(lock)s), "
+                "(SELECT count(*) FROM jobs WHERE state = 'queued')",
                 {**{name: str(value) for name, value in limits.items()},
                  "lock": SCHEDULER_LOCK})
-            if not locked or not locked["ok"]:
+            locked, queued = head[-2:]
+            if not locked:
                 return ScheduleResult(locked=False)
-            params = {"fresh": fresh_within, "dead": dead_after}
-            # Each distinct (owner, tags, image kind) of the queue is checked against
-            # the free hosts once; then of each runnable kind, the oldest jobs, as
-            # many as there are free hosts (a user's jobs for one kind of host
-            # cannot hide their jobs for another).
-            jobs = await cur.fetchall(
-                f"WITH {_FREE}, "
-                "kinds AS (SELECT DISTINCT owner_id, tags, image_kind FROM jobs "
-                "  WHERE state = 'queued'), "
-                "runnable AS (SELECT k.* FROM (SELECT k.*, u.admin FROM kinds k "
-                "  JOIN users u ON u.id = k.owner_id) k WHERE EXISTS (SELECT 1 FROM free h "
-                f"  WHERE {_MAY_RUN.format(job='k')})), "
-                "ranked AS (SELECT j.id, j.seq, j.owner_id, r.admin, j.tags, j.image_kind, "
-                "  row_number() OVER (PARTITION BY j.owner_id, j.tags, j.image_kind "
-                "  ORDER BY j.seq) AS n FROM jobs j "
-                "  JOIN runnable r ON r.owner_id = j.owner_id AND r.tags = j.tags "
-                "  AND r.image_kind IS NOT DISTINCT FROM j.image_kind "
-                "  WHERE j.state = 'queued') "
-                "SELECT id, seq, owner_id, admin, tags, image_kind FROM ranked "
-                "WHERE n <= (SELECT count(*) FROM free) "
-                "ORDER BY seq LIMIT %(limit)s", {**params, "limit": limit})
-            if not jobs:
+            if not queued:
                 return ScheduleResult()
-            # Only the hosts the matching can pick: it gives each job the first free
-            # host it may run on (fewest tags, then name), so with N jobs no job
-            # looks past the N first hosts of its (owner, tags, kind).
-            hosts = await cur.fetchall(
-                f"WITH {_FREE}, "
-                "k AS (SELECT DISTINCT j.owner_id, u.admin, j.tags, j.image_kind FROM jobs j "
-                "  JOIN users u ON u.id = j.owner_id WHERE j.id = ANY(%(jobs)s::uuid[])) "
-                "SELECT DISTINCT h.id, h.name, h.owner_id, h.tags, h.kinds, "
-                "ARRAY(SELECT g.user_id FROM grants g "
-                "  WHERE g.host_id = h.id AND g.privilege IN ('start', 'manage')) AS starters "
-                "FROM k CROSS JOIN LATERAL (SELECT h.* FROM free h "
-                f"  WHERE {_MAY_RUN.format(job='k')} "
-                "  ORDER BY cardinality(h.tags), h.name COLLATE \"C\" LIMIT %(n)s) h",
-                {**params, "jobs": [j["id"] for j in jobs], "n": len(jobs)})
-            owners = {j["owner_id"] for j in jobs}
+            params = {"fresh": fresh_within, "dead": dead_after}
+            jobs = [QueuedJob(str(id_), seq, owner, admin, frozenset(tags), kind)
+                    for id_, seq, owner, admin, tags, kind
+                    in await cur.rows(_JOBS, {**params, "limit": limit})]
+            if not jobs:
+                return ScheduleResult(queued=queued)
+            hosts = [FreeHost(id_, name, owner, frozenset(tags), frozenset(starters),
+                              frozenset(kinds) if kinds is not None else None)
+                     for id_, name, owner, tags, kinds, starters in await cur.rows(
+                         _HOSTS, {**params, "jobs": [job.id for job in jobs],
+                                  "n": len(jobs)})]
+            owners = list({job.owner_id for job in jobs})
             # A user's share matters only when several users compete.
-            counts = await cur.fetchall(
-                "SELECT owner_id, count(*) AS n FROM jobs WHERE (state IN "
+            shares = dict(await cur.rows(
+                "SELECT owner_id, count(*) FROM jobs WHERE (state IN "
                 "('assigned', 'initializing', 'ready', 'terminating') "
                 "OR assigned_at > now() - make_interval(secs => %s)) "
                 "AND owner_id = ANY(%s) GROUP BY owner_id",
-                (fairness_window, list(owners))) if len(owners) > 1 else []
-            pairs = assign(
-                [QueuedJob(j["id"], j["seq"], j["owner_id"], j["admin"], frozenset(j["tags"]),
-                           j["image_kind"]) for j in jobs],
-                [FreeHost(h["id"], h["name"], h["owner_id"], frozenset(h["tags"]),
-                          frozenset(h["starters"]),
-                          frozenset(h["kinds"]) if h["kinds"] is not None else None)
-                 for h in hosts],
-                {c["owner_id"]: c["n"] for c in counts})
+                (fairness_window, owners))) if len(owners) > 1 else {}
+            pairs = assign(jobs, hosts, shares)
             if not pairs:
-                return ScheduleResult()
-            rows = await cur.fetchall(
-                _ASSIGN, {"jobs": [str(job.id) for job, _ in pairs],
+                return ScheduleResult(queued=queued)
+            rows = await cur.rows(
+                _ASSIGN, {"jobs": [job.id for job, _ in pairs],
                           "hosts": [host.id for _, host in pairs],
                           "messages": [f"assigned to {host.name}" for _, host in pairs]})
-            for row in rows:  # Reported to this instance's metrics once it commits.
-                cur.note("queue_wait", float(row["since_created"]))
-            mine = {str(row["id"]) for row in rows}
-            done = [(str(job.id), host.id) for job, host in pairs if str(job.id) in mine]
+            for _, since_created in rows:  # For this instance's metrics, once committed.
+                cur.note("queue_wait", float(since_created))
+            mine = {str(id_) for id_, _ in rows}
+            done = [(job.id, host.id) for job, host in pairs if job.id in mine]
             return ScheduleResult(pairs=done, more=len(jobs) >= limit,
-                                  skipped=len(pairs) - len(done))
+                                  skipped=len(pairs) - len(done), queued=queued - len(done))
 
         return await self.pool.transaction(run)
 
