@@ -206,8 +206,9 @@ async def test_a_host_that_cannot_take_a_job_is_never_chosen(store: Store) -> No
     [busy] = await add_hosts(store, instance, ["a-busy"], ["t"])
     await store.pool.execute(
         "INSERT INTO jobs (owner_id, image_digest, tags, timeout, queue_timeout, queue_deadline, "
-        "state, host_id) VALUES (%s, %s, '{}', 60, 60, now(), 'ready', %s)",
-        (owner, DIGEST, busy))
+        "state, host_id) VALUES (%s, %s, '{}', 60, 60, now(), 'ready', %s), "
+        "(%s, %s, '{}', 60, 60, now(), 'ready', NULL)",  # Its host deleted: busies none.
+        (owner, DIGEST, busy, owner, DIGEST))
     await add_hosts(store, instance, ["a-not-granted"], ["t"], everyone=False)
     await add_hosts(store, instance, ["a-other-kind"], ["t"], kinds=["board"])
     await add_hosts(store, instance, ["z-good"], ["t", "u", "v"], kinds=["qemu"])

@@ -18,7 +18,9 @@ SCHEDULING_TIMEOUTS = {"statement_timeout": 5000, "lock_timeout": 1000,
 SCHEDULER_LOCK = 0x74726561646D7363  # "treadmsc"
 
 # The free hosts (a CTE named free): enabled, healthy, connected through a live
-# instance on a link that reported its kinds, seen within %(fresh)s s, idle.
+# instance on a link that reported its kinds, seen within %(fresh)s s, idle (the
+# busy hosts are read once, a hashed list, not looked up host by host; an active
+# job whose host was deleted busies none).
 _FREE = (
     "free AS (SELECT h.id, h.name, h.owner_id, h.tags, h.kinds "
     "FROM hosts h JOIN instances i ON i.id = h.instance_id "
@@ -26,8 +28,8 @@ _FREE = (
     "AND h.kinds_session = h.session "
     "AND h.last_seen_at > now() - make_interval(secs => %(fresh)s) "
     f"AND {LIVE_INSTANCE} "
-    "AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.host_id = h.id AND a.state IN "
-    "('assigned', 'initializing', 'ready', 'terminating')))")
+    "AND h.id NOT IN (SELECT a.host_id FROM jobs a WHERE a.state IN "  # Hashed: one scan.
+    "('assigned', 'initializing', 'ready', 'terminating') AND a.host_id IS NOT NULL))")
 
 # Whether free host h may run the jobs of {job} (owner_id, admin, tags,
 # image_kind), as :func:`treadmill.switchboard.scheduling.may_run` decides.
@@ -61,16 +63,17 @@ _ASSIGN = """
 
 
 # The oldest queued jobs some free host may run: of each (owner, tags, image
-# kind), no more than the free hosts that may run it (``room``), so that jobs no
-# free host can take, or more jobs of a kind than its hosts, are never read.
+# kind), no more than the free hosts that may run it (``room``, counted up to the
+# kind's queued jobs only, so PostgreSQL stops at the first such hosts): jobs no
+# free host can take, and more jobs of a kind than its hosts, are never read.
 _JOBS = (
     f"WITH {_FREE}, "
-    "kinds AS (SELECT k.owner_id, u.admin, k.tags, k.image_kind FROM (SELECT DISTINCT "
-    "  owner_id, tags, image_kind FROM jobs WHERE state = 'queued') k "
-    "  JOIN users u ON u.id = k.owner_id), "
+    "kinds AS (SELECT k.owner_id, u.admin, k.tags, k.image_kind, k.queued FROM (SELECT "
+    "  owner_id, tags, image_kind, count(*) AS queued FROM jobs WHERE state = 'queued' "
+    "  GROUP BY owner_id, tags, image_kind) k JOIN users u ON u.id = k.owner_id), "
     "runnable AS (SELECT k.*, r.room FROM kinds k CROSS JOIN LATERAL "
-    f"  (SELECT count(*) AS room FROM free h WHERE {_MAY_RUN.format(job='k')}) r "
-    "  WHERE r.room > 0), "
+    "  (SELECT count(*) AS room FROM (SELECT FROM free h "
+    f"  WHERE {_MAY_RUN.format(job='k')} LIMIT k.queued) f) r WHERE r.room > 0), "
     "ranked AS (SELECT j.id, j.seq, j.owner_id, r.admin, j.tags, j.image_kind, r.room, "
     "  row_number() OVER (PARTITION BY j.owner_id, j.tags, j.image_kind "
     "  ORDER BY j.seq) AS n FROM jobs j "
