@@ -32,7 +32,6 @@ ACTIONS = frozenset({
     "grant.add", "grant.remove", "namespace.grant", "namespace.revoke",
     "host.create", "host.drain", "host.enable", "host.delete", "host.token", "host.tags",
     "host.health", "host.health_check.set", "host.health_check.unset",
-    "host.health_check.run",
     "image.create", "image.update", "image.delete", "image.rollback",
     "store.add", "store.remove",
     "job.cancel", "job.snapshot", "job.console_token",

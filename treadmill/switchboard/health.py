@@ -46,15 +46,18 @@ class AfterJob:
 
 
 def after_job(blame: Blame, reason: Reason, *, failures: int, threshold: int,
-              has_check: bool, jobs_since_check: int, every_jobs: int | None) -> AfterJob:
+              has_check: bool, jobs_since_check: int, every_jobs: int | None,
+              hours_since_check: float | None = None,
+              every_hours: float | None = None) -> AfterJob:
     """Decide what an ordinary job's end means for its host.
 
     ``failures`` is the count before this job, ``jobs_since_check`` the jobs
     ended on the host since its last check, this one excluded. A failure blamed
     on the host counts; ``threshold`` of them in a row run the host's health
     check if one applies (only the check's failure takes the host out), or take
-    the host out of service if none does. Every ``every_jobs`` jobs, the check
-    runs anyway.
+    the host out of service if none does. Every ``every_jobs`` jobs, and at the
+    first job end ``every_hours`` after the last check (``hours_since_check``),
+    the check runs anyway.
     """
     event: Event | None = None
     if blame is Blame.HOST:
@@ -70,6 +73,9 @@ def after_job(blame: Blame, reason: Reason, *, failures: int, threshold: int,
         return AfterJob(failures, event, out_of_service=True)
     if has_check and every_jobs is not None and jobs_since_check + 1 >= every_jobs:
         return AfterJob(failures, event, check=f"every {every_jobs} jobs")
+    if (has_check and every_hours is not None and hours_since_check is not None
+            and hours_since_check >= every_hours):
+        return AfterJob(failures, event, check=f"every {every_hours:g} hours")
     return AfterJob(failures, event)
 
 
