@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from treadmill.switchboard import health
@@ -11,29 +13,37 @@ from treadmill.switchboard.jobstate import Blame, Reason, blame
 
 R = Reason
 
-# (reason, image_ran, instance_died) -> blame
+# (reason, image_ran, instance_died, before_image, bad_request) -> blame
 BLAME = [
-    (R.HOST_START_FAILURE, False, False, Blame.JOB),   # a user's bad image: never the host's
-    (R.HOST_START_FAILURE, True, False, Blame.HOST),   # an image that starts elsewhere
-    (R.HOST_START_FAILURE, True, True, Blame.HOST),
-    (R.HOST_DROPPED_JOB, False, False, Blame.HOST),
-    (R.HOST_DROPPED_JOB, False, True, Blame.HOST),
-    (R.HOST_UNREACHABLE, False, False, Blame.HOST),
-    (R.HOST_UNREACHABLE, False, True, Blame.NONE),     # its switchboard instance died
-    (R.INTERNAL_ERROR, False, False, Blame.NONE),
-    (R.WORKLOAD_EXITED, False, False, Blame.JOB),
-    (R.WORKLOAD_EXITED, True, True, Blame.JOB),
-    (R.USER_TERMINATED, False, False, Blame.JOB),
-    (R.QUEUE_TIMEOUT, False, False, Blame.JOB),
-    (R.EXECUTION_TIMEOUT, False, False, Blame.JOB),
-    (R.IMAGE_ERROR, False, False, Blame.JOB),
-    (R.IMAGE_ERROR, True, False, Blame.JOB),
+    # A user's bad image (never ready anywhere, failed once fetched): never the host's.
+    (R.HOST_START_FAILURE, False, False, False, False, Blame.JOB),
+    (R.HOST_START_FAILURE, True, False, False, False, Blame.HOST),   # it starts elsewhere
+    (R.HOST_START_FAILURE, True, True, False, False, Blame.HOST),
+    # Before the image was fetched (a refused start, or in starting): the host's...
+    (R.HOST_START_FAILURE, False, False, True, False, Blame.HOST),
+    # ...unless it refused the job's parameters.
+    (R.HOST_START_FAILURE, False, False, True, True, Blame.JOB),
+    (R.HOST_START_FAILURE, True, False, True, True, Blame.JOB),
+    (R.HOST_DROPPED_JOB, False, False, False, False, Blame.HOST),
+    (R.HOST_DROPPED_JOB, False, True, False, False, Blame.HOST),
+    (R.HOST_UNREACHABLE, False, False, False, False, Blame.HOST),
+    (R.HOST_UNREACHABLE, False, True, False, False, Blame.NONE),  # its instance died
+    (R.INTERNAL_ERROR, False, False, False, False, Blame.NONE),
+    (R.WORKLOAD_EXITED, False, False, False, False, Blame.JOB),
+    (R.WORKLOAD_EXITED, True, True, True, True, Blame.JOB),
+    (R.USER_TERMINATED, False, False, False, False, Blame.JOB),
+    (R.QUEUE_TIMEOUT, False, False, False, False, Blame.JOB),
+    (R.EXECUTION_TIMEOUT, False, False, False, False, Blame.JOB),
+    (R.IMAGE_ERROR, False, False, False, False, Blame.JOB),
+    (R.IMAGE_ERROR, True, False, True, False, Blame.JOB),
 ]
 
 
-@pytest.mark.parametrize("reason,image_ran,instance_died,expected", BLAME)
-def test_blame(reason, image_ran, instance_died, expected):
-    assert blame(reason, image_ran=image_ran, instance_died=instance_died) is expected
+@pytest.mark.parametrize("reason,image_ran,instance_died,before_image,bad_request,expected",
+                         BLAME)
+def test_blame(reason, image_ran, instance_died, before_image, bad_request, expected):
+    assert blame(reason, image_ran=image_ran, instance_died=instance_died,
+                 before_image=before_image, bad_request=bad_request) is expected
 
 
 def test_every_reason_has_a_blame_row():
@@ -44,9 +54,9 @@ def test_no_job_side_reason_is_ever_the_hosts():
     """Whatever the circumstances, only the three host-side reasons can count."""
     for reason in set(Reason) - {R.HOST_START_FAILURE, R.HOST_DROPPED_JOB,
                                  R.HOST_UNREACHABLE}:
-        for ran in (False, True):
-            for died in (False, True):
-                assert blame(reason, image_ran=ran, instance_died=died) is not Blame.HOST
+        for ran, died, before, bad in itertools.product((False, True), repeat=4):
+            assert blame(reason, image_ran=ran, instance_died=died, before_image=before,
+                         bad_request=bad) is not Blame.HOST
 
 
 # (blame, reason, failures before, has_check, jobs_since_check, every_jobs,

@@ -60,9 +60,12 @@ async def run(peer: Peer, job_id: str, exit_status: int = 0) -> None:
     peer.script.job = None
 
 
-async def start_failure(sb: RunningSwitchboard, peer: Peer, client: Any = None) -> str:
+async def start_failure(sb: RunningSwitchboard, peer: Peer, client: Any = None,
+                        stage: str = "booting") -> str:
+    """A job that fails to start in ``stage`` (its image fetched: no agent at boot)."""
     job_id = await submit(sb, client) if client else await assigned_job(sb, peer)
     await peer.wait_for("start_job", job_id=job_id)
+    await peer.event(job_id, "initializing", stage=stage)
     await peer.event(job_id, "terminated", reason="host_start_failure", message="no agent")
     await reaches(sb, job_id, "terminated")
     peer.script.job = None
@@ -99,12 +102,34 @@ async def test_a_users_bad_image_never_counts_against_the_host(sb: RunningSwitch
 
 
 @pytest_twisted.ensureDeferred
+async def test_start_refused_for_bad_parameters_is_the_jobs(sb: RunningSwitchboard):
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    await run(peer, await assigned_job(sb, peer))  # the image is known to start
+    peer.script.start_error = ("bad_request", "unknown parameter mock.nonsense")
+    alice = await sb.user("alice")
+    for _ in range(4):
+        job_id = await submit(sb, alice)
+        await reaches(sb, job_id, "terminated", reason="host_start_failure")
+    state = await health(sb)
+    assert state["healthy"] is True and state["consecutive_failures"] == 0
+    assert state["events"][0]["message"] == (
+        "blamed on the job: the host refused its start as a bad request")
+    # Refused for the host's own reasons, before any image was fetched: the host's.
+    peer.script.start_error = ("internal_error", "disk full")
+    job_id = await submit(sb, alice)
+    await reaches(sb, job_id, "terminated", reason="host_start_failure")
+    state = await health(sb)
+    assert state["consecutive_failures"] == 1 and state["events"][0]["event"] == "failure"
+
+
+@pytest_twisted.ensureDeferred
 async def test_host_failures_without_a_check_take_the_host_out(sb: RunningSwitchboard):
     token = await add_host(sb)
     peer = await connected_peer(sb, token)
     await run(peer, await assigned_job(sb, peer))  # DIGEST has become ready once
-    for _ in range(3):
-        await start_failure(sb, peer)
+    for stage in ("booting", "starting", "fetching_image"):
+        await start_failure(sb, peer, stage=stage)
     state = await health(sb)
     assert state["healthy"] is False and state["consecutive_failures"] == 3
     assert [e["event"] for e in state["events"]][:2] == ["out_of_service", "failure"]

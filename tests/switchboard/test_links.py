@@ -436,12 +436,6 @@ async def _passes(sb: RunningSwitchboard, n: int) -> bool:
 async def test_host_failing_repeatedly_is_taken_out_of_service(sb: RunningSwitchboard) -> None:
     token = await add_host(sb)
     peer = await connected_peer(sb, token)
-    # The image has become ready once: its start failures are then the host's
-    # (tests/switchboard/test_host_health.py has the rest of host health).
-    ran = await assigned_job(sb, peer)
-    await peer.event(ran, "ready")
-    await peer.event(ran, "terminated", reason="workload_exited", exit_status=0)
-    peer.script.job = None
     for _ in range(3):
         job_id = await assigned_job(sb, peer)
         await peer.event(job_id, "terminated", reason="host_start_failure", message="no power")

@@ -101,19 +101,24 @@ CLEARING_REASONS = frozenset({
 """Job-side ends that show the host can run a job: they clear its count of failures."""
 
 
-def blame(reason: Reason, *, image_ran: bool = False, instance_died: bool = False) -> Blame:
+def blame(reason: Reason, *, image_ran: bool = False, instance_died: bool = False,
+          before_image: bool = False, bad_request: bool = False) -> Blame:
     """Whose fault a job's end is.
 
     ``host_dropped_job`` and ``host_unreachable`` are the host's (unless the
     switchboard instance holding its link died: ``instance_died``).
-    ``host_start_failure`` is the host's only when the job's image is known to
-    start (``image_ran``: another job with the same digest became ready); an
-    image that never reached its agent anywhere is the job's fault, so a user's
-    bad image cannot take a host out of service. Internal errors are
-    Treadmill's; everything else is the job's.
+    ``host_start_failure`` is the job's when the host refused the start as a
+    ``bad_request`` (its parameters); else the host's when it failed
+    ``before_image`` (a refused start, or in ``starting``, before the image was
+    fetched) or when the job's image is known to start (``image_ran``: some job
+    with the same digest became ready). An image that never reached its agent
+    anywhere is the job's fault, so a user's bad image cannot take a host out of
+    service. Internal errors are Treadmill's; everything else is the job's.
     """
     if reason is Reason.HOST_START_FAILURE:
-        return Blame.HOST if image_ran else Blame.JOB
+        if bad_request:
+            return Blame.JOB
+        return Blame.HOST if image_ran or before_image else Blame.JOB
     if reason is Reason.HOST_UNREACHABLE:
         return Blame.NONE if instance_died else Blame.HOST
     if reason is Reason.HOST_DROPPED_JOB:
@@ -121,6 +126,7 @@ def blame(reason: Reason, *, image_ran: bool = False, instance_died: bool = Fals
     if reason is Reason.INTERNAL_ERROR:
         return Blame.NONE
     return Blame.JOB
+
 
 RESTARTABLE_REASONS = frozenset({Reason.HOST_DROPPED_JOB, Reason.HOST_UNREACHABLE})
 """Reasons after which a job with restarts left is enqueued again."""

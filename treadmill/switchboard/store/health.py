@@ -10,7 +10,7 @@ from typing import Any
 from treadmill.switchboard import health, jobstate
 from treadmill.switchboard.database import Cursor
 from treadmill.switchboard.health import Event
-from treadmill.switchboard.jobstate import Reason
+from treadmill.switchboard.jobstate import Reason, Stage
 from treadmill.switchboard.store.audit import append_record
 from treadmill.switchboard.store.base import INSTANCE_DEAD_AFTER, LIVE_INSTANCE
 
@@ -50,17 +50,40 @@ async def link_died_with_instance(cur: Cursor, host_id: int) -> bool:
     return bool(row and row["died"])
 
 
-async def _blame(cur: Cursor, job: dict[str, Any], reason: Reason) -> jobstate.Blame:
-    image_ran = instance_died = False
+async def _blame(cur: Cursor, job: dict[str, Any], reason: Reason
+                 ) -> tuple[jobstate.Blame, str]:
+    """Whose fault, and why (the history's message)."""
+    image_ran = instance_died = before_image = bad_request = False
     if reason is Reason.HOST_START_FAILURE:
-        # Has this image ever become ready, on any host? If not, it is the image's fault.
+        # Where it failed: a refused start (no stage; links.py writes "CODE: text"), in
+        # starting (the image not yet fetched), or later; and has this image ever
+        # become ready, on any host? If not, it is the image's fault.
         row = await cur.fetchone(
-            "SELECT EXISTS (SELECT 1 FROM jobs WHERE image_digest = %s "
-            "AND ready_at IS NOT NULL) AS ran", (job["image_digest"],))
-        image_ran = bool(row and row["ran"])
+            "SELECT (SELECT e.stage FROM job_events e WHERE e.job_id = %(id)s "
+            "  AND e.stage IS NOT NULL ORDER BY e.seq DESC LIMIT 1) AS stage, "
+            "EXISTS (SELECT 1 FROM jobs WHERE image_digest = %(digest)s "
+            "  AND ready_at IS NOT NULL) AS ran",
+            {"id": job["id"], "digest": job["image_digest"]})
+        assert row is not None
+        image_ran = bool(row["ran"])
+        before_image = row["stage"] in (None, Stage.STARTING.value)
+        bad_request = row["stage"] is None and (job["termination_message"] or "").startswith(
+            "bad_request:")
     elif reason is Reason.HOST_UNREACHABLE:
         instance_died = await link_died_with_instance(cur, job["host_id"])
-    return jobstate.blame(reason, image_ran=image_ran, instance_died=instance_died)
+    blamed = jobstate.blame(reason, image_ran=image_ran, instance_died=instance_died,
+                            before_image=before_image, bad_request=bad_request)
+    if blamed is jobstate.Blame.JOB and reason is Reason.HOST_START_FAILURE:
+        why = ("blamed on the job: the host refused its start as a bad request"
+               if bad_request else
+               "blamed on the job: its image has never become ready on any host")
+    elif blamed is jobstate.Blame.HOST:
+        why = ("a host-side failure before the image was fetched, counted against the host"
+               if reason is Reason.HOST_START_FAILURE and before_image else
+               "a host-side failure, counted against the host")
+    else:
+        why = ""
+    return blamed, why
 
 
 async def ordinary_job_ended(cur: Cursor, job: dict[str, Any], reason: Reason,
@@ -75,7 +98,7 @@ async def ordinary_job_ended(cur: Cursor, job: dict[str, Any], reason: Reason,
         (job["host_id"],))
     if host is None:
         return None
-    blame = await _blame(cur, job, reason)
+    blame, why = await _blame(cur, job, reason)
     decision = health.after_job(
         blame, reason, failures=host["consecutive_failures"], threshold=threshold,
         has_check=host["check_id"] is not None and host["healthy"],
@@ -88,7 +111,7 @@ async def ordinary_job_ended(cur: Cursor, job: dict[str, Any], reason: Reason,
         "healthy = %s WHERE id = %s", (decision.failures, healthy, job["host_id"]))
     if decision.event is not None:
         await record(cur, job["host_id"], decision.event, healthy=healthy,
-                     job_id=job["id"], reason=reason.value, message=_message(decision.event))
+                     job_id=job["id"], reason=reason.value, message=why)
     if decision.out_of_service and host["healthy"]:
         message = (f"{decision.failures} host-side failures in a row and no health check "
                    "applies")
@@ -96,14 +119,6 @@ async def ordinary_job_ended(cur: Cursor, job: dict[str, Any], reason: Reason,
                      job_id=job["id"], reason=reason.value, message=message)
         await _audit_health(cur, job["host_id"], False, message)
     return decision.check
-
-
-def _message(event: Event) -> str:
-    if event is Event.NOT_COUNTED:
-        return "blamed on the job: its image has never become ready on any host"
-    if event is Event.FAILURE:
-        return "a host-side failure, counted against the host"
-    return ""
 
 
 async def check_ended(cur: Cursor, job: dict[str, Any], reason: Reason,

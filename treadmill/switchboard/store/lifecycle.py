@@ -95,8 +95,8 @@ async def _after_termination(cur: Cursor, job_id: str, reason: Reason,
                              max_host_failures: int) -> None:
     """Host health and the restart policy, in the terminating transaction."""
     job = await cur.fetchone(
-        "SELECT id, host_id, restarts_left, image_digest, health_expect_exit, exit_status "
-        "FROM jobs WHERE id = %s", (job_id,))
+        "SELECT id, host_id, restarts_left, image_digest, health_expect_exit, exit_status, "
+        "termination_message FROM jobs WHERE id = %s", (job_id,))
     assert job is not None
     if job["host_id"] is not None:
         if job["health_expect_exit"] is not None:
