@@ -300,3 +300,18 @@ async def test_bad_check_requests_are_refused_clearly(sb: RunningSwitchboard):
         ("host", "h1", 3)]
     assert (await sb.admin.delete("/api/v1/health-checks/hosts/h1")).status == 204
     assert (await sb.admin.get("/api/v1/health-checks")).body == {"checks": []}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_drained_host_starts_no_check(sb: RunningSwitchboard):
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    await set_check(sb, every_jobs=1)
+    job_id = await assigned_job(sb, peer)
+    assert (await sb.admin.post("/api/v1/hosts/h1/drain")).status == 200
+    await run(peer, job_id)
+    await reaches(sb, job_id, "terminated")
+    assert (await sb.store.run_due_checks()) == []
+    jobs = (await sb.admin.get("/api/v1/jobs")).body["jobs"]
+    assert not [j for j in jobs if j["health_check"]]
+    assert "check_started" not in [e["event"] for e in (await health(sb))["events"]]

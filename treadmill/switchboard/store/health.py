@@ -91,7 +91,7 @@ async def ordinary_job_ended(cur: Cursor, job: dict[str, Any], reason: Reason,
     """Count an ordinary job's end on its host (``job``: its row, with ``host_id``,
     ``image_digest``). Returns why a health check must run now, or None."""
     host = await cur.fetchone(
-        "SELECT healthy, consecutive_failures, jobs_since_check, "
+        "SELECT healthy, enabled, consecutive_failures, jobs_since_check, "
         "extract(epoch FROM now() - coalesce(h.last_check_at, c.set_at)) / 3600 AS hours, "
         "c.id AS check_id, c.every_jobs, c.every_hours FROM hosts h "
         f"LEFT JOIN LATERAL ({CHECK_FOR_HOST}) c ON true WHERE h.id = %s FOR UPDATE OF h",
@@ -118,7 +118,9 @@ async def ordinary_job_ended(cur: Cursor, job: dict[str, Any], reason: Reason,
         await record(cur, job["host_id"], Event.OUT_OF_SERVICE, healthy=False,
                      job_id=job["id"], reason=reason.value, message=message)
         await _audit_health(cur, job["host_id"], False, message)
-    return decision.check
+    # A drained host finishes its job and starts nothing else, a check included (an
+    # operator enabling it clears its count).
+    return decision.check if host["enabled"] else None
 
 
 async def check_ended(cur: Cursor, job: dict[str, Any], reason: Reason,

@@ -131,8 +131,11 @@ async def start_health_check(cur: Cursor, host_id: int, why: str) -> str | None:
     to the host before any queued job (the host is free or just freed, in this
     transaction). Returns its id, or None if no check applies."""
     check = await health.applicable_check(cur, host_id)
-    if check is None:
-        return None
+    busy = await cur.fetchone(
+        "SELECT 1 FROM jobs WHERE host_id = %s AND state IN "
+        "('assigned', 'initializing', 'ready', 'terminating')", (host_id,))
+    if check is None or busy is not None:
+        return None  # (one job per host: the check waits for the next end or pass)
     job_id = await health.insert_check_job(cur, host_id, check, why)
     await transition(cur, job_id, Status(State.ASSIGNED), message=f"health check: {why}")
     return job_id
