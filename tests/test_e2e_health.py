@@ -6,45 +6,19 @@ it waits for (``docs/operations.md``, "Host health")."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest_twisted
-from twisted.internet import reactor
 
-from tests.support import start_switchboard
-from tests.test_e2e_jobs import add_host, cli, final
+from tests import test_e2e_jobs
+from tests.test_e2e_jobs import cli, final
 from tests.util.waiting import eventually
-from treadmill.dev.fleet import ws_url_for
-from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.service import SupervisorService
+
+testbed = test_e2e_jobs.testbed
+"""A switchboard and the supervisor of mock host mock-1 (tags: mock), in process."""
 
 GOOD = "sha256:" + "a" * 64
 BAD = "sha256:" + "b" * 64
 CHECK = "sha256:" + "c" * 64
-
-
-@pytest_twisted.async_yield_fixture
-async def testbed(migrated_database: str, tmp_path: Path):
-    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 timeout_interval=0.1, health_interval=0.2)
-    token = await add_host(sb.admin, "mock-1", ["mock"])
-    await sb.admin.post("/api/v1/hosts/mock-1/grants", {"user": "*", "privilege": "read"})
-    config = SupervisorConfig(
-        url=ws_url_for(sb.url), token=token, state_dir=str(tmp_path / "mock-1"),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02),
-                                   run_time=0.1).values())
-    supervisor = SupervisorService(reactor, config)
-    supervisor.startService()
-    await supervisor.ready()
-    await supervisor.connected()
-    try:
-        yield sb
-    finally:
-        await supervisor.stopService()
-        await sb.stop()
 
 
 async def submit(url: str, token: str, *argv: str) -> str:
@@ -61,6 +35,7 @@ def first_json(out: str) -> dict:
 @pytest_twisted.ensureDeferred
 async def test_bad_images_do_not_spoil_the_host_but_a_failing_check_does(testbed) -> None:
     sb = testbed
+    await sb.admin.post("/api/v1/hosts/mock-1/grants", {"user": "*", "privilege": "read"})
     alice = await sb.user("alice")
     # A user's image that never starts (no agent: the host reports host_start_failure),
     # more times than hosts.max_failures.
@@ -98,6 +73,8 @@ async def test_bad_images_do_not_spoil_the_host_but_a_failing_check_does(testbed
     waiting = await submit(sb.url, alice.token, GOOD, "--tag", "mock")
 
     async def says_why() -> str | None:
+        # The leader's health pass (every hosts.health_interval seconds), run now.
+        await sb.service.getServiceNamed("health").run()
         return (await sb.admin.get(f"/api/v1/jobs/{waiting}")).body["state_message"]
 
     message = await eventually(says_why)
