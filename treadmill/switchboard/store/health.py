@@ -18,8 +18,7 @@ SWITCHBOARD = "switchboard"
 """The actor of the health events and audit records the switchboard writes itself."""
 
 CHECK_FOR_HOST = """
-    SELECT c.*, u.name AS set_by_name FROM health_checks c JOIN users u ON u.id = c.set_by
-    WHERE c.host_id = h.id OR c.tag = ANY(h.tags)
+    SELECT c.* FROM health_checks c WHERE c.host_id = h.id OR c.tag = ANY(h.tags)
     ORDER BY c.host_id IS NULL, c.id LIMIT 1"""
 """The health check that applies to host ``h``: its own, else its first tag's (by id)."""
 
@@ -106,9 +105,17 @@ async def ordinary_job_ended(cur: Cursor, job: dict[str, Any], reason: Reason,
         hours_since_check=float(host["hours"]) if host["hours"] is not None else None,
         every_hours=host["every_hours"])
     healthy = host["healthy"] and not decision.out_of_service
-    await cur.execute(
-        "UPDATE hosts SET consecutive_failures = %s, jobs_since_check = jobs_since_check + 1, "
-        "healthy = %s WHERE id = %s", (decision.failures, healthy, job["host_id"]))
+    # Only what changes: a write of healthy (or tags...) notifies every instance.
+    sets = []
+    if decision.failures != host["consecutive_failures"]:
+        sets.append(f"consecutive_failures = {int(decision.failures)}")
+    if host["check_id"] is not None:
+        sets.append("jobs_since_check = jobs_since_check + 1")
+    if healthy != host["healthy"]:
+        sets.append("healthy = false")
+    if sets:
+        await cur.execute(f"UPDATE hosts SET {', '.join(sets)} WHERE id = %s",
+                          (job["host_id"],))
     if decision.event is not None:
         await record(cur, job["host_id"], decision.event, healthy=healthy,
                      job_id=job["id"], reason=reason.value, message=why)
@@ -137,9 +144,9 @@ async def check_ended(cur: Cursor, job: dict[str, Any], reason: Reason,
         return
     healthy = host["healthy"] and passed is not False
     await cur.execute(
-        "UPDATE hosts SET healthy = %s, last_check_at = now(), "
-        "consecutive_failures = CASE WHEN %s THEN 0 ELSE consecutive_failures END "
-        "WHERE id = %s", (healthy, passed is True, host_id))
+        "UPDATE hosts SET last_check_at = now()"
+        + (", healthy = false" if healthy != host["healthy"] else "")
+        + (", consecutive_failures = 0" if passed else "") + " WHERE id = %s", (host_id,))
     ended = f"{reason.value}" + (f", exit status {exit_status}" if exit_status is not None
                                  else "")
     expected = f"expected exit status {job['health_expect_exit']}"
