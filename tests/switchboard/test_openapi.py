@@ -223,6 +223,7 @@ ROWS: dict[str, tuple[Any, dict[str, Any]]] = {
         "scope": "tag", "target": "qemu", "image": "org/check",
         "image_digest": "sha256:" + "0" * 64, "parameters": {"B": {"value": "s", "secret": True}},
         "expect_exit": 0, "timeout": 600.0, "every_jobs": 10, "every_hours": None,
+        "after_failures": 2,
         "set_by": "admin", "set_at": NOW}),
     "HostHealth": (lambda found: views.host_health("h1", found), {
         "healthy": False, "enabled": True, "consecutive_failures": 3, "jobs_since_check": 0,

@@ -236,6 +236,9 @@ HEALTH_CHECK = _record({
     "every_hours": {"type": ["number", "null"],
                     "description": "Run on the idle host this many hours after its last "
                                    "check (null: not by the clock)."},
+    "after_failures": {**OPTIONAL_INTEGER,
+                       "description": "Run after this many host-side failures in a row "
+                                      "(null: hosts.max_failures)."},
     "set_by": STRING, "set_at": TIME,
 }, "An operator's health check of one host or of every host with a tag (docs/operations.md, "
    "Host health).")

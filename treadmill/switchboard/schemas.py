@@ -102,6 +102,7 @@ HEALTH_CHECK = _object({
     "timeout": {"type": "number", "minimum": 1, "maximum": 7 * 24 * 3600},
     "every_jobs": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
     "every_hours": {"type": "number", "exclusiveMinimum": 0, "maximum": 24 * 365},
+    "after_failures": {"type": "integer", "minimum": 1, "maximum": 1000},
 }, ("image",))
 JOB_EXTEND = _object({"by": {"type": "number", "exclusiveMinimum": 0,
                              "maximum": 10 * 365 * 24 * 3600}}, ("by",))

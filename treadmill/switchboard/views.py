@@ -40,7 +40,7 @@ def health_check(row: dict[str, Any]) -> dict[str, Any]:
             "image": {"name": row["image"], "digest": row["image_digest"]},
             "parameters": parameters(row["parameters"]),
             **{key: row[key] for key in ("expect_exit", "timeout", "every_jobs", "every_hours",
-                                         "set_by", "set_at")}}
+                                         "after_failures", "set_by", "set_at")}}
 
 
 def host_health(name: str, found: dict[str, Any]) -> dict[str, Any]:

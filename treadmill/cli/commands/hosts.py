@@ -127,7 +127,8 @@ def render_health(data: dict[str, Any]) -> str:
 def _check_text(check: dict[str, Any]) -> str:
     image = check.get("image") or {}
     when = [f"every {check['every_jobs']} jobs" if check.get("every_jobs") else "",
-            f"every {check['every_hours']:g} hours" if check.get("every_hours") else ""]
+            f"every {check['every_hours']:g} hours" if check.get("every_hours") else "",
+            f"after {check['after_failures']} failures" if check.get("after_failures") else ""]
     return " ".join(part for part in (
         f"{check.get('scope')} {check.get('target')}:", str(image.get("name")),
         f"expect exit {check.get('expect_exit')}", *when) if part)
@@ -136,10 +137,11 @@ def _check_text(check: dict[str, Any]) -> str:
 def render_checks(data: dict[str, Any]) -> str:
     """``{"checks": [HealthCheck]}`` as a table."""
     rows = [(c.get("scope"), c.get("target"), (c.get("image") or {}).get("name"),
-             c.get("expect_exit"), c.get("every_jobs"), c.get("every_hours"), c.get("timeout"),
-             c.get("set_by")) for c in data.get("checks", [])]
-    return output.render_table(("SCOPE", "TARGET", "IMAGE", "EXPECT EXIT", "EVERY JOBS",
-                                "EVERY HOURS", "TIMEOUT", "SET BY"), rows)
+             c.get("expect_exit"), c.get("after_failures"), c.get("every_jobs"),
+             c.get("every_hours"), c.get("timeout"), c.get("set_by"))
+            for c in data.get("checks", [])]
+    return output.render_table(("SCOPE", "TARGET", "IMAGE", "EXPECT EXIT", "AFTER FAILURES",
+                                "EVERY JOBS", "EVERY HOURS", "TIMEOUT", "SET BY"), rows)
 
 
 async def host_health(ctx: Context) -> int:
@@ -158,7 +160,7 @@ async def health_check_set(ctx: Context) -> int:
     """Set the health check of a host or of every host with a tag (admin)."""
     a = ctx.args
     body: dict[str, Any] = {"image": a.image, "expect_exit": a.expect_exit}
-    for key in ("every_jobs", "every_hours", "timeout"):
+    for key in ("every_jobs", "every_hours", "after_failures", "timeout"):
         if getattr(a, key) is not None:
             body[key] = getattr(a, key)
     if a.params:
@@ -268,6 +270,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="also run after every N jobs of the host")
     p.add_argument("--every-hours", type=float, metavar="H",
                    help="also run on the idle host H hours after its last check")
+    p.add_argument("--after-failures", type=int, metavar="N",
+                   help="run after N host-side failures in a row (default: the "
+                   "switchboard's hosts.max_failures)")
     p.add_argument("--timeout", type=duration, metavar="S",
                    help="how long the check job may run (default 10m)")
     p.add_argument("--param", dest="params", action="append", default=[], type=name_value,

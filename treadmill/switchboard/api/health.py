@@ -62,12 +62,14 @@ class HealthRoutes(JobRoutes):
             return await store.set_health_check(
                 **target, image=body["image"], spec=spec,
                 expect_exit=body.get("expect_exit", 0), every_jobs=body.get("every_jobs"),
-                every_hours=body.get("every_hours"), set_by=principal.user_id)
+                every_hours=body.get("every_hours"), after_failures=body.get("after_failures"),
+                set_by=principal.user_id)
 
         row = await self.store.audited(put, lambda row: self.audit.entry(
             request, principal, "host.health_check.set", "host", _subject(target),
             image=row["image"], digest=row["image_digest"], expect_exit=row["expect_exit"],
-            every_jobs=row["every_jobs"], every_hours=row["every_hours"]))
+            every_jobs=row["every_jobs"], every_hours=row["every_hours"],
+            after_failures=row["after_failures"]))
         return respond(request, views.health_check(row))
 
     @app.route("/api/v1/health-checks/<kind>/<path:name>", methods=["DELETE"])

@@ -18,6 +18,7 @@ CREATE TABLE health_checks (
     timeout      double precision NOT NULL,
     every_jobs   integer CHECK (every_jobs > 0),
     every_hours  double precision CHECK (every_hours > 0),
+    after_failures integer CHECK (after_failures > 0),  -- NULL: hosts.max_failures
     set_by       bigint NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     set_at       timestamptz NOT NULL DEFAULT now(),
     CHECK ((host_id IS NULL) <> (tag IS NULL))

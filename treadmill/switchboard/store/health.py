@@ -88,18 +88,21 @@ async def _blame(cur: Cursor, job: dict[str, Any], reason: Reason
 async def ordinary_job_ended(cur: Cursor, job: dict[str, Any], reason: Reason,
                              threshold: int) -> str | None:
     """Count an ordinary job's end on its host (``job``: its row, with ``host_id``,
-    ``image_digest``). Returns why a health check must run now, or None."""
+    ``image_digest``); ``threshold`` failures in a row (``hosts.max_failures``, unless
+    the host's check says otherwise) run its check. Returns why a health check must
+    run now, or None."""
     host = await cur.fetchone(
         "SELECT healthy, enabled, consecutive_failures, jobs_since_check, "
         "extract(epoch FROM now() - coalesce(h.last_check_at, c.set_at)) / 3600 AS hours, "
-        "c.id AS check_id, c.every_jobs, c.every_hours FROM hosts h "
+        "c.id AS check_id, c.every_jobs, c.every_hours, c.after_failures FROM hosts h "
         f"LEFT JOIN LATERAL ({CHECK_FOR_HOST}) c ON true WHERE h.id = %s FOR UPDATE OF h",
         (job["host_id"],))
     if host is None:
         return None
     blame, why = await _blame(cur, job, reason)
     decision = health.after_job(
-        blame, reason, failures=host["consecutive_failures"], threshold=threshold,
+        blame, reason, failures=host["consecutive_failures"],
+        threshold=host["after_failures"] or threshold,
         has_check=host["check_id"] is not None and host["healthy"],
         jobs_since_check=host["jobs_since_check"], every_jobs=host["every_jobs"],
         hours_since_check=float(host["hours"]) if host["hours"] is not None else None,

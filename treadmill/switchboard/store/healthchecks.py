@@ -20,7 +20,8 @@ from treadmill.switchboard.store.scheduler import SCHEDULER_LOCK
 _CHECK_COLUMNS = """
     c.id, CASE WHEN c.host_id IS NULL THEN 'tag' ELSE 'host' END AS scope,
     coalesce(ch.name, c.tag) AS target, c.image, c.image_name, c.image_digest, c.expect_exit,
-    c.timeout, c.every_jobs, c.every_hours, c.parameters, u.name AS set_by, c.set_at"""
+    c.timeout, c.every_jobs, c.every_hours, c.after_failures, c.parameters, u.name AS set_by,
+    c.set_at"""
 _CHECK_FROM = """health_checks c LEFT JOIN hosts ch ON ch.id = c.host_id
     JOIN users u ON u.id = c.set_by"""
 
@@ -57,7 +58,8 @@ class HealthQueries(Queries):
 
     async def set_health_check(self, *, host: str | None, tag: str | None, image: str,
                                spec: JobSpec, expect_exit: int, every_jobs: int | None,
-                               every_hours: float | None, set_by: int) -> dict:
+                               every_hours: float | None, after_failures: int | None,
+                               set_by: int) -> dict:
         """Set (or replace) the health check of a host or of a tag; ``spec`` is the check
         job as resolved for the admin setting it."""
 
@@ -74,12 +76,12 @@ class HealthQueries(Queries):
             await cur.execute(
                 "INSERT INTO health_checks (host_id, tag, image, image_name, image_digest, "
                 "image_stores, image_kind, parameters, log_servers, expect_exit, timeout, "
-                "every_jobs, every_hours, set_by) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, "
-                "%s, %s, %s, %s, %s, %s)",
+                "every_jobs, every_hours, after_failures, set_by) VALUES (%s, %s, %s, %s, %s, "
+                "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (host_id, tag, image, spec.image_name, spec.image_digest,
                  list(spec.image_stores), spec.image_kind, Json(spec.parameters),
                  list(spec.log_servers), expect_exit, spec.timeout, every_jobs, every_hours,
-                 set_by))
+                 after_failures, set_by))
             found = await self._checks(cur, "c.host_id = %s" if host_id else "c.tag = %s",
                                        (host_id if host_id else tag,))
             return found[0]
