@@ -35,9 +35,10 @@ _MATCHING_HOSTS = """hosts h WHERE h.tags @> k.tags
          WHERE g.host_id = h.id AND g.privilege IN ('start', 'manage')
          AND (g.user_id = k.owner_id OR g.user_id IS NULL)))"""
 
+# Once per distinct (owner, tags, kind) of the queue (MATERIALIZED: not once per job).
 _QUEUE_MESSAGES = f"""
     WITH kinds AS (SELECT DISTINCT owner_id, tags, image_kind FROM jobs WHERE state = 'queued'),
-    messages AS (SELECT k.owner_id, k.tags, k.image_kind, (
+    messages AS MATERIALIZED (SELECT k.owner_id, k.tags, k.image_kind, (
         SELECT CASE WHEN bool_or(h.enabled AND h.healthy) THEN NULL
                ELSE left('waiting: every host that could run it is out of service: '
                     || string_agg(h.name || CASE WHEN NOT h.healthy AND NOT h.enabled
