@@ -315,3 +315,15 @@ async def test_a_drained_host_starts_no_check(sb: RunningSwitchboard):
     jobs = (await sb.admin.get("/api/v1/jobs")).body["jobs"]
     assert not [j for j in jobs if j["health_check"]]
     assert "check_started" not in [e["event"] for e in (await health(sb))["events"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_history_keeps_the_newest_events(sb: RunningSwitchboard, monkeypatch):
+    from treadmill.switchboard.store import health as stored
+
+    monkeypatch.setattr(stored, "HISTORY_KEPT", 3)
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    failed = [await start_failure(sb, peer) for _ in range(5)]
+    events = (await health(sb))["events"]
+    assert [e["job"] for e in events] == failed[:1:-1]

@@ -29,14 +29,22 @@ async def applicable_check(cur: Cursor, host_id: int) -> dict[str, Any] | None:
         f"SELECT c.* FROM hosts h, LATERAL ({CHECK_FOR_HOST}) c WHERE h.id = %s", (host_id,))
 
 
+HISTORY_KEPT = 1000
+"""Events kept per host: older ones go as new ones come."""
+
+
 async def record(cur: Cursor, host_id: int, event: Event, *, healthy: bool,
                  job_id: str | None = None, reason: str | None = None,
                  actor: str = SWITCHBOARD, message: str = "") -> None:
-    """Append one event to the host's health history."""
+    """Append one event to the host's health history (keeping :data:`HISTORY_KEPT`)."""
     await cur.execute(
         "INSERT INTO host_health_events (host_id, event, job_id, reason, healthy, actor, "
         "message) VALUES (%s, %s, %s, %s, %s, %s, %s)",
         (host_id, event.value, job_id, reason, healthy, actor, message))
+    await cur.execute(
+        "DELETE FROM host_health_events WHERE host_id = %(host)s AND id <= ("
+        "SELECT id FROM host_health_events WHERE host_id = %(host)s "
+        "ORDER BY id DESC OFFSET %(kept)s LIMIT 1)", {"host": host_id, "kept": HISTORY_KEPT})
 
 
 async def link_died_with_instance(cur: Cursor, host_id: int) -> bool:
