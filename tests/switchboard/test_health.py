@@ -129,7 +129,7 @@ CHECKS = [
     (R.EXECUTION_TIMEOUT, None, 0, False, False),
     (R.HOST_START_FAILURE, None, 0, False, False),
     (R.HOST_DROPPED_JOB, None, 0, False, False),
-    (R.IMAGE_ERROR, None, 0, False, False),
+    (R.IMAGE_ERROR, None, 0, False, None),  # a store's outage must not take hosts out
     (R.HOST_UNREACHABLE, None, 0, False, False),
     (R.HOST_UNREACHABLE, None, 0, True, None),
     (R.USER_TERMINATED, None, 0, False, None),

@@ -83,8 +83,10 @@ def check_passed(reason: Reason, exit_status: int | None, expect_exit: int, *,
                  instance_died: bool = False) -> bool | None:
     """Whether a health-check job's end passes the check: its workload exited with
     ``expect_exit``. None when it says nothing about the host: cancelled, an
-    internal error, or its link's switchboard instance died."""
-    if reason in (Reason.USER_TERMINATED, Reason.INTERNAL_ERROR):
+    internal error, its link's switchboard instance died, or its image could not be
+    fetched or used (``image_error``: the operator's image or an image store, whose
+    outage must not take every host it reaches out of service)."""
+    if reason in (Reason.USER_TERMINATED, Reason.INTERNAL_ERROR, Reason.IMAGE_ERROR):
         return None
     if reason is Reason.HOST_UNREACHABLE and instance_died:
         return None
