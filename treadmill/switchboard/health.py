@@ -24,7 +24,8 @@ class Event(StrEnum):
     CHECK_PASSED = "check_passed"
     CHECK_FAILED = "check_failed"
     CHECK_INCONCLUSIVE = "check_inconclusive"
-    """A check cancelled, or ended by Treadmill's own fault: health unchanged."""
+    """A check cancelled, ended by an image error or by Treadmill's own fault: health
+    unchanged."""
     OUT_OF_SERVICE = "out_of_service"
     """Failures in a row on a host without a health check."""
     ENABLED = "enabled"
