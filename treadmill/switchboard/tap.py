@@ -138,8 +138,13 @@ class Options(RoleOptions):
                 "hourly.",
                 field="audit_retention"),
         Setting("hosts.max_failures", positive(INT), FIELD,
-                "Consecutive host-side failures that take a host out of service.",
+                "Consecutive failures blamed on a host that run its health check (or, "
+                "with none set, take it out of service).",
                 field="max_host_failures"),
+        Setting("hosts.health_interval", positive(FLOAT), FIELD,
+                "Seconds between the leader's passes that start health checks due by the "
+                "clock and write queued jobs' state messages.",
+                field="health_interval"),
         Setting("supervisors.ping_interval", positive(FLOAT), FIELD,
                 "Seconds between WebSocket pings on supervisor links.",
                 field="ping_interval"),

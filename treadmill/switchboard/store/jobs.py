@@ -50,6 +50,7 @@ _JOB_COLUMNS = """
     j.ready_at, j.terminating_at, j.terminated_at, j.updated_at, j.queue_deadline,
     j.deadline, j.log_servers, j.endpoints, j.host_id, j.results, j.image_kind"""
 _JOB_COLUMNS += ", j.ssh_host_keys"  # 0013_ssh_keys
+_JOB_COLUMNS += ", j.queue_message, j.health_expect_exit"  # 0018_host_health
 _JOB_COLUMNS += ", j.reservation"  # 0017_reservations
 
 
