@@ -47,8 +47,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 
-from tests.daemons import Daemon, free_port, run_python
 from tests.support import Client
+from tests.util.daemons import Daemon, run_python
+from tests.util.ports import free_port
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.images import format as fmt

@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,10 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
-from tests.daemons import _Output, free_port, run_python
-from tests.proxy.support import console, echo_client, echo_once, free_range
+from tests.proxy.support import console, echo_client, echo_once
+from tests.util.daemons import _Output, run_python
+from tests.util.ports import free_port, free_range
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.protocol import supervisor as protocol
 from treadmill.protocol.proxy import ConsoleCloseCode
@@ -30,76 +34,32 @@ FAST = [f"mock.stages.{stage}=0" for stage in
         ("starting", "fetching_image", "allocating", "provisioning", "booting")]
 
 
-@pytest_twisted.ensureDeferred
-async def test_devstack_runs_a_first_job(tmp_path: Path) -> None:
+@dataclass
+class Stack:
+    state: Path
+    port: str
+    env: dict[str, str]
+
+
+async def devstack(stack: Stack, *options: str) -> str:
+    """``tools/devstack --detach OPTIONS`` on ``stack``; its output."""
+    out, err, code = await run_python("-m", "treadmill.dev.devstack", "--detach", *options,
+                                      "--state", str(stack.state), "--port", stack.port)
+    assert code == 0, out + err
+    return out
+
+
+@pytest_twisted.async_yield_fixture(scope="module")
+async def stack() -> AsyncIterator[Stack]:
+    """One devstack for the module (its tests add to it: a second run reuses everything,
+    ``--serial-sim`` adds the board host); stopped at the end, its logs free of tracebacks."""
     # The postgres user must reach the state directory; pytest's are private.
     root = Path(tempfile.mkdtemp(prefix="treadmill-devstack-"))
     root.chmod(0o755)
     state = root / "stack"
     port = str(free_range(30)[0])  # the devstack uses P … P+29
     try:
-        for _ in range(2):  # Idempotent: a second run reuses everything.
-            out, err, code = await run_python("-m", "treadmill.dev.devstack", "--detach",
-                                              "--state", str(state), "--port", port)
-            assert code == 0, out + err
-        assert "tml job submit" in out
-        env = {"TREADMILL_CONFIG": str(state / "tml.toml")}
-        listed = io.StringIO()
-        status = await tml(reactor, ["admin", "store", "ls", "--json"], listed, io.StringIO(),
-                           env)
-        assert status == 0 and [(s["url"], s["service"]) for s in json.loads(
-            listed.getvalue())["stores"]] == [(f"http://127.0.0.1:{int(port) + 1}",
-                                              "treadmill-imagestore")]  # registered, once
-        stdout, stderr = io.StringIO(), io.StringIO()
-        argv = ["job", "submit", "sha256:" + "0" * 64, "--tag", "mock", "--follow",
-                "--param", "mock.run_time=0.1", "--param", "mock.exit_status=0"]
-        for param in FAST:
-            argv += ["--param", param]
-        status = await tml(reactor, argv, stdout, stderr, env)
-        assert status == 0, stdout.getvalue() + stderr.getvalue()
-        assert "workload_exited, exit status 0" in stdout.getvalue() + stderr.getvalue()
-        job_id = stdout.getvalue().splitlines()[0].strip()
-        # Its events went to the devstack's log server.
-        out, err = io.StringIO(), io.StringIO()
-        status = await tml(reactor, ["job", "logs", job_id, "--stream", "events"], out, err,
-                           env)
-        assert status == 0 and '"state":"terminated"' in out.getvalue(), err.getvalue()
-        await reach_the_mock_echo_through_the_proxy(env)
-        await run_the_demo_image(env)
-    finally:
-        subprocess.run([sys.executable, "-m", "treadmill.dev.devstack", "stop", "--state",
-                        str(state), "--port", port], capture_output=True, timeout=120,
-                       env={**os.environ})
-    try:
-        for log in (state / "logs").glob("*.log"):
-            assert "Traceback (most recent" not in log.read_text(), log
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest_twisted.ensureDeferred
-async def test_devstack_serial_sim_runs_a_board_job() -> None:
-    """``--serial-sim``: a serial supervisor on the simulated board runs the demo board image
-    (flashed by the fake tool, its parameters asked over the agent) to its exit status."""
-    root = Path(tempfile.mkdtemp(prefix="treadmill-devstack-"))
-    root.chmod(0o755)
-    state = root / "stack"
-    port = str(free_range(30)[0])  # the devstack uses P … P+29
-    try:
-        out, err, code = await run_python("-m", "treadmill.dev.devstack", "--detach",
-                                          "--serial-sim", "--state", str(state), "--port", port)
-        assert code == 0, out + err
-        assert "tml job submit board-demo --tag serial --follow" in out
-        env = {"TREADMILL_CONFIG": str(state / "tml.toml")}
-        argv = ["job", "submit", "board-demo", "--follow",
-                "--param", "greeting=hi"]
-        stdout, stderr = io.StringIO(), io.StringIO()
-        status = await tml(reactor, argv, stdout, stderr, env)
-        text = stdout.getvalue() + stderr.getvalue()
-        assert status == 0, text
-        assert "fakeflash: done" in text and "param greeting=hi" in text, text
-        assert "workload_exited, exit status 0" in text, text
-        await type_into_a_board_through_the_proxy(state, env, int(port))
+        yield Stack(state, port, {"TREADMILL_CONFIG": str(state / "tml.toml")})
     finally:
         subprocess.run([sys.executable, "-m", "treadmill.dev.devstack", "stop", "--state",
                         str(state), "--port", port], capture_output=True, timeout=120,
@@ -110,6 +70,53 @@ async def test_devstack_serial_sim_runs_a_board_job() -> None:
             assert "Traceback (most recent" not in log.read_text(), log
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_devstack_runs_a_first_job(stack: Stack) -> None:
+    for _ in range(2):  # Idempotent: a second run reuses everything.
+        out = await devstack(stack)
+    assert "tml job submit" in out
+    env, port = stack.env, stack.port
+    listed = io.StringIO()
+    status = await tml(reactor, ["admin", "store", "ls", "--json"], listed, io.StringIO(),
+                       env)
+    assert status == 0 and [(s["url"], s["service"]) for s in json.loads(
+        listed.getvalue())["stores"]] == [(f"http://127.0.0.1:{int(port) + 1}",
+                                          "treadmill-imagestore")]  # registered, once
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = ["job", "submit", "sha256:" + "0" * 64, "--tag", "mock", "--follow",
+            "--param", "mock.run_time=0.1", "--param", "mock.exit_status=0"]
+    for param in FAST:
+        argv += ["--param", param]
+    status = await tml(reactor, argv, stdout, stderr, env)
+    assert status == 0, stdout.getvalue() + stderr.getvalue()
+    assert "workload_exited, exit status 0" in stdout.getvalue() + stderr.getvalue()
+    job_id = stdout.getvalue().splitlines()[0].strip()
+    # Its events went to the devstack's log server.
+    out, err = io.StringIO(), io.StringIO()
+    status = await tml(reactor, ["job", "logs", job_id, "--stream", "events"], out, err,
+                       env)
+    assert status == 0 and '"state":"terminated"' in out.getvalue(), err.getvalue()
+    await reach_the_mock_echo_through_the_proxy(env)
+    await run_the_demo_image(env)
+
+
+@pytest_twisted.ensureDeferred
+async def test_devstack_serial_sim_runs_a_board_job(stack: Stack) -> None:
+    """``--serial-sim``: a serial supervisor on the simulated board runs the demo board image
+    (flashed by the fake tool, its parameters asked over the agent) to its exit status."""
+    out = await devstack(stack, "--serial-sim")
+    assert "tml job submit board-demo --tag serial --follow" in out
+    argv = ["job", "submit", "board-demo", "--follow",
+            "--param", "greeting=hi"]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    status = await tml(reactor, argv, stdout, stderr, stack.env)
+    text = stdout.getvalue() + stderr.getvalue()
+    assert status == 0, text
+    assert "fakeflash: done" in text and "param greeting=hi" in text, text
+    assert "workload_exited, exit status 0" in text, text
+    await type_into_a_board_through_the_proxy(stack.state, stack.env, int(stack.port))
 
 
 async def type_into_a_board_through_the_proxy(state: Path, env: dict[str, str],
@@ -200,7 +207,7 @@ async def reach_the_mock_echo_through_the_proxy(env: dict[str, str]) -> None:
         client.sendClose(1000)
         return False
 
-    await eventually_async(closed, 30.0)
+    await eventually(closed, 30.0, interval=0.2)
 
 
 async def published(job_id: str, env: dict[str, str], services: set[str],
@@ -213,7 +220,7 @@ async def published(job_id: str, env: dict[str, str], services: set[str],
         found.update({e["service"]: e for e in job.get("endpoints") or []})
         return services <= set(found)
 
-    await eventually_async(check, timeout)
+    await eventually(check, timeout, interval=0.2)
     return found
 
 
@@ -226,7 +233,7 @@ async def through_connect(job_id: str, service: str, env: dict[str, str],
             "--local-port", str(local), *options]
     process = reactor.spawnProcess(output, argv[0], argv, env={**os.environ, **env})
     try:
-        await eventually_async(lambda: check(local), timeout)
+        await eventually(lambda: check(local), timeout, interval=0.2)
     finally:
         process.signalProcess("TERM")
         await output.ended
@@ -242,13 +249,6 @@ async def type_line(port: int, line: bytes) -> bool:
     await deferLater(reactor, 0.5, lambda: None)
     client.transport.loseConnection()
     return True
-
-
-async def eventually_async(check: Any, timeout: float) -> None:
-    deadline = reactor.seconds() + timeout
-    while not await check():
-        assert reactor.seconds() < deadline, "condition not met in time"
-        await deferLater(reactor, 0.2, lambda: None)
 
 
 async def run_the_demo_image(env: dict[str, str]) -> None:
@@ -292,7 +292,7 @@ async def reach_a_vm_through_the_proxy(env: dict[str, str]) -> None:
     async def ready() -> bool:  # the guest starts its SSH server before saying ready
         return (await tml_json(["job", "show", job_id], env))["state"] == "ready"
 
-    await eventually_async(ready, 60.0)
+    await eventually(ready, 60.0, interval=0.2)
     assert (await banner(found["ssh"]["port"])).startswith(b"SSH-2.0-dropbear")
     if ssh_keys:
         await ssh_into_the_vm(job_id, keys, env)
@@ -311,7 +311,7 @@ async def reach_a_vm_through_the_proxy(env: dict[str, str]) -> None:
     async def ended() -> bool:
         return (await tml_json(["job", "show", job_id], env))["state"] == "terminated"
 
-    await eventually_async(ended, 60.0)
+    await eventually(ended, 60.0, interval=0.2)
 
 
 SSH_KEYS_FLOW = protocol.MINOR >= protocol.SSH_KEYS_MINOR
@@ -338,7 +338,7 @@ async def ssh_into_the_vm(job_id: str, keys: Path, env: dict[str, str]) -> None:
     async def host_keys() -> bool:
         return bool((await tml_json(["job", "show", job_id], env))["ssh_host_keys"])
 
-    await eventually_async(host_keys, 60.0)
+    await eventually(host_keys, 60.0, interval=0.2)
     login = ["-i", str(keys / "id"), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
              "-o", "ConnectTimeout=30"]
     out, err, code = await run_tml(["job", "ssh", job_id, *login, "uname", "-a"], env)

@@ -21,10 +21,11 @@ from twisted.internet import reactor
 from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 
-from tests.daemons import _Output, free_port
 from tests.proxy.support import console, console_echo, echo_client, start_proxy
 from tests.support import start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.daemons import _Output
+from tests.util.ports import free_port
+from tests.util.waiting import eventually
 from treadmill.common.captoken import CapabilitySigner, load_or_create_signing_key
 from treadmill.dev.fleet import ws_url_for
 from treadmill.protocol.proxy import ConsoleCloseCode
@@ -37,7 +38,7 @@ DIGEST = "sha256:" + "c" * 64
 
 
 @pytest_twisted.ensureDeferred
-async def test_console_tokens_end_to_end(database: str, tmp_path: Path) -> None:
+async def test_console_tokens_end_to_end(migrated_database: str, tmp_path: Path) -> None:
     # The proxy trusts the switchboard's key (as an operator's keys_file would).
     key_path = tmp_path / "capability-key.pem"
     jwks = CapabilitySigner(load_or_create_signing_key(str(key_path)), "treadmill",
@@ -45,7 +46,7 @@ async def test_console_tokens_end_to_end(database: str, tmp_path: Path) -> None:
     (tmp_path / "keys.json").write_text(json.dumps(jwks))
     proxy = await start_proxy(SimpleNamespace(keys_file=tmp_path / "keys.json"),
                               connect_timeout=2.0)
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  proxies=(proxy.ws,))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     await sb.admin.post("/api/v1/hosts/mock-1/grants", {"user": "*", "privilege": "start"})

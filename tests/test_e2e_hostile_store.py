@@ -32,7 +32,7 @@ from twisted.web.server import Site
 pytest.importorskip("treadmill.imagestore.service")
 
 from tests.support import Client, RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.dev.fleet import ws_url_for
 from treadmill.images import format as fmt
 from treadmill.images.oci import RegistryClient
@@ -100,8 +100,8 @@ def claims(token: str) -> dict[str, Any]:
 
 
 @pytest_twisted.async_yield_fixture
-async def bed(database: str, tmp_path: Path) -> AsyncIterator[Bed]:
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
     store = ImageStoreService(reactor, ImageStoreConfig(
         root=str(tmp_path / "store"), listen=["tcp:0:interface=127.0.0.1"],

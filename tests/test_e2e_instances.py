@@ -25,9 +25,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 
-from tests.daemons import Daemon, free_port, run_python
 from tests.support import Client
-from tests.switchboard.peer import eventually
+from tests.util.daemons import Daemon, run_python
+from tests.util.ports import free_port
+from tests.util.waiting import eventually, sleep
 from treadmill.dev.fleet import Fleet
 from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
@@ -51,7 +52,7 @@ class HAProxy(Daemon):
         self.config = config
 
     def start(self) -> None:
-        from tests.daemons import _Output
+        from tests.util.daemons import _Output
 
         self._proto = _Output(self.log)
         argv = [HAPROXY, "-db", "-f", str(self.config)]
@@ -171,10 +172,6 @@ async def cluster(database: str, tmp_path: Path):
         yield c
     finally:
         await c.stop()
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 @pytest_twisted.ensureDeferred

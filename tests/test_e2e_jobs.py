@@ -16,9 +16,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.daemons import Daemon, free_port, run_python
 from tests.support import Client, start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.daemons import Daemon, run_python
+from tests.util.ports import free_port
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.dev.fleet import ws_url_for
 from treadmill.supervisor.config import SupervisorConfig
@@ -61,8 +62,8 @@ async def state_is(admin: Client, job_id: str, state: str, timeout: float = 30.0
 
 
 @pytest_twisted.async_yield_fixture
-async def testbed(database: str, tmp_path: Path):
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def testbed(migrated_database: str, tmp_path: Path):
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
     token = await add_host(sb.admin, "mock-1", ["mock"])
     config = SupervisorConfig(

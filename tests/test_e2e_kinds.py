@@ -17,7 +17,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from tests.support import start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.dev.fleet import ws_url_for
 from treadmill.protocol import supervisor as protocol
@@ -38,8 +38,8 @@ async def cli(url: str, token: str, *argv: str) -> tuple[int, str]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_jobs_go_to_hosts_of_their_kind(database: str, tmp_path: Path) -> None:
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def test_jobs_go_to_hosts_of_their_kind(migrated_database: str, tmp_path: Path) -> None:
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
     supervisors: list[SupervisorService] = []
     try:

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 
 from tests.support import start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.dev.fleet import ws_url_for
@@ -37,11 +37,12 @@ async def start_logserver(root: Path, keys: Path) -> tuple[LogServerService, str
 
 
 @pytest_twisted.ensureDeferred
-async def test_console_and_events_reach_every_replica(database: str, tmp_path: Path) -> None:
+async def test_console_and_events_reach_every_replica(migrated_database: str,
+                                                      tmp_path: Path) -> None:
     key = tmp_path / "capability-key.pem"
     load_or_create_signing_key(str(key))  # The log servers trust its public half.
     servers = [await start_logserver(tmp_path / f"logs-{i}", key) for i in range(2)]
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=Limits(log_servers=tuple(u for _, u in servers),
                                                log_replicas=2))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
@@ -117,11 +118,13 @@ async def test_console_and_events_reach_every_replica(database: str, tmp_path: P
 
 
 @pytest_twisted.ensureDeferred
-async def test_log_server_killed_mid_job_loses_no_byte(database: str, tmp_path: Path) -> None:
+async def test_log_server_killed_mid_job_loses_no_byte(migrated_database: str,
+                                                       tmp_path: Path) -> None:
     import re
     import signal
 
-    from tests.daemons import Daemon, free_port
+    from tests.util.daemons import Daemon
+    from tests.util.ports import free_port
 
     key = tmp_path / "capability-key.pem"
     load_or_create_signing_key(str(key))
@@ -134,7 +137,7 @@ async def test_log_server_killed_mid_job_loses_no_byte(database: str, tmp_path: 
     logserver.start()
     url = f"http://127.0.0.1:{port}"
     await logserver.wait_http(f"{url}/healthz")
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=Limits(log_servers=(url,), log_replicas=1))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     supervisor = SupervisorService(reactor, SupervisorConfig(

@@ -14,8 +14,9 @@ import treq
 from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.common.test_manhole import make_client_key
-from tests.daemons import Daemon, free_port, run_python
 from tests.switchboard.test_daemon import cli, write_config
+from tests.util.daemons import Daemon, run_python
+from tests.util.ports import free_port
 
 SSH = shutil.which("ssh")
 pytestmark = [pytest.mark.slow,

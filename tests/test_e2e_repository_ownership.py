@@ -57,8 +57,8 @@ class Bed:
 
 
 @pytest_twisted.async_yield_fixture
-async def bed(database: str, tmp_path: Path) -> AsyncIterator[Bed]:
-    sb = await start_switchboard(database, tmp_path)
+async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
+    sb = await start_switchboard(migrated_database, tmp_path)
     store = ImageStoreService(reactor, ImageStoreConfig(
         root=str(tmp_path / "store"), listen=["tcp:0:interface=127.0.0.1"],
         keys_url=f"{sb.url}/.well-known/treadmill/capability-keys",

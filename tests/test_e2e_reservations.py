@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from tests.support import start_switchboard
 from tests.test_e2e_jobs import DIGEST, add_host, cli, final, state_is
+from tests.util.waiting import sleep
 from treadmill.dev.fleet import ws_url_for
 from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
@@ -33,13 +33,9 @@ def _time(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
-
-
 @pytest_twisted.async_yield_fixture
-async def testbed(database: str, tmp_path: Path):
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def testbed(migrated_database: str, tmp_path: Path):
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1,
                                  limits=Limits(max_timeout=MAX_TIMEOUT, default_timeout=30))
     token = await add_host(sb.admin, "mock-1", ["mock"])

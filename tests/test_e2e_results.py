@@ -18,8 +18,8 @@ import treq
 from twisted.internet import reactor
 
 from tests.support import RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import eventually
 from tests.test_e2e_logs import start_logserver
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.dev.fleet import ws_url_for
@@ -77,12 +77,12 @@ class Bed:
 
 
 @pytest_twisted.async_yield_fixture
-async def bed(database: str, tmp_path: Path) -> AsyncIterator[Bed]:
+async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
     key = tmp_path / "capability-key.pem"
     load_or_create_signing_key(str(key))
     logs: LogServerService
     logs, log_url = await start_logserver(tmp_path / "logs", key)
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=_limits(log_url))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     supervisor = SupervisorService(reactor, SupervisorConfig(

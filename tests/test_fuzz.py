@@ -286,8 +286,8 @@ async def check(surface: Surface, raw: bytes) -> None:
 
 
 @pytest_twisted.async_yield_fixture
-async def switchboard_surface(database: str, tmp_path: Path) -> AsyncIterator[Surface]:
-    sb = await start_switchboard(database, tmp_path)
+async def switchboard_surface(migrated_database: str, tmp_path: Path) -> AsyncIterator[Surface]:
+    sb = await start_switchboard(migrated_database, tmp_path)
     try:
         host = await sb.admin.post("/api/v1/hosts", {"name": "fuzz-host", "tags": ["mock"]})
         job = await sb.admin.post("/api/v1/jobs", {

@@ -89,9 +89,9 @@ def test_light_install_lacks_the_server_packages(light: tuple[Path, Path],
 
 @pytest_twisted.ensureDeferred
 async def test_light_tml_whoami_against_a_real_switchboard(
-        light: tuple[Path, Path], database: str, tmp_path: Path) -> None:
+        light: tuple[Path, Path], migrated_database: str, tmp_path: Path) -> None:
     _, venv = light
-    sb = await start_switchboard(database, tmp_path)
+    sb = await start_switchboard(migrated_database, tmp_path)
     try:
         tml = str(venv / "bin" / "tml")
         env = clean_env(tmp_path, venv, TREADMILL_URL=sb.url, TREADMILL_TOKEN=sb.admin_token)
@@ -129,7 +129,7 @@ def tml_lines(script: str) -> list[str]:
 
 
 @pytest_twisted.async_yield_fixture
-async def testbed(database: str, tmp_path: Path):
+async def testbed(migrated_database: str, tmp_path: Path):
     """A switchboard, a log server and a mock host tagged ``mock``."""
     key = tmp_path / "capability-key.pem"
     load_or_create_signing_key(str(key))
@@ -139,7 +139,7 @@ async def testbed(database: str, tmp_path: Path):
     logs.startService()
     await logs.ready()
     log_url = f"http://127.0.0.1:{logs.ports()[0].getHost().port}"
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=Limits(log_servers=(log_url,), log_replicas=1))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     await sb.admin.post("/api/v1/hosts/mock-1/grants", {"user": "*", "privilege": "start"})

@@ -117,14 +117,14 @@ def test_supervisor_status(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_switchboard_list_links_shows_a_connected_supervisor(database: str,
+async def test_switchboard_list_links_shows_a_connected_supervisor(migrated_database: str,
                                                                    tmp_path: Path) -> None:
     from tests.support import start_switchboard
-    from tests.switchboard.peer import eventually
     from tests.switchboard.test_links import add_host, connected_peer
+    from tests.util.waiting import eventually
     from treadmill.protocol import supervisor as protocol
 
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2)
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2)
     try:
         list_links = sb.service.namespace()["list_links"]
         assert list_links() == []

@@ -29,7 +29,7 @@ from tests.logserver.support import Running as RunningLogServer
 from tests.proxy.support import Keys as ProxyKeys
 from tests.proxy.support import start_proxy
 from tests.support import start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.common.metrics import metrics_service
 from treadmill.dev.fleet import ws_url_for
@@ -146,7 +146,8 @@ async def _run_with_stdin(executable: str, data: bytes) -> tuple[bytes, bytes, i
 
 
 @pytest_twisted.ensureDeferred
-async def test_every_role_exports_what_the_docs_list(database: str, tmp_path: Path) -> None:
+async def test_every_role_exports_what_the_docs_list(migrated_database: str,
+                                                     tmp_path: Path) -> None:
     key = tmp_path / "capability-key.pem"  # the switchboard's; the log server trusts it
     load_or_create_signing_key(str(key))
     service = LogServerService(reactor, LogServerConfig(
@@ -161,7 +162,7 @@ async def test_every_role_exports_what_the_docs_list(database: str, tmp_path: Pa
     store = await start_store(tmp_path / "store", store_keys)
     cache = await start_cache(tmp_path / "cache", store_keys, [store.url])
     proxy = await start_proxy(ProxyKeys(tmp_path / "keys"))
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=Limits(log_servers=(logs.url,), log_replicas=1))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     supervisor = SupervisorService(reactor, SupervisorConfig(

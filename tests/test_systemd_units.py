@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import BIN
+from tests.util.daemons import BIN
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 TWISTD = "/opt/treadmill/bin/twistd"  # docs/install.md's layout

@@ -28,14 +28,13 @@ from tests.proxy.support import (
     TransferService,
     echo_client,
     echo_once,
-    eventually,
     expected_digest,
     new_job,
-    sleep,
     start_proxy,
     tcp_transfer,
 )
 from tests.switchboard.test_authz_matrix import _new_ssh_key
+from tests.util.waiting import eventually, sleep
 from treadmill.cli.commands.connect import (
     add_connect_arguments,
     add_ssh_arguments,

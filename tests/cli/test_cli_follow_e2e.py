@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from tests.support import RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.cli.commands import follow as follow_module
 from treadmill.common.captoken import Access, load_or_create_signing_key
 from treadmill.dev.fleet import ws_url_for

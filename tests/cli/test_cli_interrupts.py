@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 
 pytestmark = pytest.mark.slow
 

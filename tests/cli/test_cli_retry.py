@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.web.server import Site
 
 from tests.cli.conftest import FakeSwitchboard, Fault, Faulty
-from tests.daemons import free_port
+from tests.util.ports import free_port
 from treadmill.cli import client as client_module
 from treadmill.cli.commands import logs as logs_module
 from treadmill.cli.retry import Retry, retry_after_seconds

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from tests.daemons import Daemon, free_port
 from tests.imagestore.support import Registry
 from tests.imagestore.test_daemon import write_config
 from tests.logserver.support import Keys as LogKeys
 from tests.logserver.support import LogClient, new_job
+from tests.util.daemons import Daemon
+from tests.util.ports import free_port
 from treadmill.common.daemon import UMASK, restrict_umask
 
 

@@ -28,13 +28,13 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from tests.daemons import free_port
 from tests.imagestore.support import make_keys, start_cache, start_store
 from tests.logserver.support import Keys as LogKeys
 from tests.logserver.support import start_logserver
 from tests.proxy.support import Keys as ProxyKeys
 from tests.proxy.support import start_proxy
 from tests.support import start_switchboard
+from tests.util.ports import free_port
 from treadmill.common.http import HardenedSite, head_problem, limited_site
 from treadmill.common.metrics import metrics_service
 
@@ -422,7 +422,7 @@ async def test_slowloris_connections_are_dropped_by_a_real_server(tmp_path: Path
 async def test_a_daemon_applies_its_head_timeout_setting(tmp_path: Path) -> None:
     """twistd treadmill-logserver --http-head-timeout: the setting reaches every listener,
     the metrics one included; a well-behaved client is served meanwhile."""
-    from tests.daemons import Daemon
+    from tests.util.daemons import Daemon
 
     keys = LogKeys(tmp_path)
     port, metrics = free_port(), free_port()

@@ -17,7 +17,6 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.web.client import FileBodyProducer
 
-from tests.daemons import BIN, Daemon, free_port
 from tests.imagestore.support import (
     REALM,
     Keys,
@@ -25,6 +24,8 @@ from tests.imagestore.support import (
     digest_of,
     raw_connect,
 )
+from tests.util.daemons import BIN, Daemon
+from tests.util.ports import free_port
 
 MIB = 1024 * 1024
 

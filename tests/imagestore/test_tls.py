@@ -14,8 +14,8 @@ from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.client import Agent
 
-from tests.common.test_tls import make_pki
 from tests.imagestore.support import build_oci_layout, digest_of, start_store
+from tests.util.certs import make_pki
 from treadmill.common.tls import client_policy
 from treadmill.imagestore.uploads import HIGH_WATER, BodySink, Upload
 

@@ -8,8 +8,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.web.client import ResponseDone
 
 from tests.logserver.support import (
@@ -21,6 +19,7 @@ from tests.logserver.support import (
     follow_ws,
     new_job,
 )
+from tests.util.waiting import sleep
 from treadmill.logserver.follow import Pump
 
 # The design bound is 100 ms; CI machines stall, so the assertion is looser and the
@@ -40,10 +39,6 @@ async def curl(url: str, job: str, token: str, query: str = "") -> tuple[Receive
 
 
 FOLLOWERS = pytest.mark.parametrize("follow", [ws, curl], ids=["websocket", "http"])
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 async def latency(client: LogClient, received: Received, job: str, w: str, offset: int,

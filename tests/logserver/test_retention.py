@@ -7,14 +7,9 @@ import time
 from pathlib import Path
 
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from tests.logserver.support import Keys, LogClient, new_job, start_logserver
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
+from tests.util.waiting import sleep
 
 
 @pytest_twisted.ensureDeferred

@@ -18,9 +18,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from zope.interface import implementer
 
+from tests.util.ports import free_range
 from treadmill.common.captoken import Access, CapabilitySigner
 from treadmill.protocol import proxy as messages
 from treadmill.proxy.service import ProxyConfig, ProxyService
@@ -91,38 +92,6 @@ async def start_proxy(keys: Keys, **tunnels: Any) -> Running:
     await service.ready()
     port = service.ports()[0].getHost().port
     return Running(service, f"http://127.0.0.1:{port}", service.data_ports()[0].getHost().port)
-
-
-def free_range(size: int) -> tuple[int, int]:
-    """A run of ``size`` ports that are free right now (best effort)."""
-    import socket
-
-    rng = random.Random()
-    for _ in range(200):
-        first = rng.randrange(20000, 30000)
-        ok = True
-        for port in range(first, first + size):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return first, first + size - 1
-    raise RuntimeError("no free port range")
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
-
-
-async def eventually(check: Any, timeout: float = 5.0, interval: float = 0.02) -> None:
-    deadline = reactor.seconds() + timeout
-    while not check():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not met in time")
-        await sleep(interval)
 
 
 # -- a raw control connection (for protocol tests) --------------------------------------

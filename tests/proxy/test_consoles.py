@@ -24,9 +24,9 @@ from tests.proxy.support import (
     echo_client,
     new_job,
     opened_control,
-    sleep,
     start_proxy,
 )
+from tests.util.waiting import sleep
 from treadmill.protocol import proxy as messages
 from treadmill.protocol.proxy import ConsoleCloseCode
 from treadmill.proxy.service import redacting_log_formatter

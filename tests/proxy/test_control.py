@@ -15,12 +15,12 @@ from tests.proxy.support import (
     Running,
     echo_client,
     echo_once,
-    eventually,
     new_job,
     opened_control,
     raw_control,
     start_proxy,
 )
+from tests.util.waiting import eventually
 from treadmill.common.schema import validator
 from treadmill.protocol import proxy as messages
 from treadmill.supervisor.echo import listen_echo

@@ -10,8 +10,9 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 
-from tests.daemons import BIN, Daemon, free_port
-from tests.proxy.support import Keys, Transfer, TransferService, free_range, new_job, tcp_transfer
+from tests.proxy.support import Keys, Transfer, TransferService, new_job, tcp_transfer
+from tests.util.daemons import BIN, Daemon
+from tests.util.ports import free_port, free_range
 from treadmill.common.config import ConfigError
 from treadmill.proxy import tap
 from treadmill.proxy.service import with_backlog

@@ -24,16 +24,15 @@ from tests.proxy.support import (
     console,
     echo_client,
     echo_once,
-    eventually,
     expected_digest,
     new_job,
     opened_control,
-    sleep,
     start_proxy,
     start_tls_proxy,
     tcp_transfer,
     ws_transfer,
 )
+from tests.util.waiting import eventually, sleep
 from treadmill.common.splice import UNSUPPORTED_DATA
 from treadmill.protocol import proxy as messages
 from treadmill.supervisor.echo import listen_echo

@@ -16,8 +16,8 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.task import deferLater
 
+from tests.util.waiting import sleep, within
 from treadmill.protocol import supervisor as protocol
 
 JOB_A = "0b8d3c1e-0000-4000-8000-00000000000a"
@@ -32,15 +32,6 @@ def job(job_id: str = JOB_A, **mock: Any) -> dict[str, Any]:
     parameters["TOKEN"] = {"value": "s3cret-value", "secret": True}
     return {"id": job_id, "image": {"digest": DIGEST, "name": "demo", "stores": []},
             "parameters": parameters, "timeout": 60}
-
-
-async def within(d: Deferred[Any], timeout: float = 5.0) -> Any:
-    """``d``'s result, or a test failure after ``timeout`` seconds."""
-    return await d.addTimeout(timeout, reactor)
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 class PeerConnection(WebSocketServerProtocol):

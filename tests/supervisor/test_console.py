@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.proxy.support import echo_client, eventually, sleep
+from tests.proxy.support import echo_client
+from tests.util.waiting import eventually, sleep
 from treadmill.supervisor.console import ConsoleBridge
 
 

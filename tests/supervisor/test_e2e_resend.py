@@ -13,7 +13,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from tests.support import start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.dev.fleet import ws_url_for
 from treadmill.supervisor.config import SupervisorConfig
@@ -25,8 +25,8 @@ DIGEST = "sha256:" + "e" * 64
 
 
 @pytest_twisted.ensureDeferred
-async def test_repeated_events_are_applied_once(database: str, tmp_path: Path) -> None:
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def test_repeated_events_are_applied_once(migrated_database: str, tmp_path: Path) -> None:
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     assert r.status == 201, r.body

@@ -12,7 +12,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from tests.support import start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.dev.fleet import ws_url_for
@@ -28,7 +28,7 @@ DIGEST = "sha256:" + "7" * 64
 
 
 @pytest_twisted.ensureDeferred
-async def test_restart_mid_job_ships_the_final_event_line_once(database: str,
+async def test_restart_mid_job_ships_the_final_event_line_once(migrated_database: str,
                                                                tmp_path: Path) -> None:
     key = tmp_path / "capability-key.pem"
     load_or_create_signing_key(str(key))
@@ -38,7 +38,7 @@ async def test_restart_mid_job_ships_the_final_event_line_once(database: str,
     logserver.startService()
     await logserver.ready()
     url = f"http://127.0.0.1:{logserver.ports()[0].getHost().port}"
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=Limits(log_servers=(url,), log_replicas=1))
     host = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     config = SupervisorConfig(

@@ -8,15 +8,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.proxy.support import (
-    Keys,
-    echo_client,
-    echo_once,
-    eventually,
-    new_job,
-    sleep,
-    start_proxy,
-)
+from tests.proxy.support import Keys, echo_client, echo_once, new_job, start_proxy
+from tests.util.waiting import eventually, sleep
 from treadmill.protocol.proxy import parse_proxy_url
 from treadmill.supervisor.echo import listen_echo
 from treadmill.supervisor.exposure import ExposureManager

@@ -16,9 +16,9 @@ from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tests.daemons import Daemon, _Output
-from tests.supervisor.peer import FakeSwitchboard, job, within
-from tests.supervisor.test_runner import eventually
+from tests.supervisor.peer import FakeSwitchboard, job
+from tests.util.daemons import Daemon, _Output
+from tests.util.waiting import eventually, within
 from treadmill.dev.fleet import FleetError, parser, start_fleet, ws_url_for
 
 ADMIN = "tma_admin-token"

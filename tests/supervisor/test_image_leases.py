@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from tests.imagestore.support import (
     start_cache,
     start_store,
 )
+from tests.util.waiting import eventually as until
 from treadmill.common.captoken import Access
 from treadmill.common.config import ConfigError
 from treadmill.images import format as fmt
@@ -157,14 +158,6 @@ async def site(tmp_path: Path) -> AsyncIterator[Site_]:
         await cache.stop()
         await upstream.stop()
         await port.stopListening()
-
-
-async def until(condition: Callable[[], Any], seconds: float = 3.0) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await deferLater(reactor, 0.02, lambda: None)
-    assert condition()
 
 
 def qcow2(size: int, seed: int) -> bytes:

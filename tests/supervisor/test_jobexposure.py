@@ -12,7 +12,8 @@ from twisted.internet import reactor
 
 from tests.proxy.support import Keys, Running, console_echo, start_proxy
 from tests.supervisor.conftest import fast_config
-from tests.supervisor.peer import JOB_A, FakeSwitchboard, job, sleep
+from tests.supervisor.peer import JOB_A, FakeSwitchboard, job
+from tests.util.waiting import sleep
 from treadmill.protocol import supervisor as protocol
 from treadmill.supervisor.service import SupervisorService
 

@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest_twisted
 
-from tests.daemons import free_port
 from tests.logserver.support import Keys, LogClient, Running, start_logserver
-from tests.supervisor.peer import JOB_A, FakeSwitchboard, job, sleep
+from tests.supervisor.peer import JOB_A, FakeSwitchboard, job
+from tests.util.ports import free_port
+from tests.util.waiting import eventually, sleep
 from treadmill.supervisor import joblogs
 from treadmill.supervisor.logship import LOGS_DIR, LogShipper
 from treadmill.supervisor.runner import RESTART_MESSAGE
@@ -47,14 +48,6 @@ async def counted(monkeypatch: Any) -> AsyncIterator[type[Counted]]:
     yield Counted
     for shipper in Counted.made:  # nothing may outlive its supervisor
         shipper.halt()
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if check():
-            return
-        await sleep(0.02)
-    assert check()
 
 
 def logged_job(keys: Keys, url: str, **mock: Any) -> dict[str, Any]:

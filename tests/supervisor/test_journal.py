@@ -11,7 +11,7 @@ import pytest
 import pytest_twisted
 
 from tests.supervisor.peer import JOB_A, JOB_B, FakeSwitchboard, job
-from tests.supervisor.test_runner import eventually
+from tests.util.waiting import eventually
 from treadmill.supervisor.journal import StateFiles, StateLocked
 from treadmill.supervisor.service import SupervisorService
 

@@ -10,9 +10,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.common.test_tls import make_pki
-from tests.supervisor.peer import FakeSwitchboard, PeerConnection, job, sleep, within
-from tests.supervisor.test_runner import eventually
+from tests.supervisor.peer import FakeSwitchboard, PeerConnection, job
+from tests.util.certs import make_pki
+from tests.util.waiting import eventually, sleep, within
 from treadmill.protocol import supervisor as protocol
 from treadmill.protocol.supervisor import CloseCode
 from treadmill.supervisor.link import SupervisorLink, parse_url

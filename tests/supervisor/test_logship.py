@@ -7,15 +7,16 @@ import os
 import random
 import signal
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
-from tests.daemons import Daemon, free_port
 from tests.logserver.support import Keys, LogClient, Running, new_job, start_logserver
+from tests.util.daemons import Daemon
+from tests.util.ports import free_port
+from tests.util.waiting import eventually as until
+from tests.util.waiting import sleep
 from treadmill.supervisor.logship import LOGS_DIR, MARKER, LogShipper
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.3, "save_interval": 0.05,
@@ -26,22 +27,10 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
-
-
 async def stored(url: str, keys: Keys, job: str, stream: str) -> bytes:
     answer = await LogClient(url).read(job, stream, keys.token(job, "read"))
     assert answer.code == 200, (answer.code, answer.body)
     return answer.body
-
-
-async def until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await sleep(0.02)
 
 
 def daemon_config(path: Path, port: int, root: Path, keys: Keys) -> Path:

@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface.verify import verifyObject
 
-from tests.supervisor import reporter
+from tests.fakes import reporter
 from tests.supervisor.peer import JOB_A, JOB_B, job
 from treadmill.supervisor.drivers import STAGES, IHostDriver, StartRefused
 from treadmill.supervisor.drivers.mock import MOCK_SETTINGS, MockDriver, MockSettings

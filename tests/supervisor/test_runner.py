@@ -12,7 +12,8 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.logger import formatEvent, globalLogPublisher
 
-from tests.supervisor.peer import JOB_A, JOB_B, FakeSwitchboard, job, sleep, within
+from tests.supervisor.peer import JOB_A, JOB_B, FakeSwitchboard, job
+from tests.util.waiting import eventually, within
 from treadmill.protocol import supervisor as protocol
 from treadmill.supervisor.drivers import STAGES, StartRefused
 from treadmill.supervisor.drivers.mock import MockDriver, MockSettings
@@ -25,14 +26,6 @@ Make = Callable[..., SupervisorService]
 
 def journal(state: Path) -> list[str]:
     return sorted(os.listdir(state / "journal"))
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if check():
-            return
-        await sleep(0.02)
-    assert check()
 
 
 def brief(events: list[dict[str, Any]]) -> list[str]:

@@ -225,13 +225,3 @@ async def _first(*ds: Deferred) -> Any:
     return await done
 
 
-async def eventually(check: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll an async ``check()`` until it returns something truthy."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s (last: {result!r})")
-        await deferLater(reactor, interval, lambda: None)

@@ -20,21 +20,17 @@ import treq
 from psycopg2.extensions import make_dsn
 from twisted.internet import reactor
 from twisted.internet.defer import succeed
-from twisted.internet.task import deferLater
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from tests.support import Client, Response, RunningSwitchboard, start_switchboard
+from tests.util.waiting import sleep
 from treadmill.dev.pgcluster import create_database, drop_database
 from treadmill.switchboard import credentials
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 MISSING_JOB = "6f1c1a34-5b0e-4c47-9d0c-0d7b8e2b9a11"
 DAY = 24 * 3600
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 def assert_error(r: Response, status: int, code: str, *mentions: str) -> str:
@@ -787,8 +783,8 @@ class ChunkedBody:
 
 
 @pytest_twisted.async_yield_fixture
-async def small(database, tmp_path):
-    sb = await start_switchboard(database, tmp_path, max_body=1024)
+async def small(migrated_database, tmp_path):
+    sb = await start_switchboard(migrated_database, tmp_path, max_body=1024)
     try:
         yield World(sb, await sb.user("alice"), await sb.user("bob"), MISSING_JOB, "")
     finally:

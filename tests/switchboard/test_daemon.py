@@ -12,7 +12,8 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 
-from tests.daemons import BIN, Daemon, free_port, run_python
+from tests.util.daemons import BIN, Daemon, run_python
+from tests.util.ports import free_port
 from treadmill.cli.main import run as tml
 
 

@@ -7,25 +7,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
-from twisted.internet.task import deferLater
 
+from tests.util.waiting import eventually as wait_for
+from tests.util.waiting import sleep
 from treadmill.switchboard.database import Listener, Pool, migrate, migrations
 from treadmill.switchboard.notifications import JobNote
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
-
-
-async def wait_for(predicate, timeout: float = 5.0, step: float = 0.02) -> bool:
-    """Poll ``predicate()`` until true or ``timeout`` seconds pass."""
-    waited = 0.0
-    while waited < timeout:
-        if predicate():
-            return True
-        await sleep(step)
-        waited += step
-    return bool(predicate())
 
 
 @pytest_twisted.async_yield_fixture

@@ -18,8 +18,8 @@ D = ["sha256:" + c * 64 for c in "0123456789"]
 
 
 @pytest_twisted.async_yield_fixture
-async def sb(database: str, tmp_path: Path):
-    running = await start_switchboard(database, tmp_path, limits=Limits(image_history=4))
+async def sb(migrated_database: str, tmp_path: Path):
+    running = await start_switchboard(migrated_database, tmp_path, limits=Limits(image_history=4))
     await running.register_store(STORE, "store")
     await running.register_store(OTHER_STORE, "other")
     try:

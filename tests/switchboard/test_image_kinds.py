@@ -13,7 +13,8 @@ from typing import Any
 import pytest_twisted
 
 from tests.support import RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import Peer, Script, eventually
+from tests.switchboard.peer import Peer, Script
+from tests.util.waiting import eventually
 from treadmill.switchboard.scheduling import FreeHost, QueuedJob, assign, may_run
 
 DIGEST_VM = "sha256:" + "a" * 64
@@ -23,8 +24,8 @@ STORE = "http://store.example"
 
 
 @pytest_twisted.async_yield_fixture
-async def sb(database: str, tmp_path: Path):
-    running = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def sb(migrated_database: str, tmp_path: Path):
+    running = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                       unreachable_after=60.0, unrunnable_grace=0.0)
     try:
         yield running
@@ -243,10 +244,11 @@ async def test_a_snapshot_keeps_its_parents_host_tags_and_kind(sb: RunningSwitch
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_new_link_gets_no_job_before_its_kinds(database: str, tmp_path: Path) -> None:
+async def test_a_new_link_gets_no_job_before_its_kinds(migrated_database: str,
+                                                       tmp_path: Path) -> None:
     """A host whose driver changed (qemu → serial) is not offered a job by the kinds of
     its previous link: no job before the new link's first status is recorded."""
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  reconcile_retry=0.3)
     try:
         sb.service.links.request_timeout = 0.3

@@ -18,10 +18,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 
 from tests.support import RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import Peer, Script, eventually
+from tests.switchboard.peer import Peer, Script
+from tests.util.waiting import eventually, sleep
 from treadmill.common.http import ApiError
 from treadmill.switchboard.jobstate import Reason, State, Status
 from treadmill.switchboard.service import (
@@ -49,9 +49,9 @@ async def start_instance(database: str, first: RunningSwitchboard, name: str,
 
 
 @pytest_twisted.async_yield_fixture
-async def pair(database: str, tmp_path: Path):
-    a = await start_switchboard(database, tmp_path, instance="a", **QUICK)
-    b = await start_instance(database, a, "b")
+async def pair(migrated_database: str, tmp_path: Path):
+    a = await start_switchboard(migrated_database, tmp_path, instance="a", **QUICK)
+    b = await start_instance(migrated_database, a, "b")
     try:
         yield a, b
     finally:
@@ -90,10 +90,6 @@ async def reaches(sb: RunningSwitchboard, job_id: str, state: str,
         return await state_of(sb, job_id) == state
 
     await eventually(check, timeout=timeout)
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 async def freeze_heartbeat(sb: RunningSwitchboard) -> None:
@@ -217,14 +213,15 @@ def _frozen_pass(dsn: str, job_id: str, held: threading.Event, release: threadin
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_frozen_pass_blocks_nobody_for_more_than_seconds(pair: Any,
-                                                                 database: str) -> None:
+async def test_a_frozen_pass_blocks_nobody_for_more_than_seconds(
+        pair: Any, migrated_database: str) -> None:
     a, b = pair
     token = await add_host(a, "h1", ["t"])
     peer = await connect(b, token)
     locked_job = await submit(a, ["none"])  # No host can run it; the frozen pass locked it.
     held, release, ended = threading.Event(), threading.Event(), []
-    frozen = threads.deferToThread(_frozen_pass, database, locked_job, held, release, ended)
+    frozen = threads.deferToThread(_frozen_pass, migrated_database, locked_job, held,
+                                   release, ended)
     assert await threads.deferToThread(held.wait, 10)
     started = time.monotonic()
     job = await submit(a, ["t"])
@@ -343,11 +340,11 @@ async def test_only_admins_see_which_instance_holds_a_host(pair: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_an_instance_with_another_signing_key_refuses_to_start(
-        switchboard: RunningSwitchboard, database: str, tmp_path: Path) -> None:
+        switchboard: RunningSwitchboard, migrated_database: str, tmp_path: Path) -> None:
     first = switchboard.service.signer.key_id
     other = tmp_path / "other"
     other.mkdir()
-    config = SwitchboardConfig(dsn=database, listen=["tcp:0:interface=127.0.0.1"],
+    config = SwitchboardConfig(dsn=migrated_database, listen=["tcp:0:interface=127.0.0.1"],
                                signing_key=str(other / "capability-key.pem"), instance="c",
                                **QUICK)
     service = SwitchboardService(reactor, config)
@@ -369,7 +366,7 @@ async def test_an_instance_with_another_signing_key_refuses_to_start(
     await service.stopService()
     row = await switchboard.store.pool.fetchone("SELECT key_id, recorded_by FROM capability_key")
     assert row == {"key_id": service.signer.key_id, "recorded_by": "c"}
-    config = SwitchboardConfig(dsn=database, listen=["tcp:0:interface=127.0.0.1"],
+    config = SwitchboardConfig(dsn=migrated_database, listen=["tcp:0:interface=127.0.0.1"],
                                signing_key=switchboard.service.config.signing_key, **QUICK)
     service = SwitchboardService(reactor, config)
     service.startService()
@@ -536,8 +533,8 @@ async def test_links_move_to_an_instance_that_joins(pair: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_jobs_for_one_kind_of_host_do_not_hide_jobs_for_another(
-        database: str, tmp_path: Path) -> None:
-    sb = await start_switchboard(database, tmp_path, **QUICK)  # No timer passes.
+        migrated_database: str, tmp_path: Path) -> None:
+    sb = await start_switchboard(migrated_database, tmp_path, **QUICK)  # No timer passes.
     try:
         gpu = await connect(sb, await add_host(sb, "gpu-1", ["gpu"]))
         plain = await connect(sb, await add_host(sb, "plain-1", ["t"]))
@@ -557,7 +554,7 @@ async def test_jobs_for_one_kind_of_host_do_not_hide_jobs_for_another(
 
 @pytest_twisted.ensureDeferred
 async def test_a_job_locked_elsewhere_is_retried_soon_not_in_a_loop(
-        switchboard: RunningSwitchboard, database: str) -> None:
+        switchboard: RunningSwitchboard, migrated_database: str) -> None:
     sb = switchboard
     token = await add_host(sb, "h1", ["t"])
     # A transaction (a cancel, say) holds the queued job's row while a pass runs.
@@ -568,7 +565,7 @@ async def test_a_job_locked_elsewhere_is_retried_soon_not_in_a_loop(
         "now() + interval '1 hour', 1) RETURNING id", (owner, DIGEST))
     job = str(row["id"])
     held, release = threading.Event(), threading.Event()
-    holder = threads.deferToThread(_hold_row, database, job, held, release)
+    holder = threads.deferToThread(_hold_row, migrated_database, job, held, release)
     assert await threads.deferToThread(held.wait, 10)
     passes = sb.service.scheduler.passes
     peer = await connect(sb, token)  # The host is free: a pass picks the locked job.

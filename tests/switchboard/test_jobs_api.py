@@ -11,29 +11,16 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 
 from tests.support import Client, start_switchboard
+from tests.util.waiting import eventually as wait_for
+from tests.util.waiting import sleep
 from treadmill.switchboard.api import Limits
 from treadmill.switchboard.jobstate import Reason, Stage, State, Status
 
 DIGEST = "sha256:" + "ab" * 32
 OTHER_DIGEST = "sha256:" + "cd" * 32
 SECRET = "s3cr3t-value-that-must-never-leak-7f3a9c"
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
-
-
-async def wait_for(predicate, timeout: float = 3.0, step: float = 0.02) -> bool:
-    waited = 0.0
-    while waited < timeout:
-        if predicate():
-            return True
-        await sleep(step)
-        waited += step
-    return bool(predicate())
 
 
 async def enqueue(client: Client, **fields: Any) -> dict:
@@ -158,9 +145,9 @@ async def test_enqueue_with_every_field(switchboard):
 
 
 @pytest_twisted.ensureDeferred
-async def test_configured_defaults_apply(database, tmp_path):
+async def test_configured_defaults_apply(migrated_database, tmp_path):
     limits = Limits(default_timeout=123, default_queue_timeout=456, max_timeout=1000)
-    sb = await start_switchboard(database, tmp_path, limits=limits)
+    sb = await start_switchboard(migrated_database, tmp_path, limits=limits)
     try:
         job = await enqueue(sb.admin)
         assert job["timeout"] == 123 and job["queue_timeout"] == 456
@@ -614,8 +601,8 @@ async def test_watch_requires_read(switchboard):
 
 
 @pytest_twisted.async_yield_fixture
-async def fast_switchboard(database, tmp_path):
-    running = await start_switchboard(database, tmp_path, timeout_interval=0.1)
+async def fast_switchboard(migrated_database, tmp_path):
+    running = await start_switchboard(migrated_database, tmp_path, timeout_interval=0.1)
     try:
         yield running
     finally:

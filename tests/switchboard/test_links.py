@@ -16,7 +16,8 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from tests.support import RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import Peer, Script, eventually
+from tests.switchboard.peer import Peer, Script
+from tests.util.waiting import eventually
 from treadmill.protocol import supervisor as protocol
 from treadmill.switchboard.jobstate import Reason, State, Status
 
@@ -25,8 +26,8 @@ FAST = {"scheduler_interval": 0.2, "unreachable_after": 60.0}
 
 
 @pytest_twisted.async_yield_fixture
-async def sb(database: str, tmp_path: Path):
-    running = await start_switchboard(database, tmp_path, **FAST)
+async def sb(migrated_database: str, tmp_path: Path):
+    running = await start_switchboard(migrated_database, tmp_path, **FAST)
     try:
         yield running
     finally:
@@ -297,8 +298,8 @@ async def test_r8_other_job_running_is_stopped_then_ours_started(
 
 
 @pytest_twisted.ensureDeferred
-async def test_r9_unreachable_host_ends_its_job(database: str, tmp_path: Path) -> None:
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def test_r9_unreachable_host_ends_its_job(migrated_database: str, tmp_path: Path) -> None:
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  unreachable_after=1.0)
     try:
         token = await add_host(sb)
@@ -474,8 +475,8 @@ async def test_fairness_between_two_users_on_one_host(sb: RunningSwitchboard) ->
 
 
 @pytest_twisted.ensureDeferred
-async def test_job_no_host_can_run_expires(database: str, tmp_path: Path) -> None:
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def test_job_no_host_can_run_expires(migrated_database: str, tmp_path: Path) -> None:
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  unrunnable_grace=0.0)
     try:
         await add_host(sb, tags=("t",), grant=False)
@@ -493,9 +494,9 @@ async def test_job_no_host_can_run_expires(database: str, tmp_path: Path) -> Non
 
 
 @pytest_twisted.ensureDeferred
-async def test_execution_timeout_stops_the_job_on_its_host(database: str,
+async def test_execution_timeout_stops_the_job_on_its_host(migrated_database: str,
                                                            tmp_path: Path) -> None:
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
     try:
         token = await add_host(sb)
@@ -536,8 +537,9 @@ async def test_transition_store_api(sb: RunningSwitchboard) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_silent_peer_is_detected_by_heartbeats(database: str, tmp_path: Path) -> None:
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def test_silent_peer_is_detected_by_heartbeats(migrated_database: str,
+                                                     tmp_path: Path) -> None:
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  ping_interval=1.0, ping_timeout=2.0)
     try:
         token = await add_host(sb)
@@ -559,14 +561,14 @@ async def test_silent_peer_is_detected_by_heartbeats(database: str, tmp_path: Pa
 
 
 @pytest_twisted.ensureDeferred
-async def test_start_job_names_log_servers_with_a_write_token(database: str,
+async def test_start_job_names_log_servers_with_a_write_token(migrated_database: str,
                                                               tmp_path: Path) -> None:
     from treadmill.common.captoken import CapabilityVerifier, parse_jwks
     from treadmill.switchboard.api import Limits
 
     servers = ("http://logs-1.example:8082", "http://logs-2.example:8082",
                "http://logs-3.example:8082")
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=Limits(log_servers=servers, log_replicas=2))
     try:
         token = await add_host(sb)
@@ -591,11 +593,11 @@ async def test_start_job_names_log_servers_with_a_write_token(database: str,
 
 
 @pytest_twisted.ensureDeferred
-async def test_proxies_in_start_job_and_reported_endpoints(database: str,
+async def test_proxies_in_start_job_and_reported_endpoints(migrated_database: str,
                                                            tmp_path: Path) -> None:
     from treadmill.common.captoken import CapabilityVerifier, parse_jwks
 
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  proxies=("http://proxy-1.example:8090",))
     try:
         token = await add_host(sb)

@@ -17,12 +17,12 @@ from treadmill.protocol import supervisor as protocol
 
 @pytest.mark.parametrize("minor", [protocol.SSH_KEYS_MINOR - 1, protocol.SSH_KEYS_MINOR])
 @pytest_twisted.ensureDeferred
-async def test_keys_in_start_job_and_host_keys_reported(database: str, tmp_path: Path,
+async def test_keys_in_start_job_and_host_keys_reported(migrated_database: str, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         minor: int) -> None:
     # Both ends of this link run here: the negotiated minor is ``minor``.
     monkeypatch.setattr(protocol, "MINOR", minor)
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2)
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2)
     try:
         token = await add_host(sb)
         peer = await connected_peer(sb, token)

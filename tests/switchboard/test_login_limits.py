@@ -59,9 +59,9 @@ def hashes(monkeypatch: pytest.MonkeyPatch) -> Iterator[HashCounter]:
     yield counter
 
 
-async def make_switchboard(database: str, tmp_path: Path, policy: PasswordPolicy
+async def make_switchboard(migrated_database: str, tmp_path: Path, policy: PasswordPolicy
                            ) -> RunningSwitchboard:
-    sb = await start_switchboard(database, tmp_path, passwords=policy)
+    sb = await start_switchboard(migrated_database, tmp_path, passwords=policy)
     for name in ("alice", "bob"):
         hashed = credentials.hash_password_sync(PASSWORD)
         await sb.store.create_user(name, False, hashed)
@@ -203,8 +203,9 @@ async def test_end_to_end_through_the_daemon_and_tml(database: str, tmp_path: Pa
 
     import psycopg2
 
-    from tests.daemons import Daemon, free_port, run_python
     from tests.switchboard.test_daemon import write_config
+    from tests.util.daemons import Daemon, run_python
+    from tests.util.ports import free_port
     from treadmill.cli.main import run as tml
 
     port = free_port()

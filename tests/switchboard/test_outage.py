@@ -19,12 +19,11 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from tests.support import RunningSwitchboard, start_switchboard
 from tests.switchboard.outage import Outage
-from tests.switchboard.peer import Peer, Script, eventually
+from tests.switchboard.peer import Peer, Script
 from tests.switchboard.test_links import (
     add_host,
     assigned_job,
@@ -33,6 +32,7 @@ from tests.switchboard.test_links import (
     reaches,
     submit,
 )
+from tests.util.waiting import eventually, sleep
 from treadmill.dev.fleet import ws_url_for
 from treadmill.protocol import supervisor as protocol
 from treadmill.supervisor.config import SupervisorConfig
@@ -48,10 +48,6 @@ from treadmill.switchboard.database import (
     session_dsn,
     unavailable,
 )
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 async def failure_of(work: Any) -> BaseException | None:

@@ -29,8 +29,8 @@ WIPED = {"TOKEN": {"value": "", "secret": True}, "PLAIN": {"value": "keep", "sec
 
 
 @pytest_twisted.async_yield_fixture
-async def sb(database: str, tmp_path: Path):
-    running = await start_switchboard(database, tmp_path, **FAST)
+async def sb(migrated_database: str, tmp_path: Path):
+    running = await start_switchboard(migrated_database, tmp_path, **FAST)
     try:
         yield running
     finally:

@@ -11,7 +11,7 @@ import pytest_twisted
 import treq
 
 from tests.support import RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import Peer, eventually
+from tests.switchboard.peer import Peer
 from tests.switchboard.test_links import (
     FAST,
     add_host,
@@ -20,6 +20,7 @@ from tests.switchboard.test_links import (
     reaches,
     reconnect,
 )
+from tests.util.waiting import eventually
 from treadmill.protocol import supervisor as protocol
 
 STORE = "http://store.example:5000"
@@ -27,8 +28,8 @@ NEW = "sha256:" + "d" * 64
 
 
 @pytest_twisted.async_yield_fixture
-async def sb(database: str, tmp_path: Path):
-    running = await start_switchboard(database, tmp_path, **FAST)
+async def sb(migrated_database: str, tmp_path: Path):
+    running = await start_switchboard(migrated_database, tmp_path, **FAST)
     await running.register_store(STORE, "store")
     try:
         yield running

@@ -18,13 +18,13 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
+from tests.fakes.reporter import Recorder
 from tests.supervisor.qemu.conftest import (
     BuiltImage,
     FakeFetcher,
     needs_qemu,
     qemu_processes,
 )
-from tests.supervisor.reporter import Recorder
 from treadmill.supervisor.drivers.qemu import QemuDriver, QemuSettings
 
 pytestmark = needs_qemu

@@ -28,8 +28,8 @@ from tests.supervisor.qemu.test_service import (
     url_of,
 )
 from tests.support import RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import eventually
 from tests.test_e2e_logs import start_logserver
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.supervisor.service import SupervisorService
@@ -39,12 +39,12 @@ pytestmark = needs_qemu
 
 
 @pytest_twisted.async_yield_fixture
-async def bed(database: str, tmp_path: Path, test_image: BuiltImage
+async def bed(migrated_database: str, tmp_path: Path, test_image: BuiltImage
               ) -> AsyncIterator[tuple[RunningSwitchboard, str, str]]:
     key = tmp_path / "capability-key.pem"
     load_or_create_signing_key(str(key))
     logs, log_url = await start_logserver(tmp_path / "logs", key)
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1,
                                  limits=Limits(log_servers=(log_url,), log_replicas=1))
     store = store_service(sb, tmp_path / "store")

@@ -18,7 +18,7 @@ pytest.importorskip("treadmill.imagestore.service")
 
 from tests.supervisor.qemu.conftest import BuiltImage, needs_qemu, qemu_processes
 from tests.support import RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.dev.fleet import ws_url_for
 from treadmill.images.oci import RegistryClient
 from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
@@ -85,9 +85,9 @@ async def job_reaches(sb: RunningSwitchboard, job_id: str, state: str,
 
 
 @pytest_twisted.async_yield_fixture
-async def bed(database: str, tmp_path: Path, test_image: BuiltImage
+async def bed(migrated_database: str, tmp_path: Path, test_image: BuiltImage
               ) -> AsyncIterator[tuple[RunningSwitchboard, str, str]]:
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
     store = store_service(sb, tmp_path / "store")
     store.startService()
@@ -136,13 +136,13 @@ async def test_a_qemu_job_runs_through_the_switchboard(bed: Any, test_image: Bui
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_qemu_job_boots_from_a_site_image_cache(database: str, tmp_path: Path,
+async def test_a_qemu_job_boots_from_a_site_image_cache(migrated_database: str, tmp_path: Path,
                                                         test_image: BuiltImage) -> None:
     """The supervisor reads the layers from the cache's directory (its "mount"), leasing
     the image there; the cache pulls them through from the upstream store on the lease."""
     from treadmill.imagestore.cache import CacheConfig
 
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2)
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2)
     upstream = store_service(sb, tmp_path / "store")
     upstream.startService()
     await upstream.ready()
@@ -215,11 +215,11 @@ async def test_a_corrupt_layer_in_the_store_ends_the_job_with_image_error(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_restarted_supervisor_adopts_its_running_vm(database: str, tmp_path: Path,
+async def test_a_restarted_supervisor_adopts_its_running_vm(migrated_database: str, tmp_path: Path,
                                                             test_image: BuiltImage) -> None:
     """The supervisor stops (gracefully) while its VM runs; the next one re-attaches to the
     same QEMU and the job ends with the guest's own exit status, run once."""
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2)
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2)
     store = store_service(sb, tmp_path / "store")
     store.startService()
     work_dir = tempfile.mkdtemp(prefix="tq-", dir="/tmp")

@@ -20,8 +20,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
+from tests.fakes.reporter import Recorder
 from tests.supervisor.qemu.conftest import BuiltImage, FakeFetcher, needs_qemu
-from tests.supervisor.reporter import Recorder
 from treadmill.images import format as fmt
 from treadmill.supervisor.drivers import IHostSnapshots, SnapshotError
 from treadmill.supervisor.drivers.qemu import QemuDriver, QemuSettings
@@ -310,7 +310,7 @@ def test_a_job_that_cannot_be_adopted_leaves_its_disk_kept(tmp_path: Path) -> No
 @needs_qemu
 @pytest_twisted.ensureDeferred
 async def test_a_snapshot_round_trip_through_a_real_store(
-        database: str, tmp_path: Path, test_image: BuiltImage, work_dir: str) -> None:
+        migrated_database: str, tmp_path: Path, test_image: BuiltImage, work_dir: str) -> None:
     pytest.importorskip("treadmill.imagestore.service")
     from tests.supervisor.qemu.test_boot import BOOT, settings, within
     from tests.supervisor.qemu.test_service import push
@@ -318,7 +318,7 @@ async def test_a_snapshot_round_trip_through_a_real_store(
     from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
     from treadmill.supervisor.fetch import ImageFetcher
 
-    sb = await start_switchboard(database, tmp_path)
+    sb = await start_switchboard(migrated_database, tmp_path)
     store = ImageStoreService(reactor, ImageStoreConfig(
         root=str(tmp_path / "store"), listen=["tcp:0:interface=127.0.0.1"],
         keys_url=f"{sb.url}/.well-known/treadmill/capability-keys",

@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 
-from tests.supervisor.reporter import Recorder
+from tests.fakes.reporter import Recorder
 from treadmill.common.config import Setting
 from treadmill.images import format as fmt
 from treadmill.supervisor.drivers import DRIVER_MODULES, driver_module

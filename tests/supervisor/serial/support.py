@@ -7,37 +7,25 @@ import os
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 
-from tests.supervisor import reporter
+from tests.fakes import reporter
+from tests.util.waiting import eventually
 from treadmill.dev import fakeboard
 from treadmill.images import format as fmt
 from treadmill.supervisor.blobcache import blob_path
 from treadmill.supervisor.fetch import FetchedImage
 
+until = partial(eventually, timeout=20.0, interval=0.05)
+"""``eventually`` with the board tests' patience."""
+
 FAKEBOARD = fakeboard.__file__
 PY = sys.executable
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
-
-
-async def until(check: Any, timeout: float = 20.0, interval: float = 0.05) -> Any:
-    """Poll ``check()`` (plain function) until it returns something truthy."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s (last: {result!r})")
-        await sleep(interval)
 
 
 class FakeBoard:

@@ -11,14 +11,8 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
-from tests.supervisor.serial.support import (
-    FakeBoard,
-    FakeFetcher,
-    Recorder,
-    job,
-    sleep,
-    until,
-)
+from tests.supervisor.serial.support import FakeBoard, FakeFetcher, Recorder, job, until
+from tests.util.waiting import sleep
 from treadmill.supervisor.drivers.serial import SerialDriver, SerialSettings
 
 APP = b"""print hello from the app

@@ -16,7 +16,7 @@ from twisted.internet import reactor
 
 from tests.supervisor.serial.support import FakeBoard, write_cache
 from tests.support import Client, RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import eventually
+from tests.util.waiting import eventually
 from treadmill.dev.fleet import ws_url_for
 from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.service import SupervisorService
@@ -47,8 +47,8 @@ class Bed:
 
 
 @pytest_twisted.async_yield_fixture
-async def bed(database: str, tmp_path: Path) -> AsyncIterator[Bed]:
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1, max_host_failures=2)
     board = await FakeBoard(tmp_path / "board").start()
     supervisor: SupervisorService | None = None

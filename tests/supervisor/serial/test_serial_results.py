@@ -17,8 +17,8 @@ from twisted.internet import reactor
 
 from tests.supervisor.serial.support import FakeBoard, write_cache
 from tests.support import RunningSwitchboard, start_switchboard
-from tests.switchboard.peer import eventually
 from tests.test_e2e_logs import start_logserver
+from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.dev.fleet import ws_url_for
@@ -38,11 +38,12 @@ APP = (b"print Running 3 tests\n"
 
 
 @pytest_twisted.async_yield_fixture
-async def bed(database: str, tmp_path: Path) -> AsyncIterator[tuple[RunningSwitchboard, str]]:
+async def bed(migrated_database: str, tmp_path: Path
+              ) -> AsyncIterator[tuple[RunningSwitchboard, str]]:
     key = tmp_path / "capability-key.pem"
     load_or_create_signing_key(str(key))
     logs, log_url = await start_logserver(tmp_path / "logs", key)
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1,
                                  limits=Limits(log_servers=(log_url,), log_replicas=1))
     board = await FakeBoard(tmp_path / "board").start()

@@ -12,8 +12,10 @@ import treq
 from twisted.application.service import IServiceCollection
 from twisted.internet import reactor
 
-from tests.daemons import BIN, Daemon, free_port
-from tests.supervisor.peer import FakeSwitchboard, job, within
+from tests.supervisor.peer import FakeSwitchboard, job
+from tests.util.daemons import BIN, Daemon
+from tests.util.ports import free_port
+from tests.util.waiting import within
 from treadmill.common.config import ConfigError, load_file
 from treadmill.protocol.supervisor import CloseCode
 from treadmill.supervisor import tap

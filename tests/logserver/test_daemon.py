@@ -10,8 +10,9 @@ import pytest
 import pytest_twisted
 import treq
 
-from tests.daemons import BIN, Daemon, free_port
 from tests.logserver.support import Keys, LogClient, new_job
+from tests.util.daemons import BIN, Daemon
+from tests.util.ports import free_port
 from treadmill.common.config import ConfigError, load_file
 from treadmill.logserver import tap
 

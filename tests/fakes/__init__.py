@@ -1,0 +1,6 @@
+"""Stand-ins for the parts a test does not run for real, each checked against the interface
+or class it stands for (``tests/test_fakes.py``).
+
+- ``reporter``: ``Recorder``, a recording ``IJobReporter`` for the host drivers' tests.
+- ``conformance``: ``check_interface`` and ``check_methods``, the checks themselves.
+"""
