@@ -94,6 +94,7 @@ JOB_CREATE = _object({
     "label": TEXT,
     "results": PATTERNS_SCHEMA,
     "reservation": {"type": "boolean"},
+    "hold_on_failure": {"type": "number", "exclusiveMinimum": 0},
 }, ("image",))
 JOB_EXTEND = _object({"by": {"type": "number", "exclusiveMinimum": 0,
                              "maximum": 10 * 365 * 24 * 3600}}, ("by",))

@@ -87,6 +87,7 @@ def job(row: dict[str, Any]) -> dict[str, Any]:
                     "servers": row["log_servers"]},
         "termination": termination, "ssh_host_keys": row.get("ssh_host_keys", []),
         "reservation": row.get("reservation", False), "deadline": row.get("deadline"),
+        "hold_on_failure": row.get("hold_on_failure"), "held_until": row.get("held_until"),
         **{key: row[key] for key in ("created_at", "assigned_at", "started_at", "ready_at",
                                      "terminated_at", "updated_at")},
     }

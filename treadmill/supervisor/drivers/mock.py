@@ -516,7 +516,7 @@ class MockDriver:
             return fail(StartRefused("internal_error",
                                      f"mock: the host still runs job {self.run.job_id}"))
         run = _Run(self, job["id"], settings, reporter, job.get("image"),
-                   hold=bool(job.get("hold_on_failure")))
+                   hold=self.holds and bool(job.get("hold_on_failure")))
         self.run = run
         # Report only after start() returned, as a real host would.
         run._after(0, run.begin)

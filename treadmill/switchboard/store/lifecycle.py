@@ -123,11 +123,12 @@ async def _after_termination(cur: Cursor, job_id: str, reason: Reason,
         successor = await cur.fetchone(
             "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, tags, "
             "parameters, timeout, queue_timeout, max_restarts, restarts_left, restart_of, "
-            "queue_deadline, event_seq, log_servers, results, image_kind, reservation) "
-            "SELECT owner_id, label, image_name, image_digest, image_stores, tags, parameters, "
+            "queue_deadline, event_seq, log_servers, results, image_kind, reservation, "
+            "hold_on_failure) SELECT owner_id, label, image_name, image_digest, image_stores, "
+            "tags, parameters, "
             "timeout, queue_timeout, max_restarts, restarts_left - 1, id, "
             "now() + make_interval(secs => queue_timeout), 1, log_servers, results, image_kind, "
-            "reservation "
+            "reservation, hold_on_failure "
             "FROM jobs "
             "WHERE id = %s "
             "RETURNING id", (job_id,))

@@ -75,8 +75,9 @@ class SchedulerQueries(Queries):
                 "AND h.kinds_session = h.session "
                 "AND h.last_seen_at > now() - make_interval(secs => %(fresh)s) "
                 f"AND {LIVE_INSTANCE} "
-                "AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.host_id = h.id AND a.state IN "
-                "('assigned', 'initializing', 'ready', 'terminating'))", params)
+                "AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.host_id = h.id AND (a.state IN "
+                "('assigned', 'initializing', 'ready', 'terminating') "
+                "OR a.held_until IS NOT NULL))", params)  # held: 0019_hold_on_failure
             if not hosts:
                 return ScheduleResult()
             # Each distinct (owner, tags, image kind) of the queue is checked against
