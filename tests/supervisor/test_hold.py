@@ -177,7 +177,7 @@ def test_an_execution_timeout_ends_held_without_tearing_down(tmp_path: Path) -> 
 
 def test_the_hold_expires_and_the_host_is_free(tmp_path: Path) -> None:
     h = failed_and_held(tmp_path, stop_time=2.0)
-    ended_at = [t for t, m in h.conn.events() if m["state"] == "terminated"][0]
+    ended_at = next(t for t, m in h.conn.events() if m["state"] == "terminated")
     h.pump(ended_at + HOLD - 1)
     assert h.runner.held == JOB_A
     h.pump(ended_at + HOLD + 1)  # expired; the teardown takes stop_time

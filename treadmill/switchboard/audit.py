@@ -33,7 +33,7 @@ ACTIONS = frozenset({
     "host.create", "host.drain", "host.enable", "host.delete", "host.token", "host.tags",
     "image.create", "image.update", "image.delete", "image.rollback",
     "store.add", "store.remove",
-    "job.cancel", "job.release", "job.snapshot", "job.console_token",
+    "job.cancel", "job.snapshot", "job.console_token",
 })
 
 #: What a record may be about.

@@ -240,7 +240,8 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
             return
         assert self.host_id is not None
         try:
-            held = bool(message.get("held")) and status.state is State.TERMINATED
+            held = (bool(message.get("held")) and status.state is State.TERMINATED
+                    and self.minor >= protocol.HOLD_MINOR)
             changed = await self.links.store.apply_host_event(
                 self.host_id, message["job_id"], status,
                 exit_status=message.get("exit_status"), message=message.get("message"),

@@ -157,9 +157,10 @@ class JobRoutes(Routes):
             # An ended job's held host (docs/jobs.md): the cancel releases it.
             await self.store.audited(
                 lambda store: store.release_hold(row["id"]),
-                lambda changed: self.audit.entry(request, principal, "job.release", "job",
+                lambda changed: self.audit.entry(request, principal, "job.cancel", "job",
                                                  row["id"], subject_user=row["owner"],
-                                                 changed=changed))
+                                                 state=row["state"], changed=changed,
+                                                 released=True))
             return respond(request, views.job(await self.store.get_job(row["id"], principal)))
         await self.store.audited(
             lambda store: store.request_termination(row["id"], Reason.USER_TERMINATED,
