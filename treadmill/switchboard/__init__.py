@@ -13,6 +13,7 @@
 - ``jobstate`` (the job state machine), ``scheduler`` and ``scheduling`` (assigning
   jobs to hosts), ``timeouts`` (deadlines), ``events`` (live job events);
 - ``links`` (the supervisors' WebSocket sessions), ``reconcile`` (what a link does
-  about a host's report), ``jobstart`` (the wire ``JobStart``), ``instances``
-  (liveness of switchboard instances, the leader).
+  about a host's report), ``jobstart`` (the wire ``JobStart``), ``holds`` (ending
+  a failed job's held host), ``instances`` (liveness of switchboard instances, the
+  leader).
 """
