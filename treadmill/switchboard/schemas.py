@@ -95,7 +95,7 @@ JOB_CREATE = _object({
     "results": PATTERNS_SCHEMA,
     "reservation": {"type": "boolean"},
     "hold_on_failure": {"type": "number", "exclusiveMinimum": 0},
-}, ("image",))
+})  # image: required but for a reservation on a switchboard with jobs.reservation_image
 JOB_EXTEND = _object({"by": {"type": "number", "exclusiveMinimum": 0,
                              "maximum": 10 * 365 * 24 * 3600}}, ("by",))
 

@@ -65,7 +65,12 @@ class JobRoutes(Routes):
         queue_timeout = body.get("queue_timeout", limits.default_queue_timeout)
         if queue_timeout > limits.max_queue_timeout:
             raise ApiError(400, f"queue_timeout: at most {limits.max_queue_timeout:g} seconds")
-        image = body["image"]
+        image = body.get("image") or (limits.reservation_image if body.get("reservation")
+                                      else "")
+        if not image:
+            raise ApiError(400, "image: required" + (
+                " (this switchboard boots no default image for reservations: "
+                "jobs.reservation_image)" if body.get("reservation") else ""))
         name: str | None
         default_tags: list[str] = []
         image_results = None
