@@ -9,24 +9,12 @@ released by ``tml job cancel``, after which the waiting job runs.
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
 import pytest_twisted
 
 from tests.test_e2e_jobs import DIGEST, Bed, cli, final
+from tests.test_e2e_jobs import bed as bed  # the fixture: both daemons, no tracebacks
 from tests.util.waiting import eventually, sleep
-
-
-@pytest_twisted.async_yield_fixture
-async def bed(database: str, tmp_path: Path):
-    b = Bed(database, tmp_path)
-    try:
-        await b.start()
-        yield b
-    finally:
-        await b.stop()
-    for daemon in (b.switchboard, b.supervisor):
-        assert daemon is None or "Traceback (most recent" not in daemon.output, daemon.output
 
 
 @pytest_twisted.ensureDeferred
