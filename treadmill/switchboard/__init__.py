@@ -15,6 +15,7 @@
   job events), ``health`` (host health decisions) and ``healthwork`` (the leader's
   health pass: checks due by the clock, queued jobs' messages);
 - ``links`` (the supervisors' WebSocket sessions), ``reconcile`` (what a link does
-  about a host's report), ``jobstart`` (the wire ``JobStart``), ``instances``
-  (liveness of switchboard instances, the leader).
+  about a host's report), ``jobstart`` (the wire ``JobStart``), ``holds`` (ending
+  a failed job's held host), ``instances`` (liveness of switchboard instances, the
+  leader).
 """

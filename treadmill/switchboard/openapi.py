@@ -107,8 +107,10 @@ HOST = _record({
     "held_by": {"type": ["string", "null"],
                 "description": "The owner of current_job (null when not shown)."},
     "held_until": {**OPTIONAL_TIME,
-                   "description": "current_job's deadline: a reservation's end (null when "
-                                  "not shown or not yet started)."},
+                   "description": "Until when current_job holds the host: its deadline (a "
+                                  "reservation's end), or for a failed job whose host is "
+                                  "held for debugging, the hold's end (null when not shown "
+                                  "or not yet started)."},
     "kinds": {"type": ["array", "null"], "items": STRING,
               "description": "The image kinds its driver runs, as its supervisor reported "
                              "them; null: any kind (a supervisor that reports none)."},
@@ -220,6 +222,13 @@ JOB = _record({
     "health_check": {"type": "boolean",
                      "description": "A host's health check, started by the switchboard "
                                     "(docs/operations.md, Host health)."},
+    "hold_on_failure": {"type": ["number", "null"],
+                        "description": "Seconds its host is kept as it is when the job fails "
+                                       "(docs/jobs.md, Holding a failed job's host)."},
+    "held_until": {**OPTIONAL_TIME,
+                   "description": "While the failed job's host is held for debugging: when "
+                                  "the hold ends (POST .../terminate ends it at once); "
+                                  "null otherwise."},
 }, "A job: a workload on one host. States and stages are described in docs/jobs.md.")
 
 HEALTH_CHECK = _record({
@@ -749,7 +758,9 @@ def _jobs() -> dict[str, dict[str, Any]]:
         "/api/v1/jobs/{job_id}/terminate": {"parameters": [P_JOB], "post": _operation(
             "terminate", "Jobs", "Terminate a job (stop).", 200, "Job", errors=(403, 404),
             description="A queued job terminates at once, an active one starts "
-                        "terminating; a terminated job is returned as it is.")},
+                        "terminating; a terminated job is returned as it is, except that "
+                        "a failed job whose host is held (held_until) has its hold "
+                        "released.")},
         "/api/v1/jobs/{job_id}/extend": {"parameters": [P_JOB], "post": _operation(
             "extend_job", "Jobs", "Extend a job's deadline (manage).", 200, "Job",
             body="JobExtend", errors=(403, 404, 409),

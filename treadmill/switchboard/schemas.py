@@ -94,7 +94,8 @@ JOB_CREATE = _object({
     "label": TEXT,
     "results": PATTERNS_SCHEMA,
     "reservation": {"type": "boolean"},
-}, ("image",))
+    "hold_on_failure": {"type": "number", "exclusiveMinimum": 0},
+})  # image: required but for a reservation on a switchboard with jobs.reservation_image
 HEALTH_CHECK = _object({
     "image": JOB_CREATE["properties"]["image"],
     "parameters": JOB_CREATE["properties"]["parameters"],

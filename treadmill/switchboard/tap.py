@@ -118,6 +118,13 @@ class Options(RoleOptions):
         Setting("jobs.max_queue_timeout", positive(FLOAT), FIELD,
                 "Largest queue timeout a job may ask for, in seconds.",
                 field="limits.max_queue_timeout"),
+        Setting("jobs.max_hold", positive(FLOAT), FIELD,
+                "Longest hold_on_failure a job may ask for, in seconds.",
+                field="limits.max_hold"),
+        Setting("jobs.reservation_image", STR, FIELD,
+                "The image a reservation that names none boots (a catalogue name or "
+                "sha256 digest its users may use); empty: a reservation must name one.",
+                field="limits.reservation_image"),
         Setting("jobs.timeout_interval", positive(FLOAT), FIELD,
                 "How often timeouts are checked, in seconds.",
                 field="timeout_interval"),

@@ -110,6 +110,7 @@ def job(row: dict[str, Any]) -> dict[str, Any]:
         # Why a queued job still waits (only hosts out of service match it), if it does.
         "state_message": row.get("queue_message") if row["state"] == "queued" else None,
         "health_check": row.get("health_expect_exit") is not None,
+        "hold_on_failure": row.get("hold_on_failure"), "held_until": row.get("held_until"),
         **{key: row[key] for key in ("created_at", "assigned_at", "started_at", "ready_at",
                                      "terminated_at", "updated_at")},
     }

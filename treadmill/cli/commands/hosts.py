@@ -210,9 +210,11 @@ async def host_reserve(ctx: Context) -> int:
         job_id = await resolve_job_id(ctx, text)
         job = await ctx.api.post("jobs", job_id, "extend", body={"by": by})
         return ctx.emit(job, how_to_get_in)
-    if a.image is None or a.duration is None:
-        raise UsageError("give --image and --for (or --extend JOB DURATION)")
-    body: dict[str, Any] = {"image": a.image, "reservation": True, "timeout": a.duration}
+    if a.duration is None:
+        raise UsageError("give --for (or --extend JOB DURATION)")
+    body: dict[str, Any] = {"reservation": True, "timeout": a.duration}
+    if a.image is not None:  # else the switchboard's jobs.reservation_image
+        body["image"] = a.image
     if a.tags:
         body["tags"] = list(a.tags)
     if a.params:
@@ -285,7 +287,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                     help="hold a matching host for interactive work (queued like a job) and "
                     "print how to get in; released by tml job cancel or at its end")
     p.add_argument("--image", metavar="IMAGE",
-                   help="the image to boot (a catalogue name or sha256:… digest)")
+                   help="the image to boot (a catalogue name or sha256:… digest); default: "
+                   "the switchboard's reservation image, if it has one")
     p.add_argument("--for", dest="duration", type=duration, metavar="DURATION",
                    help="how long to hold the host once it is assigned (90, 15m, 2h, 1d)")
     p.add_argument("--tag", dest="tags", action="append", default=[], metavar="TAG",

@@ -20,7 +20,8 @@ read methods return alongside the rows (see :mod:`treadmill.switchboard.access`)
 - ``health`` (host health in a job's terminating transaction), ``healthchecks``
   (health checks as set, health histories, checks due by the clock, queued jobs'
   messages);
-- ``scheduler`` (the scheduling transaction), ``snapshots``, ``audit`` (the audit log).
+- ``holds`` (failed jobs' held hosts), ``scheduler`` (the scheduling transaction),
+  ``snapshots``, ``audit`` (the audit log).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from treadmill.switchboard.database import Pool
 from treadmill.switchboard.store.audit import AuditQueries
 from treadmill.switchboard.store.grants import GrantQueries
 from treadmill.switchboard.store.healthchecks import HealthQueries
+from treadmill.switchboard.store.holds import HoldQueries
 from treadmill.switchboard.store.hosts import HostQueries
 from treadmill.switchboard.store.images import ImageQueries
 from treadmill.switchboard.store.imagestores import ImageStoreQueries
@@ -43,8 +45,8 @@ from treadmill.switchboard.store.users import UserQueries
 
 
 class Store(UserQueries, TokenQueries, KeyQueries, HostQueries, ImageQueries,
-            ImageStoreQueries, GrantQueries, JobQueries, LinkQueries, SchedulerQueries,
-            InstanceQueries, SnapshotQueries, AuditQueries, HealthQueries):
+            ImageStoreQueries, GrantQueries, JobQueries, LinkQueries, HoldQueries,
+            SchedulerQueries, InstanceQueries, SnapshotQueries, AuditQueries, HealthQueries):
     """All reads and writes of switchboard state.
 
     ``max_host_failures`` consecutive failures blamed on a host run its health check

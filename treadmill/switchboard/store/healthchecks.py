@@ -156,8 +156,9 @@ class HealthQueries(Queries):
                 f"AND {LIVE_INSTANCE} AND c.every_hours IS NOT NULL "
                 "AND coalesce(h.last_check_at, c.set_at) "
                 "    <= now() - make_interval(secs => c.every_hours * 3600) "
-                "AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.host_id = h.id AND a.state IN "
-                "('assigned', 'initializing', 'ready', 'terminating')) "
+                "AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.host_id = h.id AND (a.state IN "
+                "('assigned', 'initializing', 'ready', 'terminating') "
+                "OR a.held_until IS NOT NULL)) "
                 "ORDER BY h.id FOR UPDATE OF h SKIP LOCKED",
                 {"fresh": fresh_within, "dead": dead_after})
             started = []

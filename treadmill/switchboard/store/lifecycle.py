@@ -109,11 +109,12 @@ async def _after_termination(cur: Cursor, job_id: str, reason: Reason,
         successor = await cur.fetchone(
             "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, tags, "
             "parameters, timeout, queue_timeout, max_restarts, restarts_left, restart_of, "
-            "queue_deadline, event_seq, log_servers, results, image_kind, reservation) "
-            "SELECT owner_id, label, image_name, image_digest, image_stores, tags, parameters, "
+            "queue_deadline, event_seq, log_servers, results, image_kind, reservation, "
+            "hold_on_failure) SELECT owner_id, label, image_name, image_digest, image_stores, "
+            "tags, parameters, "
             "timeout, queue_timeout, max_restarts, restarts_left - 1, id, "
             "now() + make_interval(secs => queue_timeout), 1, log_servers, results, image_kind, "
-            "reservation "
+            "reservation, hold_on_failure "
             "FROM jobs "
             "WHERE id = %s "
             "RETURNING id", (job_id,))
@@ -132,8 +133,9 @@ async def start_health_check(cur: Cursor, host_id: int, why: str) -> str | None:
     transaction). Returns its id, or None if no check applies."""
     check = await health.applicable_check(cur, host_id)
     busy = await cur.fetchone(
-        "SELECT 1 FROM jobs WHERE host_id = %s AND state IN "
-        "('assigned', 'initializing', 'ready', 'terminating')", (host_id,))
+        "SELECT 1 FROM jobs WHERE host_id = %s AND (state IN "
+        "('assigned', 'initializing', 'ready', 'terminating') OR held_until IS NOT NULL)",
+        (host_id,))  # held: a failed job keeps the host (0019)
     if check is None or busy is not None:
         return None  # (one job per host: the check waits for the next end or pass)
     job_id = await health.insert_check_job(cur, host_id, check, why)

@@ -19,7 +19,7 @@ SCHEDULER_LOCK = 0x74726561646D7363  # "treadmsc"
 
 # The free hosts (a CTE named free): enabled, healthy, connected through a live
 # instance on a link that reported its kinds, seen within %(fresh)s s, idle (the
-# busy hosts are read once, a hashed list, not looked up host by host; an active
+# busy (or held) hosts are read once, a hashed list, not looked up host by host; an active
 # job whose host was deleted busies none).
 _FREE = (
     "free AS (SELECT h.id, h.name, h.owner_id, h.tags, h.kinds "
@@ -28,8 +28,9 @@ _FREE = (
     "AND h.kinds_session = h.session "
     "AND h.last_seen_at > now() - make_interval(secs => %(fresh)s) "
     f"AND {LIVE_INSTANCE} "
-    "AND h.id NOT IN (SELECT a.host_id FROM jobs a WHERE a.state IN "  # Hashed: one scan.
-    "('assigned', 'initializing', 'ready', 'terminating') AND a.host_id IS NOT NULL))")
+    "AND h.id NOT IN (SELECT a.host_id FROM jobs a WHERE (a.state IN "  # Hashed: one scan.
+    "('assigned', 'initializing', 'ready', 'terminating') OR a.held_until IS NOT NULL) "
+    "AND a.host_id IS NOT NULL))")  # held_until: a failed job's held host (0019)
 
 # Whether free host h may run the jobs of {job} (owner_id, admin, tags,
 # image_kind), as :func:`treadmill.switchboard.scheduling.may_run` decides.
