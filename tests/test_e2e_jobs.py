@@ -105,7 +105,9 @@ async def test_host_start_failure_and_image_error(testbed: Any) -> None:
         "parameters": mock(fail_at="fetching_image")})).body["id"]
     assert (await final(admin, bad_image))["termination"]["reason"] == "image_error"
     host = (await admin.get("/api/v1/hosts/mock-1")).body
-    assert host["consecutive_failures"] == 1  # image errors are not the host's fault
+    # Neither is the host's fault: the image has never become ready anywhere (so its
+    # start failure is the job's), and image errors are the image's.
+    assert host["consecutive_failures"] == 0 and host["healthy"] is True
 
 
 # -- real processes, killed ---------------------------------------------------------------

@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 
 from tests.support import (
@@ -33,8 +34,11 @@ def _time(text: str) -> float:
 
 
 @pytest_twisted.async_yield_fixture
-async def testbed(migrated_database: str, tmp_path: Path):
-    limits = Limits(max_timeout=MAX_TIMEOUT, default_timeout=30)
+async def testbed(migrated_database: str, tmp_path: Path, request: Any):
+    # Parametrized indirectly with an image: the switchboard boots it for
+    # reservations that name none (jobs.reservation_image).
+    image = getattr(request, "param", "")
+    limits = Limits(max_timeout=MAX_TIMEOUT, default_timeout=30, reservation_image=image)
     async with one_mock_host(migrated_database, tmp_path, limits=limits) as sb:
         yield sb
 
@@ -143,11 +147,28 @@ async def test_reservation_parameter_is_reserved_and_ordinary_jobs_unchanged(
     r = await alice.post("/api/v1/jobs", {"image": DIGEST, "reservation": "yes"})
     assert r.status == 400, r.body
     code, out = await run_tml(testbed.url, alice.token, "host", "reserve", "--for", "5")
-    assert code != 0 and "--image" in out, out
+    assert code != 0 and "image: required" in out and "reservation_image" in out, out
     # An ordinary job is no reservation: its workload's exit ends it.
     job = (await alice.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})).body
     assert job["reservation"] is False
     assert (await final(alice, job["id"]))["termination"]["reason"] == "workload_exited"
+
+
+@pytest.mark.parametrize("testbed", [DIGEST], indirect=True)
+@pytest_twisted.ensureDeferred
+async def test_a_reservation_without_an_image_boots_the_switchboards(testbed: Any) -> None:
+    alice = await testbed.user("alice")
+    code, out = await run_tml(testbed.url, alice.token, "host", "reserve", "--tag", "mock",
+                          "--for", "20")
+    assert code == 0 and "ready on mock-1" in out and "tml job cancel" in out, out
+    job = (await alice.get("/api/v1/jobs?state=ready")).body["jobs"][0]
+    assert job["reservation"] is True and job["image"]["digest"] == DIGEST
+    # An ordinary job still names its image.
+    r = await alice.post("/api/v1/jobs", {"tags": ["mock"]})
+    assert r.status == 400 and r.body["error"]["message"] == "image: required", r.body
+    code, out = await run_tml(testbed.url, alice.token, "job", "cancel", job["id"])
+    assert code == 0, out
+    assert (await final(alice, job["id"]))["termination"]["reason"] == "user_terminated"
 
 
 @pytest_twisted.ensureDeferred

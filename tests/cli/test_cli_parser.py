@@ -57,6 +57,13 @@ def test_job_submit():
     assert a.follow
 
 
+def test_hold_on_failure_takes_a_duration_on_submit_and_run():
+    for command in ("submit", "run"):
+        assert parse("job", command, "img", "--hold-on-failure", "2h").hold_on_failure == 7200
+        assert parse("job", command, "img", "--hold-on-failure", "90").hold_on_failure == 90
+        assert parse("job", command, "img").hold_on_failure is None
+
+
 def test_job_ls_options():
     a = parse("job", "ls", "--state", "ready", "--owner", "u", "--limit", "5", "--all")
     assert (a.state, a.owner, a.limit, a.all) == ("ready", "u", 5, True)

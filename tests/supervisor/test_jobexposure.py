@@ -121,3 +121,31 @@ async def test_endpoints_to_an_older_switchboard_carry_no_auth(peered: Any, prox
     conn.send(protocol.ack(message["request_id"]))
     assert (await conn.stop(JOB_A))["ok"]
     await conn.events_until("terminated")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_held_job_stays_reachable_until_its_hold_ends(setup: Any, proxy: Running,
+                                                            keys: Keys) -> None:
+    """hold_on_failure (docs/jobs.md): the failed job's tunnels outlive its end until the
+    stop_job that releases the host, then close."""
+    peer, service = setup(minor=protocol.HOLD_MINOR)
+    conn = await peer.connection()
+    start = proxied_job(proxy, keys, run_time=0.5, exit_status=3)
+    start["hold_on_failure"] = 60
+    assert (await conn.start(start))["ok"]
+    message = await conn.wait_for(lambda m: m["type"] == "job_endpoints", timeout=10)
+    conn.send(protocol.ack(message["request_id"]))
+    [endpoint] = message["endpoints"]
+    final = (await conn.events_until("terminated"))[-1]
+    assert final["held"] is True and final["exit_status"] == 3
+    await sleep(0.3)
+    assert await console_echo(endpoint["url"], manage(keys)) == b"hello"  # still there
+    assert service.runner.held == JOB_A and JOB_A in service.exposure.managers
+    assert (await conn.stop(JOB_A, "user_terminated"))["ok"]  # acked once torn down
+    assert service.runner.held is None and service.exposure.managers == {}
+    for _ in range(100):
+        if await refused(endpoint["url"], keys):
+            break
+        await sleep(0.05)
+    else:
+        raise AssertionError("the tunnel outlived the hold")

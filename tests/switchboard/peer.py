@@ -31,6 +31,7 @@ class Script:
     snapshot_error: tuple[str, str] | None = None  # ack error for snapshot_job.
     answer_status: bool = True  # False: status requests go unanswered.
     kinds: list[str] | None = None  # status.kinds (minor 5); None: not sent.
+    held: str | None = None  # status.held (minor 6): the ended job whose host it keeps.
 
 
 class PeerProtocol(WebSocketClientProtocol):
@@ -117,7 +118,7 @@ class Peer:
                 self._held_status.append(message["request_id"])
             else:
                 self.send(protocol.status(message["request_id"], self.script.job,
-                                          self.script.kinds))
+                                          self.script.kinds, self.script.held))
         elif kind == "start_job":
             error = self.script.start_error
             if error is None and self.script.run_started:
@@ -131,6 +132,8 @@ class Peer:
         elif kind == "stop_job":
             if self.script.job and self.script.job["id"] == message["job_id"]:
                 self.script.job = None
+            if self.script.held == message["job_id"]:
+                self.script.held = None  # the hold is over
             self.send(protocol.ack(message["request_id"]))
         elif kind == "snapshot_job":
             self.send(protocol.ack(message["request_id"], self.script.snapshot_error))
@@ -183,7 +186,8 @@ class Peer:
             if not self._delivering and self.connection is not None:
                 held, self._held_status = self._held_status, []
                 for request_id in held:
-                    self.send(protocol.status(request_id, self.script.job, self.script.kinds))
+                    self.send(protocol.status(request_id, self.script.job, self.script.kinds,
+                                              self.script.held))
 
     async def closed(self) -> int | None:
         assert self._closed_d is not None

@@ -47,6 +47,8 @@ class World:
     grantee: str = "grantee"
     use: str = "use"
     key_of_owner: str = ""
+    hosts: str = "hosts"  # the kinds of /api/v1/health-checks/{kind}/{name}
+    tags: str = "tags"
 
 
 async def build_world(sb: RunningSwitchboard, clients: dict[str, Client]) -> World:
@@ -140,6 +142,13 @@ ROWS = [
     Row("POST", "/api/v1/hosts/{host}/grants", (401, 404, 201, 403, 201),
         lambda w: {"user": "other", "privilege": "start"}),
     Row("DELETE", "/api/v1/hosts/{host}/grants/grantee/read", (401, 404, 204, 403, 204)),
+    Row("GET", "/api/v1/hosts/{host}/health", (401, 404, 200, 200, 200)),
+    Row("GET", "/api/v1/health-checks", (401, 403, 403, 403, 200)),
+    Row("PUT", "/api/v1/health-checks/{hosts}/{host}", (401, 403, 403, 403, 200),
+        lambda w: {"image": DIGEST, "expect_exit": 0}),
+    Row("PUT", "/api/v1/health-checks/{tags}/{fresh}", (401, 403, 403, 403, 200),
+        lambda w: {"image": DIGEST, "every_jobs": 5}),
+    Row("DELETE", "/api/v1/health-checks/{hosts}/{host}", (401, 403, 403, 403, 404)),
     Row("GET", "/api/v1/images", (401, 200, 200, 200, 200)),
     # Top-level names are the admins'; a namespace is its user's (security issue 12).
     Row("POST", "/api/v1/images", (401, 403, 403, 403, 201),

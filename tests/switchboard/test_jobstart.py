@@ -72,3 +72,22 @@ def test_no_signer_no_services_and_a_reservation_parameter():
     assert set(start) == {"id", "timeout", "tags", "label", "image", "parameters"}
     assert start["parameters"][protocol.RESERVATION_PARAMETER] == {"value": "true",
                                                                    "secret": False}
+
+
+@pytest.mark.parametrize("minor", [5, 6])
+def test_hold_on_failure_goes_to_minor_6_and_its_tokens_outlive_the_hold(minor):
+    signer = Signer()
+    start = job_start({**ROW, "hold_on_failure": 1800.0}, minor=minor, host_name="rack-1",
+                      signer=signer, log_service="logs", proxies=["https://proxy"],
+                      proxy_service="proxy")
+    protocol.validate(protocol.start_job(1, start))
+    held = minor >= protocol.HOLD_MINOR
+    assert start.get("hold_on_failure") == (1800.0 if held else None)
+    ttl = 600.0 + 3600.0 + (1800.0 if held else 0.0)
+    assert {s[3] for s in signer.signed} == {ttl}
+    # Without a hold, nothing is sent; tokens never outlive captoken.MAX_TTL.
+    assert "hold_on_failure" not in build(minor)
+    long = job_start({**ROW, "timeout": 7 * 86400.0, "hold_on_failure": 86400.0}, minor=6,
+                     host_name="rack-1", signer=signer, log_service="logs", proxies=[],
+                     proxy_service="proxy")
+    assert long["hold_on_failure"] == 86400.0 and signer.signed[-1][3] == 8 * 86400.0

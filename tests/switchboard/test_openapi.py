@@ -219,6 +219,20 @@ ROWS: dict[str, tuple[Any, dict[str, Any]]] = {
     "Event": (views.event, {"seq": 3, "job": JOB_ID, "at": NOW, "state": "initializing",
                             "stage": "booting", "reason": None, "exit_status": None,
                             "message": None}),
+    "HealthCheck": (views.health_check, {
+        "scope": "tag", "target": "qemu", "image": "org/check",
+        "image_digest": "sha256:" + "0" * 64, "parameters": {"B": {"value": "s", "secret": True}},
+        "expect_exit": 0, "timeout": 600.0, "every_jobs": 10, "every_hours": None,
+        "after_failures": 2,
+        "set_by": "admin", "set_at": NOW}),
+    "HostHealth": (lambda found: views.host_health("h1", found), {
+        "healthy": False, "enabled": True, "consecutive_failures": 3, "jobs_since_check": 0,
+        "last_check_at": NOW, "check": None,
+        "events": [{"at": NOW, "event": "check_failed", "job": JOB_ID,
+                    "reason": "workload_exited", "healthy": False, "actor": "switchboard",
+                    "message": "failed: workload_exited, exit status 1"},
+                   {"at": NOW, "event": "enabled", "job": None, "reason": None,
+                    "healthy": True, "actor": "admin", "message": ""}]}),
     "Snapshot": (views.snapshot, {
         "id": JOB_ID, "job_id": JOB_ID, "name": "alice/snap", "repository": "alice/snap",
         "store": "https://store.example", "owner": "alice", "description": "",

@@ -467,7 +467,7 @@ NO_DATABASE = {("get", "/.well-known/treadmill/capability-keys"),
 PATH_VALUES = {"name": "h1", "job_id": "6f1d2c3b-0000-4000-8000-000000000001",
                "token_id": "6f1d2c3b-0000-4000-8000-000000000002",
                "snapshot_id": "6f1d2c3b-0000-4000-8000-000000000003",
-               "user": "someone", "privilege": "read", "namespace": "team",
+               "user": "someone", "privilege": "read", "namespace": "team", "kind": "hosts",
                "service": "treadmill-imagestore", "key_id": "6f1d2c3b-0000-4000-8000-000000000004"}
 QUERIES = {"/api/v1/registry/token": "?service=treadmill-imagestore&scope=repository:a:pull"}
 BODIES = {"/api/v1/login": {"user": "admin", "password": "whatever"},

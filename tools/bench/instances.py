@@ -17,10 +17,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from typing import Any
 
-from benchkit.api import APIError, Client, epoch
+from benchkit.api import APIError, Client, epoch, metric
 from benchkit.cli import BenchError, output_options, run, sayer
 from benchkit.daemons import Postgres, bootstrap, remove_temp, start_daemon, temp_dir, twistd
 from benchkit.host import first_line, host_info, revision
@@ -106,15 +105,8 @@ class Bench:
             capture_output=True, text=True, timeout=30, check=True)
         return int(out.stdout)
 
-    def scrape(self, name: str, metric: str) -> float:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics[name]}/metrics",
-                                        timeout=2) as r:
-                text = r.read().decode()
-        except OSError:
-            return 0.0
-        found = re.search(rf"^{metric} ([0-9.e+]+)$", text, flags=re.M)
-        return float(found.group(1)) if found else 0.0
+    def scrape(self, name: str, sample: str) -> float:
+        return metric(self.metrics[name], sample)
 
     def passes(self) -> float:
         return sum(self.scrape(n, "treadmill_scheduler_passes_total")

@@ -35,6 +35,7 @@ from benchkit.api import (
     job_body,
     job_events,
     list_jobs,
+    metric,
 )
 from benchkit.cli import BenchError, bench_parser, missing, options, output_options, run, sayer
 from benchkit.daemons import Postgres, bootstrap, remove_temp, start_daemon, temp_dir, twistd
@@ -134,6 +135,7 @@ class Bench:
             else sys.executable
         self.db: Postgres | None = None
         self.port = free_port()
+        self.metrics_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.switchboard: subprocess.Popen[bytes] | None = None
         self.switchboard_starts = 0
@@ -151,6 +153,11 @@ class Bench:
 
     # -- processes ----------------------------------------------------------------------
 
+    def passes(self) -> float:
+        """Scheduling passes the switchboard ran so far, with or without the lock."""
+        return (metric(self.metrics_port, "treadmill_scheduler_passes_total")
+                + metric(self.metrics_port, "treadmill_scheduler_lock_busy_total"))
+
     def postmaster_pid(self) -> int | None:
         return self.db.postmaster_pid() if self.db is not None else None
 
@@ -165,6 +172,7 @@ class Bench:
         return twistd("treadmill-switchboard", "--database-dsn", self.db.dsn,
                       "--capabilities-signing-key", str(self.tmp / "key.pem"),
                       "--listen", self.listen_endpoint(), "--http-access-log", "false",
+                      "--metrics-listen", f"tcp:{self.metrics_port}:interface=127.0.0.1",
                       *self.args.switchboard_arg)
 
     def start_switchboard(self) -> tuple[float, float]:
@@ -359,6 +367,7 @@ class Bench:
         say(f"steady: {a.rate:g} jobs/s for {a.duration:g} s")
         body = json.dumps(job_body("steady", TAGS, IMAGE))
         self.profile("steady", a.duration)
+        passes = self.passes()
         span = Span(self)
         cmd = [self.python, str(BENCH / "openloop.py"), "--url", f"{self.url}/api/v1/jobs",
                "--rate", f"{a.rate:g}", "--duration", f"{a.duration:g}", "--connections", "4",
@@ -372,6 +381,7 @@ class Bench:
         usage = span.end()
         self.pg_memory.append({"after": "steady", **procfs.tree_memory_mb(self.postmaster_pid())})
         idle = self.wait_idle(60 + a.run_time * 3)
+        passes = self.passes() - passes
         jobs = [j for j in list_jobs(self.client, since=span.t0 - 1) if j["label"] == "steady"]
         result = {"enqueue": {k: enqueue[k] for k in (
             "rate_target", "rate_achieved", "scheduled", "ok", "statuses", "errors",
@@ -379,6 +389,7 @@ class Bench:
             "idle_after_s": round(idle - span.t0, 2) if idle else None,
             **self.dispatch(jobs), "usage": usage}
         result["distinct_hosts"] = len({j["host"] for j in jobs if j["host"]})
+        result["scheduling_passes"] = passes
         self.results["steady"] = result
         d = result["dispatch_ms"]["created_to_starting"]
         say(f"  {len(jobs)} jobs, enqueue -> starting p50 {d['p50']} ms, p99 {d['p99']} ms, "
@@ -751,6 +762,10 @@ def table(r: dict[str, Any]) -> str:
             f"{_f(e['latency_ms']['p99'])} ms; outcomes {s['outcomes']}; "
             f"{s['distinct_hosts']} hosts used",
         ]
+        if s.get("scheduling_passes") is not None:
+            lines[-1] += (f"; {_f(s['scheduling_passes'])} scheduling passes "
+                          f"({_f(s['scheduling_passes'] / max(s['jobs'], 1))} per job, timer "
+                          "passes included)")
         lines += [_latency_row(name, d[key]) for key, name in (
             ("created_to_assigned", "enqueue -> assigned"),
             ("created_to_starting", "enqueue -> start-job"),

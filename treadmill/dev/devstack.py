@@ -411,6 +411,7 @@ class Devstack:
             "# Written by tools/devstack; edits are overwritten.\n"
             f'listen = ["tcp:{self.port + 2}:interface=127.0.0.1"]\n'
             f"root = {json.dumps(str(self.state / 'logs-data'))}\n"
+            f"[http]\ncors_origins = [{json.dumps(self.url)}]\n"  # the web console's page
             "[auth]\n"
             f"keys_url = {json.dumps(keys_url)}\n"
             f"keys_file = {json.dumps(str(self.state / 'logserver-keys.json'))}\n")
@@ -506,6 +507,7 @@ class Devstack:
 Treadmill devstack is up.
 
   Switchboard API   {self.url}   (daemon logs in {self.logs})
+  Web console       {self.url}/   (log in as a user with a password: docs/console.md)
   Image store       {self.store_url}
   Log server        {self.logs_url}
   Proxy             {self.proxy_url} (public ports {self.port + 10}-{self.port + 29})

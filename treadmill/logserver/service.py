@@ -21,6 +21,7 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from treadmill.common.cors import with_cors
 from treadmill.common.daemon import RoleService, listeners
 from treadmill.common.http import limited_site, log_requests
 from treadmill.common.keys import KeySource, attach_keys
@@ -49,6 +50,11 @@ class LogServerConfig:
     retention_interval: float = 300.0
     access_log: bool = True
     ping_interval: float = 30.0
+    cors_origins: tuple[str, ...] = ()  # web consoles that may read logs (docs/console.md)
+
+
+LOG_HEADERS = "X-Stream-Length, X-Stream-Closed, Content-Range, Content-Length"
+"""Response headers a web console may read (``http.cors_origins``)."""
 
 
 class LogServerService(RoleService):
@@ -69,7 +75,8 @@ class LogServerService(RoleService):
         self.api = LogServerAPI(self.store, self.verifier, max_append=config.max_append,
                                 follow_factory=FollowFactory(ping_interval=config.ping_interval,
                                                              ping_timeout=config.ping_interval))
-        self.site = limited_site(self.api.resource(), config.max_append)
+        self.site = limited_site(with_cors(self.api.resource(), config.cors_origins,
+                                           expose=LOG_HEADERS), config.max_append)
         self.metrics = LogServerMetrics(self)
         log_requests(self.site, config.access_log, self.metrics.observe)
         self._ports: list[Any] = []

@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.application.service import IService
 
-from treadmill.common import keys
+from treadmill.common import cors, keys
 from treadmill.common.config import (
     FIELD,
     FLOAT,
@@ -55,6 +55,10 @@ class Options(RoleOptions):
                 "bytes; 0: no limit.", field="retention_max_bytes", convert=_zero_is_none),
         Setting("retention.interval", positive(FLOAT), FIELD,
                 "Seconds between retention passes.", field="retention_interval"),
+        Setting("http.cors_origins", cors.origins, [],
+                "Origins of web consoles (the switchboard's URL, https://host[:port]) "
+                "whose pages may read logs with a capability token (CORS).",
+                field="cors_origins", convert=tuple),
         Setting("follow.ping_interval", positive(FLOAT), FIELD,
                 "Seconds between WebSocket pings to followers (and the pong timeout).",
                 field="ping_interval"),

@@ -29,11 +29,12 @@ from treadmill.common.messages import check, decode
 from treadmill.common.messages import encode as encode  # re-exported: the protocol's encoder
 
 MAJOR = 1
-MINOR = 5
+MINOR = 6
 """1: ``JobStart.log_servers``; 2: ``JobStart.proxies`` and ``job_endpoints``;
 3: ``snapshot_job`` and ``snapshot_result``; 4: the ack error ``unavailable``;
 5: ``JobStart.results``, ``JobStart.ssh_keys``, ``job_endpoints.ssh_host_keys`` and the
-endpoints' ``auth``."""
+endpoints' ``auth``; 6: ``JobStart.hold_on_failure``, ``job_event.held`` and
+``status.held``."""
 SSH_KEYS_MINOR = 5
 """The minor that brings ``JobStart.ssh_keys`` and ``job_endpoints.ssh_host_keys``."""
 ENDPOINT_AUTH_MINOR = 5
@@ -61,6 +62,9 @@ the switchboard closes the link with ``INTERNAL_ERROR`` instead, and the supervi
 resends its unacknowledged reports after it reconnects."""
 KINDS_MINOR = 5
 """The first minor version with ``status.kinds``: the image kinds the host's driver runs."""
+HOLD_MINOR = 6
+"""The first minor version with ``JobStart.hold_on_failure`` and the ``held`` of
+``job_event`` and ``status`` (``docs/jobs.md``, Holding a failed job's host)."""
 RETRYABLE_ACK_ERRORS = (UNAVAILABLE,)
 """Ack error codes meaning "not stored, send the same report again later"."""
 
@@ -113,6 +117,7 @@ class JobStart(_JobStartFields, total=False):
     proxies: list[ServiceURL]  # minor 2
     results: dict[str, str]  # minor 5 (docs/results.md)
     ssh_keys: list[str]  # minor 5
+    hold_on_failure: float  # minor 6
 
 
 class _JobEventFields(TypedDict):
@@ -129,6 +134,7 @@ class JobEvent(_JobEventFields, total=False):
     reason: str
     exit_status: int
     message: str
+    held: bool  # minor 6
 
 
 class CloseCode(IntEnum):
@@ -197,18 +203,21 @@ def status_request(request_id: int) -> dict[str, Any]:
 
 
 def status(request_id: int, job: dict[str, Any] | None,
-           kinds: list[str] | None = None) -> dict[str, Any]:
+           kinds: list[str] | None = None, held: str | None = None) -> dict[str, Any]:
     """What the supervisor runs: ``None`` when idle, else ``{id, state, stage}``;
-    ``kinds`` (minor 5, optional): the image kinds its driver runs (absent: any)."""
-    message = {"type": "status", "request_id": request_id, "job": job}
+    ``kinds`` (minor 5, optional): the image kinds its driver runs (absent: any);
+    ``held`` (minor 6, optional): the ended job whose host it still keeps."""
+    message: dict[str, Any] = {"type": "status", "request_id": request_id, "job": job}
     if kinds is not None:
         message["kinds"] = sorted(kinds)
+    if held is not None:
+        message["held"] = held
     return message
 
 
 def job_event(request_id: int, job_id: str, state: str, *, stage: str | None = None,
               reason: str | None = None, exit_status: int | None = None,
-              message: str | None = None) -> JobEvent:
+              message: str | None = None, held: bool = False) -> JobEvent:
     event: JobEvent = {"type": "job_event", "request_id": request_id, "job_id": job_id,
                        "state": state}
     if stage is not None:
@@ -219,6 +228,8 @@ def job_event(request_id: int, job_id: str, state: str, *, stage: str | None = N
         event["exit_status"] = exit_status
     if message is not None:
         event["message"] = message
+    if held:
+        event["held"] = True
     return event
 
 

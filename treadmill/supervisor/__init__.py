@@ -5,6 +5,7 @@
     service.py      SupervisorService: the root service; its tree is drawn there
     link.py         the WebSocket link to the switchboard (docs/protocol.md)
     runner.py       JobRunner: the protocol's job semantics, at most one job
+    hold.py         which failed jobs' hosts are held for debugging, and a Hold
     outbox.py       EventOutbox: job events, journaled, sent until acknowledged
     snapshots.py    SnapshotRequests: snapshot_job, results sent until acknowledged
     observers.py    IJobObserver: what the runner tells about its jobs

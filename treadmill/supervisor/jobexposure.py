@@ -6,7 +6,8 @@ the job's services (``IJobReporter.services``), :class:`JobExposure` makes an
 :class:`~treadmill.supervisor.exposure.ExposureManager` for the job (or gives
 the one it has the new set), and hands every change of the public endpoints
 to the runner, which reports them to the switchboard (``job_endpoints``).
-The job's end closes its tunnels at once; a supervisor shutting down leaves
+The job's end closes its tunnels at once (a held job's, when its hold ends:
+``ssh`` and consoles work while it is held); a supervisor shutting down leaves
 them to the proxies' grace period, and a restarted supervisor that re-adopts
 the job publishes again on the same tunnels.
 """
@@ -81,9 +82,12 @@ class JobExposure(JobObserver, Service):
             manager.set_services(services)
 
     def event(self, event: dict[str, Any]) -> None:
-        """A job event: the job's end closes its tunnels."""
-        if event.get("state") == "terminated":
+        """A job event: the job's end closes its tunnels, unless its host is held."""
+        if event.get("state") == "terminated" and not event.get("held"):
             self._close(event["job_id"], final=True)
+
+    def hold_ended(self, job_id: str) -> None:
+        self._close(job_id, final=True)
 
     def _close(self, job_id: str, final: bool) -> Deferred[Any] | None:
         self.proxies.pop(job_id, None)

@@ -34,7 +34,11 @@ class IJobObserver(Interface):
 
     def event(event: dict[str, Any]) -> None:
         """A job event (without ``request_id``) was queued for the switchboard;
-        ``terminated`` is the job's last."""
+        ``terminated`` is the job's last (with ``held``, its host is kept until
+        :meth:`hold_ended`)."""
+
+    def hold_ended(job_id: str) -> None:
+        """The hold of ended job ``job_id``'s host is over; the host was torn down."""
 
 
 @implementer(IJobObserver)
@@ -54,4 +58,7 @@ class JobObserver:
         pass
 
     def event(self, event: dict[str, Any]) -> None:
+        pass
+
+    def hold_ended(self, job_id: str) -> None:
         pass

@@ -13,7 +13,14 @@ switchboard's commands (``docs/protocol.md``):
   remembered as ended, resends its final event;
 - ``status_request``: answered with ``status`` only once every journaled
   event has been sent *and acknowledged*, so the switchboard reconciles
-  against a database that already holds them.
+  against a database that already holds them; since minor 6 it names the
+  ended job whose host is held (``held``).
+
+A job with ``hold_on_failure`` (minor 6) that fails (its workload exits with a
+non-zero status, or a ``stop_job`` ends it for ``execution_timeout``) on a driver
+that ``holds`` is reported ended at once (``held: true``), and its host is kept
+as it is (``hold.py``) until the hold expires or a ``stop_job`` names the ended
+job; then the driver tears down, and that ``stop_job`` is acknowledged once it has.
 
 Job events flow from the driver (:class:`IJobReporter`) through the journaled
 outbox (``outbox.py``: journaled, then sent one at a time until acknowledged)
@@ -47,6 +54,7 @@ from treadmill.supervisor.drivers import (
     IJobReporter,
     StartRefused,
 )
+from treadmill.supervisor.hold import RELEASE_WAIT, Hold, hold_for
 from treadmill.supervisor.journal import ENDED_KEEP, StateFiles
 from treadmill.supervisor.observers import IJobObserver
 from treadmill.supervisor.outbox import UNAVAILABLE, EventOutbox, Session
@@ -213,6 +221,7 @@ class JobRunner(Service):
         self._run_io = run_io or _thread_io(reactor)
         self._io_lock = DeferredLock()
         self._current: _Current | None = None
+        self._held: Hold | None = None  # the ended job whose host is kept (hold.py)
         self._ended: list[dict[str, Any]] = []
         self.ack_timeout = ack_timeout
         self._backoff = backoffPolicy(ack_timeout, max(ack_timeout, resend_max), factor=2,
@@ -259,6 +268,11 @@ class JobRunner(Service):
             return None
         return {"id": cur.id, "state": cur.state,
                 "stage": cur.stage if cur.state == "initializing" else None}
+
+    @property
+    def held(self) -> str | None:
+        """The ended job whose host is held for debugging, if any."""
+        return self._held.job_id if self._held is not None else None
 
     @property
     def current_job(self) -> dict[str, Any] | None:
@@ -418,6 +432,8 @@ class JobRunner(Service):
         self._calls.clear()
         if self._current is not None:
             self._current.reporter.discard()
+        if self._held is not None:
+            self._held.cancel_timer()
         try:
             await maybeDeferred(self.driver.shutdown)
         except Exception:
@@ -488,6 +504,11 @@ class JobRunner(Service):
             self._reply(session, protocol.ack(rid, (
                 "already_running", f"job {cur.id} is running on this host")))
             return
+        held = self._held
+        if held is not None and held.job_id != job_id:
+            self._reply(session, protocol.ack(rid, (
+                "already_running", f"the host is held for debugging failed job {held.job_id}")))
+            return
         if self._stopping or self._closed:
             self.log.info("{name}: shutting down; not starting job {job}", name=self.label,
                           job=job_id)
@@ -539,6 +560,11 @@ class JobRunner(Service):
     async def _stop_job(self, session: Session, message: dict[str, Any]) -> None:
         rid = message["request_id"]
         job_id = message["job_id"]
+        held = self._held
+        if held is not None and held.job_id == job_id:
+            await self._release(held, message["reason"])  # acked once torn down
+            self._reply(session, protocol.ack(rid))
+            return
         cur = self._current
         if cur is not None and cur.id == job_id and cur.outcome is None:
             await cur.started()
@@ -550,6 +576,14 @@ class JobRunner(Service):
                 self._resend(final)
             return
         if cur.stop_reason is None:
+            hold = self._hold_for(cur, message["reason"], None)
+            if hold is not None and cur.state != "terminating" and not cur.outcome:
+                # Timed out: report the end now and keep the host as it is.
+                cur.stop_reason = message["reason"]
+                self._terminated(cur, cur.stop_reason, message="the job's time is up; its "
+                                 "host is held for debugging", hold=hold)
+                self._reply(session, protocol.ack(rid))
+                return
             cur.stop_reason = message["reason"]
             self.log.info("{name}: stopping job {job} ({reason})", name=self.label, job=job_id,
                           reason=cur.stop_reason)
@@ -569,11 +603,14 @@ class JobRunner(Service):
         # Every journaled event first: the switchboard must see them before the status.
         await self.outbox.drained()
         if session is self._session:
+            minor = getattr(session, "minor", protocol.MINOR)
             kinds = getattr(self.driver, "kinds", None)
-            if getattr(session, "minor", protocol.MINOR) < protocol.KINDS_MINOR:
+            if minor < protocol.KINDS_MINOR:
                 kinds = None  # An older switchboard refuses the field.
-            session.send(protocol.status(message["request_id"], self.status(),
-                                         list(kinds) if kinds is not None else None))
+            session.send(protocol.status(
+                message["request_id"], self.status(),
+                list(kinds) if kinds is not None else None,
+                held=self.held if minor >= protocol.HOLD_MINOR else None))
 
     # -- reports from the driver ---------------------------------------------------------
 
@@ -581,6 +618,13 @@ class JobRunner(Service):
         """A driver's report (``handler``, a ``_on_*`` method, with ``args``) about a job."""
         cur = self._current
         if self._closed or cur is None or cur.id != job_id:
+            held = self._held
+            if (not self._closed and held is not None and held.job_id == job_id
+                    and handler in (JobRunner._on_exited, JobRunner._on_failed,
+                                    JobRunner._on_stopped)
+                    and (held.releasing or getattr(self.driver, "current", None) != job_id)):
+                self._hold_over(held)  # the driver tore the held host down
+                return
             self.log.debug("{name}: ignoring {what} for job {job}, which is not current",
                            name=self.label, what=handler.__name__.removeprefix("_on_"),
                            job=job_id)
@@ -622,6 +666,15 @@ class JobRunner(Service):
                       "{status})", name=self.label, job=cur.id, status=exit_status)
         cur.results_exit = (exit_status, message)
         cur.stop_reason = "workload_exited"
+        hold = self._hold_for(cur, "workload_exited", exit_status)
+        if hold is not None:
+            def held() -> None:  # on a later turn, as the stop below; the host stays as it is
+                if self._current is cur:
+                    self._terminated(cur, "workload_exited", exit_status=exit_status,
+                                     message=message, hold=hold)
+
+            self._later(0, held)
+            return
         if cur.state != "terminating":
             self._begin_terminating(cur, cur.stop_reason)
 
@@ -680,7 +733,9 @@ class JobRunner(Service):
     def _on_exited(self, cur: _Current, exit_status: int, message: str = "") -> None:
         status = int(exit_status)
         status = max(-(2**31), min(status, 2**31 - 1))
-        self._terminated(cur, "workload_exited", exit_status=status, message=message)
+        # A driver that holds kept the host when a held job's workload failed (hold.py).
+        self._terminated(cur, "workload_exited", exit_status=status, message=message,
+                         hold=self._hold_for(cur, "workload_exited", status))
 
     def _on_failed(self, cur: _Current, reason: str, message: str = "") -> None:
         if reason not in REASONS:
@@ -703,7 +758,8 @@ class JobRunner(Service):
         self._emit(cur.id, "terminating", reason=reason, current=self._record(cur))
 
     def _terminated(self, cur: _Current, reason: str, *, exit_status: int | None = None,
-                    message: str | None = None) -> None:
+                    message: str | None = None, hold: float | None = None) -> None:
+        """The job ended: its final event; with ``hold`` (seconds) its host is then held."""
         if cur.results is not None:  # the summary goes before the final event closes the logs
             cur.results.finish(reason, exit_status, message or "")
         final: dict[str, Any] = {"job_id": cur.id, "state": "terminated", "reason": reason}
@@ -719,7 +775,64 @@ class JobRunner(Service):
         if self._endpoints is not None and self._endpoints[0] == cur.id:
             self._endpoints = None
         self._last_endpoints = self._ssh_host_keys = None
-        self._emit(**final, clear_current=True, ended=list(self._ended))
+        self._emit(**final, held=hold is not None, clear_current=True, ended=list(self._ended))
+        if hold is not None:
+            self._begin_hold(cur.id, hold)
+
+    # -- holding a failed job's host (hold.py) -----------------------------------------
+
+    def _hold_for(self, cur: _Current, reason: str, exit_status: int | None) -> float | None:
+        """Seconds to hold ``cur``'s host if it ends so, or None (see ``hold_for``); only
+        a driver that ``holds`` keeps a host."""
+        seconds = hold_for(cur.job, reason, exit_status)
+        if seconds is not None and not getattr(self.driver, "holds", False):
+            self.log.warn("{name}: the {driver} driver cannot hold a host; job {job} is torn "
+                          "down", name=self.label, driver=getattr(self.driver, "name", "?"),
+                          job=cur.id)
+            return None
+        return seconds
+
+    def _begin_hold(self, job_id: str, seconds: float) -> None:
+        held = Hold(job_id, self.reactor.seconds() + seconds)
+        held.timer = self.reactor.callLater(seconds, self._hold_expired, held)
+        self._held = held
+        self.log.info("{name}: job {job} failed; its host is held for {seconds:g} s",
+                      name=self.label, job=job_id, seconds=seconds)
+
+    def _hold_expired(self, held: Hold) -> None:
+        held.timer = None
+        Deferred.fromCoroutine(self._release(held, "execution_timeout")).addErrback(
+            lambda f: self.log.failure("{name}: ending the hold of job {job} failed", f,
+                                       name=self.label, job=held.job_id))
+
+    async def _release(self, held: Hold, reason: str) -> None:
+        """End the hold: the driver tears the host down; returns once it has (or after
+        ``RELEASE_WAIT`` seconds)."""
+        if not held.releasing:
+            held.releasing = True
+            held.cancel_timer()
+            self.log.info("{name}: ending the hold of job {job} ({reason})", name=self.label,
+                          job=held.job_id, reason=reason)
+            self._later(RELEASE_WAIT, self._hold_over, held)
+            try:
+                await maybeDeferred(self.driver.stop, held.job_id, reason)
+            except Exception:
+                self.log.failure("{name}: the driver failed to stop held job {job}",
+                                 name=self.label, job=held.job_id)
+                self._hold_over(held)
+            if getattr(self.driver, "current", held.job_id) != held.job_id:
+                self._hold_over(held)  # nothing left of it
+        await held.wait()
+
+    def _hold_over(self, held: Hold) -> None:
+        if held.ended:
+            return
+        if self._held is held:
+            self._held = None
+        held.over()
+        self.log.info("{name}: the hold of job {job} is over; the host is free",
+                      name=self.label, job=held.job_id)
+        self._tell(lambda observer: observer.hold_ended(held.job_id), "hold_ended")
 
     @staticmethod
     def _record(cur: _Current) -> dict[str, Any]:
@@ -740,7 +853,8 @@ class JobRunner(Service):
 
     def _emit(self, job_id: str, state: str, *, stage: str | None = None,
               reason: str | None = None, exit_status: int | None = None,
-              message: str | None = None, current: dict[str, Any] | None = None,
+              message: str | None = None, held: bool = False,
+              current: dict[str, Any] | None = None,
               clear_current: bool = False, ended: list[dict[str, Any]] | None = None) -> None:
         """Journal an event (and the state files that change with it), then send it."""
         event: dict[str, Any] = {"job_id": job_id, "state": state}
@@ -748,6 +862,8 @@ class JobRunner(Service):
                            ("message", message)):
             if value is not None:
                 event[key] = value
+        if held:
+            event["held"] = True
         self.log.info("{name}: job {job} {state}{detail}", name=self.label, job=job_id,
                       state=state, detail=f" ({stage or reason})" if stage or reason else "")
         self.outbox.add(event, current=current, clear_current=clear_current, ended=ended)

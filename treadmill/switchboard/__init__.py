@@ -10,9 +10,13 @@
   log's records);
 - ``store/`` (all SQL, one component per domain), ``database`` (pool, migrations,
   LISTEN), ``migrations/*.sql``, ``notifications`` (the NOTIFY payloads);
-- ``jobstate`` (the job state machine), ``scheduler`` and ``scheduling`` (assigning
-  jobs to hosts), ``timeouts`` (deadlines), ``events`` (live job events);
+- ``jobstate`` (the job state machine, whose fault a job's end is), ``scheduler`` and
+  ``scheduling`` (assigning jobs to hosts), ``timeouts`` (deadlines), ``events`` (live
+  job events), ``health`` (host health decisions) and ``healthwork`` (the leader's
+  health pass: checks due by the clock, queued jobs' messages);
 - ``links`` (the supervisors' WebSocket sessions), ``reconcile`` (what a link does
-  about a host's report), ``jobstart`` (the wire ``JobStart``), ``instances``
-  (liveness of switchboard instances, the leader).
+  about a host's report), ``jobstart`` (the wire ``JobStart``), ``holds`` (ending
+  a failed job's held host), ``instances`` (liveness of switchboard instances, the
+  leader);
+- ``web`` (the web console: its assets at ``/``, cookie sessions).
 """

@@ -31,6 +31,7 @@ ACTIONS = frozenset({
     "key.add", "key.remove",
     "grant.add", "grant.remove", "namespace.grant", "namespace.revoke",
     "host.create", "host.drain", "host.enable", "host.delete", "host.token", "host.tags",
+    "host.health", "host.health_check.set", "host.health_check.unset",
     "image.create", "image.update", "image.delete", "image.rollback",
     "store.add", "store.remove",
     "job.cancel", "job.snapshot", "job.console_token",

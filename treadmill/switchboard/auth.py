@@ -15,10 +15,19 @@ use is recorded in batches.
 rate-limited per client address and per user name, refused with ``429`` before
 any database or hashing work, and the memory-hard hashing itself runs at most
 a few at a time.
+
+The web console (``docs/console.md``) sends the same token in an HttpOnly
+cookie instead of the ``Authorization`` header; a state-changing request
+authenticated by that cookie must also carry :data:`CSRF_HEADER` with the
+value :func:`csrf_token` derives from the session token (a cross-site page can
+neither read it nor set the header). Requests with a bearer token are not
+affected.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,6 +52,36 @@ from treadmill.common.ratelimit import (
 from treadmill.switchboard import credentials
 from treadmill.switchboard.access import Principal
 from treadmill.switchboard.store import Store
+
+SESSION_COOKIE = "treadmill_session"
+"""The web console's cookie holding the session's API token (HttpOnly)."""
+CSRF_COOKIE = "treadmill_csrf"
+"""The cookie the console's script reads the CSRF token from (not HttpOnly)."""
+CSRF_HEADER = "X-CSRF-Token"
+"""The header a cookie-authenticated state-changing request carries."""
+SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+
+
+def csrf_token(session: str) -> str:
+    """The CSRF token bound to a session token: a digest only its holder can compute."""
+    return hashlib.sha256(b"treadmill-csrf\0" + session.encode("utf-8")).hexdigest()
+
+
+def session_token(request: IRequest) -> str | None:
+    """The console session's token from its cookie (None: no cookie).
+
+    A state-changing request must carry :data:`CSRF_HEADER` matching the session,
+    else ``403``."""
+    raw = request.getCookie(SESSION_COOKIE.encode())
+    if not raw:
+        return None
+    token = raw.decode("ascii", "replace")
+    if request.method not in SAFE_METHODS:
+        sent = (request.getHeader(CSRF_HEADER) or "").encode("ascii", "replace")
+        if not hmac.compare_digest(sent, csrf_token(token).encode()):
+            raise ApiError(403, f"CSRF check failed: a request authenticated by the console's "
+                                f"cookie must send {CSRF_HEADER}")
+    return token
 
 
 class Authenticator:
@@ -102,8 +141,11 @@ class Authenticator:
         read.addBoth(done)
 
     async def principal(self, request: IRequest) -> Principal:
-        """The authenticated user, or a ``401`` :class:`ApiError`."""
+        """The authenticated user (bearer token, else the console's cookie), or a ``401``
+        :class:`ApiError`."""
         token = bearer_token(request.getHeader("authorization"))
+        if token is None:
+            token = session_token(request)
         if token is None:
             raise ApiError(401, "authentication required: send Authorization: Bearer <token>")
         return await self.for_token(token)

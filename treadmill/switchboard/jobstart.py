@@ -26,8 +26,9 @@ def job_start(row: dict[str, Any], *, minor: int, host_name: str,
 
     Log servers come with one append token for every replica (minor 1), proxies
     with a publish token (minor 2); the console patterns and ``ssh_keys`` (the
-    job's authorized keys) go to minor 5 and later. Without a ``signer`` no
-    tokens, hence no log servers or proxies, are sent.
+    job's authorized keys) go to minor 5 and later, ``hold_on_failure`` to minor 6
+    and later (an older supervisor tears a failed job's host down as before). Without
+    a ``signer`` no tokens, hence no log servers or proxies, are sent.
     """
     job_id = str(row["id"])
     start: JobStart = {
@@ -38,7 +39,10 @@ def job_start(row: dict[str, Any], *, minor: int, host_name: str,
                        for name, p in row["parameters"].items()}}
     if row["reservation"]:  # The host's driver holds it (docs/jobs.md, Reservations).
         start["parameters"][RESERVATION_PARAMETER] = {"value": "true", "secret": False}
-    ttl = min(row["timeout"] + TOKEN_SLACK, MAX_TTL)
+    hold = row.get("hold_on_failure") if minor >= protocol.HOLD_MINOR else None
+    if hold:  # A held job's host publishes and ships logs until its hold ends.
+        start["hold_on_failure"] = hold
+    ttl = min(row["timeout"] + (hold or 0.0) + TOKEN_SLACK, MAX_TTL)
     if minor >= 1 and row["log_servers"] and signer is not None:
         # One write token for every replica: append to this job's streams only.
         token = signer.sign(f"host:{host_name}", log_service,

@@ -79,7 +79,54 @@ REASON_FROM: dict[Reason, frozenset[State]] = {
 HOST_SIDE_REASONS = frozenset({
     Reason.HOST_START_FAILURE, Reason.HOST_DROPPED_JOB, Reason.HOST_UNREACHABLE,
 })
-"""Reasons that count against a host's health."""
+"""Reasons the host reports or causes; see :func:`blame` for which of them count
+against its health."""
+
+
+class Blame(StrEnum):
+    """Whose fault a termination is, as host health sees it (``docs/operations.md``)."""
+
+    JOB = "job"
+    """The image, the workload or its user: never counts against the host."""
+    HOST = "host"
+    """Suspicious: counts against the host (``hosts.max_failures`` in a row ask for a
+    health check)."""
+    NONE = "none"
+    """Nobody's, or Treadmill's own: neither counts nor clears a count."""
+
+
+CLEARING_REASONS = frozenset({
+    Reason.WORKLOAD_EXITED, Reason.USER_TERMINATED, Reason.EXECUTION_TIMEOUT,
+})
+"""Job-side ends that show the host can run a job: they clear its count of failures."""
+
+
+def blame(reason: Reason, *, image_ran: bool = False, instance_died: bool = False,
+          before_image: bool = False, bad_request: bool = False) -> Blame:
+    """Whose fault a job's end is.
+
+    ``host_dropped_job`` and ``host_unreachable`` are the host's (unless the
+    switchboard instance holding its link died: ``instance_died``).
+    ``host_start_failure`` is the job's when the host refused the start as a
+    ``bad_request`` (its parameters); else the host's when it failed
+    ``before_image`` (a refused start, or in ``starting``, before the image was
+    fetched) or when the job's image is known to start (``image_ran``: some job
+    with the same digest became ready). An image that never reached its agent
+    anywhere is the job's fault, so a user's bad image cannot take a host out of
+    service. Internal errors are Treadmill's; everything else is the job's.
+    """
+    if reason is Reason.HOST_START_FAILURE:
+        if bad_request:
+            return Blame.JOB
+        return Blame.HOST if image_ran or before_image else Blame.JOB
+    if reason is Reason.HOST_UNREACHABLE:
+        return Blame.NONE if instance_died else Blame.HOST
+    if reason is Reason.HOST_DROPPED_JOB:
+        return Blame.HOST
+    if reason is Reason.INTERNAL_ERROR:
+        return Blame.NONE
+    return Blame.JOB
+
 
 RESTARTABLE_REASONS = frozenset({Reason.HOST_DROPPED_JOB, Reason.HOST_UNREACHABLE})
 """Reasons after which a job with restarts left is enqueued again."""

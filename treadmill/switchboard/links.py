@@ -32,6 +32,7 @@ from treadmill.protocol import supervisor as protocol
 from treadmill.protocol.supervisor import CloseCode, ProtocolError
 from treadmill.switchboard import credentials
 from treadmill.switchboard.database import unavailable
+from treadmill.switchboard.holds import HostHold
 from treadmill.switchboard.jobstart import job_start
 from treadmill.switchboard.jobstate import InvalidTransition, Reason, Stage, State, Status
 from treadmill.switchboard.notifications import HostNote, JobNote, SnapshotNote
@@ -75,6 +76,7 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
         self._retry: Any = None  # the pending retry of a failed reconciliation
         self._reconciling = 0  # reconciliations under way
         self._again = False  # retry once those are over
+        self.hold = HostHold(self)  # an ended job's held host (holds.py)
 
     @property
     def links(self) -> SupervisorLinks:
@@ -238,9 +240,12 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
             return
         assert self.host_id is not None
         try:
+            held = (bool(message.get("held")) and status.state is State.TERMINATED
+                    and self.minor >= protocol.HOLD_MINOR)
             changed = await self.links.store.apply_host_event(
                 self.host_id, message["job_id"], status,
-                exit_status=message.get("exit_status"), message=message.get("message"))
+                exit_status=message.get("exit_status"), message=message.get("message"),
+                held=held)
         except (NotYourJob, NotFound):
             self.send(protocol.ack(request_id, ("not_your_job",
                                                 "that job is not on this host")))
@@ -254,6 +259,8 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
         if changed:
             self.log.debug("{host}: job {job} is {state}", host=self.host_name,
                            job=message["job_id"], state=status.state.value)
+            if held:
+                self.hold.started(message["job_id"])
 
     async def _endpoints(self, message: dict[str, Any]) -> None:
         assert self.host_id is not None
@@ -384,6 +391,8 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
                                 Stage(job["stage"]) if job["stage"] else None)
         for action in decide(expected, reported):
             await self.execute(action)
+        if self.minor >= protocol.HOLD_MINOR:
+            await self.hold.reconcile(answer.get("held"))
         await self.send_snapshots()
 
     async def execute(self, action: Action) -> None:
@@ -500,6 +509,7 @@ class SupervisorLinks(MultiService):
                 ("reconcile", reconcile_interval,
                  lambda: self.reconcile_all(spread=0.8 * reconcile_interval)),
                 ("unreachable", touch_interval, self.end_unreachable),
+                ("holds", touch_interval, self.end_holds),
                 ("snapshots", 30.0, self.expire_snapshots)):
             timer = TimerService(interval, lambda work=work: self.spawn(work()))
             timer.clock = reactor
@@ -546,10 +556,15 @@ class SupervisorLinks(MultiService):
     def job_changed(self, payload: str) -> None:
         """``treadmill_jobs``: send assigned and stopping jobs to hosts we hold."""
         note = JobNote.parse(payload)
-        if note is None or note.state not in ("assigned", "terminating") or note.host_id is None:
+        if note is None or note.host_id is None:
             return
         link = self.by_host.get(note.host_id)
         if link is None or link.state != link.STATE_OPEN:
+            return
+        if note.state == "terminated" and link.hold.concerns(note.job_id):
+            self.spawn(link.hold.check())  # released by tml job cancel, maybe
+            return
+        if note.state not in ("assigned", "terminating"):
             return
         job_id = note.job_id
 
@@ -703,6 +718,13 @@ class SupervisorLinks(MultiService):
     def _reconcile_later(self, link: SupervisorSession) -> None:
         if link.state == link.STATE_OPEN and self.by_host.get(link.host_id) is link:  # type: ignore
             self.spawn(link.reconcile())
+
+    async def end_holds(self) -> None:
+        """End the expired holds of the hosts whose links this instance holds."""
+        held = {link.host_id: link for link in self.by_host.values()
+                if link.hold.job_id is not None and link.state == link.STATE_OPEN}
+        for row in await self.store.due_holds(list(held)):  # type: ignore[arg-type]
+            self.spawn(held[row["host_id"]].hold.check())
 
     async def end_unreachable(self) -> None:
         """R9: end active jobs whose supervisor stayed away too long.

@@ -23,6 +23,7 @@ from treadmill.protocol.results import PATTERNS_SCHEMA
 from treadmill.switchboard import schemas
 from treadmill.switchboard.access import PRIVILEGES
 from treadmill.switchboard.api import Limits
+from treadmill.switchboard.health import Event
 from treadmill.switchboard.jobstate import Reason, Stage, State
 
 TITLE = "Treadmill switchboard API"
@@ -109,8 +110,10 @@ HOST = _record({
     "held_by": {"type": ["string", "null"],
                 "description": "The owner of current_job (null when not shown)."},
     "held_until": {**OPTIONAL_TIME,
-                   "description": "current_job's deadline: a reservation's end (null when "
-                                  "not shown or not yet started)."},
+                   "description": "Until when current_job holds the host: its deadline (a "
+                                  "reservation's end), or for a failed job whose host is "
+                                  "held for debugging, the hold's end (null when not shown "
+                                  "or not yet started)."},
     "kinds": {"type": ["array", "null"], "items": STRING,
               "description": "The image kinds its driver runs, as its supervisor reported "
                              "them; null: any kind (a supervisor that reports none)."},
@@ -211,7 +214,63 @@ JOB = _record({
     "deadline": {**OPTIONAL_TIME,
                  "description": "When the job is stopped (execution_timeout); null while "
                                 "queued. POST .../extend moves it."},
+    "state_message": {**OPTIONAL_STRING,
+                      "description": "A queued job's reason to wait, when every host that "
+                                     "could run it is drained or out of service (null "
+                                     "otherwise)."},
+    "health_check": {"type": "boolean",
+                     "description": "A host's health check, started by the switchboard "
+                                    "(docs/operations.md, Host health)."},
+    "hold_on_failure": {"type": ["number", "null"],
+                        "description": "Seconds its host is kept as it is when the job fails "
+                                       "(docs/jobs.md, Holding a failed job's host)."},
+    "held_until": {**OPTIONAL_TIME,
+                   "description": "While the failed job's host is held for debugging: when "
+                                  "the hold ends (POST .../terminate ends it at once); "
+                                  "null otherwise."},
 }, "A job: a workload on one host. States and stages are described in docs/jobs.md.")
+
+HEALTH_CHECK = _record({
+    "scope": _enum(("host", "tag")), "target": {"type": "string",
+                                                "description": "The host's name or the tag."},
+    "image": _record({"name": STRING, "digest": STRING},
+                     "The image as set (a catalogue name or a digest) and its digest."),
+    "parameters": {"type": "object", "description": "As a job's (secret values hidden)."},
+    "expect_exit": {"type": "integer", "description": "The exit status that passes."},
+    "timeout": {"type": "number"},
+    "every_jobs": {**OPTIONAL_INTEGER,
+                   "description": "Run after this many of the host's jobs (null: not by "
+                                  "count)."},
+    "every_hours": {"type": ["number", "null"],
+                    "description": "Run on the idle host this many hours after its last "
+                                   "check (null: not by the clock)."},
+    "after_failures": {**OPTIONAL_INTEGER,
+                       "description": "Run after this many host-side failures in a row "
+                                      "(null: hosts.max_failures)."},
+    "set_by": STRING, "set_at": TIME,
+}, "An operator's health check of one host or of every host with a tag (docs/operations.md, "
+   "Host health).")
+
+HEALTH_EVENT = _record({
+    "at": TIME,
+    "event": _enum(Event),
+    "job": {**OPTIONAL_UUID, "description": "The job concerned (null when not yours to "
+                                            "read)."},
+    "reason": _enum(Reason, nullable=True), "healthy": {
+        "type": "boolean", "description": "The host's health after the event."},
+    "actor": {"type": "string", "description": "Who: a user, or `switchboard`."},
+    "message": STRING,
+}, "One event of a host's health history.")
+
+HOST_HEALTH = _record({
+    "host": STRING, "healthy": BOOLEAN, "enabled": BOOLEAN, "consecutive_failures": INTEGER,
+    "jobs_since_check": INTEGER, "last_check_at": OPTIONAL_TIME,
+    "check": {"oneOf": [{"type": "null"}, _ref("HealthCheck")],
+              "description": "The health check that applies (the host's, else its first "
+                             "tag's)."},
+    "events": {"type": "array", "items": _ref("HealthEvent"),
+               "description": "Newest first, at most 100."},
+}, "A host's health and its history.")
 
 SNAPSHOT = _record({
     "id": UUID, "job": UUID, "name": STRING, "repository": STRING, "store": STRING,
@@ -267,6 +326,8 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "TokenList": _list_of("tokens", "Token"),
     "SshKey": SSH_KEY, "SshKeyList": _list_of("keys", "SshKey"),
     "HostList": _list_of("hosts", "Host"),
+    "HealthCheck": HEALTH_CHECK, "HealthCheckList": _list_of("checks", "HealthCheck"),
+    "HealthEvent": HEALTH_EVENT, "HostHealth": HOST_HEALTH,
     "ImageList": _list_of("images", "Image"),
     "ImageVersion": IMAGE_VERSION,
     "ImageHistory": {"type": "object", "description": "An image's kept versions.",
@@ -505,6 +566,28 @@ def _hosts() -> dict[str, dict[str, Any]]:
         "/api/v1/hosts/{name}/token": {"parameters": [P_HOST], "post": _operation(
             "host_token", "Hosts", "Issue a new host token (admin).", 200, "NewHost",
             errors=(403, 404), description="The old host token stops working.")},
+        "/api/v1/hosts/{name}/health": {"parameters": [P_HOST], "get": _operation(
+            "host_health", "Hosts", "A host's health and its history (read).", 200,
+            "HostHealth", errors=(403, 404))},
+        "/api/v1/health-checks": {"get": _operation(
+            "list_health_checks", "Hosts", "Every health check (admin).", 200,
+            "HealthCheckList", errors=(403,))},
+        "/api/v1/health-checks/{kind}/{name}": {
+            "parameters": [
+                _path_param("kind", _enum(("hosts", "tags")),
+                            "`hosts`: one host's check; `tags`: the check of every host "
+                            "with the tag."),
+                _path_param("name", {"type": "string", "maxLength": 128},
+                            "The host's name or the tag (which may contain `/`).")],
+            "put": _operation(
+                "set_health_check", "Hosts", "Set a health check (admin).", 200,
+                "HealthCheck", body="HealthCheckSet", errors=(403, 404),
+                description="The image is resolved as in a job the admin enqueues; 404 "
+                            "names an unknown host."),
+            "delete": _operation(
+                "unset_health_check", "Hosts", "Remove a health check (admin).", 204,
+                errors=(400, 403, 404)),
+        },
     }
 
 
@@ -674,7 +757,9 @@ def _jobs() -> dict[str, dict[str, Any]]:
         "/api/v1/jobs/{job_id}/terminate": {"parameters": [P_JOB], "post": _operation(
             "terminate", "Jobs", "Terminate a job (stop).", 200, "Job", errors=(403, 404),
             description="A queued job terminates at once, an active one starts "
-                        "terminating; a terminated job is returned as it is.")},
+                        "terminating; a terminated job is returned as it is, except that "
+                        "a failed job whose host is held (held_until) has its hold "
+                        "released.")},
         "/api/v1/jobs/{job_id}/extend": {"parameters": [P_JOB], "post": _operation(
             "extend_job", "Jobs", "Extend a job's deadline (manage).", 200, "Job",
             body="JobExtend", errors=(403, 404, 409),

@@ -3,7 +3,9 @@
 Woken by database notifications that can make a job runnable (a job queued,
 a host freed by a finished job, a host connected or changed) and by a timer as
 a fallback; wake-ups that arrive together make one pass, passes never overlap,
-and a wake-up during a pass runs one more pass after it. The matching itself is
+and a wake-up during a pass runs one more pass after it. A freed or changed
+host makes no pass while the queue is known to be empty (the last pass left no
+job queued and no job was queued since). The matching itself is
 :mod:`treadmill.switchboard.scheduling`; the transaction is
 :meth:`Store.schedule`.
 
@@ -57,7 +59,13 @@ class Scheduler(MultiService):
         """Passes that found the lock held by another instance (no write)."""
         self.ignored = 0
         """Wake-ups ignored because another instance leads."""
+        self.skipped_wakes = 0
+        """Freed or changed hosts that made no pass: nothing was queued."""
         self.assigned = 0
+        self._queued_notes = 0
+        """Notifications of a queued job seen (they make the queue not empty)."""
+        self._queue_empty = False
+        """Whether the last pass left no job queued and none was queued since."""
         self._running: Deferred[None] | None = None
         self._again = False
         self._pending_call: Any = None
@@ -76,14 +84,26 @@ class Scheduler(MultiService):
         note = JobNote.parse(payload)
         if note is None:
             return
-        if (note.state, note.host_id is None) in (("queued", True), ("terminated", False)):
-            self.wake()
+        if note.state == "queued":
+            self._queued_notes += 1
+            self._queue_empty = False
+            if note.host_id is None:
+                self.wake()
+        elif note.state == "terminated" and note.host_id is not None:
+            self._host_freed()
 
     def host_changed(self, payload: str) -> None:
         """``treadmill_hosts`` (a :class:`HostNote`): a connected host changed
         (connected, enabled, re-tagged); a host without a link can take nothing."""
         note = HostNote.parse(payload)
         if note is not None and note.session is not None:
+            self._host_freed()
+
+    def _host_freed(self) -> None:
+        """A host may have become free: worth a pass only if a job may be waiting."""
+        if self._queue_empty:
+            self.skipped_wakes += 1
+        else:
             self.wake()
 
     def wake(self, _: object = None) -> None:
@@ -112,6 +132,7 @@ class Scheduler(MultiService):
         self._running.addBoth(done)
 
     async def _pass(self) -> None:
+        notes = self._queued_notes
         try:
             result = await self.store.schedule(self.fresh_within, self.fairness_window)
         except Exception as e:
@@ -130,6 +151,8 @@ class Scheduler(MultiService):
                 return
         self.passes += 1
         self.assigned += len(result.pairs)
+        # A job queued during the pass may not have been seen by it.
+        self._queue_empty = result.queued == 0 and notes == self._queued_notes
         if result.more:
             self._again = True
         if result.pairs:

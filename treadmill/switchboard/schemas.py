@@ -94,6 +94,16 @@ JOB_CREATE = _object({
     "label": TEXT,
     "results": PATTERNS_SCHEMA,
     "reservation": {"type": "boolean"},
+    "hold_on_failure": {"type": "number", "exclusiveMinimum": 0},
+})  # image: required but for a reservation on a switchboard with jobs.reservation_image
+HEALTH_CHECK = _object({
+    "image": JOB_CREATE["properties"]["image"],
+    "parameters": JOB_CREATE["properties"]["parameters"],
+    "expect_exit": {"type": "integer", "minimum": 0, "maximum": 255},
+    "timeout": {"type": "number", "minimum": 1, "maximum": 7 * 24 * 3600},
+    "every_jobs": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+    "every_hours": {"type": "number", "exclusiveMinimum": 0, "maximum": 24 * 365},
+    "after_failures": {"type": "integer", "minimum": 1, "maximum": 1000},
 }, ("image",))
 JOB_EXTEND = _object({"by": {"type": "number", "exclusiveMinimum": 0,
                              "maximum": 10 * 365 * 24 * 3600}}, ("by",))
@@ -110,5 +120,6 @@ REQUEST_BODIES: dict[str, dict[str, Any]] = {
     "SshKeyCreate": SSH_KEY_CREATE,
     "ConsoleTokenRequest": CONSOLE_TOKEN,
     "JobExtend": JOB_EXTEND,
+    "HealthCheckSet": HEALTH_CHECK,
 }
 """Every request body schema by the name ``docs/openapi.json`` gives it."""

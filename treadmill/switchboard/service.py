@@ -42,12 +42,14 @@ from treadmill.switchboard.audit import RetentionService
 from treadmill.switchboard.auth import Authenticator, PasswordGuard, PasswordPolicy
 from treadmill.switchboard.database import Listener, Pool, Timeouts, migrate, unavailable
 from treadmill.switchboard.events import JobWatchers
+from treadmill.switchboard.healthwork import HealthWork
 from treadmill.switchboard.instances import Instance
 from treadmill.switchboard.links import SupervisorLinks
 from treadmill.switchboard.metrics import SwitchboardMetrics
 from treadmill.switchboard.scheduler import Scheduler
 from treadmill.switchboard.store import Store
 from treadmill.switchboard.timeouts import TimeoutEnforcer
+from treadmill.switchboard.web import console_root
 
 
 @dataclass
@@ -72,6 +74,7 @@ class SwitchboardConfig:
     proxy_service: str = "treadmill-proxy"
     unrunnable_grace: float = 30.0
     max_host_failures: int = 3
+    health_interval: float = 10.0
     ping_interval: float = 5.0
     ping_timeout: float = 10.0
     reconcile_interval: float = 30.0
@@ -147,7 +150,9 @@ class SwitchboardService(RoleService):
         self.listener.on_reconnect(self.links.database_reconnected)
         self.listener.on_reconnect(self.scheduler.wake)
         self.listener.setServiceParent(self)
-        self.site = limited_site(self.api.resource(), config.max_body)
+        self.site = limited_site(console_root(self.api, [*config.limits.log_servers,
+                                                         *config.proxies]),
+                                 config.max_body)
         self.job_counts: dict[str, int] = {}
         self.host_counts: dict[str, int] = {}
         self.metrics = SwitchboardMetrics(self)
@@ -227,6 +232,10 @@ class SwitchboardService(RoleService):
                                      is_leader=lambda: self.instance.leader)
         retention.setName("audit-retention")
         retention.setServiceParent(self)
+        health = HealthWork(self.reactor, self.store, lambda: self.instance.leader,
+                            self.config.health_interval)
+        health.setName("health")
+        health.setServiceParent(self)
         http = listeners(self.reactor, self.config.listen, self.site, "http")
         http.setServiceParent(self)
         # StreamServerEndpointService keeps the pending listen here.

@@ -115,6 +115,13 @@ class Options(RoleOptions):
         Setting("jobs.max_queue_timeout", positive(FLOAT), FIELD,
                 "Largest queue timeout a job may ask for, in seconds.",
                 field="limits.max_queue_timeout"),
+        Setting("jobs.max_hold", positive(FLOAT), FIELD,
+                "Longest hold_on_failure a job may ask for, in seconds.",
+                field="limits.max_hold"),
+        Setting("jobs.reservation_image", STR, FIELD,
+                "The image a reservation that names none boots (a catalogue name or "
+                "sha256 digest its users may use); empty: a reservation must name one.",
+                field="limits.reservation_image"),
         Setting("jobs.timeout_interval", positive(FLOAT), FIELD,
                 "How often timeouts are checked, in seconds.",
                 field="timeout_interval"),
@@ -135,8 +142,13 @@ class Options(RoleOptions):
                 "hourly.",
                 field="audit_retention"),
         Setting("hosts.max_failures", positive(INT), FIELD,
-                "Consecutive host-side failures that take a host out of service.",
+                "Consecutive failures blamed on a host that run its health check (or, "
+                "with none set, take it out of service).",
                 field="max_host_failures"),
+        Setting("hosts.health_interval", positive(FLOAT), FIELD,
+                "Seconds between the leader's passes that start health checks due by the "
+                "clock and write queued jobs' state messages.",
+                field="health_interval"),
         Setting("supervisors.ping_interval", positive(FLOAT), FIELD,
                 "Seconds between WebSocket pings on supervisor links.",
                 field="ping_interval"),

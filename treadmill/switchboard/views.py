@@ -34,6 +34,26 @@ def host(row: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
+def health_check(row: dict[str, Any]) -> dict[str, Any]:
+    """A health check as set (secret parameter values never shown)."""
+    return {"scope": row["scope"], "target": row["target"],
+            "image": {"name": row["image"], "digest": row["image_digest"]},
+            "parameters": parameters(row["parameters"]),
+            **{key: row[key] for key in ("expect_exit", "timeout", "every_jobs", "every_hours",
+                                         "after_failures", "set_by", "set_at")}}
+
+
+def host_health(name: str, found: dict[str, Any]) -> dict[str, Any]:
+    """A host's health: the check that applies and its history, newest first."""
+    return {"host": name,
+            **{key: found[key] for key in ("healthy", "enabled", "consecutive_failures",
+                                           "jobs_since_check", "last_check_at")},
+            "check": health_check(found["check"]) if found["check"] else None,
+            "events": [{key: e[key] for key in ("at", "event", "job", "reason", "healthy",
+                                                "actor", "message")}
+                       for e in found["events"]]}
+
+
 def image(row: dict[str, Any]) -> dict[str, Any]:
     return {key: row[key] for key in
             ("name", "digest", "stores", "owner", "description", "host_tags", "kind",
@@ -87,6 +107,10 @@ def job(row: dict[str, Any]) -> dict[str, Any]:
                     "servers": row["log_servers"]},
         "termination": termination, "ssh_host_keys": row.get("ssh_host_keys", []),
         "reservation": row.get("reservation", False), "deadline": row.get("deadline"),
+        # Why a queued job still waits (only hosts out of service match it), if it does.
+        "state_message": row.get("queue_message") if row["state"] == "queued" else None,
+        "health_check": row.get("health_expect_exit") is not None,
+        "hold_on_failure": row.get("hold_on_failure"), "held_until": row.get("held_until"),
         **{key: row[key] for key in ("created_at", "assigned_at", "started_at", "ready_at",
                                      "terminated_at", "updated_at")},
     }

@@ -86,9 +86,13 @@ async def test_a_board_job_runs_and_a_sick_board_leaves_service(bed: Bed) -> Non
     final = await bed.run(b'agent {"type":"ready"}\nexit 0\n')
     assert final["termination"]["reason"] == "host_start_failure", final
     assert "the agent did not say ready" in final["termination"]["message"]
-    final = await bed.run(b'agent {"type":"ready"}\nexit 0\n')
-    assert final["termination"]["reason"] == "host_start_failure", final
-    assert "board health check failed" in final["termination"]["message"]
+    # That first failure, at boot, of an image never seen ready, is blamed on the image
+    # (docs/operations.md, "Host health"); the failing checks in starting, before the
+    # image is fetched, are the host's.
+    for _ in range(2):
+        final = await bed.run(b'agent {"type":"ready"}\nexit 0\n')
+        assert final["termination"]["reason"] == "host_start_failure", final
+        assert "board health check failed" in final["termination"]["message"]
     host = (await bed.admin.get("/api/v1/hosts/board-1")).body
     assert host["healthy"] is False and host["consecutive_failures"] == 2
     # Fixed and put back in service by an admin, it runs jobs again.

@@ -11,8 +11,10 @@ import http.client
 import ipaddress
 import json
 import queue
+import re
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +29,17 @@ ACTIVE_STATES = ("queued", "assigned", "initializing", "ready", "terminating")
 
 class APIError(RuntimeError):
     pass
+
+
+def metric(port: int, name: str) -> float:
+    """An unlabelled Prometheus sample from ``/metrics`` on a loopback port (0 if none)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0.0
+    found = re.search(rf"^{name} ([0-9.e+]+)$", text, flags=re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 def epoch(stamp: str | None) -> float | None:

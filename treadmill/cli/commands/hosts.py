@@ -1,4 +1,5 @@
-"""``tml host``: list, show, tag, drain, enable and reserve hosts."""
+"""``tml host``: list, show, tag, drain, enable and reserve hosts; their health history
+and health checks."""
 
 from __future__ import annotations
 
@@ -104,6 +105,81 @@ async def host_enable(ctx: Context) -> int:
     return ctx.emit(await ctx.api.post("hosts", ctx.args.name, "enable"), render_host)
 
 
+def render_health(data: dict[str, Any]) -> str:
+    """A host's health: its state, the check that applies, then its history as a table."""
+    check = data.get("check")
+    lines = [
+        ("host", data.get("host")),
+        ("healthy", data.get("healthy")),
+        ("enabled", data.get("enabled")),
+        ("consecutive_failures", data.get("consecutive_failures")),
+        ("jobs_since_check", data.get("jobs_since_check")),
+        ("last_check_at", output.fmt_time(data.get("last_check_at"))),
+        ("check", _check_text(check) if check else "none"),
+    ]
+    rows = [(output.fmt_time(e.get("at")), e.get("event"), e.get("healthy"), e.get("reason"),
+             e.get("job"), e.get("actor"), e.get("message"))
+            for e in data.get("events", [])]
+    return output.render_fields(lines) + "\n" + output.render_table(
+        ("AT", "EVENT", "HEALTHY", "REASON", "JOB", "BY", "MESSAGE"), rows)
+
+
+def _check_text(check: dict[str, Any]) -> str:
+    image = check.get("image") or {}
+    when = [f"every {check['every_jobs']} jobs" if check.get("every_jobs") else "",
+            f"every {check['every_hours']:g} hours" if check.get("every_hours") else "",
+            f"after {check['after_failures']} failures" if check.get("after_failures") else ""]
+    return " ".join(part for part in (
+        f"{check.get('scope')} {check.get('target')}:", str(image.get("name")),
+        f"expect exit {check.get('expect_exit')}", *when) if part)
+
+
+def render_checks(data: dict[str, Any]) -> str:
+    """``{"checks": [HealthCheck]}`` as a table."""
+    rows = [(c.get("scope"), c.get("target"), (c.get("image") or {}).get("name"),
+             c.get("expect_exit"), c.get("after_failures"), c.get("every_jobs"),
+             c.get("every_hours"), c.get("timeout"), c.get("set_by"))
+            for c in data.get("checks", [])]
+    return output.render_table(("SCOPE", "TARGET", "IMAGE", "EXPECT EXIT", "AFTER FAILURES",
+                                "EVERY JOBS", "EVERY HOURS", "TIMEOUT", "SET BY"), rows)
+
+
+async def host_health(ctx: Context) -> int:
+    """Show a host's health and its history (newest first)."""
+    return ctx.emit(await ctx.api.get("hosts", ctx.args.name, "health"), render_health)
+
+
+def _check_target(args: argparse.Namespace) -> list[str]:
+    """The path segments of the check of HOST or of ``--tag T``."""
+    if (args.name is None) == (args.tag is None):
+        raise UsageError("give a HOST or --tag TAG (one of them)")
+    return ["hosts", args.name] if args.name is not None else ["tags", *args.tag.split("/")]
+
+
+async def health_check_set(ctx: Context) -> int:
+    """Set the health check of a host or of every host with a tag (admin)."""
+    a = ctx.args
+    body: dict[str, Any] = {"image": a.image, "expect_exit": a.expect_exit}
+    for key in ("every_jobs", "every_hours", "after_failures", "timeout"):
+        if getattr(a, key) is not None:
+            body[key] = getattr(a, key)
+    if a.params:
+        body["parameters"] = {name: {"value": value} for name, value in a.params}
+    check = await ctx.api.put("health-checks", *_check_target(a), body=body)
+    return ctx.emit(check, lambda c: output.clean(_check_text(c)) + "\n")
+
+
+async def health_check_unset(ctx: Context) -> int:
+    """Remove the health check of a host or of a tag (admin)."""
+    await ctx.api.delete("health-checks", *_check_target(ctx.args))
+    return 0
+
+
+async def health_check_ls(ctx: Context) -> int:
+    """List every health check (admin)."""
+    return ctx.emit(await ctx.api.get("health-checks"), render_checks)
+
+
 RESERVE_POLL = 1.0
 """Seconds between polls of a reservation waiting for its host."""
 
@@ -134,9 +210,11 @@ async def host_reserve(ctx: Context) -> int:
         job_id = await resolve_job_id(ctx, text)
         job = await ctx.api.post("jobs", job_id, "extend", body={"by": by})
         return ctx.emit(job, how_to_get_in)
-    if a.image is None or a.duration is None:
-        raise UsageError("give --image and --for (or --extend JOB DURATION)")
-    body: dict[str, Any] = {"image": a.image, "reservation": True, "timeout": a.duration}
+    if a.duration is None:
+        raise UsageError("give --for (or --extend JOB DURATION)")
+    body: dict[str, Any] = {"reservation": True, "timeout": a.duration}
+    if a.image is not None:  # else the switchboard's jobs.reservation_image
+        body["image"] = a.image
     if a.tags:
         body["tags"] = list(a.tags)
     if a.params:
@@ -177,11 +255,40 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME")
     p = add_command(host, "enable", host_enable, common, help="put a host back in service")
     p.add_argument("name", metavar="NAME")
+    p = add_command(host, "health", host_health, common,
+                    help="show a host's health, its health check and its history")
+    p.add_argument("name", metavar="NAME")
+    checks = add_group(host, "health-check",
+                       help="set, remove and list the operators' health checks (admin)")
+    p = add_command(checks, "set", health_check_set, common,
+                    help="set the health check of HOST or of every host with --tag (only a "
+                    "failing check takes a host out of service)")
+    _check_target_args(p)
+    p.add_argument("--image", required=True, metavar="IMAGE",
+                   help="the check job's image (a catalogue name or sha256:… digest)")
+    p.add_argument("--expect-exit", type=int, default=0, metavar="N",
+                   help="the exit status that passes (default 0)")
+    p.add_argument("--every-jobs", type=int, metavar="N",
+                   help="also run after every N jobs of the host")
+    p.add_argument("--every-hours", type=float, metavar="H",
+                   help="also run on the idle host H hours after its last check")
+    p.add_argument("--after-failures", type=int, metavar="N",
+                   help="run after N host-side failures in a row (default: the "
+                   "switchboard's hosts.max_failures)")
+    p.add_argument("--timeout", type=duration, metavar="S",
+                   help="how long the check job may run (default 10m)")
+    p.add_argument("--param", dest="params", action="append", default=[], type=name_value,
+                   metavar="NAME=VALUE", help="a parameter of the check job (repeat)")
+    p = add_command(checks, "unset", health_check_unset, common,
+                    help="remove the health check of HOST or of --tag")
+    _check_target_args(p)
+    add_command(checks, "ls", health_check_ls, common, help="list every health check")
     p = add_command(host, "reserve", host_reserve, common,
                     help="hold a matching host for interactive work (queued like a job) and "
                     "print how to get in; released by tml job cancel or at its end")
     p.add_argument("--image", metavar="IMAGE",
-                   help="the image to boot (a catalogue name or sha256:… digest)")
+                   help="the image to boot (a catalogue name or sha256:… digest); default: "
+                   "the switchboard's reservation image, if it has one")
     p.add_argument("--for", dest="duration", type=duration, metavar="DURATION",
                    help="how long to hold the host once it is assigned (90, 15m, 2h, 1d)")
     p.add_argument("--tag", dest="tags", action="append", default=[], metavar="TAG",
@@ -195,3 +302,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="print the reservation at once, without waiting for its host")
     p.add_argument("--extend", nargs=2, metavar=("JOB", "DURATION"),
                    help="extend reservation JOB by DURATION instead (tml job extend)")
+
+
+def _check_target_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="HOST", nargs="?", help="the host")
+    parser.add_argument("--tag", metavar="TAG", help="every host with this tag instead")

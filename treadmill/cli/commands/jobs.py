@@ -261,7 +261,7 @@ def submit_body(ctx: Context) -> dict[str, Any]:
     parameters = parameters_body(a, ctx.env, ctx.stdin, ctx.note)
     if parameters:
         body["parameters"] = parameters
-    for key in ("timeout", "queue_timeout", "max_restarts", "label"):
+    for key in ("timeout", "queue_timeout", "max_restarts", "label", "hold_on_failure"):
         if getattr(a, key) is not None:
             body[key] = getattr(a, key)
     if (patterns := results_command.patterns_from(a)) is not None:
@@ -334,12 +334,31 @@ async def job_run(ctx: Context) -> int:
             await _on_interrupt(ctx, follower.current, a.keep_on_interrupt)
         raise
     status = followed.status
+    if status != 0 and a.hold_on_failure:
+        await _note_hold(ctx, follower.current)
     summary = run_summary(followed, status, ctx.reactor.seconds() - started)
     if a.artifacts:
         await write_artifacts(ctx, a.artifacts, followed, summary)
     if ctx.json:
         output.print_json_line(ctx.stdout, summary)
     return status
+
+
+async def _note_hold(ctx: Context, job_id: str) -> None:
+    """The failed job's host is held (``--hold-on-failure``): say how to get in and out."""
+    try:
+        job = await ctx.api.get("jobs", job_id)
+    except (ApiError, Unreachable):
+        return
+    if not job.get("held_until"):
+        return  # not held: a driver that cannot hold, or an older supervisor
+    ctx.note(output.clean(
+        f"tml: job {job_id} failed; its host {job.get('host')} is held for debugging until "
+        f"{job['held_until']}"))
+    for text in endpoints_text(job.get("endpoints")):
+        ctx.note(output.clean(f"tml:   endpoint {text}"))
+    ctx.note(f"tml:   get in:  tml job ssh {job_id}   or   tml job connect {job_id} SERVICE")
+    ctx.note(f"tml:   release: tml job cancel {job_id}")
 
 
 async def _on_interrupt(ctx: Context, job_id: str, keep: bool) -> None:
@@ -406,9 +425,10 @@ async def job_show(ctx: Context) -> int:
 
 
 async def job_cancel(ctx: Context) -> int:
-    """Ask for a job to be terminated."""
+    """Ask for a job to be terminated (an ended job's held host is released)."""
     job = await ctx.api.post("jobs", ctx.args.id, "terminate")
-    return ctx.emit(job, lambda j: f"job {j.get('id')}: {j.get('state')}\n")
+    return ctx.emit(job, lambda j: f"job {j.get('id')}: {j.get('state')}"
+                    f"{', releasing its held host' if j.get('held_until') else ''}\n")
 
 
 async def job_extend(ctx: Context) -> int:
@@ -520,6 +540,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-timeout", type=duration, metavar="S", help="time allowed queued")
     p.add_argument("--max-restarts", type=non_negative_int, metavar="N")
     p.add_argument("--label", metavar="TEXT")
+    p.add_argument("--hold-on-failure", type=duration, metavar="DURATION",
+                   help="if the job fails (non-zero exit status, execution timeout), keep its "
+                   "host (and VM or board) as it is this long (15m, 2h) for debugging; "
+                   "tml job cancel releases it")
     results_command.add_patterns_option(p, "the job (instead of its image's)")
     p.add_argument(
         "--follow",

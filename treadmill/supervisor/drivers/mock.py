@@ -40,6 +40,10 @@ setting can be overridden per job by a job parameter of the same name
 (``mock.exit_status = "3"``, ``mock.stages.booting = "2"``); an invalid or
 unknown ``mock.*`` parameter refuses the start with ``bad_request``.
 
+Holding (``hold_on_failure``, docs/jobs.md): when a held job's workload exits
+with a non-zero status, the host reports the exit first and stays as it is
+(its echo service too) until the job is stopped.
+
 The simulated host lives in the supervisor's process, so it cannot be
 adopted after a restart: the runner reports the job as ``host_dropped_job``.
 """
@@ -237,20 +241,21 @@ class _Agent(agent.AgentHandler):
         self.run.reporter.result(message)
 
     def agent_exit(self, status: int, message: str) -> None:
-        self.run._end()
-        self.run.reporter.exited(status, message)
+        self.run.exited(status, message)
 
 
 class _Run:
     """One job on the simulated host."""
 
     __slots__ = ("_console_budget", "_console_carry", "_console_last", "_console_lines",
-                 "_console_loop", "_driver", "_echo", "_fetching", "_timer", "fetched", "image",
-                 "job_id", "phase", "reporter", "settings")
+                 "_console_loop", "_driver", "_echo", "_fetching", "_timer", "fetched", "hold",
+                 "image", "job_id", "phase", "reporter", "settings")
 
     def __init__(self, driver: MockDriver, job_id: str, settings: MockSettings,
-                 reporter: IJobReporter, image: dict[str, Any] | None = None):
+                 reporter: IJobReporter, image: dict[str, Any] | None = None,
+                 hold: bool = False):
         self._driver = driver
+        self.hold = hold  # keep the host when the workload fails (hold_on_failure)
         self.job_id = job_id
         self.settings = settings
         self.reporter = reporter
@@ -400,8 +405,17 @@ class _Run:
             agent.dispatch(handler, message, lambda _answer: None)
 
     def _exit(self) -> None:
+        self.exited(self.settings.exit_status, self.settings.message)
+
+    def exited(self, status: int, message: str) -> None:
+        """The workload exited; a held job's failure leaves the host as it is."""
+        if self.hold and status != 0:
+            self._cancel_timer()
+            self.phase = "held"
+            self.reporter.exited(status, message)
+            return
         self._end()
-        self.reporter.exited(self.settings.exit_status, self.settings.message)
+        self.reporter.exited(status, message)
 
     def _fail(self, stage: str) -> None:
         self._end()
@@ -467,6 +481,7 @@ class MockDriver:
     """A simulated host. ``reactor`` only needs ``IReactorTime``."""
 
     name = "mock"
+    holds = True  # keeps a held job's host when its workload fails (hold_on_failure)
     kinds: tuple[str, ...] | None = None  # any kind, unless a test or setting narrows it
     log = Logger()
 
@@ -500,7 +515,8 @@ class MockDriver:
                 return succeed(None)
             return fail(StartRefused("internal_error",
                                      f"mock: the host still runs job {self.run.job_id}"))
-        run = _Run(self, job["id"], settings, reporter, job.get("image"))
+        run = _Run(self, job["id"], settings, reporter, job.get("image"),
+                   hold=self.holds and bool(job.get("hold_on_failure")))
         self.run = run
         # Report only after start() returned, as a real host would.
         run._after(0, run.begin)

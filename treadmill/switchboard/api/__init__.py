@@ -15,7 +15,8 @@ registers the routes of one domain on it, as methods of a
 - ``public``: health, the OpenAPI document, capability keys, the supervisors'
   WebSocket;
 - ``users``, ``tokens`` (login, API tokens), ``keys`` (SSH keys);
-- ``hosts``, ``images`` (the catalogue), ``stores`` (registered image stores),
+- ``hosts``, ``health`` (a host's health history, health checks), ``images`` (the
+  catalogue), ``stores`` (registered image stores),
   ``imagetokens`` (the registry token flow), ``grants`` (on resources and
   namespaces), ``audit`` (the audit log);
 - ``jobs``, ``snapshots``, ``events`` (a job's events, read or watched).
@@ -28,6 +29,7 @@ from typing import Any
 from treadmill.common.captoken import CapabilitySigner
 from treadmill.switchboard.api.audit import AuditRoutes
 from treadmill.switchboard.api.events import EventRoutes
+from treadmill.switchboard.api.health import HealthRoutes
 from treadmill.switchboard.api.hosts import HostRoutes
 from treadmill.switchboard.api.images import ImageRoutes
 from treadmill.switchboard.api.imagetokens import ImageTokenRoutes
@@ -45,7 +47,8 @@ from treadmill.switchboard.store import Store
 
 
 class SwitchboardAPI(PublicRoutes, ImageTokenRoutes, StoreRoutes, UserRoutes, KeyRoutes,
-                     HostRoutes, ImageRoutes, AuditRoutes, JobRoutes, SnapshotRoutes,
+                     HostRoutes, HealthRoutes, ImageRoutes, AuditRoutes, JobRoutes,
+                     SnapshotRoutes,
                      EventRoutes):
     """Routes of ``/api/v1`` and the public well-known endpoints."""
 

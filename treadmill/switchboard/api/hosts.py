@@ -50,7 +50,7 @@ class HostRoutes(Routes):
         principal, _ = await self._host(request, name, "manage")
 
         async def update(store: Store) -> dict:
-            await store.update_host(name, **changes)
+            await store.update_host(name, **changes, actor=principal.name)
             return await store.get_host(name, principal)
 
         row = await self.store.audited(update, lambda row: self.audit.entry(

@@ -58,10 +58,18 @@ class JobRoutes(Routes):
         timeout = body.get("timeout", limits.default_timeout)
         if timeout > limits.max_timeout:
             raise ApiError(400, f"timeout: at most {limits.max_timeout:g} seconds")
+        hold = body.get("hold_on_failure")
+        if hold is not None and hold > limits.max_hold:
+            raise ApiError(400, f"hold_on_failure: at most {limits.max_hold:g} seconds")
         queue_timeout = body.get("queue_timeout", limits.default_queue_timeout)
         if queue_timeout > limits.max_queue_timeout:
             raise ApiError(400, f"queue_timeout: at most {limits.max_queue_timeout:g} seconds")
-        image = body["image"]
+        image = body.get("image") or (limits.reservation_image if body.get("reservation")
+                                      else "")
+        if not image:
+            raise ApiError(400, "image: required" + (
+                " (this switchboard boots no default image for reservations: "
+                "jobs.reservation_image)" if body.get("reservation") else ""))
         name: str | None
         default_tags: list[str] = []
         image_results = None
@@ -104,7 +112,7 @@ class JobRoutes(Routes):
                        queue_timeout=queue_timeout, max_restarts=body.get("max_restarts", 0),
                        label=body.get("label", ""), log_servers=self._pick_log_servers(),
                        results=console_patterns(body) or image_results, image_kind=kind,
-                       reservation=body.get("reservation", False))
+                       reservation=body.get("reservation", False), hold_on_failure=hold)
 
     def _pick_log_servers(self) -> tuple[str, ...]:
         """``log_replicas`` of the configured log servers, rotating the first choice."""
@@ -149,6 +157,15 @@ class JobRoutes(Routes):
     @app.route("/api/v1/jobs/<job_id>/terminate", methods=["POST"])
     async def terminate(self, request: IRequest, job_id: str) -> bytes:
         principal, row = await self._job(request, job_id, "stop")
+        if row["state"] == State.TERMINATED.value and row["held_until"] is not None:
+            # An ended job's held host (docs/jobs.md): the cancel releases it.
+            await self.store.audited(
+                lambda store: store.release_hold(row["id"]),
+                lambda changed: self.audit.entry(request, principal, "job.cancel", "job",
+                                                 row["id"], subject_user=row["owner"],
+                                                 state=row["state"], changed=changed,
+                                                 released=True))
+            return respond(request, views.job(await self.store.get_job(row["id"], principal)))
         await self.store.audited(
             lambda store: store.request_termination(row["id"], Reason.USER_TERMINATED,
                                                     message=f"terminated by {principal.name}"),

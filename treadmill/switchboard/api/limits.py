@@ -14,6 +14,8 @@ class Limits:
     max_timeout: float = 7 * 24 * 3600
     default_queue_timeout: float = 24 * 3600
     max_queue_timeout: float = 30 * 24 * 3600
+    max_hold: float = 24 * 3600  # hold_on_failure (docs/jobs.md)
+    reservation_image: str = ""  # what a reservation without an image boots
     max_page: int = 500
     keepalive: float = 15.0
     log_servers: tuple[str, ...] = ()

@@ -17,7 +17,11 @@ read methods return alongside the rows (see :mod:`treadmill.switchboard.access`)
   stores), ``grants`` (on resources and namespaces);
 - ``jobs`` (``JobSpec``, enqueueing, reading, termination), ``lifecycle`` (the
   ``transition`` every state change goes through, and what follows a termination);
-- ``scheduler`` (the scheduling transaction), ``snapshots``, ``audit`` (the audit log).
+- ``health`` (host health in a job's terminating transaction), ``healthchecks``
+  (health checks as set, health histories, checks due by the clock, queued jobs'
+  messages);
+- ``holds`` (failed jobs' held hosts), ``scheduler`` (the scheduling transaction),
+  ``snapshots``, ``audit`` (the audit log).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from __future__ import annotations
 from treadmill.switchboard.database import Pool
 from treadmill.switchboard.store.audit import AuditQueries
 from treadmill.switchboard.store.grants import GrantQueries
+from treadmill.switchboard.store.healthchecks import HealthQueries
+from treadmill.switchboard.store.holds import HoldQueries
 from treadmill.switchboard.store.hosts import HostQueries
 from treadmill.switchboard.store.images import ImageQueries
 from treadmill.switchboard.store.imagestores import ImageStoreQueries
@@ -39,12 +45,13 @@ from treadmill.switchboard.store.users import UserQueries
 
 
 class Store(UserQueries, TokenQueries, KeyQueries, HostQueries, ImageQueries,
-            ImageStoreQueries, GrantQueries, JobQueries, LinkQueries, SchedulerQueries,
-            InstanceQueries, SnapshotQueries, AuditQueries):
+            ImageStoreQueries, GrantQueries, JobQueries, LinkQueries, HoldQueries,
+            SchedulerQueries, InstanceQueries, SnapshotQueries, AuditQueries, HealthQueries):
     """All reads and writes of switchboard state.
 
-    ``max_host_failures`` consecutive host-side failures take a host out of
-    service (``healthy = false``) until an operator enables it again.
+    ``max_host_failures`` consecutive failures blamed on a host run its health check
+    (only a failing check takes it out of service, ``healthy = false``, until an
+    operator enables it again), or take it out when no check applies.
     """
 
     def __init__(self, pool: Pool, *, max_host_failures: int = 3):

@@ -53,19 +53,13 @@ class AuditQueries(Queries):
 
     async def audit_append(self, entry: Any, cur: Cursor | None = None) -> None:
         """Append one :class:`audit.Entry` (in ``cur``'s transaction if given)."""
-        sql = ("INSERT INTO audit_log (actor, actor_kind, source, action, subject_kind, "
-               "subject_id, subject_user, details) VALUES (%(actor)s, %(actor_kind)s, "
-               "%(source)s, %(action)s, %(subject_kind)s, %(subject_id)s, %(subject_user)s, "
-               "%(details)s)")
-        params = {"actor": entry.actor, "actor_kind": entry.actor_kind,
-                  "source": entry.source, "action": entry.action,
-                  "subject_kind": entry.subject_kind, "subject_id": entry.subject_id,
-                  "subject_user": entry.subject_user,
-                  "details": Json(entry.details, dumps=lambda v: dumps(v).decode("utf-8"))}
+        record = {key: getattr(entry, key) for key in (
+            "actor", "actor_kind", "source", "action", "subject_kind", "subject_id",
+            "subject_user", "details")}
         if cur is not None:
-            await cur.execute(sql, params)
+            await append_record(cur, **record)
         else:
-            await self.pool.execute(sql, params)
+            await self.pool.transaction(lambda cur: append_record(cur, **record))
 
     async def audit_list(self, principal: Principal, *, user: str | None = None,
                          host: str | None = None, job: str | None = None,
@@ -124,3 +118,18 @@ class AuditQueries(Queries):
                               "secs => %s)", (days * 86400.0,))
             return cur.rowcount
         return await self.pool.transaction(expire)
+
+
+async def append_record(cur: Cursor, *, actor: str, actor_kind: str, action: str,
+                        subject_kind: str, subject_id: str, details: dict[str, Any],
+                        source: str = "", subject_user: str | None = None) -> None:
+    """Append one audit record in ``cur``'s transaction (the switchboard's own records,
+    ``actor_kind`` ``system``, come from here; the API's go through ``Store.audited``)."""
+    await cur.execute(
+        "INSERT INTO audit_log (actor, actor_kind, source, action, subject_kind, "
+        "subject_id, subject_user, details) VALUES (%(actor)s, %(actor_kind)s, "
+        "%(source)s, %(action)s, %(subject_kind)s, %(subject_id)s, %(subject_user)s, "
+        "%(details)s)",
+        {"actor": actor, "actor_kind": actor_kind, "source": source, "action": action,
+         "subject_kind": subject_kind, "subject_id": subject_id, "subject_user": subject_user,
+         "details": Json(details, dumps=lambda v: dumps(v).decode("utf-8"))})

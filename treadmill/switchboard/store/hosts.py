@@ -21,19 +21,19 @@ _HOST_COLUMNS = f"""
                  SELECT 1 FROM grants g WHERE g.job_id = j.id
                  AND g.privilege IN ('read', 'manage')
                  AND (g.user_id = %(uid)s OR g.user_id IS NULL)) THEN j.id END
-     FROM jobs j WHERE j.host_id = h.id AND j.state <> 'terminated'
+     FROM jobs j WHERE j.host_id = h.id AND (j.state <> 'terminated' OR j.held_until IS NOT NULL)
      ORDER BY j.seq DESC LIMIT 1) AS current_job"""  # Only a job the caller may read.
-# Who holds the host and until when (0017_reservations): like current_job, only for a
-# job the caller may read.
+# Who holds the host and until when (0017_reservations; a failed job's hold,
+# 0019_hold_on_failure): like current_job, only for a job the caller may read.
 _HOST_COLUMNS += "".join(f""",
     (SELECT CASE WHEN %(admin)s OR j.owner_id = %(uid)s OR EXISTS (
                  SELECT 1 FROM grants g WHERE g.job_id = j.id
                  AND g.privilege IN ('read', 'manage')
                  AND (g.user_id = %(uid)s OR g.user_id IS NULL)) THEN {value} END
      FROM jobs j JOIN users u ON u.id = j.owner_id
-     WHERE j.host_id = h.id AND j.state <> 'terminated'
+     WHERE j.host_id = h.id AND (j.state <> 'terminated' OR j.held_until IS NOT NULL)
      ORDER BY j.seq DESC LIMIT 1) AS {name}""" for name, value in (
-    ("held_by", "u.name"), ("held_until", "j.deadline")))
+    ("held_by", "u.name"), ("held_until", "coalesce(j.held_until, j.deadline)")))
 
 
 class HostQueries(Queries):
@@ -74,16 +74,26 @@ class HostQueries(Queries):
 
     async def update_host(self, name: str, *, tags: list[str] | None = None,
                           enabled: bool | None = None, reset_health: bool = False,
-                          digest: bytes | None = None) -> None:
+                          digest: bytes | None = None, actor: str = "") -> None:
+        """Change a host; ``reset_health`` puts it back in service (its failure count
+        cleared) and records that ``actor`` did in its health history."""
         row = await self.pool.fetchone(
-            "UPDATE hosts SET tags = coalesce(%(tags)s, tags), "
+            "WITH old AS (SELECT id, healthy, consecutive_failures FROM hosts "
+            "WHERE name = %(name)s), "
+            "changed AS (UPDATE hosts SET tags = coalesce(%(tags)s, tags), "
             "enabled = coalesce(%(enabled)s, enabled), "
             "healthy = CASE WHEN %(reset)s THEN true ELSE healthy END, "
             "consecutive_failures = CASE WHEN %(reset)s THEN 0 ELSE consecutive_failures END, "
             "token_hash = coalesce(%(digest)s, token_hash) "
-            "WHERE name = %(name)s RETURNING id",
+            "WHERE name = %(name)s RETURNING id), "
+            "event AS (INSERT INTO host_health_events (host_id, event, healthy, actor, message) "
+            "SELECT old.id, 'enabled', true, %(actor)s, CASE WHEN old.healthy "
+            "THEN 'failure count cleared' ELSE 'put back in service' END FROM old "
+            "WHERE %(reset)s AND (NOT old.healthy OR old.consecutive_failures > 0)) "
+            "SELECT id FROM changed",
             {"tags": tags, "enabled": enabled, "reset": reset_health, "name": name,
-             "digest": psycopg2.Binary(digest) if digest is not None else None})
+             "digest": psycopg2.Binary(digest) if digest is not None else None,
+             "actor": actor})
         if row is None:
             raise NotFound(f"no host {name!r}")
 

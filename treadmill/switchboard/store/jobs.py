@@ -40,6 +40,7 @@ class JobSpec:
     results: dict[str, str] | None = None  # console patterns (docs/results.md)
     image_kind: str | None = None
     reservation: bool = False  # holds its host until the deadline (docs/jobs.md)
+    hold_on_failure: float | None = None  # seconds its failed host is kept (docs/jobs.md)
 
 
 _JOB_COLUMNS = """
@@ -50,7 +51,9 @@ _JOB_COLUMNS = """
     j.ready_at, j.terminating_at, j.terminated_at, j.updated_at, j.queue_deadline,
     j.deadline, j.log_servers, j.endpoints, j.host_id, j.results, j.image_kind"""
 _JOB_COLUMNS += ", j.ssh_host_keys"  # 0013_ssh_keys
+_JOB_COLUMNS += ", j.queue_message, j.health_expect_exit"  # 0018_host_health
 _JOB_COLUMNS += ", j.reservation"  # 0017_reservations
+_JOB_COLUMNS += ", j.hold_on_failure, j.held_until"  # 0019_hold_on_failure
 
 
 _EVENT_COLUMNS = ("e.seq, e.job_id AS job, e.at, e.state, e.stage, e.reason, e.exit_status, "
@@ -70,14 +73,14 @@ class JobQueries(Queries):
         row = await cur.fetchone(
             "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, "
             "tags, parameters, timeout, queue_timeout, max_restarts, restarts_left, "
-            "queue_deadline, event_seq, log_servers, results, image_kind, reservation) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
-            "now() + make_interval(secs => %s), 1, %s, %s, %s, %s) RETURNING id",
+            "queue_deadline, event_seq, log_servers, results, image_kind, reservation, "
+            "hold_on_failure) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
+            "now() + make_interval(secs => %s), 1, %s, %s, %s, %s, %s) RETURNING id",
             (owner_id, spec.label, spec.image_name, spec.image_digest, spec.image_stores,
              spec.tags, Json(spec.parameters), spec.timeout, spec.queue_timeout,
              spec.max_restarts, spec.max_restarts, spec.queue_timeout,
              list(spec.log_servers), Json(spec.results) if spec.results else None,
-             spec.image_kind, spec.reservation))
+             spec.image_kind, spec.reservation, spec.hold_on_failure))
         assert row is not None
         await cur.execute(
             "INSERT INTO job_events (job_id, seq, state) VALUES (%s, 1, 'queued')",

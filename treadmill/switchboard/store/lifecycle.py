@@ -1,12 +1,13 @@
-"""A job's state transition, and what follows a termination: host health, the
-restart policy, wiping secrets."""
+"""A job's state transition, and what follows a termination: host health (see
+:mod:`~treadmill.switchboard.store.health`: a health check may start on the host at
+once), the restart policy, wiping secrets."""
 
 from __future__ import annotations
 
 from treadmill.switchboard import jobstate
 from treadmill.switchboard.database import Cursor
 from treadmill.switchboard.jobstate import Reason, Stage, State, Status
-from treadmill.switchboard.store.base import INSTANCE_DEAD_AFTER, LIVE_INSTANCE
+from treadmill.switchboard.store import health
 from treadmill.switchboard.store.errors import NotFound
 
 
@@ -78,16 +79,6 @@ async def transition(cur: Cursor, job_id: str, new: Status, *, exit_status: int 
     return True
 
 
-async def _link_died_with_instance(cur: Cursor, host_id: int) -> bool:
-    """Whether the host's link was held by a switchboard instance that died (then an
-    unreachable host is the instance's fault, not the host's)."""
-    row = await cur.fetchone(
-        "SELECT h.instance_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM instances i "
-        f"WHERE i.id = h.instance_id AND {LIVE_INSTANCE}) AS died FROM hosts h "
-        "WHERE h.id = %(id)s", {"id": host_id, "dead": INSTANCE_DEAD_AFTER})
-    return bool(row and row["died"])
-
-
 # Secret parameter values end with their job: the names stay, and the fact that
 # they were secret, but the values are replaced by empty strings.
 _WIPE_SECRETS = """
@@ -104,30 +95,26 @@ async def _after_termination(cur: Cursor, job_id: str, reason: Reason,
                              max_host_failures: int) -> None:
     """Host health and the restart policy, in the terminating transaction."""
     job = await cur.fetchone(
-        "SELECT host_id, restarts_left FROM jobs WHERE id = %s", (job_id,))
+        "SELECT id, host_id, restarts_left, image_digest, health_expect_exit, exit_status, "
+        "termination_message FROM jobs WHERE id = %s", (job_id,))
     assert job is not None
     if job["host_id"] is not None:
-        if reason in jobstate.HOST_SIDE_REASONS and not (
-                reason is Reason.HOST_UNREACHABLE
-                and await _link_died_with_instance(cur, job["host_id"])):
-            await cur.execute(
-                "UPDATE hosts SET consecutive_failures = consecutive_failures + 1, "
-                "healthy = healthy AND consecutive_failures + 1 < %s WHERE id = %s",
-                (max_host_failures, job["host_id"]))
-        elif reason in (Reason.WORKLOAD_EXITED, Reason.USER_TERMINATED,
-                        Reason.EXECUTION_TIMEOUT):
-            await cur.execute(
-                "UPDATE hosts SET consecutive_failures = 0 WHERE id = %s AND "
-                "consecutive_failures <> 0", (job["host_id"],))
+        if job["health_expect_exit"] is not None:
+            await health.check_ended(cur, job, reason, job["exit_status"])
+        else:
+            why = await health.ordinary_job_ended(cur, job, reason, max_host_failures)
+            if why is not None:
+                await start_health_check(cur, job["host_id"], why)
     if reason in jobstate.RESTARTABLE_REASONS and job["restarts_left"] > 0:
         successor = await cur.fetchone(
             "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, tags, "
             "parameters, timeout, queue_timeout, max_restarts, restarts_left, restart_of, "
-            "queue_deadline, event_seq, log_servers, results, image_kind, reservation) "
-            "SELECT owner_id, label, image_name, image_digest, image_stores, tags, parameters, "
+            "queue_deadline, event_seq, log_servers, results, image_kind, reservation, "
+            "hold_on_failure) SELECT owner_id, label, image_name, image_digest, image_stores, "
+            "tags, parameters, "
             "timeout, queue_timeout, max_restarts, restarts_left - 1, id, "
             "now() + make_interval(secs => queue_timeout), 1, log_servers, results, image_kind, "
-            "reservation "
+            "reservation, hold_on_failure "
             "FROM jobs "
             "WHERE id = %s "
             "RETURNING id", (job_id,))
@@ -138,3 +125,19 @@ async def _after_termination(cur: Cursor, job_id: str, reason: Reason,
         await cur.execute(
             "INSERT INTO grants (job_id, user_id, privilege) SELECT %s, user_id, privilege "
             "FROM grants WHERE job_id = %s", (successor["id"], job_id))
+
+
+async def start_health_check(cur: Cursor, host_id: int, why: str) -> str | None:
+    """Start the host's health check now: a job owned by whoever set the check, assigned
+    to the host before any queued job (the host is free or just freed, in this
+    transaction). Returns its id, or None if no check applies."""
+    check = await health.applicable_check(cur, host_id)
+    busy = await cur.fetchone(
+        "SELECT 1 FROM jobs WHERE host_id = %s AND (state IN "
+        "('assigned', 'initializing', 'ready', 'terminating') OR held_until IS NOT NULL)",
+        (host_id,))  # held: a failed job keeps the host (0019)
+    if check is None or busy is not None:
+        return None  # (one job per host: the check waits for the next end or pass)
+    job_id = await health.insert_check_job(cur, host_id, check, why)
+    await transition(cur, job_id, Status(State.ASSIGNED), message=f"health check: {why}")
+    return job_id

@@ -9,9 +9,10 @@ import psycopg2
 from psycopg2.extras import Json
 
 from treadmill.switchboard.database import Cursor
-from treadmill.switchboard.jobstate import Status
+from treadmill.switchboard.jobstate import State, Status
 from treadmill.switchboard.store.base import Queries
 from treadmill.switchboard.store.errors import NotYourJob
+from treadmill.switchboard.store.holds import begin_hold
 from treadmill.switchboard.store.lifecycle import transition
 
 
@@ -82,22 +83,28 @@ class LinkQueries(Queries):
         registered) does not reach a host."""
         return await self.pool.fetchone(
             "SELECT j.id, j.image_name, j.image_digest, j.parameters, j.timeout, j.tags, "
-            "j.label, j.host_id, j.log_servers, j.results, j.reservation, "
+            "j.label, j.host_id, j.log_servers, j.results, j.reservation, j.hold_on_failure, "
             "ARRAY(SELECT u.url FROM unnest(j.image_stores) WITH ORDINALITY AS u(url, n) "
             "WHERE rtrim(u.url, '/') IN (SELECT s.url FROM image_stores s) ORDER BY u.n) "
             "AS image_stores FROM jobs j WHERE j.id = %s", (job_id,))
 
     async def apply_host_event(self, host_id: int, job_id: str, new: Status, *,
                                exit_status: int | None = None,
-                               message: str | None = None) -> bool:
-        """Apply a supervisor's job event; only for jobs on its own host."""
+                               message: str | None = None, held: bool = False) -> bool:
+        """Apply a supervisor's job event; only for jobs on its own host. A final event
+        that says ``held`` starts the job's hold (:meth:`JobQueries.begin_hold`)."""
 
         async def apply(cur: Cursor) -> bool:
-            row = await cur.fetchone("SELECT host_id FROM jobs WHERE id = %s", (job_id,))
+            row = await cur.fetchone("SELECT host_id, endpoints FROM jobs WHERE id = %s",
+                                     (job_id,))
             if row is None or row["host_id"] != host_id:
                 raise NotYourJob(f"job {job_id} is not on this host")
-            return await transition(cur, job_id, new, exit_status=exit_status,
-                                    message=message, max_host_failures=self.max_host_failures)
+            changed = await transition(cur, job_id, new, exit_status=exit_status,
+                                       message=message,
+                                       max_host_failures=self.max_host_failures)
+            if changed and held and new.state is State.TERMINATED:
+                await begin_hold(cur, job_id, row["endpoints"])
+            return changed
 
         return await self.pool.transaction(apply)
 

@@ -1,0 +1,250 @@
+"""Holding a failed job's host (``hold_on_failure``, protocol minor 6) on a Clock.
+
+The policy (:func:`hold_for`) as a table, then a real :class:`JobRunner` with the
+real mock driver and state files (the harness of ``test_outbox.py``): which ends
+are held, what the switchboard is told (``held`` on the final event and in
+``status``), that nothing else starts while a host is held, and how a hold ends
+(expiry, a ``stop_job`` acknowledged only after the teardown, a restart).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, maybeDeferred
+
+from tests.supervisor.peer import JOB_A, JOB_B, job
+from tests.supervisor.test_outbox import Connection, Harness
+from treadmill.protocol import supervisor as protocol
+from treadmill.supervisor.hold import hold_for
+from treadmill.supervisor.journal import StateFiles
+from treadmill.supervisor.observers import JobObserver
+from treadmill.supervisor.runner import JobRunner
+
+HOLD = 30.0
+
+
+@pytest.mark.parametrize("hold, reason, exit_status, expected", [
+    (HOLD, "workload_exited", 3, HOLD),
+    (HOLD, "workload_exited", -1, HOLD),
+    (HOLD, "execution_timeout", None, HOLD),
+    (HOLD, "workload_exited", 0, None),          # success is never held
+    (HOLD, "workload_exited", None, None),
+    (HOLD, "user_terminated", None, None),       # nor a cancel
+    (HOLD, "host_dropped_job", None, None),      # nor a host that is gone
+    (HOLD, "host_start_failure", None, None),
+    (None, "workload_exited", 3, None),          # not asked for
+    (0, "workload_exited", 3, None),
+    (-5, "workload_exited", 3, None),
+    (float("inf"), "workload_exited", 3, None),
+    (float("nan"), "workload_exited", 3, None),
+    (True, "workload_exited", 3, None),
+    ("30", "workload_exited", 3, None),
+])
+def test_which_ends_are_held(hold: Any, reason: str, exit_status: int | None,
+                             expected: float | None) -> None:
+    start = {"id": JOB_A} if hold is None else {"id": JOB_A, "hold_on_failure": hold}
+    assert hold_for(start, reason, exit_status) == expected
+
+
+class Ends(JobObserver):
+    def __init__(self) -> None:
+        self.held_ended: list[str] = []
+
+    def hold_ended(self, job_id: str) -> None:
+        self.held_ended.append(job_id)
+
+
+class Hold(Harness):
+    """The harness with a held job: starts, acks every event at once."""
+
+    def __init__(self, tmp_path: Path, **mock: Any):
+        super().__init__(tmp_path, **mock)
+        self.ends = Ends()
+        self.runner.add_observer(self.ends)
+        self.acked = 0
+
+    def send(self, message: dict[str, Any]) -> int:
+        rid = message["request_id"]
+        self.runner.message_received(self.conn, message)
+        self.clock.advance(0)
+        return rid
+
+    def begin(self, job_id: str = JOB_A, hold: float | None = HOLD, **params: Any) -> int:
+        start = job(job_id, **params)
+        if hold is not None:
+            start["hold_on_failure"] = hold
+        return self.send(protocol.start_job(self.conn.next_request_id() + 1000, start))
+
+    def pump(self, until: float) -> None:
+        """Advance to ``until``, acknowledging every event as it comes."""
+        while self.clock.seconds() < until - 1e-9:
+            self.clock.advance(min(0.25, until - self.clock.seconds()))
+            self.ack_all()
+
+    def ack_all(self) -> None:
+        events = self.conn.events()
+        while self.acked < len(events):
+            self.ack(events[self.acked][1]["request_id"])
+            self.acked += 1
+            events = self.conn.events()
+
+    def final(self) -> dict[str, Any]:
+        finals = [m for _, m in self.conn.events() if m["state"] == "terminated"]
+        assert finals, "no final event"
+        return finals[-1]
+
+    def answer(self, rid: int) -> dict[str, Any] | None:
+        for _, message in self.conn.sent:
+            if message["type"] in ("ack", "status") and message["request_id"] == rid:
+                return message
+        return None
+
+    def status(self) -> dict[str, Any]:
+        rid = self.send(protocol.status_request(self.conn.next_request_id() + 2000))
+        answer = self.answer(rid)
+        assert answer is not None and answer["type"] == "status"
+        return answer
+
+
+def failed_and_held(tmp_path: Path, **mock: Any) -> Hold:
+    h = Hold(tmp_path, **mock)
+    h.begin(exit_status=3)
+    h.pump(10.0)
+    return h
+
+
+def test_a_failed_workload_ends_held_and_keeps_its_host(tmp_path: Path) -> None:
+    h = failed_and_held(tmp_path)
+    final = h.final()
+    assert final == {**final, "job_id": JOB_A, "reason": "workload_exited", "exit_status": 3,
+                     "held": True}
+    assert h.runner.held == JOB_A and h.runner.status() is None
+    assert h.runner.driver.current == JOB_A  # the simulated host is as it was
+    status = h.status()
+    assert status == {**status, "job": None, "held": JOB_A}
+    # The held job's end is remembered without "held": a resend never starts a hold.
+    assert "held" not in h.runner.ended[-1]
+
+
+def test_nothing_else_starts_while_a_host_is_held(tmp_path: Path) -> None:
+    h = failed_and_held(tmp_path)
+    ack = h.answer(h.begin(JOB_B, hold=None))
+    assert ack is not None and ack["ok"] is False
+    assert ack["error"]["code"] == "already_running" and JOB_A in ack["error"]["message"]
+    # The held job itself again: its end is sent again, nothing restarts.
+    ack = h.answer(h.begin(JOB_A))
+    assert ack is not None and ack["ok"] is True
+    assert h.runner.status() is None and h.runner.held == JOB_A
+
+
+@pytest.mark.parametrize("exit_status", [0])
+def test_success_is_torn_down_as_before(tmp_path: Path, exit_status: int) -> None:
+    h = Hold(tmp_path)
+    h.begin(exit_status=exit_status)
+    h.pump(10.0)
+    assert "held" not in h.final()
+    assert h.runner.held is None and h.runner.driver.current is None
+    assert "held" not in h.status()
+
+
+def test_a_cancel_is_torn_down_as_before(tmp_path: Path) -> None:
+    h = Hold(tmp_path, run_time=float("inf"))
+    h.begin(exit_status=3)
+    h.pump(6.0)
+    assert h.runner.status()["state"] == "ready"
+    h.send(protocol.stop_job(3000, JOB_A, "user_terminated"))
+    h.pump(8.0)
+    final = h.final()
+    assert final["reason"] == "user_terminated" and "held" not in final
+    assert h.runner.held is None and h.runner.driver.current is None
+
+
+def test_an_execution_timeout_ends_held_without_tearing_down(tmp_path: Path) -> None:
+    h = Hold(tmp_path, run_time=float("inf"))
+    h.begin()
+    h.pump(6.0)
+    rid = h.send(protocol.stop_job(3000, JOB_A, "execution_timeout"))
+    h.pump(7.0)
+    assert h.answer(rid) == {**protocol.ack(rid)}
+    final = h.final()
+    assert final == {**final, "reason": "execution_timeout", "held": True}
+    assert h.runner.held == JOB_A and h.runner.driver.current == JOB_A
+    assert h.runner.driver.run.phase not in ("stopping", "ended")
+
+
+def test_the_hold_expires_and_the_host_is_free(tmp_path: Path) -> None:
+    h = failed_and_held(tmp_path, stop_time=2.0)
+    ended_at = next(t for t, m in h.conn.events() if m["state"] == "terminated")
+    h.pump(ended_at + HOLD - 1)
+    assert h.runner.held == JOB_A
+    h.pump(ended_at + HOLD + 1)  # expired; the teardown takes stop_time
+    assert h.runner.held == JOB_A and h.ends.held_ended == []
+    h.pump(ended_at + HOLD + 5)
+    assert h.runner.held is None and h.runner.driver.current is None
+    assert h.ends.held_ended == [JOB_A]
+    assert "held" not in h.status()
+    # The host takes the next job; no event was sent for the hold's end.
+    finals = [m for _, m in h.conn.events() if m["state"] == "terminated"]
+    assert len(finals) == 1
+    ack = h.answer(h.begin(JOB_B, hold=None))
+    assert ack is not None and ack["ok"] is True
+
+
+def test_stop_job_releases_and_is_acked_after_the_teardown(tmp_path: Path) -> None:
+    h = failed_and_held(tmp_path, stop_time=2.0)
+    now = h.clock.seconds()
+    rid = h.send(protocol.stop_job(3000, JOB_A, "user_terminated"))
+    again = h.send(protocol.stop_job(3001, JOB_A, "user_terminated"))  # a resend
+    h.pump(now + 1.5)
+    assert h.answer(rid) is None and h.answer(again) is None  # still tearing down
+    assert h.runner.held == JOB_A
+    h.pump(now + 2.5)
+    assert h.answer(rid) == protocol.ack(rid) and h.answer(again) == protocol.ack(again)
+    assert h.runner.held is None and h.runner.driver.current is None
+    assert h.ends.held_ended == [JOB_A]
+    # Later stop_jobs for it are harmless; no second end is reported.
+    h.send(protocol.stop_job(3002, JOB_A, "user_terminated"))
+    h.pump(now + 3.5)
+    assert h.answer(3002) == protocol.ack(3002) and h.ends.held_ended == [JOB_A]
+    # The expiry timer is gone with the hold.
+    h.pump(now + HOLD + 5)
+    assert h.ends.held_ended == [JOB_A]
+
+
+def test_status_names_the_hold_only_to_minor_6(tmp_path: Path) -> None:
+    h = failed_and_held(tmp_path)
+    old = Connection(h.clock, minor=protocol.HOLD_MINOR - 1)
+    h.runner.link_opened(old)
+    h.conn = old
+    assert "held" not in h.status()
+
+
+def test_a_driver_that_cannot_hold_tears_down(tmp_path: Path) -> None:
+    h = Hold(tmp_path)
+    h.runner.driver.holds = False
+    h.begin(exit_status=3, run_time=1.0)
+    h.pump(10.0)
+    assert h.runner.held is None and "held" not in h.final()
+
+
+def test_a_restarted_supervisor_holds_nothing(tmp_path: Path) -> None:
+    h = failed_and_held(tmp_path)
+    assert h.runner.held == JOB_A
+    expiry = h.runner._held.timer
+    closed = Deferred.fromCoroutine(h.runner.close())
+    h.clock.advance(0)
+    assert closed.called and not expiry.active()
+    runner = JobRunner(h.clock, type(h.runner.driver)(h.clock),
+                       StateFiles(str(h.state), durable=False),
+                       run_io=lambda fn, *a, **k: maybeDeferred(fn, *a, **k))
+    assert Deferred.fromCoroutine(runner.start()).called
+    assert runner.held is None  # the simulated host died with the process
+    conn = Connection(h.clock)
+    runner.link_opened(conn)
+    runner.message_received(conn, protocol.status_request(7))
+    h.clock.advance(0)
+    status = [m for _, m in conn.sent if m["type"] == "status"]
+    assert status and "held" not in status[-1] and status[-1]["job"] is None

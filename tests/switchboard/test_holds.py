@@ -1,0 +1,211 @@
+"""Held hosts on the switchboard (``hold_on_failure``, docs/jobs.md), against a scripted
+supervisor: a held failure keeps its host from the scheduler until a cancel, the
+expiry or a reconciliation ends the hold; only ``stop`` may release it; a
+supervisor below minor 6 gets no ``hold_on_failure``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from tests.support import RunningSwitchboard, start_switchboard
+from tests.switchboard.peer import Peer, Script
+from tests.switchboard.test_links import (
+    add_host,
+    assigned_job,
+    connected_peer,
+    job,
+    reaches,
+    reconnect,
+    submit,
+)
+from tests.util.waiting import eventually, sleep
+from treadmill.protocol import supervisor as protocol
+from treadmill.switchboard.api import Limits
+
+MAX_HOLD = 120.0
+
+
+@pytest_twisted.async_yield_fixture
+async def sb(migrated_database: str, tmp_path: Path):
+    running = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
+                                      unreachable_after=60.0, timeout_interval=0.1,
+                                      limits=Limits(max_hold=MAX_HOLD))
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+def _time(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+async def held_failure(sb: RunningSwitchboard, peer: Peer, hold: float = 60.0,
+                       client: Any = None) -> str:
+    """A job with ``hold_on_failure`` that failed on ``peer``'s host, which holds it."""
+    job_id = await submit(sb, client, hold_on_failure=hold)
+    start = (await peer.wait_for("start_job", job_id=job_id))[-1]
+    assert start["job"]["hold_on_failure"] == hold
+    await peer.event(job_id, "ready")
+    peer.script.job, peer.script.held = None, job_id
+    ack = await peer.event(job_id, "terminated", reason="workload_exited", exit_status=3,
+                           held=True)
+    assert ack["ok"] is True, ack
+    return job_id
+
+
+async def not_started(sb: RunningSwitchboard, peer: Peer, job_id: str) -> None:
+    await sleep(1.0)  # five scheduling passes
+    assert (await job(sb, job_id))["state"] == "queued"
+    assert not [m for m in peer.of_type("start_job") if m["job"]["id"] == job_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_held_failure_keeps_its_host_until_cancelled(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    alice = await sb.user("alice")
+    held = await held_failure(sb, peer, client=alice)
+    body = await reaches(sb, held, "terminated", reason="workload_exited", exit_status=3)
+    assert body["hold_on_failure"] == 60.0
+    assert 55 < _time(body["held_until"]) - _time(body["terminated_at"]) <= 60.0
+    # The host takes nothing else meanwhile, and shows who holds it until when.
+    waiting = await submit(sb)
+    await not_started(sb, peer, waiting)
+    host = (await sb.admin.get("/api/v1/hosts/h1")).body
+    assert (host["current_job"], host["held_by"]) == (held, "alice")
+    assert _time(host["held_until"]) == _time(body["held_until"])
+    assert not peer.of_type("stop_job")
+    # The cancel of the ended job releases its host: a stop_job, then the next job.
+    r = await alice.post(f"/api/v1/jobs/{held}/terminate")
+    assert r.status == 200 and r.body["state"] == "terminated", r.body
+    await peer.wait_for("stop_job", job_id=held, reason="user_terminated")
+    await peer.wait_for("start_job", job_id=waiting)
+    body = await job(sb, held)
+    assert body["held_until"] is None and body["endpoints"] == []
+    assert body["termination"]["reason"] == "workload_exited"  # the end is as it was
+    host = (await sb.admin.get("/api/v1/hosts/h1")).body
+    assert host["current_job"] == waiting
+    # A second cancel changes nothing and sends nothing.
+    r = await alice.post(f"/api/v1/jobs/{held}/terminate")
+    assert r.status == 200 and r.body["held_until"] is None
+    await sleep(0.5)
+    assert len(peer.of_type("stop_job")) == 1
+    audit = (await sb.admin.get(f"/api/v1/audit?action=job.cancel&job={held}")).body
+    assert [(e["actor"], e["details"].get("released"), e["details"]["changed"])
+            for e in audit["entries"]] == [("alice", None, False), ("alice", True, True)], audit
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_hold_expires(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    held = await held_failure(sb, peer, hold=1.0)
+    waiting = await submit(sb)
+    await peer.wait_for("stop_job", job_id=held, reason="execution_timeout", timeout=15)
+    await peer.wait_for("start_job", job_id=waiting)
+    assert (await job(sb, held))["held_until"] is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_stop_may_release_a_hold(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    alice, bob, eve = (await sb.user("alice"), await sb.user("bob"), await sb.user("eve"))
+    held = await held_failure(sb, peer, client=alice)
+    before = (await job(sb, held))["held_until"]
+    await alice.post(f"/api/v1/jobs/{held}/grants", {"user": "bob", "privilege": "read"})
+    assert (await bob.get(f"/api/v1/jobs/{held}")).body["held_until"] == before
+    for client, status in ((bob, 403), (eve, 404)):
+        r = await client.post(f"/api/v1/jobs/{held}/terminate")
+        assert r.status == status, r.body
+        r = await client.post(f"/api/v1/jobs/{held}/extend", {"by": 60})
+        assert r.status == status, r.body
+    # Nor may the owner stretch a hold: an ended job's deadline is over.
+    r = await alice.post(f"/api/v1/jobs/{held}/extend", {"by": 60})
+    assert r.status == 409, r.body
+    await sleep(0.5)
+    assert (await job(sb, held))["held_until"] == before
+    assert not peer.of_type("stop_job")
+    # A grant of stop is enough.
+    await alice.post(f"/api/v1/jobs/{held}/grants", {"user": "bob", "privilege": "stop"})
+    r = await bob.post(f"/api/v1/jobs/{held}/terminate")
+    assert r.status == 200, r.body
+    await peer.wait_for("stop_job", job_id=held, reason="user_terminated")
+
+
+@pytest.mark.parametrize("hold", [0, -1, "30", True, None, MAX_HOLD + 1, [1]])
+@pytest_twisted.ensureDeferred
+async def test_bad_holds_are_refused(sb: RunningSwitchboard, hold: Any) -> None:
+    r = await sb.admin.post("/api/v1/jobs", {"image": "sha256:" + "c" * 64,
+                                             "hold_on_failure": hold})
+    assert r.status == 400, r.body
+    if hold == MAX_HOLD + 1:
+        assert "at most 120 seconds" in r.body["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_supervisor_below_minor_6_gets_no_hold(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = Peer(sb.url, token, Script(), minor=protocol.HOLD_MINOR - 1)
+    await peer.connect()
+    await peer.wait_for("status_request")
+    job_id = await assigned_job(sb, peer, hold_on_failure=60)
+    start = peer.of_type("start_job")[-1]
+    assert "hold_on_failure" not in start["job"]
+    # Its events cannot start a hold either.
+    await peer.event(job_id, "terminated", reason="workload_exited", exit_status=3, held=True)
+    body = await reaches(sb, job_id, "terminated")
+    assert body["held_until"] is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_success_or_a_final_event_without_held_holds_nothing(
+        sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    job_id = await assigned_job(sb, peer, hold_on_failure=60)
+    peer.script.job = None
+    await peer.event(job_id, "terminated", reason="workload_exited", exit_status=3)
+    assert (await reaches(sb, job_id, "terminated"))["held_until"] is None
+    nxt = await submit(sb)
+    await peer.wait_for("start_job", job_id=nxt)
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconciliation_keeps_or_ends_holds(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    held = await held_failure(sb, peer)
+    waiting = await submit(sb)
+    # The switchboard's link comes back (a switchboard restart, a failover): the
+    # supervisor still names the hold, so it stays.
+    await reconnect(peer, None)
+    await not_started(sb, peer, waiting)
+    assert (await job(sb, held))["held_until"] is not None
+    assert not peer.of_type("stop_job")
+    # The supervisor restarted (it holds nothing now): the hold is over, the host free.
+    peer.script.held = None
+    await reconnect(peer, None)
+    await peer.wait_for("start_job", job_id=waiting)
+    assert (await job(sb, held))["held_until"] is None
+    assert not peer.of_type("stop_job")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hold_the_database_does_not_know_is_released(sb: RunningSwitchboard) -> None:
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    held = await held_failure(sb, peer)
+    # Released while the link was away (the database no longer knows the hold) ...
+    await sb.store.end_hold(held)
+    await reconnect(peer, None)
+    # ... yet the supervisor still keeps the host: it is told to let it go.
+    await peer.wait_for("stop_job", job_id=held)
+    await eventually(lambda: peer.script.held is None)

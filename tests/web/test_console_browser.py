@@ -1,0 +1,293 @@
+"""The web console in a real headless Chromium against real daemons: a switchboard, a log
+server and a supervisor with the mock driver (one browser for the module)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+
+from tests.proxy.support import start_proxy
+from tests.support import Client, RunningSwitchboard, start_switchboard
+from tests.util.ports import free_port
+from tests.web.browser import Browser, available
+from treadmill.common.captoken import CapabilitySigner, load_or_create_signing_key
+from treadmill.dev.fleet import ws_url_for
+from treadmill.logserver.service import LogServerConfig, LogServerService
+from treadmill.supervisor.config import SupervisorConfig
+from treadmill.supervisor.drivers import STAGES
+from treadmill.supervisor.drivers.mock import MockSettings
+from treadmill.supervisor.service import SupervisorService
+from treadmill.switchboard import credentials
+from treadmill.switchboard.api import Limits
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(available() is not None, reason=str(available()))]
+
+DIGEST = "sha256:" + "7" * 64
+PASSWORD = "console password"
+HOSTILE = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
+
+
+@dataclass
+class Stack:
+    sb: RunningSwitchboard
+    logs: str
+    host_token: str
+
+
+async def _stack(database: str, tmp_path: Path, stops: list[Callable[[], Any]]) -> Stack:
+    """Starts the daemons, each one's stop appended to ``stops`` as soon as it runs."""
+    key = tmp_path / "capability-key.pem"
+    jwks = CapabilitySigner(load_or_create_signing_key(str(key)), "treadmill", reactor).jwks()
+    (tmp_path / "keys.json").write_text(json.dumps(jwks))
+    proxy = await start_proxy(SimpleNamespace(keys_file=tmp_path / "keys.json"))
+    stops.append(proxy.service.stopService)
+    logs_port = free_port()
+    logs_url = f"http://127.0.0.1:{logs_port}"
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 limits=Limits(log_servers=(logs_url,), log_replicas=1),
+                                 proxies=(proxy.ws,))
+    stops.append(sb.stop)
+    logserver = LogServerService(reactor, LogServerConfig(
+        root=str(tmp_path / "logs"), listen=[f"tcp:{logs_port}:interface=127.0.0.1"],
+        auth={"auth.keys_file": str(key)}, fsync="never", access_log=False,
+        cors_origins=(sb.url,)))
+    logserver.startService()
+    stops.append(logserver.stopService)
+    await logserver.ready()
+    r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
+    assert r.status == 201, r.body
+    await sb.admin.post("/api/v1/hosts/mock-1/grants", {"user": "*", "privilege": "start"})
+    return Stack(sb, logs_url, r.body["token"])
+
+
+async def _user(sb: RunningSwitchboard, name: str, admin: bool = False) -> Client:
+    row = await sb.store.create_user(name, admin, credentials.hash_password_sync(PASSWORD))
+    token = credentials.new_token(credentials.USER_TOKEN_PREFIX)
+    await sb.store.create_token(row["id"], credentials.token_hash(token), "test", 3600)
+    return Client(sb.url, token)
+
+
+async def _log_in(browser: Browser, url: str, user: str) -> None:
+    await browser.reset()
+    await browser.get(f"{url}/#/login")
+    await browser.wait_for("document.querySelector('#login-form')")
+    await browser.type("#login-user", user)
+    await browser.type("#login-password", PASSWORD)
+    await browser.click("#login-form button[type=submit]")
+    await browser.wait_for("document.querySelector('#whoami')?.textContent.startsWith("
+                           f"{json.dumps(user)})")
+
+
+@pytest_twisted.async_yield_fixture
+async def stack(database: str, tmp_path: Path) -> AsyncIterator[Stack]:
+    stops: list[Callable[[], Any]] = []  # a failed start-up stops what already runs
+    try:
+        built = await _stack(database, tmp_path, stops)
+        supervisor = SupervisorService(reactor, SupervisorConfig(
+            url=ws_url_for(built.sb.url), token=built.host_token,
+            state_dir=str(tmp_path / "sup"), reconnect_initial=0.1, reconnect_max=1.0,
+            durable=False,
+            driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.05), run_time=120,
+                                       console_rate=4000).values()))
+        supervisor.startService()
+        stops.append(supervisor.stopService)
+        await supervisor.connected()
+        yield built
+    finally:
+        for stop in reversed(stops):
+            await stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_watch_cancel_and_log_out(stack: Stack, browser: Browser,
+                                               artifacts: None) -> None:
+    sb = stack.sb
+    await _user(sb, "ops", admin=True)
+    await _log_in(browser, sb.url, "ops")
+    # The session's token is out of the page's reach.
+    assert "treadmill_session" not in await browser.script("return document.cookie")
+    session = (await browser.run(browser.driver.get_cookie, "treadmill_session"))["value"]
+
+    # Submit a mock job whose label is hostile markup.
+    await browser.get(f"{sb.url}/#/submit")
+    await browser.wait_for("document.querySelector('#submit-form')")
+    await browser.type("#submit-image", DIGEST)
+    await browser.type("#submit-tags", "mock")
+    await browser.type("#submit-label", HOSTILE)
+    await browser.click("#add-param")
+    await browser.type(".param-name", "TOKEN")
+    await browser.type(".param-value", "s3cret-value")
+    await browser.click(".param-secret")
+    await browser.snap("submit")
+    await browser.click("#submit-form button[type=submit]")
+    job_id = await browser.wait_for(
+        "(location.hash.match(/^#\\/jobs\\/([0-9a-f-]{36})$/) || [])[1]")
+    await browser.wait_for("document.querySelector('#job-label')")
+
+    # The label is text, never markup; the secret is masked.
+    assert await browser.script("return document.querySelector('#job-label').textContent"
+                                ) == HOSTILE
+    assert await browser.script("return document.querySelector('#job-label').children.length"
+                                ) == 0
+    assert await browser.script("return window.pwned === undefined")
+    page_text = await browser.script("return document.body.innerText")
+    assert "s3cret-value" not in page_text and "(secret)" in page_text
+
+    # The console arrives live, from the log server, into the terminal.
+    await browser.wait_for("Number(document.querySelector('#console').dataset.bytes) > 0", 30)
+    tail = await browser.wait_for(
+        "document.querySelector('#console').dataset.tail.includes('mock console') && "
+        "document.querySelector('#console').dataset.tail", 30)
+    assert f"mock console {job_id[:8]}" in tail
+    first = int(await browser.script("return document.querySelector('#console').dataset.bytes"))
+    await browser.wait_for(f"Number(document.querySelector('#console').dataset.bytes) > {first}")
+    # xterm.js renders only what is on screen.
+    await browser.script("document.querySelector('#console').scrollIntoView()")
+    await browser.wait_for("document.querySelector('#console .xterm-rows').textContent"
+                           ".includes('mock console')")
+    await browser.script("window.scrollTo(0, 0)")
+    await browser.snap("job")
+    await browser.script("document.querySelector('#console').scrollIntoView()")
+    await browser.snap("job-console")
+
+    # Cancel: the page follows the job to its end over the SSE watch; the host is free.
+    await browser.wait_for("['initializing', 'ready'].includes(document.querySelector("
+                           "'#job-state [data-state]')?.dataset.state)", 30)
+    await browser.click("#cancel")
+    await browser.accept_dialog()
+    await browser.wait_for("document.querySelector('#job-state [data-state]')?.dataset.state"
+                           " === 'terminated'", 30)
+    assert not await browser.script("return document.querySelector('#cancel')")
+    timeline = await browser.script("return document.querySelector('#timeline').innerText")
+    assert "queued" in timeline and "terminated" in timeline
+    await browser.get(f"{sb.url}/#/hosts")
+    await browser.wait_for("document.querySelector('tr[data-host=\"mock-1\"]')")
+    await browser.wait_for("document.querySelector('tr[data-host=\"mock-1\"] .current-job')"
+                           ".textContent === ''", 30)
+    await browser.snap("hosts")
+    # The jobs list shows it, as text.
+    await browser.get(f"{sb.url}/#/jobs")
+    await browser.wait_for(f"document.querySelector('tr[data-job=\"{job_id}\"] .label')")
+    assert await browser.script(
+        f"return document.querySelector('tr[data-job=\"{job_id}\"] .label').textContent"
+    ) == HOSTILE
+    # Filters: the ended job is not active.
+    await browser.script("document.querySelector('#filter-state').value = 'active';"
+                         "document.querySelector('form.inline button[type=submit]').click()")
+    await browser.wait_for("document.querySelector('#jobs tbody').textContent"
+                           ".includes('No jobs.')")
+    await browser.script("document.querySelector('#filter-state').value = 'terminated';"
+                         "document.querySelector('form.inline button[type=submit]').click()")
+    await browser.wait_for(f"document.querySelector('tr[data-job=\"{job_id}\"]')")
+    await browser.snap("jobs")
+    for page in ("images", "tokens", "users"):
+        await browser.get(f"{sb.url}/#/{page}")
+        await browser.wait_for(f"document.body.dataset.page === '{page}' && "
+                               "!document.querySelector('main > p.muted')")
+        await browser.snap(page)
+
+    # The page lives within its Content-Security-Policy.
+    log = await browser.run(browser.driver.get_log, "browser")
+    assert not [e for e in log if "Content Security Policy" in str(e.get("message"))], log
+
+    # Log out revokes the session's token.
+    await browser.click("#logout")
+    await browser.wait_for("document.querySelector('#login-form')")
+    await browser.snap("login")
+    r = await sb.admin.as_user(session).get("/api/v1/whoami")
+    assert r.status == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_privilege_no_cancel_and_csrf(stack: Stack, browser: Browser,
+                                                    artifacts: None) -> None:
+    sb = stack.sb
+    alice = await _user(sb, "alice")
+    await _user(sb, "bob")
+    job = (await alice.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"],
+                                             "label": "alice's job"})).body
+    r = await alice.post(f"/api/v1/jobs/{job['id']}/grants", {"user": "bob",
+                                                              "privilege": "read"})
+    assert r.status == 201, r.body
+
+    await _log_in(browser, sb.url, "bob")
+    await browser.get(f"{sb.url}/#/jobs/{job['id']}")
+    await browser.wait_for("document.querySelector('#job-label')?.textContent === "
+                           "\"alice's job\"")
+    await browser.wait_for("document.querySelector('#console-status')")
+    assert not await browser.script("return document.querySelector('#cancel')")
+    assert not await browser.script("return document.querySelector('#snapshot')")
+
+    # The API refuses anyway; and without the CSRF header, before looking.
+    fetch = """
+        const done = arguments[arguments.length - 1];
+        const headers = {"Content-Type": "application/json"};
+        if (arguments[1]) headers["X-CSRF-Token"] = decodeURIComponent(
+            document.cookie.match(/treadmill_csrf=([^;]+)/)[1]);
+        fetch(arguments[0], {method: "POST", headers, body: "{}"})
+            .then(async r => done([r.status, await r.text()]), e => done([0, String(e)]));
+    """
+    terminate = f"/api/v1/jobs/{job['id']}/terminate"
+    status, body = await browser.call_async(fetch, terminate, True)
+    assert status == 403 and "may not stop" in body
+    status, body = await browser.call_async(fetch, terminate, False)
+    assert status == 403 and "CSRF" in body
+    # The job runs on.
+    assert (await alice.get(f"/api/v1/jobs/{job['id']}")).body["state"] in (
+        "assigned", "initializing", "ready")
+
+    # An expired (here: revoked) session sends the page back to the login form.
+    session = (await browser.run(browser.driver.get_cookie, "treadmill_session"))["value"]
+    r = await treq.delete(f"{sb.url}/console/session", cookies={
+        "treadmill_session": session, "treadmill_csrf": "x"}, headers={
+        "X-CSRF-Token": (await browser.run(browser.driver.get_cookie,
+                                           "treadmill_csrf"))["value"]})
+    assert r.code == 204
+    await browser.get(f"{sb.url}/#/hosts")
+    await browser.wait_for("document.querySelector('#login-form')")
+
+
+@pytest_twisted.ensureDeferred
+async def test_web_terminal_types_with_manage_and_watches_with_read(
+        stack: Stack, browser: Browser, artifacts: None) -> None:
+    sb = stack.sb
+    alice = await _user(sb, "alice")
+    await _user(sb, "bob")
+    job = (await alice.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})).body
+    await alice.post(f"/api/v1/jobs/{job['id']}/grants", {"user": "bob", "privilege": "read"})
+
+    await _log_in(browser, sb.url, "alice")
+    await browser.get(f"{sb.url}/#/jobs/{job['id']}")
+    # The mock host's echo service appears as an endpoint that needs a console token.
+    await browser.wait_for("document.querySelector('tr[data-service=\"echo\"] .open-terminal')",
+                           30)
+    await browser.click("tr[data-service=\"echo\"] .open-terminal")
+    await browser.wait_for("document.querySelector('#terminal-status').textContent"
+                           ".includes('type here')")
+    await browser.script("document.querySelector('#terminal').scrollIntoView()")
+    await browser.type("#terminal .xterm-helper-textarea", "hello from the web", clear=False)
+    await browser.wait_for("(document.querySelector('#terminal').dataset.tail || '')"
+                           ".includes('hello from the web')")
+    await browser.script("document.querySelector('#endpoints').scrollIntoView()")
+    await browser.snap("terminal")
+
+    # bob may only watch: no terminal to type into, and a read token.
+    await _log_in(browser, sb.url, "bob")
+    await browser.get(f"{sb.url}/#/jobs/{job['id']}")
+    await browser.wait_for("document.querySelector('tr[data-service=\"echo\"] .watch-terminal')",
+                           30)
+    assert not await browser.script(
+        "return document.querySelector('tr[data-service=\"echo\"] .open-terminal')")
+    await browser.click("tr[data-service=\"echo\"] .watch-terminal")
+    await browser.wait_for("document.querySelector('#terminal-status').textContent"
+                           ".includes('read only')")

@@ -1,0 +1,65 @@
+"""Holding a failed job's host for debugging (``JobStart.hold_on_failure``, minor 6).
+
+:func:`hold_for` is the policy: which ends of a job keep its host (and VM or board)
+as it is; :class:`Hold` is one such hold in the runner (``runner.py``): the ended job,
+when the hold expires, and a Deferred that fires once the driver has torn down.
+``docs/jobs.md`` (Holding a failed job's host) describes the whole feature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+
+__all__ = ["RELEASE_WAIT", "Hold", "hold_for"]
+
+RELEASE_WAIT = 60.0
+"""Seconds a release waits for the driver to report the held job's teardown."""
+
+
+def hold_for(job: dict[str, Any], reason: str, exit_status: int | None) -> float | None:
+    """Seconds to hold ``job``'s host after it ended with ``reason`` (and ``exit_status``),
+    or None: only a failed workload (a non-zero exit status) or an execution timeout is
+    held, and only when the job asked for it; a cancelled job never is."""
+    seconds = job.get("hold_on_failure")
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool) \
+            or not math.isfinite(seconds) or seconds <= 0:
+        return None
+    failed = (reason == "workload_exited" and exit_status not in (None, 0)) \
+        or reason == "execution_timeout"
+    return float(seconds) if failed else None
+
+
+@dataclass(eq=False)
+class Hold:
+    """An ended job whose host the runner keeps until ``until`` (reactor seconds)."""
+
+    job_id: str
+    until: float
+    timer: Any = None  # the expiry's IDelayedCall
+    releasing: bool = False
+    ended: bool = False  # the driver reported the held job's end: its teardown is over
+    _waiters: list[Deferred[None]] = field(default_factory=list)
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def wait(self) -> Deferred[None]:
+        """Fires once the hold is over."""
+        if self.ended:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def over(self) -> None:
+        self.cancel_timer()
+        self.ended = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)

@@ -1,0 +1,88 @@
+"""A link's side of held hosts (``hold_on_failure``, docs/jobs.md).
+
+A supervisor at protocol minor 6 may end a failed job ``held``: it keeps the host
+as it is until the hold expires or a ``stop_job`` names the ended job. The database
+records the hold (``store/holds.py``); :class:`HostHold`, one per supervisor link,
+ends it: once its ``held_until`` has passed (expired, or released by ``tml job
+cancel``) it sends that ``stop_job`` and, once acknowledged (the supervisor acks
+after its teardown), frees the host. Reconciliation compares ``status.held`` with
+the database: a hold the supervisor no longer names is over; one it names that the
+database does not know (any more) is released.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import TimeoutError
+from twisted.logger import Logger
+
+from treadmill.protocol import supervisor as protocol
+from treadmill.switchboard.jobstate import Reason
+
+
+class HostHold:
+    """The hold on one link's host. ``link`` is its ``SupervisorSession``."""
+
+    log = Logger()
+
+    def __init__(self, link: Any):
+        self.link = link
+        self.job_id: str | None = None  # the ended job the host holds, if known
+        self._releasing: set[str] = set()
+
+    def started(self, job_id: str) -> None:
+        """The job's held final event was stored."""
+        self.job_id = job_id
+
+    def concerns(self, job_id: str) -> bool:
+        """Whether a change of job ``job_id`` may end this host's hold."""
+        return self.job_id == job_id
+
+    async def check(self) -> None:
+        """End the host's hold if its time has come."""
+        if self.job_id is None or self.link.host_id is None:
+            return
+        row = await self.link.links.store.held_job(self.link.host_id)
+        self.job_id = str(row["id"]) if row is not None else None
+        if row is not None and row["due"]:
+            await self._release(str(row["id"]), bool(row["released"]))
+
+    async def reconcile(self, reported: str | None) -> None:
+        """Bring the database's hold on the host in line with ``status.held``."""
+        store = self.link.links.store
+        row = await store.held_job(self.link.host_id)
+        known = str(row["id"]) if row is not None else None
+        if known is not None and known != reported:
+            await store.end_hold(known)  # the supervisor no longer keeps it
+            self.log.info("{host}: the hold of job {job} is over", host=self.link.host_name,
+                          job=known)
+            known = None
+        self.job_id = known
+        if reported is not None and known is None:
+            await self._release(reported, True)  # a hold nobody asks for any more
+        elif row is not None and known is not None and row["due"]:
+            await self._release(known, bool(row["released"]))
+
+    async def _release(self, job_id: str, released: bool) -> None:
+        """``stop_job`` for the held job; once acknowledged, the host is free."""
+        if job_id in self._releasing:
+            return
+        self._releasing.add(job_id)
+        reason = Reason.USER_TERMINATED if released else Reason.EXECUTION_TIMEOUT
+        try:
+            self.log.info("{host}: ending the hold of job {job} ({reason})",
+                          host=self.link.host_name, job=job_id, reason=reason.value)
+            try:
+                answer = await self.link.request(protocol.stop_job(0, job_id, reason.value))
+            except (TimeoutError, ConnectionError):
+                return  # the next check (or the next link's reconciliation) tries again
+            if not answer["ok"]:
+                self.log.warn("{host} refused to end the hold of {job}: {error}",
+                              host=self.link.host_name, job=job_id, error=answer.get("error"))
+                return
+            await self.link.links.store.end_hold(job_id)
+            if self.job_id == job_id:
+                self.job_id = None
+        finally:
+            self._releasing.discard(job_id)
