@@ -124,11 +124,11 @@ async def test_endpoints_to_an_older_switchboard_carry_no_auth(peered: Any, prox
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_held_job_stays_reachable_until_its_hold_ends(setup: Any, proxy: Running,
-                                                            keys: Keys) -> None:
+async def test_a_held_job_stays_reachable_until_its_hold_ends(peered: Any, proxy: Running,
+                                                             keys: Keys) -> None:
     """hold_on_failure (docs/jobs.md): the failed job's tunnels outlive its end until the
     stop_job that releases the host, then close."""
-    peer, service = setup(minor=protocol.HOLD_MINOR)
+    peer, service = peered(minor=protocol.HOLD_MINOR)
     conn = await peer.connection()
     start = proxied_job(proxy, keys, run_time=0.5, exit_status=3)
     start["hold_on_failure"] = 60
