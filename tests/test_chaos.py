@@ -48,7 +48,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 
 from tests.support import Client
-from tests.util.daemons import Daemon, run_python
+from tests.util.daemons import Daemon, bootstrap_admin, run_python
 from tests.util.ports import free_port
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
@@ -193,10 +193,7 @@ class Bed:
             daemon.start()
         for role, daemon in self.daemons.items():
             await daemon.wait_http(self.health(role), timeout=60)
-        out, err, code = await run_python("-m", "treadmill.switchboard.bootstrap",
-                                          "--config", self.sb_config, "--admin", "root")
-        assert code == 0, err
-        self.admin = Client(self.url, out.strip())
+        self.admin = Client(self.url, await bootstrap_admin("--config", self.sb_config))
         r = await self.admin.post("/api/v1/stores", {"url": self.store_url,
                                                      "service": STORE_SERVICE})
         assert r.status == 201, r.body

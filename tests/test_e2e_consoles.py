@@ -22,17 +22,12 @@ from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 
 from tests.proxy.support import console, console_echo, echo_client, start_proxy
-from tests.support import start_switchboard
+from tests.support import mock_supervisor, start_switchboard
 from tests.util.daemons import _Output
 from tests.util.ports import free_port
 from tests.util.waiting import eventually
 from treadmill.common.captoken import CapabilitySigner, load_or_create_signing_key
-from treadmill.dev.fleet import ws_url_for
 from treadmill.protocol.proxy import ConsoleCloseCode
-from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.service import SupervisorService
 
 DIGEST = "sha256:" + "c" * 64
 
@@ -50,11 +45,7 @@ async def test_console_tokens_end_to_end(migrated_database: str, tmp_path: Path)
                                  proxies=(proxy.ws,))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     await sb.admin.post("/api/v1/hosts/mock-1/grants", {"user": "*", "privilege": "start"})
-    supervisor = SupervisorService(reactor, SupervisorConfig(
-        url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "mock-1"),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=600.0).values()))
-    supervisor.startService()
+    supervisor = mock_supervisor(sb.url, r.body["token"], tmp_path / "mock-1", run_time=600.0)
     try:
         alice, bob = await sb.user("alice"), await sb.user("bob")
         mallory = await sb.user("mallory")

@@ -10,7 +10,7 @@ import json
 import pytest_twisted
 
 from tests import test_e2e_jobs
-from tests.test_e2e_jobs import cli, final
+from tests.support import final, run_tml
 from tests.util.waiting import eventually
 
 testbed = test_e2e_jobs.testbed
@@ -22,7 +22,7 @@ CHECK = "sha256:" + "c" * 64
 
 
 async def submit(url: str, token: str, *argv: str) -> str:
-    code, out = await cli(url, token, "--json", "job", "submit", *argv)
+    code, out = await run_tml(url, token, "--json", "job", "submit", *argv)
     assert code == 0, out
     return first_json(out)["id"]
 
@@ -43,7 +43,7 @@ async def test_bad_images_do_not_spoil_the_host_but_a_failing_check_does(testbed
         job_id = await submit(sb.url, alice.token, BAD, "--tag", "mock",
                               "--param", "mock.fail_at=booting")
         assert (await final(sb.admin, job_id))["termination"]["reason"] == "host_start_failure"
-    code, out = await cli(sb.url, alice.token, "host", "health", "mock-1")
+    code, out = await run_tml(sb.url, alice.token, "host", "health", "mock-1")
     assert code == 0, out
     assert "healthy: yes" in " ".join(out.split())
     assert out.count("not_counted") == 4
@@ -51,9 +51,9 @@ async def test_bad_images_do_not_spoil_the_host_but_a_failing_check_does(testbed
     assert (await final(sb.admin, good))["termination"]["exit_status"] == 0
 
     # The operator's check, after every job: its workload exits 1 where 0 passes.
-    code, out = await cli(sb.url, sb.admin_token, "host", "health-check", "set", "mock-1",
-                          "--image", CHECK, "--expect-exit", "0", "--every-jobs", "1",
-                          "--param", "mock.exit_status=1")
+    code, out = await run_tml(sb.url, sb.admin_token, "host", "health-check", "set", "mock-1",
+                              "--image", CHECK, "--expect-exit", "0", "--every-jobs", "1",
+                              "--param", "mock.exit_status=1")
     assert code == 0, out
     assert "expect exit 0" in out and "every 1 jobs" in out
     good = await submit(sb.url, alice.token, GOOD, "--tag", "mock")
@@ -63,7 +63,7 @@ async def test_bad_images_do_not_spoil_the_host_but_a_failing_check_does(testbed
         return (await sb.admin.get("/api/v1/hosts/mock-1")).body["healthy"] is False
 
     await eventually(out_of_service)
-    code, out = await cli(sb.url, alice.token, "host", "health", "mock-1")
+    code, out = await run_tml(sb.url, alice.token, "host", "health", "mock-1")
     assert code == 0, out
     assert "check_failed" in out and "exit status 1" in out
     assert "expected exit status 0" in out
@@ -80,15 +80,15 @@ async def test_bad_images_do_not_spoil_the_host_but_a_failing_check_does(testbed
     message = await eventually(says_why)
     assert message == "waiting: every host that could run it is out of service: " \
                       "mock-1 (unhealthy)"
-    code, out = await cli(sb.url, alice.token, "job", "show", waiting)
+    code, out = await run_tml(sb.url, alice.token, "job", "show", waiting)
     assert "mock-1 (unhealthy)" in out
 
     # The operator removes the check and puts the host back: the job runs.
-    code, out = await cli(sb.url, sb.admin_token, "host", "health-check", "unset", "mock-1")
+    code, out = await run_tml(sb.url, sb.admin_token, "host", "health-check", "unset", "mock-1")
     assert code == 0, out
-    code, out = await cli(sb.url, sb.admin_token, "host", "enable", "mock-1")
+    code, out = await run_tml(sb.url, sb.admin_token, "host", "enable", "mock-1")
     assert code == 0, out
     assert (await final(sb.admin, waiting))["termination"]["exit_status"] == 0
-    code, out = await cli(sb.url, sb.admin_token, "--json", "host", "health", "mock-1")
+    code, out = await run_tml(sb.url, sb.admin_token, "--json", "host", "health", "mock-1")
     events = [e["event"] for e in first_json(out)["events"]]
     assert events[0] == "enabled" and "check_failed" in events

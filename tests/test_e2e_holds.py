@@ -12,7 +12,8 @@ import signal
 
 import pytest_twisted
 
-from tests.test_e2e_jobs import DIGEST, Bed, cli, final
+from tests.support import final, run_tml
+from tests.test_e2e_jobs import DIGEST, Bed
 from tests.test_e2e_jobs import bed as bed  # the fixture: both daemons, no tracebacks
 from tests.util.waiting import eventually, sleep
 
@@ -22,9 +23,9 @@ async def test_a_failed_job_keeps_its_host_until_cancelled(bed: Bed) -> None:
     admin = bed.admin
     assert admin is not None
     token = admin.token
-    code, out = await cli(bed.url, token, "job", "run", DIGEST, "--tag", "mock",
-                          "--no-console", "--param", "mock.exit_status=3",
-                          "--hold-on-failure", "30m")
+    code, out = await run_tml(bed.url, token, "job", "run", DIGEST, "--tag", "mock",
+                              "--no-console", "--param", "mock.exit_status=3",
+                              "--hold-on-failure", "30m")
     assert code == 4, out
     assert "held for debugging until" in out and "mock-1" in out, out
     held = (await admin.get("/api/v1/jobs?state=terminated")).body["jobs"][0]
@@ -33,10 +34,10 @@ async def test_a_failed_job_keeps_its_host_until_cancelled(bed: Bed) -> None:
     assert held["hold_on_failure"] == 1800 and held["held_until"] is not None
 
     # The host is held: a second job waits; tml host ls shows the hold.
-    code, out = await cli(bed.url, token, "job", "submit", DIGEST, "--tag", "mock")
+    code, out = await run_tml(bed.url, token, "job", "submit", DIGEST, "--tag", "mock")
     assert code == 0, out
     waiting = out.split()[0]
-    code, out = await cli(bed.url, token, "host", "ls")
+    code, out = await run_tml(bed.url, token, "host", "ls")
     assert code == 0 and job_id in out and "root" in out, out
     host = (await admin.get("/api/v1/hosts/mock-1")).body
     assert (host["current_job"], host["held_by"]) == (job_id, "root")
@@ -57,12 +58,12 @@ async def test_a_failed_job_keeps_its_host_until_cancelled(bed: Bed) -> None:
     assert (await admin.get(f"/api/v1/jobs/{job_id}")).body["held_until"] == held["held_until"]
 
     # tml job cancel releases the host; the waiting job then runs.
-    code, out = await cli(bed.url, token, "job", "cancel", job_id[:8])
+    code, out = await run_tml(bed.url, token, "job", "cancel", job_id[:8])
     assert code == 0 and "releasing its held host" in out, out
     end = await final(admin, waiting)
     assert end["termination"]["reason"] == "workload_exited"
     released = (await admin.get(f"/api/v1/jobs/{job_id}")).body
     assert released["held_until"] is None
     assert released["termination"]["exit_status"] == 3
-    code, out = await cli(bed.url, token, "host", "ls")
+    code, out = await run_tml(bed.url, token, "host", "ls")
     assert code == 0 and job_id not in out, out

@@ -31,16 +31,17 @@ from twisted.web.server import Site
 
 pytest.importorskip("treadmill.imagestore.service")
 
-from tests.support import Client, RunningSwitchboard, start_switchboard
+from tests.support import (
+    Client,
+    RunningSwitchboard,
+    mock_supervisor,
+    start_switchboard,
+    store_service,
+    url_of,
+)
 from tests.util.waiting import eventually
-from treadmill.dev.fleet import ws_url_for
 from treadmill.images import format as fmt
 from treadmill.images.oci import RegistryClient
-from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
-from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.service import SupervisorService
 
 REAL_SERVICE = "treadmill-imagestore"
 HOSTILE_SERVICE = "hostile"
@@ -103,17 +104,14 @@ def claims(token: str) -> dict[str, Any]:
 async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
-    store = ImageStoreService(reactor, ImageStoreConfig(
-        root=str(tmp_path / "store"), listen=["tcp:0:interface=127.0.0.1"],
-        keys_url=f"{sb.url}/.well-known/treadmill/capability-keys", service=REAL_SERVICE,
-        realm=f"{sb.url}/api/v1/registry/token", access_log=False))
+    store = store_service(sb, tmp_path / "store", service=REAL_SERVICE)
     store.startService()
     hostile, unregistered = Hostile(), Hostile()
     ports = [reactor.listenTCP(0, Site(r), interface="127.0.0.1")
              for r in (hostile, unregistered)]
     try:
         await store.ready()
-        store_url = f"http://127.0.0.1:{store.ports()[0].getHost().port}"
+        store_url = url_of(store)
         hostile_url, unregistered_url = (f"http://127.0.0.1:{p.getHost().port}" for p in ports)
         await sb.register_store(store_url, REAL_SERVICE)
         await sb.register_store(hostile_url, HOSTILE_SERVICE)
@@ -166,11 +164,8 @@ async def run_lure_job(bed: Bed) -> dict[str, Any]:
     """A mock host's supervisor fetches the lure image for a job; the job's final state."""
     admin = bed.sb.admin
     host = (await admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})).body
-    supervisor = SupervisorService(reactor, SupervisorConfig(
-        url=ws_url_for(bed.sb.url), token=host["token"], state_dir=str(bed.tmp / "mock-1"),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2).values()))
-    supervisor.startService()
+    supervisor = mock_supervisor(bed.sb.url, host["token"], bed.tmp / "mock-1",
+                                 stage_time=0.02, run_time=0.2)
     try:
         await supervisor.ready()
         await supervisor.connected()
@@ -296,14 +291,11 @@ async def test_a_token_for_store_b_is_refused_by_store_a(bed: Bed) -> None:
     """Two real stores, each registered under its own service: the switchboard's token
     for B is good at B and refused at A (its audience), for the same repository."""
     await seed_real_store(bed)
-    store_b = ImageStoreService(reactor, ImageStoreConfig(
-        root=str(bed.tmp / "store-b"), listen=["tcp:0:interface=127.0.0.1"],
-        keys_url=f"{bed.sb.url}/.well-known/treadmill/capability-keys", service="store-b",
-        realm=bed.realm, access_log=False))
+    store_b = store_service(bed.sb, bed.tmp / "store-b", service="store-b")
     store_b.startService()
     try:
         await store_b.ready()
-        url_b = f"http://127.0.0.1:{store_b.ports()[0].getHost().port}"
+        url_b = url_of(store_b)
         await bed.sb.register_store(url_b, "store-b")
         tokens = {}
         for service in (REAL_SERVICE, "store-b"):

@@ -23,16 +23,19 @@ from twisted.internet import reactor
 
 pytest.importorskip("treadmill.imagestore.service")
 
-from tests.support import Client, RunningSwitchboard, start_switchboard
+from tests.support import (
+    Client,
+    RunningSwitchboard,
+    add_host,
+    mock_supervisor,
+    start_switchboard,
+    store_service,
+    url_of,
+)
 from tests.util.waiting import eventually
-from treadmill.dev.fleet import ws_url_for
 from treadmill.images import format as fmt
 from treadmill.images.oci import RegistryClient
-from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
 from treadmill.supervisor.blobcache import blob_path
-from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
 from treadmill.supervisor.service import SupervisorService
 
 BASE = b"QFI\xfb" + bytes(range(256)) * 160  # a tiny fake qcow2 (the magic, then filler)
@@ -50,34 +53,20 @@ class Bed:
         return self.switchboard.admin
 
 
-async def add_host(admin: Client, name: str, tags: list[str]) -> str:
-    r = await admin.post("/api/v1/hosts", {"name": name, "tags": tags})
-    assert r.status == 201, r.body
-    return r.body["token"]
-
-
 @pytest_twisted.async_yield_fixture
 async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
-    store = ImageStoreService(reactor, ImageStoreConfig(
-        root=str(tmp_path / "store"), listen=["tcp:0:interface=127.0.0.1"],
-        keys_url=f"{sb.url}/.well-known/treadmill/capability-keys",
-        realm=f"{sb.url}/api/v1/registry/token", access_log=False))
+    store = store_service(sb, tmp_path / "store")
     store.startService()
     supervisor: SupervisorService | None = None
     try:
         await store.ready()
-        store_url = f"http://127.0.0.1:{store.ports()[0].getHost().port}"
+        store_url = url_of(store)
         await sb.register_store(store_url, "treadmill-imagestore")
-        token = await add_host(sb.admin, "mock-1", ["mock"])
-        config = SupervisorConfig(
-            url=ws_url_for(sb.url), token=token, state_dir=str(tmp_path / "mock-1"),
-            reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-            driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02),
-                                       run_time=0.2).values())
-        supervisor = SupervisorService(reactor, config)
-        supervisor.startService()
+        token = await add_host(sb.admin, "mock-1", ["mock"], anyone_starts=False)
+        supervisor = mock_supervisor(sb.url, token, tmp_path / "mock-1", stage_time=0.02,
+                                     run_time=0.2)
         await supervisor.ready()
         await supervisor.connected()
         yield Bed(sb, store_url, tmp_path / "mock-1" / "images")

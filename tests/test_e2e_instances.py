@@ -26,7 +26,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 
 from tests.support import Client
-from tests.util.daemons import Daemon, run_python
+from tests.util.daemons import Daemon, bootstrap_admin
 from tests.util.ports import free_port
 from tests.util.waiting import eventually, sleep
 from treadmill.dev.fleet import Fleet
@@ -104,11 +104,7 @@ class Cluster:
         self.haproxy.start()
         await self.switchboards["b"].wait_http(f"http://127.0.0.1:{self.ports['b']}/healthz")
         await self.haproxy.wait_http(f"{self.url}/healthz")
-        out, err, code = await run_python(
-            "-m", "treadmill.switchboard.bootstrap", "--database-dsn", self.database,
-            "--admin", "root")
-        assert code == 0, err
-        self.admin = Client(self.url, out.strip())
+        self.admin = Client(self.url, await bootstrap_admin("--database-dsn", self.database))
         configs = []
         for i in range(HOSTS):
             name = f"mock-{i}"

@@ -7,55 +7,30 @@ kills them; otherwise in this process, which is faster and equally real
 
 from __future__ import annotations
 
-import io
 import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 
-from tests.support import Client, start_switchboard
-from tests.util.daemons import Daemon, run_python
+from tests.support import (
+    Client,
+    add_host,
+    final,
+    job_reaches,
+    one_mock_host,
+    run_tml,
+)
+from tests.util.daemons import Daemon, bootstrap_admin
 from tests.util.ports import free_port
 from tests.util.waiting import eventually
-from treadmill.cli.main import run as tml
-from treadmill.dev.fleet import ws_url_for
-from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.service import SupervisorService
 
 DIGEST = "sha256:" + "e" * 64
 
 
-async def cli(url: str, token: str, *argv: str) -> tuple[int, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = await tml(reactor, ["--url", url, "--token", token, *argv], out, err, {})
-    return code, out.getvalue() + err.getvalue()
-
-
-async def add_host(admin: Client, name: str, tags: list[str]) -> str:
-    r = await admin.post("/api/v1/hosts", {"name": name, "tags": tags})
-    assert r.status == 201, r.body
-    await admin.post(f"/api/v1/hosts/{name}/grants", {"user": "*", "privilege": "start"})
-    return r.body["token"]
-
-
-async def final(admin: Client, job_id: str, timeout: float = 30.0) -> dict[str, Any]:
-    async def done() -> dict[str, Any] | None:
-        body = (await admin.get(f"/api/v1/jobs/{job_id}")).body
-        return body if body["state"] == "terminated" else None
-
-    return await eventually(done, timeout=timeout)
-
-
 async def state_is(admin: Client, job_id: str, state: str, timeout: float = 30.0) -> None:
-    async def check() -> bool:
-        return (await admin.get(f"/api/v1/jobs/{job_id}")).body["state"] == state
-
-    await eventually(check, timeout=timeout)
+    await job_reaches(admin, job_id, state, timeout)
 
 
 # -- in process -----------------------------------------------------------------------
@@ -63,22 +38,8 @@ async def state_is(admin: Client, job_id: str, state: str, timeout: float = 30.0
 
 @pytest_twisted.async_yield_fixture
 async def testbed(migrated_database: str, tmp_path: Path):
-    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 timeout_interval=0.1)
-    token = await add_host(sb.admin, "mock-1", ["mock"])
-    config = SupervisorConfig(
-        url=ws_url_for(sb.url), token=token, state_dir=str(tmp_path / "mock-1"),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2).values())
-    supervisor = SupervisorService(reactor, config)
-    supervisor.startService()
-    await supervisor.ready()
-    await supervisor.connected()
-    try:
+    async with one_mock_host(migrated_database, tmp_path) as sb:
         yield sb
-    finally:
-        await supervisor.stopService()
-        await sb.stop()
 
 
 def mock(**settings: Any) -> dict[str, dict[str, Any]]:
@@ -87,15 +48,15 @@ def mock(**settings: Any) -> dict[str, dict[str, Any]]:
 
 @pytest_twisted.ensureDeferred
 async def test_submit_follow_shows_the_job_to_its_exit(testbed: Any) -> None:
-    code, out = await cli(testbed.url, testbed.admin_token, "job", "submit", DIGEST,
-                          "--tag", "mock", "--param", "mock.exit_status=0", "--follow")
+    code, out = await run_tml(testbed.url, testbed.admin_token, "job", "submit", DIGEST,
+                              "--tag", "mock", "--param", "mock.exit_status=0", "--follow")
     assert code == 0, out
     for state in ("queued", "assigned", "initializing", "ready", "terminated"):
         assert state in out
-    code, out = await cli(testbed.url, testbed.admin_token, "job", "submit", DIGEST,
-                          "--tag", "mock", "--param", "mock.exit_status=7", "--follow")
+    code, out = await run_tml(testbed.url, testbed.admin_token, "job", "submit", DIGEST,
+                              "--tag", "mock", "--param", "mock.exit_status=7", "--follow")
     assert code == 4, out  # The workload exited non-zero.
-    code, out = await cli(testbed.url, testbed.admin_token, "host", "ls")
+    code, out = await run_tml(testbed.url, testbed.admin_token, "host", "ls")
     assert code == 0 and "mock-1" in out and "yes" in out
 
 
@@ -174,10 +135,7 @@ class Bed:
     async def start(self) -> None:
         self.switchboard.start()
         await self.switchboard.wait_http(f"{self.url}/healthz")
-        out, err, code = await run_python("-m", "treadmill.switchboard.bootstrap",
-                                          "--config", str(self.sb_config), "--admin", "root")
-        assert code == 0, err
-        self.admin = Client(self.url, out.strip())
+        self.admin = Client(self.url, await bootstrap_admin("--config", str(self.sb_config)))
         token = await add_host(self.admin, "mock-1", ["mock"])
         config = self.tmp / "supervisor.toml"
         config.write_text(

@@ -9,16 +9,14 @@ protocol constants make true.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.support import start_switchboard
+from tests.support import run_tml, start_switchboard
 from tests.util.waiting import eventually
-from treadmill.cli.main import run as tml
 from treadmill.dev.fleet import ws_url_for
 from treadmill.protocol import supervisor as protocol
 from treadmill.supervisor.config import SupervisorConfig
@@ -29,12 +27,6 @@ from treadmill.supervisor.service import SupervisorService
 STORE = "http://store.example"
 VM = "sha256:" + "1" * 64
 FW = "sha256:" + "2" * 64
-
-
-async def cli(url: str, token: str, *argv: str) -> tuple[int, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = await tml(reactor, ["--url", url, "--token", token, *argv], out, err, {})
-    return code, out.getvalue() + err.getvalue()
 
 
 @pytest_twisted.ensureDeferred
@@ -61,8 +53,8 @@ async def test_jobs_go_to_hosts_of_their_kind(migrated_database: str, tmp_path: 
             await service.ready()
             await service.connected()
         for image, digest, kind in (("vm", VM, "qemu"), ("fw", FW, "board")):
-            code, out = await cli(sb.url, sb.admin_token, "image", "register", image, digest,
-                                  "--store", STORE, "--kind", kind, "--host-tag", "mock")
+            code, out = await run_tml(sb.url, sb.admin_token, "image", "register", image, digest,
+                                      "--store", STORE, "--kind", kind, "--host-tag", "mock")
             assert code == 0, out
         reports = protocol.MINOR >= protocol.KINDS_MINOR
 
@@ -87,7 +79,7 @@ async def test_jobs_go_to_hosts_of_their_kind(migrated_database: str, tmp_path: 
         if reports:
             for (image, _), body in zip(jobs, bodies, strict=True):
                 assert body["host"] == {"vm": "vm-1", "fw": "board-1"}[image], body
-        code, out = await cli(sb.url, sb.admin_token, "host", "ls")
+        code, out = await run_tml(sb.url, sb.admin_token, "host", "ls")
         assert code == 0 and "KINDS" in out
     finally:
         for service in supervisors:

@@ -12,28 +12,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 
-from tests.support import start_switchboard
+from tests.logserver.support import start_logserver
+from tests.support import closed_stream, final, job_reaches, mock_supervisor, start_switchboard
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
-from treadmill.dev.fleet import ws_url_for
-from treadmill.logserver.service import LogServerConfig, LogServerService
-from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.api import Limits
 
 DIGEST = "sha256:" + "7" * 64
-
-
-async def start_logserver(root: Path, keys: Path) -> tuple[LogServerService, str]:
-    service = LogServerService(reactor, LogServerConfig(
-        root=str(root), listen=["tcp:0:interface=127.0.0.1"],
-        auth={"auth.keys_file": str(keys)}, fsync="never", access_log=False))
-    service.startService()
-    await service.ready()
-    return service, f"http://127.0.0.1:{service.ports()[0].getHost().port}"
 
 
 @pytest_twisted.ensureDeferred
@@ -43,27 +29,19 @@ async def test_console_and_events_reach_every_replica(migrated_database: str,
     load_or_create_signing_key(str(key))  # The log servers trust its public half.
     servers = [await start_logserver(tmp_path / f"logs-{i}", key) for i in range(2)]
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 limits=Limits(log_servers=tuple(u for _, u in servers),
+                                 limits=Limits(log_servers=tuple(s.url for s in servers),
                                                log_replicas=2))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
-    supervisor = SupervisorService(reactor, SupervisorConfig(
-        url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.5,
-                          console_rate=50_000).values()))
-    supervisor.startService()
+    supervisor = mock_supervisor(sb.url, r.body["token"], tmp_path / "sup",
+                                 run_time=0.5, console_rate=50_000)
     try:
         await supervisor.connected()
         job_id = (await sb.admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})
                   ).body["id"]
 
-        async def ended() -> bool:
-            body = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
-            return body["state"] == "terminated"
-
-        await eventually(ended, timeout=20)
+        await final(sb.admin, job_id, timeout=20)
         access = (await sb.admin.post(f"/api/v1/jobs/{job_id}/logs/token")).body
-        assert sorted(access["servers"]) == sorted(u for _, u in servers)
+        assert sorted(access["servers"]) == sorted(s.url for s in servers)
         headers = {"Authorization": f"Bearer {access['token']}"}
 
         async def closed_everywhere() -> bool:
@@ -99,7 +77,7 @@ async def test_console_and_events_reach_every_replica(migrated_database: str,
         assert code == 0, err.getvalue()
         assert "mock console" in out.getvalue() and "terminated" in out.getvalue()
         # With one replica down, the other serves.
-        await servers[0][0].stopService()
+        await servers[0].service.stopService()
         # A stopped in-process server leaves its keep-alive connections open
         # (a killed one would not): forget them, as a new tml process would.
         from treq.api import get_global_pool
@@ -113,8 +91,8 @@ async def test_console_and_events_reach_every_replica(migrated_database: str,
     finally:
         await supervisor.stopService()
         await sb.stop()
-        for service, _ in servers:
-            await service.stopService()
+        for server in servers:
+            await server.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -140,21 +118,14 @@ async def test_log_server_killed_mid_job_loses_no_byte(migrated_database: str,
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=Limits(log_servers=(url,), log_replicas=1))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
-    supervisor = SupervisorService(reactor, SupervisorConfig(
-        url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=3.0,
-                          console_rate=20_000).values()))
-    supervisor.startService()
+    supervisor = mock_supervisor(sb.url, r.body["token"], tmp_path / "sup",
+                                 run_time=3.0, console_rate=20_000)
     try:
         await supervisor.connected()
         job_id = (await sb.admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})
                   ).body["id"]
 
-        async def running() -> bool:
-            return (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body["state"] == "ready"
-
-        await eventually(running, timeout=20)
+        await job_reaches(sb.admin, job_id, "ready", timeout=20)
         # A user follows the console live (tml job logs -f) across the restart.
         followed, follow_err = io.StringIO(), io.StringIO()
         following: Deferred[int] = ensureDeferred(tml(
@@ -165,20 +136,7 @@ async def test_log_server_killed_mid_job_loses_no_byte(migrated_database: str,
         await deferLater(reactor, 1.0, lambda: None)  # The console keeps going meanwhile.
         logserver.start()
         await logserver.wait_http(f"{url}/healthz")
-        access = (await sb.admin.post(f"/api/v1/jobs/{job_id}/logs/token")).body
-        headers = {"Authorization": f"Bearer {access['token']}"}
-
-        async def closed() -> bool:
-            r = await treq.get(f"{url}/v1/jobs/{job_id}/streams", headers=headers)
-            if r.code != 200:
-                await r.content()
-                return False
-            streams = {s["name"]: s for s in (await r.json())["streams"]}
-            return bool(streams.get("console", {}).get("closed"))
-
-        await eventually(closed, timeout=30)
-        r = await treq.get(f"{url}/v1/jobs/{job_id}/streams/console", headers=headers)
-        console = (await r.content()).decode()
+        console = (await closed_stream(sb.admin, url, job_id, "console", timeout=30)).decode()
         # The workload may stop mid-line: check the complete lines.
         complete = console[:console.rfind("\n") + 1]
         numbers = [int(n) for n in re.findall(r" line (\d+)\n", complete)]

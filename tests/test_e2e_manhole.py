@@ -4,34 +4,19 @@ its helpers list, drain and revoke, and the API sees the result."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet.utils import getProcessOutputAndValue
 
-from tests.common.test_manhole import make_client_key
-from tests.switchboard.test_daemon import cli, write_config
-from tests.util.daemons import Daemon, run_python
+from tests.support import run_tml, write_switchboard_config
+from tests.util.daemons import Daemon, bootstrap_admin
 from tests.util.ports import free_port
+from tests.util.ssh import SSH, make_client_key, ssh_exec
 
-SSH = shutil.which("ssh")
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(SSH is None, reason="no OpenSSH client installed")]
-
-
-async def ssh(port: int, key: Path, command: str) -> tuple[str, int]:
-    """Run ``command`` in the manhole as an exec request (no pty)."""
-    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
-    out, err, code = await getProcessOutputAndValue(SSH, [
-        "-T", "-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
-        "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-        "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", "-i", str(key),
-        "-p", str(port), "operator@127.0.0.1", command], env=env)
-    return (out + err).decode(), code
 
 
 @pytest_twisted.ensureDeferred
@@ -41,7 +26,7 @@ async def test_switchboard_manhole_helpers(database: str, tmp_path: Path) -> Non
     key = tmp_path / "id_operator"
     public = make_client_key(key).public().toString("openssh").decode()
     (tmp_path / "authorized_keys").write_text(public + " operator\n")
-    config = write_config(tmp_path / "switchboard.toml", database, port, tmp_path)
+    config = write_switchboard_config(tmp_path / "switchboard.toml", database, port, tmp_path)
     with config.open("a") as f:
         f.write("[manhole]\n"
                 f'listen = ["tcp:{manhole_port}:interface=127.0.0.1"]\n'
@@ -51,22 +36,19 @@ async def test_switchboard_manhole_helpers(database: str, tmp_path: Path) -> Non
     daemon.start()
     try:
         await daemon.wait_http(f"{url}/healthz")
-        out, err, code = await run_python("-m", "treadmill.switchboard.bootstrap",
-                                          "--config", str(config), "--admin", "root")
-        assert code == 0, err
-        admin = out.strip()
-        code, out = await cli(url, admin, "admin", "host", "add", "board-1", "--tag", "qemu")
+        admin = await bootstrap_admin("--config", str(config))
+        code, out = await run_tml(url, admin, "admin", "host", "add", "board-1", "--tag", "qemu")
         assert code == 0, out
-        code, out = await cli(url, admin, "job", "submit", "sha256:" + "1" * 64,
-                              "--tag", "qemu")
+        code, out = await run_tml(url, admin, "job", "submit", "sha256:" + "1" * 64,
+                                  "--tag", "qemu")
         assert code == 0, out
         job = out.strip().splitlines()[-1].split()[-1]
 
         # Listing: helpers are coroutine functions, awaited for us; json for the test.
-        out, code = await ssh(manhole_port, key, "import json\n"
-                              "print(json.dumps(await list_jobs(), default=str))\n"
-                              "print(json.dumps(await list_hosts(), default=str))\n"
-                              "list_links()")
+        out, code = await ssh_exec(manhole_port, key, "import json\n"
+                                   "print(json.dumps(await list_jobs(), default=str))\n"
+                                   "print(json.dumps(await list_hosts(), default=str))\n"
+                                   "list_links()")
         assert code == 0, out
         jobs, hosts, links = out.splitlines()
         assert [(j["id"], j["state"], j["owner"]) for j in json.loads(jobs)] == \
@@ -75,21 +57,22 @@ async def test_switchboard_manhole_helpers(database: str, tmp_path: Path) -> Non
         assert links == "[]"
 
         # Draining is what the API then shows.
-        out, code = await ssh(manhole_port, key, "(await drain('board-1'))['enabled']")
+        out, code = await ssh_exec(manhole_port, key, "(await drain('board-1'))['enabled']")
         assert (out, code) == ("False\n", 0)
         response = await treq.get(f"{url}/api/v1/hosts/board-1",
                                   headers={"Authorization": f"Bearer {admin}"})
         assert response.code == 200 and (await response.json())["enabled"] is False
 
         # A missing host is an error with status 1, not a silent success.
-        out, code = await ssh(manhole_port, key, "await drain('no-such-host')")
+        out, code = await ssh_exec(manhole_port, key, "await drain('no-such-host')")
         assert code == 1 and "no host 'no-such-host'" in out
 
         # Revoking the admin's token shuts it out of the API at once.
-        out, code = await ssh(manhole_port, key,
-                              "user = await store.get_user('root')\n"
-                              "(token,) = await store.list_tokens(user['id'])\n"
-                              "(await revoke_token(str(token['id'])))['revoked_at'] is not None")
+        out, code = await ssh_exec(
+            manhole_port, key,
+            "user = await store.get_user('root')\n"
+            "(token,) = await store.list_tokens(user['id'])\n"
+            "(await revoke_token(str(token['id'])))['revoked_at'] is not None")
         assert (out, code) == ("True\n", 0), out
         response = await treq.get(f"{url}/api/v1/hosts/board-1",
                                   headers={"Authorization": f"Bearer {admin}"})

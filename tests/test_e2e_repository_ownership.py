@@ -25,10 +25,9 @@ from twisted.internet import reactor
 pytest.importorskip("treadmill.imagestore.service")
 
 from tests.imagestore.support import Registry, build_oci_layout, digest_of
-from tests.support import Client, RunningSwitchboard, start_switchboard
+from tests.support import Client, RunningSwitchboard, start_switchboard, store_service, url_of
 from treadmill.images import format as fmt
 from treadmill.images.oci import RegistryClient, RegistryError
-from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
 
 LAYER = b"QFI\xfb" + b"alice's disk" * 100
 
@@ -59,14 +58,11 @@ class Bed:
 @pytest_twisted.async_yield_fixture
 async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
     sb = await start_switchboard(migrated_database, tmp_path)
-    store = ImageStoreService(reactor, ImageStoreConfig(
-        root=str(tmp_path / "store"), listen=["tcp:0:interface=127.0.0.1"],
-        keys_url=f"{sb.url}/.well-known/treadmill/capability-keys",
-        realm=f"{sb.url}/api/v1/registry/token", access_log=False))
+    store = store_service(sb, tmp_path / "store")
     store.startService()
     try:
         await store.ready()
-        url = f"http://127.0.0.1:{store.ports()[0].getHost().port}"
+        url = url_of(store)
         await sb.register_store(url, "treadmill-imagestore")
         alice, bob = await sb.user("alice"), await sb.user("bob")
         bed = Bed(sb, Registry(url), alice, bob, "")

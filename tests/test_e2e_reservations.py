@@ -13,16 +13,15 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 
-from tests.support import start_switchboard
-from tests.test_e2e_jobs import DIGEST, add_host, cli, final, state_is
+from tests.support import (
+    final,
+    one_mock_host,
+    run_tml,
+)
+from tests.test_e2e_jobs import DIGEST, state_is
 from tests.util.waiting import sleep
-from treadmill.dev.fleet import ws_url_for
-from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import RESERVATION_PARAMETER, MockSettings
-from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.api import Limits
 from treadmill.switchboard.jobstate import Reason, State, Status
 from treadmill.switchboard.store.jobs import JobSpec
@@ -39,24 +38,9 @@ async def testbed(migrated_database: str, tmp_path: Path, request: Any):
     # Parametrized indirectly with an image: the switchboard boots it for
     # reservations that name none (jobs.reservation_image).
     image = getattr(request, "param", "")
-    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 timeout_interval=0.1,
-                                 limits=Limits(max_timeout=MAX_TIMEOUT, default_timeout=30,
-                                               reservation_image=image))
-    token = await add_host(sb.admin, "mock-1", ["mock"])
-    config = SupervisorConfig(
-        url=ws_url_for(sb.url), token=token, state_dir=str(tmp_path / "mock-1"),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2).values())
-    supervisor = SupervisorService(reactor, config)
-    supervisor.startService()
-    await supervisor.ready()
-    await supervisor.connected()
-    try:
+    limits = Limits(max_timeout=MAX_TIMEOUT, default_timeout=30, reservation_image=image)
+    async with one_mock_host(migrated_database, tmp_path, limits=limits) as sb:
         yield sb
-    finally:
-        await supervisor.stopService()
-        await sb.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -64,8 +48,8 @@ async def test_reservation_holds_shows_extends_and_expires(testbed: Any) -> None
     alice = await testbed.user("alice")
     bob = await testbed.user("bob")
     await testbed.admin.post("/api/v1/hosts/mock-1/grants", {"user": "*", "privilege": "read"})
-    code, out = await cli(testbed.url, alice.token, "host", "reserve", "--image", DIGEST,
-                          "--tag", "mock", "--for", "3")
+    code, out = await run_tml(testbed.url, alice.token, "host", "reserve", "--image", DIGEST,
+                              "--tag", "mock", "--for", "3")
     assert code == 0, out
     assert "ready on mock-1" in out and "tml job cancel" in out and "tml job ssh" in out
     job = (await alice.get("/api/v1/jobs?state=ready")).body["jobs"][0]
@@ -76,7 +60,7 @@ async def test_reservation_holds_shows_extends_and_expires(testbed: Any) -> None
     assert (await alice.get(f"/api/v1/jobs/{job_id}")).body["state"] == "ready"
 
     # tml host ls: the holder and the deadline, for readers of the job only.
-    code, out = await cli(testbed.url, alice.token, "host", "ls")
+    code, out = await run_tml(testbed.url, alice.token, "host", "ls")
     assert code == 0 and "alice" in out and job_id in out, out
     host = (await alice.get("/api/v1/hosts/mock-1")).body
     assert host["held_by"] == "alice" and _time(host["held_until"]) == _time(job["deadline"])
@@ -95,12 +79,12 @@ async def test_reservation_holds_shows_extends_and_expires(testbed: Any) -> None
         r = await alice.post(f"/api/v1/jobs/{job_id}/extend", body)
         assert r.status == 400, (body, r.body)
     before = (await alice.get(f"/api/v1/jobs/{job_id}")).body["deadline"]
-    code, out = await cli(testbed.url, alice.token, "job", "extend", job_id[:8], "2")
+    code, out = await run_tml(testbed.url, alice.token, "job", "extend", job_id[:8], "2")
     assert code == 0, out
     after = (await alice.get(f"/api/v1/jobs/{job_id}")).body
     assert _time(after["deadline"]) - _time(before) == 2
     assert after["timeout"] == 5
-    code, out = await cli(testbed.url, alice.token, "host", "reserve", "--extend", job_id, "1")
+    code, out = await run_tml(testbed.url, alice.token, "host", "reserve", "--extend", job_id, "1")
     assert code == 0 and "until" in out, out
     after = (await alice.get(f"/api/v1/jobs/{job_id}")).body
     assert _time(after["deadline"]) - _time(before) == 3
@@ -130,8 +114,8 @@ async def test_reservation_is_queued_like_a_job_and_released_on_cancel(testbed: 
         "image": DIGEST, "tags": ["mock"],
         "parameters": {"mock.run_time": {"value": "inf"}}})).body["id"]
     await state_is(testbed.admin, busy, "ready")
-    code, out = await cli(testbed.url, alice.token, "host", "reserve", "--image", DIGEST,
-                          "--tag", "mock", "--for", "20", "--no-wait")
+    code, out = await run_tml(testbed.url, alice.token, "host", "reserve", "--image", DIGEST,
+                              "--tag", "mock", "--for", "20", "--no-wait")
     assert code == 0 and "queued" in out, out
     job_id = (await alice.get("/api/v1/jobs")).body["jobs"][0]["id"]
     await sleep(0.5)
@@ -144,7 +128,7 @@ async def test_reservation_is_queued_like_a_job_and_released_on_cancel(testbed: 
     job = (await alice.get(f"/api/v1/jobs/{job_id}")).body
     assert 29.5 <= _time(job["deadline"]) - _time(job["assigned_at"]) <= 30.5
     # tml job cancel releases it at once.
-    code, out = await cli(testbed.url, alice.token, "job", "cancel", job_id)
+    code, out = await run_tml(testbed.url, alice.token, "job", "cancel", job_id)
     assert code == 0, out
     end = await final(alice, job_id, timeout=10)
     assert end["termination"]["reason"] == "user_terminated"
@@ -162,7 +146,7 @@ async def test_reservation_parameter_is_reserved_and_ordinary_jobs_unchanged(
     assert r.status == 400 and RESERVATION_PARAMETER in r.body["error"]["message"], r.body
     r = await alice.post("/api/v1/jobs", {"image": DIGEST, "reservation": "yes"})
     assert r.status == 400, r.body
-    code, out = await cli(testbed.url, alice.token, "host", "reserve", "--for", "5")
+    code, out = await run_tml(testbed.url, alice.token, "host", "reserve", "--for", "5")
     assert code != 0 and "image: required" in out and "reservation_image" in out, out
     # An ordinary job is no reservation: its workload's exit ends it.
     job = (await alice.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})).body
@@ -174,7 +158,7 @@ async def test_reservation_parameter_is_reserved_and_ordinary_jobs_unchanged(
 @pytest_twisted.ensureDeferred
 async def test_a_reservation_without_an_image_boots_the_switchboards(testbed: Any) -> None:
     alice = await testbed.user("alice")
-    code, out = await cli(testbed.url, alice.token, "host", "reserve", "--tag", "mock",
+    code, out = await run_tml(testbed.url, alice.token, "host", "reserve", "--tag", "mock",
                           "--for", "20")
     assert code == 0 and "ready on mock-1" in out and "tml job cancel" in out, out
     job = (await alice.get("/api/v1/jobs?state=ready")).body["jobs"][0]
@@ -182,7 +166,7 @@ async def test_a_reservation_without_an_image_boots_the_switchboards(testbed: An
     # An ordinary job still names its image.
     r = await alice.post("/api/v1/jobs", {"tags": ["mock"]})
     assert r.status == 400 and r.body["error"]["message"] == "image: required", r.body
-    code, out = await cli(testbed.url, alice.token, "job", "cancel", job["id"])
+    code, out = await run_tml(testbed.url, alice.token, "job", "cancel", job["id"])
     assert code == 0, out
     assert (await final(alice, job["id"]))["termination"]["reason"] == "user_terminated"
 

@@ -14,20 +14,16 @@ from typing import Any
 from xml.etree import ElementTree
 
 import pytest_twisted
-import treq
 from twisted.internet import reactor
 
-from tests.support import RunningSwitchboard, start_switchboard
-from tests.test_e2e_logs import start_logserver
+from tests.support import (
+    RunningSwitchboard,
+    closed_stream,
+    mock_supervisor,
+    start_switchboard_with_logs,
+)
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
-from treadmill.common.captoken import load_or_create_signing_key
-from treadmill.dev.fleet import ws_url_for
-from treadmill.logserver.service import LogServerService
-from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.service import SupervisorService
 
 DIGEST = "sha256:" + "5" * 64
 TOCK = {"test_case": r"^test (?P<name>\S+) \.\.\. (?P<result>ok|FAILED|ignored)"
@@ -62,48 +58,24 @@ class Bed:
         return await eventually(ended, timeout=20)
 
     async def stream(self, job_id: str) -> bytes:
-        admin = self.switchboard.admin
-        access = (await admin.post(f"/api/v1/jobs/{job_id}/logs/token")).body
-        headers = {"Authorization": f"Bearer {access['token']}"}
-
-        async def closed() -> bool:
-            r = await treq.get(f"{self.log_url}/v1/jobs/{job_id}/streams", headers=headers)
-            streams = {s["name"]: s for s in (await r.json())["streams"]}
-            return bool(streams.get("results", {}).get("closed"))
-
-        await eventually(closed, timeout=20)
-        r = await treq.get(f"{self.log_url}/v1/jobs/{job_id}/streams/results", headers=headers)
-        return await r.content()
+        return await closed_stream(self.switchboard.admin, self.log_url, job_id, "results")
 
 
 @pytest_twisted.async_yield_fixture
 async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
-    key = tmp_path / "capability-key.pem"
-    load_or_create_signing_key(str(key))
-    logs: LogServerService
-    logs, log_url = await start_logserver(tmp_path / "logs", key)
-    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 limits=_limits(log_url))
+    sb, logs = await start_switchboard_with_logs(migrated_database, tmp_path,
+                                                 scheduler_interval=0.2)
+    log_url = logs.url
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
-    supervisor = SupervisorService(reactor, SupervisorConfig(
-        url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.5,
-                                   echo=False).values()))
-    supervisor.startService()
+    supervisor = mock_supervisor(sb.url, r.body["token"], tmp_path / "sup",
+                                 run_time=0.5, echo=False)
     try:
         await supervisor.connected()
         yield Bed(sb, log_url)
     finally:
         await supervisor.stopService()
         await sb.stop()
-        await logs.stopService()
-
-
-def _limits(log_url: str) -> Any:
-    from treadmill.switchboard.api import Limits
-
-    return Limits(log_servers=(log_url,), log_replicas=1)
+        await logs.stop()
 
 
 def lines(raw: bytes) -> list[dict[str, Any]]:

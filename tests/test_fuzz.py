@@ -26,13 +26,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 
-from tests.common.test_http_hardening import raw_connect
 from tests.imagestore.support import start_cache, start_store
 from tests.logserver.support import Keys as LogKeys
 from tests.logserver.support import LogClient, start_logserver
 from tests.proxy.support import Keys as ProxyKeys
 from tests.proxy.support import start_proxy
 from tests.support import start_switchboard
+from tests.util.raw import raw_connect
 from treadmill.imagestore.api import RegistryAPI
 from treadmill.logserver.api import LogServerAPI
 from treadmill.proxy.api import ProxyAPI

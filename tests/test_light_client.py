@@ -22,15 +22,10 @@ import yaml
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 
-from tests.support import start_switchboard
+from tests.support import mock_supervisor, start_switchboard
 from tests.wheels import ROOT, run
 from treadmill.common.captoken import load_or_create_signing_key
-from treadmill.dev.fleet import ws_url_for
 from treadmill.logserver.service import LogServerConfig, LogServerService
-from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.api import Limits
 
 RECIPES = ROOT / "examples" / "ci"
@@ -143,12 +138,8 @@ async def testbed(migrated_database: str, tmp_path: Path):
                                  limits=Limits(log_servers=(log_url,), log_replicas=1))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     await sb.admin.post("/api/v1/hosts/mock-1/grants", {"user": "*", "privilege": "start"})
-    supervisor = SupervisorService(reactor, SupervisorConfig(
-        url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "mock-1"),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.3,
-                          console_rate=2000).values()))
-    supervisor.startService()
+    supervisor = mock_supervisor(sb.url, r.body["token"], tmp_path / "mock-1",
+                                 run_time=0.3, console_rate=2000)
     try:
         await supervisor.connected()
         yield sb

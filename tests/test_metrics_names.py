@@ -25,19 +25,13 @@ from twisted.internet.protocol import ProcessProtocol
 
 from tests.imagestore.support import make_keys as make_store_keys
 from tests.imagestore.support import start_cache, start_store
-from tests.logserver.support import Running as RunningLogServer
+from tests.logserver.support import start_logserver
 from tests.proxy.support import Keys as ProxyKeys
 from tests.proxy.support import start_proxy
-from tests.support import start_switchboard
-from tests.util.waiting import eventually
+from tests.support import final, mock_supervisor, start_switchboard
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.common.metrics import metrics_service
-from treadmill.dev.fleet import ws_url_for
-from treadmill.logserver.service import LogServerConfig, LogServerService
-from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.api import Limits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,13 +144,7 @@ async def test_every_role_exports_what_the_docs_list(migrated_database: str,
                                                      tmp_path: Path) -> None:
     key = tmp_path / "capability-key.pem"  # the switchboard's; the log server trusts it
     load_or_create_signing_key(str(key))
-    service = LogServerService(reactor, LogServerConfig(
-        root=str(tmp_path / "logs"), listen=["tcp:0:interface=127.0.0.1"],
-        auth={"auth.keys_file": str(key)}, fsync="never", access_log=False))
-    service.startService()
-    await service.ready()
-    logs = RunningLogServer(service, f"http://127.0.0.1:{service.ports()[0].getHost().port}",
-                            tmp_path / "logs")
+    logs = await start_logserver(tmp_path / "logs", key)
     (tmp_path / "keys").mkdir()
     store_keys = make_store_keys(tmp_path / "keys")
     store = await start_store(tmp_path / "store", store_keys)
@@ -165,21 +153,14 @@ async def test_every_role_exports_what_the_docs_list(migrated_database: str,
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=Limits(log_servers=(logs.url,), log_replicas=1))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
-    supervisor = SupervisorService(reactor, SupervisorConfig(
-        url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.3,
-                          console_rate=20_000).values()))
-    supervisor.startService()
+    supervisor = mock_supervisor(sb.url, r.body["token"], tmp_path / "sup",
+                                 run_time=0.3, console_rate=20_000)
     try:
         await supervisor.connected()
         job_id = (await sb.admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})
                   ).body["id"]
 
-        async def ended() -> bool:
-            return (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body["state"] == "terminated"
-
-        await eventually(ended, timeout=20)
+        await final(sb.admin, job_id, timeout=20)
         await sb.service._count_jobs()
         registries = {
             "Switchboard": sb.service.metrics.registry,

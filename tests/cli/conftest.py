@@ -11,7 +11,6 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +22,7 @@ from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from tests.util.certs import make_pki
 from treadmill.cli.main import run
 
 NOW = "2026-11-23T17:00:00.123456Z"
@@ -411,66 +411,17 @@ def tml(tmp_path) -> Tml:
     return call
 
 
-def make_ca_and_server_cert(directory: Path) -> tuple[Path, bytes]:
-    """A private CA (written to ``directory/ca.pem``) and a server key+certificate
-    PEM for 127.0.0.1 signed by it."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tml test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_path = directory / "ca.pem"
-    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    server_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ) + cert.public_bytes(serialization.Encoding.PEM)
-    return ca_path, server_pem
-
-
 @pytest_twisted.async_yield_fixture
 async def tls_switchboard(tmp_path):
     """The fake switchboard over HTTPS with a private CA; ``fake.ca_file`` trusts it."""
     from twisted.internet import ssl
 
-    ca_path, server_pem = make_ca_and_server_cert(tmp_path)
+    pki = make_pki(tmp_path, "tml")
     fake = FakeSwitchboard()
+    server_pem = pki["key"].read_bytes() + pki["cert"].read_bytes()
     options = ssl.PrivateCertificate.loadPEM(server_pem).options()
     port = reactor.listenSSL(0, Site(fake.app.resource()), options, interface="127.0.0.1")
     fake.url = f"https://127.0.0.1:{port.getHost().port}"
-    fake.ca_file = str(ca_path)
+    fake.ca_file = str(pki["ca"])
     yield fake
     await port.stopListening()

@@ -12,9 +12,8 @@ import pytest_twisted
 async def test_audit(tml, switchboard, tmp_path: Path) -> None:
     alice = await switchboard.user("alice")
     await switchboard.user("bob")
-    env = {"HOME": str(tmp_path), "TREADMILL_URL": switchboard.url,
-           "TREADMILL_TOKEN": alice.token}
-    admin_env = {**env, "TREADMILL_TOKEN": switchboard.admin_token}
+    env = switchboard.tml_env(tmp_path, alice.token)
+    admin_env = switchboard.tml_env(tmp_path)
     assert (await switchboard.admin.post("/api/v1/hosts", {"name": "rack1"})).status == 201
     for _ in range(3):
         assert (await switchboard.admin.post("/api/v1/hosts/rack1/drain")).status == 200

@@ -33,7 +33,7 @@ from tests.proxy.support import (
     start_proxy,
     tcp_transfer,
 )
-from tests.switchboard.test_authz_matrix import _new_ssh_key
+from tests.util.ssh import new_ssh_public_key
 from tests.util.waiting import eventually, sleep
 from treadmill.cli.commands.connect import (
     add_connect_arguments,
@@ -125,7 +125,7 @@ async def test_job_ssh_runs_ssh_and_returns_its_status(tmp_path: Path) -> None:
                     f"open({str(record)!r}, 'w'))\nsys.exit(7)\n")
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     other = {**TCP, "service": "console", "port": 40002}
-    host_key = _new_ssh_key()
+    host_key = new_ssh_public_key()
     job = {**a_job([other, TCP]), "ssh_host_keys": ["ssh-rsa AAAA", host_key]}
     ctx = context(add_ssh_arguments, ["job-1", "--", "uname", "-a"], job,
                   env={"TML_SSH": str(fake), "PATH": os.environ["PATH"]})
@@ -153,7 +153,7 @@ async def test_job_ssh_runs_ssh_and_returns_its_status(tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_job_ssh_known_hosts() -> None:
-    host_key = _new_ssh_key()
+    host_key = new_ssh_public_key()
     ctx = context(add_ssh_arguments, ["--known-hosts", "job-1"],
                   {**a_job([TCP]), "ssh_host_keys": [host_key]})
     assert await job_ssh(ctx) == 0
@@ -219,6 +219,17 @@ async def published(proxy: Running, keys: Keys, services: dict[str, Any]
     return manager, await manager.published()
 
 
+async def published_echo(proxy: Running, keys: Keys, websocket: bool = True
+                         ) -> tuple[Any, ExposureManager, list[dict[str, Any]]]:
+    """An echo server published on ``proxy`` as service ``echo`` (also over the WebSocket
+    path unless ``websocket`` is false): (its port, the manager, the endpoints)."""
+    echo = listen_echo(reactor)
+    services = {"echo": ("127.0.0.1", echo.getHost().port, True) if websocket
+                else ("127.0.0.1", echo.getHost().port)}
+    manager, endpoints = await published(proxy, keys, services)
+    return echo, manager, endpoints
+
+
 async def start_connect(argv: list[str], job: dict[str, Any], console_token: Any = None
                         ) -> tuple[Deferred[int], int, Context]:
     ctx = context(add_connect_arguments, [*argv, "--json"], job, console_token=console_token)
@@ -254,9 +265,7 @@ async def test_connect_tunnels_local_connections_through_the_websocket(
 
 @pytest_twisted.ensureDeferred
 async def test_connect_serves_many_connections_at_once(proxy: Running, keys: Keys) -> None:
-    echo = listen_echo(reactor)
-    manager, endpoints = await published(proxy, keys, {"echo": ("127.0.0.1",
-                                                                echo.getHost().port, True)})
+    echo, manager, endpoints = await published_echo(proxy, keys)
     running, port, _ = await start_connect(["job-1", "echo"], a_job(endpoints))
     try:
         clients = await gatherResults([echo_client(port) for _ in range(50)])
@@ -276,9 +285,7 @@ async def test_connect_serves_many_connections_at_once(proxy: Running, keys: Key
 
 @pytest_twisted.ensureDeferred
 async def test_connect_over_the_tcp_port(proxy: Running, keys: Keys) -> None:
-    echo = listen_echo(reactor)
-    manager, endpoints = await published(proxy, keys, {"echo": ("127.0.0.1",
-                                                                echo.getHost().port, True)})
+    echo, manager, endpoints = await published_echo(proxy, keys)
     running, port, _ = await start_connect(["job-1", "echo", "--tcp"], a_job(endpoints))
     try:
         assert await echo_once(port, b"plain tcp") == b"plain tcp"
@@ -347,9 +354,7 @@ react(main)
 
 @pytest_twisted.ensureDeferred
 async def test_connect_stdio_for_ssh_proxy_command(proxy: Running, keys: Keys) -> None:
-    echo = listen_echo(reactor)
-    manager, endpoints = await published(proxy, keys, {"echo": ("127.0.0.1",
-                                                                echo.getHost().port, True)})
+    echo, manager, endpoints = await published_echo(proxy, keys)
     try:
         pipe = _Pipe()
         process = reactor.spawnProcess(
@@ -383,9 +388,7 @@ async def test_job_ssh_proxy_command_tunnels_stdio(proxy: Running, keys: Keys) -
         '["job-1", "echo", "--stdio"]', '["--proxy-command", "--service", "echo", "job-1"]'
     ).replace("job_connect(ctx)", "job_ssh(ctx)")
     assert "job_connect" not in runner and '"--proxy-command"' in runner
-    echo = listen_echo(reactor)
-    manager, endpoints = await published(proxy, keys, {"echo": ("127.0.0.1",
-                                                                echo.getHost().port, True)})
+    echo, manager, endpoints = await published_echo(proxy, keys)
     try:
         pipe = _Pipe()
         process = reactor.spawnProcess(
@@ -430,9 +433,7 @@ class Issuer:
 @pytest.mark.parametrize("read_only", [False, True])
 async def test_connect_fetches_a_console_token(proxy: Running, keys: Keys,
                                                read_only: bool) -> None:
-    echo = listen_echo(reactor)
-    manager, endpoints = await published(proxy, keys, {"echo": ("127.0.0.1",
-                                                                echo.getHost().port)})
+    echo, manager, endpoints = await published_echo(proxy, keys, websocket=False)
     [endpoint] = endpoints
     assert endpoint["auth"] == "token" and "port" not in endpoint
     issuer = Issuer(keys, manager.job_id)
@@ -465,9 +466,7 @@ async def test_connect_fetches_a_console_token(proxy: Running, keys: Keys,
 @pytest_twisted.ensureDeferred
 async def test_connect_without_the_privilege_gets_no_console(proxy: Running,
                                                              keys: Keys) -> None:
-    echo = listen_echo(reactor)
-    manager, endpoints = await published(proxy, keys, {"echo": ("127.0.0.1",
-                                                                echo.getHost().port)})
+    echo, manager, endpoints = await published_echo(proxy, keys, websocket=False)
     try:
         ctx = context(add_connect_arguments, ["job-1", "echo"], a_job(endpoints),
                       console_token=Issuer(keys, manager.job_id, held=("read",)))

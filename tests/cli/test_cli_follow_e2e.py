@@ -22,18 +22,17 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
-from tests.support import RunningSwitchboard, start_switchboard
+from tests.support import (
+    RunningSwitchboard,
+    mock_supervisor,
+    start_switchboard_with_logs,
+)
 from tests.util.waiting import eventually
 from treadmill.cli.commands import follow as follow_module
-from treadmill.common.captoken import Access, load_or_create_signing_key
-from treadmill.dev.fleet import ws_url_for
+from treadmill.common.captoken import Access
 from treadmill.dev.pgcluster import create_database, drop_database
-from treadmill.logserver.service import LogServerConfig, LogServerService
 from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
 from treadmill.supervisor.service import SupervisorService
-from treadmill.switchboard.api import Limits
 
 pytestmark = pytest.mark.slow
 
@@ -76,27 +75,15 @@ async def stack(pg_admin_dsn: str, tmp_path_factory) -> AsyncIterator[Stack]:
     root = tmp_path_factory.mktemp("follow")
     name = f"treadmill_test_{uuid.uuid4().hex[:12]}"
     create_database(pg_admin_dsn, name)
-    key = root / "capability-key.pem"
-    load_or_create_signing_key(str(key))
-    logs = LogServerService(reactor, LogServerConfig(
-        root=str(root / "logs"), listen=["tcp:0:interface=127.0.0.1"],
-        auth={"auth.keys_file": str(key)}, fsync="never", access_log=False))
-    logs.startService()
-    await logs.ready()
-    log_url = f"http://127.0.0.1:{logs.ports()[0].getHost().port}"
-    sb = await start_switchboard(make_dsn(pg_admin_dsn, dbname=name), root,
-                                 scheduler_interval=0.2, timeout_interval=0.2,
-                                 limits=Limits(log_servers=(log_url,), log_replicas=1))
+    sb, logs = await start_switchboard_with_logs(make_dsn(pg_admin_dsn, dbname=name), root,
+                                                 scheduler_interval=0.2, timeout_interval=0.2)
     supervisors, configs = {}, {}
     for host, tags in (("mock-1", ["mock"]), ("mock-2", ["mock"]), ("phoenix", ["phoenix"])):
         r = await sb.admin.post("/api/v1/hosts", {"name": host, "tags": tags})
-        configs[host] = SupervisorConfig(
-            url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(root / host),
-            reconnect_initial=0.1, reconnect_max=0.5, durable=False,
-            driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=0.5,
-                              console_rate=2000).values())
-        supervisors[host] = SupervisorService(reactor, configs[host])
-        supervisors[host].startService()
+        supervisors[host] = mock_supervisor(sb.url, r.body["token"], root / host,
+                                            run_time=0.5, console_rate=2000,
+                                            config={"reconnect_max": 0.5})
+        configs[host] = supervisors[host].config
         await supervisors[host].connected()
     env = {"HOME": str(root / "home"), "TREADMILL_URL": sb.url,
            "TREADMILL_TOKEN": sb.admin_token}
@@ -106,7 +93,7 @@ async def stack(pg_admin_dsn: str, tmp_path_factory) -> AsyncIterator[Stack]:
         for supervisor in supervisors.values():
             await supervisor.stopService()
         await sb.stop()
-        await logs.stopService()
+        await logs.stop()
         drop_database(pg_admin_dsn, name)
 
 

@@ -14,8 +14,7 @@ STORE = "http://store.example"
 
 @pytest_twisted.ensureDeferred
 async def test_replace_history_and_rollback(tml, switchboard, tmp_path):
-    env = {"HOME": str(tmp_path), "TREADMILL_URL": switchboard.url,
-           "TREADMILL_TOKEN": switchboard.admin_token}
+    env = switchboard.tml_env(tmp_path)
     await switchboard.register_store(STORE, "store")
     r = await tml("image", "register", "team/demo", D1, "--store", STORE, "--kind", "qemu",
                   env=env)

@@ -16,9 +16,8 @@ pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="no s
 @pytest_twisted.ensureDeferred
 async def test_key_add_ls_rm(tml, switchboard, tmp_path: Path) -> None:
     alice = await switchboard.user("alice")
-    env = {"HOME": str(tmp_path), "TREADMILL_URL": switchboard.url,
-           "TREADMILL_TOKEN": alice.token}
-    admin_env = {**env, "TREADMILL_TOKEN": switchboard.admin_token}
+    env = switchboard.tml_env(tmp_path, alice.token)
+    admin_env = switchboard.tml_env(tmp_path)
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "alice@test",
                     "-f", str(key)], check=True)

@@ -12,8 +12,7 @@ STORE = "http://store.example"
 
 @pytest_twisted.ensureDeferred
 async def test_kinds_in_image_and_host_views(tml, switchboard, tmp_path):
-    env = {"HOME": str(tmp_path), "TREADMILL_URL": switchboard.url,
-           "TREADMILL_TOKEN": switchboard.admin_token}
+    env = switchboard.tml_env(tmp_path)
     await switchboard.register_store(STORE, "store")
     r = await tml("image", "register", "vm", DIGEST, "--store", STORE, "--kind", "qemu",
                   env=env)

@@ -43,8 +43,7 @@ async def test_token_file_and_the_warning_of_token(tml, switchboard, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_secret_params_from_file_stdin_and_environment(tml, switchboard, tmp_path):
-    env = {"HOME": str(tmp_path), "TREADMILL_URL": switchboard.url,
-           "TREADMILL_TOKEN": switchboard.admin_token, "FROM_ENV": "env-secret",
+    env = {**switchboard.tml_env(tmp_path), "FROM_ENV": "env-secret",
            "OTHER_VAR": "renamed-secret"}
     secret_file = tmp_path / "key"
     secret_file.write_text("file-secret\n")

@@ -19,11 +19,7 @@ DIGEST = "sha256:" + "0123456789abcdef" * 4
 
 @pytest.fixture
 def admin_env(switchboard, tmp_path):
-    return {
-        "HOME": str(tmp_path),
-        "TREADMILL_URL": switchboard.url,
-        "TREADMILL_TOKEN": switchboard.admin_token,
-    }
+    return switchboard.tml_env(tmp_path)
 
 
 @pytest_twisted.ensureDeferred

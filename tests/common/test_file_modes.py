@@ -123,7 +123,7 @@ def test_devstack_daemon_logs_are_private(tmp_path: Path, umask: None) -> None:
 async def test_a_supervisor_keeps_its_state_to_itself(tmp_path: Path) -> None:
     import signal
 
-    from tests.supervisor.peer import FakeSwitchboard, job
+    from tests.supervisor.peer import FakeSwitchboard, quick_job_ready
 
     peer = FakeSwitchboard().listen()
     token = tmp_path / "token"
@@ -140,11 +140,7 @@ async def test_a_supervisor_keeps_its_state_to_itself(tmp_path: Path) -> None:
         twistd_args=[f"--logfile={logfile}"])
     daemon.start()
     try:
-        conn = await peer.connection(timeout=30)
-        ack = await conn.start(job(**{f"stages.{s}": 0.01 for s in (
-            "starting", "fetching_image", "allocating", "provisioning", "booting")}))
-        assert ack["ok"], ack
-        await conn.events_until("ready")
+        await quick_job_ready(peer)
         await daemon.signal(signal.SIGTERM)
     finally:
         await daemon.stop()

@@ -18,9 +18,6 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
@@ -35,6 +32,7 @@ from tests.proxy.support import Keys as ProxyKeys
 from tests.proxy.support import start_proxy
 from tests.support import start_switchboard
 from tests.util.ports import free_port
+from tests.util.raw import raw_connect
 from treadmill.common.http import HardenedSite, head_problem, limited_site
 from treadmill.common.metrics import metrics_service
 
@@ -78,24 +76,6 @@ def test_head_problem_accepts(headers: dict[bytes, bytes], uri: bytes) -> None:
 
 
 # -- real servers, raw requests ----------------------------------------------------------
-
-
-class _Raw(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.closed: Deferred[bytes] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.closed.callback(self.data)
-
-
-async def raw_connect(port: int) -> _Raw:
-    proto = _Raw()
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
-    return proto
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from tests.imagestore.support import Keys, RunningStore, make_keys, start_store
+from tests.imagestore.support import Keys, Pair, RunningStore, make_keys, pair, start_store
 
 
 @pytest.fixture
@@ -34,3 +34,14 @@ async def open_store(tmp_path: Path) -> AsyncIterator[RunningStore]:
         yield running
     finally:
         await running.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def stores(tmp_path: Path, keys: Keys) -> AsyncIterator[Pair]:
+    """A store and a cache pulling through from it (:func:`pair`)."""
+    running = await pair(tmp_path, keys)
+    try:
+        yield running
+    finally:
+        await running.cache.stop()
+        await running.upstream.stop()

@@ -12,11 +12,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent
 
+from tests.util.raw import raw_request
 from treadmill.common.captoken import Access, CapabilitySigner
 from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
 
@@ -119,6 +117,18 @@ class Registry:
         body = await response.content()
         return Response(response.code, response.headers, body, response.length)
 
+    async def complete_upload(self, location: str, data: bytes, offset: int) -> None:
+        """Send ``data[offset:]`` to the upload session at ``location``, commit it as
+        ``data`` and check that the blob reads back."""
+        r = await self.request("PATCH", location, data[offset:],
+                               {"content-range": f"{offset}-{len(data) - 1}"})
+        assert r.code == 202, r.body
+        r = await self.request("PUT", f"{location}?digest={digest_of(data)}")
+        assert r.code == 201, r.body
+        blobs = location.split("/blobs/uploads/")[0] + "/blobs/"
+        r = await self.request("GET", blobs + digest_of(data))
+        assert r.body == data
+
     async def _raw_head(self, url: str, headers: dict[str, str]) -> Response:
         """HEAD over a raw socket: Twisted's client hides a HEAD's Content-Length."""
         from urllib.parse import urlsplit
@@ -202,33 +212,6 @@ async def start_store(root: Path, keys: Keys | None, **overrides: Any) -> Runnin
     await service.ready()
     port = service.ports()[0].getHost().port
     return RunningStore(service, f"http://127.0.0.1:{port}", keys, config)
-
-
-class _Raw(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.closed: Deferred[bytes] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any) -> None:
-        self.closed.callback(self.data)
-
-
-async def raw_connect(port: int) -> _Raw:
-    proto = _Raw()
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
-    return proto
-
-
-async def raw_request(port: int, data: bytes) -> tuple[int, bytes]:
-    """Send raw bytes (one request, ``Connection: close``); return status and response."""
-    proto = await raw_connect(port)
-    proto.transport.write(data)
-    response = await proto.closed
-    status = int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/") else 0
-    return status, response
 
 
 def _tar_gz(files: dict[str, bytes]) -> tuple[bytes, bytes]:
@@ -393,3 +376,59 @@ class TokenService:
     async def stop(self) -> None:
         if self.port is not None:
             await self.port.stopListening()
+
+
+@dataclass
+class Pair:
+    """An image store and a cache pulling through from it; ``up`` pushes ``lab/fw`` to the
+    store, ``client`` pulls it from the cache."""
+
+    upstream: RunningStore
+    cache: RunningStore
+    keys: Keys
+    up: Registry  # pushes to the upstream
+    client: Registry  # pulls lab/fw from the cache
+
+
+async def pair(tmp_path: Path, keys: Keys, **cache_settings: Any) -> Pair:
+    """A started :class:`Pair` (``cache_settings``: the cache's)."""
+    upstream = await start_store(tmp_path / "upstream", keys)
+    cache = await start_cache(tmp_path / "cache", keys, [upstream.url], cache_settings)
+    up = upstream.registry.with_token(keys.repo("lab/fw", "pull", "push"))
+    client = cache.registry.with_token(keys.repo("lab/fw", "pull", audience=CACHE_SERVICE))
+    return Pair(upstream, cache, keys, up, client)
+
+
+@dataclass
+class Backpressure:
+    """What :func:`slow_disk` saw: the largest queue of an upload body, and how many
+    times the body's sender was paused."""
+
+    peak: int = 0
+    pauses: int = 0
+
+
+def slow_disk(store: RunningStore, monkeypatch: Any, delay: float = 0.01) -> Backpressure:
+    """Make ``store``'s upload appends take ``delay`` seconds each (a disk slower than
+    the network) and watch the upload bodies' queues (``monkeypatch`` undoes both)."""
+    import time
+
+    from treadmill.imagestore.uploads import BodySink, Upload
+
+    uploads = store.service.uploads
+    original_append, original_write = uploads._append, BodySink.write
+    seen = Backpressure()
+
+    def slow_append(upload: Upload, chunks: list[bytes]) -> int:
+        time.sleep(delay)
+        return original_append(upload, chunks)
+
+    def write(self: BodySink, data: bytes) -> None:
+        was_paused = self._paused
+        original_write(self, data)
+        seen.peak = max(seen.peak, self._queued)
+        seen.pauses += int(self._paused and not was_paused)
+
+    monkeypatch.setattr(uploads, "_append", slow_append)
+    monkeypatch.setattr(BodySink, "write", write)
+    return seen

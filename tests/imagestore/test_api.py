@@ -461,7 +461,7 @@ async def test_tls_handshake_on_plain_listener_is_turned_away(open_store: Runnin
     """Clients told the store is insecure try TLS first: answer that at once, by closing."""
     from twisted.internet import reactor
 
-    from tests.imagestore.support import raw_connect
+    from tests.util.raw import raw_connect
 
     proto = await raw_connect(open_store.port)
     proto.transport.write(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 32)

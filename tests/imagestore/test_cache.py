@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ from twisted.web.server import Site
 from tests.imagestore.support import (
     CACHE_SERVICE,
     Keys,
-    Registry,
+    Pair,
     RunningStore,
     count_requests,
     digest_of,
@@ -27,33 +25,6 @@ from tests.imagestore.support import (
 )
 
 LAYERS = [b"layer one " * 300, b"layer two " * 500]
-
-
-@dataclass
-class Pair:
-    upstream: RunningStore
-    cache: RunningStore
-    keys: Keys
-    up: Registry  # pushes to the upstream
-    client: Registry  # pulls lab/fw from the cache
-
-
-async def pair(tmp_path: Path, keys: Keys, **cache_settings: Any) -> Pair:
-    upstream = await start_store(tmp_path / "upstream", keys)
-    cache = await start_cache(tmp_path / "cache", keys, [upstream.url], cache_settings)
-    up = upstream.registry.with_token(keys.repo("lab/fw", "pull", "push"))
-    client = cache.registry.with_token(keys.repo("lab/fw", "pull", audience=CACHE_SERVICE))
-    return Pair(upstream, cache, keys, up, client)
-
-
-@pytest_twisted.async_yield_fixture
-async def stores(tmp_path: Path, keys: Keys) -> AsyncIterator[Pair]:
-    running = await pair(tmp_path, keys)
-    try:
-        yield running
-    finally:
-        await running.cache.stop()
-        await running.upstream.stop()
 
 
 def blob_file(store: RunningStore, digest: str) -> bytes:

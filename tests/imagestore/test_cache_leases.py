@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest_twisted
@@ -14,13 +13,14 @@ from twisted.internet.task import deferLater
 from tests.imagestore.support import (
     CACHE_SERVICE,
     Keys,
+    Pair,
     Registry,
     RunningStore,
     digest_of,
+    pair,
     start_cache,
     start_store,
 )
-from tests.imagestore.test_cache import Pair, pair
 
 BLOBS = [bytes([i]) * 1000 for i in range(1, 4)]  # A, B, C
 
@@ -41,16 +41,6 @@ async def lease(reg: Registry, body: dict, token: str) -> tuple[int, dict]:
 
 async def pause() -> None:
     await deferLater(reactor, 0.01, lambda: None)
-
-
-@pytest_twisted.async_yield_fixture
-async def stores(tmp_path: Path, keys: Keys) -> AsyncIterator[Pair]:
-    running = await pair(tmp_path, keys)
-    try:
-        yield running
-    finally:
-        await running.cache.stop()
-        await running.upstream.stop()
 
 
 @pytest_twisted.ensureDeferred

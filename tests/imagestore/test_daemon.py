@@ -7,7 +7,6 @@ import io
 import os
 import re
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,10 @@ from tests.imagestore.support import (
     Keys,
     Registry,
     digest_of,
-    raw_connect,
 )
-from tests.util.daemons import BIN, Daemon
+from tests.util.daemons import Daemon, run_twistd
 from tests.util.ports import free_port
+from tests.util.raw import raw_connect
 
 MIB = 1024 * 1024
 
@@ -102,11 +101,9 @@ def test_config_errors_name_the_setting(tmp_path: Path) -> None:
     for text, key in cases:
         config = tmp_path / "imagestore.toml"
         config.write_text(text)
-        proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=",
-                               "treadmill-imagestore", "--config", str(config)],
-                              capture_output=True, text=True, timeout=60)
-        assert proc.returncode != 0, text
-        assert key in proc.stdout + proc.stderr, (text, proc.stdout, proc.stderr)
+        code, output = run_twistd("treadmill-imagestore", "--config", str(config))
+        assert code != 0, text
+        assert key in output, (text, output)
 
 
 @pytest_twisted.ensureDeferred
@@ -226,13 +223,7 @@ async def test_sigkill_mid_upload_loses_nothing(tmp_path: Path) -> None:
         assert r.code == 204
         offset = int(r.header("range").split("-")[1]) + 1
         assert MIB < offset <= 12 * MIB
-        r = await reg.request("PATCH", location, pending[offset:],
-                              {"content-range": f"{offset}-{len(pending) - 1}"})
-        assert r.code == 202, r.body
-        r = await reg.request("PUT", f"{location}?digest={digest_of(pending)}")
-        assert r.code == 201, r.body
-        r = await reg.request("GET", f"/v2/lab/fw/blobs/{digest_of(pending)}")
-        assert r.body == pending
+        await reg.complete_upload(location, pending, offset)
     finally:
         await daemon.stop()
     assert "Traceback (most recent" not in daemon.output, daemon.output
@@ -296,8 +287,6 @@ def test_a_busy_port_stops_the_daemon(tmp_path: Path) -> None:
         busy.listen()
         config = write_config(tmp_path / "imagestore.toml", tmp_path / "store",
                               busy.getsockname()[1], None)
-        proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=",
-                               "treadmill-imagestore", "--config", str(config)],
-                              capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "Address already in use" in proc.stdout + proc.stderr
+        code, output = run_twistd("treadmill-imagestore", "--config", str(config))
+    assert code == 1, output
+    assert "Address already in use" in output

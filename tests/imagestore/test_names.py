@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from tests.imagestore.support import RunningStore, digest_of, parse_response, raw_request
+from tests.imagestore.support import RunningStore, digest_of, parse_response
+from tests.util.raw import raw_request
 from treadmill.imagestore.auth import anonymous_patterns, glob_regex
 from treadmill.imagestore.errors import OCIError
 from treadmill.imagestore.manifests import references

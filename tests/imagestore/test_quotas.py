@@ -24,9 +24,9 @@ from tests.imagestore.support import (
     RunningStore,
     digest_of,
     parse_response,
-    raw_request,
     start_store,
 )
+from tests.util.raw import raw_request
 from treadmill.imagestore.errors import OCIError
 from treadmill.imagestore.gc import SharedExclusiveLock
 from treadmill.imagestore.quota import TOP_LEVEL, Ledger, QuotaConfig, namespace_of

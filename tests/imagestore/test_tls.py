@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,10 @@ from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.client import Agent
 
-from tests.imagestore.support import build_oci_layout, digest_of, start_store
+from tests.imagestore.support import build_oci_layout, digest_of, slow_disk, start_store
 from tests.util.certs import make_pki
 from treadmill.common.tls import client_policy
-from treadmill.imagestore.uploads import HIGH_WATER, BodySink, Upload
+from treadmill.imagestore.uploads import HIGH_WATER
 
 
 @pytest_twisted.ensureDeferred
@@ -27,24 +26,7 @@ async def test_upload_and_download_over_tls(tmp_path: Path, monkeypatch) -> None
         tmp_path / "store", None,
         listen=[f"ssl:0:interface=127.0.0.1:privateKey={pki['key']}:certKey={pki['cert']}"])
     try:
-        uploads = store.service.uploads
-        original = uploads._append
-
-        def slow_append(upload: Upload, chunks: list[bytes]) -> int:
-            time.sleep(0.01)
-            return original(upload, chunks)
-
-        monkeypatch.setattr(uploads, "_append", slow_append)
-        peak, pauses = [0], [0]
-        original_write = BodySink.write
-
-        def write(self: BodySink, data: bytes) -> None:
-            was_paused = self._paused
-            original_write(self, data)
-            peak[0] = max(peak[0], self._queued)
-            pauses[0] += int(self._paused and not was_paused)
-
-        monkeypatch.setattr(BodySink, "write", write)
+        seen = slow_disk(store, monkeypatch)
         client = HTTPClient(Agent(reactor, contextFactory=client_policy(str(pki["ca"]))))
         url = f"https://localhost:{store.port}"
         data = os.urandom(16 * 1024 * 1024)
@@ -52,7 +34,7 @@ async def test_upload_and_download_over_tls(tmp_path: Path, monkeypatch) -> None
         response = await client.post(f"{url}/v2/lab/fw/blobs/uploads/?digest={digest}",
                                       data=data)
         assert response.code == 201, await response.content()
-        assert pauses[0] >= 1 and peak[0] <= HIGH_WATER + 256 * 1024
+        assert seen.pauses >= 1 and seen.peak <= HIGH_WATER + 256 * 1024
         response = await client.get(f"{url}/v2/lab/fw/blobs/{digest}")
         assert await response.content() == data
 

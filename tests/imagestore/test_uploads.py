@@ -17,9 +17,10 @@ from tests.imagestore.support import (
     RunningStore,
     digest_of,
     parse_response,
-    raw_connect,
+    slow_disk,
     start_store,
 )
+from tests.util.raw import raw_connect
 from treadmill.imagestore.uploads import HIGH_WATER, LOW_WATER, BodySink, Upload
 
 
@@ -187,13 +188,7 @@ async def test_resume_after_store_restart(tmp_path: Path) -> None:
         reg = store.registry
         r = await reg.request("GET", location)
         assert r.code == 204 and r.header("range") == "0-599999"
-        r = await reg.request("PATCH", location, data[600_000:],
-                              {"content-range": f"600000-{len(data) - 1}"})
-        assert r.code == 202, r.body
-        r = await reg.request("PUT", f"{location}?digest={digest_of(data)}")
-        assert r.code == 201, r.body
-        r = await reg.request("GET", f"/v2/lab/fw/blobs/{digest_of(data)}")
-        assert r.body == data
+        await reg.complete_upload(location, data, 600_000)
     finally:
         await store.stop()
 
@@ -305,32 +300,12 @@ async def test_expired_uploads_are_removed(tmp_path: Path, keys: Keys) -> None:
 @pytest_twisted.ensureDeferred
 async def test_slow_disk_pauses_the_client(open_store: RunningStore, monkeypatch) -> None:
     """With a disk slower than the network, the queue stays bounded: TCP backpressure."""
-    import time as _time
-
-    uploads = open_store.service.uploads
-    original = uploads._append
-
-    def slow_append(upload: Upload, chunks: list[bytes]) -> int:
-        _time.sleep(0.01)
-        return original(upload, chunks)
-
-    monkeypatch.setattr(uploads, "_append", slow_append)
-    peak = [0]
-    pauses = [0]
-    original_write = BodySink.write
-
-    def write(self: BodySink, data: bytes) -> None:
-        was_paused = self._paused
-        original_write(self, data)
-        peak[0] = max(peak[0], self._queued)
-        pauses[0] += int(self._paused and not was_paused)
-
-    monkeypatch.setattr(BodySink, "write", write)
+    seen = slow_disk(open_store, monkeypatch)
     data = os.urandom(24 * 1024 * 1024)
     digest = await open_store.registry.push_blob("lab/fw", data)
     assert digest == digest_of(data)
-    assert pauses[0] >= 1
-    assert peak[0] <= HIGH_WATER + 256 * 1024, peak[0]
+    assert seen.pauses >= 1
+    assert seen.peak <= HIGH_WATER + 256 * 1024, seen.peak
 
 
 @pytest_twisted.ensureDeferred

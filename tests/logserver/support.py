@@ -11,37 +11,25 @@ from typing import Any
 
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import Clock
 
-from treadmill.common.captoken import Access, CapabilitySigner
+from tests.util.captokens import SigningKey
+from treadmill.common.captoken import Access
 from treadmill.logserver.service import LogServerConfig, LogServerService
 
 AUDIENCE = "treadmill-logserver"
-ISSUER = "treadmill"
 
 
-class Keys:
-    """A switchboard signing key; its public half in ``keys_file`` (JWKS)."""
-
-    def __init__(self, directory: Path):
-        self.private = Ed25519PrivateKey.generate()
-        self.signer = CapabilitySigner(self.private, ISSUER, reactor)
-        self.keys_file = directory / "capability-keys.json"
-        self.keys_file.write_text(json.dumps(self.signer.jwks()))
+class Keys(SigningKey):
+    """The switchboard's key, and tokens for a job's log streams."""
 
     def token(self, job: str, *actions: str, ttl: float = 300.0, audience: str = AUDIENCE,
               issued_at: float | None = None) -> str:
-        signer = self.signer
-        if issued_at is not None:
-            clock = Clock()
-            clock.advance(issued_at)
-            signer = CapabilitySigner(self.private, ISSUER, clock)
-        return signer.sign("tester", audience, [Access("job", job, actions or ("read",))], ttl)
+        return self.sign("tester", audience, [Access("job", job, actions or ("read",))], ttl,
+                         issued_at)
 
     def expired(self, job: str, *actions: str) -> str:
         return self.token(job, *actions, ttl=60, issued_at=reactor.seconds() - 3600)
@@ -62,10 +50,12 @@ class Running:
             await self.service.stopService()
 
 
-async def start_logserver(root: Path, keys: Keys, **overrides: Any) -> Running:
-    """A log server in this process on a loopback port."""
+async def start_logserver(root: Path, keys: Keys | Path, **overrides: Any) -> Running:
+    """A log server in this process on a loopback port, trusting ``keys`` (or the keys in
+    that file: a PEM signing key, its public half, a JWKS)."""
+    keys_file = keys if isinstance(keys, Path) else keys.keys_file
     values: dict[str, Any] = {"root": str(root), "listen": ["tcp:0:interface=127.0.0.1"],
-                              "auth": {"auth.keys_file": str(keys.keys_file)},
+                              "auth": {"auth.keys_file": str(keys_file)},
                               "fsync": "never", "access_log": False}
     values.update(overrides)
     service = LogServerService(reactor, LogServerConfig(**values))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import pytest_twisted
 import treq
 
 from tests.logserver.support import Keys, LogClient, new_job
-from tests.util.daemons import BIN, Daemon
+from tests.util.daemons import Daemon, refused_config, run_twistd
 from tests.util.ports import free_port
 from treadmill.common.config import ConfigError, load_file
 from treadmill.logserver import tap
@@ -69,14 +68,9 @@ def test_the_unit_runs_the_plugin() -> None:
 
 
 def test_config_error_names_file_and_key(tmp_path: Path) -> None:
-    config = tmp_path / "logserver.toml"
-    config.write_text('root = "/x"\n[auth]\nkeys_file = "/k"\n[retention]\nbogus = 1\n')
-    proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=",
-                           "treadmill-logserver", "--config", str(config)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
-    message = proc.stdout + proc.stderr
-    assert str(config) in message and "retention.bogus" in message
+    output = refused_config("treadmill-logserver", tmp_path / "logserver.toml",
+                            'root = "/x"\n[auth]\nkeys_file = "/k"\n[retention]\nbogus = 1\n')
+    assert "retention.bogus" in output
 
 
 @pytest_twisted.ensureDeferred
@@ -112,10 +106,8 @@ def test_an_unusable_root_stops_the_daemon(tmp_path: Path) -> None:
     keys = Keys(tmp_path)
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=",
-                           "treadmill-logserver", "--root", str(blocker / "logs"),
-                           "--listen", f"tcp:{free_port()}:interface=127.0.0.1",
-                           "--auth-keys-file", str(keys.keys_file)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1
-    assert "cannot start" in proc.stdout + proc.stderr
+    code, output = run_twistd("treadmill-logserver", "--root", str(blocker / "logs"),
+                              "--listen", f"tcp:{free_port()}:interface=127.0.0.1",
+                              "--auth-keys-file", str(keys.keys_file))
+    assert code == 1
+    assert "cannot start" in output

@@ -2,24 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
-import pytest_twisted
-
-from tests.proxy.support import Keys, Running, start_proxy
+from tests.proxy.support import keys_fixture, proxy_fixture  # noqa: F401 (fixtures)
 
 
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    return Keys(tmp_path)
-
-
-@pytest_twisted.async_yield_fixture
-async def proxy(keys: Keys) -> AsyncIterator[Running]:
-    running = await start_proxy(keys)
-    try:
-        yield running
-    finally:
-        await running.stop()

@@ -7,49 +7,39 @@ import json
 import random
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
 from zope.interface import implementer
 
+from tests.util.captokens import SigningKey
 from tests.util.ports import free_range
-from treadmill.common.captoken import Access, CapabilitySigner
+from treadmill.common.captoken import Access
 from treadmill.protocol import proxy as messages
 from treadmill.proxy.service import ProxyConfig, ProxyService
 from treadmill.proxy.tunnels import RegistrySettings
 
 AUDIENCE = "treadmill-proxy"
-ISSUER = "treadmill"
 CHUNK = 64 * 1024
 
 
-class Keys:
-    """A switchboard signing key; its public half in ``keys_file`` (JWKS)."""
-
-    def __init__(self, directory: Path):
-        self.private = Ed25519PrivateKey.generate()
-        self.signer = CapabilitySigner(self.private, ISSUER, reactor)
-        self.keys_file = directory / "capability-keys.json"
-        self.keys_file.write_text(json.dumps(self.signer.jwks()))
+class Keys(SigningKey):
+    """The switchboard's key, and tunnel tokens."""
 
     def token(self, job: str, *, actions: tuple[str, ...] = ("publish",), kind: str = "tunnel",
               audience: str = AUDIENCE, subject: str = "host-1", ttl: float = 600.0,
               issued_at: float | None = None) -> str:
-        signer = self.signer
-        if issued_at is not None:
-            clock = Clock()
-            clock.advance(issued_at)
-            signer = CapabilitySigner(self.private, ISSUER, clock)
-        return signer.sign(subject, audience, [Access(kind, job, actions)], ttl)
+        return self.sign(subject, audience, [Access(kind, job, actions)], ttl, issued_at)
 
 
 def new_job() -> str:
@@ -92,6 +82,26 @@ async def start_proxy(keys: Keys, **tunnels: Any) -> Running:
     await service.ready()
     port = service.ports()[0].getHost().port
     return Running(service, f"http://127.0.0.1:{port}", service.data_ports()[0].getHost().port)
+
+
+# Fixtures ``keys`` and ``proxy``: a conftest or a test module outside tests/proxy imports
+# them (as ``keys_fixture`` and ``proxy_fixture``).
+
+
+@pytest.fixture(name="keys")
+def keys_fixture(tmp_path: Path) -> Keys:
+    """The switchboard's signing key (the proxy trusts it)."""
+    return Keys(tmp_path)
+
+
+@pytest_twisted.async_yield_fixture(name="proxy")
+async def proxy_fixture(keys: Keys) -> AsyncIterator[Running]:
+    """A proxy in this process, stopped at the end."""
+    running = await start_proxy(keys)
+    try:
+        yield running
+    finally:
+        await running.stop()
 
 
 # -- a raw control connection (for protocol tests) --------------------------------------

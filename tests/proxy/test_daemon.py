@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import treq
 from twisted.internet import reactor
 
 from tests.proxy.support import Keys, Transfer, TransferService, new_job, tcp_transfer
-from tests.util.daemons import BIN, Daemon
+from tests.util.daemons import Daemon, refused_config
 from tests.util.ports import free_port, free_range
 from treadmill.common.config import ConfigError
 from treadmill.proxy import tap
@@ -90,14 +89,9 @@ def test_the_unit_runs_the_plugin() -> None:
 
 
 def test_config_error_names_file_and_key(tmp_path: Path) -> None:
-    config = tmp_path / "proxy.toml"
-    config.write_text('[auth]\nkeys_file = "/k"\n[limits]\nbogus = 1\n')
-    proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=",
-                           "treadmill-proxy", "--config", str(config)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
-    message = proc.stdout + proc.stderr
-    assert str(config) in message and "limits.bogus" in message
+    output = refused_config("treadmill-proxy", tmp_path / "proxy.toml",
+                            '[auth]\nkeys_file = "/k"\n[limits]\nbogus = 1\n')
+    assert "limits.bogus" in output
 
 
 def _vm(pid: int, field: str) -> int:

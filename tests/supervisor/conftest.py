@@ -63,3 +63,28 @@ async def supervisors(peer: FakeSwitchboard, tmp_path: Path
         for service in made:
             if service.running:
                 await service.stopService()
+
+
+@pytest_twisted.async_yield_fixture
+async def peered(tmp_path: Path
+                 ) -> AsyncIterator[Callable[..., tuple[FakeSwitchboard, SupervisorService]]]:
+    """``make(minor=2, driver=None)``: a fake switchboard speaking protocol minor ``minor``
+    and a started supervisor linked to it (``driver``: its host driver, else the mock);
+    all stopped at the end."""
+    made: list[tuple[FakeSwitchboard, SupervisorService]] = []
+
+    def make(minor: int = 2, driver: Any = None) -> tuple[FakeSwitchboard, SupervisorService]:
+        peer = FakeSwitchboard(minor=minor).listen()
+        service = SupervisorService(reactor, fast_config(peer.url, tmp_path / "state"),
+                                    driver=driver)
+        service.startService()
+        made.append((peer, service))
+        return peer, service
+
+    try:
+        yield make
+    finally:
+        for peer, service in made:
+            if service.running:
+                await service.stopService()
+            await peer.shutdown()

@@ -19,6 +19,7 @@ from twisted.internet.endpoints import serverFromString
 
 from tests.util.waiting import sleep, within
 from treadmill.protocol import supervisor as protocol
+from treadmill.supervisor.drivers import STAGES
 
 JOB_A = "0b8d3c1e-0000-4000-8000-00000000000a"
 JOB_B = "0b8d3c1e-0000-4000-8000-00000000000b"
@@ -236,3 +237,13 @@ class FakeSwitchboard:
     async def connection(self, timeout: float = 5.0) -> PeerConnection:
         """The next supervisor connection that opens."""
         return await within(self.new_connections.get(), timeout)
+
+
+async def quick_job_ready(peer: FakeSwitchboard, timeout: float = 30.0) -> PeerConnection:
+    """Wait for a supervisor to connect to ``peer``, start a job whose stages take 0.01 s
+    on its mock host, and wait until the job is ready; the connection."""
+    conn = await peer.connection(timeout=timeout)
+    ack = await conn.start(job(**{f"stages.{stage}": 0.01 for stage in STAGES}))
+    assert ack["ok"], ack
+    await conn.events_until("ready")
+    return conn

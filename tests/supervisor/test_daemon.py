@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,8 @@ import treq
 from twisted.application.service import IServiceCollection
 from twisted.internet import reactor
 
-from tests.supervisor.peer import FakeSwitchboard, job
-from tests.util.daemons import BIN, Daemon
+from tests.supervisor.peer import FakeSwitchboard, quick_job_ready
+from tests.util.daemons import Daemon, refused_config
 from tests.util.ports import free_port
 from tests.util.waiting import within
 from treadmill.common.config import ConfigError, load_file
@@ -178,14 +177,10 @@ def test_the_unit_runs_the_plugin() -> None:
 
 
 def test_config_error_exits_non_zero(tmp_path: Path) -> None:
-    config = tmp_path / "supervisor.toml"
-    config.write_text('state_dir = "/tmp/x"\n[switchboard]\nurl = "ws://h"\ntoken = "t"\n'
-                      "bogus = 1\n")
-    proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=",
-                           "treadmill-supervisor", "--config", str(config)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
-    assert "switchboard.bogus" in proc.stdout + proc.stderr
+    output = refused_config("treadmill-supervisor", tmp_path / "supervisor.toml",
+                            'state_dir = "/tmp/x"\n[switchboard]\nurl = "ws://h"\n'
+                            'token = "t"\nbogus = 1\n')
+    assert "switchboard.bogus" in output
 
 
 @pytest_twisted.ensureDeferred
@@ -204,11 +199,7 @@ async def test_the_daemon_runs_a_job_and_stops_gracefully(tmp_path: Path) -> Non
         env={"TREADMILL_LOG_LEVEL": "info"})
     daemon.start()
     try:
-        conn = await peer.connection(timeout=30)
-        ack = await conn.start(job(**{f"stages.{s}": 0.01 for s in (
-            "starting", "fetching_image", "allocating", "provisioning", "booting")}))
-        assert ack["ok"], ack
-        await conn.events_until("ready")
+        conn = await quick_job_ready(peer)
         # metrics.listen serves this supervisor's registry.
         scrape = await (await treq.get(f"http://127.0.0.1:{metrics}/metrics")).text()
         assert "treadmill_supervisor_link_up 1.0" in scrape

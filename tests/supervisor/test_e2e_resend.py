@@ -12,14 +12,10 @@ from pathlib import Path
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.support import start_switchboard
+from tests.support import mock_supervisor, start_switchboard
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
-from treadmill.dev.fleet import ws_url_for
-from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.service import SupervisorService
 
 DIGEST = "sha256:" + "e" * 64
 
@@ -31,13 +27,10 @@ async def test_repeated_events_are_applied_once(migrated_database: str, tmp_path
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     assert r.status == 201, r.body
     state = tmp_path / "mock-1"
-    supervisor = SupervisorService(reactor, SupervisorConfig(
-        url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(state),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        event_ack_timeout=0.001, event_resend_max=0.02,  # resend before the ack comes
-        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2).values()))
     sent: list[dict[str, object]] = []
-    supervisor.startService()
+    supervisor = mock_supervisor(sb.url, r.body["token"], state, stage_time=0.02, run_time=0.2,
+                                 # resend before the ack comes
+                                 config={"event_ack_timeout": 0.001, "event_resend_max": 0.02})
     try:
         session = await supervisor.connected()
         original = session.send

@@ -11,18 +11,12 @@ from pathlib import Path
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.support import start_switchboard
+from tests.support import mock_supervisor, start_switchboard_with_logs
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
-from treadmill.common.captoken import load_or_create_signing_key
-from treadmill.dev.fleet import ws_url_for
-from treadmill.logserver.service import LogServerConfig, LogServerService
-from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
 from treadmill.supervisor.runner import RESTART_MESSAGE
 from treadmill.supervisor.service import SupervisorService
-from treadmill.switchboard.api import Limits
 
 DIGEST = "sha256:" + "7" * 64
 
@@ -30,23 +24,10 @@ DIGEST = "sha256:" + "7" * 64
 @pytest_twisted.ensureDeferred
 async def test_restart_mid_job_ships_the_final_event_line_once(migrated_database: str,
                                                                tmp_path: Path) -> None:
-    key = tmp_path / "capability-key.pem"
-    load_or_create_signing_key(str(key))
-    logserver = LogServerService(reactor, LogServerConfig(
-        root=str(tmp_path / "logs"), listen=["tcp:0:interface=127.0.0.1"],
-        auth={"auth.keys_file": str(key)}, fsync="never", access_log=False))
-    logserver.startService()
-    await logserver.ready()
-    url = f"http://127.0.0.1:{logserver.ports()[0].getHost().port}"
-    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 limits=Limits(log_servers=(url,), log_replicas=1))
+    sb, logserver = await start_switchboard_with_logs(migrated_database, tmp_path,
+                                                      scheduler_interval=0.2)
     host = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
-    config = SupervisorConfig(
-        url=ws_url_for(sb.url), token=host.body["token"], state_dir=str(tmp_path / "sup"),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.01), run_time=60.0).values())
-    supervisor = SupervisorService(reactor, config)
-    supervisor.startService()
+    supervisor = mock_supervisor(sb.url, host.body["token"], tmp_path / "sup", run_time=60.0)
     try:
         await supervisor.connected()
         job_id = (await sb.admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})
@@ -60,7 +41,7 @@ async def test_restart_mid_job_ships_the_final_event_line_once(migrated_database
 
         await eventually(ready, timeout=20)
         await supervisor.stopService()
-        supervisor = SupervisorService(reactor, config)
+        supervisor = SupervisorService(reactor, supervisor.config)  # the same host again
         supervisor.startService()
 
         async def terminated() -> bool:
@@ -81,4 +62,4 @@ async def test_restart_mid_job_ships_the_final_event_line_once(migrated_database
     finally:
         await supervisor.stopService()
         await sb.stop()
-        await logserver.stopService()
+        await logserver.stop()

@@ -2,56 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
-from twisted.internet import reactor
 
-from tests.proxy.support import Keys, Running, console_echo, start_proxy
-from tests.supervisor.conftest import fast_config
-from tests.supervisor.peer import JOB_A, FakeSwitchboard, job
+from tests.proxy.support import Keys, Running, console_echo, keys_fixture, proxy_fixture  # noqa: F401 (fixtures)
+from tests.supervisor.peer import JOB_A, job
 from tests.util.waiting import sleep
 from treadmill.protocol import supervisor as protocol
-from treadmill.supervisor.service import SupervisorService
 
 INF = "inf"
 
 
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    return Keys(tmp_path)
-
-
-@pytest_twisted.async_yield_fixture
-async def proxy(keys: Keys) -> AsyncIterator[Running]:
-    running = await start_proxy(keys)
-    try:
-        yield running
-    finally:
-        await running.stop()
-
-
-@pytest_twisted.async_yield_fixture
-async def setup(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    made: list[Any] = []
-
-    def make(minor: int = 2) -> tuple[FakeSwitchboard, SupervisorService]:
-        peer = FakeSwitchboard(minor=minor).listen()
-        service = SupervisorService(reactor, fast_config(peer.url, tmp_path / "state"))
-        service.startService()
-        made.append((peer, service))
-        return peer, service
-
-    try:
-        yield make
-    finally:
-        for peer, service in made:
-            if service.running:
-                await service.stopService()
-            await peer.shutdown()
 
 
 def proxied_job(proxy: Running, keys: Keys, **mock: Any) -> dict[str, Any]:
@@ -74,9 +36,9 @@ async def refused(url: str, keys: Keys) -> bool:
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_mock_echo_is_published_and_reported(setup: Any, proxy: Running,
+async def test_the_mock_echo_is_published_and_reported(peered: Any, proxy: Running,
                                                        keys: Keys) -> None:
-    peer, service = setup(minor=protocol.ENDPOINT_AUTH_MINOR)
+    peer, service = peered(minor=protocol.ENDPOINT_AUTH_MINOR)
     conn = await peer.connection()
     assert (await conn.start(proxied_job(proxy, keys, run_time=INF)))["ok"]
     message = await conn.wait_for(lambda m: m["type"] == "job_endpoints", timeout=10)
@@ -102,8 +64,8 @@ async def test_the_mock_echo_is_published_and_reported(setup: Any, proxy: Runnin
 
 @pytest_twisted.ensureDeferred
 async def test_unacknowledged_endpoints_are_sent_again_after_a_reconnect(
-        setup: Any, proxy: Running, keys: Keys) -> None:
-    peer, service = setup()
+        peered: Any, proxy: Running, keys: Keys) -> None:
+    peer, service = peered()
     conn = await peer.connection()
     await conn.start(proxied_job(proxy, keys, run_time=INF))
     first = await conn.wait_for(lambda m: m["type"] == "job_endpoints", timeout=10)
@@ -120,8 +82,8 @@ async def test_unacknowledged_endpoints_are_sent_again_after_a_reconnect(
 
 @pytest_twisted.ensureDeferred
 async def test_an_older_switchboard_gets_no_endpoints_but_tunnels_work(
-        setup: Any, proxy: Running, keys: Keys) -> None:
-    peer, service = setup(minor=1)
+        peered: Any, proxy: Running, keys: Keys) -> None:
+    peer, service = peered(minor=1)
     conn = await peer.connection()
     await conn.start(proxied_job(proxy, keys, run_time=INF))
     await conn.events_until("ready")
@@ -137,8 +99,8 @@ async def test_an_older_switchboard_gets_no_endpoints_but_tunnels_work(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_job_without_proxies_publishes_nothing(setup: Any) -> None:
-    peer, service = setup()
+async def test_a_job_without_proxies_publishes_nothing(peered: Any) -> None:
+    peer, service = peered()
     conn = await peer.connection()
     await conn.start(job(run_time=0.3))
     await conn.events_until("terminated")
@@ -147,10 +109,10 @@ async def test_a_job_without_proxies_publishes_nothing(setup: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_endpoints_to_an_older_switchboard_carry_no_auth(setup: Any, proxy: Running,
+async def test_endpoints_to_an_older_switchboard_carry_no_auth(peered: Any, proxy: Running,
                                                                keys: Keys) -> None:
     """A switchboard below minor 5 refuses unknown fields: ``auth`` is left out."""
-    peer, _ = setup(minor=protocol.ENDPOINT_AUTH_MINOR - 1)
+    peer, _ = peered(minor=protocol.ENDPOINT_AUTH_MINOR - 1)
     conn = await peer.connection()
     assert (await conn.start(proxied_job(proxy, keys, run_time=INF)))["ok"]
     message = await conn.wait_for(lambda m: m["type"] == "job_endpoints", timeout=10)
@@ -162,11 +124,11 @@ async def test_endpoints_to_an_older_switchboard_carry_no_auth(setup: Any, proxy
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_held_job_stays_reachable_until_its_hold_ends(setup: Any, proxy: Running,
-                                                            keys: Keys) -> None:
+async def test_a_held_job_stays_reachable_until_its_hold_ends(peered: Any, proxy: Running,
+                                                             keys: Keys) -> None:
     """hold_on_failure (docs/jobs.md): the failed job's tunnels outlive its end until the
     stop_job that releases the host, then close."""
-    peer, service = setup(minor=protocol.HOLD_MINOR)
+    peer, service = peered(minor=protocol.HOLD_MINOR)
     conn = await peer.connection()
     start = proxied_job(proxy, keys, run_time=0.5, exit_status=3)
     start["hold_on_failure"] = 60

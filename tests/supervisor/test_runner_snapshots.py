@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest_twisted
@@ -12,12 +10,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from tests.supervisor.conftest import fast_config
-from tests.supervisor.peer import JOB_A, FakeSwitchboard, job
+from tests.supervisor.peer import JOB_A, job
 from treadmill.protocol import supervisor as protocol
 from treadmill.supervisor.drivers import IHostSnapshots, SnapshotError
 from treadmill.supervisor.drivers.mock import MockDriver
-from treadmill.supervisor.service import SupervisorService
 
 DIGEST = "sha256:" + "e" * 64
 
@@ -38,34 +34,13 @@ class SnapshottingMock(MockDriver):
         return d
 
 
-@pytest_twisted.async_yield_fixture
-async def setup(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    made: list[Any] = []
-
-    def make(driver: Any = None) -> tuple[FakeSwitchboard, SupervisorService]:
-        peer = FakeSwitchboard(minor=3).listen()
-        service = SupervisorService(reactor, fast_config(peer.url, tmp_path / "state"),
-                                    driver=driver)
-        service.startService()
-        made.append((peer, service))
-        return peer, service
-
-    try:
-        yield make
-    finally:
-        for peer, service in made:
-            if service.running:
-                await service.stopService()
-            await peer.shutdown()
-
-
 def command(snapshot_id: str, job_id: str = JOB_A) -> dict[str, Any]:
     return protocol.snapshot_job(0, snapshot_id, job_id, "alice/snap", "http://store:5000")
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_driver_without_snapshots_says_not_supported(setup: Any) -> None:
-    peer, _ = setup()
+async def test_a_driver_without_snapshots_says_not_supported(peered: Any) -> None:
+    peer, _ = peered(minor=3)
     conn = await peer.connection()
     message = command(str(uuid.uuid4()))
     ack = await conn.command({**message, "request_id": conn.next_rid()})
@@ -73,9 +48,9 @@ async def test_a_driver_without_snapshots_says_not_supported(setup: Any) -> None
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_result_follows_and_is_resent_until_acked(setup: Any) -> None:
+async def test_the_result_follows_and_is_resent_until_acked(peered: Any) -> None:
     driver = SnapshottingMock()
-    peer, service = setup(driver)
+    peer, service = peered(minor=3, driver=driver)
     conn = await peer.connection()
     await conn.start(job(run_time=0.05))
     await conn.events_until("terminated")
@@ -98,9 +73,9 @@ async def test_the_result_follows_and_is_resent_until_acked(setup: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_driver_errors_become_error_results(setup: Any) -> None:
+async def test_driver_errors_become_error_results(peered: Any) -> None:
     driver = SnapshottingMock()
-    peer, _ = setup(driver)
+    peer, _ = peered(minor=3, driver=driver)
     conn = await peer.connection()
     await conn.start(job(run_time="inf"))
     await conn.events_until("ready")

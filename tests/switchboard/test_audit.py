@@ -122,9 +122,9 @@ async def _token_revoke(w: World) -> tuple[Any, list[str]]:
 
 
 async def _key_add(w: World) -> tuple[Any, list[str]]:
-    from tests.switchboard.test_authz_matrix import _new_ssh_key
+    from tests.util.ssh import new_ssh_public_key
 
-    r = await w.alice.post("/api/v1/keys", {"key": _new_ssh_key()})
+    r = await w.alice.post("/api/v1/keys", {"key": new_ssh_public_key()})
     w.state["key"] = r.body["id"]
     return r, []
 

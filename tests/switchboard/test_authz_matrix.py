@@ -19,6 +19,7 @@ import pytest
 import pytest_twisted
 
 from tests.support import Client, RunningSwitchboard
+from tests.util.ssh import new_ssh_public_key
 from treadmill.common import sshkeys
 from treadmill.switchboard import credentials
 from treadmill.switchboard.jobstate import Reason, State, Status
@@ -81,21 +82,12 @@ async def build_world(sb: RunningSwitchboard, clients: dict[str, Client]) -> Wor
     await store.transition(done_job, Status(State.TERMINATED, reason=Reason.USER_TERMINATED))
     await store.add_grant("job", done_job, grantee_id, "read")
     spare_token = await store.create_token(owner_id, credentials.token_hash(f"z{n}"), "", 60)
-    key = sshkeys.parse(_new_ssh_key())
+    key = sshkeys.parse(new_ssh_public_key())
     owner_key = await store.add_ssh_key(owner_id, key.type, key.body, "", key.fingerprint, 99)
     return World(key_of_owner=str(owner_key["id"]),  # 0013_ssh_keys
                  host=host, spare_host=spare, image=image, job=job, done_job=done_job,
                  token_of_owner=spare_token["id"], fresh=f"new-{n}",
                  store_service=f"store-{n}")
-
-
-def _new_ssh_key() -> str:
-    """A fresh OpenSSH Ed25519 public key line."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    return Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
 
 @dataclass
@@ -123,9 +115,9 @@ ROWS = [
     Row("DELETE", "/api/v1/tokens/{token_of_owner}", (401, 404, 200, 404, 200)),
     Row("GET", "/api/v1/keys", (401, 200, 200, 200, 200)),
     Row("GET", "/api/v1/keys?user=owner", (401, 403, 200, 403, 200)),
-    Row("POST", "/api/v1/keys", (401, 201, 201, 201, 201), lambda w: {"key": _new_ssh_key()}),
+    Row("POST", "/api/v1/keys", (401, 201, 201, 201, 201), lambda w: {"key": new_ssh_public_key()}),
     Row("POST", "/api/v1/keys?user=owner", (401, 403, 201, 403, 201),
-        lambda w: {"key": _new_ssh_key()}),
+        lambda w: {"key": new_ssh_public_key()}),
     Row("DELETE", "/api/v1/keys/{key_of_owner}", (401, 404, 200, 404, 200)),
     Row("GET", "/api/v1/users", (401, 403, 403, 403, 200)),
     Row("POST", "/api/v1/users", (401, 403, 403, 403, 201), lambda w: {"name": w.fresh}),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import signal
-import subprocess
 from pathlib import Path
 
 import psycopg2
@@ -12,21 +11,10 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 
-from tests.util.daemons import BIN, Daemon, run_python
+from tests.support import write_switchboard_config
+from tests.util.daemons import Daemon, bootstrap_admin, refused_config, run_twistd
 from tests.util.ports import free_port
 from treadmill.cli.main import run as tml
-
-
-def write_config(path: Path, dsn: str, port: int, state: Path) -> Path:
-    path.write_text(
-        f'listen = ["tcp:{port}:interface=127.0.0.1"]\n'
-        "[database]\n"
-        f'dsn = "{dsn}"\n'
-        "[capabilities]\n"
-        f'signing_key = "{state / "key.pem"}"\n'
-        "[jobs]\n"
-        "timeout_interval = 0.2\n")
-    return path
 
 
 async def cli(url: str, token: str, *argv: str) -> tuple[int, str]:
@@ -38,29 +26,21 @@ async def cli(url: str, token: str, *argv: str) -> tuple[int, str]:
 
 
 def test_config_error_names_file_and_key(tmp_path: Path) -> None:
-    config = tmp_path / "switchboard.toml"
-    config.write_text('listen = ["tcp:8080"]\n[database]\ndsn = "x"\nbogus = 1\n')
-    proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=",
-                           "treadmill-switchboard", "--config", str(config)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
-    message = proc.stdout + proc.stderr
-    assert str(config) in message and "database.bogus" in message and "unknown" in message
+    output = refused_config("treadmill-switchboard", tmp_path / "switchboard.toml",
+                            'listen = ["tcp:8080"]\n[database]\ndsn = "x"\nbogus = 1\n')
+    assert "database.bogus" in output and "unknown" in output
 
 
 @pytest_twisted.ensureDeferred
 async def test_switchboard_daemon_end_to_end(database: str, tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    config = write_config(tmp_path / "switchboard.toml", database, port, tmp_path)
+    config = write_switchboard_config(tmp_path / "switchboard.toml", database, port, tmp_path)
     daemon = Daemon("treadmill-switchboard", ["--config", str(config)])
     daemon.start()
     try:
         await daemon.wait_http(f"{url}/healthz")
-        out, err, code = await run_python("-m", "treadmill.switchboard.bootstrap",
-                                          "--config", str(config), "--admin", "root")
-        assert code == 0, err
-        admin = out.strip()
+        admin = await bootstrap_admin("--config", str(config))
 
         code, out = await cli(url, admin, "admin", "user", "add", "alice", "--password-stdin")
         assert code == 0, out
@@ -95,7 +75,7 @@ async def test_two_switchboards_share_one_database(database: str, tmp_path: Path
     for i, port in enumerate(ports):
         state = tmp_path / f"sb{i}"
         state.mkdir()
-        config = write_config(state / "switchboard.toml", database, port, tmp_path)
+        config = write_switchboard_config(state / "switchboard.toml", database, port, tmp_path)
         daemons.append(Daemon("treadmill-switchboard",
                               ["--config", str(config), "--instance", f"sb{i}"]))
     for daemon in daemons:
@@ -118,13 +98,13 @@ async def test_two_switchboards_share_one_database(database: str, tmp_path: Path
 
 @pytest_twisted.ensureDeferred
 async def test_operators_reach_metrics_and_manhole(database: str, tmp_path: Path) -> None:
-    from tests.common.test_manhole import conch_session, make_client_key
+    from tests.util.ssh import conch_session, make_client_key
 
     port, metrics_port, manhole_port = free_port(), free_port(), free_port()
     key = tmp_path / "operator_key"
     public = make_client_key(key).public().toString("OPENSSH").decode()
     (tmp_path / "authorized_keys").write_text(public + "\n")
-    config = write_config(tmp_path / "switchboard.toml", database, port, tmp_path)
+    config = write_switchboard_config(tmp_path / "switchboard.toml", database, port, tmp_path)
     with config.open("a") as f:
         f.write(f'[metrics]\nlisten = ["tcp:{metrics_port}:interface=127.0.0.1"]\n'
                 f'[manhole]\nlisten = ["tcp:{manhole_port}:interface=127.0.0.1"]\n'
@@ -156,10 +136,8 @@ def test_a_busy_port_stops_the_daemon(database: str, tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        config = write_config(tmp_path / "switchboard.toml", database,
+        config = write_switchboard_config(tmp_path / "switchboard.toml", database,
                               busy.getsockname()[1], tmp_path)
-        proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=",
-                               "treadmill-switchboard", "--config", str(config)],
-                              capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "Address already in use" in proc.stdout + proc.stderr
+        code, output = run_twistd("treadmill-switchboard", "--config", str(config))
+    assert code == 1, output
+    assert "Address already in use" in output

@@ -10,8 +10,8 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from tests.support import start_switchboard
-from tests.switchboard.test_authz_matrix import _new_ssh_key
 from tests.switchboard.test_links import add_host, connected_peer, job, submit
+from tests.util.ssh import new_ssh_public_key
 from treadmill.protocol import supervisor as protocol
 
 
@@ -27,7 +27,7 @@ async def test_keys_in_start_job_and_host_keys_reported(migrated_database: str, 
         token = await add_host(sb)
         peer = await connected_peer(sb, token)
         owner, manager = await sb.user("olive"), await sb.user("mona")
-        lines = {"olive": _new_ssh_key(), "mona": _new_ssh_key(), "admin": _new_ssh_key()}
+        lines = {name: new_ssh_public_key() for name in ("olive", "mona", "admin")}
         for name, client in (("olive", owner), ("mona", manager), ("admin", sb.admin)):
             assert (await client.post("/api/v1/keys", {"key": lines[name]})).status == 201
         await sb.admin.post("/api/v1/hosts/h1/grants", {"user": "olive", "privilege": "start"})
@@ -36,7 +36,7 @@ async def test_keys_in_start_job_and_host_keys_reported(migrated_database: str, 
                                  {"user": "mona", "privilege": "manage"})).status == 201
         # The keys are read when the host is told to start the job.
         start = (await peer.wait_for("start_job", job_id=job_id))[0]["job"]
-        host_key = _new_ssh_key()
+        host_key = new_ssh_public_key()
         rid = 4242
         waiter: Deferred = Deferred()
         peer._acks[rid] = waiter

@@ -203,14 +203,14 @@ async def test_end_to_end_through_the_daemon_and_tml(database: str, tmp_path: Pa
 
     import psycopg2
 
-    from tests.switchboard.test_daemon import write_config
-    from tests.util.daemons import Daemon, run_python
+    from tests.support import write_switchboard_config
+    from tests.util.daemons import Daemon, bootstrap_admin
     from tests.util.ports import free_port
     from treadmill.cli.main import run as tml
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    config = write_config(tmp_path / "switchboard.toml", database, port, tmp_path)
+    config = write_switchboard_config(tmp_path / "switchboard.toml", database, port, tmp_path)
     with config.open("a") as f:
         f.write("[login]\naddress_burst = 2\naddress_rate = 0.01\n")
     daemon = Daemon("treadmill-switchboard", ["--config", str(config)])
@@ -224,10 +224,7 @@ async def test_end_to_end_through_the_daemon_and_tml(database: str, tmp_path: Pa
 
     try:
         await daemon.wait_http(f"{url}/healthz")
-        out, err, code = await run_python("-m", "treadmill.switchboard.bootstrap",
-                                          "--config", str(config), "--admin", "root")
-        assert code == 0, err
-        admin = {"TREADMILL_TOKEN": out.strip()}
+        admin = {"TREADMILL_TOKEN": await bootstrap_admin("--config", str(config))}
         code, text = await cli("admin", "user", "add", "alice", "--password-stdin",
                                stdin=PASSWORD, **admin)
         assert code == 0, text

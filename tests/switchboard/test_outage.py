@@ -21,7 +21,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from tests.support import RunningSwitchboard, start_switchboard
+from tests.support import RunningSwitchboard, mock_supervisor, start_switchboard
 from tests.switchboard.outage import Outage
 from tests.switchboard.peer import Peer, Script
 from tests.switchboard.test_links import (
@@ -33,12 +33,7 @@ from tests.switchboard.test_links import (
     submit,
 )
 from tests.util.waiting import eventually, sleep
-from treadmill.dev.fleet import ws_url_for
 from treadmill.protocol import supervisor as protocol
-from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
-from treadmill.supervisor.service import SupervisorService
 from treadmill.switchboard.database import (
     DatabaseUnavailable,
     Listener,
@@ -702,12 +697,9 @@ async def test_a_real_supervisor_through_an_outage(database: str, tmp_path: Path
                                  reconcile_retry=0.5)
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     assert r.status == 201, r.body
-    supervisor = SupervisorService(reactor, SupervisorConfig(
-        url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "mock-1"),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False,
-        event_ack_timeout=5.0, event_resend_max=30.0,
-        driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02), run_time=0.2).values()))
-    supervisor.startService()
+    supervisor = mock_supervisor(sb.url, r.body["token"], tmp_path / "mock-1", stage_time=0.02,
+                                 run_time=0.2,
+                                 config={"event_ack_timeout": 5.0, "event_resend_max": 30.0})
     try:
         await supervisor.connected()
 

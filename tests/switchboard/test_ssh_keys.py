@@ -137,26 +137,26 @@ async def test_keys_api(switchboard: RunningSwitchboard, tmp_path: Path) -> None
 
 @pytest_twisted.ensureDeferred
 async def test_key_count_is_bounded(switchboard: RunningSwitchboard) -> None:
-    from tests.switchboard.test_authz_matrix import _new_ssh_key
+    from tests.util.ssh import new_ssh_public_key
 
     carol = await switchboard.user("carol")
     for _ in range(MAX_SSH_KEYS):
-        assert (await carol.post("/api/v1/keys", {"key": _new_ssh_key()})).status == 201
-    r = await carol.post("/api/v1/keys", {"key": _new_ssh_key()})
+        assert (await carol.post("/api/v1/keys", {"key": new_ssh_public_key()})).status == 201
+    r = await carol.post("/api/v1/keys", {"key": new_ssh_public_key()})
     assert r.status == 409 and str(MAX_SSH_KEYS) in r.body["error"]["message"]
     assert len((await carol.get("/api/v1/keys")).body["keys"]) == MAX_SSH_KEYS
 
 
 @pytest_twisted.ensureDeferred
 async def test_job_keys_are_the_owners_and_managers(switchboard: RunningSwitchboard) -> None:
-    from tests.switchboard.test_authz_matrix import _new_ssh_key
+    from tests.util.ssh import new_ssh_public_key
 
     store = switchboard.store
     await switchboard.register_store("http://store.example", "s")
     users = {name: await switchboard.user(name) for name in ("dan", "erin", "fay", "gus")}
     lines = {}
     for name, client in users.items():
-        lines[name] = _new_ssh_key()
+        lines[name] = new_ssh_public_key()
         assert (await client.post("/api/v1/keys", {"key": lines[name]})).status == 201
     dan_id = await store.user_id("dan")
     await store.create_image("img", "sha256:" + "ab" * 32, ["http://store.example"], dan_id, "")
@@ -175,7 +175,7 @@ async def test_job_keys_are_the_owners_and_managers(switchboard: RunningSwitchbo
 
 @pytest_twisted.ensureDeferred
 async def test_refusals_say_what_and_keep_nothing(switchboard: RunningSwitchboard) -> None:
-    from tests.switchboard.test_authz_matrix import _new_ssh_key
+    from tests.util.ssh import new_ssh_public_key
 
     dora = await switchboard.user("dora")
     r = await dora.get("/api/v1/keys?user=admin")
@@ -185,5 +185,5 @@ async def test_refusals_say_what_and_keep_nothing(switchboard: RunningSwitchboar
     r = await dora.post("/api/v1/keys", raw=b"ssh-ed25519 AAAA")
     assert r.status in (400, 415)
     assert (await dora.get("/api/v1/keys")).body == {"keys": []}
-    ok = await dora.post("/api/v1/keys", {"key": _new_ssh_key()})
+    ok = await dora.post("/api/v1/keys", {"key": new_ssh_public_key()})
     assert ok.status == 201

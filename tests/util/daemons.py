@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -98,3 +99,30 @@ async def run_python(*args: str) -> tuple[str, str, int]:
     """Run ``python ARGS`` without blocking the reactor."""
     out, err, code = await getProcessOutputAndValue(sys.executable, list(args), env=os.environ)
     return out.decode(), err.decode(), code
+
+
+def run_twistd(plugin: str, *args: str) -> tuple[int, str]:
+    """Run ``twistd --nodaemon PLUGIN ARGS`` to its end (a daemon that should refuse to
+    start): its exit status and its output. Blocks: for tests outside the reactor."""
+    proc = subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=", plugin, *args],
+                          capture_output=True, text=True, timeout=60)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def refused_config(plugin: str, config: Path, text: str) -> str:
+    """Write ``text`` to ``config`` and run ``twistd PLUGIN --config CONFIG``, which must
+    refuse it, naming the file; its output."""
+    config.write_text(text)
+    code, output = run_twistd(plugin, "--config", str(config))
+    assert code != 0, output
+    assert str(config) in output, output
+    return output
+
+
+async def bootstrap_admin(*flags: str) -> str:
+    """The first admin, ``root``, made by ``python -m treadmill.switchboard.bootstrap
+    FLAGS`` (``--config FILE`` or ``--database-dsn DSN``): its API token."""
+    out, err, code = await run_python("-m", "treadmill.switchboard.bootstrap", *flags,
+                                      "--admin", "root")
+    assert code == 0, err
+    return out.strip()

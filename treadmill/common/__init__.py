@@ -7,7 +7,8 @@
 - ``captoken``: capability tokens (signing, verification).
 - ``logging``, ``tls``, ``manhole``, ``metrics``, ``ratelimit``, ``sshkeys``.
 - ``messages``: JSON messages over a WebSocket; ``schema``: JSON Schema validation.
+- ``cors``: cross-origin reads (the web console reading log servers).
 - ``files``: atomic, durable file writes; ``ranges``: HTTP ``Range`` headers.
-- ``splice``: joining two connections with backpressure.
+- ``splice``: joining two connections with backpressure; ``deferreds``: ``fork``.
 - ``wsjson``: the JSON-WebSocket session (quiet logger, ``send``/``close``/``violation``).
 """

@@ -101,24 +101,23 @@ def _strlist(value: Any) -> list[str]:
     raise ValueError("expected a list of strings")
 
 
-def server_endpoint(value: Any) -> str:
-    """Check a listening endpoint description (``tcp:8080:interface=::1``)."""
+def _endpoint(value: Any, parse: Callable[[Any, str], Any], what: str) -> str:
     desc = _str(value)
     try:
-        serverFromString(MemoryReactor(), desc)
+        parse(MemoryReactor(), desc)
     except Exception as e:
-        raise ValueError(f"invalid listening endpoint {desc!r}: {e}") from None
+        raise ValueError(f"invalid {what} endpoint {desc!r}: {e}") from None
     return desc
+
+
+def server_endpoint(value: Any) -> str:
+    """Check a listening endpoint description (``tcp:8080:interface=::1``)."""
+    return _endpoint(value, serverFromString, "listening")
 
 
 def client_endpoint(value: Any) -> str:
     """Check a connecting endpoint description (``tcp:host=example.org:port=80``)."""
-    desc = _str(value)
-    try:
-        clientFromString(MemoryReactor(), desc)
-    except Exception as e:
-        raise ValueError(f"invalid client endpoint {desc!r}: {e}") from None
-    return desc
+    return _endpoint(value, clientFromString, "client")
 
 
 def server_endpoints(value: Any) -> list[str]:
@@ -327,6 +326,18 @@ COMMON_SETTINGS: tuple[Setting, ...] = (
 )
 
 
+def http_settings(listeners: str) -> tuple[Setting, ...]:
+    """``listen`` and ``http.access_log`` of a role that serves HTTP, filling the config
+    fields ``listen`` and ``access_log``; ``listeners`` says what its listeners serve."""
+    return (
+        Setting("listen", server_endpoints, FIELD,
+                f"{listeners} (endpoint descriptions: tcp:, ssl:, unix:, systemd:).",
+                field="listen"),
+        Setting("http.access_log", BOOL, FIELD, "Log one line per HTTP request.",
+                field="access_log"),
+    )
+
+
 def flatten(table: Mapping[str, Any], prefix: str = "",
             keep: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Flatten nested TOML tables into dotted keys (except the tables named in ``keep``)."""
@@ -450,6 +461,15 @@ class RoleOptions(usage.Options):
                         f"metrics listener {desc!r} is not a UNIX socket or bound to "
                         "loopback: set metrics.allow_remote = true to serve metrics to "
                         "other hosts", key="metrics.listen", source=source)
+
+
+def check_order(values: Mapping[str, Any], source: str, *pairs: tuple[str, str]) -> None:
+    """For a role's ``checkSettings``: each ``(lower, upper)`` pair of numeric settings
+    must have ``values[lower] <= values[upper]``; else a ConfigError on ``lower``."""
+    for lower, upper in pairs:
+        if values[lower] > values[upper]:
+            raise ConfigError(f"{lower} ({values[lower]:g}) exceeds {upper} "
+                              f"({values[upper]:g})", key=lower, source=source)
 
 
 def _is_local_endpoint(desc: str) -> bool:

@@ -1,7 +1,8 @@
 """Small durable file writes: write a temporary file, fsync, rename, fsync the directory.
 
 :func:`write_atomically` for keys and configuration, :func:`write_json` for the
-stores' JSON state files.
+stores' JSON state files; :func:`write_file` and :func:`write_all` under them (and
+the stores' own temporary files and appends).
 
 For keys, configuration and state files of a few KiB. Callers on the reactor
 thread may call these directly for such sizes; bulk data goes through the
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 
@@ -34,6 +36,30 @@ def fsync_directory(directory: str, *, strict: bool = False) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to the descriptor ``fd`` (one ``os.write`` may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_file(path: str, data: bytes, *, flags: int = 0, mode: int = 0o600,
+               chmod: int | None = None,
+               sync: Callable[[int], None] | None = os.fsync) -> None:
+    """Write ``data`` to ``path``, opened write-only with ``flags`` added (``O_TRUNC``,
+    ``O_APPEND``, ``O_EXCL``; a new file gets ``mode`` less the umask, or exactly
+    ``chmod``), then ``sync`` the descriptor (None: no sync) and close it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | flags, mode)
+    try:
+        write_all(fd, data)
+        if chmod is not None:
+            os.fchmod(fd, chmod)
+        if sync is not None:
+            sync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomically(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600,
                      durable: bool = True, exclusive: bool = False) -> None:
     """Replace ``path`` with ``data``: readers see the old file or the new one, never half.
@@ -48,9 +74,7 @@ def write_atomically(path: str | os.PathLike[str], data: bytes, *, mode: int = 0
                                dir=directory)
     try:
         os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         if durable:
             os.fsync(fd)
     except BaseException:
@@ -83,15 +107,7 @@ def write_json(path: str, value: Any, durable: bool = True, *, mode: int = 0o600
     """
     data = json.dumps(value, separators=(",", ":")).encode("utf-8")
     tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_file(tmp, data, flags=os.O_TRUNC, mode=mode, sync=os.fsync if durable else None)
     os.replace(tmp, path)
     if durable:
         fsync_directory(os.path.dirname(path), strict=True)

@@ -15,7 +15,7 @@ import ipaddress
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,17 +25,28 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.web.iweb import IRequest
 
 from treadmill.common.captoken import (
     CapabilityError,
     CapabilityKeyError,
     CapabilityVerifier,
     Claims,
+    bearer_token,
     load_public_keys,
     parse_jwks,
 )
-from treadmill.common.config import FLOAT, STR, ConfigError, Setting, positive
+from treadmill.common.config import (
+    FIELD,
+    FLOAT,
+    STR,
+    ConfigError,
+    Setting,
+    positive,
+    with_fields,
+)
 from treadmill.common.files import write_atomically
+from treadmill.common.http import ApiError
 
 
 def _loopback(host: str) -> bool:
@@ -75,7 +86,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth.issuer", STR, "treadmill", "Issuer (iss) capability tokens must carry."),
     Setting("auth.ca_file", STR, None, "CA certificates for an https keys_url."),
 )
-"""Settings of every satellite role (add them to the role's ``Options.settings``)."""
+"""The key source's settings (:func:`satellite_settings` adds them to a role's table)."""
+
+
+def satellite_settings(what: str, keys_field: str) -> tuple[Setting, ...]:
+    """The settings of every satellite role: ``service``, its name (the audience of the
+    capability tokens it accepts, filling the config field ``service``), and the key
+    source's :data:`SETTINGS`, filling ``keys_field`` (:func:`with_fields`)."""
+    return (
+        Setting("service", STR, FIELD,
+                f"This {what}'s name: the audience (aud) its capability tokens must name.",
+                field="service"),
+        *with_fields(SETTINGS, keys_field),
+    )
 
 
 def require_keys(values: Mapping[str, Any], source: str,
@@ -172,6 +195,23 @@ class KeySource(MultiService):
 
     def verifier(self, issuer: str, audience: str) -> LiveVerifier:
         return LiveVerifier(self, issuer, audience)
+
+
+def bearer_claims(request: IRequest, verifier: Any,
+                  refused: Callable[[], None] | None = None) -> tuple[str, Claims]:
+    """The bearer capability token of ``request`` and its claims (``verifier.verify_any``);
+    a 401 :class:`ApiError` if it has none, or if ``verifier`` refuses it (after calling
+    ``refused``)."""
+    token = bearer_token(request.getHeader("authorization"))
+    if token is None:
+        raise ApiError(401, "a capability token is required (Authorization: Bearer)")
+    try:
+        claims: Claims = verifier.verify_any(token)
+    except CapabilityError as e:
+        if refused is not None:
+            refused()
+        raise ApiError(401, f"capability token refused ({e.reason}): {e.message}") from None
+    return token, claims
 
 
 class LiveVerifier:

@@ -45,6 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from treadmill.common.deferreds import fork
 from treadmill.common.files import write_atomically
 
 __all__ = ["AsyncManholeInterpreter", "AuthorizedKeysFile", "describe_namespace",
@@ -170,7 +171,7 @@ class AsyncManholeInterpreter(manhole.ManholeInterpreter):
     def _stepped(self, awaitable: Any) -> Generator[Any, Any, Any]:
         """Drive ``awaitable`` one step at a time with the shell's patches applied."""
         if isinstance(awaitable, Deferred):
-            return (yield _observed(awaitable))
+            return (yield fork(awaitable))
         value: Any = None
         error: BaseException | None = None
         first = True
@@ -207,22 +208,6 @@ class AsyncManholeInterpreter(manhole.ManholeInterpreter):
         synchronous[0] = False
         if not d.called:
             self._waiting.append(d)
-
-
-def _observed(d: Deferred[Any]) -> Deferred[Any]:
-    """A Deferred that fires as ``d`` does, leaving ``d``'s own result to its other
-    consumers (daemon code may wait on a Deferred the operator looks at)."""
-    copy: Deferred[Any] = Deferred()
-
-    def relay(result: Any) -> Any:
-        if isinstance(result, Failure):
-            copy.errback(result)
-        else:
-            copy.callback(result)
-        return result
-
-    d.addBoth(relay)
-    return copy
 
 
 class _Stdout(manhole.FileWrapper):

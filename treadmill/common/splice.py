@@ -88,6 +88,20 @@ class End:
         """Start (or continue) reading this leg."""
         raise NotImplementedError
 
+    def _leg_closed(self, gone: Callable[[], None] | None = None) -> None:
+        """This leg's connection is closed (once): tell the other leg, call ``gone``,
+        then tell the splice."""
+        if self.lost:
+            return
+        self.lost = True
+        other, self.other = self.other, None
+        if other is not None:
+            other.peer_lost()
+        if gone is not None:
+            gone()
+        if self.splice is not None:
+            self.splice._end_lost()
+
 
 class Splice:
     """Two joined legs. ``on_closed(splice)`` is called once both are gone."""
@@ -199,15 +213,7 @@ class StreamEnd(Protocol, End):
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
-        if self.lost:
-            return
-        self.lost = True
-        other, self.other = self.other, None
-        if other is not None:
-            other.peer_lost()
-        self.gone(reason)
-        if self.splice is not None:
-            self.splice._end_lost()
+        self._leg_closed(lambda: self.gone(reason))
 
     def gone(self, reason: Any) -> None:
         """The connection is closed (joined or not)."""
@@ -303,14 +309,7 @@ class WebSocketEnd(End):
             self._early.append(payload)  # frames read with the handshake, before the join
 
     def end_closed(self) -> None:
-        if self.lost:
-            return
-        self.lost = True
-        other, self.other = self.other, None
-        if other is not None:
-            other.peer_lost()
-        if self.splice is not None:
-            self.splice._end_lost()
+        self._leg_closed()
 
     def send(self, data: bytes) -> None:
         if self.state != self.STATE_OPEN or self._eof_sent:

@@ -10,6 +10,7 @@ may carry (:func:`close_reason`), never inside a character.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import Logger
@@ -70,6 +71,23 @@ class JsonSession:
         self.send(self.violation_message(text))
         self.handling = False  # handle nothing more from this connection
         self.close(self.violation_code, "protocol violation")
+
+    def receive(self, payload: bytes, is_binary: bool,
+                parse: Callable[[bytes], dict[str, Any]],
+                errors: type[Exception]) -> dict[str, Any] | None:
+        """For ``onMessage``: the message ``parse`` reads from a received frame, or None
+        when messages are no longer handled or after a :meth:`violation` (a binary frame,
+        or ``parse`` raising one of ``errors``)."""
+        if not self.handling:
+            return None
+        if is_binary:
+            self.violation("binary frames are not part of the protocol")
+            return None
+        try:
+            return parse(payload)
+        except errors as e:
+            self.violation(str(e))
+            return None
 
     def violation_message(self, text: str) -> dict[str, Any]:
         """The protocol's ``protocol_error`` message about ``text``."""

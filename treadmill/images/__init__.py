@@ -2,7 +2,7 @@
 
 ``docs/images.md`` describes both. The format module is pure and cheap to
 import (the image store imports it to validate manifests); the OCI
-client needs treq and a reactor.
+client needs treq and a reactor. :mod:`.progress` draws a transfer's progress bar.
 """
 
 from treadmill.images.format import (

@@ -29,7 +29,6 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_EMPTY = "application/vnd.oci.empty.v1+json"
 EMPTY_BLOB = b"{}"
 EMPTY_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
-ANN_TITLE = "org.opencontainers.image.title"
 
 # OCI Distribution error codes used here.
 MANIFEST_INVALID = "MANIFEST_INVALID"

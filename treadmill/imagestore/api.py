@@ -39,7 +39,7 @@ from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
-from treadmill.common.http import respond
+from treadmill.common.http import ApiError, query_arg, respond
 from treadmill.common.ranges import Unsatisfiable, parse_range
 from treadmill.images.format import is_digest
 from treadmill.imagestore import manifests
@@ -88,12 +88,10 @@ def _empty(request: IRequest, status: int, headers: dict[str, str]) -> bytes:
 
 
 def _arg(request: IRequest, name: str) -> str | None:
-    values = request.args.get(name.encode())
-    if not values:
-        return None
+    # An argument that is not UTF-8 counts as absent here (the switchboard answers 400).
     try:
-        return values[-1].decode("utf-8")
-    except UnicodeDecodeError:
+        return query_arg(request, name)
+    except ApiError:
         return None
 
 

@@ -134,11 +134,6 @@ class Ledger:
     def _used(self, namespace: str) -> int:
         return self._stored.get(namespace, 0) + self._uploading.get(namespace, 0)
 
-    def charged(self, repository: str, digest: str) -> bool:
-        """Whether ``digest`` is already charged to ``repository``'s namespace."""
-        with self._lock:
-            return digest in self._links.get(namespace_of(repository), {})
-
     def usage(self) -> dict[str, dict[str, int]]:
         """``{namespace: {"stored", "uploading", "limit"}}`` (the manhole's view)."""
         with self._lock:

@@ -47,6 +47,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from treadmill.common.files import write_file
 from treadmill.images.format import is_digest
 from treadmill.imagestore.names import hex_of, is_name, is_tag
 
@@ -140,15 +141,7 @@ class Storage:
         """Replace ``path`` with ``data``: temporary file, fsync, rename, fsync directory."""
         self._ensure_dir(os.path.dirname(path))
         tmp = self._tmp_name()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_file(tmp, data, flags=os.O_EXCL, chmod=mode)
         try:
             os.replace(tmp, path)
         except BaseException:
@@ -235,14 +228,7 @@ class Storage:
         """Store small bytes (a manifest) as a blob; return its digest and whether it is new."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         tmp = self._tmp_name()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_file(tmp, data, flags=os.O_EXCL)
         try:
             return digest, self.commit_file(tmp, digest)
         finally:
@@ -352,22 +338,17 @@ class Storage:
 
     def manifest_links(self) -> Iterator[tuple[str, str]]:
         """Every (repository, manifest digest) pair (for garbage collection)."""
-        for name in self.repositories():
-            directory = os.path.join(self.repo_path(name), "_manifests")
-            try:
-                entries = os.listdir(directory)
-            except FileNotFoundError:
-                continue
-            for entry in entries:
-                if is_digest("sha256:" + entry):
-                    yield name, "sha256:" + entry
+        return self._links("_manifests")
 
     def blob_links(self) -> Iterator[tuple[str, str]]:
         """Every (repository, linked blob digest) pair."""
+        return self._links("_blobs")
+
+    def _links(self, kind: str) -> Iterator[tuple[str, str]]:
+        """Every (repository, digest) pair linked in the repositories' ``kind`` directory."""
         for name in self.repositories():
-            directory = os.path.join(self.repo_path(name), "_blobs")
             try:
-                entries = os.listdir(directory)
+                entries = os.listdir(os.path.join(self.repo_path(name), kind))
             except FileNotFoundError:
                 continue
             for entry in entries:

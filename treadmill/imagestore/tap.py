@@ -18,10 +18,9 @@ from treadmill.common.config import (
     ConfigError,
     RoleOptions,
     Setting,
+    http_settings,
     non_negative,
     positive,
-    server_endpoints,
-    with_fields,
 )
 from treadmill.common.daemon import twistd_service
 from treadmill.images.oci import check_store_url
@@ -63,22 +62,38 @@ def _token_value(value: Any) -> str:
     return token
 
 
+_CREDENTIALS = ("cache.upstream_", "replicate.")
+"""The key prefixes of the two credential groups (:func:`_credentials`)."""
+
+
+def _credentials(prefix: str, field: str, whom: str) -> tuple[Setting, ...]:
+    """The credentials the store sends to ``whom`` (other image stores): a fixed token, or
+    a user and token file for their token flow, the realms they go to, a CA file; keys
+    ``prefix + name`` fill the fields ``field + name``."""
+    rows = (
+        ("token", _token_value,
+         f"A bearer capability token sent as is to the {whom} (tests, fixed setups)."),
+        ("user", STR, f"User name for the {whom}' token flow (with {prefix}token_file)."),
+        ("token_file", STR, "File holding that user's API token (read at each token request)."),
+        ("realms", STRLIST, f"Token services (URL prefixes) the credentials for the {whom} "
+                            "may be sent to; default: auth.realm."),
+        ("ca_file", STR, f"CA certificates for https {whom}."),
+    )
+    return tuple(Setting(prefix + name, kind, FIELD, text, field=field + name)
+                 for name, kind, text in rows)
+
+
 class Options(RoleOptions):
     """Settings of the image store (``etc/treadmill/imagestore.toml`` documents them)."""
 
     config = ImageStoreConfig
     settings = (
-        Setting("listen", server_endpoints, FIELD,
-                "Registry listeners (endpoint descriptions: tcp:, ssl:, unix:, systemd:).",
-                field="listen"),
+        *http_settings("Registry listeners"),
         Setting("root", STR, None,
                 "Storage directory (blobs, repositories, uploads); see docs/imagestore.md.",
                 required=True,
                 field="root"),
-        Setting("service", STR, FIELD,
-                "This store's name: the audience (aud) its capability tokens must carry.",
-                field="service"),
-        *with_fields(keys.SETTINGS, "{leaf}"),
+        *keys.satellite_settings("store", "{leaf}"),
         Setting("auth.realm", STR, FIELD,
                 "Token endpoint clients are sent to on 401, e.g. "
                 "https://switchboard.example/api/v1/registry/token.",
@@ -118,8 +133,6 @@ class Options(RoleOptions):
                 "Seconds a newly uploaded, mounted or HEAD-checked blob is safe from "
                 "garbage collection while no manifest references it.",
                 field="gc_grace"),
-        Setting("http.access_log", BOOL, FIELD, "Log one line per HTTP request.",
-                field="access_log"),
         Setting("io_threads", positive(INT), FIELD, "Threads for disk work.",
                 field="io_threads"),
         # -- the image cache (etc/treadmill/imagecache.toml documents them) --
@@ -133,21 +146,7 @@ class Options(RoleOptions):
                 "Evict least recently used unleased blobs beyond this many bytes "
                 "(\"500G\" works); 0: no bound.",
                 field="cache.max_bytes"),
-        Setting("cache.upstream_token", _token_value, FIELD,
-                "A bearer capability token sent as is to the upstreams (tests, fixed setups).",
-                field="cache.upstream_token"),
-        Setting("cache.upstream_user", STR, FIELD,
-                "User name for the upstreams' token flow (with cache.upstream_token_file).",
-                field="cache.upstream_user"),
-        Setting("cache.upstream_token_file", STR, FIELD,
-                "File holding that user's API token (read at each token request).",
-                field="cache.upstream_token_file"),
-        Setting("cache.upstream_realms", STRLIST, FIELD,
-                "Token services (URL prefixes) the upstream credentials may be sent to; "
-                "default: auth.realm.",
-                field="cache.upstream_realms"),
-        Setting("cache.upstream_ca_file", STR, FIELD, "CA certificates for https upstreams.",
-                field="cache.upstream_ca_file"),
+        *_credentials("cache.upstream_", "cache.upstream_", "upstreams"),
         Setting("cache.upstream_timeout", positive(FLOAT), FIELD,
                 "Seconds without progress before an upstream request fails.",
                 field="cache.upstream_timeout"),
@@ -171,21 +170,7 @@ class Options(RoleOptions):
                 "Seconds between lease expiry, last-use index flushes and eviction runs "
                 "(eviction also runs after commits that cross the bound); 0: never.",
                 field="cache.maintenance_interval"),
-        Setting("replicate.token", _token_value, FIELD,
-                "A bearer token sent as is to replication targets.",
-                field="cache.replicate_token"),
-        Setting("replicate.user", STR, FIELD,
-                "User name for the replication targets' token flow (with "
-                "replicate.token_file).",
-                field="cache.replicate_user"),
-        Setting("replicate.token_file", STR, FIELD, "File holding that user's API token.",
-                field="cache.replicate_token_file"),
-        Setting("replicate.realms", STRLIST, FIELD,
-                "Token services (URL prefixes) replication credentials may be sent to; "
-                "default: auth.realm.",
-                field="cache.replicate_realms"),
-        Setting("replicate.ca_file", STR, FIELD, "CA certificates for https targets.",
-                field="cache.replicate_ca_file"),
+        *_credentials("replicate.", "cache.replicate_", "replication targets"),
         Setting("replicate.targets", store_urls, FIELD,
                 "Stores (URL prefixes) the cache may replicate to; empty: any.",
                 field="cache.replicate_targets"),
@@ -207,9 +192,8 @@ class Options(RoleOptions):
 
     @staticmethod
     def _check_cache(values: dict[str, Any], source: str) -> None:
-        for token, user, token_file in (
-                ("cache.upstream_token", "cache.upstream_user", "cache.upstream_token_file"),
-                ("replicate.token", "replicate.user", "replicate.token_file")):
+        for prefix in _CREDENTIALS:
+            token, user, token_file = (prefix + name for name in ("token", "user", "token_file"))
             if bool(values[user]) != bool(values[token_file]):
                 raise ConfigError(f"set both {user} and {token_file}, or neither",
                                   key=token_file if values[user] else user, source=source)

@@ -52,6 +52,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from treadmill.common.files import write_all
 from treadmill.imagestore.errors import OCIError
 from treadmill.imagestore.gc import SharedExclusiveLock, under_lock
 from treadmill.imagestore.names import UPLOAD_ID, is_name
@@ -501,9 +502,7 @@ class Uploads:
         written = 0
         try:
             for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, chunk)
                 upload.hasher.update(chunk)
                 written += len(chunk)
         except BaseException:

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
-from treadmill.common.captoken import CapabilityError, Claims, bearer_token
+from treadmill.common.captoken import Claims
 from treadmill.common.http import (
     ApiError,
     add_fallback_error_handlers,
@@ -35,6 +35,7 @@ from treadmill.common.http import (
     respond,
     respond_error,
 )
+from treadmill.common.keys import bearer_claims
 from treadmill.common.ranges import Unsatisfiable, parse_range
 from treadmill.logserver.follow import FollowFactory, Pump, RequestSink, serve
 from treadmill.logserver.names import InvalidName, check_job, check_stream
@@ -133,13 +134,7 @@ class LogServerAPI:
 
     def _authorize(self, request: IRequest, job: str, *actions: str) -> Claims:
         """The request's verified claims, granting one of ``actions`` on ``job``."""
-        token = bearer_token(request.getHeader("authorization"))
-        if token is None:
-            raise ApiError(401, "a capability token is required (Authorization: Bearer)")
-        try:
-            claims: Claims = self.verifier.verify_any(token)
-        except CapabilityError as e:
-            raise ApiError(401, f"capability token refused ({e.reason}): {e.message}") from None
+        _, claims = bearer_claims(request, self.verifier)
         if not any(claims.allows("job", job, action) for action in actions):
             raise ApiError(403, f"the token does not grant {' or '.join(actions)} "
                            f"on job {job}")

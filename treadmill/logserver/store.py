@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -518,19 +518,26 @@ class StreamStore:
 
         Fires once the bytes are durable (per the fsync policy) and visible.
         """
+        async with self._locked(job_id, name) as stream:
+            await self._append_locked(stream, offset, data, close)
+        return stream
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, job_id: str, name: str) -> AsyncIterator[Stream]:
+        """The stream ``name`` of ``job_id``, held under its lock (made on demand, dropped
+        when nobody waits for it); a placeholder left empty is forgotten after."""
         stream = self.stream(job_id, name)
         if stream.lock is None:
             stream.lock = DeferredLock()
         lock = stream.lock
         await lock.acquire()
         try:
-            await self._append_locked(stream, offset, data, close)
+            yield stream
         finally:
             lock.release()
             if not lock.locked and not lock.waiting:
                 stream.lock = None
             self._forget_placeholder(stream)
-        return stream
 
     async def _append_locked(self, stream: Stream, offset: int, data: bytes,
                              close: bool) -> None:
@@ -559,12 +566,7 @@ class StreamStore:
         With ``length``, the stream must have exactly that many bytes:
         fewer is a ``gap``, more a ``conflict``. Closing twice is harmless.
         """
-        stream = self.stream(job_id, name)
-        if stream.lock is None:
-            stream.lock = DeferredLock()
-        lock = stream.lock
-        await lock.acquire()
-        try:
+        async with self._locked(job_id, name) as stream:
             if length is not None and length > stream.length:
                 raise StreamError("gap", f"the stream has {stream.length} bytes, not {length}",
                                   stream.length)
@@ -573,11 +575,6 @@ class StreamStore:
                                   f"not {length}", stream.length)
             if not stream.closed:
                 await self._close(stream)
-        finally:
-            lock.release()
-            if not lock.locked and not lock.waiting:
-                stream.lock = None
-            self._forget_placeholder(stream)
         return stream
 
     def _check_new(self, stream: Stream) -> None:

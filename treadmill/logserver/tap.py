@@ -8,7 +8,6 @@ from twisted.application.service import IService
 
 from treadmill.common import cors, keys
 from treadmill.common.config import (
-    BOOL,
     FIELD,
     FLOAT,
     INT,
@@ -16,11 +15,10 @@ from treadmill.common.config import (
     ConfigError,
     RoleOptions,
     Setting,
+    http_settings,
     non_negative,
     one_of,
     positive,
-    server_endpoints,
-    with_fields,
 )
 from treadmill.common.daemon import twistd_service
 from treadmill.logserver.service import DAY, LogServerConfig, LogServerService
@@ -36,15 +34,10 @@ class Options(RoleOptions):
 
     config = LogServerConfig
     settings = (
-        Setting("listen", server_endpoints, FIELD,
-                "API listeners (endpoint descriptions: tcp:, ssl:, unix:, systemd:).",
-                field="listen"),
+        *http_settings("API listeners"),
         Setting("root", STR, None, "Directory that holds the log streams.", required=True,
                 field="root"),
-        Setting("service", STR, FIELD,
-                "This server's name: the audience (aud) its capability tokens must name.",
-                field="service"),
-        *with_fields(keys.SETTINGS, "auth[]"),
+        *keys.satellite_settings("server", "auth[]"),
         Setting("appends.max_bytes", positive(INT), FIELD,
                 "Largest append (request body) in bytes; larger ones get 413.",
                 field="max_append"),
@@ -62,8 +55,6 @@ class Options(RoleOptions):
                 "bytes; 0: no limit.", field="retention_max_bytes", convert=_zero_is_none),
         Setting("retention.interval", positive(FLOAT), FIELD,
                 "Seconds between retention passes.", field="retention_interval"),
-        Setting("http.access_log", BOOL, FIELD, "Log one line per HTTP request.",
-                field="access_log"),
         Setting("http.cors_origins", cors.origins, [],
                 "Origins of web consoles (the switchboard's URL, https://host[:port]) "
                 "whose pages may read logs with a capability token (CORS).",

@@ -26,13 +26,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
-from treadmill.common.captoken import CapabilityError, Claims, bearer_token
+from treadmill.common.captoken import Claims
 from treadmill.common.http import (
     ApiError,
     add_fallback_error_handlers,
     respond,
     respond_error,
 )
+from treadmill.common.keys import bearer_claims
 from treadmill.proxy.control import ControlFactory
 from treadmill.proxy.legs import TunnelFactory
 from treadmill.proxy.tunnels import Registry
@@ -80,14 +81,7 @@ class ProxyAPI:
 
     @app.route("/v1/control", methods=["GET"])
     def control_socket(self, request: IRequest) -> Any:
-        token = bearer_token(request.getHeader("authorization"))
-        if token is None:
-            raise ApiError(401, "a capability token is required (Authorization: Bearer)")
-        try:
-            claims: Claims = self.verifier.verify_any(token)
-        except CapabilityError as e:
-            self.registry.counts["control_refused"] += 1
-            raise ApiError(401, f"capability token refused ({e.reason}): {e.message}") from None
+        token, claims = bearer_claims(request, self.verifier, self._control_refused)
         job = self._job(request, claims)
         if not _JOB.fullmatch(job):
             raise ApiError(400, "invalid job id")
@@ -96,6 +90,9 @@ class ProxyAPI:
         self.log.info("Job {job}: control connection from {subject} (token {jti})", job=job,
                       subject=claims.subject, jti=claims.raw.get("jti"))
         return WebSocketResource(self.control.for_job(job, claims.subject, token))
+
+    def _control_refused(self) -> None:
+        self.registry.counts["control_refused"] += 1
 
     def _job(self, request: IRequest, claims: Claims) -> str:
         raw = request.args.get(b"job") if request.args else None

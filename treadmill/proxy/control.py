@@ -10,6 +10,7 @@ loss, and no other job is affected).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -22,6 +23,9 @@ from treadmill.protocol.proxy import CloseCode
 from treadmill.proxy.tunnels import JobSession, Registry
 
 __all__ = ["ControlFactory", "ControlProtocol"]
+
+
+_parse = functools.partial(messages.parse, expect=messages.TO_PROXY)
 
 
 class ControlProtocol(JsonSession, WebSocketServerProtocol):
@@ -57,17 +61,11 @@ class ControlProtocol(JsonSession, WebSocketServerProtocol):
         self.token = ""  # the registry keeps its digest
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if not self.handling or self.session is None:
+        if self.session is None:
             return
-        if isBinary:
-            self.violation("binary frames are not part of the control protocol")
-            return
-        try:
-            message = messages.parse(payload, expect=messages.TO_PROXY)
-        except messages.ProtocolError as e:
-            self.violation(str(e))
-            return
-        self.factory.registry.handle(self.session, self, message)
+        message = self.receive(payload, isBinary, _parse, messages.ProtocolError)
+        if message is not None:
+            self.factory.registry.handle(self.session, self, message)
 
     # -- JsonSession: the supervisor broke the protocol ---------------------------------
 

@@ -8,7 +8,6 @@ from twisted.application.service import IService
 
 from treadmill.common import keys
 from treadmill.common.config import (
-    BOOL,
     FIELD,
     FLOAT,
     INT,
@@ -16,10 +15,10 @@ from treadmill.common.config import (
     ConfigError,
     RoleOptions,
     Setting,
+    http_settings,
     non_negative,
     positive,
     server_endpoints,
-    with_fields,
 )
 from treadmill.common.daemon import twistd_service
 from treadmill.proxy.ports import parse_port_range, parse_static
@@ -43,10 +42,7 @@ class Options(RoleOptions):
 
     config = ProxyConfig
     settings = (
-        Setting("listen", server_endpoints, FIELD,
-                "HTTP/WebSocket listeners: the control endpoint and tunnel paths "
-                "(endpoint descriptions: tcp:, ssl:, unix:, systemd:).",
-                field="listen"),
+        *http_settings("HTTP/WebSocket listeners: the control endpoint and tunnel paths"),
         Setting("data_listen", server_endpoints, FIELD,
                 "Listeners for the supervisors' data connections (tcp: or ssl:); "
                 "the first one's port is announced to supervisors.",
@@ -68,10 +64,7 @@ class Options(RoleOptions):
                 "Static public ports: a table \"<job id or host>/<service>\" = port "
                 "(on the command line: key=port,key=port).", table=True,
                 field="tunnels.static", convert=dict),
-        Setting("service", STR, FIELD,
-                "This proxy's name: the audience (aud) its capability tokens must name.",
-                field="service"),
-        *with_fields(keys.SETTINGS, "auth[]"),
+        *keys.satellite_settings("proxy", "auth[]"),
         Setting("idle_timeout", non_negative(FLOAT), FIELD,
                 "Close a client connection after this many seconds without traffic; 0: never.",
                 field="tunnels.idle_timeout"),
@@ -90,8 +83,6 @@ class Options(RoleOptions):
                 "Seconds between WebSocket pings on control connections (and the pong "
                 "timeout).",
                 field="ping_interval"),
-        Setting("http.access_log", BOOL, FIELD, "Log one line per HTTP request.",
-                field="access_log"),
     )
 
     def checkSettings(self, values: dict[str, Any], source: str) -> None:

@@ -38,6 +38,7 @@ job lives on) leaves the tunnels to the proxy's grace period instead.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -153,6 +154,9 @@ class _Rendezvous:
 # -- the control connection -----------------------------------------------------------
 
 
+_parse = functools.partial(messages.parse, expect=messages.TO_SUPERVISOR)
+
+
 class _ControlClient(JsonSession, WebSocketClientProtocol):
     log = QuietLogger(namespace="treadmill.supervisor.exposure.ws")
     violation_code = CloseCode.PROTOCOL_VIOLATION
@@ -196,16 +200,9 @@ class _ControlClient(JsonSession, WebSocketClientProtocol):
         self.link.opened(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if not self.handling:
-            return
-        try:
-            if isBinary:
-                raise messages.ProtocolError("binary frames are not part of the protocol")
-            message = messages.parse(payload, expect=messages.TO_SUPERVISOR)
-        except messages.ProtocolError as e:
-            self.violation(str(e))
-            return
-        self.link.message(self, message)
+        message = self.receive(payload, isBinary, _parse, messages.ProtocolError)
+        if message is not None:
+            self.link.message(self, message)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         try:

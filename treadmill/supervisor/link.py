@@ -23,6 +23,7 @@ the count, so the next attempt comes after ``reconnect_initial``.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,6 +90,9 @@ def parse_url(url: str) -> tuple[bool, str, int, str]:
     return secure, host, port, f"{parts.scheme}://{shown}:{port}{path}"
 
 
+_parse = functools.partial(protocol.parse, expect=protocol.TO_SUPERVISOR)
+
+
 class SupervisorProtocol(JsonSession, WebSocketClientProtocol):
     """One connection to the switchboard: a runner :class:`~runner.Session`."""
 
@@ -140,15 +144,8 @@ class SupervisorProtocol(JsonSession, WebSocketClientProtocol):
         return self.factory.link  # type: ignore[no-any-return]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if not self.handling:
-            return
-        if isBinary:
-            self.violation("binary frames are not part of the protocol")
-            return
-        try:
-            message = protocol.parse(payload, expect=protocol.TO_SUPERVISOR)
-        except protocol.ProtocolError as e:
-            self.violation(str(e))
+        message = self.receive(payload, isBinary, _parse, protocol.ProtocolError)
+        if message is None:
             return
         if message["type"] == "protocol_error":
             self.link.log.error("{link}: the switchboard reports a protocol error: {code}: "
@@ -226,7 +223,6 @@ class SupervisorLink(Service):
         self.last_close: CloseInfo | None = None
         self.connections = 0  # sessions opened so far
         self._open_waiters: list[Deferred[SupervisorProtocol]] = []
-        self._close_waiters: list[Deferred[CloseInfo]] = []
         self._stopping = False
 
     # -- service ---------------------------------------------------------------------
@@ -261,12 +257,6 @@ class SupervisorLink(Service):
         self._open_waiters.append(waiter)
         return waiter
 
-    def when_closed(self) -> Deferred[CloseInfo]:
-        """Fires with how the current (or next) connection ends."""
-        waiter: Deferred[CloseInfo] = Deferred()
-        self._close_waiters.append(waiter)
-        return waiter
-
     async def close(self, code: int = CloseCode.GOING_AWAY,
                     reason: str = "supervisor shutting down", timeout: float = 3.0) -> None:
         """Close the open session (if any) with ``code`` and wait, at most ``timeout``."""
@@ -299,9 +289,6 @@ class SupervisorLink(Service):
             self.handler.link_closed(session)
         self.last_close = info
         self._classify(info, was_session)
-        waiters, self._close_waiters = self._close_waiters, []
-        for waiter in waiters:
-            waiter.callback(info)
 
     def _classify(self, info: CloseInfo, was_session: bool) -> None:
         """Log how the connection ended and adjust the backoff."""

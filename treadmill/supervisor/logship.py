@@ -71,7 +71,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from treadmill.common.files import fsync_directory, write_json
+from treadmill.common.files import fsync_directory, write_file, write_json
 from treadmill.protocol import logs
 from treadmill.protocol.logs import is_stream
 
@@ -166,15 +166,7 @@ def _spool_write(directory: str, name: str, start: int, data: bytes, durable: bo
     new = not os.path.exists(path)
     if new:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if durable:
-            os.fdatasync(fd)
-    finally:
-        os.close(fd)
+    write_file(path, data, flags=os.O_APPEND, sync=os.fdatasync if durable else None)
     if new and durable:
         fsync_directory(os.path.dirname(path), strict=True)
 
@@ -281,7 +273,6 @@ class LogShipper:
         self._finished = False
         self._gone = False
         self._save_call: Any = None
-        self._dirty = False
         self._drain_waiters: list[Deferred[None]] = []
         self._settle_waiters: list[Deferred[None]] = []
         self._finish_waiters: list[Deferred[None]] = []
@@ -842,7 +833,6 @@ class LogShipper:
     # -- cursors ---------------------------------------------------------------------------
 
     def _save_soon(self) -> None:
-        self._dirty = True
         if self._save_call is None and not self._stopped:
             self._save_call = self.reactor.callLater(self.save_interval, self._save_now)
 
@@ -855,7 +845,6 @@ class LogShipper:
         self._save_call = None
         if self._finished and self._stopped:
             return succeed(None)
-        self._dirty = False
         state = {
             "streams": {st.name: {"closing": st.closing, "length": st.spooled}
                         for st in self._streams.values()},

@@ -17,6 +17,7 @@ from treadmill.common.config import (
     ConfigError,
     RoleOptions,
     Setting,
+    check_order,
     non_negative,
     one_of,
     positive,
@@ -155,14 +156,8 @@ class Options(RoleOptions):
         if values["images.cache_url"] and not values["images.cache_mount"]:
             raise ConfigError("images.cache_url needs images.cache_mount (the cache's root, "
                               "mounted read-only)", key="images.cache_url", source=source)
-        if values["events.ack_timeout"] > values["events.resend_max"]:
-            raise ConfigError(f"events.ack_timeout ({values['events.ack_timeout']:g}) exceeds "
-                              f"events.resend_max ({values['events.resend_max']:g})",
-                              key="events.ack_timeout", source=source)
-        if values["reconnect.initial"] > values["reconnect.max"]:
-            raise ConfigError(f"reconnect.initial ({values['reconnect.initial']:g}) exceeds "
-                              f"reconnect.max ({values['reconnect.max']:g})",
-                              key="reconnect.initial", source=source)
+        check_order(values, source, ("events.ack_timeout", "events.resend_max"),
+                    ("reconnect.initial", "reconnect.max"))
         for key in ("switchboard.ca_file", "images.ca_file", "proxies.ca_file"):
             if values[key]:
                 try:

@@ -17,5 +17,6 @@
 - ``links`` (the supervisors' WebSocket sessions), ``reconcile`` (what a link does
   about a host's report), ``jobstart`` (the wire ``JobStart``), ``holds`` (ending
   a failed job's held host), ``instances`` (liveness of switchboard instances, the
-  leader).
+  leader);
+- ``web`` (the web console: its assets at ``/``, cookie sessions).
 """

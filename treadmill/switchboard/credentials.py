@@ -25,7 +25,6 @@ SCRYPT_N = 2**15
 SCRYPT_R = 8
 SCRYPT_P = 1
 SCRYPT_MAXMEM = 64 * 1024 * 1024
-MAX_PASSWORD_BYTES = 1024
 
 
 def new_token(prefix: str) -> str:

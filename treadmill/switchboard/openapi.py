@@ -64,6 +64,13 @@ def _record(properties: dict[str, Any], description: str) -> dict[str, Any]:
             "required": list(properties)}
 
 
+def _with_token(record: str, description: str) -> dict[str, Any]:
+    """The object ``record`` and a secret ``token`` beside it (answered once)."""
+    return {"description": description,
+            "allOf": [_ref(record), {"type": "object", "properties": {"token": STRING},
+                                     "required": ["token"]}]}
+
+
 def _list_of(key: str, item: str, **extra: Any) -> dict[str, Any]:
     properties = {key: {"type": "array", "items": _ref(item)}, **extra}
     return {"type": "object", "properties": properties, "required": [key]}
@@ -90,11 +97,7 @@ SSH_KEY = _record({
     "created_at": TIME,
 }, "A user's SSH public key; jobs carry their owner's and managers' keys to the guest.")
 
-NEW_TOKEN: dict[str, Any] = {
-    "description": "A new API token with its secret, shown only this once.",
-    "allOf": [_ref("Token"), {"type": "object", "properties": {"token": STRING},
-                              "required": ["token"]}],
-}
+NEW_TOKEN = _with_token("Token", "A new API token with its secret, shown only this once.")
 
 HOST = _record({
     "name": STRING, "tags": STRINGS, "owner": OPTIONAL_STRING, "description": STRING,
@@ -120,11 +123,7 @@ HOST["properties"]["instance"] = {  # Not required: shown to admins only.
     "description": "Admins only: the switchboard instance holding the host's supervisor "
                    "link (null when not connected)."}
 
-NEW_HOST: dict[str, Any] = {
-    "description": "A host with its (new) host token, shown only this once.",
-    "allOf": [_ref("Host"), {"type": "object", "properties": {"token": STRING},
-                             "required": ["token"]}],
-}
+NEW_HOST = _with_token("Host", "A host with its (new) host token, shown only this once.")
 
 IMAGE = _record({
     "name": STRING, "digest": STRING, "stores": STRINGS, "owner": OPTIONAL_STRING,

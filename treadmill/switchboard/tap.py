@@ -17,9 +17,10 @@ from treadmill.common.config import (
     ConfigError,
     RoleOptions,
     Setting,
+    check_order,
+    http_settings,
     non_negative,
     positive,
-    server_endpoints,
 )
 from treadmill.common.daemon import twistd_service
 from treadmill.switchboard.service import SwitchboardConfig, SwitchboardService
@@ -36,9 +37,7 @@ class Options(RoleOptions):
 
     config = SwitchboardConfig
     settings = (
-        Setting("listen", server_endpoints, FIELD,
-                "API listeners (endpoint descriptions: tcp:, ssl:, unix:, systemd:).",
-                field="listen"),
+        *http_settings("API listeners"),
         Setting("database.dsn", STR, None,
                 "libpq connection string of the PostgreSQL database.", required=True,
                 field="dsn"),
@@ -73,8 +72,6 @@ class Options(RoleOptions):
                 field="issuer"),
         Setting("http.max_body", positive(INT), FIELD, "Largest request body in bytes.",
                 field="max_body"),
-        Setting("http.access_log", BOOL, FIELD, "Log one line per HTTP request.",
-                field="access_log"),
         Setting("auth.cache_ttl", FLOAT, FIELD,
                 "Seconds a refused API token is remembered (accepted tokens are read from "
                 "the database on every request, so revocations hold at once everywhere).",
@@ -193,11 +190,8 @@ class Options(RoleOptions):
 
     def checkSettings(self, values: dict[str, Any], source: str) -> None:
         super().checkSettings(values, source)
-        for default, limit in (("jobs.default_timeout", "jobs.max_timeout"),
-                               ("jobs.default_queue_timeout", "jobs.max_queue_timeout")):
-            if values[default] > values[limit]:
-                raise ConfigError(f"{default} ({values[default]:g}) exceeds {limit} "
-                                  f"({values[limit]:g})", key=default, source=source)
+        check_order(values, source, ("jobs.default_timeout", "jobs.max_timeout"),
+                    ("jobs.default_queue_timeout", "jobs.max_queue_timeout"))
         longest = MAX_TTL - 3600.0  # a job's log write token lives its timeout plus an hour
         if values["jobs.max_timeout"] > longest:
             raise ConfigError(f"jobs.max_timeout ({values['jobs.max_timeout']:g}) exceeds "

@@ -14,7 +14,6 @@ from xml.etree import ElementTree
 
 import pytest
 import pytest_twisted
-import treq
 from twisted.internet import reactor
 
 pytest.importorskip("treadmill.imagestore.service")
@@ -24,16 +23,16 @@ from tests.supervisor.qemu.test_service import (
     job_reaches,
     push,
     qemu_host,
+)
+from tests.support import (
+    RunningSwitchboard,
+    closed_stream,
+    start_switchboard_with_logs,
     store_service,
     url_of,
 )
-from tests.support import RunningSwitchboard, start_switchboard
-from tests.test_e2e_logs import start_logserver
-from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
-from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.supervisor.service import SupervisorService
-from treadmill.switchboard.api import Limits
 
 pytestmark = needs_qemu
 
@@ -41,12 +40,9 @@ pytestmark = needs_qemu
 @pytest_twisted.async_yield_fixture
 async def bed(migrated_database: str, tmp_path: Path, test_image: BuiltImage
               ) -> AsyncIterator[tuple[RunningSwitchboard, str, str]]:
-    key = tmp_path / "capability-key.pem"
-    load_or_create_signing_key(str(key))
-    logs, log_url = await start_logserver(tmp_path / "logs", key)
-    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 timeout_interval=0.1,
-                                 limits=Limits(log_servers=(log_url,), log_replicas=1))
+    sb, logs = await start_switchboard_with_logs(migrated_database, tmp_path,
+                                                 scheduler_interval=0.2, timeout_interval=0.1)
+    log_url = logs.url
     store = store_service(sb, tmp_path / "store")
     store.startService()
     work_dir = tempfile.mkdtemp(prefix="tq-", dir="/tmp")
@@ -66,7 +62,7 @@ async def bed(migrated_database: str, tmp_path: Path, test_image: BuiltImage
             await supervisor.stopService()
         await store.stopService()
         await sb.stop()
-        await logs.stopService()
+        await logs.stop()
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
@@ -83,17 +79,8 @@ async def test_a_qemu_jobs_results_come_from_its_agent(bed: Any) -> None:
     assert final["termination"]["reason"] == "workload_exited", final
     assert final["termination"]["exit_status"] == 1, final
 
-    access = (await sb.admin.post(f"/api/v1/jobs/{job_id}/logs/token")).body
-    headers = {"Authorization": f"Bearer {access['token']}"}
-
-    async def closed() -> bool:
-        r = await treq.get(f"{log_url}/v1/jobs/{job_id}/streams", headers=headers)
-        streams = {s["name"]: s for s in (await r.json())["streams"]}
-        return bool(streams.get("results", {}).get("closed"))
-
-    await eventually(closed, timeout=20)
-    r = await treq.get(f"{log_url}/v1/jobs/{job_id}/streams/results", headers=headers)
-    lines = [json.loads(line) for line in (await r.content()).decode().splitlines()]
+    results = await closed_stream(sb.admin, log_url, job_id, "results")
+    lines = [json.loads(line) for line in results.decode().splitlines()]
     assert [(x["type"], x.get("name"), x["result"]) for x in lines] == [
         ("test_case", "boot", "pass"), ("test_case", "virtio", "pass"),
         ("test_case", "net", "skip"), ("test_case", "disk", "fail"), ("summary", None, "fail")]

@@ -16,12 +16,12 @@ from twisted.internet import reactor
 
 pytest.importorskip("treadmill.imagestore.service")
 
+from tests import support
 from tests.supervisor.qemu.conftest import BuiltImage, needs_qemu, qemu_processes
-from tests.support import RunningSwitchboard, start_switchboard
+from tests.support import RunningSwitchboard, start_switchboard, store_service, url_of
 from tests.util.waiting import eventually
 from treadmill.dev.fleet import ws_url_for
 from treadmill.images.oci import RegistryClient
-from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
 from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.service import SupervisorService
 
@@ -50,18 +50,6 @@ async def push(sb: RunningSwitchboard, store_url: str, image: BuiltImage, name: 
     return digest
 
 
-def store_service(sb: RunningSwitchboard, root: Path, **more: Any) -> ImageStoreService:
-    """An image store (or, with ``cache=``, a cache) on loopback that trusts ``sb``."""
-    return ImageStoreService(reactor, ImageStoreConfig(
-        root=str(root), listen=["tcp:0:interface=127.0.0.1"],
-        keys_url=f"{sb.url}/.well-known/treadmill/capability-keys",
-        realm=f"{sb.url}/api/v1/registry/token", access_log=False, **more))
-
-
-def url_of(service: ImageStoreService) -> str:
-    return f"http://127.0.0.1:{service.ports()[0].getHost().port}"
-
-
 async def qemu_host(sb: RunningSwitchboard, name: str, state_dir: Path, work_dir: str,
                     **more: Any) -> SupervisorConfig:
     """Register host ``name`` (tag qemu) and the configuration of its supervisor (TCG)."""
@@ -77,11 +65,7 @@ async def qemu_host(sb: RunningSwitchboard, name: str, state_dir: Path, work_dir
 async def job_reaches(sb: RunningSwitchboard, job_id: str, state: str,
                       timeout: float = 90) -> dict[str, Any]:
     """The job, once it is in ``state``."""
-    async def check() -> dict[str, Any] | None:
-        body = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
-        return body if body["state"] == state else None
-
-    return await eventually(check, timeout=timeout)
+    return await support.job_reaches(sb.admin, job_id, state, timeout)
 
 
 @pytest_twisted.async_yield_fixture

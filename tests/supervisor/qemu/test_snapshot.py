@@ -314,20 +314,16 @@ async def test_a_snapshot_round_trip_through_a_real_store(
     pytest.importorskip("treadmill.imagestore.service")
     from tests.supervisor.qemu.test_boot import BOOT, settings, within
     from tests.supervisor.qemu.test_service import push
-    from tests.support import start_switchboard
-    from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
+    from tests.support import start_switchboard, store_service, url_of
     from treadmill.supervisor.fetch import ImageFetcher
 
     sb = await start_switchboard(migrated_database, tmp_path)
-    store = ImageStoreService(reactor, ImageStoreConfig(
-        root=str(tmp_path / "store"), listen=["tcp:0:interface=127.0.0.1"],
-        keys_url=f"{sb.url}/.well-known/treadmill/capability-keys",
-        realm=f"{sb.url}/api/v1/registry/token", access_log=False))
+    store = store_service(sb, tmp_path / "store")
     store.startService()
     driver: QemuDriver | None = None
     try:
         await store.ready()
-        store_url = f"http://127.0.0.1:{store.ports()[0].getHost().port}"
+        store_url = url_of(store)
         digest = await push(sb, store_url, test_image, "demo/tiny-vm")
         # Stand-in for a host token that the switchboard grants push to: an admin user
         # named "host" (the fetcher's Basic user name), through the real token flow.

@@ -164,7 +164,7 @@ async def test_the_agent_drives_the_job() -> None:
 
 
 def test_the_guests_host_keys_are_checked_and_reported() -> None:
-    from tests.switchboard.test_authz_matrix import _new_ssh_key
+    from tests.util.ssh import new_ssh_public_key
 
     clock = MemoryReactorClock()
     driver = QemuDriver(clock, QemuSettings(work_dir="/nonexistent"))
@@ -172,7 +172,7 @@ def test_the_guests_host_keys_are_checked_and_reported() -> None:
     run = _Run(driver, {"id": "j1", "image": {}, "parameters": {},
                         "ssh_keys": ["ssh-ed25519 AAAA alice"]}, reporter)
     assert run.job_ssh_keys == ["ssh-ed25519 AAAA alice"]
-    first, second = _new_ssh_key(), _new_ssh_key()
+    first, second = new_ssh_public_key(), new_ssh_public_key()
     for bad in ("ssh-ed25519 AAAA", "ssh-dss " + first.split()[1], first + " a comment", ""):
         run.agent_ssh_host_key(bad)
     assert reporter.host_keys == []
@@ -180,7 +180,7 @@ def test_the_guests_host_keys_are_checked_and_reported() -> None:
     run.agent_ssh_host_key(first)  # the same again: nothing new
     run.agent_ssh_host_key(second)
     assert reporter.host_keys == [[first], [first, second]]
-    keys = [_new_ssh_key() for _ in range(10)]
+    keys = [new_ssh_public_key() for _ in range(10)]
     for key in keys:
         run.agent_ssh_host_key(key)
     assert len(reporter.host_keys[-1]) == 8  # bounded

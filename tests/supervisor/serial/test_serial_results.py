@@ -12,19 +12,19 @@ from typing import Any
 from xml.etree import ElementTree
 
 import pytest_twisted
-import treq
 from twisted.internet import reactor
 
 from tests.supervisor.serial.support import FakeBoard, write_cache
-from tests.support import RunningSwitchboard, start_switchboard
-from tests.test_e2e_logs import start_logserver
+from tests.support import (
+    RunningSwitchboard,
+    closed_stream,
+    start_switchboard_with_logs,
+)
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
-from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.dev.fleet import ws_url_for
 from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.service import SupervisorService
-from treadmill.switchboard.api import Limits
 
 TOCK = {"test_case": r"^test (?P<name>\S+) \.\.\. (?P<result>ok|FAILED|ignored)",
         "pass": r"^test result: ok\.", "fail": r"^test result: FAILED\.",
@@ -40,12 +40,9 @@ APP = (b"print Running 3 tests\n"
 @pytest_twisted.async_yield_fixture
 async def bed(migrated_database: str, tmp_path: Path
               ) -> AsyncIterator[tuple[RunningSwitchboard, str]]:
-    key = tmp_path / "capability-key.pem"
-    load_or_create_signing_key(str(key))
-    logs, log_url = await start_logserver(tmp_path / "logs", key)
-    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 timeout_interval=0.1,
-                                 limits=Limits(log_servers=(log_url,), log_replicas=1))
+    sb, logs = await start_switchboard_with_logs(migrated_database, tmp_path,
+                                                 scheduler_interval=0.2, timeout_interval=0.1)
+    log_url = logs.url
     board = await FakeBoard(tmp_path / "board").start()
     supervisor: SupervisorService | None = None
     try:
@@ -67,7 +64,7 @@ async def bed(migrated_database: str, tmp_path: Path
             await supervisor.driver.shutdown()
         board.stop()
         await sb.stop()
-        await logs.stopService()
+        await logs.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -93,17 +90,8 @@ async def test_a_board_job_ends_by_its_console_patterns(
     host = (await sb.admin.get("/api/v1/hosts/board-1")).body
     assert host["healthy"] is True and host["consecutive_failures"] == 0
 
-    access = (await sb.admin.post(f"/api/v1/jobs/{job_id}/logs/token")).body
-    headers = {"Authorization": f"Bearer {access['token']}"}
-
-    async def closed() -> bool:
-        r = await treq.get(f"{log_url}/v1/jobs/{job_id}/streams", headers=headers)
-        streams = {s["name"]: s for s in (await r.json())["streams"]}
-        return bool(streams.get("results", {}).get("closed"))
-
-    await eventually(closed, timeout=20)
-    r = await treq.get(f"{log_url}/v1/jobs/{job_id}/streams/results", headers=headers)
-    lines = [json.loads(line) for line in (await r.content()).decode().splitlines()]
+    results = await closed_stream(sb.admin, log_url, job_id, "results")
+    lines = [json.loads(line) for line in results.decode().splitlines()]
     assert [(x["type"], x.get("name"), x["result"]) for x in lines] == [
         ("test_case", "alarm::one_shot", "pass"), ("test_case", "aes::ctr", "fail"),
         ("test_case", "rng::entropy", "skip"), ("summary", None, "fail")]

@@ -71,16 +71,23 @@ def render_images(data: dict[str, Any]) -> str:
     return output.render_table(("NAME", "DIGEST", "OWNER", "UPDATED", "DESCRIPTION"), rows)
 
 
-async def image_register(ctx: Context) -> int:
-    """Add an image to the catalogue."""
-    a = ctx.args
-    body: dict[str, Any] = {"name": a.name, "digest": a.digest, "stores": a.stores}
+def _described(a: Any) -> dict[str, Any]:
+    """The optional ``description``, ``host_tags`` and ``results`` the arguments give."""
+    body: dict[str, Any] = {}
     if a.description is not None:
         body["description"] = a.description
     if a.host_tags is not None:
         body["host_tags"] = a.host_tags
     if (patterns := results_command.patterns_from(a)) is not None:
         body["results"] = patterns
+    return body
+
+
+async def image_register(ctx: Context) -> int:
+    """Add an image to the catalogue."""
+    a = ctx.args
+    body: dict[str, Any] = {"name": a.name, "digest": a.digest, "stores": a.stores,
+                            **_described(a)}
     if not a.replace and await _exists(ctx, a.name):
         raise CommandError(_taken(a.name))
     kind = a.kind or await _kind_in_store(ctx, a.name, a.digest, a.stores[0])
@@ -180,12 +187,7 @@ async def image_update(ctx: Context) -> int:
         body["digest"] = a.digest
     if a.stores:
         body["stores"] = a.stores
-    if a.description is not None:
-        body["description"] = a.description
-    if a.host_tags is not None:
-        body["host_tags"] = a.host_tags
-    if (patterns := results_command.patterns_from(a)) is not None:
-        body["results"] = patterns
+    body.update(_described(a))
     if a.no_results_patterns:
         body["results"] = None
     if a.kind is not None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
-from treadmill.common.http import ApiError
+from treadmill.common.http import ApiError, query_arg
 from treadmill.protocol.results import ResultsError, check_patterns
 
 
@@ -23,20 +23,9 @@ def path_uuid(value: str, what: str) -> str:
         raise ApiError(404, f"no {what} {value}") from None
 
 
-def arg(request: IRequest, name: str) -> str | None:
-    """The last value of query argument ``name``, or None."""
-    values = request.args.get(name.encode())
-    if not values:
-        return None
-    try:
-        return values[-1].decode("utf-8")
-    except UnicodeDecodeError:
-        raise ApiError(400, f"{name}: not UTF-8") from None
-
-
 def int_arg(request: IRequest, name: str, default: int, low: int, high: int) -> int:
     """Query argument ``name`` as an integer from ``low`` to ``high`` (else ``default``)."""
-    raw = arg(request, name)
+    raw = query_arg(request, name)
     if raw is None:
         return default
     try:

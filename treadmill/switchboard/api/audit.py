@@ -7,9 +7,9 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
-from treadmill.common.http import ApiError, respond
+from treadmill.common.http import ApiError, query_arg, respond
 from treadmill.switchboard import views
-from treadmill.switchboard.api.args import arg, decode_cursor, encode_cursor, int_arg, uuid_arg
+from treadmill.switchboard.api.args import decode_cursor, encode_cursor, int_arg, uuid_arg
 from treadmill.switchboard.api.base import Routes
 
 app = Routes.app
@@ -26,22 +26,22 @@ class AuditRoutes(Routes):
         limit = int_arg(request, "limit", 100, 1, self.limits.max_page)
         filters: dict[str, Any] = {}
         for name in ("user", "host", "image", "action"):
-            value = arg(request, name)
+            value = query_arg(request, name)
             if value is not None:
                 if not value or len(value) > 256 or "\x00" in value:
                     raise ApiError(400, f"{name}: between 1 and 256 characters")
                 filters[name] = value
-        job = arg(request, "job")
+        job = query_arg(request, "job")
         if job is not None:
             filters["job"] = uuid_arg(job, "job")
-        after = arg(request, "after")
+        after = query_arg(request, "after")
         if after is not None:
             try:
                 moment = datetime.fromisoformat(after)
             except ValueError:
                 raise ApiError(400, "after: not an RFC 3339 time") from None
             filters["after"] = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-        cursor = arg(request, "cursor")
+        cursor = query_arg(request, "cursor")
         rows = await self.store.audit_list(
             principal, before_id=decode_cursor(cursor, "a") if cursor else None,
             limit=limit + 1, **filters)

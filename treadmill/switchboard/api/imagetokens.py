@@ -9,10 +9,9 @@ from datetime import UTC, datetime
 from twisted.web.iweb import IRequest
 
 from treadmill.common.captoken import Access
-from treadmill.common.http import ApiError, respond
+from treadmill.common.http import ApiError, query_arg, respond
 from treadmill.switchboard import credentials, repositories
 from treadmill.switchboard.access import Principal
-from treadmill.switchboard.api.args import arg
 from treadmill.switchboard.api.base import Routes
 from treadmill.switchboard.api.tokens import TokenRoutes
 
@@ -25,7 +24,7 @@ class ImageTokenRoutes(TokenRoutes):
     @app.route("/api/v1/registry/token", methods=["GET"])
     async def registry_token(self, request: IRequest) -> bytes:
         """Docker registry token flow: a capability token for image store access."""
-        service = arg(request, "service")
+        service = query_arg(request, "service")
         if service is None or not repositories.SERVICE.fullmatch(service):
             raise ApiError(400, "service: the image store's service name is required")
         try:

@@ -10,12 +10,11 @@ import jwt
 from twisted.web.iweb import IRequest
 
 from treadmill.common.captoken import Access
-from treadmill.common.http import ApiError, read_json, respond
+from treadmill.common.http import ApiError, query_arg, read_json, respond
 from treadmill.protocol.supervisor import RESERVATION_PARAMETER
 from treadmill.switchboard import schemas, views
 from treadmill.switchboard.access import Principal, effective
 from treadmill.switchboard.api.args import (
-    arg,
     console_patterns,
     decode_cursor,
     dumps_canonical,
@@ -136,11 +135,11 @@ class JobRoutes(Routes):
         for state in states:
             if state not in State.__members__.values():
                 raise ApiError(400, f"state: no state {state!r}")
-        cursor = arg(request, "cursor")
-        prefix = arg(request, "id_prefix")
-        restart_of = arg(request, "restart_of")
+        cursor = query_arg(request, "cursor")
+        prefix = query_arg(request, "id_prefix")
+        restart_of = query_arg(request, "restart_of")
         rows = await self.store.list_jobs(
-            principal, states=states, owner=arg(request, "owner"),
+            principal, states=states, owner=query_arg(request, "owner"),
             before_seq=decode_cursor(cursor) if cursor else None, limit=limit + 1,
             id_range=prefix_range(prefix) if prefix is not None else None,
             restart_of=uuid_arg(restart_of, "restart_of") if restart_of is not None else None)

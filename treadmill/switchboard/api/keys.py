@@ -5,10 +5,10 @@ from __future__ import annotations
 from twisted.web.iweb import IRequest
 
 from treadmill.common import sshkeys
-from treadmill.common.http import ApiError, read_json, respond
+from treadmill.common.http import ApiError, query_arg, read_json, respond
 from treadmill.switchboard import schemas, views
 from treadmill.switchboard.access import Principal
-from treadmill.switchboard.api.args import arg, path_uuid
+from treadmill.switchboard.api.args import path_uuid
 from treadmill.switchboard.api.base import Routes
 
 app = Routes.app
@@ -24,7 +24,7 @@ class KeyRoutes(Routes):
     @app.route("/api/v1/keys", methods=["GET"])
     async def list_ssh_keys(self, request: IRequest) -> bytes:
         principal = await self.auth.principal(request)
-        user_id = await self._key_owner(principal, arg(request, "user"))
+        user_id = await self._key_owner(principal, query_arg(request, "user"))
         rows = await self.store.list_ssh_keys(user_id)
         return respond(request, {"keys": [views.ssh_key(row) for row in rows]})
 
@@ -32,7 +32,7 @@ class KeyRoutes(Routes):
     async def add_ssh_key(self, request: IRequest) -> bytes:
         principal = await self.auth.principal(request)
         body = read_json(request, schemas.SSH_KEY_CREATE)
-        user_id = await self._key_owner(principal, arg(request, "user"))
+        user_id = await self._key_owner(principal, query_arg(request, "user"))
         try:
             key = sshkeys.parse(body["key"])
         except sshkeys.BadKey as e:

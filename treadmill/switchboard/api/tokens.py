@@ -6,10 +6,10 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
-from treadmill.common.http import ApiError, read_json, respond
+from treadmill.common.http import ApiError, query_arg, read_json, respond
 from treadmill.switchboard import credentials, schemas, views
 from treadmill.switchboard.access import Principal
-from treadmill.switchboard.api.args import arg, path_uuid
+from treadmill.switchboard.api.args import path_uuid
 from treadmill.switchboard.api.base import Routes
 from treadmill.switchboard.store.errors import NotFound
 
@@ -68,7 +68,7 @@ class TokenRoutes(Routes):
     @app.route("/api/v1/tokens", methods=["GET"])
     async def list_tokens(self, request: IRequest) -> bytes:
         principal = await self.auth.principal(request)
-        user_id = await self._target_user(principal, arg(request, "user"))
+        user_id = await self._target_user(principal, query_arg(request, "user"))
         rows = await self.store.list_tokens(user_id)
         return respond(request, {"tokens": [views.token(row) for row in rows]})
 

@@ -19,6 +19,11 @@ LIVE_INSTANCE = ("i.stopped_at IS NULL "
 MY_GRANTS = """ARRAY(SELECT g.privilege FROM grants g WHERE g.{column} = {alias}.id
                       AND (g.user_id = %(uid)s OR g.user_id IS NULL)) AS grants"""
 
+# The principal owns the resource or holds a grant on it (a condition).
+OWNED_OR_GRANTED = ("({alias}.owner_id = %(uid)s OR EXISTS (SELECT 1 FROM grants g "
+                    "WHERE g.{column} = {alias}.id "
+                    "AND (g.user_id = %(uid)s OR g.user_id IS NULL)))")
+
 
 def unique(e: psycopg2.Error, what: str) -> Conflict:
     """The :class:`Conflict` for a unique violation on ``what``."""

@@ -10,7 +10,7 @@ from psycopg2.extras import Json
 
 from treadmill.switchboard.access import Principal
 from treadmill.switchboard.database import Cursor
-from treadmill.switchboard.store.base import MY_GRANTS, Queries
+from treadmill.switchboard.store.base import MY_GRANTS, OWNED_OR_GRANTED, Queries
 from treadmill.switchboard.store.errors import Conflict, NotFound
 
 _IMAGE_COLUMNS = """
@@ -28,6 +28,9 @@ _LENDS = """(coalesce(o.admin, false)
     OR EXISTS (SELECT 1 FROM grants g WHERE g.namespace = split_part(lower(i.name), '/', 1)
                AND g.privilege = 'manage' AND (g.user_id = i.owner_id OR g.user_id IS NULL)))"""
 
+
+# Catalogue image i is visible to the principal %(uid)s (not an admin).
+_VISIBLE = OWNED_OR_GRANTED.format(alias="i", column="image_id")
 
 async def record_version(cur: Cursor, image_id: int, by: int | None, note: str,
                           keep: int | None) -> None:
@@ -77,9 +80,7 @@ class ImageQueries(Queries):
         return row
 
     async def list_images(self, principal: Principal) -> list[dict]:
-        where = "true" if principal.admin else (
-            "(i.owner_id = %(uid)s OR EXISTS (SELECT 1 FROM grants g WHERE g.image_id = i.id "
-            "AND (g.user_id = %(uid)s OR g.user_id IS NULL)))")
+        where = "true" if principal.admin else _VISIBLE
         return await self.pool.fetchall(self._image_query(where) + " ORDER BY i.name",
                                         {"uid": principal.user_id})
 
@@ -88,9 +89,7 @@ class ImageQueries(Queries):
         (see ``_LENDS``): what the image gives pull on."""
         rows = await self.pool.fetchall(
             "SELECT DISTINCT lower(i.name) AS repository FROM images i "
-            "LEFT JOIN users o ON o.id = i.owner_id WHERE (i.owner_id = %(uid)s OR EXISTS "
-            "(SELECT 1 FROM grants g WHERE g.image_id = i.id "
-            f"AND (g.user_id = %(uid)s OR g.user_id IS NULL))) AND {_LENDS}",
+            f"LEFT JOIN users o ON o.id = i.owner_id WHERE {_VISIBLE} AND {_LENDS}",
             {"uid": principal.user_id})
         return [row["repository"] for row in rows]
 

@@ -27,6 +27,10 @@ removes the work directory (sockets, log), after moving the overlay to
 disks, for ``qemu.keep_time`` seconds). ``snapshot()`` (``IHostSnapshots``)
 pushes a kept disk as a new image. ``shutdown()`` leaves the VM running;
 ``adopt()`` re-attaches to it after a restart.
+
+Modules: ``driver`` (the driver), ``settings`` (``qemu.*``), ``command`` (QEMU and
+qemu-img command lines), ``process`` (short child processes), ``qmp`` (the QMP client),
+``accel`` (the accelerator), ``snapshot`` (kept disks and snapshots).
 """
 
 from __future__ import annotations

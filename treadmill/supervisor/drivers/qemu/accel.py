@@ -21,6 +21,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from treadmill.common.deferreds import fork
 from treadmill.supervisor.drivers.qemu.settings import QemuSettings
 
 __all__ = ["AccelChooser", "probe_kvm"]
@@ -121,7 +122,7 @@ class AccelChooser:
             log.info("qemu: accel = auto: probing KVM by booting {kernel}", kernel=kernel)
             cached = Deferred.fromCoroutine(self._probe(kernel))
             self._cache[key] = cached
-        works, _why = await _shared(cached)
+        works, _why = await fork(cached)
         return "kvm" if works else "tcg"
 
     async def _probe(self, kernel: str | None) -> tuple[bool, str]:
@@ -139,18 +140,3 @@ class AccelChooser:
     def forget(cls) -> None:
         """Drop cached probe results (tests)."""
         cls._cache.clear()
-
-
-def _shared(d: Deferred[Any]) -> Deferred[Any]:
-    """A new Deferred with ``d``'s result, leaving ``d``'s result in place for others."""
-    out: Deferred[Any] = Deferred()
-
-    def both(result: Any) -> Any:
-        if isinstance(result, Failure):
-            out.errback(result)
-        else:
-            out.callback(result)
-        return result
-
-    d.addBoth(both)
-    return out
