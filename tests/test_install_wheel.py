@@ -1,17 +1,27 @@
 """docs/install.md's install, checked: the built wheel, installed alone into a clean
 virtual environment (no checkout on the path), carries every role's twistd plugin,
-the console scripts and the packaged data, and dry-runs the migrations."""
+the console scripts and the packaged data, and dry-runs the migrations; it also
+installs the units, example configurations and documentation the guide copies from
+``/opt/treadmill/share`` (no checkout on the machine), and a switchboard started
+by its unit's command line from those files serves the first admin."""
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from tests.test_systemd_units import TWISTD, parse, values
+from tests.util.ports import free_port
 from tests.wheels import ROOT, run
 from treadmill.switchboard.database import migrations
 
@@ -74,3 +84,117 @@ def test_installed_roles_console_scripts_and_migrations(installed: tuple[Path, P
     again = run(bin_ / "python", "-m", "treadmill.switchboard.migrate", "--database-dsn",
                 database, "--dry-run", "--check", cwd=tmp_path)
     assert again.stdout == "nothing pending\n"
+
+
+# The example configuration install.md copies for each unit (a supervisor unit's %i
+# names /etc/treadmill/supervisor-%i.toml, written from the example of its kind).
+EXAMPLE_OF_UNIT = {"treadmill-supervisor@.service": "supervisor-mock.toml",
+                   "treadmill-supervisor-qemu@.service": "supervisor-qemu.toml",
+                   "treadmill-supervisor-serial@.service": "supervisor-serial.toml"}
+
+
+def _share(venv: Path) -> Path:
+    return venv / "share" / "treadmill"
+
+
+def test_installed_share_holds_units_configs_and_docs(installed: tuple[Path, Path]) -> None:
+    """What install.md copies is under the environment's share/, the checkout's files."""
+    _, venv = installed
+    share = _share(venv)
+    for source, target in ((ROOT / "systemd", share / "systemd"),
+                           (ROOT / "etc" / "treadmill", share / "etc")):
+        expected = sorted(p.name for p in source.iterdir())
+        assert sorted(p.name for p in target.iterdir()) == expected, target
+        for name in expected:
+            assert (target / name).read_bytes() == (source / name).read_bytes(), name
+    assert (share / "grafana" / "treadmill.json").read_bytes() == (
+        ROOT / "etc" / "grafana" / "treadmill.json").read_bytes()
+    docs = venv / "share" / "doc" / "treadmill"
+    assert sorted(p.name for p in docs.glob("*.md")) == sorted(
+        p.name for p in (ROOT / "docs").glob("*.md"))
+    for unit in (share / "systemd").iterdir():
+        (documentation,) = [v for k, v in parse(unit)["Unit"] if k == "Documentation"]
+        assert documentation.startswith("file:///opt/treadmill/"), unit.name
+        local = Path(documentation.removeprefix("file://").replace("/opt/treadmill",
+                                                                    str(venv), 1))
+        assert local.is_file(), (unit.name, documentation)
+
+
+def _exec_start(venv: Path, unit: Path, tmp_path: Path) -> list[str]:
+    """The installed unit's ExecStart, with /opt/treadmill the test's environment, its
+    config the installed example and systemd's directories under ``tmp_path``."""
+    (line,) = values(parse(unit), "ExecStart")
+    example = EXAMPLE_OF_UNIT.get(unit.name)
+    argv = []
+    for word in shlex.split(line):
+        word = word.replace(TWISTD, str(venv / "bin" / "twistd"))
+        if word.startswith("/etc/treadmill/"):
+            word = str(_share(venv) / "etc" / (example or word.rsplit("/", 1)[1]))
+        word = word.replace("${STATE_DIRECTORY}", str(tmp_path / "state"))
+        word = word.replace("${CREDENTIALS_DIRECTORY}", str(tmp_path / "credentials"))
+        argv.append(word)
+    return argv
+
+
+def test_every_installed_unit_runs_its_installed_role(installed: tuple[Path, Path],
+                                                      tmp_path: Path) -> None:
+    """Each unit's command line, from the installed files, is accepted by the installed
+    role's plugin (the example configuration parses); only --help is added."""
+    _, venv = installed
+    units = sorted((_share(venv) / "systemd").iterdir())
+    assert len(units) == 7
+    for unit in units:
+        argv = _exec_start(venv, unit, tmp_path)
+        assert argv[0] == str(venv / "bin" / "twistd"), unit.name
+        help_text = run(*argv, "--help", cwd=tmp_path).stdout
+        assert "--config" in help_text, unit.name
+
+
+def test_a_switchboard_from_the_installed_files_serves_the_first_admin(
+        installed: tuple[Path, Path], database: str, tmp_path: Path) -> None:
+    """install.md sections 3 to 5 from the installed files only: migrate (dry run, then
+    for real), start the switchboard by its unit's command line and example
+    configuration (the database, listener and key overridden for the test), create the
+    first admin, and use its token with the installed ``tml``."""
+    _, venv = installed
+    bin_ = venv / "bin"
+    config = _share(venv) / "etc" / "switchboard.toml"
+    run(bin_ / "treadmill-switchboard-migrate", "--config", config, "--database-dsn",
+        database, cwd=tmp_path)
+    assert run(bin_ / "treadmill-switchboard-migrate", "--config", config, "--database-dsn",
+               database, "--dry-run", cwd=tmp_path).stdout == "nothing pending\n"
+    port = free_port()
+    argv = [*_exec_start(venv, _share(venv) / "systemd" / "treadmill-switchboard.service",
+                         tmp_path),
+            "--database-dsn", database, "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--capabilities-signing-key", str(tmp_path / "capability-key.pem")]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    out = (tmp_path / "switchboard.out").open("wb")
+    daemon = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out, stderr=out)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert daemon.poll() is None, (tmp_path / "switchboard.out").read_text()
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "switchboard.out").read_text()
+            time.sleep(0.2)
+        token = run(bin_ / "python", "-m", "treadmill.switchboard.bootstrap", "--config",
+                    config, "--database-dsn", database, "--admin", "alice",
+                    cwd=tmp_path).stdout.strip()
+        env_tml = {"TREADMILL_URL": url, "TREADMILL_TOKEN": token}
+        shown = subprocess.run([str(bin_ / "tml"), "--json", "admin", "user", "show", "alice"],
+                               cwd=tmp_path, env={**env, **env_tml}, capture_output=True,
+                               text=True, timeout=60, check=False)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert json.loads(shown.stdout)["admin"] is True
+    finally:
+        daemon.terminate()
+        # twistd ends by its SIGTERM (systemd counts that as a clean stop).
+        assert daemon.wait(timeout=30) in (0, -15), (tmp_path / "switchboard.out").read_text()
+        out.close()

@@ -238,6 +238,12 @@ async def _console_token(w: World) -> tuple[Any, list[str]]:
     return r, [r.body["token"], SECRET_PARAM]
 
 
+async def _job_extend(w: World) -> tuple[Any, list[str]]:
+    # Someone else's job: an admin moves alice's deadline.
+    return await w.sb.admin.post(f"/api/v1/jobs/{w.shared_job}/extend", {"by": 600}), \
+        [SECRET_PARAM]
+
+
 async def _job_cancel(w: World) -> tuple[Any, list[str]]:
     return await w.sb.admin.post(f"/api/v1/jobs/{w.private_job}/terminate"), [SECRET_PARAM]
 
@@ -283,6 +289,7 @@ CASES = [
     Case("namespace.grant", "admin", "namespace", lambda w: "team", _namespace_grant, 201),
     Case("namespace.revoke", "admin", "namespace", lambda w: "team", _namespace_revoke, 204),
     Case("job.console_token", "carol", "job", lambda w: w.shared_job, _console_token),
+    Case("job.extend", "admin", "job", lambda w: w.shared_job, _job_extend),
     Case("job.cancel", "admin", "job", lambda w: w.private_job, _job_cancel),
     Case("job.snapshot", "alice", "job", lambda w: w.private_job, _job_snapshot, 202),
 ]
@@ -309,6 +316,9 @@ async def test_each_privileged_action_makes_one_record(world: World, case: Case)
         claims = jwt.decode(response.body["token"], options={"verify_signature": False})
         assert row["details"] == {"access": "read", "expires_in": 300,
                                   "token_jti": claims["jti"]}
+    if case.action == "job.extend":
+        assert row["subject_user"] == "alice"
+        assert row["details"]["by"] == 600
 
 
 def test_every_action_is_tested() -> None:

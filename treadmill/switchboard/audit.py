@@ -34,7 +34,7 @@ ACTIONS = frozenset({
     "host.health", "host.health_check.set", "host.health_check.unset",
     "image.create", "image.update", "image.delete", "image.rollback",
     "store.add", "store.remove",
-    "job.cancel", "job.snapshot", "job.console_token",
+    "job.cancel", "job.extend", "job.snapshot", "job.console_token",
 })
 
 #: What a record may be about.
