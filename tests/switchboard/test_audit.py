@@ -238,6 +238,12 @@ async def _console_token(w: World) -> tuple[Any, list[str]]:
     return r, [r.body["token"], SECRET_PARAM]
 
 
+async def _push_token(w: World) -> tuple[Any, list[str]]:
+    r = await w.alice.get("/api/v1/registry/token?service=store"
+                          "&scope=repository:alice/fw:pull,push")
+    return r, [r.body["token"]]
+
+
 async def _job_extend(w: World) -> tuple[Any, list[str]]:
     # Someone else's job: an admin moves alice's deadline.
     return await w.sb.admin.post(f"/api/v1/jobs/{w.shared_job}/extend", {"by": 600}), \
@@ -278,6 +284,7 @@ CASES = [
     Case("host.delete", "admin", "host", lambda w: "rack2", _host_delete, 204),
     Case("store.add", "admin", "store", lambda w: "s2", _store_add, 201),
     Case("store.remove", "admin", "store", lambda w: "s2", _store_remove, 204),
+    Case("store.push_token", "alice", "store", lambda w: "store", _push_token),
     Case("image.create", "alice", "image", lambda w: "alice/fw", _image_create, 201),
     Case("image.update", "alice", "image", lambda w: "alice/fw", _image_update),
     Case("image.rollback", "alice", "image", lambda w: "alice/fw", _image_rollback),
@@ -316,6 +323,11 @@ async def test_each_privileged_action_makes_one_record(world: World, case: Case)
         claims = jwt.decode(response.body["token"], options={"verify_signature": False})
         assert row["details"] == {"access": "read", "expires_in": 300,
                                   "token_jti": claims["jti"]}
+    if case.action == "store.push_token":
+        claims = jwt.decode(response.body["token"], options={"verify_signature": False})
+        assert row["subject_user"] == "alice"
+        assert row["details"] == {"repositories": {"alice/fw": ["pull", "push"]},
+                                  "expires_in": 300, "token_jti": claims["jti"]}
     if case.action == "job.extend":
         assert row["subject_user"] == "alice"
         assert row["details"]["by"] == 600
@@ -324,6 +336,40 @@ async def test_each_privileged_action_makes_one_record(world: World, case: Case)
 def test_every_action_is_tested() -> None:
     # host.health is the switchboard's own (tests/switchboard/test_host_health.py).
     assert ACTIONS - {"host.health"} == {case.action for case in CASES}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hosts_snapshot_push_token_is_recorded_as_the_host(world: World) -> None:
+    """rack4 holds a pending snapshot (job.snapshot above): its push token is the host's."""
+    token = credentials.new_token(credentials.HOST_TOKEN_PREFIX)
+    await world.sb.store.pool.execute("UPDATE hosts SET token_hash = %s WHERE name = 'rack4'",
+                                      (credentials.token_hash(token),))
+    (repository,) = await world.sb.store.pool.fetchall(
+        "SELECT repository FROM snapshots WHERE state = 'pending'")
+    before = await last_id(world.sb)
+    r = await Client(world.sb.url, token).get(
+        f"/api/v1/registry/token?service=store&scope=repository:"
+        f"{repository['repository']}:pull,push")
+    assert r.status == 200, r.body
+    (row,) = await rows_after(world.sb, before)
+    assert (row["actor"], row["actor_kind"], row["action"], row["subject_id"],
+            row["subject_user"]) == ("host:rack4", "host", "store.push_token", "store", None)
+    assert row["details"]["repositories"] == {repository["repository"]: ["pull", "push"]}
+    assert token not in json.dumps(row, default=str)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pull_tokens_leave_no_record(world: World) -> None:
+    """Only registry tokens that may change a store are recorded: pulls are every job's."""
+    before = await last_id(world.sb)
+    r = await world.alice.get("/api/v1/registry/token?service=store"
+                              "&scope=repository:alice/os:pull")
+    assert r.status == 200 and r.body["token"]
+    # Asked for push where alice may only pull: the token grants pull, no record.
+    r = await world.bob.get("/api/v1/registry/token?service=store"
+                            "&scope=repository:alice/os:pull,push")
+    assert r.status == 200
+    assert await rows_after(world.sb, before) == []
 
 
 @pytest_twisted.ensureDeferred
