@@ -9,20 +9,27 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg2
 import pytest
+from psycopg2 import sql
+from psycopg2.extensions import make_dsn
 
 from tests.test_systemd_units import TWISTD, parse, values
 from tests.util.ports import free_port
 from tests.wheels import ROOT, run
+from treadmill.dev.pgcluster import drop_database
 from treadmill.switchboard.database import migrations
 
 ROLES = ("switchboard", "imagestore", "logserver", "proxy", "supervisor")
@@ -150,13 +157,45 @@ def test_every_installed_unit_runs_its_installed_role(installed: tuple[Path, Pat
         assert "--config" in help_text, unit.name
 
 
+def _install_md_sql() -> str:
+    """The SQL of install.md section 3 (the role and database)."""
+    text = (ROOT / "docs" / "install.md").read_text()
+    start = text.index("sudo -u postgres psql <<'SQL'\n") + len("sudo -u postgres psql <<'SQL'\n")
+    return text[start:text.index("\nSQL\n", start)]
+
+
+@pytest.fixture
+def least_privileged(pg_admin_dsn: str) -> Iterator[str]:
+    """A database and role made by install.md's SQL (names made unique); a DSN that acts
+    as that role (``SET ROLE`` at connection: the test cluster admits its owner only, so
+    the session logs in as that and drops to the role, whose privileges every statement
+    is then checked against and whose objects it creates)."""
+    name = f"treadmill_{uuid.uuid4().hex[:12]}"
+    statements = re.sub(r"\btreadmill\b", name, _install_md_sql())
+    assert "NOSUPERUSER" in statements and "NOCREATEDB" in statements
+    conn = psycopg2.connect(pg_admin_dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for statement in filter(None, (s.strip() for s in statements.split(";"))):
+                cur.execute(statement)
+        yield make_dsn(pg_admin_dsn, dbname=name, options=f"-c role={name}")
+    finally:
+        drop_database(pg_admin_dsn, name)
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+        conn.close()
+
+
 def test_a_switchboard_from_the_installed_files_serves_the_first_admin(
-        installed: tuple[Path, Path], database: str, tmp_path: Path) -> None:
-    """install.md sections 3 to 5 from the installed files only: migrate (dry run, then
-    for real), start the switchboard by its unit's command line and example
-    configuration (the database, listener and key overridden for the test), create the
-    first admin, and use its token with the installed ``tml``."""
+        installed: tuple[Path, Path], least_privileged: str, tmp_path: Path) -> None:
+    """install.md sections 3 to 5 from the installed files only: the database and role
+    of its SQL, migrate (for real, then a dry run finds nothing), start the switchboard by
+    its unit's command line and example configuration (the database, listener and key
+    overridden for the test), create the first admin, and use its token with the
+    installed ``tml``. Every object belongs to the unprivileged role."""
     _, venv = installed
+    database = least_privileged
     bin_ = venv / "bin"
     config = _share(venv) / "etc" / "switchboard.toml"
     run(bin_ / "treadmill-switchboard-migrate", "--config", config, "--database-dsn",
@@ -193,8 +232,66 @@ def test_a_switchboard_from_the_installed_files_serves_the_first_admin(
                                text=True, timeout=60, check=False)
         assert shown.returncode == 0, shown.stdout + shown.stderr
         assert json.loads(shown.stdout)["admin"] is True
+        with psycopg2.connect(database) as conn, conn.cursor() as cur:
+            cur.execute("SELECT current_user, count(*) FILTER (WHERE tableowner <> "
+                        "current_user), count(*) FROM pg_tables WHERE schemaname = 'public' "
+                        "GROUP BY current_user")
+            role, foreign, tables = cur.fetchone()
+        conn.close()
+        assert role.startswith("treadmill_") and foreign == 0 and tables > 10
     finally:
         daemon.terminate()
         # twistd ends by its SIGTERM (systemd counts that as a clean stop).
         assert daemon.wait(timeout=30) in (0, -15), (tmp_path / "switchboard.out").read_text()
         out.close()
+
+
+def _pg_tool(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(
+        Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)), None)
+    if found is None:
+        pytest.skip(f"no {name}")
+    return str(found)
+
+
+def test_backup_and_restore_as_install_md_says(installed: tuple[Path, Path],
+                                               least_privileged: str, pg_admin_dsn: str,
+                                               tmp_path: Path) -> None:
+    """install.md's backup: pg_dump (custom format) of a migrated database with its first
+    admin; restore into an empty database owned by the role with ``--no-owner
+    --role``; the restored database has nothing pending, the admin, and only the role's
+    objects."""
+    _, venv = installed
+    bin_ = venv / "bin"
+    run(bin_ / "treadmill-switchboard-migrate", "--database-dsn", least_privileged,
+        cwd=tmp_path)
+    run(bin_ / "python", "-m", "treadmill.switchboard.bootstrap", "--database-dsn",
+        least_privileged, "--admin", "alice", cwd=tmp_path)
+    params = dict(part.split("=", 1) for part in least_privileged.split() if "=" in part)
+    role = params["dbname"]
+    dump = tmp_path / "treadmill.dump"
+    admin = make_dsn(pg_admin_dsn, dbname=role)
+    run(_pg_tool("pg_dump"), "--format=custom", f"--file={dump}", f"--dbname={admin}",
+        cwd=tmp_path)
+    restored = f"{role}_restored"
+    conn = psycopg2.connect(pg_admin_dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                sql.Identifier(restored), sql.Identifier(role)))
+        run(_pg_tool("pg_restore"), f"--dbname={make_dsn(pg_admin_dsn, dbname=restored)}",
+            "--no-owner", f"--role={role}", "--single-transaction", dump, cwd=tmp_path)
+        as_role = make_dsn(pg_admin_dsn, dbname=restored, options=f"-c role={role}")
+        assert run(bin_ / "treadmill-switchboard-migrate", "--database-dsn", as_role,
+                   "--dry-run", cwd=tmp_path).stdout == "nothing pending\n"
+        with psycopg2.connect(as_role) as restored_conn, restored_conn.cursor() as cur:
+            cur.execute("SELECT name, admin FROM users")
+            assert cur.fetchall() == [("alice", True)]
+            cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public' "
+                        "AND tableowner <> current_user")
+            assert cur.fetchone() == (0,)
+        restored_conn.close()
+    finally:
+        drop_database(pg_admin_dsn, restored)
+        conn.close()
