@@ -2,8 +2,8 @@
 virtual environment (no checkout on the path), carries every role's twistd plugin,
 the console scripts and the packaged data, and dry-runs the migrations; it also
 installs the units, example configurations and documentation the guide copies from
-``/opt/treadmill/share`` (no checkout on the machine), and a switchboard started
-by its unit's command line from those files serves the first admin."""
+``/opt/treadmill/share`` (no checkout on the machine), and a site started by the
+units' command lines from those files, as the guide's PostgreSQL role, runs a job."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
@@ -187,51 +189,118 @@ def least_privileged(pg_admin_dsn: str) -> Iterator[str]:
         conn.close()
 
 
-def test_a_switchboard_from_the_installed_files_serves_the_first_admin(
+class _Daemons:
+    """Roles started by their installed unit's command line, stopped at the end."""
+
+    def __init__(self, venv: Path, tmp_path: Path):
+        self.venv, self.tmp_path = venv, tmp_path
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        self.running: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def output(self, name: str) -> str:
+        return (self.tmp_path / f"{name}.out").read_text(errors="replace")
+
+    def start(self, unit: str, *overrides: str) -> subprocess.Popen[bytes]:
+        """The unit's ExecStart (its state and credentials under ``tmp_path/NAME``) and
+        the test's ``overrides`` (ports, paths, peers) after it."""
+        name = unit.split(".")[0]
+        home = self.tmp_path / name
+        (home / "state").mkdir(parents=True, exist_ok=True)
+        argv = [*_exec_start(self.venv, _share(self.venv) / "systemd" / unit, home),
+                *overrides]
+        with (self.tmp_path / f"{name}.out").open("wb") as out:
+            proc = subprocess.Popen(argv, cwd=home, env=self.env, stdout=out, stderr=out)
+        self.running.append((name, proc))
+        return proc
+
+    def wait_http(self, name: str, url: str) -> None:
+        proc = dict(self.running)[name]
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, self.output(name)
+            try:
+                with urllib.request.urlopen(url, timeout=5):
+                    return
+            except urllib.error.HTTPError:
+                return  # it answers
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, self.output(name)
+            time.sleep(0.2)
+
+    def tml(self, url: str, token: str, *args: str) -> Any:
+        done = subprocess.run([str(self.venv / "bin" / "tml"), "--json", *args],
+                              cwd=self.tmp_path, capture_output=True, text=True, timeout=60,
+                              env={**self.env, "TREADMILL_URL": url, "TREADMILL_TOKEN": token},
+                              check=False)
+        assert done.returncode == 0, (args, done.stdout, done.stderr)
+        return json.loads(done.stdout) if done.stdout.strip().startswith(("{", "[")) \
+            else done.stdout
+
+    def stop(self) -> None:
+        for name, proc in reversed(self.running):
+            proc.terminate()
+            # twistd ends by its SIGTERM (systemd counts that as a clean stop).
+            assert proc.wait(timeout=30) in (0, -15), self.output(name)
+            assert "Traceback" not in self.output(name), self.output(name)
+
+
+def test_a_site_from_the_installed_files_runs_a_job(
         installed: tuple[Path, Path], least_privileged: str, tmp_path: Path) -> None:
-    """install.md sections 3 to 5 from the installed files only: the database and role
-    of its SQL, migrate (for real, then a dry run finds nothing), start the switchboard by
-    its unit's command line and example configuration (the database, listener and key
-    overridden for the test), create the first admin, and use its token with the
-    installed ``tml``. Every object belongs to the unprivileged role."""
+    """install.md from the installed files only, as the PostgreSQL role of its SQL:
+    migrate (then a dry run finds nothing), start the switchboard, a log server and a
+    mock supervisor by their units' command lines and example configurations (ports,
+    directories and peers overridden for the test, as an operator edits them), create
+    the first admin, register the host, and run a job whose console the installed
+    ``tml`` reads from the log server. Every table belongs to the unprivileged role."""
     _, venv = installed
-    database = least_privileged
     bin_ = venv / "bin"
+    database = least_privileged
     config = _share(venv) / "etc" / "switchboard.toml"
     run(bin_ / "treadmill-switchboard-migrate", "--config", config, "--database-dsn",
         database, cwd=tmp_path)
     assert run(bin_ / "treadmill-switchboard-migrate", "--config", config, "--database-dsn",
                database, "--dry-run", cwd=tmp_path).stdout == "nothing pending\n"
-    port = free_port()
-    argv = [*_exec_start(venv, _share(venv) / "systemd" / "treadmill-switchboard.service",
-                         tmp_path),
-            "--database-dsn", database, "--listen", f"tcp:{port}:interface=127.0.0.1",
-            "--capabilities-signing-key", str(tmp_path / "capability-key.pem")]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    out = (tmp_path / "switchboard.out").open("wb")
-    daemon = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out, stderr=out)
+    port, logs_port = free_port(), free_port()
+    url, logs_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{logs_port}"
+    daemons = _Daemons(venv, tmp_path)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert daemon.poll() is None, (tmp_path / "switchboard.out").read_text()
-            try:
-                with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "switchboard.out").read_text()
-            time.sleep(0.2)
+        daemons.start("treadmill-switchboard.service", "--database-dsn", database,
+                      "--listen", f"tcp:{port}:interface=127.0.0.1",
+                      "--capabilities-signing-key", str(tmp_path / "capability-key.pem"),
+                      "--logs-servers", logs_url)
+        daemons.wait_http("treadmill-switchboard", f"{url}/healthz")
+        daemons.start("treadmill-logserver.service",
+                      "--listen", f"tcp:{logs_port}:interface=127.0.0.1",
+                      "--root", str(tmp_path / "logs"),
+                      "--auth-keys-url", f"{url}/.well-known/treadmill/capability-keys",
+                      "--auth-keys-file", str(tmp_path / "logs-keys.json"))
+        daemons.wait_http("treadmill-logserver", f"{logs_url}/")
         token = run(bin_ / "python", "-m", "treadmill.switchboard.bootstrap", "--config",
                     config, "--database-dsn", database, "--admin", "alice",
                     cwd=tmp_path).stdout.strip()
-        env_tml = {"TREADMILL_URL": url, "TREADMILL_TOKEN": token}
-        shown = subprocess.run([str(bin_ / "tml"), "--json", "admin", "user", "show", "alice"],
-                               cwd=tmp_path, env={**env, **env_tml}, capture_output=True,
-                               text=True, timeout=60, check=False)
-        assert shown.returncode == 0, shown.stdout + shown.stderr
-        assert json.loads(shown.stdout)["admin"] is True
+        assert daemons.tml(url, token, "admin", "user", "show", "alice")["admin"] is True
+        host = daemons.tml(url, token, "admin", "host", "add", "mock-1", "--tag", "mock")
+        credentials = tmp_path / "treadmill-supervisor@" / "credentials"
+        credentials.mkdir(parents=True)
+        (credentials / "token").write_text(host["token"])
+        daemons.start("treadmill-supervisor@.service", "--switchboard-url",
+                      f"ws://127.0.0.1:{port}", "--mock-run-time", "0.5",
+                      "--mock-console", "hello from the installed site\n",
+                      *[arg for stage in ("starting", "fetching-image", "allocating",
+                                          "provisioning", "booting")
+                        for arg in (f"--mock-stages-{stage}", "0.05")])
+        job = daemons.tml(url, token, "job", "submit", "--tag", "mock", "sha256:" + "7" * 64)
+        deadline = time.monotonic() + 60
+        while (shown := daemons.tml(url, token, "job", "show", job["id"]))["state"] \
+                != "terminated":
+            assert time.monotonic() < deadline, (shown, daemons.output(
+                "treadmill-supervisor@"))
+            time.sleep(0.3)
+        assert shown["termination"]["reason"] == "workload_exited", shown
+        logs = daemons.tml(url, token, "job", "logs", job["id"])
+        assert "hello from the installed site" in logs
         with psycopg2.connect(database) as conn, conn.cursor() as cur:
             cur.execute("SELECT current_user, count(*) FILTER (WHERE tableowner <> "
                         "current_user), count(*) FROM pg_tables WHERE schemaname = 'public' "
@@ -240,10 +309,7 @@ def test_a_switchboard_from_the_installed_files_serves_the_first_admin(
         conn.close()
         assert role.startswith("treadmill_") and foreign == 0 and tables > 10
     finally:
-        daemon.terminate()
-        # twistd ends by its SIGTERM (systemd counts that as a clean stop).
-        assert daemon.wait(timeout=30) in (0, -15), (tmp_path / "switchboard.out").read_text()
-        out.close()
+        daemons.stop()
 
 
 def _pg_tool(name: str) -> str:
