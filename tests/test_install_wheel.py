@@ -32,6 +32,7 @@ from tests.test_systemd_units import TWISTD, parse, values
 from tests.util.ports import free_port
 from tests.wheels import ROOT, run
 from treadmill.dev.pgcluster import drop_database
+from treadmill.protocol import supervisor as protocol
 from treadmill.switchboard.database import migrations
 
 ROLES = ("switchboard", "imagestore", "logserver", "proxy", "supervisor")
@@ -201,18 +202,31 @@ class _Daemons:
     def output(self, name: str) -> str:
         return (self.tmp_path / f"{name}.out").read_text(errors="replace")
 
-    def start(self, unit: str, *overrides: str) -> subprocess.Popen[bytes]:
+    def start(self, unit: str, *overrides: str, minor: int | None = None
+              ) -> subprocess.Popen[bytes]:
         """The unit's ExecStart (its state and credentials under ``tmp_path/NAME``) and
-        the test's ``overrides`` (ports, paths, peers) after it."""
+        the test's ``overrides`` (ports, paths, peers) after it; ``minor``: the role
+        speaks that supervisor protocol minor instead of the current one."""
         name = unit.split(".")[0]
         home = self.tmp_path / name
         (home / "state").mkdir(parents=True, exist_ok=True)
         argv = [*_exec_start(self.venv, _share(self.venv) / "systemd" / unit, home),
                 *overrides]
-        with (self.tmp_path / f"{name}.out").open("wb") as out:
+        if minor is not None:
+            argv[:1] = [str(self.venv / "bin" / "python"), "-c",
+                        "import treadmill.protocol.supervisor as p; "
+                        f"p.MINOR = {minor}; "
+                        "from twisted.scripts.twistd import run; run()"]
+        with (self.tmp_path / f"{name}.out").open("ab") as out:
             proc = subprocess.Popen(argv, cwd=home, env=self.env, stdout=out, stderr=out)
         self.running.append((name, proc))
         return proc
+
+    def stop_one(self, name: str) -> None:
+        proc = dict(self.running)[name]
+        self.running.remove((name, proc))
+        proc.terminate()
+        assert proc.wait(timeout=30) in (0, -15), self.output(name)
 
     def wait_http(self, name: str, url: str) -> None:
         proc = dict(self.running)[name]
@@ -238,12 +252,30 @@ class _Daemons:
         return json.loads(done.stdout) if done.stdout.strip().startswith(("{", "[")) \
             else done.stdout
 
+    def run_job(self, url: str, token: str, tag: str) -> dict[str, Any]:
+        """Submit a job for hosts tagged ``tag``; the job once it ended, well."""
+        job = self.tml(url, token, "job", "submit", "--tag", tag, "sha256:" + "7" * 64)
+        deadline = time.monotonic() + 60
+        while (shown := self.tml(url, token, "job", "show", job["id"]))["state"] \
+                != "terminated":
+            assert time.monotonic() < deadline, (shown, self.output("treadmill-supervisor@"))
+            time.sleep(0.3)
+        assert shown["termination"]["reason"] == "workload_exited", shown
+        return shown
+
     def stop(self) -> None:
         for name, proc in reversed(self.running):
             proc.terminate()
             # twistd ends by its SIGTERM (systemd counts that as a clean stop).
             assert proc.wait(timeout=30) in (0, -15), self.output(name)
+        for name, _ in self.running:
             assert "Traceback" not in self.output(name), self.output(name)
+
+
+FAST_MOCK = ("--mock-run-time", "0.5", *[
+    arg for stage in ("starting", "fetching-image", "allocating", "provisioning", "booting")
+    for arg in (f"--mock-stages-{stage}", "0.05")])
+"""The mock supervisor's options for a job of about a second."""
 
 
 def test_a_site_from_the_installed_files_runs_a_job(
@@ -286,19 +318,9 @@ def test_a_site_from_the_installed_files_runs_a_job(
         credentials.mkdir(parents=True)
         (credentials / "token").write_text(host["token"])
         daemons.start("treadmill-supervisor@.service", "--switchboard-url",
-                      f"ws://127.0.0.1:{port}", "--mock-run-time", "0.5",
-                      "--mock-console", "hello from the installed site\n",
-                      *[arg for stage in ("starting", "fetching-image", "allocating",
-                                          "provisioning", "booting")
-                        for arg in (f"--mock-stages-{stage}", "0.05")])
-        job = daemons.tml(url, token, "job", "submit", "--tag", "mock", "sha256:" + "7" * 64)
-        deadline = time.monotonic() + 60
-        while (shown := daemons.tml(url, token, "job", "show", job["id"]))["state"] \
-                != "terminated":
-            assert time.monotonic() < deadline, (shown, daemons.output(
-                "treadmill-supervisor@"))
-            time.sleep(0.3)
-        assert shown["termination"]["reason"] == "workload_exited", shown
+                      f"ws://127.0.0.1:{port}", "--mock-console",
+                      "hello from the installed site\n", *FAST_MOCK)
+        job = daemons.run_job(url, token, "mock")
         logs = daemons.tml(url, token, "job", "logs", job["id"])
         assert "hello from the installed site" in logs
         with psycopg2.connect(database) as conn, conn.cursor() as cur:
@@ -361,3 +383,45 @@ def test_backup_and_restore_as_install_md_says(installed: tuple[Path, Path],
     finally:
         drop_database(pg_admin_dsn, restored)
         conn.close()
+
+
+def test_a_supervisor_one_minor_behind_rides_a_switchboard_restart(
+        installed: tuple[Path, Path], least_privileged: str, tmp_path: Path) -> None:
+    """install.md "Upgrading": the new switchboard serves a supervisor that speaks the
+    previous protocol minor (the installed supervisor made to announce it), and its
+    restart (step 3) leaves that supervisor to reconnect and run the next job."""
+    _, venv = installed
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    switchboard = ("treadmill-switchboard.service", "--database-dsn", least_privileged,
+                   "--listen", f"tcp:{port}:interface=127.0.0.1",
+                   "--capabilities-signing-key", str(tmp_path / "capability-key.pem"))
+    daemons = _Daemons(venv, tmp_path)
+    try:
+        daemons.start(*switchboard)
+        daemons.wait_http("treadmill-switchboard", f"{url}/healthz")
+        token = run(venv / "bin" / "python", "-m", "treadmill.switchboard.bootstrap",
+                    "--database-dsn", least_privileged, "--admin", "alice",
+                    cwd=tmp_path).stdout.strip()
+        host = daemons.tml(url, token, "admin", "host", "add", "old-1", "--tag", "old")
+        credentials = tmp_path / "treadmill-supervisor@" / "credentials"
+        credentials.mkdir(parents=True)
+        (credentials / "token").write_text(host["token"])
+        older = protocol.MINOR - 1
+        daemons.start("treadmill-supervisor@.service", "--switchboard-url",
+                      f"ws://127.0.0.1:{port}", *FAST_MOCK, minor=older)
+        daemons.run_job(url, token, "old")
+        assert f"Supervisor of old-1 connected (minor {older})" in daemons.output(
+            "treadmill-switchboard")
+        daemons.stop_one("treadmill-switchboard")
+        daemons.start(*switchboard)
+        daemons.wait_http("treadmill-switchboard", f"{url}/healthz")
+        deadline = time.monotonic() + 60
+        while not daemons.tml(url, token, "host", "show", "old-1")["connected"]:
+            assert time.monotonic() < deadline, daemons.output("treadmill-supervisor@")
+            time.sleep(0.3)
+        daemons.run_job(url, token, "old")
+        assert daemons.output("treadmill-switchboard").count(
+            f"Supervisor of old-1 connected (minor {older})") == 2
+    finally:
+        daemons.stop()
