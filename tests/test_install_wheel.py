@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -17,7 +16,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +27,7 @@ from psycopg2 import sql
 from psycopg2.extensions import make_dsn
 
 from tests.test_systemd_units import TWISTD, parse, values
+from tests.util.pgroles import least_privileged_database
 from tests.util.ports import free_port
 from tests.wheels import ROOT, run
 from treadmill.dev.pgcluster import drop_database
@@ -160,34 +159,11 @@ def test_every_installed_unit_runs_its_installed_role(installed: tuple[Path, Pat
         assert "--config" in help_text, unit.name
 
 
-def _install_md_sql() -> str:
-    """The SQL of install.md section 3 (the role and database)."""
-    text = (ROOT / "docs" / "install.md").read_text()
-    start = text.index("sudo -u postgres psql <<'SQL'\n") + len("sudo -u postgres psql <<'SQL'\n")
-    return text[start:text.index("\nSQL\n", start)]
-
-
 @pytest.fixture
 def least_privileged(pg_admin_dsn: str) -> Iterator[str]:
-    """A database and role made by install.md's SQL (names made unique); a DSN that acts
-    as that role (``SET ROLE`` at connection: the test cluster admits its owner only, so
-    the session logs in as that and drops to the role, whose privileges every statement
-    is then checked against and whose objects it creates)."""
-    name = f"treadmill_{uuid.uuid4().hex[:12]}"
-    statements = re.sub(r"\btreadmill\b", name, _install_md_sql())
-    assert "NOSUPERUSER" in statements and "NOCREATEDB" in statements
-    conn = psycopg2.connect(pg_admin_dsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            for statement in filter(None, (s.strip() for s in statements.split(";"))):
-                cur.execute(statement)
-        yield make_dsn(pg_admin_dsn, dbname=name, options=f"-c role={name}")
-    finally:
-        drop_database(pg_admin_dsn, name)
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
-        conn.close()
+    """install.md's role and database, made by its SQL; a DSN acting as the role."""
+    with least_privileged_database(pg_admin_dsn) as dsn:
+        yield dsn
 
 
 class _Daemons:

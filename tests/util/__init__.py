@@ -4,4 +4,5 @@
 - ``ports``: free loopback ports and port ranges.
 - ``certs``: a CA and a server certificate for localhost (``make_pki``).
 - ``daemons``: a role as a ``twistd`` child process, ``run_python``.
+- ``pgroles``: docs/install.md's least-privileged PostgreSQL role and database, by its SQL.
 """
