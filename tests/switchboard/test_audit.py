@@ -481,6 +481,46 @@ async def test_who_reads_what(world: World) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_reused_host_name_shows_its_new_owner_nothing_of_the_old_host(
+        world: World) -> None:
+    admin = world.sb.admin
+    assert (await admin.post("/api/v1/hosts", {"name": "reused", "owner": "alice"})
+            ).status == 201
+    assert (await world.alice.post("/api/v1/hosts/reused/drain", {})).status == 200
+    assert (await admin.delete("/api/v1/hosts/reused")).status == 204
+    assert (await admin.post("/api/v1/hosts", {"name": "reused", "owner": "bob"})
+            ).status == 201
+    assert [(e["actor"], e["action"]) for e in await entries(world.bob, "?host=reused")] \
+        == [("admin", "host.create")]
+    assert [(e["actor"], e["action"]) for e in await entries(admin, "?host=reused")] == [
+        ("admin", "host.create"), ("admin", "host.delete"), ("alice", "host.drain"),
+        ("admin", "host.create")]
+    # Alice still reads what she did herself.
+    assert [e["action"] for e in await entries(world.alice, "?host=reused")] == [
+        "host.drain"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reused_image_name_shows_its_new_readers_nothing_of_the_old_image(
+        world: World) -> None:
+    admin, image = world.sb.admin, "/api/v1/images/lab/reimg"
+    body = {"name": "lab/reimg", "digest": DIGEST, "stores": ["https://store.example"]}
+    assert (await admin.post("/api/v1/images", body)).status == 201
+    assert (await admin.post(f"{image}/grants", {"user": "carol", "privilege": "use"})
+            ).status == 201
+    assert (await admin.put(image, {"digest": OTHER_DIGEST})).status == 200
+    assert (await admin.delete(image)).status == 204
+    assert (await admin.post("/api/v1/images", body)).status == 201
+    assert (await admin.post(f"{image}/grants", {"user": "bob", "privilege": "use"})
+            ).status == 201
+    assert [e["action"] for e in await entries(world.bob, "?image=lab/reimg")] == [
+        "grant.add", "image.create"]
+    # Carol's grant went with the old image: she reads only the record naming her.
+    assert [(e["action"], e["subject_user"]) for e in
+            await entries(world.carol, "?image=lab/reimg")] == [("grant.add", "carol")]
+
+
+@pytest_twisted.ensureDeferred
 async def test_filters_and_pages(world: World) -> None:
     sb = world.sb
     for _ in range(3):
