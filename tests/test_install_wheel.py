@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from psycopg2 import sql
 from psycopg2.extensions import make_dsn
 
 from tests.test_systemd_units import TWISTD, parse, values
+from tests.util.certs import make_pki
 from tests.util.pgroles import least_privileged_database
 from tests.util.ports import free_port
 from tests.wheels import ROOT, run
@@ -169,10 +171,13 @@ def least_privileged(pg_admin_dsn: str) -> Iterator[str]:
 class _Daemons:
     """Roles started by their installed unit's command line, stopped at the end."""
 
-    def __init__(self, venv: Path, tmp_path: Path):
+    def __init__(self, venv: Path, tmp_path: Path, ca: Path | None = None):
         self.venv, self.tmp_path = venv, tmp_path
         self.env = {k: v for k, v in os.environ.items()
                     if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        self.tls = ssl.create_default_context(cafile=str(ca) if ca else None)
+        if ca is not None:
+            self.env["TREADMILL_CA_FILE"] = str(ca)
         self.running: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def output(self, name: str) -> str:
@@ -210,7 +215,7 @@ class _Daemons:
         while True:
             assert proc.poll() is None, self.output(name)
             try:
-                with urllib.request.urlopen(url, timeout=5):
+                with urllib.request.urlopen(url, timeout=5, context=self.tls):
                     return
             except urllib.error.HTTPError:
                 return  # it answers
@@ -220,6 +225,7 @@ class _Daemons:
             time.sleep(0.2)
 
     def tml(self, url: str, token: str, *args: str) -> Any:
+        """``tml --json ARGS`` as the user of ``token``: its JSON, or its text."""
         done = subprocess.run([str(self.venv / "bin" / "tml"), "--json", *args],
                               cwd=self.tmp_path, capture_output=True, text=True, timeout=60,
                               env={**self.env, "TREADMILL_URL": url, "TREADMILL_TOKEN": token},
@@ -257,11 +263,12 @@ FAST_MOCK = ("--mock-run-time", "0.5", *[
 def test_a_site_from_the_installed_files_runs_a_job(
         installed: tuple[Path, Path], least_privileged: str, tmp_path: Path) -> None:
     """install.md from the installed files only, as the PostgreSQL role of its SQL:
-    migrate (then a dry run finds nothing), start the switchboard, a log server and a
-    mock supervisor by their units' command lines and example configurations (ports,
-    directories and peers overridden for the test, as an operator edits them), create
-    the first admin, register the host, and run a job whose console the installed
-    ``tml`` reads from the log server. Every table belongs to the unprivileged role."""
+    migrate (then a dry run finds nothing), start the switchboard (TLS, as section 4
+    says), a log server and a mock supervisor by their units' command lines and example
+    configurations (ports, directories and peers overridden for the test, as an
+    operator edits them), create the first admin, register the host, and run a job
+    whose console the installed ``tml`` reads from the log server. Every table belongs
+    to the unprivileged role."""
     _, venv = installed
     bin_ = venv / "bin"
     database = least_privileged
@@ -271,11 +278,14 @@ def test_a_site_from_the_installed_files_runs_a_job(
     assert run(bin_ / "treadmill-switchboard-migrate", "--config", config, "--database-dsn",
                database, "--dry-run", cwd=tmp_path).stdout == "nothing pending\n"
     port, logs_port = free_port(), free_port()
-    url, logs_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{logs_port}"
-    daemons = _Daemons(venv, tmp_path)
+    url, logs_url = f"https://localhost:{port}", f"http://127.0.0.1:{logs_port}"
+    (tmp_path / "tls").mkdir()
+    tls = make_pki(tmp_path / "tls", "site")
+    daemons = _Daemons(venv, tmp_path, tls["ca"])
     try:
         daemons.start("treadmill-switchboard.service", "--database-dsn", database,
-                      "--listen", f"tcp:{port}:interface=127.0.0.1",
+                      "--listen", f"ssl:{port}:interface=127.0.0.1:privateKey={tls['key']}"
+                                  f":certKey={tls['cert']}",
                       "--capabilities-signing-key", str(tmp_path / "capability-key.pem"),
                       "--logs-servers", logs_url)
         daemons.wait_http("treadmill-switchboard", f"{url}/healthz")
@@ -283,6 +293,7 @@ def test_a_site_from_the_installed_files_runs_a_job(
                       "--listen", f"tcp:{logs_port}:interface=127.0.0.1",
                       "--root", str(tmp_path / "logs"),
                       "--auth-keys-url", f"{url}/.well-known/treadmill/capability-keys",
+                      "--auth-ca-file", str(tls["ca"]),
                       "--auth-keys-file", str(tmp_path / "logs-keys.json"))
         daemons.wait_http("treadmill-logserver", f"{logs_url}/")
         token = run(bin_ / "python", "-m", "treadmill.switchboard.bootstrap", "--config",
@@ -294,7 +305,8 @@ def test_a_site_from_the_installed_files_runs_a_job(
         credentials.mkdir(parents=True)
         (credentials / "token").write_text(host["token"])
         daemons.start("treadmill-supervisor@.service", "--switchboard-url",
-                      f"ws://127.0.0.1:{port}", "--mock-console",
+                      f"wss://localhost:{port}", "--switchboard-ca-file", str(tls["ca"]),
+                      "--mock-console",
                       "hello from the installed site\n", *FAST_MOCK)
         job = daemons.run_job(url, token, "mock")
         logs = daemons.tml(url, token, "job", "logs", job["id"])
