@@ -27,6 +27,7 @@ import pytest
 from psycopg2 import sql
 from psycopg2.extensions import make_dsn
 
+from tests.test_metrics_names import documented, scraped
 from tests.test_systemd_units import TWISTD, parse, values
 from tests.util.certs import make_pki
 from tests.util.pgroles import least_privileged_database
@@ -268,7 +269,8 @@ def test_a_site_from_the_installed_files_runs_a_job(
     configurations (ports, directories and peers overridden for the test, as an
     operator edits them), create the first admin, register the host, and run a job
     whose console the installed ``tml`` reads from the log server. Every table belongs
-    to the unprivileged role."""
+    to the unprivileged role, and each daemon's ``/metrics`` has its documented names
+    (docs/operations.md) and passes ``promtool check metrics``."""
     _, venv = installed
     bin_ = venv / "bin"
     database = least_privileged
@@ -278,6 +280,11 @@ def test_a_site_from_the_installed_files_runs_a_job(
     assert run(bin_ / "treadmill-switchboard-migrate", "--config", config, "--database-dsn",
                database, "--dry-run", cwd=tmp_path).stdout == "nothing pending\n"
     port, logs_port = free_port(), free_port()
+    metrics = {role: free_port() for role in ("Switchboard", "Log server", "Supervisor")}
+
+    def scrape_at(role: str) -> tuple[str, str]:
+        return "--metrics-listen", f"tcp:{metrics[role]}:interface=127.0.0.1"
+
     url, logs_url = f"https://localhost:{port}", f"http://127.0.0.1:{logs_port}"
     (tmp_path / "tls").mkdir()
     tls = make_pki(tmp_path / "tls", "site")
@@ -287,14 +294,15 @@ def test_a_site_from_the_installed_files_runs_a_job(
                       "--listen", f"ssl:{port}:interface=127.0.0.1:privateKey={tls['key']}"
                                   f":certKey={tls['cert']}",
                       "--capabilities-signing-key", str(tmp_path / "capability-key.pem"),
-                      "--logs-servers", logs_url)
+                      "--logs-servers", logs_url, *scrape_at("Switchboard"))
         daemons.wait_http("treadmill-switchboard", f"{url}/healthz")
         daemons.start("treadmill-logserver.service",
                       "--listen", f"tcp:{logs_port}:interface=127.0.0.1",
                       "--root", str(tmp_path / "logs"),
                       "--auth-keys-url", f"{url}/.well-known/treadmill/capability-keys",
                       "--auth-ca-file", str(tls["ca"]),
-                      "--auth-keys-file", str(tmp_path / "logs-keys.json"))
+                      "--auth-keys-file", str(tmp_path / "logs-keys.json"),
+                      *scrape_at("Log server"))
         daemons.wait_http("treadmill-logserver", f"{logs_url}/")
         token = run(bin_ / "python", "-m", "treadmill.switchboard.bootstrap", "--config",
                     config, "--database-dsn", database, "--admin", "alice",
@@ -307,7 +315,7 @@ def test_a_site_from_the_installed_files_runs_a_job(
         daemons.start("treadmill-supervisor@.service", "--switchboard-url",
                       f"wss://localhost:{port}", "--switchboard-ca-file", str(tls["ca"]),
                       "--mock-console",
-                      "hello from the installed site\n", *FAST_MOCK)
+                      "hello from the installed site\n", *FAST_MOCK, *scrape_at("Supervisor"))
         job = daemons.run_job(url, token, "mock")
         logs = daemons.tml(url, token, "job", "logs", job["id"])
         assert "hello from the installed site" in logs
@@ -318,6 +326,17 @@ def test_a_site_from_the_installed_files_runs_a_job(
             role, foreign, tables = cur.fetchone()
         conn.close()
         assert role.startswith("treadmill_") and foreign == 0 and tables > 10
+        tables_of = documented()
+        for name, metrics_port in metrics.items():
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                        timeout=10) as response:
+                text = response.read().decode()
+            assert {family: kind for family, (kind, _) in scraped(text).items()} == {
+                family: kind for family, (kind, _) in tables_of[name].items()}, name
+            if promtool := shutil.which("promtool"):
+                checked = subprocess.run([promtool, "check", "metrics"], input=text,
+                                         capture_output=True, text=True, timeout=60)
+                assert checked.returncode == 0, (name, checked.stdout + checked.stderr)
     finally:
         daemons.stop()
 
