@@ -154,7 +154,7 @@ def test_every_installed_unit_runs_its_installed_role(installed: tuple[Path, Pat
     role's plugin (the example configuration parses); only --help is added."""
     _, venv = installed
     units = sorted((_share(venv) / "systemd").iterdir())
-    assert len(units) == 7
+    assert len(units) == 8
     for unit in units:
         argv = _exec_start(venv, unit, tmp_path)
         assert argv[0] == str(venv / "bin" / "twistd"), unit.name
