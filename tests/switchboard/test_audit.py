@@ -21,6 +21,7 @@ from psycopg2.extensions import make_dsn
 from twisted.internet import reactor
 
 from tests.support import Client, RunningSwitchboard, start_switchboard
+from treadmill.common.manhole import session_namespace
 from treadmill.dev.pgcluster import create_database, drop_database
 from treadmill.switchboard import credentials
 from treadmill.switchboard.audit import ACTIONS, RetentionService
@@ -387,13 +388,14 @@ async def test_manhole_helpers_record_as_manhole(world: World) -> None:
     await sb.admin.post("/api/v1/hosts", {"name": "rack3"})
     r = await sb.admin.post("/api/v1/tokens", {"user": "bob"})
     before = await last_id(sb)
-    found = helpers(sb.service)
+    found = session_namespace(helpers(sb.service), "ops SHA256:abc")
     await found["drain"]("rack3")
     await found["revoke_token"](r.body["id"])
     rows = await rows_after(sb, before)
-    assert [(row["actor"], row["actor_kind"], row["action"], row["subject_id"], row["source"])
-            for row in rows] == [("manhole", "manhole", "host.drain", "rack3", ""),
-                                 ("manhole", "manhole", "token.revoke", "bob", "")]
+    assert [(row["actor"], row["actor_kind"], row["action"], row["subject_id"], row["source"],
+             row["details"]["operator"]) for row in rows] == [
+        ("manhole", "manhole", "host.drain", "rack3", "", "ops SHA256:abc"),
+        ("manhole", "manhole", "token.revoke", "bob", "", "ops SHA256:abc")]
 
 
 # -- append-only and retention ---------------------------------------------------------
