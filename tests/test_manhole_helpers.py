@@ -4,36 +4,21 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.utils import getProcessOutputAndValue
 
-from tests.common.test_manhole import make_client_key
 from tests.imagestore.support import start_store
 from tests.logserver.support import Keys as LogKeys
 from tests.logserver.support import LogClient, new_job, start_logserver
 from tests.proxy.support import Keys as ProxyKeys
 from tests.proxy.support import opened_control, start_proxy
+from tests.util.ssh import SSH, make_client_key, ssh_exec
 from treadmill.common.manhole import manhole_service
 from treadmill.protocol import proxy as messages
-
-SSH = shutil.which("ssh")
-
-
-async def ssh(port: int, key: Path, command: str) -> tuple[str, int]:
-    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
-    out, err, code = await getProcessOutputAndValue(SSH, [
-        "-T", "-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
-        "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-        "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", "-i", str(key),
-        "-p", str(port), "operator@127.0.0.1", command], env=env)
-    return (out + err).decode(), code
 
 
 class Shell:
@@ -58,7 +43,7 @@ class Shell:
         await self.service.stopService()
 
     async def run(self, command: str) -> tuple[str, int]:
-        return await ssh(self.port, self.key, command)
+        return await ssh_exec(self.port, self.key, command)
 
     async def json(self, expression: str) -> Any:
         """``expression``'s value, printed as JSON in the shell and parsed here."""
@@ -90,12 +75,12 @@ async def test_logserver_list_streams_and_delete_over_ssh(tmp_path: Path) -> Non
         assert (await client.append(other, "events", 0, b"{}\n",
                                     keys.token(other, "append"))).code == 200
 
-        out, code = await ssh(port, key, "import json\nprint(json.dumps(list_streams()))")
+        out, code = await ssh_exec(port, key, "import json\nprint(json.dumps(list_streams()))")
         assert code == 0, out
         assert json.loads(out) == {job: {"console": {"length": 5, "closed": True}},
                                    other: {"events": {"length": 3, "closed": False}}}
-        out, code = await ssh(port, key, f"await store.delete({job!r})\n"
-                                         f"list_streams({job!r})")
+        out, code = await ssh_exec(port, key, f"await store.delete({job!r})\n"
+                                              f"list_streams({job!r})")
         assert (out, code) == ("True\n{}\n", 0)
         assert (await client.read(job, "console", keys.token(job))).code == 404
     finally:

@@ -3,6 +3,11 @@
 - ``waiting``: ``sleep``, ``within`` (a Deferred with a deadline), ``eventually`` (polling).
 - ``ports``: free loopback ports and port ranges.
 - ``certs``: a CA and a server certificate for localhost (``make_pki``).
-- ``daemons``: a role as a ``twistd`` child process, ``run_python``.
+- ``raw``: raw HTTP over loopback TCP (``raw_connect``, ``raw_request``).
+- ``ssh``: SSH client keys, a conch client and OpenSSH exec requests for manholes.
+- ``captokens``: a switchboard's capability signing key (``SigningKey``).
+- ``daemons``: a role as a ``twistd`` child process; ``run_twistd`` and
+  ``refused_config`` for one that should refuse to start; ``run_python``;
+  ``bootstrap_admin`` (the first admin's token).
 - ``pgroles``: docs/install.md's least-privileged PostgreSQL role and database, by its SQL.
 """
