@@ -4,35 +4,20 @@ its helpers list, drain and revoke, and the API sees the result."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 import treq
 from twisted.conch.ssh import keys
-from twisted.internet.utils import getProcessOutputAndValue
 
-from tests.common.test_manhole import make_client_key
 from tests.switchboard.test_daemon import cli, write_config
 from tests.util.daemons import Daemon, run_python
 from tests.util.ports import free_port
+from tests.util.ssh import SSH, make_client_key, ssh_exec
 
-SSH = shutil.which("ssh")
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(SSH is None, reason="no OpenSSH client installed")]
-
-
-async def ssh(port: int, key: Path, command: str) -> tuple[str, int]:
-    """Run ``command`` in the manhole as an exec request (no pty)."""
-    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
-    out, err, code = await getProcessOutputAndValue(SSH, [
-        "-T", "-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
-        "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-        "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", "-i", str(key),
-        "-p", str(port), "operator@127.0.0.1", command], env=env)
-    return (out + err).decode(), code
 
 
 @pytest_twisted.ensureDeferred
@@ -65,7 +50,7 @@ async def test_switchboard_manhole_helpers(database: str, tmp_path: Path) -> Non
         job = out.strip().splitlines()[-1].split()[-1]
 
         # Listing: helpers are coroutine functions, awaited for us; json for the test.
-        out, code = await ssh(manhole_port, key, "import json\n"
+        out, code = await ssh_exec(manhole_port, key, "import json\n"
                               "print(json.dumps(await list_jobs(), default=str))\n"
                               "print(json.dumps(await list_hosts(), default=str))\n"
                               "list_links()")
@@ -77,7 +62,7 @@ async def test_switchboard_manhole_helpers(database: str, tmp_path: Path) -> Non
         assert links == "[]"
 
         # Draining is what the API then shows.
-        out, code = await ssh(manhole_port, key, "(await drain('board-1'))['enabled']")
+        out, code = await ssh_exec(manhole_port, key, "(await drain('board-1'))['enabled']")
         assert (out, code) == ("False\n", 0)
         response = await treq.get(f"{url}/api/v1/hosts/board-1",
                                   headers={"Authorization": f"Bearer {admin}"})
@@ -91,15 +76,15 @@ async def test_switchboard_manhole_helpers(database: str, tmp_path: Path) -> Non
         assert (record["actor"], record["details"]) == (
             "manhole", {"operator": f"operator {fingerprint}"})
         assert f"manhole login: operator {fingerprint}" in daemon.output
-        out, code = await ssh(manhole_port, key, "operator")
+        out, code = await ssh_exec(manhole_port, key, "operator")
         assert (out, code) == (f"'operator {fingerprint}'\n", 0)
 
         # A missing host is an error with status 1, not a silent success.
-        out, code = await ssh(manhole_port, key, "await drain('no-such-host')")
+        out, code = await ssh_exec(manhole_port, key, "await drain('no-such-host')")
         assert code == 1 and "no host 'no-such-host'" in out
 
         # Revoking the admin's token shuts it out of the API at once.
-        out, code = await ssh(manhole_port, key,
+        out, code = await ssh_exec(manhole_port, key,
                               "user = await store.get_user('root')\n"
                               "(token,) = await store.list_tokens(user['id'])\n"
                               "(await revoke_token(str(token['id'])))['revoked_at'] is not None")
