@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 import treq
+from twisted.conch.ssh import keys
 
 from tests.support import run_tml, write_switchboard_config
 from tests.util.daemons import Daemon, bootstrap_admin
@@ -24,7 +25,8 @@ async def test_switchboard_manhole_helpers(database: str, tmp_path: Path) -> Non
     port, manhole_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     key = tmp_path / "id_operator"
-    public = make_client_key(key).public().toString("openssh").decode()
+    client_key = make_client_key(key)
+    public = client_key.public().toString("openssh").decode()
     (tmp_path / "authorized_keys").write_text(public + " operator\n")
     config = write_switchboard_config(tmp_path / "switchboard.toml", database, port, tmp_path)
     with config.open("a") as f:
@@ -62,6 +64,17 @@ async def test_switchboard_manhole_helpers(database: str, tmp_path: Path) -> Non
         response = await treq.get(f"{url}/api/v1/hosts/board-1",
                                   headers={"Authorization": f"Bearer {admin}"})
         assert response.code == 200 and (await response.json())["enabled"] is False
+        # The record names the operator: the SSH user and the key's fingerprint, as the
+        # daemon logged the login and as the session's `operator` says.
+        fingerprint = client_key.public().fingerprint(keys.FingerprintFormats.SHA256_BASE64)
+        response = await treq.get(f"{url}/api/v1/audit?host=board-1&action=host.drain",
+                                  headers={"Authorization": f"Bearer {admin}"})
+        (record,) = (await response.json())["entries"]
+        assert (record["actor"], record["details"]) == (
+            "manhole", {"operator": f"operator {fingerprint}"})
+        assert f"manhole login: operator {fingerprint}" in daemon.output
+        out, code = await ssh_exec(manhole_port, key, "operator")
+        assert (out, code) == (f"'operator {fingerprint}'\n", 0)
 
         # A missing host is an error with status 1, not a silent success.
         out, code = await ssh_exec(manhole_port, key, "await drain('no-such-host')")

@@ -1,10 +1,11 @@
-"""Each role's manhole helpers against the real role service: the log server's through
-a real manhole over OpenSSH, the others called as the shell would call them."""
+"""Each role's manhole helpers against the real role service, through a real manhole
+(the role's namespace, served as the role serves it) over OpenSSH."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -20,7 +21,40 @@ from treadmill.common.manhole import manhole_service
 from treadmill.protocol import proxy as messages
 
 
-@pytest.mark.skipif(SSH is None, reason="no OpenSSH client installed")
+class Shell:
+    """A manhole on loopback serving ``namespace``; ``run`` sends lines over SSH."""
+
+    def __init__(self, namespace: dict[str, Any], tmp_path: Path):
+        self.key = tmp_path / "manhole_id"
+        (tmp_path / "manhole_authorized_keys").write_bytes(
+            make_client_key(self.key).public().toString("openssh") + b"\n")
+        self.service = manhole_service(
+            reactor, ["tcp:0:interface=127.0.0.1"], str(tmp_path / "manhole_authorized_keys"),
+            str(tmp_path / "manhole_host_key"), namespace)
+        self.port = 0
+
+    async def __aenter__(self) -> Shell:
+        self.service.startService()
+        (child,) = list(self.service)
+        self.port = (await child._waitingForPort).getHost().port
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.service.stopService()
+
+    async def run(self, command: str) -> tuple[str, int]:
+        return await ssh_exec(self.port, self.key, command)
+
+    async def json(self, expression: str) -> Any:
+        """``expression``'s value, printed as JSON in the shell and parsed here."""
+        out, code = await self.run(f"import json\nprint(json.dumps({expression}))")
+        assert code == 0, out
+        return json.loads(out)
+
+
+pytestmark = pytest.mark.skipif(SSH is None, reason="no OpenSSH client installed")
+
+
 @pytest_twisted.ensureDeferred
 async def test_logserver_list_streams_and_delete_over_ssh(tmp_path: Path) -> None:
     keys = LogKeys(tmp_path)
@@ -59,18 +93,18 @@ async def test_proxy_list_tunnels(tmp_path: Path) -> None:
     keys = ProxyKeys(tmp_path)
     proxy = await start_proxy(keys)
     try:
-        list_tunnels = proxy.service.namespace()["list_tunnels"]
-        assert list_tunnels() == []
-        job = new_job()
-        control = await opened_control(proxy, keys.token(job))
-        control.send(messages.publish(1, "ssh", authenticates=True))  # a public TCP port
-        port = (await control.next())["tcp_port"]
-        (session,) = list_tunnels()
-        assert session["job"] == job and session["connected"] is True
-        assert [(t["service"], t["tcp_port"], t["active"]) for t in session["tunnels"]] == \
-            [("ssh", port, 0)]
-        control.sendClose(1000)
-        await control.closed
+        async with Shell(proxy.service.namespace(), tmp_path) as shell:
+            assert await shell.json("list_tunnels()") == []
+            job = new_job()
+            control = await opened_control(proxy, keys.token(job))
+            control.send(messages.publish(1, "ssh", authenticates=True))  # a public TCP port
+            port = (await control.next())["tcp_port"]
+            (session,) = await shell.json("list_tunnels()")
+            assert session["job"] == job and session["connected"] is True
+            assert [(t["service"], t["tcp_port"], t["active"])
+                    for t in session["tunnels"]] == [("ssh", port, 0)]
+            control.sendClose(1000)
+            await control.closed
     finally:
         await proxy.stop()
 
@@ -79,26 +113,30 @@ async def test_proxy_list_tunnels(tmp_path: Path) -> None:
 async def test_imagestore_list_uploads(tmp_path: Path) -> None:
     store = await start_store(tmp_path / "store", None)
     try:
-        list_uploads = store.service.namespace()["list_uploads"]
-        assert list_uploads() == []
-        r = await store.registry.request("POST", "/v2/lab/fw/blobs/uploads/")
-        location = r.header("location")
-        assert (await store.registry.request("PATCH", location, b"x" * 1000)).code == 202
-        (upload,) = list_uploads()
-        assert upload["repository"] == "lab/fw" and upload["size"] == 1000
-        assert upload["id"] in location and upload["writing"] is False
+        async with Shell(store.service.namespace(), tmp_path) as shell:
+            assert await shell.json("list_uploads()") == []
+            r = await store.registry.request("POST", "/v2/lab/fw/blobs/uploads/")
+            location = r.header("location")
+            assert (await store.registry.request("PATCH", location, b"x" * 1000)).code == 202
+            (upload,) = await shell.json("list_uploads()")
+            assert upload["repository"] == "lab/fw" and upload["size"] == 1000
+            assert upload["id"] in location and upload["writing"] is False
+            out, code = await shell.run("(await collect_garbage()) is not None")
+            assert (out, code) == ("True\n", 0)
     finally:
         await store.stop()
 
 
-def test_supervisor_status(tmp_path: Path) -> None:
+@pytest_twisted.ensureDeferred
+async def test_supervisor_status(tmp_path: Path) -> None:
     from treadmill.supervisor import tap
 
     parsed = tap.Options()
     parsed.parseOptions(["--switchboard-url", "ws://127.0.0.1:9", "--switchboard-token", "t",
                          "--state-dir", str(tmp_path / "state")])
     service = tap.makeService(parsed)
-    assert service.namespace()["status"]() == {"job": None, "pending_events": 0, "logs": {}}
+    async with Shell(service.namespace(), tmp_path) as shell:
+        assert await shell.json("status()") == {"job": None, "pending_events": 0, "logs": {}}
 
 
 @pytest_twisted.ensureDeferred
@@ -111,18 +149,21 @@ async def test_switchboard_list_links_shows_a_connected_supervisor(migrated_data
 
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2)
     try:
-        list_links = sb.service.namespace()["list_links"]
-        assert list_links() == []
-        peer = await connected_peer(sb, await add_host(sb, "board-7"))
-        (link,) = list_links()
-        assert link["host"] == "board-7" and link["minor"] == protocol.MINOR
-        assert link["peer"].startswith("127.0.0.1:")
-        peer.disconnect()
-        await peer.closed()
+        async with Shell(sb.service.namespace(), tmp_path) as shell:
+            assert await shell.json("list_links()") == []
+            peer = await connected_peer(sb, await add_host(sb, "board-7"))
+            (link,) = await shell.json("list_links()")
+            assert link["host"] == "board-7" and link["minor"] == protocol.MINOR
+            assert link["peer"].startswith("127.0.0.1:")
+            (host,) = await shell.json("await list_hosts()")
+            assert host == {"name": "board-7", "enabled": True, "healthy": True,
+                            "connected": True, "current_job": None}
+            peer.disconnect()
+            await peer.closed()
 
-        async def gone() -> bool:
-            return list_links() == []
+            async def gone() -> bool:
+                return await shell.json("list_links()") == []
 
-        await eventually(gone)
+            await eventually(gone)
     finally:
         await sb.stop()

@@ -6,7 +6,8 @@ runs a job with console output shipped to the log server), each registry
 served by the shared metrics listener on a loopback port and scraped over
 HTTP. The documented names, types and labels must be exactly those scraped,
 ``promtool check metrics`` (when installed) must accept every scrape, and the
-example Grafana dashboard may only use exported metrics.
+example Grafana dashboard may only use exported metrics and their labels, in
+queries ``promtool check rules`` accepts.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
@@ -40,6 +43,8 @@ DASHBOARD = ROOT / "etc" / "grafana" / "treadmill.json"
 DIGEST = "sha256:" + "7" * 64
 ROLES = ("Switchboard", "Image store", "Image cache", "Log server", "Proxy", "Supervisor")
 _ROW = re.compile(r"^\| `([a-z_:][a-z0-9_:]*)(?:\{([a-z_,]*)\})?` \| (counter|gauge|histogram) \|")
+# The labels Prometheus adds to every scraped series.
+TARGET_LABELS = frozenset({"job", "instance"})
 # The process and platform collectors every role adds: not Treadmill's to document.
 _FOREIGN = ("process_", "python_")
 
@@ -216,6 +221,24 @@ def _expressions(node: Any) -> list[str]:
     return []
 
 
+def test_the_grafana_dashboard_queries_parse(tmp_path: Path) -> None:
+    """Every panel query is PromQL that ``promtool check rules`` accepts (as a recording
+    rule, the dashboard's variables replaced by what they may match)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("no promtool")
+    exprs = _expressions(json.loads(DASHBOARD.read_text()))
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"treadmill:dashboard:{n}", "expr": re.sub(r"\$[a-z_]+", ".+", expr)}
+        for n, expr in enumerate(exprs)]}]}
+    path = tmp_path / "rules.yml"
+    path.write_text(json.dumps(rules))  # JSON is YAML
+    checked = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True,
+                             text=True, timeout=60, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(exprs)} rules found" in checked.stdout
+
+
 def test_the_grafana_dashboard_uses_only_exported_metrics() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = _expressions(dashboard)
@@ -231,6 +254,25 @@ def test_the_grafana_dashboard_uses_only_exported_metrics() -> None:
         for word in re.findall(r"\btreadmill_[a-z0-9_]+", expr):
             used.add(word)
             assert word in names, (word, expr)
+    # Label matchers and groupings name the metric's documented labels (or the
+    # target labels Prometheus adds).
+    labels: dict[str, frozenset[str]] = {}
+    for kind_labels in documented().values():
+        for name, (kind, names) in kind_labels.items():
+            labels[name] = names
+            if kind == "histogram":
+                labels.update({f"{name}_bucket": names | {"le"}, f"{name}_sum": names,
+                               f"{name}_count": names})
+    for expr in exprs:
+        for metric, selector in re.findall(r"\b(treadmill_[a-z0-9_]+)\s*\{([^}]*)\}", expr):
+            for label in re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", selector):
+                assert label in labels[metric] | TARGET_LABELS, (metric, label, expr)
+        grouped = set(TARGET_LABELS)
+        for word in re.findall(r"\btreadmill_[a-z0-9_]+", expr):
+            grouped |= labels[word]
+        for clause in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+            for label in filter(None, (part.strip() for part in clause.split(","))):
+                assert label in grouped, (label, expr)
     roles = documented()
     for role in ("Switchboard", "Supervisor", "Log server", "Image store", "Proxy"):
         assert used & set(roles[role]) or any(

@@ -4,8 +4,10 @@ device access of each kind of supervisor."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ UNITS = Path(__file__).resolve().parent.parent / "systemd"
 TWISTD = "/opt/treadmill/bin/twistd"  # docs/install.md's layout
 ROLES = {"treadmill-switchboard.service": "treadmill-switchboard",
          "treadmill-imagestore.service": "treadmill-imagestore",
+         "treadmill-imagecache.service": "treadmill-imagestore",
          "treadmill-logserver.service": "treadmill-logserver",
          "treadmill-proxy.service": "treadmill-proxy",
          "treadmill-supervisor@.service": "treadmill-supervisor",
@@ -82,6 +85,7 @@ def test_serial_unit_allows_power_control_devices() -> None:
 
 def test_units_that_need_no_device_get_none() -> None:
     for name in ("treadmill-switchboard.service", "treadmill-imagestore.service",
+                 "treadmill-imagecache.service",
                  "treadmill-logserver.service", "treadmill-proxy.service",
                  "treadmill-supervisor@.service"):
         unit = parse(UNITS / name)
@@ -107,3 +111,42 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     proc = subprocess.run(["systemd-analyze", "verify", "--man=no", *paths],
                           capture_output=True, text=True, timeout=120, check=False)
     assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
+
+
+# Each unit's example configuration (etc/treadmill/) and the instance name (%i) it
+# shows; what the role writes must lie in the unit's StateDirectory
+# (ProtectSystem=strict leaves nothing else writable).
+EXAMPLES = {"treadmill-switchboard.service": ("switchboard.toml", ""),
+            "treadmill-imagestore.service": ("imagestore.toml", ""),
+            "treadmill-imagecache.service": ("imagecache.toml", ""),
+            "treadmill-logserver.service": ("logserver.toml", ""),
+            "treadmill-proxy.service": ("proxy.toml", ""),
+            "treadmill-supervisor@.service": ("supervisor-mock.toml", "mock"),
+            "treadmill-supervisor-qemu@.service": ("supervisor-qemu.toml", "qemu"),
+            "treadmill-supervisor-serial@.service": ("supervisor-serial.toml", "tock-1")}
+ETC = UNITS.parent / "etc" / "treadmill"
+
+
+def test_example_state_paths_lie_in_the_units_state_directory() -> None:
+    assert sorted(EXAMPLES) == sorted(ROLES)
+    for name, (example, instance) in EXAMPLES.items():
+        (state,) = values(parse(UNITS / name), "StateDirectory")
+        state = "/var/lib/" + state.replace("%i", instance)
+        (config,) = [v for v in values(parse(UNITS / name), "ExecStart")[0].split()
+                     if v.startswith("/etc/treadmill/")]
+        assert config.replace("%i", instance) in (f"/etc/treadmill/{example}",
+                                                  f"/etc/treadmill/supervisor-{instance}.toml")
+        paths = re.findall(r'"(/var/lib/[^"]*)"', (ETC / example).read_text())
+        assert paths, example
+        for path in paths:  # set or commented out
+            assert path == state or path.startswith(state + "/"), (example, path, state)
+
+
+def test_the_manhole_example_of_operations_md_writes_the_state_directory() -> None:
+    text = (UNITS.parent / "docs" / "operations.md").read_text()
+    start = text.index("```toml\n[manhole]\n") + len("```toml\n")
+    manhole = tomllib.loads(text[start:text.index("```", start)])["manhole"]
+    (state,) = values(parse(UNITS / "treadmill-switchboard.service"), "StateDirectory")
+    assert manhole["host_key"].startswith(f"/var/lib/{state}/")
+    sockets = [v.split(":")[1] for v in manhole["listen"] if v.startswith("unix:")]
+    assert sockets and all(path.startswith(f"/var/lib/{state}/") for path in sockets)

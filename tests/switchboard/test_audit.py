@@ -21,6 +21,7 @@ from psycopg2.extensions import make_dsn
 from twisted.internet import reactor
 
 from tests.support import Client, RunningSwitchboard, start_switchboard
+from treadmill.common.manhole import session_namespace
 from treadmill.dev.pgcluster import create_database, drop_database
 from treadmill.switchboard import credentials
 from treadmill.switchboard.audit import ACTIONS, RetentionService
@@ -238,6 +239,18 @@ async def _console_token(w: World) -> tuple[Any, list[str]]:
     return r, [r.body["token"], SECRET_PARAM]
 
 
+async def _push_token(w: World) -> tuple[Any, list[str]]:
+    r = await w.alice.get("/api/v1/registry/token?service=store"
+                          "&scope=repository:alice/fw:pull,push")
+    return r, [r.body["token"]]
+
+
+async def _job_extend(w: World) -> tuple[Any, list[str]]:
+    # Someone else's job: an admin moves alice's deadline.
+    return await w.sb.admin.post(f"/api/v1/jobs/{w.shared_job}/extend", {"by": 600}), \
+        [SECRET_PARAM]
+
+
 async def _job_cancel(w: World) -> tuple[Any, list[str]]:
     return await w.sb.admin.post(f"/api/v1/jobs/{w.private_job}/terminate"), [SECRET_PARAM]
 
@@ -272,6 +285,7 @@ CASES = [
     Case("host.delete", "admin", "host", lambda w: "rack2", _host_delete, 204),
     Case("store.add", "admin", "store", lambda w: "s2", _store_add, 201),
     Case("store.remove", "admin", "store", lambda w: "s2", _store_remove, 204),
+    Case("store.push_token", "alice", "store", lambda w: "store", _push_token),
     Case("image.create", "alice", "image", lambda w: "alice/fw", _image_create, 201),
     Case("image.update", "alice", "image", lambda w: "alice/fw", _image_update),
     Case("image.rollback", "alice", "image", lambda w: "alice/fw", _image_rollback),
@@ -283,6 +297,7 @@ CASES = [
     Case("namespace.grant", "admin", "namespace", lambda w: "team", _namespace_grant, 201),
     Case("namespace.revoke", "admin", "namespace", lambda w: "team", _namespace_revoke, 204),
     Case("job.console_token", "carol", "job", lambda w: w.shared_job, _console_token),
+    Case("job.extend", "admin", "job", lambda w: w.shared_job, _job_extend),
     Case("job.cancel", "admin", "job", lambda w: w.private_job, _job_cancel),
     Case("job.snapshot", "alice", "job", lambda w: w.private_job, _job_snapshot, 202),
 ]
@@ -309,11 +324,53 @@ async def test_each_privileged_action_makes_one_record(world: World, case: Case)
         claims = jwt.decode(response.body["token"], options={"verify_signature": False})
         assert row["details"] == {"access": "read", "expires_in": 300,
                                   "token_jti": claims["jti"]}
+    if case.action == "store.push_token":
+        claims = jwt.decode(response.body["token"], options={"verify_signature": False})
+        assert row["subject_user"] == "alice"
+        assert row["details"] == {"repositories": {"alice/fw": ["pull", "push"]},
+                                  "expires_in": 300, "token_jti": claims["jti"]}
+    if case.action == "job.extend":
+        assert row["subject_user"] == "alice"
+        assert row["details"]["by"] == 600
 
 
 def test_every_action_is_tested() -> None:
     # host.health is the switchboard's own (tests/switchboard/test_host_health.py).
     assert ACTIONS - {"host.health"} == {case.action for case in CASES}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hosts_snapshot_push_token_is_recorded_as_the_host(world: World) -> None:
+    """rack4 holds a pending snapshot (job.snapshot above): its push token is the host's."""
+    token = credentials.new_token(credentials.HOST_TOKEN_PREFIX)
+    await world.sb.store.pool.execute("UPDATE hosts SET token_hash = %s WHERE name = 'rack4'",
+                                      (credentials.token_hash(token),))
+    (repository,) = await world.sb.store.pool.fetchall(
+        "SELECT repository FROM snapshots WHERE state = 'pending'")
+    before = await last_id(world.sb)
+    r = await Client(world.sb.url, token).get(
+        f"/api/v1/registry/token?service=store&scope=repository:"
+        f"{repository['repository']}:pull,push")
+    assert r.status == 200, r.body
+    (row,) = await rows_after(world.sb, before)
+    assert (row["actor"], row["actor_kind"], row["action"], row["subject_id"],
+            row["subject_user"]) == ("host:rack4", "host", "store.push_token", "store", None)
+    assert row["details"]["repositories"] == {repository["repository"]: ["pull", "push"]}
+    assert token not in json.dumps(row, default=str)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pull_tokens_leave_no_record(world: World) -> None:
+    """Only registry tokens that may change a store are recorded: pulls are every job's."""
+    before = await last_id(world.sb)
+    r = await world.alice.get("/api/v1/registry/token?service=store"
+                              "&scope=repository:alice/os:pull")
+    assert r.status == 200 and r.body["token"]
+    # Asked for push where alice may only pull: the token grants pull, no record.
+    r = await world.bob.get("/api/v1/registry/token?service=store"
+                            "&scope=repository:alice/os:pull,push")
+    assert r.status == 200
+    assert await rows_after(world.sb, before) == []
 
 
 @pytest_twisted.ensureDeferred
@@ -331,13 +388,14 @@ async def test_manhole_helpers_record_as_manhole(world: World) -> None:
     await sb.admin.post("/api/v1/hosts", {"name": "rack3"})
     r = await sb.admin.post("/api/v1/tokens", {"user": "bob"})
     before = await last_id(sb)
-    found = helpers(sb.service)
+    found = session_namespace(helpers(sb.service), "ops SHA256:abc")
     await found["drain"]("rack3")
     await found["revoke_token"](r.body["id"])
     rows = await rows_after(sb, before)
-    assert [(row["actor"], row["actor_kind"], row["action"], row["subject_id"], row["source"])
-            for row in rows] == [("manhole", "manhole", "host.drain", "rack3", ""),
-                                 ("manhole", "manhole", "token.revoke", "bob", "")]
+    assert [(row["actor"], row["actor_kind"], row["action"], row["subject_id"], row["source"],
+             row["details"]["operator"]) for row in rows] == [
+        ("manhole", "manhole", "host.drain", "rack3", "", "ops SHA256:abc"),
+        ("manhole", "manhole", "token.revoke", "bob", "", "ops SHA256:abc")]
 
 
 # -- append-only and retention ---------------------------------------------------------
@@ -422,6 +480,46 @@ async def test_who_reads_what(world: World) -> None:
     assert await entries(world.carol, f"?job={world.private_job}") == []
     # No token: 401.
     assert (await Client(sb.url).get("/api/v1/audit")).status == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reused_host_name_shows_its_new_owner_nothing_of_the_old_host(
+        world: World) -> None:
+    admin = world.sb.admin
+    assert (await admin.post("/api/v1/hosts", {"name": "reused", "owner": "alice"})
+            ).status == 201
+    assert (await world.alice.post("/api/v1/hosts/reused/drain", {})).status == 200
+    assert (await admin.delete("/api/v1/hosts/reused")).status == 204
+    assert (await admin.post("/api/v1/hosts", {"name": "reused", "owner": "bob"})
+            ).status == 201
+    assert [(e["actor"], e["action"]) for e in await entries(world.bob, "?host=reused")] \
+        == [("admin", "host.create")]
+    assert [(e["actor"], e["action"]) for e in await entries(admin, "?host=reused")] == [
+        ("admin", "host.create"), ("admin", "host.delete"), ("alice", "host.drain"),
+        ("admin", "host.create")]
+    # Alice still reads what she did herself.
+    assert [e["action"] for e in await entries(world.alice, "?host=reused")] == [
+        "host.drain"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reused_image_name_shows_its_new_readers_nothing_of_the_old_image(
+        world: World) -> None:
+    admin, image = world.sb.admin, "/api/v1/images/lab/reimg"
+    body = {"name": "lab/reimg", "digest": DIGEST, "stores": ["https://store.example"]}
+    assert (await admin.post("/api/v1/images", body)).status == 201
+    assert (await admin.post(f"{image}/grants", {"user": "carol", "privilege": "use"})
+            ).status == 201
+    assert (await admin.put(image, {"digest": OTHER_DIGEST})).status == 200
+    assert (await admin.delete(image)).status == 204
+    assert (await admin.post("/api/v1/images", body)).status == 201
+    assert (await admin.post(f"{image}/grants", {"user": "bob", "privilege": "use"})
+            ).status == 201
+    assert [e["action"] for e in await entries(world.bob, "?image=lab/reimg")] == [
+        "grant.add", "image.create"]
+    # Carol's grant went with the old image: she reads only the record naming her.
+    assert [(e["action"], e["subject_user"]) for e in
+            await entries(world.carol, "?image=lab/reimg")] == [("grant.add", "carol")]
 
 
 @pytest_twisted.ensureDeferred

@@ -5,43 +5,25 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
 from collections.abc import Iterator
 
 import psycopg2
 import pytest
 import pytest_twisted
-from psycopg2 import sql
-from psycopg2.extensions import make_dsn
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 
-from treadmill.dev.pgcluster import drop_database
+from tests.util.pgroles import least_privileged_database
 from treadmill.switchboard.database import migrations
 from treadmill.switchboard.migrate import run_migrations
 
 
 @pytest.fixture
 def owner_dsn(pg_admin_dsn: str) -> Iterator[str]:
-    """A database owned by a new role with no other right (no superuser, no
-    CREATEDB, no CREATEROLE), as docs/install.md sets it up; the DSN acts as it."""
-    suffix = uuid.uuid4().hex[:10]
-    role, dbname = f"tm_sb_{suffix}", f"tm_db_{suffix}"
-    conn = psycopg2.connect(pg_admin_dsn)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE").format(
-            sql.Identifier(role)))
-        cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
-            sql.Identifier(dbname), sql.Identifier(role)))
-    try:
-        # The test cluster only knows peer logins as postgres: become the role at once.
-        yield make_dsn(pg_admin_dsn, dbname=dbname, options=f"-c role={role}")
-    finally:
-        drop_database(pg_admin_dsn, dbname)
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
-        conn.close()
+    """A database owned by a role with no other right (no superuser, no CREATEDB, no
+    CREATEROLE), made by docs/install.md's SQL; the DSN acts as it."""
+    with least_privileged_database(pg_admin_dsn) as dsn:
+        yield dsn
 
 
 async def cli(*flags: str) -> tuple[int, str, str]:

@@ -9,4 +9,5 @@
 - ``daemons``: a role as a ``twistd`` child process; ``run_twistd`` and
   ``refused_config`` for one that should refuse to start; ``run_python``;
   ``bootstrap_admin`` (the first admin's token).
+- ``pgroles``: docs/install.md's least-privileged PostgreSQL role and database, by its SQL.
 """

@@ -9,7 +9,10 @@ awaited and its result printed when it arrives. Sessions without a terminal
 each waiting for the previous one's result, and end with exit status 1 if any
 line raised. Logins are by public key only, against
 an OpenSSH ``authorized_keys`` file that is re-read at every login (any user
-name is accepted; the key decides). The host key is generated on first start
+name is accepted; the key decides). Each login is logged with the user name and
+the key's fingerprint (the session's *operator*); a namespace value wrapped in
+:class:`PerSession` is made for each session from its operator, so that what a
+helper records can say who acted. The host key is generated on first start
 (Ed25519, mode 0600) and reused afterwards, so clients can pin it.
 
 Listeners must be loopback TCP or UNIX sockets; ``config.RoleOptions`` checks
@@ -24,7 +27,7 @@ import os
 import sys
 import traceback
 from collections import deque
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -48,8 +51,9 @@ from zope.interface import implementer
 from treadmill.common.deferreds import fork
 from treadmill.common.files import write_atomically
 
-__all__ = ["AsyncManholeInterpreter", "AuthorizedKeysFile", "describe_namespace",
-           "load_or_create_host_key", "manhole_factory", "manhole_service"]
+__all__ = ["AsyncManholeInterpreter", "AuthorizedKeysFile", "PerSession", "describe_namespace",
+           "load_or_create_host_key", "manhole_factory", "manhole_service",
+           "session_namespace"]
 
 log = Logger()
 
@@ -93,6 +97,63 @@ def load_or_create_host_key(path: str) -> keys.Key:
                  path=path, fingerprint=keys.Key(private).fingerprint(
                      keys.FingerprintFormats.SHA256_BASE64))
     return keys.Key.fromFile(path)
+
+
+class PerSession:
+    """A namespace value made for each session: ``make(operator)`` (the user name and
+    key fingerprint the session logged in with) returns what the session sees."""
+
+    def __init__(self, make: Callable[[str], Any]) -> None:
+        self.make = make
+        self.__doc__ = inspect.getdoc(make("")) or ""
+        self.shown = make("")  # what help_manhole() describes
+
+
+def session_namespace(namespace: dict[str, Any], operator: str) -> dict[str, Any]:
+    """A session's copy of ``namespace``: :class:`PerSession` values made for
+    ``operator``, which is also bound to ``operator``."""
+    copy = {name: value.make(operator) if isinstance(value, PerSession) else value
+            for name, value in namespace.items()}
+    copy["operator"] = operator
+    return copy
+
+
+class _KeyChecker(SSHPublicKeyChecker):
+    """Public keys from ``authorized_keys``; a login's avatar id is its operator,
+    ``"USER SHA256:…"``, and each login is logged."""
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[bytes]:
+        d = super().requestAvatarId(credentials)
+        if credentials.signature is None:
+            return d  # the client only asks whether the key would do
+
+        def accepted(username: bytes) -> bytes:
+            operator = _operator(username, credentials.blob)
+            log.info("manhole login: {operator}", operator=operator)
+            return operator.encode("utf-8")
+
+        def refused(failure: Failure) -> Failure:
+            log.warn("manhole login refused: {operator}",
+                     operator=_operator(credentials.username, credentials.blob))
+            return failure
+
+        return d.addCallbacks(accepted, refused)
+
+
+def _operator(username: bytes, blob: bytes) -> str:
+    try:
+        fingerprint = keys.Key.fromString(blob).fingerprint(keys.FingerprintFormats.SHA256_BASE64)
+    except keys.BadKeyError:
+        fingerprint = "unknown key"
+    return f"{username.decode('utf-8', 'replace')[:64]} {fingerprint}"
+
+
+class _User(manhole_ssh.TerminalUser):
+    """A logged-in operator (``operator``: the avatar id :class:`_KeyChecker` made)."""
+
+    def __init__(self, original: Any, avatarId: bytes) -> None:
+        super().__init__(original, avatarId)
+        self.operator = avatarId.decode("utf-8", "replace")
 
 
 class AsyncManholeInterpreter(manhole.ManholeInterpreter):
@@ -287,7 +348,7 @@ class _LineSession:
 
     def __init__(self, proto: Any, namespace: dict[str, Any], command: bytes | None) -> None:
         self.proto = proto
-        self.interpreter = AsyncManholeInterpreter(self, dict(namespace))
+        self.interpreter = AsyncManholeInterpreter(self, namespace)
         self.lines: deque[bytes] = deque()
         self.partial = b""
         self.eof = False
@@ -371,16 +432,21 @@ class _TerminalSession(manhole_ssh.TerminalSession):
         super().getPty(term, windowSize, attrs)
         self._pty = True
 
+    def _namespace(self) -> dict[str, Any]:
+        return session_namespace(self.chainedProtocolFactory.namespace,
+                                 getattr(IConchUser(self.original), "operator", ""))
+
     def openShell(self, proto: Any) -> None:
         if not self._pty:
-            self._lines = _LineSession(proto, self.chainedProtocolFactory.namespace, None)
+            self._lines = _LineSession(proto, self._namespace(), None)
             return
+        namespace = self._namespace()
         self._transport = self.transportFactory(
-            proto, self.chainedProtocolFactory(), IConchUser(self.original),
+            proto, insults.ServerProtocol(_AsyncManhole, namespace), IConchUser(self.original),
             self.width, self.height)
 
     def execCommand(self, proto: Any, cmd: bytes) -> None:
-        self._lines = _LineSession(proto, self.chainedProtocolFactory.namespace, cmd)
+        self._lines = _LineSession(proto, self._namespace(), cmd)
 
     def windowChanged(self, newWindowSize: tuple[int, int, int, int]) -> None:
         self.height, self.width = newWindowSize[:2]
@@ -414,6 +480,8 @@ def describe_namespace(namespace: dict[str, Any]) -> str:
         if name.startswith("_"):
             continue
         obj = namespace[name]
+        if isinstance(obj, PerSession):
+            obj = obj.shown
         doc = inspect.getdoc(obj) if inspect.isroutine(obj) else None
         if doc:
             call = "() [await]" if inspect.iscoroutinefunction(obj) else "()"
@@ -438,9 +506,10 @@ def manhole_factory(
     key = load_or_create_host_key(host_key)
 
     realm = manhole_ssh.TerminalRealm()
+    realm.userFactory = _User
     realm.sessionFactory = _TerminalSession
     realm.chainedProtocolFactory = _ManholeProtocolFactory(namespace)
-    factory = manhole_ssh.ConchFactory(portal.Portal(realm, [SSHPublicKeyChecker(keydb)]))
+    factory = manhole_ssh.ConchFactory(portal.Portal(realm, [_KeyChecker(keydb)]))
     # ConchFactory's key maps are class attributes: never mutate those.
     factory.publicKeys = {key.sshType(): key.public()}
     factory.privateKeys = {key.sshType(): key}

@@ -33,8 +33,8 @@ ACTIONS = frozenset({
     "host.create", "host.drain", "host.enable", "host.delete", "host.token", "host.tags",
     "host.health", "host.health_check.set", "host.health_check.unset",
     "image.create", "image.update", "image.delete", "image.rollback",
-    "store.add", "store.remove",
-    "job.cancel", "job.snapshot", "job.console_token",
+    "store.add", "store.remove", "store.push_token",
+    "job.cancel", "job.extend", "job.snapshot", "job.console_token",
 })
 
 #: What a record may be about.
@@ -72,11 +72,14 @@ class Recorder:
     def entry(self, request: IRequest | None, principal: Principal | str, action: str,
               subject_kind: str, subject_id: Any, *, subject_user: str | None = None,
               **details: Any) -> Entry:
-        """An entry for ``principal`` (or an actor name: 'manhole') acting from ``request``."""
+        """An entry for ``principal`` (or an actor name: 'manhole', 'system', or
+        'host:NAME' for a host token) acting from ``request``."""
         if isinstance(principal, Principal):
             actor, kind = principal.name, "user"
         else:
-            actor, kind = principal, principal if principal in ("manhole", "system") else "user"
+            kind = (principal if principal in ("manhole", "system")
+                    else "host" if principal.startswith("host:") else "user")
+            actor = principal
         source = ((client_address(request, self.trusted_proxies) or "")[:200]
                   if request is not None else "")
         return Entry(actor=actor, actor_kind=kind, action=action, subject_kind=subject_kind,

@@ -1,7 +1,9 @@
 """The switchboard's manhole helpers (``help_manhole()`` lists them in the shell).
 
 They act as an admin would through the API, with the same store calls and
-views, so what they show and change is what ``tml`` shows and changes.
+views, so what they show and change is what ``tml`` shows and changes. Those
+that change something are made per session (:class:`PerSession`): their audit
+records name the session's operator (user name and key fingerprint).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from treadmill.common.manhole import PerSession
 from treadmill.switchboard import views
 from treadmill.switchboard.access import Principal
 from treadmill.switchboard.audit import Recorder
@@ -48,25 +51,33 @@ def helpers(service: SwitchboardService) -> dict[str, Callable[..., Any]]:
                  for key in ("name", "enabled", "healthy", "connected", "current_job")}
                 for row in await service.store.list_hosts(OPERATOR)]
 
-    async def drain(host: str) -> dict[str, Any]:
-        """Take ``host`` out of scheduling (as ``tml host drain``); its current job runs on."""
-        async def drain_it(store: Any) -> dict[str, Any]:
-            await store.update_host(host, enabled=False)
-            return await store.get_host(host, OPERATOR)
+    def changes(operator: str) -> dict[str, Callable[..., Any]]:
+        """The helpers that change something, recording ``operator`` (the session's
+        user name and key fingerprint) in their audit records."""
 
-        row = await service.store.audited(drain_it, lambda row: audit.entry(
-            None, "manhole", "host.drain", "host", row["name"]))
-        return views.host(row)
+        async def drain(host: str) -> dict[str, Any]:
+            """Take ``host`` out of scheduling (as ``tml host drain``); its current job
+            runs on."""
+            async def drain_it(store: Any) -> dict[str, Any]:
+                await store.update_host(host, enabled=False)
+                return await store.get_host(host, OPERATOR)
 
-    async def revoke_token(token_id: str) -> dict[str, Any]:
-        """Revoke the API token with id ``token_id`` (as ``tml token revoke``)."""
-        row = await service.store.audited(
-            lambda store: store.revoke_token(token_id),
-            lambda row: audit.entry(None, "manhole", "token.revoke", "user", row["user"],
-                                    subject_user=row["user"], token_id=str(row["id"]),
-                                    label=row["label"]))
-        service.auth.invalidate()  # at once on this instance, as the API does
-        return views.token(row)
+            row = await service.store.audited(drain_it, lambda row: audit.entry(
+                None, "manhole", "host.drain", "host", row["name"], operator=operator))
+            return views.host(row)
+
+        async def revoke_token(token_id: str) -> dict[str, Any]:
+            """Revoke the API token with id ``token_id`` (as ``tml token revoke``)."""
+            row = await service.store.audited(
+                lambda store: store.revoke_token(token_id),
+                lambda row: audit.entry(None, "manhole", "token.revoke", "user", row["user"],
+                                        subject_user=row["user"], token_id=str(row["id"]),
+                                        label=row["label"], operator=operator))
+            service.auth.invalidate()  # at once on this instance, as the API does
+            return views.token(row)
+
+        return {"drain": drain, "revoke_token": revoke_token}
 
     return {"list_links": list_links, "list_jobs": list_jobs, "list_hosts": list_hosts,
-            "drain": drain, "revoke_token": revoke_token}
+            **{name: PerSession(lambda operator, name=name: changes(operator)[name])
+               for name in ("drain", "revoke_token")}}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 from datetime import UTC, datetime
 
+import jwt
 from twisted.web.iweb import IRequest
 
 from treadmill.common.captoken import Access
@@ -16,6 +17,9 @@ from treadmill.switchboard.api.base import Routes
 from treadmill.switchboard.api.tokens import TokenRoutes
 
 app = Routes.app
+
+WRITE_ACTIONS = frozenset({"push", "delete"})
+"""Registry token actions that change a store: a token granting one is audited."""
 
 
 class ImageTokenRoutes(TokenRoutes):
@@ -39,6 +43,14 @@ class ImageTokenRoutes(TokenRoutes):
             raise ApiError(400, f"service: no image store is registered as {service!r}")
         subject, granted = await self._registry_grants(request, scopes)
         token = self.signer.sign(subject, service, granted, repositories.TOKEN_TTL)
+        writes = {a.name: sorted(a.actions) for a in granted
+                  if set(a.actions) & WRITE_ACTIONS}
+        if writes:  # pulls are not recorded: every job start asks for one
+            jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+            await self.audit.record(
+                request, subject, "store.push_token", "store", service,
+                subject_user=None if subject.startswith("host:") else subject,
+                repositories=writes, expires_in=int(repositories.TOKEN_TTL), token_jti=jti)
         issued = datetime.fromtimestamp(self.reactor.seconds(), UTC)
         return respond(request, {"token": token, "access_token": token,
                                  "expires_in": int(repositories.TOKEN_TTL), "issued_at": issued})

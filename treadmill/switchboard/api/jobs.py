@@ -180,7 +180,12 @@ class JobRoutes(Routes):
         principal, row = await self._job(request, job_id, "manage")
         body = read_json(request, schemas.JOB_EXTEND)
         try:
-            await self.store.extend_job(row["id"], body["by"], self.limits.max_timeout)
+            await self.store.audited(
+                lambda store: store.extend_job(row["id"], body["by"], self.limits.max_timeout),
+                lambda updated: self.audit.entry(
+                    request, principal, "job.extend", "job", row["id"],
+                    subject_user=row["owner"], by=body["by"],
+                    deadline=updated["deadline"].isoformat() if updated["deadline"] else None))
         except Conflict:
             raise
         except ValueError as e:

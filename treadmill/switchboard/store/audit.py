@@ -68,7 +68,8 @@ class AuditQueries(Queries):
                          limit: int = 100) -> list[dict]:
         """Records ``principal`` may read, newest first: an admin all; a user those they
         acted in or that name them (``subject_user``), and those about the jobs, hosts
-        and images they may read now."""
+        and images they may read now (for a host or image, only since it was created:
+        an earlier one of that name was another)."""
         clauses = ["true"]
         if not principal.admin:
             clauses.append(
@@ -80,11 +81,13 @@ class AuditQueries(Queries):
                 "(SELECT 1 FROM grants g WHERE g.job_id = j.id "
                 "AND (g.user_id = %(uid)s OR g.user_id IS NULL))))) "
                 "OR (a.subject_kind = 'host' AND EXISTS (SELECT 1 FROM hosts h "
-                "WHERE h.name = a.subject_id AND (h.owner_id = %(uid)s OR EXISTS "
+                "WHERE h.name = a.subject_id AND a.at >= h.created_at "
+                "AND (h.owner_id = %(uid)s OR EXISTS "
                 "(SELECT 1 FROM grants g WHERE g.host_id = h.id "
                 "AND (g.user_id = %(uid)s OR g.user_id IS NULL))))) "
                 "OR (a.subject_kind = 'image' AND EXISTS (SELECT 1 FROM images i "
-                "WHERE lower(i.name) = lower(a.subject_id) AND (i.owner_id = %(uid)s OR EXISTS "
+                "WHERE lower(i.name) = lower(a.subject_id) AND a.at >= i.created_at "
+                "AND (i.owner_id = %(uid)s OR EXISTS "
                 "(SELECT 1 FROM grants g WHERE g.image_id = i.id "
                 "AND (g.user_id = %(uid)s OR g.user_id IS NULL))))))")
         if user is not None:

@@ -112,7 +112,8 @@ class HostQueries(Queries):
         await self.pool.transaction(delete)
 
     async def host_counts(self) -> dict[str, int]:
-        """Hosts registered, and those connected, healthy, enabled and busy (a metric)."""
+        """Hosts registered, and those connected, healthy, enabled and busy (a metric);
+        busy as the scheduler sees it: running a job, or held for a failed one (0019)."""
         row = await self.pool.fetchone(
             "SELECT count(*) AS registered, "
             "count(*) FILTER (WHERE h.session IS NOT NULL "
@@ -123,7 +124,8 @@ class HostQueries(Queries):
             "count(*) FILTER (WHERE h.healthy) AS healthy, "
             "count(*) FILTER (WHERE h.enabled) AS enabled, "
             "count(*) FILTER (WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.host_id = h.id "
-            "  AND j.state IN ('assigned', 'initializing', 'ready', 'terminating'))) AS busy "
+            "  AND (j.state IN ('assigned', 'initializing', 'ready', 'terminating') "
+            "  OR j.held_until IS NOT NULL))) AS busy "  # held: as the scheduler sees it
             "FROM hosts h")
         assert row is not None
         return {key: int(value) for key, value in row.items()}
