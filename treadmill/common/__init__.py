@@ -8,6 +8,7 @@
 - ``logging``, ``tls``, ``manhole``, ``metrics``, ``ratelimit``, ``sshkeys``.
 - ``messages``: JSON messages over a WebSocket; ``schema``: JSON Schema validation.
 - ``files``: atomic, durable file writes; ``ranges``: HTTP ``Range`` headers.
-- ``splice``: joining two connections with backpressure.
+- ``splice``: joining two connections with backpressure; ``zerocopy``: two plain TCP
+  legs relayed in the kernel (``splice(2)``).
 - ``wsjson``: the JSON-WebSocket session (quiet logger, ``send``/``close``/``violation``).
 """

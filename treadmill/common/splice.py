@@ -22,6 +22,11 @@ Two kinds of legs share one small interface (:class:`End`):
   half-close); without it, the other leg's end of file closes the WebSocket
   with 1000.
 
+Two plain TCP legs are relayed inside the kernel (``splice(2)``,
+:mod:`treadmill.common.zerocopy`) while nothing else is asked of them: their
+bytes never enter the process. Any call on such a leg from Python hands both
+back to their transports first.
+
 Differences from ``portforward``: a leg's producer is unregistered before the
 leg is closed (a paused producer would otherwise keep a closing transport
 open forever), and legs are paused until :func:`join` so that bytes that
@@ -39,6 +44,8 @@ from twisted.internet.interfaces import IHalfCloseableDescriptor, IHalfCloseable
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from treadmill.common.zerocopy import KernelRelay
 
 __all__ = ["EOF", "MAX_FRAME", "TUNNEL_SUBPROTOCOL", "UNSUPPORTED_DATA", "End", "Splice",
            "StreamEnd", "WebSocketEnd", "client_endpoint", "join", "no_delay"]
@@ -143,6 +150,9 @@ def join(a: End, b: End, on_closed: Callable[[Splice], None] | None = None,
     a.other, b.other = b, a
     a.register(b.producer())
     b.register(a.producer())
+    if isinstance(a, StreamEnd) and isinstance(b, StreamEnd) \
+            and KernelRelay.start(a, b) is not None:
+        return splice
     a.resume()
     b.resume()
     return splice
@@ -166,9 +176,15 @@ class StreamEnd(Protocol, End):
         self._read_closed = False
         self._write_closed = False
         self._early: list[bytes] = []
+        self.relay: KernelRelay | None = None  # relaying in the kernel (zerocopy.py)
 
     def connectionMade(self) -> None:
         self.transport.pauseProducing()
+
+    def _take_back(self) -> None:
+        """Relaying in the kernel: give both legs back to their transports."""
+        if self.relay is not None:
+            self.relay.hand_back()
 
     # -- reading ---------------------------------------------------------------------
 
@@ -215,11 +231,15 @@ class StreamEnd(Protocol, End):
     # -- End -------------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
+        if self.relay is not None:
+            self.relay.send(self, data)
+            return
         self.transport.write(data)
 
     def send_eof(self) -> None:
         if self.lost:
             return
+        self._take_back()
         self.transport.unregisterProducer()  # the other leg reads no more
         if IHalfCloseableDescriptor.providedBy(self.transport):
             self.transport.loseWriteConnection()
@@ -229,12 +249,14 @@ class StreamEnd(Protocol, End):
     def peer_lost(self) -> None:
         self.other = None
         if not self.lost:
+            self._take_back()
             self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     def abort(self) -> None:
         self.other = None
         if not self.lost:
+            self._take_back()
             self.transport.unregisterProducer()
             self.transport.abortConnection()
 
@@ -242,9 +264,11 @@ class StreamEnd(Protocol, End):
         return self.transport
 
     def register(self, producer: Any) -> None:
+        self._take_back()
         self.transport.registerProducer(producer, True)
 
     def resume(self) -> None:
+        self._take_back()
         early, self._early = self._early, []
         for data in early:
             if self.other is not None:
