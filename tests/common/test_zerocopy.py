@@ -23,12 +23,13 @@ from tests.proxy.support import (
     tcp_transfer,
 )
 from tests.util.waiting import eventually, sleep
-from treadmill.common.splice import Splice, StreamEnd, join
+from treadmill.common.splice import ZEROCOPY_AFTER, Splice, StreamEnd, join
 from treadmill.common.zerocopy import AVAILABLE, KernelRelay
 from treadmill.supervisor.echo import listen_echo
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason="no os.splice on this system")
 MiB = 1024 * 1024
+BULK = ZEROCOPY_AFTER + 4096
 
 
 @dataclass
@@ -125,20 +126,25 @@ async def test_python_gets_the_legs_back_without_losing_a_byte(echo: int) -> Non
     try:
         await eventually(lambda: relay.splices)
         splice = relay.splices[0]
+        # A few bytes (an interactive session) stay in the process; a bulk transfer
+        # moves to the kernel.
+        client.transport.write(b"x" * 1000)
+        assert await client.wait_for(1000, timeout=10) == b"x" * 1000
+        assert splice.a.relay is None
+        client.transport.write(b"x" * (BULK - 1000))
+        assert await client.wait_for(BULK, timeout=10) == b"x" * BULK
         kernel = splice.a.relay
         assert kernel is not None and splice.b.relay is kernel
-        client.transport.write(b"x" * 100_000)
-        assert await client.wait_for(100_000, timeout=10) == b"x" * 100_000
         # A write from Python goes straight to the socket; the relay stays.
         splice.a.send(b"from python")
-        assert (await client.wait_for(100_011, timeout=5))[100_000:] == b"from python"
+        assert (await client.wait_for(BULK + 11, timeout=5))[BULK:] == b"from python"
         assert splice.a.relay is kernel
         # Handing back (what any other call on a leg does first): the transports relay
         # from then on.
         kernel.hand_back()
         assert splice.a.relay is None and splice.b.relay is None and not kernel.active
         client.transport.write(b"after")
-        assert (await client.wait_for(100_016, timeout=5))[100_011:] == b"after"
+        assert (await client.wait_for(BULK + 16, timeout=5))[BULK + 11:] == b"after"
     finally:
         client.transport.loseConnection()
         await client.lost
@@ -153,9 +159,9 @@ async def test_closing_a_relayed_splice_closes_both_legs(echo: int) -> None:
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", relay.port), client)
     await eventually(lambda: relay.splices)
     splice = relay.splices[0]
+    client.transport.write(b"p" * BULK)
+    await client.wait_for(BULK, timeout=10)
     assert splice.a.relay is not None
-    client.transport.write(b"ping")
-    await client.wait_for(4)
     splice.close()  # what the proxy's idle timeout and a closed tunnel do
     await client.lost
     await eventually(lambda: splice.a.lost and splice.b.lost)

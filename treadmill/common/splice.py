@@ -22,10 +22,11 @@ Two kinds of legs share one small interface (:class:`End`):
   half-close); without it, the other leg's end of file closes the WebSocket
   with 1000.
 
-Two plain TCP legs are relayed inside the kernel (``splice(2)``,
-:mod:`treadmill.common.zerocopy`) while nothing else is asked of them: their
-bytes never enter the process. Any call on such a leg from Python hands both
-back to their transports first.
+Two plain TCP legs that have carried :data:`ZEROCOPY_AFTER` bytes one way (a
+bulk transfer, not an interactive session, where it would only add system
+calls) are relayed inside the kernel from then on (``splice(2)``,
+:mod:`treadmill.common.zerocopy`): their bytes no longer enter the process.
+Any call on such a leg from Python hands both back to their transports first.
 
 Differences from ``portforward``: a leg's producer is unregistered before the
 leg is closed (a paused producer would otherwise keep a closing transport
@@ -47,10 +48,13 @@ from zope.interface import implementer
 
 from treadmill.common.zerocopy import KernelRelay
 
-__all__ = ["EOF", "MAX_FRAME", "TUNNEL_SUBPROTOCOL", "UNSUPPORTED_DATA", "End", "Splice",
-           "StreamEnd", "WebSocketEnd", "client_endpoint", "join", "no_delay"]
+__all__ = ["EOF", "MAX_FRAME", "TUNNEL_SUBPROTOCOL", "UNSUPPORTED_DATA", "ZEROCOPY_AFTER",
+           "End", "Splice", "StreamEnd", "WebSocketEnd", "client_endpoint", "join", "no_delay"]
 
 MAX_FRAME = 64 * 1024  # the largest binary message a WebSocket leg sends
+ZEROCOPY_AFTER = 256 * 1024
+"""Bytes a plain TCP leg reads before both legs are relayed in the kernel (and again
+between tries when they could not be: the other leg's buffer did not drain at once)."""
 TUNNEL_SUBPROTOCOL = "treadmill.tunnel.v1"
 EOF = b"eof"  # a text message: its sender will send no more bytes (half-close)
 UNSUPPORTED_DATA = 4003
@@ -150,9 +154,6 @@ def join(a: End, b: End, on_closed: Callable[[Splice], None] | None = None,
     a.other, b.other = b, a
     a.register(b.producer())
     b.register(a.producer())
-    if isinstance(a, StreamEnd) and isinstance(b, StreamEnd) \
-            and KernelRelay.start(a, b) is not None:
-        return splice
     a.resume()
     b.resume()
     return splice
@@ -177,6 +178,7 @@ class StreamEnd(Protocol, End):
         self._write_closed = False
         self._early: list[bytes] = []
         self.relay: KernelRelay | None = None  # relaying in the kernel (zerocopy.py)
+        self._kernel_after = ZEROCOPY_AFTER  # received bytes before trying that
 
     def connectionMade(self) -> None:
         self.transport.pauseProducing()
@@ -193,6 +195,10 @@ class StreamEnd(Protocol, End):
         other = self.other
         if other is not None:
             other.send(data)
+            if self.received >= self._kernel_after and self.relay is None:
+                self._kernel_after = self.received + ZEROCOPY_AFTER
+                if isinstance(other, StreamEnd):
+                    KernelRelay.start(self, other)
         elif self.splice is None:
             # Read before the join (TLS may deliver a record it already had): keep it.
             self._early.append(data)

@@ -1,13 +1,14 @@
 """Relaying between two plain TCP legs inside the kernel, with ``splice(2)``.
 
-:func:`treadmill.common.splice.join` hands two joined plain TCP (or UNIX) legs
-to a :class:`KernelRelay` when it can: the relay takes both sockets off their
+:class:`treadmill.common.splice.StreamEnd` hands two joined plain TCP (or
+UNIX) legs to a :class:`KernelRelay` once one of them has carried
+``ZEROCOPY_AFTER`` bytes, when it can: the relay takes both sockets off their
 Twisted transports and moves each direction's bytes socket → pipe → socket
 with ``os.splice``, so they never enter this process (what HAProxy does). A
 direction reads only while its pipe is empty, so a slow reader stops the
-writer as the transports' producers would, and at most one pipe (64 KiB) per
-direction is in flight. Pipes are made when a direction first has bytes: an
-idle connection costs nothing more.
+writer as the transports' producers would, and at most one pipe (64 KiB, 512
+KiB once the direction has moved 1 MiB) per direction is in flight. Pipes are
+made when a direction first has bytes.
 
 An end of file is passed on as a half-close (``shutdown(SHUT_WR)`` of the
 other socket), and the other direction goes on. Everything else goes back to
@@ -145,7 +146,8 @@ class KernelRelay:
 
     @classmethod
     def start(cls, a: Any, b: Any) -> KernelRelay | None:
-        """Take two joined, paused legs over; None (nothing changed) if they cannot be."""
+        """Take two joined legs over; None (nothing changed) if they cannot be. Called
+        from a leg's ``dataReceived``, after it has passed its bytes on."""
         if not (eligible(a) and eligible(b)):
             return None
         for end in (a, b):
@@ -270,11 +272,12 @@ class KernelRelay:
         """Give both legs back to their transports, reading again (module docstring)."""
         if not self.active:
             return
-        self._write_left(self._release())
+        left = self._release()
         for end in self.ends:
             t = end.transport
             if not end.lost and t.connected and not t.disconnecting:
                 t.startReading()
+        self._write_left(left)  # after: a full buffer pauses the other leg's reading
 
     @staticmethod
     def _write_left(left: list[tuple[Any, bytes]]) -> None:
