@@ -24,6 +24,7 @@ from tests.proxy.support import (
 )
 from tests.util.waiting import eventually, sleep
 from treadmill.common.splice import ZEROCOPY_AFTER, Splice, StreamEnd, join
+from treadmill.common import zerocopy
 from treadmill.common.zerocopy import AVAILABLE, KernelRelay
 from treadmill.supervisor.echo import listen_echo
 
@@ -166,3 +167,26 @@ async def test_closing_a_relayed_splice_closes_both_legs(echo: int) -> None:
     await client.lost
     await eventually(lambda: splice.a.lost and splice.b.lost)
     relay.listener.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_last_bytes_of_a_burst_are_not_left_in_a_pipe(echo: int,
+                                                                monkeypatch: Any) -> None:
+    """A readiness event moves a few chunks, then lets other connections have a turn;
+    what it read last still goes out, though the source says nothing more (an upload
+    whose sender now waits for an answer)."""
+    monkeypatch.setattr(zerocopy, "ROUNDS", 1)
+    relay = await _relay(echo)
+    client = EchoClient()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", relay.port), client)
+    try:
+        total = 0
+        for size in (BULK, 1, 70_000, 3):
+            client.transport.write(b"z" * size)
+            total += size
+            assert len(await client.wait_for(total, timeout=5)) == total
+        assert relay.splices[0].a.relay is not None
+    finally:
+        client.transport.loseConnection()
+        await client.lost
+        relay.listener.stopListening()

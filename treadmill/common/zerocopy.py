@@ -177,23 +177,8 @@ class KernelRelay:
             return
         src, dst = self._socket_of(d.src), self._socket_of(d.dst)
         for _ in range(ROUNDS):
-            if d.pending:
-                try:
-                    moved = os.splice(d.read_fd, dst.fd, d.pending, flags=_FLAGS)
-                except BlockingIOError:
-                    self._wait_for_writable(src, dst)
-                    return
-                except OSError as e:
-                    self._failed(e)
-                    return
-                d.pending -= moved
-                if d.pending:
-                    self._wait_for_writable(src, dst)
-                    return
-                if d.blocked:
-                    d.blocked = False
-                    self.reactor.removeWriter(dst)
-                    self.reactor.addReader(src)
+            if d.pending and not self._drain(d, src, dst):
+                return  # the destination is full (or gone)
             if d.read_fd < 0:
                 d.read_fd, d.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             elif d.chunk < BULK_PIPE and d.moved >= BULK:
@@ -212,6 +197,28 @@ class KernelRelay:
             d.moved += moved
             KernelRelay.moved += moved
             d.src.received += moved
+        # Out of turns: pass on what was read last (the source may have nothing more to
+        # say, and no readiness event would come for it).
+        if d.pending:
+            self._drain(d, src, dst)
+
+    def _drain(self, d: _Direction, src: _Socket, dst: _Socket) -> bool:
+        """Write ``d``'s pipe to its destination; whether it is empty now."""
+        try:
+            d.pending -= os.splice(d.read_fd, dst.fd, d.pending, flags=_FLAGS)
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            self._failed(e)
+            return False
+        if d.pending:
+            self._wait_for_writable(src, dst)
+            return False
+        if d.blocked:
+            d.blocked = False
+            self.reactor.removeWriter(dst)
+            self.reactor.addReader(src)
+        return True
 
     def _end_of_file(self, d: _Direction, src: _Socket) -> None:
         """``d``'s source ended: pass it on as a half-close; once both directions have
