@@ -23,8 +23,8 @@ from tests.proxy.support import (
     tcp_transfer,
 )
 from tests.util.waiting import eventually, sleep
-from treadmill.common.splice import ZEROCOPY_AFTER, Splice, StreamEnd, join
 from treadmill.common import zerocopy
+from treadmill.common.splice import ZEROCOPY_AFTER, Splice, StreamEnd, join
 from treadmill.common.zerocopy import AVAILABLE, KernelRelay
 from treadmill.supervisor.echo import listen_echo
 
