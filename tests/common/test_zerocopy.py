@@ -5,7 +5,6 @@ a byte. Real sockets on loopback, one relay in this process."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,11 +21,11 @@ from tests.proxy.support import (
     expected_digest,
     tcp_transfer,
 )
+from tests.proxy.support import echo as echo  # the fixture
 from tests.util.waiting import eventually, sleep
 from treadmill.common import zerocopy
 from treadmill.common.splice import ZEROCOPY_AFTER, Splice, StreamEnd, join
 from treadmill.common.zerocopy import AVAILABLE, KernelRelay
-from treadmill.supervisor.echo import listen_echo
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason="no os.splice on this system")
 MiB = 1024 * 1024
@@ -57,13 +56,6 @@ async def _relay(target: int) -> Relay:
     relay.listener = reactor.listenTCP(0, factory, interface="127.0.0.1")
     relay.port = relay.listener.getHost().port
     return relay
-
-
-@pytest_twisted.async_yield_fixture
-async def echo() -> AsyncIterator[int]:
-    port = listen_echo(reactor)
-    yield port.getHost().port
-    await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred

@@ -7,10 +7,12 @@ import json
 import random
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import reactor
@@ -26,6 +28,7 @@ from treadmill.common.captoken import Access, CapabilitySigner
 from treadmill.protocol import proxy as messages
 from treadmill.proxy.service import ProxyConfig, ProxyService
 from treadmill.proxy.tunnels import RegistrySettings
+from treadmill.supervisor.echo import listen_echo
 
 AUDIENCE = "treadmill-proxy"
 ISSUER = "treadmill"
@@ -92,6 +95,14 @@ async def start_proxy(keys: Keys, **tunnels: Any) -> Running:
     await service.ready()
     port = service.ports()[0].getHost().port
     return Running(service, f"http://127.0.0.1:{port}", service.data_ports()[0].getHost().port)
+
+
+@pytest_twisted.async_yield_fixture
+async def echo() -> AsyncIterator[int]:
+    """The port of an echo service (the mock host's), for the test."""
+    port = listen_echo(reactor)
+    yield port.getHost().port
+    await port.stopListening()
 
 
 # -- a raw control connection (for protocol tests) --------------------------------------
