@@ -59,7 +59,8 @@ def eligible(end: Any) -> bool:
     """Whether a leg (a ``splice.StreamEnd``) can be relayed in the kernel."""
     t = getattr(end, "transport", None)
     return (AVAILABLE and isinstance(t, tcp.Connection) and t.connected
-            and not t.disconnecting and not end.lost and end.relay is None
+            and not t.disconnecting and not getattr(t, "_writeDisconnecting", False)
+            and not end.lost and end.relay is None
             and not getattr(end, "_early", None) and not getattr(end, "_read_closed", False)
             and not getattr(end, "_write_closed", False))
 
