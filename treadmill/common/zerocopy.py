@@ -153,8 +153,9 @@ class KernelRelay:
             return None
         for end in (a, b):
             if _buffered(end.transport):
-                end.transport.doWrite()  # a header written just before the join
-                if _buffered(end.transport):
+                # What the other leg has just passed on (or a header written before the
+                # join): written now, or the legs stay as they are for now.
+                if end.transport.doWrite() or _buffered(end.transport):
                     return None
         relay = cls(a, b)
         for end in (a, b):
