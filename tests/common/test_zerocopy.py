@@ -5,12 +5,14 @@ a byte. Real sockets on loopback, one relay in this process."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory
 
@@ -182,3 +184,43 @@ async def test_the_last_bytes_of_a_burst_are_not_left_in_a_pipe(echo: int,
         client.transport.loseConnection()
         await client.lost
         relay.listener.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_transfers_through_two_relays_in_a_row_arrive_whole() -> None:
+    """Two relays in a row (the proxy and the supervisor), many connections at once of
+    mixed sizes around the kernel's threshold, some with slow readers: every byte
+    arrives, both ways, and every leg closes."""
+    rng = random.Random(15)
+    sizes = [rng.choice((0, 1, ZEROCOPY_AFTER - 1, ZEROCOPY_AFTER + 1, 3 * MiB))
+             + rng.randrange(0, 70_000) for _ in range(24)]
+    made = iter(range(len(sizes)))
+
+    def served() -> Transfer:
+        i = next(made)
+        return Transfer(sizes[-1 - i], seed=1000 + i, pause_every=MiB if i % 3 == 0 else 0,
+                        pause_for=0.05)
+
+    service = TransferService(served)
+    inner = await _relay(service.listen())
+    outer = await _relay(inner.port)
+    started = KernelRelay.started
+    try:
+        clients = []
+        for i, size in enumerate(sizes):
+            clients.append(tcp_transfer(outer.port, Transfer(
+                size, seed=i, pause_every=MiB if i % 4 == 0 else 0, pause_for=0.05)))
+        outcomes = await gatherResults([Deferred.fromCoroutine(c) for c in clients])
+        sent = {o.sent: o for o in await gatherResults(service.outcomes)}
+        for i, client in enumerate(outcomes):
+            assert client.sent == expected_digest(sizes[i], i)
+            assert client.sent in {o.received for o in sent.values()}
+            assert client.received in sent, i  # what some service connection sent
+        bulk = sum(1 for size in sizes if size > ZEROCOPY_AFTER)
+        assert KernelRelay.started - started >= bulk  # in the kernel, in both relays
+        splices = inner.splices + outer.splices
+        await eventually(lambda: all(s.a.lost and s.b.lost for s in splices))
+    finally:
+        inner.listener.stopListening()
+        outer.listener.stopListening()
+        await service.stop()
