@@ -68,6 +68,10 @@ async def test_tml_resolves_unique_prefixes_only(tml, switchboard, tmp_path) -> 
     assert json.loads(r.out)["id"] == job
     r = await tml("job", "events", unique.upper(), env=env)
     assert r.status == 0, r.err
+    # tml-job-ID, the SSH host name tml job ssh gives a job (ssh_config's %h).
+    for alias in (f"tml-job-{unique}", f"tml-job-{job}"):
+        r = await tml("job", "show", alias, "--json", env=env)
+        assert r.status == 0 and json.loads(r.out)["id"] == job, r.err
     # Ambiguous: a clear error listing the candidates, and nothing done.
     r = await tml("job", "cancel", job[0], env=env)
     assert r.status == 1

@@ -84,3 +84,40 @@ def test_documentation_lists_every_type_and_close_code() -> None:
     documented = {int(code) for code in re.findall(r"^\| (\d{4}) \|", text, re.M)}
     assert {int(code) for code in p.CloseCode} | {int(code) for code in p.ConsoleCloseCode} \
         <= documented
+
+
+def _schema_accepts(message: dict) -> bool:
+    from treadmill.common.messages import check
+
+    try:
+        check(message, p.schema(), p.ProtocolError)
+    except p.ProtocolError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("message", [
+    {"type": "connect", "conn_id": CONN, "service": "ssh"},
+    {"type": "connect", "conn_id": "a" * 16, "service": "a"},
+    {"type": "connect", "conn_id": "A-_" * 21 + "x", "service": "s." + "x" * 61},
+    {"type": "connect", "conn_id": "a" * 15, "service": "ssh"},
+    {"type": "connect", "conn_id": "a" * 65, "service": "ssh"},
+    {"type": "connect", "conn_id": CONN + "\n", "service": "ssh"},
+    {"type": "connect", "conn_id": CONN, "service": "ssh\n"},
+    {"type": "connect", "conn_id": CONN, "service": "-ssh"},
+    {"type": "connect", "conn_id": CONN, "service": "s" * 64},
+    {"type": "connect", "conn_id": CONN, "service": "ß"},
+    {"type": "connect", "conn_id": CONN + "=", "service": "ssh"},
+    {"type": "connect", "conn_id": 5, "service": "ssh"},
+    {"type": "connect", "conn_id": CONN, "service": ["ssh"]},
+    {"type": "connect", "conn_id": CONN},
+    {"type": "connect", "conn_id": CONN, "service": "ssh", "x": None},
+])
+def test_the_fast_connect_check_agrees_with_the_schema(message: dict) -> None:
+    """``connect`` is checked by hand on the hot path; it accepts exactly what the schema
+    accepts, and a refusal still names what is wrong (the schema's message)."""
+    fast = p._valid_connect(message)
+    assert fast == _schema_accepts(message), message
+    if not fast:
+        with pytest.raises(p.ProtocolError):
+            p.validate(message)

@@ -28,6 +28,7 @@ from treadmill.common.captoken import Access
 from treadmill.protocol import proxy as messages
 from treadmill.proxy.service import ProxyConfig, ProxyService
 from treadmill.proxy.tunnels import RegistrySettings
+from treadmill.supervisor.echo import listen_echo
 
 AUDIENCE = "treadmill-proxy"
 CHUNK = 64 * 1024
@@ -102,6 +103,14 @@ async def proxy_fixture(keys: Keys) -> AsyncIterator[Running]:
         yield running
     finally:
         await running.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def echo() -> AsyncIterator[int]:
+    """The port of an echo service (the mock host's), for the test."""
+    port = listen_echo(reactor)
+    yield port.getHost().port
+    await port.stopListening()
 
 
 # -- a raw control connection (for protocol tests) --------------------------------------

@@ -7,7 +7,6 @@ tunnel, the pending-connect timeout, the idle timeout, unreachable services.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -32,6 +31,7 @@ from tests.proxy.support import (
     tcp_transfer,
     ws_transfer,
 )
+from tests.proxy.support import echo as echo  # the fixture
 from tests.util.waiting import eventually, sleep
 from treadmill.common.splice import UNSUPPORTED_DATA
 from treadmill.protocol import proxy as messages
@@ -55,13 +55,6 @@ class Job:
         self.manager.start()
         endpoints = await self.manager.published()
         return {e["service"]: e for e in endpoints}
-
-
-@pytest_twisted.async_yield_fixture
-async def echo() -> AsyncIterator[int]:
-    port = listen_echo(reactor)
-    yield port.getHost().port
-    await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred

@@ -2,6 +2,9 @@
 
 The switchboard resolves prefixes among the jobs the caller may read
 (``GET /api/v1/jobs?id_prefix=``), so a prefix never reveals another user's job.
+``tml-job-ID`` (the host name ``tml job ssh`` gives a job's SSH server) stands for
+``ID``, so an ``ssh_config`` block ``Host tml-job-*`` with ``ProxyCommand tml job
+ssh --proxy-command %h`` works.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from treadmill.cli.output import clean, fmt_time
 
 _PREFIX = re.compile(r"[0-9a-fA-F-]{1,36}")
 SHOWN_CANDIDATES = 10  # ambiguous prefixes list at most this many jobs
+HOST_ALIAS_PREFIX = "tml-job-"  # tml-job-ID: a job's SSH host name (HostKeyAlias)
 
 
 def full_job_id(text: str) -> str | None:
@@ -26,7 +30,10 @@ def full_job_id(text: str) -> str | None:
 
 
 async def resolve_job_id(ctx: Context, text: str) -> str:
-    """The id of the one job ``text`` names (a whole id, or a unique prefix of one)."""
+    """The id of the one job ``text`` names (a whole id, or a unique prefix of one,
+    either also as ``tml-job-ID``)."""
+    if text.startswith(HOST_ALIAS_PREFIX):
+        text = text[len(HOST_ALIAS_PREFIX):]
     whole = full_job_id(text)
     if whole is not None:
         return whole

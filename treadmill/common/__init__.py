@@ -9,6 +9,7 @@
 - ``messages``: JSON messages over a WebSocket; ``schema``: JSON Schema validation.
 - ``cors``: cross-origin reads (the web console reading log servers).
 - ``files``: atomic, durable file writes; ``ranges``: HTTP ``Range`` headers.
-- ``splice``: joining two connections with backpressure; ``deferreds``: ``fork``.
+- ``splice``: joining two connections with backpressure; ``zerocopy``: two plain TCP
+  legs relayed in the kernel (``splice(2)``); ``deferreds``: ``fork``.
 - ``wsjson``: the JSON-WebSocket session (quiet logger, ``send``/``close``/``violation``).
 """

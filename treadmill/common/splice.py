@@ -22,6 +22,12 @@ Two kinds of legs share one small interface (:class:`End`):
   half-close); without it, the other leg's end of file closes the WebSocket
   with 1000.
 
+Two plain TCP legs that have carried :data:`ZEROCOPY_AFTER` bytes one way (a
+bulk transfer, not an interactive session, where it would only add system
+calls) are relayed inside the kernel from then on (``splice(2)``,
+:mod:`treadmill.common.zerocopy`): their bytes no longer enter the process.
+Any call on such a leg from Python hands both back to their transports first.
+
 Differences from ``portforward``: a leg's producer is unregistered before the
 leg is closed (a paused producer would otherwise keep a closing transport
 open forever), and legs are paused until :func:`join` so that bytes that
@@ -40,10 +46,15 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-__all__ = ["EOF", "MAX_FRAME", "TUNNEL_SUBPROTOCOL", "UNSUPPORTED_DATA", "End", "Splice",
-           "StreamEnd", "WebSocketEnd", "client_endpoint", "join", "no_delay"]
+from treadmill.common.zerocopy import KernelRelay
+
+__all__ = ["EOF", "MAX_FRAME", "TUNNEL_SUBPROTOCOL", "UNSUPPORTED_DATA", "ZEROCOPY_AFTER",
+           "End", "Splice", "StreamEnd", "WebSocketEnd", "client_endpoint", "join", "no_delay"]
 
 MAX_FRAME = 64 * 1024  # the largest binary message a WebSocket leg sends
+ZEROCOPY_AFTER = 256 * 1024
+"""Bytes a plain TCP leg reads before both legs are relayed in the kernel (and again
+between tries when they could not be: the other leg's buffer did not drain at once)."""
 TUNNEL_SUBPROTOCOL = "treadmill.tunnel.v1"
 EOF = b"eof"  # a text message: its sender will send no more bytes (half-close)
 UNSUPPORTED_DATA = 4003
@@ -180,9 +191,16 @@ class StreamEnd(Protocol, End):
         self._read_closed = False
         self._write_closed = False
         self._early: list[bytes] = []
+        self.relay: KernelRelay | None = None  # relaying in the kernel (zerocopy.py)
+        self._kernel_after = ZEROCOPY_AFTER  # received bytes before trying that
 
     def connectionMade(self) -> None:
         self.transport.pauseProducing()
+
+    def _take_back(self) -> None:
+        """Relaying in the kernel: give both legs back to their transports."""
+        if self.relay is not None:
+            self.relay.hand_back()
 
     # -- reading ---------------------------------------------------------------------
 
@@ -191,6 +209,10 @@ class StreamEnd(Protocol, End):
         other = self.other
         if other is not None:
             other.send(data)
+            if self.received >= self._kernel_after and self.relay is None:
+                self._kernel_after = self.received + ZEROCOPY_AFTER
+                if isinstance(other, StreamEnd):
+                    KernelRelay.start(self, other)
         elif self.splice is None:
             # Read before the join (TLS may deliver a record it already had): keep it.
             self._early.append(data)
@@ -221,11 +243,15 @@ class StreamEnd(Protocol, End):
     # -- End -------------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
+        if self.relay is not None:
+            self.relay.send(self, data)
+            return
         self.transport.write(data)
 
     def send_eof(self) -> None:
         if self.lost:
             return
+        self._take_back()
         self.transport.unregisterProducer()  # the other leg reads no more
         if IHalfCloseableDescriptor.providedBy(self.transport):
             self.transport.loseWriteConnection()
@@ -235,12 +261,14 @@ class StreamEnd(Protocol, End):
     def peer_lost(self) -> None:
         self.other = None
         if not self.lost:
+            self._take_back()
             self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     def abort(self) -> None:
         self.other = None
         if not self.lost:
+            self._take_back()
             self.transport.unregisterProducer()
             self.transport.abortConnection()
 
@@ -248,9 +276,11 @@ class StreamEnd(Protocol, End):
         return self.transport
 
     def register(self, producer: Any) -> None:
+        self._take_back()
         self.transport.registerProducer(producer, True)
 
     def resume(self) -> None:
+        self._take_back()
         early, self._early = self._early, []
         for data in early:
             if self.other is not None:

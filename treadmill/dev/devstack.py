@@ -548,6 +548,7 @@ Use it from another shell:
   tml job submit demo --param exit_status=3 --follow
   tml job submit demo --param hang=1    # then: tml job connect JOB_ID console
   tml key add ~/.ssh/id_ed25519.pub     # before submitting: then tml job ssh JOB_ID
+  tml host reserve --tag qemu --image demo --for 30m   # a VM to work in: tml job ssh
 """
         return text
 

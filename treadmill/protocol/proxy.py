@@ -114,8 +114,28 @@ def _type_schemas() -> dict[str, dict[str, Any]]:
     return found
 
 
+_CONNECT_KEYS = frozenset(("type", "conn_id", "service"))
+_CONN_ID_TEXT = re.compile(r"[A-Za-z0-9_-]{16,64}")
+_SERVICE_TEXT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def _valid_connect(message: dict[str, Any]) -> bool:
+    """A ``connect`` that the schema accepts, checked by hand (~100x faster than the
+    schema: one per client connection, on the setup path). False sends it to the schema,
+    which names what is wrong; ``tests/protocol`` checks that both agree."""
+    if message.keys() != _CONNECT_KEYS:
+        return False
+    conn_id, service = message["conn_id"], message["service"]
+    return (type(conn_id) is str and type(service) is str
+            and _CONN_ID_TEXT.fullmatch(conn_id) is not None
+            and _SERVICE_TEXT.fullmatch(service) is not None)
+
+
 def validate(message: Any) -> None:
     """Raise :class:`ProtocolError` unless ``message`` is a valid v1 message."""
+    if isinstance(message, dict) and message.get("type") == "connect" \
+            and _valid_connect(message):
+        return
     kind = message.get("type") if isinstance(message, dict) else None
     part = _type_schemas().get(kind) if isinstance(kind, str) else None
     check(message, part if part is not None else schema(), ProtocolError)

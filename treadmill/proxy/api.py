@@ -11,8 +11,9 @@ The job is the ``job`` query parameter, or the one job the token grants
 ``publish`` on. Refusals are ``401`` (no token, or a bad one) and ``403`` (a
 valid token for another job) in the common error shape.
 
-A tunnel path is public, like a tunnel's TCP port: whoever knows it may
-connect, and the service behind it (an SSH server) authenticates its users.
+A tunnel path of a service that authenticates its users itself (an SSH
+server) is public, like its TCP port; any other service's path needs a console
+token for the job (``legs.TunnelSocket``).
 """
 
 from __future__ import annotations

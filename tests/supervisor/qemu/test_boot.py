@@ -121,9 +121,11 @@ async def test_a_job_boots_and_ends_with_the_agents_exit_status(test_image: Buil
 @pytest_twisted.ensureDeferred
 async def test_forwards_reach_the_guest_and_stop_tears_everything_down(
         test_image: BuiltImage, work_dir: str) -> None:
-    spec = job(hang=1)
+    # A reservation (the switchboard's parameter): the image stays up as with hang=1.
+    spec = job(**{"treadmill.reservation": "true"})
     driver, reporter, fetcher = await start(test_image, work_dir, spec)
     await within(reporter.became_ready)
+    await within(reporter.console_has(b"reserved: staying up"))
     await within(reporter.console_has(b"hanging"))
     services = reporter.offered[-1]
     assert (await read_banner(services["ssh"][1])).startswith(b"SSH-2.0-dropbear")

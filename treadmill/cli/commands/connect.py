@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 
 from treadmill.cli.client import plain_error
 from treadmill.cli.context import EXIT_OK, CommandError, Context, add_job_id, non_negative_int
+from treadmill.cli.jobids import HOST_ALIAS_PREFIX
 from treadmill.common.splice import (
     MAX_FRAME,
     TUNNEL_SUBPROTOCOL,
@@ -102,7 +103,7 @@ class _Exit(ProcessProtocol):
 
 
 def host_alias(job_id: str) -> str:
-    return f"tml-job-{job_id}"
+    return f"{HOST_ALIAS_PREFIX}{job_id}"
 
 
 def known_hosts_lines(names: list[str], keys: list[str]) -> str:
@@ -142,7 +143,7 @@ def ssh_command(ctx: Context, endpoints: list[dict[str, Any]],
         tml = shlex.join([sys.executable, "-m", "treadmill.cli.main"])
         proxy = ["--proxy", a.proxy] if a.proxy else []
         command = f"{tml} job connect {shlex.join([a.id, a.service, *proxy])} --stdio"
-        argv += ["-o", f"ProxyCommand={command}", f"{user}@tml-job-{a.id}"]
+        argv += ["-o", f"ProxyCommand={command}", f"{user}@{host_alias(a.id)}"]
     extra = list(a.ssh_args or [])
     if extra and extra[0] == "--":
         extra = extra[1:]
