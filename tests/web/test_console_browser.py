@@ -54,6 +54,7 @@ async def _stack(database: str, tmp_path: Path, stops: list[Callable[[], Any]]) 
     logs_port = free_port()
     logs_url = f"http://127.0.0.1:{logs_port}"
     sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 health_interval=0.5,
                                  limits=Limits(log_servers=(logs_url,), log_replicas=1),
                                  proxies=(proxy.ws,))
     stops.append(sb.stop)
