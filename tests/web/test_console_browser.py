@@ -292,3 +292,59 @@ async def test_web_terminal_types_with_manage_and_watches_with_read(
     await browser.click("tr[data-service=\"echo\"] .watch-terminal")
     await browser.wait_for("document.querySelector('#terminal-status').textContent"
                            ".includes('read only')")
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_console_and_descriptions_and_a_live_list(stack: Stack, browser: Browser,
+                                                              artifacts: None) -> None:
+    sb = stack.sb
+    ops = await _user(sb, "ops", admin=True)
+    r = await ops.post("/api/v1/images", {"name": "demo/hostile", "digest": DIGEST,
+                                          "stores": [], "description": HOSTILE})
+    assert r.status == 201, r.body
+    r = await ops.post("/api/v1/hosts", {"name": "evil-1", "description": HOSTILE})
+    assert r.status == 201, r.body
+    await _log_in(browser, sb.url, "ops")
+
+    # The jobs list follows a job it did not load: it appears, and its state moves live.
+    await browser.get(f"{sb.url}/#/jobs")
+    await browser.wait_for("document.querySelector('#jobs tbody').textContent.includes('No jobs.')")
+    # A console that tries markup, a window title, the clipboard and a javascript: link.
+    console = (HOSTILE + "\r\n\x1b]0;pwned title\x07\x1b]52;c;cHduZWQ=\x07"
+               "\x1b]8;;javascript:window.pwned=3\x07click me\x1b]8;;\x07\r\n")
+    r = await ops.post("/api/v1/jobs", {"image": "demo/hostile", "tags": ["mock"],
+                                        "parameters": {"mock.console": {"value": console},
+                                                       "mock.console_rate": {"value": "0"}}})
+    assert r.status == 201, r.body
+    job_id = r.body["id"]
+    row = f"document.querySelector('tr[data-job=\"{job_id}\"]')"
+    await browser.wait_for(f"{row}?.querySelector('[data-state=\"ready\"]')", 30)
+    await ops.post(f"/api/v1/jobs/{job_id}/terminate")
+    await browser.wait_for(f"{row}.querySelector('[data-state=\"terminated\"]')", 30)
+
+    # The console's bytes are text in the terminal: no element, no script, no title.
+    await browser.get(f"{sb.url}/#/jobs/{job_id}")
+    await browser.wait_for("(document.querySelector('#console')?.dataset.tail || '')"
+                           ".includes('click me')", 30)
+    await browser.script("document.querySelector('#console').scrollIntoView()")
+    await browser.wait_for("document.querySelector('#console .xterm-rows').textContent"
+                           ".includes('<script>window.pwned=1</script>')")
+    assert await browser.script("return document.querySelectorAll('main img, main script')"
+                                ".length") == 0
+    assert await browser.script("return document.title") == "Treadmill"
+
+    # Descriptions of images and hosts are text too.
+    for page, selector in (("images", 'tr[data-image="demo/hostile"]'),
+                           ("hosts", 'tr[data-host="evil-1"]')):
+        await browser.get(f"{sb.url}/#/{page}")
+        await browser.wait_for(f"document.querySelector('{selector}')")
+        assert HOSTILE in await browser.script(
+            f"return document.querySelector('{selector}').textContent")
+        assert await browser.script(
+            f"return document.querySelectorAll('{selector} img, {selector} script').length"
+        ) == 0
+    await browser.get(f"{sb.url}/#/submit")
+    await browser.wait_for("document.querySelector('#catalogue option')")
+    assert await browser.script("return document.querySelector('#catalogue option')"
+                                ".textContent") == HOSTILE
+    assert await browser.script("return window.pwned === undefined")
