@@ -348,3 +348,41 @@ async def test_hostile_console_and_descriptions_and_a_live_list(stack: Stack, br
     assert await browser.script("return document.querySelector('#catalogue option')"
                                 ".textContent") == HOSTILE
     assert await browser.script("return window.pwned === undefined")
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_tabs_of_the_jobs_page_leave_connections_for_the_next(
+        stack: Stack, browser: Browser, artifacts: None) -> None:
+    """Each jobs page watches up to three active jobs over SSE; a browser holds six
+    connections per origin for all its tabs. Pages left or hidden give theirs back, so
+    the fourth tab (and a reload) still loads at once."""
+    sb = stack.sb
+    ops = await _user(sb, "ops", admin=True)
+    for i in range(4):  # queued: no host has the tag
+        r = await ops.post("/api/v1/jobs", {"image": DIGEST, "tags": ["nowhere"],
+                                            "label": f"waiting {i}"})
+        assert r.status == 201, r.body
+    await _log_in(browser, sb.url, "ops")
+    driver = browser.driver
+    first = driver.current_window_handle
+
+    async def jobs_page_loads() -> float:
+        began = reactor.seconds()
+        await browser.get(f"{sb.url}/#/jobs")
+        await browser.wait_for("document.querySelectorAll('#jobs tr[data-job]').length === 4")
+        return reactor.seconds() - began
+
+    try:
+        for _ in range(4):
+            await browser.run(driver.switch_to.new_window, "tab")
+            assert await jobs_page_loads() < 5
+        # Left pages too: about:blank in between, then the page again.
+        for _ in range(3):
+            await browser.get("about:blank")
+            assert await jobs_page_loads() < 5
+    finally:
+        for handle in await browser.run(lambda: driver.window_handles):
+            if handle != first:
+                await browser.run(driver.switch_to.window, handle)
+                await browser.run(driver.close)
+        await browser.run(driver.switch_to.window, first)

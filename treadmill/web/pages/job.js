@@ -245,6 +245,9 @@ export async function render(main, app, id) {
   } else {
     loadResults();
   }
+  // A left page gives its connection back at once (six per origin, for every tab).
+  const leave = () => { if (source) source.close(); abort.abort(); };
+  window.addEventListener("pagehide", leave);
   const ticker = setInterval(() => { if (events.at(-1)?.state !== "terminated") renderTimeline(); }, 1000);
   // Why a queued job waits, and a held host's end, change without a job event: re-read them.
   const poller = setInterval(async () => {
@@ -264,6 +267,7 @@ export async function render(main, app, id) {
     clearInterval(ticker);
     clearInterval(poller);
     window.removeEventListener("resize", onResize);
+    window.removeEventListener("pagehide", leave);
     if (source) source.close();
     if (term) term.dispose();
   };
