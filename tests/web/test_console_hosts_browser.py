@@ -258,3 +258,34 @@ async def test_console_follow_scroll_back_and_download(stack: Stack, browser: Br
     expected = await r.content()
     assert r.code == 200 and len(expected) > bytes_
     assert saved.read_bytes() == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_my_tokens_secret_shown_once_and_revoked(stack: Stack, browser: Browser,
+                                                       artifacts: None) -> None:
+    sb = stack.sb
+    await _user(sb, "bob")
+    await _log_in(browser, sb.url, "bob")
+    await browser.get(f"{sb.url}/#/tokens")
+    await browser.wait_for("document.querySelector('#token-label')")
+    await browser.type("#token-label", "ci <b>runner</b>")
+    await browser.type("#token-days", "7")
+    await browser.click("main form.inline button[type=submit]")
+    secret = await browser.wait_for("document.querySelector('#token-secret')?.textContent")
+    r = await treq.get(f"{sb.url}/api/v1/whoami", headers={"Authorization": f"Bearer {secret}"})
+    assert r.code == 200 and (await r.json())["name"] == "bob"
+    # The label is text; the row is found by it.
+    row = ("[...document.querySelectorAll('#tokens tbody tr')].find("
+           "(tr) => tr.firstChild.textContent === 'ci <b>runner</b>')")
+    assert await browser.script(f"return {row}.querySelectorAll('b').length") == 0
+    # Shown once: the list and a reload never show it again.
+    await browser.get("about:blank")
+    await browser.get(f"{sb.url}/#/tokens")
+    await browser.wait_for(row)
+    assert secret not in await browser.script("return document.body.innerHTML")
+    # Revoked from the page, it stops working.
+    await browser.script(f"{row}.querySelector('button.danger').click()")
+    await browser.wait_for(f"{row}.children[4].textContent !== ''")
+    r = await treq.get(f"{sb.url}/api/v1/whoami", headers={"Authorization": f"Bearer {secret}"})
+    assert r.code == 401
+    await r.content()

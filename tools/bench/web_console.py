@@ -37,6 +37,7 @@ from typing import Any
 from benchkit.cli import BenchError, bench_parser, missing, output_options, run, sayer
 from benchkit.daemons import Postgres, bootstrap, remove_temp, start_daemon, temp_dir, twistd
 from benchkit.host import host_info, revision
+from benchkit.procfs import tree_memory_mb
 from benchkit.procs import ROOT, free_port, stop_process
 from benchkit.report import percentile
 
@@ -226,7 +227,7 @@ class WebConsoleBench:
                 if sample:
                     samples.append(self.memory(time.monotonic() - started))
                     say(f"  {samples[-1]['at_s']:.0f} s: heap {samples[-1]['heap_mb']:.1f} MB, "
-                        f"{samples[-1]['dom_nodes']} DOM nodes")
+                        f"browser PSS {samples[-1]['browser_pss_mb']:.0f} MB")
         finally:
             writer.stopping.set()
             writer.join()
@@ -250,7 +251,11 @@ class WebConsoleBench:
         self.driver.execute_cdp_cmd("HeapProfiler.collectGarbage", {})
         heap = self.driver.execute_cdp_cmd("Runtime.getHeapUsage", {})
         nodes = self.driver.execute_script("return document.getElementsByTagName('*').length")
-        return {"at_s": round(at), "heap_mb": heap["usedSize"] / 1e6, "dom_nodes": nodes}
+        # The scroll-back's typed arrays live outside the JS heap: the browser's processes
+        # (chromedriver's tree: Chromium, its renderer, GPU and utility processes) too.
+        browser = tree_memory_mb(self.driver.service.process.pid)
+        return {"at_s": round(at), "heap_mb": heap["usedSize"] / 1e6, "dom_nodes": nodes,
+                "browser_pss_mb": browser["pss_mb"], "browser_rss_mb": browser["rss_mb"]}
 
     def run(self) -> dict[str, Any]:
         self.start()
@@ -274,7 +279,7 @@ def table(results: dict[str, Any]) -> str:
              f"{lat.get('p99_ms', 0):.0f} ms, max {lat.get('max_ms', 0):.0f} ms"]
     for s in mem.get("memory", []):
         lines.append(f"page at 100 KB/s, {s['at_s']:>5} s: JS heap {s['heap_mb']:.1f} MB, "
-                     f"{s['dom_nodes']} DOM nodes")
+                     f"{s['dom_nodes']} DOM nodes, browser PSS {s['browser_pss_mb']:.0f} MB")
     return "\n".join(lines)
 
 
