@@ -289,3 +289,34 @@ async def test_my_tokens_secret_shown_once_and_revoked(stack: Stack, browser: Br
     r = await treq.get(f"{sb.url}/api/v1/whoami", headers={"Authorization": f"Bearer {secret}"})
     assert r.code == 401
     await r.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_snapshot_of_an_ended_job(stack: Stack, browser: Browser,
+                                        artifacts: None) -> None:
+    """The API snapshots only an ended job that ran on a host: the button is there then
+    (with ``manage``), not while the job runs, and the request shows on the page."""
+    sb = stack.sb
+    ops = await _user(sb, "ops", admin=True)
+    store = "http://127.0.0.1:9"  # registered; the mock host uploads nothing
+    await sb.register_store(store, "treadmill-imagestore")
+    r = await ops.post("/api/v1/images", {"name": "ops/base", "digest": DIGEST,
+                                          "stores": [store]})
+    assert r.status == 201, r.body
+    job = (await ops.post("/api/v1/jobs", {"image": "ops/base", "tags": ["mock"]})).body
+    await _log_in(browser, sb.url, "ops")
+    await browser.get(f"{sb.url}/#/jobs/{job['id']}")
+    await browser.wait_for("['initializing', 'ready'].includes(document.querySelector("
+                           "'#job-state [data-state]')?.dataset.state)", 30)
+    assert await browser.script("return document.querySelector('#snapshot') === null")
+    await browser.click("#cancel")
+    await browser.accept_dialog()
+    await browser.wait_for("document.querySelector('#snapshot')", 30)
+    await browser.click("#snapshot")
+    await browser.accept_dialog("ops/snap-1")
+    assert await notice(browser) == "Snapshot ops/snap-1 requested."
+    state = await browser.wait_for(
+        "document.querySelector('#snapshots tr[data-snapshot] .snapshot-state')?.textContent")
+    assert state.startswith(("pending", "failed")), state
+    listed = (await ops.get(f"/api/v1/jobs/{job['id']}/snapshots")).body["snapshots"]
+    assert [s["name"] for s in listed] == ["ops/snap-1"]

@@ -90,16 +90,30 @@ export async function render(main, app, id) {
         try { renderSummary(await post(`/api/v1/jobs/${enc(j.id)}/terminate`)); } catch (e) { app.fail(e); }
       } }, "Cancel job"));
     }
-    if (live && held.includes("manage")) {
+    // A snapshot copies the disk an ended job left on its host (docs/api.md, snapshots).
+    if (j.state === "terminated" && j.host && held.includes("manage")) {
       actions.append(h("button", { id: "snapshot", onclick: async () => {
         const nameOf = prompt("Name of the snapshot image (e.g. you/my-image):");
         if (!nameOf) return;
         try {
           await post(`/api/v1/jobs/${enc(j.id)}/snapshots`, { name: nameOf });
           app.notify(`Snapshot ${nameOf} requested.`, "info");
+          await loadSnapshots();
         } catch (e) { app.fail(e); }
       } }, "Snapshot"));
     }
+  }
+
+  let snapshots = [];
+  const snapshotList = h("div", { id: "snapshots" });
+  async function loadSnapshots() {
+    snapshots = (await get(`/api/v1/jobs/${enc(id)}/snapshots`)).snapshots;
+    append(clear(snapshotList), snapshots.length ? [h("h2", {}, "Snapshots"),
+      table(["Image", "State", "Digest", "Requested", "Finished"], snapshots.map((s) =>
+        h("tr", { "data-snapshot": s.id }, h("td", { class: "mono" }, s.name),
+          h("td", { class: "snapshot-state" }, s.state, s.error ? `: ${s.error.message || s.error.code}` : ""),
+          h("td", { class: "mono" }, s.digest || ""), h("td", {}, time(s.created_at)),
+          h("td", {}, time(s.finished_at)))))] : []);
   }
 
   function renderTimeline() {
@@ -115,6 +129,8 @@ export async function render(main, app, id) {
   renderSummary(job);
   events = (await get(`/api/v1/jobs/${enc(id)}/events`)).events;
   renderTimeline();
+  main.append(snapshotList);
+  await loadSnapshots();
 
   // Parameters (secrets masked), endpoints, results.
   const parameters = Object.entries(job.parameters || {});
@@ -251,6 +267,7 @@ export async function render(main, app, id) {
   const ticker = setInterval(() => { if (events.at(-1)?.state !== "terminated") renderTimeline(); }, 1000);
   // Why a queued job waits, and a held host's end, change without a job event: re-read them.
   const poller = setInterval(async () => {
+    if (snapshots.some((s) => s.state === "pending")) loadSnapshots().catch(() => {});
     if (current.state !== "queued" && !current.held_until) return;
     try {
       const fresh = await get(`/api/v1/jobs/${enc(id)}`);
