@@ -143,6 +143,20 @@ async def test_host_health_history_and_management(stack: Stack, browser: Browser
         "document.querySelector('#host-health tr[data-event=\"enabled\"]')?.textContent")
     assert "ops" in enabled, enabled
 
+    # The admin changes the host's check from the page, then removes it.
+    await browser.wait_for("document.querySelector('#health-check-form .check-image')"
+                           f".value === {DIGEST!r}")
+    await browser.type("#health-check-form .check-every-jobs", "5")
+    await browser.click("#health-check-form button[type=submit]")
+    await browser.wait_for("document.querySelector('#health-check')?.textContent"
+                           ".includes('every 5 jobs')")
+    checks = (await ops.get("/api/v1/health-checks")).body["checks"]
+    assert [(c["target"], c["every_jobs"], c["set_by"]) for c in checks] == [
+        ("mock-1", 5, "ops")]
+    await browser.click("#health-check-remove")
+    await browser.wait_for("document.querySelector('#health-check')?.textContent === 'none'")
+    assert (await ops.get("/api/v1/health-checks")).body["checks"] == []
+
     # Tags, as the host's manager.
     await browser.click('tr[data-host="mock-1"] .edit-tags')
     await browser.accept_dialog("mock lab-2")

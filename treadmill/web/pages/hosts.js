@@ -96,8 +96,39 @@ export async function render(main, app) {
               h("td", {}, yesNo(e.healthy)),
               h("td", {}, e.job ? h("a", { href: `#/jobs/${e.job}`, class: "mono" }, shortId(e.job)) : ""),
               h("td", {}, e.actor || ""), h("td", {}, e.reason ? `${e.reason}: ` : "", e.message || ""))))
-          : h("p", { class: "muted" }, "No health events yet."));
+          : h("p", { class: "muted" }, "No health events yet."),
+        app.me?.admin ? checkForm(hostName, check) : null);
     } catch (e) { app.fail(e); }
+  }
+
+  // Admins set the host's own health check (or remove it); a tag's check, and one with
+  // parameters, is set with `tml host health-check set` (docs/cli.md).
+  function checkForm(hostName, check) {
+    const own = check?.scope === "host" ? check : null;
+    const image = h("input", { class: "check-image", required: true, placeholder: "image (catalogue name or digest)",
+      value: own ? own.image?.name || own.image?.digest : "" });
+    const expect = h("input", { class: "check-exit", type: "number", min: 0, max: 255,
+      value: String(own?.expect_exit ?? 0) });
+    const everyJobs = h("input", { class: "check-every-jobs", type: "number", min: 1,
+      placeholder: "every N jobs", value: own?.every_jobs ?? "" });
+    const everyHours = h("input", { class: "check-every-hours", type: "number", min: 0,
+      step: "any", placeholder: "every N hours", value: own?.every_hours ?? "" });
+    const form = h("form", { class: "inline", id: "health-check-form" },
+      image, h("label", {}, "expect exit ", expect), everyJobs, everyHours,
+      h("button", { type: "submit" }, "Set health check"),
+      own ? h("button", { type: "button", class: "danger", id: "health-check-remove", onclick: async () => {
+        try { await del(`/api/v1/health-checks/hosts/${enc(hostName)}`); await showHealth(hostName); }
+        catch (e) { app.fail(e); }
+      } }, "Remove") : null);
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const body = { image: image.value.trim(), expect_exit: Number(expect.value || 0) };
+      if (everyJobs.value) body.every_jobs = Number(everyJobs.value);
+      if (everyHours.value) body.every_hours = Number(everyHours.value);
+      try { await put(`/api/v1/health-checks/hosts/${enc(hostName)}`, body); await showHealth(hostName); }
+      catch (e) { app.fail(e); }
+    });
+    return h("div", {}, h("h2", {}, `Health check of ${hostName}`), form);
   }
 
   await load();
