@@ -71,6 +71,14 @@ async def _stack(database: str, tmp_path: Path, stops: list[Callable[[], Any]]) 
     return Stack(sb, logs_url, r.body["token"])
 
 
+async def _supervise(config: SupervisorConfig, stops: list[Callable[[], Any]]) -> None:
+    """Starts a supervisor (its stop appended to ``stops``) and waits for its link."""
+    supervisor = SupervisorService(reactor, config)
+    supervisor.startService()
+    stops.append(supervisor.stopService)
+    await supervisor.connected()
+
+
 async def _user(sb: RunningSwitchboard, name: str, admin: bool = False) -> Client:
     row = await sb.store.create_user(name, admin, credentials.hash_password_sync(PASSWORD))
     token = credentials.new_token(credentials.USER_TOKEN_PREFIX)
@@ -94,15 +102,12 @@ async def stack(database: str, tmp_path: Path) -> AsyncIterator[Stack]:
     stops: list[Callable[[], Any]] = []  # a failed start-up stops what already runs
     try:
         built = await _stack(database, tmp_path, stops)
-        supervisor = SupervisorService(reactor, SupervisorConfig(
+        await _supervise(SupervisorConfig(
             url=ws_url_for(built.sb.url), token=built.host_token,
             state_dir=str(tmp_path / "sup"), reconnect_initial=0.1, reconnect_max=1.0,
             durable=False,
             driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.05), run_time=120,
-                                       console_rate=4000).values()))
-        supervisor.startService()
-        stops.append(supervisor.stopService)
-        await supervisor.connected()
+                                       console_rate=4000).values()), stops)
         yield built
     finally:
         for stop in reversed(stops):

@@ -12,14 +12,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 
 from tests.supervisor.qemu.conftest import BuiltImage, needs_qemu
 from tests.supervisor.qemu.conftest import test_image as test_image  # the fixture
 from tests.supervisor.qemu.test_service import push, qemu_host, store_service, url_of
 from tests.web.browser import Browser, available
-from tests.web.test_console_browser import Stack, _log_in, _stack, _user
-from treadmill.supervisor.service import SupervisorService
+from tests.web.test_console_browser import Stack, _log_in, _stack, _supervise, _user
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, needs_qemu,
               pytest.mark.skipif(available() is not None, reason=str(available()))]
@@ -37,11 +35,7 @@ async def qemu_stack(database: str, tmp_path: Path, test_image: BuiltImage
         stops.append(store.stopService)
         await store.ready()
         await push(built.sb, url_of(store), test_image, "demo/tiny-vm")
-        supervisor = SupervisorService(reactor, await qemu_host(
-            built.sb, "vm-1", tmp_path / "vm-1", work_dir))
-        supervisor.startService()
-        stops.append(supervisor.stopService)
-        await supervisor.connected()
+        await _supervise(await qemu_host(built.sb, "vm-1", tmp_path / "vm-1", work_dir), stops)
         yield built
     finally:
         for stop in reversed(stops):

@@ -240,6 +240,17 @@ export async function render(main, app, id) {
     if (!abort.signal.aborted) status.textContent = `${received} bytes, console closed`;
   }, (e) => { status.textContent = `console unavailable: ${e.message || e}`; });
 
+  // The job read again: its summary, actions and endpoints.
+  async function refresh() {
+    try {
+      const fresh = await get(`/api/v1/jobs/${enc(id)}`);
+      renderSummary(fresh);
+      renderEndpoints(fresh.endpoints);
+    } catch (e) {
+      if (!(e instanceof ApiError && e.status === 401)) app.fail(e);
+    }
+  }
+
   // Live state: the SSE watch.
   const after = events.length ? events[events.length - 1].seq : 0;
   if (job.state !== "terminated") {
@@ -249,13 +260,7 @@ export async function render(main, app, id) {
       if (events.some((e) => e.seq === event.seq)) return;
       events.push(event);
       renderTimeline();
-      try {
-        const fresh = await get(`/api/v1/jobs/${enc(id)}`);
-        renderSummary(fresh);
-        renderEndpoints(fresh.endpoints);
-      } catch (e) {
-        if (!(e instanceof ApiError && e.status === 401)) app.fail(e);
-      }
+      await refresh();
       if (event.state === "terminated") { source.close(); loadResults(); }
     });
   } else {
@@ -268,14 +273,7 @@ export async function render(main, app, id) {
   // Why a queued job waits, and a held host's end, change without a job event: re-read them.
   const poller = setInterval(async () => {
     if (snapshots.some((s) => s.state === "pending")) loadSnapshots().catch(() => {});
-    if (current.state !== "queued" && !current.held_until) return;
-    try {
-      const fresh = await get(`/api/v1/jobs/${enc(id)}`);
-      renderSummary(fresh);
-      renderEndpoints(fresh.endpoints);
-    } catch (e) {
-      if (!(e instanceof ApiError && e.status === 401)) app.fail(e);
-    }
+    if (current.state === "queued" || current.held_until) await refresh();
   }, REFRESH_MS);
 
   return () => {
