@@ -83,6 +83,11 @@ async def test_held_host_and_why_a_job_waits(stack: Stack, browser: Browser,
     message = await browser.wait_for("document.querySelector('#job-message')?.textContent", 30)
     assert message == "waiting: every host that could run it is out of service: mock-1 (drained)"
     await browser.snap("job-waiting")
+    await browser.get(f"{sb.url}/#/jobs")
+    assert await browser.wait_for(
+        f"document.querySelector('tr[data-job=\"{waiting}\"] .waiting')?.textContent") == message
+    await browser.get(f"{sb.url}/#/jobs/{waiting}")
+    await browser.wait_for("document.querySelector('#job-message')")
     # Enabled again, the message goes (the page re-reads a queued job by itself).
     r = await sb.admin.post("/api/v1/hosts/mock-1/enable")
     assert r.status == 200, r.body

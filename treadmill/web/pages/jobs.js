@@ -54,7 +54,8 @@ export async function render(main, app) {
       h("td", { class: "label" }, job.label || ""),
       h("td", { class: "mono" }, job.image?.name || (job.image?.digest || "").slice(0, 19)),
       h("td", { class: "state-cell" }, stateBadge(job.state)),
-      h("td", { class: "stage-cell" }, job.stage || ""),
+      h("td", { class: "stage-cell" }, job.stage || "",
+        job.state_message ? h("div", { class: "muted waiting" }, job.state_message) : null),
       h("td", {}, job.host || ""),
       h("td", {}, job.owner),
       h("td", {}, time(job.created_at)));
