@@ -339,3 +339,15 @@ async def test_snapshot_of_an_ended_job(stack: Stack, browser: Browser,
     assert state.startswith(("pending", "failed")), state
     listed = (await ops.get(f"/api/v1/jobs/{job['id']}/snapshots")).body["snapshots"]
     assert [s["name"] for s in listed] == ["ops/snap-1"]
+
+    # The images page: the catalogue with its store, and the image's grants.
+    await _user(sb, "bob")
+    r = await ops.post("/api/v1/images/ops/base/grants", {"user": "bob", "privilege": "use"})
+    assert r.status == 201, r.body
+    await browser.get(f"{sb.url}/#/images")
+    image = 'tr[data-image="ops/base"]'
+    await browser.wait_for(f"document.querySelector('{image}')")
+    assert store in await browser.script(f"return document.querySelector('{image}').textContent")
+    await browser.click(f"{image} button")
+    grants = await browser.wait_for("document.querySelector('#image-grants table')?.innerText")
+    assert "bob" in grants and "use" in grants, grants
