@@ -82,6 +82,9 @@ async def test_held_host_and_why_a_job_waits(stack: Stack, browser: Browser,
     await browser.get(f"{sb.url}/#/jobs/{waiting}")
     message = await browser.wait_for("document.querySelector('#job-message')?.textContent", 30)
     assert message == "waiting: every host that could run it is out of service: mock-1 (drained)"
+    # Its console does not exist yet: the log server waits for its first byte.
+    await browser.wait_for("document.querySelector('#console-status').textContent === "
+                           "\"waiting for the console's first byte\"")
     await browser.snap("job-waiting")
     await browser.get(f"{sb.url}/#/jobs")
     assert await browser.wait_for(

@@ -236,7 +236,9 @@ export async function render(main, app, id) {
     const text = (screen.dataset.tail || "") + decoder.decode(chunk, { stream: true });
     screen.dataset.tail = text.slice(-4096);
     status.textContent = `${received} bytes`;
-  }, abort.signal).then(() => {
+  }, abort.signal, () => {
+    if (!received) status.textContent = "waiting for the console's first byte";
+  }).then(() => {
     if (!abort.signal.aborted) status.textContent = `${received} bytes, console closed`;
   }, (e) => { status.textContent = `console unavailable: ${e.message || e}`; });
 
