@@ -86,6 +86,12 @@ def test_installed_roles_console_scripts_and_migrations(installed: tuple[Path, P
         help_text = run(bin_ / "twistd", f"treadmill-{role}", "--help", cwd=tmp_path).stdout
         assert "--config" in help_text, (role, help_text)
     assert "usage" in run(bin_ / "tml", "--help", cwd=tmp_path).stdout.lower()
+    # The web console's files, xterm.js included, are served from the installed package.
+    served = run(bin_ / "python", "-c", "from treadmill.switchboard.web import Assets; "
+                 "a = Assets(); print(a.root); print(*(len(a.get(p)[0]) for p in ("
+                 "'index.html', 'app.js', 'pages/job.js', 'vendor/xterm/xterm.mjs', "
+                 "'vendor/xterm/xterm.css')))", cwd=tmp_path).stdout.splitlines()
+    assert served[0].startswith(str(venv)) and all(int(n) > 0 for n in served[1].split())
 
     dry = run(bin_ / "treadmill-switchboard-migrate", "--database-dsn", database, "--dry-run",
               cwd=tmp_path)

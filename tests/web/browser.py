@@ -93,15 +93,38 @@ class Browser:
 
         await self.run(lambda: self.driver.find_element(By.CSS_SELECTOR, selector).click())
 
-    async def accept_dialog(self) -> None:
+    async def accept_dialog(self, answer: str | None = None) -> None:
+        """Accept the page's ``confirm`` (or ``prompt``, answering ``answer``)."""
         from selenium.webdriver.support import expected_conditions
         from selenium.webdriver.support.ui import WebDriverWait
 
         def accept() -> None:
             WebDriverWait(self.driver, 5).until(expected_conditions.alert_is_present())
-            self.driver.switch_to.alert.accept()
+            alert = self.driver.switch_to.alert
+            if answer is not None:
+                alert.send_keys(answer)
+            alert.accept()
 
         await self.run(accept)
+
+    async def wheel(self, selector: str, delta_y: int) -> None:
+        """Turn the mouse wheel over an element (negative: scroll up)."""
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+        from selenium.webdriver.common.by import By
+
+        def act() -> None:
+            element = self.driver.find_element(By.CSS_SELECTOR, selector)
+            ActionChains(self.driver).scroll_from_origin(
+                ScrollOrigin.from_element(element), 0, delta_y).perform()
+
+        await self.run(act)
+
+    async def downloads_to(self, where: Path) -> None:
+        """Save the page's downloads into ``where``, without asking."""
+        where.mkdir(parents=True, exist_ok=True)
+        await self.run(self.driver.execute_cdp_cmd, "Browser.setDownloadBehavior",
+                       {"behavior": "allow", "downloadPath": str(where)})
 
     async def reset(self) -> None:
         """A fresh start: no cookies, no page."""

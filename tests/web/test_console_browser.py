@@ -54,6 +54,7 @@ async def _stack(database: str, tmp_path: Path, stops: list[Callable[[], Any]]) 
     logs_port = free_port()
     logs_url = f"http://127.0.0.1:{logs_port}"
     sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                 health_interval=0.5,
                                  limits=Limits(log_servers=(logs_url,), log_replicas=1),
                                  proxies=(proxy.ws,))
     stops.append(sb.stop)
@@ -68,6 +69,14 @@ async def _stack(database: str, tmp_path: Path, stops: list[Callable[[], Any]]) 
     assert r.status == 201, r.body
     await sb.admin.post("/api/v1/hosts/mock-1/grants", {"user": "*", "privilege": "start"})
     return Stack(sb, logs_url, r.body["token"])
+
+
+async def _supervise(config: SupervisorConfig, stops: list[Callable[[], Any]]) -> None:
+    """Starts a supervisor (its stop appended to ``stops``) and waits for its link."""
+    supervisor = SupervisorService(reactor, config)
+    supervisor.startService()
+    stops.append(supervisor.stopService)
+    await supervisor.connected()
 
 
 async def _user(sb: RunningSwitchboard, name: str, admin: bool = False) -> Client:
@@ -93,15 +102,12 @@ async def stack(database: str, tmp_path: Path) -> AsyncIterator[Stack]:
     stops: list[Callable[[], Any]] = []  # a failed start-up stops what already runs
     try:
         built = await _stack(database, tmp_path, stops)
-        supervisor = SupervisorService(reactor, SupervisorConfig(
+        await _supervise(SupervisorConfig(
             url=ws_url_for(built.sb.url), token=built.host_token,
             state_dir=str(tmp_path / "sup"), reconnect_initial=0.1, reconnect_max=1.0,
             durable=False,
             driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.05), run_time=120,
-                                       console_rate=4000).values()))
-        supervisor.startService()
-        stops.append(supervisor.stopService)
-        await supervisor.connected()
+                                       console_rate=4000).values()), stops)
         yield built
     finally:
         for stop in reversed(stops):
@@ -291,3 +297,97 @@ async def test_web_terminal_types_with_manage_and_watches_with_read(
     await browser.click("tr[data-service=\"echo\"] .watch-terminal")
     await browser.wait_for("document.querySelector('#terminal-status').textContent"
                            ".includes('read only')")
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_console_and_descriptions_and_a_live_list(stack: Stack, browser: Browser,
+                                                              artifacts: None) -> None:
+    sb = stack.sb
+    ops = await _user(sb, "ops", admin=True)
+    r = await ops.post("/api/v1/images", {"name": "demo/hostile", "digest": DIGEST,
+                                          "stores": [], "description": HOSTILE})
+    assert r.status == 201, r.body
+    r = await ops.post("/api/v1/hosts", {"name": "evil-1", "description": HOSTILE})
+    assert r.status == 201, r.body
+    await _log_in(browser, sb.url, "ops")
+
+    # The jobs list follows a job it did not load: it appears, and its state moves live.
+    await browser.get(f"{sb.url}/#/jobs")
+    await browser.wait_for("document.querySelector('#jobs tbody').textContent.includes('No jobs.')")
+    # A console that tries markup, a window title, the clipboard and a javascript: link.
+    console = (HOSTILE + "\r\n\x1b]0;pwned title\x07\x1b]52;c;cHduZWQ=\x07"
+               "\x1b]8;;javascript:window.pwned=3\x07click me\x1b]8;;\x07\r\n")
+    r = await ops.post("/api/v1/jobs", {"image": "demo/hostile", "tags": ["mock"],
+                                        "parameters": {"mock.console": {"value": console},
+                                                       "mock.console_rate": {"value": "0"}}})
+    assert r.status == 201, r.body
+    job_id = r.body["id"]
+    row = f"document.querySelector('tr[data-job=\"{job_id}\"]')"
+    await browser.wait_for(f"{row}?.querySelector('[data-state=\"ready\"]')", 30)
+    await ops.post(f"/api/v1/jobs/{job_id}/terminate")
+    await browser.wait_for(f"{row}.querySelector('[data-state=\"terminated\"]')", 30)
+
+    # The console's bytes are text in the terminal: no element, no script, no title.
+    await browser.get(f"{sb.url}/#/jobs/{job_id}")
+    await browser.wait_for("(document.querySelector('#console')?.dataset.tail || '')"
+                           ".includes('click me')", 30)
+    await browser.script("document.querySelector('#console').scrollIntoView()")
+    await browser.wait_for("document.querySelector('#console .xterm-rows').textContent"
+                           ".includes('<script>window.pwned=1</script>')")
+    assert await browser.script("return document.querySelectorAll('main img, main script')"
+                                ".length") == 0
+    assert await browser.script("return document.title") == "Treadmill"
+
+    # Descriptions of images and hosts are text too.
+    for page, selector in (("images", 'tr[data-image="demo/hostile"]'),
+                           ("hosts", 'tr[data-host="evil-1"]')):
+        await browser.get(f"{sb.url}/#/{page}")
+        await browser.wait_for(f"document.querySelector('{selector}')")
+        assert HOSTILE in await browser.script(
+            f"return document.querySelector('{selector}').textContent")
+        assert await browser.script(
+            f"return document.querySelectorAll('{selector} img, {selector} script').length"
+        ) == 0
+    await browser.get(f"{sb.url}/#/submit")
+    await browser.wait_for("document.querySelector('#catalogue option')")
+    assert await browser.script("return document.querySelector('#catalogue option')"
+                                ".textContent") == HOSTILE
+    assert await browser.script("return window.pwned === undefined")
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_tabs_of_the_jobs_page_leave_connections_for_the_next(
+        stack: Stack, browser: Browser, artifacts: None) -> None:
+    """Each jobs page watches up to three active jobs over SSE; a browser holds six
+    connections per origin for all its tabs. Pages left or hidden give theirs back, so
+    the fourth tab (and a reload) still loads at once."""
+    sb = stack.sb
+    ops = await _user(sb, "ops", admin=True)
+    for i in range(4):  # queued: no host has the tag
+        r = await ops.post("/api/v1/jobs", {"image": DIGEST, "tags": ["nowhere"],
+                                            "label": f"waiting {i}"})
+        assert r.status == 201, r.body
+    await _log_in(browser, sb.url, "ops")
+    driver = browser.driver
+    first = driver.current_window_handle
+
+    async def jobs_page_loads() -> float:
+        began = reactor.seconds()
+        await browser.get(f"{sb.url}/#/jobs")
+        await browser.wait_for("document.querySelectorAll('#jobs tr[data-job]').length === 4")
+        return reactor.seconds() - began
+
+    try:
+        for _ in range(4):
+            await browser.run(driver.switch_to.new_window, "tab")
+            assert await jobs_page_loads() < 5
+        # Left pages too: about:blank in between, then the page again.
+        for _ in range(3):
+            await browser.get("about:blank")
+            assert await jobs_page_loads() < 5
+    finally:
+        for handle in await browser.run(lambda: driver.window_handles):
+            if handle != first:
+                await browser.run(driver.switch_to.window, handle)
+                await browser.run(driver.close)
+        await browser.run(driver.switch_to.window, first)

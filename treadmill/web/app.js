@@ -111,4 +111,6 @@ whenExpired(() => {
 });
 
 window.addEventListener("hashchange", route);
+// Back from the browser's page cache: the page closed its watches when it was left.
+window.addEventListener("pageshow", (event) => { if (event.persisted) route(); });
 route();

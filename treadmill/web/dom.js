@@ -37,8 +37,10 @@ export function duration(seconds) {
   if (seconds === null || seconds === undefined || isNaN(seconds)) return "";
   if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
   if (seconds < 120) return `${seconds.toFixed(1)} s`;
-  if (seconds < 7200) return `${Math.floor(seconds / 60)} min ${Math.round(seconds % 60)} s`;
-  return `${Math.floor(seconds / 3600)} h ${Math.round((seconds % 3600) / 60)} min`;
+  const [units, bigUnit, smallUnit] = seconds < 7200
+    ? [Math.round(seconds), "min", "s"] : [Math.round(seconds / 60), "h", "min"];
+  const [big, small] = [Math.floor(units / 60), units % 60];
+  return small ? `${big} ${bigUnit} ${small} ${smallUnit}` : `${big} ${bigUnit}`;
 }
 
 export function shortId(id) {

@@ -23,9 +23,10 @@ export class JobLogs {
     return `${server.replace(/\/+$/, "")}/v1/jobs/${enc(this.jobId)}/streams/${enc(stream)}${query}`;
   }
 
-  // Follow a stream from `offset`: onData(Uint8Array) per chunk; resolves when the
-  // stream is closed, rejects when no server could be read. `signal` aborts.
-  async follow(stream, offset, onData, signal) {
+  // Follow a stream from `offset`: onData(Uint8Array) per chunk, onOpen() when a log
+  // server answers (a stream without a byte yet waits there for its first); resolves
+  // when the stream is closed, rejects when no server could be read. `signal` aborts.
+  async follow(stream, offset, onData, signal, onOpen = () => {}) {
     let lastError = null;
     for (let attempt = 0; attempt < 30 && !signal.aborted; attempt++) {
       const access = await this.token();
@@ -37,6 +38,7 @@ export class JobLogs {
           headers: { Authorization: `Bearer ${access.token}` }, signal, cache: "no-store",
         });
         if (!response.ok) throw new Error(`log server ${response.status}`);
+        onOpen();
         const reader = response.body.getReader();
         for (;;) {
           const { done, value } = await reader.read();

@@ -9,6 +9,13 @@ import { Terminal } from "../vendor/xterm/xterm.mjs";
 export const name = "job";
 
 const SCROLLBACK = 10000; // lines the terminal keeps: bounded memory on an endless console
+const REFRESH_MS = 5000; // re-reading a queued job (its state_message) or a held host's end
+
+// A failed job's host is held until `held_until`; once that passed (or the hold was
+// released) the host's supervisor lets it go and `held_until` becomes null.
+function holding(j) {
+  return Boolean(j.held_until) && new Date(j.held_until) > Date.now();
+}
 
 function secondsBetween(a, b) {
   return (new Date(b) - new Date(a)) / 1000;
@@ -23,6 +30,7 @@ export async function render(main, app, id) {
   let events = [];
   let source = null;
   let term = null;
+  let current = job;
 
   const summary = h("div", { class: "grid2", id: "job-summary" });
   const timeline = h("tbody", {});
@@ -45,6 +53,19 @@ export async function render(main, app, id) {
       h("span", { class: "muted" }, "Timeout"), h("span", {}, duration(j.timeout)),
       h("span", { class: "muted" }, "Restarts left"), h("span", {}, `${j.restarts_left ?? ""} of ${j.max_restarts}`),
       h("span", { class: "muted" }, "Created"), h("span", {}, time(j.created_at)),
+      j.deadline ? [h("span", { class: "muted" }, j.reservation ? "Reserved until" : "Deadline"),
+        h("span", { id: "job-deadline" }, time(j.deadline))] : null,
+      j.hold_on_failure ? [h("span", { class: "muted" }, "Hold on failure"),
+        h("span", { id: "job-hold" }, duration(j.hold_on_failure))] : null,
+      j.health_check ? [h("span", { class: "muted" }, "Health check"),
+        h("span", {}, "this job checks its host's health")] : null,
+      j.state_message ? [h("span", { class: "muted" }, "Waiting"),
+        h("span", { id: "job-message", class: "bad" }, j.state_message)] : null,
+      j.held_until ? [h("span", { class: "muted" }, "Host held"),
+        h("span", { id: "job-held", class: "bad" }, holding(j)
+          ? [`${j.host || "its host"} is held for debugging until `, time(j.held_until),
+            held.includes("stop") ? " (Release host ends the hold)" : ""]
+          : `${j.host || "its host"} is being released`)] : null,
       j.termination ? [h("span", { class: "muted" }, "Termination"),
         h("span", { id: "job-termination" }, j.termination.reason || "",
           j.termination.exit_status !== null && j.termination.exit_status !== undefined
@@ -54,24 +75,45 @@ export async function render(main, app, id) {
   }
 
   function renderActions(j) {
+    current = j;
     clear(actions);
     const live = j.state !== "terminated" && j.state !== "terminating";
+    if (j.state === "terminated" && holding(j) && held.includes("stop")) {
+      actions.append(h("button", { class: "danger", id: "release", onclick: async () => {
+        if (!confirm(`Release ${j.host || "the host"}? Whatever the job left on it goes.`)) return;
+        try { renderSummary(await post(`/api/v1/jobs/${enc(j.id)}/terminate`)); } catch (e) { app.fail(e); }
+      } }, "Release host"));
+    }
     if (live && held.includes("stop")) {
       actions.append(h("button", { class: "danger", id: "cancel", onclick: async () => {
         if (!confirm("Cancel this job?")) return;
         try { renderSummary(await post(`/api/v1/jobs/${enc(j.id)}/terminate`)); } catch (e) { app.fail(e); }
       } }, "Cancel job"));
     }
-    if (live && held.includes("manage")) {
+    // A snapshot copies the disk an ended job left on its host (docs/api.md, snapshots).
+    if (j.state === "terminated" && j.host && held.includes("manage")) {
       actions.append(h("button", { id: "snapshot", onclick: async () => {
         const nameOf = prompt("Name of the snapshot image (e.g. you/my-image):");
         if (!nameOf) return;
         try {
           await post(`/api/v1/jobs/${enc(j.id)}/snapshots`, { name: nameOf });
           app.notify(`Snapshot ${nameOf} requested.`, "info");
+          await loadSnapshots();
         } catch (e) { app.fail(e); }
       } }, "Snapshot"));
     }
+  }
+
+  let snapshots = [];
+  const snapshotList = h("div", { id: "snapshots" });
+  async function loadSnapshots() {
+    snapshots = (await get(`/api/v1/jobs/${enc(id)}/snapshots`)).snapshots;
+    append(clear(snapshotList), snapshots.length ? [h("h2", {}, "Snapshots"),
+      table(["Image", "State", "Digest", "Requested", "Finished"], snapshots.map((s) =>
+        h("tr", { "data-snapshot": s.id }, h("td", { class: "mono" }, s.name),
+          h("td", { class: "snapshot-state" }, s.state, s.error ? `: ${s.error.message || s.error.code}` : ""),
+          h("td", { class: "mono" }, s.digest || ""), h("td", {}, time(s.created_at)),
+          h("td", {}, time(s.finished_at)))))] : []);
   }
 
   function renderTimeline() {
@@ -87,6 +129,8 @@ export async function render(main, app, id) {
   renderSummary(job);
   events = (await get(`/api/v1/jobs/${enc(id)}/events`)).events;
   renderTimeline();
+  main.append(snapshotList);
+  await loadSnapshots();
 
   // Parameters (secrets masked), endpoints, results.
   const parameters = Object.entries(job.parameters || {});
@@ -132,14 +176,17 @@ export async function render(main, app, id) {
   renderEndpoints(job.endpoints);
 
   const logs = new JobLogs(job.id);
-  const results = h("pre", { id: "results", class: "mono" });
-  if (job.results?.patterns && Object.keys(job.results.patterns).length) {
-    main.append(h("h2", {}, "Results"), results);
-  }
+  // Results: expected when the job has console patterns; an agent may report them too.
+  const results = h("pre", { id: "results", class: "mono" }, "No results yet.");
+  const resultsSection = h("section", { id: "results-section",
+    hidden: !(job.results?.patterns && Object.keys(job.results.patterns).length) },
+  h("h2", {}, "Results"), results);
+  main.append(resultsSection);
   async function loadResults() {
-    if (!results.isConnected) return;
     const blob = await logs.fetchAll("results").catch(() => null);
-    results.textContent = blob ? await blob.text() : "No results yet.";
+    if (!blob || abort.signal.aborted) return;
+    results.textContent = await blob.text();
+    resultsSection.hidden = false;
   }
 
   // The console.
@@ -167,20 +214,44 @@ export async function render(main, app, id) {
   const onResize = () => { try { fit.fit(); } catch (e) { /* ignore */ } };
   window.addEventListener("resize", onResize);
   screen.dataset.bytes = "0";
+  // Scrolling back stops following; ticking "follow" again jumps to the end.
+  screen.addEventListener("wheel", (event) => { if (event.deltaY < 0) follow.checked = false; },
+    { passive: true, capture: true });
+  follow.addEventListener("change", () => { if (follow.checked) term.scrollToBottom(); });
   let received = 0;
   const decoder = new TextDecoder();
   logs.follow("console", 0, (chunk) => {
     received += chunk.length;
     screen.dataset.bytes = String(received);
-    term.write(chunk);
+    // Follow: keep the newest line in view. Not following: keep the lines the reader
+    // looks at in view, even at the bottom (xterm.js alone would scroll on).
+    const line = term.buffer.active.viewportY;
+    term.write(chunk, () => {
+      if (follow.checked) term.scrollToBottom();
+      else term.scrollToLine(line);
+      screen.dataset.viewportY = String(term.buffer.active.viewportY);
+      screen.dataset.baseY = String(term.buffer.active.baseY);
+    });
     // The text as received, for tests and for copy: bounded like the scroll-back.
     const text = (screen.dataset.tail || "") + decoder.decode(chunk, { stream: true });
     screen.dataset.tail = text.slice(-4096);
-    if (follow.checked) term.scrollToBottom();
     status.textContent = `${received} bytes`;
-  }, abort.signal).then(() => {
+  }, abort.signal, () => {
+    if (!received) status.textContent = "waiting for the console's first byte";
+  }).then(() => {
     if (!abort.signal.aborted) status.textContent = `${received} bytes, console closed`;
   }, (e) => { status.textContent = `console unavailable: ${e.message || e}`; });
+
+  // The job read again: its summary, actions and endpoints.
+  async function refresh() {
+    try {
+      const fresh = await get(`/api/v1/jobs/${enc(id)}`);
+      renderSummary(fresh);
+      renderEndpoints(fresh.endpoints);
+    } catch (e) {
+      if (!(e instanceof ApiError && e.status === 401)) app.fail(e);
+    }
+  }
 
   // Live state: the SSE watch.
   const after = events.length ? events[events.length - 1].seq : 0;
@@ -191,25 +262,29 @@ export async function render(main, app, id) {
       if (events.some((e) => e.seq === event.seq)) return;
       events.push(event);
       renderTimeline();
-      try {
-        const fresh = await get(`/api/v1/jobs/${enc(id)}`);
-        renderSummary(fresh);
-        renderEndpoints(fresh.endpoints);
-      } catch (e) {
-        if (!(e instanceof ApiError && e.status === 401)) app.fail(e);
-      }
+      await refresh();
       if (event.state === "terminated") { source.close(); loadResults(); }
     });
   } else {
     loadResults();
   }
+  // A left page gives its connection back at once (six per origin, for every tab).
+  const leave = () => { if (source) source.close(); abort.abort(); };
+  window.addEventListener("pagehide", leave);
   const ticker = setInterval(() => { if (events.at(-1)?.state !== "terminated") renderTimeline(); }, 1000);
+  // Why a queued job waits, and a held host's end, change without a job event: re-read them.
+  const poller = setInterval(async () => {
+    if (snapshots.some((s) => s.state === "pending")) loadSnapshots().catch(() => {});
+    if (current.state === "queued" || current.held_until) await refresh();
+  }, REFRESH_MS);
 
   return () => {
     abort.abort();
     if (closeTerminal) closeTerminal();
     clearInterval(ticker);
+    clearInterval(poller);
     window.removeEventListener("resize", onResize);
+    window.removeEventListener("pagehide", leave);
     if (source) source.close();
     if (term) term.dispose();
   };

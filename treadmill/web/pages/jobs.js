@@ -54,13 +54,15 @@ export async function render(main, app) {
       h("td", { class: "label" }, job.label || ""),
       h("td", { class: "mono" }, job.image?.name || (job.image?.digest || "").slice(0, 19)),
       h("td", { class: "state-cell" }, stateBadge(job.state)),
-      h("td", { class: "stage-cell" }, job.stage || ""),
+      h("td", { class: "stage-cell" }, job.stage || "",
+        job.state_message ? h("div", { class: "muted waiting" }, job.state_message) : null),
       h("td", {}, job.host || ""),
       h("td", {}, job.owner),
       h("td", {}, time(job.created_at)));
   }
 
   function watch(jobs) {
+    if (document.hidden) return;
     const wanted = new Set(jobs.filter((j) => j.state !== "terminated").slice(0, MAX_WATCHES).map((j) => j.id));
     for (const [id, source] of watches) {
       if (!wanted.has(id)) { source.close(); watches.delete(id); }
@@ -94,14 +96,28 @@ export async function render(main, app) {
       if (stopped) return;
       app.fail(e);
     }
-    if (!stopped) timer = setTimeout(load, REFRESH_MS);
+    if (!stopped && !document.hidden) timer = setTimeout(load, REFRESH_MS);
   }
+
+  // A browser holds six connections per origin for all its tabs: a hidden or left page
+  // gives its watches back (else a few open tabs stall every other page of the console).
+  function release() {
+    for (const source of watches.values()) source.close();
+    watches.clear();
+  }
+  function visibility() {
+    if (document.hidden) { release(); clearTimeout(timer); } else if (!stopped) load();
+  }
+  document.addEventListener("visibilitychange", visibility);
+  window.addEventListener("pagehide", release);
 
   form.addEventListener("submit", (event) => { event.preventDefault(); limit = PAGE; load(); });
   await load();
   return () => {
     stopped = true;
     clearTimeout(timer);
-    for (const source of watches.values()) source.close();
+    release();
+    document.removeEventListener("visibilitychange", visibility);
+    window.removeEventListener("pagehide", release);
   };
 }

@@ -1,5 +1,5 @@
 // Submit a job: an image from the catalogue (or a digest), tags, parameters and secret
-// parameters, timeout and restarts.
+// parameters, timeout, restarts, and how long to hold the host if the job fails.
 import { get, post } from "../api.js";
 import { h } from "../dom.js";
 
@@ -19,6 +19,8 @@ export async function render(main, app) {
   const label = h("input", { id: "submit-label", maxlength: 256 });
   const timeout = h("input", { id: "submit-timeout", type: "number", min: 1, placeholder: "seconds (default from the switchboard)" });
   const restarts = h("input", { id: "submit-restarts", type: "number", min: 0, max: 100, value: "0" });
+  const hold = h("input", { id: "submit-hold", type: "number", min: 1,
+    placeholder: "minutes; empty: the host is freed at once" });
   const rows = h("div", { class: "params", id: "submit-params" });
   function addParameter() {
     rows.append(h("div", { class: "param" },
@@ -40,6 +42,7 @@ export async function render(main, app) {
       h("button", { type: "button", id: "add-param", onclick: addParameter }, "Add a parameter")),
     h("label", {}, "Timeout", timeout),
     h("label", {}, "Restarts", restarts),
+    h("label", {}, "Hold the host if the job fails (to debug it; Release host ends the hold)", hold),
     h("button", { class: "primary", type: "submit" }, "Submit"));
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -48,6 +51,7 @@ export async function render(main, app) {
     if (label.value) body.label = label.value;
     if (timeout.value) body.timeout = Number(timeout.value);
     if (restarts.value) body.max_restarts = Number(restarts.value);
+    if (hold.value) body.hold_on_failure = Math.round(Number(hold.value) * 60);
     const parameters = {};
     for (const row of rows.querySelectorAll(".param")) {
       const key = row.querySelector(".param-name").value.trim();

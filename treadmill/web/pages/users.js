@@ -32,7 +32,23 @@ export async function render(main, app) {
         h("td", {}, h("div", { class: "row" },
           h("button", { onclick: change(u, { admin: !u.admin }) }, u.admin ? "Revoke admin" : "Make admin"),
           h("button", { class: u.disabled ? "" : "danger", onclick: change(u, { disabled: !u.disabled }) },
-            u.disabled ? "Enable" : "Disable")))))));
+            u.disabled ? "Enable" : "Disable"),
+          passwordForm(u)))))));
+  }
+  function passwordForm(user) {
+    const input = h("input", { type: "password", class: "new-password", minlength: 8,
+      placeholder: "new password", autocomplete: "new-password", required: true });
+    const form = h("form", { class: "row set-password" }, input,
+      h("button", { type: "submit" }, "Set password"));
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      try {
+        await patch(`/api/v1/users/${enc(user.name)}`, { password: input.value });
+        input.value = "";
+        app.notify(`The password of ${user.name} is set.`, "info");
+      } catch (e) { app.fail(e); }
+    });
+    return form;
   }
   await load();
 }
