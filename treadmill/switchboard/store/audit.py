@@ -113,6 +113,28 @@ class AuditQueries(Queries):
                         .replace("_", "\\_") + ".%") if action is not None else None,
              "after": after, "before": before_id, "limit": limit})
 
+    async def audit_console(self, host_id: int, job_id: str, entry: Any,
+                            ended_within: float) -> bool:
+        """Append ``entry`` (an :class:`audit.Entry` about job ``job_id``, ``subject_user``
+        filled in here: the job's owner) if the job is this host's now: active, held, or
+        ended at most ``ended_within`` seconds ago (a console closes after its job's end).
+        False (nothing appended) for another host's job, an unknown one, or an older one."""
+        async def append(cur: Cursor) -> bool:
+            row = await cur.fetchone(
+                "SELECT u.name AS owner FROM jobs j LEFT JOIN users u ON u.id = j.owner_id "
+                "WHERE j.id = %(job)s AND j.host_id = %(host)s AND (j.state <> 'terminated' "
+                "OR j.held_until IS NOT NULL OR j.terminated_at > now() - make_interval("
+                "secs => %(within)s))", {"job": job_id, "host": host_id,
+                                         "within": ended_within})
+            if row is None:
+                return False
+            await append_record(cur, actor=entry.actor, actor_kind=entry.actor_kind,
+                                action=entry.action, subject_kind=entry.subject_kind,
+                                subject_id=entry.subject_id, details=entry.details,
+                                source=entry.source, subject_user=row["owner"])
+            return True
+        return await self.pool.transaction(append)
+
     async def audit_expire(self, days: float) -> int:
         """Delete records older than ``days``: the only DELETE the table allows."""
         async def expire(cur: Cursor) -> int:
