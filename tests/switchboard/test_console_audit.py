@@ -101,9 +101,13 @@ async def test_a_host_cannot_forge_records_about_jobs_that_are_not_its_own(
     peer1 = await peer_for(sb, "h1", ["t"])
     peer2 = await peer_for(sb, "h2", ["u"])
     job_id = await running_job(sb, alice, peer1, "t")
+    await sb.user("mallory")
     for job in (job_id, str(uuid.uuid4())):
         ack = await peer2.report(opened(job, user="mallory"))
         assert not ack["ok"] and ack["error"]["code"] == "not_your_job", ack
+    # Its own job, but an actor who is nobody: refused, nothing recorded.
+    ack = await peer1.report(opened(job_id, user="nobody-at-all"))
+    assert not ack["ok"] and ack["error"]["code"] == "unknown_user", ack
     # A job that ended long ago on this very host is refused too.
     ack = await peer1.event(job_id, "terminated", reason="workload_exited", exit_status=0)
     assert ack["ok"]

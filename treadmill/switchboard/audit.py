@@ -116,7 +116,8 @@ class ConsoleAudit:
 
     Only for a job on that supervisor's host (active, held, or ended at most
     ``ended_within`` seconds ago: a console closes after its job's end), so a host
-    cannot write records about another's jobs; a token bucket per host (``burst``,
+    cannot write records about another's jobs, and only with an existing user as the
+    actor; a token bucket per host (``burst``,
     then ``rate`` per second) bounds the rows a flood of connections (or a rogue
     supervisor) can add. The actor is the console token's user, the source the
     client's address as the proxy saw it, the host that reported it in ``details``.
@@ -148,12 +149,14 @@ class ConsoleAudit:
                       action=CONSOLE_ACTIONS[message["event"]], subject_kind="job",
                       subject_id=message["job_id"], source=message["peer"][:200],
                       details=details)
-        if not await self.store.audit_console(host_id, message["job_id"], entry,
-                                              self.ended_within):
-            self.log.warn("{host}: console event for job {job}, not this host's: refused",
-                          host=host_name, job=message["job_id"])
-            return ("not_your_job", "that job is not on this host")
-        return None
+        refused = await self.store.audit_console(host_id, message["job_id"], entry,
+                                                 self.ended_within)
+        if refused is None:
+            return None
+        self.log.warn("{host}: console event for job {job} refused: {why}", host=host_name,
+                      job=message["job_id"], why=refused)
+        return (refused, "that job is not on this host" if refused == "not_your_job"
+                else "no such user")
 
 
 class RetentionService(TimerService):
