@@ -197,6 +197,10 @@ class EventOutbox:
     def _drop_head(self, head: _Pending) -> None:
         self.dropped += 1
         self._queue.popleft()
+        self._forget(head)
+
+    def _forget(self, head: _Pending) -> None:
+        """``head`` left the queue: off the journal, and on with the next."""
         self._io(self.files.remove_event, head.seq).addErrback(
             lambda f: self.log.failure("{name}: cannot remove a journal entry", f,
                                        name=self.label))
@@ -280,12 +284,7 @@ class EventOutbox:
                           "{code}: {text}", name=self.label, state=describe(head.event),
                           job=head.event["job_id"], code=error.get("code"),
                           text=error.get("message"))
-        self._io(self.files.remove_event, head.seq).addErrback(
-            lambda f: self.log.failure("{name}: cannot remove a journal entry", f,
-                                       name=self.label))
-        self._pump()
-        if not self._queue:
-            self._fire_drain_waiters()
+        self._forget(head)
 
     def drained(self) -> Deferred[None]:
         """Fires when the outbox is empty, or when the connection is lost."""
