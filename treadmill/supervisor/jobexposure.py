@@ -36,8 +36,9 @@ class JobExposure(JobObserver, Service):
                  reconnect_initial: float = 1.0, reconnect_max: float = 30.0):
         self.reactor = reactor
         self.report = report
-        self.console = console
-        """``console(job_id, notice)``: a proxy reported a console client opened or closed."""
+        self.console_report = console
+        """``console_report(job_id, notice)``: a proxy reported a console client opened or
+        closed (not :meth:`console`, the observer's console output)."""
         self.ca_file = ca_file
         self.label = label
         self.reconnect_initial = reconnect_initial
@@ -80,9 +81,9 @@ class JobExposure(JobObserver, Service):
                 return
             self.managers[job_id] = manager
             manager.on_change(lambda endpoints: self.report(job_id, endpoints))
-            if self.console is not None:
-                console = self.console
-                manager.on_console(lambda notice: console(job_id, notice))
+            if self.console_report is not None:
+                report = self.console_report
+                manager.on_console(lambda notice: report(job_id, notice))
             manager.start()
         else:
             manager.set_services(services)
