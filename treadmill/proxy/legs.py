@@ -226,7 +226,8 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
                          "insufficient_scope", claims.subject)
             return
         registry.counts[f"console_{self.access}"] += 1
-        # A stable event name for the audit log to come (docs/proxy.md, "Consoles").
+        # A stable event name in the proxy's log, and a notice for the switchboard's audit
+        # log through the job's supervisor (docs/proxy.md, "Consoles").
         jti = claims.raw.get("jti")
         jti = jti if isinstance(jti, str) else None
         self._console = (secrets.token_urlsafe(16), claims.subject, jti)
