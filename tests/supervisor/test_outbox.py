@@ -365,6 +365,9 @@ def test_a_flood_of_console_notices_is_bounded_and_the_rest_counted(tmp_path: Pa
     notices.report(JOB_B, notice())  # another job has its own bucket
     assert h.runner.pending_events[-1]["job_id"] == JOB_B
     assert "suppressed" not in h.runner.pending_events[-1]["console"]
+    notices.report(JOB_A, notice(user="bob"))  # and so has another user: not hidden
+    assert h.runner.pending_events[-1]["console"]["user"] == "bob"
+    assert "suppressed" not in h.runner.pending_events[-1]["console"]
 
 
 @pytest.mark.parametrize("bad", [{"access": "admin"}, {"subject": ""}, {"conn_id": "x"},

@@ -6,10 +6,11 @@ minor 1; ``exposure.ExposureManager.on_console``). :class:`ConsoleNotices`
 turns each into a ``console_event`` (supervisor protocol minor 7) in the
 runner's outbox: journaled, sent in order with the job events and resent
 until the switchboard acknowledges it, so a notice survives a reconnect or a
-restart. A token bucket per job bounds them (``burst``, then ``rate`` per
-second): the notices over it are dropped, counted, and the count travels as
-``suppressed`` on the job's next notice, so a flood of connections costs the
-switchboard's database a bounded number of rows and still leaves a trace.
+restart. A token bucket per job and user bounds them (``burst``, then ``rate``
+per second): the notices over it are dropped, counted, and the count travels
+as ``suppressed`` on that user's next notice for the job, so a flood of
+connections costs the switchboard's database a bounded number of rows, still
+leaves a trace, and does not hide another user's connections.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class ConsoleNotices:
                  burst: int = 30, label: str = "supervisor"):
         self.outbox = outbox
         self.label = label
-        self._limiter = RateLimiter(reactor, rate, burst, size=64)
+        self._limiter = RateLimiter(reactor, rate, burst, size=1024)
         self._suppressed: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()  # forwarded, suppressed, invalid
 
@@ -55,15 +56,17 @@ class ConsoleNotices:
             self.log.warn("{name}: a console notice for job {job} is not forwarded: {error}",
                           name=self.label, job=job_id, error=str(e))
             return
-        if self._limiter.wait(job_id) > 0:
+        key = f"{job_id} {fields['user']}"  # one user's flood does not hide another's
+        if self._limiter.wait(key) > 0:
             self.counts["suppressed"] += 1
-            if not self._suppressed[job_id]:
-                self.log.warn("{name}: console notices of job {job} over the rate bound; "
-                              "counting the next ones", name=self.label, job=job_id)
-            self._suppressed[job_id] += 1
+            if not self._suppressed[key]:
+                self.log.warn("{name}: console notices of {user} for job {job} over the rate "
+                              "bound; counting the next ones", name=self.label,
+                              user=fields["user"], job=job_id)
+            self._suppressed[key] += 1
             return
-        self._limiter.take(job_id)
-        suppressed = self._suppressed.pop(job_id, 0)
+        self._limiter.take(key)
+        suppressed = self._suppressed.pop(key, 0)
         if suppressed:
             fields["suppressed"] = suppressed
         self.counts["forwarded"] += 1
