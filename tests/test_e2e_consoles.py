@@ -136,7 +136,16 @@ async def test_console_tokens_end_to_end(migrated_database: str, tmp_path: Path)
             e["details"]["conn_id"] for e in opens}
         code, table = await run_tml(sb.url, bob.token, "audit", "--job", job_id[:8])
         assert code == 0 and "job.console_open" in table and "127.0.0.1" in table, table
-        # mallory may not read the job: none of its records.
+        # A console still open when the job ends is closed with it, and recorded so.
+        late = await console(url, read["token"])
+        await late.opened
+        await eventually(lambda: _audited(sb.url, alice.token, job_id, "open", 4), timeout=30)
+        assert (await alice.post(f"/api/v1/jobs/{job_id}/terminate")).status == 200
+        await late.closed
+        closes = await eventually(lambda: _audited(sb.url, alice.token, job_id, "close", 4),
+                                  timeout=30)
+        assert [e["actor"] for e in closes][0] == "bob"  # the newest first
+
         code, text = await run_tml(sb.url, mallory.token, "audit", "--job", job_id)
         assert code != 0 or "job.console" not in text
     finally:
@@ -145,11 +154,11 @@ async def test_console_tokens_end_to_end(migrated_database: str, tmp_path: Path)
         await proxy.stop()
 
 
-async def _audited(url: str, token: str, job_id: str,
-                   what: str) -> list[dict[str, Any]] | None:
-    """``tml audit --job``'s ``job.console_<what>`` records once there are three."""
+async def _audited(url: str, token: str, job_id: str, what: str,
+                   count: int = 3) -> list[dict[str, Any]] | None:
+    """``tml audit --job``'s ``job.console_<what>`` records once there are ``count``."""
     code, text = await run_tml(url, token, "audit", "--json", "--job", job_id[:8],
                                "--action", f"job.console_{what}")
     assert code == 0, text
     entries = json.loads(text)["entries"]
-    return entries if len(entries) == 3 else None
+    return entries if len(entries) == count else None

@@ -378,3 +378,29 @@ def test_a_malformed_console_notice_is_not_forwarded(tmp_path: Path,
     notices = ConsoleNotices(h.clock, h.runner.outbox)
     notices.report(JOB_A, notice(**bad))
     assert h.runner.pending_events == [] and notices.counts["invalid"] == 1
+
+
+def test_consoles_open_at_the_jobs_end_are_reported_closed_once(tmp_path: Path) -> None:
+    """The proxy sends no ``closed`` for consoles its job's end closes: the supervisor
+    reports them itself (at the end, past the rate bound), and ignores a late one."""
+    h = Harness(tmp_path, hang=True)
+    notices = ConsoleNotices(h.clock, h.runner.outbox, rate=0.5, burst=2)
+    h.runner.add_observer(notices)
+    h.start()
+    h.clock.advance(7)
+    notices.report(JOB_A, notice(conn_id="a" * 16))
+    notices.report(JOB_A, notice(conn_id="b" * 16))
+    notices.report(JOB_A, notice("closed", conn_id="b" * 16))  # its open got through: sent
+    notices.report(JOB_A, notice(conn_id="c" * 16))  # over the bound: never known open
+    h.runner.message_received(h.conn, protocol.stop_job(901, JOB_A, "user_terminated"))
+    h.advance_to(12)
+    entries = h.runner.pending_events
+    closes = [e["console"] for e in entries if "console" in e and
+              e["console"]["event"] == "closed"]
+    assert [c["conn_id"] for c in closes] == ["b" * 16, "a" * 16]
+    assert notices.counts["suppressed"] == 1  # c's open
+    ended = [i for i, e in enumerate(entries) if e.get("state") == "terminated"]
+    assert ended and entries.index({"job_id": JOB_A, "console": closes[1]}) > ended[0]
+    assert closes[1]["at"] > 7  # the job's end
+    notices.report(JOB_A, notice("closed", conn_id="a" * 16))  # the proxy's, late
+    assert len([e for e in h.runner.pending_events if "console" in e]) == 4

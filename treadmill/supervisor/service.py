@@ -93,6 +93,7 @@ class SupervisorService(RoleService):
         self._add("fetcher", self.fetcher)
         self.runner.add_observer(self.logs)
         self.runner.add_observer(self.exposure)
+        self.runner.add_observer(self.console_notices)
         self.link = SupervisorLink(
             reactor, config.url, config.token, self.runner, ca_file=config.ca_file,
             reconnect_initial=config.reconnect_initial, reconnect_max=config.reconnect_max,
