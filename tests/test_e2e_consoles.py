@@ -22,7 +22,7 @@ from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 
 from tests.proxy.support import console, console_echo, echo_client, start_proxy
-from tests.support import mock_supervisor, start_switchboard
+from tests.support import mock_supervisor, run_tml, start_switchboard
 from tests.util.daemons import _Output
 from tests.util.ports import free_port
 from tests.util.waiting import eventually
@@ -121,7 +121,45 @@ async def test_console_tokens_end_to_end(migrated_database: str, tmp_path: Path)
         counts = proxy.registry.counts
         assert counts["console_manage"] == 2 and counts["console_read"] == 1
         assert counts["console_refused"] == 2
+
+        # Every console connection reached the audit log through the supervisor
+        # (proxy -> supervisor -> switchboard): who, which access, from where.
+        opens = await eventually(lambda: _audited(sb.url, alice.token, job_id, "open"),
+                                 timeout=30)
+        assert sorted((e["actor"], e["details"]["access"]) for e in opens) == [
+            ("alice", "manage"), ("alice", "manage"), ("bob", "read")]
+        assert {e["source"] for e in opens} == {"127.0.0.1"}
+        assert {e["details"]["host"] for e in opens} == {"mock-1"}
+        closes = await eventually(lambda: _audited(sb.url, alice.token, job_id, "close"),
+                                  timeout=30)
+        assert {e["details"]["conn_id"] for e in closes} == {
+            e["details"]["conn_id"] for e in opens}
+        code, table = await run_tml(sb.url, bob.token, "audit", "--job", job_id[:8])
+        assert code == 0 and "job.console_open" in table and "127.0.0.1" in table, table
+        # A console still open when the job ends is closed with it, and recorded so.
+        late = await console(url, read["token"])
+        await late.opened
+        await eventually(lambda: _audited(sb.url, alice.token, job_id, "open", 4), timeout=30)
+        assert (await alice.post(f"/api/v1/jobs/{job_id}/terminate")).status == 200
+        await late.closed
+        closes = await eventually(lambda: _audited(sb.url, alice.token, job_id, "close", 4),
+                                  timeout=30)
+        assert closes[0]["actor"] == "bob"  # the newest first
+        # mallory may not read the job: none of its records.
+        assert (await mallory.get(f"/api/v1/audit?job={job_id}")).body["entries"] == []
+        code, text = await run_tml(sb.url, mallory.token, "audit", "--job", job_id)
+        assert "job.console" not in text, text
     finally:
         await supervisor.stopService()
         await sb.stop()
         await proxy.stop()
+
+
+async def _audited(url: str, token: str, job_id: str, what: str,
+                   count: int = 3) -> list[dict[str, Any]] | None:
+    """``tml audit --job``'s ``job.console_<what>`` records once there are ``count``."""
+    code, text = await run_tml(url, token, "audit", "--json", "--job", job_id[:8],
+                               "--action", f"job.console_{what}")
+    assert code == 0, text
+    entries = json.loads(text)["entries"]
+    return entries if len(entries) == count else None

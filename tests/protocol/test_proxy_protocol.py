@@ -23,6 +23,8 @@ BUILT = {
     "connect_failed": p.connect_failed(CONN, "refused"),
     "error": p.error(3, "not_published", "no such service", service="ssh"),
     "protocol_error": p.protocol_error("bad"),
+    "console": p.console("opened", CONN, "console", "alice", "manage", "192.0.2.7",
+                         1765000000.5, jti="j" * 22),
 }
 
 
@@ -68,6 +70,29 @@ def test_garbage_is_a_violation(payload: bytes) -> None:
 def test_direction_is_enforced() -> None:
     with pytest.raises(p.ProtocolError, match="unexpected"):
         p.parse(p.encode(BUILT["connect"]), expect=p.TO_PROXY)
+
+
+def test_console_notices_are_bounded_and_checked() -> None:
+    """``console`` (minor 1): long subjects and peers are cut to the schema's bounds; a
+    notice without a token's access, or with another, is a violation."""
+    long = p.console("closed", CONN, "console", "u" * 500, "read", "p" * 500, 0.0, "j" * 500)
+    p.validate(long)
+    assert len(long["subject"]) == 128 and len(long["peer"]) == 200 and len(long["jti"]) == 128
+    assert "jti" not in p.console("opened", CONN, "console", "bob", "read", "::1", 1.0)
+    for bad in ({"access": "admin"}, {"event": "reopened"}, {"at": -1}, {"subject": ""},
+                {"conn_id": "short"}):
+        with pytest.raises(p.ProtocolError):
+            p.validate({**BUILT["console"], **bad})
+
+
+@pytest.mark.parametrize(("header", "minor"), [
+    (None, 0), ("0", 0), ("1", 1), (str(p.MINOR + 3), p.MINOR), ("-4", 0), ("x", 0),
+    (b"1", 1), ("", 0),
+])
+def test_control_minor_negotiation(header: str | bytes | None, minor: int) -> None:
+    """An older supervisor (no header) or a garbled one gets minor 0: no ``console``."""
+    assert p.negotiate_minor(header) == minor
+    assert p.CONSOLE_MINOR <= p.MINOR
 
 
 def test_data_header_round_trip() -> None:

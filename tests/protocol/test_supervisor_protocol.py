@@ -27,6 +27,10 @@ BUILT = {
     "protocol_error": p.protocol_error("violation", "bad"),
     "snapshot_job": p.snapshot_job(6, JOB, JOB, "alice/snap", "http://store:5000"),
     "snapshot_result": p.snapshot_result(6, JOB, JOB, digest="sha256:" + "b" * 64),
+    "console_event": p.console_event(7, JOB, event="opened", conn_id="c" * 22,
+                                     service="console", proxy="ws://proxy:8200", user="alice",
+                                     jti="j" * 22, access="manage", peer="192.0.2.7",
+                                     at=1765000000.5, suppressed=3),
 }
 
 
@@ -108,6 +112,23 @@ def test_the_unavailable_ack_is_valid_and_the_only_retryable_one() -> None:
     assert not p.is_retryable({"type": "ack", "request_id": 9, "ok": True,
                                "error": {"code": "unavailable", "message": ""}})
     assert p.MINOR >= p.UNAVAILABLE_MINOR == 4
+
+
+def test_console_events_are_minor_7_and_checked() -> None:
+    """``console_event``: required fields, no others, and the constructor refuses a typo."""
+    assert p.CONSOLE_MINOR == 7 <= p.MINOR
+    minimal = p.console_event(1, JOB, event="closed", conn_id="c" * 16, service="s",
+                              user="bob", access="read", peer="", at=0)
+    p.validate(minimal)
+    for missing in ("event", "conn_id", "service", "user", "access", "peer", "at"):
+        with pytest.raises(p.ProtocolError):
+            p.validate({k: v for k, v in minimal.items() if k != missing})
+    for bad in ({"job_id": "not-a-uuid"}, {"access": "write"}, {"suppressed": -1},
+                {"user": "u" * 129}, {"conn_id": "c" * 16 + "\n"}):
+        with pytest.raises(p.ProtocolError):
+            p.validate({**minimal, **bad})
+    with pytest.raises(TypeError):
+        p.console_event(1, JOB, evnet="opened")
 
 
 def test_the_document_states_the_current_minor() -> None:

@@ -163,10 +163,13 @@ class RawControl(WebSocketClientProtocol):
 
 
 async def raw_control(proxy: Running, token: str | None, job: str | None = None,
-                      protocols: list[str] | None = None) -> RawControl:
-    """Open a control connection (not waiting for it to open)."""
+                      protocols: list[str] | None = None,
+                      minor: int | None = None) -> RawControl:
+    """Open a control connection (not waiting for it to open); ``minor``: announce it."""
     url = proxy.ws + messages.CONTROL_PATH + (f"?job={job}" if job else "")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if minor is not None:
+        headers[messages.MINOR_HEADER] = str(minor)
     factory = WebSocketClientFactory(url, headers=headers,
                                      protocols=[messages.SUBPROTOCOL] if protocols is None
                                      else protocols)
@@ -176,8 +179,9 @@ async def raw_control(proxy: Running, token: str | None, job: str | None = None,
                                  factory.buildProtocol(None))
 
 
-async def opened_control(proxy: Running, token: str, job: str | None = None) -> RawControl:
-    control = await raw_control(proxy, token, job)
+async def opened_control(proxy: Running, token: str, job: str | None = None,
+                         minor: int | None = None) -> RawControl:
+    control = await raw_control(proxy, token, job, minor=minor)
     await control.opened
     welcome = await control.next()
     assert welcome["type"] == "welcome", welcome

@@ -280,3 +280,63 @@ async def test_clients_waiting_to_present_a_token_are_limited(keys: Keys) -> Non
         await manager.close()
         await echo.stopListening()
         await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_clients_are_reported_to_the_supervisor_for_the_audit_log(
+        bed: Bed, keys: Keys) -> None:
+    """Control minor 1: each console client that opened (its token verified) and closed
+    reaches the supervisor with the token's user, jti and access and the client's address;
+    refused clients and SSH clients are not console connections."""
+    notices: list[dict[str, Any]] = []
+    bed.manager.on_console(notices.append)
+    url = bed.endpoints["echo"]["url"]
+    assert await refusal(url, bed.token("read", job=new_job()))
+    ssh = await console(bed.endpoints["ssh"]["url"])
+    await ssh.opened
+    ssh.sendClose(1000)
+    token = bed.token("read", "manage", subject="carol")
+    assert await console_echo(url, token, b"hi", "header") == b"hi"
+    watcher = await console(bed.endpoints["console"]["url"], bed.token("read", subject="dave"))
+    await watcher.opened
+    await watcher.wait_for(7)
+    watcher.sendClose(1000)
+    await watcher.closed
+    for _ in range(50):
+        if len(notices) == 4:
+            break
+        await sleep(0.05)
+    by_user = sorted(notices, key=lambda n: (n["subject"], n["at"]))
+    assert [(n["subject"], n["event"], n["service"], n["access"]) for n in by_user] == [
+        ("carol", "opened", "echo", "manage"), ("carol", "closed", "echo", "manage"),
+        ("dave", "opened", "console", "read"), ("dave", "closed", "console", "read")]
+    assert by_user[0]["conn_id"] == by_user[1]["conn_id"] != by_user[2]["conn_id"]
+    assert {n["peer"] for n in notices} == {"127.0.0.1"}
+    assert {n["proxy"] for n in notices} == {bed.proxy.ws}
+    assert all(len(n["jti"]) >= 16 for n in notices)
+    assert token not in repr(notices)
+    assert by_user[0]["at"] <= by_user[1]["at"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_older_supervisor_gets_no_console_notices(keys: Keys) -> None:
+    """A control connection that announced no minor (an older supervisor) never sees
+    ``console`` (it would be a violation there); one of minor 1 sees it before ``connect``."""
+    proxy = await start_proxy(keys, connect_timeout=0.5)
+    try:
+        for minor, expected in ((None, ["connect"]), (1, ["console", "connect"])):
+            job = new_job()
+            control = await opened_control(proxy, keys.token(job), job, minor=minor)
+            control.send(messages.publish(1, "echo", tcp=False))
+            published = await control.next()
+            assert published["type"] == "published", published
+            client = await console(proxy.ws + published["ws_path"],
+                                   keys.token(job, actions=("read",), subject="erin"))
+            await client.opened
+            kinds = [(await control.next())["type"] for _ in expected]
+            assert kinds == expected
+            control.sendClose(1000)
+            await client.closed
+        assert proxy.registry.counts["console_notice_unsupported"] == 1
+    finally:
+        await proxy.stop()

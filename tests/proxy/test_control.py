@@ -39,6 +39,7 @@ def test_every_message_the_code_builds_matches_the_schema() -> None:
         messages.connect("c" * 24, "ssh"), messages.connect_failed("c" * 24, "refused"),
         messages.error(4, "ports_exhausted", "no port", "ssh"),
         messages.error(5, "bad_request", "no"), messages.protocol_error("bad"),
+        messages.console("opened", "c" * 24, "console", "alice", "read", "::1", 1.5, "j"),
     ]
     whole = validator(messages.schema())
     for message in built:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest_twisted
+from twisted.internet.task import Clock
 
 from tests.proxy.support import Keys, Running, console_echo, keys_fixture, proxy_fixture  # noqa: F401 (fixtures)
 from tests.supervisor.peer import JOB_A, job
 from tests.util.waiting import sleep
 from treadmill.protocol import supervisor as protocol
+from treadmill.supervisor.jobexposure import JobExposure
 
 INF = "inf"
 
@@ -149,3 +151,13 @@ async def test_a_held_job_stays_reachable_until_its_hold_ends(peered: Any, proxy
         await sleep(0.05)
     else:
         raise AssertionError("the tunnel outlived the hold")
+
+
+def test_console_output_is_not_a_console_notice() -> None:
+    """The observer's ``console`` (a job's console bytes) and the proxies' console
+    notices (``console_report``) are two things: bytes never reach the audit path."""
+    notices: list[Any] = []
+    exposure = JobExposure(Clock(), lambda job_id, endpoints: None,
+                           console=lambda job_id, notice: notices.append(notice))
+    exposure.console(JOB_A, b"login: ")
+    assert notices == []

@@ -17,8 +17,9 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from tests.supervisor.peer import JOB_A, job
+from tests.supervisor.peer import JOB_A, JOB_B, job
 from treadmill.protocol import supervisor as protocol
+from treadmill.supervisor.consolenotices import ConsoleNotices
 from treadmill.supervisor.drivers import STAGES, IHostSnapshots
 from treadmill.supervisor.drivers.mock import MockDriver, MockSettings
 from treadmill.supervisor.journal import StateFiles
@@ -298,3 +299,108 @@ def test_a_snapshot_result_is_sent_until_acknowledged(tmp_path: Path,
     runner.message_received(conn, protocol.ack(results()[1]["request_id"]))
     clock.advance(5 * CAP)
     assert len(results()) == 2
+
+
+# -- console notices (minor 7): the same outbox, for the audit log -------------------------
+
+
+def notice(event: str = "opened", user: str = "alice", **extra: Any) -> dict[str, Any]:
+    """A proxy's ``console`` notice as ``ExposureManager.on_console`` hands it on."""
+    return {"event": event, "conn_id": "c" * 22, "service": "console", "subject": user,
+            "jti": "j" * 22, "access": "manage", "peer": "192.0.2.7", "at": 1.5,
+            "proxy": "wss://proxy.example", **extra}
+
+
+def consoles(conn: Connection) -> list[dict[str, Any]]:
+    return [m for _, m in conn.sent if m["type"] == "console_event"]
+
+
+def test_console_notices_are_journaled_sent_in_order_and_survive_a_restart(
+        tmp_path: Path) -> None:
+    h = Harness(tmp_path, hang=True)
+    notices = ConsoleNotices(h.clock, h.runner.outbox)
+    h.disconnect()
+    notices.report(JOB_A, notice())
+    notices.report(JOB_A, notice("closed"))
+    assert len(h.journal()) == 2 and h.runner.pending_events[0]["console"]["user"] == "alice"
+    h.runner.files.close()  # the process ends (its lock goes with it)
+    # A restart: a new runner on the same state directory sends them from the journal.
+    again = Harness(tmp_path, hang=True)
+    sent = consoles(again.conn)
+    assert [body(m) for m in sent] == [{
+        "type": "console_event", "job_id": JOB_A, "event": "opened", "conn_id": "c" * 22,
+        "service": "console", "proxy": "wss://proxy.example", "user": "alice",
+        "jti": "j" * 22, "access": "manage", "peer": "192.0.2.7", "at": 1.5}]
+    again.advance_to(TIMEOUT + 0.5)  # no ack: the same notice again
+    assert [body(m) for m in consoles(again.conn)] == [body(sent[0])] * 2
+    again.ack(consoles(again.conn)[-1]["request_id"])
+    assert consoles(again.conn)[-1]["event"] == "closed"
+    again.ack(consoles(again.conn)[-1]["request_id"], ("not_your_job", "no"))  # dropped
+    assert again.runner.pending_events == [] and again.journal() == []
+
+
+def test_an_older_switchboard_gets_no_console_notices_and_events_still_flow(
+        tmp_path: Path) -> None:
+    h = Harness(tmp_path, hang=True)
+    h.disconnect()
+    ConsoleNotices(h.clock, h.runner.outbox).report(JOB_A, notice())
+    h.conn = Connection(h.clock, minor=protocol.CONSOLE_MINOR - 1)
+    h.runner.link_opened(h.conn)
+    h.start()
+    assert consoles(h.conn) == [] and h.runner.outbox.dropped == 1
+    assert [e["stage"] for _, e in h.conn.events()] == ["starting"]
+    assert not any("console" in e for e in h.runner.pending_events)
+
+
+def test_a_flood_of_console_notices_is_bounded_and_the_rest_counted(tmp_path: Path) -> None:
+    h = Harness(tmp_path, hang=True)
+    notices = ConsoleNotices(h.clock, h.runner.outbox, rate=0.5, burst=30)
+    for _ in range(1000):
+        notices.report(JOB_A, notice())
+    assert len(h.runner.pending_events) == 30 and notices.counts["suppressed"] == 970
+    h.clock.advance(2.0)  # one token back
+    notices.report(JOB_A, notice("closed"))
+    last = h.runner.pending_events[-1]["console"]
+    assert last["event"] == "closed" and last["suppressed"] == 970
+    notices.report(JOB_B, notice())  # another job has its own bucket
+    assert h.runner.pending_events[-1]["job_id"] == JOB_B
+    assert "suppressed" not in h.runner.pending_events[-1]["console"]
+    notices.report(JOB_A, notice(user="bob"))  # and so has another user: not hidden
+    assert h.runner.pending_events[-1]["console"]["user"] == "bob"
+    assert "suppressed" not in h.runner.pending_events[-1]["console"]
+
+
+@pytest.mark.parametrize("bad", [{"access": "admin"}, {"subject": ""}, {"conn_id": "x"},
+                                 {"peer": None}, {"event": "hijacked"}])
+def test_a_malformed_console_notice_is_not_forwarded(tmp_path: Path,
+                                                     bad: dict[str, Any]) -> None:
+    h = Harness(tmp_path, hang=True)
+    notices = ConsoleNotices(h.clock, h.runner.outbox)
+    notices.report(JOB_A, notice(**bad))
+    assert h.runner.pending_events == [] and notices.counts["invalid"] == 1
+
+
+def test_consoles_open_at_the_jobs_end_are_reported_closed_once(tmp_path: Path) -> None:
+    """The proxy sends no ``closed`` for consoles its job's end closes: the supervisor
+    reports them itself (at the end, past the rate bound), and ignores a late one."""
+    h = Harness(tmp_path, hang=True)
+    notices = ConsoleNotices(h.clock, h.runner.outbox, rate=0.5, burst=2)
+    h.runner.add_observer(notices)
+    h.start()
+    h.clock.advance(7)
+    notices.report(JOB_A, notice(conn_id="a" * 16))
+    notices.report(JOB_A, notice(conn_id="b" * 16))
+    notices.report(JOB_A, notice("closed", conn_id="b" * 16))  # its open got through: sent
+    notices.report(JOB_A, notice(conn_id="c" * 16))  # over the bound: never known open
+    h.runner.message_received(h.conn, protocol.stop_job(901, JOB_A, "user_terminated"))
+    h.advance_to(12)
+    entries = h.runner.pending_events
+    closes = [e["console"] for e in entries if "console" in e and
+              e["console"]["event"] == "closed"]
+    assert [c["conn_id"] for c in closes] == ["b" * 16, "a" * 16]
+    assert notices.counts["suppressed"] == 1  # c's open
+    ended = [i for i, e in enumerate(entries) if e.get("state") == "terminated"]
+    assert ended and entries.index({"job_id": JOB_A, "console": closes[1]}) > ended[0]
+    assert closes[1]["at"] > 7  # the job's end
+    notices.report(JOB_A, notice("closed", conn_id="a" * 16))  # the proxy's, late
+    assert len([e for e in h.runner.pending_events if "console" in e]) == 4

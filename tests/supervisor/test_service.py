@@ -62,7 +62,8 @@ async def test_the_running_tree_is_the_drawn_one(peer: FakeSwitchboard, supervis
 
 def test_the_observers_are_job_observers(supervisors: Make) -> None:
     service = supervisors(start=False)
-    assert service.runner.observers == [service.logs, service.exposure, service.metrics]
+    assert service.runner.observers == [service.logs, service.exposure,
+                                        service.console_notices, service.metrics]
     for observer in service.runner.observers:
         assert verifyObject(IJobObserver, observer)
 

@@ -52,7 +52,17 @@ TUNNEL_PREFIX = "/v1/tunnels/"
 MAX_MESSAGE_BYTES = 64 * 1024
 
 TO_PROXY = ("publish", "unpublish", "connect_failed", "protocol_error")
-TO_SUPERVISOR = ("welcome", "published", "unpublished", "connect", "error", "protocol_error")
+TO_SUPERVISOR = ("welcome", "published", "unpublished", "connect", "console", "error",
+                 "protocol_error")
+
+MINOR = 1
+"""The control protocol's minor version: 1 brings ``console`` (console clients opened and
+closed, for the audit log). The supervisor announces its minor in :data:`MINOR_HEADER` on
+the upgrade request; the proxy sends ``console`` only to one that announced 1 or more
+(an older supervisor would take it for a violation), and answers with its own minor."""
+MINOR_HEADER = "x-treadmill-proxy-minor"
+CONSOLE_MINOR = 1
+"""The first minor with the ``console`` message."""
 
 ERROR_CODES = ("ports_exhausted", "port_unavailable", "too_many_tunnels", "bad_request",
                "not_published", "internal_error")
@@ -234,6 +244,28 @@ def error(request_id: int, code: str, message: str,
     if service is not None:
         body["service"] = service
     return body
+
+
+def console(event: str, conn_id: str, service: str, subject: str, access: str, peer: str,
+            at: float, jti: str | None = None) -> dict[str, Any]:
+    """A console client of ``service`` opened (``event`` ``opened``: its token verified) or
+    closed; ``subject``, ``jti`` and ``access`` are its token's, ``peer`` its address."""
+    message: dict[str, Any] = {"type": "console", "event": event, "conn_id": conn_id,
+                               "service": service, "subject": subject[:128],
+                               "access": access, "peer": peer[:200], "at": at}
+    if jti:
+        message["jti"] = jti[:128]
+    return message
+
+
+def negotiate_minor(theirs: str | bytes | None) -> int:
+    """The control protocol minor both sides speak: the lower of ours and theirs (0 when
+    absent or malformed: an older supervisor)."""
+    try:
+        value = int(theirs) if theirs is not None else 0
+    except ValueError:
+        return 0
+    return max(0, min(MINOR, value))
 
 
 def protocol_error(text: str) -> dict[str, Any]:

@@ -29,12 +29,12 @@ from treadmill.common.messages import check, decode
 from treadmill.common.messages import encode as encode  # re-exported: the protocol's encoder
 
 MAJOR = 1
-MINOR = 6
+MINOR = 7
 """1: ``JobStart.log_servers``; 2: ``JobStart.proxies`` and ``job_endpoints``;
 3: ``snapshot_job`` and ``snapshot_result``; 4: the ack error ``unavailable``;
 5: ``JobStart.results``, ``JobStart.ssh_keys``, ``job_endpoints.ssh_host_keys`` and the
 endpoints' ``auth``; 6: ``JobStart.hold_on_failure``, ``job_event.held`` and
-``status.held``."""
+``status.held``; 7: ``console_event`` (console connections, for the audit log)."""
 SSH_KEYS_MINOR = 5
 """The minor that brings ``JobStart.ssh_keys`` and ``job_endpoints.ssh_host_keys``."""
 ENDPOINT_AUTH_MINOR = 5
@@ -46,8 +46,8 @@ MAX_MESSAGE_BYTES = 256 * 1024
 
 TO_SUPERVISOR = ("start_job", "stop_job", "status_request", "snapshot_job", "ack",
                  "protocol_error")
-TO_SWITCHBOARD = ("status", "job_event", "job_endpoints", "snapshot_result", "ack",
-                  "protocol_error")
+TO_SWITCHBOARD = ("status", "job_event", "job_endpoints", "snapshot_result", "console_event",
+                  "ack", "protocol_error")
 MESSAGE_TYPES = tuple(sorted(set(TO_SUPERVISOR) | set(TO_SWITCHBOARD)))
 
 UNAVAILABLE = "unavailable"
@@ -65,6 +65,12 @@ KINDS_MINOR = 5
 HOLD_MINOR = 6
 """The first minor version with ``JobStart.hold_on_failure`` and the ``held`` of
 ``job_event`` and ``status`` (``docs/jobs.md``, Holding a failed job's host)."""
+CONSOLE_MINOR = 7
+"""The first minor version with ``console_event``: to an older switchboard the supervisor
+sends none (it drops them from its outbox, counted)."""
+CONSOLE_EVENT_FIELDS = ("event", "conn_id", "service", "proxy", "user", "jti", "access",
+                        "peer", "at", "suppressed")
+"""The fields of a ``console_event`` besides ``type``, ``request_id`` and ``job_id``."""
 RETRYABLE_ACK_ERRORS = (UNAVAILABLE,)
 """Ack error codes meaning "not stored, send the same report again later"."""
 
@@ -261,6 +267,18 @@ def snapshot_result(request_id: int, snapshot_id: str, job_id: str, *,
         message["error"] = {"code": error[0], "message": error[1][:1024]}
     else:
         message["digest"] = digest
+    return message
+
+
+def console_event(request_id: int, job_id: str, **fields: Any) -> dict[str, Any]:
+    """A console client of job ``job_id`` opened or closed (minor 7): ``fields`` are those of
+    :data:`CONSOLE_EVENT_FIELDS` (``proxy``, ``jti`` and ``suppressed`` optional)."""
+    unknown = set(fields) - set(CONSOLE_EVENT_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown console_event fields: {sorted(unknown)}")
+    message: dict[str, Any] = {"type": "console_event", "request_id": request_id,
+                               "job_id": job_id}
+    message.update({k: v for k, v in fields.items() if v is not None})
     return message
 
 

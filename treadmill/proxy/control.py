@@ -36,6 +36,8 @@ class ControlProtocol(JsonSession, WebSocketServerProtocol):
     job: str = ""
     subject: str = ""
     token: str = ""
+    minor = 0
+    """The control protocol minor the supervisor announced (``messages.negotiate_minor``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -50,10 +52,11 @@ class ControlProtocol(JsonSession, WebSocketServerProtocol):
 
     # -- Autobahn --------------------------------------------------------------------
 
-    def onConnect(self, request: ConnectionRequest) -> str:
+    def onConnect(self, request: ConnectionRequest) -> tuple[str, dict[str, str]]:
         if messages.SUBPROTOCOL not in request.protocols:
             raise ConnectionDeny(400, f"subprotocol {messages.SUBPROTOCOL} is required")
-        return messages.SUBPROTOCOL
+        self.minor = messages.negotiate_minor(request.headers.get(messages.MINOR_HEADER))
+        return messages.SUBPROTOCOL, {messages.MINOR_HEADER: str(self.minor)}
 
     def onOpen(self) -> None:
         self.handling = True

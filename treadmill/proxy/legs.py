@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -37,6 +38,15 @@ MAX_MESSAGE = 1024 * 1024  # what one client WebSocket message may hold (we send
 NO_TUNNEL = 4011
 """The close code of a tunnel WebSocket bound to no tunnel (1011, internal error, shifted
 into the private range: Autobahn lets an application send only 1000 and 3000-4999)."""
+
+
+def peer_address(peer: str) -> str:
+    """The client's address of an Autobahn peer string (``tcp4:10.0.0.1:5000`` →
+    ``10.0.0.1``, ``tcp6:::1:5000`` → ``::1``); anything else as it is."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("tcp4", "tcp6") and ":" in rest:
+        return rest.rsplit(":", 1)[0]
+    return peer
 
 
 class PublicEnd(StreamEnd):
@@ -156,6 +166,7 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
     _offered: str | None = None
     _auth_timer: Any = None
     _peer = ""
+    _console: tuple[str, str, str | None] | None = None  # (conn_id, subject, jti) once opened
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         # The subprotocol adds half-close (a text message "eof"); plain binary without it.
@@ -215,12 +226,17 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
                          "insufficient_scope", claims.subject)
             return
         registry.counts[f"console_{self.access}"] += 1
-        # A stable event name for the audit log to come (docs/proxy.md, "Consoles").
+        # A stable event name in the proxy's log, and a notice for the switchboard's audit
+        # log through the job's supervisor (docs/proxy.md, "Consoles").
+        jti = claims.raw.get("jti")
+        jti = jti if isinstance(jti, str) else None
+        self._console = (secrets.token_urlsafe(16), claims.subject, jti)
         self.console_log.info(
             "console_opened: {subject} opened {service} of job {job} to {access} (token "
             "{jti}, from {peer})", audit_event="console_opened", subject=claims.subject,
-            job=job, service=tunnel.service, access=self.access, jti=claims.raw.get("jti"),
-            peer=self._peer)
+            job=job, service=tunnel.service, access=self.access, jti=jti, peer=self._peer)
+        registry.console_event(tunnel, "opened", self._console[0], claims.subject, self.access,
+                               peer_address(self._peer), jti)
         self._arrive()
 
     def _refuse(self, code: int, text: str, reason: str, subject: str | None = None) -> None:
@@ -270,6 +286,11 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._stop_waiting()
+        opened, self._console = self._console, None
+        if opened is not None and self.tunnel is not None and self.access is not None:
+            self.factory.registry.console_event(self.tunnel, "closed", opened[0], opened[1],
+                                                self.access, peer_address(self._peer),
+                                                opened[2])
         if self.pending is not None and self.splice is None:
             self.factory.registry.client_gone(self.pending)
         self.pending = None

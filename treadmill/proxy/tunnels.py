@@ -53,6 +53,9 @@ from treadmill.proxy.ports import PortAllocator, PortsExhausted, PortUnavailable
 
 __all__ = ["Control", "JobSession", "Pending", "Registry", "RegistrySettings", "Tunnel"]
 
+CONSOLE_BACKLOG = 64
+"""Console notices a job keeps while it has no control connection (its grace period)."""
+
 
 @dataclass
 class RegistrySettings:
@@ -75,6 +78,7 @@ class Control(Protocol):
     """What the registry needs of a control connection (``control.ControlProtocol``)."""
 
     job: str
+    minor: int  # the control protocol minor it speaks
 
     def send(self, message: dict[str, Any]) -> bool: ...
 
@@ -154,6 +158,7 @@ class JobSession:
         self.tunnels: dict[str, Tunnel] = {}
         self.grace_timer: Any = None
         self.connections = 0  # control connections so far
+        self.console_backlog: list[dict[str, Any]] = []  # console notices while away
 
     def info(self) -> dict[str, Any]:
         return {"job": self.job, "subject": self.subject, "connected": self.control is not None,
@@ -242,6 +247,11 @@ class Registry:
         control.send(messages.welcome(job, self.data_port(), self.data_tls,
                                       self.settings.public_host, self.settings.grace,
                                       sorted(session.tunnels)))
+        # Console notices from while the job had no control connection.
+        backlog, session.console_backlog = session.console_backlog, []
+        if control.minor >= messages.CONSOLE_MINOR:
+            for notice in backlog:
+                control.send(notice)
         # Clients that arrived while the job had no control connection.
         for tunnel in session.tunnels.values():
             for pending in tunnel.pending.values():
@@ -319,6 +329,28 @@ class Registry:
         elif kind == "protocol_error":
             self.log.error("Job {job}: the supervisor reports a protocol error: {text}",
                            job=session.job, text=message["message"])
+
+    # -- console clients (for the audit log) ---------------------------------------------
+
+    def console_event(self, tunnel: Tunnel, event: str, conn_id: str, subject: str,
+                      access: str, peer: str, jti: str | None) -> None:
+        """A console client of ``tunnel`` opened or closed: tell the job's supervisor
+        (``console``, control minor 1), which forwards it to the switchboard's audit log.
+        While the job has no control connection up to ``CONSOLE_BACKLOG`` notices wait."""
+        session = tunnel.session
+        notice = messages.console(event, conn_id, tunnel.service, subject, access, peer,
+                                  self.reactor.seconds(), jti)
+        control = session.control
+        if control is None:
+            if len(session.console_backlog) < CONSOLE_BACKLOG:
+                session.console_backlog.append(notice)
+            else:
+                self.counts["console_notice_dropped"] += 1
+            return
+        if control.minor < messages.CONSOLE_MINOR:
+            self.counts["console_notice_unsupported"] += 1
+            return
+        control.send(notice)
 
     # -- tunnels ---------------------------------------------------------------------
 

@@ -16,6 +16,7 @@
     logship.py      LogShipper: one job's spool and send loops
     jobexposure.py  JobExposure: each job's services, published on its proxies
     exposure.py     the proxy control client and ExposureManager
+    consolenotices.py  ConsoleNotices: proxies' console clients, to the audit log
     echo.py         an echo service the mock host publishes through proxies
     fetch.py        ImageFetcher (IImageFetcher): jobs' images for the drivers
     blobcache.py    the local blob directory: layout, checks, garbage collection

@@ -225,7 +225,8 @@ class _ProxyLink:
                        f"{quote(manager.job_id, safe='')}")
         self.factory = WebSocketClientFactory(
             control_url, protocols=[messages.SUBPROTOCOL], reactor=reactor,
-            headers={"Authorization": f"Bearer {token}"})
+            headers={"Authorization": f"Bearer {token}",
+                     messages.MINOR_HEADER: str(messages.MINOR)})
         self.factory.protocol = _ControlClient
         self.factory.link = self
         self.factory.setProtocolOptions(
@@ -342,6 +343,8 @@ class _ProxyLink:
                               code=message["code"], message=message["message"])
         elif kind == "connect":
             manager._connect(self, message["conn_id"], message["service"])
+        elif kind == "console":
+            manager._console(self, message)
         elif kind == "protocol_error":
             manager.log.error("{name}: proxy {url} reports a protocol error: {text}",
                               name=manager.name, url=self.url, text=message["message"])
@@ -414,6 +417,7 @@ class ExposureManager:
         self.counts: dict[str, int] = {"spliced": 0, "local_failed": 0, "data_failed": 0,
                                        "unknown_service": 0}
         self._callbacks: list[Callable[[list[dict[str, Any]]], None]] = []
+        self._console_callbacks: list[Callable[[dict[str, Any]], None]] = []
         self._waiters: list[Deferred[list[dict[str, Any]]]] = []
         self._started = False
         self._closed = False
@@ -464,6 +468,11 @@ class ExposureManager:
     def on_change(self, callback: Callable[[list[dict[str, Any]]], None]) -> None:
         """Call ``callback(endpoints)`` whenever the endpoints change."""
         self._callbacks.append(callback)
+
+    def on_console(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``callback(notice)`` for each console client a proxy reports opened or
+        closed (the proxy's ``console`` message, its ``proxy`` URL added; control minor 1)."""
+        self._console_callbacks.append(callback)
 
     def published(self) -> Deferred[list[dict[str, Any]]]:
         """Fires with the endpoints once every service is published on every proxy."""
@@ -534,6 +543,15 @@ class ExposureManager:
 
             data = wrapClientTLS(client_options(link.host, self.ca_file), data)
         _Rendezvous(self, link, conn_id, service).start(local, data)
+
+    def _console(self, link: _ProxyLink, message: dict[str, Any]) -> None:
+        notice = {k: v for k, v in message.items() if k != "type"}
+        notice["proxy"] = link.url
+        for callback in list(self._console_callbacks):
+            try:
+                callback(dict(notice))
+            except Exception:
+                self.log.failure("{name}: console callback failed", name=self.name)
 
     def _splice_closed(self, splice: Splice) -> None:
         self.splices.discard(splice)

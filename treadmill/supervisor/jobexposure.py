@@ -31,10 +31,14 @@ class JobExposure(JobObserver, Service):
     log = Logger()
 
     def __init__(self, reactor: Any, report: Callable[[str, list[dict[str, Any]]], None], *,
+                 console: Callable[[str, dict[str, Any]], None] | None = None,
                  ca_file: str | None = None, label: str = "supervisor",
                  reconnect_initial: float = 1.0, reconnect_max: float = 30.0):
         self.reactor = reactor
         self.report = report
+        self.console_report = console
+        """``console_report(job_id, notice)``: a proxy reported a console client opened or
+        closed (not :meth:`console`, the observer's console output)."""
         self.ca_file = ca_file
         self.label = label
         self.reconnect_initial = reconnect_initial
@@ -77,6 +81,9 @@ class JobExposure(JobObserver, Service):
                 return
             self.managers[job_id] = manager
             manager.on_change(lambda endpoints: self.report(job_id, endpoints))
+            if self.console_report is not None:
+                report = self.console_report
+                manager.on_console(lambda notice: report(job_id, notice))
             manager.start()
         else:
             manager.set_services(services)

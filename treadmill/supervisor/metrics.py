@@ -74,6 +74,16 @@ class _Live(Collector):
         for source in IMAGE_SOURCES:
             layers.add_metric([source], fetcher.layer_sources.get(source, 0))
         yield layers
+        notices = CounterMetricFamily(
+            "treadmill_supervisor_console_notices",
+            "Console connections the proxies reported, by outcome (forwarded to the audit "
+            "log, suppressed over the rate bound, invalid, dropped: the switchboard is "
+            "older than protocol minor 7).", labels=["outcome"])
+        counts = self.service.console_notices.counts
+        for outcome in ("forwarded", "suppressed", "invalid"):
+            notices.add_metric([outcome], counts.get(outcome, 0))
+        notices.add_metric(["dropped"], self.service.runner.outbox.dropped)
+        yield notices
 
 
 class SupervisorMetrics(JobObserver):

@@ -1,5 +1,10 @@
 """The runner's outbox: job events, journaled, then sent until acknowledged.
 
+An entry is a job event (``{"job_id", "state", ...}``: a ``job_event``) or a
+console notice (``{"job_id", "console": {...}}``: a ``console_event``, minor 7,
+``consolenotices``); a switchboard older than minor 7 gets no console notices
+(they are dropped from the outbox, counted in ``dropped``).
+
 Each event is written to the journal (in a thread, ``fsync``-ed) before it is
 sent; events are sent one at a time, in order, each after the previous one was
 acknowledged, on whichever connection is open, and deleted from the journal
@@ -41,6 +46,20 @@ class Session(Protocol):
     def next_request_id(self) -> int: ...
 
 
+def message(request_id: int, entry: dict[str, Any]) -> dict[str, Any]:
+    """The wire message of an outbox entry."""
+    if "console" in entry:
+        return protocol.console_event(request_id, entry["job_id"], **entry["console"])
+    return dict(protocol.job_event(request_id, **entry))
+
+
+def describe(entry: dict[str, Any]) -> str:
+    """What an entry is, for the log: a job state, or ``console opened``."""
+    if "console" in entry:
+        return f"console {entry['console'].get('event')}"
+    return str(entry.get("state"))
+
+
 class _Pending:
     """One event in the outbox."""
 
@@ -79,6 +98,7 @@ class EventOutbox:
         self._attempts = 0
         self._seq = 1
         self.session: Session | None = None
+        self.dropped = 0  # console notices an older switchboard could not take
         self._drain_waiters: list[Deferred[None]] = []
 
     def __len__(self) -> int:
@@ -94,7 +114,7 @@ class EventOutbox:
         self._seq = next_seq
         for seq, event in events:
             try:
-                protocol.validate(protocol.job_event(0, **event))
+                protocol.validate(message(0, event))
             except (TypeError, protocol.ProtocolError):
                 # Sending it would only get the link closed for a violation, forever.
                 self.log.error("{name}: dropping invalid journal entry {seq}", name=self.label,
@@ -127,7 +147,7 @@ class EventOutbox:
 
     def has_final(self, job_id: str) -> bool:
         """Whether the job's ``terminated`` event is still on its way."""
-        return any(p.event["job_id"] == job_id and p.event["state"] == "terminated"
+        return any(p.event["job_id"] == job_id and p.event.get("state") == "terminated"
                    for p in self._queue)
 
     def opened(self, session: Session) -> None:
@@ -168,12 +188,30 @@ class EventOutbox:
         head = self._queue[0]
         if not head.written:
             return
+        if "console" in head.event and \
+                getattr(session, "minor", protocol.MINOR) < protocol.CONSOLE_MINOR:
+            self._drop_head(head)  # the switchboard cannot take it (minor < 7)
+            return
         self._send_head(session, head)
+
+    def _drop_head(self, head: _Pending) -> None:
+        self.dropped += 1
+        self._queue.popleft()
+        self._forget(head)
+
+    def _forget(self, head: _Pending) -> None:
+        """``head`` left the queue: off the journal, and on with the next."""
+        self._io(self.files.remove_event, head.seq).addErrback(
+            lambda f: self.log.failure("{name}: cannot remove a journal entry", f,
+                                       name=self.label))
+        self._pump()
+        if not self._queue:
+            self._fire_drain_waiters()
 
     def _send_head(self, session: Session, head: _Pending) -> None:
         """Send ``head`` (again) and wait ``ack_timeout`` (backing off) for its ack."""
         rid = session.next_request_id()
-        if not session.send(protocol.job_event(rid, **head.event)):
+        if not session.send(message(rid, head.event)):
             return  # closing: link_closed follows, and the next connection sends it
         if self._inflight is not head:
             self._inflight, self._sent_rids = head, set()
@@ -209,13 +247,13 @@ class EventOutbox:
         if why == "timeout":
             self.log.warn("{name}: no ack for the {state} event of job {job} within "
                           "{delay:.1f} s; sending it again (attempt {attempt})",
-                          name=self.label, state=head.event["state"], job=head.event["job_id"],
+                          name=self.label, state=describe(head.event), job=head.event["job_id"],
                           delay=delay, attempt=self._attempts + 1)
         self._send_head(session, head)
 
-    def ack(self, session: Session, message: dict[str, Any]) -> None:
+    def ack(self, session: Session, answer: dict[str, Any]) -> None:
         """An ``ack`` that is not the runner's (endpoints, snapshots): for the event in flight."""
-        rid = message["request_id"]
+        rid = answer["request_id"]
         head = self._inflight
         if session is not self.session or head is None or rid not in self._sent_rids:
             if session is self.session and rid in self._late_rids:
@@ -224,14 +262,14 @@ class EventOutbox:
             self.log.warn("{name}: ignoring an ack for unknown request {rid}", name=self.label,
                           rid=rid)
             return
-        error = None if message["ok"] else (message.get("error") or {})
+        error = None if answer["ok"] else (answer.get("error") or {})
         if error is not None and error.get("code") == UNAVAILABLE:
             # Not stored (the switchboard's database is away): the same event, later.
             delay = self._backoff(self._attempts - 1)
             self.log.warn("{name}: the switchboard could not store the {state} event of job "
                           "{job} ({text}); sending it again in {delay:.1f} s",
-                          name=self.label, state=head.event["state"], job=head.event["job_id"],
-                          text=error.get("message"), delay=delay)
+                          name=self.label, state=describe(head.event),
+                          job=head.event["job_id"], text=error.get("message"), delay=delay)
             self._retry_after(delay, UNAVAILABLE)
             return
         self._cancel_retry()
@@ -243,15 +281,10 @@ class EventOutbox:
             self._queue.popleft()
         if error is not None:
             self.log.warn("{name}: the switchboard refused the {state} event of job {job}: "
-                          "{code}: {text}", name=self.label, state=head.event["state"],
+                          "{code}: {text}", name=self.label, state=describe(head.event),
                           job=head.event["job_id"], code=error.get("code"),
                           text=error.get("message"))
-        self._io(self.files.remove_event, head.seq).addErrback(
-            lambda f: self.log.failure("{name}: cannot remove a journal entry", f,
-                                       name=self.label))
-        self._pump()
-        if not self._queue:
-            self._fire_drain_waiters()
+        self._forget(head)
 
     def drained(self) -> Deferred[None]:
         """Fires when the outbox is empty, or when the connection is lost."""

@@ -379,7 +379,7 @@ class JobRunner(Service):
             await self._io(self.files.record, None, None, clear_current=True)
             return
         journaled = [event for event in self.outbox.events
-                     if event["job_id"] == job["id"] and event["state"] == "terminated"]
+                     if event["job_id"] == job["id"] and event.get("state") == "terminated"]
         if journaled or self._final_event(job["id"]) is not None:
             # It ended before the restart; the cleanup after its end was cut short.
             if self._final_event(job["id"]) is None:

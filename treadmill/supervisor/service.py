@@ -2,7 +2,8 @@
 
     supervisor (SupervisorService)
     ├── logs       JobLogs: each job's console, events and results, to its log servers
-    ├── exposure   JobExposure: each job's services, published on its proxies
+    ├── exposure   JobExposure: each job's services, published on its proxies (console
+    │              clients they report go to the runner's outbox: ``ConsoleNotices``)
     ├── runner     JobRunner: the switchboard's job commands on the host driver
     ├── fetcher    ImageFetcher: jobs' images, for the driver
     ├── manhole    optional SSH manhole
@@ -39,6 +40,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 
 from treadmill.common.daemon import RoleService
 from treadmill.supervisor.config import SupervisorConfig
+from treadmill.supervisor.consolenotices import ConsoleNotices
 from treadmill.supervisor.drivers import IHostDriver, make_driver
 from treadmill.supervisor.jobexposure import JobExposure
 from treadmill.supervisor.joblogs import JobLogs
@@ -79,7 +81,9 @@ class SupervisorService(RoleService):
                                 console_buffer=config.console_buffer, label=config.name,
                                 ack_timeout=config.event_ack_timeout,
                                 resend_max=config.event_resend_max)
+        self.console_notices = ConsoleNotices(reactor, self.runner.outbox, label=config.name)
         self.exposure = JobExposure(reactor, self.runner.report_endpoints,
+                                    console=self.console_notices.report,
                                     ca_file=config.proxies_ca_file or config.ca_file,
                                     label=config.name,
                                     reconnect_initial=config.reconnect_initial,
@@ -89,6 +93,7 @@ class SupervisorService(RoleService):
         self._add("fetcher", self.fetcher)
         self.runner.add_observer(self.logs)
         self.runner.add_observer(self.exposure)
+        self.runner.add_observer(self.console_notices)
         self.link = SupervisorLink(
             reactor, config.url, config.token, self.runner, ca_file=config.ca_file,
             reconnect_initial=config.reconnect_initial, reconnect_max=config.reconnect_max,

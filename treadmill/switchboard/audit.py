@@ -6,7 +6,8 @@ limiter), what (``action``, one of :data:`ACTIONS`), on what (``subject_kind``,
 ``subject_id``, ``subject_user``) and ``details`` that never hold a secret
 (token values, passwords, secret parameter values). The table refuses UPDATE,
 DELETE and TRUNCATE (migration 0016) but for the retention pass of
-:class:`RetentionService`. See docs/operations.md, "Audit log".
+:class:`RetentionService`. Console connections come from the supervisors
+(:class:`ConsoleAudit`). See docs/operations.md, "Audit log".
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
+from treadmill.common.ratelimit import RateLimiter
 from treadmill.switchboard.access import Principal
 from treadmill.switchboard.auth import client_address
 from treadmill.switchboard.database import unavailable
@@ -35,7 +37,11 @@ ACTIONS = frozenset({
     "image.create", "image.update", "image.delete", "image.rollback",
     "store.add", "store.remove", "store.push_token",
     "job.cancel", "job.extend", "job.snapshot", "job.console_token",
+    "job.console_open", "job.console_close",
 })
+
+#: The action of a supervisor's ``console_event`` (protocol minor 7), by its ``event``.
+CONSOLE_ACTIONS = {"opened": "job.console_open", "closed": "job.console_close"}
 
 #: What a record may be about.
 SUBJECT_KINDS = ("user", "host", "job", "image", "store", "namespace")
@@ -103,6 +109,54 @@ class Recorder:
                 self.log.failure("Audit record lost: {actor} {action} {subject_kind} "
                                  "{subject_id}", actor=entry.actor, action=entry.action,
                                  subject_kind=entry.subject_kind, subject_id=entry.subject_id)
+
+
+class ConsoleAudit:
+    """Appends the records of console connections a supervisor reports (``console_event``).
+
+    Only for a job on that supervisor's host (active, held, or ended at most
+    ``ended_within`` seconds ago: a console closes after its job's end), so a host
+    cannot write records about another's jobs, and only with an existing user as the
+    actor; a token bucket per host (``burst``,
+    then ``rate`` per second) bounds the rows a flood of connections (or a rogue
+    supervisor) can add. The actor is the console token's user, the source the
+    client's address as the proxy saw it, the host that reported it in ``details``.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, store: Any, *, rate: float = 2.0, burst: int = 120,
+                 ended_within: float = 600.0):
+        self.store = store
+        self.limiter = RateLimiter(reactor, rate, burst)
+        self.ended_within = ended_within
+
+    async def record(self, host_id: int, host_name: str,
+                     message: dict[str, Any]) -> tuple[str, str] | None:
+        """Store one validated ``console_event``: None, or the ack's error (code, text).
+        A database failure raises (the report is then acked ``unavailable``)."""
+        key = str(host_id)
+        if self.limiter.wait(key) > 0:
+            self.log.warn("{host}: console event of job {job} refused: over the rate bound",
+                          host=host_name, job=message["job_id"])
+            return ("rate_limited", "too many console events from this host; dropped")
+        self.limiter.take(key)
+        details = {k: message[k] for k in ("service", "access", "conn_id", "jti", "proxy",
+                                           "suppressed") if k in message}
+        details["host"] = host_name
+        details["at"] = message["at"]
+        entry = Entry(actor=message["user"], actor_kind="user",
+                      action=CONSOLE_ACTIONS[message["event"]], subject_kind="job",
+                      subject_id=message["job_id"], source=message["peer"][:200],
+                      details=details)
+        refused = await self.store.audit_console(host_id, message["job_id"], entry,
+                                                 self.ended_within)
+        if refused is None:
+            return None
+        self.log.warn("{host}: console event for job {job} refused: {why}", host=host_name,
+                      job=message["job_id"], why=refused)
+        return (refused, "that job is not on this host" if refused == "not_your_job"
+                else "no such user")
 
 
 class RetentionService(TimerService):

@@ -31,6 +31,7 @@ from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import supervisor as protocol
 from treadmill.protocol.supervisor import CloseCode, ProtocolError
 from treadmill.switchboard import credentials
+from treadmill.switchboard.audit import ConsoleAudit
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.holds import HostHold
 from treadmill.switchboard.jobstart import job_start
@@ -173,10 +174,13 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
                 self.violation(f"{kind} for unknown request {message['request_id']}")
             elif not pending.called:
                 pending.callback(message)
-        elif kind in ("job_event", "job_endpoints", "snapshot_result"):
+        elif kind == "console_event" and self.minor < protocol.CONSOLE_MINOR:
+            self.violation(f"console_event needs protocol minor {protocol.CONSOLE_MINOR}")
+        elif kind in ("job_event", "job_endpoints", "snapshot_result", "console_event"):
             # Reports apply in the order they arrived, each after the one before.
             handler = {"job_event": self._event, "job_endpoints": self._endpoints,
-                       "snapshot_result": self._snapshot_result}[kind]
+                       "snapshot_result": self._snapshot_result,
+                       "console_event": self._console_event}[kind]
             self._inbox.addCallback(
                 lambda _: Deferred.fromCoroutine(self._report(handler, message)))
             self._inbox.addErrback(lambda f: self.log.failure("Report handling failed", f))
@@ -306,6 +310,12 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
                           outcome=message.get("digest") or error)
         if self.state == self.STATE_OPEN:
             self.send(protocol.ack(message["request_id"]))
+
+    async def _console_event(self, message: dict[str, Any]) -> None:
+        assert self.host_id is not None
+        error = await self.links.console_audit.record(self.host_id, self.host_name, message)
+        if self.state == self.STATE_OPEN:
+            self.send(protocol.ack(message["request_id"], error))
 
     async def send_snapshots(self) -> None:
         """Ask the supervisor for the host's pending snapshots (each command is idempotent)."""
@@ -495,6 +505,7 @@ class SupervisorLinks(MultiService):
         self.proxies = proxies
         self.proxy_service = proxy_service
         self.by_host: dict[int, SupervisorSession] = {}
+        self.console_audit = ConsoleAudit(reactor, store)
         self.instance_id: str | None = None
         """This process's id in ``instances`` (:mod:`treadmill.switchboard.instances`)."""
         self.rebalanced = 0

@@ -113,6 +113,34 @@ class AuditQueries(Queries):
                         .replace("_", "\\_") + ".%") if action is not None else None,
              "after": after, "before": before_id, "limit": limit})
 
+    async def audit_console(self, host_id: int, job_id: str, entry: Any,
+                            ended_within: float) -> str | None:
+        """Append ``entry`` (an :class:`audit.Entry` about job ``job_id`` whose actor is a
+        user; ``subject_user`` filled in here: the job's owner) if the job is this host's
+        now (active, held, or ended at most ``ended_within`` seconds ago: a console closes
+        after its job's end) and the actor is a user. None when appended, else why not:
+        ``not_your_job`` (another host's job, an unknown one, an older one) or
+        ``unknown_user``."""
+        async def append(cur: Cursor) -> str | None:
+            row = await cur.fetchone(
+                "SELECT u.name AS owner, EXISTS (SELECT 1 FROM users a "
+                "WHERE lower(a.name) = lower(%(actor)s)) AS known FROM jobs j "
+                "LEFT JOIN users u ON u.id = j.owner_id "
+                "WHERE j.id = %(job)s AND j.host_id = %(host)s AND (j.state <> 'terminated' "
+                "OR j.held_until IS NOT NULL OR j.terminated_at > now() - make_interval("
+                "secs => %(within)s))", {"job": job_id, "host": host_id,
+                                         "within": ended_within, "actor": entry.actor})
+            if row is None:
+                return "not_your_job"
+            if not row["known"]:
+                return "unknown_user"
+            await append_record(cur, actor=entry.actor, actor_kind=entry.actor_kind,
+                                action=entry.action, subject_kind=entry.subject_kind,
+                                subject_id=entry.subject_id, details=entry.details,
+                                source=entry.source, subject_user=row["owner"])
+            return None
+        return await self.pool.transaction(append)
+
     async def audit_expire(self, days: float) -> int:
         """Delete records older than ``days``: the only DELETE the table allows."""
         async def expire(cur: Cursor) -> int:
