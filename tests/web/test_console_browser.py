@@ -146,6 +146,8 @@ async def test_submit_watch_cancel_and_log_out(stack: Stack, browser: Browser,
     assert await browser.script("return document.querySelector('#job-label').children.length"
                                 ) == 0
     assert await browser.script("return window.pwned === undefined")
+    # (The parameters render with the rest of the job: wait for them, then look.)
+    await browser.wait_for("document.body.innerText.includes('(secret)')")
     page_text = await browser.script("return document.body.innerText")
     assert "s3cret-value" not in page_text and "(secret)" in page_text
 
