@@ -258,7 +258,13 @@ class _Run(AgentHandler):
 
     async def _attach(self) -> None:
         """Connect to QMP, the console and the agent (QEMU waits, paused)."""
-        deadline = self.reactor.seconds() + self.settings.start_timeout
+        await self._connect_sockets(self.settings.start_timeout)
+        await self._start_bridge()
+
+    async def _connect_sockets(self, timeout: float) -> QMPClient:
+        """Connect to QMP, the console and the agent, each within ``timeout`` seconds of
+        now in all; the QMP client once it is ready."""
+        deadline = self.reactor.seconds() + timeout
         qmp = QMPClient(self._qmp_event)
         await self._connect(self.paths.qmp, qmp, deadline)
         self.qmp = qmp
@@ -268,7 +274,7 @@ class _Run(AgentHandler):
         await self._connect(self.paths.console, self.console, deadline)
         self.agent = AgentProtocol(self)
         await self._connect(self.paths.agent, self.agent, deadline)
-        await self._start_bridge()
+        return qmp
 
     async def _connect(self, path: str, protocol: Protocol, deadline: float) -> None:
         while True:
@@ -615,16 +621,7 @@ class _Run(AgentHandler):
             self.vm_ended(None)
 
     async def _reattach(self) -> None:
-        deadline = self.reactor.seconds() + 10.0
-        qmp = QMPClient(self._qmp_event)
-        await self._connect(self.paths.qmp, qmp, deadline)
-        self.qmp = qmp
-        qmp.closed.addCallback(lambda _: self._qmp_closed())
-        await qmp.ready
-        self.console = _Console(self)
-        await self._connect(self.paths.console, self.console, deadline)
-        self.agent = AgentProtocol(self)
-        await self._connect(self.paths.agent, self.agent, deadline)
+        qmp = await self._connect_sockets(10.0)
         await qmp.execute("cont")  # in case the supervisor stopped while it was paused
         await self._start_bridge()
         for guest, host in self.forwards.items():
