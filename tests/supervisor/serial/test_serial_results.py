@@ -3,25 +3,23 @@ end (real switchboard, log server and supervisor with the serial driver; the fak
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from xml.etree import ElementTree
 
 import pytest_twisted
 from twisted.internet import reactor
 
 from tests.supervisor.serial.support import FakeBoard, write_cache
+from tests.supervisor.support import failed_junit_counts
 from tests.support import (
     RunningSwitchboard,
     closed_stream,
     start_switchboard_with_logs,
 )
 from tests.util.waiting import eventually
-from treadmill.cli.main import run as tml
 from treadmill.dev.fleet import ws_url_for
 from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.service import SupervisorService
@@ -96,10 +94,4 @@ async def test_a_board_job_ends_by_its_console_patterns(
         ("test_case", "alarm::one_shot", "pass"), ("test_case", "aes::ctr", "fail"),
         ("test_case", "rng::entropy", "skip"), ("summary", None, "fail")]
 
-    out, err = io.StringIO(), io.StringIO()
-    code = await tml(reactor, ["--url", sb.url, "--token", sb.admin_token, "job", "results",
-                               job_id, "--junit"], out, err, {})
-    assert code == 4, err.getvalue()
-    suite = ElementTree.fromstring(out.getvalue().encode()).find("testsuite")
-    assert suite is not None
-    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("3", "1", "1")
+    assert await failed_junit_counts(sb, job_id) == ("3", "1", "1")
