@@ -15,7 +15,7 @@ import pytest_twisted
 
 from tests.support import RunningSwitchboard, start_switchboard
 from tests.switchboard.peer import Peer, Script
-from tests.switchboard.test_links import (
+from tests.switchboard.support import (
     add_host,
     assigned_job,
     connected_peer,

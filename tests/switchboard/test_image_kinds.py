@@ -14,6 +14,7 @@ import pytest_twisted
 
 from tests.support import RunningSwitchboard, start_switchboard
 from tests.switchboard.peer import Peer, Script
+from tests.switchboard.support import add_host
 from tests.util.waiting import eventually
 from treadmill.switchboard.scheduling import FreeHost, QueuedJob, assign, may_run
 
@@ -31,14 +32,6 @@ async def sb(migrated_database: str, tmp_path: Path):
         yield running
     finally:
         await running.stop()
-
-
-async def add_host(sb: RunningSwitchboard, name: str) -> str:
-    r = await sb.admin.post("/api/v1/hosts", {"name": name, "tags": ["t"]})
-    assert r.status == 201, r.body
-    r2 = await sb.admin.post(f"/api/v1/hosts/{name}/grants", {"user": "*", "privilege": "start"})
-    assert r2.status == 201, r2.body
-    return r.body["token"]
 
 
 async def host_view(sb: RunningSwitchboard, name: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from tests.support import RunningSwitchboard, mock_supervisor, start_switchboard
 from tests.switchboard.outage import Outage
 from tests.switchboard.peer import Peer, Script
-from tests.switchboard.test_links import (
+from tests.switchboard.support import (
     add_host,
     assigned_job,
     connected_peer,
