@@ -9,7 +9,7 @@ import signal
 import socket
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol, Protocol
@@ -27,13 +27,13 @@ from treadmill.supervisor.drivers import (
     IHostSnapshots,
     IJobReporter,
     SnapshotError,
-    StartRefused,
 )
 from treadmill.supervisor.drivers.qemu.accel import AccelChooser
 from treadmill.supervisor.drivers.qemu.command import Paths, overlay_command, qemu_command
 from treadmill.supervisor.drivers.qemu.process import LOG_TAIL, ToolError, run_tool
 from treadmill.supervisor.drivers.qemu.qmp import QMPClient, QMPError
 from treadmill.supervisor.drivers.qemu.snapshot import KeptDisks, disk_info
+from treadmill.supervisor.drivers.single import SingleJobDriver
 from treadmill.supervisor.fetch import FetchedImage, ImageFetcher, ImageFetchError
 
 __all__ = ["QemuDriver", "StartFailure"]
@@ -663,7 +663,7 @@ def _read_json(path: str) -> dict[str, Any] | None:
 
 
 @implementer(IHostDriver, IHostSnapshots)
-class QemuDriver:
+class QemuDriver(SingleJobDriver):
     """Runs each job in a fresh QEMU VM; an ended job's disk is kept for snapshots.
     See ``docs/qemu.md``."""
 
@@ -688,24 +688,12 @@ class QemuDriver:
             return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
         return maybeDeferred(fn, *args)
 
-    @property
-    def current(self) -> str | None:
-        return self.run.job_id if self.run is not None else None
-
     def start(self, job: dict[str, Any], reporter: IJobReporter) -> Deferred[None]:
-        if self.run is not None:
-            if self.run.job_id == job["id"]:
-                return succeed(None)
-            return fail(StartRefused("internal_error",
-                                     f"qemu: the host still runs job {self.run.job_id}"))
+        if (answer := self.busy(job, "qemu: the host")) is not None:
+            return answer
         run = _Run(self, job, reporter)
         self.run = run
         self.reactor.callLater(0, run.begin)  # report only after start() returned
-        return succeed(None)
-
-    def stop(self, job_id: str, reason: str) -> Deferred[None]:
-        if self.run is not None and self.run.job_id == job_id:
-            self.run.stop(reason)
         return succeed(None)
 
     def adopt(self, job: dict[str, Any], reporter: IJobReporter) -> bool:
