@@ -16,6 +16,7 @@ from twisted.internet import reactor
 
 from tests.support import Client, RunningSwitchboard, start_switchboard
 from tests.switchboard.peer import Peer, Script
+from tests.util.running import stopping
 from tests.util.waiting import eventually
 from treadmill.common.captoken import CapabilityVerifier, parse_jwks
 
@@ -26,11 +27,8 @@ FAST = {"scheduler_interval": 0.2, "unreachable_after": 60.0}
 @pytest_twisted.async_yield_fixture
 async def sb(migrated_database: str, tmp_path: Path) -> AsyncIterator[RunningSwitchboard]:
     """A switchboard with the ``FAST`` settings, stopped after the test."""
-    running = await start_switchboard(migrated_database, tmp_path, **FAST)
-    try:
+    async with stopping(await start_switchboard(migrated_database, tmp_path, **FAST)) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 async def add_host(sb: RunningSwitchboard, name: str = "h1", tags: tuple[str, ...] = ("t",),

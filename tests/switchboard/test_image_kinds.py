@@ -15,6 +15,7 @@ import pytest_twisted
 from tests.support import RunningSwitchboard, start_switchboard
 from tests.switchboard.peer import Peer, Script
 from tests.switchboard.support import add_host
+from tests.util.running import stopping
 from tests.util.waiting import eventually
 from treadmill.switchboard.scheduling import FreeHost, QueuedJob, assign, may_run
 
@@ -26,12 +27,10 @@ STORE = "http://store.example"
 
 @pytest_twisted.async_yield_fixture
 async def sb(migrated_database: str, tmp_path: Path):
-    running = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                      unreachable_after=60.0, unrunnable_grace=0.0)
-    try:
+    async with stopping(await start_switchboard(
+            migrated_database, tmp_path, scheduler_interval=0.2, unreachable_after=60.0,
+            unrunnable_grace=0.0)) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 async def host_view(sb: RunningSwitchboard, name: str) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Helpers shared by the tests of every area (no fakes: those are in ``tests.fakes``).
 
 - ``waiting``: ``sleep``, ``within`` (a Deferred with a deadline), ``eventually`` (polling).
+- ``running``: ``stopping``, a started thing yielded by a fixture and stopped afterwards.
 - ``ports``: free loopback ports and port ranges.
 - ``certs``: a CA and a server certificate for localhost (``make_pki``).
 - ``raw``: raw HTTP over loopback TCP (``raw_connect``, ``raw_request``).

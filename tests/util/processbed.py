@@ -11,6 +11,7 @@ import pytest_twisted
 from tests.support import Client, add_host
 from tests.util.daemons import Daemon, bootstrap_admin
 from tests.util.ports import free_port
+from tests.util.running import stopping
 from tests.util.waiting import eventually
 
 __all__ = ["DIGEST", "Bed", "bed"]
@@ -67,11 +68,8 @@ class Bed:
 
 @pytest_twisted.async_yield_fixture
 async def bed(database: str, tmp_path: Path):
-    b = Bed(database, tmp_path)
-    try:
+    async with stopping(Bed(database, tmp_path)) as b:
         await b.start()
         yield b
-    finally:
-        await b.stop()
     for daemon in (b.switchboard, b.supervisor):
         assert daemon is None or "Traceback (most recent" not in daemon.output, daemon.output

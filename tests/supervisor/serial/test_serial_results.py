@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from twisted.internet import reactor
 
-from tests.supervisor.serial.support import FakeBoard, write_cache
+from tests.supervisor.serial.support import FakeBoard, board_host, write_cache
 from tests.supervisor.support import failed_junit_counts
 from tests.support import (
     RunningSwitchboard,
@@ -20,9 +19,6 @@ from tests.support import (
     start_switchboard_with_logs,
 )
 from tests.util.waiting import eventually
-from treadmill.dev.fleet import ws_url_for
-from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.service import SupervisorService
 
 TOCK = {"test_case": r"^test (?P<name>\S+) \.\.\. (?P<result>ok|FAILED|ignored)",
         "pass": r"^test result: ok\.", "fail": r"^test result: FAILED\.",
@@ -40,26 +36,12 @@ async def bed(migrated_database: str, tmp_path: Path
               ) -> AsyncIterator[tuple[RunningSwitchboard, str]]:
     sb, logs = await start_switchboard_with_logs(migrated_database, tmp_path,
                                                  scheduler_interval=0.2, timeout_interval=0.1)
-    log_url = logs.url
     board = await FakeBoard(tmp_path / "board").start()
-    supervisor: SupervisorService | None = None
     try:
-        r = await sb.admin.post("/api/v1/hosts", {"name": "board-1", "tags": ["board"]})
-        assert r.status == 201, r.body
-        supervisor = SupervisorService(reactor, SupervisorConfig(
-            url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
-            reconnect_initial=0.1, reconnect_max=1.0, durable=False, driver="serial",
-            images_cache_mount=str(tmp_path / "cache"),
-            driver_values=board.settings(boot__ready="reset", agent__transport="none",
-                                         health__timeout=5.0)))
-        supervisor.startService()
-        await supervisor.ready()
-        await supervisor.connected()
-        yield sb, log_url
+        async with board_host(sb, board, tmp_path, boot__ready="reset", agent__transport="none",
+                              health__timeout=5.0):
+            yield sb, logs.url
     finally:
-        if supervisor is not None:
-            await supervisor.stopService()
-            await supervisor.driver.shutdown()
         board.stop()
         await sb.stop()
         await logs.stop()
