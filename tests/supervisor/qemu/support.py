@@ -97,25 +97,33 @@ async def job_reaches(sb: RunningSwitchboard, job_id: str, state: str,
 
 
 @contextlib.asynccontextmanager
-async def vm_host(sb: RunningSwitchboard, tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
-    """An image store and host ``vm-1``'s supervisor (qemu driver, TCG) connected to ``sb``:
-    yields the store's URL and the driver's work directory, and stops both afterwards."""
+async def store_and_work_dir(sb: RunningSwitchboard, tmp_path: Path
+                             ) -> AsyncIterator[tuple[str, str]]:
+    """An image store registered with ``sb`` (in ``tmp_path / "store"``) and a work
+    directory for the qemu driver: yields the store's URL and the directory; stops the
+    store and removes the directory afterwards."""
     store = store_service(sb, tmp_path / "store")
     store.startService()
     work_dir = tempfile.mkdtemp(prefix="tq-", dir="/tmp")
-    supervisor: SupervisorService | None = None
     try:
         await store.ready()
-        store_url = url_of(store)
-        config = await qemu_host(sb, "vm-1", tmp_path / "vm-1", work_dir)
-        supervisor = SupervisorService(reactor, config)
-        supervisor.startService()
-        await supervisor.ready()
-        await supervisor.connected()
-        yield store_url, work_dir
+        yield url_of(store), work_dir
     finally:
-        if supervisor is not None:
-            await supervisor.stopService()
         await store.stopService()
         shutil.rmtree(work_dir, ignore_errors=True)
 
+
+@contextlib.asynccontextmanager
+async def vm_host(sb: RunningSwitchboard, tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
+    """:func:`store_and_work_dir` and host ``vm-1``'s supervisor (qemu driver, TCG)
+    connected to ``sb``: yields the store's URL and the work directory; stops all."""
+    async with store_and_work_dir(sb, tmp_path) as (store_url, work_dir):
+        supervisor = SupervisorService(reactor, await qemu_host(sb, "vm-1", tmp_path / "vm-1",
+                                                                work_dir))
+        supervisor.startService()
+        try:
+            await supervisor.ready()
+            await supervisor.connected()
+            yield store_url, work_dir
+        finally:
+            await supervisor.stopService()

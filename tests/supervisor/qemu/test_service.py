@@ -17,7 +17,13 @@ from twisted.internet import reactor
 pytest.importorskip("treadmill.imagestore.service")
 
 from tests.supervisor.qemu.conftest import BuiltImage, needs_qemu, qemu_processes
-from tests.supervisor.qemu.support import job_reaches, push, qemu_host, vm_host
+from tests.supervisor.qemu.support import (
+    job_reaches,
+    push,
+    qemu_host,
+    store_and_work_dir,
+    vm_host,
+)
 from tests.support import RunningSwitchboard, start_switchboard, store_service, url_of
 from tests.util.waiting import eventually
 from treadmill.supervisor.service import SupervisorService
@@ -147,43 +153,40 @@ async def test_a_restarted_supervisor_adopts_its_running_vm(migrated_database: s
     """The supervisor stops (gracefully) while its VM runs; the next one re-attaches to the
     same QEMU and the job ends with the guest's own exit status, run once."""
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2)
-    store = store_service(sb, tmp_path / "store")
-    store.startService()
-    work_dir = tempfile.mkdtemp(prefix="tq-", dir="/tmp")
     supervisor: SupervisorService | None = None
     try:
-        await store.ready()
-        await push(sb, url_of(store), test_image, "demo/long-vm")
-        config = await qemu_host(sb, "vm-3", tmp_path / "vm-3", work_dir)
-        supervisor = SupervisorService(reactor, config)
-        supervisor.startService()
-        await supervisor.ready()
-        job_id = (await sb.admin.post("/api/v1/jobs", {
-            "image": "demo/long-vm", "tags": ["qemu"],
-            "parameters": {"sleep": {"value": "8"}, "exit_status": {"value": "5"},
-                           "message": {"value": "after the restart"}}})).body["id"]
+        async with store_and_work_dir(sb, tmp_path) as (store_url, work_dir):
+            try:
+                await push(sb, store_url, test_image, "demo/long-vm")
+                config = await qemu_host(sb, "vm-3", tmp_path / "vm-3", work_dir)
+                supervisor = SupervisorService(reactor, config)
+                supervisor.startService()
+                await supervisor.ready()
+                job_id = (await sb.admin.post("/api/v1/jobs", {
+                    "image": "demo/long-vm", "tags": ["qemu"],
+                    "parameters": {"sleep": {"value": "8"}, "exit_status": {"value": "5"},
+                                   "message": {"value": "after the restart"}}})).body["id"]
 
-        await job_reaches(sb, job_id, "ready", timeout=60)
-        await supervisor.stopService()  # graceful: the VM keeps running
-        assert len(qemu_processes(f"treadmill-{job_id}")) == 1
-        supervisor = SupervisorService(reactor, config)
-        supervisor.startService()
-        await supervisor.ready()
-        assert supervisor.runner.status() == {"id": job_id, "state": "ready", "stage": None}
-        final = await job_reaches(sb, job_id, "terminated", timeout=60)
-        termination = final["termination"]
-        assert termination == {"reason": "workload_exited", "exit_status": 5,
-                               "message": "after the restart"}, final
-        events = (await sb.admin.get(f"/api/v1/jobs/{job_id}/events")).body["events"]
-        assert [e["state"] for e in events].count("ready") == 1
-        async def gone() -> bool:
-            return qemu_processes(f"treadmill-{job_id}") == []
+                await job_reaches(sb, job_id, "ready", timeout=60)
+                await supervisor.stopService()  # graceful: the VM keeps running
+                assert len(qemu_processes(f"treadmill-{job_id}")) == 1
+                supervisor = SupervisorService(reactor, config)
+                supervisor.startService()
+                await supervisor.ready()
+                assert supervisor.runner.status() == {"id": job_id, "state": "ready", "stage": None}
+                final = await job_reaches(sb, job_id, "terminated", timeout=60)
+                termination = final["termination"]
+                assert termination == {"reason": "workload_exited", "exit_status": 5,
+                                       "message": "after the restart"}, final
+                events = (await sb.admin.get(f"/api/v1/jobs/{job_id}/events")).body["events"]
+                assert [e["state"] for e in events].count("ready") == 1
+                async def gone() -> bool:
+                    return qemu_processes(f"treadmill-{job_id}") == []
 
-        await eventually(gone)
-        assert os.listdir(work_dir) == []
+                await eventually(gone)
+                assert os.listdir(work_dir) == []
+            finally:
+                if supervisor is not None and supervisor.running:
+                    await supervisor.stopService()
     finally:
-        if supervisor is not None and supervisor.running:
-            await supervisor.stopService()
-        await store.stopService()
         await sb.stop()
-        shutil.rmtree(work_dir, ignore_errors=True)
