@@ -13,8 +13,8 @@ import signal
 import pytest_twisted
 
 from tests.support import final, run_tml
-from tests.test_e2e_jobs import DIGEST, Bed
-from tests.test_e2e_jobs import bed as bed  # the fixture: both daemons, no tracebacks
+from tests.util.processbed import DIGEST, Bed
+from tests.util.processbed import bed as bed  # the fixture: both daemons, no tracebacks
 from tests.util.waiting import eventually, sleep
 
 

@@ -28,6 +28,7 @@ from twisted.internet.task import deferLater
 from tests.support import Client
 from tests.util.daemons import Daemon, bootstrap_admin
 from tests.util.ports import free_port
+from tests.util.running import stopping
 from tests.util.waiting import eventually, sleep
 from treadmill.dev.fleet import Fleet
 from treadmill.supervisor.config import SupervisorConfig
@@ -162,12 +163,9 @@ class Cluster:
 
 @pytest_twisted.async_yield_fixture
 async def cluster(database: str, tmp_path: Path):
-    c = Cluster(database, tmp_path)
-    try:
+    async with stopping(Cluster(database, tmp_path)) as c:
         await c.start()
         yield c
-    finally:
-        await c.stop()
 
 
 @pytest_twisted.ensureDeferred

@@ -15,23 +15,13 @@ import pytest
 import pytest_twisted
 
 from tests.support import (
-    Client,
-    add_host,
     final,
     job_reaches,
     one_mock_host,
     run_tml,
 )
-from tests.util.daemons import Daemon, bootstrap_admin
-from tests.util.ports import free_port
-from tests.util.waiting import eventually
-
-DIGEST = "sha256:" + "e" * 64
-
-
-async def state_is(admin: Client, job_id: str, state: str, timeout: float = 30.0) -> None:
-    await job_reaches(admin, job_id, state, timeout)
-
+from tests.util.processbed import DIGEST, Bed
+from tests.util.processbed import bed as bed  # the fixture: both daemons, no tracebacks
 
 # -- in process -----------------------------------------------------------------------
 
@@ -73,7 +63,7 @@ async def test_cancel_in_every_state(testbed: Any, where: str) -> None:
         body = {"image": DIGEST, "tags": ["mock"], "parameters": mock(run_time=60)}
     job_id = (await admin.post("/api/v1/jobs", body)).body["id"]
     if where != "queued":
-        await state_is(admin, job_id, "initializing" if where != "ready" else "ready")
+        await job_reaches(admin, job_id, "initializing" if where != "ready" else "ready")
     r = await admin.post(f"/api/v1/jobs/{job_id}/terminate")
     assert r.status == 200
     end = await final(admin, job_id)
@@ -113,72 +103,13 @@ async def test_host_start_failure_and_image_error(testbed: Any) -> None:
 # -- real processes, killed ---------------------------------------------------------------
 
 
-class Bed:
-    """A switchboard and one mock supervisor as twistd processes."""
-
-    def __init__(self, database: str, tmp: Path):
-        self.tmp = tmp
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.sb_config = tmp / "switchboard.toml"
-        self.sb_config.write_text(
-            f'listen = ["tcp:{self.port}:interface=127.0.0.1"]\n'
-            f'[database]\ndsn = "{database}"\n'
-            f'[capabilities]\nsigning_key = "{tmp / "key.pem"}"\n'
-            "[jobs]\ntimeout_interval = 0.2\n"
-            "[scheduler]\ninterval = 0.5\n"
-            "[supervisors]\nunreachable_after = 20\n")
-        self.switchboard = Daemon("treadmill-switchboard", ["--config", str(self.sb_config)])
-        self.supervisor: Daemon | None = None
-        self.admin: Client | None = None
-
-    async def start(self) -> None:
-        self.switchboard.start()
-        await self.switchboard.wait_http(f"{self.url}/healthz")
-        self.admin = Client(self.url, await bootstrap_admin("--config", str(self.sb_config)))
-        token = await add_host(self.admin, "mock-1", ["mock"])
-        config = self.tmp / "supervisor.toml"
-        config.write_text(
-            f'state_dir = "{self.tmp / "supervisor"}"\ndriver = "mock"\n'
-            f'[switchboard]\nurl = "ws://127.0.0.1:{self.port}"\ntoken = "{token}"\n'
-            "[reconnect]\ninitial = 0.1\nmax = 1.0\n"
-            "[mock]\nrun_time = 0.3\n"
-            "[mock.stages]\nstarting = 0.05\nfetching_image = 0.05\nallocating = 0.05\n"
-            "provisioning = 0.05\nbooting = 0.05\n")
-        self.supervisor = Daemon("treadmill-supervisor", ["--config", str(config)])
-        self.supervisor.start()
-
-        async def connected() -> bool:
-            assert self.admin is not None
-            return (await self.admin.get("/api/v1/hosts/mock-1")).body["connected"]
-
-        await eventually(connected, timeout=30)
-
-    async def stop(self) -> None:
-        if self.supervisor is not None:
-            await self.supervisor.stop()
-        await self.switchboard.stop()
-
-
-@pytest_twisted.async_yield_fixture
-async def bed(database: str, tmp_path: Path):
-    b = Bed(database, tmp_path)
-    try:
-        await b.start()
-        yield b
-    finally:
-        await b.stop()
-    for daemon in (b.switchboard, b.supervisor):
-        assert daemon is None or "Traceback (most recent" not in daemon.output, daemon.output
-
-
 @pytest_twisted.ensureDeferred
 async def test_switchboard_killed_mid_job(bed: Bed) -> None:
     admin = bed.admin
     assert admin is not None
     job_id = (await admin.post("/api/v1/jobs", {
         "image": DIGEST, "tags": ["mock"], "parameters": mock(run_time=3)})).body["id"]
-    await state_is(admin, job_id, "ready")
+    await job_reaches(admin, job_id, "ready")
     assert await bed.switchboard.signal(signal.SIGKILL) != 0
     bed.switchboard.start()  # The supervisor reconnects; its journal fills any gap.
     await bed.switchboard.wait_http(f"{bed.url}/healthz")
@@ -201,7 +132,7 @@ async def test_supervisor_killed_mid_job(bed: Bed) -> None:
     job_id = (await admin.post("/api/v1/jobs", {
         "image": DIGEST, "tags": ["mock"], "max_restarts": 1,
         "parameters": mock(run_time=60)})).body["id"]
-    await state_is(admin, job_id, "ready")
+    await job_reaches(admin, job_id, "ready")
     assert await bed.supervisor.signal(signal.SIGKILL) != 0
     bed.supervisor.start()
     # The restarted supervisor cannot re-adopt an in-process mock job and says so.
@@ -211,7 +142,7 @@ async def test_supervisor_killed_mid_job(bed: Bed) -> None:
     successor = [j for j in jobs if j["restart_of"] == job_id]
     assert len(successor) == 1
     # The successor runs; nothing is lost or run twice.
-    await state_is(admin, successor[0]["id"], "ready")
+    await job_reaches(admin, successor[0]["id"], "ready")
     await admin.post(f"/api/v1/jobs/{successor[0]['id']}/terminate")
     assert (await final(admin, successor[0]["id"]))["termination"]["reason"] == \
         "user_terminated"

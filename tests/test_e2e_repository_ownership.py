@@ -179,7 +179,7 @@ async def test_skopeo_with_the_switchboards_token_flow(bed: Bed, tmp_path: Path)
     """skopeo, with user:API token credentials: alice copies into her namespace and
     deletes (skopeo asks for repository:NAME:*); bob can do neither there, nor push
     a top-level name; he copies alice's image once she shares it, not before."""
-    from tests.imagestore.test_skopeo import skopeo
+    from tests.imagestore.support import skopeo
 
     source = tmp_path / "source"
     source.mkdir()

@@ -16,10 +16,11 @@ import pytest_twisted
 
 from tests.support import (
     final,
+    job_reaches,
     one_mock_host,
     run_tml,
 )
-from tests.test_e2e_jobs import DIGEST, state_is
+from tests.util.processbed import DIGEST
 from tests.util.waiting import sleep
 from treadmill.supervisor.drivers.mock import RESERVATION_PARAMETER, MockSettings
 from treadmill.switchboard.api import Limits
@@ -113,7 +114,7 @@ async def test_reservation_is_queued_like_a_job_and_released_on_cancel(testbed: 
     busy = (await testbed.admin.post("/api/v1/jobs", {
         "image": DIGEST, "tags": ["mock"],
         "parameters": {"mock.run_time": {"value": "inf"}}})).body["id"]
-    await state_is(testbed.admin, busy, "ready")
+    await job_reaches(testbed.admin, busy, "ready")
     code, out = await run_tml(testbed.url, alice.token, "host", "reserve", "--image", DIGEST,
                               "--tag", "mock", "--for", "20", "--no-wait")
     assert code == 0 and "queued" in out, out
@@ -124,7 +125,7 @@ async def test_reservation_is_queued_like_a_job_and_released_on_cancel(testbed: 
     r = await alice.post(f"/api/v1/jobs/{job_id}/extend", {"by": 10})
     assert r.status == 200 and r.body["timeout"] == 30 and r.body["deadline"] is None, r.body
     await testbed.admin.post(f"/api/v1/jobs/{busy}/terminate")
-    await state_is(alice, job_id, "ready")
+    await job_reaches(alice, job_id, "ready")
     job = (await alice.get(f"/api/v1/jobs/{job_id}")).body
     assert 29.5 <= _time(job["deadline"]) - _time(job["assigned_at"]) <= 30.5
     # tml job cancel releases it at once.

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from tests.fakes.conformance import check_interface, check_methods
+from tests.fakes.fetcher import StubFetcher
 from tests.fakes.reporter import Recorder
 from tests.supervisor.qemu.conftest import FakeFetcher as QemuFetcher
 from tests.supervisor.serial.support import FakeFetcher as BoardFetcher
-from tests.supervisor.test_mock import StubFetcher
 from treadmill.supervisor.drivers import IJobReporter
 from treadmill.supervisor.fetch import ImageFetcher
 

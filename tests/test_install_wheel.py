@@ -27,11 +27,11 @@ import pytest
 from psycopg2 import sql
 from psycopg2.extensions import make_dsn
 
-from tests.test_metrics_names import documented, scraped
-from tests.test_systemd_units import TWISTD, parse, values
 from tests.util.certs import make_pki
+from tests.util.metricnames import documented, scraped
 from tests.util.pgroles import least_privileged_database
 from tests.util.ports import free_port
+from tests.util.units import TWISTD, parse, values
 from tests.wheels import ROOT, run
 from treadmill.dev.pgcluster import drop_database
 from treadmill.protocol import supervisor as protocol

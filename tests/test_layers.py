@@ -8,6 +8,8 @@
 - No import circles between modules. Module-level imports count, those under
   ``if TYPE_CHECKING:`` too (a circle of type hints still says that two modules
   know each other: move the shared type to a third module).
+- No test module imports another test module (``tests/**/test_*.py``): what tests
+  share lives in a support module.
 """
 
 from __future__ import annotations
@@ -186,3 +188,36 @@ def test_the_walk_sees_imports() -> None:
     assert len(MODULES) > 100
     assert any(i.importer == "treadmill.proxy.control" and i.imported == "treadmill.protocol.proxy"
                for i in IMPORTS)
+
+
+# -- the tests themselves ---------------------------------------------------------------
+
+TESTS = ROOT.parent / "tests"
+
+
+def imports_of_test_modules(path: Path) -> list[str]:
+    """The ``tests.…test_*`` modules that ``path`` imports, anywhere in it."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+        names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                 else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+        found += [n for n in names
+                  if n.startswith("tests.") and n.rsplit(".", 1)[-1].startswith("test_")]
+    return sorted(found)
+
+
+def test_no_test_module_imports_another() -> None:
+    """What two test modules share lives in a support module (``tests/support.py``,
+    ``tests/<area>/support.py``, ``tests/util``, ``tests/fakes``), so each test module
+    runs alone and is collected once."""
+    offenders = {str(p.relative_to(TESTS)): imports_of_test_modules(p)
+                 for p in sorted(TESTS.rglob("*.py"))}
+    assert {p: found for p, found in offenders.items() if found} == {}
+
+
+def test_the_test_import_check_sees_one(tmp_path: Path) -> None:
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("def f():\n    from tests.switchboard.test_links import x\n"
+                     "import tests.test_e2e_jobs\nfrom tests.support import Client\n")
+    assert sorted(imports_of_test_modules(probe)) == [
+        "tests.switchboard.test_links", "tests.test_e2e_jobs"]

@@ -143,7 +143,7 @@ async def test_supervisor_status(tmp_path: Path) -> None:
 async def test_switchboard_list_links_shows_a_connected_supervisor(migrated_database: str,
                                                                    tmp_path: Path) -> None:
     from tests.support import start_switchboard
-    from tests.switchboard.test_links import add_host, connected_peer
+    from tests.switchboard.support import add_host, connected_peer
     from tests.util.waiting import eventually
     from treadmill.protocol import supervisor as protocol
 

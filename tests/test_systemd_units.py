@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.util.daemons import BIN
+from tests.util.units import TWISTD, parse, values
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
-TWISTD = "/opt/treadmill/bin/twistd"  # docs/install.md's layout
 ROLES = {"treadmill-switchboard.service": "treadmill-switchboard",
          "treadmill-imagestore.service": "treadmill-imagestore",
          "treadmill-imagecache.service": "treadmill-imagestore",
@@ -24,34 +24,6 @@ ROLES = {"treadmill-switchboard.service": "treadmill-switchboard",
          "treadmill-supervisor@.service": "treadmill-supervisor",
          "treadmill-supervisor-qemu@.service": "treadmill-supervisor",
          "treadmill-supervisor-serial@.service": "treadmill-supervisor"}
-
-
-def parse(path: Path) -> dict[str, list[tuple[str, str]]]:
-    """Sections of a unit file as (key, value) lists, continuation lines joined."""
-    sections: dict[str, list[tuple[str, str]]] = {}
-    current: list[tuple[str, str]] | None = None
-    logical = ""
-    for number, raw in enumerate(path.read_text().splitlines(), 1):
-        if not logical and (not raw.strip() or raw.lstrip().startswith(("#", ";"))):
-            continue
-        logical += raw.rstrip()
-        if logical.endswith("\\"):
-            logical = logical[:-1] + " "
-            continue
-        line, logical = logical.strip(), ""
-        if line.startswith("[") and line.endswith("]"):
-            current = sections.setdefault(line[1:-1], [])
-            continue
-        assert current is not None and "=" in line, f"{path.name}:{number}: {line!r}"
-        key, value = line.split("=", 1)
-        assert key.strip() == key and key.isascii() and key[:1].isupper(), (path.name, key)
-        current.append((key, value.strip()))
-    assert not logical, f"{path.name}: ends inside a continued line"
-    return sections
-
-
-def values(unit: dict[str, list[tuple[str, str]]], key: str) -> list[str]:
-    return [v for k, v in unit["Service"] if k == key]
 
 
 def test_every_unit_is_known_and_well_formed() -> None:

@@ -66,7 +66,7 @@ async def test_job_wait_timeout_exits_6_and_leaves_the_job(tml, fake_switchboard
 
 
 def test_job_run_takes_every_option_of_job_submit() -> None:
-    from tests.cli.test_cli_docs import commands
+    from tests.cli.support import commands
     from treadmill.cli.main import build_parser
 
     parsers = {path: parser for path, parser in commands(build_parser())}

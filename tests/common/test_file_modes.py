@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from tests.imagestore.support import Registry
-from tests.imagestore.test_daemon import write_config
+from tests.imagestore.support import Registry, write_config
 from tests.logserver.support import Keys as LogKeys
 from tests.logserver.support import LogClient, new_job
 from tests.util.daemons import Daemon

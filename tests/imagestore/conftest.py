@@ -9,6 +9,7 @@ import pytest
 import pytest_twisted
 
 from tests.imagestore.support import Keys, Pair, RunningStore, make_keys, pair, start_store
+from tests.util.running import stopping
 
 
 @pytest.fixture
@@ -19,21 +20,15 @@ def keys(tmp_path: Path) -> Keys:
 @pytest_twisted.async_yield_fixture
 async def store(tmp_path: Path, keys: Keys) -> AsyncIterator[RunningStore]:
     """A store that requires capability tokens (``store.keys`` signs them)."""
-    running = await start_store(tmp_path / "store", keys)
-    try:
+    async with stopping(await start_store(tmp_path / "store", keys)) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 @pytest_twisted.async_yield_fixture
 async def open_store(tmp_path: Path) -> AsyncIterator[RunningStore]:
     """A store with ``auth.disabled``."""
-    running = await start_store(tmp_path / "open-store", None)
-    try:
+    async with stopping(await start_store(tmp_path / "open-store", None)) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 @pytest_twisted.async_yield_fixture

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from treq.client import HTTPClient
 from twisted.internet import reactor
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.client import Agent
 
 from tests.util.raw import raw_request
@@ -432,3 +435,30 @@ def slow_disk(store: RunningStore, monkeypatch: Any, delay: float = 0.01) -> Bac
     monkeypatch.setattr(uploads, "_append", slow_append)
     monkeypatch.setattr(BodySink, "write", write)
     return seen
+
+
+# -- outside clients and the daemon's configuration file --------------------------------
+
+SKOPEO = shutil.which("skopeo")
+
+
+async def skopeo(home: Path, *args: str) -> tuple[int, str]:
+    env = {"HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+           "XDG_RUNTIME_DIR": str(home)}
+    assert SKOPEO is not None
+    out, err, code = await getProcessOutputAndValue(
+        SKOPEO, ["--insecure-policy", *args], env=env)
+    return code, (out + err).decode("utf-8", "replace")
+
+
+def write_config(path: Path, root: Path, port: int, keys: Keys | None,
+                 metrics: int | None = None) -> Path:
+    auth = (f'[auth]\nkeys_file = "{keys.public_file}"\nrealm = "{REALM}"\n' if keys
+            else "[auth]\ndisabled = true\n")
+    extra = f'[metrics]\nlisten = ["tcp:{metrics}:interface=127.0.0.1"]\n' if metrics else ""
+    path.write_text(
+        f'listen = ["tcp:{port}:interface=127.0.0.1:backlog=128"]\n'
+        f'root = "{root}"\n'
+        "[http]\naccess_log = false\n"
+        f"{auth}{extra}")
+    return path

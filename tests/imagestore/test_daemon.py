@@ -17,29 +17,16 @@ from twisted.internet.task import deferLater
 from twisted.web.client import FileBodyProducer
 
 from tests.imagestore.support import (
-    REALM,
     Keys,
     Registry,
     digest_of,
+    write_config,
 )
 from tests.util.daemons import Daemon, run_twistd
 from tests.util.ports import free_port
 from tests.util.raw import raw_connect
 
 MIB = 1024 * 1024
-
-
-def write_config(path: Path, root: Path, port: int, keys: Keys | None,
-                 metrics: int | None = None) -> Path:
-    auth = (f'[auth]\nkeys_file = "{keys.public_file}"\nrealm = "{REALM}"\n' if keys
-            else "[auth]\ndisabled = true\n")
-    extra = f'[metrics]\nlisten = ["tcp:{metrics}:interface=127.0.0.1"]\n' if metrics else ""
-    path.write_text(
-        f'listen = ["tcp:{port}:interface=127.0.0.1:backlog=128"]\n'
-        f'root = "{root}"\n'
-        "[http]\naccess_log = false\n"
-        f"{auth}{extra}")
-    return path
 
 
 def vm_hwm(pid: int) -> int:

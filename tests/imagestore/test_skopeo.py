@@ -11,37 +11,27 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.imagestore.support import (
     SERVICE,
+    SKOPEO,
     Keys,
     RunningStore,
     build_oci_layout,
     digest_of,
+    skopeo,
     start_store,
 )
 from treadmill.common.captoken import Access
 
-SKOPEO = shutil.which("skopeo")
 pytestmark = pytest.mark.skipif(
     SKOPEO is None, reason="skopeo is not installed (tools/setup-env installs it with apt)")
-
-
-async def skopeo(home: Path, *args: str) -> tuple[int, str]:
-    env = {"HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-           "XDG_RUNTIME_DIR": str(home)}
-    assert SKOPEO is not None
-    out, err, code = await getProcessOutputAndValue(
-        SKOPEO, ["--insecure-policy", *args], env=env)
-    return code, (out + err).decode("utf-8", "replace")
 
 
 def layout_blobs(directory: Path) -> dict[str, bytes]:

@@ -9,6 +9,7 @@ import pytest
 import pytest_twisted
 
 from tests.logserver.support import Keys, LogClient, Running, start_logserver
+from tests.util.running import stopping
 
 
 @pytest.fixture
@@ -18,11 +19,8 @@ def keys(tmp_path: Path) -> Keys:
 
 @pytest_twisted.async_yield_fixture
 async def logserver(tmp_path: Path, keys: Keys) -> AsyncIterator[Running]:
-    running = await start_logserver(tmp_path / "logs", keys)
-    try:
+    async with stopping(await start_logserver(tmp_path / "logs", keys)) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 @pytest.fixture

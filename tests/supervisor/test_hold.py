@@ -16,7 +16,7 @@ import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
 
 from tests.supervisor.peer import JOB_A, JOB_B, job
-from tests.supervisor.test_outbox import Connection, Harness
+from tests.supervisor.support import Connection, Harness
 from treadmill.protocol import supervisor as protocol
 from treadmill.supervisor.hold import hold_for
 from treadmill.supervisor.journal import StateFiles

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,26 @@ async def stored(url: str, keys: Keys, job: str, stream: str) -> bytes:
     answer = await LogClient(url).read(job, stream, keys.token(job, "read"))
     assert answer.code == 200, (answer.code, answer.body)
     return answer.body
+
+
+
+@contextlib.asynccontextmanager
+async def shipping(tmp_path: Path, keys: Keys, job: str, token: str | None = None, *,
+                   dead_too: bool = False) -> AsyncIterator[tuple[Running, LogShipper, str]]:
+    """A log server and a shipper of ``job`` to it (and, ``dead_too``, to a port where
+    nothing listens, which holds the spool): yields both and the dead URL; stops both."""
+    token = token or keys.token(job, "append")
+    server = await start_logserver(tmp_path / "logs", keys)
+    dead = f"http://127.0.0.1:{free_port()}"
+    servers = [{"url": server.url, "token": token}]
+    if dead_too:
+        servers.append({"url": dead, "token": token})
+    shipper = LogShipper(reactor, str(tmp_path / "state"), job, servers, **FAST)
+    try:
+        yield server, shipper, dead
+    finally:
+        await shipper.stop()
+        await server.stop()
 
 
 def daemon_config(path: Path, port: int, root: Path, keys: Keys) -> Path:
@@ -137,13 +159,8 @@ async def test_two_servers_one_killed_and_the_shipper_restarted(tmp_path: Path) 
 async def test_a_server_that_lost_bytes_gets_them_again(tmp_path: Path) -> None:
     keys = Keys(tmp_path)
     job = new_job()
-    token = keys.token(job, "append")
-    server = await start_logserver(tmp_path / "logs", keys)
-    dead = f"http://127.0.0.1:{free_port()}"  # holds the spool: nothing is dropped
-    shipper = LogShipper(reactor, str(tmp_path / "state"), job,
-                         [{"url": server.url, "token": token}, {"url": dead, "token": token}],
-                         **FAST)
-    try:
+    # The dead server holds the spool: nothing is dropped.
+    async with shipping(tmp_path, keys, job, dead_too=True) as (server, shipper, _):
         shipper.append("console", b"a" * 50_000)
         await until(lambda: shipper.status()["servers"][server.url]["cursors"]["console"]
                     == 50_000, what="the first bytes acknowledged")
@@ -153,9 +170,7 @@ async def test_a_server_that_lost_bytes_gets_them_again(tmp_path: Path) -> None:
                     == 51_000, what="everything sent again")
         assert await stored(server.url, keys, job, "console") == b"a" * 50_000 + b"b" * 1000
         assert not shipper.status()["servers"][server.url]["failed"]
-    finally:
-        await shipper.stop()
-        await server.stop()
+
 
 
 @pytest_twisted.ensureDeferred
@@ -229,10 +244,8 @@ async def test_close_closes_empty_streams_and_ends_followers(tmp_path: Path) -> 
 async def test_refused_token_is_retried_until_replaced(tmp_path: Path) -> None:
     keys = Keys(tmp_path)
     job = new_job()
-    server = await start_logserver(tmp_path / "logs", keys)
-    shipper = LogShipper(reactor, str(tmp_path / "state"), job,
-                         [{"url": server.url, "token": keys.expired(job, "append")}], **FAST)
-    try:
+    expired = keys.expired(job, "append")
+    async with shipping(tmp_path, keys, job, expired) as (server, shipper, _):
         shipper.append("console", b"hello")
         await until(lambda: shipper.status()["servers"][server.url]["last_error"] is not None,
                     what="a refusal")
@@ -240,9 +253,7 @@ async def test_refused_token_is_retried_until_replaced(tmp_path: Path) -> None:
         shipper.set_servers([{"url": server.url, "token": keys.token(job, "append")}])
         await shipper.drained()
         assert await stored(server.url, keys, job, "console") == b"hello"
-    finally:
-        await shipper.stop()
-        await server.stop()
+
 
 
 def test_resume_without_state_and_bad_names(tmp_path: Path) -> None:
@@ -307,13 +318,7 @@ async def test_lag_per_server_backlog_and_seconds_behind(tmp_path: Path) -> None
     the dead one keeps every byte as backlog and falls further behind."""
     keys = Keys(tmp_path)
     job = new_job()
-    token = keys.token(job, "append")
-    server = await start_logserver(tmp_path / "logs", keys)
-    dead = f"http://127.0.0.1:{free_port()}"
-    shipper = LogShipper(reactor, str(tmp_path / "state"), job,
-                         [{"url": server.url, "token": token}, {"url": dead, "token": token}],
-                         **FAST)
-    try:
+    async with shipping(tmp_path, keys, job, dead_too=True) as (server, shipper, dead):
         await sleep(0.3)  # idle: nobody is behind, however long ago the last ack
         assert shipper.lag() == {server.url: (0, 0.0), dead: (0, 0.0)}
         shipper.append("console", b"a" * 20_000)
@@ -324,6 +329,3 @@ async def test_lag_per_server_backlog_and_seconds_behind(tmp_path: Path) -> None
         assert behind == 20_003 and 0.3 <= seconds < 5
         await sleep(0.2)
         assert shipper.lag()[dead][1] >= seconds + 0.2
-    finally:
-        await shipper.stop()
-        await server.stop()

@@ -6,11 +6,11 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface.verify import verifyObject
 
 from tests.fakes import reporter
+from tests.fakes.fetcher import StubFetcher
 from tests.supervisor.peer import JOB_A, JOB_B, job
 from treadmill.supervisor.drivers import STAGES, IHostDriver, StartRefused
 from treadmill.supervisor.drivers.mock import MOCK_SETTINGS, MockDriver, MockSettings
@@ -258,28 +258,6 @@ def test_settings_from_configuration_values() -> None:
 
 
 # -- fetching the image ---------------------------------------------------------------------
-
-
-class StubFetcher:
-    """An ImageFetcher stand-in whose fetches the test completes by hand."""
-
-    def __init__(self, cache_mount: str | None = None):
-        self.cache_mount = cache_mount
-        self.calls: list[dict[str, Any]] = []
-        self.pending: list[Deferred[Any]] = []
-        self.released: list[Any] = []
-
-    def can_fetch(self, image: dict[str, Any]) -> bool:
-        return bool(self.cache_mount or image.get("stores"))
-
-    async def fetch(self, image: dict[str, Any]) -> Any:
-        self.calls.append(image)
-        d: Deferred[Any] = Deferred()
-        self.pending.append(d)
-        return await d
-
-    def release(self, fetched: Any) -> None:
-        self.released.append(fetched)
 
 
 def with_stores(start: dict[str, Any]) -> dict[str, Any]:

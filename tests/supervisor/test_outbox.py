@@ -8,7 +8,6 @@ a real WebSocket are in ``test_runner.py``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,8 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from tests.supervisor.peer import JOB_A, JOB_B, job
+from tests.supervisor.peer import JOB_A, JOB_B
+from tests.supervisor.support import CAP, ENDPOINTS, TIMEOUT, Connection, Harness
 from treadmill.protocol import supervisor as protocol
 from treadmill.supervisor.consolenotices import ConsoleNotices
 from treadmill.supervisor.drivers import STAGES, IHostSnapshots
@@ -26,77 +26,9 @@ from treadmill.supervisor.journal import StateFiles
 from treadmill.supervisor.outbox import UNAVAILABLE
 from treadmill.supervisor.runner import JobRunner
 
-TIMEOUT, CAP = 5.0, 40.0
-ENDPOINTS = [{"service": "ssh", "proxy": "https://proxy.example", "host": "proxy.example",
-              "port": 2222}]
-
-
-class Connection:
-    """What the runner sent on one connection, with the clock's time."""
-
-    def __init__(self, clock: Clock, minor: int = protocol.MINOR):
-        self.clock = clock
-        self.minor = minor
-        self.open = True
-        self.sent: list[tuple[float, dict[str, Any]]] = []
-        self._rid = 0
-
-    def send(self, message: dict[str, Any]) -> bool:
-        if not self.open:
-            return False
-        protocol.validate(message)
-        self.sent.append((self.clock.seconds(), message))
-        return True
-
-    def next_request_id(self) -> int:
-        self._rid += 1
-        return self._rid
-
-    def events(self) -> list[tuple[float, dict[str, Any]]]:
-        return [(t, m) for t, m in self.sent if m["type"] == "job_event"]
-
 
 def body(message: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in message.items() if k != "request_id"}
-
-
-class Harness:
-    def __init__(self, tmp_path: Path, jitter: float = 0.0, **mock: Any):
-        self.clock = Clock()
-        self.state = tmp_path / "state"
-        mock = {"durations": dict.fromkeys(STAGES, 1.0), "run_time": 1.0, **mock}
-        settings = MockSettings(echo=False, **mock)
-        self.runner = JobRunner(self.clock, MockDriver(self.clock, settings),
-                                StateFiles(str(self.state), durable=False),
-                                run_io=lambda fn, *a, **k: maybeDeferred(fn, *a, **k),
-                                ack_timeout=TIMEOUT, resend_max=CAP, jitter=lambda: jitter)
-        started = Deferred.fromCoroutine(self.runner.start())
-        assert started.called
-        self.conn = self.connect()
-
-    def connect(self) -> Connection:
-        conn = Connection(self.clock)
-        self.runner.link_opened(conn)
-        return conn
-
-    def disconnect(self) -> None:
-        self.conn.open = False
-        self.runner.link_closed(self.conn)
-
-    def start(self, **params: Any) -> None:
-        self.runner.message_received(self.conn, protocol.start_job(900, job(**params)))
-        self.clock.advance(0)  # the mock reports "starting" on the next turn
-
-    def ack(self, rid: int, error: tuple[str, str] | None = None,
-            conn: Connection | None = None) -> None:
-        self.runner.message_received(conn or self.conn, protocol.ack(rid, error))
-
-    def journal(self) -> list[str]:
-        return sorted(os.listdir(self.state / "journal"))
-
-    def advance_to(self, when: float) -> None:
-        while self.clock.seconds() < when - 1e-9:
-            self.clock.advance(min(0.25, when - self.clock.seconds()))
 
 
 def test_an_unacknowledged_event_is_resent_backing_off_up_to_the_cap(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.supervisor.test_outbox import ENDPOINTS, Harness
+from tests.supervisor.support import ENDPOINTS, Harness
 from treadmill.protocol import supervisor as protocol
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBERERERERERERERERERERERERERERERERERERERERER"

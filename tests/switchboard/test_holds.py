@@ -15,7 +15,7 @@ import pytest_twisted
 
 from tests.support import RunningSwitchboard, start_switchboard
 from tests.switchboard.peer import Peer, Script
-from tests.switchboard.test_links import (
+from tests.switchboard.support import (
     add_host,
     assigned_job,
     connected_peer,
@@ -24,6 +24,7 @@ from tests.switchboard.test_links import (
     reconnect,
     submit,
 )
+from tests.util.running import stopping
 from tests.util.waiting import eventually, sleep
 from treadmill.protocol import supervisor as protocol
 from treadmill.switchboard.api import Limits
@@ -33,13 +34,10 @@ MAX_HOLD = 120.0
 
 @pytest_twisted.async_yield_fixture
 async def sb(migrated_database: str, tmp_path: Path):
-    running = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                      unreachable_after=60.0, timeout_interval=0.1,
-                                      limits=Limits(max_hold=MAX_HOLD))
-    try:
+    async with stopping(await start_switchboard(
+            migrated_database, tmp_path, scheduler_interval=0.2, unreachable_after=60.0,
+            timeout_interval=0.1, limits=Limits(max_hold=MAX_HOLD))) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 def _time(text: str) -> float:

@@ -12,7 +12,7 @@ import pytest_twisted
 
 from tests.support import RunningSwitchboard, start_switchboard
 from tests.switchboard.peer import Peer
-from tests.switchboard.test_links import (
+from tests.switchboard.support import (
     FAST,
     add_host,
     assigned_job,
@@ -22,6 +22,7 @@ from tests.switchboard.test_links import (
     reconnect,
     submit,
 )
+from tests.util.running import stopping
 from tests.util.waiting import eventually
 
 CHECK_DIGEST = "sha256:" + "e" * 64
@@ -29,12 +30,9 @@ CHECK_DIGEST = "sha256:" + "e" * 64
 
 @pytest_twisted.async_yield_fixture
 async def sb(migrated_database: str, tmp_path: Path):
-    running = await start_switchboard(migrated_database, tmp_path, **FAST,
-                                      health_interval=3600.0)
-    try:
+    async with stopping(await start_switchboard(migrated_database, tmp_path, **FAST,
+                                                health_interval=3600.0)) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 async def health(sb: RunningSwitchboard, host: str = "h1", client: Any = None

@@ -23,6 +23,7 @@ from twisted.web.http_headers import Headers
 
 from tests.support import Client, RunningSwitchboard, start_switchboard
 from tests.switchboard.outage import Outage
+from tests.util.running import stopping
 from treadmill.cli.main import run as tml
 
 DIGEST = "sha256:" + "d" * 64
@@ -32,11 +33,8 @@ BODY = {"image": DIGEST, "label": "nightly", "parameters": {"S": {"value": "hush
 
 @pytest_twisted.async_yield_fixture
 async def sb(database: str, tmp_path: Path) -> AsyncIterator[RunningSwitchboard]:
-    running = await start_switchboard(database, tmp_path)
-    try:
+    async with stopping(await start_switchboard(database, tmp_path)) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ import pytest_twisted
 
 from tests.support import RunningSwitchboard, start_switchboard
 from tests.switchboard.peer import Peer, Script
+from tests.switchboard.support import add_host
+from tests.util.running import stopping
 from tests.util.waiting import eventually
 from treadmill.switchboard.scheduling import FreeHost, QueuedJob, assign, may_run
 
@@ -25,20 +27,10 @@ STORE = "http://store.example"
 
 @pytest_twisted.async_yield_fixture
 async def sb(migrated_database: str, tmp_path: Path):
-    running = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                      unreachable_after=60.0, unrunnable_grace=0.0)
-    try:
+    async with stopping(await start_switchboard(
+            migrated_database, tmp_path, scheduler_interval=0.2, unreachable_after=60.0,
+            unrunnable_grace=0.0)) as running:
         yield running
-    finally:
-        await running.stop()
-
-
-async def add_host(sb: RunningSwitchboard, name: str) -> str:
-    r = await sb.admin.post("/api/v1/hosts", {"name": name, "tags": ["t"]})
-    assert r.status == 201, r.body
-    r2 = await sb.admin.post(f"/api/v1/hosts/{name}/grants", {"user": "*", "privilege": "start"})
-    assert r2.status == 201, r2.body
-    return r.body["token"]
 
 
 async def host_view(sb: RunningSwitchboard, name: str) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
@@ -17,86 +16,20 @@ from twisted.internet import reactor
 
 from tests.support import RunningSwitchboard, start_switchboard
 from tests.switchboard.peer import Peer, Script
+from tests.switchboard.support import (
+    DIGEST,
+    add_host,
+    assigned_job,
+    connected_peer,
+    job,
+    reaches,
+    reconnect,
+    submit,
+)
+from tests.switchboard.support import sb as sb  # the fixture: a switchboard with FAST settings
 from tests.util.waiting import eventually
 from treadmill.protocol import supervisor as protocol
 from treadmill.switchboard.jobstate import Reason, State, Status
-
-DIGEST = "sha256:" + "c" * 64
-FAST = {"scheduler_interval": 0.2, "unreachable_after": 60.0}
-
-
-@pytest_twisted.async_yield_fixture
-async def sb(migrated_database: str, tmp_path: Path):
-    running = await start_switchboard(migrated_database, tmp_path, **FAST)
-    try:
-        yield running
-    finally:
-        await running.stop()
-
-
-async def add_host(sb: RunningSwitchboard, name: str = "h1", tags: tuple[str, ...] = ("t",),
-                   grant: bool = True) -> str:
-    r = await sb.admin.post("/api/v1/hosts", {"name": name, "tags": list(tags)})
-    assert r.status == 201, r.body
-    if grant:
-        r2 = await sb.admin.post(f"/api/v1/hosts/{name}/grants",
-                                 {"user": "*", "privilege": "start"})
-        assert r2.status == 201, r2.body
-    return r.body["token"]
-
-
-async def submit(sb: RunningSwitchboard, client: Any = None, **fields: Any) -> str:
-    body = {"image": DIGEST, "tags": ["t"], **fields}
-    r = await (client or sb.admin).post("/api/v1/jobs", body)
-    assert r.status == 201, r.body
-    return r.body["id"]
-
-
-async def job(sb: RunningSwitchboard, job_id: str) -> dict[str, Any]:
-    r = await sb.admin.get(f"/api/v1/jobs/{job_id}")
-    assert r.status == 200, r.body
-    return r.body
-
-
-async def reaches(sb: RunningSwitchboard, job_id: str, state: str, **more: Any
-                  ) -> dict[str, Any]:
-    async def check() -> dict[str, Any] | None:
-        body = await job(sb, job_id)
-        if body["state"] != state:
-            return None
-        for key, value in more.items():
-            actual = (body["termination"] or {}).get(key) if key in (
-                "reason", "exit_status") else body.get(key)
-            if actual != value:
-                return None
-        return body
-
-    return await eventually(check)
-
-
-async def connected_peer(sb: RunningSwitchboard, token: str, script: Script | None = None
-                         ) -> Peer:
-    peer = Peer(sb.url, token, script or Script())
-    await peer.connect()
-    await peer.wait_for("status_request")
-    return peer
-
-
-async def assigned_job(sb: RunningSwitchboard, peer: Peer, **fields: Any) -> str:
-    job_id = await submit(sb, **fields)
-    await peer.wait_for("start_job", job_id=job_id)
-    await reaches(sb, job_id, "assigned")
-    return job_id
-
-
-async def reconnect(peer: Peer, job: dict[str, Any] | None) -> None:
-    peer.disconnect()
-    await peer.closed()
-    peer.received.clear()
-    peer.script.job = job
-    await peer.connect()
-    await peer.wait_for("status_request")
-
 
 # -- the handshake ------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from tests.support import start_switchboard
-from tests.switchboard.test_links import add_host, connected_peer, job, submit
+from tests.switchboard.support import add_host, connected_peer, job, submit
 from tests.util.ssh import new_ssh_public_key
 from treadmill.protocol import supervisor as protocol
 

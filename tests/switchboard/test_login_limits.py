@@ -179,18 +179,26 @@ def defer_login(sb: RunningSwitchboard, user: str) -> Any:
     return Deferred.fromCoroutine(login(sb, user, "guess"))
 
 
+def parse(*args: str) -> dict[str, Any]:
+    """The switchboard's option values from ``args`` (the command line)."""
+    from treadmill.switchboard.tap import Options
+
+    options = Options()
+    options.parseOptions(list(args))
+    return options.values
+
+
 def test_login_settings_reach_the_policy(tmp_path: Path) -> None:
-    from tests.common.test_config import parse
-    from treadmill.switchboard.tap import Options, config_from
+    from treadmill.switchboard.tap import config_from
 
     config = tmp_path / "switchboard.toml"
     config.write_text('[database]\ndsn = "dbname=x"\n[login]\naddress_burst = 7\n'
                       'trusted_proxies = ["10.0.0.1"]\nhashing_queue = 0\n')
-    values = parse("--config", str(config), "--login-user-rate", "0.5", options_class=Options)
+    values = parse("--config", str(config), "--login-user-rate", "0.5")
     policy = config_from(values).passwords
     assert policy == PasswordPolicy(address_burst=7, user_rate=0.5, hashing_queue=0,
                                     trusted_proxies=("10.0.0.1",))
-    assert config_from(parse("--database-dsn", "x", options_class=Options)).passwords == \
+    assert config_from(parse("--database-dsn", "x")).passwords == \
         PasswordPolicy()
 
 

@@ -24,7 +24,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from tests.support import RunningSwitchboard, mock_supervisor, start_switchboard
 from tests.switchboard.outage import Outage
 from tests.switchboard.peer import Peer, Script
-from tests.switchboard.test_links import (
+from tests.switchboard.support import (
     add_host,
     assigned_job,
     connected_peer,
@@ -32,6 +32,7 @@ from tests.switchboard.test_links import (
     reaches,
     submit,
 )
+from tests.util.running import stopping
 from tests.util.waiting import eventually, sleep
 from treadmill.protocol import supervisor as protocol
 from treadmill.switchboard.database import (
@@ -281,12 +282,9 @@ def logged() -> Any:
 
 @pytest_twisted.async_yield_fixture
 async def sb(database: str, tmp_path: Path) -> AsyncIterator[RunningSwitchboard]:
-    running = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
-                                      reconcile_retry=0.5)
-    try:
+    async with stopping(await start_switchboard(database, tmp_path, scheduler_interval=0.2,
+                                                reconcile_retry=0.5)) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 async def until_back(outage: Outage, sb: RunningSwitchboard) -> float:

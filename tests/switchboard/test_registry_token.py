@@ -2,39 +2,16 @@
 
 from __future__ import annotations
 
-import base64
-from typing import Any
-
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
 from tests.support import Client, RunningSwitchboard
+from tests.switchboard.support import basic, grants
 from treadmill.common.captoken import CapabilityError, CapabilityVerifier, parse_jwks
 from treadmill.switchboard import credentials
 
 DIGEST = "sha256:" + "d" * 64
-
-
-async def grants(sb: RunningSwitchboard, client: Client | None, *scopes: str,
-                 service: str = "store-1", headers: dict[str, str] | None = None
-                 ) -> tuple[int, dict[str, tuple[str, ...]] | Any]:
-    query = "&".join(f"scope={s}" for s in scopes)
-    caller = client or Client(sb.url, None)
-    r = await caller.get(f"/api/v1/registry/token?service={service}&{query}",
-                         headers=headers or {})
-    if r.status != 200:
-        return r.status, r.body
-    keys = (await Client(sb.url).get("/.well-known/treadmill/capability-keys")).body
-    claims = CapabilityVerifier(parse_jwks(keys), "treadmill", service, reactor).verify_any(
-        r.body["token"])
-    assert r.body["access_token"] == r.body["token"] and r.body["expires_in"] == 300
-    return 200, {a.name: a.actions for a in claims.access}
-
-
-def basic(user: str, secret: str) -> dict[str, str]:
-    raw = base64.b64encode(f"{user}:{secret}".encode()).decode()
-    return {"authorization": f"Basic {raw}"}
 
 
 @pytest_twisted.ensureDeferred

@@ -14,7 +14,7 @@ import pytest
 import pytest_twisted
 
 from tests.support import Client, RunningSwitchboard
-from tests.switchboard.test_registry_token import basic, grants
+from tests.switchboard.support import basic, grants
 from treadmill.switchboard import credentials
 
 DIGEST = "sha256:" + "e" * 64

@@ -7,14 +7,11 @@ policy copied them to a successor, which still receives them.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest_twisted
 
-from tests.support import start_switchboard
-from tests.switchboard.test_links import (
-    FAST,
+from tests.switchboard.support import (
     add_host,
     assigned_job,
     connected_peer,
@@ -22,19 +19,11 @@ from tests.switchboard.test_links import (
     reconnect,
     submit,
 )
+from tests.switchboard.support import sb as sb  # the fixture: a switchboard with FAST settings
 
 SECRET = "wipe-me-6c1f0e2d9b8a7f3e"
 PARAMETERS = {"TOKEN": {"value": SECRET, "secret": True}, "PLAIN": {"value": "keep"}}
 WIPED = {"TOKEN": {"value": "", "secret": True}, "PLAIN": {"value": "keep", "secret": False}}
-
-
-@pytest_twisted.async_yield_fixture
-async def sb(migrated_database: str, tmp_path: Path):
-    running = await start_switchboard(migrated_database, tmp_path, **FAST)
-    try:
-        yield running
-    finally:
-        await running.stop()
 
 
 async def stored(sb: Any, job_id: str) -> dict[str, Any]:

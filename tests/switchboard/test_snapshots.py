@@ -12,7 +12,7 @@ import treq
 
 from tests.support import RunningSwitchboard, start_switchboard
 from tests.switchboard.peer import Peer
-from tests.switchboard.test_links import (
+from tests.switchboard.support import (
     FAST,
     add_host,
     assigned_job,

@@ -13,8 +13,8 @@ import treq
 
 from tests.util.waiting import eventually
 from tests.web.browser import Browser, available
-from tests.web.test_console_browser import DIGEST, PASSWORD, Stack, _log_in, _user
-from tests.web.test_console_browser import stack as stack  # the fixture: the daemons
+from tests.web.support import DIGEST, PASSWORD, Stack, _log_in, _user
+from tests.web.support import stack as stack  # the fixture: the daemons
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(available() is not None, reason=str(available()))]

@@ -15,9 +15,10 @@ import pytest_twisted
 
 from tests.supervisor.qemu.conftest import BuiltImage, needs_qemu
 from tests.supervisor.qemu.conftest import test_image as test_image  # the fixture
-from tests.supervisor.qemu.test_service import push, qemu_host, store_service, url_of
+from tests.supervisor.qemu.support import push, qemu_host
+from tests.support import store_service, url_of
 from tests.web.browser import Browser, available
-from tests.web.test_console_browser import Stack, _log_in, _stack, _supervise, _user
+from tests.web.support import Stack, _log_in, _stack, _supervise, _user
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, needs_qemu,
               pytest.mark.skipif(available() is not None, reason=str(available()))]

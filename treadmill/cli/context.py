@@ -144,6 +144,19 @@ def add_job_id(parser: argparse.ArgumentParser, name: str = "id") -> None:
     parser.set_defaults(job_id_args=(*(parser.get_default("job_id_args") or ()), name))
 
 
+def add_tag_option(parser: Any, help: str = "a tag the host must have (repeat)") -> None:
+    """Add ``--tag TAG`` (repeatable, into ``tags``): the host tags a job asks for."""
+    parser.add_argument("--tag", dest="tags", action="append", default=[], metavar="TAG",
+                        help=help)
+
+
+def add_param_option(parser: Any, help: str = "a parameter (repeat)") -> None:
+    """Add ``--param NAME=VALUE`` (repeatable, into ``params`` as pairs): a job's
+    parameters."""
+    parser.add_argument("--param", dest="params", action="append", default=[],
+                        type=name_value, metavar="NAME=VALUE", help=help)
+
+
 def add_group(sub: Any, name: str, *, help: str) -> Any:
     """Add a command that only groups subcommands; return its subparsers."""
     parser = sub.add_parser(name, help=help, description=help)

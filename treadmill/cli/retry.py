@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from twisted.internet.task import deferLater
@@ -18,21 +19,20 @@ from twisted.internet.task import deferLater
 __all__ = ["Retry", "retry_after_seconds"]
 
 
+@dataclass(eq=False)
 class Retry:
     """The pauses of one retry loop; :meth:`reset` after progress."""
 
-    def __init__(self, reactor: Any, *, give_up_after: float, initial: float = 0.5,
-                 max_delay: float = 8.0, max_attempts: int | None = None,
-                 retry_after_cap: float = 30.0, jitter: Callable[[], float] = random.random):
-        self.reactor = reactor
-        self.give_up_after = give_up_after
-        self.initial = initial
-        self.max_delay = max_delay
-        self.max_attempts = max_attempts
-        self.retry_after_cap = retry_after_cap
-        self.jitter = jitter
-        self.failures = 0
-        self.since: float | None = None
+    reactor: Any
+    _: KW_ONLY
+    give_up_after: float
+    initial: float = 0.5
+    max_delay: float = 8.0
+    max_attempts: int | None = None
+    retry_after_cap: float = 30.0
+    jitter: Callable[[], float] = random.random
+    failures: int = field(default=0, init=False)
+    since: float | None = field(default=None, init=False)
 
     def reset(self) -> None:
         """Progress was made: the next failure starts a new episode."""

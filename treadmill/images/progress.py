@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TextIO
 
 
@@ -16,6 +17,7 @@ def human_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+@dataclass(eq=False)
 class ProgressBar:
     """``label [#####-----]  12.0 MiB / 40.0 MiB  30%  5.1 MiB/s`` on one line.
 
@@ -25,28 +27,21 @@ class ProgressBar:
     messages are plain lines.
     """
 
-    def __init__(
-        self,
-        stream: TextIO,
-        label: str,
-        total: int = 0,
-        *,
-        enabled: bool = True,
-        width: int = 24,
-        interval: float = 0.1,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.stream = stream
-        self.label = label
-        self.total = total
-        self.enabled = enabled
-        self.width = width
-        self.interval = interval
-        self.clock = clock
-        self.done = 0
-        self._start = clock()
-        self._last_draw: float | None = None
-        self._drawn = 0  # length of the line on screen
+    stream: TextIO
+    label: str
+    total: int = 0
+    _: KW_ONLY
+    enabled: bool = True
+    width: int = 24
+    interval: float = 0.1
+    clock: Callable[[], float] = time.monotonic
+    done: int = field(default=0, init=False)
+    _start: float = field(init=False)
+    _last_draw: float | None = field(default=None, init=False)
+    _drawn: int = field(default=0, init=False)  # length of the line on screen
+
+    def __post_init__(self) -> None:
+        self._start = self.clock()
 
     def render(self) -> str:
         total = max(self.total, self.done)

@@ -44,6 +44,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -297,28 +298,27 @@ class BodySink:
             d.callback(self._outcome)
 
 
+@dataclass(eq=False)
 class Uploads:
     """The upload sessions of a store."""
 
     log = Logger()
 
-    def __init__(self, reactor: Any, storage: Storage, pool: Any, lock: SharedExclusiveLock,
-                 *, max_age: float = 3600.0, ledger: Ledger | None = None,
-                 per_subject: int = 0):
-        self.reactor = reactor
-        self.storage = storage
-        self.pool = pool
-        self.lock = lock
-        self.max_age = max_age
-        # Byte quotas (None: none) and the open sessions one subject may have (0: any).
-        self.ledger = ledger
-        self.per_subject = per_subject
-        self.refused_sessions = 0
-        self.active: dict[str, Upload] = {}
-        self.bytes_received = 0
-        self.committed = 0
-        # Told ``(digest, size, new)`` after each commit (the image cache's accounting).
-        self.on_commit: Callable[[str, int, bool], None] | None = None
+    reactor: Any
+    storage: Storage
+    pool: Any
+    lock: SharedExclusiveLock
+    _: KW_ONLY
+    max_age: float = 3600.0
+    # Byte quotas (None: none) and the open sessions one subject may have (0: any).
+    ledger: Ledger | None = None
+    per_subject: int = 0
+    refused_sessions: int = field(default=0, init=False)
+    active: dict[str, Upload] = field(default_factory=dict, init=False)
+    bytes_received: int = field(default=0, init=False)
+    committed: int = field(default=0, init=False)
+    # Told ``(digest, size, new)`` after each commit (the image cache's accounting).
+    on_commit: Callable[[str, int, bool], None] | None = field(default=None, init=False)
 
     def _thread(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.pool, fn, *args)

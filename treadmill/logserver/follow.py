@@ -13,6 +13,7 @@ later instead, so a slow reader costs no memory.
 
 from __future__ import annotations
 
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -50,25 +51,28 @@ class Sink:
 
 
 @implementer(IPushProducer)
+@dataclass(eq=False)
 class Pump:
     """Sends ``stream`` from ``offset`` to ``sink``: up to ``end``, or live if ``follow``."""
 
     log = Logger()
 
-    def __init__(self, store: StreamStore, stream: Stream, offset: int, sink: Sink, *,
-                 end: int | None = None, follow: bool = False, chunk: int = CHUNK):
-        self.store = store
-        self.stream = stream
-        self.position = offset
-        self.end = end
-        self.follow = follow
-        self.sink = sink
-        self.chunk = chunk
-        self.sent = 0
-        self.done: Deferred[None] = Deferred(lambda _: self.stopProducing())
-        self._paused = False
-        self._reading = False
-        self._stopped = False
+    store: StreamStore
+    stream: Stream
+    position: int
+    sink: Sink
+    _: KW_ONLY
+    end: int | None = None
+    follow: bool = False
+    chunk: int = CHUNK
+    sent: int = field(default=0, init=False)
+    done: Deferred[None] = field(init=False)
+    _paused: bool = field(default=False, init=False)
+    _reading: bool = field(default=False, init=False)
+    _stopped: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.done = Deferred(lambda _: self.stopProducing())
 
     def start(self) -> Deferred[None]:
         """Begin sending; ``done`` fires when the pump stopped, for whatever reason."""

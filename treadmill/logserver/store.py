@@ -33,6 +33,7 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredLock
@@ -86,21 +87,19 @@ class Follower(Protocol):
     def shutdown(self) -> None: ...
 
 
+@dataclass(slots=True, eq=False)
 class Stream:
     """One stream of one job, as the reactor sees it."""
 
-    __slots__ = ("closed", "created", "exists", "followers", "job", "length", "lock", "name")
-
-    def __init__(self, job: Job, name: str, *, length: int = 0, closed: bool = False,
-                 exists: bool = False, created: float = 0.0):
-        self.job = job
-        self.name = name
-        self.length = length
-        self.closed = closed
-        self.exists = exists
-        self.created = created
-        self.followers: set[Follower] | None = None
-        self.lock: DeferredLock | None = None
+    job: Job = field(repr=False)
+    name: str
+    _: KW_ONLY
+    length: int = 0
+    closed: bool = False
+    exists: bool = False
+    created: float = 0.0
+    followers: set[Follower] | None = field(default=None, init=False)
+    lock: DeferredLock | None = field(default=None, init=False)
 
     @property
     def deleted(self) -> bool:
@@ -114,25 +113,22 @@ class Stream:
         return {"name": self.name, "length": self.length, "closed": self.closed}
 
 
+@dataclass(slots=True, eq=False)
 class Job:
     """One job's directory and streams."""
 
-    __slots__ = ("created", "deleted", "doc", "id", "on_disk", "path", "size", "streams",
-                 "updated")
-
-    def __init__(self, job_id: str, path: str, *, created: float = 0.0, updated: float = 0.0,
-                 on_disk: bool = False):
-        self.id = job_id
-        self.path = path
-        self.created = created
-        self.updated = updated
-        self.on_disk = on_disk
-        self.deleted = False
-        self.size = 0
-        self.streams: dict[str, Stream] = {}
-        # What _meta.json says, including the writes submitted but not done yet: each
-        # write of the file is a snapshot of this, and writes run in submission order.
-        self.doc: dict[str, dict[str, Any]] = {}
+    id: str
+    path: str
+    _: KW_ONLY
+    created: float = 0.0
+    updated: float = 0.0
+    on_disk: bool = False
+    deleted: bool = field(default=False, init=False)
+    size: int = field(default=0, init=False)
+    streams: dict[str, Stream] = field(default_factory=dict, init=False)
+    # What _meta.json says, including the writes submitted but not done yet: each
+    # write of the file is a snapshot of this, and writes run in submission order.
+    doc: dict[str, dict[str, Any]] = field(default_factory=dict, init=False)
 
     def existing(self) -> list[Stream]:
         return sorted((s for s in self.streams.values() if s.exists), key=lambda s: s.name)

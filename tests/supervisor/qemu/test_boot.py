@@ -9,8 +9,6 @@ directory; only the overlay, moved to the kept directory for snapshots.
 from __future__ import annotations
 
 import os
-import uuid
-from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
@@ -25,40 +23,10 @@ from tests.supervisor.qemu.conftest import (
     needs_qemu,
     qemu_processes,
 )
-from treadmill.supervisor.drivers.qemu import QemuDriver, QemuSettings
+from tests.supervisor.qemu.support import job, settings, start, within
+from treadmill.supervisor.drivers.qemu import QemuDriver
 
 pytestmark = needs_qemu
-
-BOOT = 60.0  # generous: TCG boots the image in ~3 s, but the machine may be loaded
-
-
-def settings(work_dir: str, **overrides: Any) -> QemuSettings:
-    values: dict[str, Any] = {"accel": "tcg", "memory": 256, "work_dir": work_dir,
-                              "shutdown_timeout": 2.0, "quit_timeout": 3.0,
-                              "boot_timeout": BOOT}
-    values.update(overrides)
-    return QemuSettings(**values)
-
-
-def job(**parameters: Any) -> dict[str, Any]:
-    return {"id": str(uuid.uuid4()), "image": {"digest": "sha256:" + "0" * 64, "name": "demo",
-                                               "stores": []},
-            "parameters": {k: {"value": str(v)} for k, v in parameters.items()},
-            "timeout": 120}
-
-
-async def within(d: Any, seconds: float = BOOT) -> Any:
-    return await d.addTimeout(seconds, reactor)
-
-
-async def start(test_image: BuiltImage, work_dir: str, job_start: dict[str, Any],
-                **overrides: Any) -> tuple[QemuDriver, Recorder, FakeFetcher]:
-    fetcher = FakeFetcher(test_image)
-    driver = QemuDriver(reactor, settings(work_dir, **overrides), fetcher=fetcher)
-    reporter = Recorder()
-    await driver.start(job_start, reporter)
-    return driver, reporter, fetcher
-
 
 def assert_clean(work_dir: str, job_id: str, fetcher: FakeFetcher, kept: bool = True) -> None:
     """No QEMU, nothing in the work directory; the job's disk (only) is kept, its image's

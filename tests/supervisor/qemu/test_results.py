@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from xml.etree import ElementTree
 
 import pytest
 import pytest_twisted
@@ -19,20 +16,18 @@ from twisted.internet import reactor
 pytest.importorskip("treadmill.imagestore.service")
 
 from tests.supervisor.qemu.conftest import BuiltImage, needs_qemu
-from tests.supervisor.qemu.test_service import (
+from tests.supervisor.qemu.support import (
     job_reaches,
     push,
-    qemu_host,
+    vm_host,
 )
+from tests.supervisor.support import failed_junit_counts
 from tests.support import (
     RunningSwitchboard,
     closed_stream,
     start_switchboard_with_logs,
-    store_service,
-    url_of,
 )
 from treadmill.cli.main import run as tml
-from treadmill.supervisor.service import SupervisorService
 
 pytestmark = needs_qemu
 
@@ -42,28 +37,13 @@ async def bed(migrated_database: str, tmp_path: Path, test_image: BuiltImage
               ) -> AsyncIterator[tuple[RunningSwitchboard, str, str]]:
     sb, logs = await start_switchboard_with_logs(migrated_database, tmp_path,
                                                  scheduler_interval=0.2, timeout_interval=0.1)
-    log_url = logs.url
-    store = store_service(sb, tmp_path / "store")
-    store.startService()
-    work_dir = tempfile.mkdtemp(prefix="tq-", dir="/tmp")
-    supervisor: SupervisorService | None = None
     try:
-        await store.ready()
-        store_url = url_of(store)
-        supervisor = SupervisorService(reactor, await qemu_host(sb, "vm-1", tmp_path / "vm-1",
-                                                                work_dir))
-        supervisor.startService()
-        await supervisor.ready()
-        await supervisor.connected()
-        await push(sb, store_url, test_image, "demo/tiny-vm")
-        yield sb, log_url, work_dir
+        async with vm_host(sb, tmp_path) as (store_url, work_dir):
+            await push(sb, store_url, test_image, "demo/tiny-vm")
+            yield sb, logs.url, work_dir
     finally:
-        if supervisor is not None:
-            await supervisor.stopService()
-        await store.stopService()
         await sb.stop()
         await logs.stop()
-        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 @pytest_twisted.ensureDeferred
@@ -90,13 +70,7 @@ async def test_a_qemu_jobs_results_come_from_its_agent(bed: Any) -> None:
                          "skipped": 1, "errors": 0, "exit_status": 1,
                          "message": "guest tests fail"}
 
-    out, err = io.StringIO(), io.StringIO()
-    code = await tml(reactor, ["--url", sb.url, "--token", sb.admin_token, "job", "results",
-                               job_id, "--junit"], out, err, {})
-    assert code == 4, err.getvalue()
-    suite = ElementTree.fromstring(out.getvalue().encode()).find("testsuite")
-    assert suite is not None
-    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("4", "1", "1")
+    assert await failed_junit_counts(sb, job_id) == ("4", "1", "1")
     out, err = io.StringIO(), io.StringIO()
     code = await tml(reactor, ["--url", sb.url, "--token", sb.admin_token, "job", "results",
                                job_id, "--tap"], out, err, {})

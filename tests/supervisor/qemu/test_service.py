@@ -16,56 +16,19 @@ from twisted.internet import reactor
 
 pytest.importorskip("treadmill.imagestore.service")
 
-from tests import support
 from tests.supervisor.qemu.conftest import BuiltImage, needs_qemu, qemu_processes
+from tests.supervisor.qemu.support import (
+    job_reaches,
+    push,
+    qemu_host,
+    store_and_work_dir,
+    vm_host,
+)
 from tests.support import RunningSwitchboard, start_switchboard, store_service, url_of
 from tests.util.waiting import eventually
-from treadmill.dev.fleet import ws_url_for
-from treadmill.images.oci import RegistryClient
-from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.service import SupervisorService
 
 pytestmark = needs_qemu
-
-
-async def push(sb: RunningSwitchboard, store_url: str, image: BuiltImage, name: str) -> str:
-    """Register the store (service treadmill-imagestore) unless it is, push, catalogue."""
-    if not any(row["url"] == store_url for row in await sb.store.list_image_stores()):
-        await sb.register_store(store_url, "treadmill-imagestore")
-    client = RegistryClient(reactor, store_url, credentials=("admin", sb.admin_token),
-                            service="treadmill-imagestore",
-                            realm=f"{sb.url}/api/v1/registry/token")
-    repo = name.lower()
-    try:
-        await client.push_bytes(repo, b"{}")
-        for path in (*image.info["qcow2"], image.info["kernel"], image.info["initrd"]):
-            await client.push_file(repo, path)
-        digest = await client.put_manifest(repo, "v1", image.manifest)
-    finally:
-        await client.close()
-    assert digest == image.digest
-    r = await sb.admin.post("/api/v1/images", {"name": name, "digest": digest,
-                                               "stores": [store_url]})
-    assert r.status == 201, r.body
-    return digest
-
-
-async def qemu_host(sb: RunningSwitchboard, name: str, state_dir: Path, work_dir: str,
-                    **more: Any) -> SupervisorConfig:
-    """Register host ``name`` (tag qemu) and the configuration of its supervisor (TCG)."""
-    r = await sb.admin.post("/api/v1/hosts", {"name": name, "tags": ["qemu"]})
-    assert r.status == 201, r.body
-    return SupervisorConfig(
-        url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(state_dir),
-        reconnect_initial=0.1, reconnect_max=1.0, durable=False, driver="qemu",
-        driver_values={"qemu.accel": "tcg", "qemu.memory": 256, "qemu.work_dir": work_dir,
-                       "qemu.shutdown_timeout": 2.0}, **more)
-
-
-async def job_reaches(sb: RunningSwitchboard, job_id: str, state: str,
-                      timeout: float = 90) -> dict[str, Any]:
-    """The job, once it is in ``state``."""
-    return await support.job_reaches(sb.admin, job_id, state, timeout)
 
 
 @pytest_twisted.async_yield_fixture
@@ -73,25 +36,11 @@ async def bed(migrated_database: str, tmp_path: Path, test_image: BuiltImage
               ) -> AsyncIterator[tuple[RunningSwitchboard, str, str]]:
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
-    store = store_service(sb, tmp_path / "store")
-    store.startService()
-    work_dir = tempfile.mkdtemp(prefix="tq-", dir="/tmp")
-    supervisor: SupervisorService | None = None
     try:
-        await store.ready()
-        store_url = url_of(store)
-        config = await qemu_host(sb, "vm-1", tmp_path / "vm-1", work_dir)
-        supervisor = SupervisorService(reactor, config)
-        supervisor.startService()
-        await supervisor.ready()
-        await supervisor.connected()
-        yield sb, store_url, work_dir
+        async with vm_host(sb, tmp_path) as (store_url, work_dir):
+            yield sb, store_url, work_dir
     finally:
-        if supervisor is not None:
-            await supervisor.stopService()
-        await store.stopService()
         await sb.stop()
-        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 @pytest_twisted.ensureDeferred
@@ -204,43 +153,40 @@ async def test_a_restarted_supervisor_adopts_its_running_vm(migrated_database: s
     """The supervisor stops (gracefully) while its VM runs; the next one re-attaches to the
     same QEMU and the job ends with the guest's own exit status, run once."""
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2)
-    store = store_service(sb, tmp_path / "store")
-    store.startService()
-    work_dir = tempfile.mkdtemp(prefix="tq-", dir="/tmp")
     supervisor: SupervisorService | None = None
     try:
-        await store.ready()
-        await push(sb, url_of(store), test_image, "demo/long-vm")
-        config = await qemu_host(sb, "vm-3", tmp_path / "vm-3", work_dir)
-        supervisor = SupervisorService(reactor, config)
-        supervisor.startService()
-        await supervisor.ready()
-        job_id = (await sb.admin.post("/api/v1/jobs", {
-            "image": "demo/long-vm", "tags": ["qemu"],
-            "parameters": {"sleep": {"value": "8"}, "exit_status": {"value": "5"},
-                           "message": {"value": "after the restart"}}})).body["id"]
+        async with store_and_work_dir(sb, tmp_path) as (store_url, work_dir):
+            try:
+                await push(sb, store_url, test_image, "demo/long-vm")
+                config = await qemu_host(sb, "vm-3", tmp_path / "vm-3", work_dir)
+                supervisor = SupervisorService(reactor, config)
+                supervisor.startService()
+                await supervisor.ready()
+                job_id = (await sb.admin.post("/api/v1/jobs", {
+                    "image": "demo/long-vm", "tags": ["qemu"],
+                    "parameters": {"sleep": {"value": "8"}, "exit_status": {"value": "5"},
+                                   "message": {"value": "after the restart"}}})).body["id"]
 
-        await job_reaches(sb, job_id, "ready", timeout=60)
-        await supervisor.stopService()  # graceful: the VM keeps running
-        assert len(qemu_processes(f"treadmill-{job_id}")) == 1
-        supervisor = SupervisorService(reactor, config)
-        supervisor.startService()
-        await supervisor.ready()
-        assert supervisor.runner.status() == {"id": job_id, "state": "ready", "stage": None}
-        final = await job_reaches(sb, job_id, "terminated", timeout=60)
-        termination = final["termination"]
-        assert termination == {"reason": "workload_exited", "exit_status": 5,
-                               "message": "after the restart"}, final
-        events = (await sb.admin.get(f"/api/v1/jobs/{job_id}/events")).body["events"]
-        assert [e["state"] for e in events].count("ready") == 1
-        async def gone() -> bool:
-            return qemu_processes(f"treadmill-{job_id}") == []
+                await job_reaches(sb, job_id, "ready", timeout=60)
+                await supervisor.stopService()  # graceful: the VM keeps running
+                assert len(qemu_processes(f"treadmill-{job_id}")) == 1
+                supervisor = SupervisorService(reactor, config)
+                supervisor.startService()
+                await supervisor.ready()
+                assert supervisor.runner.status() == {"id": job_id, "state": "ready", "stage": None}
+                final = await job_reaches(sb, job_id, "terminated", timeout=60)
+                termination = final["termination"]
+                assert termination == {"reason": "workload_exited", "exit_status": 5,
+                                       "message": "after the restart"}, final
+                events = (await sb.admin.get(f"/api/v1/jobs/{job_id}/events")).body["events"]
+                assert [e["state"] for e in events].count("ready") == 1
+                async def gone() -> bool:
+                    return qemu_processes(f"treadmill-{job_id}") == []
 
-        await eventually(gone)
-        assert os.listdir(work_dir) == []
+                await eventually(gone)
+                assert os.listdir(work_dir) == []
+            finally:
+                if supervisor is not None and supervisor.running:
+                    await supervisor.stopService()
     finally:
-        if supervisor is not None and supervisor.running:
-            await supervisor.stopService()
-        await store.stopService()
         await sb.stop()
-        shutil.rmtree(work_dir, ignore_errors=True)

@@ -312,8 +312,7 @@ def test_a_job_that_cannot_be_adopted_leaves_its_disk_kept(tmp_path: Path) -> No
 async def test_a_snapshot_round_trip_through_a_real_store(
         migrated_database: str, tmp_path: Path, test_image: BuiltImage, work_dir: str) -> None:
     pytest.importorskip("treadmill.imagestore.service")
-    from tests.supervisor.qemu.test_boot import BOOT, settings, within
-    from tests.supervisor.qemu.test_service import push
+    from tests.supervisor.qemu.support import BOOT, push, settings, within
     from tests.support import start_switchboard, store_service, url_of
     from treadmill.supervisor.fetch import ImageFetcher
 

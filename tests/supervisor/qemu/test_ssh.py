@@ -19,7 +19,7 @@ from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.supervisor.qemu.conftest import BuiltImage, needs_qemu
-from tests.supervisor.qemu.test_boot import job, start, within
+from tests.supervisor.qemu.support import job, start, within
 
 pytestmark = [needs_qemu, pytest.mark.skipif(shutil.which("ssh") is None
                                              or shutil.which("ssh-keygen") is None,

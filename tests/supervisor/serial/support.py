@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,15 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 from tests.fakes import reporter
+from tests.support import RunningSwitchboard
 from tests.util.waiting import eventually
 from treadmill.dev import fakeboard
+from treadmill.dev.fleet import ws_url_for
 from treadmill.images import format as fmt
 from treadmill.supervisor.blobcache import blob_path
+from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.fetch import FetchedImage
+from treadmill.supervisor.service import SupervisorService
 
 until = partial(eventually, timeout=20.0, interval=0.05)
 """``eventually`` with the board tests' patience."""
@@ -162,3 +168,26 @@ def job(job_id: str, image: dict[str, Any], **parameters: Any) -> dict[str, Any]
     return {"id": job_id, "image": image, "timeout": 600, "tags": [], "label": None,
             "parameters": {k: v if isinstance(v, dict) else {"value": v}
                            for k, v in parameters.items()}}
+
+
+@contextlib.asynccontextmanager
+async def board_host(sb: RunningSwitchboard, board: FakeBoard, tmp_path: Path,
+                     **driver: Any) -> AsyncIterator[SupervisorService]:
+    """Host ``board-1`` (tag board) and its supervisor (serial driver on ``board``, the
+    image cache in ``tmp_path / "cache"``, ``driver`` settings as for
+    :meth:`FakeBoard.settings`), connected to ``sb``; stopped afterwards."""
+    r = await sb.admin.post("/api/v1/hosts", {"name": "board-1", "tags": ["board"]})
+    assert r.status == 201, r.body
+    supervisor = SupervisorService(reactor, SupervisorConfig(
+        url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
+        reconnect_initial=0.1, reconnect_max=1.0, durable=False, driver="serial",
+        images_cache_mount=str(tmp_path / "cache"), driver_values=board.settings(**driver)))
+    supervisor.startService()
+    try:
+        await supervisor.ready()
+        await supervisor.connected()
+        yield supervisor
+    finally:
+        await supervisor.stopService()
+        await supervisor.driver.shutdown()
+

@@ -12,13 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from twisted.internet import reactor
 
-from tests.supervisor.serial.support import FakeBoard, write_cache
+from tests.supervisor.serial.support import FakeBoard, board_host, write_cache
 from tests.support import Client, RunningSwitchboard, start_switchboard
 from tests.util.waiting import eventually
-from treadmill.dev.fleet import ws_url_for
-from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.service import SupervisorService
 
 
@@ -51,24 +48,11 @@ async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1, max_host_failures=2)
     board = await FakeBoard(tmp_path / "board").start()
-    supervisor: SupervisorService | None = None
     try:
-        r = await sb.admin.post("/api/v1/hosts", {"name": "board-1", "tags": ["board"]})
-        assert r.status == 201, r.body
-        config = SupervisorConfig(
-            url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
-            reconnect_initial=0.1, reconnect_max=1.0, durable=False, driver="serial",
-            images_cache_mount=str(tmp_path / "cache"),
-            driver_values=board.settings(health__timeout=2.0, boot__timeout=3.0))
-        supervisor = SupervisorService(reactor, config)
-        supervisor.startService()
-        await supervisor.ready()
-        await supervisor.connected()
-        yield Bed(sb, board, tmp_path / "cache", supervisor)
+        async with board_host(sb, board, tmp_path, health__timeout=2.0,
+                              boot__timeout=3.0) as supervisor:
+            yield Bed(sb, board, tmp_path / "cache", supervisor)
     finally:
-        if supervisor is not None:
-            await supervisor.stopService()
-            await supervisor.driver.shutdown()
         board.stop()
         await sb.stop()
 

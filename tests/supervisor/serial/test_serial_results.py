@@ -3,28 +3,22 @@ end (real switchboard, log server and supervisor with the serial driver; the fak
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from xml.etree import ElementTree
 
 import pytest_twisted
-from twisted.internet import reactor
 
-from tests.supervisor.serial.support import FakeBoard, write_cache
+from tests.supervisor.serial.support import FakeBoard, board_host, write_cache
+from tests.supervisor.support import failed_junit_counts
 from tests.support import (
     RunningSwitchboard,
     closed_stream,
     start_switchboard_with_logs,
 )
 from tests.util.waiting import eventually
-from treadmill.cli.main import run as tml
-from treadmill.dev.fleet import ws_url_for
-from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.service import SupervisorService
 
 TOCK = {"test_case": r"^test (?P<name>\S+) \.\.\. (?P<result>ok|FAILED|ignored)",
         "pass": r"^test result: ok\.", "fail": r"^test result: FAILED\.",
@@ -42,26 +36,12 @@ async def bed(migrated_database: str, tmp_path: Path
               ) -> AsyncIterator[tuple[RunningSwitchboard, str]]:
     sb, logs = await start_switchboard_with_logs(migrated_database, tmp_path,
                                                  scheduler_interval=0.2, timeout_interval=0.1)
-    log_url = logs.url
     board = await FakeBoard(tmp_path / "board").start()
-    supervisor: SupervisorService | None = None
     try:
-        r = await sb.admin.post("/api/v1/hosts", {"name": "board-1", "tags": ["board"]})
-        assert r.status == 201, r.body
-        supervisor = SupervisorService(reactor, SupervisorConfig(
-            url=ws_url_for(sb.url), token=r.body["token"], state_dir=str(tmp_path / "sup"),
-            reconnect_initial=0.1, reconnect_max=1.0, durable=False, driver="serial",
-            images_cache_mount=str(tmp_path / "cache"),
-            driver_values=board.settings(boot__ready="reset", agent__transport="none",
-                                         health__timeout=5.0)))
-        supervisor.startService()
-        await supervisor.ready()
-        await supervisor.connected()
-        yield sb, log_url
+        async with board_host(sb, board, tmp_path, boot__ready="reset", agent__transport="none",
+                              health__timeout=5.0):
+            yield sb, logs.url
     finally:
-        if supervisor is not None:
-            await supervisor.stopService()
-            await supervisor.driver.shutdown()
         board.stop()
         await sb.stop()
         await logs.stop()
@@ -96,10 +76,4 @@ async def test_a_board_job_ends_by_its_console_patterns(
         ("test_case", "alarm::one_shot", "pass"), ("test_case", "aes::ctr", "fail"),
         ("test_case", "rng::entropy", "skip"), ("summary", None, "fail")]
 
-    out, err = io.StringIO(), io.StringIO()
-    code = await tml(reactor, ["--url", sb.url, "--token", sb.admin_token, "job", "results",
-                               job_id, "--junit"], out, err, {})
-    assert code == 4, err.getvalue()
-    suite = ElementTree.fromstring(out.getvalue().encode()).find("testsuite")
-    assert suite is not None
-    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("3", "1", "1")
+    assert await failed_junit_counts(sb, job_id) == ("3", "1", "1")

@@ -14,7 +14,7 @@ from treadmill.cli.commands.identity import (
     render_user,
     render_users,
 )
-from treadmill.cli.context import Context, UsageError, add_command, add_group
+from treadmill.cli.context import Context, UsageError, add_command, add_group, add_tag_option
 
 STORE_FIELDS = ("url", "service", "cache", "description", "created_at")
 
@@ -153,9 +153,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     hosts = add_group(admin, "host", help="register and remove hosts")
     p = add_command(hosts, "add", host_add, common, help="register a host; shows its token once")
     p.add_argument("name", metavar="NAME")
-    p.add_argument(
-        "--tag", dest="tags", action="append", default=[], metavar="TAG", help="a tag (repeat)"
-    )
+    add_tag_option(p, "a tag (repeat)")
     p.add_argument("--owner", metavar="USER", help="the owning user")
     p.add_argument("--description", metavar="TEXT")
     p = add_command(

@@ -16,8 +16,9 @@ from treadmill.cli.context import (
     UsageError,
     add_command,
     add_group,
+    add_param_option,
+    add_tag_option,
     duration,
-    name_value,
 )
 from treadmill.cli.jobids import resolve_job_id
 
@@ -277,8 +278,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    "switchboard's hosts.max_failures)")
     p.add_argument("--timeout", type=duration, metavar="S",
                    help="how long the check job may run (default 10m)")
-    p.add_argument("--param", dest="params", action="append", default=[], type=name_value,
-                   metavar="NAME=VALUE", help="a parameter of the check job (repeat)")
+    add_param_option(p, "a parameter of the check job (repeat)")
     p = add_command(checks, "unset", health_check_unset, common,
                     help="remove the health check of HOST or of --tag")
     _check_target_args(p)
@@ -291,10 +291,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    "the switchboard's reservation image, if it has one")
     p.add_argument("--for", dest="duration", type=duration, metavar="DURATION",
                    help="how long to hold the host once it is assigned (90, 15m, 2h, 1d)")
-    p.add_argument("--tag", dest="tags", action="append", default=[], metavar="TAG",
-                   help="a tag the host must have (repeat)")
-    p.add_argument("--param", dest="params", action="append", default=[], type=name_value,
-                   metavar="NAME=VALUE", help="a job parameter (repeat)")
+    add_tag_option(p)
+    add_param_option(p, "a job parameter (repeat)")
     p.add_argument("--queue-timeout", type=duration, metavar="S",
                    help="how long to wait for a host")
     p.add_argument("--label", metavar="TEXT")

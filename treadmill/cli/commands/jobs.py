@@ -38,6 +38,8 @@ from treadmill.cli.context import (
     add_command,
     add_group,
     add_job_id,
+    add_param_option,
+    add_tag_option,
     duration,
     name_value,
     non_negative_int,
@@ -500,23 +502,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = add_command(job, "submit", job_submit, common, help="submit a job and print its id")
     p.add_argument("image", metavar="IMAGE", help="a catalogue name or sha256:… digest")
-    p.add_argument(
-        "--tag",
-        dest="tags",
-        action="append",
-        default=[],
-        metavar="TAG",
-        help="a tag the host must have (repeat)",
-    )
-    p.add_argument(
-        "--param",
-        dest="params",
-        action="append",
-        default=[],
-        type=name_value,
-        metavar="NAME=VALUE",
-        help="a parameter (repeat)",
-    )
+    add_tag_option(p)
+    add_param_option(p)
     p.add_argument(
         "--secret-param",
         dest="secret_params",

@@ -6,7 +6,8 @@ through the :class:`IJobReporter` it is given with the job. The runner
 ``job_event`` messages, so a driver never talks to the switchboard and never
 touches the state directory. ``docs/supervisor.md`` describes the contract
 for authors of new drivers. The drivers: ``mock.py`` (a simulated host),
-``qemu/`` (a VM per job) and ``serial/`` (a board on a serial port).
+``qemu/`` (a VM per job) and ``serial/`` (a board on a serial port);
+``single.py`` holds the one-job-at-a-time bookkeeping of the mock and qemu drivers.
 
 Rules every driver follows:
 

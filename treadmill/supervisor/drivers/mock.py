@@ -64,6 +64,7 @@ from zope.interface import implementer
 from treadmill.common.config import BOOL, FLOAT, INT, STR, STRLIST, Setting, one_of
 from treadmill.protocol import agent
 from treadmill.supervisor.drivers import REFUSALS, STAGES, IHostDriver, IJobReporter, StartRefused
+from treadmill.supervisor.drivers.single import SingleJobDriver
 from treadmill.supervisor.echo import listen_echo
 from treadmill.supervisor.fetch import FetchedImage, ImageFetcher, ImageFetchError
 
@@ -477,7 +478,7 @@ class _Run:
 
 
 @implementer(IHostDriver)
-class MockDriver:
+class MockDriver(SingleJobDriver):
     """A simulated host. ``reactor`` only needs ``IReactorTime``."""
 
     name = "mock"
@@ -497,11 +498,6 @@ class MockDriver:
         return (settings.fetch == "auto" and self.fetcher is not None and image is not None
                 and self.fetcher.can_fetch(image))
 
-    @property
-    def current(self) -> str | None:
-        """The id of the job the simulated host runs, if any."""
-        return self.run.job_id if self.run is not None else None
-
     def start(self, job: dict[str, Any], reporter: IJobReporter) -> Deferred[None]:
         try:
             settings = self.settings.with_parameters(job.get("parameters") or {})
@@ -510,21 +506,13 @@ class MockDriver:
         if settings.refuse:
             return fail(StartRefused(settings.refuse,
                                      f"mock: refusing the job ({settings.refuse})"))
-        if self.run is not None:
-            if self.run.job_id == job["id"]:
-                return succeed(None)
-            return fail(StartRefused("internal_error",
-                                     f"mock: the host still runs job {self.run.job_id}"))
+        if (answer := self.busy(job, "mock: the host")) is not None:
+            return answer
         run = _Run(self, job["id"], settings, reporter, job.get("image"),
                    hold=self.holds and bool(job.get("hold_on_failure")))
         self.run = run
         # Report only after start() returned, as a real host would.
         run._after(0, run.begin)
-        return succeed(None)
-
-    def stop(self, job_id: str, reason: str) -> Deferred[None]:
-        if self.run is not None and self.run.job_id == job_id:
-            self.run.stop(reason)
         return succeed(None)
 
     def adopt(self, job: dict[str, Any], reporter: IJobReporter) -> bool:

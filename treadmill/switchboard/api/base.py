@@ -4,6 +4,7 @@ and of the resource a route names."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from klein import Klein
@@ -96,6 +97,17 @@ class Routes:
         request.setHeader(b"retry-after", RETRY_AFTER)
         return respond_error(request, ApiError(503, "the database is unavailable; "
                                                     "try again later"))
+
+    # -- answers -------------------------------------------------------------
+
+    async def _audited_no_content(self, request: IRequest,
+                                  change: Callable[[Store], Awaitable[Any]],
+                                  describe: Callable[[Any], Any]) -> bytes:
+        """Make ``change`` and its audit record (``describe``) in one transaction, and
+        answer 204 (a removal, an unset)."""
+        await self.store.audited(change, describe)
+        request.setResponseCode(204)
+        return b""
 
     # -- the caller and the resource it names ------------------------------
 

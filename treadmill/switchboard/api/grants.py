@@ -72,11 +72,10 @@ class GrantRoutes(Routes):
     async def _revoke(self, request: IRequest, kind: str, resource_id: Any, user: str,
                       privilege: str, audited: tuple[Principal, str]) -> bytes:
         user_id = None if user == "*" else await self.store.user_id(user)
-        await self.store.audited(
+        return await self._audited_no_content(
+            request,
             lambda store: store.remove_grant(kind, resource_id, user_id, privilege),
             lambda _: self._grant_entry(request, audited, "remove", kind, user, privilege))
-        request.setResponseCode(204)
-        return b""
 
     @staticmethod
     def _namespace(name: str) -> str:

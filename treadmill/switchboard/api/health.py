@@ -76,12 +76,11 @@ class HealthRoutes(JobRoutes):
     async def unset_health_check(self, request: IRequest, kind: str, name: str) -> bytes:
         principal = await self._admin(request)
         target = _target(kind, name)
-        await self.store.audited(
+        return await self._audited_no_content(
+            request,
             lambda store: store.unset_health_check(**target),
             lambda _: self.audit.entry(request, principal, "host.health_check.unset", "host",
                                        _subject(target)))
-        request.setResponseCode(204)
-        return b""
 
 
 def _subject(target: dict[str, str | None]) -> str:

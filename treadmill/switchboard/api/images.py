@@ -99,12 +99,11 @@ class ImageRoutes(GrantRoutes):
         if "/grants/" in name:
             return await self._image_grants_dispatch(request, name)
         principal, row = await self._image(request, name, "manage")
-        await self.store.audited(
+        return await self._audited_no_content(
+            request,
             lambda store: store.delete_image(name),
             lambda _: self.audit.entry(request, principal, "image.delete", "image",
                                        row["name"], digest=row["digest"]))
-        request.setResponseCode(204)
-        return b""
 
     @app.route("/api/v1/images/<path:name>", methods=["POST"])
     async def post_image_path(self, request: IRequest, name: str) -> bytes:

@@ -9,7 +9,7 @@ import signal
 import socket
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol, Protocol
@@ -27,13 +27,13 @@ from treadmill.supervisor.drivers import (
     IHostSnapshots,
     IJobReporter,
     SnapshotError,
-    StartRefused,
 )
 from treadmill.supervisor.drivers.qemu.accel import AccelChooser
 from treadmill.supervisor.drivers.qemu.command import Paths, overlay_command, qemu_command
 from treadmill.supervisor.drivers.qemu.process import LOG_TAIL, ToolError, run_tool
 from treadmill.supervisor.drivers.qemu.qmp import QMPClient, QMPError
 from treadmill.supervisor.drivers.qemu.snapshot import KeptDisks, disk_info
+from treadmill.supervisor.drivers.single import SingleJobDriver
 from treadmill.supervisor.fetch import FetchedImage, ImageFetcher, ImageFetchError
 
 __all__ = ["QemuDriver", "StartFailure"]
@@ -258,7 +258,13 @@ class _Run(AgentHandler):
 
     async def _attach(self) -> None:
         """Connect to QMP, the console and the agent (QEMU waits, paused)."""
-        deadline = self.reactor.seconds() + self.settings.start_timeout
+        await self._connect_sockets(self.settings.start_timeout)
+        await self._start_bridge()
+
+    async def _connect_sockets(self, timeout: float) -> QMPClient:
+        """Connect to QMP, the console and the agent, each within ``timeout`` seconds of
+        now in all; the QMP client once it is ready."""
+        deadline = self.reactor.seconds() + timeout
         qmp = QMPClient(self._qmp_event)
         await self._connect(self.paths.qmp, qmp, deadline)
         self.qmp = qmp
@@ -268,7 +274,7 @@ class _Run(AgentHandler):
         await self._connect(self.paths.console, self.console, deadline)
         self.agent = AgentProtocol(self)
         await self._connect(self.paths.agent, self.agent, deadline)
-        await self._start_bridge()
+        return qmp
 
     async def _connect(self, path: str, protocol: Protocol, deadline: float) -> None:
         while True:
@@ -615,16 +621,7 @@ class _Run(AgentHandler):
             self.vm_ended(None)
 
     async def _reattach(self) -> None:
-        deadline = self.reactor.seconds() + 10.0
-        qmp = QMPClient(self._qmp_event)
-        await self._connect(self.paths.qmp, qmp, deadline)
-        self.qmp = qmp
-        qmp.closed.addCallback(lambda _: self._qmp_closed())
-        await qmp.ready
-        self.console = _Console(self)
-        await self._connect(self.paths.console, self.console, deadline)
-        self.agent = AgentProtocol(self)
-        await self._connect(self.paths.agent, self.agent, deadline)
+        qmp = await self._connect_sockets(10.0)
         await qmp.execute("cont")  # in case the supervisor stopped while it was paused
         await self._start_bridge()
         for guest, host in self.forwards.items():
@@ -666,7 +663,7 @@ def _read_json(path: str) -> dict[str, Any] | None:
 
 
 @implementer(IHostDriver, IHostSnapshots)
-class QemuDriver:
+class QemuDriver(SingleJobDriver):
     """Runs each job in a fresh QEMU VM; an ended job's disk is kept for snapshots.
     See ``docs/qemu.md``."""
 
@@ -691,24 +688,12 @@ class QemuDriver:
             return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
         return maybeDeferred(fn, *args)
 
-    @property
-    def current(self) -> str | None:
-        return self.run.job_id if self.run is not None else None
-
     def start(self, job: dict[str, Any], reporter: IJobReporter) -> Deferred[None]:
-        if self.run is not None:
-            if self.run.job_id == job["id"]:
-                return succeed(None)
-            return fail(StartRefused("internal_error",
-                                     f"qemu: the host still runs job {self.run.job_id}"))
+        if (answer := self.busy(job, "qemu: the host")) is not None:
+            return answer
         run = _Run(self, job, reporter)
         self.run = run
         self.reactor.callLater(0, run.begin)  # report only after start() returned
-        return succeed(None)
-
-    def stop(self, job_id: str, reason: str) -> Deferred[None]:
-        if self.run is not None and self.run.job_id == job_id:
-            self.run.stop(reason)
         return succeed(None)
 
     def adopt(self, job: dict[str, Any], reporter: IJobReporter) -> bool:
