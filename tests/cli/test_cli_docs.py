@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
+from tests.cli.support import commands
 from treadmill.cli.main import build_parser
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 GLOBAL = {"-h", "--help", "--url", "--token", "--token-file", "--ca-file", "--config", "--json"}
-
-
-def commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
-             ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
-    """Every leaf command of the tree with its parser."""
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not subs:
-        yield path, parser
-    for action in subs:
-        for name, child in action.choices.items():
-            yield from commands(child, (*path, name))
 
 
 def sections() -> dict[str, str]:
