@@ -38,6 +38,8 @@ from treadmill.logserver.api import LogServerAPI
 from treadmill.proxy.api import ProxyAPI
 from treadmill.switchboard import schemas
 from treadmill.switchboard.api import SwitchboardAPI
+from treadmill.switchboard.auth import CSRF_HEADER, SESSION_COOKIE, csrf_token
+from treadmill.switchboard.web import WebConsole
 
 FUZZ_EXAMPLES = int(os.environ.get("TREADMILL_FUZZ_EXAMPLES", "60"))
 ANSWER_TIMEOUT = 1.0  # long-lived answers (event streams, follows, WebSockets) are cut
@@ -69,7 +71,8 @@ class Surface:
 
     port: int
     routes: list[tuple[str, list[str]]]
-    auth: list[str]
+    auth: list[str | tuple[bytes, ...]]
+    """``Authorization`` values, or whole header lines (a console session's cookies)."""
     values: dict[str, list[str]] = field(default_factory=dict)
     queries: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
@@ -234,7 +237,9 @@ def requests(draw: Any, surface: Surface) -> bytes:
         st.binary(max_size=20).map(lambda b: "Bearer " + b.decode("latin-1")),
         st.sampled_from(["Basic", "Bearer", "Negotiate abc", "Basic !!!"]),
     ) if wild("auth") else st.sampled_from(surface.auth))
-    if auth is not None:
+    if isinstance(auth, tuple):
+        headers.extend(auth)
+    elif auth is not None:
         headers.append(b"Authorization: " + auth.encode("utf-8" if auth.isascii() else
                                                         "latin-1", "replace"))
     if wild("headers"):
@@ -295,11 +300,17 @@ async def switchboard_surface(migrated_database: str, tmp_path: Path) -> AsyncIt
             "tags": ["mock"]})
         job_id = job.body["id"] if job.status == 201 else str(uuid.uuid4())
         keys = sorted(_property_names(list(schemas.REQUEST_BODIES.values())))
+        cookie = f"Cookie: {SESSION_COOKIE}={sb.admin_token}".encode()
+        csrf = f"{CSRF_HEADER}: {csrf_token(sb.admin_token)}".encode()
         yield Surface(
-            int(sb.url.rsplit(":", 1)[1]), routes_of(SwitchboardAPI.app),
+            int(sb.url.rsplit(":", 1)[1]),
+            routes_of(SwitchboardAPI.app) + routes_of(WebConsole.app),
             [f"Bearer {sb.admin_token}"] * 3 + [
-                "Basic " + base64.b64encode(f"admin:{sb.admin_token}".encode()).decode()],
-            values={"job_id": [job_id], "name": ["admin", "fuzz-host", "org/img"],
+                "Basic " + base64.b64encode(f"admin:{sb.admin_token}".encode()).decode(),
+                # The web console's session: its cookie with and without the CSRF header.
+                (cookie, csrf), (cookie, csrf), (cookie,), (cookie, csrf[:-1] + b"0")],
+            values={"job_id": [job_id], "name": ["admin", "fuzz-host", "org/img", "mock"],
+                    "kind": ["hosts", "tags", "job", "host"], "path": ["index.html", "x.js"],
                     "user": ["admin"], "host": ["fuzz-host"], "ident": ["admin", job_id],
                     "collection": ["jobs", "images", "hosts", "users"],
                     "token_id": [str(uuid.uuid4())], "snapshot_id": [str(uuid.uuid4())],
@@ -421,7 +432,8 @@ async def test_proxy_routes_answer_no_5xx(proxy_surface: Surface, data: Any) -> 
 def test_every_route_is_fuzzed() -> None:
     """The surfaces come from the apps' URL maps: a new route is fuzzed without a change
     here, and the known values name only real placeholders."""
-    for app in (SwitchboardAPI.app, RegistryAPI.app, LogServerAPI.app, ProxyAPI.app):
+    for app in (SwitchboardAPI.app, WebConsole.app, RegistryAPI.app, LogServerAPI.app,
+                ProxyAPI.app):
         rules = routes_of(app)
         assert len(rules) >= 3
         for rule, methods in rules:

@@ -178,6 +178,43 @@ async def test_workload_failed_is_4_and_wait_agrees(tml, stack: Stack):
 
 
 @pytest_twisted.ensureDeferred
+async def test_failed_and_held_ends_every_follower(tml, stack: Stack):
+    """A failed job whose host stays held (--hold-on-failure) has ended: following it
+    ends with its exit status, although its host, console and endpoints live on."""
+    started = reactor.seconds()
+    r = await tml("job", "submit", DIGEST, "--tag", "mock", "--param", "mock.exit_status=3",
+                  "--param", "mock.run_time=1", "--hold-on-failure", "1h", "--follow",
+                  env=stack.env)
+    job_id = r.out.splitlines()[0]
+    try:
+        assert r.status == 4, r.err
+        assert "mock console" in r.out
+        assert_not_glued(r.out)
+        assert reactor.seconds() - started < 1 + 2 * TAIL_WAIT + 5
+        assert f"job {job_id} failed; its host" in r.err and "held for debugging" in r.err
+        assert f"release: tml job cancel {job_id}" in r.err
+        held = await stack.job(job_id)
+        assert held["state"] == "terminated" and held["held_until"], held
+        for argv, status in ((("job", "logs", job_id, "--follow"), 0),
+                             (("job", "wait", job_id), 4),
+                             (("job", "events", job_id, "-f"), 0),
+                             (("job", "run", DIGEST, "--tag", "mock", "--param",
+                               "mock.exit_status=2", "--hold-on-failure", "1h",
+                               "--no-console"), 4)):
+            before = reactor.seconds()
+            done = await Deferred.fromCoroutine(tml(*argv, env=stack.env)).addTimeout(
+                2 * TAIL_WAIT + 10, reactor)
+            assert done.status == status, (argv, done.err)
+            assert reactor.seconds() - before < 2 * TAIL_WAIT + 5, argv
+            if argv[1] == "run":
+                second = next(line.split()[2] for line in done.err.splitlines()
+                              if "failed; its host" in line)
+                assert (await tml("job", "cancel", second, env=stack.env)).status == 0
+    finally:
+        assert (await tml("job", "cancel", job_id, env=stack.env)).status == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_never_ran_queue_timeout_ends_every_follower(tml, stack: Stack):
     started = reactor.seconds()
     following, job = await _started(tml, stack, "job", "submit", DIGEST, "--tag", "typo",

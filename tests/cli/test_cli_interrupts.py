@@ -10,12 +10,15 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 
+from tests.support import start_switchboard_with_logs
 from tests.util.waiting import eventually
+from treadmill.common.captoken import Access
 
 pytestmark = pytest.mark.slow
 
@@ -142,3 +145,32 @@ def test_a_second_signal_ends_tml_at_once() -> None:
     task2.addErrback(lambda f: None)
     early.bind(ctx2, task2)  # type: ignore[arg-type]
     assert ctx2.interrupted == signal.SIGINT and task2.called
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_interrupted_console_ends_its_line(migrated_database, tmp_path) -> None:
+    """Interrupted while the console stopped mid-line, ``tml job logs --follow`` ends
+    that line, so that its last words do not glue onto the console in a CI log."""
+    sb, logs = await start_switchboard_with_logs(migrated_database, tmp_path)
+    try:
+        job = (await sb.admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["nowhere"]})
+               ).body
+        token = sb.service.signer.sign("host:h", "treadmill-logserver",
+                                       [Access("job", job["id"], ("append",))], 60)
+        r = await treq.post(f"{job['logs'][0]}/v1/jobs/{job['id']}/streams/console",
+                            params={"offset": "0"}, data=b"line 1\nhalf a li",
+                            headers={"Authorization": f"Bearer {token}"})
+        assert r.code == 200, await r.text()
+        tml = Tml.start(sb, "job", "logs", job["id"][:8], "--follow")
+
+        async def printed() -> bool:
+            return tml.out.endswith(b"half a li")
+
+        await eventually(printed, timeout=20)
+        tml.transport.signalProcess("INT")
+        assert await tml.ended.addTimeout(20, reactor) == 130, tml.err
+        assert tml.out == b"line 1\nhalf a li\n"
+        assert tml.err.decode().splitlines()[-1] == "tml: interrupted (SIGINT)"
+    finally:
+        await sb.stop()
+        await logs.stop()

@@ -3,12 +3,30 @@ switchboard, and ``tml`` resolving short ids with them."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 import pytest_twisted
 
-pytestmark = pytest.mark.slow
+from tests.cli.support import commands
+from treadmill.cli.main import build_parser
+
+
+def test_every_job_id_argument_takes_a_prefix() -> None:
+    """Unique prefixes are accepted wherever a job id is (issue 14): every positional
+    argument of a ``tml job …`` command named ``id`` or ``job`` is resolved."""
+    unresolved = []
+    for path, parser in commands(build_parser()):
+        if path[:1] != ("job",):
+            continue
+        for action in parser._actions:
+            if (not action.option_strings and action.dest in ("id", "job")
+                    and not isinstance(action, argparse._SubParsersAction)
+                    and action.dest not in (parser.get_default("job_id_args") or ())):
+                unresolved.append(f"tml {' '.join(path)} {action.dest.upper()}")
+    assert not unresolved, unresolved
+
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 
@@ -19,6 +37,7 @@ async def _jobs(client, query: str) -> list[str]:
     return [j["id"] for j in r.body["jobs"]]
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_id_prefix_filter_and_what_others_see(switchboard) -> None:
     alice = await switchboard.user("alice")
@@ -47,6 +66,7 @@ async def test_id_prefix_filter_and_what_others_see(switchboard) -> None:
     assert await _jobs(alice, f"restart_of={ids[0]}") == []
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_tml_resolves_unique_prefixes_only(tml, switchboard, tmp_path) -> None:
     alice = await switchboard.user("alice")
@@ -68,6 +88,8 @@ async def test_tml_resolves_unique_prefixes_only(tml, switchboard, tmp_path) -> 
     assert json.loads(r.out)["id"] == job
     r = await tml("job", "events", unique.upper(), env=env)
     assert r.status == 0, r.err
+    r = await tml("job", "results", unique, "--junit", env=env)
+    assert r.status == 1 and f"job {job} has no log servers" in r.err, r.err  # resolved
     # tml-job-ID, the SSH host name tml job ssh gives a job (ssh_config's %h).
     for alias in (f"tml-job-{unique}", f"tml-job-{job}"):
         r = await tml("job", "show", alias, "--json", env=env)

@@ -23,6 +23,7 @@ from treadmill.common.http import (
     query_arg,
     respond,
     respond_error,
+    validate,
 )
 from treadmill.common.keys import attach_keys
 
@@ -125,3 +126,16 @@ def test_fallback_error_handlers(method, path, status, code):
     assert code is None or body["error"]["code"] == code
     if status == 405:
         assert response.headers.getRawHeaders("allow") == ["GET, HEAD"]
+
+
+@pytest.mark.parametrize("schema, value, message", [
+    ({"type": "integer"}, 1.5, "body: expected an integer"),
+    ({"type": "array"}, {}, "body: expected an array"),
+    ({"type": "object"}, [], "body: expected an object"),
+    ({"type": "number"}, "1", "body: expected a number"),
+    ({"type": ["string", "null"]}, 1, "body: expected a string or a null"),
+])
+def test_validation_messages_read_well(schema, value, message):
+    with pytest.raises(ApiError) as raised:
+        validate(value, schema)
+    assert (raised.value.status, raised.value.message) == (400, message)

@@ -49,6 +49,10 @@ class World:
     key_of_owner: str = ""
     hosts: str = "hosts"  # the kinds of /api/v1/health-checks/{kind}/{name}
     tags: str = "tags"
+    job_kind: str = "job"  # the kinds of /console/privileges/{kind}/{ident}
+    host_kind: str = "host"
+    image_kind: str = "image"
+    asset: str = "index.html"  # /console/assets/{path}
 
 
 async def build_world(sb: RunningSwitchboard, clients: dict[str, Client]) -> World:
@@ -212,6 +216,16 @@ ROWS = [
     Row("GET", "/api/v1/registry/token?service=s&scope=repository:owner/x:pull",
         (200, 200, 200, 200, 200)),
     Row("GET", "/.well-known/treadmill/capability-keys", (200, 200, 200, 200, 200)),
+    # The web console (switchboard/web.py): what a page may show, read like the object.
+    Row("GET", "/console/privileges/{job_kind}/{job}", (401, 404, 200, 200, 200)),
+    Row("GET", "/console/privileges/{host_kind}/{host}", (401, 404, 200, 200, 200)),
+    Row("GET", "/console/privileges/{image_kind}/{image}", (401, 404, 404, 404, 404)),
+    Row("GET", "/", (200, 200, 200, 200, 200)),
+    Row("GET", "/console/assets/{asset}", (200, 200, 200, 200, 200)),
+    # Log in needs the CSRF header (no login CSRF); log out ends only a cookie session.
+    Row("POST", "/console/session", (403, 403, 403, 403, 403),
+        lambda w: {"user": "owner", "password": PASSWORD}),
+    Row("DELETE", "/console/session", (204, 400, 400, 400, 400)),
 ]
 
 
@@ -244,13 +258,15 @@ async def test_authorisation(switchboard: RunningSwitchboard, row: Row) -> None:
 async def test_every_route_is_in_the_matrix() -> None:
     """A new route must get a row here."""
     from treadmill.switchboard.api import SwitchboardAPI
+    from treadmill.switchboard.web import WebConsole
 
     covered = set()
     for row in ROWS:
         path = row.path.split("?")[0]
         covered.add((row.method, path))
     routes = set()
-    for rule in SwitchboardAPI.app.url_map.iter_rules():
+    rules = [*SwitchboardAPI.app.url_map.iter_rules(), *WebConsole.app.url_map.iter_rules()]
+    for rule in rules:
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             routes.add((method, rule.rule))
     # Map each route to a covered concrete path by shape.

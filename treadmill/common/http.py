@@ -475,8 +475,8 @@ def _describe(error: Any) -> str:
     kind, expected = error.validator, error.validator_value
     if kind == "type":
         kinds = expected if isinstance(expected, list) else [expected]
-        return "expected " + " or ".join("an object" if k == "object" else f"a {k}"
-                                         for k in kinds)
+        return "expected " + " or ".join(f"an {k}" if k in ("object", "integer", "array")
+                                         else f"a {k}" for k in kinds)
     if kind == "required":
         return error.message  # "'name' is a required property": a field name, no value.
     if kind == "additionalProperties":

@@ -2,7 +2,9 @@
 
 Admins hold every privilege. Owners hold every privilege on what they own.
 Anyone else holds what grants give them; a grant to ``*`` (every user) counts
-for all. ``manage`` implies the other privileges of its kind.
+for all. ``manage`` implies the other privileges of its kind, and any privilege
+implies the weakest (``read``, ``use``): what a list shows its holder, the holder
+may read (the lists show every owned or granted resource).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def effective(kind: str, principal: Principal, owner_id: int | None,
     every = PRIVILEGES[kind]
     if principal.admin or (owner_id is not None and owner_id == principal.user_id):
         return frozenset(every)
-    held = set(granted)
+    held = set(granted) & set(every)
     if "manage" in held:
         return frozenset(every)
-    return frozenset(held & set(every))
+    return frozenset(held | {every[0]}) if held else frozenset()

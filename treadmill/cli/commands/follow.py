@@ -271,8 +271,8 @@ class JobFollower:
         finally:
             if reader is not None and not reader.called:
                 reader.cancel()
-            if writer is not None and self.events:
-                writer.end_line()
+            if writer is not None and (self.events or self.ctx.interrupted):
+                writer.end_line()  # what follows (an event, tml's last words) starts a line
 
     async def _read(self, job_id: str, writer: ConsoleWriter) -> None:
         assert self.stream is not None

@@ -304,12 +304,15 @@ async def job_submit(ctx: Context) -> int:
         ctx.note(f"tml job cancel {job['id']}")
     follower = _follower(ctx, job)
     try:
-        return (await follower.run()).status
+        status = (await follower.run()).status
     except CancelledError:
         if ctx.interrupted:
             ctx.note(f"tml: interrupted; job {follower.current} keeps running; to cancel it:")
             ctx.note(f"tml job cancel {follower.current}")
         raise
+    if status != 0 and ctx.args.hold_on_failure:
+        await _note_hold(ctx, follower.current)
+    return status
 
 
 CANCEL_WAIT = 15.0

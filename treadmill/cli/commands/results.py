@@ -18,7 +18,14 @@ from xml.etree import ElementTree
 
 from treadmill.cli import output
 from treadmill.cli.commands.logs import read_stream
-from treadmill.cli.context import EXIT_ERROR, EXIT_OK, Context, UsageError, add_command
+from treadmill.cli.context import (
+    EXIT_ERROR,
+    EXIT_OK,
+    Context,
+    UsageError,
+    add_command,
+    add_job_id,
+)
 from treadmill.protocol.results import (
     PATTERN_KEYS,
     STREAM,
@@ -244,7 +251,7 @@ def register(job: Any, common: argparse.ArgumentParser) -> None:
     """Add ``job results`` to the ``job`` group."""
     p = add_command(job, "results", job_results, common,
                     help="print a job's test results (exit 0: passed, 4: failed, 1: none yet)")
-    p.add_argument("id", metavar="ID")
+    add_job_id(p)
     form = p.add_mutually_exclusive_group()
     form.add_argument("--junit", dest="format", action="store_const", const="junit",
                       help="as JUnit XML")

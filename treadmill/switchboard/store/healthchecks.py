@@ -127,7 +127,7 @@ class HealthQueries(Queries):
         events = await self.pool.fetchall(
             "SELECT e.at, e.event, e.reason, e.healthy, e.actor, e.message, "
             "CASE WHEN %(admin)s OR j.owner_id = %(uid)s OR EXISTS (SELECT 1 FROM grants g "
-            "  WHERE g.job_id = j.id AND g.privilege IN ('read', 'manage') "
+            "  WHERE g.job_id = j.id "  # any grant reads a job (access.effective)
             "  AND (g.user_id = %(uid)s OR g.user_id IS NULL)) THEN j.id END AS job "
             "FROM host_health_events e LEFT JOIN jobs j ON j.id = e.job_id "
             "WHERE e.host_id = %(host)s ORDER BY e.id DESC LIMIT %(limit)s",

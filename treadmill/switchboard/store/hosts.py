@@ -19,16 +19,15 @@ _HOST_COLUMNS = f"""
     h.last_seen_at, h.created_at,
     (SELECT CASE WHEN %(admin)s OR j.owner_id = %(uid)s OR EXISTS (
                  SELECT 1 FROM grants g WHERE g.job_id = j.id
-                 AND g.privilege IN ('read', 'manage')
                  AND (g.user_id = %(uid)s OR g.user_id IS NULL)) THEN j.id END
      FROM jobs j WHERE j.host_id = h.id AND (j.state <> 'terminated' OR j.held_until IS NOT NULL)
-     ORDER BY j.seq DESC LIMIT 1) AS current_job"""  # Only a job the caller may read.
+     ORDER BY j.seq DESC LIMIT 1) AS current_job"""  # Only a job the caller may read
+# (any grant on a job lets its holder read it: access.effective).
 # Who holds the host and until when (0017_reservations; a failed job's hold,
 # 0019_hold_on_failure): like current_job, only for a job the caller may read.
 _HOST_COLUMNS += "".join(f""",
     (SELECT CASE WHEN %(admin)s OR j.owner_id = %(uid)s OR EXISTS (
                  SELECT 1 FROM grants g WHERE g.job_id = j.id
-                 AND g.privilege IN ('read', 'manage')
                  AND (g.user_id = %(uid)s OR g.user_id IS NULL)) THEN {value} END
      FROM jobs j JOIN users u ON u.id = j.owner_id
      WHERE j.host_id = h.id AND (j.state <> 'terminated' OR j.held_until IS NOT NULL)
