@@ -113,8 +113,8 @@ async def test_closing_ends_followers(logserver: Running, client: LogClient, key
         assert bytes(received.data) == b"a" * 200_000 + b"end"
     # A follower of a closed stream gets it all, then the end.
     late, _ = await follow(logserver.url, job, r)
-    await late.ended
-    assert len(late.data) == 200_003
+    how = await late.ended
+    assert len(late.data) == 200_003, how  # (how it ended: the close code, the reason)
     assert logserver.service.store.follower_count == 0
 
 
