@@ -203,3 +203,21 @@ async def test_followers_that_leave_are_forgotten(logserver: Running, client: Lo
     assert not (logserver.root / "jobs" / job).exists()
     # The server keeps serving.
     assert (await client.list(job, r)).body["streams"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_websocket_follower_gets_the_tail_of_a_closed_stream(
+        logserver: Running, client: LogClient, keys: Keys) -> None:
+    """The server's closing handshake waits for a follower still reading: an aborted
+    connection would drop the bytes left in its send buffers."""
+    job = new_job()
+    w, r = keys.token(job, "append"), keys.token(job, "read")
+    data = bytes(range(256)) * 1024  # 4 x 256 KiB: the whole stream fits in the buffers
+    for i in range(4):
+        await client.append(job, "console", i * len(data), data, w, close=i == 3)
+    received, proto = await ws(logserver.url, job, r)
+    proto.transport.pauseProducing()  # the follower reads nothing for a while
+    await sleep(2.5)  # longer than Autobahn's default closing handshake (1 s)
+    proto.transport.resumeProducing()
+    how = await received.ended
+    assert bytes(received.data) == data * 4, (len(received.data), how)

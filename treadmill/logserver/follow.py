@@ -296,9 +296,12 @@ class FollowFactory(WebSocketServerFactory):
     def __init__(self, ping_interval: float = 30.0, ping_timeout: float = 30.0):
         super().__init__()
         self.followers = 0
+        # The closing handshake waits as long as a ping: Autobahn aborts the connection
+        # when it times out (1 s by default), and an abort drops the bytes still in the
+        # send buffer, which a slow follower has not read yet (the stream's tail).
         self.setProtocolOptions(autoPingInterval=ping_interval, autoPingTimeout=ping_timeout,
                                 maxMessagePayloadSize=CHUNK, maxFramePayloadSize=CHUNK,
-                                openHandshakeTimeout=10)
+                                openHandshakeTimeout=10, closeHandshakeTimeout=ping_timeout)
 
     def for_stream(self, store: StreamStore, job_id: str, name: str, offset: int) -> Any:
         """A factory-like object whose protocol follows this stream."""
