@@ -158,3 +158,13 @@ def test_quota_settings_from_a_file(tmp_path: Path) -> None:
         with pytest.raises(UsageError) as e:
             parse("--config", str(config))
         assert isinstance(e.value, ConfigError) and e.value.key == key, e.value
+
+
+def test_an_empty_service_is_refused_like_the_other_satellites() -> None:
+    """No token could name an empty audience: the store refuses it at start, as the log
+    server and the proxy do (unless auth is disabled, when no token is read)."""
+    with pytest.raises(ConfigError) as e:
+        parse("--root", "/x", "--auth-keys-file", "/k", "--auth-realm", "http://sb/t",
+              "--service", "")
+    assert e.value.key == "service" and "must not be empty" in str(e.value)
+    assert parse("--root", "/x", "--auth-disabled", "true", "--service", "")["service"] == ""
