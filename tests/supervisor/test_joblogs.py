@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest_twisted
 
-from tests.logserver.support import Keys, LogClient, Running, start_logserver
+from tests.logserver.support import Keys, LaterLogServer, LogClient, Running, start_logserver
 from tests.supervisor.peer import JOB_A, FakeSwitchboard, job
-from tests.util.ports import free_port
 from tests.util.waiting import eventually, sleep
 from treadmill.supervisor import joblogs
 from treadmill.supervisor.logship import LOGS_DIR, LogShipper
@@ -119,8 +118,8 @@ async def test_restart_after_the_job_ended_before_its_logs_were_shipped(
         peer: FakeSwitchboard, supervisors: Make, tmp_path: Path,
         counted: type[Counted]) -> None:
     keys = Keys(tmp_path)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"  # the log server is down while the job runs
+    later = LaterLogServer(tmp_path / "logs", keys)  # the log server is down while the job runs
+    url = later.url
     first = supervisors()
     conn = await peer.connection()
     await conn.start(logged_job(keys, url, run_time=0.05, exit_status=0))
@@ -133,8 +132,7 @@ async def test_restart_after_the_job_ended_before_its_logs_were_shipped(
     restarted = supervisors()
     await restarted.ready()
     one_live_shipper_per_job(counted.made)
-    server: Running = await start_logserver(tmp_path / "logs", keys,
-                                            listen=[f"tcp:{port}:interface=127.0.0.1"])
+    server: Running = await later.start()
     try:
         lines = await finished(url, keys, tmp_path / "state")
         assert states(lines) == states(events)
@@ -152,10 +150,9 @@ async def test_restarts_while_the_log_server_is_down_lose_and_repeat_nothing(
         peer: FakeSwitchboard, supervisors: Make, tmp_path: Path,
         counted: type[Counted]) -> None:
     keys = Keys(tmp_path)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = await start_logserver(tmp_path / "logs", keys,
-                                   listen=[f"tcp:{port}:interface=127.0.0.1"])
+    later = LaterLogServer(tmp_path / "logs", keys)
+    url = later.url
+    server = await later.start()
     service = supervisors()
     conn = await peer.connection()
     await conn.start(logged_job(keys, url, run_time="inf"))
@@ -170,8 +167,7 @@ async def test_restarts_while_the_log_server_is_down_lose_and_repeat_nothing(
         if restart == 0:
             assert (await conn.event())["reason"] == "host_dropped_job"
         one_live_shipper_per_job(counted.made)
-    server = await start_logserver(tmp_path / "logs", keys,
-                                   listen=[f"tcp:{port}:interface=127.0.0.1"])
+    server = await later.start()
     try:
         lines = await finished(url, keys, tmp_path / "state")
         assert states(lines) == [*states(before), "terminated"]
@@ -186,8 +182,8 @@ async def test_a_final_line_lost_in_a_crash_is_added_once(
         peer: FakeSwitchboard, supervisors: Make, tmp_path: Path,
         counted: type[Counted]) -> None:
     keys = Keys(tmp_path)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"  # down until the restart
+    later = LaterLogServer(tmp_path / "logs", keys)  # down until the restart
+    url = later.url
     first = supervisors()
     conn = await peer.connection()
     await conn.start(logged_job(keys, url, run_time=0.05, exit_status=0))
@@ -206,8 +202,7 @@ async def test_a_final_line_lost_in_a_crash_is_added_once(
     (spool / "cursors.json").write_text(json.dumps(cursors))
 
     supervisors()
-    server = await start_logserver(tmp_path / "logs", keys,
-                                   listen=[f"tcp:{port}:interface=127.0.0.1"])
+    server = await later.start()
     try:
         shipped = await finished(url, keys, tmp_path / "state")
         assert states(shipped) == states(events)
