@@ -68,7 +68,7 @@ def test_cache_example_parses() -> None:
     assert config.cache.upstreams == ["https://store-1.example:8081",
                                       "https://store-2.example:8081"]
     assert config.cache.max_bytes == 500 * 1024 ** 3
-    assert config.cache.upstream_user == "imagecache-site1"
+    assert config.cache.upstream.user == "imagecache-site1"
     assert config.cache.replicate_chunk_size == 8 * 1024 * 1024
     # A plain store has no cache.
     assert config_from(parse("--root", "/x", "--auth-disabled", "true")).cache is None

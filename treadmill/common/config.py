@@ -10,8 +10,11 @@ merged result in ``options.values``: a flat mapping of dotted key to value.
 A setting also names the field of the role's config dataclass it fills
 (``field="timeouts.statement"``; dots reach into nested dataclasses), so that
 :func:`build` makes the config from the values, and a setting whose default is
-:data:`FIELD` takes it from that field: each key, default and field is written
-once (``RoleOptions.config`` names the dataclass).
+:data:`FIELD` takes it from that field (``RoleOptions.config`` names the dataclass).
+Roles write their settings as :func:`table` groups of :class:`Row`, one per TOML table:
+the key is the table and the row's keyword, the field the one the table's template
+names, the default the field's, unless the row says otherwise; so each key, default and
+field is written once.
 
 Errors name the file, the key and the problem, and are ``UsageError`` so that
 ``twistd`` prints them and exits non-zero.

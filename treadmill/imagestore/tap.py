@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -70,7 +71,7 @@ _CREDENTIALS = ("cache.upstream_", "replicate.")
 def _credentials(prefix: str, fields: str, whom: str) -> tuple[Setting, ...]:
     """The credentials the store sends to ``whom`` (other image stores): a fixed token, or
     a user and token file for their token flow, the realms they go to, a CA file; keys
-    ``prefix + name`` fill the fields ``fields`` names (:func:`table`)."""
+    ``prefix + name`` fill the fields ``name`` of the :class:`Credentials` at ``fields``."""
     name, _, leaf = prefix.rpartition(".")
     rows = {
         "token": Row(_token_value, f"A bearer capability token sent as is to the {whom} "
@@ -82,7 +83,8 @@ def _credentials(prefix: str, fields: str, whom: str) -> tuple[Setting, ...]:
                                "may be sent to; default: auth.realm."),
         "ca_file": Row(STR, f"CA certificates for https {whom}."),
     }
-    return table(name, fields, **{leaf + key: row for key, row in rows.items()})
+    return table(name, None, **{leaf + key: dataclasses.replace(row, field=f"{fields}.{key}")
+                                for key, row in rows.items()})
 
 
 class Options(RoleOptions):
@@ -166,8 +168,8 @@ class Options(RoleOptions):
                    non_negative(FLOAT, finite=True), "Seconds between lease expiry, last-use "
                    "index flushes and eviction runs (eviction also runs after commits that cross "
                    "the bound); 0: never.")),
-        *_credentials("cache.upstream_", "cache.{leaf}", "upstreams"),
-        *_credentials("replicate.", "cache.replicate_{leaf}", "replication targets"),
+        *_credentials("cache.upstream_", "cache.upstream", "upstreams"),
+        *_credentials("replicate.", "cache.replicate", "replication targets"),
         *table("replicate", "cache.replicate_{leaf}",
                targets=Row(
                    store_urls, "Stores (URL prefixes) the cache may replicate to; empty: any."),
