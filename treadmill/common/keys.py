@@ -83,9 +83,10 @@ def satellite_settings(what: str, keys_field: str) -> tuple[Setting, ...]:
         *table("", "{leaf}", service=Row(
             STR, f"This {what}'s name: the audience (aud) its capability tokens must name.")),
         *table("auth", keys_field,
-               keys_url=Row(keys_url, "The switchboard's capability key set, e.g. https://"
-                                      "switchboard.example/.well-known/treadmill/capability-"
-                                      "keys.", default=None),
+               keys_url=Row(keys_url,
+                            "The switchboard's capability key set, e.g. "
+                            "https://switchboard.example/.well-known/treadmill/capability-keys.",
+                            default=None),
                keys_file=Row(STR, "A PEM or JWKS file of capability keys (instead of, or "
                                   "cached from, keys_url).", default=None),
                keys_refresh=Row(positive(FLOAT), "Seconds between fetches of auth.keys_url.",
