@@ -32,6 +32,11 @@ class Keys(SigningKey):
         return self.sign("tester", audience, [Access("job", job, actions or ("read",))], ttl,
                          issued_at)
 
+    def new_job(self) -> tuple[str, str, str]:
+        """A new job id, with a token to append to its streams and one to read them."""
+        job = new_job()
+        return job, self.token(job, "append"), self.token(job, "read")
+
     def expired(self, job: str, *actions: str) -> str:
         return self.token(job, *actions, ttl=60, issued_at=reactor.seconds() - 3600)
 
