@@ -21,7 +21,7 @@ from treadmill.common.config import (
 )
 from treadmill.common.daemon import twistd_service
 from treadmill.logserver.service import DAY, LogServerConfig, LogServerService
-from treadmill.logserver.store import FSYNC_POLICIES
+from treadmill.logserver.streams import FSYNC_POLICIES
 
 
 def _zero_is_none(value: float) -> float | None:
