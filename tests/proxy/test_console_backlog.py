@@ -9,7 +9,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from treadmill.protocol import proxy as messages
-from treadmill.proxy.tunnels import CONSOLE_BACKLOG, Tunnel, TunnelSettings, TunnelTable
+from treadmill.proxy.tunnels import CONSOLE_BACKLOG, Tunnel, TunnelConfig, TunnelTable
 
 JOB = "job-1"
 
@@ -47,7 +47,7 @@ def notify(registry: TunnelTable, tunnel: Tunnel, count: int) -> None:
 @pytest.mark.parametrize(("minor", "delivered"), [(1, CONSOLE_BACKLOG), (0, 0)])
 def test_notices_wait_for_the_next_control_connection(minor: int, delivered: int) -> None:
     clock = Clock()
-    registry = TunnelTable(clock, TunnelSettings(ports=None, grace=30.0), verifier=None,
+    registry = TunnelTable(clock, TunnelConfig(ports=None, grace=30.0), verifier=None,
                         public_factory=lambda tunnel: None, data_port=lambda: 8091)
     tunnel = console_tunnel(registry, Control(1))
     clock.advance(5)

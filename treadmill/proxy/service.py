@@ -37,7 +37,7 @@ from treadmill.proxy.api import ProxyAPI
 from treadmill.proxy.control import ControlFactory
 from treadmill.proxy.legs import DataFactory, PublicFactory, TunnelFactory
 from treadmill.proxy.metrics import ProxyMetrics
-from treadmill.proxy.tunnels import TunnelSettings, TunnelTable
+from treadmill.proxy.tunnels import TunnelConfig, TunnelTable
 
 __all__ = ["ProxyConfig", "ProxyService", "with_backlog"]
 
@@ -83,7 +83,7 @@ class ProxyConfig:
     data_listen: list[str] = field(default_factory=lambda: ["tcp:8091:interface=127.0.0.1"])
     auth: dict[str, Any] = field(default_factory=dict)  # the auth.* settings
     service: str = "treadmill-proxy"
-    tunnels: TunnelSettings = field(default_factory=TunnelSettings)
+    tunnels: TunnelConfig = field(default_factory=TunnelConfig)
     ping_interval: float = 10.0
     access_log: bool = True
 

@@ -51,15 +51,15 @@ from treadmill.common.splice import End, Splice, join
 from treadmill.protocol import proxy as messages
 from treadmill.proxy.ports import PortAllocator, PortsExhausted, PortUnavailable
 
-__all__ = ["Control", "JobSession", "Pending", "Tunnel", "TunnelSettings", "TunnelTable"]
+__all__ = ["Control", "JobSession", "Pending", "Tunnel", "TunnelConfig", "TunnelTable"]
 
 CONSOLE_BACKLOG = 64
 """Console notices a job keeps while it has no control connection (its grace period)."""
 
 
 @dataclass
-class TunnelSettings:
-    """The tunnel table's share of the proxy's settings."""
+class TunnelConfig:
+    """The tunnel table's share of the proxy's config (``ProxyConfig.tunnels``)."""
 
     public_host: str = "localhost"
     public_url: str | None = None  # ws(s):// base URL clients use for tunnel paths
@@ -176,7 +176,7 @@ class TunnelTable:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, settings: TunnelSettings, verifier: Any, *,
+    def __init__(self, reactor: Any, settings: TunnelConfig, verifier: Any, *,
                  public_factory: Callable[[Tunnel], Any],
                  data_port: Callable[[], int], data_tls: bool = False):
         self.reactor = reactor
