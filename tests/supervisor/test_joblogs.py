@@ -79,6 +79,18 @@ def states(lines: list[dict[str, Any]]) -> list[str]:
     return [e.get("stage") or e["state"] for e in lines]
 
 
+async def ended_unshipped(peer: FakeSwitchboard, supervisors: Make, keys: Keys,
+                          url: str) -> list[dict[str, Any]]:
+    """A short job run to its end by a supervisor stopped right after, while the log
+    server at ``url`` is down: the job's events."""
+    first = supervisors()
+    conn = await peer.connection()
+    await conn.start(logged_job(keys, url, run_time=0.05, exit_status=0))
+    events = await conn.events_until("terminated")
+    await first.stopService()
+    return events
+
+
 def one_live_shipper_per_job(made: list[Counted]) -> None:
     live = [s.job_id for s in made if not s.stopped]
     assert len(live) == len(set(live)), live
@@ -120,12 +132,8 @@ async def test_restart_after_the_job_ended_before_its_logs_were_shipped(
     keys = Keys(tmp_path)
     later = LaterLogServer(tmp_path / "logs", keys)  # the log server is down while the job runs
     url = later.url
-    first = supervisors()
-    conn = await peer.connection()
-    await conn.start(logged_job(keys, url, run_time=0.05, exit_status=0))
-    events = await conn.events_until("terminated")
+    events = await ended_unshipped(peer, supervisors, keys, url)
     spool = tmp_path / "state" / LOGS_DIR / JOB_A
-    await first.stopService()
     assert all(s.stopped for s in counted.made)  # the closing shipper stopped too
     assert spool.is_dir()
 
@@ -184,11 +192,7 @@ async def test_a_final_line_lost_in_a_crash_is_added_once(
     keys = Keys(tmp_path)
     later = LaterLogServer(tmp_path / "logs", keys)  # down until the restart
     url = later.url
-    first = supervisors()
-    conn = await peer.connection()
-    await conn.start(logged_job(keys, url, run_time=0.05, exit_status=0))
-    events = await conn.events_until("terminated")
-    await first.stopService()
+    events = await ended_unshipped(peer, supervisors, keys, url)
     # What a crash between journaling the final event and spooling its line leaves:
     # the runner knows how the job ended; the spool lacks the line and was not closing.
     spool = tmp_path / "state" / LOGS_DIR / JOB_A
