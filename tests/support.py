@@ -30,6 +30,9 @@ from treadmill.switchboard import credentials
 from treadmill.switchboard.api import Limits
 from treadmill.switchboard.service import SwitchboardConfig, SwitchboardService
 
+MOCK_IMAGE = "sha256:" + "7" * 64
+"""An image digest for the mock driver (it fetches nothing)."""
+
 
 @dataclass
 class Response:
@@ -234,6 +237,21 @@ async def add_host(admin: Client, name: str, tags: list[str], *,
     if anyone_starts:
         await admin.post(f"/api/v1/hosts/{name}/grants", {"user": "*", "privilege": "start"})
     return r.body["token"]  # type: ignore[no-any-return]
+
+
+async def mock_host(sb: RunningSwitchboard, state_dir: Path, **mock: Any) -> SupervisorService:
+    """Host ``mock-1``, tagged ``mock``, registered on ``sb``, and its started supervisor of
+    the mock driver (``mock``: :func:`mock_supervisor`'s settings); not yet connected."""
+    token = await add_host(sb.admin, "mock-1", ["mock"], anyone_starts=False)
+    return mock_supervisor(sb.url, token, state_dir, **mock)
+
+
+async def mock_job(admin: Client, digest: str = MOCK_IMAGE, **fields: Any) -> str:
+    """Submit a job of ``digest`` to the ``mock`` hosts (``fields``: more of its body); its
+    id."""
+    r = await admin.post("/api/v1/jobs", {"image": digest, "tags": ["mock"], **fields})
+    assert r.status == 201, r.body
+    return r.body["id"]  # type: ignore[no-any-return]
 
 
 async def job_reaches(admin: Client, job_id: str, state: str,

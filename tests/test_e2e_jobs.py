@@ -17,6 +17,7 @@ import pytest_twisted
 from tests.support import (
     final,
     job_reaches,
+    mock_job,
     one_mock_host,
     run_tml,
 )
@@ -69,7 +70,7 @@ async def test_cancel_in_every_state(testbed: Any, where: str) -> None:
     end = await final(admin, job_id)
     assert end["termination"]["reason"] == "user_terminated"
     # The host is free again.
-    nxt = (await admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})).body["id"]
+    nxt = await mock_job(admin, DIGEST)
     assert (await final(admin, nxt))["termination"]["reason"] == "workload_exited"
 
 
@@ -121,7 +122,7 @@ async def test_switchboard_killed_mid_job(bed: Bed) -> None:
     assert states[0] == "queued" and states[-1] == "terminated"
     assert states.count("terminated") == 1 and states.count("ready") == 1
     # Work goes on: the next job runs.
-    nxt = (await admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})).body["id"]
+    nxt = await mock_job(admin, DIGEST)
     assert (await final(admin, nxt))["termination"]["reason"] == "workload_exited"
 
 

@@ -13,7 +13,14 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 
 from tests.logserver.support import start_logserver
-from tests.support import closed_stream, final, job_reaches, mock_supervisor, start_switchboard
+from tests.support import (
+    closed_stream,
+    final,
+    job_reaches,
+    mock_host,
+    mock_job,
+    start_switchboard,
+)
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.common.captoken import load_or_create_signing_key
@@ -31,13 +38,10 @@ async def test_console_and_events_reach_every_replica(migrated_database: str,
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=Limits(log_servers=tuple(s.url for s in servers),
                                                log_replicas=2))
-    r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
-    supervisor = mock_supervisor(sb.url, r.body["token"], tmp_path / "sup",
-                                 run_time=0.5, console_rate=50_000)
+    supervisor = await mock_host(sb, tmp_path / "sup", run_time=0.5, console_rate=50_000)
     try:
         await supervisor.connected()
-        job_id = (await sb.admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})
-                  ).body["id"]
+        job_id = await mock_job(sb.admin)
 
         await final(sb.admin, job_id, timeout=20)
         access = (await sb.admin.post(f"/api/v1/jobs/{job_id}/logs/token")).body
@@ -117,13 +121,10 @@ async def test_log_server_killed_mid_job_loses_no_byte(migrated_database: str,
     await logserver.wait_http(f"{url}/healthz")
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=Limits(log_servers=(url,), log_replicas=1))
-    r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
-    supervisor = mock_supervisor(sb.url, r.body["token"], tmp_path / "sup",
-                                 run_time=3.0, console_rate=20_000)
+    supervisor = await mock_host(sb, tmp_path / "sup", run_time=3.0, console_rate=20_000)
     try:
         await supervisor.connected()
-        job_id = (await sb.admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})
-                  ).body["id"]
+        job_id = await mock_job(sb.admin)
 
         await job_reaches(sb.admin, job_id, "ready", timeout=20)
         # A user follows the console live (tml job logs -f) across the restart.

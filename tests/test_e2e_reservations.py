@@ -17,6 +17,7 @@ import pytest_twisted
 from tests.support import (
     final,
     job_reaches,
+    mock_job,
     one_mock_host,
     run_tml,
 )
@@ -133,7 +134,7 @@ async def test_reservation_is_queued_like_a_job_and_released_on_cancel(testbed: 
     assert code == 0, out
     end = await final(alice, job_id, timeout=10)
     assert end["termination"]["reason"] == "user_terminated"
-    nxt = (await alice.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})).body["id"]
+    nxt = await mock_job(alice, DIGEST)
     assert (await final(alice, nxt))["termination"]["reason"] == "workload_exited"
 
 

@@ -31,7 +31,7 @@ from tests.imagestore.support import start_cache, start_store
 from tests.logserver.support import start_logserver
 from tests.proxy.support import Keys as ProxyKeys
 from tests.proxy.support import start_proxy
-from tests.support import final, mock_supervisor, start_switchboard
+from tests.support import final, mock_host, mock_job, start_switchboard
 from tests.util.metricnames import documented, scraped
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.common.metrics import metrics_service
@@ -40,7 +40,6 @@ from treadmill.switchboard.api import Limits
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "etc" / "grafana" / "treadmill.json"
-DIGEST = "sha256:" + "7" * 64
 ROLES = ("Switchboard", "Image store", "Image cache", "Log server", "Proxy", "Supervisor")
 # The labels Prometheus adds to every scraped series.
 TARGET_LABELS = frozenset({"job", "instance"})
@@ -113,13 +112,10 @@ async def test_every_role_exports_what_the_docs_list(migrated_database: str,
     proxy = await start_proxy(ProxyKeys(tmp_path / "keys"))
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  limits=Limits(log_servers=(logs.url,), log_replicas=1))
-    r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
-    supervisor = mock_supervisor(sb.url, r.body["token"], tmp_path / "sup",
-                                 run_time=0.3, console_rate=20_000)
+    supervisor = await mock_host(sb, tmp_path / "sup", run_time=0.3, console_rate=20_000)
     try:
         await supervisor.connected()
-        job_id = (await sb.admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})
-                  ).body["id"]
+        job_id = await mock_job(sb.admin)
 
         await final(sb.admin, job_id, timeout=20)
         await sb.service._count_jobs()

@@ -7,11 +7,13 @@ handlers run with a :class:`Context` whose API client returns a job made here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import stat
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -219,15 +221,20 @@ async def published(proxy: Running, keys: Keys, services: dict[str, Any]
     return manager, await manager.published()
 
 
+@contextlib.asynccontextmanager
 async def published_echo(proxy: Running, keys: Keys, websocket: bool = True
-                         ) -> tuple[Any, ExposureManager, list[dict[str, Any]]]:
+                         ) -> AsyncIterator[tuple[ExposureManager, list[dict[str, Any]]]]:
     """An echo server published on ``proxy`` as service ``echo`` (also over the WebSocket
-    path unless ``websocket`` is false): (its port, the manager, the endpoints)."""
+    path unless ``websocket`` is false): (the manager, the endpoints); both stopped after."""
     echo = listen_echo(reactor)
     services = {"echo": ("127.0.0.1", echo.getHost().port, True) if websocket
                 else ("127.0.0.1", echo.getHost().port)}
     manager, endpoints = await published(proxy, keys, services)
-    return echo, manager, endpoints
+    try:
+        yield manager, endpoints
+    finally:
+        await manager.close()
+        await echo.stopListening()
 
 
 async def start_connect(argv: list[str], job: dict[str, Any], console_token: Any = None
@@ -237,6 +244,19 @@ async def start_connect(argv: list[str], job: dict[str, Any], console_token: Any
     await eventually(lambda: ctx.stdout.getvalue() or running.called)
     assert not running.called, ctx.stderr.getvalue()
     return running, json.loads(ctx.stdout.getvalue())["local_port"], ctx
+
+
+@contextlib.asynccontextmanager
+async def connecting(argv: list[str], job: dict[str, Any], console_token: Any = None
+                     ) -> AsyncIterator[tuple[int, Context]]:
+    """``tml job connect ARGV`` running (:func:`start_connect`): (its local port, its
+    context); interrupted after."""
+    running, port, ctx = await start_connect(argv, job, console_token)
+    try:
+        yield port, ctx
+    finally:
+        running.cancel()
+        await running
 
 
 @pytest_twisted.ensureDeferred
@@ -265,49 +285,33 @@ async def test_connect_tunnels_local_connections_through_the_websocket(
 
 @pytest_twisted.ensureDeferred
 async def test_connect_serves_many_connections_at_once(proxy: Running, keys: Keys) -> None:
-    echo, manager, endpoints = await published_echo(proxy, keys)
-    running, port, _ = await start_connect(["job-1", "echo"], a_job(endpoints))
-    try:
-        clients = await gatherResults([echo_client(port) for _ in range(50)])
-        for i, client in enumerate(clients):
-            client.transport.write(b"%d;" % i * 50)
-        answers = await gatherResults([c.wait_for(len(b"%d;" % i * 50), timeout=10)
-                                       for i, c in enumerate(clients)])
-        assert answers == [b"%d;" % i * 50 for i in range(len(clients))]
-        for client in clients:
-            client.transport.loseConnection()
-    finally:
-        running.cancel()
-        await running
-        await manager.close()
-        await echo.stopListening()
+    async with published_echo(proxy, keys) as (_, endpoints):
+        async with connecting(["job-1", "echo"], a_job(endpoints)) as (port, _):
+            clients = await gatherResults([echo_client(port) for _ in range(50)])
+            for i, client in enumerate(clients):
+                client.transport.write(b"%d;" % i * 50)
+            answers = await gatherResults([c.wait_for(len(b"%d;" % i * 50), timeout=10)
+                                           for i, c in enumerate(clients)])
+            assert answers == [b"%d;" % i * 50 for i in range(len(clients))]
+            for client in clients:
+                client.transport.loseConnection()
 
 
 @pytest_twisted.ensureDeferred
 async def test_connect_over_the_tcp_port(proxy: Running, keys: Keys) -> None:
-    echo, manager, endpoints = await published_echo(proxy, keys)
-    running, port, _ = await start_connect(["job-1", "echo", "--tcp"], a_job(endpoints))
-    try:
-        assert await echo_once(port, b"plain tcp") == b"plain tcp"
-    finally:
-        running.cancel()
-        await running
-        await manager.close()
-        await echo.stopListening()
+    async with published_echo(proxy, keys) as (_, endpoints):
+        async with connecting(["job-1", "echo", "--tcp"], a_job(endpoints)) as (port, _):
+            assert await echo_once(port, b"plain tcp") == b"plain tcp"
 
 
 @pytest_twisted.ensureDeferred
 async def test_connect_says_when_the_tunnel_is_gone(proxy: Running, keys: Keys) -> None:
     gone = {"service": "ssh", "proxy": proxy.ws, "host": "127.0.0.1",
             "url": proxy.ws + "/v1/tunnels/" + "x" * 32}
-    running, port, ctx = await start_connect(["job-1", "ssh"], a_job([gone]))
-    try:
+    async with connecting(["job-1", "ssh"], a_job([gone])) as (port, ctx):
         client = await echo_client(port)
         await client.lost
         await eventually(lambda: "cannot reach" in ctx.stderr.getvalue())
-    finally:
-        running.cancel()
-        await running
 
 
 class _Pipe(ProcessProtocol):
@@ -354,8 +358,7 @@ react(main)
 
 @pytest_twisted.ensureDeferred
 async def test_connect_stdio_for_ssh_proxy_command(proxy: Running, keys: Keys) -> None:
-    echo, manager, endpoints = await published_echo(proxy, keys)
-    try:
+    async with published_echo(proxy, keys) as (_, endpoints):
         pipe = _Pipe()
         process = reactor.spawnProcess(
             pipe, sys.executable, [sys.executable, "-c", STDIO_RUNNER,
@@ -374,9 +377,6 @@ async def test_connect_stdio_for_ssh_proxy_command(proxy: Running, keys: Keys) -
             raise AssertionError(f"out {len(pipe.out)}: {pipe.err.decode()}") from None
         assert status == 0, pipe.err.decode()
         assert pipe.out == payload
-    finally:
-        await manager.close()
-        await echo.stopListening()
 
 
 @pytest_twisted.ensureDeferred
@@ -388,8 +388,7 @@ async def test_job_ssh_proxy_command_tunnels_stdio(proxy: Running, keys: Keys) -
         '["job-1", "echo", "--stdio"]', '["--proxy-command", "--service", "echo", "job-1"]'
     ).replace("job_connect(ctx)", "job_ssh(ctx)")
     assert "job_connect" not in runner and '"--proxy-command"' in runner
-    echo, manager, endpoints = await published_echo(proxy, keys)
-    try:
+    async with published_echo(proxy, keys) as (_, endpoints):
         pipe = _Pipe()
         process = reactor.spawnProcess(
             pipe, sys.executable, [sys.executable, "-c", runner, json.dumps(a_job(endpoints))],
@@ -403,9 +402,6 @@ async def test_job_ssh_proxy_command_tunnels_stdio(proxy: Running, keys: Keys) -
         ended.addTimeout(10, reactor)
         assert await ended == 0, pipe.err.decode()
         assert pipe.out == payload
-    finally:
-        await manager.close()
-        await echo.stopListening()
 
 
 # -- consoles: endpoints that need a console token ---------------------------------------
@@ -433,41 +429,34 @@ class Issuer:
 @pytest.mark.parametrize("read_only", [False, True])
 async def test_connect_fetches_a_console_token(proxy: Running, keys: Keys,
                                                read_only: bool) -> None:
-    echo, manager, endpoints = await published_echo(proxy, keys, websocket=False)
-    [endpoint] = endpoints
-    assert endpoint["auth"] == "token" and "port" not in endpoint
-    issuer = Issuer(keys, manager.job_id)
-    argv = ["job-1", "echo", *(["--read-only"] if read_only else [])]
-    running, port, ctx = await start_connect(argv, a_job(endpoints), issuer)
-    try:
-        client = await echo_client(port)
-        client.transport.write(b"typed")
-        if read_only:  # watching: what is typed never reaches the echo
-            await eventually(lambda: proxy.registry.counts["console_input_dropped"] > 0)
-            await sleep(0.1)
-            assert client.data == b""
-        else:
-            assert await client.wait_for(5) == b"typed"
-        client.transport.loseConnection()
-        assert issuer.asked == ["read" if read_only else "manage"]  # one token, reused
-        assert proxy.registry.counts["console_read" if read_only else "console_manage"] == 1
-        second = await echo_client(port)  # another connection reuses the token
-        await eventually(lambda: proxy.registry.counts["spliced"] == 2)
-        second.transport.loseConnection()
-        assert len(issuer.asked) == 1
-        assert "Bearer" not in ctx.stderr.getvalue() + ctx.stdout.getvalue()
-    finally:
-        running.cancel()
-        await running
-        await manager.close()
-        await echo.stopListening()
+    async with published_echo(proxy, keys, websocket=False) as (manager, endpoints):
+        [endpoint] = endpoints
+        assert endpoint["auth"] == "token" and "port" not in endpoint
+        issuer = Issuer(keys, manager.job_id)
+        argv = ["job-1", "echo", *(["--read-only"] if read_only else [])]
+        async with connecting(argv, a_job(endpoints), issuer) as (port, ctx):
+            client = await echo_client(port)
+            client.transport.write(b"typed")
+            if read_only:  # watching: what is typed never reaches the echo
+                await eventually(lambda: proxy.registry.counts["console_input_dropped"] > 0)
+                await sleep(0.1)
+                assert client.data == b""
+            else:
+                assert await client.wait_for(5) == b"typed"
+            client.transport.loseConnection()
+            assert issuer.asked == ["read" if read_only else "manage"]  # one token, reused
+            assert proxy.registry.counts["console_read" if read_only else "console_manage"] == 1
+            second = await echo_client(port)  # another connection reuses the token
+            await eventually(lambda: proxy.registry.counts["spliced"] == 2)
+            second.transport.loseConnection()
+            assert len(issuer.asked) == 1
+            assert "Bearer" not in ctx.stderr.getvalue() + ctx.stdout.getvalue()
 
 
 @pytest_twisted.ensureDeferred
 async def test_connect_without_the_privilege_gets_no_console(proxy: Running,
                                                              keys: Keys) -> None:
-    echo, manager, endpoints = await published_echo(proxy, keys, websocket=False)
-    try:
+    async with published_echo(proxy, keys, websocket=False) as (manager, endpoints):
         ctx = context(add_connect_arguments, ["job-1", "echo"], a_job(endpoints),
                       console_token=Issuer(keys, manager.job_id, held=("read",)))
         with pytest.raises(CommandError, match="lack manage"):
@@ -476,6 +465,3 @@ async def test_connect_without_the_privilege_gets_no_console(proxy: Running,
         with pytest.raises(CommandError, match="no public port"):
             await job_connect(ctx)
         assert proxy.registry.counts["spliced"] == 0
-    finally:
-        await manager.close()
-        await echo.stopListening()

@@ -23,6 +23,7 @@ from treadmill.common.config import (
     STRLIST,
     ConfigError,
     RoleOptions,
+    Row,
     Setting,
     _field_default,
     build,
@@ -31,7 +32,7 @@ from treadmill.common.config import (
     positive,
     resolve_defaults,
     server_endpoints,
-    with_fields,
+    table,
 )
 
 
@@ -740,8 +741,7 @@ class _FieldOptions(RoleOptions):
         Setting("name", STR, None, "Name (default: generated).", field="name"),
         Setting("urls", STRLIST, [], "URLs.", field="urls",
                 convert=lambda urls: tuple(u.rstrip("/") for u in urls)),
-        *with_fields((Setting("auth.a", STR, None, "A."), Setting("auth.b", STR, "b", "B.")),
-                     "auth[]"),
+        *table("auth", "auth[]", a=Row(STR, "A.", default=None), b=Row(STR, "B.", default="b")),
     )
 
 
@@ -819,3 +819,23 @@ def test_a_converted_none_replaces_the_field_default():
                            convert=lambda seconds: seconds or None)
     assert build(_Pool, [zero_is_none], {"pool.timeout": 0.0}).timeout is None
     assert build(_Pool, [zero_is_none], {"pool.timeout": 3.0}).timeout == 3.0
+
+
+def test_table_writes_each_key_and_field_once():
+    """A table's rows are keyed by table and keyword, fill the field its template names
+    unless a row names its own (or none), and keep their kind, help and options."""
+    top, login = (
+        table("", "{leaf}", root=Row(STR, "Root.", default=None, required=True)),
+        table("login", "passwords.{leaf}",
+              rate=Row(positive(FLOAT), "Rate."),
+              burst=Row(INT, "Burst.", field="limits.burst"),
+              note=Row(STR, "Note.", default="x", field=None),
+              peers=Row(STRLIST, "Peers.", default=[], table=True, convert=tuple)),
+    )
+    assert [(s.key, s.field) for s in top + login] == [
+        ("root", "root"), ("login.rate", "passwords.rate"), ("login.burst", "limits.burst"),
+        ("login.note", None), ("login.peers", "passwords.peers")]
+    assert top[0].required and top[0].default is None and top[0].help == "Root."
+    assert login[0].default is FIELD and login[2].default == "x"
+    assert login[3].table and login[3].convert is tuple and login[3].kind is STRLIST
+    assert table("metrics", None, listen=Row(STR, "L.", default=None))[0].field is None

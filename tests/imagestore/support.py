@@ -310,18 +310,19 @@ async def start_cache(root: Path, keys: Keys | None, upstreams: list[str],
                       **overrides: Any) -> RunningStore:
     """An image cache (``cache.enabled``) in this process; fast retries, no periodic work.
 
-    Without ``upstream_token`` in ``cache_settings``, the cache gets a token from ``keys``
-    pulling ``lab/fw`` and ``lab/other`` from a store of the default service name.
+    Without ``upstream`` credentials in ``cache_settings``, the cache gets a token from
+    ``keys`` pulling ``lab/fw`` and ``lab/other`` from a store of the default service name.
     """
     from treadmill.imagestore.cache import CacheConfig
+    from treadmill.imagestore.pullthrough import Credentials
 
     settings: dict[str, Any] = {"upstream_retries": 1, "upstream_backoff": 0.01,
                                 "upstream_timeout": 5.0, "retry_after": 3,
                                 "maintenance_interval": 0.0}
     if keys is not None:
-        settings["upstream_token"] = keys.token(("repository", "lab/fw", ["pull"]),
-                                                ("repository", "lab/other", ["pull"]),
-                                                subject="imagecache", ttl=3600)
+        settings["upstream"] = Credentials(token=keys.token(
+            ("repository", "lab/fw", ["pull"]), ("repository", "lab/other", ["pull"]),
+            subject="imagecache", ttl=3600))
     settings.update(cache_settings or {})
     overrides.setdefault("service", CACHE_SERVICE)
     return await start_store(root, keys, cache=CacheConfig(upstreams=upstreams, **settings),

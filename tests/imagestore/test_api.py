@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -278,14 +279,20 @@ async def test_manifest_delete(open_store: RunningStore) -> None:
     assert r.json["tags"] == []
 
 
+def an_index(media_type: str, child_type: str, digest: str, child: dict[str, Any]
+             ) -> dict[str, Any]:
+    """An index (or Docker list) of ``media_type`` naming one amd64 manifest ``child``."""
+    return {"schemaVersion": 2, "mediaType": media_type,
+            "manifests": [{"mediaType": child_type, "digest": digest,
+                           "size": len(json.dumps(child).encode()),
+                           "platform": {"architecture": "amd64", "os": "linux"}}]}
+
+
 @pytest_twisted.ensureDeferred
 async def test_index_and_docker_media_types(open_store: RunningStore) -> None:
     reg = open_store.registry
     child, manifest = await reg.push_image("lab/multi", "amd64", [b"amd64 layer"])
-    index = {"schemaVersion": 2, "mediaType": OCI_INDEX,
-             "manifests": [{"mediaType": OCI_MANIFEST, "digest": child,
-                            "size": len(json.dumps(manifest).encode()),
-                            "platform": {"architecture": "amd64", "os": "linux"}}]}
+    index = an_index(OCI_INDEX, OCI_MANIFEST, child, manifest)
     r = await reg.push_manifest("lab/multi", "latest", index, OCI_INDEX)
     assert r.code == 201, r.body
     r = await reg.request("GET", "/v2/lab/multi/manifests/latest")
@@ -307,10 +314,7 @@ async def test_index_and_docker_media_types(open_store: RunningStore) -> None:
     r = await reg.push_manifest("lab/docker", "v1", docker, DOCKER_MANIFEST)
     assert r.code == 201, r.body
     docker_digest = r.header("docker-content-digest")
-    listing = {"schemaVersion": 2, "mediaType": DOCKER_LIST,
-               "manifests": [{"mediaType": DOCKER_MANIFEST, "digest": docker_digest,
-                              "size": len(json.dumps(docker).encode()),
-                              "platform": {"architecture": "amd64", "os": "linux"}}]}
+    listing = an_index(DOCKER_LIST, DOCKER_MANIFEST, docker_digest, docker)
     r = await reg.push_manifest("lab/docker", "list", listing, DOCKER_LIST)
     assert r.code == 201, r.body
     r = await reg.request("GET", "/v2/lab/docker/manifests/list")

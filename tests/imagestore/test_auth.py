@@ -93,18 +93,21 @@ REFUSALS = ["none", "garbage", "wrong repository", "prefix repository", "wrong a
             "expired", "not yet valid", "wrong audience", "wrong issuer", "other key"]
 
 
-async def put_manifest_body(s: dict[str, Any]) -> bytes:
-    r = await s["admin"].request("GET", f"/v2/{NAME}/manifests/v1")
-    return r.body
+async def seeded_request(store: RunningStore, label: str
+                         ) -> tuple[dict[str, Any], tuple[str, str, Any, str]]:
+    """The seeded store's state and the request ``label`` names: ``(method, path, body,
+    action)``; a manifest put sends the manifest already there."""
+    s = await seeded(store)
+    method, path, body, action = requests(s)[label]
+    if label == "put manifest":
+        body = (await s["admin"].request("GET", f"/v2/{NAME}/manifests/v1")).body
+    return s, (method, path, body, action)
 
 
 @pytest.mark.parametrize("label", LABELS)
 @pytest_twisted.ensureDeferred
 async def test_refused_without_the_right_token(store: RunningStore, label: str) -> None:
-    s = await seeded(store)
-    method, path, body, action = requests(s)[label]
-    if label == "put manifest":
-        body = await put_manifest_body(s)
+    s, (method, path, body, action) = await seeded_request(store, label)
     for case in REFUSALS:
         token = token_for(store.keys, case, action)
         r = await store.registry.request(method, path, body, token=token or "",
@@ -140,10 +143,7 @@ async def test_refused_without_the_right_token(store: RunningStore, label: str) 
 @pytest.mark.parametrize("label", LABELS)
 @pytest_twisted.ensureDeferred
 async def test_allowed_with_the_right_token(store: RunningStore, label: str) -> None:
-    s = await seeded(store)
-    method, path, body, action = requests(s)[label]
-    if label == "put manifest":
-        body = await put_manifest_body(s)
+    _, (method, path, body, action) = await seeded_request(store, label)
     token = store.keys.repo(NAME, action)
     r = await store.registry.request(method, path, body, token=token,
                                      headers={"content-type": OCI_MANIFEST})

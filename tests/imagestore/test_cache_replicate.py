@@ -18,6 +18,7 @@ from tests.imagestore.support import (
     start_cache,
     start_store,
 )
+from treadmill.imagestore.pullthrough import Credentials
 
 TARGET_SERVICE = "treadmill-target"
 UPSTREAM_SERVICE = "treadmill-imagestore"
@@ -49,10 +50,9 @@ async def test_replicate_an_image_to_another_store(tmp_path: Path, keys: Keys) -
     upstream = await start_store(tmp_path / "upstream", keys, realm=realm)
     target = await start_store(tmp_path / "target", keys, realm=realm, service=TARGET_SERVICE)
     cache = await start_cache(tmp_path / "cache", keys, [upstream.url], {
-        "upstream_token": None, "upstream_user": tokens.user,
-        "upstream_token_file": str(token_file), "upstream_realms": [realm],
-        "replicate_user": tokens.user, "replicate_token_file": str(token_file),
-        "replicate_realms": [realm], "replicate_chunk_size": 1000,
+        "upstream": Credentials(user=tokens.user, token_file=str(token_file), realms=[realm]),
+        "replicate": Credentials(user=tokens.user, token_file=str(token_file), realms=[realm]),
+        "replicate_chunk_size": 1000,
         "replicate_targets": [target.url]}, realm=realm)
     try:
         up = upstream.registry.with_token(keys.repo("lab/fw", "pull", "push"))
@@ -129,7 +129,7 @@ async def test_a_target_that_refuses_fails_the_job(tmp_path: Path, keys: Keys) -
     target = await start_store(tmp_path / "target", keys, service=TARGET_SERVICE)
     # The cache's replication token is for the wrong service.
     cache = await start_cache(tmp_path / "cache", keys, [upstream.url], {
-        "replicate_token": keys.repo("lab/fw", "pull", "push")})
+        "replicate": Credentials(token=keys.repo("lab/fw", "pull", "push"))})
     try:
         up = upstream.registry.with_token(keys.repo("lab/fw", "pull", "push"))
         await up.push_image("lab/fw", "v1", [b"layer"])

@@ -84,6 +84,8 @@ def test_config_errors_name_the_setting(tmp_path: Path) -> None:
         (f'root = "{tmp_path}"\n[auth]\nkeys_file = "/x"\n', "auth.realm"),
         (f'root = "{tmp_path}"\nanonymous_pull = 3\n', "anonymous_pull"),
         (f'root = "{tmp_path}"\n[gc]\ninterval = -1\n', "gc.interval"),
+        (f'root = "{tmp_path}"\nservice = ""\n[auth]\nkeys_file = "/x"\nrealm = "http://sb/t"\n',
+         "service: must not be empty"),
     ]
     for text, key in cases:
         config = tmp_path / "imagestore.toml"

@@ -10,10 +10,11 @@ import pytest_twisted
 
 from tests.imagestore.support import RunningStore, digest_of, parse_response
 from tests.util.raw import raw_request
+from treadmill.images.oci import is_repository
 from treadmill.imagestore.auth import anonymous_patterns, glob_regex
 from treadmill.imagestore.errors import OCIError
 from treadmill.imagestore.manifests import references
-from treadmill.imagestore.names import check_digest, check_reference, is_name, is_tag
+from treadmill.imagestore.names import check_digest, check_reference, is_tag
 
 GOOD_NAMES = ["a", "lab/fw", "a.b_c__d-e---f/g0", "x" * 255, "0/1/2/3"]
 BAD_NAMES = ["", "A", "..", "a/..", "../a", "a/../b", ".a", "a.", "a//b", "/a", "a/", "a b",
@@ -22,12 +23,12 @@ BAD_NAMES = ["", "A", "..", "a/..", "../a", "a/../b", ".a", "a.", "a//b", "/a", 
 
 @pytest.mark.parametrize("name", GOOD_NAMES)
 def test_good_names(name: str) -> None:
-    assert is_name(name)
+    assert is_repository(name)
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_bad_names(name: str) -> None:
-    assert not is_name(name)
+    assert not is_repository(name)
 
 
 @pytest.mark.parametrize("tag,good", [

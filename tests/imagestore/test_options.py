@@ -68,7 +68,7 @@ def test_cache_example_parses() -> None:
     assert config.cache.upstreams == ["https://store-1.example:8081",
                                       "https://store-2.example:8081"]
     assert config.cache.max_bytes == 500 * 1024 ** 3
-    assert config.cache.upstream_user == "imagecache-site1"
+    assert config.cache.upstream.user == "imagecache-site1"
     assert config.cache.replicate_chunk_size == 8 * 1024 * 1024
     # A plain store has no cache.
     assert config_from(parse("--root", "/x", "--auth-disabled", "true")).cache is None
@@ -158,3 +158,13 @@ def test_quota_settings_from_a_file(tmp_path: Path) -> None:
         with pytest.raises(UsageError) as e:
             parse("--config", str(config))
         assert isinstance(e.value, ConfigError) and e.value.key == key, e.value
+
+
+def test_an_empty_service_is_refused_like_the_other_satellites() -> None:
+    """No token could name an empty audience: the store refuses it at start, as the log
+    server and the proxy do (unless auth is disabled, when no token is read)."""
+    with pytest.raises(ConfigError) as e:
+        parse("--root", "/x", "--auth-keys-file", "/k", "--auth-realm", "http://sb/t",
+              "--service", "")
+    assert e.value.key == "service" and "must not be empty" in str(e.value)
+    assert parse("--root", "/x", "--auth-disabled", "true", "--service", "")["service"] == ""

@@ -20,7 +20,7 @@ from tests.imagestore.support import (
     slow_disk,
     start_store,
 )
-from tests.util.raw import raw_connect
+from tests.util.raw import abandoned, raw_connect
 from treadmill.imagestore.uploads import HIGH_WATER, LOW_WATER, BodySink, Upload
 
 
@@ -130,14 +130,10 @@ async def test_resume_after_dropped_connection(open_store: RunningStore) -> None
     r = await reg.request("POST", "/v2/lab/fw/blobs/uploads/")
     location = r.header("location")
     # A PATCH announcing the whole blob, cut off after 700 000 bytes.
-    proto = await raw_connect(open_store.port)
-    proto.transport.write(
+    await abandoned(open_store.port, (
         f"PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
-        f"Content-Length: {len(data)}\r\nContent-Range: 0-{len(data) - 1}\r\n\r\n".encode())
-    proto.transport.write(data[:700_000])
-    await deferLater(reactor, 0.2, lambda: None)
-    proto.transport.abortConnection()
-    await proto.closed
+        f"Content-Length: {len(data)}\r\nContent-Range: 0-{len(data) - 1}\r\n\r\n".encode()
+    ) + data[:700_000], after=0.2)
     # The bytes that arrived are kept; the client carries on from there.
     await wait_for_range(open_store, location, "0-699999")
     r = await reg.request("PATCH", location, data[700_000:1_500_000],
@@ -218,22 +214,14 @@ async def test_wrong_digest_leaves_nothing(open_store: RunningStore) -> None:
 async def test_truncated_upload_leaves_nothing_visible(open_store: RunningStore) -> None:
     data = os.urandom(400_000)
     digest = digest_of(data)
-    for request_line in (f"POST /v2/lab/fw/blobs/uploads/?digest={digest}",):
-        proto = await raw_connect(open_store.port)
-        proto.transport.write(f"{request_line} HTTP/1.1\r\nHost: x\r\n"
-                              f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:200_000])
-        await deferLater(reactor, 0.1, lambda: None)
-        proto.transport.abortConnection()
-        await proto.closed
+    await abandoned(open_store.port, f"POST /v2/lab/fw/blobs/uploads/?digest={digest} HTTP/1.1"
+                    f"\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+                    + data[:200_000])
     # And a chunked upload whose final PUT is cut short.
     r = await open_store.registry.request("POST", "/v2/lab/fw/blobs/uploads/")
     location = r.header("location")
-    proto = await raw_connect(open_store.port)
-    proto.transport.write(f"PUT {location}?digest={digest} HTTP/1.1\r\nHost: x\r\n"
-                          f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:300_000])
-    await deferLater(reactor, 0.1, lambda: None)
-    proto.transport.abortConnection()
-    await proto.closed
+    await abandoned(open_store.port, f"PUT {location}?digest={digest} HTTP/1.1\r\nHost: x\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:300_000])
     await wait_for_range(open_store, location, "0-299999")  # resumable, not visible
     r = await open_store.registry.request("HEAD", f"/v2/lab/fw/blobs/{digest}")
     assert r.code == 404
@@ -325,11 +313,8 @@ async def test_client_gone_during_commit(open_store: RunningStore, monkeypatch) 
     digest = digest_of(data)
     r = await open_store.registry.request("POST", "/v2/lab/fw/blobs/uploads/")
     location = r.header("location")
-    proto = await raw_connect(open_store.port)
-    proto.transport.write(f"PUT {location}?digest={digest} HTTP/1.1\r\nHost: x\r\n"
-                          f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-    await deferLater(reactor, 0.1, lambda: None)
-    proto.transport.abortConnection()  # while the commit sleeps
+    await abandoned(open_store.port, f"PUT {location}?digest={digest} HTTP/1.1\r\nHost: x\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n".encode() + data)  # the commit sleeps
     r = await open_store.registry.request("PATCH", location, b"appended too late")
     assert r.code == 404 and r.error == "BLOB_UPLOAD_UNKNOWN"
     r = await open_store.registry.request("GET", f"/v2/lab/fw/blobs/{digest}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Protocol
 
 from tests.util.captokens import SigningKey
+from tests.util.ports import free_port
 from treadmill.common.captoken import Access
 from treadmill.logserver.service import LogServerConfig, LogServerService
 
@@ -30,6 +31,11 @@ class Keys(SigningKey):
               issued_at: float | None = None) -> str:
         return self.sign("tester", audience, [Access("job", job, actions or ("read",))], ttl,
                          issued_at)
+
+    def new_job(self) -> tuple[str, str, str]:
+        """A new job id, with a token to append to its streams and one to read them."""
+        job = new_job()
+        return job, self.token(job, "append"), self.token(job, "read")
 
     def expired(self, job: str, *actions: str) -> str:
         return self.token(job, *actions, ttl=60, issued_at=reactor.seconds() - 3600)
@@ -63,6 +69,24 @@ async def start_logserver(root: Path, keys: Keys | Path, **overrides: Any) -> Ru
     await service.ready()
     port = service.ports()[0].getHost().port
     return Running(service, f"http://127.0.0.1:{port}", root)
+
+
+@dataclass
+class LaterLogServer:
+    """A log server's loopback URL now, the server itself later (:meth:`start`, again after
+    a stop): for clients that must cope with it being down."""
+
+    root: Path
+    keys: Keys
+    port: int = field(default_factory=free_port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> Running:
+        return await start_logserver(self.root, self.keys,
+                                     listen=[f"tcp:{self.port}:interface=127.0.0.1"])
 
 
 @dataclass

@@ -132,8 +132,7 @@ async def test_too_many_streams(tmp_path: Path, keys: Keys) -> None:
 @pytest_twisted.ensureDeferred
 async def test_invalid_stream_names_are_refused(client: LogClient, keys: Keys,
                                                 logserver: Running, segment: str) -> None:
-    job = new_job()
-    w, r = keys.token(job, "append"), keys.token(job, "read")
+    job, w, r = keys.new_job()
     for method, path, token in (("POST", f"{segment}?offset=0", w), ("GET", segment, r),
                                 ("POST", f"{segment}/close", w), ("GET", f"{segment}/follow", r)):
         answer = await client.call(method, f"/v1/jobs/{job}/streams/{path}", token, data=b"x")
@@ -242,8 +241,7 @@ async def test_range_reads(client: LogClient, keys: Keys) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_list_streams(client: LogClient, keys: Keys) -> None:
-    job = new_job()
-    w, r = keys.token(job, "append"), keys.token(job, "read")
+    job, w, r = keys.new_job()
     assert (await client.list(job, r)).body == {"job": job, "streams": []}
     await client.append(job, "events", 0, b'{"state":"ready"}\n', w)
     await client.append(job, "console", 0, b"boot", w)
@@ -256,8 +254,7 @@ async def test_list_streams(client: LogClient, keys: Keys) -> None:
 @pytest_twisted.ensureDeferred
 async def test_streams_survive_a_restart(tmp_path: Path, keys: Keys) -> None:
     root = tmp_path / "logs"
-    job = new_job()
-    w, r = keys.token(job, "append"), keys.token(job, "read")
+    job, w, r = keys.new_job()
     server = await start_logserver(root, keys, fsync="always")
     client = LogClient(server.url)
     await client.append(job, "console", 0, b"before", w)

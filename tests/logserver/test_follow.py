@@ -57,8 +57,7 @@ async def latency(client: LogClient, received: Received, job: str, w: str, offse
 @pytest_twisted.ensureDeferred
 async def test_followers_see_new_bytes_at_once(logserver: Running, client: LogClient,
                                                keys: Keys, follow: Follow) -> None:
-    job = new_job()
-    w, r = keys.token(job, "append"), keys.token(job, "read")
+    job, w, r = keys.new_job()
     await client.append(job, "console", 0, b"history\n", w)
     received, _ = await follow(logserver.url, job, r)
     await received.wait_for(8)
@@ -74,8 +73,7 @@ async def test_followers_see_new_bytes_at_once(logserver: Running, client: LogCl
 @pytest_twisted.ensureDeferred
 async def test_follow_from_an_offset_and_through_pauses(logserver: Running, client: LogClient,
                                                         keys: Keys, follow: Follow) -> None:
-    job = new_job()
-    w, r = keys.token(job, "append"), keys.token(job, "read")
+    job, w, r = keys.new_job()
     await client.append(job, "console", 0, b"0123456789", w)
     received, _ = await follow(logserver.url, job, r, "?offset=4")
     await received.wait_for(6)
@@ -101,8 +99,7 @@ async def test_follow_from_an_offset_and_through_pauses(logserver: Running, clie
 @pytest_twisted.ensureDeferred
 async def test_closing_ends_followers(logserver: Running, client: LogClient, keys: Keys,
                                       follow: Follow) -> None:
-    job = new_job()
-    w, r = keys.token(job, "append"), keys.token(job, "read")
+    job, w, r = keys.new_job()
     # Following a stream nobody wrote yet: it waits for it.
     first, _ = await follow(logserver.url, job, r)
     second, _ = await follow(logserver.url, job, r)
@@ -121,8 +118,7 @@ async def test_closing_ends_followers(logserver: Running, client: LogClient, key
 @pytest_twisted.ensureDeferred
 async def test_websocket_backpressure(logserver: Running, client: LogClient,
                                       keys: Keys) -> None:
-    job = new_job()
-    w, r = keys.token(job, "append"), keys.token(job, "read")
+    job, w, r = keys.new_job()
     size = 16 * 1024 * 1024
     for offset in range(0, size, 1024 * 1024):
         await client.append(job, "console", offset, bytes([offset // 1024 // 1024]) * 2**20, w)
@@ -165,8 +161,7 @@ async def test_follow_refusals(logserver: Running, client: LogClient, keys: Keys
 async def test_deleting_a_followed_job_ends_its_followers(logserver: Running,
                                                           client: LogClient,
                                                           keys: Keys) -> None:
-    job = new_job()
-    w, r = keys.token(job, "append"), keys.token(job, "read")
+    job, w, r = keys.new_job()
     await client.append(job, "console", 0, b"doomed", w)
     socket, _ = await ws(logserver.url, job, r)
     http, _ = await curl(logserver.url, job, r)
@@ -210,8 +205,7 @@ async def test_a_slow_websocket_follower_gets_the_tail_of_a_closed_stream(
         logserver: Running, client: LogClient, keys: Keys) -> None:
     """The server's closing handshake waits for a follower still reading: an aborted
     connection would drop the bytes left in its send buffers."""
-    job = new_job()
-    w, r = keys.token(job, "append"), keys.token(job, "read")
+    job, w, r = keys.new_job()
     data = bytes(range(256)) * 1024  # 4 x 256 KiB: the whole stream fits in the buffers
     for i in range(4):
         await client.append(job, "console", i * len(data), data, w, close=i == 3)

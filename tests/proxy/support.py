@@ -27,7 +27,7 @@ from tests.util.ports import free_range
 from treadmill.common.captoken import Access
 from treadmill.protocol import proxy as messages
 from treadmill.proxy.service import ProxyConfig, ProxyService
-from treadmill.proxy.tunnels import RegistrySettings
+from treadmill.proxy.tunnels import TunnelConfig
 from treadmill.supervisor.echo import listen_echo
 
 AUDIENCE = "treadmill-proxy"
@@ -67,7 +67,7 @@ class Running:
 
 
 async def start_proxy(keys: Keys, **tunnels: Any) -> Running:
-    """A proxy in this process on loopback ports; ``tunnels`` override RegistrySettings."""
+    """A proxy in this process on loopback ports; ``tunnels`` override TunnelConfig."""
     settings: dict[str, Any] = {"public_host": "127.0.0.1", "interface": "127.0.0.1",
                                 "ports": None, "grace": 1.0, "connect_timeout": 5.0}
     settings.update(tunnels)
@@ -76,7 +76,7 @@ async def start_proxy(keys: Keys, **tunnels: Any) -> Running:
     config = ProxyConfig(listen=["tcp:0:interface=127.0.0.1"],
                          data_listen=["tcp:0:interface=127.0.0.1"],
                          auth={"auth.keys_file": str(keys.keys_file)},
-                         tunnels=RegistrySettings(**settings), access_log=False,
+                         tunnels=TunnelConfig(**settings), access_log=False,
                          ping_interval=5.0)
     service = ProxyService(reactor, config)
     service.startService()
@@ -502,7 +502,7 @@ async def start_tls_proxy(keys: Keys, directory: Path, **tunnels: Any) -> tuple[
     tls = f"ssl:0:interface=127.0.0.1:privateKey={server}"
     config = ProxyConfig(listen=[tls], data_listen=[tls],
                          auth={"auth.keys_file": str(keys.keys_file)},
-                         tunnels=RegistrySettings(**settings), access_log=False)
+                         tunnels=TunnelConfig(**settings), access_log=False)
     service = ProxyService(reactor, config)
     service.startService()
     await service.ready()

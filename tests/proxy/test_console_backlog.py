@@ -9,7 +9,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from treadmill.protocol import proxy as messages
-from treadmill.proxy.tunnels import CONSOLE_BACKLOG, Registry, RegistrySettings, Tunnel
+from treadmill.proxy.tunnels import CONSOLE_BACKLOG, Tunnel, TunnelConfig, TunnelTable
 
 JOB = "job-1"
 
@@ -31,14 +31,14 @@ class Control:
         pass
 
 
-def console_tunnel(registry: Registry, control: Control) -> Tunnel:
+def console_tunnel(registry: TunnelTable, control: Control) -> Tunnel:
     session = registry.attach(control, "host-1", "token")
     tunnel = session.tunnels["console"] = Tunnel(session, "console")
     registry.detach(control, final=False)  # lost: the grace period starts
     return tunnel
 
 
-def notify(registry: Registry, tunnel: Tunnel, count: int) -> None:
+def notify(registry: TunnelTable, tunnel: Tunnel, count: int) -> None:
     for n in range(count):
         registry.console_event(tunnel, "opened", f"conn-{n:011d}", "alice", "read",
                                "192.0.2.1", None)
@@ -47,7 +47,7 @@ def notify(registry: Registry, tunnel: Tunnel, count: int) -> None:
 @pytest.mark.parametrize(("minor", "delivered"), [(1, CONSOLE_BACKLOG), (0, 0)])
 def test_notices_wait_for_the_next_control_connection(minor: int, delivered: int) -> None:
     clock = Clock()
-    registry = Registry(clock, RegistrySettings(ports=None, grace=30.0), verifier=None,
+    registry = TunnelTable(clock, TunnelConfig(ports=None, grace=30.0), verifier=None,
                         public_factory=lambda tunnel: None, data_port=lambda: 8091)
     tunnel = console_tunnel(registry, Control(1))
     clock.advance(5)

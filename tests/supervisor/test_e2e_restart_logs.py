@@ -11,14 +11,12 @@ from pathlib import Path
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.support import mock_supervisor, start_switchboard_with_logs
+from tests.support import mock_host, mock_job, start_switchboard_with_logs
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.runner import RESTART_MESSAGE
 from treadmill.supervisor.service import SupervisorService
-
-DIGEST = "sha256:" + "7" * 64
 
 
 @pytest_twisted.ensureDeferred
@@ -26,12 +24,10 @@ async def test_restart_mid_job_ships_the_final_event_line_once(migrated_database
                                                                tmp_path: Path) -> None:
     sb, logserver = await start_switchboard_with_logs(migrated_database, tmp_path,
                                                       scheduler_interval=0.2)
-    host = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
-    supervisor = mock_supervisor(sb.url, host.body["token"], tmp_path / "sup", run_time=60.0)
+    supervisor = await mock_host(sb, tmp_path / "sup", run_time=60.0)
     try:
         await supervisor.connected()
-        job_id = (await sb.admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})
-                  ).body["id"]
+        job_id = await mock_job(sb.admin)
 
         async def job_state() -> str:
             return (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body["state"]

@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest_twisted
 
-from tests.logserver.support import Keys, LogClient, Running, start_logserver
+from tests.logserver.support import Keys, LaterLogServer, LogClient, Running, start_logserver
 from tests.supervisor.peer import JOB_A, FakeSwitchboard, job
-from tests.util.ports import free_port
 from tests.util.waiting import eventually, sleep
 from treadmill.supervisor import joblogs
 from treadmill.supervisor.logship import LOGS_DIR, LogShipper
@@ -80,6 +79,18 @@ def states(lines: list[dict[str, Any]]) -> list[str]:
     return [e.get("stage") or e["state"] for e in lines]
 
 
+async def ended_unshipped(peer: FakeSwitchboard, supervisors: Make, keys: Keys,
+                          url: str) -> list[dict[str, Any]]:
+    """A short job run to its end by a supervisor stopped right after, while the log
+    server at ``url`` is down: the job's events."""
+    first = supervisors()
+    conn = await peer.connection()
+    await conn.start(logged_job(keys, url, run_time=0.05, exit_status=0))
+    events = await conn.events_until("terminated")
+    await first.stopService()
+    return events
+
+
 def one_live_shipper_per_job(made: list[Counted]) -> None:
     live = [s.job_id for s in made if not s.stopped]
     assert len(live) == len(set(live)), live
@@ -119,22 +130,17 @@ async def test_restart_after_the_job_ended_before_its_logs_were_shipped(
         peer: FakeSwitchboard, supervisors: Make, tmp_path: Path,
         counted: type[Counted]) -> None:
     keys = Keys(tmp_path)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"  # the log server is down while the job runs
-    first = supervisors()
-    conn = await peer.connection()
-    await conn.start(logged_job(keys, url, run_time=0.05, exit_status=0))
-    events = await conn.events_until("terminated")
+    later = LaterLogServer(tmp_path / "logs", keys)  # the log server is down while the job runs
+    url = later.url
+    events = await ended_unshipped(peer, supervisors, keys, url)
     spool = tmp_path / "state" / LOGS_DIR / JOB_A
-    await first.stopService()
     assert all(s.stopped for s in counted.made)  # the closing shipper stopped too
     assert spool.is_dir()
 
     restarted = supervisors()
     await restarted.ready()
     one_live_shipper_per_job(counted.made)
-    server: Running = await start_logserver(tmp_path / "logs", keys,
-                                            listen=[f"tcp:{port}:interface=127.0.0.1"])
+    server: Running = await later.start()
     try:
         lines = await finished(url, keys, tmp_path / "state")
         assert states(lines) == states(events)
@@ -152,10 +158,9 @@ async def test_restarts_while_the_log_server_is_down_lose_and_repeat_nothing(
         peer: FakeSwitchboard, supervisors: Make, tmp_path: Path,
         counted: type[Counted]) -> None:
     keys = Keys(tmp_path)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = await start_logserver(tmp_path / "logs", keys,
-                                   listen=[f"tcp:{port}:interface=127.0.0.1"])
+    later = LaterLogServer(tmp_path / "logs", keys)
+    url = later.url
+    server = await later.start()
     service = supervisors()
     conn = await peer.connection()
     await conn.start(logged_job(keys, url, run_time="inf"))
@@ -170,8 +175,7 @@ async def test_restarts_while_the_log_server_is_down_lose_and_repeat_nothing(
         if restart == 0:
             assert (await conn.event())["reason"] == "host_dropped_job"
         one_live_shipper_per_job(counted.made)
-    server = await start_logserver(tmp_path / "logs", keys,
-                                   listen=[f"tcp:{port}:interface=127.0.0.1"])
+    server = await later.start()
     try:
         lines = await finished(url, keys, tmp_path / "state")
         assert states(lines) == [*states(before), "terminated"]
@@ -186,13 +190,9 @@ async def test_a_final_line_lost_in_a_crash_is_added_once(
         peer: FakeSwitchboard, supervisors: Make, tmp_path: Path,
         counted: type[Counted]) -> None:
     keys = Keys(tmp_path)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"  # down until the restart
-    first = supervisors()
-    conn = await peer.connection()
-    await conn.start(logged_job(keys, url, run_time=0.05, exit_status=0))
-    events = await conn.events_until("terminated")
-    await first.stopService()
+    later = LaterLogServer(tmp_path / "logs", keys)  # down until the restart
+    url = later.url
+    events = await ended_unshipped(peer, supervisors, keys, url)
     # What a crash between journaling the final event and spooling its line leaves:
     # the runner knows how the job ended; the spool lacks the line and was not closing.
     spool = tmp_path / "state" / LOGS_DIR / JOB_A
@@ -206,8 +206,7 @@ async def test_a_final_line_lost_in_a_crash_is_added_once(
     (spool / "cursors.json").write_text(json.dumps(cursors))
 
     supervisors()
-    server = await start_logserver(tmp_path / "logs", keys,
-                                   listen=[f"tcp:{port}:interface=127.0.0.1"])
+    server = await later.start()
     try:
         shipped = await finished(url, keys, tmp_path / "state")
         assert states(shipped) == states(events)

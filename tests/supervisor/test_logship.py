@@ -14,7 +14,14 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.logserver.support import Keys, LogClient, Running, new_job, start_logserver
+from tests.logserver.support import (
+    Keys,
+    LaterLogServer,
+    LogClient,
+    Running,
+    new_job,
+    start_logserver,
+)
 from tests.util.daemons import Daemon
 from tests.util.ports import free_port
 from tests.util.waiting import eventually as until
@@ -178,8 +185,8 @@ async def test_a_full_spool_refuses_and_reports(tmp_path: Path) -> None:
     keys = Keys(tmp_path)
     job = new_job()
     token = keys.token(job, "append")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    later = LaterLogServer(tmp_path / "logs", keys)
+    url = later.url
     reports: list[tuple[str, int]] = []
     shipper = LogShipper(reactor, str(tmp_path / "state"), job, [{"url": url, "token": token}],
                          spool_limit=20_000, reserve=2_000,
@@ -198,8 +205,7 @@ async def test_a_full_spool_refuses_and_reports(tmp_path: Path) -> None:
         assert shipper.append("events", b'{"state": "ready"}\n')
         assert shipper.pending_bytes <= 20_000
 
-        server = await start_logserver(tmp_path / "logs", keys,
-                                       listen=[f"tcp:{port}:interface=127.0.0.1"])
+        server = await later.start()
         await shipper.drained()
         assert shipper.append("console", b"5" * 100)
         assert not shipper.spool_full
@@ -271,15 +277,14 @@ async def test_closing_survives_a_restart(tmp_path: Path) -> None:
     keys = Keys(tmp_path)
     job = new_job()
     token = keys.token(job, "append")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    later = LaterLogServer(tmp_path / "logs", keys)
+    url = later.url
     state = str(tmp_path / "state")
     shipper = LogShipper(reactor, state, job, [{"url": url, "token": token}], **FAST)
     shipper.append("console", b"the end")
     assert not await shipper.close(timeout=0.2)  # the server is down: not done yet
     await shipper.stop()
-    server = await start_logserver(tmp_path / "logs", keys,
-                                   listen=[f"tcp:{port}:interface=127.0.0.1"])
+    server = await later.start()
     try:
         resumed = LogShipper.resume(reactor, state, job, **FAST)
         assert resumed is not None

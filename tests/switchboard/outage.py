@@ -1,4 +1,5 @@
-"""A database outage for one test: its database refuses connections and loses its sessions.
+"""A database outage for one test (the fixture ``outage``): its database refuses connections
+and loses its sessions.
 
 ``ALTER DATABASE … ALLOW_CONNECTIONS false`` and ``pg_terminate_backend`` on the
 test's own database only, from an administrative connection (in a thread, off the
@@ -9,9 +10,14 @@ cut and new connections are refused with an ``OperationalError``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import psycopg2
+import pytest
+import pytest_twisted
 from psycopg2 import sql
 from psycopg2.extensions import parse_dsn
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 
@@ -62,3 +68,12 @@ class Outage:
                 conn.close()
 
         await deferToThread(run)
+
+
+@pytest.fixture
+def outage(pg_admin_dsn: str, database: str) -> Iterator[Outage]:
+    """An :class:`Outage` of the test's ``database``, ended after the test if it is on."""
+    outage = Outage(pg_admin_dsn, database)
+    yield outage
+    if outage.active:
+        pytest_twisted.blockon(Deferred.fromCoroutine(outage.end()))

@@ -79,6 +79,13 @@ async def connected_peer(sb: RunningSwitchboard, token: str, script: Script | No
     return peer
 
 
+async def host_peer(sb: RunningSwitchboard, name: str = "h1", tags: tuple[str, ...] = ("t",),
+                    grant: bool = True, script: Script | None = None) -> Peer:
+    """A host added as :func:`add_host` does, with a scripted supervisor connected for it
+    (:func:`connected_peer`)."""
+    return await connected_peer(sb, await add_host(sb, name, tags, grant), script)
+
+
 async def assigned_job(sb: RunningSwitchboard, peer: Peer, **fields: Any) -> str:
     job_id = await submit(sb, **fields)
     await peer.wait_for("start_job", job_id=job_id)

@@ -18,7 +18,7 @@ from tests.switchboard.peer import Peer, Script
 from tests.switchboard.support import (
     add_host,
     assigned_job,
-    connected_peer,
+    host_peer,
     job,
     reaches,
     reconnect,
@@ -66,8 +66,7 @@ async def not_started(sb: RunningSwitchboard, peer: Peer, job_id: str) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_held_failure_keeps_its_host_until_cancelled(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     alice = await sb.user("alice")
     held = await held_failure(sb, peer, client=alice)
     body = await reaches(sb, held, "terminated", reason="workload_exited", exit_status=3)
@@ -102,8 +101,7 @@ async def test_a_held_failure_keeps_its_host_until_cancelled(sb: RunningSwitchbo
 
 @pytest_twisted.ensureDeferred
 async def test_the_hold_expires(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     held = await held_failure(sb, peer, hold=1.0)
     waiting = await submit(sb)
     await peer.wait_for("stop_job", job_id=held, reason="execution_timeout", timeout=15)
@@ -113,8 +111,7 @@ async def test_the_hold_expires(sb: RunningSwitchboard) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_only_stop_may_release_a_hold(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     alice, bob, eve = (await sb.user("alice"), await sb.user("bob"), await sb.user("eve"))
     held = await held_failure(sb, peer, client=alice)
     before = (await job(sb, held))["held_until"]
@@ -166,8 +163,7 @@ async def test_a_supervisor_below_minor_6_gets_no_hold(sb: RunningSwitchboard) -
 @pytest_twisted.ensureDeferred
 async def test_a_success_or_a_final_event_without_held_holds_nothing(
         sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     job_id = await assigned_job(sb, peer, hold_on_failure=60)
     peer.script.job = None
     await peer.event(job_id, "terminated", reason="workload_exited", exit_status=3)
@@ -178,8 +174,7 @@ async def test_a_success_or_a_final_event_without_held_holds_nothing(
 
 @pytest_twisted.ensureDeferred
 async def test_reconciliation_keeps_or_ends_holds(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     held = await held_failure(sb, peer)
     waiting = await submit(sb)
     # The switchboard's link comes back (a switchboard restart, a failover): the
@@ -198,8 +193,7 @@ async def test_reconciliation_keeps_or_ends_holds(sb: RunningSwitchboard) -> Non
 
 @pytest_twisted.ensureDeferred
 async def test_a_hold_the_database_does_not_know_is_released(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     held = await held_failure(sb, peer)
     # Released while the link was away (the database no longer knows the hold) ...
     await sb.store.end_hold(held)

@@ -17,6 +17,7 @@ from tests.switchboard.support import (
     add_host,
     assigned_job,
     connected_peer,
+    host_peer,
     job,
     reaches,
     reconnect,
@@ -84,8 +85,7 @@ async def next_check(sb: RunningSwitchboard, peer: Peer) -> dict[str, Any]:
 
 @pytest_twisted.ensureDeferred
 async def test_a_users_bad_image_never_counts_against_the_host(sb: RunningSwitchboard):
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     alice = await sb.user("alice")
     for _ in range(5):  # more than hosts.max_failures
         await start_failure(sb, peer, alice)
@@ -101,8 +101,7 @@ async def test_a_users_bad_image_never_counts_against_the_host(sb: RunningSwitch
 
 @pytest_twisted.ensureDeferred
 async def test_start_refused_for_bad_parameters_is_the_jobs(sb: RunningSwitchboard):
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     await run(peer, await assigned_job(sb, peer))  # the image is known to start
     peer.script.start_error = ("bad_request", "unknown parameter mock.nonsense")
     alice = await sb.user("alice")
@@ -123,8 +122,7 @@ async def test_start_refused_for_bad_parameters_is_the_jobs(sb: RunningSwitchboa
 
 @pytest_twisted.ensureDeferred
 async def test_host_failures_without_a_check_take_the_host_out(sb: RunningSwitchboard):
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     await run(peer, await assigned_job(sb, peer))  # DIGEST has become ready once
     for stage in ("booting", "starting", "fetching_image"):
         await start_failure(sb, peer, stage=stage)
@@ -140,8 +138,7 @@ async def test_host_failures_without_a_check_take_the_host_out(sb: RunningSwitch
 
 @pytest_twisted.ensureDeferred
 async def test_dropped_jobs_run_the_check_which_passes(sb: RunningSwitchboard):
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     await set_check(sb, expect_exit=0, after_failures=2)  # not hosts.max_failures (3)
     for n in range(2):
         job_id = await assigned_job(sb, peer)
@@ -170,8 +167,7 @@ async def test_dropped_jobs_run_the_check_which_passes(sb: RunningSwitchboard):
 @pytest_twisted.ensureDeferred
 async def test_a_failing_check_takes_the_host_out_and_queued_jobs_say_so(
         sb: RunningSwitchboard):
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     await set_check(sb, expect_exit=0, every_jobs=1)
     first = await assigned_job(sb, peer)
     await run(peer, first)
@@ -205,8 +201,7 @@ async def test_a_failing_check_takes_the_host_out_and_queued_jobs_say_so(
 
 @pytest_twisted.ensureDeferred
 async def test_every_n_jobs_runs_the_check(sb: RunningSwitchboard):
-    token = await add_host(sb, tags=("t", "qemu"))
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb, tags=("t", "qemu"))
     await set_check(sb, "tags/qemu", every_jobs=3)
     for _ in range(2):
         await run(peer, await assigned_job(sb, peer))
@@ -225,8 +220,7 @@ async def test_every_n_jobs_runs_the_check(sb: RunningSwitchboard):
 
 @pytest_twisted.ensureDeferred
 async def test_every_h_hours_runs_the_check_on_an_idle_host(sb: RunningSwitchboard):
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     await set_check(sb, every_hours=0.0001)  # 0.36 s
 
     async def started() -> list[str] | None:
@@ -302,8 +296,7 @@ async def test_bad_check_requests_are_refused_clearly(sb: RunningSwitchboard):
 
 @pytest_twisted.ensureDeferred
 async def test_a_drained_host_starts_no_check(sb: RunningSwitchboard):
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     await set_check(sb, every_jobs=1)
     job_id = await assigned_job(sb, peer)
     assert (await sb.admin.post("/api/v1/hosts/h1/drain")).status == 200
@@ -320,8 +313,7 @@ async def test_the_history_keeps_the_newest_events(sb: RunningSwitchboard, monke
     from treadmill.switchboard.store import health as stored
 
     monkeypatch.setattr(stored, "HISTORY_KEPT", 3)
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     failed = [await start_failure(sb, peer) for _ in range(5)]
     events = (await health(sb))["events"]
     assert [e["job"] for e in events] == failed[:1:-1]

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
@@ -23,6 +22,7 @@ from twisted.web.http_headers import Headers
 
 from tests.support import Client, RunningSwitchboard, start_switchboard
 from tests.switchboard.outage import Outage
+from tests.switchboard.outage import outage as outage  # the fixture
 from tests.util.running import stopping
 from treadmill.cli.main import run as tml
 
@@ -35,14 +35,6 @@ BODY = {"image": DIGEST, "label": "nightly", "parameters": {"S": {"value": "hush
 async def sb(database: str, tmp_path: Path) -> AsyncIterator[RunningSwitchboard]:
     async with stopping(await start_switchboard(database, tmp_path)) as running:
         yield running
-
-
-@pytest.fixture
-def outage(pg_admin_dsn: str, database: str):
-    outage = Outage(pg_admin_dsn, database)
-    yield outage
-    if outage.active:
-        pytest_twisted.blockon(ensureDeferred(outage.end()))
 
 
 def keyed(key: str) -> dict[str, str]:

@@ -21,6 +21,7 @@ from tests.switchboard.support import (
     add_host,
     assigned_job,
     connected_peer,
+    host_peer,
     job,
     reaches,
     reconnect,
@@ -53,8 +54,7 @@ async def test_other_major_version_is_refused(sb: RunningSwitchboard) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_connected_host_is_listed_live(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     r = await sb.admin.get("/api/v1/hosts/h1")
     assert r.body["connected"] is True and r.body["last_seen_at"]
     peer.disconnect()
@@ -71,8 +71,7 @@ async def test_connected_host_is_listed_live(sb: RunningSwitchboard) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_job_runs_to_its_exit_status(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     job_id = await submit(sb, parameters={"S": {"value": "hush", "secret": True}})
     start = (await peer.wait_for("start_job", job_id=job_id))[0]
     assert start["job"]["parameters"] == {"S": {"value": "hush", "secret": True}}
@@ -98,8 +97,7 @@ async def test_job_runs_to_its_exit_status(sb: RunningSwitchboard) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_refused_start_ends_the_job(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token, Script(start_error=("image_not_found", "no such")))
+    peer = await host_peer(sb, script=Script(start_error=("image_not_found", "no such")))
     job_id = await submit(sb)
     body = await reaches(sb, job_id, "terminated", reason="image_error")
     assert "image_not_found" in body["termination"]["message"]
@@ -113,16 +111,14 @@ async def test_refused_start_ends_the_job(sb: RunningSwitchboard) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_r1_nothing_expected_nothing_running(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     await reconnect(peer, None)
     assert [m["type"] for m in peer.received] == ["status_request"]
 
 
 @pytest_twisted.ensureDeferred
 async def test_r2_assigned_but_idle_resends_start(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token, Script(run_started=False))
+    peer = await host_peer(sb, script=Script(run_started=False))
     job_id = await assigned_job(sb, peer)
     await reconnect(peer, None)
     await peer.wait_for("start_job", job_id=job_id)
@@ -133,8 +129,7 @@ async def test_r2_assigned_but_idle_resends_start(sb: RunningSwitchboard) -> Non
 @pytest_twisted.ensureDeferred
 async def test_r3_running_but_idle_is_dropped_and_restarted(sb: RunningSwitchboard,
                                                             state: str) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     job_id = await assigned_job(sb, peer, max_restarts=1)
     await peer.event(job_id, "initializing", stage="starting")
     if state == "ready":
@@ -154,8 +149,7 @@ async def test_r3_running_but_idle_is_dropped_and_restarted(sb: RunningSwitchboa
 
 @pytest_twisted.ensureDeferred
 async def test_r4_supervisor_ahead_advances_the_job(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     job_id = await assigned_job(sb, peer)
     await reconnect(peer, {"id": job_id, "state": "ready", "stage": None})
     await reaches(sb, job_id, "ready")
@@ -164,8 +158,7 @@ async def test_r4_supervisor_ahead_advances_the_job(sb: RunningSwitchboard) -> N
 
 @pytest_twisted.ensureDeferred
 async def test_r4_in_step_does_nothing(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     job_id = await assigned_job(sb, peer)
     await peer.event(job_id, "ready")
     await reconnect(peer, {"id": job_id, "state": "ready", "stage": None})
@@ -176,8 +169,7 @@ async def test_r4_in_step_does_nothing(sb: RunningSwitchboard) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_r5_terminating_and_running_sends_stop(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     job_id = await assigned_job(sb, peer)
     await peer.event(job_id, "ready")
     peer.disconnect()
@@ -194,8 +186,7 @@ async def test_r5_terminating_and_running_sends_stop(sb: RunningSwitchboard) -> 
 @pytest_twisted.ensureDeferred
 async def test_r6_terminating_and_idle_terminates_with_first_reason(
         sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     job_id = await assigned_job(sb, peer)
     await peer.event(job_id, "ready")
     peer.disconnect()
@@ -208,8 +199,7 @@ async def test_r6_terminating_and_idle_terminates_with_first_reason(
 
 @pytest_twisted.ensureDeferred
 async def test_r7_unknown_job_running_is_stopped(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     stray = str(uuid.uuid4())
     await reconnect(peer, {"id": stray, "state": "ready", "stage": None})
     stop = (await peer.wait_for("stop_job"))[0]
@@ -219,8 +209,7 @@ async def test_r7_unknown_job_running_is_stopped(sb: RunningSwitchboard) -> None
 @pytest_twisted.ensureDeferred
 async def test_r8_other_job_running_is_stopped_then_ours_started(
         sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token, Script(run_started=False))
+    peer = await host_peer(sb, script=Script(run_started=False))
     job_id = await assigned_job(sb, peer)
     stray = str(uuid.uuid4())
     await reconnect(peer, {"id": stray, "state": "ready", "stage": None})
@@ -235,8 +224,7 @@ async def test_r9_unreachable_host_ends_its_job(migrated_database: str, tmp_path
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  unreachable_after=1.0)
     try:
-        token = await add_host(sb)
-        peer = await connected_peer(sb, token)
+        peer = await host_peer(sb)
         job_id = await assigned_job(sb, peer)
         await peer.event(job_id, "ready")
         peer.disconnect()
@@ -289,8 +277,7 @@ async def test_replaced_token_closes_the_link(sb: RunningSwitchboard) -> None:
 @pytest_twisted.ensureDeferred
 async def test_protocol_violations_close_the_link_and_change_nothing(
         sb: RunningSwitchboard, payload: bytes) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     job_id = await assigned_job(sb, peer)
     before = await job(sb, job_id)
     peer.send(payload)
@@ -319,8 +306,7 @@ async def test_a_host_cannot_report_another_hosts_job(sb: RunningSwitchboard) ->
 
 @pytest_twisted.ensureDeferred
 async def test_stale_event_is_acked_and_ignored(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     job_id = await assigned_job(sb, peer)
     await peer.event(job_id, "initializing", stage="booting")
     ack = await peer.event(job_id, "initializing", stage="starting")
@@ -346,8 +332,7 @@ async def test_tags_must_be_a_subset_of_the_hosts(sb: RunningSwitchboard) -> Non
 
 @pytest_twisted.ensureDeferred
 async def test_drained_host_gets_no_jobs_until_enabled(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     await sb.admin.post("/api/v1/hosts/h1/drain")
     job_id = await submit(sb)
     await sb.service.scheduler.expire_unrunnable()
@@ -367,8 +352,7 @@ async def _passes(sb: RunningSwitchboard, n: int) -> bool:
 
 @pytest_twisted.ensureDeferred
 async def test_host_failing_repeatedly_is_taken_out_of_service(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     for _ in range(3):
         job_id = await assigned_job(sb, peer)
         await peer.event(job_id, "terminated", reason="host_start_failure", message="no power")
@@ -432,8 +416,7 @@ async def test_execution_timeout_stops_the_job_on_its_host(migrated_database: st
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  timeout_interval=0.1)
     try:
-        token = await add_host(sb)
-        peer = await connected_peer(sb, token)
+        peer = await host_peer(sb)
         job_id = await assigned_job(sb, peer, timeout=1)
         await peer.event(job_id, "ready")
         stop = (await peer.wait_for("stop_job", job_id=job_id))[0]
@@ -446,8 +429,7 @@ async def test_execution_timeout_stops_the_job_on_its_host(migrated_database: st
 
 @pytest_twisted.ensureDeferred
 async def test_cancel_while_ready_stops_on_the_host(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     job_id = await assigned_job(sb, peer)
     await peer.event(job_id, "ready")
     r = await sb.admin.post(f"/api/v1/jobs/{job_id}/terminate")
@@ -461,8 +443,7 @@ async def test_cancel_while_ready_stops_on_the_host(sb: RunningSwitchboard) -> N
 @pytest_twisted.ensureDeferred
 async def test_transition_store_api(sb: RunningSwitchboard) -> None:
     """Store-level moves used by the tests above behave as the API shows them."""
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token, Script(run_started=False))
+    peer = await host_peer(sb, script=Script(run_started=False))
     job_id = await assigned_job(sb, peer)
     assert await sb.store.transition(job_id, Status(State.TERMINATING,
                                                     reason=Reason.USER_TERMINATED))
@@ -475,8 +456,7 @@ async def test_silent_peer_is_detected_by_heartbeats(migrated_database: str,
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
                                  ping_interval=1.0, ping_timeout=2.0)
     try:
-        token = await add_host(sb)
-        peer = await connected_peer(sb, token)
+        peer = await host_peer(sb)
         assert peer.connection is not None
         # The peer's host freezes: it reads nothing more, so it answers no ping.
         peer.connection.transport.pauseProducing()

@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from tests.support import start_switchboard
-from tests.switchboard.support import add_host, connected_peer, job, submit
+from tests.switchboard.support import host_peer, job, submit
 from tests.util.ssh import new_ssh_public_key
 from treadmill.protocol import supervisor as protocol
 
@@ -24,8 +24,7 @@ async def test_keys_in_start_job_and_host_keys_reported(migrated_database: str, 
     monkeypatch.setattr(protocol, "MINOR", minor)
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2)
     try:
-        token = await add_host(sb)
-        peer = await connected_peer(sb, token)
+        peer = await host_peer(sb)
         owner, manager = await sb.user("olive"), await sb.user("mona")
         lines = {name: new_ssh_public_key() for name in ("olive", "mona", "admin")}
         for name, client in (("olive", owner), ("mona", manager), ("admin", sb.admin)):

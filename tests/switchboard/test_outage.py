@@ -23,11 +23,13 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from tests.support import RunningSwitchboard, mock_supervisor, start_switchboard
 from tests.switchboard.outage import Outage
+from tests.switchboard.outage import outage as outage  # the fixture
 from tests.switchboard.peer import Peer, Script
 from tests.switchboard.support import (
     add_host,
     assigned_job,
     connected_peer,
+    host_peer,
     job,
     reaches,
     submit,
@@ -52,14 +54,6 @@ async def failure_of(work: Any) -> BaseException | None:
     except Exception as e:
         return e
     return None
-
-
-@pytest.fixture
-def outage(pg_admin_dsn: str, database: str):
-    outage = Outage(pg_admin_dsn, database)
-    yield outage
-    if outage.active:
-        pytest_twisted.blockon(Deferred.fromCoroutine(outage.end()))
 
 
 @pytest_twisted.async_yield_fixture
@@ -316,8 +310,7 @@ async def test_an_event_sent_during_an_outage_is_refused_then_stored(
         sb: RunningSwitchboard, outage: Outage, logged: Failures) -> None:
     """Minor 4: acked ``unavailable`` (never ``ok``) until stored; then everything
     converges within 10 s of the database's return."""
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     job_id = await ready_job(sb, peer)
     await outage.begin()
     # The workload exits: the supervisor reports it and no longer runs the job.
@@ -391,8 +384,7 @@ async def test_an_older_supervisor_is_disconnected_and_resends(
 async def test_a_reconciliation_that_fails_is_retried_soon(sb: RunningSwitchboard,
                                                            outage: Outage) -> None:
     """R3 during an outage: the job the host dropped ends within seconds of the return."""
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     job_id = await ready_job(sb, peer)
     await outage.begin()
     peer.script.job = None  # the host lost the job (say it rebooted)
@@ -589,8 +581,7 @@ async def test_a_job_that_exited_in_time_is_not_an_execution_timeout(
         sb: RunningSwitchboard, outage: Outage) -> None:
     """Its deadline passed during the outage, its exit is reported after the return:
     it ends workload_exited (execution timeouts wait a little after an outage)."""
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     job_id = await ready_job(sb, peer, timeout=1)
     sb.service.getServiceNamed("timeouts").after_outage = 3.0
     await outage.begin()
@@ -606,8 +597,7 @@ async def test_a_job_that_exited_in_time_is_not_an_execution_timeout(
 @pytest_twisted.ensureDeferred
 async def test_execution_timeouts_resume_after_an_outage(sb: RunningSwitchboard,
                                                          outage: Outage) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     job_id = await ready_job(sb, peer, timeout=1)
     sb.service.getServiceNamed("timeouts").after_outage = 1.5
     await outage.begin()
@@ -662,8 +652,7 @@ async def test_retries_do_not_pile_up_behind_a_held_status_request(
         sb: RunningSwitchboard, outage: Outage) -> None:
     """A supervisor answers status only once its reports are stored: while it waits,
     the switchboard sends no more status requests, and one answer settles it."""
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     job_id = await ready_job(sb, peer)
     await outage.begin()
     peer.script.job = None
@@ -753,8 +742,7 @@ async def test_a_link_closing_with_several_requests_pending_fails_them_all(
         sb: RunningSwitchboard) -> None:
     """(An errback popping its entry used to cut the loop short: the other requests
     waited for their timeout and the link was never unregistered.)"""
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token, Script(answer_status=False))
+    peer = await host_peer(sb, script=Script(answer_status=False))
     links = sb.service.links
     link = next(iter(links.by_host.values()))
     tasks = [link.links.spawn(link.reconcile()) for _ in range(3)]

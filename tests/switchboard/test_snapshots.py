@@ -17,6 +17,7 @@ from tests.switchboard.support import (
     add_host,
     assigned_job,
     connected_peer,
+    host_peer,
     reaches,
     reconnect,
 )
@@ -94,8 +95,7 @@ async def test_a_snapshot_is_made_by_the_host_and_registered(sb: RunningSwitchbo
 
 @pytest_twisted.ensureDeferred
 async def test_failures_refusals_and_resending(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     job_id = await ended_job(sb, peer)
     # The host says it cannot: the snapshot fails at once.
     peer.script.snapshot_error = ("not_supported", "the mock driver cannot make snapshots")
@@ -135,8 +135,7 @@ async def _when(pending: Any, state: str) -> Any:
 
 @pytest_twisted.ensureDeferred
 async def test_requests_that_cannot_be_snapshots(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await host_peer(sb)
     running = await assigned_job(sb, peer)
     r = await sb.admin.post(f"/api/v1/jobs/{running}/snapshots", {"name": "x", "store": STORE})
     assert r.status == 409 and "has not ended" in r.body["error"]["message"]

@@ -8,6 +8,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 
 
 class RawConnection(Protocol):
@@ -29,6 +30,16 @@ async def raw_connect(port: int) -> RawConnection:
     proto = RawConnection()
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
     return proto
+
+
+async def abandoned(port: int, data: bytes, after: float = 0.1) -> None:
+    """Send ``data`` (a request, often cut short) and abort the connection ``after``
+    seconds later, as a client that dies does."""
+    proto = await raw_connect(port)
+    proto.transport.write(data)
+    await deferLater(reactor, after, lambda: None)
+    proto.transport.abortConnection()
+    await proto.closed
 
 
 async def raw_request(port: int, data: bytes) -> tuple[int, bytes]:

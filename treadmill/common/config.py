@@ -10,8 +10,11 @@ merged result in ``options.values``: a flat mapping of dotted key to value.
 A setting also names the field of the role's config dataclass it fills
 (``field="timeouts.statement"``; dots reach into nested dataclasses), so that
 :func:`build` makes the config from the values, and a setting whose default is
-:data:`FIELD` takes it from that field: each key, default and field is written
-once (``RoleOptions.config`` names the dataclass).
+:data:`FIELD` takes it from that field (``RoleOptions.config`` names the dataclass).
+Roles write their settings as :func:`table` groups of :class:`Row`, one per TOML table:
+the key is the table and the row's keyword, the field the one the table's template
+names, the default the field's, unless the row says otherwise; so each key, default and
+field is written once.
 
 Errors name the file, the key and the problem, and are ``UsageError`` so that
 ``twistd`` prints them and exits non-zero.
@@ -210,11 +213,48 @@ class Setting:
         return self.key.replace(".", "-").replace("_", "-")
 
 
-def with_fields(settings: Iterable[Setting], field: str) -> tuple[Setting, ...]:
-    """``settings`` filling the fields ``field`` names: ``{leaf}`` stands for the last part
-    of each key (``"{leaf}"``, ``"auth[]"``)."""
-    return tuple(dataclasses.replace(s, field=field.format(leaf=s.key.rpartition(".")[2]))
-                 for s in settings)
+class _TableField:
+    def __repr__(self) -> str:
+        return "TABLE"
+
+
+TABLE: Any = _TableField()
+"""A :class:`Row`'s field: the one its :func:`table` names for it."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """A setting in a :func:`table`, given as a keyword: the last part of its key.
+
+    ``kind``, ``help``, ``default``, ``required``, ``table`` and ``convert`` are the
+    :class:`Setting`'s; ``field`` is :data:`TABLE` (the table's field for the key), another
+    field, or None (the value fills no field: ``default`` is then given).
+    """
+
+    kind: Callable[[Any], Any]
+    help: str
+    default: Any = FIELD
+    field: str | None = TABLE
+    required: bool = False
+    table: bool = False
+    convert: Callable[[Any], Any] | None = None
+
+
+def table(name: str, fields: str | None = None, /, **rows: Row) -> tuple[Setting, ...]:
+    """The settings of the TOML table ``name`` (``""``: keys at the top level), one a
+    keyword (``pool_size=Row(...)`` is ``database.pool_size``). Each fills the config field
+    ``fields`` names, ``{leaf}`` standing for its keyword (``"limits.{leaf}"``, ``"auth[]"``;
+    None: no field), unless its row names its own: so a key, its field and its default are
+    written once."""
+    settings = []
+    for leaf, row in rows.items():
+        field = row.field
+        if field is TABLE:
+            field = None if fields is None else fields.format(leaf=leaf)
+        settings.append(Setting(f"{name}.{leaf}" if name else leaf, row.kind, row.default,
+                                row.help, required=row.required, table=row.table, field=field,
+                                convert=row.convert))
+    return tuple(settings)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -307,22 +347,25 @@ def _dataclass_or_none(hint: Any) -> type | None:
         return None
 
 
-# Settings every role has.
+# Settings every role has (they fill no config field: twistd_service reads them).
 COMMON_SETTINGS: tuple[Setting, ...] = (
-    Setting("manhole.listen", server_endpoints, [],
-            "Manhole SSH listeners (loopback or UNIX socket only); empty disables it."),
-    Setting("manhole.authorized_keys", STR, None,
-            "authorized_keys file of the operators allowed into the manhole."),
-    Setting("manhole.host_key", STR, None,
-            "Manhole SSH host key file; generated on first start if absent."),
-    Setting("metrics.listen", server_endpoints, [],
-            "Prometheus /metrics listeners; empty disables them."),
-    Setting("metrics.allow_remote", BOOL, False,
-            "Allow metrics listeners that are not UNIX sockets or loopback TCP."),
-    Setting("http.head_timeout", non_negative(FLOAT), 10.0,
-            "Seconds a client has to send a complete request head; 0 disables the limit."),
-    Setting("http.idle_timeout", non_negative(FLOAT), 60.0,
-            "Seconds a kept-alive connection may wait for its next request; 0 disables."),
+    *table("manhole", None,
+           listen=Row(server_endpoints, "Manhole SSH listeners (loopback or UNIX socket only); "
+                                        "empty disables it.", default=[]),
+           authorized_keys=Row(STR, "authorized_keys file of the operators allowed into the "
+                                    "manhole.", default=None),
+           host_key=Row(STR, "Manhole SSH host key file; generated on first start if absent.",
+                        default=None)),
+    *table("metrics", None,
+           listen=Row(server_endpoints, "Prometheus /metrics listeners; empty disables them.",
+                      default=[]),
+           allow_remote=Row(BOOL, "Allow metrics listeners that are not UNIX sockets or "
+                                  "loopback TCP.", default=False)),
+    *table("http", None,
+           head_timeout=Row(non_negative(FLOAT), "Seconds a client has to send a complete "
+                            "request head; 0 disables the limit.", default=10.0),
+           idle_timeout=Row(non_negative(FLOAT), "Seconds a kept-alive connection may wait "
+                            "for its next request; 0 disables.", default=60.0)),
 )
 
 
@@ -330,11 +373,10 @@ def http_settings(listeners: str) -> tuple[Setting, ...]:
     """``listen`` and ``http.access_log`` of a role that serves HTTP, filling the config
     fields ``listen`` and ``access_log``; ``listeners`` says what its listeners serve."""
     return (
-        Setting("listen", server_endpoints, FIELD,
-                f"{listeners} (endpoint descriptions: tcp:, ssl:, unix:, systemd:).",
-                field="listen"),
-        Setting("http.access_log", BOOL, FIELD, "Log one line per HTTP request.",
-                field="access_log"),
+        *table("", "{leaf}", listen=Row(
+            server_endpoints,
+            f"{listeners} (endpoint descriptions: tcp:, ssl:, unix:, systemd:).")),
+        *table("http", "{leaf}", access_log=Row(BOOL, "Log one line per HTTP request.")),
     )
 
 

@@ -37,13 +37,13 @@ from treadmill.common.captoken import (
     parse_jwks,
 )
 from treadmill.common.config import (
-    FIELD,
     FLOAT,
     STR,
     ConfigError,
+    Row,
     Setting,
     positive,
-    with_fields,
+    table,
 )
 from treadmill.common.files import write_atomically
 from treadmill.common.http import ApiError
@@ -75,38 +75,37 @@ def keys_url(value: Any) -> str:
     return url
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("auth.keys_url", keys_url, None,
-            "The switchboard's capability key set, e.g. "
-            "https://switchboard.example/.well-known/treadmill/capability-keys."),
-    Setting("auth.keys_file", STR, None,
-            "A PEM or JWKS file of capability keys (instead of, or cached from, keys_url)."),
-    Setting("auth.keys_refresh", positive(FLOAT), 300.0,
-            "Seconds between fetches of auth.keys_url."),
-    Setting("auth.issuer", STR, "treadmill", "Issuer (iss) capability tokens must carry."),
-    Setting("auth.ca_file", STR, None, "CA certificates for an https keys_url."),
-)
-"""The key source's settings (:func:`satellite_settings` adds them to a role's table)."""
-
-
 def satellite_settings(what: str, keys_field: str) -> tuple[Setting, ...]:
     """The settings of every satellite role: ``service``, its name (the audience of the
     capability tokens it accepts, filling the config field ``service``), and the key
-    source's :data:`SETTINGS`, filling ``keys_field`` (:func:`with_fields`)."""
+    source's, in the table ``auth``, filling the fields ``keys_field`` names (:func:`table`)."""
     return (
-        Setting("service", STR, FIELD,
-                f"This {what}'s name: the audience (aud) its capability tokens must name.",
-                field="service"),
-        *with_fields(SETTINGS, keys_field),
+        *table("", "{leaf}", service=Row(
+            STR, f"This {what}'s name: the audience (aud) its capability tokens must name.")),
+        *table("auth", keys_field,
+               keys_url=Row(keys_url,
+                            "The switchboard's capability key set, e.g. "
+                            "https://switchboard.example/.well-known/treadmill/capability-keys.",
+                            default=None),
+               keys_file=Row(STR, "A PEM or JWKS file of capability keys (instead of, or "
+                                  "cached from, keys_url).", default=None),
+               keys_refresh=Row(positive(FLOAT), "Seconds between fetches of auth.keys_url.",
+                                default=300.0),
+               issuer=Row(STR, "Issuer (iss) capability tokens must carry.",
+                          default="treadmill"),
+               ca_file=Row(STR, "CA certificates for an https keys_url.", default=None)),
     )
 
 
 def require_keys(values: Mapping[str, Any], source: str,
                  hint: str = "the switchboard's capability keys") -> None:
-    """For a role's ``checkSettings``: refuse settings that name no capability keys."""
+    """For a role's ``checkSettings``: refuse settings that name no capability keys, or an
+    empty ``service`` (the audience its tokens must name)."""
     if not values["auth.keys_url"] and not values["auth.keys_file"]:
         raise ConfigError(f"set auth.keys_file or auth.keys_url ({hint})", key="auth.keys_file",
                           source=source)
+    if not values["service"]:
+        raise ConfigError("must not be empty", key="service", source=source)
 
 
 class KeySource(MultiService):

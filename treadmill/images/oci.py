@@ -83,10 +83,11 @@ MANIFEST_ACCEPT = ", ".join(
     )
 )
 
-# OCI repository names and tags (the distribution spec's grammar).
-REPOSITORY = re.compile(
-    r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"
-)
+# OCI repository names and tags (the distribution spec's grammar), for every role.
+COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+NAMESPACE = re.compile(COMPONENT)
+"""One component of a repository name: a namespace (``alice`` of ``alice/fw``)."""
+REPOSITORY = re.compile(rf"{COMPONENT}(?:/{COMPONENT})*")
 TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 MAX_REPOSITORY = 255
 
@@ -102,6 +103,11 @@ T = TypeVar("T")
 # -- names ---------------------------------------------------------------------------
 
 
+def is_repository(name: str) -> bool:
+    """Whether ``name`` is a valid OCI repository name."""
+    return len(name) <= MAX_REPOSITORY and REPOSITORY.fullmatch(name) is not None
+
+
 def repository_of(name: str) -> str:
     """The OCI repository for a catalogue image name: the name, lowercased.
 
@@ -109,7 +115,7 @@ def repository_of(name: str) -> str:
     Raises :class:`ValueError` if the result is not a valid repository name.
     """
     repo = name.lower()
-    if len(repo) > MAX_REPOSITORY or not REPOSITORY.fullmatch(repo):
+    if not is_repository(repo):
         raise ValueError(
             f"{name!r} does not make a valid OCI repository name (lowercase letters, digits, "
             "'.', '_', '__' or '-' between them, '/' between components)"

@@ -42,6 +42,7 @@ from werkzeug.routing import RequestRedirect
 from treadmill.common.http import ApiError, query_arg, respond
 from treadmill.common.ranges import Unsatisfiable, parse_range
 from treadmill.images.format import is_digest
+from treadmill.images.oci import is_repository
 from treadmill.imagestore import manifests
 from treadmill.imagestore.auth import Authorizer, scope
 from treadmill.imagestore.errors import OCIError, error_body
@@ -52,7 +53,6 @@ from treadmill.imagestore.names import (
     check_name,
     check_reference,
     check_upload_id,
-    is_name,
 )
 from treadmill.imagestore.sending import BlobSender
 from treadmill.imagestore.storage import Storage
@@ -508,7 +508,7 @@ class RegistryAPI:
         name = check_name(args["name"])
         mount, source = params.get("mount"), params.get("from")
         mounting = (endpoint == "upload_start" and mount is not None and source is not None
-                    and is_digest(mount) and is_name(source))
+                    and is_digest(mount) and is_repository(source))
         scopes = self._push_scopes(name)
         if mounting:
             # As the reference registry: the challenge names the source too, so that

@@ -58,7 +58,13 @@ from treadmill.imagestore.errors import OCIError
 from treadmill.imagestore.gc import Collector, SharedExclusiveLock, under_lock
 from treadmill.imagestore.leases import Lease, Leases, new_lease_id, rfc3339
 from treadmill.imagestore.names import check_reference, hex_of
-from treadmill.imagestore.pullthrough import Flight, PullThrough, UpstreamNotFound, registry_client
+from treadmill.imagestore.pullthrough import (
+    Credentials,
+    Flight,
+    PullThrough,
+    UpstreamNotFound,
+    registry_client,
+)
 from treadmill.imagestore.replicate import Replicator
 from treadmill.imagestore.storage import BlobInfo, Storage
 
@@ -76,11 +82,7 @@ class CacheConfig:
 
     upstreams: list[str] = field(default_factory=list)
     max_bytes: int = 0  # 0: no bound
-    upstream_token: str | None = None
-    upstream_user: str | None = None
-    upstream_token_file: str | None = None
-    upstream_realms: list[str] = field(default_factory=list)
-    upstream_ca_file: str | None = None
+    upstream: Credentials = field(default_factory=Credentials)
     upstream_timeout: float = 60.0
     upstream_retries: int = 2
     upstream_backoff: float = 0.5
@@ -89,11 +91,7 @@ class CacheConfig:
     lease_default: float = 3600.0
     lease_max: float = 7 * 86400.0
     maintenance_interval: float = 60.0
-    replicate_token: str | None = None
-    replicate_user: str | None = None
-    replicate_token_file: str | None = None
-    replicate_realms: list[str] = field(default_factory=list)
-    replicate_ca_file: str | None = None
+    replicate: Credentials = field(default_factory=Credentials)
     replicate_targets: list[str] = field(default_factory=list)
     replicate_chunk_size: int = 8 * 1024 * 1024
 
@@ -145,13 +143,8 @@ class Cache:
         self.lock = lock
         self.collector = collector
         self.config = config
-        default_realms = [realm] if realm else []
-        self.upstream_realms = list(config.upstream_realms) or default_realms
-        self.replicate_realms = list(config.replicate_realms) or default_realms
-        clients = [registry_client(reactor, url, token=config.upstream_token,
-                                   user=config.upstream_user,
-                                   token_file=config.upstream_token_file,
-                                   realms=self.upstream_realms, ca_file=config.upstream_ca_file,
+        self.realm = realm
+        clients = [registry_client(reactor, url, config.upstream, realm=realm,
                                    retries=config.upstream_retries,
                                    timeout=config.upstream_timeout,
                                    backoff=config.upstream_backoff)
@@ -209,8 +202,8 @@ class Cache:
         return leases, usage, total, count
 
     async def start(self) -> None:
-        for key, path in (("cache.upstream_token_file", self.config.upstream_token_file),
-                          ("replicate.token_file", self.config.replicate_token_file)):
+        for key, path in (("cache.upstream_token_file", self.config.upstream.token_file),
+                          ("replicate.token_file", self.config.replicate.token_file)):
             if path and not os.access(path, os.R_OK):
                 self.log.warn("{key}: cannot read {path}; requests that need it will fail",
                               key=key, path=path)
@@ -462,11 +455,9 @@ class Cache:
     def replication_client(self, url: str) -> RegistryClient:
         """A client for a replication target, with the ``replicate.*`` credentials."""
         config = self.config
-        return registry_client(
-            self.reactor, url, token=config.replicate_token, user=config.replicate_user,
-            token_file=config.replicate_token_file, realms=self.replicate_realms,
-            ca_file=config.replicate_ca_file, retries=5, timeout=config.upstream_timeout,
-            chunk_size=config.replicate_chunk_size)
+        return registry_client(self.reactor, url, config.replicate, realm=self.realm,
+                               retries=5, timeout=config.upstream_timeout,
+                               chunk_size=config.replicate_chunk_size)
 
     async def before_manifest(self, name: str, reference: str) -> None:
         """Pull a manifest through if it is missing, or refresh a tag that is due."""

@@ -28,7 +28,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from treadmill.images.format import is_digest
-from treadmill.imagestore.names import is_name
+from treadmill.images.oci import is_repository
 from treadmill.imagestore.storage import Storage
 
 LEASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -77,7 +77,8 @@ class Lease:
                                                     for d in digests):
             raise ValueError("bad digests")
         repository = value.get("repository")
-        if repository is not None and not (isinstance(repository, str) and is_name(repository)):
+        if repository is not None and not (isinstance(repository, str)
+                                           and is_repository(repository)):
             raise ValueError("bad repository")
         owner = value.get("owner")
         if owner is not None and not isinstance(owner, str):

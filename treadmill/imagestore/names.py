@@ -1,6 +1,7 @@
 """Repository names, tags and digests, validated before any path is built from them.
 
-The patterns are the OCI distribution specification's, matched in full.
+The patterns are the OCI distribution specification's (``treadmill.images.oci``), matched
+in full.
 A valid name has no empty, ``.`` or ``..`` component and no character
 outside ``[a-z0-9._/-]``, so it can be joined to a directory safely; a
 valid tag cannot start with ``.``; the only digests accepted are
@@ -12,25 +13,18 @@ from __future__ import annotations
 import re
 
 from treadmill.images.format import is_digest
+from treadmill.images.oci import TAG, is_repository
 from treadmill.imagestore.errors import OCIError
 
-NAME_MAX = 255
-
-NAME = re.compile(r"[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*")
-TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 # Anything shaped like a digest (algorithm:encoded), to tell "a digest we do
 # not support" from "a tag".
 DIGEST_SHAPE = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 UPLOAD_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 
-def is_name(value: str) -> bool:
-    return len(value) <= NAME_MAX and NAME.fullmatch(value) is not None
-
-
 def check_name(value: str) -> str:
     """The repository name, or ``NAME_INVALID``."""
-    if not isinstance(value, str) or not is_name(value):
+    if not isinstance(value, str) or not is_repository(value):
         raise OCIError("NAME_INVALID", "invalid repository name")
     return value
 

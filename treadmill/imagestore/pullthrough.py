@@ -31,6 +31,7 @@ import contextlib
 import os
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -143,18 +144,34 @@ def file_credentials(user: str, path: str) -> Callable[[], Awaitable[tuple[str, 
     return credentials
 
 
-def registry_client(reactor: Any, url: str, *, token: str | None, user: str | None,
-                    token_file: str | None, realms: list[str], ca_file: str | None,
+@dataclass
+class Credentials:
+    """What the store sends to other image stores (``cache.upstream_*``, ``replicate.*``):
+    a fixed ``token``, or a ``user`` and ``token_file`` for their token flow; the token
+    services (``realms``) they may go to, default the store's own realm; a CA file."""
+
+    token: str | None = None
+    user: str | None = None
+    token_file: str | None = None
+    realms: list[str] = field(default_factory=list)
+    ca_file: str | None = None
+
+
+def registry_client(reactor: Any, url: str, credentials: Credentials, *, realm: str | None,
                     retries: int, timeout: float, backoff: float = 0.5,
                     chunk_size: int | None = None) -> RegistryClient:
-    """A :class:`RegistryClient` with the cache's credentials for ``url``."""
-    credentials = file_credentials(user, token_file) if user and token_file else None
+    """A :class:`RegistryClient` for ``url`` with ``credentials`` (their realms, else the
+    store's ``realm``)."""
+    token_flow = None
+    if credentials.user and credentials.token_file:
+        token_flow = file_credentials(credentials.user, credentials.token_file)
     kwargs: dict[str, Any] = {}
     if chunk_size is not None:
         kwargs["chunk_size"] = chunk_size
-    return RegistryClient(reactor, url, token=token, credentials=credentials,
-                          trusted_realms=realms, ca_file=ca_file, retries=retries,
-                          backoff=backoff, timeout=timeout, user_agent=USER_AGENT, **kwargs)
+    return RegistryClient(reactor, url, token=credentials.token, credentials=token_flow,
+                          trusted_realms=list(credentials.realms) or ([realm] if realm else []),
+                          ca_file=credentials.ca_file, retries=retries, backoff=backoff,
+                          timeout=timeout, user_agent=USER_AGENT, **kwargs)
 
 
 class PullThrough:

@@ -40,9 +40,9 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from treadmill.images.oci import NAMESPACE
 from treadmill.images.progress import human_size
 from treadmill.imagestore.errors import OCIError
-from treadmill.imagestore.names import NAME
 
 #: The bucket of top-level repositories (no ``/``): a name no user namespace can have.
 TOP_LEVEL = "/"
@@ -90,7 +90,7 @@ def parse_overrides(value: Any, size: Any) -> dict[str, int]:
         raise ValueError("expected a table of namespace = size")
     result: dict[str, int] = {}
     for key, amount in value.items():
-        if not isinstance(key, str) or "/" in key or not NAME.fullmatch(key):
+        if not isinstance(key, str) or not NAMESPACE.fullmatch(key):
             raise ValueError(f"invalid namespace {key!r}: expected one repository name "
                              "component such as \"alice\"")
         try:

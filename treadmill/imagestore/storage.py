@@ -49,7 +49,8 @@ from typing import Any
 
 from treadmill.common.files import write_file
 from treadmill.images.format import is_digest
-from treadmill.imagestore.names import hex_of, is_name, is_tag
+from treadmill.images.oci import is_repository
+from treadmill.imagestore.names import hex_of, is_tag
 
 LAYOUT_VERSION = 1
 MARKER = "treadmill-imagestore.json"
@@ -264,7 +265,7 @@ class Storage:
     # -- repositories --------------------------------------------------------
 
     def repo_path(self, name: str) -> str:
-        assert is_name(name), name
+        assert is_repository(name), name
         return os.path.join(self.repos, *name.split("/"))
 
     def repository_exists(self, name: str) -> bool:
@@ -278,7 +279,7 @@ class Storage:
         for directory, subdirs, _files in os.walk(self.repos):
             if any(sub in subdirs for sub in ("_manifests", "_blobs", "_tags")):
                 name = os.path.relpath(directory, self.repos).replace(os.sep, "/")
-                if is_name(name):
+                if is_repository(name):
                     found.append(name)
             subdirs[:] = sorted(d for d in subdirs if not d.startswith("_"))
         return sorted(found)

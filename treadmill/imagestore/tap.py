@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -10,17 +11,18 @@ from twisted.application.service import IService
 from treadmill.common import keys
 from treadmill.common.config import (
     BOOL,
-    FIELD,
     FLOAT,
     INT,
     STR,
     STRLIST,
     ConfigError,
     RoleOptions,
+    Row,
     Setting,
     http_settings,
     non_negative,
     positive,
+    table,
 )
 from treadmill.common.daemon import twistd_service
 from treadmill.images.oci import check_store_url
@@ -66,21 +68,23 @@ _CREDENTIALS = ("cache.upstream_", "replicate.")
 """The key prefixes of the two credential groups (:func:`_credentials`)."""
 
 
-def _credentials(prefix: str, field: str, whom: str) -> tuple[Setting, ...]:
+def _credentials(prefix: str, fields: str, whom: str) -> tuple[Setting, ...]:
     """The credentials the store sends to ``whom`` (other image stores): a fixed token, or
     a user and token file for their token flow, the realms they go to, a CA file; keys
-    ``prefix + name`` fill the fields ``field + name``."""
-    rows = (
-        ("token", _token_value,
-         f"A bearer capability token sent as is to the {whom} (tests, fixed setups)."),
-        ("user", STR, f"User name for the {whom}' token flow (with {prefix}token_file)."),
-        ("token_file", STR, "File holding that user's API token (read at each token request)."),
-        ("realms", STRLIST, f"Token services (URL prefixes) the credentials for the {whom} "
-                            "may be sent to; default: auth.realm."),
-        ("ca_file", STR, f"CA certificates for https {whom}."),
-    )
-    return tuple(Setting(prefix + name, kind, FIELD, text, field=field + name)
-                 for name, kind, text in rows)
+    ``prefix + name`` fill the fields ``name`` of the :class:`Credentials` at ``fields``."""
+    name, _, leaf = prefix.rpartition(".")
+    rows = {
+        "token": Row(_token_value, f"A bearer capability token sent as is to the {whom} "
+                                   "(tests, fixed setups)."),
+        "user": Row(STR, f"User name for the {whom}' token flow (with {prefix}token_file)."),
+        "token_file": Row(STR, "File holding that user's API token (read at each token "
+                               "request)."),
+        "realms": Row(STRLIST, f"Token services (URL prefixes) the credentials for the {whom} "
+                               "may be sent to; default: auth.realm."),
+        "ca_file": Row(STR, f"CA certificates for https {whom}."),
+    }
+    return table(name, None, **{leaf + key: dataclasses.replace(row, field=f"{fields}.{key}")
+                                for key, row in rows.items()})
 
 
 class Options(RoleOptions):
@@ -89,94 +93,89 @@ class Options(RoleOptions):
     config = ImageStoreConfig
     settings = (
         *http_settings("Registry listeners"),
-        Setting("root", STR, None,
-                "Storage directory (blobs, repositories, uploads); see docs/imagestore.md.",
-                required=True,
-                field="root"),
+        *table("", "{leaf}",
+               root=Row(
+                   STR, "Storage directory (blobs, repositories, uploads); see docs/imagestore.md.",
+                   default=None, required=True),
+               anonymous_pull=Row(
+                   anonymous_patterns, "Repositories anyone may pull without a token: true, or "
+                   "glob patterns (\"demo/*\" one level, \"public/**\" any depth)."),
+               io_threads=Row(positive(INT), "Threads for disk work.")),
         *keys.satellite_settings("store", "{leaf}"),
-        Setting("auth.realm", STR, FIELD,
-                "Token endpoint clients are sent to on 401, e.g. "
-                "https://switchboard.example/api/v1/registry/token.",
-                field="realm"),
-        Setting("auth.disabled", BOOL, FIELD,
-                "Accept every request without a token (local experiments only).",
-                field="auth_disabled"),
-        Setting("anonymous_pull", anonymous_patterns, FIELD,
-                "Repositories anyone may pull without a token: true, or glob patterns "
-                "(\"demo/*\" one level, \"public/**\" any depth).",
-                field="anonymous_pull"),
-        Setting("uploads.max_age", positive(FLOAT), FIELD,
-                "Seconds an idle upload session is kept before it is removed.",
-                field="upload_max_age"),
-        Setting("quota.namespace_bytes", byte_size, FIELD,
-                "Bytes each user namespace (alice/...) may store, its open uploads "
-                "included (\"500G\" works); 0: unlimited.",
-                field="quota.namespace_bytes"),
-        Setting("quota.top_level_bytes", byte_size, FIELD,
-                "Bytes the top-level repositories (the operators') may store together; "
-                "0: unlimited.",
-                field="quota.top_level_bytes"),
-        Setting("quota.namespaces", _namespace_sizes, FIELD,
-                "Per-namespace overrides of quota.namespace_bytes: a table "
-                "namespace = size (on the command line: alice=500G,ci=0).", table=True,
-                field="quota.namespaces"),
-        Setting("quota.uploads_per_subject", non_negative(INT), FIELD,
-                "Open upload sessions one token subject (user or host) may have; 0: any.",
-                field="quota.uploads_per_subject"),
-        Setting("manifests.max_size", positive(INT), FIELD,
-                "Largest manifest accepted, in bytes.",
-                field="manifest_max_size"),
-        Setting("gc.interval", non_negative(FLOAT, finite=True), FIELD,
-                "Seconds between garbage collections; 0 runs them only on demand.",
-                field="gc_interval"),
-        Setting("gc.grace", non_negative(FLOAT, finite=True), FIELD,
-                "Seconds a newly uploaded, mounted or HEAD-checked blob is safe from "
-                "garbage collection while no manifest references it.",
-                field="gc_grace"),
-        Setting("io_threads", positive(INT), FIELD, "Threads for disk work.",
-                field="io_threads"),
+        *table("auth", "{leaf}",
+               realm=Row(
+                   STR, "Token endpoint clients are sent to on 401, e.g. "
+                   "https://switchboard.example/api/v1/registry/token."),
+               disabled=Row(
+                   BOOL, "Accept every request without a token (local experiments only).",
+                   field="auth_disabled")),
+        *table("uploads", None,
+               max_age=Row(
+                   positive(FLOAT), "Seconds an idle upload session is kept before it is removed.",
+                   field="upload_max_age")),
+        *table("quota", "quota.{leaf}",
+               namespace_bytes=Row(
+                   byte_size, "Bytes each user namespace (alice/...) may store, its open uploads "
+                   "included (\"500G\" works); 0: unlimited."),
+               top_level_bytes=Row(
+                   byte_size, "Bytes the top-level repositories (the operators') may store "
+                   "together; 0: unlimited."),
+               namespaces=Row(
+                   _namespace_sizes, "Per-namespace overrides of quota.namespace_bytes: a table "
+                   "namespace = size (on the command line: alice=500G,ci=0).", table=True),
+               uploads_per_subject=Row(
+                   non_negative(INT), "Open upload sessions one token subject (user or host) may "
+                   "have; 0: any.")),
+        *table("manifests", None,
+               max_size=Row(
+                   positive(INT), "Largest manifest accepted, in bytes.",
+                   field="manifest_max_size")),
+        *table("gc", "gc_{leaf}",
+               interval=Row(
+                   non_negative(FLOAT, finite=True), "Seconds between garbage collections; 0 runs "
+                   "them only on demand."),
+               grace=Row(
+                   non_negative(FLOAT, finite=True), "Seconds a newly uploaded, mounted or "
+                   "HEAD-checked blob is safe from garbage collection while no manifest "
+                   "references it.")),
         # -- the image cache (etc/treadmill/imagecache.toml documents them) --
-        Setting("cache.enabled", BOOL, False,
-                "Run as an image cache: pull through from cache.upstreams, leases, eviction, "
-                "replication."),
-        Setting("cache.upstreams", store_urls, FIELD,
-                "Upstream image stores, tried in order (https://store-1.example, ...).",
-                field="cache.upstreams"),
-        Setting("cache.max_bytes", byte_size, FIELD,
-                "Evict least recently used unleased blobs beyond this many bytes "
-                "(\"500G\" works); 0: no bound.",
-                field="cache.max_bytes"),
-        *_credentials("cache.upstream_", "cache.upstream_", "upstreams"),
-        Setting("cache.upstream_timeout", positive(FLOAT), FIELD,
-                "Seconds without progress before an upstream request fails.",
-                field="cache.upstream_timeout"),
-        Setting("cache.upstream_retries", positive(INT), FIELD,
-                "Attempts per upstream before trying the next one.",
-                field="cache.upstream_retries"),
-        Setting("cache.retry_after", positive(INT), FIELD,
-                "Retry-After (seconds) of a 503 when no upstream can be reached.",
-                field="cache.retry_after"),
-        Setting("cache.tag_refresh", non_negative(FLOAT, finite=True), FIELD,
-                "Seconds before a cached tag is checked against the upstreams again "
-                "(0: on every request).",
-                field="cache.tag_refresh"),
-        Setting("cache.lease_default", positive(FLOAT), FIELD,
-                "Seconds a lease lasts when the request gives no ttl.",
-                field="cache.lease_default"),
-        Setting("cache.lease_max", positive(FLOAT), FIELD,
-                "The longest lease granted, in seconds (longer ttls are shortened).",
-                field="cache.lease_max"),
-        Setting("cache.maintenance_interval", non_negative(FLOAT, finite=True), FIELD,
-                "Seconds between lease expiry, last-use index flushes and eviction runs "
-                "(eviction also runs after commits that cross the bound); 0: never.",
-                field="cache.maintenance_interval"),
-        *_credentials("replicate.", "cache.replicate_", "replication targets"),
-        Setting("replicate.targets", store_urls, FIELD,
-                "Stores (URL prefixes) the cache may replicate to; empty: any.",
-                field="cache.replicate_targets"),
-        Setting("replicate.chunk_size", positive(byte_size), FIELD,
-                "Blobs larger than this are uploaded in chunks of this size.",
-                field="cache.replicate_chunk_size"),
+        *table("cache", "cache.{leaf}",
+               enabled=Row(
+                   BOOL, "Run as an image cache: pull through from cache.upstreams, leases, "
+                   "eviction, replication.", default=False, field=None),
+               upstreams=Row(
+                   store_urls, "Upstream image stores, tried in order (https://store-1.example, "
+                   "...)."),
+               max_bytes=Row(
+                   byte_size, "Evict least recently used unleased blobs beyond this many bytes "
+                   "(\"500G\" works); 0: no bound."),
+               upstream_timeout=Row(
+                   positive(FLOAT), "Seconds without progress before an upstream request fails."),
+               upstream_retries=Row(
+                   positive(INT), "Attempts per upstream before trying the next one."),
+               retry_after=Row(
+                   positive(INT), "Retry-After (seconds) of a 503 when no upstream can be "
+                   "reached."),
+               tag_refresh=Row(
+                   non_negative(FLOAT, finite=True), "Seconds before a cached tag is checked "
+                   "against the upstreams again (0: on every request)."),
+               lease_default=Row(
+                   positive(FLOAT), "Seconds a lease lasts when the request gives no ttl."),
+               lease_max=Row(
+                   positive(FLOAT), "The longest lease granted, in seconds (longer ttls are "
+                   "shortened)."),
+               maintenance_interval=Row(
+                   non_negative(FLOAT, finite=True), "Seconds between lease expiry, last-use "
+                   "index flushes and eviction runs (eviction also runs after commits that cross "
+                   "the bound); 0: never.")),
+        *_credentials("cache.upstream_", "cache.upstream", "upstreams"),
+        *_credentials("replicate.", "cache.replicate", "replication targets"),
+        *table("replicate", "cache.replicate_{leaf}",
+               targets=Row(
+                   store_urls, "Stores (URL prefixes) the cache may replicate to; empty: any."),
+               chunk_size=Row(
+                   positive(byte_size), "Blobs larger than this are uploaded in chunks of this "
+                   "size.")),
     )
 
     def checkSettings(self, values: dict[str, Any], source: str) -> None:

@@ -54,9 +54,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from treadmill.common.files import write_all
+from treadmill.images.oci import is_repository
 from treadmill.imagestore.errors import OCIError
 from treadmill.imagestore.gc import SharedExclusiveLock, under_lock
-from treadmill.imagestore.names import UPLOAD_ID, is_name
+from treadmill.imagestore.names import UPLOAD_ID
 from treadmill.imagestore.quota import Ledger
 from treadmill.imagestore.storage import Storage
 
@@ -404,7 +405,7 @@ class Uploads:
         repository = state.get("repository") if isinstance(state, dict) else None
         started = state.get("started") if isinstance(state, dict) else None
         subject = state.get("subject") if isinstance(state, dict) else None
-        if not isinstance(repository, str) or not is_name(repository):
+        if not isinstance(repository, str) or not is_repository(repository):
             return None
         if isinstance(started, bool) or not isinstance(started, int | float):
             started = st.st_mtime

@@ -2,7 +2,7 @@
 
     treadmill/logserver/
     ├── names.py    checks of job ids and stream names (the grammar: protocol/logs.py)
-    ├── store.py    append-only stream files, the writer thread, retention
+    ├── streams.py  append-only stream files (StreamStore), the writer thread, retention
     ├── follow.py   reading a byte range or following a stream (HTTP and WebSocket)
     ├── api.py      the HTTP API (Klein) and its capability checks
     ├── metrics.py  Prometheus metrics

@@ -39,7 +39,7 @@ from treadmill.common.keys import bearer_claims
 from treadmill.common.ranges import Unsatisfiable, parse_range
 from treadmill.logserver.follow import FollowFactory, Pump, RequestSink, serve
 from treadmill.logserver.names import InvalidName, check_job, check_stream
-from treadmill.logserver.store import StorageError, StreamError, StreamStore, TooManyStreams
+from treadmill.logserver.streams import StorageError, StreamError, StreamStore, TooManyStreams
 
 __all__ = ["LENGTH_HEADER", "LogServerAPI"]
 

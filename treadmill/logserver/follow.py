@@ -26,7 +26,7 @@ from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from treadmill.common.wsjson import QuietLogger, close_reason
-from treadmill.logserver.store import Stream, StreamStore
+from treadmill.logserver.streams import Stream, StreamStore
 from treadmill.protocol.logs import FOLLOW_CLOSE_CODES, FOLLOW_SUBPROTOCOL
 
 __all__ = ["CHUNK", "FollowFactory", "FollowProtocol", "Pump", "RequestSink"]

@@ -28,7 +28,7 @@ from treadmill.common.keys import KeySource, attach_keys
 from treadmill.logserver.api import LogServerAPI
 from treadmill.logserver.follow import FollowFactory
 from treadmill.logserver.metrics import LogServerMetrics
-from treadmill.logserver.store import StreamStore
+from treadmill.logserver.streams import StreamStore
 
 DAY = 24 * 3600.0
 

@@ -37,7 +37,7 @@ from treadmill.common.http import (
 from treadmill.common.keys import bearer_claims
 from treadmill.proxy.control import ControlFactory
 from treadmill.proxy.legs import TunnelFactory
-from treadmill.proxy.tunnels import Registry
+from treadmill.proxy.tunnels import TunnelTable
 
 __all__ = ["ProxyAPI"]
 
@@ -54,7 +54,7 @@ class ProxyAPI:
     app = Klein()
     log = Logger()
 
-    def __init__(self, registry: Registry, verifier: Any, control: ControlFactory,
+    def __init__(self, registry: TunnelTable, verifier: Any, control: ControlFactory,
                  tunnels: TunnelFactory):
         self.registry = registry
         self.verifier = verifier

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import proxy as messages
 from treadmill.protocol.proxy import CloseCode
-from treadmill.proxy.tunnels import JobSession, Registry
+from treadmill.proxy.tunnels import JobSession, TunnelTable
 
 __all__ = ["ControlFactory", "ControlProtocol"]
 
@@ -97,7 +97,7 @@ class ControlFactory(WebSocketServerFactory):
     protocol = ControlProtocol
     log = Logger()
 
-    def __init__(self, registry: Registry, ping_interval: float = 10.0):
+    def __init__(self, registry: TunnelTable, ping_interval: float = 10.0):
         super().__init__()
         self.registry = registry
         self.setProtocolOptions(autoPingInterval=ping_interval, autoPingTimeout=ping_interval,

@@ -29,7 +29,7 @@ from treadmill.common.splice import TUNNEL_SUBPROTOCOL, StreamEnd, WebSocketEnd
 from treadmill.common.wsjson import QuietLogger, close_reason
 from treadmill.protocol import proxy as messages
 from treadmill.protocol.proxy import ConsoleCloseCode
-from treadmill.proxy.tunnels import Pending, Registry, Tunnel
+from treadmill.proxy.tunnels import Pending, Tunnel, TunnelTable
 
 __all__ = ["DataEnd", "DataFactory", "PublicEnd", "PublicFactory", "TunnelFactory",
            "TunnelSocket"]
@@ -52,7 +52,7 @@ def peer_address(peer: str) -> str:
 class PublicEnd(StreamEnd):
     """A client on a public TCP port."""
 
-    def __init__(self, registry: Registry, tunnel: Tunnel):
+    def __init__(self, registry: TunnelTable, tunnel: Tunnel):
         super().__init__()
         self.registry = registry
         self.tunnel = tunnel
@@ -73,7 +73,7 @@ class PublicFactory(ServerFactory):
 
     noisy = False
 
-    def __init__(self, registry: Registry, tunnel: Tunnel):
+    def __init__(self, registry: TunnelTable, tunnel: Tunnel):
         self.registry = registry
         self.tunnel = tunnel
 
@@ -86,7 +86,7 @@ class DataEnd(StreamEnd):
 
     log = Logger()
 
-    def __init__(self, registry: Registry, timeout: float):
+    def __init__(self, registry: TunnelTable, timeout: float):
         super().__init__()
         self.registry = registry
         self.timeout = timeout
@@ -145,7 +145,7 @@ class DataFactory(ServerFactory):
 
     noisy = False
 
-    def __init__(self, registry: Registry, timeout: float):
+    def __init__(self, registry: TunnelTable, timeout: float):
         self.registry = registry
         self.timeout = timeout
 
@@ -302,7 +302,7 @@ class TunnelFactory(WebSocketServerFactory):
 
     protocol = TunnelSocket
 
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: TunnelTable):
         super().__init__()
         self.registry = registry
         # No auto-ping: a client the proxy has paused (backpressure) could not answer in

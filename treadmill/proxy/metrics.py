@@ -11,7 +11,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-# Registry.counts keys reported as connection outcomes; the rest are events.
+# TunnelTable.counts keys reported as connection outcomes; the rest are events.
 OUTCOMES = ("spliced", "refused_limit", "connect_timeout", "connect_failed", "client_gave_up",
             "idle_timeout")
 DATA_REFUSALS = ("data_unknown", "data_refused", "data_malformed", "data_no_header")

@@ -37,7 +37,7 @@ from treadmill.proxy.api import ProxyAPI
 from treadmill.proxy.control import ControlFactory
 from treadmill.proxy.legs import DataFactory, PublicFactory, TunnelFactory
 from treadmill.proxy.metrics import ProxyMetrics
-from treadmill.proxy.tunnels import Registry, RegistrySettings
+from treadmill.proxy.tunnels import TunnelConfig, TunnelTable
 
 __all__ = ["ProxyConfig", "ProxyService", "with_backlog"]
 
@@ -83,7 +83,7 @@ class ProxyConfig:
     data_listen: list[str] = field(default_factory=lambda: ["tcp:8091:interface=127.0.0.1"])
     auth: dict[str, Any] = field(default_factory=dict)  # the auth.* settings
     service: str = "treadmill-proxy"
-    tunnels: RegistrySettings = field(default_factory=RegistrySettings)
+    tunnels: TunnelConfig = field(default_factory=TunnelConfig)
     ping_interval: float = 10.0
     access_log: bool = True
 
@@ -101,7 +101,7 @@ class ProxyService(RoleService):
         self.reactor = reactor
         self.config = config
         self.keys, self.verifier = attach_keys(self, reactor, config.auth, config.service, keys)
-        self.registry = Registry(
+        self.registry = TunnelTable(
             reactor, config.tunnels, self.verifier,
             public_factory=lambda tunnel: PublicFactory(self.registry, tunnel),
             data_port=self._data_port,

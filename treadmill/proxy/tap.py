@@ -8,17 +8,17 @@ from twisted.application.service import IService
 
 from treadmill.common import keys
 from treadmill.common.config import (
-    FIELD,
     FLOAT,
     INT,
     STR,
     ConfigError,
     RoleOptions,
-    Setting,
+    Row,
     http_settings,
     non_negative,
     positive,
     server_endpoints,
+    table,
 )
 from treadmill.common.daemon import twistd_service
 from treadmill.proxy.ports import parse_port_range, parse_static
@@ -43,53 +43,46 @@ class Options(RoleOptions):
     config = ProxyConfig
     settings = (
         *http_settings("HTTP/WebSocket listeners: the control endpoint and tunnel paths"),
-        Setting("data_listen", server_endpoints, FIELD,
-                "Listeners for the supervisors' data connections (tcp: or ssl:); "
-                "the first one's port is announced to supervisors.",
-                field="data_listen"),
-        Setting("public_host", STR, FIELD,
-                "The host name clients use to reach the public ports.",
-                field="tunnels.public_host"),
-        Setting("public_url", _ws_base, FIELD,
-                "ws(s):// base URL clients use for tunnel paths (announced as ws_url); "
-                "unset: supervisors derive it from the URL they use.",
-                field="tunnels.public_url"),
-        Setting("public_interface", STR, FIELD,
-                "Interface the public ports listen on (:: for IPv4 and IPv6).",
-                field="tunnels.interface"),
-        Setting("ports", _port_range, "40000-40999",
-                "Range of public ports handed out to tunnels; \"\" for static ports only.",
-                field="tunnels.ports", convert=parse_port_range),
-        Setting("static", parse_static, {},
-                "Static public ports: a table \"<job id or host>/<service>\" = port "
-                "(on the command line: key=port,key=port).", table=True,
-                field="tunnels.static", convert=dict),
+        *table("", "tunnels.{leaf}",
+               data_listen=Row(
+                   server_endpoints, "Listeners for the supervisors' data connections (tcp: or "
+                   "ssl:); the first one's port is announced to supervisors.", field="data_listen"),
+               public_host=Row(STR, "The host name clients use to reach the public ports."),
+               public_url=Row(
+                   _ws_base, "ws(s):// base URL clients use for tunnel paths (announced as "
+                   "ws_url); unset: supervisors derive it from the URL they use."),
+               public_interface=Row(
+                   STR, "Interface the public ports listen on (:: for IPv4 and IPv6).",
+                   field="tunnels.interface"),
+               ports=Row(
+                   _port_range, "Range of public ports handed out to tunnels; \"\" for static "
+                   "ports only.", default="40000-40999", convert=parse_port_range),
+               static=Row(
+                   parse_static, "Static public ports: a table \"<job id or host>/<service>\" = "
+                   "port (on the command line: key=port,key=port).", default={}, table=True,
+                   convert=dict),
+               idle_timeout=Row(
+                   non_negative(FLOAT), "Close a client connection after this many seconds "
+                   "without traffic; 0: never."),
+               max_connections_per_tunnel=Row(
+                   positive(INT), "Client connections (waiting or active) one tunnel may have."),
+               max_tunnels_per_job=Row(positive(INT), "Services one job may publish."),
+               grace=Row(
+                   non_negative(FLOAT), "Seconds a job's tunnels outlive its lost control "
+                   "connection."),
+               connect_timeout=Row(
+                   positive(FLOAT), "Seconds a client waits for the supervisor's data "
+                   "connection.")),
         *keys.satellite_settings("proxy", "auth[]"),
-        Setting("idle_timeout", non_negative(FLOAT), FIELD,
-                "Close a client connection after this many seconds without traffic; 0: never.",
-                field="tunnels.idle_timeout"),
-        Setting("max_connections_per_tunnel", positive(INT), FIELD,
-                "Client connections (waiting or active) one tunnel may have.",
-                field="tunnels.max_connections_per_tunnel"),
-        Setting("max_tunnels_per_job", positive(INT), FIELD, "Services one job may publish.",
-                field="tunnels.max_tunnels_per_job"),
-        Setting("grace", non_negative(FLOAT), FIELD,
-                "Seconds a job's tunnels outlive its lost control connection.",
-                field="tunnels.grace"),
-        Setting("connect_timeout", positive(FLOAT), FIELD,
-                "Seconds a client waits for the supervisor's data connection.",
-                field="tunnels.connect_timeout"),
-        Setting("control.ping_interval", positive(FLOAT), FIELD,
-                "Seconds between WebSocket pings on control connections (and the pong "
-                "timeout).",
-                field="ping_interval"),
+        *table("control", "{leaf}",
+               ping_interval=Row(
+                   positive(FLOAT), "Seconds between WebSocket pings on control connections (and "
+                   "the pong timeout).")),
     )
 
     def checkSettings(self, values: dict[str, Any], source: str) -> None:
         super().checkSettings(values, source)
         keys.require_keys(values, source)
-        if not values["service"]:
-            raise ConfigError("must not be empty", key="service", source=source)
         if not values["public_host"]:
             raise ConfigError("must not be empty", key="public_host", source=source)
         for desc in values["data_listen"]:

@@ -1,6 +1,6 @@
 """The proxy's live state: jobs, their tunnels, clients waiting for a data connection.
 
-    Registry
+    TunnelTable
     └── JobSession (one per job with a control connection, or within its grace period)
         └── Tunnel (one per published service: a public TCP port and/or a WebSocket path)
             ├── Pending  a client waiting for the supervisor's data connection
@@ -51,15 +51,15 @@ from treadmill.common.splice import End, Splice, join
 from treadmill.protocol import proxy as messages
 from treadmill.proxy.ports import PortAllocator, PortsExhausted, PortUnavailable
 
-__all__ = ["Control", "JobSession", "Pending", "Registry", "RegistrySettings", "Tunnel"]
+__all__ = ["Control", "JobSession", "Pending", "Tunnel", "TunnelConfig", "TunnelTable"]
 
 CONSOLE_BACKLOG = 64
 """Console notices a job keeps while it has no control connection (its grace period)."""
 
 
 @dataclass
-class RegistrySettings:
-    """The registry's share of the proxy's settings."""
+class TunnelConfig:
+    """The tunnel table's share of the proxy's config (``ProxyConfig.tunnels``)."""
 
     public_host: str = "localhost"
     public_url: str | None = None  # ws(s):// base URL clients use for tunnel paths
@@ -165,7 +165,7 @@ class JobSession:
                 "tunnels": [t.info() for t in self.tunnels.values()]}
 
 
-class Registry:
+class TunnelTable:
     """Every job's tunnels; see the module docstring.
 
     ``verifier`` verifies capability tokens (``keys.LiveVerifier``);
@@ -176,7 +176,7 @@ class Registry:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, settings: RegistrySettings, verifier: Any, *,
+    def __init__(self, reactor: Any, settings: TunnelConfig, verifier: Any, *,
                  public_factory: Callable[[Tunnel], Any],
                  data_port: Callable[[], int], data_tls: bool = False):
         self.reactor = reactor

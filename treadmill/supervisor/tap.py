@@ -9,18 +9,18 @@ from urllib.parse import urlsplit
 from twisted.application.service import IService
 
 from treadmill.common.config import (
-    FIELD,
     FLOAT,
     INT,
     STR,
     STRLIST,
     ConfigError,
     RoleOptions,
-    Setting,
+    Row,
     check_order,
     non_negative,
     one_of,
     positive,
+    table,
 )
 from treadmill.common.daemon import twistd_service
 from treadmill.images.oci import check_store_url
@@ -69,79 +69,79 @@ class Options(RoleOptions):
 
     config = SupervisorConfig
     settings = (
-        Setting("switchboard.url", _ws_url, None,
-                "Switchboard base URL, ws:// or wss:// (/api/v1/supervisor is appended).",
-                required=True,
-                field="url"),
-        Setting("switchboard.token", STR, None,
-                "The host token (or use switchboard.token_file).",
-                field="token"),
-        Setting("switchboard.token_file", STR, None,
-                "File holding the host token, read at start (whitespace stripped)."),
-        Setting("switchboard.ca_file", STR, None,
-                "PEM file of the CAs trusted for wss:// (default: the system's).",
-                field="ca_file"),
-        Setting("state_dir", STR, None,
-                "The supervisor's state directory (current job, event journal).", required=True,
-                field="state_dir"),
-        Setting("driver", one_of(*DRIVERS), FIELD, "Host driver.",
-                field="driver"),
-        Setting("reconnect.initial", positive(FLOAT), FIELD,
-                "First reconnection delay in seconds (also the jitter's scale).",
-                field="reconnect_initial"),
-        Setting("reconnect.max", positive(FLOAT), FIELD, "Largest reconnection delay in seconds.",
-                field="reconnect_max"),
-        Setting("heartbeat.interval", positive(FLOAT), FIELD,
-                "Seconds between WebSocket pings to the switchboard.",
-                field="heartbeat_interval"),
-        Setting("heartbeat.timeout", positive(FLOAT), FIELD,
-                "Seconds without a pong before the connection is dropped.",
-                field="heartbeat_timeout"),
-        Setting("console.buffer", non_negative(INT), FIELD,
-                "Bytes of the job's console output kept in memory.",
-                field="console_buffer"),
-        Setting("logs.spool_limit", positive(INT), FIELD,
-                "Bytes of a job's log output spooled on disk until log servers acknowledge.",
-                field="log_spool_limit"),
-        Setting("shutdown.flush_timeout", positive(FLOAT), FIELD,
-                "Seconds a graceful stop waits for unacknowledged job events to be acked.",
-                field="flush_timeout"),
-        Setting("events.ack_timeout", positive(FLOAT), FIELD,
-                "Seconds to wait for the switchboard's ack of a job event before sending it "
-                "again (doubling, with jitter, per attempt; also the first pause after an "
-                "'unavailable' ack).",
-                field="event_ack_timeout"),
-        Setting("events.resend_max", positive(FLOAT), FIELD,
-                "Longest pause in seconds between two sends of one unacknowledged job event.",
-                field="event_resend_max"),
-        Setting("images.cache_mount", _absolute_path, None,
-                "Root of a site image cache's directory, mounted read-only (e.g. over NFS); "
-                "layers found there are used in place. Unset: fetch from the job's stores.",
-                field="images_cache_mount"),
-        Setting("images.cache_url", _http_url, None,
-                "HTTP(S) base URL of the image cache whose root is images.cache_mount: the "
-                "supervisor leases each job's image there, so it is pulled in and never "
-                "evicted while the job runs. Unset: no leases.",
-                field="images_cache_url"),
-        Setting("images.dir", _absolute_path, None,
-                "Where downloaded image blobs are kept (default: STATE_DIR/images).",
-                field="images_dir"),
-        Setting("images.local_limit", non_negative(INT), FIELD,
-                "Bytes of image blobs kept in images.dir (least recently used go first; "
-                "the current job's never).",
-                field="images_local_limit"),
-        Setting("images.trusted_realms", _http_urls, [],
-                "Token services (URL prefixes) the host token may be sent to when an image "
-                "store asks for one (default: the switchboard's URL).",
-                field="images_trusted_realms", convert=list),
-        Setting("images.ca_file", STR, None,
-                "PEM file of the CAs trusted for https:// image stores "
-                "(default: switchboard.ca_file, else the system's).",
-                field="images_ca_file"),
-        Setting("proxies.ca_file", STR, None,
-                "PEM file of the CAs trusted for wss:// rendezvous proxies "
-                "(default: switchboard.ca_file, else the system's).",
-                field="proxies_ca_file"),
+        *table("switchboard", "{leaf}",
+               url=Row(
+                   _ws_url, "Switchboard base URL, ws:// or wss:// (/api/v1/supervisor is "
+                   "appended).", default=None, required=True),
+               token=Row(STR, "The host token (or use switchboard.token_file).", default=None),
+               token_file=Row(
+                   STR, "File holding the host token, read at start (whitespace stripped).",
+                   default=None, field=None),
+               ca_file=Row(
+                   STR, "PEM file of the CAs trusted for wss:// (default: the system's).",
+                   default=None)),
+        *table("", "{leaf}",
+               state_dir=Row(
+                   STR, "The supervisor's state directory (current job, event journal).",
+                   default=None, required=True),
+               driver=Row(one_of(*DRIVERS), "Host driver.")),
+        *table("reconnect", "reconnect_{leaf}",
+               initial=Row(
+                   positive(FLOAT), "First reconnection delay in seconds (also the jitter's "
+                   "scale)."),
+               max=Row(positive(FLOAT), "Largest reconnection delay in seconds.")),
+        *table("heartbeat", "heartbeat_{leaf}",
+               interval=Row(positive(FLOAT), "Seconds between WebSocket pings to the switchboard."),
+               timeout=Row(
+                   positive(FLOAT), "Seconds without a pong before the connection is dropped.")),
+        *table("console", None,
+               buffer=Row(
+                   non_negative(INT), "Bytes of the job's console output kept in memory.",
+                   field="console_buffer")),
+        *table("logs", None,
+               spool_limit=Row(
+                   positive(INT), "Bytes of a job's log output spooled on disk until log servers "
+                   "acknowledge.", field="log_spool_limit")),
+        *table("shutdown", "{leaf}",
+               flush_timeout=Row(
+                   positive(FLOAT), "Seconds a graceful stop waits for unacknowledged job events "
+                   "to be acked.")),
+        *table("events", "event_{leaf}",
+               ack_timeout=Row(
+                   positive(FLOAT), "Seconds to wait for the switchboard's ack of a job event "
+                   "before sending it again (doubling, with jitter, per attempt; also the first "
+                   "pause after an 'unavailable' ack)."),
+               resend_max=Row(
+                   positive(FLOAT), "Longest pause in seconds between two sends of one "
+                   "unacknowledged job event.")),
+        *table("images", "images_{leaf}",
+               cache_mount=Row(
+                   _absolute_path, "Root of a site image cache's directory, mounted read-only "
+                   "(e.g. over NFS); layers found there are used in place. Unset: fetch from the "
+                   "job's stores.", default=None),
+               cache_url=Row(
+                   _http_url, "HTTP(S) base URL of the image cache whose root is "
+                   "images.cache_mount: the supervisor leases each job's image there, so it is "
+                   "pulled in and never evicted while the job runs. Unset: no leases.",
+                   default=None),
+               dir=Row(
+                   _absolute_path, "Where downloaded image blobs are kept (default: "
+                   "STATE_DIR/images).", default=None),
+               local_limit=Row(
+                   non_negative(INT), "Bytes of image blobs kept in images.dir (least recently "
+                   "used go first; the current job's never)."),
+               trusted_realms=Row(
+                   _http_urls, "Token services (URL prefixes) the host token may be sent to when "
+                   "an image store asks for one (default: the switchboard's URL).", default=[],
+                   convert=list),
+               ca_file=Row(
+                   STR, "PEM file of the CAs trusted for https:// image stores (default: "
+                   "switchboard.ca_file, else the system's).", default=None)),
+        *table("proxies", None,
+               ca_file=Row(
+                   STR, "PEM file of the CAs trusted for wss:// rendezvous proxies (default: "
+                   "switchboard.ca_file, else the system's).", default=None,
+                   field="proxies_ca_file")),
         *DRIVER_SETTINGS,
     )
 

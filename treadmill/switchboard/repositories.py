@@ -41,10 +41,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from treadmill.common.captoken import Access
+from treadmill.images.oci import is_repository
 
-_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-NAMESPACE = re.compile(_COMPONENT)
-REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 ACTIONS = ("pull", "push", "delete")
 MAX_SCOPES = 32
@@ -70,7 +68,7 @@ def parse_scopes(values: list[str]) -> list[Scope]:
             kind, _, rest = item.partition(":")
             name, _, actions = rest.rpartition(":")
             if kind == "repository":
-                if len(name) > 255 or not REPOSITORY.fullmatch(name):
+                if not is_repository(name):
                     raise ScopeError(f"scope: invalid repository name in {item[:300]!r}")
                 wanted = tuple(a for a in actions.split(",") if a)
                 if not wanted or any(a not in ACTIONS and a != "*" for a in wanted):
@@ -85,11 +83,6 @@ def parse_scopes(values: list[str]) -> list[Scope]:
     if len(scopes) > MAX_SCOPES:
         raise ScopeError(f"scope: at most {MAX_SCOPES} scopes")
     return scopes
-
-
-def repository_of(image_name: str) -> str:
-    """The repository a catalogue image lives in: its name, lowercased."""
-    return image_name.lower()
 
 
 def namespace_of(repository: str) -> str:

@@ -74,6 +74,7 @@ async def test_a_qemu_job_boots_from_a_site_image_cache(migrated_database: str, 
     """The supervisor reads the layers from the cache's directory (its "mount"), leasing
     the image there; the cache pulls them through from the upstream store on the lease."""
     from treadmill.imagestore.cache import CacheConfig
+    from treadmill.imagestore.pullthrough import Credentials
 
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2)
     upstream = store_service(sb, tmp_path / "store")
@@ -83,10 +84,11 @@ async def test_a_qemu_job_boots_from_a_site_image_cache(migrated_database: str, 
     token_file = tmp_path / "cache-upstream.token"
     token_file.write_text(sb.admin_token)
     cache = store_service(sb, tmp_path / "cache", service="treadmill-imagecache",
-                          cache=CacheConfig(upstreams=[store_url], upstream_user="admin",
-                                            upstream_token_file=str(token_file),
-                                            upstream_realms=[sb.url], upstream_retries=1,
-                                            upstream_backoff=0.05, upstream_timeout=30.0))
+                          cache=CacheConfig(upstreams=[store_url], upstream=Credentials(
+                                                user="admin", token_file=str(token_file),
+                                                realms=[sb.url]),
+                                            upstream_retries=1, upstream_backoff=0.05,
+                                            upstream_timeout=30.0))
     cache.startService()
     work_dir = tempfile.mkdtemp(prefix="tq-", dir="/tmp")
     supervisor: SupervisorService | None = None

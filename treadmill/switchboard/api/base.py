@@ -109,6 +109,15 @@ class Routes:
         request.setResponseCode(204)
         return b""
 
+    async def _admin_removal(self, request: IRequest, change: Callable[[Store], Awaitable[Any]],
+                             action: str, kind: str, subject: str) -> bytes:
+        """An admin's ``change`` audited as ``action`` on the ``kind`` named ``subject``
+        (:meth:`_audited_no_content`); 403 to others."""
+        principal = await self._admin(request)
+        return await self._audited_no_content(
+            request, change,
+            lambda _: self.audit.entry(request, principal, action, kind, subject))
+
     # -- the caller and the resource it names ------------------------------
 
     async def _admin(self, request: IRequest) -> Principal:

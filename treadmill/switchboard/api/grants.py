@@ -8,7 +8,8 @@ from typing import Any
 from twisted.web.iweb import IRequest
 
 from treadmill.common.http import ApiError, read_json, respond
-from treadmill.switchboard import repositories, schemas, views
+from treadmill.images.oci import NAMESPACE
+from treadmill.switchboard import schemas, views
 from treadmill.switchboard.access import PRIVILEGES, Principal
 from treadmill.switchboard.api.base import Routes
 
@@ -80,7 +81,7 @@ class GrantRoutes(Routes):
     @staticmethod
     def _namespace(name: str) -> str:
         canonical = name.lower()
-        if len(canonical) > 128 or not repositories.NAMESPACE.fullmatch(canonical):
+        if len(canonical) > 128 or not NAMESPACE.fullmatch(canonical):
             raise ApiError(400, f"namespace: {name[:130]!r} is not a namespace (a repository's "
                                 "first component: lower-case letters and digits joined by "
                                 "'.', '_', '__' or dashes)")

@@ -87,8 +87,5 @@ class HostRoutes(Routes):
 
     @app.route("/api/v1/hosts/<name>", methods=["DELETE"])
     async def delete_host(self, request: IRequest, name: str) -> bytes:
-        principal = await self._admin(request)
-        return await self._audited_no_content(
-            request,
-            lambda store: store.delete_host(name),
-            lambda _: self.audit.entry(request, principal, "host.delete", "host", name))
+        return await self._admin_removal(request, lambda store: store.delete_host(name),
+                                         "host.delete", "host", name)

@@ -74,7 +74,7 @@ class ImageTokenRoutes(TokenRoutes):
             host = await self.store.host_by_token(credentials.token_hash(secret))
             if host is None:
                 raise ApiError(401, "unknown host token")
-            running = frozenset(repositories.repository_of(name) for name in
+            running = frozenset(name.lower() for name in  # their repositories, unchecked
                                 await self.store.job_image_names(host["id"]))
             snapshots = frozenset(await self.store.snapshot_repositories(host["id"]))
             return f"host:{host['name']}", [

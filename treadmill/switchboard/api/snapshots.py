@@ -5,7 +5,8 @@ from __future__ import annotations
 from twisted.web.iweb import IRequest
 
 from treadmill.common.http import ApiError, read_json, respond
-from treadmill.switchboard import repositories, schemas, views
+from treadmill.images.oci import repository_of
+from treadmill.switchboard import schemas, views
 from treadmill.switchboard.api.args import path_uuid
 from treadmill.switchboard.api.base import Routes
 from treadmill.switchboard.api.images import check_writable
@@ -35,9 +36,10 @@ class SnapshotRoutes(Routes):
             raise ApiError(400, "store: the job's image names no image store; give one")
         store = (await registered_stores(self.store, "store", [store]))[0]
         name = body["name"]
-        repository = repositories.repository_of(name)
-        if not repositories.REPOSITORY.fullmatch(repository):
-            raise ApiError(400, f"name: {name!r} is not a valid repository name")
+        try:
+            repository = repository_of(name)
+        except ValueError:
+            raise ApiError(400, f"name: {name!r} is not a valid repository name") from None
         await check_writable(self.store, principal, name)
         try:
             snapshot = await self.store.audited(

@@ -48,11 +48,8 @@ class StoreRoutes(Routes):
 
     @app.route("/api/v1/stores/<service>", methods=["DELETE"])
     async def delete_store(self, request: IRequest, service: str) -> bytes:
-        principal = await self._admin(request)
-        return await self._audited_no_content(
-            request,
-            lambda store: store.delete_image_store(service),
-            lambda _: self.audit.entry(request, principal, "store.remove", "store", service))
+        return await self._admin_removal(request, lambda store: store.delete_image_store(service),
+                                         "store.remove", "store", service)
 
 
 async def registered_stores(store: Store, field: str, urls: list[str]) -> list[str]:
