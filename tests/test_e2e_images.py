@@ -24,7 +24,6 @@ from twisted.internet import reactor
 pytest.importorskip("treadmill.imagestore.service")
 
 from tests.support import (
-    Client,
     RunningSwitchboard,
     add_host,
     mock_supervisor,
@@ -47,10 +46,6 @@ class Bed:
     switchboard: RunningSwitchboard
     store_url: str
     images_dir: Path
-
-    @property
-    def admin(self) -> Client:
-        return self.switchboard.admin
 
 
 @pytest_twisted.async_yield_fixture
@@ -95,13 +90,13 @@ async def push_image(bed: Bed, name: str) -> tuple[str, dict[str, bytes]]:
 
 
 async def register(bed: Bed, name: str, digest: str) -> None:
-    r = await bed.admin.post("/api/v1/images", {"name": name, "digest": digest,
-                                                "stores": [bed.store_url]})
+    r = await bed.switchboard.admin.post("/api/v1/images", {
+        "name": name, "digest": digest, "stores": [bed.store_url]})
     assert r.status == 201, r.body
 
 
 async def run_job(bed: Bed, image: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    admin = bed.admin
+    admin = bed.switchboard.admin
     r = await admin.post("/api/v1/jobs", {"image": image, "tags": ["mock"]})
     assert r.status == 201, r.body
     job_id = r.body["id"]
@@ -144,5 +139,5 @@ async def test_an_image_the_store_does_not_have_ends_with_image_error(bed: Bed) 
     message = termination["message"]
     assert missing in message and bed.store_url in message
     assert "not there (MANIFEST_UNKNOWN" in message
-    host = (await bed.admin.get("/api/v1/hosts/mock-1")).body
+    host = (await bed.switchboard.admin.get("/api/v1/hosts/mock-1")).body
     assert host["consecutive_failures"] == 0  # an image error is not the host's fault

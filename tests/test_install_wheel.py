@@ -13,7 +13,6 @@ import shlex
 import shutil
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -32,7 +31,7 @@ from tests.util.metricnames import documented, scraped
 from tests.util.pgroles import least_privileged_database
 from tests.util.ports import free_port
 from tests.util.units import TWISTD, parse, values
-from tests.wheels import ROOT, run
+from tests.wheels import ROOT, new_venv, run
 from treadmill.dev.pgcluster import drop_database
 from treadmill.protocol import supervisor as protocol
 from treadmill.switchboard.database import migrations
@@ -46,15 +45,13 @@ def installed(tmp_path_factory: pytest.TempPathFactory,
               built_wheel: Path) -> tuple[Path, Path]:
     """(the wheel, the virtual environment it is installed in), as /opt/treadmill."""
     base = tmp_path_factory.mktemp("install")
-    wheel = built_wheel
-    venv = base / "opt-treadmill"
-    run(sys.executable, "-m", "venv", venv, cwd=base)
+    venv = new_venv(base / "opt-treadmill")
     run(venv / "bin" / "pip", "install", "--quiet", "--disable-pip-version-check",
-        f"{wheel}[server]", cwd=base)
+        f"{built_wheel}[server]", cwd=base)
     # The step install.md prescribes after every install or upgrade.
     run(venv / "bin" / "python", "-c",
         "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))", cwd=base)
-    return wheel, venv
+    return built_wheel, venv
 
 
 def test_wheel_holds_every_packaged_file(installed: tuple[Path, Path]) -> None:

@@ -23,7 +23,7 @@ from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.support import mock_supervisor, start_switchboard
-from tests.wheels import ROOT, run
+from tests.wheels import ROOT, new_venv, run
 from treadmill.common.captoken import load_or_create_signing_key
 from treadmill.logserver.service import LogServerConfig, LogServerService
 from treadmill.switchboard.api import Limits
@@ -42,13 +42,10 @@ def light(tmp_path_factory: pytest.TempPathFactory,
           built_wheel: Path) -> tuple[Path, Path]:
     """(the wheel, a clean virtual environment holding it without the server extra)."""
     base = tmp_path_factory.mktemp("light")
-    wheel = built_wheel
-    venv = base / "venv"
-    # No pip of its own (seconds saved): this environment's pip installs into it.
-    run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=base)
+    venv = new_venv(base / "venv", pip=False)
     run(sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--quiet",
-        "--no-compile", "--disable-pip-version-check", wheel, cwd=base)
-    return wheel, venv
+        "--no-compile", "--disable-pip-version-check", built_wheel, cwd=base)
+    return built_wheel, venv
 
 
 def clean_env(home: Path, venv: Path, **extra: str) -> dict[str, str]:

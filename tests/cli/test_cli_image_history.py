@@ -7,26 +7,23 @@ import json
 
 import pytest_twisted
 
+from tests.cli.support import register, store_env
+
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
-STORE = "http://store.example"
 
 
 @pytest_twisted.ensureDeferred
 async def test_replace_history_and_rollback(tml, switchboard, tmp_path):
-    env = switchboard.tml_env(tmp_path)
-    await switchboard.register_store(STORE, "store")
-    r = await tml("image", "register", "team/demo", D1, "--store", STORE, "--kind", "qemu",
-                  env=env)
+    env = await store_env(switchboard, tmp_path)
+    r = await register(tml, env, "team/demo", D1, "--kind", "qemu")
     assert r.status == 0, r.err
     # Registering to an existing name without --replace is refused, and says why.
-    r = await tml("image", "register", "team/demo", D2, "--store", STORE, "--kind", "qemu",
-                  env=env)
+    r = await register(tml, env, "team/demo", D2, "--kind", "qemu")
     assert r.status == 1 and "--replace" in r.err and "tml image history team/demo" in r.err
     r = await tml("image", "show", "team/demo", "--json", env=env)
     assert json.loads(r.out)["digest"] == D1
-    r = await tml("image", "register", "team/demo", D2, "--store", STORE, "--kind", "board",
-                  "--replace", env=env)
+    r = await register(tml, env, "team/demo", D2, "--kind", "board", "--replace")
     assert r.status == 0, r.err
     r = await tml("image", "history", "team/demo", env=env)
     assert r.status == 0, r.err

@@ -9,7 +9,7 @@ import json
 import pytest
 import pytest_twisted
 
-from tests.cli.support import commands
+from tests.cli.support import DIGEST, commands
 from treadmill.cli.main import build_parser
 
 
@@ -26,9 +26,6 @@ def test_every_job_id_argument_takes_a_prefix() -> None:
                     and action.dest not in (parser.get_default("job_id_args") or ())):
                 unresolved.append(f"tml {' '.join(path)} {action.dest.upper()}")
     assert not unresolved, unresolved
-
-
-DIGEST = "sha256:" + "0123456789abcdef" * 4
 
 
 async def _jobs(client, query: str) -> list[str]:

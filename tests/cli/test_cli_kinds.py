@@ -6,24 +6,20 @@ import json
 
 import pytest_twisted
 
-DIGEST = "sha256:" + "0123456789abcdef" * 4
-STORE = "http://store.example"
+from tests.cli.support import DIGEST, register, store_env
 
 
 @pytest_twisted.ensureDeferred
 async def test_kinds_in_image_and_host_views(tml, switchboard, tmp_path):
-    env = switchboard.tml_env(tmp_path)
-    await switchboard.register_store(STORE, "store")
-    r = await tml("image", "register", "vm", DIGEST, "--store", STORE, "--kind", "qemu",
-                  env=env)
+    env = await store_env(switchboard, tmp_path)
+    r = await register(tml, env, "vm", DIGEST, "--kind", "qemu")
     assert r.status == 0, r.err
     assert "kind:" in r.out and "qemu" in r.out
     r = await tml("image", "show", "vm", "--json", env=env)
     assert json.loads(r.out)["kind"] == "qemu"
     r = await tml("image", "update", "vm", "--kind", "board", "--json", env=env)
     assert r.status == 0 and json.loads(r.out)["kind"] == "board"
-    r = await tml("image", "register", "x", DIGEST, "--store", STORE, "--kind", "floppy",
-                  env=env)
+    r = await register(tml, env, "x", DIGEST, "--kind", "floppy")
     assert r.status == 2 and "floppy" in r.err
     r = await tml("admin", "host", "add", "h1", "--tag", "t", env=env)
     assert r.status == 0, r.err

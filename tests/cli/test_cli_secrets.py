@@ -7,7 +7,7 @@ import json
 
 import pytest_twisted
 
-DIGEST = "sha256:" + "0123456789abcdef" * 4
+from tests.cli.support import DIGEST
 
 
 async def stored_parameters(switchboard, job_id: str) -> dict:

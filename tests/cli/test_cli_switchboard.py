@@ -11,10 +11,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
+from tests.cli.support import DIGEST
+
 pytestmark = pytest.mark.slow
 
 PASSWORD = "correct horse battery"
-DIGEST = "sha256:" + "0123456789abcdef" * 4
 
 
 @pytest.fixture

@@ -31,15 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from treadmill.common.captoken import Access, CapabilitySigner
 from treadmill.images import format as fmt
-from treadmill.images.oci import (
-    BlobSource,
-    DigestMismatch,
-    RegistryClient,
-    RegistryError,
-    RegistryUnreachable,
-    _Slice,
-    file_blob,
-)
+from treadmill.images import oci
 from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
 
 SERVICE = "treadmill-imagestore"
@@ -137,13 +129,13 @@ async def store(tmp_path: Path) -> AsyncIterator[Running]:
 
 @pytest_twisted.async_yield_fixture
 async def clients(store: Running):
-    made: list[RegistryClient] = []
+    made: list[oci.RegistryClient] = []
 
-    def make(**kw: Any) -> RegistryClient:
+    def make(**kw: Any) -> oci.RegistryClient:
         kw.setdefault("credentials", (USER, PASSWORD))
         kw.setdefault("trusted_realms", [store.realm.rsplit("/api/", 1)[0]])
         kw.setdefault("backoff", 0.01)
-        client = RegistryClient(reactor, store.url, **kw)
+        client = oci.RegistryClient(reactor, store.url, **kw)
         made.append(client)
         return client
 
@@ -206,14 +198,14 @@ async def test_store_validates_treadmill_manifests(store, clients):
     good = fmt.build_board_manifest([fmt.FirmwareFile("app.bin", fw, "0x0")],
                                     flash={"tool": "openocd", "args": ["{firmware:app.bin}"]})
     # The empty config blob is not in the repository yet.
-    with pytest.raises(RegistryError) as info:
+    with pytest.raises(oci.RegistryError) as info:
         await client.put_manifest(repo, "v1", fmt.manifest_bytes(good))
     assert info.value.code == fmt.MANIFEST_BLOB_UNKNOWN
     await client.push_bytes(repo, fmt.EMPTY_BLOB)
     await client.put_manifest(repo, "v1", fmt.manifest_bytes(good))
     bad = json.loads(fmt.manifest_bytes(good))
     bad["layers"][0]["annotations"][fmt.ANN_FIRMWARE_NAME] = "../../etc/passwd"
-    with pytest.raises(RegistryError) as info:
+    with pytest.raises(oci.RegistryError) as info:
         await client.put_manifest(repo, "v2", fmt.manifest_bytes(bad))
     assert info.value.code == fmt.MANIFEST_INVALID
     assert "safe file name" in info.value.message
@@ -225,7 +217,7 @@ async def test_resume_against_the_store(store, clients, tmp_path):
     retries: list[str] = []
     client = clients(chunk_size=100_000, on_retry=retries.append)
     path = data_file(tmp_path / "disk.qcow2", 350_000, 13)
-    blob = await file_blob(reactor, path)
+    blob = await oci.file_blob(reactor, path)
     offsets: list[tuple[str, int] | None] = []
     status = client._upload_status
 
@@ -235,7 +227,7 @@ async def test_resume_against_the_store(store, clients, tmp_path):
 
     client._upload_status = recording_status  # type: ignore[method-assign]
 
-    class Failing(BlobSource):
+    class Failing(oci.BlobSource):
         """Reading fails once, 150 000 bytes in (mid-way through the second chunk)."""
 
         failed = False
@@ -243,7 +235,7 @@ async def test_resume_against_the_store(store, clients, tmp_path):
         def producer(self, offset, length, on_read=None):
             producer = super().producer(offset, length, on_read)
             if not Failing.failed and offset < 150_000 < offset + length:
-                inner: _Slice = producer._inputFile
+                inner: oci._Slice = producer._inputFile
                 read = inner.read
 
                 def failing_read(n: int = -1) -> bytes:
@@ -276,18 +268,18 @@ async def test_pull_detects_corruption_in_the_store(store, clients, tmp_path):
     on_disk = store.root / "blobs" / "sha256" / hexdigest[:2] / hexdigest
     os.chmod(on_disk, 0o644)
     on_disk.write_bytes(b"\0" + data[1:])
-    with pytest.raises(DigestMismatch):
+    with pytest.raises(oci.DigestMismatch):
         await client.pull_blob("alice/x", blob.digest, tmp_path / "x", size=blob.size)
     assert not (tmp_path / "x").exists()
 
 
 @pytest_twisted.ensureDeferred
 async def test_wrong_credentials_and_untrusted_realm(store, clients):
-    with pytest.raises(RegistryError, match="bad credentials"):
+    with pytest.raises(oci.RegistryError, match="bad credentials"):
         await clients(credentials=(USER, "wrong")).push_bytes("alice/x", b"x")
-    with pytest.raises(RegistryError, match="not a trusted token service"):
+    with pytest.raises(oci.RegistryError, match="not a trusted token service"):
         await clients(trusted_realms=["http://elsewhere.example/"]).push_bytes("alice/x", b"x")
-    with pytest.raises((RegistryError, RegistryUnreachable)):
+    with pytest.raises((oci.RegistryError, oci.RegistryUnreachable)):
         await clients(credentials=None).push_bytes("alice/x", b"x")
 
 

@@ -181,21 +181,28 @@ async def test_catalog_and_gc_need_registry_grants(store: RunningStore) -> None:
     assert r.json == {"repositories": ["lab/fw", "lab/other"]}
 
 
+OTHER_LAYER = digest_of(b"other")
+MOUNT = f"/v2/{NAME}/blobs/uploads/?mount={OTHER_LAYER}&from=lab/other"
+"""Mount lab/other's layer (:func:`seeded` pushes it) into NAME."""
+
+
+async def other_layer_code(store: RunningStore) -> int:
+    """The status of ``HEAD`` on lab/other's layer in NAME: 404 until it is mounted."""
+    return (await store.registry.request("HEAD", f"/v2/{NAME}/blobs/{OTHER_LAYER}",
+                                         token=store.keys.repo(NAME, "pull"))).code
+
+
 @pytest_twisted.ensureDeferred
 async def test_mount_needs_pull_on_the_source(store: RunningStore) -> None:
     await seeded(store)
     keys = store.keys
-    other_layer = digest_of(b"other")
-    path = f"/v2/{NAME}/blobs/uploads/?mount={other_layer}&from=lab/other"
     # Push on the target only: no mount, an upload session instead.
-    r = await store.registry.request("POST", path, token=keys.repo(NAME, "push"))
+    r = await store.registry.request("POST", MOUNT, token=keys.repo(NAME, "push"))
     assert r.code == 202
-    r = await store.registry.request("HEAD", f"/v2/{NAME}/blobs/{other_layer}",
-                                     token=keys.repo(NAME, "pull"))
-    assert r.code == 404
+    assert await other_layer_code(store) == 404
     both = keys.token(("repository", NAME, ["push", "pull"]),
                       ("repository", "lab/other", ["pull"]))
-    r = await store.registry.request("POST", path, token=both)
+    r = await store.registry.request("POST", MOUNT, token=both)
     assert r.code == 201
 
 
@@ -204,18 +211,15 @@ async def test_a_mounts_challenge_names_the_source_too(store: RunningStore) -> N
     """As the reference registry: a client fetches one token that allows the mount."""
     await seeded(store)
     keys = store.keys
-    other_layer = digest_of(b"other")
-    path = f"/v2/{NAME}/blobs/uploads/?mount={other_layer}&from=lab/other"
     wanted = f'scope="repository:{NAME}:pull,push repository:lab/other:pull"'
     for token in (None, keys.repo("lab/other", "pull"), keys.repo(NAME, "pull")):
-        r = await store.registry.request("POST", path, token=token)
+        r = await store.registry.request("POST", MOUNT, token=token)
         assert r.code == 401, r.body
         assert wanted in (r.header("www-authenticate") or ""), r.header("www-authenticate")
-    assert (await store.registry.request("HEAD", f"/v2/{NAME}/blobs/{other_layer}",
-                                         token=keys.repo(NAME, "pull"))).code == 404
+    assert await other_layer_code(store) == 404
     # Without a valid mount, the challenge is the push's alone.
-    for query in (f"mount={other_layer}", "mount=sha256:zz&from=lab/other",
-                  f"mount={other_layer}&from=..%2Fetc"):
+    for query in (f"mount={OTHER_LAYER}", "mount=sha256:zz&from=lab/other",
+                  f"mount={OTHER_LAYER}&from=..%2Fetc"):
         r = await store.registry.request("POST", f"/v2/{NAME}/blobs/uploads/?{query}")
         assert r.code == 401
         assert f'scope="repository:{NAME}:pull,push"' in r.header("www-authenticate"), query

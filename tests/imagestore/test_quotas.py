@@ -27,6 +27,7 @@ from tests.imagestore.support import (
     start_store,
 )
 from tests.util.raw import raw_request
+from tests.util.running import stopping
 from treadmill.imagestore.errors import OCIError
 from treadmill.imagestore.gc import SharedExclusiveLock
 from treadmill.imagestore.quota import TOP_LEVEL, Ledger, QuotaConfig, namespace_of
@@ -242,6 +243,16 @@ def stored_uploads(store: RunningStore) -> list[str]:
     return os.listdir(store.storage.uploads)
 
 
+async def chunked(store: RunningStore, method: str, target: str, token: str,
+                  chunks: list[bytes]) -> tuple[int, bytes]:
+    """Send a body of no length (``Transfer-Encoding: chunked``) in ``chunks``, raw; return
+    the status and the response."""
+    head = (f"{method} {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+    body = b"".join(b"%x\r\n" % len(chunk) + chunk + b"\r\n" for chunk in chunks)
+    return await raw_request(store.port, head.encode() + body + b"0\r\n\r\n")
+
+
 async def start(tmp_path: Path, keys: Keys, **quota: Any) -> RunningStore:
     settings = {"namespace_bytes": 1000, **quota}
     return await start_store(tmp_path / "store", keys, quota=QuotaConfig(**settings))
@@ -249,8 +260,7 @@ async def start(tmp_path: Path, keys: Keys, **quota: Any) -> RunningStore:
 
 @pytest_twisted.ensureDeferred
 async def test_monolithic_uploads_over_the_quota(tmp_path: Path, keys: Keys) -> None:
-    store = await start(tmp_path, keys)
-    try:
+    async with stopping(await start(tmp_path, keys)) as store:
         alice = client(store, keys, "alice", "alice/fw")
         await alice.push_blob("alice/fw", b"a" * 600)
         big = b"b" * 401
@@ -272,11 +282,9 @@ async def test_monolithic_uploads_over_the_quota(tmp_path: Path, keys: Keys) -> 
         await bob.push_blob("bob/fw", b"d" * 1000)
         # A body without Content-Length (chunked) is refused at the batch that crosses.
         body = b"e" * 10
-        status, raw = await raw_request(store.port, (
-            f"POST /v2/alice/fw/blobs/uploads/?digest={digest_of(body)} HTTP/1.1\r\n"
-            f"Host: x\r\nAuthorization: Bearer {alice.token}\r\n"
-            f"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-            f"a\r\n").encode() + body + b"\r\n0\r\n\r\n")
+        status, raw = await chunked(store, "POST",
+                                    f"/v2/alice/fw/blobs/uploads/?digest={digest_of(body)}",
+                                    alice.token, [body])
         assert status == 403 and parse_response(raw).error == "DENIED", raw
         assert stored_uploads(store) == [] and not store.storage.has_blob(digest_of(body))
         assert store.service.ledger.used("alice") == 1000
@@ -284,23 +292,17 @@ async def test_monolithic_uploads_over_the_quota(tmp_path: Path, keys: Keys) -> 
         # with a length or without.
         r = await alice.request("POST", "/v2/alice/fw/blobs/uploads/", b"f")
         assert r.code == 403 and r.error == "DENIED" and r.header("location") is None
-        status, raw = await raw_request(store.port, (
-            f"POST /v2/alice/fw/blobs/uploads/ HTTP/1.1\r\n"
-            f"Host: x\r\nAuthorization: Bearer {alice.token}\r\n"
-            f"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-            f"a\r\n").encode() + body + b"\r\n0\r\n\r\n")
+        status, raw = await chunked(store, "POST", "/v2/alice/fw/blobs/uploads/", alice.token,
+                                    [body])
         assert status == 403 and parse_response(raw).error == "DENIED", raw
         assert stored_uploads(store) == [] and store.service.uploads.active == {}
         assert store.service.ledger.used("alice") == 1000
-    finally:
-        await store.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_chunked_upload_stays_resumable_after_a_refusal(tmp_path: Path,
                                                               keys: Keys) -> None:
-    store = await start(tmp_path, keys)
-    try:
+    async with stopping(await start(tmp_path, keys)) as store:
         alice = client(store, keys, "alice", "alice/fw", "alice/old")
         old = await alice.push_blob("alice/old", b"o" * 600)
         r = await alice.request("POST", "/v2/alice/fw/blobs/uploads/")
@@ -317,10 +319,7 @@ async def test_chunked_upload_stays_resumable_after_a_refusal(tmp_path: Path,
         r = await alice.request("PUT", f"{location}?digest={digest_of(data)}", b"y" * 200)
         assert r.code == 403 and r.error == "DENIED"
         # A chunked-encoding body with no length: refused at the crossing batch.
-        status, raw = await raw_request(store.port, (
-            f"PATCH {location} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice.token}\r\n"
-            f"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-            f"c8\r\n").encode() + b"y" * 200 + b"\r\n0\r\n\r\n")
+        status, raw = await chunked(store, "PATCH", location, alice.token, [b"y" * 200])
         assert status == 403 and parse_response(raw).error == "DENIED", raw
         # What was received stays.
         r = await alice.request("GET", location)
@@ -336,8 +335,6 @@ async def test_chunked_upload_stays_resumable_after_a_refusal(tmp_path: Path,
         # The committed blob is charged once, the session no more.
         assert store.service.ledger.used("alice") == 500
         assert store.service.ledger.uploading("alice") == 0
-    finally:
-        await store.stop()
 
 
 def manifest_of(config: str, size: int) -> dict[str, Any]:
@@ -348,8 +345,7 @@ def manifest_of(config: str, size: int) -> dict[str, Any]:
 
 @pytest_twisted.ensureDeferred
 async def test_mounts_and_manifests_are_charged(tmp_path: Path, keys: Keys) -> None:
-    store = await start(tmp_path, keys)
-    try:
+    async with stopping(await start(tmp_path, keys)) as store:
         ledger = store.service.ledger
         bob = client(store, keys, "bob", "bob/fw")
         shared = await bob.push_blob("bob/fw", b"s" * 500)
@@ -387,15 +383,12 @@ async def test_mounts_and_manifests_are_charged(tmp_path: Path, keys: Keys) -> N
         r = await alice.push_manifest("alice/copy", "v1", manifest)
         assert r.code == 201
         assert ledger.stored("bob") == 500  # bob paid for his blob all along
-    finally:
-        await store.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_garbage_collection_frees_quota(tmp_path: Path, keys: Keys) -> None:
     """Layers of a deleted image are freed when garbage collection deletes them."""
-    store = await start(tmp_path, keys)
-    try:
+    async with stopping(await start(tmp_path, keys)) as store:
         alice = client(store, keys, "alice", "alice/fw")
         digest, _manifest = await alice.push_image("alice/fw", "v1", [b"l" * 400])
         assert store.service.ledger.used("alice") > 800
@@ -405,27 +398,21 @@ async def test_garbage_collection_frees_quota(tmp_path: Path, keys: Keys) -> Non
         assert summary["deleted"] == 3  # the manifest, its config and its layer
         assert store.service.ledger.used("alice") == 0
         await alice.push_blob("alice/fw", b"n" * 1000)
-    finally:
-        await store.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_top_level_repositories(tmp_path: Path, keys: Keys) -> None:
-    store = await start(tmp_path, keys, top_level_bytes=100)
-    try:
+    async with stopping(await start(tmp_path, keys, top_level_bytes=100)) as store:
         admin = client(store, keys, "root", "fw", "tools")
         await admin.push_blob("fw", b"t" * 60)
         r = await admin.request("POST", f"/v2/tools/blobs/uploads/?digest="
                                         f"{digest_of(b'u' * 60)}", b"u" * 60)
         assert r.code == 403 and "the top-level repositories: 60 bytes" in r.body.decode()
-    finally:
-        await store.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_open_sessions_per_subject(tmp_path: Path, keys: Keys) -> None:
-    store = await start(tmp_path, keys, uploads_per_subject=2)
-    try:
+    async with stopping(await start(tmp_path, keys, uploads_per_subject=2)) as store:
         alice = client(store, keys, "alice", "alice/fw", "alice/other")
         locations = []
         for repo in ("alice/fw", "alice/other"):
@@ -454,18 +441,13 @@ async def test_open_sessions_per_subject(tmp_path: Path, keys: Keys) -> None:
         r = await alice.request("DELETE", r.header("location"))
         assert r.code == 204
         await alice.push_blob("alice/fw", b"fits")
-    finally:
-        await store.stop()
     # After a restart, the sessions on disk still count (their subject is on disk).
-    store = await start(tmp_path, keys, uploads_per_subject=2)
-    try:
+    async with stopping(await start(tmp_path, keys, uploads_per_subject=2)) as store:
         alice = client(store, keys, "alice", "alice/fw")
         r = await alice.request("POST", "/v2/alice/fw/blobs/uploads/")
         assert r.code == 202
         r = await alice.request("POST", "/v2/alice/fw/blobs/uploads/")
         assert r.code == 429
-    finally:
-        await store.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -473,9 +455,9 @@ async def test_abandoned_uploads_expire_and_free_their_bytes(tmp_path: Path,
                                                              keys: Keys) -> None:
     """The periodic expiry (every second with a 1 s max_age) removes idle sessions,
     frees their bytes and their session slot, without a restart."""
-    store = await start_store(tmp_path / "store", keys, upload_max_age=1.0,
-                              quota=QuotaConfig(namespace_bytes=1000, uploads_per_subject=1))
-    try:
+    quota = QuotaConfig(namespace_bytes=1000, uploads_per_subject=1)
+    async with stopping(await start_store(tmp_path / "store", keys, upload_max_age=1.0,
+                                          quota=quota)) as store:
         ledger = store.service.ledger
         alice = client(store, keys, "alice", "alice/fw")
         r = await alice.request("POST", "/v2/alice/fw/blobs/uploads/")
@@ -489,14 +471,11 @@ async def test_abandoned_uploads_expire_and_free_their_bytes(tmp_path: Path,
         assert stored_uploads(store) == []
         assert ledger.used("alice") == 0
         await alice.push_blob("alice/fw", b"b" * 1000)
-    finally:
-        await store.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_quota_state_survives_a_restart(tmp_path: Path, keys: Keys) -> None:
-    store = await start(tmp_path, keys)
-    try:
+    async with stopping(await start(tmp_path, keys)) as store:
         alice = client(store, keys, "alice", "alice/fw", "alice/b")
         await alice.push_image("alice/fw", "v1", [b"l" * 300])
         layer = digest_of(b"l" * 300)
@@ -508,10 +487,7 @@ async def test_quota_state_survives_a_restart(tmp_path: Path, keys: Keys) -> Non
         await alice.request("PATCH", location, b"p" * 200)
         before = store.service.ledger.usage()
         assert before["alice"]["uploading"] == 200
-    finally:
-        await store.stop()
-    store = await start(tmp_path, keys)
-    try:
+    async with stopping(await start(tmp_path, keys)) as store:
         assert store.service.ledger.usage() == before
         used = before["alice"]["stored"] + 200
         alice = client(store, keys, "alice", "alice/fw", "alice/b")
@@ -522,26 +498,18 @@ async def test_quota_state_survives_a_restart(tmp_path: Path, keys: Keys) -> Non
         assert r.code == 201
         assert store.service.ledger.uploading("alice") == 0
         assert store.service.ledger.stored("alice") == used
-    finally:
-        await store.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_cache_has_no_byte_quota(tmp_path: Path, keys: Keys) -> None:
     from tests.imagestore.support import CACHE_SERVICE, start_cache
 
-    upstream = await start_store(tmp_path / "upstream", keys)
-    try:
-        cache = await start_cache(tmp_path / "cache", keys, [upstream.url],
-                                  quota=QuotaConfig(namespace_bytes=10))
-        try:
+    async with stopping(await start_store(tmp_path / "upstream", keys)) as upstream:
+        async with stopping(await start_cache(tmp_path / "cache", keys, [upstream.url],
+                                              quota=QuotaConfig(namespace_bytes=10))) as cache:
             assert cache.service.ledger is None and cache.storage.ledger is None
             token = keys.repo("lab/fw", "pull", "push", audience=CACHE_SERVICE)
             await cache.registry.with_token(token).push_blob("lab/fw", b"x" * 100)
-        finally:
-            await cache.stop()
-    finally:
-        await upstream.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -550,8 +518,7 @@ async def test_a_known_size_is_refused_before_any_byte_is_stored(tmp_path: Path,
     """With Content-Length, none of a big chunk is written; without it, the batches that
     fit are written and the one that crosses the limit is refused: never over the limit."""
     limit = 4 * 1024 * 1024
-    store = await start(tmp_path, keys, namespace_bytes=limit)
-    try:
+    async with stopping(await start(tmp_path, keys, namespace_bytes=limit)) as store:
         ledger = store.service.ledger
         alice = client(store, keys, "alice", "alice/fw")
         r = await alice.request("POST", "/v2/alice/fw/blobs/uploads/")
@@ -564,11 +531,8 @@ async def test_a_known_size_is_refused_before_any_byte_is_stored(tmp_path: Path,
         upload_id = location.rsplit("/", 1)[1]
         assert os.path.getsize(os.path.join(store.storage.uploads, upload_id, "data")) == 0
 
-        head = (f"PATCH {location} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                f"{alice.token}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-        chunks = b"".join(b"%x\r\n" % (64 * 1024) + big[i:i + 64 * 1024] + b"\r\n"
-                          for i in range(0, len(big), 64 * 1024))
-        status, _raw = await raw_request(store.port, head.encode() + chunks + b"0\r\n\r\n")
+        status, _raw = await chunked(store, "PATCH", location, alice.token,
+                                     [big[i:i + 64 * 1024] for i in range(0, len(big), 64 * 1024)])
         assert status == 403
         r = await alice.request("GET", location)
         received = int(r.header("range").split("-")[1]) + 1 if r.header("range") != "0-0" \
@@ -576,8 +540,6 @@ async def test_a_known_size_is_refused_before_any_byte_is_stored(tmp_path: Path,
         assert received <= limit and ledger.used("alice") == received
         assert os.path.getsize(os.path.join(store.storage.uploads, upload_id, "data")) \
             == received
-    finally:
-        await store.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -586,8 +548,7 @@ async def test_concurrent_uploads_never_exceed_the_limit(tmp_path: Path, keys: K
     through, whatever the order; the namespace never holds more than its limit."""
     from twisted.internet.defer import Deferred, gatherResults
 
-    store = await start(tmp_path, keys, uploads_per_subject=0)
-    try:
+    async with stopping(await start(tmp_path, keys, uploads_per_subject=0)) as store:
         alice = client(store, keys, "alice", "alice/fw")
         blobs = [bytes([i]) * 300 for i in range(8)]
         results = await gatherResults([Deferred.fromCoroutine(
@@ -598,8 +559,6 @@ async def test_concurrent_uploads_never_exceed_the_limit(tmp_path: Path, keys: K
         stored = [b for b in blobs if store.storage.has_blob(digest_of(b))]
         assert len(stored) == 3 and store.service.ledger.used("alice") == 900
         assert stored_uploads(store) == []
-    finally:
-        await store.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -607,8 +566,8 @@ async def test_concurrent_manifests_and_mounts_never_exceed_the_limit(tmp_path: 
                                                                       keys: Keys) -> None:
     from twisted.internet.defer import Deferred, gatherResults
 
-    store = await start(tmp_path, keys, uploads_per_subject=0, namespaces={"bob": 0})
-    try:
+    async with stopping(await start(tmp_path, keys, uploads_per_subject=0,
+                                    namespaces={"bob": 0})) as store:
         ledger = store.service.ledger
         alice = client(store, keys, "alice", "alice/fw", "bob/fw")
         config = await alice.push_blob("alice/fw", b"{}")
@@ -631,8 +590,6 @@ async def test_concurrent_manifests_and_mounts_never_exceed_the_limit(tmp_path: 
         mounted = sum(r.code == 201 for r in results)
         assert mounted == (1000 - before) // 300
         assert ledger.used("alice") == before + 300 * mounted <= 1000
-    finally:
-        await store.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -640,8 +597,7 @@ async def test_a_failing_charge_answers_instead_of_hanging(tmp_path: Path, keys:
                                                           monkeypatch: Any) -> None:
     """Whatever goes wrong while charging a batch, the request gets an answer and the
     session stays usable (a bug here once left the request waiting forever)."""
-    store = await start(tmp_path, keys)
-    try:
+    async with stopping(await start(tmp_path, keys)) as store:
         alice = client(store, keys, "alice", "alice/fw")
         r = await alice.request("POST", "/v2/alice/fw/blobs/uploads/")
         location = r.header("location")
@@ -658,5 +614,3 @@ async def test_a_failing_charge_answers_instead_of_hanging(tmp_path: Path, keys:
         assert r.code == 202 and r.header("range") == "0-99"
         r = await alice.request("PUT", f"{location}?digest={digest_of(b'x' * 100)}")
         assert r.code == 201 and ledger.used("alice") == 100
-    finally:
-        await store.stop()

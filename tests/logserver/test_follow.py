@@ -53,14 +53,22 @@ async def latency(client: LogClient, received: Received, job: str, w: str, offse
     return arrived - started
 
 
+async def following(logserver: Running, client: LogClient, keys: Keys, follow: Follow,
+                    first: bytes, offset: int = 0) -> tuple[str, str, Received]:
+    """A new job's console holding ``first``, followed from ``offset``: the job, its append
+    token and the follower, which has received the bytes there are."""
+    job, w, r = keys.new_job()
+    await client.append(job, "console", 0, first, w)
+    received, _ = await follow(logserver.url, job, r, f"?offset={offset}" if offset else "")
+    await received.wait_for(len(first) - offset)
+    return job, w, received
+
+
 @FOLLOWERS
 @pytest_twisted.ensureDeferred
 async def test_followers_see_new_bytes_at_once(logserver: Running, client: LogClient,
                                                keys: Keys, follow: Follow) -> None:
-    job, w, r = keys.new_job()
-    await client.append(job, "console", 0, b"history\n", w)
-    received, _ = await follow(logserver.url, job, r)
-    await received.wait_for(8)
+    job, w, received = await following(logserver, client, keys, follow, b"history\n")
     measured = [await latency(client, received, job, w, 8 + 6 * i, b"line%d\n" % i)
                 for i in range(5)]
     print(f"\n{follow.__name__} follower latency (append request to arrival): "
@@ -73,10 +81,8 @@ async def test_followers_see_new_bytes_at_once(logserver: Running, client: LogCl
 @pytest_twisted.ensureDeferred
 async def test_follow_from_an_offset_and_through_pauses(logserver: Running, client: LogClient,
                                                         keys: Keys, follow: Follow) -> None:
-    job, w, r = keys.new_job()
-    await client.append(job, "console", 0, b"0123456789", w)
-    received, _ = await follow(logserver.url, job, r, "?offset=4")
-    await received.wait_for(6)
+    job, w, received = await following(logserver, client, keys, follow, b"0123456789",
+                                       offset=4)
     expected = b"456789"
     offset = 10
     for pause in (0.3, 0.05, 0.5):  # the writer goes quiet, then resumes

@@ -1,4 +1,5 @@
-"""Fixtures of the supervisor tests: a fake switchboard peer and supervisors in-process."""
+"""Fixtures of the supervisor tests: a fake switchboard peer and supervisors in-process,
+the log servers' signing ``keys`` and a log server started ``later``."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
+from tests.logserver.support import Keys, LaterLogServer
 from tests.supervisor.peer import FakeSwitchboard
 from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
@@ -28,6 +31,18 @@ def fast_config(url: str, state_dir: Path | str, **overrides: Any) -> Supervisor
     }
     values.update(overrides)
     return SupervisorConfig(**values)
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    """The switchboard's key, as log servers trust it."""
+    return Keys(tmp_path)
+
+
+@pytest.fixture
+def later(tmp_path: Path, keys: Keys) -> LaterLogServer:
+    """A log server that is down until the test starts it (``await later.start()``)."""
+    return LaterLogServer(tmp_path / "logs", keys)
 
 
 @pytest_twisted.async_yield_fixture

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest_twisted
 
-from tests.logserver.support import Keys, LaterLogServer, LogClient, Running, start_logserver
+from tests.logserver.support import Keys, LaterLogServer, LogClient, start_logserver
 from tests.supervisor.peer import JOB_A, FakeSwitchboard, job
+from tests.util.running import stopping
 from tests.util.waiting import eventually, sleep
 from treadmill.supervisor import joblogs
 from treadmill.supervisor.logship import LOGS_DIR, LogShipper
@@ -47,6 +48,11 @@ async def counted(monkeypatch: Any) -> AsyncIterator[type[Counted]]:
     yield Counted
     for shipper in Counted.made:  # nothing may outlive its supervisor
         shipper.halt()
+
+
+WORKLOAD_EXITED = {"job_id": JOB_A, "state": "terminated", "reason": "workload_exited",
+                   "exit_status": 0, "message": "mock workload finished"}
+"""The last events line of the job :func:`ended_unshipped` runs."""
 
 
 def logged_job(keys: Keys, url: str, **mock: Any) -> dict[str, Any]:
@@ -80,15 +86,18 @@ def states(lines: list[dict[str, Any]]) -> list[str]:
 
 
 async def ended_unshipped(peer: FakeSwitchboard, supervisors: Make, keys: Keys,
-                          url: str) -> list[dict[str, Any]]:
+                          later: LaterLogServer, state: Path
+                          ) -> tuple[list[dict[str, Any]], Path]:
     """A short job run to its end by a supervisor stopped right after, while the log
-    server at ``url`` is down: the job's events."""
+    server is down: the job's events, and its spool, left in ``state`` for the next."""
     first = supervisors()
     conn = await peer.connection()
-    await conn.start(logged_job(keys, url, run_time=0.05, exit_status=0))
+    await conn.start(logged_job(keys, later.url, run_time=0.05, exit_status=0))
     events = await conn.events_until("terminated")
     await first.stopService()
-    return events
+    spool = state / LOGS_DIR / JOB_A
+    assert spool.is_dir()
+    return events, spool
 
 
 def one_live_shipper_per_job(made: list[Counted]) -> None:
@@ -98,10 +107,9 @@ def one_live_shipper_per_job(made: list[Counted]) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_restart_with_a_job_in_flight(peer: FakeSwitchboard, supervisors: Make,
-                                            tmp_path: Path, counted: type[Counted]) -> None:
-    keys = Keys(tmp_path)
-    server = await start_logserver(tmp_path / "logs", keys)
-    try:
+                                            tmp_path: Path, keys: Keys,
+                                            counted: type[Counted]) -> None:
+    async with stopping(await start_logserver(tmp_path / "logs", keys)) as server:
         first = supervisors()
         conn = await peer.connection()
         await conn.start(logged_job(keys, server.url, run_time="inf"))
@@ -121,49 +129,35 @@ async def test_restart_with_a_job_in_flight(peer: FakeSwitchboard, supervisors: 
         assert lines[-1] == {"job_id": JOB_A, "state": "terminated",
                              "reason": "host_dropped_job", "message": RESTART_MESSAGE}
         assert len([s for s in counted.made[1:] if s.job_id == JOB_A]) == 1
-    finally:
-        await server.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_restart_after_the_job_ended_before_its_logs_were_shipped(
-        peer: FakeSwitchboard, supervisors: Make, tmp_path: Path,
-        counted: type[Counted]) -> None:
-    keys = Keys(tmp_path)
-    later = LaterLogServer(tmp_path / "logs", keys)  # the log server is down while the job runs
-    url = later.url
-    events = await ended_unshipped(peer, supervisors, keys, url)
-    spool = tmp_path / "state" / LOGS_DIR / JOB_A
+        peer: FakeSwitchboard, supervisors: Make, tmp_path: Path, keys: Keys,
+        later: LaterLogServer, counted: type[Counted]) -> None:
+    # The log server is down while the job runs.
+    events, _spool = await ended_unshipped(peer, supervisors, keys, later, tmp_path / "state")
     assert all(s.stopped for s in counted.made)  # the closing shipper stopped too
-    assert spool.is_dir()
 
     restarted = supervisors()
     await restarted.ready()
     one_live_shipper_per_job(counted.made)
-    server: Running = await later.start()
-    try:
-        lines = await finished(url, keys, tmp_path / "state")
+    async with stopping(await later.start()):
+        lines = await finished(later.url, keys, tmp_path / "state")
         assert states(lines) == states(events)
-        assert lines[-1] == {"job_id": JOB_A, "state": "terminated",
-                             "reason": "workload_exited", "exit_status": 0,
-                             "message": "mock workload finished"}
+        assert lines[-1] == WORKLOAD_EXITED
         assert len(counted.made) == 2  # one before the restart, one after
         await eventually(lambda: all(s.finished for s in counted.made[1:]))
-    finally:
-        await server.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_restarts_while_the_log_server_is_down_lose_and_repeat_nothing(
-        peer: FakeSwitchboard, supervisors: Make, tmp_path: Path,
-        counted: type[Counted]) -> None:
-    keys = Keys(tmp_path)
-    later = LaterLogServer(tmp_path / "logs", keys)
-    url = later.url
+        peer: FakeSwitchboard, supervisors: Make, tmp_path: Path, keys: Keys,
+        later: LaterLogServer, counted: type[Counted]) -> None:
     server = await later.start()
     service = supervisors()
     conn = await peer.connection()
-    await conn.start(logged_job(keys, url, run_time="inf"))
+    await conn.start(logged_job(keys, later.url, run_time="inf"))
     before = await conn.events_until("ready")
     await eventually(lambda: counted.made[0].pending_bytes == 0)
     await server.stop()  # shipped so far; the rest waits in the spool
@@ -175,27 +169,21 @@ async def test_restarts_while_the_log_server_is_down_lose_and_repeat_nothing(
         if restart == 0:
             assert (await conn.event())["reason"] == "host_dropped_job"
         one_live_shipper_per_job(counted.made)
-    server = await later.start()
-    try:
-        lines = await finished(url, keys, tmp_path / "state")
+    async with stopping(await later.start()):
+        lines = await finished(later.url, keys, tmp_path / "state")
         assert states(lines) == [*states(before), "terminated"]
         assert lines[-1]["reason"] == "host_dropped_job"
-    finally:
-        await server.stop()
     assert not os.listdir(tmp_path / "state" / LOGS_DIR)
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_final_line_lost_in_a_crash_is_added_once(
-        peer: FakeSwitchboard, supervisors: Make, tmp_path: Path,
-        counted: type[Counted]) -> None:
-    keys = Keys(tmp_path)
-    later = LaterLogServer(tmp_path / "logs", keys)  # down until the restart
-    url = later.url
-    events = await ended_unshipped(peer, supervisors, keys, url)
+        peer: FakeSwitchboard, supervisors: Make, tmp_path: Path, keys: Keys,
+        later: LaterLogServer, counted: type[Counted]) -> None:
+    # The log server is down until the restart.
+    events, spool = await ended_unshipped(peer, supervisors, keys, later, tmp_path / "state")
     # What a crash between journaling the final event and spooling its line leaves:
     # the runner knows how the job ended; the spool lacks the line and was not closing.
-    spool = tmp_path / "state" / LOGS_DIR / JOB_A
     (segment,) = sorted((spool / "spool" / "events").iterdir())
     lines = segment.read_bytes().splitlines(keepends=True)
     assert json.loads(lines[-1])["state"] == "terminated"
@@ -206,12 +194,7 @@ async def test_a_final_line_lost_in_a_crash_is_added_once(
     (spool / "cursors.json").write_text(json.dumps(cursors))
 
     supervisors()
-    server = await later.start()
-    try:
-        shipped = await finished(url, keys, tmp_path / "state")
+    async with stopping(await later.start()):
+        shipped = await finished(later.url, keys, tmp_path / "state")
         assert states(shipped) == states(events)
-        assert shipped[-1] == {"job_id": JOB_A, "state": "terminated",
-                               "reason": "workload_exited", "exit_status": 0,
-                               "message": "mock workload finished"}
-    finally:
-        await server.stop()
+        assert shipped[-1] == WORKLOAD_EXITED

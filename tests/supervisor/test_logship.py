@@ -32,6 +32,12 @@ FAST = {"backoff_initial": 0.05, "backoff_max": 0.3, "save_interval": 0.05,
         "request_timeout": 5.0, "chunk": 16 * 1024, "segment_size": 32 * 1024}
 
 
+@pytest.fixture
+def job() -> str:
+    """A new job id."""
+    return new_job()
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -98,9 +104,8 @@ class Producer:
 
 
 @pytest_twisted.ensureDeferred
-async def test_two_servers_one_killed_and_the_shipper_restarted(tmp_path: Path) -> None:
-    keys = Keys(tmp_path)
-    job = new_job()
+async def test_two_servers_one_killed_and_the_shipper_restarted(tmp_path: Path,
+                                                                keys: Keys, job: str) -> None:
     token = keys.token(job, "append", ttl=600)
     local = await start_logserver(tmp_path / "local", keys)
     port = free_port()
@@ -163,9 +168,8 @@ async def test_two_servers_one_killed_and_the_shipper_restarted(tmp_path: Path) 
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_server_that_lost_bytes_gets_them_again(tmp_path: Path) -> None:
-    keys = Keys(tmp_path)
-    job = new_job()
+async def test_a_server_that_lost_bytes_gets_them_again(tmp_path: Path,
+                                                        keys: Keys, job: str) -> None:
     # The dead server holds the spool: nothing is dropped.
     async with shipping(tmp_path, keys, job, dead_too=True) as (server, shipper, _):
         shipper.append("console", b"a" * 50_000)
@@ -181,11 +185,9 @@ async def test_a_server_that_lost_bytes_gets_them_again(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_full_spool_refuses_and_reports(tmp_path: Path) -> None:
-    keys = Keys(tmp_path)
-    job = new_job()
+async def test_a_full_spool_refuses_and_reports(tmp_path: Path, keys: Keys, job: str,
+                                                later: LaterLogServer) -> None:
     token = keys.token(job, "append")
-    later = LaterLogServer(tmp_path / "logs", keys)
     url = later.url
     reports: list[tuple[str, int]] = []
     shipper = LogShipper(reactor, str(tmp_path / "state"), job, [{"url": url, "token": token}],
@@ -221,11 +223,10 @@ async def test_a_full_spool_refuses_and_reports(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_close_closes_empty_streams_and_ends_followers(tmp_path: Path) -> None:
+async def test_close_closes_empty_streams_and_ends_followers(tmp_path: Path,
+                                                             keys: Keys, job: str) -> None:
     from tests.logserver.support import follow_http
 
-    keys = Keys(tmp_path)
-    job = new_job()
     server = await start_logserver(tmp_path / "logs", keys)
     received, _ = await follow_http(server.url, f"/v1/jobs/{job}/streams/console?follow=1",
                                     keys.token(job, "read"))
@@ -247,9 +248,8 @@ async def test_close_closes_empty_streams_and_ends_followers(tmp_path: Path) -> 
 
 
 @pytest_twisted.ensureDeferred
-async def test_refused_token_is_retried_until_replaced(tmp_path: Path) -> None:
-    keys = Keys(tmp_path)
-    job = new_job()
+async def test_refused_token_is_retried_until_replaced(tmp_path: Path,
+                                                       keys: Keys, job: str) -> None:
     expired = keys.expired(job, "append")
     async with shipping(tmp_path, keys, job, expired) as (server, shipper, _):
         shipper.append("console", b"hello")
@@ -273,11 +273,9 @@ def test_resume_without_state_and_bad_names(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_closing_survives_a_restart(tmp_path: Path) -> None:
-    keys = Keys(tmp_path)
-    job = new_job()
+async def test_closing_survives_a_restart(tmp_path: Path,
+                                          keys: Keys, job: str, later: LaterLogServer) -> None:
     token = keys.token(job, "append")
-    later = LaterLogServer(tmp_path / "logs", keys)
     url = later.url
     state = str(tmp_path / "state")
     shipper = LogShipper(reactor, state, job, [{"url": url, "token": token}], **FAST)
@@ -299,8 +297,7 @@ async def test_closing_survives_a_restart(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_last_line_of_a_spooled_stream(tmp_path: Path) -> None:
-    job = new_job()
+async def test_last_line_of_a_spooled_stream(tmp_path: Path, job: str) -> None:
     shipper = LogShipper(reactor, str(tmp_path), job, [], durable=False, **FAST)
     try:
         assert await shipper.last_line("events") == b""
@@ -318,11 +315,10 @@ async def test_last_line_of_a_spooled_stream(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_lag_per_server_backlog_and_seconds_behind(tmp_path: Path) -> None:
+async def test_lag_per_server_backlog_and_seconds_behind(tmp_path: Path,
+                                                         keys: Keys, job: str) -> None:
     """What the supervisor's metrics export: the live server catches up (0 bytes, 0 s);
     the dead one keeps every byte as backlog and falls further behind."""
-    keys = Keys(tmp_path)
-    job = new_job()
     async with shipping(tmp_path, keys, job, dead_too=True) as (server, shipper, dead):
         await sleep(0.3)  # idle: nobody is behind, however long ago the last ack
         assert shipper.lag() == {server.url: (0, 0.0), dead: (0, 0.0)}

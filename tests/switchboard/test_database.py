@@ -118,15 +118,19 @@ async def test_pool_transaction_rolls_back_on_error(pool):
 # -- LISTEN / NOTIFY -------------------------------------------------------------
 
 
+async def delivered(pool: Pool, recorder: Recorder, payload: str, timeout: float = 2) -> None:
+    """``NOTIFY treadmill_jobs, 'payload'``; wait until the listener delivers it."""
+    await pool.execute(f"NOTIFY treadmill_jobs, '{payload}'")
+    assert await recorder.wait_for(lambda p: payload in p, timeout=timeout)
+
+
 @pytest_twisted.ensureDeferred
 async def test_listener_receives_notify(pool, listener):
     _, recorder = listener
-    await pool.execute("NOTIFY treadmill_jobs, 'x y'")
-    assert await recorder.wait_for(lambda p: "x y" in p, timeout=2)
+    await delivered(pool, recorder, "x y")
     # Only the channels observed are delivered.
     await pool.execute("NOTIFY treadmill_other, 'nope'")
-    await pool.execute("NOTIFY treadmill_jobs, 'second'")
-    assert await recorder.wait_for(lambda p: "second" in p, timeout=2)
+    await delivered(pool, recorder, "second")
     assert recorder.payloads == ["x y", "second"]
 
 
@@ -135,8 +139,7 @@ async def test_listener_reconnects_after_backend_is_killed(pool, listener):
     service, recorder = listener
     reconnected: list[bool] = []
     service.on_reconnect(lambda: reconnected.append(True))
-    await pool.execute("NOTIFY treadmill_jobs, 'before'")
-    assert await recorder.wait_for(lambda p: "before" in p, timeout=2)
+    await delivered(pool, recorder, "before")
 
     killed = await pool.fetchall(
         "SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity "
@@ -152,8 +155,7 @@ async def test_listener_reconnects_after_backend_is_killed(pool, listener):
         "AND query LIKE 'LISTEN%'")
     assert len(listening) == 1
 
-    await pool.execute("NOTIFY treadmill_jobs, 'after'")
-    assert await recorder.wait_for(lambda p: "after" in p, timeout=3)
+    await delivered(pool, recorder, "after", timeout=3)
     assert recorder.payloads == ["before", "after"]
 
 

@@ -27,9 +27,11 @@ STORE = "http://store.example"
 
 @pytest_twisted.async_yield_fixture
 async def sb(migrated_database: str, tmp_path: Path):
+    """A switchboard that schedules often, with the image store ``STORE`` registered."""
     async with stopping(await start_switchboard(
             migrated_database, tmp_path, scheduler_interval=0.2, unreachable_after=60.0,
             unrunnable_grace=0.0)) as running:
+        await running.register_store(STORE, "store")
         yield running
 
 
@@ -67,13 +69,19 @@ async def submit(sb: RunningSwitchboard, image: str) -> dict[str, Any]:
     return r.body
 
 
+async def started_on(sb: RunningSwitchboard, peer: Peer, image: str) -> dict[str, Any]:
+    """A job of ``image``, submitted and started on ``peer``'s host."""
+    job = await submit(sb, image)
+    await peer.wait_for("start_job", job_id=job["id"])
+    return job
+
+
 async def state_of(sb: RunningSwitchboard, job_id: str) -> dict[str, Any]:
     return (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_qemu_image_never_lands_on_a_board_host(sb: RunningSwitchboard) -> None:
-    await sb.register_store(STORE, "store")
     await register(sb, "vm", DIGEST_VM, "qemu")
     await register(sb, "fw", DIGEST_FW, "board")
     board = await peer_with(sb, "board1", ["board"])
@@ -84,8 +92,7 @@ async def test_a_qemu_image_never_lands_on_a_board_host(sb: RunningSwitchboard) 
     await eventually(lambda: _true(sb.service.scheduler.passes >= passes + 3))
     assert (await state_of(sb, vm_job["id"]))["state"] == "queued"
     # The board job behind it is not held up by it.
-    fw_job = await submit(sb, "fw")
-    await board.wait_for("start_job", job_id=fw_job["id"])
+    fw_job = await started_on(sb, board, "fw")
     # A qemu host comes: the qemu job goes there, never to the board host.
     vm_host = await peer_with(sb, "vm1", ["qemu"])
     await vm_host.wait_for("start_job", job_id=vm_job["id"])
@@ -99,36 +106,29 @@ async def _true(value: bool) -> bool:
 
 @pytest_twisted.ensureDeferred
 async def test_an_old_supervisor_without_kinds_runs_any_kind(sb: RunningSwitchboard) -> None:
-    await sb.register_store(STORE, "store")
     await register(sb, "vm", DIGEST_VM, "qemu")
     await register(sb, "fw", DIGEST_FW, "board")
     old = await peer_with(sb, "old", None)
     assert (await host_view(sb, "old"))["kinds"] is None
-    first = await submit(sb, "vm")
-    await old.wait_for("start_job", job_id=first["id"])
+    first = await started_on(sb, old, "vm")
     await old.event(first["id"], "terminated", reason="workload_exited", exit_status=0)
-    second = await submit(sb, "fw")
-    await old.wait_for("start_job", job_id=second["id"])
+    await started_on(sb, old, "fw")
 
 
 @pytest_twisted.ensureDeferred
 async def test_unknown_kind_runs_anywhere(sb: RunningSwitchboard) -> None:
     """A job by a digest the catalogue does not know, or of an image registered without a
     kind, has no kind: any host may run it."""
-    await sb.register_store(STORE, "store")
     await register(sb, "nokind", DIGEST_FW, None)
     board = await peer_with(sb, "board1", ["board"])
-    raw = await submit(sb, DIGEST_RAW)
+    raw = await started_on(sb, board, DIGEST_RAW)
     assert raw["image"]["kind"] is None
-    await board.wait_for("start_job", job_id=raw["id"])
     await board.event(raw["id"], "terminated", reason="workload_exited", exit_status=0)
-    named = await submit(sb, "nokind")
-    await board.wait_for("start_job", job_id=named["id"])
+    await started_on(sb, board, "nokind")
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_job_by_digest_takes_the_catalogue_kind(sb: RunningSwitchboard) -> None:
-    await sb.register_store(STORE, "store")
     await register(sb, "vm", DIGEST_VM, "qemu")
     job = await submit(sb, DIGEST_VM)
     assert job["image"]["kind"] == "qemu"
@@ -136,7 +136,6 @@ async def test_a_job_by_digest_takes_the_catalogue_kind(sb: RunningSwitchboard) 
 
 @pytest_twisted.ensureDeferred
 async def test_a_kind_no_host_runs_expires_with_a_message(sb: RunningSwitchboard) -> None:
-    await sb.register_store(STORE, "store")
     await register(sb, "vm", DIGEST_VM, "qemu")
     await peer_with(sb, "board1", ["board"])
     job = await submit(sb, "vm")
@@ -202,7 +201,6 @@ def test_may_run_by_kind() -> None:
 async def test_a_snapshot_keeps_its_parents_host_tags_and_kind(sb: RunningSwitchboard) -> None:
     from treadmill.protocol import supervisor as protocol
 
-    await sb.register_store(STORE, "store")
     r = await sb.admin.post("/api/v1/images", {
         "name": "vm", "digest": DIGEST_VM, "stores": [STORE], "kind": "qemu",
         "host_tags": ["t", "arch=x86_64"]})

@@ -30,6 +30,18 @@ async def enqueue(client: Client, **fields: Any) -> dict:
     return r.body
 
 
+async def alices_image(switchboard: Any, name: str) -> tuple[Client, Client]:
+    """Users alice and bob, once alice registered the image ``name`` (DIGEST, in the store
+    https://a.example)."""
+    alice = await switchboard.user("alice")
+    bob = await switchboard.user("bob")
+    await switchboard.register_store("https://a.example", "a")
+    r = await alice.post("/api/v1/images", {"name": name, "digest": DIGEST,
+                                            "stores": ["https://a.example/"]})
+    assert r.status == 201, r.body
+    return alice, bob
+
+
 async def raw_get(client: Client, path: str) -> tuple[int, bytes]:
     response = await treq.get(client.url + path, headers=client.headers())
     return response.code, await response.content()
@@ -182,12 +194,7 @@ async def test_enqueue_by_catalogue_name_resolves_digest(switchboard):
 
 @pytest_twisted.ensureDeferred
 async def test_enqueue_by_digest_lists_stores_of_usable_images_only(switchboard):
-    alice = await switchboard.user("alice")
-    bob = await switchboard.user("bob")
-    await switchboard.register_store("https://a.example", "a")
-    r = await alice.post("/api/v1/images", {"name": "alice/fw", "digest": DIGEST,
-                                            "stores": ["https://a.example/"]})
-    assert r.status == 201, r.body
+    alice, bob = await alices_image(switchboard, "alice/fw")
     assert (await enqueue(alice))["image"]["stores"] == ["https://a.example"]
     # Bob may not use alice's image, so he learns nothing about where it lives.
     assert (await enqueue(bob))["image"]["stores"] == []
@@ -195,12 +202,7 @@ async def test_enqueue_by_digest_lists_stores_of_usable_images_only(switchboard)
 
 @pytest_twisted.ensureDeferred
 async def test_enqueue_by_name_without_use_privilege(switchboard):
-    alice = await switchboard.user("alice")
-    bob = await switchboard.user("bob")
-    await switchboard.register_store("https://a.example", "a")
-    r = await alice.post("/api/v1/images", {"name": "alice/private", "digest": DIGEST,
-                                            "stores": ["https://a.example/"]})
-    assert r.status == 201
+    alice, bob = await alices_image(switchboard, "alice/private")
     # An image bob may not use answers like one that does not exist (400).
     r = await bob.post("/api/v1/jobs", {"image": "alice/private"})
     assert r.status == 400, r.body

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypedDict, TypeVar, Unpack
 from urllib.parse import quote
 
 import treq
@@ -137,6 +137,18 @@ def collect(response: IResponse, collector: Callable[[bytes], None]) -> Deferred
     protocol = _Collector(finished, collector)
     response.deliverBody(protocol)
     return cancellable(finished)
+
+
+T = TypeVar("T")
+
+
+class RequestOptions(TypedDict, total=False):
+    """The keywords of :meth:`ApiClient.request` (defaults: those of ``_send``)."""
+
+    params: Mapping[str, Any] | None
+    body: Any
+    auth: bool
+    idempotency_key: str | None
 
 
 class _StopWatching(Exception):
@@ -370,28 +382,10 @@ class ApiClient:
             self._retrying(retry, what, delay)
             await retry.sleep(delay)
 
-    async def request(
-        self,
-        method: str,
-        segments: Sequence[str],
-        *,
-        params: Mapping[str, Any] | None = None,
-        body: Any = _NO_BODY,
-        auth: bool = True,
-        idempotency_key: str | None = None,
-    ) -> Any:
-        """Send a request; return the decoded JSON body, or ``None`` for 204.
-
-        With ``idempotency_key`` (sent as ``Idempotency-Key``) a ``POST`` is retried
-        like an idempotent request; ``POST /api/v1/jobs`` always gets one.
-        """
-        if (idempotency_key is None and method == "POST"
-                and tuple(segments) == ("jobs",)):
-            idempotency_key = str(uuid.uuid4())
-        response = await self._send(method, segments, params=params, body=body, auth=auth,
-                                    idempotency_key=idempotency_key)
+    async def _reading(self, body: Awaitable[T]) -> T:
+        """Await the reading of a response body: a broken connection is :class:`Unreachable`."""
         try:
-            content = await cancellable(treq.content(response))
+            return await body
         except Cancelled:
             raise
         except Exception as e:
@@ -399,6 +393,21 @@ class ApiClient:
             if reason is None:
                 raise
             raise Unreachable(self.base_url, reason) from None
+
+    async def request(self, method: str, segments: Sequence[str],
+                      **options: Unpack[RequestOptions]) -> Any:
+        """Send a request; return the decoded JSON body, or ``None`` for 204.
+
+        ``params`` go in the query string (``None`` values are left out), ``body`` is sent as
+        JSON, ``auth=False`` sends no token. With ``idempotency_key`` (sent as
+        ``Idempotency-Key``) a ``POST`` is retried like an idempotent request;
+        ``POST /api/v1/jobs`` always gets one.
+        """
+        if (options.get("idempotency_key") is None and method == "POST"
+                and tuple(segments) == ("jobs",)):
+            options["idempotency_key"] = str(uuid.uuid4())
+        response = await self._send(method, segments, **options)
+        content = await self._reading(cancellable(treq.content(response)))
         if response.code == 204 or not content.strip():
             return None
         try:
@@ -451,16 +460,9 @@ class ApiClient:
                     raise _StopWatching()
 
         try:
-            await collect(response, collector)
+            await self._reading(collect(response, collector))
         except _StopWatching:
             return True
-        except Cancelled:
-            raise
-        except Exception as e:
-            reason = describe_transport_error(e)
-            if reason is None:
-                raise
-            raise Unreachable(self.base_url, reason) from None
         for message in parser.close():
             if on_message(message):
                 return True
