@@ -607,8 +607,8 @@ class SerialDriver:
 
     def _bridge_input(self, data: bytes) -> None:
         run = self.run
-        if run is not None and run.phase in ("preparing", "ready"):
-            self.write(data)
+        if run is not None and run.phase in ("preparing", "ready", "held"):
+            self.write(data)  # a held board's console is its owner's to type into
 
     def _start_agent(self, run: _Run) -> None:
         s = self.settings
