@@ -795,7 +795,7 @@ class QemuDriver(SingleJobDriver):
             # Alive but unreachable: never leave a QEMU nobody controls.
             self.log.warn("qemu: job {job}: QEMU (pid {pid}) has no QMP socket; killing it",
                           job=run.job_id, pid=pid)
-            self._discard(run, kill=pid)
+            self._discard(run, disk, kill=pid)
             return False
         self.run = run
         if held:
