@@ -190,3 +190,59 @@ async def test_a_restarted_supervisor_adopts_its_running_vm(migrated_database: s
                     await supervisor.stopService()
     finally:
         await sb.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_held_vm_outlives_a_supervisor_restart_until_cancelled(
+        migrated_database: str, tmp_path: Path, test_image: BuiltImage) -> None:
+    """hold_on_failure through the real daemons: the failed job ends held and its VM
+    keeps running; a restarted supervisor re-adopts the held VM (journaled hold) and the
+    host stays held; the cancel tears the VM down and the host runs the waiting job."""
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2)
+    supervisor: SupervisorService | None = None
+    try:
+        async with store_and_work_dir(sb, tmp_path) as (store_url, work_dir):
+            try:
+                await push(sb, store_url, test_image, "demo/held-vm")
+                config = await qemu_host(sb, "vm-4", tmp_path / "vm-4", work_dir)
+                supervisor = SupervisorService(reactor, config)
+                supervisor.startService()
+                await supervisor.ready()
+                job_id = (await sb.admin.post("/api/v1/jobs", {
+                    "image": "demo/held-vm", "tags": ["qemu"], "hold_on_failure": 600,
+                    "parameters": {"exit_status": {"value": "4"},
+                                   "message": {"value": "look at me"}}})).body["id"]
+                final = await job_reaches(sb, job_id, "terminated", timeout=60)
+                assert final["termination"] == {"reason": "workload_exited", "exit_status": 4,
+                                                "message": "look at me"}, final
+                assert final["held_until"] is not None
+                [pid] = qemu_processes(f"treadmill-{job_id}")
+                waiting = (await sb.admin.post("/api/v1/jobs", {
+                    "image": "demo/held-vm", "tags": ["qemu"]})).body["id"]
+
+                await supervisor.stopService()  # the held VM keeps running
+                supervisor = SupervisorService(reactor, config)
+                supervisor.startService()
+                await supervisor.ready()
+                assert supervisor.runner.held == job_id  # re-adopted from held.json
+                await supervisor.connected()
+                assert qemu_processes(f"treadmill-{job_id}") == [pid]
+                assert (await sb.admin.get(f"/api/v1/jobs/{waiting}")).body["state"] == "queued"
+                again = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
+                assert again["held_until"] == final["held_until"]
+
+                r = await sb.admin.post(f"/api/v1/jobs/{job_id}/terminate")  # tml job cancel
+                assert r.status == 200, r.body
+                done = await job_reaches(sb, waiting, "terminated", timeout=90)
+                assert done["termination"]["exit_status"] == 0, done
+                assert qemu_processes(f"treadmill-{job_id}") == []
+                released = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
+                assert released["held_until"] is None
+                assert released["termination"]["exit_status"] == 4  # its end is as it was
+                assert supervisor.runner.held is None
+                assert not (tmp_path / "vm-4" / "held.json").exists()
+            finally:
+                if supervisor is not None and supervisor.running:
+                    await supervisor.stopService()
+    finally:
+        await sb.stop()
