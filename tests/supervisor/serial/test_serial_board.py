@@ -46,6 +46,22 @@ class Bed:
         return reporter, end
 
 
+class BridgeClient(Protocol):
+    """A client of a job's console bridge: what it received."""
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+async def bridge_client(services: dict[str, Any]) -> BridgeClient:
+    """Connected to the ``console`` service of ``services`` (a reporter's offer)."""
+    host, port = services["console"]
+    return await connectProtocol(TCP4ClientEndpoint(reactor, host, port), BridgeClient())
+
+
 @pytest_twisted.async_yield_fixture
 async def bed(tmp_path: Path) -> AsyncIterator[Bed]:
     board = await FakeBoard(tmp_path / "board").start()
@@ -107,20 +123,12 @@ async def test_agent_parameters_and_console_input_through_the_bridge(bed: Bed) -
                            token={"value": "s3cret", "secret": True}), reporter)
     await reporter.became_ready
     assert "param greeting=hi there" in reporter.text and "param token=s3cret" in reporter.text
-    host, port = reporter.offered[0]["console"]
-
-    class Client(Protocol):
-        received = b""
-
-        def dataReceived(self, data: bytes) -> None:
-            Client.received += data
-
-    client = await connectProtocol(TCP4ClientEndpoint(reactor, host, port), Client())
+    client = await bridge_client(reporter.offered[0])
     client.transport.write(b"hello board\r\n")
     what, args = await reporter.ended
     assert (what, args[0]) == ("exited", 0)
     assert "got: hello board" in reporter.text
-    assert b"got: hello board" in Client.received
+    assert b"got: hello board" in client.received
     assert "input hello board" in bed.board.events()
     client.transport.loseConnection()
 
@@ -253,18 +261,10 @@ async def test_a_held_failed_job_keeps_the_board_until_stopped(bed: Bed) -> None
     except StartRefused as e:
         assert "job-1" in e.message
 
-    host, port = reporter.offered[-1]["console"]  # the console bridge is still there
-
-    class Client(Protocol):
-        received = b""
-
-        def dataReceived(self, data: bytes) -> None:
-            Client.received += data
-
-    client = await connectProtocol(TCP4ClientEndpoint(reactor, host, port), Client())
+    client = await bridge_client(reporter.offered[-1])  # the bridge is still there
     client.transport.write(b"hello held board\r\n")
-    await until(lambda: b"still here" in Client.received)
-    assert b"got: hello held board" in Client.received
+    await until(lambda: b"still here" in client.received)
+    assert b"got: hello held board" in client.received
     client.transport.loseConnection()
     events = bed.board.events()
     assert "input hello held board" in events
