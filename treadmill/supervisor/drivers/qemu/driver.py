@@ -676,7 +676,8 @@ class _Run(AgentHandler):
         self._watch.clock = self.reactor
         self._watch.start(1.0, now=False)
         self.main = Deferred.fromCoroutine(self._reattach())
-        self.main.addErrback(self._reattach_failed)
+        # A stop while re-attaching (even from inside its services report) finishes after.
+        self.main.addCallbacks(self._start_done, self._reattach_failed)
 
     def _check_pid(self) -> None:
         if self.pid is not None and not pid_alive(self.pid):
