@@ -281,3 +281,15 @@ def test_a_guest_powering_off_with_ready_boot_ends_the_job() -> None:
     clock.advance(1)
     assert reporter.kinds == ["terminating", "exited"]
     assert reporter.reports[-1][2] == (0, "the guest powered off") and driver.current is None
+
+
+def test_a_timeout_hold_while_a_failing_exit_settles_drops_the_exit() -> None:
+    clock, driver, run, reporter = held_run()
+    run.agent_exit(3, "boom")
+    driver.hold("j1")  # the job's time ran out meanwhile: the runner ended and holds it
+    clock.advance(HOLD_SETTLE * 2)
+    assert reporter.kinds == [] and run.held and driver.current == "j1"
+    run.vm_ended(0)  # the guest powers off under the hold: the hold is over
+    clock.advance(1)
+    assert reporter.reports[-1][1:] == ("failed", ("host_dropped_job",
+                                                   "qemu: the held VM is gone (0)"))

@@ -391,6 +391,8 @@ class _Run(AgentHandler):
         timeout, no end from the agent or a guest power-off report; a stop tears down."""
         self.held = True
         self._cancel_boot_timer()
+        self._cancel_settle()  # a failing exit still settling: the job is over anyway
+        self.exit_pending = None
 
     def _cancel_settle(self) -> None:
         if self.settle_timer is not None and self.settle_timer.active():
