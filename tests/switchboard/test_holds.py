@@ -226,13 +226,18 @@ async def test_a_held_jobs_host_may_still_publish_its_endpoints(sb: RunningSwitc
     host_key = new_ssh_public_key()
     rids = iter(range(5000, 6000))
 
-    async def report(endpoints: list, keys: list | None = None) -> dict:
+    async def report(endpoints: list, keys: list | None = None, by: Peer = peer) -> dict:
         rid = next(rids)
         waiter: Deferred = Deferred()
-        peer._acks[rid] = waiter
-        peer.send(protocol.job_endpoints(rid, held, endpoints, ssh_host_keys=keys))
+        by._acks[rid] = waiter
+        by.send(protocol.job_endpoints(rid, held, endpoints, ssh_host_keys=keys))
         return await waiter
 
+    # Another host cannot publish for it (nor plant a host key for ssh to trust).
+    stranger = await connected_peer(sb, await add_host(sb, "h2"))
+    denied = await report([endpoint], [host_key], by=stranger)
+    assert not denied["ok"] and denied["error"]["code"] == "not_your_job", denied
+    assert (await job(sb, held))["ssh_host_keys"] == []
     assert (await report([endpoint], [host_key]))["ok"]
     body = await job(sb, held)
     assert body["endpoints"] == [endpoint] and body["ssh_host_keys"] == [host_key]
