@@ -216,10 +216,10 @@ async def test_a_held_jobs_host_may_still_publish_its_endpoints(sb: RunningSwitc
     held job are recorded; once the hold is over, no longer."""
     from twisted.internet.defer import Deferred
 
+    from tests.switchboard.support import connected_peer as peer_of
     from tests.util.ssh import new_ssh_public_key
 
-    token = await add_host(sb)
-    peer = await connected_peer(sb, token)
+    peer = await peer_of(sb, await add_host(sb))
     held = await held_failure(sb, peer)
     endpoint = {"service": "ssh", "proxy": "http://proxy-1.example:8090",
                 "host": "proxy-1.example", "port": 40022}
@@ -234,7 +234,7 @@ async def test_a_held_jobs_host_may_still_publish_its_endpoints(sb: RunningSwitc
         return await waiter
 
     # Another host cannot publish for it (nor plant a host key for ssh to trust).
-    stranger = await connected_peer(sb, await add_host(sb, "h2"))
+    stranger = await peer_of(sb, await add_host(sb, "h2"))
     denied = await report([endpoint], [host_key], by=stranger)
     assert not denied["ok"] and denied["error"]["code"] == "not_your_job", denied
     assert (await job(sb, held))["ssh_host_keys"] == []
