@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from twisted.internet import reactor
 
 from tests.supervisor.serial.support import FakeBoard, board_host, write_cache
 from tests.support import Client, RunningSwitchboard, start_switchboard
@@ -125,3 +126,50 @@ async def test_a_held_board_waits_for_its_owner_until_cancelled(bed: Bed) -> Non
     assert "erased" in bed.board.events()[since:]  # cleaned before the next job
     released = (await bed.admin.get(f"/api/v1/jobs/{job_id}")).body
     assert released["held_until"] is None and released["termination"]["exit_status"] == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_supervisor_restart_ends_a_boards_hold_and_the_next_job_cleans_first(
+        migrated_database: str, tmp_path: Path) -> None:
+    """A board cannot be re-adopted (its console of the meantime is lost): the restarted
+    supervisor ends the hold, the switchboard frees the host, and the next job cleans and
+    checks the board before it runs."""
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2)
+    board = await FakeBoard(tmp_path / "board").start()
+    restarted: SupervisorService | None = None
+    try:
+        async with board_host(sb, board, tmp_path) as supervisor:
+            bed = Bed(sb, board, tmp_path / "cache", supervisor)
+            digest = write_cache(bed.cache, {"app.bin": b'agent {"type":"ready"}\nexit 3 x\n'})
+            job_id = (await bed.admin.post("/api/v1/jobs", {
+                "image": digest, "tags": ["board"], "hold_on_failure": 600})).body["id"]
+
+            async def held() -> bool:
+                return bool((await bed.admin.get(f"/api/v1/jobs/{job_id}")).body["held_until"])
+
+            await eventually(held, timeout=30)
+            config = supervisor.config
+            await supervisor.stopService()
+        since = len(board.events())
+        restarted = SupervisorService(reactor, config)
+        restarted.startService()
+        await restarted.ready()
+        assert restarted.runner.held is None  # the hold is over
+        await restarted.connected()
+
+        async def freed() -> bool:
+            return (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body["held_until"] is None
+
+        await eventually(freed, timeout=30)
+        final = await Bed(sb, board, tmp_path / "cache", restarted).run(
+            b'agent {"type":"ready"}\nexit 0\n')
+        assert final["termination"]["exit_status"] == 0, final
+        events = board.events()[since:]
+        assert events.index("erased") < next(i for i, e in enumerate(events)
+                                             if e.startswith("flashed"))
+    finally:
+        if restarted is not None and restarted.running:
+            await restarted.stopService()
+            await restarted.driver.shutdown()
+        board.stop()
+        await sb.stop()
