@@ -23,12 +23,14 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.proxy.support import console, echo_client, echo_once
+from tests.supervisor.qemu.conftest import qemu_processes
 from tests.util.daemons import _Output, run_python
 from tests.util.ports import free_port, free_range
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.protocol import supervisor as protocol
 from treadmill.protocol.proxy import ConsoleCloseCode
+from treadmill.supervisor.drivers.qemu.driver import pid_alive
 
 FAST = [f"mock.stages.{stage}=0" for stage in
         ("starting", "fetching_image", "allocating", "provisioning", "booting")]
@@ -279,39 +281,54 @@ async def run_the_demo_image(env: dict[str, str]) -> None:
 
 
 async def reach_a_vm_through_the_proxy(env: dict[str, str]) -> None:
-    """A QEMU job's SSH port and console are published on the proxy: the guest's SSH
-    banner answers on the public port, and a line typed through ``tml job connect JOB
-    console`` reaches the guest, whose echo shows in the job's console log."""
+    """A failed QEMU job held for debugging (``--hold-on-failure``): its SSH port and
+    console stay published on the proxy after its end, so the guest's SSH banner answers
+    on the public port, ``tml job ssh JOB -- uname -a`` logs in, and a line typed through
+    ``tml job connect JOB console`` reaches the guest, whose echo comes back; ``tml job
+    cancel`` releases it: the VM is gone and the host runs the next job."""
     keys = Path(tempfile.mkdtemp(prefix="tml-ssh-test-"))
     ssh_keys = SSH_KEYS_FLOW and shutil.which("ssh") and shutil.which("ssh-keygen")
     if ssh_keys:  # registered before the job starts: its start carries them
         await register_ssh_key(keys, env)
-    job_id = (await tml_json(["job", "submit", "demo", "--param", "hang=1"], env))["id"]
+    job_id = (await tml_json(["job", "submit", "demo", "--param", "exit_status=3",
+                              "--hold-on-failure", "10m"], env))["id"]
     found = await published(job_id, env, {"ssh", "console"}, 60.0)
 
-    async def ready() -> bool:  # the guest starts its SSH server before saying ready
-        return (await tml_json(["job", "show", job_id], env))["state"] == "ready"
+    async def held() -> bool:  # the guest failed; it stays up (its agent was told)
+        job = await tml_json(["job", "show", job_id], env)
+        return job["state"] == "terminated" and job["held_until"] is not None
 
-    await eventually(ready, 60.0, interval=0.2)
+    await eventually(held, 60.0, interval=0.2)
+    assert (await tml_json(["job", "show", job_id], env))["termination"]["exit_status"] == 3
     assert (await banner(found["ssh"]["port"])).startswith(b"SSH-2.0-dropbear")
     if ssh_keys:
         await ssh_into_the_vm(job_id, keys, env)
     shutil.rmtree(keys, ignore_errors=True)
 
-    async def typed(local: int) -> bool:
-        if not await type_line(local, b"hello from the proxy\n"):
+    async def echoed(local: int) -> bool:
+        try:
+            client = await echo_client(local)
+        except ConnectError:
             return False
-        out, err = io.StringIO(), io.StringIO()
-        await tml(reactor, ["job", "logs", job_id], out, err, env)
-        return "treadmill-test-image: input hello from the proxy" in out.getvalue()
+        try:
+            client.transport.write(b"hello from the proxy\n")
+            await deferLater(reactor, 1.0, lambda: None)
+            return b"treadmill-test-image: input hello from the proxy" in client.data
+        finally:
+            client.transport.loseConnection()
 
-    await through_connect(job_id, "console", env, typed, 60.0)
+    await through_connect(job_id, "console", env, echoed, 60.0)
+    [pid] = qemu_processes(f"treadmill-{job_id}")
     await tml_json(["job", "cancel", job_id], env)
 
-    async def ended() -> bool:
-        return (await tml_json(["job", "show", job_id], env))["state"] == "terminated"
+    async def released() -> bool:
+        return (await tml_json(["job", "show", job_id], env))["held_until"] is None
 
-    await eventually(ended, 60.0, interval=0.2)
+    await eventually(released, 60.0, interval=0.2)
+    assert not pid_alive(pid)  # torn down before the hold was over
+    argv = ["job", "submit", "demo", "--follow"]  # the host takes the next job
+    out, err = io.StringIO(), io.StringIO()
+    assert await tml(reactor, argv, out, err, env) == 0, out.getvalue() + err.getvalue()
 
 
 SSH_KEYS_FLOW = protocol.MINOR >= protocol.SSH_KEYS_MINOR

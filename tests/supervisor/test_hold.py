@@ -9,6 +9,7 @@ are held, what the switchboard is told (``held`` on the final event and in
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -242,9 +243,59 @@ def test_a_restarted_supervisor_holds_nothing(tmp_path: Path) -> None:
                        run_io=lambda fn, *a, **k: maybeDeferred(fn, *a, **k))
     assert Deferred.fromCoroutine(runner.start()).called
     assert runner.held is None  # the simulated host died with the process
+    assert not (h.state / "held.json").exists()  # the hold is over for good
     conn = Connection(h.clock)
     runner.link_opened(conn)
     runner.message_received(conn, protocol.status_request(7))
     h.clock.advance(0)
     status = [m for _, m in conn.sent if m["type"] == "status"]
     assert status and "held" not in status[-1] and status[-1]["job"] is None
+
+
+def test_a_hold_is_journaled_until_it_is_over(tmp_path: Path) -> None:
+    h = failed_and_held(tmp_path)
+    ended_at = next(t for t, m in h.conn.events() if m["state"] == "terminated")
+    record = json.loads((h.state / "held.json").read_text())
+    assert record["job"]["id"] == JOB_A and record["job"]["hold_on_failure"] == HOLD
+    assert record["until"] == pytest.approx(ended_at + HOLD, abs=0.3)
+    h.send(protocol.stop_job(3000, JOB_A, "user_terminated"))
+    h.pump(h.clock.seconds() + 1)
+    assert h.runner.held is None and not (h.state / "held.json").exists()
+
+
+def test_a_driver_that_already_tore_down_holds_nothing(tmp_path: Path) -> None:
+    """A host gone when the failure is reported (a guest that powered itself off): the
+    job ends without ``held``, nothing is journaled, the host takes the next job."""
+    h = Hold(tmp_path)
+    h.runner.driver.holds = False  # this run tears down as it reports its exit ...
+    h.begin(exit_status=3)
+    h.runner.driver.holds = True  # ... though the driver says it holds
+    h.pump(10.0)
+    assert "held" not in h.final() and h.runner.held is None
+    assert not (h.state / "held.json").exists()
+    ack = h.answer(h.begin(JOB_B, hold=None))
+    assert ack is not None and ack["ok"] is True
+
+
+def test_a_hold_whose_job_never_ended_is_dropped_at_restart(tmp_path: Path) -> None:
+    """held.json is written before the held job's final event: a crash in between leaves
+    the job current, and a restart treats it as current (here: not re-adoptable)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    start = {**job(JOB_A), "hold_on_failure": HOLD}
+    (state / "current-job.json").write_text(json.dumps({"job": start, "state": "ready"}))
+    (state / "held.json").write_text(json.dumps({"job": start, "until": 1e12}))
+    h = Hold(tmp_path)
+    assert h.runner.held is None and not (state / "held.json").exists()
+    assert h.runner.ended[-1]["reason"] == "host_dropped_job"
+
+
+@pytest.mark.parametrize("record", [{"job": {"id": JOB_A}}, {"until": 5}, {"job": 1, "until": 5},
+                                    {"job": {"id": JOB_A}, "until": True}])
+def test_an_unusable_hold_record_is_dropped_at_restart(tmp_path: Path,
+                                                       record: dict[str, Any]) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "held.json").write_text(json.dumps(record))
+    h = Hold(tmp_path)
+    assert h.runner.held is None and not (state / "held.json").exists()

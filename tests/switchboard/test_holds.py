@@ -201,3 +201,47 @@ async def test_a_hold_the_database_does_not_know_is_released(sb: RunningSwitchbo
     # ... yet the supervisor still keeps the host: it is told to let it go.
     await peer.wait_for("stop_job", job_id=held)
     await eventually(lambda: peer.script.held is None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_held_jobs_host_may_still_publish_its_endpoints(sb: RunningSwitchboard) -> None:
+    """A held VM's services are published again after its supervisor's restart (and its
+    first publication may land after the job's end): endpoints and SSH host keys of a
+    held job are recorded; once the hold is over, no longer."""
+    from twisted.internet.defer import Deferred
+
+    from tests.switchboard.support import connected_peer as peer_of
+    from tests.util.ssh import new_ssh_public_key
+
+    peer = await peer_of(sb, await add_host(sb))
+    held = await held_failure(sb, peer)
+    endpoint = {"service": "ssh", "proxy": "http://proxy-1.example:8090",
+                "host": "proxy-1.example", "port": 40022}
+    host_key = new_ssh_public_key()
+    rids = iter(range(5000, 6000))
+
+    async def report(endpoints: list, keys: list | None = None, by: Peer = peer) -> dict:
+        rid = next(rids)
+        waiter: Deferred = Deferred()
+        by._acks[rid] = waiter
+        by.send(protocol.job_endpoints(rid, held, endpoints, ssh_host_keys=keys))
+        return await waiter
+
+    # Another host cannot publish for it (nor plant a host key for ssh to trust).
+    stranger = await peer_of(sb, await add_host(sb, "h2"))
+    denied = await report([endpoint], [host_key], by=stranger)
+    assert not denied["ok"] and denied["error"]["code"] == "not_your_job", denied
+    assert (await job(sb, held))["ssh_host_keys"] == []
+    assert (await report([endpoint], [host_key]))["ok"]
+    body = await job(sb, held)
+    assert body["endpoints"] == [endpoint] and body["ssh_host_keys"] == [host_key]
+    r = await sb.admin.post(f"/api/v1/jobs/{held}/terminate")
+    assert r.status == 200, r.body
+    await peer.wait_for("stop_job", job_id=held, reason="user_terminated")
+    await eventually(lambda: _hold_over(sb, held), timeout=10)
+    assert (await report([endpoint]))["ok"]  # acknowledged, not recorded: the job is over
+    assert (await job(sb, held))["endpoints"] == []
+
+
+async def _hold_over(sb: RunningSwitchboard, job_id: str) -> bool:
+    return (await job(sb, job_id))["held_until"] is None

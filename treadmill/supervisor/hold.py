@@ -3,7 +3,13 @@
 :func:`hold_for` is the policy: which ends of a job keep its host (and VM or board)
 as it is; :class:`Hold` is one such hold in the runner (``runner.py``): the ended job,
 when the hold expires, and a Deferred that fires once the driver has torn down.
+:func:`agent_parameters` tells a guest's agent that its job is held on failure
+(``treadmill.hold_on_failure``), so that an image can stay up after a failing ``exit``.
 ``docs/jobs.md`` (Holding a failed job's host) describes the whole feature.
+
+A hold is journaled (``journal.py``: ``held.json``, the ended ``JobStart`` and when the
+hold ends) so that a restarted supervisor re-adopts the held host
+(``adopt_held``, ``docs/supervisor.md``) or, if its driver cannot, ends the hold.
 """
 
 from __future__ import annotations
@@ -14,10 +20,15 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 
-__all__ = ["RELEASE_WAIT", "Hold", "hold_for"]
+__all__ = ["HOLD_PARAMETER", "RELEASE_WAIT", "Hold", "agent_parameters", "hold_for",
+           "hold_record"]
 
 RELEASE_WAIT = 60.0
 """Seconds a release waits for the driver to report the held job's teardown."""
+
+HOLD_PARAMETER = "treadmill.hold_on_failure"
+"""The agent parameter (seconds, as a string) that tells a guest its job is held if it
+fails: an image that honours it stays up after a failing ``exit`` (docs/agent.md)."""
 
 
 def hold_for(job: dict[str, Any], reason: str, exit_status: int | None) -> float | None:
@@ -31,6 +42,22 @@ def hold_for(job: dict[str, Any], reason: str, exit_status: int | None) -> float
     failed = (reason == "workload_exited" and exit_status not in (None, 0)) \
         or reason == "execution_timeout"
     return float(seconds) if failed else None
+
+
+def agent_parameters(job: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+    """``parameters`` (a job's, as its agent gets them) with :data:`HOLD_PARAMETER` when
+    the job is held on failure (a job parameter of that name is replaced)."""
+    seconds = hold_for(job, "execution_timeout", None)
+    out = {k: v for k, v in parameters.items() if k != HOLD_PARAMETER}
+    if seconds is not None:
+        out[HOLD_PARAMETER] = format(seconds, ".15g")
+    return out
+
+
+def hold_record(job: dict[str, Any], until: float) -> dict[str, Any]:
+    """The journal's record of a hold (``held.json``): the ended job's ``JobStart`` and
+    until when (reactor seconds) its host is held."""
+    return {"job": job, "until": until}
 
 
 @dataclass(eq=False)

@@ -4,6 +4,7 @@
     ├── lock              flock(2): one supervisor per state directory
     ├── current-job.json  the job it runs: {"job": JobStart, "state", "stage"}
     ├── ended.json        the final events of the last jobs that ended here
+    ├── held.json         the ended job whose host is held: {"job": JobStart, "until"}
     └── journal/
         └── 0000000000000042.json   one unacknowledged job event each
 
@@ -16,6 +17,9 @@ systemd) and nothing in it is ever logged.
 
 A journal file is written before its event is sent and deleted when the
 switchboard acknowledged it; the files' sequence numbers give the order.
+``held.json`` is written before the held job's final event (a crash between the
+two leaves the job current, which a restart re-adopts) and removed once the
+hold is over; a restarted supervisor re-adopts the held host or ends the hold.
 
 The methods here do blocking file I/O (and ``fsync``): the runner calls each
 of them in a thread, one at a time and in order, never in the reactor thread.
@@ -38,6 +42,7 @@ __all__ = ["ENDED_KEEP", "Loaded", "StateFiles", "StateLocked"]
 
 CURRENT = "current-job.json"
 ENDED = "ended.json"
+HELD = "held.json"
 JOURNAL = "journal"
 LOCK = "lock"
 ENDED_KEEP = 16  # final events remembered for stop_job/start_job of ended jobs
@@ -54,6 +59,7 @@ class Loaded:
     current: dict[str, Any] | None = None
     events: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     ended: list[dict[str, Any]] = field(default_factory=list)
+    held: dict[str, Any] | None = None
     next_seq: int = 1
 
 
@@ -83,6 +89,8 @@ class StateFiles:
         self._lock_fd = fd
         loaded = Loaded()
         loaded.current = self._read_json(os.path.join(self.path, CURRENT))
+        held = self._read_json(os.path.join(self.path, HELD))
+        loaded.held = held if isinstance(held, dict) else None
         ended = self._read_json(os.path.join(self.path, ENDED))
         if isinstance(ended, dict) and isinstance(ended.get("jobs"), list):
             loaded.ended = [e for e in ended["jobs"] if isinstance(e, dict)]
@@ -111,13 +119,19 @@ class StateFiles:
 
     def record(self, seq: int | None, event: dict[str, Any] | None, *,
                current: dict[str, Any] | None = None, clear_current: bool = False,
-               ended: list[dict[str, Any]] | None = None) -> None:
-        """Journal ``event`` as ``seq``, then update the current job and the ended list.
+               ended: list[dict[str, Any]] | None = None, held: dict[str, Any] | None = None,
+               clear_held: bool = False) -> None:
+        """Record the hold (``held``, or remove it: ``clear_held``), journal ``event`` as
+        ``seq``, then update the current job and the ended list.
 
         The order matters for a crash in between: a journaled ``terminated``
         event for the current job means the job is over, whatever the other
-        files say.
+        files say; a hold is on disk before the event that ends its job.
         """
+        if held is not None:
+            write_json(os.path.join(self.path, HELD), held, self.durable)
+        elif clear_held:
+            self._unlink(os.path.join(self.path, HELD))
         if event is not None and seq is not None:
             write_json(self._event_path(seq), event, self.durable)
         if ended is not None:

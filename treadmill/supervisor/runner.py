@@ -21,6 +21,10 @@ non-zero status, or a ``stop_job`` ends it for ``execution_timeout``) on a drive
 that ``holds`` is reported ended at once (``held: true``), and its host is kept
 as it is (``hold.py``) until the hold expires or a ``stop_job`` names the ended
 job; then the driver tears down, and that ``stop_job`` is acknowledged once it has.
+A driver that has already torn the host down when it reports the failure (a guest
+that powered itself off) holds nothing. The hold is journaled (``held.json``): a
+restarted runner has the driver re-adopt the held host (``adopt_held``) and holds
+it for the rest of its time, or, if the driver cannot, ends the hold.
 
 Job events flow from the driver (:class:`IJobReporter`) through the journaled
 outbox (``outbox.py``: journaled, then sent one at a time until acknowledged)
@@ -54,7 +58,7 @@ from treadmill.supervisor.drivers import (
     IJobReporter,
     StartRefused,
 )
-from treadmill.supervisor.hold import RELEASE_WAIT, Hold, hold_for
+from treadmill.supervisor.hold import RELEASE_WAIT, Hold, hold_for, hold_record
 from treadmill.supervisor.journal import ENDED_KEEP, StateFiles
 from treadmill.supervisor.observers import IJobObserver
 from treadmill.supervisor.outbox import UNAVAILABLE, EventOutbox, Session
@@ -65,6 +69,8 @@ __all__ = ["ConsoleBuffer", "JobRunner"]
 
 ACTIVE_STATES = ("assigned", "initializing", "ready", "terminating")
 RESTART_MESSAGE = "supervisor restarted; the job could not be re-adopted"
+
+
 class ConsoleBuffer:
     """Counts console bytes and keeps the last ``limit`` of them."""
 
@@ -303,8 +309,8 @@ class JobRunner(Service):
         """The current job's public endpoints changed: tell the switchboard (``job_endpoints``,
         protocol minor 2), now or after the next reconnect, until it acknowledges."""
         cur = self._current
-        if cur is None or cur.id != job_id:
-            return
+        if (cur is None or cur.id != job_id) and self.held != job_id:
+            return  # a held job's endpoints may change too (re-published after a restart)
         self._endpoints = (job_id, [dict(e) for e in endpoints])
         self._last_endpoints = self._endpoints
         self._send_endpoints()
@@ -370,7 +376,12 @@ class JobRunner(Service):
         loaded = await self._io(self.files.open)
         self._ended = loaded.ended[-ENDED_KEEP:]
         await self.outbox.load(loaded.next_seq, loaded.events)
-        record = loaded.current
+        await self._resume(loaded.current)
+        if loaded.held is not None:
+            await self._resume_hold(loaded.held)
+
+    async def _resume(self, record: dict[str, Any] | None) -> None:
+        """Re-adopt or report the job ``current-job.json`` names (``record``)."""
         if record is None:
             return
         job = record.get("job") if isinstance(record, dict) else None
@@ -625,6 +636,12 @@ class JobRunner(Service):
                     and (held.releasing or getattr(self.driver, "current", None) != job_id)):
                 self._hold_over(held)  # the driver tore the held host down
                 return
+            if (not self._closed and held is not None and held.job_id == job_id
+                    and handler is JobRunner._on_services and not held.releasing):
+                # A re-adopted held host publishes its services again (jobexposure.py).
+                services = dict(args[0])
+                self._tell(lambda observer: observer.services(job_id, services), "services")
+                return
             self.log.debug("{name}: ignoring {what} for job {job}, which is not current",
                            name=self.label, what=handler.__name__.removeprefix("_on_"),
                            job=job_id)
@@ -759,7 +776,12 @@ class JobRunner(Service):
 
     def _terminated(self, cur: _Current, reason: str, *, exit_status: int | None = None,
                     message: str | None = None, hold: float | None = None) -> None:
-        """The job ended: its final event; with ``hold`` (seconds) its host is then held."""
+        """The job ended: its final event; with ``hold`` (seconds) its host is then held,
+        unless the driver no longer runs it (it tore the host down: nothing to hold)."""
+        if hold is not None and getattr(self.driver, "current", cur.id) != cur.id:
+            self.log.info("{name}: job {job} failed but its host is already torn down; "
+                          "nothing to hold", name=self.label, job=cur.id)
+            hold = None
         if cur.results is not None:  # the summary goes before the final event closes the logs
             cur.results.finish(reason, exit_status, message or "")
         final: dict[str, Any] = {"job_id": cur.id, "state": "terminated", "reason": reason}
@@ -775,9 +797,11 @@ class JobRunner(Service):
         if self._endpoints is not None and self._endpoints[0] == cur.id:
             self._endpoints = None
         self._last_endpoints = self._ssh_host_keys = None
-        self._emit(**final, held=hold is not None, clear_current=True, ended=list(self._ended))
-        if hold is not None:
-            self._begin_hold(cur.id, hold)
+        until = self.reactor.seconds() + hold if hold is not None else None
+        self._emit(**final, held=hold is not None, clear_current=True, ended=list(self._ended),
+                   hold=hold_record(cur.job, until) if until is not None else None)
+        if until is not None:
+            self._begin_hold(cur.id, until)
 
     # -- holding a failed job's host (hold.py) -----------------------------------------
 
@@ -792,12 +816,57 @@ class JobRunner(Service):
             return None
         return seconds
 
-    def _begin_hold(self, job_id: str, seconds: float) -> None:
-        held = Hold(job_id, self.reactor.seconds() + seconds)
+    def _begin_hold(self, job_id: str, until: float, resumed: bool = False) -> None:
+        """Hold job ``job_id``'s host until ``until`` (reactor seconds); the driver is told
+        (``hold(job_id)``, if it has it) that the job it still runs is held."""
+        seconds = max(0.0, until - self.reactor.seconds())
+        held = Hold(job_id, until)
         held.timer = self.reactor.callLater(seconds, self._hold_expired, held)
         self._held = held
+        hold = getattr(self.driver, "hold", None)
+        if callable(hold) and not resumed:
+            try:
+                hold(job_id)
+            except Exception:
+                self.log.failure("{name}: the driver failed to hold job {job}'s host",
+                                 name=self.label, job=job_id)
         self.log.info("{name}: job {job} failed; its host is held for {seconds:g} s",
                       name=self.label, job=job_id, seconds=seconds)
+
+    async def _resume_hold(self, record: dict[str, Any]) -> None:
+        """After a restart: the driver re-adopts the host ``held.json`` (``record``) says is
+        held, and the hold goes on until its end; or the hold is over (the driver could
+        not re-adopt the host, and left nothing of it running)."""
+        job = record.get("job")
+        until = record.get("until")
+        job_id = job.get("id") if isinstance(job, dict) else None
+        cur = self._current
+        if (not isinstance(job_id, str) or not isinstance(until, int | float)
+                or isinstance(until, bool) or self._final_event(job_id) is None
+                or (cur is not None and cur.id == job_id)):
+            # Unusable, or the job never ended (a crash before its final event).
+            await self._io(self.files.record, None, None, clear_held=True)
+            return
+        reporter = _Reporter(self, job_id)
+        reporter.accept()
+        adopt_held = getattr(self.driver, "adopt_held", None)
+        adopted = False
+        if callable(adopt_held):
+            try:
+                adopted = bool(adopt_held(job, reporter))
+            except Exception:
+                self.log.failure("{name}: the driver failed to re-adopt held job {job}",
+                                 name=self.label, job=job_id)
+        if not adopted:
+            reporter.discard()
+            self.log.warn("{name}: the hold of job {job} is over: its host could not be "
+                          "re-adopted after a restart", name=self.label, job=job_id)
+            await self._io(self.files.record, None, None, clear_held=True)
+            return
+        self._notify_start(job)  # its proxies, to publish the held host's services again
+        self._begin_hold(job_id, float(until), resumed=True)
+        self.log.info("{name}: re-adopted the held host of job {job}", name=self.label,
+                      job=job_id)
 
     def _hold_expired(self, held: Hold) -> None:
         held.timer = None
@@ -829,6 +898,10 @@ class JobRunner(Service):
             return
         if self._held is held:
             self._held = None
+        if not self._closed:
+            self._io(self.files.record, None, None, clear_held=True).addErrback(
+                lambda f: self.log.failure("{name}: cannot remove held.json", f,
+                                           name=self.label))
         held.over()
         self.log.info("{name}: the hold of job {job} is over; the host is free",
                       name=self.label, job=held.job_id)
@@ -855,7 +928,8 @@ class JobRunner(Service):
               reason: str | None = None, exit_status: int | None = None,
               message: str | None = None, held: bool = False,
               current: dict[str, Any] | None = None,
-              clear_current: bool = False, ended: list[dict[str, Any]] | None = None) -> None:
+              clear_current: bool = False, ended: list[dict[str, Any]] | None = None,
+              hold: dict[str, Any] | None = None) -> None:
         """Journal an event (and the state files that change with it), then send it."""
         event: dict[str, Any] = {"job_id": job_id, "state": state}
         for key, value in (("stage", stage), ("reason", reason), ("exit_status", exit_status),
@@ -866,7 +940,8 @@ class JobRunner(Service):
             event["held"] = True
         self.log.info("{name}: job {job} {state}{detail}", name=self.label, job=job_id,
                       state=state, detail=f" ({stage or reason})" if stage or reason else "")
-        self.outbox.add(event, current=current, clear_current=clear_current, ended=ended)
+        self.outbox.add(event, current=current, clear_current=clear_current, ended=ended,
+                        held=hold)
         self._tell(lambda observer: observer.event(dict(event)), "event")
 
     def _on_ack(self, session: Session, message: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """Helpers of the QEMU driver tests: a driver started on the test image (``start``,
 ``settings``, ``job``, ``within``) and, with a real switchboard and image store, a pushed
 image (``push``), a qemu host's supervisor configuration (``qemu_host``) and
-``job_reaches``; ``vm_host``, an image store and a qemu host's supervisor."""
+``job_reaches``; ``vm_host``, an image store and a qemu host's supervisor;
+``restartable_host``, the same with a supervisor a test restarts (``Restartable``)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from twisted.internet import reactor
 
 from tests.fakes.reporter import Recorder
 from tests.supervisor.qemu.conftest import BuiltImage, FakeFetcher
-from tests.support import RunningSwitchboard, store_service, url_of
+from tests.support import RunningSwitchboard, start_switchboard, store_service, url_of
 from tests.support import job_reaches as admin_sees
 from treadmill.dev.fleet import ws_url_for
 from treadmill.images.oci import RegistryClient
@@ -127,3 +128,44 @@ async def vm_host(sb: RunningSwitchboard, tmp_path: Path) -> AsyncIterator[tuple
             yield store_url, work_dir
         finally:
             await supervisor.stopService()
+
+
+class Restartable:
+    """A qemu host's supervisor that a test stops and starts again (its state directory
+    and work directory stay): ``service`` is the one running now."""
+
+    def __init__(self, config: SupervisorConfig):
+        self.config = config
+        self.service: SupervisorService | None = None
+
+    async def start(self) -> SupervisorService:
+        self.service = SupervisorService(reactor, self.config)
+        self.service.startService()
+        await self.service.ready()
+        return self.service
+
+    async def stop(self) -> None:
+        """Stop the supervisor gracefully (its VM, if any, keeps running)."""
+        if self.service is not None and self.service.running:
+            await self.service.stopService()
+
+
+@contextlib.asynccontextmanager
+async def restartable_host(database: str, tmp_path: Path, image: BuiltImage, name: str,
+                           host: str) -> AsyncIterator[tuple[RunningSwitchboard, Restartable,
+                                                             str]]:
+    """A switchboard, an image store holding ``image`` as ``name``, and host ``host``'s
+    supervisor, started: yields the switchboard, the supervisor and its work directory;
+    stops all."""
+    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2)
+    try:
+        async with store_and_work_dir(sb, tmp_path) as (store_url, work_dir):
+            await push(sb, store_url, image, name)
+            supervisor = Restartable(await qemu_host(sb, host, tmp_path / host, work_dir))
+            try:
+                await supervisor.start()
+                yield sb, supervisor, work_dir
+            finally:
+                await supervisor.stop()
+    finally:
+        await sb.stop()

@@ -24,7 +24,9 @@ from tests.supervisor.qemu.conftest import (
     qemu_processes,
 )
 from tests.supervisor.qemu.support import job, settings, start, within
+from tests.util.waiting import eventually
 from treadmill.supervisor.drivers.qemu import QemuDriver
+from treadmill.supervisor.drivers.qemu.command import Paths
 
 pytestmark = needs_qemu
 
@@ -193,3 +195,59 @@ async def test_an_image_that_cannot_be_fetched_is_image_error(work_dir: str) -> 
     assert (await within(reporter.ended, 10)) == ("failed", ("image_error", "no store has it"))
     assert os.listdir(work_dir) == []
     assert not os.path.exists(work_dir + "-kept")  # no overlay was made: nothing to keep
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_held_failed_job_keeps_its_vm_across_a_restart_until_stopped(
+        test_image: BuiltImage, work_dir: str) -> None:
+    """hold_on_failure: the failing exit is reported, the guest (told by its agent
+    parameters) stays up with its SSH server and console; a restarted driver re-adopts
+    the held VM (adopt_held); the stop that ends the hold tears it down as any end."""
+    spec = {**job(exit_status=3, message="broken"), "hold_on_failure": 60}
+    driver, reporter, fetcher = await start(test_image, work_dir, spec)
+    assert await within(reporter.ended) == ("exited", (3, "broken"))
+    assert "terminating" not in reporter.kinds  # nothing was torn down
+    await within(reporter.console_has(b"held: staying up"))
+    [pid] = qemu_processes(f"treadmill-{spec['id']}")
+    assert driver.current == spec["id"]
+    assert (await read_banner(reporter.offered[-1]["ssh"][1])).startswith(b"SSH-2.0-dropbear")
+
+    await driver.shutdown()  # the supervisor stops: the held VM lives on
+    assert qemu_processes(f"treadmill-{spec['id']}") == [pid]
+    again = QemuDriver(reactor, settings(work_dir), fetcher=fetcher)
+    reporter2 = Recorder()
+    assert again.adopt_held(spec, reporter2)
+    await eventually(lambda: "ssh" in (reporter2.offered or [{}])[-1], timeout=30)
+    services = reporter2.offered[-1]
+    assert (await read_banner(services["ssh"][1])).startswith(b"SSH-2.0-dropbear")
+    proto = Banner()  # the console bridge of the re-adopted VM takes input
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", services["console"][1]),
+                          proto)
+    proto.transport.write(b"hello held vm\n")
+    await within(reporter2.console_has(b"input hello held vm"), 20)
+    proto.transport.loseConnection()
+    assert reporter2.kinds == [] and again.current == spec["id"]
+
+    await again.stop(spec["id"], "user_terminated")  # the hold's release
+    what, args = await within(reporter2.ended)
+    assert (what, args[0]) == ("stopped", "user_terminated"), reporter2.reports
+    assert again.current is None
+    assert_clean(work_dir, spec["id"], fetcher)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_held_vm_that_cannot_be_re_adopted_is_killed(test_image: BuiltImage,
+                                                              work_dir: str) -> None:
+    spec = {**job(exit_status=2), "hold_on_failure": 60}
+    driver, reporter, fetcher = await start(test_image, work_dir, spec)
+    assert (await within(reporter.ended))[0] == "exited"
+    assert len(qemu_processes(f"treadmill-{spec['id']}")) == 1
+    await driver.shutdown()
+    os.unlink(Paths(os.path.join(work_dir, spec["id"])).qmp)  # no way to control it
+    again = QemuDriver(reactor, settings(work_dir), fetcher=fetcher)
+    assert not again.adopt_held(spec, Recorder())
+    await eventually(lambda: qemu_processes(f"treadmill-{spec['id']}") == [], timeout=15)
+    await eventually(lambda: os.listdir(work_dir) == [], timeout=15)
+    assert again.current is None
+    assert sorted(os.listdir(work_dir + "-kept")) == [f"{spec['id']}.json",
+                                                      f"{spec['id']}.qcow2"]  # for snapshots

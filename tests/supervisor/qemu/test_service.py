@@ -21,7 +21,7 @@ from tests.supervisor.qemu.support import (
     job_reaches,
     push,
     qemu_host,
-    store_and_work_dir,
+    restartable_host,
     vm_host,
 )
 from tests.support import RunningSwitchboard, start_switchboard, store_service, url_of
@@ -154,41 +154,68 @@ async def test_a_restarted_supervisor_adopts_its_running_vm(migrated_database: s
                                                             test_image: BuiltImage) -> None:
     """The supervisor stops (gracefully) while its VM runs; the next one re-attaches to the
     same QEMU and the job ends with the guest's own exit status, run once."""
-    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2)
-    supervisor: SupervisorService | None = None
-    try:
-        async with store_and_work_dir(sb, tmp_path) as (store_url, work_dir):
-            try:
-                await push(sb, store_url, test_image, "demo/long-vm")
-                config = await qemu_host(sb, "vm-3", tmp_path / "vm-3", work_dir)
-                supervisor = SupervisorService(reactor, config)
-                supervisor.startService()
-                await supervisor.ready()
-                job_id = (await sb.admin.post("/api/v1/jobs", {
-                    "image": "demo/long-vm", "tags": ["qemu"],
-                    "parameters": {"sleep": {"value": "8"}, "exit_status": {"value": "5"},
-                                   "message": {"value": "after the restart"}}})).body["id"]
+    async with restartable_host(migrated_database, tmp_path, test_image, "demo/long-vm",
+                                "vm-3") as (sb, supervisor, work_dir):
+        job_id = (await sb.admin.post("/api/v1/jobs", {
+            "image": "demo/long-vm", "tags": ["qemu"],
+            "parameters": {"sleep": {"value": "8"}, "exit_status": {"value": "5"},
+                           "message": {"value": "after the restart"}}})).body["id"]
 
-                await job_reaches(sb, job_id, "ready", timeout=60)
-                await supervisor.stopService()  # graceful: the VM keeps running
-                assert len(qemu_processes(f"treadmill-{job_id}")) == 1
-                supervisor = SupervisorService(reactor, config)
-                supervisor.startService()
-                await supervisor.ready()
-                assert supervisor.runner.status() == {"id": job_id, "state": "ready", "stage": None}
-                final = await job_reaches(sb, job_id, "terminated", timeout=60)
-                termination = final["termination"]
-                assert termination == {"reason": "workload_exited", "exit_status": 5,
-                                       "message": "after the restart"}, final
-                events = (await sb.admin.get(f"/api/v1/jobs/{job_id}/events")).body["events"]
-                assert [e["state"] for e in events].count("ready") == 1
-                async def gone() -> bool:
-                    return qemu_processes(f"treadmill-{job_id}") == []
+        await job_reaches(sb, job_id, "ready", timeout=60)
+        await supervisor.stop()  # graceful: the VM keeps running
+        assert len(qemu_processes(f"treadmill-{job_id}")) == 1
+        service = await supervisor.start()
+        assert service.runner.status() == {"id": job_id, "state": "ready", "stage": None}
+        final = await job_reaches(sb, job_id, "terminated", timeout=60)
+        termination = final["termination"]
+        assert termination == {"reason": "workload_exited", "exit_status": 5,
+                               "message": "after the restart"}, final
+        events = (await sb.admin.get(f"/api/v1/jobs/{job_id}/events")).body["events"]
+        assert [e["state"] for e in events].count("ready") == 1
 
-                await eventually(gone)
-                assert os.listdir(work_dir) == []
-            finally:
-                if supervisor is not None and supervisor.running:
-                    await supervisor.stopService()
-    finally:
-        await sb.stop()
+        async def gone() -> bool:
+            return qemu_processes(f"treadmill-{job_id}") == []
+
+        await eventually(gone)
+        assert os.listdir(work_dir) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_held_vm_outlives_a_supervisor_restart_until_cancelled(
+        migrated_database: str, tmp_path: Path, test_image: BuiltImage) -> None:
+    """hold_on_failure through the real daemons: the failed job ends held and its VM
+    keeps running; a restarted supervisor re-adopts the held VM (journaled hold) and the
+    host stays held; the cancel tears the VM down and the host runs the waiting job."""
+    async with restartable_host(migrated_database, tmp_path, test_image, "demo/held-vm",
+                                "vm-4") as (sb, supervisor, _work_dir):
+        job_id = (await sb.admin.post("/api/v1/jobs", {
+            "image": "demo/held-vm", "tags": ["qemu"], "hold_on_failure": 600,
+            "parameters": {"exit_status": {"value": "4"},
+                           "message": {"value": "look at me"}}})).body["id"]
+        final = await job_reaches(sb, job_id, "terminated", timeout=60)
+        assert final["termination"] == {"reason": "workload_exited", "exit_status": 4,
+                                        "message": "look at me"}, final
+        assert final["held_until"] is not None
+        [pid] = qemu_processes(f"treadmill-{job_id}")
+        waiting = (await sb.admin.post("/api/v1/jobs", {
+            "image": "demo/held-vm", "tags": ["qemu"]})).body["id"]
+
+        await supervisor.stop()  # the held VM keeps running
+        service = await supervisor.start()
+        assert service.runner.held == job_id  # re-adopted from held.json
+        await service.connected()
+        assert qemu_processes(f"treadmill-{job_id}") == [pid]
+        assert (await sb.admin.get(f"/api/v1/jobs/{waiting}")).body["state"] == "queued"
+        again = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
+        assert again["held_until"] == final["held_until"]
+
+        r = await sb.admin.post(f"/api/v1/jobs/{job_id}/terminate")  # tml job cancel
+        assert r.status == 200, r.body
+        done = await job_reaches(sb, waiting, "terminated", timeout=90)
+        assert done["termination"]["exit_status"] == 0, done
+        assert qemu_processes(f"treadmill-{job_id}") == []
+        released = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
+        assert released["held_until"] is None
+        assert released["termination"]["exit_status"] == 4  # its end is as it was
+        assert service.runner.held is None
+        assert not (tmp_path / "vm-4" / "held.json").exists()

@@ -16,8 +16,9 @@ from treadmill.images import format as fmt
 from treadmill.supervisor.drivers import DRIVER_MODULES, driver_module
 from treadmill.supervisor.drivers.qemu import SETTINGS, AccelChooser, QemuDriver, QemuSettings
 from treadmill.supervisor.drivers.qemu.command import Paths, blockdev_chain, qemu_command
-from treadmill.supervisor.drivers.qemu.driver import _Run
+from treadmill.supervisor.drivers.qemu.driver import HOLD_SETTLE, POWERED_OFF, _Run
 from treadmill.supervisor.drivers.qemu.settings import expand_args
+from treadmill.supervisor.hold import HOLD_PARAMETER
 
 A, B, C, K = ("sha256:" + c * 64 for c in "abcd")
 
@@ -184,3 +185,111 @@ def test_the_guests_host_keys_are_checked_and_reported() -> None:
     for key in keys:
         run.agent_ssh_host_key(key)
     assert len(reporter.host_keys[-1]) == 8  # bounded
+
+
+# -- holding a failed job's VM (hold_on_failure, docs/qemu.md) ------------------------------
+
+def held_run(hold: float | None = 60.0) -> tuple[MemoryReactorClock, QemuDriver, _Run, Recorder]:
+    """A driver on a clock whose run is a booted guest (QEMU alive, ready reported)."""
+    clock = MemoryReactorClock()
+    driver = QemuDriver(clock, QemuSettings(work_dir="/nonexistent"))
+    reporter = Recorder(clock)
+    spec: dict[str, Any] = {"id": "j1", "image": {}, "parameters": {}}
+    if hold is not None:
+        spec["hold_on_failure"] = hold
+    run = _Run(driver, spec, reporter)
+    driver.run = run
+    run.alive = run.running = run.ready_reported = True
+    return clock, driver, run, reporter
+
+
+def test_the_agent_is_told_whether_its_job_is_held_on_failure() -> None:
+    assert held_run()[2].job_parameters == {HOLD_PARAMETER: "60"}
+    assert held_run(None)[2].job_parameters == {}
+    clock = MemoryReactorClock()
+    driver = QemuDriver(clock, QemuSettings(work_dir="/nonexistent"))
+    forged = {"id": "j", "image": {}, "parameters": {HOLD_PARAMETER: {"value": "99"}}}
+    assert _Run(driver, forged, Recorder(clock)).job_parameters == {}  # not the user's to say
+
+
+def test_a_held_failing_exit_keeps_the_vm_once_the_guest_stays_up() -> None:
+    clock, driver, run, reporter = held_run()
+    run.agent_exit(3, "boom")
+    assert reporter.kinds == []  # waiting whether the guest powers itself off
+    clock.advance(HOLD_SETTLE)
+    assert reporter.reports[-1][1:] == ("exited", (3, "boom"))
+    assert reporter.kinds == ["exited"]  # no terminating: nothing is torn down
+    assert run.held and driver.current == "j1" and run.alive
+    run.agent_exit(0, "again")  # the held guest's agent no longer ends anything
+    run._qmp_event("SHUTDOWN", {"guest": True})
+    assert reporter.kinds == ["exited"] and driver.current == "j1"
+    driver.stop("j1", "user_terminated")  # the hold's release tears the VM down
+    run.vm_ended(0)
+    clock.advance(1)
+    assert reporter.kinds == ["exited", "stopped"] and driver.current is None
+
+
+def test_a_guest_that_powers_off_after_a_failing_exit_leaves_nothing_to_hold() -> None:
+    clock, driver, run, reporter = held_run()
+    run.agent_exit(3, "boom")
+    clock.advance(HOLD_SETTLE / 2)
+    run.vm_ended(0)  # QEMU exits: the guest powered itself off
+    clock.advance(1)
+    assert reporter.kinds == ["terminating", "exited"]
+    assert reporter.reports[-1][2] == (3, f"boom ({POWERED_OFF})")
+    assert driver.current is None and not run.held
+    clock.advance(HOLD_SETTLE)
+    assert reporter.kinds == ["terminating", "exited"]  # the settle timer is gone
+
+
+@pytest.mark.parametrize("hold, status", [(60.0, 0), (None, 3)])
+def test_a_success_or_an_unheld_failure_is_torn_down_at_once(hold: float | None,
+                                                              status: int) -> None:
+    clock, driver, run, reporter = held_run(hold)
+    run.agent_exit(status, "done")
+    assert reporter.kinds == ["terminating"] and run.ending == ("exited", status, "done")
+    run.vm_ended(0)
+    clock.advance(1)
+    assert reporter.kinds == ["terminating", "exited"] and driver.current is None
+
+
+def test_a_held_vm_that_dies_ends_its_hold_and_a_timed_out_one_ignores_its_agent() -> None:
+    clock, driver, run, reporter = held_run()
+    run.boot_timer = clock.callLater(30, run._boot_timed_out)
+    driver.hold("other")  # not its job: nothing changes
+    assert not run.held
+    driver.hold("j1")  # the runner ended it for execution_timeout and holds it
+    assert run.held and run.boot_timer is None
+    run.agent_exit(3, "late")
+    clock.advance(HOLD_SETTLE)
+    assert reporter.kinds == []
+    run.vm_ended(None)  # QEMU died under the hold: torn down, reported
+    clock.advance(1)
+    assert reporter.reports[-1][1] == "failed" and reporter.reports[-1][2][0] == "host_dropped_job"
+    assert driver.current is None
+
+
+def test_a_guest_powering_off_with_ready_boot_ends_the_job() -> None:
+    clock = MemoryReactorClock()
+    driver = QemuDriver(clock, QemuSettings(work_dir="/nonexistent", ready="boot"))
+    reporter = Recorder(clock)
+    run = _Run(driver, {"id": "j1", "image": {}, "parameters": {}}, reporter)
+    driver.run = run
+    run.alive = run.running = True
+    run._qmp_event("SHUTDOWN", {"guest": True})
+    run.vm_ended(0)  # QEMU exits after the guest's power-off: the job ends
+    clock.advance(1)
+    assert reporter.kinds == ["terminating", "exited"]
+    assert reporter.reports[-1][2] == (0, "the guest powered off") and driver.current is None
+
+
+def test_a_timeout_hold_while_a_failing_exit_settles_drops_the_exit() -> None:
+    clock, driver, run, reporter = held_run()
+    run.agent_exit(3, "boom")
+    driver.hold("j1")  # the job's time ran out meanwhile: the runner ended and holds it
+    clock.advance(HOLD_SETTLE * 2)
+    assert reporter.kinds == [] and run.held and driver.current == "j1"
+    run.vm_ended(0)  # the guest powers off under the hold: the hold is over
+    clock.advance(1)
+    assert reporter.reports[-1][1:] == ("failed", ("host_dropped_job",
+                                                   "qemu: the held VM is gone (0)"))

@@ -13,7 +13,9 @@ from twisted.internet.protocol import Protocol
 
 from tests.supervisor.serial.support import FakeBoard, FakeFetcher, Recorder, job, until
 from tests.util.waiting import sleep
+from treadmill.supervisor.drivers import StartRefused
 from treadmill.supervisor.drivers.serial import SerialDriver, SerialSettings
+from treadmill.supervisor.hold import HOLD_PARAMETER
 
 APP = b"""print hello from the app
 agent {"type":"ready"}
@@ -42,6 +44,22 @@ class Bed:
         await driver.start(job(job_id, image, **parameters), reporter)
         end = await reporter.ended
         return reporter, end
+
+
+class BridgeClient(Protocol):
+    """A client of a job's console bridge: what it received."""
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+async def bridge_client(services: dict[str, Any]) -> BridgeClient:
+    """Connected to the ``console`` service of ``services`` (a reporter's offer)."""
+    host, port = services["console"]
+    return await connectProtocol(TCP4ClientEndpoint(reactor, host, port), BridgeClient())
 
 
 @pytest_twisted.async_yield_fixture
@@ -105,20 +123,12 @@ async def test_agent_parameters_and_console_input_through_the_bridge(bed: Bed) -
                            token={"value": "s3cret", "secret": True}), reporter)
     await reporter.became_ready
     assert "param greeting=hi there" in reporter.text and "param token=s3cret" in reporter.text
-    host, port = reporter.offered[0]["console"]
-
-    class Client(Protocol):
-        received = b""
-
-        def dataReceived(self, data: bytes) -> None:
-            Client.received += data
-
-    client = await connectProtocol(TCP4ClientEndpoint(reactor, host, port), Client())
+    client = await bridge_client(reporter.offered[0])
     client.transport.write(b"hello board\r\n")
     what, args = await reporter.ended
     assert (what, args[0]) == ("exited", 0)
     assert "got: hello board" in reporter.text
-    assert b"got: hello board" in Client.received
+    assert b"got: hello board" in client.received
     assert "input hello board" in bed.board.events()
     client.transport.loseConnection()
 
@@ -217,3 +227,70 @@ async def test_the_agents_results_on_the_console_reach_the_reporter(bed: Bed) ->
         {"type": "test_case", "name": "gpio", "result": "pass", "duration": 0.5},
         {"type": "test_case", "name": "uart", "result": "fail", "message": "no echo"},
         {"type": "summary", "result": "fail"}]
+
+
+HELD_APP = b"""agent {"type":"ready"}
+params
+exit 3 broken
+read
+print still here
+hang
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_held_failed_job_keeps_the_board_until_stopped(bed: Bed) -> None:
+    """hold_on_failure: the failing exit is reported at once and the board stays powered,
+    its console captured and typed into through the bridge; the stop (the hold's end)
+    then halts, cleans and checks it as after any job, and the next job runs."""
+    driver = await bed.driver()
+    reporter = Recorder()
+    image = bed.fetcher.add({"app.bin": HELD_APP})
+    spec = {**job("job-1", image), "hold_on_failure": 60}
+    await driver.start(spec, reporter)
+    assert await reporter.ended == ("exited", (3, "broken"))
+    kinds = [what for what, _ in reporter.reports if what not in ("stage", "services")]
+    assert kinds == ["ready", "exited"]  # no terminating: nothing is torn down
+    assert f"param {HOLD_PARAMETER}=60" in reporter.text  # the agent was told
+    assert driver.current == "job-1"
+    after_exit = len(bed.board.events())
+    refused = driver.start(job("job-2", image), Recorder())
+    try:
+        await refused
+        raise AssertionError("a held board took another job")
+    except StartRefused as e:
+        assert "job-1" in e.message
+
+    client = await bridge_client(reporter.offered[-1])  # the bridge is still there
+    client.transport.write(b"hello held board\r\n")
+    await until(lambda: b"still here" in client.received)
+    assert b"got: hello held board" in client.received
+    client.transport.loseConnection()
+    events = bed.board.events()
+    assert "input hello held board" in events
+    assert not any(e in ("erased", "command reset", "command off") for e in events[after_exit:])
+
+    await driver.stop("job-1", "user_terminated")
+    await until(lambda: driver.current is None)
+    assert reporter.reports[-1] == ("stopped", ("user_terminated", "serial: stopped"))
+    assert "erased" in bed.board.events()[after_exit:]  # cleaned as after any job
+    assert reporter.offered[-1] == {} and not driver.needs_check
+    _, end = await bed.run(driver, "job-2", b'agent {"type":"ready"}\nexit 0\n')
+    assert end == ("exited", (0, ""))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_timed_out_held_job_keeps_the_board_as_it_is(bed: Bed) -> None:
+    driver = await bed.driver()
+    reporter = Recorder()
+    image = bed.fetcher.add({"app.bin": b'agent {"type":"ready"}\nhang\n'})
+    await driver.start({**job("job-1", image), "hold_on_failure": 60}, reporter)
+    await reporter.became_ready
+    await until(lambda: "hung" in bed.board.events())
+    driver.hold("job-1")  # the runner ended the job for execution_timeout and holds it
+    hung = len(bed.board.events())
+    await sleep(0.5)
+    assert len(bed.board.events()) == hung and driver.current == "job-1"
+    await driver.stop("job-1", "execution_timeout")
+    assert await reporter.ended == ("stopped", ("execution_timeout", "serial: stopped"))
+    assert "erased" in bed.board.events()[hung:] and driver.current is None

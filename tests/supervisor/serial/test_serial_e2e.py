@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from twisted.internet import reactor
 
 from tests.supervisor.serial.support import FakeBoard, board_host, write_cache
 from tests.support import Client, RunningSwitchboard, start_switchboard
-from tests.util.waiting import eventually
+from tests.util.waiting import eventually, sleep
 from treadmill.supervisor.service import SupervisorService
 
 
@@ -85,3 +86,90 @@ async def test_a_board_job_runs_and_a_sick_board_leaves_service(bed: Bed) -> Non
     assert r.status == 200, r.body
     final = await bed.run(b'agent {"type":"ready"}\nexit 0\n')
     assert final["termination"]["reason"] == "workload_exited", final
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_held_board_waits_for_its_owner_until_cancelled(bed: Bed) -> None:
+    """hold_on_failure through a real switchboard and supervisor: the failed job ends held,
+    the board is left as it is (no clean-up) and takes no other job; the cancel cleans
+    it as after any job, and the waiting job runs."""
+    digest = write_cache(bed.cache, {"app.bin": b'agent {"type":"ready"}\nexit 3 broken\nhang\n'})
+    r = await bed.admin.post("/api/v1/jobs", {"image": digest, "tags": ["board"],
+                                              "hold_on_failure": 600})
+    assert r.status == 201, r.body
+    job_id = r.body["id"]
+
+    async def held() -> dict[str, Any] | None:
+        body = (await bed.admin.get(f"/api/v1/jobs/{job_id}")).body
+        return body if body["state"] == "terminated" and body["held_until"] else None
+
+    final = await eventually(held, timeout=30)
+    assert final["termination"] == {"reason": "workload_exited", "exit_status": 3,
+                                    "message": "broken"}, final
+    assert bed.supervisor.runner.held == job_id
+    since = len(bed.board.events())
+    digest = write_cache(bed.cache, {"app.bin": b'agent {"type":"ready"}\nexit 0\n'})
+    waiting = (await bed.admin.post("/api/v1/jobs", {"image": digest, "tags": ["board"]})
+               ).body["id"]
+    await sleep(1.0)  # five scheduling passes
+    assert (await bed.admin.get(f"/api/v1/jobs/{waiting}")).body["state"] == "queued"
+    assert "erased" not in bed.board.events()[since:]  # the board is as it was
+
+    r = await bed.admin.post(f"/api/v1/jobs/{job_id}/terminate")  # tml job cancel
+    assert r.status == 200, r.body
+
+    async def done() -> dict[str, Any] | None:
+        body = (await bed.admin.get(f"/api/v1/jobs/{waiting}")).body
+        return body if body["state"] == "terminated" else None
+
+    assert (await eventually(done, timeout=30))["termination"]["exit_status"] == 0
+    assert "erased" in bed.board.events()[since:]  # cleaned before the next job
+    released = (await bed.admin.get(f"/api/v1/jobs/{job_id}")).body
+    assert released["held_until"] is None and released["termination"]["exit_status"] == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_supervisor_restart_ends_a_boards_hold_and_the_next_job_cleans_first(
+        migrated_database: str, tmp_path: Path) -> None:
+    """A board cannot be re-adopted (its console of the meantime is lost): the restarted
+    supervisor ends the hold, the switchboard frees the host, and the next job cleans and
+    checks the board before it runs."""
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2)
+    board = await FakeBoard(tmp_path / "board").start()
+    restarted: SupervisorService | None = None
+    try:
+        async with board_host(sb, board, tmp_path) as supervisor:
+            bed = Bed(sb, board, tmp_path / "cache", supervisor)
+            digest = write_cache(bed.cache, {"app.bin": b'agent {"type":"ready"}\nexit 3 x\n'})
+            job_id = (await bed.admin.post("/api/v1/jobs", {
+                "image": digest, "tags": ["board"], "hold_on_failure": 600})).body["id"]
+
+            async def held() -> bool:
+                return bool((await bed.admin.get(f"/api/v1/jobs/{job_id}")).body["held_until"])
+
+            await eventually(held, timeout=30)
+            config = supervisor.config
+            await supervisor.stopService()
+        since = len(board.events())
+        restarted = SupervisorService(reactor, config)
+        restarted.startService()
+        await restarted.ready()
+        assert restarted.runner.held is None  # the hold is over
+        await restarted.connected()
+
+        async def freed() -> bool:
+            return (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body["held_until"] is None
+
+        await eventually(freed, timeout=30)
+        final = await Bed(sb, board, tmp_path / "cache", restarted).run(
+            b'agent {"type":"ready"}\nexit 0\n')
+        assert final["termination"]["exit_status"] == 0, final
+        events = board.events()[since:]
+        assert events.index("erased") < next(i for i, e in enumerate(events)
+                                             if e.startswith("flashed"))
+    finally:
+        if restarted is not None and restarted.running:
+            await restarted.stopService()
+            await restarted.driver.shutdown()
+        board.stop()
+        await sb.stop()

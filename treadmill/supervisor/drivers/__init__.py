@@ -8,6 +8,8 @@ touches the state directory. ``docs/supervisor.md`` describes the contract
 for authors of new drivers. The drivers: ``mock.py`` (a simulated host),
 ``qemu/`` (a VM per job) and ``serial/`` (a board on a serial port);
 ``single.py`` holds the one-job-at-a-time bookkeeping of the mock and qemu drivers.
+All three hold a failed job's host when asked (``holds``, ``hold``, ``adopt_held``:
+``docs/supervisor.md``, Holding).
 
 Rules every driver follows:
 

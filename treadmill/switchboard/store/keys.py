@@ -66,13 +66,13 @@ class KeyQueries(Queries):
         return [f"{r['key_type']} {r['body']} {r['name']}" for r in rows]
 
     async def set_ssh_host_keys(self, host_id: int, job_id: str, keys: list[str]) -> None:
-        """Record a running job's SSH host keys, as its own host reports them."""
+        """Record a running (or held) job's SSH host keys, as its own host reports them."""
         async def update(cur: Cursor) -> None:
-            row = await cur.fetchone("SELECT host_id, state FROM jobs WHERE id = %s "
-                                     "FOR UPDATE", (job_id,))
+            row = await cur.fetchone("SELECT host_id, state, held_until FROM jobs "
+                                     "WHERE id = %s FOR UPDATE", (job_id,))
             if row is None or row["host_id"] != host_id:
                 raise NotYourJob(f"job {job_id} is not on this host")
-            if row["state"] != "terminated":
+            if row["state"] != "terminated" or row["held_until"] is not None:
                 await cur.execute("UPDATE jobs SET ssh_host_keys = %s, updated_at = now() "
                                   "WHERE id = %s", (Json(keys), job_id))
 

@@ -110,13 +110,14 @@ class LinkQueries(Queries):
 
     async def set_endpoints(self, host_id: int, job_id: str,
                             endpoints: list[dict[str, Any]]) -> bool:
-        """Record a running job's public endpoints, as its own host reports them."""
+        """Record a running (or held: ``hold_on_failure``) job's public endpoints, as its
+        own host reports them."""
         async def update(cur: Cursor) -> bool:
-            row = await cur.fetchone("SELECT host_id, state FROM jobs WHERE id = %s "
-                                     "FOR UPDATE", (job_id,))
+            row = await cur.fetchone("SELECT host_id, state, held_until FROM jobs "
+                                     "WHERE id = %s FOR UPDATE", (job_id,))
             if row is None or row["host_id"] != host_id:
                 raise NotYourJob(f"job {job_id} is not on this host")
-            if row["state"] == "terminated":
+            if row["state"] == "terminated" and row["held_until"] is None:
                 return False
             await cur.execute("UPDATE jobs SET endpoints = %s, updated_at = now() "
                               "WHERE id = %s", (Json(endpoints), job_id))

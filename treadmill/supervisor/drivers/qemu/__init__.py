@@ -26,7 +26,15 @@ removes the work directory (sockets, log), after moving the overlay to
 ``qemu.kept_dir`` for snapshots (``snapshot.py``: the last ``qemu.keep_disks``
 disks, for ``qemu.keep_time`` seconds). ``snapshot()`` (``IHostSnapshots``)
 pushes a kept disk as a new image. ``shutdown()`` leaves the VM running;
-``adopt()`` re-attaches to it after a restart.
+``adopt()`` re-attaches to it after a restart (a QEMU alive but out of reach is
+killed, never left running).
+
+Holding (``hold_on_failure``): a held job's failing ``exit`` keeps the VM running
+(console, forwarded ports, agent) unless the guest powers itself off within
+``HOLD_SETTLE`` seconds (then nothing is held, and the job's message says so);
+``hold(job_id)`` keeps the VM of a job the runner ended for ``execution_timeout``;
+``stop`` ends the hold with the usual teardown; ``adopt_held()`` re-adopts a held
+VM after a restart.
 
 Modules: ``driver`` (the driver), ``settings`` (``qemu.*``), ``command`` (QEMU and
 qemu-img command lines), ``process`` (short child processes), ``qmp`` (the QMP client),

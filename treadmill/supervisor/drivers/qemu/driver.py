@@ -35,6 +35,7 @@ from treadmill.supervisor.drivers.qemu.qmp import QMPClient, QMPError
 from treadmill.supervisor.drivers.qemu.snapshot import KeptDisks, disk_info
 from treadmill.supervisor.drivers.single import SingleJobDriver
 from treadmill.supervisor.fetch import FetchedImage, ImageFetcher, ImageFetchError
+from treadmill.supervisor.hold import agent_parameters, hold_for
 
 __all__ = ["QemuDriver", "StartFailure"]
 
@@ -42,6 +43,10 @@ CONNECT_RETRY = 0.05
 KILL_WAIT = 10.0
 RESERVED_SERVICES = ("ssh", "console")
 MAX_HOST_KEYS = 8  # as many as job_endpoints.ssh_host_keys carries
+HOLD_SETTLE = 2.0
+"""Seconds a held job's failing ``exit`` waits for the guest to power itself off (then
+there is nothing to hold) before the driver reports the exit and keeps the VM."""
+POWERED_OFF = "the guest powered itself off after its exit, so there is nothing to hold"
 
 
 class StartFailure(Exception):
@@ -118,8 +123,9 @@ class _Run(AgentHandler):
         self.settings = driver.settings
         self.job = job
         self.job_id = str(job["id"])
-        self.job_parameters = {name: (spec or {}).get("value")
-                               for name, spec in (job.get("parameters") or {}).items()}
+        parameters = job.get("parameters") or {}
+        self.job_parameters = agent_parameters(job, {
+            name: (spec or {}).get("value") for name, spec in parameters.items()})
         self.job_ssh_keys = list(job.get("ssh_keys") or [])
         self.host_keys: list[str] = []
         self.reporter = reporter
@@ -148,6 +154,10 @@ class _Run(AgentHandler):
         self.graceful = False
         self.with_log = False
         self._finishing = False
+        # Holding (hold_on_failure): a failing exit waiting for HOLD_SETTLE, then held.
+        self.exit_pending: tuple[int, str] | None = None
+        self.settle_timer: Any = None
+        self.held = False
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -350,12 +360,44 @@ class _Run(AgentHandler):
         self._ready()
 
     def agent_exit(self, status: int, message: str) -> None:
-        if self.ending is not None:
+        if self.ending is not None or self.held or self.exit_pending is not None:
+            if self.held:
+                self.log.info("qemu: job {job}: the held guest's agent says exit {status}; "
+                              "ignored", job=self.job_id, status=status)
             return
         self.log.info("qemu: job {job}: the agent says exit {status}", job=self.job_id,
                       status=status)
+        if hold_for(self.job, "workload_exited", status) is not None:
+            # Held on failure: the VM stays, unless the guest powers itself off.
+            self.exit_pending = (status, message)
+            self.settle_timer = self.reactor.callLater(HOLD_SETTLE, self._hold_now)
+            return
         self.reporter.terminating()
         self._end_now(("exited", status, message))
+
+    def _hold_now(self) -> None:
+        """The held job's failing exit, with the guest still up: report it, keep the VM."""
+        self.settle_timer = None
+        pending, self.exit_pending = self.exit_pending, None
+        if pending is None or self.ending is not None or not self.alive:
+            return
+        self.hold()
+        self.log.info("qemu: job {job}: exit {status}; the VM is held (pid {pid})",
+                      job=self.job_id, status=pending[0], pid=self.pid)
+        self.reporter.exited(*pending)
+
+    def hold(self) -> None:
+        """The job is over but its VM is held as it is (the runner's ``hold``): no boot
+        timeout, no end from the agent or a guest power-off report; a stop tears down."""
+        self.held = True
+        self._cancel_boot_timer()
+        self._cancel_settle()  # a failing exit still settling: the job is over anyway
+        self.exit_pending = None
+
+    def _cancel_settle(self) -> None:
+        if self.settle_timer is not None and self.settle_timer.active():
+            self.settle_timer.cancel()
+        self.settle_timer = None
 
     def agent_result(self, message: dict[str, Any]) -> None:
         if self.ending is None:
@@ -413,7 +455,7 @@ class _Run(AgentHandler):
         if name == "SHUTDOWN":
             self.log.info("qemu: job {job}: shutdown ({data})", job=self.job_id, data=data)
             if (self.settings.ready == "boot" and data.get("guest") and self.running
-                    and self.ending is None):
+                    and self.ending is None and not self.held):
                 self.reporter.terminating()
                 self.ending = ("exited", 0, "the guest powered off")
 
@@ -439,7 +481,21 @@ class _Run(AgentHandler):
         waiters, self._exit_waiters = self._exit_waiters, []
         for d in waiters:
             d.callback(None)
-        if self.ending is None:
+        if self.ending is None and self.exit_pending is not None:
+            # A held job's guest powered itself off after its failing exit.
+            self._cancel_settle()
+            (status, message), self.exit_pending = self.exit_pending, None
+            self.log.info("qemu: job {job}: {what}", job=self.job_id, what=POWERED_OFF)
+            self.reporter.terminating()
+            self.ending = ("exited", status, f"{message} ({POWERED_OFF})" if message
+                           else POWERED_OFF)
+            self._finish_later()
+        elif self.ending is None and self.held:
+            self.log.info("qemu: job {job}: the held VM is gone (QEMU exited: {code}); "
+                          "the hold is over", job=self.job_id, code=code)
+            self.ending = ("failed", "host_dropped_job", f"qemu: the held VM is gone ({code})")
+            self._finish_later()
+        elif self.ending is None:
             self.log.warn("qemu: job {job}: QEMU exited ({code}) on its own", job=self.job_id,
                           code=code)
             if self.running:
@@ -448,6 +504,10 @@ class _Run(AgentHandler):
             else:
                 self.ending = ("failed", "host_start_failure", f"qemu: QEMU exited ({code})")
             self.with_log = True
+            self._finish_later()
+        elif self.ending != ("detached",) and (self.main is None or self.main.called):
+            # The end was decided (the guest powered off with qemu.ready = "boot"), and
+            # nothing else would finish: QEMU is gone, tear down and report.
             self._finish_later()
 
     def _wait_exit(self, seconds: float) -> Deferred[bool]:
@@ -473,6 +533,8 @@ class _Run(AgentHandler):
     def stop(self, reason: str) -> None:
         if self.ending is not None:
             return
+        self._cancel_settle()
+        self.exit_pending = None
         self.ending = ("stopped", reason, "qemu: stopped")
         self.graceful = True
         if self.main is not None and not self.main.called:
@@ -500,6 +562,7 @@ class _Run(AgentHandler):
         """Power the VM off, keep its disk (``snapshot.py``), remove every other trace of
         the job, then report its end."""
         self._cancel_boot_timer()
+        self._cancel_settle()
         await self._power_off(graceful and self.running)
         tail = read_tail(self.paths.log) if with_log else ""
         for transport_of in (self.qmp, self.console, self.agent):
@@ -577,6 +640,7 @@ class _Run(AgentHandler):
         """Forget the VM without touching it (the supervisor stops)."""
         self.ending = self.ending or ("detached",)
         self._cancel_boot_timer()
+        self._cancel_settle()
         if self.main is not None and not self.main.called:
             self.main.cancel()
         if self._watch is not None and self._watch.running:
@@ -614,7 +678,8 @@ class _Run(AgentHandler):
         self._watch.clock = self.reactor
         self._watch.start(1.0, now=False)
         self.main = Deferred.fromCoroutine(self._reattach())
-        self.main.addErrback(self._reattach_failed)
+        # A stop while re-attaching (even from inside its services report) finishes after.
+        self.main.addCallbacks(self._start_done, self._reattach_failed)
 
     def _check_pid(self) -> None:
         if self.pid is not None and not pid_alive(self.pid):
@@ -669,6 +734,7 @@ class QemuDriver(SingleJobDriver):
 
     name = "qemu"
     kinds = ("qemu",)
+    holds = True  # keeps a held job's VM when it fails (hold_on_failure, docs/qemu.md)
     log = Logger()
 
     def __init__(self, reactor: Any, settings: Any, *, fetcher: ImageFetcher | None = None,
@@ -696,30 +762,58 @@ class QemuDriver(SingleJobDriver):
         self.reactor.callLater(0, run.begin)  # report only after start() returned
         return succeed(None)
 
+    def hold(self, job_id: str) -> None:
+        """The runner holds ended job ``job_id``'s host: keep its VM as it is until
+        ``stop(job_id, reason)`` (the hold's release or expiry)."""
+        if self.run is not None and self.run.job_id == job_id:
+            self.run.hold()
+
     def adopt(self, job: dict[str, Any], reporter: IJobReporter) -> bool:
+        return self._adopt(job, reporter, held=False)
+
+    def adopt_held(self, job: dict[str, Any], reporter: IJobReporter) -> bool:
+        """After a restart: take over the still-running VM of ``job``, whose hold the
+        runner journaled; ``stop`` tears it down. ``False`` if there is none to take
+        over, and then no QEMU of the job is left running (an unreachable one is killed)."""
+        return self._adopt(job, reporter, held=True)
+
+    def _adopt(self, job: dict[str, Any], reporter: IJobReporter, *, held: bool) -> bool:
         run = _Run(self, job, reporter)
+        if self.run is not None:
+            self.log.error("qemu: job {job}: cannot adopt it, job {other} is adopted",
+                           job=run.job_id, other=self.run.job_id)
+            return False
         state = _read_json(run.paths.state)
         if state is None or state.get("job") != run.job_id:
             self.log.info("qemu: job {job}: nothing to adopt", job=run.job_id)
             self._discard(run)
             return False
         pid = state.get("pid")
+        disk = state.get("disk") if isinstance(state.get("disk"), dict) else None
         if not isinstance(pid, int) or not pid_alive(pid) or not _is_our_qemu(pid, run):
             self.log.info("qemu: job {job}: QEMU (pid {pid}) is gone", job=run.job_id, pid=pid)
-            disk = state.get("disk")
-            self._discard(run, disk if isinstance(disk, dict) else None)
+            self._discard(run, disk)
             return False
         if not os.path.exists(run.paths.qmp):
-            self._discard(run)
+            # Alive but unreachable: never leave a QEMU nobody controls.
+            self.log.warn("qemu: job {job}: QEMU (pid {pid}) has no QMP socket; killing it",
+                          job=run.job_id, pid=pid)
+            self._discard(run, disk, kill=pid)
             return False
         self.run = run
+        if held:
+            run.hold()
         run.adopt(state)
         return True
 
-    def _discard(self, run: _Run, disk: dict[str, Any] | None = None) -> None:
+    def _discard(self, run: _Run, disk: dict[str, Any] | None = None,
+                 kill: int | None = None) -> None:
         """Remove a dead job's leftovers (its work directory), keeping its disk if
-        ``disk`` says what a snapshot needs (QEMU is gone)."""
+        ``disk`` says what a snapshot needs (QEMU is gone); first SIGKILL QEMU's pid
+        ``kill`` (checked to be the job's QEMU) and wait for it to go."""
         async def discard() -> None:
+            if kill is not None:
+                await _kill_pid(self.reactor, kill, run)
             if disk is not None:
                 await self.kept.keep(run.job_id, run.paths.overlay, disk)
             await self.in_thread(shutil.rmtree, run.paths.work_dir, True)
@@ -768,6 +862,21 @@ class QemuDriver(SingleJobDriver):
             self.run = None
         self.kept.close()
         return succeed(None)
+
+
+async def _kill_pid(reactor: Any, pid: int, run: _Run) -> None:
+    """SIGKILL the job's QEMU (not our child: poll until it is gone, ``KILL_WAIT`` s)."""
+    try:
+        if _is_our_qemu(pid, run):
+            os.kill(pid, signal.SIGKILL)
+    except OSError:
+        return
+    for _ in range(int(KILL_WAIT / 0.1)):
+        if not pid_alive(pid):
+            return
+        await deferLater(reactor, 0.1, lambda: None)
+    run.log.error("qemu: job {job}: QEMU (pid {pid}) survived SIGKILL", job=run.job_id,
+                  pid=pid)
 
 
 def _is_our_qemu(pid: int, run: _Run) -> bool:

@@ -38,6 +38,11 @@ again and fails ``host_start_failure`` while the check fails.
 Device loss (a read error or end of file on the console device) fails the
 current job ``host_dropped_job``, keeps the supervisor running, and starts
 polling for the device.
+
+Holding (``hold_on_failure``): a held job's failing ``exit`` is reported at once
+and the board stays as it is (powered, its console and bridge open); so does a
+job the runner ended for ``execution_timeout`` (``hold(job_id)``). ``stop`` ends
+the hold: halt, clean and check as after any job. A restart ends a hold.
 """
 
 from __future__ import annotations

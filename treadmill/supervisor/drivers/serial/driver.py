@@ -34,6 +34,7 @@ from treadmill.supervisor.drivers.serial.tools import (
     run_command,
 )
 from treadmill.supervisor.fetch import FetchedImage, ImageFetcher, ImageFetchError
+from treadmill.supervisor.hold import agent_parameters, hold_for
 
 __all__ = ["SerialDriver"]
 
@@ -109,7 +110,7 @@ class _Run(AgentHandler):
         self.job_id = job["id"]
         self.reporter = reporter
         self.job_parameters = params
-        self.phase = "preparing"  # then "ready", "finishing", "ended"
+        self.phase = "preparing"  # then "ready", ("held"), "finishing", "ended"
         self.task: Deferred[None] | None = None
         self.fetched: FetchedImage | None = None
         self.workdir: str | None = None
@@ -139,9 +140,13 @@ class _Run(AgentHandler):
             self.driver._ready(self)
 
     def agent_exit(self, status: int, message: str) -> None:
-        if self._listening():
-            self.driver._end(self, "workload_exited",
-                             lambda: self.reporter.exited(status, message))
+        if not self._listening():
+            return
+        if hold_for(self.job, "workload_exited", status) is not None:
+            self.driver._hold_exit(self, status, message)
+            return
+        self.driver._end(self, "workload_exited",
+                         lambda: self.reporter.exited(status, message))
 
     def agent_result(self, message: dict[str, Any]) -> None:
         if self._listening():
@@ -163,6 +168,7 @@ class SerialDriver:
 
     name = "serial"
     kinds = ("board",)
+    holds = True  # a held job's board stays powered when it fails (docs/serial.md)
     log = Logger()
 
     def __init__(self, reactor: Any, settings: SerialSettings, *,
@@ -188,6 +194,11 @@ class SerialDriver:
         self._opening = reactor.callLater(0, self._first_open)
 
     # -- the console device ----------------------------------------------------------------
+
+    @property
+    def current(self) -> str | None:
+        """The id of the job on the board (a held one too), if any."""
+        return self.run.job_id if self.run is not None else None
 
     @property
     def present(self) -> bool:
@@ -259,7 +270,7 @@ class SerialDriver:
             if not watch.done.called:
                 watch.done.errback(_DeviceLost(self.port_error))
         run = self.run
-        if run is not None and run.phase in ("preparing", "ready"):
+        if run is not None and run.phase in ("preparing", "ready", "held"):
             self._drop(run, f"serial device {self.settings.device} vanished ({problem})")
         self._start_polling()
 
@@ -596,8 +607,8 @@ class SerialDriver:
 
     def _bridge_input(self, data: bytes) -> None:
         run = self.run
-        if run is not None and run.phase in ("preparing", "ready"):
-            self.write(data)
+        if run is not None and run.phase in ("preparing", "ready", "held"):
+            self.write(data)  # a held board's console is its owner's to type into
 
     def _start_agent(self, run: _Run) -> None:
         s = self.settings
@@ -721,6 +732,19 @@ class SerialDriver:
             shutil.rmtree(run.workdir, ignore_errors=True)
             run.workdir = None
 
+    def _hold_exit(self, run: _Run, status: int, message: str) -> None:
+        """A held job's workload failed: report its exit, keep the board as it is."""
+        self._hold_run(run)
+        self.log.info("serial: job {job}: exit {status}; the board is held", job=run.job_id,
+                      status=status)
+        run.note(f"exit {status}: the board is held for debugging (powered, its console "
+                 "open) until the hold ends")
+        run.reporter.exited(status, message)
+
+    def _hold_run(self, run: _Run) -> None:
+        self._cancel_task(run)  # a boot still waited for: the board stays as it is
+        run.phase = "held"
+
     def _drop(self, run: _Run, message: str) -> None:
         """The device vanished under a job: ``host_dropped_job`` without a clean-up."""
         run.phase = "ended"
@@ -753,7 +777,7 @@ class SerialDriver:
             return Deferred.fromCoroutine(self._refuse(StartRefused(
                 "bad_request", f"this host's commands need the job parameters "
                 f"{', '.join(missing)}")))
-        run = _Run(self, job, reporter, params)
+        run = _Run(self, job, reporter, agent_parameters(job, params))
         self.run = run
         self.reactor.callLater(0, self._begin, run)
         return succeed(None)
@@ -762,9 +786,17 @@ class SerialDriver:
     async def _refuse(error: StartRefused) -> None:
         raise error
 
-    def stop(self, job_id: str, reason: str) -> Deferred[None]:
+    def hold(self, job_id: str) -> None:
+        """The runner holds ended job ``job_id``'s board (its time is up): keep it powered
+        and its console open, as it is, until ``stop`` (the hold's release or expiry)."""
         run = self.run
         if run is not None and run.job_id == job_id and run.phase in ("preparing", "ready"):
+            self._hold_run(run)
+
+    def stop(self, job_id: str, reason: str) -> Deferred[None]:
+        run = self.run
+        if (run is not None and run.job_id == job_id
+                and run.phase in ("preparing", "ready", "held")):
             self.log.info("serial: stopping job {job} ({reason})", job=job_id, reason=reason)
             self._end(run, reason, lambda: run.reporter.stopped(reason, "serial: stopped"),
                       halt=True)
