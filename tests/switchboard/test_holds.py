@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 
 from tests.support import RunningSwitchboard, start_switchboard
 from tests.switchboard.peer import Peer, Script
@@ -25,6 +26,7 @@ from tests.switchboard.support import (
     submit,
 )
 from tests.util.running import stopping
+from tests.util.ssh import new_ssh_public_key
 from tests.util.waiting import eventually, sleep
 from treadmill.protocol import supervisor as protocol
 from treadmill.switchboard.api import Limits
@@ -208,12 +210,7 @@ async def test_a_held_jobs_host_may_still_publish_its_endpoints(sb: RunningSwitc
     """A held VM's services are published again after its supervisor's restart (and its
     first publication may land after the job's end): endpoints and SSH host keys of a
     held job are recorded; once the hold is over, no longer."""
-    from twisted.internet.defer import Deferred
-
-    from tests.switchboard.support import connected_peer as peer_of
-    from tests.util.ssh import new_ssh_public_key
-
-    peer = await peer_of(sb, await add_host(sb))
+    peer = await host_peer(sb)
     held = await held_failure(sb, peer)
     endpoint = {"service": "ssh", "proxy": "http://proxy-1.example:8090",
                 "host": "proxy-1.example", "port": 40022}
@@ -228,7 +225,7 @@ async def test_a_held_jobs_host_may_still_publish_its_endpoints(sb: RunningSwitc
         return await waiter
 
     # Another host cannot publish for it (nor plant a host key for ssh to trust).
-    stranger = await peer_of(sb, await add_host(sb, "h2"))
+    stranger = await host_peer(sb, "h2")
     denied = await report([endpoint], [host_key], by=stranger)
     assert not denied["ok"] and denied["error"]["code"] == "not_your_job", denied
     assert (await job(sb, held))["ssh_host_keys"] == []
