@@ -45,6 +45,14 @@ class Bed:
         end = await reporter.ended
         return reporter, end
 
+    async def hanging(self, driver: SerialDriver, job_id: str, **fields: Any) -> Recorder:
+        """Start ``job_id`` with an application that says ready, then hangs; once ready."""
+        reporter = Recorder()
+        image = self.fetcher.add({"app.bin": b'agent {"type":"ready"}\nhang\n'})
+        await driver.start({**job(job_id, image), **fields}, reporter)
+        await reporter.became_ready
+        return reporter
+
 
 class BridgeClient(Protocol):
     """A client of a job's console bridge: what it received."""
@@ -136,10 +144,7 @@ async def test_agent_parameters_and_console_input_through_the_bridge(bed: Bed) -
 @pytest_twisted.ensureDeferred
 async def test_a_hung_board_is_reset_by_the_stop(bed: Bed) -> None:
     driver = await bed.driver()
-    reporter = Recorder()
-    image = bed.fetcher.add({"app.bin": b'agent {"type":"ready"}\nhang\n'})
-    await driver.start(job("job-1", image), reporter)
-    await reporter.became_ready
+    reporter = await bed.hanging(driver, "job-1")
     await until(lambda: "hung" in bed.board.events())
     resets = bed.board.events().count("command reset")
     await driver.stop("job-1", "execution_timeout")
@@ -153,10 +158,7 @@ async def test_a_hung_board_is_reset_by_the_stop(bed: Bed) -> None:
 @pytest_twisted.ensureDeferred
 async def test_device_loss_mid_job_and_return(bed: Bed) -> None:
     driver = await bed.driver()
-    reporter = Recorder()
-    image = bed.fetcher.add({"app.bin": b'agent {"type":"ready"}\nhang\n'})
-    await driver.start(job("job-1", image), reporter)
-    await reporter.became_ready
+    reporter = await bed.hanging(driver, "job-1")
     bed.board.ctl("unplug")
     what, (reason, message) = await reporter.ended
     assert (what, reason) == ("failed", "host_dropped_job")
@@ -164,7 +166,7 @@ async def test_device_loss_mid_job_and_return(bed: Bed) -> None:
     assert not driver.present
     # A start while the device is absent fails with a clear host-side error.
     absent = Recorder()
-    await driver.start(job("job-2", image), absent)
+    await driver.start(job("job-2", bed.fetcher.add({"app.bin": APP})), absent)
     what, (reason, message) = await absent.ended
     assert (what, reason) == ("failed", "host_start_failure")
     assert "absent" in message
@@ -181,15 +183,8 @@ async def test_failed_health_check_fails_the_next_start(bed: Bed) -> None:
     driver = await bed.driver(health__timeout=2.0, health__command=[
         *bed.board.settings()["serial.flash.command"][:2], "health", str(bed.board.root)])
     bed.board.ctl("break")  # the board panics on its next boot
-    _, end = await bed.run(driver, "job-1", b'agent {"type":"ready"}\nexit 0\n')
-    what, (reason, message) = end
-    assert (what, reason) == ("failed", "host_start_failure")
-    assert "board health check failed" in message and "FakeBoard ok" in message
-    assert driver.needs_check
-    bed.board.ctl("fix")
-    _, end = await bed.run(driver, "job-2", b'agent {"type":"ready"}\nexit 0\n')
-    assert end == ("exited", (0, ""))
-    await sleep(0)
+    message = await _fails_its_check_then_recovers(bed, driver, "job-1", "job-2")
+    assert "FakeBoard ok" in message
 
 
 @pytest_twisted.ensureDeferred
@@ -201,15 +196,7 @@ async def test_health_before_every_job_catches_a_board_that_broke_while_idle(
     _, end = await bed.run(driver, "job-1", b'agent {"type":"ready"}\nexit 0\n')
     assert end == ("exited", (0, "")) and not driver.needs_check
     bed.board.ctl("break")  # while idle: nothing notices until the next job
-    _, end = await bed.run(driver, "job-2", b'agent {"type":"ready"}\nexit 0\n')
-    what, (reason, message) = end
-    assert (what, reason) == ("failed", "host_start_failure")
-    assert "board health check failed" in message
-    assert driver.needs_check
-    bed.board.ctl("fix")
-    _, end = await bed.run(driver, "job-3", b'agent {"type":"ready"}\nexit 0\n')
-    assert end == ("exited", (0, ""))
-    await sleep(0)
+    await _fails_its_check_then_recovers(bed, driver, "job-2", "job-3")
 
 
 @pytest_twisted.ensureDeferred
@@ -282,10 +269,7 @@ async def test_a_held_failed_job_keeps_the_board_until_stopped(bed: Bed) -> None
 @pytest_twisted.ensureDeferred
 async def test_a_timed_out_held_job_keeps_the_board_as_it_is(bed: Bed) -> None:
     driver = await bed.driver()
-    reporter = Recorder()
-    image = bed.fetcher.add({"app.bin": b'agent {"type":"ready"}\nhang\n'})
-    await driver.start({**job("job-1", image), "hold_on_failure": 60}, reporter)
-    await reporter.became_ready
+    reporter = await bed.hanging(driver, "job-1", hold_on_failure=60)
     await until(lambda: "hung" in bed.board.events())
     driver.hold("job-1")  # the runner ended the job for execution_timeout and holds it
     hung = len(bed.board.events())
@@ -294,3 +278,20 @@ async def test_a_timed_out_held_job_keeps_the_board_as_it_is(bed: Bed) -> None:
     await driver.stop("job-1", "execution_timeout")
     assert await reporter.ended == ("stopped", ("execution_timeout", "serial: stopped"))
     assert "erased" in bed.board.events()[hung:] and driver.current is None
+
+
+async def _fails_its_check_then_recovers(bed: Bed, driver: SerialDriver, failing: str,
+                                         next_job: str
+                                         ) -> str:
+    """Run ``failing`` on a broken board: it fails its health check (the start fails, the
+    driver wants a check); fix the board and ``next_job`` runs. The failure's message."""
+    _, end = await bed.run(driver, failing, b'agent {"type":"ready"}\nexit 0\n')
+    what, (reason, message) = end
+    assert (what, reason) == ("failed", "host_start_failure")
+    assert "board health check failed" in message
+    assert driver.needs_check
+    bed.board.ctl("fix")
+    _, end = await bed.run(driver, next_job, b'agent {"type":"ready"}\nexit 0\n')
+    assert end == ("exited", (0, ""))
+    await sleep(0)
+    return message
