@@ -2,7 +2,8 @@
 
 See ``docs/proxy.md``. The control protocol and the data header are
 ``treadmill.protocol.proxy``; the byte splice is ``treadmill.common.splice``.
-Modules: ``ports``, ``tunnels`` (the registry of jobs, tunnels, waiting clients), ``legs``
+Modules: ``ports``, ``tunnels`` (the registry of jobs, tunnels, waiting clients), ``pool``
+(the dial-back pool's accounting), ``legs``
 (client and data connections), ``control`` (the control WebSocket), ``api``
 (HTTP routes), ``service``, ``metrics``, ``tap``.
 """

@@ -10,8 +10,12 @@
   types. Refusals close with 4401 (no or bad token) or 4403 (not this job).
 - :class:`DataEnd`: a supervisor's data connection on ``data_listen``. Its
   first line is ``TREADMILL-DATA/1 <conn_id> <token>``
-  (``messages.data_header``); anything else, or nothing within the connect
-  timeout, closes it without a word.
+  (``messages.data_header``), or ``TREADMILL-POOL/1 <job> <token>``
+  (``messages.pool_header``, control minor 2): then it waits in the job's
+  dial-back pool, reading (a byte or an end of file from the supervisor takes
+  it out and closes it), until a client takes it (:meth:`DataEnd.assign`).
+  Anything else, or nothing within the connect timeout, closes it without a
+  word.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ class DataEnd(StreamEnd):
         self.timeout = timeout
         self._header = b""
         self._timer: Any = None
+        self.pooled: str | None = None  # the job whose pool holds it (idle)
 
     def connectionMade(self) -> None:
         # Read the header now; the join pauses nothing (both legs are ready then).
@@ -106,6 +111,12 @@ class DataEnd(StreamEnd):
         if self.splice is not None:
             super().dataReceived(data)
             return
+        if self.pooled is not None:
+            # Idle in the pool: nothing may come before a client is joined.
+            self.registry.pool_lost(self.pooled, self)
+            self.pooled = None
+            self._refuse("bytes on an idle pooled data connection")
+            return
         self._header += data
         end = self._header.find(b"\n")
         if end < 0:
@@ -117,6 +128,9 @@ class DataEnd(StreamEnd):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if line.startswith(messages.POOL_MAGIC + b" "):
+            self._pool(line, rest)
+            return
         try:
             conn_id, token = messages.parse_data_header(line)
         except messages.ProtocolError as e:
@@ -129,6 +143,26 @@ class DataEnd(StreamEnd):
         if rest:
             super().dataReceived(rest)
 
+    def _pool(self, line: bytes, rest: bytes) -> None:
+        try:
+            job, token = messages.parse_pool_header(line)
+        except messages.ProtocolError as e:
+            self._refuse(str(e))
+            return
+        if rest:
+            self._refuse("bytes after the pool header")
+            return
+        if not self.registry.pool_arrived(job, token, self):
+            self.transport.abortConnection()
+            return
+        self.pooled = job  # keeps reading: an end of file takes it out of the pool
+
+    def assign(self, service: str) -> None:
+        """A client takes this pooled connection: tell the supervisor which service (the
+        registry joins the two next)."""
+        self.pooled = None
+        self.transport.write(messages.join_line(service))
+
     def _refuse(self, why: str) -> None:
         self.registry.counts["data_malformed"] += 1
         self.log.info("Refused a data connection: {why}", why=why)
@@ -138,6 +172,9 @@ class DataEnd(StreamEnd):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self.pooled is not None:
+            self.registry.pool_lost(self.pooled, self)
+            self.pooled = None
 
 
 class DataFactory(ServerFactory):

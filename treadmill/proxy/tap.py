@@ -21,6 +21,7 @@ from treadmill.common.config import (
     server_endpoints,
 )
 from treadmill.common.daemon import twistd_service
+from treadmill.protocol.proxy import MAX_POOL
 from treadmill.proxy.ports import parse_port_range, parse_static
 from treadmill.proxy.service import ProxyConfig, ProxyService
 
@@ -79,6 +80,13 @@ class Options(RoleOptions):
         Setting("connect_timeout", positive(FLOAT), FIELD,
                 "Seconds a client waits for the supervisor's data connection.",
                 field="tunnels.connect_timeout"),
+        Setting("pool.per_job", non_negative(INT), FIELD,
+                "Idle pooled data connections one job's supervisor may keep open here "
+                "(the dial-back pool, control minor 2); 0: no pool.",
+                field="tunnels.pool_per_job"),
+        Setting("pool.max", non_negative(INT), FIELD,
+                "Idle pooled data connections of all jobs together; more are closed.",
+                field="tunnels.pool_max"),
         Setting("control.ping_interval", positive(FLOAT), FIELD,
                 "Seconds between WebSocket pings on control connections (and the pong "
                 "timeout).",
@@ -97,6 +105,8 @@ class Options(RoleOptions):
                 raise ConfigError(f"{desc!r}: data listeners must be tcp: or ssl: (their port "
                                   "is announced to supervisors)", key="data_listen",
                                   source=source)
+        if values["pool.per_job"] > MAX_POOL:
+            raise ConfigError(f"at most {MAX_POOL}", key="pool.per_job", source=source)
         port_range = parse_port_range(values["ports"])
         if port_range is None and not values["static"]:
             raise ConfigError("no public ports: set a range or static ports", key="ports",
