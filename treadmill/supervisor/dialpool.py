@@ -170,7 +170,7 @@ class DialPool:
 
     def _close(self, end: PooledEnd) -> None:
         self._ending.add(end)
-        end.abort()
+        end.transport.abortConnection()  # idle: not joined, nothing registered
 
     # -- from PooledEnd --------------------------------------------------------------
 
