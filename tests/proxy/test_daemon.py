@@ -38,6 +38,7 @@ def test_the_example_configuration_parses() -> None:
     assert config.tunnels.grace == 5.0  # the command line wins
     assert config.tunnels.public_host == "proxy.example.org"
     assert config.tunnels.max_connections_per_tunnel == 256
+    assert (config.tunnels.pool_per_job, config.tunnels.pool_max) == (2, 4096)
     assert config.auth["auth.keys_file"].endswith("capability-keys.json")
 
 

@@ -79,7 +79,7 @@ class RegistrySettings:
     grace: float = 30.0
     connect_timeout: float = 10.0
     backlog: int = 1024
-    pool_per_job: int = 8  # idle pooled data connections one job may hold (minor 2); 0: none
+    pool_per_job: int = 2  # idle pooled data connections one job may hold (minor 2); 0: none
     pool_max: int = 4096  # idle pooled data connections of all jobs together
 
 
