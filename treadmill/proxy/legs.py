@@ -29,7 +29,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from treadmill.common.captoken import CapabilityError, Claims, bearer_token
-from treadmill.common.splice import TUNNEL_SUBPROTOCOL, StreamEnd, WebSocketEnd
+from treadmill.common.splice import TUNNEL_SUBPROTOCOL, StreamEnd, WebSocketEnd, no_delay
 from treadmill.common.wsjson import QuietLogger, close_reason
 from treadmill.protocol import proxy as messages
 from treadmill.protocol.proxy import ConsoleCloseCode
@@ -64,6 +64,7 @@ class PublicEnd(StreamEnd):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        no_delay(self.transport)
         self.pending = self.registry.client_arrived(self.tunnel, self)
 
     def gone(self, reason: Any) -> None:
@@ -100,6 +101,7 @@ class DataEnd(StreamEnd):
 
     def connectionMade(self) -> None:
         # Read the header now; the join pauses nothing (both legs are ready then).
+        no_delay(self.transport)
         self._timer = self.registry.reactor.callLater(self.timeout, self._no_header)
 
     def _no_header(self) -> None:
