@@ -18,13 +18,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 
-from tests.proxy.support import Keys, echo_once, new_job
-from tests.util.daemons import Daemon
-from tests.util.ports import free_port, free_range
+from tests.proxy.support import Keys, echo_once, new_job, proxy_daemon
+from tests.util.ports import free_port
 from tests.util.waiting import eventually
 
 ROOT = Path(__file__).parents[2]
-EXAMPLE = ROOT / "etc" / "treadmill" / "proxy.toml"
 
 
 class Supervisor(ProcessProtocol):
@@ -75,15 +73,8 @@ async def scrape(port: int) -> dict[str, float]:
 @pytest_twisted.ensureDeferred
 async def test_the_pool_of_a_proxy_daemon_joins_clients_and_is_bounded(tmp_path: Path) -> None:
     keys = Keys(tmp_path)
-    http, data, metrics = free_port(), free_port(), free_port()
-    first, last = free_range(4)
-    daemon = Daemon("treadmill-proxy", [
-        "--config", str(EXAMPLE), "--listen", f"tcp:{http}:interface=127.0.0.1",
-        "--data-listen", f"tcp:{data}:interface=127.0.0.1", "--public-host", "127.0.0.1",
-        "--public-interface", "127.0.0.1", "--ports", f"{first}-{last}",
-        "--auth-keys-file", str(keys.keys_file), "--http-access-log", "false",
-        "--metrics-listen", f"tcp:{metrics}:interface=127.0.0.1",
-        "--pool-per-job", "2", "--pool-max", "3"])
+    running = proxy_daemon(keys, "--pool-per-job", "2", "--pool-max", "3")
+    daemon, http, metrics = running.daemon, running.http, running.metrics
     daemon.start()
     supervisors: list[Supervisor] = []
     try:

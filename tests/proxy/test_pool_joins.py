@@ -54,6 +54,14 @@ async def pooled(proxy: Running, job: str, token: str) -> EchoClient:
     return conn
 
 
+async def started(exposure: ExposureManager, proxy: Running, pooled: int) -> dict[str, Any]:
+    """Start ``exposure``; its one endpoint once published and ``pooled`` connections wait."""
+    exposure.start()
+    [endpoint] = await exposure.published()
+    await eventually(lambda: proxy.registry.pool.waiting(exposure.job_id) == pooled)
+    return endpoint
+
+
 async def refused(conn: EchoClient) -> bool:
     """Closed by the proxy without a word."""
     await conn.lost.addTimeout(5, reactor)
@@ -83,14 +91,12 @@ async def test_a_client_is_joined_to_a_waiting_connection_and_the_pool_refills(
     job = exposure.job_id
     registry = proxy.registry
     try:
-        exposure.start()
-        [endpoint] = await exposure.published()
-        await eventually(lambda: registry.pool.waiting(job) == 3)
+        endpoint = await started(exposure, proxy, 3)
         link = exposure.links[0]
         assert link.pool.size == 3 and len(link.pool.idle) == 3
-        started = reactor.seconds()
+        began = reactor.seconds()
         assert await echo_once(endpoint["port"], b"pooled") == b"pooled"
-        assert reactor.seconds() - started < 1
+        assert reactor.seconds() - began < 1
         assert registry.counts["pool_joined"] == 1 and registry.counts["pool_empty"] == 0
         assert exposure.counts["pool_joined"] == 1 and link.pool.counts["joined"] == 1
         await eventually(lambda: registry.pool.waiting(job) == 3)  # refilled
@@ -116,9 +122,7 @@ async def test_clients_fall_back_to_connect_while_the_pool_is_in_use(
     exposure = manager(proxy, keys, {"data": ("127.0.0.1", service.listen(), True)}, pool=1)
     registry = proxy.registry
     try:
-        exposure.start()
-        [endpoint] = await exposure.published()
-        await eventually(lambda: registry.pool.waiting(exposure.job_id) == 1)  # min(3, 1)
+        endpoint = await started(exposure, proxy, 1)  # min(3, 1)
         outcomes = await gatherResults([
             Deferred.fromCoroutine(tcp_transfer(endpoint["port"], Transfer(size, seed=i)))
             for i in range(6)])
@@ -143,9 +147,7 @@ async def test_a_pooled_connection_without_the_jobs_publish_token_is_closed_with
     job = exposure.job_id
     registry = proxy.registry
     try:
-        exposure.start()
-        [endpoint] = await exposure.published()
-        await eventually(lambda: registry.pool.waiting(job) == 1)
+        endpoint = await started(exposure, proxy, 1)
         other = new_job()
         attempts = [
             await pooled(proxy, job, keys.token(other)),  # publish, but on another job

@@ -200,34 +200,38 @@ def parse_proxy_url(url: str) -> tuple[bool, str, int, str]:
 # -- the data connection's first line ------------------------------------------------
 
 
+def _header(magic: bytes, name: str, token: str) -> bytes:
+    return b"%s %s %s\n" % (magic, name.encode("ascii"), token.encode("ascii"))
+
+
+def _parse_header(line: bytes, magic: bytes, name: re.Pattern[bytes]) -> tuple[str, str]:
+    parts = line.rstrip(b"\r").split(b" ")
+    kind = magic.decode("ascii")
+    if len(parts) != 3 or parts[0] != magic:
+        raise ProtocolError(f"not a {kind} header")
+    if not name.fullmatch(parts[1]) or not _TOKEN.fullmatch(parts[2]):
+        raise ProtocolError(f"malformed {kind} header")
+    return parts[1].decode("ascii"), parts[2].decode("ascii")
+
+
 def data_header(conn_id: str, token: str) -> bytes:
     """The line a supervisor sends first on a data connection."""
-    return b"%s %s %s\n" % (DATA_MAGIC, conn_id.encode("ascii"), token.encode("ascii"))
+    return _header(DATA_MAGIC, conn_id, token)
 
 
 def parse_data_header(line: bytes) -> tuple[str, str]:
     """``(conn_id, token)`` of a data header line (without its ``\\n``)."""
-    parts = line.rstrip(b"\r").split(b" ")
-    if len(parts) != 3 or parts[0] != DATA_MAGIC:
-        raise ProtocolError("not a TREADMILL-DATA/1 header")
-    if not _CONN_ID.fullmatch(parts[1]) or not _TOKEN.fullmatch(parts[2]):
-        raise ProtocolError("malformed data header")
-    return parts[1].decode("ascii"), parts[2].decode("ascii")
+    return _parse_header(line, DATA_MAGIC, _CONN_ID)
 
 
 def pool_header(job: str, token: str) -> bytes:
     """The line a supervisor sends first on a pooled data connection (minor 2)."""
-    return b"%s %s %s\n" % (POOL_MAGIC, job.encode("ascii"), token.encode("ascii"))
+    return _header(POOL_MAGIC, job, token)
 
 
 def parse_pool_header(line: bytes) -> tuple[str, str]:
     """``(job, token)`` of a pool header line (without its ``\\n``)."""
-    parts = line.rstrip(b"\r").split(b" ")
-    if len(parts) != 3 or parts[0] != POOL_MAGIC:
-        raise ProtocolError("not a TREADMILL-POOL/1 header")
-    if not _JOB.fullmatch(parts[1]) or not _TOKEN.fullmatch(parts[2]):
-        raise ProtocolError("malformed pool header")
-    return parts[1].decode("ascii"), parts[2].decode("ascii")
+    return _parse_header(line, POOL_MAGIC, _JOB)
 
 
 def join_line(service: str) -> bytes:
