@@ -139,9 +139,9 @@ async def test_clients_fall_back_to_connect_while_the_pool_is_in_use(
 async def test_a_pooled_connection_without_the_jobs_publish_token_is_closed_without_a_word(
         small: tuple[Keys, Running], echo: int) -> None:
     """The attacker's view: another job's publish token, a console token of the job, a
-    forged or malformed header, a job without a control connection, bytes after the
-    header: each closed at once, nothing written; the job's clients still reach the job's
-    service only."""
+    forged one, a valid one that is not the control connection's, a malformed header, a
+    job without a control connection, bytes after the header: each closed at once,
+    nothing written; the job's clients still reach the job's service only."""
     keys, proxy = small
     exposure = manager(proxy, keys, {"echo": ("127.0.0.1", echo, True)}, pool=1)
     job = exposure.job_id
@@ -154,18 +154,22 @@ async def test_a_pooled_connection_without_the_jobs_publish_token_is_closed_with
             await pooled(proxy, job, keys.token(job, actions=("read", "manage"))),
             await pooled(proxy, job, keys.token(job, audience="someone-else")),
             await pooled(proxy, job, keys.token(job)[:-4] + "AAAA"),  # a bad signature
+            # A valid publish token for the job, but not the one its control connection
+            # presented: no signature is verified for a pooled connection.
+            await pooled(proxy, job, keys.token(job, subject="host-2")),
             await pooled(proxy, other, keys.token(other)),  # no control connection
         ]
         garbled = await echo_client(proxy.data_port)
         garbled.transport.write(b"TREADMILL-POOL/1 " + job.encode() + b"\n")
         attempts.append(garbled)
         eager = await echo_client(proxy.data_port)
-        eager.transport.write(messages.pool_header(job, keys.token(job)) + b"early bytes")
+        eager.transport.write(messages.pool_header(job, exposure.links[0].session_token)
+                              + b"early bytes")
         attempts.append(eager)
         for conn in attempts:
             assert await refused(conn)
         assert registry.pool.waiting(job) == 1  # only the supervisor's own
-        assert registry.counts["data_refused"] == 4 and registry.counts["pool_unknown"] == 1
+        assert registry.counts["data_refused"] == 5 and registry.counts["pool_unknown"] == 1
         assert registry.counts["data_malformed"] == 2
         for _ in range(3):
             assert await echo_once(endpoint["port"], b"mine") == b"mine"
@@ -180,12 +184,13 @@ async def test_the_bounds_per_job_and_per_proxy_hold(small: tuple[Keys, Running]
     keys, proxy = small
     registry = proxy.registry
     one, two = new_job(), new_job()
-    controls = [await opened_control(proxy, keys.token(job), job, minor=messages.MINOR)
+    tokens = {job: keys.token(job) for job in (one, two)}
+    controls = [await opened_control(proxy, tokens[job], job, minor=messages.MINOR)
                 for job in (one, two)]
-    first = [await pooled(proxy, one, keys.token(one)) for _ in range(5)]
+    first = [await pooled(proxy, one, tokens[one]) for _ in range(5)]
     await eventually(lambda: sum(c.lost.called for c in first) == 2)
     assert registry.pool.waiting(one) == 3  # pool.per_job
-    second = [await pooled(proxy, two, keys.token(two)) for _ in range(3)]
+    second = [await pooled(proxy, two, tokens[two]) for _ in range(3)]
     await eventually(lambda: sum(c.lost.called for c in second) == 2)
     assert registry.pool.waiting(two) == 1 and registry.pool.size == 4  # pool.max
     assert registry.counts["pool_full"] == 4
@@ -202,16 +207,17 @@ async def test_a_pooled_connection_carries_the_join_line_then_the_clients_bytes_
     next client waits for ``connect`` instead."""
     keys, proxy = small
     job = new_job()
+    token = keys.token(job)
     registry = proxy.registry
-    control = await opened_control(proxy, keys.token(job), job, minor=messages.MINOR)
+    control = await opened_control(proxy, token, job, minor=messages.MINOR)
     control.send(messages.publish(1, "svc", authenticates=True))
     port = (await control.next())["tcp_port"]
-    chatty = await pooled(proxy, job, keys.token(job))
+    chatty = await pooled(proxy, job, token)
     await eventually(lambda: registry.pool.waiting(job) == 1)
     chatty.transport.write(b"x")
     assert await refused(chatty)
     assert registry.pool.waiting(job) == 0
-    good = await pooled(proxy, job, keys.token(job))
+    good = await pooled(proxy, job, token)
     await eventually(lambda: registry.pool.waiting(job) == 1)
     client = await echo_client(port)
     client.transport.write(b"hello")
@@ -267,6 +273,29 @@ async def test_idle_pooled_connections_close_with_the_job_its_control_or_the_pro
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_fresh_token_is_used_for_pooled_connections_from_the_next_control_connection(
+        small: tuple[Keys, Running], echo: int) -> None:
+    keys, proxy = small
+    registry = proxy.registry
+    exposure = manager(proxy, keys, {"echo": ("127.0.0.1", echo, True)}, pool=1)
+    job = exposure.job_id
+    try:
+        await started(exposure, proxy, 1)
+        link = exposure.links[0]
+        exposure.set_token(proxy.ws, keys.token(job, subject="host-1", ttl=900.0))
+        assert await echo_once((exposure.endpoints[0])["port"]) == b"hello"
+        await eventually(lambda: registry.pool.waiting(job) == 1)  # the old token still
+        assert registry.counts["data_refused"] == 0
+        registry.sessions[job].control.transport.abortConnection()
+        await eventually(lambda: link.connections == 2 and registry.pool.waiting(job) == 1)
+        assert link.session_token == link.token != keys.token(job)
+        assert await echo_once((exposure.endpoints[0])["port"]) == b"hello"
+        assert registry.counts["data_refused"] == 0
+    finally:
+        await exposure.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_older_supervisor_is_offered_no_pool(small: tuple[Keys, Running]) -> None:
     """Minor 0 or 1: no ``welcome.pool`` (it would be a violation there), pooled
     connections of its job refused, every client through ``connect``."""
@@ -275,7 +304,7 @@ async def test_an_older_supervisor_is_offered_no_pool(small: tuple[Keys, Running
         job = new_job()
         control = await raw_welcome(proxy, keys, job, minor)
         assert "pool" not in control.welcome
-        assert await refused(await pooled(proxy, job, keys.token(job)))
+        assert await refused(await pooled(proxy, job, control.token))
         control.send(messages.publish(1, "svc", authenticates=True))
         port = (await control.next())["tcp_port"]
         client = await echo_client(port)
@@ -291,7 +320,9 @@ async def test_an_older_supervisor_is_offered_no_pool(small: tuple[Keys, Running
 async def raw_welcome(proxy: Running, keys: Keys, job: str, minor: int | None) -> Any:
     from tests.proxy.support import raw_control
 
-    control = await raw_control(proxy, keys.token(job), job, minor=minor)
+    token = keys.token(job)
+    control = await raw_control(proxy, token, job, minor=minor)
+    control.token = token
     await control.opened
     control.welcome = await control.next()
     assert control.welcome["type"] == "welcome"

@@ -587,14 +587,20 @@ class Registry:
     def pool_arrived(self, job: str, token: str, data: Pooled) -> bool:
         """A pooled data connection presented ``job`` and ``token``: keep it idle for the
         job's next client. Refused (False: the caller closes it without a word) unless
-        the job has a control connection of minor 2, ``token`` grants ``publish`` on it,
-        and neither the job's nor the proxy's bound is reached."""
+        the job has a control connection of minor 2, ``token`` is the one that control
+        connection presented (recognised by its digest: no signature is verified for
+        a pooled connection, so that anyone who reaches the data port cannot make the
+        proxy verify one per connection), and neither the job's nor the proxy's bound
+        is reached."""
         session = self.sessions.get(job)
         if session is None or session.control is None \
                 or session.control.minor < messages.POOL_MINOR:
             self.counts["pool_unknown"] += 1
             return False
-        if not self._grants(session, token):
+        if not hmac.compare_digest(_digest(token), session.token_digest):
+            self.counts["data_refused"] += 1
+            self.log.info("Refused a pooled data connection for job {job}: not the control "
+                          "connection's token", job=job)
             return False
         if not self.pool.add(job, data):
             self.counts["pool_full"] += 1

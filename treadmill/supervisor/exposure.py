@@ -189,6 +189,11 @@ class _ControlClient(JsonSession, WebSocketClientProtocol):
         self.link.manager.log.error("{name}: protocol violation by {url}: {error}",
                                     name=self.link.manager.name, url=self.link.url, error=text)
 
+    def connectionMade(self) -> None:
+        # The token this connection presents (pooled connections must present it too).
+        self.presented = self.factory.headers["Authorization"].removeprefix("Bearer ")
+        super().connectionMade()
+
     def onConnect(self, response: Any) -> None:
         self._wrong_protocol = response.protocol != messages.SUBPROTOCOL
 
@@ -259,8 +264,9 @@ class _ProxyLink:
         self._requests: dict[int, str] = {}
         self._request_id = 0
         self._stopping = False
+        self.session_token = token  # the token the current control connection presented
         self.pool = DialPool(reactor, self._dial_pooled,
-                             lambda: messages.pool_header(manager.job_id, self.token),
+                             lambda: messages.pool_header(manager.job_id, self.session_token),
                              functools.partial(manager._pool_join, self),
                              retry_max=manager.reconnect_max)
 
@@ -325,6 +331,9 @@ class _ProxyLink:
     def opened(self, session: _ControlClient) -> None:
         self.session = session
         self.connections += 1
+        # Pooled connections must present the token this connection did (the proxy
+        # recognises it, and verifies no other for them).
+        self.session_token = session.presented
 
     def message(self, session: _ControlClient, message: dict[str, Any]) -> None:
         if session is not self.session:
