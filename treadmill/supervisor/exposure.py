@@ -265,6 +265,7 @@ class _ProxyLink:
         self._request_id = 0
         self._stopping = False
         self.session_token = token  # the token the current control connection presented
+        self._data: tuple[dict[str, Any], Any] | None = None  # (welcome, its data endpoint)
         self.pool = DialPool(reactor, self._dial_pooled,
                              lambda: messages.pool_header(manager.job_id, self.session_token),
                              functools.partial(manager._pool_join, self),
@@ -295,15 +296,20 @@ class _ProxyLink:
         return self.session.send(message) if self.session is not None else False
 
     def data_endpoint(self) -> Any:
-        """Where data connections go (after a ``welcome``): its data port, TLS if it says."""
-        assert self.welcome is not None
+        """Where data connections go (after a ``welcome``): its data port, TLS if it says
+        (one endpoint per ``welcome``: every data connection dials it)."""
+        welcome = self.welcome
+        assert welcome is not None
+        if self._data is not None and self._data[0] is welcome:
+            return self._data[1]
         manager = self.manager
-        endpoint: Any = client_endpoint(manager.reactor, self.host, self.welcome["data_port"],
+        endpoint: Any = client_endpoint(manager.reactor, self.host, welcome["data_port"],
                                         manager.connect_timeout)
-        if self.welcome["data_tls"]:
+        if welcome["data_tls"]:
             from treadmill.common.tls import client_options
 
             endpoint = wrapClientTLS(client_options(self.host, manager.ca_file), endpoint)
+        self._data = (welcome, endpoint)
         return endpoint
 
     def _dial_pooled(self, end: PooledEnd) -> Deferred[Any]:
@@ -454,6 +460,7 @@ class ExposureManager:
         self.name = name
         self.jitter = jitter
         self.pool = pool
+        self._locals: dict[tuple[str, int], Any] = {}  # local services' endpoints
         self.links = [_ProxyLink(self, p["url"], p["token"]) for p in proxies]
         self.splices: set[Splice] = set()
         self.counts: dict[str, int] = {"spliced": 0, "local_failed": 0, "data_failed": 0,
@@ -576,9 +583,8 @@ class ExposureManager:
             self.counts["unknown_service"] += 1
             link.send(messages.connect_failed(conn_id, f"no service {service} here"))
             return
-        host, port = target[0], target[1]
-        local = client_endpoint(self.reactor, host, port, self.connect_timeout)
-        _Rendezvous(self, link, conn_id, service).start(local, link.data_endpoint())
+        _Rendezvous(self, link, conn_id, service).start(self._local(target),
+                                                        link.data_endpoint())
 
     def _pool_join(self, link: _ProxyLink, data: PooledEnd, service: str) -> None:
         """The proxy joined a client of ``service`` to the pooled connection ``data``:
@@ -591,8 +597,7 @@ class ExposureManager:
             return
         self.counts["pool_joined"] += 1
         local = _LocalEnd()
-        connecting = client_endpoint(self.reactor, target[0], target[1],
-                                     self.connect_timeout).connect(_OneShot(local))
+        connecting = self._local(target).connect(_OneShot(local))
 
         def connected(_: Any) -> None:
             self.counts["spliced"] += 1
@@ -607,6 +612,15 @@ class ExposureManager:
             data.abort()
 
         connecting.addCallbacks(connected, failed)
+
+    def _local(self, target: Service) -> Any:
+        """The endpoint of a local service (made once: every client dials it)."""
+        key = (target[0], target[1])
+        endpoint = self._locals.get(key)
+        if endpoint is None:
+            endpoint = self._locals[key] = client_endpoint(self.reactor, key[0], key[1],
+                                                           self.connect_timeout)
+        return endpoint
 
     def _console(self, link: _ProxyLink, message: dict[str, Any]) -> None:
         notice = {k: v for k, v in message.items() if k != "type"}
