@@ -10,6 +10,7 @@ idle ones; and older peers on either side keep working without a pool.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -94,6 +95,11 @@ async def test_a_client_is_joined_to_a_waiting_connection_and_the_pool_refills(
         endpoint = await started(exposure, proxy, 3)
         link = exposure.links[0]
         assert link.pool.size == 3 and len(link.pool.idle) == 3
+        # Both ends of every waiting connection probe it (NAT state, dead peers).
+        for end in [*link.pool.idle, *registry.pool.jobs[job]]:
+            sock = end.transport.getHandle()
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
         began = reactor.seconds()
         assert await echo_once(endpoint["port"], b"pooled") == b"pooled"
         assert reactor.seconds() - began < 1

@@ -29,7 +29,13 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from treadmill.common.captoken import CapabilityError, Claims, bearer_token
-from treadmill.common.splice import TUNNEL_SUBPROTOCOL, StreamEnd, WebSocketEnd, no_delay
+from treadmill.common.splice import (
+    TUNNEL_SUBPROTOCOL,
+    StreamEnd,
+    WebSocketEnd,
+    keep_alive,
+    no_delay,
+)
 from treadmill.common.wsjson import QuietLogger, close_reason
 from treadmill.protocol import proxy as messages
 from treadmill.protocol.proxy import ConsoleCloseCode
@@ -158,6 +164,7 @@ class DataEnd(StreamEnd):
             self.transport.abortConnection()
             return
         self.pooled = job  # keeps reading: an end of file takes it out of the pool
+        keep_alive(self.transport)  # a dead one is found before a client is joined to it
 
     def assign(self, service: str) -> None:
         """A client takes this pooled connection: tell the supervisor which service (the

@@ -21,7 +21,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from treadmill.common.splice import StreamEnd, no_delay
+from treadmill.common.splice import StreamEnd, keep_alive, no_delay
 from treadmill.protocol import proxy as messages
 
 __all__ = ["DialPool", "PooledEnd"]
@@ -41,6 +41,7 @@ class PooledEnd(StreamEnd):
     def connectionMade(self) -> None:
         # Not paused (unlike StreamEnd): the join line must be read.
         no_delay(self.transport)
+        keep_alive(self.transport)  # it may wait long in silence
         self.transport.write(self.header)
         self.pool._opened(self)
 
