@@ -87,7 +87,7 @@ def test_console_notices_are_bounded_and_checked() -> None:
 
 @pytest.mark.parametrize(("header", "minor"), [
     (None, 0), ("0", 0), ("1", 1), (str(p.MINOR + 3), p.MINOR), ("-4", 0), ("x", 0),
-    (b"1", 1), ("", 0),
+    (b"1", 1), ("", 0), ("2", 2),
 ])
 def test_control_minor_negotiation(header: str | bytes | None, minor: int) -> None:
     """An older supervisor (no header) or a garbled one gets minor 0: no ``console``."""
@@ -100,6 +100,37 @@ def test_data_header_round_trip() -> None:
     assert p.parse_data_header(line.rstrip(b"\n")) == (CONN, "tok.en")
     with pytest.raises(p.ProtocolError):
         p.parse_data_header(b"TREADMILL-DATA/2 " + CONN.encode() + b" t")
+
+
+def test_pool_lines_round_trip_and_refuse_anything_else() -> None:
+    """Minor 2: the pooled data connection's header and the proxy's join line."""
+    job = "3b1f5c9e-0c4e-4c38-9d4e-7f2b8a1c0d11"
+    line = p.pool_header(job, "tok.en")
+    assert line.endswith(b"\n") and p.parse_pool_header(line[:-1]) == (job, "tok.en")
+    for bad in (b"TREADMILL-POOL/1 " + job.encode(), b"TREADMILL-POOL/2 j t",
+                b"TREADMILL-POOL/1 -job t", b"TREADMILL-POOL/1 j t x",
+                b"TREADMILL-POOL/1 " + b"j" * 129 + b" t", b"TREADMILL-POOL/1 j t\x00",
+                p.data_header(CONN, "t").rstrip(b"\n")):
+        with pytest.raises(p.ProtocolError):
+            p.parse_pool_header(bad)
+    join = p.join_line("ssh")
+    assert join == b"TREADMILL-JOIN/1 ssh\n" and p.parse_join_line(join[:-1]) == "ssh"
+    assert len(p.join_line("s" * 63)) <= p.MAX_JOIN_BYTES
+    for bad in (b"TREADMILL-JOIN/1", b"TREADMILL-JOIN/1 -ssh", b"TREADMILL-JOIN/1 a b",
+                b"TREADMILL-JOIN/2 ssh", b"TREADMILL-JOIN/1 " + b"s" * 64):
+        with pytest.raises(p.ProtocolError):
+            p.parse_join_line(bad)
+
+
+def test_welcome_names_a_pool_only_when_given() -> None:
+    assert "pool" not in BUILT["welcome"]
+    offered = p.welcome("job-1", 40000, False, "h", 30.0, [], pool=8)
+    p.validate(offered)
+    assert offered["pool"] == 8
+    for bad in (-1, p.MAX_POOL + 1, 1.5, True):
+        with pytest.raises(p.ProtocolError):
+            p.validate({**offered, "pool": bad})
+    assert p.CONSOLE_MINOR < p.POOL_MINOR <= p.MINOR
 
 
 def test_documentation_lists_every_type_and_close_code() -> None:

@@ -23,7 +23,8 @@ from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from tests.util.captokens import SigningKey
-from tests.util.ports import free_range
+from tests.util.daemons import Daemon
+from tests.util.ports import free_port, free_range
 from treadmill.common.captoken import Access
 from treadmill.protocol import proxy as messages
 from treadmill.proxy.service import ProxyConfig, ProxyService
@@ -32,6 +33,7 @@ from treadmill.supervisor.echo import listen_echo
 
 AUDIENCE = "treadmill-proxy"
 CHUNK = 64 * 1024
+EXAMPLE = Path(__file__).parents[2] / "etc" / "treadmill" / "proxy.toml"
 
 
 class Keys(SigningKey):
@@ -83,6 +85,31 @@ async def start_proxy(keys: Keys, **tunnels: Any) -> Running:
     await service.ready()
     port = service.ports()[0].getHost().port
     return Running(service, f"http://127.0.0.1:{port}", service.data_ports()[0].getHost().port)
+
+
+@dataclass
+class ProxyDaemon:
+    """A proxy as operators run it (``twistd``, the example configuration), on loopback."""
+
+    daemon: Daemon
+    http: int
+    data: int
+    metrics: int
+    ports: tuple[int, int]
+
+
+def proxy_daemon(keys: Keys, *args: str) -> ProxyDaemon:
+    """A ``twistd treadmill-proxy`` (not started) with the example configuration on free
+    loopback ports, trusting ``keys``, with metrics; ``args`` add settings."""
+    http, data, metrics = free_port(), free_port(), free_port()
+    first, last = free_range(4)
+    daemon = Daemon("treadmill-proxy", [
+        "--config", str(EXAMPLE), "--listen", f"tcp:{http}:interface=127.0.0.1",
+        "--data-listen", f"tcp:{data}:interface=127.0.0.1", "--public-host", "127.0.0.1",
+        "--public-interface", "127.0.0.1", "--ports", f"{first}-{last}",
+        "--auth-keys-file", str(keys.keys_file), "--http-access-log", "false",
+        "--metrics-listen", f"tcp:{metrics}:interface=127.0.0.1", *args])
+    return ProxyDaemon(daemon, http, data, metrics, (first, last))
 
 
 # Fixtures ``keys`` and ``proxy``: a conftest or a test module outside tests/proxy imports

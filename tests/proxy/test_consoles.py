@@ -26,7 +26,7 @@ from tests.proxy.support import (
     opened_control,
     start_proxy,
 )
-from tests.util.waiting import sleep
+from tests.util.waiting import eventually, sleep
 from treadmill.protocol import proxy as messages
 from treadmill.protocol.proxy import ConsoleCloseCode
 from treadmill.proxy.service import redacting_log_formatter
@@ -66,8 +66,12 @@ class Bed:
         return self.keys.token(job or self.job, actions=actions, **kw)
 
 
-@pytest_twisted.async_yield_fixture
-async def bed(keys: Keys) -> AsyncIterator[Bed]:
+@pytest_twisted.async_yield_fixture(params=[0, None], ids=["connect", "pool"])
+async def bed(keys: Keys, request: pytest.FixtureRequest) -> AsyncIterator[Bed]:
+    """Each test twice: every client through a ``connect`` round trip (no pool), and every
+    client through a pooled data connection (control minor 2): the console rules, the
+    read-only filtering and the audit notices must not tell them apart."""
+    pool: int | None = request.param
     proxy = await start_proxy(keys, connect_timeout=0.5)
     echo = listen_echo(reactor)
     inputs: list[bytearray] = []
@@ -78,11 +82,20 @@ async def bed(keys: Keys) -> AsyncIterator[Bed]:
         reactor, job, [{"url": proxy.ws, "token": keys.token(job)}],
         {"echo": ("127.0.0.1", echo.getHost().port),
          "console": ("127.0.0.1", recorder.getHost().port),
-         "ssh": ("127.0.0.1", echo.getHost().port, True)}, reconnect_initial=0.05)
+         "ssh": ("127.0.0.1", echo.getHost().port, True)}, reconnect_initial=0.05,
+        pool=pool)
     manager.start()
     endpoints = {e["service"]: e for e in await manager.published()}
+    registry = proxy.registry
     try:
+        if pool is None:
+            await eventually(lambda: registry.pool.waiting(job) == registry.settings.pool_per_job)
         yield Bed(proxy, keys, job, manager, endpoints, inputs)
+        if pool is None:  # every client of the test came through the pool
+            assert registry.counts["pool_empty"] == 0
+            assert registry.counts["pool_joined"] == registry.counts["spliced"]
+        else:
+            assert registry.counts["pool_joined"] == 0
     finally:
         await manager.close()
         await echo.stopListening()

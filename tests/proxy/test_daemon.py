@@ -9,16 +9,23 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 
-from tests.proxy.support import Keys, Transfer, TransferService, new_job, tcp_transfer
+from tests.proxy.support import (
+    EXAMPLE,
+    Keys,
+    Transfer,
+    TransferService,
+    new_job,
+    proxy_daemon,
+    tcp_transfer,
+)
 from tests.util.daemons import Daemon, refused_config
-from tests.util.ports import free_port, free_range
+from tests.util.ports import free_range
 from treadmill.common.config import ConfigError
 from treadmill.proxy import tap
 from treadmill.proxy.service import with_backlog
 from treadmill.supervisor.exposure import ExposureManager
 
 ROOT = Path(__file__).parents[2]
-EXAMPLE = ROOT / "etc" / "treadmill" / "proxy.toml"
 UNIT = ROOT / "systemd" / "treadmill-proxy.service"
 MiB = 1024 * 1024
 
@@ -38,6 +45,7 @@ def test_the_example_configuration_parses() -> None:
     assert config.tunnels.grace == 5.0  # the command line wins
     assert config.tunnels.public_host == "proxy.example.org"
     assert config.tunnels.max_connections_per_tunnel == 256
+    assert (config.tunnels.pool_per_job, config.tunnels.pool_max) == (2, 4096)
     assert config.auth["auth.keys_file"].endswith("capability-keys.json")
 
 
@@ -108,14 +116,9 @@ async def test_a_slow_reader_keeps_the_daemons_memory_bounded(tmp_path: Path) ->
     """256 MiB from a fast service to a reader that keeps pausing: the proxy daemon's
     peak RSS grows by far less than what is in flight (backpressure on both legs)."""
     keys = Keys(tmp_path)
-    http, data, metrics = free_port(), free_port(), free_port()
-    first, last = free_range(4)
-    daemon = Daemon("treadmill-proxy", [
-        "--config", str(EXAMPLE), "--listen", f"tcp:{http}:interface=127.0.0.1",
-        "--data-listen", f"tcp:{data}:interface=127.0.0.1", "--public-host", "127.0.0.1",
-        "--public-interface", "127.0.0.1", "--ports", f"{first}-{last}",
-        "--auth-keys-file", str(keys.keys_file), "--http-access-log", "false",
-        "--metrics-listen", f"tcp:{metrics}:interface=127.0.0.1"])
+    running = proxy_daemon(keys)
+    daemon, http, metrics = running.daemon, running.http, running.metrics
+    first, last = running.ports
     daemon.start()
     size = 256 * MiB
     sizes = [16 * MiB, size]  # a warm-up, then the measured transfer

@@ -45,11 +45,12 @@ class Job:
     """A job whose supervisor publishes ``services`` on ``proxy``."""
 
     def __init__(self, proxy: Running, keys: Keys, services: dict[str, tuple[str, int]],
-                 job: str | None = None):
+                 job: str | None = None, pool: int | None = None):
         self.id = job or new_job()
         self.manager = ExposureManager(reactor, self.id, [{"url": proxy.ws,
                                                            "token": keys.token(self.id)}],
-                                       services, reconnect_initial=0.05, reconnect_max=0.5)
+                                       services, reconnect_initial=0.05, reconnect_max=0.5,
+                                       pool=pool)
 
     async def start(self) -> dict[str, dict[str, Any]]:
         self.manager.start()
@@ -196,21 +197,29 @@ async def test_idle_connections_are_closed(keys: Keys, echo: int) -> None:
         await proxy.stop()
 
 
+@pytest.mark.parametrize("pool", [0, 2])
 @pytest_twisted.ensureDeferred
-async def test_an_unreachable_service_closes_the_client_at_once(proxy: Running,
-                                                                keys: Keys) -> None:
+async def test_an_unreachable_service_closes_the_client_at_once(proxy: Running, keys: Keys,
+                                                                pool: int) -> None:
+    """Through a ``connect`` (``connect_failed``) or a pooled data connection (the
+    supervisor closes it, and with it the client)."""
     nothing = listen_echo(reactor)
     dead = nothing.getHost().port
     await nothing.stopListening()
-    job = Job(proxy, keys, {"echo": ("127.0.0.1", dead, True)})
+    job = Job(proxy, keys, {"echo": ("127.0.0.1", dead, True)}, pool=pool)
     try:
         port = (await job.start())["echo"]["port"]
+        await eventually(lambda: proxy.registry.pool.waiting(job.id) == pool)
         client = await echo_client(port)
         started = reactor.seconds()
         await client.lost
         assert reactor.seconds() - started < 2  # not the 5 s connect timeout
-        await eventually(lambda: proxy.registry.counts["connect_failed"] == 1)
-        assert job.manager.counts["local_failed"] == 1
+        assert client.data == b""
+        if pool:
+            assert proxy.registry.counts["pool_joined"] == 1
+        else:
+            await eventually(lambda: proxy.registry.counts["connect_failed"] == 1)
+        await eventually(lambda: job.manager.counts["local_failed"] == 1)
     finally:
         await job.manager.close()
 

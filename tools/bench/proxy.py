@@ -2,7 +2,7 @@
 """Benchmark of the rendezvous proxy against HAProxy (TCP mode) and socat, side by side.
 
     .venv/bin/python tools/bench/proxy.py [--size-mib 1024] [--connects 1000]
-        [--concurrent 1000] [--tunnels 1000] [--no-ws] [--json]
+        [--concurrent 1000] [--tunnels 1000] [--pool N] [--no-ws] [--json]
 
 What it starts, measures and prints, and its options: ``tools/bench/README.md``.
 """
@@ -376,7 +376,10 @@ def main() -> int:
             ("--size-mib", 1024, "bytes per throughput run, each way (default 1024: 1 GiB)"),
             ("--connects", 1000, "sequential connections for the setup latency"),
             ("--concurrent", 1000, "connections opened at once through one tunnel"),
-            ("--tunnels", 1000, "idle tunnels for the memory comparison (0: skip)")):
+            ("--tunnels", 1000, "idle tunnels for the memory comparison (0: skip)"),
+            ("--pool", None, "the proxy's pool.per_job: idle pooled data connections per "
+             "job (default: the setting's default; 0: no pool, a connect round trip per "
+             "client)")):
         parser.add_argument(option, type=int, default=default, help=text)
     parser.add_argument("--no-ws", action="store_true", help="skip the WebSocket path")
     parser.add_argument("--paths", default="direct,treadmill,treadmill-ws,haproxy,socat",
@@ -426,7 +429,8 @@ class Bench:
         return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(),
                 "command": " ".join([Path(sys.executable).name, *sys.argv]),
                 "size_mib": args.size_mib, "connects": args.connects,
-                "concurrent": args.concurrent, "paths": results, "tunnels": tunnels,
+                "concurrent": args.concurrent, "pool": args.pool, "paths": results,
+                "tunnels": tunnels,
                 "ratios": ratios(results, tunnels), "skipped": skipped}
 
     def cleanup(self) -> None:
@@ -509,7 +513,8 @@ def start_proxy(procs: Processes, tmp: Path, args: argparse.Namespace,
                   "--ports", f"{ports[0]}-{ports[1]}", "--auth-keys-file",
                   str(tmp / "keys.json"), "--http-access-log", "false", "--idle-timeout", "0",
                   "--max-connections-per-tunnel", str(args.concurrent + 100),
-                  "--max-tunnels-per-job", "16")
+                  "--max-tunnels-per-job", "16",
+                  *(["--pool-per-job", str(args.pool)] if args.pool is not None else []))
     proc = start_daemon(argv, tmp / "proxy.log", f"http://127.0.0.1:{http}/healthz",
                         "the proxy", level="warn", cwd=ROOT, interval=0.1)
     procs.procs.append(proc)
@@ -667,6 +672,11 @@ def ratios(results: list[dict[str, Any]], tunnels: dict[str, Any]) -> dict[str, 
     return out
 
 
+def _pool_text(report: dict[str, Any]) -> str:
+    pool = report.get("pool")
+    return "default" if pool is None else str(pool)
+
+
 def render(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [f"Proxy benchmark, {report['date']}: {m['cpus']} CPUs ({m['cpu']}), "
@@ -690,6 +700,7 @@ def render(report: dict[str, Any]) -> str:
     lines.append(f"throughput: {report['size_mib']} MiB each way on one connection; "
                  f"setup: {report['connects']} sequential connect+1-byte echo+close; "
                  f"conc: {report['concurrent']} connections at once (echo 64 B); "
+                 f"pool.per_job: {_pool_text(report)}; "
                  f"PSS: the relays' memory with them open, +conns: what they added")
     for r in report["paths"]:
         lines.append(f"  {r['path']}: {r['note']}")

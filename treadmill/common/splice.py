@@ -36,6 +36,7 @@ arrive early stay in the kernel.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -49,7 +50,8 @@ from zope.interface import implementer
 from treadmill.common.zerocopy import KernelRelay
 
 __all__ = ["EOF", "MAX_FRAME", "TUNNEL_SUBPROTOCOL", "UNSUPPORTED_DATA", "ZEROCOPY_AFTER",
-           "End", "Splice", "StreamEnd", "WebSocketEnd", "client_endpoint", "join", "no_delay"]
+           "End", "Splice", "StreamEnd", "WebSocketEnd", "client_endpoint", "join", "keep_alive",
+           "no_delay"]
 
 MAX_FRAME = 64 * 1024  # the largest binary message a WebSocket leg sends
 ZEROCOPY_AFTER = 256 * 1024
@@ -424,6 +426,25 @@ def client_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
     if isIPv6Address(host):
         return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
     return HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
+def keep_alive(transport: Any, idle: int = 60, interval: int = 10, count: int = 3) -> None:
+    """TCP keepalive on ``transport`` (if it is a TCP one): a probe after ``idle`` seconds
+    of silence, then every ``interval``, the connection dropped after ``count`` unanswered.
+    For connections that wait long in silence (pooled data connections): the probes keep
+    NAT and firewall state alive and find a dead peer before a client is joined to it."""
+    handle = getattr(transport, "getHandle", None)
+    sock = handle() if handle is not None else None
+    if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval),
+                              ("TCP_KEEPCNT", count)):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    except OSError:
+        pass
 
 
 def no_delay(transport: Any) -> None:

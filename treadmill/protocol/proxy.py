@@ -13,6 +13,13 @@ Data: when a client arrives on a published port or path the proxy sends
 connection to the proxy's data port and sends one line,
 :func:`data_header`: ``TREADMILL-DATA/1 <conn_id> <token>\\n``. From the
 next byte on the connection carries the client's bytes both ways.
+
+Pool (minor 2): a proxy whose ``welcome`` names ``pool`` accepts that many idle
+data connections from the job ahead of its clients. Each starts with
+:func:`pool_header`, ``TREADMILL-POOL/1 <job> <token>\\n``, and waits; when a
+client arrives the proxy writes :func:`join_line`, ``TREADMILL-JOIN/1
+<service>\\n``, on one of them and joins it to the client at once (no ``connect``
+round trip); the supervisor dials the service and relays.
 """
 
 from __future__ import annotations
@@ -31,8 +38,10 @@ from treadmill.common.messages import encode as encode  # re-exported: the proto
 __all__ = [
     "CONTROL_PATH",
     "DATA_MAGIC",
+    "JOIN_MAGIC",
     "MAX_HEADER_BYTES",
     "MAX_MESSAGE_BYTES",
+    "POOL_MAGIC",
     "SUBPROTOCOL",
     "TO_PROXY",
     "TO_SUPERVISOR",
@@ -40,9 +49,13 @@ __all__ = [
     "ConsoleCloseCode",
     "ProtocolError",
     "data_header",
+    "join_line",
     "parse",
     "parse_data_header",
+    "parse_join_line",
+    "parse_pool_header",
     "parse_proxy_url",
+    "pool_header",
 ]
 
 MAJOR = 1
@@ -55,21 +68,32 @@ TO_PROXY = ("publish", "unpublish", "connect_failed", "protocol_error")
 TO_SUPERVISOR = ("welcome", "published", "unpublished", "connect", "console", "error",
                  "protocol_error")
 
-MINOR = 1
+MINOR = 2
 """The control protocol's minor version: 1 brings ``console`` (console clients opened and
-closed, for the audit log). The supervisor announces its minor in :data:`MINOR_HEADER` on
-the upgrade request; the proxy sends ``console`` only to one that announced 1 or more
-(an older supervisor would take it for a violation), and answers with its own minor."""
+closed, for the audit log), 2 the dial-back pool (``welcome.pool``, pooled data
+connections). The supervisor announces its minor in :data:`MINOR_HEADER` on the upgrade
+request; the proxy sends ``console`` only to one that announced 1 or more and
+``welcome.pool`` only to one that announced 2 or more (an older supervisor would take
+either for a violation), and answers with its own minor."""
 MINOR_HEADER = "x-treadmill-proxy-minor"
 CONSOLE_MINOR = 1
 """The first minor with the ``console`` message."""
+POOL_MINOR = 2
+"""The first minor with the dial-back pool: ``welcome.pool`` and pooled data connections."""
+MAX_POOL = 4096
+"""The largest ``welcome.pool`` (the schema's bound)."""
 
 ERROR_CODES = ("ports_exhausted", "port_unavailable", "too_many_tunnels", "bad_request",
                "not_published", "internal_error")
 
 DATA_MAGIC = b"TREADMILL-DATA/1"
-MAX_HEADER_BYTES = 9 * 1024  # the magic, a conn_id and a token of at most 8 KiB
+MAX_HEADER_BYTES = 9 * 1024  # the magic, a conn_id (or job) and a token of at most 8 KiB
+POOL_MAGIC = b"TREADMILL-POOL/1"
+JOIN_MAGIC = b"TREADMILL-JOIN/1"
+MAX_JOIN_BYTES = 128  # the join line: the magic and a service
 _CONN_ID = re.compile(rb"[A-Za-z0-9_-]{16,64}")
+_JOB = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SERVICE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _TOKEN = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
 
 
@@ -176,28 +200,66 @@ def parse_proxy_url(url: str) -> tuple[bool, str, int, str]:
 # -- the data connection's first line ------------------------------------------------
 
 
+def _header(magic: bytes, name: str, token: str) -> bytes:
+    return b"%s %s %s\n" % (magic, name.encode("ascii"), token.encode("ascii"))
+
+
+def _parse_header(line: bytes, magic: bytes, name: re.Pattern[bytes]) -> tuple[str, str]:
+    parts = line.rstrip(b"\r").split(b" ")
+    kind = magic.decode("ascii")
+    if len(parts) != 3 or parts[0] != magic:
+        raise ProtocolError(f"not a {kind} header")
+    if not name.fullmatch(parts[1]) or not _TOKEN.fullmatch(parts[2]):
+        raise ProtocolError(f"malformed {kind} header")
+    return parts[1].decode("ascii"), parts[2].decode("ascii")
+
+
 def data_header(conn_id: str, token: str) -> bytes:
     """The line a supervisor sends first on a data connection."""
-    return b"%s %s %s\n" % (DATA_MAGIC, conn_id.encode("ascii"), token.encode("ascii"))
+    return _header(DATA_MAGIC, conn_id, token)
 
 
 def parse_data_header(line: bytes) -> tuple[str, str]:
     """``(conn_id, token)`` of a data header line (without its ``\\n``)."""
-    parts = line.rstrip(b"\r").split(b" ")
-    if len(parts) != 3 or parts[0] != DATA_MAGIC:
-        raise ProtocolError("not a TREADMILL-DATA/1 header")
-    if not _CONN_ID.fullmatch(parts[1]) or not _TOKEN.fullmatch(parts[2]):
-        raise ProtocolError("malformed data header")
-    return parts[1].decode("ascii"), parts[2].decode("ascii")
+    return _parse_header(line, DATA_MAGIC, _CONN_ID)
+
+
+def pool_header(job: str, token: str) -> bytes:
+    """The line a supervisor sends first on a pooled data connection (minor 2)."""
+    return _header(POOL_MAGIC, job, token)
+
+
+def parse_pool_header(line: bytes) -> tuple[str, str]:
+    """``(job, token)`` of a pool header line (without its ``\\n``)."""
+    return _parse_header(line, POOL_MAGIC, _JOB)
+
+
+def join_line(service: str) -> bytes:
+    """The line the proxy writes on a pooled data connection it joins to a client."""
+    return b"%s %s\n" % (JOIN_MAGIC, service.encode("ascii"))
+
+
+def parse_join_line(line: bytes) -> str:
+    """The service of a join line (without its ``\\n``)."""
+    parts = line.split(b" ")
+    if len(parts) != 2 or parts[0] != JOIN_MAGIC or not _SERVICE.fullmatch(parts[1]):
+        raise ProtocolError("not a TREADMILL-JOIN/1 line")
+    return parts[1].decode("ascii")
 
 
 # -- constructors --------------------------------------------------------------------
 
 
 def welcome(job: str, data_port: int, data_tls: bool, public_host: str, grace: float,
-            published: list[str]) -> dict[str, Any]:
-    return {"type": "welcome", "job": job, "data_port": data_port, "data_tls": data_tls,
-            "public_host": public_host, "grace": grace, "published": published}
+            published: list[str], pool: int | None = None) -> dict[str, Any]:
+    """``pool`` (minor 2): how many idle pooled data connections the proxy accepts from
+    the job; only for a supervisor that announced minor 2 or more."""
+    message: dict[str, Any] = {"type": "welcome", "job": job, "data_port": data_port,
+                               "data_tls": data_tls, "public_host": public_host,
+                               "grace": grace, "published": published}
+    if pool is not None:
+        message["pool"] = pool
+    return message
 
 
 def publish(request_id: int, service: str, *, tcp: bool = True, websocket: bool = True,

@@ -3,6 +3,7 @@
 See ``docs/proxy.md``. The control protocol and the data header are
 ``treadmill.protocol.proxy``; the byte splice is ``treadmill.common.splice``.
 Modules: ``ports``, ``tunnels`` (``TunnelTable``: the jobs, their tunnels, waiting
-clients), ``legs`` (client and data connections), ``control`` (the control WebSocket),
-``api`` (HTTP routes), ``service``, ``metrics``, ``tap``.
+clients), ``pool`` (the dial-back pool's accounting), ``legs`` (client and data
+connections), ``control`` (the control WebSocket), ``api`` (HTTP routes), ``service``,
+``metrics``, ``tap``.
 """

@@ -10,8 +10,12 @@
   types. Refusals close with 4401 (no or bad token) or 4403 (not this job).
 - :class:`DataEnd`: a supervisor's data connection on ``data_listen``. Its
   first line is ``TREADMILL-DATA/1 <conn_id> <token>``
-  (``messages.data_header``); anything else, or nothing within the connect
-  timeout, closes it without a word.
+  (``messages.data_header``), or ``TREADMILL-POOL/1 <job> <token>``
+  (``messages.pool_header``, control minor 2): then it waits in the job's
+  dial-back pool, reading (a byte or an end of file from the supervisor takes
+  it out and closes it), until a client takes it (:meth:`DataEnd.assign`).
+  Anything else, or nothing within the connect timeout, closes it without a
+  word.
 """
 
 from __future__ import annotations
@@ -25,7 +29,13 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from treadmill.common.captoken import CapabilityError, Claims, bearer_token
-from treadmill.common.splice import TUNNEL_SUBPROTOCOL, StreamEnd, WebSocketEnd
+from treadmill.common.splice import (
+    TUNNEL_SUBPROTOCOL,
+    StreamEnd,
+    WebSocketEnd,
+    keep_alive,
+    no_delay,
+)
 from treadmill.common.wsjson import QuietLogger, close_reason
 from treadmill.protocol import proxy as messages
 from treadmill.protocol.proxy import ConsoleCloseCode
@@ -60,6 +70,7 @@ class PublicEnd(StreamEnd):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        no_delay(self.transport)
         self.pending = self.registry.client_arrived(self.tunnel, self)
 
     def gone(self, reason: Any) -> None:
@@ -92,9 +103,11 @@ class DataEnd(StreamEnd):
         self.timeout = timeout
         self._header = b""
         self._timer: Any = None
+        self.pooled: str | None = None  # the job whose pool holds it (idle)
 
     def connectionMade(self) -> None:
         # Read the header now; the join pauses nothing (both legs are ready then).
+        no_delay(self.transport)
         self._timer = self.registry.reactor.callLater(self.timeout, self._no_header)
 
     def _no_header(self) -> None:
@@ -105,6 +118,12 @@ class DataEnd(StreamEnd):
     def dataReceived(self, data: bytes) -> None:
         if self.splice is not None:
             super().dataReceived(data)
+            return
+        if self.pooled is not None:
+            # Idle in the pool: nothing may come before a client is joined.
+            self.registry.pool_lost(self.pooled, self)
+            self.pooled = None
+            self._refuse("bytes on an idle pooled data connection")
             return
         self._header += data
         end = self._header.find(b"\n")
@@ -117,6 +136,9 @@ class DataEnd(StreamEnd):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if line.startswith(messages.POOL_MAGIC + b" "):
+            self._pool(line, rest)
+            return
         try:
             conn_id, token = messages.parse_data_header(line)
         except messages.ProtocolError as e:
@@ -129,6 +151,27 @@ class DataEnd(StreamEnd):
         if rest:
             super().dataReceived(rest)
 
+    def _pool(self, line: bytes, rest: bytes) -> None:
+        try:
+            job, token = messages.parse_pool_header(line)
+        except messages.ProtocolError as e:
+            self._refuse(str(e))
+            return
+        if rest:
+            self._refuse("bytes after the pool header")
+            return
+        if not self.registry.pool_arrived(job, token, self):
+            self.transport.abortConnection()
+            return
+        self.pooled = job  # keeps reading: an end of file takes it out of the pool
+        keep_alive(self.transport)  # a dead one is found before a client is joined to it
+
+    def assign(self, service: str) -> None:
+        """A client takes this pooled connection: tell the supervisor which service (the
+        registry joins the two next)."""
+        self.pooled = None
+        self.transport.write(messages.join_line(service))
+
     def _refuse(self, why: str) -> None:
         self.registry.counts["data_malformed"] += 1
         self.log.info("Refused a data connection: {why}", why=why)
@@ -138,6 +181,9 @@ class DataEnd(StreamEnd):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self.pooled is not None:
+            self.registry.pool_lost(self.pooled, self)
+            self.pooled = None
 
 
 class DataFactory(ServerFactory):

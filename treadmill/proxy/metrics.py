@@ -40,6 +40,10 @@ class _Live(Collector):
         conns.add_metric(["waiting"], summary["pending"])
         conns.add_metric(["active"], summary["active"])
         yield conns
+        pooled = GaugeMetricFamily("treadmill_proxy_pooled", "Idle pooled data connections "
+                                   "(the dial-back pool).")
+        pooled.add_metric([], summary["pooled"])
+        yield pooled
         outcomes = CounterMetricFamily("treadmill_proxy_clients", "Client connections by "
                                        "outcome.", labels=["outcome"])
         for outcome in OUTCOMES:

@@ -21,6 +21,7 @@ from treadmill.common.config import (
     table,
 )
 from treadmill.common.daemon import twistd_service
+from treadmill.protocol.proxy import MAX_POOL
 from treadmill.proxy.ports import parse_port_range, parse_static
 from treadmill.proxy.service import ProxyConfig, ProxyService
 
@@ -74,6 +75,13 @@ class Options(RoleOptions):
                    positive(FLOAT), "Seconds a client waits for the supervisor's data "
                    "connection.")),
         *keys.satellite_settings("proxy", "auth[]"),
+        *table("pool", "tunnels.pool_{leaf}",
+               per_job=Row(
+                   non_negative(INT), "Idle pooled data connections one job's supervisor may "
+                   "keep open here (the dial-back pool, control minor 2); 0: no pool."),
+               max=Row(
+                   non_negative(INT), "Idle pooled data connections of all jobs together; "
+                   "more are closed.")),
         *table("control", "{leaf}",
                ping_interval=Row(
                    positive(FLOAT), "Seconds between WebSocket pings on control connections (and "
@@ -90,6 +98,8 @@ class Options(RoleOptions):
                 raise ConfigError(f"{desc!r}: data listeners must be tcp: or ssl: (their port "
                                   "is announced to supervisors)", key="data_listen",
                                   source=source)
+        if values["pool.per_job"] > MAX_POOL:
+            raise ConfigError(f"at most {MAX_POOL}", key="pool.per_job", source=source)
         port_range = parse_port_range(values["ports"])
         if port_range is None and not values["static"]:
             raise ConfigError("no public ports: set a range or static ports", key="ports",

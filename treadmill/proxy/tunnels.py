@@ -27,6 +27,12 @@ The rules (``docs/proxy.md``):
   ``manage`` types.
 - ``max_connections_per_tunnel`` bounds clients (waiting and joined) per
   tunnel; connections with no traffic for ``idle_timeout`` seconds close.
+- The dial-back pool (control minor 2, ``pool.DataPool``): a supervisor that
+  announced minor 2 keeps up to ``pool_per_job`` authenticated, idle data
+  connections open for its job (``pool_max`` for the whole proxy). A client
+  takes one at once (the proxy writes the service on it and joins them), else
+  it waits for a ``connect`` as above. A job's idle pooled connections close
+  with its control connection and with its tunnels.
 
 Nothing here is durable: a proxy restart drops every tunnel and the
 supervisors publish again when they reconnect.
@@ -49,6 +55,7 @@ from twisted.logger import Logger
 from treadmill.common.captoken import CapabilityError
 from treadmill.common.splice import End, Splice, join
 from treadmill.protocol import proxy as messages
+from treadmill.proxy.pool import DataPool
 from treadmill.proxy.ports import PortAllocator, PortsExhausted, PortUnavailable
 
 __all__ = ["Control", "JobSession", "Pending", "Tunnel", "TunnelConfig", "TunnelTable"]
@@ -72,6 +79,18 @@ class TunnelConfig:
     grace: float = 30.0
     connect_timeout: float = 10.0
     backlog: int = 1024
+    pool_per_job: int = 2  # idle pooled data connections one job may hold (minor 2); 0: none
+    pool_max: int = 4096  # idle pooled data connections of all jobs together
+
+
+class Pooled(Protocol):
+    """What the registry needs of a pooled data connection (``legs.DataEnd``)."""
+
+    lost: bool
+
+    def assign(self, service: str) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 class Control(Protocol):
@@ -191,6 +210,7 @@ class TunnelTable:
         self.pending: dict[str, Pending] = {}
         self.splices: set[Splice] = set()
         self.counts: Counter[str] = Counter()  # events, for metrics and the manhole
+        self.pool: DataPool[Any] = DataPool(settings.pool_per_job, settings.pool_max)
         self.bytes_closed = 0  # bytes of splices that have ended
         self._sweeper: LoopingCall | None = None
 
@@ -221,6 +241,7 @@ class TunnelTable:
                 "connected": sum(1 for s in self.sessions.values() if s.control is not None),
                 "tunnels": len(self.tunnels), "pending": len(self.pending),
                 "active": len(self.splices), "ports_in_use": len(self.ports.in_use),
+                "pooled": self.pool.size,
                 "counts": dict(self.counts)}
 
     # -- control connections ---------------------------------------------------------
@@ -244,9 +265,11 @@ class TunnelTable:
             self.counts["superseded"] += 1
             self.log.info("Job {job}: a new control connection supersedes the old one", job=job)
             old.close(messages.CloseCode.SUPERSEDED, "superseded by a newer connection")
+            self._close_pool(job)  # the old connection's supervisor opened them
+        pool = self.settings.pool_per_job if control.minor >= messages.POOL_MINOR else None
         control.send(messages.welcome(job, self.data_port(), self.data_tls,
                                       self.settings.public_host, self.settings.grace,
-                                      sorted(session.tunnels)))
+                                      sorted(session.tunnels), pool))
         # Console notices from while the job had no control connection.
         backlog, session.console_backlog = session.console_backlog, []
         if control.minor >= messages.CONSOLE_MINOR:
@@ -265,6 +288,7 @@ class TunnelTable:
         if session is None or session.control is not control:
             return  # superseded, or the session is already gone
         session.control = None
+        self._close_pool(session.job)  # its supervisor opens new ones after the next welcome
         if final or not session.tunnels:
             self.close_session(session, "the job's supervisor closed the control connection"
                                if final else "no tunnels")
@@ -291,6 +315,7 @@ class TunnelTable:
                           count=len(session.tunnels), why=why)
         for tunnel in list(session.tunnels.values()):
             self.close_tunnel(tunnel)
+        self._close_pool(session.job)
 
     def handle(self, session: JobSession, control: Control, message: dict[str, Any]) -> None:
         """One validated message of ``messages.TO_PROXY`` from the job's control connection."""
@@ -468,14 +493,26 @@ class TunnelTable:
                               count=tunnel.connections)
             client.abort()
             return None
+        control = tunnel.session.control
+        if control is not None:
+            pooled = self.pool.take(tunnel.session.job)
+            while pooled is not None and pooled.lost:
+                pooled = self.pool.take(tunnel.session.job)
+            if pooled is not None:
+                # The dial-back pool: the service on the waiting data connection, joined now.
+                self.counts["pool_joined"] += 1
+                pooled.assign(tunnel.service)
+                self._join(tunnel, client, pooled)
+                return None
         conn_id = secrets.token_urlsafe(18)
         pending = Pending(conn_id, tunnel, client, self.reactor.seconds())
         pending.timer = self.reactor.callLater(self.settings.connect_timeout, self._expired,
                                                pending)
         tunnel.pending[conn_id] = pending
         self.pending[conn_id] = pending
-        control = tunnel.session.control
         if control is not None:
+            if control.minor >= messages.POOL_MINOR:
+                self.counts["pool_empty"] += 1
             control.send(messages.connect(conn_id, tunnel.service))
         return pending
 
@@ -515,25 +552,74 @@ class TunnelTable:
             self.log.info("Refused a data connection: unknown or expired conn_id")
             return None
         session = pending.tunnel.session
-        if not hmac.compare_digest(_digest(token), session.token_digest):
-            try:
-                self.verifier.verify(token, "tunnel", session.job, "publish")
-            except CapabilityError as e:
-                self.counts["data_refused"] += 1
-                self.log.warn("Refused a data connection for job {job}: {reason}",
-                              job=session.job, reason=e.reason)
-                return None
+        if not self._grants(session, token):
+            return None
         self._drop_pending(pending)
-        tunnel = pending.tunnel
+        return self._join(pending.tunnel, pending.client, data)
+
+    def _grants(self, session: JobSession, token: str) -> bool:
+        """Whether ``token`` grants ``publish`` on the session's job (the control
+        connection's token is recognised by its digest, without verifying it again)."""
+        if hmac.compare_digest(_digest(token), session.token_digest):
+            return True
+        try:
+            self.verifier.verify(token, "tunnel", session.job, "publish")
+        except CapabilityError as e:
+            self.counts["data_refused"] += 1
+            self.log.warn("Refused a data connection for job {job}: {reason}",
+                          job=session.job, reason=e.reason)
+            return False
+        return True
+
+    def _join(self, tunnel: Tunnel, client: End, data: End) -> Splice:
         tunnel.accepted += 1
         self.counts["spliced"] += 1
-        splice = join(pending.client, data, self._splice_closed, tunnel)
+        splice = join(client, data, self._splice_closed, tunnel)
         splice.snapshot = splice.transferred
         splice.quiet_since = self.reactor.seconds()
-        if not (pending.client.lost or data.lost):
+        if not (client.lost or data.lost):
             tunnel.splices.add(splice)
             self.splices.add(splice)
         return splice
+
+    # -- the dial-back pool (control minor 2) --------------------------------------------
+
+    def pool_arrived(self, job: str, token: str, data: Pooled) -> bool:
+        """A pooled data connection presented ``job`` and ``token``: keep it idle for the
+        job's next client. Refused (False: the caller closes it without a word) unless
+        the job has a control connection of minor 2, ``token`` is the one that control
+        connection presented (recognised by its digest: no signature is verified for
+        a pooled connection, so that anyone who reaches the data port cannot make the
+        proxy verify one per connection), and neither the job's nor the proxy's bound
+        is reached."""
+        session = self.sessions.get(job)
+        if session is None or session.control is None \
+                or session.control.minor < messages.POOL_MINOR:
+            self.counts["pool_unknown"] += 1
+            return False
+        if not hmac.compare_digest(_digest(token), session.token_digest):
+            self.counts["data_refused"] += 1
+            self.log.info("Refused a pooled data connection for job {job}: not the control "
+                          "connection's token", job=job)
+            return False
+        if not self.pool.add(job, data):
+            self.counts["pool_full"] += 1
+            if self.counts["pool_full"] % 100 == 1:
+                self.log.warn("Job {job}: refused a pooled data connection: {held} held by "
+                              "the job, {total} in all (pool.per_job {per_job}, pool.max "
+                              "{max})", job=job, held=self.pool.waiting(job),
+                              total=self.pool.size, per_job=self.settings.pool_per_job,
+                              max=self.settings.pool_max)
+            return False
+        return True
+
+    def pool_lost(self, job: str, data: Pooled) -> None:
+        """A pooled data connection closed (or broke the rules) while idle."""
+        self.pool.discard(job, data)
+
+    def _close_pool(self, job: str) -> None:
+        for data in self.pool.close_job(job):
+            data.abort()
 
     def _splice_closed(self, splice: Splice) -> None:
         self.bytes_closed += splice.transferred

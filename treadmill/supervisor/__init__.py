@@ -16,6 +16,7 @@
     logship.py      LogShipper: one job's spool and send loops
     jobexposure.py  JobExposure: each job's services, published on its proxies
     exposure.py     the proxy control client and ExposureManager
+    dialpool.py     DialPool: pooled data connections to a proxy (control minor 2)
     consolenotices.py  ConsoleNotices: proxies' console clients, to the audit log
     echo.py         an echo service the mock host publishes through proxies
     fetch.py        ImageFetcher (IImageFetcher): jobs' images for the drivers

@@ -10,7 +10,11 @@ answers name the same ports and paths. When a client connects to a tunnel
 the proxy sends ``connect``; the manager dials the service's local
 ``(host, port)`` and the proxy's data port at the same time, sends the data
 header, and splices the two with backpressure (``treadmill.common.splice``).
-The wire formats are in ``docs/proxy.md``.
+A proxy of control minor 2 names a dial-back ``pool`` size in ``welcome``: the
+manager then keeps that many idle data connections open to it
+(``dialpool.DialPool``, at most ``pool`` if given), so that a client is joined
+at once and only the local service is dialled; ``connect`` remains the
+fallback when they are all in use. The wire formats are in ``docs/proxy.md``.
 
 For the supervisor (the lead wires it)::
 
@@ -56,6 +60,7 @@ from treadmill.common.splice import Splice, StreamEnd, client_endpoint, join, no
 from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import proxy as messages
 from treadmill.protocol.proxy import CloseCode, parse_proxy_url
+from treadmill.supervisor.dialpool import DialPool, PooledEnd
 
 __all__ = ["ExposureManager", "Service", "authenticates"]
 
@@ -184,6 +189,11 @@ class _ControlClient(JsonSession, WebSocketClientProtocol):
         self.link.manager.log.error("{name}: protocol violation by {url}: {error}",
                                     name=self.link.manager.name, url=self.link.url, error=text)
 
+    def connectionMade(self) -> None:
+        # The token this connection presents (pooled connections must present it too).
+        self.presented = self.factory.headers["Authorization"].removeprefix("Bearer ")
+        super().connectionMade()
+
     def onConnect(self, response: Any) -> None:
         self._wrong_protocol = response.protocol != messages.SUBPROTOCOL
 
@@ -254,6 +264,12 @@ class _ProxyLink:
         self._requests: dict[int, str] = {}
         self._request_id = 0
         self._stopping = False
+        self.session_token = token  # the token the current control connection presented
+        self._data: tuple[dict[str, Any], Any] | None = None  # (welcome, its data endpoint)
+        self.pool = DialPool(reactor, self._dial_pooled,
+                             lambda: messages.pool_header(manager.job_id, self.session_token),
+                             functools.partial(manager._pool_join, self),
+                             retry_max=manager.reconnect_max)
 
     def _retry_delay(self, attempt: int) -> float:
         return float(self._backoff(max(0, attempt - 1) + self.failures))
@@ -263,6 +279,7 @@ class _ProxyLink:
 
     async def stop(self, final: bool) -> None:
         self._stopping = True
+        self.pool.stop()
         session = self.session
         if session is not None:
             session.close(CloseCode.NORMAL if final else CloseCode.GOING_AWAY,
@@ -277,6 +294,26 @@ class _ProxyLink:
 
     def send(self, message: dict[str, Any]) -> bool:
         return self.session.send(message) if self.session is not None else False
+
+    def data_endpoint(self) -> Any:
+        """Where data connections go (after a ``welcome``): its data port, TLS if it says
+        (one endpoint per ``welcome``: every data connection dials it)."""
+        welcome = self.welcome
+        assert welcome is not None
+        if self._data is not None and self._data[0] is welcome:
+            return self._data[1]
+        manager = self.manager
+        endpoint: Any = client_endpoint(manager.reactor, self.host, welcome["data_port"],
+                                        manager.connect_timeout)
+        if welcome["data_tls"]:
+            from treadmill.common.tls import client_options
+
+            endpoint = wrapClientTLS(client_options(self.host, manager.ca_file), endpoint)
+        self._data = (welcome, endpoint)
+        return endpoint
+
+    def _dial_pooled(self, end: PooledEnd) -> Deferred[Any]:
+        return self.data_endpoint().connect(_OneShot(end))  # type: ignore[no-any-return]
 
     def publish(self, service: str) -> None:
         self._request_id += 1
@@ -300,6 +337,9 @@ class _ProxyLink:
     def opened(self, session: _ControlClient) -> None:
         self.session = session
         self.connections += 1
+        # Pooled connections must present the token this connection did (the proxy
+        # recognises it, and verifies no other for them).
+        self.session_token = session.presented
 
     def message(self, session: _ControlClient, message: dict[str, Any]) -> None:
         if session is not self.session:
@@ -319,6 +359,8 @@ class _ProxyLink:
             for service in message.get("published", []):
                 if service not in manager.services:  # left over from an earlier run
                     self.unpublish(service)
+            offered = message.get("pool", 0)  # minor 2; an older proxy offers none
+            self.pool.resize(offered if manager.pool is None else min(offered, manager.pool))
         elif kind == "published":
             self._requests.pop(message["request_id"], None)
             endpoint: dict[str, Any] = {"service": message["service"], "proxy": self.url,
@@ -354,6 +396,7 @@ class _ProxyLink:
             self.session = None
             self.welcome = None  # the next connection's welcome says where to dial
             self._requests.clear()
+            self.pool.stop()  # the proxy closed its side too
         if self._stopping:
             return
         status = None
@@ -387,6 +430,9 @@ class ExposureManager:
     :param services: ``{name: (host, port)}`` of the host-local endpoints;
         ``(host, port, True)`` for one that authenticates its users itself.
     :param tcp: publish public TCP ports; :param websocket: publish WebSocket paths.
+    :param pool: the most idle pooled data connections to keep per proxy (control
+        minor 2); None: as many as each proxy offers; 0: no pool (every client waits
+        for a ``connect`` round trip).
     """
 
     log = Logger()
@@ -396,7 +442,8 @@ class ExposureManager:
                  tcp: bool = True, websocket: bool = True, reconnect_initial: float = 1.0,
                  reconnect_max: float = 30.0, heartbeat_interval: float = 10.0,
                  heartbeat_timeout: float = 20.0, connect_timeout: float = 10.0,
-                 name: str = "exposure", jitter: Callable[[], float] = random.random):
+                 name: str = "exposure", jitter: Callable[[], float] = random.random,
+                 pool: int | None = None):
         for service in services:
             messages.validate(messages.unpublish(0, service))  # a valid service name
         self.reactor = reactor
@@ -412,10 +459,12 @@ class ExposureManager:
         self.connect_timeout = connect_timeout
         self.name = name
         self.jitter = jitter
+        self.pool = pool
+        self._locals: dict[tuple[str, int], Any] = {}  # local services' endpoints
         self.links = [_ProxyLink(self, p["url"], p["token"]) for p in proxies]
         self.splices: set[Splice] = set()
         self.counts: dict[str, int] = {"spliced": 0, "local_failed": 0, "data_failed": 0,
-                                       "unknown_service": 0}
+                                       "unknown_service": 0, "pool_joined": 0}
         self._callbacks: list[Callable[[list[dict[str, Any]]], None]] = []
         self._console_callbacks: list[Callable[[dict[str, Any]], None]] = []
         self._waiters: list[Deferred[list[dict[str, Any]]]] = []
@@ -534,15 +583,44 @@ class ExposureManager:
             self.counts["unknown_service"] += 1
             link.send(messages.connect_failed(conn_id, f"no service {service} here"))
             return
-        host, port = target[0], target[1]
-        local = client_endpoint(self.reactor, host, port, self.connect_timeout)
-        data: Any = client_endpoint(self.reactor, link.host, link.welcome["data_port"],
-                              self.connect_timeout)
-        if link.welcome["data_tls"]:
-            from treadmill.common.tls import client_options
+        _Rendezvous(self, link, conn_id, service).start(self._local(target),
+                                                        link.data_endpoint())
 
-            data = wrapClientTLS(client_options(link.host, self.ca_file), data)
-        _Rendezvous(self, link, conn_id, service).start(local, data)
+    def _pool_join(self, link: _ProxyLink, data: PooledEnd, service: str) -> None:
+        """The proxy joined a client of ``service`` to the pooled connection ``data``:
+        dial the service and relay (closing ``data``, and so the client, if it cannot
+        be reached: the pooled form of ``connect_failed``)."""
+        target = self.services.get(service)
+        if target is None or self._closed:
+            self.counts["unknown_service"] += 1
+            data.abort()
+            return
+        self.counts["pool_joined"] += 1
+        local = _LocalEnd()
+        connecting = self._local(target).connect(_OneShot(local))
+
+        def connected(_: Any) -> None:
+            self.counts["spliced"] += 1
+            splice = join(local, data, self._splice_closed, link)
+            if not (local.lost or data.lost):
+                self.splices.add(splice)
+
+        def failed(failure: Failure) -> None:
+            self.counts["local_failed"] += 1
+            self.log.warn("{name}: cannot reach {service} for a client: {error}",
+                          name=self.name, service=service, error=failure.getErrorMessage())
+            data.abort()
+
+        connecting.addCallbacks(connected, failed)
+
+    def _local(self, target: Service) -> Any:
+        """The endpoint of a local service (made once: every client dials it)."""
+        key = (target[0], target[1])
+        endpoint = self._locals.get(key)
+        if endpoint is None:
+            endpoint = self._locals[key] = client_endpoint(self.reactor, key[0], key[1],
+                                                           self.connect_timeout)
+        return endpoint
 
     def _console(self, link: _ProxyLink, message: dict[str, Any]) -> None:
         notice = {k: v for k, v in message.items() if k != "type"}

@@ -1,0 +1,203 @@
+"""The supervisor's half of the dial-back pool (proxy control minor 2, ``docs/proxy.md``).
+
+A proxy whose ``welcome`` names ``pool: N`` accepts up to N idle data connections
+from the job. A :class:`DialPool` (one per proxy and job) keeps that many open
+ahead of time: each sends ``TREADMILL-POOL/1 <job> <token>`` and waits
+(:class:`PooledEnd`); when the proxy writes ``TREADMILL-JOIN/1 <service>`` on one,
+a client is already joined to it at the proxy, and ``on_join(end, service)``
+dials the service and relays. Every connection used or lost is replaced; a
+connection the proxy closes while idle (it refused it: a bound reached, or the
+pool closed) counts as a failure, and refills wait with capped exponential
+backoff after failures, so that a proxy refusing the pool costs a few
+connections a minute. The pool empties when the control connection closes and
+fills again after the next ``welcome``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from treadmill.common.splice import StreamEnd, keep_alive, no_delay
+from treadmill.protocol import proxy as messages
+
+__all__ = ["DialPool", "PooledEnd"]
+
+
+class PooledEnd(StreamEnd):
+    """A pooled data connection: the pool header, then the proxy's join line, then a
+    client's bytes (held until :func:`~treadmill.common.splice.join`)."""
+
+    def __init__(self, pool: DialPool, header: bytes):
+        super().__init__()
+        self.pool = pool
+        self.header = header
+        self.service: str | None = None
+        self._line = b""
+
+    def connectionMade(self) -> None:
+        # Not paused (unlike StreamEnd): the join line must be read.
+        no_delay(self.transport)
+        keep_alive(self.transport)  # it may wait long in silence
+        self.transport.write(self.header)
+        self.pool._opened(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.service is not None:
+            super().dataReceived(data)
+            return
+        self._line += data
+        end = self._line.find(b"\n")
+        if end < 0:
+            if len(self._line) > messages.MAX_JOIN_BYTES:
+                self.pool.counts["bad_join"] += 1
+                self.transport.abortConnection()
+            return
+        line, rest = self._line[:end], self._line[end + 1:]
+        self._line = b""
+        try:
+            service = messages.parse_join_line(line)
+        except messages.ProtocolError:
+            self.pool.counts["bad_join"] += 1
+            self.transport.abortConnection()
+            return
+        self.service = service
+        self.transport.pauseProducing()  # join() resumes it
+        if rest:
+            super().dataReceived(rest)  # the client's first bytes: kept until the join
+        self.pool._joined(self, service)
+
+    def gone(self, reason: Any) -> None:
+        self.pool._lost(self)
+
+
+class DialPool:
+    """Keeps ``size`` pooled data connections to one proxy open for one job.
+
+    :param dial: opens one connection for a :class:`PooledEnd` (the proxy's data
+        port, TLS if it says so); its Deferred fails if the connection cannot be made.
+    :param header: the pool header to send (``messages.pool_header``); a callable,
+        so that a fresh token is used from the next connection on.
+    :param on_join: ``on_join(end, service)``: a client of ``service`` was joined to
+        ``end`` at the proxy.
+    """
+
+    def __init__(self, reactor: Any, dial: Callable[[PooledEnd], Deferred[Any]],
+                 header: Callable[[], bytes],
+                 on_join: Callable[[PooledEnd, str], None], *, retry_initial: float = 0.5,
+                 retry_max: float = 30.0):
+        self.reactor = reactor
+        self.dial = dial
+        self.header = header
+        self.on_join = on_join
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.size = 0
+        self.idle: set[PooledEnd] = set()
+        self.opening = 0
+        self.failures = 0  # in a row: connections that failed or the proxy closed idle
+        self.counts: dict[str, int] = {"opened": 0, "joined": 0, "failed": 0,
+                                       "closed_idle": 0, "bad_join": 0}
+        self._timer: Any = None
+        self._ending: set[PooledEnd] = set()  # closed by us: not a failure
+        self._probe: PooledEnd | None = None  # opened after a failure: is it kept?
+
+    def resize(self, size: int) -> None:
+        """Keep ``size`` connections open from now on (0: close them all)."""
+        self.size = max(0, size)
+        if self.size == 0:
+            self._cancel_timer()
+            self.failures = 0
+            self._probe = None
+        while len(self.idle) > self.size:
+            self._close(self.idle.pop())
+        self.fill()
+
+    def stop(self) -> None:
+        """Close every idle connection and open no more (until :meth:`resize`)."""
+        self.resize(0)
+
+    def delay(self) -> float:
+        """Seconds before the next refill: none after a success, else backoff."""
+        if self.failures == 0:
+            return 0.0
+        return float(min(self.retry_max, self.retry_initial * 2 ** (self.failures - 1)))
+
+    def fill(self) -> None:
+        """Open connections until ``size`` are idle or opening (now, or after backoff)."""
+        if self._timer is not None:
+            return
+        missing = self.size - len(self.idle) - self.opening
+        if missing <= 0:
+            return
+        if self.failures:
+            self._timer = self.reactor.callLater(self.delay(), self._refill)
+            return
+        for _ in range(missing):
+            self._open()
+
+    def _refill(self) -> None:
+        self._timer = None
+        probe, self._probe = self._probe, None
+        if probe is not None and probe in self.idle:
+            self.failures = 0  # the last one was kept: the proxy takes them again
+            self.fill()
+            return
+        if self.size - len(self.idle) - self.opening > 0:
+            # One at a time after a failure, until one is kept.
+            self._probe = self._open()
+            self._timer = self.reactor.callLater(self.delay(), self._refill)
+
+    def _open(self) -> PooledEnd:
+        self.opening += 1
+        end = PooledEnd(self, self.header())
+        dialled = self.dial(end)
+        dialled.addErrback(self._failed, end)
+        return end
+
+    def _failed(self, failure: Failure, end: PooledEnd) -> None:
+        self.opening -= 1
+        self.counts["failed"] += 1
+        self.failures += 1
+        self.fill()
+
+    def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _close(self, end: PooledEnd) -> None:
+        self._ending.add(end)
+        end.transport.abortConnection()  # idle: not joined, nothing registered
+
+    # -- from PooledEnd --------------------------------------------------------------
+
+    def _opened(self, end: PooledEnd) -> None:
+        self.opening -= 1
+        self.counts["opened"] += 1
+        if len(self.idle) >= self.size:
+            self._close(end)  # resized meanwhile
+            return
+        self.idle.add(end)
+
+    def _joined(self, end: PooledEnd, service: str) -> None:
+        self.idle.discard(end)
+        self.counts["joined"] += 1
+        self.failures = 0
+        self._cancel_timer()
+        self.on_join(end, service)  # the client first: its local dial starts before a refill
+        self.fill()
+
+    def _lost(self, end: PooledEnd) -> None:
+        if end in self._ending:
+            self._ending.discard(end)
+            return
+        if end in self.idle:
+            # The proxy closed it before any client came: refused, or its pool closed.
+            self.idle.discard(end)
+            self.counts["closed_idle"] += 1
+            self.failures += 1
+            self.fill()
