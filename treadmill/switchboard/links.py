@@ -612,12 +612,18 @@ class SupervisorLinks(MultiService):
             self.spawn(link.send_snapshots())
 
     def host_changed(self, payload: str) -> None:
-        """``treadmill_hosts``: close links superseded elsewhere, or whose host is gone."""
+        """``treadmill_hosts``: close links superseded elsewhere, or whose host is gone.
+
+        A note naming the link's own session (its registration, its kinds, a new tag)
+        needs no check: a superseding link names another session, and a deleted host
+        or a new token (``update_host`` ends the link) names none. Two statements
+        fewer per accepted link.
+        """
         note = HostNote.parse(payload)
         if note is None:
             return
         link = self.by_host.get(note.host_id)
-        if link is None:
+        if link is None or (note.session is not None and note.session == link.session):
             return
 
         async def check() -> None:
