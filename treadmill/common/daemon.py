@@ -101,7 +101,7 @@ def add_operator_services(reactor: Any, root: MultiService, values: dict[str, An
     from treadmill.common.gcpolicy import FreezePolicy
 
     policy = FreezePolicy(reactor)
-    policy.setName("gc")
+    policy.setName("gc-freeze")
     policy.setServiceParent(root)
     if values.get("manhole.listen"):
         from treadmill.common.manhole import manhole_service
