@@ -152,9 +152,9 @@ def test_make_service_builds_the_tree(tmp_path: Path) -> None:
     assert service.namespace()["fetcher"] is service.fetcher is service.driver.fetcher
     assert service.driver.settings.run_time == 3.0
     assert (tmp_path / "state" / "journal").is_dir()
-    # The link joins after start-up.
+    # The link joins after start-up; gc-freeze is the operator services' (always).
     assert [child.name for child in IServiceCollection(service)] == [
-        "logs", "exposure", "runner", "fetcher"]
+        "logs", "exposure", "runner", "fetcher", "gc-freeze"]
 
 
 def test_make_service_refuses_a_locked_state_directory(tmp_path: Path) -> None:

@@ -515,6 +515,7 @@ async def test_links_move_to_an_instance_that_joins(pair: Any) -> None:
     links._next_rebalance = float("inf")  # As if B had just joined.
     peers = [await connect(a, await add_host(a, f"h{i}", ["t"])) for i in range(6)]
     links._next_rebalance = 0.0
+    links.rebalance_quiet = 0.0  # (the test below waits for the quiet time)
     a.service.config.rebalance_interval = 0.3
     # Six links, two live instances: a share is 3, plus 1 of slack. Each link A
     # closes reconnects (as through the balancer) to B.
@@ -532,6 +533,29 @@ async def test_links_move_to_an_instance_that_joins(pair: Any) -> None:
     await sleep(1.0)  # Balanced now: nothing more moves (three rebalance intervals).
     assert links.rebalanced == 2 and len(links.by_host) == 4
     assert len(b.service.links.by_host) == 2
+    for p in peers:
+        p.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instance_taking_links_sheds_none_until_they_stop_arriving(pair: Any
+                                                                            ) -> None:
+    """A failover: the survivor takes a dead instance's links while it still counts as
+    live, so it is over its share; it must not close them until links stop coming."""
+    a, _ = pair
+    links = a.service.links
+    links.rebalance_quiet = 1.0
+    peers = [await connect(a, await add_host(a, f"h{i}", ["t"])) for i in range(6)]
+    # Three instances live, six links: a share is 2 (+1 of slack); A holds 6.
+    assert links.rebalance(3, 6, 0.1) == 0  # a link came just now
+    await sleep(0.6)
+    peers.append(await connect(a, await add_host(a, "h6", ["t"])))  # still arriving
+    await sleep(0.6)  # 1.2 s since the first links, 0.6 s since the last
+    assert links.rebalance(3, 7, 0.1) == 0 and links.rebalanced == 0
+    await sleep(0.5)
+    closed = links.rebalance(3, 7, 0.1)  # quiet for over a second: the excess goes
+    assert closed == 2 and links.rebalanced == 2
+    assert len(links.by_host) == 5
     for p in peers:
         p.disconnect()
 

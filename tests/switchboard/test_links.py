@@ -262,6 +262,35 @@ async def test_replaced_token_closes_the_link(sb: RunningSwitchboard) -> None:
         await Peer(sb.url, token).connect()
 
 
+@pytest_twisted.ensureDeferred
+async def test_notes_of_a_links_own_session_read_nothing(sb: RunningSwitchboard,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """Accepting a link writes the host row twice (its session, its kinds), and each
+    write notifies every instance: the holder re-read the row for each, two statements
+    per link that a fleet's failover paid thousands of times. Only notes naming
+    another session (or none) are checked."""
+    reads: list[int] = []
+    real = sb.store.host_link_state
+
+    async def counted(host_id: int) -> dict | None:
+        reads.append(host_id)
+        return await real(host_id)
+
+    monkeypatch.setattr(sb.store, "host_link_state", counted)
+    token = await add_host(sb)
+    peer = await connected_peer(sb, token)
+    assert (await sb.admin.put("/api/v1/hosts/h1/tags", {"tags": ["t", "u"]})).status == 200
+    job_id = await submit(sb, tags=["u"])
+    await peer.wait_for("start_job", job_id=job_id)  # the notes were handled by now
+    assert reads == []
+    # A newer session still supersedes the first.
+    second = await connected_peer(sb, token)
+    assert await peer.closed() == protocol.CloseCode.SUPERSEDED
+    assert second.connection is not None
+    second.disconnect()
+
+
 @pytest.mark.parametrize("payload", [
     b"{not json",
     b"[]",

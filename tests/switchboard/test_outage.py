@@ -757,3 +757,37 @@ async def test_a_link_closing_with_several_requests_pending_fails_them_all(
             await sb.admin.get("/api/v1/hosts/h1")).body["connected"] is False
 
     await eventually(disconnected, timeout=5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_healthz_does_not_wait_behind_a_busy_pool(sb: RunningSwitchboard,
+                                                        outage: Outage) -> None:
+    """A load balancer's health check (500 ms in etc/haproxy) must not queue behind the
+    pool's real work: an instance busy with link acceptances was marked down, its
+    sessions shut, and the reconnecting fleet kept every instance busy (10,000
+    supervisors never settled). A statement answered within a second proves the
+    database reachable; a failure since then does not."""
+    pool = sb.service.pool
+
+    async def health() -> int:
+        r = await treq.get(sb.url + "/healthz", persistent=False)
+        await r.content()
+        return r.code
+
+    await sb.store.ping()
+    busy = [Deferred.fromCoroutine(pool.fetchone("SELECT pg_sleep(1.5)"))
+            for _ in range(pool.size * 2)]
+    t0 = time.monotonic()
+    assert await health() == 200  # as HAProxy asks: no credentials
+    assert time.monotonic() - t0 < 0.5
+    for d in busy:
+        await d
+    # A statement that fails for want of the database voids the last answer at once.
+    await outage.begin()
+    try:
+        await sb.store.ping()
+    except Exception as e:
+        assert unavailable(e)
+    assert not pool.answered_within(1.0)
+    assert await health() == 503
+    await until_back(outage, sb)

@@ -10,25 +10,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import resource
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from typing import Any
 
+from benchkit import balancer
 from benchkit.api import APIError, Client, epoch, metric
+from benchkit.balancer import HAPROXY
 from benchkit.cli import BenchError, output_options, run, sayer
-from benchkit.daemons import Postgres, bootstrap, remove_temp, start_daemon, temp_dir, twistd
+from benchkit.daemons import Postgres, bootstrap, remove_temp, start_daemon, temp_dir
 from benchkit.host import first_line, host_info, revision
-from benchkit.procs import ROOT, VENV, free_port, spawn, stop_process, wait_http
+from benchkit.procs import ROOT, VENV, free_port, spawn, stop_process
 from benchkit.procs import wait_until as wait
 
 from treadmill.dev.pgcluster import ClusterError
 
-HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 IMAGE = "sha256:" + "ab" * 32
 
 
@@ -54,39 +52,17 @@ class Bench:
 
     def start_instance(self, name: str) -> None:
         assert self.db is not None
-        cmd = twistd("treadmill-switchboard", "--database-dsn", self.db.dsn, "--instance", name,
-                     "--capabilities-signing-key", str(self.tmp / "key.pem"),
-                     "--listen", f"tcp:{self.ports[name]}:interface=127.0.0.1",
-                     "--metrics-listen", f"tcp:{self.metrics[name]}:interface=127.0.0.1",
-                     "--http-access-log", "false", "--supervisors-ping-interval", "2",
-                     "--supervisors-ping-timeout", "4", "--instances-rebalance-interval", "2")
+        cmd = balancer.instance_cmd(
+            self.db.dsn, name, self.tmp / "key.pem", self.ports[name], self.metrics[name],
+            "--supervisors-ping-interval", "2", "--supervisors-ping-timeout", "4",
+            "--instances-rebalance-interval", "2")
         self.procs[name] = start_daemon(cmd, self.tmp / f"{name}.log",
                                         f"http://127.0.0.1:{self.ports[name]}/healthz",
                                         f"instance {name}", level="warn", interval=0.1)
 
     def start_haproxy(self) -> None:
-        text = (ROOT / "etc" / "haproxy" / "haproxy.cfg").read_text()
-        text = re.sub(r"^    bind .*\n", f"    bind 127.0.0.1:{self.port}\n", text, flags=re.M)
-        # Two connections per supervisor: the example's maxconn 4000 holds about 1,990.
-        maxconn = max(4000, 2 * self.args.supervisors + 1000)
-        # HAProxy wants about 2 * maxconn descriptors and cannot go over the hard limit.
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        if hard != resource.RLIM_INFINITY and 2 * maxconn + 100 > hard:
-            raise BenchError(f"{self.args.supervisors} supervisors need HAProxy's maxconn "
-                             f"{maxconn}, about {2 * maxconn + 100} descriptors: over "
-                             f"RLIMIT_NOFILE {hard}")
-        text = re.sub(r"^    maxconn .*\n", f"    maxconn {maxconn}\n", text, flags=re.M)
-        if self.args.check_timeout:
-            text = re.sub(r"^    timeout check .*\n",
-                          f"    timeout check {self.args.check_timeout}\n", text, flags=re.M)
-        text = re.sub(r"^    server .*\n", "", text, flags=re.M).rstrip("\n") + "\n"
-        text += "".join(f"    server {n} 127.0.0.1:{p} check\n" for n, p in self.ports.items())
-        config = self.tmp / "haproxy.cfg"
-        config.write_text(text)
-        self.haproxy = spawn([HAPROXY, "-db", "-f", str(config)], self.tmp / "haproxy.log",
-                             cwd=self.tmp)
-        wait_http(self.url + "/healthz", self.haproxy, "haproxy", self.tmp / "haproxy.log",
-                  timeout=30, interval=0.1)
+        self.haproxy = balancer.start(self.tmp, "haproxy", self.port, self.ports,
+                                      self.args.supervisors, self.args.check_timeout)
 
     def signal(self, name: str, sig: int) -> None:
         proc = self.procs.get(name)

@@ -2,6 +2,7 @@
 
 - ``config``: the settings table (TOML file, command line) and the config it builds.
 - ``daemon``: the root ``RoleService``, listeners, operator services, ``twistd_service``.
+- ``gcpolicy``: when the garbage collector scans long-lived objects (freeze, full pass).
 - ``http``: the JSON error shape and handlers, hardened sites, request logging, bodies.
 - ``keys``: the switchboard's capability keys, for the satellite roles.
 - ``captoken``: capability tokens (signing, verification).

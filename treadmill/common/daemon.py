@@ -83,7 +83,8 @@ def add_operator_services(reactor: Any, root: MultiService, values: dict[str, An
     ``registry`` is the role's Prometheus registry (default: the global one).
     Once the reactor runs, the start-up heap is frozen (``gc.freeze``): full
     collections under load then skip its objects instead of stalling the
-    reactor for tens of milliseconds.
+    reactor for tens of milliseconds; later the surviving heap is frozen every
+    10 s and collected in full every half hour (:mod:`treadmill.common.gcpolicy`).
 
     Every role calls this from ``makeService``, so it is also where the
     process-wide settings apply: the HTTP head and idle limits
@@ -97,6 +98,11 @@ def add_operator_services(reactor: Any, root: MultiService, values: dict[str, An
     configure_timeouts(values.get("http.head_timeout", 10.0),
                        values.get("http.idle_timeout", 60.0))
     reactor.callWhenRunning(gc.freeze)
+    from treadmill.common.gcpolicy import FreezePolicy
+
+    policy = FreezePolicy(reactor)
+    policy.setName("gc-freeze")
+    policy.setServiceParent(root)
     if values.get("manhole.listen"):
         from treadmill.common.manhole import manhole_service
 

@@ -6,6 +6,7 @@
     │              clients they report go to the runner's outbox: ``ConsoleNotices``)
     ├── runner     JobRunner: the switchboard's job commands on the host driver
     ├── fetcher    ImageFetcher: jobs' images, for the driver
+    ├── gc-freeze  optional FreezePolicy: when the collector scans the heap (common.gcpolicy)
     ├── manhole    optional SSH manhole
     ├── metrics    optional Prometheus listeners (``SupervisorMetrics``' registry)
     └── link       SupervisorLink: the WebSocket to the switchboard (after start-up)

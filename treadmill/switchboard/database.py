@@ -349,6 +349,10 @@ class Pool:
         self._pool: _TxPool | None = None
         self.on_commit: Callable[[list[tuple[str, Any]]], None] | None = None
         """Called with a committed transaction's :meth:`Cursor.note` facts (metrics)."""
+        self.answered_at: float | None = None
+        """Reactor time of the last statement the database answered."""
+        self.failed_at: float | None = None
+        """Reactor time of the last statement that failed for want of the database."""
 
     async def start(self) -> None:
         pool = _TxPool(self.reactor, session_dsn(self.dsn, self.timeouts), self.size)
@@ -360,6 +364,14 @@ class Pool:
             self._pool.close()
             self._pool = None
 
+    def answered_within(self, seconds: float) -> bool:
+        """Whether the database answered a statement in the last ``seconds``, and none
+        failed for want of it since: then it is reachable without asking again (a
+        health check must not wait in the queue of a pool busy with real work)."""
+        answered = self.answered_at
+        return (answered is not None and self.reactor.seconds() - answered <= seconds
+                and (self.failed_at is None or self.failed_at < answered))
+
     def _require(self) -> _TxPool:
         if self._pool is None:
             raise DatabaseUnavailable("the database pool is not connected")
@@ -370,13 +382,25 @@ class Pool:
         reconnecting although another is back (nothing was sent on it)."""
         waited = 0.0
         while True:
-            pool = self._require()
             try:
-                return await shielded(call(pool))
+                pool = self._require()
+                result = await shielded(call(pool))
             except reconnection.ConnectionDead:
+                self.failed_at = self.reactor.seconds()
                 if waited >= 2 * RECONNECT_MAX or not any(
                         not conn.detector.connectionIsDead for conn in pool.everyone):
                     raise
+            except CancelledError:
+                raise  # Not an answer either way.
+            except Exception as e:
+                if unavailable(e):
+                    self.failed_at = self.reactor.seconds()
+                else:  # The database answered (an error of the statement's own).
+                    self.answered_at = self.reactor.seconds()
+                raise
+            else:
+                self.answered_at = self.reactor.seconds()
+                return result
             await deferLater(self.reactor, 0.05, lambda: None)
             waited += 0.05
 

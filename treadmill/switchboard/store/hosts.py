@@ -83,7 +83,12 @@ class HostQueries(Queries):
             "enabled = coalesce(%(enabled)s, enabled), "
             "healthy = CASE WHEN %(reset)s THEN true ELSE healthy END, "
             "consecutive_failures = CASE WHEN %(reset)s THEN 0 ELSE consecutive_failures END, "
-            "token_hash = coalesce(%(digest)s, token_hash) "
+            "token_hash = coalesce(%(digest)s, token_hash), "
+            # A new token ends the link (the notification then names no session, and
+            # the instance holding it closes it).
+            "session = CASE WHEN %(digest)s IS NULL THEN session END, "
+            "instance = CASE WHEN %(digest)s IS NULL THEN instance END, "
+            "instance_id = CASE WHEN %(digest)s IS NULL THEN instance_id END "
             "WHERE name = %(name)s RETURNING id), "
             "event AS (INSERT INTO host_health_events (host_id, event, healthy, actor, message) "
             "SELECT old.id, 'enabled', true, %(actor)s, CASE WHEN old.healthy "
