@@ -51,6 +51,17 @@ async def devstack(stack: Stack, *options: str) -> str:
     return out
 
 
+def log_tail(env: dict[str, str], name: str, lines: int = 80) -> str:
+    """The end of the devstack's log ``name`` (for a failure's message: the stack and
+    its logs are removed when the module ends)."""
+    path = Path(env["TREADMILL_CONFIG"]).parent / "logs" / f"{name}.log"
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        return f"\n({path}: {e})"
+    return f"\n--- the end of {path.name}:\n" + "\n".join(text.splitlines()[-lines:])
+
+
 @pytest_twisted.async_yield_fixture(scope="module")
 async def stack() -> AsyncIterator[Stack]:
     """One devstack for the module (its tests add to it: a second run reuses everything,
@@ -328,7 +339,8 @@ async def reach_a_vm_through_the_proxy(env: dict[str, str]) -> None:
     assert not pid_alive(pid)  # torn down before the hold was over
     argv = ["job", "submit", "demo", "--follow"]  # the host takes the next job
     out, err = io.StringIO(), io.StringIO()
-    assert await tml(reactor, argv, out, err, env) == 0, out.getvalue() + err.getvalue()
+    assert await tml(reactor, argv, out, err, env) == 0, \
+        out.getvalue() + err.getvalue() + log_tail(env, "supervisor-qemu-1")
 
 
 SSH_KEYS_FLOW = protocol.MINOR >= protocol.SSH_KEYS_MINOR
