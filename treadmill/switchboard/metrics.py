@@ -69,6 +69,17 @@ class _Live(Collector):
                                          "Links this instance closed to rebalance since start.")
         rebalanced.add_metric([], self.service.links.rebalanced)
         yield rebalanced
+        gate = self.service.links.gate
+        handshakes = GaugeMetricFamily("treadmill_supervisor_link_handshakes",
+                                       "Supervisor link handshakes under way on this instance "
+                                       "(at most supervisors.max_handshakes).")
+        handshakes.add_metric([], gate.in_progress)
+        yield handshakes
+        refused = CounterMetricFamily("treadmill_supervisor_link_handshakes_refused",
+                                      "Supervisor link upgrades this instance refused with 503 "
+                                      "since start: supervisors.max_handshakes were under way.")
+        refused.add_metric([], gate.refused)
+        yield refused
         if not instance.leader:
             return
         jobs = GaugeMetricFamily("treadmill_jobs", "Jobs by state, cluster-wide (refreshed "
