@@ -17,6 +17,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 
 from treadmill.protocol import supervisor as protocol
@@ -159,6 +160,25 @@ def test_busy_switchboards_are_retried_after_retry_after_with_backoff_and_jitter
              for _ in range(8)]
     assert delays(times) == expected
     assert link.last_close is not None and link.last_close.http_status == 503
+    link.stopService()
+
+
+def test_a_503_is_logged_at_info_and_other_refusals_still_warn() -> None:
+    """A fleet refused thousands of times must not write thousands of warnings."""
+    reactor = MemoryReactorClock()
+    link = SupervisorLink(reactor, "ws://127.0.0.1:9/", "host-token", Handler(),
+                          reconnect_initial=1.0, reconnect_max=60.0, jitter=lambda: 0.0)
+    link.startService()
+    with capturedLogs() as events:
+        refuse_handshake(reactor, b"503 Service Unavailable", b"Retry-After: 1\r\n")
+    assert [e for e in events if e["log_level"] >= LogLevel.warn] == []
+    assert [e for e in events if e["log_level"] == LogLevel.info
+            and e.get("log_namespace") == "treadmill.supervisor.link.SupervisorLink"]
+    with capturedLogs() as events:
+        refuse_handshake(reactor, b"502 Bad Gateway")
+    warned = {e.get("log_namespace") for e in events if e["log_level"] == LogLevel.warn}
+    assert warned == {"treadmill.supervisor.link.SupervisorProtocol",
+                      "treadmill.supervisor.link.SupervisorLink"}, warned
     link.stopService()
 
 

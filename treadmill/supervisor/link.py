@@ -101,10 +101,20 @@ def parse_url(url: str) -> tuple[bool, str, int, str]:
 _parse = functools.partial(protocol.parse, expect=protocol.TO_SUPERVISOR)
 
 
+class _ProtocolLogger(QuietLogger):
+    """Autobahn's warning for each upgrade a busy switchboard refused (503) is
+    dropped: that is a normal retry, which :class:`SupervisorLink` logs at info (a
+    fleet connecting at once would write thousands of warnings)."""
+
+    def warn(self, format: str | None = None, **kwargs: Any) -> None:
+        if "upgrade failed [503]" not in str(kwargs.get("reason", "")):
+            super().warn(format, **kwargs)
+
+
 class SupervisorProtocol(JsonSession, WebSocketClientProtocol):
     """One connection to the switchboard: a runner :class:`~runner.Session`."""
 
-    log = QuietLogger(namespace="treadmill.supervisor.link.ws")
+    log = _ProtocolLogger(namespace="treadmill.supervisor.link.ws")
     # Autobahn reads this before it copies the factory's options: without it,
     # Nagle's algorithm holds each small message ~40 ms behind the last ack.
     tcpNoDelay = True
