@@ -140,15 +140,17 @@ def delays(times: list[float]) -> list[float]:
 
 
 @pytest.mark.parametrize("retry_after, jitter, expected", [
-    # At least Retry-After, doubling with each 503 in a row, up to reconnect_max / 2 ...
-    (b"Retry-After: 1\r\n", 0.0, [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]),
+    # At least Retry-After, doubling with each 503 in a row, up to BUSY_BACKOFF_MAX ...
+    (b"Retry-After: 1\r\n", 0.0, [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]),
     # ... times one plus the jitter, so a refused fleet does not come back at once.
-    (b"Retry-After: 1\r\n", 0.5, [1.5, 3.0, 6.0, 12.0, 24.0, 45.0, 45.0]),
-    (b"Retry-After: 5\r\n", 0.0, [5.0, 5.0, 5.0, 8.0, 16.0, 30.0, 30.0]),
+    (b"Retry-After: 1\r\n", 0.5, [1.5, 3.0, 6.0, 12.0, 12.0, 12.0, 12.0]),
+    # A longer Retry-After is obeyed, even beyond BUSY_BACKOFF_MAX.
+    (b"Retry-After: 5\r\n", 0.0, [5.0, 5.0, 5.0, 8.0, 8.0, 8.0, 8.0]),
+    (b"Retry-After: 20\r\n", 0.0, [20.0] * 7),
     # A 503 without Retry-After (the database is away): the doubling alone.
-    (b"", 0.0, [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]),
+    (b"", 0.0, [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]),
     # Nonsense (an HTTP date, a negative number) is not obeyed.
-    (b"Retry-After: -3\r\n", 0.0, [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]),
+    (b"Retry-After: -3\r\n", 0.0, [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]),
 ])
 def test_busy_switchboards_are_retried_after_retry_after_with_backoff_and_jitter(
         retry_after: bytes, jitter: float, expected: list[float]) -> None:

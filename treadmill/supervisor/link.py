@@ -23,9 +23,11 @@ the count, so the next attempt comes after ``reconnect_initial``.
 An upgrade refused with HTTP 503 (the switchboard has as many link handshakes
 under way as it admits, or its database is away) is a normal retry: it counts
 as a failure, and the next attempt waits at least its ``Retry-After``, the
-delay doubling with each refusal in a row (up to half of ``reconnect_max``),
-plus a random share of up to that much again, so a refused fleet spreads out
-instead of coming back at once.
+delay doubling with each refusal in a row up to ``BUSY_BACKOFF_MAX`` (8 s; or
+half of ``reconnect_max`` if less), plus a random share of up to that much
+again, so a refused fleet spreads out instead of coming back at once, and a
+supervisor refused many times is not left waiting a minute while the
+switchboard has room again (a failover's tail).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ __all__ = ["CloseInfo", "LinkHandler", "SupervisorLink", "SupervisorProtocol", "
 
 MINOR_HEADER = "X-Treadmill-Protocol-Minor"
 _GIVE_UP_FAST = 64  # a failure count that means "wait reconnect_max"
+BUSY_BACKOFF_MAX = 8.0
+"""The longest delay before jitter after 503s in a row (unless Retry-After says more)."""
 
 
 class LinkHandler(Protocol):
@@ -281,9 +285,11 @@ class SupervisorLink(Service):
 
     def _busy_delay(self, retry_after: float) -> float:
         """After a 503: at least ``retry_after``, doubling with refusals in a row, up to
-        ``reconnect_max / 2``, then times one plus a jitter in [0, 1)."""
+        ``BUSY_BACKOFF_MAX`` (and ``reconnect_max / 2``), then times one plus a jitter in
+        [0, 1)."""
         doubled = self._reconnect_initial * 2.0 ** min(max(self.failures - 1, 0), 30)
-        base = min(self._reconnect_max / 2, max(retry_after, doubled))
+        base = min(self._reconnect_max / 2,
+                   max(retry_after, min(doubled, BUSY_BACKOFF_MAX)))
         return base * (1.0 + self._jitter())
 
     # -- waiting ---------------------------------------------------------------------

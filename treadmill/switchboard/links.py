@@ -530,7 +530,7 @@ class SupervisorLinks(MultiService):
     def __init__(self, reactor: Any, store: Store, instance: str, *,
                  ping_interval: float = 5.0, ping_timeout: float = 10.0,
                  reconcile_interval: float = 30.0, reconcile_retry: float = 2.0,
-                 touch_interval: float = 5.0, max_handshakes: int = 16,
+                 touch_interval: float = 5.0, max_handshakes: int = 64,
                  handshake_timeout: float = 10.0,
                  unreachable_after: float = 60.0, request_timeout: float = REQUEST_TIMEOUT,
                  signer: CapabilitySigner | None = None,

@@ -81,7 +81,7 @@ class SwitchboardConfig:
     unreachable_after: float = 60.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     reconcile_retry: float = 2.0
-    max_handshakes: int = 16
+    max_handshakes: int = 64
     passwords: PasswordPolicy = field(default_factory=PasswordPolicy)
     heartbeat_interval: float = 1.0
     address: str = ""
