@@ -12,8 +12,6 @@ through the balancer takes more than 5 s.
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ from twisted.internet.task import deferLater
 
 from tests.support import Client
 from tests.util.daemons import Daemon, bootstrap_admin
+from tests.util.haproxy import HAPROXY, HAProxy, balancer_config
 from tests.util.ports import free_port
 from tests.util.running import stopping
 from tests.util.waiting import eventually, sleep
@@ -35,38 +34,12 @@ from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.drivers import STAGES
 from treadmill.supervisor.drivers.mock import MockSettings
 
-HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
-EXAMPLE = Path(__file__).parents[1] / "etc" / "haproxy" / "haproxy.cfg"
 DIGEST = "sha256:" + "f" * 64
 HOSTS = 6
 MAX_CALL = 5.0
 
 pytestmark = pytest.mark.skipif(not os.access(HAPROXY, os.X_OK),
                                 reason="haproxy is not installed (tools/setup-env installs it)")
-
-
-class HAProxy(Daemon):
-    """``haproxy -db -f CONFIG`` in the foreground."""
-
-    def __init__(self, config: Path):
-        super().__init__("haproxy", [])
-        self.config = config
-
-    def start(self) -> None:
-        from tests.util.daemons import _Output
-
-        self._proto = _Output(self.log)
-        argv = [HAPROXY, "-db", "-f", str(self.config)]
-        self._transport = reactor.spawnProcess(self._proto, argv[0], argv, env=self.env)
-
-
-def balancer_config(port: int, backends: dict[str, int]) -> str:
-    """The example configuration, listening on ``port`` in front of ``backends``."""
-    text = EXAMPLE.read_text()
-    text = re.sub(r"^    bind .*\n", f"    bind 127.0.0.1:{port}\n", text, flags=re.M)
-    text = re.sub(r"^    server .*\n", "", text, flags=re.M)
-    servers = "".join(f"    server {name} 127.0.0.1:{p} check\n" for name, p in backends.items())
-    return text.rstrip("\n") + "\n" + servers
 
 
 def instance(tmp: Path, database: str, name: str, port: int) -> Daemon:

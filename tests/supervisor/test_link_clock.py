@@ -6,14 +6,18 @@ heartbeats, close codes) are in ``test_link.py``.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
+import re
 from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 
 from treadmill.protocol import supervisor as protocol
@@ -84,9 +88,9 @@ class Transport(StringTransport):
         self.producer = None
 
 
-def refuse_handshake(reactor: MemoryReactorClock, status: bytes) -> float:
-    """Accept the next TCP connection and answer its WebSocket upgrade with ``status``;
-    the time of the attempt."""
+def next_connection(reactor: MemoryReactorClock) -> tuple[Any, Transport, float]:
+    """Wait (on the clock) for the next TCP attempt and accept it: its protocol, its
+    transport holding the upgrade request, and the time of the attempt."""
     while not reactor.tcpClients:
         calls = reactor.getDelayedCalls()
         assert calls, "no attempt and no retry scheduled"
@@ -99,9 +103,124 @@ def refuse_handshake(reactor: MemoryReactorClock, status: bytes) -> float:
     proto.makeConnection(transport)
     reactor.advance(0)
     assert transport.value().startswith(b"GET " + protocol.PATH.encode() + b" HTTP/1.1\r\n")
-    proto.dataReceived(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n\r\n")
+    return proto, transport, at
+
+
+def refuse_handshake(reactor: MemoryReactorClock, status: bytes, headers: bytes = b""
+                     ) -> float:
+    """Accept the next TCP connection and answer its WebSocket upgrade with ``status``
+    (and raw ``headers`` lines); the time of the attempt."""
+    proto, _, at = next_connection(reactor)
+    proto.dataReceived(b"HTTP/1.1 " + status + b"\r\n" + headers
+                       + b"Content-Length: 0\r\n\r\n")
     proto.connectionLost(Failure(ConnectionDone()))
     return at
+
+
+def accept_handshake(reactor: MemoryReactorClock) -> tuple[Any, float]:
+    """Accept the next connection's WebSocket upgrade (as a switchboard of this minor
+    does); the open protocol and the time of the attempt."""
+    proto, transport, at = next_connection(reactor)
+    key = re.search(rb"(?im)^sec-websocket-key:\s*(\S+)", transport.value())
+    assert key is not None
+    accept = base64.b64encode(hashlib.sha1(key.group(1) + WS_GUID).digest())
+    proto.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                       b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n"
+                       b"Sec-WebSocket-Protocol: " + protocol.SUBPROTOCOL.encode() + b"\r\n"
+                       + protocol.MINOR_HEADER.encode() + b": "
+                       + str(protocol.MINOR).encode() + b"\r\n\r\n")
+    return proto, at
+
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455's accept-key suffix
+
+
+def delays(times: list[float]) -> list[float]:
+    return [round(b - a, 6) for a, b in itertools.pairwise(times)]
+
+
+@pytest.mark.parametrize("retry_after, jitter, expected", [
+    # At least Retry-After, doubling with each 503 in a row, up to BUSY_BACKOFF_MAX ...
+    (b"Retry-After: 1\r\n", 0.0, [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]),
+    # ... times one plus the jitter, so a refused fleet does not come back at once.
+    (b"Retry-After: 1\r\n", 0.5, [1.5, 3.0, 6.0, 12.0, 12.0, 12.0, 12.0]),
+    # A longer Retry-After is obeyed, even beyond BUSY_BACKOFF_MAX.
+    (b"Retry-After: 5\r\n", 0.0, [5.0, 5.0, 5.0, 8.0, 8.0, 8.0, 8.0]),
+    (b"Retry-After: 20\r\n", 0.0, [20.0] * 7),
+    # A 503 without Retry-After (the database is away): the doubling alone.
+    (b"", 0.0, [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]),
+    # Nonsense (an HTTP date, a negative number) is not obeyed.
+    (b"Retry-After: -3\r\n", 0.0, [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]),
+])
+def test_busy_switchboards_are_retried_after_retry_after_with_backoff_and_jitter(
+        retry_after: bytes, jitter: float, expected: list[float]) -> None:
+    reactor = MemoryReactorClock()
+    link = SupervisorLink(reactor, "ws://127.0.0.1:9/", "host-token", Handler(),
+                          reconnect_initial=1.0, reconnect_max=60.0, jitter=lambda: jitter)
+    link.startService()
+    times = [refuse_handshake(reactor, b"503 Service Unavailable", retry_after)
+             for _ in range(8)]
+    assert delays(times) == expected
+    assert link.last_close is not None and link.last_close.http_status == 503
+    link.stopService()
+
+
+def test_a_503_is_logged_at_info_and_other_refusals_still_warn() -> None:
+    """A fleet refused thousands of times must not write thousands of warnings."""
+    reactor = MemoryReactorClock()
+    link = SupervisorLink(reactor, "ws://127.0.0.1:9/", "host-token", Handler(),
+                          reconnect_initial=1.0, reconnect_max=60.0, jitter=lambda: 0.0)
+    link.startService()
+    with capturedLogs() as events:
+        refuse_handshake(reactor, b"503 Service Unavailable", b"Retry-After: 1\r\n")
+    assert [e for e in events if e["log_level"] >= LogLevel.warn] == []
+    assert [e for e in events if e["log_level"] == LogLevel.info
+            and e.get("log_namespace") == "treadmill.supervisor.link.SupervisorLink"]
+    with capturedLogs() as events:
+        refuse_handshake(reactor, b"502 Bad Gateway")
+    warned = {e.get("log_namespace") for e in events if e["log_level"] == LogLevel.warn}
+    assert warned == {"treadmill.supervisor.link.SupervisorProtocol",
+                      "treadmill.supervisor.link.SupervisorLink"}, warned
+    link.stopService()
+
+
+class Opened(Handler):
+    """A ``LinkHandler`` that lets sessions open and counts them."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+
+    def link_opened(self, session: Any) -> None:
+        self.opened += 1
+
+    def link_closed(self, session: Any) -> None:
+        pass
+
+
+def test_a_lost_link_is_retried_after_reconnect_initial_even_after_503s() -> None:
+    """Failover stays fast: busy refusals before a session do not slow the first retry
+    after that session is lost, and a 503 then starts its doubling afresh."""
+    reactor = MemoryReactorClock()
+    handler = Opened()
+    link = SupervisorLink(reactor, "ws://127.0.0.1:9/", "host-token", handler,
+                          reconnect_initial=1.0, reconnect_max=60.0, jitter=lambda: 0.0)
+    link.startService()
+    times = [refuse_handshake(reactor, b"503 Service Unavailable", b"Retry-After: 1\r\n")
+             for _ in range(4)]
+    proto, opened_at = accept_handshake(reactor)
+    assert handler.opened == 1 and link.session is not None
+    assert delays([*times, opened_at]) == [1.0, 2.0, 4.0, 8.0]
+    reactor.advance(3.0)  # a while connected, then the instance dies (kill -9)
+    lost_at = reactor.seconds()
+    proto.connectionLost(Failure(ConnectionLost()))
+    assert link.session is None and link.last_close is not None
+    retried_at = refuse_handshake(reactor, b"503 Service Unavailable", b"Retry-After: 1\r\n")
+    assert round(retried_at - lost_at, 6) == 1.0  # reconnect_initial, as before
+    again = refuse_handshake(reactor, b"503 Service Unavailable", b"Retry-After: 1\r\n")
+    assert round(again - retried_at, 6) == 1.0  # Retry-After: the doubling starts afresh
+    third = refuse_handshake(reactor, b"503 Service Unavailable", b"Retry-After: 1\r\n")
+    assert round(third - again, 6) == 2.0
+    link.stopService()
 
 
 def test_refused_upgrades_back_off_by_their_count() -> None:

@@ -1,18 +1,22 @@
 """Helpers of the switchboard tests that drive a scripted supervisor (:mod:`.peer`).
 
 Hosts, jobs and peers against a :class:`tests.support.RunningSwitchboard`: add a
-host, submit a job, wait for a job state, connect a peer and reconnect it.
+host, submit a job, wait for a job state, connect a peer and reconnect it; hold
+hosts' rows locked (``locked_hosts``: a link registration that waits).
 """
 
 from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
 
 from tests.support import Client, RunningSwitchboard, start_switchboard
 from tests.switchboard.peer import Peer, Script
@@ -100,6 +104,25 @@ async def reconnect(peer: Peer, job: dict[str, Any] | None) -> None:
     peer.script.job = job
     await peer.connect()
     await peer.wait_for("status_request")
+
+
+@asynccontextmanager
+async def locked_hosts(dsn: str, *names: str) -> AsyncIterator[None]:
+    """Hold row locks on the hosts ``names`` from another session (in a thread, off the
+    reactor): a link's registration of one of them waits, as on a busy database."""
+    conn = await deferToThread(psycopg2.connect, dsn)
+
+    def lock() -> None:
+        with conn.cursor() as cur:
+            cur.execute("SELECT id FROM hosts WHERE name = ANY(%s) FOR UPDATE", (list(names),))
+            assert cur.rowcount == len(names)
+
+    try:
+        await deferToThread(lock)
+        yield
+    finally:
+        await deferToThread(conn.rollback)
+        await deferToThread(conn.close)
 
 
 # -- registry tokens ------------------------------------------------------------------

@@ -362,6 +362,7 @@ async def test_an_older_supervisor_is_disconnected_and_resends(
         "Sec-WebSocket-Protocol": protocol.SUBPROTOCOL, "Authorization": f"Bearer {token}"})
     await upgrade.content()
     assert upgrade.code == 503
+    assert sb.service.links.gate.in_progress == 0  # the refused handshakes freed their slots
     back = await until_back(outage, sb)
 
     async def reconnected() -> bool:

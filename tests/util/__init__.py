@@ -12,6 +12,8 @@
   ``bootstrap_admin`` (the first admin's token).
 - ``processbed``: a switchboard and a mock supervisor as ``twistd`` processes (``Bed``,
   the ``bed`` fixture) for tests that kill and restart them.
+- ``haproxy``: a real HAProxy running ``etc/haproxy/haproxy.cfg`` fitted to loopback
+  instances (``HAProxy``, ``balancer_config``, ``HAPROXY``).
 - ``metricnames``: the metric tables of docs/operations.md and the families of a scrape.
 - ``units``: systemd unit files parsed as systemd reads them.
 - ``pgroles``: docs/install.md's least-privileged PostgreSQL role and database, by its SQL.

@@ -123,8 +123,6 @@ def respond_error(request: IRequest, error: ApiError) -> bytes:
         request.setHeader(name.encode("ascii"), value.encode("utf-8"))
     if error.status == 401:
         request.setHeader(b"www-authenticate", b'Bearer realm="treadmill"')
-    for name, value in error.headers.items():
-        request.setHeader(name.encode("ascii"), value.encode("ascii"))
     return error_body(error.code, error.message)
 
 

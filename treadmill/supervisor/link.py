@@ -19,6 +19,15 @@ count as a failure, and the delay grows with consecutive failures up to
 ``reconnect_max``; a version mismatch goes straight to ``reconnect_max``. A
 session that ends otherwise (a switchboard restart, a dead network) resets
 the count, so the next attempt comes after ``reconnect_initial``.
+
+An upgrade refused with HTTP 503 (the switchboard has as many link handshakes
+under way as it admits, or its database is away) is a normal retry: it counts
+as a failure, and the next attempt waits at least its ``Retry-After``, the
+delay doubling with each refusal in a row up to ``BUSY_BACKOFF_MAX`` (8 s; or
+half of ``reconnect_max`` if less), plus a random share of up to that much
+again, so a refused fleet spreads out instead of coming back at once, and a
+supervisor refused many times is not left waiting a minute while the
+switchboard has room again (a failover's tail).
 """
 
 from __future__ import annotations
@@ -46,6 +55,8 @@ __all__ = ["CloseInfo", "LinkHandler", "SupervisorLink", "SupervisorProtocol", "
 
 MINOR_HEADER = "X-Treadmill-Protocol-Minor"
 _GIVE_UP_FAST = 64  # a failure count that means "wait reconnect_max"
+BUSY_BACKOFF_MAX = 8.0
+"""The longest delay before jitter after 503s in a row (unless Retry-After says more)."""
 
 
 class LinkHandler(Protocol):
@@ -67,6 +78,7 @@ class CloseInfo:
     reason: str | None
     http_status: int | None = None
     local: bool = False  # the supervisor closed it (with ``code``)
+    retry_after: float | None = None  # seconds, from a refused upgrade's Retry-After
 
 
 def parse_url(url: str) -> tuple[bool, str, int, str]:
@@ -93,10 +105,20 @@ def parse_url(url: str) -> tuple[bool, str, int, str]:
 _parse = functools.partial(protocol.parse, expect=protocol.TO_SUPERVISOR)
 
 
+class _ProtocolLogger(QuietLogger):
+    """Autobahn's warning for each upgrade a busy switchboard refused (503) is
+    dropped: that is a normal retry, which :class:`SupervisorLink` logs at info (a
+    fleet connecting at once would write thousands of warnings)."""
+
+    def warn(self, format: str | None = None, **kwargs: Any) -> None:
+        if "upgrade failed [503]" not in str(kwargs.get("reason", "")):
+            super().warn(format, **kwargs)
+
+
 class SupervisorProtocol(JsonSession, WebSocketClientProtocol):
     """One connection to the switchboard: a runner :class:`~runner.Session`."""
 
-    log = QuietLogger(namespace="treadmill.supervisor.link.ws")
+    log = _ProtocolLogger(namespace="treadmill.supervisor.link.ws")
     # Autobahn reads this before it copies the factory's options: without it,
     # Nagle's algorithm holds each small message ~40 ms behind the last ack.
     tcpNoDelay = True
@@ -166,24 +188,32 @@ class SupervisorProtocol(JsonSession, WebSocketClientProtocol):
                             link=self.link.name, text=text)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        status = None
+        status = retry_after = None
         status_line = getattr(self, "http_status_line", None)
         if status_line:
             parts = status_line.split()
             if len(parts) >= 2 and parts[1].isdigit() and parts[1] != "101":
                 status = int(parts[1])
+                retry_after = _seconds(getattr(self, "http_headers", {}).get("retry-after"))
         local = bool(self.closedByMe and self.localCloseCode is not None)
         if local:
             code, reason = self.localCloseCode, self.localCloseReason  # we closed, say why
         elif self.remoteCloseCode is not None:
             code, reason = self.remoteCloseCode, self.remoteCloseReason
         info = CloseInfo(opened=self.was_open, code=code, reason=reason, http_status=status,
-                         local=local)
+                         local=local, retry_after=retry_after)
         try:
             self.link._closed(self, info)
         finally:
             if not self.closed.called:
                 self.closed.callback(None)
+
+
+def _seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` in seconds (the HTTP-date form and nonsense give ``None``)."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return float(value.strip())
 
 
 class SupervisorLink(Service):
@@ -216,6 +246,10 @@ class SupervisorLink(Service):
         # Jitter in proportion to the initial delay (random.random for the default 1 s).
         self._backoff = backoffPolicy(reconnect_initial, reconnect_max, factor=2,
                                       jitter=lambda: jitter() * reconnect_initial)
+        self._jitter = jitter
+        self._reconnect_initial = reconnect_initial
+        self._reconnect_max = reconnect_max
+        self._refused_after: float | None = None  # the last attempt's 503: its Retry-After
         self.client = ClientService(endpoint, self.factory, retryPolicy=self._retry_delay,
                                     clock=reactor)
         self.session: SupervisorProtocol | None = None
@@ -245,7 +279,18 @@ class SupervisorLink(Service):
     def _retry_delay(self, attempt: int) -> float:
         # ``attempt`` counts failed TCP connects in a row (1 after a lost session);
         # ``failures`` counts refused handshakes and sessions closed with 4xxx.
+        if self._refused_after is not None and attempt <= 1:  # (no failed connects since)
+            return self._busy_delay(self._refused_after)
         return self._backoff(max(0, attempt - 1) + self.failures)
+
+    def _busy_delay(self, retry_after: float) -> float:
+        """After a 503: at least ``retry_after``, doubling with refusals in a row, up to
+        ``BUSY_BACKOFF_MAX`` (and ``reconnect_max / 2``), then times one plus a jitter in
+        [0, 1)."""
+        doubled = self._reconnect_initial * 2.0 ** min(max(self.failures - 1, 0), 30)
+        base = min(self._reconnect_max / 2,
+                   max(retry_after, min(doubled, BUSY_BACKOFF_MAX)))
+        return base * (1.0 + self._jitter())
 
     # -- waiting ---------------------------------------------------------------------
 
@@ -293,6 +338,7 @@ class SupervisorLink(Service):
     def _classify(self, info: CloseInfo, was_session: bool) -> None:
         """Log how the connection ended and adjust the backoff."""
         log, name, code = self.log, self.name, info.code
+        self._refused_after = None
         if info.local:
             # Our own close: a violation or mismatch was logged when found.
             if code == CloseCode.VERSION_MISMATCH:
@@ -312,6 +358,13 @@ class SupervisorLink(Service):
                 log.error("{link}: the switchboard refused the connection (HTTP 400): it may "
                           "not speak {sub}; retrying slowly", link=name, sub=protocol.SUBPROTOCOL)
                 self.failures = _GIVE_UP_FAST
+            elif status == 503:
+                # Busy (handshakes under way beyond its limit) or the database is away.
+                self.failures += 1
+                self._refused_after = info.retry_after or 0.0
+                log.info("{link}: the switchboard is busy or its database unavailable "
+                         "(HTTP 503); retrying with backoff ({count} in a row)", link=name,
+                         count=self.failures)
             elif status is not None:
                 log.warn("{link}: WebSocket upgrade refused (HTTP {status})", link=name,
                          status=status)

@@ -14,7 +14,8 @@
   ``scheduling`` (assigning jobs to hosts), ``timeouts`` (deadlines), ``events`` (live
   job events), ``health`` (host health decisions) and ``healthwork`` (the leader's
   health pass: checks due by the clock, queued jobs' messages);
-- ``links`` (the supervisors' WebSocket sessions), ``reconcile`` (what a link does
+- ``links`` (the supervisors' WebSocket sessions), ``admission`` (at most so many
+  link handshakes under way, beyond them 503), ``reconcile`` (what a link does
   about a host's report), ``jobstart`` (the wire ``JobStart``), ``holds`` (ending
   a failed job's held host), ``instances`` (liveness of switchboard instances, the
   leader);

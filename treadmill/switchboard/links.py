@@ -6,6 +6,11 @@ a job assigned to (or stopping on) a host whose link it holds is sent to that
 host; a host whose session changed elsewhere is closed as superseded.
 Everything durable is in the database: which instance and session hold a
 host's link, what each host should run.
+
+At most ``max_handshakes`` handshakes (upgrade to registration) are under way
+at once (:mod:`treadmill.switchboard.admission`); beyond them
+:class:`SupervisorResource` answers the upgrade ``503`` with ``Retry-After``
+before any database work.
 """
 
 from __future__ import annotations
@@ -24,13 +29,16 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.web.iweb import IRequest
 
 from treadmill.common import sshkeys
 from treadmill.common.captoken import CapabilitySigner, bearer_token
+from treadmill.common.http import ApiError, respond_error
 from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import supervisor as protocol
 from treadmill.protocol.supervisor import CloseCode, ProtocolError
 from treadmill.switchboard import credentials
+from treadmill.switchboard.admission import RETRY_AFTER, HandshakeGate, Slot
 from treadmill.switchboard.audit import ConsoleAudit
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.holds import HostHold
@@ -68,6 +76,8 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
     token_digest: bytes = b""
     minor = 0
     registered = False
+    lost = False  # the connection ended (maybe in the middle of the handshake)
+    _slot: Slot | None = None  # this handshake's admission (admission.py) until it ends
 
     def __init__(self) -> None:
         super().__init__()
@@ -87,7 +97,17 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
     # -- handshake -------------------------------------------------------------
 
     def onConnect(self, request: ConnectionRequest) -> Deferred[tuple[str, dict[str, str]]]:
-        return Deferred.fromCoroutine(self._authenticate(request))
+        self._slot = self.links.gate.acquire()
+        if self._slot is None:  # SupervisorResource refuses first; this is the backstop.
+            raise ConnectionDeny(503, BUSY)
+        handshake = Deferred.fromCoroutine(self._authenticate(request))
+        return handshake.addBoth(self._handshake_over)
+
+    def _handshake_over(self, result: Any) -> Any:
+        """Free the admission slot whichever way the handshake ended."""
+        if self._slot is not None:
+            self._slot.release()
+        return result
 
     async def _authenticate(self, request: ConnectionRequest) -> tuple[str, dict[str, str]]:
         if protocol.SUBPROTOCOL not in request.protocols:
@@ -111,6 +131,11 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
             previous = self.links.by_host.get(self.host_id)
             try:
                 await self.links.register(self)
+                if self.lost:  # Closed (or timed out) while it registered: undo.
+                    self.links.spawn(self.links.store.link_disconnected(self.host_id,
+                                                                        self.session))
+                    raise ConnectionDeny(ConnectionDeny.REQUEST_TIMEOUT,
+                                         "the connection ended during the handshake")
             except Exception:
                 # Not registered: give the host back to its link before this one.
                 if self.links.by_host.get(self.host_id) is self:
@@ -138,6 +163,9 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
         self.links.spawn(self.reconcile())
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.lost = True
+        if self._slot is not None:
+            self._slot.release()  # closed mid-handshake, or the handshake timed out
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
@@ -462,6 +490,24 @@ def _brief(error: BaseException) -> str:
 SNAPSHOT_TIMEOUT = 3 * 3600.0
 """Seconds a host has to upload a snapshot before it is marked failed."""
 
+BUSY = "too many supervisor links are being set up here; try again later"
+
+
+class SupervisorResource(WebSocketResource):
+    """The WebSocket resource, refusing an upgrade at once (``503``, ``Retry-After``)
+    while ``gate`` has as many handshakes in progress as it admits."""
+
+    def __init__(self, factory: SupervisorSessionFactory, gate: HandshakeGate):
+        super().__init__(factory)
+        self.gate = gate
+
+    def render(self, request: IRequest) -> Any:
+        if self.gate.full:
+            self.gate.refuse()
+            return respond_error(request, ApiError(503, BUSY,
+                                                   headers={"Retry-After": str(RETRY_AFTER)}))
+        return super().render(request)
+
 
 class SupervisorSessionFactory(WebSocketServerFactory):
     protocol = SupervisorSession
@@ -472,7 +518,8 @@ class SupervisorSessionFactory(WebSocketServerFactory):
         self.setProtocolOptions(
             autoPingInterval=links.ping_interval, autoPingTimeout=links.ping_timeout,
             maxMessagePayloadSize=protocol.MAX_MESSAGE_BYTES,
-            maxFramePayloadSize=protocol.MAX_MESSAGE_BYTES, openHandshakeTimeout=10)
+            maxFramePayloadSize=protocol.MAX_MESSAGE_BYTES,
+            openHandshakeTimeout=links.handshake_timeout)
 
 
 class SupervisorLinks(MultiService):
@@ -483,7 +530,8 @@ class SupervisorLinks(MultiService):
     def __init__(self, reactor: Any, store: Store, instance: str, *,
                  ping_interval: float = 5.0, ping_timeout: float = 10.0,
                  reconcile_interval: float = 30.0, reconcile_retry: float = 2.0,
-                 touch_interval: float = 5.0,
+                 touch_interval: float = 5.0, max_handshakes: int = 64,
+                 handshake_timeout: float = 10.0,
                  unreachable_after: float = 60.0, request_timeout: float = REQUEST_TIMEOUT,
                  signer: CapabilitySigner | None = None,
                  log_service: str = "treadmill-logserver",
@@ -514,8 +562,11 @@ class SupervisorLinks(MultiService):
         self.rebalance_quiet = INSTANCE_DEAD_AFTER
         """Seconds without a new link before this instance sheds links (see rebalance)."""
         self._last_link_at = float("-inf")
+        self.gate = HandshakeGate(max_handshakes)
+        """Handshakes in progress at most (``supervisors.max_handshakes``)."""
+        self.handshake_timeout = handshake_timeout
         self.factory = SupervisorSessionFactory(self)
-        self.resource = WebSocketResource(self.factory)
+        self.resource = SupervisorResource(self.factory, self.gate)
         self._tasks: set[Deferred[Any]] = set()
         self.stopping = False
         for name, interval, work in (

@@ -34,41 +34,36 @@ class _Live(Collector):
         self.service = service
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        links = GaugeMetricFamily("treadmill_supervisor_links",
-                                  "Supervisor links held by this instance.")
-        links.add_metric([], len(self.service.links.by_host))
-        yield links
-        watchers = GaugeMetricFamily("treadmill_job_watchers", "Live job event watchers.")
-        watchers.add_metric([], self.service.watchers.count)
-        yield watchers
-        scheduler = self.service.scheduler
-        passes = CounterMetricFamily("treadmill_scheduler_passes",
-                                     "Scheduling passes this instance ran since start.")
-        passes.add_metric([], scheduler.passes)
-        yield passes
-        lost = CounterMetricFamily("treadmill_scheduler_lock_busy",
-                                   "Passes of this instance that found another holding the "
-                                   "scheduling lock.")
-        lost.add_metric([], scheduler.lost)
-        yield lost
-        assigned = CounterMetricFamily("treadmill_scheduler_assigned",
-                                       "Jobs assigned by this instance since start.")
-        assigned.add_metric([], scheduler.assigned)
-        yield assigned
-        instance = self.service.instance
-        leader = GaugeMetricFamily("treadmill_instance_leader",
-                                   "1 if this instance leads (schedules, exports "
-                                   "treadmill_jobs and treadmill_hosts), else 0.")
-        leader.add_metric([], 1 if instance.leader else 0)
-        yield leader
-        live = GaugeMetricFamily("treadmill_instances_live",
-                                 "Live switchboard instances, as this instance last saw.")
-        live.add_metric([], instance.live)
-        yield live
-        rebalanced = CounterMetricFamily("treadmill_supervisor_links_rebalanced",
-                                         "Links this instance closed to rebalance since start.")
-        rebalanced.add_metric([], self.service.links.rebalanced)
-        yield rebalanced
+        links, scheduler, instance = (self.service.links, self.service.scheduler,
+                                      self.service.instance)
+        for family, name, text, value in (
+                (GaugeMetricFamily, "treadmill_supervisor_links",
+                 "Supervisor links held by this instance.", len(links.by_host)),
+                (GaugeMetricFamily, "treadmill_job_watchers", "Live job event watchers.",
+                 self.service.watchers.count),
+                (CounterMetricFamily, "treadmill_scheduler_passes",
+                 "Scheduling passes this instance ran since start.", scheduler.passes),
+                (CounterMetricFamily, "treadmill_scheduler_lock_busy",
+                 "Passes of this instance that found another holding the scheduling lock.",
+                 scheduler.lost),
+                (CounterMetricFamily, "treadmill_scheduler_assigned",
+                 "Jobs assigned by this instance since start.", scheduler.assigned),
+                (GaugeMetricFamily, "treadmill_instance_leader",
+                 "1 if this instance leads (schedules, exports treadmill_jobs and "
+                 "treadmill_hosts), else 0.", 1 if instance.leader else 0),
+                (GaugeMetricFamily, "treadmill_instances_live",
+                 "Live switchboard instances, as this instance last saw.", instance.live),
+                (CounterMetricFamily, "treadmill_supervisor_links_rebalanced",
+                 "Links this instance closed to rebalance since start.", links.rebalanced),
+                (GaugeMetricFamily, "treadmill_supervisor_link_handshakes",
+                 "Supervisor link handshakes under way on this instance (at most "
+                 "supervisors.max_handshakes).", links.gate.in_progress),
+                (CounterMetricFamily, "treadmill_supervisor_link_handshakes_refused",
+                 "Supervisor link upgrades this instance refused with 503 since start: "
+                 "supervisors.max_handshakes were under way.", links.gate.refused)):
+            metric = family(name, text)
+            metric.add_metric([], value)
+            yield metric
         if not instance.leader:
             return
         jobs = GaugeMetricFamily("treadmill_jobs", "Jobs by state, cluster-wide (refreshed "

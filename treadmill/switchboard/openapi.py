@@ -881,10 +881,12 @@ def _registry_token() -> dict[str, Any]:
 def _supervisor_link() -> dict[str, Any]:
     operation = _operation(
         "supervisor_link", "Other",
-        "The supervisors' WebSocket (protocol treadmill.supervisor.v1).", 200, errors=(400,),
+        "The supervisors' WebSocket (protocol treadmill.supervisor.v1).", 200,
+        errors=(400, 503),
         description="Authenticated by a host token, not an API token. The messages are "
                     "described in docs/protocol.md and treadmill/protocol/schemas/"
-                    "supervisor-v1.json.")
+                    "supervisor-v1.json. 503 with Retry-After also while the instance has "
+                    "`supervisors.max_handshakes` link handshakes under way.")
     operation["responses"].pop("200")
     operation["responses"]["101"] = {"description": "Switching to the WebSocket protocol."}
     return operation

@@ -81,6 +81,7 @@ class SwitchboardConfig:
     unreachable_after: float = 60.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     reconcile_retry: float = 2.0
+    max_handshakes: int = 64
     passwords: PasswordPolicy = field(default_factory=PasswordPolicy)
     heartbeat_interval: float = 1.0
     address: str = ""
@@ -113,7 +114,7 @@ class SwitchboardService(RoleService):
         self.links = SupervisorLinks(
             reactor, self.store, config.instance, ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout, reconcile_interval=config.reconcile_interval,
-            reconcile_retry=config.reconcile_retry,
+            reconcile_retry=config.reconcile_retry, max_handshakes=config.max_handshakes,
             touch_interval=min(5.0, config.unreachable_after / 4),
             unreachable_after=config.unreachable_after, signer=self.signer,
             log_service=config.limits.log_service, proxies=config.proxies,

@@ -66,7 +66,11 @@ class Options(RoleOptions):
                    positive(FLOAT), "Seconds between reconciliations of each connected host."),
                unreachable_after=Row(
                    positive(FLOAT), "Seconds a host with an active job may stay disconnected "
-                   "before the job ends as host_unreachable.")),
+                   "before the job ends as host_unreachable."),
+               max_handshakes=Row(
+                   positive(INT), "Supervisor link handshakes (upgrade to registration) under "
+                   "way at once; beyond them an upgrade is refused with 503 and Retry-After, "
+                   "and the supervisor retries with backoff.")),
         *table("", "{leaf}",
                instance=Row(
                    STR, "Name of this switchboard instance (default: hostname:pid).",
