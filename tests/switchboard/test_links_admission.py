@@ -184,6 +184,9 @@ async def test_many_supervisors_through_a_gate_of_two_all_connect(
             async with locked_hosts(migrated_database, "h0", "h1"):
                 for i, token in enumerate(tokens):
                     supervisors.append(mock_supervisor(sb.url, token, tmp_path / f"s{i}"))
+                    if i == 1:  # h0 and h1 first: their stalled handshakes fill the gate
+                        await eventually(lambda: links(sb).gate.in_progress == 2, timeout=10,
+                                         what="h0 and h1 in the gate")
                 await eventually(lambda: links(sb).gate.refused >= count - 2, timeout=10,
                                  what="every other supervisor refused")
                 for _ in range(5):
