@@ -23,11 +23,12 @@ from tests.supervisor.qemu.conftest import BuiltImage, FakeFetcher
 from tests.support import (
     RunningSwitchboard,
     start_switchboard,
-    start_switchboard_with_logs,
     store_service,
+    switchboard_with_logs,
     url_of,
 )
 from tests.support import job_reaches as admin_sees
+from tests.util.running import stopping
 from treadmill.dev.fleet import ws_url_for
 from treadmill.images.oci import RegistryClient
 from treadmill.supervisor.config import SupervisorConfig
@@ -154,17 +155,17 @@ async def vm_bed(database: str, tmp_path: Path, *, logs: bool = False) -> AsyncI
     """A switchboard scheduling every 0.2 s (with a log server its jobs ship to, if
     ``logs``) and :func:`vm_host` linked to it; stops all."""
     fast = {"scheduler_interval": 0.2, "timeout_interval": 0.1}
-    if logs:
-        sb, log_server = await start_switchboard_with_logs(database, tmp_path, **fast)
-    else:
-        sb, log_server = await start_switchboard(database, tmp_path, **fast), None
-    try:
+    async with contextlib.AsyncExitStack() as started:
+        if logs:
+            sb, log_server = await started.enter_async_context(
+                switchboard_with_logs(database, tmp_path, **fast))
+            log_url: str | None = log_server.url
+        else:
+            sb = await started.enter_async_context(
+                stopping(await start_switchboard(database, tmp_path, **fast)))
+            log_url = None
         async with vm_host(sb, tmp_path) as (store_url, work_dir):
-            yield VmBed(sb, store_url, work_dir, log_server.url if log_server else None)
-    finally:
-        await sb.stop()
-        if log_server is not None:
-            await log_server.stop()
+            yield VmBed(sb, store_url, work_dir, log_url)
 
 
 class Restartable:
