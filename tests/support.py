@@ -156,16 +156,25 @@ def url_of(service: Any) -> str:
     return f"http://127.0.0.1:{service.ports()[0].getHost().port}"
 
 
-async def start_switchboard_with_logs(dsn: str, state: Path, limits: Limits | None = None,
-                                      **overrides: Any
-                                      ) -> tuple[RunningSwitchboard, RunningLogServer]:
+@contextlib.asynccontextmanager
+async def switchboard_with_logs(dsn: str, state: Path, limits: Limits | None = None,
+                                **overrides: Any
+                                ) -> AsyncIterator[tuple[RunningSwitchboard, RunningLogServer]]:
     """A switchboard (:func:`start_switchboard`) whose jobs ship their logs to one log
-    server, started first in ``state/logs`` and trusting the switchboard's signing key."""
+    server, started first in ``state/logs`` and trusting the switchboard's signing key;
+    both stopped afterwards."""
     key = state / "capability-key.pem"
     load_or_create_signing_key(str(key))
     logs = await start_logserver(state / "logs", key)
-    limits = dataclasses.replace(limits or Limits(), log_servers=(logs.url,), log_replicas=1)
-    return await start_switchboard(dsn, state, limits=limits, **overrides), logs
+    try:
+        limits = dataclasses.replace(limits or Limits(), log_servers=(logs.url,), log_replicas=1)
+        sb = await start_switchboard(dsn, state, limits=limits, **overrides)
+        try:
+            yield sb, logs
+        finally:
+            await sb.stop()
+    finally:
+        await logs.stop()
 
 
 def mock_supervisor(switchboard_url: str, token: str, state_dir: Path, *,

@@ -20,7 +20,7 @@ from tests.support import (
     RunningSwitchboard,
     closed_stream,
     mock_supervisor,
-    start_switchboard_with_logs,
+    switchboard_with_logs,
 )
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
@@ -63,19 +63,16 @@ class Bed:
 
 @pytest_twisted.async_yield_fixture
 async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
-    sb, logs = await start_switchboard_with_logs(migrated_database, tmp_path,
-                                                 scheduler_interval=0.2)
-    log_url = logs.url
-    r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
-    supervisor = mock_supervisor(sb.url, r.body["token"], tmp_path / "sup",
-                                 run_time=0.5, echo=False)
-    try:
-        await supervisor.connected()
-        yield Bed(sb, log_url)
-    finally:
-        await supervisor.stopService()
-        await sb.stop()
-        await logs.stop()
+    async with switchboard_with_logs(migrated_database, tmp_path,
+                                     scheduler_interval=0.2) as (sb, logs):
+        r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
+        supervisor = mock_supervisor(sb.url, r.body["token"], tmp_path / "sup",
+                                     run_time=0.5, echo=False)
+        try:
+            await supervisor.connected()
+            yield Bed(sb, logs.url)
+        finally:
+            await supervisor.stopService()
 
 
 def lines(raw: bytes) -> list[dict[str, Any]]:

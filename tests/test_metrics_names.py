@@ -26,7 +26,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 
-from tests.imagestore.support import make_keys as make_store_keys
+from tests.imagestore.support import Keys as StoreKeys
 from tests.imagestore.support import start_cache, start_store
 from tests.logserver.support import start_logserver
 from tests.proxy.support import Keys as ProxyKeys
@@ -106,7 +106,8 @@ async def test_every_role_exports_what_the_docs_list(migrated_database: str,
     load_or_create_signing_key(str(key))
     logs = await start_logserver(tmp_path / "logs", key)
     (tmp_path / "keys").mkdir()
-    store_keys = make_store_keys(tmp_path / "keys")
+    (tmp_path / "store-keys").mkdir()
+    store_keys = StoreKeys(tmp_path / "store-keys")
     store = await start_store(tmp_path / "store", store_keys)
     cache = await start_cache(tmp_path / "cache", store_keys, [store.url])
     proxy = await start_proxy(ProxyKeys(tmp_path / "keys"))

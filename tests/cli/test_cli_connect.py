@@ -31,8 +31,9 @@ from tests.proxy.support import (
     echo_client,
     echo_once,
     expected_digest,
+    keys_fixture,  # noqa: F401 (the keys fixture)
     new_job,
-    start_proxy,
+    proxy_fixture,  # noqa: F401 (the proxy fixture)
     tcp_transfer,
 )
 from tests.util.ssh import new_ssh_public_key
@@ -198,18 +199,6 @@ async def test_job_ssh_without_an_endpoint(job: dict[str, Any], argv: list[str],
 
 
 # -- tml job connect ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    return Keys(tmp_path)
-
-
-@pytest_twisted.async_yield_fixture
-async def proxy(keys: Keys) -> Any:
-    running = await start_proxy(keys)
-    yield running
-    await running.stop()
 
 
 async def published(proxy: Running, keys: Keys, services: dict[str, Any]

@@ -25,7 +25,7 @@ from twisted.internet.task import deferLater
 from tests.support import (
     RunningSwitchboard,
     mock_supervisor,
-    start_switchboard_with_logs,
+    switchboard_with_logs,
 )
 from tests.util.waiting import eventually
 from treadmill.cli.commands import follow as follow_module
@@ -75,25 +75,27 @@ async def stack(pg_admin_dsn: str, tmp_path_factory) -> AsyncIterator[Stack]:
     root = tmp_path_factory.mktemp("follow")
     name = f"treadmill_test_{uuid.uuid4().hex[:12]}"
     create_database(pg_admin_dsn, name)
-    sb, logs = await start_switchboard_with_logs(make_dsn(pg_admin_dsn, dbname=name), root,
-                                                 scheduler_interval=0.2, timeout_interval=0.2)
-    supervisors, configs = {}, {}
-    for host, tags in (("mock-1", ["mock"]), ("mock-2", ["mock"]), ("phoenix", ["phoenix"])):
-        r = await sb.admin.post("/api/v1/hosts", {"name": host, "tags": tags})
-        supervisors[host] = mock_supervisor(sb.url, r.body["token"], root / host,
-                                            run_time=0.5, console_rate=2000,
-                                            config={"reconnect_max": 0.5})
-        configs[host] = supervisors[host].config
-        await supervisors[host].connected()
-    env = {"HOME": str(root / "home"), "TREADMILL_URL": sb.url,
-           "TREADMILL_TOKEN": sb.admin_token}
     try:
-        yield Stack(sb, supervisors, configs, env)
+        async with switchboard_with_logs(make_dsn(pg_admin_dsn, dbname=name), root,
+                                         scheduler_interval=0.2,
+                                         timeout_interval=0.2) as (sb, _):
+            supervisors, configs = {}, {}
+            try:
+                for host, tags in (("mock-1", ["mock"]), ("mock-2", ["mock"]),
+                                   ("phoenix", ["phoenix"])):
+                    r = await sb.admin.post("/api/v1/hosts", {"name": host, "tags": tags})
+                    supervisors[host] = mock_supervisor(sb.url, r.body["token"], root / host,
+                                                        run_time=0.5, console_rate=2000,
+                                                        config={"reconnect_max": 0.5})
+                    configs[host] = supervisors[host].config
+                    await supervisors[host].connected()
+                env = {"HOME": str(root / "home"), "TREADMILL_URL": sb.url,
+                       "TREADMILL_TOKEN": sb.admin_token}
+                yield Stack(sb, supervisors, configs, env)
+            finally:
+                for supervisor in supervisors.values():
+                    await supervisor.stopService()
     finally:
-        for supervisor in supervisors.values():
-            await supervisor.stopService()
-        await sb.stop()
-        await logs.stop()
         drop_database(pg_admin_dsn, name)
 
 

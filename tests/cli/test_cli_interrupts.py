@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 
-from tests.support import start_switchboard_with_logs
+from tests.support import switchboard_with_logs
 from tests.util.waiting import eventually
 from treadmill.common.captoken import Access
 
@@ -151,8 +151,7 @@ def test_a_second_signal_ends_tml_at_once() -> None:
 async def test_an_interrupted_console_ends_its_line(migrated_database, tmp_path) -> None:
     """Interrupted while the console stopped mid-line, ``tml job logs --follow`` ends
     that line, so that its last words do not glue onto the console in a CI log."""
-    sb, logs = await start_switchboard_with_logs(migrated_database, tmp_path)
-    try:
+    async with switchboard_with_logs(migrated_database, tmp_path) as (sb, _):
         job = (await sb.admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["nowhere"]})
                ).body
         token = sb.service.signer.sign("host:h", "treadmill-logserver",
@@ -171,6 +170,3 @@ async def test_an_interrupted_console_ends_its_line(migrated_database, tmp_path)
         assert await tml.ended.addTimeout(20, reactor) == 130, tml.err
         assert tml.out == b"line 1\nhalf a li\n"
         assert tml.err.decode().splitlines()[-1] == "tml: interrupted (SIGINT)"
-    finally:
-        await sb.stop()
-        await logs.stop()

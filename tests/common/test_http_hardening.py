@@ -25,7 +25,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from tests.imagestore.support import make_keys, start_cache, start_store
+from tests.imagestore.support import Keys as StoreKeys
+from tests.imagestore.support import start_cache, start_store
 from tests.logserver.support import Keys as LogKeys
 from tests.logserver.support import start_logserver
 from tests.proxy.support import Keys as ProxyKeys
@@ -167,7 +168,7 @@ async def target(request: Any, tmp_path: Path) -> AsyncIterator[Target]:
         t = Target(_port(sb.url), "/api/v1/users/{}", treadmill_code,
                    (b"DELETE", "/healthz", {"GET", "HEAD"}))
     elif role in ("imagestore", "imagecache"):
-        keys = make_keys(tmp_path)
+        keys = StoreKeys(tmp_path)
         if role == "imagestore":
             running = await start_store(tmp_path / "store", keys)
         else:

@@ -42,3 +42,29 @@ def test_metrics_served_over_http():
         assert response.code == 404
     finally:
         yield service.stopService()
+
+
+def test_requests_are_counted_by_method_and_code_and_unknown_methods_fold_into_other():
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from treadmill.common.metrics import RequestCounter, role_registry
+
+    class Live:
+        def collect(self):
+            return []
+
+    registry = role_registry(Live())
+    requests = RequestCounter(registry, ("GET", "POST"))
+    for method, code in ((b"GET", 200), (b"GET", 200), (b"POST", 404), (b"BREW", 405),
+                         (b"\xff" * 200, 400)):
+        request = DummyRequest([b""])
+        request.method, request.code = method, code
+        requests.observe(request)
+
+    def count(method: str, code: str) -> float | None:
+        return registry.get_sample_value("treadmill_http_requests_total",
+                                         {"method": method, "code": code})
+
+    assert (count("GET", "200"), count("POST", "404"), count("other", "405"),
+            count("other", "400")) == (2, 1, 1, 1)
+    assert registry.get_sample_value("process_open_fds") is not None  # the process collector

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from tests.imagestore.support import Keys, Pair, RunningStore, make_keys, pair, start_store
+from tests.imagestore.support import Keys, Pair, RunningStore, pair, start_store
 from tests.util.running import stopping
 
 
 @pytest.fixture
 def keys(tmp_path: Path) -> Keys:
-    return make_keys(tmp_path)
+    return Keys(tmp_path)
 
 
 @pytest_twisted.async_yield_fixture

@@ -10,15 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.client import Agent
 
+from tests.util.captokens import ISSUER, SigningKey
 from tests.util.raw import raw_request
-from treadmill.common.captoken import Access, CapabilitySigner
+from treadmill.common.captoken import Access
 from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
 
 SERVICE = "treadmill-imagestore"
@@ -31,41 +30,23 @@ def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-@dataclass
-class Keys:
-    """A switchboard signing key, and its public key in a file a store reads."""
-
-    signer: CapabilitySigner
-    public_file: Path
-    key: Ed25519PrivateKey
+class Keys(SigningKey):
+    """The switchboard's key, and tokens for an image store's repositories."""
 
     def signed_at(self, when: float, *access: tuple[str, str, list[str]], ttl: float = 60.0,
-                  audience: str = SERVICE, issuer: str = "treadmill") -> str:
+                  audience: str = SERVICE, issuer: str = ISSUER) -> str:
         """A token signed as if the time were ``when`` (to make expired ones)."""
-        from twisted.internet.task import Clock
-
-        clock = Clock()
-        clock.advance(when)
-        signer = CapabilitySigner(self.key, issuer, clock)
-        return signer.sign("alice", audience,
-                           [Access(t, n, tuple(a)) for t, n, a in access], ttl)
+        return self.sign("alice", audience, [Access(t, n, tuple(a)) for t, n, a in access], ttl,
+                         issued_at=when, issuer=issuer)
 
     def token(self, *access: tuple[str, str, list[str]] | Access, subject: str = "alice",
               audience: str = SERVICE, ttl: float = 300.0) -> str:
         entries = [a if isinstance(a, Access) else Access(a[0], a[1], tuple(a[2]))
                    for a in access]
-        return self.signer.sign(subject, audience, entries, ttl)
+        return self.sign(subject, audience, entries, ttl)
 
     def repo(self, name: str, *actions: str, **kw: Any) -> str:
         return self.token(("repository", name, list(actions)), **kw)
-
-
-def make_keys(directory: Path) -> Keys:
-    key = Ed25519PrivateKey.generate()
-    public_file = directory / "capability-keys.pem"
-    public_file.write_bytes(key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return Keys(CapabilitySigner(key, "treadmill", reactor), public_file, key)
 
 
 @dataclass
@@ -205,7 +186,7 @@ async def start_store(root: Path, keys: Keys | None, **overrides: Any) -> Runnin
     settings: dict[str, Any] = {"listen": ["tcp:0:interface=127.0.0.1"], "realm": REALM,
                                 "access_log": False, "gc_grace": 0.0}
     if keys is not None:
-        settings["keys_file"] = str(keys.public_file)
+        settings["keys_file"] = str(keys.keys_file)
     else:
         settings["auth_disabled"] = True
     settings.update(overrides)
@@ -454,7 +435,7 @@ async def skopeo(home: Path, *args: str) -> tuple[int, str]:
 
 def write_config(path: Path, root: Path, port: int, keys: Keys | None,
                  metrics: int | None = None) -> Path:
-    auth = (f'[auth]\nkeys_file = "{keys.public_file}"\nrealm = "{REALM}"\n' if keys
+    auth = (f'[auth]\nkeys_file = "{keys.keys_file}"\nrealm = "{REALM}"\n' if keys
             else "[auth]\ndisabled = true\n")
     extra = f'[metrics]\nlisten = ["tcp:{metrics}:interface=127.0.0.1"]\n' if metrics else ""
     path.write_text(

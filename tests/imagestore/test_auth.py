@@ -21,7 +21,6 @@ from tests.imagestore.support import (
     Keys,
     RunningStore,
     digest_of,
-    make_keys,
     start_store,
 )
 
@@ -86,7 +85,7 @@ def _foreign_token(action: str) -> str:
     import tempfile
 
     with tempfile.TemporaryDirectory() as directory:
-        return make_keys(Path(directory)).repo(NAME, action)
+        return Keys(Path(directory)).repo(NAME, action)
 
 
 REFUSALS = ["none", "garbage", "wrong repository", "prefix repository", "wrong action",

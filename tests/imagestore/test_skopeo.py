@@ -103,9 +103,7 @@ async def test_skopeo_round_trip_with_tokens(store: RunningStore, tmp_path: Path
 
 @pytest_twisted.ensureDeferred
 async def test_skopeo_refused_without_the_right_token(tmp_path: Path) -> None:
-    from tests.imagestore.support import make_keys
-
-    keys = make_keys(tmp_path)
+    keys = Keys(tmp_path)
     store = await start_store(tmp_path / "store", keys)
     try:
         source = tmp_path / "source"

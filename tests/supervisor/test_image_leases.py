@@ -32,7 +32,6 @@ from tests.imagestore.support import (
     CACHE_SERVICE,
     Keys,
     RunningStore,
-    make_keys,
     start_cache,
     start_store,
 )
@@ -142,7 +141,7 @@ class Site_:
 
 @pytest_twisted.async_yield_fixture
 async def site(tmp_path: Path) -> AsyncIterator[Site_]:
-    keys = make_keys(tmp_path)
+    keys = Keys(tmp_path)
     tokens = TokenService(keys)
     port = reactor.listenTCP(0, Site(tokens), interface="127.0.0.1")
     realm = f"http://127.0.0.1:{port.getHost().port}"

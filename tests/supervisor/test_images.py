@@ -29,7 +29,7 @@ from twisted.web.server import Site
 
 pytest.importorskip("treadmill.imagestore.service")
 
-from tests.imagestore.support import Keys, RunningStore, make_keys, start_store
+from tests.imagestore.support import Keys, RunningStore, start_store
 from treadmill.common.captoken import Access
 from treadmill.images import format as fmt
 from treadmill.images.oci import RegistryClient, RegistryError
@@ -140,7 +140,7 @@ class Bed:
 
 @pytest_twisted.async_yield_fixture
 async def bed(tmp_path: Path) -> AsyncIterator[Bed]:
-    keys = make_keys(tmp_path)
+    keys = Keys(tmp_path)
     tokens = TokenService(keys)
     port = reactor.listenTCP(0, Site(tokens), interface="127.0.0.1")
     switchboard = f"http://127.0.0.1:{port.getHost().port}"

@@ -13,41 +13,49 @@ from treadmill.switchboard.jobstate import Blame, Reason, blame
 
 R = Reason
 
-# (reason, image_ran, instance_died, before_image, bad_request) -> blame
+FLAGS = ("image_ran", "instance_died", "before_image", "bad_request")
+
+
+def _blame(reason: Reason, expected: Blame, *flags: str) -> object:
+    """A row of :data:`BLAME`: ``reason`` with the circumstances ``flags`` (the others
+    false) is ``expected``'s fault."""
+    assert set(flags) <= set(FLAGS), flags
+    return pytest.param(reason, {flag: flag in flags for flag in FLAGS}, expected,
+                        id="-".join((reason.value, *flags)))
+
+
 BLAME = [
     # A user's bad image (never ready anywhere, failed once fetched): never the host's.
-    (R.HOST_START_FAILURE, False, False, False, False, Blame.JOB),
-    (R.HOST_START_FAILURE, True, False, False, False, Blame.HOST),   # it starts elsewhere
-    (R.HOST_START_FAILURE, True, True, False, False, Blame.HOST),
+    _blame(R.HOST_START_FAILURE, Blame.JOB),
+    _blame(R.HOST_START_FAILURE, Blame.HOST, "image_ran"),   # it starts elsewhere
+    _blame(R.HOST_START_FAILURE, Blame.HOST, "image_ran", "instance_died"),
     # Before the image was fetched (a refused start, or in starting): the host's...
-    (R.HOST_START_FAILURE, False, False, True, False, Blame.HOST),
+    _blame(R.HOST_START_FAILURE, Blame.HOST, "before_image"),
     # ...unless it refused the job's parameters.
-    (R.HOST_START_FAILURE, False, False, True, True, Blame.JOB),
-    (R.HOST_START_FAILURE, True, False, True, True, Blame.JOB),
-    (R.HOST_DROPPED_JOB, False, False, False, False, Blame.HOST),
-    (R.HOST_DROPPED_JOB, False, True, False, False, Blame.HOST),
-    (R.HOST_UNREACHABLE, False, False, False, False, Blame.HOST),
-    (R.HOST_UNREACHABLE, False, True, False, False, Blame.NONE),  # its instance died
-    (R.INTERNAL_ERROR, False, False, False, False, Blame.NONE),
-    (R.WORKLOAD_EXITED, False, False, False, False, Blame.JOB),
-    (R.WORKLOAD_EXITED, True, True, True, True, Blame.JOB),
-    (R.USER_TERMINATED, False, False, False, False, Blame.JOB),
-    (R.QUEUE_TIMEOUT, False, False, False, False, Blame.JOB),
-    (R.EXECUTION_TIMEOUT, False, False, False, False, Blame.JOB),
-    (R.IMAGE_ERROR, False, False, False, False, Blame.JOB),
-    (R.IMAGE_ERROR, True, False, True, False, Blame.JOB),
+    _blame(R.HOST_START_FAILURE, Blame.JOB, "before_image", "bad_request"),
+    _blame(R.HOST_START_FAILURE, Blame.JOB, "image_ran", "before_image", "bad_request"),
+    _blame(R.HOST_DROPPED_JOB, Blame.HOST),
+    _blame(R.HOST_DROPPED_JOB, Blame.HOST, "instance_died"),
+    _blame(R.HOST_UNREACHABLE, Blame.HOST),
+    _blame(R.HOST_UNREACHABLE, Blame.NONE, "instance_died"),  # its instance died
+    _blame(R.INTERNAL_ERROR, Blame.NONE),
+    _blame(R.WORKLOAD_EXITED, Blame.JOB),
+    _blame(R.WORKLOAD_EXITED, Blame.JOB, *FLAGS),
+    _blame(R.USER_TERMINATED, Blame.JOB),
+    _blame(R.QUEUE_TIMEOUT, Blame.JOB),
+    _blame(R.EXECUTION_TIMEOUT, Blame.JOB),
+    _blame(R.IMAGE_ERROR, Blame.JOB),
+    _blame(R.IMAGE_ERROR, Blame.JOB, "image_ran", "before_image"),
 ]
 
 
-@pytest.mark.parametrize("reason,image_ran,instance_died,before_image,bad_request,expected",
-                         BLAME)
-def test_blame(reason, image_ran, instance_died, before_image, bad_request, expected):
-    assert blame(reason, image_ran=image_ran, instance_died=instance_died,
-                 before_image=before_image, bad_request=bad_request) is expected
+@pytest.mark.parametrize("reason,circumstances,expected", BLAME)
+def test_blame(reason: Reason, circumstances: dict[str, bool], expected: Blame) -> None:
+    assert blame(reason, **circumstances) is expected
 
 
 def test_every_reason_has_a_blame_row():
-    assert {row[0] for row in BLAME} == set(Reason)
+    assert {row.values[0] for row in BLAME} == set(Reason)
 
 
 def test_no_job_side_reason_is_ever_the_hosts():

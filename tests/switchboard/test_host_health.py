@@ -11,18 +11,8 @@ from typing import Any
 import pytest_twisted
 
 from tests.support import RunningSwitchboard, start_switchboard
+from tests.switchboard import support
 from tests.switchboard.peer import Peer
-from tests.switchboard.support import (
-    FAST,
-    add_host,
-    assigned_job,
-    connected_peer,
-    host_peer,
-    job,
-    reaches,
-    reconnect,
-    submit,
-)
 from tests.util.running import stopping
 from tests.util.waiting import eventually
 
@@ -31,7 +21,7 @@ CHECK_DIGEST = "sha256:" + "e" * 64
 
 @pytest_twisted.async_yield_fixture
 async def sb(migrated_database: str, tmp_path: Path):
-    async with stopping(await start_switchboard(migrated_database, tmp_path, **FAST,
+    async with stopping(await start_switchboard(migrated_database, tmp_path, **support.FAST,
                                                 health_interval=3600.0)) as running:
         yield running
 
@@ -62,11 +52,11 @@ async def run(peer: Peer, job_id: str, exit_status: int = 0) -> None:
 async def start_failure(sb: RunningSwitchboard, peer: Peer, client: Any = None,
                         stage: str = "booting") -> str:
     """A job that fails to start in ``stage`` (its image fetched: no agent at boot)."""
-    job_id = await submit(sb, client) if client else await assigned_job(sb, peer)
+    job_id = await support.submit(sb, client) if client else await support.assigned_job(sb, peer)
     await peer.wait_for("start_job", job_id=job_id)
     await peer.event(job_id, "initializing", stage=stage)
     await peer.event(job_id, "terminated", reason="host_start_failure", message="no agent")
-    await reaches(sb, job_id, "terminated")
+    await support.reaches(sb, job_id, "terminated")
     peer.script.job = None
     return job_id
 
@@ -85,7 +75,7 @@ async def next_check(sb: RunningSwitchboard, peer: Peer) -> dict[str, Any]:
 
 @pytest_twisted.ensureDeferred
 async def test_a_users_bad_image_never_counts_against_the_host(sb: RunningSwitchboard):
-    peer = await host_peer(sb)
+    peer = await support.host_peer(sb)
     alice = await sb.user("alice")
     for _ in range(5):  # more than hosts.max_failures
         await start_failure(sb, peer, alice)
@@ -94,36 +84,36 @@ async def test_a_users_bad_image_never_counts_against_the_host(sb: RunningSwitch
     assert [e["event"] for e in state["events"]] == ["not_counted"] * 5
     assert all(e["reason"] == "host_start_failure" for e in state["events"])
     # The host still runs jobs.
-    job_id = await assigned_job(sb, peer)
+    job_id = await support.assigned_job(sb, peer)
     await run(peer, job_id)
-    await reaches(sb, job_id, "terminated", exit_status=0)
+    await support.reaches(sb, job_id, "terminated", exit_status=0)
 
 
 @pytest_twisted.ensureDeferred
 async def test_start_refused_for_bad_parameters_is_the_jobs(sb: RunningSwitchboard):
-    peer = await host_peer(sb)
-    await run(peer, await assigned_job(sb, peer))  # the image is known to start
+    peer = await support.host_peer(sb)
+    await run(peer, await support.assigned_job(sb, peer))  # the image is known to start
     peer.script.start_error = ("bad_request", "unknown parameter mock.nonsense")
     alice = await sb.user("alice")
     for _ in range(4):
-        job_id = await submit(sb, alice)
-        await reaches(sb, job_id, "terminated", reason="host_start_failure")
+        job_id = await support.submit(sb, alice)
+        await support.reaches(sb, job_id, "terminated", reason="host_start_failure")
     state = await health(sb)
     assert state["healthy"] is True and state["consecutive_failures"] == 0
     assert state["events"][0]["message"] == (
         "blamed on the job: the host refused its start as a bad request")
     # Refused for the host's own reasons, before any image was fetched: the host's.
     peer.script.start_error = ("internal_error", "disk full")
-    job_id = await submit(sb, alice)
-    await reaches(sb, job_id, "terminated", reason="host_start_failure")
+    job_id = await support.submit(sb, alice)
+    await support.reaches(sb, job_id, "terminated", reason="host_start_failure")
     state = await health(sb)
     assert state["consecutive_failures"] == 1 and state["events"][0]["event"] == "failure"
 
 
 @pytest_twisted.ensureDeferred
 async def test_host_failures_without_a_check_take_the_host_out(sb: RunningSwitchboard):
-    peer = await host_peer(sb)
-    await run(peer, await assigned_job(sb, peer))  # DIGEST has become ready once
+    peer = await support.host_peer(sb)
+    await run(peer, await support.assigned_job(sb, peer))  # DIGEST has become ready once
     for stage in ("booting", "starting", "fetching_image"):
         await start_failure(sb, peer, stage=stage)
     state = await health(sb)
@@ -138,21 +128,21 @@ async def test_host_failures_without_a_check_take_the_host_out(sb: RunningSwitch
 
 @pytest_twisted.ensureDeferred
 async def test_dropped_jobs_run_the_check_which_passes(sb: RunningSwitchboard):
-    peer = await host_peer(sb)
+    peer = await support.host_peer(sb)
     await set_check(sb, expect_exit=0, after_failures=2)  # not hosts.max_failures (3)
     for n in range(2):
-        job_id = await assigned_job(sb, peer)
+        job_id = await support.assigned_job(sb, peer)
         await peer.event(job_id, "initializing", stage="starting")
-        await reaches(sb, job_id, "initializing")
-        await reconnect(peer, None)  # R3: the host lost the job
-        await reaches(sb, job_id, "terminated", reason="host_dropped_job")
+        await support.reaches(sb, job_id, "initializing")
+        await support.reconnect(peer, None)  # R3: the host lost the job
+        await support.reaches(sb, job_id, "terminated", reason="host_dropped_job")
         if n < 1:
             assert (await health(sb))["consecutive_failures"] == n + 1
-    waiting = await submit(sb)  # queued behind the check, which the host runs first
+    waiting = await support.submit(sb)  # queued behind the check, which the host runs first
     check = await next_check(sb, peer)
     assert check["owner"] == "admin" and check["host"] == "h1"
     assert check["image"]["digest"] == CHECK_DIGEST
-    assert (await job(sb, waiting))["state"] == "queued"
+    assert (await support.job(sb, waiting))["state"] == "queued"
     await run(peer, check["id"], exit_status=0)
     await peer.wait_for("start_job", job_id=waiting)
     state = await health(sb)
@@ -167,60 +157,60 @@ async def test_dropped_jobs_run_the_check_which_passes(sb: RunningSwitchboard):
 @pytest_twisted.ensureDeferred
 async def test_a_failing_check_takes_the_host_out_and_queued_jobs_say_so(
         sb: RunningSwitchboard):
-    peer = await host_peer(sb)
+    peer = await support.host_peer(sb)
     await set_check(sb, expect_exit=0, every_jobs=1)
-    first = await assigned_job(sb, peer)
+    first = await support.assigned_job(sb, peer)
     await run(peer, first)
     check = await next_check(sb, peer)
     await run(peer, check["id"], exit_status=7)
-    await reaches(sb, check["id"], "terminated", exit_status=7)
+    await support.reaches(sb, check["id"], "terminated", exit_status=7)
     state = await health(sb)
     assert state["healthy"] is False
     assert state["events"][0]["event"] == "check_failed"
     assert "exit status 7" in state["events"][0]["message"]
     assert "expected exit status 0" in state["events"][0]["message"]
     # A queued job that only this host could run says why it waits.
-    waiting = await submit(sb)
+    waiting = await support.submit(sb)
     assert await sb.store.refresh_queue_messages() == 1
-    body = await job(sb, waiting)
+    body = await support.job(sb, waiting)
     assert body["state"] == "queued"
     assert body["state_message"] == (
         "waiting: every host that could run it is out of service: h1 (unhealthy)")
     await sb.admin.post("/api/v1/hosts/h1/drain")
     await sb.store.refresh_queue_messages()
-    assert (await job(sb, waiting))["state_message"].endswith("h1 (unhealthy, drained)")
+    assert (await support.job(sb, waiting))["state_message"].endswith("h1 (unhealthy, drained)")
     # The audit log says who took it out.
     audit = (await sb.admin.get("/api/v1/audit?action=host.health")).body["entries"]
     assert audit[0]["actor"] == "switchboard" and audit[0]["details"]["healthy"] is False
     # An operator puts it back; the message goes, the job runs.
     await sb.admin.post("/api/v1/hosts/h1/enable")
     await sb.store.refresh_queue_messages()
-    assert (await job(sb, waiting))["state_message"] is None
+    assert (await support.job(sb, waiting))["state_message"] is None
     await peer.wait_for("start_job", job_id=waiting)
 
 
 @pytest_twisted.ensureDeferred
 async def test_every_n_jobs_runs_the_check(sb: RunningSwitchboard):
-    peer = await host_peer(sb, tags=("t", "qemu"))
+    peer = await support.host_peer(sb, tags=("t", "qemu"))
     await set_check(sb, "tags/qemu", every_jobs=3)
     for _ in range(2):
-        await run(peer, await assigned_job(sb, peer))
+        await run(peer, await support.assigned_job(sb, peer))
     assert (await health(sb))["jobs_since_check"] == 2
-    await run(peer, await assigned_job(sb, peer))
+    await run(peer, await support.assigned_job(sb, peer))
     check = await next_check(sb, peer)
     assert check["label"] == "health check: every 3 jobs"
     state = await health(sb)
     assert state["jobs_since_check"] == 0
     assert state["check"]["scope"] == "tag" and state["check"]["target"] == "qemu"
     await run(peer, check["id"])
-    await reaches(sb, check["id"], "terminated")
+    await support.reaches(sb, check["id"], "terminated")
     # The check itself is not one of the host's jobs.
     assert (await health(sb))["jobs_since_check"] == 0
 
 
 @pytest_twisted.ensureDeferred
 async def test_every_h_hours_runs_the_check_on_an_idle_host(sb: RunningSwitchboard):
-    peer = await host_peer(sb)
+    peer = await support.host_peer(sb)
     await set_check(sb, every_hours=0.0001)  # 0.36 s
 
     async def started() -> list[str] | None:
@@ -230,7 +220,7 @@ async def test_every_h_hours_runs_the_check_on_an_idle_host(sb: RunningSwitchboa
     await peer.wait_for("start_job", job_id=job_id)
     assert await sb.store.run_due_checks() == []  # the host is busy with it
     await run(peer, job_id)
-    await reaches(sb, job_id, "terminated")
+    await support.reaches(sb, job_id, "terminated")
     events = [e["event"] for e in (await health(sb))["events"]]
     assert events[:2] == ["check_passed", "check_started"]
 
@@ -238,10 +228,10 @@ async def test_every_h_hours_runs_the_check_on_an_idle_host(sb: RunningSwitchboa
 @pytest_twisted.ensureDeferred
 async def test_health_is_read_like_the_host_and_checks_are_for_admins(
         sb: RunningSwitchboard):
-    token = await add_host(sb)
+    token = await support.add_host(sb)
     await sb.admin.post("/api/v1/hosts/h1/grants", {"user": "*", "privilege": "read"})
-    await add_host(sb, "hidden", grant=False)
-    peer = await connected_peer(sb, token)
+    await support.add_host(sb, "hidden", grant=False)
+    peer = await support.connected_peer(sb, token)
     alice = await sb.user("alice")
     bob = await sb.user("bob")
     # Admins only set and list checks; a non-admin learns nothing from the answer.
@@ -257,10 +247,10 @@ async def test_health_is_read_like_the_host_and_checks_are_for_admins(
     assert (await alice.get("/api/v1/hosts/hidden/health")).status == 404
     assert (await alice.get("/api/v1/hosts/nosuch/health")).status == 404
     # A host reader sees the history, but only the job ids they may read.
-    bobs = await submit(sb, bob)
+    bobs = await support.submit(sb, bob)
     await peer.wait_for("start_job", job_id=bobs)
     await peer.event(bobs, "terminated", reason="host_start_failure")
-    await reaches(sb, bobs, "terminated")
+    await support.reaches(sb, bobs, "terminated")
     assert (await health(sb, client=bob))["events"][0]["job"] == bobs
     assert (await health(sb, client=alice))["events"][0]["job"] is None
     assert (await health(sb))["events"][0]["job"] == bobs
@@ -268,7 +258,7 @@ async def test_health_is_read_like_the_host_and_checks_are_for_admins(
 
 @pytest_twisted.ensureDeferred
 async def test_bad_check_requests_are_refused_clearly(sb: RunningSwitchboard):
-    await add_host(sb)
+    await support.add_host(sb)
     for target, body, status in [
         ("hosts/h1", {}, 400),
         ("hosts/h1", {"image": CHECK_DIGEST, "expect_exit": 256}, 400),
@@ -296,12 +286,12 @@ async def test_bad_check_requests_are_refused_clearly(sb: RunningSwitchboard):
 
 @pytest_twisted.ensureDeferred
 async def test_a_drained_host_starts_no_check(sb: RunningSwitchboard):
-    peer = await host_peer(sb)
+    peer = await support.host_peer(sb)
     await set_check(sb, every_jobs=1)
-    job_id = await assigned_job(sb, peer)
+    job_id = await support.assigned_job(sb, peer)
     assert (await sb.admin.post("/api/v1/hosts/h1/drain")).status == 200
     await run(peer, job_id)
-    await reaches(sb, job_id, "terminated")
+    await support.reaches(sb, job_id, "terminated")
     assert (await sb.store.run_due_checks()) == []
     jobs = (await sb.admin.get("/api/v1/jobs")).body["jobs"]
     assert not [j for j in jobs if j["health_check"]]
@@ -313,7 +303,7 @@ async def test_the_history_keeps_the_newest_events(sb: RunningSwitchboard, monke
     from treadmill.switchboard.store import health as stored
 
     monkeypatch.setattr(stored, "HISTORY_KEPT", 3)
-    peer = await host_peer(sb)
+    peer = await support.host_peer(sb)
     failed = [await start_failure(sb, peer) for _ in range(5)]
     events = (await health(sb))["events"]
     assert [e["job"] for e in events] == failed[:1:-1]

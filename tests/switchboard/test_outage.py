@@ -22,18 +22,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from tests.support import RunningSwitchboard, mock_supervisor, start_switchboard
+from tests.switchboard import support
 from tests.switchboard.outage import Outage
 from tests.switchboard.outage import outage as outage  # the fixture
 from tests.switchboard.peer import Peer, Script
-from tests.switchboard.support import (
-    add_host,
-    assigned_job,
-    connected_peer,
-    host_peer,
-    job,
-    reaches,
-    submit,
-)
 from tests.util.running import stopping
 from tests.util.waiting import eventually, sleep
 from treadmill.protocol import supervisor as protocol
@@ -294,10 +286,10 @@ async def until_back(outage: Outage, sb: RunningSwitchboard) -> float:
 
 
 async def ready_job(sb: RunningSwitchboard, peer: Peer, **fields: Any) -> str:
-    job_id = await assigned_job(sb, peer, **fields)
+    job_id = await support.assigned_job(sb, peer, **fields)
     for state, fields in (("initializing", {"stage": "starting"}), ("ready", {})):
         assert (await peer.event(job_id, state, **fields))["ok"]
-    await reaches(sb, job_id, "ready")
+    await support.reaches(sb, job_id, "ready")
     return job_id
 
 
@@ -310,7 +302,7 @@ async def test_an_event_sent_during_an_outage_is_refused_then_stored(
         sb: RunningSwitchboard, outage: Outage, logged: Failures) -> None:
     """Minor 4: acked ``unavailable`` (never ``ok``) until stored; then everything
     converges within 10 s of the database's return."""
-    peer = await host_peer(sb)
+    peer = await support.host_peer(sb)
     job_id = await ready_job(sb, peer)
     await outage.begin()
     # The workload exits: the supervisor reports it and no longer runs the job.
@@ -325,11 +317,11 @@ async def test_an_event_sent_during_an_outage_is_refused_then_stored(
     acks = await delivery
     assert [a["ok"] for a in acks[:-1]] == [False] * (len(acks) - 1) and acks[-1]["ok"]
     assert all(a["error"]["code"] == "unavailable" for a in acks[:-1])
-    body = await reaches(sb, job_id, "terminated", reason="workload_exited", exit_status=0)
+    body = await support.reaches(sb, job_id, "terminated", reason="workload_exited", exit_status=0)
     assert body["termination"]["message"] == "exit 0"
     await eventually(lambda: host_idle(sb), timeout=10)
     # The host is free again: the next job starts on it.
-    job2 = await submit(sb)
+    job2 = await support.submit(sb)
     await peer.wait_for("start_job", job_id=job2, timeout=10)
     assert reactor.seconds() - back < 10
     assert logged.tracebacks() == []
@@ -341,7 +333,7 @@ async def test_an_older_supervisor_is_disconnected_and_resends(
     """Minor 3 would drop an event acked ``ok: false``: the link closes (4003) instead,
     the upgrade is refused with 503 while the database is away, and the event
     sent again after the reconnect is stored."""
-    token = await add_host(sb)
+    token = await support.add_host(sb)
     peer = Peer(sb.url, token, minor=3)
     await peer.connect()
     await peer.wait_for("status_request")
@@ -375,7 +367,7 @@ async def test_an_older_supervisor_is_disconnected_and_resends(
     await eventually(reconnected, timeout=10, interval=0.2)
     assert (await peer.event(job_id, "terminated", reason="workload_exited",
                              exit_status=0))["ok"]
-    await reaches(sb, job_id, "terminated", reason="workload_exited")
+    await support.reaches(sb, job_id, "terminated", reason="workload_exited")
     await eventually(lambda: host_idle(sb), timeout=10)
     assert reactor.seconds() - back < 10
     assert logged.tracebacks() == []
@@ -385,7 +377,7 @@ async def test_an_older_supervisor_is_disconnected_and_resends(
 async def test_a_reconciliation_that_fails_is_retried_soon(sb: RunningSwitchboard,
                                                            outage: Outage) -> None:
     """R3 during an outage: the job the host dropped ends within seconds of the return."""
-    peer = await host_peer(sb)
+    peer = await support.host_peer(sb)
     job_id = await ready_job(sb, peer)
     await outage.begin()
     peer.script.job = None  # the host lost the job (say it rebooted)
@@ -394,18 +386,18 @@ async def test_a_reconciliation_that_fails_is_retried_soon(sb: RunningSwitchboar
     link.links.spawn(link.reconcile())
     await peer.wait_for("status_request", count=3, timeout=5)  # retried every ~0.5 s
     back = await until_back(outage, sb)
-    await reaches(sb, job_id, "terminated", reason="host_dropped_job")
+    await support.reaches(sb, job_id, "terminated", reason="host_dropped_job")
     assert reactor.seconds() - back < 10
 
 
 @pytest_twisted.ensureDeferred
 async def test_an_unanswered_status_request_is_retried(sb: RunningSwitchboard) -> None:
-    token = await add_host(sb)
+    token = await support.add_host(sb)
     sb.service.links.request_timeout = 0.3
-    peer = await connected_peer(sb, token, Script(answer_status=False))
+    peer = await support.connected_peer(sb, token, Script(answer_status=False))
     await peer.wait_for("status_request", count=3, timeout=5)
     peer.script.answer_status = True
-    job_id = await submit(sb)
+    job_id = await support.submit(sb)
     await peer.wait_for("start_job", job_id=job_id)
 
 
@@ -418,8 +410,8 @@ async def test_hosts_connected_through_an_outage_are_not_unreachable(
                                  reconcile_retry=0.5, unreachable_after=1.0)
     links = sb.service.links
     try:
-        token = await add_host(sb)
-        peer = await connected_peer(sb, token)
+        token = await support.add_host(sb)
+        peer = await support.connected_peer(sb, token)
         job_id = await ready_job(sb, peer)
         # The periodic work runs by hand here, in the order that would go wrong.
         for name in ("touch", "unreachable"):
@@ -434,16 +426,16 @@ async def test_hosts_connected_through_an_outage_are_not_unreachable(
 
         await eventually(listener_back, timeout=5)
         await links.end_unreachable()  # before any touch since the return
-        assert (await job(sb, job_id))["state"] == "ready"
+        assert (await support.job(sb, job_id))["state"] == "ready"
         await links.touch()
         await sleep(2.5 * links.touch_interval)
         await links.touch()
         await links.end_unreachable()
-        assert (await job(sb, job_id))["state"] == "ready"
+        assert (await support.job(sb, job_id))["state"] == "ready"
         peer.disconnect()
         await sleep(1.2)
         await links.end_unreachable()
-        await reaches(sb, job_id, "terminated", reason="host_unreachable")
+        await support.reaches(sb, job_id, "terminated", reason="host_unreachable")
     finally:
         await sb.stop()
 
@@ -558,7 +550,7 @@ async def test_a_lock_held_by_a_stalled_peer_answers_503_soon(database: str,
 async def test_a_watch_stream_ends_cleanly_in_an_outage(sb: RunningSwitchboard, outage: Outage,
                                                         logged: Failures) -> None:
     """Its status line is long gone: the stream ends with an SSE retry hint, no JSON."""
-    job_id = await submit(sb)
+    job_id = await support.submit(sb)
     response = await treq.get(f"{sb.url}/api/v1/jobs/{job_id}/events/watch",
                               headers=sb.admin.headers(), unbuffered=True)
     assert response.code == 200
@@ -582,7 +574,7 @@ async def test_a_job_that_exited_in_time_is_not_an_execution_timeout(
         sb: RunningSwitchboard, outage: Outage) -> None:
     """Its deadline passed during the outage, its exit is reported after the return:
     it ends workload_exited (execution timeouts wait a little after an outage)."""
-    peer = await host_peer(sb)
+    peer = await support.host_peer(sb)
     job_id = await ready_job(sb, peer, timeout=1)
     sb.service.getServiceNamed("timeouts").after_outage = 3.0
     await outage.begin()
@@ -592,13 +584,13 @@ async def test_a_job_that_exited_in_time_is_not_an_execution_timeout(
     await sleep(1.2)  # the deadline passes
     await until_back(outage, sb)
     await delivery
-    await reaches(sb, job_id, "terminated", reason="workload_exited", exit_status=0)
+    await support.reaches(sb, job_id, "terminated", reason="workload_exited", exit_status=0)
 
 
 @pytest_twisted.ensureDeferred
 async def test_execution_timeouts_resume_after_an_outage(sb: RunningSwitchboard,
                                                          outage: Outage) -> None:
-    peer = await host_peer(sb)
+    peer = await support.host_peer(sb)
     job_id = await ready_job(sb, peer, timeout=1)
     sb.service.getServiceNamed("timeouts").after_outage = 1.5
     await outage.begin()
@@ -606,11 +598,11 @@ async def test_execution_timeouts_resume_after_an_outage(sb: RunningSwitchboard,
     back = await until_back(outage, sb)
 
     async def stopping() -> bool:
-        return (await job(sb, job_id))["state"] != "ready"
+        return (await support.job(sb, job_id))["state"] != "ready"
 
     await eventually(stopping, timeout=15)
     assert reactor.seconds() - back >= 1.2
-    body = await job(sb, job_id)
+    body = await support.job(sb, job_id)
     assert body["termination"]["reason"] == "execution_timeout"
 
 
@@ -622,8 +614,8 @@ async def test_a_connection_that_cannot_register_leaves_the_current_link_in_char
     sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
                                  timeouts=Timeouts(statement=5, lock=0.3))
     try:
-        token = await add_host(sb)
-        first = await connected_peer(sb, token)
+        token = await support.add_host(sb)
+        first = await support.connected_peer(sb, token)
         holding: Deferred[None] = Deferred()
         release: Deferred[None] = Deferred()
 
@@ -642,7 +634,7 @@ async def test_a_connection_that_cannot_register_leaves_the_current_link_in_char
             release.callback(None)
             await held
         assert first.connection is not None
-        job_id = await submit(sb)
+        job_id = await support.submit(sb)
         await first.wait_for("start_job", job_id=job_id)
     finally:
         await sb.stop()
@@ -653,7 +645,7 @@ async def test_retries_do_not_pile_up_behind_a_held_status_request(
         sb: RunningSwitchboard, outage: Outage) -> None:
     """A supervisor answers status only once its reports are stored: while it waits,
     the switchboard sends no more status requests, and one answer settles it."""
-    peer = await host_peer(sb)
+    peer = await support.host_peer(sb)
     job_id = await ready_job(sb, peer)
     await outage.begin()
     peer.script.job = None
@@ -666,7 +658,7 @@ async def test_retries_do_not_pile_up_behind_a_held_status_request(
     assert len(peer.of_type("status_request")) == 1
     await until_back(outage, sb)
     await delivery
-    await reaches(sb, job_id, "terminated", reason="workload_exited")
+    await support.reaches(sb, job_id, "terminated", reason="workload_exited")
     await eventually(lambda: host_idle(sb), timeout=5)
 
 
@@ -699,12 +691,12 @@ async def test_a_real_supervisor_through_an_outage(database: str, tmp_path: Path
             return r.body["id"]
 
         job_id = await enqueue("1.0")
-        await reaches(sb, job_id, "ready")
+        await support.reaches(sb, job_id, "ready")
         await outage.begin()
         await sleep(2.0)  # the workload exits meanwhile
         assert [e["state"] for e in supervisor.runner.pending_events] == ["terminated"]
         back = await until_back(outage, sb)
-        body = await reaches(sb, job_id, "terminated", reason="workload_exited",
+        body = await support.reaches(sb, job_id, "terminated", reason="workload_exited",
                              exit_status=0)
         assert body["host"] == "mock-1"
         assert reactor.seconds() - back < 3.0  # not after the supervisor's backoff
@@ -716,7 +708,7 @@ async def test_a_real_supervisor_through_an_outage(database: str, tmp_path: Path
         await eventually(idle, timeout=10)
         assert reactor.seconds() - back < 10
         second = await enqueue("0.1")
-        await reaches(sb, second, "terminated", reason="workload_exited")
+        await support.reaches(sb, second, "terminated", reason="workload_exited")
         events = (await sb.admin.get(f"/api/v1/jobs/{job_id}/events")).body["events"]
         assert [e["state"] for e in events].count("terminated") == 1
     finally:
@@ -743,7 +735,7 @@ async def test_a_link_closing_with_several_requests_pending_fails_them_all(
         sb: RunningSwitchboard) -> None:
     """(An errback popping its entry used to cut the loop short: the other requests
     waited for their timeout and the link was never unregistered.)"""
-    peer = await host_peer(sb, script=Script(answer_status=False))
+    peer = await support.host_peer(sb, script=Script(answer_status=False))
     links = sb.service.links
     link = next(iter(links.by_host.values()))
     tasks = [link.links.spawn(link.reconcile()) for _ in range(3)]

@@ -26,11 +26,12 @@ class SigningKey:
         self.keys_file.write_text(json.dumps(self.signer.jwks()))
 
     def sign(self, subject: str, audience: str, access: list[Access], ttl: float,
-             issued_at: float | None = None) -> str:
-        """A token; with ``issued_at``, signed as if the time were then (expired ones)."""
+             issued_at: float | None = None, issuer: str | None = None) -> str:
+        """A token; with ``issued_at``, signed as if the time were then (expired ones);
+        with ``issuer``, issued by another name than the key's."""
         signer = self.signer
-        if issued_at is not None:
+        if issued_at is not None or issuer is not None:
             clock = Clock()
-            clock.advance(issued_at)
-            signer = CapabilitySigner(self.private, self.issuer, clock)
+            clock.advance(reactor.seconds() if issued_at is None else issued_at)
+            signer = CapabilitySigner(self.private, issuer or self.issuer, clock)
         return signer.sign(subject, audience, access, ttl)

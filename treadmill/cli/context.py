@@ -73,6 +73,25 @@ class Context:
             self.write(render(value))
         return EXIT_OK
 
+    async def emit_pages(self, path: str, key: str, params: dict[str, Any],
+                         render: Callable[[Any], str], what: str) -> int:
+        """:meth:`emit` a listing the API pages by cursor (``{key: [...], "next_cursor":
+        ...}``): with ``--all``, every page as one; else the first, and a note when more are
+        left (``what``: the items' name)."""
+        data = await self.api.get(path, params=params)
+        if self.args.all:
+            items = list(data.get(key, []))
+            seen: set[str] = set()
+            while (cursor := data.get("next_cursor")) and cursor not in seen:
+                seen.add(cursor)
+                data = await self.api.get(path, params={**params, "cursor": cursor})
+                items += data.get(key, [])
+            data = {key: items}
+        status = self.emit(data, render)
+        if data.get("next_cursor") and not self.json:
+            self.note(f"tml: there are more {what}; use --all to list them all")
+        return status
+
     def read_password_stdin(self) -> str:
         """The password given on stdin (``--password-stdin``), without its final newline."""
         password = self.stdin.read()

@@ -13,4 +13,5 @@
 - ``splice``: joining two connections with backpressure; ``zerocopy``: two plain TCP
   legs relayed in the kernel (``splice(2)``); ``deferreds``: ``fork``.
 - ``wsjson``: the JSON-WebSocket session (quiet logger, ``send``/``close``/``violation``).
+- ``timers``: ``every``, work repeated at an interval on a given reactor (a child service).
 """

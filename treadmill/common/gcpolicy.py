@@ -29,9 +29,10 @@ import gc
 import time
 from typing import Any
 
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.logger import Logger
+
+from treadmill.common.timers import every
 
 
 class FreezePolicy(MultiService):
@@ -55,9 +56,7 @@ class FreezePolicy(MultiService):
         self.after_full_pending = False
         self.frozen_after_full = 0
         """Full collections of the interpreter's own whose survivors were frozen."""
-        timer = TimerService(freeze_interval, self.tick)
-        timer.clock = reactor
-        timer.setServiceParent(self)
+        every(freeze_interval, self.tick, reactor, parent=self)
 
     def startService(self) -> None:
         self._next_full = self.reactor.seconds() + self.full_interval

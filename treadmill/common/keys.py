@@ -21,7 +21,6 @@ from urllib.parse import urlsplit
 
 import treq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -47,6 +46,7 @@ from treadmill.common.config import (
 )
 from treadmill.common.files import write_atomically
 from treadmill.common.http import ApiError
+from treadmill.common.timers import every
 
 
 def _loopback(host: str) -> bool:
@@ -132,9 +132,7 @@ class KeySource(MultiService):
         if file is not None and (url is None or os.path.exists(file)):
             self.keys = load_public_keys(file)
         if url is not None:
-            timer = TimerService(refresh, lambda: Deferred.fromCoroutine(self.fetch()))
-            timer.clock = reactor
-            timer.setServiceParent(self)
+            every(refresh, self.fetch, reactor, parent=self)
 
     def ready(self) -> Deferred[None]:
         """Fires once keys are known (at once when a file supplied them)."""

@@ -1,24 +1,61 @@
 """Prometheus metrics over HTTP.
 
 Each role serves ``/metrics`` on its ``metrics.listen`` endpoints, in the
-Prometheus text format (or OpenMetrics when the scraper asks for it).
+Prometheus text format (or OpenMetrics when the scraper asks for it), from its own
+registry (:func:`role_registry`); an HTTP role counts its answered requests with a
+:class:`RequestCounter`.
 """
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry
+from collections.abc import Collection
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore
+from twisted.web.iweb import IRequest
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from treadmill.common.http import HardenedSite, LimitedRequest
 
-__all__ = ["MetricsResource", "metrics_resource", "metrics_service"]
+__all__ = ["MetricsResource", "RequestCounter", "metrics_resource", "metrics_service",
+           "role_registry"]
+
+
+def role_registry(live: Collector) -> CollectorRegistry:
+    """A role's registry: the process's and the platform's collectors, and ``live`` (the
+    role's own values, read at each scrape)."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    registry.register(live)
+    return registry
+
+
+class RequestCounter:
+    """``treadmill_http_requests`` by method and status code, counted from a site's log
+    hook (:func:`treadmill.common.http.log_requests`); a method outside ``methods`` (those
+    the API answers) counts as ``other``, so clients cannot grow the label set."""
+
+    def __init__(self, registry: CollectorRegistry, methods: Collection[str],
+                 documentation: str = "HTTP requests answered."):
+        self.methods = frozenset(methods)
+        self.counter = Counter("treadmill_http_requests", documentation, ["method", "code"],
+                               registry=registry)
+
+    def observe(self, request: IRequest) -> None:
+        """Count a finished request."""
+        method = request.method.decode("ascii", "replace") if request.method else "?"
+        self.counter.labels(method if method in self.methods else "other",
+                            str(request.code)).inc()
 
 
 class MetricsResource(Resource):

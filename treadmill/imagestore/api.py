@@ -25,6 +25,7 @@ import hashlib
 import re
 import uuid
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, unquote_to_bytes
 
@@ -113,6 +114,7 @@ def _paginate(items: list[str], n: int | None, last: str | None) -> tuple[list[s
     return items[:n], len(items) > n
 
 
+@dataclass(eq=False)
 class RegistryAPI:
     """The routes of one image store."""
 
@@ -121,23 +123,21 @@ class RegistryAPI:
     app.url_map.merge_slashes = False
     log = Logger()
 
-    def __init__(self, reactor: Any, storage: Storage, uploads: Uploads, collector: Collector,
-                 auth: Authorizer, lock: SharedExclusiveLock, pool: Any, *,
-                 max_manifest: int = 4 * 1024 * 1024, mode: StoreMode | None = None,
-                 cache_routes: CacheRoutes | None = None):
-        self.reactor = reactor
-        self.storage = storage
-        self.uploads = uploads
-        self.collector = collector
-        self.auth = auth
-        self.lock = lock
-        self.pool = pool
-        self.max_manifest = max_manifest
-        self.bytes_sent = 0
-        # Cache mode (docs/imagestore.md, "The image cache"): pull-through on misses,
-        # last-use tracking, pins, and the /cache routes.
-        self.mode: StoreMode = mode if mode is not None else PlainStore()
-        self._cache_routes = cache_routes
+    reactor: Any
+    storage: Storage
+    uploads: Uploads
+    collector: Collector
+    auth: Authorizer
+    lock: SharedExclusiveLock
+    pool: Any
+    _: KW_ONLY
+    max_manifest: int = 4 * 1024 * 1024
+    mode: StoreMode = field(default_factory=PlainStore)
+    """Where the OCI routes differ in a cache (docs/imagestore.md, "The image cache"):
+    pull-through on misses, last-use tracking, pins."""
+    cache_routes: CacheRoutes | None = None
+    """The ``/cache`` routes, in a cache."""
+    bytes_sent: int = field(default=0, init=False)
 
     def resource(self) -> Resource:
         return self.app.resource()
@@ -227,10 +227,10 @@ class RegistryAPI:
     # -- the image cache -------------------------------------------------------------
 
     def _routes(self) -> CacheRoutes:
-        if self._cache_routes is None:
+        if self.cache_routes is None:
             raise OCIError("UNSUPPORTED", "this image store is not a cache (cache.enabled)",
                            status=404)
-        return self._cache_routes
+        return self.cache_routes
 
     @app.route("/admin/evict", methods=["POST"])
     async def admin_evict(self, request: IRequest) -> bytes:

@@ -357,12 +357,11 @@ class Cache:
             current = self.storage.blob_info(info.digest)
             if current is None:
                 continue
-            if self.storage.delete_blob(info.digest):
+            deleted, removed = self.storage.remove_blob(info.digest, links.get(info.digest, ()))
+            if deleted:
                 evicted.append(info.digest)
                 freed += current.size
-            for name in links.get(info.digest, ()):
-                if self.storage.unlink_blob(name, info.digest):
-                    unlinked += 1
+            unlinked += removed
         return evicted, freed, unlinked
 
     async def _evict(self) -> dict[str, Any]:

@@ -224,12 +224,11 @@ class Collector:
             current = self.storage.blob_info(info.digest)
             if current is None or current.mtime >= cutoff:
                 continue
-            if self.storage.delete_blob(info.digest):
+            found, removed = self.storage.remove_blob(info.digest, links.get(info.digest, ()))
+            if found:
                 deleted += 1
                 freed += current.size
-            for name in links.get(info.digest, ()):
-                if self.storage.unlink_blob(name, info.digest):
-                    unlinked += 1
+            unlinked += removed
         return deleted, freed, unlinked
 
     async def _collect(self) -> dict[str, Any]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector as PromCollector
 from twisted.web.iweb import IRequest
+
+from treadmill.common.metrics import RequestCounter, role_registry
 
 
 class _Live(PromCollector):
@@ -83,15 +82,10 @@ class ImageStoreMetrics:
     """The image store's registry: process, live values, HTTP requests by method and code."""
 
     def __init__(self, store: Any):
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        self.registry.register(_Live(store))
-        self.requests = Counter("treadmill_http_requests", "HTTP requests answered.",
-                                ["method", "code"], registry=self.registry)
+        self.registry = role_registry(_Live(store))
+        self.requests = RequestCounter(self.registry,
+                                       ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"))
 
     def observe(self, request: IRequest) -> None:
-        method = request.method.decode("ascii", "replace") if request.method else "?"
-        if method not in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
-            method = "other"
-        self.requests.labels(method, str(request.code)).inc()
+        """Count a finished request (called from the site's log hook)."""
+        self.requests.observe(request)

@@ -49,7 +49,7 @@ from treadmill.imagestore.cache import Cache, CacheConfig
 from treadmill.imagestore.cache_api import CacheRoutes
 from treadmill.imagestore.gc import Collector, SharedExclusiveLock
 from treadmill.imagestore.metrics import ImageStoreMetrics
-from treadmill.imagestore.modes import CacheMode
+from treadmill.imagestore.modes import CacheMode, PlainStore
 from treadmill.imagestore.quota import Ledger, QuotaConfig
 from treadmill.imagestore.site import registry_site
 from treadmill.imagestore.storage import Storage
@@ -164,7 +164,7 @@ class ImageStoreService(RoleService):
         self.api = RegistryAPI(
             reactor, self.storage, self.uploads, self.collector, self.auth, self.lock,
             self.pool, max_manifest=config.manifest_max_size,
-            mode=CacheMode(self.cache) if self.cache is not None else None,
+            mode=CacheMode(self.cache) if self.cache is not None else PlainStore(),
             cache_routes=CacheRoutes(self.auth, self.cache) if self.cache is not None else None)
         self.site = registry_site(self.api)
         self.metrics = ImageStoreMetrics(self)

@@ -43,7 +43,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -261,6 +261,12 @@ class Storage:
 
     def delete_blob(self, digest: str) -> bool:
         return self._unlink(self.blob_path(digest))
+
+    def remove_blob(self, digest: str, linked_from: Iterable[str]) -> tuple[bool, int]:
+        """Delete a blob and its links in the repositories ``linked_from`` (garbage
+        collection, eviction): whether the blob was there, and how many links were."""
+        deleted = self.delete_blob(digest)
+        return deleted, sum(self.unlink_blob(name, digest) for name in linked_from)
 
     # -- repositories --------------------------------------------------------
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from twisted.web.iweb import IRequest
+
+from treadmill.common.metrics import RequestCounter, role_registry
 
 
 class _Live(Collector):
@@ -56,15 +55,9 @@ class LogServerMetrics:
     """Request counters and live gauges of one log server."""
 
     def __init__(self, service: Any):
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        self.registry.register(_Live(service))
-        self.requests = Counter("treadmill_http_requests", "HTTP requests answered.",
-                                ["method", "code"], registry=self.registry)
+        self.registry = role_registry(_Live(service))
+        self.requests = RequestCounter(self.registry, ("GET", "POST", "HEAD"))
 
     def observe(self, request: IRequest) -> None:
-        method = request.method.decode("ascii", "replace") if request.method else "?"
-        if method not in ("GET", "POST", "HEAD"):
-            method = "other"
-        self.requests.labels(method, str(request.code)).inc()
+        """Count a finished request (called from the site's log hook)."""
+        self.requests.observe(request)

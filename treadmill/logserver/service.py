@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -25,6 +24,7 @@ from treadmill.common.cors import with_cors
 from treadmill.common.daemon import RoleService, listeners
 from treadmill.common.http import limited_site, log_requests
 from treadmill.common.keys import KeySource, attach_keys
+from treadmill.common.timers import every
 from treadmill.logserver.api import LogServerAPI
 from treadmill.logserver.follow import FollowFactory
 from treadmill.logserver.metrics import LogServerMetrics
@@ -102,11 +102,8 @@ class LogServerService(RoleService):
             return
         if self.config.retention_max_age is not None or \
                 self.config.retention_max_bytes is not None:
-            retention = TimerService(self.config.retention_interval,
-                                     lambda: Deferred.fromCoroutine(self.retention()))
-            retention.clock = self.reactor
-            retention.setName("retention")
-            retention.setServiceParent(self)
+            every(self.config.retention_interval, self.retention, self.reactor, parent=self,
+                  name="retention")
         http = listeners(self.reactor, self.config.listen, self.site, "http")
         http.setServiceParent(self)
         self._ports = [await service._waitingForPort  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ rather than allowed to grow the supervisor's memory.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -61,21 +62,20 @@ class _Client(Protocol):
         self.transport.write(data)
 
 
+@dataclass(eq=False)
 class ConsoleBridge:
     """Fan a console's output out to TCP clients and their input back in."""
 
     log = Logger()
 
-    def __init__(self, reactor: Any, write_input: Callable[[bytes], None], *,
-                 interface: str = "127.0.0.1", client_buffer: int = 1024 * 1024,
-                 name: str = "console"):
-        self.reactor = reactor
-        self.write_input = write_input
-        self.interface = interface
-        self.client_buffer = client_buffer
-        self.name = name
-        self.clients: set[_Client] = set()
-        self.port: IListeningPort | None = None
+    reactor: Any
+    write_input: Callable[[bytes], None]
+    _: KW_ONLY
+    interface: str = "127.0.0.1"
+    client_buffer: int = 1024 * 1024
+    name: str = "console"
+    clients: set[_Client] = field(default_factory=set, init=False)
+    port: IListeningPort | None = field(default=None, init=False)
 
     async def listen(self, port: int = 0) -> tuple[str, int]:
         """Start listening; returns the ``(host, port)`` to report as a service."""

@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from treadmill.common.metrics import role_registry
 from treadmill.supervisor.observers import JobObserver
 
 __all__ = ["STAGE_BUCKETS", "SupervisorMetrics"]
@@ -90,10 +89,7 @@ class SupervisorMetrics(JobObserver):
     """The registry of one supervisor, fed as an observer of its runner."""
 
     def __init__(self, service: Any):
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        self.registry.register(_Live(service))
+        self.registry = role_registry(_Live(service))
         self.reactor = service.reactor
         self.driver = service.driver.name
         self.stages = Histogram("treadmill_supervisor_job_stage_seconds",

@@ -5,6 +5,7 @@ connection is open until the switchboard acknowledges it (docs/protocol.md)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -18,6 +19,7 @@ from treadmill.supervisor.outbox import UNAVAILABLE, Session
 __all__ = ["SnapshotRequests"]
 
 
+@dataclass(eq=False)
 class SnapshotRequests:
     """The snapshots of one runner: those under way, and the results not yet
     acknowledged (by snapshot id).
@@ -30,20 +32,18 @@ class SnapshotRequests:
 
     log = Logger()
 
-    def __init__(self, driver: IHostDriver, *, current: Callable[[], str | None],
-                 reply: Callable[[Session, dict[str, Any]], None],
-                 later: Callable[..., None], backoff: Callable[[int], float],
-                 label: str = "supervisor"):
-        self.driver = driver
-        self._current = current
-        self._reply = reply
-        self._later = later
-        self._backoff = backoff
-        self.label = label
-        self.session: Session | None = None
-        self._running: dict[str, Deferred[Any]] = {}
-        self._results: dict[str, dict[str, Any]] = {}
-        self._sent: dict[int, str] = {}  # request id -> snapshot id
+    driver: IHostDriver
+    _: KW_ONLY
+    current: Callable[[], str | None]
+    reply: Callable[[Session, dict[str, Any]], None]
+    later: Callable[..., None]
+    backoff: Callable[[int], float]
+    label: str = "supervisor"
+    session: Session | None = field(default=None, init=False)
+    _running: dict[str, Deferred[Any]] = field(default_factory=dict, init=False)
+    _results: dict[str, dict[str, Any]] = field(default_factory=dict, init=False)
+    _sent: dict[int, str] = field(default_factory=dict, init=False)
+    """Request id -> snapshot id."""
 
     @property
     def unacknowledged(self) -> dict[str, dict[str, Any]]:
@@ -75,23 +75,23 @@ class SnapshotRequests:
         """Start (or join) a snapshot; its result follows as ``snapshot_result``."""
         rid, snapshot_id, job_id = message["request_id"], message["snapshot_id"], message["job_id"]
         if snapshot_id in self._running:
-            self._reply(session, protocol.ack(rid))
+            self.reply(session, protocol.ack(rid))
             return
         if snapshot_id in self._results:
-            self._reply(session, protocol.ack(rid))
+            self.reply(session, protocol.ack(rid))
             self._send(snapshot_id)
             return
         if not IHostSnapshots.providedBy(self.driver):
-            self._reply(session, protocol.ack(rid, (
+            self.reply(session, protocol.ack(rid, (
                 "not_supported", f"the {self.driver.name} driver cannot make snapshots")))
             return
-        if self._current() == job_id:
-            self._reply(session, protocol.ack(rid, ("unknown_job", f"job {job_id} still runs")))
+        if self.current() == job_id:
+            self.reply(session, protocol.ack(rid, ("unknown_job", f"job {job_id} still runs")))
             return
         self.log.info("{name}: snapshot {snapshot} of job {job} into {repository} on {store}",
                       name=self.label, snapshot=snapshot_id, job=job_id,
                       repository=message["repository"], store=message["store"])
-        self._reply(session, protocol.ack(rid))  # accepted; the outcome follows
+        self.reply(session, protocol.ack(rid))  # accepted; the outcome follows
         running = maybeDeferred(self.driver.snapshot, job_id, message["repository"],
                                 message["store"])
         self._running[snapshot_id] = running
@@ -121,7 +121,7 @@ class SnapshotRequests:
     def _acked(self, message: dict[str, Any], snapshot_id: str) -> None:
         error = None if message["ok"] else (message.get("error") or {})
         if error is not None and error.get("code") == UNAVAILABLE:
-            self._later(self._backoff(0), self._resend, snapshot_id)
+            self.later(self.backoff(0), self._resend, snapshot_id)
             return
         self._results.pop(snapshot_id, None)
 
@@ -136,7 +136,7 @@ class SnapshotRequests:
         rid = session.next_request_id()
         if session.send({**outcome, "request_id": rid}):
             self._sent[rid] = snapshot_id
-            self._later(self._backoff(0), self._unacked, session, rid)
+            self.later(self.backoff(0), self._unacked, session, rid)
 
     def _unacked(self, session: Session, rid: int) -> None:
         if session is self.session and rid in self._sent:

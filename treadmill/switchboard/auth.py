@@ -49,6 +49,7 @@ from treadmill.common.ratelimit import (
     Saturated,
     admit,
 )
+from treadmill.common.timers import every
 from treadmill.switchboard import credentials
 from treadmill.switchboard.access import Principal
 from treadmill.switchboard.store import Store
@@ -174,11 +175,7 @@ class Authenticator:
             self.log.failure("Could not record token use")
 
     def usage_service(self, interval: float = 10.0) -> TimerService:
-        from twisted.internet.defer import Deferred
-
-        service = TimerService(interval, lambda: Deferred.fromCoroutine(self.flush_usage()))
-        service.clock = self.clock
-        return service
+        return every(interval, self.flush_usage, self.clock)
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,11 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
 
-from treadmill.common.config import ConfigError
 from treadmill.switchboard import credentials
 from treadmill.switchboard.database import Pool, migrate
 from treadmill.switchboard.store import Store
 from treadmill.switchboard.store.errors import NotFound
-from treadmill.switchboard.tap import database_dsn
+from treadmill.switchboard.tap import database_arguments, parsed_dsn
 
 
 async def bootstrap(reactor: Any, dsn: str, admin: str, label: str,
@@ -49,17 +48,13 @@ async def bootstrap(reactor: Any, dsn: str, admin: str, label: str,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m treadmill.switchboard.bootstrap",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="switchboard TOML configuration")
-    parser.add_argument("--database-dsn", help="overrides database.dsn of the configuration")
+    database_arguments(parser)
     parser.add_argument("--admin", required=True, help="user name of the admin")
     parser.add_argument("--label", default="bootstrap", help="label of the new token")
     parser.add_argument("--expires-in", type=float, default=None,
                         help="token lifetime in seconds (default: never expires)")
     args = parser.parse_args(argv)
-    try:
-        dsn = database_dsn(args.config, args.database_dsn)
-    except ConfigError as e:
-        parser.exit(2, f"bootstrap: {e}\n")
+    dsn = parsed_dsn(parser, args, "bootstrap")
 
     def run(reactor: Any) -> Deferred[None]:
         async def go() -> None:

@@ -15,11 +15,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from treadmill.common.timers import every
 from treadmill.switchboard.store import Store
 from treadmill.switchboard.store.base import INSTANCE_DEAD_AFTER
 
@@ -44,10 +44,7 @@ class Instance(MultiService):
         """Supervisor links held by all live instances together (at the last heartbeat)."""
         self.beats = 0
         self._observers: list[Callable[[Instance], object]] = []
-        timer = TimerService(interval, lambda: Deferred.fromCoroutine(self.beat()))
-        timer.clock = reactor
-        timer.setName("heartbeat")
-        timer.setServiceParent(self)
+        every(interval, self.beat, reactor, parent=self, name="heartbeat")
 
     def observe(self, fn: Callable[[Instance], object]) -> None:
         """Call ``fn(self)`` after every successful heartbeat."""

@@ -17,13 +17,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from twisted.web.iweb import IRequest
 
+from treadmill.common.metrics import RequestCounter, role_registry
 from treadmill.switchboard.jobstate import Reason, State
 
 
@@ -93,12 +92,9 @@ class SwitchboardMetrics:
     """Request counters and live gauges of one switchboard."""
 
     def __init__(self, service: Any):
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        self.registry.register(_Live(service))
-        self.requests = Counter("treadmill_http_requests", "HTTP API requests answered.",
-                                ["method", "code"], registry=self.registry)
+        self.registry = role_registry(_Live(service))
+        self.requests = RequestCounter(self.registry, ("GET", "POST", "PUT", "PATCH", "DELETE"),
+                                       "HTTP API requests answered.")
         self.latency = Histogram("treadmill_http_request_seconds",
                                  "Time from a request's arrival to its answer.",
                                  registry=self.registry,
@@ -130,11 +126,8 @@ class SwitchboardMetrics:
                 self.dispatch.observe(max(0.0, value))
 
     def observe(self, request: IRequest) -> None:
-        """Count a finished request (called from the site's log hook)."""
-        method = request.method.decode("ascii", "replace") if request.method else "?"
-        if method not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
-            method = "other"
-        self.requests.labels(method, str(request.code)).inc()
+        """Count a finished request and its latency (called from the site's log hook)."""
+        self.requests.observe(request)
         started = getattr(request, "started", None)
         if started is not None:
             self.latency.observe(time.monotonic() - started)

@@ -21,9 +21,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
 
-from treadmill.common.config import ConfigError
 from treadmill.switchboard.database import Pool, migrate, pending_migrations
-from treadmill.switchboard.tap import database_dsn
+from treadmill.switchboard.tap import database_arguments, parsed_dsn
 
 __all__ = ["main", "run_migrations"]
 
@@ -44,10 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     """The command line: see the module docstring."""
     parser = argparse.ArgumentParser(prog="treadmill-switchboard-migrate",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="switchboard TOML configuration")
-    parser.add_argument("--database-dsn",
-                        help="overrides database.dsn of the configuration (put passwords "
-                             "in ~/.pgpass or PGPASSFILE, not here)")
+    database_arguments(parser)
     parser.add_argument("--dry-run", action="store_true",
                         help="list the pending migrations, apply nothing")
     parser.add_argument("--check", action="store_true",
@@ -55,10 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.check and not args.dry_run:
         parser.error("--check needs --dry-run")
-    try:
-        dsn = database_dsn(args.config, args.database_dsn)
-    except ConfigError as e:
-        parser.exit(2, f"migrate: {e}\n")
+    dsn = parsed_dsn(parser, args, "migrate")
 
     def run(reactor: Any) -> Deferred[None]:
         async def go() -> None:

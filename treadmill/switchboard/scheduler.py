@@ -22,11 +22,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from treadmill.common.timers import every
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.jobstate import InvalidTransition, Reason, State, Status
 from treadmill.switchboard.notifications import HostNote, JobNote
@@ -70,13 +70,8 @@ class Scheduler(MultiService):
         self._again = False
         self._pending_call: Any = None
         self._retry_call: Any = None
-        timer = TimerService(interval, self.wake)
-        timer.clock = reactor
-        timer.setServiceParent(self)
-        expiry = TimerService(max(interval, 5.0), lambda: Deferred.fromCoroutine(
-            self.expire_unrunnable()))
-        expiry.clock = reactor
-        expiry.setServiceParent(self)
+        every(interval, self.wake, reactor, parent=self)
+        every(max(interval, 5.0), self.expire_unrunnable, reactor, parent=self)
 
     def job_changed(self, payload: str) -> None:
         """``treadmill_jobs`` (a :class:`JobNote`): a newly queued job, or a

@@ -25,7 +25,6 @@ import socket
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -37,6 +36,7 @@ from treadmill.common.captoken import (
 )
 from treadmill.common.daemon import RoleService, listeners
 from treadmill.common.http import limited_site, log_requests
+from treadmill.common.timers import every
 from treadmill.switchboard.api import Limits, SwitchboardAPI
 from treadmill.switchboard.audit import RetentionService
 from treadmill.switchboard.auth import Authenticator, PasswordGuard, PasswordPolicy
@@ -225,10 +225,7 @@ class SwitchboardService(RoleService):
         usage.setServiceParent(self)
         self.links.setServiceParent(self)
         self.scheduler.setServiceParent(self)
-        counts = TimerService(15.0, lambda: Deferred.fromCoroutine(self._count_jobs()))
-        counts.clock = self.reactor
-        counts.setName("job-counts")
-        counts.setServiceParent(self)
+        every(15.0, self._count_jobs, self.reactor, parent=self, name="job-counts")
         retention = RetentionService(self.reactor, self.store, self.config.audit_retention,
                                      is_leader=lambda: self.instance.leader)
         retention.setName("audit-retention")

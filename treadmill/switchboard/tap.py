@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 from twisted.application.service import IService
@@ -191,6 +192,24 @@ class Options(RoleOptions):
         if values["login.hashing_queue"] < 0:
             raise ConfigError("login.hashing_queue must be 0 or more",
                               key="login.hashing_queue", source=source)
+
+
+def database_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--database-dsn``, for the command-line tools beside the daemon
+    (:func:`parsed_dsn`)."""
+    parser.add_argument("--config", help="switchboard TOML configuration")
+    parser.add_argument("--database-dsn",
+                        help="overrides database.dsn of the configuration (put passwords "
+                             "in ~/.pgpass or PGPASSFILE, not here)")
+
+
+def parsed_dsn(parser: argparse.ArgumentParser, args: argparse.Namespace, tool: str) -> str:
+    """The ``database.dsn`` that :func:`database_arguments` name; exits 2 with a message
+    starting ``tool:`` if the configuration is wrong."""
+    try:
+        return database_dsn(args.config, args.database_dsn)
+    except ConfigError as e:
+        parser.exit(2, f"{tool}: {e}\n")
 
 
 def database_dsn(config: str | None, dsn: str | None) -> str:

@@ -1,8 +1,9 @@
 """Helpers of the QEMU driver tests: a driver started on the test image (``start``,
 ``settings``, ``job``, ``within``) and, with a real switchboard and image store, a pushed
 image (``push``), a qemu host's supervisor configuration (``qemu_host``) and
-``job_reaches``; ``vm_host``, an image store and a qemu host's supervisor;
-``restartable_host``, the same with a supervisor a test restarts (``Restartable``)."""
+``job_reaches``; ``vm_host``, an image store and a qemu host's supervisor; ``vm_bed``, the
+same beside a switchboard of its own (and a log server); ``restartable_host``, the same
+with a supervisor a test restarts (``Restartable``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,15 @@ from twisted.internet import reactor
 
 from tests.fakes.reporter import Recorder
 from tests.supervisor.qemu.conftest import BuiltImage, FakeFetcher
-from tests.support import RunningSwitchboard, start_switchboard, store_service, url_of
+from tests.support import (
+    RunningSwitchboard,
+    start_switchboard,
+    store_service,
+    switchboard_with_logs,
+    url_of,
+)
 from tests.support import job_reaches as admin_sees
+from tests.util.running import stopping
 from treadmill.dev.fleet import ws_url_for
 from treadmill.images.oci import RegistryClient
 from treadmill.supervisor.config import SupervisorConfig
@@ -128,6 +137,35 @@ async def vm_host(sb: RunningSwitchboard, tmp_path: Path) -> AsyncIterator[tuple
             yield store_url, work_dir
         finally:
             await supervisor.stopService()
+
+
+@dataclass
+class VmBed:
+    """What :func:`vm_bed` started."""
+
+    sb: RunningSwitchboard
+    store_url: str
+    work_dir: str
+    log_url: str | None
+    """The log server's URL, if the bed has one."""
+
+
+@contextlib.asynccontextmanager
+async def vm_bed(database: str, tmp_path: Path, *, logs: bool = False) -> AsyncIterator[VmBed]:
+    """A switchboard scheduling every 0.2 s (with a log server its jobs ship to, if
+    ``logs``) and :func:`vm_host` linked to it; stops all."""
+    fast = {"scheduler_interval": 0.2, "timeout_interval": 0.1}
+    async with contextlib.AsyncExitStack() as started:
+        if logs:
+            sb, log_server = await started.enter_async_context(
+                switchboard_with_logs(database, tmp_path, **fast))
+            log_url: str | None = log_server.url
+        else:
+            sb = await started.enter_async_context(
+                stopping(await start_switchboard(database, tmp_path, **fast)))
+            log_url = None
+        async with vm_host(sb, tmp_path) as (store_url, work_dir):
+            yield VmBed(sb, store_url, work_dir, log_url)
 
 
 class Restartable:

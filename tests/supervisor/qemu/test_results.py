@@ -7,7 +7,6 @@ import io
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
@@ -16,39 +15,26 @@ from twisted.internet import reactor
 pytest.importorskip("treadmill.imagestore.service")
 
 from tests.supervisor.qemu.conftest import BuiltImage, needs_qemu
-from tests.supervisor.qemu.support import (
-    job_reaches,
-    push,
-    vm_host,
-)
+from tests.supervisor.qemu.support import VmBed, job_reaches, push, vm_bed
 from tests.supervisor.support import failed_junit_counts
-from tests.support import (
-    RunningSwitchboard,
-    closed_stream,
-    start_switchboard_with_logs,
-)
+from tests.support import closed_stream
 from treadmill.cli.main import run as tml
 
 pytestmark = needs_qemu
 
 
 @pytest_twisted.async_yield_fixture
-async def bed(migrated_database: str, tmp_path: Path, test_image: BuiltImage
-              ) -> AsyncIterator[tuple[RunningSwitchboard, str, str]]:
-    sb, logs = await start_switchboard_with_logs(migrated_database, tmp_path,
-                                                 scheduler_interval=0.2, timeout_interval=0.1)
-    try:
-        async with vm_host(sb, tmp_path) as (store_url, work_dir):
-            await push(sb, store_url, test_image, "demo/tiny-vm")
-            yield sb, logs.url, work_dir
-    finally:
-        await sb.stop()
-        await logs.stop()
+async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[VmBed]:
+    async with vm_bed(migrated_database, tmp_path, logs=True) as running:
+        yield running
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_qemu_jobs_results_come_from_its_agent(bed: Any) -> None:
-    sb, log_url, _ = bed
+async def test_a_qemu_jobs_results_come_from_its_agent(bed: VmBed, test_image: BuiltImage
+                                                       ) -> None:
+    sb, log_url = bed.sb, bed.log_url
+    assert log_url is not None
+    await push(sb, bed.store_url, test_image, "demo/tiny-vm")
     r = await sb.admin.post("/api/v1/jobs", {
         "image": "demo/tiny-vm", "tags": ["qemu"],
         "parameters": {"tests": {"value": "boot:pass virtio:pass net:skip disk:fail"},

@@ -8,7 +8,6 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
@@ -18,13 +17,14 @@ pytest.importorskip("treadmill.imagestore.service")
 
 from tests.supervisor.qemu.conftest import BuiltImage, needs_qemu, qemu_processes
 from tests.supervisor.qemu.support import (
+    VmBed,
     job_reaches,
     push,
     qemu_host,
     restartable_host,
-    vm_host,
+    vm_bed,
 )
-from tests.support import RunningSwitchboard, start_switchboard, store_service, url_of
+from tests.support import start_switchboard, store_service, url_of
 from tests.util.waiting import eventually
 from treadmill.supervisor.service import SupervisorService
 
@@ -32,21 +32,15 @@ pytestmark = needs_qemu
 
 
 @pytest_twisted.async_yield_fixture
-async def bed(migrated_database: str, tmp_path: Path, test_image: BuiltImage
-              ) -> AsyncIterator[tuple[RunningSwitchboard, str, str]]:
-    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 timeout_interval=0.1)
-    try:
-        async with vm_host(sb, tmp_path) as (store_url, work_dir):
-            yield sb, store_url, work_dir
-    finally:
-        await sb.stop()
+async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[VmBed]:
+    async with vm_bed(migrated_database, tmp_path) as running:
+        yield running
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_qemu_job_runs_through_the_switchboard(bed: Any, test_image: BuiltImage,
+async def test_a_qemu_job_runs_through_the_switchboard(bed: VmBed, test_image: BuiltImage,
                                                        tmp_path: Path) -> None:
-    sb, store_url, work_dir = bed
+    sb, store_url, work_dir = bed.sb, bed.store_url, bed.work_dir
     await push(sb, store_url, test_image, "demo/tiny-vm")
     r = await sb.admin.post("/api/v1/jobs", {
         "image": "demo/tiny-vm", "tags": ["qemu"],
@@ -128,8 +122,8 @@ async def test_a_qemu_job_boots_from_a_site_image_cache(migrated_database: str, 
 
 @pytest_twisted.ensureDeferred
 async def test_a_corrupt_layer_in_the_store_ends_the_job_with_image_error(
-        bed: Any, test_image: BuiltImage, tmp_path: Path) -> None:
-    sb, store_url, work_dir = bed
+        bed: VmBed, test_image: BuiltImage, tmp_path: Path) -> None:
+    sb, store_url, work_dir = bed.sb, bed.store_url, bed.work_dir
     await push(sb, store_url, test_image, "demo/rotten-vm")
     # The store verified the kernel on upload; its file then rots on disk.
     kernel = next(d.digest for name, d in test_image.fetched().image.files()

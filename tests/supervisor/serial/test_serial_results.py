@@ -16,7 +16,7 @@ from tests.supervisor.support import failed_junit_counts
 from tests.support import (
     RunningSwitchboard,
     closed_stream,
-    start_switchboard_with_logs,
+    switchboard_with_logs,
 )
 from tests.util.waiting import eventually
 
@@ -34,17 +34,15 @@ APP = (b"print Running 3 tests\n"
 @pytest_twisted.async_yield_fixture
 async def bed(migrated_database: str, tmp_path: Path
               ) -> AsyncIterator[tuple[RunningSwitchboard, str]]:
-    sb, logs = await start_switchboard_with_logs(migrated_database, tmp_path,
-                                                 scheduler_interval=0.2, timeout_interval=0.1)
-    board = await FakeBoard(tmp_path / "board").start()
-    try:
-        async with board_host(sb, board, tmp_path, boot__ready="reset", agent__transport="none",
-                              health__timeout=5.0):
-            yield sb, logs.url
-    finally:
-        board.stop()
-        await sb.stop()
-        await logs.stop()
+    async with switchboard_with_logs(migrated_database, tmp_path, scheduler_interval=0.2,
+                                     timeout_interval=0.1) as (sb, logs):
+        board = await FakeBoard(tmp_path / "board").start()
+        try:
+            async with board_host(sb, board, tmp_path, boot__ready="reset",
+                                  agent__transport="none", health__timeout=5.0):
+                yield sb, logs.url
+        finally:
+            board.stop()
 
 
 @pytest_twisted.ensureDeferred

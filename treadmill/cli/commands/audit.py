@@ -25,19 +25,7 @@ async def audit_ls(ctx: Context) -> int:
     a = ctx.args
     params = {"user": a.user, "host": a.host, "job": a.job, "image": a.image,
               "action": a.action, "after": a.after, "limit": a.limit}
-    data = await ctx.api.get("audit", params=params)
-    if a.all:
-        entries = list(data.get("entries", []))
-        seen: set[str] = set()
-        while (cursor := data.get("next_cursor")) and cursor not in seen:
-            seen.add(cursor)
-            data = await ctx.api.get("audit", params={**params, "cursor": cursor})
-            entries += data.get("entries", [])
-        data = {"entries": entries}
-    status = ctx.emit(data, render_entries)
-    if data.get("next_cursor") and not ctx.json:
-        ctx.note("tml: there are more records; use --all to list them all")
-    return status
+    return await ctx.emit_pages("audit", "entries", params, render_entries, "records")
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:

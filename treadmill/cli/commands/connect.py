@@ -216,14 +216,18 @@ async def _run_ssh(ctx: Context, argv: list[str]) -> int:
     return await protocol.ended
 
 
+def _proxy_option(p: Any) -> None:
+    p.add_argument("--proxy", metavar="TEXT", help="use an endpoint on a proxy whose URL "
+                   "contains TEXT")
+
+
 def add_ssh_arguments(p: Any) -> None:
     add_job_id(p)
     p.add_argument("-l", "--user", metavar="USER",
                    help="the user to log in as (default: $TREADMILL_SSH_USER, else root)")
     p.add_argument("--service", default="ssh", metavar="NAME",
                    help="the published service to use (default: ssh)")
-    p.add_argument("--proxy", metavar="TEXT", help="use an endpoint on a proxy whose URL "
-                   "contains TEXT")
+    _proxy_option(p)
     p.add_argument("--print-command", action="store_true",
                    help="print the ssh command instead of running it")
     p.add_argument("--proxy-command", action="store_true",
@@ -458,5 +462,4 @@ def add_connect_arguments(p: Any) -> None:
     p.add_argument("--read-only", action="store_true",
                    help="a console: ask only for read access (watch; what you type is "
                    "dropped by the proxy)")
-    p.add_argument("--proxy", metavar="TEXT", help="use an endpoint on a proxy whose URL "
-                   "contains TEXT")
+    _proxy_option(p)

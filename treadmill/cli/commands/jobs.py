@@ -409,19 +409,7 @@ async def job_ls(ctx: Context) -> int:
     """List jobs, newest first; ``--all`` follows every page."""
     a = ctx.args
     params = {"state": a.state, "owner": a.owner, "limit": a.limit}
-    data = await ctx.api.get("jobs", params=params)
-    if a.all:
-        jobs = list(data.get("jobs", []))
-        seen: set[str] = set()
-        while (cursor := data.get("next_cursor")) and cursor not in seen:
-            seen.add(cursor)
-            data = await ctx.api.get("jobs", params={**params, "cursor": cursor})
-            jobs += data.get("jobs", [])
-        data = {"jobs": jobs}
-    status = ctx.emit(data, render_jobs)
-    if data.get("next_cursor") and not ctx.json:
-        ctx.note("tml: there are more jobs; use --all to list them all")
-    return status
+    return await ctx.emit_pages("jobs", "jobs", params, render_jobs, "jobs")
 
 
 async def job_show(ctx: Context) -> int:

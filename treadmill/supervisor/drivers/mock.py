@@ -61,7 +61,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from treadmill.common.config import BOOL, FLOAT, INT, STR, STRLIST, Setting, one_of
+from treadmill.common.config import BOOL, FLOAT, INT, STR, STRLIST, Setting, non_negative, one_of
 from treadmill.protocol import agent
 from treadmill.supervisor.drivers import REFUSALS, STAGES, IHostDriver, IJobReporter, StartRefused
 from treadmill.supervisor.drivers.single import SingleJobDriver
@@ -77,19 +77,8 @@ exits by itself (docs/jobs.md, Reservations)."""
 CONSOLE_TICK = 0.1  # seconds between console chunks (at least one byte per chunk)
 
 
-def _duration(value: Any) -> float:
-    """Seconds: a number >= 0; ``inf`` means "forever"."""
-    seconds = FLOAT(value)
-    if math.isnan(seconds) or seconds < 0:
-        raise ValueError(f"expected a duration in seconds >= 0, got {value!r}")
-    return seconds
-
-
-def _rate(value: Any) -> float:
-    rate = FLOAT(value)
-    if not math.isfinite(rate) or rate < 0:
-        raise ValueError(f"expected a finite rate >= 0, got {value!r}")
-    return rate
+_duration = non_negative(FLOAT)
+"""Seconds: a number >= 0; ``inf`` means "forever"."""
 
 
 def _int32(value: Any) -> int:
@@ -142,7 +131,7 @@ MOCK_SETTINGS: tuple[Setting, ...] = (
     Setting("mock.crash_at", _optional(one_of(*STAGES, "ready")), None,
             "Mock driver: the simulated host vanishes at the end of this stage or of ready "
             "(host_dropped_job)."),
-    Setting("mock.console_rate", _rate, 0.0,
+    Setting("mock.console_rate", non_negative(FLOAT, finite=True), 0.0,
             "Mock driver: bytes per second of console output while ready."),
     Setting("mock.console", _text, "",
             "Mock driver: text written to the console when the job becomes ready (lines for "

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 import shlex
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from treadmill.common.config import BOOL, FLOAT, INT, STR, ConfigError, Setting, one_of, positive
+from treadmill.common.config import (
+    BOOL,
+    FLOAT,
+    INT,
+    STR,
+    ConfigError,
+    Setting,
+    non_negative,
+    one_of,
+    positive,
+)
 from treadmill.images.format import FLASH_TOOLS
 from treadmill.supervisor.drivers.serial.tools import check_template
 
@@ -75,13 +84,6 @@ def _stopbits(value: Any) -> float:
     return bits
 
 
-def _seconds(value: Any) -> float:
-    seconds = FLOAT(value)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"expected seconds >= 0, got {value!r}")
-    return seconds
-
-
 SETTINGS: tuple[Setting, ...] = (
     Setting("serial.device", STR, None,
             "Serial driver: the board's console device (a stable name such as "
@@ -113,7 +115,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serial.power.on", _argv, [], "Serial driver: the command that powers the board on."),
     Setting("serial.power.off", _argv, [],
             "Serial driver: the command that powers the board off."),
-    Setting("serial.power.off_time", _seconds, 1.0,
+    Setting("serial.power.off_time", non_negative(FLOAT, finite=True), 1.0,
             "Serial driver: seconds the board stays off in a power cycle."),
     Setting("serial.reset.command", _argv, [], "Serial driver: the command that resets the board."),
     Setting("serial.reset.line", one_of("none", "dtr", "rts"), "none",
