@@ -109,8 +109,8 @@ async def test_a_flood_gets_429_with_retry_after_before_any_hashing(sb, hashes) 
     assert hashes.calls == 4  # The refused attempts cost no hashing.
     code, body, headers = results[-1]
     assert body["error"]["code"] == "too_many_requests"
-    # 1 attempt per 5 s, less the time the hashing took.
-    assert headers.getRawHeaders("retry-after")[0] in ("3", "4", "5")
+    # 1 attempt per 5 s, less the time the hashing took (seconds on a loaded machine).
+    assert 1 <= int(headers.getRawHeaders("retry-after")[0]) <= 5
     # HTTP Basic on the registry token endpoint shares the address's budget.
     code, body, headers = await basic(sb, "alice", "another guess")
     assert code == 429 and headers.getRawHeaders("retry-after")[0] in ("3", "4", "5")
