@@ -363,6 +363,8 @@ async def _note_hold(ctx: Context, job_id: str) -> None:
     for text in endpoints_text(job.get("endpoints")):
         ctx.note(output.clean(f"tml:   endpoint {text}"))
     ctx.note(f"tml:   get in:  tml job ssh {job_id}   or   tml job connect {job_id} SERVICE")
+    ctx.note(f"tml:   console: tml job logs {job_id} --follow   (the held host's, until the "
+             "hold ends)")
     ctx.note(f"tml:   release: tml job cancel {job_id}")
 
 
