@@ -88,6 +88,19 @@ def test_render_jobs_detail_column():
     assert "workload_exited, exit status 2: boom" in lines[1]
 
 
+def test_a_held_job_says_until_when_its_host_is_held():
+    held = {**JOB, "hold_on_failure": 7200, "held_until": "2026-11-23T19:00:00.25Z"}
+    fields = dict(line.split(":", 1) for line in render_job(held).splitlines())
+    assert fields["hold_on_failure"].strip() == "7200"
+    assert fields["held_until"].strip() == ("2026-11-23T19:00:00Z (its host qemu-1 is held; "
+                                            "tml job cancel releases it)")
+    [row] = render_jobs({"jobs": [held]}).splitlines()[1:]
+    assert "boom; host held until 2026-11-23T19:00:00Z" in row
+    released = {**held, "held_until": None}
+    assert "held" not in render_jobs({"jobs": [released]}).splitlines()[1]
+    assert "held_until:" not in render_job(released)  # shown while held only
+
+
 def test_event_line():
     line = event_line({"at": "2026-11-23T17:00:00Z", "state": "initializing", "stage": "booting"})
     assert line == "2026-11-23T17:00:00Z  initializing/booting\n"

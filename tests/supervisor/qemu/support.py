@@ -18,7 +18,12 @@ from twisted.internet import reactor
 
 from tests.fakes.reporter import Recorder
 from tests.supervisor.qemu.conftest import BuiltImage, FakeFetcher
-from tests.support import RunningSwitchboard, start_switchboard, store_service, url_of
+from tests.support import (
+    RunningSwitchboard,
+    start_switchboard_with_logs,
+    store_service,
+    url_of,
+)
 from tests.support import job_reaches as admin_sees
 from treadmill.dev.fleet import ws_url_for
 from treadmill.images.oci import RegistryClient
@@ -154,10 +159,10 @@ class Restartable:
 async def restartable_host(database: str, tmp_path: Path, image: BuiltImage, name: str,
                            host: str) -> AsyncIterator[tuple[RunningSwitchboard, Restartable,
                                                              str]]:
-    """A switchboard, an image store holding ``image`` as ``name``, and host ``host``'s
-    supervisor, started: yields the switchboard, the supervisor and its work directory;
-    stops all."""
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2)
+    """A switchboard (its jobs' logs on a log server), an image store holding ``image``
+    as ``name``, and host ``host``'s supervisor, started: yields the switchboard, the
+    supervisor and its work directory; stops all."""
+    sb, logs = await start_switchboard_with_logs(database, tmp_path, scheduler_interval=0.2)
     try:
         async with store_and_work_dir(sb, tmp_path) as (store_url, work_dir):
             await push(sb, store_url, image, name)
@@ -169,3 +174,4 @@ async def restartable_host(database: str, tmp_path: Path, image: BuiltImage, nam
                 await supervisor.stop()
     finally:
         await sb.stop()
+        await logs.stop()
