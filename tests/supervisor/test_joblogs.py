@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 
 from tests.logserver.support import Keys, LaterLogServer, LogClient, start_logserver
@@ -233,6 +234,16 @@ def mock_console(data: bytes) -> None:
     assert expected.startswith(body), body[-200:]
 
 
+async def closed_console(server_url: str, keys: Keys, reason: str) -> bytes:
+    """The held job's closed ``console``: complete (:func:`mock_console`), its last line
+    saying why the hold ended."""
+    console, closed = await stream(server_url, keys, "console")
+    assert closed
+    mock_console(console)
+    assert console.endswith(hold_end_marker(END_REASONS[reason]))
+    return console
+
+
 async def held_and_logging(conn: Any, server_url: str, keys: Keys) -> tuple[
         list[dict[str, Any]], int]:
     """Run :func:`held_job` to its held end: its events, and the console's length
@@ -253,20 +264,22 @@ async def held_and_logging(conn: Any, server_url: str, keys: Keys) -> tuple[
     return events, len(data)
 
 
+@pytest.mark.parametrize("reason", ["released", "expired"])
 @pytest_twisted.ensureDeferred
-async def test_a_held_hosts_console_is_logged_until_the_hold_is_released(
-        peer: FakeSwitchboard, supervisors: Make, tmp_path: Path, keys: Keys) -> None:
+async def test_a_held_hosts_console_is_logged_until_the_hold_ends(
+        peer: FakeSwitchboard, supervisors: Make, tmp_path: Path, keys: Keys,
+        reason: str) -> None:
+    """Released (``tml job cancel``: a ``stop_job`` for the ended job) or expired, the
+    hold's end closes the job's streams, the held host's console in them."""
     async with stopping(await start_logserver(tmp_path / "logs", keys)) as server:
         supervisors()
         conn = await peer.connection()
-        await conn.start(held_job(keys, server.url))
+        await conn.start(held_job(keys, server.url, hold=60.0 if reason == "released" else 2.0))
         events, length = await held_and_logging(conn, server.url, keys)
-        assert (await conn.stop(JOB_A))["ok"]  # tml job cancel: acked after the teardown
+        if reason == "released":
+            assert (await conn.stop(JOB_A))["ok"]  # acked after the teardown
         lines = await finished(server.url, keys, tmp_path / "state")
-        console, closed = await stream(server.url, keys, "console")
-        assert closed and len(console) > length
-        mock_console(console)
-        assert console.endswith(hold_end_marker(END_REASONS["released"]))
+        assert len(await closed_console(server.url, keys, reason)) > length
         assert states(lines[:len(events)]) == states(events)
         assert lines[len(events) - 1] == {**lines[len(events) - 1], "state": "terminated",
                                           "held": True, "exit_status": 3}
@@ -275,24 +288,8 @@ async def test_a_held_hosts_console_is_logged_until_the_hold_is_released(
                            "until": started["until"]}
         assert started["at"] < started["until"] < "9"  # RFC 3339: 2026-…Z
         assert ended == {"job_id": JOB_A, "hold": "ended", "at": ended["at"],
-                         "reason": "released", "message": END_REASONS["released"]}
-        assert started["at"] <= ended["at"] < started["until"]
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_held_hosts_logs_close_when_the_hold_expires(
-        peer: FakeSwitchboard, supervisors: Make, tmp_path: Path, keys: Keys) -> None:
-    async with stopping(await start_logserver(tmp_path / "logs", keys)) as server:
-        supervisors()
-        conn = await peer.connection()
-        await conn.start(held_job(keys, server.url, hold=1.5))
-        lines = await finished(server.url, keys, tmp_path / "state")
-        assert [line.get("hold") for line in lines[-2:]] == ["started", "ended"]
-        assert lines[-1]["reason"] == "expired"
-        console, closed = await stream(server.url, keys, "console")
-        assert closed
-        mock_console(console)
-        assert console.endswith(hold_end_marker(END_REASONS["expired"]))
+                         "reason": reason, "message": END_REASONS[reason]}
+        assert started["at"] <= ended["at"]
 
 
 @pytest_twisted.ensureDeferred
@@ -324,10 +321,8 @@ async def test_a_restart_ends_a_mock_hold_and_its_logs_lose_nothing(
     one_live_shipper_per_job(counted.made)
     async with stopping(await later.start()):
         lines = await finished(later.url, keys, tmp_path / "state")
-        data, closed = await stream(later.url, keys, "console")
-    assert closed and len(data) > length
-    mock_console(data)
-    assert data.endswith(hold_end_marker(END_REASONS["supervisor_restarted"]))
+        data = await closed_console(later.url, keys, "supervisor_restarted")
+    assert len(data) > length
     assert states(lines[:len(events)]) == states(events)
     assert [line.get("hold") for line in lines[len(events):]] == ["started", "ended"]
     assert lines[-1]["reason"] == "supervisor_restarted"
