@@ -15,7 +15,8 @@ A job is named by its id, a UUID in canonical lowercase form; a stream name is
 
 A failed job whose host is held keeps its streams open until the hold ends; its
 ``console`` marks where the held host's console begins and ends (:func:`hold_marker`,
-:func:`hold_end_marker`), so that a reader can tell the run's output from the hold's.
+:func:`hold_end_marker`; :func:`hold_resumed_marker` where a restarted supervisor took the
+held host over again), so that a reader can tell the run's output from the hold's.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from __future__ import annotations
 import re
 
 __all__ = ["FOLLOW_CLOSE_CODES", "FOLLOW_SUBPROTOCOL", "HOLD_MARKER", "JOB_RE", "STREAM_RE",
-           "append_url", "close_url", "follow_url", "hold_end_marker", "hold_marker", "is_job",
-           "is_stream", "stream_url", "streams_url"]
+           "append_url", "close_url", "follow_url", "hold_end_marker", "hold_marker",
+           "hold_resumed_marker", "is_job", "is_stream", "stream_url", "streams_url"]
 
 STREAM_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 JOB_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -44,6 +45,13 @@ def hold_marker(until: str) -> bytes:
     begins; ``until`` is when the hold ends (RFC 3339)."""
     return (b"\r\n" + HOLD_MARKER
             + f" until {until}; what follows is the held host's console]\r\n".encode())
+
+
+def hold_resumed_marker() -> bytes:
+    """The ``console`` line put where a restarted supervisor re-adopted a held host: what
+    the host printed while no supervisor read its console is missing before it."""
+    return (b"\r\n[treadmill: the supervisor restarted and re-adopted the held host; what "
+            b"the host printed while it was down is not here]\r\n")
 
 
 def hold_end_marker(message: str) -> bytes:

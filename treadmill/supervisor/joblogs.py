@@ -38,7 +38,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from treadmill.protocol.logs import hold_end_marker, hold_marker
+from treadmill.protocol.logs import hold_end_marker, hold_marker, hold_resumed_marker
 from treadmill.protocol.results import STREAM as RESULTS
 from treadmill.supervisor.hold import hold_change
 from treadmill.supervisor.logship import EVENTS, LogShipper
@@ -175,6 +175,8 @@ class JobLogs(JobObserver, Service):
             return
         if change.get("hold") == "started":
             shipper.append("console", hold_marker(change["until"]))
+        elif change.get("hold") == "resumed":
+            shipper.append("console", hold_resumed_marker())
         elif change.get("hold") == "ended":
             shipper.append("console", hold_end_marker(change["message"]))
         shipper.append(EVENTS, _line(change))

@@ -34,7 +34,7 @@ from tests.support import (
     url_of,
 )
 from tests.util.waiting import eventually
-from treadmill.protocol.logs import HOLD_MARKER
+from treadmill.protocol.logs import HOLD_MARKER, hold_resumed_marker
 from treadmill.supervisor.service import SupervisorService
 
 pytestmark = needs_qemu
@@ -239,6 +239,8 @@ async def test_a_held_vm_outlives_a_supervisor_restart_until_cancelled(
         console = await closed_stream(sb.admin, final["logs"][0], job_id, "console")
         _, _, hold = console.partition(HOLD_MARKER)
         assert hold and b"treadmill-test-image: input typed during the hold" in hold
+        _, resumed, after = hold.partition(hold_resumed_marker())
+        assert resumed and b"typed during the hold" in after  # typed after the restart
         assert console.endswith(b"[treadmill: the hold is over: the hold was released "
                                 b"(tml job cancel)]\r\n")
         events = await closed_stream(sb.admin, final["logs"][0], job_id, "events")
