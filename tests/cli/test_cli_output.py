@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+from types import SimpleNamespace
+
+import pytest
 
 from treadmill.cli import output
 from treadmill.cli.commands.jobs import event_line, exit_status_for, render_job, render_jobs
+from treadmill.cli.commands.logs import ConsoleWriter
+from treadmill.protocol.logs import hold_marker
 
 
 def test_table_aligns_columns_without_trailing_blanks():
@@ -126,3 +131,18 @@ def test_render_job_lists_endpoints_one_per_line():
     lines = [line for line in render_job(job).splitlines() if line.startswith("endpoint:")]
     assert [line.split(None, 1)[1] for line in lines] == [
         "ssh p.example:40001 ws://p.example:8090/v1/tunnels/abc", "echo p.example:40002"]
+
+
+@pytest.mark.parametrize("cut", [1, 7, 20, 47, 60])
+def test_the_console_writer_sees_where_a_held_hosts_console_begins(cut: int) -> None:
+    """The marker line is found whatever chunks it arrives in; the bytes pass unchanged."""
+    data = b"last line of the run\n" + hold_marker("2026-11-23T19:00:00Z") + b"held\n"
+    out = io.StringIO()
+    writer = ConsoleWriter(SimpleNamespace(stdout=out))  # type: ignore[arg-type]
+    for start in range(0, len(data), cut):
+        assert not writer.held or start > data.index(b"[treadmill")
+        writer(data[start:start + cut])
+    assert writer.held and out.getvalue().encode() == data
+    plain = ConsoleWriter(SimpleNamespace(stdout=io.StringIO()))  # type: ignore[arg-type]
+    plain(b"[treadmill: the job has ended; its host is not held]\n")
+    assert not plain.held

@@ -318,11 +318,14 @@ class JobFollower:
 
     async def _until_hold(self, reader: Deferred[None], writer: ConsoleWriter) -> None:
         """The run's end of a held job's console: up to the held host's marker line (or
-        the stream's close, or ``CONSOLE_TAIL_WAIT`` seconds without a new byte)."""
-        quiet, count = 0.0, writer.count
-        while not reader.called and not writer.held and quiet < CONSOLE_TAIL_WAIT:
+        the stream's close, or ``CONSOLE_TAIL_WAIT`` seconds without a new byte, or three
+        times that in all: a supervisor that writes no marker)."""
+        quiet, waited, count = 0.0, 0.0, writer.count
+        while (not reader.called and not writer.held and quiet < CONSOLE_TAIL_WAIT
+               and waited < 3 * CONSOLE_TAIL_WAIT):
             await _either(self.ctx.reactor, reader, 1.0)
             quiet = 0.0 if writer.count != count else quiet + 1.0
+            waited += 1.0
             count = writer.count
 
     async def _through_hold(self, job_id: str, reader: Deferred[None]) -> None:
