@@ -29,6 +29,7 @@ from tests.util.ports import free_port, free_range
 from tests.util.waiting import eventually
 from treadmill.cli.main import run as tml
 from treadmill.protocol import supervisor as protocol
+from treadmill.protocol.logs import HOLD_MARKER
 from treadmill.protocol.proxy import ConsoleCloseCode
 from treadmill.supervisor.drivers.qemu.driver import pid_alive
 
@@ -296,7 +297,8 @@ async def reach_a_vm_through_the_proxy(env: dict[str, str]) -> None:
     console stay published on the proxy after its end, so the guest's SSH banner answers
     on the public port, ``tml job ssh JOB -- uname -a`` logs in, and a line typed through
     ``tml job connect JOB console`` reaches the guest, whose echo comes back; ``tml job
-    cancel`` releases it: the VM is gone and the host runs the next job."""
+    cancel`` releases it: the VM is gone, its console of the hold (that line and the echo)
+    is in ``tml job logs``, and the host runs the next job."""
     keys = Path(tempfile.mkdtemp(prefix="tml-ssh-test-"))
     ssh_keys = SSH_KEYS_FLOW and shutil.which("ssh") and shutil.which("ssh-keygen")
     if ssh_keys:  # registered before the job starts: its start carries them
@@ -337,6 +339,13 @@ async def reach_a_vm_through_the_proxy(env: dict[str, str]) -> None:
 
     await eventually(released, 60.0, interval=0.2)
     assert not pid_alive(pid)  # torn down before the hold was over
+    # The held VM's console (the line typed at it, echoed) is in the job's log, closed.
+    out, err, code = await run_tml(["job", "logs", job_id, "--follow"], env)
+    assert code == 0, err
+    _, marker, held = out.partition(HOLD_MARKER.decode())
+    assert marker and "treadmill-test-image: input hello from the proxy" in held, out[-2000:]
+    assert out.endswith("[treadmill: the hold is over: the hold was released "
+                        "(tml job cancel)]\r\n"), out[-2000:]
     argv = ["job", "submit", "demo", "--follow"]  # the host takes the next job
     out, err = io.StringIO(), io.StringIO()
     assert await tml(reactor, argv, out, err, env) == 0, \

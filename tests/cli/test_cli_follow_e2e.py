@@ -31,6 +31,7 @@ from tests.util.waiting import eventually
 from treadmill.cli.commands import follow as follow_module
 from treadmill.common.captoken import Access
 from treadmill.dev.pgcluster import create_database, drop_database
+from treadmill.protocol.logs import HOLD_MARKER
 from treadmill.supervisor.config import SupervisorConfig
 from treadmill.supervisor.service import SupervisorService
 
@@ -182,7 +183,8 @@ async def test_workload_failed_is_4_and_wait_agrees(tml, stack: Stack):
 @pytest_twisted.ensureDeferred
 async def test_failed_and_held_ends_every_follower(tml, stack: Stack):
     """A failed job whose host stays held (--hold-on-failure) has ended: following it
-    ends with its exit status, although its host, console and endpoints live on."""
+    ends with its exit status, although its host, console and endpoints live on (the
+    console shown up to the line where the held host's begins)."""
     started = reactor.seconds()
     r = await tml("job", "submit", DIGEST, "--tag", "mock", "--param", "mock.exit_status=3",
                   "--param", "mock.run_time=1", "--hold-on-failure", "1h", "--follow",
@@ -190,15 +192,16 @@ async def test_failed_and_held_ends_every_follower(tml, stack: Stack):
     job_id = r.out.splitlines()[0]
     try:
         assert r.status == 4, r.err
-        assert "mock console" in r.out
+        assert "mock console" in r.out and HOLD_MARKER.decode() in r.out
         assert_not_glued(r.out)
         assert reactor.seconds() - started < 1 + 2 * TAIL_WAIT + 5
         assert f"job {job_id} failed; its host" in r.err and "held for debugging" in r.err
         assert f"release: tml job cancel {job_id}" in r.err
+        assert f"console: tml job logs {job_id} --follow" in r.err
+        assert "was not closed" not in r.err
         held = await stack.job(job_id)
         assert held["state"] == "terminated" and held["held_until"], held
-        for argv, status in ((("job", "logs", job_id, "--follow"), 0),
-                             (("job", "wait", job_id), 4),
+        for argv, status in ((("job", "wait", job_id), 4),
                              (("job", "events", job_id, "-f"), 0),
                              (("job", "run", DIGEST, "--tag", "mock", "--param",
                                "mock.exit_status=2", "--hold-on-failure", "1h",
@@ -214,6 +217,41 @@ async def test_failed_and_held_ends_every_follower(tml, stack: Stack):
                 assert (await tml("job", "cancel", second, env=stack.env)).status == 0
     finally:
         assert (await tml("job", "cancel", job_id, env=stack.env)).status == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_held_hosts_console_is_in_the_logs_until_the_hold_ends(tml, stack: Stack):
+    """What a held host's console prints after the job's end is in ``tml job logs``:
+    ``--follow`` shows it live and ends when ``tml job cancel`` ends the hold; the
+    stream is then closed, complete, and ``events`` records the hold's start and end."""
+    r = await tml("job", "submit", DIGEST, "--tag", "mock", "--param", "mock.exit_status=3",
+                  "--param", "mock.run_time=0.5", "--hold-on-failure", "1h", env=stack.env)
+    assert r.status == 0, r.err
+    job_id = r.out.split()[0]
+    await stack.state(job_id, "terminated")
+    following = Deferred.fromCoroutine(tml("job", "logs", job_id, "--follow", env=stack.env))
+    await deferLater(reactor, 2 * TAIL_WAIT, lambda: None)
+    assert not following.called  # the hold goes on: so does the console
+    r = await tml("job", "logs", job_id, env=stack.env)
+    assert r.status == 0 and HOLD_MARKER.decode() in r.out, r.err
+    held_part = r.out.split(HOLD_MARKER.decode(), 1)[1]
+    assert held_part.count("mock console") > 10  # 2000 bytes a second after the end
+    assert (await tml("job", "cancel", job_id, env=stack.env)).status == 0
+    cancelled = reactor.seconds()
+    followed = await following.addTimeout(15, reactor)
+    assert followed.status == 0, followed.err
+    assert reactor.seconds() - cancelled < TAIL_WAIT  # the stream closed: no tail wait
+    assert "was not closed" not in followed.err
+    assert followed.out.endswith("\r\n[treadmill: the hold is over: the hold was released "
+                                 "(tml job cancel)]\r\n")
+    r = await tml("job", "logs", job_id, env=stack.env)
+    assert r.out == followed.out  # complete: the follower saw every byte, once
+    r = await tml("job", "logs", job_id, "--stream", "events", env=stack.env)
+    lines = [json.loads(line) for line in r.out.splitlines()]
+    assert lines[-3]["state"] == "terminated" and lines[-3]["held"] is True
+    assert [(line.get("hold"), line.get("reason")) for line in lines[-2:]] == [
+        ("started", None), ("ended", "released")]
+    assert (await stack.job(job_id))["held_until"] is None
 
 
 @pytest_twisted.ensureDeferred

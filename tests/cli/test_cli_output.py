@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+from types import SimpleNamespace
+
+import pytest
 
 from treadmill.cli import output
 from treadmill.cli.commands.jobs import event_line, exit_status_for, render_job, render_jobs
+from treadmill.cli.commands.logs import ConsoleWriter
+from treadmill.protocol.logs import hold_marker
 
 
 def test_table_aligns_columns_without_trailing_blanks():
@@ -88,6 +93,19 @@ def test_render_jobs_detail_column():
     assert "workload_exited, exit status 2: boom" in lines[1]
 
 
+def test_a_held_job_says_until_when_its_host_is_held():
+    held = {**JOB, "hold_on_failure": 7200, "held_until": "2026-11-23T19:00:00.25Z"}
+    fields = dict(line.split(":", 1) for line in render_job(held).splitlines())
+    assert fields["hold_on_failure"].strip() == "7200"
+    assert fields["held_until"].strip() == ("2026-11-23T19:00:00Z (its host qemu-1 is held; "
+                                            "tml job cancel releases it)")
+    [row] = render_jobs({"jobs": [held]}).splitlines()[1:]
+    assert "boom; host held until 2026-11-23T19:00:00Z" in row
+    released = {**held, "held_until": None}
+    assert "held" not in render_jobs({"jobs": [released]}).splitlines()[1]
+    assert "held_until:" not in render_job(released)  # shown while held only
+
+
 def test_event_line():
     line = event_line({"at": "2026-11-23T17:00:00Z", "state": "initializing", "stage": "booting"})
     assert line == "2026-11-23T17:00:00Z  initializing/booting\n"
@@ -113,3 +131,18 @@ def test_render_job_lists_endpoints_one_per_line():
     lines = [line for line in render_job(job).splitlines() if line.startswith("endpoint:")]
     assert [line.split(None, 1)[1] for line in lines] == [
         "ssh p.example:40001 ws://p.example:8090/v1/tunnels/abc", "echo p.example:40002"]
+
+
+@pytest.mark.parametrize("cut", [1, 7, 20, 47, 60])
+def test_the_console_writer_sees_where_a_held_hosts_console_begins(cut: int) -> None:
+    """The marker line is found whatever chunks it arrives in; the bytes pass unchanged."""
+    data = b"last line of the run\n" + hold_marker("2026-11-23T19:00:00Z") + b"held\n"
+    out = io.StringIO()
+    writer = ConsoleWriter(SimpleNamespace(stdout=out))  # type: ignore[arg-type]
+    for start in range(0, len(data), cut):
+        assert not writer.held or start > data.index(b"[treadmill")
+        writer(data[start:start + cut])
+    assert writer.held and out.getvalue().encode() == data
+    plain = ConsoleWriter(SimpleNamespace(stdout=io.StringIO()))  # type: ignore[arg-type]
+    plain(b"[treadmill: the job has ended; its host is not held]\n")
+    assert not plain.held

@@ -18,8 +18,9 @@ from twisted.internet.defer import Deferred, maybeDeferred
 
 from tests.supervisor.peer import JOB_A, JOB_B, job
 from tests.supervisor.support import Connection, Harness
+from treadmill.common.logging import rfc3339
 from treadmill.protocol import supervisor as protocol
-from treadmill.supervisor.hold import hold_for
+from treadmill.supervisor.hold import END_REASONS, hold_for
 from treadmill.supervisor.journal import StateFiles
 from treadmill.supervisor.observers import JobObserver
 from treadmill.supervisor.runner import JobRunner
@@ -53,9 +54,21 @@ def test_which_ends_are_held(hold: Any, reason: str, exit_status: int | None,
 class Ends(JobObserver):
     def __init__(self) -> None:
         self.held_ended: list[str] = []
+        self.changes: list[dict[str, Any]] = []
+        self.output: list[tuple[str, bytes]] = []
+
+    def console(self, job_id: str, data: bytes) -> None:
+        self.output.append((job_id, data))
+
+    def hold_changed(self, change: dict[str, Any]) -> None:
+        self.changes.append(change)
 
     def hold_ended(self, job_id: str) -> None:
+        assert self.changes[-1]["hold"] == "ended"  # the change comes first
         self.held_ended.append(job_id)
+
+    def console_bytes(self) -> int:
+        return sum(len(data) for _, data in self.output)
 
 
 class Hold(Harness):
@@ -186,6 +199,8 @@ def test_the_hold_expires_and_the_host_is_free(tmp_path: Path) -> None:
     h.pump(ended_at + HOLD + 5)
     assert h.runner.held is None and h.runner.driver.current is None
     assert h.ends.held_ended == [JOB_A]
+    assert [(c["hold"], c.get("reason")) for c in h.ends.changes] == [
+        ("started", None), ("ended", "expired")]
     assert "held" not in h.status()
     # The host takes the next job; no event was sent for the hold's end.
     finals = [m for _, m in h.conn.events() if m["state"] == "terminated"]
@@ -299,3 +314,39 @@ def test_an_unusable_hold_record_is_dropped_at_restart(tmp_path: Path,
     (state / "held.json").write_text(json.dumps(record))
     h = Hold(tmp_path)
     assert h.runner.held is None and not (state / "held.json").exists()
+
+
+def test_a_held_hosts_console_and_the_holds_changes_reach_the_observers(
+        tmp_path: Path) -> None:
+    """While the host is held its console goes on to the observers (the job's log); they
+    are told when the hold started (and until when) and why it ended; then nothing more."""
+    h = failed_and_held(tmp_path, console_rate=1000.0, stop_time=1.0)
+    ended_at = next(t for t, m in h.conn.events() if m["state"] == "terminated")
+    [started] = h.ends.changes
+    assert started == {"job_id": JOB_A, "hold": "started", "at": rfc3339(ended_at),
+                       "until": rfc3339(ended_at + HOLD)}
+    before = h.ends.console_bytes()
+    h.pump(h.clock.seconds() + 2)
+    assert h.ends.console_bytes() >= before + 1500  # the held host's, 1000 bytes a second
+    assert {job_id for job_id, _ in h.ends.output} == {JOB_A}
+    h.send(protocol.stop_job(3000, JOB_A, "user_terminated"))
+    h.pump(h.clock.seconds() + 2)
+    assert h.ends.held_ended == [JOB_A]
+    ended = h.ends.changes[-1]
+    assert ended == {"job_id": JOB_A, "hold": "ended", "at": ended["at"],
+                     "reason": "released", "message": END_REASONS["released"]}
+    after = h.ends.console_bytes()
+    h.pump(h.clock.seconds() + 2)
+    assert h.ends.console_bytes() == after  # the host is torn down: nothing more
+
+
+def test_a_held_host_that_goes_away_ends_its_hold(tmp_path: Path) -> None:
+    """A held host that ends by itself (a held VM whose QEMU exits) ends the hold: the
+    observers hear why (``host_gone``)."""
+    h = failed_and_held(tmp_path)
+    run = h.runner.driver.run
+    run._end()
+    run.reporter.failed("host_dropped_job", "mock: gone")
+    h.pump(h.clock.seconds() + 1)
+    assert h.runner.held is None and h.ends.held_ended == [JOB_A]
+    assert h.ends.changes[-1]["reason"] == "host_gone"

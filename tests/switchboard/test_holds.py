@@ -28,6 +28,7 @@ from tests.switchboard.support import (
 from tests.util.running import stopping
 from tests.util.ssh import new_ssh_public_key
 from tests.util.waiting import eventually, sleep
+from treadmill.common.captoken import MAX_TTL
 from treadmill.protocol import supervisor as protocol
 from treadmill.switchboard.api import Limits
 
@@ -38,7 +39,8 @@ MAX_HOLD = 120.0
 async def sb(migrated_database: str, tmp_path: Path):
     async with stopping(await start_switchboard(
             migrated_database, tmp_path, scheduler_interval=0.2, unreachable_after=60.0,
-            timeout_interval=0.1, limits=Limits(max_hold=MAX_HOLD))) as running:
+            timeout_interval=0.1,
+            limits=Limits(max_hold=MAX_HOLD, max_timeout=MAX_TTL - 3600))) as running:
         yield running
 
 
@@ -145,6 +147,20 @@ async def test_bad_holds_are_refused(sb: RunningSwitchboard, hold: Any) -> None:
     assert r.status == 400, r.body
     if hold == MAX_HOLD + 1:
         assert "at most 120 seconds" in r.body["error"]["message"]
+
+
+@pytest.mark.parametrize("timeout, status", [(MAX_TTL - 3600 - MAX_HOLD, 201),
+                                             (MAX_TTL - 3600 - MAX_HOLD + 1, 400)])
+@pytest_twisted.ensureDeferred
+async def test_a_hold_must_end_before_the_hosts_tokens_expire(
+        sb: RunningSwitchboard, timeout: float, status: int) -> None:
+    """The tokens a host gets for a job (log shipping, tunnels) live its timeout plus its
+    hold plus an hour, at most 8 days: a held host's logs must not outlive them."""
+    r = await sb.admin.post("/api/v1/jobs", {"image": "sha256:" + "c" * 64,
+                                             "timeout": timeout, "hold_on_failure": MAX_HOLD})
+    assert r.status == status, r.body
+    if status == 400:
+        assert "timeout plus its hold" in r.body["error"]["message"]
 
 
 @pytest_twisted.ensureDeferred

@@ -31,7 +31,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import provider
 
-__all__ = ["LEVEL_ENV", "build_json", "build_text", "json", "level_from_env", "text"]
+__all__ = ["LEVEL_ENV", "build_json", "build_text", "json", "level_from_env", "rfc3339", "text"]
 
 LEVEL_ENV = "TREADMILL_LOG_LEVEL"
 
@@ -119,7 +119,8 @@ def _text_observer(stream: TextIO) -> ILogObserver:
     return observe
 
 
-def _rfc3339(timestamp: float | None) -> str:
+def rfc3339(timestamp: float | None) -> str:
+    """``timestamp`` (POSIX seconds; None: now) as RFC 3339 UTC, to the microsecond."""
     when = datetime.now(UTC) if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
     return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -144,7 +145,7 @@ def _json_observer(stream: TextIO) -> ILogObserver:
     def observe(event: LogEvent) -> None:
         level = event.get("log_level") or LogLevel.info
         record: dict[str, Any] = {
-            "time": _rfc3339(event.get("log_time")),
+            "time": rfc3339(event.get("log_time")),
             "level": level.name,
             "namespace": event.get("log_namespace") or "-",
             "message": _message(event),

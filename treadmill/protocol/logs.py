@@ -12,14 +12,20 @@ supervisor's log shipper (which appends and closes streams) and ``tml job logs``
 
 A job is named by its id, a UUID in canonical lowercase form; a stream name is
 ``[a-z0-9][a-z0-9._-]{0,63}`` without ``..`` (it becomes a file name on the server).
+
+A failed job whose host is held keeps its streams open until the hold ends; its
+``console`` marks where the held host's console begins and ends (:func:`hold_marker`,
+:func:`hold_end_marker`; :func:`hold_resumed_marker` where a restarted supervisor took the
+held host over again), so that a reader can tell the run's output from the hold's.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["FOLLOW_CLOSE_CODES", "FOLLOW_SUBPROTOCOL", "JOB_RE", "STREAM_RE", "append_url",
-           "close_url", "follow_url", "is_job", "is_stream", "stream_url", "streams_url"]
+__all__ = ["FOLLOW_CLOSE_CODES", "FOLLOW_SUBPROTOCOL", "HOLD_MARKER", "JOB_RE", "STREAM_RE",
+           "append_url", "close_url", "follow_url", "hold_end_marker", "hold_marker",
+           "hold_resumed_marker", "is_job", "is_stream", "stream_url", "streams_url"]
 
 STREAM_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 JOB_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -29,6 +35,28 @@ FOLLOW_CLOSE_CODES = {"deleted": 4004, "error": 4011, "shutdown": 4005}
 """A follower WebSocket's close codes other than 1000 (the stream is closed and every
 byte was sent), by reason. ``error`` is 1011 (internal error) shifted into the private
 range: Autobahn lets an application send only 1000 and 3000-4999."""
+
+HOLD_MARKER = b"[treadmill: the job has ended; its host is held"
+"""How the ``console`` line that ends a held job's run begins (:func:`hold_marker`)."""
+
+
+def hold_marker(until: str) -> bytes:
+    """The ``console`` line put where a failed job's run ends and its held host's console
+    begins; ``until`` is when the hold ends (RFC 3339)."""
+    return (b"\r\n" + HOLD_MARKER
+            + f" until {until}; what follows is the held host's console]\r\n".encode())
+
+
+def hold_resumed_marker() -> bytes:
+    """The ``console`` line put where a restarted supervisor re-adopted a held host: what
+    the host printed while no supervisor read its console is missing before it."""
+    return (b"\r\n[treadmill: the supervisor restarted and re-adopted the held host; what "
+            b"the host printed while it was down is not here]\r\n")
+
+
+def hold_end_marker(message: str) -> bytes:
+    """The ``console`` line put where a held host's console ends (``message``: why)."""
+    return f"\r\n[treadmill: the hold is over: {message}]\r\n".encode("utf-8", "replace")
 
 
 def is_stream(name: object) -> bool:

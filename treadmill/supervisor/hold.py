@@ -20,8 +20,10 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 
-__all__ = ["HOLD_PARAMETER", "RELEASE_WAIT", "Hold", "agent_parameters", "hold_for",
-           "hold_record"]
+from treadmill.common.logging import rfc3339
+
+__all__ = ["END_REASONS", "HOLD_PARAMETER", "RELEASE_WAIT", "Hold", "agent_parameters",
+           "end_reason", "hold_change", "hold_for", "hold_record"]
 
 RELEASE_WAIT = 60.0
 """Seconds a release waits for the driver to report the held job's teardown."""
@@ -54,6 +56,36 @@ def agent_parameters(job: dict[str, Any], parameters: dict[str, Any]) -> dict[st
     return out
 
 
+END_REASONS = {
+    "released": "the hold was released (tml job cancel)",
+    "expired": "the hold expired",
+    "host_gone": "the held host went away by itself",
+    "supervisor_restarted": "the supervisor restarted and could not re-adopt the held host",
+}
+"""Why a hold ended, as the ``events`` stream's ``hold: ended`` line says it."""
+
+
+def end_reason(stop_reason: str) -> str:
+    """The :data:`END_REASONS` key of a hold ended by a ``stop_job`` (or its expiry) with
+    ``stop_reason``: ``user_terminated`` releases, ``execution_timeout`` expires."""
+    return "released" if stop_reason == "user_terminated" else "expired"
+
+
+def hold_change(job_id: str, change: str, at: float, *, until: float | None = None,
+                reason: str | None = None) -> dict[str, Any]:
+    """The ``events`` stream's line (as a dict) for a hold that ``change``-d
+    (``started``, ``resumed`` after a restart, ``ended``) at ``at``: with ``until`` (when
+    it ends) or ``reason`` (an :data:`END_REASONS` key, with its ``message``). Times are
+    POSIX seconds, written as RFC 3339 UTC."""
+    line: dict[str, Any] = {"job_id": job_id, "hold": change, "at": rfc3339(at)}
+    if until is not None:
+        line["until"] = rfc3339(until)
+    if reason is not None:
+        line["reason"] = reason
+        line["message"] = END_REASONS.get(reason, reason)
+    return line
+
+
 def hold_record(job: dict[str, Any], until: float) -> dict[str, Any]:
     """The journal's record of a hold (``held.json``): the ended job's ``JobStart`` and
     until when (reactor seconds) its host is held."""
@@ -68,6 +100,7 @@ class Hold:
     until: float
     timer: Any = None  # the expiry's IDelayedCall
     releasing: bool = False
+    reason: str = "host_gone"  # why it ends (END_REASONS): a release or expiry says so
     ended: bool = False  # the driver reported the held job's end: its teardown is over
     _waiters: list[Deferred[None]] = field(default_factory=list)
 

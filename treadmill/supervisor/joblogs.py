@@ -8,6 +8,16 @@ each job event (one JSON line) to ``events``, its test results to ``results``.
 When the job ends its streams are closed on every server, in the background; a
 supervisor restarted before that resumes shipping from its spool.
 
+A failed job whose host is held (``hold.py``) keeps its streams open until the hold
+ends: the held host's console goes on into ``console`` (between two marker lines,
+``protocol/logs.py``), and ``events`` gets a line
+when the hold starts, resumes after a supervisor restart and ends (``{"job_id",
+"hold": "started"|"resumed"|"ended", "at", "until"|"reason", "message"}``); then the
+streams are closed. A restart that re-adopts the held host (:meth:`resume` with
+``held``) goes on shipping; one that cannot ends the hold, and the job's ``events``
+stream, whose last line still says the hold goes on, gets its ``ended`` line
+(``supervisor_restarted``) before its streams are closed.
+
 One shipper per job, always: a job's shipper lives from its first output (or
 the restart that finds its spool) until its streams are closed everywhere and
 its spool is gone, whether the job still runs (:attr:`shippers`) or is over
@@ -28,7 +38,9 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from treadmill.protocol.logs import hold_end_marker, hold_marker, hold_resumed_marker
 from treadmill.protocol.results import STREAM as RESULTS
+from treadmill.supervisor.hold import hold_change
 from treadmill.supervisor.logship import EVENTS, LogShipper
 from treadmill.supervisor.observers import JobObserver
 
@@ -40,12 +52,20 @@ def _line(event: dict[str, Any]) -> bytes:
     return text.encode("utf-8") + b"\n"
 
 
-def _is_final(line: bytes) -> bool:
+def _kind(line: bytes) -> str | None:
+    """What an ``events`` line says of the job's end: ``ended`` (its final event, or its
+    hold's end), ``held`` (the job ended held, or its hold started or resumed), or None."""
     try:
         event = json.loads(line)
     except ValueError:
-        return False
-    return isinstance(event, dict) and event.get("state") == "terminated"
+        return None
+    if not isinstance(event, dict):
+        return None
+    if event.get("state") == "terminated":
+        return "held" if event.get("held") else "ended"
+    if event.get("hold") in ("started", "resumed"):
+        return "held"
+    return "ended" if event.get("hold") == "ended" else None
 
 
 class JobLogs(JobObserver, Service):
@@ -63,6 +83,7 @@ class JobLogs(JobObserver, Service):
         self.label = label
         self.servers: dict[str, list[dict[str, str]]] = {}
         self.shippers: dict[str, LogShipper] = {}  # jobs that still produce output
+        self.held: set[str] = set()  # of those, ended jobs whose host is held
         self.closing: dict[str, LogShipper] = {}  # ended jobs: shipping the rest, then closing
         self._closing: set[Deferred[Any]] = set()
         self._stopped = False
@@ -77,24 +98,30 @@ class JobLogs(JobObserver, Service):
                        job=shipper.job_id, count=nbytes, stream=stream)
 
     def resume(self, current_job: str | None,
-               ended: list[dict[str, Any]] | None = None) -> None:
+               ended: list[dict[str, Any]] | None = None, held: str | None = None) -> None:
         """After a restart: ship what the spool still holds, finishing ended jobs.
 
         ``ended`` holds the final events of the jobs that ended here (the runner's):
         an ended job whose ``events`` stream lacks its final line (a crash after
-        the runner journaled the event, before the line was spooled) gets it.
+        the runner journaled the event, before the line was spooled) gets it, and
+        one whose stream says its host is held gets the hold's end. ``held`` is the
+        ended job whose held host the runner re-adopted: its streams stay open.
         """
         finals = {e.get("job_id"): e for e in ended or ()}
         for job_id in LogShipper.unfinished(self.state_dir):
             if job_id in self.shippers or job_id in self.closing:
+                if job_id == held:
+                    self.held.add(job_id)
                 continue  # made already, from the spool (the runner reported it dropped)
             shipper = LogShipper.resume(self.reactor, self.state_dir, job_id,
                                         **self._options())
             if shipper is None:
                 continue
             self.shippers[job_id] = shipper
-            if job_id != current_job:
-                self._finish(job_id, finals.get(job_id))
+            if job_id == held:
+                self.held.add(job_id)
+            elif job_id != current_job:
+                self._finish(job_id, finals.get(job_id), resumed=True)
 
     def job_started(self, job: dict[str, Any]) -> None:
         """A job was accepted: remember where its logs go (fresh tokens too)."""
@@ -134,15 +161,39 @@ class JobLogs(JobObserver, Service):
             return
         shipper.append(EVENTS, _line(event))
         if event.get("state") == "terminated":
-            self._finish(job_id)
+            if event.get("held"):
+                self.held.add(job_id)  # its streams stay open until the hold ends
+            else:
+                self._finish(job_id)
 
-    def _finish(self, job_id: str, final: dict[str, Any] | None = None) -> None:
+    def hold_changed(self, change: dict[str, Any]) -> None:
+        """A held job's hold started, resumed or ended: its ``events`` line; the end
+        closes the job's streams."""
+        job_id = change["job_id"]
+        shipper = self._shipper(job_id)
+        if shipper is None:
+            return
+        if change.get("hold") == "started":
+            shipper.append("console", hold_marker(change["until"]))
+        elif change.get("hold") == "resumed":
+            shipper.append("console", hold_resumed_marker())
+        elif change.get("hold") == "ended":
+            shipper.append("console", hold_end_marker(change["message"]))
+        shipper.append(EVENTS, _line(change))
+        if change.get("hold") == "ended":
+            self._finish(job_id)
+        else:
+            self.held.add(job_id)
+
+    def _finish(self, job_id: str, final: dict[str, Any] | None = None,
+                resumed: bool = False) -> None:
         shipper = self.shippers.pop(job_id, None)
         self.servers.pop(job_id, None)
+        self.held.discard(job_id)
         if shipper is None:
             return
         self.closing[job_id] = shipper
-        closing = Deferred.fromCoroutine(self._close(job_id, shipper, final))
+        closing = Deferred.fromCoroutine(self._close(job_id, shipper, final, resumed))
         self._closing.add(closing)
 
         def failed(failure: Any) -> None:
@@ -152,17 +203,23 @@ class JobLogs(JobObserver, Service):
         closing.addErrback(failed).addBoth(lambda _: self._closing.discard(closing))
 
     async def _close(self, job_id: str, shipper: LogShipper,
-                     final: dict[str, Any] | None) -> None:
-        """Close a job's streams (its final event line spooled first); forget its
-        shipper once it finished."""
-        if final is not None and not shipper.closing:
+                     final: dict[str, Any] | None, resumed: bool = False) -> None:
+        """Close a job's streams (its final event line spooled first, and after a
+        restart its hold's end); forget its shipper once it finished."""
+        if (final is not None or resumed) and not shipper.closing:
             last = await shipper.last_line(EVENTS)
             if self._stopped:
                 return  # the next start looks again
-            if last is not None and not _is_final(last):
+            kind = _kind(last) if last is not None else "ended"
+            if kind is None and final is not None:
                 self.log.warn("{name}: the events log of job {job} lacks its final line; "
                               "adding it", name=self.label, job=job_id)
                 shipper.append(EVENTS, _line(final))
+            elif kind == "held":  # the hold ended with the supervisor's restart
+                change = hold_change(job_id, "ended", self.reactor.seconds(),
+                                     reason="supervisor_restarted")
+                shipper.append("console", hold_end_marker(change["message"]))
+                shipper.append(EVENTS, _line(change))
         # Closing is recorded in the spool's cursors: only once the last line is in it.
         await shipper.flushed()
         if self._stopped:
@@ -186,6 +243,7 @@ class JobLogs(JobObserver, Service):
             await shipper.stop()
         self.shippers.clear()
         self.closing.clear()
+        self.held.clear()
 
     def stopService(self) -> Deferred[None]:
         """As a child of the supervisor's service: :meth:`stop`."""

@@ -24,7 +24,7 @@ class IJobObserver(Interface):
         (fresh tokens for its log servers and proxies included)."""
 
     def console(job_id: str, data: bytes) -> None:
-        """Output of the current job's console."""
+        """Output of the current job's console, or of a held ended job's host."""
 
     def results(job_id: str, line: bytes) -> None:
         """A line of the job's ``results`` stream (docs/results.md)."""
@@ -36,6 +36,11 @@ class IJobObserver(Interface):
         """A job event (without ``request_id``) was queued for the switchboard;
         ``terminated`` is the job's last (with ``held``, its host is kept until
         :meth:`hold_ended`)."""
+
+    def hold_changed(change: dict[str, Any]) -> None:
+        """The hold of an ended job's host started, resumed after a restart, or ended
+        (before :meth:`hold_ended`): ``change`` is the job's ``events`` stream line for it
+        (``hold.hold_change``)."""
 
     def hold_ended(job_id: str) -> None:
         """The hold of ended job ``job_id``'s host is over; the host was torn down."""
@@ -58,6 +63,9 @@ class JobObserver:
         pass
 
     def event(self, event: dict[str, Any]) -> None:
+        pass
+
+    def hold_changed(self, change: dict[str, Any]) -> None:
         pass
 
     def hold_ended(self, job_id: str) -> None:

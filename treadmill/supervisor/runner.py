@@ -24,7 +24,9 @@ job; then the driver tears down, and that ``stop_job`` is acknowledged once it h
 A driver that has already torn the host down when it reports the failure (a guest
 that powered itself off) holds nothing. The hold is journaled (``held.json``): a
 restarted runner has the driver re-adopt the held host (``adopt_held``) and holds
-it for the rest of its time, or, if the driver cannot, ends the hold.
+it for the rest of its time, or, if the driver cannot, ends the hold. While it is
+held, its host's console still goes to the observers (the job's log stream), and they
+are told when the hold starts, resumes after a restart and ends (``hold_changed``).
 
 Job events flow from the driver (:class:`IJobReporter`) through the journaled
 outbox (``outbox.py``: journaled, then sent one at a time until acknowledged)
@@ -58,7 +60,14 @@ from treadmill.supervisor.drivers import (
     IJobReporter,
     StartRefused,
 )
-from treadmill.supervisor.hold import RELEASE_WAIT, Hold, hold_for, hold_record
+from treadmill.supervisor.hold import (
+    RELEASE_WAIT,
+    Hold,
+    end_reason,
+    hold_change,
+    hold_for,
+    hold_record,
+)
 from treadmill.supervisor.journal import ENDED_KEEP, StateFiles
 from treadmill.supervisor.observers import IJobObserver
 from treadmill.supervisor.outbox import UNAVAILABLE, EventOutbox, Session
@@ -655,6 +664,9 @@ class JobRunner(Service):
             if cur.results is not None:
                 cur.results.console(data)
             self._tell(lambda observer: observer.console(job_id, data), "console")
+        elif not self._closed and self._held is not None and self._held.job_id == job_id:
+            # A held host's console goes on (to the job's log) until the hold is over.
+            self._tell(lambda observer: observer.console(job_id, data), "console")
 
     def _job_results(self, cur: _Current) -> JobResults:
         """The job's results: its console patterns, lines to the results observers."""
@@ -832,6 +844,9 @@ class JobRunner(Service):
                                  name=self.label, job=job_id)
         self.log.info("{name}: job {job} failed; its host is held for {seconds:g} s",
                       name=self.label, job=job_id, seconds=seconds)
+        change = hold_change(job_id, "resumed" if resumed else "started",
+                             self.reactor.seconds(), until=until)
+        self._tell(lambda observer: observer.hold_changed(change), "hold_changed")
 
     async def _resume_hold(self, record: dict[str, Any]) -> None:
         """After a restart: the driver re-adopts the host ``held.json`` (``record``) says is
@@ -879,6 +894,7 @@ class JobRunner(Service):
         ``RELEASE_WAIT`` seconds)."""
         if not held.releasing:
             held.releasing = True
+            held.reason = end_reason(reason)
             held.cancel_timer()
             self.log.info("{name}: ending the hold of job {job} ({reason})", name=self.label,
                           job=held.job_id, reason=reason)
@@ -903,8 +919,10 @@ class JobRunner(Service):
                 lambda f: self.log.failure("{name}: cannot remove held.json", f,
                                            name=self.label))
         held.over()
-        self.log.info("{name}: the hold of job {job} is over; the host is free",
-                      name=self.label, job=held.job_id)
+        self.log.info("{name}: the hold of job {job} is over ({reason}); the host is free",
+                      name=self.label, job=held.job_id, reason=held.reason)
+        change = hold_change(held.job_id, "ended", self.reactor.seconds(), reason=held.reason)
+        self._tell(lambda observer: observer.hold_changed(change), "hold_changed")
         self._tell(lambda observer: observer.hold_ended(held.job_id), "hold_ended")
 
     @staticmethod

@@ -125,7 +125,8 @@ class SupervisorService(RoleService):
         try:
             await self.runner.start()
             current = self.runner.current_job
-            self.logs.resume(current["id"] if current is not None else None, self.runner.ended)
+            self.logs.resume(current["id"] if current is not None else None, self.runner.ended,
+                             held=self.runner.held)
         except Exception:
             if not self.exit_on_failure:  # else RoleService logs it, and the process ends
                 self.log.failure("{name}: start-up failed", name=self.config.name)

@@ -192,11 +192,10 @@ class Restartable:
 async def restartable_host(database: str, tmp_path: Path, image: BuiltImage, name: str,
                            host: str) -> AsyncIterator[tuple[RunningSwitchboard, Restartable,
                                                              str]]:
-    """A switchboard, an image store holding ``image`` as ``name``, and host ``host``'s
-    supervisor, started: yields the switchboard, the supervisor and its work directory;
-    stops all."""
-    sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2)
-    try:
+    """A switchboard (its jobs' logs on a log server), an image store holding ``image``
+    as ``name``, and host ``host``'s supervisor, started: yields the switchboard, the
+    supervisor and its work directory; stops all."""
+    async with switchboard_with_logs(database, tmp_path, scheduler_interval=0.2) as (sb, _):
         async with store_and_work_dir(sb, tmp_path) as (store_url, work_dir):
             await push(sb, store_url, image, name)
             supervisor = Restartable(await qemu_host(sb, host, tmp_path / host, work_dir))
@@ -205,5 +204,3 @@ async def restartable_host(database: str, tmp_path: Path, image: BuiltImage, nam
                 yield sb, supervisor, work_dir
             finally:
                 await supervisor.stop()
-    finally:
-        await sb.stop()

@@ -3,6 +3,7 @@ the qemu driver, all in-process on loopback; the guest's exit status ends the jo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ from twisted.internet import reactor
 
 pytest.importorskip("treadmill.imagestore.service")
 
+from tests.proxy.support import echo_client
 from tests.supervisor.qemu.conftest import BuiltImage, needs_qemu, qemu_processes
 from tests.supervisor.qemu.support import (
     VmBed,
@@ -24,8 +26,14 @@ from tests.supervisor.qemu.support import (
     restartable_host,
     vm_bed,
 )
-from tests.support import start_switchboard, store_service, url_of
+from tests.support import (
+    closed_stream,
+    start_switchboard,
+    store_service,
+    url_of,
+)
 from tests.util.waiting import eventually
+from treadmill.protocol.logs import HOLD_MARKER, hold_resumed_marker
 from treadmill.supervisor.service import SupervisorService
 
 pytestmark = needs_qemu
@@ -179,7 +187,9 @@ async def test_a_held_vm_outlives_a_supervisor_restart_until_cancelled(
         migrated_database: str, tmp_path: Path, test_image: BuiltImage) -> None:
     """hold_on_failure through the real daemons: the failed job ends held and its VM
     keeps running; a restarted supervisor re-adopts the held VM (journaled hold) and the
-    host stays held; the cancel tears the VM down and the host runs the waiting job."""
+    host stays held, its console still going into the job's log (a line typed at it is
+    echoed by the guest); the cancel tears the VM down, closes the job's logs (the hold's
+    start, resumption and end in ``events``) and the host runs the waiting job."""
     async with restartable_host(migrated_database, tmp_path, test_image, "demo/held-vm",
                                 "vm-4") as (sb, supervisor, _work_dir):
         job_id = (await sb.admin.post("/api/v1/jobs", {
@@ -202,6 +212,12 @@ async def test_a_held_vm_outlives_a_supervisor_restart_until_cancelled(
         assert (await sb.admin.get(f"/api/v1/jobs/{waiting}")).body["state"] == "queued"
         again = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
         assert again["held_until"] == final["held_until"]
+        # Typed at the re-adopted VM's console: the guest's echo goes into the job's log.
+        bridge = await eventually(lambda: service.driver.run.bridge, timeout=30)
+        client = await echo_client(bridge.port.getHost().port)
+        client.transport.write(b"typed during the hold\n")
+        await client.wait_for(1, timeout=30)
+        client.transport.loseConnection()
 
         r = await sb.admin.post(f"/api/v1/jobs/{job_id}/terminate")  # tml job cancel
         assert r.status == 200, r.body
@@ -213,3 +229,14 @@ async def test_a_held_vm_outlives_a_supervisor_restart_until_cancelled(
         assert released["termination"]["exit_status"] == 4  # its end is as it was
         assert service.runner.held is None
         assert not (tmp_path / "vm-4" / "held.json").exists()
+        console = await closed_stream(sb.admin, final["logs"][0], job_id, "console")
+        _, _, hold = console.partition(HOLD_MARKER)
+        assert hold and b"treadmill-test-image: input typed during the hold" in hold
+        _, resumed, after = hold.partition(hold_resumed_marker())
+        assert resumed and b"typed during the hold" in after  # typed after the restart
+        assert console.endswith(b"[treadmill: the hold is over: the hold was released "
+                                b"(tml job cancel)]\r\n")
+        events = await closed_stream(sb.admin, final["logs"][0], job_id, "events")
+        lines = [json.loads(line) for line in events.splitlines()]
+        assert [(e.get("hold"), e.get("reason")) for e in lines[-3:]] == [
+            ("started", None), ("resumed", None), ("ended", "released")]

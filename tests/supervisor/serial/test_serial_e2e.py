@@ -14,9 +14,11 @@ from typing import Any
 import pytest_twisted
 from twisted.internet import reactor
 
+from tests.proxy.support import echo_client
 from tests.supervisor.serial.support import FakeBoard, board_host, write_cache
-from tests.support import Client, RunningSwitchboard, start_switchboard
+from tests.support import Client, RunningSwitchboard, closed_stream, switchboard_with_logs
 from tests.util.waiting import eventually, sleep
+from treadmill.protocol.logs import HOLD_MARKER
 from treadmill.supervisor.service import SupervisorService
 
 
@@ -46,16 +48,15 @@ class Bed:
 
 @pytest_twisted.async_yield_fixture
 async def bed(migrated_database: str, tmp_path: Path) -> AsyncIterator[Bed]:
-    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 timeout_interval=0.1, max_host_failures=2)
-    board = await FakeBoard(tmp_path / "board").start()
-    try:
-        async with board_host(sb, board, tmp_path, health__timeout=2.0,
-                              boot__timeout=3.0) as supervisor:
-            yield Bed(sb, board, tmp_path / "cache", supervisor)
-    finally:
-        board.stop()
-        await sb.stop()
+    async with switchboard_with_logs(migrated_database, tmp_path, scheduler_interval=0.2,
+                                     timeout_interval=0.1, max_host_failures=2) as (sb, _):
+        board = await FakeBoard(tmp_path / "board").start()
+        try:
+            async with board_host(sb, board, tmp_path, health__timeout=2.0,
+                                  boot__timeout=3.0) as supervisor:
+                yield Bed(sb, board, tmp_path / "cache", supervisor)
+        finally:
+            board.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -91,9 +92,10 @@ async def test_a_board_job_runs_and_a_sick_board_leaves_service(bed: Bed) -> Non
 @pytest_twisted.ensureDeferred
 async def test_a_held_board_waits_for_its_owner_until_cancelled(bed: Bed) -> None:
     """hold_on_failure through a real switchboard and supervisor: the failed job ends held,
-    the board is left as it is (no clean-up) and takes no other job; the cancel cleans
-    it as after any job, and the waiting job runs."""
-    digest = write_cache(bed.cache, {"app.bin": b'agent {"type":"ready"}\nexit 3 broken\nhang\n'})
+    the board is left as it is (no clean-up) and takes no other job, its console (a line
+    typed at it, its answer) going into the job's log; the cancel cleans it as after any
+    job, closes the log, and the waiting job runs."""
+    digest = write_cache(bed.cache, {"app.bin": b'agent {"type":"ready"}\nexit 3 broken\nread\n'})
     r = await bed.admin.post("/api/v1/jobs", {"image": digest, "tags": ["board"],
                                               "hold_on_failure": 600})
     assert r.status == 201, r.body
@@ -114,6 +116,11 @@ async def test_a_held_board_waits_for_its_owner_until_cancelled(bed: Bed) -> Non
     await sleep(1.0)  # five scheduling passes
     assert (await bed.admin.get(f"/api/v1/jobs/{waiting}")).body["state"] == "queued"
     assert "erased" not in bed.board.events()[since:]  # the board is as it was
+    bridge = bed.supervisor.driver.run.bridge  # tml job connect JOB console, in short
+    client = await echo_client(bridge.port.getHost().port)
+    client.transport.write(b"typed at the held board\n")
+    await client.wait_for(len(b"got: typed at the held board"), timeout=10)
+    client.transport.loseConnection()
 
     r = await bed.admin.post(f"/api/v1/jobs/{job_id}/terminate")  # tml job cancel
     assert r.status == 200, r.body
@@ -126,50 +133,60 @@ async def test_a_held_board_waits_for_its_owner_until_cancelled(bed: Bed) -> Non
     assert "erased" in bed.board.events()[since:]  # cleaned before the next job
     released = (await bed.admin.get(f"/api/v1/jobs/{job_id}")).body
     assert released["held_until"] is None and released["termination"]["exit_status"] == 3
+    console = await closed_stream(bed.admin, released["logs"][0], job_id, "console")
+    _, marker, held = console.partition(HOLD_MARKER)
+    assert marker and b"got: typed at the held board" in held
+    assert console.endswith(b"[treadmill: the hold is over: the hold was released "
+                            b"(tml job cancel)]\r\n")
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_supervisor_restart_ends_a_boards_hold_and_the_next_job_cleans_first(
         migrated_database: str, tmp_path: Path) -> None:
     """A board cannot be re-adopted (its console of the meantime is lost): the restarted
-    supervisor ends the hold, the switchboard frees the host, and the next job cleans and
-    checks the board before it runs."""
-    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2)
-    board = await FakeBoard(tmp_path / "board").start()
-    restarted: SupervisorService | None = None
-    try:
-        async with board_host(sb, board, tmp_path) as supervisor:
-            bed = Bed(sb, board, tmp_path / "cache", supervisor)
-            digest = write_cache(bed.cache, {"app.bin": b'agent {"type":"ready"}\nexit 3 x\n'})
-            job_id = (await bed.admin.post("/api/v1/jobs", {
-                "image": digest, "tags": ["board"], "hold_on_failure": 600})).body["id"]
+    supervisor ends the hold and closes the job's log saying so, the switchboard frees the
+    host, and the next job cleans and checks the board before it runs."""
+    async with switchboard_with_logs(migrated_database, tmp_path,
+                                     scheduler_interval=0.2) as (sb, _):
+        board = await FakeBoard(tmp_path / "board").start()
+        restarted: SupervisorService | None = None
+        try:
+            async with board_host(sb, board, tmp_path) as supervisor:
+                bed = Bed(sb, board, tmp_path / "cache", supervisor)
+                digest = write_cache(bed.cache, {"app.bin": b'agent {"type":"ready"}\nexit 3 x\n'})
+                job_id = (await bed.admin.post("/api/v1/jobs", {
+                    "image": digest, "tags": ["board"], "hold_on_failure": 600})).body["id"]
 
-            async def held() -> bool:
-                return bool((await bed.admin.get(f"/api/v1/jobs/{job_id}")).body["held_until"])
+                async def held() -> bool:
+                    return bool((await bed.admin.get(f"/api/v1/jobs/{job_id}")).body["held_until"])
 
-            await eventually(held, timeout=30)
-            config = supervisor.config
-            await supervisor.stopService()
-        since = len(board.events())
-        restarted = SupervisorService(reactor, config)
-        restarted.startService()
-        await restarted.ready()
-        assert restarted.runner.held is None  # the hold is over
-        await restarted.connected()
+                await eventually(held, timeout=30)
+                config = supervisor.config
+                await supervisor.stopService()
+            since = len(board.events())
+            restarted = SupervisorService(reactor, config)
+            restarted.startService()
+            await restarted.ready()
+            assert restarted.runner.held is None  # the hold is over
+            await restarted.connected()
 
-        async def freed() -> bool:
-            return (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body["held_until"] is None
+            async def freed() -> bool:
+                return (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body["held_until"] is None
 
-        await eventually(freed, timeout=30)
-        final = await Bed(sb, board, tmp_path / "cache", restarted).run(
-            b'agent {"type":"ready"}\nexit 0\n')
-        assert final["termination"]["exit_status"] == 0, final
-        events = board.events()[since:]
-        assert events.index("erased") < next(i for i, e in enumerate(events)
-                                             if e.startswith("flashed"))
-    finally:
-        if restarted is not None and restarted.running:
-            await restarted.stopService()
-            await restarted.driver.shutdown()
-        board.stop()
-        await sb.stop()
+            await eventually(freed, timeout=30)
+            job = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
+            console = await closed_stream(sb.admin, job["logs"][0], job_id, "console")
+            assert HOLD_MARKER in console and console.endswith(
+                b"[treadmill: the hold is over: the supervisor restarted and could not re-adopt "
+                b"the held host]\r\n")
+            final = await Bed(sb, board, tmp_path / "cache", restarted).run(
+                b'agent {"type":"ready"}\nexit 0\n')
+            assert final["termination"]["exit_status"] == 0, final
+            events = board.events()[since:]
+            assert events.index("erased") < next(i for i, e in enumerate(events)
+                                                 if e.startswith("flashed"))
+        finally:
+            if restarted is not None and restarted.running:
+                await restarted.stopService()
+                await restarted.driver.shutdown()
+            board.stop()

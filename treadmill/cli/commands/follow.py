@@ -8,6 +8,11 @@ It ends when the job ends, whatever state it ended in:
 - a console stream follower is then stopped at once if the job never reached a
   host (no supervisor will ever write or close its streams), or else once the
   stream closes, or after ``CONSOLE_TAIL_WAIT`` seconds without a new byte;
+- a failed job whose host is held keeps its streams open until the hold ends: a
+  follower ``through_hold`` (``tml job logs --follow``) follows them until then
+  (it asks the switchboard every ``HOLD_POLL`` seconds whether the hold is over),
+  any other stops once the console reached the line where the held host's console
+  begins (``protocol.logs.HOLD_MARKER``), or as above;
 - a job that ended for a host-side reason with restarts left was enqueued
   again by the switchboard (its successor records ``restart_of``): the
   follower says so on stderr and follows the successor in the same way.
@@ -33,6 +38,9 @@ from treadmill.cli.sse import SSEMessage, json_objects
 CONSOLE_TAIL_WAIT = 10.0
 """Seconds a console follower waits for a new byte (or the stream's close) after
 its job ended, before it stops."""
+
+HOLD_POLL = 5.0
+"""Seconds between a ``through_hold`` follower's questions whether the hold is over."""
 
 
 def termination_text(t: dict[str, Any]) -> str:
@@ -180,13 +188,15 @@ class JobFollower:
 
     ``events``: print the events (as lines, or JSON lines with ``--json``);
     ``stream``: print that log stream (``console``) as it happens;
-    ``notes``: say on stderr how each job ended.
+    ``notes``: say on stderr how each job ended;
+    ``through_hold``: follow a failed job's held host's stream until the hold ends.
     """
 
     def __init__(self, ctx: Context, job_id: str, *, events: bool, stream: str | None,
                  after: int | None = None, job: dict[str, Any] | None = None,
-                 notes: bool = True) -> None:
+                 notes: bool = True, through_hold: bool = False) -> None:
         self.ctx = ctx
+        self.through_hold = through_hold
         self.job_id = job_id
         self.events = events
         self.stream = stream
@@ -292,6 +302,11 @@ class JobFollower:
         """Let the stream follower finish after the job ended, or stop it."""
         if not ran_on_a_host(ended):
             return  # Nothing will ever be written: the finally of _follow_one stops it.
+        if ended.get("held_until"):
+            if not self.through_hold:
+                await self._until_hold(reader, writer)
+                return  # the held host's console goes on: the hold's note says where
+            await self._through_hold(job_id, reader)
         while not reader.called:
             before = writer.count
             await _either(self.ctx.reactor, reader, CONSOLE_TAIL_WAIT)
@@ -299,6 +314,32 @@ class JobFollower:
                 self.ctx.note(f"tml: the {self.stream} of job {job_id} was not closed "
                               f"within {CONSOLE_TAIL_WAIT:g} s of the job's end; "
                               "stopped reading it")
+                return
+
+    async def _until_hold(self, reader: Deferred[None], writer: ConsoleWriter) -> None:
+        """The run's end of a held job's console: up to the held host's marker line (or
+        the stream's close, or ``CONSOLE_TAIL_WAIT`` seconds without a new byte, or three
+        times that in all: a supervisor that writes no marker)."""
+        quiet, waited, count = 0.0, 0.0, writer.count
+        while (not reader.called and not writer.held and quiet < CONSOLE_TAIL_WAIT
+               and waited < 3 * CONSOLE_TAIL_WAIT):
+            await _either(self.ctx.reactor, reader, 1.0)
+            quiet = 0.0 if writer.count != count else quiet + 1.0
+            waited += 1.0
+            count = writer.count
+
+    async def _through_hold(self, job_id: str, reader: Deferred[None]) -> None:
+        """Follow while the job's host is held: until the stream closes or the switchboard
+        says the hold is over (then the usual tail wait for the rest)."""
+        while not reader.called:
+            await _either(self.ctx.reactor, reader, HOLD_POLL)
+            if reader.called:
+                return
+            try:
+                job = await self.ctx.api.get("jobs", job_id)
+            except (ApiError, Unreachable):
+                continue  # the stream goes on; ask again later
+            if not job.get("held_until"):
                 return
 
     async def _successor(self, job: dict[str, Any]) -> dict[str, Any] | None:

@@ -75,6 +75,8 @@ _JOB_SHOWN = {
     "restarts_left",
     "restart_of",
     "termination",
+    "hold_on_failure",
+    "held_until",
     *_JOB_TIMES,
 }
 
@@ -126,6 +128,7 @@ def render_job(job: dict[str, Any]) -> str:
         ("max_restarts", job.get("max_restarts")),
         ("restarts_left", job.get("restarts_left")),
         ("restart_of", job.get("restart_of")),
+        ("hold_on_failure", job.get("hold_on_failure")),
     ]
     if job.get("termination"):
         pairs += [
@@ -133,6 +136,9 @@ def render_job(job: dict[str, Any]) -> str:
             ("exit_status", term.get("exit_status")),
             ("message", term.get("message")),
         ]
+    if job.get("held_until"):  # its host is held for debugging (--hold-on-failure)
+        pairs.append(("held_until", f"{output.fmt_time(job['held_until'])} (its host "
+                                    f"{job.get('host')} is held; tml job cancel releases it)"))
     pairs += [("endpoint", text) for text in endpoints_text(job.get("endpoints"))]
     pairs += [(k, job.get(k)) for k in _JOB_TIMES if k in job]
     pairs += [(k, v) for k, v in job.items() if k not in _JOB_SHOWN]
@@ -152,6 +158,8 @@ def endpoints_text(endpoints: Any) -> list[str]:
 
 def _job_detail(job: dict[str, Any]) -> str | None:
     term = job.get("termination")
+    if term and job.get("held_until"):
+        return f"{termination_text(term)}; host held until {output.fmt_time(job['held_until'])}"
     if term:
         return termination_text(term)
     return job.get("stage")
@@ -363,6 +371,8 @@ async def _note_hold(ctx: Context, job_id: str) -> None:
     for text in endpoints_text(job.get("endpoints")):
         ctx.note(output.clean(f"tml:   endpoint {text}"))
     ctx.note(f"tml:   get in:  tml job ssh {job_id}   or   tml job connect {job_id} SERVICE")
+    ctx.note(f"tml:   console: tml job logs {job_id} --follow   (the held host's, until the "
+             "hold ends)")
     ctx.note(f"tml:   release: tml job cancel {job_id}")
 
 

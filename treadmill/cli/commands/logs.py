@@ -26,7 +26,7 @@ from treadmill.cli.client import (
 )
 from treadmill.cli.context import EXIT_ERROR, EXIT_OK, Context, add_job_id
 from treadmill.cli.retry import Retry
-from treadmill.protocol.logs import stream_url
+from treadmill.protocol.logs import HOLD_MARKER, stream_url
 
 _READ_TIMEOUT = 30.0
 GIVE_UP_AFTER = 60.0  # seconds of failures without progress
@@ -39,7 +39,8 @@ class ConsoleWriter:
     """Console bytes to stdout: raw when stdout is a byte stream, else decoded.
 
     It remembers whether the console stopped mid-line, so that a line printed
-    between its bytes (a job event) starts on a line of its own: :meth:`end_line`.
+    between its bytes (a job event) starts on a line of its own: :meth:`end_line`;
+    and whether it wrote the line that begins a held host's console (:attr:`held`).
     """
 
     def __init__(self, ctx: Context):
@@ -47,6 +48,8 @@ class ConsoleWriter:
         self.buffer = getattr(ctx.stdout, "buffer", None)
         self.count = 0
         self.mid_line = False
+        self.held = False  # the console reached the start of the held host's (HOLD_MARKER)
+        self._recent = b""
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def __call__(self, data: bytes) -> None:
@@ -54,6 +57,10 @@ class ConsoleWriter:
             return
         self.count += len(data)
         self.mid_line = not data.endswith(b"\n")
+        if not self.held:
+            recent = self._recent + data
+            self.held = HOLD_MARKER in recent
+            self._recent = recent[-len(HOLD_MARKER):]
         if self.buffer is not None:
             self.buffer.write(data)
             self.buffer.flush()
@@ -105,7 +112,8 @@ async def job_logs(ctx: Context) -> int:
         return await read_stream(ctx, a.id, a.stream, False, ConsoleWriter(ctx))
     from treadmill.cli.commands.follow import JobFollower  # follow.py imports this module
 
-    follower = JobFollower(ctx, a.id, events=False, stream=a.stream, notes=False)
+    follower = JobFollower(ctx, a.id, events=False, stream=a.stream, notes=False,
+                           through_hold=True)
     return (await follower.run()).stream_status
 
 

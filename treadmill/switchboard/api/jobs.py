@@ -9,7 +9,7 @@ from typing import Any
 import jwt
 from twisted.web.iweb import IRequest
 
-from treadmill.common.captoken import Access
+from treadmill.common.captoken import MAX_TTL, Access
 from treadmill.common.http import ApiError, query_arg, read_json, respond
 from treadmill.protocol.supervisor import RESERVATION_PARAMETER
 from treadmill.switchboard import schemas, views
@@ -25,6 +25,7 @@ from treadmill.switchboard.api.args import (
     uuid_arg,
 )
 from treadmill.switchboard.api.base import Routes
+from treadmill.switchboard.jobstart import TOKEN_SLACK
 from treadmill.switchboard.jobstate import Reason, State
 from treadmill.switchboard.store.errors import Conflict, NotFound
 from treadmill.switchboard.store.jobs import JobSpec
@@ -61,6 +62,10 @@ class JobRoutes(Routes):
         hold = body.get("hold_on_failure")
         if hold is not None and hold > limits.max_hold:
             raise ApiError(400, f"hold_on_failure: at most {limits.max_hold:g} seconds")
+        if hold is not None and timeout + hold > MAX_TTL - TOKEN_SLACK:
+            # The host's tokens for the job (log shipping, tunnels) must outlive the hold.
+            raise ApiError(400, "hold_on_failure: the job's timeout plus its hold may be at "
+                           f"most {MAX_TTL - TOKEN_SLACK:g} seconds")
         queue_timeout = body.get("queue_timeout", limits.default_queue_timeout)
         if queue_timeout > limits.max_queue_timeout:
             raise ApiError(400, f"queue_timeout: at most {limits.max_queue_timeout:g} seconds")
