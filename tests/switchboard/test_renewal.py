@@ -60,7 +60,7 @@ def test_the_renewal_carries_fresh_tokens_for_the_new_end() -> None:
     start = job_start(ROW, minor=protocol.MINOR, host_name="h1", signer=signer,
                       log_service="logs", proxies=PROXIES, proxy_service="proxy")
     for key in ("log_servers", "proxies"):
-        assert [s["url"] for s in message[key]] == [s["url"] for s in start[key]]  # type: ignore[literal-required]
+        assert [s["url"] for s in message[key]] == [s["url"] for s in start[key]]
     logs = CapabilityVerifier(keys, "treadmill", "logs", clock, leeway=0)
     proxy = CapabilityVerifier(keys, "treadmill", "proxy", clock, leeway=0)
     claims = logs.verify(message["log_servers"][0]["token"], "job", JOB, "append")
