@@ -31,6 +31,9 @@ BUILT = {
                                      service="console", proxy="ws://proxy:8200", user="alice",
                                      jti="j" * 22, access="manage", peer="192.0.2.7",
                                      at=1765000000.5, suppressed=3),
+    "renew_tokens": p.renew_tokens(8, JOB, 65.0,
+                                   log_servers=[{"url": "http://logs:1", "token": "t" * 40}],
+                                   proxies=[{"url": "ws://proxy:1", "token": "u" * 40}]),
 }
 
 
@@ -134,3 +137,26 @@ def test_console_events_are_minor_7_and_checked() -> None:
 def test_the_document_states_the_current_minor() -> None:
     text = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text(encoding="utf-8")
     assert f"This document is minor {p.MINOR};" in text
+
+
+def test_renew_tokens_is_minor_8_and_status_may_say_the_timeout() -> None:
+    """``renew_tokens`` (to the supervisor only) names the job and its new timeout; its token
+    lists are optional, their entries as strict as ``start_job``'s; ``status.job.timeout``
+    (the timeout the supervisor knows) is optional and positive."""
+    assert p.RENEW_MINOR == 8 <= p.MINOR
+    bare = p.renew_tokens(1, JOB, 10.0)
+    assert bare == {"type": "renew_tokens", "request_id": 1, "job_id": JOB, "timeout": 10.0}
+    p.validate(bare)
+    with pytest.raises(p.ProtocolError, match="unexpected"):
+        p.parse(p.encode(bare), expect=p.TO_SWITCHBOARD)
+    for bad in ({"timeout": 0}, {"timeout": "10"}, {"job_id": "x"},
+                {"log_servers": [{"url": "http://l"}]},
+                {"proxies": [{"url": "ws://p", "token": "t", "extra": 1}]},
+                {"log_servers": [{"url": "http://l", "token": "t"}] * 9}):
+        with pytest.raises(p.ProtocolError):
+            p.validate({**bare, **bad})
+    reported = {"id": JOB, "state": "ready", "stage": None, "timeout": 65.0}
+    p.validate(p.status(2, reported))
+    for bad_timeout in (0, -1, "65"):
+        with pytest.raises(p.ProtocolError):
+            p.validate(p.status(2, {**reported, "timeout": bad_timeout}))

@@ -28,9 +28,12 @@ def test_job_start_parts_follow_the_schema():
         == set(image["properties"])
     parameter = properties["parameters"]["additionalProperties"]
     assert set(protocol.JobParameter.__required_keys__) == set(parameter["required"])
+    urls = _definition("ServiceURLs")
     for field in ("log_servers", "proxies"):
-        item = properties[field]["items"]
-        assert set(protocol.ServiceURL.__required_keys__) == set(item["required"])
+        assert properties[field]["$ref"] == "#/$defs/ServiceURLs"
+        assert _definition("RenewTokens")["properties"][field] == {"$ref": "#/$defs/ServiceURLs"}
+    assert set(protocol.ServiceURL.__required_keys__) == set(urls["items"]["required"]) \
+        == set(urls["items"]["properties"])
 
 
 def test_job_event_constructor_is_valid():

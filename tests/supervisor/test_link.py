@@ -30,7 +30,7 @@ async def connected(peer: FakeSwitchboard, service: SupervisorService) -> PeerCo
 
 @pytest_twisted.ensureDeferred
 async def test_handshake_headers_and_minor(peer: FakeSwitchboard, supervisors: Make) -> None:
-    peer.minor = 7  # a newer switchboard: the lower minor wins
+    peer.minor = protocol.MINOR + 1  # a newer switchboard: the lower minor wins
     service = supervisors()
     conn = await connected(peer, service)
     session = await within(service.connected())

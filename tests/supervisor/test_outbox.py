@@ -155,7 +155,8 @@ def test_status_waits_through_resends(tmp_path: Path) -> None:
         h.ack(h.conn.events()[-1][1]["request_id"])
     statuses = [m for _, m in h.conn.sent if m["type"] == "status"]
     assert statuses == [{"type": "status", "request_id": 901,
-                         "job": {"id": JOB_A, "state": "initializing", "stage": "booting"}}]
+                         "job": {"id": JOB_A, "state": "initializing", "stage": "booting",
+                                 "timeout": 60}}]
 
 
 @pytest.mark.parametrize("minor", [protocol.MINOR])

@@ -29,12 +29,13 @@ from treadmill.common.messages import check, decode
 from treadmill.common.messages import encode as encode  # re-exported: the protocol's encoder
 
 MAJOR = 1
-MINOR = 7
+MINOR = 8
 """1: ``JobStart.log_servers``; 2: ``JobStart.proxies`` and ``job_endpoints``;
 3: ``snapshot_job`` and ``snapshot_result``; 4: the ack error ``unavailable``;
 5: ``JobStart.results``, ``JobStart.ssh_keys``, ``job_endpoints.ssh_host_keys`` and the
 endpoints' ``auth``; 6: ``JobStart.hold_on_failure``, ``job_event.held`` and
-``status.held``; 7: ``console_event`` (console connections, for the audit log)."""
+``status.held``; 7: ``console_event`` (console connections, for the audit log);
+8: ``renew_tokens`` (an extended job's fresh tokens) and ``status.job.timeout``."""
 SSH_KEYS_MINOR = 5
 """The minor that brings ``JobStart.ssh_keys`` and ``job_endpoints.ssh_host_keys``."""
 ENDPOINT_AUTH_MINOR = 5
@@ -44,8 +45,8 @@ MINOR_HEADER = "x-treadmill-protocol-minor"
 PATH = "/api/v1/supervisor"
 MAX_MESSAGE_BYTES = 256 * 1024
 
-TO_SUPERVISOR = ("start_job", "stop_job", "status_request", "snapshot_job", "ack",
-                 "protocol_error")
+TO_SUPERVISOR = ("start_job", "stop_job", "status_request", "snapshot_job", "renew_tokens",
+                 "ack", "protocol_error")
 TO_SWITCHBOARD = ("status", "job_event", "job_endpoints", "snapshot_result", "console_event",
                   "ack", "protocol_error")
 MESSAGE_TYPES = tuple(sorted(set(TO_SUPERVISOR) | set(TO_SWITCHBOARD)))
@@ -68,6 +69,9 @@ HOLD_MINOR = 6
 CONSOLE_MINOR = 7
 """The first minor version with ``console_event``: to an older switchboard the supervisor
 sends none (it drops them from its outbox, counted)."""
+RENEW_MINOR = 8
+"""The first minor version with ``renew_tokens`` and ``status.job.timeout``: an older
+supervisor keeps the tokens of its ``start_job`` (``docs/jobs.md``, Reservations)."""
 CONSOLE_EVENT_FIELDS = ("event", "conn_id", "service", "proxy", "user", "jti", "access",
                         "peer", "at", "suppressed")
 """The fields of a ``console_event`` besides ``type``, ``request_id`` and ``job_id``."""
@@ -279,6 +283,20 @@ def console_event(request_id: int, job_id: str, **fields: Any) -> dict[str, Any]
     message: dict[str, Any] = {"type": "console_event", "request_id": request_id,
                                "job_id": job_id}
     message.update({k: v for k, v in fields.items() if v is not None})
+    return message
+
+
+def renew_tokens(request_id: int, job_id: str, timeout: float, *,
+                 log_servers: list[ServiceURL] | None = None,
+                 proxies: list[ServiceURL] | None = None) -> dict[str, Any]:
+    """Job ``job_id``'s ``timeout`` grew (minor 8): the tokens of its ``start_job`` for its
+    log servers and proxies, replaced by fresh ones that outlive its new deadline."""
+    message: dict[str, Any] = {"type": "renew_tokens", "request_id": request_id,
+                               "job_id": job_id, "timeout": timeout}
+    if log_servers:
+        message["log_servers"] = log_servers
+    if proxies:
+        message["proxies"] = proxies
     return message
 
 

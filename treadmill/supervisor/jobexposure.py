@@ -58,6 +58,10 @@ class JobExposure(JobObserver, Service):
             for proxy in proxies:
                 manager.set_token(proxy["url"], proxy["token"])
 
+    def tokens_renewed(self, job: dict[str, Any]) -> None:
+        """The job was extended: new control and pooled connections use the fresh tokens."""
+        self.job_started(job)
+
     def services(self, job_id: str, services: dict[str, tuple[str, int]]) -> None:
         """The job's host offers ``services`` now."""
         proxies = self.proxies.get(job_id)

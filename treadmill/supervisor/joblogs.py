@@ -133,6 +133,10 @@ class JobLogs(JobObserver, Service):
         if shipper is not None:
             shipper.set_servers(servers)
 
+    def tokens_renewed(self, job: dict[str, Any]) -> None:
+        """The job was extended: its shipper uses the fresh tokens from now on."""
+        self.job_started(job)
+
     def _shipper(self, job_id: str) -> LogShipper | None:
         shipper = self.shippers.get(job_id)
         if shipper is None and job_id in self.servers and job_id not in self.closing:

@@ -23,6 +23,11 @@ class IJobObserver(Interface):
         """A job was accepted, or re-adopted after a restart: its ``JobStart``
         (fresh tokens for its log servers and proxies included)."""
 
+    def tokens_renewed(job: dict[str, Any]) -> None:
+        """The current job was extended (``renew_tokens``): its ``JobStart`` now, with its
+        new ``timeout`` and fresh tokens for its log servers and proxies, to use from the
+        next request or connection on."""
+
     def console(job_id: str, data: bytes) -> None:
         """Output of the current job's console, or of a held ended job's host."""
 
@@ -51,6 +56,9 @@ class JobObserver:
     """An :class:`IJobObserver` that ignores everything: subclasses override what they follow."""
 
     def job_started(self, job: dict[str, Any]) -> None:
+        pass
+
+    def tokens_renewed(self, job: dict[str, Any]) -> None:
         pass
 
     def console(self, job_id: str, data: bytes) -> None:

@@ -14,7 +14,12 @@ switchboard's commands (``docs/protocol.md``):
 - ``status_request``: answered with ``status`` only once every journaled
   event has been sent *and acknowledged*, so the switchboard reconciles
   against a database that already holds them; since minor 6 it names the
-  ended job whose host is held (``held``).
+  ended job whose host is held (``held``), since minor 8 the current job's
+  ``timeout`` as it knows it;
+- ``renew_tokens`` (minor 8): the current job was extended; its new timeout and
+  fresh log and proxy tokens replace those of its ``start_job`` (journaled in
+  ``current-job.json``, handed to the observers: ``tokens_renewed``). For any
+  other job it acks ``ok`` and changes nothing.
 
 A job with ``hold_on_failure`` (minor 6) that fails (its workload exits with a
 non-zero status, or a ``stop_job`` ends it for ``execution_timeout``) on a driver
@@ -495,6 +500,8 @@ class JobRunner(Service):
             self._spawn(session, message, self._status_request)
         elif kind == "snapshot_job":
             self.snapshots.request(session, message)
+        elif kind == "renew_tokens":
+            self._spawn(session, message, self._renew_tokens)
 
     def _spawn(self, session: Session, message: dict[str, Any], handler: Any) -> None:
         def crashed(failure: Failure) -> None:
@@ -619,6 +626,23 @@ class JobRunner(Service):
             return
         self._reply(session, protocol.ack(rid))
 
+    async def _renew_tokens(self, session: Session, message: dict[str, Any]) -> None:
+        rid = message["request_id"]
+        cur = self._current
+        if cur is None or cur.id != message["job_id"]:
+            self._reply(session, protocol.ack(rid))  # ended (or never here): nothing to renew
+            return
+        renewed = {key: message[key] for key in ("log_servers", "proxies") if message.get(key)}
+        cur.job = {**cur.job, "timeout": message["timeout"], **renewed}
+        self.log.info("{name}: job {job} extended to a timeout of {timeout:g} s; fresh tokens "
+                      "for {what}", name=self.label, job=cur.id, timeout=message["timeout"],
+                      what=", ".join(sorted(renewed)) or "nothing")
+        job = cur.job
+        self._tell(lambda observer: observer.tokens_renewed(job), "tokens_renewed")
+        # Journaled after the writes queued before it: a restart re-adopts the fresh tokens.
+        await self._io(self.files.record, None, None, current=self._record(cur))
+        self._reply(session, protocol.ack(rid))
+
     async def _status_request(self, session: Session, message: dict[str, Any]) -> None:
         # Every journaled event first: the switchboard must see them before the status.
         await self.outbox.drained()
@@ -627,8 +651,11 @@ class JobRunner(Service):
             kinds = getattr(self.driver, "kinds", None)
             if minor < protocol.KINDS_MINOR:
                 kinds = None  # An older switchboard refuses the field.
+            job = self.status()
+            if job is not None and minor >= protocol.RENEW_MINOR and self._current is not None:
+                job["timeout"] = self._current.job["timeout"]  # older: refused
             session.send(protocol.status(
-                message["request_id"], self.status(),
+                message["request_id"], job,
                 list(kinds) if kinds is not None else None,
                 held=self.held if minor >= protocol.HOLD_MINOR else None))
 

@@ -16,7 +16,8 @@
   health pass: checks due by the clock, queued jobs' messages);
 - ``links`` (the supervisors' WebSocket sessions), ``admission`` (at most so many
   link handshakes under way, beyond them 503), ``reconcile`` (what a link does
-  about a host's report), ``jobstart`` (the wire ``JobStart``), ``holds`` (ending
+  about a host's report), ``jobstart`` (the wire ``JobStart``), ``renewal`` (an extended
+  job's fresh tokens, ``renew_tokens``), ``holds`` (ending
   a failed job's held host), ``instances`` (liveness of switchboard instances, the
   leader);
 - ``web`` (the web console: its assets at ``/``, cookie sessions).

@@ -44,7 +44,7 @@ from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.holds import HostHold
 from treadmill.switchboard.jobstart import job_start
 from treadmill.switchboard.jobstate import InvalidTransition, Reason, Stage, State, Status
-from treadmill.switchboard.notifications import HostNote, JobNote, SnapshotNote
+from treadmill.switchboard.notifications import EXTENDED, HostNote, JobNote, SnapshotNote
 from treadmill.switchboard.reconcile import (
     Action,
     Advance,
@@ -55,6 +55,7 @@ from treadmill.switchboard.reconcile import (
     Stop,
     decide,
 )
+from treadmill.switchboard.renewal import outdated, renew_tokens
 from treadmill.switchboard.store import Store
 from treadmill.switchboard.store.base import INSTANCE_DEAD_AFTER
 from treadmill.switchboard.store.errors import NotFound, NotYourJob
@@ -424,6 +425,8 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
                                 Reason(row["termination_reason"])
                                 if row["termination_reason"] else None)
         job = answer["job"]
+        if outdated(row, job):  # extended while the link was down: before a stop ends it
+            await renew_tokens(self, job["id"])
         reported = None
         if job is not None:
             reported = Reported(job["id"], State(job["state"]),
@@ -627,6 +630,9 @@ class SupervisorLinks(MultiService):
             return
         link = self.by_host.get(note.host_id)
         if link is None or link.state != link.STATE_OPEN:
+            return
+        if note.state == EXTENDED:
+            self.spawn(renew_tokens(link, note.job_id))
             return
         if note.state == "terminated" and link.hold.concerns(note.job_id):
             self.spawn(link.hold.check())  # released by tml job cancel, maybe

@@ -5,7 +5,8 @@ LISTEN connection (:class:`~treadmill.switchboard.database.Listener`) hands the
 payload text to its observers, which parse it here:
 
 - ``treadmill_jobs``: ``"<job id> <state> <host id or ->"`` (:class:`JobNote`), for
-  every insert or update of a job row;
+  every insert or update of a job row, and with the state :data:`EXTENDED` for a job
+  on a host whose timeout grew (``Store.extend_job``: its host needs fresh tokens);
 - ``treadmill_hosts``: ``"<host id> <session or ->"`` (:class:`HostNote`), for every
   change of a host row (``-``: no link, or the host was deleted);
 - ``treadmill_snapshots``: ``"<host id or ->"`` (:class:`SnapshotNote`), for a snapshot
@@ -21,6 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _NONE = "-"
+
+EXTENDED = "extended"
+"""The :class:`JobNote` state of a job on a host that was extended (not a job state)."""
 
 
 def _host_id(text: str) -> int | None:

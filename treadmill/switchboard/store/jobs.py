@@ -15,6 +15,7 @@ from treadmill.common.http import dumps
 from treadmill.switchboard.access import Principal
 from treadmill.switchboard.database import Cursor
 from treadmill.switchboard.jobstate import Reason, State, Status
+from treadmill.switchboard.notifications import EXTENDED, JobNote
 from treadmill.switchboard.store.base import MY_GRANTS, Queries
 from treadmill.switchboard.store.errors import Conflict, IdempotencyKeyReused, NotFound
 from treadmill.switchboard.store.lifecycle import transition
@@ -238,9 +239,12 @@ class JobQueries(Queries):
             updated = await cur.fetchone(
                 "UPDATE jobs SET timeout = timeout + %(by)s, deadline = CASE WHEN deadline "
                 "IS NOT NULL THEN greatest(deadline, now()) + make_interval(secs => %(by)s) END, "
-                "updated_at = now() WHERE id = %(id)s RETURNING deadline",
+                "updated_at = now() WHERE id = %(id)s RETURNING deadline, host_id",
                 {"id": job_id, "by": by})
             assert updated is not None
+            if updated["host_id"] is not None:  # its host needs fresh tokens (renewal.py)
+                await cur.execute("SELECT pg_notify('treadmill_jobs', %s)", (JobNote(
+                    job_id, EXTENDED, updated["host_id"]).format(),))
             return updated
 
         return await self.pool.transaction(extend)

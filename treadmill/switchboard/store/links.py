@@ -72,7 +72,7 @@ class LinkQueries(Queries):
     async def active_job(self, host_id: int) -> dict | None:
         """The job holding the host, if any (at most one: an index ensures it)."""
         return await self.pool.fetchone(
-            "SELECT id, state, stage, termination_reason FROM jobs "
+            "SELECT id, state, stage, termination_reason, timeout FROM jobs "
             "WHERE host_id = %s AND state IN ('assigned', 'initializing', 'ready', "
             "'terminating')", (host_id,))
 
