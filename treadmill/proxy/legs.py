@@ -29,6 +29,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from treadmill.common.captoken import CapabilityError, Claims, bearer_token
+from treadmill.common.eager import write_now
 from treadmill.common.splice import (
     TUNNEL_SUBPROTOCOL,
     StreamEnd,
@@ -170,7 +171,7 @@ class DataEnd(StreamEnd):
         """A client takes this pooled connection: tell the supervisor which service (the
         registry joins the two next)."""
         self.pooled = None
-        self.transport.write(messages.join_line(service))
+        write_now(self.transport, messages.join_line(service))
 
     def _refuse(self, why: str) -> None:
         self.registry.counts["data_malformed"] += 1

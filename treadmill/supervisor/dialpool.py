@@ -21,6 +21,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from treadmill.common.eager import write_now
 from treadmill.common.splice import StreamEnd, keep_alive, no_delay
 from treadmill.protocol import proxy as messages
 
@@ -42,7 +43,7 @@ class PooledEnd(StreamEnd):
         # Not paused (unlike StreamEnd): the join line must be read.
         no_delay(self.transport)
         keep_alive(self.transport)  # it may wait long in silence
-        self.transport.write(self.header)
+        write_now(self.transport, self.header)
         self.pool._opened(self)
 
     def dataReceived(self, data: bytes) -> None:

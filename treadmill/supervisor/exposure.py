@@ -56,6 +56,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from treadmill.common.eager import write_now
 from treadmill.common.splice import Splice, StreamEnd, client_endpoint, join, no_delay
 from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import proxy as messages
@@ -86,7 +87,8 @@ class _LocalEnd(StreamEnd):
 
 
 class _DataEnd(StreamEnd):
-    """The data connection to the proxy: the header line first, then the client's bytes."""
+    """The data connection to the proxy: the header line first (once the local service
+    is connected too: the proxy joins the client on it), then the client's bytes."""
 
     def __init__(self, header: bytes):
         super().__init__()
@@ -95,7 +97,6 @@ class _DataEnd(StreamEnd):
     def connectionMade(self) -> None:
         super().connectionMade()
         no_delay(self.transport)
-        self.transport.write(self.header)
 
 
 class _OneShot(Factory):
@@ -151,6 +152,8 @@ class _Rendezvous:
                     end.abort()
             return
         self.manager.counts["spliced"] += 1
+        if not self.data.lost:
+            write_now(self.data.transport, self.data.header)
         splice = join(self.local, self.data, self.manager._splice_closed, self.link)
         if not (self.local.lost or self.data.lost):
             self.manager.splices.add(splice)
