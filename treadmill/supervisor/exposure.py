@@ -589,7 +589,7 @@ class ExposureManager:
         _Rendezvous(self, link, conn_id, service).start(self._local(target),
                                                         link.data_endpoint())
 
-    def _pool_join(self, link: _ProxyLink, data: PooledEnd, service: str) -> None:
+    def _pool_join(self, link: _ProxyLink, data: PooledEnd, service: str) -> Deferred[Any] | None:
         """The proxy joined a client of ``service`` to the pooled connection ``data``:
         dial the service and relay (closing ``data``, and so the client, if it cannot
         be reached: the pooled form of ``connect_failed``)."""
@@ -597,7 +597,7 @@ class ExposureManager:
         if target is None or self._closed:
             self.counts["unknown_service"] += 1
             data.abort()
-            return
+            return None
         self.counts["pool_joined"] += 1
         local = _LocalEnd()
         connecting = self._local(target).connect(_OneShot(local))
@@ -615,6 +615,7 @@ class ExposureManager:
             data.abort()
 
         connecting.addCallbacks(connected, failed)
+        return connecting
 
     def _local(self, target: Service) -> Any:
         """The endpoint of a local service (made once: every client dials it)."""
