@@ -147,6 +147,12 @@ async def test_a_half_close_leaves_at_once_and_reading_goes_on(pair: Pair) -> No
     pair.peer.sendall(b"still listening")
     await eventually(lambda: pair.server.data == b"still listening")
     assert pair.transport.connected
+    # Closing it then is an orderly close, not a reset (without a second shutdown).
+    pair.peer.shutdown(socket.SHUT_WR)
+    await eventually(lambda: pair.server.read_lost)
+    pair.transport.loseConnection()
+    await eventually(lambda: not pair.transport.connected)
+    assert pair.peer.recv(16) == b""  # no ConnectionResetError
 
 
 @pytest_twisted.ensureDeferred

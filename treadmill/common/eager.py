@@ -13,7 +13,8 @@ of a relayed end of file): ``shutdown(SHUT_WR)`` at once when nothing is
 buffered, then the protocol's ``writeConnectionLost``, as the transport would.
 
 These read a few private attributes of ``twisted.internet.abstract.FileDescriptor``
-(its two write buffers and its half-close state); ``tests/common/test_eager.py``
+(its two write buffers, its half-close state, whether its close shuts the socket
+down first); ``tests/common/test_eager.py``
 pins them on the installed Twisted.
 """
 
@@ -66,4 +67,8 @@ def shut_write_now(transport: Any) -> None:
     transport._writeDisconnecting = True
     transport._writeDisconnected = True
     transport.stopWriting()
+    # The final close needs no shutdown(SHUT_RDWR) of its own any more: the write side
+    # is shut here, and a read side is gone with the socket's close (one system call
+    # less per leg).
+    transport._shouldShutdown = False
     transport._closeWriteConnection()  # shutdown(SHUT_WR), then writeConnectionLost()

@@ -1,7 +1,7 @@
 """The proxy's connections that carry bytes: clients (TCP or WebSocket) and data connections.
 
 - :class:`PublicEnd`: a client on a tunnel's public TCP port. It reads
-  nothing until its data connection is joined.
+  nothing until its data connection is joined (at once when a pooled one waits).
 - :class:`TunnelSocket`: a client on a tunnel's WebSocket path
   (``/v1/tunnels/<id>``); binary messages carry the bytes. On the path of a
   service that does not authenticate its users itself (a console) the client
@@ -70,9 +70,12 @@ class PublicEnd(StreamEnd):
         self.pending: Pending | None = None
 
     def connectionMade(self) -> None:
-        super().connectionMade()
         no_delay(self.transport)
         self.pending = self.registry.client_arrived(self.tunnel, self)
+        if self.splice is None:
+            # Not joined at once (no pooled connection was waiting): read nothing until
+            # its data connection is joined. A client joined at once just goes on reading.
+            self.transport.pauseProducing()
 
     def gone(self, reason: Any) -> None:
         if self.pending is not None and self.splice is None:
