@@ -14,8 +14,7 @@ buffered, then the protocol's ``writeConnectionLost``, as the transport would.
 
 These read a few private attributes of ``twisted.internet.abstract.FileDescriptor``
 (its two write buffers, its half-close state, whether its close shuts the socket
-down first); ``tests/common/test_eager.py``
-pins them on the installed Twisted.
+down first); ``tests/common/test_eager.py`` pins them on the installed Twisted.
 """
 
 from __future__ import annotations
