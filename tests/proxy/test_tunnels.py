@@ -219,6 +219,10 @@ async def test_an_unreachable_service_closes_the_client_at_once(proxy: Running, 
             assert proxy.registry.counts["pool_joined"] == 1
         else:
             await eventually(lambda: proxy.registry.counts["connect_failed"] == 1)
+            # The data connection of an unreachable service never presents its header:
+            # the client is not joined to it (and it is not refused as unknown either).
+            assert proxy.registry.counts["spliced"] == 0
+            assert proxy.registry.counts["data_unknown"] == 0
         await eventually(lambda: job.manager.counts["local_failed"] == 1)
     finally:
         await job.manager.close()

@@ -72,6 +72,24 @@ def test_a_join_hands_the_client_over_and_refills() -> None:
     assert first._early[-1] == b"more"
 
 
+def test_the_refill_waits_for_the_clients_local_dial() -> None:
+    """``on_join`` returning its local dial: nothing is opened before that is done (the
+    refill stays off the path of the client's first bytes), then the pool is refilled
+    whether the dial worked or not."""
+    for outcome in ("connected", "failed"):
+        pool, proxy, _ = make(2)
+        dialled: Deferred[Any] = Deferred()
+        pool.on_join = lambda end, service, d=dialled: d
+        proxy.ends[0].dataReceived(messages.join_line("ssh"))
+        assert len(proxy.ends) == 2 and len(pool.idle) == 1 and pool.opening == 0
+        if outcome == "connected":
+            dialled.callback(None)
+        else:
+            dialled.errback(Failure(ConnectionRefusedError()))
+            dialled.addErrback(lambda _: None)
+        assert len(proxy.ends) == 3 and len(pool.idle) == 2, outcome
+
+
 def test_the_join_line_may_come_in_pieces() -> None:
     _pool, proxy, _ = make(1)
     end = proxy.ends[0]

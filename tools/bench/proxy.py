@@ -383,7 +383,8 @@ def main() -> int:
         parser.add_argument(option, type=int, default=default, help=text)
     parser.add_argument("--no-ws", action="store_true", help="skip the WebSocket path")
     parser.add_argument("--paths", default="direct,treadmill,treadmill-ws,haproxy,socat",
-                        help="the paths to measure (comma-separated)")
+                        help="the paths to measure (comma-separated; also: floor, a "
+                        "minimal two-relay path in Python, tools/bench/floorrelay.py)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--serve-backend", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-fleet", nargs=3, help=argparse.SUPPRESS)
@@ -467,6 +468,8 @@ def setup(procs: Processes, tmp: Path, args: argparse.Namespace,
     targets.append(ours)
     if not args.no_ws:
         targets.append(start_forwarders(procs, ours))
+    if "floor" in args.paths.split(","):
+        targets.append(start_floor(procs, echo, bulk, args.pool))
 
     if shutil.which("haproxy"):
         h_echo, h_bulk = free_port(), free_port()
@@ -545,6 +548,25 @@ def start_ours(procs: Processes, tmp: Path, args: argparse.Namespace,
     log(f"treadmill: proxy pid {proxy.pid}, supervisor pid {supervisor.pid}, "
         f"echo on {target.echo}, bulk on {target.bulk}")
     return target
+
+
+def start_floor(procs: Processes, echo: int, bulk: int, pool: int | None) -> Target:
+    """The floor (``floorrelay.py``): two minimal relays in Python, for each service."""
+    script = str(ROOT / "tools" / "bench" / "floorrelay.py")
+    ports, pids = [], []
+    for service in (echo, bulk):
+        public, data = free_port(), free_port()
+        hop1 = procs.start([sys.executable, script, "hop1", str(public), str(data)],
+                           stdout=subprocess.PIPE)
+        read_line(hop1, 10)
+        hop2 = procs.start([sys.executable, script, "hop2", str(data), str(service),
+                            str(2 if pool is None else max(1, pool))], stdout=subprocess.PIPE)
+        read_line(hop2, 10)
+        ports.append(public)
+        pids += [hop1.pid, hop2.pid]
+    wait_port(ports[0])
+    return Target("floor", ports[0], ports[1], pids,
+                  "floorrelay.py: two minimal epoll relays in Python (2 relays)")
 
 
 def start_forwarders(procs: Processes, ours: Target) -> Target:
@@ -646,7 +668,7 @@ def ratios(results: list[dict[str, Any]], tunnels: dict[str, Any]) -> dict[str, 
     out: dict[str, Any] = {}
     if ours is None:
         return out
-    for ref in ("haproxy", "socat", "direct"):
+    for ref in ("haproxy", "socat", "direct", "floor"):
         other = by.get(ref)
         if other is None:
             continue

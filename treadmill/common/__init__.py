@@ -11,7 +11,8 @@
 - ``cors``: cross-origin reads (the web console reading log servers).
 - ``files``: atomic, durable file writes; ``ranges``: HTTP ``Range`` headers.
 - ``splice``: joining two connections with backpressure; ``zerocopy``: two plain TCP
-  legs relayed in the kernel (``splice(2)``); ``deferreds``: ``fork``.
+  legs relayed in the kernel (``splice(2)``); ``eager``: writes and half-closes put on a
+  plain TCP socket at once; ``deferreds``: ``fork``.
 - ``wsjson``: the JSON-WebSocket session (quiet logger, ``send``/``close``/``violation``).
 - ``timers``: ``every``, work repeated at an interval on a given reactor (a child service).
 """

@@ -28,6 +28,10 @@ calls) are relayed inside the kernel from then on (``splice(2)``,
 :mod:`treadmill.common.zerocopy`): their bytes no longer enter the process.
 Any call on such a leg from Python hands both back to their transports first.
 
+A plain TCP leg writes what the other leg read, and passes an end of file on, at once
+(:mod:`treadmill.common.eager`) when it has nothing buffered, instead of a turn of the
+reactor later: a relay's first exchange costs fewer wake-ups on every hop.
+
 Differences from ``portforward``: a leg's producer is unregistered before the
 leg is closed (a paused producer would otherwise keep a closing transport
 open forever), and legs are paused until :func:`join` so that bytes that
@@ -47,6 +51,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from treadmill.common.eager import shut_write_now, write_now
 from treadmill.common.zerocopy import KernelRelay
 
 __all__ = ["EOF", "MAX_FRAME", "TUNNEL_SUBPROTOCOL", "UNSUPPORTED_DATA", "ZEROCOPY_AFTER",
@@ -248,7 +253,7 @@ class StreamEnd(Protocol, End):
         if self.relay is not None:
             self.relay.send(self, data)
             return
-        self.transport.write(data)
+        write_now(self.transport, data)
 
     def send_eof(self) -> None:
         if self.lost:
@@ -256,7 +261,7 @@ class StreamEnd(Protocol, End):
         self._take_back()
         self.transport.unregisterProducer()  # the other leg reads no more
         if IHalfCloseableDescriptor.providedBy(self.transport):
-            self.transport.loseWriteConnection()
+            shut_write_now(self.transport)
         else:
             self.transport.loseConnection()  # TLS: no half-close; the other leg follows
 

@@ -21,7 +21,8 @@ other; an end of file or an error is seen again by the transport, which
 passes it on or closes.
 
 The legs need: an ``os.splice`` (Linux), transports that are
-``twisted.internet.tcp.Connection`` (TLS is not: its bytes must be decrypted),
+``twisted.internet.tcp.Connection`` without TLS (``eager.plain``: TLS bytes must be
+decrypted, also on a connection that started TLS itself, a ``ssl:`` listener's),
 connected, with nothing buffered that cannot be written at once.
 """
 
@@ -33,8 +34,9 @@ import os
 import socket
 from typing import Any
 
-from twisted.internet import tcp
 from twisted.logger import Logger
+
+from treadmill.common.eager import buffered, plain
 
 __all__ = ["AVAILABLE", "KernelRelay", "eligible"]
 
@@ -49,16 +51,10 @@ _GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF, errno.ESHUT
          errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 
-def _buffered(transport: Any) -> int:
-    """Bytes a Twisted transport still has to write (its write buffer's internals)."""
-    return (len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
-            + getattr(transport, "_tempDataLen", 0))
-
-
 def eligible(end: Any) -> bool:
     """Whether a leg (a ``splice.StreamEnd``) can be relayed in the kernel."""
     t = getattr(end, "transport", None)
-    return (AVAILABLE and isinstance(t, tcp.Connection) and t.connected
+    return (AVAILABLE and plain(t) and t.connected
             and not t.disconnecting and not getattr(t, "_writeDisconnecting", False)
             and not end.lost and end.relay is None
             and not getattr(end, "_early", None) and not getattr(end, "_read_closed", False)
@@ -152,10 +148,10 @@ class KernelRelay:
         if not (eligible(a) and eligible(b)):
             return None
         for end in (a, b):
-            if _buffered(end.transport):
+            if buffered(end.transport):
                 # What the other leg has just passed on (or a header written before the
                 # join): written now, or the legs stay as they are for now.
-                if end.transport.doWrite() or _buffered(end.transport):
+                if end.transport.doWrite() or buffered(end.transport):
                     return None
         relay = cls(a, b)
         for end in (a, b):

@@ -1,7 +1,7 @@
 """The proxy's connections that carry bytes: clients (TCP or WebSocket) and data connections.
 
 - :class:`PublicEnd`: a client on a tunnel's public TCP port. It reads
-  nothing until its data connection is joined.
+  nothing until its data connection is joined (at once when a pooled one waits).
 - :class:`TunnelSocket`: a client on a tunnel's WebSocket path
   (``/v1/tunnels/<id>``); binary messages carry the bytes. On the path of a
   service that does not authenticate its users itself (a console) the client
@@ -29,6 +29,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from treadmill.common.captoken import CapabilityError, Claims, bearer_token
+from treadmill.common.eager import write_now
 from treadmill.common.splice import (
     TUNNEL_SUBPROTOCOL,
     StreamEnd,
@@ -69,9 +70,12 @@ class PublicEnd(StreamEnd):
         self.pending: Pending | None = None
 
     def connectionMade(self) -> None:
-        super().connectionMade()
         no_delay(self.transport)
         self.pending = self.registry.client_arrived(self.tunnel, self)
+        if self.splice is None:
+            # Not joined at once (no pooled connection was waiting): read nothing until
+            # its data connection is joined. A client joined at once just goes on reading.
+            self.transport.pauseProducing()
 
     def gone(self, reason: Any) -> None:
         if self.pending is not None and self.splice is None:
@@ -170,7 +174,7 @@ class DataEnd(StreamEnd):
         """A client takes this pooled connection: tell the supervisor which service (the
         registry joins the two next)."""
         self.pooled = None
-        self.transport.write(messages.join_line(service))
+        write_now(self.transport, messages.join_line(service))
 
     def _refuse(self, why: str) -> None:
         self.registry.counts["data_malformed"] += 1

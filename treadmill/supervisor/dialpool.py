@@ -21,6 +21,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from treadmill.common.eager import write_now
 from treadmill.common.splice import StreamEnd, keep_alive, no_delay
 from treadmill.protocol import proxy as messages
 
@@ -42,7 +43,7 @@ class PooledEnd(StreamEnd):
         # Not paused (unlike StreamEnd): the join line must be read.
         no_delay(self.transport)
         keep_alive(self.transport)  # it may wait long in silence
-        self.transport.write(self.header)
+        write_now(self.transport, self.header)
         self.pool._opened(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -82,13 +83,14 @@ class DialPool:
     :param header: the pool header to send (``messages.pool_header``); a callable,
         so that a fresh token is used from the next connection on.
     :param on_join: ``on_join(end, service)``: a client of ``service`` was joined to
-        ``end`` at the proxy.
+        ``end`` at the proxy; it may return a Deferred of the local dial, which the
+        refill waits for (so that it is not on the path of the client's first bytes).
     """
 
     def __init__(self, reactor: Any, dial: Callable[[PooledEnd], Deferred[Any]],
                  header: Callable[[], bytes],
-                 on_join: Callable[[PooledEnd, str], None], *, retry_initial: float = 0.5,
-                 retry_max: float = 30.0):
+                 on_join: Callable[[PooledEnd, str], Deferred[Any] | None], *,
+                 retry_initial: float = 0.5, retry_max: float = 30.0):
         self.reactor = reactor
         self.dial = dial
         self.header = header
@@ -188,8 +190,17 @@ class DialPool:
         self.counts["joined"] += 1
         self.failures = 0
         self._cancel_timer()
-        self.on_join(end, service)  # the client first: its local dial starts before a refill
+        dialled = self.on_join(end, service)
+        if dialled is None:
+            self.fill()
+        else:
+            # The client first: the refill waits until its local dial is done, so that
+            # it adds nothing before the client's first bytes reach the service.
+            dialled.addBoth(self._refill_after)
+
+    def _refill_after(self, result: Any) -> Any:
         self.fill()
+        return result
 
     def _lost(self, end: PooledEnd) -> None:
         if end in self._ending:

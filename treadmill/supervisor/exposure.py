@@ -56,6 +56,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from treadmill.common.eager import write_now
 from treadmill.common.splice import Splice, StreamEnd, client_endpoint, join, no_delay
 from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import proxy as messages
@@ -86,7 +87,8 @@ class _LocalEnd(StreamEnd):
 
 
 class _DataEnd(StreamEnd):
-    """The data connection to the proxy: the header line first, then the client's bytes."""
+    """The data connection to the proxy: the header line first (once the local service
+    is connected too: the proxy joins the client on it), then the client's bytes."""
 
     def __init__(self, header: bytes):
         super().__init__()
@@ -95,7 +97,6 @@ class _DataEnd(StreamEnd):
     def connectionMade(self) -> None:
         super().connectionMade()
         no_delay(self.transport)
-        self.transport.write(self.header)
 
 
 class _OneShot(Factory):
@@ -151,6 +152,8 @@ class _Rendezvous:
                     end.abort()
             return
         self.manager.counts["spliced"] += 1
+        if not self.data.lost:
+            write_now(self.data.transport, self.data.header)
         splice = join(self.local, self.data, self.manager._splice_closed, self.link)
         if not (self.local.lost or self.data.lost):
             self.manager.splices.add(splice)
@@ -586,7 +589,7 @@ class ExposureManager:
         _Rendezvous(self, link, conn_id, service).start(self._local(target),
                                                         link.data_endpoint())
 
-    def _pool_join(self, link: _ProxyLink, data: PooledEnd, service: str) -> None:
+    def _pool_join(self, link: _ProxyLink, data: PooledEnd, service: str) -> Deferred[Any] | None:
         """The proxy joined a client of ``service`` to the pooled connection ``data``:
         dial the service and relay (closing ``data``, and so the client, if it cannot
         be reached: the pooled form of ``connect_failed``)."""
@@ -594,7 +597,7 @@ class ExposureManager:
         if target is None or self._closed:
             self.counts["unknown_service"] += 1
             data.abort()
-            return
+            return None
         self.counts["pool_joined"] += 1
         local = _LocalEnd()
         connecting = self._local(target).connect(_OneShot(local))
@@ -612,6 +615,7 @@ class ExposureManager:
             data.abort()
 
         connecting.addCallbacks(connected, failed)
+        return connecting
 
     def _local(self, target: Service) -> Any:
         """The endpoint of a local service (made once: every client dials it)."""
