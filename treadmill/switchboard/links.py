@@ -9,8 +9,10 @@ host's link, what each host should run.
 
 At most ``max_handshakes`` handshakes (upgrade to registration) are under way
 at once (:mod:`treadmill.switchboard.admission`); beyond them
-:class:`SupervisorResource` answers the upgrade ``503`` with ``Retry-After``
-before any database work.
+:class:`SupervisorResource` holds the upgrade in a FIFO queue, without any
+database work, until a slot frees, and answers ``503`` with ``Retry-After``
+only when ``handshake_queue`` upgrades wait already or one waited
+``handshake_wait`` seconds.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.server import NOT_DONE_YET
 
 from treadmill.common import sshkeys
 from treadmill.common.captoken import CapabilitySigner, bearer_token
@@ -38,7 +42,7 @@ from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import supervisor as protocol
 from treadmill.protocol.supervisor import CloseCode, ProtocolError
 from treadmill.switchboard import credentials
-from treadmill.switchboard.admission import RETRY_AFTER, HandshakeGate, Slot
+from treadmill.switchboard.admission import HandshakeGate, QueueTimeout, Slot
 from treadmill.switchboard.audit import ConsoleAudit
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.holds import HostHold
@@ -96,10 +100,15 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
 
     # -- handshake -------------------------------------------------------------
 
+    def connectionMade(self) -> None:
+        self._slot = self.factory.take_slot()  # from SupervisorResource, which admitted us
+        super().connectionMade()
+
     def onConnect(self, request: ConnectionRequest) -> Deferred[tuple[str, dict[str, str]]]:
-        self._slot = self.links.gate.acquire()
-        if self._slot is None:  # SupervisorResource refuses first; this is the backstop.
-            raise ConnectionDeny(503, BUSY)
+        if self._slot is None:  # Not through SupervisorResource: the backstop.
+            self._slot = self.links.gate.acquire()
+            if self._slot is None:
+                raise ConnectionDeny(503, BUSY)
         handshake = Deferred.fromCoroutine(self._authenticate(request))
         return handshake.addBoth(self._handshake_over)
 
@@ -494,23 +503,68 @@ BUSY = "too many supervisor links are being set up here; try again later"
 
 
 class SupervisorResource(WebSocketResource):
-    """The WebSocket resource, refusing an upgrade at once (``503``, ``Retry-After``)
-    while ``gate`` has as many handshakes in progress as it admits."""
+    """The WebSocket resource behind ``gate``: an upgrade gets a handshake slot at once,
+    or waits for one (the request held open, nothing else done), or is answered ``503``
+    with ``Retry-After`` when the queue is full or its wait ran out. The slot goes to
+    the protocol the upgrade builds (:meth:`SupervisorSessionFactory.take_slot`)."""
 
     def __init__(self, factory: SupervisorSessionFactory, gate: HandshakeGate):
         super().__init__(factory)
+        self.factory = factory
         self.gate = gate
 
     def render(self, request: IRequest) -> Any:
-        if self.gate.full:
-            self.gate.refuse()
-            return respond_error(request, ApiError(503, BUSY,
-                                                   headers={"Retry-After": str(RETRY_AFTER)}))
-        return super().render(request)
+        waiting = self.gate.enter()
+        if waiting is None:
+            return self._refuse(request)
+        admitted: list[Slot] = []
+        waiting.addCallback(lambda slot: admitted.append(slot) or slot)
+        if admitted:
+            return self._upgrade(request, admitted[0])
+        request.notifyFinish().addErrback(lambda _: waiting.cancel())  # it closed: leave
+        waiting.addCallbacks(lambda slot: self._upgrade_later(request, slot),
+                             lambda failure: self._refuse_later(request, failure))
+        return NOT_DONE_YET
+
+    def _refuse(self, request: IRequest) -> bytes:
+        return respond_error(request, ApiError(
+            503, BUSY, headers={"Retry-After": str(self.gate.retry_after())}))
+
+    def _upgrade(self, request: IRequest, slot: Slot) -> Any:
+        self.factory.admitted = slot
+        try:
+            return super().render(request)
+        finally:
+            if self.factory.take_slot() is not None:
+                slot.release()  # no protocol took it: nothing was upgraded
+
+    def _upgrade_later(self, request: IRequest, slot: Slot) -> None:
+        if getattr(request, "_disconnected", False) or request.channel is None:
+            slot.release()  # gone while its slot was being handed over
+            return
+        body = self._upgrade(request, slot)
+        if body is not NOT_DONE_YET:  # not upgraded after all (Autobahn answered)
+            _answer(request, body)
+
+    def _refuse_later(self, request: IRequest, failure: Failure) -> None:
+        if failure.check(CancelledError):
+            return  # the client went while it waited
+        failure.trap(QueueTimeout)
+        if not getattr(request, "_disconnected", False):
+            _answer(request, self._refuse(request))
+
+
+def _answer(request: IRequest, body: bytes) -> None:
+    """Finish a held request with ``body`` (a length, not chunks, as if rendered at once)."""
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
 
 
 class SupervisorSessionFactory(WebSocketServerFactory):
     protocol = SupervisorSession
+    admitted: Slot | None = None
+    """The slot of the upgrade being handed to a new protocol (SupervisorResource)."""
 
     def __init__(self, links: SupervisorLinks):
         super().__init__()
@@ -520,6 +574,12 @@ class SupervisorSessionFactory(WebSocketServerFactory):
             maxMessagePayloadSize=protocol.MAX_MESSAGE_BYTES,
             maxFramePayloadSize=protocol.MAX_MESSAGE_BYTES,
             openHandshakeTimeout=links.handshake_timeout)
+
+    def take_slot(self) -> Slot | None:
+        """The admitted upgrade's slot, once (a protocol built outside
+        :class:`SupervisorResource` gets ``None``)."""
+        slot, self.admitted = self.admitted, None
+        return slot
 
 
 class SupervisorLinks(MultiService):
@@ -531,6 +591,7 @@ class SupervisorLinks(MultiService):
                  ping_interval: float = 5.0, ping_timeout: float = 10.0,
                  reconcile_interval: float = 30.0, reconcile_retry: float = 2.0,
                  touch_interval: float = 5.0, max_handshakes: int = 64,
+                 handshake_queue: int = 4096, handshake_wait: float = 5.0,
                  handshake_timeout: float = 10.0,
                  unreachable_after: float = 60.0, request_timeout: float = REQUEST_TIMEOUT,
                  signer: CapabilitySigner | None = None,
@@ -562,8 +623,10 @@ class SupervisorLinks(MultiService):
         self.rebalance_quiet = INSTANCE_DEAD_AFTER
         """Seconds without a new link before this instance sheds links (see rebalance)."""
         self._last_link_at = float("-inf")
-        self.gate = HandshakeGate(max_handshakes)
-        """Handshakes in progress at most (``supervisors.max_handshakes``)."""
+        self.gate = HandshakeGate(max_handshakes, queue=handshake_queue, wait=handshake_wait,
+                                  clock=reactor)
+        """Handshakes in progress at most (``supervisors.max_handshakes``), and upgrades
+        waiting for one (``supervisors.handshake_queue``, ``handshake_wait``)."""
         self.handshake_timeout = handshake_timeout
         self.factory = SupervisorSessionFactory(self)
         self.resource = SupervisorResource(self.factory, self.gate)
