@@ -69,6 +69,10 @@ class Bench:
         assert self.db is not None
         cmd = balancer.instance_cmd(self.db.dsn, name, self.tmp / "key.pem", self.ports[name],
                                     self.metrics[name], *self.args.switchboard_arg)
+        if self.args.profile:  # cProfile, written when the instance stops (not if killed)
+            at = cmd.index("treadmill-switchboard")
+            cmd[at:at] = [f"--profile={self.tmp / f'{name}.prof'}", "--profiler=cprofile",
+                          "--savestats"]
         self.procs[name] = start_daemon(cmd, self.tmp / f"{name}.log",
                                         f"http://127.0.0.1:{self.ports[name]}/healthz",
                                         f"instance {name}", level="warn", interval=0.1)
@@ -330,6 +334,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet-wait", type=float, default=0.0,
                    help="wait up to this many seconds for the machine to be idle (<10%% "
                         "busy) before starting [0]")
+    p.add_argument("--profile", action="store_true",
+                   help="run the instances under cProfile (twistd --profile): NAME.prof in the "
+                        "temporary directory, written when they stop; use with --keep-temp")
     p.add_argument("--switchboard-arg", action="append", default=[],
                    help="extra treadmill-switchboard option (repeatable)")
     p.add_argument("--fleet-arg", action="append", default=[],

@@ -59,6 +59,7 @@ from treadmill.switchboard.reconcile import (
     Stop,
     decide,
 )
+from treadmill.switchboard.registrar import LinkRegistrar
 from treadmill.switchboard.store import Store
 from treadmill.switchboard.store.base import INSTANCE_DEAD_AFTER
 from treadmill.switchboard.store.errors import NotFound, NotYourJob
@@ -131,28 +132,21 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
         except ProtocolError as e:
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, str(e)) from None
         digest = credentials.token_hash(token)
+        self.session = str(uuid.uuid4())
         try:
-            host = await self.links.store.host_by_token(digest)
+            # Finds the host by its token and records the link, with others (registrar.py).
+            host = await self.links.registrar.register(digest, self.session)
             if host is None:
                 raise ConnectionDeny(401, "unknown host token")
             self.host_id, self.host_name, self.token_digest = host["id"], host["name"], digest
-            self.session = str(uuid.uuid4())
-            previous = self.links.by_host.get(self.host_id)
-            try:
-                await self.links.register(self)
-                if self.lost:  # Closed (or timed out) while it registered: undo.
-                    self.links.spawn(self.links.store.link_disconnected(self.host_id,
-                                                                        self.session))
-                    raise ConnectionDeny(ConnectionDeny.REQUEST_TIMEOUT,
-                                         "the connection ended during the handshake")
-            except Exception:
-                # Not registered: give the host back to its link before this one.
+            self.links.adopt(self)
+            if self.lost:  # Closed (or timed out) while it registered: undo.
                 if self.links.by_host.get(self.host_id) is self:
-                    if previous is not None and previous.registered:
-                        self.links.by_host[self.host_id] = previous
-                    else:
-                        del self.links.by_host[self.host_id]
-                raise
+                    del self.links.by_host[self.host_id]
+                self.links.spawn(self.links.store.link_disconnected(self.host_id,
+                                                                    self.session))
+                raise ConnectionDeny(ConnectionDeny.REQUEST_TIMEOUT,
+                                     "the connection ended during the handshake")
         except Exception as e:
             if not unavailable(e):
                 raise
@@ -424,8 +418,10 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
         assert self.host_id is not None
         answer = await self.request(protocol.status_request(0))
         await self._inbox  # Events sent before the status are applied first.
-        await self.links.store.set_host_kinds(self.host_id, answer.get("kinds"), self.session)
-        row = await self.links.store.active_job(self.host_id)
+        assert self.session is not None
+        state = await self.links.store.link_state(self.host_id, answer.get("kinds"),
+                                                  self.session)  # one statement
+        row = state["active"]
         expected = None
         if row is not None:
             expected = Expected(row["id"], State(row["state"]),
@@ -440,8 +436,9 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
         for action in decide(expected, reported):
             await self.execute(action)
         if self.minor >= protocol.HOLD_MINOR:
-            await self.hold.reconcile(answer.get("held"))
-        await self.send_snapshots()
+            await self.hold.reconcile(answer.get("held"), state["held"])
+        if state["snapshots"]:
+            await self.send_snapshots()
 
     async def execute(self, action: Action) -> None:
         store = self.links.store
@@ -628,6 +625,8 @@ class SupervisorLinks(MultiService):
         """Handshakes in progress at most (``supervisors.max_handshakes``), and upgrades
         waiting for one (``supervisors.handshake_queue``, ``handshake_wait``)."""
         self.handshake_timeout = handshake_timeout
+        self.registrar = LinkRegistrar(reactor, store, instance, lambda: self.instance_id)
+        """Records links in batches (one statement for the links arriving together)."""
         self.factory = SupervisorSessionFactory(self)
         self.resource = SupervisorResource(self.factory, self.gate)
         self._tasks: set[Deferred[Any]] = set()
@@ -664,13 +663,13 @@ class SupervisorLinks(MultiService):
         d.addBoth(done)
         return d
 
-    async def register(self, link: SupervisorSession) -> None:
+    def adopt(self, link: SupervisorSession) -> None:
+        """``link``'s registration is recorded (:attr:`registrar`): this instance holds
+        its host's link, and closes a link it held for the host before."""
         assert link.host_id is not None and link.session is not None
         old = self.by_host.get(link.host_id)
         self.by_host[link.host_id] = link
         self._last_link_at = self.reactor.seconds()
-        await self.store.link_connected(link.host_id, self.instance, link.session,
-                                        self.instance_id)
         if old is not None and old is not link:
             self._drop(old, CloseCode.SUPERSEDED, "superseded by a newer connection")
             self.by_host[link.host_id] = link
