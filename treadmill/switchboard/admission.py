@@ -32,7 +32,7 @@ __all__ = ["RETRY_AFTER", "RETRY_AFTER_MAX", "HandshakeGate", "QueueTimeout", "S
 
 RETRY_AFTER = 1
 """Seconds a refused supervisor is told to wait at least (it adds jitter and backoff)."""
-RETRY_AFTER_MAX = 30
+RETRY_AFTER_MAX = 10
 """The longest ``Retry-After`` a full queue asks for."""
 
 

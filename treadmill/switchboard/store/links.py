@@ -31,8 +31,9 @@ class LinkQueries(Queries):
                              instance_id: str | None = None) -> dict[bytes, dict]:
         """Record many links at once, each ``(token digest, session)`` (one per digest):
         the host whose token it is is now held by ``instance`` as ``session``,
-        superseding any link. One statement for all; ``{digest: {"id", "name"}}`` for
-        the digests that name a host (an unknown token is absent)."""
+        superseding any link. One statement for all, ahead of the others waiting for a
+        connection (handshakes wait for it); ``{digest: {"id", "name"}}`` for the
+        digests that name a host (an unknown token is absent)."""
         if not links:
             return {}
         ordered = sorted(links)  # rows locked in one order by every instance
@@ -42,7 +43,7 @@ class LinkQueries(Queries):
             "FROM unnest(%s::bytea[], %s::uuid[]) AS v(token_hash, session) "
             "WHERE h.token_hash = v.token_hash RETURNING h.id, h.name, v.token_hash",
             (instance, instance_id, [psycopg2.Binary(d) for d, _ in ordered],
-             [session for _, session in ordered]))
+             [session for _, session in ordered]), urgent=True)
         return {bytes(row["token_hash"]): {"id": row["id"], "name": row["name"]}
                 for row in rows}
 
