@@ -25,6 +25,7 @@ from treadmill.switchboard.admission import (
     RETRY_AFTER_MAX,
     HandshakeGate,
     QueueTimeout,
+    ReactorLag,
     Slot,
 )
 from treadmill.switchboard.links import SupervisorResource, SupervisorSessionFactory
@@ -251,3 +252,51 @@ def test_an_upgrade_whose_client_goes_while_held_leaves_the_queue() -> None:
     assert held is not None
     held.release()
     assert gate.in_progress == 0 and built == [] and request.written == []
+
+
+# -- the reactor running late ------------------------------------------------------------
+
+
+def test_the_reactor_lag_is_how_late_its_timer_comes_or_is_already() -> None:
+    clock = Clock()
+    lag = ReactorLag(clock, interval=0.05)
+    assert lag.lag() == 0.0
+    lag.tick()
+    clock.advance(0.05)
+    lag.tick()
+    assert lag.lag() == 0.0
+    clock.advance(0.3)  # the next tick is 0.25 s overdue (a long turn, no CPU)
+    assert lag.lag() == pytest.approx(0.25)
+    lag.tick()
+    assert lag.lag() == pytest.approx(0.25)  # it came that late
+    clock.advance(0.05)
+    lag.tick()
+    assert lag.lag() == 0.0
+
+
+def test_while_the_reactor_runs_late_the_queue_holds_its_waiters() -> None:
+    clock = Clock()
+    late = [0.0]
+    gate = HandshakeGate(1, queue=5, wait=5.0, clock=clock, lag=lambda: late[0], max_lag=0.1)
+    first = slot_of(gate.enter())
+    waiter = gate.enter()
+    late[0] = 0.3
+    assert first is not None
+    first.release()  # a slot frees, but the reactor is late: nobody gets it yet
+    assert slot_of(waiter) is None and gate.in_progress == 0 and gate.paused == 1
+    newcomer = gate.enter()  # nor does a newcomer, though a slot is free
+    assert slot_of(newcomer) is None and gate.waiting == 2
+    clock.advance(0.1)
+    assert slot_of(waiter) is None  # still late: paused again
+    late[0] = 0.0
+    clock.advance(0.1)
+    second = slot_of(waiter)
+    assert second is not None and slot_of(newcomer) is None  # in order, one slot
+    second.release()
+    assert slot_of(newcomer) is not None
+
+
+def test_without_a_queue_the_reactor_lag_changes_nothing() -> None:
+    clock = Clock()
+    gate = HandshakeGate(1, clock=clock, lag=lambda: 5.0)
+    assert slot_of(gate.enter()) is not None and gate.enter() is None

@@ -13,6 +13,13 @@ seconds, is it answered ``503`` with ``Retry-After`` (longer the longer the
 queue), and the supervisor retries with backoff and jitter
 (``treadmill.supervisor.link``).
 
+The queue drains only while the reactor keeps up: :class:`ReactorLag` notes how
+late a 50 ms timer fires, and while it is later than ``MAX_LAG`` (on a machine
+short of CPU) no waiter is handed a slot, so the handshakes this instance takes
+on never make it too slow to answer a load balancer's health check (marked down,
+it would lose every link, and they would all come back at once). Waiters that
+wait too long are refused, and their supervisors back off.
+
 Waiting, not refusing, matters behind a balancer: a held upgrade is a
 connection to HAProxy's ``balance leastconn``, so the surviving instances of a
 failover share the returning fleet, where refused supervisors came back to
@@ -28,12 +35,41 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 
-__all__ = ["RETRY_AFTER", "RETRY_AFTER_MAX", "HandshakeGate", "QueueTimeout", "Slot"]
+__all__ = ["MAX_LAG", "RETRY_AFTER", "RETRY_AFTER_MAX", "HandshakeGate", "QueueTimeout",
+           "ReactorLag", "Slot"]
 
 RETRY_AFTER = 1
 """Seconds a refused supervisor is told to wait at least (it adds jitter and backoff)."""
 RETRY_AFTER_MAX = 10
 """The longest ``Retry-After`` a full queue asks for."""
+
+
+MAX_LAG = 0.1
+"""Seconds late the reactor may run before the queue stops draining for a while."""
+
+
+class ReactorLag:
+    """How late the reactor runs: :meth:`tick` every ``interval`` seconds on ``clock``
+    (a ``TimerService``) notes how late it came; :meth:`lag` is that, or how late the
+    next tick is already."""
+
+    def __init__(self, clock: Any, interval: float = 0.05):
+        self.clock = clock
+        self.interval = interval
+        self._last: float | None = None
+        self._late = 0.0
+
+    def tick(self) -> None:
+        now = self.clock.seconds()
+        if self._last is not None:
+            self._late = max(0.0, now - self._last - self.interval)
+        self._last = now
+
+    def lag(self) -> float:
+        if self._last is None:
+            return 0.0
+        overdue = self.clock.seconds() - self._last - self.interval
+        return max(self._late, overdue)
 
 
 class QueueTimeout(Exception):
@@ -64,7 +100,7 @@ class HandshakeGate:
     at most ``wait`` seconds on ``clock``); counts what it admits, queues and refuses."""
 
     def __init__(self, limit: int, *, queue: int = 0, wait: float = 0.0,
-                 clock: Any = None):
+                 clock: Any = None, lag: Any = None, max_lag: float = MAX_LAG):
         if limit < 1:
             raise ValueError(f"the handshake limit must be at least 1, not {limit}")
         if queue < 0 or wait < 0:
@@ -85,6 +121,10 @@ class HandshakeGate:
         self.peak = 0  # the most in progress at once
         self.peak_waiting = 0
         self._window = (0.0, 0, 0)  # (start of this second, ended in it, in the one before)
+        self.lag = lag  # a ReactorLag.lag, or None: never wait for the reactor
+        self.max_lag = max_lag
+        self.paused = 0  # times the queue stopped draining, the reactor running late
+        self._resume: Any = None  # the pending drain after a pause
 
     @property
     def in_progress(self) -> int:
@@ -113,7 +153,7 @@ class HandshakeGate:
         The Deferred fails with :class:`QueueTimeout` after ``wait`` seconds; cancel it
         when the client goes, which gives up its place.
         """
-        if not self.full and not self._queue:
+        if not self.full and not self._queue and not self._late():
             return succeed(self._admit())
         if len(self._queue) >= self.queue_limit:
             self.refused += 1
@@ -123,6 +163,7 @@ class HandshakeGate:
         self.queued += 1
         self.peak_waiting = max(self.peak_waiting, len(self._queue))
         timer = self.clock.callLater(self.wait, self._expire, waiter)
+        self._drain()  # a free slot held back while the reactor ran late
 
         def stop_timer(result: Any) -> Any:
             if timer.active():
@@ -165,9 +206,23 @@ class HandshakeGate:
         self._draining = True
         try:
             while self._queue and not self.full:
+                if self._late():
+                    self._pause()
+                    break
                 self._queue.popleft().callback(self._admit())
         finally:
             self._draining = False
+
+    def _late(self) -> bool:
+        """The reactor runs late (only a queue waits for it: without one, a handshake
+        that would wait is refused)."""
+        return bool(self.queue_limit) and self.lag is not None and self.lag() > self.max_lag
+
+    def _pause(self) -> None:
+        """Drain again in ``max_lag`` seconds (the reactor runs late now)."""
+        if self._resume is None or not self._resume.active():
+            self.paused += 1
+            self._resume = self.clock.callLater(self.max_lag, self._drain)
 
     def _leave(self, waiter: Deferred[Slot]) -> None:
         """A waiter cancelled (its client went): it gives up its place."""

@@ -42,7 +42,7 @@ from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import supervisor as protocol
 from treadmill.protocol.supervisor import CloseCode, ProtocolError
 from treadmill.switchboard import credentials
-from treadmill.switchboard.admission import HandshakeGate, QueueTimeout, Slot
+from treadmill.switchboard.admission import HandshakeGate, QueueTimeout, ReactorLag, Slot
 from treadmill.switchboard.audit import ConsoleAudit
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.holds import HostHold
@@ -620,8 +620,10 @@ class SupervisorLinks(MultiService):
         self.rebalance_quiet = INSTANCE_DEAD_AFTER
         """Seconds without a new link before this instance sheds links (see rebalance)."""
         self._last_link_at = float("-inf")
+        self.reactor_lag = ReactorLag(reactor)
+        """How late the reactor runs; the handshake queue drains only while it keeps up."""
         self.gate = HandshakeGate(max_handshakes, queue=handshake_queue, wait=handshake_wait,
-                                  clock=reactor)
+                                  clock=reactor, lag=self.reactor_lag.lag)
         """Handshakes in progress at most (``supervisors.max_handshakes``), and upgrades
         waiting for one (``supervisors.handshake_queue``, ``handshake_wait``)."""
         self.handshake_timeout = handshake_timeout
@@ -643,6 +645,10 @@ class SupervisorLinks(MultiService):
             timer.clock = reactor
             timer.setName(name)
             timer.setServiceParent(self)
+        lag = TimerService(self.reactor_lag.interval, self.reactor_lag.tick)
+        lag.clock = reactor
+        lag.setName("reactor-lag")
+        lag.setServiceParent(self)
 
     def spawn(self, work: Any) -> Deferred[Any]:
         """Run a coroutine in the background, logging its failure (none once stopping)."""
