@@ -64,6 +64,9 @@ class _Live(Collector):
                 (CounterMetricFamily, "treadmill_supervisor_link_handshakes_queued",
                  "Supervisor link upgrades that waited for a handshake slot since start.",
                  links.gate.queued),
+                (CounterMetricFamily, "treadmill_supervisor_link_handshake_queue_pauses",
+                 "Times the handshake queue stopped draining for 100 ms because this "
+                 "instance's reactor ran late.", links.gate.paused),
                 (CounterMetricFamily, "treadmill_supervisor_link_handshakes_refused",
                  "Supervisor link upgrades this instance refused with 503 since start: the "
                  "handshake queue was full, or an upgrade waited supervisors.handshake_wait "
