@@ -131,6 +131,14 @@ class Bench:
                          if proc.poll() is None}
         return out
 
+    def gate(self, name: str) -> dict[str, float]:
+        """Instance ``name``'s handshake gate counters: upgrades that waited in its
+        queue, were refused (503), and the pauses of the queue (its reactor late)."""
+        prefix = "treadmill_supervisor_link_handshake"
+        return {"queued": metric(self.metrics[name], f"{prefix}s_queued_total"),
+                "refused": metric(self.metrics[name], f"{prefix}s_refused_total"),
+                "paused": metric(self.metrics[name], f"{prefix}_queue_pauses_total")}
+
     @staticmethod
     def cpu_used(before: dict[str, dict[int, int]], after: dict[str, dict[int, int]],
                  seconds: float) -> dict[str, float]:
@@ -233,6 +241,7 @@ class Bench:
                        if metric(self.metrics[m], "treadmill_instance_leader")), None)
         rebalanced0 = {m: metric(self.metrics[m], "treadmill_supervisor_links_rebalanced_total")
                        for m in self.names if m != victim}
+        gates0 = {m: self.gate(m) for m in self.names if m != victim}
         say(f"kill -9 of instance {victim} ({links[victim]} links; leader {leader})")
         load0 = os.getloadavg()[0]
         cpu0, t0 = self.cpu(), time.monotonic()
@@ -250,7 +259,9 @@ class Bench:
             "links": self.links(), "load_before": round(load0, 2),
             "rebalanced_by_survivors": {m: metric(
                 self.metrics[m], "treadmill_supervisor_links_rebalanced_total") - r0
-                for m, r0 in rebalanced0.items()}})
+                for m, r0 in rebalanced0.items()},
+            "handshakes_by_survivors": {m: {k: v - g0[k] for k, v in self.gate(m).items()}
+                                        for m, g0 in gates0.items()}})
         say(f"  failover: {result['after_s']} -> {result['links']}; rebalanced "
             f"{result['rebalanced_by_survivors']}")
         return result
@@ -337,7 +348,8 @@ def table(r: dict[str, Any]) -> str:
               f"  links after: {f['links']}; closed by the survivors' rebalancing: "
               f"{f['rebalanced_by_survivors']}",
               f"  CPU (% of a core) until settled: {f['cpu_percent']}; load average before "
-              f"{f['load_before']}"]
+              f"{f['load_before']}",
+              f"  survivors' handshake gates meanwhile: {f['handshakes_by_survivors']}"]
     return "\n".join(lines)
 
 
