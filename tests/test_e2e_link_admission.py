@@ -20,17 +20,13 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import reactor
 
 from tests.support import Client
 from tests.util.daemons import Daemon, bootstrap_admin
-from tests.util.haproxy import HAPROXY, HAProxy, balancer_config
+from tests.util.haproxy import HAPROXY, HAProxy, balancer_config, fleet_through
 from tests.util.ports import free_port
 from tests.util.waiting import eventually, sleep
 from treadmill.dev.fleet import Fleet
-from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
 
 SUPERVISORS = 40
 
@@ -69,16 +65,7 @@ async def test_a_fleet_at_once_through_haproxy_all_connects(database: str,
         url = f"http://127.0.0.1:{front}"
         await haproxy.wait_http(f"{url}/healthz")
         admin = Client(url, await bootstrap_admin("--config", str(config)))
-        configs = []
-        for i in range(SUPERVISORS):
-            r = await admin.post("/api/v1/hosts", {"name": f"mock-{i}", "tags": ["mock"]})
-            assert r.status == 201, r.body
-            configs.append(SupervisorConfig(
-                url=f"ws://127.0.0.1:{front}", token=r.body["token"],
-                state_dir=str(tmp_path / f"mock-{i}"), name=f"mock-{i}",
-                reconnect_initial=0.2, reconnect_max=4.0, durable=False,
-                driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02)).values()))
-        fleet = Fleet(reactor, configs)
+        fleet = await fleet_through(admin, front, tmp_path, SUPERVISORS)
         started = time.monotonic()
         fleet.startService()  # Every supervisor at once.
 

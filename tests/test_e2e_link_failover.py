@@ -21,19 +21,15 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 
 from tests.support import Client
 from tests.switchboard.support import locked_hosts
 from tests.util.daemons import Daemon, bootstrap_admin
-from tests.util.haproxy import HAPROXY, HAProxy, balancer_config
+from tests.util.haproxy import HAPROXY, HAProxy, balancer_config, fleet_through
 from tests.util.ports import free_port
 from tests.util.waiting import eventually, sleep
 from treadmill.dev.fleet import Fleet
-from treadmill.supervisor.config import SupervisorConfig
-from treadmill.supervisor.drivers import STAGES
-from treadmill.supervisor.drivers.mock import MockSettings
 
 SUPERVISORS = 60
 NAMES = ("a", "b", "c")
@@ -86,16 +82,7 @@ async def test_a_killed_instances_fleet_waits_in_the_survivors_queues_and_is_sha
         url = f"http://127.0.0.1:{front}"
         await haproxy.wait_http(f"{url}/healthz")
         admin = Client(url, await bootstrap_admin("--database-dsn", database))
-        configs = []
-        for i in range(SUPERVISORS):
-            r = await admin.post("/api/v1/hosts", {"name": f"mock-{i}", "tags": ["mock"]})
-            assert r.status == 201, r.body
-            configs.append(SupervisorConfig(
-                url=f"ws://127.0.0.1:{front}", token=r.body["token"],
-                state_dir=str(tmp_path / f"mock-{i}"), name=f"mock-{i}",
-                reconnect_initial=0.2, reconnect_max=4.0, durable=False,
-                driver_values=MockSettings(durations=dict.fromkeys(STAGES, 0.02)).values()))
-        fleet = Fleet(reactor, configs)
+        fleet = await fleet_through(admin, front, tmp_path, SUPERVISORS)
         fleet.startService()
 
         async def holders() -> dict[str, str | None]:
