@@ -17,11 +17,8 @@ Backoff: a connection attempt that fails, a handshake the switchboard refuses
 closes with a 4xxx code (superseded, host removed, protocol violation) each
 count as a failure, and the delay grows with consecutive failures up to
 ``reconnect_max``; a version mismatch goes straight to ``reconnect_max``. A
-session that ends otherwise (a switchboard restart or failover, a dead network)
-resets the count, and the next attempt comes after a random share of
-``reconnect_initial`` (0 to 1 s by default): a fleet whose instance died comes
-back spread over that second, from the first moment (the instances queue the
-handshakes they cannot take at once).
+session that ends otherwise (a switchboard restart, a dead network) resets
+the count, so the next attempt comes after ``reconnect_initial``.
 
 An upgrade refused with HTTP 503 (the switchboard has as many link handshakes
 under way as it admits, or its database is away) is a normal retry: it counts
@@ -253,7 +250,6 @@ class SupervisorLink(Service):
         self._reconnect_initial = reconnect_initial
         self._reconnect_max = reconnect_max
         self._refused_after: float | None = None  # the last attempt's 503: its Retry-After
-        self._session_lost = False  # the last connection was a session that ended well
         self.client = ClientService(endpoint, self.factory, retryPolicy=self._retry_delay,
                                     clock=reactor)
         self.session: SupervisorProtocol | None = None
@@ -285,9 +281,6 @@ class SupervisorLink(Service):
         # ``failures`` counts refused handshakes and sessions closed with 4xxx.
         if self._refused_after is not None and attempt <= 1:  # (no failed connects since)
             return self._busy_delay(self._refused_after)
-        if self._session_lost and attempt <= 1:  # the first retry after a lost session
-            self._session_lost = False
-            return self._reconnect_initial * self._jitter()
         return self._backoff(max(0, attempt - 1) + self.failures)
 
     def _busy_delay(self, retry_after: float) -> float:
@@ -346,7 +339,6 @@ class SupervisorLink(Service):
         """Log how the connection ended and adjust the backoff."""
         log, name, code = self.log, self.name, info.code
         self._refused_after = None
-        self._session_lost = False
         if info.local:
             # Our own close: a violation or mismatch was logged when found.
             if code == CloseCode.VERSION_MISMATCH:
@@ -403,7 +395,6 @@ class SupervisorLink(Service):
             log.info("{link}: the switchboard is shutting down (code 4005); reconnecting",
                      link=name)
             self.failures = 0
-            self._session_lost = True
         elif code == CloseCode.INTERNAL_ERROR:
             log.warn("{link}: the switchboard closed with an internal error (code 4003)",
                      link=name)
@@ -413,4 +404,3 @@ class SupervisorLink(Service):
                 log.info("{link}: disconnected (code {code}: {reason})", link=name, code=code,
                          reason=info.reason)
             self.failures = 0
-            self._session_lost = True
