@@ -119,3 +119,25 @@ async def test_while_batches_are_in_flight_newcomers_gather_into_the_next(
             assert registrar.batches == 3 and registrar.largest == 10
             assert not first.called and not second.called
         assert (await first)["name"] == "h0" and (await second)["name"] == "h1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_being_written_holds_its_next_registration_back(
+        migrated_database: str, tmp_path: Path) -> None:
+    """The second registration of a token is not written beside the first (which could
+    commit after it): it waits until the first is written, and so wins."""
+    async with stopping(await start_switchboard(migrated_database, tmp_path,
+                                                timeouts=Timeouts(lock=30.0), **FAST)) as sb:
+        digests = await hosts(sb, 2)
+        registrar = LinkRegistrar(reactor, sb.store, "i-1", lambda: None, max_wait=0.05)
+        first, second = str(uuid.uuid4()), str(uuid.uuid4())
+        async with locked_hosts(migrated_database, "h0"):
+            earlier = registrar.register(digests["h0"], first)
+            await sleep(0.1)  # written, and stalled on the lock
+            later = registrar.register(digests["h0"], second)
+            other = await registrar.register(digests["h1"], str(uuid.uuid4()))
+            await sleep(0.3)
+            assert other["name"] == "h1" and registrar.batches == 2  # h0 again: not yet
+            assert not later.called and registrar.waiting == 1
+        assert (await earlier)["name"] == "h0" and (await later)["name"] == "h0"
+        assert registrar.batches == 3 and (await sessions(sb))["h0"] == ("i-1", second)

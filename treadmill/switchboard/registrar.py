@@ -11,10 +11,11 @@ a lone link waits for nobody.
 
 At most ``concurrency`` batches are in flight; a registration never waits more
 than ``max_wait`` seconds for one to finish (a batch stalled on a locked row does
-not hold up the others for long). Each token appears once per batch (a second
-registration of it waits for the next). A batch that fails is written again one
-link at a time, so that one host's error (a lock timeout, a deadlock) fails only
-its own handshake (with the database away, each fails at once).
+not hold up the others for long). A token is in one batch at a time (a second
+registration of it waits until the first is written: the later one wins). A
+batch that fails is written again one link at a time, so that one host's error
+(a lock timeout, a deadlock) fails only its own handshake (with the database
+away, each fails at once).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class LinkRegistrar:
         self.max_wait = max_wait
         self._waiting: list[_Entry] = []
         self._in_flight = 0
+        self._writing: set[bytes] = set()  # tokens of the batches in flight
         self._call: Any = None  # the pending flush
         self.batches = 0  # statements written (batches, and single links after a failure)
         self.registered = 0
@@ -84,16 +86,18 @@ class LinkRegistrar:
         batch: dict[bytes, _Entry] = {}
         later: list[_Entry] = []
         for entry in self._waiting:
-            if entry[0] in batch or len(batch) >= self.max_batch:
+            if entry[0] in batch or entry[0] in self._writing or len(batch) >= self.max_batch:
                 later.append(entry)
             else:
                 batch[entry[0]] = entry
         self._waiting = later
         if batch:
             self._in_flight += 1
+            self._writing.update(batch)
             Deferred.fromCoroutine(self._write(list(batch.values())))
-        if self._waiting:
+        if any(digest not in self._writing for digest, _, _ in self._waiting):
             self._schedule(0 if self._in_flight < self.concurrency else self.max_wait)
+        # (a token being written waits for its batch to end, which flushes again)
 
     async def _write(self, batch: list[_Entry]) -> None:
         try:
@@ -113,6 +117,7 @@ class LinkRegistrar:
                 done.callback(rows.get(digest))
         finally:
             self._in_flight -= 1
+            self._writing.difference_update(digest for digest, _, _ in batch)
             if self._waiting:
                 self._schedule(0)
 
