@@ -222,12 +222,20 @@ def gated_resource(gate: HandshakeGate) -> tuple[SupervisorResource, list[object
     return SupervisorResource(factory, gate), built
 
 
-def test_an_upgrade_beyond_the_limit_is_held_then_refused_when_its_wait_runs_out() -> None:
+def held_upgrade() -> tuple[HandshakeGate, Clock, Slot | None, SupervisorResource,
+                            list[object], DummyRequest]:
+    """A gate of one slot (taken) and one place in its queue, and an upgrade waiting
+    there: (gate, clock, the taken slot, the resource, protocols built, the request)."""
     gate, clock = queued_gate(queue=1, wait=5.0)
     held = slot_of(gate.enter())
     resource, built = gated_resource(gate)
     request = upgrade_request()
     assert resource.render(request) is NOT_DONE_YET
+    return gate, clock, held, resource, built, request
+
+
+def test_an_upgrade_beyond_the_limit_is_held_then_refused_when_its_wait_runs_out() -> None:
+    gate, clock, held, resource, built, request = held_upgrade()
     clock.advance(4.9)
     assert request.finished == 0 and request.written == []  # held, nothing answered
     queued_too_many = upgrade_request()
@@ -242,11 +250,7 @@ def test_an_upgrade_beyond_the_limit_is_held_then_refused_when_its_wait_runs_out
 
 
 def test_an_upgrade_whose_client_goes_while_held_leaves_the_queue() -> None:
-    gate, clock = queued_gate(queue=1, wait=5.0)
-    held = slot_of(gate.enter())
-    resource, built = gated_resource(gate)
-    request = upgrade_request()
-    assert resource.render(request) is NOT_DONE_YET
+    gate, clock, held, _, built, request = held_upgrade()
     request.processingFailed(Failure(ConnectionDone()))  # the client closed
     assert gate.waiting == 0 and not clock.getDelayedCalls()
     assert held is not None
