@@ -59,6 +59,13 @@ async def connected(sb: RunningSwitchboard, name: str) -> bool:
     return bool((await sb.admin.get(f"/api/v1/hosts/{name}")).body["connected"])
 
 
+async def settled(sb: RunningSwitchboard) -> None:
+    """Every slot free: a registered link keeps its slot until its first
+    reconciliation ends."""
+    await eventually(lambda: links(sb).gate.in_progress == 0, timeout=5,
+                     what="every handshake slot free")
+
+
 async def healthz_within(sb: RunningSwitchboard, seconds: float) -> None:
     started = time.monotonic()
     r = await treq.get(f"{sb.url}/healthz")
@@ -115,7 +122,7 @@ async def test_without_a_queue_an_upgrade_beyond_the_limit_is_refused_at_once_wi
             assert not pending.called
         await pending  # The lock is gone: h1's handshake ends, registered.
         assert await connected(sb, "h1")
-        assert links(sb).gate.in_progress == 0
+        await settled(sb)
         await Peer(sb.url, t2).connect()  # The slot is free again.
         assert await connected(sb, "h2") and links(sb).gate.admitted == 2
 
@@ -212,7 +219,8 @@ async def test_many_supervisors_through_a_gate_of_two_all_connect(
             await eventually(all_connected, timeout=30, interval=0.5,
                              what="every supervisor connected")
             assert len(links(sb).by_host) == count
-            assert links(sb).gate.peak == 2 and links(sb).gate.in_progress == 0
+            await settled(sb)
+            assert links(sb).gate.peak == 2
             assert all(s.link.session is not None for s in supervisors)
         finally:
             for supervisor in supervisors:
@@ -250,8 +258,9 @@ async def test_a_queued_upgrade_waits_and_connects_when_the_handshake_before_reg
         await third
         assert all([await connected(sb, name) for name in ("h1", "h2", "h3")])
         gate = links(sb).gate
+        await settled(sb)
         assert gate.peak == 1 and gate.queued == 2 and gate.waiting == 0
-        assert gate.in_progress == 0 and gate.refused == 0
+        assert gate.refused == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -271,7 +280,8 @@ async def test_a_refused_token_hands_its_slot_to_the_next_in_the_queue(
         else:
             raise AssertionError("an unknown token was accepted")
         await good
-        assert await connected(sb, "h2") and links(sb).gate.in_progress == 0
+        assert await connected(sb, "h2")
+        await settled(sb)
 
 
 @pytest_twisted.ensureDeferred
@@ -353,4 +363,27 @@ async def test_a_client_that_goes_while_queued_frees_its_place(
         await first
         await third
         assert await connected(sb, "h3") and not await connected(sb, "h2")
-        assert links(sb).gate.refused == 0 and links(sb).gate.in_progress == 0
+        assert links(sb).gate.refused == 0
+        await settled(sb)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_registered_link_keeps_its_slot_until_its_first_reconciliation_ends(
+        migrated_database: str, tmp_path: Path) -> None:
+    """The gate bounds all of a new link's work: its first reconciliation (a status
+    round trip, a statement) too, so a queued upgrade waits for it."""
+    async with stopping(await gated(migrated_database, tmp_path, 1, queue=4)) as sb:
+        t1, t2 = await add_host(sb, "h1"), await add_host(sb, "h2")
+        silent = Peer(sb.url, t1)
+        silent.script.answer_status = False  # its status request goes unanswered
+        await silent.connect()
+        await silent.wait_for("status_request")
+        assert await connected(sb, "h1") and links(sb).gate.in_progress == 1
+        waiting = await queued(sb, t2)
+        await sleep(0.3)
+        assert not waiting.called
+        request = next(m for m in silent.received if m["type"] == "status_request")
+        silent.send(protocol.status(request["request_id"], None))  # it answers: settled
+        await waiting
+        assert await connected(sb, "h2")
+        await settled(sb)

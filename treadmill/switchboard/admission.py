@@ -5,8 +5,9 @@ otherwise queue hundreds of handshakes behind the database pool, and the
 instance's reactor would be too busy to answer a load balancer's health check
 in time: marked down, the instance loses every session and the fleet comes
 back into the same overload. :class:`HandshakeGate` lets at most ``limit``
-handshakes (from the WebSocket upgrade until the link is registered or
-refused) be under way. An upgrade beyond them waits in a FIFO queue, its
+handshakes (from the WebSocket upgrade until the link is refused, or registered
+and through its first reconciliation: all the work a new link brings) be under
+way. An upgrade beyond them waits in a FIFO queue, its
 request held open without any database work, until a handshake ends and hands
 it the slot; only when ``queue`` upgrades wait already, or one waited ``wait``
 seconds, is it answered ``503`` with ``Retry-After`` (longer the longer the

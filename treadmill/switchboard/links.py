@@ -7,7 +7,7 @@ host; a host whose session changed elsewhere is closed as superseded.
 Everything durable is in the database: which instance and session hold a
 host's link, what each host should run.
 
-At most ``max_handshakes`` handshakes (upgrade to registration) are under way
+At most ``max_handshakes`` handshakes (upgrade to first reconciliation) are under way
 at once (:mod:`treadmill.switchboard.admission`); beyond them
 :class:`SupervisorResource` holds the upgrade in a FIFO queue, without any
 database work, until a slot frees, and answers ``503`` with ``Retry-After``
@@ -114,7 +114,15 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
         return handshake.addBoth(self._handshake_over)
 
     def _handshake_over(self, result: Any) -> Any:
-        """Free the admission slot whichever way the handshake ended."""
+        """Free the admission slot if the handshake failed; a registered link keeps it
+        until its first reconciliation ends (:meth:`onOpen`), so that the gate bounds
+        all the work of a new link, not only its registration."""
+        if isinstance(result, Failure) and self._slot is not None:
+            self._slot.release()
+        return result
+
+    def _settled(self, result: Any) -> Any:
+        """The first reconciliation ended (or the link closed): free the slot."""
         if self._slot is not None:
             self._slot.release()
         return result
@@ -163,12 +171,13 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
             pass
         self.log.info("Supervisor of {host} connected (minor {minor})", host=self.host_name,
                       minor=self.minor)
-        self.links.spawn(self.reconcile())
+        self.links.spawn(self.reconcile()).addBoth(self._settled)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.lost = True
         if self._slot is not None:
-            self._slot.release()  # closed mid-handshake, or the handshake timed out
+            self._slot.release()  # closed mid-handshake, timed out, or before its first
+            # reconciliation ended
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None

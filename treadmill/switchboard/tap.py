@@ -68,8 +68,9 @@ class Options(RoleOptions):
                    positive(FLOAT), "Seconds a host with an active job may stay disconnected "
                    "before the job ends as host_unreachable."),
                max_handshakes=Row(
-                   positive(INT), "Supervisor link handshakes (upgrade to registration) under "
-                   "way at once; beyond them an upgrade waits for a slot (handshake_queue)."),
+                   positive(INT), "Supervisor link handshakes (upgrade to first "
+                   "reconciliation) under way at once; beyond them an upgrade waits for a "
+                   "slot (handshake_queue)."),
                handshake_queue=Row(
                    non_negative(INT), "Link upgrades that may wait (FIFO, held open) for a "
                    "handshake slot; beyond them an upgrade is refused with 503 and "
