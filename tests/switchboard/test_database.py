@@ -228,3 +228,27 @@ async def test_notifications_wait_for_commit(pool, listener):
     await pool.execute("NOTIFY treadmill_jobs, 'marker'")
     assert await recorder.wait_for(lambda p: "marker" in p, timeout=2)
     assert recorder.payloads == ["committed", "marker"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_urgent_statement_goes_ahead_of_those_waiting_for_a_connection(
+        database: str) -> None:
+    """A failover's link registrations must not wait behind hundreds of
+    reconciliations queued for the pool's connections."""
+    pool = Pool(reactor, database, size=1)
+    await pool.start()
+    try:
+        done: list[str] = []
+
+        async def run(name: str, urgent: bool = False) -> None:
+            await pool.fetchall(f"SELECT '{name}' AS name, pg_sleep(0.05)", urgent=urgent)
+            done.append(name)
+
+        busy = ensureDeferred(run("busy"))  # takes the one connection
+        queued = [ensureDeferred(run(f"queued-{i}")) for i in range(3)]
+        urgent = ensureDeferred(run("urgent", urgent=True))
+        await DeferredList([busy, *queued, urgent], fireOnOneErrback=True)
+        assert done == ["busy", "urgent", "queued-0", "queued-1", "queued-2"]
+        await pool.fetchall("SELECT 1", urgent=True)  # with a free connection: at once
+    finally:
+        pool.close()

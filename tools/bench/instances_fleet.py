@@ -69,6 +69,10 @@ class Bench:
         assert self.db is not None
         cmd = balancer.instance_cmd(self.db.dsn, name, self.tmp / "key.pem", self.ports[name],
                                     self.metrics[name], *self.args.switchboard_arg)
+        if self.args.profile:  # cProfile, written when the instance stops (not if killed)
+            at = cmd.index("treadmill-switchboard")
+            cmd[at:at] = [f"--profile={self.tmp / f'{name}.prof'}", "--profiler=cprofile",
+                          "--savestats"]
         self.procs[name] = start_daemon(cmd, self.tmp / f"{name}.log",
                                         f"http://127.0.0.1:{self.ports[name]}/healthz",
                                         f"instance {name}", level="warn", interval=0.1)
@@ -116,6 +120,32 @@ class Bench:
                 out[f"{kind} {i}"] = {"rss_mb": _mb(procfs.status_kb(proc.pid, "VmRSS"))}
         return out
 
+    def cpu(self) -> dict[str, dict[int, int]]:
+        """CPU ticks so far of each kind of process (instances, balancers, fleets, the
+        PostgreSQL server with its backends), by pid."""
+        assert self.db is not None
+        out: dict[str, dict[int, int]] = {"postgres": procfs.tree_ticks(self.db.postmaster_pid())}
+        for kind, procs in (("instances", list(self.procs.values())),
+                            ("haproxy", self.balancers), ("fleets", self.fleets)):
+            out[kind] = {proc.pid: procfs.cpu_ticks(proc.pid) or 0 for proc in procs
+                         if proc.poll() is None}
+        return out
+
+    def gate(self, name: str) -> dict[str, float]:
+        """Instance ``name``'s handshake gate counters: upgrades that waited in its
+        queue, were refused (503), and the pauses of the queue (its reactor late)."""
+        prefix = "treadmill_supervisor_link_handshake"
+        return {"queued": metric(self.metrics[name], f"{prefix}s_queued_total"),
+                "refused": metric(self.metrics[name], f"{prefix}s_refused_total"),
+                "paused": metric(self.metrics[name], f"{prefix}_queue_pauses_total")}
+
+    @staticmethod
+    def cpu_used(before: dict[str, dict[int, int]], after: dict[str, dict[int, int]],
+                 seconds: float) -> dict[str, float]:
+        """Per kind, the share of one core used between two :meth:`cpu` snapshots (%)."""
+        return {kind: round(100 * procfs.ticks_delta(before.get(kind, {}), ticks)
+                            / max(seconds, 1e-9), 1) for kind, ticks in after.items()}
+
     def curve(self, count: Any, target: int, timeout: float, interval: float
               ) -> dict[str, Any]:
         """Poll ``count()`` until it reaches ``target``: when it passed 50/90/99/100 %."""
@@ -160,6 +190,7 @@ class Bench:
         body = json.dumps(job_body("steady", ["mock"], IMAGE))
         t0 = time.time()
         load0 = os.getloadavg()[0]
+        cpu0, m0 = self.cpu(), time.monotonic()
         procs = []
         # One open-loop generator per balancer, each a share of the rate.
         for port in self.balancer_ports:
@@ -176,6 +207,7 @@ class Bench:
             if proc.returncode != 0:
                 raise BenchError(f"openloop failed ({proc.returncode}): {err.strip()}")
             enqueue.append(json.loads(out))
+        cpu = self.cpu_used(cpu0, self.cpu(), time.monotonic() - m0)
         wait(lambda: not list_jobs(self.client, states=ACTIVE_STATES), 120, "jobs to end", 0.5)
         jobs = [j for j in list_jobs(self.client, since=t0 - 1) if j["label"] == "steady"]
         to_assigned, to_starting = [], []
@@ -196,7 +228,7 @@ class Bench:
                   "created_to_assigned_ms": percentiles(to_assigned),
                   "created_to_starting_ms": percentiles(to_starting),
                   "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2),
-                  "memory": self.memory()}
+                  "cpu_percent": cpu, "memory": self.memory()}
         d = result["created_to_starting_ms"]
         say(f"  {len(jobs)} jobs: enqueue -> start-job p50 {d['p50']} / p99 {d['p99']} ms")
         return result
@@ -209,8 +241,10 @@ class Bench:
                        if metric(self.metrics[m], "treadmill_instance_leader")), None)
         rebalanced0 = {m: metric(self.metrics[m], "treadmill_supervisor_links_rebalanced_total")
                        for m in self.names if m != victim}
+        gates0 = {m: self.gate(m) for m in self.names if m != victim}
         say(f"kill -9 of instance {victim} ({links[victim]} links; leader {leader})")
         load0 = os.getloadavg()[0]
+        cpu0, t0 = self.cpu(), time.monotonic()
         os.kill(self.procs[victim].pid, signal.SIGKILL)
 
         stayed = n - links[victim]
@@ -219,12 +253,15 @@ class Bench:
             """The victim's links now held by another instance."""
             return sum(count for name, count in self.links().items() if name != victim) - stayed
         result = self.curve(moved, links[victim], self.args.failover_timeout, 0.1)
+        result["cpu_percent"] = self.cpu_used(cpu0, self.cpu(), time.monotonic() - t0)
         result.update({
             "victim": victim, "victim_links": links[victim], "leader": leader,
             "links": self.links(), "load_before": round(load0, 2),
             "rebalanced_by_survivors": {m: metric(
                 self.metrics[m], "treadmill_supervisor_links_rebalanced_total") - r0
-                for m, r0 in rebalanced0.items()}})
+                for m, r0 in rebalanced0.items()},
+            "handshakes_by_survivors": {m: {k: v - g0[k] for k, v in self.gate(m).items()}
+                                        for m, g0 in gates0.items()}})
         say(f"  failover: {result['after_s']} -> {result['links']}; rebalanced "
             f"{result['rebalanced_by_survivors']}")
         return result
@@ -302,13 +339,17 @@ def table(r: dict[str, Any]) -> str:
                   f"{s['load_before']} -> {s['load_after']}): {s['jobs']} jobs {s['outcomes']}",
                   f"  enqueue -> assigned p50 {e['p50']} / p99 {e['p99']} ms",
                   f"  enqueue -> start-job p50 {d['p50']} / p99 {d['p99']} / max {d['max']} ms "
-                  f"(target < {TARGET_DISPATCH_P99_MS:g} ms: {verdict})"]
+                  f"(target < {TARGET_DISPATCH_P99_MS:g} ms: {verdict})",
+                  f"  CPU (% of a core) during the enqueues: {s['cpu_percent']}"]
     settle = f["after_s"]["100%"]
     verdict = "met" if settle is not None and settle < TARGET_FAILOVER_S else "missed"
     lines += [f"failover after kill -9 of {f['victim']} ({f['victim_links']} links, leader "
               f"{f['leader']}): {f['after_s']} (target < {TARGET_FAILOVER_S:g} s: {verdict})",
               f"  links after: {f['links']}; closed by the survivors' rebalancing: "
-              f"{f['rebalanced_by_survivors']}"]
+              f"{f['rebalanced_by_survivors']}",
+              f"  CPU (% of a core) until settled: {f['cpu_percent']}; load average before "
+              f"{f['load_before']}",
+              f"  survivors' handshake gates meanwhile: {f['handshakes_by_survivors']}"]
     return "\n".join(lines)
 
 
@@ -330,6 +371,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet-wait", type=float, default=0.0,
                    help="wait up to this many seconds for the machine to be idle (<10%% "
                         "busy) before starting [0]")
+    p.add_argument("--profile", action="store_true",
+                   help="run the instances under cProfile (twistd --profile): NAME.prof in the "
+                        "temporary directory, written when they stop; use with --keep-temp")
     p.add_argument("--switchboard-arg", action="append", default=[],
                    help="extra treadmill-switchboard option (repeatable)")
     p.add_argument("--fleet-arg", action="append", default=[],

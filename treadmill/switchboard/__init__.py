@@ -15,7 +15,8 @@
   job events), ``health`` (host health decisions) and ``healthwork`` (the leader's
   health pass: checks due by the clock, queued jobs' messages);
 - ``links`` (the supervisors' WebSocket sessions), ``admission`` (at most so many
-  link handshakes under way, beyond them 503), ``reconcile`` (what a link does
+  link handshakes under way, beyond them a FIFO queue, beyond that 503),
+  ``registrar`` (link registrations written in batches), ``reconcile`` (what a link does
   about a host's report), ``jobstart`` (the wire ``JobStart``), ``renewal`` (an extended
   job's fresh tokens, ``renew_tokens``), ``holds`` (ending
   a failed job's held host), ``instances`` (liveness of switchboard instances, the

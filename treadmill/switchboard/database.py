@@ -325,6 +325,16 @@ class _TxPool(txpostgres.ConnectionPool):
         c = self._take()
         return c.runQuery(*args, **kwargs).addBoth(self._putBackAndPassthrough, c)
 
+    def runUrgentQuery(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        """``runQuery``, ahead of every statement waiting for a connection."""
+        semaphore = self._semaphore
+        turn = semaphore.acquire()
+        if not turn.called:  # queued last: go first
+            semaphore.waiting.remove(turn)
+            semaphore.waiting.insert(0, turn)
+        turn.addCallback(lambda _: self._runQuery(*args, **kwargs))
+        return turn.addBoth(semaphore._releaseAndReturn)
+
     def _runOperation(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
         c = self._take()
         return c.runOperation(*args, **kwargs).addBoth(self._putBackAndPassthrough, c)
@@ -404,7 +414,13 @@ class Pool:
             await deferLater(self.reactor, 0.05, lambda: None)
             waited += 0.05
 
-    async def fetchall(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
+    async def fetchall(self, sql: str, params: Any = None, *,
+                       urgent: bool = False) -> list[dict[str, Any]]:
+        """The rows of ``sql``; ``urgent``: ahead of the statements waiting for a
+        connection (a failover's link registrations, behind which every handshake
+        waits, before the reconciliations of the links already made)."""
+        if urgent:
+            return await self._run(lambda pool: pool.runUrgentQuery(sql, params))
         return await self._run(lambda pool: pool.runQuery(sql, params))
 
     async def fetchone(self, sql: str, params: Any = None) -> dict[str, Any] | None:

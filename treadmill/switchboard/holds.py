@@ -48,10 +48,11 @@ class HostHold:
         if row is not None and row["due"]:
             await self._release(str(row["id"]), bool(row["released"]))
 
-    async def reconcile(self, reported: str | None) -> None:
-        """Bring the database's hold on the host in line with ``status.held``."""
+    async def reconcile(self, reported: str | None, row: dict | None) -> None:
+        """Bring the database's hold on the host in line with ``status.held``; ``row`` is
+        the host's :meth:`~treadmill.switchboard.store.holds.HoldQueries.held_job`, read
+        with the rest of the link's state."""
         store = self.link.links.store
-        row = await store.held_job(self.link.host_id)
         known = str(row["id"]) if row is not None else None
         if known is not None and known != reported:
             await store.end_hold(known)  # the supervisor no longer keeps it

@@ -7,10 +7,12 @@ host; a host whose session changed elsewhere is closed as superseded.
 Everything durable is in the database: which instance and session hold a
 host's link, what each host should run.
 
-At most ``max_handshakes`` handshakes (upgrade to registration) are under way
+At most ``max_handshakes`` handshakes (upgrade to first reconciliation) are under way
 at once (:mod:`treadmill.switchboard.admission`); beyond them
-:class:`SupervisorResource` answers the upgrade ``503`` with ``Retry-After``
-before any database work.
+:class:`SupervisorResource` holds the upgrade in a FIFO queue, without any
+database work, until a slot frees, and answers ``503`` with ``Retry-After``
+only when ``handshake_queue`` upgrades wait already or one waited
+``handshake_wait`` seconds.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.server import NOT_DONE_YET
 
 from treadmill.common import sshkeys
 from treadmill.common.captoken import CapabilitySigner, bearer_token
@@ -38,7 +42,7 @@ from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import supervisor as protocol
 from treadmill.protocol.supervisor import CloseCode, ProtocolError
 from treadmill.switchboard import credentials
-from treadmill.switchboard.admission import RETRY_AFTER, HandshakeGate, Slot
+from treadmill.switchboard.admission import HandshakeGate, QueueTimeout, ReactorLag, Slot
 from treadmill.switchboard.audit import ConsoleAudit
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.holds import HostHold
@@ -55,6 +59,7 @@ from treadmill.switchboard.reconcile import (
     Stop,
     decide,
 )
+from treadmill.switchboard.registrar import LinkRegistrar
 from treadmill.switchboard.renewal import outdated, renew_tokens
 from treadmill.switchboard.store import Store
 from treadmill.switchboard.store.base import INSTANCE_DEAD_AFTER
@@ -97,15 +102,28 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
 
     # -- handshake -------------------------------------------------------------
 
+    def connectionMade(self) -> None:
+        self._slot = self.factory.take_slot()  # from SupervisorResource, which admitted us
+        super().connectionMade()
+
     def onConnect(self, request: ConnectionRequest) -> Deferred[tuple[str, dict[str, str]]]:
-        self._slot = self.links.gate.acquire()
-        if self._slot is None:  # SupervisorResource refuses first; this is the backstop.
-            raise ConnectionDeny(503, BUSY)
+        if self._slot is None:  # Not through SupervisorResource: the backstop.
+            self._slot = self.links.gate.acquire()
+            if self._slot is None:
+                raise ConnectionDeny(503, BUSY)
         handshake = Deferred.fromCoroutine(self._authenticate(request))
         return handshake.addBoth(self._handshake_over)
 
     def _handshake_over(self, result: Any) -> Any:
-        """Free the admission slot whichever way the handshake ended."""
+        """Free the admission slot if the handshake failed; a registered link keeps it
+        until its first reconciliation ends (:meth:`onOpen`), so that the gate bounds
+        all the work of a new link, not only its registration."""
+        if isinstance(result, Failure) and self._slot is not None:
+            self._slot.release()
+        return result
+
+    def _settled(self, result: Any) -> Any:
+        """The first reconciliation ended (or the link closed): free the slot."""
         if self._slot is not None:
             self._slot.release()
         return result
@@ -123,28 +141,21 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
         except ProtocolError as e:
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, str(e)) from None
         digest = credentials.token_hash(token)
+        self.session = str(uuid.uuid4())
         try:
-            host = await self.links.store.host_by_token(digest)
+            # Finds the host by its token and records the link, with others (registrar.py).
+            host = await self.links.registrar.register(digest, self.session)
             if host is None:
                 raise ConnectionDeny(401, "unknown host token")
             self.host_id, self.host_name, self.token_digest = host["id"], host["name"], digest
-            self.session = str(uuid.uuid4())
-            previous = self.links.by_host.get(self.host_id)
-            try:
-                await self.links.register(self)
-                if self.lost:  # Closed (or timed out) while it registered: undo.
-                    self.links.spawn(self.links.store.link_disconnected(self.host_id,
-                                                                        self.session))
-                    raise ConnectionDeny(ConnectionDeny.REQUEST_TIMEOUT,
-                                         "the connection ended during the handshake")
-            except Exception:
-                # Not registered: give the host back to its link before this one.
+            self.links.adopt(self)
+            if self.lost:  # Closed (or timed out) while it registered: undo.
                 if self.links.by_host.get(self.host_id) is self:
-                    if previous is not None and previous.registered:
-                        self.links.by_host[self.host_id] = previous
-                    else:
-                        del self.links.by_host[self.host_id]
-                raise
+                    del self.links.by_host[self.host_id]
+                self.links.spawn(self.links.store.link_disconnected(self.host_id,
+                                                                    self.session))
+                raise ConnectionDeny(ConnectionDeny.REQUEST_TIMEOUT,
+                                     "the connection ended during the handshake")
         except Exception as e:
             if not unavailable(e):
                 raise
@@ -161,12 +172,13 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
             pass
         self.log.info("Supervisor of {host} connected (minor {minor})", host=self.host_name,
                       minor=self.minor)
-        self.links.spawn(self.reconcile())
+        self.links.spawn(self.reconcile()).addBoth(self._settled)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.lost = True
         if self._slot is not None:
-            self._slot.release()  # closed mid-handshake, or the handshake timed out
+            self._slot.release()  # closed mid-handshake, timed out, or before its first
+            # reconciliation ended
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
@@ -416,8 +428,10 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
         assert self.host_id is not None
         answer = await self.request(protocol.status_request(0))
         await self._inbox  # Events sent before the status are applied first.
-        await self.links.store.set_host_kinds(self.host_id, answer.get("kinds"), self.session)
-        row = await self.links.store.active_job(self.host_id)
+        assert self.session is not None
+        state = await self.links.store.link_state(self.host_id, answer.get("kinds"),
+                                                  self.session)  # one statement
+        row = state["active"]
         expected = None
         if row is not None:
             expected = Expected(row["id"], State(row["state"]),
@@ -434,8 +448,9 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
         for action in decide(expected, reported):
             await self.execute(action)
         if self.minor >= protocol.HOLD_MINOR:
-            await self.hold.reconcile(answer.get("held"))
-        await self.send_snapshots()
+            await self.hold.reconcile(answer.get("held"), state["held"])
+        if state["snapshots"]:
+            await self.send_snapshots()
 
     async def execute(self, action: Action) -> None:
         store = self.links.store
@@ -497,23 +512,68 @@ BUSY = "too many supervisor links are being set up here; try again later"
 
 
 class SupervisorResource(WebSocketResource):
-    """The WebSocket resource, refusing an upgrade at once (``503``, ``Retry-After``)
-    while ``gate`` has as many handshakes in progress as it admits."""
+    """The WebSocket resource behind ``gate``: an upgrade gets a handshake slot at once,
+    or waits for one (the request held open, nothing else done), or is answered ``503``
+    with ``Retry-After`` when the queue is full or its wait ran out. The slot goes to
+    the protocol the upgrade builds (:meth:`SupervisorSessionFactory.take_slot`)."""
 
     def __init__(self, factory: SupervisorSessionFactory, gate: HandshakeGate):
         super().__init__(factory)
+        self.factory = factory
         self.gate = gate
 
     def render(self, request: IRequest) -> Any:
-        if self.gate.full:
-            self.gate.refuse()
-            return respond_error(request, ApiError(503, BUSY,
-                                                   headers={"Retry-After": str(RETRY_AFTER)}))
-        return super().render(request)
+        waiting = self.gate.enter()
+        if waiting is None:
+            return self._refuse(request)
+        admitted: list[Slot] = []
+        waiting.addCallback(lambda slot: admitted.append(slot) or slot)
+        if admitted:
+            return self._upgrade(request, admitted[0])
+        request.notifyFinish().addErrback(lambda _: waiting.cancel())  # it closed: leave
+        waiting.addCallbacks(lambda slot: self._upgrade_later(request, slot),
+                             lambda failure: self._refuse_later(request, failure))
+        return NOT_DONE_YET
+
+    def _refuse(self, request: IRequest) -> bytes:
+        return respond_error(request, ApiError(
+            503, BUSY, headers={"Retry-After": str(self.gate.retry_after())}))
+
+    def _upgrade(self, request: IRequest, slot: Slot) -> Any:
+        self.factory.admitted = slot
+        try:
+            return super().render(request)
+        finally:
+            if self.factory.take_slot() is not None:
+                slot.release()  # no protocol took it: nothing was upgraded
+
+    def _upgrade_later(self, request: IRequest, slot: Slot) -> None:
+        if getattr(request, "_disconnected", False) or request.channel is None:
+            slot.release()  # gone while its slot was being handed over
+            return
+        body = self._upgrade(request, slot)
+        if body is not NOT_DONE_YET:  # not upgraded after all (Autobahn answered)
+            _answer(request, body)
+
+    def _refuse_later(self, request: IRequest, failure: Failure) -> None:
+        if failure.check(CancelledError):
+            return  # the client went while it waited
+        failure.trap(QueueTimeout)
+        if not getattr(request, "_disconnected", False):
+            _answer(request, self._refuse(request))
+
+
+def _answer(request: IRequest, body: bytes) -> None:
+    """Finish a held request with ``body`` (a length, not chunks, as if rendered at once)."""
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
 
 
 class SupervisorSessionFactory(WebSocketServerFactory):
     protocol = SupervisorSession
+    admitted: Slot | None = None
+    """The slot of the upgrade being handed to a new protocol (SupervisorResource)."""
 
     def __init__(self, links: SupervisorLinks):
         super().__init__()
@@ -523,6 +583,12 @@ class SupervisorSessionFactory(WebSocketServerFactory):
             maxMessagePayloadSize=protocol.MAX_MESSAGE_BYTES,
             maxFramePayloadSize=protocol.MAX_MESSAGE_BYTES,
             openHandshakeTimeout=links.handshake_timeout)
+
+    def take_slot(self) -> Slot | None:
+        """The admitted upgrade's slot, once (a protocol built outside
+        :class:`SupervisorResource` gets ``None``)."""
+        slot, self.admitted = self.admitted, None
+        return slot
 
 
 class SupervisorLinks(MultiService):
@@ -534,6 +600,7 @@ class SupervisorLinks(MultiService):
                  ping_interval: float = 5.0, ping_timeout: float = 10.0,
                  reconcile_interval: float = 30.0, reconcile_retry: float = 2.0,
                  touch_interval: float = 5.0, max_handshakes: int = 64,
+                 handshake_queue: int = 4096, handshake_wait: float = 5.0,
                  handshake_timeout: float = 10.0,
                  unreachable_after: float = 60.0, request_timeout: float = REQUEST_TIMEOUT,
                  signer: CapabilitySigner | None = None,
@@ -565,9 +632,15 @@ class SupervisorLinks(MultiService):
         self.rebalance_quiet = INSTANCE_DEAD_AFTER
         """Seconds without a new link before this instance sheds links (see rebalance)."""
         self._last_link_at = float("-inf")
-        self.gate = HandshakeGate(max_handshakes)
-        """Handshakes in progress at most (``supervisors.max_handshakes``)."""
+        self.reactor_lag = ReactorLag(reactor)
+        """How late the reactor runs; the handshake queue drains only while it keeps up."""
+        self.gate = HandshakeGate(max_handshakes, queue=handshake_queue, wait=handshake_wait,
+                                  clock=reactor, lag=self.reactor_lag.lag)
+        """Handshakes in progress at most (``supervisors.max_handshakes``), and upgrades
+        waiting for one (``supervisors.handshake_queue``, ``handshake_wait``)."""
         self.handshake_timeout = handshake_timeout
+        self.registrar = LinkRegistrar(reactor, store, instance, lambda: self.instance_id)
+        """Records links in batches (one statement for the links arriving together)."""
         self.factory = SupervisorSessionFactory(self)
         self.resource = SupervisorResource(self.factory, self.gate)
         self._tasks: set[Deferred[Any]] = set()
@@ -584,6 +657,10 @@ class SupervisorLinks(MultiService):
             timer.clock = reactor
             timer.setName(name)
             timer.setServiceParent(self)
+        lag = TimerService(self.reactor_lag.interval, self.reactor_lag.tick)
+        lag.clock = reactor
+        lag.setName("reactor-lag")
+        lag.setServiceParent(self)
 
     def spawn(self, work: Any) -> Deferred[Any]:
         """Run a coroutine in the background, logging its failure (none once stopping)."""
@@ -604,13 +681,13 @@ class SupervisorLinks(MultiService):
         d.addBoth(done)
         return d
 
-    async def register(self, link: SupervisorSession) -> None:
+    def adopt(self, link: SupervisorSession) -> None:
+        """``link``'s registration is recorded (:attr:`registrar`): this instance holds
+        its host's link, and closes a link it held for the host before."""
         assert link.host_id is not None and link.session is not None
         old = self.by_host.get(link.host_id)
         self.by_host[link.host_id] = link
         self._last_link_at = self.reactor.seconds()
-        await self.store.link_connected(link.host_id, self.instance, link.session,
-                                        self.instance_id)
         if old is not None and old is not link:
             self._drop(old, CloseCode.SUPERSEDED, "superseded by a newer connection")
             self.by_host[link.host_id] = link

@@ -57,9 +57,19 @@ class _Live(Collector):
                 (GaugeMetricFamily, "treadmill_supervisor_link_handshakes",
                  "Supervisor link handshakes under way on this instance (at most "
                  "supervisors.max_handshakes).", links.gate.in_progress),
+                (GaugeMetricFamily, "treadmill_supervisor_link_handshakes_waiting",
+                 "Supervisor link upgrades waiting for a handshake slot on this instance "
+                 "(at most supervisors.handshake_queue).", links.gate.waiting),
+                (CounterMetricFamily, "treadmill_supervisor_link_handshakes_queued",
+                 "Supervisor link upgrades that waited for a handshake slot since start.",
+                 links.gate.queued),
+                (CounterMetricFamily, "treadmill_supervisor_link_handshake_queue_pauses",
+                 "Times the handshake queue stopped draining for 100 ms because this "
+                 "instance's reactor ran late.", links.gate.paused),
                 (CounterMetricFamily, "treadmill_supervisor_link_handshakes_refused",
-                 "Supervisor link upgrades this instance refused with 503 since start: "
-                 "supervisors.max_handshakes were under way.", links.gate.refused)):
+                 "Supervisor link upgrades this instance refused with 503 since start: the "
+                 "handshake queue was full, or an upgrade waited supervisors.handshake_wait "
+                 "seconds.", links.gate.refused)):
             metric = family(name, text)
             metric.add_metric([], value)
             yield metric

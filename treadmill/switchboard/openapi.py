@@ -885,8 +885,10 @@ def _supervisor_link() -> dict[str, Any]:
         errors=(400, 503),
         description="Authenticated by a host token, not an API token. The messages are "
                     "described in docs/protocol.md and treadmill/protocol/schemas/"
-                    "supervisor-v1.json. 503 with Retry-After also while the instance has "
-                    "`supervisors.max_handshakes` link handshakes under way.")
+                    "supervisor-v1.json. Beyond `supervisors.max_handshakes` link handshakes "
+                    "under way an upgrade waits in a queue; 503 with Retry-After also when "
+                    "that queue is full or the upgrade waited `supervisors.handshake_wait` "
+                    "seconds.")
     operation["responses"].pop("200")
     operation["responses"]["101"] = {"description": "Switching to the WebSocket protocol."}
     return operation

@@ -82,6 +82,8 @@ class SwitchboardConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     reconcile_retry: float = 2.0
     max_handshakes: int = 64
+    handshake_queue: int = 4096
+    handshake_wait: float = 5.0
     passwords: PasswordPolicy = field(default_factory=PasswordPolicy)
     heartbeat_interval: float = 1.0
     address: str = ""
@@ -115,6 +117,7 @@ class SwitchboardService(RoleService):
             reactor, self.store, config.instance, ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout, reconcile_interval=config.reconcile_interval,
             reconcile_retry=config.reconcile_retry, max_handshakes=config.max_handshakes,
+            handshake_queue=config.handshake_queue, handshake_wait=config.handshake_wait,
             touch_interval=min(5.0, config.unreachable_after / 4),
             unreachable_after=config.unreachable_after, signer=self.signer,
             log_service=config.limits.log_service, proxies=config.proxies,

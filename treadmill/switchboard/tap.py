@@ -69,9 +69,17 @@ class Options(RoleOptions):
                    positive(FLOAT), "Seconds a host with an active job may stay disconnected "
                    "before the job ends as host_unreachable."),
                max_handshakes=Row(
-                   positive(INT), "Supervisor link handshakes (upgrade to registration) under "
-                   "way at once; beyond them an upgrade is refused with 503 and Retry-After, "
-                   "and the supervisor retries with backoff.")),
+                   positive(INT), "Supervisor link handshakes (upgrade to first "
+                   "reconciliation) under way at once; beyond them an upgrade waits for a "
+                   "slot (handshake_queue)."),
+               handshake_queue=Row(
+                   non_negative(INT), "Link upgrades that may wait (FIFO, held open) for a "
+                   "handshake slot; beyond them an upgrade is refused with 503 and "
+                   "Retry-After, and the supervisor retries with backoff. 0: no queue."),
+               handshake_wait=Row(
+                   non_negative(FLOAT, finite=True), "Seconds an upgrade may wait for a "
+                   "handshake slot before it is refused with 503 (keep it well below the "
+                   "supervisors' heartbeat.timeout). 0: no queue.")),
         *table("", "{leaf}",
                instance=Row(
                    STR, "Name of this switchboard instance (default: hostname:pid).",

@@ -14,6 +14,12 @@ from psycopg2.extras import Json
 from treadmill.switchboard.database import Cursor
 from treadmill.switchboard.store.base import Queries
 
+HELD_JOB = ("SELECT id, held_until <= now() AS due, "
+            "held_until < terminated_at + make_interval(secs => hold_on_failure) "
+            "AS released FROM jobs WHERE host_id = %(id)s AND held_until IS NOT NULL "
+            "ORDER BY seq DESC LIMIT 1")
+"""The ended job holding host ``%(id)s``, if any (:meth:`HoldQueries.held_job`)."""
+
 
 async def begin_hold(cur: Cursor, job_id: str, endpoints: Any) -> None:
     """The job ended held (in the caller's transaction): hold the host for the job's
@@ -30,11 +36,7 @@ class HoldQueries(Queries):
     async def held_job(self, host_id: int) -> dict | None:
         """The ended job holding ``host_id``, if any: ``id``, ``due`` (its hold should end
         now) and ``released`` (ended early, by ``tml job cancel``)."""
-        return await self.pool.fetchone(
-            "SELECT id, held_until <= now() AS due, "
-            "held_until < terminated_at + make_interval(secs => hold_on_failure) "
-            "AS released FROM jobs WHERE host_id = %s AND held_until IS NOT NULL "
-            "ORDER BY seq DESC LIMIT 1", (host_id,))
+        return await self.pool.fetchone(HELD_JOB, {"id": host_id})
 
     async def due_holds(self, host_ids: list[int]) -> list[dict]:
         """Of ``host_ids``, the hosts whose hold should end now: ``host_id``, ``id``."""

@@ -12,8 +12,12 @@ from treadmill.switchboard.database import Cursor
 from treadmill.switchboard.jobstate import State, Status
 from treadmill.switchboard.store.base import Queries
 from treadmill.switchboard.store.errors import NotYourJob
-from treadmill.switchboard.store.holds import begin_hold
+from treadmill.switchboard.store.holds import HELD_JOB, begin_hold
 from treadmill.switchboard.store.lifecycle import transition
+
+ACTIVE_JOB = ("SELECT id, state, stage, termination_reason, timeout FROM jobs "
+              "WHERE host_id = %(id)s AND state IN ('assigned', 'initializing', 'ready', 'terminating')")
+"""The job holding host ``%(id)s``, if any (at most one: an index ensures it)."""
 
 
 class LinkQueries(Queries):
@@ -23,14 +27,46 @@ class LinkQueries(Queries):
         return await self.pool.fetchone(
             "SELECT id, name FROM hosts WHERE token_hash = %s", (psycopg2.Binary(digest),))
 
-    async def link_connected(self, host_id: int, instance: str, session: str,
-                             instance_id: str | None = None) -> None:
-        """Record that ``instance`` (the process ``instance_id``) holds the host's link as
-        ``session``, superseding any."""
-        await self.pool.execute(
-            "UPDATE hosts SET instance = %s, instance_id = %s, session = %s, "
-            "connected_at = now(), last_seen_at = now() WHERE id = %s",
-            (instance, instance_id, session, host_id))
+    async def register_links(self, links: Sequence[tuple[bytes, str]], instance: str,
+                             instance_id: str | None = None) -> dict[bytes, dict]:
+        """Record many links at once, each ``(token digest, session)`` (one per digest):
+        the host whose token it is is now held by ``instance`` as ``session``,
+        superseding any link. One statement for all, ahead of the others waiting for a
+        connection (handshakes wait for it); ``{digest: {"id", "name"}}`` for the
+        digests that name a host (an unknown token is absent)."""
+        if not links:
+            return {}
+        ordered = sorted(links)  # rows locked in one order by every instance
+        rows = await self.pool.fetchall(
+            "UPDATE hosts AS h SET instance = %s, instance_id = %s, session = v.session, "
+            "connected_at = now(), last_seen_at = now() "
+            "FROM unnest(%s::bytea[], %s::uuid[]) AS v(token_hash, session) "
+            "WHERE h.token_hash = v.token_hash RETURNING h.id, h.name, v.token_hash",
+            (instance, instance_id, [psycopg2.Binary(d) for d, _ in ordered],
+             [session for _, session in ordered]), urgent=True)
+        return {bytes(row["token_hash"]): {"id": row["id"], "name": row["name"]}
+                for row in rows}
+
+    async def link_state(self, host_id: int, kinds: Sequence[str] | None,
+                         session: str) -> dict:
+        """A reconciliation's one statement: record the image kinds the host's supervisor
+        reports on link ``session`` (None: any kind), from which on the scheduler may
+        offer the host jobs (``kinds_session``; a change wakes the scheduler through the
+        hosts trigger), and read what the host should be doing:
+        ``active`` (:meth:`active_job`), ``held`` (:meth:`HoldQueries.held_job`), both
+        None or a dict, and ``snapshots`` (how many are pending)."""
+        value = sorted(kinds) if kinds is not None else None
+        row = await self.pool.fetchone(
+            "WITH kinds AS (UPDATE hosts SET kinds = %(kinds)s, kinds_session = session "
+            "WHERE id = %(id)s AND session = %(session)s::uuid AND (kinds IS DISTINCT FROM "
+            "%(kinds)s::text[] OR kinds_session IS DISTINCT FROM session) RETURNING id) "
+            f"SELECT (SELECT row_to_json(a) FROM ({ACTIVE_JOB}) a) AS active, "
+            f"(SELECT row_to_json(h) FROM ({HELD_JOB}) h) AS held, "
+            "(SELECT count(*) FROM snapshots WHERE host_id = %(id)s AND state = 'pending') "
+            "AS snapshots",
+            {"kinds": value, "id": host_id, "session": session})
+        assert row is not None
+        return row
 
     async def links_ended(self, sessions: list[str]) -> None:
         """Forget many links at once (an instance shutting down)."""
@@ -44,18 +80,6 @@ class LinkQueries(Queries):
         await self.pool.execute(
             "UPDATE hosts SET instance = NULL, instance_id = NULL, session = NULL, "
             "last_seen_at = now() WHERE id = %s AND session = %s", (host_id, session))
-
-    async def set_host_kinds(self, host_id: int, kinds: Sequence[str] | None,
-                             session: str) -> None:
-        """Record the image kinds the host's supervisor reports on link ``session`` (None:
-        any kind); from then on the scheduler may offer the host jobs (``kinds_session``).
-        A change wakes the scheduler (the hosts trigger)."""
-        value = sorted(kinds) if kinds is not None else None
-        await self.pool.execute(
-            "UPDATE hosts SET kinds = %(kinds)s, kinds_session = session WHERE id = %(id)s "
-            "AND session = %(session)s::uuid AND (kinds IS DISTINCT FROM %(kinds)s::text[] "
-            "OR kinds_session IS DISTINCT FROM session)",
-            {"kinds": value, "id": host_id, "session": session})
 
     async def host_link_state(self, host_id: int) -> dict | None:
         """The host's token hash and link session, or None if it was removed."""
@@ -71,10 +95,7 @@ class LinkQueries(Queries):
 
     async def active_job(self, host_id: int) -> dict | None:
         """The job holding the host, if any (at most one: an index ensures it)."""
-        return await self.pool.fetchone(
-            "SELECT id, state, stage, termination_reason, timeout FROM jobs "
-            "WHERE host_id = %s AND state IN ('assigned', 'initializing', 'ready', "
-            "'terminating')", (host_id,))
+        return await self.pool.fetchone(ACTIVE_JOB, {"id": host_id})
 
     async def job_start(self, job_id: str) -> dict | None:
         """The row a supervisor's ``JobStart`` is built from (secrets included; see
