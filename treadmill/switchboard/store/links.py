@@ -16,7 +16,8 @@ from treadmill.switchboard.store.holds import HELD_JOB, begin_hold
 from treadmill.switchboard.store.lifecycle import transition
 
 ACTIVE_JOB = ("SELECT id, state, stage, termination_reason, timeout FROM jobs "
-              "WHERE host_id = %(id)s AND state IN ('assigned', 'initializing', 'ready', 'terminating')")
+              "WHERE host_id = %(id)s "
+              "AND state IN ('assigned', 'initializing', 'ready', 'terminating')")
 """The job holding host ``%(id)s``, if any (at most one: an index ensures it)."""
 
 
