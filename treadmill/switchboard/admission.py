@@ -14,12 +14,12 @@ seconds, is it answered ``503`` with ``Retry-After`` (longer the longer the
 queue), and the supervisor retries with backoff and jitter
 (``treadmill.supervisor.link``).
 
-The queue works only while the reactor keeps up: :class:`ReactorLag` notes how
+The queue drains only while the reactor keeps up: :class:`ReactorLag` notes how
 late a 50 ms timer fires, and while it is later than ``MAX_LAG`` (on a machine
-short of CPU) no waiter is handed a slot and a new upgrade is refused at once
-(``503``), as without a queue: refused supervisors stay away for seconds, held
-ones would not, and an instance too slow to answer a load balancer's health
-check is marked down and loses every link, which all come back at once.
+short of CPU) no waiter is handed a slot, so the handshakes this instance takes
+on never make it too slow to answer a load balancer's health check (marked down,
+it would lose every link, and they would all come back at once). Waiters that
+wait too long are refused, and their supervisors back off.
 
 Waiting, not refusing, matters behind a balancer: a held upgrade is a
 connection to HAProxy's ``balance leastconn``, so the surviving instances of a
@@ -154,11 +154,10 @@ class HandshakeGate:
         The Deferred fails with :class:`QueueTimeout` after ``wait`` seconds; cancel it
         when the client goes, which gives up its place.
         """
-        late = self._late()
-        if not self.full and not self._queue and not late:
+        if not self.full and not self._queue and not self._late():
             return succeed(self._admit())
-        if late or len(self._queue) >= self.queue_limit:
-            self.refused += 1  # (a late reactor: refused supervisors back off, held ones not)
+        if len(self._queue) >= self.queue_limit:
+            self.refused += 1
             return None
         waiter: Deferred[Slot] = Deferred(lambda d: self._leave(d))
         self._queue.append(waiter)
