@@ -8,6 +8,7 @@ tokens are real capability tokens signed as the switchboard signs them.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -51,15 +52,16 @@ class Recorder(Protocol):
         self.transport.write(b"<" + data + b">")
 
 
+@dataclass
 class Bed:
-    def __init__(self, proxy: Running, keys: Keys, job: str, manager: ExposureManager,
-                 endpoints: dict[str, dict[str, Any]], inputs: list[bytearray]):
-        self.proxy = proxy
-        self.keys = keys
-        self.job = job
-        self.manager = manager
-        self.endpoints = endpoints
-        self.inputs = inputs
+    """A proxy with one job's console published by a real exposure manager."""
+
+    proxy: Running
+    keys: Keys
+    job: str
+    manager: ExposureManager
+    endpoints: dict[str, dict[str, Any]]
+    inputs: list[bytearray]
 
     def token(self, *actions: str, job: str | None = None, **kw: Any) -> str:
         kw.setdefault("subject", "alice")
