@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+
+from treadmill.common.metrics import role_registry
 
 # TunnelTable.counts keys reported as connection outcomes; the rest are events.
 OUTCOMES = ("spliced", "refused_limit", "connect_timeout", "connect_failed", "client_gave_up",
@@ -69,7 +68,4 @@ class ProxyMetrics:
     """Live gauges and counters of one proxy."""
 
     def __init__(self, registry: Any):
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        self.registry.register(_Live(registry))
+        self.registry = role_registry(_Live(registry))

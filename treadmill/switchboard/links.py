@@ -26,7 +26,6 @@ from autobahn.exception import Disconnected
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.task import deferLater
@@ -38,6 +37,7 @@ from twisted.web.server import NOT_DONE_YET
 from treadmill.common import sshkeys
 from treadmill.common.captoken import CapabilitySigner, bearer_token
 from treadmill.common.http import ApiError, respond_error
+from treadmill.common.timers import every
 from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import supervisor as protocol
 from treadmill.protocol.supervisor import CloseCode, ProtocolError
@@ -653,14 +653,10 @@ class SupervisorLinks(MultiService):
                 ("unreachable", touch_interval, self.end_unreachable),
                 ("holds", touch_interval, self.end_holds),
                 ("snapshots", 30.0, self.expire_snapshots)):
-            timer = TimerService(interval, lambda work=work: self.spawn(work()))
-            timer.clock = reactor
-            timer.setName(name)
-            timer.setServiceParent(self)
-        lag = TimerService(self.reactor_lag.interval, self.reactor_lag.tick)
-        lag.clock = reactor
-        lag.setName("reactor-lag")
-        lag.setServiceParent(self)
+            every(interval, lambda work=work: self.spawn(work()), reactor, parent=self,
+                  name=name)
+        every(self.reactor_lag.interval, self.reactor_lag.tick, reactor, parent=self,
+              name="reactor-lag")
 
     def spawn(self, work: Any) -> Deferred[Any]:
         """Run a coroutine in the background, logging its failure (none once stopping)."""
