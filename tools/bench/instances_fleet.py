@@ -32,7 +32,7 @@ from benchkit import balancer, procfs
 from benchkit.api import ACTIVE_STATES, APIError, Client, epoch, job_body, list_jobs, metric
 from benchkit.cli import BenchError, output_options, run, sayer
 from benchkit.daemons import Postgres, bootstrap, remove_temp, start_daemon, temp_dir
-from benchkit.host import host_info, revision, wait_quiet
+from benchkit.host import host_info, quiet_wait_option, revision, wait_quiet
 from benchkit.procs import ROOT, VENV, free_port, spawn, stop_process
 from benchkit.procs import wait_until as wait
 from benchkit.report import percentiles
@@ -368,9 +368,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--failover-timeout", type=float, default=120.0)
     p.add_argument("--check-timeout", default="",
                    help="HAProxy's 'timeout check' (e.g. 5s) [the example's 500ms]")
-    p.add_argument("--quiet-wait", type=float, default=0.0,
-                   help="wait up to this many seconds for the machine to be idle (<10%% "
-                        "busy) before starting [0]")
+    quiet_wait_option(p, 0.10)
     p.add_argument("--profile", action="store_true",
                    help="run the instances under cProfile (twistd --profile): NAME.prof in the "
                         "temporary directory, written when they stop; use with --keep-temp")

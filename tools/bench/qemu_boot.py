@@ -26,7 +26,14 @@ from typing import Any
 
 from benchkit.cli import BenchError, bench_parser, missing, options, output_options, run, sayer
 from benchkit.daemons import Postgres, bootstrap, remove_temp, start_daemon, temp_dir, twistd
-from benchkit.host import first_line, host_info, machine_ticks, revision, wait_quiet
+from benchkit.host import (
+    first_line,
+    host_info,
+    machine_ticks,
+    quiet_wait_option,
+    revision,
+    wait_quiet,
+)
 from benchkit.procfs import CLK_TCK, cpu_ticks, descendants, total_ticks
 from benchkit.procs import ROOT, free_port, stop_process, tail
 from benchkit.procs import http_json as http
@@ -35,13 +42,13 @@ from benchkit.report import cell
 from treadmill.dev.pgcluster import ClusterError
 from treadmill.images import format as fmt
 from treadmill.protocol import agent as agent_proto
+from treadmill.supervisor.blobcache import blob_path
 from treadmill.supervisor.drivers.qemu.command import (
     Paths,
     overlay_command,
     qemu_command,
 )
 from treadmill.supervisor.drivers.qemu.settings import QemuSettings
-from treadmill.supervisor.fetch import blob_path
 
 TARGET_OVERHEAD = 0.10  # the issue's: supervisor overhead < 10 %
 HOST = "qemu-1"
@@ -680,8 +687,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tools/build-test-image --cache")
     parser.add_argument("--no-logserver", action="store_true",
                         help="no log server (the supervisor ships no console)")
-    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
-                        help="wait up to S seconds for the machine to be <= 15 %% busy")
+    quiet_wait_option(parser, 0.15)
     output_options(parser, keep_help="keep the temporary directory (logs, cluster) for "
                    "inspection")
     args = parser.parse_args(argv)

@@ -39,7 +39,7 @@ from benchkit.api import (
 )
 from benchkit.cli import BenchError, bench_parser, missing, options, output_options, run, sayer
 from benchkit.daemons import Postgres, bootstrap, remove_temp, start_daemon, temp_dir, twistd
-from benchkit.host import host_info, machine_ticks, revision, wait_quiet
+from benchkit.host import host_info, machine_ticks, quiet_wait_option, revision, wait_quiet
 from benchkit.procs import ROOT, Profiler, free_port, py_spy, spawn, stop_process
 from benchkit.report import cell as _f
 from benchkit.report import percentiles
@@ -882,9 +882,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ))
     parser.add_argument("--fleet-fsync", action="store_true",
                         help="let the supervisors fsync their state files (default: --no-fsync)")
-    parser.add_argument("--quiet-wait", type=float, default=0.0,
-                        help="wait up to this many seconds for the machine to be idle (<10%% "
-                             "busy) before starting [0]")
+    quiet_wait_option(parser, 0.1)
     parser.add_argument("--what-if-nodelay", action="store_true",
                         help="EXPERIMENT: run the fleet with TCP_NODELAY on the supervisors' "
                              "sockets (fleet_nodelay.py) to measure a suggested fix")

@@ -97,6 +97,14 @@ def wait_quiet(max_busy: float, seconds: float, timeout: float,
             f"({deadline - time.monotonic():.0f} s left)")
 
 
+def quiet_wait_option(parser: Any, max_busy: float) -> None:
+    """``--quiet-wait S``: how long :func:`wait_quiet` may wait for the machine to be at
+    most ``max_busy`` busy before the benchmark starts (0: start at once)."""
+    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
+                        help=f"wait up to S seconds for the machine to be at most "
+                             f"{round(max_busy * 100)}%% busy before starting [0]")
+
+
 def stamp(results: dict[str, Any], machine: dict[str, Any], parameters: dict[str, Any],
           root: Path) -> None:
     """Record the machine, the parameters, the start time and the revision of a run."""
