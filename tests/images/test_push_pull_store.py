@@ -267,7 +267,7 @@ async def test_pull_detects_corruption_in_the_store(store, clients, tmp_path):
     hexdigest = blob.digest[7:]
     on_disk = store.root / "blobs" / "sha256" / hexdigest[:2] / hexdigest
     os.chmod(on_disk, 0o644)
-    on_disk.write_bytes(b"\0" + data[1:])
+    on_disk.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])  # always differs
     with pytest.raises(oci.DigestMismatch):
         await client.pull_blob("alice/x", blob.digest, tmp_path / "x", size=blob.size)
     assert not (tmp_path / "x").exists()
