@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -45,8 +46,8 @@ class Proxy:
 def make(size: int = 3) -> tuple[DialPool, Proxy, Clock]:
     clock = Clock()
     proxy = Proxy()
-    pool = DialPool(clock, proxy.dial, lambda: HEADER, proxy.on_join, retry_initial=0.5,
-                    retry_max=4.0)
+    pool = DialPool(clock, proxy.dial, lambda: HEADER, proxy.on_join,
+                    backoff=backoffPolicy(0.5, 4.0, factor=2, jitter=lambda: 0.0))
     pool.resize(size)
     return pool, proxy, clock
 
@@ -131,7 +132,7 @@ def test_the_backoff_is_capped_and_a_failed_dial_counts_too() -> None:
     assert pool.counts["failed"] == 1 and pool.opening == 0
     for _ in range(10):
         clock.advance(pool.delay())
-    assert pool.delay() == 4.0  # retry_max
+    assert pool.delay() == 4.0  # the backoff's most
     proxy.refuse = False
     clock.advance(4.0)
     clock.advance(4.0)

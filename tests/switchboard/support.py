@@ -25,7 +25,7 @@ from tests.util.waiting import eventually
 from treadmill.common.captoken import CapabilityVerifier, parse_jwks
 
 DIGEST = "sha256:" + "c" * 64
-FAST = {"scheduler_interval": 0.2, "unreachable_after": 60.0}
+FAST = {"scheduler_interval": 0.2}
 
 
 @pytest_twisted.async_yield_fixture

@@ -28,7 +28,11 @@ from treadmill.switchboard.admission import (
     ReactorLag,
     Slot,
 )
-from treadmill.switchboard.links import SupervisorResource, SupervisorSessionFactory
+from treadmill.switchboard.links import (
+    LinkPolicy,
+    SupervisorResource,
+    SupervisorSessionFactory,
+)
 
 
 def test_the_gate_admits_up_to_its_limit_and_counts() -> None:
@@ -67,8 +71,7 @@ def test_a_limit_below_one_is_refused(limit: int) -> None:
 class Links:
     """What :class:`SupervisorSessionFactory` reads of the links (its options)."""
 
-    ping_interval = 5.0
-    ping_timeout = 10.0
+    policy = LinkPolicy()
     handshake_timeout = 10.0
 
 

@@ -38,8 +38,7 @@ MAX_HOLD = 120.0
 @pytest_twisted.async_yield_fixture
 async def sb(migrated_database: str, tmp_path: Path):
     async with stopping(await start_switchboard(
-            migrated_database, tmp_path, scheduler_interval=0.2, unreachable_after=60.0,
-            timeout_interval=0.1,
+            migrated_database, tmp_path, scheduler_interval=0.2, timeout_interval=0.1,
             limits=Limits(max_hold=MAX_HOLD, max_timeout=MAX_TTL - 3600))) as running:
         yield running
 

@@ -17,6 +17,7 @@ from tests.switchboard.peer import Peer, Script
 from tests.switchboard.support import add_host
 from tests.util.running import stopping
 from tests.util.waiting import eventually
+from treadmill.switchboard.links import LinkPolicy
 from treadmill.switchboard.scheduling import FreeHost, QueuedJob, assign, may_run
 
 DIGEST_VM = "sha256:" + "a" * 64
@@ -29,7 +30,7 @@ STORE = "http://store.example"
 async def sb(migrated_database: str, tmp_path: Path):
     """A switchboard that schedules often, with the image store ``STORE`` registered."""
     async with stopping(await start_switchboard(
-            migrated_database, tmp_path, scheduler_interval=0.2, unreachable_after=60.0,
+            migrated_database, tmp_path, scheduler_interval=0.2,
             unrunnable_grace=0.0)) as running:
         await running.register_store(STORE, "store")
         yield running
@@ -239,7 +240,7 @@ async def test_a_new_link_gets_no_job_before_its_kinds(migrated_database: str,
     """A host whose driver changed (qemu → serial) is not offered a job by the kinds of
     its previous link: no job before the new link's first status is recorded."""
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 reconcile_retry=0.3)
+                                 links=LinkPolicy(reconcile_retry=0.3))
     try:
         sb.service.links.request_timeout = 0.3
         await sb.register_store(STORE, "store")

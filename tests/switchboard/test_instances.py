@@ -32,7 +32,7 @@ from treadmill.switchboard.service import (
 from treadmill.switchboard.store.scheduler import SCHEDULER_LOCK, SCHEDULING_TIMEOUTS
 
 DIGEST = "sha256:" + "d" * 64
-QUICK = {"scheduler_interval": 60.0, "unreachable_after": 60.0}
+QUICK = {"scheduler_interval": 60.0}
 
 
 async def start_instance(database: str, first: RunningSwitchboard, name: str,

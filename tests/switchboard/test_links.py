@@ -31,6 +31,7 @@ from tests.switchboard.support import sb as sb  # the fixture: a switchboard wit
 from tests.util.waiting import eventually
 from treadmill.protocol import supervisor as protocol
 from treadmill.switchboard.jobstate import Reason, State, Status
+from treadmill.switchboard.links import LinkPolicy
 
 # -- the handshake ------------------------------------------------------------------
 
@@ -222,7 +223,7 @@ async def test_r8_other_job_running_is_stopped_then_ours_started(
 @pytest_twisted.ensureDeferred
 async def test_r9_unreachable_host_ends_its_job(migrated_database: str, tmp_path: Path) -> None:
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 unreachable_after=1.0)
+                                 links=LinkPolicy(unreachable_after=1.0))
     try:
         peer = await host_peer(sb)
         job_id = await assigned_job(sb, peer)
@@ -483,7 +484,7 @@ async def test_transition_store_api(sb: RunningSwitchboard) -> None:
 async def test_silent_peer_is_detected_by_heartbeats(migrated_database: str,
                                                      tmp_path: Path) -> None:
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
-                                 ping_interval=1.0, ping_timeout=2.0)
+                                 links=LinkPolicy(ping_interval=1.0, ping_timeout=2.0))
     try:
         peer = await host_peer(sb)
         assert peer.connection is not None

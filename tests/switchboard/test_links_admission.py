@@ -29,15 +29,15 @@ from tests.util.running import stopping
 from tests.util.waiting import eventually, sleep
 from treadmill.protocol import supervisor as protocol
 from treadmill.switchboard.database import Timeouts
-from treadmill.switchboard.links import SupervisorLinks
+from treadmill.switchboard.links import LinkPolicy, SupervisorLinks
 
 
 async def gated(dsn: str, tmp: Path, limit: int, queue: int = 0,
                 wait: float = 10.0) -> RunningSwitchboard:
     """A switchboard admitting ``limit`` handshakes at once and queueing ``queue`` for up
     to ``wait`` seconds; its lock timeout is longer than any row lock a test holds."""
-    return await start_switchboard(dsn, tmp, max_handshakes=limit, handshake_queue=queue,
-                                   handshake_wait=wait, timeouts=Timeouts(lock=30.0), **FAST)
+    policy = LinkPolicy(max_handshakes=limit, handshake_queue=queue, handshake_wait=wait)
+    return await start_switchboard(dsn, tmp, links=policy, timeouts=Timeouts(lock=30.0), **FAST)
 
 
 def links(sb: RunningSwitchboard) -> SupervisorLinks:

@@ -38,6 +38,7 @@ from treadmill.switchboard.database import (
     session_dsn,
     unavailable,
 )
+from treadmill.switchboard.links import LinkPolicy
 
 
 async def failure_of(work: Any) -> BaseException | None:
@@ -269,7 +270,7 @@ def logged() -> Any:
 @pytest_twisted.async_yield_fixture
 async def sb(database: str, tmp_path: Path) -> AsyncIterator[RunningSwitchboard]:
     async with stopping(await start_switchboard(database, tmp_path, scheduler_interval=0.2,
-                                                reconcile_retry=0.5)) as running:
+                                                links=LinkPolicy(reconcile_retry=0.5))) as running:
         yield running
 
 
@@ -407,7 +408,7 @@ async def test_hosts_connected_through_an_outage_are_not_unreachable(
     """An outage longer than unreachable_after must not end jobs of connected hosts:
     R9 waits until this instance has recorded its links' liveness again."""
     sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
-                                 reconcile_retry=0.5, unreachable_after=1.0)
+                                 links=LinkPolicy(reconcile_retry=0.5, unreachable_after=1.0))
     links = sb.service.links
     try:
         token = await support.add_host(sb)
@@ -428,7 +429,7 @@ async def test_hosts_connected_through_an_outage_are_not_unreachable(
         await links.end_unreachable()  # before any touch since the return
         assert (await support.job(sb, job_id))["state"] == "ready"
         await links.touch()
-        await sleep(2.5 * links.touch_interval)
+        await sleep(2.5 * links.policy.touch_interval)
         await links.touch()
         await links.end_unreachable()
         assert (await support.job(sb, job_id))["state"] == "ready"
@@ -674,7 +675,7 @@ async def test_a_real_supervisor_through_an_outage(database: str, tmp_path: Path
     and more) is longer than the outage: the switchboard makes it resend at once when
     the database answers again (it closes the link: 4005)."""
     sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
-                                 reconcile_retry=0.5)
+                                 links=LinkPolicy(reconcile_retry=0.5))
     r = await sb.admin.post("/api/v1/hosts", {"name": "mock-1", "tags": ["mock"]})
     assert r.status == 201, r.body
     supervisor = mock_supervisor(sb.url, r.body["token"], tmp_path / "mock-1", stage_time=0.02,

@@ -1,5 +1,5 @@
 """One JSON-WebSocket session for Autobahn protocols: a quiet logger, ``send``,
-``close`` and ``violation``.
+``close`` and ``violation``; :class:`BoundFactory`, one request's protocol factory.
 
 Autobahn logs the opening handshake, ``Authorization: Bearer`` included, at
 debug level: every Autobahn protocol class in Treadmill sets ``log`` to a
@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from treadmill.common.messages import encode
 
-__all__ = ["MAX_CLOSE_REASON", "JsonSession", "QuietLogger", "close_reason"]
+__all__ = ["MAX_CLOSE_REASON", "BoundFactory", "JsonSession", "QuietLogger", "close_reason"]
 
 MAX_CLOSE_REASON = 123  # bytes: a close frame's payload is at most 125, 2 of them the code
 
@@ -36,6 +36,22 @@ class QuietLogger(Logger):
 def close_reason(reason: str) -> str:
     """``reason`` cut to at most :data:`MAX_CLOSE_REASON` bytes of UTF-8, between characters."""
     return reason.encode("utf-8")[:MAX_CLOSE_REASON].decode("utf-8", "ignore")
+
+
+class BoundFactory:
+    """What ``WebSocketResource`` needs of a factory for one verified request:
+    ``buildProtocol`` builds ``factory``'s protocol and sets ``attributes`` on it
+    (the job, tunnel or stream the request named)."""
+
+    def __init__(self, factory: Any, **attributes: Any):
+        self.factory = factory
+        self.attributes = attributes
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = self.factory.buildProtocol(addr)
+        for name, value in self.attributes.items():
+            setattr(protocol, name, value)
+        return protocol
 
 
 class JsonSession:

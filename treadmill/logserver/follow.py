@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
-from treadmill.common.wsjson import QuietLogger, close_reason
+from treadmill.common.wsjson import BoundFactory, QuietLogger, close_reason
 from treadmill.logserver.streams import Stream, StreamStore
 from treadmill.protocol.logs import FOLLOW_CLOSE_CODES, FOLLOW_SUBPROTOCOL
 
@@ -305,17 +305,4 @@ class FollowFactory(WebSocketServerFactory):
 
     def for_stream(self, store: StreamStore, job_id: str, name: str, offset: int) -> Any:
         """A factory-like object whose protocol follows this stream."""
-        return _Bound(self, (store, job_id, name, offset))
-
-
-class _Bound:
-    """What ``WebSocketResource`` needs of a factory: ``buildProtocol``."""
-
-    def __init__(self, factory: FollowFactory, target: tuple[StreamStore, str, str, int]):
-        self.factory = factory
-        self.target = target
-
-    def buildProtocol(self, addr: Any) -> FollowProtocol:
-        protocol = self.factory.buildProtocol(addr)
-        protocol.target = self.target
-        return protocol
+        return BoundFactory(self, target=(store, job_id, name, offset))

@@ -17,7 +17,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.logger import Logger
 
-from treadmill.common.wsjson import JsonSession, QuietLogger
+from treadmill.common.wsjson import BoundFactory, JsonSession, QuietLogger
 from treadmill.protocol import proxy as messages
 from treadmill.protocol.proxy import CloseCode
 from treadmill.proxy.tunnels import JobSession, TunnelTable
@@ -106,21 +106,4 @@ class ControlFactory(WebSocketServerFactory):
                                 maxFramePayloadSize=messages.MAX_MESSAGE_BYTES)
 
     def for_job(self, job: str, subject: str, token: str) -> Any:
-        return _Bound(self, job, subject, token)
-
-
-class _Bound:
-    """What ``WebSocketResource`` needs of a factory: ``buildProtocol``."""
-
-    def __init__(self, factory: ControlFactory, job: str, subject: str, token: str):
-        self.factory = factory
-        self.job = job
-        self.subject = subject
-        self.token = token
-
-    def buildProtocol(self, addr: Any) -> ControlProtocol:
-        protocol = self.factory.buildProtocol(addr)
-        protocol.job = self.job
-        protocol.subject = self.subject
-        protocol.token = self.token
-        return protocol
+        return BoundFactory(self, job=job, subject=subject, token=token)

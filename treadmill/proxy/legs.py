@@ -37,7 +37,7 @@ from treadmill.common.splice import (
     keep_alive,
     no_delay,
 )
-from treadmill.common.wsjson import QuietLogger, close_reason
+from treadmill.common.wsjson import BoundFactory, QuietLogger, close_reason
 from treadmill.protocol import proxy as messages
 from treadmill.protocol.proxy import ConsoleCloseCode
 from treadmill.proxy.tunnels import Pending, Tunnel, TunnelTable
@@ -362,17 +362,4 @@ class TunnelFactory(WebSocketServerFactory):
                                 closeHandshakeTimeout=5)
 
     def for_tunnel(self, tunnel: Tunnel) -> Any:
-        return _Bound(self, tunnel)
-
-
-class _Bound:
-    """What ``WebSocketResource`` needs of a factory: ``buildProtocol``."""
-
-    def __init__(self, factory: TunnelFactory, tunnel: Tunnel):
-        self.factory = factory
-        self.tunnel = tunnel
-
-    def buildProtocol(self, addr: Any) -> TunnelSocket:
-        protocol = self.factory.buildProtocol(addr)
-        protocol.tunnel = self.tunnel
-        return protocol
+        return BoundFactory(self, tunnel=tunnel)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
@@ -25,7 +26,11 @@ from treadmill.common.eager import write_now
 from treadmill.common.splice import StreamEnd, keep_alive, no_delay
 from treadmill.protocol import proxy as messages
 
-__all__ = ["DialPool", "PooledEnd"]
+__all__ = ["REFILL_BACKOFF", "DialPool", "PooledEnd"]
+
+REFILL_BACKOFF = backoffPolicy(0.5, 30.0, factor=2, jitter=lambda: 0.0)
+"""Seconds before a refill after ``attempt + 1`` failures in a row: 0.5 s, doubling,
+at most 30 s (a ``ClientService`` retry policy)."""
 
 
 class PooledEnd(StreamEnd):
@@ -85,18 +90,19 @@ class DialPool:
     :param on_join: ``on_join(end, service)``: a client of ``service`` was joined to
         ``end`` at the proxy; it may return a Deferred of the local dial, which the
         refill waits for (so that it is not on the path of the client's first bytes).
+    :param backoff: seconds before a refill after ``attempt + 1`` failures in a row
+        (``twisted.application.internet.backoffPolicy``).
     """
 
     def __init__(self, reactor: Any, dial: Callable[[PooledEnd], Deferred[Any]],
                  header: Callable[[], bytes],
                  on_join: Callable[[PooledEnd, str], Deferred[Any] | None], *,
-                 retry_initial: float = 0.5, retry_max: float = 30.0):
+                 backoff: Callable[[int], float] = REFILL_BACKOFF):
         self.reactor = reactor
         self.dial = dial
         self.header = header
         self.on_join = on_join
-        self.retry_initial = retry_initial
-        self.retry_max = retry_max
+        self.backoff = backoff
         self.size = 0
         self.idle: set[PooledEnd] = set()
         self.opening = 0
@@ -126,7 +132,7 @@ class DialPool:
         """Seconds before the next refill: none after a success, else backoff."""
         if self.failures == 0:
             return 0.0
-        return float(min(self.retry_max, self.retry_initial * 2 ** (self.failures - 1)))
+        return float(self.backoff(self.failures - 1))
 
     def fill(self) -> None:
         """Open connections until ``size`` are idle or opening (now, or after backoff)."""

@@ -272,7 +272,8 @@ class _ProxyLink:
         self.pool = DialPool(reactor, self._dial_pooled,
                              lambda: messages.pool_header(manager.job_id, self.session_token),
                              functools.partial(manager._pool_join, self),
-                             retry_max=manager.reconnect_max)
+                             backoff=backoffPolicy(0.5, manager.reconnect_max, factor=2,
+                                                   jitter=lambda: 0.0))
 
     def _retry_delay(self, attempt: int) -> float:
         return float(self._backoff(max(0, attempt - 1) + self.failures))

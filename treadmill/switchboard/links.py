@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import random
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from autobahn.exception import Disconnected
@@ -415,7 +416,7 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
             return
         if self.state != self.STATE_OPEN or self.links.stopping:
             return
-        delay = self.links.reconcile_retry * random.uniform(0.75, 1.25)
+        delay = self.links.policy.reconcile_retry * random.uniform(0.75, 1.25)
         self._retry = self.links.reactor.callLater(delay, self._retry_now)
 
     def _retry_now(self) -> None:
@@ -579,7 +580,8 @@ class SupervisorSessionFactory(WebSocketServerFactory):
         super().__init__()
         self.links = links
         self.setProtocolOptions(
-            autoPingInterval=links.ping_interval, autoPingTimeout=links.ping_timeout,
+            autoPingInterval=links.policy.ping_interval,
+            autoPingTimeout=links.policy.ping_timeout,
             maxMessagePayloadSize=protocol.MAX_MESSAGE_BYTES,
             maxFramePayloadSize=protocol.MAX_MESSAGE_BYTES,
             openHandshakeTimeout=links.handshake_timeout)
@@ -591,18 +593,35 @@ class SupervisorSessionFactory(WebSocketServerFactory):
         return slot
 
 
+@dataclass(frozen=True)
+class LinkPolicy:
+    """The ``supervisors.*`` settings: how links are kept alive, admitted and reconciled,
+    and how long a host with an active job may stay disconnected."""
+
+    ping_interval: float = 5.0
+    ping_timeout: float = 10.0
+    reconcile_interval: float = 30.0
+    reconcile_retry: float = 2.0
+    unreachable_after: float = 60.0
+    max_handshakes: int = 64
+    handshake_queue: int = 4096
+    handshake_wait: float = 5.0
+
+    @property
+    def touch_interval(self) -> float:
+        """Seconds between refreshes of this instance's link rows (and checks for
+        unreachable hosts): a quarter of ``unreachable_after``, at most 5 s."""
+        return min(5.0, self.unreachable_after / 4)
+
+
 class SupervisorLinks(MultiService):
     """This instance's supervisor links, and what keeps them in step with the database."""
 
     log = Logger()
 
-    def __init__(self, reactor: Any, store: Store, instance: str, *,
-                 ping_interval: float = 5.0, ping_timeout: float = 10.0,
-                 reconcile_interval: float = 30.0, reconcile_retry: float = 2.0,
-                 touch_interval: float = 5.0, max_handshakes: int = 64,
-                 handshake_queue: int = 4096, handshake_wait: float = 5.0,
-                 handshake_timeout: float = 10.0,
-                 unreachable_after: float = 60.0, request_timeout: float = REQUEST_TIMEOUT,
+    def __init__(self, reactor: Any, store: Store, instance: str,
+                 policy: LinkPolicy = LinkPolicy(), *, handshake_timeout: float = 10.0,
+                 request_timeout: float = REQUEST_TIMEOUT,
                  signer: CapabilitySigner | None = None,
                  log_service: str = "treadmill-logserver",
                  proxies: tuple[str, ...] = (), proxy_service: str = "treadmill-proxy"):
@@ -610,14 +629,10 @@ class SupervisorLinks(MultiService):
         self.reactor = reactor
         self.store = store
         self.instance = instance
-        self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
+        self.policy = policy
         self.request_timeout = request_timeout
-        self.reconcile_retry = reconcile_retry
         self.unstored: set[SupervisorSession] = set()  # links with a report refused unavailable
         self._probe: Any = None
-        self.unreachable_after = unreachable_after
-        self.touch_interval = touch_interval
         self._touched_since: float | None = None  # since when touch() keeps succeeding
         self.signer = signer
         self.log_service = log_service
@@ -634,8 +649,9 @@ class SupervisorLinks(MultiService):
         self._last_link_at = float("-inf")
         self.reactor_lag = ReactorLag(reactor)
         """How late the reactor runs; the handshake queue drains only while it keeps up."""
-        self.gate = HandshakeGate(max_handshakes, queue=handshake_queue, wait=handshake_wait,
-                                  clock=reactor, lag=self.reactor_lag.lag)
+        self.gate = HandshakeGate(policy.max_handshakes, queue=policy.handshake_queue,
+                                  wait=policy.handshake_wait, clock=reactor,
+                                  lag=self.reactor_lag.lag)
         """Handshakes in progress at most (``supervisors.max_handshakes``), and upgrades
         waiting for one (``supervisors.handshake_queue``, ``handshake_wait``)."""
         self.handshake_timeout = handshake_timeout
@@ -645,13 +661,13 @@ class SupervisorLinks(MultiService):
         self.resource = SupervisorResource(self.factory, self.gate)
         self._tasks: set[Deferred[Any]] = set()
         self.stopping = False
+        touch, reconcile = policy.touch_interval, policy.reconcile_interval
         for name, interval, work in (
-                ("touch", touch_interval, self.touch),
+                ("touch", touch, self.touch),
                 # Spread over most of the interval: 1,000 hosts at once is a spike.
-                ("reconcile", reconcile_interval,
-                 lambda: self.reconcile_all(spread=0.8 * reconcile_interval)),
-                ("unreachable", touch_interval, self.end_unreachable),
-                ("holds", touch_interval, self.end_holds),
+                ("reconcile", reconcile, lambda: self.reconcile_all(spread=0.8 * reconcile)),
+                ("unreachable", touch, self.end_unreachable),
+                ("holds", touch, self.end_holds),
                 ("snapshots", 30.0, self.expire_snapshots)):
             every(interval, lambda work=work: self.spawn(work()), reactor, parent=self,
                   name=name)
@@ -784,7 +800,7 @@ class SupervisorLinks(MultiService):
         may have grown long; once the database answers, make it send that report now."""
         self.unstored.add(link)
         if self._probe is None or not self._probe.active():
-            self._probe = self.reactor.callLater(self.reconcile_retry, self._probe_database)
+            self._probe = self.reactor.callLater(self.policy.reconcile_retry, self._probe_database)
 
     def _probe_database(self) -> None:
         self._probe = None
@@ -797,7 +813,7 @@ class SupervisorLinks(MultiService):
             except Exception as e:
                 if not unavailable(e):
                     raise
-                self._probe = self.reactor.callLater(self.reconcile_retry,
+                self._probe = self.reactor.callLater(self.policy.reconcile_retry,
                                                      self._probe_database)
                 return
             # Back: a supervisor resends its unacknowledged reports at once after a
@@ -895,14 +911,14 @@ class SupervisorLinks(MultiService):
         connected hosts must not look unreachable.
         """
         since = self._touched_since
-        if since is None or self.reactor.seconds() - since < 2 * self.touch_interval:
+        if since is None or self.reactor.seconds() - since < 2 * self.policy.touch_interval:
             return
-        for job_id in await self.store.unreachable_jobs(self.unreachable_after):
+        for job_id in await self.store.unreachable_jobs(self.policy.unreachable_after):
             try:
                 await self.store.transition(
                     job_id, Status(State.TERMINATED, reason=Reason.HOST_UNREACHABLE),
                     message=f"the host's supervisor was unreachable for over "
-                            f"{self.unreachable_after:g} s")
+                            f"{self.policy.unreachable_after:g} s")
             except (InvalidTransition, NotFound):
                 pass
 

@@ -44,7 +44,7 @@ from treadmill.switchboard.database import Listener, Pool, Timeouts, migrate, un
 from treadmill.switchboard.events import JobWatchers
 from treadmill.switchboard.healthwork import HealthWork
 from treadmill.switchboard.instances import Instance
-from treadmill.switchboard.links import SupervisorLinks
+from treadmill.switchboard.links import LinkPolicy, SupervisorLinks
 from treadmill.switchboard.metrics import SwitchboardMetrics
 from treadmill.switchboard.scheduler import Scheduler
 from treadmill.switchboard.store import Store
@@ -75,15 +75,8 @@ class SwitchboardConfig:
     unrunnable_grace: float = 30.0
     max_host_failures: int = 3
     health_interval: float = 10.0
-    ping_interval: float = 5.0
-    ping_timeout: float = 10.0
-    reconcile_interval: float = 30.0
-    unreachable_after: float = 60.0
+    links: LinkPolicy = field(default_factory=LinkPolicy)
     timeouts: Timeouts = field(default_factory=Timeouts)
-    reconcile_retry: float = 2.0
-    max_handshakes: int = 64
-    handshake_queue: int = 4096
-    handshake_wait: float = 5.0
     passwords: PasswordPolicy = field(default_factory=PasswordPolicy)
     heartbeat_interval: float = 1.0
     address: str = ""
@@ -114,12 +107,7 @@ class SwitchboardService(RoleService):
         self.auth = Authenticator(self.store, reactor, ttl=config.auth_cache_ttl)
         self.watchers = JobWatchers(self.store, reactor)
         self.links = SupervisorLinks(
-            reactor, self.store, config.instance, ping_interval=config.ping_interval,
-            ping_timeout=config.ping_timeout, reconcile_interval=config.reconcile_interval,
-            reconcile_retry=config.reconcile_retry, max_handshakes=config.max_handshakes,
-            handshake_queue=config.handshake_queue, handshake_wait=config.handshake_wait,
-            touch_interval=min(5.0, config.unreachable_after / 4),
-            unreachable_after=config.unreachable_after, signer=self.signer,
+            reactor, self.store, config.instance, config.links, signer=self.signer,
             log_service=config.limits.log_service, proxies=config.proxies,
             proxy_service=config.proxy_service)
         self.links.setName("links")
@@ -129,8 +117,7 @@ class SwitchboardService(RoleService):
         self.instance.setName("instance")
         self.links.instance_id = self.instance.id
         self.scheduler = Scheduler(reactor, self.store, interval=config.scheduler_interval,
-                                   fresh_within=max(15.0, 3 * min(5.0,
-                                                                  config.unreachable_after / 4)),
+                                   fresh_within=max(15.0, 3 * config.links.touch_interval),
                                    unrunnable_grace=config.unrunnable_grace,
                                    fairness_window=config.fairness_window,
                                    is_leader=lambda: self.instance.leader)

@@ -54,7 +54,7 @@ class Options(RoleOptions):
                    non_negative(FLOAT), "Seconds a connection may sit idle inside a transaction "
                    "before the server ends it (0: no limit).",
                    field="timeouts.idle_in_transaction")),
-        *table("supervisors", "{leaf}",
+        *table("supervisors", "links.{leaf}",
                reconcile_retry=Row(
                    positive(FLOAT), "Seconds before a failed reconciliation of a host is tried "
                    "again."),
