@@ -13,6 +13,7 @@ from twisted.internet import reactor
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 
+from tests.util.waiting import eventually
 from treadmill.cli.commands import follow as follow_module
 
 ALICE = "tmt_alice_secret"
@@ -284,10 +285,7 @@ async def test_follow_stops_at_terminated_even_if_stream_stays_open(tml, fake_sw
     result = await tml("job", "events", J1, "-f", env=env)
     assert result.status == 0, result.err
     assert len(result.out.splitlines()) == 5
-    for _ in range(100):
-        if fake_switchboard.streams_closed_by_client:
-            break
-        await deferLater(reactor, 0.01, lambda: None)
+    await eventually(lambda: fake_switchboard.streams_closed_by_client)
     assert fake_switchboard.streams_closed_by_client == 1
 
 

@@ -21,6 +21,7 @@ from tests.imagestore.support import (
     start_cache,
     start_store,
 )
+from tests.util.waiting import eventually
 
 BLOBS = [bytes([i]) * 1000 for i in range(1, 4)]  # A, B, C
 
@@ -71,10 +72,7 @@ async def test_lru_evicts_the_least_recently_used_unleased_blob(stores: Pair) ->
     # and the eviction that follows takes A (B is leased, C just used).
     r = await stores.client.request("GET", f"/v2/lab/fw/blobs/{c}")
     assert r.code == 200 and r.body == BLOBS[2]
-    for _ in range(100):
-        if not storage.has_blob(a):
-            break
-        await pause()
+    await eventually(lambda: not storage.has_blob(a))  # The eviction runs in a thread.
     assert not storage.has_blob(a) and storage.has_blob(b) and storage.has_blob(c)
     assert state.total_bytes == 2000 and state.evicted_blobs == 2
 
@@ -280,10 +278,8 @@ async def test_periodic_maintenance(tmp_path: Path, keys: Keys) -> None:
         assert (await client.request("GET", f"/v2/lab/fw/blobs/{digest}")).code == 200
         state.config.max_bytes = 10
         usage = Path(state.storage.cache) / "usage.json"
-        for _ in range(100):
-            if not state.leases.leases and usage.exists() and not cache.storage.has_blob(digest):
-                break
-            await pause()
+        await eventually(lambda: not state.leases.leases and usage.exists()
+                         and not cache.storage.has_blob(digest))
         assert state.leases.leases == {} and usage.exists()
         assert not cache.storage.has_blob(digest)
     finally:

@@ -299,7 +299,8 @@ async def test_events_made_while_disconnected_are_sent_on_reconnect(
         peer: FakeSwitchboard, supervisors: Make, tmp_path: Path) -> None:
     service = supervisors()
     conn = await peer.connection()
-    await conn.start(job(run_time=0.3, exit_status=4))
+    # Long enough that the job exits after the drop even on a loaded machine.
+    await conn.start(job(run_time=2.0, exit_status=4))
     await conn.events_until("ready")
     await eventually(lambda: service.runner.pending_events == [])
     await peer.stop_listening()

@@ -279,7 +279,14 @@ async def test_notes_of_a_links_own_session_read_nothing(sb: RunningSwitchboard,
         return await real(host_id)
 
     monkeypatch.setattr(sb.store, "host_link_state", counted)
+    notes: list[str] = []
+    sb.service.listener.observe("treadmill_hosts", notes.append)  # after the links'
     token = await add_host(sb)
+    # The host's creation names no session: its note is checked if it comes after
+    # the link. Notes of one channel arrive in commit order: once a later one is
+    # here, the links have seen the creation's.
+    await sb.store.pool.execute("SELECT pg_notify('treadmill_hosts', 'sentinel')")
+    await eventually(lambda: "sentinel" in notes)
     peer = await connected_peer(sb, token)
     assert (await sb.admin.put("/api/v1/hosts/h1/tags", {"tags": ["t", "u"]})).status == 200
     job_id = await submit(sb, tags=["u"])
