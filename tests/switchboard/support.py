@@ -1,8 +1,9 @@
 """Helpers of the switchboard tests that drive a scripted supervisor (:mod:`.peer`).
 
 Hosts, jobs and peers against a :class:`tests.support.RunningSwitchboard`: add a
-host, submit a job, wait for a job state, connect a peer and reconnect it; hold
-hosts' rows locked (``locked_hosts``: a link registration that waits).
+host, submit a job, wait for a job state, connect a peer and reconnect it, have a job
+fail into a held host (``held_failure``); hold hosts' rows locked (``locked_hosts``: a
+link registration that waits).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import base64
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,25 @@ async def assigned_job(sb: RunningSwitchboard, peer: Peer, **fields: Any) -> str
     job_id = await submit(sb, **fields)
     await peer.wait_for("start_job", job_id=job_id)
     await reaches(sb, job_id, "assigned")
+    return job_id
+
+
+def seconds_of(text: str) -> float:
+    """A time of the API (RFC 3339) as POSIX seconds."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+async def held_failure(sb: RunningSwitchboard, peer: Peer, hold: float = 60.0,
+                       client: Any = None) -> str:
+    """A job with ``hold_on_failure`` that failed on ``peer``'s host, which holds it."""
+    job_id = await submit(sb, client, hold_on_failure=hold)
+    start = (await peer.wait_for("start_job", job_id=job_id))[-1]
+    assert start["job"]["hold_on_failure"] == hold
+    await peer.event(job_id, "ready")
+    peer.script.job, peer.script.held = None, job_id
+    ack = await peer.event(job_id, "terminated", reason="workload_exited", exit_status=3,
+                           held=True)
+    assert ack["ok"] is True, ack
     return job_id
 
 
