@@ -446,10 +446,10 @@ def extended_text(job: dict[str, Any]) -> str:
     if job.get("held_until"):
         return output.clean(f"job {job.get('id')}: {job.get('state')}; its host "
                             f"{job.get('host')} is held until "
-                            f"{output.fmt_time(job['held_until'])}\n")
+                            f"{output.fmt_time(job['held_until'])}") + "\n"
     return output.clean(f"job {job.get('id')}: {job.get('state')}, until "
                         f"{job.get('deadline') or 'its timeout'} "
-                        f"(timeout {job.get('timeout')} s)\n")
+                        f"(timeout {job.get('timeout')} s)") + "\n"
 
 
 async def job_events(ctx: Context) -> int:
