@@ -1,9 +1,8 @@
 """Helpers of the switchboard tests that drive a scripted supervisor (:mod:`.peer`).
 
 Hosts, jobs and peers against a :class:`tests.support.RunningSwitchboard`: add a
-host, submit a job, wait for a job state, connect a peer and reconnect it, have a job
-fail into a held host (``held_failure``); hold hosts' rows locked (``locked_hosts``: a
-link registration that waits).
+host, submit a job, wait for a job state, connect a peer and reconnect it; hold
+hosts' rows locked (``locked_hosts``: a link registration that waits).
 """
 
 from __future__ import annotations
@@ -102,20 +101,6 @@ async def assigned_job(sb: RunningSwitchboard, peer: Peer, **fields: Any) -> str
 def seconds_of(text: str) -> float:
     """A time of the API (RFC 3339) as POSIX seconds."""
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
-async def held_failure(sb: RunningSwitchboard, peer: Peer, hold: float = 60.0,
-                       client: Any = None) -> str:
-    """A job with ``hold_on_failure`` that failed on ``peer``'s host, which holds it."""
-    job_id = await submit(sb, client, hold_on_failure=hold)
-    start = (await peer.wait_for("start_job", job_id=job_id))[-1]
-    assert start["job"]["hold_on_failure"] == hold
-    await peer.event(job_id, "ready")
-    peer.script.job, peer.script.held = None, job_id
-    ack = await peer.event(job_id, "terminated", reason="workload_exited", exit_status=3,
-                           held=True)
-    assert ack["ok"] is True, ack
-    return job_id
 
 
 async def reconnect(peer: Peer, job: dict[str, Any] | None) -> None:

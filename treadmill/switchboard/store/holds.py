@@ -13,9 +13,8 @@ from typing import Any
 from psycopg2.extras import Json
 
 from treadmill.switchboard.database import Cursor
-from treadmill.switchboard.notifications import EXTENDED, JobNote
-from treadmill.switchboard.store.base import Queries
-from treadmill.switchboard.store.errors import Conflict, NotFound
+from treadmill.switchboard.store.base import Queries, locked_job, notify_extended
+from treadmill.switchboard.store.errors import Conflict
 
 HELD_JOB = ("SELECT id, held_until <= now() AS due, "
             "held_until < terminated_at + make_interval(secs => hold_on_failure) "
@@ -63,12 +62,8 @@ class HoldQueries(Queries):
         """
 
         async def extend(cur: Cursor) -> dict:
-            row = await cur.fetchone(
-                "SELECT state, held_until IS NOT NULL AS held, "
-                "extract(epoch FROM held_until - now())::float8 AS held_for "
-                "FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
-            if row is None:
-                raise NotFound(f"no job {job_id}")
+            row = await locked_job(cur, job_id, "state, held_until IS NOT NULL AS held, "
+                                   "extract(epoch FROM held_until - now())::float8 AS held_for")
             if not row["held"]:
                 raise Conflict(f"job {job_id} is {row['state']} and its host is not held")
             if row["held_for"] <= 0:
@@ -81,9 +76,7 @@ class HoldQueries(Queries):
                 "updated_at = now() WHERE id = %s RETURNING held_until, host_id",
                 (by, job_id))
             assert updated is not None
-            if updated["host_id"] is not None:
-                await cur.execute("SELECT pg_notify('treadmill_jobs', %s)", (JobNote(
-                    job_id, EXTENDED, updated["host_id"]).format(),))
+            await notify_extended(cur, job_id, updated["host_id"])
             return updated
 
         return await self.pool.transaction(extend)
