@@ -1,5 +1,6 @@
-"""What the store's components share: the :class:`Queries` base, and SQL fragments
-used by more than one domain."""
+"""What the store's components share: the :class:`Queries` base, SQL fragments used by
+more than one domain, and statements run in their transactions (:func:`locked_job`,
+:func:`notify_extended`)."""
 
 from __future__ import annotations
 
