@@ -33,6 +33,15 @@ def _renewal(minor: int, signer: CapabilitySigner | None, **row: Any) -> dict[st
                        log_service="logs", proxies=PROXIES, proxy_service="proxy")
 
 
+def _signing() -> tuple[Clock, CapabilitySigner, dict[str, Any]]:
+    """A clock at a plausible now, a signer on it, and the keys that verify it."""
+    clock = Clock()
+    clock.advance(1_765_000_000)
+    private = Ed25519PrivateKey.generate()
+    return (clock, CapabilitySigner(private, "treadmill", clock),
+            {key_id(private.public_key()): private.public_key()})
+
+
 @pytest.mark.parametrize(("reported", "due"), [
     (None, False),  # idle
     ({"id": JOB, "state": "ready", "stage": None}, False),  # minor 7: says no timeout
@@ -48,11 +57,7 @@ def test_a_lower_reported_timeout_of_the_same_job_is_due_a_renewal(reported, due
 
 
 def test_the_renewal_carries_fresh_tokens_for_the_new_end() -> None:
-    clock = Clock()
-    clock.advance(1_765_000_000)
-    private = Ed25519PrivateKey.generate()
-    signer = CapabilitySigner(private, "treadmill", clock)
-    keys = {key_id(private.public_key()): private.public_key()}
+    clock, signer, keys = _signing()
     message = _renewal(protocol.RENEW_MINOR, signer)
     assert message is not None
     protocol.validate(message)
@@ -112,11 +117,7 @@ def test_a_shorter_or_lower_reported_hold_is_due_a_renewal(status, due) -> None:
 
 
 def test_a_held_jobs_renewal_says_the_holds_end_and_outlives_it() -> None:
-    clock = Clock()
-    clock.advance(1_765_000_000)
-    private = Ed25519PrivateKey.generate()
-    signer = CapabilitySigner(private, "treadmill", clock)
-    keys = {key_id(private.public_key()): private.public_key()}
+    clock, signer, keys = _signing()
     message = _renewal(protocol.HOLD_RENEW_MINOR, signer, held_for=300.0)
     assert message is not None
     protocol.validate(message)
