@@ -15,12 +15,15 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
 
 from tests.supervisor.peer import JOB_A, JOB_B, job
 from tests.supervisor.support import Connection, Harness
 from treadmill.common.logging import rfc3339
 from treadmill.protocol import supervisor as protocol
 from treadmill.supervisor.hold import END_REASONS, hold_for
+from treadmill.supervisor.jobexposure import JobExposure
+from treadmill.supervisor.joblogs import JobLogs
 from treadmill.supervisor.journal import StateFiles
 from treadmill.supervisor.observers import JobObserver
 from treadmill.supervisor.runner import JobRunner
@@ -350,3 +353,100 @@ def test_a_held_host_that_goes_away_ends_its_hold(tmp_path: Path) -> None:
     h.pump(h.clock.seconds() + 1)
     assert h.runner.held is None and h.ends.held_ended == [JOB_A]
     assert h.ends.changes[-1]["reason"] == "host_gone"
+
+
+class Renewed(JobObserver):
+    """The renewals, and the held job's log shipping and proxy publishing as they follow."""
+
+    def __init__(self, tmp_path: Path, clock: Clock) -> None:
+        self.jobs: list[dict[str, Any]] = []
+        self.logs = JobLogs(clock, str(tmp_path / "logs"), durable=False)
+        self.exposure = JobExposure(Clock(), lambda job_id, endpoints: None)
+
+    def tokens_renewed(self, job: dict[str, Any]) -> None:
+        self.jobs.append(job)
+
+
+FIRST = {"log_servers": [{"url": "http://logs:1", "token": "first-log"}],
+         "proxies": [{"url": "ws://proxy:1", "token": "first-proxy"}]}
+FRESH = {"log_servers": [{"url": "http://logs:1", "token": "fresh-log"}],
+         "proxies": [{"url": "ws://proxy:1", "token": "fresh-proxy"}]}
+
+
+def start_parameters() -> dict[str, Any]:
+    return job(JOB_A, exit_status=3)["parameters"]
+
+
+def _held_with_tokens(tmp_path: Path) -> tuple[Hold, Renewed, float]:
+    """A held job whose start carried tokens; its renewals; when it ended."""
+    h = Hold(tmp_path, stop_time=1.0)
+    renewed = Renewed(tmp_path, h.clock)
+    for observer in (renewed, renewed.logs, renewed.exposure):
+        h.runner.add_observer(observer)
+    start = {**job(JOB_A, exit_status=3), "hold_on_failure": HOLD, **FIRST}
+    h.send(protocol.start_job(1000, start))
+    h.pump(10.0)
+    ended_at = next(t for t, m in h.conn.events() if m["state"] == "terminated")
+    return h, renewed, ended_at
+
+
+def test_an_extended_hold_ends_later_with_fresh_tokens(tmp_path: Path) -> None:
+    """``renew_tokens`` with ``held_for`` (minor 9): the hold's timer moves, the fresh tokens
+    reach the observers and ``held.json``, ``events`` hears of it, ``status`` says it."""
+    h, renewed, ended_at = _held_with_tokens(tmp_path)
+    status = h.status()
+    assert status["held"] == JOB_A and status["held_timeout"] == 60
+    assert renewed.logs.servers[JOB_A] == FIRST["log_servers"]
+    assert renewed.exposure.proxies[JOB_A] == FIRST["proxies"]
+    assert status["held_for"] == pytest.approx(ended_at + HOLD - h.clock.seconds())
+    now = h.clock.seconds()
+    rid = h.send(protocol.renew_tokens(3000, JOB_A, 60, held_for=100.0, **FRESH))
+    assert h.answer(rid) == protocol.ack(rid)
+    [fresh] = renewed.jobs
+    assert (fresh["id"], fresh["log_servers"], fresh["proxies"]) == (
+        JOB_A, FRESH["log_servers"], FRESH["proxies"])
+    assert fresh["hold_on_failure"] == HOLD and fresh["parameters"] == start_parameters()
+    # The held job's log shipping and proxy links take them.
+    assert renewed.logs.servers[JOB_A] == FRESH["log_servers"]
+    assert renewed.exposure.proxies[JOB_A] == FRESH["proxies"]
+    assert h.ends.changes[-1] == {"job_id": JOB_A, "hold": "extended", "at": rfc3339(now),
+                                  "until": rfc3339(now + 100.0)}
+    record = json.loads((h.state / "held.json").read_text())
+    assert record["until"] == now + 100.0 and record["job"] == fresh
+    assert h.status()["held_for"] == pytest.approx(100.0)
+    # Held past its first end; over at the new one.
+    h.pump(ended_at + HOLD + 5)
+    assert h.runner.held == JOB_A and h.ends.held_ended == []
+    h.pump(now + 100.0 - 0.5)
+    assert h.runner.held == JOB_A
+    h.pump(now + 100.0 + 2)
+    assert h.runner.held is None and h.ends.held_ended == [JOB_A]
+    assert h.ends.changes[-1]["reason"] == "expired"
+    assert not (h.state / "held.json").exists()
+
+
+def test_a_renewal_of_another_job_or_without_held_for_leaves_the_hold(tmp_path: Path) -> None:
+    h, renewed, _ = _held_with_tokens(tmp_path)
+    for message in (protocol.renew_tokens(3000, JOB_B, 60, held_for=100.0, **FRESH),
+                    protocol.renew_tokens(3001, JOB_A, 600, **FRESH)):  # a minor 8 one
+        rid = h.send(message)
+        assert h.answer(rid) == protocol.ack(rid)
+    assert renewed.jobs == [] and [c["hold"] for c in h.ends.changes] == ["started"]
+    assert json.loads((h.state / "held.json").read_text())["job"]["log_servers"] == \
+        FIRST["log_servers"]
+    # Nor does a renewal that comes while the hold is being released.
+    h.send(protocol.stop_job(3002, JOB_A, "user_terminated"))
+    rid = h.send(protocol.renew_tokens(3003, JOB_A, 60, held_for=100.0, **FRESH))
+    assert h.answer(rid) == protocol.ack(rid) and renewed.jobs == []
+    h.pump(h.clock.seconds() + 2)
+    assert h.runner.held is None and h.ends.held_ended == [JOB_A]
+
+
+def test_status_says_the_holds_end_only_to_minor_9(tmp_path: Path) -> None:
+    h, _, _ = _held_with_tokens(tmp_path)
+    old = Connection(h.clock, minor=protocol.HOLD_RENEW_MINOR - 1)
+    h.runner.link_opened(old)
+    h.conn = old
+    status = h.status()
+    assert status["held"] == JOB_A and "held_for" not in status
+    assert "held_timeout" not in status

@@ -32,6 +32,8 @@ class Script:
     answer_status: bool = True  # False: status requests go unanswered.
     kinds: list[str] | None = None  # status.kinds (minor 5); None: not sent.
     held: str | None = None  # status.held (minor 6): the ended job whose host it keeps.
+    held_for: float | None = None  # status.held_for (minor 9), with held
+    held_timeout: float | None = None  # status.held_timeout (minor 9), with held
 
 
 class PeerProtocol(WebSocketClientProtocol):
@@ -117,8 +119,7 @@ class Peer:
             if self._delivering:
                 self._held_status.append(message["request_id"])
             else:
-                self.send(protocol.status(message["request_id"], self.script.job,
-                                          self.script.kinds, self.script.held))
+                self.send(self._status(message["request_id"]))
         elif kind == "start_job":
             error = self.script.start_error
             if error is None and self.script.run_started:
@@ -137,10 +138,17 @@ class Peer:
             self.send(protocol.ack(message["request_id"]))
         elif kind == "snapshot_job":
             self.send(protocol.ack(message["request_id"], self.script.snapshot_error))
+        elif kind == "renew_tokens":
+            self.send(protocol.ack(message["request_id"]))
         elif kind == "ack":
             waiter = self._acks.pop(message["request_id"], None)
             if waiter is not None:
                 waiter.callback(message)
+
+    def _status(self, request_id: int) -> dict[str, Any]:
+        script = self.script
+        return protocol.status(request_id, script.job, script.kinds, script.held,
+                               held_for=script.held_for, held_timeout=script.held_timeout)
 
     async def event(self, job_id: str, state: str, **fields: Any) -> dict[str, Any]:
         """Send a job event and wait for its ack."""
@@ -186,8 +194,7 @@ class Peer:
             if not self._delivering and self.connection is not None:
                 held, self._held_status = self._held_status, []
                 for request_id in held:
-                    self.send(protocol.status(request_id, self.script.job, self.script.kinds,
-                                              self.script.held))
+                    self.send(self._status(request_id))
 
     async def closed(self) -> int | None:
         assert self._closed_d is not None

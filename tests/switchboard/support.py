@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,11 @@ async def assigned_job(sb: RunningSwitchboard, peer: Peer, **fields: Any) -> str
     await peer.wait_for("start_job", job_id=job_id)
     await reaches(sb, job_id, "assigned")
     return job_id
+
+
+def seconds_of(text: str) -> float:
+    """A time of the API (RFC 3339) as POSIX seconds."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 async def reconnect(peer: Peer, job: dict[str, Any] | None) -> None:

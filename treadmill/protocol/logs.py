@@ -24,8 +24,8 @@ from __future__ import annotations
 import re
 
 __all__ = ["FOLLOW_CLOSE_CODES", "FOLLOW_SUBPROTOCOL", "HOLD_MARKER", "JOB_RE", "STREAM_RE",
-           "append_url", "close_url", "follow_url", "hold_end_marker", "hold_marker",
-           "hold_resumed_marker", "is_job", "is_stream", "stream_url", "streams_url"]
+           "append_url", "close_url", "follow_url", "hold_end_marker", "hold_extended_marker",
+           "hold_marker", "hold_resumed_marker", "is_job", "is_stream", "stream_url", "streams_url"]
 
 STREAM_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 JOB_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -52,6 +52,12 @@ def hold_resumed_marker() -> bytes:
     the host printed while no supervisor read its console is missing before it."""
     return (b"\r\n[treadmill: the supervisor restarted and re-adopted the held host; what "
             b"the host printed while it was down is not here]\r\n")
+
+
+def hold_extended_marker(until: str) -> bytes:
+    """The ``console`` line put where a held host's hold was extended (``tml job extend``);
+    ``until`` is when it ends now (RFC 3339)."""
+    return f"\r\n[treadmill: the hold is extended until {until}]\r\n".encode()
 
 
 def hold_end_marker(message: str) -> bytes:

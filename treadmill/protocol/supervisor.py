@@ -29,13 +29,15 @@ from treadmill.common.messages import check, decode
 from treadmill.common.messages import encode as encode  # re-exported: the protocol's encoder
 
 MAJOR = 1
-MINOR = 8
+MINOR = 9
 """1: ``JobStart.log_servers``; 2: ``JobStart.proxies`` and ``job_endpoints``;
 3: ``snapshot_job`` and ``snapshot_result``; 4: the ack error ``unavailable``;
 5: ``JobStart.results``, ``JobStart.ssh_keys``, ``job_endpoints.ssh_host_keys`` and the
 endpoints' ``auth``; 6: ``JobStart.hold_on_failure``, ``job_event.held`` and
 ``status.held``; 7: ``console_event`` (console connections, for the audit log);
-8: ``renew_tokens`` (an extended job's fresh tokens) and ``status.job.timeout``."""
+8: ``renew_tokens`` (an extended job's fresh tokens) and ``status.job.timeout``;
+9: ``renew_tokens.held_for`` (a held job's hold extended) and ``status.held_for`` and
+``status.held_timeout``."""
 SSH_KEYS_MINOR = 5
 """The minor that brings ``JobStart.ssh_keys`` and ``job_endpoints.ssh_host_keys``."""
 ENDPOINT_AUTH_MINOR = 5
@@ -72,6 +74,10 @@ sends none (it drops them from its outbox, counted)."""
 RENEW_MINOR = 8
 """The first minor version with ``renew_tokens`` and ``status.job.timeout``: an older
 supervisor keeps the tokens of its ``start_job`` (``docs/jobs.md``, Reservations)."""
+HOLD_RENEW_MINOR = 9
+"""The first minor version with ``renew_tokens.held_for`` (a held job's fresh tokens and its
+hold's new end) and ``status.held_for`` and ``status.held_timeout`` (what the supervisor
+knows of its hold); an older supervisor ends a hold at its first end (``docs/jobs.md``)."""
 CONSOLE_EVENT_FIELDS = ("event", "conn_id", "service", "proxy", "user", "jti", "access",
                         "peer", "at", "suppressed")
 """The fields of a ``console_event`` besides ``type``, ``request_id`` and ``job_id``."""
@@ -213,15 +219,22 @@ def status_request(request_id: int) -> dict[str, Any]:
 
 
 def status(request_id: int, job: dict[str, Any] | None,
-           kinds: list[str] | None = None, held: str | None = None) -> dict[str, Any]:
+           kinds: list[str] | None = None, held: str | None = None, *,
+           held_for: float | None = None, held_timeout: float | None = None) -> dict[str, Any]:
     """What the supervisor runs: ``None`` when idle, else ``{id, state, stage}``;
     ``kinds`` (minor 5, optional): the image kinds its driver runs (absent: any);
-    ``held`` (minor 6, optional): the ended job whose host it still keeps."""
+    ``held`` (minor 6, optional): the ended job whose host it still keeps, and (minor 9,
+    with it) ``held_for``, the seconds its hold has left, and ``held_timeout``, the held
+    job's timeout, as the supervisor knows them."""
     message: dict[str, Any] = {"type": "status", "request_id": request_id, "job": job}
     if kinds is not None:
         message["kinds"] = sorted(kinds)
     if held is not None:
         message["held"] = held
+        if held_for is not None:
+            message["held_for"] = held_for
+        if held_timeout is not None:
+            message["held_timeout"] = held_timeout
     return message
 
 
@@ -288,11 +301,16 @@ def console_event(request_id: int, job_id: str, **fields: Any) -> dict[str, Any]
 
 def renew_tokens(request_id: int, job_id: str, timeout: float, *,
                  log_servers: list[ServiceURL] | None = None,
-                 proxies: list[ServiceURL] | None = None) -> dict[str, Any]:
-    """Job ``job_id``'s ``timeout`` grew (minor 8): the tokens of its ``start_job`` for its
-    log servers and proxies, replaced by fresh ones that outlive its new deadline."""
+                 proxies: list[ServiceURL] | None = None,
+                 held_for: float | None = None) -> dict[str, Any]:
+    """Job ``job_id``'s ``timeout`` grew (minor 8), or its hold did (``held_for``, minor 9:
+    the held job's hold now ends that many seconds from now): the tokens of its
+    ``start_job`` for its log servers and proxies, replaced by fresh ones that outlive its
+    new end."""
     message: dict[str, Any] = {"type": "renew_tokens", "request_id": request_id,
                                "job_id": job_id, "timeout": timeout}
+    if held_for is not None:
+        message["held_for"] = held_for
     if log_servers:
         message["log_servers"] = log_servers
     if proxies:

@@ -74,7 +74,8 @@ def end_reason(stop_reason: str) -> str:
 def hold_change(job_id: str, change: str, at: float, *, until: float | None = None,
                 reason: str | None = None) -> dict[str, Any]:
     """The ``events`` stream's line (as a dict) for a hold that ``change``-d
-    (``started``, ``resumed`` after a restart, ``ended``) at ``at``: with ``until`` (when
+    (``started``, ``resumed`` after a restart, ``extended``, ``ended``) at ``at``: with
+    ``until`` (when
     it ends) or ``reason`` (an :data:`END_REASONS` key, with its ``message``). Times are
     POSIX seconds, written as RFC 3339 UTC."""
     line: dict[str, Any] = {"job_id": job_id, "hold": change, "at": rfc3339(at)}
@@ -94,15 +95,20 @@ def hold_record(job: dict[str, Any], until: float) -> dict[str, Any]:
 
 @dataclass(eq=False)
 class Hold:
-    """An ended job whose host the runner keeps until ``until`` (reactor seconds)."""
+    """An ended job (``job``, its ``JobStart``, tokens as last renewed) whose host the
+    runner keeps until ``until`` (reactor seconds)."""
 
-    job_id: str
+    job: dict[str, Any]
     until: float
     timer: Any = None  # the expiry's IDelayedCall
     releasing: bool = False
     reason: str = "host_gone"  # why it ends (END_REASONS): a release or expiry says so
     ended: bool = False  # the driver reported the held job's end: its teardown is over
     _waiters: list[Deferred[None]] = field(default_factory=list)
+
+    @property
+    def job_id(self) -> str:
+        return str(self.job["id"])
 
     def cancel_timer(self) -> None:
         if self.timer is not None and self.timer.active():

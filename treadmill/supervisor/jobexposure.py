@@ -59,7 +59,8 @@ class JobExposure(JobObserver, Service):
                 manager.set_token(proxy["url"], proxy["token"])
 
     def tokens_renewed(self, job: dict[str, Any]) -> None:
-        """The job was extended: new control and pooled connections use the fresh tokens."""
+        """The job (or its hold) was extended: new control and pooled connections use the
+        fresh tokens."""
         self.job_started(job)
 
     def services(self, job_id: str, services: dict[str, tuple[str, int]]) -> None:

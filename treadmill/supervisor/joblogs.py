@@ -11,8 +11,9 @@ supervisor restarted before that resumes shipping from its spool.
 A failed job whose host is held (``hold.py``) keeps its streams open until the hold
 ends: the held host's console goes on into ``console`` (between two marker lines,
 ``protocol/logs.py``), and ``events`` gets a line
-when the hold starts, resumes after a supervisor restart and ends (``{"job_id",
-"hold": "started"|"resumed"|"ended", "at", "until"|"reason", "message"}``); then the
+when the hold starts, resumes after a supervisor restart, is extended and ends
+(``{"job_id", "hold": "started"|"resumed"|"extended"|"ended", "at",
+"until"|"reason", "message"}``); then the
 streams are closed. A restart that re-adopts the held host (:meth:`resume` with
 ``held``) goes on shipping; one that cannot ends the hold, and the job's ``events``
 stream, whose last line still says the hold goes on, gets its ``ended`` line
@@ -38,7 +39,12 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from treadmill.protocol.logs import hold_end_marker, hold_marker, hold_resumed_marker
+from treadmill.protocol.logs import (
+    hold_end_marker,
+    hold_extended_marker,
+    hold_marker,
+    hold_resumed_marker,
+)
 from treadmill.protocol.results import STREAM as RESULTS
 from treadmill.supervisor.hold import hold_change
 from treadmill.supervisor.logship import EVENTS, LogShipper
@@ -63,7 +69,7 @@ def _kind(line: bytes) -> str | None:
         return None
     if event.get("state") == "terminated":
         return "held" if event.get("held") else "ended"
-    if event.get("hold") in ("started", "resumed"):
+    if event.get("hold") in ("started", "resumed", "extended"):
         return "held"
     return "ended" if event.get("hold") == "ended" else None
 
@@ -134,7 +140,8 @@ class JobLogs(JobObserver, Service):
             shipper.set_servers(servers)
 
     def tokens_renewed(self, job: dict[str, Any]) -> None:
-        """The job was extended: its shipper uses the fresh tokens from now on."""
+        """The job (or its hold) was extended: its shipper uses the fresh tokens from now
+        on."""
         self.job_started(job)
 
     def _shipper(self, job_id: str) -> LogShipper | None:
@@ -171,8 +178,8 @@ class JobLogs(JobObserver, Service):
                 self._finish(job_id)
 
     def hold_changed(self, change: dict[str, Any]) -> None:
-        """A held job's hold started, resumed or ended: its ``events`` line; the end
-        closes the job's streams."""
+        """A held job's hold started, resumed, was extended or ended: its ``events`` line;
+        the end closes the job's streams."""
         job_id = change["job_id"]
         shipper = self._shipper(job_id)
         if shipper is None:
@@ -181,6 +188,8 @@ class JobLogs(JobObserver, Service):
             shipper.append("console", hold_marker(change["until"]))
         elif change.get("hold") == "resumed":
             shipper.append("console", hold_resumed_marker())
+        elif change.get("hold") == "extended":
+            shipper.append("console", hold_extended_marker(change["until"]))
         elif change.get("hold") == "ended":
             shipper.append("console", hold_end_marker(change["message"]))
         shipper.append(EVENTS, _line(change))

@@ -24,9 +24,9 @@ class IJobObserver(Interface):
         (fresh tokens for its log servers and proxies included)."""
 
     def tokens_renewed(job: dict[str, Any]) -> None:
-        """The current job was extended (``renew_tokens``): its ``JobStart`` now, with its
-        new ``timeout`` and fresh tokens for its log servers and proxies, to use from the
-        next request or connection on."""
+        """The current job, or the held ended job, was extended (``renew_tokens``): its
+        ``JobStart`` now, with its new ``timeout`` and fresh tokens for its log servers and
+        proxies, to use from the next request or connection on."""
 
     def console(job_id: str, data: bytes) -> None:
         """Output of the current job's console, or of a held ended job's host."""
@@ -43,8 +43,8 @@ class IJobObserver(Interface):
         :meth:`hold_ended`)."""
 
     def hold_changed(change: dict[str, Any]) -> None:
-        """The hold of an ended job's host started, resumed after a restart, or ended
-        (before :meth:`hold_ended`): ``change`` is the job's ``events`` stream line for it
+        """The hold of an ended job's host started, resumed after a restart, was extended,
+        or ended (before :meth:`hold_ended`): ``change`` is the job's ``events`` stream line for it
         (``hold.hold_change``)."""
 
     def hold_ended(job_id: str) -> None:

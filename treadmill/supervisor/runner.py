@@ -15,10 +15,14 @@ switchboard's commands (``docs/protocol.md``):
   event has been sent *and acknowledged*, so the switchboard reconciles
   against a database that already holds them; since minor 6 it names the
   ended job whose host is held (``held``), since minor 8 the current job's
-  ``timeout`` as it knows it;
+  ``timeout`` as it knows it, since minor 9 the held job's (``held_timeout``) and
+  the seconds its hold has left (``held_for``);
 - ``renew_tokens`` (minor 8): the current job was extended; its new timeout and
   fresh log and proxy tokens replace those of its ``start_job`` (journaled in
-  ``current-job.json``, handed to the observers: ``tokens_renewed``). For any
+  ``current-job.json``, handed to the observers: ``tokens_renewed``). Since minor 9
+  one with ``held_for`` names the held ended job: its hold now ends ``held_for``
+  seconds from now, and its fresh tokens replace the held job's (journaled in
+  ``held.json``; the observers get ``tokens_renewed`` and ``hold_changed``). For any
   other job it acks ``ok`` and changes nothing.
 
 A job with ``hold_on_failure`` (minor 6) that fails (its workload exits with a
@@ -628,11 +632,18 @@ class JobRunner(Service):
 
     async def _renew_tokens(self, session: Session, message: dict[str, Any]) -> None:
         rid = message["request_id"]
+        renewed = {key: message[key] for key in ("log_servers", "proxies") if message.get(key)}
+        held = self._held
+        if (held is not None and held.job_id == message["job_id"] and not held.releasing
+                and message.get("held_for") is not None):
+            await self._extend_hold(held, message["held_for"],
+                                    {**held.job, "timeout": message["timeout"], **renewed})
+            self._reply(session, protocol.ack(rid))
+            return
         cur = self._current
         if cur is None or cur.id != message["job_id"]:
             self._reply(session, protocol.ack(rid))  # ended (or never here): nothing to renew
             return
-        renewed = {key: message[key] for key in ("log_servers", "proxies") if message.get(key)}
         cur.job = {**cur.job, "timeout": message["timeout"], **renewed}
         self.log.info("{name}: job {job} extended to a timeout of {timeout:g} s; fresh tokens "
                       "for {what}", name=self.label, job=cur.id, timeout=message["timeout"],
@@ -654,10 +665,14 @@ class JobRunner(Service):
             job = self.status()
             if job is not None and minor >= protocol.RENEW_MINOR and self._current is not None:
                 job["timeout"] = self._current.job["timeout"]  # older: refused
+            held, hold = self._held, {}
+            if held is not None and minor >= protocol.HOLD_RENEW_MINOR:  # older: refused
+                hold = {"held_for": max(0.0, held.until - self.reactor.seconds()),
+                        "held_timeout": held.job["timeout"]}
             session.send(protocol.status(
                 message["request_id"], job,
                 list(kinds) if kinds is not None else None,
-                held=self.held if minor >= protocol.HOLD_MINOR else None))
+                held=self.held if minor >= protocol.HOLD_MINOR else None, **hold))
 
     # -- reports from the driver ---------------------------------------------------------
 
@@ -840,7 +855,7 @@ class JobRunner(Service):
         self._emit(**final, held=hold is not None, clear_current=True, ended=list(self._ended),
                    hold=hold_record(cur.job, until) if until is not None else None)
         if until is not None:
-            self._begin_hold(cur.id, until)
+            self._begin_hold(cur.job, until)
 
     # -- holding a failed job's host (hold.py) -----------------------------------------
 
@@ -855,11 +870,12 @@ class JobRunner(Service):
             return None
         return seconds
 
-    def _begin_hold(self, job_id: str, until: float, resumed: bool = False) -> None:
-        """Hold job ``job_id``'s host until ``until`` (reactor seconds); the driver is told
+    def _begin_hold(self, job: dict[str, Any], until: float, resumed: bool = False) -> None:
+        """Hold ended ``job``'s host until ``until`` (reactor seconds); the driver is told
         (``hold(job_id)``, if it has it) that the job it still runs is held."""
+        job_id = str(job["id"])
         seconds = max(0.0, until - self.reactor.seconds())
-        held = Hold(job_id, until)
+        held = Hold(job, until)
         held.timer = self.reactor.callLater(seconds, self._hold_expired, held)
         self._held = held
         hold = getattr(self.driver, "hold", None)
@@ -874,6 +890,23 @@ class JobRunner(Service):
         change = hold_change(job_id, "resumed" if resumed else "started",
                              self.reactor.seconds(), until=until)
         self._tell(lambda observer: observer.hold_changed(change), "hold_changed")
+
+    async def _extend_hold(self, held: Hold, seconds: float, job: dict[str, Any]) -> None:
+        """The switchboard moved the hold's end (``renew_tokens.held_for``, minor 9): it now
+        ends ``seconds`` from now, and ``job`` carries the fresh tokens (journaled in
+        ``held.json``, so a restart that re-adopts the host keeps both)."""
+        until = self.reactor.seconds() + seconds
+        held.job, held.until = job, until
+        held.cancel_timer()
+        held.timer = self.reactor.callLater(seconds, self._hold_expired, held)
+        self.log.info("{name}: the hold of job {job} now ends in {seconds:.0f} s; fresh tokens "
+                      "for {what}", name=self.label, job=held.job_id, seconds=seconds,
+                      what=", ".join(k for k in ("log_servers", "proxies") if job.get(k)))
+        self._tell(lambda observer: observer.tokens_renewed(job), "tokens_renewed")
+        change = hold_change(held.job_id, "extended", self.reactor.seconds(), until=until)
+        self._tell(lambda observer: observer.hold_changed(change), "hold_changed")
+        # After the writes queued before it (the hold's own record among them).
+        await self._io(self.files.record, None, None, held=hold_record(job, until))
 
     async def _resume_hold(self, record: dict[str, Any]) -> None:
         """After a restart: the driver re-adopts the host ``held.json`` (``record``) says is
@@ -906,7 +939,7 @@ class JobRunner(Service):
             await self._io(self.files.record, None, None, clear_held=True)
             return
         self._notify_start(job)  # its proxies, to publish the held host's services again
-        self._begin_hold(job_id, float(until), resumed=True)
+        self._begin_hold(job, float(until), resumed=True)
         self.log.info("{name}: re-adopted the held host of job {job}", name=self.label,
                       job=job_id)
 

@@ -7,7 +7,9 @@ ends it: once its ``held_until`` has passed (expired, or released by ``tml job
 cancel``) it sends that ``stop_job`` and, once acknowledged (the supervisor acks
 after its teardown), frees the host. Reconciliation compares ``status.held`` with
 the database: a hold the supervisor no longer names is over; one it names that the
-database does not know (any more) is released.
+database does not know (any more) is released; one whose end or timeout the supervisor
+knows as earlier than the database's (minor 9: an extension it missed, or a hold that
+began while the link was down) gets ``renew_tokens`` (``renewal.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from twisted.logger import Logger
 
 from treadmill.protocol import supervisor as protocol
 from treadmill.switchboard.jobstate import Reason
+from treadmill.switchboard.renewal import hold_outdated, renew_tokens
 
 
 class HostHold:
@@ -48,11 +51,13 @@ class HostHold:
         if row is not None and row["due"]:
             await self._release(str(row["id"]), bool(row["released"]))
 
-    async def reconcile(self, reported: str | None, row: dict | None) -> None:
-        """Bring the database's hold on the host in line with ``status.held``; ``row`` is
-        the host's :meth:`~treadmill.switchboard.store.holds.HoldQueries.held_job`, read
-        with the rest of the link's state."""
+    async def reconcile(self, answer: dict[str, Any], row: dict | None) -> None:
+        """Bring the database's hold on the host in line with the supervisor's ``status``
+        (``answer``); ``row`` is the host's
+        :meth:`~treadmill.switchboard.store.holds.HoldQueries.held_job`, read with the rest
+        of the link's state."""
         store = self.link.links.store
+        reported = answer.get("held")
         known = str(row["id"]) if row is not None else None
         if known is not None and known != reported:
             await store.end_hold(known)  # the supervisor no longer keeps it
@@ -64,6 +69,8 @@ class HostHold:
             await self._release(reported, True)  # a hold nobody asks for any more
         elif row is not None and known is not None and row["due"]:
             await self._release(known, bool(row["released"]))
+        elif known is not None and hold_outdated(row, answer):
+            await renew_tokens(self.link, known)
 
     async def _release(self, job_id: str, released: bool) -> None:
         """``stop_job`` for the held job; once acknowledged, the host is free."""

@@ -3,8 +3,9 @@
 :meth:`Store.job_start <treadmill.switchboard.store.Store.job_start>` reads the job's
 row; :func:`job_start` turns it into the message for a supervisor that speaks
 protocol minor ``minor``, with the capability tokens it carries, and
-:func:`job_renewal` into the ``renew_tokens`` of an extended job (minor 8): the same
-tokens, fresh. Every version gate of the two messages is here.
+:func:`job_renewal` into the ``renew_tokens`` of an extended job (minor 8), or of an
+ended job whose hold was extended (minor 9): the same tokens, fresh. Every version gate
+of the two messages is here.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ TOKEN_SLACK = 3600.0
 """Seconds the tokens of a start outlive the job's timeout (logs are shipped after it)."""
 
 
-def _tokens(row: dict[str, Any], hold: float | None, *, minor: int, host_name: str,
+def _tokens(row: dict[str, Any], lifetime: float, *, minor: int, host_name: str,
             signer: CapabilitySigner | None, log_service: str, proxies: Sequence[str],
             proxy_service: str) -> dict[str, list[ServiceURL]]:
-    """The job's ``log_servers`` and ``proxies``, each with a token living its timeout plus
-    its hold plus :data:`TOKEN_SLACK` from now (the keys a supervisor of ``minor`` knows)."""
+    """The job's ``log_servers`` and ``proxies``, each with a token living ``lifetime``
+    seconds (what is left of the job and its hold) plus :data:`TOKEN_SLACK` from now (the
+    keys a supervisor of ``minor`` knows)."""
     job_id = str(row["id"])
-    ttl = min(row["timeout"] + (hold or 0.0) + TOKEN_SLACK, MAX_TTL)
+    ttl = min(lifetime + TOKEN_SLACK, MAX_TTL)
     tokens: dict[str, list[ServiceURL]] = {}
     if minor >= 1 and row["log_servers"] and signer is not None:
         # One write token for every replica: append to this job's streams only.
@@ -62,8 +64,9 @@ def job_start(row: dict[str, Any], *, minor: int, host_name: str,
     hold = row.get("hold_on_failure") if minor >= protocol.HOLD_MINOR else None
     if hold:  # A held job's host publishes and ships logs until its hold ends.
         start["hold_on_failure"] = hold
-    tokens = _tokens(row, hold, minor=minor, host_name=host_name, signer=signer,
-                     log_service=log_service, proxies=proxies, proxy_service=proxy_service)
+    tokens = _tokens(row, row["timeout"] + (hold or 0.0), minor=minor, host_name=host_name,
+                     signer=signer, log_service=log_service, proxies=proxies,
+                     proxy_service=proxy_service)
     if "log_servers" in tokens:
         start["log_servers"] = tokens["log_servers"]
     if "proxies" in tokens:
@@ -79,10 +82,24 @@ def job_renewal(row: dict[str, Any], *, minor: int, host_name: str,
                 signer: CapabilitySigner | None, log_service: str, proxies: Sequence[str],
                 proxy_service: str) -> dict[str, Any] | None:
     """The ``renew_tokens`` of the extended job of ``row`` (its :func:`job_start` tokens,
-    issued now for its new timeout), or None for a supervisor older than minor 8."""
+    issued now for its new timeout), or None for a supervisor older than minor 8.
+
+    For an ended job whose host is held (``row["held_for"]``, the seconds its hold has
+    left) it says when the hold now ends (``held_for``, minor 9) and its tokens live that
+    long plus :data:`TOKEN_SLACK`; a supervisor older than minor 9 gets None (it could
+    not apply them to a held job), as does a hold that is over."""
     if minor < protocol.RENEW_MINOR:
         return None
+    held_for = row.get("held_for")
+    if held_for is not None:
+        if minor < protocol.HOLD_RENEW_MINOR or held_for <= 0:
+            return None
+        tokens = _tokens(row, held_for, minor=minor, host_name=host_name, signer=signer,
+                         log_service=log_service, proxies=proxies, proxy_service=proxy_service)
+        return protocol.renew_tokens(0, str(row["id"]), row["timeout"], held_for=held_for,
+                                     **tokens)
     hold = row.get("hold_on_failure") if minor >= protocol.HOLD_MINOR else None
-    tokens = _tokens(row, hold, minor=minor, host_name=host_name, signer=signer,
-                     log_service=log_service, proxies=proxies, proxy_service=proxy_service)
+    tokens = _tokens(row, row["timeout"] + (hold or 0.0), minor=minor, host_name=host_name,
+                     signer=signer, log_service=log_service, proxies=proxies,
+                     proxy_service=proxy_service)
     return protocol.renew_tokens(0, str(row["id"]), row["timeout"], **tokens)

@@ -449,7 +449,7 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
         for action in decide(expected, reported):
             await self.execute(action)
         if self.minor >= protocol.HOLD_MINOR:
-            await self.hold.reconcile(answer.get("held"), state["held"])
+            await self.hold.reconcile(answer, state["held"])
         if state["snapshots"]:
             await self.send_snapshots()
 

@@ -6,7 +6,8 @@ payload text to its observers, which parse it here:
 
 - ``treadmill_jobs``: ``"<job id> <state> <host id or ->"`` (:class:`JobNote`), for
   every insert or update of a job row, and with the state :data:`EXTENDED` for a job
-  on a host whose timeout grew (``Store.extend_job``: its host needs fresh tokens);
+  on a host whose timeout grew (``Store.extend_job``) or whose held host's hold did
+  (``Store.extend_hold``): its host needs fresh tokens;
 - ``treadmill_hosts``: ``"<host id> <session or ->"`` (:class:`HostNote`), for every
   change of a host row (``-``: no link, or the host was deleted);
 - ``treadmill_snapshots``: ``"<host id or ->"`` (:class:`SnapshotNote`), for a snapshot

@@ -226,8 +226,8 @@ JOB = _record({
                                        "(docs/jobs.md, Holding a failed job's host)."},
     "held_until": {**OPTIONAL_TIME,
                    "description": "While the failed job's host is held for debugging: when "
-                                  "the hold ends (POST .../terminate ends it at once); "
-                                  "null otherwise."},
+                                  "the hold ends (POST .../terminate ends it at once, "
+                                  "POST .../extend moves it later); null otherwise."},
 }, "A job: a workload on one host. States and stages are described in docs/jobs.md.")
 
 HEALTH_CHECK = _record({
@@ -761,11 +761,14 @@ def _jobs() -> dict[str, dict[str, Any]]:
                         "a failed job whose host is held (held_until) has its hold "
                         "released.")},
         "/api/v1/jobs/{job_id}/extend": {"parameters": [P_JOB], "post": _operation(
-            "extend_job", "Jobs", "Extend a job's deadline (manage).", 200, "Job",
-            body="JobExtend", errors=(403, 404, 409),
+            "extend_job", "Jobs", "Extend a job's deadline, or its held host's hold (manage).",
+            200, "Job", body="JobExtend", errors=(403, 404, 409),
             description="Moves the deadline (a queued job's timeout) `by` seconds later; "
                         "the new deadline may lie at most the configured maximum timeout "
-                        "from now (400 beyond). A terminating or terminated job is 409.")},
+                        "from now (400 beyond). A terminating job is 409. Of a terminated "
+                        "job whose host is held, moves held_until `by` seconds later, at "
+                        "most the configured maximum hold from now (400 beyond); any other "
+                        "terminated job, or a hold that has ended, is 409.")},
         "/api/v1/jobs/{job_id}/events": {"parameters": [P_JOB], "get": _operation(
             "job_events", "Jobs", "A job's events (read).", 200, "EventList",
             errors=(400, 403, 404), query=(Q_AFTER,))},

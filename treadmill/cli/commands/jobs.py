@@ -373,6 +373,7 @@ async def _note_hold(ctx: Context, job_id: str) -> None:
     ctx.note(f"tml:   get in:  tml job ssh {job_id}   or   tml job connect {job_id} SERVICE")
     ctx.note(f"tml:   console: tml job logs {job_id} --follow   (the held host's, until the "
              "hold ends)")
+    ctx.note(f"tml:   extend:  tml job extend {job_id} DURATION")
     ctx.note(f"tml:   release: tml job cancel {job_id}")
 
 
@@ -435,11 +436,20 @@ async def job_cancel(ctx: Context) -> int:
 
 
 async def job_extend(ctx: Context) -> int:
-    """Move a job's deadline (a reservation's end) later."""
+    """Move a job's deadline (a reservation's end) later, or its held host's hold."""
     job = await ctx.api.post("jobs", ctx.args.id, "extend", body={"by": ctx.args.by})
-    return ctx.emit(job, lambda j: output.clean(
-        f"job {j.get('id')}: {j.get('state')}, until {j.get('deadline') or 'its timeout'} "
-        f"(timeout {j.get('timeout')} s)\n"))
+    return ctx.emit(job, extended_text)
+
+
+def extended_text(job: dict[str, Any]) -> str:
+    """What ``tml job extend`` says of the extended ``job``."""
+    if job.get("held_until"):
+        return output.clean(f"job {job.get('id')}: {job.get('state')}; its host "
+                            f"{job.get('host')} is held until "
+                            f"{output.fmt_time(job['held_until'])}") + "\n"
+    return output.clean(f"job {job.get('id')}: {job.get('state')}, until "
+                        f"{job.get('deadline') or 'its timeout'} "
+                        f"(timeout {job.get('timeout')} s)") + "\n"
 
 
 async def job_events(ctx: Context) -> int:
@@ -556,7 +566,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = add_command(job, "cancel", job_cancel, common, help="terminate a job")
     add_job_id(p)
     p = add_command(job, "extend", job_extend, common,
-                    help="move a job's deadline (a reservation's end) later")
+                    help="move a job's deadline (a reservation's end), or the end of its "
+                    "held host's hold, later")
     add_job_id(p)
     p.add_argument("by", metavar="DURATION", type=duration,
                    help="how much later (90, 15m, 2h, 1d)")

@@ -181,16 +181,23 @@ class JobRoutes(Routes):
 
     @app.route("/api/v1/jobs/<job_id>/extend", methods=["POST"])
     async def extend(self, request: IRequest, job_id: str) -> bytes:
-        """Move a job's deadline later (a reservation's end): manage privilege."""
+        """Move a job's deadline later (a reservation's end), or the end of an ended job's
+        held host (at most ``jobs.max_hold`` from now): manage privilege."""
         principal, row = await self._job(request, job_id, "manage")
-        body = read_json(request, schemas.JOB_EXTEND)
+        by = read_json(request, schemas.JOB_EXTEND)["by"]
+        ended = row["state"] == State.TERMINATED.value  # only its held host may be extended
+        key = "held_until" if ended else "deadline"
+
+        async def change(store: Any) -> dict:
+            if ended:  # bounded by max_hold, and by what the host's tokens can cover
+                longest = min(self.limits.max_hold, MAX_TTL - TOKEN_SLACK)
+                return await store.extend_hold(row["id"], by, longest)
+            return await store.extend_job(row["id"], by, self.limits.max_timeout)
+
         try:
-            await self.store.audited(
-                lambda store: store.extend_job(row["id"], body["by"], self.limits.max_timeout),
-                lambda updated: self.audit.entry(
-                    request, principal, "job.extend", "job", row["id"],
-                    subject_user=row["owner"], by=body["by"],
-                    deadline=updated["deadline"].isoformat() if updated["deadline"] else None))
+            await self.store.audited(change, lambda updated: self.audit.entry(
+                request, principal, "job.extend", "job", row["id"], subject_user=row["owner"],
+                by=by, **{key: updated[key].isoformat() if updated[key] else None}))
         except Conflict:
             raise
         except ValueError as e:

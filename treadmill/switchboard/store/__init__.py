@@ -8,7 +8,7 @@ read methods return alongside the rows (see :mod:`treadmill.switchboard.access`)
 :class:`Store` is the one object callers hold; it combines one component (a
 :class:`~treadmill.switchboard.store.base.Queries` subclass) per domain:
 
-- ``base``: the component base and SQL fragments shared by several domains;
+- ``base``: the component base, SQL fragments and statements shared by several domains;
 - ``errors``: ``NotFound``, ``Conflict``, ``IdempotencyKeyReused``, ``NotYourJob``;
 - ``users``, ``tokens`` (API tokens), ``keys`` (SSH keys);
 - ``hosts``, ``links`` (supervisor links and their reports, the row a ``JobStart``

@@ -1,12 +1,14 @@
-"""What the store's components share: the :class:`Queries` base, and SQL fragments
-used by more than one domain."""
+"""What the store's components share: the :class:`Queries` base, SQL fragments used by
+more than one domain, and statements run in their transactions (:func:`locked_job`,
+:func:`notify_extended`)."""
 
 from __future__ import annotations
 
 import psycopg2
 
-from treadmill.switchboard.database import Pool
-from treadmill.switchboard.store.errors import Conflict
+from treadmill.switchboard.database import Cursor, Pool
+from treadmill.switchboard.notifications import EXTENDED, JobNote
+from treadmill.switchboard.store.errors import Conflict, NotFound
 
 INSTANCE_DEAD_AFTER = 5.0
 """Seconds without a heartbeat after which an instance counts as dead."""
@@ -28,6 +30,25 @@ OWNED_OR_GRANTED = ("({alias}.owner_id = %(uid)s OR EXISTS (SELECT 1 FROM grants
 def unique(e: psycopg2.Error, what: str) -> Conflict:
     """The :class:`Conflict` for a unique violation on ``what``."""
     return Conflict(f"{what} already exists")
+
+
+async def locked_job(cur: Cursor, job_id: str, columns: str) -> dict:
+    """Job ``job_id``'s ``columns`` (a select list), its row locked until the end of
+    ``cur``'s transaction; raises :class:`NotFound`."""
+    row = await cur.fetchone(f"SELECT {columns} FROM jobs WHERE id = %s FOR UPDATE",
+                             (job_id,))
+    if row is None:
+        raise NotFound(f"no job {job_id}")
+    return row
+
+
+async def notify_extended(cur: Cursor, job_id: str, host_id: int | None) -> None:
+    """Job ``job_id`` (or its held host's hold) was extended in ``cur``'s transaction: at
+    its commit, tell the instance holding the link of its host ``host_id`` (if any), which
+    sends the host fresh tokens (:mod:`treadmill.switchboard.renewal`)."""
+    if host_id is not None:
+        await cur.execute("SELECT pg_notify('treadmill_jobs', %s)",
+                          (JobNote(job_id, EXTENDED, host_id).format(),))
 
 
 class Queries:

@@ -15,8 +15,7 @@ from treadmill.common.http import dumps
 from treadmill.switchboard.access import Principal
 from treadmill.switchboard.database import Cursor
 from treadmill.switchboard.jobstate import Reason, State, Status
-from treadmill.switchboard.notifications import EXTENDED, JobNote
-from treadmill.switchboard.store.base import MY_GRANTS, Queries
+from treadmill.switchboard.store.base import MY_GRANTS, Queries, locked_job, notify_extended
 from treadmill.switchboard.store.errors import Conflict, IdempotencyKeyReused, NotFound
 from treadmill.switchboard.store.lifecycle import transition
 
@@ -200,10 +199,7 @@ class JobQueries(Queries):
         """
 
         async def terminate(cur: Cursor) -> bool:
-            row = await cur.fetchone(
-                "SELECT state, reservation FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
-            if row is None:
-                raise NotFound(f"no job {job_id}")
+            row = await locked_job(cur, job_id, "state, reservation")
             state = State(row["state"])
             if state is State.TERMINATED:
                 return False
@@ -225,12 +221,9 @@ class JobQueries(Queries):
         """
 
         async def extend(cur: Cursor) -> dict:
-            row = await cur.fetchone(
-                "SELECT state, extract(epoch FROM coalesce(deadline, now() "
-                "+ make_interval(secs => timeout)) - now())::float8 AS left "
-                "FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
-            if row is None:
-                raise NotFound(f"no job {job_id}")
+            row = await locked_job(cur, job_id, "state, extract(epoch FROM coalesce(deadline, "
+                                   "now() + make_interval(secs => timeout)) - now())::float8 "
+                                   "AS left")
             if row["state"] in (State.TERMINATING.value, State.TERMINATED.value):
                 raise Conflict(f"job {job_id} is {row['state']}")
             if max(row["left"], 0.0) + by > max_timeout:
@@ -242,9 +235,7 @@ class JobQueries(Queries):
                 "updated_at = now() WHERE id = %(id)s RETURNING deadline, host_id",
                 {"id": job_id, "by": by})
             assert updated is not None
-            if updated["host_id"] is not None:  # its host needs fresh tokens (renewal.py)
-                await cur.execute("SELECT pg_notify('treadmill_jobs', %s)", (JobNote(
-                    job_id, EXTENDED, updated["host_id"]).format(),))
+            await notify_extended(cur, job_id, updated["host_id"])  # fresh tokens for it
             return updated
 
         return await self.pool.transaction(extend)

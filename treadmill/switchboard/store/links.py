@@ -100,12 +100,14 @@ class LinkQueries(Queries):
 
     async def job_start(self, job_id: str) -> dict | None:
         """The row a supervisor's ``JobStart`` is built from (secrets included; see
-        :mod:`treadmill.switchboard.jobstart`). Its ``image_stores`` are the job's
+        :mod:`treadmill.switchboard.jobstart`), with ``held_for``: the seconds the hold of
+        its host has left (None: not held). Its ``image_stores`` are the job's
         registered ones only: a store removed since the job was enqueued (or never
         registered) does not reach a host."""
         return await self.pool.fetchone(
             "SELECT j.id, j.image_name, j.image_digest, j.parameters, j.timeout, j.tags, "
             "j.label, j.host_id, j.log_servers, j.results, j.reservation, j.hold_on_failure, "
+            "extract(epoch FROM j.held_until - now())::float8 AS held_for, "
             "ARRAY(SELECT u.url FROM unnest(j.image_stores) WITH ORDINALITY AS u(url, n) "
             "WHERE rtrim(u.url, '/') IN (SELECT s.url FROM image_stores s) ORDER BY u.n) "
             "AS image_stores FROM jobs j WHERE j.id = %s", (job_id,))
