@@ -480,11 +480,10 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
 
     async def _start(self, job_id: str) -> None:
         store = self.links.store
-        row = await store.job_start(job_id)
-        if row is None or row["host_id"] != self.host_id:
+        row = await store.job_start(job_id)  # One statement: its keys come with it.
+        if row is None or row["host_id"] != self.host_id or row["state"] != "assigned":
             return
-        ssh_keys = (await store.job_ssh_keys(job_id)
-                    if self.minor >= protocol.SSH_KEYS_MINOR else None)
+        ssh_keys = list(row["ssh_keys"]) if self.minor >= protocol.SSH_KEYS_MINOR else None
         start = job_start(row, minor=self.minor, host_name=self.host_name,
                           signer=self.links.signer, log_service=self.links.log_service,
                           proxies=self.links.proxies, proxy_service=self.links.proxy_service,
@@ -730,17 +729,15 @@ class SupervisorLinks(MultiService):
             return
         job_id = note.job_id
 
-        async def send() -> None:
+        async def stop() -> None:
             row = await self.store.active_job(link.host_id)  # type: ignore[arg-type]
-            if row is None or row["id"] != job_id:
-                return
-            if row["state"] == "assigned":
-                await link.execute(Start(job_id))
-            elif row["state"] == "terminating":
+            if row is not None and row["id"] == job_id and row["state"] == "terminating":
                 reason = Reason(row["termination_reason"] or "user_terminated")
                 await link.execute(Stop(job_id, reason))
 
-        self.spawn(send())
+        # A start reads the job once (and sends nothing unless it is still assigned
+        # to this host): one statement between the assignment and start_job.
+        self.spawn(link.execute(Start(job_id)) if note.state == "assigned" else stop())
 
     async def expire_snapshots(self) -> None:
         """Fail snapshots a host has not finished within ``SNAPSHOT_TIMEOUT``."""

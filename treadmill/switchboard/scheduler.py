@@ -43,7 +43,7 @@ class Scheduler(MultiService):
                  fresh_within: float = 15.0, unrunnable_grace: float = 30.0,
                  fairness_window: float = 3600.0,
                  is_leader: Callable[[], bool] = lambda: True,
-                 coalesce: float = 0.01, retry: float = 0.5):
+                 coalesce: float = 0.001, retry: float = 0.5):
         super().__init__()
         self.reactor = reactor
         self.store = store

@@ -8,6 +8,15 @@ from treadmill.switchboard.database import Cursor
 from treadmill.switchboard.store.base import Queries
 from treadmill.switchboard.store.errors import Conflict, NotFound, NotYourJob
 
+# The authorized keys of job {job} (an SQL expression), as ``authorized_keys`` lines:
+# its owner's and those of users holding ``manage`` on it by name.
+JOB_SSH_KEYS = (
+    "ARRAY(SELECT k.key_type || ' ' || k.body || ' ' || u.name FROM ssh_keys k "
+    "JOIN users u ON u.id = k.user_id WHERE NOT u.disabled AND k.user_id IN ("
+    "  SELECT owner_id FROM jobs WHERE id = {job} UNION "
+    "  SELECT user_id FROM grants WHERE job_id = {job} AND privilege = 'manage' "
+    "  AND user_id IS NOT NULL) ORDER BY u.name, k.created_at, k.id)")
+
 
 class KeyQueries(Queries):
     """Users' SSH public keys, and the keys of jobs."""
@@ -57,13 +66,9 @@ class KeyQueries(Queries):
     async def job_ssh_keys(self, job_id: str) -> list[str]:
         """The authorized keys of a job: its owner's and those of users holding
         ``manage`` on it by name (a grant to every user adds nobody's keys)."""
-        rows = await self.pool.fetchall(
-            "SELECT k.key_type, k.body, u.name FROM ssh_keys k JOIN users u ON u.id = k.user_id "
-            "WHERE NOT u.disabled AND k.user_id IN ("
-            "  SELECT owner_id FROM jobs WHERE id = %(job)s UNION "
-            "  SELECT user_id FROM grants WHERE job_id = %(job)s AND privilege = 'manage' "
-            "  AND user_id IS NOT NULL) ORDER BY u.name, k.created_at, k.id", {"job": job_id})
-        return [f"{r['key_type']} {r['body']} {r['name']}" for r in rows]
+        row = await self.pool.fetchone(f"SELECT {JOB_SSH_KEYS.format(job='%(job)s')} AS keys",
+                                       {"job": job_id})
+        return list(row["keys"]) if row else []
 
     async def set_ssh_host_keys(self, host_id: int, job_id: str, keys: list[str]) -> None:
         """Record a running (or held) job's SSH host keys, as its own host reports them."""

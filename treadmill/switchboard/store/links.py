@@ -13,6 +13,7 @@ from treadmill.switchboard.jobstate import State, Status
 from treadmill.switchboard.store.base import Queries
 from treadmill.switchboard.store.errors import NotYourJob
 from treadmill.switchboard.store.holds import HELD_JOB, begin_hold
+from treadmill.switchboard.store.keys import JOB_SSH_KEYS
 from treadmill.switchboard.store.lifecycle import transition
 
 ACTIVE_JOB = ("SELECT id, state, stage, termination_reason, timeout FROM jobs "
@@ -101,7 +102,8 @@ class LinkQueries(Queries):
     async def job_start(self, job_id: str) -> dict | None:
         """The row a supervisor's ``JobStart`` is built from (secrets included; see
         :mod:`treadmill.switchboard.jobstart`), with ``held_for``: the seconds the hold of
-        its host has left (None: not held). Its ``image_stores`` are the job's
+        its host has left (None: not held), its ``state`` and its ``ssh_keys``
+        (:data:`~treadmill.switchboard.store.keys.JOB_SSH_KEYS`). Its ``image_stores`` are the job's
         registered ones only: a store removed since the job was enqueued (or never
         registered) does not reach a host."""
         return await self.pool.fetchone(
@@ -110,7 +112,8 @@ class LinkQueries(Queries):
             "extract(epoch FROM j.held_until - now())::float8 AS held_for, "
             "ARRAY(SELECT u.url FROM unnest(j.image_stores) WITH ORDINALITY AS u(url, n) "
             "WHERE rtrim(u.url, '/') IN (SELECT s.url FROM image_stores s) ORDER BY u.n) "
-            "AS image_stores FROM jobs j WHERE j.id = %s", (job_id,))
+            f"AS image_stores, j.state, {JOB_SSH_KEYS.format(job='j.id')} AS ssh_keys "
+            "FROM jobs j WHERE j.id = %s", (job_id,))
 
     async def apply_host_event(self, host_id: int, job_id: str, new: Status, *,
                                exit_status: int | None = None,
