@@ -655,7 +655,8 @@ class SupervisorLinks(MultiService):
         waiting for one (``supervisors.handshake_queue``, ``handshake_wait``)."""
         self.handshake_timeout = handshake_timeout
         self.registrar = LinkRegistrar(reactor, store, instance, lambda: self.instance_id)
-        """Records links in batches (one statement for the links arriving together)."""
+        """Records links in batches (one statement for the links arriving together, and
+        one for those ending together)."""
         self.factory = SupervisorSessionFactory(self)
         self.resource = SupervisorResource(self.factory, self.gate)
         self._tasks: set[Deferred[Any]] = set()
@@ -707,7 +708,7 @@ class SupervisorLinks(MultiService):
         assert link.host_id is not None and link.session is not None
         if self.by_host.get(link.host_id) is link:
             del self.by_host[link.host_id]
-        self.spawn(self.store.link_disconnected(link.host_id, link.session))
+        self.spawn(self.registrar.ended(link.host_id, link.session))
 
     # -- notifications ------------------------------------------------------------------
 
@@ -857,8 +858,8 @@ class SupervisorLinks(MultiService):
         for link in chosen:
             self._drop(link, CloseCode.GOING_AWAY, "rebalancing between switchboard "
                        "instances: reconnect")
-            self.spawn(self.store.link_disconnected(link.host_id,  # type: ignore[arg-type]
-                                                    link.session))  # type: ignore[arg-type]
+            self.spawn(self.registrar.ended(link.host_id,  # type: ignore[arg-type]
+                                            link.session))  # type: ignore[arg-type]
         self.rebalanced += len(chosen)
         return len(chosen)
 

@@ -79,9 +79,18 @@ class LinkQueries(Queries):
 
     async def link_disconnected(self, host_id: int, session: str) -> None:
         """Forget the link unless a newer session superseded it."""
-        await self.pool.execute(
-            "UPDATE hosts SET instance = NULL, instance_id = NULL, session = NULL, "
-            "last_seen_at = now() WHERE id = %s AND session = %s", (host_id, session))
+        await self.links_disconnected([(host_id, session)])
+
+    async def links_disconnected(self, links: Sequence[tuple[int, str]]) -> None:
+        """Forget many links at once, each ``(host id, session)``, unless a newer session
+        superseded it (one statement; rows found by their key)."""
+        if links:
+            ordered = sorted(links)
+            await self.pool.execute(
+                "UPDATE hosts AS h SET instance = NULL, instance_id = NULL, session = NULL, "
+                "last_seen_at = now() FROM unnest(%s::bigint[], %s::uuid[]) AS v(id, session) "
+                "WHERE h.id = v.id AND h.session = v.session",
+                ([host_id for host_id, _ in ordered], [session for _, session in ordered]))
 
     async def host_link_state(self, host_id: int) -> dict | None:
         """The host's token hash and link session, or None if it was removed."""
