@@ -195,3 +195,20 @@ async def test_ends_meanwhile_go_in_the_next_batch_and_a_failed_one_link_by_link
         recorded = await sessions(sb)
         assert recorded["h0"] == ("i-1", chosen["h0"])
         assert all(recorded[f"h{i}"] == (None, None) for i in range(1, 6))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_link_states_of_many_links_are_one_statement_in_order(
+        sb: RunningSwitchboard) -> None:
+    """Each link's kinds are recorded if the session is still its host's (a host named
+    twice: its last kinds), and each gets its own answer, in order."""
+    registrar = LinkRegistrar(reactor, sb.store, "i-1", lambda: None)
+    _, ids, chosen = await linked(sb, registrar, 3)
+    rows = await sb.store.link_states([(ids["h2"], ["qemu", "mock"], chosen["h2"]),
+                                       (ids["h0"], None, chosen["h0"]),
+                                       (ids["h1"], ["mock"], str(uuid.uuid4())),  # stale
+                                       (ids["h2"], ["serial"], chosen["h2"])])
+    assert rows == [{"active": None, "held": None, "snapshots": 0}] * 4
+    recorded = {row["name"]: (row["kinds"], row["current"]) for row in await sb.store.pool.fetchall(
+        "SELECT name, kinds, kinds_session = session AS current FROM hosts")}
+    assert recorded == {"h0": (None, True), "h1": (None, None), "h2": (["serial"], True)}

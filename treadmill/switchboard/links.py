@@ -45,6 +45,7 @@ from treadmill.protocol.supervisor import CloseCode, ProtocolError
 from treadmill.switchboard import credentials
 from treadmill.switchboard.admission import HandshakeGate, QueueTimeout, ReactorLag, Slot
 from treadmill.switchboard.audit import ConsoleAudit
+from treadmill.switchboard.batching import Batcher
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.holds import HostHold
 from treadmill.switchboard.jobstart import job_start
@@ -430,8 +431,8 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
         answer = await self.request(protocol.status_request(0))
         await self._inbox  # Events sent before the status are applied first.
         assert self.session is not None
-        state = await self.links.store.link_state(self.host_id, answer.get("kinds"),
-                                                  self.session)  # one statement
+        state = await self.links.states.submit(  # one statement, shared with others
+            (self.host_id, answer.get("kinds"), self.session))
         row = state["active"]
         expected = None
         if row is not None:
@@ -657,6 +658,9 @@ class SupervisorLinks(MultiService):
         self.registrar = LinkRegistrar(reactor, store, instance, lambda: self.instance_id)
         """Records links in batches (one statement for the links arriving together, and
         one for those ending together)."""
+        self.states: Batcher[tuple[int, Any, str], dict] = Batcher(
+            reactor, store.link_states)
+        """Reconciliations' statements (``link_state``), those arriving together as one."""
         self.factory = SupervisorSessionFactory(self)
         self.resource = SupervisorResource(self.factory, self.gate)
         self._tasks: set[Deferred[Any]] = set()

@@ -18,10 +18,10 @@ batch that fails is written again one link at a time, so that one host's error
 away, each fails at once).
 
 Links that end together (a balancer restarted, a network blip, a rebalance) are
-forgotten together too (:meth:`LinkRegistrar.ended`): the sessions ending while a
-write is in flight are written by the next one statement
-(:meth:`~treadmill.switchboard.store.links.LinkQueries.links_disconnected`), one at a time
-after a failure, as above.
+forgotten together too (:meth:`LinkRegistrar.ended`, a
+:class:`~treadmill.switchboard.batching.Batcher` of
+:meth:`~treadmill.switchboard.store.links.LinkQueries.links_disconnected`): the links
+ending while a write is in flight are written by the next one statement.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from treadmill.switchboard.batching import Batcher
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.store import Store
 
@@ -62,9 +63,8 @@ class LinkRegistrar:
         self.batches = 0  # statements written (batches, and single links after a failure)
         self.registered = 0
         self.largest = 0  # the largest batch so far
-        self._ended: list[tuple[int, str, Deferred[None]]] = []
-        self._ending = False  # a write of ended links is scheduled or in flight
-        self.end_batches = 0  # statements that forgot ended links
+        self._ends: Batcher[tuple[int, str], None] = Batcher(reactor, self._forget,
+                                                             concurrency=1)
 
     def register(self, digest: bytes, session: str) -> Deferred[dict | None]:
         """Record that this instance holds, as ``session``, the link of the host whose
@@ -80,12 +80,12 @@ class LinkRegistrar:
     async def ended(self, host_id: int, session: str) -> None:
         """Forget the link ``session`` of host ``host_id`` (unless a newer session
         superseded it), with the others ending meanwhile."""
-        done: Deferred[None] = Deferred()
-        self._ended.append((host_id, session, done))
-        if not self._ending:
-            self._ending = True
-            self.reactor.callLater(0, self._end)  # this turn's together
-        await done
+        await self._ends.submit((host_id, session))
+
+    @property
+    def end_batches(self) -> int:
+        """Statements that forgot ended links."""
+        return self._ends.batches
 
     @property
     def waiting(self) -> int:
@@ -158,34 +158,6 @@ class LinkRegistrar:
         self.registered += len(rows)
         return rows
 
-    def _end(self) -> None:
-        batch, self._ended = self._ended, []
-        Deferred.fromCoroutine(self._write_ended(batch))
-
-    async def _write_ended(self, batch: list[tuple[int, str, Deferred[None]]]) -> None:
-        try:
-            try:
-                await self._forget([(host_id, session) for host_id, session, _ in batch])
-            except Exception as e:
-                if len(batch) == 1:
-                    batch[0][2].errback(e)
-                    return
-                for host_id, session, done in batch:
-                    try:
-                        await self._forget([(host_id, session)])
-                    except Exception as one:
-                        done.errback(one)
-                    else:
-                        done.callback(None)
-                return
-            for *_, done in batch:
-                done.callback(None)
-        finally:
-            if self._ended:
-                self._end()  # those that ended meanwhile
-            else:
-                self._ending = False
-
-    async def _forget(self, links: list[tuple[int, str]]) -> None:
-        self.end_batches += 1
+    async def _forget(self, links: list[tuple[int, str]]) -> list[None]:
         await self.store.links_disconnected(links)
+        return [None] * len(links)
