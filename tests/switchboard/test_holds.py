@@ -29,6 +29,7 @@ from tests.switchboard.support import (
     reconnect,
     seconds_of,
     submit,
+    without_sweep,
 )
 from tests.util.running import stopping
 from tests.util.ssh import new_ssh_public_key
@@ -108,12 +109,6 @@ async def test_a_held_failure_keeps_its_host_until_cancelled(sb: RunningSwitchbo
     audit = (await sb.admin.get(f"/api/v1/audit?action=job.cancel&job={held}")).body
     assert [(e["actor"], e["details"].get("released"), e["details"]["changed"])
             for e in audit["entries"]] == [("alice", None, False), ("alice", True, True)], audit
-
-
-async def without_sweep(sb: RunningSwitchboard) -> None:
-    """Stop the links' sweep of expired holds (every ``touch_interval``, the backstop):
-    only a hold's own timer can end it on time now."""
-    await sb.service.links.getServiceNamed("holds").stopService()
 
 
 @pytest_twisted.ensureDeferred
