@@ -5,19 +5,23 @@ tokens of its start have died (``TOKEN_SLACK`` is 0 here: they live the job's ti
 its hold, then the log server's leeway), because the switchboard sends fresh ones with the
 hold's new end (``renew_tokens.held_for``, protocol minor 9). And a job extended while its
 supervisor was disconnected, which then failed into its hold before the supervisor came
-back, gets them from the reconciliation at the reconnect (R4b)."""
+back, gets them from the reconciliation at the reconnect (R4b). With a real proxy too: an
+extended held job's services stay reachable through it after the proxy token of its
+start has died, its control connection cut and opened again with the fresh token."""
 
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
+from tests.proxy.support import console_echo, start_proxy
 from tests.support import (
     closed_stream,
     job_reaches,
@@ -26,14 +30,15 @@ from tests.support import (
     run_tml,
     switchboard_with_logs,
 )
-from tests.switchboard.support import seconds_of
+from tests.switchboard.support import seconds_of, without_sweep
 from tests.util.waiting import eventually, sleep
 from treadmill.cli import output
+from treadmill.common.captoken import CapabilitySigner, load_or_create_signing_key
 from treadmill.protocol.logs import HOLD_MARKER
 from treadmill.switchboard import jobstart
 
 RATE = 400.0  # console bytes per second: 10 to 11 mock lines
-LEEWAY = 5.0  # the log server's, past a token's expiry
+LEEWAY = 5.0  # the log server's and the proxy's, past a token's expiry
 
 
 def mock_lines(console: bytes) -> list[int]:
@@ -76,6 +81,7 @@ async def test_an_extended_hold_stays_held_and_ships_past_its_first_tokens(
     timeout, hold, extension = 2.0, 3.0, 9.0
     async with switchboard_with_logs(migrated_database, tmp_path, scheduler_interval=0.2,
                                      timeout_interval=0.1) as (sb, logs):
+        await without_sweep(sb)  # the hold ends by its timer alone
         supervisor = await mock_host(sb, tmp_path / "sup", run_time=600.0, console_rate=RATE)
         try:
             await supervisor.connected()
@@ -105,7 +111,8 @@ async def test_an_extended_hold_stays_held_and_ships_past_its_first_tokens(
             assert (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body["held_until"] == until
             # Until it expires at the new end, well past the first tokens' death.
             await _over(sb, job_id, timeout=extension + 15)
-            assert reactor.seconds() >= seconds_of(until) - 0.5
+            # On time: the switchboard's timer at held_until (its sweep is stopped).
+            assert seconds_of(until) - 0.5 <= reactor.seconds() < seconds_of(until) + 1.0
             assert reactor.seconds() > started + timeout + hold + LEEWAY
             console = await closed_stream(sb.admin, logs.url, job_id, "console")
             assert HOLD_MARKER in console and b"the hold is extended until" in console
@@ -168,3 +175,66 @@ async def test_a_job_extended_while_disconnected_that_fails_into_its_hold_is_ren
                 ("started", None), ("extended", None), ("ended", "expired")]
         finally:
             await supervisor.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_extended_hold_stays_reachable_through_a_real_proxy(
+        migrated_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proxy checks a publish token when a control connection opens: one opened after
+    the first token died (a proxy restart, a network cut) is refused unless the supervisor
+    holds the fresh token of the hold's extension (``renew_tokens.held_for``)."""
+    monkeypatch.setattr(jobstart, "TOKEN_SLACK", 0.0)
+    timeout, hold, extension = 2.0, 3.0, 15.0
+    key = tmp_path / "capability-key.pem"  # the switchboard's, which the proxy trusts
+    jwks = CapabilitySigner(load_or_create_signing_key(str(key)), "treadmill", reactor).jwks()
+    (tmp_path / "keys.json").write_text(json.dumps(jwks))
+    proxy = await start_proxy(SimpleNamespace(keys_file=tmp_path / "keys.json"),
+                              connect_timeout=2.0)
+    try:
+        async with switchboard_with_logs(migrated_database, tmp_path, scheduler_interval=0.2,
+                                         timeout_interval=0.1,
+                                         proxies=(proxy.ws,)) as (sb, _logs):
+            supervisor = await mock_host(sb, tmp_path / "sup", run_time=600.0)
+            try:
+                await supervisor.connected()
+                started = reactor.seconds()
+                job_id = await mock_job(sb.admin, timeout=timeout, hold_on_failure=hold)
+                body = await _held(sb, job_id)
+                assert body["termination"]["reason"] == "execution_timeout"
+                r = await sb.admin.post(f"/api/v1/jobs/{job_id}/extend", {"by": extension})
+                assert r.status == 200, r.body
+                until = seconds_of(r.body["held_until"])
+                [link] = supervisor.exposure.managers[job_id].links
+                first = link.session_token
+                await eventually(lambda: supervisor.runner._held is not None
+                                 and supervisor.runner._held.until > started + 10, timeout=10)
+                console = (await sb.admin.post(f"/api/v1/jobs/{job_id}/console-token")).body
+                [endpoint] = console["endpoints"]
+                assert endpoint["service"] == "echo", endpoint
+                assert await console_echo(endpoint["url"], console["token"], b"held") == b"held"
+                # The first publish token is dead (and past the proxy's leeway): cut the
+                # control connection; the link opens a new one with the fresh token.
+                await sleep(max(0.0, started + timeout + hold + LEEWAY + 1.0
+                                - reactor.seconds()))
+                assert link.session is not None and link.connections == 1
+                link.session.transport.loseConnection()
+
+                async def reachable() -> bool:
+                    if link.connections < 2 or link.session is None:
+                        return False
+                    try:
+                        echoed = await console_echo(endpoint["url"], console["token"],
+                                                    b"after")
+                    except Exception:
+                        return False
+                    return echoed == b"after"
+
+                await eventually(reachable, timeout=5, interval=0.2)
+                assert link.session_token != first
+                assert reactor.seconds() < until  # still held
+                assert (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body[
+                    "endpoints"] == [endpoint]
+            finally:
+                await supervisor.stopService()
+    finally:
+        await proxy.stop()

@@ -103,6 +103,12 @@ def seconds_of(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
+async def without_sweep(sb: RunningSwitchboard) -> None:
+    """Stop the links' sweep of expired holds (every ``touch_interval``, the backstop):
+    only a hold's own timer can end it on time now."""
+    await sb.service.links.getServiceNamed("holds").stopService()
+
+
 async def reconnect(peer: Peer, job: dict[str, Any] | None) -> None:
     peer.disconnect()
     await peer.closed()

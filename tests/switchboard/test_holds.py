@@ -29,6 +29,7 @@ from tests.switchboard.support import (
     reconnect,
     seconds_of,
     submit,
+    without_sweep,
 )
 from tests.util.running import stopping
 from tests.util.ssh import new_ssh_public_key
@@ -40,6 +41,7 @@ from treadmill.switchboard.renewal import HOLD_DRIFT
 from treadmill.switchboard.store.errors import Conflict, NotFound
 
 MAX_HOLD = 120.0
+ON_TIME = 0.5  # seconds after its held_until within which a hold ends
 
 
 @pytest_twisted.async_yield_fixture
@@ -110,11 +112,14 @@ async def test_a_held_failure_keeps_its_host_until_cancelled(sb: RunningSwitchbo
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_hold_expires(sb: RunningSwitchboard) -> None:
+async def test_the_hold_expires_at_its_end(sb: RunningSwitchboard) -> None:
+    await without_sweep(sb)
     peer = await host_peer(sb)
     held = await held_failure(sb, peer, hold=1.0)
+    until = seconds_of((await job(sb, held))["held_until"])
     waiting = await submit(sb)
-    await peer.wait_for("stop_job", job_id=held, reason="execution_timeout", timeout=15)
+    await peer.wait_for("stop_job", job_id=held, reason="execution_timeout", timeout=3)
+    assert until - 0.05 <= reactor.seconds() < until + ON_TIME
     await peer.wait_for("start_job", job_id=waiting)
     assert (await job(sb, held))["held_until"] is None
 
@@ -274,6 +279,7 @@ async def _hold_over(sb: RunningSwitchboard, job_id: str) -> bool:
 
 @pytest_twisted.ensureDeferred
 async def test_an_extended_hold_outlives_its_first_end(sb: RunningSwitchboard) -> None:
+    await without_sweep(sb)
     peer = await host_peer(sb)
     alice = await sb.user("alice")
     held = await held_failure(sb, peer, hold=2.0, client=alice)
@@ -297,7 +303,7 @@ async def test_an_extended_hold_outlives_its_first_end(sb: RunningSwitchboard) -
     assert host["held_until"] == r.body["held_until"]
     # Then it ends, at the new end: the next job runs.
     await peer.wait_for("stop_job", job_id=held, reason="execution_timeout", timeout=10)
-    assert reactor.seconds() >= first + 3 - 0.5
+    assert first + 3 - 0.05 <= reactor.seconds() < first + 3 + ON_TIME
     await peer.wait_for("start_job", job_id=waiting)
     assert (await job(sb, held))["held_until"] is None
     audit = (await sb.admin.get(f"/api/v1/audit?action=job.extend&job={held}")).body
@@ -440,3 +446,35 @@ async def test_a_lost_hold_renewal_is_resent(sb: RunningSwitchboard) -> None:
     await link.reconcile()
     assert len(_renewals(peer, held)) == 2
     assert 85.0 < _renewals(peer, held)[-1]["held_for"] <= 90.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_supervisor_below_minor_9_that_ends_an_extended_hold_frees_its_host(
+        sb: RunningSwitchboard) -> None:
+    """It ends the hold at its first end and says nothing (docs/jobs.md): from then on the
+    switchboard asks for its ``status`` until that no longer names the hold, and frees the
+    host at once, not at the next periodic reconciliation (30 s)."""
+    token = await add_host(sb)
+    peer = Peer(sb.url, token, Script(), minor=protocol.HOLD_RENEW_MINOR - 1)
+    await peer.connect()
+    await peer.wait_for("status_request")
+    held = await held_failure(sb, peer, hold=1.0)
+    first = seconds_of((await job(sb, held))["held_until"])
+    r = await sb.admin.post(f"/api/v1/jobs/{held}/extend", {"by": 30})
+    assert r.status == 200, r.body
+    waiting = await submit(sb)
+    # Its teardown takes a second past the first end; meanwhile its status names the hold.
+    teardown = 1.0
+    reactor.callLater(first + teardown - reactor.seconds(),
+                      lambda: setattr(peer.script, "held", None))
+    await sleep(first + teardown - reactor.seconds() - 0.1)
+    assert (await job(sb, held))["held_until"] is not None
+    assert len(peer.of_type("status_request")) >= 2  # probed from the first end on
+    await eventually(lambda: _hold_over(sb, held), timeout=3)
+    assert reactor.seconds() < first + teardown + 2 * ON_TIME
+    await peer.wait_for("start_job", job_id=waiting)
+    assert not peer.of_type("stop_job")  # it let the host go by itself
+    # The probes stopped with the hold.
+    probes = len(peer.of_type("status_request"))
+    await sleep(1.0)
+    assert len(peer.of_type("status_request")) == probes

@@ -185,6 +185,26 @@ async def test_r5_terminating_and_running_sends_stop(sb: RunningSwitchboard) -> 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_start_is_sent_only_for_a_job_still_assigned_to_the_host(
+        sb: RunningSwitchboard) -> None:
+    """A start decided earlier (a reconciliation, an assignment note read late) reads
+    the job once more and sends nothing once the job has moved on."""
+    from treadmill.switchboard.reconcile import Start
+
+    peer = await host_peer(sb)
+    job_id = await assigned_job(sb, peer)
+    [start] = peer.of_type("start_job")
+    assert start["job"]["id"] == job_id
+    r = await sb.admin.post(f"/api/v1/jobs/{job_id}/terminate")
+    assert r.body["state"] == "terminating"
+    await peer.wait_for("stop_job")
+    [link] = sb.service.links.by_host.values()
+    await link.execute(Start(job_id))
+    await link.execute(Start(str(uuid.uuid4())))  # not a job at all
+    assert len(peer.of_type("start_job")) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_r6_terminating_and_idle_terminates_with_first_reason(
         sb: RunningSwitchboard) -> None:
     peer = await host_peer(sb)

@@ -178,6 +178,7 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.lost = True
+        self.hold.cancel()
         if self._slot is not None:
             self._slot.release()  # closed mid-handshake, timed out, or before its first
             # reconciliation ended
@@ -726,6 +727,8 @@ class SupervisorLinks(MultiService):
             return
         if note.state == EXTENDED:
             self.spawn(renew_tokens(link, note.job_id))
+            if link.hold.concerns(note.job_id):
+                self.spawn(link.hold.check())  # its timer moves to the new end
             return
         if note.state == "terminated" and link.hold.concerns(note.job_id):
             self.spawn(link.hold.check())  # released by tml job cancel, maybe
@@ -899,7 +902,8 @@ class SupervisorLinks(MultiService):
             self.spawn(link.reconcile())
 
     async def end_holds(self) -> None:
-        """End the expired holds of the hosts whose links this instance holds."""
+        """End the expired holds of the hosts whose links this instance holds (the backstop
+        of each hold's own timer, :mod:`treadmill.switchboard.holds`)."""
         held = {link.host_id: link for link in self.by_host.values()
                 if link.hold.job_id is not None and link.state == link.STATE_OPEN}
         for row in await self.store.due_holds(list(held)):  # type: ignore[arg-type]

@@ -19,7 +19,9 @@ from treadmill.switchboard.store.errors import Conflict
 HELD_JOB = ("SELECT id, held_until <= now() AS due, "
             "held_until < terminated_at + make_interval(secs => hold_on_failure) "
             "AS released, timeout, "
-            "extract(epoch FROM held_until - now())::float8 AS held_for "
+            "extract(epoch FROM held_until - now())::float8 AS held_for, "
+            "extract(epoch FROM terminated_at + make_interval(secs => hold_on_failure) "
+            "- now())::float8 AS first_for "
             "FROM jobs WHERE host_id = %(id)s AND held_until IS NOT NULL "
             "ORDER BY seq DESC LIMIT 1")
 """The ended job holding host ``%(id)s``, if any (:meth:`HoldQueries.held_job`)."""
@@ -39,8 +41,10 @@ class HoldQueries(Queries):
 
     async def held_job(self, host_id: int) -> dict | None:
         """The ended job holding ``host_id``, if any: ``id``, ``due`` (its hold should end
-        now), ``released`` (ended early, by ``tml job cancel``), ``timeout`` and
-        ``held_for`` (the seconds its hold has left)."""
+        now), ``released`` (ended early, by ``tml job cancel``), ``timeout``, ``held_for``
+        (the seconds its hold has left) and ``first_for`` (the seconds until its first
+        end, ``hold_on_failure`` after the job's: where a supervisor below minor 9 ends
+        it, extended or not; negative once past)."""
         return await self.pool.fetchone(HELD_JOB, {"id": host_id})
 
     async def due_holds(self, host_ids: list[int]) -> list[dict]:
