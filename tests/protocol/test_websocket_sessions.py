@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet.testing import StringTransport
 
 import treadmill
 from treadmill.common.wsjson import MAX_CLOSE_REASON, JsonSession, QuietLogger, close_reason
@@ -110,3 +118,44 @@ def test_every_literal_close_code_is_one_autobahn_accepts() -> None:
                         and not _allowed(code.value):
                     wrong.append(f"{path.relative_to(root.parent)}:{code.lineno}: {code.value}")
     assert not wrong, wrong
+
+
+class _Server(JsonSession, WebSocketServerProtocol):
+    log = QuietLogger(namespace="tests.wsjson")
+
+
+class _Client(JsonSession, WebSocketClientProtocol):
+    log = QuietLogger(namespace="tests.wsjson")
+
+
+@pytest.mark.parametrize(("protocol", "factory", "options"), [
+    (_Server, WebSocketServerFactory, autobahn_protocol.WebSocketServerProtocol.CONFIG_ATTRS),
+    (_Client, lambda: WebSocketClientFactory("ws://h/"),
+     autobahn_protocol.WebSocketClientProtocol.CONFIG_ATTRS)])
+def test_a_session_takes_its_factorys_options_without_autobahn_printing_them(
+        protocol: type, factory: Any, options: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    made = factory()
+    made.protocol = protocol
+    made.setProtocolOptions(autoPingInterval=7.0, maxMessagePayloadSize=1234)
+    printed: list[Any] = []
+    monkeypatch.setattr(autobahn_protocol, "pformat", lambda value: printed.append(value))
+    session = made.buildProtocol(None)
+    session.maxFramePayloadSize = 99  # set on the protocol: kept, as Autobahn would
+    session.makeConnection(StringTransport())
+    assert (session.autoPingInterval, session.maxMessagePayloadSize) == (7.0, 1234)
+    assert session.maxFramePayloadSize == 99
+    assert len(options) > 20
+    assert all(name in vars(session) for name in options)
+    # Autobahn's list of the options it copied: empty (a client's handshake also
+    # prints its transport, a dict).
+    assert [value for value in printed if isinstance(value, list)] in ([], [[]])
+
+
+def test_a_session_binds_its_logger_once() -> None:
+    factory = WebSocketServerFactory()
+    factory.protocol = _Server
+    session = factory.buildProtocol(None)
+    assert session.log is session.log  # not a new Logger at each read
+    assert session.log.source is session
+    assert isinstance(session.log, QuietLogger)

@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg2
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredList, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
 
 from tests.support import RunningSwitchboard, start_switchboard
 from tests.switchboard.support import FAST, add_host, locked_hosts
@@ -30,6 +30,17 @@ async def hosts(sb: RunningSwitchboard, count: int) -> dict[str, bytes]:
             for i in range(count)}
 
 
+async def linked(sb: RunningSwitchboard, registrar: LinkRegistrar, count: int
+                 ) -> tuple[dict[str, bytes], dict[str, int], dict[str, str]]:
+    """``count`` hosts, their links registered together through ``registrar``:
+    ({name: token digest}, {name: host id}, {name: session})."""
+    digests = await hosts(sb, count)
+    chosen = {name: str(uuid.uuid4()) for name in digests}
+    rows = await gatherResults([registrar.register(digests[name], chosen[name])
+                                for name in sorted(digests)])
+    return digests, {row["name"]: row["id"] for row in rows}, chosen
+
+
 async def sessions(sb: RunningSwitchboard) -> dict[str, tuple[str | None, str | None]]:
     rows = await sb.store.pool.fetchall("SELECT name, instance, session FROM hosts")
     return {row["name"]: (row["instance"], row["session"] and str(row["session"]))
@@ -39,13 +50,10 @@ async def sessions(sb: RunningSwitchboard) -> dict[str, tuple[str | None, str | 
 @pytest_twisted.ensureDeferred
 async def test_links_arriving_together_are_registered_by_one_statement(
         sb: RunningSwitchboard) -> None:
-    digests = await hosts(sb, 20)
     registrar = LinkRegistrar(reactor, sb.store, "i-1", lambda: None)
-    chosen = {name: str(uuid.uuid4()) for name in digests}
-    results = await gatherResults([registrar.register(digests[name], chosen[name])
-                                   for name in digests])
+    digests, ids, chosen = await linked(sb, registrar, 20)
     assert registrar.batches == 1 and registrar.largest == 20
-    assert sorted(row["name"] for row in results) == sorted(digests)
+    assert sorted(ids) == sorted(digests)
     recorded = await sessions(sb)
     assert all(recorded[name] == ("i-1", chosen[name]) for name in digests)
 
@@ -141,3 +149,66 @@ async def test_a_token_being_written_holds_its_next_registration_back(
             assert not later.called and registrar.waiting == 1
         assert (await earlier)["name"] == "h0" and (await later)["name"] == "h0"
         assert registrar.batches == 3 and (await sessions(sb))["h0"] == ("i-1", second)
+
+
+@pytest_twisted.ensureDeferred
+async def test_links_ending_together_are_forgotten_by_one_statement(
+        sb: RunningSwitchboard) -> None:
+    """A host linked again meanwhile (a newer session) keeps its link."""
+    registrar = LinkRegistrar(reactor, sb.store, "i-1", lambda: None)
+    digests, ids, chosen = await linked(sb, registrar, 10)
+    newer = str(uuid.uuid4())
+    await registrar.register(digests["h9"], newer)
+    await gatherResults([Deferred.fromCoroutine(registrar.ended(ids[name], chosen[name]))
+                         for name in digests])
+    assert registrar.end_batches == 1
+    recorded = await sessions(sb)
+    assert all(recorded[f"h{i}"] == (None, None) for i in range(9))
+    assert recorded["h9"] == ("i-1", newer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ends_meanwhile_go_in_the_next_batch_and_a_failed_one_link_by_link(
+        migrated_database: str, tmp_path: Path) -> None:
+    """The first batch stalls on a locked row until the lock times out; the links ending
+    meanwhile wait for it and are then written together; the failed batch is written
+    again one link at a time, so only the locked host's end fails."""
+    async with stopping(await start_switchboard(migrated_database, tmp_path,
+                                                timeouts=Timeouts(lock=0.5), **FAST)) as sb:
+        registrar = LinkRegistrar(reactor, sb.store, "i-1", lambda: None)
+        _, ids, chosen = await linked(sb, registrar, 6)
+
+        def end(name: str) -> Deferred[None]:
+            return Deferred.fromCoroutine(registrar.ended(ids[name], chosen[name]))
+
+        async with locked_hosts(migrated_database, "h0"):
+            first = [end("h0"), end("h1")]
+            await sleep(0.1)  # written, and stalled on the lock
+            later = [end(f"h{i}") for i in range(2, 6)]
+            await sleep(0.1)
+            assert registrar.end_batches == 1 and not any(d.called for d in first + later)
+            outcomes = await DeferredList(first, consumeErrors=True)
+            await gatherResults(later)
+        assert outcomes[0][1].check(psycopg2.OperationalError) is not None  # lock timeout
+        assert outcomes[1][0], outcomes[1][1]
+        assert registrar.end_batches == 1 + 2 + 1  # the batch, each of its two, the rest
+        recorded = await sessions(sb)
+        assert recorded["h0"] == ("i-1", chosen["h0"])
+        assert all(recorded[f"h{i}"] == (None, None) for i in range(1, 6))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_link_states_of_many_links_are_one_statement_in_order(
+        sb: RunningSwitchboard) -> None:
+    """Each link's kinds are recorded if the session is still its host's (a host named
+    twice: its last kinds), and each gets its own answer, in order."""
+    registrar = LinkRegistrar(reactor, sb.store, "i-1", lambda: None)
+    _, ids, chosen = await linked(sb, registrar, 3)
+    rows = await sb.store.link_states([(ids["h2"], ["qemu", "mock"], chosen["h2"]),
+                                       (ids["h0"], None, chosen["h0"]),
+                                       (ids["h1"], ["mock"], str(uuid.uuid4())),  # stale
+                                       (ids["h2"], ["serial"], chosen["h2"])])
+    assert rows == [{"active": None, "held": None, "snapshots": 0}] * 4
+    recorded = {row["name"]: (row["kinds"], row["current"]) for row in await sb.store.pool.fetchall(
+        "SELECT name, kinds, kinds_session = session AS current FROM hosts")}
+    assert recorded == {"h0": (None, True), "h1": (None, None), "h2": (["serial"], True)}

@@ -1,6 +1,11 @@
 """One JSON-WebSocket session for Autobahn protocols: a quiet logger, ``send``,
 ``close`` and ``violation``; :class:`BoundFactory`, one request's protocol factory.
 
+A session copies its factory's protocol options itself (:meth:`JsonSession.connectionMade`):
+Autobahn's own copy also pretty-prints all of them for a debug line on every
+connection (``pformat``, about 0.1 ms each side of a link), which the quiet
+logger then drops.
+
 Autobahn logs the opening handshake, ``Authorization: Bearer`` included, at
 debug level: every Autobahn protocol class in Treadmill sets ``log`` to a
 :class:`QuietLogger`, which drops debug and trace lines (a test walks the
@@ -11,6 +16,7 @@ may carry (:func:`close_reason`), never inside a character.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 from twisted.logger import Logger
@@ -69,6 +75,24 @@ class JsonSession:
     handling = False
     # From the Autobahn protocol it is mixed into: state, STATE_OPEN, sendMessage, sendClose.
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The logger bound to this session, made once: Autobahn reads ``self.log`` for
+        # each of its many debug lines, and ``Logger.__get__`` makes one at each read.
+        self.log = self.log
+
+    CONFIG_ATTRS: tuple[str, ...] = ()
+    """None for Autobahn to copy: :meth:`connectionMade` copies its options."""
+
+    def connectionMade(self) -> None:
+        """Take each Autobahn option not set on this protocol from the factory, as
+        Autobahn would, then connect."""
+        factory = self.factory  # type: ignore[attr-defined]
+        for name in _autobahn_options(type(self)):
+            if not hasattr(self, name):
+                setattr(self, name, getattr(factory, name))
+        super().connectionMade()  # type: ignore[misc]
+
     def send(self, message: dict[str, Any]) -> bool:
         """Send ``message`` if the connection is open; whether it was sent."""
         if self.state != self.STATE_OPEN:  # type: ignore[attr-defined]
@@ -112,3 +136,13 @@ class JsonSession:
     def log_violation(self, text: str) -> None:
         """Report a violation by the peer (a subclass logs it where its role logs)."""
         self.log.warn("protocol violation by the peer: {text}", text=text)
+
+
+@cache
+def _autobahn_options(cls: type) -> tuple[str, ...]:
+    """The options Autobahn's protocol class below :class:`JsonSession` in ``cls``'s MRO
+    copies from its factory (its ``CONFIG_ATTRS``)."""
+    for base in cls.__mro__[cls.__mro__.index(JsonSession) + 1:]:
+        if "CONFIG_ATTRS" in vars(base):
+            return tuple(vars(base)["CONFIG_ATTRS"])
+    return ()

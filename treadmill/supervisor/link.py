@@ -43,9 +43,10 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.logger import Logger
 
+from treadmill.common.splice import client_endpoint
 from treadmill.common.tls import client_options
 from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import supervisor as protocol
@@ -240,7 +241,9 @@ class SupervisorLink(Service):
             openHandshakeTimeout=heartbeat_timeout,
             maxMessagePayloadSize=protocol.MAX_MESSAGE_BYTES,
             maxFramePayloadSize=protocol.MAX_MESSAGE_BYTES)
-        endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=heartbeat_timeout)
+        # An address skips the resolver thread (and HostnameEndpoint's per-attempt
+        # classes) on every reconnect; a name is resolved each time.
+        endpoint: Any = client_endpoint(reactor, host, port, heartbeat_timeout)
         if secure:
             endpoint = wrapClientTLS(client_options(host, ca_file), endpoint)
         # Jitter in proportion to the initial delay (random.random for the default 1 s).

@@ -16,7 +16,8 @@
   health pass: checks due by the clock, queued jobs' messages);
 - ``links`` (the supervisors' WebSocket sessions), ``admission`` (at most so many
   link handshakes under way, beyond them a FIFO queue, beyond that 503),
-  ``registrar`` (link registrations written in batches), ``reconcile`` (what a link does
+  ``registrar`` (link registrations and ends written in batches), ``batching`` (the
+  calls arriving together as one statement: ``Batcher``), ``reconcile`` (what a link does
   about a host's report), ``jobstart`` (the wire ``JobStart``), ``renewal`` (an extended
   job's fresh tokens, ``renew_tokens``), ``holds`` (ending
   a failed job's held host), ``instances`` (liveness of switchboard instances, the

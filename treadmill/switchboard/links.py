@@ -45,6 +45,7 @@ from treadmill.protocol.supervisor import CloseCode, ProtocolError
 from treadmill.switchboard import credentials
 from treadmill.switchboard.admission import HandshakeGate, QueueTimeout, ReactorLag, Slot
 from treadmill.switchboard.audit import ConsoleAudit
+from treadmill.switchboard.batching import Batcher
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.holds import HostHold
 from treadmill.switchboard.jobstart import job_start
@@ -431,8 +432,8 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
         answer = await self.request(protocol.status_request(0))
         await self._inbox  # Events sent before the status are applied first.
         assert self.session is not None
-        state = await self.links.store.link_state(self.host_id, answer.get("kinds"),
-                                                  self.session)  # one statement
+        state = await self.links.states.submit(  # one statement, shared with others
+            (self.host_id, answer.get("kinds"), self.session))
         row = state["active"]
         expected = None
         if row is not None:
@@ -656,7 +657,11 @@ class SupervisorLinks(MultiService):
         waiting for one (``supervisors.handshake_queue``, ``handshake_wait``)."""
         self.handshake_timeout = handshake_timeout
         self.registrar = LinkRegistrar(reactor, store, instance, lambda: self.instance_id)
-        """Records links in batches (one statement for the links arriving together)."""
+        """Records links in batches (one statement for the links arriving together, and
+        one for those ending together)."""
+        self.states: Batcher[tuple[int, Any, str], dict] = Batcher(
+            reactor, store.link_states)
+        """Reconciliations' statements (``link_state``), those arriving together as one."""
         self.factory = SupervisorSessionFactory(self)
         self.resource = SupervisorResource(self.factory, self.gate)
         self._tasks: set[Deferred[Any]] = set()
@@ -708,7 +713,7 @@ class SupervisorLinks(MultiService):
         assert link.host_id is not None and link.session is not None
         if self.by_host.get(link.host_id) is link:
             del self.by_host[link.host_id]
-        self.spawn(self.store.link_disconnected(link.host_id, link.session))
+        self.spawn(self.registrar.ended(link.host_id, link.session))
 
     # -- notifications ------------------------------------------------------------------
 
@@ -860,8 +865,8 @@ class SupervisorLinks(MultiService):
         for link in chosen:
             self._drop(link, CloseCode.GOING_AWAY, "rebalancing between switchboard "
                        "instances: reconnect")
-            self.spawn(self.store.link_disconnected(link.host_id,  # type: ignore[arg-type]
-                                                    link.session))  # type: ignore[arg-type]
+            self.spawn(self.registrar.ended(link.host_id,  # type: ignore[arg-type]
+                                            link.session))  # type: ignore[arg-type]
         self.rebalanced += len(chosen)
         return len(chosen)
 

@@ -16,6 +16,12 @@ registration of it waits until the first is written: the later one wins). A
 batch that fails is written again one link at a time, so that one host's error
 (a lock timeout, a deadlock) fails only its own handshake (with the database
 away, each fails at once).
+
+Links that end together (a balancer restarted, a network blip, a rebalance) are
+forgotten together too (:meth:`LinkRegistrar.ended`, a
+:class:`~treadmill.switchboard.batching.Batcher` of
+:meth:`~treadmill.switchboard.store.links.LinkQueries.links_disconnected`): the links
+ending while a write is in flight are written by the next one statement.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from treadmill.switchboard.batching import Batcher
 from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.store import Store
 
@@ -56,6 +63,8 @@ class LinkRegistrar:
         self.batches = 0  # statements written (batches, and single links after a failure)
         self.registered = 0
         self.largest = 0  # the largest batch so far
+        self._ends: Batcher[tuple[int, str], None] = Batcher(reactor, self._forget,
+                                                             concurrency=1)
 
     def register(self, digest: bytes, session: str) -> Deferred[dict | None]:
         """Record that this instance holds, as ``session``, the link of the host whose
@@ -67,6 +76,16 @@ class LinkRegistrar:
         else:
             self._schedule(self.max_wait)
         return done
+
+    async def ended(self, host_id: int, session: str) -> None:
+        """Forget the link ``session`` of host ``host_id`` (unless a newer session
+        superseded it), with the others ending meanwhile."""
+        await self._ends.submit((host_id, session))
+
+    @property
+    def end_batches(self) -> int:
+        """Statements that forgot ended links."""
+        return self._ends.batches
 
     @property
     def waiting(self) -> int:
@@ -138,3 +157,7 @@ class LinkRegistrar:
             self.instance_id())
         self.registered += len(rows)
         return rows
+
+    async def _forget(self, links: list[tuple[int, str]]) -> list[None]:
+        await self.store.links_disconnected(links)
+        return [None] * len(links)

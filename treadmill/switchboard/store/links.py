@@ -51,24 +51,42 @@ class LinkQueries(Queries):
 
     async def link_state(self, host_id: int, kinds: Sequence[str] | None,
                          session: str) -> dict:
-        """A reconciliation's one statement: record the image kinds the host's supervisor
-        reports on link ``session`` (None: any kind), from which on the scheduler may
-        offer the host jobs (``kinds_session``; a change wakes the scheduler through the
-        hosts trigger), and read what the host should be doing:
+        """A reconciliation's one statement (:meth:`link_states` for one link)."""
+        return (await self.link_states([(host_id, kinds, session)]))[0]
+
+    async def link_states(self, links: Sequence[tuple[int, Sequence[str] | None, str]]
+                          ) -> list[dict]:
+        """The reconciliations of many links in one statement, each ``(host id, kinds,
+        session)``: record the image kinds the host's supervisor reports on link
+        ``session`` (None: any kind), from which on the scheduler may offer the host
+        jobs (``kinds_session``; a change wakes the scheduler through the hosts
+        trigger), and read what the host should be doing. For each link, in order:
         ``active`` (:meth:`active_job`), ``held`` (:meth:`HoldQueries.held_job`), both
-        None or a dict, and ``snapshots`` (how many are pending)."""
-        value = sorted(kinds) if kinds is not None else None
-        row = await self.pool.fetchone(
-            "WITH kinds AS (UPDATE hosts SET kinds = %(kinds)s, kinds_session = session "
-            "WHERE id = %(id)s AND session = %(session)s::uuid AND (kinds IS DISTINCT FROM "
-            "%(kinds)s::text[] OR kinds_session IS DISTINCT FROM session) RETURNING id) "
-            f"SELECT (SELECT row_to_json(a) FROM ({ACTIVE_JOB}) a) AS active, "
-            f"(SELECT row_to_json(h) FROM ({HELD_JOB}) h) AS held, "
-            "(SELECT count(*) FROM snapshots WHERE host_id = %(id)s AND state = 'pending') "
-            "AS snapshots",
-            {"kinds": value, "id": host_id, "session": session})
-        assert row is not None
-        return row
+        None or a dict, and ``snapshots`` (how many are pending). A host named twice
+        records the kinds of its last entry."""
+        if not links:
+            return []
+        active = ACTIVE_JOB.replace("%(id)s", "v.id")
+        held = HELD_JOB.replace("%(id)s", "v.id")
+        rows = await self.pool.fetchall(
+            "WITH v AS (SELECT * FROM unnest(%(ids)s::bigint[], %(sessions)s::uuid[], "
+            "%(kinds)s::jsonb[]) WITH ORDINALITY AS v(id, session, kinds, n)), "
+            "k AS (SELECT DISTINCT ON (id) id, session, CASE WHEN kinds IS NULL THEN NULL "
+            "ELSE ARRAY(SELECT jsonb_array_elements_text(kinds)) END AS kinds "
+            "FROM v ORDER BY id, n DESC), "
+            "updated AS (UPDATE hosts AS h SET kinds = k.kinds, kinds_session = h.session "
+            "FROM k WHERE h.id = k.id AND h.session = k.session AND (h.kinds IS DISTINCT "
+            "FROM k.kinds OR h.kinds_session IS DISTINCT FROM h.session) RETURNING h.id) "
+            f"SELECT (SELECT row_to_json(a) FROM ({active}) a) AS active, "
+            f"(SELECT row_to_json(h) FROM ({held}) h) AS held, "
+            "(SELECT count(*) FROM snapshots WHERE host_id = v.id AND state = 'pending') "
+            "AS snapshots FROM v ORDER BY v.n",
+            {"ids": [host_id for host_id, _, _ in links],
+             "sessions": [session for _, _, session in links],
+             "kinds": [Json(sorted(kinds)) if kinds is not None else None
+                       for _, kinds, _ in links]})
+        assert len(rows) == len(links)
+        return rows
 
     async def links_ended(self, sessions: list[str]) -> None:
         """Forget many links at once (an instance shutting down)."""
@@ -79,9 +97,18 @@ class LinkQueries(Queries):
 
     async def link_disconnected(self, host_id: int, session: str) -> None:
         """Forget the link unless a newer session superseded it."""
-        await self.pool.execute(
-            "UPDATE hosts SET instance = NULL, instance_id = NULL, session = NULL, "
-            "last_seen_at = now() WHERE id = %s AND session = %s", (host_id, session))
+        await self.links_disconnected([(host_id, session)])
+
+    async def links_disconnected(self, links: Sequence[tuple[int, str]]) -> None:
+        """Forget many links at once, each ``(host id, session)``, unless a newer session
+        superseded it (one statement; rows found by their key)."""
+        if links:
+            ordered = sorted(links)
+            await self.pool.execute(
+                "UPDATE hosts AS h SET instance = NULL, instance_id = NULL, session = NULL, "
+                "last_seen_at = now() FROM unnest(%s::bigint[], %s::uuid[]) AS v(id, session) "
+                "WHERE h.id = v.id AND h.session = v.session",
+                ([host_id for host_id, _ in ordered], [session for _, session in ordered]))
 
     async def host_link_state(self, host_id: int) -> dict | None:
         """The host's token hash and link session, or None if it was removed."""
