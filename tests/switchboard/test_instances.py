@@ -603,8 +603,10 @@ async def test_a_job_locked_elsewhere_is_retried_soon_not_in_a_loop(
     assert await state_of(sb, job) == "queued"
     release.set()
     await holder
-    # A retry every 0.5 s, not a pass after pass while it stays locked.
-    assert 1 <= sb.service.scheduler.passes - passes <= 3
+    # A retry every 0.5 s, not a pass after pass while it stays locked (a loop makes
+    # hundreds in 0.7 s): the link's notes (its session, its kinds), the retry after
+    # 0.5 s and maybe the periodic pass, each at most once or twice.
+    assert 1 <= sb.service.scheduler.passes - passes <= 6
     await peer.wait_for("start_job", job_id=job)
     peer.disconnect()
 
