@@ -205,6 +205,12 @@ def negotiate_minor(theirs: str | bytes | None) -> int:
 # -- constructors: the only places messages are built -------------------------------
 
 
+def _given(base: Any, /, **optional: Any) -> Any:
+    """The message ``base`` (a dict) with each ``optional`` field that is given (not None)."""
+    base.update({k: v for k, v in optional.items() if v is not None})
+    return base
+
+
 def start_job(request_id: int, job: JobStart) -> dict[str, Any]:
     """Ask the supervisor to start ``job`` (see ``JobStart`` in the schema)."""
     return {"type": "start_job", "request_id": request_id, "job": job}
@@ -227,14 +233,9 @@ def status(request_id: int, job: dict[str, Any] | None,
     with it) ``held_for``, the seconds its hold has left, and ``held_timeout``, the held
     job's timeout, as the supervisor knows them."""
     message: dict[str, Any] = {"type": "status", "request_id": request_id, "job": job}
-    if kinds is not None:
-        message["kinds"] = sorted(kinds)
+    _given(message, kinds=sorted(kinds) if kinds is not None else None, held=held)
     if held is not None:
-        message["held"] = held
-        if held_for is not None:
-            message["held_for"] = held_for
-        if held_timeout is not None:
-            message["held_timeout"] = held_timeout
+        _given(message, held_for=held_for, held_timeout=held_timeout)
     return message
 
 
@@ -243,17 +244,8 @@ def job_event(request_id: int, job_id: str, state: str, *, stage: str | None = N
               message: str | None = None, held: bool = False) -> JobEvent:
     event: JobEvent = {"type": "job_event", "request_id": request_id, "job_id": job_id,
                        "state": state}
-    if stage is not None:
-        event["stage"] = stage
-    if reason is not None:
-        event["reason"] = reason
-    if exit_status is not None:
-        event["exit_status"] = exit_status
-    if message is not None:
-        event["message"] = message
-    if held:
-        event["held"] = True
-    return event
+    return _given(event, stage=stage, reason=reason, exit_status=exit_status,
+                  message=message, held=True if held else None)
 
 
 def job_endpoints(request_id: int, job_id: str, endpoints: list[dict[str, Any]], *,
@@ -293,10 +285,8 @@ def console_event(request_id: int, job_id: str, **fields: Any) -> dict[str, Any]
     unknown = set(fields) - set(CONSOLE_EVENT_FIELDS)
     if unknown:
         raise TypeError(f"unknown console_event fields: {sorted(unknown)}")
-    message: dict[str, Any] = {"type": "console_event", "request_id": request_id,
-                               "job_id": job_id}
-    message.update({k: v for k, v in fields.items() if v is not None})
-    return message
+    return _given({"type": "console_event", "request_id": request_id, "job_id": job_id},
+                  **fields)
 
 
 def renew_tokens(request_id: int, job_id: str, timeout: float, *,
@@ -307,15 +297,9 @@ def renew_tokens(request_id: int, job_id: str, timeout: float, *,
     the held job's hold now ends that many seconds from now): the tokens of its
     ``start_job`` for its log servers and proxies, replaced by fresh ones that outlive its
     new end."""
-    message: dict[str, Any] = {"type": "renew_tokens", "request_id": request_id,
-                               "job_id": job_id, "timeout": timeout}
-    if held_for is not None:
-        message["held_for"] = held_for
-    if log_servers:
-        message["log_servers"] = log_servers
-    if proxies:
-        message["proxies"] = proxies
-    return message
+    return _given({"type": "renew_tokens", "request_id": request_id, "job_id": job_id,
+                   "timeout": timeout}, held_for=held_for, log_servers=log_servers or None,
+                  proxies=proxies or None)
 
 
 def ack(request_id: int, error: tuple[str, str] | None = None) -> dict[str, Any]:
