@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from tests.support import start_switchboard
-from tests.switchboard.support import host_peer, job, submit
+from tests.switchboard.support import add_host, connected_peer, job, submit
 from tests.util.ssh import new_ssh_public_key
 from treadmill.protocol import supervisor as protocol
 
@@ -24,7 +24,7 @@ async def test_keys_in_start_job_and_host_keys_reported(migrated_database: str, 
     monkeypatch.setattr(protocol, "MINOR", minor)
     sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2)
     try:
-        peer = await host_peer(sb)
+        token = await add_host(sb)  # its supervisor connects once the job has its grants
         owner, manager = await sb.user("olive"), await sb.user("mona")
         lines = {name: new_ssh_public_key() for name in ("olive", "mona", "admin")}
         for name, client in (("olive", owner), ("mona", manager), ("admin", sb.admin)):
@@ -33,6 +33,7 @@ async def test_keys_in_start_job_and_host_keys_reported(migrated_database: str, 
         job_id = await submit(sb, owner)
         assert (await owner.post(f"/api/v1/jobs/{job_id}/grants",
                                  {"user": "mona", "privilege": "manage"})).status == 201
+        peer = await connected_peer(sb, token)
         # The keys are read when the host is told to start the job.
         start = (await peer.wait_for("start_job", job_id=job_id))[0]["job"]
         host_key = new_ssh_public_key()
