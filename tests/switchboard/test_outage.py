@@ -67,13 +67,22 @@ def test_timeouts_are_added_to_the_dsn_options() -> None:
     dsn = session_dsn("dbname=x options='-c search_path=a'", Timeouts(1.5, 0.25, 0))
     parsed = psycopg2.extensions.parse_dsn(dsn)
     assert parsed["dbname"] == "x"
-    assert parsed["options"] == ("-c search_path=a -c statement_timeout=1500 "
+    assert parsed["options"] == ("-c jit=off -c search_path=a -c statement_timeout=1500 "
                                  "-c lock_timeout=250 -c idle_in_transaction_session_timeout=0")
+    # JIT off first, so that the DSN's own options may turn it on again.
+    assert psycopg2.extensions.parse_dsn(session_dsn("options='-c jit=on'", Timeouts()))[
+        "options"].startswith("-c jit=off -c jit=on ")
     assert parsed["keepalives_idle"] == "5" and parsed["keepalives_count"] == "3"
     # What the DSN says about keepalives stands.
     mine = psycopg2.extensions.parse_dsn(session_dsn("dbname=x keepalives_idle=60",
                                                      Timeouts()))
     assert mine["keepalives_idle"] == "60" and mine["keepalives_interval"] == "2"
+
+
+@pytest_twisted.ensureDeferred
+async def test_sessions_compile_nothing(small_pool: Pool) -> None:
+    """JIT is off on the switchboard's connections (database.NO_JIT)."""
+    assert (await small_pool.fetchone("SHOW jit"))["jit"] == "off"
 
 
 @pytest_twisted.ensureDeferred
