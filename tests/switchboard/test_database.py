@@ -115,6 +115,72 @@ async def test_pool_transaction_rolls_back_on_error(pool):
     assert await pool.fetchone("SELECT id FROM users WHERE name = 'rollback'") is None
 
 
+# The BEGIN of a transaction travels with its first statement (one round trip less).
+
+TXID = "SELECT txid_current() AS t"
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("first", ["fetchone", "rows"])
+async def test_a_transaction_s_first_statement_is_inside_it(pool, first):
+    async def txids(cur):
+        if first == "rows":
+            (opening,) = (await cur.rows(TXID))[0]
+        else:
+            opening = (await cur.fetchone(TXID))["t"]
+        return opening, (await cur.fetchone(TXID))["t"], (await cur.rows(TXID))[0][0]
+
+    for _ in range(3):  # on every pooled connection, again and again
+        opening, second, third = await pool.transaction(txids)
+        assert opening == second == third
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_first_statement_rolls_back_and_leaves_the_connection_clean(pool):
+    await migrate(pool)
+
+    async def failing(cur):
+        await cur.execute("INSERT INTO users (name) VALUES ('first'); SELECT 1 / 0")
+
+    for _ in range(2 * pool.size):
+        with pytest.raises(Exception, match="division by zero"):
+            await pool.transaction(failing)
+    assert await pool.fetchone("SELECT id FROM users WHERE name = 'first'") is None
+    # No connection was left inside a transaction: an autocommitted write is seen at once
+    # from every other connection, and transactions still work.
+    for n in range(2 * pool.size):
+        await pool.execute("INSERT INTO users (name) VALUES (%s)", (f"after-{n}",))
+        assert await pool.fetchone("SELECT count(*) AS n FROM users WHERE name LIKE 'after-%%'"
+                                   ) == {"n": n + 1}
+    opening, second, _ = await pool.transaction(_txids)
+    assert opening == second
+
+
+async def _txids(cur):
+    return ((await cur.fetchone(TXID))["t"], (await cur.fetchone(TXID))["t"], None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_transaction_that_sends_nothing_sends_no_commit(pool):
+    async def nothing(cur):
+        return "done"
+
+    async def raising(cur):
+        raise LookupError("before any statement")
+
+    for _ in range(2 * pool.size):
+        assert await pool.transaction(nothing) == "done"
+        with pytest.raises(LookupError):
+            await pool.transaction(raising)
+    # Had a COMMIT or BEGIN gone astray, a connection would now be idle in a transaction.
+    rows = await pool.fetchall(
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
+        "AND state LIKE 'idle in transaction%%'")
+    assert rows == [{"n": 0}]
+    opening, second, _ = await pool.transaction(_txids)
+    assert opening == second
+
+
 # -- LISTEN / NOTIFY -------------------------------------------------------------
 
 

@@ -204,18 +204,32 @@ class _Connection(txpostgres.Connection):
             return ConnectionLost("the server closed the connection")
         return None
 
-    def _runInteraction(self, interaction: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        """txpostgres's, except that a rollback failing on a connection that is gone
-        (the server shut down mid-transaction) is no traceback: the caller gets
-        ``RollbackFailed`` (an outage, see :func:`unavailable`) and the pool reconnects."""
-        c = self.cursor()
-        d = c.execute("begin")
-        d.addCallback(interaction, *args, **kwargs)
+    begin_pending = False
+    """An interaction has begun and sent nothing yet: its first statement carries the
+    ``BEGIN`` (:class:`_Cursor`), which saves a round trip per transaction."""
 
-        def commit(ret: Any) -> Deferred[Any]:
+    def cursor(self) -> txpostgres.Cursor:
+        return _Cursor(self._connection.cursor(), self)
+
+    def _runInteraction(self, interaction: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        """txpostgres's, except that ``BEGIN`` travels with the first statement, a
+        transaction that sent nothing sends no ``COMMIT``, and a rollback failing on a
+        connection that is gone (the server shut down mid-transaction) is no traceback:
+        the caller gets ``RollbackFailed`` (an outage, see :func:`unavailable`) and the
+        pool reconnects."""
+        c = self.cursor()
+        self.begin_pending = True
+
+        def commit(ret: Any) -> Any:
+            if self.begin_pending:  # nothing was sent: there is no transaction
+                self.begin_pending = False
+                return ret
             return c.execute("commit").addCallback(lambda _: ret)
 
-        def rollback(f: Failure) -> Deferred[Any]:
+        def rollback(f: Failure) -> Any:
+            if self.begin_pending:
+                self.begin_pending = False
+                return f
             e = maybeDeferred(c.execute, "rollback")
 
             def failed(rf: Failure) -> Failure:
@@ -225,18 +239,30 @@ class _Connection(txpostgres.Connection):
 
             return e.addCallbacks(lambda _: f, failed)
 
+        d = maybeDeferred(interaction, c, *args, **kwargs)
         return d.addCallback(commit).addErrback(rollback)
 
     def tuple_cursor(self) -> txpostgres.Cursor:
         """A cursor of this connection whose rows are plain tuples (the pool's give dicts)."""
-        return txpostgres.Cursor(self._connection.cursor(cursor_factory=psycopg2.extensions.cursor),
-                                 self)
+        return _Cursor(self._connection.cursor(cursor_factory=psycopg2.extensions.cursor), self)
 
     def _socket_gone(self) -> bool:
         try:
             return self.fileno() < 0
         except Exception:
             return True
+
+
+class _Cursor(txpostgres.Cursor):
+    """A txpostgres cursor whose first statement in a transaction begins it
+    (``BEGIN; …`` in one round trip: the results are the last statement's)."""
+
+    def execute(self, query: str, params: Any = None) -> Deferred[Any]:
+        connection = self._connection
+        if getattr(connection, "begin_pending", False):
+            connection.begin_pending = False
+            query = "BEGIN; " + query
+        return super().execute(query, params)
 
 
 class Cursor:

@@ -1,16 +1,13 @@
 """Held hosts (``hold_on_failure``, docs/jobs.md): a failed job whose supervisor keeps
 its host as it is. ``jobs.held_until`` (0019_hold_on_failure) is set when the job's
-final event says ``held`` and cleared once its supervisor has let the host go; while
-it is set the scheduler offers the host nothing; ``tml job extend`` moves it later
+final event says ``held`` (:func:`~treadmill.switchboard.store.lifecycle.transition`)
+and cleared once its supervisor has let the host go; while it is set the scheduler
+offers the host nothing; ``tml job extend`` moves it later
 (:meth:`HoldQueries.extend_hold`). A hold whose ``held_until`` has passed (expired, or
 released by ``tml job cancel``) is ended by the link that holds the host
 (:mod:`treadmill.switchboard.links`)."""
 
 from __future__ import annotations
-
-from typing import Any
-
-from psycopg2.extras import Json
 
 from treadmill.switchboard.database import Cursor
 from treadmill.switchboard.store.base import Queries, locked_job, notify_extended
@@ -25,15 +22,6 @@ HELD_JOB = ("SELECT id, held_until <= now() AS due, "
             "FROM jobs WHERE host_id = %(id)s AND held_until IS NOT NULL "
             "ORDER BY seq DESC LIMIT 1")
 """The ended job holding host ``%(id)s``, if any (:meth:`HoldQueries.held_job`)."""
-
-
-async def begin_hold(cur: Cursor, job_id: str, endpoints: Any) -> None:
-    """The job ended held (in the caller's transaction): hold the host for the job's
-    ``hold_on_failure`` from now; its endpoints stay published while it is held."""
-    await cur.execute(
-        "UPDATE jobs SET held_until = now() + make_interval(secs => hold_on_failure), "
-        "endpoints = %s WHERE id = %s AND hold_on_failure IS NOT NULL",
-        (Json(endpoints if endpoints is not None else []), job_id))
 
 
 class HoldQueries(Queries):

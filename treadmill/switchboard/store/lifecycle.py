@@ -8,23 +8,29 @@ from treadmill.switchboard import jobstate
 from treadmill.switchboard.database import Cursor
 from treadmill.switchboard.jobstate import Reason, Stage, State, Status
 from treadmill.switchboard.store import health
-from treadmill.switchboard.store.errors import NotFound
+from treadmill.switchboard.store.errors import NotFound, NotYourJob
 
 
 async def transition(cur: Cursor, job_id: str, new: Status, *, exit_status: int | None = None,
-                     message: str | None = None, max_host_failures: int = 3) -> bool:
+                     message: str | None = None, max_host_failures: int = 3,
+                     host_id: int | None = None, hold: bool = False) -> bool:
     """Apply a state transition inside the caller's transaction.
 
     Locks the job row, checks the move with :func:`jobstate.check`, stamps the
     state's timestamp, keeps the first termination reason, and appends the
     job event. Returns False (and writes nothing) when the job is already in
-    the requested status.
+    the requested status. ``host_id``: the move is that host's report, refused
+    (``NotYourJob``) for a job on another host. ``hold``: a termination starts the
+    job's hold on its host, if it asked for one (``hold_on_failure``): its endpoints
+    stay published until ``held_until``.
     """
     row = await cur.fetchone(
-        "SELECT state, stage, termination_reason, "
+        "SELECT state, stage, termination_reason, host_id, "
         "extract(epoch FROM clock_timestamp() - created_at) AS since_created, "
         "extract(epoch FROM clock_timestamp() - assigned_at) AS since_assigned "
         "FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+    if host_id is not None and (row is None or row["host_id"] != host_id):
+        raise NotYourJob(f"job {job_id} is not on this host")
     if row is None:
         raise NotFound(f"no job {job_id}")
     current_state = State(row["state"])
@@ -48,7 +54,11 @@ async def transition(cur: Cursor, job_id: str, new: Status, *, exit_status: int 
         sets.append("termination_reason = %(reason)s")
     if exit_status is not None:
         sets.append("exit_status = %(exit_status)s")
-    if new.state is State.TERMINATED:
+    if new.state is State.TERMINATED and hold:  # (no hold_on_failure: held_until stays NULL)
+        sets.append("held_until = now() + make_interval(secs => hold_on_failure)")
+        sets.append("endpoints = CASE WHEN hold_on_failure IS NULL THEN '[]' "
+                    "ELSE coalesce(endpoints, '[]') END")
+    elif new.state is State.TERMINATED:
         sets.append("endpoints = '[]'")  # Its tunnels close with it.
     if message is not None:
         sets.append("termination_message = %(message)s")
@@ -56,13 +66,13 @@ async def transition(cur: Cursor, job_id: str, new: Status, *, exit_status: int 
               "stage": new.stage.value if new.stage else None,
               "reason": final_reason.value if final_reason else None,
               "exit_status": exit_status, "message": message}
-    updated = await cur.fetchone(
-        f"UPDATE jobs SET {', '.join(sets)} WHERE id = %(id)s RETURNING event_seq", params)
-    assert updated is not None
+    # The update and its event in one statement (one round trip).
     await cur.execute(
+        f"WITH updated AS (UPDATE jobs SET {', '.join(sets)} WHERE id = %(id)s "
+        "RETURNING event_seq) "
         "INSERT INTO job_events (job_id, seq, state, stage, reason, exit_status, message) "
-        "VALUES (%(id)s, %(seq)s, %(state)s, %(stage)s, %(reason)s, %(exit_status)s, "
-        "%(message)s)", {**params, "seq": updated["event_seq"]})
+        "VALUES (%(id)s, (SELECT event_seq FROM updated), %(state)s, %(stage)s, %(reason)s, "
+        "%(exit_status)s, %(message)s)", params)
     # Reported to this instance's metrics once the transaction commits.
     if new.state is State.ASSIGNED and current_state is State.QUEUED:
         cur.note("queue_wait", float(row["since_created"]))

@@ -9,10 +9,10 @@ import psycopg2
 from psycopg2.extras import Json
 
 from treadmill.switchboard.database import Cursor
-from treadmill.switchboard.jobstate import State, Status
+from treadmill.switchboard.jobstate import Status
 from treadmill.switchboard.store.base import Queries
 from treadmill.switchboard.store.errors import NotYourJob
-from treadmill.switchboard.store.holds import HELD_JOB, begin_hold
+from treadmill.switchboard.store.holds import HELD_JOB
 from treadmill.switchboard.store.keys import JOB_SSH_KEYS
 from treadmill.switchboard.store.lifecycle import transition
 
@@ -145,22 +145,12 @@ class LinkQueries(Queries):
     async def apply_host_event(self, host_id: int, job_id: str, new: Status, *,
                                exit_status: int | None = None,
                                message: str | None = None, held: bool = False) -> bool:
-        """Apply a supervisor's job event; only for jobs on its own host. A final event
-        that says ``held`` starts the job's hold (:meth:`JobQueries.begin_hold`)."""
-
-        async def apply(cur: Cursor) -> bool:
-            row = await cur.fetchone("SELECT host_id, endpoints FROM jobs WHERE id = %s",
-                                     (job_id,))
-            if row is None or row["host_id"] != host_id:
-                raise NotYourJob(f"job {job_id} is not on this host")
-            changed = await transition(cur, job_id, new, exit_status=exit_status,
-                                       message=message,
-                                       max_host_failures=self.max_host_failures)
-            if changed and held and new.state is State.TERMINATED:
-                await begin_hold(cur, job_id, row["endpoints"])
-            return changed
-
-        return await self.pool.transaction(apply)
+        """Apply a supervisor's job event; only for jobs on its own host (else
+        ``NotYourJob``). A final event that says ``held`` starts the job's hold."""
+        return await self.pool.transaction(
+            lambda cur: transition(cur, job_id, new, exit_status=exit_status, message=message,
+                                   max_host_failures=self.max_host_failures, host_id=host_id,
+                                   hold=held))
 
     async def set_endpoints(self, host_id: int, job_id: str,
                             endpoints: list[dict[str, Any]]) -> bool:
