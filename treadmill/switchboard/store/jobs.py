@@ -70,21 +70,20 @@ class JobQueries(Queries):
 
     async def _insert_job(self, cur: Cursor, owner_id: int, spec: JobSpec) -> dict:
         """Insert a queued job; return it as :meth:`get_job` would, from this transaction."""
-        row = await cur.fetchone(
-            "INSERT INTO jobs (owner_id, label, image_name, image_digest, image_stores, "
-            "tags, parameters, timeout, queue_timeout, max_restarts, restarts_left, "
-            "queue_deadline, event_seq, log_servers, results, image_kind, reservation, "
-            "hold_on_failure) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
-            "now() + make_interval(secs => %s), 1, %s, %s, %s, %s, %s) RETURNING id",
+        row = await cur.fetchone(  # the job and its first event in one statement
+            "WITH job AS (INSERT INTO jobs (owner_id, label, image_name, image_digest, "
+            "image_stores, tags, parameters, timeout, queue_timeout, max_restarts, "
+            "restarts_left, queue_deadline, event_seq, log_servers, results, image_kind, "
+            "reservation, hold_on_failure) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
+            "%s, now() + make_interval(secs => %s), 1, %s, %s, %s, %s, %s) RETURNING id) "
+            "INSERT INTO job_events (job_id, seq, state) SELECT id, 1, 'queued' FROM job "
+            "RETURNING job_id AS id",
             (owner_id, spec.label, spec.image_name, spec.image_digest, spec.image_stores,
              spec.tags, Json(spec.parameters), spec.timeout, spec.queue_timeout,
              spec.max_restarts, spec.max_restarts, spec.queue_timeout,
              list(spec.log_servers), Json(spec.results) if spec.results else None,
              spec.image_kind, spec.reservation, spec.hold_on_failure))
         assert row is not None
-        await cur.execute(
-            "INSERT INTO job_events (job_id, seq, state) VALUES (%s, 1, 'queued')",
-            (row["id"],))
         job = await cur.fetchone(self._job_query("j.id = %(id)s"),
                                  {"id": row["id"], "uid": owner_id})
         assert job is not None
