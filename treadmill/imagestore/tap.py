@@ -8,10 +8,8 @@ from typing import Any
 
 from twisted.application.service import IService
 
-from treadmill.common import keys
+from treadmill.common import keys, settingsfile
 from treadmill.common.config import (
-    BOOL,
-    FLOAT,
     INT,
     STR,
     STRLIST,
@@ -19,9 +17,6 @@ from treadmill.common.config import (
     RoleOptions,
     Row,
     Setting,
-    http_settings,
-    non_negative,
-    positive,
     table,
 )
 from treadmill.common.daemon import twistd_service
@@ -91,92 +86,10 @@ class Options(RoleOptions):
     """Settings of the image store (``etc/treadmill/imagestore.toml`` documents them)."""
 
     config = ImageStoreConfig
-    settings = (
-        *http_settings("Registry listeners"),
-        *table("", "{leaf}",
-               root=Row(
-                   STR, "Storage directory (blobs, repositories, uploads); see docs/imagestore.md.",
-                   default=None, required=True),
-               anonymous_pull=Row(
-                   anonymous_patterns, "Repositories anyone may pull without a token: true, or "
-                   "glob patterns (\"demo/*\" one level, \"public/**\" any depth)."),
-               io_threads=Row(positive(INT), "Threads for disk work.")),
-        *keys.satellite_settings("store", "{leaf}"),
-        *table("auth", "{leaf}",
-               realm=Row(
-                   STR, "Token endpoint clients are sent to on 401, e.g. "
-                   "https://switchboard.example/api/v1/registry/token."),
-               disabled=Row(
-                   BOOL, "Accept every request without a token (local experiments only).",
-                   field="auth_disabled")),
-        *table("uploads", None,
-               max_age=Row(
-                   positive(FLOAT), "Seconds an idle upload session is kept before it is removed.",
-                   field="upload_max_age")),
-        *table("quota", "quota.{leaf}",
-               namespace_bytes=Row(
-                   byte_size, "Bytes each user namespace (alice/...) may store, its open uploads "
-                   "included (\"500G\" works); 0: unlimited."),
-               top_level_bytes=Row(
-                   byte_size, "Bytes the top-level repositories (the operators') may store "
-                   "together; 0: unlimited."),
-               namespaces=Row(
-                   _namespace_sizes, "Per-namespace overrides of quota.namespace_bytes: a table "
-                   "namespace = size (on the command line: alice=500G,ci=0).", table=True),
-               uploads_per_subject=Row(
-                   non_negative(INT), "Open upload sessions one token subject (user or host) may "
-                   "have; 0: any.")),
-        *table("manifests", None,
-               max_size=Row(
-                   positive(INT), "Largest manifest accepted, in bytes.",
-                   field="manifest_max_size")),
-        *table("gc", "gc_{leaf}",
-               interval=Row(
-                   non_negative(FLOAT, finite=True), "Seconds between garbage collections; 0 runs "
-                   "them only on demand."),
-               grace=Row(
-                   non_negative(FLOAT, finite=True), "Seconds a newly uploaded, mounted or "
-                   "HEAD-checked blob is safe from garbage collection while no manifest "
-                   "references it.")),
-        # -- the image cache (etc/treadmill/imagecache.toml documents them) --
-        *table("cache", "cache.{leaf}",
-               enabled=Row(
-                   BOOL, "Run as an image cache: pull through from cache.upstreams, leases, "
-                   "eviction, replication.", default=False, field=None),
-               upstreams=Row(
-                   store_urls, "Upstream image stores, tried in order (https://store-1.example, "
-                   "...)."),
-               max_bytes=Row(
-                   byte_size, "Evict least recently used unleased blobs beyond this many bytes "
-                   "(\"500G\" works); 0: no bound."),
-               upstream_timeout=Row(
-                   positive(FLOAT), "Seconds without progress before an upstream request fails."),
-               upstream_retries=Row(
-                   positive(INT), "Attempts per upstream before trying the next one."),
-               retry_after=Row(
-                   positive(INT), "Retry-After (seconds) of a 503 when no upstream can be "
-                   "reached."),
-               tag_refresh=Row(
-                   non_negative(FLOAT, finite=True), "Seconds before a cached tag is checked "
-                   "against the upstreams again (0: on every request)."),
-               lease_default=Row(
-                   positive(FLOAT), "Seconds a lease lasts when the request gives no ttl."),
-               lease_max=Row(
-                   positive(FLOAT), "The longest lease granted, in seconds (longer ttls are "
-                   "shortened)."),
-               maintenance_interval=Row(
-                   non_negative(FLOAT, finite=True), "Seconds between lease expiry, last-use "
-                   "index flushes and eviction runs (eviction also runs after commits that cross "
-                   "the bound); 0: never.")),
-        *_credentials("cache.upstream_", "cache.upstream", "upstreams"),
-        *_credentials("replicate.", "cache.replicate", "replication targets"),
-        *table("replicate", "cache.replicate_{leaf}",
-               targets=Row(
-                   store_urls, "Stores (URL prefixes) the cache may replicate to; empty: any."),
-               chunk_size=Row(
-                   positive(byte_size), "Blobs larger than this are uploaded in chunks of this "
-                   "size.")),
-    )
+    settings = settingsfile.load("treadmill.imagestore", types={
+        "anonymous patterns": anonymous_patterns, "byte size": byte_size,
+        "namespace sizes": _namespace_sizes, "store urls": store_urls,
+    }, groups={"satellite": keys.satellite_settings, "credentials": _credentials})
 
     def checkSettings(self, values: dict[str, Any], source: str) -> None:
         super().checkSettings(values, source)
