@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
+import typing
 
 import pytest
 
 from treadmill.common.config import FIELD, INT, STR, STRLIST, Setting, http_settings
-from treadmill.common.settingsfile import SettingsFileError, parse
+from treadmill.common.settingsfile import SettingsFileError, config_class, parse
 
 EXAMPLE = """
     [fields]
@@ -184,3 +186,100 @@ def test_every_role_file_loads_with_its_role():
         keys = [s.key for s in options.all_settings()]
         assert len(keys) == len(set(keys)), options.__module__
         assert not common & {s.key for s in options.settings}, options.__module__
+
+
+DERIVED = """
+    [fields]
+    pool = "pool.{leaf}"
+
+    [[settings]]
+    key = "pool.size"
+    type = "positive int"
+    default = 4
+    help = "Size."
+
+    [[settings]]
+    key = "pool.peers"
+    type = "strlist"
+    default = []
+    convert = "tuple"
+    help = "Peers."
+
+    [[settings]]
+    key = "pool.hosts"
+    type = "strlist"
+    default = ["a"]
+    help = "Hosts."
+
+    [[settings]]
+    key = "pool.name"
+    type = "str"
+    unset = true
+    help = "Name."
+
+    [[settings]]
+    key = "pool.even"
+    type = "even"
+    default = 2
+    help = "Even."
+
+    [[settings]]
+    key = "other.size"
+    type = "int"
+    default = 1
+    field = "other.size"
+    help = "Not the pool's."
+"""
+
+
+def test_a_config_class_takes_its_fields_from_the_settings():
+    settings = _parse(DERIVED, types={"even": _even})
+
+    @config_class(settings, "pool", frozen=True)
+    class Pool:
+        """A pool."""
+
+        label: str = "mine"
+
+        @property
+        def double(self) -> int:
+            return 2 * self.size
+
+    assert Pool.__doc__ == "A pool."
+    assert typing.get_type_hints(Pool) == {
+        "label": str, "size": int, "peers": tuple[str, ...], "hosts": list[str],
+        "name": str | None, "even": int}
+    assert Pool() == Pool(label="mine", size=4, peers=(), hosts=["a"], name=None, even=2)
+    assert Pool(size=3).double == 6
+    first, second = Pool(), Pool()
+    first.hosts.append("b")
+    assert second.hosts == ["a"]  # A list default is copied, never shared.
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.size = 5  # type: ignore[misc]
+
+
+def test_a_config_class_needs_its_defaults_in_the_file():
+    settings = _parse("""
+        [[settings]]
+        key = "pool.size"
+        type = "int"
+        field = "pool.size"
+        help = "Size (the field's default)."
+    """)
+    with pytest.raises(TypeError, match=r"Pool\.size: pool\.size needs its type and default"):
+        @config_class(settings, "pool")
+        class Pool:
+            """A pool."""
+
+
+def test_the_derived_config_classes_keep_their_methods_and_keywords():
+    from treadmill.imagestore.cache import CacheConfig
+    from treadmill.switchboard.auth import PasswordPolicy
+    from treadmill.switchboard.links import LinkPolicy
+
+    assert LinkPolicy(unreachable_after=8.0).touch_interval == 2.0
+    assert LinkPolicy().ping_interval == 5.0 and PasswordPolicy().trusted_proxies == ()
+    assert CacheConfig(upstreams=["https://a"]).lease_max == 7 * 86400.0
+    for cls in (LinkPolicy, PasswordPolicy, CacheConfig):
+        assert cls.__doc__ and all(
+            hint is not typing.Any for hint in typing.get_type_hints(cls).values()), cls

@@ -209,6 +209,9 @@ class Setting:
     ``name[]`` for an entry of a mapping field, keyed by :attr:`key`."""
     convert: Callable[[Any], Any] | None = None
     """Turns the checked value into the field's shape (``tuple``, "0 means None")."""
+    annotation: Any = dataclasses.field(default=None, compare=False, repr=False)
+    """The type of the field's value, where a settings file declares the setting (a
+    derived config class's annotation, :func:`treadmill.common.settingsfile.config_class`)."""
 
     @property
     def flag(self) -> str:

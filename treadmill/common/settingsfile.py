@@ -25,22 +25,32 @@ with free-form keys) and ``convert`` (a converter's name). Types are :data:`TYPE
 role's own (``types``), or one of them behind ``positive``, ``non-negative`` or
 ``non-negative finite``; converters are :data:`CONVERTERS` or the role's. An unknown
 name or key is a :class:`SettingsFileError` when the role's module is imported.
+
+A config class made only of settings is derived from them (:func:`config_class`): its
+fields, their types and defaults are then written once, in the file.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
+import inspect
 import tomllib
-from collections.abc import Callable, Mapping
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 from treadmill.common import config
 from treadmill.common.config import FIELD, Setting, non_negative, positive
 
-__all__ = ["CONVERTERS", "GROUPS", "TYPES", "SettingsFileError", "load", "parse"]
+__all__ = ["CONVERTERS", "GROUPS", "TYPES", "SettingsFileError", "config_class", "load",
+           "parse"]
 
 Kind = Callable[[Any], Any]
 Group = Callable[..., tuple[Setting, ...]]
+T = TypeVar("T")
 
 TYPES: Mapping[str, Kind] = {
     "str": config.STR, "int": config.INT, "float": config.FLOAT, "bool": config.BOOL,
@@ -120,16 +130,18 @@ class _Names:
                  converters: Mapping[str, Callable[[Any], Any]], groups: Mapping[str, Group]):
         self.fail, self.types, self.converters, self.groups = fail, types, converters, groups
 
-    def kind(self, name: Any, key: str) -> Kind:
+    def kind(self, name: Any, key: str) -> tuple[Kind, Kind]:
+        """The checking function a type name stands for, and the named type's own."""
         rest = name if isinstance(name, str) else ""
         for prefix, modifier in MODIFIERS:
             if rest.startswith(prefix):
-                return modifier(self.kind(rest[len(prefix):], key))
+                kind, named = self.kind(rest[len(prefix):], key)
+                return modifier(kind), named
         if rest not in self.types:
             raise self.fail(f"unknown type {name!r} (known: {', '.join(self.types)}, "
                             "each may follow positive, non-negative or non-negative finite)",
                             key)
-        return self.types[rest]
+        return self.types[rest], self.types[rest]
 
     def converter(self, name: Any, key: str) -> Callable[[Any], Any]:
         if name not in self.converters:
@@ -164,7 +176,54 @@ def _setting(entry: Mapping[str, Any], templates: Mapping[str, str], names: _Nam
         field = None
     elif not isinstance(field, str):
         raise fail(f"field must be a string or false, got {field!r}", key)
-    convert = entry.get("convert")
-    return Setting(key, names.kind(entry["type"], key), default, entry["help"],
-                   required=required, table=entry.get("table", False), field=field,
-                   convert=None if convert is None else names.converter(convert, key))
+    kind, named = names.kind(entry["type"], key)
+    convert = None if "convert" not in entry else names.converter(entry["convert"], key)
+    return Setting(key, kind, default, entry["help"], required=required,
+                   table=entry.get("table", False), field=field, convert=convert,
+                   annotation=_annotation(named, convert))
+
+
+def _annotation(kind: Kind, convert: Callable[[Any], Any] | None) -> Any:
+    """The type of a field filled by ``kind``'s values, ``convert``-ed: from the functions'
+    return annotations (``tuple`` and ``list`` keep the items' type)."""
+    result = _returns(kind)
+    if convert in (tuple, list):
+        item = (typing.get_args(result) or (Any,))[0]
+        return tuple[item, ...] if convert is tuple else list[item]  # type: ignore[valid-type]
+    return result if convert in (None, dict) else _returns(convert)  # type: ignore[arg-type]
+
+
+def _returns(function: Callable[..., Any]) -> Any:
+    try:
+        return typing.get_type_hints(function).get("return", Any)
+    except TypeError:  # a built-in
+        return Any
+
+
+def config_class(settings: Iterable[Setting], fields: str,
+                 **options: Any) -> Callable[[type[T]], type[T]]:
+    """A class decorator: the class as a dataclass (``options`` as for
+    :func:`dataclasses.dataclass`) with, after the fields it declares itself, a field for
+    each setting that fills ``fields.NAME`` (``"links"``: ``links.ping_interval``, ...), in
+    the settings' order, typed by its type and defaulting to its default: both are written
+    once, in the settings file."""
+    def derive(cls: type[T]) -> type[T]:
+        annotations = dict(inspect.get_annotations(cls))
+        for s in settings:
+            head, dot, name = (s.field or "").partition(".")
+            if (head, dot) != (fields, ".") or "." in name or name.endswith("[]") \
+                    or name in annotations:
+                continue
+            if s.annotation is None or s.default is FIELD or s.required:
+                raise TypeError(f"{cls.__name__}.{name}: {s.key} needs its type and default "
+                                "in a settings file")
+            value = None if s.default is None else s.kind(s.default)
+            if value is not None and s.convert is not None:
+                value = s.convert(value)
+            annotations[name] = s.annotation if s.default is not None else s.annotation | None
+            setattr(cls, name, dataclasses.field(default_factory=functools.partial(
+                copy.copy, value)) if isinstance(value, list | dict | set) else value)
+        cls.__annotations__ = annotations
+        return dataclasses.dataclass(cls, **options)
+
+    return derive

@@ -7,22 +7,18 @@ from typing import Any
 
 from twisted.application.service import IService
 
-from treadmill.common import settingsfile
 from treadmill.common.captoken import MAX_TTL
 from treadmill.common.config import ConfigError, RoleOptions, check_order
 from treadmill.common.daemon import twistd_service
 from treadmill.switchboard.service import SwitchboardConfig, SwitchboardService
-
-
-def _base_urls(urls: list[str]) -> tuple[str, ...]:
-    return tuple(url.rstrip("/") for url in urls)
+from treadmill.switchboard.settings import SETTINGS
 
 
 class Options(RoleOptions):
     """Settings of the switchboard (``etc/treadmill/switchboard.toml`` documents them)."""
 
     config = SwitchboardConfig
-    settings = settingsfile.load("treadmill.switchboard", converters={"base urls": _base_urls})
+    settings = SETTINGS
 
     def checkSettings(self, values: dict[str, Any], source: str) -> None:
         super().checkSettings(values, source)
