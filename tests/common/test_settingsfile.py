@@ -160,6 +160,7 @@ def _entry(**lines: str) -> str:
     (_entry(default="1", required="true"), "db.size: give at most one of default, unset"),
     (_entry() + _entry(), "db.size: declared twice"),
     ('[[settings]]\ngroup = "nope"\n', "unknown group 'nope' (known: http)"),
+    ('[[settings]]\ngroup = "http"\nlistner = "API"\n', "group 'http': http_settings() got an"),
     ('[[settings]]\nhelp = "Orphan."\n', "an entry needs a key or a group"),
     ('[setting]\nkey = "x"\n', "unknown key 'setting' (expected fields and [[settings]])"),
     ("[[settings]\n", "invalid TOML"),

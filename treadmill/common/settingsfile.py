@@ -110,7 +110,11 @@ def parse(text: str, source: str, *, types: Mapping[str, Kind] | None = None,
     for entry in data.get("settings", []):
         if "group" in entry:
             arguments = {k: v for k, v in entry.items() if k != "group"}
-            settings.extend(names.group(entry["group"])(**arguments))
+            group = names.group(entry["group"])
+            try:
+                settings.extend(group(**arguments))
+            except TypeError as e:  # a missing or unknown argument
+                raise fail(f"group {entry['group']!r}: {e}") from None
         elif "key" in entry:
             settings.append(_setting(entry, templates, names, fail))
         else:
