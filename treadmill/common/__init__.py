@@ -1,6 +1,7 @@
 """The daemon kit shared by every role.
 
-- ``config``: the settings table (TOML file, command line) and the config it builds.
+- ``config``: the settings table (TOML file, command line) and the config it builds;
+  ``settingsfile``: a role's settings declared as data (its package's ``settings.toml``).
 - ``daemon``: the root ``RoleService``, listeners, operator services, ``twistd_service``.
 - ``gcpolicy``: when the garbage collector scans long-lived objects (freeze, full pass).
 - ``http``: the JSON error shape and handlers, hardened sites, request logging, bodies.

@@ -11,10 +11,12 @@ A setting also names the field of the role's config dataclass it fills
 (``field="timeouts.statement"``; dots reach into nested dataclasses), so that
 :func:`build` makes the config from the values, and a setting whose default is
 :data:`FIELD` takes it from that field (``RoleOptions.config`` names the dataclass).
-Roles write their settings as :func:`table` groups of :class:`Row`, one per TOML table:
-the key is the table and the row's keyword, the field the one the table's template
-names, the default the field's, unless the row says otherwise; so each key, default and
-field is written once.
+Roles declare their settings as data, in the ``settings.toml`` of their package
+(:mod:`treadmill.common.settingsfile`); shared groups (:data:`COMMON_SETTINGS`,
+:func:`http_settings`) are written here as :func:`table` groups of :class:`Row`, one per
+TOML table: the key is the table and the row's keyword, the field the one the table's
+template names, the default the field's, unless the row says otherwise; so each key,
+default and field is written once.
 
 Errors name the file, the key and the problem, and are ``UsageError`` so that
 ``twistd`` prints them and exits non-zero.
@@ -207,6 +209,9 @@ class Setting:
     ``name[]`` for an entry of a mapping field, keyed by :attr:`key`."""
     convert: Callable[[Any], Any] | None = None
     """Turns the checked value into the field's shape (``tuple``, "0 means None")."""
+    annotation: Any = dataclasses.field(default=None, compare=False, repr=False)
+    """The type of the field's value, where a settings file declares the setting (a
+    derived config class's annotation, :func:`treadmill.common.settingsfile.config_class`)."""
 
     @property
     def flag(self) -> str:

@@ -14,6 +14,8 @@ Modules, from the bottom up:
 - :mod:`~treadmill.imagestore.api`: the HTTP API (Klein).
 - :mod:`~treadmill.imagestore.site`: the HTTP site, whose requests stream upload bodies to disk.
 - :mod:`~treadmill.imagestore.metrics`: the Prometheus metrics.
+- :mod:`~treadmill.imagestore.settings`: the settings of ``settings.toml`` (with the types
+  and groups it names), which the ``tap`` and ``CacheConfig`` are made from.
 - :mod:`~treadmill.imagestore.service`, :mod:`~treadmill.imagestore.tap`: the daemon.
 
 The image cache (``cache.enabled``): :mod:`~treadmill.imagestore.cache` (last

@@ -51,6 +51,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from treadmill.common.settingsfile import config_class
 from treadmill.images.format import is_digest
 from treadmill.images.oci import RegistryClient
 from treadmill.imagestore import manifests
@@ -66,6 +67,7 @@ from treadmill.imagestore.pullthrough import (
     registry_client,
 )
 from treadmill.imagestore.replicate import Replicator
+from treadmill.imagestore.settings import SETTINGS
 from treadmill.imagestore.storage import BlobInfo, Storage
 
 USAGE_FILE = "usage.json"
@@ -76,24 +78,15 @@ REFRESH_WAIT = 5.0
 _REFS_MEMO_MAX = 200_000
 
 
-@dataclass
+@config_class(SETTINGS, "cache")
 class CacheConfig:
-    """The ``cache.*`` and ``replicate.*`` settings (``docs/imagestore.md``)."""
+    """The ``cache.*`` and ``replicate.*`` settings (``docs/imagestore.md``; the fields they
+    fill, their types and defaults: ``settings.toml``), and the credentials the cache sends
+    (the ``cache.upstream_*`` and ``replicate.*`` groups)."""
 
-    upstreams: list[str] = field(default_factory=list)
-    max_bytes: int = 0  # 0: no bound
     upstream: Credentials = field(default_factory=Credentials)
-    upstream_timeout: float = 60.0
-    upstream_retries: int = 2
-    upstream_backoff: float = 0.5
-    retry_after: int = 10
-    tag_refresh: float = 300.0
-    lease_default: float = 3600.0
-    lease_max: float = 7 * 86400.0
-    maintenance_interval: float = 60.0
+    upstream_backoff: float = 0.5  # not a setting: seconds to an upstream's first retry
     replicate: Credentials = field(default_factory=Credentials)
-    replicate_targets: list[str] = field(default_factory=list)
-    replicate_chunk_size: int = 8 * 1024 * 1024
 
 
 def url_under(url: str, prefixes: Iterable[str]) -> bool:

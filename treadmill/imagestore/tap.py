@@ -2,181 +2,27 @@
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from typing import Any
 
 from twisted.application.service import IService
 
 from treadmill.common import keys
-from treadmill.common.config import (
-    BOOL,
-    FLOAT,
-    INT,
-    STR,
-    STRLIST,
-    ConfigError,
-    RoleOptions,
-    Row,
-    Setting,
-    http_settings,
-    non_negative,
-    positive,
-    table,
-)
+from treadmill.common.config import ConfigError, RoleOptions
 from treadmill.common.daemon import twistd_service
-from treadmill.images.oci import check_store_url
-from treadmill.imagestore.auth import anonymous_patterns
-from treadmill.imagestore.quota import parse_overrides
 from treadmill.imagestore.service import ImageStoreConfig, ImageStoreService
 
-_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4, "p": 1024 ** 5}
-
-
-def byte_size(value: Any) -> int:
-    """A number of bytes: an integer, or a string like ``"500G"``, ``"1.5TiB"`` (powers of
-    1024)."""
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*", value.lower())
-        if match is None:
-            raise ValueError(f"expected a size such as 1073741824, \"500M\" or \"2T\", "
-                             f"got {value!r}")
-        return int(float(match.group(1)) * _UNITS[match.group(2)])
-    number = INT(value)
-    if number < 0:
-        raise ValueError(f"expected zero or a positive size, got {number}")
-    return number
-
-
-def _namespace_sizes(value: Any) -> dict[str, int]:
-    return parse_overrides(value, byte_size)
-
-
-def store_urls(value: Any) -> list[str]:
-    """A list of image store URLs (``http(s)://HOST[:PORT][/PREFIX]``)."""
-    return [check_store_url(url) for url in STRLIST(value)]
-
-
-def _token_value(value: Any) -> str:
-    token = STR(value).strip()
-    if not token:
-        raise ValueError("empty token")
-    return token
-
+# byte_size and _namespace_sizes: the tests take them from here.
+from treadmill.imagestore.settings import SETTINGS, _namespace_sizes, byte_size  # noqa: F401
 
 _CREDENTIALS = ("cache.upstream_", "replicate.")
-"""The key prefixes of the two credential groups (:func:`_credentials`)."""
-
-
-def _credentials(prefix: str, fields: str, whom: str) -> tuple[Setting, ...]:
-    """The credentials the store sends to ``whom`` (other image stores): a fixed token, or
-    a user and token file for their token flow, the realms they go to, a CA file; keys
-    ``prefix + name`` fill the fields ``name`` of the :class:`Credentials` at ``fields``."""
-    name, _, leaf = prefix.rpartition(".")
-    rows = {
-        "token": Row(_token_value, f"A bearer capability token sent as is to the {whom} "
-                                   "(tests, fixed setups)."),
-        "user": Row(STR, f"User name for the {whom}' token flow (with {prefix}token_file)."),
-        "token_file": Row(STR, "File holding that user's API token (read at each token "
-                               "request)."),
-        "realms": Row(STRLIST, f"Token services (URL prefixes) the credentials for the {whom} "
-                               "may be sent to; default: auth.realm."),
-        "ca_file": Row(STR, f"CA certificates for https {whom}."),
-    }
-    return table(name, None, **{leaf + key: dataclasses.replace(row, field=f"{fields}.{key}")
-                                for key, row in rows.items()})
+"""The key prefixes of the two credential groups (``settings._credentials``)."""
 
 
 class Options(RoleOptions):
     """Settings of the image store (``etc/treadmill/imagestore.toml`` documents them)."""
 
     config = ImageStoreConfig
-    settings = (
-        *http_settings("Registry listeners"),
-        *table("", "{leaf}",
-               root=Row(
-                   STR, "Storage directory (blobs, repositories, uploads); see docs/imagestore.md.",
-                   default=None, required=True),
-               anonymous_pull=Row(
-                   anonymous_patterns, "Repositories anyone may pull without a token: true, or "
-                   "glob patterns (\"demo/*\" one level, \"public/**\" any depth)."),
-               io_threads=Row(positive(INT), "Threads for disk work.")),
-        *keys.satellite_settings("store", "{leaf}"),
-        *table("auth", "{leaf}",
-               realm=Row(
-                   STR, "Token endpoint clients are sent to on 401, e.g. "
-                   "https://switchboard.example/api/v1/registry/token."),
-               disabled=Row(
-                   BOOL, "Accept every request without a token (local experiments only).",
-                   field="auth_disabled")),
-        *table("uploads", None,
-               max_age=Row(
-                   positive(FLOAT), "Seconds an idle upload session is kept before it is removed.",
-                   field="upload_max_age")),
-        *table("quota", "quota.{leaf}",
-               namespace_bytes=Row(
-                   byte_size, "Bytes each user namespace (alice/...) may store, its open uploads "
-                   "included (\"500G\" works); 0: unlimited."),
-               top_level_bytes=Row(
-                   byte_size, "Bytes the top-level repositories (the operators') may store "
-                   "together; 0: unlimited."),
-               namespaces=Row(
-                   _namespace_sizes, "Per-namespace overrides of quota.namespace_bytes: a table "
-                   "namespace = size (on the command line: alice=500G,ci=0).", table=True),
-               uploads_per_subject=Row(
-                   non_negative(INT), "Open upload sessions one token subject (user or host) may "
-                   "have; 0: any.")),
-        *table("manifests", None,
-               max_size=Row(
-                   positive(INT), "Largest manifest accepted, in bytes.",
-                   field="manifest_max_size")),
-        *table("gc", "gc_{leaf}",
-               interval=Row(
-                   non_negative(FLOAT, finite=True), "Seconds between garbage collections; 0 runs "
-                   "them only on demand."),
-               grace=Row(
-                   non_negative(FLOAT, finite=True), "Seconds a newly uploaded, mounted or "
-                   "HEAD-checked blob is safe from garbage collection while no manifest "
-                   "references it.")),
-        # -- the image cache (etc/treadmill/imagecache.toml documents them) --
-        *table("cache", "cache.{leaf}",
-               enabled=Row(
-                   BOOL, "Run as an image cache: pull through from cache.upstreams, leases, "
-                   "eviction, replication.", default=False, field=None),
-               upstreams=Row(
-                   store_urls, "Upstream image stores, tried in order (https://store-1.example, "
-                   "...)."),
-               max_bytes=Row(
-                   byte_size, "Evict least recently used unleased blobs beyond this many bytes "
-                   "(\"500G\" works); 0: no bound."),
-               upstream_timeout=Row(
-                   positive(FLOAT), "Seconds without progress before an upstream request fails."),
-               upstream_retries=Row(
-                   positive(INT), "Attempts per upstream before trying the next one."),
-               retry_after=Row(
-                   positive(INT), "Retry-After (seconds) of a 503 when no upstream can be "
-                   "reached."),
-               tag_refresh=Row(
-                   non_negative(FLOAT, finite=True), "Seconds before a cached tag is checked "
-                   "against the upstreams again (0: on every request)."),
-               lease_default=Row(
-                   positive(FLOAT), "Seconds a lease lasts when the request gives no ttl."),
-               lease_max=Row(
-                   positive(FLOAT), "The longest lease granted, in seconds (longer ttls are "
-                   "shortened)."),
-               maintenance_interval=Row(
-                   non_negative(FLOAT, finite=True), "Seconds between lease expiry, last-use "
-                   "index flushes and eviction runs (eviction also runs after commits that cross "
-                   "the bound); 0: never.")),
-        *_credentials("cache.upstream_", "cache.upstream", "upstreams"),
-        *_credentials("replicate.", "cache.replicate", "replication targets"),
-        *table("replicate", "cache.replicate_{leaf}",
-               targets=Row(
-                   store_urls, "Stores (URL prefixes) the cache may replicate to; empty: any."),
-               chunk_size=Row(
-                   positive(byte_size), "Blobs larger than this are uploaded in chunks of this "
-                   "size.")),
-    )
+    settings = SETTINGS
 
     def checkSettings(self, values: dict[str, Any], source: str) -> None:
         super().checkSettings(values, source)

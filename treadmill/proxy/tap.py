@@ -6,20 +6,8 @@ from typing import Any
 
 from twisted.application.service import IService
 
-from treadmill.common import keys
-from treadmill.common.config import (
-    FLOAT,
-    INT,
-    STR,
-    ConfigError,
-    RoleOptions,
-    Row,
-    http_settings,
-    non_negative,
-    positive,
-    server_endpoints,
-    table,
-)
+from treadmill.common import keys, settingsfile
+from treadmill.common.config import STR, ConfigError, RoleOptions
 from treadmill.common.daemon import twistd_service
 from treadmill.protocol.proxy import MAX_POOL
 from treadmill.proxy.ports import parse_port_range, parse_static
@@ -42,51 +30,11 @@ class Options(RoleOptions):
     """Settings of the proxy (``etc/treadmill/proxy.toml`` documents them)."""
 
     config = ProxyConfig
-    settings = (
-        *http_settings("HTTP/WebSocket listeners: the control endpoint and tunnel paths"),
-        *table("", "tunnels.{leaf}",
-               data_listen=Row(
-                   server_endpoints, "Listeners for the supervisors' data connections (tcp: or "
-                   "ssl:); the first one's port is announced to supervisors.", field="data_listen"),
-               public_host=Row(STR, "The host name clients use to reach the public ports."),
-               public_url=Row(
-                   _ws_base, "ws(s):// base URL clients use for tunnel paths (announced as "
-                   "ws_url); unset: supervisors derive it from the URL they use."),
-               public_interface=Row(
-                   STR, "Interface the public ports listen on (:: for IPv4 and IPv6).",
-                   field="tunnels.interface"),
-               ports=Row(
-                   _port_range, "Range of public ports handed out to tunnels; \"\" for static "
-                   "ports only.", default="40000-40999", convert=parse_port_range),
-               static=Row(
-                   parse_static, "Static public ports: a table \"<job id or host>/<service>\" = "
-                   "port (on the command line: key=port,key=port).", default={}, table=True,
-                   convert=dict),
-               idle_timeout=Row(
-                   non_negative(FLOAT), "Close a client connection after this many seconds "
-                   "without traffic; 0: never."),
-               max_connections_per_tunnel=Row(
-                   positive(INT), "Client connections (waiting or active) one tunnel may have."),
-               max_tunnels_per_job=Row(positive(INT), "Services one job may publish."),
-               grace=Row(
-                   non_negative(FLOAT), "Seconds a job's tunnels outlive its lost control "
-                   "connection."),
-               connect_timeout=Row(
-                   positive(FLOAT), "Seconds a client waits for the supervisor's data "
-                   "connection.")),
-        *keys.satellite_settings("proxy", "auth[]"),
-        *table("pool", "tunnels.pool_{leaf}",
-               per_job=Row(
-                   non_negative(INT), "Idle pooled data connections one job's supervisor may "
-                   "keep open here (the dial-back pool, control minor 2); 0: no pool."),
-               max=Row(
-                   non_negative(INT), "Idle pooled data connections of all jobs together; "
-                   "more are closed.")),
-        *table("control", "{leaf}",
-               ping_interval=Row(
-                   positive(FLOAT), "Seconds between WebSocket pings on control connections (and "
-                   "the pong timeout).")),
-    )
+    settings = settingsfile.load(
+        "treadmill.proxy",
+        types={"ws base url": _ws_base, "port range": _port_range, "static ports": parse_static},
+        converters={"port range": parse_port_range},
+        groups={"satellite": keys.satellite_settings})
 
     def checkSettings(self, values: dict[str, Any], source: str) -> None:
         super().checkSettings(values, source)

@@ -8,20 +8,8 @@ from urllib.parse import urlsplit
 
 from twisted.application.service import IService
 
-from treadmill.common.config import (
-    FLOAT,
-    INT,
-    STR,
-    STRLIST,
-    ConfigError,
-    RoleOptions,
-    Row,
-    check_order,
-    non_negative,
-    one_of,
-    positive,
-    table,
-)
+from treadmill.common import settingsfile
+from treadmill.common.config import STR, STRLIST, ConfigError, RoleOptions, check_order, one_of
 from treadmill.common.daemon import twistd_service
 from treadmill.images.oci import check_store_url
 from treadmill.supervisor.config import SupervisorConfig
@@ -68,82 +56,10 @@ class Options(RoleOptions):
     """Settings of a supervisor (``etc/treadmill/supervisor-mock.toml`` documents them)."""
 
     config = SupervisorConfig
-    settings = (
-        *table("switchboard", "{leaf}",
-               url=Row(
-                   _ws_url, "Switchboard base URL, ws:// or wss:// (/api/v1/supervisor is "
-                   "appended).", default=None, required=True),
-               token=Row(STR, "The host token (or use switchboard.token_file).", default=None),
-               token_file=Row(
-                   STR, "File holding the host token, read at start (whitespace stripped).",
-                   default=None, field=None),
-               ca_file=Row(
-                   STR, "PEM file of the CAs trusted for wss:// (default: the system's).",
-                   default=None)),
-        *table("", "{leaf}",
-               state_dir=Row(
-                   STR, "The supervisor's state directory (current job, event journal).",
-                   default=None, required=True),
-               driver=Row(one_of(*DRIVERS), "Host driver.")),
-        *table("reconnect", "reconnect_{leaf}",
-               initial=Row(
-                   positive(FLOAT), "First reconnection delay in seconds (also the jitter's "
-                   "scale)."),
-               max=Row(positive(FLOAT), "Largest reconnection delay in seconds.")),
-        *table("heartbeat", "heartbeat_{leaf}",
-               interval=Row(positive(FLOAT), "Seconds between WebSocket pings to the switchboard."),
-               timeout=Row(
-                   positive(FLOAT), "Seconds without a pong before the connection is dropped.")),
-        *table("console", None,
-               buffer=Row(
-                   non_negative(INT), "Bytes of the job's console output kept in memory.",
-                   field="console_buffer")),
-        *table("logs", None,
-               spool_limit=Row(
-                   positive(INT), "Bytes of a job's log output spooled on disk until log servers "
-                   "acknowledge.", field="log_spool_limit")),
-        *table("shutdown", "{leaf}",
-               flush_timeout=Row(
-                   positive(FLOAT), "Seconds a graceful stop waits for unacknowledged job events "
-                   "to be acked.")),
-        *table("events", "event_{leaf}",
-               ack_timeout=Row(
-                   positive(FLOAT), "Seconds to wait for the switchboard's ack of a job event "
-                   "before sending it again (doubling, with jitter, per attempt; also the first "
-                   "pause after an 'unavailable' ack)."),
-               resend_max=Row(
-                   positive(FLOAT), "Longest pause in seconds between two sends of one "
-                   "unacknowledged job event.")),
-        *table("images", "images_{leaf}",
-               cache_mount=Row(
-                   _absolute_path, "Root of a site image cache's directory, mounted read-only "
-                   "(e.g. over NFS); layers found there are used in place. Unset: fetch from the "
-                   "job's stores.", default=None),
-               cache_url=Row(
-                   _http_url, "HTTP(S) base URL of the image cache whose root is "
-                   "images.cache_mount: the supervisor leases each job's image there, so it is "
-                   "pulled in and never evicted while the job runs. Unset: no leases.",
-                   default=None),
-               dir=Row(
-                   _absolute_path, "Where downloaded image blobs are kept (default: "
-                   "STATE_DIR/images).", default=None),
-               local_limit=Row(
-                   non_negative(INT), "Bytes of image blobs kept in images.dir (least recently "
-                   "used go first; the current job's never)."),
-               trusted_realms=Row(
-                   _http_urls, "Token services (URL prefixes) the host token may be sent to when "
-                   "an image store asks for one (default: the switchboard's URL).", default=[],
-                   convert=list),
-               ca_file=Row(
-                   STR, "PEM file of the CAs trusted for https:// image stores (default: "
-                   "switchboard.ca_file, else the system's).", default=None)),
-        *table("proxies", None,
-               ca_file=Row(
-                   STR, "PEM file of the CAs trusted for wss:// rendezvous proxies (default: "
-                   "switchboard.ca_file, else the system's).", default=None,
-                   field="proxies_ca_file")),
-        *DRIVER_SETTINGS,
-    )
+    settings = settingsfile.load("treadmill.supervisor", types={
+        "ws url": _ws_url, "driver": one_of(*DRIVERS), "absolute path": _absolute_path,
+        "http url": _http_url, "http urls": _http_urls,
+    }, groups={"drivers": lambda: DRIVER_SETTINGS})
 
     def checkSettings(self, values: dict[str, Any], source: str) -> None:
         super().checkSettings(values, source)

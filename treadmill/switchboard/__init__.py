@@ -1,6 +1,7 @@
 """The switchboard: users, tokens, hosts, images catalogue, jobs and scheduling.
 
-- ``tap`` (options, ``makeService``), ``service`` (the service tree), ``manhole``
+- ``tap`` (options, ``makeService``), ``settings`` (the settings of ``settings.toml``,
+  which ``tap`` and the config classes are made from), ``service`` (the service tree), ``manhole``
   (operator helpers), ``metrics``, ``bootstrap`` (the first admin), ``migrate``
   (migrations from the command line);
 - ``api/`` (the HTTP API, one module per domain), ``schemas`` (request JSON Schemas),

@@ -30,7 +30,6 @@ import hashlib
 import hmac
 import ipaddress
 from collections import OrderedDict
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,9 +48,11 @@ from treadmill.common.ratelimit import (
     Saturated,
     admit,
 )
+from treadmill.common.settingsfile import config_class
 from treadmill.common.timers import every
 from treadmill.switchboard import credentials
 from treadmill.switchboard.access import Principal
+from treadmill.switchboard.settings import SETTINGS
 from treadmill.switchboard.store import Store
 
 SESSION_COOKIE = "treadmill_session"
@@ -178,18 +179,10 @@ class Authenticator:
         return every(interval, self.flush_usage, self.clock)
 
 
-@dataclass(frozen=True)
+@config_class(SETTINGS, "passwords", frozen=True)
 class PasswordPolicy:
-    """Limits of password attempts (the ``login.*`` settings)."""
-
-    address_rate: float = 0.2
-    address_burst: int = 20
-    user_rate: float = 0.05
-    user_burst: int = 10
-    table_size: int = 10000
-    max_hashing: int = 2
-    hashing_queue: int = 16
-    trusted_proxies: tuple[str, ...] = ()
+    """Limits of password attempts: the ``login.*`` settings (fields, types and defaults:
+    ``settings.toml``)."""
 
 
 def client_address(request: IRequest, trusted_proxies: frozenset[str] = frozenset()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import random
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from autobahn.exception import Disconnected
@@ -38,6 +37,7 @@ from twisted.web.server import NOT_DONE_YET
 from treadmill.common import sshkeys
 from treadmill.common.captoken import CapabilitySigner, bearer_token
 from treadmill.common.http import ApiError, respond_error
+from treadmill.common.settingsfile import config_class
 from treadmill.common.timers import every
 from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import supervisor as protocol
@@ -63,6 +63,7 @@ from treadmill.switchboard.reconcile import (
 )
 from treadmill.switchboard.registrar import LinkRegistrar
 from treadmill.switchboard.renewal import outdated, renew_tokens
+from treadmill.switchboard.settings import SETTINGS
 from treadmill.switchboard.store import Store
 from treadmill.switchboard.store.base import INSTANCE_DEAD_AFTER
 from treadmill.switchboard.store.errors import NotFound, NotYourJob
@@ -594,19 +595,11 @@ class SupervisorSessionFactory(WebSocketServerFactory):
         return slot
 
 
-@dataclass(frozen=True)
+@config_class(SETTINGS, "links", frozen=True)
 class LinkPolicy:
     """The ``supervisors.*`` settings: how links are kept alive, admitted and reconciled,
-    and how long a host with an active job may stay disconnected."""
-
-    ping_interval: float = 5.0
-    ping_timeout: float = 10.0
-    reconcile_interval: float = 30.0
-    reconcile_retry: float = 2.0
-    unreachable_after: float = 60.0
-    max_handshakes: int = 64
-    handshake_queue: int = 4096
-    handshake_wait: float = 5.0
+    and how long a host with an active job may stay disconnected (fields, types and
+    defaults: ``settings.toml``)."""
 
     @property
     def touch_interval(self) -> float:
