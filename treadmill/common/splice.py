@@ -445,6 +445,7 @@ def client_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
 
 
 _UNDER_WAY = (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK)
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)  # Linux
 
 
 @implementer(IStreamClientEndpoint)
@@ -469,8 +470,10 @@ class DirectTCPEndpoint:
         self.timeout = timeout
 
     def connect(self, factory: Factory) -> Deferred[Any]:
-        sock = socket.socket(self.family, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        # Non-blocking from its creation (no ioctl of its own).
+        sock = socket.socket(self.family, socket.SOCK_STREAM | _NONBLOCK)
+        if not _NONBLOCK:
+            sock.setblocking(False)
         code = sock.connect_ex(self.address)
         if code in _UNDER_WAY:
             code = sock.connect_ex(self.address)  # 0 once connected, else still under way
