@@ -13,8 +13,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from treadmill.common.splice import StreamEnd, join
 from treadmill.protocol import proxy as messages
-from treadmill.supervisor.dialpool import DialPool, PooledEnd
+from treadmill.supervisor.dialpool import REFILL_WAIT, DialPool, PooledEnd
 
 HEADER = messages.pool_header("job-1", "tok")
 
@@ -73,22 +74,80 @@ def test_a_join_hands_the_client_over_and_refills() -> None:
     assert first._early[-1] == b"more"
 
 
-def test_the_refill_waits_for_the_clients_local_dial() -> None:
-    """``on_join`` returning its local dial: nothing is opened before that is done (the
-    refill stays off the path of the client's first bytes), then the pool is refilled
-    whether the dial worked or not."""
-    for outcome in ("connected", "failed"):
-        pool, proxy, _ = make(2)
-        dialled: Deferred[Any] = Deferred()
-        pool.on_join = lambda end, service, d=dialled: d
-        proxy.ends[0].dataReceived(messages.join_line("ssh"))
-        assert len(proxy.ends) == 2 and len(pool.idle) == 1 and pool.opening == 0
-        if outcome == "connected":
-            dialled.callback(None)
-        else:
-            dialled.errback(Failure(ConnectionRefusedError()))
-            dialled.addErrback(lambda _: None)
-        assert len(proxy.ends) == 3 and len(pool.idle) == 2, outcome
+def joined(outcome: str = "connected", first: bytes = b"") -> tuple[
+        DialPool, Proxy, Clock, PooledEnd, StreamEnd]:
+    """A pool of 2 whose first connection a client of ``ssh`` took (``first``: the
+    client's bytes that came with the join line), its local dial ended as ``outcome``,
+    and, if connected, spliced to the local leg."""
+    pool, proxy, clock = make(2)
+    dialled: Deferred[Any] = Deferred()
+    pool.on_join = lambda end, service: dialled
+    end = proxy.ends[0]
+    end.dataReceived(messages.join_line("ssh") + first)
+    assert len(proxy.ends) == 2 and len(pool.idle) == 1 and pool.opening == 0
+    local = StreamEnd()
+    local.makeConnection(StringTransport())
+    if outcome == "connected":
+        join(local, end)
+        dialled.callback(None)
+    else:
+        dialled.errback(Failure(ConnectionRefusedError()))
+        dialled.addErrback(lambda _: None)
+    return pool, proxy, clock, end, local
+
+
+def refilled(pool: DialPool, proxy: Proxy) -> bool:
+    return len(proxy.ends) == 3 and len(pool.idle) == 2
+
+
+def test_the_refill_waits_for_the_services_answer() -> None:
+    """The refill's dial stays off the path of the client's first exchange: nothing is
+    opened before the local dial is done and the service's answer went on."""
+    pool, proxy, _, end, local = joined(first=b"GET")
+    end.dataReceived(b" / HTTP/1.0\r\n\r\n")  # the client's bytes, relayed
+    assert local.transport.value() == b"GET / HTTP/1.0\r\n\r\n"
+    assert not refilled(pool, proxy)
+    local.dataReceived(b"HTTP/1.0 200 OK\r\n")  # the answer, on its way to the proxy
+    assert end.transport.value().endswith(b"HTTP/1.0 200 OK\r\n")
+    assert refilled(pool, proxy)
+    local.dataReceived(b"more")
+    assert len(proxy.ends) == 3  # once
+
+
+def test_a_service_that_speaks_first_refills_when_its_bytes_go_on() -> None:
+    pool, proxy, _, end, local = joined()
+    local.dataReceived(b"SSH-2.0-server\r\n")
+    assert end.transport.value().endswith(b"SSH-2.0-server\r\n")
+    assert refilled(pool, proxy)
+
+
+def test_a_failed_local_dial_refills_at_once() -> None:
+    pool, proxy, _, _, _ = joined("failed")
+    assert refilled(pool, proxy)
+
+
+def test_a_silent_connection_refills_after_the_wait() -> None:
+    pool, proxy, clock, _, _ = joined()
+    clock.advance(REFILL_WAIT * 0.9)
+    assert not refilled(pool, proxy)
+    clock.advance(REFILL_WAIT * 0.2)
+    assert refilled(pool, proxy)
+
+
+def test_a_used_connection_closed_before_any_byte_refills_at_once() -> None:
+    pool, proxy, clock, end, _ = joined()
+    end.connectionLost(Failure(ConnectionRefusedError()))
+    assert refilled(pool, proxy) and pool.failures == 0
+    assert not clock.getDelayedCalls()
+
+
+def test_stopping_forgets_the_refills_still_waiting() -> None:
+    pool, proxy, clock, end, _ = joined()
+    pool.stop()
+    assert not clock.getDelayedCalls()
+    end.dataReceived(b"late")
+    clock.advance(1)
+    assert len(proxy.ends) == 2 and not pool.idle
 
 
 def test_the_join_line_may_come_in_pieces() -> None:

@@ -10,6 +10,7 @@ and ``tools/bench/proxy.py``. It prints the endpoints as JSON on every change::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from twisted.logger import (  # noqa: E402
     textFileLogObserver,
 )
 
+from treadmill.common.gcpolicy import FreezePolicy  # noqa: E402
 from treadmill.supervisor.echo import listen_echo  # noqa: E402
 from treadmill.supervisor.exposure import ExposureManager, Service  # noqa: E402
 
@@ -67,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         redirectStandardIO=False)
 
     async def run(reactor: Any) -> None:
+        # As the supervisor daemon (``common.daemon.add_operator_services``): the start-up
+        # heap frozen, the collector's passes over what survives kept short.
+        gc.freeze()
+        FreezePolicy(reactor).startService()
         if args.echo:
             listen_echo(reactor, args.echo)
         manager = ExposureManager(reactor, args.job,

@@ -339,20 +339,26 @@ def measure(target: Target, args: argparse.Namespace) -> dict[str, Any]:
         log(f"{target.name}: {direction} {size // MiB} MiB in {seconds:.2f} s "
             f"({size / MiB / seconds:.0f} MiB/s, relays' CPU {cpu:.2f} s)")
     setup_latency(target.echo, 50)  # warm-up
+    cpu0 = cpu_seconds(target.all_pids())
     times = setup_latency(target.echo, args.connects)
+    cpu = cpu_seconds(target.all_pids()) - cpu0
     result["setup_p50_ms"] = round(percentile(times, 50) * 1000, 3)
     result["setup_p99_ms"] = round(percentile(times, 99) * 1000, 3)
     result["setup_count"] = len(times)
+    result["setup_cpu_us"] = round(cpu / len(times) * 1e6)
     log(f"{target.name}: {len(times)} connections, p50 {result['setup_p50_ms']} ms, "
-        f"p99 {result['setup_p99_ms']} ms")
+        f"p99 {result['setup_p99_ms']} ms, relays' CPU {result['setup_cpu_us']} µs each")
     proxy_pid = getattr(target, "proxy_pid", None)
 
     def memory() -> tuple[int, int]:
         return target.pss(), pss(proxy_pid) if proxy_pid else 0
 
     before, proxy_before = memory()
+    cpu0 = cpu_seconds(target.all_pids())
     elapsed, failures, (with_open, proxy_with) = concurrent(target.echo, args.concurrent,
                                                              memory)
+    # The relays' CPU for the burst (and for closing it: the connections end within it).
+    result["concurrent_cpu_s"] = round(cpu_seconds(target.all_pids()) - cpu0, 2)
     result["concurrent_s"] = round(elapsed, 3)
     result["concurrent_failures"] = failures
     # PSS, not RSS: socat's forks share most of their pages.
@@ -362,8 +368,8 @@ def measure(target: Target, args: argparse.Namespace) -> dict[str, Any]:
         result["proxy_idle_conns_pss_mib"] = round(proxy_with / MiB, 1)
         result["proxy_idle_conns_growth_mib"] = round((proxy_with - proxy_before) / MiB, 1)
     log(f"{target.name}: {args.concurrent} concurrent connections in {elapsed:.2f} s, "
-        f"{failures} failed; relays' PSS {before / MiB:.1f} -> {with_open / MiB:.1f} MiB "
-        "with them open")
+        f"{failures} failed, relays' CPU {result['concurrent_cpu_s']} s; relays' PSS "
+        f"{before / MiB:.1f} -> {with_open / MiB:.1f} MiB with them open")
     return result
 
 
@@ -679,6 +685,10 @@ def ratios(results: list[dict[str, Any]], tunnels: dict[str, Any]) -> dict[str, 
             "setup_p99": round(ours["setup_p99_ms"] / other["setup_p99_ms"], 2),
             "concurrent": round(ours["concurrent_s"] / other["concurrent_s"], 2),
         }
+        if other["concurrent_cpu_s"] > 0 and other["setup_cpu_us"] > 0:  # a relay's
+            out[ref]["setup_cpu"] = round(ours["setup_cpu_us"] / other["setup_cpu_us"], 2)
+            out[ref]["concurrent_cpu"] = round(ours["concurrent_cpu_s"] /
+                                               other["concurrent_cpu_s"], 2)
         if ref != "direct" and other["idle_conns_growth_mib"] > 0:
             # What 1,000 idle connections add: all our relays, and the proxy alone.
             out[ref]["idle_conns_memory"] = round(ours["idle_conns_growth_mib"] /
@@ -705,23 +715,26 @@ def render(report: dict[str, Any]) -> str:
              f"kernel {m['kernel']}, Python {m['python']}",
              f"{m['haproxy'] or 'no HAProxy'}; {m['socat'] or 'no socat'}", ""]
     header = (f"{'path':<13} {'down MiB/s':>10} {'up MiB/s':>9} {'CPU s/GiB':>9} "
-              f"{'p50 ms':>7} {'p99 ms':>7} {'conc s':>7} {'fail':>4} {'PSS MiB':>8} "
-              f"{'+conns':>7}")
+              f"{'p50 ms':>7} {'p99 ms':>7} {'CPU µs':>6} {'conc s':>7} {'CPU s':>5} "
+              f"{'fail':>4} {'PSS MiB':>8} {'+conns':>7}")
     lines += [header, "-" * len(header)]
     for r in report["paths"]:
         cpu = (r["download_cpu_s_per_gib"] + r["upload_cpu_s_per_gib"]) / 2
         lines.append(f"{r['path']:<13} {r['download_mib_s']:>10.0f} {r['upload_mib_s']:>9.0f} "
                      f"{cpu:>9.2f} {r['setup_p50_ms']:>7.3f} {r['setup_p99_ms']:>7.3f} "
-                     f"{r['concurrent_s']:>7.2f} {r['concurrent_failures']:>4} "
+                     f"{r['setup_cpu_us']:>6} {r['concurrent_s']:>7.2f} "
+                     f"{r['concurrent_cpu_s']:>5.2f} {r['concurrent_failures']:>4} "
                      f"{r['idle_conns_pss_mib']:>8.1f} {r['idle_conns_growth_mib']:>7.1f}")
         if "proxy_idle_conns_pss_mib" in r:
-            lines.append(f"  {'(the proxy process alone)':<75} "
+            lines.append(f"  {'(the proxy process alone)':<85} "
                          f"{r['proxy_idle_conns_pss_mib']:>8.1f} "
                          f"{r['proxy_idle_conns_growth_mib']:>7.1f}")
     lines.append("")
     lines.append(f"throughput: {report['size_mib']} MiB each way on one connection; "
                  f"setup: {report['connects']} sequential connect+1-byte echo+close; "
+                 f"CPU µs: the relays' per setup; "
                  f"conc: {report['concurrent']} connections at once (echo 64 B); "
+                 f"CPU s: the relays' in it; "
                  f"pool.per_job: {_pool_text(report)}; "
                  f"PSS: the relays' memory with them open, +conns: what they added")
     for r in report["paths"]:

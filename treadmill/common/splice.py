@@ -40,23 +40,34 @@ arrive early stay in the kernel.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IHalfCloseableDescriptor, IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import (
+    IHalfCloseableDescriptor,
+    IHalfCloseableProtocol,
+    IStreamClientEndpoint,
+    IWriteDescriptor,
+)
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from treadmill.common.eager import shut_write_now, write_now
 from treadmill.common.zerocopy import KernelRelay
 
 __all__ = ["EOF", "MAX_FRAME", "TUNNEL_SUBPROTOCOL", "UNSUPPORTED_DATA", "ZEROCOPY_AFTER",
-           "End", "Splice", "StreamEnd", "WebSocketEnd", "client_endpoint", "join", "keep_alive",
-           "no_delay"]
+           "DirectTCPEndpoint", "End", "Splice", "StreamEnd", "WebSocketEnd", "client_endpoint",
+           "direct_endpoint", "join", "keep_alive", "no_delay"]
 
 MAX_FRAME = 64 * 1024  # the largest binary message a WebSocket leg sends
 ZEROCOPY_AFTER = 256 * 1024
@@ -431,6 +442,122 @@ def client_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
     if isIPv6Address(host):
         return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
     return HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
+_UNDER_WAY = (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK)
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)  # Linux
+
+
+@implementer(IStreamClientEndpoint)
+class DirectTCPEndpoint:
+    """A TCP client endpoint to an IP literal that skips the reactor's turn when it can.
+
+    Twisted's connector starts a non-blocking ``connect``, registers the socket for
+    reading and writing, and finishes on the reactor's next turn; to a loopback
+    address (a job's local service, a proxy on the same host) the handshake is done
+    inside that ``connect`` already. This endpoint asks at once (a second ``connect``
+    says 0 when it is) and hands the connected socket to the reactor
+    (``adoptStreamConnection``): the protocol is connected before :meth:`connect`
+    returns. Otherwise it waits for the socket to be writable, as the connector
+    would, for at most ``timeout`` seconds. The transport is the reactor's own TCP
+    connection (``tcp.Server``, as for an adopted socket).
+    """
+
+    def __init__(self, reactor: Any, host: str, port: int, timeout: float):
+        self.reactor = reactor
+        self.family = socket.AF_INET6 if isIPv6Address(host) else socket.AF_INET
+        self.address = (host, port)
+        self.timeout = timeout
+
+    def connect(self, factory: Factory) -> Deferred[Any]:
+        # Non-blocking from its creation (no ioctl of its own).
+        sock = socket.socket(self.family, socket.SOCK_STREAM | _NONBLOCK)
+        if not _NONBLOCK:
+            sock.setblocking(False)
+        code = sock.connect_ex(self.address)
+        if code in _UNDER_WAY:
+            code = sock.connect_ex(self.address)  # 0 once connected, else still under way
+        if code == 0:
+            return self._adopt(sock, factory)
+        if code in _UNDER_WAY:
+            return _Connecting(self, sock, factory).deferred
+        sock.close()
+        return fail(error.getConnectError((code, os.strerror(code))))
+
+    def _adopt(self, sock: socket.socket, factory: Factory) -> Deferred[Any]:
+        try:
+            transport = self.reactor.adoptStreamConnection(sock.fileno(), self.family, factory)
+        except Exception:
+            return fail()
+        finally:
+            sock.close()  # the reactor holds its own descriptor of the socket
+        if transport is None:
+            return fail(error.NoProtocol())
+        return succeed(transport.protocol)
+
+
+@implementer(IWriteDescriptor)
+class _Connecting:
+    """A ``connect`` still under way: the socket waits to be writable (or the timeout)."""
+
+    def __init__(self, endpoint: DirectTCPEndpoint, sock: socket.socket, factory: Factory):
+        self.endpoint = endpoint
+        self.sock: socket.socket | None = sock
+        self.factory = factory
+        self.deferred: Deferred[Any] = Deferred(lambda _: self._end(error.ConnectingCancelledError(
+            endpoint.address)))
+        endpoint.reactor.addWriter(self)
+        self.timer = endpoint.reactor.callLater(endpoint.timeout, self._end,
+                                                error.TimeoutError())
+
+    def fileno(self) -> int:
+        return self.sock.fileno() if self.sock is not None else -1
+
+    def logPrefix(self) -> str:
+        return "DirectTCPEndpoint"
+
+    def doWrite(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._end(error.getConnectError((code, os.strerror(code))))
+            return
+        self._stop()
+        self.sock = None
+        self.endpoint._adopt(sock, self.factory).chainDeferred(self.deferred)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The reactor dropped the socket (an error, or its shutdown)."""
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if self.sock else 0
+        self._end(error.getConnectError((code, os.strerror(code))) if code
+                  else error.ConnectionLost())
+
+    def _stop(self) -> None:
+        if self.sock is not None:
+            self.endpoint.reactor.removeWriter(self)
+        if self.timer.active():
+            self.timer.cancel()
+
+    def _end(self, reason: Exception) -> None:
+        """Give up: close the socket and fail."""
+        sock = self.sock
+        if sock is None:
+            return
+        self._stop()
+        self.sock = None
+        sock.close()
+        if not self.deferred.called:
+            self.deferred.errback(Failure(reason))
+
+
+def direct_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
+    """A :class:`DirectTCPEndpoint` for an IP literal on a reactor of real sockets (not a
+    test's ``MemoryReactor``), else :func:`client_endpoint`'s."""
+    if (isIPAddress(host) or isIPv6Address(host)) and isinstance(reactor, PosixReactorBase):
+        return DirectTCPEndpoint(reactor, host, port, timeout)
+    return client_endpoint(reactor, host, port, timeout)
 
 
 def keep_alive(transport: Any, idle: int = 60, interval: int = 10, count: int = 3) -> None:

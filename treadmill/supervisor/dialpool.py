@@ -5,7 +5,10 @@ from the job. A :class:`DialPool` (one per proxy and job) keeps that many open
 ahead of time: each sends ``TREADMILL-POOL/1 <job> <token>`` and waits
 (:class:`PooledEnd`); when the proxy writes ``TREADMILL-JOIN/1 <service>`` on one,
 a client is already joined to it at the proxy, and ``on_join(end, service)``
-dials the service and relays. Every connection used or lost is replaced; a
+dials the service and relays. Every connection used or lost is replaced (one
+used once the service's first bytes went on to the proxy, or ``REFILL_WAIT``
+after its local dial: the refill's dial and the proxy's accept are then not on
+the path of the client's first exchange); a
 connection the proxy closes while idle (it refused it: a bound reached, or the
 pool closed) counts as a failure, and refills wait with capped exponential
 backoff after failures, so that a proxy refusing the pool costs a few
@@ -26,11 +29,15 @@ from treadmill.common.eager import write_now
 from treadmill.common.splice import StreamEnd, keep_alive, no_delay
 from treadmill.protocol import proxy as messages
 
-__all__ = ["REFILL_BACKOFF", "DialPool", "PooledEnd"]
+__all__ = ["REFILL_BACKOFF", "REFILL_WAIT", "DialPool", "PooledEnd"]
 
 REFILL_BACKOFF = backoffPolicy(0.5, 30.0, factor=2, jitter=lambda: 0.0)
 """Seconds before a refill after ``attempt + 1`` failures in a row: 0.5 s, doubling,
 at most 30 s (a ``ClientService`` retry policy)."""
+
+REFILL_WAIT = 0.005
+"""Seconds a used connection's refill waits at most, after the client's local dial, for
+the service's first bytes (a service that does not answer, or not yet)."""
 
 
 class PooledEnd(StreamEnd):
@@ -76,6 +83,10 @@ class PooledEnd(StreamEnd):
             super().dataReceived(rest)  # the client's first bytes: kept until the join
         self.pool._joined(self, service)
 
+    def send(self, data: bytes) -> None:
+        super().send(data)
+        self.pool._refill_for(self)  # the service answered (or spoke first): refill now
+
     def gone(self, reason: Any) -> None:
         self.pool._lost(self)
 
@@ -88,8 +99,9 @@ class DialPool:
     :param header: the pool header to send (``messages.pool_header``); a callable,
         so that a fresh token is used from the next connection on.
     :param on_join: ``on_join(end, service)``: a client of ``service`` was joined to
-        ``end`` at the proxy; it may return a Deferred of the local dial, which the
-        refill waits for (so that it is not on the path of the client's first bytes).
+        ``end`` at the proxy; it may return a Deferred of the local dial: the refill
+        then waits for it and for the service's first bytes (at most ``REFILL_WAIT``),
+        so that it is not on the path of the client's first exchange.
     :param backoff: seconds before a refill after ``attempt + 1`` failures in a row
         (``twisted.application.internet.backoffPolicy``).
     """
@@ -112,6 +124,7 @@ class DialPool:
         self._timer: Any = None
         self._ending: set[PooledEnd] = set()  # closed by us: not a failure
         self._probe: PooledEnd | None = None  # opened after a failure: is it kept?
+        self._used: dict[PooledEnd, Any] = {}  # joined, not refilled yet: its timer
 
     def resize(self, size: int) -> None:
         """Keep ``size`` connections open from now on (0: close them all)."""
@@ -120,6 +133,10 @@ class DialPool:
             self._cancel_timer()
             self.failures = 0
             self._probe = None
+            for timer in self._used.values():
+                if timer.active():
+                    timer.cancel()
+            self._used.clear()
         while len(self.idle) > self.size:
             self._close(self.idle.pop())
         self.fill()
@@ -199,16 +216,27 @@ class DialPool:
         dialled = self.on_join(end, service)
         if dialled is None:
             self.fill()
-        else:
-            # The client first: the refill waits until its local dial is done, so that
-            # it adds nothing before the client's first bytes reach the service.
-            dialled.addBoth(self._refill_after)
+            return
+        # The client first: the refill waits until the service answered through it (or
+        # REFILL_WAIT), so that its dial adds nothing to the client's first exchange.
+        self._used[end] = self.reactor.callLater(REFILL_WAIT, self._refill_for, end)
+        dialled.addErrback(self._dial_failed, end)
 
-    def _refill_after(self, result: Any) -> Any:
+    def _dial_failed(self, failure: Failure, end: PooledEnd) -> Failure:
+        self._refill_for(end)
+        return failure
+
+    def _refill_for(self, end: PooledEnd) -> None:
+        """Replace ``end``, joined to a client, if that is not done yet."""
+        timer = self._used.pop(end, None)
+        if timer is None:
+            return
+        if timer.active():
+            timer.cancel()
         self.fill()
-        return result
 
     def _lost(self, end: PooledEnd) -> None:
+        self._refill_for(end)  # a used one that closed before any byte went through
         if end in self._ending:
             self._ending.discard(end)
             return

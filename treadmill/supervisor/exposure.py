@@ -57,7 +57,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from treadmill.common.eager import write_now
-from treadmill.common.splice import Splice, StreamEnd, client_endpoint, join, no_delay
+from treadmill.common.splice import (
+    Splice,
+    StreamEnd,
+    client_endpoint,
+    direct_endpoint,
+    join,
+    no_delay,
+)
 from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import proxy as messages
 from treadmill.protocol.proxy import CloseCode, parse_proxy_url
@@ -307,7 +314,7 @@ class _ProxyLink:
         if self._data is not None and self._data[0] is welcome:
             return self._data[1]
         manager = self.manager
-        endpoint: Any = client_endpoint(manager.reactor, self.host, welcome["data_port"],
+        endpoint: Any = direct_endpoint(manager.reactor, self.host, welcome["data_port"],
                                         manager.connect_timeout)
         if welcome["data_tls"]:
             from treadmill.common.tls import client_options
@@ -623,7 +630,7 @@ class ExposureManager:
         key = (target[0], target[1])
         endpoint = self._locals.get(key)
         if endpoint is None:
-            endpoint = self._locals[key] = client_endpoint(self.reactor, key[0], key[1],
+            endpoint = self._locals[key] = direct_endpoint(self.reactor, key[0], key[1],
                                                            self.connect_timeout)
         return endpoint
 
