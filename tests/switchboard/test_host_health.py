@@ -307,3 +307,25 @@ async def test_the_history_keeps_the_newest_events(sb: RunningSwitchboard, monke
     failed = [await start_failure(sb, peer) for _ in range(5)]
     events = (await health(sb))["events"]
     assert [e["job"] for e in events] == failed[:1:-1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_held_failure_starts_no_check_on_its_held_host(sb: RunningSwitchboard):
+    """A failure that keeps its host held (``hold_on_failure``) is counted, but the
+    check it makes due does not start on the host while the user holds it."""
+    peer = await support.host_peer(sb)
+    await set_check(sb, expect_exit=0, every_jobs=1)
+    job_id = await support.submit(sb, None, hold_on_failure=60.0)
+    await peer.wait_for("start_job", job_id=job_id)
+    await peer.event(job_id, "ready")
+    peer.script.job, peer.script.held = None, job_id
+    ack = await peer.event(job_id, "terminated", reason="workload_exited", exit_status=3,
+                           held=True)
+    assert ack["ok"] is True, ack
+    body = await support.reaches(sb, job_id, "terminated", exit_status=3)
+    assert body["held_until"] is not None
+    host = (await sb.admin.get("/api/v1/hosts/h1")).body
+    assert host["current_job"] == job_id
+    jobs = (await sb.admin.get("/api/v1/jobs")).body["jobs"]
+    assert not [j for j in jobs if j["health_check"]], jobs
+    assert len(peer.of_type("start_job")) == 1
