@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 import pytest
+from autobahn.websocket import protocol as autobahn_protocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -306,4 +307,30 @@ def test_refused_upgrades_back_off_by_their_count() -> None:
     assert link.last_close.http_status == 400
     times.append(refuse_handshake(reactor, b"401 Unauthorized"))
     assert round(times[2] - times[1], 6) == 60.0  # given up fast: the longest delay
+    link.stopService()
+
+
+def test_an_attempt_sends_the_upgrade_without_printing_or_logging_per_attempt(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each attempt's upgrade carries the token, the subprotocol and our minor; building it
+    pretty-prints nothing (Autobahn's debug line of the transport) and the factory logs
+    no "Starting factory" / "Stopping factory" lines (thousands in a failover)."""
+    printed: list[Any] = []
+    monkeypatch.setattr(autobahn_protocol, "pformat", lambda value: printed.append(value))
+    reactor = MemoryReactorClock()
+    link = SupervisorLink(reactor, "ws://127.0.0.1:9/", "host-token", Opened(),
+                          reconnect_initial=1.0, reconnect_max=60.0, jitter=lambda: 0.5)
+    with capturedLogs() as events:
+        link.startService()
+        proto, transport, _ = next_connection(reactor)
+        proto.connectionLost(Failure(ConnectionLost()))
+        reactor.advance(0)
+    request = transport.value()
+    assert b"\r\nAuthorization: Bearer host-token\r\n" in request
+    assert b"\r\nSec-WebSocket-Protocol: " + protocol.SUBPROTOCOL.encode() + b"\r\n" in request
+    assert (b"\r\n" + protocol.MINOR_HEADER.lower().encode() + b": "
+            + str(protocol.MINOR).encode() + b"\r\n") in request.lower()
+    assert b"\r\nHost: 127.0.0.1:9\r\n" in request
+    assert [value for value in printed if isinstance(value, dict)] == []  # no transport
+    assert not [e for e in events if "factory" in str(e.get("log_format", "")).lower()]
     link.stopService()
