@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from autobahn.twisted import websocket as autobahn_twisted
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
     WebSocketClientProtocol,
@@ -19,7 +20,11 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import WebSocketProtocol
+from OpenSSL import SSL
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, capturedLogs
+from twisted.python.failure import Failure
 
 import treadmill
 from treadmill.common.wsjson import MAX_CLOSE_REASON, JsonSession, QuietLogger, close_reason
@@ -159,3 +164,33 @@ def test_a_session_binds_its_logger_once() -> None:
     assert session.log is session.log  # not a new Logger at each read
     assert session.log.source is session
     assert isinstance(session.log, QuietLogger)
+
+
+def test_a_session_builds_no_debug_line_for_a_read_or_its_end(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autobahn formats the arguments of a debug line (``hltype``) for every read and at
+    the end of every connection; a session skips those lines (the quiet logger drops them).
+    (Its one line when the connection is made is still built.)"""
+    def formatted(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError("a debug line's arguments were built")
+
+    factory = WebSocketServerFactory()
+    factory.protocol = _Server
+    session = factory.buildProtocol(None)
+    session.makeConnection(StringTransport())
+    monkeypatch.setattr(autobahn_twisted, "hltype", formatted)
+    monkeypatch.setattr(autobahn_twisted, "hlval", formatted)
+    session.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n")  # half an upgrade: buffered
+    session.connectionLost(Failure(ConnectionDone()))
+    assert session.state == session.STATE_CLOSED
+
+
+def test_a_session_still_logs_a_tls_failure_as_an_error() -> None:
+    factory = WebSocketServerFactory()
+    factory.protocol = _Server
+    session = factory.buildProtocol(None)
+    session.makeConnection(StringTransport())
+    with capturedLogs() as events:
+        session.connectionLost(Failure(SSL.Error([("SSL routines", "", "bad record mac")])))
+    assert [e["log_level"] for e in events] == [LogLevel.error]
+    assert session.state == session.STATE_CLOSED

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 import pytest
+from autobahn.websocket import protocol as autobahn_protocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -194,29 +195,100 @@ class Opened(Handler):
         pass
 
 
-def test_a_lost_link_is_retried_after_reconnect_initial_even_after_503s() -> None:
+def test_a_lost_link_is_retried_within_reconnect_initial_even_after_503s() -> None:
     """Failover stays fast: busy refusals before a session do not slow the first retry
     after that session is lost, and a 503 then starts its doubling afresh."""
     reactor = MemoryReactorClock()
     handler = Opened()
     link = SupervisorLink(reactor, "ws://127.0.0.1:9/", "host-token", handler,
-                          reconnect_initial=1.0, reconnect_max=60.0, jitter=lambda: 0.0)
+                          reconnect_initial=1.0, reconnect_max=60.0, jitter=lambda: 0.25)
     link.startService()
     times = [refuse_handshake(reactor, b"503 Service Unavailable", b"Retry-After: 1\r\n")
              for _ in range(4)]
     proto, opened_at = accept_handshake(reactor)
     assert handler.opened == 1 and link.session is not None
-    assert delays([*times, opened_at]) == [1.0, 2.0, 4.0, 8.0]
+    assert delays([*times, opened_at]) == [1.25, 2.5, 5.0, 10.0]
     reactor.advance(3.0)  # a while connected, then the instance dies (kill -9)
     lost_at = reactor.seconds()
     proto.connectionLost(Failure(ConnectionLost()))
     assert link.session is None and link.last_close is not None
     retried_at = refuse_handshake(reactor, b"503 Service Unavailable", b"Retry-After: 1\r\n")
-    assert round(retried_at - lost_at, 6) == 1.0  # reconnect_initial, as before
+    assert round(retried_at - lost_at, 6) == 0.25  # the jitter alone, below reconnect_initial
     again = refuse_handshake(reactor, b"503 Service Unavailable", b"Retry-After: 1\r\n")
-    assert round(again - retried_at, 6) == 1.0  # Retry-After: the doubling starts afresh
+    assert round(again - retried_at, 6) == 1.25  # Retry-After: the doubling starts afresh
     third = refuse_handshake(reactor, b"503 Service Unavailable", b"Retry-After: 1\r\n")
-    assert round(third - again, 6) == 2.0
+    assert round(third - again, 6) == 2.5
+    link.stopService()
+
+
+def close_frame(code: int) -> bytes:
+    """A switchboard's (unmasked) close frame with ``code`` and no reason."""
+    return b"\x88\x02" + code.to_bytes(2, "big")
+
+
+def end_session(proto: Any, code: int | None) -> None:
+    """The switchboard ends an open session: with a close frame of ``code`` and then the
+    TCP connection, or (``None``) the connection drops (kill -9, code 1006)."""
+    if code is None:
+        proto.connectionLost(Failure(ConnectionLost()))
+        return
+    proto.dataReceived(close_frame(code))
+    proto.connectionLost(Failure(ConnectionDone()))
+
+
+def linked(initial: float, jitter: float) -> tuple[MemoryReactorClock, SupervisorLink, Any]:
+    """A started link (``reconnect_initial``, a fixed ``jitter``) with an open session:
+    the clock, the link and the session's protocol."""
+    reactor = MemoryReactorClock()
+    link = SupervisorLink(reactor, "ws://127.0.0.1:9/", "host-token", Opened(),
+                          reconnect_initial=initial, reconnect_max=60.0, jitter=lambda: jitter)
+    link.startService()
+    proto, _ = accept_handshake(reactor)
+    return reactor, link, proto
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.3, 0.999])
+@pytest.mark.parametrize("code", [None, 1000, int(protocol.CloseCode.GOING_AWAY)])
+def test_after_a_session_ends_the_first_attempt_is_fully_jittered(
+        code: int | None, jitter: float) -> None:
+    """After a session that ended normally (dropped, closed, the switchboard going away)
+    the first attempt comes after a random delay in [0, reconnect_initial) (full
+    jitter); when it fails, the delays grow as after any failed attempt."""
+    reactor, link, proto = linked(0.5, jitter)
+    reactor.advance(10.0)
+    lost_at = reactor.seconds()
+    end_session(proto, code)
+    assert link.session is None and link.failures == 0
+    times = refuse_attempts(reactor, 4)
+    assert delays([lost_at, *times]) == [
+        round(jitter * 0.5, 6), *(round(d + jitter * 0.5, 6) for d in (1.0, 2.0, 4.0))]
+    link.stopService()
+
+
+@pytest.mark.parametrize("code", [protocol.CloseCode.SUPERSEDED,
+                                  protocol.CloseCode.HOST_REMOVED,
+                                  protocol.CloseCode.INTERNAL_ERROR])
+def test_a_session_closed_for_a_fault_is_not_retried_early(code: int) -> None:
+    """A session the switchboard closed as a failure (4002, 4004, 4003) waits a grown
+    delay, as any failure does: no full jitter there."""
+    reactor, link, proto = linked(0.5, 0.5)
+    closed_at = reactor.seconds()
+    end_session(proto, int(code))
+    assert link.failures == 1
+    _, next_at = accept_handshake(reactor)
+    assert round(next_at - closed_at, 6) == 1.25  # backoff(1): 2 x initial + jitter
+    link.stopService()
+
+
+def test_a_refused_first_attempt_after_a_lost_session_backs_off() -> None:
+    """Only the first attempt after a lost session is early: when the switchboard refuses
+    its upgrade (401), the next waits the grown delay."""
+    reactor, link, proto = linked(1.0, 0.5)
+    lost_at = reactor.seconds()
+    end_session(proto, None)
+    first = refuse_handshake(reactor, b"401 Unauthorized")
+    second = refuse_handshake(reactor, b"401 Unauthorized")
+    assert delays([lost_at, first, second]) == [0.5, 2.5]
     link.stopService()
 
 
@@ -235,4 +307,30 @@ def test_refused_upgrades_back_off_by_their_count() -> None:
     assert link.last_close.http_status == 400
     times.append(refuse_handshake(reactor, b"401 Unauthorized"))
     assert round(times[2] - times[1], 6) == 60.0  # given up fast: the longest delay
+    link.stopService()
+
+
+def test_an_attempt_sends_the_upgrade_without_printing_or_logging_per_attempt(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each attempt's upgrade carries the token, the subprotocol and our minor; building it
+    pretty-prints nothing (Autobahn's debug line of the transport) and the factory logs
+    no "Starting factory" / "Stopping factory" lines (thousands in a failover)."""
+    printed: list[Any] = []
+    monkeypatch.setattr(autobahn_protocol, "pformat", lambda value: printed.append(value))
+    reactor = MemoryReactorClock()
+    link = SupervisorLink(reactor, "ws://127.0.0.1:9/", "host-token", Opened(),
+                          reconnect_initial=1.0, reconnect_max=60.0, jitter=lambda: 0.5)
+    with capturedLogs() as events:
+        link.startService()
+        proto, transport, _ = next_connection(reactor)
+        proto.connectionLost(Failure(ConnectionLost()))
+        reactor.advance(0)
+    request = transport.value()
+    assert b"\r\nAuthorization: Bearer host-token\r\n" in request
+    assert b"\r\nSec-WebSocket-Protocol: " + protocol.SUBPROTOCOL.encode() + b"\r\n" in request
+    assert (b"\r\n" + protocol.MINOR_HEADER.lower().encode() + b": "
+            + str(protocol.MINOR).encode() + b"\r\n") in request.lower()
+    assert b"\r\nHost: 127.0.0.1:9\r\n" in request
+    assert [value for value in printed if isinstance(value, dict)] == []  # no transport
+    assert not [e for e in events if "factory" in str(e.get("log_format", "")).lower()]
     link.stopService()

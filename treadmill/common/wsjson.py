@@ -4,7 +4,10 @@
 A session copies its factory's protocol options itself (:meth:`JsonSession.connectionMade`):
 Autobahn's own copy also pretty-prints all of them for a debug line on every
 connection (``pformat``, about 0.1 ms each side of a link), which the quiet
-logger then drops.
+logger then drops. For the same reason it takes each read and the end of the
+connection (:meth:`JsonSession.dataReceived`, :meth:`JsonSession.connectionLost`)
+without Autobahn's debug lines, whose arguments (``hltype``: the qualified name of
+a method, coloured) were built for every read before being dropped.
 
 Autobahn logs the opening handshake, ``Authorization: Bearer`` included, at
 debug level: every Autobahn protocol class in Treadmill sets ``log`` to a
@@ -19,7 +22,9 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
+from autobahn.util import _is_tls_error, _maybe_tls_reason
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from treadmill.common.messages import encode
 
@@ -92,6 +97,16 @@ class JsonSession:
             if not hasattr(self, name):
                 setattr(self, name, getattr(factory, name))
         super().connectionMade()  # type: ignore[misc]
+
+    def dataReceived(self, data: bytes) -> None:
+        """Autobahn's, without building the arguments of a debug line for each read."""
+        self._dataReceived(data)  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure) -> None:
+        """Autobahn's (a TLS failure logged as an error), without its debug lines."""
+        if _is_tls_error(reason.value):
+            self.log.error(_maybe_tls_reason(reason.value))
+        self._connectionLost(reason)  # type: ignore[attr-defined]
 
     def send(self, message: dict[str, Any]) -> bool:
         """Send ``message`` if the connection is open; whether it was sent."""

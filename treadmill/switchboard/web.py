@@ -36,6 +36,7 @@ from treadmill.common.http import (
     respond_error,
     respond_internal,
 )
+from treadmill.protocol import supervisor as supervisor_protocol
 from treadmill.switchboard.access import effective
 from treadmill.switchboard.auth import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, csrf_token
 from treadmill.switchboard.database import unavailable
@@ -244,27 +245,39 @@ class WebConsole:
 
 
 class ConsoleRoot(Resource):
-    """The site's root: the console's paths to the console, everything else to the API."""
+    """The site's root: the console's paths to the console, a supervisor's upgrade
+    (``GET /api/v1/supervisor``) straight to ``supervisor`` when there is one, everything
+    else to the API. (Klein's routing of the upgrades was about 5 % of a surviving
+    instance's CPU in a failover; the route stays, for other methods and for an API
+    without supervisor links.)"""
 
     isLeaf = True
 
-    def __init__(self, console: Any, api: Any):
+    def __init__(self, console: Any, api: Any, supervisor: Any = None):
         super().__init__()
         self.console = console
         self.api = api
+        self.supervisor = supervisor
 
     def render(self, request: IRequest) -> Any:
         path = request.path
+        if path == _SUPERVISOR_PATH and request.method == b"GET" and self.supervisor is not None:
+            return self.supervisor.render(request)
         if path == b"/" or path.startswith(b"/console/"):
             return self.console.render(request)
         return self.api.render(request)
 
 
+_SUPERVISOR_PATH = supervisor_protocol.PATH.encode()
+
+
 def console_root(api: Any, connect: list[str] | None = None) -> ConsoleRoot:
-    """The switchboard's root resource: the console at ``/``, ``api`` everywhere else.
+    """The switchboard's root resource: the console at ``/``, ``api`` everywhere else
+    (the supervisors' upgrades to its ``supervisor_resource``).
 
     ``connect`` lists the URLs (log servers, proxies) the page may connect to."""
-    return ConsoleRoot(WebConsole(api, connect).resource(), api.resource())
+    return ConsoleRoot(WebConsole(api, connect).resource(), api.resource(),
+                       getattr(api, "supervisor_resource", None))
 
 
 __all__ = ["Assets", "ConsoleRoot", "WebConsole", "console_root", "content_security_policy"]
