@@ -32,7 +32,8 @@ from treadmill.switchboard.service import (
 from treadmill.switchboard.store.scheduler import SCHEDULER_LOCK, SCHEDULING_TIMEOUTS
 
 DIGEST = "sha256:" + "d" * 64
-QUICK = {"scheduler_interval": 60.0}
+# No timer passes, and no health work (it takes the scheduling lock) within a test.
+QUICK = {"scheduler_interval": 60.0, "health_interval": 60.0}
 
 
 async def start_instance(database: str, first: RunningSwitchboard, name: str,
