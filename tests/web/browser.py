@@ -67,13 +67,27 @@ class Browser:
         await self.run(self.driver.get, url)
 
     async def wait_for(self, source: str, timeout: float = 20.0, *args: Any) -> Any:
-        """Wait until the JavaScript expression ``source`` is truthy; return its value."""
+        """Wait until the JavaScript expression ``source`` is truthy; return its value.
+        A script error (an element the page has not rendered yet, or re-renders) counts
+        as not yet; the last one is in the message if the wait times out."""
+        from selenium.common.exceptions import JavascriptException, TimeoutException
         from selenium.webdriver.support.ui import WebDriverWait
 
+        errors: list[str] = []
+
+        def probe(driver: Any) -> Any:
+            try:
+                return driver.execute_script(f"return ({source});", *args)
+            except JavascriptException as e:
+                errors[:] = [e.msg or str(e)]
+                return False
+
         def wait() -> Any:
-            return WebDriverWait(self.driver, timeout, poll_frequency=0.1).until(
-                lambda d: d.execute_script(f"return ({source});", *args),
-                message=f"waited {timeout} s for: {source}")
+            try:
+                return WebDriverWait(self.driver, timeout, poll_frequency=0.1).until(probe)
+            except TimeoutException:
+                error = f" (last script error: {errors[0]})" if errors else ""
+                raise AssertionError(f"waited {timeout} s for: {source}{error}") from None
 
         return await self.run(wait)
 
