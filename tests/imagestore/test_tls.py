@@ -26,7 +26,8 @@ async def test_upload_and_download_over_tls(tmp_path: Path, monkeypatch) -> None
         tmp_path / "store", None,
         listen=[f"ssl:0:interface=127.0.0.1:privateKey={pki['key']}:certKey={pki['cert']}"])
     try:
-        seen = slow_disk(store, monkeypatch)
+        # A disk far slower than TLS on loopback, even on a loaded machine: the queue fills.
+        seen = slow_disk(store, monkeypatch, delay=0.2)
         client = HTTPClient(Agent(reactor, contextFactory=client_policy(str(pki["ca"]))))
         url = f"https://localhost:{store.port}"
         data = os.urandom(16 * 1024 * 1024)
