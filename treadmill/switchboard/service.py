@@ -46,7 +46,7 @@ from treadmill.switchboard.healthwork import HealthWork
 from treadmill.switchboard.instances import Instance
 from treadmill.switchboard.links import LinkPolicy, SupervisorLinks
 from treadmill.switchboard.metrics import SwitchboardMetrics
-from treadmill.switchboard.scheduler import Scheduler
+from treadmill.switchboard.scheduler import Scheduler, SchedulingPolicy
 from treadmill.switchboard.store import Store
 from treadmill.switchboard.timeouts import TimeoutEnforcer
 from treadmill.switchboard.web import console_root
@@ -84,6 +84,13 @@ class SwitchboardConfig:
     rebalance_interval: float = 10.0
     audit_retention: float = 365.0
 
+    def scheduling(self) -> SchedulingPolicy:
+        """The scheduler's policy: its settings, and hosts whose link was touched within
+        the last three touch intervals (15 s at least)."""
+        return SchedulingPolicy(fresh_within=max(15.0, 3 * self.links.touch_interval),
+                                unrunnable_grace=self.unrunnable_grace,
+                                fairness_window=self.fairness_window)
+
 
 class SigningKeyMismatch(RuntimeError):
     """This instance's capability signing key is not the one the database records."""
@@ -116,10 +123,8 @@ class SwitchboardService(RoleService):
                                  interval=config.heartbeat_interval)
         self.instance.setName("instance")
         self.links.instance_id = self.instance.id
-        self.scheduler = Scheduler(reactor, self.store, interval=config.scheduler_interval,
-                                   fresh_within=max(15.0, 3 * config.links.touch_interval),
-                                   unrunnable_grace=config.unrunnable_grace,
-                                   fairness_window=config.fairness_window,
+        self.scheduler = Scheduler(reactor, self.store, config.scheduling(),
+                                   interval=config.scheduler_interval,
                                    is_leader=lambda: self.instance.leader)
         self.scheduler.setName("scheduler")
         self.instance.observe(self._heartbeat)
