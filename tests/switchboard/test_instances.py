@@ -109,7 +109,7 @@ async def test_instances_heartbeat_and_the_oldest_leads(pair: Any) -> None:
     a, b = pair
     rows = await a.store.instances()
     assert [(r["name"], r["live"]) for r in rows] == [("a", True), ("b", True)]
-    assert a.service.instance.leader and not b.service.instance.leader
+    assert a.service.instance.is_leader() and not b.service.instance.is_leader()
     before = rows[1]["heartbeat_at"]
     await sleep(1.2)
     rows = await a.store.instances()
@@ -126,7 +126,7 @@ async def test_instances_heartbeat_and_the_oldest_leads(pair: Any) -> None:
     rows = await b.store.instances()
     assert [(r["name"], r["live"], r["stopped_at"] is not None) for r in rows] == [
         ("a", False, True), ("b", True, False)]
-    await eventually(lambda: _true(b.service.instance.leader), timeout=3)
+    await eventually(lambda: _true(b.service.instance.is_leader()), timeout=3)
     job2 = await submit(b, ["t"])
     await peer.event(job, "terminated", reason="workload_exited", exit_status=0)
     await peer.wait_for("start_job", job_id=job2)
@@ -141,7 +141,7 @@ async def _true(value: bool) -> bool:
 async def test_a_dead_leader_is_replaced(pair: Any) -> None:
     a, b = pair
     await freeze_heartbeat(a)
-    await eventually(lambda: _true(b.service.instance.leader), timeout=3)
+    await eventually(lambda: _true(b.service.instance.is_leader()), timeout=3)
     token = await add_host(b, "h1", ["t"])
     peer = await connect(b, token)
     job = await submit(b, ["t"])
