@@ -58,7 +58,7 @@ def test_a_freeze_takes_live_objects_out_of_the_scanned_heap(unfrozen: None) -> 
     try:
         assert gc.get_freeze_count() > 0
         assert not any(o is keep for o in gc.get_objects())  # not scanned any more
-        assert policy.last_freeze >= 0
+        assert policy.stats.last_freeze >= 0
     finally:
         policy.stopService()
     assert ref() is keep
@@ -78,7 +78,7 @@ def test_a_cycle_that_died_frozen_waits_for_the_full_pass(unfrozen: None) -> Non
         assert ref() is not None
         clock.advance(60)  # 300 s: the full pass
         assert ref() is None
-        assert policy.last_full > 0
+        assert policy.stats.last_full > 0
         assert gc.get_freeze_count() > 0  # and the survivors are frozen again
     finally:
         policy.stopService()
@@ -96,7 +96,7 @@ def test_the_survivors_of_the_interpreters_full_collection_are_frozen(unfrozen: 
         assert any(o is keep for o in gc.get_objects())  # not frozen inside the collector
         assert len(clock.from_threads) == 1
         clock.run_from_threads()
-        assert policy.frozen_after_full == 1
+        assert policy.stats.frozen_after_full == 1
         assert not any(o is keep for o in gc.get_objects())
         # The policy's own full pass does not schedule another freeze.
         clock.advance(1800)

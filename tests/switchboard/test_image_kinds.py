@@ -89,8 +89,8 @@ async def test_a_qemu_image_never_lands_on_a_board_host(sb: RunningSwitchboard) 
     vm_job = await submit(sb, "vm")
     assert vm_job["image"]["kind"] == "qemu"
     # Only a board host is free: the qemu job waits (passes of the scheduler go by).
-    passes = sb.service.scheduler.passes
-    await eventually(lambda: _true(sb.service.scheduler.passes >= passes + 3))
+    passes = sb.service.scheduler.counts.passes
+    await eventually(lambda: _true(sb.service.scheduler.counts.passes >= passes + 3))
     assert (await state_of(sb, vm_job["id"]))["state"] == "queued"
     # The board job behind it is not held up by it.
     fw_job = await started_on(sb, board, "fw")
@@ -253,14 +253,14 @@ async def test_a_new_link_gets_no_job_before_its_kinds(migrated_database: str,
         await peer.wait_for("status_request")
         job = await submit(sb, "vm")
         await peer.wait_for("status_request", count=3)  # retried, unanswered
-        passes = sb.service.scheduler.passes
-        await eventually(lambda: _true(sb.service.scheduler.passes >= passes + 2))
+        passes = sb.service.scheduler.counts.passes
+        await eventually(lambda: _true(sb.service.scheduler.counts.passes >= passes + 2))
         assert not peer.of_type("start_job")
         assert (await state_of(sb, job["id"]))["state"] == "queued"
         peer.script.answer_status = True
         await eventually(lambda: _kinds_are(sb, "h", ["board"]))
-        passes = sb.service.scheduler.passes
-        await eventually(lambda: _true(sb.service.scheduler.passes >= passes + 3))
+        passes = sb.service.scheduler.counts.passes
+        await eventually(lambda: _true(sb.service.scheduler.counts.passes >= passes + 3))
         assert not peer.of_type("start_job")
         # A supervisor of the old driver again: the job goes.
         peer.script.kinds = ["qemu"]

@@ -24,6 +24,7 @@ from tests.switchboard.peer import Peer, Script
 from tests.util.waiting import eventually, sleep
 from treadmill.common.http import ApiError
 from treadmill.switchboard.jobstate import Reason, State, Status
+from treadmill.switchboard.scheduler import Scheduler
 from treadmill.switchboard.service import (
     SigningKeyMismatch,
     SwitchboardConfig,
@@ -109,7 +110,7 @@ async def test_instances_heartbeat_and_the_oldest_leads(pair: Any) -> None:
     a, b = pair
     rows = await a.store.instances()
     assert [(r["name"], r["live"]) for r in rows] == [("a", True), ("b", True)]
-    assert a.service.instance.leader and not b.service.instance.leader
+    assert a.service.instance.is_leader() and not b.service.instance.is_leader()
     before = rows[1]["heartbeat_at"]
     await sleep(1.2)
     rows = await a.store.instances()
@@ -119,14 +120,14 @@ async def test_instances_heartbeat_and_the_oldest_leads(pair: Any) -> None:
     peer = await connect(b, token)
     job = await submit(b, ["t"])
     await peer.wait_for("start_job", job_id=job)
-    assert b.service.scheduler.passes == 0 and b.service.scheduler.lost == 0
-    assert b.service.scheduler.ignored > 0 and a.service.scheduler.passes > 0
+    assert b.service.scheduler.counts.passes == 0 and b.service.scheduler.counts.lost == 0
+    assert b.service.scheduler.counts.ignored > 0 and a.service.scheduler.counts.passes > 0
     # A clean stop marks the instance stopped, and the other takes over.
     await a.stop()
     rows = await b.store.instances()
     assert [(r["name"], r["live"], r["stopped_at"] is not None) for r in rows] == [
         ("a", False, True), ("b", True, False)]
-    await eventually(lambda: _true(b.service.instance.leader), timeout=3)
+    await eventually(lambda: _true(b.service.instance.is_leader()), timeout=3)
     job2 = await submit(b, ["t"])
     await peer.event(job, "terminated", reason="workload_exited", exit_status=0)
     await peer.wait_for("start_job", job_id=job2)
@@ -141,7 +142,7 @@ async def _true(value: bool) -> bool:
 async def test_a_dead_leader_is_replaced(pair: Any) -> None:
     a, b = pair
     await freeze_heartbeat(a)
-    await eventually(lambda: _true(b.service.instance.leader), timeout=3)
+    await eventually(lambda: _true(b.service.instance.is_leader()), timeout=3)
     token = await add_host(b, "h1", ["t"])
     peer = await connect(b, token)
     job = await submit(b, ["t"])
@@ -159,7 +160,7 @@ async def test_hosts_of_a_dead_instance_are_not_scheduled(pair: Any) -> None:
     a.service.scheduler.wake()
     await sleep(0.5)
     assert await state_of(a, job) == "queued"
-    assert a.service.scheduler.passes > 0
+    assert a.service.scheduler.counts.passes > 0
     host = (await a.admin.get("/api/v1/hosts/h1")).body
     assert (host["instance"], host["connected"]) == ("b", False)
     # The instance comes back: its host is schedulable again.
@@ -234,7 +235,7 @@ async def test_a_frozen_pass_blocks_nobody_for_more_than_seconds(
     release.set()
     await frozen
     assert ended == ["ended by the server"]
-    assert a.service.scheduler.lost > 0  # It really was held.
+    assert a.service.scheduler.counts.lost > 0  # It really was held.
     assert cancelled_after < 4.0 and assigned_after < 4.0, (cancelled_after, assigned_after)
     assert await state_of(a, locked_job) == "terminated"
     peer.disconnect()
@@ -286,18 +287,24 @@ async def test_fairness_holds_among_runnable_jobs(switchboard: RunningSwitchboar
         p.disconnect()
 
 
+def idle(scheduler: Scheduler) -> bool:
+    """No pass runs, none is asked for and no retry is due."""
+    return scheduler._running is None and not any(
+        call is not None and call.active()
+        for call in (scheduler._pending_call, scheduler._retry_call))
+
+
 @pytest_twisted.ensureDeferred
 async def test_wake_ups_make_only_useful_passes(pair: Any) -> None:
     a, b = pair
     token = await add_host(a, "h1", ["t"])
     peer = await connect(b, token)
-    scheduler = a.service.scheduler
+    scheduler, counts = a.service.scheduler, a.service.scheduler.counts
     # The passes the start and the new link cause (late on a loaded machine) end first,
-    # with the retry of a pass that lost the lock to the start's health work.
+    # and so does the retry of one that lost the lock to the start's health work.
     before = -1
-    while (before != scheduler.passes + scheduler.lost or scheduler._running is not None
-           or (scheduler._retry_call is not None and scheduler._retry_call.active())):
-        before = scheduler.passes + scheduler.lost
+    while before != counts.passes + counts.lost or not idle(scheduler):
+        before = counts.passes + counts.lost
         await sleep(0.3)
     for _ in range(5):
         job = await submit(b, ["t"])
@@ -308,22 +315,22 @@ async def test_wake_ups_make_only_useful_passes(pair: Any) -> None:
     await sleep(0.3)
     # One pass for the enqueue; none for the freed host (nothing was queued), none
     # for the other job events, none on the other instance.
-    assert scheduler.passes + scheduler.lost - before <= 6
-    assert scheduler.skipped_wakes >= 5
-    assert b.service.scheduler.passes + b.service.scheduler.lost == 0
+    assert counts.passes + counts.lost - before <= 6
+    assert counts.skipped_wakes >= 5
+    assert b.service.scheduler.counts.passes + b.service.scheduler.counts.lost == 0
     # A job waiting for the busy host: freeing the host makes a pass.
     job, waiting = await submit(b, ["t"]), await submit(b, ["t"])
     await peer.wait_for("start_job", job_id=job)
     await peer.event(job, "terminated", reason="workload_exited", exit_status=0)
     await peer.wait_for("start_job", job_id=waiting)
     # Enqueues that arrive together make one pass or a few, not one each.
-    before = scheduler.passes
+    before = counts.passes
     await a.store.pool.execute(
         "INSERT INTO jobs (owner_id, image_digest, tags, timeout, queue_timeout, "
         "queue_deadline, event_seq) SELECT 1, %s, ARRAY['none'], 60, 3600, "
         "now() + interval '1 hour', 1 FROM generate_series(1, 50)", (DIGEST,))
     await sleep(0.5)
-    assert 1 <= scheduler.passes - before <= 2
+    assert 1 <= counts.passes - before <= 2
     peer.disconnect()
 
 
@@ -603,7 +610,7 @@ async def test_a_job_locked_elsewhere_is_retried_soon_not_in_a_loop(
     held, release = threading.Event(), threading.Event()
     holder = threads.deferToThread(_hold_row, migrated_database, job, held, release)
     assert await threads.deferToThread(held.wait, 10)
-    passes = sb.service.scheduler.passes
+    passes = sb.service.scheduler.counts.passes
     peer = await connect(sb, token)  # The host is free: a pass picks the locked job.
     await sleep(0.7)
     assert await state_of(sb, job) == "queued"
@@ -612,7 +619,7 @@ async def test_a_job_locked_elsewhere_is_retried_soon_not_in_a_loop(
     # A retry every 0.5 s, not a pass after pass while it stays locked (a loop makes
     # hundreds in 0.7 s): the link's notes (its session, its kinds), the retry after
     # 0.5 s and maybe the periodic pass, each at most once or twice.
-    assert 1 <= sb.service.scheduler.passes - passes <= 6
+    assert 1 <= sb.service.scheduler.counts.passes - passes <= 6
     await peer.wait_for("start_job", job_id=job)
     peer.disconnect()
 

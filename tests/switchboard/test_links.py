@@ -402,9 +402,9 @@ async def test_drained_host_gets_no_jobs_until_enabled(sb: RunningSwitchboard) -
 async def _passes(sb: RunningSwitchboard, n: int) -> bool:
     start = getattr(sb, "_passes0", None)
     if start is None:
-        sb._passes0 = sb.service.scheduler.passes  # type: ignore[attr-defined]
+        sb._passes0 = sb.service.scheduler.counts.passes  # type: ignore[attr-defined]
         return False
-    return sb.service.scheduler.passes - start >= n
+    return sb.service.scheduler.counts.passes - start >= n
 
 
 @pytest_twisted.ensureDeferred

@@ -54,7 +54,7 @@ def test_a_freed_host_makes_no_pass_while_nothing_is_queued() -> None:
     freed(scheduler)
     scheduler.host_changed(HostNote(7, "a-session").format())
     clock.advance(1)
-    assert (len(store.passes), scheduler.skipped_wakes) == (1, 2)
+    assert (len(store.passes), scheduler.counts.skipped_wakes) == (1, 2)
     # A job queued: the next freed host is worth a pass again.
     queued(scheduler)
     clock.advance(1)
@@ -74,7 +74,7 @@ def test_a_job_queued_during_a_pass_that_saw_none_keeps_freed_hosts_useful() -> 
     store.end(queued=1)
     clock.advance(1)
     assert len(store.passes) == 3
-    assert scheduler.skipped_wakes == 0
+    assert scheduler.counts.skipped_wakes == 0
 
 
 def test_the_timer_passes_whatever_the_queue() -> None:

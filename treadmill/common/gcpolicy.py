@@ -15,7 +15,7 @@ collected once, and frozen again: one full pause per interval instead of one
 whenever the heap grew by a quarter (the default: every 30 minutes). The
 mock fleet (``treadmill.dev.fleet``) runs it too: with 3,333 supervisors in one
 process, its full collections took 1.8 to 2.8 s each, 33 s of a four-minute
-run. Each pass's duration is kept (``last_full``, ``last_freeze``) for operators.
+run. Each pass's duration is kept (``stats``: :class:`FreezeStats`) for operators.
 
 What survives a full collection the interpreter starts by itself (the heap grew
 by a quarter) is frozen too, at once (``after_full``): while thousands of
@@ -27,12 +27,25 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
 from treadmill.common.timers import every
+
+
+@dataclass
+class FreezeStats:
+    """What a :class:`FreezePolicy` did, for operators."""
+
+    last_freeze: float = 0.0
+    """Seconds the last freeze (a young collection, then ``gc.freeze``) took."""
+    last_full: float = 0.0
+    """Seconds the last full pass (unfreeze, collect, freeze) took."""
+    frozen_after_full: int = 0
+    """Full collections of the interpreter's own whose survivors were frozen."""
 
 
 class FreezePolicy(MultiService):
@@ -47,15 +60,10 @@ class FreezePolicy(MultiService):
         self.reactor = reactor
         self.freeze_interval = freeze_interval
         self.full_interval = full_interval
-        self.last_freeze = 0.0
-        """Seconds the last freeze (a young collection, then ``gc.freeze``) took."""
-        self.last_full = 0.0
-        """Seconds the last full pass (unfreeze, collect, freeze) took."""
+        self.stats = FreezeStats()
         self._next_full = 0.0
         self._in_full = False
         self.after_full_pending = False
-        self.frozen_after_full = 0
-        """Full collections of the interpreter's own whose survivors were frozen."""
         every(freeze_interval, self.tick, reactor, parent=self)
 
     def startService(self) -> None:
@@ -80,7 +88,7 @@ class FreezePolicy(MultiService):
         if self.after_full_pending:
             self.after_full_pending = False
             gc.freeze()
-            self.frozen_after_full += 1
+            self.stats.frozen_after_full += 1
 
     def tick(self) -> None:
         if self.reactor.seconds() >= self._next_full:
@@ -94,7 +102,7 @@ class FreezePolicy(MultiService):
         t0 = time.perf_counter()
         gc.collect(1)
         gc.freeze()
-        self.last_freeze = time.perf_counter() - t0
+        self.stats.last_freeze = time.perf_counter() - t0
 
     def full(self) -> int:
         """Unfreeze, collect everything, freeze again; the objects collected."""
@@ -106,7 +114,7 @@ class FreezePolicy(MultiService):
             gc.freeze()
         finally:
             self._in_full = False
-        self.last_full = time.perf_counter() - t0
+        self.stats.last_full = time.perf_counter() - t0
         self.log.debug("Full garbage collection: {found} objects in {ms:.1f} ms",
-                       found=found, ms=1000 * self.last_full)
+                       found=found, ms=1000 * self.stats.last_full)
         return found

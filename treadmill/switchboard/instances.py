@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -22,6 +23,18 @@ from twisted.logger import Logger
 from treadmill.common.timers import every
 from treadmill.switchboard.store import Store
 from treadmill.switchboard.store.base import INSTANCE_DEAD_AFTER
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The instances as this one's last heartbeat saw them."""
+
+    leader: bool = False
+    """Whether this instance is the oldest live one (it schedules)."""
+    live: int = 1
+    """Live instances."""
+    links: int = 0
+    """Supervisor links held by all live instances together."""
 
 
 class Instance(MultiService):
@@ -38,13 +51,14 @@ class Instance(MultiService):
         self.instance_name = name
         self.address = address
         self.dead_after = dead_after
-        self.leader = False
-        self.live = 1
-        self.links = 0
-        """Supervisor links held by all live instances together (at the last heartbeat)."""
+        self.cluster = Cluster()
         self.beats = 0
         self._observers: list[Callable[[Instance], object]] = []
         every(interval, self.beat, reactor, parent=self, name="heartbeat")
+
+    def is_leader(self) -> bool:
+        """Whether this instance led at its last heartbeat (stopped: no)."""
+        return self.cluster.leader
 
     def observe(self, fn: Callable[[Instance], object]) -> None:
         """Call ``fn(self)`` after every successful heartbeat."""
@@ -65,12 +79,11 @@ class Instance(MultiService):
                           type(e).__name__)
             return
         self.beats += 1
-        leader = row["leader"] == self.id
-        if leader != self.leader:
+        cluster = Cluster(row["leader"] == self.id, row["live"], row["links"])
+        if cluster.leader != self.cluster.leader:
             self.log.info("Instance {name} {what} the scheduler", name=self.instance_name,
-                          what="now runs" if leader else "no longer runs")
-        self.leader = leader
-        self.live, self.links = row["live"], row["links"]
+                          what="now runs" if cluster.leader else "no longer runs")
+        self.cluster = cluster
         for fn in list(self._observers):
             try:
                 fn(self)
@@ -79,7 +92,7 @@ class Instance(MultiService):
 
     async def _stop(self) -> None:
         await super().stopService()
-        self.leader = False
+        self.cluster = replace(self.cluster, leader=False)
         try:
             await self.store.instance_stopped(self.id)
         except Exception:

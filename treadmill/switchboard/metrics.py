@@ -41,17 +41,17 @@ class _Live(Collector):
                 (GaugeMetricFamily, "treadmill_job_watchers", "Live job event watchers.",
                  self.service.watchers.count),
                 (CounterMetricFamily, "treadmill_scheduler_passes",
-                 "Scheduling passes this instance ran since start.", scheduler.passes),
+                 "Scheduling passes this instance ran since start.", scheduler.counts.passes),
                 (CounterMetricFamily, "treadmill_scheduler_lock_busy",
                  "Passes of this instance that found another holding the scheduling lock.",
-                 scheduler.lost),
+                 scheduler.counts.lost),
                 (CounterMetricFamily, "treadmill_scheduler_assigned",
-                 "Jobs assigned by this instance since start.", scheduler.assigned),
+                 "Jobs assigned by this instance since start.", scheduler.counts.assigned),
                 (GaugeMetricFamily, "treadmill_instance_leader",
                  "1 if this instance leads (schedules, exports treadmill_jobs and "
-                 "treadmill_hosts), else 0.", 1 if instance.leader else 0),
+                 "treadmill_hosts), else 0.", 1 if instance.is_leader() else 0),
                 (GaugeMetricFamily, "treadmill_instances_live",
-                 "Live switchboard instances, as this instance last saw.", instance.live),
+                 "Live switchboard instances, as this instance last saw.", instance.cluster.live),
                 (CounterMetricFamily, "treadmill_supervisor_links_rebalanced",
                  "Links this instance closed to rebalance since start.", links.rebalanced),
                 (GaugeMetricFamily, "treadmill_supervisor_link_handshakes",
@@ -73,7 +73,7 @@ class _Live(Collector):
             metric = family(name, text)
             metric.add_metric([], value)
             yield metric
-        if not instance.leader:
+        if not instance.is_leader():
             return
         jobs = GaugeMetricFamily("treadmill_jobs", "Jobs by state, cluster-wide (refreshed "
                                  "periodically; exported by the leader only).",

@@ -14,12 +14,13 @@ instance, :mod:`treadmill.switchboard.instances`) runs passes; the others
 ignore wake-ups, so an enqueue costs one scheduling transaction whatever the
 number of instances. The pass still tries the scheduling lock: if another
 instance holds it (a leader that froze half-way, until PostgreSQL ends its
-session), it tries again ``retry`` seconds later.
+session), it tries again ``SchedulingPolicy.retry`` seconds later.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -34,34 +35,53 @@ from treadmill.switchboard.store import Store
 from treadmill.switchboard.store.errors import NotFound
 
 
+@dataclass(frozen=True)
+class SchedulingPolicy:
+    """How the scheduler's passes choose and retry, in seconds (built from the settings
+    by ``SwitchboardConfig.scheduling``)."""
+
+    fresh_within: float = 15.0
+    """How recently a host's link must have been touched for it to take a job."""
+    unrunnable_grace: float = 30.0
+    """How long a job no host could ever run stays queued (``scheduler.unrunnable_grace``)."""
+    fairness_window: float = 3600.0
+    """Recent assignments that count towards a user's share (``scheduler.fairness_window``)."""
+    coalesce: float = 0.001
+    """How long a wake-up waits for others to make one pass with."""
+    retry: float = 0.5
+    """Before another try when another instance held the scheduling lock."""
+
+
+@dataclass
+class SchedulerCounts:
+    """What this instance's scheduler did since start (read by the metrics)."""
+
+    passes: int = 0
+    """Passes that held the scheduling lock."""
+    lost: int = 0
+    """Passes that found the lock held by another instance (no write)."""
+    ignored: int = 0
+    """Wake-ups ignored because another instance leads."""
+    skipped_wakes: int = 0
+    """Freed or changed hosts that made no pass: nothing was queued."""
+    assigned: int = 0
+    """Jobs assigned."""
+
+
 class Scheduler(MultiService):
     """Runs scheduling passes when woken, one at a time."""
 
     log = Logger()
 
-    def __init__(self, reactor: Any, store: Store, *, interval: float = 2.0,
-                 fresh_within: float = 15.0, unrunnable_grace: float = 30.0,
-                 fairness_window: float = 3600.0,
-                 is_leader: Callable[[], bool] = lambda: True,
-                 coalesce: float = 0.001, retry: float = 0.5):
+    def __init__(self, reactor: Any, store: Store,
+                 policy: SchedulingPolicy = SchedulingPolicy(), *, interval: float = 2.0,
+                 is_leader: Callable[[], bool] = lambda: True):
         super().__init__()
         self.reactor = reactor
         self.store = store
-        self.fresh_within = fresh_within
-        self.unrunnable_grace = unrunnable_grace
-        self.fairness_window = fairness_window
+        self.policy = policy
         self.is_leader = is_leader
-        self.coalesce = coalesce
-        self.retry = retry
-        self.passes = 0
-        """Passes that held the scheduling lock."""
-        self.lost = 0
-        """Passes that found the lock held by another instance (no write)."""
-        self.ignored = 0
-        """Wake-ups ignored because another instance leads."""
-        self.skipped_wakes = 0
-        """Freed or changed hosts that made no pass: nothing was queued."""
-        self.assigned = 0
+        self.counts = SchedulerCounts()
         self._queued_notes = 0
         """Notifications of a queued job seen (they make the queue not empty)."""
         self._queue_empty = False
@@ -97,7 +117,7 @@ class Scheduler(MultiService):
     def _host_freed(self) -> None:
         """A host may have become free: worth a pass only if a job may be waiting."""
         if self._queue_empty:
-            self.skipped_wakes += 1
+            self.counts.skipped_wakes += 1
         else:
             self.wake()
 
@@ -106,13 +126,13 @@ class Scheduler(MultiService):
         if not self.running:
             return
         if not self.is_leader():
-            self.ignored += 1
+            self.counts.ignored += 1
             return
         if self._running is not None:
             self._again = True
             return
         if self._pending_call is None or not self._pending_call.active():
-            self._pending_call = self.reactor.callLater(self.coalesce, self._start_pass)
+            self._pending_call = self.reactor.callLater(self.policy.coalesce, self._start_pass)
 
     def _start_pass(self) -> None:
         self._pending_call = None
@@ -129,7 +149,8 @@ class Scheduler(MultiService):
     async def _pass(self) -> None:
         notes = self._queued_notes
         try:
-            result = await self.store.schedule(self.fresh_within, self.fairness_window)
+            result = await self.store.schedule(self.policy.fresh_within,
+                                               self.policy.fairness_window)
         except Exception as e:
             if not unavailable(e):
                 self.log.failure("Scheduling pass failed")
@@ -139,13 +160,13 @@ class Scheduler(MultiService):
         if not result.locked or result.skipped:
             # Another instance's pass, a frozen one until PostgreSQL ends it, or
             # a job locked elsewhere: try again soon, not at once.
-            self.lost += not result.locked
+            self.counts.lost += not result.locked
             if self._retry_call is None or not self._retry_call.active():
-                self._retry_call = self.reactor.callLater(self.retry, self.wake)
+                self._retry_call = self.reactor.callLater(self.policy.retry, self.wake)
             if not result.locked:
                 return
-        self.passes += 1
-        self.assigned += len(result.pairs)
+        self.counts.passes += 1
+        self.counts.assigned += len(result.pairs)
         # A job queued during the pass may not have been seen by it.
         self._queue_empty = result.queued == 0 and notes == self._queued_notes
         if result.more:
@@ -158,7 +179,7 @@ class Scheduler(MultiService):
         if not self.is_leader():
             return
         try:
-            jobs = await self.store.unrunnable_jobs(self.unrunnable_grace)
+            jobs = await self.store.unrunnable_jobs(self.policy.unrunnable_grace)
         except Exception as e:
             if not unavailable(e):
                 self.log.failure("Looking for unrunnable jobs failed")

@@ -46,7 +46,7 @@ from treadmill.switchboard.healthwork import HealthWork
 from treadmill.switchboard.instances import Instance
 from treadmill.switchboard.links import LinkPolicy, SupervisorLinks
 from treadmill.switchboard.metrics import SwitchboardMetrics
-from treadmill.switchboard.scheduler import Scheduler
+from treadmill.switchboard.scheduler import Scheduler, SchedulingPolicy
 from treadmill.switchboard.store import Store
 from treadmill.switchboard.timeouts import TimeoutEnforcer
 from treadmill.switchboard.web import console_root
@@ -84,6 +84,13 @@ class SwitchboardConfig:
     rebalance_interval: float = 10.0
     audit_retention: float = 365.0
 
+    def scheduling(self) -> SchedulingPolicy:
+        """The scheduler's policy: its settings, and hosts whose link was touched within
+        the last three touch intervals (15 s at least)."""
+        return SchedulingPolicy(fresh_within=max(15.0, 3 * self.links.touch_interval),
+                                unrunnable_grace=self.unrunnable_grace,
+                                fairness_window=self.fairness_window)
+
 
 class SigningKeyMismatch(RuntimeError):
     """This instance's capability signing key is not the one the database records."""
@@ -116,11 +123,9 @@ class SwitchboardService(RoleService):
                                  interval=config.heartbeat_interval)
         self.instance.setName("instance")
         self.links.instance_id = self.instance.id
-        self.scheduler = Scheduler(reactor, self.store, interval=config.scheduler_interval,
-                                   fresh_within=max(15.0, 3 * config.links.touch_interval),
-                                   unrunnable_grace=config.unrunnable_grace,
-                                   fairness_window=config.fairness_window,
-                                   is_leader=lambda: self.instance.leader)
+        self.scheduler = Scheduler(reactor, self.store, config.scheduling(),
+                                   interval=config.scheduler_interval,
+                                   is_leader=self.instance.is_leader)
         self.scheduler.setName("scheduler")
         self.instance.observe(self._heartbeat)
         self.api = SwitchboardAPI(reactor, self.store, self.auth, self.signer, self.watchers,
@@ -164,10 +169,11 @@ class SwitchboardService(RoleService):
     def _heartbeat(self, instance: Instance) -> None:
         """After each heartbeat: a new leader schedules at once, and so does the leader
         when an instance came back (its hosts are schedulable again); links rebalance."""
-        if instance.leader and (not self._was_leader or instance.live > self._live):
+        cluster = instance.cluster
+        if cluster.leader and (not self._was_leader or cluster.live > self._live):
             self.scheduler.wake()
-        self._was_leader, self._live = instance.leader, instance.live
-        self.links.rebalance(instance.live, instance.links, self.config.rebalance_interval)
+        self._was_leader, self._live = cluster.leader, cluster.live
+        self.links.rebalance(cluster.live, cluster.links, self.config.rebalance_interval)
 
     async def _check_signing_key(self) -> None:
         """Record this instance's signing key if the database has none (or on
@@ -217,10 +223,10 @@ class SwitchboardService(RoleService):
         self.scheduler.setServiceParent(self)
         every(15.0, self._count_jobs, self.reactor, parent=self, name="job-counts")
         retention = RetentionService(self.reactor, self.store, self.config.audit_retention,
-                                     is_leader=lambda: self.instance.leader)
+                                     is_leader=self.instance.is_leader)
         retention.setName("audit-retention")
         retention.setServiceParent(self)
-        health = HealthWork(self.reactor, self.store, lambda: self.instance.leader,
+        health = HealthWork(self.reactor, self.store, self.instance.is_leader,
                             self.config.health_interval)
         health.setName("health")
         health.setServiceParent(self)
@@ -233,7 +239,7 @@ class SwitchboardService(RoleService):
                       instance=self.config.instance, listen=", ".join(self.config.listen))
 
     async def _count_jobs(self) -> None:
-        if not self.instance.leader:
+        if not self.instance.is_leader():
             return  # Cluster-wide: the leader counts (and exports) them.
         try:
             self.job_counts = await self.store.job_counts()
