@@ -144,6 +144,12 @@ E2E_FILES = (
     "tests/supervisor/qemu/test_service.py", "tests/supervisor/qemu/test_snapshot.py",
     "tests/supervisor/qemu/test_ssh.py", "tests/supervisor/serial/test_serial_results.py",
 )
+LONGEST_FIRST = (
+    "tests/test_devstack.py", "tests/test_chaos.py", "tests/supervisor/qemu/test_service.py",
+    "tests/test_install_wheel.py", "tests/web/test_console_browser.py",
+    "tests/supervisor/qemu/test_boot.py", "tests/web/test_console_hosts_browser.py",
+)
+"""The longest files (CONTRIBUTING.md, "Where the time goes"), handed out before the rest."""
 POSTGRES_FIXTURES = {"pg_admin_dsn", "database", "migrated_database", "migrated_template",
                      "switchboard", "module_switchboard"}
 _REACTOR_MARKS = {"async_test", "inline_callbacks_test", "async_fixture", "async_yield_fixture"}
@@ -185,8 +191,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if hasattr(config, "workerinput"):
         # Under pytest-xdist (tools/test), the slow tiers first, so that the long files do
         # not end the run on one worker while the other idles; a file's tests stay together.
+        # The longest files of all go first of all.
         rank = {"e2e": 0, "integration": 1, "unit": 2}
-        by_file: dict[Path, int] = {}
+        by_file: dict[Path, tuple[int, int]] = {}
         for item in items:
-            by_file[item.path] = min(by_file.get(item.path, 2), rank[tier_of(item) or "unit"])
+            path = item.path.resolve().relative_to(_ROOT).as_posix()
+            first = (-1, LONGEST_FIRST.index(path)) if path in LONGEST_FIRST else (3, 0)
+            by_file[item.path] = min(by_file.get(item.path, first),
+                                     (rank[tier_of(item) or "unit"], 0), first)
         items.sort(key=lambda item: by_file[item.path])

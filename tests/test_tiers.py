@@ -6,7 +6,7 @@ from __future__ import annotations
 import fnmatch
 from pathlib import Path
 
-from tests.conftest import E2E_FILES, TIERS
+from tests.conftest import E2E_FILES, LONGEST_FIRST, TIERS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,6 +16,10 @@ def test_every_e2e_pattern_names_a_test_file() -> None:
     unmatched = [pattern for pattern in E2E_FILES
                  if not any(fnmatch.fnmatch(f, pattern) for f in files)]
     assert not unmatched
+
+
+def test_the_longest_files_named_first_exist() -> None:
+    assert [path for path in LONGEST_FIRST if not (ROOT / path).is_file()] == []
 
 
 def test_the_tiers_are_declared_markers() -> None:
