@@ -78,10 +78,12 @@ class Bench:
                                         f"instance {name}", level="warn", interval=0.1)
 
     def shares(self) -> list[tuple[int, int]]:
-        """(first host number, count) of each fleet process."""
+        """(first host number, count) of each fleet process: process ``i`` of ``k`` runs
+        hosts ``i``, ``i + k``, ``i + 2k`` … (``--stride k``), so the hosts the scheduler
+        picks first (lowest names) and their jobs are shared by every fleet process, not
+        all run by the first."""
         n, k = self.args.supervisors, self.args.haproxies
-        bounds = [n * i // k for i in range(k + 1)]
-        return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(k)]
+        return [(i, len(range(i, n, k))) for i in range(k)]
 
     def start_fleets(self) -> None:
         a = self.args
@@ -92,7 +94,8 @@ class Bench:
             cmd = [str(VENV / "python"), "-m", "treadmill.dev.fleet",
                    "--url", f"http://127.0.0.1:{self.balancer_ports[i]}",
                    "--admin-token-file", str(token_file), "--count", str(count),
-                   "--first", str(first), "--tag", "mock", "--state", str(self.tmp / "fleet"),
+                   "--first", str(first), "--stride", str(a.haproxies),
+                   "--tag", "mock", "--state", str(self.tmp / "fleet"),
                    "--no-fsync", "--report-interval", "5", "--mock-run-time", f"{a.run_time:g}"]
             for stage in ("starting", "fetching-image", "allocating", "provisioning",
                           "booting"):
