@@ -149,6 +149,24 @@ async def test_fleet_reads_the_admin_token_from_a_file(api: Any, peer: FakeSwitc
         await start_fleet(reactor, parser().parse_args(argv))
 
 
+@pytest_twisted.ensureDeferred
+async def test_fleet_processes_sharing_a_fleet_take_interleaved_hosts(
+        api: Any, peer: FakeSwitchboard, tmp_path: Path) -> None:
+    """Process 1 of 3 runs hosts 1, 4, 7: the lowest names (the scheduler's first
+    choice) are spread over the processes."""
+    fleet = await start_fleet(reactor, parser().parse_args(fleet_args(
+        api, peer, tmp_path, "--count", "3", "--first", "1", "--stride", "3", "--ramp", "0")))
+    try:
+        conns = [await peer.connection() for _ in range(3)]
+        assert {c.host_name for c in conns} == {"fleet-0001", "fleet-0004", "fleet-0007"}
+        assert sorted(api.hosts) == ["fleet-0001", "fleet-0004", "fleet-0007"]
+    finally:
+        await fleet.stopService()
+    with pytest.raises(SystemExit):
+        await start_fleet(reactor, parser().parse_args(fleet_args(
+            api, peer, tmp_path, "--count", "1", "--stride", "0")))
+
+
 def test_ws_url_for() -> None:
     assert ws_url_for("http://127.0.0.1:8080/") == "ws://127.0.0.1:8080"
     assert ws_url_for("https://sb.example.org") == "wss://sb.example.org"

@@ -107,6 +107,27 @@ async def test_refused_start_ends_the_job(sb: RunningSwitchboard) -> None:
     await reaches(sb, job2, "terminated", reason="host_start_failure")
 
 
+@pytest_twisted.ensureDeferred
+async def test_start_refused_as_already_running_is_tried_again_soon(
+        migrated_database: str, tmp_path: Path) -> None:
+    """A supervisor still busy with another job refuses a start (``already_running``):
+    the host is reconciled again after ``reconcile_retry``, not at the next periodic
+    pass, and the job starts once the supervisor is free."""
+    policy = LinkPolicy(reconcile_interval=3600.0, reconcile_retry=0.2)
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
+                                 links=policy)
+    try:
+        peer = await host_peer(sb, script=Script(start_error=("already_running", "busy")))
+        job_id = await submit(sb)
+        await peer.wait_for("start_job", job_id=job_id)
+        peer.script.start_error = None  # its other job is over
+        await peer.wait_for("start_job", count=2, timeout=5, job_id=job_id)
+        await peer.event(job_id, "initializing", stage="starting")
+        await reaches(sb, job_id, "initializing")
+    finally:
+        await sb.stop()
+
+
 # -- reconciliation, case by case -------------------------------------------------------------
 
 

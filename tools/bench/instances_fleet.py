@@ -62,6 +62,7 @@ class Bench:
         self.fleets: list[subprocess.Popen[bytes]] = []
         self.token = ""
         self.client: Client | None = None
+        self.idle: dict[str, Any] = {}
 
     # -- processes -------------------------------------------------------------------
 
@@ -78,10 +79,12 @@ class Bench:
                                         f"instance {name}", level="warn", interval=0.1)
 
     def shares(self) -> list[tuple[int, int]]:
-        """(first host number, count) of each fleet process."""
+        """(first host number, count) of each fleet process: process ``i`` of ``k`` runs
+        hosts ``i``, ``i + k``, ``i + 2k`` … (``--stride k``), so the hosts the scheduler
+        picks first (lowest names) and their jobs are shared by every fleet process, not
+        all run by the first."""
         n, k = self.args.supervisors, self.args.haproxies
-        bounds = [n * i // k for i in range(k + 1)]
-        return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(k)]
+        return [(i, len(range(i, n, k))) for i in range(k)]
 
     def start_fleets(self) -> None:
         a = self.args
@@ -92,7 +95,8 @@ class Bench:
             cmd = [str(VENV / "python"), "-m", "treadmill.dev.fleet",
                    "--url", f"http://127.0.0.1:{self.balancer_ports[i]}",
                    "--admin-token-file", str(token_file), "--count", str(count),
-                   "--first", str(first), "--tag", "mock", "--state", str(self.tmp / "fleet"),
+                   "--first", str(first), "--stride", str(a.haproxies),
+                   "--tag", "mock", "--state", str(self.tmp / "fleet"),
                    "--no-fsync", "--report-interval", "5", "--mock-run-time", f"{a.run_time:g}"]
             for stage in ("starting", "fetching-image", "allocating", "provisioning",
                           "booting"):
@@ -130,6 +134,25 @@ class Bench:
             out[kind] = {proc.pid: procfs.cpu_ticks(proc.pid) or 0 for proc in procs
                          if proc.poll() is None}
         return out
+
+    def runq(self) -> dict[str, dict[int, int]]:
+        """Nanoseconds the reactor (main) thread of each instance and fleet process waited
+        for a CPU while runnable (``/proc/PID/schedstat``), by kind and pid."""
+        return {kind: {proc.pid: procfs.runq_wait_ns(proc.pid) or 0 for proc in procs
+                       if proc.poll() is None}
+                for kind, procs in (("instances", list(self.procs.values())),
+                                    ("fleets", self.fleets))}
+
+    def phase_idle(self) -> dict[str, Any]:
+        """CPU of every kind of process with the fleet linked and no job: the floor the
+        steady phase's per-job figures are taken off (pings, touches, reconciliations)."""
+        seconds = self.args.idle_window
+        cpu0, runq0, t0 = self.cpu(), self.runq(), time.monotonic()
+        time.sleep(seconds)
+        span = time.monotonic() - t0
+        return {"seconds": round(span, 1),
+                "cpu_percent": self.cpu_used(cpu0, self.cpu(), span),
+                "runq_percent": self.cpu_used(_as_ticks(runq0), _as_ticks(self.runq()), span)}
 
     def gate(self, name: str) -> dict[str, float]:
         """Instance ``name``'s handshake gate counters: upgrades that waited in its
@@ -201,6 +224,7 @@ class Bench:
                    "--body", body, "--drain", "30", "-H", f"Authorization: Bearer {self.token}"]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True, start_new_session=True))
+        runq0 = self.runq()
         enqueue = []
         for proc in procs:
             out, err = proc.communicate(timeout=a.duration + 90)
@@ -209,6 +233,9 @@ class Bench:
             enqueue.append(json.loads(out))
         cpu = self.cpu_used(cpu0, self.cpu(), time.monotonic() - m0)
         wait(lambda: not list_jobs(self.client, states=ACTIVE_STATES), 120, "jobs to end", 0.5)
+        span = time.monotonic() - m0  # the enqueues and every job's run to its end
+        used = self.cpu_used(cpu0, self.cpu(), span)
+        runq = self.cpu_used(_as_ticks(runq0), _as_ticks(self.runq()), span)
         jobs = [j for j in list_jobs(self.client, since=t0 - 1) if j["label"] == "steady"]
         to_assigned, to_starting = [], []
         for job in jobs:
@@ -228,7 +255,15 @@ class Bench:
                   "created_to_assigned_ms": percentiles(to_assigned),
                   "created_to_starting_ms": percentiles(to_starting),
                   "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2),
-                  "cpu_percent": cpu, "memory": self.memory()}
+                  "cpu_percent": cpu, "memory": self.memory(),
+                  "until_ended_s": round(span, 1), "cpu_percent_until_ended": used,
+                  "runq_percent_until_ended": runq}
+        idle = self.idle.get("cpu_percent", {}) if self.idle else {}
+        # CPU a job costs each kind: the CPU until every job ended less the idle floor
+        # for as long (10 * (percent of a core) * seconds / jobs = milliseconds).
+        result["cpu_ms_per_job"] = {
+            kind: round(10 * (pct - idle.get(kind, 0.0)) * span / max(1, len(jobs)), 2)
+            for kind, pct in used.items()} if idle else {}
         d = result["created_to_starting_ms"]
         say(f"  {len(jobs)} jobs: enqueue -> start-job p50 {d['p50']} / p99 {d['p99']} ms")
         return result
@@ -295,6 +330,9 @@ class Bench:
         results["memory_idle"] = self.memory()
         results["connect"] = self.phase_connect()
         time.sleep(a.settle)
+        if a.idle_window > 0:
+            results["idle"] = self.idle = self.phase_idle()
+            say(f"  idle: CPU (% of a core) {self.idle['cpu_percent']}")
         if a.rate > 0:
             results["steady"] = self.phase_steady()
         results["failover"] = self.phase_failover()
@@ -315,6 +353,12 @@ class Bench:
         if self.db is not None:
             self.db.stop()
         remove_temp(self.tmp, self.args.keep_temp, say)
+
+
+def _as_ticks(ns: dict[str, dict[int, int]]) -> dict[str, dict[int, int]]:
+    """Nanoseconds as clock ticks (what :meth:`Bench.cpu_used` divides)."""
+    return {kind: {pid: v * procfs.CLK_TCK // 1_000_000_000 for pid, v in by_pid.items()}
+            for kind, by_pid in ns.items()}
 
 
 def _mb(kb: int | None) -> float | None:
@@ -340,7 +384,14 @@ def table(r: dict[str, Any]) -> str:
                   f"  enqueue -> assigned p50 {e['p50']} / p99 {e['p99']} ms",
                   f"  enqueue -> start-job p50 {d['p50']} / p99 {d['p99']} / max {d['max']} ms "
                   f"(target < {TARGET_DISPATCH_P99_MS:g} ms: {verdict})",
-                  f"  CPU (% of a core) during the enqueues: {s['cpu_percent']}"]
+                  f"  CPU (% of a core) during the enqueues: {s['cpu_percent']}",
+                  f"  until every job ended ({s['until_ended_s']} s): CPU "
+                  f"{s['cpu_percent_until_ended']}, reactors waiting for a CPU (% of the "
+                  f"time, summed) {s['runq_percent_until_ended']}"]
+        if "idle" in r:
+            lines += [f"  idle before ({r['idle']['seconds']} s): CPU {r['idle']['cpu_percent']}"
+                      f", waiting for a CPU {r['idle']['runq_percent']}",
+                      f"  CPU per job above idle (ms): {s['cpu_ms_per_job']}"]
     settle = f["after_s"]["100%"]
     verdict = "met" if settle is not None and settle < TARGET_FAILOVER_S else "missed"
     lines += [f"failover after kill -9 of {f['victim']} ({f['victim_links']} links, leader "
@@ -364,6 +415,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-time", type=float, default=2.0, help="mock workload seconds [2]")
     p.add_argument("--settle", type=float, default=10.0,
                    help="seconds between the fleet connected and the steady phase [10]")
+    p.add_argument("--idle-window", type=float, default=10.0,
+                   help="seconds of idle CPU measured before the steady phase (0: none) [10]")
     p.add_argument("--connect-timeout", type=float, default=600.0)
     p.add_argument("--failover-timeout", type=float, default=120.0)
     p.add_argument("--check-timeout", default="",

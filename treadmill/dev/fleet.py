@@ -4,7 +4,8 @@
         --admin-token-file PATH --count 1000 [--prefix fleet-] [--tag mock] \\
         [--state DIR] [--mock-run-time 5 ...]
 
-It creates hosts ``PREFIX0000`` … through the switchboard API (or, for hosts
+It creates hosts ``PREFIX0000`` … (from ``--first``, every ``--stride``-th
+number) through the switchboard API (or, for hosts
 that already exist, replaces their tokens with ``POST
 /api/v1/hosts/{name}/token`` and sets their tags), then runs one supervisor
 per host (link, runner and mock driver, each with its own state directory
@@ -12,6 +13,11 @@ under ``--state``) in this one process and reactor, until SIGINT or SIGTERM.
 Starts are spread over ``--ramp`` seconds so that a thousand supervisors do not
 connect in the same millisecond. Every ``--report-interval`` seconds it
 prints how many are connected and how many run a job.
+
+The scheduler gives a job the free host first in name order, so at a low job
+rate the lowest numbers run every job: several fleet processes sharing one
+fleet take interleaved numbers (``--first I --stride N``) to share its jobs too,
+as separate machines would.
 
 Per supervisor it keeps one WebSocket, a few small objects and no console
 buffer (``--console-buffer 0``); state files are ``fsync``-ed unless
@@ -163,6 +169,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, required=True, help="number of hosts and supervisors")
     p.add_argument("--prefix", default="fleet-", help="host name prefix [fleet-]")
     p.add_argument("--first", type=int, default=0, help="number of the first host [0]")
+    p.add_argument("--stride", type=int, default=1,
+                   help="step between host numbers: process I of N takes --first I "
+                        "--stride N [1]")
     p.add_argument("--tag", action="append", dest="tags",
                    help="host tag (repeatable) [mock]")
     p.add_argument("--state", default="fleet-state",
@@ -247,6 +256,8 @@ async def start_fleet(reactor: Any, args: argparse.Namespace,
     p = p or parser()
     if args.count < 1:
         p.error("--count must be at least 1")
+    if args.stride < 1:
+        p.error("--stride must be at least 1")
     token = _admin_token(args, p)
     mock = _mock_values(args, p)
     try:
@@ -254,7 +265,7 @@ async def start_fleet(reactor: Any, args: argparse.Namespace,
     except ValueError as e:
         p.error(str(e))
     tags = args.tags or ["mock"]
-    names = [f"{args.prefix}{i:04d}" for i in range(args.first, args.first + args.count)]
+    names = [f"{args.prefix}{args.first + i * args.stride:04d}" for i in range(args.count)]
     _raise_fd_limit(args.count * 2 + 256)
     reactor.suggestThreadPoolSize(max(1, args.io_threads))
     tokens = await provision_hosts(reactor, args.url, token, names, tags,

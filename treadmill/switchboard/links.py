@@ -496,7 +496,11 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
             return
         code, text = answer["error"]["code"], answer["error"]["message"]
         if code == "already_running":
-            return  # It stops its other job first; the next reconciliation starts this one.
+            # Its other job ends first (a reconciliation stops it if the database has it
+            # ended): reconcile again in reconcile_retry seconds, not at the next
+            # periodic pass (reconcile_interval, 30 s, away).
+            self.retry_reconcile()
+            return
         reason = Reason.IMAGE_ERROR if code in _IMAGE_ERRORS else Reason.HOST_START_FAILURE
         await self.links.store.transition(job_id, Status(State.TERMINATED, reason=reason),
                                           message=f"{code}: {text}")
