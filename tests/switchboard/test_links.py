@@ -543,8 +543,10 @@ async def test_silent_peer_is_detected_by_heartbeats(migrated_database: str,
         async def gone() -> bool:
             return not sb.service.links.by_host
 
-        await eventually(gone, timeout=10)
-        assert reactor.seconds() - started < 6  # interval + timeout, with margin
+        await eventually(gone, timeout=15)
+        # interval + timeout (3 s), with room for a machine loaded by other work; a link
+        # without heartbeats stays up as long as its TCP connection does (forever here).
+        assert reactor.seconds() - started < 9
         host = (await sb.admin.get("/api/v1/hosts/h1")).body
         assert host["connected"] is False
     finally:
