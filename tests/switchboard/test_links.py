@@ -28,7 +28,7 @@ from tests.switchboard.support import (
     submit,
 )
 from tests.switchboard.support import sb as sb  # the fixture: a switchboard with FAST settings
-from tests.util.waiting import eventually
+from tests.util.waiting import eventually, sleep
 from treadmill.protocol import supervisor as protocol
 from treadmill.switchboard.jobstate import Reason, State, Status
 from treadmill.switchboard.links import LinkPolicy
@@ -549,6 +549,45 @@ async def test_silent_peer_is_detected_by_heartbeats(migrated_database: str,
         assert reactor.seconds() - started < 9
         host = (await sb.admin.get("/api/v1/hosts/h1")).body
         assert host["connected"] is False
+    finally:
+        await sb.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_supervisor_that_pings_is_not_pinged_until_it_falls_silent(
+        migrated_database: str, tmp_path: Path) -> None:
+    """A link's own pings prove it alive (no second keepalive from the switchboard); a
+    quiet but answering link gets pings and stays; a frozen one is dropped in time."""
+    from twisted.internet.task import LoopingCall
+
+    sb = await start_switchboard(migrated_database, tmp_path, scheduler_interval=0.2,
+                                 links=LinkPolicy(ping_interval=0.5, ping_timeout=1.5))
+    try:
+        peer = await host_peer(sb)
+        connection = peer.connection
+        assert connection is not None
+        pings: list[float] = []
+        answer = connection.onPing
+
+        def counted(payload: bytes) -> None:
+            pings.append(reactor.seconds())
+            answer(payload)
+
+        connection.onPing = counted  # type: ignore[method-assign]
+        pinging = LoopingCall(connection.sendPing)
+        pinging.start(0.2)
+        await sleep(3.0)  # six ping intervals
+        assert pings == [] and sb.service.links.by_host
+        # Quiet but answering: pinged, and kept.
+        pinging.stop()
+        await eventually(lambda: pings, timeout=5)
+        await sleep(2.0)
+        assert len(pings) >= 2 and sb.service.links.by_host
+        # Frozen: neither pings nor pongs; dropped within 1.25 intervals + the timeout.
+        connection.transport.pauseProducing()
+        started = reactor.seconds()
+        await eventually(lambda: not sb.service.links.by_host, timeout=15)
+        assert reactor.seconds() - started < 6  # 2.1 s, with room for a loaded machine
     finally:
         await sb.stop()
 

@@ -69,6 +69,9 @@ from treadmill.switchboard.store.base import INSTANCE_DEAD_AFTER
 from treadmill.switchboard.store.errors import NotFound, NotYourJob
 
 REQUEST_TIMEOUT = 30.0
+PING_SLACK = 1.25
+"""A link is pinged once silent this many ``ping_interval``s: a supervisor pinging at the
+same interval is heard in time despite timer rounding (Autobahn's 0.2 s buckets)."""
 _IMAGE_ERRORS = {"image_not_found", "image_invalid"}
 
 
@@ -87,6 +90,7 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
     registered = False
     lost = False  # the connection ended (maybe in the middle of the handshake)
     _slot: Slot | None = None  # this handshake's admission (admission.py) until it ends
+    _heard = 0.0  # when the supervisor last sent a frame: a message, or its own ping
 
     def __init__(self) -> None:
         super().__init__()
@@ -169,6 +173,7 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
         return protocol.SUBPROTOCOL, {protocol.MINOR_HEADER: str(self.minor)}
 
     def onOpen(self) -> None:
+        self._heard = self.links.reactor.seconds()
         try:
             self.transport.setTcpNoDelay(True)  # Small messages; no Nagle delay.
         except Exception:
@@ -196,6 +201,34 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
                           host=self.host_name, code=code, reason=reason or "")
             self.links.unregister(self)
 
+    # -- keepalive -----------------------------------------------------------------
+
+    def onPing(self, payload: bytes) -> None:
+        """The supervisor's own keepalive: proof of life, answered."""
+        self._heard = self.links.reactor.seconds()
+        if self.state == self.STATE_OPEN:
+            self.sendPong(payload)
+
+    def onPong(self, payload: bytes) -> None:
+        self._heard = self.links.reactor.seconds()
+
+    def _sendAutoPing(self) -> None:
+        """Autobahn's keepalive ping, sent only on a link silent for ``PING_SLACK`` ping
+        intervals: a supervisor that pings (every one does, ``heartbeat.interval``) or
+        talks is alive by its own frames, and pinging it too would double the keepalive
+        traffic on both ends. A link silent that long gets a ping and ``ping_timeout``
+        seconds to answer it.
+
+        The next look is a plain ``callLater``: Autobahn's batched timer rounds a
+        deadline down to the whole second (txaio), so a wait under a second would come
+        at once, again and again."""
+        wait = self.autoPingInterval * PING_SLACK - (self.links.reactor.seconds()
+                                                     - self._heard)
+        if wait > 0:
+            self.autoPingPendingCall = self.links.reactor.callLater(wait, self._sendAutoPing)
+            return
+        super()._sendAutoPing()
+
     # -- messages ------------------------------------------------------------------
 
     def violation_message(self, text: str) -> dict[str, Any]:
@@ -205,6 +238,7 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
         self.log.warn("Protocol violation by {host}: {text}", host=self.host_name, text=text)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self._heard = self.links.reactor.seconds()
         if isBinary:
             self.violation("binary frames are not part of the protocol")
             return
