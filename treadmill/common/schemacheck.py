@@ -143,7 +143,7 @@ class _Compiler:
         if found is not None:
             return found
         refs = self.refs
-        return lambda v: refs[target](v)  # type: ignore[misc]
+        return lambda v: refs[target](v)
 
 
 def _type(c: _Compiler, value: Any, schema: dict[str, Any]) -> Check:
