@@ -8,7 +8,8 @@
 - ``keys``: the switchboard's capability keys, for the satellite roles.
 - ``captoken``: capability tokens (signing, verification).
 - ``logging``, ``tls``, ``manhole``, ``metrics``, ``ratelimit``, ``sshkeys``.
-- ``messages``: JSON messages over a WebSocket; ``schema``: JSON Schema validation.
+- ``messages``: JSON messages over a WebSocket; ``schema``: JSON Schema validation;
+  ``schemacheck``: schemas compiled into predicates (a quick "valid").
 - ``cors``: cross-origin reads (the web console reading log servers).
 - ``files``: atomic, durable file writes; ``ranges``: HTTP ``Range`` headers.
 - ``splice``: joining two connections with backpressure; ``zerocopy``: two plain TCP

@@ -16,6 +16,7 @@ from jsonschema.exceptions import best_match
 
 from treadmill.common.http import loads
 from treadmill.common.schema import validator
+from treadmill.common.schemacheck import compiled
 
 _BY_TYPE: dict[int, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {}
 
@@ -60,11 +61,18 @@ def check(message: Any, schema: dict[str, Any], error: type[Exception]) -> None:
 
     A message whose ``type`` selects one of the schema's if/then branches is checked
     against that branch alone (:func:`_by_type`): the same verdict, a fraction of
-    the work (each other branch's failed condition cost a ValidationError).
+    the work (each other branch's failed condition cost a ValidationError). That
+    schema's compiled predicate (:func:`~treadmill.common.schemacheck.compiled`)
+    accepts a valid message; jsonschema judges and words the others, and checks
+    everything under a schema the compiler does not handle.
     """
     kind = message.get("type") if isinstance(message, dict) else None
     part = _by_type(schema).get(kind) if isinstance(kind, str) else None
-    found = best_match(validator(part if part is not None else schema).iter_errors(message))
+    target = part if part is not None else schema
+    fast = compiled(target)
+    if fast is not None and fast(message):
+        return
+    found = best_match(validator(target).iter_errors(message))
     if found is not None:
         where = ".".join(str(p) for p in found.absolute_path) or "message"
         kind = message.get("type") if isinstance(message, dict) else None

@@ -18,7 +18,8 @@ from jsonschema.validators import extend
 
 
 @lru_cache(maxsize=256)
-def _compile(pattern: str) -> re.Pattern[str]:
+def pattern_regex(pattern: str) -> re.Pattern[str]:
+    """``pattern`` compiled, a final ``$`` read as the end of the string (``\\Z``)."""
     if pattern.endswith("$") and not pattern.endswith("\\$"):
         pattern = pattern[:-1] + r"\Z"
     return re.compile(pattern)
@@ -26,7 +27,7 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 def _pattern(validator: Any, pattern: str, instance: Any, schema: Any
              ) -> Iterator[ValidationError]:
-    if validator.is_type(instance, "string") and not _compile(pattern).search(instance):
+    if validator.is_type(instance, "string") and not pattern_regex(pattern).search(instance):
         yield ValidationError(f"does not match {pattern!r}")
 
 
