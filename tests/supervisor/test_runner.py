@@ -256,7 +256,7 @@ async def test_events_wait_for_acks_and_status_waits_for_events(peer: FakeSwitch
     first = await conn.event(ack=False)
     assert first["stage"] == "starting"
     await conn.nothing(0.2)  # one event at a time
-    assert len(journal(tmp_path / "state")) == 6  # all journaled, one sent
+    await eventually(lambda: len(journal(tmp_path / "state")) == 6)  # all journaled, one sent
     status_rid = conn.next_rid()
     conn.send(protocol.status_request(status_rid))
     await conn.nothing(0.2)  # not before the events are acknowledged
@@ -307,7 +307,8 @@ async def test_events_made_while_disconnected_are_sent_on_reconnect(
     conn.drop()
     await eventually(lambda: service.runner.status() is None)  # exited while away
     assert [e["state"] for e in service.runner.pending_events] == ["terminated"]
-    assert len(journal(tmp_path / "state")) == 1
+    # Journaled in a thread, after it is queued: on disk a moment later.
+    await eventually(lambda: len(journal(tmp_path / "state")) == 1)
     peer.listen()
     conn2 = await peer.connection()
     final = await conn2.event()
