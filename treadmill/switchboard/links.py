@@ -71,7 +71,7 @@ from treadmill.switchboard.store.errors import NotFound, NotYourJob
 REQUEST_TIMEOUT = 30.0
 PING_SLACK = 1.25
 """A link is pinged once silent this many ``ping_interval``s: a supervisor pinging at the
-same interval is heard in time despite timer rounding (Autobahn's 0.2 s buckets)."""
+same interval is heard in time despite its reactor's and the network's delays."""
 _IMAGE_ERRORS = {"image_not_found", "image_invalid"}
 
 
