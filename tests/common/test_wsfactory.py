@@ -1,6 +1,7 @@
 """``treadmill.common.wsfactory``: Autobahn factories whose connections' timers (auto-ping,
-pong timeout, handshake timeouts) run on the factory's reactor, to its precision, not
-on txaio's batched timer (which rounds every deadline down to the whole second)."""
+pong timeout, handshake timeouts) run on the factory's reactor, never early and at most
+one resolution (50 ms) late, not on txaio's batched timer (which rounds every deadline
+down to the whole second)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from autobahn.twisted.websocket import WebSocketClientProtocol, WebSocketServerProtocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.test.iosim import FakeTransport, IOPump, connect
 
 from treadmill.common.wsfactory import PreciseClientFactory, PreciseServerFactory, PreciseTimer
@@ -41,6 +43,50 @@ def test_cancel_is_idempotent_before_and_after_the_call_ran() -> None:
     ran.cancel()  # Autobahn may cancel a timeout that already fired
     ran.cancel()
     assert calls == ["ran"] and clock.getDelayedCalls() == []
+
+
+def test_a_deadline_is_rounded_up_to_the_resolution_never_down() -> None:
+    clock, calls = Clock(), []
+    timer = PreciseTimer(clock, resolution=0.05)
+    timer.call_later(0.32, lambda: calls.append(clock.seconds()))
+    until(clock, 0.349)
+    assert calls == []  # never early
+    until(clock, 0.35)
+    assert calls == [0.35]  # at most one resolution late
+    until(clock, 1.1)
+    timer.call_later(0.2, lambda: calls.append(clock.seconds()))  # 1.1 + 0.2: 1.3, not 1.35
+    until(clock, 1.3)
+    assert calls == [0.35, 1.3]
+
+
+def test_calls_due_in_one_step_share_a_delayed_call_and_run_in_order() -> None:
+    clock, calls = Clock(), []
+    timer = PreciseTimer(clock, resolution=0.05)
+    for n in range(50):
+        timer.call_later(0.301 + n / 1000, calls.append, n)
+    timer.call_later(0.36, calls.append, "next step")
+    assert len(clock.getDelayedCalls()) == 2
+    until(clock, 0.35)
+    assert calls == list(range(50))
+
+
+def test_a_call_may_cancel_a_later_one_of_its_step_and_a_failure_stops_none() -> None:
+    clock, calls = Clock(), []
+    timer = PreciseTimer(clock)
+    victim = None
+
+    def first() -> None:
+        assert victim is not None
+        victim.cancel()
+        raise RuntimeError("boom")
+
+    timer.call_later(1.0, first)
+    victim = timer.call_later(1.0, calls.append, "cancelled")
+    timer.call_later(1.0, calls.append, "ran")
+    with capturedLogs() as events:
+        until(clock, 1.0)
+    assert calls == ["ran"]
+    assert [e["log_failure"].type for e in events if "log_failure" in e] == [RuntimeError]
 
 
 @pytest.mark.parametrize("make", [lambda clock: PreciseClientFactory("ws://h/", reactor=clock),

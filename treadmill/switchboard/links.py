@@ -72,8 +72,9 @@ from treadmill.switchboard.store.errors import NotFound, NotYourJob
 REQUEST_TIMEOUT = 30.0
 PING_SLACK = 1.25
 """A link is pinged once silent this many ``ping_interval``s: a supervisor pinging at the
-same interval (its next ping ``interval`` after each pong, so an interval and a round trip
-apart) is heard in time despite its reactor's and the network's delays."""
+same interval (its next ping ``interval`` after each pong, up to 50 ms later: an interval,
+a round trip and that apart) is heard in time despite its reactor's and the network's
+delays."""
 _IMAGE_ERRORS = {"image_not_found", "image_invalid"}
 
 
@@ -221,12 +222,13 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
         traffic on both ends. A link silent that long gets a ping and ``ping_timeout``
         seconds to answer it.
 
-        The next look is a ``callLater`` on the links' reactor, the clock the factory's
-        timers run on (:mod:`treadmill.common.wsfactory`: to the reactor's precision)."""
+        The next look is on the factory's timer, as Autobahn's own
+        (:mod:`treadmill.common.wsfactory`: never early, the links' looks due together
+        sharing one delayed call)."""
         wait = self.autoPingInterval * PING_SLACK - (self.links.reactor.seconds()
                                                      - self._heard)
         if wait > 0:
-            self.autoPingPendingCall = self.links.reactor.callLater(wait, self._sendAutoPing)
+            self.autoPingPendingCall = self.factory.timer.call_later(wait, self._sendAutoPing)
             return
         super()._sendAutoPing()
 
