@@ -1,5 +1,6 @@
 """The shared WebSocket session kit (``treadmill.common.wsjson``) and its use everywhere:
-every Autobahn protocol in ``treadmill/`` logs through a :class:`QuietLogger`."""
+every Autobahn protocol in ``treadmill/`` logs through a :class:`QuietLogger`, and every
+Autobahn factory has precise timers (``treadmill.common.wsfactory``)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 
 import treadmill
+from treadmill.common.wsfactory import PreciseTimers
 from treadmill.common.wsjson import MAX_CLOSE_REASON, JsonSession, QuietLogger, close_reason
 
 # Protocol classes not yet on the kit, by "module:Class". Each entry is removed when its
@@ -51,6 +53,39 @@ def test_every_websocket_protocol_logs_through_a_quiet_logger() -> None:
     assert loud == NOT_YET_QUIET, (
         "Autobahn logs the handshake (bearer tokens) at debug level: give these protocol "
         "classes log = QuietLogger(namespace=...) from treadmill.common.wsjson")
+
+
+def _autobahn_factory_uses(path: Path) -> list[str]:
+    """Where ``path`` names Autobahn's own WebSocket factories (an import or an
+    attribute): each a ``line: name``."""
+    names = {"WebSocketClientFactory", "WebSocketServerFactory"}
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("autobahn"):
+            found += [f"{node.lineno}: {a.name}" for a in node.names if a.name in names]
+        elif isinstance(node, ast.Attribute) and node.attr in names:
+            found.append(f"{node.lineno}: {node.attr}")
+    return found
+
+
+def test_every_websocket_factory_has_precise_timers() -> None:
+    """Autobahn's factories time pings and handshakes on txaio's batched timer, which
+    rounds deadlines down to the second: every factory in ``treadmill/`` is built from
+    ``treadmill.common.wsfactory`` (its subclasses too)."""
+    root = Path(treadmill.__file__).parent
+    kit = root / "common" / "wsfactory.py"
+    direct = {f"{path.relative_to(root.parent)}:{use}" for path in sorted(root.rglob("*.py"))
+              if path != kit for use in _autobahn_factory_uses(path)}
+    assert direct == set(), "build WebSocket factories from treadmill.common.wsfactory"
+    classes = set()
+    for info in pkgutil.walk_packages(treadmill.__path__, "treadmill."):
+        module = importlib.import_module(info.name)
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == module.__name__ and issubclass(
+                    cls, (WebSocketClientFactory, WebSocketServerFactory)):
+                classes.add(cls)
+    assert len(classes) >= 6  # the kit's two and the roles' four server factories
+    assert all(issubclass(cls, PreciseTimers) for cls in classes), classes
 
 
 @pytest.mark.parametrize("reason", ["short", "x" * 200, "é" * 100, "€" * 50 + "x", "😀" * 40])

@@ -334,3 +334,63 @@ def test_an_attempt_sends_the_upgrade_without_printing_or_logging_per_attempt(
     assert [value for value in printed if isinstance(value, dict)] == []  # no transport
     assert not [e for e in events if "factory" in str(e.get("log_format", "")).lower()]
     link.stopService()
+
+
+def client_frames(transport: Transport) -> list[tuple[int, bytes]]:
+    """The (masked) frames the link wrote since the last call: (opcode, payload) each."""
+    data, frames = transport.value(), []
+    transport.clear()
+    while data:
+        opcode, length = data[0] & 0x0F, data[1] & 0x7F
+        assert data[1] & 0x80 and length < 126  # masked, short: pings, pongs, closes
+        mask, payload = data[2:6], data[6:6 + length]
+        frames.append((opcode, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))))
+        data = data[6 + length:]
+    return frames
+
+
+def heartbeat_link(interval: float, timeout: float
+                   ) -> tuple[MemoryReactorClock, SupervisorLink, Any, Transport]:
+    """A started link with ``heartbeat_interval``/``heartbeat_timeout`` and an open
+    session at time 0: the clock, the link, the session and its transport."""
+    reactor = MemoryReactorClock()
+    link = SupervisorLink(reactor, "ws://127.0.0.1:9/", "host-token", Opened(),
+                          heartbeat_interval=interval, heartbeat_timeout=timeout,
+                          reconnect_initial=1.0, reconnect_max=60.0, jitter=lambda: 0.0)
+    link.startService()
+    accept_handshake(reactor)
+    session = link.session
+    assert session is not None
+    session.transport.clear()
+    return reactor, link, session, session.transport
+
+
+def test_a_sub_second_heartbeat_pings_once_per_interval() -> None:
+    """``heartbeat.interval = 0.3``: a ping every 0.3 s, each answered at once; txaio's
+    batched timer (Autobahn's default) sent the next the moment a pong came back."""
+    reactor, link, proto, transport = heartbeat_link(0.3, 2.0)
+    pings: list[float] = []
+    for step in range(1, 301):  # 3 s in steps of 10 ms
+        reactor.advance(step / 100 - reactor.seconds())
+        for opcode, payload in client_frames(transport):
+            assert opcode == 0x9
+            pings.append(reactor.seconds())
+            proto.dataReceived(b"\x8a" + bytes([len(payload)]) + payload)  # the pong
+    assert pings == pytest.approx([0.3 * n for n in range(1, 11)], abs=0.01)
+    assert link.session is proto
+    link.stopService()
+
+
+def test_a_heartbeat_timeout_drops_the_link_at_its_deadline() -> None:
+    """``heartbeat.timeout = 2.5``: a switchboard that does not answer the ping (sent at
+    1.2 s) is dropped 2.5 s after it, at 3.7 s (txaio: the ping at 1 s, the drop at 3 s)."""
+    reactor, link, proto, transport = heartbeat_link(1.2, 2.5)
+    reactor.advance(1.19)
+    assert client_frames(transport) == []
+    reactor.advance(1.2 - reactor.seconds())
+    assert [opcode for opcode, _ in client_frames(transport)] == [0x9]
+    reactor.advance(3.69 - reactor.seconds())
+    assert not transport.disconnecting and link.session is proto
+    reactor.advance(3.7 - reactor.seconds())
+    assert transport.disconnecting  # aborted: the TCP connection is dropped
+    link.stopService()

@@ -73,6 +73,7 @@ class Links:
 
     policy = LinkPolicy()
     handshake_timeout = 10.0
+    reactor = Clock()
 
 
 def test_a_full_gate_refuses_the_upgrade_with_503_and_retry_after() -> None:

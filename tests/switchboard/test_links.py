@@ -14,7 +14,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.support import RunningSwitchboard, start_switchboard
+from tests.support import RunningSwitchboard, mock_supervisor, start_switchboard
+from tests.support import add_host as add_host_token
 from tests.switchboard.peer import Peer, Script
 from tests.switchboard.support import (
     DIGEST,
@@ -589,6 +590,39 @@ async def test_a_supervisor_that_pings_is_not_pinged_until_it_falls_silent(
         await eventually(lambda: not sb.service.links.by_host, timeout=15)
         assert reactor.seconds() - started < 6  # 2.1 s, with room for a loaded machine
     finally:
+        await sb.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sub_second_heartbeat_pings_at_its_interval_end_to_end(
+        migrated_database: str, tmp_path: Path) -> None:
+    """A real supervisor (``heartbeat.interval = 0.3``) linked over loopback to a real
+    switchboard (``ping_interval = 0.3``) pings about every 0.3 s, not in a loop
+    (Autobahn's txaio timer: thousands a second), and the switchboard, hearing those
+    pings, sends few or none of its own."""
+    sb = await start_switchboard(migrated_database, tmp_path,
+                                 links=LinkPolicy(ping_interval=0.3, ping_timeout=2.0))
+    supervisor = None
+    try:
+        token = await add_host_token(sb.admin, "mock-1", ["mock"])
+        supervisor = mock_supervisor(sb.url, token, tmp_path / "mock-1", config={
+            "heartbeat_interval": 0.3, "heartbeat_timeout": 2.0})
+        session = await supervisor.connected()
+        await eventually(lambda: sb.service.links.by_host)
+        (link,) = sb.service.links.by_host.values()
+        sent, started = session.autoPingPendingSeq, reactor.seconds()
+        answered = link.autoPingPendingSeq
+        await sleep(2.0)
+        pings = session.autoPingPendingSeq - sent
+        elapsed = reactor.seconds() - started
+        # One ping every 0.3 s plus a round trip: at most 7 in 2 s; fewer on a loaded machine.
+        assert 3 <= pings <= elapsed / 0.3 + 1, (pings, elapsed)
+        # Heard in time, the switchboard pings none; each delay beyond the slack costs one.
+        assert link.autoPingPendingSeq - answered <= elapsed / 0.3
+        assert session.state == session.STATE_OPEN and link.state == link.STATE_OPEN
+    finally:
+        if supervisor is not None:
+            await supervisor.stopService()
         await sb.stop()
 
 

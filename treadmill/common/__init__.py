@@ -15,6 +15,8 @@
 - ``splice``: joining two connections with backpressure; ``zerocopy``: two plain TCP
   legs relayed in the kernel (``splice(2)``); ``eager``: writes and half-closes put on a
   plain TCP socket at once; ``deferreds``: ``fork``.
-- ``wsjson``: the JSON-WebSocket session (quiet logger, ``send``/``close``/``violation``).
+- ``wsjson``: the JSON-WebSocket session (quiet logger, ``send``/``close``/``violation``);
+  ``wsfactory``: the Autobahn factories every WebSocket is built by (timers never
+  early, at most 50 ms late).
 - ``timers``: ``every``, work repeated at an interval on a given reactor (a child service).
 """

@@ -88,7 +88,7 @@ class LogServerAPI:
         self.store = store
         self.verifier = verifier
         self.max_append = max_append
-        self.follow_factory = follow_factory or FollowFactory()
+        self.follow_factory = follow_factory or FollowFactory(store.reactor)
         self.outcomes: dict[str, int] = {}
         self.http_followers = 0
 

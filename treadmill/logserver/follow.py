@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
+from treadmill.common.wsfactory import PreciseServerFactory
 from treadmill.common.wsjson import BoundFactory, QuietLogger, close_reason
 from treadmill.logserver.streams import Stream, StreamStore
 from treadmill.protocol.logs import FOLLOW_CLOSE_CODES, FOLLOW_SUBPROTOCOL
@@ -288,13 +289,13 @@ class _SocketSink(Sink):
         self.protocol.sendClose(code, close_reason(message))
 
 
-class FollowFactory(WebSocketServerFactory):
+class FollowFactory(PreciseServerFactory):
     """Builds :class:`FollowProtocol`; :meth:`for_stream` binds one to a stream."""
 
     protocol = FollowProtocol
 
-    def __init__(self, ping_interval: float = 30.0, ping_timeout: float = 30.0):
-        super().__init__()
+    def __init__(self, reactor: Any, ping_interval: float = 30.0, ping_timeout: float = 30.0):
+        super().__init__(reactor=reactor)
         self.followers = 0
         # The closing handshake waits as long as a ping: Autobahn aborts the connection
         # when it times out (1 s by default), and an abort drops the bytes still in the

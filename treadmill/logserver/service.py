@@ -72,9 +72,10 @@ class LogServerService(RoleService):
         self.keys, self.verifier = attach_keys(self, reactor, config.auth, config.service, keys)
         self.store = StreamStore(reactor, config.root, fsync=config.fsync,
                                  max_streams=config.max_streams)
+        follow = FollowFactory(reactor, ping_interval=config.ping_interval,
+                               ping_timeout=config.ping_interval)
         self.api = LogServerAPI(self.store, self.verifier, max_append=config.max_append,
-                                follow_factory=FollowFactory(ping_interval=config.ping_interval,
-                                                             ping_timeout=config.ping_interval))
+                                follow_factory=follow)
         self.site = limited_site(with_cors(self.api.resource(), config.cors_origins,
                                            expose=LOG_HEADERS), config.max_append)
         self.metrics = LogServerMetrics(self)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.logger import Logger
 
+from treadmill.common.wsfactory import PreciseServerFactory
 from treadmill.common.wsjson import BoundFactory, JsonSession, QuietLogger
 from treadmill.protocol import proxy as messages
 from treadmill.protocol.proxy import CloseCode
@@ -91,14 +92,14 @@ class ControlProtocol(JsonSession, WebSocketServerProtocol):
         self.factory.registry.detach(self, final=final)
 
 
-class ControlFactory(WebSocketServerFactory):
+class ControlFactory(PreciseServerFactory):
     """Builds :class:`ControlProtocol`; :meth:`for_job` binds one to a verified job."""
 
     protocol = ControlProtocol
     log = Logger()
 
     def __init__(self, registry: TunnelTable, ping_interval: float = 10.0):
-        super().__init__()
+        super().__init__(reactor=registry.reactor)
         self.registry = registry
         self.setProtocolOptions(autoPingInterval=ping_interval, autoPingTimeout=ping_interval,
                                 openHandshakeTimeout=10, closeHandshakeTimeout=5,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
@@ -37,6 +37,7 @@ from treadmill.common.splice import (
     keep_alive,
     no_delay,
 )
+from treadmill.common.wsfactory import PreciseServerFactory
 from treadmill.common.wsjson import BoundFactory, QuietLogger, close_reason
 from treadmill.protocol import proxy as messages
 from treadmill.protocol.proxy import ConsoleCloseCode
@@ -347,13 +348,13 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
         self.end_closed()
 
 
-class TunnelFactory(WebSocketServerFactory):
+class TunnelFactory(PreciseServerFactory):
     """Builds :class:`TunnelSocket`; :meth:`for_tunnel` binds one to a tunnel."""
 
     protocol = TunnelSocket
 
     def __init__(self, registry: TunnelTable):
-        super().__init__()
+        super().__init__(reactor=registry.reactor)
         self.registry = registry
         # No auto-ping: a client the proxy has paused (backpressure) could not answer in
         # time; the idle timeout closes dead connections.

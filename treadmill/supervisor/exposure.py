@@ -48,7 +48,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientProtocol
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import wrapClientTLS
@@ -65,6 +65,7 @@ from treadmill.common.splice import (
     join,
     no_delay,
 )
+from treadmill.common.wsfactory import PreciseClientFactory
 from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import proxy as messages
 from treadmill.protocol.proxy import CloseCode, parse_proxy_url
@@ -243,7 +244,7 @@ class _ProxyLink:
         reactor = manager.reactor
         control_url = (f"{self.base}{messages.CONTROL_PATH}?job="
                        f"{quote(manager.job_id, safe='')}")
-        self.factory = WebSocketClientFactory(
+        self.factory = PreciseClientFactory(
             control_url, protocols=[messages.SUBPROTOCOL], reactor=reactor,
             headers={"Authorization": f"Bearer {token}",
                      messages.MINOR_HEADER: str(messages.MINOR)})

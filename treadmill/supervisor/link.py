@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientProtocol
 from autobahn.websocket.types import ConnectingRequest
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
@@ -52,6 +52,7 @@ from twisted.logger import Logger
 
 from treadmill.common.splice import client_endpoint
 from treadmill.common.tls import client_options
+from treadmill.common.wsfactory import PreciseClientFactory
 from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import supervisor as protocol
 from treadmill.protocol.supervisor import CloseCode
@@ -245,7 +246,7 @@ class SupervisorLink(Service):
         self.handler = handler
         self.name = name
         secure, host, port, self.url = parse_url(url)
-        self.factory = WebSocketClientFactory(
+        self.factory = PreciseClientFactory(
             self.url, protocols=[protocol.SUBPROTOCOL], reactor=reactor,
             headers={"Authorization": f"Bearer {token}", MINOR_HEADER: str(protocol.MINOR)})
         self.factory.protocol = SupervisorProtocol

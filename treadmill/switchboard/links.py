@@ -24,7 +24,7 @@ from typing import Any
 
 from autobahn.exception import Disconnected
 from autobahn.twisted.resource import WebSocketResource
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
@@ -39,6 +39,7 @@ from treadmill.common.captoken import CapabilitySigner, bearer_token
 from treadmill.common.http import ApiError, respond_error
 from treadmill.common.settingsfile import config_class
 from treadmill.common.timers import every
+from treadmill.common.wsfactory import PreciseServerFactory
 from treadmill.common.wsjson import JsonSession, QuietLogger
 from treadmill.protocol import supervisor as protocol
 from treadmill.protocol.supervisor import CloseCode, ProtocolError
@@ -71,7 +72,9 @@ from treadmill.switchboard.store.errors import NotFound, NotYourJob
 REQUEST_TIMEOUT = 30.0
 PING_SLACK = 1.25
 """A link is pinged once silent this many ``ping_interval``s: a supervisor pinging at the
-same interval is heard in time despite its reactor's and the network's delays."""
+same interval (its next ping ``interval`` after each pong, up to 50 ms later: an interval,
+a round trip and that apart) is heard in time despite its reactor's and the network's
+delays."""
 _IMAGE_ERRORS = {"image_not_found", "image_invalid"}
 
 
@@ -219,13 +222,13 @@ class SupervisorSession(JsonSession, WebSocketServerProtocol):
         traffic on both ends. A link silent that long gets a ping and ``ping_timeout``
         seconds to answer it.
 
-        The next look is a plain ``callLater``: Autobahn's batched timer rounds a
-        deadline down to the whole second (txaio), so a wait under a second would come
-        at once, again and again."""
+        The next look is on the factory's timer, as Autobahn's own
+        (:mod:`treadmill.common.wsfactory`: never early, the links' looks due together
+        sharing one delayed call)."""
         wait = self.autoPingInterval * PING_SLACK - (self.links.reactor.seconds()
                                                      - self._heard)
         if wait > 0:
-            self.autoPingPendingCall = self.links.reactor.callLater(wait, self._sendAutoPing)
+            self.autoPingPendingCall = self.factory.timer.call_later(wait, self._sendAutoPing)
             return
         super()._sendAutoPing()
 
@@ -611,13 +614,13 @@ def _answer(request: IRequest, body: bytes) -> None:
     request.finish()
 
 
-class SupervisorSessionFactory(WebSocketServerFactory):
+class SupervisorSessionFactory(PreciseServerFactory):
     protocol = SupervisorSession
     admitted: Slot | None = None
     """The slot of the upgrade being handed to a new protocol (SupervisorResource)."""
 
     def __init__(self, links: SupervisorLinks):
-        super().__init__()
+        super().__init__(reactor=links.reactor)
         self.links = links
         self.setProtocolOptions(
             autoPingInterval=links.policy.ping_interval,

@@ -39,7 +39,7 @@ import sys
 import tempfile
 from typing import Any
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientProtocol
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -58,6 +58,7 @@ from treadmill.common.splice import (
     client_endpoint,
     join,
 )
+from treadmill.common.wsfactory import PreciseClientFactory
 from treadmill.common.wsjson import QuietLogger
 from treadmill.protocol.proxy import parse_proxy_url
 
@@ -311,7 +312,7 @@ class _Connector:
         url = endpoint.get("url")
         if url:
             self.secure, self.host, self.port, _ = parse_proxy_url(url)
-            self.factory = WebSocketClientFactory(url, protocols=[TUNNEL_SUBPROTOCOL],
+            self.factory = PreciseClientFactory(url, protocols=[TUNNEL_SUBPROTOCOL],
                                                   reactor=self.reactor)
             self.factory.protocol = _TunnelClient
             self.factory.setProtocolOptions(maxMessagePayloadSize=4 * MAX_FRAME,
