@@ -57,6 +57,7 @@ from treadmill.common.splice import (
     WebSocketEnd,
     client_endpoint,
     join,
+    no_delay,
 )
 from treadmill.common.wsjson import QuietLogger
 from treadmill.protocol.proxy import parse_proxy_url
@@ -252,6 +253,7 @@ class _Local(StreamEnd):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        no_delay(self.transport)  # a TCP client's (standard input and output: nothing)
         self.connector.accepted(self)
 
 
@@ -393,6 +395,7 @@ class _Remote(StreamEnd):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        no_delay(self.transport)
         self.connector.joined(join(self.local, self))
 
 
