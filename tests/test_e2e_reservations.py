@@ -54,6 +54,8 @@ async def test_reservation_holds_shows_extends_and_expires(testbed: Any) -> None
                               "--tag", "mock", "--for", "3")
     assert code == 0, out
     assert "ready on mock-1" in out and "tml job cancel" in out and "tml job ssh" in out
+    assert "\\x0a" not in out and any(line.startswith("  get in:  tml job ssh ")
+                                       for line in out.splitlines()), out
     job = (await alice.get("/api/v1/jobs?state=ready")).body["jobs"][0]
     job_id = job["id"]
     assert job["reservation"] is True and job["deadline"] is not None

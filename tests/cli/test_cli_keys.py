@@ -53,3 +53,16 @@ async def test_key_add_ls_rm(tml, switchboard, tmp_path: Path) -> None:
     assert r.status == 1
     r = await tml("key", "ls", "--json", env=env)
     assert json.loads(r.out)["keys"] == []
+
+
+def test_a_key_file_saved_with_a_byte_order_mark_or_crlf_reads_as_its_key_line(
+        tmp_path: Path) -> None:
+    """Windows editors save .pub files with a UTF-8 BOM and CRLF line ends: the BOM
+    made the switchboard refuse the key ('the key type must be one of …')."""
+    from treadmill.cli.commands.keys import _read_key
+
+    line = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOtRP5ak3/tChxm6wNOi2Xb4NRbjqucvYyv88BgETb9+ a@b"
+    for name, data in (("bom.pub", b"\xef\xbb\xbf" + line.encode() + b"\r\n"),
+                       ("crlf.pub", b"# mine\r\n" + line.encode() + b"\r\n")):
+        (tmp_path / name).write_bytes(data)
+        assert _read_key(str(tmp_path / name)).strip() == line

@@ -146,3 +146,25 @@ def test_the_console_writer_sees_where_a_held_hosts_console_begins(cut: int) -> 
     plain = ConsoleWriter(SimpleNamespace(stdout=io.StringIO()))  # type: ignore[arg-type]
     plain(b"[treadmill: the job has ended; its host is not held]\n")
     assert not plain.held
+
+
+def test_how_to_get_in_prints_one_line_each_with_server_text_escaped():
+    """``tml host reserve``: separate lines (not escaped ``\\x0a``), the deadline as
+    ``tml host ls`` shows it, and control characters from the server escaped."""
+    from treadmill.cli.commands.hosts import how_to_get_in
+
+    job = {"id": "j1", "state": "ready", "host": "qemu-1\x1b[2J",
+           "deadline": "2026-12-08T03:15:10.576362Z",
+           "endpoints": [{"service": "ssh", "host": "proxy", "port": 40022,
+                          "url": "ws://proxy/v1/tunnels/abc"},
+                         {"service": "console", "url": "ws://proxy/v1/tunnels/def\n"}]}
+    text = how_to_get_in(job)
+    assert text.endswith("\n") and "\\x0a" in text  # only the console URL's own newline
+    lines = text.splitlines()
+    assert lines[0] == "reservation j1: ready on qemu-1\\x1b[2J, until 2026-12-08T03:15:10Z"
+    assert lines[1:3] == ["  endpoint ssh proxy:40022 ws://proxy/v1/tunnels/abc",
+                          "  endpoint console ws://proxy/v1/tunnels/def\\x0a"]
+    assert lines[3] == "  get in:  tml job ssh j1   or   tml job connect j1 SERVICE"
+    assert lines[-1] == "  release: tml job cancel j1"
+    waiting = how_to_get_in({"id": "j2", "state": "queued"}).splitlines()
+    assert waiting[0] == "reservation j2: queued on (no host yet), until its timeout"

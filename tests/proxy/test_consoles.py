@@ -231,6 +231,9 @@ async def test_console_connections_are_logged_with_subject_job_and_access(bed: B
     for event in audit:
         assert event["job"] == bed.job and event["service"] == "echo"
         assert event["log_level"].name == "info"
+        # The namespace docs/proxy.md names for filtering them (a Logger that is a class
+        # attribute would be renamed after its class, treadmill.proxy.legs.TunnelSocket).
+        assert event["log_namespace"] == "treadmill.proxy.consoles", event
     assert not [e for e in events if secret in repr(e)]  # no token in any log event
 
 

@@ -59,6 +59,12 @@ BAD_KEYS = [
     ("rsa 1024", "ssh-rsa " + _wire(b"ssh-rsa", b"\x01\x00\x01", b"\x00" + b"\xc3" * 128)),
     ("two lines", f"ssh-ed25519 {ED}\nssh-ed25519 {ED}"),
     ("control in comment", f"ssh-ed25519 {ED} a\x1bb"),
+    ("C1 control in comment", f"ssh-ed25519 {ED} a\x9bb"),
+    ("bidi override in comment", f"ssh-ed25519 {ED} alice\u202e@evil"),
+    ("bidi isolate in comment", f"ssh-ed25519 {ED} a\u2067b"),
+    ("zero-width space in comment", f"ssh-ed25519 {ED} ali\u200bce"),
+    ("line separator in comment", f"ssh-ed25519 {ED} a\u2028b"),
+    ("private use in comment", f"ssh-ed25519 {ED} a\ue000b"),
     ("long comment", f"ssh-ed25519 {ED} " + "c" * 300),
     ("too long", "ssh-rsa " + "A" * 9000),
     ("options prefix", f'command="sh" ssh-ed25519 {ED}'),
@@ -70,6 +76,11 @@ def test_parse_refuses(text: str) -> None:
     with pytest.raises(sshkeys.BadKey) as e:
         sshkeys.parse(text)
     assert ED not in str(e.value)
+
+
+def test_a_comment_may_be_any_visible_text() -> None:
+    for comment in ("José Müller <jm@例え.jp>", "ключ ноутбука", "a  b", "🔑 laptop"):
+        assert sshkeys.parse(f"ssh-ed25519 {ED} {comment}").comment == comment
 
 
 @pytest.mark.skipif(not HAVE_KEYGEN, reason="no ssh-keygen")

@@ -326,6 +326,10 @@ class WebSocketEnd(End):
     half_close = False
     _eof_sent = False
     _eof_received = False
+    # Autobahn turns Nagle off in connectionMade, but reads this before it copies the
+    # factory's options: without it a client leg kept Nagle on, and ssh's short writes
+    # through ``tml job ssh --proxy-command`` waited for delayed acks (10x slower scp).
+    tcpNoDelay = True
     # From the Autobahn protocol it is mixed into: transport, state, STATE_OPEN,
     # sendMessage, sendClose (not declared here: they must not shadow Autobahn's).
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import re
 import struct
+import unicodedata
 from dataclasses import dataclass
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -28,7 +28,10 @@ MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 16384
 TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
          "ssh-rsa")
-_COMMENT = re.compile(r"^[^\x00-\x1f\x7f-\x9f]*$")
+_HIDDEN = frozenset(("Cc", "Cf", "Cs", "Co", "Zl", "Zp"))
+"""Unicode categories a comment may not hold: controls, format characters (bidirectional
+overrides, zero-width characters: they make a listing show another text than it holds),
+surrogates, private use, line and paragraph separators."""
 
 
 class BadKey(ValueError):
@@ -92,7 +95,7 @@ def parse(text: str, *, comment_allowed: bool = True) -> PublicKey:
         raise BadKey(f"the key type must be one of {', '.join(TYPES)}")
     if comment and not comment_allowed:
         raise BadKey("no comment is allowed here")
-    if len(comment) > MAX_COMMENT or not _COMMENT.match(comment):
+    if len(comment) > MAX_COMMENT or any(unicodedata.category(c) in _HIDDEN for c in comment):
         raise BadKey(f"the comment must be printable and at most {MAX_COMMENT} characters")
     try:
         blob = base64.b64decode(body.encode("ascii"), validate=True)

@@ -525,12 +525,13 @@ Use it from another shell:
   tml job logs JOB_ID --follow      # the mock host's console, from the log server
 
   tml job submit sha256:{'0' * 64} --tag mock --param mock.run_time=inf
-  tml job show JOB_ID               # endpoint: echo 127.0.0.1:PORT ws://… (the mock's echo)
+  tml job show JOB_ID               # endpoint: echo ws://… (the mock's echo: a console token)
   tml job connect JOB_ID echo --local-port 7007    # then: socat - TCP:127.0.0.1:7007
   tml job cancel JOB_ID
 {self._demo_text()}{self._board_text()}
   tml admin user add alice --password-stdin <<< 'correct horse battery'
   tml admin token create --user alice --label laptop
+  tml grant image demo '*' use      # other users may boot the demo image too
   tml admin host add {'board-2' if self.serial_sim else 'board-1'} --tag arch=arm64
   tml image push demo --store {self.store_url} --qcow2 disk.qcow2
 """, flush=True)

@@ -204,12 +204,16 @@ class DataFactory(ServerFactory):
         return DataEnd(self.registry, self.timeout)
 
 
+CONSOLE_LOG = Logger(namespace="treadmill.proxy.consoles")
+"""Console connections' records (docs/proxy.md, "Records"). A module's logger, not a class
+attribute: ``Logger.__get__`` would name it after the class it is read through."""
+
+
 class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
     """A client on a tunnel's WebSocket path (see the module docstring for consoles)."""
 
     # Autobahn's (quiet: its debug lines would show the handshake's token).
     log = QuietLogger(namespace="treadmill.proxy.legs.ws")
-    console_log = Logger(namespace="treadmill.proxy.consoles")
     factory: TunnelFactory
     tunnel: Tunnel | None = None
     pending: Pending | None = None
@@ -282,7 +286,7 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
         jti = claims.raw.get("jti")
         jti = jti if isinstance(jti, str) else None
         self._console = (secrets.token_urlsafe(16), claims.subject, jti)
-        self.console_log.info(
+        CONSOLE_LOG.info(
             "console_opened: {subject} opened {service} of job {job} to {access} (token "
             "{jti}, from {peer})", audit_event="console_opened", subject=claims.subject,
             job=job, service=tunnel.service, access=self.access, jti=jti, peer=self._peer)
@@ -295,7 +299,7 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
         registry = self.factory.registry
         registry.counts["console_refused"] += 1
         tunnel = self.tunnel
-        self.console_log.info(
+        CONSOLE_LOG.info(
             "console_refused: a client of {service} of job {job} ({reason}; subject "
             "{subject}, from {peer})", audit_event="console_refused",
             service=tunnel.service if tunnel else None,

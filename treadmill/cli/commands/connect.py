@@ -57,6 +57,7 @@ from treadmill.common.splice import (
     WebSocketEnd,
     client_endpoint,
     join,
+    no_delay,
 )
 from treadmill.common.wsfactory import PreciseClientFactory
 from treadmill.common.wsjson import QuietLogger
@@ -253,6 +254,7 @@ class _Local(StreamEnd):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        no_delay(self.transport)  # a TCP client's (standard input and output: nothing)
         self.connector.accepted(self)
 
 
@@ -394,6 +396,7 @@ class _Remote(StreamEnd):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        no_delay(self.transport)
         self.connector.joined(join(self.local, self))
 
 

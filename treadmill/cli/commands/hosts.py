@@ -188,14 +188,16 @@ RESERVE_POLL = 1.0
 def how_to_get_in(job: dict[str, Any]) -> str:
     """A reservation's host, deadline, endpoints and the commands to use it."""
     job_id = job.get("id")
+    until = output.fmt_time(job["deadline"]) if job.get("deadline") else "its timeout"
     lines = [f"reservation {job_id}: {job.get('state')} on {job.get('host') or '(no host yet)'}"
-             f", until {job.get('deadline') or 'its timeout'}"]
+             f", until {until}"]
     lines += [f"  endpoint {text}" for text in endpoints_text(job.get("endpoints"))]
     lines += [f"  get in:  tml job ssh {job_id}   or   tml job connect {job_id} SERVICE",
               f"  console: tml job logs -f {job_id}",
               f"  extend:  tml job extend {job_id} DURATION",
               f"  release: tml job cancel {job_id}"]
-    return output.clean("\n".join(lines)) + "\n"
+    # Each line cleaned on its own: clean() escapes the newlines between them too.
+    return "".join(output.clean(line) + "\n" for line in lines)
 
 
 async def host_reserve(ctx: Context) -> int:

@@ -29,7 +29,7 @@ def _read_key(path: str) -> str:
         raise CommandError(f"cannot read {path}: {e.strerror}") from None
     if len(data) > MAX_KEY_FILE:
         raise CommandError(f"{path} is too large for a public key")
-    text = data.decode("utf-8", "replace")
+    text = data.decode("utf-8-sig", "replace")  # -sig: without a BOM (Windows editors)
     if "PRIVATE KEY" in text:
         raise CommandError(f"{path} is a private key: give the .pub file")
     lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
