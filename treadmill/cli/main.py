@@ -16,8 +16,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO, cast
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
 
-from treadmill.cli.client import ApiClient, ApiError, Unreachable
+from treadmill.cli.client import ApiClient, ApiError, NotUtf8, Unreachable
 from treadmill.cli.commands import admin, audit, grants, hosts, identity, images, jobs
 from treadmill.cli.commands import keys as ssh_keys
 from treadmill.cli.config import ConfigError, resolve
@@ -67,6 +68,7 @@ _GLOBAL_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ),
 )
 _JSON_HELP = "print the API's JSON instead of text"
+_INTERNAL = "internal error (a bug in tml; the traceback is above)"
 _SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
@@ -167,6 +169,9 @@ async def _run(
         stderr.write(args.command_parser.format_usage())
         error(str(e))
         return EXIT_USAGE
+    except NotUtf8 as e:
+        error(f"an argument: {e}")
+        return EXIT_USAGE
     except ApiError as e:
         message = e.message
         if e.status == 401 and not settings.token and args.handler is not identity.login:
@@ -184,7 +189,7 @@ async def _run(
         return EXIT_ERROR
     except Exception:
         stderr.write(traceback.format_exc())
-        error("internal error (a bug in tml; the traceback is above)")
+        error(_INTERNAL)
         return EXIT_ERROR
     finally:
         if interrupts is not None:
@@ -305,6 +310,12 @@ async def _guarded(reactor: Any, argv: Sequence[str], out: GuardedOutput, stderr
     return out.exit_status(report)
 
 
+def _crashed(failure: Failure) -> int:
+    sys.stderr.write(failure.getTraceback())
+    sys.stderr.write(f"tml: error: {_INTERNAL}\n")
+    return EXIT_ERROR
+
+
 def main() -> None:
     """The ``tml`` console script: SIGINT and SIGTERM interrupt the command (exit status
     130 and 143; see :class:`Interrupts`)."""
@@ -335,6 +346,7 @@ def main() -> None:
             signal.signal(signum, on_signal)
         done = run(reactor, sys.argv[1:], cast(TextIO, out), sys.stderr, dict(os.environ),
                    interrupts=interrupts)
+        done.addErrback(_crashed)  # a failure outside the command's own handling
         done.addBoth(lambda code: finish(code if isinstance(code, int) else EXIT_ERROR))
 
     reactor.callWhenRunning(start)
