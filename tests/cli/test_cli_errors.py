@@ -68,3 +68,34 @@ async def test_a_log_server_dropping_mid_stream_is_described_plainly(tml, fake_s
     assert "the connection was closed unexpectedly" in r.err
     for bad in ("<twisted", "Failure", "[<", "object at"):
         assert bad not in r.err, r.err
+
+
+BAD = "na\udcffme"  # the bytes b"na\xffme" of a shell, as Python keeps them in argv and environ
+
+
+@pytest.mark.parametrize(("argv", "env", "status", "said"), [
+    (("image", "show", BAD), {}, 2, f"tml: error: an argument: {BAD!r} is not valid UTF-8\n"),
+    (("job", "ls", "--owner", BAD), {}, 2,
+     f"tml: error: an argument: {BAD!r} is not valid UTF-8\n"),
+    (("--url", "http://127.0.0.1:9/" + BAD, "whoami"), {}, 1,
+     "tml: error: --url: not valid UTF-8\n"),
+    (("whoami",), {"TREADMILL_TOKEN": "tmt_" + BAD}, 1,
+     "tml: error: TREADMILL_TOKEN: not valid UTF-8\n"),
+])
+@pytest_twisted.ensureDeferred
+async def test_text_that_is_not_utf8_is_refused_before_it_is_sent(
+        tml, fake_switchboard, tmp_path, argv, env, status, said) -> None:
+    """Non-UTF-8 bytes in an argument or a setting that goes on the wire: a usage or
+    settings error naming it, not a UnicodeEncodeError traceback ('internal error')."""
+    env = {"HOME": str(tmp_path), "TREADMILL_URL": fake_switchboard.url,
+           "TREADMILL_TOKEN": "tmt_alice_secret", **env}
+    r = await tml(*argv, env=env)
+    assert (r.status, r.err) == (status, said)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_config_file_that_is_not_utf8_is_named(tml, tmp_path) -> None:
+    path = tmp_path / "tml.toml"
+    path.write_bytes(b'url = "http://127.0.0.1:9"\ntoken = "\xff"\n')
+    r = await tml("--config", str(path), "whoami", env={"HOME": str(tmp_path)})
+    assert (r.status, r.err) == (1, f"tml: error: {path}: not UTF-8 text\n")

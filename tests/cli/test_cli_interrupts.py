@@ -3,65 +3,21 @@ switchboard: exit statuses 130 and 143, and what happens to the job."""
 
 from __future__ import annotations
 
-import os
-import re
-import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
 
+from tests.cli.support import Tml, append_console
 from tests.support import switchboard_with_logs
 from tests.util.waiting import eventually
-from treadmill.common.captoken import Access
 
 pytestmark = pytest.mark.slow
 
 DIGEST = "sha256:" + "6" * 64
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class Tml(ProcessProtocol):
-    """``python -m treadmill.cli.main ARGS`` with its output collected."""
-
-    def __init__(self) -> None:
-        self.out = b""
-        self.err = b""
-        self.ended: Deferred[int | None] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.err += data
-
-    def processEnded(self, reason: Any) -> None:
-        code = reason.value.exitCode if reason.check(ProcessDone, ProcessTerminated) else None
-        self.ended.callback(code)
-
-    @classmethod
-    def start(cls, switchboard: Any, *argv: str) -> Tml:
-        proto = cls()
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": "/nonexistent",
-               "TREADMILL_URL": switchboard.url, "TREADMILL_TOKEN": switchboard.admin_token,
-               "PYTHONPATH": ROOT}
-        args = [sys.executable, "-m", "treadmill.cli.main", *argv]
-        proto.transport = reactor.spawnProcess(proto, sys.executable, args, env=env)
-        return proto
-
-    async def following(self) -> str:
-        """Wait until it follows a job; return the job's id."""
-
-        async def started() -> str | None:
-            m = re.search(rb"tml: following job ([0-9a-f-]{36})", self.err)
-            return m.group(1).decode() if m else None
-
-        return await eventually(started, timeout=20)
 
 
 async def _interrupt(switchboard: Any, signal: str, *argv: str) -> tuple[Tml, str, int | None]:
@@ -154,12 +110,7 @@ async def test_an_interrupted_console_ends_its_line(migrated_database, tmp_path)
     async with switchboard_with_logs(migrated_database, tmp_path) as (sb, _):
         job = (await sb.admin.post("/api/v1/jobs", {"image": DIGEST, "tags": ["nowhere"]})
                ).body
-        token = sb.service.signer.sign("host:h", "treadmill-logserver",
-                                       [Access("job", job["id"], ("append",))], 60)
-        r = await treq.post(f"{job['logs'][0]}/v1/jobs/{job['id']}/streams/console",
-                            params={"offset": "0"}, data=b"line 1\nhalf a li",
-                            headers={"Authorization": f"Bearer {token}"})
-        assert r.code == 200, await r.text()
+        await append_console(sb, job, 0, b"line 1\nhalf a li")
         tml = Tml.start(sb, "job", "logs", job["id"][:8], "--follow")
 
         async def printed() -> bool:
@@ -170,3 +121,26 @@ async def test_an_interrupted_console_ends_its_line(migrated_database, tmp_path)
         assert await tml.ended.addTimeout(20, reactor) == 130, tml.err
         assert tml.out == b"line 1\nhalf a li\n"
         assert tml.err.decode().splitlines()[-1] == "tml: interrupted (SIGINT)"
+
+
+@pytest.mark.parametrize("argv, prompt, signal, status", [
+    (("login",), b"User: ", "INT", 130),
+    (("admin", "user", "add", "zed", "--password-stdin"), b"", "TERM", 143),
+])
+@pytest_twisted.ensureDeferred
+async def test_a_signal_interrupts_a_read_of_standard_input(
+        switchboard, argv: tuple[str, ...], prompt: bytes, signal: str, status: int) -> None:
+    """A prompt or ``--password-stdin`` reading a pipe that stays open (a CI step's
+    standard input) blocks the reactor: the signal handler itself interrupts the read
+    (they used to ignore SIGINT and SIGTERM until killed)."""
+    tml = Tml.start(switchboard, *argv)  # its standard input: a pipe nobody writes to
+    syscall = Path(f"/proc/{tml.transport.pid}/syscall")
+
+    async def reading() -> bool:  # blocked in read(0, …)
+        return tml.err == prompt and syscall.read_text().startswith("0 0x0 ")
+
+    await eventually(reading, timeout=20)
+    tml.transport.signalProcess(signal)
+    assert await tml.ended.addTimeout(20, reactor) == status, tml.err
+    assert tml.err.decode().splitlines()[-1] == f"tml: interrupted (SIG{signal})"
+    assert (await switchboard.admin.get("/api/v1/users/zed")).status == 404

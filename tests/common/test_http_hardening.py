@@ -231,6 +231,29 @@ async def test_bad_bytes_answer_400_in_the_role_shape(target: Target,
     assert logged == [], "nothing is logged at warn level or above, no traceback"
 
 
+HEADS_TOO_LARGE: dict[str, tuple[bytes, dict[bytes, bytes]]] = {
+    "a header line over 16 KiB": (b"x", {b"X-Big": b"a" * 17000}),
+    "a request line over 16 KiB": (b"x?q=" + b"a" * 17000, {}),
+    "headers over 16 KiB in all": (b"x", {b"X-%d" % i: b"a" * 6000 for i in range(3)}),
+    "more than 500 header fields": (b"x", {b"X-%d" % i: b"a" for i in range(600)}),
+}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_head_too_large_answers_431_in_the_role_shape(
+        target: Target, logged: list[Any]) -> None:
+    """Not an empty reply (twisted.web closes at once on a line over 16 KiB), nor a 400
+    that hides which limit was met."""
+    for attack, (segment, headers) in HEADS_TOO_LARGE.items():
+        path = target.route.encode().replace(b"{}", segment)
+        reply = await send(target.port, b"GET", path, headers)
+        assert reply.status == 431, (attack, reply.status, reply.body[:200])
+        assert reply.headers["content-type"] == "application/json"
+        assert target.error_code(reply.json) in ("head_too_large", "REQUEST_INVALID"), attack
+        assert "request head too large" in reply.body.decode(), attack
+    assert logged == [], "nothing is logged at warn level or above, no traceback"
+
+
 @pytest_twisted.ensureDeferred
 async def test_405_names_the_allowed_methods(target: Target) -> None:
     method, path, allowed = target.wrong_method

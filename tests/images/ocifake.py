@@ -61,6 +61,9 @@ class FakeRegistry:
     no_range: bool = False  # answer Range GETs with the whole blob
     fail_status: list[int] = field(default_factory=list)  # next answers to PATCH, once each
     unavailable: int = 0  # answer the next N /v2/ requests 503 (-1: all of them)
+    hold: int = 0  # answer the next N /v2/ requests never (-1: none); they wait in held
+    stall_body_after: int | None = None  # stop reading a request body after N bytes (held)
+    held: list[Request] = field(default_factory=list)
     # A hostile store's challenge: another service, realm or scope than its own.
     challenge_service: str = SERVICE
     challenge_realm: str = ""
@@ -135,6 +138,10 @@ class FakeRegistry:
         method = request.method.decode()
         if path == "/token":
             return self.token_endpoint(request)
+        if self.hold:
+            self.hold -= self.hold > 0
+            self.held.append(request)
+            return NOT_DONE_YET
         if self.unavailable:
             self.unavailable -= self.unavailable > 0
             return self.error(request, 503, "UNAVAILABLE", "the store is starting")
@@ -290,6 +297,11 @@ class _Request(Request):
 
     def handleContentChunk(self, data: bytes) -> None:
         fake: FakeRegistry = self.channel.site.fake
+        if fake.stall_body_after is not None and self not in fake.held:
+            self._seen += len(data)
+            if self._seen > fake.stall_body_after:
+                fake.held.append(self)
+                self.channel.transport.pauseProducing()
         if fake.abort_body_after is not None:
             self._seen += len(data)
             if self._seen > fake.abort_body_after:

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred
 
 from tests.images.ocifake import SECRET, USER, FakeRegistry, digest_of, listen
+from tests.util.waiting import eventually, sleep
 from treadmill.images import format as fmt
 from treadmill.images.oci import (
     BlobSource,
@@ -181,6 +183,58 @@ async def test_503_is_retried_with_backoff_then_succeeds(fake, clients, tmp_path
     with pytest.raises(RegistryError) as info:
         await client.get_manifest(REPO, "v1", retries=1)
     assert info.value.status == 503 and "giving up" not in info.value.message
+
+
+def _release(fake: FakeRegistry) -> None:
+    for request in fake.held:
+        if request.channel is not None:  # else the client closed it
+            request.channel.transport.abortConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_without_an_answer_in_time_is_retried(fake, clients, tmp_path):
+    retries: list[str] = []
+    client = clients(fake.url, timeout=0.3, on_retry=retries.append)
+    fake.hold = 1
+    try:
+        blob, uploaded = await client.push_file(REPO, blob_file(tmp_path, 300))
+    finally:
+        _release(fake)
+    assert uploaded and blob.digest in fake.blobs
+    assert len(retries) == 1 and "timed out" in retries[0], retries
+
+
+@pytest.mark.parametrize("while_sending", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_request_is_cancelled_not_a_timeout_to_retry(
+        fake, clients, tmp_path, while_sending: bool):
+    """``tml image push`` interrupted (SIGINT) cancels the push, waiting for an answer or
+    sending a body: it used to read the cancelled request as 'timed out' (or 'sending the
+    body failed'), retry it and finish the push."""
+    retries: list[str] = []
+    client = clients(fake.url, on_retry=retries.append, chunk_size=64 << 20)
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(16 << 20))
+    if while_sending:
+        fake.stall_body_after = 1 << 20
+        await client.push_file(REPO, blob_file(tmp_path, 300))  # the HEAD goes through
+        fake.requests.clear()
+    else:
+        fake.hold = -1
+    pushing = Deferred.fromCoroutine(client.push_file(REPO, path))
+    try:
+        async def held() -> bool:
+            return len(fake.held) == 1
+
+        await eventually(held, timeout=10)
+        pushing.cancel()
+        with pytest.raises(CancelledError):
+            await pushing.addTimeout(5, reactor)
+        await sleep(0.2)  # a retry would come after its backoff (0.01 s)
+        # Held: the first HEAD; while sending: HEAD, POST and the PUT that never ended.
+        assert (retries, len(fake.requests)) == ([], 2 if while_sending else 1)
+    finally:
+        _release(fake)
 
 
 @pytest_twisted.ensureDeferred

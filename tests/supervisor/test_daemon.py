@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
 import treq
 from twisted.application.service import IServiceCollection
 from twisted.internet import reactor
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from tests.supervisor.peer import FakeSwitchboard, quick_job_ready
 from tests.util.daemons import Daemon, refused_config
@@ -59,6 +61,32 @@ def test_defaults() -> None:
     assert (config.event_ack_timeout, config.event_resend_max) == (5.0, 60.0)
     runner = SupervisorService(reactor, config).runner
     assert runner.ack_timeout == 5.0
+
+
+@pytest.mark.parametrize("given, warned", [("argv", True), ("file", False), ("config", False)])
+def test_a_host_token_on_the_command_line_is_warned_about(tmp_path: Path, given: str,
+                                                          warned: bool) -> None:
+    """Other local users read a process's argv (ps): the host token belongs in a file."""
+    token = tmp_path / "token"
+    token.write_text("tmh_secret\n")
+    config = tmp_path / "supervisor.toml"
+    config.write_text('[switchboard]\nurl = "ws://sb"\ntoken = "tmh_secret"\n')
+    argv = {"argv": ["--switchboard-url", "ws://sb", "--switchboard-token", "tmh_secret"],
+            "file": ["--switchboard-url", "ws://sb", "--switchboard-token-file", str(token)],
+            "config": ["--config", str(config)]}[given]
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        parsed = options(*argv, "--state-dir", "/x")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert parsed.values["switchboard.token"] == "tmh_secret"
+    warnings = [formatEvent(e) for e in events if e.get("log_level") is LogLevel.warn]
+    assert [w for w in warnings if "--switchboard-token" in w] == (
+        ["--switchboard-token puts the host token on the command line, where other local "
+         "users can read it; use switchboard.token_file (or --switchboard-token-file)"]
+        if warned else [])
+    assert not any("tmh_secret" in w for w in warnings)
 
 
 def test_event_resend_settings() -> None:

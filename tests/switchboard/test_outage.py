@@ -250,7 +250,7 @@ class Failures:
 
     NAMESPACES = ("treadmill.switchboard.links", "treadmill.switchboard.api",
                   "treadmill.switchboard.scheduler", "treadmill.switchboard.timeouts",
-                  "treadmill.switchboard.service")
+                  "treadmill.switchboard.service", "treadmill.switchboard.auth")
 
     def __init__(self) -> None:
         self.failures: list[dict[str, Any]] = []
@@ -494,6 +494,24 @@ async def test_every_route_answers_503_with_retry_after_during_an_outage(
     assert len([w for w in logged.warnings if "503" in w]) >= len(ROUTES) - 2
     await until_back(outage, sb)
     assert (await fresh.get("/api/v1/whoami")).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_uses_seen_before_an_outage_are_recorded_after_it(
+        sb: RunningSwitchboard, outage: Outage, logged: Failures) -> None:
+    """The batched last-use times of API tokens: flushing them during an outage is a
+    warning, not a traceback (the devstack's first outage logged one), and they are
+    written by the first flush after it."""
+    user = await sb.user("toucher")
+    assert (await user.get("/api/v1/whoami")).status == 200
+    await outage.begin()
+    await sb.service.auth.flush_usage()
+    assert logged.tracebacks() == []
+    assert [w for w in logged.warnings if "token use" in w]
+    await until_back(outage, sb)
+    await sb.service.auth.flush_usage()  # the user's token was not used since
+    [token] = await sb.store.list_tokens((await sb.store.get_user("toucher"))["id"])
+    assert token["last_used_at"] is not None
 
 
 @pytest_twisted.ensureDeferred

@@ -49,6 +49,19 @@ RETRY_INITIAL = 0.5  # the first pause (halved at most by the jitter), doubling 
 RETRY_MAX_DELAY = 8.0  # ...this
 
 
+class NotUtf8(ValueError):
+    """An argument that must go on the wire (a path segment, a query value) is not valid
+    UTF-8 text: a usage error."""
+
+
+def _wire_text(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise NotUtf8(f"{value!r} is not valid UTF-8") from None
+    return value
+
+
 class ApiError(Exception):
     """The switchboard answered with an error (``{"error": {"code", "message"}}``)."""
 
@@ -297,7 +310,8 @@ class ApiClient:
 
     def url(self, segments: Sequence[str]) -> str:
         """The URL of an API path; each segment is percent-encoded (``/`` too)."""
-        return self.base_url + "/api/v1/" + "/".join(quote(s, safe=_SEGMENT_SAFE) for s in segments)
+        return self.base_url + "/api/v1/" + "/".join(
+            quote(_wire_text(s), safe=_SEGMENT_SAFE) for s in segments)
 
     def _headers(self, accept: bytes, auth: bool) -> dict[bytes, list[bytes]]:
         headers = {b"Accept": [accept], b"User-Agent": [USER_AGENT]}
@@ -325,7 +339,8 @@ class ApiClient:
         if body is not _NO_BODY:
             kwargs["json"] = body
         if params:
-            kwargs["params"] = {k: str(v) for k, v in params.items() if v is not None}
+            kwargs["params"] = {k: _wire_text(str(v)) for k, v in params.items()
+                                if v is not None}
         headers = self._headers(accept, auth)
         if idempotency_key is not None:
             headers[IDEMPOTENCY_KEY] = [idempotency_key.encode("ascii")]

@@ -66,6 +66,8 @@ def load_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     for key in FILE_KEYS:
         if key in data and not isinstance(data[key], str):
             raise ConfigError(f"{path}: {key}: expected a string")
@@ -74,12 +76,23 @@ def load_file(path: Path) -> dict[str, Any]:
 
 def normalize_url(url: str, source: str) -> str:
     """Check that ``url`` is an http(s) URL and drop any trailing slash."""
+    utf8(url, source)
     parts = urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{source}: expected an http:// or https:// URL, got {url!r}")
     if parts.query or parts.fragment:
         raise ConfigError(f"{source}: the URL must not have a query or fragment")
     return url.strip().rstrip("/")
+
+
+def utf8(value: str, source: str) -> str:
+    """``value`` if it is UTF-8 text; not, when the shell or the environment gave bytes
+    that are not (Python keeps them as lone surrogates): a :class:`ConfigError`."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{source}: not valid UTF-8") from None
+    return value
 
 
 def resolve(
@@ -104,11 +117,11 @@ def resolve(
         final_url = file_url or DEFAULT_URL
 
     if token:
-        final_token: str | None = token.strip()
+        final_token: str | None = utf8(token, "--token").strip()
     elif token_file:
         final_token = read_token_file(token_file)
     elif env.get("TREADMILL_TOKEN"):
-        final_token = env["TREADMILL_TOKEN"].strip()
+        final_token = utf8(env["TREADMILL_TOKEN"], "TREADMILL_TOKEN").strip()
     elif data.get("token") and (file_url is None or file_url == final_url):
         final_token = data["token"].strip()
     else:

@@ -7,7 +7,9 @@ import getpass
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
+
+from twisted.internet.defer import CancelledError
 
 from treadmill.cli import output
 from treadmill.cli.client import ApiClient
@@ -32,6 +34,18 @@ class CommandError(Exception):
     """A local failure with a message for the user (exit status 1)."""
 
 
+class Interrupted(BaseException):
+    """Raised by the signal handler itself while a prompt or a read of standard input
+    blocks the reactor (which cannot take the signal until the read returns)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+T = TypeVar("T")
+
+
 @dataclass
 class Context:
     """Everything a command needs; handlers take it and return an exit status."""
@@ -46,9 +60,28 @@ class Context:
     api: ApiClient
     prompt_password: Callable[[str], str] = field(default=lambda prompt: getpass.getpass(prompt))
     interrupted: int | None = None  # the signal that interrupted the command
+    reading: bool = False  # a blocking read (:meth:`blocking`) is under way
+    take_signal: Callable[[], int | None] = lambda: None  # a signal the reactor has yet to see
 
     def __post_init__(self) -> None:
         self.api.on_retry = self.note  # "retrying for up to N s", once per request
+        self.stdin = _Input(self.stdin, self)  # type: ignore[assignment]
+
+    def blocking(self, read: Callable[..., T], *args: Any) -> T:
+        """``read(*args)``, which blocks the reactor until the user types or standard
+        input ends (a prompt, ``--password-stdin``); SIGINT or SIGTERM meanwhile
+        interrupts the command at once (:class:`Interrupted`)."""
+        self.reading = True
+        try:
+            if (signum := self.take_signal()) is not None:  # came just before the read
+                raise Interrupted(signum)
+            return read(*args)
+        except Interrupted as e:
+            self.interrupted = e.signum
+            self.stderr.write("\n")  # after the prompt, tml's last words on their own line
+            raise CancelledError() from None
+        finally:
+            self.reading = False
 
     @property
     def json(self) -> bool:
@@ -94,11 +127,28 @@ class Context:
 
     def read_password_stdin(self) -> str:
         """The password given on stdin (``--password-stdin``), without its final newline."""
-        password = self.stdin.read()
+        password: str = self.stdin.read()
         password = password.removesuffix("\n").removesuffix("\r")
         if not password:
             raise UsageError("no password on standard input")
         return password
+
+
+class _Input:
+    """Standard input whose reads are :meth:`Context.blocking`."""
+
+    def __init__(self, stream: TextIO, ctx: Context) -> None:
+        self._stream = stream
+        self._ctx = ctx
+
+    def read(self, size: int = -1) -> str:
+        return self._ctx.blocking(self._stream.read, size)
+
+    def readline(self, size: int = -1) -> str:
+        return self._ctx.blocking(self._stream.readline, size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 Handler = Callable[[Context], Awaitable[int]]

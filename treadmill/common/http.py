@@ -55,6 +55,7 @@ STATUS_CODES = {
     409: "conflict",
     413: "too_large",
     415: "unsupported_media_type",
+    431: "head_too_large",
     429: "too_many_requests",
     500: "internal",
     503: "unavailable",
@@ -397,7 +398,8 @@ class HardenedChannel(HTTPChannel):
         render = getattr(factory, "error_body", None)
         body = render(status, message) if render is not None else error_body(
             STATUS_CODES.get(status, "error"), message)
-        reason = {400: b"Bad Request", 408: b"Request Timeout"}.get(status, b"Error")
+        reason = {400: b"Bad Request", 408: b"Request Timeout",
+                  431: b"Request Header Fields Too Large"}.get(status, b"Error")
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
             b"Connection: close\r\n\r\n%s" % (status, reason, len(body), body))
@@ -432,8 +434,25 @@ class HardenedChannel(HTTPChannel):
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         self._disarm()
+        if (self._receivedHeaderSize > self.totalHeadersSize
+                or self._receivedHeaderCount > self.maxHeaders):
+            self._head_too_large()
+            return
         self._write_error(400, "malformed HTTP request")
         self.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A request line or header over ``MAX_LENGTH``: ``431``, not twisted.web's silent
+        close (a client saw an empty reply and could not tell why)."""
+        self._disarm()
+        self._head_too_large()
+
+    def _head_too_large(self) -> None:
+        self._write_error(431, f"request head too large: at most {self.totalHeadersSize} "
+                               f"bytes, {self.maxHeaders} header fields and "
+                               f"{self.MAX_LENGTH} bytes a line")
+        self.loseConnection()
+        self.dataReceived = lambda data: None  # type: ignore[method-assign]
 
 
 class HardenedSite(Site):

@@ -195,21 +195,31 @@ def _unavailable(error: RegistryError) -> bool:
                                    and error.reason == "connection refused")
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """What a request failure wraps."""
+    while isinstance(exc, RequestGenerationFailed | RequestTransmissionFailed | ResponseFailed
+                     | ResponseNeverReceived) and exc.reasons:
+        exc = exc.reasons[0].value
+    return exc
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """Whether ``exc`` is a request cancelled (by its caller, unless a timer of ours did)."""
+    return isinstance(_leaf(exc), CancelledError | ierror.ConnectingCancelledError)
+
+
 def _transport_reason(exc: BaseException) -> str | None:
-    """A short reason if ``exc`` means the connection failed, else ``None``."""
+    """A short reason if ``exc`` means the connection failed, else ``None`` (a
+    cancellation is the caller's: ``None`` too)."""
     if isinstance(exc, RequestGenerationFailed) and exc.reasons:
         # Reading the body failed on our side (a local I/O error): worth a retry.
         return f"sending the body failed: {exc.reasons[0].value}"
-    leaf = exc
-    while isinstance(leaf, RequestTransmissionFailed | ResponseFailed | ResponseNeverReceived
-                     ) and leaf.reasons:
-        leaf = leaf.reasons[0].value
+    leaf = _leaf(exc)
     if isinstance(leaf, ierror.ConnectionRefusedError):
         return "connection refused"
     if isinstance(leaf, ierror.DNSLookupError):
         return f"cannot resolve the host name ({leaf})"
-    if isinstance(leaf, ierror.TimeoutError | ierror.TCPTimedOutError
-                  | CancelledError | ierror.ConnectingCancelledError):
+    if isinstance(leaf, ierror.TimeoutError | ierror.TCPTimedOutError):
         return "timed out"
     if isinstance(leaf, ierror.ConnectionDone | ierror.ConnectionLost | PotentialDataLoss):
         return "the connection was closed unexpectedly"
@@ -477,16 +487,35 @@ class RegistryClient:
 
     async def _send(self, method: str, url: str, headers: dict[bytes, list[bytes]],
                     body: Any, timeout: float | None, redirects: bool) -> IResponse:
+        """The response's head; past ``timeout`` seconds the request is cancelled and
+        ``timed out`` (retried by the caller), but a cancellation of the caller stays a
+        :class:`CancelledError` (``tml image push`` interrupted by SIGINT used to take
+        it for a timeout and go on)."""
+        sent = self._http.request(method, url, headers=headers, data=body,
+                                  allow_redirects=redirects, unbuffered=True,
+                                  reactor=self.reactor)
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            sent.cancel()
+
+        timer = self.reactor.callLater(timeout, expire) if timeout else None
         try:
-            return await self._http.request(
-                method, url, headers=headers, data=body, allow_redirects=redirects,
-                unbuffered=True, timeout=timeout, reactor=self.reactor,
-            )
+            return await sent
         except Exception as e:
+            if expired:
+                raise RegistryUnreachable(url, "timed out") from None
+            if _cancelled(e):
+                raise CancelledError() from None
             reason = _transport_reason(e)
             if reason is None:
                 raise
             raise RegistryUnreachable(url, reason) from None
+        finally:
+            if timer is not None and timer.active():
+                timer.cancel()
 
     async def _request(
         self,
@@ -553,6 +582,8 @@ class RegistryClient:
         except RegistryError:
             raise
         except Exception as e:
+            if _cancelled(e):
+                raise CancelledError() from None
             reason = _transport_reason(e)
             if reason is None:
                 raise
@@ -914,6 +945,8 @@ class RegistryClient:
             except RegistryError:
                 raise
             except Exception as e:
+                if _cancelled(e):
+                    raise CancelledError() from None
                 raise RegistryUnreachable(url, _transport_reason(e) or str(e)) from None
             if size is not None and state["received"] < size:
                 raise RegistryUnreachable(

@@ -34,7 +34,8 @@ class RegistryRequest(LimitedRequest):
 
     @classmethod
     def error_body(cls, status: int, message: str) -> bytes:
-        code = {400: "REQUEST_INVALID", 408: "REQUEST_INVALID"}.get(status, "UNKNOWN")
+        code = {400: "REQUEST_INVALID", 408: "REQUEST_INVALID",
+                431: "REQUEST_INVALID"}.get(status, "UNKNOWN")
         return error_body(code, message)
 
     def gotLength(self, length: int | None) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.application.service import IService
+from twisted.logger import Logger
 
 from treadmill.common import settingsfile
 from treadmill.common.config import STR, STRLIST, ConfigError, RoleOptions, check_order, one_of
@@ -55,6 +56,8 @@ def _http_urls(value: Any) -> list[str]:
 class Options(RoleOptions):
     """Settings of a supervisor (``etc/treadmill/supervisor-mock.toml`` documents them)."""
 
+    log = Logger()
+
     config = SupervisorConfig
     settings = settingsfile.load("treadmill.supervisor", types={
         "ws url": _ws_url, "driver": one_of(*DRIVERS), "absolute path": _absolute_path,
@@ -69,6 +72,10 @@ class Options(RoleOptions):
                               key="switchboard.token", source=source)
         if token_file:
             values["switchboard.token"] = read_token(token_file, source)
+        elif self["switchboard-token"] is not None:
+            self.log.warn("--switchboard-token puts the host token on the command line, "
+                          "where other local users can read it; use switchboard.token_file "
+                          "(or --switchboard-token-file)")
         if values["images.cache_url"] and not values["images.cache_mount"]:
             raise ConfigError("images.cache_url needs images.cache_mount (the cache's root, "
                               "mounted read-only)", key="images.cache_url", source=source)

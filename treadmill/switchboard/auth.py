@@ -52,6 +52,7 @@ from treadmill.common.settingsfile import config_class
 from treadmill.common.timers import every
 from treadmill.switchboard import credentials
 from treadmill.switchboard.access import Principal
+from treadmill.switchboard.database import unavailable
 from treadmill.switchboard.settings import SETTINGS
 from treadmill.switchboard.store import Store
 
@@ -168,12 +169,18 @@ class Authenticator:
         return principal
 
     async def flush_usage(self) -> None:
-        """Write the batched last-use times."""
+        """Write the batched last-use times; while the database is unavailable they are
+        kept (a warning, not a traceback) and written by a later flush."""
         used, self._used = self._used, {}
         try:
             await self.store.touch_tokens(used)
-        except Exception:
-            self.log.failure("Could not record token use")
+        except Exception as e:
+            if not unavailable(e):
+                self.log.failure("Could not record token use")
+                return
+            self.log.warn("Could not record token use: the database is unavailable")
+            for token_id, at in used.items():  # a use recorded meanwhile is newer
+                self._used.setdefault(token_id, at)
 
     def usage_service(self, interval: float = 10.0) -> TimerService:
         return every(interval, self.flush_usage, self.clock)

@@ -99,7 +99,8 @@ async def login(ctx: Context) -> int:
             if not user:
                 raise UsageError("no user name given")
         try:
-            password = ctx.prompt_password(f"Password for {user} at {ctx.settings.url}: ")
+            password = ctx.blocking(ctx.prompt_password,
+                                    f"Password for {user} at {ctx.settings.url}: ")
         except (EOFError, KeyboardInterrupt):
             ctx.stderr.write("\n")
             raise CommandError("login cancelled") from None
