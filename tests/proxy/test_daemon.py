@@ -22,7 +22,6 @@ from tests.util.daemons import Daemon, refused_config
 from tests.util.ports import free_range
 from treadmill.common.config import ConfigError
 from treadmill.proxy import tap
-from treadmill.proxy.service import with_backlog
 from treadmill.supervisor.exposure import ExposureManager
 
 ROOT = Path(__file__).parents[2]
@@ -81,13 +80,6 @@ def test_bad_settings(tmp_path: Path, argv: tuple[str, ...], toml: str, words: s
     with pytest.raises(ConfigError) as caught:
         options("--config", str(path), *keys, *argv)
     assert words in str(caught.value)
-
-
-def test_listeners_get_a_large_backlog() -> None:
-    assert with_backlog("tcp:8090:interface=127.0.0.1") == \
-        "tcp:8090:interface=127.0.0.1:backlog=1024"
-    assert with_backlog("tcp:8090:backlog=50") == "tcp:8090:backlog=50"
-    assert with_backlog("unix:/run/x.sock") == "unix:/run/x.sock"
 
 
 def test_the_unit_runs_the_plugin() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import sys
 from typing import Any
 
@@ -62,13 +63,29 @@ class RoleService(MultiService):
         return self._ready if self._ready is not None else succeed(None)
 
 
+BACKLOG = 1024
+"""The listen backlog of a TCP or TLS listener whose description names none (Twisted's
+default, 50, makes the kernel drop connections in a burst: a fleet reconnecting, a CI farm
+starting its jobs)."""
+
+
+def with_backlog(desc: str, backlog: int = BACKLOG) -> str:
+    """A TCP or TLS listener description with ``backlog=`` (unless it names one)."""
+    kind = desc.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "ssl") and not re.search(r"(^|:)backlog=", desc):
+        return f"{desc}:backlog={backlog}"
+    return desc
+
+
 def listeners(reactor: Any, descriptions: list[str], factory: IProtocolFactory,
               name: str) -> MultiService:
-    """One ``StreamServerEndpointService`` per endpoint description, under one parent."""
+    """One ``StreamServerEndpointService`` per endpoint description, under one parent;
+    TCP and TLS listeners get a backlog of :data:`BACKLOG` unless they name one."""
     parent = MultiService()
     parent.setName(name)
     for i, desc in enumerate(descriptions):
-        service = StreamServerEndpointService(serverFromString(reactor, desc), factory)
+        endpoint = serverFromString(reactor, with_backlog(desc))
+        service = StreamServerEndpointService(endpoint, factory)
         # Fail the start loudly when a port cannot be bound.
         service._raiseSynchronously = True
         service.setName(f"{name}-{i}")

@@ -39,18 +39,7 @@ from treadmill.proxy.legs import DataFactory, PublicFactory, TunnelFactory
 from treadmill.proxy.metrics import ProxyMetrics
 from treadmill.proxy.tunnels import TunnelConfig, TunnelTable
 
-__all__ = ["ProxyConfig", "ProxyService", "with_backlog"]
-
-BACKLOG = 1024
-
-
-def with_backlog(desc: str, backlog: int = BACKLOG) -> str:
-    """A TCP or TLS listener description with ``backlog=`` (unless it names one)."""
-    kind = desc.split(":", 1)[0]
-    if kind in ("tcp", "tcp6", "ssl") and not re.search(r"(^|:)backlog=", desc):
-        return f"{desc}:backlog={backlog}"
-    return desc
-
+__all__ = ["ProxyConfig", "ProxyService"]
 
 _TOKEN_QUERY = re.compile(rb"(?<=[?&]token=)[^&#]*")
 
@@ -133,7 +122,7 @@ class ProxyService(RoleService):
         return self._data_ports[0].getHost().port  # type: ignore[no-any-return]
 
     async def _start(self) -> None:
-        data = listeners(self.reactor, [with_backlog(d) for d in self.config.data_listen],
+        data = listeners(self.reactor, self.config.data_listen,
                          DataFactory(self.registry, self.config.tunnels.connect_timeout),
                          "data")
         data.setServiceParent(self)
@@ -142,7 +131,7 @@ class ProxyService(RoleService):
         if self._stopping:
             return
         self.registry.start()
-        http = listeners(self.reactor, [with_backlog(d) for d in self.config.listen],
+        http = listeners(self.reactor, self.config.listen,
                          self.site, "http")
         http.setServiceParent(self)
         self._ports = [await service._waitingForPort  # type: ignore[attr-defined]
