@@ -3,6 +3,7 @@ mock supervisor (``stack``), and the users who log in."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -38,18 +39,23 @@ class Stack:
     host_token: str
 
 
-async def _stack(database: str, tmp_path: Path, stops: list[Callable[[], Any]]) -> Stack:
-    """Starts the daemons, each one's stop appended to ``stops`` as soon as it runs."""
+async def _stack(database: str, tmp_path: Path, stops: list[Callable[[], Any]], *,
+                 console_token_ttl: float = 300.0, console_grace: float = 30.0) -> Stack:
+    """Starts the daemons, each one's stop appended to ``stops`` as soon as it runs; the
+    switchboard's console tokens live ``console_token_ttl``, the proxy's consoles outlive
+    them unrenewed ``console_grace``."""
     key = tmp_path / "capability-key.pem"
     jwks = CapabilitySigner(load_or_create_signing_key(str(key)), "treadmill", reactor).jwks()
     (tmp_path / "keys.json").write_text(json.dumps(jwks))
-    proxy = await start_proxy(SimpleNamespace(keys_file=tmp_path / "keys.json"))
+    proxy = await start_proxy(SimpleNamespace(keys_file=tmp_path / "keys.json"),
+                              console_grace=console_grace)
     stops.append(proxy.service.stopService)
     logs_port = free_port()
     logs_url = f"http://127.0.0.1:{logs_port}"
     sb = await start_switchboard(database, tmp_path, scheduler_interval=0.2,
                                  health_interval=0.5,
-                                 limits=Limits(log_servers=(logs_url,), log_replicas=1),
+                                 limits=Limits(log_servers=(logs_url,), log_replicas=1,
+                                               console_token_ttl=console_token_ttl),
                                  proxies=(proxy.ws,))
     stops.append(sb.stop)
     logserver = LogServerService(reactor, LogServerConfig(
@@ -93,9 +99,17 @@ async def _log_in(browser: Browser, url: str, user: str) -> None:
 
 @pytest_twisted.async_yield_fixture
 async def stack(database: str, tmp_path: Path) -> AsyncIterator[Stack]:
+    async with mock_stack(database, tmp_path) as built:
+        yield built
+
+
+@contextlib.asynccontextmanager
+async def mock_stack(database: str, tmp_path: Path, **settings: float
+                     ) -> AsyncIterator[Stack]:
+    """The daemons (``settings``: :func:`_stack`'s) and a mock supervisor, stopped after."""
     stops: list[Callable[[], Any]] = []  # a failed start-up stops what already runs
     try:
-        built = await _stack(database, tmp_path, stops)
+        built = await _stack(database, tmp_path, stops, **settings)
         await _supervise(SupervisorConfig(
             url=ws_url_for(built.sb.url), token=built.host_token,
             state_dir=str(tmp_path / "sup"), reconnect_initial=0.1, reconnect_max=1.0,
