@@ -86,6 +86,17 @@ async def _user(sb: RunningSwitchboard, name: str, admin: bool = False) -> Clien
     return Client(sb.url, token)
 
 
+async def shared_job(sb: RunningSwitchboard, privilege: str) -> tuple[Client, dict[str, Any]]:
+    """Users alice and bob, and alice's mock job on which bob has ``privilege``."""
+    alice = await _user(sb, "alice")
+    await _user(sb, "bob")
+    job = (await alice.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})).body
+    r = await alice.post(f"/api/v1/jobs/{job['id']}/grants",
+                         {"user": "bob", "privilege": privilege})
+    assert r.status == 201, r.body
+    return alice, job
+
+
 async def _log_in(browser: Browser, url: str, user: str) -> None:
     await browser.reset()
     await browser.get(f"{url}/#/login")
@@ -95,6 +106,27 @@ async def _log_in(browser: Browser, url: str, user: str) -> None:
     await browser.click("#login-form button[type=submit]")
     await browser.wait_for("document.querySelector('#whoami')?.textContent.startsWith("
                            f"{json.dumps(user)})")
+
+
+async def open_terminal(browser: Browser, url: str, user: str, job_id: str) -> None:
+    """Log ``user`` in, open the job's page and a terminal on its echo console (manage),
+    and wait until it can be typed into."""
+    await _log_in(browser, url, user)
+    await browser.get(f"{url}/#/jobs/{job_id}")
+    # The mock host's echo service appears as an endpoint that needs a console token.
+    await browser.wait_for("document.querySelector('tr[data-service=\"echo\"] .open-terminal')",
+                           30)
+    await browser.click("tr[data-service=\"echo\"] .open-terminal")
+    await browser.wait_for("document.querySelector('#terminal-status').textContent"
+                           ".includes('type here')")
+    await browser.script("document.querySelector('#terminal').scrollIntoView()")
+
+
+async def type_echoed(browser: Browser, text: str) -> None:
+    """Type ``text`` into the open terminal and wait for the echo console's answer."""
+    await browser.type("#terminal .xterm-helper-textarea", text, clear=False)
+    await browser.wait_for("(document.querySelector('#terminal').dataset.tail || '')"
+                           f".includes({json.dumps(text)})")
 
 
 @pytest_twisted.async_yield_fixture
