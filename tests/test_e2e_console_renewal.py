@@ -1,5 +1,5 @@
 """Console token renewal end to end: a switchboard (real PostgreSQL) whose console tokens
-live 3 s, a proxy that closes a console 0.5 s after its token's expiry unless renewed, a
+live 3 s, a proxy that closes a console 2 s after its token's expiry unless renewed, a
 supervisor with the mock host (its echo service), ``tml job connect`` as a process.
 
 ``tml`` keeps a console open across several token lifetimes by renewing its token on the
@@ -33,7 +33,8 @@ from treadmill.switchboard.api.limits import Limits
 
 DIGEST = "sha256:" + "d" * 64
 TTL = 3.0
-GRACE = 0.5
+GRACE = 2.0  # room for a slow renewal on a loaded machine
+SLACK = 3.0  # the close travelling from the proxy through tml to its local client
 
 
 @pytest_twisted.ensureDeferred
@@ -92,9 +93,9 @@ async def test_a_revoked_users_console_closes_within_the_bound(migrated_database
             assert (await typist.wait_for(before + len(text))).endswith(text)
 
         await echoes(b"first")
-        assert (await idle.closed) == (ConsoleCloseCode.UNAUTHORIZED, "console token expired")
-        await sleep(2 * TTL + GRACE)  # two more lifetimes: kept open by tml's renewals
+        await sleep(2 * TTL)  # two more lifetimes: kept open by tml's renewals
         await echoes(b"second")
+        assert (await idle.closed) == (ConsoleCloseCode.UNAUTHORIZED, "console token expired")
         assert proxy.registry.counts["console_renewed"] >= 2
         assert proxy.registry.counts["console_expired"] == 1  # the idle client's only
 
@@ -102,7 +103,7 @@ async def test_a_revoked_users_console_closes_within_the_bound(migrated_database
         assert (await alice.delete(f"{grants}/bob/manage")).status in (200, 204)
         revoked = reactor.seconds()
         await typist.lost
-        assert reactor.seconds() - revoked <= TTL + GRACE + 1.0
+        assert reactor.seconds() - revoked <= TTL + GRACE + SLACK
         assert proxy.registry.counts["console_expired"] == 2
         assert (await bob.post(f"/api/v1/jobs/{job_id}/console-token")).status == 404
     finally:

@@ -1,5 +1,5 @@
 """The web console's terminal renews its console token, in a real headless Chromium: with
-console tokens of 3 s and a proxy grace of 0.5 s, a terminal stays open across token
+console tokens of 3 s and a proxy grace of 2 s, a terminal stays open across token
 lifetimes, and closes within the bound once its user's right on the job is revoked."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(available() is not None, reason=str(available()))]
 
 TTL = 3.0
-GRACE = 0.5
+GRACE = 2.0  # room for a slow renewal on a loaded machine
+SLACK = 3.0  # the close travelling from the proxy to the page
 STATUS = "document.querySelector('#terminal-status').textContent"
 
 
@@ -37,7 +38,7 @@ async def test_the_terminal_renews_its_token_until_the_right_is_revoked(
     alice, job = await shared_job(sb, "manage")
     await open_terminal(browser, sb.url, "bob", job["id"])
     await type_echoed(browser, "before")
-    await sleep(2 * TTL + GRACE)  # two more lifetimes: kept open by the page's renewals
+    await sleep(2 * TTL)  # two more lifetimes: kept open by the page's renewals
     await type_echoed(browser, "after")
     assert int(await browser.script(
         "return document.querySelector('#terminal').dataset.renewals")) >= 2
@@ -47,5 +48,5 @@ async def test_the_terminal_renews_its_token_until_the_right_is_revoked(
     assert (await alice.delete(revoke)).status in (200, 204)
     revoked = reactor.seconds()
     await browser.wait_for(f"{STATUS}.includes('expired and was not renewed')",
-                           TTL + GRACE + 5)
-    assert reactor.seconds() - revoked <= TTL + GRACE + 1.5
+                           TTL + GRACE + 2 * SLACK)
+    assert reactor.seconds() - revoked <= TTL + GRACE + SLACK
