@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 
 from tests.proxy.support import AUDIENCE, Keys, new_job
 from tests.util.captokens import ISSUER
@@ -168,8 +169,15 @@ def test_a_bad_renewal_closes_the_console(bed: Bed, case: str, code: int) -> Non
                                           issued_at=bed.clock.seconds() - 60),
         "not a token": lambda: "let me stay",
     }[case]()
-    socket.text(token)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        socket.text(token)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
     assert [frame[0] for frame in socket.frames] == [code]
+    refused = [e for e in events if e.get("audit_event") == "console_refused"]
+    assert len(refused) == 1 and refused[0]["reason"].startswith("renewal_"), refused
     assert bed.registry.counts["console_renewed"] == 0
     assert bed.registry.counts["console_refused"] == 1
 
@@ -194,3 +202,23 @@ def test_a_read_console_renews_too(bed: Bed) -> None:
     socket.text(bed.token("read"))
     bed.clock.advance(TTL)
     assert socket.frames == [] and socket.access == "read"
+
+
+def test_renewals_and_expiries_are_recorded(bed: Bed) -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        socket = bed.opened("read", "manage")
+        renewal = bed.token("read")
+        socket.text(renewal)
+        bed.clock.advance(TTL + GRACE)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    audit = [e for e in events if e.get("audit_event")]
+    assert [(e["audit_event"], e["subject"], e["access"]) for e in audit] == [
+        ("console_opened", "alice", "manage"), ("console_renewed", "alice", "read"),
+        ("console_expired", "alice", "read")]
+    assert {e["log_namespace"] for e in audit} == {"treadmill.proxy.consoles"}
+    assert audit[1]["jti"] != audit[0]["jti"] and audit[1]["job"] == bed.job
+    assert not [e for e in events if renewal in repr(e)]  # no token in any log event
+    assert socket.frames == [(ConsoleCloseCode.UNAUTHORIZED, b"console token expired")]

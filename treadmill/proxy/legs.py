@@ -337,8 +337,8 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
             claims: Claims = registry.verifier.verify_any(payload.decode("ascii").strip())
         except (CapabilityError, UnicodeDecodeError) as e:
             why = e.reason if isinstance(e, CapabilityError) else "malformed"
-            self._refuse(ConsoleCloseCode.UNAUTHORIZED, f"renewal refused ({why})", why,
-                         opened[1])
+            self._refuse(ConsoleCloseCode.UNAUTHORIZED, f"renewal refused ({why})",
+                         f"renewal_{why}", opened[1])
             return
         if claims.subject != opened[1]:
             self._refuse(ConsoleCloseCode.FORBIDDEN, "the renewal is another user's",
@@ -351,7 +351,7 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
         else:
             self._refuse(ConsoleCloseCode.FORBIDDEN,
                          f"the renewal grants neither read nor manage on job {job}",
-                         "insufficient_scope", claims.subject)
+                         "renewal_insufficient_scope", claims.subject)
             return
         if granted == "read":
             self.access = "read"  # lowered, or read already; manage is never granted here
