@@ -9,7 +9,15 @@ import treq
 from twisted.internet import reactor
 
 from tests.web.browser import Browser, available
-from tests.web.support import DIGEST, Stack, _log_in, _user
+from tests.web.support import (
+    DIGEST,
+    Stack,
+    _log_in,
+    _user,
+    open_terminal,
+    shared_job,
+    type_echoed,
+)
 from tests.web.support import stack as stack  # the fixture: the daemons
 
 pytestmark = [pytest.mark.slow,
@@ -173,23 +181,10 @@ async def test_without_privilege_no_cancel_and_csrf(stack: Stack, browser: Brows
 async def test_web_terminal_types_with_manage_and_watches_with_read(
         stack: Stack, browser: Browser, artifacts: None) -> None:
     sb = stack.sb
-    alice = await _user(sb, "alice")
-    await _user(sb, "bob")
-    job = (await alice.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"]})).body
-    await alice.post(f"/api/v1/jobs/{job['id']}/grants", {"user": "bob", "privilege": "read"})
+    _, job = await shared_job(sb, "read")
 
-    await _log_in(browser, sb.url, "alice")
-    await browser.get(f"{sb.url}/#/jobs/{job['id']}")
-    # The mock host's echo service appears as an endpoint that needs a console token.
-    await browser.wait_for("document.querySelector('tr[data-service=\"echo\"] .open-terminal')",
-                           30)
-    await browser.click("tr[data-service=\"echo\"] .open-terminal")
-    await browser.wait_for("document.querySelector('#terminal-status').textContent"
-                           ".includes('type here')")
-    await browser.script("document.querySelector('#terminal').scrollIntoView()")
-    await browser.type("#terminal .xterm-helper-textarea", "hello from the web", clear=False)
-    await browser.wait_for("(document.querySelector('#terminal').dataset.tail || '')"
-                           ".includes('hello from the web')")
+    await open_terminal(browser, sb.url, "alice", job["id"])
+    await type_echoed(browser, "hello from the web")
     await browser.script("document.querySelector('#endpoints').scrollIntoView()")
     await browser.snap("terminal")
 

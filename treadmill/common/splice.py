@@ -315,7 +315,8 @@ class WebSocketEnd(End):
     message ``eof`` says that its sender will send no more bytes, and the
     WebSocket closes with 1000 once both sides said so; without it an end of
     file closes the WebSocket. Other text messages are refused (close
-    :data:`UNSUPPORTED_DATA`, 4003).
+    :data:`UNSUPPORTED_DATA`, 4003) unless the protocol takes them before this mixin
+    (a console's token renewals, ``proxy.legs.TunnelSocket``).
     The protocol's ``maxMessagePayloadSize`` bounds what one message may hold.
     """
 

@@ -113,10 +113,12 @@ class ConsoleCloseCode(IntEnum):
     """WebSocket close codes of a tunnel path that needs a console token."""
 
     UNAUTHORIZED = 4401
-    """No token within ``connect_timeout``, or a token that does not verify (malformed,
-    expired, wrong audience, unknown key, bad signature)."""
+    """No token within ``connect_timeout``, a token or renewal that does not verify
+    (malformed, expired, wrong audience, unknown key, bad signature), or the token's
+    ``exp`` plus ``console_grace`` passed without a renewal."""
     FORBIDDEN = 4403
-    """A valid token that grants neither ``read`` nor ``manage`` on this job."""
+    """A valid token that grants neither ``read`` nor ``manage`` on this job, or a
+    renewal of another user."""
     BUSY = 4429
     """The tunnel has ``max_connections_per_tunnel`` clients (waiting for their token
     included): try again later."""

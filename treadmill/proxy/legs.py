@@ -7,7 +7,11 @@
   service that does not authenticate its users itself (a console) the client
   presents a console token first: ``Authorization: Bearer``, ``?token=`` or a
   first text message; ``read`` watches (what it sends is dropped), ``manage``
-  types. Refusals close with 4401 (no or bad token) or 4403 (not this job).
+  types. Refusals close with 4401 (no or bad token) or 4403 (not this job). A console
+  stays open only while it holds a valid token: at the token's ``exp`` plus
+  ``console_grace`` it is closed with 4401, unless the client renewed it (a later text
+  message, other than a half-close ``eof``, holding a new console token of the same user
+  for the same job; it may lower the access, never raise it).
 - :class:`DataEnd`: a supervisor's data connection on ``data_listen``. Its
   first line is ``TREADMILL-DATA/1 <conn_id> <token>``
   (``messages.data_header``), or ``TREADMILL-POOL/1 <job> <token>``
@@ -31,6 +35,7 @@ from twisted.logger import Logger
 from treadmill.common.captoken import CapabilityError, Claims, bearer_token
 from treadmill.common.eager import write_now
 from treadmill.common.splice import (
+    EOF,
     TUNNEL_SUBPROTOCOL,
     StreamEnd,
     WebSocketEnd,
@@ -222,6 +227,7 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
     _auth_timer: Any = None
     _peer = ""
     _console: tuple[str, str, str | None] | None = None  # (conn_id, subject, jti) once opened
+    _expiry: Any = None  # closes a console whose token expired (and was not renewed)
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         # The subprotocol adds half-close (a text message "eof"); plain binary without it.
@@ -292,7 +298,71 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
             job=job, service=tunnel.service, access=self.access, jti=jti, peer=self._peer)
         registry.console_event(tunnel, "opened", self._console[0], claims.subject, self.access,
                                peer_address(self._peer), jti)
+        self._expire_at(claims.expires_at)
         self._arrive()
+
+    def _expire_at(self, expires_at: float) -> None:
+        """Close this console ``console_grace`` seconds after ``expires_at`` (a token's
+        ``exp``) unless a renewal comes first."""
+        registry = self.factory.registry
+        delay = max(0.0, expires_at + registry.settings.console_grace - registry.reactor.seconds())
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.reset(delay)
+        else:
+            self._expiry = registry.reactor.callLater(delay, self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = None
+        registry = self.factory.registry
+        registry.counts["console_expired"] += 1
+        tunnel, opened = self.tunnel, self._console
+        CONSOLE_LOG.info(
+            "console_expired: {subject}'s console of {service} of job {job} closed: its token "
+            "expired and was not renewed (from {peer})", audit_event="console_expired",
+            subject=opened[1] if opened else None, service=tunnel.service if tunnel else None,
+            job=tunnel.session.job if tunnel else None, access=self.access, peer=self._peer)
+        if self.state == self.STATE_OPEN:
+            self.sendClose(int(ConsoleCloseCode.UNAUTHORIZED), "console token expired")
+
+    def _renew(self, payload: bytes) -> None:
+        """A text message on an open console: a new console token (docs/proxy.md,
+        "Renewing"). Verified as the first one; the same user and job; the access it
+        grants may lower the console's (manage to read: typing stops now), never raise
+        it. A renewal that fails closes the console as a first token would be refused."""
+        tunnel, opened = self.tunnel, self._console
+        assert tunnel is not None and opened is not None
+        registry = self.factory.registry
+        job = tunnel.session.job
+        try:
+            claims: Claims = registry.verifier.verify_any(payload.decode("ascii").strip())
+        except (CapabilityError, UnicodeDecodeError) as e:
+            why = e.reason if isinstance(e, CapabilityError) else "malformed"
+            self._refuse(ConsoleCloseCode.UNAUTHORIZED, f"renewal refused ({why})",
+                         f"renewal_{why}", opened[1])
+            return
+        if claims.subject != opened[1]:
+            self._refuse(ConsoleCloseCode.FORBIDDEN, "the renewal is another user's",
+                         "renewal_subject", claims.subject)
+            return
+        if claims.allows("tunnel", job, "manage"):
+            granted = "manage"
+        elif claims.allows("tunnel", job, "read"):
+            granted = "read"
+        else:
+            self._refuse(ConsoleCloseCode.FORBIDDEN,
+                         f"the renewal grants neither read nor manage on job {job}",
+                         "renewal_insufficient_scope", claims.subject)
+            return
+        if granted == "read":
+            self.access = "read"  # lowered, or read already; manage is never granted here
+        registry.counts["console_renewed"] += 1
+        jti = claims.raw.get("jti")
+        CONSOLE_LOG.info(
+            "console_renewed: {subject} renewed {service} of job {job} to {access} (token "
+            "{jti}, from {peer})", audit_event="console_renewed", subject=claims.subject,
+            job=job, service=tunnel.service, access=self.access,
+            jti=jti if isinstance(jti, str) else None, peer=self._peer)
+        self._expire_at(claims.expires_at)
 
     def _refuse(self, code: int, text: str, reason: str, subject: str | None = None) -> None:
         self._stop_waiting()
@@ -330,6 +400,9 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
                 token = ""
             self._authenticate(token)
             return
+        if self._console is not None and not isBinary and payload != EOF:
+            self._renew(payload)  # "eof" is a half-close (or, without it, as before)
+            return
         if self.access == "read":
             # A read token watches: nothing it sends reaches the service (not even eof).
             if isBinary:
@@ -341,6 +414,9 @@ class TunnelSocket(WebSocketServerProtocol, WebSocketEnd):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._stop_waiting()
+        expiry, self._expiry = self._expiry, None
+        if expiry is not None and expiry.active():
+            expiry.cancel()
         opened, self._console = self._console, None
         if opened is not None and self.tunnel is not None and self.access is not None:
             self.factory.registry.console_event(self.tunnel, "closed", opened[0], opened[1],

@@ -78,6 +78,7 @@ class TunnelConfig:
     max_tunnels_per_job: int = 16
     grace: float = 30.0
     connect_timeout: float = 10.0
+    console_grace: float = 30.0  # a console outlives its token's exp this long unrenewed
     backlog: int = 1024
     pool_per_job: int = 2  # idle pooled data connections one job may hold (minor 2); 0: none
     pool_max: int = 4096  # idle pooled data connections of all jobs together

@@ -22,8 +22,12 @@ published by its supervisor on one or more rendezvous proxies
   An endpoint with ``"auth": "token"`` (a console: a service that does not
   authenticate its users) needs a console token for the job: it is fetched
   from the switchboard (``POST /api/v1/jobs/{id}/console-token``, ``manage``,
-  or ``read`` with ``--read-only``) and sent in the ``Authorization`` header,
-  again when it is about to expire.
+  or ``read`` with ``--read-only``) and sent in the ``Authorization`` header.
+  While a console is open, a new token is fetched when 80% of the last one's
+  lifetime has passed and sent on the WebSocket (a text message: the proxy
+  closes a console whose token expired unrenewed). When the switchboard
+  refuses it (the right was revoked), tml says so and the console ends when
+  the proxy closes it.
 
 The lead registers the handlers under ``tml job`` with
 :func:`add_ssh_arguments` and :func:`add_connect_arguments`.
@@ -46,7 +50,7 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.python.failure import Failure
 
-from treadmill.cli.client import plain_error
+from treadmill.cli.client import ApiError, plain_error
 from treadmill.cli.context import EXIT_OK, CommandError, Context, add_job_id, non_negative_int
 from treadmill.cli.jobids import HOST_ALIAS_PREFIX
 from treadmill.common.splice import (
@@ -61,11 +65,12 @@ from treadmill.common.splice import (
 )
 from treadmill.common.wsfactory import PreciseClientFactory
 from treadmill.common.wsjson import QuietLogger
-from treadmill.protocol.proxy import parse_proxy_url
+from treadmill.protocol.proxy import ConsoleCloseCode, parse_proxy_url
 
 __all__ = ["add_connect_arguments", "add_ssh_arguments", "job_connect", "job_ssh"]
 
 SSH_ENV = "TML_SSH"  # the ssh program (default: ssh from PATH)
+RENEWAL_RETRY = 10.0  # seconds before a console token renewal that failed is tried again
 
 
 async def _endpoints(ctx: Context, job_id: str, service: str,
@@ -284,17 +289,59 @@ class _TunnelClient(WebSocketClientProtocol, WebSocketEnd):
     def onConnect(self, response: Any) -> None:
         self.half_close = response.protocol == TUNNEL_SUBPROTOCOL
 
+    _renewal: Any = None  # the timer of the next console token renewal
+
     def onOpen(self) -> None:
         self.end_opened()
         assert self.local is not None and self.connector is not None
         self.connector.joined(join(self.local, self))
+        if self.connector.needs_token:
+            self._renew_later(self.connector.token_due())
+
+    def _renew_later(self, delay: float) -> None:
+        assert self.connector is not None
+        self._renewal = self.connector.reactor.callLater(delay, self._renew)
+
+    def _renew(self) -> None:
+        """Fetch a new console token and send it on this open console (a text message)."""
+        self._renewal = None
+        assert self.connector is not None
+        Deferred.fromCoroutine(self.connector.console_token()).addCallbacks(
+            self._send_renewal, self._not_renewed)
+
+    def _send_renewal(self, token: str) -> None:
+        if self.state != self.STATE_OPEN or self.connector is None:
+            return
+        self.sendMessage(token.encode("ascii"), isBinary=False)
+        self._renew_later(self.connector.token_due())
+
+    def _not_renewed(self, failure: Failure) -> None:
+        connector = self.connector
+        if self.state != self.STATE_OPEN or connector is None:
+            return
+        error = failure.value
+        if isinstance(error, ApiError) and error.status in (401, 403, 404):
+            connector.ctx.note(f"tml: the switchboard refused a new console token "
+                               f"({plain_error(error)}): the proxy closes this console when "
+                               "its token expires")
+            return
+        connector.ctx.note(f"tml: no new console token yet ({plain_error(error)}); trying "
+                           f"again in {RENEWAL_RETRY:g} s")
+        self._renew_later(RENEWAL_RETRY)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.end_message(payload, isBinary)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        renewal, self._renewal = self._renewal, None
+        if renewal is not None and renewal.active():
+            renewal.cancel()
         if self.local is not None and self.splice is None and self.connector is not None:
             self.connector.failed(self.local, f"WebSocket closed ({code}: {reason})")
+        elif self.connector is not None and self.remoteCloseCode in (
+                ConsoleCloseCode.UNAUTHORIZED, ConsoleCloseCode.FORBIDDEN):
+            self.connector.ctx.note(f"tml: the proxy closed the console "
+                                    f"({self.remoteCloseCode}: {self.remoteCloseReason})")
         self.end_closed()
 
 
@@ -329,14 +376,24 @@ class _Connector:
         return self.url or f"{self.host}:{self.port}"
 
     async def console_token(self) -> str:
-        """A console token for the job (``manage``, or ``read`` with ``--read-only``)."""
+        """A console token for the job (``manage``, or ``read`` with ``--read-only``): the
+        last one until :meth:`token_due`, then a new one."""
         now = self.reactor.seconds()
-        if self._token is None or now >= self._token[1]:
-            answer = await self.ctx.api.post("jobs", self.ctx.args.id, "console-token",
-                                             body={"access": self.access})
-            ttl = float(answer.get("expires_in", 60))
-            self._token = (answer["token"], now + max(ttl * 0.8, ttl - 60))
+        if self._token is not None and now < self._token[1]:
+            return self._token[0]
+        answer = await self.ctx.api.post("jobs", self.ctx.args.id, "console-token",
+                                         body={"access": self.access})
+        ttl = float(answer.get("expires_in", 60))
+        # Renewed at 80% of its lifetime (a minute before it expires with the default 5
+        # minutes); the proxy's grace after that is for a slow renewal, not the schedule.
+        self._token = (answer["token"], now + ttl * 0.8)
         return self._token[0]
+
+    def token_due(self) -> float:
+        """Seconds until the last console token is due for renewal (0: now)."""
+        if self._token is None:
+            return 0.0
+        return max(0.0, self._token[1] - self.reactor.seconds())
 
     def accepted(self, local: _Local) -> None:
         if not self.needs_token:
