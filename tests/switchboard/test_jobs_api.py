@@ -330,6 +330,9 @@ async def test_list_filters_by_state_and_owner(switchboard):
     assert await ids(admin, "?owner=bob&state=assigned") == [b1["id"]]
     assert await ids(admin, "?owner=bob&state=queued") == []
     assert await ids(admin, "?owner=nobody") == []
+    # User names are compared without case (api.md, "Canonical names").
+    assert await ids(admin, "?owner=ALICE") == [a2["id"], a1["id"]]
+    assert await ids(admin, "?owner=Bob&state=assigned") == [b1["id"]]
     # A user's listing holds only what they may read, whatever the filter.
     assert await ids(alice, "") == [a2["id"], a1["id"]]
     assert await ids(alice, "?owner=bob") == []
