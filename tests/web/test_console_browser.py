@@ -331,3 +331,26 @@ async def test_results_show_while_the_job_runs_and_stay_text(stack: Stack, brows
     assert await browser.script("return document.querySelectorAll('main img, main script, "
                                 "main b').length") == 0
     assert await browser.script("return window.pwned === undefined")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_event_source_on_an_ended_job_gets_each_event_once_and_stops(
+        stack: Stack, browser: Browser, artifacts: None) -> None:
+    """A dashboard's EventSource on a job's watch (docs/api.md): the stream ends after
+    ``terminated``, the browser reconnects with ``Last-Event-ID``, and is told to stop
+    (it used to be sent every event again every 3 s)."""
+    sb = stack.sb
+    ops = await _user(sb, "ops", admin=True)
+    r = await ops.post("/api/v1/jobs", {"image": DIGEST, "tags": ["nowhere"]})
+    assert r.status == 201, r.body
+    job_id = r.body["id"]
+    await ops.post(f"/api/v1/jobs/{job_id}/terminate")  # queued: terminated at once
+    await _log_in(browser, sb.url, "ops")
+    await browser.script(
+        "window.seen = []; window.opened = 0;"
+        f"window.watch = new EventSource('/api/v1/jobs/{job_id}/events/watch');"
+        "watch.addEventListener('open', () => { window.opened += 1; });"
+        "watch.addEventListener('job', (e) => window.seen.push(JSON.parse(e.data).seq));")
+    await browser.wait_for("window.watch.readyState === EventSource.CLOSED", 20)
+    assert await browser.script("return window.seen") == [1, 2]
+    assert await browser.script("return window.opened") == 1
