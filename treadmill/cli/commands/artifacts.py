@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,19 @@ OWN_FILES = frozenset({"summary.json", "events.jsonl", "console.log", "results"}
 """The artifacts' fixed names (and each with ``.tmp``, an atomic write's temporary)."""
 EARLIER_CONSOLE = re.compile(r"console-[0-9a-fA-F-]{36}\.log")
 """An earlier job of a restart chain's console: ``console-<id>.log``."""
+
+
+def console_file(job: dict[str, Any], last: bool) -> str:
+    """The file of a job's console: ``console.log`` for the last job of the chain, else
+    ``console-<id>.log``; an id that is not a UUID (from a broken or hostile switchboard:
+    ``../../.bashrc``) never names a file."""
+    if last:
+        return "console.log"
+    try:
+        return f"console-{uuid.UUID(str(job['id']))}.log"
+    except ValueError:
+        raise CommandError(f"job id {output.clean(str(job['id']))!r} is not a UUID; "
+                           "its console is not saved") from None
 
 
 def clear_previous(root: Path) -> list[str]:
@@ -161,9 +175,9 @@ async def write_artifacts(ctx: Context, directory: str, followed: Followed,
             if not job.get("logs") or not ran_on_a_host(job):
                 continue
             last = job is final
-            name = "console.log" if last else f"console-{job['id']}.log"
             try:
-                saved = await _save_stream(ctx, str(job["id"]), "console", root / name)
+                saved = await _save_stream(ctx, str(job["id"]), "console",
+                                           root / console_file(job, last))
                 if last:
                     artifacts["console"] = saved
                     artifacts["results"] = await _save_stream(ctx, str(job["id"]), "results",
