@@ -146,12 +146,23 @@ async def testbed(migrated_database: str, tmp_path: Path):
         await logs.stopService()
 
 
+# The job's console patterns (--results-pattern KEY=REGEX), by what its results say.
+PATTERNS = {"pass": "pass=mock.console", "none": "",
+            # test cases whose result is no outcome (errors), in a workload that exits 0
+            "failed": r"test_case=^mock.(?P<name>console)(?P<result>)"}
+
+
+@pytest.mark.parametrize("results", list(PATTERNS))
 @pytest.mark.parametrize(("recipe", "parse"), [("github-actions.yml", github_steps),
                                                ("gitlab-ci.yml", gitlab_steps)])
 @pytest_twisted.ensureDeferred
 async def test_ci_recipe_runs_against_real_daemons(light: tuple[Path, Path], testbed: Any,
                                                   tmp_path: Path, recipe: str,
-                                                  parse: Any) -> None:
+                                                  parse: Any, results: str) -> None:
+    """Every step of the recipe passes for a job that passed, whether or not it has test
+    results (most jobs have none: no console patterns, no agent reporting); failed test
+    cases of a workload that exited 0 fail GitHub's JUnit step (GitLab's after_script
+    cannot fail)."""
     wheel, venv = light
     text = (RECIPES / recipe).read_text()
     recipe_env, steps = parse(yaml.safe_load(text))
@@ -170,7 +181,9 @@ async def test_ci_recipe_runs_against_real_daemons(light: tuple[Path, Path], tes
 
     user = await testbed.user("ci")
     # A console pattern gives the job a results stream, which the JUnit step renders.
-    run_args = "--param mock.run_time=0.3 --results-pattern pass=mock.console"
+    run_args = "--param mock.run_time=0.3" + (
+        f" --results-pattern {PATTERNS[results]}" if PATTERNS[results] else "")
+    failing = "JUnit report" if results == "failed" and recipe.startswith("github") else None
     env = clean_env(tmp_path / "home", venv, **{
         **{k: str(v) for k, v in recipe_env.items()},
         "TREADMILL_URL": testbed.url, "TREADMILL_TOKEN": user.token or "",
@@ -183,6 +196,9 @@ async def test_ci_recipe_runs_against_real_daemons(light: tuple[Path, Path], tes
         out, err, code = await getProcessOutputAndValue(
             "/bin/bash", ["-e", "-o", "pipefail", "-c", script], env=env, path=str(work))
         said += out + err
+        if name == failing:
+            assert code == 4, (recipe, name, out.decode(), err.decode())
+            continue
         assert code == 0, (recipe, name, out.decode(), err.decode())
     assert user.token and user.token.encode() not in said
 
@@ -194,3 +210,7 @@ async def test_ci_recipe_runs_against_real_daemons(light: tuple[Path, Path], tes
     assert events and events[-1]["state"] == "terminated"
     report = ET.parse(out / "junit.xml").getroot()
     assert report.tag == "testsuites" and report.find("testsuite") is not None, report
+    expected = {"pass": b"summary: pass", "none": b'tests="0"', "failed": b'errors="'}
+    assert expected[results] in ET.tostring(report), ET.tostring(report)
+    if results == "failed":
+        assert report.get("errors") not in (None, "0"), ET.tostring(report)

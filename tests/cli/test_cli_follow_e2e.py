@@ -164,6 +164,22 @@ async def test_ran_exit_0_with_console_and_artifacts(tml, stack: Stack, tmp_path
     assert events[0]["state"] == "queued" and events[-1]["state"] == "terminated"
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
 
+    # The same directory again (a CI workspace kept between runs), for a job that never
+    # runs: the earlier job's console and results are gone, not passed off as this one's.
+    (tmp_path / "a" / "junit.xml").write_text("the pipeline's own file\n")
+    r = await Deferred.fromCoroutine(tml(
+        "job", "run", DIGEST, "--tag", "typo", "--queue-timeout", "1", "--artifacts",
+        str(tmp_path / "a"), env=stack.env)).addTimeout(15, reactor)
+    assert r.status == 5, r.err
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["job"] != job_id and summary["ran"] is False
+    assert (summary["artifacts"]["console"], summary["artifacts"]["results"]) == (None, None)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "events.jsonl", "junit.xml", "summary.json"]
+    events = [json.loads(line) for line in
+              (tmp_path / "a" / "events.jsonl").read_text().splitlines()]
+    assert {e["job"] for e in events} == {summary["job"]}
+
 
 @pytest_twisted.ensureDeferred
 async def test_workload_failed_is_4_and_wait_agrees(tml, stack: Stack):

@@ -125,6 +125,10 @@ async def test_submit_follow_then_cancel(tml, admin_env):
     assert r.out.splitlines()[-1].split()[2] == "terminated"
     r = await tml("job", "show", job["id"], env=admin_env)
     assert "reason:" in r.out
+    # A dashboard's --owner finds the user whatever the case it is spelt in.
+    r = await tml("job", "ls", "--owner", "ADMIN", "--json", env=admin_env)
+    assert r.status == 0, r.err
+    assert [j["id"] for j in json.loads(r.out)["jobs"]] == [job["id"]]
 
 
 @pytest_twisted.ensureDeferred

@@ -106,6 +106,19 @@ def test_only_the_first_bytes_of_a_long_line_are_matched() -> None:
     assert made.ends == [] and cases(made.lines) == [("xx", "pass")]
 
 
+def test_bytes_that_are_not_utf8_are_matched_as_replacement_characters() -> None:
+    """Line noise on a board's serial console (a stray byte, a character cut in two) is
+    matched as U+FFFD: RE2 matches no invalid UTF-8 with ``.`` or ``\\S``, so such a line
+    lost its test case, and a fail line its verdict."""
+    made = Made({"test_case": r"^test (?P<name>\S+) (?P<result>ok|FAILED)$",
+                 "fail": r"^FAIL: .+$"})
+    made.results.console(b"test caf\xc3\xa9 ok\ntest a\xffb FAILED\ntest cut\xe2\x82 ok\r\n")
+    assert cases(made.lines) == [("caf\u00e9", "pass"), ("a\ufffdb", "fail"),
+                                 ("cut\ufffd", "pass")]
+    made.results.console(b"FAIL: \x00\xfe\xff\r\n")
+    assert made.ends == [(1, "FAIL: \x00\ufffd\ufffd")]
+
+
 def test_agent_messages_and_the_summary() -> None:
     made = Made(None)
     assert not made.results.active

@@ -90,11 +90,14 @@ class EventStream:
         return [event["state"] for event in self.events]
 
 
-async def watch(client: Client, job_id: str, after: int | None = None
-                ) -> tuple[int, EventStream, Any]:
+async def watch(client: Client, job_id: str, after: int | None = None,
+                last_event_id: str | None = None) -> tuple[int, EventStream, Any]:
     query = f"?after={after}" if after is not None else ""
+    headers = client.headers()
+    if last_event_id is not None:  # as a reconnecting EventSource sends it
+        headers["Last-Event-ID"] = last_event_id
     response = await treq.get(f"{client.url}/api/v1/jobs/{job_id}/events/watch{query}",
-                              headers=client.headers(), unbuffered=True)
+                              headers=headers, unbuffered=True)
     stream = EventStream()
     if response.code != 200:
         stream.feed(await response.content())
@@ -330,6 +333,9 @@ async def test_list_filters_by_state_and_owner(switchboard):
     assert await ids(admin, "?owner=bob&state=assigned") == [b1["id"]]
     assert await ids(admin, "?owner=bob&state=queued") == []
     assert await ids(admin, "?owner=nobody") == []
+    # User names are compared without case (api.md, "Canonical names").
+    assert await ids(admin, "?owner=ALICE") == [a2["id"], a1["id"]]
+    assert await ids(admin, "?owner=Bob&state=assigned") == [b1["id"]]
     # A user's listing holds only what they may read, whatever the filter.
     assert await ids(alice, "") == [a2["id"], a1["id"]]
     assert await ids(alice, "?owner=bob") == []
@@ -574,6 +580,43 @@ async def test_watch_of_terminated_job_replays_and_ends(switchboard):
     code, stream, _ = await watch(alice, job_id, after=1)
     await stream.done
     assert stream.ids == [2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reconnecting_event_source_resumes_and_is_told_to_stop(switchboard):
+    """A browser's EventSource reconnects with its first URL and the last id it saw as
+    ``Last-Event-ID``: the stream goes on from there, and once everything of an ended job
+    was sent, 204 stops it (it replayed every event every 3 s, without end)."""
+    alice = await switchboard.user("alice")
+    job_id = (await enqueue(alice))["id"]
+    await put_in(switchboard.store, job_id, "initializing")  # seqs 1..3
+    code, stream, _ = await watch(alice, job_id, last_event_id="2")
+    assert code == 200
+    assert await wait_for(lambda: stream.events, timeout=2)
+    assert stream.ids == [3]
+    await alice.post(f"/api/v1/jobs/{job_id}/terminate")
+    await switchboard.store.transition(job_id, Status(State.TERMINATED,
+                                                      reason=Reason.WORKLOAD_EXITED))
+    await stream.done
+    assert stream.ids == [3, 4, 5]
+    # Reconnecting after the end: nothing more, ever.
+    code, stream, _ = await watch(alice, job_id, after=0, last_event_id="5")
+    assert (code, stream.raw) == (204, b"")
+    # Reconnecting after a break before the end: the rest, then the stream ends.
+    code, stream, _ = await watch(alice, job_id, after=0, last_event_id="3")
+    assert code == 200
+    await stream.done
+    assert stream.ids == [4, 5]
+    # ?after= alone (tml, and the console's first connection) is answered as before.
+    code, stream, _ = await watch(alice, job_id, after=5)
+    assert code == 200
+    await stream.done
+    assert stream.ids == []
+    # A Last-Event-ID that is not one of ours is ignored.
+    code, stream, _ = await watch(alice, job_id, after=4, last_event_id="x")
+    assert code == 200
+    await stream.done
+    assert stream.ids == [5]
 
 
 @pytest_twisted.ensureDeferred

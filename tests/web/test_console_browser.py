@@ -3,6 +3,8 @@ server and a supervisor with the mock driver (one browser for the module)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import pytest_twisted
 import treq
@@ -292,3 +294,58 @@ async def test_many_tabs_of_the_jobs_page_leave_connections_for_the_next(
                 await browser.run(driver.switch_to.window, handle)
                 await browser.run(driver.close)
         await browser.run(driver.switch_to.window, first)
+
+
+@pytest_twisted.ensureDeferred
+async def test_results_show_while_the_job_runs_and_stay_text(stack: Stack, browser: Browser,
+                                                             artifacts: None) -> None:
+    """A job's results (here its agent's, without console patterns) appear on its page
+    while it runs, not only once it ended, then with the summary; names are text."""
+    sb = stack.sb
+    ops = await _user(sb, "ops", admin=True)
+    agent = ('{"type": "test_case", "name": %s, "result": "fail", "message": "<b>m</b>"}'
+             % json.dumps(HOSTILE))
+    r = await ops.post("/api/v1/jobs", {"image": DIGEST, "tags": ["mock"], "parameters": {
+        "mock.agent": {"value": agent}, "mock.console_rate": {"value": "0"}}})
+    assert r.status == 201, r.body
+    job_id = r.body["id"]
+    await _log_in(browser, sb.url, "ops")
+    await browser.get(f"{sb.url}/#/jobs/{job_id}")
+    await browser.wait_for("document.querySelector('#job-state [data-state]')?.dataset.state"
+                           " === 'ready'", 30)
+    await browser.wait_for("!document.querySelector('#results-section').hidden && "
+                           "document.querySelector('#results').textContent.includes("
+                           "'window.pwned=2')", 20)
+    assert await browser.script("return document.querySelector('#job-state [data-state]')"
+                                ".dataset.state") == "ready"
+    await ops.post(f"/api/v1/jobs/{job_id}/terminate")
+    await browser.wait_for("document.querySelector('#results').textContent"
+                           ".includes('\"type\":\"summary\"')", 30)
+    text = await browser.script("return document.querySelector('#results').textContent")
+    assert text.count('"type":"test_case"') == 1, text  # read on, not read twice
+    assert await browser.script("return document.querySelectorAll('main img, main script, "
+                                "main b').length") == 0
+    assert await browser.script("return window.pwned === undefined")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_event_source_on_an_ended_job_gets_each_event_once_and_stops(
+        stack: Stack, browser: Browser, artifacts: None) -> None:
+    """A dashboard's EventSource on a job's watch (docs/api.md): the stream ends after
+    ``terminated``, the browser reconnects with ``Last-Event-ID``, and is told to stop
+    (it used to be sent every event again every 3 s)."""
+    sb = stack.sb
+    ops = await _user(sb, "ops", admin=True)
+    r = await ops.post("/api/v1/jobs", {"image": DIGEST, "tags": ["nowhere"]})
+    assert r.status == 201, r.body
+    job_id = r.body["id"]
+    await ops.post(f"/api/v1/jobs/{job_id}/terminate")  # queued: terminated at once
+    await _log_in(browser, sb.url, "ops")
+    await browser.script(
+        "window.seen = []; window.opened = 0;"
+        f"window.watch = new EventSource('/api/v1/jobs/{job_id}/events/watch');"
+        "watch.addEventListener('open', () => { window.opened += 1; });"
+        "watch.addEventListener('job', (e) => window.seen.push(JSON.parse(e.data).seq));")
+    await browser.wait_for("window.watch.readyState === EventSource.CLOSED", 20)
+    assert await browser.script("return window.seen") == [1, 2]
+    assert await browser.script("return window.opened") == 1

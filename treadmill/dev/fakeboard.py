@@ -124,7 +124,7 @@ class Board:
             self.line("no application")
             return
         self.line(f"starting app ({len(app)} bytes)")
-        self.program = app.decode("utf-8", "replace").splitlines()
+        self.program = app.decode("utf-8", "surrogateescape").splitlines()
         self.step()
 
     def step(self) -> None:
@@ -132,10 +132,10 @@ class Board:
         while self.waiting is None and self.wake_at is None and self.pc < len(self.program):
             op, _, arg = self.program[self.pc].strip().partition(" ")
             self.pc += 1
-            if op == "print":
-                self.line(arg)
+            if op == "print":  # its bytes as they are, invalid UTF-8 included
+                self.line(arg.encode("utf-8", "surrogateescape"))
             elif op == "agent":
-                self.line(PREFIX + arg.encode())
+                self.line(PREFIX + arg.encode("utf-8", "surrogateescape"))
             elif op == "sleep":
                 self.wake_at = time.monotonic() + float(arg)
             elif op == "read":

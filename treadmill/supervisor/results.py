@@ -3,9 +3,10 @@
 The runner makes one :class:`JobResults` per job. Console output (every
 driver's: the runner's console path is shared) from the job's ``booting``
 stage on (a board's reset into the job's firmware) is split into lines, each cut
-to :data:`~treadmill.protocol.results.MAX_MATCH_LINE` bytes and matched with
-the job's console patterns (RE2, linear time); the agent's ``test_case`` and
-``summary`` messages arrive through :meth:`JobResults.agent`. Each test case
+to :data:`~treadmill.protocol.results.MAX_MATCH_LINE` bytes (invalid UTF-8 as
+U+FFFD) and matched with the job's console patterns (RE2, linear time); the
+agent's ``test_case`` and ``summary`` messages arrive through
+:meth:`JobResults.agent`. Each test case
 becomes a line of the job's ``results`` stream (``write``); when the console
 shows the end of the run, ``end(exit_status, message)`` asks the runner to end
 the job ``workload_exited``; when the job ends, :meth:`JobResults.finish`
@@ -32,6 +33,16 @@ _MAX_BUFFER = 64 * 1024
 
 def _text(value: bytes | None) -> str:
     return value.decode("utf-8", "replace").strip() if value else ""
+
+
+def _utf8(line: bytes) -> bytes:
+    """``line`` with each invalid UTF-8 sequence as U+FFFD: RE2 matches no invalid byte
+    with ``.``, ``\\S`` or ``[^ ]``, so line noise would hide a test case or a verdict."""
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return line.decode("utf-8", "replace").encode("utf-8")
+    return line
 
 
 class JobResults:
@@ -109,7 +120,7 @@ class JobResults:
     # -- matching ----------------------------------------------------------------------
 
     def _line(self, raw: bytes) -> None:
-        line = raw[:fmt.MAX_MATCH_LINE].rstrip(b"\r")
+        line = _utf8(raw[:fmt.MAX_MATCH_LINE].rstrip(b"\r"))
         patterns = self.patterns
         case = patterns.get("test_case")
         match = case.search(line) if case is not None else None

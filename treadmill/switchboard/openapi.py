@@ -817,11 +817,19 @@ def _watch() -> dict[str, Any]:
         description="Server-Sent Events: each event is `id: <seq>`, `event: job` and one "
                     "`data:` line holding an `Event` (see `#/components/schemas/Event`); "
                     "comment lines keep the connection alive. The stream ends after the "
-                    "event whose state is `terminated`.")
+                    "event whose state is `terminated`. A reconnecting `EventSource` "
+                    "resumes after its `Last-Event-ID` header (when larger than `after`).")
+    operation["parameters"] = [*operation.get("parameters", []), {
+        "name": "Last-Event-ID", "in": "header", "required": False,
+        "schema": {"type": "integer", "minimum": 0},
+        "description": "The last `id` an `EventSource` received: resume after it."}]
     operation["responses"]["200"] = {
         "description": "A stream of job events.",
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
     }
+    operation["responses"]["204"] = {
+        "description": "With `Last-Event-ID`: the job has ended and every event was sent "
+                       "(an `EventSource` stops reconnecting)."}
     return operation
 
 

@@ -56,15 +56,17 @@ export class JobLogs {
     return offset;
   }
 
-  // The whole stream as a Blob (from the first server that has it); null if none has.
-  async fetchAll(stream) {
+  // The whole stream as a Blob (from the first server that has it), or what follows its
+  // first `offset` bytes (an empty Blob when nothing does yet); null if no server has it.
+  async fetchAll(stream, offset = 0) {
     const access = await this.token();
     for (const server of access.servers || []) {
       try {
-        const response = await fetch(this.url(server, stream), {
+        const response = await fetch(this.url(server, stream, offset ? `?offset=${offset}` : ""), {
           headers: { Authorization: `Bearer ${access.token}` }, cache: "no-store",
         });
         if (response.ok) return await response.blob();
+        if (response.status === 416) return new Blob([]); // nothing after `offset` yet
         if (response.status === 404) continue;
       } catch (e) {
         // try the next replica

@@ -45,14 +45,12 @@ async def bed(migrated_database: str, tmp_path: Path
             board.stop()
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_board_job_ends_by_its_console_patterns(
-        bed: tuple[RunningSwitchboard, str], tmp_path: Path) -> None:
-    sb, log_url = bed
-    digest = write_cache(tmp_path / "cache", {"app.bin": APP})
-    started = time.monotonic()
+async def run_to_end(sb: RunningSwitchboard, tmp_path: Path, app: bytes,
+                     patterns: dict[str, str]) -> dict[str, Any]:
+    """A board job of ``app`` with console ``patterns`` (a 600 s timeout), once ended."""
+    digest = write_cache(tmp_path / "cache", {"app.bin": app})
     r = await sb.admin.post("/api/v1/jobs", {"image": digest, "tags": ["board"],
-                                             "timeout": 600, "results": TOCK})
+                                             "timeout": 600, "results": patterns})
     assert r.status == 201, r.body
     job_id = r.body["id"]
 
@@ -60,7 +58,16 @@ async def test_a_board_job_ends_by_its_console_patterns(
         job = (await sb.admin.get(f"/api/v1/jobs/{job_id}")).body
         return job if job["state"] == "terminated" else None
 
-    job = await eventually(ended, timeout=60)
+    return await eventually(ended, timeout=60)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_board_job_ends_by_its_console_patterns(
+        bed: tuple[RunningSwitchboard, str], tmp_path: Path) -> None:
+    sb, log_url = bed
+    started = time.monotonic()
+    job = await run_to_end(sb, tmp_path, APP, TOCK)
+    job_id = job["id"]
     assert time.monotonic() - started < 60  # not the 600 s timeout
     assert job["termination"] == {"reason": "workload_exited", "exit_status": 1,
                                   "message": "test result: FAILED. 1 passed; 1 failed; "
@@ -75,3 +82,26 @@ async def test_a_board_job_ends_by_its_console_patterns(
         ("test_case", "rng::entropy", "skip"), ("summary", None, "fail")]
 
     assert await failed_junit_counts(sb, job_id) == ("3", "1", "1")
+
+
+# A Linux init's TAP lines (docs/results.md), without a pass pattern: the run passes when
+# no test case failed. Line noise on the serial line (a stray byte, a character cut in
+# two) must not hide the failing case: it passed the job, exit status 0.
+INIT = {"test_case": r"^(?P<result>ok|not ok) [0-9]+ (?P<name>.+)$", "end": r"^init: tests done$"}
+NOISY = (b"print ok 1 mount-root\xff\n"
+         b"print not ok 2 ping \xe2\x82\n"
+         b"print init: tests done\n"
+         b"hang\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_line_noise_does_not_hide_a_failed_test_case(
+        bed: tuple[RunningSwitchboard, str], tmp_path: Path) -> None:
+    sb, log_url = bed
+    job = await run_to_end(sb, tmp_path, NOISY, INIT)
+    assert job["termination"]["exit_status"] == 1, job
+    results = await closed_stream(sb.admin, log_url, job["id"], "results")
+    lines = [json.loads(line) for line in results.decode().splitlines()]
+    assert [(x["type"], x.get("name"), x["result"]) for x in lines] == [
+        ("test_case", "mount-root\ufffd", "pass"), ("test_case", "ping \ufffd", "fail"),
+        ("summary", None, "fail")]

@@ -4,13 +4,17 @@
 job of the restart chain), ``console.log`` (the last job's console; earlier
 jobs of the chain as ``console-<id>.log``) and ``results`` (the last job's
 ``results`` stream, as stored, if it has one). A stream with no bytes gives no
-file. The layout is documented in docs/cli.md.
+file. What an earlier run left in the directory under these names is removed first
+(``clear_previous``), so a reused directory never passes another job's files off as
+this one's. The layout is documented in docs/cli.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,38 @@ from treadmill.cli.commands.logs import FileWriter, read_stream
 from treadmill.cli.context import EXIT_OK, CommandError, Context
 
 SUMMARY_VERSION = 1
+
+OWN_FILES = frozenset({"summary.json", "events.jsonl", "console.log", "results"})
+"""The artifacts' fixed names (and each with ``.tmp``, an atomic write's temporary)."""
+EARLIER_CONSOLE = re.compile(r"console-[0-9a-fA-F-]{36}\.log")
+"""An earlier job of a restart chain's console: ``console-<id>.log``."""
+
+
+def console_file(job: dict[str, Any], last: bool) -> str:
+    """The file of a job's console: ``console.log`` for the last job of the chain, else
+    ``console-<id>.log``; an id that is not a UUID (from a broken or hostile switchboard:
+    ``../../.bashrc``) never names a file."""
+    if last:
+        return "console.log"
+    try:
+        return f"console-{uuid.UUID(str(job['id']))}.log"
+    except ValueError:
+        raise CommandError(f"job id {output.clean(str(job['id']))!r} is not a UUID; "
+                           "its console is not saved") from None
+
+
+def clear_previous(root: Path) -> list[str]:
+    """Remove the artifacts an earlier run wrote into ``root`` (the names this module
+    writes; other files stay), so that a file this run does not write (a job that never
+    ran has no console) cannot be mistaken for this run's. The names removed."""
+    removed = []
+    for entry in sorted(root.iterdir()):
+        name = entry.name.removesuffix(".tmp")
+        if (name in OWN_FILES or EARLIER_CONSOLE.fullmatch(name)) and (
+                entry.is_symlink() or entry.is_file()):
+            entry.unlink()
+            removed.append(entry.name)
+    return removed
 
 
 def _seconds(start: Any, end: Any) -> float | None:
@@ -121,6 +157,7 @@ async def write_artifacts(ctx: Context, directory: str, followed: Followed,
     root = Path(directory)
     try:
         root.mkdir(parents=True, exist_ok=True)
+        clear_previous(root)
     except OSError as e:
         raise CommandError(f"--artifacts {directory}: {e.strerror or e}") from None
     artifacts: dict[str, Any] = {"console": None, "earlier_consoles": [], "events": None,
@@ -138,9 +175,9 @@ async def write_artifacts(ctx: Context, directory: str, followed: Followed,
             if not job.get("logs") or not ran_on_a_host(job):
                 continue
             last = job is final
-            name = "console.log" if last else f"console-{job['id']}.log"
             try:
-                saved = await _save_stream(ctx, str(job["id"]), "console", root / name)
+                saved = await _save_stream(ctx, str(job["id"]), "console",
+                                           root / console_file(job, last))
                 if last:
                     artifacts["console"] = saved
                     artifacts["results"] = await _save_stream(ctx, str(job["id"]), "results",

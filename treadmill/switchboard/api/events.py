@@ -12,6 +12,17 @@ from treadmill.switchboard.api.base import RETRY_AFTER, Routes
 from treadmill.switchboard.database import unavailable
 
 app = Routes.app
+MAX_SEQ = 2**31 - 1
+
+
+def last_event_id(request: IRequest) -> int | None:
+    """The ``Last-Event-ID`` a reconnecting EventSource sends (the last ``id:`` it got),
+    if it is one of ours: a sequence number."""
+    raw = request.getHeader(b"last-event-id")
+    if raw is None or not raw.isdigit() or len(raw) > 10:
+        return None
+    value = int(raw)
+    return value if value <= MAX_SEQ else None
 
 
 class EventRoutes(Routes):
@@ -20,14 +31,21 @@ class EventRoutes(Routes):
     @app.route("/api/v1/jobs/<job_id>/events", methods=["GET"])
     async def job_events(self, request: IRequest, job_id: str) -> bytes:
         _, row = await self._job(request, job_id, "read")
-        after = int_arg(request, "after", 0, 0, 2**31 - 1)
+        after = int_arg(request, "after", 0, 0, MAX_SEQ)
         rows = await self.store.job_events(row["id"], after)
         return respond(request, {"events": [views.event(r) for r in rows]})
 
     @app.route("/api/v1/jobs/<job_id>/events/watch", methods=["GET"])
-    async def watch_job(self, request: IRequest, job_id: str) -> Deferred[bytes]:
+    async def watch_job(self, request: IRequest, job_id: str) -> Deferred[bytes] | bytes:
         _, row = await self._job(request, job_id, "read")
-        after = int_arg(request, "after", 0, 0, 2**31 - 1)
+        after = int_arg(request, "after", 0, 0, MAX_SEQ)
+        resumed = last_event_id(request)
+        if resumed is not None:  # an EventSource reconnecting: on from what it saw
+            after = max(after, resumed)
+            if row["state"] == "terminated" and not await self.store.job_events(
+                    row["id"], after):
+                request.setResponseCode(204)  # all sent: an EventSource stops at a 204
+                return b""
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-accel-buffering", b"no")

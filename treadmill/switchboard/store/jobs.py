@@ -163,7 +163,7 @@ class JobQueries(Queries):
         if states:
             clauses.append("j.state = ANY(%(states)s)")
         if owner is not None:
-            clauses.append("o.name = %(owner)s")
+            clauses.append("lower(o.name) = lower(%(owner)s)")
         if before_seq is not None:
             clauses.append("j.seq < %(before)s")
         return await self.pool.fetchall(

@@ -182,10 +182,23 @@ export async function render(main, app, id) {
     hidden: !(job.results?.patterns && Object.keys(job.results.patterns).length) },
   h("h2", {}, "Results"), results);
   main.append(resultsSection);
-  async function loadResults() {
-    const blob = await logs.fetchAll("results").catch(() => null);
+  // Read on from the bytes shown: while the job runs (every REFRESH_MS) and when it ends;
+  // one read at a time, so none is shown twice.
+  let resultsShown = 0;
+  let resultsRead = Promise.resolve();
+  const resultsText = new TextDecoder();
+  function loadResults() {
+    resultsRead = resultsRead.then(readResults).catch(() => {});
+    return resultsRead;
+  }
+  async function readResults() {
+    const blob = await logs.fetchAll("results", resultsShown).catch(() => null);
     if (!blob || abort.signal.aborted) return;
-    results.textContent = await blob.text();
+    const bytes = new Uint8Array(await blob.arrayBuffer());
+    if (!bytes.length) return;
+    if (!resultsShown) results.textContent = "";
+    resultsShown += bytes.length;
+    results.textContent += resultsText.decode(bytes, { stream: true });
     resultsSection.hidden = false;
   }
 
@@ -276,6 +289,8 @@ export async function render(main, app, id) {
   const poller = setInterval(async () => {
     if (snapshots.some((s) => s.state === "pending")) loadSnapshots().catch(() => {});
     if (current.state === "queued" || current.held_until) await refresh();
+    // An agent or console patterns add results while the job runs.
+    if (!["queued", "terminated"].includes(current.state)) loadResults();
   }, REFRESH_MS);
 
   return () => {
