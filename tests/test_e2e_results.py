@@ -233,4 +233,27 @@ async def test_a_job_without_results_has_no_stream(bed: Bed) -> None:
     job = await bed.run({"image": DIGEST})
     assert job["termination"]["reason"] == "workload_exited"
     code, out, err = await bed.tml("job", "results", job["id"], "--junit")
-    assert code == 1 and "no results stream" in err, (out, err)
+    assert code == 1 and 'tests="0"' in out, (out, err)
+    # Once ended, it says so (not "yet"), in every form.
+    assert "has no results (it has ended)" in err and "yet" not in err, err
+    code, out, err = await bed.tml("job", "results", job["id"])
+    assert code == 1 and out == "no results (the job has ended)\n", (out, err)
+    code, out, err = await bed.tml("job", "results", job["id"], "--tap")
+    assert code == 1 and out.endswith(": no results (the job has ended)\n"), (out, err)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_running_job_has_no_results_stream_yet(bed: Bed) -> None:
+    r = await bed.switchboard.admin.post("/api/v1/jobs", {
+        "tags": ["mock"], "image": DIGEST, "parameters": {"mock.run_time": {"value": "inf"}}})
+    job_id = r.body["id"]
+
+    async def ready() -> bool:
+        job = (await bed.switchboard.admin.get(f"/api/v1/jobs/{job_id}")).body
+        return job["state"] == "ready"
+
+    await eventually(ready, timeout=20)
+    code, out, err = await bed.tml("job", "results", job_id)
+    assert code == 1 and "has no results stream yet" in err, (out, err)
+    assert out == "no summary yet (the job has not ended)\n", out
+    await bed.switchboard.admin.post(f"/api/v1/jobs/{job_id}/terminate", {})

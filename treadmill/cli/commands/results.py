@@ -17,6 +17,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 from treadmill.cli import output
+from treadmill.cli.client import ApiError, Unreachable
 from treadmill.cli.commands.logs import read_stream
 from treadmill.cli.context import (
     EXIT_ERROR,
@@ -142,7 +143,16 @@ def _tap_text(value: Any) -> str:
     return output.clean(text).replace("\\", "\\\\").replace("#", "\\#")
 
 
-def tap(job_id: str, results: dict[str, Any]) -> str:
+def _no_summary(results: dict[str, Any], ended: bool) -> str:
+    """What a stream without a summary says: the job has not ended, or it ended without
+    results (or its summary is not there: its stream could not be completed)."""
+    if not ended:
+        return "no summary yet (the job has not ended)"
+    return "no summary (the job has ended)" if results["test_cases"] else (
+        "no results (the job has ended)")
+
+
+def tap(job_id: str, results: dict[str, Any], ended: bool = False) -> str:
     """TAP version 13: one test point per test case, details in YAML blocks."""
     cases = results["test_cases"]
     lines = ["TAP version 13", f"1..{len(cases)}"]
@@ -165,7 +175,7 @@ def tap(job_id: str, results: dict[str, Any]) -> str:
             lines.append("  ...")
     summary = results["summary"]
     if summary is None:
-        lines.append(f"# job {_tap_text(job_id)}: no summary yet (the job has not ended)")
+        lines.append(f"# job {_tap_text(job_id)}: {_no_summary(results, ended)}")
     else:
         lines.append(f"# job {_tap_text(job_id)}: {summary['result']}: "
                      f"{summary['passed']} passed, {summary['failed']} failed, "
@@ -174,14 +184,14 @@ def tap(job_id: str, results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _table(results: dict[str, Any]) -> str:
+def _table(results: dict[str, Any], ended: bool) -> str:
     rows = [(c["result"].upper(), c["name"],
              f"{float(c['duration']):.3f} s" if "duration" in c else "-",
              c.get("message", "")) for c in results["test_cases"]]
     text = output.render_table(("RESULT", "NAME", "DURATION", "MESSAGE"), rows) if rows else ""
     summary = results["summary"]
     if summary is None:
-        text += "no summary yet (the job has not ended)\n"
+        text += _no_summary(results, ended) + "\n"
     else:
         text += output.clean(
             f"{summary['result'].upper()}: {summary['passed']} passed, {summary['failed']} "
@@ -195,10 +205,14 @@ async def job_results(ctx: Context) -> int:
     """Print a job's results; exit 0 if they passed, 4 if not, 1 if there is no summary."""
     a = ctx.args
     collected = _Collect()
-    status = await read_stream(ctx, a.id, STREAM, False, collected)
+    status = await read_stream(ctx, a.id, STREAM, False, collected, quiet_missing=True)
     if status != EXIT_OK:
         return status
     results = load(bytes(collected.data))
+    ended = results["summary"] is None and await _has_ended(ctx, a.id)
+    if not collected.count:
+        ctx.note(f"tml: job {a.id} has no results (it has ended)" if ended
+                 else f"tml: job {a.id} has no results stream yet")
     if results["invalid_lines"]:
         ctx.note(f"tml: {results['invalid_lines']} lines of the results stream were not "
                  "valid results lines; left out")
@@ -207,13 +221,22 @@ async def job_results(ctx: Context) -> int:
     elif a.format == "junit":
         ctx.write(junit(a.id, results))
     elif a.format == "tap":
-        ctx.write(tap(a.id, results))
+        ctx.write(tap(a.id, results, ended))
     else:
-        ctx.write(_table(results))
+        ctx.write(_table(results, ended))
     summary = results["summary"]
     if summary is None:
         return EXIT_ERROR
     return EXIT_OK if summary["result"] == "pass" else EXIT_FAILED
+
+
+async def _has_ended(ctx: Context, job_id: str) -> bool:
+    """Whether the job has ended (False if the switchboard cannot say)."""
+    try:
+        job = await ctx.api.get("jobs", job_id)
+    except (ApiError, Unreachable):
+        return False
+    return job.get("state") == "terminated"
 
 
 def _pattern(text: str) -> tuple[str, str]:
@@ -250,7 +273,7 @@ def patterns_from(args: argparse.Namespace) -> dict[str, str] | None:
 def register(job: Any, common: argparse.ArgumentParser) -> None:
     """Add ``job results`` to the ``job`` group."""
     p = add_command(job, "results", job_results, common,
-                    help="print a job's test results (exit 0: passed, 4: failed, 1: none yet)")
+                    help="print a job's test results (exit 0: passed, 4: failed, 1: no summary)")
     add_job_id(p)
     form = p.add_mutually_exclusive_group()
     form.add_argument("--junit", dest="format", action="store_const", const="junit",
