@@ -1,4 +1,6 @@
-"""``tml job results``: a job's test results, as a table, JSON, JUnit XML or TAP.
+"""``tml job results``: a job's test results, as a table, JSON, JUnit XML or TAP; and
+their verdict on a followed job (:func:`verdict`, for ``job run``, ``job wait`` and
+``job submit --follow``).
 
 The results are the job's ``results`` stream on its log servers
 (``docs/results.md``), read like ``tml job logs`` reads a stream (the same read
@@ -16,12 +18,17 @@ import re
 from typing import Any
 from xml.etree import ElementTree
 
+from twisted.internet.defer import Deferred, TimeoutError
+
 from treadmill.cli import output
 from treadmill.cli.client import ApiError, Unreachable
+from treadmill.cli.commands.follow import Followed, ran_on_a_host
 from treadmill.cli.commands.logs import read_stream
 from treadmill.cli.context import (
     EXIT_ERROR,
+    EXIT_JOB_FAILED,
     EXIT_OK,
+    CommandError,
     Context,
     UsageError,
     add_command,
@@ -35,11 +42,15 @@ from treadmill.protocol.results import (
     parse_line,
 )
 
-__all__ = ["EXIT_FAILED", "add_patterns_option", "junit", "load", "patterns_from",
-           "register", "tap"]
+__all__ = ["EXIT_FAILED", "RESULTS_WAIT", "add_patterns_option", "junit", "load",
+           "patterns_from", "register", "tap", "verdict"]
 
-EXIT_FAILED = 4
+EXIT_FAILED = EXIT_JOB_FAILED
 """The summary says the run failed (or ended in error)."""
+
+RESULTS_WAIT = 10.0
+"""Seconds :func:`verdict` waits for an ended job's results stream to get its summary
+(the supervisor ships it in the background, beside the console)."""
 
 # Characters XML 1.0 does not allow, even escaped.
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -89,6 +100,53 @@ def load(data: bytes) -> dict[str, Any]:
         else:
             summary = line
     return {"test_cases": cases, "summary": summary, "invalid_lines": invalid}
+
+
+async def _ended_results(ctx: Context, job_id: str) -> bytes:
+    """An ended job's ``results`` stream: as stored now, or, if it has lines but no
+    summary yet, followed until it closes or ``RESULTS_WAIT`` seconds passed."""
+    collected = _Collect()
+    if await read_stream(ctx, job_id, STREAM, False, collected, quiet_missing=True) != EXIT_OK:
+        raise CommandError("its results stream could not be read")
+    if not collected.count or load(bytes(collected.data))["summary"] is not None:
+        return bytes(collected.data)
+    followed = _Collect()
+    reading = Deferred.fromCoroutine(read_stream(ctx, job_id, STREAM, True, followed))
+    reading.addTimeout(RESULTS_WAIT, ctx.reactor)
+    try:
+        await reading
+    except TimeoutError:
+        pass
+    return bytes(max(followed.data, collected.data, key=len))
+
+
+async def verdict(ctx: Context, followed: Followed) -> tuple[int, bytes | None]:
+    """The exit status of a followed job, its test results considered: a workload that
+    exited 0 (status 0) whose results summary says ``fail`` makes it 4, and says so.
+    Also the last job's ``results`` stream as read (None if it was not read: the job
+    failed anyway, never ran, or has no log servers), for ``--artifacts``."""
+    status, final = followed.status, followed.final
+    if status != EXIT_OK or not final.get("logs") or not ran_on_a_host(final):
+        return status, None
+    job_id = str(final["id"])
+    try:
+        data = await _ended_results(ctx, job_id)
+    except (CommandError, ApiError, Unreachable) as e:
+        ctx.note(output.clean(f"tml: the test results of job {job_id} are unavailable "
+                              f"({e}); the exit status is the workload's"))
+        return status, None
+    summary = load(data)["summary"]
+    if summary is None or summary["result"] == "pass":
+        return status, data
+    failed = int(summary.get("failed") or 0) + int(summary.get("errors") or 0)
+    if failed:
+        ctx.note(f"tml: the workload exited 0 but {failed} test "
+                 f"case{'s' if failed != 1 else ''} failed")
+    else:
+        ctx.note(output.clean("tml: the workload exited 0 but its test results say "
+                              f"{summary['result']}"
+                              + (f": {summary['message']}" if summary.get("message") else "")))
+    return EXIT_JOB_FAILED, data
 
 
 def _xml_text(value: Any) -> str:
