@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
@@ -233,4 +234,91 @@ async def test_a_job_without_results_has_no_stream(bed: Bed) -> None:
     job = await bed.run({"image": DIGEST})
     assert job["termination"]["reason"] == "workload_exited"
     code, out, err = await bed.tml("job", "results", job["id"], "--junit")
-    assert code == 1 and "no results stream" in err, (out, err)
+    assert code == 1 and 'tests="0"' in out, (out, err)
+    # Once ended, it says so (not "yet"), in every form.
+    assert "has no results (it has ended)" in err and "yet" not in err, err
+    code, out, err = await bed.tml("job", "results", job["id"])
+    assert code == 1 and out == "no results (the job has ended)\n", (out, err)
+    code, out, err = await bed.tml("job", "results", job["id"], "--tap")
+    assert code == 1 and out.endswith(": no results (the job has ended)\n"), (out, err)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_running_job_has_no_results_stream_yet(bed: Bed) -> None:
+    r = await bed.switchboard.admin.post("/api/v1/jobs", {
+        "tags": ["mock"], "image": DIGEST, "parameters": {"mock.run_time": {"value": "inf"}}})
+    job_id = r.body["id"]
+
+    async def ready() -> bool:
+        job = (await bed.switchboard.admin.get(f"/api/v1/jobs/{job_id}")).body
+        return job["state"] == "ready"
+
+    await eventually(ready, timeout=20)
+    code, out, err = await bed.tml("job", "results", job_id)
+    assert code == 1 and "has no results stream yet" in err, (out, err)
+    assert out == "no summary yet (the job has not ended)\n", out
+    await bed.switchboard.admin.post(f"/api/v1/jobs/{job_id}/terminate", {})
+
+
+# Failed test cases in a workload that exits 0: through the agent, and console test cases
+# without a pass, fail or end pattern (the job runs to its end, which is exit status 0).
+FAILED_CASES = {
+    "agent": ["--param", "mock.agent=" + "\n".join(json.dumps(m) for m in (
+        {"type": "test_case", "name": "boot", "result": "pass"},
+        {"type": "test_case", "name": "disk", "result": "fail", "message": "no disk"},
+        {"type": "test_case", "name": "net", "result": "error"}))],
+    "console": ["--results-pattern",
+                r"test_case=^check (?P<name>\S+): (?P<result>\S+)$",
+                "--param", "mock.console=check boot: ok\ncheck disk: FAILED\n"
+                "check net: ???\n"],
+}
+
+
+@pytest.mark.parametrize("source", list(FAILED_CASES))
+@pytest_twisted.ensureDeferred
+async def test_failed_test_cases_of_a_workload_that_exited_0_fail_the_run(
+        bed: Bed, tmp_path: Path, source: str) -> None:
+    """``job run``, ``job wait`` and ``job submit --follow`` exit 4, say why, and
+    ``summary.json`` says 4, while the job's own exit status stays 0."""
+    out_dir = tmp_path / "out"
+    args = ["--tag", "mock", "--param", "mock.run_time=0.5", *FAILED_CASES[source]]
+    code, out, err = await bed.tml("job", "run", DIGEST, *args, "--artifacts", str(out_dir))
+    assert code == 4, (out, err)
+    assert "tml: the workload exited 0 but 2 test cases failed\n" in err, err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert (summary["exit_status"], summary["tml_exit_status"]) == (0, 4), summary
+    results = lines((out_dir / "results").read_bytes())
+    assert results[-1]["type"] == "summary" and results[-1]["result"] == "fail", results
+    assert summary["artifacts"]["results"] == "results"
+
+    code, out, err = await bed.tml("job", "wait", summary["job"])
+    assert code == 4 and "2 test cases failed" in err, (out, err)
+    code, out, err = await bed.tml("job", "submit", DIGEST, *args, "--follow")
+    assert code == 4 and "2 test cases failed" in err, (out, err)
+    code, out, err = await bed.tml("job", "results", summary["job"])
+    assert code == 4, (out, err)
+
+
+@pytest_twisted.ensureDeferred
+async def test_passing_test_cases_and_no_results_leave_the_run_green(
+        bed: Bed, tmp_path: Path) -> None:
+    for extra in (["--results-pattern", r"test_case=^check (?P<name>\S+): (?P<result>\S+)$",
+                   "--param", "mock.console=check boot: ok\n"], []):
+        out_dir = tmp_path / str(len(extra))
+        code, out, err = await bed.tml("job", "run", DIGEST, "--tag", "mock", "--param",
+                                       "mock.run_time=0.3", *extra, "--artifacts",
+                                       str(out_dir))
+        assert code == 0 and "test cases failed" not in err, (extra, out, err)
+        summary = json.loads((out_dir / "summary.json").read_text())
+        assert summary["tml_exit_status"] == 0
+        assert summary["artifacts"]["results"] == ("results" if extra else None), summary
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_summary_without_failed_test_cases_fails_the_run(bed: Bed) -> None:
+    said = json.dumps({"type": "summary", "result": "fail", "message": "coverage \x1b[31mlow"})
+    code, out, err = await bed.tml("job", "run", DIGEST, "--tag", "mock", "--param",
+                                   "mock.run_time=0.5", "--param", f"mock.agent={said}")
+    assert code == 4, (out, err)
+    assert ("tml: the workload exited 0 but its test results say fail: coverage "
+            "\\x1b[31mlow\n") in err, err

@@ -11,6 +11,7 @@ mock supervisor; their artifacts must exist and parse.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -152,6 +153,20 @@ PATTERNS = {"pass": "pass=mock.console", "none": "",
             "failed": r"test_case=^mock.(?P<name>console)(?P<result>)"}
 
 
+def assert_no_workflow_commands(log: str) -> None:
+    """Every line of a GitHub step's log that starts with ``::`` falls between
+    ``::stop-commands::TOKEN`` and ``::TOKEN::``, with a random token of this run."""
+    rows = log.splitlines()
+    starts = [i for i, row in enumerate(rows) if row.startswith("::stop-commands::")]
+    assert len(starts) == 1, log
+    token = rows[starts[0]].removeprefix("::stop-commands::")
+    assert re.fullmatch("[0-9a-f]{32,}", token), token
+    end = rows.index(f"::{token}::")
+    assert [row for i, row in enumerate(rows) if row.startswith("::")
+            and not starts[0] <= i <= end] == [], log
+    assert any(row.startswith("::error::forged") for row in rows[starts[0]:end]), log
+
+
 @pytest.mark.parametrize("results", list(PATTERNS))
 @pytest.mark.parametrize(("recipe", "parse"), [("github-actions.yml", github_steps),
                                                ("gitlab-ci.yml", gitlab_steps)])
@@ -161,8 +176,9 @@ async def test_ci_recipe_runs_against_real_daemons(light: tuple[Path, Path], tes
                                                   parse: Any, results: str) -> None:
     """Every step of the recipe passes for a job that passed, whether or not it has test
     results (most jobs have none: no console patterns, no agent reporting); failed test
-    cases of a workload that exited 0 fail GitHub's JUnit step (GitLab's after_script
-    cannot fail)."""
+    cases of a workload that exited 0 fail the run's step, and GitHub's JUnit step
+    (GitLab's after_script cannot fail). GitHub reads no workflow command from the
+    job's console (it prints ``::error::forged``)."""
     wheel, venv = light
     text = (RECIPES / recipe).read_text()
     recipe_env, steps = parse(yaml.safe_load(text))
@@ -181,9 +197,9 @@ async def test_ci_recipe_runs_against_real_daemons(light: tuple[Path, Path], tes
 
     user = await testbed.user("ci")
     # A console pattern gives the job a results stream, which the JUnit step renders.
-    run_args = "--param mock.run_time=0.3" + (
+    run_args = "--param mock.run_time=0.3 --param mock.console=::error::forged" + (
         f" --results-pattern {PATTERNS[results]}" if PATTERNS[results] else "")
-    failing = "JUnit report" if results == "failed" and recipe.startswith("github") else None
+    failing = {"Run the board job", "JUnit report", "script"} if results == "failed" else set()
     env = clean_env(tmp_path / "home", venv, **{
         **{k: str(v) for k, v in recipe_env.items()},
         "TREADMILL_URL": testbed.url, "TREADMILL_TOKEN": user.token or "",
@@ -196,10 +212,13 @@ async def test_ci_recipe_runs_against_real_daemons(light: tuple[Path, Path], tes
         out, err, code = await getProcessOutputAndValue(
             "/bin/bash", ["-e", "-o", "pipefail", "-c", script], env=env, path=str(work))
         said += out + err
-        if name == failing:
+        if b"::error::forged" in out and recipe.startswith("github"):
+            assert_no_workflow_commands(out.decode())
+        if name in failing:
             assert code == 4, (recipe, name, out.decode(), err.decode())
             continue
         assert code == 0, (recipe, name, out.decode(), err.decode())
+    assert b"::error::forged" in said
     assert user.token and user.token.encode() not in said
 
     out = work / "out"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -36,6 +38,30 @@ def test_cells():
     assert output.cell("") == ""
     assert output.cell({"b": 1, "a": 2}) == '{"a": 2, "b": 1}'
     assert output.cell("bell\x07 and \x1b[31mred") == "bell\\x07 and \\x1b[31mred"
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("\x1b\\", "\\x1b\\\\"),                # ESC then a backslash (ST, an OSC's end)
+    ("\x1b\\x07", "\\x1b\\\\x07"),          # ESC then the text \x07 ...
+    ("\x1b\x07", "\\x1b\\x07"),              # ... is not ESC then BEL
+    ("\x1b\\\\x", "\\x1b\\\\\\\\x"),      # a run of backslashes: each doubled
+    ("C:\\dir \\d+\x07", "C:\\dir \\d+\\x07"),  # other backslashes as they are
+    ("plain \\ text", "plain \\ text"),
+])
+def test_clean_shows_a_backslash_after_an_escape_unambiguously(text: str, shown: str) -> None:
+    assert output.clean(text) == shown
+
+
+def test_clean_shows_backslashes_after_escapes_one_to_one() -> None:
+    """Texts of ESC, BEL, ``x07`` and backslashes that follow a control character are each
+    shown differently. (A backslash elsewhere is shown as it is: the text ``\\x07`` and BEL
+    look alike, as a path or a regular expression must stay readable.)"""
+    parts = ["\x1b", "\x07", "\\", "x07"]
+    texts = ["".join(p) for n in range(6) for p in itertools.product(parts, repeat=n)]
+    texts = [t for t in texts if not re.search(r"(?:^|[^\x00-\x1f\\])\\", t)]
+    shown: dict[str, str] = {}
+    for text in texts:
+        assert shown.setdefault(output.clean(text), text) == text, text
 
 
 def test_fmt_time_drops_fraction():

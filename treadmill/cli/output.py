@@ -7,16 +7,20 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(r"([\x00-\x1f\x7f-\x9f])(\\*)")
+"""A control character, and the backslashes that follow it (doubled when shown)."""
 _FRACTION = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.\d+(Z|[+-]\d\d:\d\d)$")
 
 
 def _escape_control(match: re.Match[str]) -> str:
-    return f"\\x{ord(match.group()):02x}"
+    return f"\\x{ord(match[1]):02x}" + match[2] * 2
 
 
 def clean(text: str) -> str:
-    """Escape control characters so server-supplied text cannot drive the terminal."""
+    """Escape control characters (``\\xNN``) so server-supplied text cannot drive the
+    terminal. Backslashes right after a control character are doubled: ESC and a literal
+    ``\\x07`` (``\\x1b\\\\x07``) differ from ESC and BEL (``\\x1b\\x07``). Other backslashes
+    (paths, regular expressions) stay as they are."""
     return _CONTROL.sub(_escape_control, text)
 
 

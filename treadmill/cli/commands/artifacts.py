@@ -130,6 +130,14 @@ async def _save_stream(ctx: Context, job_id: str, stream: str, path: Path) -> st
     return path.name if writer.count else None
 
 
+def _save_bytes(path: Path, data: bytes) -> str | None:
+    """Write a stream read already; its file name, or None if it has no bytes."""
+    if not data:
+        return None
+    path.write_bytes(data)
+    return path.name
+
+
 async def _all_events(ctx: Context, job_id: str) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     after = 0
@@ -152,8 +160,10 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 async def write_artifacts(ctx: Context, directory: str, followed: Followed,
-                          summary: dict[str, Any]) -> None:
-    """Write the artifacts of a finished run into ``directory`` (see the module)."""
+                          summary: dict[str, Any], results: bytes | None = None) -> None:
+    """Write the artifacts of a finished run into ``directory`` (see the module);
+    ``results``: the last job's ``results`` stream if it was read already (the run's
+    verdict), else it is read here."""
     root = Path(directory)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -180,8 +190,9 @@ async def write_artifacts(ctx: Context, directory: str, followed: Followed,
                                            root / console_file(job, last))
                 if last:
                     artifacts["console"] = saved
-                    artifacts["results"] = await _save_stream(ctx, str(job["id"]), "results",
-                                                              root / "results")
+                    artifacts["results"] = (
+                        await _save_stream(ctx, str(job["id"]), "results", root / "results")
+                        if results is None else _save_bytes(root / "results", results))
                 elif saved:
                     artifacts["earlier_consoles"].append(saved)
             except (CommandError, ApiError, Unreachable) as e:

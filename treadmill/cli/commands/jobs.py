@@ -312,14 +312,15 @@ async def job_submit(ctx: Context) -> int:
         ctx.note(f"tml job cancel {job['id']}")
     follower = _follower(ctx, job)
     try:
-        status = (await follower.run()).status
+        followed = await follower.run()
     except CancelledError:
         if ctx.interrupted:
             ctx.note(f"tml: interrupted; job {follower.current} keeps running; to cancel it:")
             ctx.note(f"tml job cancel {follower.current}")
         raise
-    if status != 0 and ctx.args.hold_on_failure:
+    if followed.status != 0 and ctx.args.hold_on_failure:
         await _note_hold(ctx, follower.current)
+    status, _ = await results_command.verdict(ctx, followed)
     return status
 
 
@@ -346,12 +347,12 @@ async def job_run(ctx: Context) -> int:
         if ctx.interrupted:
             await _on_interrupt(ctx, follower.current, a.keep_on_interrupt)
         raise
-    status = followed.status
-    if status != 0 and a.hold_on_failure:
+    if followed.status != 0 and a.hold_on_failure:
         await _note_hold(ctx, follower.current)
+    status, results = await results_command.verdict(ctx, followed)
     summary = run_summary(followed, status, ctx.reactor.seconds() - started)
     if a.artifacts:
-        await write_artifacts(ctx, a.artifacts, followed, summary)
+        await write_artifacts(ctx, a.artifacts, followed, summary, results)
     if ctx.json:
         output.print_json_line(ctx.stdout, summary)
     return status
@@ -398,7 +399,8 @@ async def _on_interrupt(ctx: Context, job_id: str, keep: bool) -> None:
 
 
 async def job_wait(ctx: Context) -> int:
-    """Wait for a job (and the jobs that restart it) to end; exit with its outcome."""
+    """Wait for a job (and the jobs that restart it) to end; exit with its outcome (its
+    test results considered, as ``job run``'s)."""
     a = ctx.args
     waiting = Deferred.fromCoroutine(
         JobFollower(ctx, a.id, events=False, stream=None, notes=not ctx.json).run())
@@ -411,9 +413,10 @@ async def job_wait(ctx: Context) -> int:
         ctx.note(output.clean(f"tml: job {a.id} is still {job.get('state')} after "
                               f"{a.timeout:g} s"))
         return EXIT_WAIT_TIMEOUT
+    status, _ = await results_command.verdict(ctx, followed)
     if ctx.json:
         output.print_json(ctx.stdout, followed.final)
-    return followed.status
+    return status
 
 
 async def job_ls(ctx: Context) -> int:

@@ -1,4 +1,6 @@
-"""``tml job results``: a job's test results, as a table, JSON, JUnit XML or TAP.
+"""``tml job results``: a job's test results, as a table, JSON, JUnit XML or TAP; and
+their verdict on a followed job (:func:`verdict`, for ``job run``, ``job wait`` and
+``job submit --follow``).
 
 The results are the job's ``results`` stream on its log servers
 (``docs/results.md``), read like ``tml job logs`` reads a stream (the same read
@@ -16,11 +18,17 @@ import re
 from typing import Any
 from xml.etree import ElementTree
 
+from twisted.internet.defer import Deferred, TimeoutError
+
 from treadmill.cli import output
+from treadmill.cli.client import ApiError, Unreachable
+from treadmill.cli.commands.follow import Followed, ran_on_a_host
 from treadmill.cli.commands.logs import read_stream
 from treadmill.cli.context import (
     EXIT_ERROR,
+    EXIT_JOB_FAILED,
     EXIT_OK,
+    CommandError,
     Context,
     UsageError,
     add_command,
@@ -34,11 +42,15 @@ from treadmill.protocol.results import (
     parse_line,
 )
 
-__all__ = ["EXIT_FAILED", "add_patterns_option", "junit", "load", "patterns_from",
-           "register", "tap"]
+__all__ = ["EXIT_FAILED", "RESULTS_WAIT", "add_patterns_option", "junit", "load",
+           "patterns_from", "register", "tap", "verdict"]
 
-EXIT_FAILED = 4
+EXIT_FAILED = EXIT_JOB_FAILED
 """The summary says the run failed (or ended in error)."""
+
+RESULTS_WAIT = 10.0
+"""Seconds :func:`verdict` waits for an ended job's results stream to get its summary
+(the supervisor ships it in the background, beside the console)."""
 
 # Characters XML 1.0 does not allow, even escaped.
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -88,6 +100,53 @@ def load(data: bytes) -> dict[str, Any]:
         else:
             summary = line
     return {"test_cases": cases, "summary": summary, "invalid_lines": invalid}
+
+
+async def _ended_results(ctx: Context, job_id: str) -> bytes:
+    """An ended job's ``results`` stream: as stored now, or, if it has lines but no
+    summary yet, followed until it closes or ``RESULTS_WAIT`` seconds passed."""
+    collected = _Collect()
+    if await read_stream(ctx, job_id, STREAM, False, collected, quiet_missing=True) != EXIT_OK:
+        raise CommandError("its results stream could not be read")
+    if not collected.count or load(bytes(collected.data))["summary"] is not None:
+        return bytes(collected.data)
+    followed = _Collect()
+    reading = Deferred.fromCoroutine(read_stream(ctx, job_id, STREAM, True, followed))
+    reading.addTimeout(RESULTS_WAIT, ctx.reactor)
+    try:
+        await reading
+    except TimeoutError:
+        pass
+    return bytes(max(followed.data, collected.data, key=len))
+
+
+async def verdict(ctx: Context, followed: Followed) -> tuple[int, bytes | None]:
+    """The exit status of a followed job, its test results considered: a workload that
+    exited 0 (status 0) whose results summary says ``fail`` makes it 4, and says so.
+    Also the last job's ``results`` stream as read (None if it was not read: the job
+    failed anyway, never ran, or has no log servers), for ``--artifacts``."""
+    status, final = followed.status, followed.final
+    if status != EXIT_OK or not final.get("logs") or not ran_on_a_host(final):
+        return status, None
+    job_id = str(final["id"])
+    try:
+        data = await _ended_results(ctx, job_id)
+    except (CommandError, ApiError, Unreachable) as e:
+        ctx.note(output.clean(f"tml: the test results of job {job_id} are unavailable "
+                              f"({e}); the exit status is the workload's"))
+        return status, None
+    summary = load(data)["summary"]
+    if summary is None or summary["result"] == "pass":
+        return status, data
+    failed = int(summary.get("failed") or 0) + int(summary.get("errors") or 0)
+    if failed:
+        ctx.note(f"tml: the workload exited 0 but {failed} test "
+                 f"case{'s' if failed != 1 else ''} failed")
+    else:
+        ctx.note(output.clean("tml: the workload exited 0 but its test results say "
+                              f"{summary['result']}"
+                              + (f": {summary['message']}" if summary.get("message") else "")))
+    return EXIT_JOB_FAILED, data
 
 
 def _xml_text(value: Any) -> str:
@@ -142,7 +201,16 @@ def _tap_text(value: Any) -> str:
     return output.clean(text).replace("\\", "\\\\").replace("#", "\\#")
 
 
-def tap(job_id: str, results: dict[str, Any]) -> str:
+def _no_summary(results: dict[str, Any], ended: bool) -> str:
+    """What a stream without a summary says: the job has not ended, or it ended without
+    results (or its summary is not there: its stream could not be completed)."""
+    if not ended:
+        return "no summary yet (the job has not ended)"
+    return "no summary (the job has ended)" if results["test_cases"] else (
+        "no results (the job has ended)")
+
+
+def tap(job_id: str, results: dict[str, Any], ended: bool = False) -> str:
     """TAP version 13: one test point per test case, details in YAML blocks."""
     cases = results["test_cases"]
     lines = ["TAP version 13", f"1..{len(cases)}"]
@@ -165,7 +233,7 @@ def tap(job_id: str, results: dict[str, Any]) -> str:
             lines.append("  ...")
     summary = results["summary"]
     if summary is None:
-        lines.append(f"# job {_tap_text(job_id)}: no summary yet (the job has not ended)")
+        lines.append(f"# job {_tap_text(job_id)}: {_no_summary(results, ended)}")
     else:
         lines.append(f"# job {_tap_text(job_id)}: {summary['result']}: "
                      f"{summary['passed']} passed, {summary['failed']} failed, "
@@ -174,14 +242,14 @@ def tap(job_id: str, results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _table(results: dict[str, Any]) -> str:
+def _table(results: dict[str, Any], ended: bool) -> str:
     rows = [(c["result"].upper(), c["name"],
              f"{float(c['duration']):.3f} s" if "duration" in c else "-",
              c.get("message", "")) for c in results["test_cases"]]
     text = output.render_table(("RESULT", "NAME", "DURATION", "MESSAGE"), rows) if rows else ""
     summary = results["summary"]
     if summary is None:
-        text += "no summary yet (the job has not ended)\n"
+        text += _no_summary(results, ended) + "\n"
     else:
         text += output.clean(
             f"{summary['result'].upper()}: {summary['passed']} passed, {summary['failed']} "
@@ -195,10 +263,14 @@ async def job_results(ctx: Context) -> int:
     """Print a job's results; exit 0 if they passed, 4 if not, 1 if there is no summary."""
     a = ctx.args
     collected = _Collect()
-    status = await read_stream(ctx, a.id, STREAM, False, collected)
+    status = await read_stream(ctx, a.id, STREAM, False, collected, quiet_missing=True)
     if status != EXIT_OK:
         return status
     results = load(bytes(collected.data))
+    ended = results["summary"] is None and await _has_ended(ctx, a.id)
+    if not collected.count:
+        ctx.note(f"tml: job {a.id} has no results (it has ended)" if ended
+                 else f"tml: job {a.id} has no results stream yet")
     if results["invalid_lines"]:
         ctx.note(f"tml: {results['invalid_lines']} lines of the results stream were not "
                  "valid results lines; left out")
@@ -207,13 +279,22 @@ async def job_results(ctx: Context) -> int:
     elif a.format == "junit":
         ctx.write(junit(a.id, results))
     elif a.format == "tap":
-        ctx.write(tap(a.id, results))
+        ctx.write(tap(a.id, results, ended))
     else:
-        ctx.write(_table(results))
+        ctx.write(_table(results, ended))
     summary = results["summary"]
     if summary is None:
         return EXIT_ERROR
     return EXIT_OK if summary["result"] == "pass" else EXIT_FAILED
+
+
+async def _has_ended(ctx: Context, job_id: str) -> bool:
+    """Whether the job has ended (False if the switchboard cannot say)."""
+    try:
+        job = await ctx.api.get("jobs", job_id)
+    except (ApiError, Unreachable):
+        return False
+    return job.get("state") == "terminated"
 
 
 def _pattern(text: str) -> tuple[str, str]:
@@ -250,7 +331,7 @@ def patterns_from(args: argparse.Namespace) -> dict[str, str] | None:
 def register(job: Any, common: argparse.ArgumentParser) -> None:
     """Add ``job results`` to the ``job`` group."""
     p = add_command(job, "results", job_results, common,
-                    help="print a job's test results (exit 0: passed, 4: failed, 1: none yet)")
+                    help="print a job's test results (exit 0: passed, 4: failed, 1: no summary)")
     add_job_id(p)
     form = p.add_mutually_exclusive_group()
     form.add_argument("--junit", dest="format", action="store_const", const="junit",
