@@ -140,7 +140,10 @@ class Cache:
         clients = [registry_client(reactor, url, config.upstream, realm=realm,
                                    retries=config.upstream_retries,
                                    timeout=config.upstream_timeout,
-                                   backoff=config.upstream_backoff)
+                                   backoff=config.upstream_backoff,
+                                   # A waiting client gets its 503 and Retry-After
+                                   # after upstream_retries attempts per upstream.
+                                   retry_time=0.0)
                    for url in config.upstreams]
         self.pull = PullThrough(reactor, storage, pool, lock, collector, clients,
                                 retry_after=config.retry_after, on_commit=self.committed)
