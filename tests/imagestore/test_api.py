@@ -298,6 +298,16 @@ async def test_index_and_docker_media_types(open_store: RunningStore) -> None:
     r = await reg.request("GET", "/v2/lab/multi/manifests/latest")
     assert r.header("content-type") == OCI_INDEX
 
+    # An index whose child's size is not the manifest's: clients that check sizes
+    # (containerd) would refuse it, so the store does.
+    index["manifests"][0]["size"] += 1
+    r = await reg.push_manifest("lab/multi", "wrong-size", index, OCI_INDEX)
+    assert r.code == 400 and r.error == "MANIFEST_INVALID", (r.code, r.body)
+    assert b"does not match" in r.body
+    r = await reg.request("GET", "/v2/lab/multi/manifests/wrong-size")
+    assert r.code == 404
+    index["manifests"][0]["size"] -= 1
+
     # An index whose child is not in the repository.
     index["manifests"][0]["digest"] = digest_of(b"elsewhere")
     r = await reg.push_manifest("lab/multi", "broken", index, OCI_INDEX)

@@ -23,6 +23,7 @@ from tests.imagestore.support import (
     start_cache,
     start_store,
 )
+from tests.util.waiting import within
 
 LAYERS = [b"layer one " * 300, b"layer two " * 500]
 
@@ -196,18 +197,44 @@ async def test_a_blob_cached_for_one_repository_is_linked_to_another_only_if_ups
 
 
 class _Failing(Resource):
-    """An upstream that answers 500 to everything."""
+    """An upstream that answers ``status`` (500) to everything."""
 
     isLeaf = True
 
-    def __init__(self) -> None:
+    def __init__(self, status: int = 500) -> None:
         super().__init__()
         self.requests = 0
+        self.status = status
 
     def render(self, request: Any) -> bytes:
         self.requests += 1
-        request.setResponseCode(500)
+        request.setResponseCode(self.status)
         return b"broken"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unavailable_upstreams_get_upstream_retries_attempts_each(
+        tmp_path: Path, keys: Keys) -> None:
+    """Upstreams answering 503 get ``cache.upstream_retries`` attempts each, then the
+    client gets its 503 and Retry-After: not the minute registry clients wait for a
+    store that has no other to try."""
+    unavailable = [_Failing(503), _Failing(503)]
+    ports = [reactor.listenTCP(0, Site(u), interface="127.0.0.1") for u in unavailable]
+    urls = [f"http://127.0.0.1:{p.getHost().port}" for p in ports]
+    cache = await start_cache(tmp_path / "cache", keys, urls,
+                              {"upstream_retries": 3, "upstream_backoff": 0.01})
+    client = cache.registry.with_token(keys.repo("lab/fw", "pull", audience=CACHE_SERVICE))
+    try:
+        for n, path in enumerate((f"/v2/lab/fw/blobs/{digest_of(b'x')}",
+                                  "/v2/lab/fw/manifests/v1"), start=1):
+            r = await within(Deferred.fromCoroutine(client.request("GET", path)), 20.0)
+            assert r.code == 503 and r.error == "UNAVAILABLE", (path, r.code, r.body)
+            assert r.header("retry-after") == "3"
+            assert [u.requests for u in unavailable] == [3 * n, 3 * n]
+    finally:
+        await cache.stop()
+        for port in ports:
+            await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred

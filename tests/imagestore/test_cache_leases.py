@@ -224,6 +224,45 @@ async def test_lease_renewal_expiry_and_refusals(stores: Pair) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_leases_of_one_repository_token_subject_are_bounded(stores: Pair) -> None:
+    """Anyone who may pull one repository may lease: without a bound, one subject could
+    pin any cached blob it knows the digest of under ever more lease files, for up to
+    cache.lease_max each, and keep the cache over its size for good."""
+    keys, reg = stores.keys, stores.cache.registry
+    state = stores.cache.service.cache
+    assert state.leases_per_owner == 64
+    state.leases_per_owner = 3
+    digest = await stores.up.push_blob("lab/fw", b"bytes")
+    bob = keys.repo("lab/fw", "pull", audience=CACHE_SERVICE, subject="bob")
+    carol = keys.repo("lab/fw", "pull", audience=CACHE_SERVICE, subject="carol")
+
+    def body(lease_id: str) -> dict:
+        return {"lease": lease_id, "holder": "h", "digests": [digest], "repository": "lab/fw",
+                "fetch": False}
+
+    for n in range(3):
+        code, _ = await lease(reg, body(f"bob-{n}"), bob)
+        assert code == 201
+    r = await reg.request("POST", "/cache/leases", json.dumps(body("bob-3")).encode(),
+                          {"content-type": "application/json"}, token=bob)
+    assert r.code == 429 and r.error == "TOOMANYREQUESTS", (r.code, r.body)
+    assert r.header("retry-after") and "bob" in r.json["errors"][0]["message"]
+    assert sorted(os.listdir(state.leases.directory)) == [f"bob-{n}.json" for n in range(3)]
+    # Renewing one of them, another subject and the cache's lease token are not refused.
+    code, _ = await lease(reg, body("bob-0"), bob)
+    assert code == 200
+    code, _ = await lease(reg, body("carol-0"), carol)
+    assert code == 201
+    code, _ = await lease(reg, {**body("ops-1"), "repository": None}, lease_token(keys))
+    assert code == 201
+    # Once one has gone, bob may lease again.
+    r = await reg.request("DELETE", "/cache/leases/bob-1", token=bob)
+    assert r.code == 204
+    code, _ = await lease(reg, body("bob-3"), bob)
+    assert code == 201
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_lease_fetch_reports_what_upstream_lacks(stores: Pair) -> None:
     missing = digest_of(b"nowhere")
     code, body = await lease(stores.cache.registry, {

@@ -25,6 +25,7 @@ from tests.imagestore.support import (
 from tests.util.daemons import Daemon, run_twistd
 from tests.util.ports import free_port
 from tests.util.raw import raw_connect
+from tests.util.waiting import eventually
 
 MIB = 1024 * 1024
 
@@ -279,3 +280,45 @@ def test_a_busy_port_stops_the_daemon(tmp_path: Path) -> None:
         code, output = run_twistd("treadmill-imagestore", "--config", str(config))
     assert code == 1, output
     assert "Address already in use" in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_second_store_on_the_same_root_refuses_to_start(tmp_path: Path) -> None:
+    """Two stores (or caches) on one root, e.g. a shared mount: the second would empty the
+    first one's tmp/ (its pull-through fetches in flight) and adopt its upload sessions."""
+    root = tmp_path / "root"
+    first_port, second_port = free_port(), free_port()
+    first = Daemon("treadmill-imagestore",
+                   ["--config", str(write_config(tmp_path / "first.toml", root, first_port,
+                                                 None))])
+    second = Daemon("treadmill-imagestore",
+                    ["--config", str(write_config(tmp_path / "second.toml", root, second_port,
+                                                  None))])
+    first.start()
+    url = f"http://127.0.0.1:{first_port}"
+    reg = Registry(url)
+    try:
+        await first.wait_http(f"{url}/healthz")
+        r = await reg.request("POST", "/v2/lab/fw/blobs/uploads/")
+        location = r.header("location")
+        r = await reg.request("PATCH", location, b"first half")
+        assert r.code == 202
+        in_flight = root / "tmp" / "fetch-in-flight"  # as a pull-through fetch writes
+        in_flight.write_bytes(b"partial")
+        second.start()
+        await eventually(lambda: not second.running, timeout=30,
+                         what="the second store to exit")
+        assert await second.signal() != 0, second.output
+        assert str(root) in second.output and "in use by another image store" in second.output
+        assert in_flight.read_bytes() == b"partial"
+        await reg.complete_upload(location, b"first half, second half", len(b"first half"))
+    finally:
+        await second.stop()
+        await first.stop()
+    # Stopped, the first lets the root go.
+    second.start()
+    try:
+        await second.wait_http(f"http://127.0.0.1:{second_port}/healthz")
+    finally:
+        await second.stop()
+    assert "Traceback (most recent" not in first.output, first.output

@@ -14,8 +14,8 @@ cache later. It speaks the subset of the OCI Distribution API that
   service; HTTP Basic credentials go only to that realm (or, without one, to a
   trusted realm prefix). A pre-made bearer token may be given instead;
 - ``503`` answers and refused connections are retried with capped exponential
-  backoff and jitter for at most ``retry_time`` seconds, other transient
-  failures ``retries`` times;
+  backoff and jitter for at most ``retry_time`` seconds (0: ``retries``
+  times), other transient failures ``retries`` times;
 - blobs: ``HEAD`` (an existing blob is not uploaded again), monolithic upload
   of small blobs, chunked upload (``POST``, ``PATCH`` with ``Content-Range``,
   ``PUT ?digest=``) of large ones, resumed after a failure from the offset the
@@ -407,7 +407,8 @@ class RegistryClient:
     downloads are retried ``retries`` times in all (exponential backoff from
     ``backoff`` seconds, at most ``max_backoff``, with jitter), resuming where
     the store says they stopped; a store answering 503 or refusing connections
-    is retried until ``retry_time`` seconds have passed instead;
+    is retried until ``retry_time`` seconds have passed instead (``retry_time`` 0:
+    ``retries`` times too, for a caller that answers its own client meanwhile);
     ``on_retry(message)`` is told about each retry.
     """
 
@@ -673,7 +674,7 @@ class RegistryClient:
         reworded to say so). ``tries`` 1 never retries (the caller has another store)."""
         if not _retryable(e):
             return True
-        if _unavailable(e) and tries > 1:
+        if _unavailable(e) and tries > 1 and self.retry_time > 0:
             elapsed = self.reactor.seconds() - started
             if elapsed + self._delay(failures, jitter=False) / 2 <= self.retry_time:
                 return False

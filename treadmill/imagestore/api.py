@@ -309,16 +309,17 @@ class RegistryAPI:
 
     def _store_manifest(self, name: str, tag: str | None, body: bytes,
                         manifest: dict[str, Any], media_type: str) -> str:
-        def blob_size(digest: str) -> int | None:
-            if not self.storage.blob_linked(name, digest):
-                return None
-            info = self.storage.blob_info(digest)
+        def size_if(linked: bool, digest: str) -> int | None:
+            info = self.storage.blob_info(digest) if linked else None
             return info.size if info is not None else None
 
-        def manifest_exists(digest: str) -> bool:
-            return self.storage.manifest_media_type(name, digest) is not None
+        def blob_size(digest: str) -> int | None:
+            return size_if(self.storage.blob_linked(name, digest), digest)
 
-        manifests.check(manifest, media_type, blob_size, manifest_exists)
+        def manifest_size(digest: str) -> int | None:
+            return size_if(self.storage.manifest_media_type(name, digest) is not None, digest)
+
+        manifests.check(manifest, media_type, blob_size, manifest_size)
         manifests.check_format(manifest, media_type,
                                lambda d: is_digest(d) and blob_size(d) is not None)
         digest, _new = self.storage.put_blob_bytes(body)

@@ -57,7 +57,7 @@ from treadmill.images.oci import RegistryClient
 from treadmill.imagestore import manifests
 from treadmill.imagestore.errors import OCIError
 from treadmill.imagestore.gc import Collector, SharedExclusiveLock, under_lock
-from treadmill.imagestore.leases import Lease, Leases, new_lease_id, rfc3339
+from treadmill.imagestore.leases import PER_OWNER_MAX, Lease, Leases, new_lease_id, rfc3339
 from treadmill.imagestore.names import check_reference, hex_of
 from treadmill.imagestore.pullthrough import (
     Credentials,
@@ -140,11 +140,16 @@ class Cache:
         clients = [registry_client(reactor, url, config.upstream, realm=realm,
                                    retries=config.upstream_retries,
                                    timeout=config.upstream_timeout,
-                                   backoff=config.upstream_backoff)
+                                   backoff=config.upstream_backoff,
+                                   # A waiting client gets its 503 and Retry-After
+                                   # after upstream_retries attempts per upstream.
+                                   retry_time=0.0)
                    for url in config.upstreams]
         self.pull = PullThrough(reactor, storage, pool, lock, collector, clients,
                                 retry_after=config.retry_after, on_commit=self.committed)
         self.leases = Leases(storage)
+        self.leases_per_owner = PER_OWNER_MAX
+        self._creating: collections.Counter[str] = collections.Counter()  # owners' new leases
         self.lease_fetches: dict[str, LeaseFetch] = {}
         self.replicator = Replicator(storage, self.pull, manifest_for=self.manifest_for,
                                      pin=self.pin, unpin=self.unpin,
@@ -574,16 +579,37 @@ class Cache:
                 raise OCIError("REQUEST_INVALID", "a new lease needs digests")
             lease = Lease(lease_id or new_lease_id(), holder, list(digests), now, now + ttl,
                           repository, owner)
+        counted = owner if existing is None and owner_bound and owner is not None else None
+        if counted is not None:
+            self._check_room(counted, now)
+            self._creating[counted] += 1
 
         def record(_: Any) -> None:
             self.leases.leases[lease.id] = lease
 
         # Under the shared lock: an eviction batch sees the lease before it looks,
         # or has finished (and the lease's state then says what is missing).
-        await under_lock(self.lock, lambda: self._thread(self.leases.save, lease)
-                         .addCallback(record))
+        try:
+            await under_lock(self.lock, lambda: self._thread(self.leases.save, lease)
+                             .addCallback(record))
+        finally:
+            if counted is not None:
+                self._creating[counted] -= 1
+                if not self._creating[counted]:
+                    del self._creating[counted]
         self.touch(*lease.digests)
         return lease, existing is None
+
+    def _check_room(self, owner: str, now: float) -> None:
+        """Refuse ``owner`` a new repository-token lease beyond :attr:`leases_per_owner`."""
+        held = sum(1 for lease in self.leases.active(now) if lease.owner == owner)
+        held += self._creating[owner]
+        if self.leases_per_owner and held >= self.leases_per_owner:
+            raise OCIError("TOOMANYREQUESTS",
+                           f"too many leases: {owner} holds {held} of the "
+                           f"{self.leases_per_owner} a repository token's subject may hold; "
+                           "delete one (DELETE /cache/leases/<id>) or let one expire",
+                           headers={"Retry-After": str(self.config.retry_after)})
 
     async def delete_lease(self, lease_id: str) -> None:
         lease = self.leases.leases.pop(lease_id, None)

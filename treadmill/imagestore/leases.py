@@ -34,6 +34,9 @@ from treadmill.imagestore.storage import Storage
 LEASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 HOLDER_MAX = 256
 DIGESTS_MAX = 1024
+#: Active leases one subject may hold through repository pull tokens (a host holds one per
+#: job it runs; a cache lease token is not bounded).
+PER_OWNER_MAX = 64
 
 
 def rfc3339(when: float) -> str:

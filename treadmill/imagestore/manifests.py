@@ -91,11 +91,11 @@ def _list(manifest: dict[str, Any], key: str, required: bool) -> list[Any]:
 
 def check(manifest: dict[str, Any], media_type: str,
           blob_size: Callable[[str], int | None],
-          manifest_exists: Callable[[str], bool]) -> None:
+          manifest_size: Callable[[str], int | None]) -> None:
     """Check structure and references; raise ``MANIFEST_INVALID`` or ``MANIFEST_BLOB_UNKNOWN``.
 
     ``blob_size(digest)`` is the size of a blob in the repository (None if it
-    is not there); ``manifest_exists(digest)`` says whether a manifest is.
+    is not there); ``manifest_size(digest)`` that of a manifest of the repository.
     """
     if media_type != OCI_ARTIFACT and manifest.get("schemaVersion") != 2:
         raise OCIError("MANIFEST_INVALID", "schemaVersion must be 2")
@@ -114,18 +114,16 @@ def check(manifest: dict[str, Any], media_type: str,
     if "subject" in manifest:
         _descriptor(manifest["subject"], "subject")  # need not exist (referrers)
     unknown: list[dict[str, str]] = []
-    for where, desc in blobs:
-        if desc.get("urls") and desc["mediaType"] in _FOREIGN:
-            continue
-        size = blob_size(desc["digest"])
+    references = [(where, desc, blob_size) for where, desc in blobs
+                  if not (desc.get("urls") and desc["mediaType"] in _FOREIGN)]
+    references += [(where, desc, manifest_size) for where, desc in children]
+    for where, desc, size_of in references:
+        size = size_of(desc["digest"])
         if size is None:
             unknown.append({"field": where, "digest": desc["digest"]})
         elif size != desc["size"]:
             raise OCIError("MANIFEST_INVALID",
                            f"{where}: size {desc['size']} does not match blob size {size}")
-    for where, desc in children:
-        if not manifest_exists(desc["digest"]):
-            unknown.append({"field": where, "digest": desc["digest"]})
     if unknown:
         raise OCIError("MANIFEST_BLOB_UNKNOWN",
                        f"{unknown[0]['field']}: {unknown[0]['digest']} is not in the repository",

@@ -17,8 +17,9 @@ is committed) and then served from disk.
   repository) is linked into a new repository only once an upstream confirms
   (``HEAD``) that the repository has it, as a store would answer 404.
 - **Errors.** Every upstream answering 404 gives the client the ordinary 404.
-  An upstream that cannot be reached or answers 5xx (after the client's
-  retries) makes the cache try the next one; if none could answer, the client
+  An upstream that cannot be reached or answers 5xx (after
+  ``cache.upstream_retries`` attempts, 503s and refused connections included)
+  makes the cache try the next one; if none could answer, the client
   gets ``503 UNAVAILABLE`` with ``Retry-After`` and a message naming the
   upstreams and why. An upstream that refuses the cache's credentials or sends
   content that does not match its digest gives ``502 UNAVAILABLE``; nothing
@@ -159,9 +160,11 @@ class Credentials:
 
 def registry_client(reactor: Any, url: str, credentials: Credentials, *, realm: str | None,
                     retries: int, timeout: float, backoff: float = 0.5,
-                    chunk_size: int | None = None) -> RegistryClient:
+                    retry_time: float = 60.0, chunk_size: int | None = None,
+                    ) -> RegistryClient:
     """A :class:`RegistryClient` for ``url`` with ``credentials`` (their realms, else the
-    store's ``realm``)."""
+    store's ``realm``); ``retry_time`` 0 makes ``retries`` bound an unavailable store's
+    attempts too."""
     token_flow = None
     if credentials.user and credentials.token_file:
         token_flow = file_credentials(credentials.user, credentials.token_file)
@@ -171,7 +174,7 @@ def registry_client(reactor: Any, url: str, credentials: Credentials, *, realm: 
     return RegistryClient(reactor, url, token=credentials.token, credentials=token_flow,
                           trusted_realms=list(credentials.realms) or ([realm] if realm else []),
                           ca_file=credentials.ca_file, retries=retries, backoff=backoff,
-                          timeout=timeout, user_agent=USER_AGENT, **kwargs)
+                          retry_time=retry_time, timeout=timeout, user_agent=USER_AGENT, **kwargs)
 
 
 class PullThrough:

@@ -9,7 +9,8 @@
     ├── manhole         optional SSH manhole (namespace: imagestore, storage, uploads, ...)
     └── metrics         optional Prometheus listeners
 
-Start-up checks the storage layout, removes expired uploads and temporary
+Start-up locks the root (a second store process on it refuses to start), checks
+the storage layout, removes expired uploads and temporary
 files, loads the cache's leases and last-use index (cache mode), then
 listens. Disk work runs in a thread pool of the service's own
 (``io_threads``), started and stopped with it.
@@ -238,6 +239,7 @@ class ImageStoreService(RoleService):
         if self.cache is not None:
             await self.cache.stop()
         self.pool.stop()
+        self.storage.close()
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())

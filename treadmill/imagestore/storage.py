@@ -6,6 +6,7 @@ This layout is a contract: supervisors and image caches open it read-only
 
     ROOT/
       treadmill-imagestore.json           {"layout": 1}
+      treadmill-imagestore.lock           flock()ed by the one store process of the root
       blobs/sha256/<hh>/<hex>             blob bytes; hh = first 2 hex digits; mode 0440
       repositories/<name>/                name may hold "/": nested directories
         _manifests/<hex>                  manifest sha256:<hex> is in the repository;
@@ -30,14 +31,15 @@ Guarantees for readers:
   a nested repository.
 
 Every method here is synchronous and may block on disk: the API calls the
-writing ones in a thread pool. One store process owns a root; read-only
-readers may be many.
+writing ones in a thread pool. One store process owns a root (``init`` locks
+it, ``close`` lets it go); read-only readers may be many.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -54,6 +56,7 @@ from treadmill.imagestore.names import hex_of, is_tag
 
 LAYOUT_VERSION = 1
 MARKER = "treadmill-imagestore.json"
+LOCK = "treadmill-imagestore.lock"
 
 _DIR_MODE = 0o750
 _FILE_MODE = 0o640
@@ -92,12 +95,52 @@ class Storage:
         self.cache = os.path.join(self.root, "cache")
         # Told when a repository link appears or goes (a quota.Ledger; None: no quotas).
         self.ledger: Any = None
+        self._lock_fd: int | None = None
 
     # -- setup ---------------------------------------------------------------
 
     def init(self) -> None:
-        """Create the layout (idempotent), check its version, empty ``tmp/``."""
+        """Lock the root, create the layout (idempotent), check its version, empty ``tmp/``.
+
+        Raises ``RuntimeError`` if another store process holds the root: a second one
+        would empty the first one's ``tmp/`` and take over its upload sessions.
+        """
         os.makedirs(self.root, exist_ok=True)
+        self._lock()
+        try:
+            self._init_layout()
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock(self) -> None:
+        """Hold ``ROOT/treadmill-imagestore.lock`` (``flock``, NFS too) holding our pid."""
+        if self._lock_fd is not None:
+            return
+        path = os.path.join(self.root, LOCK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RuntimeError(f"{self.root} is in use by another image store process "
+                               f"(pid {holder}, holding {path}); one process owns a root"
+                               ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Let the root go (the lock file stays, unlocked)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _init_layout(self) -> None:
         marker = os.path.join(self.root, MARKER)
         try:
             with open(marker, "rb") as f:
