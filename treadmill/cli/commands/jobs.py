@@ -450,9 +450,11 @@ def extended_text(job: dict[str, Any]) -> str:
         return output.clean(f"job {job.get('id')}: {job.get('state')}; its host "
                             f"{job.get('host')} is held until "
                             f"{output.fmt_time(job['held_until'])}") + "\n"
-    return output.clean(f"job {job.get('id')}: {job.get('state')}, until "
-                        f"{job.get('deadline') or 'its timeout'} "
-                        f"(timeout {job.get('timeout')} s)") + "\n"
+    until = output.fmt_time(job["deadline"]) if job.get("deadline") else "its timeout"
+    timeout = job.get("timeout")
+    seconds = f"{timeout:g}" if isinstance(timeout, (int, float)) else timeout
+    return output.clean(f"job {job.get('id')}: {job.get('state')}, until {until} "
+                        f"(timeout {seconds} s)") + "\n"
 
 
 async def job_events(ctx: Context) -> int:
