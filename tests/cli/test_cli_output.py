@@ -207,3 +207,18 @@ def test_job_extend_says_the_deadline_as_docs_cli_md_shows_it():
     assert extended_text({**job, "timeout": 90.5}).endswith("(timeout 90.5 s)\n")
     assert extended_text({**job, "deadline": None}) == (
         "job 5b7c: ready, until its timeout (timeout 10800 s)\n")
+
+
+def test_a_held_hosts_notes_say_the_hold_s_end_as_docs_cli_md_shows_it():
+    """``tml job run --hold-on-failure``: the end of the hold without its fraction of a
+    second, as docs/cli.md's example and ``tml job show`` show it."""
+    from treadmill.cli.commands.jobs import hold_notes
+
+    job = {"host": "vm-1", "held_until": "2026-11-23T19:03:40.197732Z",
+           "endpoints": [{"service": "ssh", "host": "proxy.example", "port": 40022}]}
+    lines = hold_notes("5b7c", job)
+    assert lines[0] == ("tml: job 5b7c failed; its host vm-1 is held for debugging "
+                        "until 2026-11-23T19:03:40Z")
+    assert lines[1] == "tml:   endpoint ssh proxy.example:40022"
+    assert lines[-1] == "tml:   release: tml job cancel 5b7c"
+    assert hold_notes("5b7c", {**job, "held_until": None}) == []
