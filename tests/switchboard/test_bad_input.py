@@ -616,6 +616,10 @@ test_bad_query_parameters = run_cases([
     Case("state-sql", "GET", "/api/v1/jobs?state=" + quote("queued' OR '1'='1"),
          mentions=("state",)),
     Case("owner-not-utf8", "GET", "/api/v1/jobs?owner=%FF", mentions=("owner",)),
+    # The OpenAPI document's pattern for a user name: not an empty page.
+    Case("owner-too-long", "GET", "/api/v1/jobs?owner=" + "a" * 64, mentions=("owner",)),
+    Case("owner-bad-first", "GET", "/api/v1/jobs?owner=-alice", mentions=("owner",)),
+    Case("owner-empty", "GET", "/api/v1/jobs?owner=", mentions=("owner",)),
     Case("events-after-negative", "GET", "/api/v1/jobs/{job}/events?after=-1",
          mentions=("after",)),
     Case("events-after-word", "GET", "/api/v1/jobs/{job}/events?after=first",
