@@ -17,10 +17,11 @@ from jsonschema import Draft202012Validator, ValidationError
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from treadmill.common.http import STATUS_CODES, dumps, error_body
+from treadmill.common.http import STATUS_CODES, ApiError, dumps, error_body
 from treadmill.switchboard import openapi, schemas, views
 from treadmill.switchboard.access import KIND_OF_COLLECTION
 from treadmill.switchboard.api import SwitchboardAPI
+from treadmill.switchboard.api.args import prefix_range
 
 ROOT = Path(__file__).resolve().parents[2]
 OPENAPI_JSON = ROOT / "docs" / "openapi.json"
@@ -360,3 +361,19 @@ def test_api_md_routes_are_documented(document):
 def test_document_routes_are_in_api_md(document):
     in_document = {(method, _shape(path)) for method, path in operations(document)}
     assert sorted(in_document - api_md_routes()) == [], "routes missing from docs/api.md"
+
+
+@pytest.mark.parametrize("prefix", [
+    "5", "5b7c0c9e", "5B7C-0C9E", "5b7c0c9e-8a41-4f7e-b1b4-3c2d9e0f1a22", "a" * 32, "a" * 33,
+    "a" * 36, "a-" * 18, "-" * 3, "-a-", "g", "", "5b7c0c9e-8a41-4f7e-b1b4-3c2d9e0f1a22-"])
+def test_id_prefix_schema_is_what_the_switchboard_accepts(document, prefix):
+    """``GET /api/v1/jobs?id_prefix=``: the document's schema admits a prefix exactly when
+    the switchboard answers it (not with 400)."""
+    op = operations(document)[("GET", "/api/v1/jobs")]
+    schema = next(p["schema"] for p in op["parameters"] if p["name"] == "id_prefix")
+    try:
+        prefix_range(prefix)
+        accepted = True
+    except ApiError:
+        accepted = False
+    assert Draft202012Validator(schema).is_valid(prefix) == accepted
