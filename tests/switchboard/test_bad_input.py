@@ -417,7 +417,11 @@ test_bad_texts = run_cases([
     ]
     for key, text in {"nul": "a\x00b", "newline": "line\nline", "cr": "a\rb", "tab": "a\tb",
                       "escape": "\x1b[2J\x1b[H", "del": "a\x7f", "bell": "\x07",
-                      "long-257": "x" * 257}.items()])
+                      "long-257": "x" * 257,
+                      # Not printable either (docs/api.md): a listing would show other text.
+                      "bidi-override": "evil\u202etxt.exe", "zero-width": "a\u200bb",
+                      "byte-order-mark": "\ufeffa", "private-use": "a\ue000",
+                      "line-separator": "a\u2028b", "soft-hyphen": "a\xadb"}.items()])
 
 test_bad_stores = run_cases([
     Case(f"store-{key}", "POST", "/api/v1/images",
