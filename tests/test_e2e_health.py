@@ -84,8 +84,13 @@ async def test_bad_images_do_not_spoil_the_host_but_a_failing_check_does(testbed
     assert "mock-1 (unhealthy)" in out
 
     # The operator removes the check and puts the host back: the job runs.
-    code, out = await run_tml(sb.url, sb.admin_token, "host", "health-check", "unset", "mock-1")
+    code, out = await run_tml(sb.url, sb.admin_token, "--json", "host", "health-check", "unset",
+                              "mock-1")
     assert code == 0, out
+    # What it did, as for every 204 (docs/cli.md, "JSON output"); it printed nothing.
+    assert first_json(out) == {"deleted": {"scope": "host", "target": "mock-1"}}
+    code, out = await run_tml(sb.url, sb.admin_token, "host", "health-check", "unset", "mock-1")
+    assert code == 1 and "no health check for host 'mock-1'" in out, out
     code, out = await run_tml(sb.url, sb.admin_token, "host", "enable", "mock-1")
     assert code == 0, out
     assert (await final(sb.admin, waiting))["termination"]["exit_status"] == 0

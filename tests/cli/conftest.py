@@ -172,7 +172,7 @@ class FakeSwitchboard:
             "user": user,
             "label": label,
             "created_at": NOW,
-            "expires_at": "2026-12-23T17:00:00Z",
+            "expires_at": "2026-12-23T17:00:00.123456Z",
             "last_used_at": None,
             "revoked_at": None,
             "token": secret,

@@ -50,3 +50,14 @@ def test_global_options_and_exit_statuses_are_documented() -> None:
         assert f"`{option}" in text, option
     for status in ("0", "1", "2", "3", "4", "5", "6", "130", "143"):
         assert re.search(rf"^\| `?{status}`? \|", text, re.M), f"exit status {status}"
+
+
+def test_shown_secrets_have_the_prefixes_the_switchboard_issues() -> None:
+    """Every ``token:`` line of an example starts as real secrets do (``tmu_`` for users,
+    ``tmh_`` for hosts), so a reader's secret scanner matches what the page shows."""
+    from treadmill.switchboard.credentials import HOST_TOKEN_PREFIX, USER_TOKEN_PREFIX
+
+    shown = re.findall(r"^token:\s+(tm\S*)", DOC.read_text(), re.M)
+    assert shown
+    wrong = [t for t in shown if not t.startswith((USER_TOKEN_PREFIX, HOST_TOKEN_PREFIX))]
+    assert not wrong, f"docs/cli.md shows tokens no switchboard issues: {wrong}"

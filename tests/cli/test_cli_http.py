@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import tomllib
 
@@ -112,7 +113,10 @@ async def test_login_writes_private_config(tml, fake_switchboard, tmp_path):
         stdin="pw\n",
     )
     assert result.status == 0, result.err
-    assert "Logged in" in result.out
+    # As docs/cli.md shows it: the expiry without its fraction of a second.
+    assert re.fullmatch(
+        rf"Logged in to {re.escape(fake_switchboard.url)} as alice; token [0-9a-f-]{{36}} "
+        rf"saved in {re.escape(str(cfg))} \(expires 2026-12-23T17:00:00Z\)\.\n", result.out)
     assert fake_switchboard.requests[0] == (
         "POST",
         "/api/v1/login",

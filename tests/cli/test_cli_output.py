@@ -194,3 +194,31 @@ def test_how_to_get_in_prints_one_line_each_with_server_text_escaped():
     assert lines[-1] == "  release: tml job cancel j1"
     waiting = how_to_get_in({"id": "j2", "state": "queued"}).splitlines()
     assert waiting[0] == "reservation j2: queued on (no host yet), until its timeout"
+
+
+def test_job_extend_says_the_deadline_as_docs_cli_md_shows_it():
+    """``tml job extend``: the deadline without its fraction of a second and the
+    timeout in whole seconds, as docs/cli.md's example (not ``7200.0 s``)."""
+    from treadmill.cli.commands.jobs import extended_text
+
+    job = {"id": "5b7c", "state": "ready", "deadline": "2026-11-23T20:00:00.576362Z",
+           "timeout": 10800.0, "held_until": None}
+    assert extended_text(job) == "job 5b7c: ready, until 2026-11-23T20:00:00Z (timeout 10800 s)\n"
+    assert extended_text({**job, "timeout": 90.5}).endswith("(timeout 90.5 s)\n")
+    assert extended_text({**job, "deadline": None}) == (
+        "job 5b7c: ready, until its timeout (timeout 10800 s)\n")
+
+
+def test_a_held_hosts_notes_say_the_hold_s_end_as_docs_cli_md_shows_it():
+    """``tml job run --hold-on-failure``: the end of the hold without its fraction of a
+    second, as docs/cli.md's example and ``tml job show`` show it."""
+    from treadmill.cli.commands.jobs import hold_notes
+
+    job = {"host": "vm-1", "held_until": "2026-11-23T19:03:40.197732Z",
+           "endpoints": [{"service": "ssh", "host": "proxy.example", "port": 40022}]}
+    lines = hold_notes("5b7c", job)
+    assert lines[0] == ("tml: job 5b7c failed; its host vm-1 is held for debugging "
+                        "until 2026-11-23T19:03:40Z")
+    assert lines[1] == "tml:   endpoint ssh proxy.example:40022"
+    assert lines[-1] == "tml:   release: tml job cancel 5b7c"
+    assert hold_notes("5b7c", {**job, "held_until": None}) == []

@@ -417,7 +417,11 @@ test_bad_texts = run_cases([
     ]
     for key, text in {"nul": "a\x00b", "newline": "line\nline", "cr": "a\rb", "tab": "a\tb",
                       "escape": "\x1b[2J\x1b[H", "del": "a\x7f", "bell": "\x07",
-                      "long-257": "x" * 257}.items()])
+                      "long-257": "x" * 257,
+                      # Not printable either (docs/api.md): a listing would show other text.
+                      "bidi-override": "evil\u202etxt.exe", "zero-width": "a\u200bb",
+                      "byte-order-mark": "\ufeffa", "private-use": "a\ue000",
+                      "line-separator": "a\u2028b", "soft-hyphen": "a\xadb"}.items()])
 
 test_bad_stores = run_cases([
     Case(f"store-{key}", "POST", "/api/v1/images",
@@ -616,6 +620,10 @@ test_bad_query_parameters = run_cases([
     Case("state-sql", "GET", "/api/v1/jobs?state=" + quote("queued' OR '1'='1"),
          mentions=("state",)),
     Case("owner-not-utf8", "GET", "/api/v1/jobs?owner=%FF", mentions=("owner",)),
+    # The OpenAPI document's pattern for a user name: not an empty page.
+    Case("owner-too-long", "GET", "/api/v1/jobs?owner=" + "a" * 64, mentions=("owner",)),
+    Case("owner-bad-first", "GET", "/api/v1/jobs?owner=-alice", mentions=("owner",)),
+    Case("owner-empty", "GET", "/api/v1/jobs?owner=", mentions=("owner",)),
     Case("events-after-negative", "GET", "/api/v1/jobs/{job}/events?after=-1",
          mentions=("after",)),
     Case("events-after-word", "GET", "/api/v1/jobs/{job}/events?after=first",

@@ -17,10 +17,11 @@ from jsonschema import Draft202012Validator, ValidationError
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from treadmill.common.http import STATUS_CODES, dumps, error_body
+from treadmill.common.http import STATUS_CODES, ApiError, dumps, error_body
 from treadmill.switchboard import openapi, schemas, views
 from treadmill.switchboard.access import KIND_OF_COLLECTION
 from treadmill.switchboard.api import SwitchboardAPI
+from treadmill.switchboard.api.args import prefix_range
 
 ROOT = Path(__file__).resolve().parents[2]
 OPENAPI_JSON = ROOT / "docs" / "openapi.json"
@@ -360,3 +361,58 @@ def test_api_md_routes_are_documented(document):
 def test_document_routes_are_in_api_md(document):
     in_document = {(method, _shape(path)) for method, path in operations(document)}
     assert sorted(in_document - api_md_routes()) == [], "routes missing from docs/api.md"
+
+
+@pytest.mark.parametrize("prefix", [
+    "5", "5b7c0c9e", "5B7C-0C9E", "5b7c0c9e-8a41-4f7e-b1b4-3c2d9e0f1a22", "a" * 32, "a" * 33,
+    "a" * 36, "a-" * 18, "-" * 3, "-a-", "g", "", "5b7c0c9e-8a41-4f7e-b1b4-3c2d9e0f1a22-"])
+def test_id_prefix_schema_is_what_the_switchboard_accepts(document, prefix):
+    """``GET /api/v1/jobs?id_prefix=``: the document's schema admits a prefix exactly when
+    the switchboard answers it (not with 400)."""
+    op = operations(document)[("GET", "/api/v1/jobs")]
+    schema = next(p["schema"] for p in op["parameters"] if p["name"] == "id_prefix")
+    try:
+        prefix_range(prefix)
+        accepted = True
+    except ApiError:
+        accepted = False
+    assert Draft202012Validator(schema).is_valid(prefix) == accepted
+
+
+def api_md_shapes() -> dict[str, set[str]]:
+    """docs/api.md's ``\\`Name\\`: \\`{"a", "b"?, "c": {…}}\\``` lines: each shape's
+    top-level keys."""
+    text = API_MD.read_text()
+    shapes: dict[str, set[str]] = {}
+    for match in re.finditer(r"`(\w+)`: `\{", text):
+        depth, keys, at = 0, set(), match.end() - 1
+        while True:
+            char = text[at]
+            if char in "{[":
+                depth += 1
+            elif char in "}]":
+                depth -= 1
+                if depth == 0:
+                    break
+            elif char == '"' and depth == 1:
+                end = text.index('"', at + 1)
+                value = text[:at].rstrip().endswith((":", "|"))  # "state": "a" | "b"
+                if not value and re.fullmatch(r"\w+", text[at + 1:end]):
+                    keys.add(text[at + 1:end])
+                at = end
+            at += 1
+        shapes[match.group(1)] = keys
+    return shapes
+
+
+def test_api_md_shapes_name_every_property(document):
+    """Each response shape docs/api.md spells out names the properties of its schema
+    (admin-only ones are described beside it); ``Job`` missed ``ssh_host_keys``."""
+    shapes = api_md_shapes()
+    checked = 0
+    for name, schema in document["components"]["schemas"].items():
+        if name not in shapes or name not in openapi.RESPONSE_SCHEMAS:
+            continue
+        checked += 1
+        assert shapes[name] == set(schema["properties"]) - ADMIN_ONLY.get(name, set()), name
+    assert checked >= 8, sorted(shapes)

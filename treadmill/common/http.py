@@ -520,6 +520,9 @@ def _describe(error: Any) -> str:
         return "must not repeat items"
     if kind == "propertyNames":
         return "has an invalid name"
+    if kind == "x-printable":
+        return ("must hold printable characters only (no control, format, private-use or "
+                "separator characters)")
     if kind == "anyOf":
         return "matches none of the allowed forms"
     return f"is invalid ({kind})"

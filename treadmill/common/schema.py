@@ -9,6 +9,7 @@ made here evaluate patterns with ``$`` at the end read as ``\\Z``.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
@@ -31,8 +32,22 @@ def _pattern(validator: Any, pattern: str, instance: Any, schema: Any
         yield ValidationError(f"does not match {pattern!r}")
 
 
-StrictValidator = extend(Draft202012Validator, {"pattern": _pattern})
-"""Draft 2020-12 with standard (ECMA-262) end-of-string anchors."""
+HIDDEN_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Co", "Zl", "Zp"))
+"""Unicode categories that are not printable text: controls, format characters
+(bidirectional overrides, zero-width characters: they make a listing show another text
+than it holds), surrogates, private use, line and paragraph separators."""
+
+
+def _printable(validator: Any, wanted: bool, instance: Any, schema: Any
+               ) -> Iterator[ValidationError]:
+    if wanted and validator.is_type(instance, "string") and any(
+            unicodedata.category(c) in HIDDEN_CATEGORIES for c in instance):
+        yield ValidationError("holds a character that is not printable")
+
+
+StrictValidator = extend(Draft202012Validator, {"pattern": _pattern, "x-printable": _printable})
+"""Draft 2020-12 with standard (ECMA-262) end-of-string anchors, and ``x-printable``:
+a string without :data:`HIDDEN_CATEGORIES` characters."""
 
 
 _VALIDATORS: dict[int, Any] = {}

@@ -21,6 +21,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
+from treadmill.common.schema import HIDDEN_CATEGORIES
+
 MAX_LINE = 8192
 """Longest accepted key line (an RSA 16384-bit key is about 2.8 KB)."""
 MAX_COMMENT = 256
@@ -28,10 +30,9 @@ MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 16384
 TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
          "ssh-rsa")
-_HIDDEN = frozenset(("Cc", "Cf", "Cs", "Co", "Zl", "Zp"))
-"""Unicode categories a comment may not hold: controls, format characters (bidirectional
-overrides, zero-width characters: they make a listing show another text than it holds),
-surrogates, private use, line and paragraph separators."""
+_HIDDEN = HIDDEN_CATEGORIES
+"""Unicode categories a comment may not hold (a listing would show another text than it
+holds)."""
 
 
 class BadKey(ValueError):

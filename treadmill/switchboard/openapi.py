@@ -736,10 +736,10 @@ def _jobs() -> dict[str, dict[str, Any]]:
                                  "Page size."),
                     _query_param("cursor", STRING,
                                  "`next_cursor` of the previous page (opaque)."),
-                    _query_param("id_prefix", {"type": "string",
-                                               "pattern": "^[0-9a-fA-F-]{1,36}$"},
+                    _query_param("id_prefix", {"type": "string", "maxLength": 36,
+                                               "pattern": "^-*(?:[0-9a-fA-F]-*){1,32}$"},
                                  "Only jobs whose id starts with these hexadecimal digits "
-                                 "(dashes ignored)."),
+                                 "(1 to 32; dashes ignored)."),
                     _query_param("restart_of", {"type": "string", "format": "uuid"},
                                  "Only the job that restarted this job."))),
             "post": _operation(

@@ -28,7 +28,10 @@ USER_OR_EVERYONE: dict[str, Any] = {"type": "string",
 IMAGE_NAME: dict[str, Any] = {"type": "string", "maxLength": 128, "pattern": IMAGE_NAME_PATTERN}
 DIGEST: dict[str, Any] = {"type": "string", "pattern": DIGEST_PATTERN}
 TEXT: dict[str, Any] = {"type": "string", "maxLength": 256,
-                        "pattern": r"^[^\x00-\x1f\x7f-\x9f]*$"}
+                        "pattern": r"^[^\x00-\x1f\x7f-\x9f]*$", "x-printable": True,
+                        "description": "At most 256 printable characters: no control, "
+                        "format (bidirectional overrides, zero-width characters), "
+                        "private-use or line and paragraph separator characters."}
 TAGS: dict[str, Any] = {"type": "array", "maxItems": 64, "uniqueItems": True,
                         "items": {"type": "string", "pattern": TAG_PATTERN}}
 PASSWORD: dict[str, Any] = {"type": "string", "minLength": 8, "maxLength": 1024}

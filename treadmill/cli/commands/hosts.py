@@ -172,8 +172,11 @@ async def health_check_set(ctx: Context) -> int:
 
 async def health_check_unset(ctx: Context) -> int:
     """Remove the health check of a host or of a tag (admin)."""
-    await ctx.api.delete("health-checks", *_check_target(ctx.args))
-    return 0
+    kind, *target = _check_target(ctx.args)
+    await ctx.api.delete("health-checks", kind, *target)
+    removed = {"scope": kind[:-1], "target": "/".join(target)}
+    return ctx.emit({"deleted": removed}, lambda _: output.clean(
+        f"removed the health check of {removed['scope']} {removed['target']}") + "\n")
 
 
 async def health_check_ls(ctx: Context) -> int:

@@ -123,7 +123,7 @@ async def login(ctx: Context) -> int:
     if ctx.json:
         output.print_json(ctx.stdout, shown)
     else:
-        expiry = new.get("expires_at") or "never"
+        expiry = output.fmt_time(new["expires_at"]) if new.get("expires_at") else "never"
         ctx.write(
             f"Logged in to {ctx.settings.url} as {output.clean(str(new.get('user', user)))}; "
             f"token {new.get('id')} saved in {path} (expires {expiry}).\n"

@@ -364,18 +364,27 @@ async def _note_hold(ctx: Context, job_id: str) -> None:
         job = await ctx.api.get("jobs", job_id)
     except (ApiError, Unreachable):
         return
+    for line in hold_notes(job_id, job):
+        ctx.note(line)
+
+
+def hold_notes(job_id: str, job: dict[str, Any]) -> list[str]:
+    """The lines saying how to get into and out of a failed ``job``'s held host
+    (none when it is not held: a driver that cannot hold, or an older supervisor)."""
     if not job.get("held_until"):
-        return  # not held: a driver that cannot hold, or an older supervisor
-    ctx.note(output.clean(
+        return []
+    lines = [output.clean(
         f"tml: job {job_id} failed; its host {job.get('host')} is held for debugging until "
-        f"{job['held_until']}"))
-    for text in endpoints_text(job.get("endpoints")):
-        ctx.note(output.clean(f"tml:   endpoint {text}"))
-    ctx.note(f"tml:   get in:  tml job ssh {job_id}   or   tml job connect {job_id} SERVICE")
-    ctx.note(f"tml:   console: tml job logs {job_id} --follow   (the held host's, until the "
-             "hold ends)")
-    ctx.note(f"tml:   extend:  tml job extend {job_id} DURATION")
-    ctx.note(f"tml:   release: tml job cancel {job_id}")
+        f"{output.fmt_time(job['held_until'])}")]
+    lines += [output.clean(f"tml:   endpoint {text}")
+              for text in endpoints_text(job.get("endpoints"))]
+    lines += [
+        f"tml:   get in:  tml job ssh {job_id}   or   tml job connect {job_id} SERVICE",
+        f"tml:   console: tml job logs {job_id} --follow   (the held host's, until the "
+        "hold ends)",
+        f"tml:   extend:  tml job extend {job_id} DURATION",
+        f"tml:   release: tml job cancel {job_id}"]
+    return lines
 
 
 async def _on_interrupt(ctx: Context, job_id: str, keep: bool) -> None:
@@ -450,9 +459,11 @@ def extended_text(job: dict[str, Any]) -> str:
         return output.clean(f"job {job.get('id')}: {job.get('state')}; its host "
                             f"{job.get('host')} is held until "
                             f"{output.fmt_time(job['held_until'])}") + "\n"
-    return output.clean(f"job {job.get('id')}: {job.get('state')}, until "
-                        f"{job.get('deadline') or 'its timeout'} "
-                        f"(timeout {job.get('timeout')} s)") + "\n"
+    until = output.fmt_time(job["deadline"]) if job.get("deadline") else "its timeout"
+    timeout = job.get("timeout")
+    seconds = f"{timeout:g}" if isinstance(timeout, (int, float)) else timeout
+    return output.clean(f"job {job.get('id')}: {job.get('state')}, until {until} "
+                        f"(timeout {seconds} s)") + "\n"
 
 
 async def job_events(ctx: Context) -> int:

@@ -4,6 +4,7 @@ tokens for their logs and consoles."""
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 import jwt
@@ -143,8 +144,11 @@ class JobRoutes(Routes):
         cursor = query_arg(request, "cursor")
         prefix = query_arg(request, "id_prefix")
         restart_of = query_arg(request, "restart_of")
+        owner = query_arg(request, "owner")
+        if owner is not None and not re.fullmatch(schemas.NAME_PATTERN, owner):
+            raise ApiError(400, "owner: not a user name")
         rows = await self.store.list_jobs(
-            principal, states=states, owner=query_arg(request, "owner"),
+            principal, states=states, owner=owner,
             before_seq=decode_cursor(cursor) if cursor else None, limit=limit + 1,
             id_range=prefix_range(prefix) if prefix is not None else None,
             restart_of=uuid_arg(restart_of, "restart_of") if restart_of is not None else None)
