@@ -1,12 +1,14 @@
 """The operator's pages (docs/install.md, operations.md, configuration.md) read as an
 operator follows them: every ``tml`` command line they show parses with ``tml``'s own
-parser, and every ``tml`` command they name in the text exists."""
+parser, every ``tml`` command they name in the text exists, and install.md's layout of
+``/opt`` takes its own upgrade."""
 
 from __future__ import annotations
 
 import argparse
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,31 @@ def test_the_commands_named_exist(page: str) -> None:
     named = [shlex.split(span) for span in re.findall(r"`tml ([^`]*)`", text)]
     assert named or _shown(text), page
     assert [words for words in named if not _leaf(build_parser(), words)] == []
+
+
+def test_the_first_install_can_be_upgraded_as_written(tmp_path: Path) -> None:
+    """install.md's section 2 lays out ``/opt/treadmill`` so that "Upgrading" step 1 can
+    switch it: its environments, links and ``mv -T`` run in a scratch ``/opt`` (an
+    environment made as an empty directory; nothing installed)."""
+    text = (DOCS / "install.md").read_text()
+    section = text[text.index("## 2. "):text.index("## 3. ")]
+    upgrading = text[text.index("## Upgrading"):]
+    opt = tmp_path / "opt"
+    opt.mkdir()
+    lines = [line.split("#")[0].strip() for block in re.findall(r"```sh\n(.*?)```", section,
+                                                                re.DOTALL)
+             for line in block.splitlines()]
+    first = [line for line in lines if re.match(r"(python3 -m venv|ln -sfn?) /opt/", line)
+             and "/usr/" not in line]
+    new = re.findall(r"python3 -m venv (/opt/\S+)", " ".join(upgrading.split()))
+    switch = [span for span in re.findall(r"`([^`]*)`", " ".join(upgrading.split()))
+              if span.startswith("ln -sfn")]
+    assert first and new and len(switch) == 1, (first, new, switch)
+    script = "\n".join([*first, f"python3 -m venv {new[0]}", *switch])
+    script = re.sub(r"python3 -m venv (\S+)", r"mkdir -p \1/bin", script)
+    script = script.replace("/opt/", f"{opt}/")
+    done = subprocess.run(["bash", "-euc", script], capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0, (script, done.stderr)
+    assert (opt / "treadmill").is_symlink()
+    assert (opt / "treadmill").resolve() == opt / Path(new[0]).name
