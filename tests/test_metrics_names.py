@@ -192,6 +192,17 @@ def test_the_grafana_dashboard_queries_parse(tmp_path: Path) -> None:
     assert f"SUCCESS: {len(exprs)} rules found" in checked.stdout
 
 
+def test_the_grafana_dashboard_selects_the_documented_scrape_jobs() -> None:
+    """The dashboard's job variables default to the ``job_name``s of operations.md's
+    ``prometheus.yml``, so that a site scraping as documented sees every panel filled."""
+    variables = {v["name"]: v["query"] for v in json.loads(DASHBOARD.read_text())
+                 ["templating"]["list"] if v["type"] == "custom"}
+    text = (ROOT / "docs" / "operations.md").read_text()
+    start = text.index("```yaml\n# prometheus.yml")
+    jobs = re.findall(r"job_name:\s*(\S+)", text[start:text.index("```", start + 3)])
+    assert sorted(variables.values()) == sorted(jobs)
+
+
 def test_the_grafana_dashboard_uses_only_exported_metrics() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = _expressions(dashboard)

@@ -4,6 +4,7 @@ device access of each kind of supervisor."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -83,6 +84,39 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     proc = subprocess.run(["systemd-analyze", "verify", "--man=no", *paths],
                           capture_output=True, text=True, timeout=120, check=False)
     assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
+
+
+def _doc_drop_ins() -> list[tuple[str, str, str]]:
+    """Each drop-in docs/ shows (an ``ini`` block with ``[Service]``): its page, the unit
+    the nearest ``systemctl edit UNIT`` before it names, and its text."""
+    found = []
+    for page in sorted((UNITS.parent / "docs").glob("*.md")):
+        text = page.read_text()
+        for block in re.finditer(r"```ini\n(\[Service\]\n.*?)```", text, re.DOTALL):
+            units = re.findall(r"systemctl\s+edit\s+(treadmill-[\w@-]+)", text[:block.start()])
+            assert units, f"{page.name}: a drop-in with no `systemctl edit UNIT` before it"
+            found.append((page.name, units[-1], block[1]))
+    return found
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_the_docs_drop_ins_apply_to_their_units(tmp_path: Path) -> None:
+    """A drop-in of docs/ (operations.md's log level, install.md's TLS key) over the unit
+    it is for passes ``systemd-analyze verify``: a second ExecStart= or an unknown key
+    would stop the service."""
+    drop_ins = _doc_drop_ins()
+    assert {page for page, _, _ in drop_ins} >= {"install.md", "operations.md"}
+    for number, (page, unit, text) in enumerate(drop_ins):
+        name = unit if unit.endswith(".service") else unit + ".service"
+        directory = tmp_path / str(number)
+        (directory / f"{name}.d").mkdir(parents=True)
+        unit_text = (UNITS / name).read_text().replace(TWISTD, str(BIN / "twistd"))
+        (directory / name).write_text(unit_text)
+        (directory / f"{name}.d" / "docs.conf").write_text(text)
+        proc = subprocess.run(["systemd-analyze", "verify", "--man=no", str(directory / name)],
+                              capture_output=True, text=True, timeout=120, check=False,
+                              env={**os.environ, "SYSTEMD_UNIT_PATH": f"{directory}:"})
+        assert (proc.returncode, proc.stdout + proc.stderr) == (0, ""), (page, unit, text)
 
 
 # Each unit's example configuration (etc/treadmill/) and the instance name (%i) it

@@ -564,7 +564,8 @@ def test_twistd_parses_valid_config(config, monkeypatch):
 
 # -- the switchboard's options -------------------------------------------------------
 
-SWITCHBOARD_EXAMPLE = Path(__file__).parents[2] / "etc" / "treadmill" / "switchboard.toml"
+EXAMPLES = Path(__file__).parents[2] / "etc" / "treadmill"
+SWITCHBOARD_EXAMPLE = EXAMPLES / "switchboard.toml"
 
 
 def _switchboard_options():
@@ -608,13 +609,30 @@ def test_switchboard_example_config_parses():
     assert set(values) == {setting.key for setting in Options.all_settings()}
 
 
-@pytest.mark.skipif(not SWITCHBOARD_EXAMPLE.exists(), reason="no etc/treadmill/switchboard.toml")
-def test_switchboard_example_documents_every_setting():
-    Options = _switchboard_options()
-    text = SWITCHBOARD_EXAMPLE.read_text()
-    for setting in Options.settings:
-        leaf = setting.key.rpartition(".")[2]
-        assert re.search(rf"^#?\s*{re.escape(leaf)}\s*=", text, re.MULTILINE), setting.key
+def _shown_keys(text: str) -> set[str]:
+    """The dotted keys an example file sets or shows commented out (``# key = value``),
+    in the tables (``[a.b]``, ``# [a.b]``) they stand in, and the tables themselves."""
+    table, keys = "", set()
+    for line in text.splitlines():
+        line = line.strip().lstrip("#").strip()
+        if m := re.fullmatch(r"\[([\w.]+)\]", line):
+            table = m[1] + "."
+            keys.add(m[1])
+        elif m := re.match(r"([\w.]+)\s*=", line):
+            keys.add(table + m[1])
+    return keys
+
+
+def _example_of(role: str, key: str) -> str:
+    """The file of ``etc/treadmill/`` that shows ``key`` of ``role``: a supervisor's driver
+    settings in that driver's example, the others in ``supervisor-mock.toml`` (which the
+    other two name for "the keys every supervisor has"); an image cache's in its own."""
+    table = key.partition(".")[0]
+    if role == "supervisor":
+        return f"supervisor-{table if table in ('qemu', 'serial') else 'mock'}.toml"
+    if role == "imagestore":
+        return "imagecache.toml" if table in ("cache", "replicate") else "imagestore.toml"
+    return f"{role}.toml"
 
 
 @pytest.mark.skipif(not SWITCHBOARD_EXAMPLE.exists(), reason="no etc/treadmill/switchboard.toml")
@@ -811,6 +829,38 @@ def test_role_settings_and_their_fields_agree(options):
         if setting.convert is not None:
             value = setting.convert(value)
         assert value == _field_default(options.config, setting.field), setting.key
+
+
+@pytest.mark.parametrize("options", _role_options(), ids=lambda o: o.__module__)
+def test_the_examples_show_every_setting(options):
+    """docs/configuration.md: "The example files in etc/treadmill/ show every setting of
+    each role", each key in its table, set or commented out."""
+    role = options.__module__.split(".")[1]
+    missing = [(_example_of(role, s.key), s.key) for s in options.all_settings()
+               if s.key not in _shown_keys((EXAMPLES / _example_of(role, s.key)).read_text())]
+    assert missing == []
+
+
+DOCS = Path(__file__).parents[2] / "docs"
+DRIVER_DOCS = {"mock": "supervisor.md", "qemu": "qemu.md", "serial": "serial.md"}
+
+
+@pytest.mark.parametrize("options", _role_options(), ids=lambda o: o.__module__)
+def test_every_setting_is_documented(options):
+    """Each setting's key is in docs/ (`` `key` ``); a driver's setting may leave out the
+    driver's table in its driver's page (`` `flash.command` `` in serial.md's table)."""
+    from treadmill.supervisor.tap import DRIVER_SETTINGS
+
+    docs = "\n".join(path.read_text() for path in DOCS.glob("*.md"))
+    undocumented = []
+    for setting in options.all_settings():
+        driver, _, rest = setting.key.partition(".")
+        if f"`{setting.key}`" in docs or (
+                setting in DRIVER_SETTINGS
+                and f"`{rest}`" in (DOCS / DRIVER_DOCS[driver]).read_text()):
+            continue
+        undocumented.append(setting.key)
+    assert undocumented == []
 
 
 def test_a_converted_none_replaces_the_field_default():

@@ -23,7 +23,7 @@ from twisted.internet import reactor
 from tests.support import Client, RunningSwitchboard, start_switchboard
 from treadmill.common.manhole import session_namespace
 from treadmill.dev.pgcluster import create_database, drop_database
-from treadmill.switchboard import credentials
+from treadmill.switchboard import bootstrap, credentials
 from treadmill.switchboard.audit import ACTIONS, CONSOLE_ACTIONS, RetentionService
 from treadmill.switchboard.auth import PasswordPolicy
 from treadmill.switchboard.manhole import helpers
@@ -402,6 +402,35 @@ async def test_manhole_helpers_record_as_manhole(world: World) -> None:
              row["details"]["operator"]) for row in rows] == [
         ("manhole", "manhole", "host.drain", "rack3", "", "ops SHA256:abc"),
         ("manhole", "manhole", "token.revoke", "bob", "", "ops SHA256:abc")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_bootstrap_records_its_changes(migrated_database: str) -> None:
+    """``python -m treadmill.switchboard.bootstrap`` makes or re-enables an admin and
+    issues a token outside the API: recorded by actor ``bootstrap`` (kind ``system``),
+    with the operating-system user who ran it, like the API's changes."""
+    first = await bootstrap.bootstrap(reactor, migrated_database, "root", "setup", None)
+    with psycopg2.connect(migrated_database) as conn, conn.cursor() as cur:
+        cur.execute("UPDATE users SET disabled = true WHERE name = 'root'")
+    second = await bootstrap.bootstrap(reactor, migrated_database, "root", "again", 3600)
+    with psycopg2.connect(migrated_database) as conn, conn.cursor() as cur:
+        cur.execute("SELECT actor, actor_kind, action, subject_kind, subject_id, subject_user, "
+                    "details FROM audit_log ORDER BY id")
+        rows = cur.fetchall()
+        cur.execute("SELECT t.id::text, t.token_hash FROM api_tokens t ORDER BY t.created_at")
+        tokens = cur.fetchall()
+    assert [bytes(digest) for _, digest in tokens] == [credentials.token_hash(first),
+                                                       credentials.token_hash(second)]
+    assert [row[:6] for row in rows] == [
+        ("bootstrap", "system", action, "user", "root", "root")
+        for action in ("user.create", "token.create", "user.update", "token.create")]
+    details = [row[6] for row in rows]
+    assert {d["operator"] for d in details} == {bootstrap.operator()} != {""}
+    assert details[0]["admin"] is True and details[2]["disabled"] is False
+    assert [(d["token_id"], d["label"]) for d in (details[1], details[3])] == [
+        (tokens[0][0], "setup"), (tokens[1][0], "again")]
+    assert details[1]["expires_at"] is None and details[3]["expires_at"] is not None
+    assert first not in json.dumps(details) and second not in json.dumps(details)
 
 
 # -- append-only and retention ---------------------------------------------------------

@@ -16,12 +16,14 @@ from typing import Any
 import psycopg2
 import pytest
 import pytest_twisted
+import treq
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
 
-from tests.support import RunningSwitchboard, start_switchboard
+from tests.support import RunningSwitchboard, start_switchboard, url_of
 from tests.switchboard.peer import Peer, Script
 from tests.util.waiting import eventually, sleep
+from treadmill.common.captoken import CapabilityVerifier, parse_jwks
 from treadmill.common.http import ApiError
 from treadmill.switchboard.jobstate import Reason, State, Status
 from treadmill.switchboard.scheduler import Scheduler
@@ -394,6 +396,33 @@ async def test_an_instance_with_another_signing_key_refuses_to_start(
             await service.ready()
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rotated_key_stays_published_while_listed(migrated_database: str,
+                                                          tmp_path: Path) -> None:
+    """operations.md's rotation with satellites on ``auth.keys_url``: the instance that
+    adopts the new key, its old key file in ``capabilities.published_keys``, publishes
+    both, so a token the old key signed still verifies where the JWKS is fetched."""
+    old = await start_switchboard(migrated_database, tmp_path, **QUICK)
+    old_token = old.service.signer.sign("alice", "treadmill-logserver", [], 3600)
+    old_kid = old.service.signer.key_id
+    await old.stop()
+    new = SwitchboardService(reactor, SwitchboardConfig(
+        dsn=migrated_database, listen=["tcp:0:interface=127.0.0.1"],
+        signing_key=str(tmp_path / "new-key.pem"), adopt_signing_key=True,
+        published_keys=(old.service.config.signing_key,), **QUICK))
+    new.startService()
+    try:
+        await new.ready()
+        response = await treq.get(f"{url_of(new)}/.well-known/treadmill/capability-keys")
+        jwks = await response.json()
+    finally:
+        await new.stopService()
+    assert [key["kid"] for key in jwks["keys"]] == [new.signer.key_id, old_kid]
+    verifier = CapabilityVerifier(parse_jwks(jwks), "treadmill", "treadmill-logserver",
+                                  reactor)
+    assert verifier.verify_any(old_token).subject == "alice"
 
 
 @pytest_twisted.ensureDeferred

@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from treadmill.common.captoken import (
     CapabilitySigner,
     load_or_create_signing_key,
+    load_public_keys,
     public_jwk,
 )
 from treadmill.common.daemon import RoleService, listeners
@@ -81,6 +82,7 @@ class SwitchboardConfig:
     heartbeat_interval: float = 1.0
     address: str = ""
     adopt_signing_key: bool = False
+    published_keys: tuple[str, ...] = ()
     rebalance_interval: float = 10.0
     audit_retention: float = 365.0
 
@@ -109,8 +111,10 @@ class SwitchboardService(RoleService):
         self.config = config
         self.pool = Pool(reactor, config.dsn, config.pool_size, config.timeouts)
         self.store = Store(self.pool, max_host_failures=config.max_host_failures)
-        self.signer = CapabilitySigner(load_or_create_signing_key(config.signing_key),
-                                       config.issuer, reactor)
+        self.signer = CapabilitySigner(
+            load_or_create_signing_key(config.signing_key), config.issuer, reactor,
+            published_keys=[key for path in config.published_keys
+                            for key in load_public_keys(path).values()])
         self.auth = Authenticator(self.store, reactor, ttl=config.auth_cache_ttl)
         self.watchers = JobWatchers(self.store, reactor)
         self.links = SupervisorLinks(
