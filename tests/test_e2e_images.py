@@ -129,6 +129,20 @@ async def test_a_job_fetches_its_catalogue_image_and_runs(bed: Bed) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_job_enqueued_by_digest_fetches_from_a_catalogue_entry(bed: Bed) -> None:
+    """By digest, the job takes the name of a catalogue entry with that digest its owner
+    may use (the first by name): the supervisor reads stores by repository, and the host's
+    registry token names the repositories of its jobs' images (both failed with a name of
+    null: "the job names its image by digest only")."""
+    digest, _ = await push_image(bed, "demo/pinned")
+    await register(bed, "demo/pinned", digest)
+    final, events = await run_job(bed, digest)
+    assert final["termination"]["reason"] == "workload_exited", final
+    assert final["image"]["name"] == "demo/pinned" and final["image"]["digest"] == digest
+    assert "fetching_image" in [e["stage"] for e in events]
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_image_the_store_does_not_have_ends_with_image_error(bed: Bed) -> None:
     await push_image(bed, "demo/ghost")  # the repository exists, but not this digest
     missing = "sha256:" + "1" * 64

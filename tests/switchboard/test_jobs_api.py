@@ -198,9 +198,13 @@ async def test_enqueue_by_catalogue_name_resolves_digest(switchboard):
 @pytest_twisted.ensureDeferred
 async def test_enqueue_by_digest_lists_stores_of_usable_images_only(switchboard):
     alice, bob = await alices_image(switchboard, "alice/fw")
-    assert (await enqueue(alice))["image"]["stores"] == ["https://a.example"]
+    image = (await enqueue(alice))["image"]
+    assert image["stores"] == ["https://a.example"]
+    # The entry it is fetched from (stores are read by repository).
+    assert image["name"] == "alice/fw"
     # Bob may not use alice's image, so he learns nothing about where it lives.
-    assert (await enqueue(bob))["image"]["stores"] == []
+    assert (await enqueue(bob))["image"] == {"name": None, "digest": DIGEST, "stores": [],
+                                             "kind": None}
 
 
 @pytest_twisted.ensureDeferred

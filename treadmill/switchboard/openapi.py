@@ -175,7 +175,8 @@ JOB = _record({
     "id": UUID, "owner": STRING, "label": STRING,
     "image": _record({"name": OPTIONAL_STRING, "digest": STRING, "stores": STRINGS,
                       "kind": _enum(["qemu", "board"], nullable=True)},
-                     "The image the job runs (no name when enqueued by digest)."),
+                     "The image the job runs (enqueued by digest: the name of a catalogue entry "
+                     "with that digest the owner may use, or none)."),
     "tags": STRINGS,
     "parameters": {"type": "object", "additionalProperties": JOB_PARAMETER},
     "timeout": NUMBER, "queue_timeout": NUMBER, "max_restarts": INTEGER,

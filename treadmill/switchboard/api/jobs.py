@@ -87,6 +87,12 @@ class JobRoutes(Routes):
             stores = sorted({store for row in usable for store in row["stores"]})
             kinds = {row["kind"] for row in usable} - {None}
             kind = kinds.pop() if len(kinds) == 1 else None  # unknown: any host
+            # Stores are read by repository, and a host's registry token names its jobs'
+            # images: the first usable entry (by name) that its namespace lends names it.
+            for row in usable:
+                if principal.admin or await self.store.image_lends(row["name"]):
+                    name = row["name"]
+                    break
         else:
             # An image that exists but is not the caller's to use answers exactly
             # like one that does not exist.
