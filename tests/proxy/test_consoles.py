@@ -74,7 +74,9 @@ async def bed(keys: Keys, request: pytest.FixtureRequest) -> AsyncIterator[Bed]:
     client through a pooled data connection (control minor 2): the console rules, the
     read-only filtering and the audit notices must not tell them apart."""
     pool: int | None = request.param
-    proxy = await start_proxy(keys, connect_timeout=0.5)
+    # connect_timeout bounds both the wait for a token and the supervisor's dial-back: at
+    # 0.5 s a connect round trip on a loaded 4-worker CI run missed it once.
+    proxy = await start_proxy(keys, connect_timeout=2.0)
     echo = listen_echo(reactor)
     inputs: list[bytearray] = []
     recorder = reactor.listenTCP(0, Factory.forProtocol(lambda: Recorder(inputs)),
